@@ -1,0 +1,1 @@
+"""Data stage: read records, map them to examples, split, format."""

@@ -1,0 +1,127 @@
+"""Readers for JSONL, CSV/TSV and JSON files.
+
+Each reader yields ``Record``s that remember ``file:line``; a malformed row either raises a
+``DataError`` naming file, line and the start of the line (``on_error="fail"``) or becomes a
+``Rejected`` entry with the reason (``on_error="skip"``). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from tunesmith.errors import DataError
+from tunesmith.records import Record, Rejected
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".json": "json"}
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    try:
+        return FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise DataError(
+            f"{path}: cannot tell the format from the extension '{path.suffix}'; set data.format "
+            f"to one of {sorted(set(FORMATS.values()))}"
+        ) from None
+
+
+def read_records(path: Path, fmt: str = "auto", on_error: str = "fail", limit: int | None = None):
+    """Read a data file. Returns ``(records, rejected)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file not found: {path}")
+    text = _read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    reader = {"jsonl": _jsonl, "csv": _csv, "json": _json}[detect_format(path, fmt)]
+    records: list[Record] = []
+    rejected: list[Rejected] = []
+    for item in reader(path, text):
+        if isinstance(item, Rejected):
+            if on_error == "fail":
+                raise DataError(f"{item.source}: {item.reason}. Fix the row, or set data.on_error: skip to set it aside.")
+            rejected.append(item)
+            continue
+        records.append(item)
+        if limit is not None and len(records) >= limit:
+            break
+    return records, rejected
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; re-save the file as UTF-8"
+        ) from None
+
+
+def _start(line: str, n: int = 60) -> str:
+    line = line.strip()
+    return line if len(line) <= n else line[:n] + "..."
+
+
+def _jsonl(path: Path, text: str):
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield Rejected(where, "read", f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}", line)
+            continue
+        if not isinstance(obj, dict):
+            yield Rejected(where, "read", f"not a JSON object; line starts with: {_start(line)!r}", line)
+            continue
+        yield Record(obj, where)
+
+
+def _csv(path: Path, text: str):
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    if len(set(header)) != len(header):
+        yield Rejected(f"{path}:1", "read", f"duplicate column names in header {header}")
+        return
+    start_line = reader.line_num
+    for row in reader:
+        where = f"{path}:{start_line + 1}"
+        start_line = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            yield Rejected(where, "read", f"has {len(row)} fields but the header has {len(header)}", row)
+            continue
+        yield Record(dict(zip(header, row, strict=True)), where)
+
+
+def _json(path: Path, text: str):
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if isinstance(doc, dict):
+        lists = [k for k, v in doc.items() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a JSON array of objects, or an object with one list of records")
+        doc = doc[lists[0]]
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(doc).__name__}")
+    for i, obj in enumerate(doc):
+        where = f"{path}:[{i}]"
+        if not isinstance(obj, dict):
+            yield Rejected(where, "read", f"item {i} is not a JSON object", obj)
+            continue
+        yield Record(obj, where)

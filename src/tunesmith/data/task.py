@@ -1,0 +1,66 @@
+"""Map raw records into task examples: input fields, target field, prompt template."""
+
+from __future__ import annotations
+
+from tunesmith.config import DataSection
+from tunesmith.errors import DataError
+from tunesmith.records import Example, Record, Rejected
+
+
+def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example], list[Rejected]]:
+    """Build examples; rows missing a field, with an empty target or an unknown label are rejected.
+
+    Under ``on_error: fail`` the first such row raises a ``DataError`` naming file and line.
+    """
+    examples: list[Example] = []
+    rejected: list[Rejected] = []
+    allowed = set(cfg.labels) if cfg.labels else None
+    _check_fields_exist(records, cfg)
+    for rec in records:
+        reason = _problem(rec, cfg, allowed)
+        if reason:
+            if cfg.on_error == "fail":
+                raise DataError(f"{rec.source}: {reason}. Fix the row, or set data.on_error: skip to set it aside.")
+            rejected.append(Rejected(rec.source, "map", reason, rec.data))
+            continue
+        inputs = {f: _text(rec.data[f]) for f in cfg.input_fields}
+        examples.append(Example(id=rec.source.rsplit("/", 1)[-1], inputs=inputs, target=_text(rec.data[cfg.target_field])))
+    return examples, rejected
+
+
+def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
+    """A field that no record has is a recipe mistake, not a bad row: fail with the fields seen."""
+    if not records:
+        return
+    seen: set[str] = set()
+    for rec in records:
+        seen.update(rec.data)
+    for name in [*cfg.input_fields, cfg.target_field]:
+        if name not in seen:
+            raise DataError(
+                f"{records[0].source.rsplit(':', 1)[0]}: no record has the field '{name}' named in the recipe; "
+                f"fields present: {sorted(seen)}"
+            )
+
+
+def _problem(rec: Record, cfg: DataSection, allowed: set[str] | None) -> str | None:
+    for name in [*cfg.input_fields, cfg.target_field]:
+        value = rec.data.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return f"field '{name}' is missing or empty"
+    if allowed is not None and _text(rec.data[cfg.target_field]) not in allowed:
+        return f"label {rec.data[cfg.target_field]!r} is not in data.labels"
+    return None
+
+
+def _text(value) -> str:
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def render_prompt(example: Example, template: str) -> str:
+    return template.format(**example.inputs)
+
+
+def label_set(examples: list[Example], cfg: DataSection) -> list[str]:
+    """The closed label set: the recipe's list, or the sorted labels seen in the data."""
+    return list(cfg.labels) if cfg.labels else sorted({e.target for e in examples})

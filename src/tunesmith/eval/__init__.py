@@ -1,0 +1,1 @@
+"""Evaluation: batched generation, label scoring, metrics, baselines."""

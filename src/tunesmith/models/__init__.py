@@ -1,0 +1,1 @@
+"""Resolve, provision and load base models."""

@@ -1,0 +1,1 @@
+"""Training: SFT with LoRA (or full) through TRL, metrics and progress callbacks."""

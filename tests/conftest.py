@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny random Llama with an in-process tokenizer, small data files, CLI runner.
+
+Nothing here downloads: the tokenizer is trained on a few hundred lines in memory and the
+model is built from a config (2 layers, hidden 64).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_CSV = REPO / "examples" / "data" / "banking77_10intents.csv"
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def banking_rows(labels: tuple[str, ...], per_label: int) -> list[dict]:
+    """Real BANKING77 rows from the repository's example file, ``per_label`` of each label."""
+    out: dict[str, list[dict]] = {label: [] for label in labels}
+    with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            bucket = out.get(row["category"])
+            if bucket is not None and len(bucket) < per_label:
+                bucket.append(row)
+    return [r for label in labels for r in out[label]]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama and a ChatML BPE tokenizer saved as a local HF folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [r["text"] for r in banking_rows(("card_arrival", "pin_blocked", "age_limit", "exchange_rate"), 60)]
+    corpus += ["system user assistant Classify the message " + r for r in ("card_arrival", "pin_blocked", "age_limit")]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.padding_side = "left"
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tok
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty TUNESMITH_HOME so tests never touch the user's cache."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("TUNESMITH_HOME", str(path))
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, doc: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def cli():
+    """Run the CLI in-process; returns (exit_code, stdout+stderr)."""
+    def _run(args: list[str]) -> tuple[int, str]:
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from rich.console import Console
+
+        import tunesmith.cli as cli_mod
+
+        buf = io.StringIO()
+        cli_mod.console = Console(file=buf, width=200, force_terminal=False)
+        cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+        with redirect_stdout(buf), redirect_stderr(buf):
+            code = cli_mod.main(args)
+        return code, buf.getvalue()
+
+    return _run

@@ -1,0 +1,71 @@
+import pytest
+
+from tunesmith.config import load_recipe, parse_overrides, validate_recipe
+from tunesmith.errors import ConfigError
+
+MINIMAL = {"name": "t", "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"}}
+
+
+def test_defaults_fill_every_section():
+    r = validate_recipe(MINIMAL)
+    assert r.model.name == "smollm2-135m-instruct"
+    assert r.train.method == "lora" and r.train.lora.r == 16
+    assert r.eval.baselines == ["majority", "tfidf_logreg"]
+    assert str(r.run_dir) == "runs/t"
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    tree = parse_overrides(["train.epochs=2", "train.lora.r=8", "data.labels=[a, b]", "name=x"])
+    assert tree == {"train": {"epochs": 2, "lora": {"r": 8}}, "data": {"labels": ["a", "b"]}, "name": "x"}
+
+
+def test_override_without_equals_is_a_config_error():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["train.epochs"])
+
+
+def test_all_errors_reported_at_once_with_paths_and_suggestion():
+    raw = {**MINIMAL, "train": {"epoch": 2, "batch_size": "big", "lora": {"alhpa": 3}}}
+    with pytest.raises(ConfigError) as exc:
+        validate_recipe(raw)
+    msg = str(exc.value)
+    assert "3 problem(s)" in msg
+    assert "train.epoch: unknown key; did you mean 'train.epochs'?" in msg
+    assert "train.lora.alhpa: unknown key; did you mean 'train.lora.alpha'?" in msg
+    assert "train.batch_size" in msg and "'big'" in msg
+
+
+def test_prompt_template_must_use_input_fields():
+    raw = {**MINIMAL, "data": {**MINIMAL["data"], "prompt": "{text} {title}"}}
+    with pytest.raises(ConfigError, match="title"):
+        validate_recipe(raw)
+
+
+def test_split_must_be_fractions_or_counts():
+    with pytest.raises(ConfigError, match="sum to"):
+        validate_recipe({**MINIMAL, "data": {**MINIMAL["data"], "split": {"train": 0.8, "val": 0.2, "test": 0.2}}})
+    with pytest.raises(ConfigError, match="whole counts"):
+        validate_recipe({**MINIMAL, "data": {**MINIMAL["data"], "split": {"train": 100, "val": 0.5, "test": 10}}})
+
+
+def test_data_path_is_relative_to_recipe_and_overrides_win(tmp_path):
+    (tmp_path / "sub").mkdir()
+    recipe = tmp_path / "sub" / "r.yaml"
+    recipe.write_text("name: t\ndata: {path: d.jsonl, input_fields: [text], target_field: label}\ntrain: {epochs: 3}\n")
+    r = load_recipe(recipe, ["train.epochs=1.5"])
+    assert r.data.path == (tmp_path / "sub" / "d.jsonl").resolve()
+    assert r.train.epochs == 1.5
+
+
+def test_bad_yaml_and_missing_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_run_name_must_be_a_safe_folder_name():
+    with pytest.raises(ConfigError, match="name"):
+        validate_recipe({**MINIMAL, "name": "../escape"})

@@ -1,0 +1,34 @@
+import numpy as np
+import torch
+
+from tunesmith.eval.generation import generate_greedy, score_labels
+
+PROMPTS = [
+    "<|im_start|>user\nmy card has not arrived yet<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\npin<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nhow old do I need to be to open an account with you<|im_end|>\n<|im_start|>assistant\n",
+]
+LABELS = ["card_arrival", "pin_blocked", "age_limit"]
+
+
+def brute_force(model, tok, prompt, label, suffix):
+    p = tok(prompt, add_special_tokens=False)["input_ids"]
+    c = tok(label + suffix, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([p + c])).logits[0], -1)
+    return float(np.mean([lp[len(p) - 1 + k, c[k]].item() for k in range(len(c))]))
+
+
+def test_label_scores_match_one_sequence_at_a_time(tiny_model):
+    model, tok = tiny_model
+    scores = score_labels(model, tok, PROMPTS, LABELS, "<|im_end|>", batch_size=2)
+    expected = np.array([[brute_force(model, tok, p, lab, "<|im_end|>") for lab in LABELS] for p in PROMPTS])
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
+    model, tok = tiny_model
+    batched = generate_greedy(model, tok, PROMPTS, max_new_tokens=6, batch_size=3)
+    single = [generate_greedy(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    assert all(isinstance(s, str) for s in batched)

