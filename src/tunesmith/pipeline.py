@@ -173,6 +173,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
             "examples": len(rows),
         }, indent=2), encoding="utf-8")
     with stage("evaluate fine-tuned model"):
+        if hasattr(trained.model, "merge_adapter"):
+            trained.model.merge_adapter()  # fold LoRA into the weights: evaluation runs at base-model speed
         results.insert(
             1,
             evaluate_llm("finetuned", f"{recipe.model.name} + LoRA r={recipe.train.lora.r}"

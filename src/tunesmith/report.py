@@ -87,12 +87,12 @@ def comparison_table(results: list[ContenderResult]) -> str:
 def write_report(path: Path, *, recipe, results, data_summary, train_summary, timings, images) -> Path:
     by_name = {r.name: r for r in results}
     base, ft = by_name.get("base"), by_name.get("finetuned")
-    out = [f"# {recipe.name}: fine-tuning report\n"]
+    out = [f"# {recipe.name}: fine-tuning report\n\n"]
     if base and ft:
         gain = (ft.metrics["accuracy"] - base.metrics["accuracy"]) * 100
         out.append(
             f"Fine-tuned **{ft.metrics['accuracy']:.1%}** vs base **{base.metrics['accuracy']:.1%}** accuracy "
-            f"on {ft.metrics['n']} held-out test examples ({gain:+.1f} points).\n"
+            f"on {ft.metrics['n']} held-out test examples ({gain:+.1f} points).\n\n"
         )
     out.append(comparison_table(results))
     out.append(
