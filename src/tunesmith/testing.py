@@ -1,0 +1,105 @@
+"""Test helpers: a small OpenAI-compatible chat server with scripted latency and failures.
+
+Used by the test suite and the benchmarks to exercise clients, retries and the call cache
+without a network: it listens on 127.0.0.1, answers ``POST /v1/chat/completions`` with
+``reply(messages) -> str`` and can inject 429/500 responses, malformed bodies or a wrong key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class DummyChatServer:
+    def __init__(
+        self,
+        reply: Callable[[list[dict]], str] = lambda messages: "ok",
+        latency_s: float = 0.0,
+        fail_first: int = 0,
+        fail_status: int = 429,
+        api_key: str | None = None,
+        malformed: bool = False,
+    ):
+        """``fail_first``: each distinct request gets ``fail_status`` that many times before succeeding."""
+        self.reply, self.latency_s = reply, latency_s
+        self.fail_first, self.fail_status = fail_first, fail_status
+        self.api_key, self.malformed = api_key, malformed
+        self.lock = threading.Lock()
+        self.attempts: Counter[str] = Counter()  # every HTTP request, per request body
+        self.completed: Counter[str] = Counter()  # successful completions, per request body
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    @property
+    def total_completed(self) -> int:
+        return sum(self.completed.values())
+
+    def __enter__(self) -> DummyChatServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: dict | str, headers: dict | None = None) -> None:
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.loads(raw or b"{}")
+                if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                    return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                if not self.path.endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                digest = hashlib.sha256(raw).hexdigest()
+                with server.lock:
+                    server.attempts[digest] += 1
+                    failing = server.attempts[digest] <= server.fail_first
+                if server.latency_s:
+                    time.sleep(server.latency_s)
+                if failing:
+                    return self._send(server.fail_status, {"error": {"message": "injected failure"}}, {"retry-after": "0"})
+                if server.malformed:
+                    return self._send(200, "{this is not json")
+                messages = body.get("messages", [])
+                n = int(body.get("n") or 1)
+                text = server.reply(messages)
+                with server.lock:
+                    server.completed[digest] += 1
+                self._send(200, {
+                    "id": "chatcmpl-dummy", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", "dummy"),
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                                for i in range(n)],
+                    "usage": {"prompt_tokens": sum(len(m.get("content", "").split()) for m in messages),
+                              "completion_tokens": len(text.split()) * n,
+                              "total_tokens": 0},
+                })
+
+        return Handler

@@ -1,0 +1,117 @@
+"""LLM client, call cache and structured replies against a dummy OpenAI-compatible server."""
+
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from tunesmith.errors import ProviderError
+from tunesmith.synth.cache import CallCache
+from tunesmith.synth.calls import CallFailure, ChatRequest
+from tunesmith.synth.clients import OpenAIChatClient, RetryPolicy
+from tunesmith.synth.runner import run_calls
+from tunesmith.synth.structured import extract_json, run_structured
+from tunesmith.testing import DummyChatServer
+
+FAST = RetryPolicy(max_retries=3, base_s=0.01, cap_s=0.02)
+
+
+def echo(messages):
+    return "re: " + messages[-1]["content"]
+
+
+def reqs(n):
+    return [ChatRequest.chat([{"role": "user", "content": f"q{i}"}], seed=1) for i in range(n)]
+
+
+def client(server, **kw):
+    return OpenAIChatClient(server.base_url, "dummy", api_key_env=None, retry=FAST, **kw)
+
+
+def test_calls_are_cached_and_a_rerun_makes_none(tmp_path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    with DummyChatServer(echo) as server:
+        results, stats = run_calls(client(server, concurrency=4), cache, reqs(10) + reqs(3))
+        assert [r.text for r in results[:3]] == ["re: q0", "re: q1", "re: q2"]
+        assert stats.calls_made == 10 and server.total_completed == 10  # duplicates made once
+        again, stats2 = run_calls(client(server), cache, reqs(10))
+        assert stats2.calls_made == 0 and stats2.cache_hits == 10 and server.total_completed == 10
+        assert all(r.cached for r in again)
+
+
+def test_429_and_500_are_retried_then_succeed(tmp_path):
+    for status in (429, 500):
+        with DummyChatServer(echo, fail_first=2, fail_status=status) as server:
+            results, stats = run_calls(client(server), CallCache(tmp_path / f"{status}.sqlite"), reqs(5))
+            assert all(r.text.startswith("re:") for r in results)
+            assert stats.retries == 10 and stats.failures == 0
+
+
+def test_persistent_429_is_reported_per_request_not_cached(tmp_path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    with DummyChatServer(echo, fail_first=100) as server:
+        results, stats = run_calls(client(server), cache, reqs(2))
+    assert all(isinstance(r, CallFailure) and r.kind == "rate_limit" for r in results)
+    assert stats.failures == 2 and len(cache) == 0
+
+
+def test_401_names_the_env_var(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_KEY", "wrong")
+    with DummyChatServer(echo, api_key="right") as server:
+        c = OpenAIChatClient(server.base_url, "dummy", api_key_env="MY_KEY", retry=FAST)
+        with pytest.raises(ProviderError, match=r"\$MY_KEY"):
+            run_calls(c, CallCache(tmp_path / "c.sqlite"), reqs(1))
+
+
+def test_missing_key_env_var_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NOPE_KEY", raising=False)
+    c = OpenAIChatClient("http://127.0.0.1:9/v1", "dummy", api_key_env="NOPE_KEY")
+    with pytest.raises(ProviderError, match="set the environment variable NOPE_KEY"):
+        run_calls(c, CallCache(tmp_path / "c.sqlite"), reqs(1))
+
+
+def test_endpoint_down_is_a_provider_error(tmp_path):
+    with DummyChatServer(echo) as server:
+        url = server.base_url
+    c = OpenAIChatClient(url, "dummy", api_key_env=None, retry=FAST)
+    with pytest.raises(ProviderError, match="is the server up"):
+        run_calls(c, CallCache(tmp_path / "c.sqlite"), reqs(1))
+
+
+def test_malformed_response_body_is_reported(tmp_path):
+    with DummyChatServer(echo, malformed=True) as server:
+        results, stats = run_calls(client(server), CallCache(tmp_path / "c.sqlite"), reqs(1))
+    assert isinstance(results[0], CallFailure) and stats.failures == 1
+
+
+def test_extract_json_tolerates_fences_and_chatter():
+    assert extract_json('Sure! ```json\n{"a": [1, 2]}\n``` hope it helps') == {"a": [1, 2]}
+    assert extract_json('Here: {"a": "x}y"} and more {') == {"a": "x}y"}
+    assert extract_json("[1, 2] trailing") == [1, 2]
+    with pytest.raises(ValueError):
+        extract_json("no json at all")
+
+
+class Qs(BaseModel):
+    questions: list[str]
+
+
+def test_unparseable_replies_are_retried_then_set_aside(tmp_path):
+    from collections import Counter
+
+    seen: Counter = Counter()
+
+    def flaky(messages):  # first reply to each prompt is broken, the second is valid JSON
+        content = messages[-1]["content"]
+        seen[content] += 1
+        if content == "bad":
+            return "I cannot produce JSON"
+        return json.dumps({"questions": ["a?", "b?"]}) if seen[content] == 2 else "oops {not json"
+
+    cache = CallCache(tmp_path / "c.sqlite")
+    with DummyChatServer(flaky) as server:
+        c = client(server, concurrency=1)
+        parsed = run_structured(lambda rs: run_calls(c, cache, rs), reqs(1) + [ChatRequest.chat(
+            [{"role": "user", "content": "bad"}], seed=1)], Qs, max_attempts=3)
+    assert parsed[0].value == Qs(questions=["a?", "b?"]) and parsed[0].attempts == 2
+    assert parsed[1].value is None and parsed[1].attempts == 3 and parsed[1].raw == "I cannot produce JSON"
