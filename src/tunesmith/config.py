@@ -114,14 +114,110 @@ class EvalSection(Section):
     baselines: list[Literal["majority", "tfidf_logreg"]] = ["majority", "tfidf_logreg"]
 
 
+# --- synthetic data (tunesmith synth) -------------------------------------------------------
+
+
+class ProviderSection(Section):
+    """Which LLM generates: the local model (offline default) or an OpenAI-compatible endpoint."""
+
+    kind: Literal["local", "openai"] = "local"
+    model: str = Field("smollm2-135m-instruct", description="local: model name/folder; openai: the endpoint's model id")
+    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="env var holding the key; null for servers without keys")
+    concurrency: int = Field(8, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    max_retries: int = Field(5, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="local model: prompts per generation batch")
+    price_input_per_m: float = Field(0.0, ge=0, description="USD per million prompt tokens, for the cost report")
+    price_output_per_m: float = Field(0.0, ge=0, description="USD per million completion tokens")
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> ProviderSection:
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("provider.kind openai needs provider.base_url")
+        return self
+
+
+class SamplingSection(Section):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(384, ge=1)
+    seed: int = 0
+
+
+class ParaphraseTask(Section):
+    question_field: str = "question"
+    answer_field: str = "answer"
+    n: int = Field(5, ge=1, description="paraphrases asked for per question")
+    dedup_threshold: float = Field(0.8, gt=0, le=1, description="char 3-gram Jaccard at or above which two are duplicates")
+
+
+class QAFromDocumentsTask(Section):
+    pairs_per_chunk: int = Field(3, ge=1)
+    chunk_tokens: int = Field(384, ge=16)
+    overlap_tokens: int = Field(48, ge=0)
+    glob: str = "**/*"
+    require_span: bool = Field(True, description="keep only answers that occur verbatim in their chunk")
+
+    @model_validator(mode="after")
+    def _overlap_smaller_than_chunk(self) -> QAFromDocumentsTask:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError(f"overlap_tokens ({self.overlap_tokens}) must be smaller than chunk_tokens ({self.chunk_tokens})")
+        return self
+
+
+class SeedQuestionsTask(Section):
+    domain: str = "customer support"
+    questions_per_seed: int = Field(5, ge=1)
+    contexts: Path | None = Field(None, description="passages to retrieve from: JSONL/CSV records or a folder of .txt/.md")
+    context_field: str = "text"
+    top_k: int = Field(3, ge=1)
+    retriever: Literal["embedding", "bm25"] = "embedding"
+    answer: bool = Field(True, description="answer each question from its retrieved contexts")
+
+
+class EvolInstructTask(Section):
+    instruction_field: str = "instruction"
+    operations: list[Literal["deepen", "broaden", "reasoning", "complicate"]] = ["deepen", "broaden", "reasoning", "complicate"]
+    depth: int = Field(1, ge=1, le=5, description="rounds of evolution")
+    min_chars: int = Field(20, ge=1)
+
+
+class PreferencePairsTask(Section):
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_from: Literal["model", "distractor"] = "model"
+    distractor_field: str = "distractors"
+    drop_equal: bool = True
+
+
+class SynthSection(Section):
+    task: Literal["paraphrase", "qa_from_documents", "seed_questions", "evol_instruct", "preference_pairs"]
+    input: Path = Field(..., description="records (JSONL/CSV/JSON), a document file or folder, or a seed-word file")
+    limit: int | None = Field(None, ge=1, description="use at most this many inputs")
+    language: Literal["en", "ko"] = "en"
+    prompt_file: Path | None = Field(None, description="your own prompt template ($placeholders) for the task's main call")
+    max_parse_attempts: int = Field(3, ge=1)
+    review_required: bool = Field(False, description="items stay pending until `tunesmith synth review import`")
+    provider: ProviderSection = ProviderSection()
+    sampling: SamplingSection = SamplingSection()
+    paraphrase: ParaphraseTask = ParaphraseTask()
+    qa_from_documents: QAFromDocumentsTask = QAFromDocumentsTask()
+    seed_questions: SeedQuestionsTask = SeedQuestionsTask()
+    evol_instruct: EvolInstructTask = EvolInstructTask()
+    preference_pairs: PreferencePairsTask = PreferencePairsTask()
+
+
 class Recipe(Section):
     name: str
     output_dir: Path = Path("runs")
     seed: int = 42
     model: ModelSection = ModelSection()
-    data: DataSection
+    data: DataSection | None = None
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+    synth: SynthSection | None = None
 
     @field_validator("name")
     @classmethod
@@ -174,11 +270,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
-    data = raw.get("data")
-    if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
-        data["path"] = str((path.parent / data["path"]).resolve())
+    for section, key in (("data", "path"), ("synth", "input"), ("synth", "prompt_file")):
+        _resolve_relative(raw.get(section), key, path.parent)
+    if isinstance(raw.get("synth"), dict):
+        _resolve_relative(raw["synth"].get("seed_questions"), "contexts", path.parent)
     merged = deep_merge(raw, parse_overrides(overrides or []))
     return validate_recipe(merged, source=str(path))
+
+
+def _resolve_relative(section, key: str, base: Path) -> None:
+    """Make a relative path in the YAML relative to the recipe's folder."""
+    if isinstance(section, dict) and isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
+        section[key] = str((base / section[key]).resolve())
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:

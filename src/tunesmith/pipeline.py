@@ -19,7 +19,7 @@ from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
 from tunesmith.data.readers import read_records
 from tunesmith.data.split import split_examples
 from tunesmith.data.task import label_set, render_prompt, to_examples
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval import baselines
 from tunesmith.eval.classify import ContenderResult, evaluate_baseline, evaluate_llm
 from tunesmith.progress import task_bar
@@ -94,6 +94,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     from tunesmith.train.sft import conversation_rows, prepare_model, split_by_length, train_sft
 
     console = console or Console()
+    if recipe.data is None:
+        raise ConfigError("this recipe has no data section; `tunesmith run` needs one (see examples/banking77.yaml)")
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")

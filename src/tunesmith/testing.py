@@ -16,6 +16,18 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def _peer_closed(sock) -> bool:
+    """True when the client has closed its end (readable with no data)."""
+    import select
+    import socket
+
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class DummyChatServer:
     def __init__(
         self,
@@ -33,6 +45,7 @@ class DummyChatServer:
         self.lock = threading.Lock()
         self.attempts: Counter[str] = Counter()  # every HTTP request, per request body
         self.completed: Counter[str] = Counter()  # successful completions, per request body
+        self.abandoned = 0  # requests whose client disconnected before the reply
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -83,6 +96,10 @@ class DummyChatServer:
                     failing = server.attempts[digest] <= server.fail_first
                 if server.latency_s:
                     time.sleep(server.latency_s)
+                if _peer_closed(self.connection):  # the client died while we "thought": not a completed call
+                    with server.lock:
+                        server.abandoned += 1
+                    return None
                 if failing:
                     return self._send(server.fail_status, {"error": {"message": "injected failure"}}, {"retry-after": "0"})
                 if server.malformed:

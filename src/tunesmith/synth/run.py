@@ -1,0 +1,140 @@
+"""``tunesmith synth RECIPE``: read inputs, run the task through the cached client, write items.
+
+Writes ``runs/<name>/synth/``: ``items.jsonl`` (every kept item with its review status),
+``accepted.jsonl`` (what training reads), ``rejected.jsonl`` (every dropped input or reply with
+the reason and raw text), ``stats.json`` (calls, cache hits, retries, tokens, cost) and
+``calls.sqlite`` (the per-call cache that makes reruns resume).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from tunesmith.config import Recipe, SynthSection, dump_resolved
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.progress import task_bar
+from tunesmith.records import Record
+from tunesmith.synth import tasks
+from tunesmith.synth.cache import CallCache
+from tunesmith.synth.calls import CallStats
+from tunesmith.synth.clients import LocalChatClient, OpenAIChatClient, RetryPolicy
+from tunesmith.synth.review import write_items
+from tunesmith.synth.runner import run_calls
+from tunesmith.synth.structured import run_structured
+
+
+@dataclass
+class SynthResult:
+    out_dir: Path
+    items: int
+    rejected: int
+    stats: CallStats
+
+
+def make_client(cfg: SynthSection):
+    p = cfg.provider
+    if p.kind == "local":
+        return LocalChatClient(p.model, batch_size=p.batch_size)
+    return OpenAIChatClient(
+        p.base_url, p.model, p.api_key_env, p.concurrency, p.requests_per_minute, p.timeout_s,
+        RetryPolicy(max_retries=p.max_retries),
+    )
+
+
+def read_seed_words(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"Seed-word file not found: {path}")
+    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        raise DataError(f"{path}: no seed words (one per line; lines starting with # are comments)")
+    return words
+
+
+def read_passages(path: Path, field: str) -> list[str]:
+    """Retrieval passages: records' ``field`` from a data file, or paragraphs of .txt/.md files."""
+    from tunesmith.data.readers import FORMATS, read_records
+
+    if path.is_dir() or path.suffix.lower() in (".txt", ".md"):
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md"))
+        paras = [p.strip() for f in files for p in f.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 40]
+    elif path.suffix.lower() in FORMATS:
+        paras = [str(r.data.get(field, "")).strip() for r in read_records(path)[0]]
+        paras = [p for p in paras if p]
+    else:
+        raise DataError(f"{path}: contexts must be a JSONL/CSV/JSON file or a folder of .txt/.md files")
+    if not paras:
+        raise DataError(f"{path}: no passages to retrieve from")
+    return paras
+
+
+def read_document_chunks(cfg: SynthSection) -> tuple[list[Record], list]:
+    from tunesmith.config import DocumentsSection
+    from tunesmith.data.sources import read_documents
+    from tunesmith.models.loading import load_tokenizer
+
+    t = cfg.qa_from_documents
+    docs = DocumentsSection(glob=t.glob, chunk_tokens=t.chunk_tokens, overlap_tokens=t.overlap_tokens)
+    return read_documents(cfg.input, docs, load_tokenizer(cfg.provider.model if cfg.provider.kind == "local"
+                                                           else "smollm2-135m-instruct"), on_error="skip")
+
+
+def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
+    from tunesmith.data.readers import read_records
+
+    console = console or Console()
+    cfg = recipe.synth
+    if cfg is None:
+        raise ConfigError("this recipe has no synth section (see examples/synth_*.yaml)")
+    out_dir = recipe.run_dir / "synth"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_resolved(recipe, recipe.run_dir / "config.resolved.yaml")
+    client = make_client(cfg)
+    cache = CallCache(out_dir / "calls.sqlite")
+    stats = CallStats()
+    p = cfg.provider
+
+    def complete(reqs):
+        with task_bar(console, f"{cfg.task}: LLM calls", len(reqs)) as advance:
+            return run_calls(client, cache, reqs, stats, p.price_input_per_m, p.price_output_per_m, advance)
+
+    ctx = tasks.SynthContext(
+        cfg,
+        ask=lambda reqs, schema: run_structured(complete, reqs, schema, cfg.max_parse_attempts),
+        complete=lambda reqs: complete(reqs)[0],
+        say=console.print,
+    )
+    early_rejects: list[dict] = []
+    try:
+        if cfg.task == "qa_from_documents":
+            chunks, bad = read_document_chunks(cfg)
+            early_rejects = [{"source": r.source, "reason": r.reason, "raw": None} for r in bad]
+            output = tasks.qa_from_documents(ctx, chunks[: cfg.limit])
+        elif cfg.task == "seed_questions":
+            seeds = read_seed_words(cfg.input)[: cfg.limit]
+            sq = cfg.seed_questions
+            passages = read_passages(sq.contexts, sq.context_field) if sq.contexts else []
+            from tunesmith.synth.retrieval import make_retriever
+
+            retriever = make_retriever(sq.retriever, passages, console.print) if passages else None
+            output = tasks.seed_questions(ctx, seeds, passages, retriever)
+        else:
+            records, bad = read_records(cfg.input, limit=cfg.limit, on_error="skip")
+            early_rejects = [{"source": r.source, "reason": r.reason, "raw": r.record} for r in bad]
+            output = getattr(tasks, cfg.task)(ctx, records)
+    finally:
+        (out_dir / "stats.json").write_text(json.dumps(stats.to_json(), indent=2), encoding="utf-8")
+        cache.close()
+    status = "pending" if cfg.review_required else "accepted"
+    items = [{"id": f"{cfg.task}-{i + 1:06d}", "task": cfg.task, "status": status, "data": d}
+             for i, d in enumerate(output.items)]
+    write_items(out_dir, items)
+    rejected = early_rejects + output.rejected
+    with open(out_dir / "rejected.jsonl", "w", encoding="utf-8") as fh:
+        for r in rejected:
+            fh.write(json.dumps({"task": cfg.task, **r}, ensure_ascii=False) + "\n")
+    return SynthResult(out_dir, len(items), len(rejected), stats)

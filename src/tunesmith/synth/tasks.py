@@ -1,0 +1,276 @@
+"""Generation tasks. Each turns inputs into flat item records plus rejected entries with reasons.
+
+A task builds its chat requests, sends them through ``ctx.ask`` (cached, retried, parsed into
+a pydantic schema) or ``ctx.complete`` (free text), and keeps only what passes its checks;
+everything it drops is returned with the reason and the raw reply.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tunesmith.config import SynthSection
+from tunesmith.errors import DataError
+from tunesmith.records import Record
+from tunesmith.synth.calls import CallFailure, ChatRequest
+from tunesmith.synth.structured import Parsed
+from tunesmith.synth.text import is_refusal, jaccard, normalize
+
+
+@dataclass
+class TaskOutput:
+    items: list[dict] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+
+    def reject(self, source: str, reason: str, raw=None, **extra) -> None:
+        self.rejected.append({"source": source, "reason": reason, "raw": raw, **extra})
+
+
+@dataclass
+class SynthContext:
+    cfg: SynthSection
+    ask: Callable[[Sequence[ChatRequest], type[BaseModel]], list[Parsed]]
+    complete: Callable[[Sequence[ChatRequest]], list]
+    say: Callable[[str], None] = print
+
+
+def load_prompt(name: str, language: str, override: Path | None = None) -> string.Template:
+    """A task's prompt template: the recipe's file if given, else the packaged one for the language."""
+    if override is not None:
+        if not Path(override).is_file():
+            raise DataError(f"synth.prompt_file not found: {override}")
+        return string.Template(Path(override).read_text(encoding="utf-8"))
+    text = resources.files("tunesmith.synth").joinpath("prompts", f"{name}.{language}.txt").read_text(encoding="utf-8")
+    return string.Template(text)
+
+
+def request(ctx: SynthContext, prompt: str, seed_offset: int = 0, **overrides) -> ChatRequest:
+    s = ctx.cfg.sampling
+    params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens, "seed": s.seed + seed_offset}
+    return ChatRequest.chat([{"role": "user", "content": prompt}], **(params | overrides))
+
+
+def _field(rec: Record, name: str) -> str:
+    value = rec.data.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(f"{rec.source}: field '{name}' is missing or empty")
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+# --- paraphrase ----------------------------------------------------------------------------------
+
+
+class Paraphrases(BaseModel):
+    paraphrases: list[str] = Field(min_length=1)
+
+
+def paraphrase(ctx: SynthContext, records: list[Record]) -> TaskOutput:
+    """N rewordings per question with the answer kept; near-duplicates of the original or of each other dropped."""
+    t = ctx.cfg.paraphrase
+    template = load_prompt("paraphrase", ctx.cfg.language, ctx.cfg.prompt_file)
+    questions = [_field(r, t.question_field) for r in records]
+    parsed = ctx.ask([request(ctx, template.substitute(n=t.n, question=q)) for q in questions], Paraphrases)
+    out = TaskOutput()
+    for rec, question, p in zip(records, questions, parsed, strict=True):
+        if p.value is None:
+            out.reject(rec.source, f"no usable reply after {p.attempts} attempt(s): {p.error}", p.raw)
+            continue
+        kept: list[str] = []
+        for k, cand in enumerate(p.value.paraphrases):
+            cand = cand.strip()
+            worst = max([(jaccard(cand, question), "the original")] + [(jaccard(cand, x), "another paraphrase") for x in kept])
+            if not cand:
+                out.reject(rec.source, "empty paraphrase", cand)
+            elif worst[0] >= t.dedup_threshold:
+                out.reject(rec.source, f"near-duplicate of {worst[1]} (Jaccard {worst[0]:.2f})", cand)
+            else:
+                kept.append(cand)
+                out.items.append({
+                    "question": cand, "answer": _field(rec, t.answer_field),
+                    "original_question": question, "source": rec.source, "variant": k + 1,
+                })
+    return out
+
+
+# --- QA from documents --------------------------------------------------------------------------
+
+
+class QAPair(BaseModel):
+    question: str = Field(min_length=3)
+    answer: str = Field(min_length=1)
+
+
+class QAPairs(BaseModel):
+    pairs: list[QAPair] = Field(min_length=1)
+
+
+def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
+    """Question/answer pairs grounded in each chunk; an answer that is not a span of its chunk is dropped."""
+    t = ctx.cfg.qa_from_documents
+    template = load_prompt("qa_from_documents", ctx.cfg.language, ctx.cfg.prompt_file)
+    parsed = ctx.ask([request(ctx, template.substitute(n=t.pairs_per_chunk, chunk=c.data["text"])) for c in chunks], QAPairs)
+    out = TaskOutput()
+    for chunk, p in zip(chunks, parsed, strict=True):
+        if p.value is None:
+            out.reject(chunk.source, f"no usable reply after {p.attempts} attempt(s): {p.error}", p.raw)
+            continue
+        text = chunk.data["text"]
+        for pair in p.value.pairs:
+            grounded = normalize(pair.answer) in normalize(text)
+            if t.require_span and not grounded:
+                out.reject(chunk.source, "answer is not a span of its chunk", pair.model_dump())
+                continue
+            out.items.append({
+                "question": pair.question.strip(), "answer": pair.answer.strip(), "context": text,
+                "source_file": chunk.data.get("source_file"), "page": chunk.data.get("page"),
+                "chunk_id": chunk.source, "grounded": grounded,
+            })
+    return out
+
+
+# --- questions from seed words, answered from retrieved context ----------------------------------
+
+
+class Questions(BaseModel):
+    questions: list[str] = Field(min_length=1)
+
+
+def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], retriever) -> TaskOutput:
+    t = ctx.cfg.seed_questions
+    template = load_prompt("seed_questions", ctx.cfg.language, ctx.cfg.prompt_file)
+    parsed = ctx.ask(
+        [request(ctx, template.substitute(n=t.questions_per_seed, seed=s, domain=t.domain)) for s in seeds], Questions
+    )
+    out = TaskOutput()
+    pending: list[dict] = []
+    for seed, p in zip(seeds, parsed, strict=True):
+        if p.value is None:
+            out.reject(f"seed:{seed}", f"no usable reply after {p.attempts} attempt(s): {p.error}", p.raw)
+            continue
+        seen: list[str] = []
+        for q in (q.strip() for q in p.value.questions):
+            if not q or any(normalize(q) == normalize(s) for s in seen):
+                out.reject(f"seed:{seed}", "empty or repeated question", q)
+                continue
+            seen.append(q)
+            pending.append({"seed": seed, "question": q})
+    if retriever is not None and pending:
+        hits = retriever.search([p["question"] for p in pending], t.top_k)
+        for item, found in zip(pending, hits, strict=True):
+            item["contexts"] = [passages[i] for i, _ in found]
+            item["context_scores"] = [round(s, 4) for _, s in found]
+            item["retriever"] = retriever.name
+    if t.answer and pending and retriever is not None:
+        answer_t = load_prompt("answer_from_context", ctx.cfg.language)
+        reqs = [request(ctx, answer_t.substitute(context="\n\n".join(i["contexts"]), question=i["question"]),
+                        temperature=0.0) for i in pending]
+        for item, reply in zip(pending, ctx.complete(reqs), strict=True):
+            if isinstance(reply, CallFailure) or not reply.text.strip():
+                out.reject(f"seed:{item['seed']}", "no answer: " + (reply.message if isinstance(reply, CallFailure) else "empty"))
+                continue
+            item["answer"] = reply.text.strip()
+            out.items.append(item)
+    else:
+        out.items.extend(pending)
+    return out
+
+
+# --- Evol-Instruct ------------------------------------------------------------------------------
+
+OPERATIONS = {
+    "deepen": "ask about the same topic in more depth and breadth.",
+    "broaden": "write a brand-new prompt in the same domain but on a rarer topic, of similar length and difficulty.",
+    "reasoning": "rewrite it so that answering explicitly needs several steps of reasoning.",
+    "complicate": "add one more concrete constraint or requirement to it.",
+}
+OPERATIONS_KO = {
+    "deepen": "같은 주제를 더 깊고 넓게 묻도록 하세요.",
+    "broaden": "같은 분야에서 더 드문 주제로, 길이와 난이도가 비슷한 완전히 새로운 지시문을 쓰세요.",
+    "reasoning": "답하려면 여러 단계의 추론이 분명히 필요하도록 바꾸세요.",
+    "complicate": "구체적인 제약이나 요구 사항을 하나 더 추가하세요.",
+}
+
+
+class Evolved(BaseModel):
+    prompt: str
+
+
+def evolution_problem(original: str, new: str, op: str, min_chars: int) -> str | None:
+    """Why an evolution failed (unchanged, copied prompt, refusal, too short), or None if it is kept."""
+    if normalize(new) == normalize(original):
+        return "unchanged"
+    low = new.casefold()
+    if "given prompt" in low or "rewritten prompt" in low or "주어진 지시문" in new:
+        return "copied the rewriting instructions"
+    if is_refusal(new):
+        return "refusal"
+    if len(new) < min_chars or (op != "broaden" and len(new) < 0.5 * len(original)):
+        return "too short"
+    return None
+
+
+def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
+    t = ctx.cfg.evol_instruct
+    template = load_prompt("evol_instruct", ctx.cfg.language, ctx.cfg.prompt_file)
+    ops = OPERATIONS_KO if ctx.cfg.language == "ko" else OPERATIONS
+    rng = random.Random(ctx.cfg.sampling.seed)
+    out = TaskOutput()
+    current = [(r.source, _field(r, t.instruction_field)) for r in records]
+    for depth in range(1, t.depth + 1):
+        chosen = [rng.choice(t.operations) for _ in current]
+        reqs = [request(ctx, template.substitute(operation=ops[op], instruction=text), seed_offset=depth)
+                for (_, text), op in zip(current, chosen, strict=True)]
+        survivors = []
+        for (source, original), op, p in zip(current, chosen, ctx.ask(reqs, Evolved), strict=True):
+            if p.value is None:
+                out.reject(source, f"no usable reply after {p.attempts} attempt(s): {p.error}", p.raw, depth=depth)
+                continue
+            new = p.value.prompt.strip()
+            problem = evolution_problem(original, new, op, t.min_chars)
+            if problem:
+                out.reject(source, f"failed evolution ({problem})", new, depth=depth, operation=op)
+                continue
+            out.items.append({"instruction": new, "parent": original, "operation": op, "depth": depth, "source": source})
+            survivors.append((source, new))
+        current = survivors
+    return out
+
+
+# --- preference pairs ---------------------------------------------------------------------------
+
+
+def preference_pairs(ctx: SynthContext, records: list[Record]) -> TaskOutput:
+    """chosen = the reference answer; rejected = a model sample or a distractor; equal pairs dropped."""
+    t = ctx.cfg.preference_pairs
+    out = TaskOutput()
+    prompts = [_field(r, t.prompt_field) for r in records]
+    chosen = [_field(r, t.chosen_field) for r in records]
+    if t.rejected_from == "model":
+        replies = ctx.complete([request(ctx, p) for p in prompts])
+        rejected = [None if isinstance(r, CallFailure) else r.text.strip() for r in replies]
+    else:
+        rng = random.Random(ctx.cfg.sampling.seed)
+        rejected = [_distractor(r, t.distractor_field, c, rng) for r, c in zip(records, chosen, strict=True)]
+    for rec, prompt, good, bad in zip(records, prompts, chosen, rejected, strict=True):
+        if not bad:
+            out.reject(rec.source, "no rejected answer (call failed, empty sample or no distractor)")
+        elif t.drop_equal and normalize(bad) == normalize(good):
+            out.reject(rec.source, "rejected equals chosen after normalisation", bad)
+        else:
+            out.items.append({"prompt": prompt, "chosen": good, "rejected": bad, "rejected_from": t.rejected_from,
+                              "source": rec.source})
+    return out
+
+
+def _distractor(rec: Record, name: str, chosen: str, rng: random.Random) -> str | None:
+    value = rec.data.get(name)
+    options = value if isinstance(value, list) else [value] if value else []
+    options = [str(o).strip() for o in options if str(o).strip() and normalize(str(o)) != normalize(chosen)]
+    return rng.choice(options) if options else None

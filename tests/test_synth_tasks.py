@@ -1,0 +1,213 @@
+"""Synthetic-data tasks with a fake LLM client at the seam, review round trip, and the kill test."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tunesmith.config import validate_recipe
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.synth.calls import ChatReply
+from tunesmith.synth.review import export_review, import_review
+from tunesmith.synth.run import run_synth
+from tunesmith.testing import DummyChatServer
+
+from .conftest import write_jsonl, write_recipe
+
+
+class FakeClient:
+    """Canned replies chosen by a function of the prompt; counts the calls it made."""
+
+    endpoint, model = "fake", "fake-model"
+
+    def __init__(self, reply):
+        self.reply, self.calls, self.retries_done = reply, 0, 0
+
+    def run(self, requests, on_result):
+        for i, r in enumerate(requests):
+            self.calls += 1
+            on_result(i, ChatReply([self.reply(r.messages[-1][1], r)], 10, 5))
+
+
+def recipe(tmp_path, synth: dict):
+    return validate_recipe({"name": "s", "output_dir": str(tmp_path / "runs"), "synth": synth})
+
+
+@pytest.fixture()
+def fake(monkeypatch):
+    holder = {}
+
+    def install(reply):
+        client = FakeClient(reply)
+        monkeypatch.setattr("tunesmith.synth.run.make_client", lambda cfg: client)
+        holder["client"] = client
+        return client
+
+    return install
+
+
+def test_paraphrase_keeps_answer_and_drops_near_duplicates(tmp_path, fake):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "How do I reset my PIN?", "answer": "In the app."}])
+    fake(lambda prompt, r: json.dumps({"paraphrases": [
+        "How can I change my PIN code?", "How do I reset my PIN?", "how do i reset my PIN", "What is the way to get a new PIN?"]}))
+    res = run_synth(recipe(tmp_path, {"task": "paraphrase", "input": str(data), "paraphrase": {"n": 4}}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [i["question"] for i in items] == ["How can I change my PIN code?", "What is the way to get a new PIN?"]
+    assert all(i["answer"] == "In the app." for i in items)
+    rejected = [json.loads(x) for x in (res.out_dir / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 2 and all("near-duplicate of the original" in r["reason"] for r in rejected)
+
+
+def test_unparseable_reply_is_retried_then_rejected_with_raw(tmp_path, fake):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "Q1?", "answer": "A"}])
+    client = fake(lambda prompt, r: "Sure, here you go!")
+    res = run_synth(recipe(tmp_path, {"task": "paraphrase", "input": str(data), "max_parse_attempts": 3}))
+    assert res.items == 0 and client.calls == 3
+    (rej,) = [json.loads(x) for x in (res.out_dir / "rejected.jsonl").read_text().splitlines()]
+    assert rej["raw"] == "Sure, here you go!" and "3 attempt(s)" in rej["reason"]
+
+
+def test_reply_missing_required_field_is_rejected(tmp_path, fake):
+    data = write_jsonl(tmp_path / "i.jsonl", [{"instruction": "Explain what a PIN is."}])
+    fake(lambda prompt, r: json.dumps({"text": "no prompt key"}))
+    res = run_synth(recipe(tmp_path, {"task": "evol_instruct", "input": str(data), "max_parse_attempts": 1}))
+    (rej,) = [json.loads(x) for x in (res.out_dir / "rejected.jsonl").read_text().splitlines()]
+    assert "prompt: Field required" in rej["reason"]
+
+
+def test_evol_instruct_eliminates_failed_evolutions(tmp_path, fake):
+    rows = [{"instruction": t} for t in ["Explain what a PIN is.", "List three fruits.", "Describe the water cycle.",
+                                         "Name a planet."]]
+    data = write_jsonl(tmp_path / "i.jsonl", rows)
+    replies = {
+        "Explain what a PIN is.": "Explain what a PIN is, why banks require one, and how to choose a safe one.",
+        "List three fruits.": "List three fruits.",  # unchanged
+        "Describe the water cycle.": "I'm sorry, but I cannot help with that.",  # refusal
+        "Name a planet.": "Given prompt: Name a planet.",  # copied instructions
+    }
+    fake(lambda prompt, r: json.dumps({"prompt": next(v for k, v in replies.items() if k in prompt)}))
+    res = run_synth(recipe(tmp_path, {"task": "evol_instruct", "input": str(data)}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [i["instruction"] for i in items] == [replies["Explain what a PIN is."]]
+    reasons = sorted(json.loads(x)["reason"] for x in (res.out_dir / "rejected.jsonl").read_text().splitlines())
+    assert reasons == ["failed evolution (copied the rewriting instructions)", "failed evolution (refusal)",
+                       "failed evolution (unchanged)"]
+
+
+def test_preference_pairs_from_model_and_distractors(tmp_path, fake):
+    rows = [{"prompt": "Capital of France?", "chosen": "Paris", "distractors": ["Lyon", "paris"]},
+            {"prompt": "2+2?", "chosen": "4", "distractors": ["4."]}]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    fake(lambda prompt, r: "Paris." if "France" in prompt else "5")
+    res = run_synth(recipe(tmp_path, {"task": "preference_pairs", "input": str(data)}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [(i["prompt"], i["rejected"]) for i in items] == [("2+2?", "5")]  # "Paris." == "Paris" dropped
+    res = run_synth(recipe(tmp_path, {"task": "preference_pairs", "input": str(data),
+                                      "preference_pairs": {"rejected_from": "distractor"}}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [(i["prompt"], i["rejected"]) for i in items] == [("Capital of France?", "Lyon")]
+    assert "no rejected answer" in (res.out_dir / "rejected.jsonl").read_text()
+
+
+def test_seed_questions_retrieve_contexts_and_answer(tmp_path, fake):
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("# domain words\n전세\n\ncash withdrawal\n")
+    passages = write_jsonl(tmp_path / "ctx.jsonl", [
+        {"text": "전세 계약 갱신 청구권은 임차인이 2년 연장을 요구할 수 있는 권리입니다."},
+        {"text": "A fee of 2% applies to cash withdrawals abroad."},
+        {"text": "Cards arrive within five working days."}])
+
+    def reply(prompt, r):
+        if "JSON" in prompt:
+            return json.dumps({"questions": ["전세 계약 갱신은 어떻게 하나요?"] if "전세" in prompt else
+                               ["Is there a fee for cash withdrawal abroad?", "Is there a fee for cash withdrawal abroad?"]})
+        return "Answer from context."
+
+    fake(reply)
+    res = run_synth(recipe(tmp_path, {"task": "seed_questions", "input": str(seeds), "seed_questions": {
+        "contexts": str(passages), "top_k": 1, "retriever": "bm25"}}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [i["seed"] for i in items] == ["전세", "cash withdrawal"]
+    assert "2년 연장" in items[0]["contexts"][0] and "2%" in items[1]["contexts"][0]
+    assert items[0]["context_scores"][0] > 0 and items[0]["answer"] == "Answer from context."
+    assert "repeated question" in (res.out_dir / "rejected.jsonl").read_text()
+
+
+def test_empty_seed_file_and_bad_chunking_config(tmp_path):
+    seeds = tmp_path / "seeds.txt"
+    seeds.write_text("# only a comment\n\n")
+    with pytest.raises(DataError, match="no seed words"):
+        run_synth(recipe(tmp_path, {"task": "seed_questions", "input": str(seeds)}))
+    with pytest.raises(ConfigError, match="overlap_tokens .* must be smaller"):
+        recipe(tmp_path, {"task": "qa_from_documents", "input": "docs",
+                          "qa_from_documents": {"chunk_tokens": 32, "overlap_tokens": 64}})
+
+
+def test_review_round_trip(tmp_path, fake, cli):
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": f"Question number {i}?", "answer": str(i)} for i in range(3)])
+    fake(lambda prompt, r: json.dumps({"paraphrases": ["Totally different wording here?"]}))
+    res = run_synth(recipe(tmp_path, {"task": "paraphrase", "input": str(data), "review_required": True}))
+    assert (res.out_dir / "accepted.jsonl").read_text() == ""
+    out = tmp_path / "review.csv"
+    assert export_review(res.out_dir, out) == 3
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert {r["decision"] for r in rows} == {""}
+    rows[0]["decision"], rows[1]["decision"] = "accept", "edit"
+    rows[1]["edited_text"] = "An edited question?"
+    rows[2]["decision"] = "reject"
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    code, text = cli(["synth", "review", "import", str(res.out_dir.parent), str(out)])
+    assert code == 0 and "accepted: 1, edited: 1, rejected: 1" in text
+    accepted = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [a["question"] for a in accepted] == ["Totally different wording here?", "An edited question?"]
+    rows[0]["decision"] = "maybe"
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(DataError, match=r"review.csv:2: decision 'maybe'"):
+        import_review(res.out_dir, out)
+
+
+def paraphrase_reply(messages):
+    q = messages[-1]["content"].split("Question: ")[1].split("\n")[0]
+    return json.dumps({"paraphrases": [f"Put differently: {q[::-1]}"]})
+
+
+def test_kill_midway_then_rerun_makes_each_call_once(tmp_path):
+    """SIGKILL a running synth job; the rerun re-issues only the calls that never completed."""
+    n = 24
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": f"What is item {i}?", "answer": str(i)} for i in range(n)])
+    with DummyChatServer(paraphrase_reply, latency_s=0.3) as server:
+        r = write_recipe(tmp_path / "r.yaml", {
+            "name": "kill", "output_dir": str(tmp_path / "runs"),
+            "synth": {"task": "paraphrase", "input": str(data), "paraphrase": {"n": 1},
+                      "provider": {"kind": "openai", "base_url": server.base_url, "model": "dummy",
+                                   "api_key_env": None, "concurrency": 2}}})
+        cmd = [sys.executable, "-c", "import sys; from tunesmith.cli import main; sys.exit(main(sys.argv[1:]))",
+               "synth", str(r)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+        deadline = time.time() + 120
+        while server.total_completed < 8 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.15)  # mid-flight: the next pair of calls is being answered
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        first_run = server.total_completed
+        assert 8 <= first_run < n, first_run
+        done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert server.total_completed == n  # every distinct request completed exactly once overall
+        assert max(server.completed.values()) == 1
+        stats = json.loads((tmp_path / "runs/kill/synth/stats.json").read_text())
+        assert stats["cache_hits"] == first_run and stats["calls_made"] == n - first_run
+        again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        assert again.returncode == 0 and server.total_completed == n  # a finished job makes zero calls
