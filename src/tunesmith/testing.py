@@ -28,6 +28,11 @@ def _peer_closed(sock) -> bool:
         return True
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # many clients connect at once
+    daemon_threads = True
+
+
 class DummyChatServer:
     def __init__(
         self,
@@ -46,8 +51,7 @@ class DummyChatServer:
         self.attempts: Counter[str] = Counter()  # every HTTP request, per request body
         self.completed: Counter[str] = Counter()  # successful completions, per request body
         self.abandoned = 0  # requests whose client disconnected before the reply
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -94,14 +98,14 @@ class DummyChatServer:
                 with server.lock:
                     server.attempts[digest] += 1
                     failing = server.attempts[digest] <= server.fail_first
+                if failing:  # a rate limiter answers before doing the work
+                    return self._send(server.fail_status, {"error": {"message": "injected failure"}}, {"retry-after": "0"})
                 if server.latency_s:
                     time.sleep(server.latency_s)
                 if _peer_closed(self.connection):  # the client died while we "thought": not a completed call
                     with server.lock:
                         server.abandoned += 1
                     return None
-                if failing:
-                    return self._send(server.fail_status, {"error": {"message": "injected failure"}}, {"retry-after": "0"})
                 if server.malformed:
                     return self._send(200, "{this is not json")
                 messages = body.get("messages", [])
