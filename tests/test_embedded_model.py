@@ -30,3 +30,24 @@ def test_cached_folder_is_trainable_and_generates():
     prompt = prompt_text(tok, [{"role": "user", "content": "What is the capital of France?"}])
     (answer,) = generate_greedy(model, tok, [prompt], max_new_tokens=20)
     assert "Paris" in answer
+
+
+@needs_model
+def test_synth_with_the_embedded_model_generates_and_caches(tmp_path):
+    """A tiny real generation: 2 seed tasks evolved by SmolLM2; a rerun comes from the cache."""
+    import json as _json
+
+    from tunesmith.config import validate_recipe
+    from tunesmith.synth.run import run_synth
+
+    rows = [{"instruction": "Write a haiku about the sea."}, {"instruction": "Explain what a budget is."}]
+    data = tmp_path / "seeds.jsonl"
+    data.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    recipe = validate_recipe({"name": "real", "output_dir": str(tmp_path / "runs"), "synth": {
+        "task": "evol_instruct", "input": str(data), "max_parse_attempts": 1,
+        "provider": {"kind": "local", "batch_size": 2}, "sampling": {"temperature": 0.0, "max_tokens": 40}}})
+    first = run_synth(recipe)
+    assert first.stats.calls_made == 2 and first.stats.completion_tokens > 0
+    assert first.items + first.rejected == 2  # every input is kept or set aside with a reason
+    again = run_synth(recipe)
+    assert again.stats.calls_made == 0 and again.stats.cache_hits == 2

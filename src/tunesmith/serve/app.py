@@ -1,0 +1,76 @@
+"""FastAPI app factory. Nothing heavy happens at import: the model loads when the app starts."""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+
+@dataclass
+class ServeSettings:
+    model: str = "smollm2-135m-instruct"
+    adapters: dict[str, str] = field(default_factory=dict)
+    api_keys: frozenset[str] = frozenset()  # empty: no authentication (the server binds to 127.0.0.1 by default)
+    max_batch: int = 16
+    wait_ms: float = 15.0
+
+    @classmethod
+    def keys_from_env(cls, keys_file: Path | None = None) -> frozenset[str]:
+        """Keys from ``TUNESMITH_API_KEYS`` (comma-separated) and/or a file with one key per line."""
+        keys = {k.strip() for k in os.environ.get("TUNESMITH_API_KEYS", "").split(",") if k.strip()}
+        if keys_file is not None:
+            keys |= {k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip() and not k.startswith("#")}
+        return frozenset(keys)
+
+
+class APIError(Exception):
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"message": message, "type": type_, "param": param, "code": code}
+
+
+def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
+    """Build the app; ``engine`` may be injected (tests), otherwise it is created at startup."""
+    settings = settings or ServeSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from tunesmith.serve.engine import Engine
+
+        app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms)
+        yield
+        app.state.engine.close()
+
+    app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan)
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse({"error": exc.body}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p != "body")
+        return JSONResponse({"error": {"message": f"{where}: {first['msg']}", "type": "invalid_request_error",
+                                       "param": where or None, "code": None}}, status_code=400)
+
+    from tunesmith.serve.routes_openai import router
+
+    app.include_router(router)
+    return app
+
+
+def _version() -> str:
+    from tunesmith import __version__
+
+    return __version__
