@@ -32,7 +32,7 @@ def server(tiny_model_dir, tmp_path_factory):
             p.data.normal_(0, 0.5)
     lora.save_pretrained(adapter_dir)
     engine = Engine(str(tiny_model_dir), {"ft:tiny:demo:1": adapter_dir}, max_batch=8, wait_ms=30)
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}))
+    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}), data_dir=tmp_path_factory.mktemp("d"))
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -19,6 +19,8 @@ class ServeSettings:
     api_keys: frozenset[str] = frozenset()  # empty: no authentication (the server binds to 127.0.0.1 by default)
     max_batch: int = 16
     wait_ms: float = 15.0
+    data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
+    max_upload_mb: int = 512
 
     @classmethod
     def keys_from_env(cls, keys_file: Path | None = None) -> frozenset[str]:
@@ -50,8 +52,13 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         yield
         app.state.engine.close()
 
+    from tunesmith.serve.store import Store
+
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan)
     app.state.settings = settings
+    app.state.store = Store(settings.data_dir)
+    app.state.trainable_models = lambda: {settings.model}
+    app.state.sync_adapters = lambda: sync_adapters(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -64,10 +71,23 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         return JSONResponse({"error": {"message": f"{where}: {first['msg']}", "type": "invalid_request_error",
                                        "param": where or None, "code": None}}, status_code=400)
 
-    from tunesmith.serve.routes_openai import router
+    from tunesmith.serve import routes_jobs, routes_openai
 
-    app.include_router(router)
+    app.include_router(routes_openai.router)
+    app.include_router(routes_jobs.router)
     return app
+
+
+def sync_adapters(app: FastAPI) -> None:
+    """Serve the adapter of every succeeded job that the engine does not know yet."""
+    engine = app.state.engine
+    known = set(engine.model_ids())
+    for job in app.state.store.all_jobs():
+        name = job.get("fine_tuned_model")
+        if job["status"] == "succeeded" and name and name not in known and job.get("run_dir"):
+            adapter = Path(job["run_dir"]) / "train" / "adapter"
+            if adapter.is_dir():
+                engine.add_adapter(name, adapter)
 
 
 def _version() -> str:

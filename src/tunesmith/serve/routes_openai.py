@@ -32,6 +32,7 @@ Key = Annotated[str | None, Depends(api_key)]
 
 
 def _engine(request: Request, model: str):
+    request.app.state.sync_adapters()
     engine = request.app.state.engine
     if model not in engine.model_ids():
         raise APIError(404, f"The model '{model}' does not exist. Available: {', '.join(engine.model_ids())}",
@@ -52,6 +53,7 @@ def _usage(gens: list[Generation]) -> dict:
 
 @router.get("/models")
 async def list_models(request: Request, _key: Key):
+    request.app.state.sync_adapters()
     created = int(time.time())
     return {"object": "list", "data": [
         {"id": m, "object": "model", "created": created, "owned_by": "tunesmith"}

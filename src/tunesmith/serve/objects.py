@@ -1,0 +1,48 @@
+"""Store rows → the JSON shapes of OpenAI's File, FineTuningJob, event and checkpoint objects."""
+
+from __future__ import annotations
+
+
+def file_object(f: dict) -> dict:
+    return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": f["created_at"],
+            "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "status_details": None,
+            "expires_at": None}
+
+
+def job_object(j: dict) -> dict:
+    method = j["method"] or {"type": "supervised", "supervised": {"hyperparameters": {}}}
+    hyper = method.get(method["type"], {}).get("hyperparameters", {})
+    return {
+        "id": j["id"], "object": "fine_tuning.job", "created_at": j["created_at"], "error": j["error"],
+        "fine_tuned_model": j["fine_tuned_model"], "finished_at": j["finished_at"],
+        "hyperparameters": {k: hyper.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
+        if method["type"] == "supervised" else None,
+        "model": j["model"], "organization_id": "org-tunesmith", "result_files": j["result_files"] or [],
+        "seed": j["seed"], "status": j["status"], "trained_tokens": j["trained_tokens"],
+        "training_file": j["training_file"], "validation_file": j["validation_file"], "estimated_finish": None,
+        "integrations": None, "metadata": j["metadata"], "method": method, "user_provided_suffix": j["suffix"],
+    }
+
+
+def event_object(e: dict) -> dict:
+    return {"id": e["id"], "object": "fine_tuning.job.event", "created_at": e["created_at"], "level": e["level"],
+            "message": e["message"], "data": e["data"], "type": e["type"]}
+
+
+def checkpoint_object(c: dict) -> dict:
+    return {"id": c["id"], "object": "fine_tuning.job.checkpoint", "created_at": c["created_at"],
+            "fine_tuned_model_checkpoint": c["fine_tuned_model_checkpoint"], "fine_tuning_job_id": c["job_id"],
+            "metrics": c["metrics"], "step_number": c["step_number"]}
+
+
+def page(items: list[dict], has_more: bool) -> dict:
+    return {"object": "list", "data": items, "has_more": has_more,
+            "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}
+
+
+def paginate(items: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
+    """Items after the one with id ``after`` (items are newest first), at most ``limit``."""
+    if after:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return items[:limit], len(items) > limit

@@ -1,0 +1,214 @@
+"""OpenAI-compatible files and fine-tuning jobs routes over the SQLite store.
+
+Every file and job belongs to the API key that created it; another key gets a 404, exactly as
+for an id that does not exist. Ids are looked up, never used as paths.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith.serve.app import APIError
+from tunesmith.serve.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
+from tunesmith.serve.routes_openai import Key
+
+router = APIRouter(prefix="/v1")
+
+
+def _store(request: Request):
+    return request.app.state.store
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+@router.post("/files")
+async def create_file(request: Request, key: Key, file: Annotated[UploadFile, File()],
+                      purpose: Annotated[str, Form()]):
+    settings = request.app.state.settings
+    if purpose != "fine-tune":
+        raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune'", param="purpose")
+    limit = settings.max_upload_mb * 1024 * 1024
+    content = await file.read(limit + 1)
+    if len(content) > limit:
+        raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
+                       code="file_too_large")
+    problems = check_upload(content, file.filename or "upload.jsonl")
+    if problems:
+        raise APIError(400, "Invalid fine-tuning file: " + "; ".join(problems), param="file", code="invalid_file_format")
+    return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
+
+
+def check_upload(content: bytes, filename: str) -> list[str]:
+    """The data stage's OpenAI checks, run on the upload; returns error kinds with counts and lines."""
+    from tunesmith.data.validate import validate_upload
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "upload.jsonl"
+        path.write_bytes(content)
+        return validate_upload(path)
+
+
+@router.get("/files")
+async def list_files(request: Request, key: Key, purpose: str | None = None):
+    return {"object": "list", "data": [file_object(f) for f in _store(request).list_files(key, purpose)],
+            "has_more": False}
+
+
+def _file(request: Request, key, file_id: str) -> dict:
+    f = _store(request).get_file(file_id, key)
+    if f is None:
+        raise APIError(404, f"No such File object: {file_id}", param="id", code="not_found")
+    return f
+
+
+@router.get("/files/{file_id}")
+async def retrieve_file(file_id: str, request: Request, key: Key):
+    return file_object(_file(request, key, file_id))
+
+
+@router.get("/files/{file_id}/content")
+async def file_content(file_id: str, request: Request, key: Key):
+    f = _file(request, key, file_id)
+    media = "text/csv" if f["filename"].endswith(".csv") else "application/jsonl"
+    return Response(Path(f["storage"]).read_bytes(), media_type=media)
+
+
+@router.delete("/files/{file_id}")
+async def delete_file(file_id: str, request: Request, key: Key):
+    _file(request, key, file_id)
+    _store(request).delete_file(file_id, key)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# --- fine-tuning jobs ----------------------------------------------------------------------
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+    beta: float | Literal["auto"] | None = None
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters = Hyperparameters()
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["supervised", "dpo"]
+    supervised: MethodSpec | None = None
+    dpo: MethodSpec | None = None
+
+
+class JobBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = None  # the older, top-level form
+
+    def resolved_method(self) -> dict:
+        if self.method is not None:
+            spec = getattr(self.method, self.method.type) or MethodSpec()
+            return {"type": self.method.type, self.method.type: {"hyperparameters": spec.hyperparameters.model_dump(
+                exclude_none=True)}}
+        hyper = (self.hyperparameters or Hyperparameters()).model_dump(exclude_none=True)
+        return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+
+
+@router.post("/fine_tuning/jobs")
+async def create_job(body: JobBody, request: Request, key: Key):
+    store = _store(request)
+    for param in ("training_file", "validation_file"):
+        fid = getattr(body, param)
+        if fid is not None and store.get_file(fid, key) is None:
+            raise APIError(400, f"invalid {param}: no file {fid}", param=param, code="invalid_file")
+    if body.model not in request.app.state.trainable_models():
+        raise APIError(400, f"model '{body.model}' is not available for fine-tuning here", param="model",
+                       code="model_not_available")
+    import random
+
+    job = store.add_job(key, model=body.model, training_file=body.training_file, validation_file=body.validation_file,
+                        suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
+                        method=body.resolved_method(), metadata=body.metadata)
+    store.add_event(job["id"], f"Validating training file: {body.training_file}", dedup_key="validating")
+    store.update_job(job["id"], status="queued")
+    store.add_event(job["id"], "Files validated, moving job to queued state", dedup_key="queued")
+    return job_object(store.get_job(job["id"], key))
+
+
+def _job(request: Request, key, job_id: str) -> dict:
+    job = _store(request).get_job(job_id, key)
+    if job is None:
+        raise APIError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="not_found")
+    return job
+
+
+@router.get("/fine_tuning/jobs")
+async def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    jobs, more = _store(request).list_jobs(key, after, limit)
+    return page([job_object(j) for j in jobs], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+async def retrieve_job(job_id: str, request: Request, key: Key):
+    return job_object(_job(request, key, job_id))
+
+
+def _control(request: Request, key, job_id: str, action: str, allowed: tuple[str, ...], new_status: str | None):
+    store = _store(request)
+    job = _job(request, key, job_id)
+    if job["status"] not in allowed:
+        raise APIError(400, f"cannot {action} a job that is {job['status']}", param="fine_tuning_job_id")
+    if job["status"] == "running" and action in ("cancel", "pause"):
+        store.update_job(job_id, control=action)  # the worker stops within one step and sets the status
+    else:
+        store.update_job(job_id, status=new_status, control=None)
+        done = {"cancel": "Job cancelled", "pause": "Job paused", "resume": "Job resumed"}[action]
+        store.add_event(job_id, done, dedup_key=f"{action}:{job['status']}")
+    return job_object(store.get_job(job_id, key))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request, key: Key):
+    return _control(request, key, job_id, "cancel", ("validating_files", "queued", "running", "paused"), "cancelled")
+
+
+@router.post("/fine_tuning/jobs/{job_id}/pause")
+async def pause_job(job_id: str, request: Request, key: Key):
+    return _control(request, key, job_id, "pause", ("queued", "running"), "paused")
+
+
+@router.post("/fine_tuning/jobs/{job_id}/resume")
+async def resume_job(job_id: str, request: Request, key: Key):
+    return _control(request, key, job_id, "resume", ("paused",), "queued")
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+async def list_events(job_id: str, request: Request, key: Key, after: str | None = None,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 20):
+    _job(request, key, job_id)
+    items, more = paginate(_store(request).events(job_id), after, limit)
+    return page([event_object(e) for e in items], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+async def list_checkpoints(job_id: str, request: Request, key: Key, after: str | None = None,
+                           limit: Annotated[int, Query(ge=1, le=100)] = 10):
+    _job(request, key, job_id)
+    items, more = paginate(_store(request).checkpoints(job_id), after, limit)
+    return page([checkpoint_object(c) for c in items], more)

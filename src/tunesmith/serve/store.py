@@ -1,0 +1,193 @@
+"""SQLite store for files, fine-tuning jobs, their events and checkpoints.
+
+Schema changes are named, ordered migrations recorded in ``schema_migrations``; a database is
+brought up to date when opened. Ids are opaque random strings and are never used as paths:
+uploaded bytes live at ``<root>/files/<random>.jsonl`` under a name the store chose.
+Events carry a ``dedup_key`` with a unique index, so a worker that resumes after a crash and
+re-reports a step does not duplicate its event.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_files", """
+        CREATE TABLE files (
+            id TEXT PRIMARY KEY, owner TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+            bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, storage TEXT NOT NULL
+        )"""),
+    ("0002_jobs", """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY, owner TEXT, model TEXT NOT NULL, training_file TEXT NOT NULL,
+            validation_file TEXT, suffix TEXT, seed INTEGER NOT NULL, method TEXT NOT NULL,
+            metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT,
+            created_at INTEGER NOT NULL, finished_at INTEGER, trained_tokens INTEGER,
+            result_files TEXT NOT NULL DEFAULT '[]', run_dir TEXT, control TEXT
+        )"""),
+    ("0003_events", """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
+            data TEXT, dedup_key TEXT NOT NULL, UNIQUE (job_id, dedup_key)
+        )"""),
+    ("0004_checkpoints", """
+        CREATE TABLE checkpoints (
+            id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step_number INTEGER NOT NULL, created_at INTEGER NOT NULL,
+            metrics TEXT NOT NULL, path TEXT NOT NULL, fine_tuned_model_checkpoint TEXT NOT NULL,
+            UNIQUE (job_id, step_number)
+        )"""),
+    ("0005_job_queue_index", "CREATE INDEX jobs_status ON jobs (status, created_at)"),
+]
+
+JOB_STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "tunesmith.sqlite", isolation_level=None, check_same_thread=False,
+                                  timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.lock = threading.RLock()
+        self.migrate()
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations this database has not seen, in order; returns their names."""
+        with self.lock:
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+            done = {r[0] for r in self.db.execute("SELECT name FROM schema_migrations")}
+            applied = []
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                self.db.execute("BEGIN")
+                self.db.execute(sql)
+                self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, time.time()))
+                self.db.execute("COMMIT")
+                applied.append(name)
+            return applied
+
+    # --- files ------------------------------------------------------------------------------
+
+    def add_file(self, owner: str | None, filename: str, purpose: str, content: bytes) -> dict:
+        fid = new_id("file")
+        storage = self.root / "files" / f"{secrets.token_hex(16)}.jsonl"
+        storage.write_bytes(content)
+        with self.lock:
+            self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (fid, owner, filename, purpose, len(content), int(time.time()), str(storage)))
+        return self.get_file(fid, owner)
+
+    def get_file(self, fid: str, owner: str | None) -> dict | None:
+        row = self.db.execute("SELECT * FROM files WHERE id = ? AND owner IS ?", (fid, owner)).fetchone()
+        return dict(row) if row else None
+
+    def list_files(self, owner: str | None, purpose: str | None = None) -> list[dict]:
+        sql, args = "SELECT * FROM files WHERE owner IS ?", [owner]
+        if purpose:
+            sql, args = sql + " AND purpose = ?", [*args, purpose]
+        return [dict(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, rowid DESC", args)]
+
+    def delete_file(self, fid: str, owner: str | None) -> bool:
+        f = self.get_file(fid, owner)
+        if f is None:
+            return False
+        with self.lock:
+            self.db.execute("DELETE FROM files WHERE id = ?", (fid,))
+        Path(f["storage"]).unlink(missing_ok=True)
+        return True
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def add_job(self, owner: str | None, **fields) -> dict:
+        jid = new_id("ftjob")
+        row = {"id": jid, "owner": owner, "status": "validating_files", "created_at": int(time.time()), **fields}
+        for key in ("method", "metadata"):
+            row[key] = json.dumps(row.get(key))
+        cols = ", ".join(row)
+        with self.lock:
+            self.db.execute(f"INSERT INTO jobs ({cols}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        return self.get_job(jid, owner)
+
+    def get_job(self, jid: str, owner: str | None = None, any_owner: bool = False) -> dict | None:
+        if any_owner:
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (jid,)).fetchone()
+        else:
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ? AND owner IS ?", (jid, owner)).fetchone()
+        return _job(row) if row else None
+
+    def list_jobs(self, owner: str | None, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        rows = [_job(r) for r in self.db.execute(
+            "SELECT * FROM jobs WHERE owner IS ? ORDER BY created_at DESC, rowid DESC", (owner,))]
+        if after:
+            ids = [r["id"] for r in rows]
+            rows = rows[ids.index(after) + 1:] if after in ids else []
+        return rows[:limit], len(rows) > limit
+
+    def all_jobs(self) -> list[dict]:
+        return [_job(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY created_at, rowid")]
+
+    def update_job(self, jid: str, **fields) -> None:
+        for key in ("error", "result_files"):
+            if key in fields and not isinstance(fields[key], str | None):
+                fields[key] = json.dumps(fields[key])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self.lock:
+            self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), jid])
+
+    def next_job(self) -> dict | None:
+        """The job a worker should run: one left 'running' by a crash first, then the oldest queued."""
+        for status in ("running", "queued"):
+            row = self.db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created_at, rowid LIMIT 1",
+                                  (status,)).fetchone()
+            if row:
+                return _job(row)
+        return None
+
+    # --- events and checkpoints ------------------------------------------------------------------
+
+    def add_event(self, job_id: str, message: str, type_: str = "message", data: dict | None = None,
+                  level: str = "info", dedup_key: str | None = None) -> bool:
+        """Record an event once; returns False when an event with the same dedup_key exists."""
+        with self.lock:
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO events (id, job_id, created_at, level, message, type, data, dedup_key) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (new_id("ftevent"), job_id, int(time.time()), level, message, type_,
+                 json.dumps(data) if data is not None else None, dedup_key or secrets.token_hex(8)),
+            )
+            return cur.rowcount == 1
+
+    def events(self, job_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))
+        return [{**dict(r), "data": json.loads(r["data"]) if r["data"] else None} for r in rows]
+
+    def add_checkpoint(self, job_id: str, step: int, metrics: dict, path: str, model_name: str) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (new_id("ftckpt"), job_id, step, int(time.time()), json.dumps(metrics), path,
+                             f"{model_name}:ckpt-step-{step}"))
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step_number DESC", (job_id,))
+        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+
+def _job(row) -> dict:
+    d = dict(row)
+    for key in ("method", "metadata", "error", "result_files"):
+        if d.get(key):
+            d[key] = json.loads(d[key])
+    return d
