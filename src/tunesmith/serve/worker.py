@@ -1,0 +1,211 @@
+"""The fine-tuning jobs worker: runs queued jobs one at a time with the same trainer as
+``tunesmith train``, reporting metrics events and checkpoints to the store.
+
+It is a separate process (``python -m tunesmith.serve.worker``), started by ``tunesmith serve``.
+A job left 'running' by a crash or SIGKILL is picked up first and resumed from its newest
+checkpoint; events carry step-based dedup keys, so replayed steps add nothing twice. Cancel and
+pause are flags in the store that the trainer checks after every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+from tunesmith.serve.store import Store
+
+LR_BASE = 2e-4
+
+
+def read_chat_rows(path: Path) -> list[dict]:
+    """OpenAI chat JSONL → prompt/completion rows: the last assistant message is the completion."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        messages = json.loads(line)["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]]
+        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": messages[last]["content"]}]})
+    return rows
+
+
+def read_dpo_rows(path: Path) -> list[dict]:
+    """OpenAI preference JSONL → TRL's prompt/chosen/rejected conversational rows."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            doc = json.loads(line)
+            rows.append({"prompt": doc["input"]["messages"], "chosen": doc["preferred_output"],
+                         "rejected": doc["non_preferred_output"]})
+    return rows
+
+
+def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
+    """'auto' → concrete values (the cookbook's epoch rule, a batch size that fits small files)."""
+    from tunesmith.data.validate import default_epochs
+
+    hyper = dict(method.get(method["type"], {}).get("hyperparameters", {}))
+    if hyper.get("n_epochs", "auto") == "auto":
+        hyper["n_epochs"] = default_epochs(n_examples)
+    if hyper.get("batch_size", "auto") == "auto":
+        hyper["batch_size"] = max(1, min(8, n_examples // 10 or 1))
+    if hyper.get("learning_rate_multiplier", "auto") == "auto":
+        hyper["learning_rate_multiplier"] = 1.0
+    if method["type"] == "dpo" and hyper.get("beta", "auto") in ("auto", None):
+        hyper["beta"] = 0.1
+    return hyper
+
+
+def job_recipe(job: dict, root: Path, hyper: dict):
+    from tunesmith.config import validate_recipe
+
+    train = {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "logging_steps": 1,
+             "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_steps": 2, "save_total_limit": 2}
+    if job["method"]["type"] == "dpo":
+        train |= {"method": "dpo", "dpo": {"beta": hyper["beta"]}}
+    return validate_recipe({"name": job["id"], "output_dir": str(root / "runs"), "seed": job["seed"],
+                            "model": {"name": job["model"]}, "train": train})
+
+
+def job_callback(store: Store, job_id: str, model_name: str):
+    """Metrics events, checkpoint rows and the cancel/pause check after every step."""
+    from transformers import TrainerCallback
+
+    class _JobEvents(TrainerCallback):
+        stopped_for: str | None = None
+        last_metrics: dict = {}
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            data = {"step": state.global_step, "total_steps": state.max_steps}
+            if "loss" in logs:
+                data |= {"train_loss": logs["loss"], "train_mean_token_accuracy": logs.get("mean_token_accuracy")}
+            if "eval_loss" in logs:
+                data |= {"valid_loss": logs["eval_loss"], "valid_mean_token_accuracy": logs.get("eval_mean_token_accuracy")}
+            if len(data) == 2:
+                return
+            self.last_metrics = data
+            parts = [f"{k.replace('_', ' ')}={data[k]:.4f}" for k in ("train_loss", "valid_loss") if data.get(k) is not None]
+            kind = "train" if "train_loss" in data else "valid"
+            store.add_event(job_id, f"Step {state.global_step}/{state.max_steps}: " + ", ".join(parts), "metrics", data,
+                            dedup_key=f"metrics:{kind}:{state.global_step}")
+
+        def on_save(self, args, state, control, **kw):
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            store.add_checkpoint(job_id, state.global_step, self.last_metrics, str(path), model_name)
+            store.add_event(job_id, f"Checkpoint created at step {state.global_step}", dedup_key=f"ckpt:{state.global_step}")
+
+        def on_step_end(self, args, state, control, **kw):
+            job = store.get_job(job_id, any_owner=True)
+            if job and job["control"] in ("cancel", "pause"):
+                self.stopped_for = job["control"]
+                control.should_training_stop = True
+                control.should_save = job["control"] == "pause"  # a paused job resumes from this step
+
+    return _JobEvents()
+
+
+def run_job(store: Store, job: dict) -> None:
+    from rich.console import Console
+
+    from tunesmith.progress import task_bar
+
+    root = store.root
+    files = {k: store.get_file(job[k], job["owner"]) for k in ("training_file", "validation_file") if job[k]}
+    if "training_file" not in files:
+        raise RuntimeError(f"training file {job['training_file']} no longer exists")
+    dpo = job["method"]["type"] == "dpo"
+    reader = read_dpo_rows if dpo else read_chat_rows
+    rows = reader(Path(files["training_file"]["storage"]))
+    val_rows = reader(Path(files["validation_file"]["storage"])) if "validation_file" in files else []
+    hyper = resolve_hyperparameters(job["method"], len(rows))
+    recipe = job_recipe(job, root, hyper)
+    name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
+    resume = any((recipe.run_dir / "train" / "checkpoints").glob("checkpoint-*"))
+    store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
+    store.add_event(job["id"], "Fine-tuning job started" if not resume else "Fine-tuning job resumed from its last checkpoint",
+                    dedup_key="started" if not resume else f"resumed:{time.time():.0f}")
+    callback = job_callback(store, job["id"], name)
+    console = Console(file=io.StringIO())
+    trained = train_job(recipe, rows, val_rows, callback, resume, lambda d, t: task_bar(console, d, t))
+    if callback.stopped_for == "cancel":
+        store.update_job(job["id"], status="cancelled", control=None, finished_at=int(time.time()))
+        store.add_event(job["id"], "Job cancelled", dedup_key="cancelled")
+        return
+    if callback.stopped_for == "pause":
+        store.update_job(job["id"], status="paused", control=None)
+        store.add_event(job["id"], "Job paused", dedup_key=f"paused:{time.time():.0f}")
+        return
+    result = store.add_file(job["owner"], "step_metrics.csv", "fine-tune-results", results_csv(trained.rows))
+    store.update_job(job["id"], status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
+                     trained_tokens=trained.tokens, result_files=[result["id"]], control=None)
+    store.add_event(job["id"], f"New fine-tuned model created: {name}", dedup_key="model")
+    store.add_event(job["id"], "The job has successfully completed", dedup_key="succeeded")
+
+
+def train_job(recipe, rows, val_rows, callback, resume, bar):
+    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.train.sft import prepare_model, train_sft
+
+    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    tokenizer = load_tokenizer(recipe.model.name)
+    model = load_model(recipe.model.name, placement)
+    if recipe.train.method == "dpo":
+        from tunesmith.train.dpo import train_dpo_rows
+
+        return train_dpo_rows(recipe, model, tokenizer, rows, val_rows, placement, recipe.run_dir / "train",
+                              lambda total: bar("train", total), resume=resume, callbacks=[callback])
+    return train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
+                     recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=[callback])
+
+
+def results_csv(rows: list[dict]) -> bytes:
+    from tunesmith.train.metrics import COLUMNS
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: "" if r.get(c) is None else r[c] for c in COLUMNS})
+    return buf.getvalue().encode()
+
+
+def work(root: Path, poll_s: float = 0.5, once: bool = False) -> None:
+    """Run jobs forever (or until the queue is empty with ``once``)."""
+    store = Store(root)
+    while True:
+        job = store.next_job()
+        if job is None:
+            if once:
+                return
+            time.sleep(poll_s)
+            continue
+        try:
+            run_job(store, job)
+        except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
+            message = f"{type(exc).__name__}: {exc}"
+            store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None,
+                             error={"code": "training_failed", "message": message[:2000], "param": None})
+            store.add_event(job["id"], f"Fine-tuning job failed: {message[:500]}", level="error", dedup_key="failed")
+        if once and store.next_job() is None:
+            return
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="tunesmith fine-tuning jobs worker")
+    ap.add_argument("--data-dir", type=Path, required=True)
+    ap.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    args = ap.parse_args()
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work(args.data_dir, once=args.once)
+
+
+if __name__ == "__main__":
+    main()
