@@ -173,6 +173,43 @@ def review_import(
     console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" → {run_dir / 'synth' / 'accepted.jsonl'}")
 
 
+# --- tunesmith serve -----------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    model: Annotated[str, typer.Option(help="Base model: embedded name, folder or HF id.")] = "smollm2-135m-instruct",
+    adapter: Annotated[list[str] | None, typer.Option(help="A LoRA adapter to serve, NAME=PATH (repeatable).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where files, jobs and job runs are kept.")] = Path("tunesmith-data"),
+    api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
+    engine: Annotated[str, typer.Option(help="builtin, or vllm to print the vLLM command.")] = "builtin",
+    exec_: Annotated[bool, typer.Option("--exec", help="With --engine vllm: start it.")] = False,
+) -> None:
+    """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
+    from tunesmith.serve.app import ServeSettings
+    from tunesmith.serve.launch import parse_adapters, serve_builtin, shell_line, vllm_command
+
+    adapters = parse_adapters(adapter or [])
+    if engine == "vllm":
+        cmd = vllm_command(model, adapters, host, port)
+        console.print(shell_line(cmd), soft_wrap=True)
+        if exec_:
+            import os
+
+            os.execvp(cmd[0], cmd)
+        return
+    if engine != "builtin":
+        raise typer.BadParameter("--engine is builtin or vllm")
+    keys = ServeSettings.keys_from_env(api_keys_file)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
+    _quiet_libraries()
+    settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir)
+    serve_builtin(settings, host, port, say=console.print)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the app, mapping our errors to exit codes and one-line messages."""
     try:

@@ -75,6 +75,15 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard():
+        from importlib import resources
+
+        from fastapi.responses import HTMLResponse
+
+        return HTMLResponse(resources.files("tunesmith.serve").joinpath("static", "dashboard.html").read_text("utf-8"))
+
     return app
 
 

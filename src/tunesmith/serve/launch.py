@@ -1,0 +1,55 @@
+"""Start the built-in server (with its jobs worker), or write/start the vLLM command for GPU users."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from tunesmith.errors import ConfigError
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    adapters = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter expects NAME=PATH, got '{item}'")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapter {name}: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        adapters[name] = path
+    return adapters
+
+
+def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
+    """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
+    from tunesmith.models.registry import resolve
+
+    cmd = ["vllm", "serve", resolve(model), "--host", host, "--port", str(port), "--served-model-name", model]
+    if adapters:
+        cmd += ["--enable-lora", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
+    return cmd
+
+
+def start_worker(data_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir)])
+
+
+def serve_builtin(settings, host: str, port: int, say=print) -> None:
+    import uvicorn
+
+    from tunesmith.serve.app import create_app
+
+    worker = start_worker(settings.data_dir)
+    say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "
+        f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        worker.terminate()
+        worker.wait(10)
+
+
+def shell_line(cmd: list[str]) -> str:
+    return " ".join(shlex.quote(c) for c in cmd)
