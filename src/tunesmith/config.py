@@ -209,6 +209,20 @@ class SynthSection(Section):
     preference_pairs: PreferencePairsTask = PreferencePairsTask()
 
 
+class HostedSection(Section):
+    """``tunesmith train --backend openai``: an OpenAI-compatible fine-tuning API does the training."""
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    model: str | None = Field(None, description="the hosted base model; default: model.name")
+    suffix: str | None = Field(None, max_length=64)
+    n_epochs: int | None = Field(None, ge=1, description="null: the service's auto")
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate_multiplier: float | None = Field(None, gt=0)
+    poll_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
 class Recipe(Section):
     name: str
     output_dir: Path = Path("runs")
@@ -218,6 +232,7 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     synth: SynthSection | None = None
+    hosted: HostedSection | None = None
 
     @field_validator("name")
     @classmethod
