@@ -24,8 +24,19 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
             rejected.append(Rejected(rec.source, "map", reason, rec.data))
             continue
         inputs = {f: _text(rec.data[f]) for f in cfg.input_fields}
-        examples.append(Example(id=rec.source.rsplit("/", 1)[-1], inputs=inputs, target=_text(rec.data[cfg.target_field])))
+        examples.append(Example(id=rec.source.rsplit("/", 1)[-1], inputs=inputs, target=_text(rec.data[cfg.target_field]),
+                                meta=_meta(rec, cfg)))
     return examples, rejected
+
+
+def _meta(rec: Record, cfg: DataSection) -> dict:
+    """What later steps need besides inputs and target: the source and the split's fields."""
+    meta = {"source": rec.source}
+    pairs = [(e.chosen_field, e.rejected_field) for e in cfg.export if e.format == "openai-dpo"]
+    for name in (cfg.split.stratify_field, cfg.split.group_field, *(f for p in pairs for f in p)):
+        if name:
+            meta[name] = rec.data.get(name)
+    return meta
 
 
 def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
@@ -35,7 +46,8 @@ def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
     seen: set[str] = set()
     for rec in records:
         seen.update(rec.data)
-    for name in [*cfg.input_fields, cfg.target_field]:
+    split_fields = [f for f in (cfg.split.stratify_field, cfg.split.group_field) if f]
+    for name in [*cfg.input_fields, cfg.target_field, *split_fields]:
         if name not in seen:
             raise DataError(
                 f"{records[0].source.rsplit(':', 1)[0]}: no record has the field '{name}' named in the recipe; "
