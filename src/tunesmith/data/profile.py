@@ -57,14 +57,13 @@ def plot_token_hist(lengths: dict[str, list[int]], limits: tuple[int | None, int
 
 def plot_labels(counts: Counter, name: str, path: Path, top: int = 40) -> Path:
     plt = _plt()
-    items = counts.most_common(top)
-    fig, ax = plt.subplots(figsize=(max(5, 0.28 * len(items) + 2), 4))
-    ax.bar([str(k) for k, _ in items], [v for _, v in items], color="#55A868")
+    items = counts.most_common(top)[::-1]  # largest at the top
+    fig, ax = plt.subplots(figsize=(7, 0.24 * len(items) + 1.4))
+    ax.barh([str(k) for k, _ in items], [v for _, v in items], color="#55A868")
     ax.set_title(f"{name}: records per label" + (f" (top {top} of {len(counts)})" if len(counts) > top else ""))
-    ax.set_ylabel("records")
-    ax.tick_params(axis="x", rotation=60, labelsize=8)
-    for lab in ax.get_xticklabels():
-        lab.set_horizontalalignment("right")
+    ax.set_xlabel("records")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.margins(y=0.01)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -74,9 +73,13 @@ def plot_labels(counts: Counter, name: str, path: Path, top: int = 40) -> Path:
 def plot_numeric(values: np.ndarray, name: str, path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.hist(values, bins=40, color="#8172B2", edgecolor="white")
+    skewed = values.min() > 0 and np.percentile(values, 99) > 20 * np.median(values)
+    bins = np.geomspace(values.min(), values.max(), 40) if skewed else 40
+    ax.hist(values, bins=bins, color="#8172B2", edgecolor="white")
+    if skewed:  # prices and counts span orders of magnitude
+        ax.set_xscale("log")
     ax.set_title(f"{name}: distribution (n={len(values):,})")
-    ax.set_xlabel(name)
+    ax.set_xlabel(name + (" (log scale)" if skewed else ""))
     ax.set_ylabel("records")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
