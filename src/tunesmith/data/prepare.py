@@ -79,6 +79,10 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     ctx = StepContext(tokenizer=tokenizer_loader(recipe), on_error=cfg.on_error)
     records, rejected = read_source(cfg, ctx.tok)
     n_read = len(records) + len(rejected)
+    if cfg.profile.enabled:  # before curation, so the plots show what the limits will cut
+        from tunesmith.data.profile import profile_records
+
+        profile_records(records, cfg, ctx.tok, data_dir / "profile", limits=_token_limits(cfg))
     kept, dropped, rows = run_steps(records, cfg.steps, ctx)
     rejected += dropped
     examples, unmapped = to_examples(kept, cfg)
@@ -113,10 +117,6 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     }
     summary.update({f"step {r.step}: dropped": r.dropped for r in rows})
     data = PreparedData(splits, labels, summary, len(rejected), rows)
-    if cfg.profile.enabled:
-        from tunesmith.data.profile import profile_records
-
-        profile_records(kept, cfg, ctx.tok, data_dir / "profile", limits=_token_limits(cfg))
     if cfg.export:
         from tunesmith.data.exporters import export_splits
 
@@ -179,6 +179,14 @@ def store_cached(key: str, data_dir: Path, data: PreparedData) -> None:
         pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+    prune_cache()
+
+
+def prune_cache(keep: int = 20) -> None:
+    """Keep the ``keep`` most recently used entries; older ones are removed."""
+    entries = sorted((p for p in cache_dir().iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_cached(key: str, data_dir: Path) -> PreparedData | None:
@@ -195,5 +203,6 @@ def load_cached(key: str, data_dir: Path) -> PreparedData | None:
             p = data_dir / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     shutil.copytree(entry / "files", data_dir, dirs_exist_ok=True)
+    entry.touch()  # most recently used, for pruning
     data.cached = True
     return data
