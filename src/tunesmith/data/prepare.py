@@ -7,8 +7,10 @@ change to any of them rebuilds and an unchanged recipe copies the finished files
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from dataclasses import dataclass, field
@@ -134,7 +136,8 @@ def _token_limits(cfg) -> tuple[int | None, int | None]:
 # --- cache ------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
-    return tunesmith_home() / "cache" / "data"
+    """``$TUNESMITH_DATA_CACHE``, else ``$TUNESMITH_HOME/cache/data``."""
+    return Path(os.environ.get("TUNESMITH_DATA_CACHE") or tunesmith_home() / "cache" / "data")
 
 
 def _hash_path(h, path: Path) -> None:
@@ -176,7 +179,7 @@ def store_cached(key: str, data_dir: Path, data: PreparedData) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(data_dir, tmp / "files")
     with open(tmp / "prepared.pkl", "wb") as fh:
-        pickle.dump(data, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(_to_columns(data), fh, protocol=pickle.HIGHEST_PROTOCOL)
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     prune_cache()
@@ -189,15 +192,30 @@ def prune_cache(keep: int = 20) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _to_columns(data: PreparedData) -> dict:
+    """Examples as plain tuples: much faster to unpickle than dataclass instances."""
+    splits = {k: [(e.id, e.inputs, e.target, e.meta) for e in v] for k, v in data.splits.items()}
+    return {"splits": splits, "labels": data.labels, "summary": data.summary, "rejected": data.rejected,
+            "steps": data.steps}
+
+
+def _from_columns(doc: dict) -> PreparedData:
+    splits = {k: [Example(*t) for t in v] for k, v in doc["splits"].items()}
+    return PreparedData(splits, doc["labels"], doc["summary"], doc["rejected"], doc["steps"])
+
+
 def load_cached(key: str, data_dir: Path) -> PreparedData | None:
     entry = cache_dir() / key
     if not (entry / "prepared.pkl").is_file():
         return None
+    gc.disable()  # the collector would walk the half-built object graph again and again
     try:
         with open(entry / "prepared.pkl", "rb") as fh:
-            data = pickle.load(fh)
+            data = _from_columns(pickle.load(fh))
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
+    finally:
+        gc.enable()
     if data_dir.exists():
         for stale in ("rejected.jsonl", "steps.md", "profile", "export"):
             p = data_dir / stale

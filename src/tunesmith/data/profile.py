@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.steps import parse_number, token_lengths
+from tunesmith.data.steps import parse_number, token_counts
 from tunesmith.records import Record
 
 
@@ -108,7 +108,7 @@ def profile(records: list[Record], fields: list[str], label: str | None, numeric
         chars = [len(t) for t in texts]
         lines.append(f"| {f} | characters | " + " | ".join(_fmt(v) for v in _stats(chars).values()) + " |")
         if tokenizer is not None:
-            tok_lengths[f] = [len(o) for o in token_lengths(texts, tokenizer)]
+            tok_lengths[f] = token_counts(texts, tokenizer).tolist()
             lines.append(f"| {f} | tokens | " + " | ".join(_fmt(v) for v in _stats(tok_lengths[f]).values()) + " |")
     images: dict[str, Path] = {}
     if tok_lengths:

@@ -150,13 +150,30 @@ def char_length(records, spec: CharLengthStep, ctx):
     return kept, dropped
 
 
-def token_lengths(texts: list[str], tokenizer, batch: int = 2048) -> list[list[tuple[int, int]]]:
-    """Character offsets of each text's tokens, tokenized in batches by the fast (Rust) tokenizer."""
-    out = []
+def _backend(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer (None for slow tokenizers)."""
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
+def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:
+    """Tokens per text without special tokens, in batches on the Rust tokenizer (no offsets, no Python objects)."""
+    backend = _backend(tokenizer)
+    out = np.empty(len(texts), dtype=np.int64)
     for lo in range(0, len(texts), batch):
-        enc = tokenizer(texts[lo : lo + batch], add_special_tokens=False, return_offsets_mapping=True)
-        out += enc["offset_mapping"]
+        chunk = texts[lo : lo + batch]
+        if backend is not None:
+            out[lo : lo + len(chunk)] = [len(e.ids) for e in backend.encode_batch_fast(chunk, add_special_tokens=False)]
+        else:
+            out[lo : lo + len(chunk)] = [len(ids) for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]]
     return out
+
+
+def token_offsets(texts: list[str], tokenizer) -> list[list[tuple[int, int]]]:
+    """Character offsets of each text's tokens (used only for the texts that get truncated)."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return [e.offsets for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
 
 def token_length(records, spec: TokenLengthStep, ctx):
@@ -164,17 +181,20 @@ def token_length(records, spec: TokenLengthStep, ctx):
     reasons: dict[int, str] = {}
     for f in spec.fields:
         texts = [str(r.data.get(f) or "") for r in records]
-        for i, offs in enumerate(token_lengths(texts, tok)):
+        counts = token_counts(texts, tok)
+        too_long = []
+        for i, n in enumerate(counts.tolist()):
             if i in reasons:
                 continue
-            n = len(offs)
             if n < spec.min:
                 reasons[i] = f"{f}: {n} tokens < min {spec.min}"
             elif spec.max and n > spec.max:
                 if spec.truncate:
-                    records[i].data[f] = texts[i][: offs[spec.max - 1][1]]
+                    too_long.append(i)
                 else:
                     reasons[i] = f"{f}: {n} tokens > max {spec.max}"
+        for i, offs in zip(too_long, token_offsets([texts[i] for i in too_long], tok), strict=True):
+            records[i].data[f] = texts[i][: offs[spec.max - 1][1]]
     kept = [r for i, r in enumerate(records) if i not in reasons]
     return kept, [_drop(records[i], reasons[i]) for i in sorted(reasons)]
 
