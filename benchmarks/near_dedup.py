@@ -26,8 +26,10 @@ import numpy as np
 from tunesmith.data.minhash import exact_jaccard, lsh_params, near_duplicate_pairs, shingle
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [REPO.parent / "shared" / "data" / "banking77" / "banking77_train.csv",
-           REPO / "examples" / "data" / "banking77_10intents.csv"]
+SOURCES = [
+    REPO.parent / "shared" / "data" / "banking77" / "banking77_train.csv",
+    REPO / "examples" / "data" / "banking77_10intents.csv",
+]
 WORD = re.compile(r"\w+")
 
 
@@ -115,7 +117,10 @@ def main() -> None:
     args = ap.parse_args()
 
     texts, planted = make_data(args.n)
-    print(f"{len(texts):,} texts, {len(planted):,} planted pairs, mean {np.mean([len(t.split()) for t in texts]):.1f} words")
+    print(
+        f"{len(texts):,} texts, {len(planted):,} planted pairs, "
+        f"mean {np.mean([len(t.split()) for t in texts]):.1f} words"
+    )
 
     t0 = time.perf_counter()
     ours, _ = near_duplicate_pairs(texts, args.threshold, "word", 2, args.num_perm)
@@ -128,16 +133,20 @@ def main() -> None:
     jac_ds = exact_jaccard(sh, cand)
     theirs = cand[jac_ds >= args.threshold]
     t_ds = time.perf_counter() - t0
-    print(f"datasketch: {t_ds:7.2f} s  {len(texts) / t_ds:10,.0f} docs/s  {len(theirs):,} pairs "
-          f"({len(cand):,} LSH candidates)")
+    print(
+        f"datasketch: {t_ds:7.2f} s  {len(texts) / t_ds:10,.0f} docs/s  {len(theirs):,} pairs "
+        f"({len(cand):,} LSH candidates)"
+    )
 
     found_ours = {tuple(p) for p in ours.tolist()}
     found_ds = {tuple(p) for p in theirs.tolist()}
     every = sorted(set(planted) | found_ours | found_ds)
     jac = dict(zip(every, exact_jaccard(sh, np.array(every, dtype=np.int64)).tolist(), strict=True))
     truth = {p for p in every if jac[p] >= args.threshold}
-    print(f"truth: {len(truth):,} pairs with Jaccard >= {args.threshold} "
-          f"({sum(jac[p] >= args.threshold for p in planted):,} planted)")
+    print(
+        f"truth: {len(truth):,} pairs with Jaccard >= {args.threshold} "
+        f"({sum(jac[p] >= args.threshold for p in planted):,} planted)"
+    )
     r1, p1 = score(found_ours, truth, jac)
     r2, p2 = score(found_ds, truth, jac)
     print(f"tunesmith : recall {r1:.4f}  precision {p1:.4f}")

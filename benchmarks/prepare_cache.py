@@ -20,8 +20,10 @@ from pathlib import Path
 from rich.console import Console
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = [REPO.parent / "shared" / "data" / "banking77" / "banking77_train.csv",
-           REPO / "examples" / "data" / "banking77_10intents.csv"]
+SOURCES = [
+    REPO.parent / "shared" / "data" / "banking77" / "banking77_train.csv",
+    REPO / "examples" / "data" / "banking77_10intents.csv",
+]
 
 
 def make_records(n: int, path: Path, seed: int = 0) -> None:
@@ -52,14 +54,28 @@ def main() -> None:
         os.environ["TUNESMITH_DATA_CACHE"] = str(tmp / "cache")
         data = tmp / "records.jsonl"
         make_records(args.n, data)
-        recipe = validate_recipe({
-            "name": "bench", "output_dir": str(tmp / "runs"), "model": {"name": args.model},
-            "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "on_error": "skip",
-                     "profile": {"enabled": False}, "split": {"train": 0.8, "val": 0.1, "test": 0.1},
-                     "steps": [{"step": "scrub"}, {"step": "char_length", "min": 10, "max": 400},
-                               {"step": "token_length", "min": 4, "max": 64}, {"step": "exact_dedup"},
-                               {"step": "near_dedup", "threshold": 0.8}]},
-        })
+        recipe = validate_recipe(
+            {
+                "name": "bench",
+                "output_dir": str(tmp / "runs"),
+                "model": {"name": args.model},
+                "data": {
+                    "path": str(data),
+                    "input_fields": ["text"],
+                    "target_field": "category",
+                    "on_error": "skip",
+                    "profile": {"enabled": False},
+                    "split": {"train": 0.8, "val": 0.1, "test": 0.1},
+                    "steps": [
+                        {"step": "scrub"},
+                        {"step": "char_length", "min": 10, "max": 400},
+                        {"step": "token_length", "min": 4, "max": 64},
+                        {"step": "exact_dedup"},
+                        {"step": "near_dedup", "threshold": 0.8},
+                    ],
+                },
+            }
+        )
         console = Console(quiet=True)
         out = tmp / "runs" / "bench" / "data"
         t0 = time.perf_counter()

@@ -16,9 +16,18 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 def recipe_doc(tmp_path, data_path, model_dir, **data) -> dict:
     return {
-        "name": "prep", "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name": str(model_dir)},
-        "data": {"path": str(data_path), "input_fields": ["text"], "target_field": "category",
-                 "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "profile": {"enabled": False}, **data},
+        "name": "prep",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 3,
+        "model": {"name": str(model_dir)},
+        "data": {
+            "path": str(data_path),
+            "input_fields": ["text"],
+            "target_field": "category",
+            "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+            "profile": {"enabled": False},
+            **data,
+        },
     }
 
 
@@ -32,13 +41,29 @@ def rows():
 
 
 def test_prepare_with_steps_accounts_for_every_row(tmp_path, tiny_model_dir, cli, home, rows):
-    rows = rows + [dict(rows[0]), {"text": "[x]", "category": "card_arrival"}]  # an exact duplicate, pure noise
+    rows = rows + [
+        dict(rows[0]),
+        {"text": "[x]", "category": "card_arrival"},
+    ]  # an exact duplicate, pure noise
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     with open(data, "a", encoding="utf-8") as fh:
         fh.write('["not", "an", "object"]\n{"text": "broken\n')
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_doc(tmp_path, data, tiny_model_dir, on_error="skip", steps=[
-        {"step": "scrub", "fields": ["text"]}, {"step": "char_length", "min": 5}, {"step": "exact_dedup"},
-        {"step": "token_length", "max": 12}, {"step": "near_dedup", "threshold": 0.8}]))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_doc(
+            tmp_path,
+            data,
+            tiny_model_dir,
+            on_error="skip",
+            steps=[
+                {"step": "scrub", "fields": ["text"]},
+                {"step": "char_length", "min": 5},
+                {"step": "exact_dedup"},
+                {"step": "token_length", "max": 12},
+                {"step": "near_dedup", "threshold": 0.8},
+            ],
+        ),
+    )
     code, out = cli(["data", "prepare", str(recipe)])
     assert code == 0, out
     d = tmp_path / "runs" / "prep" / "data"
@@ -53,11 +78,18 @@ def test_prepare_with_steps_accounts_for_every_row(tmp_path, tiny_model_dir, cli
     assert "records/s" in out and "rejected (see data/rejected.jsonl): " in out
 
 
-@pytest.mark.parametrize("case, content, match", [
-    ("undecodable", b'{"text": "ok", "category": "a"}\n{"text": "caf\xe9", "category": "a"}\n', r"d\.jsonl:2: bytes"),
-    ("not_object", b'{"text": "ok", "category": "a"}\n[1, 2]\n', r"d\.jsonl:2: not a JSON object"),
-    ("empty", b"\n", r"d\.jsonl: the file is empty"),
-])
+@pytest.mark.parametrize(
+    "case, content, match",
+    [
+        (
+            "undecodable",
+            b'{"text": "ok", "category": "a"}\n{"text": "caf\xe9", "category": "a"}\n',
+            r"d\.jsonl:2: bytes",
+        ),
+        ("not_object", b'{"text": "ok", "category": "a"}\n[1, 2]\n', r"d\.jsonl:2: not a JSON object"),
+        ("empty", b"\n", r"d\.jsonl: the file is empty"),
+    ],
+)
 def test_bad_jsonl_exits_3_naming_file_and_line(tmp_path, tiny_model_dir, cli, home, case, content, match):
     data = tmp_path / "d.jsonl"
     data.write_bytes(content)
@@ -71,7 +103,9 @@ def test_bad_jsonl_exits_3_naming_file_and_line(tmp_path, tiny_model_dir, cli, h
 
 def test_ragged_csv_fails_or_lands_in_rejected(tmp_path, tiny_model_dir, cli, home, rows):
     data = tmp_path / "d.csv"
-    lines = ["text,category"] + [f'"{r["text"]}",{r["category"]}' for r in rows] + ["ragged row without comma"]
+    lines = (
+        ["text,category"] + [f'"{r["text"]}",{r["category"]}' for r in rows] + ["ragged row without comma"]
+    )
     data.write_text("\n".join(lines) + "\n")
     recipe = write_recipe(tmp_path / "r.yaml", recipe_doc(tmp_path, data, tiny_model_dir))
     code, out = cli(["data", "prepare", str(recipe)])
@@ -84,9 +118,11 @@ def test_ragged_csv_fails_or_lands_in_rejected(tmp_path, tiny_model_dir, cli, ho
 
 def test_field_named_in_recipe_that_no_record_has(tmp_path, tiny_model_dir, cli, home, rows):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    for extra in ({"split": {"group_field": "movie"}},
-                  {"steps": [{"step": "exact_dedup", "fields": ["body"]}]},
-                  {"input_fields": ["body"], "prompt": "{body}"}):
+    for extra in (
+        {"split": {"group_field": "movie"}},
+        {"steps": [{"step": "exact_dedup", "fields": ["body"]}]},
+        {"input_fields": ["body"], "prompt": "{body}"},
+    ):
         recipe = write_recipe(tmp_path / "r.yaml", recipe_doc(tmp_path, data, tiny_model_dir, **extra))
         code, out = cli(["data", "prepare", str(recipe), "--no-cache"])
         assert code == 3, (extra, out)
@@ -113,9 +149,17 @@ def test_pdf_without_text_in_a_documents_recipe(tmp_path, tiny_model_dir, cli, h
     docs.mkdir()
     (docs / "scan.pdf").write_bytes(_minimal_pdf([""]))
     (docs / "ok.pdf").write_bytes(_minimal_pdf(["Cards arrive in a week", "Pins unblock at an ATM"]))
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_doc(
-        tmp_path, docs, tiny_model_dir, input_fields=["text"], target_field="source_file",
-        split={"train": 0.5, "val": 0, "test": 0.5}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_doc(
+            tmp_path,
+            docs,
+            tiny_model_dir,
+            input_fields=["text"],
+            target_field="source_file",
+            split={"train": 0.5, "val": 0, "test": 0.5},
+        ),
+    )
     code, out = cli(["data", "prepare", str(recipe)])
     assert code == 3 and "scan.pdf: no extractable text" in out.replace("\n", "")
     code, out = cli(["data", "prepare", str(recipe), "--set", "data.on_error=skip"])
@@ -128,7 +172,9 @@ def test_cache_reuses_and_rebuilds_on_each_kind_of_change(tmp_path, tiny_model_d
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    path = write_recipe(tmp_path / "r.yaml", recipe_doc(tmp_path, data, model, steps=[{"step": "exact_dedup"}]))
+    path = write_recipe(
+        tmp_path / "r.yaml", recipe_doc(tmp_path, data, model, steps=[{"step": "exact_dedup"}])
+    )
     out_dir = tmp_path / "out"
     console = Console(quiet=True)
 
@@ -161,9 +207,20 @@ def test_cache_reuses_and_rebuilds_on_each_kind_of_change(tmp_path, tiny_model_d
 def test_run_profiles_and_exports_from_the_recipe(tmp_path, tiny_model_dir, home, rows):
     rows = [dict(r, chosen="good answer", rejected="bad answer") for r in rows]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    path = write_recipe(tmp_path / "r.yaml", recipe_doc(
-        tmp_path, data, tiny_model_dir, profile={"enabled": True}, steps=[{"step": "token_length", "max": 40}],
-        export=[{"format": f} for f in ("openai-chat", "openai-completion", "openai-dpo", "alpaca", "hf", "parquet")]))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_doc(
+            tmp_path,
+            data,
+            tiny_model_dir,
+            profile={"enabled": True},
+            steps=[{"step": "token_length", "max": 40}],
+            export=[
+                {"format": f}
+                for f in ("openai-chat", "openai-completion", "openai-dpo", "alpaca", "hf", "parquet")
+            ],
+        ),
+    )
     out = tmp_path / "out"
     prepared = prepare(load_recipe(path), out, Console(quiet=True))
     report = (out / "profile" / "report.md").read_text()

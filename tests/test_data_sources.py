@@ -45,11 +45,32 @@ def test_parquet_rows_and_bad_files(tmp_path):
 
 
 def test_squad_json_is_flattened_to_one_record_per_question(tmp_path):
-    doc = {"version": "1.1", "data": [{"title": "T", "paragraphs": [
-        {"context": "Paris is in France.", "qas": [
-            {"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
-            {"id": "q2", "question": "What is in France?", "answers": [{"text": "Paris", "answer_start": 0}]}]},
-        {"context": "Seoul.", "qas": [{"id": "q3", "question": "Capital?", "answers": []}]}]}]}
+    doc = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [
+                    {
+                        "context": "Paris is in France.",
+                        "qas": [
+                            {
+                                "id": "q1",
+                                "question": "Where is Paris?",
+                                "answers": [{"text": "France", "answer_start": 12}],
+                            },
+                            {
+                                "id": "q2",
+                                "question": "What is in France?",
+                                "answers": [{"text": "Paris", "answer_start": 0}],
+                            },
+                        ],
+                    },
+                    {"context": "Seoul.", "qas": [{"id": "q3", "question": "Capital?", "answers": []}]},
+                ],
+            }
+        ],
+    }
     p = tmp_path / "squad.json"
     p.write_text(json.dumps(doc))
     records, _ = read_records(p)
@@ -99,9 +120,18 @@ def test_hub_dataset_offline_gives_a_clear_data_error(monkeypatch, cli, tmp_path
         read_source(data_cfg(hub={"name": "tunesmith-missing/none", "split": "train"}))
     from .conftest import write_recipe
 
-    recipe = write_recipe(tmp_path / "r.yaml", {
-        "name": "hub", "output_dir": str(tmp_path / "runs"),
-        "data": {"hub": {"name": "tunesmith-missing/none"}, "input_fields": ["text"], "target_field": "label"}})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "hub",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {
+                "hub": {"name": "tunesmith-missing/none"},
+                "input_fields": ["text"],
+                "target_field": "label",
+            },
+        },
+    )
     code, out = cli(["data", "prepare", str(recipe), "--no-cache"])
     assert code == 3, out
     assert "could not load hub dataset" in out and "Traceback" not in out
@@ -121,14 +151,20 @@ def test_chunks_overlap_by_tokens_and_cover_the_text(tok):
 
 def _minimal_pdf(pages: list[str]) -> bytes:
     """A small valid PDF with one Helvetica text line per page (an empty string gives a blank page)."""
-    objs = ["<< /Type /Catalog /Pages 2 0 R >>", None, "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    objs = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        None,
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
     kids = []
     for text in pages:
         stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET" if text else ""
         objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
         content = len(objs)
-        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
-                    "/Resources << /Font << /F1 3 0 R >> >> >>")
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {content} 0 R "
+            "/Resources << /Font << /F1 3 0 R >> >> >>"
+        )
         kids.append(f"{len(objs)} 0 R")
     objs[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
     out, offsets = b"%PDF-1.4\n", []
@@ -186,7 +222,9 @@ def test_real_korean_pdf_is_chunked_with_pages(tok):
 def test_derived_fields_template_and_concatenation():
     recs = [Record({"title": "T", "body": "B", "n": 3}, "f:1"), Record({"title": "U", "body": None}, "f:2")]
     derive_fields(recs, {"full": "{title}: {body}", "joined": ["title", "body"], "count": "n={n}"})
-    assert recs[0].data["full"] == "T: B" and recs[0].data["joined"] == "T\nB" and recs[0].data["count"] == "n=3"
+    assert (
+        recs[0].data["full"] == "T: B" and recs[0].data["joined"] == "T\nB" and recs[0].data["count"] == "n=3"
+    )
     assert recs[1].data["full"] == "U:" and recs[1].data["count"] == "n="
     with pytest.raises(DataError, match=r"data.derive.x: no record has the field\(s\) \['nope'\]"):
         derive_fields(recs, {"x": "{nope}"})

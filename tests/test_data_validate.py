@@ -17,18 +17,23 @@ def words(text: str) -> int:
 
 
 def test_formatters():
-    assert chat_row("q", "a", None) == {"messages": [{"role": "user", "content": "q"},
-                                                     {"role": "assistant", "content": "a"}]}
+    assert chat_row("q", "a", None) == {
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    }
     assert chat_row("q", "a", "sys")["messages"][0] == {"role": "system", "content": "sys"}
-    assert completion_row("Review: good ", "positive") == {"prompt": "Review: good\n\n###\n\n",
-                                                           "completion": " positive\n"}
+    assert completion_row("Review: good ", "positive") == {
+        "prompt": "Review: good\n\n###\n\n",
+        "completion": " positive\n",
+    }
     assert "### Input:" not in alpaca_text("Say hi", "hi")
     assert "### Input:\nBob\n\n### Response:\nhi Bob" in alpaca_text("Greet", "hi Bob", "Bob")
     assert qa_prompt("Who?", "Ann wrote it.") == "Context:\nAnn wrote it.\n\nQuestion: Who?"
     assert qa_prompt("Who?") == "Question: Who?"
     row = preference_row("p", "good", "bad")
     assert row["input"]["messages"] == [{"role": "user", "content": "p"}]
-    assert row["preferred_output"][0]["content"] == "good" and row["non_preferred_output"][0]["content"] == "bad"
+    assert (
+        row["preferred_output"][0]["content"] == "good" and row["non_preferred_output"][0]["content"] == "bad"
+    )
 
 
 def good(i: int, system: bool = True) -> dict:
@@ -37,20 +42,31 @@ def good(i: int, system: bool = True) -> dict:
 
 
 def test_validate_counts_each_error_kind_and_tokens(tmp_path):
-    rows = [good(0), good(1, system=False), ["not a dict"], {"messages": []},
-            {"messages": [{"role": "user"}]}, {"messages": [{"role": "user", "content": "x", "extra": 1},
-                                                            {"role": "assistant", "content": "y"}]},
-            {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
-            {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]},
-            {"messages": [{"role": "user", "content": "only a question"}]}]
+    rows = [
+        good(0),
+        good(1, system=False),
+        ["not a dict"],
+        {"messages": []},
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "user", "content": "x", "extra": 1}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "y"}]},
+        {"messages": [{"role": "user", "content": "only a question"}]},
+    ]
     path = write_jsonl(tmp_path / "t.jsonl", rows)
     with open(path, "a") as fh:
         fh.write("{broken json\n")
     v = validate_chat(path, words, limit=8)
     assert v.n == 10
-    assert dict(v.errors) == {"data_type": 2, "missing_messages_list": 1, "message_missing_key": 1,
-                              "message_unrecognized_key": 1, "unrecognized_role": 1, "missing_content": 1,
-                              "example_missing_assistant_message": 2}
+    assert dict(v.errors) == {
+        "data_type": 2,
+        "missing_messages_list": 1,
+        "message_missing_key": 1,
+        "message_unrecognized_key": 1,
+        "unrecognized_role": 1,
+        "missing_content": 1,
+        "example_missing_assistant_message": 2,
+    }
     assert v.error_lines["data_type"] == [3, 10]
     assert v.missing_system == 1 and v.missing_user == 0
     # cookbook rule: 3 per message + tokens of role/content values + 3 for the reply
@@ -64,8 +80,9 @@ def test_default_epochs_rule():
 
 def test_validate_cli_reports_cost_and_exit_codes(tmp_path, cli, tiny_model_dir):
     ok = write_jsonl(tmp_path / "ok.jsonl", [good(i) for i in range(40)])
-    code, out = cli(["data", "validate", str(ok), "--tokenizer", str(tiny_model_dir), "--price", "3",
-                     "--epochs", "2"])
+    code, out = cli(
+        ["data", "validate", str(ok), "--tokenizer", str(tiny_model_dir), "--price", "3", "--epochs", "2"]
+    )
     assert code == 0, out
     assert "no format errors" in out and "40 examples" in out
     billable = int(out.split("billable tokens per epoch: ")[1].split()[0].replace(",", ""))
@@ -83,8 +100,23 @@ def test_validate_cli_reports_cost_and_exit_codes(tmp_path, cli, tiny_model_dir)
 
 def test_profile_cli_writes_report_and_plots(tmp_path, cli, tiny_model_dir):
     out = tmp_path / "prof"
-    code, text = cli(["data", "profile", str(EXAMPLE_CSV), "--field", "text", "--label", "category",
-                      "--out", str(out), "--model", str(tiny_model_dir), "--max-tokens", "20"])
+    code, text = cli(
+        [
+            "data",
+            "profile",
+            str(EXAMPLE_CSV),
+            "--field",
+            "text",
+            "--label",
+            "category",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--max-tokens",
+            "20",
+        ]
+    )
     assert code == 0, text
     report = (out / "report.md").read_text()
     import csv
@@ -98,12 +130,26 @@ def test_profile_cli_writes_report_and_plots(tmp_path, cli, tiny_model_dir):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
-@pytest.mark.skipif(not (SHARED / "products_amazon_in").is_dir(), reason="../shared/data/products_amazon_in absent")
+@pytest.mark.skipif(
+    not (SHARED / "products_amazon_in").is_dir(), reason="../shared/data/products_amazon_in absent"
+)
 def test_profile_numeric_price_field_on_real_products(tmp_path, cli, tiny_model_dir):
     out = tmp_path / "prof"
-    code, text = cli(["data", "profile", str(SHARED / "products_amazon_in" / "amazon_in_products_shared.csv"),
-                      "--field", "product_name", "--numeric", "discounted_price", "--out", str(out),
-                      "--model", str(tiny_model_dir)])
+    code, text = cli(
+        [
+            "data",
+            "profile",
+            str(SHARED / "products_amazon_in" / "amazon_in_products_shared.csv"),
+            "--field",
+            "product_name",
+            "--numeric",
+            "discounted_price",
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+        ]
+    )
     assert code == 0, text
     report = (out / "report.md").read_text()
     row = report.split("## Numeric field `discounted_price`")[1].splitlines()[4]

@@ -111,11 +111,14 @@ def models_list() -> None:
 
 
 # --- tunesmith data ... ----------------------------------------------------------------------
+DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+
+
 @data_app.command("prepare")
 def data_prepare(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set data.limit=100.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if the cache has this data.")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (data.limit=100).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if cached.")] = False,
 ) -> None:
     """Run the data stage only: read, curate, split, write (and profile/export if the recipe says so)."""
     import time
@@ -140,14 +143,14 @@ def data_prepare(
 
 @data_app.command("profile")
 def data_profile(
-    input_: Annotated[Path, typer.Argument(metavar="INPUT", help="Data file (CSV, JSONL, JSON, Parquet, ...).")],
-    field: Annotated[list[str] | None, typer.Option("--field", help="Text field to measure (repeatable).")] = None,
+    input_: Annotated[Path, typer.Argument(metavar="INPUT", help="Data file (CSV, JSONL, Parquet...).")],
+    field: Annotated[list[str] | None, typer.Option("--field", help="Text field (repeatable).")] = None,
     label: Annotated[str | None, typer.Option(help="Label field for the bar chart.")] = None,
-    numeric: Annotated[list[str] | None, typer.Option("--numeric", help="Numeric field (repeatable).")] = None,
+    numeric: Annotated[list[str] | None, typer.Option("--numeric", help="Numeric field.")] = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("profile"),
     model: Annotated[str, typer.Option(help="Tokenizer: model name or folder.")] = "smollm2-135m-instruct",
     max_tokens: Annotated[int | None, typer.Option(help="Limit drawn on the token histogram.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, jsonl, csv, json, parquet, squad, hf_disk.")] = "auto",
+    fmt: Annotated[str, typer.Option("--format", help="auto, jsonl, csv, json, parquet, hf_disk.")] = "auto",
 ) -> None:
     """Profile a data file: counts, missing values, lengths, labels, numbers, duplicates, plots."""
     from tunesmith.data.profile import profile
@@ -160,7 +163,7 @@ def data_profile(
     report = profile(records, fields, label, numeric or [], load_tokenizer(model), out, (None, max_tokens),
                      title=f"Profile of {input_.name}")
     if rejected:
-        console.print(f"[yellow]{len(rejected)} unreadable row(s) left out of the profile[/] (first: {rejected[0].source})")
+        console.print(f"[yellow]{len(rejected)} unreadable row(s) left out[/] (first: {rejected[0].source})")
     console.print(f"{len(records):,} records → {report}")
 
 
@@ -169,10 +172,10 @@ def data_validate(
     file: Annotated[Path, typer.Argument(help="JSONL file in OpenAI's chat format.")],
     fmt: Annotated[str, typer.Option("--format", help="openai-chat")] = "openai-chat",
     model: Annotated[str | None, typer.Option(help="Hosted model, for its token limit.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Token limit per example (overrides --model).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Token limit per example.")] = None,
     price: Annotated[float | None, typer.Option(help="Price in $ per 1M training tokens.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (default: the cookbook's rule).")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Model name/folder, or cl100k_base with tiktoken.")] = "smollm2-135m-instruct",
+    tokenizer: Annotated[str, typer.Option(help="Model name/folder or cl100k_base.")] = DEFAULT_TOKENIZER,
 ) -> None:
     """Check a file for hosted fine-tuning: format errors by kind, token counts, cost estimate."""
     from tunesmith.data.validate import DEFAULT_LIMIT, MODEL_LIMITS, render, token_counter, validate_chat
@@ -181,7 +184,7 @@ def data_validate(
     if fmt != "openai-chat":
         raise ConfigError(f"--format {fmt}: only openai-chat is supported")
     if model and model not in MODEL_LIMITS and max_tokens is None:
-        raise ConfigError(f"--model {model}: unknown limit; known: {sorted(MODEL_LIMITS)}; or pass --max-tokens")
+        raise ConfigError(f"--model {model}: limit unknown ({sorted(MODEL_LIMITS)}); pass --max-tokens")
     _quiet_libraries()
     limit = max_tokens or MODEL_LIMITS.get(model or "", DEFAULT_LIMIT)
     result = validate_chat(file, token_counter(tokenizer), limit)

@@ -35,7 +35,7 @@ class SplitSection(Section):
     val: float = 0.1
     test: float = 0.1
     stratify: bool = True
-    stratify_field: str | None = Field(None, description="stratify by this record field instead of the target")
+    stratify_field: str | None = Field(None, description="stratify by this field instead of the target")
     group_field: str | None = Field(None, description="records sharing this field's value stay in one split")
 
     @model_validator(mode="after")
@@ -115,7 +115,9 @@ class RegexStep(_Step):
 
 class LanguageStep(_Step):
     step: Literal["language"]
-    languages: list[Literal["en", "ko", "ja", "zh", "ru", "ar", "el", "he", "th", "hi"]] = Field(..., min_length=1)
+    languages: list[Literal["en", "ko", "ja", "zh", "ru", "ar", "el", "he", "th", "hi"]] = Field(
+        ..., min_length=1
+    )
     min_ratio: float = Field(0.5, gt=0, le=1, description="share of letters that must be in the script")
 
 
@@ -144,7 +146,7 @@ class BalanceStep(_Step):
     step: Literal["balance"]
     fields: list[str] = Field(["label"], min_length=1, max_length=1)
     max_per_label: int | None = Field(None, ge=1)
-    target: dict[str, float] | None = Field(None, description="label -> share; the largest feasible sample is kept")
+    target: dict[str, float] | None = Field(None, description="label -> share; keeps the largest such sample")
     seed: int = 0
 
 
@@ -163,8 +165,8 @@ class OrderStep(Section):
 
 
 Step = Annotated[
-    ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep | RegexStep | LanguageStep | ExactDedupStep
-    | NearDedupStep | SemanticDedupStep | BalanceStep | SampleStep | OrderStep,
+    ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep | RegexStep | LanguageStep
+    | ExactDedupStep | NearDedupStep | SemanticDedupStep | BalanceStep | SampleStep | OrderStep,
     Field(discriminator="step"),
 ]
 
@@ -198,7 +200,7 @@ class DataSection(Section):
     steps: list[Step] = Field([], description="curation steps, applied in order")
     profile: ProfileSection = ProfileSection()
     export: list[ExportSpec] = Field([], description="extra exports of the train/val/test splits")
-    cache: bool = Field(True, description="reuse prepared data when inputs, this section, tokenizer and code match")
+    cache: bool = Field(True, description="reuse prepared data while inputs, section, tokenizer, code match")
     task: Literal["classification", "generation"] = "classification"
     input_fields: list[str] = Field(..., min_length=1)
     target_field: str

@@ -152,6 +152,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
             "Training loss": plot_loss(trained.rows, run_dir / "train" / "loss.png", f"{recipe.name}: loss"),
             "Confusion matrices (test split)": plot_confusions(llm, gold, data.labels, eval_dir / "confusion.png"),
         }
+        for png in sorted((run_dir / "data" / "profile").glob("*.png")):  # the data stage's profile plots
+            images[f"Data profile: {png.stem.replace('_', ' ')}"] = png
         first = next((r["train_loss"] for r in trained.rows if r["train_loss"] is not None), None)
         last = next((r["train_loss"] for r in reversed(trained.rows) if r["train_loss"] is not None), None)
         train_summary = {

@@ -21,7 +21,8 @@ ALPACA_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 )
 ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n{output}"
 )
 
@@ -29,11 +30,13 @@ ALPACA_NO_INPUT = (
 def chat_row(prompt: str, answer: str, system: str | None = None) -> dict:
     """OpenAI chat format; no system message when ``system`` is None."""
     messages = [{"role": "system", "content": system}] if system is not None else []
-    return {"messages": messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    return {
+        "messages": messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    }
 
 
 def completion_row(prompt: str, completion: str, separator: str = "\n\n###\n\n", stop: str = "\n") -> dict:
-    """Legacy prompt/completion: the prompt ends with a fixed separator, the completion starts with a space."""
+    """Legacy prompt/completion: the prompt ends with a separator, the completion starts with a space."""
     return {"prompt": prompt.rstrip() + separator, "completion": " " + completion.strip() + stop}
 
 
@@ -53,7 +56,11 @@ def preference_row(prompt: str, chosen: str, rejected: str, system: str | None =
     """OpenAI DPO format: input messages, one preferred and one non-preferred assistant message."""
     messages = [{"role": "system", "content": system}] if system is not None else []
     return {
-        "input": {"messages": messages + [{"role": "user", "content": prompt}], "tools": [], "parallel_tool_calls": True},
+        "input": {
+            "messages": messages + [{"role": "user", "content": prompt}],
+            "tools": [],
+            "parallel_tool_calls": True,
+        },
         "preferred_output": [{"role": "assistant", "content": chosen}],
         "non_preferred_output": [{"role": "assistant", "content": rejected}],
     }
@@ -71,8 +78,10 @@ def _rows(examples: list[Example], cfg: DataSection, spec: ExportSpec):
         elif spec.format == "openai-dpo":
             chosen, rejected = e.meta.get(spec.chosen_field), e.meta.get(spec.rejected_field)
             if chosen in (None, "") or rejected in (None, ""):
-                raise DataError(f"{e.meta.get('source', e.id)}: openai-dpo export needs fields "
-                                f"'{spec.chosen_field}' and '{spec.rejected_field}'")
+                raise DataError(
+                    f"{e.meta.get('source', e.id)}: openai-dpo export needs fields "
+                    f"'{spec.chosen_field}' and '{spec.rejected_field}'"
+                )
             yield preference_row(prompt, str(chosen), str(rejected), cfg.system_prompt)
         else:  # hf / parquet: flat columns
             yield {"id": e.id, **e.inputs, "target": e.target, "prompt": prompt}
@@ -88,8 +97,9 @@ def export_splits(splits: dict[str, list[Example]], cfg: DataSection, out_dir: P
             import datasets
 
             folder = out_dir / "hf"
-            datasets.DatasetDict({n: datasets.Dataset.from_list(list(_rows(splits[n], cfg, spec))) for n in names}) \
-                .save_to_disk(str(folder))
+            datasets.DatasetDict(
+                {n: datasets.Dataset.from_list(list(_rows(splits[n], cfg, spec))) for n in names}
+            ).save_to_disk(str(folder))
             written.append(folder)
         elif spec.format == "parquet":
             import pyarrow as pa

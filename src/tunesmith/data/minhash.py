@@ -179,8 +179,13 @@ def exact_jaccard(sh: Shingles, pairs: np.ndarray) -> np.ndarray:
 
 
 def near_duplicate_pairs(
-    texts: list[str], threshold: float = 0.8, unit: str = "word", ngram: int = 2, num_perm: int = 128,
-    seed: int = 1, prefilter_margin: float = 0.2,
+    texts: list[str],
+    threshold: float = 0.8,
+    unit: str = "word",
+    ngram: int = 2,
+    num_perm: int = 128,
+    seed: int = 1,
+    prefilter_margin: float = 0.2,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs of texts whose shingle-set Jaccard is ``>= threshold``, with that Jaccard.
 

@@ -96,15 +96,21 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     if rejected:
         console.print(f"[yellow]{len(rejected)} record(s) set aside[/] → {data_dir / 'rejected.jsonl'}")
     if not examples:
-        raise DataError(f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {len(rejected)})")
+        raise DataError(
+            f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {len(rejected)})"
+        )
     labels = label_set(examples, cfg)
     splits = split_examples(examples, cfg.split, recipe.seed)
     if not splits["test"]:
         raise DataError("the test split is empty; give data.split.test a size > 0")
     for name in ("train", "val", "test"):
-        write_jsonl(data_dir / f"{name}.jsonl", (
-            {"id": e.id, "messages": chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]}
-            for e in splits[name]))
+        write_jsonl(
+            data_dir / f"{name}.jsonl",
+            (
+                {"id": e.id, "messages": chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]}
+                for e in splits[name]
+            ),
+        )
     if rows:
         (data_dir / "steps.md").write_text(summary_table(rows) + "\n", encoding="utf-8")
     summary = {
@@ -134,6 +140,7 @@ def _token_limits(cfg) -> tuple[int | None, int | None]:
 
 
 # --- cache ------------------------------------------------------------------------------------
+
 
 def cache_dir() -> Path:
     """``$TUNESMITH_DATA_CACHE``, else ``$TUNESMITH_HOME/cache/data``."""
@@ -187,7 +194,9 @@ def store_cached(key: str, data_dir: Path, data: PreparedData) -> None:
 
 def prune_cache(keep: int = 20) -> None:
     """Keep the ``keep`` most recently used entries; older ones are removed."""
-    entries = sorted((p for p in cache_dir().iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = sorted(
+        (p for p in cache_dir().iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     for old in entries[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -195,8 +204,13 @@ def prune_cache(keep: int = 20) -> None:
 def _to_columns(data: PreparedData) -> dict:
     """Examples as plain tuples: much faster to unpickle than dataclass instances."""
     splits = {k: [(e.id, e.inputs, e.target, e.meta) for e in v] for k, v in data.splits.items()}
-    return {"splits": splits, "labels": data.labels, "summary": data.summary, "rejected": data.rejected,
-            "steps": data.steps}
+    return {
+        "splits": splits,
+        "labels": data.labels,
+        "summary": data.summary,
+        "rejected": data.rejected,
+        "steps": data.steps,
+    }
 
 
 def _from_columns(doc: dict) -> PreparedData:

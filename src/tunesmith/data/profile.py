@@ -28,7 +28,13 @@ def _stats(values: list[int] | np.ndarray) -> dict:
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return {"min": 0, "mean": 0, "p50": 0, "p95": 0, "max": 0}
-    return {"min": v.min(), "mean": v.mean(), "p50": np.percentile(v, 50), "p95": np.percentile(v, 95), "max": v.max()}
+    return {
+        "min": v.min(),
+        "mean": v.mean(),
+        "p50": np.percentile(v, 50),
+        "p95": np.percentile(v, 95),
+        "max": v.max(),
+    }
 
 
 def _fmt(x) -> str:
@@ -60,7 +66,9 @@ def plot_labels(counts: Counter, name: str, path: Path, top: int = 40) -> Path:
     items = counts.most_common(top)[::-1]  # largest at the top
     fig, ax = plt.subplots(figsize=(7, 0.24 * len(items) + 1.4))
     ax.barh([str(k) for k, _ in items], [v for _, v in items], color="#55A868")
-    ax.set_title(f"{name}: records per label" + (f" (top {top} of {len(counts)})" if len(counts) > top else ""))
+    ax.set_title(
+        f"{name}: records per label" + (f" (top {top} of {len(counts)})" if len(counts) > top else "")
+    )
     ax.set_xlabel("records")
     ax.tick_params(axis="y", labelsize=8)
     ax.margins(y=0.01)
@@ -87,9 +95,17 @@ def plot_numeric(values: np.ndarray, name: str, path: Path) -> Path:
     return path
 
 
-def profile(records: list[Record], fields: list[str], label: str | None, numeric: list[str], tokenizer,
-            out_dir: Path, limits: tuple[int | None, int | None] = (None, None), near_threshold: float = 0.8,
-            title: str = "Data profile") -> Path:
+def profile(
+    records: list[Record],
+    fields: list[str],
+    label: str | None,
+    numeric: list[str],
+    tokenizer,
+    out_dir: Path,
+    limits: tuple[int | None, int | None] = (None, None),
+    near_threshold: float = 0.8,
+    title: str = "Data profile",
+) -> Path:
     """Write ``out_dir/report.md`` and its plots; returns the report path."""
     from tunesmith.data.minhash import clusters, near_duplicate_pairs
 
@@ -101,7 +117,13 @@ def profile(records: list[Record], fields: list[str], label: str | None, numeric
     for f in sorted(seen):
         miss = sum(1 for r in records if r.data.get(f) in (None, "", []))
         lines.append(f"| {f} | {miss:,} | {miss / max(n, 1):.1%} |")
-    lines += ["", "## Text lengths", "", "| field | unit | min | mean | p50 | p95 | max |", "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Text lengths",
+        "",
+        "| field | unit | min | mean | p50 | p95 | max |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     tok_lengths: dict[str, list[int]] = {}
     for f in fields:
         texts = ["" if r.data.get(f) is None else str(r.data[f]) for r in records]
@@ -109,15 +131,24 @@ def profile(records: list[Record], fields: list[str], label: str | None, numeric
         lines.append(f"| {f} | characters | " + " | ".join(_fmt(v) for v in _stats(chars).values()) + " |")
         if tokenizer is not None:
             tok_lengths[f] = token_counts(texts, tokenizer).tolist()
-            lines.append(f"| {f} | tokens | " + " | ".join(_fmt(v) for v in _stats(tok_lengths[f]).values()) + " |")
+            lines.append(
+                f"| {f} | tokens | " + " | ".join(_fmt(v) for v in _stats(tok_lengths[f]).values()) + " |"
+            )
     images: dict[str, Path] = {}
     if tok_lengths:
         images["Token lengths"] = plot_token_hist(tok_lengths, limits, out_dir / "token_lengths.png")
     if label:
         counts = Counter(str(r.data.get(label)) for r in records)
-        lines += ["", f"## Labels (`{label}`)", "", f"{len(counts)} distinct; largest/smallest = "
-                  f"{max(counts.values()) / max(min(counts.values()), 1):.1f}", "", "| label | records | share |",
-                  "|---|---:|---:|"]
+        lines += [
+            "",
+            f"## Labels (`{label}`)",
+            "",
+            f"{len(counts)} distinct; largest/smallest = "
+            f"{max(counts.values()) / max(min(counts.values()), 1):.1f}",
+            "",
+            "| label | records | share |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| {k} | {v:,} | {v / n:.1%} |" for k, v in counts.most_common(30)]
         if len(counts) > 30:
             lines.append(f"| … {len(counts) - 30} more | | |")
@@ -127,18 +158,29 @@ def profile(records: list[Record], fields: list[str], label: str | None, numeric
         vals = [parse_number(v) for v in raw if v not in (None, "")]
         bad = sum(v is None for v in vals)
         arr = np.array([v for v in vals if v is not None], dtype=float)
-        lines += ["", f"## Numeric field `{f}`", "", "| count | not a number | min | mean | p50 | p95 | max |",
-                  "|---:|---:|---:|---:|---:|---:|---:|",
-                  f"| {len(arr):,} | {bad:,} | " + " | ".join(_fmt(v) for v in _stats(arr).values()) + " |"]
+        lines += [
+            "",
+            f"## Numeric field `{f}`",
+            "",
+            "| count | not a number | min | mean | p50 | p95 | max |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {len(arr):,} | {bad:,} | " + " | ".join(_fmt(v) for v in _stats(arr).values()) + " |",
+        ]
         if len(arr):
             images[f"Numeric: {f}"] = plot_numeric(arr, f, out_dir / f"numeric_{f}.png")
     key_texts = ["\n".join(str(r.data.get(f) or "") for f in fields) for r in records]
     exact = n - len({" ".join(t.lower().split()) for t in key_texts})
     pairs, _ = near_duplicate_pairs(key_texts, near_threshold) if n > 1 else (np.empty((0, 2), int), None)
     near = int((clusters(n, pairs) != np.arange(n)).sum()) if n else 0
-    lines += ["", "## Duplicates", "", f"- exact (lower-cased, whitespace collapsed): **{exact:,}** records repeat "
-              "an earlier one", f"- near (MinHash, word bigram Jaccard ≥ {near_threshold}, includes exact): "
-              f"**{near:,}** records ({len(pairs):,} pairs)", ""]
+    lines += [
+        "",
+        "## Duplicates",
+        "",
+        f"- exact (lower-cased, whitespace collapsed): **{exact:,}** records repeat an earlier one",
+        f"- near (MinHash, word bigram Jaccard ≥ {near_threshold}, includes exact): "
+        f"**{near:,}** records ({len(pairs):,} pairs)",
+        "",
+    ]
     for name, path in images.items():
         lines += [f"## {name}", "", f"![{name}]({path.name})", ""]
     report = out_dir / "report.md"
@@ -146,10 +188,23 @@ def profile(records: list[Record], fields: list[str], label: str | None, numeric
     return report
 
 
-def profile_records(records: list[Record], cfg, load_tokenizer, out_dir: Path,
-                    limits: tuple[int | None, int | None] = (None, None)) -> Path:
+def profile_records(
+    records: list[Record],
+    cfg,
+    load_tokenizer,
+    out_dir: Path,
+    limits: tuple[int | None, int | None] = (None, None),
+) -> Path:
     """Profile with the recipe's data section (fields, label, numeric fields, tokenizer)."""
     p = cfg.profile
     fields = p.fields or list(cfg.input_fields)
-    return profile(records, fields, p.label or cfg.target_field, p.numeric, load_tokenizer(), out_dir, limits,
-                   p.near_dup_threshold)
+    return profile(
+        records,
+        fields,
+        p.label or cfg.target_field,
+        p.numeric,
+        load_tokenizer(),
+        out_dir,
+        limits,
+        p.near_dup_threshold,
+    )

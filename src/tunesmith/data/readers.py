@@ -17,6 +17,7 @@ from pathlib import Path
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 
+FIX_HINT = "Fix the row, or set data.on_error: skip to set it aside."
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".json": "json",
            ".parquet": "parquet", ".pq": "parquet"}
 
@@ -60,7 +61,7 @@ def collect(items, on_error: str = "fail", limit: int | None = None):
     for item in items:
         if isinstance(item, Rejected):
             if on_error == "fail":
-                raise DataError(f"{item.source}: {item.reason}. Fix the row, or set data.on_error: skip to set it aside.")
+                raise DataError(f"{item.source}: {item.reason}. {FIX_HINT}")
             rejected.append(item)
             continue
         records.append(item)
@@ -93,7 +94,8 @@ def _jsonl(path: Path, text: str):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield Rejected(where, "read", f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}", line)
+            reason = f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}"
+            yield Rejected(where, "read", reason, line)
             continue
         if not isinstance(obj, dict):
             yield Rejected(where, "read", f"not a JSON object; line starts with: {_start(line)!r}", line)
@@ -134,7 +136,7 @@ def _json(path: Path, text: str):
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON array of objects, or an object with one list of records")
+            raise DataError(f"{path}: expected a JSON array of objects, or an object with one list of them")
         doc = doc[lists[0]]
     if not isinstance(doc, list):
         raise DataError(f"{path}: expected a JSON array of objects, got {type(doc).__name__}")
@@ -159,7 +161,8 @@ def flatten_squad(path: Path, doc: dict):
             for q, qa in enumerate(para.get("qas") or []):
                 where = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
                 if not isinstance(qa, dict) or "question" not in qa or "context" not in para:
-                    yield Rejected(where, "read", "question without 'question' or paragraph without 'context'", qa)
+                    reason = "question without 'question', or paragraph without 'context'"
+                    yield Rejected(where, "read", reason, qa)
                     continue
                 answers = qa.get("answers") or []
                 yield Record({

@@ -42,7 +42,13 @@ def embed(texts: list[str], model: str | Path | None = None, batch_size: int = 6
     with torch.inference_mode():
         for lo in range(0, len(texts), batch_size):
             idx = order[lo : lo + batch_size]
-            batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            batch = tok(
+                [texts[i] for i in idx],
+                padding=True,
+                truncation=True,
+                max_length=max_len,
+                return_tensors="pt",
+            )
             hidden = enc(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -24,7 +24,9 @@ def read_source(cfg: DataSection, tokenizer: Callable | None = None) -> tuple[li
     if cfg.hub is not None and cfg.path is None:
         fmt = "hf_hub"
     if fmt == "hf_hub":
-        records, rejected = collect(read_hub(cfg.hub or HubSource(name=str(cfg.path))), cfg.on_error, cfg.limit)
+        records, rejected = collect(
+            read_hub(cfg.hub or HubSource(name=str(cfg.path))), cfg.on_error, cfg.limit
+        )
     elif fmt == "documents" or (fmt == "auto" and _looks_like_documents(Path(cfg.path))):
         if tokenizer is None:
             raise DataError("documents need a tokenizer to be chunked by tokens")
@@ -42,7 +44,9 @@ def read_source(cfg: DataSection, tokenizer: Callable | None = None) -> tuple[li
 def _looks_like_documents(path: Path) -> bool:
     if path.is_file():
         return path.suffix.lower() in DOC_SUFFIXES
-    if path.is_dir() and not any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
+    if path.is_dir() and not any(
+        (path / n).exists() for n in ("dataset_info.json", "dataset_dict.json", "state.json")
+    ):
         return any(p.suffix.lower() in DOC_SUFFIXES for p in path.rglob("*"))
     return False
 
@@ -51,7 +55,11 @@ def read_hub(hub: HubSource):
     """Rows of a hub dataset via ``datasets.load_dataset``; offline or unknown names give a DataError."""
     import datasets
 
-    label = f"hub dataset '{hub.name}'" + (f" (config '{hub.config}')" if hub.config else "") + f", split '{hub.split}'"
+    label = (
+        f"hub dataset '{hub.name}'"
+        + (f" (config '{hub.config}')" if hub.config else "")
+        + f", split '{hub.split}'"
+    )
     try:
         ds = datasets.load_dataset(hub.name, hub.config, split=hub.split, revision=hub.revision)
     except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, DatasetNotFoundError...
@@ -66,12 +74,15 @@ def read_hub(hub: HubSource):
 
 # --- documents -------------------------------------------------------------------------------
 
+
 def read_documents(path: Path, cfg: DocumentsSection, tokenizer, on_error: str = "fail"):
     """Chunk every PDF/TXT/Markdown file under ``path``; returns ``(records, rejected)``."""
     if not path.exists():
         raise DataError(f"Document path not found: {path}")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.glob(cfg.glob) if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.glob(cfg.glob) if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
     )
     if not files:
         raise DataError(f"{path}: no .pdf, .txt or .md files match '{cfg.glob}'")
@@ -80,8 +91,11 @@ def read_documents(path: Path, cfg: DocumentsSection, tokenizer, on_error: str =
     for file in files:
         pages = _pdf_pages(file) if file.suffix.lower() == ".pdf" else [(None, _text_file(file))]
         if not any(text.strip() for _, text in pages):
-            what = f"no extractable text on any of its {len(pages)} page(s) (a scan? run OCR first)" \
-                if file.suffix.lower() == ".pdf" else "the file is empty"
+            what = (
+                f"no extractable text on any of its {len(pages)} page(s) (a scan? run OCR first)"
+                if file.suffix.lower() == ".pdf"
+                else "the file is empty"
+            )
             if on_error == "fail":
                 raise DataError(f"{file}: {what}. Remove it, or set data.on_error: skip to set it aside.")
             rejected.append(Rejected(str(file), "read", what))
@@ -89,7 +103,9 @@ def read_documents(path: Path, cfg: DocumentsSection, tokenizer, on_error: str =
         for page, text in pages:
             for k, chunk in enumerate(chunk_by_tokens(text, tokenizer, cfg.chunk_tokens, cfg.overlap_tokens)):
                 where = f"{file}" + (f":page {page}" if page else "") + f":chunk {k + 1}"
-                records.append(Record({"text": chunk, "source_file": str(file), "page": page, "chunk": k + 1}, where))
+                records.append(
+                    Record({"text": chunk, "source_file": str(file), "page": page, "chunk": k + 1}, where)
+                )
     return records, rejected
 
 
@@ -99,7 +115,9 @@ def _text_file(file: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{file}:{line}: bytes that are not UTF-8 at offset {exc.start}; re-save as UTF-8") from None
+        raise DataError(
+            f"{file}:{line}: bytes that are not UTF-8 at offset {exc.start}; re-save as UTF-8"
+        ) from None
 
 
 def _pdf_pages(file: Path) -> list[tuple[int, str]]:
@@ -133,6 +151,7 @@ def chunk_by_tokens(text: str, tokenizer, size: int, overlap: int) -> list[str]:
 
 # --- derived fields ------------------------------------------------------------------------------
 
+
 def derive_fields(records: list[Record], derive: dict[str, str | list[str]]) -> None:
     """Add fields in place: a template over other fields, or a list of fields joined by newlines."""
     for name, spec in derive.items():
@@ -141,7 +160,9 @@ def derive_fields(records: list[Record], derive: dict[str, str | list[str]]) -> 
         seen = set().union(*(r.data for r in records)) if records else set()
         missing = [f for f in needed if f not in seen]
         if missing:
-            raise DataError(f"data.derive.{name}: no record has the field(s) {missing}; fields present: {sorted(seen)}")
+            raise DataError(
+                f"data.derive.{name}: no record has the field(s) {missing}; fields present: {sorted(seen)}"
+            )
         for rec in records:
             values = {f: "" if rec.data.get(f) is None else rec.data[f] for f in needed}
             rec.data[name] = template.format(**values).strip()

@@ -59,13 +59,14 @@ def _spread(items: list, key, rng: random.Random) -> list:
     return [it for _, _, it in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
-def _split_groups(examples: list[Example], cfg: SplitSection, rng: random.Random, key) -> dict[str, list[Example]]:
+def _split_groups(examples: list[Example], cfg: SplitSection, rng: random.Random, key) -> dict[str, list]:
     """Whole groups (e.g. one movie or article) go to one split; sizes are met at group granularity."""
     groups: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
         g = ex.meta.get(cfg.group_field)
         if g is None:
-            raise DataError(f"{ex.meta.get('source', ex.id)}: no value for data.split.group_field '{cfg.group_field}'")
+            where = ex.meta.get("source", ex.id)
+            raise DataError(f"{where}: no value for data.split.group_field '{cfg.group_field}'")
         groups[str(g)].append(ex)
     units = list(groups.values())
     rng.shuffle(units)

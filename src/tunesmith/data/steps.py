@@ -58,7 +58,9 @@ class StepRow:
     changed: int = 0
 
 
-def run_steps(records: list[Record], specs: list, ctx: StepContext) -> tuple[list[Record], list[Rejected], list[StepRow]]:
+def run_steps(
+    records: list[Record], specs: list, ctx: StepContext
+) -> tuple[list[Record], list[Rejected], list[StepRow]]:
     """Apply ``specs`` in order; returns the survivors, every dropped record and the summary rows."""
     rejected: list[Rejected] = []
     rows: list[StepRow] = []
@@ -72,7 +74,9 @@ def run_steps(records: list[Record], specs: list, ctx: StepContext) -> tuple[lis
         for r in dropped:
             r.stage = name
         if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
-            raise AssertionError(f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in")
+            raise AssertionError(
+                f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in"
+            )
         changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
         rows.append(StepRow(name, len(records), len(kept), len(dropped), changed))
         rejected += dropped
@@ -87,7 +91,9 @@ def _check_fields(records: list[Record], spec, name: str) -> None:
     seen = set().union(*(r.data for r in records))
     for f in wanted:
         if f not in seen:
-            raise DataError(f"data.steps[{name}]: no record has the field '{f}'; fields present: {sorted(seen)}")
+            raise DataError(
+                f"data.steps[{name}]: no record has the field '{f}'; fields present: {sorted(seen)}"
+            )
 
 
 def _text(rec: Record, fields: list[str]) -> str:
@@ -156,15 +162,19 @@ def _backend(tokenizer):
 
 
 def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:
-    """Tokens per text without special tokens, in batches on the Rust tokenizer (no offsets, no Python objects)."""
+    """Tokens per text (no special tokens), in batches on the Rust tokenizer without computing offsets."""
     backend = _backend(tokenizer)
     out = np.empty(len(texts), dtype=np.int64)
     for lo in range(0, len(texts), batch):
         chunk = texts[lo : lo + batch]
         if backend is not None:
-            out[lo : lo + len(chunk)] = [len(e.ids) for e in backend.encode_batch_fast(chunk, add_special_tokens=False)]
+            out[lo : lo + len(chunk)] = [
+                len(e.ids) for e in backend.encode_batch_fast(chunk, add_special_tokens=False)
+            ]
         else:
-            out[lo : lo + len(chunk)] = [len(ids) for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+            out[lo : lo + len(chunk)] = [
+                len(ids) for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            ]
     return out
 
 
@@ -225,7 +235,9 @@ def numeric_range(records, spec: NumericRangeStep, ctx):
         if x is None or np.isnan(x):
             reason = f"{f}: {raw!r} is not a number"
             if ctx.on_error == "fail":
-                raise DataError(f"{rec.source}: {reason}. Fix the value, or set data.on_error: skip to set it aside.")
+                raise DataError(
+                    f"{rec.source}: {reason}. Fix the value, or set data.on_error: skip to set it aside."
+                )
         elif spec.min is not None and x < spec.min:
             reason = f"{f}: {x:g} < min {spec.min:g}"
         elif spec.max is not None and x > spec.max:
@@ -254,9 +266,16 @@ def regex(records, spec: RegexStep, ctx):
 
 
 SCRIPTS = {
-    "en": r"A-Za-z", "ko": r"\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f", "ja": r"\u3040-\u30ff",
-    "zh": r"\u4e00-\u9fff", "ru": r"\u0400-\u04ff", "ar": r"\u0600-\u06ff", "el": r"\u0370-\u03ff",
-    "he": r"\u0590-\u05ff", "th": r"\u0e00-\u0e7f", "hi": r"\u0900-\u097f",
+    "en": r"A-Za-z",
+    "ko": r"\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f",
+    "ja": r"\u3040-\u30ff",
+    "zh": r"\u4e00-\u9fff",
+    "ru": r"\u0400-\u04ff",
+    "ar": r"\u0600-\u06ff",
+    "el": r"\u0370-\u03ff",
+    "he": r"\u0590-\u05ff",
+    "th": r"\u0e00-\u0e7f",
+    "hi": r"\u0900-\u097f",
 }
 
 
@@ -276,12 +295,16 @@ def language(records, spec: LanguageStep, ctx):
         if ratio >= spec.min_ratio:
             kept.append(rec)
         else:
-            dropped.append(_drop(rec, f"{ratio:.0%} of letters in {'/'.join(spec.languages)} script "
-                                      f"< {spec.min_ratio:.0%}"))
+            dropped.append(
+                _drop(
+                    rec, f"{ratio:.0%} of letters in {'/'.join(spec.languages)} script < {spec.min_ratio:.0%}"
+                )
+            )
     return kept, dropped
 
 
 # --- dedup ------------------------------------------------------------------------------------
+
 
 def exact_dedup(records, spec: ExactDedupStep, ctx):
     first: dict[str, str] = {}
@@ -305,7 +328,9 @@ def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, s
         if root == i:
             kept.append(rec)
         else:
-            dropped.append(_drop(rec, f"{what} of {records[root].source} (similarity {score.get(i, 1.0):.2f})"))
+            dropped.append(
+                _drop(rec, f"{what} of {records[root].source} (similarity {score.get(i, 1.0):.2f})")
+            )
     return kept, dropped
 
 
@@ -326,8 +351,8 @@ def semantic_dedup(records, spec: SemanticDedupStep, ctx):
 
     emb = embed([_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
     pairs, score = [], {}
-    for lo in range(0, len(records), 1024):
-        sims = emb[lo : lo + 1024] @ emb.T
+    for lo in range(0, len(records), 256):  # 256 x n similarities at a time
+        sims = emb[lo : lo + 256] @ emb.T
         ii, jj = np.nonzero(sims >= spec.threshold)
         for i, j in zip((ii + lo).tolist(), jj.tolist(), strict=True):
             if i < j:
@@ -339,6 +364,7 @@ def semantic_dedup(records, spec: SemanticDedupStep, ctx):
 
 # --- balance, sample, order --------------------------------------------------------------------
 
+
 def balance(records, spec: BalanceStep, ctx):
     f = spec.fields[0]
     by_label: dict[str, list[int]] = defaultdict(list)
@@ -347,7 +373,9 @@ def balance(records, spec: BalanceStep, ctx):
     if spec.target:
         unknown = sorted(set(spec.target) - set(by_label))
         if unknown:
-            raise DataError(f"data.steps balance: target labels {unknown} are not in the data ({sorted(by_label)})")
+            raise DataError(
+                f"data.steps balance: target labels {unknown} are not in the data ({sorted(by_label)})"
+            )
         total = sum(spec.target.values())
         share = {k: v / total for k, v in spec.target.items()}
         n = min(len(by_label[k]) / s for k, s in share.items() if s > 0)
@@ -360,8 +388,11 @@ def balance(records, spec: BalanceStep, ctx):
     for label, idx in by_label.items():
         keep.update(rng.sample(idx, min(caps[label], len(idx))))
     kept = [r for i, r in enumerate(records) if i in keep]
-    dropped = [_drop(r, f"over the cap of {caps[str(r.data.get(f))]} for {f}={r.data.get(f)!r}")
-               for i, r in enumerate(records) if i not in keep]
+    dropped = [
+        _drop(r, f"over the cap of {caps[str(r.data.get(f))]} for {f}={r.data.get(f)!r}")
+        for i, r in enumerate(records)
+        if i not in keep
+    ]
     return kept, dropped
 
 
@@ -391,9 +422,18 @@ def order(records, spec: OrderStep, ctx):
 
 
 STEPS = {
-    ScrubStep: scrub, CharLengthStep: char_length, TokenLengthStep: token_length, NumericRangeStep: numeric_range,
-    RegexStep: regex, LanguageStep: language, ExactDedupStep: exact_dedup, NearDedupStep: near_dedup,
-    SemanticDedupStep: semantic_dedup, BalanceStep: balance, SampleStep: sample, OrderStep: order,
+    ScrubStep: scrub,
+    CharLengthStep: char_length,
+    TokenLengthStep: token_length,
+    NumericRangeStep: numeric_range,
+    RegexStep: regex,
+    LanguageStep: language,
+    ExactDedupStep: exact_dedup,
+    NearDedupStep: near_dedup,
+    SemanticDedupStep: semantic_dedup,
+    BalanceStep: balance,
+    SampleStep: sample,
+    OrderStep: order,
 }
 
 

@@ -119,10 +119,14 @@ def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Valid
         v.n_messages.append(len(messages))
         total = 3
         for m in messages:
-            total += 3 + sum(count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name"))
+            total += 3 + sum(
+                count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name")
+            )
             total += 1 if "name" in m else 0
         v.tokens.append(total)
-        v.assistant_tokens.append(sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant"))
+        v.assistant_tokens.append(
+            sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant")
+        )
     return v
 
 
@@ -130,8 +134,10 @@ def _dist(values: list[int]) -> str:
     if not values:
         return "–"
     a = np.asarray(values)
-    return (f"min {a.min():,}, max {a.max():,}, mean {a.mean():,.1f}, median {np.median(a):,.0f}, "
-            f"p10 {np.quantile(a, 0.1):,.0f}, p90 {np.quantile(a, 0.9):,.0f}")
+    return (
+        f"min {a.min():,}, max {a.max():,}, mean {a.mean():,.1f}, median {np.median(a):,.0f}, "
+        f"p10 {np.quantile(a, 0.1):,.0f}, p90 {np.quantile(a, 0.9):,.0f}"
+    )
 
 
 def render(v: Validation, price_per_million: float | None, epochs: int | None, tokenizer_name: str) -> str:
@@ -139,37 +145,48 @@ def render(v: Validation, price_per_million: float | None, epochs: int | None, t
     lines = [f"{v.path}: {v.n:,} examples"]
     if v.errors:
         lines.append("format errors:")
-        lines += [f"  {k}: {c} (lines {', '.join(map(str, v.error_lines[k]))}{'…' if c > 5 else ''})"
-                  for k, c in sorted(v.errors.items())]
+        lines += [
+            f"  {k}: {c} (lines {', '.join(map(str, v.error_lines[k]))}{'…' if c > 5 else ''})"
+            for k, c in sorted(v.errors.items())
+        ]
     else:
         lines.append("no format errors")
-    lines += [f"examples missing a system message: {v.missing_system}",
-              f"examples missing a user message: {v.missing_user}",
-              f"messages per example: {_dist(v.n_messages)}",
-              f"tokens per example: {_dist(v.tokens)}",
-              f"assistant tokens per example: {_dist(v.assistant_tokens)}",
-              f"examples over the {v.limit:,}-token limit (would be truncated): {v.over_limit}"]
+    lines += [
+        f"examples missing a system message: {v.missing_system}",
+        f"examples missing a user message: {v.missing_user}",
+        f"messages per example: {_dist(v.n_messages)}",
+        f"tokens per example: {_dist(v.tokens)}",
+        f"assistant tokens per example: {_dist(v.assistant_tokens)}",
+        f"examples over the {v.limit:,}-token limit (would be truncated): {v.over_limit}",
+    ]
     billable = sum(min(v.limit, t) for t in v.tokens)
     n_epochs = epochs or default_epochs(len(v.tokens))
-    lines += [f"token counts use the {tokenizer_name} tokenizer and the cookbook's per-message rule (approximate)",
-              f"billable tokens per epoch: {billable:,}", f"epochs: {n_epochs}" + ("" if epochs else " (cookbook default)"),
-              f"tokens charged for training: ~{n_epochs * billable:,}"]
+    lines += [
+        f"token counts use the {tokenizer_name} tokenizer and the cookbook's per-message rule (approximate)",
+        f"billable tokens per epoch: {billable:,}",
+        f"epochs: {n_epochs}" + ("" if epochs else " (cookbook default)"),
+        f"tokens charged for training: ~{n_epochs * billable:,}",
+    ]
     if price_per_million is not None:
-        lines.append(f"estimated cost: ~${n_epochs * billable * price_per_million / 1e6:,.2f} "
-                     f"at ${price_per_million}/1M training tokens")
+        lines.append(
+            f"estimated cost: ~${n_epochs * billable * price_per_million / 1e6:,.2f} "
+            f"at ${price_per_million}/1M training tokens"
+        )
     return "\n".join(lines)
 
 
 def token_counter(name: str):
-    """``count(text) -> int`` with a Hugging Face tokenizer (model name or folder) or tiktoken's cl100k_base."""
+    """``count(text) -> int`` with a Hugging Face tokenizer (name or folder) or tiktoken's cl100k_base."""
     if name in ("cl100k_base", "o200k_base"):
         try:
             import tiktoken
 
             enc = tiktoken.get_encoding(name)
         except Exception as exc:  # not installed, or its BPE file cannot be downloaded
-            raise DataError(f"tiktoken encoding '{name}' is unavailable ({type(exc).__name__}); "
-                            "install tiktoken with network access once, or use --tokenizer MODEL") from None
+            raise DataError(
+                f"tiktoken encoding '{name}' is unavailable ({type(exc).__name__}); "
+                "install tiktoken with network access once, or use --tokenizer MODEL"
+            ) from None
         return lambda text: len(enc.encode(text, disallowed_special=()))
     from tunesmith.models.loading import load_tokenizer
 
