@@ -135,7 +135,7 @@ def data_prepare(
         from tunesmith.data.steps import summary_table
 
         console.print(summary_table(data.steps))
-    console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items()))
+    console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items() if not k.startswith("step ")))
     n = data.summary["rows read"]
     console.print(f"{n:,} records in {seconds:.2f} s ({n / max(seconds, 1e-9):,.0f} records/s)"
                   f"{' from the cache' if data.cached else ''} → {cfg.run_dir / 'data'}")
