@@ -69,6 +69,9 @@ def prepare(recipe: Recipe, data_dir: Path, console: Console, use_cache: bool | 
         hit = load_cached(key, data_dir)
         if hit is not None:
             console.print(f"prepared data from the cache ({key[:12]}) → {data_dir}")
+            if hit.rejected:
+                where = data_dir / "rejected.jsonl"
+                console.print(f"[yellow]{hit.rejected} record(s) set aside[/] → {where}")
             return hit
     data = build(recipe, data_dir, console)
     if key:

@@ -21,12 +21,10 @@ DOC_SUFFIXES = {".pdf", ".txt", ".md", ".markdown"}
 def read_source(cfg: DataSection, tokenizer: Callable | None = None) -> tuple[list[Record], list[Rejected]]:
     """Read ``data.path`` / ``data.hub`` and add ``data.derive`` fields. ``tokenizer()`` loads one lazily."""
     fmt = cfg.format
-    if cfg.hub is not None and cfg.path is None:
-        fmt = "hf_hub"
-    if fmt == "hf_hub":
-        records, rejected = collect(
-            read_hub(cfg.hub or HubSource(name=str(cfg.path))), cfg.on_error, cfg.limit
-        )
+    if fmt == "hf_hub" and cfg.hub is None:
+        raise DataError("data.format hf_hub needs data.hub: {name: ..., split: ...}")
+    if cfg.hub is not None and (cfg.path is None or fmt == "hf_hub"):
+        records, rejected = collect(read_hub(cfg.hub), cfg.on_error, cfg.limit)
     elif fmt == "documents" or (fmt == "auto" and _looks_like_documents(Path(cfg.path))):
         if tokenizer is None:
             raise DataError("documents need a tokenizer to be chunked by tokens")
