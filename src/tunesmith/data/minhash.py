@@ -177,7 +177,8 @@ def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 22) -> np.n
     """
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
     if len(pairs) > chunk:
-        return np.concatenate([exact_jaccard(sh, pairs[lo : lo + chunk]) for lo in range(0, len(pairs), chunk)])
+        parts = [exact_jaccard(sh, pairs[lo : lo + chunk]) for lo in range(0, len(pairs), chunk)]
+        return np.concatenate(parts)
     if len(pairs) == 0:
         return np.empty(0, dtype=np.float64)
     docs = np.unique(pairs)
