@@ -130,6 +130,9 @@ def test_minhash_estimates_jaccard_and_lsh_finds_pairs():
     pairs = np.array(truth[:50] + [(0, 2), (4, 7)])
     est = (sig[pairs[:, 0]] == sig[pairs[:, 1]]).mean(axis=1)
     exact = exact_jaccard(sh, pairs)
+    assert np.array_equal(exact_jaccard(sh, pairs, chunk=7), exact)  # chunked the same as whole
+    a, b = set(sh.of(0).tolist()), set(sh.of(2).tolist())
+    assert exact[50] == pytest.approx(len(a & b) / len(a | b))
     assert np.abs(est - exact).mean() < 0.05  # MinHash with 128 permutations is close to exact Jaccard
     found, jac = near_duplicate_pairs(texts, 0.8)
     found_set = {tuple(p) for p in found.tolist()}
