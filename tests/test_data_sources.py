@@ -76,6 +76,7 @@ def test_squad_json_is_flattened_to_one_record_per_question(tmp_path):
     records, _ = read_records(p)
     assert [r.data["id"] for r in records] == ["q1", "q2", "q3"]
     assert records[1].data["context"] == "Paris is in France." and records[1].data["answers"] == ["Paris"]
+    assert records[1].data["answer"] == "Paris" and records[2].data["answer"] == ""
     assert records[0].data["answer_starts"] == [12] and records[2].data["title"] == "T"
     assert records[2].source.endswith("paragraphs[1].qas[0]")
 

@@ -155,7 +155,7 @@ def is_squad(doc) -> bool:
 
 
 def flatten_squad(path: Path, doc: dict):
-    """One record per question: id, title, context, question, answers (texts), answer_starts."""
+    """One record per question: id, title, context, question, answers, answer (the first), answer_starts."""
     for a, article in enumerate(doc["data"]):
         for p, para in enumerate(article.get("paragraphs") or []):
             for q, qa in enumerate(para.get("qas") or []):
@@ -169,6 +169,7 @@ def flatten_squad(path: Path, doc: dict):
                     "id": str(qa.get("id", f"{a}-{p}-{q}")), "title": article.get("title", ""),
                     "context": para["context"], "question": qa["question"],
                     "answers": [x.get("text", "") for x in answers],
+                    "answer": answers[0].get("text", "") if answers else "",
                     "answer_starts": [x.get("answer_start") for x in answers],
                 }, where)
 
