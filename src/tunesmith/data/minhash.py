@@ -8,6 +8,8 @@ Only the shingling touches Python per text; everything after it runs on arrays.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +30,13 @@ class Shingles:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
 
+def _workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _units(texts: list[str], unit: str) -> tuple[np.ndarray, np.ndarray]:
-    """Integer ids of each text's words (Arrow's C++ regex split + dictionary encoding) or characters."""
+    """Integer ids of each text's words (Arrow's C++ regex split, in threads, + dictionary encoding)
+    or characters (code points)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -39,9 +46,19 @@ def _units(texts: list[str], unit: str) -> tuple[np.ndarray, np.ndarray]:
         lengths = pc.utf8_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
         joined = "".join(arr.to_pylist())
         return np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64), lengths
-    lists = pc.split_pattern_regex(pc.utf8_lower(pa.array(texts, type=pa.large_string())), _WORD_SPLIT)
-    flat = pc.list_flatten(lists)
-    owner = pc.list_parent_indices(lists).to_numpy()
+    step = -(-len(texts) // _workers()) or 1
+    parts = [pa.array(texts[lo : lo + step], type=pa.large_string()) for lo in range(0, len(texts), step)]
+
+    def split(arr):  # Arrow releases the GIL, so parts run on separate cores
+        lists = pc.split_pattern_regex(pc.utf8_lower(arr), _WORD_SPLIT)
+        return pc.list_flatten(lists), pc.list_parent_indices(lists).to_numpy()
+
+    with ThreadPoolExecutor(len(parts) or 1) as pool:
+        done = list(pool.map(split, parts))
+    if not done:
+        return np.empty(0, dtype=np.uint64), np.zeros(len(texts), dtype=np.int64)
+    flat = pa.concat_arrays([f for f, _ in done])
+    owner = np.concatenate([o + i * step for i, (_, o) in enumerate(done)])
     nonempty = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
     ids = pc.dictionary_encode(flat).indices.to_numpy().astype(np.uint64)[nonempty] + np.uint64(1)
     lengths = np.bincount(owner[nonempty], minlength=len(texts)).astype(np.int64)
@@ -56,21 +73,37 @@ def shingle(texts: list[str], unit: str = "word", n: int = 2) -> Shingles:
     tok, lengths = _units(list(texts), unit)
     starts = np.zeros(len(texts) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
-    n_eff = np.minimum(lengths, n)
-    owner = np.repeat(np.arange(len(texts)), lengths)
-    pos = np.arange(len(tok)) - starts[:-1][owner]
-    valid = pos <= (lengths - n_eff)[owner]  # windows that fit in their text
-    h = np.zeros(len(tok), dtype=np.uint64)
-    last = max(len(tok) - 1, 0)
-    for k in range(n):
-        part = tok[np.minimum(np.arange(len(tok)) + k, last)] if len(tok) else tok
-        part = np.where(k < n_eff[owner], part, np.uint64(0))
-        h = (h ^ part) * _MIX
-        h ^= h >> np.uint64(29)
-    h, owner = h[valid], owner[valid]  # repeats within a text do not change a minimum or a set
+    counts = np.where(lengths >= n, lengths - n + 1, (lengths > 0).astype(np.int64))
     offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(owner, minlength=len(texts)), out=offsets[1:])
-    return Shingles(h, offsets)
+    np.cumsum(counts, out=offsets[1:])
+    out = np.empty(offsets[-1], dtype=np.uint64)
+    # texts with >= n units: every window, combined from shifted slices of the flat array
+    m = len(tok) - n + 1
+    if m > 0:
+        h = np.zeros(m, dtype=np.uint64)
+        for k in range(n):
+            h = (h ^ tok[k : k + m]) * _MIX
+            h ^= h >> np.uint64(29)
+        keep = np.ones(m, dtype=bool)
+        ends = starts[1:][lengths > 0]
+        for k in range(1, n):  # windows that run into the next text (all windows of a short text do)
+            cut = ends - k
+            keep[cut[(cut >= 0) & (cut < m)]] = False
+        slots = np.ones(len(out), dtype=bool)
+        short = np.flatnonzero((lengths > 0) & (lengths < n))
+        slots[offsets[short]] = False
+        out[slots] = h[keep]
+    # texts with 1..n-1 units: one shingle of all their units
+    short = np.flatnonzero((lengths > 0) & (lengths < n))
+    if len(short):
+        hs = np.zeros(len(short), dtype=np.uint64)
+        for k in range(n):
+            use = k < lengths[short]
+            part = np.where(use, tok[np.minimum(starts[short] + k, len(tok) - 1)], np.uint64(0))
+            hs = np.where(use, (hs ^ part) * _MIX, hs)
+            hs = np.where(use, hs ^ (hs >> np.uint64(29)), hs)
+        out[offsets[short]] = hs
+    return Shingles(out, offsets)
 
 
 def signatures(sh: Shingles, num_perm: int = 128, seed: int = 1, chunk: int = 8192) -> np.ndarray:
@@ -90,14 +123,21 @@ def signatures(sh: Shingles, num_perm: int = 128, seed: int = 1, chunk: int = 81
     starts = sh.offsets[nonempty]
     cuts = np.unique(np.searchsorted(starts, np.arange(0, sh.offsets[-1], chunk), side="left"))
     cuts = np.append(cuts[cuts < len(nonempty)], len(nonempty))
-    buf = np.empty((num_perm, chunk), dtype=np.uint64)
-    for g0, g1 in zip(cuts[:-1], cuts[1:], strict=True):
-        lo, hi = starts[g0], sh.offsets[nonempty[g1 - 1] + 1]
-        work = buf[:, : hi - lo] if hi - lo <= chunk else np.empty((num_perm, hi - lo), dtype=np.uint64)
-        np.multiply(a[:, None], sh.ids[None, lo:hi], out=work)
-        work += b[:, None]
-        work >>= np.uint64(32)
-        sig_t[:, nonempty[g0:g1]] = np.minimum.reduceat(work, starts[g0:g1] - lo, axis=1)
+    groups = list(zip(cuts[:-1], cuts[1:], strict=True))
+
+    def run(block: list) -> None:  # numpy releases the GIL: blocks run on separate cores
+        buf = np.empty((num_perm, chunk), dtype=np.uint64)
+        for g0, g1 in block:
+            lo, hi = starts[g0], sh.offsets[nonempty[g1 - 1] + 1]
+            work = buf[:, : hi - lo] if hi - lo <= chunk else np.empty((num_perm, hi - lo), dtype=np.uint64)
+            np.multiply(a[:, None], sh.ids[None, lo:hi], out=work)
+            work += b[:, None]
+            work >>= np.uint64(32)
+            sig_t[:, nonempty[g0:g1]] = np.minimum.reduceat(work, starts[g0:g1] - lo, axis=1)
+
+    workers = _workers()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, [groups[k::workers] for k in range(workers)]))
     return sig_t.T.copy()
 
 
@@ -126,32 +166,35 @@ def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64
     to keep clusters connected; avoids quadratic blow-up on degenerate texts).
     """
     n = sig.shape[0]
-    out = []
-    idx = np.arange(n, dtype=np.int64)
-    for band in range(bands):
+
+    def band_pairs(band: int) -> list[np.ndarray]:
+        found = []
         cols = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
         key = np.zeros(n, dtype=np.uint64)
         for c in range(cols.shape[1]):
             key = (key ^ cols[:, c]) * _MIX
             key ^= key >> np.uint64(31)
-        order = np.argsort(key, kind="stable")
+        order = np.argsort(key)
         sk = key[order]
         same = sk[1:] == sk[:-1]
         if not same.any():
-            continue
-        # run starts and lengths of equal keys
+            return found
+        # runs of equal keys: their starts and lengths
         boundaries = np.flatnonzero(np.concatenate(([True], ~same, [True])))
         starts, lengths = boundaries[:-1], np.diff(boundaries)
-        pairs_runs = lengths == 2
-        s2 = starts[pairs_runs]
-        out.append(np.stack([idx[order[s2]], idx[order[s2 + 1]]], axis=1))
+        s2 = starts[lengths == 2]
+        found.append(np.stack([order[s2], order[s2 + 1]], axis=1))
         for s, length in zip(starts[lengths > 2], lengths[lengths > 2], strict=True):
             members = np.sort(order[s : s + length])
             if length <= max_bucket:
                 ii, jj = np.triu_indices(length, k=1)
-                out.append(np.stack([members[ii], members[jj]], axis=1))
+                found.append(np.stack([members[ii], members[jj]], axis=1))
             else:
-                out.append(np.stack([np.full(length - 1, members[0]), members[1:]], axis=1))
+                found.append(np.stack([np.full(length - 1, members[0]), members[1:]], axis=1))
+        return found
+
+    with ThreadPoolExecutor(_workers()) as pool:  # bands are independent; numpy releases the GIL
+        out = [p for found in pool.map(band_pairs, range(bands)) for p in found]
     if not out:
         return np.empty((0, 2), dtype=np.int64)
     pairs = np.concatenate(out)
