@@ -243,3 +243,28 @@ def test_run_profiles_and_exports_from_the_recipe(tmp_path, tiny_model_dir, home
     hf = datasets.load_from_disk(str(out / "export" / "hf"))
     assert len(hf["test"]) == n_test and {"id", "text", "target", "prompt"} <= set(hf["test"].column_names)
     assert pq.read_table(out / "export" / "train.parquet").num_rows == len(prepared.splits["train"])
+
+
+def test_undecodable_rows_are_rejected_under_skip(tmp_path, tiny_model_dir, cli, home, rows):
+    data = tmp_path / "d.jsonl"
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(3, b'{"text": "caf\xe9 card", "category": "card_arrival"}')
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(
+        b"text,category\nok,card_arrival\nbad \xff\xfe,pin_blocked\n"
+        + b"".join(f'"{r["text"]}",{r["category"]}\n'.encode() for r in rows)
+    )
+    for path, line, n_good in ((data, 4, len(rows)), (csv_path, 3, len(rows) + 1)):
+        recipe = write_recipe(
+            tmp_path / "r.yaml", recipe_doc(tmp_path, path, tiny_model_dir, on_error="skip")
+        )
+        code, out = cli(["data", "prepare", str(recipe), "--no-cache"])
+        assert code == 0, out
+        d = tmp_path / "runs" / "prep" / "data"
+        rejected = read_jsonl(d / "rejected.jsonl")
+        assert [r["source"] for r in rejected] == [f"{path}:{line}"]
+        assert "not UTF-8" in rejected[0]["reason"] and "\ufffd" in json.dumps(
+            rejected[0]["record"], ensure_ascii=False
+        )
+        assert sum(len(read_jsonl(d / f"{s}.jsonl")) for s in ("train", "val", "test")) == n_good

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from tunesmith.errors import DataError
@@ -47,7 +48,7 @@ def read_records(path: Path, fmt: str = "auto", on_error: str = "fail", limit: i
     elif fmt == "parquet":
         items = _parquet(path)
     else:
-        text = _read_text(path)
+        text = _read_text(path, lenient=on_error == "skip" and fmt in ("jsonl", "csv"))
         if not text.strip():
             raise DataError(f"{path}: the file is empty")
         items = {"jsonl": _jsonl, "csv": _csv, "json": _json, "squad": _json}[fmt](path, text)
@@ -70,15 +71,27 @@ def collect(items, on_error: str = "fail", limit: int | None = None):
     return records, rejected
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, lenient: bool = False) -> str:
+    """UTF-8 text; ``lenient`` keeps undecodable bytes as surrogates so their rows can be rejected."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if lenient:
+            return raw.decode("utf-8-sig", errors="surrogateescape")
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
             f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; re-save the file as UTF-8"
         ) from None
+
+
+_BAD_BYTES = re.compile("[\udc80-\udcff]")
+NOT_UTF8 = "bytes that are not UTF-8 (shown as \ufffd); re-save the file as UTF-8"
+
+
+def _shown(text: str) -> str:
+    """Text with undecodable bytes replaced by U+FFFD, so that it can be written out as JSON."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _start(line: str, n: int = 60) -> str:
@@ -91,6 +104,9 @@ def _jsonl(path: Path, text: str):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
+        if _BAD_BYTES.search(line):
+            yield Rejected(where, "read", NOT_UTF8, _shown(line))
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -118,6 +134,9 @@ def _csv(path: Path, text: str):
         where = f"{path}:{start_line + 1}"
         start_line = reader.line_num
         if not row:
+            continue
+        if any(_BAD_BYTES.search(cell) for cell in row):
+            yield Rejected(where, "read", NOT_UTF8, [_shown(c) for c in row])
             continue
         if len(row) != len(header):
             yield Rejected(where, "read", f"has {len(row)} fields but the header has {len(header)}", row)
