@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -268,3 +269,34 @@ def test_undecodable_rows_are_rejected_under_skip(tmp_path, tiny_model_dir, cli,
             rejected[0]["record"], ensure_ascii=False
         )
         assert sum(len(read_jsonl(d / f"{s}.jsonl")) for s in ("train", "val", "test")) == n_good
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "korquad").is_dir(), reason="../shared/data/korquad is not present")
+def test_korquad_qa_grouped_by_article(tmp_path, tiny_model_dir, home):
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        recipe_doc(
+            tmp_path,
+            SHARED / "korquad" / "korquad_v1_dev_shared.json",
+            tiny_model_dir,
+            input_fields=["context", "question"],
+            target_field="answer",
+            prompt="{context}\n\nQuestion: {question}",
+            limit=600,
+            steps=[{"step": "char_length", "fields": ["context"], "max": 1500, "truncate": False}],
+            split={"train": 0.7, "val": 0.1, "test": 0.2, "group_field": "title", "stratify": False},
+        ),
+    )
+    out = tmp_path / "out"
+    data = prepare(load_recipe(path), out, Console(quiet=True))
+    titles = {name: {e.meta["title"] for e in data.splits[name]} for name in ("train", "val", "test")}
+    assert titles["train"] and titles["test"]
+    assert not (titles["train"] & titles["test"]) and not (titles["train"] & titles["val"])
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert data.summary["rows read"] == 600 == data.summary["examples"] + len(rejected)
+    assert all("characters > max 1500" in r["reason"] for r in rejected)
+    row = read_jsonl(out / "test.jsonl")[0]
+    assert "Question: " in row["messages"][-2]["content"] and row["messages"][-1]["content"]
