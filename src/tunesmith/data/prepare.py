@@ -26,6 +26,7 @@ from tunesmith.data.steps import StepContext, run_steps, summary_table
 from tunesmith.data.task import label_set, to_examples
 from tunesmith.errors import DataError
 from tunesmith.paths import tunesmith_home
+from tunesmith.progress import task_bar
 from tunesmith.records import Example
 
 CACHE_FORMAT = 1
@@ -88,7 +89,12 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         from tunesmith.data.profile import profile_records
 
         profile_records(records, cfg, ctx.tok, data_dir / "profile", limits=_token_limits(cfg))
-    kept, dropped, rows = run_steps(records, cfg.steps, ctx)
+    kept, dropped, rows = records, [], []
+    if cfg.steps:
+        with task_bar(console, "curate", len(cfg.steps)) as advance:
+            kept, dropped, rows = run_steps(
+                records, cfg.steps, ctx, lambda r: advance(1, f"{r.step}: kept {r.kept:,}, dropped {r.dropped:,}")
+            )
     rejected += dropped
     examples, unmapped = to_examples(kept, cfg)
     rejected += unmapped

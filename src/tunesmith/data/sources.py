@@ -29,6 +29,7 @@ def read_source(cfg: DataSection, tokenizer: Callable | None = None) -> tuple[li
         if tokenizer is None:
             raise DataError("documents need a tokenizer to be chunked by tokens")
         records, rejected = read_documents(Path(cfg.path), cfg.documents, tokenizer(), cfg.on_error)
+        records = records[: cfg.limit] if cfg.limit else records
     elif detect_format(Path(cfg.path), fmt) == "hf_disk":
         split = cfg.hub.split if cfg.hub else "train"
         records, rejected = collect(_hf_disk(Path(cfg.path), split), cfg.on_error, cfg.limit)

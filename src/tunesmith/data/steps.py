@@ -59,9 +59,12 @@ class StepRow:
 
 
 def run_steps(
-    records: list[Record], specs: list, ctx: StepContext
+    records: list[Record], specs: list, ctx: StepContext, on_step: Callable[[StepRow], None] | None = None
 ) -> tuple[list[Record], list[Rejected], list[StepRow]]:
-    """Apply ``specs`` in order; returns the survivors, every dropped record and the summary rows."""
+    """Apply ``specs`` in order; returns the survivors, every dropped record and the summary rows.
+
+    ``on_step(row)`` is called after each step (progress display).
+    """
     rejected: list[Rejected] = []
     rows: list[StepRow] = []
     for i, spec in enumerate(specs):
@@ -81,6 +84,8 @@ def run_steps(
         rows.append(StepRow(name, len(records), len(kept), len(dropped), changed))
         rejected += dropped
         records = kept
+        if on_step:
+            on_step(rows[-1])
     return records, rejected, rows
 
 
