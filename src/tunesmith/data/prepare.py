@@ -93,7 +93,10 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     if cfg.steps:
         with task_bar(console, "curate", len(cfg.steps)) as advance:
             kept, dropped, rows = run_steps(
-                records, cfg.steps, ctx, lambda r: advance(1, f"{r.step}: kept {r.kept:,}, dropped {r.dropped:,}")
+                records,
+                cfg.steps,
+                ctx,
+                lambda r: advance(1, f"{r.step}: kept {r.kept:,}, dropped {r.dropped:,}"),
             )
     rejected += dropped
     examples, unmapped = to_examples(kept, cfg)
