@@ -156,3 +156,81 @@ def test_profile_numeric_price_field_on_real_products(tmp_path, cli, tiny_model_
     count, not_number = row.split("|")[1:3]
     assert int(count.replace(",", "")) > 1000 and int(not_number) == 0  # "₹1,099" parses as 1099
     assert (out / "numeric_discounted_price.png").stat().st_size > 5000
+
+
+def test_validate_dpo_and_completion_files(tmp_path):
+    from tunesmith.data.validate import validate_completion, validate_dpo
+
+    dpo = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            preference_row("q one", "good", "bad", "sys"),
+            {"input": {"messages": []}, "preferred_output": [], "non_preferred_output": []},
+            {
+                "input": {"messages": [{"role": "user", "content": "q"}]},
+                "preferred_output": [{"role": "user", "content": "x"}],
+                "non_preferred_output": [{"role": "assistant", "content": "y"}],
+            },
+            {
+                "input": {"messages": [{"role": "user", "content": "q"}]},
+                "preferred_output": [{"role": "assistant", "content": "a"}],
+            },
+        ],
+    )
+    v = validate_dpo(dpo, words)
+    assert v.n == 4 and dict(v.errors) == {
+        "missing_messages_list": 1,
+        "invalid_preferred_output": 2,
+        "invalid_non_preferred_output": 2,
+    }
+    assert v.error_lines["invalid_non_preferred_output"] == [2, 4]
+    # input (system + user) and both outputs by the chat rule: 3 + 4 * 3 + (1+1) + (1+2) + (1+1) + (1+1)
+    assert v.tokens == [3 + 4 * 3 + 2 + 3 + 2 + 2] and v.assistant_tokens == [2]
+    comp = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            completion_row("p1", "yes"),
+            completion_row("p1", "yes"),
+            {"prompt": "p", "completion": "no space"},
+            {"prompt": "p"},
+            {"prompt": "p", "completion": " ", "extra": 1},
+            {"prompt": "p", "completion": "  "},
+        ],
+    )
+    v = validate_completion(comp, words)
+    assert dict(v.errors) == {"missing_key": 1, "unrecognized_key": 1, "missing_content": 1}
+    assert v.warnings["duplicate rows"] == 1 and v.warnings["completion does not start with a space"] == 1
+    assert len(v.tokens) == 3
+
+
+def test_exports_pass_their_own_validation(tmp_path, cli, tiny_model_dir, home):
+    from .conftest import write_recipe
+
+    rows = [
+        {"text": f"message {i}", "category": "a" if i % 2 else "b", "chosen": "c", "rejected": "r"}
+        for i in range(40)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "v",
+            "output_dir": str(tmp_path / "runs"),
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "path": str(data),
+                "input_fields": ["text"],
+                "target_field": "category",
+                "profile": {"enabled": False},
+                "export": [{"format": f} for f in ("openai-chat", "openai-dpo", "openai-completion")],
+            },
+        },
+    )
+    code, out = cli(["data", "prepare", str(recipe)])
+    assert code == 0, out
+    for fmt in ("openai-chat", "openai-dpo", "openai-completion"):
+        path = tmp_path / "runs" / "v" / "data" / "export" / f"train.{fmt}.jsonl"
+        code, out = cli(["data", "validate", str(path), "--format", fmt, "--tokenizer", str(tiny_model_dir)])
+        assert code == 0 and "no format errors" in out, (fmt, out)
+    code, out = cli(["data", "validate", str(path), "--format", "csv"])
+    assert code == 2 and "openai-chat" in out

@@ -169,8 +169,8 @@ def data_profile(
 
 @data_app.command("validate")
 def data_validate(
-    file: Annotated[Path, typer.Argument(help="JSONL file in OpenAI's chat format.")],
-    fmt: Annotated[str, typer.Option("--format", help="openai-chat")] = "openai-chat",
+    file: Annotated[Path, typer.Argument(help="JSONL file in an OpenAI fine-tuning format.")],
+    fmt: Annotated[str, typer.Option("--format", help="openai-chat, -dpo or -completion.")] = "openai-chat",
     model: Annotated[str | None, typer.Option(help="Hosted model, for its token limit.")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Token limit per example.")] = None,
     price: Annotated[float | None, typer.Option(help="Price in $ per 1M training tokens.")] = None,
@@ -178,16 +178,16 @@ def data_validate(
     tokenizer: Annotated[str, typer.Option(help="Model name/folder or cl100k_base.")] = DEFAULT_TOKENIZER,
 ) -> None:
     """Check a file for hosted fine-tuning: format errors by kind, token counts, cost estimate."""
-    from tunesmith.data.validate import DEFAULT_LIMIT, MODEL_LIMITS, render, token_counter, validate_chat
+    from tunesmith.data.validate import DEFAULT_LIMIT, MODEL_LIMITS, VALIDATORS, render, token_counter
     from tunesmith.errors import ConfigError, DataError
 
-    if fmt != "openai-chat":
-        raise ConfigError(f"--format {fmt}: only openai-chat is supported")
+    if fmt not in VALIDATORS:
+        raise ConfigError(f"--format {fmt}: use one of {sorted(VALIDATORS)}")
     if model and model not in MODEL_LIMITS and max_tokens is None:
         raise ConfigError(f"--model {model}: limit unknown ({sorted(MODEL_LIMITS)}); pass --max-tokens")
     _quiet_libraries()
     limit = max_tokens or MODEL_LIMITS.get(model or "", DEFAULT_LIMIT)
-    result = validate_chat(file, token_counter(tokenizer), limit)
+    result = VALIDATORS[fmt](file, token_counter(tokenizer), limit)
     console.print(render(result, price, epochs, tokenizer), highlight=False)
     if result.errors:
         raise DataError(f"{file}: {sum(result.errors.values())} format error(s); fix them before uploading")

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 from tunesmith.config import DataSection, ExportSpec
-from tunesmith.data.formatting import chat_messages
 from tunesmith.data.task import render_prompt
 from tunesmith.errors import DataError
 from tunesmith.records import Example
@@ -67,10 +66,11 @@ def preference_row(prompt: str, chosen: str, rejected: str, system: str | None =
 
 
 def _rows(examples: list[Example], cfg: DataSection, spec: ExportSpec):
+    system = cfg.system_prompt or None  # OpenAI rejects a message with empty content
     for e in examples:
         prompt = render_prompt(e, cfg.prompt)
         if spec.format == "openai-chat":
-            yield {"messages": chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]}
+            yield chat_row(prompt, e.target, system)
         elif spec.format == "openai-completion":
             yield completion_row(prompt, e.target, spec.separator, spec.stop)
         elif spec.format == "alpaca":
@@ -82,7 +82,7 @@ def _rows(examples: list[Example], cfg: DataSection, spec: ExportSpec):
                     f"{e.meta.get('source', e.id)}: openai-dpo export needs fields "
                     f"'{spec.chosen_field}' and '{spec.rejected_field}'"
                 )
-            yield preference_row(prompt, str(chosen), str(rejected), cfg.system_prompt)
+            yield preference_row(prompt, str(chosen), str(rejected), system)
         else:  # hf / parquet: flat columns
             yield {"id": e.id, **e.inputs, "target": e.target, "prompt": prompt}
 

@@ -36,6 +36,7 @@ class Validation:
     tokens: list[int] = field(default_factory=list)
     assistant_tokens: list[int] = field(default_factory=list)
     limit: int = DEFAULT_LIMIT
+    warnings: Counter = field(default_factory=Counter)
 
     @property
     def over_limit(self) -> int:
@@ -75,59 +76,144 @@ def read_lines(path: Path):
             yield lineno, line
 
 
+def _load(v: Validation, lineno: int, line: str):
+    """The line as a dict, or None after counting a ``data_type`` error."""
+    v.n += 1
+    try:
+        ex = json.loads(line)
+    except json.JSONDecodeError:
+        ex = None
+    if not isinstance(ex, dict):
+        v.error("data_type", lineno)
+        return None
+    return ex
+
+
+def _check_messages(v: Validation, messages, lineno: int) -> bool:
+    """The cookbook's per-message checks; False when the example has a format error."""
+    if not isinstance(messages, list) or not messages:
+        v.error("missing_messages_list", lineno)
+        return False
+    ok = True
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            v.error("message_missing_key", lineno)
+            ok = False
+            continue
+        if set(m) - ALLOWED_KEYS:
+            v.error("message_unrecognized_key", lineno)
+            ok = False
+        if m["role"] not in ROLES:
+            v.error("unrecognized_role", lineno)
+            ok = False
+        content = m.get("content")
+        if (not isinstance(content, str) or not content) and not m.get("function_call"):
+            v.error("missing_content", lineno)
+            ok = False
+    return ok
+
+
+def _chat_tokens(messages: list[dict], count_tokens) -> int:
+    """3 per message + the tokens of role, content and name + 1 per name + 3 to prime the reply."""
+    total = 3
+    for m in messages:
+        total += 3 + sum(count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name"))
+        total += 1 if "name" in m else 0
+    return total
+
+
+def _assistant_tokens(messages: list[dict], count_tokens) -> int:
+    return sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant")
+
+
 def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
     """Validate an OpenAI chat fine-tuning file; ``count_tokens(str) -> int``."""
     v = Validation(Path(path), limit=limit)
     for lineno, line in read_lines(v.path):
-        v.n += 1
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError:
-            v.error("data_type", lineno)
-            continue
-        if not isinstance(ex, dict):
-            v.error("data_type", lineno)
+        ex = _load(v, lineno, line)
+        if ex is None:
             continue
         messages = ex.get("messages")
-        if not isinstance(messages, list) or not messages:
-            v.error("missing_messages_list", lineno)
-            continue
-        bad = False
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                v.error("message_missing_key", lineno)
-                bad = True
-                continue
-            if set(m) - ALLOWED_KEYS:
-                v.error("message_unrecognized_key", lineno)
-                bad = True
-            if m["role"] not in ROLES:
-                v.error("unrecognized_role", lineno)
-                bad = True
-            content = m.get("content")
-            if (not isinstance(content, str) or not content) and not m.get("function_call"):
-                v.error("missing_content", lineno)
-                bad = True
-        if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in messages):
+        ok = _check_messages(v, messages, lineno)
+        if isinstance(messages, list) and messages and not any(
+            isinstance(m, dict) and m.get("role") == "assistant" for m in messages
+        ):
             v.error("example_missing_assistant_message", lineno)
-            bad = True
-        if bad:
+            ok = False
+        if not ok:
             continue
         roles = [m["role"] for m in messages]
         v.missing_system += "system" not in roles
         v.missing_user += "user" not in roles
         v.n_messages.append(len(messages))
-        total = 3
-        for m in messages:
-            total += 3 + sum(
-                count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name")
-            )
-            total += 1 if "name" in m else 0
-        v.tokens.append(total)
-        v.assistant_tokens.append(
-            sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant")
-        )
+        v.tokens.append(_chat_tokens(messages, count_tokens))
+        v.assistant_tokens.append(_assistant_tokens(messages, count_tokens))
     return v
+
+
+def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
+    """OpenAI preference (DPO) format: ``input.messages`` plus one preferred and one non-preferred
+    assistant message. Tokens per example: the input and both outputs, by the chat rule."""
+    v = Validation(Path(path), limit=limit)
+    for lineno, line in read_lines(v.path):
+        ex = _load(v, lineno, line)
+        if ex is None:
+            continue
+        inp = ex.get("input")
+        messages = inp.get("messages") if isinstance(inp, dict) else None
+        ok = _check_messages(v, messages, lineno)
+        outputs = []
+        for key in ("preferred_output", "non_preferred_output"):
+            out = ex.get(key)
+            good = isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
+            good = good and out[0].get("role") == "assistant" and isinstance(out[0].get("content"), str)
+            if not good or not out[0]["content"]:
+                v.error(f"invalid_{key}", lineno)
+                ok = False
+            else:
+                outputs.append(out[0])
+        if not ok:
+            continue
+        roles = [m["role"] for m in messages]
+        v.missing_system += "system" not in roles
+        v.missing_user += "user" not in roles
+        v.n_messages.append(len(messages))
+        v.tokens.append(_chat_tokens(messages + outputs, count_tokens))
+        v.assistant_tokens.append(_assistant_tokens(outputs, count_tokens))
+    return v
+
+
+def validate_completion(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
+    """Legacy prompt/completion: the keys, an empty completion, and the legacy validator's warnings
+    (completions without a leading space, duplicate rows)."""
+    v = Validation(Path(path), limit=limit)
+    seen: set[tuple] = set()
+    for lineno, line in read_lines(v.path):
+        ex = _load(v, lineno, line)
+        if ex is None:
+            continue
+        if not all(isinstance(ex.get(k), str) for k in ("prompt", "completion")):
+            v.error("missing_key", lineno)
+            continue
+        if set(ex) - {"prompt", "completion"}:
+            v.error("unrecognized_key", lineno)
+            continue
+        if not ex["completion"].strip():
+            v.error("missing_content", lineno)
+            continue
+        v.warnings["completion does not start with a space"] += not ex["completion"].startswith(" ")
+        v.warnings["duplicate rows"] += (ex["prompt"], ex["completion"]) in seen
+        seen.add((ex["prompt"], ex["completion"]))
+        v.tokens.append(count_tokens(ex["prompt"]) + count_tokens(ex["completion"]))
+        v.assistant_tokens.append(count_tokens(ex["completion"]))
+    return v
+
+
+VALIDATORS = {
+    "openai-chat": validate_chat,
+    "openai-dpo": validate_dpo,
+    "openai-completion": validate_completion,
+}
 
 
 def _dist(values: list[int]) -> str:
@@ -151,18 +237,22 @@ def render(v: Validation, price_per_million: float | None, epochs: int | None, t
         ]
     else:
         lines.append("no format errors")
+    lines += [f"{k}: {c}" for k, c in sorted(v.warnings.items())]
+    if v.n_messages:  # chat and preference files
+        lines += [
+            f"examples missing a system message: {v.missing_system}",
+            f"examples missing a user message: {v.missing_user}",
+            f"messages per example: {_dist(v.n_messages)}",
+        ]
     lines += [
-        f"examples missing a system message: {v.missing_system}",
-        f"examples missing a user message: {v.missing_user}",
-        f"messages per example: {_dist(v.n_messages)}",
         f"tokens per example: {_dist(v.tokens)}",
-        f"assistant tokens per example: {_dist(v.assistant_tokens)}",
+        f"answer tokens per example (assistant / completion): {_dist(v.assistant_tokens)}",
         f"examples over the {v.limit:,}-token limit (would be truncated): {v.over_limit}",
     ]
     billable = sum(min(v.limit, t) for t in v.tokens)
     n_epochs = epochs or default_epochs(len(v.tokens))
     lines += [
-        f"token counts use the {tokenizer_name} tokenizer and the cookbook's per-message rule (approximate)",
+        f"token counts (approximate) use the {tokenizer_name} tokenizer; chat: the cookbook's message rule",
         f"billable tokens per epoch: {billable:,}",
         f"epochs: {n_epochs}" + ("" if epochs else " (cookbook default)"),
         f"tokens charged for training: ~{n_epochs * billable:,}",
