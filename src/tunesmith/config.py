@@ -10,7 +10,7 @@ import difflib
 import re
 import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -35,6 +35,8 @@ class SplitSection(Section):
     val: float = 0.1
     test: float = 0.1
     stratify: bool = True
+    stratify_field: str | None = Field(None, description="stratify by this field instead of the target")
+    group_field: str | None = Field(None, description="records sharing this field's value stay in one split")
 
     @model_validator(mode="after")
     def _fractions_or_counts(self) -> SplitSection:
@@ -51,9 +53,154 @@ class SplitSection(Section):
         return self
 
 
+# --- data stage: sources, curation steps, profile, export ------------------------------------
+class HubSource(Section):
+    name: str
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+class DocumentsSection(Section):
+    """PDF/TXT/Markdown files (a file or a folder) cut into token chunks that overlap."""
+
+    glob: str = "**/*"
+    chunk_tokens: int = Field(256, ge=8)
+    overlap_tokens: int = Field(32, ge=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_chunk(self) -> DocumentsSection:
+        if self.overlap_tokens >= self.chunk_tokens:
+            raise ValueError("overlap_tokens must be smaller than chunk_tokens")
+        return self
+
+
+class _Step(Section):
+    fields: list[str] = Field(["text"], min_length=1, description="record fields the step looks at")
+
+
+class ScrubStep(_Step):
+    step: Literal["scrub"]
+    whitespace: bool = True
+    brackets: bool = Field(True, description="drop [..], {..} and <..> noise such as [Image] or <br>")
+    codes: bool = Field(True, description="drop words of 7+ characters that contain a digit (product codes)")
+    phrases: list[str] = []
+
+
+class CharLengthStep(_Step):
+    step: Literal["char_length"]
+    min: int = Field(0, ge=0)
+    max: int | None = Field(None, ge=1, description="ceiling: longer text is cut (truncate) or dropped")
+    truncate: bool = True
+
+
+class TokenLengthStep(_Step):
+    step: Literal["token_length"]
+    min: int = Field(0, ge=0)
+    max: int | None = Field(None, ge=1)
+    truncate: bool = False
+
+
+class NumericRangeStep(_Step):
+    step: Literal["numeric_range"]
+    min: float | None = None
+    max: float | None = None
+
+
+class RegexStep(_Step):
+    step: Literal["regex"]
+    pattern: str
+    action: Literal["keep", "drop"] = Field("drop", description="drop matching records, or keep only those")
+
+
+class LanguageStep(_Step):
+    step: Literal["language"]
+    languages: list[Literal["en", "ko", "ja", "zh", "ru", "ar", "el", "he", "th", "hi"]] = Field(
+        ..., min_length=1
+    )
+    min_ratio: float = Field(0.5, gt=0, le=1, description="share of letters that must be in the script")
+
+
+class ExactDedupStep(_Step):
+    step: Literal["exact_dedup"]
+    normalize: bool = Field(True, description="compare lower-cased text with whitespace collapsed")
+
+
+class NearDedupStep(_Step):
+    step: Literal["near_dedup"]
+    threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of the shingle sets")
+    unit: Literal["word", "char"] = "word"
+    ngram: int = Field(2, ge=1)
+    num_perm: int = Field(128, ge=16)
+    seed: int = 1
+
+
+class SemanticDedupStep(_Step):
+    step: Literal["semantic_dedup"]
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity of MiniLM embeddings")
+    model: str | None = Field(None, description="sentence-transformers folder; default: the MiniLM wheel")
+    batch_size: int = Field(64, ge=1)
+
+
+class BalanceStep(_Step):
+    step: Literal["balance"]
+    fields: list[str] = Field(["label"], min_length=1, max_length=1)
+    max_per_label: int | None = Field(None, ge=1)
+    target: dict[str, float] | None = Field(None, description="label -> share; keeps the largest such sample")
+    seed: int = 0
+
+
+class SampleStep(Section):
+    step: Literal["sample"]
+    n: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    seed: int = 0
+
+
+class OrderStep(Section):
+    step: Literal["shuffle", "sort"]
+    field: str | None = Field(None, description="sort key (sort only)")
+    descending: bool = False
+    seed: int = 0
+
+
+Step = Annotated[
+    ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep | RegexStep | LanguageStep
+    | ExactDedupStep | NearDedupStep | SemanticDedupStep | BalanceStep | SampleStep | OrderStep,
+    Field(discriminator="step"),
+]
+
+
+class ProfileSection(Section):
+    enabled: bool = Field(True, description="write data/profile/report.md and plots during run")
+    fields: list[str] | None = Field(None, description="text fields; default: data.input_fields")
+    label: str | None = Field(None, description="label field; default: data.target_field")
+    numeric: list[str] = []
+    near_dup_threshold: float = Field(0.8, gt=0, le=1)
+
+
+class ExportSpec(Section):
+    format: Literal["openai-chat", "openai-completion", "openai-dpo", "alpaca", "hf", "parquet"]
+    separator: str = Field("\n\n###\n\n", description="end of prompt (openai-completion)")
+    stop: str = Field("\n", description="end of completion (openai-completion)")
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+
+
 class DataSection(Section):
-    path: Path
-    format: Literal["auto", "jsonl", "csv", "json"] = "auto"
+    path: Path | None = Field(None, description="data file or folder; omit when data.hub names a hub dataset")
+    format: Literal[
+        "auto", "jsonl", "csv", "json", "parquet", "squad", "hf_disk", "hf_hub", "documents"
+    ] = "auto"
+    hub: HubSource | None = Field(None, description="a Hugging Face hub dataset (name, config, split)")
+    documents: DocumentsSection = DocumentsSection()
+    derive: dict[str, str | list[str]] = Field(
+        {}, description="new fields: a template '{title}: {body}' or a list of fields joined by newlines"
+    )
+    steps: list[Step] = Field([], description="curation steps, applied in order")
+    profile: ProfileSection = ProfileSection()
+    export: list[ExportSpec] = Field([], description="extra exports of the train/val/test splits")
+    cache: bool = Field(True, description="reuse prepared data while inputs, section, tokenizer, code match")
     task: Literal["classification", "generation"] = "classification"
     input_fields: list[str] = Field(..., min_length=1)
     target_field: str
@@ -68,6 +215,8 @@ class DataSection(Section):
 
     @model_validator(mode="after")
     def _prompt_uses_known_fields(self) -> DataSection:
+        if self.path is None and self.hub is None:
+            raise ValueError("give data.path (a file or folder) or data.hub (a hub dataset name)")
         names = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f}
         unknown = sorted(names - set(self.input_fields))
         if unknown:

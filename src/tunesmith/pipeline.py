@@ -16,22 +16,12 @@ from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
 from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
-from tunesmith.data.readers import read_records
-from tunesmith.data.split import split_examples
-from tunesmith.data.task import label_set, render_prompt, to_examples
+from tunesmith.data.prepare import PreparedData, prepare
+from tunesmith.data.task import render_prompt
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval import baselines
 from tunesmith.eval.classify import ContenderResult, evaluate_baseline, evaluate_llm
 from tunesmith.progress import task_bar
-from tunesmith.records import Example
-
-
-@dataclass
-class PreparedData:
-    splits: dict[str, list[Example]]
-    labels: list[str]
-    summary: dict[str, int]
-    rejected: int
 
 
 @dataclass
@@ -54,37 +44,8 @@ def _append_jsonl(path: Path, rows) -> None:
 
 
 def prepare_data(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
-    """Read, map and split; every rejected row goes to ``rejected.jsonl`` with its reason."""
-    cfg = recipe.data
-    records, rejected = read_records(cfg.path, cfg.format, cfg.on_error, cfg.limit)
-    examples, dropped = to_examples(records, cfg)
-    rejected += dropped
-    _write_jsonl(data_dir / "rejected.jsonl", (r.to_json() for r in rejected))
-    if rejected:
-        console.print(f"[yellow]{len(rejected)} record(s) set aside[/] → {data_dir / 'rejected.jsonl'}")
-    if not examples:
-        raise DataError(f"{cfg.path}: no usable examples (read {len(records)}, rejected {len(rejected)})")
-    labels = label_set(examples, cfg)
-    splits = split_examples(examples, cfg.split, recipe.seed)
-    if not splits["test"]:
-        raise DataError("the test split is empty; give data.split.test a size > 0")
-    for name in ("train", "val", "test"):
-        rows = (
-            {"id": e.id, "messages": chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]}
-            for e in splits[name]
-        )
-        _write_jsonl(data_dir / f"{name}.jsonl", rows)
-    summary = {
-        "rows read": len(records) + sum(r.stage == "read" for r in rejected),
-        "rejected (see data/rejected.jsonl)": len(rejected),
-        "examples": len(examples),
-        "labels": len(labels),
-        "train": len(splits["train"]),
-        "val": len(splits["val"]),
-        "test": len(splits["test"]),
-        "not used (split sizes smaller than the data)": len(splits["unused"]),
-    }
-    return PreparedData(splits, labels, summary, len(rejected))
+    """Read, curate, map and split (cached); every rejected row goes to ``rejected.jsonl`` with its reason."""
+    return prepare(recipe, data_dir, console)
 
 
 def run(recipe: Recipe, console: Console | None = None) -> RunResult:
@@ -195,6 +156,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
             "Training loss": plot_loss(trained.rows, run_dir / "train" / "loss.png", f"{recipe.name}: loss"),
             "Confusion matrices (test split)": plot_confusions(llm, gold, data.labels, eval_dir / "confusion.png"),
         }
+        for png in sorted((run_dir / "data" / "profile").glob("*.png")):  # the data stage's profile plots
+            images[f"Data profile: {png.stem.replace('_', ' ')}"] = png
         first = next((r["train_loss"] for r in trained.rows if r["train_loss"] is not None), None)
         last = next((r["train_loss"] for r in reversed(trained.rows) if r["train_loss"] is not None), None)
         train_summary = {

@@ -1,4 +1,6 @@
-"""Readers for JSONL, CSV/TSV and JSON files.
+"""Readers for JSONL, CSV/TSV, JSON (SQuAD/KorQuAD flattened), Parquet and saved HF datasets.
+
+Documents (PDF/TXT/Markdown) and hub datasets live in ``sources.py``.
 
 Each reader yields ``Record``s that remember ``file:line``; a malformed row either raises a
 ``DataError`` naming file, line and the start of the line (``on_error="fail"``) or becomes a
@@ -10,17 +12,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 
-FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".json": "json"}
+FIX_HINT = "Fix the row, or set data.on_error: skip to set it aside."
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".json": "json",
+           ".parquet": "parquet", ".pq": "parquet"}
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
+    if path.is_dir():
+        return "hf_disk"
     try:
         return FORMATS[path.suffix.lower()]
     except KeyError:
@@ -33,18 +40,29 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 def read_records(path: Path, fmt: str = "auto", on_error: str = "fail", limit: int | None = None):
     """Read a data file. Returns ``(records, rejected)``."""
     path = Path(path)
-    if not path.is_file():
+    fmt = detect_format(path, fmt)
+    if fmt == "hf_disk":
+        items = _hf_disk(path)
+    elif not path.is_file():
         raise DataError(f"Data file not found: {path}")
-    text = _read_text(path)
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    reader = {"jsonl": _jsonl, "csv": _csv, "json": _json}[detect_format(path, fmt)]
+    elif fmt == "parquet":
+        items = _parquet(path)
+    else:
+        text = _read_text(path, lenient=on_error == "skip" and fmt in ("jsonl", "csv"))
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty")
+        items = {"jsonl": _jsonl, "csv": _csv, "json": _json, "squad": _json}[fmt](path, text)
+    return collect(items, on_error, limit)
+
+
+def collect(items, on_error: str = "fail", limit: int | None = None):
+    """Split a stream of ``Record``/``Rejected`` into two lists; under ``fail`` the first reject raises."""
     records: list[Record] = []
     rejected: list[Rejected] = []
-    for item in reader(path, text):
+    for item in items:
         if isinstance(item, Rejected):
             if on_error == "fail":
-                raise DataError(f"{item.source}: {item.reason}. Fix the row, or set data.on_error: skip to set it aside.")
+                raise DataError(f"{item.source}: {item.reason}. {FIX_HINT}")
             rejected.append(item)
             continue
         records.append(item)
@@ -53,15 +71,27 @@ def read_records(path: Path, fmt: str = "auto", on_error: str = "fail", limit: i
     return records, rejected
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, lenient: bool = False) -> str:
+    """UTF-8 text; ``lenient`` keeps undecodable bytes as surrogates so their rows can be rejected."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if lenient:
+            return raw.decode("utf-8-sig", errors="surrogateescape")
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
             f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; re-save the file as UTF-8"
         ) from None
+
+
+_BAD_BYTES = re.compile("[\udc80-\udcff]")
+NOT_UTF8 = "bytes that are not UTF-8 (shown as \ufffd); re-save the file as UTF-8"
+
+
+def _shown(text: str) -> str:
+    """Text with undecodable bytes replaced by U+FFFD, so that it can be written out as JSON."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _start(line: str, n: int = 60) -> str:
@@ -74,10 +104,14 @@ def _jsonl(path: Path, text: str):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
+        if _BAD_BYTES.search(line):
+            yield Rejected(where, "read", NOT_UTF8, _shown(line))
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield Rejected(where, "read", f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}", line)
+            reason = f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}"
+            yield Rejected(where, "read", reason, line)
             continue
         if not isinstance(obj, dict):
             yield Rejected(where, "read", f"not a JSON object; line starts with: {_start(line)!r}", line)
@@ -101,6 +135,9 @@ def _csv(path: Path, text: str):
         start_line = reader.line_num
         if not row:
             continue
+        if any(_BAD_BYTES.search(cell) for cell in row):
+            yield Rejected(where, "read", NOT_UTF8, [_shown(c) for c in row])
+            continue
         if len(row) != len(header):
             yield Rejected(where, "read", f"has {len(row)} fields but the header has {len(header)}", row)
             continue
@@ -112,10 +149,13 @@ def _json(path: Path, text: str):
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if is_squad(doc):
+        yield from flatten_squad(path, doc)
+        return
     if isinstance(doc, dict):
         lists = [k for k, v in doc.items() if isinstance(v, list)]
         if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON array of objects, or an object with one list of records")
+            raise DataError(f"{path}: expected a JSON array of objects, or an object with one list of them")
         doc = doc[lists[0]]
     if not isinstance(doc, list):
         raise DataError(f"{path}: expected a JSON array of objects, got {type(doc).__name__}")
@@ -125,3 +165,62 @@ def _json(path: Path, text: str):
             yield Rejected(where, "read", f"item {i} is not a JSON object", obj)
             continue
         yield Record(obj, where)
+
+
+def is_squad(doc) -> bool:
+    """SQuAD/KorQuAD layout: ``{"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}``."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return bool(data) and isinstance(data, list) and isinstance(data[0], dict) and "paragraphs" in data[0]
+
+
+def flatten_squad(path: Path, doc: dict):
+    """One record per question: id, title, context, question, answers, answer (the first), answer_starts."""
+    for a, article in enumerate(doc["data"]):
+        for p, para in enumerate(article.get("paragraphs") or []):
+            for q, qa in enumerate(para.get("qas") or []):
+                where = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
+                if not isinstance(qa, dict) or "question" not in qa or "context" not in para:
+                    reason = "question without 'question', or paragraph without 'context'"
+                    yield Rejected(where, "read", reason, qa)
+                    continue
+                answers = qa.get("answers") or []
+                yield Record({
+                    "id": str(qa.get("id", f"{a}-{p}-{q}")), "title": article.get("title", ""),
+                    "context": para["context"], "question": qa["question"],
+                    "answers": [x.get("text", "") for x in answers],
+                    "answer": answers[0].get("text", "") if answers else "",
+                    "answer_starts": [x.get("answer_start") for x in answers],
+                }, where)
+
+
+def _parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the file is empty (0 rows)")
+    for i, row in enumerate(table.to_pylist()):
+        yield Record(row, f"{path}:row {i + 1}")
+
+
+def _hf_disk(path: Path, split: str = "train"):
+    """A folder written by ``Dataset.save_to_disk`` (or a DatasetDict; ``split`` picks one)."""
+    if not path.is_dir():
+        raise DataError(f"Dataset folder not found: {path}")
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: not a saved Hugging Face dataset folder ({exc})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split '{split}'; splits: {sorted(ds)}")
+        ds = ds[split]
+    if len(ds) == 0:
+        raise DataError(f"{path}: the dataset has no rows")
+    for i, row in enumerate(ds):
+        yield Record(dict(row), f"{path}:row {i + 1}")

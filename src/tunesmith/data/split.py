@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from tunesmith.config import SplitSection
 from tunesmith.errors import DataError
@@ -32,20 +32,54 @@ def split_examples(examples: list[Example], cfg: SplitSection, seed: int) -> dic
     returned under ``"unused"`` so that the caller can count them.
     """
     rng = random.Random(seed)
+    key = (lambda ex: str(ex.meta.get(cfg.stratify_field))) if cfg.stratify_field else (lambda ex: ex.target)
+    if cfg.group_field:
+        return _split_groups(examples, cfg, rng, key)
     order = list(examples)
     rng.shuffle(order)
-    if cfg.stratify:
-        by_label: dict[str, list[Example]] = defaultdict(list)
-        for ex in order:
-            by_label[ex.target].append(ex)
-        keyed = []
-        for items in by_label.values():
-            offset = rng.random()
-            keyed += [((i + offset) / len(items), rng.random(), ex) for i, ex in enumerate(items)]
-        order = [ex for _, _, ex in sorted(keyed, key=lambda t: (t[0], t[1]))]
+    if cfg.stratify or cfg.stratify_field:
+        order = _spread(order, key, rng)
     n_train, n_val, n_test = split_sizes(len(order), cfg)
     test = order[:n_test]
     val = order[n_test : n_test + n_val]
     train = order[n_test + n_val : n_test + n_val + n_train]
     unused = order[n_test + n_val + n_train :]
     return {"train": train, "val": val, "test": test, "unused": unused}
+
+
+def _spread(items: list, key, rng: random.Random) -> list:
+    """Spread each key's items evenly through the ordering so every slice keeps the proportions."""
+    by_key: dict[str, list] = defaultdict(list)
+    for it in items:
+        by_key[key(it)].append(it)
+    keyed = []
+    for group in by_key.values():
+        offset = rng.random()
+        keyed += [((i + offset) / len(group), rng.random(), it) for i, it in enumerate(group)]
+    return [it for _, _, it in sorted(keyed, key=lambda t: (t[0], t[1]))]
+
+
+def _split_groups(examples: list[Example], cfg: SplitSection, rng: random.Random, key) -> dict[str, list]:
+    """Whole groups (e.g. one movie or article) go to one split; sizes are met at group granularity."""
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        g = ex.meta.get(cfg.group_field)
+        if g is None:
+            where = ex.meta.get("source", ex.id)
+            raise DataError(f"{where}: no value for data.split.group_field '{cfg.group_field}'")
+        groups[str(g)].append(ex)
+    units = list(groups.values())
+    rng.shuffle(units)
+    if cfg.stratify or cfg.stratify_field:
+        units = _spread(units, lambda u: Counter(key(e) for e in u).most_common(1)[0][0], rng)
+    n_train, n_val, n_test = split_sizes(len(examples), cfg)
+    out: dict[str, list[Example]] = {"test": [], "val": [], "train": [], "unused": []}
+    targets = [("test", n_test), ("val", n_val), ("train", n_train)]
+    t = 0
+    for unit in units:
+        while t < len(targets) and len(out[targets[t][0]]) >= targets[t][1]:
+            t += 1
+        out[targets[t][0] if t < len(targets) else "unused"] += unit
+    if not out["train"]:
+        raise DataError(f"grouping by '{cfg.group_field}' left no training examples ({len(units)} groups)")
+    return out

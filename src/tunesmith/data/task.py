@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tunesmith.config import DataSection
+from tunesmith.data.readers import FIX_HINT
 from tunesmith.errors import DataError
 from tunesmith.records import Example, Record, Rejected
 
@@ -20,12 +21,24 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
         reason = _problem(rec, cfg, allowed)
         if reason:
             if cfg.on_error == "fail":
-                raise DataError(f"{rec.source}: {reason}. Fix the row, or set data.on_error: skip to set it aside.")
+                raise DataError(f"{rec.source}: {reason}. {FIX_HINT}")
             rejected.append(Rejected(rec.source, "map", reason, rec.data))
             continue
         inputs = {f: _text(rec.data[f]) for f in cfg.input_fields}
-        examples.append(Example(id=rec.source.rsplit("/", 1)[-1], inputs=inputs, target=_text(rec.data[cfg.target_field])))
+        target = _text(rec.data[cfg.target_field])
+        ex_id = rec.source.rsplit("/", 1)[-1]
+        examples.append(Example(id=ex_id, inputs=inputs, target=target, meta=_meta(rec, cfg)))
     return examples, rejected
+
+
+def _meta(rec: Record, cfg: DataSection) -> dict:
+    """What later steps need besides inputs and target: the source and the split's fields."""
+    meta = {"source": rec.source}
+    pairs = [(e.chosen_field, e.rejected_field) for e in cfg.export if e.format == "openai-dpo"]
+    for name in (cfg.split.stratify_field, cfg.split.group_field, *(f for p in pairs for f in p)):
+        if name:
+            meta[name] = rec.data.get(name)
+    return meta
 
 
 def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
@@ -35,10 +48,12 @@ def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
     seen: set[str] = set()
     for rec in records:
         seen.update(rec.data)
-    for name in [*cfg.input_fields, cfg.target_field]:
+    split_fields = [f for f in (cfg.split.stratify_field, cfg.split.group_field) if f]
+    for name in [*cfg.input_fields, cfg.target_field, *split_fields]:
         if name not in seen:
             raise DataError(
-                f"{records[0].source.rsplit(':', 1)[0]}: no record has the field '{name}' named in the recipe; "
+                f"{records[0].source.rsplit(':', 1)[0]}: no record has the field '{name}' named in the "
+                "recipe; "
                 f"fields present: {sorted(seen)}"
             )
 

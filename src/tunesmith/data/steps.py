@@ -1,0 +1,453 @@
+"""Curation steps: composable, recipe-ordered, each keeping a record or dropping it with a reason.
+
+Every step is a function ``(records, spec, ctx) -> (kept, rejected)`` over ``Record``s.
+``run_steps`` applies them in order, checks that kept + dropped equals the input of every
+step and returns one summary row per step, so nothing disappears silently.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tunesmith.config import (
+    BalanceStep,
+    CharLengthStep,
+    ExactDedupStep,
+    LanguageStep,
+    NearDedupStep,
+    NumericRangeStep,
+    OrderStep,
+    RegexStep,
+    SampleStep,
+    ScrubStep,
+    SemanticDedupStep,
+    TokenLengthStep,
+)
+from tunesmith.errors import DataError
+from tunesmith.records import Record, Rejected
+
+
+@dataclass
+class StepContext:
+    """What steps may need besides their spec: a lazy tokenizer and the error policy."""
+
+    tokenizer: Callable[[], object] | None = None
+    on_error: str = "fail"
+    _tok: object = field(default=None, repr=False)
+
+    def tok(self):
+        if self._tok is None:
+            if self.tokenizer is None:
+                raise DataError("this step needs a tokenizer; set model.name in the recipe")
+            self._tok = self.tokenizer()
+        return self._tok
+
+
+@dataclass
+class StepRow:
+    step: str
+    n_in: int
+    kept: int
+    dropped: int
+    changed: int = 0
+
+
+def run_steps(
+    records: list[Record], specs: list, ctx: StepContext, on_step: Callable[[StepRow], None] | None = None
+) -> tuple[list[Record], list[Rejected], list[StepRow]]:
+    """Apply ``specs`` in order; returns the survivors, every dropped record and the summary rows.
+
+    ``on_step(row)`` is called after each step (progress display).
+    """
+    rejected: list[Rejected] = []
+    rows: list[StepRow] = []
+    for i, spec in enumerate(specs):
+        name = f"{i + 1}:{spec.step}"
+        _check_fields(records, spec, name)
+        fn = STEPS[type(spec)]
+        mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)
+        before = {id(r): dict(r.data) for r in records} if mutates else {}
+        kept, dropped = fn(records, spec, ctx)
+        for r in dropped:
+            r.stage = name
+        if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
+            raise AssertionError(
+                f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in"
+            )
+        changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
+        rows.append(StepRow(name, len(records), len(kept), len(dropped), changed))
+        rejected += dropped
+        records = kept
+        if on_step:
+            on_step(rows[-1])
+    return records, rejected, rows
+
+
+def _check_fields(records: list[Record], spec, name: str) -> None:
+    wanted = list(getattr(spec, "fields", []) or []) + ([spec.field] if getattr(spec, "field", None) else [])
+    if not records or not wanted:
+        return
+    seen = set().union(*(r.data for r in records))
+    for f in wanted:
+        if f not in seen:
+            raise DataError(
+                f"data.steps[{name}]: no record has the field '{f}'; fields present: {sorted(seen)}"
+            )
+
+
+def _text(rec: Record, fields: list[str]) -> str:
+    return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)
+
+
+def _drop(rec: Record, reason: str) -> Rejected:
+    return Rejected(rec.source, "", reason, rec.data)
+
+
+# --- scrub and lengths ----------------------------------------------------------------------------
+
+_BRACKETS = re.compile(r"\[[^\[\]]{0,80}\]|\{[^{}]{0,80}\}|<[^<>]{0,80}>")
+_CODE = re.compile(r"\b(?=\w*\d)\w{7,}\b")
+_SPACES = re.compile(r"\s+")
+
+
+def scrub_text(text: str, spec: ScrubStep) -> str:
+    """Remove phrases, bracket noise and product codes; collapse whitespace."""
+    for phrase in spec.phrases:
+        text = re.sub(re.escape(phrase), " ", text, flags=re.IGNORECASE)
+    if spec.brackets:
+        text = _BRACKETS.sub(" ", text)
+    if spec.codes:
+        text = _CODE.sub(" ", text)
+    if spec.whitespace:
+        text = _SPACES.sub(" ", text).strip()
+    return text
+
+
+def scrub(records, spec: ScrubStep, ctx):
+    kept, dropped = [], []
+    for rec in records:
+        for f in spec.fields:
+            if isinstance(rec.data.get(f), str):
+                rec.data[f] = scrub_text(rec.data[f], spec)
+        if all(not str(rec.data.get(f) or "").strip() for f in spec.fields):
+            dropped.append(_drop(rec, f"empty after scrub ({', '.join(spec.fields)})"))
+        else:
+            kept.append(rec)
+    return kept, dropped
+
+
+def char_length(records, spec: CharLengthStep, ctx):
+    kept, dropped = [], []
+    for rec in records:
+        reason = None
+        for f in spec.fields:
+            text = str(rec.data.get(f) or "")
+            if len(text) < spec.min:
+                reason = f"{f}: {len(text)} characters < min {spec.min}"
+            elif spec.max and len(text) > spec.max:
+                if spec.truncate:
+                    rec.data[f] = text[: spec.max]
+                else:
+                    reason = f"{f}: {len(text)} characters > max {spec.max}"
+            if reason:
+                break
+        (dropped.append(_drop(rec, reason)) if reason else kept.append(rec))
+    return kept, dropped
+
+
+def _backend(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer (None for slow tokenizers)."""
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
+def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:
+    """Tokens per text (no special tokens), in batches on the Rust tokenizer without computing offsets."""
+    backend = _backend(tokenizer)
+    out = np.empty(len(texts), dtype=np.int64)
+    for lo in range(0, len(texts), batch):
+        chunk = texts[lo : lo + batch]
+        if backend is not None:
+            out[lo : lo + len(chunk)] = [
+                len(e.ids) for e in backend.encode_batch_fast(chunk, add_special_tokens=False)
+            ]
+        else:
+            out[lo : lo + len(chunk)] = [
+                len(ids) for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            ]
+    return out
+
+
+def token_offsets(texts: list[str], tokenizer) -> list[list[tuple[int, int]]]:
+    """Character offsets of each text's tokens (used only for the texts that get truncated)."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        return [e.offsets for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def token_length(records, spec: TokenLengthStep, ctx):
+    tok = ctx.tok()
+    reasons: dict[int, str] = {}
+    for f in spec.fields:
+        texts = [str(r.data.get(f) or "") for r in records]
+        counts = token_counts(texts, tok)
+        too_long = []
+        for i, n in enumerate(counts.tolist()):
+            if i in reasons:
+                continue
+            if n < spec.min:
+                reasons[i] = f"{f}: {n} tokens < min {spec.min}"
+            elif spec.max and n > spec.max:
+                if spec.truncate:
+                    too_long.append(i)
+                else:
+                    reasons[i] = f"{f}: {n} tokens > max {spec.max}"
+        for i, offs in zip(too_long, token_offsets([texts[i] for i in too_long], tok), strict=True):
+            records[i].data[f] = texts[i][: offs[spec.max - 1][1]]
+    kept = [r for i, r in enumerate(records) if i not in reasons]
+    return kept, [_drop(records[i], reasons[i]) for i in sorted(reasons)]
+
+
+# --- value filters ----------------------------------------------------------------------------
+
+_NUM_NOISE = re.compile(r"[\s,_₹$€£¥₩]")
+
+
+def parse_number(value) -> float | None:
+    """A float from a number or a string such as '₹1,299' or '12.5'; None when it is not a number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(_NUM_NOISE.sub("", str(value)))
+    except ValueError:
+        return None
+
+
+def numeric_range(records, spec: NumericRangeStep, ctx):
+    kept, dropped = [], []
+    for rec in records:
+        f = spec.fields[0]
+        raw = rec.data.get(f)
+        x = parse_number(raw) if raw not in (None, "") else None
+        if x is None or np.isnan(x):
+            reason = f"{f}: {raw!r} is not a number"
+            if ctx.on_error == "fail":
+                raise DataError(
+                    f"{rec.source}: {reason}. Fix the value, or set data.on_error: skip to set it aside."
+                )
+        elif spec.min is not None and x < spec.min:
+            reason = f"{f}: {x:g} < min {spec.min:g}"
+        elif spec.max is not None and x > spec.max:
+            reason = f"{f}: {x:g} > max {spec.max:g}"
+        else:
+            rec.data[f] = x
+            kept.append(rec)
+            continue
+        dropped.append(_drop(rec, reason))
+    return kept, dropped
+
+
+def regex(records, spec: RegexStep, ctx):
+    try:
+        pattern = re.compile(spec.pattern)
+    except re.error as exc:
+        raise DataError(f"data.steps regex: bad pattern {spec.pattern!r} ({exc})") from None
+    kept, dropped = [], []
+    for rec in records:
+        hit = pattern.search(_text(rec, spec.fields)) is not None
+        if hit == (spec.action == "keep"):
+            kept.append(rec)
+        else:
+            dropped.append(_drop(rec, f"{'matches' if hit else 'does not match'} /{spec.pattern}/"))
+    return kept, dropped
+
+
+SCRIPTS = {
+    "en": r"A-Za-z",
+    "ko": r"\uac00-\ud7a3\u1100-\u11ff\u3130-\u318f",
+    "ja": r"\u3040-\u30ff",
+    "zh": r"\u4e00-\u9fff",
+    "ru": r"\u0400-\u04ff",
+    "ar": r"\u0600-\u06ff",
+    "el": r"\u0370-\u03ff",
+    "he": r"\u0590-\u05ff",
+    "th": r"\u0e00-\u0e7f",
+    "hi": r"\u0900-\u097f",
+}
+
+
+def script_ratio(text: str, langs: list[str]) -> float:
+    """Share of letters written in the scripts of ``langs`` (a script check, not a language model)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return 0.0
+    pattern = re.compile("[" + "".join(SCRIPTS[lang] for lang in langs) + "]")
+    return sum(1 for c in letters if pattern.match(c)) / len(letters)
+
+
+def language(records, spec: LanguageStep, ctx):
+    kept, dropped = [], []
+    for rec in records:
+        ratio = script_ratio(_text(rec, spec.fields), spec.languages)
+        if ratio >= spec.min_ratio:
+            kept.append(rec)
+        else:
+            dropped.append(
+                _drop(
+                    rec, f"{ratio:.0%} of letters in {'/'.join(spec.languages)} script < {spec.min_ratio:.0%}"
+                )
+            )
+    return kept, dropped
+
+
+# --- dedup ------------------------------------------------------------------------------------
+
+
+def exact_dedup(records, spec: ExactDedupStep, ctx):
+    first: dict[str, str] = {}
+    kept, dropped = [], []
+    for rec in records:
+        key = _text(rec, spec.fields)
+        if spec.normalize:
+            key = _SPACES.sub(" ", key.lower()).strip()
+        if key in first:
+            dropped.append(_drop(rec, f"exact duplicate of {first[key]}"))
+        else:
+            first[key] = rec.source
+            kept.append(rec)
+    return kept, dropped
+
+
+def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, score: dict[int, float]):
+    kept, dropped = [], []
+    for i, rec in enumerate(records):
+        root = int(roots[i])
+        if root == i:
+            kept.append(rec)
+        else:
+            dropped.append(
+                _drop(rec, f"{what} of {records[root].source} (similarity {score.get(i, 1.0):.2f})")
+            )
+    return kept, dropped
+
+
+def near_dedup(records, spec: NearDedupStep, ctx):
+    from tunesmith.data.minhash import clusters, near_duplicate_pairs
+
+    texts = [_text(r, spec.fields) for r in records]
+    pairs, jac = near_duplicate_pairs(texts, spec.threshold, spec.unit, spec.ngram, spec.num_perm, spec.seed)
+    score = {}
+    for (_, j), s in zip(pairs.tolist(), jac.tolist(), strict=True):
+        score[j] = max(score.get(j, 0.0), s)
+    return _drop_cluster_members(records, clusters(len(records), pairs), "near duplicate", score)
+
+
+def semantic_dedup(records, spec: SemanticDedupStep, ctx):
+    from tunesmith.data.minhash import clusters
+    from tunesmith.data.semantic import embed
+
+    emb = embed([_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
+    pairs, score = [], {}
+    for lo in range(0, len(records), 256):  # 256 x n similarities at a time
+        sims = emb[lo : lo + 256] @ emb.T
+        ii, jj = np.nonzero(sims >= spec.threshold)
+        for i, j in zip((ii + lo).tolist(), jj.tolist(), strict=True):
+            if i < j:
+                pairs.append((i, j))
+                score[j] = max(score.get(j, 0.0), float(sims[i - lo, j]))
+    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    return _drop_cluster_members(records, clusters(len(records), arr), "semantic duplicate", score)
+
+
+# --- balance, sample, order --------------------------------------------------------------------
+
+
+def balance(records, spec: BalanceStep, ctx):
+    f = spec.fields[0]
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        by_label[str(rec.data.get(f))].append(i)
+    if spec.target:
+        unknown = sorted(set(spec.target) - set(by_label))
+        if unknown:
+            raise DataError(
+                f"data.steps balance: target labels {unknown} are not in the data ({sorted(by_label)})"
+            )
+        total = sum(spec.target.values())
+        share = {k: v / total for k, v in spec.target.items()}
+        n = min(len(by_label[k]) / s for k, s in share.items() if s > 0)
+        caps = {k: int(n * share.get(k, 0)) for k in by_label}
+    else:
+        cap = spec.max_per_label or min(len(v) for v in by_label.values())
+        caps = {k: cap for k in by_label}
+    rng = random.Random(spec.seed)
+    keep: set[int] = set()
+    for label, idx in by_label.items():
+        keep.update(rng.sample(idx, min(caps[label], len(idx))))
+    kept = [r for i, r in enumerate(records) if i in keep]
+    dropped = [
+        _drop(r, f"over the cap of {caps[str(r.data.get(f))]} for {f}={r.data.get(f)!r}")
+        for i, r in enumerate(records)
+        if i not in keep
+    ]
+    return kept, dropped
+
+
+def sample(records, spec: SampleStep, ctx):
+    n = spec.n if spec.n is not None else round(len(records) * (spec.fraction or 1.0))
+    if spec.n is None and spec.fraction is None:
+        raise DataError("data.steps sample: give n or fraction")
+    chosen = set(random.Random(spec.seed).sample(range(len(records)), min(n, len(records))))
+    kept = [r for i, r in enumerate(records) if i in chosen]
+    return kept, [_drop(r, f"not in the sample of {n}") for i, r in enumerate(records) if i not in chosen]
+
+
+def order(records, spec: OrderStep, ctx):
+    if spec.step == "shuffle":
+        out = list(records)
+        random.Random(spec.seed).shuffle(out)
+        return out, []
+    if not spec.field:
+        raise DataError("data.steps sort: name the field to sort by")
+
+    def key(rec):
+        v = rec.data.get(spec.field)
+        x = parse_number(v)
+        return (0, x, "") if x is not None else (1, 0.0, str(v))
+
+    return sorted(records, key=key, reverse=spec.descending), []
+
+
+STEPS = {
+    ScrubStep: scrub,
+    CharLengthStep: char_length,
+    TokenLengthStep: token_length,
+    NumericRangeStep: numeric_range,
+    RegexStep: regex,
+    LanguageStep: language,
+    ExactDedupStep: exact_dedup,
+    NearDedupStep: near_dedup,
+    SemanticDedupStep: semantic_dedup,
+    BalanceStep: balance,
+    SampleStep: sample,
+    OrderStep: order,
+}
+
+
+def summary_table(rows: list[StepRow]) -> str:
+    """Markdown table: per step, records in, kept, dropped, changed."""
+    lines = ["| step | in | kept | dropped | changed |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.step} | {r.n_in} | {r.kept} | {r.dropped} | {r.changed} |" for r in rows]
+    return "\n".join(lines)
+
+
+def label_counts(records: list[Record], f: str) -> Counter:
+    return Counter(str(r.data.get(f)) for r in records)

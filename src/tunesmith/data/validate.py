@@ -1,0 +1,307 @@
+"""Check a JSONL file for OpenAI's hosted fine-tuning the way OpenAI's data-preparation cookbook does.
+
+Format errors are counted by kind (the cookbook's keys), examples missing a system or user
+message are counted, token counts follow the cookbook's rule (3 per message, +1 per ``name``,
++3 to prime the reply) and examples over the model's limit are flagged. The cost estimate
+uses the cookbook's epoch rule: billable = sum(min(limit, tokens)), charged ≈ epochs × billable.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tunesmith.errors import DataError
+
+ALLOWED_KEYS = {"role", "content", "name", "function_call", "weight"}
+ROLES = {"system", "user", "assistant", "function"}
+# Training-example token limits from OpenAI's fine-tuning guide; pass --max-tokens for other models.
+MODEL_LIMITS = {"gpt-3.5-turbo": 16_385, "gpt-4o-mini": 65_536, "gpt-4o": 65_536}
+DEFAULT_LIMIT = 16_385  # the cookbook's value since openai-cookbook PR 1413
+
+
+@dataclass
+class Validation:
+    path: Path
+    n: int = 0
+    errors: Counter = field(default_factory=Counter)
+    error_lines: dict = field(default_factory=dict)  # kind -> first few line numbers
+    missing_system: int = 0
+    missing_user: int = 0
+    n_messages: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    assistant_tokens: list[int] = field(default_factory=list)
+    limit: int = DEFAULT_LIMIT
+    warnings: Counter = field(default_factory=Counter)
+
+    @property
+    def over_limit(self) -> int:
+        return sum(t > self.limit for t in self.tokens)
+
+    def error(self, kind: str, line: int) -> None:
+        self.errors[kind] += 1
+        self.error_lines.setdefault(kind, [])
+        if len(self.error_lines[kind]) < 5:
+            self.error_lines[kind].append(line)
+
+
+def default_epochs(n: int, target: int = 3, min_examples: int = 100, max_examples: int = 25_000) -> int:
+    """The cookbook's rule for the default number of epochs."""
+    if n == 0:
+        return target
+    if n * target < min_examples:
+        return min(25, min_examples // n)
+    if n * target > max_examples:
+        return max(1, max_examples // n)
+    return target
+
+
+def read_lines(path: Path):
+    if not path.is_file():
+        raise DataError(f"File not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield lineno, line
+
+
+def _load(v: Validation, lineno: int, line: str):
+    """The line as a dict, or None after counting a ``data_type`` error."""
+    v.n += 1
+    try:
+        ex = json.loads(line)
+    except json.JSONDecodeError:
+        ex = None
+    if not isinstance(ex, dict):
+        v.error("data_type", lineno)
+        return None
+    return ex
+
+
+def _check_messages(v: Validation, messages, lineno: int) -> bool:
+    """The cookbook's per-message checks; False when the example has a format error."""
+    if not isinstance(messages, list) or not messages:
+        v.error("missing_messages_list", lineno)
+        return False
+    ok = True
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            v.error("message_missing_key", lineno)
+            ok = False
+            continue
+        if set(m) - ALLOWED_KEYS:
+            v.error("message_unrecognized_key", lineno)
+            ok = False
+        if m["role"] not in ROLES:
+            v.error("unrecognized_role", lineno)
+            ok = False
+        content = m.get("content")
+        if (not isinstance(content, str) or not content) and not m.get("function_call"):
+            v.error("missing_content", lineno)
+            ok = False
+    return ok
+
+
+def _chat_tokens(messages: list[dict], count_tokens) -> int:
+    """3 per message + the tokens of role, content and name + 1 per name + 3 to prime the reply."""
+    total = 3
+    for m in messages:
+        total += 3 + sum(count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name"))
+        total += 1 if "name" in m else 0
+    return total
+
+
+def _assistant_tokens(messages: list[dict], count_tokens) -> int:
+    return sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant")
+
+
+def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
+    """Validate an OpenAI chat fine-tuning file; ``count_tokens(str) -> int``."""
+    v = Validation(Path(path), limit=limit)
+    for lineno, line in read_lines(v.path):
+        ex = _load(v, lineno, line)
+        if ex is None:
+            continue
+        messages = ex.get("messages")
+        ok = _check_messages(v, messages, lineno)
+        if isinstance(messages, list) and messages and not any(
+            isinstance(m, dict) and m.get("role") == "assistant" for m in messages
+        ):
+            v.error("example_missing_assistant_message", lineno)
+            ok = False
+        if not ok:
+            continue
+        roles = [m["role"] for m in messages]
+        v.missing_system += "system" not in roles
+        v.missing_user += "user" not in roles
+        v.n_messages.append(len(messages))
+        v.tokens.append(_chat_tokens(messages, count_tokens))
+        v.assistant_tokens.append(_assistant_tokens(messages, count_tokens))
+    return v
+
+
+def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
+    """OpenAI preference (DPO) format: ``input.messages`` plus one preferred and one non-preferred
+    assistant message. Tokens per example: the input and both outputs, by the chat rule."""
+    v = Validation(Path(path), limit=limit)
+    for lineno, line in read_lines(v.path):
+        ex = _load(v, lineno, line)
+        if ex is None:
+            continue
+        inp = ex.get("input")
+        messages = inp.get("messages") if isinstance(inp, dict) else None
+        ok = _check_messages(v, messages, lineno)
+        outputs = []
+        for key in ("preferred_output", "non_preferred_output"):
+            out = ex.get(key)
+            good = isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
+            good = good and out[0].get("role") == "assistant" and isinstance(out[0].get("content"), str)
+            if not good or not out[0]["content"]:
+                v.error(f"invalid_{key}", lineno)
+                ok = False
+            else:
+                outputs.append(out[0])
+        if not ok:
+            continue
+        roles = [m["role"] for m in messages]
+        v.missing_system += "system" not in roles
+        v.missing_user += "user" not in roles
+        v.n_messages.append(len(messages))
+        v.tokens.append(_chat_tokens(messages + outputs, count_tokens))
+        v.assistant_tokens.append(_assistant_tokens(outputs, count_tokens))
+    return v
+
+
+def validate_completion(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
+    """Legacy prompt/completion: the keys, an empty completion, and the legacy validator's warnings
+    (completions without a leading space, duplicate rows)."""
+    v = Validation(Path(path), limit=limit)
+    seen: set[tuple] = set()
+    for lineno, line in read_lines(v.path):
+        ex = _load(v, lineno, line)
+        if ex is None:
+            continue
+        if not all(isinstance(ex.get(k), str) for k in ("prompt", "completion")):
+            v.error("missing_key", lineno)
+            continue
+        if set(ex) - {"prompt", "completion"}:
+            v.error("unrecognized_key", lineno)
+            continue
+        if not ex["completion"].strip():
+            v.error("missing_content", lineno)
+            continue
+        v.warnings["completion does not start with a space"] += not ex["completion"].startswith(" ")
+        v.warnings["duplicate rows"] += (ex["prompt"], ex["completion"]) in seen
+        seen.add((ex["prompt"], ex["completion"]))
+        v.tokens.append(count_tokens(ex["prompt"]) + count_tokens(ex["completion"]))
+        v.assistant_tokens.append(count_tokens(ex["completion"]))
+    return v
+
+
+VALIDATORS = {
+    "openai-chat": validate_chat,
+    "openai-dpo": validate_dpo,
+    "openai-completion": validate_completion,
+}
+
+
+def _dist(values: list[int]) -> str:
+    if not values:
+        return "–"
+    a = np.asarray(values)
+    return (
+        f"min {a.min():,}, max {a.max():,}, mean {a.mean():,.1f}, median {np.median(a):,.0f}, "
+        f"p10 {np.quantile(a, 0.1):,.0f}, p90 {np.quantile(a, 0.9):,.0f}"
+    )
+
+
+def render(v: Validation, price_per_million: float | None, epochs: int | None, tokenizer_name: str) -> str:
+    """A plain-text report: errors by kind, warnings, distributions, token totals and cost."""
+    lines = [f"{v.path}: {v.n:,} examples"]
+    if v.errors:
+        lines.append("format errors:")
+        lines += [
+            f"  {k}: {c} (lines {', '.join(map(str, v.error_lines[k]))}{'…' if c > 5 else ''})"
+            for k, c in sorted(v.errors.items())
+        ]
+    else:
+        lines.append("no format errors")
+    lines += [f"{k}: {c}" for k, c in sorted(v.warnings.items())]
+    if v.n_messages:  # chat and preference files
+        lines += [
+            f"examples missing a system message: {v.missing_system}",
+            f"examples missing a user message: {v.missing_user}",
+            f"messages per example: {_dist(v.n_messages)}",
+        ]
+    lines += [
+        f"tokens per example: {_dist(v.tokens)}",
+        f"answer tokens per example (assistant / completion): {_dist(v.assistant_tokens)}",
+        f"examples over the {v.limit:,}-token limit (would be truncated): {v.over_limit}",
+    ]
+    billable = sum(min(v.limit, t) for t in v.tokens)
+    n_epochs = epochs or default_epochs(len(v.tokens))
+    lines += [
+        f"token counts (approximate) use the {tokenizer_name} tokenizer; chat: the cookbook's message rule",
+        f"billable tokens per epoch: {billable:,}",
+        f"epochs: {n_epochs}" + ("" if epochs else " (cookbook default)"),
+        f"tokens charged for training: ~{n_epochs * billable:,}",
+    ]
+    if price_per_million is not None:
+        lines.append(
+            f"estimated cost: ~${n_epochs * billable * price_per_million / 1e6:,.2f} "
+            f"at ${price_per_million}/1M training tokens"
+        )
+    return "\n".join(lines)
+
+
+def token_counter(name: str):
+    """``count(text) -> int`` with a Hugging Face tokenizer (name or folder) or tiktoken's cl100k_base."""
+    if name in ("cl100k_base", "o200k_base"):
+        try:
+            import tiktoken
+
+            enc = tiktoken.get_encoding(name)
+        except Exception as exc:  # not installed, or its BPE file cannot be downloaded
+            raise DataError(
+                f"tiktoken encoding '{name}' is unavailable ({type(exc).__name__}); "
+                "install tiktoken with network access once, or use --tokenizer MODEL"
+            ) from None
+        return lambda text: len(enc.encode(text, disallowed_special=()))
+    from tunesmith.models.loading import load_tokenizer
+
+    tok = load_tokenizer(name)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def validate_upload(path: Path, count_tokens=None) -> list[str]:
+    """Problems that make a fine-tuning upload unusable, as ``kind: N (lines …)`` strings; [] if fine.
+
+    The format (chat or DPO preference) is read from the first JSON line. Used by the server's
+    ``POST /v1/files``, with a cheap whitespace token count unless a counter is given.
+    """
+    count_tokens = count_tokens or (lambda text: len(text.split()))
+    first = None
+    for _, line in read_lines(Path(path)):
+        try:
+            first = json.loads(line)
+        except json.JSONDecodeError:
+            pass
+        break
+    if first is None and Path(path).stat().st_size == 0:
+        return ["empty_file: the file has no lines"]
+    dpo = isinstance(first, dict) and "preferred_output" in first
+    v = (validate_dpo if dpo else validate_chat)(Path(path), count_tokens)
+    if v.n == 0 and not v.errors:
+        return ["empty_file: the file has no examples"]
+    return [f"{kind}: {n} (lines {', '.join(map(str, v.error_lines.get(kind, [])))})" for kind, n in v.errors.items()]
