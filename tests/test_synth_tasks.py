@@ -211,3 +211,61 @@ def test_kill_midway_then_rerun_makes_each_call_once(tmp_path):
         assert stats["cache_hits"] == first_run and stats["calls_made"] == n - first_run
         again = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         assert again.returncode == 0 and server.total_completed == n  # a finished job makes zero calls
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def blank_pdf(path):
+    from pypdf import PdfWriter
+
+    w = PdfWriter()
+    w.add_blank_page(width=200, height=200)
+    with open(path, "wb") as fh:
+        w.write(fh)
+    return path
+
+
+def test_qa_from_documents_keeps_grounded_pairs_with_their_source(tmp_path, fake, tiny_model_dir):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "policy.txt").write_text("Refunds are issued within 14 days. Accounts can be closed from the settings page.")
+    blank_pdf(docs / "scan.pdf")
+    fake(lambda prompt, r: json.dumps({"pairs": [
+        {"question": "When are refunds issued?", "answer": "within 14 days"},
+        {"question": "Who is the CEO?", "answer": "Jane Doe"}]}))
+    res = run_synth(recipe(tmp_path, {"task": "qa_from_documents", "input": str(docs), "provider": {
+        "model": str(tiny_model_dir)}, "qa_from_documents": {"chunk_tokens": 64, "overlap_tokens": 8}}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [(i["question"], i["answer"]) for i in items] == [("When are refunds issued?", "within 14 days")]
+    assert items[0]["source_file"].endswith("policy.txt") and items[0]["chunk_id"] and items[0]["grounded"]
+    rejected = (res.out_dir / "rejected.jsonl").read_text()
+    assert "not a span of its chunk" in rejected and "scan.pdf" in rejected and "no extractable text" in rejected
+
+
+def test_only_textless_pdfs_is_a_clear_error(tmp_path, tiny_model_dir):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    blank_pdf(docs / "scan.pdf")
+    with pytest.raises(DataError, match=r"no document text.*scan\.pdf"):
+        run_synth(recipe(tmp_path, {"task": "qa_from_documents", "input": str(docs),
+                                    "provider": {"model": str(tiny_model_dir)}}))
+
+
+@pytest.mark.skipif(not (SHARED / "documents").is_dir(), reason="../shared/data is not present in this clone")
+def test_korean_pdf_chunks_keep_their_page(tmp_path, fake, tiny_model_dir):
+    pdf = SHARED / "documents" / "korquad_2.0_paper_ko.pdf"
+    seen = []
+
+    def reply(prompt, r):  # answer with a span of the chunk, as a grounded model would
+        seen.append(prompt)
+        chunk = prompt.split("글:\n", 1)[1].split("\n\n다음 형식", 1)[0]
+        return json.dumps({"pairs": [{"question": "무엇에 관한 글인가요?", "answer": chunk[:12]}]})
+
+    fake(reply)
+    res = run_synth(recipe(tmp_path, {"task": "qa_from_documents", "input": str(pdf), "language": "ko", "limit": 3,
+                                      "provider": {"model": str(tiny_model_dir)}}))
+    assert len(seen) == 3 and all("다음 글을 읽고" in p for p in seen)
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert len(items) == 3 and all(i["source_file"].endswith(".pdf") and i["page"] >= 1 for i in items)
+    assert all(i["answer"] in i["context"] for i in items)

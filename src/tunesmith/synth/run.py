@@ -55,21 +55,28 @@ def read_seed_words(path: Path) -> list[str]:
     return words
 
 
-def read_passages(path: Path, field: str) -> list[str]:
-    """Retrieval passages: records' ``field`` from a data file, or paragraphs of .txt/.md files."""
-    from tunesmith.data.readers import FORMATS, read_records
+def read_passages(path: Path, field: str, tokenizer_name: str) -> list[str]:
+    """Retrieval passages: token chunks of documents (PDF/TXT/Markdown), or records' ``field``."""
+    from tunesmith.data.readers import read_records
+    from tunesmith.data.sources import DOC_SUFFIXES, read_documents
 
-    if path.is_dir() or path.suffix.lower() in (".txt", ".md"):
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in (".txt", ".md"))
-        paras = [p.strip() for f in files for p in f.read_text(encoding="utf-8").split("\n\n") if len(p.strip()) > 40]
-    elif path.suffix.lower() in FORMATS:
-        paras = [str(r.data.get(field, "")).strip() for r in read_records(path)[0]]
-        paras = [p for p in paras if p]
+    if path.is_dir() or path.suffix.lower() in DOC_SUFFIXES:
+        from tunesmith.config import DocumentsSection
+        from tunesmith.models.loading import load_tokenizer
+
+        records, _ = read_documents(path, DocumentsSection(), load_tokenizer(tokenizer_name), on_error="skip")
+        passages = [r.data["text"] for r in records]
     else:
-        raise DataError(f"{path}: contexts must be a JSONL/CSV/JSON file or a folder of .txt/.md files")
-    if not paras:
+        passages = [str(r.data.get(field, "")).strip() for r in read_records(path)[0]]
+    passages = [p for p in passages if p]
+    if not passages:
         raise DataError(f"{path}: no passages to retrieve from")
-    return paras
+    return passages
+
+
+def _tokenizer_name(cfg: SynthSection) -> str:
+    """Chunk with the generating model's tokenizer when it is local, else the embedded one."""
+    return cfg.provider.model if cfg.provider.kind == "local" else "smollm2-135m-instruct"
 
 
 def read_document_chunks(cfg: SynthSection) -> tuple[list[Record], list]:
@@ -79,8 +86,7 @@ def read_document_chunks(cfg: SynthSection) -> tuple[list[Record], list]:
 
     t = cfg.qa_from_documents
     docs = DocumentsSection(glob=t.glob, chunk_tokens=t.chunk_tokens, overlap_tokens=t.overlap_tokens)
-    return read_documents(cfg.input, docs, load_tokenizer(cfg.provider.model if cfg.provider.kind == "local"
-                                                           else "smollm2-135m-instruct"), on_error="skip")
+    return read_documents(cfg.input, docs, load_tokenizer(_tokenizer_name(cfg)), on_error="skip")
 
 
 def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
@@ -113,11 +119,16 @@ def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
         if cfg.task == "qa_from_documents":
             chunks, bad = read_document_chunks(cfg)
             early_rejects = [{"source": r.source, "reason": r.reason, "raw": None} for r in bad]
+            for r in bad:
+                console.print(f"[yellow]skipped {r.source}:[/] {r.reason}")
+            if not chunks:
+                listed = "; ".join(f"{r.source} ({r.reason})" for r in bad) or "no files"
+                raise DataError(f"{cfg.input}: no document text to generate from: {listed}")
             output = tasks.qa_from_documents(ctx, chunks[: cfg.limit])
         elif cfg.task == "seed_questions":
             seeds = read_seed_words(cfg.input)[: cfg.limit]
             sq = cfg.seed_questions
-            passages = read_passages(sq.contexts, sq.context_field) if sq.contexts else []
+            passages = read_passages(sq.contexts, sq.context_field, _tokenizer_name(cfg)) if sq.contexts else []
             from tunesmith.synth.retrieval import make_retriever
 
             retriever = make_retriever(sq.retriever, passages, console.print) if passages else None
