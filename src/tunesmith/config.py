@@ -85,8 +85,20 @@ class LoraSection(Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class DpoSection(Section):
+    """Direct preference optimisation (TRL's DPOTrainer) on prompt/chosen/rejected pairs."""
+
+    path: Path | None = Field(None, description="preference JSONL: prompt/chosen/rejected or OpenAI's DPO format")
+    beta: float = Field(0.1, gt=0)
+    precompute_ref_log_probs: bool = Field(False, description="score the reference model once, before training")
+
+
 class TrainSection(Section):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
+    head: Literal["generative", "classifier"] = Field(
+        "generative", description="classifier: LoRA plus a linear head on the last token (closed label sets)"
+    )
     lora: LoraSection = LoraSection()
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
@@ -96,11 +108,39 @@ class TrainSection(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"] = (
+        "adamw_torch"
+    )
     max_seq_length: int = Field(512, ge=8)
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    packing: bool = Field(True, description="pack each batch's examples into shared rows, isolated by a block mask")
+    train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="validation loss every N steps; default once per epoch")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
+    save_total_limit: int = Field(2, ge=1, description="keep only the newest N checkpoints")
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    dpo: DpoSection = DpoSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method(cls, raw: Any) -> Any:
+        """``method: lora`` / ``method: full`` (older recipes) mean SFT with that adapter."""
+        if isinstance(raw, dict) and raw.get("method") in ("lora", "full"):
+            raw = {**raw, "adapter": raw.get("adapter", raw["method"]), "method": "sft"}
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSection:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at each evaluation)")
+        if self.method == "dpo" and self.dpo.path is None:
+            raise ValueError("method dpo needs train.dpo.path (a preference JSONL file)")
+        if self.head == "classifier" and self.method != "sft":
+            raise ValueError("head: classifier trains with method sft")
+        return self
 
 
 class EvalSection(Section):
@@ -119,9 +159,15 @@ class Recipe(Section):
     output_dir: Path = Path("runs")
     seed: int = 42
     model: ModelSection = ModelSection()
-    data: DataSection
+    data: DataSection | None = Field(None, description="required unless train.method is dpo")
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _data_unless_dpo(self) -> Recipe:
+        if self.data is None and self.train.method != "dpo":
+            raise ValueError("data: required (only train.method dpo reads its pairs from train.dpo.path)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -177,6 +223,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("path"), str) and not Path(data["path"]).is_absolute():
         data["path"] = str((path.parent / data["path"]).resolve())
+    dpo = (raw.get("train") or {}).get("dpo") if isinstance(raw.get("train"), dict) else None
+    if isinstance(dpo, dict) and isinstance(dpo.get("path"), str) and not Path(dpo["path"]).is_absolute():
+        dpo["path"] = str((path.parent / dpo["path"]).resolve())
     merged = deep_merge(raw, parse_overrides(overrides or []))
     return validate_recipe(merged, source=str(path))
 
@@ -206,6 +255,7 @@ def _closest_key(loc: tuple) -> str | None:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     if model is None:
         return None

@@ -19,7 +19,7 @@ from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
 from tunesmith.data.readers import read_records
 from tunesmith.data.split import split_examples
 from tunesmith.data.task import label_set, render_prompt, to_examples
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.eval import baselines
 from tunesmith.eval.classify import ContenderResult, evaluate_baseline, evaluate_llm
 from tunesmith.progress import task_bar
@@ -89,11 +89,14 @@ def prepare_data(recipe: Recipe, data_dir: Path, console: Console) -> PreparedDa
 
 def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     """Run the whole recipe and return where its report is."""
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.models.loading import check_adapter_device, load_model, load_tokenizer, pick_placement
     from tunesmith.report import plot_confusions, plot_loss, write_report
     from tunesmith.train.sft import conversation_rows, prepare_model, split_by_length, train_sft
 
     console = console or Console()
+    if recipe.train.method != "sft" or recipe.train.head != "generative":
+        raise ConfigError("tunesmith run fine-tunes with generative SFT; use `tunesmith train` for "
+                          "train.method dpo or train.head classifier")
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")
@@ -121,6 +124,7 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
 
     with stage("load model"):
         placement = pick_placement(recipe.model.precision, recipe.model.device)
+        check_adapter_device(recipe.train.adapter, placement)
         tokenizer = load_tokenizer(recipe.model.name)
         model = load_model(recipe.model.name, placement)
         console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}")
@@ -176,7 +180,7 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
         results.insert(
             1,
             evaluate_llm("finetuned", f"{recipe.model.name} + LoRA r={recipe.train.lora.r}"
-                         if recipe.train.method == "lora" else f"{recipe.model.name}, full fine-tune",
+                         if recipe.train.adapter != "full" else f"{recipe.model.name}, full fine-tune",
                          trained.model, tokenizer, ft_prompts, ids, gold, data.labels, suffix, recipe.eval, bar),
         )
 
@@ -194,8 +198,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
         first = next((r["train_loss"] for r in trained.rows if r["train_loss"] is not None), None)
         last = next((r["train_loss"] for r in reversed(trained.rows) if r["train_loss"] is not None), None)
         train_summary = {
-            "method": recipe.train.method + (f" (r={recipe.train.lora.r}, alpha={recipe.train.lora.alpha})"
-                                             if recipe.train.method == "lora" else ""),
+            "method": recipe.train.adapter + (f" (r={recipe.train.lora.r}, alpha={recipe.train.lora.alpha})"
+                                              if recipe.train.adapter != "full" else ""),
             "device / precision": f"{placement.device} / {placement.dtype}",
             "trainable parameters": f"{trained.trainable_params:,} of {trained.total_params:,}",
             "epochs / steps": f"{recipe.train.epochs} / {trained.rows[-1]['step'] if trained.rows else 0}",
