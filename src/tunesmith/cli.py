@@ -72,6 +72,30 @@ def run(
     console.print(f"Report: {result.report}")
 
 
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=2.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print the expected peak memory and exit.")] = False,
+) -> None:
+    """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
+    from tunesmith.config import load_recipe
+
+    cfg = load_recipe(recipe, set_ or [])
+    if estimate:
+        from tunesmith.train.estimate import estimate_recipe
+
+        est = estimate_recipe(cfg)
+        console.print(est.render())
+        return
+    from tunesmith.train.command import run_training
+
+    _quiet_libraries()
+    result = run_training(cfg, console, resume=resume)
+    console.print(f"Saved: {result.output_dir}")
+
+
 @models_app.command("pull")
 def models_pull(
     name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",

@@ -90,8 +90,8 @@ def prepare_data(recipe: Recipe, data_dir: Path, console: Console) -> PreparedDa
 def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     """Run the whole recipe and return where its report is."""
     from tunesmith.models.loading import check_adapter_device, load_model, load_tokenizer, pick_placement
-    from tunesmith.report import plot_confusions, plot_loss, write_report
-    from tunesmith.train.sft import conversation_rows, prepare_model, split_by_length, train_sft
+    from tunesmith.report import plot_confusions, write_report
+    from tunesmith.train.stage import train_stage
 
     console = console or Console()
     if recipe.train.method != "sft" or recipe.train.head != "generative":
@@ -152,30 +152,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
                                              pred, ids, texts, gold, data.labels))
 
     with stage("train"):
-        rows, too_long = split_by_length(
-            conversation_rows([chat_messages(e, recipe.data) for e in train], train_gold),
-            [e.id for e in train], tokenizer, recipe.train.max_seq_length,
-        )
-        if too_long:
-            _append_jsonl(run_dir / "data" / "rejected.jsonl", (r.to_json() for r in too_long))
-            data.summary["rejected (see data/rejected.jsonl)"] += len(too_long)
-            console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length "
-                          f"set aside[/] → {run_dir / 'data' / 'rejected.jsonl'}")
-        if not rows:
-            raise DataError("no training example fits train.max_seq_length; raise it")
-        val_rows = conversation_rows([chat_messages(e, recipe.data) for e in val], [e.target for e in val])
-        trained = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
-                            run_dir / "train", lambda total: bar("train", total))
-        console.print(
-            f"trained {trained.trainable_params:,} of {trained.total_params:,} parameters on {trained.tokens:,} tokens "
-            f"in {trained.seconds:.0f}s ({trained.tokens_per_second:,.0f} tok/s) → {trained.output_dir}"
-        )
-        (run_dir / "train" / "summary.json").write_text(json.dumps({
-            "seconds": trained.seconds, "tokens": trained.tokens, "tokens_per_second": trained.tokens_per_second,
-            "trainable_params": trained.trainable_params, "total_params": trained.total_params,
-            "trainable_tensors": trained.tensors_trainable, "trainable_tensors_changed": trained.tensors_changed,
-            "examples": len(rows),
-        }, indent=2), encoding="utf-8")
+        trained = train_stage(recipe, train, val, model, tokenizer, placement, console, bar)
+        data.summary["rejected (see data/rejected.jsonl)"] += trained.too_long
     with stage("evaluate fine-tuned model"):
         results.insert(
             1,
@@ -192,7 +170,7 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
         _write_jsonl(eval_dir / "predictions.jsonl", (p for r in results for p in r.predictions))
         llm = [r for r in results if r.name in ("base", "finetuned")]
         images = {
-            "Training loss": plot_loss(trained.rows, run_dir / "train" / "loss.png", f"{recipe.name}: loss"),
+            "Training loss": run_dir / "train" / "loss.png",
             "Confusion matrices (test split)": plot_confusions(llm, gold, data.labels, eval_dir / "confusion.png"),
         }
         first = next((r["train_loss"] for r in trained.rows if r["train_loss"] is not None), None)
