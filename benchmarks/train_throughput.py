@@ -20,7 +20,6 @@ MFU = effective tokens/s x 4N FLOPs (LoRA: forward 2N + input gradients 2N) / fp
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -49,25 +48,6 @@ def load_rows(which: str, n: int, held_out: int, seed: int) -> tuple[list[dict],
     random.Random(seed).shuffle(rows)
     conv = [{"prompt": p, "completion": [{"role": "assistant", "content": c}]} for p, c in rows]
     return conv[:n], conv[n : n + held_out]
-
-
-def rss_reset() -> int:
-    """Reset the kernel's peak-RSS mark for this process; return the current RSS in bytes."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return _status("VmRSS")
-
-
-def _status(key: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 def fresh_model(seed: int):
@@ -116,11 +96,13 @@ def run_trl(rows, tokenizer, args, out: Path) -> dict:
 
 
 def _timed_train(trainer, model) -> dict:
-    before = rss_reset()
+    from tunesmith.train.memory import peak_rss, reset_peak_rss
+
+    before = reset_peak_rss()
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start
-    peak = _status("VmHWM")
+    peak = peak_rss()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"seconds": seconds, "peak_mb": (peak - before) / 2**20, "mean_train_loss": result.training_loss,
             "last_logged_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
@@ -180,7 +162,9 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("tunesmith", run_tunesmith), ("trl", run_trl)):
+            load_before = os.getloadavg()[0]
             res = fn(rows, tokenizer, args, Path(tmp))
+            res["load"] = (load_before, os.getloadavg()[0])
             res["held_out_loss"] = held_out_loss(res.pop("model"), tokenizer, held)
             res["tokens_per_s"] = tokens / res["seconds"]
             res["mfu"] = res["tokens_per_s"] * 4 * n_params / (FP32_PEAK_GFLOPS * 1e9)
@@ -188,7 +172,8 @@ def main() -> None:
             gc.collect()
             print(f"{name:>10}: {res['seconds']:7.1f} s  {res['tokens_per_s']:7.1f} tok/s  MFU {res['mfu']:.1%}  "
                   f"peak +{res['peak_mb']:7.0f} MB  steps {res['steps']}  mean train loss {res['mean_train_loss']:.4f}  "
-                  f"held-out loss {res['held_out_loss']:.4f}", flush=True)
+                  f"held-out loss {res['held_out_loss']:.4f}  load avg {res['load'][0]:.1f}->{res['load'][1]:.1f}",
+                  flush=True)
     ours, peer = results["tunesmith"], results["trl"]
     print(f"ratio tokens/s tunesmith/trl = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
           f"peak memory ratio = {ours['peak_mb'] / peer['peak_mb']:.2f}; "

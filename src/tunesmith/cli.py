@@ -96,6 +96,26 @@ def train(
     console.print(f"Saved: {result.output_dir}")
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>).")],
+    merged: Annotated[Path | None, typer.Option(help="Write a merged Hugging Face folder here.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Write the PEFT adapter alone here.")] = None,
+) -> None:
+    """Export a trained run as a merged model folder and/or its adapter."""
+    from tunesmith.errors import ConfigError
+
+    if not merged and not adapter:
+        raise ConfigError("export: give --merged OUT and/or --adapter OUT")
+    from tunesmith.train.export import export_adapter, export_merged
+
+    _quiet_libraries()
+    if adapter:
+        console.print(f"adapter → {export_adapter(run_dir, adapter)}")
+    if merged:
+        console.print(f"merged model → {export_merged(run_dir, merged)}")
+
+
 @models_app.command("pull")
 def models_pull(
     name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",
