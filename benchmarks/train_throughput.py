@@ -27,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(
+    os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 MODEL = "smollm2-135m-instruct"
 FP32_PEAK_GFLOPS = 165.0  # measured fp32 matmul peak of this machine kind (docs/benchmarks.md)
 
@@ -38,13 +40,30 @@ def load_rows(which: str, n: int, held_out: int, seed: int) -> tuple[list[dict],
 
     if which == "alpaca":
         raw = json.loads((SHARED / "instructions" / "llamafactory_alpaca_en_demo.json").read_text())
-        rows = [([{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}],
-                 r["output"]) for r in raw]
+        rows = [
+            (
+                [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}],
+                r["output"],
+            )
+            for r in raw
+        ]
     else:
-        lines = (SHARED / "reviews_ko_nsmc" / "nsmc_reviews_shared.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = (
+            (SHARED / "reviews_ko_nsmc" / "nsmc_reviews_shared.jsonl")
+            .read_text(encoding="utf-8")
+            .splitlines()
+        )
         raw = [json.loads(line) for line in lines]
-        rows = [([{"role": "system", "content": "Rate the movie review from 1 to 10."},
-                  {"role": "user", "content": r["review"]}], str(r["rating"])) for r in raw]
+        rows = [
+            (
+                [
+                    {"role": "system", "content": "Rate the movie review from 1 to 10."},
+                    {"role": "user", "content": r["review"]},
+                ],
+                str(r["rating"]),
+            )
+            for r in raw
+        ]
     random.Random(seed).shuffle(rows)
     conv = [{"prompt": p, "completion": [{"role": "assistant", "content": c}]} for p, c in rows]
     return conv[:n], conv[n : n + held_out]
@@ -63,13 +82,23 @@ def run_tunesmith(rows, tokenizer, args, out: Path) -> dict:
     from tunesmith.config import validate_recipe
     from tunesmith.train.sft import build_trainer
 
-    recipe = validate_recipe({
-        "name": "bench", "output_dir": str(out), "seed": args.seed,
-        "data": {"path": "unused", "input_fields": ["text"], "target_field": "y"},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": args.lr,
-                  "max_seq_length": args.max_len, "logging_steps": 1, "packing": not args.no_packing,
-                  "group_by_length": not args.no_grouping},
-    })
+    recipe = validate_recipe(
+        {
+            "name": "bench",
+            "output_dir": str(out),
+            "seed": args.seed,
+            "data": {"path": "unused", "input_fields": ["text"], "target_field": "y"},
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "learning_rate": args.lr,
+                "max_seq_length": args.max_len,
+                "logging_steps": 1,
+                "packing": not args.no_packing,
+                "group_by_length": not args.no_grouping,
+            },
+        }
+    )
     model, placement = fresh_model(args.seed)
     tokenizer.padding_side = "right"
     trainer = build_trainer(recipe, model, tokenizer, rows, [], placement, out / "ours", save_strategy="no")
@@ -83,13 +112,26 @@ def run_trl(rows, tokenizer, args, out: Path) -> dict:
 
     model, _ = fresh_model(args.seed)
     config = SFTConfig(
-        output_dir=str(out / "trl"), seed=args.seed, num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=0.05, max_length=args.max_len, logging_steps=1, save_strategy="no", report_to=[],
-        use_cpu=True, bf16=False, gradient_checkpointing=False, disable_tqdm=True,
+        output_dir=str(out / "trl"),
+        seed=args.seed,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        max_length=args.max_len,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
     )
     tokenizer.padding_side = "right"
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     return _timed_train(trainer, model)
@@ -104,9 +146,14 @@ def _timed_train(trainer, model) -> dict:
     seconds = time.perf_counter() - start
     peak = peak_rss()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"seconds": seconds, "peak_mb": (peak - before) / 2**20, "mean_train_loss": result.training_loss,
-            "last_logged_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
-            "model": model.eval()}
+    return {
+        "seconds": seconds,
+        "peak_mb": (peak - before) / 2**20,
+        "mean_train_loss": result.training_loss,
+        "last_logged_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "model": model.eval(),
+    }
 
 
 def held_out_loss(model, tokenizer, rows) -> float:
@@ -156,8 +203,10 @@ def main() -> None:
     lengths = [n for n in lengths if n <= args.max_len][: args.examples]
     tokens = int(sum(lengths) * args.epochs)
     n_params = sum(p.numel() for n, p in fresh_model(args.seed)[0].named_parameters() if "lora_" not in n)
-    print(f"data {args.data}: {len(rows)} examples, {tokens:,} tokens, lengths {min(lengths)}-{max(lengths)}, "
-          f"torch threads {torch.get_num_threads()}, model {n_params / 1e6:.1f} M parameters")
+    print(
+        f"data {args.data}: {len(rows)} examples, {tokens:,} tokens, lengths {min(lengths)}-{max(lengths)}, "
+        f"torch threads {torch.get_num_threads()}, model {n_params / 1e6:.1f} M parameters"
+    )
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,14 +219,19 @@ def main() -> None:
             res["mfu"] = res["tokens_per_s"] * 4 * n_params / (FP32_PEAK_GFLOPS * 1e9)
             results[name] = res
             gc.collect()
-            print(f"{name:>10}: {res['seconds']:7.1f} s  {res['tokens_per_s']:7.1f} tok/s  MFU {res['mfu']:.1%}  "
-                  f"peak +{res['peak_mb']:7.0f} MB  steps {res['steps']}  mean train loss {res['mean_train_loss']:.4f}  "
-                  f"held-out loss {res['held_out_loss']:.4f}  load avg {res['load'][0]:.1f}->{res['load'][1]:.1f}",
-                  flush=True)
+            print(
+                f"{name:>10}: {res['seconds']:7.1f} s  {res['tokens_per_s']:7.1f} tok/s  "
+                f"MFU {res['mfu']:.1%}  peak +{res['peak_mb']:7.0f} MB  steps {res['steps']}  "
+                f"mean train loss {res['mean_train_loss']:.4f}  held-out loss {res['held_out_loss']:.4f}  "
+                f"load avg {res['load'][0]:.1f}->{res['load'][1]:.1f}",
+                flush=True,
+            )
     ours, peer = results["tunesmith"], results["trl"]
-    print(f"ratio tokens/s tunesmith/trl = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
-          f"peak memory ratio = {ours['peak_mb'] / peer['peak_mb']:.2f}; "
-          f"held-out loss {ours['held_out_loss']:.4f} vs {peer['held_out_loss']:.4f}")
+    print(
+        f"ratio tokens/s tunesmith/trl = {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x; "
+        f"peak memory ratio = {ours['peak_mb'] / peer['peak_mb']:.2f}; "
+        f"held-out loss {ours['held_out_loss']:.4f} vs {peer['held_out_loss']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ WORKER = textwrap.dedent("""
     rows = json.load(open(rows_path))
     recipe = validate_recipe({"name": "ddp", "output_dir": out, "seed": 2, "model": {"name": model_dir},
                               "data": {"path": "x", "input_fields": ["text"], "target_field": "y"},
-                              "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1}})
+                              "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2,
+                                        "logging_steps": 1}})
     placement = pick_placement()
     tok = load_tokenizer(model_dir)
     tok.padding_side = "right"
@@ -36,7 +37,8 @@ WORKER = textwrap.dedent("""
     assert trainer.args.world_size == 2 and trainer.accelerator.num_processes == 2
     weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n}
     save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))
-    print(f"rank {rank} backend {torch.distributed.get_backend()} steps {trainer.state.global_step}", flush=True)
+    backend = torch.distributed.get_backend()
+    print(f"rank {rank} backend {backend} steps {trainer.state.global_step}", flush=True)
 """)
 
 
@@ -46,16 +48,32 @@ def test_two_gloo_ranks_agree_on_the_final_weights(tmp_path, tiny_model_dir):
         pytest.skip("torchrun is not installed next to this Python")
     import json
 
-    rows = [{"prompt": [{"role": "user", "content": r["text"]}],
-             "completion": [{"role": "assistant", "content": r["category"]}]}
-            for r in banking_rows(("card_arrival", "pin_blocked"), 12)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["text"]}],
+            "completion": [{"role": "assistant", "content": r["category"]}],
+        }
+        for r in banking_rows(("card_arrival", "pin_blocked"), 12)
+    ]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     (tmp_path / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(tmp_path / "worker.py"),
-         str(tiny_model_dir), str(tmp_path / "rows.json"), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(tmp_path / "worker.py"),
+            str(tiny_model_dir),
+            str(tmp_path / "rows.json"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 0 backend gloo steps 3" in proc.stdout and "rank 1 backend gloo steps 3" in proc.stdout

@@ -15,20 +15,33 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def test_reads_plain_openai_and_sharegpt_rows(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
-        {"input": {"messages": [{"role": "user", "content": "Hi?"}]},
-         "preferred_output": [{"role": "assistant", "content": "Hello."}],
-         "non_preferred_output": [{"role": "assistant", "content": "Go away."}]},
-        {"conversations": [{"from": "human", "value": "Hi?"}], "chosen": {"from": "gpt", "value": "Hello."},
-         "rejected": {"from": "gpt", "value": "Go away."}},
-    ])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+            {
+                "input": {"messages": [{"role": "user", "content": "Hi?"}]},
+                "preferred_output": [{"role": "assistant", "content": "Hello."}],
+                "non_preferred_output": [{"role": "assistant", "content": "Go away."}],
+            },
+            {
+                "conversations": [{"from": "human", "value": "Hi?"}],
+                "chosen": {"from": "gpt", "value": "Hello."},
+                "rejected": {"from": "gpt", "value": "Go away."},
+            },
+        ],
+    )
     pairs = read_pairs(path)
-    assert pairs[0] == pairs[1] == pairs[2] == {
-        "prompt": [{"role": "user", "content": "Hi?"}],
-        "chosen": [{"role": "assistant", "content": "Hello."}],
-        "rejected": [{"role": "assistant", "content": "Go away."}],
-    }
+    assert (
+        pairs[0]
+        == pairs[1]
+        == pairs[2]
+        == {
+            "prompt": [{"role": "user", "content": "Hi?"}],
+            "chosen": [{"role": "assistant", "content": "Hello."}],
+            "rejected": [{"role": "assistant", "content": "Go away."}],
+        }
+    )
 
 
 def test_bad_rows_name_file_and_line(tmp_path):
@@ -54,21 +67,43 @@ def test_reads_the_real_sharegpt_demo_file():
 def test_dpo_margin_grows(cli, tmp_path, tiny_model_dir, precompute):
     # chosen = the true intent, rejected = another intent (a multiple-choice distractor)
     rows = banking_rows(LABELS, 8)
-    pairs = [{"prompt": [{"role": "user", "content": r["text"]}],
-              "chosen": [{"role": "assistant", "content": r["category"]}],
-              "rejected": [{"role": "assistant", "content": LABELS[(LABELS.index(r["category"]) + 1) % 3]}]}
-             for r in rows]
-    recipe = write_recipe(tmp_path / "r.yaml", {
-        "name": "dpo", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(tiny_model_dir)},
-        "train": {"method": "dpo", "max_steps": 12, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 1,
-                  "max_seq_length": 128, "lr_scheduler": "constant",
-                  "dpo": {"path": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "beta": 0.1,
-                          "precompute_ref_log_probs": precompute}},
-    })
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": r["text"]}],
+            "chosen": [{"role": "assistant", "content": r["category"]}],
+            "rejected": [{"role": "assistant", "content": LABELS[(LABELS.index(r["category"]) + 1) % 3]}],
+        }
+        for r in rows
+    ]
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "dpo",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 1,
+            "model": {"name": str(tiny_model_dir)},
+            "train": {
+                "method": "dpo",
+                "max_steps": 12,
+                "batch_size": 8,
+                "learning_rate": 5e-3,
+                "logging_steps": 1,
+                "max_seq_length": 128,
+                "lr_scheduler": "constant",
+                "dpo": {
+                    "path": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)),
+                    "beta": 0.1,
+                    "precompute_ref_log_probs": precompute,
+                },
+            },
+        },
+    )
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     run = tmp_path / "runs" / "dpo"
-    assert (run / "train/adapter/adapter_model.safetensors").is_file() and (run / "train/metrics.csv").is_file()
+    assert (run / "train/adapter/adapter_model.safetensors").is_file() and (
+        run / "train/metrics.csv"
+    ).is_file()
     history = json.loads((run / "train/dpo_log.json").read_text())
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
     assert len(margins) == 12

@@ -14,22 +14,38 @@ from .conftest import EXAMPLE_CSV, write_recipe
 def _longest_rows(n):
     with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: -len(r["text"]))[:n]
-    return conversation_rows([[{"role": "user", "content": r["text"] * 3}] for r in rows], [r["category"] for r in rows])
+    return conversation_rows(
+        [[{"role": "user", "content": r["text"] * 3}] for r in rows], [r["category"] for r in rows]
+    )
 
 
 def test_estimate_bounds_the_measured_peak(tiny_model_dir, tmp_path):
     placement = pick_placement()
     tok = load_tokenizer(str(tiny_model_dir))
     rows = _longest_rows(64)
-    longest = max(len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"]) for r in rows)
-    recipe = validate_recipe({
-        "name": "est", "output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)},
-        "data": {"path": "x", "input_fields": ["text"], "target_field": "y"},
-        "train": {"batch_size": 64, "max_seq_length": longest, "max_steps": 2, "train_on_inputs": True,
-                  "lora": {"dropout": 0.1}},
-    })
+    longest = max(
+        len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"]) for r in rows
+    )
+    recipe = validate_recipe(
+        {
+            "name": "est",
+            "output_dir": str(tmp_path),
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"path": "x", "input_fields": ["text"], "target_field": "y"},
+            "train": {
+                "batch_size": 64,
+                "max_seq_length": longest,
+                "max_steps": 2,
+                "train_on_inputs": True,
+                "lora": {"dropout": 0.1},
+            },
+        }
+    )
     est = estimate(model_shape(tiny_model_dir), recipe)
-    assert est.parts["weights"] == sum(p.numel() for p in load_model(str(tiny_model_dir), placement).parameters()) * 4
+    assert (
+        est.parts["weights"]
+        == sum(p.numel() for p in load_model(str(tiny_model_dir), placement).parameters()) * 4
+    )
 
     model = wrap_adapter(load_model(str(tiny_model_dir), placement), "lora", recipe.train.lora, 0)
     tok.padding_side = "right"
@@ -43,11 +59,15 @@ def test_estimate_bounds_the_measured_peak(tiny_model_dir, tmp_path):
 
 
 def test_estimate_command_prints_parts_and_verdict(cli, tmp_path, tiny_model_dir):
-    recipe = write_recipe(tmp_path / "r.yaml", {
-        "name": "e", "model": {"name": str(tiny_model_dir)},
-        "data": {"path": "nowhere.csv", "input_fields": ["text"], "target_field": "y"},
-        "train": {"batch_size": 4, "max_seq_length": 128},
-    })
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "e",
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"path": "nowhere.csv", "input_fields": ["text"], "target_field": "y"},
+            "train": {"batch_size": 4, "max_seq_length": 128},
+        },
+    )
     code, out = cli(["train", str(recipe), "--estimate"])
     assert code == 0, out
     for part in ("weights", "adapter", "optimizer state", "activations", "logits", "total"):

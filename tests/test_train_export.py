@@ -11,12 +11,24 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 def _train(cli, tmp_path, tiny_model_dir, name, **train):
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 14))
-    recipe = write_recipe(tmp_path / f"{name}.yaml", {
-        "name": name, "output_dir": str(tmp_path / "runs"), "seed": 5, "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category",
-                 "system_prompt": "Classify.", "split": {"train": 36, "val": 0, "test": 6}},
-        "train": {"batch_size": 8, "logging_steps": 10, "max_seq_length": 96, "lr_scheduler": "constant"} | train,
-    })
+    recipe = write_recipe(
+        tmp_path / f"{name}.yaml",
+        {
+            "name": name,
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 5,
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "path": str(data),
+                "input_fields": ["text"],
+                "target_field": "category",
+                "system_prompt": "Classify.",
+                "split": {"train": 36, "val": 0, "test": 6},
+            },
+            "train": {"batch_size": 8, "logging_steps": 10, "max_seq_length": 96, "lr_scheduler": "constant"}
+            | train,
+        },
+    )
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     return tmp_path / "runs" / name
@@ -47,7 +59,9 @@ def test_export_merged_matches_the_adapter_model_token_for_token(cli, tmp_path, 
     assert im_end in ([gen["eos_token_id"]] if isinstance(gen["eos_token_id"], int) else gen["eos_token_id"])
 
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()  # plain transformers: no tunesmith, no peft
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
+    ).eval()
     for ids in _prompts(tok):
         with torch.no_grad():
             a = plain.generate(**ids, max_new_tokens=16, do_sample=False)
@@ -69,7 +83,9 @@ def test_export_merged_full_fine_tune_stops_at_end_of_turn(cli, tmp_path, tiny_m
     answers = []
     for ids in _prompts(tok):
         with torch.no_grad():
-            new = plain.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+            new = plain.generate(**ids, max_new_tokens=24, do_sample=False)[
+                0, ids["input_ids"].shape[1] :
+            ].tolist()
         assert new[-1] == im_end and len(new) < 24, tok.decode(new)  # stopped by generation_config.json alone
         answers.append(tok.decode(new[:-1]))
     assert set(answers) <= set(LABELS), answers

@@ -1,4 +1,4 @@
-"""Resume after SIGKILL: the resumed run ends where an uninterrupted one does, with no step twice or skipped."""
+"""Resume after SIGKILL: the resumed run ends where an uninterrupted one does; no step twice or skipped."""
 
 import json
 import subprocess
@@ -39,28 +39,50 @@ CHILD = textwrap.dedent("""
 
 def _recipe(tmp_path, tiny_model_dir, name):
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked", "age_limit"), 10))
-    return write_recipe(tmp_path / f"{name}.yaml", {
-        "name": name, "output_dir": str(tmp_path / "runs"), "seed": 11,
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category",
-                 "split": {"train": 24, "val": 0, "test": 6}},
-        # 24 examples / batch 4 = 6 steps per epoch: the kill lands mid-epoch 1, the run ends in epoch 2
-        "train": {"max_steps": STEPS, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1,
-                  "save_steps": 2, "save_total_limit": 2, "max_seq_length": 96, "lora": {"dropout": 0.1}},
-    })
+    return write_recipe(
+        tmp_path / f"{name}.yaml",
+        {
+            "name": name,
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 11,
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "path": str(data),
+                "input_fields": ["text"],
+                "target_field": "category",
+                "split": {"train": 24, "val": 0, "test": 6},
+            },
+            # 24 examples / batch 4 = 6 steps per epoch: the kill lands mid-epoch 1, the run ends in epoch 2
+            "train": {
+                "max_steps": STEPS,
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "logging_steps": 1,
+                "save_steps": 2,
+                "save_total_limit": 2,
+                "max_seq_length": 96,
+                "lora": {"dropout": 0.1},
+            },
+        },
+    )
 
 
 def _steps_and_losses(run):
-    state = json.loads(max((run / "train/checkpoints").glob("checkpoint-*/trainer_state.json"),
-                           key=lambda p: int(p.parent.name.split("-")[1])).read_text())
+    state = json.loads(
+        max(
+            (run / "train/checkpoints").glob("checkpoint-*/trainer_state.json"),
+            key=lambda p: int(p.parent.name.split("-")[1]),
+        ).read_text()
+    )
     logged = [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
     return [s for s, _ in logged], [loss for _, loss in logged]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(cli, tmp_path, tiny_model_dir):
     killed = _recipe(tmp_path, tiny_model_dir, "killed")
-    child = subprocess.run([sys.executable, "-c", CHILD, str(killed), str(KILL_AT)], capture_output=True,
-                           text=True, timeout=240)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(killed), str(KILL_AT)], capture_output=True, text=True, timeout=240
+    )
     assert child.returncode == -9, child.stdout + child.stderr
     run = tmp_path / "runs" / "killed"
     assert (run / f"train/checkpoints/checkpoint-{KILL_AT}/trainer_state.json").is_file()

@@ -49,7 +49,9 @@ def test_loss_mask_prompt_ignored_completion_and_end_of_turn_trained(tiny_model)
 
     batch = PackedCollator(tok.pad_token_id)([ex])
     labels = batch["labels"].tolist()
-    assert labels == ids[n_prompt:]  # every completion token is a target, no prompt token is (-100 equivalent)
+    assert (
+        labels == ids[n_prompt:]
+    )  # every completion token is a target, no prompt token is (-100 equivalent)
     assert batch["logits_mask"].sum().item() == len(ids) - n_prompt
 
     full = tokenize_example(prompt, completion, tok, train_on_inputs=True)
@@ -87,8 +89,14 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
     # control: the same packed rows with a plain causal mask (examples see each other) give another loss
     leaky = dict(collate(feats))
     width = leaky["input_ids"].shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()[None, None].expand(leaky["input_ids"].shape[0], 1, -1, -1)
-    leaky["attention_mask"] = causal if attn == "sdpa" else torch.zeros(causal.shape).masked_fill(~causal, -3e38)
+    causal = (
+        torch.ones(width, width, dtype=torch.bool)
+        .tril()[None, None]
+        .expand(leaky["input_ids"].shape[0], 1, -1, -1)
+    )
+    leaky["attention_mask"] = (
+        causal if attn == "sdpa" else torch.zeros(causal.shape).masked_fill(~causal, -3e38)
+    )
     with torch.no_grad():
         leaky_loss, _, _ = completion_loss(model, leaky)
     assert abs(leaky_loss.item() * n - alone_sum) > 1e-3
@@ -97,14 +105,31 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
 def _recipe(tmp_path, tiny_model_dir, **train):
     rows = banking_rows(LABELS, 12)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    return write_recipe(tmp_path / "r.yaml", {
-        "name": "tiny-train", "output_dir": str(tmp_path / "runs"), "seed": 3,
-        "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category",
-                 "system_prompt": "Classify.", "split": {"train": 24, "val": 6, "test": 6}},
-        "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2, "eval_steps": 3,
-                  "max_seq_length": 96} | train,
-    })
+    return write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "tiny-train",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 3,
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "path": str(data),
+                "input_fields": ["text"],
+                "target_field": "category",
+                "system_prompt": "Classify.",
+                "split": {"train": 24, "val": 6, "test": 6},
+            },
+            "train": {
+                "max_steps": 6,
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "logging_steps": 2,
+                "eval_steps": 3,
+                "max_seq_length": 96,
+            }
+            | train,
+        },
+    )
 
 
 def test_train_command_writes_adapter_metrics_and_plot(cli, tmp_path, tiny_model_dir):
@@ -114,15 +139,24 @@ def test_train_command_writes_adapter_metrics_and_plot(cli, tmp_path, tiny_model
     assert (run / "train/adapter/adapter_model.safetensors").is_file() and (run / "train/loss.png").is_file()
     with open(run / "train/metrics.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
-                              "tokens_per_second", "peak_memory_mb", "num_tokens"]
+    assert list(table[0]) == [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "num_tokens",
+    ]
     assert [int(r["step"]) for r in table] == [2, 3, 4, 6]
     trained = [r for r in table if r["train_loss"]]
     assert all(0 <= float(r["train_accuracy"]) <= 1 and float(r["tokens_per_second"]) > 0 for r in trained)
     assert all(float(r["peak_memory_mb"]) > 0 for r in trained)
     assert int(trained[-1]["num_tokens"]) > int(trained[0]["num_tokens"])
     assert [r for r in table if r["valid_loss"]] and all(
-        0 <= float(r["valid_mean_token_accuracy"]) <= 1 for r in table if r["valid_loss"])
+        0 <= float(r["valid_mean_token_accuracy"]) <= 1 for r in table if r["valid_loss"]
+    )
     summary = json.loads((run / "train/summary.json").read_text())
     assert summary["trainable_tensors_changed"] == summary["trainable_tensors"] > 0
     assert not (run / "eval").exists()  # train alone does not evaluate
@@ -138,10 +172,14 @@ def test_qlora_without_cuda_is_a_config_error(cli, tmp_path, tiny_model_dir):
 
 
 def test_dora_and_full_train(cli, tmp_path, tiny_model_dir):
-    code, out = cli(["train", str(_recipe(tmp_path, tiny_model_dir, adapter="dora", max_steps=2, eval_steps=None))])
+    code, out = cli(
+        ["train", str(_recipe(tmp_path, tiny_model_dir, adapter="dora", max_steps=2, eval_steps=None))]
+    )
     assert code == 0, out
     cfg = json.loads((tmp_path / "runs/tiny-train/train/adapter/adapter_config.json").read_text())
     assert cfg["use_dora"] is True
-    code, out = cli(["train", str(_recipe(tmp_path, tiny_model_dir, adapter="full", max_steps=2, eval_steps=None))])
+    code, out = cli(
+        ["train", str(_recipe(tmp_path, tiny_model_dir, adapter="full", max_steps=2, eval_steps=None))]
+    )
     assert code == 0, out
     assert (tmp_path / "runs/tiny-train/train/model/model.safetensors").is_file()

@@ -75,9 +75,9 @@ def run(
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=2.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (YAML value).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
-    estimate: Annotated[bool, typer.Option("--estimate", help="Print the expected peak memory and exit.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print expected peak memory; train nothing.")] = False,
 ) -> None:
     """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
     from tunesmith.config import load_recipe

@@ -88,9 +88,9 @@ class LoraSection(Section):
 class DpoSection(Section):
     """Direct preference optimisation (TRL's DPOTrainer) on prompt/chosen/rejected pairs."""
 
-    path: Path | None = Field(None, description="preference JSONL: prompt/chosen/rejected or OpenAI's DPO format")
+    path: Path | None = Field(None, description="preference JSONL: prompt/chosen/rejected or OpenAI DPO format")
     beta: float = Field(0.1, gt=0)
-    precompute_ref_log_probs: bool = Field(False, description="score the reference model once, before training")
+    precompute_ref_log_probs: bool = Field(False, description="score the reference once, before training")
 
 
 class TrainSection(Section):
@@ -108,17 +108,17 @@ class TrainSection(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"] = (
-        "adamw_torch"
-    )
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
+    ] = "adamw_torch"
     max_seq_length: int = Field(512, ge=8)
     gradient_checkpointing: bool = False
     group_by_length: bool = True
-    packing: bool = Field(True, description="pack each batch's examples into shared rows, isolated by a block mask")
+    packing: bool = Field(True, description="pack a batch's examples into shared rows, isolated by a block mask")
     train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="validation loss every N steps; default once per epoch")
-    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evaluations without improvement")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals without improvement")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
     save_total_limit: int = Field(2, ge=1, description="keep only the newest N checkpoints")
     report_to: list[Literal["tensorboard", "wandb"]] = []
@@ -135,7 +135,7 @@ class TrainSection(Section):
     @model_validator(mode="after")
     def _consistent(self) -> TrainSection:
         if self.early_stopping_patience and not self.eval_steps:
-            raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at each evaluation)")
+            raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
         if self.method == "dpo" and self.dpo.path is None:
             raise ValueError("method dpo needs train.dpo.path (a preference JSONL file)")
         if self.head == "classifier" and self.method != "sft":
@@ -255,7 +255,8 @@ def _closest_key(loc: tuple) -> str | None:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
-        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = models[0] if models else ann
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     if model is None:
         return None

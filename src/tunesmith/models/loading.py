@@ -125,8 +125,10 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora") -> An
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=placement.torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(resolve(name), quantization_config=quant, dtype=placement.torch_dtype,
-                                                 device_map={"": torch.cuda.current_device()})
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(name), quantization_config=quant, dtype=placement.torch_dtype,
+        device_map={"": torch.cuda.current_device()},
+    )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 

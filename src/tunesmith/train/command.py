@@ -37,6 +37,17 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
     from tunesmith.train.stage import train_stage
 
     model = load_model_for(recipe.model.name, placement, recipe.train.adapter)
-    console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}, adapter {recipe.train.adapter}")
-    return train_stage(recipe, data.splits["train"], data.splits["val"], model, tokenizer, placement, console, bar,
-                       resume=resume)
+    console.print(
+        f"{recipe.model.name} on {placement.device} in {placement.dtype}, adapter {recipe.train.adapter}"
+    )
+    return train_stage(
+        recipe,
+        data.splits["train"],
+        data.splits["val"],
+        model,
+        tokenizer,
+        placement,
+        console,
+        bar,
+        resume=resume,
+    )

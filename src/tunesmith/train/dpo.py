@@ -5,7 +5,8 @@ Accepted rows (JSONL, or a JSON array):
 - ``{"prompt": ..., "chosen": ..., "rejected": ...}`` where each is a string or chat messages;
 - OpenAI's DPO format: ``{"input": {"messages": [...]}, "preferred_output": [msg],
   "non_preferred_output": [msg]}``;
-- ShareGPT pairs: ``{"conversations": [{"from": "human", "value": ...}], "chosen": {...}, "rejected": {...}}``.
+- ShareGPT pairs: ``{"conversations": [{"from": "human", "value": ...}], "chosen": {...},
+  "rejected": {...}}``.
 
 With a LoRA/DoRA adapter the reference model is the base model with the adapter switched off,
 so no second copy is held in memory; ``train.dpo.precompute_ref_log_probs`` scores the
@@ -46,7 +47,9 @@ def _messages(value, where: str, field: str) -> list[dict]:
         role = ROLES.get(m.get("role") or m.get("from") or "") if isinstance(m, dict) else None
         content = (m.get("content") if "content" in m else m.get("value")) if isinstance(m, dict) else None
         if role is None or not isinstance(content, str):
-            raise DataError(f"{where}: '{field}' has a message without a known role and text content: {m!r:.80}")
+            raise DataError(
+                f"{where}: '{field}' has a message without a known role and text content: {m!r:.80}"
+            )
         out.append({"role": role, "content": content})
     return out
 
@@ -64,10 +67,15 @@ def to_pair(row: dict, where: str) -> dict:
         prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
     for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if value is None:
-            raise DataError(f"{where}: missing '{name}' (give prompt/chosen/rejected or OpenAI's "
-                            "input/preferred_output/non_preferred_output)")
-    return {"prompt": _messages(prompt, where, "prompt"), "chosen": _messages(chosen, where, "chosen"),
-            "rejected": _messages(rejected, where, "rejected")}
+            raise DataError(
+                f"{where}: missing '{name}' (give prompt/chosen/rejected or OpenAI's "
+                "input/preferred_output/non_preferred_output)"
+            )
+    return {
+        "prompt": _messages(prompt, where, "prompt"),
+        "chosen": _messages(chosen, where, "chosen"),
+        "rejected": _messages(rejected, where, "rejected"),
+    }
 
 
 def read_pairs(path: Path) -> list[dict]:
@@ -110,19 +118,37 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     pairs = read_pairs(t.dpo.path)
     console.print(f"{len(pairs)} preference pairs from {t.dpo.path}")
     args = DPOConfig(
-        output_dir=str(out_dir / "checkpoints"), seed=recipe.seed, num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1, per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        optim=t.optimizer, beta=t.dpo.beta, precompute_ref_log_probs=t.dpo.precompute_ref_log_probs,
-        max_length=t.max_seq_length, bf16=placement.dtype == "bfloat16", fp16=placement.dtype == "float16",
-        use_cpu=placement.device == "cpu", gradient_checkpointing=t.gradient_checkpointing,
-        logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "epoch",
-        save_steps=t.save_steps or 500, save_total_limit=t.save_total_limit, report_to=list(t.report_to),
+        output_dir=str(out_dir / "checkpoints"),
+        seed=recipe.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        optim=t.optimizer,
+        beta=t.dpo.beta,
+        precompute_ref_log_probs=t.dpo.precompute_ref_log_probs,
+        max_length=t.max_seq_length,
+        bf16=placement.dtype == "bfloat16",
+        fp16=placement.dtype == "float16",
+        use_cpu=placement.device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "epoch",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to),
         disable_tqdm=True,
     )
     tokenizer.padding_side = "right"
-    trainer = DPOTrainer(model=prepare_model(recipe, model), args=args, train_dataset=Dataset.from_list(pairs),
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=prepare_model(recipe, model),
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+    )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
@@ -135,8 +161,11 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
     history = trainer.state.log_history
-    rows = [{"step": h["step"], "train_loss": h["loss"], "train_accuracy": h.get("rewards/accuracies")}
-            for h in history if "loss" in h]
+    rows = [
+        {"step": h["step"], "train_loss": h["loss"], "train_accuracy": h.get("rewards/accuracies")}
+        for h in history
+        if "loss" in h
+    ]
     write_metrics_csv(rows, out_dir / "metrics.csv")
     (out_dir / "dpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]

@@ -53,15 +53,19 @@ class MemoryEstimate:
         return None if self.available is None else self.total <= self.available
 
     def render(self) -> str:
-        lines = [f"Expected peak memory for training on {self.device} "
-                 f"(worst case: {self.tokens_per_micro_batch:,} tokens per micro-batch):"]
+        lines = [
+            f"Expected peak memory for training on {self.device} "
+            f"(worst case: {self.tokens_per_micro_batch:,} tokens per micro-batch):"
+        ]
         lines += [f"  {k:<22} {v / MB:>10,.0f} MB" for k, v in self.parts.items()]
         lines.append(f"  {'total':<22} {self.total / MB:>10,.0f} MB")
         if self.available is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} in {self.available / MB:,.0f} MB available")
             if not self.fits:
-                lines.append("  lower train.batch_size or train.max_seq_length, or set train.gradient_checkpointing")
+                lines.append(
+                    "  lower train.batch_size or train.max_seq_length, or set train.gradient_checkpointing"
+                )
         return "\n".join(lines)
 
 
@@ -69,7 +73,9 @@ def model_shape(folder: Path) -> Shape:
     """Architecture numbers from ``config.json`` and parameter shapes from the safetensors header."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
-        raise ModelError(f"{folder}: no config.json; --estimate needs a local model folder or an embedded model")
+        raise ModelError(
+            f"{folder}: no config.json; --estimate needs a local model folder or an embedded model"
+        )
     cfg = json.loads(cfg_path.read_text())
     cfg = cfg.get("text_config", cfg)
     hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
@@ -79,11 +85,20 @@ def model_shape(folder: Path) -> Shape:
     shapes = _safetensors_shapes(folder)
     if shapes:
         params = sum(_numel(s) for s in shapes.values())
-        linear = [tuple(s) for n, s in shapes.items() if ".layers." in n and n.endswith(".weight") and len(s) == 2]
+        linear = [
+            tuple(s) for n, s in shapes.items() if ".layers." in n and n.endswith(".weight") and len(s) == 2
+        ]
     else:
         inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
-        per_layer = [(hidden, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, hidden),
-                     (inter, hidden), (inter, hidden), (hidden, inter)]
+        per_layer = [
+            (hidden, hidden),
+            (kv_dim, hidden),
+            (kv_dim, hidden),
+            (hidden, hidden),
+            (inter, hidden),
+            (inter, hidden),
+            (hidden, inter),
+        ]
         linear = per_layer * layers
         embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
         params = embed + sum(a * b for a, b in linear) + (2 * layers + 1) * hidden
@@ -108,8 +123,9 @@ def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def estimate(shape: Shape, recipe: Recipe, dtype: str = "float32", device: str = "cpu",
-             available: int | None = None) -> MemoryEstimate:
+def estimate(
+    shape: Shape, recipe: Recipe, dtype: str = "float32", device: str = "cpu", available: int | None = None
+) -> MemoryEstimate:
     t = recipe.train
     b = BYTES[dtype]
     tokens = t.batch_size * t.max_seq_length
@@ -122,8 +138,14 @@ def estimate(shape: Shape, recipe: Recipe, dtype: str = "float32", device: str =
         if t.adapter == "dora":
             trainable += sum(o for o, _ in shape.linear_shapes)
     weights = shape.params * (0.5625 if t.adapter == "qlora" else b)  # NF4 + double-quantised scales
-    states = {"adamw_torch": 8, "adamw_torch_fused": 8, "adafactor": 4, "sgd": 0, "adamw_8bit": 2,
-              "paged_adamw_8bit": 2}[t.optimizer]
+    states = {
+        "adamw_torch": 8,
+        "adamw_torch_fused": 8,
+        "adafactor": 4,
+        "sgd": 0,
+        "adamw_8bit": 2,
+        "paged_adamw_8bit": 2,
+    }[t.optimizer]
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     per_token_layer = (14 * h + 3 * kv + 5 * i) * b
     if t.gradient_checkpointing:
@@ -166,4 +188,6 @@ def estimate_recipe(recipe: Recipe) -> MemoryEstimate:
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     folder = Path(resolve(recipe.model.name))
-    return estimate(model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device))
+    return estimate(
+        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device)
+    )

@@ -6,7 +6,11 @@ import csv
 from pathlib import Path
 
 COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
-EXTRA = ["tokens_per_second", "peak_memory_mb", "num_tokens"]  # after OpenAI's columns, so readers of theirs work
+EXTRA = [
+    "tokens_per_second",
+    "peak_memory_mb",
+    "num_tokens",
+]  # after OpenAI's columns, so readers of theirs work
 
 
 def rows_from_log_history(history: list[dict]) -> list[dict]:
@@ -40,4 +44,7 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
 
 def read_metrics_csv(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in csv.DictReader(fh)
+        ]

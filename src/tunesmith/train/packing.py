@@ -26,7 +26,9 @@ def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def tokenize_example(prompt: list[dict], completion: list[dict], tokenizer, train_on_inputs: bool = False) -> dict:
+def tokenize_example(
+    prompt: list[dict], completion: list[dict], tokenizer, train_on_inputs: bool = False
+) -> dict:
     """Token ids of the whole conversation and a mask of the tokens that carry a loss.
 
     The completion (the assistant turn with its closing end-of-turn token and whatever the
@@ -37,7 +39,8 @@ def tokenize_example(prompt: list[dict], completion: list[dict], tokenizer, trai
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise DataError(
             "the chat template renders the prompt differently when the answer follows it, so the prompt "
-            "tokens cannot be masked; use a model whose template is prefix-stable or set train.train_on_inputs: true"
+            "tokens cannot be masked; use a model whose template is prefix-stable or set "
+            "train.train_on_inputs: true"
         )
     n_prompt = len(prompt_ids)
     mask = [bool(train_on_inputs)] * n_prompt + [True] * (len(full_ids) - n_prompt)
@@ -87,7 +90,9 @@ class PackedCollator:
         import torch
 
         lengths = [len(f["input_ids"]) for f in features]
-        rows = first_fit_decreasing(lengths, max(lengths)) if self.pack else [[i] for i in range(len(features))]
+        rows = (
+            first_fit_decreasing(lengths, max(lengths)) if self.pack else [[i] for i in range(len(features))]
+        )
         width = max(sum(lengths[i] for i in row) for row in rows)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)
@@ -102,7 +107,9 @@ class PackedCollator:
                 position_ids[r, offset : offset + n] = torch.arange(n)
                 segment[r, offset : offset + n] = k
                 # position p predicts token p+1: keep it when that token carries a loss
-                keep[r, offset : offset + n - 1] = torch.tensor(features[i]["completion_mask"][1:], dtype=torch.bool)
+                keep[r, offset : offset + n - 1] = torch.tensor(
+                    features[i]["completion_mask"][1:], dtype=torch.bool
+                )
                 offset += n
         targets = torch.roll(input_ids, -1, dims=1)
         labels = targets[keep]

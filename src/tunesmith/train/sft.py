@@ -40,7 +40,8 @@ class TrainResult:
 def conversation_rows(prompts: list[list[dict]], targets: list[str]) -> list[dict]:
     """TRL's conversational prompt/completion rows (loss on the completion only)."""
     return [
-        {"prompt": p, "completion": [{"role": "assistant", "content": t}]} for p, t in zip(prompts, targets, strict=True)
+        {"prompt": p, "completion": [{"role": "assistant", "content": t}]}
+        for p, t in zip(prompts, targets, strict=True)
     ]
 
 
@@ -52,7 +53,9 @@ def prepare_model(recipe: Recipe, model):
     return wrap_adapter(model, t.adapter, t.lora, recipe.seed)
 
 
-def split_by_length(rows: list[dict], ids: list[str], tokenizer, max_len: int) -> tuple[list[dict], list[Rejected]]:
+def split_by_length(
+    rows: list[dict], ids: list[str], tokenizer, max_len: int
+) -> tuple[list[dict], list[Rejected]]:
     """Keep rows whose full chat text fits ``max_len`` tokens; the rest are rejected with their length.
 
     Truncating them would cut the answer the loss is computed on, and TRL would then drop the
@@ -125,9 +128,17 @@ def mask_kind(model) -> str:
     return "bool" if impl == "sdpa" else "float"
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, train_rows, val_rows, placement: Placement, out_dir: Path,
-                  **arg_overrides):
-    """Tokenize (completion-only mask unless ``train_on_inputs``) and assemble a :class:`CompletionTrainer`."""
+def build_trainer(
+    recipe: Recipe,
+    model,
+    tokenizer,
+    train_rows,
+    val_rows,
+    placement: Placement,
+    out_dir: Path,
+    **arg_overrides,
+):
+    """Tokenize (completion-only mask unless ``train_on_inputs``), assemble a :class:`CompletionTrainer`."""
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
@@ -137,12 +148,22 @@ def build_trainer(recipe: Recipe, model, tokenizer, train_rows, val_rows, placem
     t = recipe.train
     train_ds = Dataset.from_list(tokenize_rows(train_rows, tokenizer, t.train_on_inputs))
     val_ds = Dataset.from_list(tokenize_rows(val_rows, tokenizer, t.train_on_inputs)) if val_rows else None
-    collator = PackedCollator(tokenizer.pad_token_id, pack=t.packing, mask_kind=mask_kind(model),
-                              dtype=placement.torch_dtype)
+    collator = PackedCollator(
+        tokenizer.pad_token_id, pack=t.packing, mask_kind=mask_kind(model), dtype=placement.torch_dtype
+    )
     args = training_args(recipe, placement, out_dir, has_val=val_ds is not None, **arg_overrides)
-    callbacks = [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience and val_ds else []
-    trainer = CompletionTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    callbacks = (
+        [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience and val_ds else []
+    )
+    trainer = CompletionTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     return trainer
@@ -233,7 +254,9 @@ def _planned_steps(trainer) -> int:
         return args.max_steps
     import math
 
-    per_epoch = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * args.gradient_accumulation_steps))
+    per_epoch = math.ceil(
+        len(trainer.train_dataset) / (args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    )
     return max(1, math.ceil(per_epoch * args.num_train_epochs))
 
 

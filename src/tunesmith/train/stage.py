@@ -30,34 +30,68 @@ def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
     return conversation_rows([chat_messages(e, recipe.data) for e in examples], [e.target for e in examples])
 
 
-def train_stage(recipe: Recipe, train: list[Example], val: list[Example], model, tokenizer, placement,
-                console: Console, bar, resume: bool = False):
+def train_stage(
+    recipe: Recipe,
+    train: list[Example],
+    val: list[Example],
+    model,
+    tokenizer,
+    placement,
+    console: Console,
+    bar,
+    resume: bool = False,
+):
     """Train on ``train`` (validating on ``val``); returns the TrainResult. ``model`` is not yet wrapped."""
     from tunesmith.report import plot_loss
     from tunesmith.train.sft import prepare_model, split_by_length, train_sft
 
     run_dir = recipe.run_dir
-    rows, too_long = split_by_length(sft_rows(recipe, train), [e.id for e in train], tokenizer,
-                                     recipe.train.max_seq_length)
+    rows, too_long = split_by_length(
+        sft_rows(recipe, train), [e.id for e in train], tokenizer, recipe.train.max_seq_length
+    )
     if too_long:
         _append_jsonl(run_dir / "data" / "rejected.jsonl", (r.to_json() for r in too_long))
-        console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length "
-                      f"set aside[/] → {run_dir / 'data' / 'rejected.jsonl'}")
+        console.print(
+            f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length "
+            f"set aside[/] → {run_dir / 'data' / 'rejected.jsonl'}"
+        )
     if not rows:
         raise DataError("no training example fits train.max_seq_length; raise it")
-    trained = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, sft_rows(recipe, val), placement,
-                        run_dir / "train", lambda total: bar("train", total), resume=resume)
+    trained = train_sft(
+        recipe,
+        prepare_model(recipe, model),
+        tokenizer,
+        rows,
+        sft_rows(recipe, val),
+        placement,
+        run_dir / "train",
+        lambda total: bar("train", total),
+        resume=resume,
+    )
     trained.too_long = len(too_long)
     console.print(
-        f"trained {trained.trainable_params:,} of {trained.total_params:,} parameters on {trained.tokens:,} tokens "
+        f"trained {trained.trainable_params:,} of {trained.total_params:,} parameters "
+        f"on {trained.tokens:,} tokens "
         f"in {trained.seconds:.0f}s ({trained.tokens_per_second:,.0f} tok/s) → {trained.output_dir}"
     )
     plot_loss(trained.rows, run_dir / "train" / "loss.png", f"{recipe.name}: loss")
     peak = max((r.get("peak_memory_mb") or 0 for r in trained.rows), default=0)
-    (run_dir / "train" / "summary.json").write_text(json.dumps({
-        "seconds": trained.seconds, "tokens": trained.tokens, "tokens_per_second": trained.tokens_per_second,
-        "peak_memory_mb": peak, "trainable_params": trained.trainable_params, "total_params": trained.total_params,
-        "trainable_tensors": trained.tensors_trainable, "trainable_tensors_changed": trained.tensors_changed,
-        "examples": len(rows), "resumed": resume,
-    }, indent=2), encoding="utf-8")
+    (run_dir / "train" / "summary.json").write_text(
+        json.dumps(
+            {
+                "seconds": trained.seconds,
+                "tokens": trained.tokens,
+                "tokens_per_second": trained.tokens_per_second,
+                "peak_memory_mb": peak,
+                "trainable_params": trained.trainable_params,
+                "total_params": trained.total_params,
+                "trainable_tensors": trained.tensors_trainable,
+                "trainable_tensors_changed": trained.tensors_changed,
+                "examples": len(rows),
+                "resumed": resume,
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     return trained
