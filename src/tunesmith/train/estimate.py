@@ -3,7 +3,7 @@
 Parameter counts and shapes come from the safetensors header (a few KB read) or, failing that,
 from config.json. Activations are what autograd keeps per token and layer for a Llama-style
 decoder with LoRA (inputs of the normalisations, projections and their dropout copies, rotary
-outputs, the MLP's intermediate tensors) for the worst case: every micro-batch full
+outputs, the MLP's intermediate tensors, attention probabilities) for the worst case: every micro-batch full
 (``batch_size x max_seq_length`` tokens). Logits are counted only where a loss is taken.
 """
 
@@ -152,6 +152,11 @@ def estimate(
         activations = tokens * shape.layers * h * b + t.max_seq_length * per_token_layer
     else:
         activations = tokens * shape.layers * per_token_layer
+    # attention with an explicit (block) mask runs sdpa's math path on a CPU: it keeps the
+    # (rows, heads, L, L) probabilities and the expanded mask of every layer for backward
+    attention = t.batch_size * shape.heads * t.max_seq_length**2 * 4 * 2 * shape.layers
+    if t.gradient_checkpointing:
+        attention //= shape.layers
     targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
     logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
     parts = {
@@ -160,6 +165,7 @@ def estimate(
         "gradients": int(trainable * 4),
         "optimizer state": int(trainable * states),
         "activations": int(activations),
+        "attention": int(attention),
         "logits": int(logits),
     }
     return MemoryEstimate(parts, available, device, tokens)
