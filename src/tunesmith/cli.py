@@ -77,7 +77,7 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (YAML value).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
-    estimate: Annotated[bool, typer.Option("--estimate", help="Print expected peak memory; train nothing.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
 ) -> None:
     """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
     from tunesmith.config import load_recipe

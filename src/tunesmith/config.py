@@ -88,7 +88,7 @@ class LoraSection(Section):
 class DpoSection(Section):
     """Direct preference optimisation (TRL's DPOTrainer) on prompt/chosen/rejected pairs."""
 
-    path: Path | None = Field(None, description="preference JSONL: prompt/chosen/rejected or OpenAI DPO format")
+    path: Path | None = Field(None, description="preference JSONL (prompt/chosen/rejected or OpenAI DPO)")
     beta: float = Field(0.1, gt=0)
     precompute_ref_log_probs: bool = Field(False, description="score the reference once, before training")
 
@@ -114,11 +114,11 @@ class TrainSection(Section):
     max_seq_length: int = Field(512, ge=8)
     gradient_checkpointing: bool = False
     group_by_length: bool = True
-    packing: bool = Field(True, description="pack a batch's examples into shared rows, isolated by a block mask")
+    packing: bool = Field(True, description="pack a batch's examples into rows, isolated by a block mask")
     train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="validation loss every N steps; default once per epoch")
-    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals without improvement")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals, no improvement")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
     save_total_limit: int = Field(2, ge=1, description="keep only the newest N checkpoints")
     report_to: list[Literal["tensorboard", "wandb"]] = []
