@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: install model demo test lint clean
+.PHONY: install model browser demo test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,12 @@ model: install
 demo: model
 	$(BIN)/tunesmith run examples/banking77.yaml
 
-test: model
+# headless Chromium for the dashboard test (Debian package; needs root, skipped with a note otherwise)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
+
+test: model browser
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -54,7 +54,8 @@ def test_run_writes_everything_and_learns(cli, tmp_path, tiny_model_dir):
 
     with open(run / "train/metrics.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
-    assert list(table[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    openai_columns = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert list(table[0])[:5] == openai_columns
     losses = [float(r["train_loss"]) for r in table if r["train_loss"]]
     assert losses[-1] < losses[0], losses
     assert any(r["valid_loss"] for r in table)

@@ -77,6 +77,61 @@ def run(
     console.print(f"Report: {result.report}")
 
 
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (YAML value).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
+    backend: Annotated[str, typer.Option(help="local, or openai: an OpenAI-compatible fine-tuning API "
+                                              "(the recipe's hosted section).")] = "local",
+) -> None:
+    """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
+    from tunesmith.config import load_recipe
+
+    cfg = load_recipe(recipe, set_ or [])
+    if backend == "openai":
+        from tunesmith.train.hosted import run_hosted
+
+        _quiet_libraries()
+        job = run_hosted(cfg, console)
+        console.print(f"Fine-tuned model: {job['fine_tuned_model']}  (metrics: {cfg.run_dir / 'train' / 'metrics.csv'})")
+        return
+    if backend != "local":
+        raise typer.BadParameter("--backend is local or openai")
+    if estimate:
+        from tunesmith.train.estimate import estimate_recipe
+
+        est = estimate_recipe(cfg)
+        console.print(est.render())
+        return
+    from tunesmith.train.command import run_training
+
+    _quiet_libraries()
+    result = run_training(cfg, console, resume=resume)
+    console.print(f"Saved: {result.output_dir}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>).")],
+    merged: Annotated[Path | None, typer.Option(help="Write a merged Hugging Face folder here.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Write the PEFT adapter alone here.")] = None,
+) -> None:
+    """Export a trained run as a merged model folder and/or its adapter."""
+    from tunesmith.errors import ConfigError
+
+    if not merged and not adapter:
+        raise ConfigError("export: give --merged OUT and/or --adapter OUT")
+    from tunesmith.train.export import export_adapter, export_merged
+
+    _quiet_libraries()
+    if adapter:
+        console.print(f"adapter → {export_adapter(run_dir, adapter)}")
+    if merged:
+        console.print(f"merged model → {export_merged(run_dir, merged)}")
+
+
 @models_app.command("pull")
 def models_pull(
     name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",

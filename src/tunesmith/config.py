@@ -234,8 +234,20 @@ class LoraSection(Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class DpoSection(Section):
+    """Direct preference optimisation (TRL's DPOTrainer) on prompt/chosen/rejected pairs."""
+
+    path: Path | None = Field(None, description="preference JSONL (prompt/chosen/rejected or OpenAI DPO)")
+    beta: float = Field(0.1, gt=0)
+    precompute_ref_log_probs: bool = Field(False, description="score the reference once, before training")
+
+
 class TrainSection(Section):
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
+    head: Literal["generative", "classifier"] = Field(
+        "generative", description="classifier: LoRA plus a linear head on the last token (closed label sets)"
+    )
     lora: LoraSection = LoraSection()
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
@@ -245,11 +257,39 @@ class TrainSection(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
+    ] = "adamw_torch"
     max_seq_length: int = Field(512, ge=8)
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    packing: bool = Field(True, description="pack a batch's examples into rows, isolated by a block mask")
+    train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")
     logging_steps: int = Field(5, ge=1)
     eval_steps: int | None = Field(None, ge=1, description="validation loss every N steps; default once per epoch")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals, no improvement")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
+    save_total_limit: int = Field(2, ge=1, description="keep only the newest N checkpoints")
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    dpo: DpoSection = DpoSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method(cls, raw: Any) -> Any:
+        """``method: lora`` / ``method: full`` (older recipes) mean SFT with that adapter."""
+        if isinstance(raw, dict) and raw.get("method") in ("lora", "full"):
+            raw = {**raw, "adapter": raw.get("adapter", raw["method"]), "method": "sft"}
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSection:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
+        if self.method == "dpo" and self.dpo.path is None:
+            raise ValueError("method dpo needs train.dpo.path (a preference JSONL file)")
+        if self.head == "classifier" and self.method != "sft":
+            raise ValueError("head: classifier trains with method sft")
+        return self
 
 
 class EvalSection(Section):
@@ -377,7 +417,7 @@ class Recipe(Section):
     output_dir: Path = Path("runs")
     seed: int = 42
     model: ModelSection = ModelSection()
-    data: DataSection | None = None
+    data: DataSection | None = Field(None, description="required unless train.method is dpo or the recipe only synthesises")
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
     synth: SynthSection | None = None
@@ -438,6 +478,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         _resolve_relative(raw.get(section), key, path.parent)
     if isinstance(raw.get("synth"), dict):
         _resolve_relative(raw["synth"].get("seed_questions"), "contexts", path.parent)
+    if isinstance(raw.get("train"), dict):
+        _resolve_relative(raw["train"].get("dpo"), "path", path.parent)
     merged = deep_merge(raw, parse_overrides(overrides or []))
     return validate_recipe(merged, source=str(path))
 
@@ -473,6 +515,8 @@ def _closest_key(loc: tuple) -> str | None:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
+        models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = models[0] if models else ann
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     if model is None:
         return None

@@ -18,7 +18,7 @@ from tunesmith.config import Recipe, dump_resolved
 from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
 from tunesmith.data.prepare import PreparedData, prepare
 from tunesmith.data.task import render_prompt
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 from tunesmith.eval import baselines
 from tunesmith.eval.classify import ContenderResult, evaluate_baseline, evaluate_llm
 from tunesmith.progress import task_bar
@@ -50,13 +50,16 @@ def prepare_data(recipe: Recipe, data_dir: Path, console: Console) -> PreparedDa
 
 def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     """Run the whole recipe and return where its report is."""
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
-    from tunesmith.report import plot_confusions, plot_loss, write_report
-    from tunesmith.train.sft import conversation_rows, prepare_model, split_by_length, train_sft
+    from tunesmith.models.loading import check_adapter_device, load_model, load_tokenizer, pick_placement
+    from tunesmith.report import plot_confusions, write_report
+    from tunesmith.train.stage import train_stage
 
     console = console or Console()
     if recipe.data is None:
         raise ConfigError("this recipe has no data section; `tunesmith run` needs one (see examples/banking77.yaml)")
+    if recipe.train.method != "sft" or recipe.train.head != "generative":
+        raise ConfigError("tunesmith run fine-tunes with generative SFT; use `tunesmith train` for "
+                          "train.method dpo or train.head classifier")
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")
@@ -84,6 +87,7 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
 
     with stage("load model"):
         placement = pick_placement(recipe.model.precision, recipe.model.device)
+        check_adapter_device(recipe.train.adapter, placement)
         tokenizer = load_tokenizer(recipe.model.name)
         model = load_model(recipe.model.name, placement)
         console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}")
@@ -111,37 +115,15 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
                                              pred, ids, texts, gold, data.labels))
 
     with stage("train"):
-        rows, too_long = split_by_length(
-            conversation_rows([chat_messages(e, recipe.data) for e in train], train_gold),
-            [e.id for e in train], tokenizer, recipe.train.max_seq_length,
-        )
-        if too_long:
-            _append_jsonl(run_dir / "data" / "rejected.jsonl", (r.to_json() for r in too_long))
-            data.summary["rejected (see data/rejected.jsonl)"] += len(too_long)
-            console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length "
-                          f"set aside[/] → {run_dir / 'data' / 'rejected.jsonl'}")
-        if not rows:
-            raise DataError("no training example fits train.max_seq_length; raise it")
-        val_rows = conversation_rows([chat_messages(e, recipe.data) for e in val], [e.target for e in val])
-        trained = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
-                            run_dir / "train", lambda total: bar("train", total))
-        console.print(
-            f"trained {trained.trainable_params:,} of {trained.total_params:,} parameters on {trained.tokens:,} tokens "
-            f"in {trained.seconds:.0f}s ({trained.tokens_per_second:,.0f} tok/s) → {trained.output_dir}"
-        )
-        (run_dir / "train" / "summary.json").write_text(json.dumps({
-            "seconds": trained.seconds, "tokens": trained.tokens, "tokens_per_second": trained.tokens_per_second,
-            "trainable_params": trained.trainable_params, "total_params": trained.total_params,
-            "trainable_tensors": trained.tensors_trainable, "trainable_tensors_changed": trained.tensors_changed,
-            "examples": len(rows),
-        }, indent=2), encoding="utf-8")
+        trained = train_stage(recipe, train, val, model, tokenizer, placement, console, bar)
+        data.summary["rejected (see data/rejected.jsonl)"] += trained.too_long
     with stage("evaluate fine-tuned model"):
         if hasattr(trained.model, "merge_adapter"):
             trained.model.merge_adapter()  # fold LoRA into the weights: evaluation runs at base-model speed
         results.insert(
             1,
             evaluate_llm("finetuned", f"{recipe.model.name} + LoRA r={recipe.train.lora.r}"
-                         if recipe.train.method == "lora" else f"{recipe.model.name}, full fine-tune",
+                         if recipe.train.adapter != "full" else f"{recipe.model.name}, full fine-tune",
                          trained.model, tokenizer, ft_prompts, ids, gold, data.labels, suffix, recipe.eval, bar),
         )
 
@@ -153,7 +135,7 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
         _write_jsonl(eval_dir / "predictions.jsonl", (p for r in results for p in r.predictions))
         llm = [r for r in results if r.name in ("base", "finetuned")]
         images = {
-            "Training loss": plot_loss(trained.rows, run_dir / "train" / "loss.png", f"{recipe.name}: loss"),
+            "Training loss": run_dir / "train" / "loss.png",
             "Confusion matrices (test split)": plot_confusions(llm, gold, data.labels, eval_dir / "confusion.png"),
         }
         for png in sorted((run_dir / "data" / "profile").glob("*.png")):  # the data stage's profile plots
@@ -161,8 +143,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
         first = next((r["train_loss"] for r in trained.rows if r["train_loss"] is not None), None)
         last = next((r["train_loss"] for r in reversed(trained.rows) if r["train_loss"] is not None), None)
         train_summary = {
-            "method": recipe.train.method + (f" (r={recipe.train.lora.r}, alpha={recipe.train.lora.alpha})"
-                                             if recipe.train.method == "lora" else ""),
+            "method": recipe.train.adapter + (f" (r={recipe.train.lora.r}, alpha={recipe.train.lora.alpha})"
+                                              if recipe.train.adapter != "full" else ""),
             "device / precision": f"{placement.device} / {placement.dtype}",
             "trainable parameters": f"{trained.trainable_params:,} of {trained.total_params:,}",
             "epochs / steps": f"{recipe.train.epochs} / {trained.rows[-1]['step'] if trained.rows else 0}",

@@ -95,3 +95,53 @@ def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, seed: i
     torch.manual_seed(seed)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def check_adapter_device(adapter: str, placement: Placement) -> None:
+    """QLoRA quantizes the base model to 4 bits with bitsandbytes, which needs a CUDA GPU."""
+    from tunesmith.errors import ConfigError
+
+    if adapter != "qlora":
+        return
+    if placement.device != "cuda":
+        raise ConfigError(
+            "train.adapter: qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
+            "Use train.adapter: lora (the base model stays in fp32 on a CPU) or run on a CUDA machine."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("train.adapter: qlora needs bitsandbytes: pip install bitsandbytes") from exc
+
+
+def load_model_for(name: str, placement: Placement, adapter: str = "lora") -> Any:
+    """Load the base model for an adapter: 4-bit NF4 for QLoRA (CUDA), else as :func:`load_model`."""
+    check_adapter_device(adapter, placement)
+    if adapter != "qlora":
+        return load_model(name, placement)
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=placement.torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve(name), quantization_config=quant, dtype=placement.torch_dtype,
+        device_map={"": torch.cuda.current_device()},
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def wrap_adapter(model, adapter: str, lora, seed: int):
+    """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full``."""
+    if adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, use_dora=adapter == "dora", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -34,15 +34,8 @@ def read_chat_rows(path: Path) -> list[dict]:
     return rows
 
 
-def read_dpo_rows(path: Path) -> list[dict]:
-    """OpenAI preference JSONL → TRL's prompt/chosen/rejected conversational rows."""
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            doc = json.loads(line)
-            rows.append({"prompt": doc["input"]["messages"], "chosen": doc["preferred_output"],
-                         "rejected": doc["non_preferred_output"]})
-    return rows
+def count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
 def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
@@ -61,13 +54,13 @@ def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
     return hyper
 
 
-def job_recipe(job: dict, root: Path, hyper: dict):
+def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path):
     from tunesmith.config import validate_recipe
 
     train = {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "logging_steps": 1,
              "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_steps": 2, "save_total_limit": 2}
-    if job["method"]["type"] == "dpo":
-        train |= {"method": "dpo", "dpo": {"beta": hyper["beta"]}}
+    if job["method"]["type"] == "dpo":  # TRL's DPO reads OpenAI's preference format from the uploaded file
+        train |= {"method": "dpo", "dpo": {"beta": hyper["beta"], "path": str(training_path)}}
     return validate_recipe({"name": job["id"], "output_dir": str(root / "runs"), "seed": job["seed"],
                             "model": {"name": job["model"]}, "train": train})
 
@@ -119,12 +112,12 @@ def run_job(store: Store, job: dict) -> None:
     files = {k: store.get_file(job[k], job["owner"]) for k in ("training_file", "validation_file") if job[k]}
     if "training_file" not in files:
         raise RuntimeError(f"training file {job['training_file']} no longer exists")
+    training_path = Path(files["training_file"]["storage"])
     dpo = job["method"]["type"] == "dpo"
-    reader = read_dpo_rows if dpo else read_chat_rows
-    rows = reader(Path(files["training_file"]["storage"]))
-    val_rows = reader(Path(files["validation_file"]["storage"])) if "validation_file" in files else []
-    hyper = resolve_hyperparameters(job["method"], len(rows))
-    recipe = job_recipe(job, root, hyper)
+    rows = [] if dpo else read_chat_rows(training_path)
+    val_rows = read_chat_rows(Path(files["validation_file"]["storage"])) if "validation_file" in files and not dpo else []
+    hyper = resolve_hyperparameters(job["method"], count_lines(training_path))
+    recipe = job_recipe(job, root, hyper, training_path)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
     resume = any((recipe.run_dir / "train" / "checkpoints").glob("checkpoint-*"))
     store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
@@ -141,9 +134,12 @@ def run_job(store: Store, job: dict) -> None:
         store.update_job(job["id"], status="paused", control=None)
         store.add_event(job["id"], "Job paused", dedup_key=f"paused:{time.time():.0f}")
         return
-    result = store.add_file(job["owner"], "step_metrics.csv", "fine-tune-results", results_csv(trained.rows))
+    from tunesmith.train.metrics import read_metrics_csv
+
+    rows = read_metrics_csv(recipe.run_dir / "train" / "metrics.csv")
+    result = store.add_file(job["owner"], "step_metrics.csv", "fine-tune-results", results_csv(rows))
     store.update_job(job["id"], status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
-                     trained_tokens=trained.tokens, result_files=[result["id"]], control=None)
+                     trained_tokens=getattr(trained, "tokens", None), result_files=[result["id"]], control=None)
     store.add_event(job["id"], f"New fine-tuned model created: {name}", dedup_key="model")
     store.add_event(job["id"], "The job has successfully completed", dedup_key="succeeded")
 
@@ -156,10 +152,12 @@ def train_job(recipe, rows, val_rows, callback, resume, bar):
     tokenizer = load_tokenizer(recipe.model.name)
     model = load_model(recipe.model.name, placement)
     if recipe.train.method == "dpo":
-        from tunesmith.train.dpo import train_dpo_rows
+        from rich.console import Console
 
-        return train_dpo_rows(recipe, model, tokenizer, rows, val_rows, placement, recipe.run_dir / "train",
-                              lambda total: bar("train", total), resume=resume, callbacks=[callback])
+        from tunesmith.train.dpo import train_dpo
+
+        return train_dpo(recipe, model, tokenizer, placement, Console(file=io.StringIO()), bar, resume=resume,
+                         callbacks=[callback])
     return train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
                      recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=[callback])
 
@@ -171,7 +169,7 @@ def results_csv(rows: list[dict]) -> bytes:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({c: "" if r.get(c) is None else r[c] for c in COLUMNS})
+        writer.writerow({c: "" if r.get(c) is None else (int(r[c]) if c == "step" else r[c]) for c in COLUMNS})
     return buf.getvalue().encode()
 
 

@@ -143,3 +143,24 @@ def follow(client, job_id: str, poll_s: float, console: Console, bar):
             if total and done < total and job.status == "succeeded":
                 advance(total - done)
             ctx.__exit__(None, None, None)
+
+
+def run_hosted(recipe: Recipe, console: Console) -> dict:
+    """The data stage, then the hosted job on the prepared train/val splits."""
+    from tunesmith.config import dump_resolved
+    from tunesmith.data.formatting import chat_messages
+    from tunesmith.pipeline import prepare_data
+    from tunesmith.progress import task_bar
+
+    if recipe.data is None:
+        raise ConfigError("--backend openai trains on the recipe's data section; add one")
+    make_client(recipe)  # a missing key or section fails before any data work
+    recipe.run_dir.mkdir(parents=True, exist_ok=True)
+    dump_resolved(recipe, recipe.run_dir / "config.resolved.yaml")
+    data = prepare_data(recipe, recipe.run_dir / "data", console)
+
+    def conversations(split: str) -> list[list[dict]]:
+        return [chat_messages(e, recipe.data) + [{"role": "assistant", "content": e.target}] for e in data.splits[split]]
+
+    return train_hosted(recipe, conversations("train"), conversations("val"), console,
+                        lambda desc, total: task_bar(console, desc, total))

@@ -1,9 +1,10 @@
-"""Supervised fine-tuning (LoRA or full) through TRL's SFTTrainer.
+"""Supervised fine-tuning (LoRA, DoRA, QLoRA or full) on the transformers Trainer.
 
-We wrap TRL rather than subclass it: tunesmith builds the dataset, the LoRA config and the
-trainer arguments (precision picked from the device, gradient checkpointing off unless asked,
-length-grouped batches, completion-only loss), adds its own progress and metrics callbacks,
-and saves the adapter plus the OpenAI-style metrics file.
+tunesmith tokenizes chat examples with a completion-only loss mask, packs each batch's examples
+into shared rows isolated by a block-diagonal mask (:mod:`tunesmith.train.packing`), computes
+logits only where there is a target (:mod:`tunesmith.train.trainer`), picks precision from the
+device, keeps gradient checkpointing off unless asked, and saves the adapter plus the
+OpenAI-style metrics file. Checkpoints carry optimizer, scheduler, RNG and data position.
 """
 
 from __future__ import annotations
@@ -39,31 +40,32 @@ class TrainResult:
 def conversation_rows(prompts: list[list[dict]], targets: list[str]) -> list[dict]:
     """TRL's conversational prompt/completion rows (loss on the completion only)."""
     return [
-        {"prompt": p, "completion": [{"role": "assistant", "content": t}]} for p, t in zip(prompts, targets, strict=True)
+        {"prompt": p, "completion": [{"role": "assistant", "content": t}]}
+        for p, t in zip(prompts, targets, strict=True)
     ]
 
 
 def prepare_model(recipe: Recipe, model):
-    """LoRA-wrap (seeded) or unfreeze the whole model, as the recipe says."""
-    from tunesmith.models.loading import wrap_lora
+    """Wrap with the recipe's adapter (seeded LoRA/DoRA/QLoRA) or unfreeze the whole model."""
+    from tunesmith.models.loading import wrap_adapter
 
-    if recipe.train.method == "lora":
-        c = recipe.train.lora
-        return wrap_lora(model, c.r, c.alpha, c.dropout, c.target_modules, recipe.seed)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    t = recipe.train
+    return wrap_adapter(model, t.adapter, t.lora, recipe.seed)
 
 
-def split_by_length(rows: list[dict], ids: list[str], tokenizer, max_len: int) -> tuple[list[dict], list[Rejected]]:
+def split_by_length(
+    rows: list[dict], ids: list[str], tokenizer, max_len: int
+) -> tuple[list[dict], list[Rejected]]:
     """Keep rows whose full chat text fits ``max_len`` tokens; the rest are rejected with their length.
 
     Truncating them would cut the answer the loss is computed on, and TRL would then drop the
     fully masked rows without telling anyone.
     """
+    from tunesmith.train.packing import _ids
+
     kept, rejected = [], []
     for row, ex_id in zip(rows, ids, strict=True):
-        n = len(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True))
+        n = len(_ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)))
         if n > max_len:
             rejected.append(Rejected(ex_id, "train", f"{n} tokens > train.max_seq_length {max_len}", row))
         else:
@@ -71,11 +73,14 @@ def split_by_length(rows: list[dict], ids: list[str], tokenizer, max_len: int) -
     return kept, rejected
 
 
-def sft_config(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool):
-    from trl import SFTConfig
+def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool, **extra):
+    """TrainingArguments from the recipe: precision from the device, checkpoints with a keep-last limit."""
+    from transformers import TrainingArguments
 
     t = recipe.train
-    return SFTConfig(
+    eval_strategy = ("steps" if t.eval_steps else "epoch") if has_val else "no"
+    save_steps = t.eval_steps if t.early_stopping_patience else t.save_steps
+    kwargs = dict(
         output_dir=str(out_dir / "checkpoints"),
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -86,25 +91,82 @@ def sft_config(recipe: Recipe, placement: Placement, out_dir: Path, has_val: boo
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
-        max_length=t.max_seq_length,
-        # TRL defaults to bf16 and gradient checkpointing; both make CPU training far slower.
+        optim=t.optimizer,
+        # bf16 autocast on a CPU without bf16 units is ~500x slower than fp32: follow the device.
         bf16=placement.dtype == "bfloat16",
         fp16=placement.dtype == "float16",
         use_cpu=placement.device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        completion_only_loss=True,
+        length_column_name="length",
         logging_steps=t.logging_steps,
-        eval_strategy=("steps" if t.eval_steps else "epoch") if has_val else "no",
+        eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
-        save_strategy="epoch",
-        save_total_limit=2,
-        report_to=[],
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=bool(t.early_stopping_patience and has_val),
+        metric_for_best_model="eval_loss" if t.early_stopping_patience and has_val else None,
+        report_to=list(t.report_to),
         disable_tqdm=True,
         dataloader_num_workers=0,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        include_num_input_tokens_seen="no",  # counted by CompletionTrainer (the 4D mask has no padding sum)
     )
+    kwargs.update(extra)
+    return TrainingArguments(**kwargs)
+
+
+def mask_kind(model) -> str:
+    """The 4D mask form each attention kernel needs (see :mod:`tunesmith.train.packing`)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    if "flash" in impl:
+        return "none"
+    return "bool" if impl == "sdpa" else "float"
+
+
+def build_trainer(
+    recipe: Recipe,
+    model,
+    tokenizer,
+    train_rows,
+    val_rows,
+    placement: Placement,
+    out_dir: Path,
+    **arg_overrides,
+):
+    """Tokenize (completion-only mask unless ``train_on_inputs``), assemble a :class:`CompletionTrainer`."""
+    from datasets import Dataset
+    from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
+
+    from tunesmith.train.packing import PackedCollator, tokenize_rows
+    from tunesmith.train.trainer import CompletionTrainer
+
+    t = recipe.train
+    train_ds = Dataset.from_list(tokenize_rows(train_rows, tokenizer, t.train_on_inputs))
+    val_ds = Dataset.from_list(tokenize_rows(val_rows, tokenizer, t.train_on_inputs)) if val_rows else None
+    collator = PackedCollator(
+        tokenizer.pad_token_id, pack=t.packing, mask_kind=mask_kind(model), dtype=placement.torch_dtype
+    )
+    args = training_args(recipe, placement, out_dir, has_val=val_ds is not None, **arg_overrides)
+    callbacks = (
+        [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience and val_ds else []
+    )
+    trainer = CompletionTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    return trainer
 
 
 def make_progress_callback(advance, total_steps_hint):
@@ -117,6 +179,9 @@ def make_progress_callback(advance, total_steps_hint):
             self.last_step = 0
             self.info = ""
 
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_step = state.global_step  # a resumed run starts past its checkpoint
+
         def on_step_end(self, args, state, control, **kwargs):
             advance(state.global_step - self.last_step, self.info)
             self.last_step = state.global_step
@@ -124,8 +189,7 @@ def make_progress_callback(advance, total_steps_hint):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "loss" in logs:
-                tok = logs.get("num_tokens") or 0
-                rate = tok / max(time.time() - self.start, 1e-9)
+                rate = logs.get("tokens_per_second") or 0
                 self.info = f"loss {logs['loss']:.3f} · {rate:,.0f} tok/s"
             if "eval_loss" in logs:
                 self.info += f" · val {logs['eval_loss']:.3f}"
@@ -142,47 +206,43 @@ def train_sft(
     placement: Placement,
     out_dir: Path,
     progress_factory,
+    resume: bool = False,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train ``model`` (already wrapped by ``prepare_model``) and save the adapter or model.
 
     ``progress_factory(total_steps)`` returns a context manager yielding ``advance(n, info)``.
+    ``resume`` continues from the newest checkpoint under ``out_dir/checkpoints``; ``callbacks``
+    are extra TrainerCallbacks (the jobs worker reports events and checks for cancel with one).
     """
-    from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
+    from tunesmith.train.resume import newest_checkpoint
 
-    args = sft_config(recipe, placement, out_dir, has_val=bool(val_rows))
+    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
     tokenizer.padding_side = "right"
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(val_rows) if val_rows else None,
-        processing_class=tokenizer,
-    )
-    for cb in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(cb)
+    trainer = build_trainer(recipe, model, tokenizer, train_rows, val_rows, placement, out_dir)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainable = sum(p.numel() for p in before.values())
     total = sum(p.numel() for p in trainer.model.parameters())
     steps = _planned_steps(trainer)
     start = time.time()
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
     with progress_factory(steps) as advance:
         trainer.add_callback(make_progress_callback(advance, steps))
         try:
-            trainer.train()
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         except RuntimeError as exc:
             if "out of memory" in str(exc).lower():
                 raise TrainingError(
                     f"Out of memory while training: {exc}. Lower train.batch_size or train.max_seq_length, "
-                    "or set train.gradient_checkpointing: true."
+                    "or set train.gradient_checkpointing: true (see `tunesmith train RECIPE --estimate`)."
                 ) from exc
             raise
     seconds = time.time() - start
     tokenizer.padding_side = "left"
     rows = rows_from_log_history(trainer.state.log_history)
     write_metrics_csv(rows, out_dir / "metrics.csv")
-    final_dir = out_dir / ("adapter" if recipe.train.method == "lora" else "model")
+    final_dir = out_dir / ("model" if recipe.train.adapter == "full" else "adapter")
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
     tokens = int(trainer.state.num_input_tokens_seen or _logged_tokens(trainer.state.log_history))
@@ -198,7 +258,9 @@ def _planned_steps(trainer) -> int:
         return args.max_steps
     import math
 
-    per_epoch = math.ceil(len(trainer.train_dataset) / (args.per_device_train_batch_size * args.gradient_accumulation_steps))
+    per_epoch = math.ceil(
+        len(trainer.train_dataset) / (args.per_device_train_batch_size * args.gradient_accumulation_steps)
+    )
     return max(1, math.ceil(per_epoch * args.num_train_epochs))
 
 

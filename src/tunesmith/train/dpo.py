@@ -1,0 +1,177 @@
+"""Direct preference optimisation with TRL's DPOTrainer, from preference JSONL.
+
+Accepted rows (JSONL, or a JSON array):
+
+- ``{"prompt": ..., "chosen": ..., "rejected": ...}`` where each is a string or chat messages;
+- OpenAI's DPO format: ``{"input": {"messages": [...]}, "preferred_output": [msg],
+  "non_preferred_output": [msg]}``;
+- ShareGPT pairs: ``{"conversations": [{"from": "human", "value": ...}], "chosen": {...},
+  "rejected": {...}}``.
+
+With a LoRA/DoRA adapter the reference model is the base model with the adapter switched off,
+so no second copy is held in memory; ``train.dpo.precompute_ref_log_probs`` scores the
+reference once before training instead of at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.config import Recipe
+from tunesmith.errors import DataError
+from tunesmith.train.metrics import write_metrics_csv
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass
+class DpoResult:
+    output_dir: Path
+    log_history: list[dict]
+    seconds: float
+    pairs: int
+
+
+def _messages(value, where: str, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": "user" if field == "prompt" else "assistant", "content": value}]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: '{field}' must be a string or a non-empty list of messages")
+    out = []
+    for m in value:
+        role = ROLES.get(m.get("role") or m.get("from") or "") if isinstance(m, dict) else None
+        content = (m.get("content") if "content" in m else m.get("value")) if isinstance(m, dict) else None
+        if role is None or not isinstance(content, str):
+            raise DataError(
+                f"{where}: '{field}' has a message without a known role and text content: {m!r:.80}"
+            )
+        out.append({"role": role, "content": content})
+    return out
+
+
+def to_pair(row: dict, where: str) -> dict:
+    """One preference row in any accepted format → TRL's conversational prompt/chosen/rejected."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "preferred_output" in row:
+        prompt = (row.get("input") or {}).get("messages")
+        chosen, rejected = row.get("preferred_output"), row.get("non_preferred_output")
+    elif "conversations" in row:
+        prompt, chosen, rejected = row["conversations"], row.get("chosen"), row.get("rejected")
+    else:
+        prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if value is None:
+            raise DataError(
+                f"{where}: missing '{name}' (give prompt/chosen/rejected or OpenAI's "
+                "input/preferred_output/non_preferred_output)"
+            )
+    return {
+        "prompt": _messages(prompt, where, "prompt"),
+        "chosen": _messages(chosen, where, "chosen"),
+        "rejected": _messages(rejected, where, "rejected"),
+    }
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """Read preference pairs; a malformed line stops with a DataError naming ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: preference file not found (train.dpo.path)")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        return [to_pair(r, f"{path}: item {i}") for i, r in enumerate(rows)]
+    pairs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg}); fix or remove the line") from None
+        pairs.append(to_pair(row, f"{path}:{n}"))
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs")
+    return pairs
+
+
+def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume: bool = False,
+              callbacks: list | None = None) -> DpoResult:
+    """Wrap ``model`` with the recipe's adapter and run TRL's DPOTrainer on ``train.dpo.path``."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.train.resume import newest_checkpoint
+    from tunesmith.train.sft import make_progress_callback, prepare_model
+
+    t = recipe.train
+    out_dir = recipe.run_dir / "train"
+    pairs = read_pairs(t.dpo.path)
+    console.print(f"{len(pairs)} preference pairs from {t.dpo.path}")
+    args = DPOConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        seed=recipe.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        optim=t.optimizer,
+        beta=t.dpo.beta,
+        precompute_ref_log_probs=t.dpo.precompute_ref_log_probs,
+        max_length=t.max_seq_length,
+        bf16=placement.dtype == "bfloat16",
+        fp16=placement.dtype == "float16",
+        use_cpu=placement.device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "epoch",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to),
+        disable_tqdm=True,
+    )
+    tokenizer.padding_side = "right"
+    trainer = DPOTrainer(
+        model=prepare_model(recipe, model),
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+    )
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
+    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
+    start = time.time()
+    with bar("dpo", trainer.state.max_steps or t.max_steps or 1) as advance:
+        trainer.add_callback(make_progress_callback(advance, t.max_steps))
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.time() - start
+    final_dir = out_dir / ("model" if t.adapter == "full" else "adapter")
+    trainer.save_model(str(final_dir))
+    tokenizer.save_pretrained(str(final_dir))
+    history = trainer.state.log_history
+    rows = [
+        {"step": h["step"], "train_loss": h["loss"], "train_accuracy": h.get("rewards/accuracies")}
+        for h in history
+        if "loss" in h
+    ]
+    write_metrics_csv(rows, out_dir / "metrics.csv")
+    (out_dir / "dpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
+    if margins:
+        console.print(f"reward margin (chosen - rejected): {margins[0]:.3f} → {margins[-1]:.3f}")
+    return DpoResult(final_dir, history, seconds, len(pairs))

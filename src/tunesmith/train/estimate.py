@@ -1,0 +1,199 @@
+"""Expected peak training memory from the model's config and the recipe, without loading the model.
+
+Parameter counts and shapes come from the safetensors header (a few KB read) or, failing that,
+from config.json. Activations are what autograd keeps per token and layer for a Llama-style
+decoder with LoRA (inputs of the normalisations, projections and their dropout copies, rotary
+outputs, the MLP's intermediate tensors, attention probabilities) for the worst case: every micro-batch full
+(``batch_size x max_seq_length`` tokens). Logits are counted only where a loss is taken.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunesmith.config import Recipe
+from tunesmith.errors import ModelError
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MB = 2**20
+
+
+@dataclass
+class Shape:
+    params: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_dim: int
+    vocab: int
+    linear_shapes: list[tuple[int, int]] = field(default_factory=list)  # (out, in) of each decoder linear
+
+
+@dataclass
+class MemoryEstimate:
+    parts: dict[str, int]  # bytes
+    available: int | None
+    device: str
+    tokens_per_micro_batch: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def training_overhead(self) -> int:
+        """Everything except the base weights (what training adds on top of a loaded model)."""
+        return self.total - self.parts["weights"]
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.available is None else self.total <= self.available
+
+    def render(self) -> str:
+        lines = [
+            f"Expected peak memory for training on {self.device} "
+            f"(worst case: {self.tokens_per_micro_batch:,} tokens per micro-batch):"
+        ]
+        lines += [f"  {k:<22} {v / MB:>10,.0f} MB" for k, v in self.parts.items()]
+        lines.append(f"  {'total':<22} {self.total / MB:>10,.0f} MB")
+        if self.available is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(f"  {verdict} in {self.available / MB:,.0f} MB available")
+            if not self.fits:
+                lines.append(
+                    "  lower train.batch_size or train.max_seq_length, or set train.gradient_checkpointing"
+                )
+        return "\n".join(lines)
+
+
+def model_shape(folder: Path) -> Shape:
+    """Architecture numbers from ``config.json`` and parameter shapes from the safetensors header."""
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelError(
+            f"{folder}: no config.json; --estimate needs a local model folder or an embedded model"
+        )
+    cfg = json.loads(cfg_path.read_text())
+    cfg = cfg.get("text_config", cfg)
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv_dim = cfg.get("num_key_value_heads", heads) * head_dim
+    shapes = _safetensors_shapes(folder)
+    if shapes:
+        params = sum(_numel(s) for s in shapes.values())
+        linear = [
+            tuple(s) for n, s in shapes.items() if ".layers." in n and n.endswith(".weight") and len(s) == 2
+        ]
+    else:
+        inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+        per_layer = [
+            (hidden, hidden),
+            (kv_dim, hidden),
+            (kv_dim, hidden),
+            (hidden, hidden),
+            (inter, hidden),
+            (inter, hidden),
+            (hidden, inter),
+        ]
+        linear = per_layer * layers
+        embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+        params = embed + sum(a * b for a, b in linear) + (2 * layers + 1) * hidden
+    return Shape(params, hidden, cfg["intermediate_size"], layers, heads, kv_dim, cfg["vocab_size"], linear)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor shapes from the JSON headers of the folder's safetensors files (no tensor data is read)."""
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def estimate(
+    shape: Shape, recipe: Recipe, dtype: str = "float32", device: str = "cpu", available: int | None = None
+) -> MemoryEstimate:
+    t = recipe.train
+    b = BYTES[dtype]
+    tokens = t.batch_size * t.max_seq_length
+    if t.adapter == "full":
+        trainable = shape.params
+        adapter = 0
+    else:
+        trainable = sum(t.lora.r * (o + i) for o, i in shape.linear_shapes)
+        adapter = trainable * 4
+        if t.adapter == "dora":
+            trainable += sum(o for o, _ in shape.linear_shapes)
+    weights = shape.params * (0.5625 if t.adapter == "qlora" else b)  # NF4 + double-quantised scales
+    states = {
+        "adamw_torch": 8,
+        "adamw_torch_fused": 8,
+        "adafactor": 4,
+        "sgd": 0,
+        "adamw_8bit": 2,
+        "paged_adamw_8bit": 2,
+    }[t.optimizer]
+    h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
+    per_token_layer = (14 * h + 3 * kv + 5 * i) * b
+    if t.gradient_checkpointing:
+        activations = tokens * shape.layers * h * b + t.max_seq_length * per_token_layer
+    else:
+        activations = tokens * shape.layers * per_token_layer
+    # attention with an explicit (block) mask runs sdpa's math path on a CPU: it keeps the
+    # (rows, heads, L, L) probabilities and the expanded mask of every layer for backward
+    attention = t.batch_size * shape.heads * t.max_seq_length**2 * 4 * 2 * shape.layers
+    if t.gradient_checkpointing:
+        attention //= shape.layers
+    targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
+    logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
+    parts = {
+        "weights": int(weights),
+        "adapter": int(adapter),
+        "gradients": int(trainable * 4),
+        "optimizer state": int(trainable * states),
+        "activations": int(activations),
+        "attention": int(attention),
+        "logits": int(logits),
+    }
+    return MemoryEstimate(parts, available, device, tokens)
+
+
+def available_memory(device: str) -> int | None:
+    """Free memory of the device: MemAvailable on a CPU, free CUDA memory on a GPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def estimate_recipe(recipe: Recipe) -> MemoryEstimate:
+    """The estimate for a recipe on this machine (reads only config.json and safetensors headers)."""
+    from tunesmith.models.loading import pick_placement
+    from tunesmith.models.registry import resolve
+
+    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    folder = Path(resolve(recipe.model.name))
+    return estimate(
+        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device)
+    )

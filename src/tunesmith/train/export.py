@@ -1,0 +1,83 @@
+"""Export a trained run: a merged Hugging Face folder, or the PEFT adapter alone.
+
+The merged folder holds safetensors weights, the tokenizer with its chat template and a
+generation config whose ``eos_token_id`` lists every token that ends an assistant turn, so that
+transformers, vLLM and llama.cpp converters stop where the model was trained to stop.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from tunesmith.config import Recipe
+from tunesmith.errors import ConfigError
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    path = Path(run_dir) / "config.resolved.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no config.resolved.yaml); pass runs/<name>")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw.pop("_versions", None)
+    return Recipe.model_validate(raw)
+
+
+def trained_dir(run_dir: Path) -> Path:
+    for name in ("adapter", "model"):
+        if (Path(run_dir) / "train" / name).is_dir():
+            return Path(run_dir) / "train" / name
+    raise ConfigError(f"{run_dir}: no train/adapter or train/model; run `tunesmith train` first")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the token the chat template closes an assistant turn with (often the same)."""
+    from tunesmith.data.formatting import end_of_turn
+
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    closing = end_of_turn(tokenizer).strip()
+    if closing:
+        tid = tokenizer.convert_tokens_to_ids(closing)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    return ids
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from tunesmith.models.loading import load_model, pick_placement
+
+    recipe = load_run_recipe(run_dir)
+    src = trained_dir(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    if src.name == "adapter":
+        from peft import PeftModel
+
+        base = load_model(recipe.model.name, pick_placement("fp32", "cpu"))
+        model = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src)
+    stops = stop_token_ids(tokenizer)
+    gen = GenerationConfig.from_model_config(model.config)
+    gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+    gen.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = gen
+    model.config.eos_token_id = gen.eos_token_id
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def export_adapter(run_dir: Path, out: Path) -> Path:
+    """The PEFT adapter (with the tokenizer it was trained with) copied to ``out``."""
+    src = trained_dir(run_dir)
+    if src.name != "adapter":
+        raise ConfigError(f"{run_dir} is a full fine-tune: there is no adapter; use --merged")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    return Path(out)

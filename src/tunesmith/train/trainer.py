@@ -1,0 +1,86 @@
+"""The transformers Trainer with one change: the loss is taken on packed, pre-aligned targets.
+
+Everything else — optimizer, scheduler, checkpoints with RNG and data position, gradient
+accumulation, distributed training, callbacks — is the Trainer's own. ``compute_loss`` asks the
+model for logits only where a target exists (``logits_to_keep`` with a boolean mask), so prompt
+positions never reach the output projection, and logs token accuracy, tokens/s and peak memory.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transformers import Trainer
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: CUDA allocator peak on a GPU, resident set size on a CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def completion_loss(model, inputs: dict, num_items_in_batch=None):
+    """Summed cross-entropy over the kept positions, divided by the number of targets in the step.
+
+    Returns ``(loss, correct, count)``; ``correct`` counts argmax hits (token accuracy).
+    """
+    import torch.nn.functional as F
+
+    labels = inputs.pop("labels")
+    inputs.pop("shift_labels", None)
+    inputs.pop("num_tokens", None)
+    keep = inputs.pop("logits_mask")
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    denom = num_items_in_batch if num_items_in_batch is not None else max(labels.numel(), 1)
+    loss = F.cross_entropy(logits, labels, reduction="sum") / denom
+    correct = (logits.detach().argmax(-1) == labels).sum().item()
+    return loss, correct, labels.numel()
+
+
+class CompletionTrainer(Trainer):
+    """Trainer whose batches come from :class:`~tunesmith.train.packing.PackedCollator`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole step
+        self.model_accepts_loss_kwargs = True  # so the Trainer counts those tokens for us
+        self._acc = {"train": [0, 0], "eval": [0, 0]}
+        self._started = None
+        self._tokens_at_start = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tokens = int(inputs["num_tokens"])
+        loss, correct, count = completion_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        acc = self._acc["train" if model.training else "eval"]
+        acc[0] += correct
+        acc[1] += count
+        if model.training:
+            if self._started is None:
+                self._started = time.time()
+                self._tokens_at_start = self.state.num_input_tokens_seen
+            self.state.num_input_tokens_seen += tokens
+        return (loss, {}) if return_outputs else loss  # prediction_step reads outputs even when unused
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs:
+            correct, count = self._acc["train"]
+            logs["mean_token_accuracy"] = correct / count if count else None
+            self._acc["train"] = [0, 0]
+            seen = self.state.num_input_tokens_seen
+            logs["num_tokens"] = seen
+            elapsed = time.time() - self._started if self._started else 0
+            logs["tokens_per_second"] = (seen - self._tokens_at_start) / elapsed if elapsed else None
+            logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
+        if "eval_loss" in logs:
+            correct, count = self._acc["eval"]
+            logs["eval_mean_token_accuracy"] = correct / count if count else None
+            self._acc["eval"] = [0, 0]
+        super().log(logs, start_time)

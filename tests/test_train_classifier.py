@@ -1,0 +1,49 @@
+"""head: classifier — LoRA plus a linear head; one forward pass gives a probability per label."""
+
+import json
+
+from .conftest import banking_rows, write_jsonl, write_recipe
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+
+
+def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "cls",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 4,
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "path": str(data),
+                "input_fields": ["text"],
+                "target_field": "category",
+                "split": {"train": 27, "val": 0, "test": 9},
+            },
+            "train": {
+                "head": "classifier",
+                "max_steps": 20,
+                "batch_size": 9,
+                "learning_rate": 1e-2,
+                "logging_steps": 5,
+                "max_seq_length": 64,
+                "lr_scheduler": "constant",
+            },
+        },
+    )
+    code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    run = tmp_path / "runs" / "cls" / "train"
+    assert (run / "classifier/adapter_model.safetensors").is_file()
+    metrics = json.loads((run / "classifier_metrics.json").read_text())
+    assert metrics["n"] == 9 and 0 <= metrics["accuracy"] <= 1
+    preds = [json.loads(line) for line in (run / "classifier_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 9
+    for p in preds:
+        assert set(p["probabilities"]) == set(LABELS) and abs(sum(p["probabilities"].values()) - 1) < 1e-5
+        assert p["predicted"] == max(p["probabilities"], key=p["probabilities"].get)
+    state = json.loads(max((run / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0], losses

@@ -1,0 +1,77 @@
+"""The memory estimate against a measured peak, and the --estimate command."""
+
+import csv
+
+from tunesmith.config import validate_recipe
+from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
+from tunesmith.train.estimate import estimate, model_shape
+from tunesmith.train.memory import peak_rss, reset_peak_rss
+from tunesmith.train.sft import build_trainer, conversation_rows
+
+from .conftest import EXAMPLE_CSV, write_recipe
+
+
+def _longest_rows(n):
+    with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: -len(r["text"]))[:n]
+    return conversation_rows(
+        [[{"role": "user", "content": r["text"] * 3}] for r in rows], [r["category"] for r in rows]
+    )
+
+
+def test_estimate_bounds_the_measured_peak(tiny_model_dir, tmp_path):
+    placement = pick_placement()
+    tok = load_tokenizer(str(tiny_model_dir))
+    rows = _longest_rows(64)
+    longest = max(
+        len(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"]) for r in rows
+    )
+    recipe = validate_recipe(
+        {
+            "name": "est",
+            "output_dir": str(tmp_path),
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"path": "x", "input_fields": ["text"], "target_field": "y"},
+            "train": {
+                "batch_size": 64,
+                "max_seq_length": longest,
+                "max_steps": 2,
+                "train_on_inputs": True,
+                "lora": {"dropout": 0.1},
+            },
+        }
+    )
+    est = estimate(model_shape(tiny_model_dir), recipe)
+    assert (
+        est.parts["weights"]
+        == sum(p.numel() for p in load_model(str(tiny_model_dir), placement).parameters()) * 4
+    )
+
+    model = wrap_adapter(load_model(str(tiny_model_dir), placement), "lora", recipe.train.lora, 0)
+    tok.padding_side = "right"
+    trainer = build_trainer(recipe, model, tok, rows, [], placement, tmp_path, save_strategy="no")
+    before = reset_peak_rss()
+    trainer.train()
+    measured = peak_rss() - before
+    predicted = est.training_overhead
+    print(f"estimate {predicted / 2**20:.0f} MB, measured peak increase {measured / 2**20:.0f} MB")
+    # an upper bound (every row at max length) that is not absurdly loose
+    assert 0.35 * predicted <= measured <= 1.5 * predicted, (measured / 2**20, predicted / 2**20)
+
+
+def test_estimate_command_prints_parts_and_verdict(cli, tmp_path, tiny_model_dir):
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "e",
+            "model": {"name": str(tiny_model_dir)},
+            "data": {"path": "nowhere.csv", "input_fields": ["text"], "target_field": "y"},
+            "train": {"batch_size": 4, "max_seq_length": 128},
+        },
+    )
+    code, out = cli(["train", str(recipe), "--estimate"])
+    assert code == 0, out
+    for part in ("weights", "adapter", "optimizer state", "activations", "attention", "logits", "total"):
+        assert part in out
+    assert "fits in" in out
+    assert not (tmp_path / "runs").exists()  # nothing was trained or written

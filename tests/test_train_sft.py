@@ -1,0 +1,190 @@
+"""SFT training: recipe keys, loss masking, packing without cross-contamination, the train command."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from tunesmith.config import validate_recipe
+from tunesmith.errors import ConfigError
+from tunesmith.train.packing import PackedCollator, first_fit_decreasing, tokenize_example
+from tunesmith.train.trainer import completion_loss
+
+from .conftest import banking_rows, write_jsonl, write_recipe
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+
+
+def _conv(text, answer, system="Classify."):
+    return [{"role": "system", "content": system}, {"role": "user", "content": text}], [
+        {"role": "assistant", "content": answer}
+    ]
+
+
+def test_legacy_method_and_new_keys():
+    base = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"}}
+    r = validate_recipe(base | {"train": {"method": "full"}})
+    assert (r.train.method, r.train.adapter) == ("sft", "full")
+    r = validate_recipe(base | {"train": {"adapter": "dora", "optimizer": "adafactor", "save_steps": 5}})
+    assert r.train.adapter == "dora" and r.train.packing and not r.train.train_on_inputs
+    with pytest.raises(ConfigError, match="early_stopping_patience needs eval_steps"):
+        validate_recipe(base | {"train": {"early_stopping_patience": 2}})
+    with pytest.raises(ConfigError, match="train.dpo.path"):
+        validate_recipe({"name": "x", "train": {"method": "dpo"}})
+    from rich.console import Console
+
+    from tunesmith.train.command import run_training
+
+    no_data = validate_recipe({"name": "x"})  # a synth-only recipe is valid; SFT training refuses it
+    with pytest.raises(ConfigError, match="data: required"):
+        run_training(no_data, Console(quiet=True))
+
+
+def test_loss_mask_prompt_ignored_completion_and_end_of_turn_trained(tiny_model):
+    _, tok = tiny_model
+    prompt, completion = _conv("my card has not arrived", "card_arrival")
+    ex = tokenize_example(prompt, completion, tok)
+    ids, mask = ex["input_ids"], ex["completion_mask"]
+    n_prompt = len(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert not any(mask[:n_prompt]) and all(mask[n_prompt:])
+    trained_text = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+    assert trained_text.startswith("card_arrival<|im_end|>")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in [t for t, m in zip(ids, mask, strict=True) if m]
+
+    batch = PackedCollator(tok.pad_token_id)([ex])
+    labels = batch["labels"].tolist()
+    assert (
+        labels == ids[n_prompt:]
+    )  # every completion token is a target, no prompt token is (-100 equivalent)
+    assert batch["logits_mask"].sum().item() == len(ids) - n_prompt
+
+    full = tokenize_example(prompt, completion, tok, train_on_inputs=True)
+    assert all(full["completion_mask"])
+    assert len(PackedCollator(tok.pad_token_id)([full])["labels"]) == len(ids) - 1
+
+
+def test_first_fit_rows_never_exceed_the_longest_example():
+    lengths = [50, 10, 20, 30, 45, 5, 50]
+    bins = first_fit_decreasing(lengths, max(lengths))
+    assert sorted(i for b in bins for i in b) == list(range(7))
+    assert all(sum(lengths[i] for i in b) <= 50 for b in bins) and len(bins) == 5  # 210 tokens: 5 is optimal
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    rows = sorted(banking_rows(LABELS, 20), key=lambda r: len(r["text"]))
+    rows = rows[:6] + rows[-2:]  # short and long real messages, so that short ones share a row
+    feats = [tokenize_example(*_conv(r["text"], r["category"]), tok) for r in rows]
+    collate = PackedCollator(tok.pad_token_id, pack=True, mask_kind="bool" if attn == "sdpa" else "float")
+    packed = collate(feats)
+    assert packed["input_ids"].shape[0] < len(feats)  # several examples really share rows
+    with torch.no_grad():
+        loss, _, n = completion_loss(model, dict(packed))
+        packed_sum = loss.item() * n
+        alone = [completion_loss(model, collate([f])) for f in feats]
+    alone_sum = sum(lo.item() * k for lo, _, k in alone)
+    assert n == sum(k for _, _, k in alone)
+    assert packed_sum == pytest.approx(alone_sum, rel=1e-5)
+
+    # control: the same packed rows with a plain causal mask (examples see each other) give another loss
+    leaky = dict(collate(feats))
+    width = leaky["input_ids"].shape[1]
+    causal = (
+        torch.ones(width, width, dtype=torch.bool)
+        .tril()[None, None]
+        .expand(leaky["input_ids"].shape[0], 1, -1, -1)
+    )
+    leaky["attention_mask"] = (
+        causal if attn == "sdpa" else torch.zeros(causal.shape).masked_fill(~causal, -3e38)
+    )
+    with torch.no_grad():
+        leaky_loss, _, _ = completion_loss(model, leaky)
+    assert abs(leaky_loss.item() * n - alone_sum) > 1e-3
+
+
+def _recipe(tmp_path, tiny_model_dir, **train):
+    rows = banking_rows(LABELS, 12)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    return write_recipe(
+        tmp_path / "r.yaml",
+        {
+            "name": "tiny-train",
+            "output_dir": str(tmp_path / "runs"),
+            "seed": 3,
+            "model": {"name": str(tiny_model_dir)},
+            "data": {
+                "path": str(data),
+                "input_fields": ["text"],
+                "target_field": "category",
+                "system_prompt": "Classify.",
+                "split": {"train": 24, "val": 6, "test": 6},
+            },
+            "train": {
+                "max_steps": 6,
+                "batch_size": 4,
+                "learning_rate": 5e-3,
+                "logging_steps": 2,
+                "eval_steps": 3,
+                "max_seq_length": 96,
+            }
+            | train,
+        },
+    )
+
+
+def test_train_command_writes_adapter_metrics_and_plot(cli, tmp_path, tiny_model_dir):
+    code, out = cli(["train", str(_recipe(tmp_path, tiny_model_dir))])
+    assert code == 0, out
+    run = tmp_path / "runs" / "tiny-train"
+    assert (run / "train/adapter/adapter_model.safetensors").is_file() and (run / "train/loss.png").is_file()
+    with open(run / "train/metrics.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == [
+        "step",
+        "train_loss",
+        "train_accuracy",
+        "valid_loss",
+        "valid_mean_token_accuracy",
+        "tokens_per_second",
+        "peak_memory_mb",
+        "num_tokens",
+    ]
+    assert [int(r["step"]) for r in table] == [2, 3, 4, 6]
+    trained = [r for r in table if r["train_loss"]]
+    assert all(0 <= float(r["train_accuracy"]) <= 1 and float(r["tokens_per_second"]) > 0 for r in trained)
+    assert all(float(r["peak_memory_mb"]) > 0 for r in trained)
+    assert int(trained[-1]["num_tokens"]) > int(trained[0]["num_tokens"])
+    assert [r for r in table if r["valid_loss"]] and all(
+        0 <= float(r["valid_mean_token_accuracy"]) <= 1 for r in table if r["valid_loss"]
+    )
+    summary = json.loads((run / "train/summary.json").read_text())
+    assert summary["trainable_tensors_changed"] == summary["trainable_tensors"] > 0
+    assert not (run / "eval").exists()  # train alone does not evaluate
+
+
+def test_qlora_without_cuda_is_a_config_error(cli, tmp_path, tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for machines without it")
+    code, out = cli(["train", str(_recipe(tmp_path, tiny_model_dir)), "--set", "train.adapter=qlora"])
+    assert code == 2, out
+    assert "qlora needs a CUDA GPU" in out and "train.adapter: lora" in out
+    assert not (tmp_path / "runs" / "tiny-train" / "data").exists()  # refused before any work
+
+
+def test_dora_and_full_train(cli, tmp_path, tiny_model_dir):
+    code, out = cli(
+        ["train", str(_recipe(tmp_path, tiny_model_dir, adapter="dora", max_steps=2, eval_steps=None))]
+    )
+    assert code == 0, out
+    cfg = json.loads((tmp_path / "runs/tiny-train/train/adapter/adapter_config.json").read_text())
+    assert cfg["use_dora"] is True
+    code, out = cli(
+        ["train", str(_recipe(tmp_path, tiny_model_dir, adapter="full", max_steps=2, eval_steps=None))]
+    )
+    assert code == 0, out
+    assert (tmp_path / "runs/tiny-train/train/model/model.safetensors").is_file()
