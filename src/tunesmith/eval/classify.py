@@ -22,6 +22,8 @@ class ContenderResult:
     metrics: dict
     predictions: list[dict] = field(default_factory=list)
     headline: list[str | None] = field(default_factory=list)  # the predictions behind metrics["accuracy"]
+    per_example: list[float | None] = field(default_factory=list)  # headline metric per example (bootstrap)
+    kind: str = "llm"  # "llm" (local model), "endpoint" or "baseline"
 
 
 def evaluate_llm(
@@ -71,7 +73,7 @@ def evaluate_llm(
         }
         for i, p, o, pa, sc, g, h in zip(ids, prompts, outputs, parsed, scored, gold, headline, strict=True)
     ]
-    return ContenderResult(name, description, metrics, preds, headline)
+    return ContenderResult(name, description, metrics, preds, headline, [float(h == g) for h, g in zip(headline, gold, strict=True)])
 
 
 def evaluate_baseline(
@@ -82,4 +84,5 @@ def evaluate_baseline(
         {"model": name, "id": i, "prompt": x, "output": p, "parsed": p, "scored": None, "gold": g, "correct": p == g}
         for i, x, p, g in zip(ids, inputs, predicted, gold, strict=True)
     ]
-    return ContenderResult(name, description, metrics, preds, list(predicted))
+    return ContenderResult(name, description, metrics, preds, list(predicted),
+                           [float(p == g) for p, g in zip(predicted, gold, strict=True)], "baseline")
