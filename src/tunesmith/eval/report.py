@@ -34,8 +34,8 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.1%}"
 
 
-def _ci(v) -> str:
-    return "" if not v else f" [{v[0]:.3g}, {v[1]:.3g}]"
+def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
+    return "" if not v else f" [{fmt(v[0])}, {fmt(v[1])}]"
 
 
 def _headline_fmt(task: Task) -> Callable:
@@ -45,22 +45,22 @@ def _headline_fmt(task: Task) -> Callable:
 def columns(task: Task, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
     """(header, cell) pairs for the comparison table of this task kind."""
     h, fmt = task.headline, _headline_fmt(task)
+    diff = (lambda v: f"{v:+.1%}") if task.kind == "classification" else (lambda v: f"{v:+.3g}")
     cols = [
-        (f"{h} (95% CI)", lambda m: fmt(m.get(h)) + _ci(m.get(f"{h}_ci95"))),
-        (f"Δ vs {ref} (95% CI)", lambda m: (_num(m.get(f"{h}_diff_vs_{ref}"), "{:+.3g}")
-                                            + _ci(m.get(f"{h}_diff_vs_{ref}_ci95")))
-         if f"{h}_diff_vs_{ref}" in m else "–"),
+        (f"{h} (95% CI)", lambda m: fmt(m.get(h)) + _ci(m.get(f"{h}_ci95"), fmt)),
+        (f"Δ vs {ref} (95% CI)", lambda m: diff(m[f"{h}_diff_vs_{ref}"]) + _ci(m.get(f"{h}_diff_vs_{ref}_ci95"), diff)
+         if m.get(f"{h}_diff_vs_{ref}") is not None else "–"),
     ]
     if task.kind == "classification":
         cols += [("macro-F1", lambda m: _pct(m.get("macro_f1")))]
         if _ordinal(task):
             cols += [("star MAE", lambda m: _num(m.get("ordinal_mae"))), ("within one", lambda m: _pct(m.get("within_one")))]
         cols += [("free-generation accuracy", lambda m: _pct(m.get("accuracy_generate", m.get("accuracy")))),
-                 ("unparseable", lambda m: str(m.get("unparseable_generate", m.get("unparseable", "–"))))]
+                 ("unparseable or no answer", lambda m: str(m.get("unparseable_generate", m.get("unparseable", "–"))))]
     elif task.kind == "regression":
         cols += [("RMSLE", lambda m: _num(m.get("rmsle"))), ("R²", lambda m: _num(m.get("r2"))),
                  ("green / orange / red", lambda m: " / ".join(_pct(m.get(f"hit_{c}")) for c in ("green", "orange", "red"))),
-                 ("unparseable", lambda m: str(m.get("unparseable", "–")))]
+                 ("unparseable or no answer", lambda m: str(m.get("unparseable", "–")))]
     elif task.kind == "qa":
         cols += [("exact match", lambda m: _num(m.get("exact_match"), "{:.2f}")),
                  ("unanswered", lambda m: str(m.get("unanswered", "–")))]
@@ -140,7 +140,8 @@ def plot_scatter(task: Task, results: list[ContenderResult], test: list[Example]
                      fontsize=9)
         ax.set_xlabel("truth")
         ax.set_ylabel("prediction")
-        ax.legend(fontsize=7)
+        if pts:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
