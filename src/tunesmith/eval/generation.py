@@ -90,7 +90,8 @@ def score_labels(
         b = len(batch)
         with torch.inference_mode():
             positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)  # left padding
-            out = model(**enc, position_ids=positions, use_cache=True)
+            # only the last position's logits are needed: skip the vocabulary projection elsewhere
+            out = model(**enc, position_ids=positions, use_cache=True, logits_to_keep=1)
             first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (b, V)
             cache = out.past_key_values
             cache.batch_repeat_interleave(n_lab)
