@@ -69,8 +69,12 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.1%}"
 
 
+def _ci(v) -> str:
+    return f" [{v[0]:.1%}, {v[1]:.1%}]" if v else ""
+
+
 def comparison_table(results: list[ContenderResult]) -> str:
-    head = "| contender | accuracy | macro-F1 | how scored | free-generation accuracy | unparseable answers |\n"
+    head = "| contender | accuracy (95% CI) | macro-F1 | how scored | free-generation accuracy | unparseable answers |\n"
     head += "|---|---|---|---|---|---|\n"
     lines = []
     for r in results:
@@ -78,7 +82,8 @@ def comparison_table(results: list[ContenderResult]) -> str:
         gen = _pct(m.get("accuracy_generate")) if "accuracy_generate" in m else "–"
         unp = f"{m['unparseable_generate']}/{m['n']}" if "unparseable_generate" in m else "–"
         lines.append(
-            f"| **{r.name}** — {r.description} | {_pct(m['accuracy'])} | {_pct(m['macro_f1'])} | "
+            f"| **{r.name}** — {r.description} | {_pct(m['accuracy'])}{_ci(m.get('accuracy_ci95'))} | "
+            f"{_pct(m['macro_f1'])} | "
             f"{m['scoring']} | {gen} | {unp} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -116,7 +121,7 @@ def write_report(path: Path, *, recipe, results, data_summary, train_summary, ti
         "\n## Files\n\n- `config.resolved.yaml` — the recipe as run, with package versions\n"
         "- `data/` — train/val/test splits as chat JSONL, `rejected.jsonl` with reasons\n"
         "- `train/` — `adapter/`, `metrics.csv` (OpenAI results-file columns), `loss.png`\n"
-        "- `eval/` — `metrics.json`, `predictions.jsonl`, `confusion.png`\n"
+        "- `eval/` — `metrics.json`, `predictions.jsonl`, `confusion.png`, `report.md`, `report.html`\n"
     )
     path.write_text("".join(out), encoding="utf-8")
     return path

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tunesmith.config import EvalSection
 from tunesmith.eval.generation import generate_greedy, score_labels
-from tunesmith.eval.metrics import classification_metrics, parse_label
+from tunesmith.eval.metrics import classification_metrics, is_ordinal, ordinal_metrics, parse_label, per_class
 
 
 @dataclass
@@ -55,6 +55,7 @@ def evaluate_llm(
     else:
         metrics = {**gen, "scoring": "free generation"}
         headline = parsed
+    metrics |= _label_details(gold, headline, labels)
     metrics |= {
         "accuracy_generate": gen["accuracy"],
         "macro_f1_generate": gen["macro_f1"],
@@ -73,13 +74,21 @@ def evaluate_llm(
         }
         for i, p, o, pa, sc, g, h in zip(ids, prompts, outputs, parsed, scored, gold, headline, strict=True)
     ]
-    return ContenderResult(name, description, metrics, preds, headline, [float(h == g) for h, g in zip(headline, gold, strict=True)])
+    per = [float(h == g) for h, g in zip(headline, gold, strict=True)]
+    return ContenderResult(name, description, metrics, preds, headline, per)
+
+
+def _label_details(gold, pred, labels) -> dict:
+    """Per-class precision/recall, and for numeric (star) labels the ordinal MAE and within-one rate."""
+    out = {"per_class": per_class(gold, pred, labels)}
+    return out | ordinal_metrics(gold, pred) if is_ordinal(labels) else out
 
 
 def evaluate_baseline(
     name: str, description: str, predicted: Sequence[str], ids, inputs, gold, labels
 ) -> ContenderResult:
-    metrics = {**classification_metrics(gold, predicted, labels), "scoring": "direct prediction"}
+    metrics = {**classification_metrics(gold, predicted, labels), "scoring": "direct prediction",
+               **_label_details(gold, predicted, labels)}
     preds = [
         {"model": name, "id": i, "prompt": x, "output": p, "parsed": p, "scored": None, "gold": g, "correct": p == g}
         for i, x, p, g in zip(ids, inputs, predicted, gold, strict=True)

@@ -149,8 +149,6 @@ def _local(recipe, task: Task, name, description, model, tokenizer, prompts, tes
     if task.kind == "classification":
         res = evaluate_llm(name, description, model, tokenizer, prompts, [e.id for e in test],
                            [e.target for e in test], task.labels, suffix, cfg, bar)
-        extra = task.metrics(res.headline, test)
-        res.metrics |= {k: v for k, v in extra.items() if k in ("per_class", "ordinal_mae", "within_one")}
         for row in res.predictions:
             row["parsed_generate"], row["parsed"] = row["parsed"], row["scored"] or row["parsed"]
     else:
