@@ -23,8 +23,16 @@ def scripted(content, n):
 
 
 def client(url, **kw):
-    spec = EndpointSpec(name="e", base_url=url, model="m", api_key_env=None, timeout_s=0.4, max_retries=2,
-                        backoff_s=0.01, **kw)
+    spec = EndpointSpec(
+        name="e",
+        base_url=url,
+        model="m",
+        api_key_env=None,
+        timeout_s=0.4,
+        max_retries=2,
+        backoff_s=0.01,
+        **kw,
+    )
     sleeps = []
     return EndpointClient(spec, sleep=sleeps.append), sleeps
 
@@ -72,7 +80,9 @@ def test_pairwise_judge_swaps_positions_so_position_bias_cancels():
 
     with serve(prefers_good) as url:
         c, _ = client(url)
-        summary, verdicts = judge.pairwise(c, ["q"] * 3, ["r"] * 3, ["good", "bad", "good"], ["bad", "good", "good"])
+        summary, verdicts = judge.pairwise(
+            c, ["q"] * 3, ["r"] * 3, ["good", "bad", "good"], ["bad", "good", "good"]
+        )
     assert verdicts == ["win", "loss", "tie"]
     assert summary == {"n": 3, "wins": 1, "losses": 1, "ties": 1, "unjudged": 0, "win_rate": 0.5}
 

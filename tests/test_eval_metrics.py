@@ -88,7 +88,9 @@ def test_chrf_and_rouge_l():
     assert chrf("the cat sat on the mat", ["the cat sat on the mat"]) == pytest.approx(100)
     assert 0 < chrf("the cat sat", ["the cat sat on the mat"]) < 100
     assert rouge_l("the cat sat", "the cat sat on the mat") == pytest.approx(100 * 2 * 1 * 0.5 / 1.5)
-    assert rouge_l("서울 은 수도", "한국 의 수도 는 서울") == pytest.approx(100 * 2 * (1 / 3) * (1 / 5) / (1 / 3 + 1 / 5))
+    assert rouge_l("서울 은 수도", "한국 의 수도 는 서울") == pytest.approx(
+        100 * 2 * (1 / 3) * (1 / 5) / (1 / 3 + 1 / 5)
+    )
     assert rouge_l("", "x") == 0
 
 

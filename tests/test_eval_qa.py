@@ -9,7 +9,9 @@ import pytest
 from tunesmith.errors import DataError
 from tunesmith.eval import qa
 
-SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(
+    os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 KORQUAD = SHARED / "korquad" / "korquad_v1_dev_shared.json"
 
 
@@ -58,10 +60,34 @@ def test_unknown_language_is_refused():
 
 
 def _squad_file(tmp_path):
-    doc = {"version": "t", "data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [
-        {"id": "a", "question": "?", "answers": [{"text": "《반지의 제왕》", "answer_start": 0}]},
-        {"id": "b", "question": "?", "answers": [{"text": "서울", "answer_start": 0}, {"text": "서울특별시", "answer_start": 0}]},
-    ]}]}]}
+    doc = {
+        "version": "t",
+        "data": [
+            {
+                "title": "T",
+                "paragraphs": [
+                    {
+                        "context": "c",
+                        "qas": [
+                            {
+                                "id": "a",
+                                "question": "?",
+                                "answers": [{"text": "《반지의 제왕》", "answer_start": 0}],
+                            },
+                            {
+                                "id": "b",
+                                "question": "?",
+                                "answers": [
+                                    {"text": "서울", "answer_start": 0},
+                                    {"text": "서울특별시", "answer_start": 0},
+                                ],
+                            },
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
     path = tmp_path / "gold.json"
     path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     return path

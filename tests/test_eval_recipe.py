@@ -10,9 +10,17 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 def _recipe(tmp_path, model_dir, data_path, **sections):
     doc = {
-        "name": "ev", "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name": str(model_dir)},
-        "data": {"path": str(data_path), "input_fields": ["text"], "target_field": "category", "system_prompt": "Classify.",
-                 "split": {"train": 24, "val": 0, "test": 9}},
+        "name": "ev",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 3,
+        "model": {"name": str(model_dir)},
+        "data": {
+            "path": str(data_path),
+            "input_fields": ["text"],
+            "target_field": "category",
+            "system_prompt": "Classify.",
+            "split": {"train": 24, "val": 0, "test": 9},
+        },
         "eval": {"max_new_tokens": 4, "batch_size": 4, "bootstrap": 200},
     }
     for k, v in sections.items():
@@ -29,16 +37,36 @@ def test_classification_side_by_side_with_endpoint_failures_reported(cli, tmp_pa
         return 200, "card_arrival", 0
 
     with serve(endpoint) as url:
-        recipe = _recipe(tmp_path, tiny_model_dir, data, eval={
-            "baselines": ["majority", "tfidf_logreg", "random", "mean"],
-            "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None, "max_retries": 1,
-                           "backoff_s": 0.0}],
-        })
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            eval={
+                "baselines": ["majority", "tfidf_logreg", "random", "mean"],
+                "endpoints": [
+                    {
+                        "name": "api",
+                        "base_url": url,
+                        "model": "m",
+                        "api_key_env": None,
+                        "max_retries": 1,
+                        "backoff_s": 0.0,
+                    }
+                ],
+            },
+        )
         code, out = cli(["eval", str(recipe)])
     assert code == 0, out
     assert "baseline 'mean' does not apply to a classification task; skipped" in out
     ev = tmp_path / "runs" / "ev" / "eval"
-    for name in ("metrics.json", "predictions.jsonl", "report.md", "report.html", "headline.png", "confusion.png"):
+    for name in (
+        "metrics.json",
+        "predictions.jsonl",
+        "report.md",
+        "report.html",
+        "headline.png",
+        "confusion.png",
+    ):
         assert (ev / name).is_file(), name
     metrics = json.loads((ev / "metrics.json").read_text())
     assert list(metrics) == ["base", "api", "majority", "tfidf_logreg", "random"]
@@ -61,24 +89,41 @@ def test_classification_side_by_side_with_endpoint_failures_reported(cli, tmp_pa
 
 
 def test_regression_non_numeric_answers_are_unparseable(cli, tmp_path, tiny_model_dir):
-    rows = [{"text": f"{name} model {i}", "price": str(p * (1 + i % 3))}
-            for i in range(12) for name, p in (("usb cable", 199), ("refrigerator", 25000))]
+    rows = [
+        {"text": f"{name} model {i}", "price": str(p * (1 + i % 3))}
+        for i in range(12)
+        for name, p in (("usb cable", 199), ("refrigerator", 25000))
+    ]
     data = write_jsonl(tmp_path / "p.jsonl", rows)
     with serve(lambda c, n: (200, "₹250" if "cable" in c else "quite expensive", 0)) as url:
-        recipe = _recipe(tmp_path, tiny_model_dir, data, data={"target_field": "price", "task": "generation",
-                                                               "split": {"train": 16, "val": 0, "test": 8,
-                                                                         "stratify": False}},
-                         eval={"task": "regression", "baselines": ["mean", "ridge", "random", "majority"],
-                               "log_axes": True, "perplexity": False,
-                               "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None}]})
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            data={
+                "target_field": "price",
+                "task": "generation",
+                "split": {"train": 16, "val": 0, "test": 8, "stratify": False},
+            },
+            eval={
+                "task": "regression",
+                "baselines": ["mean", "ridge", "random", "majority"],
+                "log_axes": True,
+                "perplexity": False,
+                "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None}],
+            },
+        )
         code, out = cli(["eval", str(recipe)])
     assert code == 0, out
     ev = tmp_path / "runs" / "ev" / "eval"
     metrics = json.loads((ev / "metrics.json").read_text())
     assert list(metrics) == ["base", "api", "mean", "ridge", "random"]
     api = metrics["api"]
-    fridges = sum("refrigerator" in json.loads(line)["prompt"] for line in open(ev / "predictions.jsonl")
-                  if json.loads(line)["model"] == "api")
+    fridges = sum(
+        "refrigerator" in json.loads(line)["prompt"]
+        for line in open(ev / "predictions.jsonl")
+        if json.loads(line)["model"] == "api"
+    )
     assert api["unparseable"] == fridges > 0 and api["n_scored"] == 8 - fridges
     assert api["hit_red"] >= fridges / 8
     assert metrics["ridge"]["mae"] < metrics["mean"]["mae"]
@@ -86,16 +131,30 @@ def test_regression_non_numeric_answers_are_unparseable(cli, tmp_path, tiny_mode
 
 
 def test_qa_recipe_on_squad_file(cli, tmp_path, tiny_model_dir):
-    qas = [{"id": f"q{i}", "question": f"What number is {i}?", "answers": [{"text": str(i), "answer_start": 0}]}
-           for i in range(10)]
+    qas = [
+        {"id": f"q{i}", "question": f"What number is {i}?", "answers": [{"text": str(i), "answer_start": 0}]}
+        for i in range(10)
+    ]
     doc = {"data": [{"title": "t", "paragraphs": [{"context": "numbers", "qas": qas}]}]}
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(doc))
     with serve(lambda c, n: (200, c.split("What number is ")[1].split("?")[0] + "\nmore", 0)) as url:
-        recipe = _recipe(tmp_path, tiny_model_dir, path, data={
-            "input_fields": ["context", "question"], "target_field": "answers", "prompt": "{context}\n{question}",
-            "split": {"train": 5, "val": 0, "test": 5}}, eval={"task": "qa", "baselines": [],
-            "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None}]})
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            path,
+            data={
+                "input_fields": ["context", "question"],
+                "target_field": "answers",
+                "prompt": "{context}\n{question}",
+                "split": {"train": 5, "val": 0, "test": 5},
+            },
+            eval={
+                "task": "qa",
+                "baselines": [],
+                "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None}],
+            },
+        )
         code, out = cli(["eval", str(recipe)])
     assert code == 0, out
     metrics = json.loads((tmp_path / "runs/ev/eval/metrics.json").read_text())
@@ -106,14 +165,29 @@ def test_qa_recipe_on_squad_file(cli, tmp_path, tiny_model_dir):
 def test_generation_with_pairwise_judge(cli, tmp_path, tiny_model_dir):
     rows = [{"text": f"say hello number {i}", "answer": f"hello {i}"} for i in range(12)]
     data = write_jsonl(tmp_path / "g.jsonl", rows)
-    with serve(lambda c, n: (200, "A" if "Answer A:\nhello" in c else ("B" if "Answer B:\nhello" in c else "hello"),
-                             0)) as url:
+    with serve(
+        lambda c, n: (
+            200,
+            "A" if "Answer A:\nhello" in c else ("B" if "Answer B:\nhello" in c else "hello"),
+            0,
+        )
+    ) as url:
         ep = {"base_url": url, "model": "m", "api_key_env": None}
-        recipe = _recipe(tmp_path, tiny_model_dir, data, data={"target_field": "answer", "task": "generation",
-                                                               "split": {"train": 6, "val": 0, "test": 6,
-                                                                         "stratify": False}},
-                         eval={"baselines": [], "endpoints": [{"name": "api", **ep}],
-                               "judge": {"endpoint": {"name": "judge", **ep}, "pair": ["api", "base"]}})
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            data={
+                "target_field": "answer",
+                "task": "generation",
+                "split": {"train": 6, "val": 0, "test": 6, "stratify": False},
+            },
+            eval={
+                "baselines": [],
+                "endpoints": [{"name": "api", **ep}],
+                "judge": {"endpoint": {"name": "judge", **ep}, "pair": ["api", "base"]},
+            },
+        )
         code, out = cli(["eval", str(recipe)])
     assert code == 0, out
     metrics = json.loads((tmp_path / "runs/ev/eval/metrics.json").read_text())

@@ -91,7 +91,8 @@ def eval_(
         if gold is None or predictions is None:
             raise ConfigError("eval qa needs --gold FILE and --predictions FILE")
         score = score_qa(read_gold(gold), read_predictions(predictions), lang)
-        for label, ids in (("missing (scored 0)", score.missing), ("not in the gold file (ignored)", score.extra)):
+        listed = (("missing (scored 0)", score.missing), ("not in the gold file (ignored)", score.extra))
+        for label, ids in listed:
             if ids:
                 err_console.print(f"{len(ids)} prediction id(s) {label}: {', '.join(ids[:20])}"
                                   + (" ..." if len(ids) > 20 else ""), highlight=False)

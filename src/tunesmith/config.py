@@ -114,7 +114,7 @@ class BandsSection(Section):
 
 class ContenderSpec(Section):
     name: str
-    path: Path = Field(..., description="a PEFT adapter folder (adapter_config.json) or a merged model folder")
+    path: Path = Field(..., description="a PEFT adapter folder (with adapter_config.json) or a merged model")
 
 
 class EndpointSpec(Section):
@@ -146,7 +146,9 @@ class EvalSection(Section):
     base_prompt_with_labels: bool = Field(
         True, description="list the labels in the base model's prompt so it can answer with one"
     )
-    baselines: list[Literal["majority", "tfidf_logreg", "random", "mean", "ridge"]] = ["majority", "tfidf_logreg"]
+    baselines: list[Literal["majority", "tfidf_logreg", "random", "mean", "ridge"]] = [
+        "majority", "tfidf_logreg"
+    ]
     # --- evaluation tasks, contenders and report (tunesmith eval) ---
     task: Literal["auto", "classification", "regression", "qa", "generation"] = Field(
         "auto", description="auto: follow data.task"

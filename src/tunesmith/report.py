@@ -74,7 +74,8 @@ def _ci(v) -> str:
 
 
 def comparison_table(results: list[ContenderResult]) -> str:
-    head = "| contender | accuracy (95% CI) | macro-F1 | how scored | free-generation accuracy | unparseable answers |\n"
+    head = "| contender | accuracy (95% CI) | macro-F1 | how scored | free-generation accuracy "
+    head += "| unparseable answers |\n"
     head += "|---|---|---|---|---|---|\n"
     lines = []
     for r in results:
@@ -96,7 +97,8 @@ def write_report(path: Path, *, recipe, results, data_summary, train_summary, ti
     if base and ft:
         gain = (ft.metrics["accuracy"] - base.metrics["accuracy"]) * 100
         out.append(
-            f"Fine-tuned **{ft.metrics['accuracy']:.1%}** vs base **{base.metrics['accuracy']:.1%}** accuracy "
+            f"Fine-tuned **{ft.metrics['accuracy']:.1%}** vs base **{base.metrics['accuracy']:.1%}** "
+            "accuracy "
             f"on {ft.metrics['n']} held-out test examples ({gain:+.1f} points).\n"
         )
     out.append(comparison_table(results))
@@ -113,7 +115,8 @@ def write_report(path: Path, *, recipe, results, data_summary, train_summary, ti
     out.append("\n## Training\n")
     out.append("| | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in train_summary.items()))
     out.append("\n## Time per stage\n")
-    out.append("| stage | seconds |\n|---|---|\n" + "".join(f"| {k} | {v:.1f} |\n" for k, v in timings.items()))
+    rows = "".join(f"| {k} | {v:.1f} |\n" for k, v in timings.items())
+    out.append("| stage | seconds |\n|---|---|\n" + rows)
     out.append("\n## Plots\n")
     for title, img in images.items():
         out.append(f"\n### {title}\n\n![{title}]({img.relative_to(path.parent).as_posix()})\n")

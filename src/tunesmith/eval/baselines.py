@@ -12,7 +12,9 @@ def majority(train_targets: Sequence[str], n_test: int) -> list[str]:
     return [top] * n_test
 
 
-def tfidf_logreg(train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int):
+def tfidf_logreg(
+    train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int
+):
     """TF-IDF (word 1-2 grams + char 2-4 grams) and logistic regression, fitted on the train split."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -43,7 +45,9 @@ def mean_value(train_values: Sequence[float], n_test: int) -> list[float]:
     return [mean] * n_test
 
 
-def tfidf_ridge(train_texts: Sequence[str], train_values: Sequence[float], test_texts: Sequence[str]) -> list[float]:
+def tfidf_ridge(
+    train_texts: Sequence[str], train_values: Sequence[float], test_texts: Sequence[str]
+) -> list[float]:
     """TF-IDF (word 1-2 grams) and ridge regression on log1p(value), so one costly item cannot dominate."""
     import numpy as np
     from sklearn.feature_extraction.text import TfidfVectorizer

@@ -44,8 +44,13 @@ def mean_ci(values: Sequence[float | None], resamples: int = 1000, seed: int = 0
     return _interval(_resample_means(x, _indices(x.size, resamples, seed)), level)
 
 
-def diff_ci(a: Sequence[float | None], b: Sequence[float | None], resamples: int = 1000, seed: int = 0,
-            level: float = 0.95):
+def diff_ci(
+    a: Sequence[float | None],
+    b: Sequence[float | None],
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+):
     """Percentile interval of ``mean(a) - mean(b)`` over the same resampled examples."""
     xa, xb = _as_array(a), _as_array(b)
     if xa.size != xb.size:

@@ -47,7 +47,8 @@ def evaluate_llm(
     scored: list[str | None] = [None] * len(prompts)
     if cfg.label_scoring:
         with bar(f"eval {name}: score labels", len(prompts)) as advance:
-            scores = score_labels(model, tokenizer, prompts, labels, suffix, max(1, cfg.batch_size // 2), advance)
+            half = max(1, cfg.batch_size // 2)
+            scores = score_labels(model, tokenizer, prompts, labels, suffix, half, advance)
         scored = [labels[j] for j in scores.argmax(axis=1)]
         head = classification_metrics(gold, scored, labels)
         metrics = {**head, "scoring": "label log-likelihood"}
@@ -90,7 +91,8 @@ def evaluate_baseline(
     metrics = {**classification_metrics(gold, predicted, labels), "scoring": "direct prediction",
                **_label_details(gold, predicted, labels)}
     preds = [
-        {"model": name, "id": i, "prompt": x, "output": p, "parsed": p, "scored": None, "gold": g, "correct": p == g}
+        {"model": name, "id": i, "prompt": x, "output": p, "parsed": p, "scored": None, "gold": g,
+         "correct": p == g}
         for i, x, p, g in zip(ids, inputs, predicted, gold, strict=True)
     ]
     return ContenderResult(name, description, metrics, preds, list(predicted),

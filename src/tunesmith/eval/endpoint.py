@@ -40,12 +40,15 @@ class EndpointClient:
         key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         if spec.api_key_env and not key:
             raise ConfigError(
-                f"endpoint '{spec.name}': the environment variable {spec.api_key_env} is not set; export the API "
+                f"endpoint '{spec.name}': the environment variable {spec.api_key_env} is not set; "
+                "export the API "
                 "key there, or set api_key_env: null for a server that needs none"
             )
         self.spec = spec
         self.sleep = sleep
-        self.client = OpenAI(base_url=spec.base_url, api_key=key or "unused", timeout=spec.timeout_s, max_retries=0)
+        self.client = OpenAI(
+            base_url=spec.base_url, api_key=key or "unused", timeout=spec.timeout_s, max_retries=0
+        )
 
     def chat(self, messages: list[dict], max_tokens: int) -> Reply:
         import openai
@@ -67,7 +70,10 @@ class EndpointClient:
         return Reply(None, f"{last} after {self.spec.max_retries + 1} attempt(s)", self.spec.max_retries + 1)
 
     def chat_many(
-        self, conversations: Sequence[list[dict]], max_tokens: int, advance: Callable[[int], None] = lambda n: None
+        self,
+        conversations: Sequence[list[dict]],
+        max_tokens: int,
+        advance: Callable[[int], None] = lambda n: None,
     ) -> list[Reply]:
         """One reply per conversation, in order, ``spec.concurrency`` calls in flight."""
 

@@ -102,7 +102,7 @@ def score_labels(
             pos = prompt_len.repeat_interleave(n_lab).unsqueeze(1) + torch.arange(t_max, device=dev)
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache).logits
             logp = torch.log_softmax(logits.float(), dim=-1)  # (b*n_lab, t_max, V)
-            # token k of a candidate is predicted by the prompt's last position (k=0) or candidate position k-1
+            # token k of a candidate is predicted by the prompt's last position (k=0) or candidate pos. k-1
             tok_lp = torch.empty(b * n_lab, t_max, device=dev)
             tok_lp[:, 0] = first_logp.repeat_interleave(n_lab, dim=0).gather(1, ids[:, :1]).squeeze(1)
             if t_max > 1:

@@ -46,37 +46,59 @@ def combine(first: str | None, swapped: str | None) -> str | None:
     return "tie"
 
 
-def pairwise(client: EndpointClient, questions: Sequence[str], references: Sequence[str],
-             x: Sequence[str], y: Sequence[str], advance=lambda n: None) -> tuple[dict, list[str | None]]:
+def pairwise(
+    client: EndpointClient,
+    questions: Sequence[str],
+    references: Sequence[str],
+    x: Sequence[str],
+    y: Sequence[str],
+    advance=lambda n: None,
+) -> tuple[dict, list[str | None]]:
     """Win rate of ``x`` over ``y`` (ties count half) and the per-example verdicts."""
     convs = []
     for q, r, ax, ay in zip(questions, references, x, y, strict=True):
         convs.append([{"role": "user", "content": PAIRWISE.format(question=q, reference=r, a=ax, b=ay)}])
         convs.append([{"role": "user", "content": PAIRWISE.format(question=q, reference=r, a=ay, b=ax)}])
     replies = client.chat_many(convs, max_tokens=4)
-    verdicts = [combine(parse_verdict(replies[2 * i].text), parse_verdict(replies[2 * i + 1].text))
-                for i in range(len(questions))]
+    verdicts = [
+        combine(parse_verdict(replies[2 * i].text), parse_verdict(replies[2 * i + 1].text))
+        for i in range(len(questions))
+    ]
     advance(len(questions))
     counted = [v for v in verdicts if v is not None]
     wins, ties = counted.count("win"), counted.count("tie")
     summary = {
-        "n": len(verdicts), "wins": wins, "losses": counted.count("loss"), "ties": ties,
+        "n": len(verdicts),
+        "wins": wins,
+        "losses": counted.count("loss"),
+        "ties": ties,
         "unjudged": len(verdicts) - len(counted),
         "win_rate": (wins + 0.5 * ties) / len(counted) if counted else None,
     }
     return summary, verdicts
 
 
-def rubric(client: EndpointClient, rubric_text: str, questions: Sequence[str], references: Sequence[str],
-           answers: Sequence[str], advance=lambda n: None) -> tuple[dict, list[float | None]]:
+def rubric(
+    client: EndpointClient,
+    rubric_text: str,
+    questions: Sequence[str],
+    references: Sequence[str],
+    answers: Sequence[str],
+    advance=lambda n: None,
+) -> tuple[dict, list[float | None]]:
     """Mean 1-10 rubric score (unreadable or out-of-range scores are counted as unjudged)."""
-    convs = [[{"role": "user", "content": RUBRIC.format(rubric=rubric_text, question=q, reference=r, answer=a)}]
-             for q, r, a in zip(questions, references, answers, strict=True)]
+    convs = [
+        [{"role": "user", "content": RUBRIC.format(rubric=rubric_text, question=q, reference=r, answer=a)}]
+        for q, r, a in zip(questions, references, answers, strict=True)
+    ]
     replies = client.chat_many(convs, max_tokens=4, advance=advance)
     scores = []
     for rep in replies:
         s = parse_number(rep.text)
         scores.append(s if s is not None and 1 <= s <= 10 else None)
     got = [s for s in scores if s is not None]
-    return {"n": len(scores), "unjudged": len(scores) - len(got),
-            "mean_score": sum(got) / len(got) if got else None}, scores
+    return {
+        "n": len(scores),
+        "unjudged": len(scores) - len(got),
+        "mean_score": sum(got) / len(got) if got else None,
+    }, scores

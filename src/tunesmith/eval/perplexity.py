@@ -12,8 +12,14 @@ from collections.abc import Sequence
 from tunesmith.eval.generation import Advance, _length_sorted_batches
 
 
-def answer_losses(model, tokenizer, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 8,
-                  advance: Advance = lambda n: None) -> list[tuple[float, int]]:
+def answer_losses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    batch_size: int = 8,
+    advance: Advance = lambda n: None,
+) -> list[tuple[float, int]]:
     """Per example: (sum of token negative log-likelihoods of the answer, number of answer tokens)."""
     import torch
 
@@ -28,7 +34,9 @@ def answer_losses(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
     for batch in _length_sorted_batches([len(s) for s in seqs], batch_size):
         width = max(len(seqs[i]) for i in batch)
         ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in batch], device=model.device)
-        mask = torch.tensor([[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in batch], device=model.device)
+        mask = torch.tensor(
+            [[1] * len(seqs[i]) + [0] * (width - len(seqs[i])) for i in batch], device=model.device
+        )
         with torch.inference_mode():
             logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
         tok = logp[:, :-1, :].gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # log p(token t+1 | ..t)

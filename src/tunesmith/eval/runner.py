@@ -51,12 +51,18 @@ def load_eval_data(recipe: Recipe, kind: str, console: Console) -> EvalData:
     """Test (and train, for baselines) examples; a SQuAD-style JSON file is read as QA examples."""
     from tunesmith.pipeline import prepare_data
 
-    if kind == "qa" and Path(recipe.data.path).suffix.lower() == ".json" and _is_squad(Path(recipe.data.path)):
+    if (
+        kind == "qa"
+        and Path(recipe.data.path).suffix.lower() == ".json"
+        and _is_squad(Path(recipe.data.path))
+    ):
         from tunesmith.data.split import split_examples
         from tunesmith.eval.qa import squad_examples
 
         examples = squad_examples(Path(recipe.data.path), recipe.data.limit)
-        splits = split_examples(examples, recipe.data.split.model_copy(update={"stratify": False}), recipe.seed)
+        splits = split_examples(
+            examples, recipe.data.split.model_copy(update={"stratify": False}), recipe.seed
+        )
         if not splits["test"]:
             raise DataError("the test split is empty; give data.split.test a size > 0")
         summary = {"questions": len(examples), **{k: len(v) for k, v in splits.items()}}
@@ -123,12 +129,26 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     base_prompts = [prompt_text(tokenizer, m) for m in base_msgs]
     tuned_prompts = [prompt_text(tokenizer, m) for m in tuned_msgs]
     model = load_model(recipe.model.name, placement)
-    results.append(_local(recipe, task, "base", f"{recipe.model.name}, no fine-tuning", model, tokenizer,
-                          base_prompts, test, suffix, bar))
+    results.append(
+        _local(
+            recipe,
+            task,
+            "base",
+            f"{recipe.model.name}, no fine-tuning",
+            model,
+            tokenizer,
+            base_prompts,
+            test,
+            suffix,
+            bar,
+        )
+    )
     del model
     for spec in _adapter_specs(recipe):
         model, description = _load_contender(recipe, spec, placement)
-        results.append(_local(recipe, task, spec.name, description, model, tokenizer, tuned_prompts, test, suffix, bar))
+        results.append(
+            _local(recipe, task, spec.name, description, model, tokenizer, tuned_prompts, test, suffix, bar)
+        )
         del model
     for spec in recipe.eval.endpoints:
         results.append(_endpoint(recipe, task, spec, base_msgs, test, bar))
@@ -141,14 +161,27 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     return write_eval_outputs(recipe, task, results, test, data.summary, judge_summary)
 
 
-def _local(recipe, task: Task, name, description, model, tokenizer, prompts, test, suffix, bar) -> ContenderResult:
+def _local(
+    recipe, task: Task, name, description, model, tokenizer, prompts, test, suffix, bar
+) -> ContenderResult:
     from tunesmith.eval.generation import generate_greedy
     from tunesmith.eval.perplexity import answer_losses, summarize
 
     cfg = recipe.eval
     if task.kind == "classification":
-        res = evaluate_llm(name, description, model, tokenizer, prompts, [e.id for e in test],
-                           [e.target for e in test], task.labels, suffix, cfg, bar)
+        res = evaluate_llm(
+            name,
+            description,
+            model,
+            tokenizer,
+            prompts,
+            [e.id for e in test],
+            [e.target for e in test],
+            task.labels,
+            suffix,
+            cfg,
+            bar,
+        )
         for row in res.predictions:
             row["parsed_generate"], row["parsed"] = row["parsed"], row["scored"] or row["parsed"]
     else:
@@ -158,8 +191,9 @@ def _local(recipe, task: Task, name, description, model, tokenizer, prompts, tes
     if cfg.perplexity:
         answers = [(e.meta.get("answers") or [e.target])[0] + suffix for e in test]
         with bar(f"eval {name}: answer loss", len(prompts)) as advance:
-            res.metrics |= summarize(answer_losses(model, tokenizer, prompts, answers, max(1, cfg.batch_size // 2),
-                                                   advance))
+            res.metrics |= summarize(
+                answer_losses(model, tokenizer, prompts, answers, max(1, cfg.batch_size // 2), advance)
+            )
     return res
 
 
@@ -170,8 +204,16 @@ def _endpoint(recipe, task: Task, spec, messages, test, bar) -> ContenderResult:
     with bar(f"eval {spec.name}: endpoint", len(messages)) as advance:
         replies = client.chat_many(messages, spec.max_tokens or recipe.eval.max_new_tokens, advance)
     prompts = [json.dumps(m, ensure_ascii=False) for m in messages]
-    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}", "endpoint", test, prompts,
-                        [r.text for r in replies], [r.error for r in replies])
+    res = score_outputs(
+        task,
+        spec.name,
+        f"{spec.model} at {spec.base_url}",
+        "endpoint",
+        test,
+        prompts,
+        [r.text for r in replies],
+        [r.error for r in replies],
+    )
     for row, r in zip(res.predictions, replies, strict=True):
         row["attempts"] = r.attempts
     return res
@@ -188,18 +230,27 @@ def _baselines(recipe, task: Task, train, test, console) -> list[ContenderResult
         gold = [e.target for e in train]
         made = {
             "majority": ("most frequent training label", lambda: baselines.majority(gold, len(test))),
-            "tfidf_logreg": ("TF-IDF + logistic regression on the train split",
-                             lambda: baselines.tfidf_logreg(train_texts, gold, texts, recipe.seed)),
-            "random": ("uniform random label (seeded)", lambda: baselines.random_guess(task.labels, len(test),
-                                                                                      recipe.seed)),
+            "tfidf_logreg": (
+                "TF-IDF + logistic regression on the train split",
+                lambda: baselines.tfidf_logreg(train_texts, gold, texts, recipe.seed),
+            ),
+            "random": (
+                "uniform random label (seeded)",
+                lambda: baselines.random_guess(task.labels, len(test), recipe.seed),
+            ),
         }
     elif task.kind == "regression":
         values = [task.gold(e) for e in train]
         made = {
             "mean": ("mean training value", lambda: baselines.mean_value(values, len(test))),
-            "ridge": ("TF-IDF + ridge regression on log value", lambda: baselines.tfidf_ridge(train_texts, values, texts)),
-            "random": ("a random training value (seeded)", lambda: baselines.random_guess(values, len(test),
-                                                                                          recipe.seed)),
+            "ridge": (
+                "TF-IDF + ridge regression on log value",
+                lambda: baselines.tfidf_ridge(train_texts, values, texts),
+            ),
+            "random": (
+                "a random training value (seeded)",
+                lambda: baselines.random_guess(values, len(test), recipe.seed),
+            ),
         }
     out = []
     for name in recipe.eval.baselines:
@@ -224,8 +275,14 @@ def add_intervals(results: list[ContenderResult], task: Task, resamples: int, se
     for r in results:
         r.metrics[f"{h}_ci95"] = mean_ci(r.per_example, resamples, seed)
         if r is not ref and len(r.per_example) == len(ref.per_example):
-            a = [None if x is None or y is None else x for x, y in zip(r.per_example, ref.per_example, strict=True)]
-            b = [None if x is None or y is None else y for x, y in zip(r.per_example, ref.per_example, strict=True)]
+            a = [
+                None if x is None or y is None else x
+                for x, y in zip(r.per_example, ref.per_example, strict=True)
+            ]
+            b = [
+                None if x is None or y is None else y
+                for x, y in zip(r.per_example, ref.per_example, strict=True)
+            ]
             r.metrics[f"{h}_diff_vs_{ref.name}"] = _nanmean_diff(a, b)
             r.metrics[f"{h}_diff_vs_{ref.name}_ci95"] = diff_ci(a, b, resamples, seed)
 

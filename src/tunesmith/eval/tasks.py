@@ -56,7 +56,9 @@ class Task:
         if self.kind == "regression":
             value = M.parse_number(ex.target)
             if value is None:
-                raise DataError(f"example {ex.id}: the target {ex.target!r} is not a number (regression task)")
+                raise DataError(
+                    f"example {ex.id}: the target {ex.target!r} is not a number (regression task)"
+                )
             return value
         if self.kind == "qa":
             return ex.meta.get("answers") or [ex.target]
@@ -70,7 +72,11 @@ class Task:
         if self.kind == "regression":
             return None if parsed is None else abs(parsed - g)
         if self.kind == "qa":
-            return 0.0 if parsed is None else 100.0 * qa.best_over(lambda p, t: qa.f1(p, t, self.cfg.qa_lang), parsed, g)
+            return (
+                0.0
+                if parsed is None
+                else 100.0 * qa.best_over(lambda p, t: qa.f1(p, t, self.cfg.qa_lang), parsed, g)
+            )
         return 0.0 if parsed is None else textsim.chrf(parsed, [g])
 
     def correct(self, parsed: Any, ex: Example) -> bool | None:
@@ -98,9 +104,12 @@ class Task:
             s = qa.score_qa({e.id: g for e, g in zip(examples, gold, strict=True)}, preds, self.cfg.qa_lang)
             return {"n": s.total, "exact_match": s.exact_match, "f1": s.f1, "unanswered": len(s.missing)}
         texts = [p or "" for p in parsed]
-        return {"n": len(examples), "chrf": _mean([textsim.chrf(p, [g]) for p, g in zip(texts, gold, strict=True)]),
-                "rouge_l": _mean([textsim.rouge_l(p, g) for p, g in zip(texts, gold, strict=True)]),
-                "chrf_corpus": textsim.corpus_chrf(texts, gold)}
+        return {
+            "n": len(examples),
+            "chrf": _mean([textsim.chrf(p, [g]) for p, g in zip(texts, gold, strict=True)]),
+            "rouge_l": _mean([textsim.rouge_l(p, g) for p, g in zip(texts, gold, strict=True)]),
+            "chrf_corpus": textsim.corpus_chrf(texts, gold),
+        }
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -125,8 +134,16 @@ def score_outputs(
     if kind == "endpoint":
         metrics["failed_calls"] = sum(e is not None for e in errors)
     rows = [
-        {"model": name, "id": ex.id, "prompt": p, "output": o, "parsed": pa, "gold": task.gold(ex),
-         "correct": task.correct(pa, ex), **({"error": err} if err else {})}
+        {
+            "model": name,
+            "id": ex.id,
+            "prompt": p,
+            "output": o,
+            "parsed": pa,
+            "gold": task.gold(ex),
+            "correct": task.correct(pa, ex),
+            **({"error": err} if err else {}),
+        }
         for ex, p, o, pa, err in zip(examples, prompts, outputs, parsed, errors, strict=True)
     ]
     per = [task.score(pa, ex) for pa, ex in zip(parsed, examples, strict=True)]
