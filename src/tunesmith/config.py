@@ -161,6 +161,7 @@ class EvalSection(Section):
     endpoints: list[EndpointSpec] = Field([], description="OpenAI-compatible endpoints to compare")
     judge: JudgeSpec | None = None
     perplexity: bool = Field(True, description="mean loss / perplexity of the gold answers per local model")
+    stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
 
 
 class Recipe(Section):

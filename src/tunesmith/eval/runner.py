@@ -186,7 +186,9 @@ def _local(
             row["parsed_generate"], row["parsed"] = row["parsed"], row["scored"] or row["parsed"]
     else:
         with bar(f"eval {name}: generate", len(prompts)) as advance:
-            outputs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance)
+            outputs = generate_greedy(
+                model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance, stop=cfg.stop
+            )
         res = score_outputs(task, name, description, "llm", test, prompts, outputs)
     if cfg.perplexity:
         answers = [(e.meta.get("answers") or [e.target])[0] + suffix for e in test]
