@@ -208,23 +208,58 @@ def test_adapters_and_merged_folders_are_contenders(cli, tmp_path, tiny_model_di
 
     from tunesmith.models.loading import wrap_lora
 
-    peft_model = wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, "all-linear", seed=1)
+    peft_model = wrap_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, "all-linear", seed=1
+    )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained-looking adapter (B starts at zero, which would change nothing)
     peft_model.save_pretrained(tmp_path / "adapter")
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 11))
-    recipe = _recipe(tmp_path, tiny_model_dir, data, eval={
-        "baselines": [], "perplexity": False, "bootstrap": 0, "base_prompt_with_labels": False,
-        "adapters": [{"name": "lora", "path": str(tmp_path / "adapter")},
-                     {"name": "merged", "path": str(tiny_model_dir)}],
-    })
+    recipe = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        data,
+        eval={
+            "baselines": [],
+            "perplexity": False,
+            "bootstrap": 0,
+            "base_prompt_with_labels": False,
+            "adapters": [
+                {"name": "lora", "path": str(tmp_path / "adapter")},
+                {"name": "merged", "path": str(tiny_model_dir)},
+            ],
+        },
+    )
     code, out = cli(["eval", str(recipe)])
     assert code == 0, out
     ev = tmp_path / "runs" / "ev" / "eval"
     assert list(json.loads((ev / "metrics.json").read_text())) == ["base", "lora", "merged"]
     rows = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
-    by = {m: [(r["id"], r["output"], r["parsed"]) for r in rows if r["model"] == m] for m in ("base", "lora", "merged")}
+    by = {
+        m: [(r["id"], r["output"], r["parsed"]) for r in rows if r["model"] == m]
+        for m in ("base", "lora", "merged")
+    }
     assert by["merged"] == by["base"]  # same weights, same prompts: same answers
     assert by["lora"] != by["base"]
+
+
+def test_missing_endpoint_key_exits_2_before_any_model_work(cli, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TS_NO_SUCH_KEY", raising=False)
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 5))
+    ep = {
+        "name": "hosted",
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "api_key_env": "TS_NO_SUCH_KEY",
+    }
+    recipe = _recipe(
+        tmp_path,
+        tmp_path / "no-model-here",
+        data,
+        data={"split": {"train": 5, "val": 0, "test": 5}},
+        eval={"endpoints": [ep]},
+    )
+    code, out = cli(["eval", str(recipe)])
+    assert code == 2 and "TS_NO_SUCH_KEY" in out

@@ -123,6 +123,10 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     tuned_msgs = [chat_messages(e, recipe.data) for e in test]
     results: list[ContenderResult] = []
 
+    from tunesmith.eval.endpoint import EndpointClient
+
+    clients = [EndpointClient(spec) for spec in recipe.eval.endpoints]  # a missing API key fails here, early
+    judge_client = EndpointClient(recipe.eval.judge.endpoint) if recipe.eval.judge else None
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     tokenizer = load_tokenizer(recipe.model.name)
     suffix = end_of_turn(tokenizer)
@@ -150,12 +154,12 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
             _local(recipe, task, spec.name, description, model, tokenizer, tuned_prompts, test, suffix, bar)
         )
         del model
-    for spec in recipe.eval.endpoints:
-        results.append(_endpoint(recipe, task, spec, base_msgs, test, bar))
+    for client in clients:
+        results.append(_endpoint(recipe, task, client, base_msgs, test, bar))
     results += _baselines(recipe, task, data.train, test, console)
 
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
-    judge_summary = _judge(recipe, task, results, test, bar) if recipe.eval.judge else None
+    judge_summary = _judge(recipe, task, judge_client, results, test, bar) if judge_client else None
     from tunesmith.eval.report import write_eval_outputs
 
     return write_eval_outputs(recipe, task, results, test, data.summary, judge_summary)
@@ -199,10 +203,8 @@ def _local(
     return res
 
 
-def _endpoint(recipe, task: Task, spec, messages, test, bar) -> ContenderResult:
-    from tunesmith.eval.endpoint import EndpointClient
-
-    client = EndpointClient(spec)
+def _endpoint(recipe, task: Task, client, messages, test, bar) -> ContenderResult:
+    spec = client.spec
     with bar(f"eval {spec.name}: endpoint", len(messages)) as advance:
         replies = client.chat_many(messages, spec.max_tokens or recipe.eval.max_new_tokens, advance)
     prompts = [json.dumps(m, ensure_ascii=False) for m in messages]
@@ -294,15 +296,13 @@ def _nanmean_diff(a, b) -> float | None:
     return sum(x - y for x, y in pairs) / len(pairs) if pairs else None
 
 
-def _judge(recipe, task: Task, results, test, bar) -> dict:
+def _judge(recipe, task: Task, client, results, test, bar) -> dict:
     """Pairwise win rate of ``judge.pair[0]`` over ``pair[1]``, or a rubric score per generating contender."""
     from tunesmith.data.task import render_prompt
     from tunesmith.errors import ConfigError
     from tunesmith.eval import judge
-    from tunesmith.eval.endpoint import EndpointClient
 
     spec = recipe.eval.judge
-    client = EndpointClient(spec.endpoint)
     questions = [render_prompt(e, recipe.data.prompt) for e in test]
     refs = [e.target for e in test]
     by_name = {r.name: r for r in results}
