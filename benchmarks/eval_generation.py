@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # results appear as they come, also in a log file
 
     import torch
 
