@@ -1,12 +1,13 @@
 import numpy as np
 import torch
 
-from tunesmith.eval.generation import generate_greedy, score_labels
+from tunesmith.eval.generation import cut_at_stop, generate_greedy, score_labels
 
 PROMPTS = [
     "<|im_start|>user\nmy card has not arrived yet<|im_end|>\n<|im_start|>assistant\n",
     "<|im_start|>user\npin<|im_end|>\n<|im_start|>assistant\n",
-    "<|im_start|>user\nhow old do I need to be to open an account with you<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nhow old do I need to be to open an account with you<|im_end|>\n"
+    "<|im_start|>assistant\n",
 ]
 LABELS = ["card_arrival", "pin_blocked", "age_limit"]
 
@@ -32,3 +33,14 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
     single = [generate_greedy(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in PROMPTS]
     assert batched == single
     assert all(isinstance(s, str) for s in batched)
+
+
+def test_stop_strings_end_generation_and_are_cut(tiny_model):
+    model, tok = tiny_model
+    full = generate_greedy(model, tok, PROMPTS, max_new_tokens=12, batch_size=3)
+    stops = [o[1:3] for o in full if len(o) >= 3]  # a string the unstopped output contains
+    assert stops, full
+    stopped = generate_greedy(model, tok, PROMPTS, max_new_tokens=12, batch_size=2, stop=[stops[0]])
+    for f, s in zip(full, stopped, strict=True):
+        assert s == (f[: f.index(stops[0])] if stops[0] in f else f)
+    assert cut_at_stop("Paris\nThe capital", ["\n", "The"]) == "Paris" and cut_at_stop("x", []) == "x"

@@ -130,6 +130,43 @@ def export(
         console.print(f"adapter → {export_adapter(run_dir, adapter)}")
     if merged:
         console.print(f"merged model → {export_merged(run_dir, merged)}")
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="A recipe YAML file, or 'qa' to score a predictions file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key.")] = None,
+    gold: Annotated[Path | None, typer.Option(help="qa: SQuAD/KorQuAD-style gold JSON.")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="qa: JSON object {question id: answer}.")] = None,
+    lang: Annotated[str, typer.Option(help="qa: en (SQuAD v1.1 rules) or ko (KorQuAD v1.0 rules).")] = "en",
+) -> None:
+    """Evaluate every contender of a recipe side by side, or (``eval qa``) score QA predictions."""
+    import json
+
+    from tunesmith.errors import ConfigError
+
+    if target == "qa":
+        from tunesmith.eval.qa import read_gold, read_predictions, score_qa
+
+        if gold is None or predictions is None:
+            raise ConfigError("eval qa needs --gold FILE and --predictions FILE")
+        score = score_qa(read_gold(gold), read_predictions(predictions), lang)
+        listed = (("missing (scored 0)", score.missing), ("not in the gold file (ignored)", score.extra))
+        for label, ids in listed:
+            if ids:
+                err_console.print(f"{len(ids)} prediction id(s) {label}: {', '.join(ids[:20])}"
+                                  + (" ..." if len(ids) > 20 else ""), highlight=False)
+        print(json.dumps(score.headline()))
+        return
+    from tunesmith.config import load_recipe
+    from tunesmith.eval.runner import evaluate_recipe
+
+    cfg = load_recipe(Path(target), set_ or [])
+    _quiet_libraries()
+    result = evaluate_recipe(cfg, console)
+    console.rule("[bold green]done")
+    h = result.task.headline
+    for r in result.results:
+        console.print(f"  {r.name:<16} {h} {r.metrics.get(h)}")
+    console.print(f"Report: {result.report_md}  ·  {result.report_html}")
 
 
 @models_app.command("pull")

@@ -292,6 +292,41 @@ class TrainSection(Section):
         return self
 
 
+class BandsSection(Section):
+    """Regression hit bands: green under either bound, orange under either of its bounds, else red."""
+
+    green_abs: float = Field(40.0, ge=0)
+    green_rel: float = Field(0.2, ge=0)
+    orange_abs: float = Field(80.0, ge=0)
+    orange_rel: float = Field(0.4, ge=0)
+
+
+class ContenderSpec(Section):
+    name: str
+    path: Path = Field(..., description="a PEFT adapter folder (with adapter_config.json) or a merged model")
+
+
+class EndpointSpec(Section):
+    name: str
+    base_url: str = Field(..., description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the key")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(4, ge=0)
+    backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
+    concurrency: int = Field(4, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="default: eval.max_new_tokens")
+
+
+class JudgeSpec(Section):
+    """LLM-as-judge over an endpoint: pairwise (both orders) between two contenders, or a 1-10 rubric."""
+
+    endpoint: EndpointSpec
+    mode: Literal["pairwise", "rubric"] = "pairwise"
+    pair: list[str] = Field(["finetuned", "base"], min_length=2, max_length=2)
+    rubric: str = "Score how correct, relevant and concise the answer is."
+
+
 class EvalSection(Section):
     max_examples: int | None = Field(None, ge=1, description="evaluate at most this many test examples")
     batch_size: int = Field(16, ge=1)
@@ -300,7 +335,22 @@ class EvalSection(Section):
     base_prompt_with_labels: bool = Field(
         True, description="list the labels in the base model's prompt so it can answer with one"
     )
-    baselines: list[Literal["majority", "tfidf_logreg"]] = ["majority", "tfidf_logreg"]
+    baselines: list[Literal["majority", "tfidf_logreg", "random", "mean", "ridge"]] = [
+        "majority", "tfidf_logreg"
+    ]
+    # --- evaluation tasks, contenders and report (tunesmith eval) ---
+    task: Literal["auto", "classification", "regression", "qa", "generation"] = Field(
+        "auto", description="auto: follow data.task"
+    )
+    qa_lang: Literal["en", "ko"] = Field("en", description="en: SQuAD v1.1 scoring; ko: KorQuAD v1.0")
+    bands: BandsSection = BandsSection()
+    log_axes: bool = Field(False, description="log axes on the regression scatter plot")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for 95% CIs (0 turns them off)")
+    adapters: list[ContenderSpec] = Field([], description="fine-tuned adapter or merged-model folders")
+    endpoints: list[EndpointSpec] = Field([], description="OpenAI-compatible endpoints to compare")
+    judge: JudgeSpec | None = None
+    perplexity: bool = Field(True, description="mean loss / perplexity of the gold answers per local model")
+    stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
 
 
 # --- synthetic data (tunesmith synth) -------------------------------------------------------

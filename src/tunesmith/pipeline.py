@@ -130,9 +130,14 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     with stage("report"):
         eval_dir = run_dir / "eval"
         eval_dir.mkdir(parents=True, exist_ok=True)
+        from tunesmith.eval.report import write_eval_outputs
+        from tunesmith.eval.runner import add_intervals
+        from tunesmith.eval.tasks import Task
+
+        task = Task("classification", data.labels, recipe.eval)  # bootstrap CIs, metrics.json, predictions,
+        add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)  # eval/report.md and report.html
+        write_eval_outputs(recipe, task, results, test, data.summary)
         metrics = {r.name: r.metrics for r in results}
-        (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        _write_jsonl(eval_dir / "predictions.jsonl", (p for r in results for p in r.predictions))
         llm = [r for r in results if r.name in ("base", "finetuned")]
         images = {
             "Training loss": run_dir / "train" / "loss.png",

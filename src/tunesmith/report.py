@@ -69,8 +69,13 @@ def _pct(v) -> str:
     return "–" if v is None else f"{v:.1%}"
 
 
+def _ci(v) -> str:
+    return f" [{v[0]:.1%}, {v[1]:.1%}]" if v else ""
+
+
 def comparison_table(results: list[ContenderResult]) -> str:
-    head = "| contender | accuracy | macro-F1 | how scored | free-generation accuracy | unparseable answers |\n"
+    head = "| contender | accuracy (95% CI) | macro-F1 | how scored | free-generation accuracy "
+    head += "| unparseable answers |\n"
     head += "|---|---|---|---|---|---|\n"
     lines = []
     for r in results:
@@ -78,7 +83,8 @@ def comparison_table(results: list[ContenderResult]) -> str:
         gen = _pct(m.get("accuracy_generate")) if "accuracy_generate" in m else "–"
         unp = f"{m['unparseable_generate']}/{m['n']}" if "unparseable_generate" in m else "–"
         lines.append(
-            f"| **{r.name}** — {r.description} | {_pct(m['accuracy'])} | {_pct(m['macro_f1'])} | "
+            f"| **{r.name}** — {r.description} | {_pct(m['accuracy'])}{_ci(m.get('accuracy_ci95'))} | "
+            f"{_pct(m['macro_f1'])} | "
             f"{m['scoring']} | {gen} | {unp} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -108,7 +114,8 @@ def write_report(path: Path, *, recipe, results, data_summary, train_summary, ti
     out.append("\n## Training\n")
     out.append("| | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in train_summary.items()))
     out.append("\n## Time per stage\n")
-    out.append("| stage | seconds |\n|---|---|\n" + "".join(f"| {k} | {v:.1f} |\n" for k, v in timings.items()))
+    rows = "".join(f"| {k} | {v:.1f} |\n" for k, v in timings.items())
+    out.append("| stage | seconds |\n|---|---|\n" + rows)
     out.append("\n## Plots\n")
     for title, img in images.items():
         out.append(f"\n### {title}\n\n![{title}]({img.relative_to(path.parent).as_posix()})\n")
@@ -116,7 +123,7 @@ def write_report(path: Path, *, recipe, results, data_summary, train_summary, ti
         "\n## Files\n\n- `config.resolved.yaml` — the recipe as run, with package versions\n"
         "- `data/` — train/val/test splits as chat JSONL, `rejected.jsonl` with reasons\n"
         "- `train/` — `adapter/`, `metrics.csv` (OpenAI results-file columns), `loss.png`\n"
-        "- `eval/` — `metrics.json`, `predictions.jsonl`, `confusion.png`\n"
+        "- `eval/` — `metrics.json`, `predictions.jsonl`, `confusion.png`, `report.md`, `report.html`\n"
     )
     path.write_text("".join(out), encoding="utf-8")
     return path

@@ -12,7 +12,9 @@ def majority(train_targets: Sequence[str], n_test: int) -> list[str]:
     return [top] * n_test
 
 
-def tfidf_logreg(train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int):
+def tfidf_logreg(
+    train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int
+):
     """TF-IDF (word 1-2 grams + char 2-4 grams) and logistic regression, fitted on the train split."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -27,3 +29,31 @@ def tfidf_logreg(train_texts: Sequence[str], train_targets: Sequence[str], test_
     model = make_pipeline(features, LogisticRegression(max_iter=2000, C=10.0, random_state=seed))
     model.fit(list(train_texts), list(train_targets))
     return [str(p) for p in model.predict(list(test_texts))]
+
+
+def random_guess(choices: Sequence, n_test: int, seed: int) -> list:
+    """Uniform seeded draws: a label from the label set, or a value from the training targets."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.choice(list(choices)) for _ in range(n_test)]
+
+
+def mean_value(train_values: Sequence[float], n_test: int) -> list[float]:
+    """Predict the training mean for every test example (the 'mean price' baseline)."""
+    mean = sum(train_values) / len(train_values)
+    return [mean] * n_test
+
+
+def tfidf_ridge(
+    train_texts: Sequence[str], train_values: Sequence[float], test_texts: Sequence[str]
+) -> list[float]:
+    """TF-IDF (word 1-2 grams) and ridge regression on log1p(value), so one costly item cannot dominate."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), Ridge(alpha=1.0))
+    model.fit(list(train_texts), np.log1p(np.clip(np.asarray(train_values, dtype=float), 0, None)))
+    return [float(v) for v in np.expm1(model.predict(list(test_texts)))]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tunesmith.config import EvalSection
 from tunesmith.eval.generation import generate_greedy, score_labels
-from tunesmith.eval.metrics import classification_metrics, parse_label
+from tunesmith.eval.metrics import classification_metrics, is_ordinal, ordinal_metrics, parse_label, per_class
 
 
 @dataclass
@@ -22,6 +22,8 @@ class ContenderResult:
     metrics: dict
     predictions: list[dict] = field(default_factory=list)
     headline: list[str | None] = field(default_factory=list)  # the predictions behind metrics["accuracy"]
+    per_example: list[float | None] = field(default_factory=list)  # headline metric per example (bootstrap)
+    kind: str = "llm"  # "llm" (local model), "endpoint" or "baseline"
 
 
 def evaluate_llm(
@@ -45,7 +47,8 @@ def evaluate_llm(
     scored: list[str | None] = [None] * len(prompts)
     if cfg.label_scoring:
         with bar(f"eval {name}: score labels", len(prompts)) as advance:
-            scores = score_labels(model, tokenizer, prompts, labels, suffix, max(1, cfg.batch_size // 2), advance)
+            half = max(1, cfg.batch_size // 2)
+            scores = score_labels(model, tokenizer, prompts, labels, suffix, half, advance)
         scored = [labels[j] for j in scores.argmax(axis=1)]
         head = classification_metrics(gold, scored, labels)
         metrics = {**head, "scoring": "label log-likelihood"}
@@ -53,6 +56,7 @@ def evaluate_llm(
     else:
         metrics = {**gen, "scoring": "free generation"}
         headline = parsed
+    metrics |= _label_details(gold, headline, labels)
     metrics |= {
         "accuracy_generate": gen["accuracy"],
         "macro_f1_generate": gen["macro_f1"],
@@ -71,15 +75,25 @@ def evaluate_llm(
         }
         for i, p, o, pa, sc, g, h in zip(ids, prompts, outputs, parsed, scored, gold, headline, strict=True)
     ]
-    return ContenderResult(name, description, metrics, preds, headline)
+    per = [float(h == g) for h, g in zip(headline, gold, strict=True)]
+    return ContenderResult(name, description, metrics, preds, headline, per)
+
+
+def _label_details(gold, pred, labels) -> dict:
+    """Per-class precision/recall, and for numeric (star) labels the ordinal MAE and within-one rate."""
+    out = {"per_class": per_class(gold, pred, labels)}
+    return out | ordinal_metrics(gold, pred) if is_ordinal(labels) else out
 
 
 def evaluate_baseline(
     name: str, description: str, predicted: Sequence[str], ids, inputs, gold, labels
 ) -> ContenderResult:
-    metrics = {**classification_metrics(gold, predicted, labels), "scoring": "direct prediction"}
+    metrics = {**classification_metrics(gold, predicted, labels), "scoring": "direct prediction",
+               **_label_details(gold, predicted, labels)}
     preds = [
-        {"model": name, "id": i, "prompt": x, "output": p, "parsed": p, "scored": None, "gold": g, "correct": p == g}
+        {"model": name, "id": i, "prompt": x, "output": p, "parsed": p, "scored": None, "gold": g,
+         "correct": p == g}
         for i, x, p, g in zip(ids, inputs, predicted, gold, strict=True)
     ]
-    return ContenderResult(name, description, metrics, preds, list(predicted))
+    return ContenderResult(name, description, metrics, preds, list(predicted),
+                           [float(p == g) for p, g in zip(predicted, gold, strict=True)], "baseline")

@@ -23,8 +23,13 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int = 16,
     advance: Advance = lambda n: None,
+    stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy completions for chat-formatted prompt strings (special tokens already in them)."""
+    """Greedy completions for chat-formatted prompt strings (special tokens already in them).
+
+    ``stop`` strings end a row early (a batch ends when every row has stopped) and are cut from
+    the returned text together with anything after them.
+    """
     import torch
 
     tokenizer.padding_side = "left"
@@ -40,12 +45,33 @@ def generate_greedy(
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=_stop_on_text(tokenizer, enc["input_ids"].shape[1], stop) if stop else None,
             )
         new = out[:, enc["input_ids"].shape[1] :]
         for row, i in enumerate(batch):
-            outputs[i] = tokenizer.decode(new[row], skip_special_tokens=True)
+            outputs[i] = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop)
         advance(len(batch))
     return outputs
+
+
+def _stop_on_text(tokenizer, start: int, stop: Sequence[str]):
+    """Stop a row once its *generated* text contains a stop string (transformers' own ``stop_strings``
+    also match across the prompt boundary, e.g. a prompt ending in a newline)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def _stop_ids(tokenizer, model) -> list[int]:
@@ -90,7 +116,8 @@ def score_labels(
         b = len(batch)
         with torch.inference_mode():
             positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)  # left padding
-            out = model(**enc, position_ids=positions, use_cache=True)
+            # only the last position's logits are needed: skip the vocabulary projection elsewhere
+            out = model(**enc, position_ids=positions, use_cache=True, logits_to_keep=1)
             first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (b, V)
             cache = out.past_key_values
             cache.batch_repeat_interleave(n_lab)
@@ -101,7 +128,7 @@ def score_labels(
             pos = prompt_len.repeat_interleave(n_lab).unsqueeze(1) + torch.arange(t_max, device=dev)
             logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache).logits
             logp = torch.log_softmax(logits.float(), dim=-1)  # (b*n_lab, t_max, V)
-            # token k of a candidate is predicted by the prompt's last position (k=0) or candidate position k-1
+            # token k of a candidate is predicted by the prompt's last position (k=0) or candidate pos. k-1
             tok_lp = torch.empty(b * n_lab, t_max, device=dev)
             tok_lp[:, 0] = first_logp.repeat_interleave(n_lab, dim=0).gather(1, ids[:, :1]).squeeze(1)
             if t_max > 1:

@@ -1,0 +1,86 @@
+"""Any OpenAI-compatible chat endpoint as a contender (a hosted model, a vLLM server, our own).
+
+Calls go through the official ``openai`` client with its own retries off: we retry 429, 5xx,
+timeouts and dropped connections ourselves with exponential backoff so the schedule is ours to
+configure and test. A call that still fails is reported for its example (``error``) and
+scored wrong; the evaluation goes on and the report is still written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tunesmith.config import EndpointSpec
+from tunesmith.errors import ConfigError
+
+
+@dataclass
+class Reply:
+    text: str | None  # None when every attempt failed
+    error: str | None
+    attempts: int
+
+
+def _describe(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    name = type(exc).__name__
+    return f"HTTP {status} ({name})" if status else name
+
+
+class EndpointClient:
+    """Greedy (temperature 0) chat completions with retries; thread-safe for concurrent calls."""
+
+    def __init__(self, spec: EndpointSpec, sleep: Callable[[float], None] = time.sleep):
+        from openai import OpenAI
+
+        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        if spec.api_key_env and not key:
+            raise ConfigError(
+                f"endpoint '{spec.name}': the environment variable {spec.api_key_env} is not set; "
+                "export the API "
+                "key there, or set api_key_env: null for a server that needs none"
+            )
+        self.spec = spec
+        self.sleep = sleep
+        self.client = OpenAI(
+            base_url=spec.base_url, api_key=key or "unused", timeout=spec.timeout_s, max_retries=0
+        )
+
+    def chat(self, messages: list[dict], max_tokens: int) -> Reply:
+        import openai
+
+        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+        last = ""
+        for attempt in range(self.spec.max_retries + 1):
+            try:
+                resp = self.client.chat.completions.create(
+                    model=self.spec.model, messages=messages, max_tokens=max_tokens, temperature=0
+                )
+                return Reply(resp.choices[0].message.content or "", None, attempt + 1)
+            except retryable as exc:
+                last = _describe(exc)
+                if attempt < self.spec.max_retries:
+                    self.sleep(self.spec.backoff_s * 2**attempt)
+            except openai.APIError as exc:  # 400/401/404...: retrying will not help
+                return Reply(None, f"{_describe(exc)}: {str(exc)[:200]}", attempt + 1)
+        return Reply(None, f"{last} after {self.spec.max_retries + 1} attempt(s)", self.spec.max_retries + 1)
+
+    def chat_many(
+        self,
+        conversations: Sequence[list[dict]],
+        max_tokens: int,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> list[Reply]:
+        """One reply per conversation, in order, ``spec.concurrency`` calls in flight."""
+
+        def one(messages):
+            reply = self.chat(messages, max_tokens)
+            advance(1)
+            return reply
+
+        with ThreadPoolExecutor(max_workers=self.spec.concurrency) as pool:
+            return list(pool.map(one, conversations))

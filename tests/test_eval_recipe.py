@@ -1,0 +1,265 @@
+"""`tunesmith eval RECIPE` on the tiny random model: every contender, every output file, bad input."""
+
+import json
+
+from .conftest import banking_rows, write_jsonl, write_recipe
+from .openai_stub import serve
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+
+
+def _recipe(tmp_path, model_dir, data_path, **sections):
+    doc = {
+        "name": "ev",
+        "output_dir": str(tmp_path / "runs"),
+        "seed": 3,
+        "model": {"name": str(model_dir)},
+        "data": {
+            "path": str(data_path),
+            "input_fields": ["text"],
+            "target_field": "category",
+            "system_prompt": "Classify.",
+            "split": {"train": 24, "val": 0, "test": 9},
+        },
+        "eval": {"max_new_tokens": 4, "batch_size": 4, "bootstrap": 200},
+    }
+    for k, v in sections.items():
+        doc[k] = {**doc.get(k, {}), **v}
+    return write_recipe(tmp_path / "r.yaml", doc)
+
+
+def test_classification_side_by_side_with_endpoint_failures_reported(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 11))
+
+    def endpoint(content, n):  # answers correctly from the message, fails for anything about a PIN
+        if "pin" in content.split("\n\n")[0].lower():  # the message, not the label list after it
+            return 500, "down", 0
+        return 200, "card_arrival", 0
+
+    with serve(endpoint) as url:
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            eval={
+                "baselines": ["majority", "tfidf_logreg", "random", "mean"],
+                "endpoints": [
+                    {
+                        "name": "api",
+                        "base_url": url,
+                        "model": "m",
+                        "api_key_env": None,
+                        "max_retries": 1,
+                        "backoff_s": 0.0,
+                    }
+                ],
+            },
+        )
+        code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    assert "baseline 'mean' does not apply to a classification task; skipped" in out
+    ev = tmp_path / "runs" / "ev" / "eval"
+    for name in (
+        "metrics.json",
+        "predictions.jsonl",
+        "report.md",
+        "report.html",
+        "headline.png",
+        "confusion.png",
+    ):
+        assert (ev / name).is_file(), name
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert list(metrics) == ["base", "api", "majority", "tfidf_logreg", "random"]
+    for m in metrics.values():
+        assert m["n"] == 9 and 0 <= m["accuracy"] <= 1 and set(m["per_class"]) == set(LABELS)
+        lo, hi = m["accuracy_ci95"]
+        assert lo <= m["accuracy"] <= hi
+    assert "accuracy_diff_vs_base_ci95" in metrics["api"] and "perplexity" in metrics["base"]
+    preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    api = [p for p in preds if p["model"] == "api"]
+    failed = [p for p in api if "error" in p]
+    assert metrics["api"]["failed_calls"] == len(failed) > 0 and len(failed) < len(api)
+    assert all("HTTP 500" in p["error"] and p["attempts"] == 2 and p["correct"] is False for p in failed)
+    assert all(p["parsed"] == "card_arrival" for p in api if "error" not in p)
+    assert {"id", "prompt", "output", "parsed", "gold", "correct"} <= set(preds[0])
+    html = (ev / "report.html").read_text()
+    assert html.index("<table>") < html.index("data:image/png;base64,") and "src='confusion.png'" not in html
+    md = (ev / "report.md").read_text()
+    assert md.splitlines()[2].startswith("| contender |") or "| contender |" in md.split("##")[0]
+
+
+def test_regression_non_numeric_answers_are_unparseable(cli, tmp_path, tiny_model_dir):
+    rows = [
+        {"text": f"{name} model {i}", "price": str(p * (1 + i % 3))}
+        for i in range(12)
+        for name, p in (("usb cable", 199), ("refrigerator", 25000))
+    ]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    with serve(lambda c, n: (200, "₹250" if "cable" in c else "quite expensive", 0)) as url:
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            data={
+                "target_field": "price",
+                "task": "generation",
+                "split": {"train": 16, "val": 0, "test": 8, "stratify": False},
+            },
+            eval={
+                "task": "regression",
+                "baselines": ["mean", "ridge", "random", "majority"],
+                "log_axes": True,
+                "perplexity": False,
+                "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None}],
+            },
+        )
+        code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    ev = tmp_path / "runs" / "ev" / "eval"
+    metrics = json.loads((ev / "metrics.json").read_text())
+    assert list(metrics) == ["base", "api", "mean", "ridge", "random"]
+    api = metrics["api"]
+    fridges = sum(
+        "refrigerator" in json.loads(line)["prompt"]
+        for line in open(ev / "predictions.jsonl")
+        if json.loads(line)["model"] == "api"
+    )
+    assert api["unparseable"] == fridges > 0 and api["n_scored"] == 8 - fridges
+    assert api["hit_red"] >= fridges / 8
+    assert metrics["ridge"]["mae"] < metrics["mean"]["mae"]
+    assert (ev / "scatter.png").stat().st_size > 10_000
+
+
+def test_qa_recipe_on_squad_file(cli, tmp_path, tiny_model_dir):
+    qas = [
+        {"id": f"q{i}", "question": f"What number is {i}?", "answers": [{"text": str(i), "answer_start": 0}]}
+        for i in range(10)
+    ]
+    doc = {"data": [{"title": "t", "paragraphs": [{"context": "numbers", "qas": qas}]}]}
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc))
+    with serve(lambda c, n: (200, c.split("What number is ")[1].split("?")[0] + "\nmore", 0)) as url:
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            path,
+            data={
+                "input_fields": ["context", "question"],
+                "target_field": "answers",
+                "prompt": "{context}\n{question}",
+                "split": {"train": 5, "val": 0, "test": 5},
+            },
+            eval={
+                "task": "qa",
+                "baselines": [],
+                "endpoints": [{"name": "api", "base_url": url, "model": "m", "api_key_env": None}],
+            },
+        )
+        code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "runs/ev/eval/metrics.json").read_text())
+    assert metrics["api"]["exact_match"] == 100.0 and metrics["api"]["f1"] == 100.0
+    assert 0 <= metrics["base"]["f1"] <= 100 and metrics["api"]["f1_diff_vs_base"] > 0
+
+
+def test_generation_with_pairwise_judge(cli, tmp_path, tiny_model_dir):
+    rows = [{"text": f"say hello number {i}", "answer": f"hello {i}"} for i in range(12)]
+    data = write_jsonl(tmp_path / "g.jsonl", rows)
+    with serve(
+        lambda c, n: (
+            200,
+            "A" if "Answer A:\nhello" in c else ("B" if "Answer B:\nhello" in c else "hello"),
+            0,
+        )
+    ) as url:
+        ep = {"base_url": url, "model": "m", "api_key_env": None}
+        recipe = _recipe(
+            tmp_path,
+            tiny_model_dir,
+            data,
+            data={
+                "target_field": "answer",
+                "task": "generation",
+                "split": {"train": 6, "val": 0, "test": 6, "stratify": False},
+            },
+            eval={
+                "baselines": [],
+                "endpoints": [{"name": "api", **ep}],
+                "judge": {"endpoint": {"name": "judge", **ep}, "pair": ["api", "base"]},
+            },
+        )
+        code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "runs/ev/eval/metrics.json").read_text())
+    assert metrics["api"]["judge_win_rate_vs_base"] == 1.0  # "hello" wins in both positions every time
+    assert metrics["api"]["chrf"] > metrics["base"]["chrf"] and "rouge_l" in metrics["base"]
+
+
+def test_empty_test_split_exits_3(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 5))
+    recipe = _recipe(tmp_path, tiny_model_dir, data, data={"split": {"train": 10, "val": 0, "test": 0}})
+    code, out = cli(["eval", str(recipe)])
+    assert code == 3 and "test split is empty" in out
+
+
+def test_adapters_and_merged_folders_are_contenders(cli, tmp_path, tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.models.loading import wrap_lora
+
+    peft_model = wrap_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, "all-linear", seed=1
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter (B starts at zero, which would change nothing)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 11))
+    recipe = _recipe(
+        tmp_path,
+        tiny_model_dir,
+        data,
+        eval={
+            "baselines": [],
+            "perplexity": False,
+            "bootstrap": 0,
+            "base_prompt_with_labels": False,
+            "adapters": [
+                {"name": "lora", "path": str(tmp_path / "adapter")},
+                {"name": "merged", "path": str(tiny_model_dir)},
+            ],
+        },
+    )
+    code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    ev = tmp_path / "runs" / "ev" / "eval"
+    assert list(json.loads((ev / "metrics.json").read_text())) == ["base", "lora", "merged"]
+    rows = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    by = {
+        m: [(r["id"], r["output"], r["parsed"]) for r in rows if r["model"] == m]
+        for m in ("base", "lora", "merged")
+    }
+    assert by["merged"] == by["base"]  # same weights, same prompts: same answers
+    assert by["lora"] != by["base"]
+
+
+def test_missing_endpoint_key_exits_2_before_any_model_work(cli, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.delenv("TS_NO_SUCH_KEY", raising=False)
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 5))
+    ep = {
+        "name": "hosted",
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "m",
+        "api_key_env": "TS_NO_SUCH_KEY",
+    }
+    recipe = _recipe(
+        tmp_path,
+        tmp_path / "no-model-here",
+        data,
+        data={"split": {"train": 5, "val": 0, "test": 5}},
+        eval={"endpoints": [ep]},
+    )
+    code, out = cli(["eval", str(recipe)])
+    assert code == 2 and "TS_NO_SUCH_KEY" in out
