@@ -32,8 +32,21 @@ def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> 
     return cmd
 
 
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM when the server dies, so a killed server leaves no orphan
+    worker training beside the one the restarted server starts (the job resumes from its checkpoint)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def start_worker(data_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir)])
+    return subprocess.Popen([sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir)],
+                            preexec_fn=_die_with_parent)
 
 
 def serve_builtin(settings, host: str, port: int, say=print) -> None:

@@ -174,8 +174,12 @@ def results_csv(rows: list[dict]) -> bytes:
 
 
 def work(root: Path, poll_s: float = 0.5, once: bool = False) -> None:
-    """Run jobs forever (or until the queue is empty with ``once``)."""
+    """Run jobs forever (or until the queue is empty with ``once``); one worker per data folder."""
+    import fcntl
+
     store = Store(root)
+    lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
+    fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
     while True:
         job = store.next_job()
         if job is None:
