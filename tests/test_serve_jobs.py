@@ -1,7 +1,6 @@
 """Files and fine-tuning jobs through the official `openai` client against a live server and worker."""
 
 import json
-import socket
 import threading
 import time
 
@@ -12,15 +11,9 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.worker import work
 
-from .conftest import banking_rows
+from .conftest import banking_rows, running_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chat_jsonl(n: int) -> bytes:
@@ -32,21 +25,12 @@ def chat_jsonl(n: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory):
-    import uvicorn
-
     data_dir = tmp_path_factory.mktemp("serve-data")
     engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
     settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir,
                              max_upload_mb=1)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/v1", "base": str(tiny_model_dir), "data_dir": data_dir}
-    srv.should_exit = True
-    thread.join(5)
+    with running_server(create_app(settings, engine)) as url:
+        yield {"url": url, "base": str(tiny_model_dir), "data_dir": data_dir}
 
 
 def client(live, key="k1"):

@@ -1,26 +1,17 @@
 """The OpenAI-compatible inference routes, driven by the official `openai` client against a live server."""
 
-import socket
-import threading
-import time
-
 import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import running_server
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """uvicorn on 127.0.0.1 serving the tiny model plus one LoRA adapter named 'ft:tiny:demo:1'."""
-    import uvicorn
     from transformers import AutoModelForCausalLM
 
     from tunesmith.models.loading import wrap_lora
@@ -33,15 +24,8 @@ def server(tiny_model_dir, tmp_path_factory):
     lora.save_pretrained(adapter_dir)
     engine = Engine(str(tiny_model_dir), {"ft:tiny:demo:1": adapter_dir}, max_batch=8, wait_ms=30)
     settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}), data_dir=tmp_path_factory.mktemp("d"))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings, engine), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/v1", "base": str(tiny_model_dir), "engine": engine}
-    srv.should_exit = True
-    thread.join(5)
+    with running_server(create_app(settings, engine)) as url:
+        yield {"url": url, "base": str(tiny_model_dir), "engine": engine}
 
 
 def client(server, key="k1"):
