@@ -35,7 +35,7 @@ def generate_greedy(
     tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     outputs: list[str] = [""] * len(prompts)
-    eos = _stop_ids(tokenizer, model)
+    eos = stop_ids(tokenizer, model)
     for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
         enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
         with torch.inference_mode():
@@ -74,7 +74,8 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def _stop_ids(tokenizer, model) -> list[int]:
+def stop_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the generation config's EOS ids (generation stops at any of them)."""
     ids = {tokenizer.eos_token_id}
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(gen_eos, int):

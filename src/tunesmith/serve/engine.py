@@ -17,6 +17,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.eval.generation import cut_at_stop, stop_ids
+
 BASE = "__base__"
 
 
@@ -68,7 +70,7 @@ class Engine:
         self.max_batch, self.wait_s = max_batch, wait_ms / 1000
         self.lock = threading.Lock()
         self.queue: queue.Queue[_Job | None] = queue.Queue()
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = stop_ids(self.tokenizer, self.model)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
         self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
@@ -92,12 +94,6 @@ class Engine:
                 self.model.load_adapter(str(path), adapter_name=name)
             self.model.eval()
             self.adapters[name] = str(path)
-
-    def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen = getattr(self.model.generation_config, "eos_token_id", None)
-        ids.update(gen if isinstance(gen, list) else [gen])
-        return sorted(i for i in ids if i is not None)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -204,8 +200,8 @@ class Engine:
                 break
             kept.append(t)
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        cut = _cut_at_stop(text, job.params.stop)
-        if cut is not None:
+        cut = cut_at_stop(text, job.params.stop)
+        if len(cut) < len(text):
             text, finish = cut, "stop"
         return Generation(text, len(job.prompt_ids), len(kept), finish)
 
@@ -232,8 +228,8 @@ class Engine:
         sent = ""
         for piece in streamer:
             candidate = sent + piece
-            cut = _cut_at_stop(candidate, job.params.stop)
-            if cut is not None:
+            cut = cut_at_stop(candidate, job.params.stop)
+            if len(cut) < len(candidate):
                 if len(cut) > len(sent):
                     job.stream.put(cut[len(sent):])
                 break
@@ -255,7 +251,3 @@ class _StopOnText:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
 
-
-def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str | None:
-    hits = [text.index(s) for s in stops if s and s in text]
-    return text[: min(hits)] if hits else None

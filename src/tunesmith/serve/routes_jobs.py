@@ -160,7 +160,7 @@ def _job(request: Request, key, job_id: str) -> dict:
 
 @router.get("/fine_tuning/jobs")
 async def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
-    jobs, more = _store(request).list_jobs(key, after, limit)
+    jobs, more = paginate(_store(request).list_jobs(key), after, limit)
     return page([job_object(j) for j in jobs], more)
 
 

@@ -128,13 +128,10 @@ class Store:
             row = self.db.execute("SELECT * FROM jobs WHERE id = ? AND owner IS ?", (jid, owner)).fetchone()
         return _job(row) if row else None
 
-    def list_jobs(self, owner: str | None, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
-        rows = [_job(r) for r in self.db.execute(
+    def list_jobs(self, owner: str | None) -> list[dict]:
+        """The owner's jobs, newest first (the route paginates)."""
+        return [_job(r) for r in self.db.execute(
             "SELECT * FROM jobs WHERE owner IS ? ORDER BY created_at DESC, rowid DESC", (owner,))]
-        if after:
-            ids = [r["id"] for r in rows]
-            rows = rows[ids.index(after) + 1:] if after in ids else []
-        return rows[:limit], len(rows) > limit
 
     def all_jobs(self) -> list[dict]:
         return [_job(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY created_at, rowid")]
