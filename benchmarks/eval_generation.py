@@ -105,14 +105,14 @@ def main() -> None:
     import torch
 
     from tunesmith.data.formatting import end_of_turn
-    from tunesmith.eval.generation import _stop_ids, generate_greedy, score_labels
+    from tunesmith.eval.generation import stop_ids, generate_greedy, score_labels
     from tunesmith.eval.metrics import parse_label
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
 
     torch.manual_seed(0)
     tok = load_tokenizer("smollm2-135m-instruct")
     model = load_model("smollm2-135m-instruct", pick_placement())
-    eos = _stop_ids(tok, model)
+    eos = stop_ids(tok, model)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads)"

@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -97,6 +98,8 @@ def test_job_lifecycle_to_a_servable_model(live):
     assert reply.choices[0].message.content is not None
     page = c.fine_tuning.jobs.list(limit=1)
     assert page.data[0].id == job.id
+    report = httpx.get(f"{live['url']}/fine_tuning/jobs/{job.id}/report", headers={"Authorization": "Bearer k1"})
+    assert report.status_code == 404 and "validation_file" in report.json()["error"]["message"]  # none was given
 
 
 def test_cancel_stops_a_running_job_within_a_step(live):

@@ -1,4 +1,4 @@
-"""Two processes with the gloo backend (torchrun, CPU): both ranks end with the same weights."""
+"""Two processes with the gloo backend (torchrun, CPU): rank 0 prepares the data first, both ranks end\nwith the same weights."""
 
 import os
 import shutil
@@ -13,27 +13,35 @@ from safetensors.torch import load_file
 from .conftest import banking_rows
 
 WORKER = textwrap.dedent("""
-    import os, sys, json
+    import os, sys
     import torch
+    from pathlib import Path
+    from rich.console import Console
     from safetensors.torch import save_file
     from tunesmith.config import validate_recipe
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
+    from tunesmith.pipeline import prepare_data
+    from tunesmith.train.command import main_process_first
     from tunesmith.train.sft import build_trainer
+    from tunesmith.train.stage import sft_rows
 
-    model_dir, rows_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    rows = json.load(open(rows_path))
+    model_dir, data_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
     recipe = validate_recipe({"name": "ddp", "output_dir": out, "seed": 2, "model": {"name": model_dir},
-                              "data": {"path": "x", "input_fields": ["text"], "target_field": "y"},
+                              "data": {"path": data_path, "input_fields": ["text"], "target_field": "category",
+                                       "split": {"train": 1.0, "val": 0, "test": 0}},
                               "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2,
                                         "logging_steps": 1}})
+    rank = int(os.environ["RANK"])
+    with main_process_first():  # as `tunesmith train` does: rank 0 builds the data, rank 1 finds the cache
+        data = prepare_data(recipe, recipe.run_dir / "data", Console(file=sys.stdout))
+    print(f"rank {rank} prepared {len(data.splits['train'])} examples", flush=True)
     placement = pick_placement()
     tok = load_tokenizer(model_dir)
     tok.padding_side = "right"
     model = wrap_adapter(load_model(model_dir, placement), "lora", recipe.train.lora, recipe.seed)
-    trainer = build_trainer(recipe, model, tok, rows, [], placement, __import__("pathlib").Path(out),
-                            save_strategy="no")
+    trainer = build_trainer(recipe, model, tok, sft_rows(recipe, data.splits["train"]), [], placement,
+                            Path(out), save_strategy="no")
     trainer.train()
-    rank = int(os.environ["RANK"])
     assert trainer.args.world_size == 2 and trainer.accelerator.num_processes == 2
     weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if "lora_" in n}
     save_file(weights, os.path.join(out, f"rank{rank}.safetensors"))
@@ -42,22 +50,20 @@ WORKER = textwrap.dedent("""
 """)
 
 
+
 def test_two_gloo_ranks_agree_on_the_final_weights(tmp_path, tiny_model_dir):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:
         pytest.skip("torchrun is not installed next to this Python")
-    import json
 
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": r["text"]}],
-            "completion": [{"role": "assistant", "content": r["category"]}],
-        }
-        for r in banking_rows(("card_arrival", "pin_blocked"), 12)
-    ]
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    import csv
+
+    with open(tmp_path / "rows.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "category"])
+        writer.writeheader()
+        writer.writerows({"text": r["text"], "category": r["category"]} for r in banking_rows(("card_arrival", "pin_blocked"), 12))
     (tmp_path / "worker.py").write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TUNESMITH_DATA_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
         [
             torchrun,
@@ -67,7 +73,7 @@ def test_two_gloo_ranks_agree_on_the_final_weights(tmp_path, tiny_model_dir):
             "29517",
             str(tmp_path / "worker.py"),
             str(tiny_model_dir),
-            str(tmp_path / "rows.json"),
+            str(tmp_path / "rows.csv"),
             str(tmp_path),
         ],
         capture_output=True,
@@ -76,6 +82,8 @@ def test_two_gloo_ranks_agree_on_the_final_weights(tmp_path, tiny_model_dir):
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "rank 0 prepared 24 examples" in proc.stdout and "rank 1 prepared 24 examples" in proc.stdout
+    assert proc.stdout.count("prepared data from the cache") == 1  # rank 1 waited for rank 0's build
     assert "rank 0 backend gloo steps 3" in proc.stdout and "rank 1 backend gloo steps 3" in proc.stdout
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
     assert set(r0) == set(r1) and len(r0) == 28

@@ -107,8 +107,8 @@ def _load_contender(recipe: Recipe, spec: ContenderSpec, placement):
 
 def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     """Evaluate all contenders of a recipe and write the eval folder."""
-    from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.data.formatting import chat_messages, prompt_text
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.progress import task_bar
 
     console = console or Console()
@@ -125,34 +125,10 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     show_labels = data.labels if kind == "classification" and recipe.eval.base_prompt_with_labels else None
     base_msgs = [chat_messages(e, recipe.data, show_labels) for e in test]
     tuned_msgs = [chat_messages(e, recipe.data) for e in test]
-    results: list[ContenderResult] = []
-    placement = pick_placement(recipe.model.precision, recipe.model.device)
     tokenizer = load_tokenizer(recipe.model.name)
-    suffix = end_of_turn(tokenizer)
     base_prompts = [prompt_text(tokenizer, m) for m in base_msgs]
     tuned_prompts = [prompt_text(tokenizer, m) for m in tuned_msgs]
-    model = load_model(recipe.model.name, placement)
-    results.append(
-        _local(
-            recipe,
-            task,
-            "base",
-            f"{recipe.model.name}, no fine-tuning",
-            model,
-            tokenizer,
-            base_prompts,
-            test,
-            suffix,
-            bar,
-        )
-    )
-    del model
-    for spec in _adapter_specs(recipe):
-        model, description = _load_contender(recipe, spec, placement)
-        results.append(
-            _local(recipe, task, spec.name, description, model, tokenizer, tuned_prompts, test, suffix, bar)
-        )
-        del model
+    results = _local_contenders(recipe, task, test, tokenizer, base_prompts, tuned_prompts, bar)
     for client in clients:
         results.append(_endpoint(recipe, task, client, base_msgs, test, bar))
     results += _baselines(recipe, task, data.train, test, console)
@@ -162,6 +138,56 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     from tunesmith.eval.report import write_eval_outputs
 
     return write_eval_outputs(recipe, task, results, test, data.summary, judge_summary)
+
+
+def _local_contenders(recipe, task: Task, test, tokenizer, base_prompts, tuned_prompts, bar) -> list[ContenderResult]:
+    """The base model on ``base_prompts``, then each fine-tuned contender on ``tuned_prompts``, one model in memory at a time."""
+    from tunesmith.data.formatting import end_of_turn
+    from tunesmith.models.loading import load_model, pick_placement
+
+    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    suffix = end_of_turn(tokenizer)
+    model = load_model(recipe.model.name, placement)
+    results = [_local(recipe, task, "base", f"{recipe.model.name}, no fine-tuning", model, tokenizer, base_prompts, test,
+                      suffix, bar)]
+    del model
+    for spec in _adapter_specs(recipe):
+        model, description = _load_contender(recipe, spec, placement)
+        results.append(_local(recipe, task, spec.name, description, model, tokenizer, tuned_prompts, test, suffix, bar))
+        del model
+    return results
+
+
+def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | None = None) -> EvalRun:
+    """Base vs the run's fine-tuned adapter on held-out chat rows (``prompt`` messages → ``completion``).
+
+    Fine-tuning jobs use it on their validation file, which has no data section to prepare: the
+    prompts are the conversations as uploaded, the task is free generation (chrF, ROUGE-L, answer loss)
+    with room for the longest reference answer plus a few tokens.
+    """
+    from tunesmith.data.formatting import prompt_text
+    from tunesmith.models.loading import load_tokenizer
+    from tunesmith.progress import task_bar
+
+    console = console or Console()
+    if not rows:
+        raise DataError("no conversations to evaluate")
+    rows = rows[: recipe.eval.max_examples] if recipe.eval.max_examples else rows
+    test = [
+        Example(f"valid-{i + 1}", {"prompt": r["prompt"][-1]["content"] if r["prompt"] else ""}, r["completion"][-1]["content"])
+        for i, r in enumerate(rows)
+    ]
+    tokenizer = load_tokenizer(recipe.model.name)
+    prompts = [prompt_text(tokenizer, r["prompt"]) for r in rows]
+    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in test)
+    cfg = recipe.eval.model_copy(update={"max_new_tokens": min(512, longest + 8)})  # room for the longest reference
+    recipe = recipe.model_copy(update={"eval": cfg})
+    task = Task("generation", [], cfg)
+    results = _local_contenders(recipe, task, test, tokenizer, prompts, prompts, lambda d, t: task_bar(console, d, t))
+    add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
+    from tunesmith.eval.report import write_eval_outputs
+
+    return write_eval_outputs(recipe, task, results, test, {"validation conversations": len(test)})
 
 
 def _local(

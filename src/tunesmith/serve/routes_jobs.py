@@ -212,3 +212,15 @@ async def list_checkpoints(job_id: str, request: Request, key: Key, after: str |
     _job(request, key, job_id)
     items, more = paginate(_store(request).checkpoints(job_id), after, limit)
     return page([checkpoint_object(c) for c in items], more)
+
+
+@router.get("/fine_tuning/jobs/{job_id}/report")
+async def job_report(job_id: str, request: Request, key: Key):
+    """The job's evaluation report (tunesmith extension): base vs fine-tuned on the validation file,
+    a self-contained HTML page with its charts embedded."""
+    job = _job(request, key, job_id)
+    page_path = Path(job["run_dir"]) / "eval" / "report.html" if job.get("run_dir") else None
+    if page_path is None or not page_path.is_file():
+        raise APIError(404, f"No evaluation report for job {job_id}: reports are written for jobs with a "
+                       "validation_file once training has finished", param="fine_tuning_job_id", code="not_found")
+    return Response(page_path.read_text(encoding="utf-8"), media_type="text/html")

@@ -19,6 +19,7 @@ from pathlib import Path
 from tunesmith.serve.store import Store
 
 LR_BASE = 2e-4
+EVAL_MAX_EXAMPLES = 50  # validation conversations scored after training (generation is the slow part)
 
 
 def read_chat_rows(path: Path) -> list[dict]:
@@ -134,6 +135,8 @@ def run_job(store: Store, job: dict) -> None:
         store.update_job(job["id"], status="paused", control=None)
         store.add_event(job["id"], "Job paused", dedup_key=f"paused:{time.time():.0f}")
         return
+    if val_rows:
+        evaluate_job(store, job["id"], recipe, val_rows)
     from tunesmith.train.metrics import read_metrics_csv
 
     rows = read_metrics_csv(recipe.run_dir / "train" / "metrics.csv")
@@ -142,6 +145,31 @@ def run_job(store: Store, job: dict) -> None:
                      trained_tokens=getattr(trained, "tokens", None), result_files=[result["id"]], control=None)
     store.add_event(job["id"], f"New fine-tuned model created: {name}", dedup_key="model")
     store.add_event(job["id"], "The job has successfully completed", dedup_key="succeeded")
+
+
+def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> None:
+    """Base vs fine-tuned on the validation conversations → ``eval/report.html``, announced by an event.
+
+    The trained model is the job's result: an evaluation failure is reported as a warning event,
+    and the job still succeeds.
+    """
+    from rich.console import Console
+
+    from tunesmith.eval.runner import evaluate_conversations
+
+    n = min(len(val_rows), EVAL_MAX_EXAMPLES)
+    store.add_event(job_id, f"Evaluating the base and fine-tuned models on {n} validation conversations",
+                    dedup_key="eval-started")
+    recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_examples": n})})
+    try:
+        run = evaluate_conversations(recipe, val_rows, Console(file=io.StringIO()))
+    except Exception as exc:  # noqa: BLE001 - the model is trained; a failed report must not fail the job
+        store.add_event(job_id, f"Evaluation failed: {type(exc).__name__}: {exc}"[:500], level="warn", dedup_key="eval-failed")
+        return
+    metrics = {r.name: {k: r.metrics.get(k) for k in ("chrf", "rouge_l", "mean_loss")} for r in run.results}
+    summary = ", ".join(f"{name} chrF {m['chrf']:.1f}" for name, m in metrics.items() if m.get("chrf") is not None)
+    store.add_event(job_id, f"Evaluation report written: {summary}", "message",
+                    {"report": f"/v1/fine_tuning/jobs/{job_id}/report", "metrics": metrics}, dedup_key="eval-report")
 
 
 def train_job(recipe, rows, val_rows, callback, resume, bar):

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import nullcontext
+
 from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
 from tunesmith.errors import ConfigError
 from tunesmith.progress import task_bar
+
+
+def main_process_first():
+    """Let the main process go first in a multi-process launch (the others then find its cache); no-op alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        return PartialState().main_process_first()
+    return nullcontext()
 
 
 def run_training(recipe: Recipe, console: Console, resume: bool = False):
@@ -31,7 +43,8 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
 
         model = load_model_for(recipe.model.name, placement, recipe.train.adapter)
         return train_dpo(recipe, model, tokenizer, placement, console, bar, resume=resume)
-    data = prepare_data(recipe, run_dir / "data", console)
+    with main_process_first():  # under torchrun/accelerate, rank 0 builds (and caches) the data first
+        data = prepare_data(recipe, run_dir / "data", console)
     console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items()))
     if recipe.train.head == "classifier":
         from tunesmith.train.classifier import train_classifier
