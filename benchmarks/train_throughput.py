@@ -5,7 +5,7 @@ linear layers), the same examples, batch size, learning rate, schedule and epoch
 TRL's SFTTrainer with its CPU-hostile defaults switched off (``bf16=False``,
 ``gradient_checkpointing=False``) and everything else left as TRL ships it: padding to the
 longest example of a random batch, no packing, completion-only loss, entropy and token-accuracy
-metrics. tunesmith's side is its default: length-grouped batches, packing with a block-diagonal
+metrics. tunesmith's side is its default: random batches (as the peer's), each packed with a block-diagonal
 mask, logits only at target positions.
 
 Reported per side: wall time of ``train()``, effective (non-padding) tokens/s, peak resident
@@ -95,7 +95,7 @@ def run_tunesmith(rows, tokenizer, args, out: Path) -> dict:
                 "max_seq_length": args.max_len,
                 "logging_steps": 1,
                 "packing": not args.no_packing,
-                "group_by_length": not args.no_grouping,
+                "group_by_length": True if args.grouping else "auto",
             },
         }
     )
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-packing", action="store_true", help="tunesmith side without packing")
-    ap.add_argument("--no-grouping", action="store_true", help="tunesmith side without length grouping")
+    ap.add_argument("--grouping", action="store_true", help="tunesmith side with length-grouped batches too")
     args = ap.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED} (set TUNESMITH_SHARED_DATA)")

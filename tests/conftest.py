@@ -139,3 +139,16 @@ def running_server(app):
     finally:
         srv.should_exit = True
         thread.join(5)
+
+
+def http_get(url: str, key: str | None = None, timeout: float = 30) -> tuple[int, bytes]:
+    """GET with an optional bearer key; returns (status, body) for error statuses too."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()

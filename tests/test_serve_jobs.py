@@ -4,7 +4,6 @@ import json
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 
@@ -12,7 +11,7 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.worker import work
 
-from .conftest import banking_rows, running_server
+from .conftest import banking_rows, http_get, running_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
@@ -98,8 +97,8 @@ def test_job_lifecycle_to_a_servable_model(live):
     assert reply.choices[0].message.content is not None
     page = c.fine_tuning.jobs.list(limit=1)
     assert page.data[0].id == job.id
-    report = httpx.get(f"{live['url']}/fine_tuning/jobs/{job.id}/report", headers={"Authorization": "Bearer k1"})
-    assert report.status_code == 404 and "validation_file" in report.json()["error"]["message"]  # none was given
+    status, body = http_get(f"{live['url']}/fine_tuning/jobs/{job.id}/report", "k1")
+    assert status == 404 and "validation_file" in json.loads(body)["error"]["message"]  # none was given
 
 
 def test_cancel_stops_a_running_job_within_a_step(live):

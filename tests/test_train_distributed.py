@@ -28,7 +28,7 @@ WORKER = textwrap.dedent("""
     model_dir, data_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
     recipe = validate_recipe({"name": "ddp", "output_dir": out, "seed": 2, "model": {"name": model_dir},
                               "data": {"path": data_path, "input_fields": ["text"], "target_field": "category",
-                                       "split": {"train": 1.0, "val": 0, "test": 0}},
+                                       "split": {"train": 20, "val": 0, "test": 4}},
                               "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-2,
                                         "logging_steps": 1}})
     rank = int(os.environ["RANK"])
@@ -82,7 +82,7 @@ def test_two_gloo_ranks_agree_on_the_final_weights(tmp_path, tiny_model_dir):
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "rank 0 prepared 24 examples" in proc.stdout and "rank 1 prepared 24 examples" in proc.stdout
+    assert "rank 0 prepared 20 examples" in proc.stdout and "rank 1 prepared 20 examples" in proc.stdout
     assert proc.stdout.count("prepared data from the cache") == 1  # rank 1 waited for rank 0's build
     assert "rank 0 backend gloo steps 3" in proc.stdout and "rank 1 backend gloo steps 3" in proc.stdout
     r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")

@@ -262,7 +262,9 @@ class TrainSection(Section):
     ] = "adamw_torch"
     max_seq_length: int = Field(512, ge=8)
     gradient_checkpointing: bool = False
-    group_by_length: bool = True
+    group_by_length: Literal["auto"] | bool = Field(
+        "auto", description="batch examples of similar length; auto: only without packing (packing already removes the padding)"
+    )
     packing: bool = Field(True, description="pack a batch's examples into rows, isolated by a block mask")
     train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")
     logging_steps: int = Field(5, ge=1)
@@ -290,6 +292,12 @@ class TrainSection(Section):
         if self.head == "classifier" and self.method != "sft":
             raise ValueError("head: classifier trains with method sft")
         return self
+
+    @property
+    def grouped(self) -> bool:
+        """Whether batches are length-grouped: measured, grouping adds nothing once batches are packed
+        but changes the data order (and so the loss curve) and raises peak memory."""
+        return (not self.packing) if self.group_by_length == "auto" else self.group_by_length
 
 
 class BandsSection(Section):

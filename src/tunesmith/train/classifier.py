@@ -93,7 +93,7 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
 
     from tunesmith.eval.metrics import classification_metrics
     from tunesmith.train.resume import newest_checkpoint
-    from tunesmith.train.sft import make_progress_callback, training_args
+    from tunesmith.train.sft import make_progress_callback, planned_steps, training_args
 
     t, labels = recipe.train, data.labels
     out_dir = recipe.run_dir / "train"
@@ -127,8 +127,9 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
         trainer.remove_callback(cb)
     checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
     start = time.time()
-    with bar("train classifier", t.max_steps or 1) as advance:
-        trainer.add_callback(make_progress_callback(advance, t.max_steps))
+    steps = planned_steps(trainer)
+    with bar("train classifier", steps) as advance:
+        trainer.add_callback(make_progress_callback(advance, steps))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - start
     final_dir = out_dir / "classifier"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 from rich.console import Console
 
@@ -12,13 +12,26 @@ from tunesmith.errors import ConfigError
 from tunesmith.progress import task_bar
 
 
+@contextmanager
 def main_process_first():
-    """Let the main process go first in a multi-process launch (the others then find its cache); no-op alone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """In a multi-process launch (torchrun, accelerate), rank 0 runs the block first and the other ranks
+    after it (they then find its cached data instead of writing the same files at the same time)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
 
-        return PartialState().main_process_first()
-    return nullcontext()
+    if not dist.is_initialized():  # the Trainer reuses this process group
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per rank, as the Trainer does
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    main = dist.get_rank() == 0
+    if not main:
+        dist.barrier()
+    yield
+    if main:
+        dist.barrier()
 
 
 def run_training(recipe: Recipe, console: Console, resume: bool = False):

@@ -99,7 +99,7 @@ def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: 
         fp16=placement.dtype == "float16",
         use_cpu=placement.device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if t.grouped else "random",
         length_column_name="length",
         logging_steps=t.logging_steps,
         eval_strategy=eval_strategy,
@@ -175,12 +175,13 @@ def make_progress_callback(advance, total_steps_hint):
 
     class _Progress(TrainerCallback):
         def __init__(self):
-            self.start = time.time()
+            self.start, self.tokens_at_start = time.time(), 0
             self.last_step = 0
             self.info = ""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last_step = state.global_step  # a resumed run starts past its checkpoint
+            self.start, self.tokens_at_start = time.time(), state.num_input_tokens_seen or 0
 
         def on_step_end(self, args, state, control, **kwargs):
             advance(state.global_step - self.last_step, self.info)
@@ -189,7 +190,9 @@ def make_progress_callback(advance, total_steps_hint):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "loss" in logs:
-                rate = logs.get("tokens_per_second") or 0
+                rate = logs.get("tokens_per_second")
+                if rate is None:  # a plain Trainer (classifier head) counts tokens but does not log a rate
+                    rate = ((state.num_input_tokens_seen or 0) - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
                 self.info = f"loss {logs['loss']:.3f} · {rate:,.0f} tok/s"
             if "eval_loss" in logs:
                 self.info += f" · val {logs['eval_loss']:.3f}"
@@ -223,7 +226,7 @@ def train_sft(
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainable = sum(p.numel() for p in before.values())
     total = sum(p.numel() for p in trainer.model.parameters())
-    steps = _planned_steps(trainer)
+    steps = planned_steps(trainer)
     start = time.time()
     for cb in callbacks or []:
         trainer.add_callback(cb)
@@ -252,7 +255,8 @@ def train_sft(
     return TrainResult(final_dir, rows, seconds, tokens, trainable, total, changed, len(before), model)
 
 
-def _planned_steps(trainer) -> int:
+def planned_steps(trainer) -> int:
+    """Optimizer steps the Trainer will run (max_steps, else epochs x batches per epoch)."""
     args = trainer.args
     if args.max_steps and args.max_steps > 0:
         return args.max_steps
