@@ -85,6 +85,23 @@ def test_streaming_chat_matches_non_streaming(server):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_streaming_n_choices_with_usage(server):
+    c = client(server)
+    msgs = [{"role": "user", "content": "card arrival"}]
+    full = c.chat.completions.create(model=server["base"], messages=msgs, max_tokens=8, temperature=0)
+    chunks = list(c.chat.completions.create(model=server["base"], messages=msgs, max_tokens=8, temperature=0, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    texts, finished = {0: "", 1: ""}, set()
+    for ch in chunks:
+        for choice in ch.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert texts == {0: full.choices[0].message.content, 1: full.choices[0].message.content} and finished == {0, 1}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2 * full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
 def test_legacy_completions_and_stop_strings(server):
     c = client(server)
     r = c.completions.create(model=server["base"], prompt="card", max_tokens=12, temperature=0)

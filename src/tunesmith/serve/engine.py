@@ -55,7 +55,17 @@ class _Job:
     prompt_ids: list[int]
     params: GenParams
     future: Future = field(default_factory=Future)
-    stream: queue.Queue | None = None
+    stream: _Tagged | None = None
+
+
+class _Tagged:
+    """A job's stream that puts ``(index, item)`` on a queue shared by the choices of one request."""
+
+    def __init__(self, merged: queue.Queue, index: int):
+        self.merged, self.index = merged, index
+
+    def put(self, item) -> None:
+        self.merged.put((self.index, item))
 
 
 class Engine:
@@ -109,17 +119,20 @@ class Engine:
         self.queue.put(job)
         return job.future
 
-    def stream(self, model_id: str, prompt_ids: list[int], params: GenParams) -> Iterator[str | Generation]:
-        """Yields text deltas, then the final Generation."""
-        job = _Job(BASE if model_id == self.base_name else model_id, prompt_ids, params, stream=queue.Queue())
-        self.queue.put(job)
-        while True:
-            item = job.stream.get()
+    def stream(self, model_id: str, prompt_ids: list[int], params: list[GenParams]) -> Iterator[tuple[int, str | Generation]]:
+        """One streamed generation per ``params`` entry: yields ``(index, text delta)`` and, last for each
+        index, ``(index, Generation)``; choices are generated one after another."""
+        merged: queue.Queue = queue.Queue()
+        adapter = BASE if model_id == self.base_name else model_id
+        for i, p in enumerate(params):
+            self.queue.put(_Job(adapter, prompt_ids, p, stream=_Tagged(merged, i)))
+        finished = 0
+        while finished < len(params):
+            i, item = merged.get()
             if isinstance(item, BaseException):
                 raise item
-            yield item
-            if isinstance(item, Generation):
-                return
+            yield i, item
+            finished += isinstance(item, Generation)
 
     def close(self) -> None:
         self.queue.put(None)

@@ -84,19 +84,27 @@ async def chat_completions(body: ChatCompletionBody, request: Request, _key: Key
 
 
 def _sse_chat(engine, body: ChatCompletionBody, ids, max_tokens, cid: str, created: int):
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-        doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    """OpenAI's chunk stream: each choice's deltas carry its index; with ``stream_options.include_usage``
+    a last chunk with no choices carries the usage."""
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": choices}
         if usage:
             doc["usage"] = usage
         return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    for item in engine.stream(body.model, ids, _params(body, max_tokens)):
+    def choice(i: int, delta: dict, finish: str | None = None) -> dict:
+        return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
+    gens: list[Generation] = []
+    for i, item in engine.stream(body.model, ids, [_params(body, max_tokens, k) for k in range(body.n)]):
         if isinstance(item, Generation):
-            yield chunk({}, item.finish_reason, _usage([item]))
+            gens.append(item)
+            yield chunk([choice(i, {}, item.finish_reason)])
         elif item:
-            yield chunk({"content": item})
+            yield chunk([choice(i, {"content": item})])
+    if body.include_usage:
+        yield chunk([], _usage(gens))
     yield "data: [DONE]\n\n"
 
 

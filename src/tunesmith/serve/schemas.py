@@ -28,6 +28,11 @@ class SamplingBody(BaseModel):
     seed: int | None = None
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:

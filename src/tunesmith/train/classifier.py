@@ -9,7 +9,6 @@ instead of generating text and parsing it (or scoring every label's tokens).
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,11 +88,10 @@ def predict_proba(model, tokenizer, texts: list[str], batch_size: int = 32, max_
 def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, resume: bool = False):
     """Train the head (+ LoRA) on the train split, evaluate it on the test split, save both."""
     from datasets import Dataset
-    from transformers import DataCollatorWithPadding, PrinterCallback, ProgressCallback, Trainer
+    from transformers import DataCollatorWithPadding, Trainer
 
     from tunesmith.eval.metrics import classification_metrics
-    from tunesmith.train.resume import newest_checkpoint
-    from tunesmith.train.sft import make_progress_callback, planned_steps, training_args
+    from tunesmith.train.sft import fit, training_args
 
     t, labels = recipe.train, data.labels
     out_dir = recipe.run_dir / "train"
@@ -123,15 +121,7 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
         processing_class=tokenizer,
         data_collator=lambda rows: pad([{k: v for k, v in r.items() if k != "length"} for r in rows]),
     )
-    for cb in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(cb)
-    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
-    start = time.time()
-    steps = planned_steps(trainer)
-    with bar("train classifier", steps) as advance:
-        trainer.add_callback(make_progress_callback(advance, steps))
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.time() - start
+    seconds = fit(trainer, out_dir, resume, lambda steps: bar("train classifier", steps))
     final_dir = out_dir / "classifier"
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))

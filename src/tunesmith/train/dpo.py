@@ -16,7 +16,6 @@ reference once before training instead of at every step.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,40 +107,19 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
               callbacks: list | None = None) -> DpoResult:
     """Wrap ``model`` with the recipe's adapter and run TRL's DPOTrainer on ``train.dpo.path``."""
     from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.train.resume import newest_checkpoint
-    from tunesmith.train.sft import make_progress_callback, prepare_model
+    from tunesmith.train.sft import base_args, fit, prepare_model
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
     pairs = read_pairs(t.dpo.path)
     console.print(f"{len(pairs)} preference pairs from {t.dpo.path}")
     args = DPOConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        seed=recipe.seed,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        optim=t.optimizer,
+        **base_args(recipe, placement, out_dir),
         beta=t.dpo.beta,
         precompute_ref_log_probs=t.dpo.precompute_ref_log_probs,
         max_length=t.max_seq_length,
-        bf16=placement.dtype == "bfloat16",
-        fp16=placement.dtype == "float16",
-        use_cpu=placement.device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
-        logging_steps=t.logging_steps,
-        save_strategy="steps" if t.save_steps else "epoch",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        report_to=list(t.report_to),
-        disable_tqdm=True,
     )
     tokenizer.padding_side = "right"
     trainer = DPOTrainer(
@@ -150,16 +128,7 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
     )
-    for cb in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(cb)
-    for cb in callbacks or []:
-        trainer.add_callback(cb)
-    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
-    start = time.time()
-    with bar("dpo", trainer.state.max_steps or t.max_steps or 1) as advance:
-        trainer.add_callback(make_progress_callback(advance, t.max_steps))
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.time() - start
+    seconds = fit(trainer, out_dir, resume, lambda steps: bar("dpo", steps), callbacks)
     final_dir = out_dir / ("model" if t.adapter == "full" else "adapter")
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))

@@ -73,21 +73,16 @@ def split_by_length(
     return kept, rejected
 
 
-def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool, **extra):
-    """TrainingArguments from the recipe: precision from the device, checkpoints with a keep-last limit."""
-    from transformers import TrainingArguments
-
+def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
+    """The arguments every trainer (SFT, DPO, classifier) takes from the recipe, precision from the device."""
     t = recipe.train
-    eval_strategy = ("steps" if t.eval_steps else "epoch") if has_val else "no"
-    save_steps = t.eval_steps if t.early_stopping_patience else t.save_steps
-    kwargs = dict(
+    return dict(
         output_dir=str(out_dir / "checkpoints"),
         seed=recipe.seed,
         data_seed=recipe.seed,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
@@ -99,18 +94,32 @@ def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: 
         fp16=placement.dtype == "float16",
         use_cpu=placement.device == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "epoch",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to),
+        disable_tqdm=True,
+    )
+
+
+def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool, **extra):
+    """TrainingArguments for SFT: validation and early stopping, length grouping, packed batches."""
+    from transformers import TrainingArguments
+
+    t = recipe.train
+    eval_strategy = ("steps" if t.eval_steps else "epoch") if has_val else "no"
+    save_steps = t.eval_steps if t.early_stopping_patience else t.save_steps
+    kwargs = base_args(recipe, placement, out_dir) | dict(
+        per_device_eval_batch_size=t.batch_size,
         train_sampling_strategy="group_by_length" if t.grouped else "random",
         length_column_name="length",
-        logging_steps=t.logging_steps,
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
         save_strategy="steps" if save_steps else "epoch",
         save_steps=save_steps or 500,
-        save_total_limit=t.save_total_limit,
         load_best_model_at_end=bool(t.early_stopping_patience and has_val),
         metric_for_best_model="eval_loss" if t.early_stopping_patience and has_val else None,
-        report_to=list(t.report_to),
-        disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         prediction_loss_only=True,
@@ -218,30 +227,12 @@ def train_sft(
     ``resume`` continues from the newest checkpoint under ``out_dir/checkpoints``; ``callbacks``
     are extra TrainerCallbacks (the jobs worker reports events and checks for cancel with one).
     """
-    from tunesmith.train.resume import newest_checkpoint
-
-    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
     tokenizer.padding_side = "right"
     trainer = build_trainer(recipe, model, tokenizer, train_rows, val_rows, placement, out_dir)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainable = sum(p.numel() for p in before.values())
     total = sum(p.numel() for p in trainer.model.parameters())
-    steps = planned_steps(trainer)
-    start = time.time()
-    for cb in callbacks or []:
-        trainer.add_callback(cb)
-    with progress_factory(steps) as advance:
-        trainer.add_callback(make_progress_callback(advance, steps))
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
-                raise TrainingError(
-                    f"Out of memory while training: {exc}. Lower train.batch_size or train.max_seq_length, "
-                    "or set train.gradient_checkpointing: true (see `tunesmith train RECIPE --estimate`)."
-                ) from exc
-            raise
-    seconds = time.time() - start
+    seconds = fit(trainer, out_dir, resume, progress_factory, callbacks)
     tokenizer.padding_side = "left"
     rows = rows_from_log_history(trainer.state.log_history)
     write_metrics_csv(rows, out_dir / "metrics.csv")
@@ -253,6 +244,34 @@ def train_sft(
     changed = sum(not after[n].detach().equal(v) for n, v in before.items())
     model = trainer.model.eval()
     return TrainResult(final_dir, rows, seconds, tokens, trainable, total, changed, len(before), model)
+
+
+def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
+    """Run ``trainer.train()`` under our progress bar (the Trainer's own printing removed), from the newest
+    checkpoint when ``resume``; returns the seconds it took. An out-of-memory error says what to change."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    from tunesmith.train.resume import newest_checkpoint
+
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
+    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
+    steps = planned_steps(trainer)
+    start = time.time()
+    with progress_factory(steps) as advance:
+        trainer.add_callback(make_progress_callback(advance, steps))
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise TrainingError(
+                    f"Out of memory while training: {exc}. Lower train.batch_size or train.max_seq_length, "
+                    "or set train.gradient_checkpointing: true (see `tunesmith train RECIPE --estimate`)."
+                ) from exc
+            raise
+    return time.time() - start
 
 
 def planned_steps(trainer) -> int:
