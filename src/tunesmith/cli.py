@@ -163,9 +163,11 @@ def eval_(
     _quiet_libraries()
     result = evaluate_recipe(cfg, console)
     console.rule("[bold green]done")
-    h = result.task.headline
+    from tunesmith.eval.report import headline_fmt
+
+    h, fmt = result.task.headline, headline_fmt(result.task)
     for r in result.results:
-        console.print(f"  {r.name:<16} {h} {r.metrics.get(h)}")
+        console.print(f"  {r.name:<16} {h} {fmt(r.metrics.get(h))}")
     console.print(f"Report: {result.report_md}  ·  {result.report_html}")
 
 

@@ -129,7 +129,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         "rows read": n_read,
         "rejected (see data/rejected.jsonl)": len(rejected),
         "examples": len(examples),
-        "labels": len(labels),
+        **({"labels": len(labels)} if cfg.task == "classification" else {}),
         "train": len(splits["train"]),
         "val": len(splits["val"]),
         "test": len(splits["test"]),

@@ -38,14 +38,20 @@ def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
     return "" if not v else f" [{fmt(v[0])}, {fmt(v[1])}]"
 
 
-def _headline_fmt(task: Task) -> Callable:
+def _signed(v: float) -> str:
+    """A difference with its sign: whole numbers from 100 up (+1,140, not +1.14e+03), else 3 digits."""
+    return f"{v:+,.0f}" if abs(v) >= 100 else f"{v:+.3g}"
+
+
+def headline_fmt(task: Task) -> Callable:
+    """How the task's headline metric is printed (a percentage, or two decimals)."""
     return _pct if task.kind == "classification" else (lambda v: _num(v, "{:.2f}"))
 
 
 def columns(task: Task, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
     """(header, cell) pairs for the comparison table of this task kind."""
-    h, fmt = task.headline, _headline_fmt(task)
-    diff = (lambda v: f"{v:+.1%}") if task.kind == "classification" else (lambda v: f"{v:+.3g}")
+    h, fmt = task.headline, headline_fmt(task)
+    diff = (lambda v: f"{v:+.1%}") if task.kind == "classification" else _signed
     cols = [
         (f"{h} (95% CI)", lambda m: fmt(m.get(h)) + _ci(m.get(f"{h}_ci95"), fmt)),
         (
