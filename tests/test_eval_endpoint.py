@@ -57,7 +57,7 @@ def test_timeout_is_retried_and_reported():
     with serve(scripted) as url:
         c, sleeps = client(url)
         r = c.chat(msg("SLOW"), max_tokens=5)
-    assert r.text is None and r.attempts == 3 and "Timeout" in r.error and sleeps == [0.01, 0.02]
+    assert r.text is None and r.attempts == 3 and "timeout: no reply within 0.4s" in r.error and sleeps == [0.01, 0.02]
 
 
 def test_missing_api_key_is_a_config_error(monkeypatch):

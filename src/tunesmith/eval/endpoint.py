@@ -1,8 +1,9 @@
 """Any OpenAI-compatible chat endpoint as a contender (a hosted model, a vLLM server, our own).
 
 Calls go through the official ``openai`` client with its own retries off: we retry 429, 5xx,
-timeouts and dropped connections ourselves with exponential backoff so the schedule is ours to
-configure and test. A call that still fails is reported for its example (``error``) and
+timeouts and dropped connections ourselves (``tunesmith.endpoints``: the same classification as
+the synth client, doubling waits without jitter, at least the server's Retry-After) so the
+schedule is ours to configure and test. A call that still fails is reported for its example (``error``) and
 scored wrong; the evaluation goes on and the report is still written.
 """
 
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tunesmith.config import EndpointSpec
+from tunesmith.endpoints import RetryPolicy, classify
 from tunesmith.errors import ConfigError
 
 
@@ -23,12 +25,6 @@ class Reply:
     text: str | None  # None when every attempt failed
     error: str | None
     attempts: int
-
-
-def _describe(exc: Exception) -> str:
-    status = getattr(exc, "status_code", None)
-    name = type(exc).__name__
-    return f"HTTP {status} ({name})" if status else name
 
 
 class EndpointClient:
@@ -46,27 +42,32 @@ class EndpointClient:
             )
         self.spec = spec
         self.sleep = sleep
+        self.retry = RetryPolicy(spec.max_retries, spec.backoff_s, cap_s=60.0, jitter=False)
         self.client = OpenAI(
             base_url=spec.base_url, api_key=key or "unused", timeout=spec.timeout_s, max_retries=0
         )
 
     def chat(self, messages: list[dict], max_tokens: int) -> Reply:
-        import openai
-
-        retryable = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+        """One greedy reply; what may pass later (429, 5xx, timeouts, dropped connections) is retried
+        with doubling waits, anything else is this example's error at once."""
         last = ""
         for attempt in range(self.spec.max_retries + 1):
             try:
                 resp = self.client.chat.completions.create(
                     model=self.spec.model, messages=messages, max_tokens=max_tokens, temperature=0
                 )
+                if not getattr(resp, "choices", None):
+                    raise ValueError("no choices in the reply")
                 return Reply(resp.choices[0].message.content or "", None, attempt + 1)
-            except retryable as exc:
-                last = _describe(exc)
+            except Exception as exc:
+                err = classify(exc, self.spec.base_url, self.spec.timeout_s)
+                if err is None:
+                    raise
+                if not err.retryable:
+                    return Reply(None, err.describe(), attempt + 1)
+                last = err.describe()
                 if attempt < self.spec.max_retries:
-                    self.sleep(self.spec.backoff_s * 2**attempt)
-            except openai.APIError as exc:  # 400/401/404...: retrying will not help
-                return Reply(None, f"{_describe(exc)}: {str(exc)[:200]}", attempt + 1)
+                    self.sleep(self.retry.delay(attempt, err.retry_after))
         return Reply(None, f"{last} after {self.spec.max_retries + 1} attempt(s)", self.spec.max_retries + 1)
 
     def chat_many(

@@ -53,7 +53,7 @@ class ChatReply:
 class CallFailure:
     """A call that still failed after its retries; reported per request, never cached."""
 
-    kind: str  # "rate_limit" | "server" | "timeout" | "connection" | "bad_request"
+    kind: str  # an EndpointError kind: "rate_limit", "server", "timeout", "connection", "bad_request", "bad_response"
     message: str
     retries: int = 0
 

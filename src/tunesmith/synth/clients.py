@@ -14,27 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+from tunesmith.endpoints import RetryPolicy, classify
 from tunesmith.errors import ProviderError
 from tunesmith.synth.calls import CallFailure, ChatReply, ChatRequest
 
 OnResult = Callable[[int, "ChatReply | CallFailure"], None]
-
-
-@dataclass
-class RetryPolicy:
-    max_retries: int = 5
-    base_s: float = 0.5
-    cap_s: float = 20.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2^attempt)], never less than Retry-After."""
-        jitter = random.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
-        return max(jitter, retry_after or 0.0)
 
 
 class RequestsPerMinute:
@@ -107,47 +94,37 @@ class OpenAIChatClient:
             await client.close()
 
     async def _call_with_retries(self, client, req: ChatRequest, limiter: RequestsPerMinute):
-        import openai
-
+        """Retry what may pass later (429, 5xx, timeouts, dropped connections); a bad request is that
+        request's failure; a refused key, access or model stops the run (every call would fail)."""
         last: CallFailure | None = None
         for attempt in range(self.retry.max_retries + 1):
             await limiter.wait()
             try:
                 return await self._call(client, req)
-            except openai.AuthenticationError as exc:
-                raise ProviderError(
-                    f"{self.endpoint} rejected the API key (401). Put a valid key in ${self.api_key_env}."
-                ) from exc
-            except openai.PermissionDeniedError as exc:
-                raise ProviderError(f"{self.endpoint} refused access (403): {exc.message}") from exc
-            except openai.NotFoundError as exc:
-                raise ProviderError(
-                    f"{self.endpoint} answered 404 for model '{self.model}': check synth.provider.base_url and model."
-                ) from exc
-            except openai.BadRequestError as exc:
-                return CallFailure("bad_request", str(exc.message), attempt)
-            except openai.RateLimitError as exc:
-                last = CallFailure("rate_limit", "429 Too Many Requests", attempt)
-                wait = self.retry.delay(attempt, _retry_after(exc))
-            except openai.APITimeoutError:
-                last = CallFailure("timeout", f"no reply within {self.timeout_s}s", attempt)
-                wait = self.retry.delay(attempt)
-            except openai.APIConnectionError as exc:
-                last = CallFailure("connection", f"cannot reach {self.endpoint}: {exc.__cause__ or exc}", attempt)
-                wait = self.retry.delay(attempt)
-            except openai.APIStatusError as exc:
-                if exc.status_code < 500:
-                    return CallFailure("bad_request", f"HTTP {exc.status_code}: {exc.message}", attempt)
-                last = CallFailure("server", f"HTTP {exc.status_code}", attempt)
-                wait = self.retry.delay(attempt, _retry_after(exc))
-            except ValueError as exc:  # a 200 whose body is not a chat completion
-                return CallFailure("bad_response", f"malformed response: {exc}", attempt)
+            except Exception as exc:
+                err = classify(exc, self.endpoint, self.timeout_s)
+                if err is None:
+                    raise
+                if err.kind in ("auth", "forbidden", "not_found"):
+                    raise ProviderError(self._fatal(err)) from exc
+                failure = CallFailure(err.kind, err.describe(), attempt)
+                if not err.retryable:
+                    return failure
+                last = failure
+                wait = self.retry.delay(attempt, err.retry_after)
             if attempt < self.retry.max_retries:
                 self.retries_done += 1
                 await asyncio.sleep(wait)
         if last.kind == "connection":
             raise ProviderError(f"{last.message} (gave up after {self.retry.max_retries} retries); is the server up?")
         return last
+
+    def _fatal(self, err) -> str:
+        if err.kind == "auth":
+            return f"{self.endpoint} rejected the API key (401). Put a valid key in ${self.api_key_env}."
+        if err.kind == "forbidden":
+            return f"{self.endpoint} refused access (403): {err.message}"
+        return f"{self.endpoint} answered 404 for model '{self.model}': check synth.provider.base_url and model."
 
     async def _call(self, client, req: ChatRequest) -> ChatReply:
         resp = await client.chat.completions.create(
@@ -167,14 +144,6 @@ class OpenAIChatClient:
             getattr(usage, "prompt_tokens", 0) or 0,
             getattr(usage, "completion_tokens", 0) or 0,
         )
-
-
-def _retry_after(exc) -> float | None:
-    try:
-        value = exc.response.headers.get("retry-after")
-        return float(value) if value is not None else None
-    except (AttributeError, ValueError):
-        return None
 
 
 class LocalChatClient:

@@ -15,13 +15,14 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe, SynthSection, dump_resolved
+from tunesmith.endpoints import RetryPolicy
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.progress import task_bar
 from tunesmith.records import Record
 from tunesmith.synth import tasks
 from tunesmith.synth.cache import CallCache
 from tunesmith.synth.calls import CallStats
-from tunesmith.synth.clients import LocalChatClient, OpenAIChatClient, RetryPolicy
+from tunesmith.synth.clients import LocalChatClient, OpenAIChatClient
 from tunesmith.synth.review import write_items
 from tunesmith.synth.runner import run_calls
 from tunesmith.synth.structured import run_structured
