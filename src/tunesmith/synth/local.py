@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tunesmith.eval.generation import stop_ids
 from tunesmith.synth.calls import ChatReply
 
 
@@ -24,6 +25,7 @@ def generate_chat(model, tokenizer, conversations, temperature, top_p, max_token
             top_p=top_p if sample else None,
             top_k=None,
             num_return_sequences=n,
+            eos_token_id=stop_ids(tokenizer, model),  # the same end-of-turn handling as evaluation and serving
             pad_token_id=tokenizer.pad_token_id,
         )
     new = out[:, enc["input_ids"].shape[1] :]
