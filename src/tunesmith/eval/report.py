@@ -93,7 +93,10 @@ def columns(task: Task, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
             ("unanswered", lambda m: str(m.get("unanswered", "–"))),
         ]
     else:
-        cols += [("ROUGE-L", lambda m: _num(m.get("rouge_l"), "{:.2f}"))]
+        cols += [
+            ("ROUGE-L", lambda m: _num(m.get("rouge_l"), "{:.2f}")),
+            ("exact answer", lambda m: _pct(m.get("exact"))),
+        ]
     cols += [
         ("failed calls", lambda m: str(m.get("failed_calls", "–"))),
         (

@@ -87,7 +87,7 @@ class Task:
             return M.band(parsed, g, self.cfg.bands) == "green"
         if self.kind == "qa":
             return parsed is not None and any(qa.exact_match(parsed, t, self.cfg.qa_lang) for t in g)
-        return None
+        return parsed is not None and _same_text(parsed, g)
 
     def metrics(self, parsed: Sequence[Any], examples: Sequence[Example]) -> dict:
         gold = [self.gold(e) for e in examples]
@@ -109,7 +109,13 @@ class Task:
             "chrf": _mean([textsim.chrf(p, [g]) for p, g in zip(texts, gold, strict=True)]),
             "rouge_l": _mean([textsim.rouge_l(p, g) for p, g in zip(texts, gold, strict=True)]),
             "chrf_corpus": textsim.corpus_chrf(texts, gold),
+            "exact": _mean([float(_same_text(p, g)) for p, g in zip(texts, gold, strict=True)]),
         }
+
+
+def _same_text(prediction: str, reference: str) -> bool:
+    """Equal after trimming and folding white space and case (free-form answers that are really labels)."""
+    return " ".join(prediction.split()).casefold() == " ".join(reference.split()).casefold()
 
 
 def _mean(xs: Sequence[float]) -> float | None:

@@ -166,8 +166,9 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
     except Exception as exc:  # noqa: BLE001 - the model is trained; a failed report must not fail the job
         store.add_event(job_id, f"Evaluation failed: {type(exc).__name__}: {exc}"[:500], level="warn", dedup_key="eval-failed")
         return
-    metrics = {r.name: {k: r.metrics.get(k) for k in ("chrf", "rouge_l", "mean_loss")} for r in run.results}
-    summary = ", ".join(f"{name} chrF {m['chrf']:.1f}" for name, m in metrics.items() if m.get("chrf") is not None)
+    metrics = {r.name: {k: r.metrics.get(k) for k in ("chrf", "rouge_l", "exact", "mean_loss")} for r in run.results}
+    summary = ", ".join(f"{name} chrF {m['chrf']:.1f} (exact {m['exact']:.0%})" for name, m in metrics.items()
+                        if m.get("chrf") is not None)
     store.add_event(job_id, f"Evaluation report written: {summary}", "message",
                     {"report": f"/v1/fine_tuning/jobs/{job_id}/report", "metrics": metrics}, dedup_key="eval-report")
 
