@@ -13,12 +13,14 @@ import argparse
 import csv
 import io
 import json
+import math
 import time
 from pathlib import Path
 
 from tunesmith.serve.store import Store
 
 LR_BASE = 2e-4
+CHECKPOINTS_PER_JOB = 10  # a kill loses at most a tenth of the job; saving more often costs time
 EVAL_MAX_EXAMPLES = 50  # validation conversations scored after training (generation is the slow part)
 
 
@@ -58,8 +60,10 @@ def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
 def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path):
     from tunesmith.config import validate_recipe
 
+    steps = math.ceil(count_lines(training_path) / hyper["batch_size"]) * hyper["n_epochs"]
     train = {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "logging_steps": 1,
-             "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_steps": 2, "save_total_limit": 2}
+             "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_total_limit": 2,
+             "save_steps": max(1, math.ceil(steps / CHECKPOINTS_PER_JOB))}
     if job["method"]["type"] == "dpo":  # TRL's DPO reads OpenAI's preference format from the uploaded file
         train |= {"method": "dpo", "dpo": {"beta": hyper["beta"], "path": str(training_path)}}
     return validate_recipe({"name": job["id"], "output_dir": str(root / "runs"), "seed": job["seed"],
