@@ -1,7 +1,12 @@
-"""Progress bars on long work (model conversion, training steps, evaluation) with rich."""
+"""Progress bars on long work (model conversion, training steps, evaluation) with rich.
+
+On a terminal a live bar; in a log file or CI (no terminal) a plain line at every tenth of the
+work, so long runs are not silent there either.
+"""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -25,6 +30,9 @@ def make_progress(console: Console) -> Progress:
 @contextmanager
 def task_bar(console: Console, description: str, total: int):
     """Yield ``advance(n, info="")`` for one bar that lives for the ``with`` block."""
+    if not console.is_terminal:
+        yield _line_printer(console, description, total)
+        return
     with make_progress(console) as progress:
         task = progress.add_task(description, total=total, info="")
 
@@ -34,3 +42,29 @@ def task_bar(console: Console, description: str, total: int):
             progress.advance(task, n)
 
         yield advance
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _line_printer(console: Console, description: str, total: int):
+    """``advance`` for a console that is not a terminal: one line per tenth of ``total`` (and the last)."""
+    start, state = time.monotonic(), {"done": 0, "info": "", "printed": -1}
+
+    def advance(n: int = 1, info: str | None = None) -> None:
+        if info is not None:
+            state["info"] = info
+        state["done"] += n
+        done, tenth = state["done"], state["done"] * 10 // max(total, 1)
+        if tenth <= state["printed"] and done < total:
+            return
+        state["printed"] = tenth
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done) if done else 0.0
+        info_part = f" {state['info']}" if state["info"] else ""
+        console.print(f"{description}: {done}/{total}{info_part} · {_clock(elapsed)} elapsed, ETA {_clock(eta)}",
+                      highlight=False, markup=False, soft_wrap=True)
+
+    return advance
