@@ -47,3 +47,23 @@ def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_mo
     state = json.loads(max((run / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < losses[0], losses
+
+
+def test_classifier_sets_aside_training_texts_longer_than_max_seq_length(cli, tmp_path, tiny_model_dir):
+    rows = banking_rows(LABELS, 8)
+    rows[0] = {**rows[0], "text": "my new card has still not arrived " * 8}  # far over 24 tokens
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", {
+        "name": "cls-long", "output_dir": str(tmp_path / "runs"), "seed": 4, "model": {"name": str(tiny_model_dir)},
+        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category",
+                 "split": {"train": 18, "val": 0, "test": 6}},
+        "train": {"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24}})
+    code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    run = tmp_path / "runs" / "cls-long"
+    rejected = [json.loads(line) for line in (run / "data" / "rejected.jsonl").read_text().splitlines()]
+    long_ones = [r for r in rejected if "train.max_seq_length 24" in r["reason"]]
+    assert long_ones and all(r["stage"] == "train" for r in long_ones)
+    assert "set aside" in out
+    metrics = json.loads((run / "train" / "classifier_metrics.json").read_text())
+    assert metrics["n"] == 6 and "test_texts_cut" in metrics

@@ -6,7 +6,6 @@ keeps the run directory layout in one place.
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,17 +29,6 @@ class RunResult:
     report: Path
     metrics: dict
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def _write_jsonl(path: Path, rows, mode: str = "w") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, mode, encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
-def _append_jsonl(path: Path, rows) -> None:
-    _write_jsonl(path, rows, mode="a")
 
 
 def prepare_data(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:

@@ -66,6 +66,34 @@ def encode(tokenizer, texts: list[str], targets: list[int] | None, max_len: int)
     return rows
 
 
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts)["input_ids"]]
+
+
+def set_aside_long(recipe: Recipe, tokenizer, examples: list, texts: list[str], console):
+    """Training examples whose text fits ``train.max_seq_length``; the others go to data/rejected.jsonl
+    with their length (a cut text could lose what decides its label)."""
+    from tunesmith.records import Rejected
+    from tunesmith.train.stage import append_jsonl
+
+    limit = recipe.train.max_seq_length
+    keep, rejected = [], []
+    for ex, text, n in zip(examples, texts, token_counts(tokenizer, texts), strict=True):
+        if n > limit:
+            rejected.append(Rejected(ex.id, "train", f"{n} tokens > train.max_seq_length {limit}", text))
+        else:
+            keep.append((ex, text))
+    if rejected:
+        where = recipe.run_dir / "data" / "rejected.jsonl"
+        append_jsonl(where, (r.to_json() for r in rejected))
+        console.print(f"[yellow]{len(rejected)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
+    if not keep:
+        from tunesmith.errors import DataError
+
+        raise DataError("no training example fits train.max_seq_length; raise it")
+    return [ex for ex, _ in keep], [text for _, text in keep]
+
+
 def predict_proba(model, tokenizer, texts: list[str], batch_size: int = 32, max_len: int = 512):
     """Per-label probabilities, one forward pass per length-sorted batch; rows in the input order."""
     import torch
@@ -101,9 +129,8 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
         load_classifier(recipe.model.name, labels, placement, tokenizer), t.lora, recipe.seed
     )
     tokenizer.padding_side = "right"
-    train_ds = Dataset.from_list(
-        encode(tokenizer, texts["train"], [index[e.target] for e in data.splits["train"]], t.max_seq_length)
-    )
+    train, train_texts = set_aside_long(recipe, tokenizer, data.splits["train"], texts["train"], console)
+    train_ds = Dataset.from_list(encode(tokenizer, train_texts, [index[e.target] for e in train], t.max_seq_length))
     args = training_args(
         recipe,
         placement,
@@ -125,10 +152,13 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
     final_dir = out_dir / "classifier"
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
+    cut = sum(n > t.max_seq_length for n in token_counts(tokenizer, texts["test"]))
+    if cut:
+        console.print(f"[yellow]{cut} test text(s) longer than train.max_seq_length were cut to it for prediction[/]")
     probs = predict_proba(model, tokenizer, texts["test"], max_len=t.max_seq_length)
     pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
     gold = [e.target for e in data.splits["test"]]
-    metrics = classification_metrics(gold, pred, labels) | {"train_seconds": seconds}
+    metrics = classification_metrics(gold, pred, labels) | {"train_seconds": seconds, "test_texts_cut": cut}
     (out_dir / "classifier_metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     with open(out_dir / "classifier_predictions.jsonl", "w", encoding="utf-8") as fh:
         for e, p, g in zip(data.splits["test"], probs, pred, strict=True):

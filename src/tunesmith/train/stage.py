@@ -17,7 +17,7 @@ from tunesmith.errors import DataError
 from tunesmith.records import Example
 
 
-def _append_jsonl(path: Path, rows) -> None:
+def append_jsonl(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
         for row in rows:
@@ -50,7 +50,7 @@ def train_stage(
         sft_rows(recipe, train), [e.id for e in train], tokenizer, recipe.train.max_seq_length
     )
     if too_long:
-        _append_jsonl(run_dir / "data" / "rejected.jsonl", (r.to_json() for r in too_long))
+        append_jsonl(run_dir / "data" / "rejected.jsonl", (r.to_json() for r in too_long))
         console.print(
             f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length "
             f"set aside[/] → {run_dir / 'data' / 'rejected.jsonl'}"
