@@ -55,10 +55,10 @@ def wrap_classifier(model, lora, seed: int):
     return get_peft_model(model, config)
 
 
-def encode(tokenizer, texts: list[str], targets: list[int] | None, max_len: int) -> list[dict]:
+def encode(tokenizer, texts: list[str], targets: list[int] | None = None) -> list[dict]:
+    """Token ids of each text (never cut here) with its ``length`` and, for training, its label index."""
     rows = []
-    for i, text in enumerate(texts):
-        ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+    for i, ids in enumerate(tokenizer(texts)["input_ids"]):
         row = {"input_ids": ids, "length": len(ids)}
         if targets is not None:
             row["labels"] = targets[i]
@@ -66,47 +66,40 @@ def encode(tokenizer, texts: list[str], targets: list[int] | None, max_len: int)
     return rows
 
 
-def token_counts(tokenizer, texts: list[str]) -> list[int]:
-    return [len(ids) for ids in tokenizer(texts)["input_ids"]]
-
-
-def set_aside_long(recipe: Recipe, tokenizer, examples: list, texts: list[str], console):
-    """Training examples whose text fits ``train.max_seq_length``; the others go to data/rejected.jsonl
+def set_aside_long(recipe: Recipe, examples: list, rows: list[dict], console) -> list[dict]:
+    """The encoded training rows that fit ``train.max_seq_length``; the others go to data/rejected.jsonl
     with their length (a cut text could lose what decides its label)."""
     from tunesmith.records import Rejected
     from tunesmith.train.stage import append_jsonl
 
     limit = recipe.train.max_seq_length
-    keep, rejected = [], []
-    for ex, text, n in zip(examples, texts, token_counts(tokenizer, texts), strict=True):
-        if n > limit:
-            rejected.append(Rejected(ex.id, "train", f"{n} tokens > train.max_seq_length {limit}", text))
-        else:
-            keep.append((ex, text))
+    rejected = [Rejected(ex.id, "train", f"{row['length']} tokens > train.max_seq_length {limit}", ex.inputs)
+                for ex, row in zip(examples, rows, strict=True) if row["length"] > limit]
     if rejected:
         where = recipe.run_dir / "data" / "rejected.jsonl"
         append_jsonl(where, (r.to_json() for r in rejected))
         console.print(f"[yellow]{len(rejected)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
+    keep = [row for row in rows if row["length"] <= limit]
     if not keep:
         from tunesmith.errors import DataError
 
         raise DataError("no training example fits train.max_seq_length; raise it")
-    return [ex for ex, _ in keep], [text for _, text in keep]
+    return keep
 
 
-def predict_proba(model, tokenizer, texts: list[str], batch_size: int = 32, max_len: int = 512):
-    """Per-label probabilities, one forward pass per length-sorted batch; rows in the input order."""
+def predict_proba(model, tokenizer, rows: list[dict], batch_size: int = 32, max_len: int = 512):
+    """Per-label probabilities for encoded rows (ids beyond ``max_len`` cut), one forward pass per
+    length-sorted batch; results in the rows' order."""
     import torch
 
     tokenizer.padding_side = "right"
-    enc = encode(tokenizer, texts, None, max_len)
-    order = sorted(range(len(texts)), key=lambda i: -enc[i]["length"])
-    probs = [None] * len(texts)
+    order = sorted(range(len(rows)), key=lambda i: -rows[i]["length"])
+    probs = [None] * len(rows)
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            batch = tokenizer.pad([{"input_ids": enc[i]["input_ids"]} for i in idx], return_tensors="pt")
+            batch = tokenizer.pad([{"input_ids": rows[i]["input_ids"][:max_len]} for i in idx], return_tensors="pt")
             logits = model(**batch.to(model.device)).logits.float()
             for row, i in enumerate(idx):
                 probs[i] = logits[row].softmax(-1).tolist()
@@ -129,8 +122,10 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
         load_classifier(recipe.model.name, labels, placement, tokenizer), t.lora, recipe.seed
     )
     tokenizer.padding_side = "right"
-    train, train_texts = set_aside_long(recipe, tokenizer, data.splits["train"], texts["train"], console)
-    train_ds = Dataset.from_list(encode(tokenizer, train_texts, [index[e.target] for e in train], t.max_seq_length))
+    train = data.splits["train"]
+    train_ds = Dataset.from_list(
+        set_aside_long(recipe, train, encode(tokenizer, texts["train"], [index[e.target] for e in train]), console)
+    )
     args = training_args(
         recipe,
         placement,
@@ -152,10 +147,11 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
     final_dir = out_dir / "classifier"
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
-    cut = sum(n > t.max_seq_length for n in token_counts(tokenizer, texts["test"]))
+    test_rows = encode(tokenizer, texts["test"])
+    cut = sum(r["length"] > t.max_seq_length for r in test_rows)
     if cut:
         console.print(f"[yellow]{cut} test text(s) longer than train.max_seq_length were cut to it for prediction[/]")
-    probs = predict_proba(model, tokenizer, texts["test"], max_len=t.max_seq_length)
+    probs = predict_proba(model, tokenizer, test_rows, max_len=t.max_seq_length)
     pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
     gold = [e.target for e in data.splits["test"]]
     metrics = classification_metrics(gold, pred, labels) | {"train_seconds": seconds, "test_texts_cut": cut}
