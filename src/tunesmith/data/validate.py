@@ -76,17 +76,19 @@ def read_lines(path: Path):
             yield lineno, line
 
 
-def _load(v: Validation, lineno: int, line: str):
-    """The line as a dict, or None after counting a ``data_type`` error."""
-    v.n += 1
-    try:
-        ex = json.loads(line)
-    except json.JSONDecodeError:
-        ex = None
-    if not isinstance(ex, dict):
-        v.error("data_type", lineno)
-        return None
-    return ex
+def _objects(v: Validation):
+    """``(line number, dict)`` for each line of ``v.path``, counting it; a line that is not a JSON
+    object is a ``data_type`` error and is not yielded."""
+    for lineno, line in read_lines(v.path):
+        v.n += 1
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError:
+            ex = None
+        if isinstance(ex, dict):
+            yield lineno, ex
+        else:
+            v.error("data_type", lineno)
 
 
 def _check_messages(v: Validation, messages, lineno: int) -> bool:
@@ -129,10 +131,7 @@ def _assistant_tokens(messages: list[dict], count_tokens) -> int:
 def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
     """Validate an OpenAI chat fine-tuning file; ``count_tokens(str) -> int``."""
     v = Validation(Path(path), limit=limit)
-    for lineno, line in read_lines(v.path):
-        ex = _load(v, lineno, line)
-        if ex is None:
-            continue
+    for lineno, ex in _objects(v):
         messages = ex.get("messages")
         ok = _check_messages(v, messages, lineno)
         if isinstance(messages, list) and messages and not any(
@@ -155,10 +154,7 @@ def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Valida
     """OpenAI preference (DPO) format: ``input.messages`` plus one preferred and one non-preferred
     assistant message. Tokens per example: the input and both outputs, by the chat rule."""
     v = Validation(Path(path), limit=limit)
-    for lineno, line in read_lines(v.path):
-        ex = _load(v, lineno, line)
-        if ex is None:
-            continue
+    for lineno, ex in _objects(v):
         inp = ex.get("input")
         messages = inp.get("messages") if isinstance(inp, dict) else None
         ok = _check_messages(v, messages, lineno)
@@ -188,10 +184,7 @@ def validate_completion(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) ->
     (completions without a leading space, duplicate rows)."""
     v = Validation(Path(path), limit=limit)
     seen: set[tuple] = set()
-    for lineno, line in read_lines(v.path):
-        ex = _load(v, lineno, line)
-        if ex is None:
-            continue
+    for lineno, ex in _objects(v):
         if not all(isinstance(ex.get(k), str) for k in ("prompt", "completion")):
             v.error("missing_key", lineno)
             continue

@@ -198,20 +198,23 @@ async def resume_job(job_id: str, request: Request, key: Key):
     return _control(request, key, job_id, "resume", ("paused",), "queued")
 
 
+def _job_page(request: Request, key, job_id: str, rows, to_object, after: str | None, limit: int) -> dict:
+    """One page of a job's events or checkpoints, after checking the job belongs to ``key``."""
+    _job(request, key, job_id)
+    items, more = paginate(rows(job_id), after, limit)
+    return page([to_object(x) for x in items], more)
+
+
 @router.get("/fine_tuning/jobs/{job_id}/events")
 async def list_events(job_id: str, request: Request, key: Key, after: str | None = None,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 20):
-    _job(request, key, job_id)
-    items, more = paginate(_store(request).events(job_id), after, limit)
-    return page([event_object(e) for e in items], more)
+    return _job_page(request, key, job_id, _store(request).events, event_object, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, key: Key, after: str | None = None,
                            limit: Annotated[int, Query(ge=1, le=100)] = 10):
-    _job(request, key, job_id)
-    items, more = paginate(_store(request).checkpoints(job_id), after, limit)
-    return page([checkpoint_object(c) for c in items], more)
+    return _job_page(request, key, job_id, _store(request).checkpoints, checkpoint_object, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/report")

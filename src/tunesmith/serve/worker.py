@@ -57,10 +57,10 @@ def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
     return hyper
 
 
-def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path):
+def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int):
     from tunesmith.config import validate_recipe
 
-    steps = math.ceil(count_lines(training_path) / hyper["batch_size"]) * hyper["n_epochs"]
+    steps = math.ceil(n_examples / hyper["batch_size"]) * hyper["n_epochs"]
     train = {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "logging_steps": 1,
              "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_total_limit": 2,
              "save_steps": max(1, math.ceil(steps / CHECKPOINTS_PER_JOB))}
@@ -121,8 +121,9 @@ def run_job(store: Store, job: dict) -> None:
     dpo = job["method"]["type"] == "dpo"
     rows = [] if dpo else read_chat_rows(training_path)
     val_rows = read_chat_rows(Path(files["validation_file"]["storage"])) if "validation_file" in files and not dpo else []
-    hyper = resolve_hyperparameters(job["method"], count_lines(training_path))
-    recipe = job_recipe(job, root, hyper, training_path)
+    n_examples = count_lines(training_path)
+    hyper = resolve_hyperparameters(job["method"], n_examples)
+    recipe = job_recipe(job, root, hyper, training_path, n_examples)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
     resume = any((recipe.run_dir / "train" / "checkpoints").glob("checkpoint-*"))
     store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
