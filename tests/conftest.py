@@ -89,6 +89,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def banking_recipe(tmp_path: Path, model_dir, data_path, *, name: str, seed: int, split: dict, **sections) -> dict:
+    """A recipe over BANKING77 rows (``text`` → ``category``) in ``tmp_path/runs``; each keyword section
+    (``data``, ``train``, ``eval``, ...) is merged into the section of that name."""
+    doc = {"name": name, "output_dir": str(tmp_path / "runs"), "seed": seed, "model": {"name": str(model_dir)},
+           "data": {"path": str(data_path), "input_fields": ["text"], "target_field": "category", "split": split}}
+    for key, value in sections.items():
+        doc[key] = {**doc.get(key, {}), **value}
+    return doc
+
+
 def write_recipe(path: Path, doc: dict) -> Path:
     import yaml
 

@@ -10,26 +10,14 @@ from rich.console import Console
 from tunesmith.config import load_recipe
 from tunesmith.data.prepare import cache_key, prepare
 
-from .conftest import banking_rows, write_jsonl, write_recipe
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def recipe_doc(tmp_path, data_path, model_dir, **data) -> dict:
-    return {
-        "name": "prep",
-        "output_dir": str(tmp_path / "runs"),
-        "seed": 3,
-        "model": {"name": str(model_dir)},
-        "data": {
-            "path": str(data_path),
-            "input_fields": ["text"],
-            "target_field": "category",
-            "split": {"train": 0.6, "val": 0.2, "test": 0.2},
-            "profile": {"enabled": False},
-            **data,
-        },
-    }
+    return banking_recipe(tmp_path, model_dir, data_path, name="prep", seed=3,
+                          split={"train": 0.6, "val": 0.2, "test": 0.2}, data={"profile": {"enabled": False}, **data})
 
 
 def read_jsonl(path):

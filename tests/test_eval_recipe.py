@@ -2,29 +2,16 @@
 
 import json
 
-from .conftest import banking_rows, write_jsonl, write_recipe
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 from .openai_stub import serve
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def _recipe(tmp_path, model_dir, data_path, **sections):
-    doc = {
-        "name": "ev",
-        "output_dir": str(tmp_path / "runs"),
-        "seed": 3,
-        "model": {"name": str(model_dir)},
-        "data": {
-            "path": str(data_path),
-            "input_fields": ["text"],
-            "target_field": "category",
-            "system_prompt": "Classify.",
-            "split": {"train": 24, "val": 0, "test": 9},
-        },
-        "eval": {"max_new_tokens": 4, "batch_size": 4, "bootstrap": 200},
-    }
-    for k, v in sections.items():
-        doc[k] = {**doc.get(k, {}), **v}
+    defaults = {"data": {"system_prompt": "Classify."}, "eval": {"max_new_tokens": 4, "batch_size": 4, "bootstrap": 200}}
+    merged = {k: {**defaults.get(k, {}), **sections.get(k, {})} for k in defaults | sections}
+    doc = banking_recipe(tmp_path, model_dir, data_path, name="ev", seed=3, split={"train": 24, "val": 0, "test": 9}, **merged)
     return write_recipe(tmp_path / "r.yaml", doc)
 
 

@@ -2,37 +2,17 @@
 
 import json
 
-from .conftest import banking_rows, write_jsonl, write_recipe
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
-    recipe = write_recipe(
-        tmp_path / "r.yaml",
-        {
-            "name": "cls",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 4,
-            "model": {"name": str(tiny_model_dir)},
-            "data": {
-                "path": str(data),
-                "input_fields": ["text"],
-                "target_field": "category",
-                "split": {"train": 27, "val": 0, "test": 9},
-            },
-            "train": {
-                "head": "classifier",
-                "max_steps": 20,
-                "batch_size": 9,
-                "learning_rate": 1e-2,
-                "logging_steps": 5,
-                "max_seq_length": 64,
-                "lr_scheduler": "constant",
-            },
-        },
-    )
+    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="cls", seed=4, split={"train": 27, "val": 0, "test": 9},
+        train={"head": "classifier", "max_steps": 20, "batch_size": 9, "learning_rate": 1e-2, "logging_steps": 5,
+               "max_seq_length": 64, "lr_scheduler": "constant"}))
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     run = tmp_path / "runs" / "cls" / "train"
@@ -53,11 +33,9 @@ def test_classifier_sets_aside_training_texts_longer_than_max_seq_length(cli, tm
     rows = banking_rows(LABELS, 8)
     rows[0] = {**rows[0], "text": "my new card has still not arrived " * 8}  # far over 24 tokens
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    recipe = write_recipe(tmp_path / "r.yaml", {
-        "name": "cls-long", "output_dir": str(tmp_path / "runs"), "seed": 4, "model": {"name": str(tiny_model_dir)},
-        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category",
-                 "split": {"train": 18, "val": 0, "test": 6}},
-        "train": {"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24}})
+    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="cls-long", seed=4, split={"train": 18, "val": 0, "test": 6},
+        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24}))
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     run = tmp_path / "runs" / "cls-long"

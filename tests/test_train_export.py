@@ -4,31 +4,17 @@ import json
 
 import torch
 
-from .conftest import banking_rows, write_jsonl, write_recipe
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def _train(cli, tmp_path, tiny_model_dir, name, **train):
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 14))
-    recipe = write_recipe(
-        tmp_path / f"{name}.yaml",
-        {
-            "name": name,
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 5,
-            "model": {"name": str(tiny_model_dir)},
-            "data": {
-                "path": str(data),
-                "input_fields": ["text"],
-                "target_field": "category",
-                "system_prompt": "Classify.",
-                "split": {"train": 36, "val": 0, "test": 6},
-            },
-            "train": {"batch_size": 8, "logging_steps": 10, "max_seq_length": 96, "lr_scheduler": "constant"}
-            | train,
-        },
-    )
+    recipe = write_recipe(tmp_path / f"{name}.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name=name, seed=5, split={"train": 36, "val": 0, "test": 6},
+        data={"system_prompt": "Classify."},
+        train={"batch_size": 8, "logging_steps": 10, "max_seq_length": 96, "lr_scheduler": "constant"} | train))
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     return tmp_path / "runs" / name

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import banking_rows, write_jsonl, write_recipe
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
 KILL_AT = 4
 STEPS = 8
@@ -39,32 +39,11 @@ CHILD = textwrap.dedent("""
 
 def _recipe(tmp_path, tiny_model_dir, name):
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked", "age_limit"), 10))
-    return write_recipe(
-        tmp_path / f"{name}.yaml",
-        {
-            "name": name,
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 11,
-            "model": {"name": str(tiny_model_dir)},
-            "data": {
-                "path": str(data),
-                "input_fields": ["text"],
-                "target_field": "category",
-                "split": {"train": 24, "val": 0, "test": 6},
-            },
-            # 24 examples / batch 4 = 6 steps per epoch: the kill lands mid-epoch 1, the run ends in epoch 2
-            "train": {
-                "max_steps": STEPS,
-                "batch_size": 4,
-                "learning_rate": 5e-3,
-                "logging_steps": 1,
-                "save_steps": 2,
-                "save_total_limit": 2,
-                "max_seq_length": 96,
-                "lora": {"dropout": 0.1},
-            },
-        },
-    )
+    # 24 examples / batch 4 = 6 steps per epoch: the kill lands mid-epoch 1, the run ends in epoch 2
+    return write_recipe(tmp_path / f"{name}.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name=name, seed=11, split={"train": 24, "val": 0, "test": 6},
+        train={"max_steps": STEPS, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 1, "save_steps": 2,
+               "save_total_limit": 2, "max_seq_length": 96, "lora": {"dropout": 0.1}}))
 
 
 def _steps_and_losses(run):

@@ -11,7 +11,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.train.packing import PackedCollator, first_fit_decreasing, tokenize_example
 from tunesmith.train.trainer import completion_loss
 
-from .conftest import banking_rows, write_jsonl, write_recipe
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
@@ -108,33 +108,12 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
 
 
 def _recipe(tmp_path, tiny_model_dir, **train):
-    rows = banking_rows(LABELS, 12)
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    return write_recipe(
-        tmp_path / "r.yaml",
-        {
-            "name": "tiny-train",
-            "output_dir": str(tmp_path / "runs"),
-            "seed": 3,
-            "model": {"name": str(tiny_model_dir)},
-            "data": {
-                "path": str(data),
-                "input_fields": ["text"],
-                "target_field": "category",
-                "system_prompt": "Classify.",
-                "split": {"train": 24, "val": 6, "test": 6},
-            },
-            "train": {
-                "max_steps": 6,
-                "batch_size": 4,
-                "learning_rate": 5e-3,
-                "logging_steps": 2,
-                "eval_steps": 3,
-                "max_seq_length": 96,
-            }
-            | train,
-        },
-    )
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
+    return write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="tiny-train", seed=3, split={"train": 24, "val": 6, "test": 6},
+        data={"system_prompt": "Classify."},
+        train={"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2, "eval_steps": 3,
+               "max_seq_length": 96} | train))
 
 
 def test_train_command_writes_adapter_metrics_and_plot(cli, tmp_path, tiny_model_dir):
