@@ -128,6 +128,17 @@ def _assistant_tokens(messages: list[dict], count_tokens) -> int:
     return sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant")
 
 
+def _tally(v: Validation, messages: list[dict], answers: list[dict], count_tokens, extra: list[dict] = ()) -> None:
+    """Statistics of one well-formed example: roles and count of ``messages``, tokens of ``messages``
+    plus ``extra`` (DPO's two outputs), assistant tokens of ``answers``."""
+    roles = [m["role"] for m in messages]
+    v.missing_system += "system" not in roles
+    v.missing_user += "user" not in roles
+    v.n_messages.append(len(messages))
+    v.tokens.append(_chat_tokens(messages + list(extra), count_tokens))
+    v.assistant_tokens.append(_assistant_tokens(answers, count_tokens))
+
+
 def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
     """Validate an OpenAI chat fine-tuning file; ``count_tokens(str) -> int``."""
     v = Validation(Path(path), limit=limit)
@@ -141,12 +152,7 @@ def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Valid
             ok = False
         if not ok:
             continue
-        roles = [m["role"] for m in messages]
-        v.missing_system += "system" not in roles
-        v.missing_user += "user" not in roles
-        v.n_messages.append(len(messages))
-        v.tokens.append(_chat_tokens(messages, count_tokens))
-        v.assistant_tokens.append(_assistant_tokens(messages, count_tokens))
+        _tally(v, messages, messages, count_tokens)
     return v
 
 
@@ -170,12 +176,7 @@ def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Valida
                 outputs.append(out[0])
         if not ok:
             continue
-        roles = [m["role"] for m in messages]
-        v.missing_system += "system" not in roles
-        v.missing_user += "user" not in roles
-        v.n_messages.append(len(messages))
-        v.tokens.append(_chat_tokens(messages + outputs, count_tokens))
-        v.assistant_tokens.append(_assistant_tokens(outputs, count_tokens))
+        _tally(v, messages, outputs, count_tokens, extra=outputs)
     return v
 
 
