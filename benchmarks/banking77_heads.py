@@ -54,6 +54,7 @@ def main() -> None:
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED} (set TUNESMITH_SHARED_DATA)")
     from transformers.utils import logging as hf_logging
+    from tunesmith.train.stage import train_stage
 
     from tunesmith.config import validate_recipe
     from tunesmith.data.formatting import chat_messages, prompt_text
@@ -64,7 +65,6 @@ def main() -> None:
     from tunesmith.pipeline import PreparedData
     from tunesmith.progress import task_bar
     from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.stage import train_stage
 
     hf_logging.set_verbosity_error()
     console = Console()

@@ -10,7 +10,7 @@ def test_defaults_fill_every_section():
     r = validate_recipe(MINIMAL)
     assert r.model.name == "smollm2-135m-instruct"
     assert r.train.method == "sft" and r.train.adapter == "lora" and r.train.lora.r == 16
-    assert r.eval.baselines == ["majority", "tfidf_logreg"]
+    assert r.eval.baselines == ["auto"]
     assert str(r.run_dir) == "runs/t"
 
 

@@ -164,15 +164,23 @@ def test_balance_cap_and_target():
         run(recs("x", label=["a"]), {"step": "balance", "fields": ["label"], "target": {"z": 1}})
 
 
-def test_sample_shuffle_sort_are_seeded():
+def test_sample_is_seeded():
     records = recs(*[f"t{i}" for i in range(20)], n=[str(20 - i) for i in range(20)])
     k1, r1, _ = run(list(records), {"step": "sample", "n": 5, "seed": 3})
     k2, _, _ = run(list(records), {"step": "sample", "n": 5, "seed": 3})
     assert [r.source for r in k1] == [r.source for r in k2] and len(r1) == 15
-    s1, _, _ = run(list(records), {"step": "shuffle", "seed": 1})
-    assert [r.source for r in s1] != [r.source for r in records] and len(s1) == 20
-    s2, _, _ = run(list(records), {"step": "sort", "field": "n"})
-    assert [r.data["n"] for r in s2][:3] == ["1", "2", "3"]  # numeric order, not "1", "10", "11"
+
+
+def test_train_order_sorts_numbers_as_numbers_and_sort_steps_point_to_data_order():
+    from tunesmith.config import DataSection
+    from tunesmith.data.task import order_train
+    from tunesmith.records import Example
+
+    train = [Example(str(i), {"text": "t"}, "x", {"n": str(20 - i)}) for i in range(20)]
+    cfg = DataSection(path="d.csv", input_fields=["text"], target_field="y", order={"by": "n"})
+    assert [e.meta["n"] for e in order_train(train, cfg)][:3] == ["1", "2", "3"]  # not "1", "10", "11"
+    with pytest.raises(ValueError, match="data.order"):
+        DataSection(path="d.csv", input_fields=["text"], target_field="y", steps=[{"step": "sort", "field": "n"}])
 
 
 def test_steps_in_order_account_for_every_record():

@@ -44,10 +44,11 @@ def test_run_writes_everything_and_learns(cli, tmp_path, tiny_model_dir):
     assert sum(1 for _ in open(run / "data/test.jsonl")) == 15
 
     metrics = json.loads((run / "eval/metrics.json").read_text())
-    assert set(metrics) == {"base", "finetuned", "majority", "tfidf_logreg"}
+    # the default baselines: every one that applies to classification (the strongest cheap ones included)
+    assert set(metrics) == {"base", "finetuned", "majority", "tfidf_logreg", "tfidf_svm", "embed_logreg"}
     assert all(0 <= m["accuracy"] <= 1 and m["n"] == 15 for m in metrics.values())
     preds = [json.loads(line) for line in (run / "eval/predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 4 * 15 and {"id", "prompt", "output", "parsed", "gold", "correct"} <= set(preds[0])
+    assert len(preds) == 6 * 15 and {"id", "prompt", "output", "parsed", "gold", "correct"} <= set(preds[0])
 
     report = (run / "report.md").read_text()
     assert report.index("| contender |") < report.index("## Data")
@@ -63,9 +64,10 @@ def test_run_writes_everything_and_learns(cli, tmp_path, tiny_model_dir):
     # every LoRA tensor moved away from its (seeded) initial value
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models.loading import wrap_lora
+    from tunesmith.config import LoraSection
+    from tunesmith.models.loading import wrap_adapter
 
-    init = wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 16, 32, 0.05, "all-linear", seed=7)
+    init = wrap_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora", LoraSection(), seed=7)
     initial = {n.replace(".default", ""): p.detach() for n, p in init.named_parameters() if "lora_" in n}
     trained = load_file(run / "train/adapter/adapter_model.safetensors")
     assert set(trained) == set(initial) and len(trained) == 2 * 7 * 2  # A and B, 7 linear layers, 2 blocks

@@ -193,10 +193,11 @@ def test_adapters_and_merged_folders_are_contenders(cli, tmp_path, tiny_model_di
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models.loading import wrap_lora
+    from tunesmith.config import LoraSection
+    from tunesmith.models.loading import wrap_adapter
 
-    peft_model = wrap_lora(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, "all-linear", seed=1
+    peft_model = wrap_adapter(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora", LoraSection(r=4, alpha=8, dropout=0.0), seed=1
     )
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -27,6 +27,15 @@ def test_label_scores_match_one_sequence_at_a_time(tiny_model):
     np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
+def test_label_chunks_give_the_same_scores_as_one_pass(tiny_model):
+    """Scoring labels a few at a time (bounded memory) changes nothing: one candidate per chunk equals all at once."""
+    model, tok = tiny_model
+    labels = LABELS + ["exchange_rate", "card", "pin", "age"]
+    whole = score_labels(model, tok, PROMPTS, labels, "<|im_end|>", batch_size=3, chunk_tokens=10**9)
+    chunked = score_labels(model, tok, PROMPTS, labels, "<|im_end|>", batch_size=3, chunk_tokens=1)
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
     model, tok = tiny_model
     batched = generate_greedy(model, tok, PROMPTS, max_new_tokens=6, batch_size=3)

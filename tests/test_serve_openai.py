@@ -14,10 +14,11 @@ def server(tiny_model_dir, tmp_path_factory):
     """uvicorn on 127.0.0.1 serving the tiny model plus one LoRA adapter named 'ft:tiny:demo:1'."""
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.models.loading import wrap_lora
+    from tunesmith.config import LoraSection
+    from tunesmith.models.loading import wrap_adapter
 
     adapter_dir = tmp_path_factory.mktemp("adapter")
-    lora = wrap_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), 4, 8, 0.0, "all-linear", seed=1)
+    lora = wrap_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora", LoraSection(r=4, alpha=8, dropout=0.0), seed=1)
     for name, p in lora.named_parameters():  # a non-trivial adapter: B is zero at init
         if "lora_B" in name:
             p.data.normal_(0, 0.5)

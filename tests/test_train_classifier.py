@@ -12,18 +12,22 @@ def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_mo
     recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
         tmp_path, tiny_model_dir, data, name="cls", seed=4, split={"train": 27, "val": 0, "test": 9},
         train={"head": "classifier", "max_steps": 20, "batch_size": 9, "learning_rate": 1e-2, "logging_steps": 5,
-               "max_seq_length": 64, "lr_scheduler": "constant"}))
-    code, out = cli(["train", str(recipe)])
+               "max_seq_length": 64, "lr_scheduler": "constant"},
+        eval={"baselines": ["majority"], "max_new_tokens": 4}))
+    code, out = cli(["run", str(recipe)])  # tunesmith run trains the head and scores it like any contender
     assert code == 0, out
     run = tmp_path / "runs" / "cls" / "train"
     assert (run / "classifier/adapter_model.safetensors").is_file()
-    metrics = json.loads((run / "classifier_metrics.json").read_text())
-    assert metrics["n"] == 9 and 0 <= metrics["accuracy"] <= 1
-    preds = [json.loads(line) for line in (run / "classifier_predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((run.parent / "eval/metrics.json").read_text())["finetuned"]
+    assert metrics["n"] == 9 and 0 <= metrics["accuracy"] <= 1 and metrics["scoring"] == "classifier head"
+    preds = [json.loads(line) for line in (run.parent / "eval/predictions.jsonl").read_text().splitlines()]
+    preds = [p for p in preds if p["model"] == "finetuned"]
     assert len(preds) == 9
     for p in preds:
         assert set(p["probabilities"]) == set(LABELS) and abs(sum(p["probabilities"].values()) - 1) < 1e-5
-        assert p["predicted"] == max(p["probabilities"], key=p["probabilities"].get)
+        assert p["parsed"] == max(p["probabilities"], key=p["probabilities"].get)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["kind"] == "classifier" and summary["trainable_tensors_changed"] > 0
     state = json.loads(max((run / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < losses[0], losses
@@ -43,5 +47,4 @@ def test_classifier_sets_aside_training_texts_longer_than_max_seq_length(cli, tm
     long_ones = [r for r in rejected if "train.max_seq_length 24" in r["reason"]]
     assert long_ones and all(r["stage"] == "train" for r in long_ones)
     assert "set aside" in out
-    metrics = json.loads((run / "train" / "classifier_metrics.json").read_text())
-    assert metrics["n"] == 6 and "test_texts_cut" in metrics
+    assert json.loads((run / "train" / "summary.json").read_text())["set_aside_too_long"] == len(long_ones)

@@ -64,7 +64,7 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=2.")] = None,
 ) -> None:
-    """Run a recipe end to end: data, base eval, baselines, fine-tune, eval, report."""
+    """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
     from tunesmith.config import load_recipe
     from tunesmith.pipeline import run as run_pipeline
 
@@ -72,8 +72,8 @@ def run(
     _quiet_libraries()
     result = run_pipeline(cfg, console)
     console.rule("[bold green]done")
-    for name, m in result.metrics.items():
-        console.print(f"  {name:<14} accuracy {m['accuracy']:.1%}")
+    if result.headline:
+        console.print(result.headline.replace("**", ""))
     console.print(f"Report: {result.report}")
 
 
@@ -163,9 +163,7 @@ def eval_(
     _quiet_libraries()
     result = evaluate_recipe(cfg, console)
     console.rule("[bold green]done")
-    from tunesmith.eval.report import headline_fmt
-
-    h, fmt = result.task.headline, headline_fmt(result.task)
+    h, fmt = result.task.headline, result.task.fmt
     for r in result.results:
         console.print(f"  {r.name:<16} {h} {fmt(r.metrics.get(h))}")
     console.print(f"Report: {result.report_md}  ·  {result.report_html}")

@@ -157,16 +157,17 @@ class SampleStep(Section):
     seed: int = 0
 
 
-class OrderStep(Section):
-    step: Literal["shuffle", "sort"]
-    field: str | None = Field(None, description="sort key (sort only)")
+class OrderSection(Section):
+    """The order in which training reads the TRAIN split (a curriculum), applied after splitting so that
+    every arm of a run shares the same split. Without it the trainer shuffles every epoch."""
+
+    by: str = Field(..., description="a record field, or 'target'")
     descending: bool = False
-    seed: int = 0
 
 
 Step = Annotated[
     ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep | RegexStep | LanguageStep
-    | ExactDedupStep | NearDedupStep | SemanticDedupStep | BalanceStep | SampleStep | OrderStep,
+    | ExactDedupStep | NearDedupStep | SemanticDedupStep | BalanceStep | SampleStep,
     Field(discriminator="step"),
 ]
 
@@ -187,8 +188,18 @@ class ExportSpec(Section):
     rejected_field: str = "rejected"
 
 
+class SplitFiles(Section):
+    """Official splits as separate files (e.g. BANKING77's test set, KorQuAD dev). Without ``test`` a
+    stratified share of the train file (data.split.test, default 0.2) is held out; without ``val``,
+    data.split.val of it."""
+
+    train: Path
+    val: Path | None = None
+    test: Path | None = None
+
+
 class DataSection(Section):
-    path: Path | None = Field(None, description="data file or folder; omit when data.hub names a hub dataset")
+    path: Path | None = Field(None, description="data file or folder; omit when data.hub or data.splits names the data")
     format: Literal[
         "auto", "jsonl", "csv", "json", "parquet", "squad", "hf_disk", "hf_hub", "documents"
     ] = "auto"
@@ -201,7 +212,9 @@ class DataSection(Section):
     profile: ProfileSection = ProfileSection()
     export: list[ExportSpec] = Field([], description="extra exports of the train/val/test splits")
     cache: bool = Field(True, description="reuse prepared data while inputs, section, tokenizer, code match")
-    task: Literal["classification", "generation"] = "classification"
+    splits: SplitFiles | None = Field(None, description="train/val/test files instead of splitting data.path")
+    description: str = Field("", description="what the data is and where to get it; shown when a file is missing")
+    task: str = Field("classification", description="task kind: classification, regression, qa or generation")
     input_fields: list[str] = Field(..., min_length=1)
     target_field: str
     prompt: str = Field("{text}", description="template over the input fields, e.g. 'Review: {text}'")
@@ -212,11 +225,32 @@ class DataSection(Section):
     on_error: Literal["fail", "skip"] = "fail"
     limit: int | None = Field(None, ge=1, description="read at most this many records")
     split: SplitSection = SplitSection()
+    order: OrderSection | None = Field(None, description="train-split order (curriculum); default: shuffled")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _order_steps_moved(cls, raw: Any) -> Any:
+        for i, step in enumerate(raw.get("steps") or [] if isinstance(raw, dict) else []):
+            if isinstance(step, dict) and step.get("step") in ("sort", "shuffle"):
+                raise ValueError(
+                    f"steps[{i}]: '{step['step']}' is no longer a curation step (the seeded split reordered its "
+                    "result); order the train split with data.order: {by: FIELD, descending: false}"
+                )
+        return raw
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from tunesmith.tasks import names
+
+        if v not in names():
+            raise ValueError(f"unknown task kind '{v}'; choose one of {', '.join(names())}")
+        return v
 
     @model_validator(mode="after")
     def _prompt_uses_known_fields(self) -> DataSection:
-        if self.path is None and self.hub is None:
-            raise ValueError("give data.path (a file or folder) or data.hub (a hub dataset name)")
+        if self.path is None and self.hub is None and self.splits is None:
+            raise ValueError("give data.path (a file or folder), data.splits (train/val/test files) or data.hub")
         names = {f for _, f, _, _ in string.Formatter().parse(self.prompt) if f}
         unknown = sorted(names - set(self.input_fields))
         if unknown:
@@ -324,6 +358,10 @@ class EndpointSpec(Section):
     backoff_s: float = Field(1.0, ge=0, description="first retry delay; doubles each retry")
     concurrency: int = Field(4, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="default: eval.max_new_tokens")
+    ask_as: str = Field(
+        "base", description="prompt it like the base model (base; label list included) or like the named arm "
+        "(e.g. finetuned), for an endpoint that serves a fine-tuned model"
+    )
 
 
 class JudgeSpec(Section):
@@ -343,12 +381,8 @@ class EvalSection(Section):
     base_prompt_with_labels: bool = Field(
         True, description="list the labels in the base model's prompt so it can answer with one"
     )
-    baselines: list[Literal["majority", "tfidf_logreg", "random", "mean", "ridge"]] = [
-        "majority", "tfidf_logreg"
-    ]
-    # --- evaluation tasks, contenders and report (tunesmith eval) ---
-    task: Literal["auto", "classification", "regression", "qa", "generation"] = Field(
-        "auto", description="auto: follow data.task"
+    baselines: list[str] = Field(
+        ["auto"], description="LLM-free baselines; auto: every one that applies to the task except random"
     )
     qa_lang: Literal["en", "ko"] = Field("en", description="en: SQuAD v1.1 scoring; ko: KorQuAD v1.0")
     bands: BandsSection = BandsSection()
@@ -359,6 +393,17 @@ class EvalSection(Section):
     judge: JudgeSpec | None = None
     perplexity: bool = Field(True, description="mean loss / perplexity of the gold answers per local model")
     stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
+
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        from tunesmith.tasks import all_baselines
+
+        known = all_baselines()
+        unknown = [b for b in v if b != "auto" and b not in known]
+        if unknown:
+            raise ValueError(f"unknown baseline(s) {unknown}; known: auto, {', '.join(sorted(known))}")
+        return v
 
 
 # --- synthetic data (tunesmith synth) -------------------------------------------------------
@@ -441,7 +486,10 @@ class PreferencePairsTask(Section):
 
 class SynthSection(Section):
     task: Literal["paraphrase", "qa_from_documents", "seed_questions", "evol_instruct", "preference_pairs"]
-    input: Path = Field(..., description="records (JSONL/CSV/JSON), a document file or folder, or a seed-word file")
+    input: Path | None = Field(
+        None, description="records (JSONL/CSV/JSON), a document file or folder, or a seed-word file; in a run, "
+        "paraphrase without an input rewords the train split"
+    )
     limit: int | None = Field(None, ge=1, description="use at most this many inputs")
     language: Literal["en", "ko"] = "en"
     prompt_file: Path | None = Field(None, description="your own prompt template ($placeholders) for the task's main call")
@@ -470,6 +518,37 @@ class HostedSection(Section):
     timeout_s: float = Field(120.0, gt=0)
 
 
+ARM_DATA_KEYS = ("prompt", "system_prompt", "order")
+
+
+class ArmSpec(Section):
+    """A named variant of the fine-tune: overrides of the data (prompt, system prompt, train order),
+    synth and train sections. Every arm trains its own adapter on the same split."""
+
+    name: str
+    description: str = ""
+    data: dict[str, Any] = {}
+    train: dict[str, Any] = {}
+    synth: dict[str, Any] | None = Field(None, description="synth overrides; null turns the synth stage off")
+    from_arm: str | None = Field(None, description="start from this (earlier) arm's trained adapter, e.g. SFT then DPO")
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) or v in ("base",):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names a folder); 'base' is taken")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _data_keys(cls, v: dict) -> dict:
+        bad = sorted(set(v) - set(ARM_DATA_KEYS))
+        if bad:
+            raise ValueError(f"an arm may override data.{{{', '.join(ARM_DATA_KEYS)}}} only (the split is shared "
+                             f"by every arm), not {bad}")
+        return v
+
+
 class Recipe(Section):
     name: str
     output_dir: Path = Path("runs")
@@ -480,6 +559,35 @@ class Recipe(Section):
     eval: EvalSection = EvalSection()
     synth: SynthSection | None = None
     hosted: HostedSection | None = None
+    arms: list[ArmSpec] = Field([], description="named variants trained on the same split and compared side by side")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_eval_task(cls, raw: Any) -> Any:
+        """Older recipes set the task kind as ``eval.task``; it is ``data.task`` now."""
+        ev = raw.get("eval") if isinstance(raw, dict) else None
+        if isinstance(ev, dict) and "task" in ev:
+            ev = dict(ev)
+            kind = ev.pop("task")
+            raw = {**raw, "eval": ev}
+            if kind != "auto" and isinstance(raw.get("data"), dict):
+                raw["data"] = {**raw["data"], "task": kind}
+        return raw
+
+    @model_validator(mode="after")
+    def _arms_are_distinct(self) -> Recipe:
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"arms: names must be unique; repeated: {dup}")
+        for i, arm in enumerate(self.arms):
+            if arm.from_arm and arm.from_arm not in names[:i]:
+                raise ValueError(f"arms[{i}] ({arm.name}): from_arm '{arm.from_arm}' is not an earlier arm ({names[:i]})")
+        return self
+
+    @property
+    def task_kind(self) -> str:
+        return self.data.task if self.data else "generation"
 
     @field_validator("name")
     @classmethod
@@ -549,11 +657,36 @@ def _resolve_relative(section, key: str, base: Path) -> None:
 
 
 def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    """Validate a merged recipe and each of its arms; every problem is reported at once."""
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(err) for err in exc.errors()]
-        raise ConfigError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(f"  - {line}" for line in lines)) from None
+        _raise_problems(source, [_describe(err) for err in exc.errors()])
+    lines = []
+    for i, arm in enumerate(recipe.arms):
+        try:
+            arm_recipe(recipe, arm)
+        except ValidationError as exc:
+            lines += [f"arms[{i}] ({arm.name}): {_describe(err)}" for err in exc.errors()]
+    if lines:
+        _raise_problems(source, lines)
+    return recipe
+
+
+def _raise_problems(source: str, lines: list[str]):
+    raise ConfigError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(f"  - {line}" for line in lines)) from None
+
+
+def arm_recipe(recipe: Recipe, arm: ArmSpec) -> Recipe:
+    """The recipe an arm trains with: its overrides merged over the run's sections, writing under
+    ``<run>/arms/<arm>/``. Raises pydantic's ValidationError (paths from the recipe's root)."""
+    doc = recipe.model_dump(mode="json", exclude={"arms"})
+    doc["data"] = deep_merge(doc["data"] or {}, arm.data)
+    doc["train"] = deep_merge(doc["train"], arm.train)
+    if "synth" in arm.model_fields_set:
+        doc["synth"] = None if arm.synth is None else deep_merge(doc.get("synth") or {}, arm.synth)
+    doc["name"], doc["output_dir"] = arm.name, str(recipe.run_dir / "arms")
+    return Recipe.model_validate(doc)
 
 
 def _describe(err: dict) -> str:
@@ -571,6 +704,8 @@ def _closest_key(loc: tuple) -> str | None:
     """Walk the schema along ``loc[:-1]`` and return the field name nearest to ``loc[-1]``."""
     model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
+        if isinstance(part, int):  # an index into a list of sections
+            continue
         field = model.model_fields.get(str(part)) if model else None
         ann = field.annotation if field else None
         models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]

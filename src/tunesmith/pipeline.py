@@ -1,11 +1,15 @@
-"""``tunesmith run``: data → base eval → baselines → LoRA SFT → fine-tuned eval → report.
+"""``tunesmith run``: data → (synth) → for each arm: train → one evaluation of every contender → one report.
 
-Each stage is a small function in its own module; this file only wires them together and
-keeps the run directory layout in one place.
+This module only wires the stages together: data preparation (:mod:`tunesmith.data.prepare`),
+synthetic augmentation (:mod:`tunesmith.augment`), training (:mod:`tunesmith.train.dispatch`) and
+evaluation (:mod:`tunesmith.eval.runner`, the path ``tunesmith eval`` takes too).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,13 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
-from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
-from tunesmith.data.prepare import PreparedData, prepare
-from tunesmith.data.task import render_prompt
 from tunesmith.errors import ConfigError
-from tunesmith.eval import baselines
-from tunesmith.eval.classify import ContenderResult, evaluate_baseline, evaluate_llm
-from tunesmith.progress import task_bar
 
 
 @dataclass
@@ -28,26 +26,19 @@ class RunResult:
     run_dir: Path
     report: Path
     metrics: dict
+    headline: str
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def prepare_data(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
-    """Read, curate, map and split (cached); every rejected row goes to ``rejected.jsonl`` with its reason."""
-    return prepare(recipe, data_dir, console)
 
 
 def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     """Run the whole recipe and return where its report is."""
-    from tunesmith.models.loading import check_adapter_device, load_model, load_tokenizer, pick_placement
-    from tunesmith.report import plot_confusions, write_report
-    from tunesmith.train.stage import train_stage
+    from tunesmith.data.prepare import prepare
+    from tunesmith.eval.runner import arm_recipes, check_endpoints, contenders_of, evaluate
 
     console = console or Console()
     if recipe.data is None:
         raise ConfigError("this recipe has no data section; `tunesmith run` needs one (see examples/banking77.yaml)")
-    if recipe.train.method != "sft" or recipe.train.head != "generative":
-        raise ConfigError("tunesmith run fine-tunes with generative SFT; use `tunesmith train` for "
-                          "train.method dpo or train.head classifier")
+    check_endpoints(recipe)  # a missing API key fails before any data or model work
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")
@@ -58,94 +49,126 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
         console.rule(f"[bold]{name}")
         t0 = time.time()
         yield
-        timings[name] = time.time() - t0
-
-    def bar(desc: str, total: int):
-        return task_bar(console, desc, total)
+        timings[name] = round(time.time() - t0, 1)
+        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2), encoding="utf-8")
 
     with stage("data"):
-        data = prepare_data(recipe, run_dir / "data", console)
+        data = prepare(recipe, run_dir / "data", console)
         console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items()))
-    train, val, test = data.splits["train"], data.splits["val"], data.splits["test"]
-    if recipe.eval.max_examples:
-        test = test[: recipe.eval.max_examples]
-    gold = [e.target for e in test]
-    ids = [e.id for e in test]
-    results: list[ContenderResult] = []
-
-    with stage("load model"):
-        placement = pick_placement(recipe.model.precision, recipe.model.device)
-        check_adapter_device(recipe.train.adapter, placement)
-        tokenizer = load_tokenizer(recipe.model.name)
-        model = load_model(recipe.model.name, placement)
-        console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}")
-    suffix = end_of_turn(tokenizer)
-    labels_for_base = data.labels if recipe.eval.base_prompt_with_labels else None
-    base_prompts = [prompt_text(tokenizer, chat_messages(e, recipe.data, labels_for_base)) for e in test]
-    ft_prompts = [prompt_text(tokenizer, chat_messages(e, recipe.data)) for e in test]
-
-    with stage("evaluate base model"):
-        results.append(
-            evaluate_llm("base", f"{recipe.model.name}, no fine-tuning", model, tokenizer, base_prompts, ids, gold,
-                         data.labels, suffix, recipe.eval, bar)
-        )
-    with stage("baselines"):
-        texts = [render_prompt(e, recipe.data.prompt) for e in test]
-        train_texts = [render_prompt(e, recipe.data.prompt) for e in train]
-        train_gold = [e.target for e in train]
-        if "majority" in recipe.eval.baselines:
-            pred = baselines.majority(train_gold, len(test))
-            results.append(evaluate_baseline("majority", "most frequent training label", pred, ids, texts, gold,
-                                             data.labels))
-        if "tfidf_logreg" in recipe.eval.baselines:
-            pred = baselines.tfidf_logreg(train_texts, train_gold, texts, recipe.seed)
-            results.append(evaluate_baseline("tfidf_logreg", "TF-IDF + logistic regression on the train split",
-                                             pred, ids, texts, gold, data.labels))
-
-    with stage("train"):
-        trained = train_stage(recipe, train, val, model, tokenizer, placement, console, bar)
-        data.summary["rejected (see data/rejected.jsonl)"] += trained.too_long
-    with stage("evaluate fine-tuned model"):
-        if hasattr(trained.model, "merge_adapter"):
-            trained.model.merge_adapter()  # fold LoRA into the weights: evaluation runs at base-model speed
-        results.insert(
-            1,
-            evaluate_llm("finetuned", f"{recipe.model.name} + LoRA r={recipe.train.lora.r}"
-                         if recipe.train.adapter != "full" else f"{recipe.model.name}, full fine-tune",
-                         trained.model, tokenizer, ft_prompts, ids, gold, data.labels, suffix, recipe.eval, bar),
-        )
-
+    arms = arm_recipes(recipe)
+    trained = {}
+    for i, arm in enumerate(arms, 1):
+        name = "finetuned" if arm is recipe else arm.name
+        with stage(f"arm {i}/{len(arms)}: {name}"):
+            trained[name] = train_arm(recipe, arm, name, data, console, f"[{i}/{len(arms)} {name}] ")
+    with stage("evaluate"):
+        ev = evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders_of(recipe, console),
+                      data.summary, console)
     with stage("report"):
-        eval_dir = run_dir / "eval"
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        from tunesmith.eval.report import write_eval_outputs
-        from tunesmith.eval.runner import add_intervals
-        from tunesmith.eval.tasks import Task
+        report = write_run_report(recipe, ev, trained, timings)
+    return RunResult(run_dir, report, {r.name: r.metrics for r in ev.results}, ev.report.headline(), timings)
 
-        task = Task("classification", data.labels, recipe.eval)  # bootstrap CIs, metrics.json, predictions,
-        add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)  # eval/report.md and report.html
-        write_eval_outputs(recipe, task, results, test, data.summary)
-        metrics = {r.name: r.metrics for r in results}
-        llm = [r for r in results if r.name in ("base", "finetuned")]
-        images = {
-            "Training loss": run_dir / "train" / "loss.png",
-            "Confusion matrices (test split)": plot_confusions(llm, gold, data.labels, eval_dir / "confusion.png"),
-        }
-        for png in sorted((run_dir / "data" / "profile").glob("*.png")):  # the data stage's profile plots
-            images[f"Data profile: {png.stem.replace('_', ' ')}"] = png
-        first = next((r["train_loss"] for r in trained.rows if r["train_loss"] is not None), None)
-        last = next((r["train_loss"] for r in reversed(trained.rows) if r["train_loss"] is not None), None)
-        train_summary = {
-            "method": recipe.train.adapter + (f" (r={recipe.train.lora.r}, alpha={recipe.train.lora.alpha})"
-                                              if recipe.train.adapter != "full" else ""),
-            "device / precision": f"{placement.device} / {placement.dtype}",
-            "trainable parameters": f"{trained.trainable_params:,} of {trained.total_params:,}",
-            "epochs / steps": f"{recipe.train.epochs} / {trained.rows[-1]['step'] if trained.rows else 0}",
-            "tokens trained (no padding)": f"{trained.tokens:,}",
-            "training time": f"{trained.seconds:.0f} s ({trained.tokens_per_second:,.0f} tokens/s)",
-            "train loss first → last logged": f"{first:.3f} → {last:.3f}" if first is not None else "–",
-            "trainable tensors that changed": f"{trained.tensors_changed} of {trained.tensors_trainable}",
-        }
-        report = write_report(run_dir / "report.md", recipe=recipe, results=results, data_summary=data.summary,
-                              train_summary=train_summary, timings=timings, images=images)
-    return RunResult(run_dir, report, metrics, timings)
+
+def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, prefix: str) -> dict:
+    """Train one arm unless it finished before with the same settings (``train/done.json``); returns its summary."""
+    from tunesmith.progress import task_bar
+    from tunesmith.train.dispatch import TrainData, train
+    from tunesmith.train.resume import complete_checkpoint
+
+    out = arm.run_dir / "train"
+    key = arm_fingerprint(arm, data)
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == key:
+        console.print(f"{name}: trained before with the same settings ({done}); not retrained")
+        return json.loads(done.read_text())["summary"]
+    train_set = list(data.splits["train"])
+    summary: dict = {}
+    if arm.synth is not None:
+        from tunesmith.augment import augment
+
+        grown = augment(arm, recipe, train_set, data.splits["val"] + data.splits["test"], console)
+        train_set += grown.examples
+        summary |= grown.summary
+    init = _from_arm(recipe, name)
+    started = out / "started.json"  # which settings the checkpoints below belong to
+    checkpoint = complete_checkpoint(out / "checkpoints")
+    if checkpoint and (not started.is_file() or json.loads(started.read_text()).get("fingerprint") != key):
+        console.print(f"[yellow]{name}: the checkpoints in {out / 'checkpoints'} were made with other settings; "
+                      "training from scratch[/]")
+        shutil.rmtree(out / "checkpoints")
+        checkpoint = None
+    out.mkdir(parents=True, exist_ok=True)
+    started.write_text(json.dumps({"fingerprint": key}), encoding="utf-8")
+    resume = checkpoint is not None
+    if resume:
+        console.print(f"{name}: resuming from {checkpoint}")
+    result = train(arm, TrainData(train_set, data.splits["val"], data.labels), console,
+                   lambda desc, total: task_bar(console, prefix + desc, total), resume=resume, init_adapter=init)
+    t = arm.train
+    summary |= {
+        "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
+                  + (" / classifier head" if t.head == "classifier" else ""),
+        "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
+        "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
+        "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
+        "tokens trained": f"{result.tokens:,}",
+        "training time": f"{result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)",
+        "peak memory": f"{result.peak_memory_mb:,.0f} MB",
+        "train loss first → last": _loss_span(result.rows),
+        "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
+    }
+    done.write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2), encoding="utf-8")
+    return summary
+
+
+def _from_arm(recipe: Recipe, name: str) -> Path | None:
+    """The adapter an arm starts from (``from_arm``), which must have been trained first."""
+    from tunesmith.config import arm_recipe
+    from tunesmith.eval.runner import trained_output
+
+    spec = next((a for a in recipe.arms if a.name == name), None)
+    if spec is None or not spec.from_arm:
+        return None
+    source = arm_recipe(recipe, next(a for a in recipe.arms if a.name == spec.from_arm))
+    found = trained_output(source.run_dir)
+    if found is None or found[1] != "llm":
+        raise ConfigError(f"arm '{name}': from_arm '{spec.from_arm}' has no trained adapter to start from")
+    return found[0]
+
+
+def arm_fingerprint(arm: Recipe, data) -> str:
+    """What decides an arm's training: its recipe (less eval) and the prepared train split."""
+    doc = arm.model_dump(mode="json", exclude={"eval"})
+    h = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode())
+    h.update("\n".join(e.id for e in data.splits["train"]).encode())
+    return h.hexdigest()
+
+
+def _loss_span(rows: list[dict]) -> str:
+    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    return f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "–"
+
+
+def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict[str, float]) -> Path:
+    """The run's report.md: the evaluation report plus each arm's training and the time per stage."""
+    report = ev.report
+    report.title = f"{recipe.name}: fine-tuning report"
+    report.sections = {f"Training: {name}": summary for name, summary in trained.items()}
+    report.sections["Time per stage (seconds)"] = timings
+    images = dict(report.images)
+    for arm_dir, name in _arm_dirs(recipe):
+        if (arm_dir / "train" / "loss.png").is_file():
+            images[f"Training loss: {name}"] = arm_dir / "train" / "loss.png"
+    for png in sorted((recipe.run_dir / "data" / "profile").glob("*.png")):
+        images[f"Data profile: {png.stem.replace('_', ' ')}"] = png
+    report.images = images
+    path = recipe.run_dir / "report.md"
+    path.write_text(report.markdown(recipe.run_dir), encoding="utf-8")
+    (recipe.run_dir / "report.html").write_text(report.html(), encoding="utf-8")
+    return path
+
+
+def _arm_dirs(recipe: Recipe) -> list[tuple[Path, str]]:
+    from tunesmith.eval.runner import arm_name, arm_recipes
+
+    return [(a.run_dir, arm_name(recipe, a)) for a in arm_recipes(recipe)]

@@ -1,11 +1,11 @@
-"""Plots and the run's report.md (the before/after table comes first)."""
+"""Plots shared by the train and eval stages: the loss curve and confusion matrices."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.eval.classify import ContenderResult
 from tunesmith.eval.metrics import confusion
+from tunesmith.eval.result import ContenderResult
 
 
 def _plt():
@@ -62,68 +62,4 @@ def plot_confusions(results: list[ContenderResult], gold: list[str], labels: lis
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{v:.1%}"
-
-
-def _ci(v) -> str:
-    return f" [{v[0]:.1%}, {v[1]:.1%}]" if v else ""
-
-
-def comparison_table(results: list[ContenderResult]) -> str:
-    head = "| contender | accuracy (95% CI) | macro-F1 | how scored | free-generation accuracy "
-    head += "| unparseable answers |\n"
-    head += "|---|---|---|---|---|---|\n"
-    lines = []
-    for r in results:
-        m = r.metrics
-        gen = _pct(m.get("accuracy_generate")) if "accuracy_generate" in m else "–"
-        unp = f"{m['unparseable_generate']}/{m['n']}" if "unparseable_generate" in m else "–"
-        lines.append(
-            f"| **{r.name}** — {r.description} | {_pct(m['accuracy'])}{_ci(m.get('accuracy_ci95'))} | "
-            f"{_pct(m['macro_f1'])} | "
-            f"{m['scoring']} | {gen} | {unp} |"
-        )
-    return head + "\n".join(lines) + "\n"
-
-
-def write_report(path: Path, *, recipe, results, data_summary, train_summary, timings, images) -> Path:
-    by_name = {r.name: r for r in results}
-    base, ft = by_name.get("base"), by_name.get("finetuned")
-    out = [f"# {recipe.name}: fine-tuning report\n\n"]
-    if base and ft:
-        gain = (ft.metrics["accuracy"] - base.metrics["accuracy"]) * 100
-        out.append(
-            f"Fine-tuned **{ft.metrics['accuracy']:.1%}** vs base **{base.metrics['accuracy']:.1%}** accuracy "
-            f"on {ft.metrics['n']} held-out test examples ({gain:+.1f} points).\n\n"
-        )
-    out.append(comparison_table(results))
-    out.append(
-        "\n*accuracy* uses the same method for every LLM: the label with the highest mean token "
-        "log-likelihood after the prompt (fair to a base model that never learned the answer format). "
-        "*free-generation accuracy* parses greedy output strictly: an answer that is not exactly one "
-        "label counts as unparseable and wrong. The base model's prompt lists the labels"
-        + (" " if recipe.eval.base_prompt_with_labels else " (disabled in this recipe) ")
-        + "so that it can answer with one; the fine-tuned model's prompt does not.\n"
-    )
-    out.append("\n## Data\n")
-    out.append("| | count |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in data_summary.items()))
-    out.append("\n## Training\n")
-    out.append("| | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in train_summary.items()))
-    out.append("\n## Time per stage\n")
-    rows = "".join(f"| {k} | {v:.1f} |\n" for k, v in timings.items())
-    out.append("| stage | seconds |\n|---|---|\n" + rows)
-    out.append("\n## Plots\n")
-    for title, img in images.items():
-        out.append(f"\n### {title}\n\n![{title}]({img.relative_to(path.parent).as_posix()})\n")
-    out.append(
-        "\n## Files\n\n- `config.resolved.yaml` — the recipe as run, with package versions\n"
-        "- `data/` — train/val/test splits as chat JSONL, `rejected.jsonl` with reasons\n"
-        "- `train/` — `adapter/`, `metrics.csv` (OpenAI results-file columns), `loss.png`\n"
-        "- `eval/` — `metrics.json`, `predictions.jsonl`, `confusion.png`, `report.md`, `report.html`\n"
-    )
-    path.write_text("".join(out), encoding="utf-8")
     return path

@@ -52,6 +52,13 @@ def write_jsonl(path: Path, rows) -> int:
     return n
 
 
+def append_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
 def tokenizer_loader(recipe: Recipe):
     def load():
         from tunesmith.models.loading import load_tokenizer
@@ -83,24 +90,16 @@ def prepare(recipe: Recipe, data_dir: Path, console: Console, use_cache: bool | 
 def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     cfg = recipe.data
     ctx = StepContext(tokenizer=tokenizer_loader(recipe), on_error=cfg.on_error)
-    records, rejected = read_source(cfg, ctx.tok)
-    n_read = len(records) + len(rejected)
-    if cfg.profile.enabled:  # before curation, so the plots show what the limits will cut
-        from tunesmith.data.profile import profile_records
-
-        profile_records(records, cfg, ctx.tok, data_dir / "profile", limits=_token_limits(cfg))
-    kept, dropped, rows = records, [], []
-    if cfg.steps:
-        with task_bar(console, "curate", len(cfg.steps)) as advance:
-            kept, dropped, rows = run_steps(
-                records,
-                cfg.steps,
-                ctx,
-                lambda r: advance(1, f"{r.step}: kept {r.kept:,}, dropped {r.dropped:,}"),
-            )
-    rejected += dropped
-    examples, unmapped = to_examples(kept, cfg)
-    rejected += unmapped
+    files = split_files(cfg)
+    parts = {
+        name: curate(cfg.model_copy(update={"path": path}) if path else cfg, ctx, console,
+                     data_dir / "profile" if name in ("all", "train") else None)
+        for name, path in files.items()
+    }
+    n_read = sum(p.n_read for p in parts.values())
+    rejected = [r for p in parts.values() for r in p.rejected]
+    examples = [e for p in parts.values() for e in p.examples]
+    rows = [r for p in parts.values() for r in p.rows]
     if n_read != len(examples) + len(rejected):  # invariant: nothing disappears
         raise AssertionError(f"{n_read} read but {len(examples)} kept + {len(rejected)} rejected")
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +111,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
             f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {len(rejected)})"
         )
     labels = label_set(examples, cfg)
-    splits = split_examples(examples, cfg.split, recipe.seed)
+    splits, notes = assign_splits({k: p.examples for k, p in parts.items()}, cfg, recipe.seed)
     if not splits["test"]:
         raise DataError("the test split is empty; give data.split.test a size > 0")
     for name in ("train", "val", "test"):
@@ -129,19 +128,101 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         "rows read": n_read,
         "rejected (see data/rejected.jsonl)": len(rejected),
         "examples": len(examples),
-        **({"labels": len(labels)} if cfg.task == "classification" else {}),
+        **({"labels": len(labels)} if labels else {}),
         "train": len(splits["train"]),
         "val": len(splits["val"]),
         "test": len(splits["test"]),
         "not used (split sizes smaller than the data)": len(splits["unused"]),
+        **notes,
     }
-    summary.update({f"step {r.step}: dropped": r.dropped for r in rows})
+    for r in rows:
+        key = f"step {r.step}: dropped"
+        summary[key] = summary.get(key, 0) + r.dropped
     data = PreparedData(splits, labels, summary, len(rejected), rows)
     if cfg.export:
         from tunesmith.data.exporters import export_splits
 
         export_splits(splits, cfg, data_dir / "export")
     return data
+
+
+@dataclass
+class Curated:
+    examples: list[Example]
+    rejected: list
+    rows: list
+    n_read: int
+
+
+def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None) -> Curated:
+    """Read one source, profile it (before curation, so the plots show what the limits will cut),
+    run the curation steps and map the survivors to examples."""
+    records, rejected = read_source(cfg, ctx.tok)
+    n_read = len(records) + len(rejected)
+    if cfg.profile.enabled and profile_dir is not None:
+        from tunesmith.data.profile import profile_records
+
+        profile_records(records, cfg, ctx.tok, profile_dir, limits=_token_limits(cfg))
+    kept, dropped, rows = records, [], []
+    if cfg.steps:
+        with task_bar(console, "curate", len(cfg.steps)) as advance:
+            kept, dropped, rows = run_steps(
+                records,
+                cfg.steps,
+                ctx,
+                lambda r: advance(1, f"{r.step}: kept {r.kept:,}, dropped {r.dropped:,}"),
+            )
+    examples, unmapped = to_examples(kept, cfg)
+    return Curated(examples, rejected + dropped + unmapped, rows, n_read)
+
+
+SPLIT_FILE_ROLES = {"train": "the training split", "val": "the validation split", "test": "the official test split"}
+
+
+def split_files(cfg) -> dict[str, Path | None]:
+    """The sources to read: ``{"all": None}`` (data.path / data.hub, split later) or one per split file."""
+    if cfg.splits is None:
+        return {"all": None}
+    files = {k: getattr(cfg.splits, k) for k in ("train", "val", "test") if getattr(cfg.splits, k)}
+    for name, path in files.items():
+        if not Path(path).exists():
+            raise DataError(missing_file_message(cfg, f"data.splits.{name}", Path(path), SPLIT_FILE_ROLES[name]))
+    return files
+
+
+def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
+    about = f" It is {cfg.description.strip()}" if cfg.description.strip() else ""
+    return f"{key}: file not found: {path} ({role}).{about}"
+
+
+def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict[str, list[Example]], dict]:
+    """Split one source with data.split, or take split files as given; a missing val or test file is
+    carved (seeded, stratified for classification) out of the train file and the summary says so."""
+    from tunesmith.tasks import kind_class
+
+    stratify = kind_class(cfg.task).stratify and cfg.split.stratify
+    split_cfg = cfg.split.model_copy(update={"stratify": stratify})
+    if "all" in parts:
+        return split_examples(parts["all"], split_cfg, seed), {}
+    out = {"train": parts["train"], "val": parts.get("val", []), "test": parts.get("test", []), "unused": []}
+    notes = {}
+    carve_val = "val" not in parts and cfg.split.val > 0
+    carve_test = "test" not in parts
+    if carve_val or carve_test:
+        test = (cfg.split.test if "test" in cfg.split.model_fields_set else 0.2) if carve_test else 0
+        val = cfg.split.val if carve_val else 0
+        if test >= 1 or val >= 1:
+            raise DataError("with data.splits, data.split.val/test are fractions of the train file (below 1)")
+        held = split_examples(parts["train"], split_cfg.model_copy(update={"train": 1 - val - test, "val": val,
+                                                                          "test": test}), seed)
+        out["train"], out["unused"] = held["train"], held["unused"]
+        if carve_test:
+            out["test"] = held["test"]
+            notes["test held out from the train file (no test file given)"] = f"{len(held['test'])} ({test:.0%})"
+        if carve_val:
+            out["val"] = held["val"]
+            notes["val held out from the train file"] = len(held["val"])
+    return out, notes
 
 
 def _token_limits(cfg) -> tuple[int | None, int | None]:
@@ -175,10 +256,13 @@ def cache_key(recipe: Recipe) -> str:
 
     h = hashlib.sha256(f"format {CACHE_FORMAT} tunesmith {__version__}".encode())
     cfg = recipe.data
-    if cfg.path is not None:
+    if cfg.path is not None and cfg.splits is None:
         if not Path(cfg.path).exists():
-            raise DataError(f"Data file not found: {cfg.path}")
+            raise DataError(missing_file_message(cfg, "data.path", Path(cfg.path), "the data file"))
         _hash_path(h, Path(cfg.path))
+    for path in split_files(cfg).values():
+        if path is not None:
+            _hash_path(h, Path(path))
     h.update(cfg.model_dump_json().encode())
     h.update(f"seed={recipe.seed} model={recipe.model.name}".encode())
     try:

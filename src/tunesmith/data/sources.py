@@ -164,4 +164,11 @@ def derive_fields(records: list[Record], derive: dict[str, str | list[str]]) -> 
             )
         for rec in records:
             values = {f: "" if rec.data.get(f) is None else rec.data[f] for f in needed}
-            rec.data[name] = template.format(**values).strip()
+            try:
+                rec.data[name] = template.format(**values).strip()
+            except (ValueError, TypeError, IndexError, KeyError) as exc:
+                shown = {f: values[f] for f in needed}
+                raise DataError(
+                    f"{rec.source}: data.derive.{name}: the template {template!r} does not fit the values {shown} "
+                    f"({exc}); a format like {{x:.0f}} needs a number, not text"
+                ) from None

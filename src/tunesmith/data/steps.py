@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +22,6 @@ from tunesmith.config import (
     LanguageStep,
     NearDedupStep,
     NumericRangeStep,
-    OrderStep,
     RegexStep,
     SampleStep,
     ScrubStep,
@@ -410,22 +409,6 @@ def sample(records, spec: SampleStep, ctx):
     return kept, [_drop(r, f"not in the sample of {n}") for i, r in enumerate(records) if i not in chosen]
 
 
-def order(records, spec: OrderStep, ctx):
-    if spec.step == "shuffle":
-        out = list(records)
-        random.Random(spec.seed).shuffle(out)
-        return out, []
-    if not spec.field:
-        raise DataError("data.steps sort: name the field to sort by")
-
-    def key(rec):
-        v = rec.data.get(spec.field)
-        x = parse_number(v)
-        return (0, x, "") if x is not None else (1, 0.0, str(v))
-
-    return sorted(records, key=key, reverse=spec.descending), []
-
-
 STEPS = {
     ScrubStep: scrub,
     CharLengthStep: char_length,
@@ -438,7 +421,6 @@ STEPS = {
     SemanticDedupStep: semantic_dedup,
     BalanceStep: balance,
     SampleStep: sample,
-    OrderStep: order,
 }
 
 
@@ -447,7 +429,3 @@ def summary_table(rows: list[StepRow]) -> str:
     lines = ["| step | in | kept | dropped | changed |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {r.step} | {r.n_in} | {r.kept} | {r.dropped} | {r.changed} |" for r in rows]
     return "\n".join(lines)
-
-
-def label_counts(records: list[Record], f: str) -> Counter:
-    return Counter(str(r.data.get(f)) for r in records)

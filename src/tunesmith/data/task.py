@@ -11,11 +11,16 @@ from tunesmith.records import Example, Record, Rejected
 def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example], list[Rejected]]:
     """Build examples; rows missing a field, with an empty target or an unknown label are rejected.
 
-    Under ``on_error: fail`` the first such row raises a ``DataError`` naming file and line.
+    Under ``on_error: fail`` the first such row raises a ``DataError`` naming file and line. A target
+    the task kind cannot use (a regression target that is not a number) is always set aside and counted.
     """
+    from tunesmith.tasks import kind_class
+    from tunesmith.tasks.base import TargetError
+
+    task = kind_class(cfg.task)(None)
     examples: list[Example] = []
     rejected: list[Rejected] = []
-    allowed = set(cfg.labels) if cfg.labels else None
+    allowed = set(cfg.labels) if cfg.labels and task.uses_labels else None
     _check_fields_exist(records, cfg)
     for rec in records:
         reason = _problem(rec, cfg, allowed)
@@ -24,10 +29,14 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
                 raise DataError(f"{rec.source}: {reason}. {FIX_HINT}")
             rejected.append(Rejected(rec.source, "map", reason, rec.data))
             continue
+        try:
+            target, extra = task.read_target(rec.data[cfg.target_field], rec.data)
+        except TargetError as exc:
+            rejected.append(Rejected(rec.source, "map", f"field '{cfg.target_field}': {exc}", rec.data))
+            continue
         inputs = {f: _text(rec.data[f]) for f in cfg.input_fields}
-        target = _text(rec.data[cfg.target_field])
         ex_id = rec.source.rsplit("/", 1)[-1]
-        examples.append(Example(id=ex_id, inputs=inputs, target=target, meta=_meta(rec, cfg)))
+        examples.append(Example(id=ex_id, inputs=inputs, target=target, meta=_meta(rec, cfg) | extra))
     return examples, rejected
 
 
@@ -35,7 +44,8 @@ def _meta(rec: Record, cfg: DataSection) -> dict:
     """What later steps need besides inputs and target: the source and the split's fields."""
     meta = {"source": rec.source}
     pairs = [(e.chosen_field, e.rejected_field) for e in cfg.export if e.format == "openai-dpo"]
-    for name in (cfg.split.stratify_field, cfg.split.group_field, *(f for p in pairs for f in p)):
+    order = cfg.order.by if cfg.order and cfg.order.by != "target" else None
+    for name in (cfg.split.stratify_field, cfg.split.group_field, order, *(f for p in pairs for f in p)):
         if name:
             meta[name] = rec.data.get(name)
     return meta
@@ -48,7 +58,8 @@ def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
     seen: set[str] = set()
     for rec in records:
         seen.update(rec.data)
-    split_fields = [f for f in (cfg.split.stratify_field, cfg.split.group_field) if f]
+    order = cfg.order.by if cfg.order and cfg.order.by != "target" else None
+    split_fields = [f for f in (cfg.split.stratify_field, cfg.split.group_field, order) if f]
     for name in [*cfg.input_fields, cfg.target_field, *split_fields]:
         if name not in seen:
             raise DataError(
@@ -77,5 +88,24 @@ def render_prompt(example: Example, template: str) -> str:
 
 
 def label_set(examples: list[Example], cfg: DataSection) -> list[str]:
-    """The closed label set: the recipe's list, or the sorted labels seen in the data."""
+    """The closed label set of a classification task: the recipe's list, or the sorted labels seen in the
+    data. Other task kinds have none (a price is not a label)."""
+    from tunesmith.tasks import kind_class
+
+    if not kind_class(cfg.task).uses_labels:
+        return []
     return list(cfg.labels) if cfg.labels else sorted({e.target for e in examples})
+
+
+def order_train(train: list[Example], cfg: DataSection) -> list[Example]:
+    """The train split in ``data.order`` (numbers compare as numbers); unchanged without it."""
+    if cfg.order is None:
+        return train
+    from tunesmith.eval.metrics import parse_number
+
+    def key(ex: Example):
+        value = ex.target if cfg.order.by == "target" else ex.meta.get(cfg.order.by)
+        number = parse_number(str(value)) if value is not None else None
+        return (0, number, "") if number is not None else (1, 0.0, str(value))
+
+    return sorted(train, key=key, reverse=cfg.order.descending)

@@ -57,3 +57,55 @@ def tfidf_ridge(
     model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1), Ridge(alpha=1.0))
     model.fit(list(train_texts), np.log1p(np.clip(np.asarray(train_values, dtype=float), 0, None)))
     return [float(v) for v in np.expm1(model.predict(list(test_texts)))]
+
+
+def _word_char_features():
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.pipeline import make_union
+
+    return make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), sublinear_tf=True, min_df=1),
+    )
+
+
+def tfidf_svm(train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int):
+    """TF-IDF word 1-2 grams + char 2-5 grams and a linear SVM: the strongest cheap text classifier we know."""
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+
+    if len(set(train_targets)) < 2:
+        return majority(train_targets, len(test_texts))
+    model = make_pipeline(_word_char_features(), LinearSVC(C=0.5, random_state=seed))
+    model.fit(list(train_texts), list(train_targets))
+    return [str(p) for p in model.predict(list(test_texts))]
+
+
+def _embeddings(train_texts: Sequence[str], test_texts: Sequence[str]):
+    """Unit-length sentence embeddings (the offline MiniLM model) of train and test texts, embedded in one pass."""
+    from tunesmith.data.semantic import embed
+
+    vectors = embed(list(train_texts) + list(test_texts))
+    return vectors[: len(train_texts)], vectors[len(train_texts) :]
+
+
+def embed_logreg(train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int):
+    """Sentence embeddings (all-MiniLM-L6-v2, mean-pooled) + logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    if len(set(train_targets)) < 2:
+        return majority(train_targets, len(test_texts))
+    x_train, x_test = _embeddings(train_texts, test_texts)
+    model = LogisticRegression(max_iter=3000, C=10.0, random_state=seed)
+    model.fit(x_train, list(train_targets))
+    return [str(p) for p in model.predict(x_test)]
+
+
+def embed_ridge(train_texts: Sequence[str], train_values: Sequence[float], test_texts: Sequence[str]) -> list[float]:
+    """Sentence embeddings + ridge regression on log1p(value)."""
+    import numpy as np
+    from sklearn.linear_model import Ridge
+
+    x_train, x_test = _embeddings(train_texts, test_texts)
+    model = Ridge(alpha=1.0).fit(x_train, np.log1p(np.clip(np.asarray(train_values, dtype=float), 0, None)))
+    return [float(v) for v in np.expm1(model.predict(x_test))]

@@ -11,9 +11,20 @@ from collections.abc import Callable, Sequence
 Advance = Callable[[int], None]
 
 
-def _length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+MAX_BATCH_TOKENS = 8192  # padded tokens in one forward pass: bounds memory for long prompts whatever the batch size
+
+
+def _length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
+    """Indices sorted longest first, cut into batches of at most ``batch_size`` rows and ``max_tokens``
+    padded tokens (a single longer row still gets a batch of its own)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def generate_greedy(
@@ -93,48 +104,64 @@ def score_labels(
     suffix: str,
     batch_size: int = 8,
     advance: Advance = lambda n: None,
+    chunk_tokens: int = 512,
 ):
     """Mean per-token log-probability of each ``label + suffix`` after each prompt.
 
-    Returns a float array of shape (len(prompts), len(labels)). The prompt is run once per
-    batch and its KV cache is shared by all candidate labels, so the cost is one prompt pass
-    plus a few tokens per label instead of a full pass per (prompt, label) pair.
+    Returns a float array of shape (len(prompts), len(labels)). Each prompt runs once; its KV cache
+    is then shared by all candidate labels without being copied: the candidates are laid side by side
+    after the prompt in chunks of at most ``chunk_tokens`` tokens, each seeing the prompt and its own
+    earlier tokens only (a 4D block mask, positions restarting after the prompt), and the cache is cut
+    back to the prompt after every chunk. Memory is one prompt's cache plus one chunk, whatever the
+    number of labels (10, 77 or 500); ``batch_size`` is accepted for the callers' uniformity.
     """
     import numpy as np
     import torch
 
-    tokenizer.padding_side = "left"
+    from tunesmith.train.packing import block_causal_mask
+    from tunesmith.train.sft import mask_kind
+
     cand = [tokenizer(label + suffix, add_special_tokens=False)["input_ids"] for label in labels]
-    n_lab, t_max = len(cand), max(len(c) for c in cand)
-    pad = tokenizer.pad_token_id
-    cand_ids = torch.tensor([c + [pad] * (t_max - len(c)) for c in cand])
-    cand_mask = torch.tensor([[1] * len(c) + [0] * (t_max - len(c)) for c in cand])
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    scores = np.zeros((len(prompts), n_lab), dtype=np.float64)
+    chunks = _candidate_chunks([len(c) for c in cand], chunk_tokens)
+    kind = mask_kind(model)
+    scores = np.zeros((len(prompts), len(cand)), dtype=np.float64)
     dev = model.device
-    for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
-        enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(dev)
-        b = len(batch)
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
-            positions = (enc["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)  # left padding
-            # only the last position's logits are needed: skip the vocabulary projection elsewhere
-            out = model(**enc, position_ids=positions, use_cache=True, logits_to_keep=1)
-            first_logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (b, V)
-            cache = out.past_key_values
-            cache.batch_repeat_interleave(n_lab)
-            prompt_len = enc["attention_mask"].sum(dim=1)  # (b,)
-            ids = cand_ids.repeat(b, 1).to(dev)  # (b*n_lab, t_max)
-            cmask = cand_mask.repeat(b, 1).to(dev)
-            attn = torch.cat([enc["attention_mask"].repeat_interleave(n_lab, dim=0), cmask], dim=1)
-            pos = prompt_len.repeat_interleave(n_lab).unsqueeze(1) + torch.arange(t_max, device=dev)
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (b*n_lab, t_max, V)
-            # token k of a candidate is predicted by the prompt's last position (k=0) or candidate pos. k-1
-            tok_lp = torch.empty(b * n_lab, t_max, device=dev)
-            tok_lp[:, 0] = first_logp.repeat_interleave(n_lab, dim=0).gather(1, ids[:, :1]).squeeze(1)
-            if t_max > 1:
-                tok_lp[:, 1:] = logp[:, :-1, :].gather(2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            mean = (tok_lp * cmask).sum(1) / cmask.sum(1)
-        scores[batch] = mean.view(b, n_lab).cpu().numpy()
-        advance(b)
+            out = model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1)
+            first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each candidate's first token
+            cache, n = out.past_key_values, len(ids)
+            for chunk in chunks:
+                flat = [t for j in chunk for t in cand[j]]
+                segment = torch.tensor([[k for k, j in enumerate(chunk) for _ in cand[j]]], device=dev)
+                pos = torch.tensor([[n + p for j in chunk for p in range(len(cand[j]))]], device=dev)
+                block = block_causal_mask(segment, "bool")
+                mask = torch.cat([torch.ones(1, 1, len(flat), n, dtype=torch.bool, device=dev), block], dim=-1)
+                if kind == "float":
+                    mask = torch.zeros(mask.shape, dtype=model.dtype, device=dev).masked_fill(~mask, torch.finfo(model.dtype).min)
+                logits = model(input_ids=torch.tensor([flat], device=dev), attention_mask=mask, position_ids=pos,
+                               past_key_values=cache, use_cache=True).logits[0].float()
+                cache.crop(-len(flat))  # drop the chunk's keys and values: the next chunk sees the prompt alone
+                logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+                start = 0
+                for j in chunk:
+                    c = cand[j]
+                    lp = [first_logp[c[0]].item()] + [logp[start + k - 1, c[k]].item() for k in range(1, len(c))]
+                    scores[i, j] = sum(lp) / len(lp)
+                    start += len(c)
+        advance(1)
     return scores
+
+
+def _candidate_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive candidate indices grouped so that each group holds at most ``budget`` tokens (or one candidate)."""
+    chunks: list[list[int]] = [[]]
+    used = 0
+    for j, n in enumerate(lengths):
+        if chunks[-1] and used + n > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(j)
+        used += n
+    return chunks

@@ -9,12 +9,15 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.eval.classify import ContenderResult
-from tunesmith.eval.tasks import Task
+from tunesmith.eval.result import ContenderResult
 from tunesmith.records import Example
+from tunesmith.tasks import TaskKind
+from tunesmith.tasks.base import num
 
 
 def _plt():
@@ -26,32 +29,13 @@ def _plt():
     return plt
 
 
-def _num(v, fmt="{:.3f}") -> str:
-    return "–" if v is None else fmt.format(v)
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{v:.1%}"
-
-
 def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
     return "" if not v else f" [{fmt(v[0])}, {fmt(v[1])}]"
 
 
-def _signed(v: float) -> str:
-    """A difference with its sign: whole numbers from 100 up (+1,140, not +1.14e+03), else 3 digits."""
-    return f"{v:+,.0f}" if abs(v) >= 100 else f"{v:+.3g}"
-
-
-def headline_fmt(task: Task) -> Callable:
-    """How the task's headline metric is printed (a percentage, or two decimals)."""
-    return _pct if task.kind == "classification" else (lambda v: _num(v, "{:.2f}"))
-
-
-def columns(task: Task, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
-    """(header, cell) pairs for the comparison table of this task kind."""
-    h, fmt = task.headline, headline_fmt(task)
-    diff = (lambda v: f"{v:+.1%}") if task.kind == "classification" else _signed
+def columns(task: TaskKind, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
+    """(header, cell) pairs for the comparison table: headline and Δ, the task kind's own, then the common ones."""
+    h, fmt, diff = task.headline, task.fmt, task.diff_fmt
     cols = [
         (f"{h} (95% CI)", lambda m: fmt(m.get(h)) + _ci(m.get(f"{h}_ci95"), fmt)),
         (
@@ -62,42 +46,7 @@ def columns(task: Task, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
                 else "–"
             ),
         ),
-    ]
-    if task.kind == "classification":
-        cols += [("macro-F1", lambda m: _pct(m.get("macro_f1")))]
-        if _ordinal(task):
-            cols += [
-                ("star MAE", lambda m: _num(m.get("ordinal_mae"))),
-                ("within one", lambda m: _pct(m.get("within_one"))),
-            ]
-        cols += [
-            ("free-generation accuracy", lambda m: _pct(m.get("accuracy_generate", m.get("accuracy")))),
-            (
-                "unparseable or no answer",
-                lambda m: str(m.get("unparseable_generate", m.get("unparseable", "–"))),
-            ),
-        ]
-    elif task.kind == "regression":
-        cols += [
-            ("RMSLE", lambda m: _num(m.get("rmsle"))),
-            ("R²", lambda m: _num(m.get("r2"))),
-            (
-                "green / orange / red",
-                lambda m: " / ".join(_pct(m.get(f"hit_{c}")) for c in ("green", "orange", "red")),
-            ),
-            ("unparseable or no answer", lambda m: str(m.get("unparseable", "–"))),
-        ]
-    elif task.kind == "qa":
-        cols += [
-            ("exact match", lambda m: _num(m.get("exact_match"), "{:.2f}")),
-            ("unanswered", lambda m: str(m.get("unanswered", "–"))),
-        ]
-    else:
-        cols += [
-            ("ROUGE-L", lambda m: _num(m.get("rouge_l"), "{:.2f}")),
-            ("exact answer", lambda m: _pct(m.get("exact"))),
-        ]
-    cols += [
+        *task.columns(),
         ("failed calls", lambda m: str(m.get("failed_calls", "–"))),
         (
             "answer loss / ppl",
@@ -110,13 +59,7 @@ def columns(task: Task, ref: str) -> list[tuple[str, Callable[[dict], str]]]:
     return cols
 
 
-def _ordinal(task: Task) -> bool:
-    from tunesmith.eval.metrics import is_ordinal
-
-    return is_ordinal(task.labels)
-
-
-def table_rows(task: Task, results: list[ContenderResult]) -> tuple[list[str], list[list[str]]]:
+def table_rows(task: TaskKind, results: list[ContenderResult]) -> tuple[list[str], list[list[str]]]:
     cols = columns(task, results[0].name)
     extra = sorted({k for r in results for k in r.metrics if k.startswith("judge_")})
     headers = ["contender", *[c for c, _ in cols], *extra]
@@ -124,14 +67,60 @@ def table_rows(task: Task, results: list[ContenderResult]) -> tuple[list[str], l
         [
             f"{r.name} — {r.description}",
             *[f(r.metrics) for _, f in cols],
-            *[_num(r.metrics.get(k)) for k in extra],
+            *[num(r.metrics.get(k)) for k in extra],
         ]
         for r in results
     ]
     return headers, rows
 
 
-def plot_headline(task: Task, results: list[ContenderResult], path: Path) -> Path:
+def better(task: TaskKind, a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return False
+    return a > b if task.higher_is_better else a < b
+
+
+def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | None:
+    best_r = None
+    for r in results:
+        v = r.metrics.get(task.headline)
+        if v is not None and (best_r is None or better(task, v, best_r.metrics[task.headline])):
+            best_r = r
+    return best_r
+
+
+def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, seed: int) -> list[dict]:
+    """Paired differences that answer the run's questions: every fine-tuned arm against the best baseline
+    and against each other arm (paired bootstrap over the same test examples)."""
+    from tunesmith.eval.runner import paired_difference
+
+    arms = [r for r in results if r.kind == "llm" and r.name != "base"]
+    top = best(task, [r for r in results if r.kind == "baseline"])
+    pairs = [(a, top) for a in arms] if top else []
+    pairs += [(a, b) for i, a in enumerate(arms) for b in arms[i + 1 :]]
+    out = []
+    for a, b in pairs:
+        mean, ci = paired_difference(a, b, resamples, seed)
+        if mean is None:
+            continue
+        sure = ci is not None and (ci[0] > 0 or ci[1] < 0)
+        wins = (mean > 0) == task.higher_is_better
+        verdict = ("better" if wins else "worse") if sure else "no clear difference"
+        out.append({"a": a.name, "b": b.name, "diff": mean, "ci95": ci, "verdict": verdict,
+                    "b_is_baseline": b.kind == "baseline"})
+    return out
+
+
+def comparison_lines(task: TaskKind, comps: list[dict]) -> list[str]:
+    """One sentence per comparison, e.g. 'finetuned vs best baseline tfidf_svm: +2.1% [−0.5%, +4.8%] → no clear difference'."""
+    lines = []
+    for c in comps:
+        who = f"best baseline {c['b']}" if c["b_is_baseline"] else c["b"]
+        lines.append(f"{c['a']} vs {who}: {task.diff_fmt(c['diff'])}{_ci(c['ci95'], task.diff_fmt)} → **{c['verdict']}**")
+    return lines
+
+
+def plot_headline(task: TaskKind, results: list[ContenderResult], path: Path) -> Path:
     """One bar per contender with its 95% bootstrap interval."""
     plt = _plt()
     h = task.headline
@@ -159,7 +148,7 @@ BAND_COLOURS = {"green": "#2ca02c", "orange": "#ff7f0e", "red": "#d62728"}
 
 
 def plot_scatter(
-    task: Task, results: list[ContenderResult], test: list[Example], path: Path, log: bool
+    task: TaskKind, results: list[ContenderResult], test: list[Example], path: Path, log: bool
 ) -> Path:
     """Prediction vs truth per contender, coloured by hit band; the title counts unparseable answers."""
     from tunesmith.eval.metrics import band
@@ -190,7 +179,7 @@ def plot_scatter(
             ax.set_yscale("log")
         mae = r.metrics.get("mae")
         ax.set_title(
-            f"{r.name}: MAE {_num(mae, '{:,.0f}')}, unparseable {r.metrics.get('unparseable', 0)}", fontsize=9
+            f"{r.name}: MAE {num(mae, '{:,.0f}')}, unparseable {r.metrics.get('unparseable', 0)}", fontsize=9
         )
         ax.set_xlabel("truth")
         ax.set_ylabel("prediction")
@@ -205,116 +194,110 @@ def plot_scatter(
     return path
 
 
-def make_plots(task: Task, results, test, eval_dir: Path) -> dict[str, Path]:
-    from tunesmith.report import plot_confusions
-
+def make_plots(task: TaskKind, results, test, eval_dir: Path) -> dict[str, Path]:
     images = {"Headline metric with 95% intervals": plot_headline(task, results, eval_dir / "headline.png")}
-    if task.kind == "classification":
-        shown = [r for r in results if r.kind != "baseline"] or results
-        images["Confusion matrices (test split)"] = plot_confusions(
-            shown, [e.target for e in test], task.labels, eval_dir / "confusion.png"
-        )
-    if task.kind == "regression":
-        images["Prediction vs truth, coloured by hit band"] = plot_scatter(
-            task, results, test, eval_dir / "scatter.png", task.cfg.log_axes
-        )
-    return images
+    return images | task.plots(results, test, eval_dir)
 
 
-def _notes(task: Task) -> str:
-    if task.kind == "classification":
-        return (
-            "Local models are scored by label log-likelihood (fair to a base model that never learned the "
-            "answer format) unless eval.label_scoring is off; endpoints and the free-generation column use "
-            "one strict "
-            "parser: an answer that is not exactly one label is unparseable and wrong."
-        )
-    if task.kind == "regression":
-        b = task.cfg.bands
-        return (
-            f"Green: error under {b.green_abs:g} or under {b.green_rel:.0%} of the truth; orange: under "
-            f"{b.orange_abs:g} or {b.orange_rel:.0%}; red otherwise. The first number in an answer is its "
-            "prediction; an answer without a number is unparseable: red in the bands and left out of "
-            "MAE/RMSLE/R² (so compare those together with the unparseable count)."
-        )
-    if task.kind == "qa":
-        rule = "KorQuAD v1.0 (character F1)" if task.cfg.qa_lang == "ko" else "SQuAD v1.1 (word F1)"
-        return f"Exact match and F1 ×100 with {rule} normalisation, best over the gold answers."
-    return "chrF (sacrebleu) and ROUGE-L (word LCS F1) against the reference answer, ×100."
+@dataclass
+class Report:
+    """Everything one report shows; rendered as Markdown (eval/report.md, the run's report.md) and HTML."""
+
+    title: str
+    task: TaskKind
+    results: list[ContenderResult]
+    summary: dict
+    judge: dict | None
+    images: dict[str, Path]
+    comparisons: list[dict]
+    sections: dict[str, dict] = field(default_factory=dict)  # extra tables (training, time per stage)
+
+    def headline(self) -> str:
+        """The sentence at the top: the best fine-tuned model against base and the best baseline."""
+        t, h = self.task, self.task.headline
+        by = {r.name: r for r in self.results}
+        arm = best(t, [r for r in self.results if r.kind == "llm" and r.name != "base"])
+        base = by.get("base")
+        if arm is None or base is None:
+            return ""
+        text = f"**{arm.name}** {h} {t.fmt(arm.metrics.get(h))} vs base {t.fmt(base.metrics.get(h))}"
+        top = next((c for c in self.comparisons if c["a"] == arm.name and c["b_is_baseline"]), None)
+        if top:
+            b = by[top["b"]]
+            text += (f" and best baseline {b.name} {t.fmt(b.metrics.get(h))}: {arm.name} is **{top['verdict']}** "
+                     f"than the baseline ({t.diff_fmt(top['diff'])}{_ci(top['ci95'], t.diff_fmt)}, paired)")
+        return text + f" on {len(self.results[0].per_example)} held-out test examples."
+
+    def markdown(self, base_dir: Path) -> str:
+        headers, rows = table_rows(self.task, self.results)
+        out = [f"# {self.title}\n\n"]
+        if self.headline():
+            out.append(self.headline() + "\n\n")
+        out += ["| " + " | ".join(headers) + " |\n", "|" + "---|" * len(headers) + "\n"]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n" for row in rows]
+        out.append(f"\n{self.task.notes()} {INTERVALS}\n")
+        if self.comparisons:
+            out.append("\n## Paired differences\n\n" + "".join(f"- {line}\n" for line in comparison_lines(self.task, self.comparisons)))
+        if self.judge:
+            out.append("\n## Judge\n\n```json\n" + json.dumps(self.judge, indent=2) + "\n```\n")
+        for name, table in {"Data": self.summary, **self.sections}.items():
+            out.append(f"\n## {name}\n\n| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in table.items()))
+        for name, img in self.images.items():
+            out.append(f"\n## {name}\n\n![{name}]({os.path.relpath(img, base_dir)})\n")
+        return "".join(out)
+
+    def html(self) -> str:
+        e = html.escape
+        headers, rows = table_rows(self.task, self.results)
+        parts = [
+            "<!doctype html><html><head><meta charset='utf-8'><title>", e(self.title), "</title><style>",
+            "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;"
+            "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}th{background:#f3f3f3}"
+            "img{max-width:100%;border:1px solid #eee}</style></head><body>",
+            f"<h1>{e(self.title)}</h1>",
+            f"<p>{e(self.headline().replace('**', ''))}</p><table><tr>" if self.headline() else "<table><tr>",
+            "".join(f"<th>{e(h)}</th>" for h in headers), "</tr>",
+        ]
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
+        parts.append(f"</table><p>{e(self.task.notes())} {INTERVALS}</p>")
+        if self.comparisons:
+            lines = comparison_lines(self.task, self.comparisons)
+            parts.append("<h2>Paired differences</h2><ul>" + "".join(f"<li>{e(x.replace('**', ''))}</li>" for x in lines) + "</ul>")
+        if self.judge:
+            parts.append(f"<h2>Judge</h2><pre>{e(json.dumps(self.judge, indent=2))}</pre>")
+        for name, img in self.images.items():
+            data = base64.b64encode(img.read_bytes()).decode("ascii")
+            parts.append(f"<h2>{e(name)}</h2><img alt='{e(name)}' src='data:image/png;base64,{data}'>")
+        for name, table in {"Data": self.summary, **self.sections}.items():
+            parts.append(f"<h2>{e(name)}</h2><table>"
+                         + "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in table.items())
+                         + "</table>")
+        parts.append("</body></html>")
+        return "".join(parts)
 
 
-def render_markdown(title, task, headers, rows, summary, judge, images, eval_dir) -> str:
-    out = [f"# {title}\n\n", "| " + " | ".join(headers) + " |\n", "|" + "---|" * len(headers) + "\n"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n" for row in rows]
-    out.append(f"\n{_notes(task)} Intervals: seeded percentile bootstrap over test examples; Δ is paired.\n")
-    if judge:
-        out.append("\n## Judge\n\n```json\n" + json.dumps(judge, indent=2) + "\n```\n")
-    out.append(
-        "\n## Data\n\n| | count |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in summary.items())
-    )
-    for name, img in images.items():
-        out.append(f"\n## {name}\n\n![{name}]({img.relative_to(eval_dir).as_posix()})\n")
-    return "".join(out)
+INTERVALS = "Intervals: seeded percentile bootstrap over test examples; Δ and the paired differences resample the same examples for both sides."
 
 
-def render_html(title, task, headers, rows, summary, judge, images) -> str:
-    e = html.escape
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>",
-        e(title),
-        "</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;"
-        "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}th{background:#f3f3f3}"
-        "img{max-width:100%;border:1px solid #eee}</style></head><body>",
-        f"<h1>{e(title)}</h1><table><tr>",
-        "".join(f"<th>{e(h)}</th>" for h in headers),
-        "</tr>",
-    ]
-    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
-    parts.append(
-        f"</table><p>{e(_notes(task))} Intervals: seeded percentile bootstrap over test examples; "
-        "Δ is paired.</p>"
-    )
-    if judge:
-        parts.append(f"<h2>Judge</h2><pre>{e(json.dumps(judge, indent=2))}</pre>")
-    for name, img in images.items():
-        data = base64.b64encode(img.read_bytes()).decode("ascii")
-        parts.append(f"<h2>{e(name)}</h2><img alt='{e(name)}' src='data:image/png;base64,{data}'>")
-    parts.append(
-        "<h2>Data</h2><table>"
-        + "".join(f"<tr><td>{e(str(k))}</td><td>{e(str(v))}</td></tr>" for k, v in summary.items())
-        + "</table></body></html>"
-    )
-    return "".join(parts)
-
-
-def write_eval_outputs(
-    recipe,
-    task: Task,
-    results: list[ContenderResult],
-    test: list[Example],
-    summary: dict,
-    judge: dict | None = None,
-):
+def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], test: list[Example], summary: dict,
+                       judge: dict | None = None):
+    """eval/metrics.json, predictions.jsonl, comparisons.json, plots, report.md and report.html."""
     from tunesmith.eval.runner import EvalRun
 
     eval_dir = recipe.run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     metrics = {r.name: r.metrics for r in results}
-    (eval_dir / "metrics.json").write_text(
-        json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8"
-    )
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r in results:
             for row in r.predictions:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    images = make_plots(task, results, test, eval_dir)
-    headers, rows = table_rows(task, results)
-    title = f"{recipe.name}: evaluation ({task.kind}, {len(test)} test examples)"
+                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    comps = comparisons(task, results, recipe.eval.bootstrap, recipe.seed) if recipe.eval.bootstrap else []
+    (eval_dir / "comparisons.json").write_text(json.dumps(comps, indent=2), encoding="utf-8")
+    report = Report(f"{recipe.name}: evaluation ({task.name}, {len(test)} test examples)", task, results, summary,
+                    judge, make_plots(task, results, test, eval_dir), comps)
     md = eval_dir / "report.md"
-    md.write_text(
-        render_markdown(title, task, headers, rows, summary, judge, images, eval_dir), encoding="utf-8"
-    )
+    md.write_text(report.markdown(eval_dir), encoding="utf-8")
     page = eval_dir / "report.html"
-    page.write_text(render_html(title, task, headers, rows, summary, judge, images), encoding="utf-8")
-    return EvalRun(eval_dir, task, results, md, page)
+    page.write_text(report.html(), encoding="utf-8")
+    return EvalRun(eval_dir, task, results, md, page, summary, report)

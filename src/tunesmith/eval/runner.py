@@ -1,330 +1,294 @@
-"""``tunesmith eval RECIPE``: every contender side by side on the same test split and prompts.
+"""The one evaluation path, used by ``tunesmith eval``, ``tunesmith run`` (every arm) and fine-tuning jobs.
 
-Contenders: the base model; each fine-tuned adapter or merged folder (the run's own
-``train/adapter`` is added as ``finetuned`` when it exists); each OpenAI-compatible endpoint;
-and the simple baselines that apply to the task. Then bootstrap intervals, the optional judge,
-and ``eval/metrics.json``, ``predictions.jsonl``, plots, ``report.md`` and ``report.html``.
+Contenders: the base model; each trained arm (an adapter, a merged model or a classifier head),
+each ``eval.adapters`` folder; each OpenAI-compatible endpoint; and the LLM-free baselines that
+apply to the task kind. All are scored by the task kind's one parser and scorer on the same
+prepared test examples, each asked the way it was trained (its arm's prompt and system prompt).
+Then bootstrap intervals, the optional judge, and the eval folder.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from tunesmith.config import ContenderSpec, Recipe
-from tunesmith.errors import DataError
-from tunesmith.eval import baselines
+from tunesmith.config import DataSection, Recipe, arm_recipe
+from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.eval.bootstrap import diff_ci, mean_ci
-from tunesmith.eval.classify import ContenderResult, evaluate_llm
-from tunesmith.eval.tasks import Task, score_outputs
+from tunesmith.eval.result import ContenderResult
 from tunesmith.records import Example
+from tunesmith.tasks import TaskKind, make_task, score_outputs
+from tunesmith.tasks.base import BaselineInputs
 
 
 @dataclass
-class EvalData:
-    train: list[Example]
-    test: list[Example]
-    labels: list[str]
-    summary: dict = field(default_factory=dict)
+class LocalContender:
+    """A local model, loaded only when its turn comes (one model in memory at a time)."""
+
+    name: str
+    description: str
+    path: Path | None  # None: the base model; else an adapter, merged-model or classifier folder
+    data: DataSection  # how it is asked: prompt template and system prompt of the arm it was trained with
+    with_labels: bool = False  # append the label list (a base model has never seen it)
+    kind: str = "llm"  # "llm" or "classifier"
 
 
 @dataclass
 class EvalRun:
     eval_dir: Path
-    task: Task
+    task: TaskKind
     results: list[ContenderResult]
     report_md: Path
     report_html: Path
+    summary: dict = field(default_factory=dict)
+    report: object = None  # the eval report (tunesmith.eval.report.Report), re-rendered into the run's report.md
 
 
-def task_kind(recipe: Recipe) -> str:
-    if recipe.eval.task != "auto":
-        return recipe.eval.task
-    return "classification" if recipe.data.task == "classification" else "generation"
+def trained_output(run_dir: Path) -> tuple[Path, str] | None:
+    """The trained artefact in a run (or arm) folder: (folder, kind) or None before training."""
+    for sub, kind in (("adapter", "llm"), ("model", "llm"), ("classifier", "classifier")):
+        folder = run_dir / "train" / sub
+        if folder.is_dir() and any(folder.iterdir()):
+            return folder, kind
+    return None
 
 
-def load_eval_data(recipe: Recipe, kind: str, console: Console) -> EvalData:
-    """Test (and train, for baselines) examples; a SQuAD-style JSON file is read as QA examples."""
-    from tunesmith.pipeline import prepare_data
-
-    if (
-        kind == "qa"
-        and Path(recipe.data.path).suffix.lower() == ".json"
-        and _is_squad(Path(recipe.data.path))
-    ):
-        from tunesmith.data.split import split_examples
-        from tunesmith.eval.qa import squad_examples
-
-        examples = squad_examples(Path(recipe.data.path), recipe.data.limit)
-        splits = split_examples(
-            examples, recipe.data.split.model_copy(update={"stratify": False}), recipe.seed
-        )
-        if not splits["test"]:
-            raise DataError("the test split is empty; give data.split.test a size > 0")
-        summary = {"questions": len(examples), **{k: len(v) for k, v in splits.items()}}
-        return EvalData(splits["train"], splits["test"], [], summary)
-    data = prepare_data(recipe, recipe.run_dir / "data", console)
-    labels = data.labels if kind == "classification" else []
-    return EvalData(data.splits["train"], data.splits["test"], labels, data.summary)
+def arm_recipes(recipe: Recipe) -> list[Recipe]:
+    """One recipe per arm (the recipe itself, named ``finetuned``, when it lists none)."""
+    if not recipe.arms:
+        return [recipe]
+    return [arm_recipe(recipe, arm) for arm in recipe.arms]
 
 
-def _is_squad(path: Path) -> bool:
-    with open(path, encoding="utf-8-sig") as fh:
-        head = fh.read(4096)
-    return '"data"' in head and ('"paragraphs"' in head or '"title"' in head)
+def arm_name(recipe: Recipe, arm: Recipe) -> str:
+    return "finetuned" if arm is recipe else arm.name
 
 
-def _adapter_specs(recipe: Recipe) -> list[ContenderSpec]:
-    specs = list(recipe.eval.adapters)
-    if not any(s.name == "finetuned" for s in specs):
-        for sub in ("adapter", "model"):
-            own = recipe.run_dir / "train" / sub
-            if own.is_dir():
-                specs.insert(0, ContenderSpec(name="finetuned", path=own))
-                break
-    return specs
+def describe_arm(arm: Recipe, model_name: str) -> str:
+    t = arm.train
+    how = "full fine-tune" if t.adapter == "full" else f"{t.adapter} r={t.lora.r}"
+    head = ", classifier head" if t.head == "classifier" else ""
+    return f"{model_name} + {t.method.upper()} {how}{head}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
 
 
-def _load_contender(recipe: Recipe, spec: ContenderSpec, placement):
-    """A PEFT adapter on a fresh base model, or a merged model folder."""
-    from tunesmith.errors import ModelError
-    from tunesmith.models.loading import load_model
-
-    path = Path(spec.path)
-    if not path.is_dir():
-        raise ModelError(f"eval.adapters '{spec.name}': folder not found: {path}")
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = load_model(recipe.model.name, placement)
-        return PeftModel.from_pretrained(base, str(path)).eval(), f"{recipe.model.name} + adapter {path.name}"
-    return load_model(str(path), placement), f"merged model {path}"
+def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
+    """Base, every arm that has been trained, and every ``eval.adapters`` folder."""
+    base = LocalContender("base", f"{recipe.model.name}, no fine-tuning", None, recipe.data,
+                          with_labels=recipe.eval.base_prompt_with_labels)
+    out = [base]
+    for arm in arm_recipes(recipe):
+        name = arm_name(recipe, arm)
+        found = trained_output(arm.run_dir)
+        if found is None:
+            console.print(f"[dim]{name}: not trained yet ({arm.run_dir / 'train'}); left out[/]")
+            continue
+        out.append(LocalContender(name, describe_arm(arm, recipe.model.name), found[0], arm.data, kind=found[1]))
+    for spec in recipe.eval.adapters:
+        path = Path(spec.path)
+        if not path.is_dir():
+            raise ModelError(f"eval.adapters '{spec.name}': folder not found: {path}")
+        kind = "classifier" if (path / "labels.json").is_file() else "llm"
+        out.append(LocalContender(spec.name, f"{recipe.model.name} + {path.name}", path, recipe.data, kind=kind))
+    return out
 
 
 def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
-    """Evaluate all contenders of a recipe and write the eval folder."""
-    from tunesmith.data.formatting import chat_messages, prompt_text
-    from tunesmith.models.loading import load_tokenizer
-    from tunesmith.progress import task_bar
+    """``tunesmith eval``: the prepared splits of the recipe (the same ones training read) and every contender."""
+    from tunesmith.data.prepare import prepare
 
     console = console or Console()
-    bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
+    if recipe.data is None:
+        raise ConfigError("data: required to evaluate (the test split comes from it)")
+    check_endpoints(recipe)
+    data = prepare(recipe, recipe.run_dir / "data", console)
+    return evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders_of(recipe, console),
+                    data.summary, console)
+
+
+def check_endpoints(recipe: Recipe) -> list:
+    """Endpoint clients (a missing API key fails here, before any data or model work)."""
     from tunesmith.eval.endpoint import EndpointClient
 
-    clients = [EndpointClient(spec) for spec in recipe.eval.endpoints]  # a missing API key fails here, early
-    judge_client = EndpointClient(recipe.eval.judge.endpoint) if recipe.eval.judge else None
-    kind = task_kind(recipe)
-    data = load_eval_data(recipe, kind, console)
-    test = data.test[: recipe.eval.max_examples] if recipe.eval.max_examples else data.test
-    task = Task(kind, data.labels, recipe.eval)
-    console.print(f"task: {kind}; {len(test)} test example(s); headline metric: {task.headline}")
-    show_labels = data.labels if kind == "classification" and recipe.eval.base_prompt_with_labels else None
-    base_msgs = [chat_messages(e, recipe.data, show_labels) for e in test]
-    tuned_msgs = [chat_messages(e, recipe.data) for e in test]
-    tokenizer = load_tokenizer(recipe.model.name)
-    base_prompts = [prompt_text(tokenizer, m) for m in base_msgs]
-    tuned_prompts = [prompt_text(tokenizer, m) for m in tuned_msgs]
-    results = _local_contenders(recipe, task, test, tokenizer, base_prompts, tuned_prompts, bar)
-    for client in clients:
-        results.append(_endpoint(recipe, task, client, base_msgs, test, bar))
-    results += _baselines(recipe, task, data.train, test, console)
-
-    add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
-    judge_summary = _judge(recipe, task, judge_client, results, test, bar) if judge_client else None
-    from tunesmith.eval.report import write_eval_outputs
-
-    return write_eval_outputs(recipe, task, results, test, data.summary, judge_summary)
+    asks = {"base", *(arm_name(recipe, a) for a in arm_recipes(recipe))}
+    for spec in recipe.eval.endpoints:
+        if spec.ask_as not in asks:
+            raise ConfigError(f"eval.endpoints '{spec.name}': ask_as '{spec.ask_as}' is not base or an arm: {sorted(asks)}")
+    clients = [EndpointClient(spec) for spec in recipe.eval.endpoints]
+    if recipe.eval.judge:
+        EndpointClient(recipe.eval.judge.endpoint)
+    return clients
 
 
-def _local_contenders(recipe, task: Task, test, tokenizer, base_prompts, tuned_prompts, bar) -> list[ContenderResult]:
-    """The base model on ``base_prompts``, then each fine-tuned contender on ``tuned_prompts``, one model in memory at a time."""
-    from tunesmith.data.formatting import end_of_turn
-    from tunesmith.models.loading import load_model, pick_placement
-
-    placement = pick_placement(recipe.model.precision, recipe.model.device)
-    suffix = end_of_turn(tokenizer)
-    model = load_model(recipe.model.name, placement)
-    results = [_local(recipe, task, "base", f"{recipe.model.name}, no fine-tuning", model, tokenizer, base_prompts, test,
-                      suffix, bar)]
-    del model
-    for spec in _adapter_specs(recipe):
-        model, description = _load_contender(recipe, spec, placement)
-        results.append(_local(recipe, task, spec.name, description, model, tokenizer, tuned_prompts, test, suffix, bar))
-        del model
-    return results
-
-
-def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | None = None) -> EvalRun:
-    """Base vs the run's fine-tuned adapter on held-out chat rows (``prompt`` messages → ``completion``).
-
-    Fine-tuning jobs use it on their validation file, which has no data section to prepare: the
-    prompts are the conversations as uploaded, the task is free generation (chrF, ROUGE-L, answer loss)
-    with room for the longest reference answer plus a few tokens.
-    """
-    from tunesmith.data.formatting import prompt_text
-    from tunesmith.models.loading import load_tokenizer
+def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: list[str],
+             contenders: list[LocalContender], summary: dict, console: Console) -> EvalRun:
+    """Score every contender on ``test`` and write the eval folder."""
+    from tunesmith.eval.endpoint import EndpointClient
     from tunesmith.progress import task_bar
 
-    console = console or Console()
-    if not rows:
-        raise DataError("no conversations to evaluate")
-    rows = rows[: recipe.eval.max_examples] if recipe.eval.max_examples else rows
-    test = [
-        Example(f"valid-{i + 1}", {"prompt": r["prompt"][-1]["content"] if r["prompt"] else ""}, r["completion"][-1]["content"])
-        for i, r in enumerate(rows)
-    ]
-    tokenizer = load_tokenizer(recipe.model.name)
-    prompts = [prompt_text(tokenizer, r["prompt"]) for r in rows]
-    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in test)
-    cfg = recipe.eval.model_copy(update={"max_new_tokens": min(512, longest + 8)})  # room for the longest reference
-    recipe = recipe.model_copy(update={"eval": cfg})
-    task = Task("generation", [], cfg)
-    results = _local_contenders(recipe, task, test, tokenizer, prompts, prompts, lambda d, t: task_bar(console, d, t))
+    bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
+    test = test[: recipe.eval.max_examples] if recipe.eval.max_examples else test
+    if not test:
+        raise DataError("the test split is empty; give data.split.test a size > 0")
+    task = make_task(recipe.task_kind, recipe.eval, labels)
+    console.print(f"task: {task.name}; {len(test)} test example(s); headline metric: {task.headline}")
+    results = [evaluate_local(recipe, task, c, test, bar) for c in contenders]
+    asks = {c.name: (c.data, c.with_labels) for c in contenders} | {"base": (recipe.data, True)}
+    for spec in recipe.eval.endpoints:
+        data_cfg, with_labels = asks[spec.ask_as]
+        results.append(_endpoint(recipe, task, EndpointClient(spec), data_cfg, with_labels, test, bar))
+    results += _baselines(recipe, task, train, test, console)
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
+    judge = _judge(recipe, task, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
     from tunesmith.eval.report import write_eval_outputs
 
-    return write_eval_outputs(recipe, task, results, test, {"validation conversations": len(test)})
+    return write_eval_outputs(recipe, task, results, test, summary, judge)
 
 
-def _local(
-    recipe, task: Task, name, description, model, tokenizer, prompts, test, suffix, bar
-) -> ContenderResult:
-    from tunesmith.eval.generation import generate_greedy
-    from tunesmith.eval.perplexity import answer_losses, summarize
+def messages_for(task: TaskKind, data_cfg: DataSection, with_labels: bool, test: list[Example]) -> list[list[dict]]:
+    from tunesmith.data.formatting import chat_messages
 
-    cfg = recipe.eval
-    if task.kind == "classification":
-        res = evaluate_llm(
-            name,
-            description,
-            model,
-            tokenizer,
-            prompts,
-            [e.id for e in test],
-            [e.target for e in test],
-            task.labels,
-            suffix,
-            cfg,
-            bar,
-        )
-        for row in res.predictions:
-            row["parsed_generate"], row["parsed"] = row["parsed"], row["scored"] or row["parsed"]
-    else:
-        with bar(f"eval {name}: generate", len(prompts)) as advance:
-            outputs = generate_greedy(
-                model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance, stop=cfg.stop
-            )
-        res = score_outputs(task, name, description, "llm", test, prompts, outputs)
-    if cfg.perplexity:
+    labels = task.labels if with_labels and task.uses_labels else None
+    return [e.meta["messages"] if "messages" in e.meta else chat_messages(e, data_cfg, labels) for e in test]
+
+
+def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[Example], bar) -> ContenderResult:
+    from tunesmith.models.loading import load_tokenizer, pick_placement
+
+    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    tokenizer = load_tokenizer(recipe.model.name)
+    if c.kind == "classifier":
+        return _classifier(recipe, task, c, test, placement, tokenizer, bar)
+    from tunesmith.data.formatting import prompt_text
+
+    prompts = [prompt_text(tokenizer, m) for m in messages_for(task, c.data, c.with_labels, test)]
+    model = load_local(recipe, c, placement)
+    res = task.evaluate_local(c.name, c.description, model, tokenizer, prompts, test, bar)
+    if recipe.eval.perplexity:
+        from tunesmith.data.formatting import end_of_turn
+        from tunesmith.eval.perplexity import answer_losses, summarize
+
+        suffix = end_of_turn(tokenizer)
         answers = [(e.meta.get("answers") or [e.target])[0] + suffix for e in test]
-        with bar(f"eval {name}: answer loss", len(prompts)) as advance:
+        with bar(f"eval {c.name}: answer loss", len(prompts)) as advance:
             res.metrics |= summarize(
-                answer_losses(model, tokenizer, prompts, answers, max(1, cfg.batch_size // 2), advance)
+                answer_losses(model, tokenizer, prompts, answers, max(1, recipe.eval.batch_size // 2), advance)
             )
+    del model
     return res
 
 
-def _endpoint(recipe, task: Task, client, messages, test, bar) -> ContenderResult:
+def load_local(recipe: Recipe, c: LocalContender, placement):
+    """The base model, a PEFT adapter on it (merged for base-model speed), or a merged model folder."""
+    from tunesmith.models.loading import load_model
+
+    if c.path is None:
+        return load_model(recipe.model.name, placement)
+    if (c.path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(recipe.model.name, placement), str(c.path))
+        return model.merge_and_unload().eval()
+    return load_model(str(c.path), placement)
+
+
+def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, tokenizer, bar) -> ContenderResult:
+    """A classifier head predicts one label per text in one forward pass (no generation, no parsing)."""
+    from tunesmith.data.task import render_prompt
+    from tunesmith.train.classifier import encode, load_trained_classifier, predict_proba
+
+    model, labels = load_trained_classifier(c.path, recipe.model.name, placement, tokenizer)
+    texts = [render_prompt(e, c.data.prompt) for e in test]
+    rows = encode(tokenizer, texts)
+    limit = recipe.train.max_seq_length
+    with bar(f"eval {c.name}: classify", len(texts)) as advance:
+        probs = predict_proba(model, tokenizer, rows, max_len=limit)
+        advance(len(texts))
+    tokenizer.padding_side = "left"
+    pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
+    res = score_outputs(task, c.name, c.description, "llm", test, texts, pred, parsed=pred, scoring="classifier head")
+    res.metrics["texts_cut"] = sum(r["length"] > limit for r in rows)  # cut to train.max_seq_length to predict
+    for row, p in zip(res.predictions, probs, strict=True):
+        row["probabilities"] = dict(zip(labels, p, strict=True))
+    return res
+
+
+def _endpoint(recipe, task: TaskKind, client, data_cfg, with_labels, test, bar) -> ContenderResult:
     spec = client.spec
+    messages = messages_for(task, data_cfg, with_labels, test)
     with bar(f"eval {spec.name}: endpoint", len(messages)) as advance:
         replies = client.chat_many(messages, spec.max_tokens or recipe.eval.max_new_tokens, advance)
     prompts = [json.dumps(m, ensure_ascii=False) for m in messages]
-    res = score_outputs(
-        task,
-        spec.name,
-        f"{spec.model} at {spec.base_url}",
-        "endpoint",
-        test,
-        prompts,
-        [r.text for r in replies],
-        [r.error for r in replies],
-    )
+    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}", "endpoint", test, prompts,
+                        [r.text for r in replies], [r.error for r in replies])
     for row, r in zip(res.predictions, replies, strict=True):
         row["attempts"] = r.attempts
     return res
 
 
-def _baselines(recipe, task: Task, train, test, console) -> list[ContenderResult]:
+def chosen_baselines(recipe: Recipe, task: TaskKind) -> list:
+    """The recipe's baselines that apply to this task kind (``auto``: all of them but random)."""
+    offered = {b.name: b for b in task.baselines()}
+    names = recipe.eval.baselines
+    if "auto" in names:
+        names = [n for n in offered if n != "random"] + [n for n in names if n != "auto"]
+    return [offered[n] for n in dict.fromkeys(names) if n in offered]
+
+
+def _baselines(recipe, task: TaskKind, train, test, console) -> list[ContenderResult]:
     """The LLM-free baselines that apply to this task; the others are named and skipped."""
+    import importlib.util
+
     from tunesmith.data.task import render_prompt
 
-    texts = [render_prompt(e, recipe.data.prompt) for e in test]
-    train_texts = [render_prompt(e, recipe.data.prompt) for e in train]
-    made: dict[str, tuple[str, Callable[[], list]]] = {}
-    if task.kind == "classification":
-        gold = [e.target for e in train]
-        made = {
-            "majority": ("most frequent training label", lambda: baselines.majority(gold, len(test))),
-            "tfidf_logreg": (
-                "TF-IDF + logistic regression on the train split",
-                lambda: baselines.tfidf_logreg(train_texts, gold, texts, recipe.seed),
-            ),
-            "random": (
-                "uniform random label (seeded)",
-                lambda: baselines.random_guess(task.labels, len(test), recipe.seed),
-            ),
-        }
-    elif task.kind == "regression":
-        values = [task.gold(e) for e in train]
-        made = {
-            "mean": ("mean training value", lambda: baselines.mean_value(values, len(test))),
-            "ridge": (
-                "TF-IDF + ridge regression on log value",
-                lambda: baselines.tfidf_ridge(train_texts, values, texts),
-            ),
-            "random": (
-                "a random training value (seeded)",
-                lambda: baselines.random_guess(values, len(test), recipe.seed),
-            ),
-        }
-    out = []
     for name in recipe.eval.baselines:
-        if name not in made:
-            console.print(f"[dim]baseline '{name}' does not apply to a {task.kind} task; skipped[/]")
+        if name != "auto" and name not in task.baseline_names():
+            console.print(f"[dim]baseline '{name}' does not apply to a {task.name} task; skipped[/]")
+    chosen = chosen_baselines(recipe, task)
+    if chosen and not train:
+        console.print("[yellow]baselines need training examples; the train split is empty[/]")
+        return []
+    inputs = BaselineInputs([render_prompt(e, recipe.data.prompt) for e in train], train,
+                            [render_prompt(e, recipe.data.prompt) for e in test], recipe.seed)
+    out = []
+    for b in chosen:
+        if b.needs and importlib.util.find_spec(b.needs) is None:
+            console.print(f"[yellow]baseline '{b.name}' needs the package {b.needs} (pip install 'tunesmith[semantic]'); "
+                          "skipped[/]")
             continue
-        if not train:
-            console.print(f"[yellow]baseline '{name}' needs training examples; the train split is empty[/]")
-            continue
-        description, predict = made[name]
-        outputs = [p if isinstance(p, str) else f"{p:.2f}" for p in predict()]
-        out.append(score_outputs(task, name, description, "baseline", test, texts, outputs))
+        outputs = [task.format_baseline(p) for p in b.predict(task, inputs)]
+        out.append(score_outputs(task, b.name, b.description, "baseline", test, inputs.test_texts, outputs))
     return out
 
 
-def add_intervals(results: list[ContenderResult], task: Task, resamples: int, seed: int) -> None:
-    """95% bootstrap intervals on each headline and on each contender's difference from the first."""
+def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int, seed: int) -> None:
+    """95% bootstrap intervals on each headline and on each contender's paired difference from the first."""
     if resamples <= 0 or not results:
         return
     h = task.headline
     ref = results[0]
     for r in results:
         r.metrics[f"{h}_ci95"] = mean_ci(r.per_example, resamples, seed)
-        if r is not ref and len(r.per_example) == len(ref.per_example):
-            a = [
-                None if x is None or y is None else x
-                for x, y in zip(r.per_example, ref.per_example, strict=True)
-            ]
-            b = [
-                None if x is None or y is None else y
-                for x, y in zip(r.per_example, ref.per_example, strict=True)
-            ]
-            r.metrics[f"{h}_diff_vs_{ref.name}"] = _nanmean_diff(a, b)
-            r.metrics[f"{h}_diff_vs_{ref.name}_ci95"] = diff_ci(a, b, resamples, seed)
+        if r is not ref:
+            d = paired_difference(r, ref, resamples, seed)
+            r.metrics[f"{h}_diff_vs_{ref.name}"], r.metrics[f"{h}_diff_vs_{ref.name}_ci95"] = d
 
 
-def _nanmean_diff(a, b) -> float | None:
-    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None]
-    return sum(x - y for x, y in pairs) / len(pairs) if pairs else None
+def paired_difference(a: ContenderResult, b: ContenderResult, resamples: int, seed: int) -> tuple:
+    """Mean of a − b over the examples both have a value for, and its paired bootstrap 95% interval."""
+    pairs = [(x, y) if x is not None and y is not None else (None, None)
+             for x, y in zip(a.per_example, b.per_example, strict=True)]
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    both = [(x, y) for x, y in pairs if x is not None]
+    mean = sum(x - y for x, y in both) / len(both) if both else None
+    return mean, diff_ci(xs, ys, resamples, seed)
 
 
-def _judge(recipe, task: Task, client, results, test, bar) -> dict:
+def _judge(recipe, task: TaskKind, client, results, test, bar) -> dict:
     """Pairwise win rate of ``judge.pair[0]`` over ``pair[1]``, or a rubric score per generating contender."""
     from tunesmith.data.task import render_prompt
-    from tunesmith.errors import ConfigError
     from tunesmith.eval import judge
 
     spec = recipe.eval.judge
@@ -348,7 +312,7 @@ def _judge(recipe, task: Task, client, results, test, bar) -> dict:
         return {"mode": "pairwise", "pair": spec.pair, **summary}
     out = {"mode": "rubric"}
     for r in results:
-        if r.kind == "baseline" and task.kind != "generation":
+        if r.kind == "baseline" and task.name != "generation":
             continue
         with bar(f"judge {r.name}", len(test)) as advance:
             summary, scores = judge.rubric(client, spec.rubric, questions, refs, answers(r), advance)
@@ -357,3 +321,31 @@ def _judge(recipe, task: Task, client, results, test, bar) -> dict:
             row["judge_score"] = s
         out[r.name] = summary
     return out
+
+
+def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | None = None) -> EvalRun:
+    """Base vs the job's fine-tuned adapter on held-out chat rows (``prompt`` messages → ``completion``).
+
+    Fine-tuning jobs use it on their validation file: the prompts are the conversations as uploaded,
+    the task is free generation with room for the longest reference answer plus a few tokens.
+    """
+    from tunesmith.models.loading import load_tokenizer
+
+    console = console or Console()
+    if not rows:
+        raise DataError("no conversations to evaluate")
+    rows = rows[: recipe.eval.max_examples] if recipe.eval.max_examples else rows
+    test = [Example(f"valid-{i + 1}", {"prompt": r["prompt"][-1]["content"] if r["prompt"] else ""},
+                    r["completion"][-1]["content"], {"messages": r["prompt"]}) for i, r in enumerate(rows)]
+    tokenizer = load_tokenizer(recipe.model.name)
+    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in test)
+    cfg = recipe.eval.model_copy(update={"max_new_tokens": min(512, longest + 8), "baselines": []})
+    data_cfg = DataSection(path=Path("."), task="generation", input_fields=["prompt"], target_field="completion",
+                           prompt="{prompt}", system_prompt=None)
+    recipe = recipe.model_copy(update={"eval": cfg, "data": data_cfg})
+    found = trained_output(recipe.run_dir)
+    contenders = [LocalContender("base", f"{recipe.model.name}, no fine-tuning", None, data_cfg)]
+    if found:
+        contenders.append(LocalContender("finetuned", f"{recipe.model.name} + {found[0].name}", found[0], data_cfg, kind=found[1]))
+    return evaluate(recipe, [], test, [], contenders, {"validation conversations": len(test)}, console)
+

@@ -80,23 +80,6 @@ def _not_found_message(name: str, exc: Exception) -> str:
     )
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
-
-
-def wrap_lora(model, r: int, alpha: int, dropout: float, target_modules, seed: int):
-    """Add LoRA adapters; the adapter's random init is seeded so a run can be reproduced."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def check_adapter_device(adapter: str, placement: Placement) -> None:
     """QLoRA quantizes the base model to 4 bits with bitsandbytes, which needs a CUDA GPU."""
     from tunesmith.errors import ConfigError

@@ -179,21 +179,13 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
 
 
 def train_job(recipe, rows, val_rows, callback, resume, bar):
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
-    from tunesmith.train.sft import prepare_model, train_sft
+    """The job's training through the one dispatcher (chat rows as uploaded, or DPO pairs)."""
+    from rich.console import Console
 
-    placement = pick_placement(recipe.model.precision, recipe.model.device)
-    tokenizer = load_tokenizer(recipe.model.name)
-    model = load_model(recipe.model.name, placement)
-    if recipe.train.method == "dpo":
-        from rich.console import Console
+    from tunesmith.train.dispatch import TrainData, train
 
-        from tunesmith.train.dpo import train_dpo
-
-        return train_dpo(recipe, model, tokenizer, placement, Console(file=io.StringIO()), bar, resume=resume,
-                         callbacks=[callback])
-    return train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
-                     recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=[callback])
+    return train(recipe, TrainData(rows=rows, val_rows=val_rows), Console(file=io.StringIO()), bar,
+                 resume=resume, callbacks=[callback])
 
 
 def results_csv(rows: list[dict]) -> bytes:

@@ -97,6 +97,8 @@ def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
     cfg = recipe.synth
     if cfg is None:
         raise ConfigError("this recipe has no synth section (see examples/synth_*.yaml)")
+    if cfg.input is None:
+        raise ConfigError("synth.input: required but missing (only a paraphrase stage of `tunesmith run` may omit it)")
     out_dir = recipe.run_dir / "synth"
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, recipe.run_dir / "config.resolved.yaml")

@@ -9,19 +9,12 @@ instead of generating text and parsing it (or scoring every label's tokens).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.config import Recipe
 from tunesmith.data.task import render_prompt
-
-
-@dataclass
-class ClassifierResult:
-    output_dir: Path
-    seconds: float
-    metrics: dict
-    model: object
+from tunesmith.train.metrics import rows_from_log_history
+from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
 
 def load_classifier(name: str, labels: list[str], placement, tokenizer):
@@ -69,8 +62,8 @@ def encode(tokenizer, texts: list[str], targets: list[int] | None = None) -> lis
 def set_aside_long(recipe: Recipe, examples: list, rows: list[dict], console) -> list[dict]:
     """The encoded training rows that fit ``train.max_seq_length``; the others go to data/rejected.jsonl
     with their length (a cut text could lose what decides its label)."""
+    from tunesmith.data.prepare import append_jsonl
     from tunesmith.records import Rejected
-    from tunesmith.train.stage import append_jsonl
 
     limit = recipe.train.max_seq_length
     rejected = [Rejected(ex.id, "train", f"{row['length']} tokens > train.max_seq_length {limit}", ex.inputs)
@@ -106,26 +99,21 @@ def predict_proba(model, tokenizer, rows: list[dict], batch_size: int = 32, max_
     return probs
 
 
-def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, resume: bool = False):
-    """Train the head (+ LoRA) on the train split, evaluate it on the test split, save both."""
+def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, placement, bar,
+                     console, resume: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Train the head (+ LoRA) on ``train`` and save it; the evaluation path scores it like any contender."""
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer
 
-    from tunesmith.eval.metrics import classification_metrics
     from tunesmith.train.sft import fit, training_args
 
-    t, labels = recipe.train, data.labels
+    t = recipe.train
     out_dir = recipe.run_dir / "train"
     index = {label: i for i, label in enumerate(labels)}
-    texts = {k: [render_prompt(e, recipe.data.prompt) for e in v] for k, v in data.splits.items()}
-    model = wrap_classifier(
-        load_classifier(recipe.model.name, labels, placement, tokenizer), t.lora, recipe.seed
-    )
+    texts = [render_prompt(e, recipe.data.prompt) for e in train]
+    model = wrap_classifier(load_classifier(recipe.model.name, labels, placement, tokenizer), t.lora, recipe.seed)
     tokenizer.padding_side = "right"
-    train = data.splits["train"]
-    train_ds = Dataset.from_list(
-        set_aside_long(recipe, train, encode(tokenizer, texts["train"], [index[e.target] for e in train]), console)
-    )
+    rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
     args = training_args(
         recipe,
         placement,
@@ -139,38 +127,26 @@ def train_classifier(recipe: Recipe, data, tokenizer, placement, console, bar, r
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=train_ds,
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
-        data_collator=lambda rows: pad([{k: v for k, v in r.items() if k != "length"} for r in rows]),
+        data_collator=lambda batch: pad([{k: v for k, v in r.items() if k != "length"} for r in batch]),
     )
-    seconds = fit(trainer, out_dir, resume, lambda steps: bar("train classifier", steps))
+    before = trainable_snapshot(trainer.model)
+    seconds = fit(trainer, out_dir, resume, lambda steps: bar("train classifier", steps), callbacks)
     final_dir = out_dir / "classifier"
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
-    test_rows = encode(tokenizer, texts["test"])
-    cut = sum(r["length"] > t.max_seq_length for r in test_rows)
-    if cut:
-        console.print(f"[yellow]{cut} test text(s) longer than train.max_seq_length were cut to it for prediction[/]")
-    probs = predict_proba(model, tokenizer, test_rows, max_len=t.max_seq_length)
-    pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
-    gold = [e.target for e in data.splits["test"]]
-    metrics = classification_metrics(gold, pred, labels) | {"train_seconds": seconds, "test_texts_cut": cut}
-    (out_dir / "classifier_metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    with open(out_dir / "classifier_predictions.jsonl", "w", encoding="utf-8") as fh:
-        for e, p, g in zip(data.splits["test"], probs, pred, strict=True):
-            fh.write(
-                json.dumps(
-                    {
-                        "id": e.id,
-                        "gold": e.target,
-                        "predicted": g,
-                        "probabilities": dict(zip(labels, p, strict=True)),
-                    }
-                )
-                + "\n"
-            )
-    console.print(
-        f"classifier head: accuracy {metrics['accuracy']:.1%}, macro-F1 {metrics['macro_f1']:.3f} "
-        f"on {metrics['n']} test examples; trained in {seconds:.0f}s"
-    )
-    return ClassifierResult(final_dir, seconds, metrics, model)
+    (final_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+    result = make_result(trainer, "classifier", final_dir, before, seconds,
+                         rows_from_log_history(trainer.state.log_history), len(rows), resume)
+    result.too_long = len(train) - len(rows)
+    return result
+
+
+def load_trained_classifier(folder: Path, name: str, placement, tokenizer):
+    """A saved classifier head (+ LoRA) on a fresh base model, and its labels, for evaluation."""
+    from peft import PeftModel
+
+    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    base = load_classifier(name, labels, placement, tokenizer)
+    return PeftModel.from_pretrained(base, str(folder)).eval(), labels

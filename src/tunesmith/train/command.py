@@ -35,48 +35,21 @@ def main_process_first():
 
 
 def run_training(recipe: Recipe, console: Console, resume: bool = False):
-    """Prepare data, load the model for the adapter, train; returns the stage's result object."""
-    from tunesmith.models.loading import check_adapter_device, load_model_for, load_tokenizer, pick_placement
-    from tunesmith.pipeline import prepare_data
+    """Prepare data (unless DPO reads its pairs alone), then train through the one dispatcher."""
+    from tunesmith.data.prepare import prepare
+    from tunesmith.models.loading import check_adapter_device, pick_placement
+    from tunesmith.train.dispatch import TrainData, train
 
     if recipe.data is None and recipe.train.method != "dpo":
         raise ConfigError("data: required (only train.method dpo reads its pairs from train.dpo.path)")
-    placement = pick_placement(recipe.model.precision, recipe.model.device)
-    check_adapter_device(recipe.train.adapter, placement)  # before any data or model work
+    check_adapter_device(recipe.train.adapter, pick_placement(recipe.model.precision, recipe.model.device))
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")
-
-    def bar(desc: str, total: int):
-        return task_bar(console, desc, total)
-
-    tokenizer = load_tokenizer(recipe.model.name)
-    if recipe.train.method == "dpo":
-        from tunesmith.train.dpo import train_dpo
-
-        model = load_model_for(recipe.model.name, placement, recipe.train.adapter)
-        return train_dpo(recipe, model, tokenizer, placement, console, bar, resume=resume)
-    with main_process_first():  # under torchrun/accelerate, rank 0 builds (and caches) the data first
-        data = prepare_data(recipe, run_dir / "data", console)
-    console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items()))
-    if recipe.train.head == "classifier":
-        from tunesmith.train.classifier import train_classifier
-
-        return train_classifier(recipe, data, tokenizer, placement, console, bar, resume=resume)
-    from tunesmith.train.stage import train_stage
-
-    model = load_model_for(recipe.model.name, placement, recipe.train.adapter)
-    console.print(
-        f"{recipe.model.name} on {placement.device} in {placement.dtype}, adapter {recipe.train.adapter}"
-    )
-    return train_stage(
-        recipe,
-        data.splits["train"],
-        data.splits["val"],
-        model,
-        tokenizer,
-        placement,
-        console,
-        bar,
-        resume=resume,
-    )
+    data = TrainData()
+    if recipe.data is not None:
+        with main_process_first():  # under torchrun/accelerate, rank 0 builds (and caches) the data first
+            prepared = prepare(recipe, run_dir / "data", console)
+        console.print(", ".join(f"{k}: {v}" for k, v in prepared.summary.items()))
+        data = TrainData(prepared.splits["train"], prepared.splits["val"], prepared.labels)
+    return train(recipe, data, console, lambda desc, total: task_bar(console, desc, total), resume=resume)

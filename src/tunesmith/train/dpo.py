@@ -16,22 +16,13 @@ reference once before training instead of at every step.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.config import Recipe
 from tunesmith.errors import DataError
-from tunesmith.train.metrics import write_metrics_csv
+from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-@dataclass
-class DpoResult:
-    output_dir: Path
-    log_history: list[dict]
-    seconds: float
-    pairs: int
 
 
 def _messages(value, where: str, field: str) -> list[dict]:
@@ -104,7 +95,7 @@ def read_pairs(path: Path) -> list[dict]:
 
 
 def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume: bool = False,
-              callbacks: list | None = None) -> DpoResult:
+              callbacks: list | None = None) -> TrainResult:
     """Wrap ``model`` with the recipe's adapter and run TRL's DPOTrainer on ``train.dpo.path``."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -128,19 +119,35 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
     )
+    before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("dpo", steps), callbacks)
-    final_dir = out_dir / ("model" if t.adapter == "full" else "adapter")
+    full = t.adapter == "full"
+    final_dir = out_dir / ("model" if full else "adapter")
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
+    tokenizer.padding_side = "left"
     history = trainer.state.log_history
-    rows = [
-        {"step": h["step"], "train_loss": h["loss"], "train_accuracy": h.get("rewards/accuracies")}
-        for h in history
-        if "loss" in h
-    ]
-    write_metrics_csv(rows, out_dir / "metrics.csv")
     (out_dir / "dpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
     if margins:
         console.print(f"reward margin (chosen - rejected): {margins[0]:.3f} → {margins[-1]:.3f}")
-    return DpoResult(final_dir, history, seconds, len(pairs))
+    return make_result(trainer, "model" if full else "adapter", final_dir, before, seconds, dpo_rows(history),
+                       len(pairs), resume)
+
+
+def dpo_rows(history: list[dict]) -> list[dict]:
+    """DPO's log in the SFT metrics columns: the DPO loss, and the reward accuracy (chosen scored above
+    rejected) as train_accuracy; a validation pass fills the valid_* columns the same way."""
+    from tunesmith.train.metrics import COLUMNS, EXTRA
+
+    rows: dict[int, dict] = {}
+    for h in history:
+        if "loss" not in h and "eval_loss" not in h:
+            continue
+        row = rows.setdefault(h["step"], {c: None for c in COLUMNS + EXTRA} | {"step": h["step"]})
+        if "loss" in h:
+            row |= {"train_loss": h["loss"], "train_accuracy": h.get("rewards/accuracies"),
+                    "num_tokens": h.get("num_tokens"), "peak_memory_mb": h.get("peak_memory_mb")}
+        if "eval_loss" in h:
+            row |= {"valid_loss": h["eval_loss"], "valid_mean_token_accuracy": h.get("eval_rewards/accuracies")}
+    return [rows[s] for s in sorted(rows)]

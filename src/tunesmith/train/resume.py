@@ -14,14 +14,20 @@ def newest_checkpoint(folder: Path) -> Path:
     A folder without ``trainer_state.json`` was cut off while being written (the process was
     killed mid-save) and is skipped.
     """
+    found = complete_checkpoint(folder)
+    if found is None:
+        raise ConfigError(
+            f"--resume: no complete checkpoint in {folder}. Train without --resume first, or set "
+            "train.save_steps so that checkpoints are written during training."
+        )
+    return found
+
+
+def complete_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint, or None."""
     found = []
     for child in Path(folder).glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", child.name)
         if m and (child / "trainer_state.json").is_file():
             found.append((int(m.group(1)), child))
-    if not found:
-        raise ConfigError(
-            f"--resume: no complete checkpoint in {folder}. Train without --resume first, or set "
-            "train.save_steps so that checkpoints are written during training."
-        )
-    return max(found)[1]
+    return max(found)[1] if found else None

@@ -10,31 +10,14 @@ OpenAI-style metrics file. Checkpoints carry optimizer, scheduler, RNG and data 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.config import Recipe
 from tunesmith.errors import TrainingError
 from tunesmith.models.loading import Placement
 from tunesmith.records import Rejected
-from tunesmith.train.metrics import rows_from_log_history, write_metrics_csv
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path  # adapter/ (LoRA) or model/ (full)
-    rows: list[dict]
-    seconds: float
-    tokens: int  # non-padding tokens seen
-    trainable_params: int
-    total_params: int
-    tensors_changed: int  # trainable tensors whose values moved during training
-    tensors_trainable: int
-    model: object  # the trained model (PEFT-wrapped for LoRA), in eval mode
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
+from tunesmith.train.metrics import rows_from_log_history
+from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
 
 def conversation_rows(prompts: list[list[dict]], targets: list[str]) -> list[dict]:
@@ -49,6 +32,8 @@ def prepare_model(recipe: Recipe, model):
     """Wrap with the recipe's adapter (seeded LoRA/DoRA/QLoRA) or unfreeze the whole model."""
     from tunesmith.models.loading import wrap_adapter
 
+    if hasattr(model, "peft_config"):  # continuing from another arm's adapter (e.g. SFT, then DPO)
+        return model
     t = recipe.train
     return wrap_adapter(model, t.adapter, t.lora, recipe.seed)
 
@@ -112,7 +97,7 @@ def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: 
     save_steps = t.eval_steps if t.early_stopping_patience else t.save_steps
     kwargs = base_args(recipe, placement, out_dir) | dict(
         per_device_eval_batch_size=t.batch_size,
-        train_sampling_strategy="group_by_length" if t.grouped else "random",
+        train_sampling_strategy=sampling_strategy(recipe),
         length_column_name="length",
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
@@ -127,6 +112,13 @@ def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: 
     )
     kwargs.update(extra)
     return TrainingArguments(**kwargs)
+
+
+def sampling_strategy(recipe: Recipe) -> str:
+    """sequential when data.order sets a curriculum (the rows arrive in that order), else the recipe's choice."""
+    if recipe.data is not None and recipe.data.order is not None:
+        return "sequential"
+    return "group_by_length" if recipe.train.grouped else "random"
 
 
 def mask_kind(model) -> str:
@@ -229,21 +221,15 @@ def train_sft(
     """
     tokenizer.padding_side = "right"
     trainer = build_trainer(recipe, model, tokenizer, train_rows, val_rows, placement, out_dir)
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    trainable = sum(p.numel() for p in before.values())
-    total = sum(p.numel() for p in trainer.model.parameters())
+    before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, progress_factory, callbacks)
     tokenizer.padding_side = "left"
-    rows = rows_from_log_history(trainer.state.log_history)
-    write_metrics_csv(rows, out_dir / "metrics.csv")
-    final_dir = out_dir / ("model" if recipe.train.adapter == "full" else "adapter")
+    full = recipe.train.adapter == "full"
+    final_dir = out_dir / ("model" if full else "adapter")
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
-    tokens = int(trainer.state.num_input_tokens_seen or _logged_tokens(trainer.state.log_history))
-    after = dict(trainer.model.named_parameters())
-    changed = sum(not after[n].detach().equal(v) for n, v in before.items())
-    model = trainer.model.eval()
-    return TrainResult(final_dir, rows, seconds, tokens, trainable, total, changed, len(before), model)
+    rows = rows_from_log_history(trainer.state.log_history)
+    return make_result(trainer, "model" if full else "adapter", final_dir, before, seconds, rows, len(train_rows), resume)
 
 
 def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
@@ -285,7 +271,3 @@ def planned_steps(trainer) -> int:
         len(trainer.train_dataset) / (args.per_device_train_batch_size * args.gradient_accumulation_steps)
     )
     return max(1, math.ceil(per_epoch * args.num_train_epochs))
-
-
-def _logged_tokens(history: list[dict]) -> int:
-    return max((int(h.get("num_tokens", 0)) for h in history), default=0)

