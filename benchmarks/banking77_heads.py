@@ -54,17 +54,18 @@ def main() -> None:
     if not SHARED.is_dir():
         raise SystemExit(f"shared data not found at {SHARED} (set TUNESMITH_SHARED_DATA)")
     from transformers.utils import logging as hf_logging
-    from tunesmith.train.stage import train_stage
 
     from tunesmith.config import validate_recipe
     from tunesmith.data.formatting import chat_messages, prompt_text
     from tunesmith.eval import baselines
     from tunesmith.eval.generation import generate_greedy
     from tunesmith.eval.metrics import classification_metrics, parse_label
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
-    from tunesmith.pipeline import PreparedData
+    from tunesmith.eval.runner import LocalContender, evaluate_local
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.progress import task_bar
-    from tunesmith.train.classifier import train_classifier
+    from tunesmith.tasks import make_task
+    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.dispatch import train as train_recipe
 
     hf_logging.set_verbosity_error()
     console = Console()
@@ -107,24 +108,23 @@ def main() -> None:
                 },
             }
         )
-        placement = pick_placement()
         tokenizer = load_tokenizer(MODEL)
 
         def bar(desc, total):
             return task_bar(console, desc, total)
 
-        data = PreparedData({"train": train, "val": [], "test": test, "unused": []}, labels, {}, 0)
         cls_recipe = recipe.model_copy(
             update={"train": recipe.train.model_copy(update={"head": "classifier"})}
         )
-        res = train_classifier(cls_recipe, data, tokenizer, placement, console, bar)
-        results["classifier_head"] = {k: res.metrics[k] for k in ("accuracy", "macro_f1", "n")} | {
+        res = train_recipe(cls_recipe, TrainData(train, [], labels), console, bar)
+        task = make_task("classification", recipe.eval, labels)
+        head = LocalContender("classifier_head", "", res.output_dir, recipe.data, kind="classifier")
+        scored = evaluate_local(cls_recipe, task, head, test, bar)
+        results["classifier_head"] = {k: scored.metrics[k] for k in ("accuracy", "macro_f1", "n")} | {
             "seconds": res.seconds
         }
 
-        trained = train_stage(
-            recipe, train, [], load_model(MODEL, placement), tokenizer, placement, console, bar
-        )
+        trained = train_recipe(recipe, TrainData(train, [], labels), console, bar)
         prompts = [prompt_text(tokenizer, chat_messages(e, recipe.data)) for e in test]
         outputs = generate_greedy(trained.model, tokenizer, prompts, max_new_tokens=16)
         pred = [parse_label(o, labels) for o in outputs]

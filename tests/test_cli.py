@@ -40,7 +40,7 @@ def test_missing_data_file_exits_3_naming_the_path(cli, tmp_path):
     r = write_recipe(tmp_path / "r.yaml", recipe_doc(tmp_path / "nowhere.jsonl"))
     code, out = cli(["run", str(r)])
     assert code == 3
-    assert "Data file not found" in out and "nowhere.jsonl" in out
+    assert "data.path: file not found" in out and "nowhere.jsonl" in out
 
 
 def test_malformed_jsonl_exits_3_with_file_line_and_start(cli, tmp_path):

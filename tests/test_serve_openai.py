@@ -18,7 +18,8 @@ def server(tiny_model_dir, tmp_path_factory):
     from tunesmith.models.loading import wrap_adapter
 
     adapter_dir = tmp_path_factory.mktemp("adapter")
-    lora = wrap_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora", LoraSection(r=4, alpha=8, dropout=0.0), seed=1)
+    lora = wrap_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora",
+                        LoraSection(r=4, alpha=8, dropout=0.0), seed=1)
     for name, p in lora.named_parameters():  # a non-trivial adapter: B is zero at init
         if "lora_B" in name:
             p.data.normal_(0, 0.5)

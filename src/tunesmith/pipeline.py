@@ -83,6 +83,12 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
         return json.loads(done.read_text())["summary"]
     train_set = list(data.splits["train"])
     summary: dict = {}
+    if arm is not recipe and arm.data.export:  # each arm's splits as it formats them (system prompt, order)
+        from tunesmith.data.exporters import export_splits
+        from tunesmith.train.dispatch import ordered
+
+        splits = {**data.splits, "train": ordered(arm, train_set)}
+        export_splits(splits, arm.data, arm.run_dir / "data" / "export")
     if arm.synth is not None:
         from tunesmith.augment import augment
 

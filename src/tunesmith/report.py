@@ -30,7 +30,8 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("loss (completion tokens)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or valid:
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

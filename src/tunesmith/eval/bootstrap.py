@@ -59,3 +59,14 @@ def diff_ci(
         return None
     idx = _indices(xa.size, resamples, seed)
     return _interval(_resample_means(xa, idx) - _resample_means(xb, idx), level)
+
+
+def paired_difference(a, b, resamples: int, seed: int) -> tuple:
+    """Mean of a − b over the examples both contenders (results with ``per_example``) have a value for,
+    and its paired bootstrap 95% interval."""
+    pairs = [(x, y) if x is not None and y is not None else (None, None)
+             for x, y in zip(a.per_example, b.per_example, strict=True)]
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    both = [(x, y) for x, y in pairs if x is not None]
+    mean = sum(x - y for x, y in both) / len(both) if both else None
+    return mean, diff_ci(xs, ys, resamples, seed)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.eval.result import ContenderResult
+from tunesmith.eval.result import ContenderResult, EvalRun
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind
 from tunesmith.tasks.base import num
@@ -92,7 +92,7 @@ def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | No
 def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, seed: int) -> list[dict]:
     """Paired differences that answer the run's questions: every fine-tuned arm against the best baseline
     and against each other arm (paired bootstrap over the same test examples)."""
-    from tunesmith.eval.runner import paired_difference
+    from tunesmith.eval.bootstrap import paired_difference
 
     arms = [r for r in results if r.kind == "llm" and r.name != "base"]
     top = best(task, [r for r in results if r.kind == "baseline"])
@@ -237,7 +237,8 @@ class Report:
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |\n" for row in rows]
         out.append(f"\n{self.task.notes()} {INTERVALS}\n")
         if self.comparisons:
-            out.append("\n## Paired differences\n\n" + "".join(f"- {line}\n" for line in comparison_lines(self.task, self.comparisons)))
+            lines = comparison_lines(self.task, self.comparisons)
+            out.append("\n## Paired differences\n\n" + "".join(f"- {line}\n" for line in lines))
         if self.judge:
             out.append("\n## Judge\n\n```json\n" + json.dumps(self.judge, indent=2) + "\n```\n")
         for name, table in {"Data": self.summary, **self.sections}.items():
@@ -262,7 +263,8 @@ class Report:
         parts.append(f"</table><p>{e(self.task.notes())} {INTERVALS}</p>")
         if self.comparisons:
             lines = comparison_lines(self.task, self.comparisons)
-            parts.append("<h2>Paired differences</h2><ul>" + "".join(f"<li>{e(x.replace('**', ''))}</li>" for x in lines) + "</ul>")
+            items = "".join(f"<li>{e(x.replace('**', ''))}</li>" for x in lines)
+            parts.append(f"<h2>Paired differences</h2><ul>{items}</ul>")
         if self.judge:
             parts.append(f"<h2>Judge</h2><pre>{e(json.dumps(self.judge, indent=2))}</pre>")
         for name, img in self.images.items():
@@ -276,14 +278,13 @@ class Report:
         return "".join(parts)
 
 
-INTERVALS = "Intervals: seeded percentile bootstrap over test examples; Δ and the paired differences resample the same examples for both sides."
+INTERVALS = ("Intervals: seeded percentile bootstrap over test examples; Δ and the paired differences resample the "
+             "same examples for both sides.")
 
 
 def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], test: list[Example], summary: dict,
                        judge: dict | None = None):
     """eval/metrics.json, predictions.jsonl, comparisons.json, plots, report.md and report.html."""
-    from tunesmith.eval.runner import EvalRun
-
     eval_dir = recipe.run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     metrics = {r.name: r.metrics for r in results}

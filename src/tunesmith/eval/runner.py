@@ -10,15 +10,15 @@ Then bootstrap intervals, the optional judge, and the eval folder.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from tunesmith.config import DataSection, Recipe, arm_recipe
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.eval.bootstrap import diff_ci, mean_ci
-from tunesmith.eval.result import ContenderResult
+from tunesmith.eval.bootstrap import mean_ci, paired_difference
+from tunesmith.eval.result import ContenderResult, EvalRun
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind, make_task, score_outputs
 from tunesmith.tasks.base import BaselineInputs
@@ -34,17 +34,6 @@ class LocalContender:
     data: DataSection  # how it is asked: prompt template and system prompt of the arm it was trained with
     with_labels: bool = False  # append the label list (a base model has never seen it)
     kind: str = "llm"  # "llm" or "classifier"
-
-
-@dataclass
-class EvalRun:
-    eval_dir: Path
-    task: TaskKind
-    results: list[ContenderResult]
-    report_md: Path
-    report_html: Path
-    summary: dict = field(default_factory=dict)
-    report: object = None  # the eval report (tunesmith.eval.report.Report), re-rendered into the run's report.md
 
 
 def trained_output(run_dir: Path) -> tuple[Path, str] | None:
@@ -274,16 +263,6 @@ def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int
         if r is not ref:
             d = paired_difference(r, ref, resamples, seed)
             r.metrics[f"{h}_diff_vs_{ref.name}"], r.metrics[f"{h}_diff_vs_{ref.name}_ci95"] = d
-
-
-def paired_difference(a: ContenderResult, b: ContenderResult, resamples: int, seed: int) -> tuple:
-    """Mean of a − b over the examples both have a value for, and its paired bootstrap 95% interval."""
-    pairs = [(x, y) if x is not None and y is not None else (None, None)
-             for x, y in zip(a.per_example, b.per_example, strict=True)]
-    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-    both = [(x, y) for x, y in pairs if x is not None]
-    mean = sum(x - y for x, y in both) / len(both) if both else None
-    return mean, diff_ci(xs, ys, resamples, seed)
 
 
 def _judge(recipe, task: TaskKind, client, results, test, bar) -> dict:

@@ -149,7 +149,7 @@ def run_hosted(recipe: Recipe, console: Console) -> dict:
     """The data stage, then the hosted job on the prepared train/val splits."""
     from tunesmith.config import dump_resolved
     from tunesmith.data.formatting import chat_messages
-    from tunesmith.pipeline import prepare_data
+    from tunesmith.data.prepare import prepare as prepare_data
     from tunesmith.progress import task_bar
 
     if recipe.data is None:

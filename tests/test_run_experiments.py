@@ -1,0 +1,178 @@
+"""`tunesmith run` end to end for every task kind, and arms compared side by side, on the tiny test model."""
+
+import json
+
+import pytest
+
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+FAST_TRAIN = {"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2, "max_seq_length": 96}
+
+
+def _run(cli, recipe):
+    code, out = cli(["run", str(recipe)])
+    assert code == 0, out
+    return out
+
+
+def _metrics(run):
+    return json.loads((run / "eval" / "metrics.json").read_text())
+
+
+def test_regression_run_rejects_non_numeric_targets_and_never_scores_labels(cli, tmp_path, tiny_model_dir):
+    rows = [{"text": r["text"], "words": str(len(r["text"].split()))} for r in banking_rows(LABELS, 10)]
+    rows[3]["words"] = "n/a"  # a target that is not a number: set aside, counted
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="reg", seed=3, split={"train": 19, "val": 0, "test": 10},
+                         data={"task": "regression", "target_field": "words", "prompt": "How many words: {text}"},
+                         train=FAST_TRAIN, eval={"max_new_tokens": 4, "bootstrap": 200, "baselines": ["mean", "ridge"]})
+    out = _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    run = tmp_path / "runs" / "reg"
+    rejected = [json.loads(line) for line in (run / "data" / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 1 and "not a number" in rejected[0]["reason"]
+    assert "rejected (see data/rejected.jsonl) | 1" in (run / "report.md").read_text()
+    metrics = _metrics(run)
+    assert set(metrics) == {"base", "finetuned", "mean", "ridge"}
+    assert all(m["n"] == 10 and "labels" not in m for m in metrics.values())
+    assert metrics["base"]["scoring"] == "free generation"  # a number is never a label
+    # MAE counts unparseable answers (as a prediction of 0), so Δ and the headline agree
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    base = [p for p in preds if p["model"] == "base"]
+    errors = [abs((p["parsed"] if p["parsed"] is not None else 0) - p["gold"]) for p in base]
+    assert metrics["base"]["mae"] == pytest.approx(sum(errors) / len(errors))
+    assert "MAE" in out or "mae" in out
+
+
+def test_generation_run(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 8))
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="gen", seed=3, split={"train": 16, "val": 0, "test": 8},
+                         data={"task": "generation"}, train=FAST_TRAIN, eval={"max_new_tokens": 6, "bootstrap": 100})
+    _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    metrics = _metrics(tmp_path / "runs" / "gen")
+    assert set(metrics) == {"base", "finetuned"}  # no LLM-free baseline applies to free generation
+    assert all("chrf" in m and "chrf_ci95" in m for m in metrics.values())
+
+
+def test_qa_run_on_a_squad_file_keeps_every_gold_answer(cli, tmp_path, tiny_model_dir):
+    paragraphs = []
+    for i, r in enumerate(banking_rows(LABELS, 6)):
+        words = r["text"].split()
+        answer = " ".join(words[:2])
+        paragraphs.append({"context": r["text"], "qas": [{"id": f"q{i}", "question": f"What starts message {i}?",
+                           "answers": [{"text": answer, "answer_start": 0}, {"text": words[0], "answer_start": 0}]}]})
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    doc = {"name": "qa", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(tiny_model_dir)},
+           "data": {"path": str(squad), "task": "qa", "input_fields": ["context", "question"], "target_field": "answers",
+                    "prompt": "{context}\n\nQ: {question}", "split": {"train": 12, "val": 0, "test": 6}},
+           "train": FAST_TRAIN, "eval": {"max_new_tokens": 6, "stop": ["\n"], "bootstrap": 100}}
+    _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    run = tmp_path / "runs" / "qa"
+    metrics = _metrics(run)
+    assert set(metrics) == {"base", "finetuned"} and all("exact_match" in m for m in metrics.values())
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(isinstance(p["gold"], list) and len(p["gold"]) == 2 for p in preds)
+
+
+def test_arms_share_the_split_differ_in_training_and_are_compared_pairwise(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
+    doc = banking_recipe(
+        tmp_path, tiny_model_dir, data, name="arms", seed=5, split={"train": 24, "val": 0, "test": 12},
+        data={"system_prompt": "Classify the message."}, train=FAST_TRAIN,
+        eval={"max_new_tokens": 4, "bootstrap": 300, "baselines": ["majority", "tfidf_svm"]},
+    )
+    doc["arms"] = [
+        {"name": "system", "description": "with the system prompt"},
+        {"name": "no-system", "data": {"system_prompt": None}},
+        {"name": "sorted", "data": {"order": {"by": "target"}}, "train": {"learning_rate": 1e-3}},
+    ]
+    recipe = write_recipe(tmp_path / "r.yaml", doc)
+    out = _run(cli, recipe)
+    run = tmp_path / "runs" / "arms"
+    for arm in ("system", "no-system", "sorted"):
+        assert (run / "arms" / arm / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = _metrics(run)
+    assert set(metrics) == {"base", "system", "no-system", "sorted", "majority", "tfidf_svm"}
+    assert len({m["n"] for m in metrics.values()}) == 1  # every contender on the same test examples
+    comps = json.loads((run / "eval" / "comparisons.json").read_text())
+    pairs = {(c["a"], c["b"]) for c in comps}
+    assert {("system", "no-system"), ("system", "sorted"), ("no-system", "sorted")} <= pairs
+    best_baseline = max(("majority", "tfidf_svm"), key=lambda b: metrics[b]["accuracy"])
+    assert ("system", best_baseline) in pairs
+    for c in comps:
+        lo, hi = c["ci95"]
+        assert lo <= c["diff"] + 1e-9 and c["diff"] - 1e-9 <= hi
+        assert c["verdict"] in ("better", "worse", "no clear difference")
+    # the no-system arm was asked without a system message, as it was trained
+    preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all("system" not in p["prompt"] for p in preds if p["model"] == "no-system")
+    assert all("Classify the message." in p["prompt"] for p in preds if p["model"] == "system")
+    report = (run / "report.md").read_text()
+    assert "## Paired differences" in report and "Training: sorted" in report
+    assert "arm 3/3: sorted" in out
+    # a second run resumes: finished arms are not retrained
+    out = _run(cli, recipe)
+    assert out.count("not retrained") == 3
+
+
+def test_arm_errors_name_the_arm_and_the_key(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 4))
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="bad", seed=1, split={"train": 8, "val": 0, "test": 4})
+    doc["arms"] = [{"name": "a", "train": {"epoch": 2}}, {"name": "b", "train": {"lora": {"rank": 8}}}]
+    code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 2 and "2 problem(s)" in out
+    assert "arms[0] (a): train.epoch: unknown key; did you mean 'train.epochs'?" in out
+    assert "arms[1] (b): train.lora.rank: unknown key" in out
+    doc["arms"] = [{"name": "b", "data": {"path": "elsewhere.csv"}}]
+    code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 2 and "arms.0.data" in out and "the split is shared" in out
+    doc["arms"] = [{"name": "a"}, {"name": "a"}]
+    code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 2 and "repeated: ['a']" in out
+
+
+def test_official_split_files_and_a_missing_one(cli, tmp_path, tiny_model_dir):
+    rows = banking_rows(LABELS, 10)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:24])
+    test = write_jsonl(tmp_path / "test.jsonl", rows[24:])
+    doc = banking_recipe(tmp_path, tiny_model_dir, None, name="splits", seed=2, split={"val": 0},
+                         train={**FAST_TRAIN, "max_steps": 1}, eval={"max_new_tokens": 2, "baselines": ["majority"],
+                                                                   "bootstrap": 0})
+    doc["data"].pop("path")
+    doc["data"]["splits"] = {"train": str(train), "test": str(test)}
+    _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    run = tmp_path / "runs" / "splits"
+    test_ids = [json.loads(x)["id"] for x in (run / "data" / "test.jsonl").read_text().splitlines()]
+    assert len(test_ids) == 6 and all(i.startswith("test.jsonl:") for i in test_ids)
+    # without a test file, a stratified 20% of the train file is held out, and the summary says so
+    doc["data"]["splits"] = {"train": str(train)}
+    doc["name"] = "carved"
+    _run(cli, write_recipe(tmp_path / "r2.yaml", doc))
+    assert "test held out from the train file (no test file given) | 5 (20%)" in (tmp_path / "runs/carved/report.md").read_text()
+    doc["data"]["splits"] = {"train": str(train), "test": str(tmp_path / "official_test.jsonl")}
+    doc["data"]["description"] = "the official test split of the intents data"
+    code, out = cli(["run", str(write_recipe(tmp_path / "r3.yaml", doc))])
+    assert code == 3 and "data.splits.test: file not found" in out and "official_test.jsonl" in out
+    assert "the official test split of the intents data" in out
+
+
+def test_dpo_arm_starts_from_the_sft_arm(cli, tmp_path, tiny_model_dir):
+    rows = banking_rows(LABELS, 8)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": r["text"], "chosen": r["category"], "rejected": "no idea"} for r in rows[:8]])
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="sftdpo", seed=2, split={"train": 16, "val": 0, "test": 8},
+                         train={**FAST_TRAIN, "max_steps": 2}, eval={"max_new_tokens": 3, "baselines": ["majority"],
+                                                                     "bootstrap": 100})
+    doc["arms"] = [{"name": "sft"}, {"name": "sft-dpo", "from_arm": "sft",
+                                     "train": {"method": "dpo", "dpo": {"path": str(pairs)}, "learning_rate": 1e-3}}]
+    _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    run = tmp_path / "runs" / "sftdpo"
+    assert set(_metrics(run)) == {"base", "sft", "sft-dpo", "majority"}
+    import csv
+
+    with open(run / "arms" / "sft-dpo" / "train" / "metrics.csv", newline="") as fh:
+        table = list(csv.DictReader(fh))
+    assert table and list(table[0])[:5] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert all(r["train_loss"] for r in table)
