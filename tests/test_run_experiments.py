@@ -176,3 +176,82 @@ def test_dpo_arm_starts_from_the_sft_arm(cli, tmp_path, tiny_model_dir):
         table = list(csv.DictReader(fh))
     assert table and list(table[0])[:5] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
     assert all(r["train_loss"] for r in table)
+
+
+def _paraphrase_run(tmp_path, tiny_model_dir, base_url, name):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 8))
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name=name, seed=4, split={"train": 16, "val": 0, "test": 8},
+                         train={**FAST_TRAIN, "max_steps": 2}, eval={"max_new_tokens": 3, "baselines": ["majority"],
+                                                                     "bootstrap": 0})
+    doc["synth"] = {"task": "paraphrase", "paraphrase": {"question_field": "text", "n": 3},
+                    "provider": {"kind": "openai", "base_url": base_url, "model": "stub", "api_key_env": None},
+                    "max_parse_attempts": 1}
+    return write_recipe(tmp_path / f"{name}.yaml", doc)
+
+
+def test_synth_stage_grows_the_train_split_only_and_drops_leaks(cli, tmp_path, tiny_model_dir):
+    from .openai_stub import serve
+
+    rows = banking_rows(LABELS, 8)
+    held_out: list[str] = []
+
+    def reply(content, n):
+        question = next((r["text"] for r in rows if r["text"] in content), "a message")
+        # one fresh rewording and one copy of a held-out message: the leakage guard must drop the copy
+        return 200, json.dumps({"paraphrases": [f"Hello team, {question.lower()} Thanks a lot!", held_out[0]]}), 0
+
+    with serve(reply) as url:
+        recipe = _paraphrase_run(tmp_path, tiny_model_dir, url, "aug")
+        code, out = cli(["data", "prepare", str(recipe)])
+        assert code == 0, out
+        run = tmp_path / "runs" / "aug"
+        held_out += [json.loads(x)["messages"][-2]["content"] for x in (run / "data/test.jsonl").read_text().splitlines()]
+        out = _run(cli, recipe)
+    assert "leakage guard" in out
+    report = (run / "report.md").read_text()
+    assert "dropped: near-duplicate of a val/test example | 16" in report
+    assert "synthetic training examples added | 16" in report
+    assert "training examples (set aside as too long) | 32 (0)" in report  # 16 original + 16 paraphrases
+    rejected = [json.loads(x) for f in (run / "synth").glob("*/augment_rejected.jsonl") for x in open(f)]
+    assert len(rejected) == 16 and all("leakage guard" in r["reason"] for r in rejected)
+    assert sum(1 for _ in open(run / "data/test.jsonl")) == 8  # held-out splits are never grown
+
+
+def test_synth_stage_with_no_usable_output_stops_before_training(cli, tmp_path, tiny_model_dir):
+    from .openai_stub import serve
+
+    with serve(lambda content, n: (200, "...", 0)) as url:
+        recipe = _paraphrase_run(tmp_path, tiny_model_dir, url, "junk")
+        code, out = cli(["run", str(recipe)])
+    assert code == 3, out
+    assert "yielded no usable training example" in out and "replies set aside by reason" in out
+    assert not (tmp_path / "runs" / "junk" / "train" / "adapter").exists()
+
+
+def test_an_adapter_scores_the_same_locally_and_through_its_openai_endpoint(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """Each contender is asked the way it was trained: the endpoint serving the run's adapter gets the
+    fine-tuned prompt (ask_as: finetuned), so its answers equal the local evaluation's."""
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engine import Engine
+
+    from .conftest import running_server
+
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 8))
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="served", seed=6, split={"train": 16, "val": 0, "test": 8},
+                         data={"system_prompt": "Classify."}, train={**FAST_TRAIN, "max_steps": 6},
+                         eval={"max_new_tokens": 5, "label_scoring": False, "baselines": [], "bootstrap": 0,
+                               "perplexity": False})
+    _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    adapter = tmp_path / "runs" / "served" / "train" / "adapter"
+    engine = Engine(str(tiny_model_dir), {"ft:tiny:served": adapter}, max_batch=8, wait_ms=30)
+    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}), data_dir=tmp_path / "serve")
+    monkeypatch.setenv("SERVE_KEY", "k1")
+    with running_server(create_app(settings, engine)) as url:
+        doc["eval"]["endpoints"] = [{"name": "served", "base_url": url, "model": "ft:tiny:served",
+                                     "api_key_env": "SERVE_KEY", "ask_as": "finetuned", "max_retries": 0}]
+        code, out = cli(["eval", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 0, out
+    preds = [json.loads(x) for x in (tmp_path / "runs/served/eval/predictions.jsonl").read_text().splitlines()]
+    local = {p["id"]: p["output"] for p in preds if p["model"] == "finetuned"}
+    served = {p["id"]: p["output"] for p in preds if p["model"] == "served"}
+    assert len(local) == 8 and served == local

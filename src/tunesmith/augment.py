@@ -46,12 +46,13 @@ def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Examp
         q = cfg.paraphrase.question_field
         if q not in arm.data.input_fields:
             raise DataError(f"synth.paraphrase.question_field '{q}' is not one of data.input_fields {arm.data.input_fields}")
-        cfg = cfg.model_copy(update={"input": write_jsonl_path(base / "train_input.jsonl", train, arm)})
+        cfg = cfg.model_copy(update={"input": write_jsonl_path(base / "train_input.jsonl", train, arm),
+                                     "paraphrase": cfg.paraphrase.model_copy(update={"answer_field": arm.data.target_field})})
     elif cfg.input is None:
         raise DataError(f"synth.input: the {cfg.task} task needs an input file (only paraphrase can reword the train split)")
     synth_recipe = run.model_copy(update={"name": key, "output_dir": run.run_dir / "synth", "synth": cfg})
     result = run_synth(synth_recipe, console)
-    items = [json.loads(line)["data"] for line in open(result.out_dir / "accepted.jsonl", encoding="utf-8")]
+    items = [json.loads(line) for line in open(result.out_dir / "accepted.jsonl", encoding="utf-8")]  # accepted or edited
     replies = _rejected_reasons(result.out_dir / "rejected.jsonl")
     made, unmapped = _paraphrased(items, train, arm) if own_input else _mapped(items, arm)
     kept, leaked = leakage_guard(made, held_out, arm.data.prompt)
