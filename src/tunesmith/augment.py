@@ -30,6 +30,7 @@ LEAK_THRESHOLD = 0.8  # char 3-gram Jaccard of the rendered prompts
 class Augmented:
     examples: list[Example]
     summary: dict = field(default_factory=dict)
+    dpo_pairs: Path | None = None  # preference pairs made for a DPO arm
 
 
 def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Example], console: Console) -> Augmented:
@@ -41,19 +42,18 @@ def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Examp
     key = hashlib.sha256(cfg.model_dump_json().encode() + _ids_digest(train)).hexdigest()[:12]
     base = run.run_dir / "synth" / key
     base.mkdir(parents=True, exist_ok=True)
-    own_input = cfg.task == "paraphrase" and cfg.input is None
+    own_input = cfg.task in ("paraphrase", "preference_pairs") and cfg.input is None
     if own_input:
-        q = cfg.paraphrase.question_field
-        if q not in arm.data.input_fields:
-            raise DataError(f"synth.paraphrase.question_field '{q}' is not one of data.input_fields {arm.data.input_fields}")
-        cfg = cfg.model_copy(update={"input": write_jsonl_path(base / "train_input.jsonl", train, arm),
-                                     "paraphrase": cfg.paraphrase.model_copy(update={"answer_field": arm.data.target_field})})
+        cfg = _read_train_split(cfg, arm, write_jsonl_path(base / "train_input.jsonl", train, arm))
     elif cfg.input is None:
-        raise DataError(f"synth.input: the {cfg.task} task needs an input file (only paraphrase can reword the train split)")
+        raise DataError(f"synth.input: the {cfg.task} task needs an input file (paraphrase and preference_pairs "
+                        "can read the train split instead)")
     synth_recipe = run.model_copy(update={"name": key, "output_dir": run.run_dir / "synth", "synth": cfg})
     result = run_synth(synth_recipe, console)
     items = [json.loads(line) for line in open(result.out_dir / "accepted.jsonl", encoding="utf-8")]  # accepted or edited
     replies = _rejected_reasons(result.out_dir / "rejected.jsonl")
+    if cfg.task == "preference_pairs":
+        return _pairs(items, replies, train if own_input else None, arm, base, result.out_dir, console)
     made, unmapped = _paraphrased(items, train, arm) if own_input else _mapped(items, arm)
     kept, leaked = leakage_guard(made, held_out, arm.data.prompt)
     rejected = unmapped + [{"id": e.id, "reason": f"near-duplicate of held-out example {other} (leakage guard)",
@@ -82,10 +82,48 @@ def _ids_digest(train: list[Example]) -> bytes:
     return hashlib.sha256("\n".join(e.id for e in train).encode()).digest()
 
 
+PROMPT_FIELD = "_prompt"  # the rendered prompt of a train example, for preference pairs
+
+
 def write_jsonl_path(path: Path, train: list[Example], arm: Recipe) -> Path:
     """The train split as records for the synth task to read (``id`` carries the example id)."""
-    write_jsonl(path, ({"id": e.id, **e.inputs, arm.data.target_field: e.target} for e in train))
+    write_jsonl(path, ({"id": e.id, **e.inputs, arm.data.target_field: e.target,
+                        PROMPT_FIELD: render_prompt(e, arm.data.prompt)} for e in train))
     return path
+
+
+def _read_train_split(cfg, arm: Recipe, path: Path):
+    """The synth section pointed at the train split's records with the data section's field names."""
+    if cfg.task == "paraphrase":
+        q = cfg.paraphrase.question_field
+        if q not in arm.data.input_fields:
+            raise DataError(f"synth.paraphrase.question_field '{q}' is not one of data.input_fields {arm.data.input_fields}")
+        task = cfg.paraphrase.model_copy(update={"answer_field": arm.data.target_field})
+        return cfg.model_copy(update={"input": path, "paraphrase": task})
+    task = cfg.preference_pairs.model_copy(update={"prompt_field": PROMPT_FIELD, "chosen_field": arm.data.target_field})
+    return cfg.model_copy(update={"input": path, "preference_pairs": task})
+
+
+def _pairs(items, replies: Counter, train: list[Example] | None, arm: Recipe, base: Path, synth_dir: Path,
+           console: Console) -> Augmented:
+    """Preference pairs for a DPO arm: chosen = the reference answer, rejected = the model's own answer; the
+    prompt is the train example's chat messages, formatted as the arm formats them."""
+    from tunesmith.data.formatting import chat_messages
+
+    pairs = []
+    for item in items:
+        src = _source_example(item, train) if train is not None else None
+        prompt = chat_messages(src, arm.data) if src is not None else item["prompt"]
+        pairs.append({"prompt": prompt, "chosen": item["chosen"], "rejected": item["rejected"]})
+    if not pairs:
+        reasons = "; ".join(f"{n} × {r}" for r, n in replies.most_common(8)) or "none recorded"
+        raise DataError(f"synth (preference_pairs) made no pair for arm '{arm.name}'; set aside by reason: {reasons}. "
+                        f"See {synth_dir / 'rejected.jsonl'}")
+    path = base / "dpo_pairs.jsonl"
+    write_jsonl(path, pairs)
+    console.print(f"synth: {len(pairs)} preference pair(s) for DPO → {path}")
+    return Augmented([], {"synth task": "preference_pairs", "preference pairs made": len(pairs),
+                          "synth replies set aside by the task": sum(replies.values())}, path)
 
 
 def _paraphrased(items: list[dict], train: list[Example], arm: Recipe) -> tuple[list[Example], list[dict]]:

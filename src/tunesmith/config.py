@@ -193,7 +193,7 @@ class SplitFiles(Section):
     stratified share of the train file (data.split.test, default 0.2) is held out; without ``val``,
     data.split.val of it."""
 
-    train: Path
+    train: Path | None = Field(None, description="omit only when a synth stage makes all the training data")
     val: Path | None = None
     test: Path | None = None
 
@@ -321,8 +321,6 @@ class TrainSection(Section):
     def _consistent(self) -> TrainSection:
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
-        if self.method == "dpo" and self.dpo.path is None:
-            raise ValueError("method dpo needs train.dpo.path (a preference JSONL file)")
         if self.head == "classifier" and self.method != "sft":
             raise ValueError("head: classifier trains with method sft")
         return self
@@ -585,6 +583,21 @@ class Recipe(Section):
                 raise ValueError(f"arms[{i}] ({arm.name}): from_arm '{arm.from_arm}' is not an earlier arm ({names[:i]})")
         return self
 
+    @model_validator(mode="after")
+    def _train_data_comes_from_somewhere(self) -> Recipe:
+        splits = self.data.splits if self.data else None
+        if splits is not None and splits.train is None and self.synth is None and not any(a.synth for a in self.arms):
+            raise ValueError("data.splits.train: required unless a synth section makes the training data")
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_has_pairs(self) -> Recipe:
+        made = self.synth is not None and self.synth.task == "preference_pairs"
+        if self.train.method == "dpo" and self.train.dpo.path is None and not made:
+            raise ValueError("train.method dpo needs train.dpo.path (a preference JSONL file), or a synth section "
+                             "with task preference_pairs that makes the pairs from the train split")
+        return self
+
     @property
     def task_kind(self) -> str:
         return self.data.task if self.data else "generation"
@@ -644,6 +657,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         _resolve_relative(raw.get(section), key, path.parent)
     if isinstance(raw.get("synth"), dict):
         _resolve_relative(raw["synth"].get("seed_questions"), "contexts", path.parent)
+    if isinstance(raw.get("data"), dict):
+        for key in ("train", "val", "test"):
+            _resolve_relative(raw["data"].get("splits"), key, path.parent)
     if isinstance(raw.get("train"), dict):
         _resolve_relative(raw["train"].get("dpo"), "path", path.parent)
     merged = deep_merge(raw, parse_overrides(overrides or []))

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, DataError
 
 
 @dataclass
@@ -95,6 +95,11 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
         grown = augment(arm, recipe, train_set, data.splits["val"] + data.splits["test"], console)
         train_set += grown.examples
         summary |= grown.summary
+        if grown.dpo_pairs is not None:
+            t = arm.train
+            arm = arm.model_copy(update={"train": t.model_copy(update={"dpo": t.dpo.model_copy(update={"path": grown.dpo_pairs})})})
+    if not train_set and arm.train.method != "dpo":
+        raise DataError(f"{name}: no training examples (the train split is empty and no synth stage added any)")
     init = _from_arm(recipe, name)
     started = out / "started.json"  # which settings the checkpoints below belong to
     checkpoint = complete_checkpoint(out / "checkpoints")

@@ -204,8 +204,10 @@ def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict
     split_cfg = cfg.split.model_copy(update={"stratify": stratify})
     if "all" in parts:
         return split_examples(parts["all"], split_cfg, seed), {}
-    out = {"train": parts["train"], "val": parts.get("val", []), "test": parts.get("test", []), "unused": []}
+    out = {"train": parts.get("train", []), "val": parts.get("val", []), "test": parts.get("test", []), "unused": []}
     notes = {}
+    if not out["train"]:  # a synth stage makes the training data
+        return out, {"train split": "none given: made by the synth stage"}
     carve_val = "val" not in parts and cfg.split.val > 0
     carve_test = "test" not in parts
     if carve_val or carve_test:

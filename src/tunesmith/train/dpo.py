@@ -104,6 +104,8 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
+    if t.dpo.path is None:
+        raise DataError("train.method dpo: no preference pairs (train.dpo.path, or a preference_pairs synth stage in a run)")
     pairs = read_pairs(t.dpo.path)
     console.print(f"{len(pairs)} preference pairs from {t.dpo.path}")
     args = DPOConfig(

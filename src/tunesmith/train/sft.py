@@ -194,7 +194,9 @@ def make_progress_callback(advance, total_steps_hint):
                 rate = logs.get("tokens_per_second")
                 if rate is None:  # a plain Trainer (classifier head) counts tokens but does not log a rate
                     rate = ((state.num_input_tokens_seen or 0) - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
-                self.info = f"loss {logs['loss']:.3f} · {rate:,.0f} tok/s"
+                from tunesmith.train.trainer import peak_memory_mb
+
+                self.info = f"loss {logs['loss']:.3f} · {rate:,.0f} tok/s · peak {peak_memory_mb():,.0f} MB"
             if "eval_loss" in logs:
                 self.info += f" · val {logs['eval_loss']:.3f}"
 
