@@ -69,3 +69,25 @@ def test_bad_yaml_and_missing_recipe(tmp_path):
 def test_run_name_must_be_a_safe_folder_name():
     with pytest.raises(ConfigError, match="name"):
         validate_recipe({**MINIMAL, "name": "../escape"})
+
+
+def test_unknown_keys_inside_steps_exports_and_profile_get_did_you_mean():
+    doc = {**MINIMAL, "data": {**MINIMAL["data"], "steps": [{"step": "numeric_range", "field": "price"}],
+                               "export": [{"format": "openai-chat", "seperator": "x"}], "profile": {"feilds": ["a"]}}}
+    with pytest.raises(ConfigError) as exc:
+        validate_recipe(doc)
+    msg = str(exc.value)
+    assert "data.steps.0.numeric_range.field: unknown key; did you mean 'data.steps.0.numeric_range.fields'?" in msg
+    assert "did you mean 'data.export.0.separator'?" in msg and "did you mean 'data.profile.fields'?" in msg
+
+
+def test_a_derive_template_that_needs_a_number_names_the_field_and_row(tmp_path):
+    from tunesmith.config import DataSection
+    from tunesmith.data.sources import read_source
+    from tunesmith.errors import DataError
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "price": "cheap"}\n')
+    cfg = DataSection(path=data, input_fields=["text"], target_field="price", derive={"p": "{price:.0f}"})
+    with pytest.raises(DataError, match=r"d.jsonl:1: data.derive.p: .*needs a number"):
+        read_source(cfg)

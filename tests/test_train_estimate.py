@@ -75,3 +75,25 @@ def test_estimate_command_prints_parts_and_verdict(cli, tmp_path, tiny_model_dir
         assert part in out
     assert "fits in" in out
     assert not (tmp_path / "runs").exists()  # nothing was trained or written
+
+
+def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_batch(tiny_model_dir, monkeypatch):
+    from rich.console import Console
+
+    import tunesmith.train.estimate as est
+    from tunesmith.config import validate_recipe
+    from tunesmith.models.loading import pick_placement
+    from tunesmith.train.dispatch import fit_micro_batch
+
+    recipe = validate_recipe({"name": "m", "model": {"name": str(tiny_model_dir)},
+                              "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"},
+                              "train": {"batch_size": 16, "grad_accum": 1, "max_seq_length": 512}})
+    full = est.estimate_recipe(recipe).total
+    one = est.estimate_recipe(recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 2})})).total
+    monkeypatch.setattr(est, "available_memory", lambda device: (full + one) // 2)  # fits 2-4, not 16
+    console = Console(record=True, width=200)
+    fitted = fit_micro_batch(recipe, pick_placement("fp32", "cpu"), console)
+    t = fitted.train
+    assert t.batch_size < 16 and t.batch_size * t.grad_accum == 16
+    assert est.estimate_recipe(fitted).fits
+    assert "same effective batch" in console.export_text()

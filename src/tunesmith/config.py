@@ -10,7 +10,7 @@ import difflib
 import re
 import string
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -716,20 +716,32 @@ def _describe(err: dict) -> str:
     return f"{where}: {err['msg']} (got {err.get('input')!r})"
 
 
+def _models_in(ann) -> list[type[BaseModel]]:
+    """The pydantic models inside an annotation (through Annotated, list, dict, unions, Optional)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for arg in get_args(ann) for m in _models_in(arg)]
+
+
 def _closest_key(loc: tuple) -> str | None:
-    """Walk the schema along ``loc[:-1]`` and return the field name nearest to ``loc[-1]``."""
-    model: type[BaseModel] | None = Recipe
+    """Walk the schema along ``loc[:-1]`` and return the field name nearest to ``loc[-1]``.
+
+    List indices are skipped, and a discriminated union's tag (e.g. the step name ``numeric_range``
+    in ``data.steps.0.numeric_range.field``) selects the member model."""
+    models: list[type[BaseModel]] = [Recipe]
     for part in loc[:-1]:
-        if isinstance(part, int):  # an index into a list of sections
+        if isinstance(part, int):
             continue
-        field = model.model_fields.get(str(part)) if model else None
-        ann = field.annotation if field else None
-        models = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        ann = models[0] if models else ann
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    if model is None:
-        return None
-    matches = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
+        owners = [m for m in models if str(part) in m.model_fields]
+        if owners:
+            models = _models_in(owners[0].model_fields[str(part)].annotation)
+            continue
+        tagged = [m for m in models if any(str(part) in get_args(f.annotation) for f in m.model_fields.values())]
+        if not tagged:
+            return None
+        models = tagged
+    names = sorted({name for m in models for name in m.model_fields})
+    matches = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
     return matches[0] if matches else None
 
 
