@@ -62,17 +62,27 @@ def test_qa_run_on_a_squad_file_keeps_every_gold_answer(cli, tmp_path, tiny_mode
         paragraphs.append({"context": r["text"], "qas": [{"id": f"q{i}", "question": f"What starts message {i}?",
                            "answers": [{"text": answer, "answer_start": 0}, {"text": words[0], "answer_start": 0}]}]})
     squad = tmp_path / "squad.json"
-    squad.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    articles = [{"title": f"t{k}", "paragraphs": paragraphs[k::6]} for k in range(6)]
+    squad.write_text(json.dumps({"version": "1.1", "data": articles}))
     doc = {"name": "qa", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(tiny_model_dir)},
            "data": {"path": str(squad), "task": "qa", "input_fields": ["context", "question"], "target_field": "answers",
-                    "prompt": "{context}\n\nQ: {question}", "split": {"train": 12, "val": 0, "test": 6}},
+                    "prompt": "{context}\n\nQ: {question}", "steps": [{"step": "token_length", "fields": ["context"],
+                                                                         "max": 40}],
+                    "split": {"train": 10, "val": 0, "test": 6, "group_field": "title"}},
            "train": FAST_TRAIN, "eval": {"max_new_tokens": 6, "stop": ["\n"], "bootstrap": 100}}
-    _run(cli, write_recipe(tmp_path / "r.yaml", doc))
+    recipe = write_recipe(tmp_path / "r.yaml", doc)
+    _run(cli, recipe)
     run = tmp_path / "runs" / "qa"
     metrics = _metrics(run)
     assert set(metrics) == {"base", "finetuned"} and all("exact_match" in m for m in metrics.values())
     preds = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert all(isinstance(p["gold"], list) and len(p["gold"]) == 2 for p in preds)
+    # `tunesmith eval` reads the same prepared splits (steps and grouping applied) as training did
+    code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    test_ids = {json.loads(x)["id"] for x in (run / "data" / "test.jsonl").read_text().splitlines()}
+    again = [json.loads(x) for x in (run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["id"] for p in again} == test_ids and {p["model"] for p in again} == {"base", "finetuned"}
 
 
 def test_arms_share_the_split_differ_in_training_and_are_compared_pairwise(cli, tmp_path, tiny_model_dir):
