@@ -65,12 +65,15 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=2.")] = None,
 ) -> None:
     """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
+    import shlex
+
     from tunesmith.config import load_recipe
     from tunesmith.pipeline import run as run_pipeline
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_libraries()
-    result = run_pipeline(cfg, console)
+    command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
+    result = run_pipeline(cfg, console, command)
     console.rule("[bold green]done")
     if result.headline:
         console.print(result.headline.replace("**", ""))

@@ -30,8 +30,9 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def run(recipe: Recipe, console: Console | None = None) -> RunResult:
-    """Run the whole recipe and return where its report is."""
+def run(recipe: Recipe, console: Console | None = None, command: str = "") -> RunResult:
+    """Run the whole recipe and return where its report is; ``command`` (how it was started) goes in
+    ``command.txt`` for the results table."""
     from tunesmith.data.prepare import prepare
     from tunesmith.eval.runner import arm_recipes, check_endpoints, contenders_of, evaluate
 
@@ -42,6 +43,8 @@ def run(recipe: Recipe, console: Console | None = None) -> RunResult:
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")
+    if command:
+        (run_dir / "command.txt").write_text(command + "\n", encoding="utf-8")
     timings: dict[str, float] = {}
 
     @contextmanager
