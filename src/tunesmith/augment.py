@@ -39,6 +39,11 @@ def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Examp
     from tunesmith.synth.run import run_synth
 
     cfg = arm.synth
+    if cfg.review_required:
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError("synth.review_required: a run cannot wait for a human review; run `tunesmith synth`, "
+                          "review the items, then train on synth/accepted.jsonl (data.path)")
     key = hashlib.sha256(cfg.model_dump_json().encode() + _ids_digest(train)).hexdigest()[:12]
     base = run.run_dir / "synth" / key
     base.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     if recipe.data is None:
         raise ConfigError("this recipe has no data section; `tunesmith run` needs one (see examples/banking77.yaml)")
     check_endpoints(recipe)  # a missing API key fails before any data or model work
+    if recipe.hosted is not None:
+        console.print("[yellow]hosted: used by `tunesmith train --backend openai` only; this run trains locally[/]")
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, run_dir / "config.resolved.yaml")
