@@ -124,7 +124,8 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     task = make_task(recipe.task_kind, recipe.eval, labels)
     console.print(f"task: {task.name}; {len(test)} test example(s); headline metric: {task.headline}")
     results = [evaluate_local(recipe, task, c, test, bar) for c in contenders]
-    asks = {c.name: (c.data, c.with_labels) for c in contenders} | {"base": (recipe.data, True)}
+    asks = {c.name: (c.data, c.with_labels) for c in contenders}
+    asks["base"] = (recipe.data, recipe.eval.base_prompt_with_labels)
     for spec in recipe.eval.endpoints:
         data_cfg, with_labels = asks[spec.ask_as]
         results.append(_endpoint(recipe, task, EndpointClient(spec), data_cfg, with_labels, test, bar))
