@@ -123,7 +123,7 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
         raise DataError("the test split is empty; give data.split.test a size > 0")
     task = make_task(recipe.task_kind, recipe.eval, labels)
     console.print(f"task: {task.name}; {len(test)} test example(s); headline metric: {task.headline}")
-    results = [evaluate_local(recipe, task, c, test, bar) for c in contenders]
+    results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
     asks = {c.name: (c.data, c.with_labels) for c in contenders}
     asks["base"] = (recipe.data, recipe.eval.base_prompt_with_labels)
     for spec in recipe.eval.endpoints:
@@ -135,6 +135,16 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     from tunesmith.eval.report import write_eval_outputs
 
     return write_eval_outputs(recipe, task, results, test, summary, judge)
+
+
+def timed(evaluate_one) -> ContenderResult:
+    """Run one contender's evaluation and record its wall time in its metrics (``seconds``)."""
+    import time
+
+    t0 = time.time()
+    res = evaluate_one()
+    res.metrics["seconds"] = round(time.time() - t0, 1)
+    return res
 
 
 def messages_for(task: TaskKind, data_cfg: DataSection, with_labels: bool, test: list[Example]) -> list[list[dict]]:
