@@ -235,14 +235,12 @@ def synth_run(
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_libraries()
+    from tunesmith.synth.run import summary_table
+
     res = run_synth(cfg, console)
-    s = res.stats
-    console.print(
-        f"{res.items} item(s) kept, {res.rejected} set aside (see {res.out_dir / 'rejected.jsonl'}); "
-        f"{s.calls_made} LLM call(s) made, {s.cache_hits} from cache, {s.retries} retried, {s.failures} failed; "
-        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens, ${s.cost_usd:.4f}"
-    )
-    console.print(f"Items: {res.out_dir / 'items.jsonl'}")
+    console.print(summary_table(res.summary))
+    console.print(f"Items: {res.out_dir / 'items.jsonl'}; set aside with reasons: {res.out_dir / 'rejected.jsonl'}; "
+                  f"numbers: {res.out_dir / 'stats.json'}")
 
 
 @review_app.command("export")

@@ -81,14 +81,22 @@ def run_structured(
     requests: Sequence[ChatRequest],
     schema: type[BaseModel],
     max_attempts: int = 3,
+    max_items: int | None = None,
 ) -> list[Parsed]:
-    """Call, parse, and re-ask only the requests whose replies did not validate."""
+    """Call with the schema attached (constrained locally, ``response_format`` on endpoints), parse,
+    and re-ask only the requests whose replies did not validate; re-asks are counted as retries."""
+    from tunesmith.synth.constrained import bounded_schema
+
+    schema_text = json.dumps(bounded_schema(schema, max_items), sort_keys=True)
     results: list[Parsed | None] = [None] * len(requests)
     todo = list(range(len(requests)))
     for attempt in range(max_attempts):
         if not todo:
             break
-        replies, _ = run([replace(requests[i], attempt=attempt) for i in todo])
+        replies, stats = run([replace(requests[i], attempt=attempt, schema=schema_text) for i in todo])
+        if attempt:
+            stats.reasks += len(todo)
+            stats.retries += len(todo)
         retry = []
         for i, reply in zip(todo, replies, strict=True):
             if isinstance(reply, CallFailure):

@@ -1,0 +1,78 @@
+"""Quality gates refuse a weak teacher's degenerate output, each refusal with a reason and counted."""
+
+import json
+
+import pytest
+
+from tunesmith.synth.gates import copy_problem, is_loop, reason_key, text_problem
+from tunesmith.synth.run import run_synth
+
+from .conftest import write_jsonl
+from .test_synth_tasks import fake, recipe  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("text, language, reason", [
+    ("...", "ko", "punctuation only"),
+    ("  ", "en", "empty"),
+    ("[] -", "en", "punctuation only"),
+    ("예", "ko", "too short"),
+    ("세금 세금 세금 세금 세금 세금 세금", "ko", "repetition loop"),
+    ("The capital is Paris. The capital is Paris. The capital is Paris. The capital is Paris.", "en", "repetition loop"),
+    ("What is the tax on a lease deposit?", "ko", "wrong script"),
+])
+def test_degenerate_texts_are_refused(text, language, reason):
+    problem = text_problem(text, language)
+    assert problem is not None and reason_key(problem) == reason
+
+
+@pytest.mark.parametrize("text, language", [
+    ("전세 보증금에 세금이 붙나요?", "ko"),
+    ("2024년 KB 부동산 시세는 어디서 보나요?", "ko"),  # a few Latin letters in a Korean sentence
+    ("How can I change my PIN code?", "en"),
+    ("1998", "en"),
+])
+def test_good_texts_pass(text, language):
+    assert text_problem(text, language, min_chars=3) is None
+
+
+def test_loops_need_real_repetition():
+    assert not is_loop("I paid the fee, then I paid the rent, and then I went home to rest.")
+    assert is_loop("ㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋ")
+
+
+def test_copy_problem_catches_equal_containing_and_close_paraphrases():
+    original = "서울의 인구는 얼마인가?"
+    assert copy_problem("서울의 인구는 얼마인가", original, [], 0.8) == "equal to the original"
+    assert copy_problem("질문: 서울의 인구는 얼마인가? 답하세요", original, [], 0.8) == "copies the original"
+    assert copy_problem("서울 인구가 몇 명이지?", original, ["서울 인구가 몇 명이지"], 0.8) == "equal to another paraphrase"
+    assert copy_problem("서울에는 사람이 몇 명 사나요?", original, [], 0.8) is None
+
+
+def test_paraphrase_of_dots_is_set_aside_with_reasons_and_counted(tmp_path, fake):  # noqa: F811
+    """The replies the embedded model really gave for KorQuAD: '...', word salad in the wrong script, a copy."""
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": "바그너는 괴테의 파우스트를 읽고 무엇을 쓰고자 했는가?",
+                                               "answer": "교향곡", "context": "1839년 바그너는 괴테의 파우스트을 처음 읽고..."}])
+    fake(lambda prompt, r: json.dumps({"paraphrases": [
+        "...", "...", "What did Wagner want to write?", "바그너는 괴테의 파우스트를 읽고 무엇을 쓰고자 했는가?",
+        "파우스트 파우스트 파우스트 파우스트 파우스트 파우스트", "바그너가 파우스트를 읽은 뒤 작곡하려던 것은?"]}))
+    res = run_synth(recipe(tmp_path, {"task": "paraphrase", "input": str(data), "language": "ko",
+                                      "paraphrase": {"n": 6}}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [i["question"] for i in items] == ["바그너가 파우스트를 읽은 뒤 작곡하려던 것은?"]
+    assert items[0]["context"].startswith("1839년")  # kept items carry their source context
+    stats = json.loads((res.out_dir / "stats.json").read_text())
+    assert stats["kept"] == 1 and stats["set_aside"] == 5
+    assert stats["set_aside_by_reason"] == {"paraphrase punctuation only": 2, "paraphrase wrong script": 1,
+                                            "paraphrase equal to the original": 1, "paraphrase repetition loop": 1}
+
+
+def test_qa_pairs_with_dot_answers_are_refused(tmp_path, fake):  # noqa: F811
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "policy.txt").write_text("Refunds are issued within 30 days of purchase. Contact support to start one.")
+    fake(lambda prompt, r: json.dumps({"pairs": [{"question": "...", "answer": "..."},
+                                                 {"question": "When are refunds issued?", "answer": "within 30 days"}]}))
+    res = run_synth(recipe(tmp_path, {"task": "qa_from_documents", "input": str(docs)}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert [i["answer"] for i in items] == ["within 30 days"]
+    assert "question or answer punctuation only" in (res.out_dir / "rejected.jsonl").read_text()
