@@ -186,6 +186,19 @@ def models_pull(
     console.print(str(path))
 
 
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="The name to use as model.name or synth.provider.model.")],
+    path: Annotated[Path, typer.Argument(help="A GGUF file or a Hugging Face model folder.")],
+) -> None:
+    """Register your own model (e.g. a stronger teacher for synth): converted once into the cache."""
+    from tunesmith.models.registry import add
+
+    _quiet_libraries(progress_bars=True)
+    folder = add(name, path, on_step=lambda s: console.print(f"  {s}"))
+    console.print(f"{name} → {folder}  (use model.name: {name} or synth.provider: {{kind: local, model: {name}}})")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the models in the cache."""

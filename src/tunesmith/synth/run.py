@@ -183,7 +183,7 @@ def _run_task(cfg: SynthSection, ctx, console: Console, cache: CallCache, stats:
             passages = read_passages(sq.contexts, sq.context_field, _tokenizer_name(cfg)) if sq.contexts else []
             from tunesmith.synth.retrieval import make_retriever
 
-            retriever = make_retriever(sq.retriever, passages, console.print) if passages else None
+            retriever = make_retriever(sq.retriever, passages, console.print, cfg.language) if passages else None
             output = tasks.seed_questions(ctx, seeds, passages, retriever)
         else:
             records, bad = read_records(cfg.input, limit=cfg.limit, on_error="skip")
