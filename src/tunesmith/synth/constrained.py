@@ -91,6 +91,9 @@ class _MaskProcessor:
                 if not m.is_stopped() and not m.is_error():
                     m.consume_token(tok)
         for i, m in enumerate(self.matchers):
-            torch_mod.fill_next_token_bitmask(m, self.mask, i)
+            if m.is_error():  # cannot happen under the mask; if it does, leave the row free (the reply fails
+                self.mask[i] = -1  # validation and is re-asked) rather than mask every token (NaN when sampling)
+            else:
+                torch_mod.fill_next_token_bitmask(m, self.mask, i)
         torch_mod.apply_token_bitmask_inplace(scores, self.mask.to(scores.device))
         return scores
