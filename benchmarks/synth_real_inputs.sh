@@ -5,6 +5,7 @@
 # Writes runs/synth-real/<name>/synth/{items,rejected}.jsonl and stats.json; docs/synth_results.md records a run.
 mkdir -p "$(dirname "$0")/../runs/synth-real"
 cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a shared 2-core machine: one thread per process (oversubscribed OpenMP threads were >10x slower)
 S=${SHARED:-../shared/data}
 PY="${PYTHON:-python} -m tunesmith.cli synth"
 OUT="--set output_dir=runs/synth-real"

@@ -19,6 +19,7 @@ from .test_synth_tasks import fake, recipe  # noqa: F401  (fixture)
     ("세금 세금 세금 세금 세금 세금 세금", "ko", "repetition loop"),
     ("The capital is Paris. The capital is Paris. The capital is Paris. The capital is Paris.", "en", "repetition loop"),
     ("What is the tax on a lease deposit?", "ko", "wrong script"),
+    ("{{달전}}", "ko", "template placeholder"),  # what the embedded model really kept before this gate
 ])
 def test_degenerate_texts_are_refused(text, language, reason):
     problem = text_problem(text, language)
@@ -35,6 +36,12 @@ def test_good_texts_pass(text, language):
     assert text_problem(text, language, min_chars=3) is None
 
 
+def test_text_copied_from_the_prompt_instructions_is_refused():
+    template = "아래 질문을 $n가지 다른 방식으로 바꾸어 쓰세요. 질문에 답하지는 마세요.\n\n질문: $question"
+    assert text_problem("질문에 답하지는 마세요", "ko", template=template) == "copied from the prompt"
+    assert text_problem("서울에는 사람이 몇 명 사나요?", "ko", template=template) is None
+
+
 def test_loops_need_real_repetition():
     assert not is_loop("I paid the fee, then I paid the rent, and then I went home to rest.")
     assert is_loop("ㅋㅋㅋㅋㅋㅋㅋㅋㅋㅋ")
@@ -46,6 +53,7 @@ def test_copy_problem_catches_equal_containing_and_close_paraphrases():
     assert copy_problem("질문: 서울의 인구는 얼마인가? 답하세요", original, [], 0.8) == "copies the original"
     assert copy_problem("서울 인구가 몇 명이지?", original, ["서울 인구가 몇 명이지"], 0.8) == "equal to another paraphrase"
     assert copy_problem("서울에는 사람이 몇 명 사나요?", original, [], 0.8) is None
+    assert copy_problem("서울?", original, [], 0.8) == "too short for a paraphrase"
 
 
 def test_paraphrase_of_dots_is_set_aside_with_reasons_and_counted(tmp_path, fake):  # noqa: F811
@@ -76,3 +84,21 @@ def test_qa_pairs_with_dot_answers_are_refused(tmp_path, fake):  # noqa: F811
     items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
     assert [i["answer"] for i in items] == ["within 30 days"]
     assert "question or answer punctuation only" in (res.out_dir / "rejected.jsonl").read_text()
+
+
+RECORDED = __import__("pathlib").Path(__file__).parent / "data" / "synth_recorded_kept.jsonl"
+TEXT_FIELDS = {"paraphrase": ["question"], "qa_from_documents": ["question", "answer"],
+               "seed_questions": ["question", "answer"], "evol_instruct": ["instruction"],
+               "preference_pairs": ["rejected"]}
+
+
+def test_recorded_kept_items_pass_every_gate():
+    """Items the embedded model's real runs kept (docs/synth_results.md; CC0/Apache sources only) replayed
+    through the gates: nothing kept may fail one."""
+    rows = [json.loads(x) for x in RECORDED.read_text(encoding="utf-8").splitlines()]
+    assert rows, "no recorded items"
+    for row in rows:
+        for name in TEXT_FIELDS[row["task"]]:
+            assert text_problem(row["data"][name], row["language"], min_chars=1) is None, row
+        if row["task"] == "paraphrase":
+            assert copy_problem(row["data"]["question"], row["data"]["original_question"], [], 0.8) is None, row

@@ -14,6 +14,7 @@ from collections import Counter
 
 from tunesmith.synth.text import jaccard, normalize
 
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\$\{?[a-z_]+\}?|<[a-z_ ]+>", re.IGNORECASE)  # {{x}}, $n, <answer>
 _LOOP = re.compile(r"(.{1,30}?)\1{4,}", re.DOTALL)  # a unit repeated 5+ times in a row
 SCRIPTS = {"ko": ("HANGUL", "Hangul")}  # languages whose text must be mostly in their own script
 
@@ -44,8 +45,10 @@ def script_share(text: str, language: str) -> float | None:
     return sum(1 for c in letters if unicodedata.name(c, "").startswith(name)) / len(letters)
 
 
-def text_problem(text: str, language: str = "en", min_chars: int = 3, min_share: float = 0.5) -> str | None:
-    """Why a generated text is refused (empty, punctuation only, too short, loop, wrong script), or None."""
+def text_problem(text: str, language: str = "en", min_chars: int = 3, min_share: float = 0.5,
+                 template: str | None = None) -> str | None:
+    """Why a generated text is refused (empty, punctuation only, too short, template placeholder,
+    copied from the prompt's own instructions, loop, wrong script), or None."""
     text = text.strip()
     if not text:
         return "empty"
@@ -53,6 +56,10 @@ def text_problem(text: str, language: str = "en", min_chars: int = 3, min_share:
         return "punctuation only"
     if len(text) < min_chars:
         return "too short"
+    if _PLACEHOLDER.search(text):
+        return "template placeholder"
+    if template and len(normalize(text)) >= 4 and normalize(text) in normalize(template):
+        return "copied from the prompt"
     if is_loop(text):
         return "repetition loop"
     share = script_share(text, language)
@@ -62,8 +69,11 @@ def text_problem(text: str, language: str = "en", min_chars: int = 3, min_share:
 
 
 def copy_problem(candidate: str, original: str, others: list[str], threshold: float) -> str | None:
-    """A paraphrase equal to, containing, or too close to the original or an earlier paraphrase."""
+    """A paraphrase equal to, containing, or too close to the original or an earlier paraphrase, or
+    under 40% of the original's length (a fragment, not a rewording)."""
     cand = normalize(candidate)
+    if len(cand) < 0.4 * len(normalize(original)):
+        return "too short for a paraphrase"
     for label, ref in [("the original", original)] + [("another paraphrase", o) for o in others]:
         r = normalize(ref)
         if cand == r:

@@ -41,10 +41,13 @@ class SynthContext:
     complete: Callable[[Sequence[ChatRequest]], list]
     say: Callable[[str], None] = print
 
+    template: str | None = None  # the task's prompt template, for the "copied from the prompt" gate
+
     def problem(self, text: str, min_chars: int | None = None) -> str | None:
         """The quality gates with this task's language and limits (see synth.gates)."""
         c = self.cfg
-        return text_problem(text, c.language, c.min_chars if min_chars is None else min_chars, c.script_share)
+        return text_problem(text, c.language, c.min_chars if min_chars is None else min_chars, c.script_share,
+                            self.template)
 
 
 def load_prompt(name: str, language: str, override: Path | None = None) -> string.Template:
@@ -81,6 +84,7 @@ def paraphrase(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     """N rewordings per question with the answer kept; near-duplicates of the original or of each other dropped."""
     t = ctx.cfg.paraphrase
     template = load_prompt("paraphrase", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     questions = [_field(r, t.question_field) for r in records]
     parsed = ctx.ask([request(ctx, template.substitute(n=t.n, question=q)) for q in questions], Paraphrases, t.n)
     out = TaskOutput()
@@ -119,6 +123,7 @@ def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
     """Question/answer pairs grounded in each chunk; an answer that is not a span of its chunk is dropped."""
     t = ctx.cfg.qa_from_documents
     template = load_prompt("qa_from_documents", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     reqs = [request(ctx, template.substitute(n=t.pairs_per_chunk, chunk=c.data["text"])) for c in chunks]
     parsed = ctx.ask(reqs, QAPairs, t.pairs_per_chunk)
     out = TaskOutput()
@@ -154,6 +159,7 @@ class Questions(BaseModel):
 def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], retriever) -> TaskOutput:
     t = ctx.cfg.seed_questions
     template = load_prompt("seed_questions", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     parsed = ctx.ask(
         [request(ctx, template.substitute(n=t.questions_per_seed, seed=s, domain=t.domain)) for s in seeds], Questions,
         t.questions_per_seed,
@@ -234,6 +240,7 @@ def evolution_problem(original: str, new: str, op: str, min_chars: int) -> str |
 def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     t = ctx.cfg.evol_instruct
     template = load_prompt("evol_instruct", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     ops = OPERATIONS_KO if ctx.cfg.language == "ko" else OPERATIONS
     rng = random.Random(ctx.cfg.sampling.seed)
     out = TaskOutput()
