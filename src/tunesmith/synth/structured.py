@@ -87,7 +87,8 @@ def run_structured(
     and re-ask only the requests whose replies did not validate; re-asks are counted as retries."""
     from tunesmith.synth.constrained import bounded_schema
 
-    schema_text = json.dumps(bounded_schema(schema, max_items), sort_keys=True)
+    schema_text = json.dumps(bounded_schema(schema, max_items, _string_budget(requests, schema, max_items)),
+                             sort_keys=True)
     results: list[Parsed | None] = [None] * len(requests)
     todo = list(range(len(requests)))
     for attempt in range(max_attempts):
@@ -109,6 +110,18 @@ def run_structured(
                 retry.append(i)
         todo = retry
     return results
+
+
+def _string_budget(requests: Sequence[ChatRequest], schema: type[BaseModel], max_items: int | None) -> int:
+    """maxLength per string so that a full reply fits in ``max_tokens`` (about 2 tokens per character
+    at worst for Hangul, plus JSON punctuation): a reply cut by the token limit cannot parse."""
+    from tunesmith.synth.constrained import MAX_STRING_CHARS
+
+    if not requests:
+        return MAX_STRING_CHARS
+    strings = (max_items or 1) * max(1, json.dumps(schema.model_json_schema()).count('"type": "string"'))
+    budget = (min(r.max_tokens for r in requests) - 8 - 6 * strings) // (2 * strings)
+    return max(8, min(MAX_STRING_CHARS, budget))
 
 
 def _short(exc: Exception) -> str:
