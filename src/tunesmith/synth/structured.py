@@ -87,8 +87,8 @@ def run_structured(
     and re-ask only the requests whose replies did not validate; re-asks are counted as retries."""
     from tunesmith.synth.constrained import bounded_schema
 
-    schema_text = json.dumps(bounded_schema(schema, max_items, _string_budget(requests, schema, max_items)),
-                             sort_keys=True)
+    budget = _string_budget(requests, schema, max_items)
+    schema_text = json.dumps(bounded_schema(schema, max_items, budget), sort_keys=True)
     results: list[Parsed | None] = [None] * len(requests)
     todo = list(range(len(requests)))
     for attempt in range(max_attempts):
@@ -104,12 +104,22 @@ def run_structured(
                 results[i] = Parsed(None, "", f"call failed ({reply.kind}): {reply.message}", attempt + 1)
                 continue
             try:
-                results[i] = Parsed(parse_reply(reply.text, schema), reply.text, None, attempt + 1)
+                value = parse_reply(reply.text, schema)
+                if budget in _string_lengths(value.model_dump()):  # the constraint stopped a text mid-way
+                    raise ValueError(f"a text was cut at its length limit ({budget} characters)")
+                results[i] = Parsed(value, reply.text, None, attempt + 1)
             except (ValueError, ValidationError) as exc:
                 results[i] = Parsed(None, reply.text, _short(exc), attempt + 1)
                 retry.append(i)
         todo = retry
     return results
+
+
+def _string_lengths(data) -> set[int]:
+    if isinstance(data, str):
+        return {len(data)}
+    values = data.values() if isinstance(data, dict) else data if isinstance(data, list) else []
+    return set().union(*(_string_lengths(v) for v in values))
 
 
 def _string_budget(requests: Sequence[ChatRequest], schema: type[BaseModel], max_items: int | None) -> int:
