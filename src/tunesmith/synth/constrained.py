@@ -24,8 +24,8 @@ COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator":
 
 
 def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_chars: int = MAX_STRING_CHARS) -> dict:
-    """The schema's JSON Schema, compact, with a ``maxLength`` on every string and (when given) a
-    ``maxItems`` on every array that has none: a small model otherwise repeats until ``max_tokens``."""
+    """The schema's JSON Schema, compact, with no extra keys, a ``maxLength`` on every string and (when
+    given) a ``maxItems`` on every array that has none: a small model otherwise runs on until ``max_tokens``."""
     doc = copy.deepcopy(schema.model_json_schema())
     doc["x-guidance"] = COMPACT
 
@@ -33,6 +33,8 @@ def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_ch
         if isinstance(node, dict):
             if node.get("type") == "string":
                 node.setdefault("maxLength", max_chars)
+            if node.get("type") == "object":
+                node.setdefault("additionalProperties", False)  # no invented keys eating the token budget
             if node.get("type") == "array" and max_items:
                 node.setdefault("maxItems", max_items)
             for v in node.values():
