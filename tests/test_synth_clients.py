@@ -116,3 +116,62 @@ def test_unparseable_replies_are_retried_then_set_aside(tmp_path):
             [{"role": "user", "content": "bad"}], seed=1)], Qs, max_attempts=3)
     assert parsed[0].value == Qs(questions=["a?", "b?"]) and parsed[0].attempts == 2
     assert parsed[1].value is None and parsed[1].attempts == 3 and parsed[1].raw == "I cannot produce JSON"
+
+
+def test_json_schema_is_sent_as_response_format(tmp_path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    with DummyChatServer(lambda m: json.dumps({"questions": ["a?"]})) as server:
+        parsed = run_structured(lambda rs: run_calls(client(server), cache, rs), reqs(2), Qs)
+    assert [p.value for p in parsed] == [Qs(questions=["a?"])] * 2
+    fmt = server.response_formats[0]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"]["properties"]["questions"]["type"] == "array"
+
+
+def test_server_rejecting_response_format_falls_back_to_tolerant_parsing(tmp_path):
+    cache = CallCache(tmp_path / "c.sqlite")
+    with DummyChatServer(lambda m: 'Sure! ```json\n{"questions": ["a?"]}\n```', reject_response_format=True) as server:
+        c = client(server, concurrency=1)
+        parsed = run_structured(lambda rs: run_calls(c, cache, rs), reqs(3), Qs)
+    assert [p.value for p in parsed] == [Qs(questions=["a?"])] * 3
+    assert len(server.response_formats) == 1 and not c.schema_supported  # asked once, then plain text
+    assert server.total_completed == 3
+
+
+def test_reasks_are_counted_as_retries(tmp_path):
+    from collections import Counter
+
+    seen: Counter = Counter()
+
+    def third_time_lucky(messages):
+        seen[messages[-1]["content"]] += 1
+        return json.dumps({"questions": ["a?"]}) if seen[messages[-1]["content"]] == 3 else "no"
+
+    cache = CallCache(tmp_path / "c.sqlite")
+    with DummyChatServer(third_time_lucky) as server:
+        stats_box = {}
+
+        def run(rs):
+            out, stats = run_calls(client(server), cache, rs, stats_box.get("s"))
+            stats_box["s"] = stats
+            return out, stats
+
+        parsed = run_structured(run, reqs(2), Qs, max_attempts=3)
+    s = stats_box["s"]
+    assert all(p.attempts == 3 for p in parsed) and s.reasks == 4 and s.retries == 4 and s.calls_made == 6
+
+
+def test_local_constrained_replies_always_parse(tiny_model_dir):
+    """A random tiny model writes noise; under the schema every reply is valid JSON of that schema."""
+    from tunesmith.synth.clients import LocalChatClient
+    from tunesmith.synth.constrained import bounded_schema
+
+    schema = json.dumps(bounded_schema(Qs, max_items=2, max_chars=12))
+    requests = [ChatRequest.chat([{"role": "user", "content": f"q{i}"}], temperature=t, max_tokens=60, seed=i,
+                                 schema=schema) for i in range(3) for t in (0.0, 1.0)]
+    out = {}
+    LocalChatClient(str(tiny_model_dir), batch_size=4).run(requests, out.__setitem__)
+    for i in range(len(requests)):
+        Qs.model_validate_json(out[i].text)
+    unconstrained = {}
+    LocalChatClient(str(tiny_model_dir), batch_size=4, constrained=False).run(requests[:2], unconstrained.__setitem__)
+    assert not unconstrained[0].text.startswith('{"questions":')

@@ -60,7 +60,7 @@ def test_paraphrase_keeps_answer_and_drops_near_duplicates(tmp_path, fake):
     assert [i["question"] for i in items] == ["How can I change my PIN code?", "What is the way to get a new PIN?"]
     assert all(i["answer"] == "In the app." for i in items)
     rejected = [json.loads(x) for x in (res.out_dir / "rejected.jsonl").read_text().splitlines()]
-    assert len(rejected) == 2 and all("near-duplicate of the original" in r["reason"] for r in rejected)
+    assert len(rejected) == 2 and all(r["reason"] == "paraphrase equal to the original" for r in rejected)
 
 
 def test_unparseable_reply_is_retried_then_rejected_with_raw(tmp_path, fake):
@@ -135,7 +135,7 @@ def test_seed_questions_retrieve_contexts_and_answer(tmp_path, fake):
     assert [i["seed"] for i in items] == ["전세", "cash withdrawal"]
     assert "2년 연장" in items[0]["contexts"][0] and "2%" in items[1]["contexts"][0]
     assert items[0]["context_scores"][0] > 0 and items[0]["answer"] == "Answer from context."
-    assert "repeated question" in (res.out_dir / "rejected.jsonl").read_text()
+    assert "question repeated" in (res.out_dir / "rejected.jsonl").read_text()
 
 
 def test_empty_seed_file_and_bad_chunking_config(tmp_path):

@@ -13,7 +13,9 @@ def test_synth_output_trains_with_tunesmith_train(cli, tmp_path, tiny_model_dir)
 
     def reply(messages):
         q = messages[-1]["content"].split("Question: ")[1].split("\n")[0]
-        return json.dumps({"paraphrases": [f"Could you tell me: {q.lower()} Thanks!", f"Please explain {q[:-1]}"]})
+        task = q.split()[-1].rstrip("?")  # rewordings that do not copy the original question
+        return json.dumps({"paraphrases": [f"Could you tell me the steps for task {task}?",
+                                           f"Please explain what task {task} involves."]})
 
     with DummyChatServer(reply) as server:
         synth = write_recipe(tmp_path / "synth.yaml", {"name": "grow", "output_dir": str(tmp_path / "runs"), "synth": {

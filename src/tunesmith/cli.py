@@ -187,6 +187,19 @@ def models_pull(
     console.print(str(path))
 
 
+@models_app.command("add")
+def models_add(
+    name: Annotated[str, typer.Argument(help="The name to use as model.name or synth.provider.model.")],
+    path: Annotated[Path, typer.Argument(help="A GGUF file or a Hugging Face model folder.")],
+) -> None:
+    """Register your own model (e.g. a stronger teacher for synth): converted once into the cache."""
+    from tunesmith.models.registry import add
+
+    _quiet_libraries(progress_bars=True)
+    folder = add(name, path, on_step=lambda s: console.print(f"  {s}"))
+    console.print(f"{name} → {folder}  (use model.name: {name} or synth.provider: {{kind: local, model: {name}}})")
+
+
 @models_app.command("list")
 def models_list() -> None:
     """Show the models in the cache."""
@@ -236,14 +249,12 @@ def synth_run(
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_libraries()
+    from tunesmith.synth.run import summary_table
+
     res = run_synth(cfg, console)
-    s = res.stats
-    console.print(
-        f"{res.items} item(s) kept, {res.rejected} set aside (see {res.out_dir / 'rejected.jsonl'}); "
-        f"{s.calls_made} LLM call(s) made, {s.cache_hits} from cache, {s.retries} retried, {s.failures} failed; "
-        f"{s.prompt_tokens:,} prompt + {s.completion_tokens:,} completion tokens, ${s.cost_usd:.4f}"
-    )
-    console.print(f"Items: {res.out_dir / 'items.jsonl'}")
+    console.print(summary_table(res.summary))
+    console.print(f"Items: {res.out_dir / 'items.jsonl'}; set aside with reasons: {res.out_dir / 'rejected.jsonl'}; "
+                  f"numbers: {res.out_dir / 'stats.json'}")
 
 
 @review_app.command("export")

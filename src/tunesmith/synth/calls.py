@@ -18,6 +18,7 @@ class ChatRequest:
     seed: int | None = None
     n: int = 1
     attempt: int = 0
+    schema: str | None = None  # JSON Schema (a JSON string) the reply must follow, when the task expects JSON
 
     @classmethod
     def chat(cls, messages: list[dict], **sampling) -> ChatRequest:
@@ -34,6 +35,8 @@ class ChatRequest:
     def cache_key(self, endpoint: str, model: str) -> str:
         doc = {"endpoint": endpoint, "model": model, **asdict(self)}
         doc["messages"] = [list(m) for m in self.messages]
+        if doc["schema"] is None:  # keys of free-text calls stay those of earlier versions (caches resume)
+            del doc["schema"]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
@@ -63,7 +66,8 @@ class CallStats:
     requests: int = 0
     cache_hits: int = 0
     calls_made: int = 0
-    retries: int = 0
+    retries: int = 0  # transport retries plus re-asks after an unusable reply
+    reasks: int = 0
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0

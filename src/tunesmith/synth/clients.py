@@ -13,6 +13,7 @@ commit it to the cache at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -58,6 +59,7 @@ class OpenAIChatClient:
         self.concurrency, self.rpm, self.timeout_s = concurrency, requests_per_minute, timeout_s
         self.retry = retry or RetryPolicy()
         self.retries_done = 0
+        self.schema_supported = True  # until the server answers 400 to a response_format
 
     def _api_key(self) -> str:
         if not self.api_key_env:
@@ -105,6 +107,9 @@ class OpenAIChatClient:
                 err = classify(exc, self.endpoint, self.timeout_s)
                 if err is None:
                     raise
+                if err.kind == "bad_request" and req.schema and self.schema_supported:
+                    self.schema_supported = False  # the server rejects json_schema: ask in plain text, parse tolerantly
+                    return await self._call_with_retries(client, req, limiter)
                 if err.kind in ("auth", "forbidden", "not_found"):
                     raise ProviderError(self._fatal(err)) from exc
                 failure = CallFailure(err.kind, err.describe(), attempt)
@@ -127,6 +132,11 @@ class OpenAIChatClient:
         return f"{self.endpoint} answered 404 for model '{self.model}': check synth.provider.base_url and model."
 
     async def _call(self, client, req: ChatRequest) -> ChatReply:
+        extra = {}
+        if req.schema and self.schema_supported:
+            extra["response_format"] = {
+                "type": "json_schema", "json_schema": {"name": "reply", "schema": json.loads(req.schema), "strict": False}
+            }
         resp = await client.chat.completions.create(
             model=self.model,
             messages=req.message_dicts(),
@@ -135,6 +145,7 @@ class OpenAIChatClient:
             max_tokens=req.max_tokens,
             seed=req.effective_seed,
             n=req.n,
+            **extra,
         )
         if not getattr(resp, "choices", None):
             raise ValueError("no choices in the reply")
@@ -147,13 +158,16 @@ class OpenAIChatClient:
 
 
 class LocalChatClient:
-    """A local HF causal LM; requests are grouped by sampling parameters and generated in batches."""
+    """A local HF causal LM; requests are grouped by sampling parameters and schema and generated in
+    batches by the project's one generation function; a request with a schema is decoded under it."""
 
-    def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, precision: str = "auto"):
-        self.model, self.batch_size, self.precision = model, batch_size, precision
-        self.endpoint = "local"
+    def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, precision: str = "auto",
+                 constrained: bool = True):
+        self.model, self.batch_size, self.precision, self.constrained = model, batch_size, precision, constrained
+        self.endpoint = "local" if constrained else "local-unconstrained"
         self.retries_done = 0
         self._loaded = None
+        self._constraints: dict[str, object] = {}
 
     def _load(self):
         if self._loaded is None:
@@ -162,20 +176,33 @@ class LocalChatClient:
             self._loaded = (load_model(self.model, pick_placement(self.precision)), load_tokenizer(self.model))
         return self._loaded
 
+    def _constraint(self, schema: str | None):
+        if not (schema and self.constrained):
+            return None
+        if schema not in self._constraints:
+            from tunesmith.eval.generation import stop_ids
+            from tunesmith.synth.constrained import JsonConstraint
+
+            model, tok = self._load()
+            self._constraints[schema] = JsonConstraint(tok, model.config.vocab_size, stop_ids(tok, model), json.loads(schema))
+        return self._constraints[schema]
+
     def run(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
-        from tunesmith.synth.local import generate_chat
+        from tunesmith.eval.generation import generate
 
         if not requests:
             return
         model, tok = self._load()
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
-            groups.setdefault((r.temperature, r.top_p, r.max_tokens, r.n, r.effective_seed), []).append(i)
-        for (temperature, top_p, max_tokens, n, seed), idx in groups.items():
+            groups.setdefault((r.temperature, r.top_p, r.max_tokens, r.n, r.effective_seed, r.schema), []).append(i)
+        for (temperature, top_p, max_tokens, n, seed, schema), idx in groups.items():
+            prompts = [tok.apply_chat_template(requests[i].message_dicts(), tokenize=False, add_generation_prompt=True)
+                       for i in idx]
             for start in range(0, len(idx), self.batch_size):
                 batch = idx[start : start + self.batch_size]
-                replies = generate_chat(
-                    model, tok, [requests[i].message_dicts() for i in batch], temperature, top_p, max_tokens, n, seed
-                )
-                for i, reply in zip(batch, replies, strict=True):
-                    on_result(i, reply)
+                rows = generate(model, tok, prompts[start : start + self.batch_size], max_tokens, self.batch_size,
+                                temperature=temperature, top_p=top_p, n=n, seed=seed,
+                                constraint=self._constraint(schema))
+                for i, row in zip(batch, rows, strict=True):
+                    on_result(i, ChatReply([t.strip() for t in row.texts], row.prompt_tokens, row.completion_tokens))

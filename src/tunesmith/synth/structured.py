@@ -81,26 +81,57 @@ def run_structured(
     requests: Sequence[ChatRequest],
     schema: type[BaseModel],
     max_attempts: int = 3,
+    max_items: int | None = None,
 ) -> list[Parsed]:
-    """Call, parse, and re-ask only the requests whose replies did not validate."""
+    """Call with the schema attached (constrained locally, ``response_format`` on endpoints), parse,
+    and re-ask only the requests whose replies did not validate; re-asks are counted as retries."""
+    from tunesmith.synth.constrained import bounded_schema
+
+    budget = _string_budget(requests, schema, max_items)
+    schema_text = json.dumps(bounded_schema(schema, max_items, budget), sort_keys=True)
     results: list[Parsed | None] = [None] * len(requests)
     todo = list(range(len(requests)))
     for attempt in range(max_attempts):
         if not todo:
             break
-        replies, _ = run([replace(requests[i], attempt=attempt) for i in todo])
+        replies, stats = run([replace(requests[i], attempt=attempt, schema=schema_text) for i in todo])
+        if attempt:
+            stats.reasks += len(todo)
+            stats.retries += len(todo)
         retry = []
         for i, reply in zip(todo, replies, strict=True):
             if isinstance(reply, CallFailure):
                 results[i] = Parsed(None, "", f"call failed ({reply.kind}): {reply.message}", attempt + 1)
                 continue
             try:
-                results[i] = Parsed(parse_reply(reply.text, schema), reply.text, None, attempt + 1)
+                value = parse_reply(reply.text, schema)
+                if budget in _string_lengths(value.model_dump()):  # the constraint stopped a text mid-way
+                    raise ValueError(f"a text was cut at its length limit ({budget} characters)")
+                results[i] = Parsed(value, reply.text, None, attempt + 1)
             except (ValueError, ValidationError) as exc:
                 results[i] = Parsed(None, reply.text, _short(exc), attempt + 1)
                 retry.append(i)
         todo = retry
     return results
+
+
+def _string_lengths(data) -> set[int]:
+    if isinstance(data, str):
+        return {len(data)}
+    values = data.values() if isinstance(data, dict) else data if isinstance(data, list) else []
+    return set().union(*(_string_lengths(v) for v in values))
+
+
+def _string_budget(requests: Sequence[ChatRequest], schema: type[BaseModel], max_items: int | None) -> int:
+    """maxLength per string so that a full reply fits in ``max_tokens`` (about 2 tokens per character
+    at worst for Hangul, plus JSON punctuation): a reply cut by the token limit cannot parse."""
+    from tunesmith.synth.constrained import MAX_STRING_CHARS
+
+    if not requests:
+        return MAX_STRING_CHARS
+    strings = (max_items or 1) * max(1, json.dumps(schema.model_json_schema()).count('"type": "string"'))
+    budget = (min(r.max_tokens for r in requests) - 8 - 6 * strings) // (2 * strings)
+    return max(8, min(MAX_STRING_CHARS, budget))
 
 
 def _short(exc: Exception) -> str:

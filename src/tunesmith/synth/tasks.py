@@ -20,8 +20,9 @@ from tunesmith.config import SynthSection
 from tunesmith.errors import DataError
 from tunesmith.records import Record
 from tunesmith.synth.calls import CallFailure, ChatRequest
+from tunesmith.synth.gates import copy_problem, text_problem
 from tunesmith.synth.structured import Parsed
-from tunesmith.synth.text import is_refusal, jaccard, normalize
+from tunesmith.synth.text import is_refusal, normalize
 
 
 @dataclass
@@ -36,9 +37,17 @@ class TaskOutput:
 @dataclass
 class SynthContext:
     cfg: SynthSection
-    ask: Callable[[Sequence[ChatRequest], type[BaseModel]], list[Parsed]]
+    ask: Callable[..., list[Parsed]]  # ask(requests, schema, max_items=None)
     complete: Callable[[Sequence[ChatRequest]], list]
     say: Callable[[str], None] = print
+
+    template: str | None = None  # the task's prompt template, for the "copied from the prompt" gate
+
+    def problem(self, text: str, min_chars: int | None = None) -> str | None:
+        """The quality gates with this task's language and limits (see synth.gates)."""
+        c = self.cfg
+        return text_problem(text, c.language, c.min_chars if min_chars is None else min_chars, c.script_share,
+                            self.template)
 
 
 def load_prompt(name: str, language: str, override: Path | None = None) -> string.Template:
@@ -75,8 +84,9 @@ def paraphrase(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     """N rewordings per question with the answer kept; near-duplicates of the original or of each other dropped."""
     t = ctx.cfg.paraphrase
     template = load_prompt("paraphrase", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     questions = [_field(r, t.question_field) for r in records]
-    parsed = ctx.ask([request(ctx, template.substitute(n=t.n, question=q)) for q in questions], Paraphrases)
+    parsed = ctx.ask([request(ctx, template.substitute(n=t.n, question=q)) for q in questions], Paraphrases, t.n)
     out = TaskOutput()
     for rec, question, p in zip(records, questions, parsed, strict=True):
         if p.value is None:
@@ -85,17 +95,15 @@ def paraphrase(ctx: SynthContext, records: list[Record]) -> TaskOutput:
         kept: list[str] = []
         for k, cand in enumerate(p.value.paraphrases):
             cand = cand.strip()
-            worst = max([(jaccard(cand, question), "the original")] + [(jaccard(cand, x), "another paraphrase") for x in kept])
-            if not cand:
-                out.reject(rec.source, "empty paraphrase", cand)
-            elif worst[0] >= t.dedup_threshold:
-                out.reject(rec.source, f"near-duplicate of {worst[1]} (Jaccard {worst[0]:.2f})", cand)
-            else:
-                kept.append(cand)
-                out.items.append({
-                    "question": cand, "answer": _field(rec, t.answer_field),
-                    "original_question": question, "source": rec.source, "variant": k + 1,
-                })
+            problem = ctx.problem(cand) or copy_problem(cand, question, kept, t.dedup_threshold)
+            if problem:
+                out.reject(rec.source, f"paraphrase {problem}", cand, original=question)
+                continue
+            kept.append(cand)
+            out.items.append({
+                "question": cand, "answer": _field(rec, t.answer_field), "original_question": question,
+                "context": rec.data.get("context"), "source": rec.source, "variant": k + 1,
+            })
     return out
 
 
@@ -115,7 +123,9 @@ def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
     """Question/answer pairs grounded in each chunk; an answer that is not a span of its chunk is dropped."""
     t = ctx.cfg.qa_from_documents
     template = load_prompt("qa_from_documents", ctx.cfg.language, ctx.cfg.prompt_file)
-    parsed = ctx.ask([request(ctx, template.substitute(n=t.pairs_per_chunk, chunk=c.data["text"])) for c in chunks], QAPairs)
+    ctx.template = template.template
+    reqs = [request(ctx, template.substitute(n=t.pairs_per_chunk, chunk=c.data["text"])) for c in chunks]
+    parsed = ctx.ask(reqs, QAPairs, t.pairs_per_chunk)
     out = TaskOutput()
     for chunk, p in zip(chunks, parsed, strict=True):
         if p.value is None:
@@ -123,6 +133,10 @@ def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
             continue
         text = chunk.data["text"]
         for pair in p.value.pairs:
+            problem = ctx.problem(pair.question, max(ctx.cfg.min_chars, 8)) or ctx.problem(pair.answer, 1)
+            if problem:
+                out.reject(chunk.source, f"question or answer {problem}", pair.model_dump())
+                continue
             grounded = normalize(pair.answer) in normalize(text)
             if t.require_span and not grounded:
                 out.reject(chunk.source, "answer is not a span of its chunk", pair.model_dump())
@@ -145,8 +159,10 @@ class Questions(BaseModel):
 def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], retriever) -> TaskOutput:
     t = ctx.cfg.seed_questions
     template = load_prompt("seed_questions", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     parsed = ctx.ask(
-        [request(ctx, template.substitute(n=t.questions_per_seed, seed=s, domain=t.domain)) for s in seeds], Questions
+        [request(ctx, template.substitute(n=t.questions_per_seed, seed=s, domain=t.domain)) for s in seeds], Questions,
+        t.questions_per_seed,
     )
     out = TaskOutput()
     pending: list[dict] = []
@@ -156,8 +172,9 @@ def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], ret
             continue
         seen: list[str] = []
         for q in (q.strip() for q in p.value.questions):
-            if not q or any(normalize(q) == normalize(s) for s in seen):
-                out.reject(f"seed:{seed}", "empty or repeated question", q)
+            problem = ctx.problem(q, max(ctx.cfg.min_chars, 8))
+            if problem or any(normalize(q) == normalize(s) for s in seen):
+                out.reject(f"seed:{seed}", f"question {problem or 'repeated'}", q)
                 continue
             seen.append(q)
             pending.append({"seed": seed, "question": q})
@@ -172,8 +189,12 @@ def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], ret
         reqs = [request(ctx, answer_t.substitute(context="\n\n".join(i["contexts"]), question=i["question"]),
                         temperature=0.0) for i in pending]
         for item, reply in zip(pending, ctx.complete(reqs), strict=True):
-            if isinstance(reply, CallFailure) or not reply.text.strip():
-                out.reject(f"seed:{item['seed']}", "no answer: " + (reply.message if isinstance(reply, CallFailure) else "empty"))
+            if isinstance(reply, CallFailure):
+                out.reject(f"seed:{item['seed']}", "no answer: " + reply.message, item)
+                continue
+            problem = ctx.problem(reply.text)
+            if problem:
+                out.reject(f"seed:{item['seed']}", f"answer {problem}", reply.text, question=item["question"])
                 continue
             item["answer"] = reply.text.strip()
             out.items.append(item)
@@ -219,6 +240,7 @@ def evolution_problem(original: str, new: str, op: str, min_chars: int) -> str |
 def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     t = ctx.cfg.evol_instruct
     template = load_prompt("evol_instruct", ctx.cfg.language, ctx.cfg.prompt_file)
+    ctx.template = template.template
     ops = OPERATIONS_KO if ctx.cfg.language == "ko" else OPERATIONS
     rng = random.Random(ctx.cfg.sampling.seed)
     out = TaskOutput()
@@ -233,7 +255,7 @@ def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
                 out.reject(source, f"no usable reply after {p.attempts} attempt(s): {p.error}", p.raw, depth=depth)
                 continue
             new = p.value.prompt.strip()
-            problem = evolution_problem(original, new, op, t.min_chars)
+            problem = ctx.problem(new) or evolution_problem(original, new, op, t.min_chars)
             if problem:
                 out.reject(source, f"failed evolution ({problem})", new, depth=depth, operation=op)
                 continue
@@ -261,6 +283,8 @@ def preference_pairs(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     for rec, prompt, good, bad in zip(records, prompts, chosen, rejected, strict=True):
         if not bad:
             out.reject(rec.source, "no rejected answer (call failed, empty sample or no distractor)")
+        elif t.rejected_from == "model" and ctx.problem(bad, 1):
+            out.reject(rec.source, f"rejected answer {ctx.problem(bad, 1)}", bad, prompt=prompt)
         elif t.drop_equal and normalize(bad) == normalize(good):
             out.reject(rec.source, "rejected equals chosen after normalisation", bad)
         else:
