@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,7 +261,8 @@ def test_korean_pdf_chunks_keep_their_page(tmp_path, fake, tiny_model_dir):
     def reply(prompt, r):  # answer with a span of the chunk, as a grounded model would
         seen.append(prompt)
         chunk = prompt.split("글:\n", 1)[1].split("\n\n다음 형식", 1)[0]
-        return json.dumps({"pairs": [{"question": "무엇에 관한 글인가요?", "answer": chunk[:12]}]})
+        span = re.search(r"[가-힣]+(?: [가-힣]+)+", chunk).group()[:20]  # Korean words (the script gate)
+        return json.dumps({"pairs": [{"question": "무엇에 관한 글인가요?", "answer": span}]})
 
     fake(reply)
     res = run_synth(recipe(tmp_path, {"task": "qa_from_documents", "input": str(pdf), "language": "ko", "limit": 3,
