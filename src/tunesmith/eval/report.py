@@ -224,8 +224,10 @@ class Report:
         top = next((c for c in self.comparisons if c["a"] == arm.name and c["b_is_baseline"]), None)
         if top:
             b = by[top["b"]]
-            text += (f" and best baseline {b.name} {t.fmt(b.metrics.get(h))}: {arm.name} is **{top['verdict']}** "
-                     f"than the baseline ({t.diff_fmt(top['diff'])}{_ci(top['ci95'], t.diff_fmt)}, paired)")
+            said = {"better": "beats the baseline", "worse": "is below the baseline",
+                    "no clear difference": "is not clearly different from the baseline"}[top["verdict"]]
+            text += (f" and best baseline {b.name} {t.fmt(b.metrics.get(h))}: {arm.name} **{said}** "
+                     f"({t.diff_fmt(top['diff'])}{_ci(top['ci95'], t.diff_fmt)}, paired)")
         return text + f" on {len(self.results[0].per_example)} held-out test examples."
 
     def markdown(self, base_dir: Path) -> str:
