@@ -33,6 +33,3 @@ class TrainingError(TunesmithError):
 class ProviderError(TunesmithError):
     """An LLM endpoint failed."""
 
-
-class JobError(TunesmithError):
-    """A fine-tuning job cannot be created or run."""

@@ -11,6 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tunesmith.serve.errors import APIError
+
 
 @dataclass
 class ServeSettings:
@@ -29,15 +31,6 @@ class ServeSettings:
         if keys_file is not None:
             keys |= {k.strip() for k in Path(keys_file).read_text().splitlines() if k.strip() and not k.startswith("#")}
         return frozenset(keys)
-
-
-class APIError(Exception):
-    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, {"message": message, "type": type_, "param": param, "code": code}
 
 
 def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:

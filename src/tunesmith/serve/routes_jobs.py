@@ -14,7 +14,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve.app import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
 from tunesmith.serve.routes_openai import Key
 

@@ -11,8 +11,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from tunesmith.serve.app import APIError
 from tunesmith.serve.engine import Generation, GenParams
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.schemas import ChatCompletionBody, CompletionBody, SamplingBody
 
 router = APIRouter(prefix="/v1")

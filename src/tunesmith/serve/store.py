@@ -45,9 +45,6 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0005_job_queue_index", "CREATE INDEX jobs_status ON jobs (status, created_at)"),
 ]
 
-JOB_STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused")
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
