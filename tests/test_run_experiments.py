@@ -206,9 +206,10 @@ def test_synth_stage_grows_the_train_split_only_and_drops_leaks(cli, tmp_path, t
     held_out: list[str] = []
 
     def reply(content, n):
-        question = next((r["text"] for r in rows if r["text"] in content), "a message")
+        k = next((i for i, r in enumerate(rows) if r["text"] in content), -1)
         # one fresh rewording and one copy of a held-out message: the leakage guard must drop the copy
-        return 200, json.dumps({"paraphrases": [f"Hello team, {question.lower()} Thanks a lot!", held_out[0]]}), 0
+        fresh = f"Support request number {k}: could somebody on your team please look into my banking problem?"
+        return 200, json.dumps({"paraphrases": [fresh, held_out[0]]}), 0
 
     with serve(reply) as url:
         recipe = _paraphrase_run(tmp_path, tiny_model_dir, url, "aug")
