@@ -34,7 +34,7 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     """Run the whole recipe and return where its report is; ``command`` (how it was started) goes in
     ``command.txt`` for the results table."""
     from tunesmith.data.prepare import prepare
-    from tunesmith.eval.runner import arm_recipes, check_endpoints, contenders_of, evaluate
+    from tunesmith.eval.runner import arm_name, arm_recipes, check_endpoints, contenders_of, evaluate
 
     console = console or Console()
     if recipe.data is None:
@@ -63,7 +63,7 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     arms = arm_recipes(recipe)
     trained = {}
     for i, arm in enumerate(arms, 1):
-        name = "finetuned" if arm is recipe else arm.name
+        name = arm_name(recipe, arm)
         with stage(f"arm {i}/{len(arms)}: {name}"):
             trained[name] = train_arm(recipe, arm, name, data, console, f"[{i}/{len(arms)} {name}] ")
     with stage("evaluate"):
