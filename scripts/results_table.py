@@ -46,7 +46,8 @@ def row(run: Path) -> str:
     for arm_dir in [run, *sorted((run / "arms").glob("*"))]:
         summary = arm_dir / "train" / "summary.json"
         if summary.is_file() and (arm_dir == run or arm_dir.name == arm):
-            peak = f"{json.loads(summary.read_text())['peak_memory_mb']:,.0f} MB"
+            mb = json.loads(summary.read_text())["peak_memory_mb"]
+            peak = f"{mb:,.0f} MB" if mb else "– (no logged step)"
     command = (run / "command.txt").read_text().strip() if (run / "command.txt").is_file() else f"tunesmith run ({run.name})"
     n = metrics.get("base", {}).get("n", "–")
 
