@@ -6,19 +6,11 @@ from pathlib import Path
 
 from tunesmith.eval.metrics import confusion
 from tunesmith.eval.result import ContenderResult
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from tunesmith.plotting import pyplot
 
 
 def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
     valid = [(r["step"], r["valid_loss"]) for r in rows if r.get("valid_loss") is not None]
@@ -41,7 +33,7 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
 
 def plot_confusions(results: list[ContenderResult], gold: list[str], labels: list[str], path: Path) -> Path:
     """One confusion matrix per contender, side by side; the last column counts unparseable answers."""
-    plt = _plt()
+    plt = pyplot()
     n = len(results)
     size = max(4.5, 0.45 * len(labels) + 2.5)
     fig, axes = plt.subplots(1, n, figsize=(size * n, size), squeeze=False)

@@ -12,16 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.data.steps import parse_number, token_counts
+from tunesmith.plotting import pyplot
 from tunesmith.records import Record
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _stats(values: list[int] | np.ndarray) -> dict:
@@ -42,7 +34,7 @@ def _fmt(x) -> str:
 
 
 def plot_token_hist(lengths: dict[str, list[int]], limits: tuple[int | None, int | None], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 3.8), squeeze=False)
     lo, hi = limits
     for ax, (name, vals) in zip(axes[0], lengths.items(), strict=True):
@@ -62,7 +54,7 @@ def plot_token_hist(lengths: dict[str, list[int]], limits: tuple[int | None, int
 
 
 def plot_labels(counts: Counter, name: str, path: Path, top: int = 40) -> Path:
-    plt = _plt()
+    plt = pyplot()
     items = counts.most_common(top)[::-1]  # largest at the top
     fig, ax = plt.subplots(figsize=(7, 0.24 * len(items) + 1.4))
     ax.barh([str(k) for k, _ in items], [v for _, v in items], color="#55A868")
@@ -79,7 +71,7 @@ def plot_labels(counts: Counter, name: str, path: Path, top: int = 40) -> Path:
 
 
 def plot_numeric(values: np.ndarray, name: str, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     skewed = values.min() > 0 and np.percentile(values, 99) > 20 * np.median(values)
     bins = np.geomspace(values.min(), values.max(), 40) if skewed else 40

@@ -15,18 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.eval.result import ContenderResult, EvalRun
+from tunesmith.plotting import pyplot
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind
 from tunesmith.tasks.base import num
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
@@ -122,7 +114,7 @@ def comparison_lines(task: TaskKind, comps: list[dict]) -> list[str]:
 
 def plot_headline(task: TaskKind, results: list[ContenderResult], path: Path) -> Path:
     """One bar per contender with its 95% bootstrap interval."""
-    plt = _plt()
+    plt = pyplot()
     h = task.headline
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(results) + 2), 4))
     vals = [r.metrics.get(h) or 0 for r in results]
@@ -153,7 +145,7 @@ def plot_scatter(
     """Prediction vs truth per contender, coloured by hit band; the title counts unparseable answers."""
     from tunesmith.eval.metrics import band
 
-    plt = _plt()
+    plt = pyplot()
     n = len(results)
     cols = min(3, n)
     rows = (n + cols - 1) // cols
