@@ -120,19 +120,28 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>).")],
     merged: Annotated[Path | None, typer.Option(help="Write a merged Hugging Face folder here.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="Write the PEFT adapter alone here.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="Write a GGUF file and an Ollama Modelfile in this folder.")] = None,
+    gguf_type: Annotated[str, typer.Option(help="GGUF weight type: f16 or q8_0.")] = "f16",
+    arm: Annotated[str | None, typer.Option(help="Export this arm of the run (runs/<name>/arms/<arm>).")] = None,
 ) -> None:
-    """Export a trained run as a merged model folder and/or its adapter."""
+    """Export a trained run as a merged model folder, its adapter and/or a GGUF for llama.cpp and Ollama."""
     from tunesmith.errors import ConfigError
 
-    if not merged and not adapter:
-        raise ConfigError("export: give --merged OUT and/or --adapter OUT")
-    from tunesmith.train.export import export_adapter, export_merged
+    if not merged and not adapter and not gguf:
+        raise ConfigError("export: give --merged OUT, --adapter OUT and/or --gguf DIR")
+    from tunesmith.train.export import arm_dir, export_adapter, export_merged
+    from tunesmith.train.gguf_export import check_gguf_type, export_gguf
 
+    check_gguf_type(gguf_type)
+    run_dir = arm_dir(run_dir, arm) if arm else run_dir
     _quiet_libraries()
     if adapter:
         console.print(f"adapter → {export_adapter(run_dir, adapter)}")
     if merged:
         console.print(f"merged model → {export_merged(run_dir, merged)}")
+    if gguf:
+        path = export_gguf(run_dir, gguf, gguf_type)
+        console.print(f"GGUF → {path} ({path.stat().st_size / 1e6:.1f} MB), Ollama Modelfile → {path.parent / 'Modelfile'}")
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="A recipe YAML file, or 'qa' to score a predictions file.")],

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from tunesmith.config import Recipe
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, DataError
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
@@ -25,11 +25,20 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return Recipe.model_validate(raw)
 
 
+def arm_dir(run_dir: Path, arm: str) -> Path:
+    """``runs/<name>/arms/<arm>``; names the arms the run has when ``arm`` is not one of them."""
+    folder = Path(run_dir) / "arms" / arm
+    if not folder.is_dir():
+        have = sorted(p.name for p in (Path(run_dir) / "arms").glob("*") if p.is_dir())
+        raise DataError(f"{run_dir}: no arm {arm!r} (arms: {', '.join(have) or 'none'})")
+    return folder
+
+
 def trained_dir(run_dir: Path) -> Path:
     for name in ("adapter", "model"):
         if (Path(run_dir) / "train" / name).is_dir():
             return Path(run_dir) / "train" / name
-    raise ConfigError(f"{run_dir}: no train/adapter or train/model; run `tunesmith train` first")
+    raise DataError(f"{run_dir}: no train/adapter (adapter) or train/model (merged model); run `tunesmith train` first")
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -45,8 +54,9 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def export_merged(run_dir: Path, out: Path) -> Path:
-    """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder."""
+def merged_model(run_dir: Path):
+    """``(model, tokenizer)``: base + adapter merged into plain fp32 weights (or the full fine-tune),
+    with a generation config that stops at every end-of-turn token."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from tunesmith.models.loading import load_model, pick_placement
@@ -67,6 +77,12 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     gen.pad_token_id = tokenizer.pad_token_id
     model.generation_config = gen
     model.config.eos_token_id = gen.eos_token_id
+    return model, tokenizer
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder."""
+    model, tokenizer = merged_model(run_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
