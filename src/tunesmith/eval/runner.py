@@ -182,16 +182,11 @@ def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list
 
 def load_local(recipe: Recipe, c: LocalContender, placement):
     """The base model, a PEFT adapter on it (merged for base-model speed), or a merged model folder."""
-    from tunesmith.models.loading import load_model
+    from tunesmith.models.loading import load_model, load_trained
 
     if c.path is None:
         return load_model(recipe.model.name, placement)
-    if (c.path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_model(recipe.model.name, placement), str(c.path))
-        return model.merge_and_unload().eval()
-    return load_model(str(c.path), placement)
+    return load_trained(recipe.model.name, c.path, placement)
 
 
 def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, tokenizer, bar) -> ContenderResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ModelError
@@ -70,6 +71,16 @@ def load_model(name: str, placement: Placement) -> Any:
     model.to(placement.device)
     model.eval()
     return model
+
+
+def load_trained(base: str, folder: Path, placement: Placement) -> Any:
+    """A trained folder as a plain model: a PEFT adapter merged into ``base`` (base-model speed, plain
+    weights), or a merged / fully fine-tuned model folder as it is."""
+    if (Path(folder) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(base, placement), str(folder)).merge_and_unload().eval()
+    return load_model(str(folder), placement)
 
 
 def _not_found_message(name: str, exc: Exception) -> str:

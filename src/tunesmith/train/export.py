@@ -57,20 +57,14 @@ def stop_token_ids(tokenizer) -> list[int]:
 def merged_model(run_dir: Path):
     """``(model, tokenizer)``: base + adapter merged into plain fp32 weights (or the full fine-tune),
     with a generation config that stops at every end-of-turn token."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
-    from tunesmith.models.loading import load_model, pick_placement
+    from tunesmith.models.loading import load_trained, pick_placement
 
     recipe = load_run_recipe(run_dir)
     src = trained_dir(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(src)
-    if src.name == "adapter":
-        from peft import PeftModel
-
-        base = load_model(recipe.model.name, pick_placement("fp32", "cpu"))
-        model = PeftModel.from_pretrained(base, str(src)).merge_and_unload()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(src)
+    model = load_trained(recipe.model.name, src, pick_placement("fp32", "cpu"))
     stops = stop_token_ids(tokenizer)
     gen = GenerationConfig.from_model_config(model.config)
     gen.eos_token_id = stops if len(stops) > 1 else stops[0]
