@@ -80,7 +80,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cli, tmp_path, tiny_mode
     straight = load_file(tmp_path / "runs/straight/train/adapter/adapter_model.safetensors")
     assert set(resumed) == set(straight)
     for key in resumed:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
+        # Adam divides by sqrt(v): a gradient near zero turns thread-order float noise into a visible change
+        # in a single weight, so the check is per tensor. A skipped, repeated or reordered batch moves whole
+        # tensors by far more than 1e-3 of their norm.
+        drift = torch.linalg.vector_norm(resumed[key] - straight[key]) / torch.linalg.vector_norm(straight[key])
+        assert drift < 1e-3, (key, float(drift))
     assert json.loads((run / "train/summary.json").read_text())["resumed"] is True
 
 
