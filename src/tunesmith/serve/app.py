@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from tunesmith.serve.errors import APIError
 
@@ -23,6 +25,13 @@ class ServeSettings:
     wait_ms: float = 15.0
     data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
     max_upload_mb: int = 512
+    max_tokens: int = 4096  # the most tokens one request may generate (also capped by the context left)
+    request_timeout_s: float = 300.0  # a generation still running then stops with finish_reason "length"
+    docs: bool | None = None  # /docs and /openapi.json; None: on only when no API keys are set
+
+    @property
+    def docs_on(self) -> bool:
+        return (not self.api_keys) if self.docs is None else self.docs
 
     @classmethod
     def keys_from_env(cls, keys_file: Path | None = None) -> frozenset[str]:
@@ -41,21 +50,38 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         from tunesmith.serve.engine import Engine
 
-        app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms)
+        app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
+                                            request_timeout_s=settings.request_timeout_s)
         yield
         app.state.engine.close()
 
     from tunesmith.serve.store import Store
 
-    app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan)
+    docs = settings.docs_on
+    app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.store = Store(settings.data_dir)
+    app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.trainable_models = lambda: {settings.model}
     app.state.sync_adapters = lambda: sync_adapters(app)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return JSONResponse({"error": exc.body}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                                       "code": code}}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logging.getLogger("tunesmith.serve").exception("unexpected error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"message": "The server had an error while processing your request.",
+                                       "type": "server_error", "param": None, "code": "server_error"}},
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -89,6 +115,7 @@ def sync_adapters(app: FastAPI) -> None:
         if job["status"] == "succeeded" and name and name not in known and job.get("run_dir"):
             adapter = Path(job["run_dir"]) / "train" / "adapter"
             if adapter.is_dir():
+                app.state.model_owners[name] = job["owner"]
                 engine.add_adapter(name, adapter)
 
 

@@ -1,25 +1,33 @@
 """Generation engine for the server: one base model, any number of named LoRA adapters, and
-a background thread that batches requests arriving together.
+continuous batching.
 
-Requests that can share a forward pass (greedy, or sampled with the same temperature/top_p
-and no seed) are generated in one left-padded batch, even across adapters: PEFT routes each
-row through its own adapter (``adapter_names``). A request with a seed, or a streamed one,
-runs alone so that its result does not depend on its neighbours.
+A background thread runs one decoding step at a time for every row in flight. Rows join the
+running batch between two steps (their prompts are prefilled together, then their KV cache is
+appended to the batch's, left-padded to a common length) and leave it as soon as they finish,
+are cancelled (the client went away) or run past their deadline, so a short request is never
+held behind a long one. Each row keeps its own sampling state (temperature, top_p and a seeded
+generator), and PEFT routes each row through its own adapter (``adapter_names``), so requests
+for different models and settings share every forward pass.
+
+Requests are made from the event loop (``submit``) and read back as an async stream of
+``(choice index, text delta | Generation)``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
+import random
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.eval.generation import cut_at_stop, stop_ids
+from tunesmith.serve.errors import APIError
 
-BASE = "__base__"
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
 @dataclass(frozen=True)
@@ -34,12 +42,6 @@ class GenParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def batch_key(self) -> tuple | None:
-        """Requests with equal keys may share a batch; None means 'run alone'."""
-        if self.seed is not None:
-            return None
-        return ("greedy", self.stop) if self.greedy else ("sample", self.temperature, self.top_p, self.stop)
-
 
 @dataclass
 class Generation:
@@ -49,38 +51,81 @@ class Generation:
     finish_reason: str  # "stop" | "length"
 
 
+class Request:
+    """The ``n`` generations of one API request, read from the event loop that submitted them."""
+
+    def __init__(self, n: int, loop: asyncio.AbstractEventLoop):
+        self.n, self.loop = n, loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+
+    def push(self, index: int, item) -> None:
+        """Called by the engine thread: a text delta, the final Generation, or an exception."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its rows leave the batch before the next step."""
+        self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[tuple[int, str | Generation]]:
+        finished = 0
+        while finished < self.n:
+            i, item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield i, item
+            finished += isinstance(item, Generation)
+
+    async def results(self) -> list[Generation]:
+        out: list[Generation | None] = [None] * self.n
+        async for i, item in self.events():
+            if isinstance(item, Generation):
+                out[i] = item
+        return out  # type: ignore[return-value]
+
+
 @dataclass
-class _Job:
+class _Row:
+    """One generation in flight."""
+
+    request: Request
+    index: int
     adapter: str
     prompt_ids: list[int]
     params: GenParams
-    future: Future = field(default_factory=Future)
-    stream: _Tagged | None = None
+    stream: bool
+    deadline: float
+    rng: object = None  # torch.Generator for sampled rows
+    generated: list[int] = field(default_factory=list)
+    sent: str = ""  # text already streamed
 
-
-class _Tagged:
-    """A job's stream that puts ``(index, item)`` on a queue shared by the choices of one request."""
-
-    def __init__(self, merged: queue.Queue, index: int):
-        self.merged, self.index = merged, index
-
-    def put(self, item) -> None:
-        self.merged.put((self.index, item))
+    @property
+    def position(self) -> int:
+        """Position of the last generated token (the input of the next step)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
 
 
 class Engine:
     def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
-                 wait_ms: float = 15.0, precision: str = "auto"):
+                 wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0):
         from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
 
         self.base_name = base
         self.tokenizer = load_tokenizer(base)
         self.model = load_model(base, pick_placement(precision))
+        self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}
-        self.max_batch, self.wait_s = max_batch, wait_ms / 1000
+        self.max_batch, self.wait_s, self.request_timeout_s = max_batch, wait_ms / 1000, request_timeout_s
         self.lock = threading.Lock()
-        self.queue: queue.Queue[_Job | None] = queue.Queue()
-        self.eos_ids = stop_ids(self.tokenizer, self.model)
+        self.pending: queue.Queue[_Row | None] = queue.Queue()
+        self.eos_ids = set(stop_ids(self.tokenizer, self.model))
+        self.active: list[_Row] = []
+        self.cache = None  # the batch's KV cache: one row per active row, left-padded
+        self.mask = None  # [rows, columns] attention mask of the cache
+        self.closed = False
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
         self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
@@ -114,153 +159,243 @@ class Engine:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def submit(self, model_id: str, prompt_ids: list[int], params: GenParams) -> Future:
-        job = _Job(BASE if model_id == self.base_name else model_id, prompt_ids, params)
-        self.queue.put(job)
-        return job.future
+    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False) -> Request:
+        """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop."""
+        import torch
 
-    def stream(self, model_id: str, prompt_ids: list[int], params: list[GenParams]) -> Iterator[tuple[int, str | Generation]]:
-        """One streamed generation per ``params`` entry: yields ``(index, text delta)`` and, last for each
-        index, ``(index, Generation)``; choices are generated one after another."""
-        merged: queue.Queue = queue.Queue()
+        if self.closed:
+            raise _shutting_down()
+        request = Request(len(params), asyncio.get_running_loop())
         adapter = BASE if model_id == self.base_name else model_id
+        deadline = time.monotonic() + self.request_timeout_s
         for i, p in enumerate(params):
-            self.queue.put(_Job(adapter, prompt_ids, p, stream=_Tagged(merged, i)))
-        finished = 0
-        while finished < len(params):
-            i, item = merged.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield i, item
-            finished += isinstance(item, Generation)
+            rng = None
+            if not p.greedy:
+                rng = torch.Generator().manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+            self.pending.put(_Row(request, i, adapter, prompt_ids, p, stream, deadline, rng))
+        return request
 
     def close(self) -> None:
-        self.queue.put(None)
+        """Stop the loop; every request still waiting or in flight gets a 503."""
+        self.closed = True
+        self.pending.put(None)
 
-    # --- the batching loop --------------------------------------------------------------------
+    # --- the scheduling loop ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        held: list[_Job] = []
-        while True:
-            job = held.pop(0) if held else self.queue.get()
-            if job is None:
-                return
-            batch = [job]
-            key = job.params.batch_key()
-            if key is not None and job.stream is None:
-                deadline = time.monotonic() + self.wait_s
-                while len(batch) < self.max_batch:
-                    try:
-                        nxt = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        self.queue.put(None)
-                        break
-                    if nxt.stream is None and nxt.params.batch_key() == key:
-                        batch.append(nxt)
-                    else:
-                        held.append(nxt)
+        while not self.closed:
             try:
-                if job.stream is not None:
-                    self._run_stream(job)
-                else:
-                    for j, gen in zip(batch, self._run_batch(batch), strict=True):
-                        j.future.set_result(gen)
+                joining = self._take_pending()
+                with self.lock:
+                    if joining:
+                        self._prefill(joining)
+                    if self.active:
+                        self._decode_step()
             except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
-                for j in batch:
-                    if j.stream is not None:
-                        j.stream.put(exc)
-                    elif not j.future.done():
-                        j.future.set_exception(exc)
+                for row in self.active:
+                    row.request.push(row.index, exc)
+                self._reset()
+        self._fail_all(_shutting_down())
 
-    def _generate_kwargs(self, params: GenParams, adapters: list[str], prompt_len: int) -> dict:
-        kw = {"do_sample": not params.greedy, "eos_token_id": self.eos_ids, "pad_token_id": self.tokenizer.pad_token_id}
-        if not params.greedy:
-            kw |= {"temperature": params.temperature, "top_p": params.top_p, "top_k": None}
-        if params.stop:  # stop generating as soon as a stop string appears (the text is cut in _finish)
-            from transformers import StoppingCriteriaList
+    def _take_pending(self) -> list[_Row]:
+        """Rows that join the batch before the next step: block while idle, then gather a burst."""
+        rows: list[_Row] = []
+        room = self.max_batch - len(self.active)
+        if not self.active:
+            first = self.pending.get()
+            if first is None:
+                return []
+            rows.append(first)
+            deadline = time.monotonic() + self.wait_s
+            while len(rows) < room:
+                try:
+                    nxt = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    break
+                rows.append(nxt)
+        else:
+            while len(rows) < room:
+                try:
+                    nxt = self.pending.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    break
+                rows.append(nxt)
+        return [r for r in rows if not r.request.cancelled.is_set()]
 
-            kw["stopping_criteria"] = StoppingCriteriaList([_StopOnText(self.tokenizer, params.stop, prompt_len)])
-        if self.adapters:
-            kw["adapter_names"] = adapters
-        return kw
-
-    def _run_batch(self, batch: list[_Job]) -> list[Generation]:
+    def _forward(self, input_ids, mask, positions, adapters: list[str], cache):
         import torch
 
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        enc = tok.pad({"input_ids": [j.prompt_ids for j in batch]}, return_tensors="pt").to(self.model.device)
-        params = batch[0].params
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        with self.lock, torch.inference_mode():
-            out = self.model.generate(
-                **enc, max_new_tokens=max(j.params.max_tokens for j in batch),
-                **self._generate_kwargs(params, [j.adapter for j in batch], enc["input_ids"].shape[1]),
-            )
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        return [self._finish(j, ids) for j, ids in zip(batch, new, strict=True)]
+        kw = {"adapter_names": adapters} if self.adapters else {}
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1, **kw)
+        return out.logits[:, -1, :].float(), out.past_key_values
 
-    def _finish(self, job: _Job, ids: list[int]) -> Generation:
-        """Cut at EOS, the request's own max_tokens and its stop strings."""
-        finish = "length"
-        kept = []
-        for t in ids[: job.params.max_tokens]:
-            if t in self.eos_ids:
-                finish = "stop"
-                break
-            kept.append(t)
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        cut = cut_at_stop(text, job.params.stop)
-        if len(cut) < len(text):
-            text, finish = cut, "stop"
-        return Generation(text, len(job.prompt_ids), len(kept), finish)
-
-    def _run_stream(self, job: _Job) -> None:
+    def _prefill(self, rows: list[_Row]) -> None:
+        """Run the joining prompts together (left-padded), take each row's first token, merge the survivors."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import DynamicCache
 
-        tok = self.tokenizer
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        ids = torch.tensor([job.prompt_ids], device=self.model.device)
-        if job.params.seed is not None:
-            torch.manual_seed(job.params.seed)
-        result: dict = {}
+        device = self.model.device
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, [r.adapter for r in rows], DynamicCache())
+        keep = self._advance(rows, logits)
+        if keep:
+            self._merge([rows[i] for i in keep], cache, mask, keep)
 
-        def work():
-            with self.lock, torch.inference_mode():
-                result["out"] = self.model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=job.params.max_tokens,
-                    streamer=streamer, **self._generate_kwargs(job.params, [job.adapter], ids.shape[1]),
-                )
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        sent = ""
-        for piece in streamer:
-            candidate = sent + piece
-            cut = cut_at_stop(candidate, job.params.stop)
-            if len(cut) < len(candidate):
-                if len(cut) > len(sent):
-                    job.stream.put(cut[len(sent):])
-                break
-            job.stream.put(piece)
-            sent = candidate
-        thread.join()
-        job.stream.put(self._finish(job, result["out"][0, ids.shape[1]:].tolist()))
-
-
-class _StopOnText:
-    """Per-row stopping criterion: a row is done once its generated text contains a stop string."""
-
-    def __init__(self, tokenizer, stops: tuple[str, ...], prompt_len: int):
-        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
+    def _decode_step(self) -> None:
         import torch
 
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+        device = self.model.device
+        ids = torch.tensor([[r.generated[-1]] for r in self.active], device=device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.active), 1), dtype=self.mask.dtype, device=device)], 1)
+        positions = torch.tensor([[r.position] for r in self.active], device=device)
+        logits, self.cache = self._forward(ids, self.mask, positions, [r.adapter for r in self.active], self.cache)
+        keep = self._advance(self.active, logits)
+        if len(keep) < len(self.active):
+            self._select(keep)
 
+    def _advance(self, rows: list[_Row], logits) -> list[int]:
+        """Append each row's next token; finished rows are answered, abandoned ones dropped; returns the rest."""
+        tokens = self._sample(rows, logits)
+        now = time.monotonic()
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if row.request.cancelled.is_set():
+                continue
+            finish = "stop" if token in self.eos_ids else None
+            if finish is None:
+                row.generated.append(token)
+                finish = self._limit_reached(row, now)
+            if finish is None:
+                if row.stream:
+                    self._stream_delta(row)
+                keep.append(i)
+            else:
+                self._answer(row, finish)
+        return keep
+
+    def _limit_reached(self, row: _Row, now: float) -> str | None:
+        """'stop' at a stop string; 'length' at max_tokens, the end of the context or the request's deadline."""
+        if row.params.stop and any(s in self._text(row.generated) for s in row.params.stop):
+            return "stop"
+        full = len(row.prompt_ids) + len(row.generated) >= self.context_length
+        if len(row.generated) >= row.params.max_tokens or full or now > row.deadline:
+            return "length"
+        return None
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _answer(self, row: _Row, finish: str) -> None:
+        """The final text (cut at a stop string), its remaining delta when streamed, then the Generation."""
+        text = cut_at_stop(self._text(row.generated), row.params.stop)
+        if row.stream and text.startswith(row.sent) and len(text) > len(row.sent):
+            row.request.push(row.index, text[len(row.sent):])
+        row.request.push(row.index, Generation(text, len(row.prompt_ids), len(row.generated), finish))
+
+    def _stream_delta(self, row: _Row) -> None:
+        """Send the text that is final: a trailing partial UTF-8 character or a possible stop prefix waits."""
+        text = self._text(row.generated)
+        if text.endswith("\ufffd") or not text.startswith(row.sent):
+            return
+        held = max((len(s) - 1 for s in row.params.stop), default=0)
+        ready = text[: len(text) - held] if held else text
+        if len(ready) > len(row.sent):
+            row.request.push(row.index, ready[len(row.sent):])
+            row.sent = ready
+
+    def _sample(self, rows: list[_Row], logits) -> list[int]:
+        import torch
+
+        tokens = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.greedy:
+                continue
+            probs = torch.softmax(logits[i] / p.temperature, -1)
+            if p.top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest prefix reaching top_p
+                sorted_p[drop] = 0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            tokens[i] = int(torch.multinomial(probs, 1, generator=row.rng))
+        return tokens
+
+    # --- the batch's KV cache ---------------------------------------------------------------------
+
+    def _merge(self, rows: list[_Row], cache, mask, keep: list[int]) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter side's cache columns."""
+        import torch
+
+        index = torch.tensor(keep, device=mask.device)
+        mask = mask.index_select(0, index)
+        layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
+        if self.cache is None:
+            for layer, (k, v) in zip(cache.layers, layers, strict=True):
+                layer.keys, layer.values = k, v
+            self.cache, self.mask, self.active = cache, mask, list(rows)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)], 0)
+        for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
+            layer.keys = torch.cat([_left_pad(layer.keys, width, -2), _left_pad(k, width, -2)], 0)
+            layer.values = torch.cat([_left_pad(layer.values, width, -2), _left_pad(v, width, -2)], 0)
+        self.active += rows
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these rows; drop cache columns that are padding for every remaining row."""
+        import torch
+
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.active = [self.active[i] for i in keep]
+
+    def _reset(self) -> None:
+        self.active, self.cache, self.mask = [], None, None
+
+    def _fail_all(self, exc: Exception) -> None:
+        for row in self.active:
+            row.request.push(row.index, exc)
+        self._reset()
+        while True:
+            try:
+                row = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if row is not None:
+                row.request.push(row.index, exc)
+
+
+def _left_pad(t, width: int, dim: int):
+    """Zeros before ``t`` along ``dim`` up to ``width``."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry on another instance.", type_="server_error",
+                    code="server_shutting_down")

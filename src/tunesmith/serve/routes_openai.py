@@ -31,18 +31,45 @@ def api_key(request: Request) -> str | None:
 Key = Annotated[str | None, Depends(api_key)]
 
 
-def _engine(request: Request, model: str):
+def visible_models(request: Request, key: str | None) -> list[str]:
+    """The base model and command-line adapters, plus the fine-tuned models of this key's own jobs."""
     request.app.state.sync_adapters()
-    engine = request.app.state.engine
-    if model not in engine.model_ids():
-        raise APIError(404, f"The model '{model}' does not exist. Available: {', '.join(engine.model_ids())}",
-                       param="model", code="model_not_found")
-    return engine
+    owners = request.app.state.model_owners
+    return [m for m in request.app.state.engine.model_ids() if m not in owners or owners[m] == key]
 
 
-def _params(body: SamplingBody, max_tokens: int | None, i: int = 0) -> GenParams:
-    seed = None if body.seed is None else body.seed + i
-    return GenParams(max_tokens or 256, body.temperature, body.top_p, body.stops(), seed)
+def _engine(request: Request, model: str, key: str | None):
+    models = visible_models(request, key)
+    if model not in models:
+        raise APIError(404, f"The model '{model}' does not exist or you do not have access to it. "
+                       f"Available: {', '.join(models)}", param="model", code="model_not_found")
+    return request.app.state.engine
+
+
+def _token_budget(request: Request, engine, prompt_tokens: int, requested: int | None, default: int) -> int:
+    """Tokens this request may generate: what it asked for, capped by the server's maximum and the
+    context left after the prompt; a prompt that leaves no room is refused."""
+    context = engine.context_length
+    if prompt_tokens >= context:
+        raise APIError(400, f"This model's maximum context length is {context} tokens, but the prompt has "
+                       f"{prompt_tokens} tokens. Shorten the messages or the prompt.", param="messages",
+                       code="context_length_exceeded")
+    server_max = request.app.state.settings.max_tokens
+    return max(1, min(requested or default, server_max, context - prompt_tokens))
+
+
+def _check_prompt_size(engine, texts: list[str]) -> None:
+    """Refuse a prompt far past the context before spending time tokenizing it (about 4 characters a token)."""
+    chars = sum(len(t) for t in texts)
+    if chars > 16 * engine.context_length:
+        raise APIError(400, f"This model's maximum context length is {engine.context_length} tokens, but the prompt "
+                       f"has {chars} characters (far more tokens than fit). Shorten the messages or the prompt.",
+                       param="messages", code="context_length_exceeded")
+
+
+def _params(body: SamplingBody, max_tokens: int) -> list[GenParams]:
+    return [GenParams(max_tokens, body.temperature, body.top_p, body.stops(),
+                      None if body.seed is None else body.seed + i) for i in range(body.n)]
 
 
 def _usage(gens: list[Generation]) -> dict:
@@ -52,29 +79,40 @@ def _usage(gens: list[Generation]) -> dict:
 
 
 @router.get("/models")
-async def list_models(request: Request, _key: Key):
-    request.app.state.sync_adapters()
+async def list_models(request: Request, key: Key):
     created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": m, "object": "model", "created": created, "owned_by": "tunesmith"}
-        for m in request.app.state.engine.model_ids()]}
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "tunesmith"}
+                                       for m in visible_models(request, key)]}
 
 
-async def _generate(engine, model: str, ids: list[int], body: SamplingBody, max_tokens: int | None) -> list[Generation]:
-    futures = [engine.submit(model, ids, _params(body, max_tokens, i)) for i in range(body.n)]
-    return [await asyncio.wrap_future(f) for f in futures]
+async def _results(request: Request, jobs: list) -> list[list[Generation]]:
+    """Every job's generations; when the client goes away its rows leave the batch at the next step."""
+    task = asyncio.ensure_future(asyncio.gather(*(j.results() for j in jobs)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(400, "The client closed the connection.", code="client_disconnected")
+    finally:
+        for j in jobs:
+            j.cancel()
+        task.cancel()
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionBody, request: Request, _key: Key):
-    engine = _engine(request, body.model)
+async def chat_completions(body: ChatCompletionBody, request: Request, key: Key):
+    engine = _engine(request, body.model, key)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    _check_prompt_size(engine, [m["content"] for m in messages])
     ids = engine.chat_prompt_ids(messages)
-    max_tokens = body.max_completion_tokens or body.max_tokens
+    budget = _token_budget(request, engine, len(ids), body.max_completion_tokens or body.max_tokens, 256)
+    job = engine.submit(body.model, ids, _params(body, budget), stream=body.stream)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
-        return StreamingResponse(_sse_chat(engine, body, ids, max_tokens, cid, created), media_type="text/event-stream")
-    gens = await _generate(engine, body.model, ids, body, max_tokens)
+        return StreamingResponse(_sse_chat(job, body, cid, created), media_type="text/event-stream")
+    [gens] = await _results(request, [job])
     return {
         "id": cid, "object": "chat.completion", "created": created, "model": body.model,
         "choices": [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
@@ -83,9 +121,9 @@ async def chat_completions(body: ChatCompletionBody, request: Request, _key: Key
     }
 
 
-def _sse_chat(engine, body: ChatCompletionBody, ids, max_tokens, cid: str, created: int):
+async def _sse_chat(job, body: ChatCompletionBody, cid: str, created: int):
     """OpenAI's chunk stream: each choice's deltas carry its index; with ``stream_options.include_usage``
-    a last chunk with no choices carries the usage."""
+    a last chunk with no choices carries the usage. A client that leaves cancels the generation."""
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": choices}
         if usage:
@@ -95,28 +133,35 @@ def _sse_chat(engine, body: ChatCompletionBody, ids, max_tokens, cid: str, creat
     def choice(i: int, delta: dict, finish: str | None = None) -> dict:
         return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
 
-    yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
-    gens: list[Generation] = []
-    for i, item in engine.stream(body.model, ids, [_params(body, max_tokens, k) for k in range(body.n)]):
-        if isinstance(item, Generation):
-            gens.append(item)
-            yield chunk([choice(i, {}, item.finish_reason)])
-        elif item:
-            yield chunk([choice(i, {"content": item})])
-    if body.include_usage:
-        yield chunk([], _usage(gens))
-    yield "data: [DONE]\n\n"
+    try:
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
+        gens: list[Generation] = []
+        async for i, item in job.events():
+            if isinstance(item, Generation):
+                gens.append(item)
+                yield chunk([choice(i, {}, item.finish_reason)])
+            elif item:
+                yield chunk([choice(i, {"content": item})])
+        if body.include_usage:
+            yield chunk([], _usage(gens))
+        yield "data: [DONE]\n\n"
+    except APIError as exc:  # e.g. the server is shutting down mid-stream
+        yield f"data: {json.dumps({'error': exc.body})}\n\n"
+    finally:
+        job.cancel()
 
 
 @router.post("/completions")
-async def completions(body: CompletionBody, request: Request, _key: Key):
-    engine = _engine(request, body.model)
+async def completions(body: CompletionBody, request: Request, key: Key):
+    engine = _engine(request, body.model, key)
     if body.stream:
         raise APIError(400, "stream is supported on /v1/chat/completions only", param="stream")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    gens: list[Generation] = []
-    for p in prompts:
-        gens += await _generate(engine, body.model, engine.text_prompt_ids(p), body, body.max_tokens or 16)
+    _check_prompt_size(engine, prompts)
+    encoded = [engine.text_prompt_ids(p) for p in prompts]
+    budgets = [_token_budget(request, engine, len(ids), body.max_tokens, 16) for ids in encoded]
+    jobs = [engine.submit(body.model, ids, _params(body, b)) for ids, b in zip(encoded, budgets, strict=True)]
+    gens = [g for per_prompt in await _results(request, jobs) for g in per_prompt]
     usage = {"prompt_tokens": sum(g.prompt_tokens for g in gens[:: body.n]),
              "completion_tokens": sum(g.completion_tokens for g in gens)}
     usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]

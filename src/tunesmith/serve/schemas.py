@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOPS = 4  # as OpenAI
+MAX_MESSAGES = 2048
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
 
 
 class ChatMessage(BaseModel):
@@ -30,6 +34,13 @@ class SamplingBody(BaseModel):
     stream: bool = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
 
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences are allowed, got {len(v)}")
+        return v
+
     @property
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -41,9 +52,16 @@ class SamplingBody(BaseModel):
 
 
 class ChatCompletionBody(SamplingBody):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class CompletionBody(SamplingBody):
     prompt: str | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _few_prompts(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(v)}")
+        return v
