@@ -1,5 +1,6 @@
 """Files and fine-tuning jobs through the official `openai` client against a live server and worker."""
 
+import base64
 import json
 import threading
 import time
@@ -85,12 +86,25 @@ def test_job_lifecycle_to_a_servable_model(live):
     assert len(metrics) == 8 and {e.data["step"] for e in metrics} == set(range(1, 9))
     assert events[0].message == "The job has successfully completed"
     assert [cp.step_number for cp in c.fine_tuning.jobs.checkpoints.list(job.id).data][:1] == [8]
-    csv_text = c.files.content(job.result_files[0]).read().decode()
+    # OpenAI returns the results file base64-encoded; the cookbook decodes it with base64.b64decode
+    csv_text = base64.b64decode(c.files.content(job.result_files[0]).read()).decode()
     header, *lines = csv_text.strip().splitlines()
     assert header == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy" and len(lines) == 8
     losses = [float(x.split(",")[1]) for x in lines]
     assert losses[-1] < losses[0]
     assert job.fine_tuned_model in [m.id for m in c.models.list().data]
+    # the model belongs to the key whose job made it: another key neither lists nor uses it
+    other = client(live, "k2")
+    assert job.fine_tuned_model not in [m.id for m in other.models.list().data]
+    with pytest.raises(openai.NotFoundError) as exc:
+        other.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "x"}])
+    assert exc.value.body["code"] == "model_not_found"
+    # trained_tokens: the file's tokens by the cookbook rule (the data validator's count), times the epochs
+    from tunesmith.data.validate import token_counter, validate_chat
+
+    path = live["data_dir"] / "t.jsonl"
+    path.write_bytes(chat_jsonl(30))
+    assert job.trained_tokens == 2 * sum(validate_chat(path, token_counter(live["base"])).tokens)
     reply = c.chat.completions.create(model=job.fine_tuned_model, messages=[
         {"role": "system", "content": "Classify."}, {"role": "user", "content": "my card still has not arrived"}],
         max_tokens=6, temperature=0)

@@ -72,7 +72,7 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
         steps = [e.data["step"] for e in events if e.type == "metrics" and "train_loss" in (e.data or {})]
         assert sorted(steps) == list(range(1, 3 * 8 + 1)), steps  # 32 examples, batch 4, 3 epochs
         assert max(Counter(steps).values()) == 1
-        assert any("resumed from its last checkpoint" in e.message for e in events)
+        assert any("resumed from its checkpoint at step" in e.message for e in events)
         assert final.fine_tuned_model in [m.id for m in c.models.list().data]
     finally:
         server.kill()

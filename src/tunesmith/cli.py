@@ -303,6 +303,12 @@ def serve(
     api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
     engine: Annotated[str, typer.Option(help="builtin, or vllm to print the vLLM command.")] = "builtin",
     exec_: Annotated[bool, typer.Option("--exec", help="With --engine vllm: start it.")] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 4096,
+    request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
+                                                   "with finish_reason length).")] = 300.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 16,
+    docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
+                                              "[default: on only without API keys].", show_default=False)] = None,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
@@ -323,7 +329,8 @@ def serve(
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
     _quiet_libraries()
-    settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir)
+    settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, max_tokens=max_tokens,
+                             request_timeout_s=request_timeout, max_batch=max_batch, docs=docs)
     serve_builtin(settings, host, port, say=console.print)
 # --- tunesmith data ... ----------------------------------------------------------------------
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"

@@ -105,7 +105,7 @@ def _check_messages(v: Validation, messages, lineno: int) -> bool:
         if set(m) - ALLOWED_KEYS:
             v.error("message_unrecognized_key", lineno)
             ok = False
-        if m["role"] not in ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in ROLES:
             v.error("unrecognized_role", lineno)
             ok = False
         content = m.get("content")
@@ -125,7 +125,7 @@ def _chat_tokens(messages: list[dict], count_tokens) -> int:
 
 
 def _assistant_tokens(messages: list[dict], count_tokens) -> int:
-    return sum(count_tokens(m["content"]) for m in messages if m["role"] == "assistant")
+    return sum(count_tokens(m.get("content") or "") for m in messages if m["role"] == "assistant")
 
 
 def _tally(v: Validation, messages: list[dict], answers: list[dict], count_tokens, extra: list[dict] = ()) -> None:
@@ -282,20 +282,34 @@ def validate_upload(path: Path, count_tokens=None) -> list[str]:
     """Problems that make a fine-tuning upload unusable, as ``kind: N (lines …)`` strings; [] if fine.
 
     The format (chat or DPO preference) is read from the first JSON line. Used by the server's
-    ``POST /v1/files``, with a cheap whitespace token count unless a counter is given.
+    ``POST /v1/files``, with a cheap whitespace token count unless a counter is given. Messages
+    name lines, never the server's path of the file.
     """
     count_tokens = count_tokens or (lambda text: len(text.split()))
-    first = None
-    for _, line in read_lines(Path(path)):
-        try:
-            first = json.loads(line)
-        except json.JSONDecodeError:
-            pass
-        break
-    if first is None and Path(path).stat().st_size == 0:
+    raw = Path(path).read_bytes()
+    if not raw.strip():
         return ["empty_file: the file has no lines"]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return [f"not_utf8: bytes that are not UTF-8 (line {line}); save the file as UTF-8 JSON lines"]
+    first_line = next(line for line in text.splitlines() if line.strip())
+    try:
+        first = json.loads(first_line)
+    except json.JSONDecodeError:
+        first = None
     dpo = isinstance(first, dict) and "preferred_output" in first
     v = (validate_dpo if dpo else validate_chat)(Path(path), count_tokens)
     if v.n == 0 and not v.errors:
         return ["empty_file: the file has no examples"]
     return [f"{kind}: {n} (lines {', '.join(map(str, v.error_lines.get(kind, [])))})" for kind, n in v.errors.items()]
+
+
+def upload_format(path: Path) -> str:
+    """'dpo' when the first line of a (validated) upload is a preference pair, else 'supervised'."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                return "dpo" if "preferred_output" in json.loads(line) else "supervised"
+    return "supervised"

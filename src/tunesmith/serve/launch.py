@@ -49,19 +49,44 @@ def start_worker(data_dir: Path) -> subprocess.Popen:
                             preexec_fn=_die_with_parent)
 
 
+SHUTDOWN_GRACE_S = 5  # after SIGTERM: requests still in flight get a 503 and the server is gone within this
+WORKER_STOP_S = 30  # the jobs worker saves a checkpoint at its next step; killed if it takes longer
+
+
 def serve_builtin(settings, host: str, port: int, say=print) -> None:
     import uvicorn
 
     from tunesmith.serve.app import create_app
 
+    app = create_app(settings)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            """On SIGTERM/SIGINT stop generating at once: requests in flight are answered with a 503."""
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                engine.close()
+            super().handle_exit(sig, frame)
+
     worker = start_worker(settings.data_dir)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                               timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
     finally:
-        worker.terminate()
-        worker.wait(10)
+        stop_worker(worker)
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    """SIGTERM: the worker stops its job at the next step with a checkpoint; SIGKILL if it takes too long
+    (the job then resumes from its previous checkpoint)."""
+    worker.terminate()
+    try:
+        worker.wait(WORKER_STOP_S)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def shell_line(cmd: list[str]) -> str:

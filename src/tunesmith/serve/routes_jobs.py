@@ -6,6 +6,8 @@ for an id that does not exist. Ids are looked up, never used as paths.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
@@ -39,20 +41,25 @@ async def create_file(request: Request, key: Key, file: Annotated[UploadFile, Fi
     if len(content) > limit:
         raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
                        code="file_too_large")
-    problems = check_upload(content, file.filename or "upload.jsonl")
+    problems = await asyncio.to_thread(check_upload, content)  # a large file must not stall other requests
     if problems:
         raise APIError(400, "Invalid fine-tuning file: " + "; ".join(problems), param="file", code="invalid_file_format")
     return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
 
 
-def check_upload(content: bytes, filename: str) -> list[str]:
-    """The data stage's OpenAI checks, run on the upload; returns error kinds with counts and lines."""
+def check_upload(content: bytes) -> list[str]:
+    """The data stage's OpenAI checks, run on the upload; returns error kinds with counts and lines.
+    A file the checks cannot read is one problem, never a server error."""
     from tunesmith.data.validate import validate_upload
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "upload.jsonl"
         path.write_bytes(content)
-        return validate_upload(path)
+        try:
+            return validate_upload(path)
+        except Exception:  # noqa: BLE001 - malformed input is the client's 400; the detail goes to the log
+            logging.getLogger("tunesmith.serve").exception("upload validation failed")
+            return ["unreadable_file: the file is not JSON lines in OpenAI's chat or preference format"]
 
 
 @router.get("/files")
@@ -130,13 +137,50 @@ class JobBody(BaseModel):
         return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
 
 
+# OpenAI's documented ranges: (lowest, highest or None, lowest excluded)
+HYPER_RANGES = {"n_epochs": (1, 50, False), "batch_size": (1, 256, False),
+                "learning_rate_multiplier": (0, None, True), "beta": (0, 2, True)}
+FORMAT_NEEDS = {"supervised": "chat examples ({\"messages\": [...]})",
+                "dpo": "preference pairs ({\"input\", \"preferred_output\", \"non_preferred_output\"})"}
+
+
+def check_hyperparameters(body: JobBody) -> None:
+    """Every hyperparameter in range before the job is created (400 naming the parameter)."""
+    method = body.resolved_method()
+    prefix = f"method.{method['type']}.hyperparameters" if body.method is not None else "hyperparameters"
+    for name, value in method[method["type"]]["hyperparameters"].items():
+        if value == "auto" or name not in HYPER_RANGES:
+            continue
+        low, high, exclusive = HYPER_RANGES[name]
+        if isinstance(value, bool) or (value <= low if exclusive else value < low) or (high and value > high):
+            bound = (f"greater than {low}" if exclusive else f"at least {low}") + (f" and at most {high}" if high else "")
+            raise APIError(400, f"{name} must be {bound}, or 'auto'; got {value}",
+                           param=f"{prefix}.{name}", code="invalid_hyperparameter")
+
+
+def check_file_formats(store, key, body: JobBody) -> None:
+    """The files exist for this key and hold what the method trains on."""
+    from tunesmith.data.validate import upload_format
+
+    kind = body.resolved_method()["type"]
+    for param in ("training_file", "validation_file"):
+        fid = getattr(body, param)
+        if fid is None:
+            continue
+        f = store.get_file(fid, key)
+        if f is None:
+            raise APIError(400, f"invalid {param}: no file {fid}", param=param, code="invalid_file")
+        found = upload_format(Path(f["storage"]))
+        if found != kind:
+            raise APIError(400, f"{param} {fid} holds {FORMAT_NEEDS[found]}, but a {kind} job needs "
+                           f"{FORMAT_NEEDS[kind]}", param=param, code="invalid_file_format")
+
+
 @router.post("/fine_tuning/jobs")
 async def create_job(body: JobBody, request: Request, key: Key):
     store = _store(request)
-    for param in ("training_file", "validation_file"):
-        fid = getattr(body, param)
-        if fid is not None and store.get_file(fid, key) is None:
-            raise APIError(400, f"invalid {param}: no file {fid}", param=param, code="invalid_file")
+    check_hyperparameters(body)
+    check_file_formats(store, key, body)
     if body.model not in request.app.state.trainable_models():
         raise APIError(400, f"model '{body.model}' is not available for fine-tuning here", param="model",
                        code="model_not_available")

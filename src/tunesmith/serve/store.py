@@ -168,6 +168,15 @@ class Store:
         rows = self.db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))
         return [{**dict(r), "data": json.loads(r["data"]) if r["data"] else None} for r in rows]
 
+    def supersede_steps(self, job_id: str, after: int) -> None:
+        """Forget the step events and checkpoints past ``after``: a restart reports those steps again."""
+        with self.lock:
+            self.db.execute("DELETE FROM events WHERE job_id = ? AND type = 'metrics' "
+                            "AND CAST(json_extract(data, '$.step') AS INTEGER) > ?", (job_id, after))
+            self.db.execute("DELETE FROM events WHERE job_id = ? AND dedup_key LIKE 'ckpt:%' "
+                            "AND CAST(substr(dedup_key, 6) AS INTEGER) > ?", (job_id, after))
+            self.db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step_number > ?", (job_id, after))
+
     def add_checkpoint(self, job_id: str, step: int, metrics: dict, path: str, model_name: str) -> None:
         with self.lock:
             self.db.execute("INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -10,31 +10,54 @@ pause are flags in the store that the trainer checks after every step.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import io
 import json
+import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
+from tunesmith.errors import DataError, TunesmithError
 from tunesmith.serve.store import Store
+
+log = logging.getLogger("tunesmith.worker")
+SHUTDOWN = threading.Event()  # set by SIGTERM: the running job stops at the next step with a checkpoint
 
 LR_BASE = 2e-4
 CHECKPOINTS_PER_JOB = 10  # a kill loses at most a tenth of the job; saving more often costs time
 EVAL_MAX_EXAMPLES = 50  # validation conversations scored after training (generation is the slow part)
 
 
-def read_chat_rows(path: Path) -> list[dict]:
-    """OpenAI chat JSONL → prompt/completion rows: the last assistant message is the completion."""
+def read_chat_rows(path: Path, file_id: str) -> list[dict]:
+    """OpenAI chat JSONL → prompt/completion rows: the last assistant message with text is the completion.
+    Errors name the file id and line (the path is the server's business)."""
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         messages = json.loads(line)["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("content")]
+        if not answers:
+            raise DataError(f"{file_id} line {lineno}: no assistant message with text content to train on "
+                            "(function calls alone are not trained here)")
+        last = answers[-1]
         prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]]
         rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": messages[last]["content"]}]})
     return rows
+
+
+def trained_tokens(path: Path, kind: str, model: str, epochs: int) -> int:
+    """OpenAI's count: the tokens of every example as written in the file (the cookbook's message rule:
+    3 per message, role, content and name, +3 for the reply; a DPO example counts its input and both
+    outputs), times the epochs. A template's default system prompt is not in the file and is not counted."""
+    from tunesmith.data.validate import token_counter, validate_chat, validate_dpo
+
+    v = (validate_dpo if kind == "dpo" else validate_chat)(path, token_counter(model))
+    return epochs * sum(v.tokens)
 
 
 def count_lines(path: Path) -> int:
@@ -76,6 +99,7 @@ def job_callback(store: Store, job_id: str, model_name: str):
 
     class _JobEvents(TrainerCallback):
         stopped_for: str | None = None
+        stopped_at: int = 0
         last_metrics: dict = {}
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -100,10 +124,12 @@ def job_callback(store: Store, job_id: str, model_name: str):
 
         def on_step_end(self, args, state, control, **kw):
             job = store.get_job(job_id, any_owner=True)
-            if job and job["control"] in ("cancel", "pause"):
-                self.stopped_for = job["control"]
+            reason = "shutdown" if SHUTDOWN.is_set() else job and job["control"]
+            if reason in ("cancel", "pause", "shutdown"):
+                self.stopped_for = reason
+                self.stopped_at = state.global_step
                 control.should_training_stop = True
-                control.should_save = job["control"] == "pause"  # a paused job resumes from this step
+                control.should_save = reason != "cancel"  # a paused or stopped job resumes from this step
 
     return _JobEvents()
 
@@ -116,22 +142,21 @@ def run_job(store: Store, job: dict) -> None:
     root = store.root
     files = {k: store.get_file(job[k], job["owner"]) for k in ("training_file", "validation_file") if job[k]}
     if "training_file" not in files:
-        raise RuntimeError(f"training file {job['training_file']} no longer exists")
+        raise DataError(f"training file {job['training_file']} no longer exists")
     training_path = Path(files["training_file"]["storage"])
     dpo = job["method"]["type"] == "dpo"
-    rows = [] if dpo else read_chat_rows(training_path)
-    val_rows = read_chat_rows(Path(files["validation_file"]["storage"])) if "validation_file" in files and not dpo else []
+    rows = [] if dpo else read_chat_rows(training_path, job["training_file"])
+    val_rows = (read_chat_rows(Path(files["validation_file"]["storage"]), job["validation_file"])
+                if "validation_file" in files and not dpo else [])
     n_examples = count_lines(training_path)
     hyper = resolve_hyperparameters(job["method"], n_examples)
     recipe = job_recipe(job, root, hyper, training_path, n_examples)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
-    resume = any((recipe.run_dir / "train" / "checkpoints").glob("checkpoint-*"))
+    resume = announce_start(store, job, recipe.run_dir / "train" / "checkpoints")
     store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
-    store.add_event(job["id"], "Fine-tuning job started" if not resume else "Fine-tuning job resumed from its last checkpoint",
-                    dedup_key="started" if not resume else f"resumed:{time.time():.0f}")
     callback = job_callback(store, job["id"], name)
     console = Console(file=io.StringIO())
-    trained = train_job(recipe, rows, val_rows, callback, resume, lambda d, t: task_bar(console, d, t))
+    train_job(recipe, rows, val_rows, callback, resume, lambda d, t: task_bar(console, d, t))
     if callback.stopped_for == "cancel":
         store.update_job(job["id"], status="cancelled", control=None, finished_at=int(time.time()))
         store.add_event(job["id"], "Job cancelled", dedup_key="cancelled")
@@ -140,16 +165,37 @@ def run_job(store: Store, job: dict) -> None:
         store.update_job(job["id"], status="paused", control=None)
         store.add_event(job["id"], "Job paused", dedup_key=f"paused:{time.time():.0f}")
         return
+    if callback.stopped_for == "shutdown":  # stays 'running': the next worker resumes it first
+        store.add_event(job["id"], f"The server stopped; the job was saved at step {callback.stopped_at} and resumes "
+                        "from there when the server starts again", dedup_key=f"shutdown:{time.time():.0f}")
+        return
     if val_rows:
         evaluate_job(store, job["id"], recipe, val_rows)
     from tunesmith.train.metrics import read_metrics_csv
 
-    rows = read_metrics_csv(recipe.run_dir / "train" / "metrics.csv")
-    result = store.add_file(job["owner"], "step_metrics.csv", "fine-tune-results", results_csv(rows))
+    metrics = read_metrics_csv(recipe.run_dir / "train" / "metrics.csv")
+    result = store.add_file(job["owner"], "step_metrics.csv", "fine-tune-results", results_file(metrics))
+    tokens = trained_tokens(training_path, job["method"]["type"], job["model"], hyper["n_epochs"])
     store.update_job(job["id"], status="succeeded", fine_tuned_model=name, finished_at=int(time.time()),
-                     trained_tokens=getattr(trained, "tokens", None), result_files=[result["id"]], control=None)
+                     trained_tokens=tokens, result_files=[result["id"]], control=None)
     store.add_event(job["id"], f"New fine-tuned model created: {name}", dedup_key="model")
     store.add_event(job["id"], "The job has successfully completed", dedup_key="succeeded")
+
+
+def announce_start(store: Store, job: dict, checkpoints: Path) -> bool:
+    """Say how the job starts and supersede step events a restart will report again; True when resuming."""
+    steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    resume_step = max(steps, default=0)
+    store.supersede_steps(job["id"], after=resume_step)
+    if resume_step:
+        store.add_event(job["id"], f"Fine-tuning job resumed from its checkpoint at step {resume_step}",
+                        dedup_key=f"resumed:{time.time():.0f}")
+    elif job["status"] == "running":  # picked up after a crash or a stop before its first checkpoint
+        store.add_event(job["id"], "Fine-tuning job restarted from step 0: the server stopped before the first "
+                        "checkpoint", level="warn", dedup_key=f"restarted:{time.time():.0f}")
+    else:
+        store.add_event(job["id"], "Fine-tuning job started", dedup_key="started")
+    return bool(resume_step)
 
 
 def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> None:
@@ -188,7 +234,8 @@ def train_job(recipe, rows, val_rows, callback, resume, bar):
                  resume=resume, callbacks=[callback])
 
 
-def results_csv(rows: list[dict]) -> bytes:
+def results_file(rows: list[dict]) -> bytes:
+    """The step metrics CSV, base64-encoded as OpenAI returns a job's result file."""
     from tunesmith.train.metrics import COLUMNS
 
     buf = io.StringIO()
@@ -196,30 +243,47 @@ def results_csv(rows: list[dict]) -> bytes:
     writer.writeheader()
     for r in rows:
         writer.writerow({c: "" if r.get(c) is None else (int(r[c]) if c == "step" else r[c]) for c in COLUMNS})
-    return buf.getvalue().encode()
+    return base64.b64encode(buf.getvalue().encode())
+
+
+def job_error(exc: Exception, store: Store, job: dict) -> dict:
+    """The error a client sees: our own errors with file ids in place of server paths; anything else
+    is a server_error whose detail stays in the worker's log."""
+    if isinstance(exc, TunesmithError):
+        message = str(exc)
+        for key in ("training_file", "validation_file"):
+            f = job[key] and store.get_file(job[key], job["owner"])
+            if f:
+                message = message.replace(f["storage"], job[key])
+        message = message.replace(str(store.root.resolve()), "").replace(str(store.root), "")
+        return {"code": "invalid_training_file" if isinstance(exc, DataError) else "training_failed",
+                "message": message[:2000], "param": "training_file" if isinstance(exc, DataError) else None}
+    log.error("job %s failed", job["id"], exc_info=exc)
+    return {"code": "server_error", "message": "The job failed because of an error on the server; its log has "
+            "the details.", "param": None}
 
 
 def work(root: Path, poll_s: float = 0.5, once: bool = False) -> None:
-    """Run jobs forever (or until the queue is empty with ``once``); one worker per data folder."""
+    """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder."""
     import fcntl
 
     store = Store(root)
     lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
     fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
-    while True:
+    while not SHUTDOWN.is_set():
         job = store.next_job()
         if job is None:
             if once:
                 return
-            time.sleep(poll_s)
+            SHUTDOWN.wait(poll_s)
             continue
         try:
             run_job(store, job)
         except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
-            message = f"{type(exc).__name__}: {exc}"
-            store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None,
-                             error={"code": "training_failed", "message": message[:2000], "param": None})
-            store.add_event(job["id"], f"Fine-tuning job failed: {message[:500]}", level="error", dedup_key="failed")
+            error = job_error(exc, store, job)
+            store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
+            store.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
+                            dedup_key="failed")
         if once and store.next_job() is None:
             return
 
@@ -232,6 +296,9 @@ def main() -> None:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(filename=args.data_dir / "worker.log", level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
     work(args.data_dir, once=args.once)
 
 
