@@ -38,4 +38,4 @@ def test_worker_killed_mid_job_resumes_without_lost_or_duplicated_events(tmp_pat
     assert sorted(steps) == list(range(1, total + 1)), steps
     assert max(Counter(steps).values()) == 1
     messages = [e["message"] for e in store.events(job["id"])]
-    assert any("resumed from its last checkpoint" in m for m in messages)
+    assert any("resumed from its checkpoint at step" in m for m in messages)
