@@ -303,7 +303,22 @@ def validate_upload(path: Path, count_tokens=None) -> list[str]:
     v = (validate_dpo if dpo else validate_chat)(Path(path), count_tokens)
     if v.n == 0 and not v.errors:
         return ["empty_file: the file has no examples"]
+    if not dpo:
+        _flag_untrainable(v, text)
     return [f"{kind}: {n} (lines {', '.join(map(str, v.error_lines.get(kind, [])))})" for kind, n in v.errors.items()]
+
+
+def _flag_untrainable(v: Validation, text: str) -> None:
+    """Examples whose assistant messages are all function calls: valid for OpenAI, nothing to train on here."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        try:
+            messages = json.loads(line).get("messages") if line.strip() else None
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        answers = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"] if isinstance(
+            messages, list) else []
+        if answers and not any(isinstance(m.get("content"), str) and m["content"] for m in answers):
+            v.error("assistant_without_text", lineno)
 
 
 def upload_format(path: Path) -> str:

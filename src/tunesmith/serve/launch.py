@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,6 @@ def _die_with_parent() -> None:
     worker training beside the one the restarted server starts (the job resumes from its checkpoint)."""
     try:
         import ctypes
-        import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -66,9 +66,12 @@ def serve_builtin(settings, host: str, port: int, say=print) -> None:
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 engine.close()
+            worker.terminate()  # the worker saves its job at the next step while the server drains
             super().handle_exit(sig, frame)
 
     worker = start_worker(settings.data_dir)
+    # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
+    signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
     try:
