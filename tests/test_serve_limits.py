@@ -320,3 +320,33 @@ def test_sigterm_with_a_request_in_flight_exits_within_the_bound(tmp_path, long_
     assert job["status"] == "running" and saved, "the worker did not stop at a step with a checkpoint"
     step = int(saved[0].split("saved at step ")[1].split()[0])
     assert any(c["step_number"] == step for c in store.checkpoints(job_id))
+
+
+def test_batch_stays_within_its_cache_budget_and_answers_everyone(tiny_model_dir):
+    """Rows that would push the KV cache past max_batch_tokens wait at the head of the line."""
+    import asyncio
+
+    from tunesmith.serve.engine import GenParams
+
+    engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=5, max_batch_tokens=100)
+    cells: list[int] = []
+    rows: list[int] = []
+    step = engine._decode_step
+
+    def recording_step():
+        rows.append(len(engine.active))
+        cells.append(len(engine.active) * (engine.mask.shape[1] + 1))
+        step()
+
+    engine._decode_step = recording_step
+    prompt = engine.text_prompt_ids("my card has not arrived and the pin is blocked " * 2)
+
+    async def ask_all():
+        return await asyncio.gather(*(engine.submit(engine.base_name, prompt, [GenParams(12, 0.0)]).results()
+                                      for _ in range(6)))
+
+    answers = asyncio.run(ask_all())
+    engine.close()
+    assert len(answers) == 6 and all(a[0].completion_tokens >= 1 for a in answers)
+    assert max(cells) <= 100, cells  # within the budget up to the last token
+    assert 1 < max(rows) < 6  # batched, but some rows waited for others to leave

@@ -306,7 +306,7 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 4096,
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
                                                    "with finish_reason length).")] = 300.0,
-    max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 16,
+    max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
 ) -> None:

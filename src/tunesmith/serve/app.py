@@ -21,7 +21,7 @@ class ServeSettings:
     model: str = "smollm2-135m-instruct"
     adapters: dict[str, str] = field(default_factory=dict)
     api_keys: frozenset[str] = frozenset()  # empty: no authentication (the server binds to 127.0.0.1 by default)
-    max_batch: int = 16
+    max_batch: int = 64
     wait_ms: float = 15.0
     data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
     max_upload_mb: int = 512

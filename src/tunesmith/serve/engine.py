@@ -20,6 +20,7 @@ import queue
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,7 +111,8 @@ class _Row:
 
 class Engine:
     def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
-                 wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0):
+                 wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0,
+                 max_batch_tokens: int = 65_536):
         from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
 
         self.base_name = base
@@ -119,6 +121,8 @@ class Engine:
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}
         self.max_batch, self.wait_s, self.request_timeout_s = max_batch, wait_ms / 1000, request_timeout_s
+        self.max_batch_tokens = max_batch_tokens  # bounds the KV cache: rows x columns, padding included
+        self.backlog: deque[_Row] = deque()  # rows taken from the queue that did not fit the batch yet
         self.lock = threading.Lock()
         self.pending: queue.Queue[_Row | None] = queue.Queue()
         self.eos_ids = set(stop_ids(self.tokenizer, self.model))
@@ -198,33 +202,46 @@ class Engine:
         self._fail_all(_shutting_down())
 
     def _take_pending(self) -> list[_Row]:
-        """Rows that join the batch before the next step: block while idle, then gather a burst."""
+        """Rows that join the batch before the next step: block while idle, then gather a burst for
+        ``wait_ms``. A row joins while the batch stays within ``max_batch`` rows and ``max_batch_tokens``
+        cache cells (rows x columns); one that does not fit waits at the head of the line."""
         rows: list[_Row] = []
-        room = self.max_batch - len(self.active)
-        if not self.active:
-            first = self.pending.get()
-            if first is None:
-                return []
-            rows.append(first)
-            deadline = time.monotonic() + self.wait_s
-            while len(rows) < room:
-                try:
-                    nxt = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    break
-                rows.append(nxt)
-        else:
-            while len(rows) < room:
-                try:
-                    nxt = self.pending.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    break
-                rows.append(nxt)
-        return [r for r in rows if not r.request.cancelled.is_set()]
+        idle = not self.active and not self.backlog
+        deadline = time.monotonic() + (self.wait_s if idle else 0.0)
+        while True:
+            try:
+                row = self._next_row(block=idle and not rows, deadline=deadline if idle else None)
+            except queue.Empty:
+                break
+            if row is None:  # closing
+                break
+            if row.request.cancelled.is_set():
+                continue
+            if not self._fits(rows, row):
+                self.backlog.appendleft(row)
+                break
+            rows.append(row)
+        return rows
+
+    def _next_row(self, block: bool, deadline: float | None) -> _Row | None:
+        """The backlog's head, else the queue's: waiting forever, until ``deadline``, or not at all."""
+        if self.backlog:
+            return self.backlog.popleft()
+        if block:
+            return self.pending.get()
+        if deadline is not None:
+            return self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+        return self.pending.get_nowait()
+
+    def _fits(self, joining: list[_Row], row: _Row) -> bool:
+        """Would the batch, with ``row``, stay within max_batch rows and, up to the last token any row
+        may still generate, within max_batch_tokens cache cells?"""
+        if not self.active and not joining:
+            return True  # a lone request always runs
+        rows = [*self.active, *joining, row]
+        width = max(self.mask.shape[1] if self.mask is not None else 0, *(len(r.prompt_ids) for r in rows))
+        remaining = max(r.params.max_tokens - len(r.generated) for r in rows)
+        return len(rows) <= self.max_batch and len(rows) * (width + remaining) <= self.max_batch_tokens
 
     def _forward(self, input_ids, mask, positions, adapters: list[str], cache):
         import torch
@@ -372,9 +389,10 @@ class Engine:
         self.active, self.cache, self.mask = [], None, None
 
     def _fail_all(self, exc: Exception) -> None:
-        for row in self.active:
+        for row in [*self.active, *self.backlog]:
             row.request.push(row.index, exc)
         self._reset()
+        self.backlog.clear()
         while True:
             try:
                 row = self.pending.get_nowait()
