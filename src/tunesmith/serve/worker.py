@@ -300,6 +300,10 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
     work(args.data_dir, once=args.once)
+    # everything is in the store and the checkpoints; a library thread left running must not keep the
+    # process alive after SIGTERM
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
