@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from tunesmith import __version__
@@ -420,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except TunesmithError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         if _state["debug"]:
             err_console.print_exception()
         return exc.exit_code
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         if usage_error:  # click's usage errors (typer vendors click) carry exit code 2
             exc.show()
             return exc.exit_code
-        err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
         if _state["debug"]:
             err_console.print_exception()
         else:

@@ -306,7 +306,9 @@ class TrainSection(Section):
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals, no improvement")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
     save_total_limit: int = Field(2, ge=1, description="keep only the newest N checkpoints")
-    report_to: list[Literal["tensorboard", "wandb"]] = []
+    report_to: list[Literal["tensorboard", "trackio", "mlflow", "wandb"]] = Field(
+        [], description="experiment trackers (optional extras: pip install 'tunesmith[tensorboard]'); "
+        "their local files go under the run's train/ folder")
     dpo: DpoSection = DpoSection()
 
     @model_validator(mode="before")

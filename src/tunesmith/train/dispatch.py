@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Example
 from tunesmith.train.result import TrainResult, write_outputs
 
@@ -32,6 +32,33 @@ class TrainData:
     val_rows: list[dict] | None = None
 
 
+# tracker -> (module to import, extra that installs it, env var for a local store, folder under train/)
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboard", "TENSORBOARD_LOGGING_DIR", "tensorboard"),
+            "trackio": ("trackio", "trackio", "TRACKIO_DIR", "trackio"),
+            "mlflow": ("mlflow", "mlflow", "MLFLOW_TRACKING_URI", "mlruns"),
+            "wandb": ("wandb", "wandb", "WANDB_DIR", "wandb")}
+
+
+_TRACKER_DIRS: dict[str, str] = {}  # the values we set, so that the next run (or arm) gets its own folder
+
+
+def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> None:
+    """Check each ``train.report_to`` tracker is installed and, unless the user's environment says
+    otherwise, point its local store into the run's train folder (offline, next to metrics.csv)."""
+    import importlib.util
+    import os
+
+    for name in report_to:
+        module, extra, env, folder = TRACKERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.report_to: {name} is not installed; pip install 'tunesmith[{extra}]' "
+                              f"(or remove it from report_to)")
+        if os.environ.get(env) in (None, _TRACKER_DIRS.get(env)):  # not the user's own setting: this run's folder
+            where = out_dir.resolve() / folder
+            os.environ[env] = _TRACKER_DIRS[env] = where.as_uri() if name == "mlflow" else str(where)
+        console.print(f"{name}: logging to {os.environ[env]}")
+
+
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
@@ -41,6 +68,7 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     recipe = fit_micro_batch(recipe, placement, console)
     tokenizer = load_tokenizer(recipe.model.name)
     out_dir = recipe.run_dir / "train"
+    prepare_trackers(recipe.train.report_to, out_dir, console)
     if recipe.train.head == "classifier":
         from tunesmith.train.classifier import train_classifier
 
