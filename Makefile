@@ -5,15 +5,29 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 MODEL  ?= smollm2-135m-instruct
 
-.PHONY: install model browser demo test lint clean
+LOCK   := requirements.lock
 
-$(STAMP): pyproject.toml
+.PHONY: install model browser demo test lint clean lock
+
+# exact versions from $(LOCK): the same install on every machine until `make lock` is run again
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU build of torch first, pinned, so no dependency pulls the multi-GB CUDA wheels
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) torch
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# re-resolve the newest versions the project allows into $(LOCK) (then run `make test` and commit it)
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q torch==2.13.0
+	.lock-venv/bin/python -m pip install -q -e '.[dev]'
+	( echo "# exact versions for make install; regenerate with: make lock"; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^pip==' ) > $(LOCK)
+	rm -rf .lock-venv
 
 install: $(STAMP)
 
@@ -35,4 +49,4 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .lock-venv runs .pytest_cache
