@@ -1,6 +1,8 @@
 """GGUF export: the file loads back with transformers (`gguf_file=`), gives the merged model's greedy
 answers, stops at the end-of-turn token, and carries an Ollama Modelfile; bad input is named."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,3 +139,35 @@ def test_gguf_export_names_an_unsupported_architecture():
 
     with pytest.raises(ModelError, match="architecture 'gpt2'"):
         check_architecture(GPT2Config())
+
+
+def test_models_add_registers_an_exported_gguf_that_answers_like_it(cli, home, exported):
+    """A user's GGUF teacher: `models add` converts it once, records its sha256, and `model.name: NAME`
+    resolves to a folder whose greedy answers match the GGUF's."""
+    import hashlib
+    import json
+
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.registry import MARKER, resolve
+
+    gguf = exported["full"]["f16"]
+    code, out = cli(["models", "add", "my-teacher", str(gguf)])
+    assert code == 0, out
+    folder = Path(resolve("my-teacher"))
+    meta = json.loads((folder / MARKER).read_text())
+    assert meta["kind"] == "gguf" and meta["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    code, out = cli(["models", "list"])
+    assert code == 0 and "my-teacher" in out, out
+    code, out = cli(["models", "add", "my-teacher", str(gguf)])  # the name is taken
+    assert code != 0 and "already registered" in out, out
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    added, original = _load(folder), _load(gguf)
+    for text in ("my card has not arrived", "pin blocked", "exchange rate"):
+        ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            a = added.generate(ids, max_new_tokens=8, do_sample=False)
+            b = original.generate(ids, max_new_tokens=8, do_sample=False)
+        assert a.tolist() == b.tolist()
