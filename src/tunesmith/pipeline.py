@@ -140,7 +140,7 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
 def _from_arm(recipe: Recipe, name: str) -> Path | None:
     """The adapter an arm starts from (``from_arm``), which must have been trained first."""
     from tunesmith.config import arm_recipe
-    from tunesmith.eval.runner import trained_output
+    from tunesmith.train.result import trained_output
 
     spec = next((a for a in recipe.arms if a.name == name), None)
     if spec is None or not spec.from_arm:

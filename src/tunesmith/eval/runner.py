@@ -22,6 +22,7 @@ from tunesmith.eval.result import ContenderResult, EvalRun
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind, make_task, score_outputs
 from tunesmith.tasks.base import BaselineInputs
+from tunesmith.train.result import trained_output
 
 
 @dataclass
@@ -34,15 +35,6 @@ class LocalContender:
     data: DataSection  # how it is asked: prompt template and system prompt of the arm it was trained with
     with_labels: bool = False  # append the label list (a base model has never seen it)
     kind: str = "llm"  # "llm" or "classifier"
-
-
-def trained_output(run_dir: Path) -> tuple[Path, str] | None:
-    """The trained artefact in a run (or arm) folder: (folder, kind) or None before training."""
-    for sub, kind in (("adapter", "llm"), ("model", "llm"), ("classifier", "classifier")):
-        folder = run_dir / "train" / sub
-        if folder.is_dir() and any(folder.iterdir()):
-            return folder, kind
-    return None
 
 
 def arm_recipes(recipe: Recipe) -> list[Recipe]:

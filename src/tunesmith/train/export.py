@@ -14,6 +14,7 @@ import yaml
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.train.result import trained_output
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
@@ -35,9 +36,10 @@ def arm_dir(run_dir: Path, arm: str) -> Path:
 
 
 def trained_dir(run_dir: Path) -> Path:
-    for name in ("adapter", "model"):
-        if (Path(run_dir) / "train" / name).is_dir():
-            return Path(run_dir) / "train" / name
+    """The run's language-model output (adapter or full model) that export works from."""
+    found = trained_output(Path(run_dir))
+    if found is not None and found[1] == "llm":
+        return found[0]
     raise DataError(f"{run_dir}: no train/adapter (adapter) or train/model (merged model); run `tunesmith train` first")
 
 

@@ -74,3 +74,12 @@ def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
         "resumed": result.resumed,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
+def trained_output(run_dir: Path) -> tuple[Path, str] | None:
+    """The trained artefact in a run (or arm) folder: (folder, kind) or None before training."""
+    for sub, kind in (("adapter", "llm"), ("model", "llm"), ("classifier", "classifier")):
+        folder = run_dir / "train" / sub
+        if folder.is_dir() and any(folder.iterdir()):
+            return folder, kind
+    return None
