@@ -94,7 +94,9 @@ TEXT_FIELDS = {"paraphrase": ["question"], "qa_from_documents": ["question", "an
 
 def test_recorded_kept_items_pass_every_gate():
     """Items the embedded model's real runs kept (docs/synth_results.md; CC0/Apache sources only) replayed
-    through the gates: nothing kept may fail one."""
+    through the gates: each passes, except those a later gate was made for (``rejected_now``)."""
+    from tunesmith.synth.tasks import evolution_problem
+
     rows = [json.loads(x) for x in RECORDED.read_text(encoding="utf-8").splitlines()]
     assert rows, "no recorded items"
     for row in rows:
@@ -102,3 +104,19 @@ def test_recorded_kept_items_pass_every_gate():
             assert text_problem(row["data"][name], row["language"], min_chars=1) is None, row
         if row["task"] == "paraphrase":
             assert copy_problem(row["data"]["question"], row["data"]["original_question"], [], 0.8) is None, row
+        if row["task"] == "evol_instruct":
+            d = row["data"]
+            assert evolution_problem(d["parent"], d["instruction"], d["operation"], 1) == row.get("rejected_now"), row
+
+
+def test_evolution_must_add_words_unless_it_broadens():
+    from tunesmith.synth.tasks import evolution_problem
+
+    parent = "Describe a situation in which the given stereotype can harm you."
+    assert evolution_problem(parent, "Describe a situation in which the given stereotype*M", "reasoning", 1) == (
+        "adds nothing new")
+    assert evolution_problem(parent, "Describe a situation in which the given stereotype can harm you, and explain "
+                             "step by step how to avoid it.", "reasoning", 1) is None
+    assert evolution_problem("고양이를 돌보는 방법을 알려 주세요.", "고양이를 돌보는 방법을 매일 일정과 비용까지 알려 주세요.",
+                             "complicate", 1) is None
+    assert evolution_problem(parent, "Write a haiku about rain.", "broaden", 1) is None

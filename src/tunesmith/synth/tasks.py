@@ -8,6 +8,7 @@ everything it drops is returned with the reason and the raw reply.
 from __future__ import annotations
 
 import random
+import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -234,7 +235,17 @@ def evolution_problem(original: str, new: str, op: str, min_chars: int) -> str |
         return "refusal"
     if len(new) < min_chars or (op != "broaden" and len(new) < 0.5 * len(original)):
         return "too short"
+    if op != "broaden" and len(new_words(new, original)) < 2:
+        return "adds nothing new"  # e.g. the parent cut short with a stray token: 'the given stereotype*M'
     return None
+
+
+def new_words(text: str, original: str) -> set[str]:
+    """Words of two or more characters in ``text`` that ``original`` does not have (case-folded)."""
+    def words(t: str) -> set[str]:
+        return {w for w in re.findall(r"\w+", t.casefold()) if len(w) > 1}
+
+    return words(text) - words(original)
 
 
 def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
