@@ -175,3 +175,21 @@ def test_local_constrained_replies_always_parse(tiny_model_dir):
     unconstrained = {}
     LocalChatClient(str(tiny_model_dir), batch_size=4, constrained=False).run(requests[:2], unconstrained.__setitem__)
     assert not unconstrained[0].text.startswith('{"questions":')
+
+
+def test_local_constrained_reply_is_never_cut_by_max_tokens(tiny_model_dir):
+    """max_tokens far below what the schema allows (3 tokens for up to 2 strings of 12 characters): the
+    limit is raised to the schema's own bound, so even a model that never closes a string early parses."""
+    from tunesmith.synth.clients import LocalChatClient
+    from tunesmith.synth.constrained import bounded_schema, reply_token_bound
+
+    doc = bounded_schema(Qs, max_items=2, max_chars=12)
+    # {} + "questions" + ':' and ',' + [] + two items of (quotes + 12 characters of up to 6 bytes + ',')
+    assert reply_token_bound(doc) == 2 + len('"questions"') + 2 + 2 + 2 * (2 + 6 * 12 + 1)
+    assert reply_token_bound(bounded_schema(Qs)) is None  # an array with no maxItems: no bound
+    requests = [ChatRequest.chat([{"role": "user", "content": f"q{i}"}], temperature=1.0, max_tokens=3, seed=i,
+                                 schema=json.dumps(doc)) for i in range(4)]
+    out = {}
+    LocalChatClient(str(tiny_model_dir), batch_size=4).run(requests, out.__setitem__)
+    for i in range(len(requests)):
+        Qs.model_validate_json(out[i].text)

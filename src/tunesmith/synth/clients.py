@@ -187,6 +187,15 @@ class LocalChatClient:
             self._constraints[schema] = JsonConstraint(tok, model.config.vocab_size, stop_ids(tok, model), json.loads(schema))
         return self._constraints[schema]
 
+    @staticmethod
+    def _token_limit(max_tokens: int, schema: str) -> int:
+        """Under a bounded schema a reply may run past ``max_tokens`` up to the schema's own bound, so that
+        it is never cut mid-JSON (a Hangul character can take three tokens); the string limits keep it short."""
+        from tunesmith.synth.constrained import reply_token_bound
+
+        bound = reply_token_bound(json.loads(schema))
+        return max(max_tokens, bound) if bound else max_tokens
+
     def run(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
         from tunesmith.eval.generation import generate
 
@@ -199,10 +208,11 @@ class LocalChatClient:
         for (temperature, top_p, max_tokens, n, seed, schema), idx in groups.items():
             prompts = [tok.apply_chat_template(requests[i].message_dicts(), tokenize=False, add_generation_prompt=True)
                        for i in idx]
+            constraint = self._constraint(schema)
+            limit = self._token_limit(max_tokens, schema) if constraint else max_tokens
             for start in range(0, len(idx), self.batch_size):
                 batch = idx[start : start + self.batch_size]
-                rows = generate(model, tok, prompts[start : start + self.batch_size], max_tokens, self.batch_size,
-                                temperature=temperature, top_p=top_p, n=n, seed=seed,
-                                constraint=self._constraint(schema))
+                rows = generate(model, tok, prompts[start : start + self.batch_size], limit, self.batch_size,
+                                temperature=temperature, top_p=top_p, n=n, seed=seed, constraint=constraint)
                 for i, row in zip(batch, rows, strict=True):
                     on_result(i, ChatReply([t.strip() for t in row.texts], row.prompt_tokens, row.completion_tokens))

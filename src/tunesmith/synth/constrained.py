@@ -1,8 +1,8 @@
 """Schema-constrained decoding for local generation, with llguidance.
 
 At every step the tokens that cannot continue a JSON value valid under the task's pydantic
-schema are masked out, so a local model's reply always parses (unless it is cut by
-``max_tokens``: string fields get a ``maxLength`` so that a reply fits). llguidance was chosen
+schema are masked out, and the token limit is raised to the longest reply the bounded schema
+allows, so a local model's reply always parses, however many tokens a character takes. llguidance was chosen
 by measurement (docs/synth.md, benchmarks/constrained_decoding.py): one 8 MB wheel with no
 dependencies, its own Hugging Face tokenizer bridge that works with transformers 5.x, and
 compact JSON (no free whitespace for a small model to loop in).
@@ -45,6 +45,49 @@ def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_ch
 
     walk(doc)
     return doc
+
+
+# a token is at least one byte; a character is at most 6 bytes in a JSON string (an escape such as \u00e9)
+BYTES_PER_CHAR = 6
+
+
+def reply_token_bound(doc: dict) -> int | None:
+    """The most tokens a compact reply valid under ``doc`` (from :func:`bounded_schema`) can take, or
+    None when it is unbounded (an array without ``maxItems``, a string without ``maxLength``, a number).
+    Generation limited to this many tokens is never cut mid-JSON."""
+    defs = doc.get("$defs", {})
+
+    def size(node) -> int | None:
+        if "$ref" in node:
+            return size(defs[node["$ref"].rsplit("/", 1)[-1]])
+        if "enum" in node or "const" in node:
+            values = node.get("enum", [node.get("const")])
+            return max(len(json.dumps(v, ensure_ascii=False).encode()) for v in values)
+        kind = node.get("type")
+        if kind == "string" and "maxLength" in node:
+            return 2 + BYTES_PER_CHAR * node["maxLength"]
+        if kind == "boolean":
+            return 5
+        if kind == "null":
+            return 4
+        if kind == "array" and "maxItems" in node:
+            item = size(node.get("items", {}))
+            return None if item is None else 2 + node["maxItems"] * (item + 1)
+        if kind == "object":
+            total = 2
+            for key, sub in node.get("properties", {}).items():
+                inner = size(sub)
+                if inner is None:
+                    return None
+                total += len(json.dumps(key).encode()) + 2 + inner
+            return total
+        for combo in ("anyOf", "oneOf"):
+            if combo in node:
+                sizes = [size(s) for s in node[combo]]
+                return None if None in sizes else max(sizes)
+        return None
+
+    return size(doc)
 
 
 def _llguidance():
