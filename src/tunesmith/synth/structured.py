@@ -123,14 +123,15 @@ def _string_lengths(data) -> set[int]:
 
 
 def _string_budget(requests: Sequence[ChatRequest], schema: type[BaseModel], max_items: int | None) -> int:
-    """maxLength per string so that a full reply fits in ``max_tokens`` (about 2 tokens per character
-    at worst for Hangul, plus JSON punctuation): a reply cut by the token limit cannot parse."""
+    """maxLength per string: ``max_tokens`` shared among the reply's strings at about one token per
+    character (English; Hangul takes more). A reply may run past ``max_tokens`` to the schema's bound
+    (see ``LocalChatClient``), so this sets the expected size, not a hard fit."""
     from tunesmith.synth.constrained import MAX_STRING_CHARS
 
     if not requests:
         return MAX_STRING_CHARS
     strings = (max_items or 1) * max(1, json.dumps(schema.model_json_schema()).count('"type": "string"'))
-    budget = (min(r.max_tokens for r in requests) - 8 - 6 * strings) // (2 * strings)
+    budget = (min(r.max_tokens for r in requests) - 8 - 6 * strings) // strings
     return max(8, min(MAX_STRING_CHARS, budget))
 
 

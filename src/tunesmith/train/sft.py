@@ -196,7 +196,11 @@ def make_progress_callback(advance, total_steps_hint):
                     rate = ((state.num_input_tokens_seen or 0) - self.tokens_at_start) / max(time.time() - self.start, 1e-9)
                 from tunesmith.train.trainer import peak_memory_mb
 
-                self.info = f"loss {logs['loss']:.3f} · {rate:,.0f} tok/s · peak {peak_memory_mb():,.0f} MB"
+                peak = peak_memory_mb()
+                if state.log_history and "loss" in state.log_history[-1]:  # the row metrics.csv and the summary read
+                    state.log_history[-1].setdefault("tokens_per_second", rate)
+                    state.log_history[-1].setdefault("peak_memory_mb", peak)
+                self.info = f"loss {logs['loss']:.3f} · {rate:,.0f} tok/s · peak {peak:,.0f} MB"
             if "eval_loss" in logs:
                 self.info += f" · val {logs['eval_loss']:.3f}"
 
