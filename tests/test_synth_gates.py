@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tunesmith.synth.gates import copy_problem, is_loop, reason_key, text_problem
+from tunesmith.synth.gates import copy_problem, is_loop, question_problem, reason_key, text_problem
 from tunesmith.synth.run import run_synth
 
 from .conftest import write_jsonl
@@ -107,6 +107,20 @@ def test_recorded_kept_items_pass_every_gate():
         if row["task"] == "evol_instruct":
             d = row["data"]
             assert evolution_problem(d["parent"], d["instruction"], d["operation"], 1) == row.get("rejected_now"), row
+        if row["task"] == "qa_from_documents":
+            assert question_problem(row["data"]["question"], row["language"]) == row.get("rejected_now"), row
+
+
+@pytest.mark.parametrize("text, language, ok", [
+    ("What is the purpose of the appeal form?", "en", True),
+    ("4. Spam and Inauthentic Activity on GitHub", "en", False),   # a heading the embedded model wrote
+    ("The [GitHub Terms of Service](/site-policy/github-terms),", "en", False),
+    ("환불은 며칠 안에 되나요?", "ko", True),
+    ("환불은 며칠 안에 처리되나요", "ko", True),                      # an interrogative ending without '?'
+    ("환불은 30일 안에 처리됩니다.", "ko", False),
+])
+def test_generated_questions_must_be_questions(text, language, ok):
+    assert (question_problem(text, language) is None) == ok
 
 
 def test_evolution_must_add_words_unless_it_broadens():

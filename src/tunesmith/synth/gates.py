@@ -68,6 +68,20 @@ def text_problem(text: str, language: str = "en", min_chars: int = 3, min_share:
     return None
 
 
+_KO_QUESTION_ENDINGS = ("까", "나요", "가요", "는가", "인가", "을지", "ㄹ지")
+
+
+def question_problem(text: str, language: str = "en") -> str | None:
+    """A generated question that is not one: a heading ("4. Spam and Inauthentic Activity"), a link or a
+    statement. It must end with a question mark (Korean: or an interrogative ending such as -까, -나요)."""
+    text = text.strip().rstrip("\"')”’")
+    if text.endswith(("?", "？")):
+        return None
+    if language == "ko" and text.endswith(_KO_QUESTION_ENDINGS):
+        return None
+    return "not a question (no question mark)"
+
+
 def copy_problem(candidate: str, original: str, others: list[str], threshold: float) -> str | None:
     """A paraphrase equal to, containing, or too close to the original or an earlier paraphrase, or
     under 40% of the original's length (a fragment, not a rewording)."""

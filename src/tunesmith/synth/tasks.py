@@ -21,7 +21,7 @@ from tunesmith.config import SynthSection
 from tunesmith.errors import DataError
 from tunesmith.records import Record
 from tunesmith.synth.calls import CallFailure, ChatRequest
-from tunesmith.synth.gates import copy_problem, text_problem
+from tunesmith.synth.gates import copy_problem, question_problem, text_problem
 from tunesmith.synth.structured import Parsed
 from tunesmith.synth.text import is_refusal, normalize
 
@@ -138,6 +138,9 @@ def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
             if problem:
                 out.reject(chunk.source, f"question or answer {problem}", pair.model_dump())
                 continue
+            if problem := question_problem(pair.question, ctx.cfg.language):
+                out.reject(chunk.source, f"question {problem}", pair.model_dump())
+                continue
             grounded = normalize(pair.answer) in normalize(text)
             if t.require_span and not grounded:
                 out.reject(chunk.source, "answer is not a span of its chunk", pair.model_dump())
@@ -173,7 +176,7 @@ def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], ret
             continue
         seen: list[str] = []
         for q in (q.strip() for q in p.value.questions):
-            problem = ctx.problem(q, max(ctx.cfg.min_chars, 8))
+            problem = ctx.problem(q, max(ctx.cfg.min_chars, 8)) or question_problem(q, ctx.cfg.language)
             if problem or any(normalize(q) == normalize(s) for s in seen):
                 out.reject(f"seed:{seed}", f"question {problem or 'repeated'}", q)
                 continue
