@@ -271,3 +271,31 @@ def test_korean_pdf_chunks_keep_their_page(tmp_path, fake, tiny_model_dir):
     items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
     assert len(items) == 3 and all(i["source_file"].endswith(".pdf") and i["page"] >= 1 for i in items)
     assert all(i["answer"] in i["context"] for i in items)
+
+
+def test_cloze_pairs_need_no_model_and_are_grounded(tmp_path, fake):
+    """method: cloze blanks a span out of each sentence (a number first, then a name, else the closing
+    words); no model is called, every answer is a span of its chunk, a sentence is asked about once."""
+    from tunesmith.synth.cloze import cloze_pairs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    text = ("Refunds are issued within 30 days of purchase by the billing team.\n"
+            "Please read the [Community Guidelines](https://example.com/g) before you post anything here.\n"
+            "You must not use the service to send unsolicited bulk messages to other users.\n"
+            "Short.\n")
+    (docs / "policy.md").write_text(text)
+    client = fake(lambda prompt, r: pytest.fail("cloze must not call the model"))
+    res = run_synth(recipe(tmp_path, {"task": "qa_from_documents", "input": str(docs),
+                                      "qa_from_documents": {"method": "cloze", "pairs_per_chunk": 5}}))
+    items = [json.loads(x) for x in (res.out_dir / "accepted.jsonl").read_text().splitlines()]
+    assert client.calls == 0
+    answers = {i["answer"]: i["question"] for i in items}
+    assert set(answers) == {"30 days", "Community Guidelines", "other users"}
+    assert answers["30 days"] == 'Which words fill the blank in "Refunds are issued within ___ of purchase by the billing team."?'
+    assert all(i["grounded"] and "___" in i["question"] for i in items)
+    seen: set[str] = set()
+    assert len(cloze_pairs(text, 5, "en", 0, seen)) == 3 and cloze_pairs(text, 5, "en", 0, seen) == []
+    ko = cloze_pairs("환불은 구매 후 30일 이내에 처리됩니다. 고객센터에 문의하면 담당자가 환불 절차를 안내합니다.", 5, "ko")
+    assert {p["answer"] for p in ko} == {"30일", "고객센터"}  # the number with its unit; a particle stripped
+    assert all(p["question"].endswith("?") for p in ko)

@@ -449,6 +449,9 @@ class ParaphraseTask(Section):
 
 
 class QAFromDocumentsTask(Section):
+    method: Literal["llm", "cloze"] = Field(
+        "llm", description="llm: the provider writes the pairs; cloze: fill-in-the-blank pairs from the text, no model"
+    )
     pairs_per_chunk: int = Field(3, ge=1)
     chunk_tokens: int = Field(384, ge=16)
     overlap_tokens: int = Field(48, ge=0)

@@ -123,14 +123,18 @@ class QAPairs(BaseModel):
 def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
     """Question/answer pairs grounded in each chunk; an answer that is not a span of its chunk is dropped."""
     t = ctx.cfg.qa_from_documents
-    template = load_prompt("qa_from_documents", ctx.cfg.language, ctx.cfg.prompt_file)
-    ctx.template = template.template
-    reqs = [request(ctx, template.substitute(n=t.pairs_per_chunk, chunk=c.data["text"])) for c in chunks]
-    parsed = ctx.ask(reqs, QAPairs, t.pairs_per_chunk)
+    if t.method == "cloze":
+        parsed = _cloze_replies(ctx, chunks)
+    else:
+        template = load_prompt("qa_from_documents", ctx.cfg.language, ctx.cfg.prompt_file)
+        ctx.template = template.template
+        reqs = [request(ctx, template.substitute(n=t.pairs_per_chunk, chunk=c.data["text"])) for c in chunks]
+        parsed = ctx.ask(reqs, QAPairs, t.pairs_per_chunk)
     out = TaskOutput()
     for chunk, p in zip(chunks, parsed, strict=True):
         if p.value is None:
-            out.reject(chunk.source, f"no usable reply after {p.attempts} attempt(s): {p.error}", p.raw)
+            reason = p.error if t.method == "cloze" else f"no usable reply after {p.attempts} attempt(s): {p.error}"
+            out.reject(chunk.source, reason, p.raw)
             continue
         text = chunk.data["text"]
         for pair in p.value.pairs:
@@ -150,6 +154,23 @@ def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
                 "source_file": chunk.data.get("source_file"), "page": chunk.data.get("page"),
                 "chunk_id": chunk.source, "grounded": grounded,
             })
+    return out
+
+
+def _cloze_replies(ctx: SynthContext, chunks: list[Record]) -> list[Parsed]:
+    """Fill-in-the-blank pairs per chunk (synth.cloze), shaped like parsed model replies so that the same
+    gates and grounding check apply; a chunk with no usable sentence is set aside with that reason."""
+    from tunesmith.synth.cloze import cloze_pairs
+
+    seen: set[str] = set()
+    out = []
+    for c in chunks:
+        pairs = cloze_pairs(c.data["text"], ctx.cfg.qa_from_documents.pairs_per_chunk, ctx.cfg.language,
+                            ctx.cfg.sampling.seed, seen)
+        if pairs:
+            out.append(Parsed(QAPairs(pairs=[QAPair(**p) for p in pairs]), "", None, 1))
+        else:
+            out.append(Parsed(None, "", "no new sentence to blank out in the chunk (cloze)", 0))
     return out
 
 
