@@ -36,6 +36,8 @@ def _json(path: Path, default=None):
 def collect(run: Path) -> dict:
     """One run folder -> its record: every contender's headline with its interval, the best fine-tuned arm,
     the best LLM-free baseline, the paired verdict between them, training time, peak memory, command."""
+    if not (run / "config.resolved.yaml").is_file():
+        raise SystemExit(f"{run}: not a run folder (no config.resolved.yaml); pass runs/NAME of a finished run")
     cfg = yaml.safe_load((run / "config.resolved.yaml").read_text(encoding="utf-8"))
     metrics = _json(run / "eval" / "metrics.json")
     if metrics is None:
