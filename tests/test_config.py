@@ -91,3 +91,12 @@ def test_a_derive_template_that_needs_a_number_names_the_field_and_row(tmp_path)
     cfg = DataSection(path=data, input_fields=["text"], target_field="price", derive={"p": "{price:.0f}"})
     with pytest.raises(DataError, match=r"d.jsonl:1: data.derive.p: .*needs a number"):
         read_source(cfg)
+
+
+def test_length_grouping_auto_is_on_where_batches_are_not_packed():
+    from tunesmith.config import TrainSection
+
+    assert not TrainSection().grouped  # packed SFT batches carry no padding to save
+    assert TrainSection(packing=False).grouped
+    assert TrainSection(head="classifier").grouped  # the head never packs: random batches are mostly padding
+    assert not TrainSection(head="classifier", group_by_length=False).grouped

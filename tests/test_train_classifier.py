@@ -52,3 +52,20 @@ def test_classifier_sets_aside_training_texts_longer_than_max_seq_length(cli, tm
     assert long_ones and all(r["stage"] == "train" for r in long_ones)
     assert "set aside" in out
     assert json.loads((run / "train" / "summary.json").read_text())["set_aside_too_long"] == len(long_ones)
+
+
+def test_classifier_head_with_full_fine_tuning_saves_and_scores_the_whole_model(cli, tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
+    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="cls-full", seed=4, split={"train": 27, "val": 0, "test": 9},
+        train={"head": "classifier", "adapter": "full", "max_steps": 12, "batch_size": 9, "learning_rate": 1e-3,
+               "logging_steps": 4, "max_seq_length": 64, "lr_scheduler": "constant"},
+        eval={"baselines": ["majority"], "max_new_tokens": 4}))
+    code, out = cli(["run", str(recipe)])
+    assert code == 0, out
+    saved = tmp_path / "runs" / "cls-full" / "train" / "classifier"
+    assert (saved / "model.safetensors").is_file() and not (saved / "adapter_config.json").exists()
+    summary = json.loads((saved.parent / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["total_params"]  # every weight trained, not an adapter
+    metrics = json.loads((saved.parent.parent / "eval/metrics.json").read_text())["finetuned"]
+    assert metrics["n"] == 9 and metrics["scoring"] == "classifier head"

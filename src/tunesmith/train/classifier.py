@@ -33,11 +33,20 @@ def load_classifier(name: str, labels: list[str], placement, tokenizer):
     return model.to(placement.device)
 
 
-def wrap_classifier(model, lora, seed: int):
+def wrap_classifier(model, adapter: str, lora, seed: int):
+    """LoRA (the head trained fully beside it), or every weight trainable for ``adapter: full``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
+    if adapter == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if adapter != "lora":
+        from tunesmith.errors import ConfigError
+
+        raise ConfigError(f"head: classifier trains with adapter lora or full, not {adapter!r}")
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -111,7 +120,8 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     out_dir = recipe.run_dir / "train"
     index = {label: i for i, label in enumerate(labels)}
     texts = [render_prompt(e, recipe.data.prompt) for e in train]
-    model = wrap_classifier(load_classifier(recipe.model.name, labels, placement, tokenizer), t.lora, recipe.seed)
+    model = wrap_classifier(load_classifier(recipe.model.name, labels, placement, tokenizer), t.adapter, t.lora,
+                            recipe.seed)
     tokenizer.padding_side = "right"
     rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
     args = training_args(
@@ -144,9 +154,12 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
 
 
 def load_trained_classifier(folder: Path, name: str, placement, tokenizer):
-    """A saved classifier head (+ LoRA) on a fresh base model, and its labels, for evaluation."""
+    """A saved classifier, and its labels, for evaluation: head + LoRA on a fresh base model, or the whole
+    fully fine-tuned model from ``folder``."""
+    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    if not (folder / "adapter_config.json").is_file():
+        return load_classifier(str(folder), labels, placement, tokenizer).eval(), labels
     from peft import PeftModel
 
-    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
     base = load_classifier(name, labels, placement, tokenizer)
     return PeftModel.from_pretrained(base, str(folder)).eval(), labels
