@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import time
@@ -59,27 +60,25 @@ def run_try(recipe, spec: dict, data, tokenizer, placement, first: int) -> dict:
     from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     arm = arm_recipe(recipe, ArmSpec(name=spec["name"], train={"head": "classifier", **spec.get("train", {})}))
-    before = reset_peak_rss()
-    if placement.device == "cuda":
-        import torch
+    import torch
 
+    on_gpu = placement.device == "cuda"
+    before = reset_peak_rss()
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     result = train_classifier(arm, data.splits["train"], data.labels, tokenizer, placement, no_bar,
                               Console(quiet=True))
     seconds = time.perf_counter() - start
-    peak_mb = (peak_rss() - before) / 2**20
-    if placement.device == "cuda":
-        import torch
-
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else (peak_rss() - before) / 2**20
     hits = score(result.model, tokenizer, data.splits["test"], data.labels)
     t = arm.train
     return {
         "try": spec["name"], "train": spec.get("train", {}),
         "adapter": t.adapter, "lora_r": t.lora.r if t.adapter != "full" else None, "epochs": t.epochs,
         "learning_rate": t.learning_rate, "batch_size": t.batch_size, "grouped": t.grouped,
-        "train_rows": result.examples, "steps": max((r.get("step", 0) for r in result.rows), default=0),
+        "train_rows": result.examples,
+        "steps": t.max_steps or math.ceil(math.ceil(result.examples / (t.batch_size * t.grad_accum)) * t.epochs),
         "train_seconds": round(seconds, 1), "tokens_per_s": round(result.tokens / seconds, 1),
         "peak_train_mb": round(peak_mb), "trainable_params": result.trainable_params,
         f"accuracy_first_{first}": sum(hits[:first]) / len(hits[:first]), f"ci_first_{first}": mean_ci(hits[:first]),

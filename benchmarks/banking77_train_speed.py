@@ -22,7 +22,6 @@ on held-out messages (TRL's SFT model is not scored here: it needs label scoring
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gc
 import os
@@ -68,17 +67,13 @@ def recipe_for(args, out: Path, grouped: bool):
     })
 
 
-@contextlib.contextmanager
-def no_bar(_label, _steps):
-    yield lambda *a, **k: None
-
-
 def run_head(train, held, labels, tokenizer, args, out: Path, grouped: bool) -> dict:
+    from banking77_methods import no_bar, score  # beside this script
     from rich.console import Console
 
     from tunesmith.models.loading import pick_placement
     from tunesmith.records import Example
-    from tunesmith.train.classifier import encode, predict_proba, train_classifier
+    from tunesmith.train.classifier import train_classifier
     from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     recipe = recipe_for(args, out / ("grouped" if grouped else "random"), grouped)
@@ -89,10 +84,10 @@ def run_head(train, held, labels, tokenizer, args, out: Path, grouped: bool) -> 
     result = train_classifier(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True))
     seconds = time.perf_counter() - start
     peak = peak_rss()
-    probs = predict_proba(result.model, tokenizer, encode(tokenizer, [t for t, _ in held]))
-    correct = sum(labels[max(range(len(p)), key=p.__getitem__)] == label for p, (_, label) in zip(probs, held, strict=True))
+    hits = score(result.model, tokenizer, [Example(f"t{i}", {"text": t}, label) for i, (t, label) in enumerate(held)],
+                 labels)
     return {"seconds": seconds, "peak_mb": (peak - before) / 2**20, "tokens": result.tokens,
-            "accuracy": correct / len(held)}
+            "accuracy": sum(hits) / len(hits)}
 
 
 def run_trl(train, tokenizer, args, out: Path) -> dict:

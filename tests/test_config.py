@@ -100,3 +100,12 @@ def test_length_grouping_auto_is_on_where_batches_are_not_packed():
     assert TrainSection(packing=False).grouped
     assert TrainSection(head="classifier").grouped  # the head never packs: random batches are mostly padding
     assert not TrainSection(head="classifier", group_by_length=False).grouped
+
+
+def test_classifier_head_refuses_qlora_by_name():
+    from pydantic import ValidationError
+
+    from tunesmith.config import TrainSection
+
+    with pytest.raises(ValidationError, match="head: classifier trains with adapter lora, dora or full"):
+        TrainSection(head="classifier", adapter="qlora")

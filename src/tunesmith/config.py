@@ -329,6 +329,8 @@ class TrainSection(Section):
             raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
         if self.head == "classifier" and self.method != "sft":
             raise ValueError("head: classifier trains with method sft")
+        if self.head == "classifier" and self.adapter == "qlora":
+            raise ValueError("head: classifier trains with adapter lora, dora or full (its model is not quantized)")
         return self
 
     @property

@@ -126,8 +126,9 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora") -> An
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def wrap_adapter(model, adapter: str, lora, seed: int):
-    """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full``."""
+def wrap_adapter(model, adapter: str, lora, seed: int, task_type: str = "CAUSAL_LM"):
+    """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full``. ``task_type``
+    ``SEQ_CLS`` (the classifier head) makes PEFT train the head layer fully beside the adapter."""
     if adapter == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -137,5 +138,5 @@ def wrap_adapter(model, adapter: str, lora, seed: int):
 
     torch.manual_seed(seed)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, use_dora=adapter == "dora", task_type="CAUSAL_LM")
+                        target_modules=lora.target_modules, use_dora=adapter == "dora", task_type=task_type)
     return get_peft_model(model, config)

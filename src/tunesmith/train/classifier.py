@@ -33,30 +33,6 @@ def load_classifier(name: str, labels: list[str], placement, tokenizer):
     return model.to(placement.device)
 
 
-def wrap_classifier(model, adapter: str, lora, seed: int):
-    """LoRA (the head trained fully beside it), or every weight trainable for ``adapter: full``."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    if adapter == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if adapter != "lora":
-        from tunesmith.errors import ConfigError
-
-        raise ConfigError(f"head: classifier trains with adapter lora or full, not {adapter!r}")
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="SEQ_CLS",
-    )
-    return get_peft_model(model, config)
-
-
 def encode(tokenizer, texts: list[str], targets: list[int] | None = None) -> list[dict]:
     """Token ids of each text (never cut here) with its ``length`` and, for training, its label index."""
     rows = []
@@ -114,14 +90,15 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer
 
+    from tunesmith.models.loading import wrap_adapter
     from tunesmith.train.sft import fit, training_args
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
     index = {label: i for i, label in enumerate(labels)}
     texts = [render_prompt(e, recipe.data.prompt) for e in train]
-    model = wrap_classifier(load_classifier(recipe.model.name, labels, placement, tokenizer), t.adapter, t.lora,
-                            recipe.seed)
+    model = wrap_adapter(load_classifier(recipe.model.name, labels, placement, tokenizer), t.adapter, t.lora,
+                         recipe.seed, task_type="SEQ_CLS")
     tokenizer.padding_side = "right"
     rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
     args = training_args(
