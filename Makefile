@@ -7,7 +7,7 @@ MODEL  ?= smollm2-135m-instruct
 
 LOCK   := requirements.lock
 
-.PHONY: install model browser demo test lint clean lock
+.PHONY: install model converter browser demo test test-export lint clean lock
 
 # exact versions from $(LOCK): the same install on every machine until `make lock` is run again
 $(STAMP): pyproject.toml $(LOCK)
@@ -34,6 +34,10 @@ install: $(STAMP)
 model: install
 	$(BIN)/tunesmith models pull $(MODEL)
 
+# llama.cpp's HF -> GGUF converter (pure Python, from the pinned llama-cpp-python source archive) for export
+converter: install
+	$(BIN)/python -m tunesmith.train.llama_cpp
+
 demo: model
 	$(BIN)/tunesmith run examples/banking77.yaml
 
@@ -42,8 +46,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
 
-test: model browser
+test: model converter browser
 	$(BIN)/python -m pytest -q
+
+# the GGUF exporter checked with llama.cpp itself: builds llama-cpp-python (pinned, ~5 min on 2 cores the
+# first time), then loads every exported file and compares greedy answers; run before every exporter change
+test-export: model converter
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -c $(LOCK) -e '.[llama-cpp]'
+	$(BIN)/python -m pytest -q -rs tests/test_gguf_export.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -1,33 +1,88 @@
-"""GGUF export: the file loads back with transformers (`gguf_file=`), gives the merged model's greedy
-answers, stops at the end-of-turn token, and carries an Ollama Modelfile; bad input is named."""
+"""GGUF export through llama.cpp's own converter, checked with llama.cpp itself.
 
+Fast checks (``make test``): every exported file carries the tokenizer metadata llama.cpp needs
+(pre-tokenizer, special tokens, chat template, end of turn) for three architectures, plus the
+Modelfile and bad input. Runtime checks (``make test-export``, which builds llama-cpp-python): llama.cpp
+loads each file, tokenizes the prompts as transformers does, and answers greedily like the merged
+Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import banking_rows
-from .test_train_export import LABELS, _train
+from tunesmith.models import registry
+
+from . import gguf_models
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+needs_smol = pytest.mark.skipif(not registry.is_cached(gguf_models.SMOL),
+                                reason=f"{gguf_models.SMOL} not cached; run `tunesmith models pull {gguf_models.SMOL}`")
+needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                     reason="llama-cpp-python is not installed; `make test-export` builds it and runs these")
 
 
-def _chats(tok, n=20):
-    """``n`` held-out BANKING77 messages (not in the training rows) as ChatML prompts."""
+def _prompts(tok, n=20, system="Classify."):
+    """Chat prompts over ``n`` BANKING77 messages not used for training, as text."""
     seen = banking_rows(LABELS, 14)
     rows = [r for r in banking_rows(LABELS, 14 + n) if r not in seen][:n]
     for row in rows:
-        msgs = [{"role": "system", "content": "Classify."}, {"role": "user", "content": row["text"]}]
-        yield tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": row["text"]}]
+        yield tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def _greedy(model, ids, **kw):
+def _hf_greedy(model, ids: list[int], max_new=24) -> list[int]:
     with torch.no_grad():
-        return model.generate(**ids, max_new_tokens=24, do_sample=False, **kw)[0, ids["input_ids"].shape[1]:].tolist()
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=max_new, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _meta(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def llama_cpp_converter():
+    """The converter resolved once from the real cache, kept when a test points TUNESMITH_HOME elsewhere."""
+    from tunesmith.train.llama_cpp import converter_dir
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TUNESMITH_LLAMA_CPP", str(converter_dir()))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def smol_tiny(tmp_path_factory) -> Path:
+    if not registry.is_cached(gguf_models.SMOL):
+        pytest.skip(f"{gguf_models.SMOL} not cached; run `tunesmith models pull {gguf_models.SMOL}`")
+    return gguf_models.build("llama", tmp_path_factory.mktemp("smol-tiny"))
+
+
+def _train(cli, tmp: Path, model_dir: Path, name: str, **train) -> Path:
+    data = write_jsonl(tmp / "d.jsonl", banking_rows(LABELS, 14))
+    recipe = write_recipe(tmp / f"{name}.yaml", banking_recipe(
+        tmp, model_dir, data, name=name, seed=5, split={"train": 36, "val": 0, "test": 6},
+        data={"system_prompt": "Classify."},
+        train={"batch_size": 8, "logging_steps": 10, "max_seq_length": 96, "lr_scheduler": "constant"} | train))
+    code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    return tmp / "runs" / name
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, tiny_model_dir):
-    """A LoRA run (merged at export) and a full fine-tune, each exported as a merged folder and as
-    f16 and q8_0 GGUFs: ``{run: {"run", "merged", "f16", "q8_0"}}``."""
+def exported(tmp_path_factory, smol_tiny):
+    """A LoRA run (merged at export) and a full fine-tune of a tiny Llama with SmolLM2's tokenizer, each
+    exported as a merged folder and as f16 and q8_0 GGUFs: ``{run: {"run", "merged", "f16", "q8_0"}}``."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
@@ -39,8 +94,8 @@ def exported(tmp_path_factory, tiny_model_dir):
             return cli_mod.main(args), buf.getvalue()
 
     tmp = tmp_path_factory.mktemp("gguf")
-    runs = {"lora": _train(cli, tmp, tiny_model_dir, "lora", max_steps=12, learning_rate=1e-2),
-            "full": _train(cli, tmp, tiny_model_dir, "full", adapter="full", max_steps=40, learning_rate=3e-3)}
+    runs = {"lora": _train(cli, tmp, smol_tiny, "lora", max_steps=12, learning_rate=1e-2),
+            "full": _train(cli, tmp, smol_tiny, "full", adapter="full", max_steps=30, learning_rate=3e-3)}
     outs = {}
     for name, run in runs.items():
         outs[name] = {"run": run, "merged": tmp / name / "merged"}
@@ -53,64 +108,73 @@ def exported(tmp_path_factory, tiny_model_dir):
     return outs
 
 
-def _load(path):
+@pytest.fixture(scope="module")
+def other_archs(tmp_path_factory):
+    """Tiny random Qwen2 and Gemma-2 folders, each converted to f32 and f16: ``{arch: {"hf", "f32", "f16"}}``."""
+    from tunesmith.train.gguf_export import to_gguf
+
+    tmp = tmp_path_factory.mktemp("archs")
+    out = {}
+    for arch in ("qwen2", "gemma2"):
+        hf = gguf_models.build(arch, tmp / arch)
+        out[arch] = {"hf": hf} | {kind: to_gguf(hf, tmp / f"{arch}-{kind}.gguf", kind) for kind in ("f32", "f16")}
+    return out
+
+
+# ---- fast checks: what the file says ---------------------------------------------------------------------
+
+@needs_smol
+def test_gguf_tokenizer_metadata_is_llama_cpps_for_the_smollm2_tokenizer(exported):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported["lora"]["merged"])
+    for kind, file_type in (("f16", 1), ("q8_0", 7)):
+        meta = _meta(exported["lora"][kind])
+        assert meta["general.architecture"] == "llama" and meta["general.file_type"] == file_type
+        assert meta["tokenizer.ggml.model"] == "gpt2"
+        assert meta["tokenizer.ggml.pre"] == "smollm"  # what llama.cpp's runtime needs; our old writer said 'gpt2'
+        assert meta["tokenizer.ggml.eos_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+        assert meta["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
+        assert meta["tokenizer.ggml.add_bos_token"] is False
+        assert meta["tokenizer.chat_template"] == tok.chat_template
+        assert meta["tokenizer.ggml.tokens"] == tok.convert_ids_to_tokens(list(range(len(tok))))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_gguf_of_other_architectures_names_them_and_carries_their_tokenizer(other_archs, arch):
+    paths = other_archs[arch]
+    tok = gguf_models.hf_tokenizer(paths["hf"], arch)
+    end = gguf_models.END_OF_TURN[arch]
+    for kind, file_type in (("f32", 0), ("f16", 1)):
+        meta = _meta(paths[kind])
+        assert meta["general.architecture"] == arch and meta["general.file_type"] == file_type
+        assert meta["tokenizer.ggml.model"] == "llama"  # SentencePiece
+        tokens = meta["tokenizer.ggml.tokens"]
+        assert end in tokens and tokens.index(end) == tok.convert_tokens_to_ids(end)
+        assert meta["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+        assert meta["tokenizer.chat_template"] == tok.chat_template
+    assert paths["f16"].stat().st_size < paths["f32"].stat().st_size
+    if arch == "gemma2":
+        meta = _meta(paths["f16"])
+        assert meta["gemma2.attn_logit_softcapping"] == pytest.approx(50.0)
+        assert meta["gemma2.attention.sliding_window"] == 64
+
+
+@needs_smol
+def test_gguf_f16_weights_round_trip_through_transformers(exported):
+    """A second reader: transformers un-permutes the converter's q/k layout back to the merged weights."""
     from transformers import AutoModelForCausalLM
 
-    if path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def test_gguf_f16_of_a_merged_lora_round_trips_weights_tokenizer_and_greedy_answers(exported):
-    from transformers import AutoTokenizer
-
     paths = exported["lora"]
-    hf, back = _load(paths["merged"]), _load(paths["f16"])
+    hf = AutoModelForCausalLM.from_pretrained(paths["merged"])
+    back = AutoModelForCausalLM.from_pretrained(paths["f16"].parent, gguf_file=paths["f16"].name, dtype=torch.float32)
     got, want = back.state_dict(), hf.state_dict()
     assert set(got) == set(want)
-    for key, value in want.items():  # q/k permuted and un-permuted exactly; norms kept f32, the rest f16
+    for key, value in want.items():  # norms kept f32, the rest f16
         assert torch.equal(got[key], value if value.ndim == 1 else value.half().float()), key
 
-    tok = AutoTokenizer.from_pretrained(paths["merged"])
-    gtok = AutoTokenizer.from_pretrained(paths["f16"].parent, gguf_file=paths["f16"].name)
-    assert gtok.chat_template == tok.chat_template and gtok.eos_token == "<|im_end|>"
-    for ids in _chats(tok):
-        text = tok.decode(ids["input_ids"][0])
-        assert gtok(text, add_special_tokens=False)["input_ids"] == ids["input_ids"][0].tolist(), text
-        a, b = _greedy(hf, ids), _greedy(back, ids)
-        assert a == b, (tok.decode(a), tok.decode(b))
 
-
-def test_gguf_f16_answers_like_the_merged_model_and_stops_at_end_of_turn(exported):
-    from transformers import AutoTokenizer
-
-    paths = exported["full"]
-    hf, back = _load(paths["merged"]), _load(paths["f16"])
-    tok = AutoTokenizer.from_pretrained(paths["merged"])
-    im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    answers = []
-    for ids in _chats(tok):
-        a, b = _greedy(hf, ids), _greedy(back, ids)  # the GGUF's own eos: no eos_token_id passed
-        assert a == b, (tok.decode(a), tok.decode(b))
-        assert b[-1] == im_end and len(b) < 24, tok.decode(b)
-        answers.append(tok.decode(b[:-1]))
-    assert set(answers) <= set(LABELS), answers
-
-
-@pytest.mark.parametrize("run", ["lora", "full"])
-def test_gguf_q8_0_is_smaller_and_mostly_agrees(exported, run):
-    from transformers import AutoTokenizer
-
-    paths = exported[run]
-    assert paths["q8_0"].stat().st_size < paths["f16"].stat().st_size
-    hf, back = _load(paths["merged"]), _load(paths["q8_0"])
-    tok = AutoTokenizer.from_pretrained(paths["merged"])
-    pairs = [(_greedy(hf, ids), _greedy(back, ids)) for ids in _chats(tok)]
-    agree = sum(a == b for a, b in pairs)
-    print(f"{run}: q8_0 greedy agreement with the merged model: {agree}/{len(pairs)}")
-    assert agree >= 18, [(tok.decode(a), tok.decode(b)) for a, b in pairs if a != b]
-
-
+@needs_smol
 def test_gguf_folder_has_an_ollama_modelfile(exported):
     text = (exported["full"]["q8_0"].parent / "Modelfile").read_text(encoding="utf-8")
     assert text.startswith("FROM ./model-q8_0.gguf\n")
@@ -118,10 +182,11 @@ def test_gguf_folder_has_an_ollama_modelfile(exported):
     assert 'PARAMETER stop "<|im_end|>"' in text and 'SYSTEM """Classify."""' in text
 
 
+@needs_smol
 def test_gguf_export_bad_input(cli, tmp_path, exported):
     run = exported["lora"]["run"]
-    code, out = cli(["export", str(run), "--gguf", str(tmp_path / "g"), "--gguf-type", "q4_k"])
-    assert code == 2 and "f16, q8_0" in out, out
+    code, out = cli(["export", str(run), "--gguf", str(tmp_path / "g"), "--gguf-type", "q3_k"])
+    assert code == 2 and "f16, bf16, q8_0" in out and "q4_k_m" in out, out
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
     (empty / "config.resolved.yaml").write_text((run / "config.resolved.yaml").read_text())
@@ -131,23 +196,122 @@ def test_gguf_export_bad_input(cli, tmp_path, exported):
     assert code == 3 and "no arm 'nope'" in out, out
 
 
-def test_gguf_export_names_an_unsupported_architecture():
-    from transformers import GPT2Config
+def test_gguf_export_names_an_architecture_llama_cpp_does_not_know(tmp_path, other_archs):
+    import json
+    import shutil
 
     from tunesmith.errors import ModelError
-    from tunesmith.train.gguf_export import check_architecture
+    from tunesmith.train.gguf_export import to_gguf
 
-    with pytest.raises(ModelError, match="architecture 'gpt2'"):
-        check_architecture(GPT2Config())
+    folder = tmp_path / "odd"
+    shutil.copytree(other_archs["qwen2"]["hf"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": ["NoSuchModelForCausalLM"]}))
+    with pytest.raises(ModelError, match="NoSuchModelForCausalLM"):
+        to_gguf(folder, tmp_path / "odd.gguf", "f16")
 
 
+def test_smaller_types_need_llama_cpps_quantizer(tmp_path, other_archs):
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.gguf_export import to_gguf
+
+    out = tmp_path / "q4.gguf"
+    if importlib.util.find_spec("llama_cpp") is None:
+        with pytest.raises(ConfigError, match=r"tunesmith\[llama-cpp\]"):
+            to_gguf(other_archs["qwen2"]["hf"], out, "q4_k_m")
+    else:
+        to_gguf(other_archs["qwen2"]["hf"], out, "q4_k_m")
+        assert _meta(out)["general.file_type"] == 15
+        assert out.stat().st_size < other_archs["qwen2"]["f16"].stat().st_size
+    assert not list(tmp_path.glob("*f16-tmp*"))
+
+
+# ---- runtime checks: llama.cpp loads the file and answers like transformers ------------------------------
+
+def _agreement(hf, tok, path: Path, prompts: list[str], max_new=24) -> tuple[int, int, list]:
+    """``(same prompt ids, same greedy answers, differing pairs)`` of llama.cpp vs transformers."""
+    from tunesmith.train.llama_cpp import greedy, load
+
+    llm = load(path)
+    same_ids = same_answers = 0
+    differ = []
+    for text in prompts:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        same_ids += llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        a, b = _hf_greedy(hf, ids, max_new), greedy(llm, ids, max_new)
+        same_answers += a == b
+        if a != b:
+            differ.append((tok.decode(a), tok.decode(b)))
+    return same_ids, same_answers, differ
+
+
+@needs_llama_cpp
+@needs_smol
+@pytest.mark.parametrize("run", ["lora", "full"])
+def test_llama_cpp_loads_the_export_and_answers_like_the_merged_model(exported, run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = exported[run]
+    tok = AutoTokenizer.from_pretrained(paths["merged"])
+    hf = AutoModelForCausalLM.from_pretrained(paths["merged"]).eval()
+    prompts = list(_prompts(tok))
+    for kind, floor in (("f16", 20), ("q8_0", 18)):
+        same_ids, same, differ = _agreement(hf, tok, paths[kind], prompts)
+        print(f"{run} {kind}: llama.cpp prompt ids {same_ids}/20, greedy answers {same}/20")
+        assert same_ids == 20
+        assert same >= floor, differ
+    if run == "full":  # the fine-tune answers a label and llama.cpp stops at <|im_end|> on its own
+        from tunesmith.train.llama_cpp import greedy, load
+
+        llm = load(paths["f16"])
+        answers = [greedy(llm, tok(p, add_special_tokens=False)["input_ids"], 24) for p in prompts]
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        assert all(a[-1] == im_end for a in answers)
+        assert {tok.decode(a[:-1]) for a in answers} <= set(LABELS)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_llama_cpp_answers_like_transformers_for_other_architectures(other_archs, arch):
+    from transformers import AutoModelForCausalLM
+
+    paths = other_archs[arch]
+    tok = gguf_models.hf_tokenizer(paths["hf"], arch)
+    hf = AutoModelForCausalLM.from_pretrained(paths["hf"]).eval()
+    prompts = list(_prompts(tok))
+    for kind, floor in (("f32", 20), ("f16", 18)):
+        same_ids, same, differ = _agreement(hf, tok, paths[kind], prompts, max_new=16)
+        print(f"{arch} {kind}: llama.cpp prompt ids {same_ids}/20, greedy answers {same}/20")
+        assert same_ids == 20
+        assert same >= floor, differ
+
+
+@needs_llama_cpp
+@needs_smol
+def test_llama_cpp_answers_like_the_embedded_model(tmp_path):
+    """The real SmolLM2-135M-Instruct: converted, loaded by llama.cpp, greedy answers as in transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.train.gguf_export import to_gguf
+
+    folder = registry.cached_path(gguf_models.SMOL)
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    path = to_gguf(folder, tmp_path / "smollm2-f16.gguf", "f16")
+    prompts = list(_prompts(tok, 10, system="Answer in a few words."))
+    same_ids, same, differ = _agreement(hf, tok, path, prompts, max_new=32)
+    print(f"embedded f16: llama.cpp prompt ids {same_ids}/10, greedy answers {same}/10")
+    assert same_ids == 10 and same >= 9, differ
+
+
+@needs_smol
 def test_models_add_registers_an_exported_gguf_that_answers_like_it(cli, home, exported):
     """A user's GGUF teacher: `models add` converts it once, records its sha256, and `model.name: NAME`
     resolves to a folder whose greedy answers match the GGUF's."""
     import hashlib
     import json
 
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.models.registry import MARKER, resolve
 
@@ -163,11 +327,9 @@ def test_models_add_registers_an_exported_gguf_that_answers_like_it(cli, home, e
     assert code != 0 and "already registered" in out, out
 
     tok = AutoTokenizer.from_pretrained(folder)
-    added, original = _load(folder), _load(gguf)
+    added = AutoModelForCausalLM.from_pretrained(folder).eval()
+    original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     for text in ("my card has not arrived", "pin blocked", "exchange rate"):
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        with torch.no_grad():
-            a = added.generate(ids, max_new_tokens=8, do_sample=False)
-            b = original.generate(ids, max_new_tokens=8, do_sample=False)
-        assert a.tolist() == b.tolist()
+                                      return_dict=True)["input_ids"]
+        assert _hf_greedy(added, ids, 8) == _hf_greedy(original, ids, 8)
