@@ -68,8 +68,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from transformers import AutoTokenizer
-
     from tunesmith.models.registry import cached_path
 
     with tempfile.TemporaryDirectory() as tmp:

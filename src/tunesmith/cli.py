@@ -122,7 +122,9 @@ def export(
     merged: Annotated[Path | None, typer.Option(help="Write a merged Hugging Face folder here.")] = None,
     adapter: Annotated[Path | None, typer.Option(help="Write the PEFT adapter alone here.")] = None,
     gguf: Annotated[Path | None, typer.Option(help="Write a GGUF file and an Ollama Modelfile in this folder.")] = None,
-    gguf_type: Annotated[str, typer.Option(help="GGUF weight type: f32, f16, bf16, q8_0 (llama.cpp's converter); q4_0, q5_0, q4_k_m, q5_k_m, q6_k (its quantizer, needs tunesmith[llama-cpp]).")] = "f16",
+    gguf_type: Annotated[str, typer.Option(help=(
+        "GGUF weight type: f32, f16, bf16, q8_0 (llama.cpp's converter); "
+        "q4_0, q5_0, q4_k_m, q5_k_m, q6_k (its quantizer, needs tunesmith[llama-cpp])."))] = "f16",
     arm: Annotated[str | None, typer.Option(help="Export this arm of the run (runs/<name>/arms/<arm>).")] = None,
 ) -> None:
     """Export a trained run as a merged model folder, its adapter and/or a GGUF for llama.cpp and Ollama."""
