@@ -123,3 +123,18 @@ def test_errors_unknown_model_and_bad_key(server):
         client(server, key="wrong").models.list()
     with pytest.raises(openai.BadRequestError):
         client(server).chat.completions.create(model=server["base"], messages=[])
+
+
+def test_message_without_content_is_refused_in_openais_shape(server):
+    c = client(server)
+    for msgs in ([{"role": "user", "content": None}], [{"role": "system", "content": None}, {"role": "user", "content": "x"}],
+                 [{"role": "user"}]):
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.chat.completions.create(model=server["base"], messages=msgs, max_tokens=2)
+        err = exc.value.body
+        assert exc.value.status_code == 400 and err["type"] == "invalid_request_error"
+        assert err["param"].startswith("messages.") and err["param"].endswith(".content") and "null" in err["message"]
+    # an assistant turn that called a tool may come without content, as at OpenAI
+    ok = c.chat.completions.create(model=server["base"], max_tokens=2, temperature=0, messages=[
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}, {"role": "user", "content": "y"}])
+    assert ok.choices[0].finish_reason in ("stop", "length")

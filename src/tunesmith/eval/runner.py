@@ -48,11 +48,16 @@ def arm_name(recipe: Recipe, arm: Recipe) -> str:
     return "finetuned" if arm is recipe else arm.name
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "full": "full fine-tune"}
+
+
 def describe_arm(arm: Recipe, model_name: str) -> str:
+    """What the arm trained, e.g. 'm + SFT LoRA r=16, ...' or 'm + LoRA r=16 + classifier head, ...' (a head
+    is trained on its own loss, not by SFT or DPO, so the method is not named for it)."""
     t = arm.train
-    how = "full fine-tune" if t.adapter == "full" else f"{t.adapter} r={t.lora.r}"
-    head = ", classifier head" if t.head == "classifier" else ""
-    return f"{model_name} + {t.method.upper()} {how}{head}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    how = ADAPTER_NAMES[t.adapter] + ("" if t.adapter == "full" else f" r={t.lora.r}")
+    what = f"{t.method.upper()} {how}" if t.head == "generative" else f"{how} + {t.head} head"
+    return f"{model_name} + {what}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
 
 
 def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
@@ -110,11 +115,12 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     from tunesmith.progress import task_bar
 
     bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
-    test = test[: recipe.eval.max_examples] if recipe.eval.max_examples else test
     if not test:
         raise DataError("the test split is empty; give data.split.test a size > 0")
     task = make_task(recipe.task_kind, recipe.eval, labels)
-    console.print(f"task: {task.name}; {len(test)} test example(s); headline metric: {task.headline}")
+    test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
+    summary = {**summary, "test examples scored": scored}
+    console.print(f"task: {task.name}; {scored} test example(s); headline metric: {task.headline}")
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
     asks = {c.name: (c.data, c.with_labels) for c in contenders}
     asks["base"] = (recipe.data, recipe.eval.base_prompt_with_labels)
@@ -127,6 +133,29 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     from tunesmith.eval.report import write_eval_outputs
 
     return write_eval_outputs(recipe, task, results, test, summary, judge)
+
+
+def sample_test(test: list[Example], n: int | None, stratify: bool, seed: int) -> tuple[list[Example], str]:
+    """At most ``n`` test examples and how they were chosen, e.g. '600 of 3,080, stratified, seed 42'.
+
+    A seeded sample, never the first rows: official test files are often sorted (BANKING77's by intent,
+    so its first 600 rows hold 15 of the 77 intents). Stratified by label for a closed label set (each
+    label keeps its share), random otherwise; the sample keeps the file's order.
+    """
+    import random
+
+    from tunesmith.data.split import spread
+
+    if not n or n >= len(test):
+        return test, f"all {len(test):,}"
+    rng = random.Random(seed)
+    order = list(range(len(test)))
+    rng.shuffle(order)
+    if stratify:
+        order = spread(order, lambda i: test[i].target, rng)
+    chosen = sorted(order[:n])
+    how = "stratified by label" if stratify else "random"
+    return [test[i] for i in chosen], f"{n:,} of {len(test):,}, {how}, seed {seed}"
 
 
 def timed(evaluate_one) -> ContenderResult:
@@ -311,9 +340,9 @@ def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | 
     console = console or Console()
     if not rows:
         raise DataError("no conversations to evaluate")
-    rows = rows[: recipe.eval.max_examples] if recipe.eval.max_examples else rows
     test = [Example(f"valid-{i + 1}", {"prompt": r["prompt"][-1]["content"] if r["prompt"] else ""},
                     r["completion"][-1]["content"], {"messages": r["prompt"]}) for i, r in enumerate(rows)]
+    test, scored = sample_test(test, recipe.eval.max_examples, False, recipe.seed)
     tokenizer = load_tokenizer(recipe.model.name)
     longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in test)
     cfg = recipe.eval.model_copy(update={"max_new_tokens": min(512, longest + 8), "baselines": []})
@@ -324,5 +353,5 @@ def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | 
     contenders = [LocalContender("base", f"{recipe.model.name}, no fine-tuning", None, data_cfg)]
     if found:
         contenders.append(LocalContender("finetuned", f"{recipe.model.name} + {found[0].name}", found[0], data_cfg, kind=found[1]))
-    return evaluate(recipe, [], test, [], contenders, {"validation conversations": len(test)}, console)
+    return evaluate(recipe, [], test, [], contenders, {"validation conversations": scored}, console)
 
