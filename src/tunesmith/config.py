@@ -388,8 +388,10 @@ class EndpointSpec(Section):
     concurrency: int = Field(4, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="default: eval.max_new_tokens")
     ask_as: str = Field(
-        "base", description="prompt it like the base model (base; label list included) or like the named arm "
-        "(e.g. finetuned), for an endpoint that serves a fine-tuned model"
+        "auto", description="how it is prompted. auto: as trained when it serves a fine-tune of ours (its model "
+        "names a local contender, is an ft:… id, or is listed with a parent model by the server), else like the "
+        "base model; base (label list included); plain (the recipe's prompt, no label list); or a local "
+        "contender's name (finetuned, an arm, an eval.adapters name)"
     )
 
 

@@ -95,17 +95,62 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
 
 
 def check_endpoints(recipe: Recipe) -> list:
-    """Endpoint clients (a missing API key fails here, before any data or model work)."""
+    """Endpoint clients (a missing API key or an unknown ``ask_as`` fails here, before any data or model work)."""
     from tunesmith.eval.endpoint import EndpointClient
 
-    asks = {"base", *(arm_name(recipe, a) for a in arm_recipes(recipe))}
-    for spec in recipe.eval.endpoints:
-        if spec.ask_as not in asks:
-            raise ConfigError(f"eval.endpoints '{spec.name}': ask_as '{spec.ask_as}' is not base or an arm: {sorted(asks)}")
+    if recipe.eval.endpoints and recipe.data is not None:
+        known = ask_formats(recipe)
+        for i, spec in enumerate(recipe.eval.endpoints):
+            if spec.ask_as != "auto" and spec.ask_as not in known:
+                raise ConfigError(
+                    f"eval.endpoints[{i}] ({spec.name}).ask_as: '{spec.ask_as}' is not auto, base, plain or a local "
+                    f"contender of this recipe (an arm or an eval.adapters name); choose one of "
+                    f"{['auto', *known]}")
     clients = [EndpointClient(spec) for spec in recipe.eval.endpoints]
     if recipe.eval.judge:
         EndpointClient(recipe.eval.judge.endpoint)
     return clients
+
+
+def ask_formats(recipe: Recipe) -> dict[str, tuple[DataSection, bool]]:
+    """How an endpoint may be asked: ``(data section, with the label list)`` per name. ``base`` as the base
+    model, ``plain`` the recipe's prompt and system prompt without the label list, each arm as it trains
+    (``finetuned`` without arms), each ``eval.adapters`` contender as the recipe prompts it. An arm's
+    format is known from the recipe, trained or not (its model may be served from elsewhere)."""
+    out = {"base": (recipe.data, recipe.eval.base_prompt_with_labels), "plain": (recipe.data, False)}
+    for arm in arm_recipes(recipe):
+        out[arm_name(recipe, arm)] = (arm.data, False)
+    for spec in recipe.eval.adapters:
+        out.setdefault(spec.name, (recipe.data, False))
+    return out
+
+
+def resolve_ask_as(recipe: Recipe, spec, client, known: dict) -> tuple[str, str]:
+    """Which format an endpoint is asked in, and why. ``auto``: a model of ours is asked as trained —
+    its id names a local contender (``tunesmith serve --adapter NAME=…`` with the same name), it is a
+    jobs-API fine-tune (``ft:…``, our jobs API's and OpenAI's ids), or the server lists it with a
+    ``parent`` model (``tunesmith serve`` and vLLM do for every adapter); any other model is asked like
+    the base model."""
+    if spec.ask_as != "auto":
+        return spec.ask_as, "set by ask_as"
+    if spec.model in known and spec.model not in ("base", "plain"):
+        return spec.model, "the model id names that contender"
+    if spec.model.startswith("ft:"):
+        why = "a fine-tuned model id (ft:…)"
+    else:
+        parent = client.served_parent()
+        if not parent:
+            return "base", "not a fine-tune of ours (no ft: id, no parent model in the server's model list)"
+        why = f"the server lists it as a fine-tune of {parent}"
+    return trained_format(recipe, known), why
+
+
+def trained_format(recipe: Recipe, known: dict) -> str:
+    """The format the recipe's fine-tunes were trained in: ``finetuned`` (or the arm, when every arm asks
+    alike); ``plain`` when arms differ in prompt or system prompt (``ask_as`` then names the arm)."""
+    names = [arm_name(recipe, a) for a in arm_recipes(recipe)]
+    asked = {(known[n][0].prompt, known[n][0].system_prompt) for n in names}
+    return names[0] if len(asked) == 1 else "plain"
 
 
 def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: list[str],
@@ -122,11 +167,14 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     summary = {**summary, "test examples scored": scored}
     console.print(f"task: {task.name}; {scored} test example(s); headline metric: {task.headline}")
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
-    asks = {c.name: (c.data, c.with_labels) for c in contenders}
-    asks["base"] = (recipe.data, recipe.eval.base_prompt_with_labels)
+    known = ask_formats(recipe) if recipe.eval.endpoints else {}
     for spec in recipe.eval.endpoints:
-        data_cfg, with_labels = asks[spec.ask_as]
-        results.append(_endpoint(recipe, task, EndpointClient(spec), data_cfg, with_labels, test, bar))
+        client = EndpointClient(spec)
+        ask_as, why = resolve_ask_as(recipe, spec, client, known)
+        if ask_as not in known:
+            raise ConfigError(f"eval.endpoints ({spec.name}).ask_as: '{ask_as}' is not one of {['auto', *known]}")
+        console.print(f"{spec.name}: asked as {ask_as} ({why})")
+        results.append(_endpoint(recipe, task, client, ask_as, *known[ask_as], test, bar))
     results += _baselines(recipe, task, train, test, console)
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
     judge = _judge(recipe, task, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
@@ -231,14 +279,15 @@ def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, toke
     return res
 
 
-def _endpoint(recipe, task: TaskKind, client, data_cfg, with_labels, test, bar) -> ContenderResult:
+def _endpoint(recipe, task: TaskKind, client, ask_as: str, data_cfg, with_labels, test, bar) -> ContenderResult:
     spec = client.spec
     messages = messages_for(task, data_cfg, with_labels, test)
     with bar(f"eval {spec.name}: endpoint", len(messages)) as advance:
         replies = client.chat_many(messages, spec.max_tokens or recipe.eval.max_new_tokens, advance)
     prompts = [json.dumps(m, ensure_ascii=False) for m in messages]
-    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}", "endpoint", test, prompts,
-                        [r.text for r in replies], [r.error for r in replies])
+    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}, asked as {ask_as}", "endpoint", test,
+                        prompts, [r.text for r in replies], [r.error for r in replies])
+    res.metrics["asked_as"] = ask_as
     for row, r in zip(res.predictions, replies, strict=True):
         row["attempts"] = r.attempts
     return res
