@@ -35,8 +35,9 @@ def client(server, key="k1"):
 
 
 def test_models_lists_base_and_adapter(server):
-    ids = [m.id for m in client(server).models.list()]
-    assert ids == [server["base"], "ft:tiny:demo:1"]
+    models = list(client(server).models.list())
+    assert [m.id for m in models] == [server["base"], "ft:tiny:demo:1"]
+    assert [m.model_extra.get("parent") for m in models] == [None, server["base"]]  # an adapter names its base
 
 
 def test_chat_completion_greedy_is_deterministic_and_counts_tokens(server):

@@ -165,16 +165,11 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     task = make_task(recipe.task_kind, recipe.eval, labels)
     test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     summary = {**summary, "test examples scored": scored}
-    console.print(f"task: {task.name}; {scored} test example(s); headline metric: {task.headline}")
+    console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
+    endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
-    known = ask_formats(recipe) if recipe.eval.endpoints else {}
-    for spec in recipe.eval.endpoints:
-        client = EndpointClient(spec)
-        ask_as, why = resolve_ask_as(recipe, spec, client, known)
-        if ask_as not in known:
-            raise ConfigError(f"eval.endpoints ({spec.name}).ask_as: '{ask_as}' is not one of {['auto', *known]}")
-        console.print(f"{spec.name}: asked as {ask_as} ({why})")
-        results.append(_endpoint(recipe, task, client, ask_as, *known[ask_as], test, bar))
+    for client, ask_as, (data_cfg, with_labels) in endpoints:
+        results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))
     results += _baselines(recipe, task, train, test, console)
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
     judge = _judge(recipe, task, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
@@ -204,6 +199,22 @@ def sample_test(test: list[Example], n: int | None, stratify: bool, seed: int) -
     chosen = sorted(order[:n])
     how = "stratified by label" if stratify else "random"
     return [test[i] for i in chosen], f"{n:,} of {len(test):,}, {how}, seed {seed}"
+
+
+def asked_endpoints(recipe: Recipe, console: Console) -> list[tuple]:
+    """Each endpoint's client, the format it is asked in and that format's ``(data section, with labels)``."""
+    from tunesmith.eval.endpoint import EndpointClient
+
+    known = ask_formats(recipe) if recipe.eval.endpoints else {}
+    out = []
+    for i, spec in enumerate(recipe.eval.endpoints):
+        client = EndpointClient(spec)
+        ask_as, why = resolve_ask_as(recipe, spec, client, known)
+        if ask_as not in known:
+            raise ConfigError(f"eval.endpoints[{i}] ({spec.name}).ask_as: '{ask_as}' is not one of {['auto', *known]}")
+        console.print(f"{spec.name}: asked as {ask_as} ({why})")
+        out.append((client, ask_as, known[ask_as]))
+    return out
 
 
 def timed(evaluate_one) -> ContenderResult:
