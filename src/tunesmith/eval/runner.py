@@ -179,7 +179,7 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
 
 
 def sample_test(test: list[Example], n: int | None, stratify: bool, seed: int) -> tuple[list[Example], str]:
-    """At most ``n`` test examples and how they were chosen, e.g. '600 of 3,080, stratified, seed 42'.
+    """At most ``n`` test examples and how they were chosen, e.g. '600 of 3,080, stratified by label, seed 42'.
 
     A seeded sample, never the first rows: official test files are often sorted (BANKING77's by intent,
     so its first 600 rows hold 15 of the 77 intents). Stratified by label for a closed label set (each
