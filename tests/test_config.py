@@ -109,3 +109,14 @@ def test_classifier_head_refuses_qlora_by_name():
 
     with pytest.raises(ValidationError, match="head: classifier trains with adapter lora, dora or full"):
         TrainSection(head="classifier", adapter="qlora")
+
+
+def test_split_fractions_count_only_the_shares_carved():
+    data = {**MINIMAL["data"], "split": {"train": 0.9, "val": 0.1}}
+    with pytest.raises(ConfigError, match=r"sum to 1\.100 \(train 0\.9 \+ val 0\.1 \+ test 0\.1\)"):
+        validate_recipe({**MINIMAL, "data": data})  # one file: the test share is carved too
+    r = validate_recipe({**MINIMAL, "data": {**data, "splits": {"train": "a.jsonl", "test": "b.jsonl"}}})
+    assert (r.data.split.train, r.data.split.val) == (0.9, 0.1)  # the test file takes no share
+    validate_recipe({**MINIMAL, "data": {**MINIMAL["data"], "splits": {"train": "a.jsonl"}}})  # defaults still fit
+    with pytest.raises(ConfigError, match=r"sum to 1\.200 \(train 0\.9 \+ val 0\.1 \+ test 0\.2\)"):
+        validate_recipe({**MINIMAL, "data": {**data, "splits": {"train": "a.jsonl"}}})  # 0.2 held out for test

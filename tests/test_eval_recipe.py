@@ -251,3 +251,57 @@ def test_missing_endpoint_key_exits_2_before_any_model_work(cli, tmp_path, tiny_
     )
     code, out = cli(["eval", str(recipe)])
     assert code == 2 and "TS_NO_SUCH_KEY" in out
+
+
+def test_max_examples_samples_a_sorted_test_file_across_its_labels(cli, tmp_path, tiny_model_dir):
+    """An official test file sorted by label: the first 12 rows hold 2 labels; the seeded stratified sample
+    holds every label in its share. ``data.split: {train: 0.9, val: 0.1}`` beside a test file is accepted:
+    only the shares carved out of the train file are counted."""
+    from collections import Counter
+
+    labels = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
+    rows = banking_rows(labels, 20)
+    train = write_jsonl(tmp_path / "train.jsonl", [r for i, r in enumerate(rows) if i % 20 < 10])
+    test = write_jsonl(tmp_path / "test.jsonl", [r for i, r in enumerate(rows) if i % 20 >= 10])  # sorted by label
+    assert Counter(r["category"] for r in [json.loads(x) for x in test.read_text().splitlines()][:12]) == {
+        "card_arrival": 10, "pin_blocked": 2}
+    recipe = _recipe(tmp_path, tiny_model_dir, train,
+                     data={"path": None, "splits": {"train": str(train), "test": str(test)},
+                           "split": {"train": 0.9, "val": 0.1}},
+                     eval={"max_examples": 12, "baselines": ["majority"], "perplexity": False, "bootstrap": 0})
+    code, out = cli(["eval", str(recipe)])
+    assert code == 0, out
+    ev = tmp_path / "runs" / "ev" / "eval"
+    preds = [json.loads(line) for line in (ev / "predictions.jsonl").read_text().splitlines()]
+    base = [p for p in preds if p["model"] == "base"]
+    assert Counter(p["gold"] for p in base) == dict.fromkeys(labels, 3)
+    assert [p["id"] for p in base] == [p["id"] for p in preds if p["model"] == "majority"]  # the same sample
+    assert "| test examples scored | 12 of 40, stratified by label, seed 3 |" in (ev / "report.md").read_text()
+    assert "| val | 4 |" in (ev / "report.md").read_text()  # 0.1 of the 40 training rows carved as val
+
+
+def test_sample_is_seeded_random_in_file_order_without_labels():
+    from tunesmith.eval.runner import sample_test
+    from tunesmith.records import Example
+
+    test = [Example(f"r{i}", {"text": str(i)}, str(i)) for i in range(100)]
+    a, how = sample_test(test, 10, False, seed=7)
+    assert how == "10 of 100, random, seed 7" and len(a) == 10
+    assert a != test[:10] and [e.id for e in a] == sorted((e.id for e in a), key=lambda s: int(s[1:]))
+    assert sample_test(test, 10, False, seed=7)[0] == a and sample_test(test, 10, False, seed=8)[0] != a
+    assert sample_test(test, 100, False, seed=7) == (test, "all 100") and sample_test(test, None, True, 1)[0] == test
+
+
+def test_contender_labels_say_what_was_trained():
+    from tunesmith.config import validate_recipe
+    from tunesmith.eval.runner import describe_arm
+
+    def arm(**train):
+        return validate_recipe({"name": "t", "train": train,
+                                "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"}})
+
+    assert describe_arm(arm(head="classifier", learning_rate=1e-3), "m") == (
+        "m + LoRA r=16 + classifier head, 1 epoch(s), lr 0.001")
+    assert describe_arm(arm(head="classifier", adapter="full"), "m").startswith("m + full fine-tune + classifier head,")
+    assert describe_arm(arm(), "m") == "m + SFT LoRA r=16, 1 epoch(s), lr 0.0002"
+    assert describe_arm(arm(method="dpo", adapter="dora", dpo={"path": "p.jsonl"}), "m").startswith("m + DPO DoRA r=16,")

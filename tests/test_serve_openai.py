@@ -35,8 +35,9 @@ def client(server, key="k1"):
 
 
 def test_models_lists_base_and_adapter(server):
-    ids = [m.id for m in client(server).models.list()]
-    assert ids == [server["base"], "ft:tiny:demo:1"]
+    models = list(client(server).models.list())
+    assert [m.id for m in models] == [server["base"], "ft:tiny:demo:1"]
+    assert [m.model_extra.get("parent") for m in models] == [None, server["base"]]  # an adapter names its base
 
 
 def test_chat_completion_greedy_is_deterministic_and_counts_tokens(server):
@@ -123,3 +124,18 @@ def test_errors_unknown_model_and_bad_key(server):
         client(server, key="wrong").models.list()
     with pytest.raises(openai.BadRequestError):
         client(server).chat.completions.create(model=server["base"], messages=[])
+
+
+def test_message_without_content_is_refused_in_openais_shape(server):
+    c = client(server)
+    for msgs in ([{"role": "user", "content": None}], [{"role": "system", "content": None}, {"role": "user", "content": "x"}],
+                 [{"role": "user"}]):
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.chat.completions.create(model=server["base"], messages=msgs, max_tokens=2)
+        err = exc.value.body
+        assert exc.value.status_code == 400 and err["type"] == "invalid_request_error"
+        assert err["param"].startswith("messages.") and err["param"].endswith(".content") and "null" in err["message"]
+    # an assistant turn that called a tool may come without content, as at OpenAI
+    ok = c.chat.completions.create(model=server["base"], max_tokens=2, temperature=0, messages=[
+        {"role": "user", "content": "x"}, {"role": "assistant", "content": None}, {"role": "user", "content": "y"}])
+    assert ok.choices[0].finish_reason in ("stop", "length")

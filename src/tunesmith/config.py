@@ -29,7 +29,8 @@ class ModelSection(Section):
 
 
 class SplitSection(Section):
-    """Fractions (summing to at most 1) or absolute counts for train/val/test."""
+    """Fractions (summing to at most 1) or absolute counts for train/val/test. With data.splits, only the
+    shares carved out of the train file count: a split given as its own file takes no share."""
 
     train: float = 0.8
     val: float = 0.1
@@ -43,10 +44,7 @@ class SplitSection(Section):
         parts = (self.train, self.val, self.test)
         if any(p < 0 for p in parts):
             raise ValueError("split sizes must be >= 0")
-        if all(p <= 1 for p in parts):
-            if sum(parts) > 1 + 1e-9:
-                raise ValueError(f"split fractions sum to {sum(parts):.3f}; they must sum to at most 1")
-        elif not all(float(p).is_integer() for p in parts):
+        if not all(p <= 1 for p in parts) and not all(float(p).is_integer() for p in parts):
             raise ValueError("give all split sizes as fractions (<= 1) or all as whole counts")
         if self.train == 0:
             raise ValueError("the train split is empty")
@@ -251,6 +249,27 @@ class DataSection(Section):
         return v
 
     @model_validator(mode="after")
+    def _carved_fractions_fit(self) -> DataSection:
+        """Fractions sum to at most 1 over the shares actually carved: with data.splits, a val or test file
+        takes none (a train file without a test file gives up data.split.test, default 0.2), and the train
+        share is the rest of the train file unless given."""
+        s, files = self.split, self.splits
+        if not all(p <= 1 for p in (s.train, s.val, s.test)):
+            return self
+        shares = {"train": s.train} if files is None or "train" in s.model_fields_set else {}
+        if files is None or files.val is None:
+            shares["val"] = s.val
+        if files is None:
+            shares["test"] = s.test
+        elif files.test is None:
+            shares["test"] = s.test if "test" in s.model_fields_set else 0.2
+        if sum(shares.values()) > 1 + 1e-9:
+            given = " + ".join(f"{k} {v:g}" for k, v in shares.items())
+            raise ValueError(f"data.split: fractions sum to {sum(shares.values()):.3f} ({given}); they must sum "
+                             "to at most 1")
+        return self
+
+    @model_validator(mode="after")
     def _prompt_uses_known_fields(self) -> DataSection:
         if self.path is None and self.hub is None and self.splits is None:
             raise ValueError("give data.path (a file or folder), data.splits (train/val/test files) or data.hub")
@@ -369,8 +388,10 @@ class EndpointSpec(Section):
     concurrency: int = Field(4, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="default: eval.max_new_tokens")
     ask_as: str = Field(
-        "base", description="prompt it like the base model (base; label list included) or like the named arm "
-        "(e.g. finetuned), for an endpoint that serves a fine-tuned model"
+        "auto", description="how it is prompted. auto: as trained when it serves a fine-tune of ours (its model "
+        "names a local contender, is an ft:… id, or is listed with a parent model by the server), else like the "
+        "base model; base (label list included); plain (the recipe's prompt, no label list); or a local "
+        "contender's name (finetuned, an arm, an eval.adapters name)"
     )
 
 
@@ -384,7 +405,9 @@ class JudgeSpec(Section):
 
 
 class EvalSection(Section):
-    max_examples: int | None = Field(None, ge=1, description="evaluate at most this many test examples")
+    max_examples: int | None = Field(
+        None, ge=1, description="evaluate a seeded sample of this many test examples (stratified by label for "
+        "classification, random otherwise; the recipe's seed), never the first rows")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     label_scoring: bool = Field(True, description="score closed labels by log-likelihood (fair to the base model)")

@@ -38,7 +38,7 @@ def split_examples(examples: list[Example], cfg: SplitSection, seed: int) -> dic
     order = list(examples)
     rng.shuffle(order)
     if cfg.stratify or cfg.stratify_field:
-        order = _spread(order, key, rng)
+        order = spread(order, key, rng)
     n_train, n_val, n_test = split_sizes(len(order), cfg)
     test = order[:n_test]
     val = order[n_test : n_test + n_val]
@@ -47,7 +47,7 @@ def split_examples(examples: list[Example], cfg: SplitSection, seed: int) -> dic
     return {"train": train, "val": val, "test": test, "unused": unused}
 
 
-def _spread(items: list, key, rng: random.Random) -> list:
+def spread(items: list, key, rng: random.Random) -> list:
     """Spread each key's items evenly through the ordering so every slice keeps the proportions."""
     by_key: dict[str, list] = defaultdict(list)
     for it in items:
@@ -71,7 +71,7 @@ def _split_groups(examples: list[Example], cfg: SplitSection, rng: random.Random
     units = list(groups.values())
     rng.shuffle(units)
     if cfg.stratify or cfg.stratify_field:
-        units = _spread(units, lambda u: Counter(key(e) for e in u).most_common(1)[0][0], rng)
+        units = spread(units, lambda u: Counter(key(e) for e in u).most_common(1)[0][0], rng)
     n_train, n_val, n_test = split_sizes(len(examples), cfg)
     out: dict[str, list[Example]] = {"test": [], "val": [], "train": [], "unused": []}
     targets = [("test", n_test), ("val", n_val), ("train", n_train)]

@@ -47,6 +47,17 @@ class EndpointClient:
             base_url=spec.base_url, api_key=key or "unused", timeout=spec.timeout_s, max_retries=0
         )
 
+    def served_parent(self) -> str | None:
+        """The base model the server names as ``parent`` of ``spec.model`` in ``/v1/models`` (tunesmith serve
+        and vLLM list each adapter so); None when it names none or the list cannot be read."""
+        try:
+            for m in self.client.models.list():
+                if m.id == self.spec.model:
+                    return (m.model_extra or {}).get("parent") or None
+        except Exception:  # noqa: BLE001 - a server without a model list serves no known fine-tune
+            return None
+        return None
+
     def chat(self, messages: list[dict], max_tokens: int) -> Reply:
         """One greedy reply; what may pass later (429, 5xx, timeouts, dropped connections) is retried
         with doubling waits, anything else is this example's error at once."""

@@ -48,11 +48,16 @@ def arm_name(recipe: Recipe, arm: Recipe) -> str:
     return "finetuned" if arm is recipe else arm.name
 
 
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "full": "full fine-tune"}
+
+
 def describe_arm(arm: Recipe, model_name: str) -> str:
+    """What the arm trained, e.g. 'm + SFT LoRA r=16, ...' or 'm + LoRA r=16 + classifier head, ...' (a head
+    is trained on its own loss, not by SFT or DPO, so the method is not named for it)."""
     t = arm.train
-    how = "full fine-tune" if t.adapter == "full" else f"{t.adapter} r={t.lora.r}"
-    head = ", classifier head" if t.head == "classifier" else ""
-    return f"{model_name} + {t.method.upper()} {how}{head}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    how = ADAPTER_NAMES[t.adapter] + ("" if t.adapter == "full" else f" r={t.lora.r}")
+    what = f"{t.method.upper()} {how}" if t.head == "generative" else f"{how} + {t.head} head"
+    return f"{model_name} + {what}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
 
 
 def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
@@ -90,17 +95,62 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
 
 
 def check_endpoints(recipe: Recipe) -> list:
-    """Endpoint clients (a missing API key fails here, before any data or model work)."""
+    """Endpoint clients (a missing API key or an unknown ``ask_as`` fails here, before any data or model work)."""
     from tunesmith.eval.endpoint import EndpointClient
 
-    asks = {"base", *(arm_name(recipe, a) for a in arm_recipes(recipe))}
-    for spec in recipe.eval.endpoints:
-        if spec.ask_as not in asks:
-            raise ConfigError(f"eval.endpoints '{spec.name}': ask_as '{spec.ask_as}' is not base or an arm: {sorted(asks)}")
+    if recipe.eval.endpoints and recipe.data is not None:
+        known = ask_formats(recipe)
+        for i, spec in enumerate(recipe.eval.endpoints):
+            if spec.ask_as != "auto" and spec.ask_as not in known:
+                raise ConfigError(
+                    f"eval.endpoints[{i}] ({spec.name}).ask_as: '{spec.ask_as}' is not auto, base, plain or a local "
+                    f"contender of this recipe (an arm or an eval.adapters name); choose one of "
+                    f"{['auto', *known]}")
     clients = [EndpointClient(spec) for spec in recipe.eval.endpoints]
     if recipe.eval.judge:
         EndpointClient(recipe.eval.judge.endpoint)
     return clients
+
+
+def ask_formats(recipe: Recipe) -> dict[str, tuple[DataSection, bool]]:
+    """How an endpoint may be asked: ``(data section, with the label list)`` per name. ``base`` as the base
+    model, ``plain`` the recipe's prompt and system prompt without the label list, each arm as it trains
+    (``finetuned`` without arms), each ``eval.adapters`` contender as the recipe prompts it. An arm's
+    format is known from the recipe, trained or not (its model may be served from elsewhere)."""
+    out = {"base": (recipe.data, recipe.eval.base_prompt_with_labels), "plain": (recipe.data, False)}
+    for arm in arm_recipes(recipe):
+        out[arm_name(recipe, arm)] = (arm.data, False)
+    for spec in recipe.eval.adapters:
+        out.setdefault(spec.name, (recipe.data, False))
+    return out
+
+
+def resolve_ask_as(recipe: Recipe, spec, client, known: dict) -> tuple[str, str]:
+    """Which format an endpoint is asked in, and why. ``auto``: a model of ours is asked as trained —
+    its id names a local contender (``tunesmith serve --adapter NAME=…`` with the same name), it is a
+    jobs-API fine-tune (``ft:…``, our jobs API's and OpenAI's ids), or the server lists it with a
+    ``parent`` model (``tunesmith serve`` and vLLM do for every adapter); any other model is asked like
+    the base model."""
+    if spec.ask_as != "auto":
+        return spec.ask_as, "set by ask_as"
+    if spec.model in known and spec.model not in ("base", "plain"):
+        return spec.model, "the model id names that contender"
+    if spec.model.startswith("ft:"):
+        why = "a fine-tuned model id (ft:…)"
+    else:
+        parent = client.served_parent()
+        if not parent:
+            return "base", "not a fine-tune of ours (no ft: id, no parent model in the server's model list)"
+        why = f"the server lists it as a fine-tune of {parent}"
+    return trained_format(recipe, known), why
+
+
+def trained_format(recipe: Recipe, known: dict) -> str:
+    """The format the recipe's fine-tunes were trained in: ``finetuned`` (or the arm, when every arm asks
+    alike); ``plain`` when arms differ in prompt or system prompt (``ask_as`` then names the arm)."""
+    names = [arm_name(recipe, a) for a in arm_recipes(recipe)]
+    asked = {(known[n][0].prompt, known[n][0].system_prompt) for n in names}
+    return names[0] if len(asked) == 1 else "plain"
 
 
 def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: list[str],
@@ -110,23 +160,61 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     from tunesmith.progress import task_bar
 
     bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
-    test = test[: recipe.eval.max_examples] if recipe.eval.max_examples else test
     if not test:
         raise DataError("the test split is empty; give data.split.test a size > 0")
     task = make_task(recipe.task_kind, recipe.eval, labels)
-    console.print(f"task: {task.name}; {len(test)} test example(s); headline metric: {task.headline}")
+    test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
+    summary = {**summary, "test examples scored": scored}
+    console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
+    endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
-    asks = {c.name: (c.data, c.with_labels) for c in contenders}
-    asks["base"] = (recipe.data, recipe.eval.base_prompt_with_labels)
-    for spec in recipe.eval.endpoints:
-        data_cfg, with_labels = asks[spec.ask_as]
-        results.append(_endpoint(recipe, task, EndpointClient(spec), data_cfg, with_labels, test, bar))
+    for client, ask_as, (data_cfg, with_labels) in endpoints:
+        results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))
     results += _baselines(recipe, task, train, test, console)
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
     judge = _judge(recipe, task, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
     from tunesmith.eval.report import write_eval_outputs
 
     return write_eval_outputs(recipe, task, results, test, summary, judge)
+
+
+def sample_test(test: list[Example], n: int | None, stratify: bool, seed: int) -> tuple[list[Example], str]:
+    """At most ``n`` test examples and how they were chosen, e.g. '600 of 3,080, stratified by label, seed 42'.
+
+    A seeded sample, never the first rows: official test files are often sorted (BANKING77's by intent,
+    so its first 600 rows hold 15 of the 77 intents). Stratified by label for a closed label set (each
+    label keeps its share), random otherwise; the sample keeps the file's order.
+    """
+    import random
+
+    from tunesmith.data.split import spread
+
+    if not n or n >= len(test):
+        return test, f"all {len(test):,}"
+    rng = random.Random(seed)
+    order = list(range(len(test)))
+    rng.shuffle(order)
+    if stratify:
+        order = spread(order, lambda i: test[i].target, rng)
+    chosen = sorted(order[:n])
+    how = "stratified by label" if stratify else "random"
+    return [test[i] for i in chosen], f"{n:,} of {len(test):,}, {how}, seed {seed}"
+
+
+def asked_endpoints(recipe: Recipe, console: Console) -> list[tuple]:
+    """Each endpoint's client, the format it is asked in and that format's ``(data section, with labels)``."""
+    from tunesmith.eval.endpoint import EndpointClient
+
+    known = ask_formats(recipe) if recipe.eval.endpoints else {}
+    out = []
+    for i, spec in enumerate(recipe.eval.endpoints):
+        client = EndpointClient(spec)
+        ask_as, why = resolve_ask_as(recipe, spec, client, known)
+        if ask_as not in known:
+            raise ConfigError(f"eval.endpoints[{i}] ({spec.name}).ask_as: '{ask_as}' is not one of {['auto', *known]}")
+        console.print(f"{spec.name}: asked as {ask_as} ({why})")
+        out.append((client, ask_as, known[ask_as]))
+    return out
 
 
 def timed(evaluate_one) -> ContenderResult:
@@ -202,14 +290,15 @@ def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, toke
     return res
 
 
-def _endpoint(recipe, task: TaskKind, client, data_cfg, with_labels, test, bar) -> ContenderResult:
+def _endpoint(recipe, task: TaskKind, client, ask_as: str, data_cfg, with_labels, test, bar) -> ContenderResult:
     spec = client.spec
     messages = messages_for(task, data_cfg, with_labels, test)
     with bar(f"eval {spec.name}: endpoint", len(messages)) as advance:
         replies = client.chat_many(messages, spec.max_tokens or recipe.eval.max_new_tokens, advance)
     prompts = [json.dumps(m, ensure_ascii=False) for m in messages]
-    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}", "endpoint", test, prompts,
-                        [r.text for r in replies], [r.error for r in replies])
+    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}, asked as {ask_as}", "endpoint", test,
+                        prompts, [r.text for r in replies], [r.error for r in replies])
+    res.metrics["asked_as"] = ask_as
     for row, r in zip(res.predictions, replies, strict=True):
         row["attempts"] = r.attempts
     return res
@@ -311,9 +400,9 @@ def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | 
     console = console or Console()
     if not rows:
         raise DataError("no conversations to evaluate")
-    rows = rows[: recipe.eval.max_examples] if recipe.eval.max_examples else rows
     test = [Example(f"valid-{i + 1}", {"prompt": r["prompt"][-1]["content"] if r["prompt"] else ""},
                     r["completion"][-1]["content"], {"messages": r["prompt"]}) for i, r in enumerate(rows)]
+    test, scored = sample_test(test, recipe.eval.max_examples, False, recipe.seed)
     tokenizer = load_tokenizer(recipe.model.name)
     longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in test)
     cfg = recipe.eval.model_copy(update={"max_new_tokens": min(512, longest + 8), "baselines": []})
@@ -324,5 +413,5 @@ def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | 
     contenders = [LocalContender("base", f"{recipe.model.name}, no fine-tuning", None, data_cfg)]
     if found:
         contenders.append(LocalContender("finetuned", f"{recipe.model.name} + {found[0].name}", found[0], data_cfg, kind=found[1]))
-    return evaluate(recipe, [], test, [], contenders, {"validation conversations": len(test)}, console)
+    return evaluate(recipe, [], test, [], contenders, {"validation conversations": scored}, console)
 

@@ -80,8 +80,12 @@ def _usage(gens: list[Generation]) -> dict:
 
 @router.get("/models")
 async def list_models(request: Request, key: Key):
+    """Each model in OpenAI's shape; an adapter names its base model as ``parent`` (as vLLM does), which tells
+    an evaluator that it serves a fine-tune, to be asked as it was trained."""
     created = int(time.time())
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "tunesmith"}
+    base = request.app.state.engine.model_ids()[0]
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "tunesmith",
+                                        "parent": None if m == base else base}
                                        for m in visible_models(request, key)]}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOPS = 4  # as OpenAI
 MAX_MESSAGES = 2048
@@ -14,7 +14,16 @@ MAX_PROMPTS = 32  # prompts in one /v1/completions request
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: str | list[dict] | None = Field(None, validate_default=True)
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_assistant(cls, v, info: ValidationInfo):
+        """Only an assistant message (one that called tools) may come without content, as at OpenAI."""
+        role = info.data.get("role")
+        if v is None and role is not None and role != "assistant":
+            raise ValueError(f"a {role} message needs content (a string or a list of content parts), got null")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
