@@ -15,6 +15,21 @@ def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def _cli(args):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from rich.console import Console
+
+    import tunesmith.cli as cli_mod
+
+    buf = io.StringIO()
+    cli_mod.console = cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+    with redirect_stdout(buf), redirect_stderr(buf):
+        code = cli_mod.main(args)
+    return code, buf.getvalue()
+
+
 def test_target_transform_round_trips_and_refuses_negative_prices_for_log1p():
     from tunesmith.errors import DataError
     from tunesmith.train.heads import Target
@@ -70,8 +85,10 @@ def _price_rows():
     return rows
 
 
-def test_regression_head_arms_on_a_decoder_and_an_encoder_report_units_time_params_and_latency(
-        cli, tmp_path, tiny_model_dir, tiny_bert_dir):
+@pytest.fixture(scope="module")
+def price_run(tmp_path_factory, tiny_model_dir, tiny_bert_dir):
+    """A regression run with a decoder head arm and an encoder head arm (trained once for this module)."""
+    tmp_path = tmp_path_factory.mktemp("price")
     data = write_jsonl(tmp_path / "d.jsonl", _price_rows())
     doc = banking_recipe(tmp_path, tiny_model_dir, data, name="price", seed=3, split={"train": 26, "val": 0, "test": 10},
                          data={"task": "regression", "target_field": "price", "prompt": "{text}"},
@@ -79,9 +96,14 @@ def test_regression_head_arms_on_a_decoder_and_an_encoder_report_units_time_para
     doc["arms"] = [{"name": "llm-head", "train": {"head": "regression"}},
                    {"name": "encoder-head", "model": {"name": str(tiny_bert_dir)},
                     "train": {"head": "regression", "adapter": "full"}}]
-    code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    code, out = _cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
     assert code == 0, out
-    run = tmp_path / "runs" / "price"
+    return tmp_path / "runs" / "price"
+
+
+def test_regression_head_arms_on_a_decoder_and_an_encoder_report_units_time_params_and_latency(
+        price_run, tiny_bert_dir):
+    run = price_run
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"base", "llm-head", "encoder-head", "mean"}
     preds = _lines(run / "eval" / "predictions.jsonl")
@@ -119,8 +141,10 @@ def _squad(tmp_path, n=12):
     return path
 
 
-def test_span_head_arms_answer_with_spans_of_the_context_scored_by_the_squad_rules(
-        cli, tmp_path, tiny_model_dir, tiny_bert_dir):
+@pytest.fixture(scope="module")
+def span_run(tmp_path_factory, tiny_model_dir, tiny_bert_dir):
+    """An extractive QA run with a decoder span arm and an encoder span arm."""
+    tmp_path = tmp_path_factory.mktemp("span")
     doc = {"name": "span", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(tiny_model_dir)},
            "data": {"path": str(_squad(tmp_path)), "task": "qa", "input_fields": ["context", "question"],
                     "target_field": "answers", "prompt": "{context}\n\nQ: {question}",
@@ -129,9 +153,13 @@ def test_span_head_arms_answer_with_spans_of_the_context_scored_by_the_squad_rul
            "eval": {"max_new_tokens": 6, "stop": ["\n"], "bootstrap": 100},
            "arms": [{"name": "llm-span", "train": {"head": "span"}},
                     {"name": "encoder-span", "model": {"name": str(tiny_bert_dir)}, "train": {"head": "span"}}]}
-    code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    code, out = _cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
     assert code == 0, out
-    run = tmp_path / "runs" / "span"
+    return tmp_path / "runs" / "span"
+
+
+def test_span_head_arms_answer_with_spans_of_the_context_scored_by_the_squad_rules(span_run):
+    run = span_run
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert {"llm-span", "encoder-span"} <= set(metrics)
     for arm in ("llm-span", "encoder-span"):
@@ -154,3 +182,51 @@ def test_a_head_that_does_not_fit_the_task_and_an_encoder_without_a_head_are_ref
     with pytest.raises(ConfigError, match="head span needs data.task qa"):
         validate_recipe({**doc, "train": {"head": "span"}})
     validate_recipe({**doc, "train": {"head": "classifier"}})
+
+
+def _served(run, arm, head):
+    return run / "arms" / arm / "train" / head
+
+
+def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_export_merged(
+        price_run, span_run, tiny_model_dir, tmp_path):
+    """An OpenAI-client user asks a head like any chat model and gets the number or the span the evaluation
+    scored; the merged export answers the same without its base model."""
+    import openai
+
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.launch import parse_adapters
+    from tunesmith.train.export import export_merged
+
+    merged = export_merged(price_run / "arms" / "llm-head", tmp_path / "merged")
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    adapters = parse_adapters([f"price-llm={_served(price_run, 'llm-head', 'head')}",
+                               f"price-encoder={_served(price_run, 'encoder-head', 'head')}",
+                               f"price-merged={merged}",
+                               f"span-encoder={_served(span_run, 'encoder-span', 'head')}"])
+    engine = Engine(str(tiny_model_dir), adapters, max_batch=4, wait_ms=10)
+    settings = ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path / "serve")
+    from .conftest import running_server
+
+    with running_server(create_app(settings, engine)) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        assert {m.id for m in client.models.list()} >= set(adapters)
+        cases = [("price-llm", price_run, "llm-head"), ("price-encoder", price_run, "encoder-head"),
+                 ("price-merged", price_run, "llm-head"), ("span-encoder", span_run, "encoder-span")]
+        for model, run, arm in cases:
+            preds = [p for p in _lines(run / "eval" / "predictions.jsonl") if p["model"] == arm]
+            for p in preds[:4]:
+                reply = client.chat.completions.create(
+                    model=model, messages=[{"role": "system", "content": "Answer."}, {"role": "user", "content": p["prompt"]}])
+                text = reply.choices[0].message.content
+                assert reply.choices[0].finish_reason == "stop" and reply.usage.prompt_tokens > 0
+                if "price" in model:
+                    assert float(text) == pytest.approx(p["parsed"], rel=1e-3, abs=0.01), (model, p["id"])
+                else:
+                    assert text == p["output"], (model, p["id"])
+        stream = client.chat.completions.create(model="price-encoder", stream=True,
+                                                messages=[{"role": "user", "content": preds[0]["prompt"]}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        with pytest.raises(openai.BadRequestError, match="prompt template"):
+            client.chat.completions.create(model="span-encoder", messages=[{"role": "user", "content": "no template"}])

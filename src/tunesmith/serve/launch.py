@@ -17,8 +17,11 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter expects NAME=PATH, got '{item}'")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter {name}: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        from tunesmith.serve.heads import is_head_folder
+
+        if not (Path(path) / "adapter_config.json").is_file() and not is_head_folder(path):
+            raise ConfigError(f"--adapter {name}: {path} is neither a PEFT adapter folder (adapter_config.json) "
+                              "nor a trained head (head.json)")
         adapters[name] = path
     return adapters
 

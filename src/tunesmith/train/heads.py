@@ -407,3 +407,22 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
     res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(examples)), 2)
     res.metrics["parameters"] = predictor.total_params
     return res
+
+
+def export_head(folder: Path, out: Path, base_model: str | None = None) -> Path:
+    """A trained head as one plain transformers folder: LoRA merged into the base weights, the head layer, the
+    tokenizer and head.json (labels or target transform), loadable by ``AutoModelFor…`` and by
+    ``tunesmith serve --adapter`` with no base model."""
+    import shutil
+
+    predictor = HeadPredictor(folder, base_model=base_model)
+    model = predictor.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    predictor.tokenizer.save_pretrained(out)
+    write_head_meta(out, {**predictor.meta, "merged_from": predictor.meta.get("base_model")})
+    if (Path(folder) / "labels.json").is_file():
+        shutil.copy(Path(folder) / "labels.json", out / "labels.json")
+    return out
