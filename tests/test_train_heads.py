@@ -189,7 +189,7 @@ def _served(run, arm, head):
 
 
 def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_export_merged(
-        price_run, span_run, tiny_model_dir, tmp_path):
+        price_run, span_run, tiny_model_dir, tiny_bert_dir, tmp_path):
     """An OpenAI-client user asks a head like any chat model and gets the number or the span the evaluation
     scored; the merged export answers the same without its base model."""
     import openai
@@ -200,11 +200,13 @@ def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_expor
     from tunesmith.train.export import export_merged
 
     merged = export_merged(price_run / "arms" / "llm-head", tmp_path / "merged")
+    labelled = _classifier_folder(tmp_path / "cls", tiny_bert_dir)
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
     adapters = parse_adapters([f"price-llm={_served(price_run, 'llm-head', 'head')}",
                                f"price-encoder={_served(price_run, 'encoder-head', 'head')}",
                                f"price-merged={merged}",
-                               f"span-encoder={_served(span_run, 'encoder-span', 'head')}"])
+                               f"span-encoder={_served(span_run, 'encoder-span', 'head')}",
+                               f"labels={labelled}"])
     engine = Engine(str(tiny_model_dir), adapters, max_batch=4, wait_ms=10)
     settings = ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path / "serve")
     from .conftest import running_server
@@ -225,8 +227,31 @@ def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_expor
                     assert float(text) == pytest.approx(p["parsed"], rel=1e-3, abs=0.01), (model, p["id"])
                 else:
                     assert text == p["output"], (model, p["id"])
+        from tunesmith.train.heads import HeadPredictor
+
+        local = HeadPredictor(labelled)
+        texts = [r["text"] for r in banking_rows(LABELS, 3)]
+        for text, probs in zip(texts, local.probabilities(texts), strict=True):
+            reply = client.chat.completions.create(model="labels", messages=[{"role": "user", "content": text}])
+            assert reply.choices[0].message.content == LABELS[max(range(3), key=probs.__getitem__)]
         stream = client.chat.completions.create(model="price-encoder", stream=True,
                                                 messages=[{"role": "user", "content": preds[0]["prompt"]}])
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         with pytest.raises(openai.BadRequestError, match="prompt template"):
             client.chat.completions.create(model="span-encoder", messages=[{"role": "user", "content": "no template"}])
+
+
+def _classifier_folder(folder, encoder):
+    """A full classifier head on the tiny encoder, saved as training saves one (untrained: any fixed weights do)."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.loading import pick_placement
+    from tunesmith.train.classifier import load_classifier
+    from tunesmith.train.heads import write_head_meta
+
+    tok = AutoTokenizer.from_pretrained(encoder)
+    load_classifier(str(encoder), list(LABELS), pick_placement(), tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_head_meta(folder, {"head": "classifier", "base_model": str(encoder), "labels": list(LABELS),
+                             "prompt": "{text}", "input_fields": ["text"], "max_length": 64})
+    return folder

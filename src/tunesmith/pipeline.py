@@ -123,7 +123,8 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
     t = arm.train
     summary |= {
         "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
-                  + (" / classifier head" if t.head == "classifier" else ""),
+                  + (f" / {t.head} head" if t.head != "generative" else "")
+                  + (f" on {arm.model.name}" if arm.model.name != recipe.model.name else ""),
         "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",

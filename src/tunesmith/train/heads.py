@@ -401,7 +401,9 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
         pred = predictor.predict_examples(examples, prompt)
         seconds = time.perf_counter() - t0
         advance(len(examples))
-    outputs = [p if isinstance(p, str) else f"{p:.2f}" for p in pred]
+    if predictor.head == "span":
+        pred = [p or None for p in pred]  # no span found: unanswered, as an empty reply is for any contender
+    outputs = [p if isinstance(p, str) or p is None else f"{p:.2f}" for p in pred]
     res = score_outputs(task, name, description, "llm", examples, texts, outputs, parsed=pred,
                         scoring=f"{predictor.head} head")
     res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(examples)), 2)
