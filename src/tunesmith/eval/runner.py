@@ -75,7 +75,7 @@ def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
         path = Path(spec.path)
         if not path.is_dir():
             raise ModelError(f"eval.adapters '{spec.name}': folder not found: {path}")
-        kind = "head" if (path / "head.json").is_file() else "classifier" if (path / "labels.json").is_file() else "llm"
+        kind = "classifier" if (path / "labels.json").is_file() else "head" if (path / "head.json").is_file() else "llm"
         out.append(LocalContender(spec.name, f"{recipe.model.name} + {path.name}", path, recipe.data, kind=kind))
     return out
 

@@ -29,7 +29,12 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
     """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
     from tunesmith.models.registry import resolve
+    from tunesmith.serve.heads import is_head_folder
 
+    heads = [n for n, p in adapters.items() if is_head_folder(p)]
+    if heads:
+        raise ConfigError(f"--adapter {', '.join(heads)}: a trained head is served by the built-in server only "
+                          "(vLLM serves generative models); use --engine builtin")
     cmd = ["vllm", "serve", resolve(model), "--host", host, "--port", str(port), "--served-model-name", model]
     if adapters:
         cmd += ["--enable-lora", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]

@@ -334,8 +334,7 @@ class HeadPredictor:
         import torch
 
         m = self.meta
-        rows = [(k, r) for k, (q, c) in enumerate(pairs)
-                for r in windows(self.tokenizer, q, c, self.max_length, int(m.get("stride", 128)))]
+        rows = [(k, r) for k, (q, c) in enumerate(pairs) for r in self._windows(q, c)]
         best: dict[int, tuple[float, tuple[int, int] | None]] = {}
         with torch.inference_mode():
             for lo in range(0, len(rows), batch_size):
@@ -350,6 +349,13 @@ class HeadPredictor:
                         best[k] = (score, span)
         return [pairs[k][1][best[k][1][0] : best[k][1][1]].strip() if best.get(k, (0, None))[1] else ""
                 for k in range(len(pairs))]
+
+    def _windows(self, question: str, context: str) -> list[dict]:
+        """The context's windows; none (so no answer) when the question alone leaves no room for context."""
+        try:
+            return windows(self.tokenizer, question, context, self.max_length, int(self.meta.get("stride", 128)))
+        except Exception:  # noqa: BLE001 - the tokenizer refuses a question longer than the window
+            return []
 
     def predict_examples(self, examples: list[Example], prompt: str) -> list:
         if self.head == "span":
