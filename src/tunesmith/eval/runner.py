@@ -52,8 +52,9 @@ def arm_name(recipe: Recipe, arm: Recipe) -> str:
 def describe_arm(arm: Recipe, model_name: str) -> str:
     t = arm.train
     how = "full fine-tune" if t.adapter == "full" else f"{t.adapter} r={t.lora.r}"
-    head = f", {t.head} head" if t.head != "generative" else ""
-    return f"{model_name} + {t.method.upper()} {how}{head}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    if t.head != "generative":  # a head is not supervised fine-tuning of text: name the head instead
+        return f"{model_name} + {how}, {t.head} head, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    return f"{model_name} + {t.method.upper()} {how}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
 
 
 def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
