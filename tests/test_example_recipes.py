@@ -18,8 +18,23 @@ def test_example_recipe_validates(path):
 def test_arms_of_the_head_vs_generative_recipes_differ_only_in_the_head():
     for name in ("nsmc_binary.yaml", "nsmc_stars.yaml"):
         recipe = load_recipe(EXAMPLES[0].parent / name)
-        assert [a.name for a in recipe.arms] == ["head", "generative"], name
+        assert [a.name for a in recipe.arms][:2] == ["head", "generative"], name
         assert recipe.arms[0].train["head"] == "classifier" and "head" not in (recipe.arms[1].train or {})
+
+
+@pytest.mark.parametrize("name, head", [("nsmc_binary.yaml", "classifier"), ("price_amazon.yaml", "regression"),
+                                        ("korquad_extractive.yaml", "span")])
+def test_recipes_with_a_generative_an_llm_head_and_an_encoder_head_arm(name, head):
+    """Each of these compares generative LLM, LLM + head and encoder + head arms in one report; every arm
+    validates as a full recipe (a head that does not fit the task, or an encoder asked to generate, fails)."""
+    from tunesmith.config import arm_recipe
+    from tunesmith.models.encoders import ENCODERS
+
+    recipe = load_recipe(EXAMPLES[0].parent / name)
+    arms = [arm_recipe(recipe, a) for a in recipe.arms]
+    kinds = {(a.model.name in ENCODERS, a.train.head) for a in arms}
+    assert {(False, "generative"), (False, head), (True, head)} <= kinds, name
+    assert all(a.train.adapter == "full" for a in arms if a.model.name in ENCODERS)
 
 
 def test_banking77_full_trains_the_measured_method():

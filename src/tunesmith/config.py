@@ -301,9 +301,20 @@ class DpoSection(Section):
 class TrainSection(Section):
     method: Literal["sft", "dpo"] = "sft"
     adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
-    head: Literal["generative", "classifier"] = Field(
-        "generative", description="classifier: LoRA plus a linear head on the last token (closed label sets)"
+    head: Literal["generative", "classifier", "regression", "span"] = Field(
+        "generative", description="classifier: a linear head over the labels (classification); regression: a "
+        "scalar head trained with MSE (regression); span: start/end logits over the context (extractive qa). "
+        "On a decoder the head reads the last token, on an encoder its pooled or per-token output"
     )
+    target_transform: Literal["log1p", "none"] = Field(
+        "log1p", description="head: regression trains on this transform of the target (standardised); log1p "
+        "suits prices and counts (errors relative to the value); predictions are turned back into the target's units"
+    )
+    context_field: str = Field("context", description="head: span: the input field the answer is cut from; "
+                               "the other input fields form the question")
+    span_stride: int = Field(128, ge=0, description="head: span: tokens two consecutive context windows share, "
+                             "so that no answer is cut at a window edge and no context is dropped")
+    max_answer_tokens: int = Field(32, ge=1, description="head: span: the longest answer predicted, in tokens")
     lora: LoraSection = LoraSection()
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
@@ -346,10 +357,10 @@ class TrainSection(Section):
     def _consistent(self) -> TrainSection:
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
-        if self.head == "classifier" and self.method != "sft":
-            raise ValueError("head: classifier trains with method sft")
-        if self.head == "classifier" and self.adapter == "qlora":
-            raise ValueError("head: classifier trains with adapter lora, dora or full (its model is not quantized)")
+        if self.head != "generative" and self.method != "sft":
+            raise ValueError(f"head: {self.head} trains with method sft")
+        if self.head != "generative" and self.adapter == "qlora":
+            raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
         return self
 
     @property
@@ -360,7 +371,7 @@ class TrainSection(Section):
         real tokens at batch 16), so it groups."""
         if self.group_by_length != "auto":
             return self.group_by_length
-        return not self.packing or self.head == "classifier"
+        return not self.packing or self.head != "generative"
 
 
 class BandsSection(Section):
@@ -559,6 +570,7 @@ class HostedSection(Section):
     timeout_s: float = Field(120.0, gt=0)
 
 
+HEAD_TASKS = {"classifier": "classification", "regression": "regression", "span": "qa"}  # head -> the task it answers
 ARM_DATA_KEYS = ("prompt", "system_prompt", "order")
 
 
@@ -569,6 +581,7 @@ class ArmSpec(Section):
     name: str
     description: str = ""
     data: dict[str, Any] = {}
+    model: dict[str, Any] = Field({}, description="model overrides, e.g. an encoder backbone for a head arm")
     train: dict[str, Any] = {}
     synth: dict[str, Any] | None = Field(None, description="synth overrides; null turns the synth stage off")
     from_arm: str | None = Field(None, description="start from this (earlier) arm's trained adapter, e.g. SFT then DPO")
@@ -631,6 +644,20 @@ class Recipe(Section):
         splits = self.data.splits if self.data else None
         if splits is not None and splits.train is None and self.synth is None and not any(a.synth for a in self.arms):
             raise ValueError("data.splits.train: required unless a synth section makes the training data")
+        return self
+
+    @model_validator(mode="after")
+    def _head_fits_the_task(self) -> Recipe:
+        """Each head answers one task kind; an encoder cannot generate (checked where the recipe trains: no arms)."""
+        want = HEAD_TASKS.get(self.train.head)
+        if want and self.data is not None and self.task_kind != want:
+            raise ValueError(f"train.head {self.train.head} needs data.task {want} (this recipe's task is {self.task_kind})")
+        if not self.arms and self.train.head == "generative":
+            from tunesmith.models.encoders import is_encoder
+
+            if is_encoder(self.model.name):
+                raise ValueError(f"model.name {self.model.name} is an encoder: it trains a head (train.head "
+                                 "classifier, regression or span), it cannot generate")
         return self
 
     @model_validator(mode="after")
@@ -742,6 +769,7 @@ def arm_recipe(recipe: Recipe, arm: ArmSpec) -> Recipe:
     doc = recipe.model_dump(mode="json", exclude={"arms"})
     doc["data"] = deep_merge(doc["data"] or {}, arm.data)
     doc["train"] = deep_merge(doc["train"], arm.train)
+    doc["model"] = deep_merge(doc["model"], arm.model)
     if "synth" in arm.model_fields_set:
         doc["synth"] = None if arm.synth is None else deep_merge(doc.get("synth") or {}, arm.synth)
     doc["name"], doc["output_dir"] = arm.name, str(recipe.run_dir / "arms")

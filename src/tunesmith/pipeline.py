@@ -123,7 +123,8 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
     t = arm.train
     summary |= {
         "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
-                  + (" / classifier head" if t.head == "classifier" else ""),
+                  + (f" / {t.head} head" if t.head != "generative" else "")
+                  + (f" on {arm.model.name}" if arm.model.name != recipe.model.name else ""),
         "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
@@ -171,6 +172,7 @@ def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict
     report.title = f"{recipe.name}: fine-tuning report"
     report.sections = {f"Training: {name}": summary for name, summary in trained.items()}
     report.sections["Time per stage (seconds)"] = timings
+    add_train_seconds(recipe, report.results)
     images = dict(report.images)
     for arm_dir, name in _arm_dirs(recipe):
         if (arm_dir / "train" / "loss.png").is_file():
@@ -182,6 +184,15 @@ def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict
     path.write_text(report.markdown(recipe.run_dir), encoding="utf-8")
     (recipe.run_dir / "report.html").write_text(report.html(), encoding="utf-8")
     return path
+
+
+def add_train_seconds(recipe: Recipe, results: list) -> None:
+    """Each trained arm's training time (its train/summary.json) in its metrics, for the comparison table."""
+    by_name = {r.name: r for r in results}
+    for arm_dir, name in _arm_dirs(recipe):
+        summary = arm_dir / "train" / "summary.json"
+        if name in by_name and summary.is_file():
+            by_name[name].metrics["train_seconds"] = json.loads(summary.read_text(encoding="utf-8"))["seconds"]
 
 
 def _arm_dirs(recipe: Recipe) -> list[tuple[Path, str]]:

@@ -161,8 +161,18 @@ def char_length(records, spec: CharLengthStep, ctx):
 
 
 def _backend(tokenizer):
-    """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer (None for slow tokenizers)."""
-    return getattr(tokenizer, "backend_tokenizer", None)
+    """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer (None for slow tokenizers), without the
+    padding and truncation some tokenizer.json files switch on (all-MiniLM-L6-v2's pads and cuts every text
+    to 128 tokens: every count would read 128 and a cut would land in the padding)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or (backend.padding is None and backend.truncation is None):
+        return backend
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
 
 
 def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:

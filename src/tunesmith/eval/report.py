@@ -47,8 +47,15 @@ def columns(task: TaskKind, ref: str) -> list[tuple[str, Callable[[dict], str]]]
             ),
         ),
         ("scored by", lambda m: m.get("scoring", "–")),
+        ("parameters", lambda m: _millions(m.get("parameters"))),
+        ("train time", lambda m: f"{m['train_seconds']:,.0f} s" if m.get("train_seconds") is not None else "–"),
+        ("ms / example", lambda m: f"{m['latency_ms']:,.1f}" if m.get("latency_ms") is not None else "–"),
     ]
     return cols
+
+
+def _millions(n) -> str:
+    return "–" if not n else f"{n / 1e6:,.1f}M" if n >= 1e5 else f"{n:,}"
 
 
 def table_rows(task: TaskKind, results: list[ContenderResult]) -> tuple[list[str], list[list[str]]]:
@@ -210,9 +217,11 @@ class Report:
         by = {r.name: r for r in self.results}
         arm = best(t, [r for r in self.results if r.kind == "llm" and r.name != "base"])
         base = by.get("base")
-        if arm is None or base is None:
+        if arm is None:
             return ""
-        text = f"**{arm.name}** {h} {t.fmt(arm.metrics.get(h))} vs base {t.fmt(base.metrics.get(h))}"
+        text = f"**{arm.name}** {h} {t.fmt(arm.metrics.get(h))}"
+        if base is not None:  # a run whose model is an encoder has no base contender
+            text += f" vs base {t.fmt(base.metrics.get(h))}"
         top = next((c for c in self.comparisons if c["a"] == arm.name and c["b_is_baseline"]), None)
         if top:
             b = by[top["b"]]

@@ -34,7 +34,8 @@ class LocalContender:
     path: Path | None  # None: the base model; else an adapter, merged-model or classifier folder
     data: DataSection  # how it is asked: prompt template and system prompt of the arm it was trained with
     with_labels: bool = False  # append the label list (a base model has never seen it)
-    kind: str = "llm"  # "llm" or "classifier"
+    kind: str = "llm"  # "llm", "classifier" or "head" (regression, span)
+    model: str | None = None  # the arm's own base model (e.g. an encoder) when it is not the recipe's
 
 
 def arm_recipes(recipe: Recipe) -> list[Recipe]:
@@ -64,19 +65,22 @@ def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
     """Base, every arm that has been trained, and every ``eval.adapters`` folder."""
     base = LocalContender("base", f"{recipe.model.name}, no fine-tuning", None, recipe.data,
                           with_labels=recipe.eval.base_prompt_with_labels)
-    out = [base]
+    from tunesmith.models.encoders import is_encoder
+
+    out = [] if is_encoder(recipe.model.name) else [base]  # an encoder with no head has no answers to score
     for arm in arm_recipes(recipe):
         name = arm_name(recipe, arm)
         found = trained_output(arm.run_dir)
         if found is None:
             console.print(f"[dim]{name}: not trained yet ({arm.run_dir / 'train'}); left out[/]")
             continue
-        out.append(LocalContender(name, describe_arm(arm, recipe.model.name), found[0], arm.data, kind=found[1]))
+        out.append(LocalContender(name, describe_arm(arm, arm.model.name), found[0], arm.data, kind=found[1],
+                                  model=arm.model.name))
     for spec in recipe.eval.adapters:
         path = Path(spec.path)
         if not path.is_dir():
             raise ModelError(f"eval.adapters '{spec.name}': folder not found: {path}")
-        kind = "classifier" if (path / "labels.json").is_file() else "llm"
+        kind = "classifier" if (path / "labels.json").is_file() else "head" if (path / "head.json").is_file() else "llm"
         out.append(LocalContender(spec.name, f"{recipe.model.name} + {path.name}", path, recipe.data, kind=kind))
     return out
 
@@ -238,14 +242,24 @@ def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list
     from tunesmith.models.loading import load_tokenizer, pick_placement
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
-    tokenizer = load_tokenizer(recipe.model.name)
+    if c.kind == "head":
+        from tunesmith.train.heads import evaluate_head
+
+        return evaluate_head(task, c.name, c.description, c.path, test, c.data.prompt, placement, bar,
+                             c.model or recipe.model.name)
+    tokenizer = load_tokenizer(c.model or recipe.model.name)
     if c.kind == "classifier":
         return _classifier(recipe, task, c, test, placement, tokenizer, bar)
     from tunesmith.data.formatting import prompt_text
 
     prompts = [prompt_text(tokenizer, m) for m in messages_for(task, c.data, c.with_labels, test)]
+    import time
+
     model = load_local(recipe, c, placement)
+    t0 = time.perf_counter()
     res = task.evaluate_local(c.name, c.description, model, tokenizer, prompts, test, bar)
+    res.metrics["latency_ms"] = round(1000 * (time.perf_counter() - t0) / max(1, len(test)), 2)  # all of its scoring
+    res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
     if recipe.eval.perplexity:
         from tunesmith.data.formatting import end_of_turn
         from tunesmith.eval.perplexity import answer_losses, summarize
@@ -264,27 +278,34 @@ def load_local(recipe: Recipe, c: LocalContender, placement):
     """The base model, a PEFT adapter on it (merged for base-model speed), or a merged model folder."""
     from tunesmith.models.loading import load_model, load_trained
 
+    name = c.model or recipe.model.name
     if c.path is None:
-        return load_model(recipe.model.name, placement)
-    return load_trained(recipe.model.name, c.path, placement)
+        return load_model(name, placement)
+    return load_trained(name, c.path, placement)
 
 
 def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, tokenizer, bar) -> ContenderResult:
     """A classifier head predicts one label per text in one forward pass (no generation, no parsing)."""
+    import time
+
     from tunesmith.data.task import render_prompt
     from tunesmith.train.classifier import encode, load_trained_classifier, predict_proba
 
-    model, labels = load_trained_classifier(c.path, recipe.model.name, placement, tokenizer)
+    model, labels = load_trained_classifier(c.path, c.model or recipe.model.name, placement, tokenizer)
     texts = [render_prompt(e, c.data.prompt) for e in test]
     rows = encode(tokenizer, texts)
     limit = recipe.train.max_seq_length
     with bar(f"eval {c.name}: classify", len(texts)) as advance:
+        t0 = time.perf_counter()
         probs = predict_proba(model, tokenizer, rows, max_len=limit)
+        seconds = time.perf_counter() - t0
         advance(len(texts))
     tokenizer.padding_side = "left"
     pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
     res = score_outputs(task, c.name, c.description, "llm", test, texts, pred, parsed=pred, scoring="classifier head")
     res.metrics["texts_cut"] = sum(r["length"] > limit for r in rows)  # cut to train.max_seq_length to predict
+    res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(texts)), 2)  # prediction only, per example
+    res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
     for row, p in zip(res.predictions, probs, strict=True):
         row["probabilities"] = dict(zip(labels, p, strict=True))
     return res

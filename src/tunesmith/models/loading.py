@@ -128,7 +128,8 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora") -> An
 
 def wrap_adapter(model, adapter: str, lora, seed: int, task_type: str = "CAUSAL_LM"):
     """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full``. ``task_type``
-    ``SEQ_CLS`` (the classifier head) makes PEFT train the head layer fully beside the adapter."""
+    ``SEQ_CLS`` (classifier, regression) and ``QUESTION_ANS`` (span) make PEFT train the head layer fully
+    beside the adapter."""
     if adapter == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -138,5 +139,6 @@ def wrap_adapter(model, adapter: str, lora, seed: int, task_type: str = "CAUSAL_
 
     torch.manual_seed(seed)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, use_dora=adapter == "dora", task_type=task_type)
+                        target_modules=lora.target_modules, use_dora=adapter == "dora", task_type=task_type,
+                        exclude_modules=["qa_outputs"] if task_type == "QUESTION_ANS" else None)  # trained fully
     return get_peft_model(model, config)

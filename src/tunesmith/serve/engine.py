@@ -120,6 +120,7 @@ class Engine:
         self.model = load_model(base, pick_placement(precision))
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}
+        self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
         self.max_batch, self.wait_s, self.request_timeout_s = max_batch, wait_ms / 1000, request_timeout_s
         self.max_batch_tokens = max_batch_tokens  # bounds the KV cache: rows x columns, padding included
         self.backlog: deque[_Row] = deque()  # rows taken from the queue that did not fit the batch yet
@@ -138,12 +139,19 @@ class Engine:
     # --- models ---------------------------------------------------------------------------
 
     def model_ids(self) -> list[str]:
-        return [self.base_name, *self.adapters]
+        return [self.base_name, *self.adapters, *self.heads]
 
     def add_adapter(self, name: str, path: str | Path) -> None:
-        """Load a LoRA adapter under ``name`` (the model id clients ask for)."""
+        """Load a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
+        loaded beside the base model and answers through :mod:`tunesmith.serve.heads`."""
         from peft import PeftModel
 
+        from tunesmith.serve.heads import is_head_folder, load_head
+
+        if is_head_folder(path):
+            if name not in self.heads:
+                self.heads[name] = load_head(path, self.base_name)
+            return
         with self.lock:
             if name in self.adapters:
                 return

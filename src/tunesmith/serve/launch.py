@@ -17,8 +17,11 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter expects NAME=PATH, got '{item}'")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter {name}: {path} is not a PEFT adapter folder (no adapter_config.json)")
+        from tunesmith.serve.heads import is_head_folder
+
+        if not (Path(path) / "adapter_config.json").is_file() and not is_head_folder(path):
+            raise ConfigError(f"--adapter {name}: {path} is neither a PEFT adapter folder (adapter_config.json) "
+                              "nor a trained head (head.json)")
         adapters[name] = path
     return adapters
 
@@ -26,7 +29,12 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
     """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
     from tunesmith.models.registry import resolve
+    from tunesmith.serve.heads import is_head_folder
 
+    heads = [n for n, p in adapters.items() if is_head_folder(p)]
+    if heads:
+        raise ConfigError(f"--adapter {', '.join(heads)}: a trained head is served by the built-in server only "
+                          "(vLLM serves generative models); use --engine builtin")
     cmd = ["vllm", "serve", resolve(model), "--host", host, "--port", str(port), "--served-model-name", model]
     if adapters:
         cmd += ["--enable-lora", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]

@@ -110,6 +110,10 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
     engine = _engine(request, body.model, key)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     _check_prompt_size(engine, [m["content"] for m in messages])
+    if body.model in engine.heads:
+        from tunesmith.serve.heads import chat_reply
+
+        return await chat_reply(engine.heads[body.model], body, messages)
     ids = engine.chat_prompt_ids(messages)
     budget = _token_budget(request, engine, len(ids), body.max_completion_tokens or body.max_tokens, 256)
     job = engine.submit(body.model, ids, _params(body, budget), stream=body.stream)

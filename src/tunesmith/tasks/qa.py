@@ -22,7 +22,11 @@ class QA(TaskKind):
         answers = [a for a in answers if a]
         if not answers:
             raise TargetError("no gold answer")
-        return answers[0], {"answers": answers}
+        starts = record.get("answer_starts") if isinstance(record, dict) else None
+        meta = {"answers": answers}
+        if isinstance(starts, list) and starts and isinstance(starts[0], int):
+            meta["answer_start"] = starts[0]  # where the first answer sits in the context (for head: span)
+        return answers[0], meta
 
     def parse(self, output: str | None) -> Any:
         return None if output is None else qa.parse_answer(output)

@@ -124,6 +124,11 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     trainer.save_model(str(final_dir))
     tokenizer.save_pretrained(str(final_dir))
     (final_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+    from tunesmith.train.heads import write_head_meta
+
+    write_head_meta(final_dir, {"head": "classifier", "base_model": recipe.model.name, "labels": labels,
+                                "prompt": recipe.data.prompt, "input_fields": list(recipe.data.input_fields),
+                                "max_length": t.max_seq_length})
     result = make_result(trainer, "classifier", final_dir, before, seconds,
                          rows_from_log_history(trainer.state.log_history), len(rows), resume)
     result.too_long = len(train) - len(rows)

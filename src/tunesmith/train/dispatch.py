@@ -1,5 +1,5 @@
 """One training entry point for every caller (``tunesmith train``, ``tunesmith run`` and its arms,
-the jobs worker) and every method (generative SFT, DPO, classifier head).
+the jobs worker) and every method (generative SFT, DPO, classifier, regression and span heads).
 
 The caller hands over examples (or ready chat rows); this module orders the train split, sets
 aside examples that do not fit ``train.max_seq_length``, fits the micro-batch to the memory the
@@ -76,6 +76,11 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
             raise DataError("train.head classifier needs a classification task with a closed label set")
         result = train_classifier(recipe, ordered(recipe, data.train), data.labels, tokenizer, placement, bar,
                                   console, resume=resume, callbacks=callbacks)
+    elif recipe.train.head in ("regression", "span"):
+        from tunesmith.train.heads import train_head
+
+        result = train_head(recipe, ordered(recipe, data.train), tokenizer, placement, bar, console,
+                            resume=resume, callbacks=callbacks)
     else:
         model = load_base(recipe, placement, init_adapter)
         console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}, adapter {recipe.train.adapter}"

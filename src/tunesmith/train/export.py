@@ -40,6 +40,9 @@ def trained_dir(run_dir: Path) -> Path:
     found = trained_output(Path(run_dir))
     if found is not None and found[1] == "llm":
         return found[0]
+    if found is not None:
+        raise DataError(f"{run_dir}: its arm trained a {found[1]} head, which has no adapter or GGUF form "
+                        "(llama.cpp runs generative models): export it with --merged")
     raise DataError(f"{run_dir}: no train/adapter (adapter) or train/model (merged model); run `tunesmith train` first")
 
 
@@ -77,7 +80,13 @@ def merged_model(run_dir: Path):
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:
-    """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder."""
+    """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder; a head
+    (classifier, regression, span) as its ``*ForSequenceClassification`` / ``*ForQuestionAnswering`` folder."""
+    found = trained_output(Path(run_dir))
+    if found is not None and found[1] in ("classifier", "head"):
+        from tunesmith.train.heads import export_head
+
+        return export_head(found[0], Path(out))  # its head.json names the base model
     model, tokenizer = merged_model(run_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

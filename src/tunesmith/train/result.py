@@ -10,8 +10,8 @@ from pathlib import Path
 
 @dataclass
 class TrainResult:
-    output_dir: Path  # adapter/ (LoRA, DoRA, QLoRA), model/ (full) or classifier/ (classifier head)
-    kind: str  # "adapter", "model" or "classifier"
+    output_dir: Path  # adapter/ (LoRA, DoRA, QLoRA), model/ (full), classifier/ or head/ (regression, span)
+    kind: str  # "adapter", "model", "classifier" or "head"
     rows: list[dict]  # metrics.csv rows
     seconds: float
     tokens: int  # non-padding tokens seen
@@ -78,7 +78,7 @@ def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
 
 def trained_output(run_dir: Path) -> tuple[Path, str] | None:
     """The trained artefact in a run (or arm) folder: (folder, kind) or None before training."""
-    for sub, kind in (("adapter", "llm"), ("model", "llm"), ("classifier", "classifier")):
+    for sub, kind in (("adapter", "llm"), ("model", "llm"), ("classifier", "classifier"), ("head", "head")):
         folder = run_dir / "train" / sub
         if folder.is_dir() and any(folder.iterdir()):
             return folder, kind

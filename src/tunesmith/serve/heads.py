@@ -1,0 +1,86 @@
+"""Trained heads (classifier, regression, span) behind the OpenAI chat API.
+
+A head does not generate: it reads the last user message (the prompt it was trained on, rendered from
+the recipe's template) and answers with the label, the number or the span, as the assistant's message.
+An OpenAI-client user sees a chat completion like any other model's, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from tunesmith.serve.errors import APIError
+
+
+def is_head_folder(path) -> bool:
+    return (Path(path) / "head.json").is_file() or (Path(path) / "labels.json").is_file()
+
+
+class ServedHead:
+    """A head predictor with a lock: requests are answered one forward pass at a time, off the event loop."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+        self.lock = threading.Lock()
+
+    def answer(self, text: str) -> str:
+        with self.lock:
+            return self.predictor.answer(text)
+
+    def tokens(self, text: str) -> int:
+        return len(self.predictor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load_head(path, base_model: str) -> ServedHead:
+    from tunesmith.train.heads import HeadPredictor
+
+    return ServedHead(HeadPredictor(Path(path), base_model=base_model))
+
+
+def user_text(messages: list[dict]) -> str:
+    last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+    if not last:
+        raise APIError(400, "A head model answers the last user message; this request has none.", param="messages")
+    return last
+
+
+async def chat_reply(head: ServedHead, body, messages: list[dict]):
+    """The chat completion (or its chunk stream) whose message is the head's answer."""
+    from fastapi.responses import StreamingResponse
+
+    from tunesmith.errors import DataError
+
+    text = user_text(messages)
+    try:
+        answer = await asyncio.to_thread(head.answer, text)
+    except DataError as exc:  # e.g. a span head's message that does not follow its prompt template
+        raise APIError(400, str(exc), param="messages") from None
+    prompt, completion = head.tokens(text), head.tokens(answer)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion * body.n, "total_tokens": prompt + completion * body.n}
+    cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+    if body.stream:
+        return StreamingResponse(_chunks(answer, body, cid, created, usage), media_type="text/event-stream")
+    return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop",
+                         "logprobs": None} for i in range(body.n)],
+            "usage": usage}
+
+
+async def _chunks(answer: str, body, cid: str, created: int, usage: dict):
+    def chunk(choices: list[dict], extra: dict | None = None) -> str:
+        doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+               "choices": choices, **(extra or {})}
+        return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
+
+    for i in range(body.n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": answer}, "finish_reason": None,
+                      "logprobs": None}])
+        yield chunk([{"index": i, "delta": {}, "finish_reason": "stop", "logprobs": None}])
+    if body.include_usage:
+        yield chunk([], {"usage": usage})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,436 @@
+"""``head: regression`` and ``head: span``, and the one predictor every trained head answers through.
+
+- regression: transformers' ``*ForSequenceClassification`` with one output and MSE loss, trained on the
+  standardised transform of the target (``train.target_transform``, log1p by default: a price's error
+  counts relative to the price); predictions are turned back into the target's units.
+- span (extractive QA): ``*ForQuestionAnswering`` start/end logits over the context. A context longer
+  than the window is cut into overlapping windows (``train.span_stride`` tokens shared), so no context is
+  dropped and an answer near a window edge is whole in the next; the best span over all windows wins.
+
+Both work on decoders (the head reads the last token, or every token for spans) and on encoders
+(``models/encoders.py``), with LoRA (the head layer trained fully beside it) or a full fine-tune. The
+saved folder holds ``head.json`` (kind, base model, labels or target transform, prompt) and the
+tokenizer, so that evaluation, ``tunesmith serve`` and export need nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.config import Recipe
+from tunesmith.data.task import render_prompt
+from tunesmith.errors import DataError
+from tunesmith.records import Example
+from tunesmith.train.metrics import rows_from_log_history
+from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
+
+HEAD_FILE = "head.json"
+PEFT_TASK = {"classifier": "SEQ_CLS", "regression": "SEQ_CLS", "span": "QUESTION_ANS"}
+
+
+@dataclass
+class Target:
+    """The regression target as the head learns it: ``(transform(y) - mean) / std``."""
+
+    transform: str
+    mean: float = 0.0
+    std: float = 1.0
+
+    def raw(self, y: float) -> float:
+        return math.log1p(y) if self.transform == "log1p" else y
+
+    def fit(self, values: list[float]) -> Target:
+        if self.transform == "log1p" and min(values) < 0:
+            raise DataError("train.target_transform log1p needs targets >= 0; set train.target_transform: none")
+        raw = [self.raw(v) for v in values]
+        mean = sum(raw) / len(raw)
+        std = math.sqrt(sum((r - mean) ** 2 for r in raw) / len(raw)) or 1.0
+        return Target(self.transform, mean, std)
+
+    def encode(self, y: float) -> float:
+        return (self.raw(y) - self.mean) / self.std
+
+    def decode(self, z: float) -> float:
+        t = z * self.std + self.mean
+        return math.expm1(min(t, 700.0)) if self.transform == "log1p" else t
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def load_head_model(name: str, head: str, placement, tokenizer, labels: list[str] | None = None):
+    """A fresh head on the base model ``name`` (an LLM, an encoder, or a saved full fine-tune)."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    from tunesmith.models.registry import resolve
+
+    if head == "classifier":
+        from tunesmith.train.classifier import load_classifier
+
+        return load_classifier(name, labels, placement, tokenizer)
+    if head == "span":
+        model = AutoModelForQuestionAnswering.from_pretrained(resolve(name), dtype=placement.torch_dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=1,
+                                                                   problem_type="regression", dtype=placement.torch_dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(placement.device)
+
+
+def model_inputs(tokenizer, row: dict) -> dict:
+    """The keys of an encoded row the model takes (a decoder has no token_type_ids)."""
+    return {k: row[k] for k in tokenizer.model_input_names if k in row and k != "attention_mask"}
+
+
+# --- span windows ----------------------------------------------------------------------------
+
+
+def question_and_context(example: Example, fields: list[str], context_field: str) -> tuple[str, str]:
+    if context_field not in example.inputs:
+        raise DataError(f"train.context_field '{context_field}' is not an input field of example {example.id} "
+                        f"(its fields: {', '.join(example.inputs)})")
+    question = "\n".join(str(example.inputs[f]) for f in fields if f != context_field and f in example.inputs)
+    return question, str(example.inputs[context_field])
+
+
+def windows(tokenizer, question: str, context: str, max_len: int, stride: int) -> list[dict]:
+    """The question with each window of the context (``stride`` tokens shared by neighbours); every row keeps
+    the character offsets of its context tokens (``None`` for question and special tokens)."""
+    enc = tokenizer(question, context, truncation="only_second", max_length=max_len, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True)
+    out = []
+    for i, ids in enumerate(enc["input_ids"]):
+        seq = enc.sequence_ids(i)
+        offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][i], seq, strict=True)]
+        row = {"input_ids": ids, "length": len(ids), "offsets": offsets}
+        if "token_type_ids" in enc:
+            row["token_type_ids"] = enc["token_type_ids"][i]
+        out.append(row)
+    return out
+
+
+def answer_span(example: Example, context: str) -> tuple[int, int] | None:
+    """Character span of the first gold answer: its recorded start when it matches, else its first occurrence."""
+    answer = (example.meta.get("answers") or [example.target])[0]
+    start = example.meta.get("answer_start")
+    if not (isinstance(start, int) and context[start : start + len(answer)] == answer):
+        start = context.find(answer)
+    return None if start < 0 or not answer else (start, start + len(answer))
+
+
+def label_window(row: dict, span: tuple[int, int]) -> tuple[int, int]:
+    """Token start/end of ``span`` in the window, or (0, 0) when the window does not hold all of it."""
+    inside = [i for i, o in enumerate(row["offsets"]) if o is not None]
+    first, last = inside[0], inside[-1]
+    if row["offsets"][first][0] > span[0] or row["offsets"][last][1] < span[1]:
+        return 0, 0
+    start = next(i for i in inside if row["offsets"][i][1] > span[0])
+    end = next(i for i in reversed(inside) if row["offsets"][i][0] < span[1])
+    return start, end
+
+
+def best_span(start_logits, end_logits, offsets: list, max_answer: int) -> tuple[float, tuple[int, int] | None]:
+    """Highest start + end score over context tokens with start <= end < start + max_answer."""
+    import torch
+
+    ctx = torch.tensor([o is not None for o in offsets] + [False] * (len(start_logits) - len(offsets)))
+    if not ctx.any():
+        return -math.inf, None
+    s = start_logits.masked_fill(~ctx, -1e9)
+    e = end_logits.masked_fill(~ctx, -1e9)
+    scores = s[:, None] + e[None, :]
+    n = len(s)
+    band = torch.ones(n, n, dtype=torch.bool).triu() & ~torch.ones(n, n, dtype=torch.bool).triu(max_answer)
+    scores = scores.masked_fill(~band, -math.inf)
+    flat = int(scores.argmax())
+    i, j = divmod(flat, n)
+    if offsets[i] is None or j >= len(offsets) or offsets[j] is None:
+        return -math.inf, None
+    return float(scores[i, j]), (offsets[i][0], offsets[j][1])
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def regression_rows(recipe: Recipe, train: list[Example], tokenizer, target: Target) -> list[dict]:
+    from tunesmith.eval.metrics import parse_number
+    from tunesmith.train.classifier import encode
+
+    rows = encode(tokenizer, [render_prompt(e, recipe.data.prompt) for e in train])
+    for row, e in zip(rows, train, strict=True):
+        row["labels"] = target.encode(float(parse_number(e.target)))
+    return rows
+
+
+def span_rows(recipe: Recipe, train: list[Example], tokenizer, console) -> list[dict]:
+    """Every window of every training example with its start/end labels; examples whose answer is not in
+    their context, or whose question leaves no room for context, go to data/rejected.jsonl."""
+    from tunesmith.data.prepare import append_jsonl
+    from tunesmith.records import Rejected
+
+    t = recipe.train
+    rows, rejected = [], []
+    for e in train:
+        question, context = question_and_context(e, recipe.data.input_fields, t.context_field)
+        span = answer_span(e, context)
+        if span is None:
+            rejected.append(Rejected(e.id, "train", "the answer is not in the context (head: span)", e.inputs))
+            continue
+        try:
+            found = windows(tokenizer, question, context, t.max_seq_length, t.span_stride)
+        except Exception as exc:  # noqa: BLE001 - the tokenizer refuses a question longer than the window
+            rejected.append(Rejected(e.id, "train", f"no room for context in train.max_seq_length: {exc}", e.inputs))
+            continue
+        for row in found:
+            row["start_positions"], row["end_positions"] = label_window(row, span)
+            rows.append({k: v for k, v in row.items() if k != "offsets"})
+    if rejected:
+        where = recipe.run_dir / "data" / "rejected.jsonl"
+        append_jsonl(where, (r.to_json() for r in rejected))
+        console.print(f"[yellow]{len(rejected)} training example(s) set aside for the span head[/] → {where}")
+    if not rows:
+        raise DataError("no training example has its answer inside its context (head: span)")
+    return rows
+
+
+def train_head(recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
+               resume: bool = False, callbacks: list | None = None) -> TrainResult:
+    """Train a regression or span head (+ LoRA, or every weight) and save it with its head.json."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from tunesmith.models.loading import wrap_adapter
+    from tunesmith.train.classifier import set_aside_long
+    from tunesmith.train.sft import fit, training_args
+
+    t = recipe.train
+    out_dir = recipe.run_dir / "train"
+    tokenizer.padding_side = "right"
+    meta = {"head": t.head, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
+            "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
+    if t.head == "regression":
+        from tunesmith.eval.metrics import parse_number
+
+        target = Target(t.target_transform).fit([float(parse_number(e.target)) for e in train])
+        rows = set_aside_long(recipe, train, regression_rows(recipe, train, tokenizer, target), console)
+        meta["target"] = target.__dict__
+    else:
+        rows = span_rows(recipe, train, tokenizer, console)
+        meta |= {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
+    model = wrap_adapter(load_head_model(recipe.model.name, t.head, placement, tokenizer), t.adapter, t.lora,
+                         recipe.seed, task_type=PEFT_TASK[t.head])
+    args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
+                         include_num_input_tokens_seen="non_padding", metric_for_best_model=None)
+    pad = DataCollatorWithPadding(tokenizer)
+    keys = [*tokenizer.model_input_names, "labels", "start_positions", "end_positions"]
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                      data_collator=lambda batch: pad([{k: v for k, v in r.items() if k in keys} for r in batch]))
+    before = trainable_snapshot(trainer.model)
+    seconds = fit(trainer, out_dir, resume, lambda steps: bar(f"train {t.head} head", steps), callbacks)
+    final_dir = out_dir / "head"
+    trainer.save_model(str(final_dir))
+    tokenizer.save_pretrained(str(final_dir))
+    write_head_meta(final_dir, meta)
+    result = make_result(trainer, "head", final_dir, before, seconds,
+                         rows_from_log_history(trainer.state.log_history), len(rows), resume)
+    result.too_long = len(train) - len(rows) if t.head == "regression" else 0
+    return result
+
+
+def write_head_meta(folder: Path, meta: dict) -> None:
+    (Path(folder) / HEAD_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def read_head_meta(folder: Path, base_model: str | None = None) -> dict | None:
+    """head.json of a trained head folder (a classifier folder from before head.json: from labels.json)."""
+    folder = Path(folder)
+    if (folder / HEAD_FILE).is_file():
+        return json.loads((folder / HEAD_FILE).read_text(encoding="utf-8"))
+    if (folder / "labels.json").is_file():
+        return {"head": "classifier", "base_model": base_model,
+                "labels": json.loads((folder / "labels.json").read_text(encoding="utf-8"))}
+    return None
+
+
+# --- prediction ------------------------------------------------------------------------------
+
+
+class HeadPredictor:
+    """A trained head folder, loaded once: predicts labels, numbers or spans for texts or examples.
+    Evaluation and the server both answer through it."""
+
+    def __init__(self, folder: Path, placement=None, base_model: str | None = None):
+        from transformers import AutoTokenizer
+
+        from tunesmith.models.loading import pick_placement
+
+        self.folder = Path(folder)
+        self.meta = read_head_meta(self.folder, base_model)
+        if self.meta is None:
+            raise DataError(f"{folder}: not a trained head (no {HEAD_FILE})")
+        self.head = self.meta["head"]
+        self.placement = placement or pick_placement()
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder)) if (
+            self.folder / "tokenizer_config.json").is_file() else _base_tokenizer(self.meta["base_model"])
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        self.model = self._load()
+        self.max_length = int(self.meta.get("max_length") or 512)
+
+    def _load(self):
+        labels = self.meta.get("labels")
+        if not (self.folder / "adapter_config.json").is_file():
+            return load_head_model(str(self.folder), self.head, self.placement, self.tokenizer, labels).eval()
+        from peft import PeftModel
+
+        base = load_head_model(self.meta["base_model"], self.head, self.placement, self.tokenizer, labels)
+        return PeftModel.from_pretrained(base, str(self.folder)).eval()
+
+    @property
+    def total_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def predict_texts(self, texts: list[str], batch_size: int = 32) -> list:
+        """A label (classifier) or a number in the target's units (regression) per rendered prompt."""
+        from tunesmith.train.classifier import encode, predict_proba
+
+        rows = encode(self.tokenizer, texts)
+        scores = predict_proba(self.model, self.tokenizer, rows, batch_size, self.max_length) if self.head == "classifier" \
+            else self._regress(rows, batch_size)
+        if self.head == "classifier":
+            labels = self.meta["labels"]
+            return [labels[max(range(len(p)), key=p.__getitem__)] for p in scores]
+        return scores
+
+    def probabilities(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
+        from tunesmith.train.classifier import encode, predict_proba
+
+        return predict_proba(self.model, self.tokenizer, encode(self.tokenizer, texts), batch_size, self.max_length)
+
+    def _regress(self, rows: list[dict], batch_size: int) -> list[float]:
+        import torch
+
+        target = Target(**self.meta["target"])
+        order = sorted(range(len(rows)), key=lambda i: -rows[i]["length"])
+        out = [0.0] * len(rows)
+        with torch.inference_mode():
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                batch = self.tokenizer.pad([{"input_ids": rows[i]["input_ids"][: self.max_length]} for i in idx],
+                                           return_tensors="pt").to(self.model.device)
+                z = self.model(**batch).logits.float().reshape(-1).tolist()
+                for i, v in zip(idx, z, strict=True):
+                    out[i] = target.decode(v)
+        return out
+
+    def predict_spans(self, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[str]:
+        """The best answer span of each (question, context), over all of the context's windows."""
+        import torch
+
+        m = self.meta
+        rows = [(k, r) for k, (q, c) in enumerate(pairs) for r in self._windows(q, c)]
+        best: dict[int, tuple[float, tuple[int, int] | None]] = {}
+        with torch.inference_mode():
+            for lo in range(0, len(rows), batch_size):
+                chunk = rows[lo : lo + batch_size]
+                batch = self.tokenizer.pad([model_inputs(self.tokenizer, r) for _, r in chunk],
+                                           return_tensors="pt").to(self.model.device)
+                out = self.model(**batch)
+                for b, (k, r) in enumerate(chunk):
+                    score, span = best_span(out.start_logits[b].float().cpu(), out.end_logits[b].float().cpu(),
+                                            r["offsets"], int(m.get("max_answer_tokens", 32)))
+                    if k not in best or score > best[k][0]:
+                        best[k] = (score, span)
+        return [pairs[k][1][best[k][1][0] : best[k][1][1]].strip() if best.get(k, (0, None))[1] else ""
+                for k in range(len(pairs))]
+
+    def _windows(self, question: str, context: str) -> list[dict]:
+        """The context's windows; none (so no answer) when the question alone leaves no room for context."""
+        try:
+            return windows(self.tokenizer, question, context, self.max_length, int(self.meta.get("stride", 128)))
+        except Exception:  # noqa: BLE001 - the tokenizer refuses a question longer than the window
+            return []
+
+    def predict_examples(self, examples: list[Example], prompt: str) -> list:
+        if self.head == "span":
+            fields, ctx = self.meta.get("input_fields") or list(examples[0].inputs), self.meta.get("context_field", "context")
+            return self.predict_spans([question_and_context(e, fields, ctx) for e in examples])
+        return self.predict_texts([render_prompt(e, prompt) for e in examples])
+
+    def answer(self, text: str) -> str:
+        """The reply to one user message (the rendered prompt the head was trained on): the label, the number
+        or the span, as text."""
+        if self.head == "span":
+            fields = parse_prompt(self.meta["prompt"], text)
+            if fields is None:
+                from tunesmith.errors import DataError as _E
+
+                raise _E(f"the message does not follow this head's prompt template {self.meta['prompt']!r}")
+            q, c = question_and_context(Example("request", fields, ""), self.meta["input_fields"],
+                                        self.meta.get("context_field", "context"))
+            return self.predict_spans([(q, c)])[0]
+        [value] = self.predict_texts([text])
+        return value if isinstance(value, str) else f"{value:.2f}"
+
+
+def _base_tokenizer(name: str):
+    from tunesmith.models.loading import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def parse_prompt(template: str, text: str) -> dict | None:
+    """The input fields of a rendered ``template`` (``"{context}\\n\\nQ: {question}"``), or None if ``text``
+    does not follow it."""
+    parts = re.split(r"\{(\w+)\}", template)
+    pattern = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.*?)" for i, p in enumerate(parts))
+    found = re.fullmatch(pattern, text, flags=re.DOTALL)
+    return found.groupdict() if found else None
+
+
+def evaluate_head(task, name: str, description: str, folder: Path, examples: list[Example], prompt: str,
+                  placement, bar, base_model: str | None = None):
+    """A trained head as a contender: one forward pass per batch (no generation, no parsing), scored like
+    every other contender; ``latency_ms`` is the prediction time per example."""
+    from tunesmith.tasks import score_outputs
+
+    predictor = HeadPredictor(folder, placement, base_model)
+    texts = [render_prompt(e, prompt) for e in examples]
+    with bar(f"eval {name}: {predictor.head} head", len(examples)) as advance:
+        t0 = time.perf_counter()
+        pred = predictor.predict_examples(examples, prompt)
+        seconds = time.perf_counter() - t0
+        advance(len(examples))
+    if predictor.head == "span":
+        pred = [p or None for p in pred]  # no span found: unanswered, as an empty reply is for any contender
+    outputs = [p if isinstance(p, str) or p is None else f"{p:.2f}" for p in pred]
+    res = score_outputs(task, name, description, "llm", examples, texts, outputs, parsed=pred,
+                        scoring=f"{predictor.head} head")
+    res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(examples)), 2)
+    res.metrics["parameters"] = predictor.total_params
+    return res
+
+
+def export_head(folder: Path, out: Path, base_model: str | None = None) -> Path:
+    """A trained head as one plain transformers folder: LoRA merged into the base weights, the head layer, the
+    tokenizer and head.json (labels or target transform), loadable by ``AutoModelFor…`` and by
+    ``tunesmith serve --adapter`` with no base model."""
+    import shutil
+
+    predictor = HeadPredictor(folder, base_model=base_model)
+    model = predictor.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    predictor.tokenizer.save_pretrained(out)
+    write_head_meta(out, {**predictor.meta, "merged_from": predictor.meta.get("base_model")})
+    if (Path(folder) / "labels.json").is_file():
+        shutil.copy(Path(folder) / "labels.json", out / "labels.json")
+    return out

@@ -1,0 +1,270 @@
+"""head: regression and head: span, on the tiny Llama and on a tiny BERT encoder, as arms of one run."""
+
+import json
+
+import pytest
+
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+HEAD_TRAIN = {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2, "max_seq_length": 48,
+              "lr_scheduler": "constant"}
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _cli(args):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from rich.console import Console
+
+    import tunesmith.cli as cli_mod
+
+    buf = io.StringIO()
+    cli_mod.console = cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+    with redirect_stdout(buf), redirect_stderr(buf):
+        code = cli_mod.main(args)
+    return code, buf.getvalue()
+
+
+def test_target_transform_round_trips_and_refuses_negative_prices_for_log1p():
+    from tunesmith.errors import DataError
+    from tunesmith.train.heads import Target
+
+    t = Target("log1p").fit([100.0, 1000.0, 10000.0])
+    assert t.mean == pytest.approx(sum(__import__("math").log1p(v) for v in (100, 1000, 10000)) / 3)
+    for v in (0.0, 99.0, 12345.0):
+        assert t.decode(t.encode(v)) == pytest.approx(v)
+    assert abs(t.encode(1000.0)) < 0.1  # standardised: the middle of the range sits near 0
+    with pytest.raises(DataError, match="target_transform: none"):
+        Target("log1p").fit([5.0, -1.0])
+    assert Target("none").fit([-3.0, 3.0]).decode(1.0) == pytest.approx(3.0)
+
+
+def test_parse_prompt_recovers_the_fields_of_a_rendered_template():
+    from tunesmith.train.heads import parse_prompt
+
+    assert parse_prompt("{context}\n\nQ: {question}", "A long\n\ntext.\n\nQ: who?") == {
+        "context": "A long\n\ntext.", "question": "who?"}
+    assert parse_prompt("{context}\n\nQ: {question}", "no question here") is None
+
+
+def test_span_windows_overlap_cover_the_whole_context_and_label_the_answer(tiny_bert_dir, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tunesmith.records import Example
+    from tunesmith.train.heads import answer_span, label_window, windows
+
+    context = " ".join(r["text"] for r in banking_rows(LABELS, 5))
+    answer = context.split()[-4] + " " + context.split()[-3]
+    ex = Example("x", {"context": context, "question": "what?"}, answer, {"answers": [answer]})
+    for folder in (tiny_bert_dir, tiny_model_dir):
+        tok = AutoTokenizer.from_pretrained(folder)
+        rows = windows(tok, "what?", context, 40, 12)
+        assert len(rows) > 2 and all(r["length"] <= 40 for r in rows)
+        covered = sorted({o for r in rows for o in r["offsets"] if o is not None})
+        assert covered[0][0] <= len(context) - len(context.lstrip()) + 1 and covered[-1][1] >= len(context.rstrip())
+        for a, b in zip(rows, rows[1:], strict=False):  # neighbours share tokens: no context falls between two windows
+            assert {o for o in a["offsets"] if o} & {o for o in b["offsets"] if o}
+        span = answer_span(ex, context)
+        labelled = [(r, label_window(r, span)) for r in rows]
+        hits = [(r, s, e) for r, (s, e) in labelled if (s, e) != (0, 0)]
+        assert hits
+        for r, s, e in hits:
+            assert context[r["offsets"][s][0] : r["offsets"][e][1]].strip() == answer
+
+
+def _price_rows():
+    rows = []
+    for r in banking_rows(LABELS, 12):
+        words = len(r["text"].split())
+        rows.append({"text": r["text"], "price": str(40 * words + (500 if r["category"] == "card_arrival" else 0))})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def price_run(tmp_path_factory, tiny_model_dir, tiny_bert_dir):
+    """A regression run with a decoder head arm and an encoder head arm (trained once for this module)."""
+    tmp_path = tmp_path_factory.mktemp("price")
+    data = write_jsonl(tmp_path / "d.jsonl", _price_rows())
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="price", seed=3, split={"train": 26, "val": 0, "test": 10},
+                         data={"task": "regression", "target_field": "price", "prompt": "{text}"},
+                         train=HEAD_TRAIN, eval={"max_new_tokens": 4, "bootstrap": 200, "baselines": ["mean"]})
+    doc["arms"] = [{"name": "llm-head", "train": {"head": "regression"}},
+                   {"name": "encoder-head", "model": {"name": str(tiny_bert_dir)},
+                    "train": {"head": "regression", "adapter": "full"}}]
+    code, out = _cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 0, out
+    return tmp_path / "runs" / "price"
+
+
+def test_regression_head_arms_on_a_decoder_and_an_encoder_report_units_time_params_and_latency(
+        price_run, tiny_bert_dir):
+    run = price_run
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "llm-head", "encoder-head", "mean"}
+    preds = _lines(run / "eval" / "predictions.jsonl")
+    gold = [p["gold"] for p in preds if p["model"] == "mean"]
+    for arm in ("llm-head", "encoder-head"):
+        m = metrics[arm]
+        assert m["scoring"] == "regression head" and m["unparseable"] == 0 and m["mae_ci95"]
+        assert m["latency_ms"] > 0 and m["parameters"] > 0
+        mine = [p["parsed"] for p in preds if p["model"] == arm]
+        # answers are prices in the target's units (rupees here), not standardised log values
+        assert min(mine) > 50 and max(mine) < 100 * max(gold)
+        assert m["mae"] == pytest.approx(sum(abs(a - b) for a, b in zip(mine, gold, strict=True)) / len(gold))
+    head = json.loads((run / "arms" / "encoder-head" / "train" / "head" / "head.json").read_text())
+    assert head["head"] == "regression" and head["target"]["transform"] == "log1p"
+    assert head["base_model"] == str(tiny_bert_dir)
+    assert metrics["encoder-head"]["parameters"] < metrics["llm-head"]["parameters"]
+    report = (run / "report.md").read_text()
+    assert "ms / example" in report and "train time" in report and "parameters" in report
+    row = next(line for line in report.splitlines() if line.startswith("| encoder-head"))
+    assert " s |" in row  # its training time is in the comparison table
+
+
+def _squad(tmp_path, n=12):
+    paragraphs = []
+    for i in range(n):
+        rows = banking_rows(LABELS, 12)[i : i + 4]
+        context = " ".join(r["text"] for r in rows)
+        answer = " ".join(rows[-1]["text"].split()[:3])  # in the last message: beyond the first window
+        start = context.index(answer, len(context) - len(rows[-1]["text"]) - 1)
+        paragraphs.append({"context": context, "qas": [{"id": f"q{i}", "question": "What does the last one say?",
+                                                        "answers": [{"text": answer, "answer_start": start}]}]})
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": f"t{k}", "paragraphs": [p]}
+                                                         for k, p in enumerate(paragraphs)]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def span_run(tmp_path_factory, tiny_model_dir, tiny_bert_dir):
+    """An extractive QA run with a decoder span arm and an encoder span arm."""
+    tmp_path = tmp_path_factory.mktemp("span")
+    doc = {"name": "span", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(tiny_model_dir)},
+           "data": {"path": str(_squad(tmp_path)), "task": "qa", "input_fields": ["context", "question"],
+                    "target_field": "answers", "prompt": "{context}\n\nQ: {question}",
+                    "split": {"train": 8, "val": 0, "test": 4, "group_field": "title"}},
+           "train": {**HEAD_TRAIN, "max_seq_length": 40, "span_stride": 12},
+           "eval": {"max_new_tokens": 6, "stop": ["\n"], "bootstrap": 100},
+           "arms": [{"name": "llm-span", "train": {"head": "span"}},
+                    {"name": "encoder-span", "model": {"name": str(tiny_bert_dir)}, "train": {"head": "span"}}]}
+    code, out = _cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 0, out
+    return tmp_path / "runs" / "span"
+
+
+def test_span_head_arms_answer_with_spans_of_the_context_scored_by_the_squad_rules(span_run):
+    run = span_run
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"llm-span", "encoder-span"} <= set(metrics)
+    for arm in ("llm-span", "encoder-span"):
+        assert metrics[arm]["scoring"] == "span head" and "exact_match" in metrics[arm]
+        for p in (p for p in _lines(run / "eval" / "predictions.jsonl") if p["model"] == arm):
+            context = p["prompt"].split("\n\nQ: ")[0]
+            assert p["output"] and p["output"] in context  # a span of the context, never generated text
+    summary = json.loads((run / "arms" / "encoder-span" / "train" / "summary.json").read_text())
+    assert summary["kind"] == "head" and summary["examples"] > 8  # several windows per context
+    assert summary["trainable_tensors_changed"] > 0
+
+
+def test_a_head_that_does_not_fit_the_task_and_an_encoder_without_a_head_are_refused(tmp_path, tiny_bert_dir):
+    from tunesmith.config import validate_recipe
+    from tunesmith.errors import ConfigError
+
+    doc = banking_recipe(tmp_path, tiny_bert_dir, tmp_path / "d.jsonl", name="x", seed=1, split={"train": 4, "val": 0, "test": 2})
+    with pytest.raises(ConfigError, match="is an encoder"):
+        validate_recipe(doc)
+    with pytest.raises(ConfigError, match="head span needs data.task qa"):
+        validate_recipe({**doc, "train": {"head": "span"}})
+    validate_recipe({**doc, "train": {"head": "classifier"}})
+
+
+def _served(run, arm, head):
+    return run / "arms" / arm / "train" / head
+
+
+def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_export_merged(
+        price_run, span_run, tiny_model_dir, tiny_bert_dir, tmp_path):
+    """An OpenAI-client user asks a head like any chat model and gets the number or the span the evaluation
+    scored; the merged export answers the same without its base model."""
+    import openai
+
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.launch import parse_adapters
+    from tunesmith.train.export import export_merged
+
+    merged = export_merged(price_run / "arms" / "llm-head", tmp_path / "merged")
+    labelled = _classifier_folder(tmp_path / "cls", tiny_bert_dir)
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    adapters = parse_adapters([f"price-llm={_served(price_run, 'llm-head', 'head')}",
+                               f"price-encoder={_served(price_run, 'encoder-head', 'head')}",
+                               f"price-merged={merged}",
+                               f"span-encoder={_served(span_run, 'encoder-span', 'head')}",
+                               f"labels={labelled}"])
+    engine = Engine(str(tiny_model_dir), adapters, max_batch=4, wait_ms=10)
+    settings = ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path / "serve")
+    from .conftest import running_server
+
+    with running_server(create_app(settings, engine)) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        assert {m.id for m in client.models.list()} >= set(adapters)
+        cases = [("price-llm", price_run, "llm-head"), ("price-encoder", price_run, "encoder-head"),
+                 ("price-merged", price_run, "llm-head"), ("span-encoder", span_run, "encoder-span")]
+        for model, run, arm in cases:
+            preds = [p for p in _lines(run / "eval" / "predictions.jsonl") if p["model"] == arm]
+            for p in preds[:4]:
+                reply = client.chat.completions.create(
+                    model=model, messages=[{"role": "system", "content": "Answer."}, {"role": "user", "content": p["prompt"]}])
+                text = reply.choices[0].message.content
+                assert reply.choices[0].finish_reason == "stop" and reply.usage.prompt_tokens > 0
+                if "price" in model:
+                    assert float(text) == pytest.approx(p["parsed"], rel=1e-3, abs=0.01), (model, p["id"])
+                else:
+                    assert text == p["output"], (model, p["id"])
+        from tunesmith.train.heads import HeadPredictor
+
+        local = HeadPredictor(labelled)
+        texts = [r["text"] for r in banking_rows(LABELS, 3)]
+        for text, probs in zip(texts, local.probabilities(texts), strict=True):
+            reply = client.chat.completions.create(model="labels", messages=[{"role": "user", "content": text}])
+            assert reply.choices[0].message.content == LABELS[max(range(3), key=probs.__getitem__)]
+        stream = client.chat.completions.create(model="price-encoder", stream=True,
+                                                messages=[{"role": "user", "content": preds[0]["prompt"]}])
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        with pytest.raises(openai.BadRequestError, match="prompt template"):
+            client.chat.completions.create(model="span-encoder", messages=[{"role": "user", "content": "no template"}])
+
+
+def _classifier_folder(folder, encoder):
+    """A full classifier head on the tiny encoder, saved as training saves one (untrained: any fixed weights do)."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.models.loading import pick_placement
+    from tunesmith.train.classifier import load_classifier
+    from tunesmith.train.heads import write_head_meta
+
+    tok = AutoTokenizer.from_pretrained(encoder)
+    load_classifier(str(encoder), list(LABELS), pick_placement(), tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_head_meta(folder, {"head": "classifier", "base_model": str(encoder), "labels": list(LABELS),
+                             "prompt": "{text}", "input_fields": ["text"], "max_length": 64})
+    return folder
+
+
+def test_serve_options_name_what_a_head_folder_can_and_cannot_do(tmp_path, tiny_bert_dir):
+    from tunesmith.errors import ConfigError
+    from tunesmith.serve.launch import parse_adapters, vllm_command
+
+    head = _classifier_folder(tmp_path / "cls", tiny_bert_dir)
+    assert parse_adapters([f"h={head}"]) == {"h": str(head)}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="nor a trained head"):
+        parse_adapters([f"x={tmp_path / 'empty'}"])
+    with pytest.raises(ConfigError, match="built-in server only"):
+        vllm_command("base", {"h": str(head)}, "127.0.0.1", 8000)
