@@ -403,6 +403,8 @@ class EvalSection(Section):
     judge: JudgeSpec | None = None
     perplexity: bool = Field(True, description="mean loss / perplexity of the gold answers per local model")
     stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
+    allow_random_model: bool = Field(
+        False, description="evaluate a random:<arch> model (random weights; its scores mean nothing)")
 
     @field_validator("baselines")
     @classmethod

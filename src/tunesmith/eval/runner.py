@@ -113,6 +113,10 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     test = test[: recipe.eval.max_examples] if recipe.eval.max_examples else test
     if not test:
         raise DataError("the test split is empty; give data.split.test a size > 0")
+    if contenders and not recipe.eval.allow_random_model:
+        from tunesmith.models.random_weights import refuse_random
+
+        refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
     task = make_task(recipe.task_kind, recipe.eval, labels)
     console.print(f"task: {task.name}; {len(test)} test example(s); headline metric: {task.headline}")
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]

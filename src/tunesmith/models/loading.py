@@ -59,13 +59,19 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, placement: Placement) -> Any:
-    """Load a causal LM from an embedded name, local folder or HF id, in eval mode."""
+def load_model(name: str, placement: Placement, attn_implementation: str | None = None) -> Any:
+    """Load a causal LM from an embedded name, local folder or HF id, in eval mode; a ``random:`` name is
+    built with random weights directly on the device. ``attn_implementation`` None keeps transformers' choice."""
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.models.random_weights import build, is_random
+
     ref = resolve(name)
+    if is_random(ref) and not any(Path(ref).glob("*.safetensors")):
+        return build(Path(ref), placement, attn_implementation)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=placement.torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=placement.torch_dtype, **extra)
     except OSError as exc:
         raise ModelError(_not_found_message(name, exc)) from exc
     model.to(placement.device)
@@ -108,20 +114,26 @@ def check_adapter_device(adapter: str, placement: Placement) -> None:
         raise ConfigError("train.adapter: qlora needs bitsandbytes: pip install bitsandbytes") from exc
 
 
-def load_model_for(name: str, placement: Placement, adapter: str = "lora") -> Any:
+def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_implementation: str | None = None) -> Any:
     """Load the base model for an adapter: 4-bit NF4 for QLoRA (CUDA), else as :func:`load_model`."""
     check_adapter_device(adapter, placement)
     if adapter != "qlora":
-        return load_model(name, placement)
+        return load_model(name, placement, attn_implementation)
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from tunesmith.models.random_weights import is_random, save_weights
+
+    ref = resolve(name)
+    if is_random(ref):  # the 4-bit loader reads files: write the seeded random weights once
+        save_weights(Path(ref))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=placement.torch_dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve(name), quantization_config=quant, dtype=placement.torch_dtype,
-        device_map={"": torch.cuda.current_device()},
+        ref, quantization_config=quant, dtype=placement.torch_dtype,
+        device_map={"": torch.cuda.current_device()}, **extra,
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
