@@ -16,6 +16,7 @@ class Placement:
 
     device: str  # "cpu" | "cuda" | "mps"
     dtype: str  # "float32" | "bfloat16" | "float16"
+    path: Any = None  # the training path (tunesmith.train.device.TrainPath) when training
 
     @property
     def torch_dtype(self):
@@ -33,15 +34,12 @@ def pick_placement(precision: str = "auto", device: str = "auto") -> Placement:
     """
     import torch
 
+    from tunesmith.train.device import precision_dtype
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            precision = "bf16"
-        else:
-            precision = "fp32"
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-    return Placement(device=device, dtype=dtype)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return Placement(device=device, dtype=precision_dtype(precision, device, bf16))
 
 
 def load_tokenizer(name: str):
@@ -66,6 +64,8 @@ def load_model(name: str, placement: Placement, attn_implementation: str | None 
 
     from tunesmith.models.random_weights import build, is_random
 
+    if attn_implementation is None and placement.path is not None:
+        attn_implementation = placement.path.attn_implementation
     ref = resolve(name)
     if is_random(ref) and not any(Path(ref).glob("*.safetensors")):
         return build(Path(ref), placement, attn_implementation)
@@ -125,6 +125,8 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_
 
     from tunesmith.models.random_weights import is_random, save_weights
 
+    if attn_implementation is None and placement.path is not None:
+        attn_implementation = placement.path.attn_implementation
     ref = resolve(name)
     if is_random(ref):  # the 4-bit loader reads files: write the seeded random weights once
         save_weights(Path(ref))
