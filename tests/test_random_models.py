@@ -1,6 +1,8 @@
 """Architecture-faithful random models: the shipped config facts, scaled-down builds of every
 architecture that train a step, and the refusals that keep random weights out of evaluation."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -110,3 +112,12 @@ def test_serving_refuses_a_random_model_unless_asked(tmp_path):
 
     with pytest.raises(ModelError, match="--allow-random-model"):
         create_app(ServeSettings(model="random:llama-3.2-1b", data_dir=tmp_path))
+
+
+def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home):
+    from tunesmith.models.registry import resolve
+    from tunesmith.train.estimate import model_shape
+
+    for arch, count in PUBLISHED.items():  # full size: config.json only, nothing is built
+        shape = model_shape(Path(resolve(f"random:{arch}?tokenizer={tiny_model_dir}")))
+        assert abs(shape.params - count) / count < 0.002, arch  # biases (Qwen) are left out of the count

@@ -143,6 +143,10 @@ def test_train_command_writes_adapter_metrics_and_plot(cli, tmp_path, tiny_model
     assert all(0 <= float(r["train_accuracy"]) <= 1 and float(r["tokens_per_second"]) > 0 for r in trained)
     assert all(float(r["peak_memory_mb"]) > 0 for r in trained)
     assert int(trained[-1]["num_tokens"]) > int(trained[0]["num_tokens"])
+    path = json.loads((run / "train/summary.json").read_text())["train_path"]  # the chosen path, stated
+    assert (path["device"], path["dtype"], path["packing"], path["optimizer"]) == ("cpu", "float32", "block_mask",
+                                                                                "adamw_torch")
+    assert path["gradient_checkpointing"] is False and path["reasons"]["dtype"].startswith("fp32")
     assert [r for r in table if r["valid_loss"]] and all(
         0 <= float(r["valid_mean_token_accuracy"]) <= 1 for r in table if r["valid_loss"]
     )

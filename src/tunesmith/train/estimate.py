@@ -90,11 +90,12 @@ def model_shape(folder: Path) -> Shape:
         ]
     else:
         inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+        q_dim = heads * head_dim  # differs from hidden in some models (Gemma-2: 8 x 256 vs 2304)
         per_layer = [
-            (hidden, hidden),
+            (q_dim, hidden),
             (kv_dim, hidden),
             (kv_dim, hidden),
-            (hidden, hidden),
+            (hidden, q_dim),
             (inter, hidden),
             (inter, hidden),
             (hidden, inter),
