@@ -233,9 +233,7 @@ def _profiled(trainer, device: str):
 
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
-    from dataclasses import replace
-
-    from tunesmith.models.loading import load_model_for, load_tokenizer, pick_placement
+    from tunesmith.models.loading import Placement, load_model_for, load_tokenizer
     from tunesmith.train.device import decide, resolved
     from tunesmith.train.packing import PackedCollator
     from tunesmith.train.sft import build_trainer, prepare_model
@@ -243,7 +241,7 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int) ->
     recipe = recipe_for(cfg, args, out, examples_per_step)
     path = decide(recipe)
     recipe = resolved(recipe, path)
-    placement = replace(pick_placement(recipe.model.precision, recipe.model.device), path=path)
+    placement = Placement(path.device, path.dtype, path)
     tokenizer = load_tokenizer(recipe.model.name)
     tokenizer.padding_side = "right"
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
@@ -327,13 +325,11 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     recipe = recipe_for(cfg, args, out, args.head_batch)
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"target_field": "category",
                                                                              "prompt": "{text}"})})
-    from dataclasses import replace
-
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.models.loading import Placement
 
     path = decide(recipe)
     recipe = resolved(recipe, path)
-    placement = replace(pick_placement(), path=path)
+    placement = Placement(path.device, path.dtype, path)
     labels = sorted({label for _, label in banking})
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(banking)]
     tokenizer = load_tokenizer(name)

@@ -49,6 +49,16 @@ def test_attention_order_flash_then_sdpa_and_softcapping_models():
     assert choose_path(flash, gemma).attention == "flash_attention_2"
 
 
+def test_full_fine_tuning_on_a_gpu_keeps_fp32_master_weights_under_bf16_autocast(tmp_path):
+    from tunesmith.train.sft import base_args
+
+    p = choose_path(H100, Wishes(adapter="full"))
+    assert (p.dtype, p.autocast) == ("float32", "bfloat16") and "master weights" in p.reasons["dtype"]
+    assert base_args(_recipe(adapter="full"), Placement("cuda", "float32", p), tmp_path)["bf16"] is True
+    assert choose_path(H100, Wishes(adapter="full", precision="bf16")).autocast is None  # asked: pure bf16
+    assert choose_path(CPU, Wishes(adapter="full")).autocast is None
+
+
 def test_qlora_settings_and_refusals():
     q = choose_path(H100, Wishes(adapter="qlora"))
     assert q.quantization == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}

@@ -6,8 +6,9 @@ form, fused kernels, gradient checkpointing and 4-bit settings.
 chooses what tunesmith has always done there: fp32 (bf16 matmuls on CPUs without bf16 units run
 ~500x slower), no TF32, plain AdamW, transformers' default attention with the collator's explicit
 4D block mask for packing, no fused kernels, no gradient checkpointing (~1.7x slower backward; the
-micro-batch is halved instead when memory is short). On a CUDA GPU it chooses bf16 base weights,
-TF32 matmuls, fused AdamW, FlashAttention-2 where installed (else SDPA; flex attention or eager for
+micro-batch is halved instead when memory is short). On a CUDA GPU it chooses bf16 base weights
+(full fine-tuning: fp32 master weights under bf16 autocast), TF32 matmuls, fused AdamW,
+FlashAttention-2 where installed (else SDPA; flex attention or eager for
 models whose attention soft-caps its logits, which SDPA ignores), packing by restarting position
 ids (no mask from the collator: flash-attention runs variable-length kernels, flex builds a sparse
 block mask, SDPA builds its mask on the device), Liger's fused kernels where installed, gradient
@@ -69,6 +70,7 @@ class TrainPath:
     gradient_checkpointing: bool
     quantization: dict | None = None  # 4-bit settings for QLoRA
     reasons: dict[str, str] = field(default_factory=dict)
+    autocast: str | None = None  # bfloat16: fp32 weights, matmuls autocast to bf16 (full fine-tuning on a GPU)
 
     @property
     def attn_implementation(self) -> str | None:
@@ -81,7 +83,8 @@ class TrainPath:
         return self.packing == "block_mask"
 
     def describe(self) -> str:
-        parts = [f"{self.device} {self.dtype}", f"attention {self.attention}", f"packing {self.packing}",
+        dtype = self.dtype + (f" (autocast {self.autocast})" if self.autocast else "")
+        parts = [f"{self.device} {dtype}", f"attention {self.attention}", f"packing {self.packing}",
                  f"optimizer {self.optimizer}", f"kernels {self.kernels}",
                  "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"]
         if self.tf32:
@@ -116,6 +119,11 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
                     "bf16 weights on a GPU with bf16 units" if dtype == "bfloat16" else
                     "fp32: bf16 matmuls on a CPU without bf16 units are ~500x slower" if not gpu else
                     "fp32: this GPU has no bf16")
+    autocast = None
+    if gpu and wish.adapter == "full" and dtype == "bfloat16" and wish.precision == "auto":
+        dtype, autocast = "float32", "bfloat16"
+        why["dtype"] = ("full fine-tuning: fp32 master weights (updates smaller than bf16's resolution are not "
+                        "lost), matmuls in bf16 autocast")
     quant = None
     if wish.adapter == "qlora":
         if not gpu:
@@ -133,7 +141,7 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     packing, why["packing"] = _packing(wish, gpu, attention)
     kernels, why["kernels"] = _kernels(caps, wish, gpu)
     checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
-    return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why)
+    return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast)
 
 
 def _optimizer(wish: Wishes, gpu: bool) -> tuple[str, str]:

@@ -62,14 +62,12 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
-    from dataclasses import replace
-
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.models.loading import Placement, load_tokenizer
     from tunesmith.train.device import decide, resolved
 
     path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
     recipe = resolved(recipe, path)
-    placement = replace(pick_placement(recipe.model.precision, recipe.model.device), path=path)
+    placement = Placement(path.device, path.dtype, path)
     console.print(f"training path: {path.describe()}")
     recipe = fit_micro_batch(recipe, placement, console)
     tokenizer = load_tokenizer(recipe.model.name)

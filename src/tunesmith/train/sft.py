@@ -76,12 +76,12 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         weight_decay=t.weight_decay,
         optim=path.optimizer if path else ("adamw_torch" if t.optimizer == "auto" else t.optimizer),
         # bf16 autocast on a CPU without bf16 units is ~500x slower than fp32: follow the device.
-        bf16=placement.dtype == "bfloat16",
+        bf16=placement.dtype == "bfloat16" or bool(path and path.autocast == "bfloat16"),
         fp16=placement.dtype == "float16",
         tf32=True if path and path.tf32 else None,
         use_liger_kernel=bool(path and path.kernels == "liger"),
         # our loss asks for logits only where a target is: Liger's fused loss is not wired into it (yet)
-        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
                              "fused_linear_cross_entropy": False} if path and path.kernels == "liger" else None,
         use_cpu=placement.device == "cpu",
         activation_checkpointing=path.gradient_checkpointing if path else t.gradient_checkpointing is True,
