@@ -159,12 +159,12 @@ def recipe_for(cfg: Config, args, out: Path, examples_per_step: int):
 
 
 def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters()) * (2 if _is_4bit(model) else 1)
-
-
-def _is_4bit(model) -> bool:
-    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(getattr(model, "base_model", None),
-                                                                          "is_loaded_in_4bit", False))
+    """All parameters; a 4-bit weight counts its unquantised shape (bitsandbytes packs two per byte)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += state.shape.numel() if state is not None else p.numel()
+    return total
 
 
 # --- measuring a trainer ------------------------------------------------------------------------------

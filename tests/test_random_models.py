@@ -121,3 +121,16 @@ def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home
     for arch, count in PUBLISHED.items():  # full size: config.json only, nothing is built
         shape = model_shape(Path(resolve(f"random:{arch}?tokenizer={tiny_model_dir}")))
         assert abs(shape.params - count) / count < 0.002, arch  # biases (Qwen) are left out of the count
+
+
+def test_the_classifier_head_loads_a_random_model(tiny_model_dir, home):
+    from tunesmith.models.loading import Placement, load_tokenizer
+    from tunesmith.train.classifier import load_classifier
+
+    name = f"random:gemma-2-2b?layers=1&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
+    tok = load_tokenizer(name)
+    model = load_classifier(name, ["a", "b", "c"], Placement("cpu", "float32"), tok)
+    again = load_classifier(name, ["a", "b", "c"], Placement("cpu", "float32"), tok)
+    assert type(model).__name__ == "Gemma2ForSequenceClassification" and model.config.num_labels == 3
+    body = [n for n, _ in model.named_parameters() if not n.startswith("score")]
+    assert all(torch.equal(model.get_parameter(n), again.get_parameter(n)) for n in body)  # written once, reread

@@ -140,11 +140,12 @@ def folder_for(name: str) -> Path:
     folder = models_dir() / "random" / spec.slug
     if (folder / MARKER).is_file():
         return folder
+    import tempfile
+
     tok_folder = _tokenizer_folder(spec.tokenizer)
     cfg = scaled_config(spec)
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{spec.slug}-", dir=folder.parent))  # one per process: ranks may race
     for f in _TOKENIZER_FILES:
         if (tok_folder / f).is_file():
             shutil.copy2(tok_folder / f, staging / f)
@@ -156,8 +157,12 @@ def folder_for(name: str) -> Path:
     (staging / "config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     (staging / MARKER).write_text(json.dumps({"name": name, "arch": spec.arch, "seed": spec.seed,
                                               "tokenizer": spec.tokenizer}), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process wrote the same folder first: the same content
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / MARKER).is_file():
+            raise
     return folder
 
 
