@@ -71,11 +71,13 @@ def test_first_fit_rows_never_exceed_the_longest_example():
     assert all(sum(lengths[i] for i in b) <= 50 for b in bins) and len(bins) == 5  # 210 tokens: 5 is optimal
 
 
-@pytest.mark.parametrize("attn,kind", [("sdpa", "bool"), ("eager", "float"), ("sdpa", "none"), ("eager", "none")])
-def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind):
+@pytest.mark.parametrize("attn,kind,capacity", [("sdpa", "bool", None), ("eager", "float", None),
+                                                ("sdpa", "none", None), ("eager", "none", None), ("sdpa", "none", 4096)])
+def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
     """``bool``/``float``: the CPU path (the collator's 4D block mask). ``none``: the GPU path (packing by
     restarting position ids, no mask from the collator; the model builds the block mask from the position
-    ids, as it does for SDPA on a GPU; flash-attention's variable-length kernels read the same boundaries)."""
+    ids, as it does for SDPA on a GPU; flash-attention's variable-length kernels read the same boundaries).
+    ``capacity``: the whole batch in one row, without padding (what the GPU path does under FlashAttention-2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -83,9 +85,11 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind):
     rows = sorted(banking_rows(LABELS, 20), key=lambda r: len(r["text"]))
     rows = rows[:6] + rows[-2:]  # short and long real messages, so that short ones share a row
     feats = [tokenize_example(*_conv(r["text"], r["category"]), tok) for r in rows]
-    collate = PackedCollator(tok.pad_token_id, pack=True, mask_kind=kind)
+    collate = PackedCollator(tok.pad_token_id, pack=True, mask_kind=kind, capacity=capacity)
     packed = collate(feats)
     assert ("attention_mask" in packed) == (kind != "none")
+    if capacity:
+        assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in feats))  # one row, no padding
     assert packed["input_ids"].shape[0] < len(feats)  # several examples really share rows
     with torch.no_grad():
         loss, _, n = completion_loss(model, dict(packed))

@@ -178,7 +178,8 @@ def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
     if not wish.packing or wish.head == "classifier":
         return "off", "the classifier head never packs" if wish.head == "classifier" else "train.packing: false"
     if gpu:
-        how = {"flash_attention_2": "variable-length flash kernels read the sequence boundaries",
+        how = {"flash_attention_2": "variable-length flash kernels read the sequence boundaries, so each "
+                                    "micro-batch is one row without padding",
                "flex_attention": "transformers builds a sparse block mask from them",
                }.get(attention, "transformers builds the block mask on the GPU from them")
         return "position_ids", f"packed by restarting position ids; {how}"

@@ -156,8 +156,12 @@ def build_trainer(
     t = recipe.train
     train_ds = Dataset.from_list(tokenize_rows(train_rows, tokenizer, t.train_on_inputs))
     val_ds = Dataset.from_list(tokenize_rows(val_rows, tokenizer, t.train_on_inputs)) if val_rows else None
-    kind = mask_kind(model) if placement.path is None or placement.path.mask_in_collator else "none"
-    collator = PackedCollator(tokenizer.pad_token_id, pack=t.packing, mask_kind=kind, dtype=placement.torch_dtype)
+    path = placement.path
+    kind = mask_kind(model) if path is None or path.mask_in_collator else "none"
+    # variable-length flash kernels cost nothing per row: the whole micro-batch in one row, no padding at all
+    flat = path is not None and path.packing == "position_ids" and path.attention == "flash_attention_2"
+    collator = PackedCollator(tokenizer.pad_token_id, pack=t.packing, mask_kind=kind, dtype=placement.torch_dtype,
+                              capacity=t.batch_size * t.max_seq_length if flat else None)
     args = training_args(recipe, placement, out_dir, has_val=val_ds is not None, **arg_overrides)
     callbacks = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience and val_ds else []
