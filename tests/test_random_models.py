@@ -134,3 +134,23 @@ def test_the_classifier_head_loads_a_random_model(tiny_model_dir, home):
     assert type(model).__name__ == "Gemma2ForSequenceClassification" and model.config.num_labels == 3
     body = [n for n, _ in model.named_parameters() if not n.startswith("score")]
     assert all(torch.equal(model.get_parameter(n), again.get_parameter(n)) for n in body)  # written once, reread
+
+
+def test_train_command_trains_a_random_model_and_its_summary_says_so_first(cli, tmp_path, tiny_model_dir, home):
+    import json
+
+    from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
+
+    name = f"random:qwen2.5-7b?layers=2&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked"), 8))
+    doc = banking_recipe(tmp_path, name, data, name="rand-train", seed=1, split={"train": 12, "val": 0, "test": 4},
+                         train={"max_steps": 2, "batch_size": 4, "max_seq_length": 96, "logging_steps": 1})
+    recipe = write_recipe(tmp_path / "r.yaml", doc)
+    code, out = cli(["train", str(recipe), "--estimate"])
+    assert code == 0 and "Expected peak memory" in out, out
+    code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    assert "training path: cpu float32" in out
+    summary = json.loads((tmp_path / "runs/rand-train/train/summary.json").read_text())
+    assert list(summary)[0] == "random_weights" and name in summary["random_weights"]
+    assert summary["train_path"]["packing"] == "block_mask" and summary["trainable_tensors_changed"] > 0
