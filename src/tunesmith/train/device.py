@@ -253,7 +253,7 @@ def model_softcaps(name: str) -> bool:
 
     try:
         cfg = json.loads((Path(resolve(name)) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, Exception):  # noqa: BLE001 - a hub id or unreadable config: assume not
+    except Exception:  # noqa: BLE001 - a hub id, an unreadable config, a tokenizer not pulled yet: assume not
         return False
     return bool(cfg.get("text_config", cfg).get("attn_logit_softcapping"))
 
