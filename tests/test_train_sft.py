@@ -71,8 +71,13 @@ def test_first_fit_rows_never_exceed_the_longest_example():
     assert all(sum(lengths[i] for i in b) <= 50 for b in bins) and len(bins) == 5  # 210 tokens: 5 is optimal
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
+@pytest.mark.parametrize("attn,kind,capacity", [("sdpa", "bool", None), ("eager", "float", None),
+                                                ("sdpa", "none", None), ("eager", "none", None), ("sdpa", "none", 4096)])
+def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
+    """``bool``/``float``: the CPU path (the collator's 4D block mask). ``none``: the GPU path (packing by
+    restarting position ids, no mask from the collator; the model builds the block mask from the position
+    ids, as it does for SDPA on a GPU; flash-attention's variable-length kernels read the same boundaries).
+    ``capacity``: the whole batch in one row, without padding (what the GPU path does under FlashAttention-2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -80,8 +85,11 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
     rows = sorted(banking_rows(LABELS, 20), key=lambda r: len(r["text"]))
     rows = rows[:6] + rows[-2:]  # short and long real messages, so that short ones share a row
     feats = [tokenize_example(*_conv(r["text"], r["category"]), tok) for r in rows]
-    collate = PackedCollator(tok.pad_token_id, pack=True, mask_kind="bool" if attn == "sdpa" else "float")
+    collate = PackedCollator(tok.pad_token_id, pack=True, mask_kind=kind, capacity=capacity)
     packed = collate(feats)
+    assert ("attention_mask" in packed) == (kind != "none")
+    if capacity:
+        assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in feats))  # one row, no padding
     assert packed["input_ids"].shape[0] < len(feats)  # several examples really share rows
     with torch.no_grad():
         loss, _, n = completion_loss(model, dict(packed))
@@ -99,9 +107,10 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn):
         .tril()[None, None]
         .expand(leaky["input_ids"].shape[0], 1, -1, -1)
     )
-    leaky["attention_mask"] = (
-        causal if attn == "sdpa" else torch.zeros(causal.shape).masked_fill(~causal, -3e38)
-    )
+    if kind == "none":  # position ids that do not restart: nothing tells the model where examples end
+        leaky["position_ids"] = torch.arange(width).expand_as(leaky["input_ids"])
+    else:
+        leaky["attention_mask"] = causal if kind == "bool" else torch.zeros(causal.shape).masked_fill(~causal, -3e38)
     with torch.no_grad():
         leaky_loss, _, _ = completion_loss(model, leaky)
     assert abs(leaky_loss.item() * n - alone_sum) > 1e-3
@@ -138,6 +147,10 @@ def test_train_command_writes_adapter_metrics_and_plot(cli, tmp_path, tiny_model
     assert all(0 <= float(r["train_accuracy"]) <= 1 and float(r["tokens_per_second"]) > 0 for r in trained)
     assert all(float(r["peak_memory_mb"]) > 0 for r in trained)
     assert int(trained[-1]["num_tokens"]) > int(trained[0]["num_tokens"])
+    path = json.loads((run / "train/summary.json").read_text())["train_path"]  # the chosen path, stated
+    assert (path["device"], path["dtype"], path["packing"], path["optimizer"]) == ("cpu", "float32", "block_mask",
+                                                                                "adamw_torch")
+    assert path["gradient_checkpointing"] is False and path["reasons"]["dtype"].startswith("fp32")
     assert [r for r in table if r["valid_loss"]] and all(
         0 <= float(r["valid_mean_token_accuracy"]) <= 1 for r in table if r["valid_loss"]
     )

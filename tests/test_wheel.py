@@ -31,10 +31,12 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         return subprocess.run(args, cwd=where, env=env, capture_output=True, text=True, timeout=120)
 
     probe = run(str(venv / "bin/python"), "-c", "import tunesmith, importlib.resources as r; print(tunesmith.__file__); "
-                "print(r.files('tunesmith.serve').joinpath('static', 'dashboard.html').is_file())")
+                "print(r.files('tunesmith.serve').joinpath('static', 'dashboard.html').is_file()); "
+                "from tunesmith.models.random_weights import architectures; print(','.join(architectures()))")
     assert probe.returncode == 0, probe.stderr
-    module_file, has_dashboard = probe.stdout.split()
+    module_file, has_dashboard, archs = probe.stdout.split()
     assert module_file.startswith(str(venv)) and has_dashboard == "True", probe.stdout
+    assert {"llama-3.2-1b", "llama-3.1-8b", "qwen2.5-7b", "gemma-2-2b"} <= set(archs.split(","))  # package data
     help_ = run(str(venv / "bin/tunesmith"), "--help")
     assert help_.returncode == 0 and "serve" in help_.stdout, help_.stderr
     models = run(str(venv / "bin/tunesmith"), "models", "list")

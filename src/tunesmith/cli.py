@@ -312,6 +312,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
+    allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
@@ -333,7 +334,8 @@ def serve(
         err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
     _quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, max_tokens=max_tokens,
-                             request_timeout_s=request_timeout, max_batch=max_batch, docs=docs)
+                             request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
+                             allow_random_model=allow_random_model)
     serve_builtin(settings, host, port, say=console.print)
 # --- tunesmith data ... ----------------------------------------------------------------------
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"

@@ -325,10 +325,19 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal[
-        "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
-    ] = "adamw_torch"
+        "auto", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
+    ] = Field("auto", description="auto: adamw_torch on a CPU, adamw_torch_fused on a CUDA GPU, "
+              "paged_adamw_8bit for qlora")
     max_seq_length: int = Field(512, ge=8)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="auto: off on a CPU; on a CUDA GPU only when the memory estimate says the batch "
+        "would not fit without it")
+    attention: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="auto: transformers' default on a CPU; on a CUDA GPU flash_attention_2 where "
+        "flash-attn is installed, else sdpa (flex_attention or eager for models that soft-cap attention logits)")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="fused Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on where CUDA and "
+        "liger-kernel are present")
     group_by_length: Literal["auto"] | bool = Field(
         "auto", description="batch examples of similar length; auto: only where batches are not packed "
         "(without packing, or with head: classifier, which never packs)"
@@ -437,6 +446,8 @@ class EvalSection(Section):
     judge: JudgeSpec | None = None
     perplexity: bool = Field(True, description="mean loss / perplexity of the gold answers per local model")
     stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
+    allow_random_model: bool = Field(
+        False, description="evaluate a random:<arch> model (random weights; its scores mean nothing)")
 
     @field_validator("baselines")
     @classmethod

@@ -133,9 +133,17 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
         "peak memory": f"{result.peak_memory_mb:,.0f} MB",
         "train loss first → last": _loss_span(result.rows),
         "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
+        "training path": _path_line(result.train_path),
     }
     done.write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2), encoding="utf-8")
     return summary
+
+
+def _path_line(path: dict | None) -> str:
+    """The chosen training path in one line (device, dtype, attention, packing, optimizer, kernels, ...)."""
+    from tunesmith.train.device import TrainPath
+
+    return TrainPath(**path).describe() if path else "–"
 
 
 def _from_arm(recipe: Recipe, name: str) -> Path | None:

@@ -210,6 +210,7 @@ class Report:
     images: dict[str, Path]
     comparisons: list[dict]
     sections: dict[str, dict] = field(default_factory=dict)  # extra tables (training, time per stage)
+    notice: str | None = None  # the first line, above the title (a model with random weights)
 
     def headline(self) -> str:
         """The sentence at the top: the best fine-tuned model against base and the best baseline."""
@@ -233,7 +234,7 @@ class Report:
 
     def markdown(self, base_dir: Path) -> str:
         headers, rows = table_rows(self.task, self.results)
-        out = [f"# {self.title}\n\n"]
+        out = ([self.notice + "\n\n"] if self.notice else []) + [f"# {self.title}\n\n"]
         if self.headline():
             out.append(self.headline() + "\n\n")
         out += ["| " + " | ".join(headers) + " |\n", "|" + "---|" * len(headers) + "\n"]
@@ -258,6 +259,7 @@ class Report:
             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;"
             "margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;font-size:14px}th{background:#f3f3f3}"
             "img{max-width:100%;border:1px solid #eee}</style></head><body>",
+            f"<p><b>{e(self.notice.replace('**', ''))}</b></p>" if self.notice else "",
             f"<h1>{e(self.title)}</h1>",
             f"<p>{e(self.headline().replace('**', ''))}</p><table><tr>" if self.headline() else "<table><tr>",
             "".join(f"<th>{e(h)}</th>" for h in headers), "</tr>",
@@ -300,6 +302,9 @@ def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], t
     (eval_dir / "comparisons.json").write_text(json.dumps(comps, indent=2), encoding="utf-8")
     report = Report(f"{recipe.name}: evaluation ({task.name}, {len(test)} test examples)", task, results, summary,
                     judge, make_plots(task, results, test, eval_dir), comps)
+    from tunesmith.models.random_weights import report_line
+
+    report.notice = report_line(recipe.model.name)
     md = eval_dir / "report.md"
     md.write_text(report.markdown(eval_dir), encoding="utf-8")
     page = eval_dir / "report.html"

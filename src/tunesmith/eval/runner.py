@@ -166,6 +166,10 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
     bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
     if not test:
         raise DataError("the test split is empty; give data.split.test a size > 0")
+    if contenders and not recipe.eval.allow_random_model:
+        from tunesmith.models.random_weights import refuse_random
+
+        refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
     task = make_task(recipe.task_kind, recipe.eval, labels)
     test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     summary = {**summary, "test examples scored": scored}

@@ -16,6 +16,7 @@ class Placement:
 
     device: str  # "cpu" | "cuda" | "mps"
     dtype: str  # "float32" | "bfloat16" | "float16"
+    path: Any = None  # the training path (tunesmith.train.device.TrainPath) when training
 
     @property
     def torch_dtype(self):
@@ -33,15 +34,12 @@ def pick_placement(precision: str = "auto", device: str = "auto") -> Placement:
     """
     import torch
 
+    from tunesmith.train.device import precision_dtype
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if precision == "auto":
-        if device == "cuda" and torch.cuda.is_bf16_supported():
-            precision = "bf16"
-        else:
-            precision = "fp32"
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-    return Placement(device=device, dtype=dtype)
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+    return Placement(device=device, dtype=precision_dtype(precision, device, bf16))
 
 
 def load_tokenizer(name: str):
@@ -59,13 +57,21 @@ def load_tokenizer(name: str):
     return tok
 
 
-def load_model(name: str, placement: Placement) -> Any:
-    """Load a causal LM from an embedded name, local folder or HF id, in eval mode."""
+def load_model(name: str, placement: Placement, attn_implementation: str | None = None) -> Any:
+    """Load a causal LM from an embedded name, local folder or HF id, in eval mode; a ``random:`` name is
+    built with random weights directly on the device. ``attn_implementation`` None keeps transformers' choice."""
     from transformers import AutoModelForCausalLM
 
+    from tunesmith.models.random_weights import build, is_random
+
+    if attn_implementation is None and placement.path is not None:
+        attn_implementation = placement.path.attn_implementation
     ref = resolve(name)
+    if is_random(ref) and not any(Path(ref).glob("*.safetensors")):
+        return build(Path(ref), placement, attn_implementation)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, dtype=placement.torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(ref, dtype=placement.torch_dtype, **extra)
     except OSError as exc:
         raise ModelError(_not_found_message(name, exc)) from exc
     model.to(placement.device)
@@ -108,20 +114,28 @@ def check_adapter_device(adapter: str, placement: Placement) -> None:
         raise ConfigError("train.adapter: qlora needs bitsandbytes: pip install bitsandbytes") from exc
 
 
-def load_model_for(name: str, placement: Placement, adapter: str = "lora") -> Any:
+def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_implementation: str | None = None) -> Any:
     """Load the base model for an adapter: 4-bit NF4 for QLoRA (CUDA), else as :func:`load_model`."""
     check_adapter_device(adapter, placement)
     if adapter != "qlora":
-        return load_model(name, placement)
+        return load_model(name, placement, attn_implementation)
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from tunesmith.models.random_weights import is_random, save_weights
+
+    if attn_implementation is None and placement.path is not None:
+        attn_implementation = placement.path.attn_implementation
+    ref = resolve(name)
+    if is_random(ref):  # the 4-bit loader reads files: write the seeded random weights once
+        save_weights(Path(ref))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=placement.torch_dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve(name), quantization_config=quant, dtype=placement.torch_dtype,
-        device_map={"": torch.cuda.current_device()},
+        ref, quantization_config=quant, dtype=placement.torch_dtype,
+        device_map={"": torch.cuda.current_device()}, **extra,
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

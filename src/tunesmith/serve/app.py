@@ -28,6 +28,7 @@ class ServeSettings:
     max_tokens: int = 4096  # the most tokens one request may generate (also capped by the context left)
     request_timeout_s: float = 300.0  # a generation still running then stops with finish_reason "length"
     docs: bool | None = None  # /docs and /openapi.json; None: on only when no API keys are set
+    allow_random_model: bool = False  # serve a random:<arch> model (random weights) anyway
 
     @property
     def docs_on(self) -> bool:
@@ -45,6 +46,10 @@ class ServeSettings:
 def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     """Build the app; ``engine`` may be injected (tests), otherwise it is created at startup."""
     settings = settings or ServeSettings()
+    if engine is None and not settings.allow_random_model:
+        from tunesmith.models.random_weights import refuse_random
+
+        refuse_random(settings.model, "serve", "--allow-random-model")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

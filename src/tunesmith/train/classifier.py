@@ -20,10 +20,14 @@ from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 def load_classifier(name: str, labels: list[str], placement, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
+    from tunesmith.models.random_weights import is_random, save_weights
     from tunesmith.models.registry import resolve
 
+    ref = resolve(name)
+    if is_random(ref):  # a random:<arch> base: its seeded weights written once, for from_pretrained
+        save_weights(Path(ref))
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve(name),
+        ref,
         num_labels=len(labels),
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},

@@ -62,9 +62,13 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.models.loading import Placement, load_tokenizer
+    from tunesmith.train.device import decide, resolved
 
-    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
+    recipe = resolved(recipe, path)
+    placement = Placement(path.device, path.dtype, path)
+    console.print(f"training path: {path.describe()}")
     recipe = fit_micro_batch(recipe, placement, console)
     tokenizer = load_tokenizer(recipe.model.name)
     out_dir = recipe.run_dir / "train"
@@ -91,6 +95,10 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
             result = train_dpo(recipe, model, tokenizer, placement, console, bar, resume=resume, callbacks=callbacks)
         else:
             result = _train_sft(recipe, data, model, tokenizer, placement, console, bar, resume, callbacks)
+    from tunesmith.models.random_weights import is_random
+
+    result.train_path = path.to_json()
+    result.random_weights = recipe.model.name if is_random(recipe.model.name) else None
     write_outputs(result, out_dir, f"{recipe.name}: loss")
     console.print(
         f"trained {result.trainable_params:,} of {result.total_params:,} parameters on {result.tokens:,} tokens in "

@@ -90,11 +90,12 @@ def model_shape(folder: Path) -> Shape:
         ]
     else:
         inter, vocab = cfg["intermediate_size"], cfg["vocab_size"]
+        q_dim = heads * head_dim  # differs from hidden in some models (Gemma-2: 8 x 256 vs 2304)
         per_layer = [
-            (hidden, hidden),
+            (q_dim, hidden),
             (kv_dim, hidden),
             (kv_dim, hidden),
-            (hidden, hidden),
+            (hidden, q_dim),
             (inter, hidden),
             (inter, hidden),
             (hidden, inter),
@@ -138,7 +139,9 @@ def estimate(
         if t.adapter == "dora":
             trainable += sum(o for o, _ in shape.linear_shapes)
     weights = shape.params * (0.5625 if t.adapter == "qlora" else b)  # NF4 + double-quantised scales
+    checkpointing = t.gradient_checkpointing is True  # "auto" is decided with this estimate, without it
     states = {
+        "auto": 2 if t.adapter == "qlora" and device == "cuda" else 8,  # see tunesmith.train.device
         "adamw_torch": 8,
         "adamw_torch_fused": 8,
         "adafactor": 4,
@@ -148,15 +151,17 @@ def estimate(
     }[t.optimizer]
     h, i, kv = shape.hidden, shape.intermediate, shape.kv_dim
     per_token_layer = (14 * h + 3 * kv + 5 * i) * b
-    if t.gradient_checkpointing:
+    if checkpointing:
         activations = tokens * shape.layers * h * b + t.max_seq_length * per_token_layer
     else:
         activations = tokens * shape.layers * per_token_layer
     # attention with an explicit (block) mask runs sdpa's math path on a CPU: it keeps the
     # (rows, heads, L, L) probabilities and the expanded mask of every layer for backward
     attention = t.batch_size * shape.heads * t.max_seq_length**2 * 4 * 2 * shape.layers
-    if t.gradient_checkpointing:
+    if checkpointing:
         attention //= shape.layers
+    if device == "cuda":  # fused kernels keep no probabilities: one bool block mask at most (not yet measured)
+        attention = t.batch_size * t.max_seq_length**2
     targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
     logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
     parts = {

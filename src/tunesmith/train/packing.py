@@ -85,14 +85,14 @@ class PackedCollator:
     pack: bool = True
     mask_kind: str = "bool"
     dtype: object = None  # torch dtype of the additive mask
+    capacity: int | None = None  # tokens per packed row; None: the longest example of the batch
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
         lengths = [len(f["input_ids"]) for f in features]
-        rows = (
-            first_fit_decreasing(lengths, max(lengths)) if self.pack else [[i] for i in range(len(features))]
-        )
+        capacity = max(max(lengths), self.capacity or 0)
+        rows = first_fit_decreasing(lengths, capacity) if self.pack else [[i] for i in range(len(features))]
         width = max(sum(lengths[i] for i in row) for row in rows)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_id, dtype=torch.long)

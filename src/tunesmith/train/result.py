@@ -23,6 +23,8 @@ class TrainResult:
     examples: int = 0
     too_long: int = 0  # training examples set aside for exceeding train.max_seq_length
     resumed: bool = False
+    train_path: dict | None = None  # the chosen training path (tunesmith.train.device.TrainPath.to_json())
+    random_weights: str | None = None  # the random:<arch> name when the base model has random weights
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,7 +74,10 @@ def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
         "examples": result.examples,
         "set_aside_too_long": result.too_long,
         "resumed": result.resumed,
+        "train_path": result.train_path,
     }
+    if result.random_weights:  # first, so that nobody reads these numbers as a trained model's
+        summary = {"random_weights": f"{result.random_weights}: random weights, speed and memory only"} | summary
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 

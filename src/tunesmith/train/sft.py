@@ -61,6 +61,7 @@ def split_by_length(
 def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
     """The arguments every trainer (SFT, DPO, classifier) takes from the recipe, precision from the device."""
     t = recipe.train
+    path = placement.path  # the chosen training path (tunesmith.train.device); None: today's CPU defaults
     return dict(
         output_dir=str(out_dir / "checkpoints"),
         seed=recipe.seed,
@@ -73,12 +74,17 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
         weight_decay=t.weight_decay,
-        optim=t.optimizer,
+        optim=path.optimizer if path else ("adamw_torch" if t.optimizer == "auto" else t.optimizer),
         # bf16 autocast on a CPU without bf16 units is ~500x slower than fp32: follow the device.
-        bf16=placement.dtype == "bfloat16",
+        bf16=placement.dtype == "bfloat16" or bool(path and path.autocast == "bfloat16"),
         fp16=placement.dtype == "float16",
+        tf32=True if path and path.tf32 else None,
+        use_liger_kernel=bool(path and path.kernels == "liger"),
+        # our loss asks for logits only where a target is: Liger's fused loss is not wired into it (yet)
+        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
+                             "fused_linear_cross_entropy": False} if path and path.kernels == "liger" else None,
         use_cpu=placement.device == "cpu",
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=path.gradient_checkpointing if path else t.gradient_checkpointing is True,
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "epoch",
         save_steps=t.save_steps or 500,
@@ -122,7 +128,8 @@ def sampling_strategy(recipe: Recipe) -> str:
 
 
 def mask_kind(model) -> str:
-    """The 4D mask form each attention kernel needs (see :mod:`tunesmith.train.packing`)."""
+    """The 4D mask form each attention kernel needs (see :mod:`tunesmith.train.packing`); on the GPU path
+    (packing by position ids) the collator builds none and the model builds its own."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
     if "flash" in impl:
         return "none"
@@ -149,9 +156,12 @@ def build_trainer(
     t = recipe.train
     train_ds = Dataset.from_list(tokenize_rows(train_rows, tokenizer, t.train_on_inputs))
     val_ds = Dataset.from_list(tokenize_rows(val_rows, tokenizer, t.train_on_inputs)) if val_rows else None
-    collator = PackedCollator(
-        tokenizer.pad_token_id, pack=t.packing, mask_kind=mask_kind(model), dtype=placement.torch_dtype
-    )
+    path = placement.path
+    kind = mask_kind(model) if path is None or path.mask_in_collator else "none"
+    # variable-length flash kernels cost nothing per row: the whole micro-batch in one row, no padding at all
+    flat = path is not None and path.packing == "position_ids" and path.attention == "flash_attention_2"
+    collator = PackedCollator(tokenizer.pad_token_id, pack=t.packing, mask_kind=kind, dtype=placement.torch_dtype,
+                              capacity=t.batch_size * t.max_seq_length if flat else None)
     args = training_args(recipe, placement, out_dir, has_val=val_ds is not None, **arg_overrides)
     callbacks = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience and val_ds else []

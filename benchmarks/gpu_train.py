@@ -1,0 +1,452 @@
+"""GPU training: tunesmith's chosen path vs plain TRL ``SFTTrainer`` defaults (and Unsloth where it imports).
+
+One run per configuration, each side after the other in one process, on the same rows: BANKING77
+messages, the Stanford Alpaca seed tasks and KorQuAD questions with their contexts from
+``../shared/data`` (a source that is absent is skipped with a printed note), as chat prompt/completion
+rows with the loss on the completion. Models are architecture-faithful with seeded random weights
+(``random:<arch>``), so both sides start from the same weights and the same seeded LoRA (r=16,
+alpha=32, all linear layers).
+
+- tunesmith: the path :func:`tunesmith.train.device.decide` chooses on this machine (printed),
+  each step's examples packed into rows of ``--seq-len`` tokens (2,048);
+- TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
+  kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
+  padded to the longest of each batch;
+- Unsloth (only where ``import unsloth`` works): ``FastLanguageModel`` with the same LoRA under the
+  same TRL trainer.
+
+First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU). Reported per side:
+tokens/s (non-padding tokens, steps 2..N, so one-time compilation is not counted), MFU = 6·N·tokens/s
+over the measured peak (N: all parameters of the model, the convention of the published numbers),
+peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training),
+and the training loss at the last step and over the last quarter of steps (the sides must agree).
+
+Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora``
+(Llama-3.1-8B, 4-bit NF4), ``2b-full`` (Gemma-2-2B, full fine-tuning), ``1b-head`` (Llama-3.2-1B with
+the classifier head on BANKING77 vs TRL SFT on the same messages). ``--tiny`` shrinks every model
+(2 layers, hidden 64), the rows and the sequence length so that the whole script runs on a CPU.
+``--profile`` prints the top kernels of a few profiled steps and the GPU busy fraction.
+
+    python benchmarks/gpu_train.py --tokenizer PATH                     # every configuration, on a GPU
+    python benchmarks/gpu_train.py --configs 8b-lora,8b-qlora --steps 30 --profile
+    python benchmarks/gpu_train.py --tiny --steps 6                     # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import importlib.util
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SYSTEM_BANKING = "Classify the banking customer message by intent."
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    arch: str
+    adapter: str  # lora | qlora | full
+    head: str = "generative"
+
+
+CONFIGS = {c.name: c for c in [
+    Config("1b-lora", "llama-3.2-1b", "lora"),
+    Config("8b-lora", "llama-3.1-8b", "lora"),
+    Config("8b-qlora", "llama-3.1-8b", "qlora"),
+    Config("2b-full", "gemma-2-2b", "full"),
+    Config("1b-head", "llama-3.2-1b", "lora", head="classifier"),
+]}
+
+
+# --- the device ---------------------------------------------------------------------------------------
+def matmul_peak(device: str) -> tuple[float, str]:
+    """Best dense matmul rate (FLOP/s) of square matrices: bf16 on a GPU, fp32 on a CPU."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(10):
+        _sync(device)
+        start = time.perf_counter()
+        reps = 20 if device == "cuda" else 3
+        for _ in range(reps):
+            a @ b
+        _sync(device)
+        best = max(best, reps * 2 * n**3 / (time.perf_counter() - start))
+    return best, str(dtype).replace("torch.", "")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- the rows -----------------------------------------------------------------------------------------
+def load_rows(limit_per_source: int, seed: int) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Chat prompt/completion rows from the shared sources that are present, and the BANKING77 (text, intent)
+    pairs (for the classifier head). Absent sources are skipped with a note."""
+    rng = random.Random(seed)
+    rows, banking = [], []
+    path = SHARED / "banking77" / "banking77_train.csv"
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as fh:
+            banking = [(r["text"], r["category"]) for r in csv.DictReader(fh)]
+        rng.shuffle(banking)
+        banking = banking[:limit_per_source]
+        rows += [_row([("system", SYSTEM_BANKING), ("user", t)], label) for t, label in banking]
+    else:
+        print(f"note: {path} is absent; BANKING77 skipped")
+    path = SHARED / "instructions" / "stanford_alpaca_seed_tasks.jsonl"
+    if path.is_file():
+        tasks = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for t in tasks[:limit_per_source]:
+            inst = t["instances"][0]
+            user = t["instruction"] + (f"\n\n{inst['input']}" if inst["input"] else "")
+            rows.append(_row([("user", user)], inst["output"]))
+    else:
+        print(f"note: {path} is absent; Alpaca seed tasks skipped")
+    path = SHARED / "korquad" / "korquad_v1_dev_shared.json"
+    if path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        qa = [(p["context"], q["question"], q["answers"][0]["text"])
+              for art in doc["data"] for p in art["paragraphs"] for q in p["qas"][:1]]
+        rng.shuffle(qa)
+        rows += [_row([("system", "Answer from the context."), ("user", f"{c}\n\nQuestion: {q}")], a)
+                 for c, q, a in qa[:limit_per_source]]
+    else:
+        print(f"note: {path} is absent; KorQuAD skipped")
+    if not rows:
+        raise SystemExit(f"no source found under {SHARED} (set TUNESMITH_SHARED_DATA)")
+    rng.shuffle(rows)
+    return rows, banking
+
+
+def _row(turns: list[tuple[str, str]], answer: str) -> dict:
+    return {"prompt": [{"role": r, "content": c} for r, c in turns],
+            "completion": [{"role": "assistant", "content": answer}]}
+
+
+# --- models -------------------------------------------------------------------------------------------
+def model_name(cfg: Config, args) -> str:
+    sizes = "layers=2&hidden=64&vocab=" + str(args.vocab) + "&" if args.tiny else ""
+    return f"random:{cfg.arch}?{sizes}seed={args.seed}" + (f"&tokenizer={args.tokenizer}" if args.tokenizer else "")
+
+
+def recipe_for(cfg: Config, args, out: Path, examples_per_step: int):
+    from tunesmith.config import validate_recipe
+
+    train = {"adapter": cfg.adapter, "head": cfg.head, "max_steps": args.steps, "batch_size": examples_per_step,
+             "learning_rate": args.lr, "max_seq_length": args.seq_len, "logging_steps": 1, "warmup_ratio": 0.0,
+             "lr_scheduler": "constant",
+             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
+    return validate_recipe({"name": f"bench-{cfg.name}", "output_dir": str(out), "seed": args.seed,
+                            "model": {"name": model_name(cfg, args)},
+                            "data": {"path": "unused", "input_fields": ["text"], "target_field": "y"},
+                            "train": train})
+
+
+def count_params(model) -> int:
+    """All parameters; a 4-bit weight counts its unquantised shape (bitsandbytes packs two per byte)."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)
+        total += state.shape.numel() if state is not None else p.numel()
+    return total
+
+
+# --- measuring a trainer ------------------------------------------------------------------------------
+def _clock(device: str):
+    """A TrainerCallback noting (time, tokens seen) at each step's end, for a rate over steps 2..N."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        marks: list[tuple[float, int]] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            _sync(device)
+            self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
+
+    clock = Clock()
+    clock.marks = []
+    return clock
+
+
+def measure(trainer, device: str, profile: bool) -> dict:
+    """Train, return tokens/s over steps 2..N, peak memory and the losses."""
+    import torch
+
+    from tunesmith.train.memory import peak_rss, reset_peak_rss
+
+    clock = _clock(device)
+    trainer.add_callback(clock)
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = 0
+    else:
+        before = reset_peak_rss()
+    start = time.perf_counter()
+    if profile:
+        result, top = _profiled(trainer, device)
+    else:
+        result, top = trainer.train(), None
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss() - before
+    (t1, n1), (tn, nn) = clock.marks[0], clock.marks[-1]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    quarter = losses[-max(1, len(losses) // 4):]
+    return {"steps": trainer.state.global_step, "wall_s": wall, "tokens": nn,
+            "tokens_per_s": (nn - n1) / (tn - t1) if tn > t1 else None, "peak_mb": peak / 2**20,
+            "last_loss": losses[-1] if losses else None, "late_loss": sum(quarter) / len(quarter) if quarter else None,
+            "train_loss": result.training_loss, "profile": top}
+
+
+def _profiled(trainer, device: str):
+    """Train under torch.profiler; returns (train output, summary of the top kernels and busy fraction)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=acts) as prof:
+        out = trainer.train()
+    wall = time.perf_counter() - start
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    busy = sum(getattr(e, key, 0) for e in events if device == "cuda" and getattr(e, key, 0) > 0) / 1e6
+    top = [f"{e.key[:70]}: {getattr(e, key, 0) / 1e3:,.1f} ms" for e in events[:8]]
+    return out, {"top": top, "busy_fraction": busy / wall if device == "cuda" else None}
+
+
+# --- the sides ----------------------------------------------------------------------------------------
+def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
+    from tunesmith.models.loading import Placement, load_model_for, load_tokenizer
+    from tunesmith.train.device import decide, resolved
+    from tunesmith.train.packing import PackedCollator
+    from tunesmith.train.sft import build_trainer, prepare_model
+
+    recipe = recipe_for(cfg, args, out, examples_per_step)
+    path = decide(recipe)
+    recipe = resolved(recipe, path)
+    placement = Placement(path.device, path.dtype, path)
+    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer.padding_side = "right"
+    model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
+    params = count_params(model)
+    trainer = build_trainer(recipe, model, tokenizer, rows, [], placement, out / "ours", save_strategy="no")
+    collator = trainer.data_collator  # the same collator, its rows filled up to --seq-len tokens
+    trainer.data_collator = PackedCollator(collator.pad_id, collator.pack, collator.mask_kind, collator.dtype,
+                                           capacity=args.seq_len)
+    res = measure(trainer, placement.device, args.profile)
+    return res | {"params": params, "path": path.describe()}
+
+
+def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=None) -> dict:
+    """Plain TRL SFTTrainer defaults (bf16 only where the device has it), the same rows and examples per step."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.config import LoraSection
+    from tunesmith.models.loading import load_model_for, load_tokenizer, pick_placement, wrap_adapter
+
+    name = model_name(cfg, args)
+    placement = pick_placement()
+    cuda = placement.device == "cuda"
+    tokenizer = load_tokenizer(name)
+    tokenizer.padding_side = "right"
+    if model is None:
+        base = load_model_for(name, pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
+        model = base if cfg.adapter == "full" else wrap_adapter(
+            base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
+    params = count_params(model)
+    kwargs = {} if cuda else {"bf16": False, "use_cpu": True}  # bf16 on this CPU: ~500x slower
+    config = SFTConfig(output_dir=str(out / "trl"), seed=args.seed, max_steps=args.steps,
+                       per_device_train_batch_size=examples_per_step, learning_rate=args.lr,
+                       lr_scheduler_type="constant", max_length=args.seq_len, logging_steps=1, save_strategy="no",
+                       report_to=[], disable_tqdm=True, include_num_input_tokens_seen="non_padding", **kwargs)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    res = measure(trainer, placement.device, args.profile)
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return res | {"params": params, "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
+
+
+def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict | None:
+    """Unsloth's FastLanguageModel (4-bit for QLoRA) with the same LoRA under the TRL trainer; None when it does
+    not import (it needs a CUDA GPU)."""
+    if importlib.util.find_spec("unsloth") is None:
+        print("note: unsloth does not import here; its side is skipped")
+        return None
+    from unsloth import FastLanguageModel  # noqa: I001 - Unsloth patches transformers when imported first
+
+    from tunesmith.models.random_weights import folder_for, save_weights
+
+    folder = save_weights(folder_for(model_name(cfg, args)))
+    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=args.seq_len,
+                                                 load_in_4bit=cfg.adapter == "qlora", dtype=None)
+    if cfg.adapter != "full":
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, random_state=args.seed,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"])
+    res = run_trl(cfg, args, rows, out / "unsloth", examples_per_step, model=model)
+    return res | {"path": "Unsloth FastLanguageModel under TRL SFTTrainer"}
+
+
+def run_head(cfg: Config, args, banking, out: Path) -> dict:
+    """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it)."""
+    from rich.console import Console
+
+    from tunesmith.models.loading import load_tokenizer
+    from tunesmith.models.random_weights import folder_for, save_weights
+    from tunesmith.records import Example
+    from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.device import decide, resolved
+
+    name = model_name(cfg, args)
+    save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
+    recipe = recipe_for(cfg, args, out, args.head_batch)
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"target_field": "category",
+                                                                             "prompt": "{text}"})})
+    from tunesmith.models.loading import Placement
+
+    path = decide(recipe)
+    recipe = resolved(recipe, path)
+    placement = Placement(path.device, path.dtype, path)
+    labels = sorted({label for _, label in banking})
+    examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(banking)]
+    tokenizer = load_tokenizer(name)
+
+    @__import__("contextlib").contextmanager
+    def no_bar(desc, total):
+        yield lambda n=1, info="": None
+
+    import torch
+
+    from tunesmith.train.memory import peak_rss, reset_peak_rss
+
+    if placement.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = reset_peak_rss()
+    start = time.perf_counter()
+    result = train_classifier(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True))
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if placement.device == "cuda" else peak_rss() - before
+    losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
+    return {"steps": args.steps, "wall_s": seconds, "tokens": result.tokens, "tokens_per_s": result.tokens / seconds,
+            "peak_mb": peak / 2**20, "last_loss": losses[-1] if losses else None, "late_loss": None,
+            "params": result.total_params, "path": path.describe() + " (classifier head; loss is over 77 labels)",
+            "profile": None}
+
+
+# --- the table ----------------------------------------------------------------------------------------
+def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
+    rate = r["tokens_per_s"]
+    mfu = 6 * r["params"] * rate / peak_flops if rate else None
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {fmt(mfu and 100 * mfu, '.1f')}% | "
+            f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r['last_loss'], '.4f')} | {fmt(r['late_loss'], '.4f')} | {r['path']} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--rows-per-source", type=int, default=400)
+    ap.add_argument("--head-batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded SmolLM2's)")
+    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 256 tokens: a CPU smoke run")
+    ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
+    ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
+    args = ap.parse_args()
+    if args.tiny:
+        args.seq_len = min(args.seq_len, 256)
+        args.rows_per_source = min(args.rows_per_source, 40)
+        args.head_batch = min(args.head_batch, 8)
+
+    import datasets
+    import torch
+    import transformers
+    import trl
+    from transformers.utils import logging as hf_logging
+
+    from tunesmith.models.loading import load_tokenizer
+    from tunesmith.train.packing import tokenize_rows
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(args.tokenizer or "smollm2-135m-instruct")
+    args.vocab = (len(tok) + 63) // 64 * 64
+    peak, dtype = matmul_peak(device)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; measured dense {dtype} matmul peak {peak / 1e12:,.3f} TFLOP/s")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+          + (" · TINY models (2 layers, hidden 64): a smoke run, not a measurement of the architectures" if args.tiny else ""))
+    rows, banking = load_rows(args.rows_per_source, args.seed)
+    lengths = [len(ex["input_ids"]) for ex in tokenize_rows(rows, tok)]
+    keep = [r for r, n in zip(rows, lengths, strict=True) if n <= args.seq_len]
+    kept = [n for n in lengths if n <= args.seq_len]
+    per_step = max(1, round(args.seq_len / (sum(kept) / len(kept))))  # about one full packed row per step
+    print(f"{len(keep)} rows of ≤ {args.seq_len} tokens (mean {sum(kept) / len(kept):.0f}); "
+          f"{per_step} examples per step (≈ one {args.seq_len}-token packed row)")
+    lines = ["| config | side | steps | tokens/s | MFU | peak MB | last loss | late loss | path |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
+        for cname in args.configs.split(","):
+            cfg = CONFIGS[cname.strip()]
+            out = Path(tmp) / cfg.name
+            if cfg.adapter == "qlora" and device != "cuda":
+                print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
+                continue
+            if cfg.head == "classifier":
+                if not banking:
+                    print(f"note: {cfg.name} needs BANKING77; skipped")
+                    continue
+                trl_rows = [r for r in keep if r["prompt"][0]["content"] == SYSTEM_BANKING]
+                sides = [("tunesmith head", run_head, (cfg, args, banking, out))]
+                if not args.no_trl:
+                    sides.append(("TRL SFT", run_trl, (cfg, args, trl_rows, out, args.head_batch)))
+            else:
+                sides = [("tunesmith", run_tunesmith, (cfg, args, keep, out, per_step))]
+                if not args.no_trl:
+                    sides += [("TRL", run_trl, (cfg, args, keep, out, per_step)),
+                              ("Unsloth", run_unsloth, (cfg, args, keep, out, per_step))]
+            for side, run, run_args in sides:
+                print(f"{cfg.name}: {side} ...", flush=True)
+                r = run(*run_args)
+                if r is None:
+                    continue
+                lines.append(row_text(cfg.name, side, r, peak))
+                print(lines[-1], flush=True)
+                if r.get("profile"):
+                    print("  top kernels: " + "; ".join(r["profile"]["top"]))
+                    if r["profile"]["busy_fraction"] is not None:
+                        print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of wall time")
+                gc.collect()
+    print("\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

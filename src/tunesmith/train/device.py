@@ -1,0 +1,281 @@
+"""The training path chosen from the machine: precision, TF32, optimizer, attention kernel, packing
+form, fused kernels, gradient checkpointing and 4-bit settings.
+
+:func:`choose_path` is a pure function of the machine's capabilities (:class:`Capabilities`, read by
+:func:`probe`) and the recipe's wishes, so every branch is tested without a GPU. On a CPU it
+chooses what tunesmith has always done there: fp32 (bf16 matmuls on CPUs without bf16 units run
+~500x slower), no TF32, plain AdamW, transformers' default attention with the collator's explicit
+4D block mask for packing, no fused kernels, no gradient checkpointing (~1.7x slower backward; the
+micro-batch is halved instead when memory is short). On a CUDA GPU it chooses bf16 base weights
+(full fine-tuning: fp32 master weights under bf16 autocast), TF32 matmuls, fused AdamW,
+FlashAttention-2 where installed (else SDPA; flex attention or eager for
+models whose attention soft-caps its logits, which SDPA ignores), packing by restarting position
+ids (no mask from the collator: flash-attention runs variable-length kernels, flex builds a sparse
+block mask, SDPA builds its mask on the device), Liger's fused kernels where installed, gradient
+checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
+double quantisation, bf16 compute and paged 8-bit AdamW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from tunesmith.errors import ConfigError
+
+ATTENTION = ("flash_attention_2", "sdpa", "flex_attention", "eager")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the machine offers (see :func:`probe`)."""
+
+    cuda: bool = False
+    bf16: bool = False  # the GPU runs bf16 matmuls natively
+    compute_capability: tuple[int, int] | None = None
+    flash_attn: bool = False  # the flash_attn package imports
+    flex_attention: bool = False  # torch's flex attention and Triton to compile it
+    liger: bool = False  # liger_kernel imports
+    bitsandbytes: bool = False
+    free_memory: int | None = None  # bytes free on the device
+    device_name: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Wishes:
+    """What the recipe asks for (``auto`` leaves the choice to :func:`choose_path`)."""
+
+    precision: str = "auto"  # model.precision: auto | fp32 | bf16 | fp16
+    device: str = "auto"  # model.device: auto | cpu | cuda | mps
+    adapter: str = "lora"  # lora | dora | qlora | full
+    head: str = "generative"  # generative | classifier
+    packing: bool = True
+    optimizer: str = "auto"
+    attention: str = "auto"
+    kernels: str = "auto"  # auto | liger | none
+    gradient_checkpointing: bool | str = "auto"
+    softcapping: bool = False  # the model soft-caps attention logits (Gemma-2)
+
+
+@dataclass(frozen=True)
+class TrainPath:
+    """The chosen path, with one reason per choice (stated in summary.json and the report)."""
+
+    device: str
+    dtype: str  # float32 | bfloat16 | float16
+    tf32: bool
+    optimizer: str
+    attention: str  # flash_attention_2 | sdpa | flex_attention | eager | default (transformers' own choice)
+    packing: str  # block_mask | position_ids | off
+    kernels: str  # liger | none
+    gradient_checkpointing: bool
+    quantization: dict | None = None  # 4-bit settings for QLoRA
+    reasons: dict[str, str] = field(default_factory=dict)
+    autocast: str | None = None  # bfloat16: fp32 weights, matmuls autocast to bf16 (full fine-tuning on a GPU)
+
+    @property
+    def attn_implementation(self) -> str | None:
+        """What to pass to ``from_pretrained`` (None: transformers' default)."""
+        return None if self.attention == "default" else self.attention
+
+    @property
+    def mask_in_collator(self) -> bool:
+        """Whether the collator builds the 4D block mask (else the model builds it from position ids)."""
+        return self.packing == "block_mask"
+
+    def describe(self) -> str:
+        dtype = self.dtype + (f" (autocast {self.autocast})" if self.autocast else "")
+        parts = [f"{self.device} {dtype}", f"attention {self.attention}", f"packing {self.packing}",
+                 f"optimizer {self.optimizer}", f"kernels {self.kernels}",
+                 "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"]
+        if self.tf32:
+            parts.append("TF32")
+        if self.quantization:
+            parts.append("4-bit " + self.quantization["quant_type"])
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def precision_dtype(precision: str, device: str, bf16: bool) -> str:
+    """``auto``: bf16 on a CUDA GPU that supports it, else fp32 (fp16 only when asked)."""
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and bf16 else "fp32"
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+
+
+def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bool | None = None) -> TrainPath:
+    """The training path for ``wish`` on a machine with ``caps``.
+
+    ``fits_without_checkpointing`` is the memory estimator's verdict for the batch as configured
+    (None when it could not estimate). Raises :class:`ConfigError` when the recipe asks for something
+    this machine cannot do, naming the setting.
+    """
+    device = wish.device if wish.device != "auto" else ("cuda" if caps.cuda else "cpu")
+    gpu = device == "cuda"
+    why: dict[str, str] = {}
+    dtype = precision_dtype(wish.precision, device, caps.bf16)
+    why["dtype"] = ("asked" if wish.precision != "auto" else
+                    "bf16 weights on a GPU with bf16 units" if dtype == "bfloat16" else
+                    "fp32: bf16 matmuls on a CPU without bf16 units are ~500x slower" if not gpu else
+                    "fp32: this GPU has no bf16")
+    autocast = None
+    if gpu and wish.adapter == "full" and dtype == "bfloat16" and wish.precision == "auto":
+        dtype, autocast = "float32", "bfloat16"
+        why["dtype"] = ("full fine-tuning: fp32 master weights (updates smaller than bf16's resolution are not "
+                        "lost), matmuls in bf16 autocast")
+    quant = None
+    if wish.adapter == "qlora":
+        if not gpu:
+            raise ConfigError("train.adapter: qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has "
+                              "none. Use train.adapter: lora (the base model stays in fp32 on a CPU).")
+        if not caps.bitsandbytes:
+            raise ConfigError("train.adapter: qlora needs bitsandbytes: pip install bitsandbytes")
+        quant = {"quant_type": "nf4", "double_quant": True, "compute_dtype": dtype}
+        why["quantization"] = "QLoRA: NF4 weights with double-quantised scales, matmuls in the compute dtype"
+    cc = caps.compute_capability or (0, 0)
+    tf32 = gpu and cc >= (8, 0) and dtype != "float16"
+    why["tf32"] = "Ampere or newer: fp32 matmuls (optimizer, fp32 parts) in TF32" if tf32 else "not a GPU with TF32"
+    optimizer, why["optimizer"] = _optimizer(wish, gpu)
+    attention, why["attention"] = _attention(caps, wish, gpu, cc)
+    packing, why["packing"] = _packing(wish, gpu, attention)
+    kernels, why["kernels"] = _kernels(caps, wish, gpu)
+    checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
+    return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast)
+
+
+def _optimizer(wish: Wishes, gpu: bool) -> tuple[str, str]:
+    if wish.optimizer != "auto":
+        return wish.optimizer, "asked"
+    if gpu and wish.adapter == "qlora":
+        return "paged_adamw_8bit", "QLoRA: 8-bit AdamW states, paged to the host when GPU memory runs short"
+    if gpu:
+        return "adamw_torch_fused", "fused AdamW: one kernel per parameter group instead of one per tensor"
+    return "adamw_torch", "plain AdamW on a CPU"
+
+
+def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int]) -> tuple[str, str]:
+    if wish.attention != "auto":
+        if wish.attention == "flash_attention_2" and not (gpu and caps.flash_attn):
+            raise ConfigError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package "
+                              "(pip install flash-attn); use train.attention: auto")
+        if wish.attention == "flex_attention" and gpu and not caps.flex_attention:
+            raise ConfigError("train.attention: flex_attention needs torch's flex attention and Triton on this GPU; "
+                              "use train.attention: auto")
+        return wish.attention, "asked"
+    if not gpu:
+        return "default", "transformers' default attention (sdpa for most models) with the collator's block mask"
+    if caps.flash_attn and cc >= (8, 0):
+        return "flash_attention_2", "FlashAttention-2 is installed: variable-length kernels, no mask at all"
+    if wish.softcapping:
+        if caps.flex_attention:
+            return "flex_attention", "the model soft-caps attention logits, which SDPA ignores; flex applies it"
+        return "eager", "the model soft-caps attention logits, which SDPA ignores, and flex attention is unavailable"
+    return "sdpa", "flash-attn is not installed: PyTorch's SDPA (flash kernel unpacked, memory-efficient kernel with a mask)"
+
+
+def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
+    if not wish.packing or wish.head == "classifier":
+        return "off", "the classifier head never packs" if wish.head == "classifier" else "train.packing: false"
+    if gpu:
+        how = {"flash_attention_2": "variable-length flash kernels read the sequence boundaries, so each "
+                                    "micro-batch is one row without padding",
+               "flex_attention": "transformers builds a sparse block mask from them",
+               }.get(attention, "transformers builds the block mask on the GPU from them")
+        return "position_ids", f"packed by restarting position ids; {how}"
+    return "block_mask", "packed with an explicit 4D block-diagonal mask built by the collator"
+
+
+def _kernels(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str]:
+    if wish.kernels == "none":
+        return "none", "asked"
+    if wish.kernels == "liger":
+        if not gpu:
+            raise ConfigError("train.kernels: liger needs a CUDA GPU (Liger's kernels are Triton); "
+                              "use train.kernels: auto or none on this machine")
+        if not caps.liger:
+            raise ConfigError("train.kernels: liger needs liger-kernel: pip install liger-kernel "
+                              "(or set train.kernels: auto)")
+        return "liger", "asked"
+    if gpu and caps.liger:
+        return "liger", "Liger's fused RMSNorm, RoPE and SwiGLU kernels are installed"
+    return "none", "no CUDA GPU" if not gpu else "liger-kernel is not installed"
+
+
+def _checkpointing(wish: Wishes, gpu: bool, fits: bool | None) -> tuple[bool, str]:
+    if wish.gradient_checkpointing != "auto":
+        return bool(wish.gradient_checkpointing), "asked"
+    if not gpu:
+        return False, "off on a CPU (the micro-batch is halved instead when memory is short)"
+    if fits is False:
+        return True, "the memory estimate says the batch would not fit without it"
+    return False, "the batch fits without it" if fits else "no memory estimate; off"
+
+
+def probe(device: str = "auto") -> Capabilities:
+    """Read the machine's capabilities (imports checked with find_spec: nothing heavy is imported)."""
+    import importlib.util
+
+    import torch
+
+    def has(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            return False
+
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if not cuda:
+        return Capabilities(flash_attn=False, liger=False, bitsandbytes=has("bitsandbytes"))
+    free, _ = torch.cuda.mem_get_info()
+    return Capabilities(
+        cuda=True, bf16=torch.cuda.is_bf16_supported(), compute_capability=torch.cuda.get_device_capability(),
+        flash_attn=has("flash_attn"), flex_attention=has("triton") and has("torch.nn.attention.flex_attention"),
+        liger=has("liger_kernel"), bitsandbytes=has("bitsandbytes"), free_memory=free,
+        device_name=torch.cuda.get_device_name(),
+    )
+
+
+def wishes(recipe, softcapping: bool = False) -> Wishes:
+    """The recipe's wishes."""
+    t = recipe.train
+    return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
+                  packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
+                  gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
+
+
+def model_softcaps(name: str) -> bool:
+    """Whether the model's config soft-caps attention logits (Gemma-2), read from config.json only."""
+    import json
+    from pathlib import Path
+
+    from tunesmith.models.registry import resolve
+
+    try:
+        cfg = json.loads((Path(resolve(name)) / "config.json").read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a hub id, an unreadable config, a tokenizer not pulled yet: assume not
+        return False
+    return bool(cfg.get("text_config", cfg).get("attn_logit_softcapping"))
+
+
+def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
+    """The path for ``recipe`` on this machine: capabilities probed, gradient checkpointing from the estimator."""
+    caps = caps or probe(recipe.model.device)
+    wish = wishes(recipe, model_softcaps(recipe.model.name))
+    fits = None
+    if wish.gradient_checkpointing == "auto" and caps.cuda:
+        from tunesmith.train.estimate import estimate_recipe
+
+        try:
+            plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+            fits = estimate_recipe(plain).fits
+        except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
+            fits = None
+    return choose_path(caps, wish, fits)
+
+
+def resolved(recipe, path: TrainPath):
+    """The recipe with the path's optimizer and gradient checkpointing written in (what actually runs)."""
+    t = recipe.train.model_copy(update={"optimizer": path.optimizer,
+                                        "gradient_checkpointing": path.gradient_checkpointing})
+    return recipe.model_copy(update={"train": t})

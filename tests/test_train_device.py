@@ -1,0 +1,122 @@
+"""The training-path decision: one pure function of the machine's capabilities and the recipe's wishes.
+A CPU keeps exactly today's choices; a CUDA GPU gets bf16, TF32, fused AdamW, the fastest attention,
+position-id packing, Liger where installed, checkpointing only when memory is short, QLoRA's settings."""
+
+
+import pytest
+
+from tunesmith.config import validate_recipe
+from tunesmith.errors import ConfigError
+from tunesmith.models.loading import Placement
+from tunesmith.train.device import Capabilities, TrainPath, Wishes, choose_path, decide, probe
+
+CPU = Capabilities()
+H100 = Capabilities(cuda=True, bf16=True, compute_capability=(9, 0), flex_attention=True, liger=True,
+                    bitsandbytes=True, free_memory=78 * 2**30, device_name="NVIDIA H100")
+T4 = Capabilities(cuda=True, bf16=False, compute_capability=(7, 5), flash_attn=True, bitsandbytes=True)
+
+
+def test_cpu_path_is_todays_behaviour():
+    p = choose_path(CPU, Wishes())
+    assert (p.device, p.dtype, p.tf32, p.optimizer) == ("cpu", "float32", False, "adamw_torch")
+    assert (p.attention, p.attn_implementation, p.packing, p.mask_in_collator) == ("default", None, "block_mask", True)
+    assert (p.kernels, p.gradient_checkpointing, p.quantization) == ("none", False, None)
+    # on a CPU, memory pressure halves the micro-batch (fit_micro_batch); checkpointing stays off
+    assert choose_path(CPU, Wishes(), fits_without_checkpointing=False).gradient_checkpointing is False
+    assert choose_path(Capabilities(liger=True), Wishes()).kernels == "none"  # Liger is Triton: GPU only
+
+
+def test_gpu_path_bf16_tf32_fused_adamw_sdpa_position_ids_liger():
+    p = choose_path(H100, Wishes(), fits_without_checkpointing=True)
+    assert (p.device, p.dtype, p.tf32, p.optimizer) == ("cuda", "bfloat16", True, "adamw_torch_fused")
+    assert (p.attention, p.packing, p.mask_in_collator, p.kernels) == ("sdpa", "position_ids", False, "liger")
+    assert p.gradient_checkpointing is False and "fits" in p.reasons["gradient_checkpointing"]
+    assert set(p.reasons) >= {"dtype", "tf32", "optimizer", "attention", "packing", "kernels"}
+    short = choose_path(H100, Wishes(), fits_without_checkpointing=False)
+    assert short.gradient_checkpointing is True and "not fit" in short.reasons["gradient_checkpointing"]
+    no_liger = choose_path(Capabilities(cuda=True, bf16=True, compute_capability=(8, 0)), Wishes())
+    assert no_liger.kernels == "none" and "not installed" in no_liger.reasons["kernels"]
+
+
+def test_attention_order_flash_then_sdpa_and_softcapping_models():
+    flash = Capabilities(**{**H100.__dict__, "flash_attn": True})
+    assert choose_path(flash, Wishes()).attention == "flash_attention_2"
+    t4 = choose_path(T4, Wishes())  # FlashAttention-2 needs Ampere; a T4 has no bf16 and no TF32
+    assert (t4.attention, t4.dtype, t4.tf32) == ("sdpa", "float32", False)
+    gemma = Wishes(softcapping=True)  # Gemma-2 soft-caps attention logits, which SDPA ignores
+    assert choose_path(H100, gemma).attention == "flex_attention"
+    assert choose_path(Capabilities(**{**H100.__dict__, "flex_attention": False}), gemma).attention == "eager"
+    assert choose_path(flash, gemma).attention == "flash_attention_2"
+
+
+def test_full_fine_tuning_on_a_gpu_keeps_fp32_master_weights_under_bf16_autocast(tmp_path):
+    from tunesmith.train.sft import base_args
+
+    p = choose_path(H100, Wishes(adapter="full"))
+    assert (p.dtype, p.autocast) == ("float32", "bfloat16") and "master weights" in p.reasons["dtype"]
+    assert base_args(_recipe(adapter="full"), Placement("cuda", "float32", p), tmp_path)["bf16"] is True
+    assert choose_path(H100, Wishes(adapter="full", precision="bf16")).autocast is None  # asked: pure bf16
+    assert choose_path(CPU, Wishes(adapter="full")).autocast is None
+
+
+def test_qlora_settings_and_refusals():
+    q = choose_path(H100, Wishes(adapter="qlora"))
+    assert q.quantization == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
+    assert q.optimizer == "paged_adamw_8bit" and q.dtype == "bfloat16"
+    with pytest.raises(ConfigError, match="qlora needs a CUDA GPU"):
+        choose_path(CPU, Wishes(adapter="qlora"))
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        choose_path(Capabilities(**{**H100.__dict__, "bitsandbytes": False}), Wishes(adapter="qlora"))
+
+
+def test_kernels_liger_asked_but_missing_is_a_clear_config_error():
+    with pytest.raises(ConfigError, match="train.kernels: liger needs liger-kernel: pip install liger-kernel"):
+        choose_path(Capabilities(**{**H100.__dict__, "liger": False}), Wishes(kernels="liger"))
+    with pytest.raises(ConfigError, match="train.kernels: liger needs a CUDA GPU"):
+        choose_path(CPU, Wishes(kernels="liger"))
+    assert choose_path(H100, Wishes(kernels="none")).kernels == "none"
+    with pytest.raises(ConfigError, match="flash_attention_2 needs a CUDA GPU and the flash-attn package"):
+        choose_path(H100, Wishes(attention="flash_attention_2"))
+
+
+def test_what_the_recipe_asks_for_wins():
+    p = choose_path(H100, Wishes(optimizer="adamw_torch", gradient_checkpointing=True, attention="eager",
+                                 precision="fp32", packing=False))
+    assert (p.optimizer, p.gradient_checkpointing, p.attention, p.dtype, p.packing) == (
+        "adamw_torch", True, "eager", "float32", "off")
+    assert choose_path(CPU, Wishes(gradient_checkpointing=True)).gradient_checkpointing is True
+    assert choose_path(H100, Wishes(head="classifier")).packing == "off"
+
+
+def _recipe(**train):
+    return validate_recipe({"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
+                            "train": train})
+
+
+def test_this_machine_and_the_trainer_arguments_follow_the_path(tiny_model_dir, tmp_path):
+    from tunesmith.train.sft import base_args
+
+    recipe = _recipe().model_copy(update={"model": _recipe().model.model_copy(update={"name": str(tiny_model_dir)})})
+    if probe().cuda:
+        pytest.skip("this check is for a CPU machine; the GPU branches are covered by choose_path above")
+    assert decide(recipe) == choose_path(CPU, Wishes())
+    today = base_args(recipe, Placement("cpu", "float32"), tmp_path)  # no path: exactly as before
+    cpu = base_args(recipe, Placement("cpu", "float32", decide(recipe)), tmp_path)
+    assert today == cpu and cpu["optim"] == "adamw_torch" and cpu["tf32"] is None and not cpu["use_liger_kernel"]
+    gpu_path = choose_path(H100, Wishes(), fits_without_checkpointing=False)
+    gpu = base_args(recipe, Placement("cuda", "bfloat16", gpu_path), tmp_path)
+    assert (gpu["optim"], gpu["tf32"], gpu["bf16"], gpu["use_liger_kernel"], gpu["activation_checkpointing"]) == (
+        "adamw_torch_fused", True, True, True, True)
+    assert gpu["liger_kernel_config"]["fused_linear_cross_entropy"] is False  # our loss keeps its own logits
+    assert TrainPath(**gpu_path.to_json()) == gpu_path  # summary.json round-trips
+
+
+def test_estimate_on_a_gpu_keeps_no_attention_probabilities():
+    from tunesmith.train.estimate import Shape, estimate
+
+    shape = Shape(params=10**9, hidden=2048, intermediate=8192, layers=16, heads=32, kv_dim=512, vocab=128256,
+                  linear_shapes=[(2048, 2048)] * 64)
+    recipe = _recipe(max_seq_length=2048, batch_size=1)
+    cpu, gpu = estimate(shape, recipe, "float32", "cpu"), estimate(shape, recipe, "bfloat16", "cuda")
+    assert gpu.parts["attention"] == 2048**2 < cpu.parts["attention"] / 100
+    assert gpu.parts["weights"] == cpu.parts["weights"] // 2
