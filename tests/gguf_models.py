@@ -68,7 +68,10 @@ def spm_tokenizer(out: Path, arch: str) -> None:
     (out / "tokenizer.model").write_bytes(buf.getvalue())
     config = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
               "unk_token": "<unk>", "add_bos_token": arch == "gemma2", "add_eos_token": False,
-              "chat_template": GEMMA_TEMPLATE if arch == "gemma2" else CHATML}
+              "chat_template": GEMMA_TEMPLATE if arch == "gemma2" else CHATML,
+              # as released tokenizers mark their turn markers: special, so llama.cpp parses them as one token
+              "added_tokens_decoder": {str(i): {"content": t, "special": True, "normalized": False, "lstrip": False,
+                                                "rstrip": False, "single_word": False} for i, t in enumerate(TURNS[arch], 4)}}
     (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
@@ -101,7 +104,6 @@ def build(arch: str, out: Path, seed: int = 0) -> Path:
             if param.ndim == 2:
                 param.normal_(0.0, 0.2 if "embed" in name else 0.08)
     model.save_pretrained(out)
-    tok.save_pretrained(out)
     return out
 
 

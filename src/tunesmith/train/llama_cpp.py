@@ -173,10 +173,13 @@ def load(path: Path, n_ctx: int = 512):
 
 def greedy(llm, ids: list[int], max_new: int) -> list[int]:
     """llama.cpp's greedy continuation of token ``ids``, ending after an end-of-generation token."""
+    import llama_cpp
+
+    vocab = llm._model.vocab
     out: list[int] = []
     for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
         out.append(token)
-        if llm._model.token_is_eog(token) or len(out) >= max_new:
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(out) >= max_new:
             break
     return out
 
