@@ -2,12 +2,11 @@
 reaching 'succeeded' with its loss chart, the playground streaming into both panes, a recorded run's
 report with two runs' headline tables side by side, and one key never seeing another key's jobs.
 
-Every request the page makes must go to the server itself. With TUNESMITH_SCREENSHOTS=DIR the tests
-save the screenshots shown in docs/serve.md there.
+Every request the page makes must go to the server itself. (The screenshots in docs/serve.md come from
+scripts/dashboard_screenshots.py.)
 """
 
 import json
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -27,7 +26,6 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's ch
 RUNS = Path(__file__).parent / "data" / "dashboard_runs"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
-SHOTS = os.environ.get("TUNESMITH_SCREENSHOTS")
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +71,6 @@ def open_page(browser, dash):
     assert seen and all(u.startswith((origin + "/", "data:", "blob:", "about:")) for u in seen), seen
 
 
-def shot(page, name: str) -> None:
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / name), full_page=True)
-
-
 def api(dash, key="k1"):
     return openai.OpenAI(base_url=dash["url"], api_key=key, max_retries=0)
 
@@ -101,7 +93,6 @@ def test_job_created_from_the_page_reaches_succeeded_with_a_loss_chart(dash, ope
     assert "n_epochs must be at least 1" in error.inner_text()
     assert page.get_attribute('[data-field="n_epochs"]', "class").endswith("invalid")
     assert len(api(dash).fine_tuning.jobs.list().data) == before  # refused before any job existed
-    shot(page, "dashboard-new-job.png")
 
     page.fill('input[name="n_epochs"]', "2")
     page.click("#new-job button[type=submit]")
@@ -127,8 +118,6 @@ def test_job_created_from_the_page_reaches_succeeded_with_a_loss_chart(dash, ope
     report = page.frame_locator("iframe.report")
     report.locator("table").first.wait_for(timeout=30_000)
     assert "finetuned" in report.locator("body").inner_text()
-    page.wait_for_timeout(300)
-    shot(page, "dashboard-job.png")
     worker.join(60)
 
 
@@ -155,7 +144,6 @@ def test_playground_streams_into_both_panes(dash, open_page):
     assert a["stream"] and b["stream"]
     assert (a["temperature"], a["max_tokens"], [m["role"] for m in a["messages"]]) == (0, 6, ["user"])
     assert (b["temperature"], b["max_tokens"], [m["role"] for m in b["messages"]]) == (0.8, 10, ["system", "user"])
-    shot(page, "dashboard-playground.png")
 
 
 def test_run_page_shows_the_report_and_two_headline_tables_side_by_side(dash, open_page):
@@ -165,7 +153,6 @@ def test_run_page_shows_the_report_and_two_headline_tables_side_by_side(dash, op
     row = page.wait_for_selector('#runs tr[data-run="intents-system-prompt"]')
     assert row.query_selector('[data-verdict="worse"]') and "tfidf_svm" in row.inner_text()
     assert page.query_selector('#runs tr[data-run="intents-generation"]')
-    shot(page, "dashboard-experiments.png")
     row.click()
     page.wait_for_selector('table.headline[data-run="intents-system-prompt"]')
     report = page.frame_locator("iframe.report")
@@ -180,8 +167,6 @@ def test_run_page_shows_the_report_and_two_headline_tables_side_by_side(dash, op
     right = other.bounding_box()
     assert right["x"] > left["x"] + left["width"] - 1 and abs(right["y"] - left["y"]) < 80  # side by side at 1280
     assert page.url.endswith("#/runs/intents-system-prompt?compare=intents-generation")
-    page.wait_for_timeout(300)
-    shot(page, "dashboard-run.png")
     narrow = open_page(width=390, height=844)
     narrow.goto(dash["root"] + "#/runs/intents-system-prompt?compare=intents-generation")
     narrow.wait_for_selector('#compare-table table.headline[data-run="intents-generation"]')
@@ -190,8 +175,6 @@ def test_run_page_shows_the_report_and_two_headline_tables_side_by_side(dash, op
              for r in ("intents-system-prompt", "intents-generation")]
     assert boxes[1]["y"] > boxes[0]["y"] + boxes[0]["height"]  # stacked at 390
     assert narrow.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
-    narrow.wait_for_timeout(300)
-    shot(narrow, "dashboard-run-390.png")
 
 
 def test_a_second_key_sees_none_of_the_first_keys_jobs(dash, open_page):

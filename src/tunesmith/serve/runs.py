@@ -76,7 +76,11 @@ def headline_table(task, metrics: dict, kinds: dict[str, str]) -> list[dict]:
 
 def run_summary(run_id: str, folder: Path, with_table: bool = False) -> dict:
     """What the experiments list shows for one run (and, with ``with_table``, its headline table)."""
-    config = yaml.safe_load((folder / "config.resolved.yaml").read_text(encoding="utf-8")) or {}
+    try:
+        config = yaml.safe_load((folder / "config.resolved.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}  # listed by its folder name; a broken file must not hide the other runs
+    config = config if isinstance(config, dict) else {}
     task_name = (config.get("data") or {}).get("task") or "classification"
     metrics = _read_json(folder / "eval" / "metrics.json", {})
     comps = _read_json(folder / "eval" / "comparisons.json", [])
