@@ -58,11 +58,28 @@ def serve(app):
     return server, f"http://127.0.0.1:{port}/"
 
 
+def train_from_page(page, settings, work, out: Path) -> str:
+    """Send the job form, train the job with the worker, screenshot the finished job; its model's name."""
+    page.fill('input[name="n_epochs"]', "2")
+    page.click("#new-job button[type=submit]")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    worker = threading.Thread(target=work, args=(settings.data_dir,), kwargs={"once": True}, daemon=True)
+    worker.start()
+    page.wait_for_selector('h1 + div [data-status="succeeded"]', timeout=1_800_000)
+    page.frame_locator("iframe.report").locator("table").first.wait_for()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(out / "dashboard-job.png"), full_page=True)
+    worker.join(60)
+    return page.inner_text("#ft-model")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "images")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--runs", type=Path, default=REPO / "tests" / "data" / "dashboard_runs")
+    ap.add_argument("--skip-job", action="store_true", help="no job: the playground compares the base model "
+                    "without and with the system prompt (a minute instead of many)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -100,34 +117,26 @@ def main() -> None:
             page.wait_for_selector('[data-error-for="n_epochs"]:not([hidden])')
             page.wait_for_timeout(2500)  # the files list has caught up
             page.screenshot(path=str(args.out / "dashboard-new-job.png"))
-            page.fill('input[name="n_epochs"]', "2")
-            page.click("#new-job button[type=submit]")
-            page.wait_for_url("**/#/jobs/ftjob-*")
-            worker = threading.Thread(target=work, args=(settings.data_dir,), kwargs={"once": True}, daemon=True)
-            worker.start()
-            page.wait_for_selector('h1 + div [data-status="succeeded"]', timeout=1_800_000)
-            page.frame_locator("iframe.report").locator("table").first.wait_for()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(args.out / "dashboard-job.png"), full_page=True)
-            tuned = page.inner_text("#ft-model")
+            tuned = settings.model if args.skip_job else train_from_page(page, settings, work, args.out)
 
             page.goto(root + "#/playground?model=" + tuned)
             page.wait_for_selector("#prompt")
             page.fill("#prompt", "I ordered a card two weeks ago and it still has not arrived. What should I do?")
             page.fill('[data-pane="B"] textarea[name="system"]', SYSTEM)
-            page.fill('[data-pane="A"] input[name="max_tokens"]', "60")
-            page.fill('[data-pane="B"] input[name="max_tokens"]', "60")
+            page.fill('[data-pane="A"] input[name="max_tokens"]', "40")
+            page.fill('[data-pane="B"] input[name="max_tokens"]', "40")
+            page.fill('[data-pane="B"] input[name="seed"]', "1")
             page.click("#send")
             for pane in ("A", "B"):
                 page.wait_for_selector(f'[data-out="{pane}"][data-done]', state="attached", timeout=300_000)
             page.screenshot(path=str(args.out / "dashboard-playground.png"))
 
-            page.set_viewport_size({"width": 390, "height": 844})
-            page.goto(root + "#/jobs")
-            page.wait_for_selector("#jobs tr[data-job]")
-            page.screenshot(path=str(args.out / "dashboard-jobs-390.png"))
+            if not args.skip_job:
+                page.set_viewport_size({"width": 390, "height": 844})
+                page.goto(root + "#/jobs")
+                page.wait_for_selector("#jobs tr[data-job]")
+                page.screenshot(path=str(args.out / "dashboard-jobs-390.png"))
             browser.close()
-            worker.join(60)
     finally:
         server.should_exit = True
         shutil.rmtree(tmp, ignore_errors=True)

@@ -134,6 +134,7 @@ def test_playground_streams_into_both_panes(dash, open_page):
         page.dispatch_event(f'[data-pane="{pane}"] input[name="temperature_text"]', "change")
         page.fill(f'[data-pane="{pane}"] input[name="max_tokens"]', tokens)
     page.fill('[data-pane="B"] textarea[name="system"]', "Classify the message.")
+    page.fill('[data-pane="B"] input[name="seed"]', "7")  # the sampled side, made repeatable
     page.click("#send")
     for pane in ("A", "B"):
         page.wait_for_selector(f'[data-out="{pane}"][data-done]', state="attached", timeout=60_000)
@@ -144,6 +145,7 @@ def test_playground_streams_into_both_panes(dash, open_page):
     assert a["stream"] and b["stream"]
     assert (a["temperature"], a["max_tokens"], [m["role"] for m in a["messages"]]) == (0, 6, ["user"])
     assert (b["temperature"], b["max_tokens"], [m["role"] for m in b["messages"]]) == (0.8, 10, ["system", "user"])
+    assert "seed" not in a and b["seed"] == 7
 
 
 def test_run_page_shows_the_report_and_two_headline_tables_side_by_side(dash, open_page):

@@ -645,9 +645,10 @@ function paneBox(tag, models, chosen, defaults) {
     el("h2", {}, el("span", { class: "tag" }, tag), "Model"),
     field("model", "Model", el("select", { name: "model" }, models.map((m) => el("option", { value: m.id, selected: m.id === chosen }, m.id)))),
     field("system", "System prompt (optional)", el("textarea", { name: "system", rows: 2, placeholder: "none" })),
-    el("div", { class: "fields-3" },
+    el("div", { class: "fields-4" },
       el("div", { style: "grid-column: span 2" }, field("temperature", "Temperature", el("div", { class: "range" }, temp, tempText))),
-      field("max_tokens", "Max tokens", el("input", { name: "max_tokens", value: defaults.max_tokens, inputmode: "numeric" }))),
+      field("max_tokens", "Max tokens", el("input", { name: "max_tokens", value: defaults.max_tokens, inputmode: "numeric" })),
+      field("seed", "Seed", el("input", { name: "seed", placeholder: "random", inputmode: "numeric" }))),
     el("div", { class: "out", "data-out": tag, "aria-live": "polite" }),
     el("div", { class: "stats muted", "data-stats": tag }));
   return pane;
@@ -656,7 +657,7 @@ function paneBox(tag, models, chosen, defaults) {
 function paneSettings(pane) {
   const q = (n) => pane.querySelector(`[name="${n}"]`);
   return { model: q("model").value, system: q("system").value.trim(), temperature: Number(q("temperature_text").value),
-    max_tokens: hyperValue(q("max_tokens").value) };
+    max_tokens: hyperValue(q("max_tokens").value), seed: q("seed").value.trim() };
 }
 
 async function streamInto(pane, prompt, signal) {
@@ -671,6 +672,7 @@ async function streamInto(pane, prompt, signal) {
   const messages = (s.system ? [{ role: "system", content: s.system }] : []).concat([{ role: "user", content: prompt }]);
   const body = { model: s.model, messages, temperature: s.temperature, stream: true, stream_options: { include_usage: true } };
   if (s.max_tokens !== "auto") body.max_tokens = s.max_tokens;
+  if (s.seed) body.seed = hyperValue(s.seed); // a sampled answer that can be asked for again
   const t0 = performance.now();
   let first = null;
   let chunks = 0;
