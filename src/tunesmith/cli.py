@@ -303,6 +303,7 @@ def serve(
     model: Annotated[str, typer.Option(help="Base model: embedded name, folder or HF id.")] = "smollm2-135m-instruct",
     adapter: Annotated[list[str] | None, typer.Option(help="A LoRA adapter to serve, NAME=PATH (repeatable).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where files, jobs and job runs are kept.")] = Path("tunesmith-data"),
+    runs: Annotated[Path, typer.Option(help="The runs folder whose experiments the dashboard shows.")] = Path("runs"),
     api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
     engine: Annotated[str, typer.Option(help="builtin, or vllm to print the vLLM command.")] = "builtin",
     exec_: Annotated[bool, typer.Option("--exec", help="With --engine vllm: start it.")] = False,
@@ -333,8 +334,8 @@ def serve(
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
     _quiet_libraries()
-    settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, max_tokens=max_tokens,
-                             request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
+    settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
+                             max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model)
     serve_builtin(settings, host, port, say=console.print)
 # --- tunesmith data ... ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ class ServeSettings:
     max_batch: int = 64
     wait_ms: float = 15.0
     data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
+    runs_dir: Path = Path("runs")  # the experiments `tunesmith run` wrote, shown in the dashboard
     max_upload_mb: int = 512
     max_tokens: int = 4096  # the most tokens one request may generate (also capped by the context left)
     request_timeout_s: float = 300.0  # a generation still running then stops with finish_reason "length"
@@ -95,19 +96,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         return JSONResponse({"error": {"message": f"{where}: {first['msg']}", "type": "invalid_request_error",
                                        "param": where or None, "code": None}}, status_code=400)
 
-    from tunesmith.serve import routes_jobs, routes_openai
+    from tunesmith.serve import routes_dashboard, routes_jobs, routes_openai
 
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
-
-    @app.get("/", include_in_schema=False)
-    async def dashboard():
-        from importlib import resources
-
-        from fastapi.responses import HTMLResponse
-
-        return HTMLResponse(resources.files("tunesmith.serve").joinpath("static", "dashboard.html").read_text("utf-8"))
-
+    routes_dashboard.mount(app)
     return app
 
 

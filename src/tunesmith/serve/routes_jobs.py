@@ -202,15 +202,23 @@ def _job(request: Request, key, job_id: str) -> dict:
     return job
 
 
+def _with_queue(store, job: dict) -> dict:
+    """The job object plus ``queue_position`` while it is queued (a tunesmith extension; 1 = next)."""
+    obj = job_object(job)
+    if job["status"] == "queued":
+        obj["queue_position"] = store.queue_position(job["id"])
+    return obj
+
+
 @router.get("/fine_tuning/jobs")
 async def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
     jobs, more = paginate(_store(request).list_jobs(key), after, limit)
-    return page([job_object(j) for j in jobs], more)
+    return page([_with_queue(_store(request), j) for j in jobs], more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, request: Request, key: Key):
-    return job_object(_job(request, key, job_id))
+    return _with_queue(_store(request), _job(request, key, job_id))
 
 
 def _control(request: Request, key, job_id: str, action: str, allowed: tuple[str, ...], new_status: str | None):

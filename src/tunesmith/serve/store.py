@@ -150,6 +150,18 @@ class Store:
                 return _job(row)
         return None
 
+    def queue_position(self, jid: str) -> int | None:
+        """1 for the job the worker takes next, counting the running job and older queued jobs ahead
+        (the order of :meth:`next_job`); None when the job is not queued."""
+        row = self.db.execute("SELECT status, created_at, rowid FROM jobs WHERE id = ?", (jid,)).fetchone()
+        if row is None or row["status"] != "queued":
+            return None
+        ahead = self.db.execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'running' OR (status = 'queued' AND "
+            "(created_at < ? OR (created_at = ? AND rowid < ?)))", (row["created_at"], row["created_at"], row["rowid"]),
+        ).fetchone()[0]
+        return ahead + 1
+
     # --- events and checkpoints ------------------------------------------------------------------
 
     def add_event(self, job_id: str, message: str, type_: str = "message", data: dict | None = None,
