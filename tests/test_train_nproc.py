@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
@@ -170,3 +171,55 @@ def test_kill_one_rank_then_resume_with_one_process(tmp_path, tiny_model_dir, en
     assert done == ref_steps == list(range(1, steps + 1))  # every step once: none repeated, none lost
     print("losses, killed at step 3 and resumed with 1 process:", losses, "uninterrupted:", ref_losses)
     assert losses == pytest.approx(ref_losses, rel=TOLERANCE)  # the same examples at every step after resuming
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_two_ranks_saves_the_one_process_model(tmp_path, tiny_model_dir, env):
+    from safetensors.torch import load_file
+
+    _compare(tmp_path, env, lambda name: _sft_recipe(tmp_path, tiny_model_dir, name, adapter="full",
+                                                       learning_rate=1e-3))
+    one, two = (load_file(tmp_path / "runs" / n / "train" / "model" / "model.safetensors") for n in ("one", "two"))
+    assert set(one) == set(two)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
+
+
+def test_fsdp_on_cpu_is_refused_before_any_work(tmp_path, tiny_model_dir, cli):
+    # accelerate 1.15 enables its FSDP plugin for GPU-like devices only; with CPU processes it would
+    # silently train with DDP, so the recipe is refused with what to do instead
+    recipe = _sft_recipe(tmp_path, tiny_model_dir, "fsdp", adapter="full", distributed="fsdp")
+    code, out = cli(["train", str(recipe), "--nproc", "2"])
+    assert code == 2 and "fsdp needs one GPU per process" in out, out
+    assert not (tmp_path / "runs" / "fsdp").exists()
+
+
+def test_fsdp_is_for_full_fine_tuning(tmp_path, tiny_model_dir, cli):
+    code, out = cli(["train", str(_sft_recipe(tmp_path, tiny_model_dir, "f", distributed="fsdp"))])
+    assert code == 2 and "distributed: fsdp shards full fine-tuning" in out, out
+
+
+def test_global_batch_is_shared_by_the_ranks():
+    from tunesmith.distributed import share_batch
+
+    assert share_batch(4, 2, 1) == (4, 2)
+    assert share_batch(4, 2, 2) == (4, 1)  # accumulation divided first: same micro-batch, same memory
+    assert share_batch(8, 1, 2) == (4, 1)
+    assert share_batch(6, 4, 4) == (6, 1)
+    assert share_batch(3, 8, 4) == (3, 2)
+    with pytest.raises(Exception, match="multiple of 4"):
+        share_batch(3, 1, 4)
+
+
+def test_torchrun_command_for_one_and_several_nodes():
+    from tunesmith.distributed import strip_launch_options, torchrun_command
+
+    args = strip_launch_options(["train", "r.yaml", "--nproc", "2", "--set", "train.epochs=2", "--nnodes=2",
+                                 "--node-rank", "1", "--rdzv-endpoint", "10.0.0.1:29500"])
+    assert args == ["train", "r.yaml", "--set", "train.epochs=2"]
+    one = torchrun_command(args, 2)
+    assert one[1:] == ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "tunesmith", *args]
+    many = torchrun_command(args, 8, nnodes=2, node_rank=1, rdzv_endpoint="10.0.0.1:29500")
+    assert many[many.index("--nnodes"):many.index("-m", 3)] == [
+        "--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29500",
+        "--rdzv_id", "tunesmith"]

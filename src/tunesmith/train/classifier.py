@@ -93,7 +93,7 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from tunesmith.models.loading import wrap_adapter
-    from tunesmith.train.sft import fit, training_args
+    from tunesmith.train.sft import fit, save_final, training_args
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
@@ -124,7 +124,7 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("train classifier", steps), callbacks)
     final_dir = out_dir / "classifier"
-    trainer.save_model(str(final_dir))
+    save_final(trainer, final_dir)
     if is_main():  # one writer under torchrun
         tokenizer.save_pretrained(str(final_dir))
         (final_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")

@@ -101,7 +101,7 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.train.sft import base_args, fit, prepare_model
+    from tunesmith.train.sft import base_args, fit, prepare_model, save_final
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
@@ -126,7 +126,7 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("dpo", steps), callbacks)
     full = t.adapter == "full"
     final_dir = out_dir / ("model" if full else "adapter")
-    trainer.save_model(str(final_dir))
+    save_final(trainer, final_dir)
     tokenizer.padding_side = "left"
     history = trainer.state.log_history
     if is_main():  # one writer under torchrun

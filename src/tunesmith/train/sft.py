@@ -89,7 +89,16 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to),
         disable_tqdm=True,
-    )
+    ) | fsdp_args(recipe)
+
+
+def fsdp_args(recipe: Recipe) -> dict:
+    """``train.distributed: fsdp`` as the Trainer's FSDP2 settings (accelerate's plugin): every decoder layer
+    sharded, checkpoints saved sharded (one file per rank), the final model gathered into one folder."""
+    if recipe.train.distributed != "fsdp":
+        return {}
+    return dict(fsdp=True, fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                        "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
 
 
 def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool, **extra):
@@ -237,11 +246,20 @@ def train_sft(
     tokenizer.padding_side = "left"
     full = recipe.train.adapter == "full"
     final_dir = out_dir / ("model" if full else "adapter")
-    trainer.save_model(str(final_dir))  # the Trainer writes on rank 0 only (and gathers FSDP shards)
+    save_final(trainer, final_dir)
     if is_main():
         tokenizer.save_pretrained(str(final_dir))
     rows = rows_from_log_history(trainer.state.log_history)
     return make_result(trainer, "model" if full else "adapter", final_dir, before, seconds, rows, len(train_rows), resume)
+
+
+def save_final(trainer, final_dir: Path) -> None:
+    """The trained model or adapter as one loadable folder, written by rank 0; under FSDP every rank takes
+    part in gathering the shards (checkpoints during training stay sharded)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if plugin is not None:
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final_dir))
 
 
 def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
