@@ -263,15 +263,16 @@ def job_error(exc: Exception, store: Store, job: dict) -> dict:
             "the details.", "param": None}
 
 
-def work(root: Path, poll_s: float = 0.5, once: bool = False) -> None:
-    """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder."""
+def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1) -> None:
+    """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder.
+    Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time."""
     import fcntl
 
     store = Store(root)
     lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
     fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
     while not SHUTDOWN.is_set():
-        job = store.next_job()
+        job = store.next_job(jobs_per_key)
         if job is None:
             if once:
                 return
@@ -284,7 +285,7 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False) -> None:
             store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
             store.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
                             dedup_key="failed")
-        if once and store.next_job() is None:
+        if once and store.next_job(jobs_per_key) is None:
             return
 
 
@@ -292,6 +293,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="tunesmith fine-tuning jobs worker")
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    ap.add_argument("--jobs-per-key", type=int, default=1, help="most jobs of one API key running at once")
     args = ap.parse_args()
     import os
 
@@ -299,7 +301,7 @@ def main() -> None:
     logging.basicConfig(filename=args.data_dir / "worker.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
-    work(args.data_dir, once=args.once)
+    work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key)
     # everything is in the store and the checkpoints; a library thread left running must not keep the
     # process alive after SIGTERM
     logging.shutdown()
