@@ -223,3 +223,23 @@ def test_torchrun_command_for_one_and_several_nodes():
     assert many[many.index("--nnodes"):many.index("-m", 3)] == [
         "--nnodes", "2", "--node_rank", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29500",
         "--rdzv_id", "tunesmith"]
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_the_rendezvous_endpoint(tmp_path, tiny_model_dir, env):
+    """The multi-node command of docs/train.md, both "nodes" on this machine (one process each): they meet at
+    node 0's endpoint and train as ranks 0 and 1 of one world."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = _sft_recipe(tmp_path, tiny_model_dir, "nodes", max_steps=1, save_steps=1)
+    nodes = [subprocess.Popen([sys.executable, "-m", "tunesmith", "train", str(recipe), "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(n), "--rdzv-endpoint", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for n in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    ckpt = tmp_path / "runs" / "nodes" / "train" / "checkpoints" / "checkpoint-1"
+    assert {p.name for p in ckpt.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}  # one world of 2
+    assert sum("Saved:" in out for out in outs) == 1  # global rank 0 (on whichever node the rendezvous chose)

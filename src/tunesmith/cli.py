@@ -347,6 +347,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
+    jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
+                                              "once (queued jobs start round robin over keys).")] = 1,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
@@ -369,7 +371,7 @@ def serve(
     _quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, max_tokens=max_tokens,
                              request_timeout_s=request_timeout, max_batch=max_batch, docs=docs)
-    serve_builtin(settings, host, port, say=console.print)
+    serve_builtin(settings, host, port, say=console.print, jobs_per_key=jobs_per_key)
 # --- tunesmith data ... ----------------------------------------------------------------------
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 
