@@ -349,6 +349,10 @@ def serve(
                                               "[default: on only without API keys].", show_default=False)] = None,
     jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
                                               "once (queued jobs start round robin over keys).")] = 1,
+    executor: Annotated[str, typer.Option(help="local: jobs one at a time in a worker process; ray: each job "
+                                          "a Ray task, several at once (pip install 'tunesmith[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the cluster to join "
+                                                    "(default: start a local one).")] = None,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
@@ -365,13 +369,20 @@ def serve(
         return
     if engine != "builtin":
         raise typer.BadParameter("--engine is builtin or vllm")
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter("--executor is local or ray")
+    if executor == "ray":
+        from tunesmith.serve.ray_executor import ray_module
+
+        ray_module()  # a missing extra is said here, not in the worker's log
     keys = ServeSettings.keys_from_env(api_keys_file)
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
     _quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, max_tokens=max_tokens,
                              request_timeout_s=request_timeout, max_batch=max_batch, docs=docs)
-    serve_builtin(settings, host, port, say=console.print, jobs_per_key=jobs_per_key)
+    serve_builtin(settings, host, port, say=console.print, jobs_per_key=jobs_per_key, executor=executor,
+                  ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 

@@ -143,14 +143,18 @@ class Store:
 
     def next_job(self, jobs_per_key: int | None = None, held: frozenset[str] = frozenset()) -> dict | None:
         """The job to run next: one left 'running' by a crash first (running, but not among the ``held`` jobs
-        the caller runs now), then the first queued job in fair order (:meth:`queue`) whose key runs fewer
-        than ``jobs_per_key`` jobs."""
+        the caller runs or has handed out), then the first queued job in fair order (:meth:`queue`) whose key
+        runs fewer than ``jobs_per_key`` jobs (held jobs not started yet count as running)."""
         for row in self.db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY created_at, rowid"):
             if row["id"] not in held:
                 return _job(row)
-        running = self._running_per_key()
-        return next((j for j in self.queue() if jobs_per_key is None or running.get(j["owner"], 0) < jobs_per_key),
-                    None)
+        running, waiting = self._running_per_key(), []
+        for j in self.queue():
+            if j["id"] in held:
+                running[j["owner"]] = running.get(j["owner"], 0) + 1
+            else:
+                waiting.append(j)
+        return next((j for j in waiting if jobs_per_key is None or running.get(j["owner"], 0) < jobs_per_key), None)
 
     def queue(self) -> list[dict]:
         """Queued jobs in the order they start: round robin over keys, so one key's many jobs cannot starve
