@@ -70,10 +70,12 @@ def _dpo_recipe(tmp_path, model_dir, name):
                   "lora": {"dropout": 0.0}}})
 
 
-def _compare(tmp_path, env, recipe_for, command="train"):
+def _compare(tmp_path, env, recipe_for, cli, monkeypatch, command="train"):
     one, two = recipe_for("one"), recipe_for("two")
-    single = tunesmith(["train", str(one)], env)
-    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    for key in ("TUNESMITH_DATA_CACHE", "TUNESMITH_HOME"):
+        monkeypatch.setenv(key, env[key])
+    code, out = cli(["train", str(one)])  # the one-process reference, in this process
+    assert code == 0, out
     double = tunesmith([command, str(two), "--nproc", "2"], env)
     assert double.returncode == 0, double.stdout[-3000:] + double.stderr[-3000:]
     runs = tmp_path / "runs"
@@ -86,9 +88,10 @@ def _compare(tmp_path, env, recipe_for, command="train"):
 
 
 @pytest.mark.slow
-def test_run_sft_lora_two_ranks_match_one_process(tmp_path, tiny_model_dir, env):
+def test_run_sft_lora_two_ranks_match_one_process(tmp_path, tiny_model_dir, env, cli, monkeypatch):
     """`tunesmith run --nproc 2`: both ranks train, rank 0 alone evaluates and writes the report."""
-    double = _compare(tmp_path, env, lambda name: _sft_recipe(tmp_path, tiny_model_dir, name), command="run")
+    double = _compare(tmp_path, env, lambda name: _sft_recipe(tmp_path, tiny_model_dir, name), cli, monkeypatch,
+                      command="run")
     assert double.stdout.count("Report:") == 1 and double.stdout.count("trained ") == 1  # rank 1 prints nothing
     run = tmp_path / "runs" / "two"
     assert (run / "report.md").is_file() and "finetuned" in (run / "eval" / "metrics.json").read_text()
@@ -100,13 +103,14 @@ def test_run_sft_lora_two_ranks_match_one_process(tmp_path, tiny_model_dir, env)
 
 
 @pytest.mark.slow
-def test_dpo_two_ranks_match_one_process(tmp_path, tiny_model_dir, env):
-    _compare(tmp_path, env, lambda name: _dpo_recipe(tmp_path, tiny_model_dir, name))
+def test_dpo_two_ranks_match_one_process(tmp_path, tiny_model_dir, env, cli, monkeypatch):
+    _compare(tmp_path, env, lambda name: _dpo_recipe(tmp_path, tiny_model_dir, name), cli, monkeypatch)
 
 
 @pytest.mark.slow
-def test_classifier_head_two_ranks_match_one_process(tmp_path, tiny_model_dir, env):
-    _compare(tmp_path, env, lambda name: _sft_recipe(tmp_path, tiny_model_dir, name, head="classifier"))
+def test_classifier_head_two_ranks_match_one_process(tmp_path, tiny_model_dir, env, cli, monkeypatch):
+    _compare(tmp_path, env, lambda name: _sft_recipe(tmp_path, tiny_model_dir, name, head="classifier"), cli,
+             monkeypatch)
     assert (tmp_path / "runs" / "two" / "train" / "classifier" / "labels.json").is_file()
 
 
@@ -174,11 +178,11 @@ def test_kill_one_rank_then_resume_with_one_process(tmp_path, tiny_model_dir, en
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_two_ranks_saves_the_one_process_model(tmp_path, tiny_model_dir, env):
+def test_full_fine_tuning_two_ranks_saves_the_one_process_model(tmp_path, tiny_model_dir, env, cli, monkeypatch):
     from safetensors.torch import load_file
 
     _compare(tmp_path, env, lambda name: _sft_recipe(tmp_path, tiny_model_dir, name, adapter="full",
-                                                       learning_rate=1e-3))
+                                                       learning_rate=1e-3), cli, monkeypatch)
     one, two = (load_file(tmp_path / "runs" / n / "train" / "model" / "model.safetensors") for n in ("one", "two"))
     assert set(one) == set(two)
     for key in one:
