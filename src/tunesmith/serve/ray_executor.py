@@ -73,13 +73,28 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
                 stop: threading.Event | None = None, init_kwargs: dict | None = None) -> None:
     """Hand queued jobs to Ray as tasks until ``stop`` is set, never more than ``jobs_per_key`` running jobs
     of one key; jobs start in the store's fair order. A job left 'running' by a previous server resumes."""
-    from tunesmith.serve.worker import SHUTDOWN, job_error
+    from tunesmith.serve.worker import SHUTDOWN
 
     ray = ray_module()
     stop = stop or SHUTDOWN
     store = Store(root)
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))
+    if threading.current_thread() is threading.main_thread():  # ray.init replaced our SIGTERM handler
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        _hand_out(ray, store, jobs_per_key, poll_s, stop)
+    finally:
+        if started:  # a local instance we started goes with us; running jobs resume from their checkpoints
+            ray.shutdown()
+
+
+def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop: threading.Event) -> None:
+    from tunesmith.serve.worker import job_error
+
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(run_job_task)
     running: dict = {}  # object ref -> job id
     while not stop.is_set():
