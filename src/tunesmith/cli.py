@@ -24,7 +24,12 @@ data_app = typer.Typer(no_args_is_help=True, help="Prepare, profile and validate
 app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
-_state = {"debug": False}
+_state: dict = {"debug": False, "argv": []}
+NprocOpt = Annotated[int | None, typer.Option("--nproc", min=1, help="Training processes on this node: starts "
+                                               "torchrun (gloo on CPU, one GPU per process).")]
+NnodesOpt = Annotated[int, typer.Option("--nnodes", min=1, help="With --nproc: nodes taking part.")]
+NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="With --nnodes: this node's number (0 first).")]
+RdzvOpt = Annotated[str | None, typer.Option("--rdzv-endpoint", help="With --nnodes: HOST:PORT of node 0.")]
 
 
 def _version(value: bool) -> None:
@@ -60,10 +65,33 @@ def _quiet_libraries(progress_bars: bool = False) -> None:
     datasets.logging.set_verbosity_error()
 
 
+def _launch_if_asked(cfg, nproc: int | None, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
+    """With ``--nproc``/``--nnodes`` asking for more than this one process, re-run the command under torchrun
+    and exit with its status; inside a torchrun worker the options were the launcher's and are ignored."""
+    from tunesmith.distributed import check_distributed, launch, launched
+    from tunesmith.models.loading import pick_placement
+
+    if launched() or ((nproc or 1) == 1 and nnodes == 1):
+        return
+    check_distributed(cfg, pick_placement(cfg.model.precision, cfg.model.device))  # before any process starts
+    raise typer.Exit(launch(_state["argv"], nproc or 1, nnodes, node_rank, rdzv_endpoint))
+
+
+def _rank_console() -> Console:
+    """The console of this process: rank 0 (or a single process) prints, the other ranks stay quiet."""
+    from tunesmith.distributed import is_main
+
+    return console if is_main() else Console(quiet=True)
+
+
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=2.")] = None,
+    nproc: NprocOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    rdzv_endpoint: RdzvOpt = None,
 ) -> None:
     """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
     import shlex
@@ -72,9 +100,12 @@ def run(
     from tunesmith.pipeline import run as run_pipeline
 
     cfg = load_recipe(recipe, set_ or [])
+    _launch_if_asked(cfg, nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
     command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
-    result = run_pipeline(cfg, console, command)
+    result = run_pipeline(cfg, _rank_console(), command)
+    if result is None:  # a rank other than 0: rank 0 evaluates and reports
+        return
     console.rule("[bold green]done")
     if result.headline:
         console.print(result.headline.replace("**", ""))
@@ -89,6 +120,10 @@ def train(
     estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
     backend: Annotated[str, typer.Option(help="local, or openai: an OpenAI-compatible fine-tuning API "
                                               "(the recipe's hosted section).")] = "local",
+    nproc: NprocOpt = None,
+    nnodes: NnodesOpt = 1,
+    node_rank: NodeRankOpt = 0,
+    rdzv_endpoint: RdzvOpt = None,
 ) -> None:
     """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
     from tunesmith.config import load_recipe
@@ -111,9 +146,11 @@ def train(
         return
     from tunesmith.train.command import run_training
 
+    _launch_if_asked(cfg, nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
-    result = run_training(cfg, console, resume=resume)
-    console.print(f"Saved: {result.output_dir}")
+    out = _rank_console()
+    result = run_training(cfg, out, resume=resume)
+    out.print(f"Saved: {result.output_dir}")
 
 
 @app.command()
@@ -314,6 +351,12 @@ def serve(
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
     allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
+    jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
+                                              "once (queued jobs start round robin over keys).")] = 1,
+    executor: Annotated[str, typer.Option(help="local: jobs one at a time in a worker process; ray: each job "
+                                          "a Ray task, several at once (pip install 'tunesmith[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the cluster to join "
+                                                    "(default: start a local one).")] = None,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
@@ -330,6 +373,12 @@ def serve(
         return
     if engine != "builtin":
         raise typer.BadParameter("--engine is builtin or vllm")
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter("--executor is local or ray")
+    if executor == "ray":
+        from tunesmith.serve.ray_executor import ray_module
+
+        ray_module()  # a missing extra is said here, not in the worker's log
     keys = ServeSettings.keys_from_env(api_keys_file)
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
@@ -337,7 +386,8 @@ def serve(
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model)
-    serve_builtin(settings, host, port, say=console.print)
+    serve_builtin(settings, host, port, say=console.print, jobs_per_key=jobs_per_key, executor=executor,
+                  ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 
@@ -423,8 +473,11 @@ def data_validate(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the app, mapping our errors to exit codes and one-line messages."""
+    _state["argv"] = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code here
+        if isinstance(status, int) and status:
+            return status
     except TunesmithError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         if _state["debug"]:

@@ -353,6 +353,10 @@ class TrainSection(Section):
         [], description="experiment trackers (optional extras: pip install 'tunesmith[tensorboard]'); "
         "their local files go under the run's train/ folder")
     dpo: DpoSection = DpoSection()
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (--nproc, torchrun): ddp keeps a whole copy of the model on "
+        "each; fsdp (FSDP2, adapter: full) shards weights, gradients and optimizer state across them and saves "
+        "sharded checkpoints")
 
     @model_validator(mode="before")
     @classmethod
@@ -368,6 +372,9 @@ class TrainSection(Section):
             raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
         if self.head != "generative" and self.method != "sft":
             raise ValueError(f"head: {self.head} trains with method sft")
+        if self.distributed == "fsdp" and self.adapter != "full":
+            raise ValueError("distributed: fsdp shards full fine-tuning (adapter: full); LoRA adapters are small "
+                             "enough for ddp")
         if self.head != "generative" and self.adapter == "qlora":
             raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
         return self

@@ -30,23 +30,29 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def run(recipe: Recipe, console: Console | None = None, command: str = "") -> RunResult:
+def run(recipe: Recipe, console: Console | None = None, command: str = "") -> RunResult | None:
     """Run the whole recipe and return where its report is; ``command`` (how it was started) goes in
-    ``command.txt`` for the results table."""
-    from tunesmith.data.prepare import prepare
+    ``command.txt`` for the results table. Under torchrun every rank trains, rank 0 alone writes the run
+    folder, evaluates and reports; the other ranks return None once training is done."""
+    from tunesmith.distributed import check_distributed, finish, is_main, prepare_data_once
     from tunesmith.eval.runner import arm_name, arm_recipes, check_endpoints, contenders_of, evaluate
+    from tunesmith.models.loading import pick_placement
 
     console = console or Console()
     if recipe.data is None:
         raise ConfigError("this recipe has no data section; `tunesmith run` needs one (see examples/banking77.yaml)")
     check_endpoints(recipe)  # a missing API key fails before any data or model work
+    for arm in arm_recipes(recipe):
+        check_distributed(arm, pick_placement(arm.model.precision, arm.model.device))
     if recipe.hosted is not None:
         console.print("[yellow]hosted: used by `tunesmith train --backend openai` only; this run trains locally[/]")
     run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_resolved(recipe, run_dir / "config.resolved.yaml")
-    if command:
-        (run_dir / "command.txt").write_text(command + "\n", encoding="utf-8")
+    main = is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_resolved(recipe, run_dir / "config.resolved.yaml")
+        if command:
+            (run_dir / "command.txt").write_text(command + "\n", encoding="utf-8")
     timings: dict[str, float] = {}
 
     @contextmanager
@@ -55,10 +61,11 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
         t0 = time.time()
         yield
         timings[name] = round(time.time() - t0, 1)
-        (run_dir / "timings.json").write_text(json.dumps(timings, indent=2), encoding="utf-8")
+        if main:
+            (run_dir / "timings.json").write_text(json.dumps(timings, indent=2), encoding="utf-8")
 
     with stage("data"):
-        data = prepare(recipe, run_dir / "data", console)
+        data = prepare_data_once(recipe, run_dir / "data", console)
         console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items()))
     arms = arm_recipes(recipe)
     trained = {}
@@ -66,6 +73,9 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
         name = arm_name(recipe, arm)
         with stage(f"arm {i}/{len(arms)}: {name}"):
             trained[name] = train_arm(recipe, arm, name, data, console, f"[{i}/{len(arms)} {name}] ")
+    finish()
+    if not main:
+        return None
     with stage("evaluate"):
         ev = evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders_of(recipe, console),
                       data.summary, console)
@@ -76,48 +86,16 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
 
 def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, prefix: str) -> dict:
     """Train one arm unless it finished before with the same settings (``train/done.json``); returns its summary."""
+    from tunesmith.distributed import is_main, main_process_first
     from tunesmith.progress import task_bar
     from tunesmith.train.dispatch import TrainData, train
-    from tunesmith.train.resume import complete_checkpoint
 
-    out = arm.run_dir / "train"
-    key = arm_fingerprint(arm, data)
-    done = out / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == key:
-        console.print(f"{name}: trained before with the same settings ({done}); not retrained")
-        return json.loads(done.read_text())["summary"]
-    train_set = list(data.splits["train"])
-    summary: dict = {}
-    if arm is not recipe and arm.data.export:  # each arm's splits as it formats them (system prompt, order)
-        from tunesmith.data.exporters import export_splits
-        from tunesmith.train.dispatch import ordered
-
-        splits = {**data.splits, "train": ordered(arm, train_set)}
-        export_splits(splits, arm.data, arm.run_dir / "data" / "export")
-    if arm.synth is not None:
-        from tunesmith.augment import augment
-
-        grown = augment(arm, recipe, train_set, data.splits["val"] + data.splits["test"], console)
-        train_set += grown.examples
-        summary |= grown.summary
-        if grown.dpo_pairs is not None:
-            t = arm.train
-            arm = arm.model_copy(update={"train": t.model_copy(update={"dpo": t.dpo.model_copy(update={"path": grown.dpo_pairs})})})
-    if not train_set and arm.train.method != "dpo":
-        raise DataError(f"{name}: no training examples (the train split is empty and no synth stage added any)")
+    with main_process_first():  # rank 0 decides about earlier checkpoints and runs any synth stage first
+        plan = _plan_arm(recipe, arm, name, data, console)
+    if isinstance(plan, dict):
+        return plan
+    arm, train_set, summary, resume, key = plan
     init = _from_arm(recipe, name)
-    started = out / "started.json"  # which settings the checkpoints below belong to
-    checkpoint = complete_checkpoint(out / "checkpoints")
-    if checkpoint and (not started.is_file() or json.loads(started.read_text()).get("fingerprint") != key):
-        console.print(f"[yellow]{name}: the checkpoints in {out / 'checkpoints'} were made with other settings; "
-                      "training from scratch[/]")
-        shutil.rmtree(out / "checkpoints")
-        checkpoint = None
-    out.mkdir(parents=True, exist_ok=True)
-    started.write_text(json.dumps({"fingerprint": key}), encoding="utf-8")
-    resume = checkpoint is not None
-    if resume:
-        console.print(f"{name}: resuming from {checkpoint}")
     result = train(arm, TrainData(train_set, data.splits["val"], data.labels), console,
                    lambda desc, total: task_bar(console, prefix + desc, total), resume=resume, init_adapter=init)
     t = arm.train
@@ -135,8 +113,59 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
         "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
         "training path": _path_line(result.train_path),
     }
-    done.write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2), encoding="utf-8")
+    if is_main():
+        (arm.run_dir / "train" / "done.json").write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2),
+                                                         encoding="utf-8")
     return summary
+
+
+def _plan_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console):
+    """Before an arm trains: its summary when it finished before with the same settings; else the arm (with
+    any synth stage's pairs), its training examples, the summary so far, whether to resume and its fingerprint.
+    Only rank 0 writes (exports, the settings of the checkpoints, removal of stale ones)."""
+    from tunesmith.distributed import is_main
+    from tunesmith.train.resume import complete_checkpoint
+
+    main = is_main()
+    out = arm.run_dir / "train"
+    key = arm_fingerprint(arm, data)
+    done = out / "done.json"
+    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == key:
+        console.print(f"{name}: trained before with the same settings ({done}); not retrained")
+        return json.loads(done.read_text())["summary"]
+    train_set = list(data.splits["train"])
+    summary: dict = {}
+    if arm is not recipe and arm.data.export and main:  # each arm's splits as it formats them (system prompt, order)
+        from tunesmith.data.exporters import export_splits
+        from tunesmith.train.dispatch import ordered
+
+        splits = {**data.splits, "train": ordered(arm, train_set)}
+        export_splits(splits, arm.data, arm.run_dir / "data" / "export")
+    if arm.synth is not None:
+        from tunesmith.augment import augment
+
+        grown = augment(arm, recipe, train_set, data.splits["val"] + data.splits["test"], console)
+        train_set += grown.examples
+        summary |= grown.summary
+        if grown.dpo_pairs is not None:
+            t = arm.train
+            arm = arm.model_copy(update={"train": t.model_copy(update={"dpo": t.dpo.model_copy(update={"path": grown.dpo_pairs})})})
+    if not train_set and arm.train.method != "dpo":
+        raise DataError(f"{name}: no training examples (the train split is empty and no synth stage added any)")
+    started = out / "started.json"  # which settings the checkpoints below belong to
+    checkpoint = complete_checkpoint(out / "checkpoints")
+    if checkpoint and (not started.is_file() or json.loads(started.read_text()).get("fingerprint") != key):
+        console.print(f"[yellow]{name}: the checkpoints in {out / 'checkpoints'} were made with other settings; "
+                      "training from scratch[/]")
+        if main:
+            shutil.rmtree(out / "checkpoints")
+        checkpoint = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        started.write_text(json.dumps({"fingerprint": key}), encoding="utf-8")
+    if checkpoint is not None:
+        console.print(f"{name}: resuming from {checkpoint}")
+    return arm, train_set, summary, checkpoint is not None, key
 
 
 def _path_line(path: dict | None) -> str:

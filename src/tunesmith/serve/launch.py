@@ -52,8 +52,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def start_worker(data_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir)],
+def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local",
+                 ray_address: str | None = None) -> subprocess.Popen:
+    """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
+    cmd = [sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir),
+           "--jobs-per-key", str(jobs_per_key), "--executor", executor]
+    return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
                             preexec_fn=_die_with_parent)
 
 
@@ -61,7 +65,8 @@ SHUTDOWN_GRACE_S = 5  # after SIGTERM: requests still in flight get a 503 and th
 WORKER_STOP_S = 30  # the jobs worker saves a checkpoint at its next step; killed if it takes longer
 
 
-def serve_builtin(settings, host: str, port: int, say=print) -> None:
+def serve_builtin(settings, host: str, port: int, say=print, jobs_per_key: int = 1, executor: str = "local",
+                  ray_address: str | None = None) -> None:
     import uvicorn
 
     from tunesmith.serve.app import create_app
@@ -77,7 +82,7 @@ def serve_builtin(settings, host: str, port: int, say=print) -> None:
             worker.terminate()  # the worker saves its job at the next step while the server drains
             super().handle_exit(sig, frame)
 
-    worker = start_worker(settings.data_dir)
+    worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address)
     # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
     signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "

@@ -9,7 +9,8 @@ def file_object(f: dict) -> dict:
             "expires_at": None}
 
 
-def job_object(j: dict) -> dict:
+def job_object(j: dict, queue_position: int | None = None) -> dict:
+    """OpenAI's FineTuningJob, plus ``queue_position`` (1: starts next; None unless queued)."""
     method = j["method"] or {"type": "supervised", "supervised": {"hyperparameters": {}}}
     hyper = method.get(method["type"], {}).get("hyperparameters", {})
     return {
@@ -21,6 +22,7 @@ def job_object(j: dict) -> dict:
         "seed": j["seed"], "status": j["status"], "trained_tokens": j["trained_tokens"],
         "training_file": j["training_file"], "validation_file": j["validation_file"], "estimated_finish": None,
         "integrations": None, "metadata": j["metadata"], "method": method, "user_provided_suffix": j["suffix"],
+        "queue_position": queue_position if j["status"] == "queued" else None,
     }
 
 

@@ -27,6 +27,11 @@ def _store(request: Request):
     return request.app.state.store
 
 
+def _job_object(request: Request, job: dict) -> dict:
+    """The job object with its current place in the fair queue."""
+    return job_object(job, _store(request).queue_positions().get(job["id"]))
+
+
 # --- files ---------------------------------------------------------------------------------
 
 
@@ -192,7 +197,7 @@ async def create_job(body: JobBody, request: Request, key: Key):
     store.add_event(job["id"], f"Validating training file: {body.training_file}", dedup_key="validating")
     store.update_job(job["id"], status="queued")
     store.add_event(job["id"], "Files validated, moving job to queued state", dedup_key="queued")
-    return job_object(store.get_job(job["id"], key))
+    return _job_object(request, store.get_job(job["id"], key))
 
 
 def _job(request: Request, key, job_id: str) -> dict:
@@ -202,23 +207,16 @@ def _job(request: Request, key, job_id: str) -> dict:
     return job
 
 
-def _with_queue(store, job: dict) -> dict:
-    """The job object plus ``queue_position`` while it is queued (a tunesmith extension; 1 = next)."""
-    obj = job_object(job)
-    if job["status"] == "queued":
-        obj["queue_position"] = store.queue_position(job["id"])
-    return obj
-
-
 @router.get("/fine_tuning/jobs")
 async def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
     jobs, more = paginate(_store(request).list_jobs(key), after, limit)
-    return page([_with_queue(_store(request), j) for j in jobs], more)
+    positions = _store(request).queue_positions()
+    return page([job_object(j, positions.get(j["id"])) for j in jobs], more)
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 async def retrieve_job(job_id: str, request: Request, key: Key):
-    return _with_queue(_store(request), _job(request, key, job_id))
+    return _job_object(request, _job(request, key, job_id))
 
 
 def _control(request: Request, key, job_id: str, action: str, allowed: tuple[str, ...], new_status: str | None):
@@ -232,7 +230,7 @@ def _control(request: Request, key, job_id: str, action: str, allowed: tuple[str
         store.update_job(job_id, status=new_status, control=None)
         done = {"cancel": "Job cancelled", "pause": "Job paused", "resume": "Job resumed"}[action]
         store.add_event(job_id, done, dedup_key=f"{action}:{job['status']}")
-    return job_object(store.get_job(job_id, key))
+    return _job_object(request, store.get_job(job_id, key))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")

@@ -141,26 +141,40 @@ class Store:
         with self.lock:
             self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), jid])
 
-    def next_job(self) -> dict | None:
-        """The job a worker should run: one left 'running' by a crash first, then the oldest queued."""
-        for status in ("running", "queued"):
-            row = self.db.execute("SELECT * FROM jobs WHERE status = ? ORDER BY created_at, rowid LIMIT 1",
-                                  (status,)).fetchone()
-            if row:
+    def next_job(self, jobs_per_key: int | None = None, held: frozenset[str] = frozenset()) -> dict | None:
+        """The job to run next: one left 'running' by a crash first (running, but not among the ``held`` jobs
+        the caller runs or has handed out), then the first queued job in fair order (:meth:`queue`) whose key
+        runs fewer than ``jobs_per_key`` jobs (held jobs not started yet count as running)."""
+        for row in self.db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY created_at, rowid"):
+            if row["id"] not in held:
                 return _job(row)
-        return None
+        running, waiting = self._running_per_key(), []
+        for j in self.queue():
+            if j["id"] in held:
+                running[j["owner"]] = running.get(j["owner"], 0) + 1
+            else:
+                waiting.append(j)
+        return next((j for j in waiting if jobs_per_key is None or running.get(j["owner"], 0) < jobs_per_key), None)
 
-    def queue_position(self, jid: str) -> int | None:
-        """1 for the job the worker takes next, counting the running job and older queued jobs ahead
-        (the order of :meth:`next_job`); None when the job is not queued."""
-        row = self.db.execute("SELECT status, created_at, rowid FROM jobs WHERE id = ?", (jid,)).fetchone()
-        if row is None or row["status"] != "queued":
-            return None
-        ahead = self.db.execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'running' OR (status = 'queued' AND "
-            "(created_at < ? OR (created_at = ? AND rowid < ?)))", (row["created_at"], row["created_at"], row["rowid"]),
-        ).fetchone()[0]
-        return ahead + 1
+    def queue(self) -> list[dict]:
+        """Queued jobs in the order they start: round robin over keys, so one key's many jobs cannot starve
+        the others. A key's k-th queued job (from 0) goes in round ``running jobs of the key + k``; within a
+        round the older job first."""
+        running = self._running_per_key()
+        taken: dict[str | None, int] = {}
+        ranked = []
+        for row in self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid"):
+            k = taken[row["owner"]] = taken.get(row["owner"], -1) + 1
+            ranked.append((running.get(row["owner"], 0) + k, len(ranked), row))
+        return [_job(row) for *_, row in sorted(ranked, key=lambda r: r[:2])]
+
+    def queue_positions(self) -> dict[str, int]:
+        """Job id → its place in the queue (1: starts next) for every queued job."""
+        return {j["id"]: i for i, j in enumerate(self.queue(), start=1)}
+
+    def _running_per_key(self) -> dict[str | None, int]:
+        rows = self.db.execute("SELECT owner, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY owner")
+        return {owner: n for owner, n in rows}
 
     # --- events and checkpoints ------------------------------------------------------------------
 

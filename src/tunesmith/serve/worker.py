@@ -263,28 +263,34 @@ def job_error(exc: Exception, store: Store, job: dict) -> dict:
             "the details.", "param": None}
 
 
-def work(root: Path, poll_s: float = 0.5, once: bool = False) -> None:
-    """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder."""
+def run_or_fail(store: Store, job: dict) -> None:
+    """Run one job; a failure is reported on the job (status, error, event) and goes no further."""
+    try:
+        run_job(store, job)
+    except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
+        error = job_error(exc, store, job)
+        store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
+        store.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
+                        dedup_key="failed")
+
+
+def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1) -> None:
+    """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder.
+    Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time."""
     import fcntl
 
     store = Store(root)
     lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
     fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
     while not SHUTDOWN.is_set():
-        job = store.next_job()
+        job = store.next_job(jobs_per_key)
         if job is None:
             if once:
                 return
             SHUTDOWN.wait(poll_s)
             continue
-        try:
-            run_job(store, job)
-        except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
-            error = job_error(exc, store, job)
-            store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
-            store.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
-                            dedup_key="failed")
-        if once and store.next_job() is None:
+        run_or_fail(store, job)
+        if once and store.next_job(jobs_per_key) is None:
             return
 
 
@@ -292,6 +298,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="tunesmith fine-tuning jobs worker")
     ap.add_argument("--data-dir", type=Path, required=True)
     ap.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    ap.add_argument("--jobs-per-key", type=int, default=1, help="most jobs of one API key running at once")
+    ap.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="local: one job at a time in this process; ray: each job a Ray task, several at once")
+    ap.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
     args = ap.parse_args()
     import os
 
@@ -299,7 +309,12 @@ def main() -> None:
     logging.basicConfig(filename=args.data_dir / "worker.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: SHUTDOWN.set())
-    work(args.data_dir, once=args.once)
+    if args.executor == "ray":
+        from tunesmith.serve.ray_executor import work_on_ray
+
+        work_on_ray(args.data_dir, args.ray_address, jobs_per_key=args.jobs_per_key)
+    else:
+        work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key)
     # everything is in the store and the checkpoints; a library thread left running must not keep the
     # process alive after SIGTERM
     logging.shutdown()

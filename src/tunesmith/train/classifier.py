@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tunesmith.config import Recipe
 from tunesmith.data.task import render_prompt
+from tunesmith.distributed import is_main
 from tunesmith.train.metrics import rows_from_log_history
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
@@ -59,7 +60,8 @@ def set_aside_long(recipe: Recipe, examples: list, rows: list[dict], console) ->
                 for ex, row in zip(examples, rows, strict=True) if row["length"] > limit]
     if rejected:
         where = recipe.run_dir / "data" / "rejected.jsonl"
-        append_jsonl(where, (r.to_json() for r in rejected))
+        if is_main():
+            append_jsonl(where, (r.to_json() for r in rejected))
         console.print(f"[yellow]{len(rejected)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
     keep = [row for row in rows if row["length"] <= limit]
     if not keep:
@@ -92,15 +94,16 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
                      console, resume: bool = False, callbacks: list | None = None) -> TrainResult:
     """Train the head (+ LoRA) on ``train`` and save it; the evaluation path scores it like any contender."""
     from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from tunesmith.models.loading import wrap_adapter
-    from tunesmith.train.sft import fit, training_args
+    from tunesmith.train.sft import fit, save_final, training_args
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
     index = {label: i for i, label in enumerate(labels)}
     texts = [render_prompt(e, recipe.data.prompt) for e in train]
+    set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
     model = wrap_adapter(load_classifier(recipe.model.name, labels, placement, tokenizer), t.adapter, t.lora,
                          recipe.seed, task_type="SEQ_CLS")
     tokenizer.padding_side = "right"
@@ -125,14 +128,15 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("train classifier", steps), callbacks)
     final_dir = out_dir / "classifier"
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(str(final_dir))
-    (final_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
-    from tunesmith.train.heads import write_head_meta
+    save_final(trainer, final_dir)
+    if is_main():  # one writer under torchrun
+        from tunesmith.train.heads import write_head_meta
 
-    write_head_meta(final_dir, {"head": "classifier", "base_model": recipe.model.name, "labels": labels,
-                                "prompt": recipe.data.prompt, "input_fields": list(recipe.data.input_fields),
-                                "max_length": t.max_seq_length})
+        tokenizer.save_pretrained(str(final_dir))
+        (final_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
+        write_head_meta(final_dir, {"head": "classifier", "base_model": recipe.model.name, "labels": labels,
+                                    "prompt": recipe.data.prompt, "input_fields": list(recipe.data.input_fields),
+                                    "max_length": t.max_seq_length})
     result = make_result(trainer, "classifier", final_dir, before, seconds,
                          rows_from_log_history(trainer.state.log_history), len(rows), resume)
     result.too_long = len(train) - len(rows)

@@ -95,11 +95,13 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
             result = train_dpo(recipe, model, tokenizer, placement, console, bar, resume=resume, callbacks=callbacks)
         else:
             result = _train_sft(recipe, data, model, tokenizer, placement, console, bar, resume, callbacks)
+    from tunesmith.distributed import is_main
     from tunesmith.models.random_weights import is_random
 
     result.train_path = path.to_json()
     result.random_weights = recipe.model.name if is_random(recipe.model.name) else None
-    write_outputs(result, out_dir, f"{recipe.name}: loss")
+    if is_main():  # one writer under torchrun
+        write_outputs(result, out_dir, f"{recipe.name}: loss")
     console.print(
         f"trained {result.trainable_params:,} of {result.total_params:,} parameters on {result.tokens:,} tokens in "
         f"{result.seconds:.0f}s ({result.tokens_per_second:,.0f} tok/s, peak {result.peak_memory_mb:,.0f} MB) "
@@ -136,6 +138,7 @@ def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
 
 def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks) -> TrainResult:
     from tunesmith.data.prepare import append_jsonl
+    from tunesmith.distributed import is_main
     from tunesmith.train.sft import prepare_model, split_by_length, train_sft
 
     if data.rows is not None:
@@ -146,7 +149,8 @@ def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, ba
     rows, too_long = split_by_length(rows, ids, tokenizer, recipe.train.max_seq_length)
     if too_long:
         where = recipe.run_dir / "data" / "rejected.jsonl"
-        append_jsonl(where, (r.to_json() for r in too_long))
+        if is_main():
+            append_jsonl(where, (r.to_json() for r in too_long))
         console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
     if not rows:
         raise DataError("no training example fits train.max_seq_length; raise it")

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from tunesmith.config import Recipe
+from tunesmith.distributed import is_main
 from tunesmith.errors import DataError
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
@@ -100,7 +101,7 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.train.sft import base_args, fit, prepare_model
+    from tunesmith.train.sft import base_args, fit, prepare_model, save_final
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
@@ -125,11 +126,12 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("dpo", steps), callbacks)
     full = t.adapter == "full"
     final_dir = out_dir / ("model" if full else "adapter")
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(str(final_dir))
+    save_final(trainer, final_dir)
     tokenizer.padding_side = "left"
     history = trainer.state.log_history
-    (out_dir / "dpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    if is_main():  # one writer under torchrun
+        tokenizer.save_pretrained(str(final_dir))
+        (out_dir / "dpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     margins = [h["rewards/margins"] for h in history if "rewards/margins" in h]
     if margins:
         console.print(f"reward margin (chosen - rejected): {margins[0]:.3f} → {margins[-1]:.3f}")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from tunesmith.config import Recipe
+from tunesmith.distributed import is_main
 from tunesmith.errors import TrainingError
 from tunesmith.models.loading import Placement
 from tunesmith.records import Rejected
@@ -60,16 +61,19 @@ def split_by_length(
 
 def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
     """The arguments every trainer (SFT, DPO, classifier) takes from the recipe, precision from the device."""
+    from tunesmith.distributed import share_batch, world_size
+
     t = recipe.train
     path = placement.path  # the chosen training path (tunesmith.train.device); None: today's CPU defaults
+    batch, accum = share_batch(t.batch_size, t.grad_accum, world_size())  # the recipe's batch is the global one
     return dict(
         output_dir=str(out_dir / "checkpoints"),
         seed=recipe.seed,
         data_seed=recipe.seed,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the total steps
@@ -91,7 +95,16 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to),
         disable_tqdm=True,
-    )
+    ) | fsdp_args(recipe)
+
+
+def fsdp_args(recipe: Recipe) -> dict:
+    """``train.distributed: fsdp`` as the Trainer's FSDP2 settings (accelerate's plugin): every decoder layer
+    sharded, checkpoints saved sharded (one file per rank), the final model gathered into one folder."""
+    if recipe.train.distributed != "fsdp":
+        return {}
+    return dict(fsdp=True, fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                        "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
 
 
 def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool, **extra):
@@ -101,8 +114,9 @@ def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: 
     t = recipe.train
     eval_strategy = ("steps" if t.eval_steps else "epoch") if has_val else "no"
     save_steps = t.eval_steps if t.early_stopping_patience else t.save_steps
-    kwargs = base_args(recipe, placement, out_dir) | dict(
-        per_device_eval_batch_size=t.batch_size,
+    base = base_args(recipe, placement, out_dir)
+    kwargs = base | dict(
+        per_device_eval_batch_size=base["per_device_train_batch_size"],
         train_sampling_strategy=sampling_strategy(recipe),
         length_column_name="length",
         eval_strategy=eval_strategy,
@@ -242,10 +256,20 @@ def train_sft(
     tokenizer.padding_side = "left"
     full = recipe.train.adapter == "full"
     final_dir = out_dir / ("model" if full else "adapter")
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(str(final_dir))
+    save_final(trainer, final_dir)
+    if is_main():
+        tokenizer.save_pretrained(str(final_dir))
     rows = rows_from_log_history(trainer.state.log_history)
     return make_result(trainer, "model" if full else "adapter", final_dir, before, seconds, rows, len(train_rows), resume)
+
+
+def save_final(trainer, final_dir: Path) -> None:
+    """The trained model or adapter as one loadable folder, written by rank 0; under FSDP every rank takes
+    part in gathering the shards (checkpoints during training stay sharded)."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    if plugin is not None:
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(final_dir))
 
 
 def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
@@ -284,6 +308,7 @@ def planned_steps(trainer) -> int:
     import math
 
     per_epoch = math.ceil(
-        len(trainer.train_dataset) / (args.per_device_train_batch_size * args.gradient_accumulation_steps)
+        len(trainer.train_dataset)
+        / (args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size))
     )
     return max(1, math.ceil(per_epoch * args.num_train_epochs))

@@ -1,0 +1,118 @@
+"""Fine-tuning jobs on a Ray cluster (``tunesmith serve --executor ray [--ray-address ADDR]``).
+
+Each queued job becomes one Ray task that asks for the resources its recipe needs, so several jobs run
+at once across the cluster. The task runs the same :func:`~tunesmith.serve.worker.run_job` as the local
+worker, against the same data folder, which every node reaches at the same path (a shared file system):
+events and checkpoints go straight into the store, the fine-tuned adapter lands in
+``<data-dir>/runs/<job>/train/adapter`` where the server picks it up, and cancel and pause reach the
+running task through the store's control flag, which the trainer reads after every step. A task whose
+worker process or node dies is retried by Ray; the retry finds the job 'running' with checkpoints and
+resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from tunesmith.errors import ConfigError
+from tunesmith.serve.store import Store
+
+log = logging.getLogger("tunesmith.worker")
+RETRIES = 3  # times Ray starts a job again after its worker process or node died
+
+
+def ray_module():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'tunesmith[ray]'") from None
+    return ray
+
+
+def job_resources(store: Store, job: dict, cluster: dict) -> dict:
+    """What a job asks Ray for: one CPU for the data and optimizer work, one GPU where the cluster has any,
+    and the memory that the training estimate gives for the job's model and method (unknown: none asked)."""
+    need = {"num_cpus": 1, "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0}
+    try:
+        from tunesmith.config import validate_recipe
+        from tunesmith.train.estimate import estimate_recipe
+
+        method = {"method": "dpo"} if (job.get("method") or {}).get("type") == "dpo" else {}
+        est = estimate_recipe(validate_recipe({"name": "estimate", "model": {"name": job["model"]},
+                                               "train": {"batch_size": 8, **method}}))
+        if est.total and est.total < cluster.get("memory", 0):
+            need["memory"] = int(est.total)
+    except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks a job
+        log.info("no memory estimate for job %s", job["id"])
+    return need
+
+
+def run_job_task(root: str, job_id: str) -> str:
+    """The Ray task: one job, from its start or its newest checkpoint; returns the job's final status."""
+    from tunesmith.serve.worker import run_or_fail
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    store = Store(Path(root))
+    job = store.get_job(job_id, any_owner=True)
+    if job is None or job["status"] not in ("queued", "running"):
+        return job["status"] if job else "missing"
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()[:12]
+    store.add_event(job_id, f"Running as a Ray task on node {node} (worker pid {os.getpid()})",
+                    data={"ray_node": node, "pid": os.getpid()}, dedup_key=f"ray:{os.getpid()}")
+    run_or_fail(store, job)
+    return store.get_job(job_id, any_owner=True)["status"]
+
+
+def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, poll_s: float = 0.5,
+                stop: threading.Event | None = None, init_kwargs: dict | None = None) -> None:
+    """Hand queued jobs to Ray as tasks until ``stop`` is set, never more than ``jobs_per_key`` running jobs
+    of one key; jobs start in the store's fair order. A job left 'running' by a previous server resumes."""
+    from tunesmith.serve.worker import SHUTDOWN
+
+    ray = ray_module()
+    stop = stop or SHUTDOWN
+    store = Store(root)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))
+    if threading.current_thread() is threading.main_thread():  # ray.init replaced our SIGTERM handler
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        _hand_out(ray, store, jobs_per_key, poll_s, stop)
+    finally:
+        if started:  # a local instance we started goes with us; running jobs resume from their checkpoints
+            ray.shutdown()
+
+
+def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop: threading.Event) -> None:
+    from tunesmith.serve.worker import job_error
+
+    task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(run_job_task)
+    running: dict = {}  # object ref -> job id
+    while not stop.is_set():
+        done, _ = ray.wait(list(running), num_returns=len(running), timeout=0) if running else ([], [])
+        for ref in done:
+            job_id = running.pop(ref)
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - retries used up (worker or node died again and again)
+                job = store.get_job(job_id, any_owner=True)
+                error = job_error(exc, store, job)
+                store.update_job(job_id, status="failed", finished_at=int(time.time()), control=None, error=error)
+                store.add_event(job_id, f"Fine-tuning job failed: {error['message'][:500]}", level="error",
+                                dedup_key="failed")
+        job = store.next_job(jobs_per_key, held=frozenset(running.values()))
+        if job is not None:
+            need = job_resources(store, job, ray.cluster_resources())
+            running[task.options(**need).remote(str(store.root), job["id"])] = job["id"]
+            log.info("job %s submitted to Ray with %s", job["id"], need)
+            continue
+        stop.wait(poll_s)
