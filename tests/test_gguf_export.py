@@ -18,9 +18,9 @@ import torch
 from tunesmith.models import registry
 
 from . import gguf_models
-from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
+from .conftest import banking_rows
+from .test_train_export import LABELS, _train
 
-LABELS = ("card_arrival", "pin_blocked", "age_limit")
 needs_smol = pytest.mark.skipif(not registry.is_cached(gguf_models.SMOL),
                                 reason=f"{gguf_models.SMOL} not cached; run `tunesmith models pull {gguf_models.SMOL}`")
 needs_llama_cpp = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -66,17 +66,6 @@ def smol_tiny(tmp_path_factory) -> Path:
     if not registry.is_cached(gguf_models.SMOL):
         pytest.skip(f"{gguf_models.SMOL} not cached; run `tunesmith models pull {gguf_models.SMOL}`")
     return gguf_models.build("llama", tmp_path_factory.mktemp("smol-tiny"))
-
-
-def _train(cli, tmp: Path, model_dir: Path, name: str, **train) -> Path:
-    data = write_jsonl(tmp / "d.jsonl", banking_rows(LABELS, 14))
-    recipe = write_recipe(tmp / f"{name}.yaml", banking_recipe(
-        tmp, model_dir, data, name=name, seed=5, split={"train": 36, "val": 0, "test": 6},
-        data={"system_prompt": "Classify."},
-        train={"batch_size": 8, "logging_steps": 10, "max_seq_length": 96, "lr_scheduler": "constant"} | train))
-    code, out = cli(["train", str(recipe)])
-    assert code == 0, out
-    return tmp / "runs" / name
 
 
 @pytest.fixture(scope="module")
