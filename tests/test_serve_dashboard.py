@@ -1,12 +1,14 @@
 """The dashboard in headless Chromium against a live server with API keys: a job created from the page
 reaching 'succeeded' with its loss chart, the playground streaming into both panes, a recorded run's
-report with two runs' headline tables side by side, and one key never seeing another key's jobs.
+report with two runs' headline tables side by side, one key never seeing another key's jobs, and a classifier
+head's label probabilities drawn as bars in the playground.
 
 Every request the page makes must go to the server itself. (The screenshots in docs/serve.md come from
 scripts/dashboard_screenshots.py.)
 """
 
 import json
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -19,6 +21,7 @@ from tunesmith.serve.engine import Engine
 from tunesmith.serve.worker import work
 
 from .conftest import running_server
+from .test_serve_head_logprobs import train_intent_head
 from .test_serve_jobs import chat_jsonl
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,11 +33,14 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
 
 @pytest.fixture(scope="module")
 def dash(tiny_model_dir, tmp_path_factory):
+    """The server, with a trained classifier head served beside the base model (as `--adapter intents=...`)."""
     data_dir = tmp_path_factory.mktemp("dash-data")
-    engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
+    head = train_intent_head(tmp_path_factory.mktemp("dash-head"), tiny_model_dir)
+    engine = Engine(str(tiny_model_dir), {"intents": str(head)}, wait_ms=5)
     settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir, runs_dir=RUNS)
     with running_server(create_app(settings, engine)) as url:
-        yield {"url": url, "root": url.removesuffix("/v1") + "/", "base": str(tiny_model_dir), "data_dir": data_dir}
+        yield {"url": url, "root": url.removesuffix("/v1") + "/", "base": str(tiny_model_dir), "data_dir": data_dir,
+               "head": "intents"}
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,44 @@ def test_playground_streams_into_both_panes(dash, open_page):
     assert (a["temperature"], a["max_tokens"], [m["role"] for m in a["messages"]]) == (0, 6, ["user"])
     assert (b["temperature"], b["max_tokens"], [m["role"] for m in b["messages"]]) == (0.8, 10, ["system", "user"])
     assert "seed" not in a and b["seed"] == 7
+
+
+def test_playground_shows_a_classifier_heads_label_probabilities_as_bars(dash, open_page):
+    page = open_page()
+    bodies = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None)
+    page.goto(dash["root"] + "#/playground?model=" + dash["head"])
+    page.wait_for_selector("#prompt")
+    assert page.input_value('[data-pane="B"] select[name="model"]') == dash["head"]
+    assert "classifier head" in page.inner_text(f'[data-pane="B"] option[value="{dash["head"]}"]')
+    page.fill('[data-pane="A"] input[name="max_tokens"]', "4")
+    text = "I still have not received my new card, when will it arrive?"
+    page.fill("#prompt", text)
+    page.click("#send")
+    for pane in ("A", "B"):
+        page.wait_for_selector(f'[data-out="{pane}"][data-done]', state="attached", timeout=60_000)
+    rows = page.eval_on_selector_all('[data-probs="B"] li', """lis => lis.map(li => ({
+        label: li.dataset.label || null, pct: li.querySelector('.pct').textContent,
+        width: li.querySelector('.bar i').getBoundingClientRect().width,
+        track: li.querySelector('.bar').getBoundingClientRect().width}))""")
+    answer = page.inner_text('[data-out="B"]')
+    truth = api(dash).chat.completions.create(model=dash["head"], messages=[{"role": "user", "content": text}],
+                                              logprobs=True, top_logprobs=20).choices[0].logprobs.content[0]
+    assert answer == truth.token and rows[0]["label"] == answer  # the answer is the longest bar, on top
+    assert [r["label"] for r in rows] == [t.token for t in truth.top_logprobs]  # 3 labels: all shown, no "other"
+    for row, t in zip(rows, truth.top_logprobs, strict=True):
+        assert row["pct"] == f"{100 * math.exp(t.logprob):.1f}%"
+        assert row["width"] == pytest.approx(row["track"] * math.exp(t.logprob), abs=1.5)  # the bar is to scale
+    assert page.is_hidden('[data-probs="A"]') and not page.query_selector('[data-probs="A"] li')  # a generating model
+    head_body = next(b for b in bodies if b["model"] == dash["head"])
+    assert head_body["logprobs"] is True and head_body["top_logprobs"] == 5 and head_body["stream"]
+    assert not any("logprobs" in b for b in bodies if b["model"] != dash["head"])
+    narrow = open_page(width=390, height=844)
+    narrow.goto(dash["root"] + "#/playground?model=" + dash["head"])
+    narrow.fill("#prompt", text)
+    narrow.click("#send")
+    narrow.wait_for_selector('[data-probs="B"] li .bar i')
+    assert narrow.evaluate("document.documentElement.scrollWidth") <= 390
 
 
 def test_run_page_shows_the_report_and_two_headline_tables_side_by_side(dash, open_page):

@@ -81,12 +81,18 @@ def _usage(gens: list[Generation]) -> dict:
 @router.get("/models")
 async def list_models(request: Request, key: Key):
     """Each model in OpenAI's shape; an adapter names its base model as ``parent`` (as vLLM does), which tells
-    an evaluator that it serves a fine-tune, to be asked as it was trained."""
+    an evaluator that it serves a fine-tune, to be asked as it was trained. A trained head also names its
+    kind (``head``: classifier, regression or span; a tunesmith extension), so the dashboard knows which
+    models have label probabilities to show."""
     created = int(time.time())
-    base = request.app.state.engine.model_ids()[0]
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "tunesmith",
-                                        "parent": None if m == base else base}
-                                       for m in visible_models(request, key)]}
+    engine = request.app.state.engine
+    base = engine.model_ids()[0]
+
+    def entry(m: str) -> dict:
+        doc = {"id": m, "object": "model", "created": created, "owned_by": "tunesmith", "parent": None if m == base else base}
+        return (doc | {"head": engine.heads[m].kind}) if m in engine.heads else doc
+
+    return {"object": "list", "data": [entry(m) for m in visible_models(request, key)]}
 
 
 async def _results(request: Request, jobs: list) -> list[list[Generation]]:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_STOPS = 4  # as OpenAI
 MAX_MESSAGES = 2048
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_TOP_LOGPROBS = 20  # as OpenAI
 
 
 class ChatMessage(BaseModel):
@@ -63,6 +64,15 @@ class SamplingBody(BaseModel):
 class ChatCompletionBody(SamplingBody):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False  # answered by classifier heads (label probabilities); generated text has none
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("set logprobs: true to ask for top_logprobs (as at OpenAI)")
+        return v
 
 
 class CompletionBody(SamplingBody):

@@ -313,6 +313,14 @@ class HeadPredictor:
 
         return predict_proba(self.model, self.tokenizer, encode(self.tokenizer, texts), batch_size, self.max_length)
 
+    def ranked_labels(self, text: str) -> list[tuple[str, float]]:
+        """A classifier head's labels with their probabilities for one rendered prompt, most probable first
+        (ties keep the labels' order, so the first is the label :meth:`predict_texts` answers)."""
+        if self.head != "classifier":
+            raise DataError(f"{self.folder}: a {self.head} head has no label probabilities")
+        [probs] = self.probabilities([text])
+        return sorted(zip(self.meta["labels"], probs, strict=True), key=lambda lp: -lp[1])
+
     def _regress(self, rows: list[dict], batch_size: int) -> list[float]:
         import torch
 

@@ -643,27 +643,51 @@ function paneBox(tag, models, chosen, defaults) {
   tempText.addEventListener("change", () => { temp.value = tempText.value; });
   const pane = el("section", { class: "card pane", "data-pane": tag },
     el("h2", {}, el("span", { class: "tag" }, tag), "Model"),
-    field("model", "Model", el("select", { name: "model" }, models.map((m) => el("option", { value: m.id, selected: m.id === chosen }, m.id)))),
+    field("model", "Model", el("select", { name: "model" }, models.map((m) => el("option",
+      { value: m.id, selected: m.id === chosen, dataset: m.head ? { head: m.head } : null }, m.id + (m.head ? ` (${m.head} head)` : ""))))),
     field("system", "System prompt (optional)", el("textarea", { name: "system", rows: 2, placeholder: "none" })),
     el("div", { class: "fields-4" },
       el("div", { style: "grid-column: span 2" }, field("temperature", "Temperature", el("div", { class: "range" }, temp, tempText))),
       field("max_tokens", "Max tokens", el("input", { name: "max_tokens", value: defaults.max_tokens, inputmode: "numeric" })),
       field("seed", "Seed", el("input", { name: "seed", placeholder: "random", inputmode: "numeric" }))),
     el("div", { class: "out", "data-out": tag, "aria-live": "polite" }),
+    el("ol", { class: "probs", "data-probs": tag, "aria-label": "label probabilities", hidden: true }),
     el("div", { class: "stats muted", "data-stats": tag }));
   return pane;
 }
 
 function paneSettings(pane) {
   const q = (n) => pane.querySelector(`[name="${n}"]`);
+  const option = q("model").selectedOptions[0];
   return { model: q("model").value, system: q("system").value.trim(), temperature: Number(q("temperature_text").value),
-    max_tokens: hyperValue(q("max_tokens").value), seed: q("seed").value.trim() };
+    max_tokens: hyperValue(q("max_tokens").value), seed: q("seed").value.trim(), head: option ? option.dataset.head : undefined };
+}
+
+// A classifier head's answer is one "token" (its label) whose top_logprobs are the most probable labels:
+// drawn as bars with percentages, and what the shown labels leave to the others.
+const TOP_LABELS = 5;
+function showLabelBars(list, tokens) {
+  const top = (tokens[0] && tokens[0].top_logprobs) || [];
+  const rows = top.map((t) => ({ label: t.token, p: Math.exp(t.logprob) }));
+  const rest = 1 - rows.reduce((sum, r) => sum + r.p, 0);
+  if (rest > 0.0005) rows.push({ label: "other labels", p: rest, other: true });
+  list.replaceChildren(...rows.map((r, i) => {
+    const bar = el("i");
+    bar.style.width = (100 * r.p).toFixed(1) + "%";
+    return el("li", { class: (i === 0 ? "top" : "") + (r.other ? " other" : ""), dataset: r.other ? null : { label: r.label } },
+      el("span", { class: "label", title: r.label }, r.label), el("span", { class: "bar", title: `${(100 * r.p).toFixed(2)}%` }, bar),
+      el("span", { class: "pct" }, (100 * r.p).toFixed(1) + "%"));
+  }));
+  list.hidden = rows.length === 0;
 }
 
 async function streamInto(pane, prompt, signal) {
   const s = paneSettings(pane);
   const out = pane.querySelector(".out");
   const stats = pane.querySelector(".stats");
+  const probs = pane.querySelector(".probs");
+  probs.replaceChildren();
+  probs.hidden = true;
   out.replaceChildren();
   out.dataset.chunks = "0";
   delete out.dataset.done;
@@ -673,6 +697,8 @@ async function streamInto(pane, prompt, signal) {
   const body = { model: s.model, messages, temperature: s.temperature, stream: true, stream_options: { include_usage: true } };
   if (s.max_tokens !== "auto") body.max_tokens = s.max_tokens;
   if (s.seed) body.seed = hyperValue(s.seed); // a sampled answer that can be asked for again
+  if (s.head === "classifier") Object.assign(body, { logprobs: true, top_logprobs: TOP_LABELS }); // its label probabilities
+  const logprobs = []; // logprobs.content entries of choice 0
   const t0 = performance.now();
   let first = null;
   let chunks = 0;
@@ -705,11 +731,13 @@ async function streamInto(pane, prompt, signal) {
               out.dataset.chunks = String(++chunks);
               out.scrollTop = out.scrollHeight;
             }
+            if (c.logprobs && c.logprobs.content && c.index === 0) logprobs.push(...c.logprobs.content);
             if (c.finish_reason) finish = c.finish_reason;
           }
         }
       }
     }
+    if (logprobs.length) showLabelBars(probs, logprobs);
     const secs = (performance.now() - t0) / 1000;
     const tokens = usage ? usage.completion_tokens : chunks;
     stats.textContent = `${tokens} tokens in ${secs.toFixed(1)} s (${(tokens / secs).toFixed(1)}/s)` +
