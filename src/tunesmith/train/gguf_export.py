@@ -19,18 +19,17 @@ __all__ = ["check_gguf_type", "export_gguf", "modelfile", "to_gguf"]
 
 def export_gguf(run_dir: Path, out: Path, gguf_type: str = "f16") -> Path:
     """Merge the run, write ``out/model-<type>.gguf`` and ``out/Modelfile``; returns the GGUF path."""
-    from tunesmith.train.export import load_run_recipe, merged_model, stop_token_ids
+    from transformers import AutoTokenizer
+
+    from tunesmith.train.export import export_merged, load_run_recipe, stop_token_ids
 
     check_gguf_type(gguf_type)
     recipe = load_run_recipe(run_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        model, tokenizer = merged_model(run_dir)
-        merged = Path(tmp) / recipe.name
-        model.save_pretrained(merged, safe_serialization=True)
-        tokenizer.save_pretrained(merged)
-        del model
+        merged = export_merged(run_dir, Path(tmp) / recipe.name)  # the converter reads a plain HF folder
+        tokenizer = AutoTokenizer.from_pretrained(merged)
         path = to_gguf(merged, out / f"model-{gguf_type}.gguf", gguf_type)
     system = recipe.data.system_prompt if recipe.data else None
     (out / "Modelfile").write_text(modelfile(path.name, tokenizer, stop_token_ids(tokenizer), system), encoding="utf-8")

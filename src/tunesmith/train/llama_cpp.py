@@ -18,8 +18,8 @@ Where the converter comes from, first match wins:
 
 from __future__ import annotations
 
-import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.models.registry import sha256_of
 from tunesmith.paths import tunesmith_home
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -68,17 +69,15 @@ def fetch_converter(source: Path | None = None, on_step=print) -> Path:
     dest = cached_converter()
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(source) if source else _download_sdist(Path(tmp), on_step)
-        digest = _sha256(archive)
+        digest = sha256_of(archive)
         if digest != SDIST_SHA256:
             raise ModelError(f"{archive}: sha256 {digest} is not the pinned llama-cpp-python {LLAMA_CPP_PYTHON} "
                              f"source ({SDIST_SHA256}); use llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz")
         on_step(f"unpacking llama.cpp's converter from {archive.name}")
-        staging = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.exists() else None))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=dest.parent))  # beside dest: the rename below stays on one file system
         _extract_converter(archive, staging)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        import shutil
-
         shutil.rmtree(dest)
     staging.replace(dest)
     return dest
@@ -112,14 +111,6 @@ def _extract_converter(archive: Path, out: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tar.extractfile(member) as src:
                 target.write_bytes(src.read())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert(hf_dir: Path, outfile: Path, outtype: str) -> Path:
