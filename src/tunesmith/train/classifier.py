@@ -14,8 +14,7 @@ from pathlib import Path
 from tunesmith.config import Recipe
 from tunesmith.data.task import render_prompt
 from tunesmith.distributed import is_main
-from tunesmith.train.metrics import rows_from_log_history
-from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
+from tunesmith.train.result import TrainResult
 
 
 def load_classifier(name: str, labels: list[str], placement, tokenizer):
@@ -93,14 +92,12 @@ def predict_proba(model, tokenizer, rows: list[dict], batch_size: int = 32, max_
 def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, placement, bar,
                      console, resume: bool = False, callbacks: list | None = None) -> TrainResult:
     """Train the head (+ LoRA) on ``train`` and save it; the evaluation path scores it like any contender."""
-    from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
+    from transformers import set_seed
 
     from tunesmith.models.loading import wrap_adapter
-    from tunesmith.train.sft import fit, save_final, training_args
+    from tunesmith.train.heads import fit_head
 
     t = recipe.train
-    out_dir = recipe.run_dir / "train"
     index = {label: i for i, label in enumerate(labels)}
     texts = [render_prompt(e, recipe.data.prompt) for e in train]
     set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
@@ -108,37 +105,11 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
                          recipe.seed, task_type="SEQ_CLS")
     tokenizer.padding_side = "right"
     rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
-    args = training_args(
-        recipe,
-        placement,
-        out_dir,
-        has_val=False,
-        prediction_loss_only=False,
-        include_num_input_tokens_seen="non_padding",
-        metric_for_best_model=None,
-    )
-    pad = DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        data_collator=lambda batch: pad([{k: v for k, v in r.items() if k != "length"} for r in batch]),
-    )
-    before = trainable_snapshot(trainer.model)
-    seconds = fit(trainer, out_dir, resume, lambda steps: bar("train classifier", steps), callbacks)
-    final_dir = out_dir / "classifier"
-    save_final(trainer, final_dir)
-    if is_main():  # one writer under torchrun
-        from tunesmith.train.heads import write_head_meta
-
-        tokenizer.save_pretrained(str(final_dir))
-        (final_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
-        write_head_meta(final_dir, {"head": "classifier", "base_model": recipe.model.name, "labels": labels,
-                                    "prompt": recipe.data.prompt, "input_fields": list(recipe.data.input_fields),
-                                    "max_length": t.max_seq_length})
-    result = make_result(trainer, "classifier", final_dir, before, seconds,
-                         rows_from_log_history(trainer.state.log_history), len(rows), resume)
+    meta = {"head": "classifier", "base_model": recipe.model.name, "labels": labels, "prompt": recipe.data.prompt,
+            "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
+    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="classifier", label="train classifier",
+                      meta=meta, resume=resume, callbacks=callbacks,
+                      files={"labels.json": json.dumps(labels, ensure_ascii=False)})
     result.too_long = len(train) - len(rows)
     return result
 

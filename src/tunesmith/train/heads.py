@@ -201,15 +201,12 @@ def span_rows(recipe: Recipe, train: list[Example], tokenizer, console) -> list[
 def train_head(recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
                resume: bool = False, callbacks: list | None = None) -> TrainResult:
     """Train a regression or span head (+ LoRA, or every weight) and save it with its head.json."""
-    from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import set_seed
 
     from tunesmith.models.loading import wrap_adapter
     from tunesmith.train.classifier import set_aside_long
-    from tunesmith.train.sft import fit, training_args
 
     t = recipe.train
-    out_dir = recipe.run_dir / "train"
     tokenizer.padding_side = "right"
     meta = {"head": t.head, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
             "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
@@ -222,8 +219,27 @@ def train_head(recipe: Recipe, train: list[Example], tokenizer, placement, bar, 
     else:
         rows = span_rows(recipe, train, tokenizer, console)
         meta |= {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
+    set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
     model = wrap_adapter(load_head_model(recipe.model.name, t.head, placement, tokenizer), t.adapter, t.lora,
                          recipe.seed, task_type=PEFT_TASK[t.head])
+    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {t.head} head",
+                      meta=meta, resume=resume, callbacks=callbacks)
+    result.too_long = len(train) - len(rows) if t.head == "regression" else 0
+    return result
+
+
+def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar, *, kind: str, label: str, meta: dict,
+             resume: bool, callbacks: list | None, files: dict[str, str] | None = None) -> TrainResult:
+    """Train a wrapped head model on encoded rows and save it to ``train/<kind>/`` with its tokenizer,
+    ``head.json`` and any extra ``files`` (name → text), written once under torchrun. Every head
+    (classifier, regression, span) trains and saves through here."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from tunesmith.distributed import is_main
+    from tunesmith.train.sft import fit, save_final, training_args
+
+    out_dir = recipe.run_dir / "train"
     args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
                          include_num_input_tokens_seen="non_padding", metric_for_best_model=None)
     pad = DataCollatorWithPadding(tokenizer)
@@ -231,15 +247,16 @@ def train_head(recipe: Recipe, train: list[Example], tokenizer, placement, bar, 
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                       data_collator=lambda batch: pad([{k: v for k, v in r.items() if k in keys} for r in batch]))
     before = trainable_snapshot(trainer.model)
-    seconds = fit(trainer, out_dir, resume, lambda steps: bar(f"train {t.head} head", steps), callbacks)
-    final_dir = out_dir / "head"
-    trainer.save_model(str(final_dir))
-    tokenizer.save_pretrained(str(final_dir))
-    write_head_meta(final_dir, meta)
-    result = make_result(trainer, "head", final_dir, before, seconds,
-                         rows_from_log_history(trainer.state.log_history), len(rows), resume)
-    result.too_long = len(train) - len(rows) if t.head == "regression" else 0
-    return result
+    seconds = fit(trainer, out_dir, resume, lambda steps: bar(label, steps), callbacks)
+    final_dir = out_dir / kind
+    save_final(trainer, final_dir)
+    if is_main():  # one writer under torchrun
+        tokenizer.save_pretrained(str(final_dir))
+        for name, text in (files or {}).items():
+            (final_dir / name).write_text(text, encoding="utf-8")
+        write_head_meta(final_dir, meta)
+    return make_result(trainer, kind, final_dir, before, seconds,
+                       rows_from_log_history(trainer.state.log_history), len(rows), resume)
 
 
 def write_head_meta(folder: Path, meta: dict) -> None:
