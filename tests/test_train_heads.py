@@ -95,7 +95,7 @@ def price_run(tmp_path_factory, tiny_model_dir, tiny_bert_dir):
                          train=HEAD_TRAIN, eval={"max_new_tokens": 4, "bootstrap": 200, "baselines": ["mean"]})
     doc["arms"] = [{"name": "llm-head", "train": {"head": "regression"}},
                    {"name": "encoder-head", "model": {"name": str(tiny_bert_dir)},
-                    "train": {"head": "regression", "adapter": "full"}}]
+                    "train": {"head": "regression", "adapter": "full", "freeze_embeddings": True}}]
     code, out = _cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
     assert code == 0, out
     return tmp_path / "runs" / "price"
@@ -124,6 +124,24 @@ def test_regression_head_arms_on_a_decoder_and_an_encoder_report_units_time_para
     assert "ms / example" in report and "train time" in report and "parameters" in report
     row = next(line for line in report.splitlines() if line.startswith("| encoder-head"))
     assert " s |" in row  # its training time is in the comparison table
+
+
+def test_freeze_embeddings_keeps_the_encoder_input_embeddings_and_trains_the_rest(price_run, tiny_bert_dir):
+    import torch
+    from pydantic import ValidationError
+    from safetensors.torch import load_file
+
+    from tunesmith.config import TrainSection
+
+    base = load_file(str(tiny_bert_dir / "model.safetensors"))
+    tuned = load_file(str(price_run / "arms" / "encoder-head" / "train" / "head" / "model.safetensors"))
+    name = next(k for k in base if k.endswith("word_embeddings.weight"))
+    tuned_name = next(k for k in tuned if k.endswith("word_embeddings.weight"))
+    assert torch.equal(base[name], tuned[tuned_name])
+    layer = next(k for k in base if "layer.0" in k and k.endswith("query.weight"))
+    assert not torch.equal(base[layer], tuned[next(k for k in tuned if k.endswith(layer.split("bert.")[-1]))])
+    with pytest.raises(ValidationError, match="freeze_embeddings applies to adapter: full"):
+        TrainSection(adapter="lora", freeze_embeddings=True)
 
 
 def _squad(tmp_path, n=12):

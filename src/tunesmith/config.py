@@ -315,6 +315,13 @@ class TrainSection(Section):
     span_stride: int = Field(128, ge=0, description="head: span: tokens two consecutive context windows share, "
                              "so that no answer is cut at a window edge and no context is dropped")
     max_answer_tokens: int = Field(32, ge=1, description="head: span: the longest answer predicted, in tokens")
+    freeze_embeddings: bool = Field(
+        False, description="adapter: full: keep the input-embedding matrix fixed while every other weight trains. "
+        "Multilingual encoders keep most of their weights there (multilingual-e5-small: 96M of 118M, one row per "
+        "token of 250k), rows a narrow task mostly never sees; fixing them saves their gradient and optimizer state "
+        "(memory and time per step). On a decoder with tied embeddings the output layer is the same matrix and stays "
+        "fixed too"
+    )
     lora: LoraSection = LoraSection()
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
@@ -375,6 +382,9 @@ class TrainSection(Section):
         if self.distributed == "fsdp" and self.adapter != "full":
             raise ValueError("distributed: fsdp shards full fine-tuning (adapter: full); LoRA adapters are small "
                              "enough for ddp")
+        if self.freeze_embeddings and self.adapter != "full":
+            raise ValueError(f"freeze_embeddings applies to adapter: full (adapter: {self.adapter} already keeps every "
+                             "base weight fixed)")
         if self.head != "generative" and self.adapter == "qlora":
             raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
         return self

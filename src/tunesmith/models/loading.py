@@ -140,13 +140,16 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def wrap_adapter(model, adapter: str, lora, seed: int, task_type: str = "CAUSAL_LM"):
-    """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full``. ``task_type``
-    ``SEQ_CLS`` (classifier, regression) and ``QUESTION_ANS`` (span) make PEFT train the head layer fully
-    beside the adapter."""
+def wrap_adapter(model, adapter: str, lora, seed: int, task_type: str = "CAUSAL_LM",
+                 freeze_embeddings: bool = False):
+    """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full`` (all but the
+    input embeddings with ``freeze_embeddings``). ``task_type`` ``SEQ_CLS`` (classifier, regression) and
+    ``QUESTION_ANS`` (span) make PEFT train the head layer fully beside the adapter."""
     if adapter == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        if freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
         return model
     import torch
     from peft import LoraConfig, get_peft_model

@@ -102,7 +102,7 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     texts = [render_prompt(e, recipe.data.prompt) for e in train]
     set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
     model = wrap_adapter(load_classifier(recipe.model.name, labels, placement, tokenizer), t.adapter, t.lora,
-                         recipe.seed, task_type="SEQ_CLS")
+                         recipe.seed, task_type="SEQ_CLS", freeze_embeddings=t.freeze_embeddings)
     tokenizer.padding_side = "right"
     rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
     meta = {"head": "classifier", "base_model": recipe.model.name, "labels": labels, "prompt": recipe.data.prompt,

@@ -221,7 +221,7 @@ def train_head(recipe: Recipe, train: list[Example], tokenizer, placement, bar, 
         meta |= {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
     set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
     model = wrap_adapter(load_head_model(recipe.model.name, t.head, placement, tokenizer), t.adapter, t.lora,
-                         recipe.seed, task_type=PEFT_TASK[t.head])
+                         recipe.seed, task_type=PEFT_TASK[t.head], freeze_embeddings=t.freeze_embeddings)
     result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {t.head} head",
                       meta=meta, resume=resume, callbacks=callbacks)
     result.too_long = len(train) - len(rows) if t.head == "regression" else 0

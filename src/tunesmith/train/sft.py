@@ -36,7 +36,7 @@ def prepare_model(recipe: Recipe, model):
     if hasattr(model, "peft_config"):  # continuing from another arm's adapter (e.g. SFT, then DPO)
         return model
     t = recipe.train
-    return wrap_adapter(model, t.adapter, t.lora, recipe.seed)
+    return wrap_adapter(model, t.adapter, t.lora, recipe.seed, freeze_embeddings=t.freeze_embeddings)
 
 
 def split_by_length(
