@@ -22,7 +22,8 @@ def test_arms_of_the_head_vs_generative_recipes_differ_only_in_the_head():
         assert recipe.arms[0].train["head"] == "classifier" and "head" not in (recipe.arms[1].train or {})
 
 
-@pytest.mark.parametrize("name, head", [("nsmc_binary.yaml", "classifier"), ("price_amazon.yaml", "regression"),
+@pytest.mark.parametrize("name, head", [("nsmc_binary.yaml", "classifier"), ("nsmc_stars.yaml", "classifier"),
+                                        ("price_amazon.yaml", "regression"),
                                         ("korquad_extractive.yaml", "span")])
 def test_recipes_with_a_generative_an_llm_head_and_an_encoder_head_arm(name, head):
     """Each of these compares generative LLM, LLM + head and encoder + head arms in one report; every arm
