@@ -1,6 +1,6 @@
 """Fine-tuning jobs on a local Ray cluster started inside the test (no network), through the official
-`openai` client: two keys' jobs run at the same time, a running job is cancelled, and a job whose Ray
-worker process is killed resumes from its checkpoint."""
+`openai` client: two keys' jobs run at the same time, a running job is cancelled, another is paused and
+resumed, and a job whose Ray worker process is killed resumes from its checkpoint."""
 
 import json
 import os
@@ -123,3 +123,20 @@ def test_cancel_reaches_a_running_task_and_a_killed_worker_resumes(cluster):
     assert steps == list(range(1, 31))  # every step once, none repeated or lost across the kill
     assert sum(m.startswith("Running as a Ray task") for m in messages) == 2  # Ray started it again
     assert any(m.startswith("Fine-tuning job resumed from its checkpoint at step") for m in messages), messages
+
+
+@pytest.mark.slow
+def test_pause_reaches_a_running_task_and_resume_finishes_it(cluster):
+    c = _client(cluster, "k1")
+    job = _submit(cluster, "k1", 60)  # 30 steps: still running when the pause arrives
+    _wait(cluster, "k1", job.id, lambda j: _steps(cluster, "k1", job.id)[0][-1:] >= [2])
+    assert c.fine_tuning.jobs.pause(job.id).status == "running"  # the task stops and saves within a step
+    assert _wait(cluster, "k1", job.id, lambda j: j.status != "running").status == "paused"
+    paused_at = _steps(cluster, "k1", job.id)[0][-1]
+    assert paused_at < 30
+    assert c.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = _wait(cluster, "k1", job.id, lambda j: j.status in ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    steps, messages = _steps(cluster, "k1", job.id)
+    assert steps == list(range(1, 31))  # every step once, none lost or repeated across the pause
+    assert messages.index("Job paused") < messages.index(f"Fine-tuning job resumed from its checkpoint at step {paused_at}")

@@ -5,6 +5,10 @@ The recipe's ``batch_size x grad_accum`` is the global batch: one process takes 
 accumulation steps, each of the two ranks one micro-batch of 4. Measured on this CPU: the trajectories
 were identical (relative difference 0.0 at every step for all three methods); the tests allow 1e-5
 for float summation order on other machines.
+
+``train.distributed: fsdp`` (full fine-tuning, each rank holding half of every parameter) sums gradients in
+another order (reduce-scatter of each rank's half): measured here, the losses differed by a relative 7.7e-8
+at most and the saved models' logits by 2.4e-7; the test allows 1e-5 and 1e-4.
 """
 
 import json
@@ -18,6 +22,8 @@ import torch
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
 TOLERANCE = 1e-5
+FSDP_LOSS_TOLERANCE = 1e-5  # relative, per step
+FSDP_LOGIT_TOLERANCE = 1e-4  # absolute
 STEPS = 3
 GLOBAL_BATCH = {"batch_size": 4, "grad_accum": 2}  # 2 ranks: 4 x 1 each
 
@@ -70,7 +76,7 @@ def _dpo_recipe(tmp_path, model_dir, name):
                   "lora": {"dropout": 0.0}}})
 
 
-def _compare(tmp_path, env, recipe_for, cli, monkeypatch, command="train"):
+def _compare(tmp_path, env, recipe_for, cli, monkeypatch, command="train", tolerance=TOLERANCE):
     one, two = recipe_for("one"), recipe_for("two")
     for key in ("TUNESMITH_DATA_CACHE", "TUNESMITH_HOME"):
         monkeypatch.setenv(key, env[key])
@@ -82,7 +88,7 @@ def _compare(tmp_path, env, recipe_for, cli, monkeypatch, command="train"):
     a, b = _losses(runs / "one"), _losses(runs / "two")
     print("losses, one process:", a, "two ranks:", b, "largest relative difference:",
           max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True)))
-    assert b == pytest.approx(a, rel=TOLERANCE), (a, b)
+    assert b == pytest.approx(a, rel=tolerance), (a, b)
     assert len(set(a)) > 1  # it trained: the loss moved
     return double
 
@@ -189,13 +195,55 @@ def test_full_fine_tuning_two_ranks_saves_the_one_process_model(tmp_path, tiny_m
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-6)
 
 
-def test_fsdp_on_cpu_is_refused_before_any_work(tmp_path, tiny_model_dir, cli):
-    # accelerate 1.15 enables its FSDP plugin for GPU-like devices only; with CPU processes it would
-    # silently train with DDP, so the recipe is refused with what to do instead
-    recipe = _sft_recipe(tmp_path, tiny_model_dir, "fsdp", adapter="full", distributed="fsdp")
-    code, out = cli(["train", str(recipe), "--nproc", "2"])
-    assert code == 2 and "fsdp needs one GPU per process" in out, out
-    assert not (tmp_path / "runs" / "fsdp").exists()
+@pytest.mark.slow
+def test_fsdp_two_ranks_shard_the_model_and_save_the_one_process_model(tmp_path, tiny_model_dir, env, cli,
+                                                                       monkeypatch):
+    """train.distributed: fsdp on two gloo ranks: each rank holds half of every parameter (a DTensor), the loss
+    follows one process's at the same global batch, the gathered model loads with from_pretrained and scores
+    like one process's, and the run resumes from its sharded checkpoint."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = lambda name: _sft_recipe(tmp_path, tiny_model_dir, name, adapter="full", distributed="fsdp",  # noqa: E731
+                                      learning_rate=1e-3, save_steps=2)
+    _compare(tmp_path, env, recipe, cli, monkeypatch, tolerance=FSDP_LOSS_TOLERANCE)
+    run = tmp_path / "runs" / "two" / "train"
+    sharding = json.loads((run / "summary.json").read_text())["sharding"]
+    print("sharding:", sharding)
+    total, per_rank = sharding["parameters"], sharding["parameters_per_rank"]
+    assert sharding["ranks"] == 2 and sharding["sharded_tensors"] == sharding["tensors"]
+    assert sum(per_rank) == total and all(0.45 * total <= n <= 0.55 * total for n in per_rank), sharding
+    ckpt = run / "checkpoints" / "checkpoint-2"
+    assert {p.name for p in (ckpt / "pytorch_model_fsdp_0").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    assert not list(ckpt.glob("*.safetensors"))  # checkpoints stay sharded, one file per rank
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = tok(["my card has not arrived", "my pin is blocked", "how old must I be"], return_tensors="pt",
+                padding=True)
+    logits = {}
+    for name in ("one", "two"):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / name / "train" / "model").eval()
+        with torch.no_grad():
+            logits[name] = model(**batch).logits
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        moved = (logits["one"] - base(**batch).logits).abs().max().item()
+    diff = (logits["two"] - logits["one"]).abs().max().item()
+    print(f"largest logit difference, two ranks vs one process: {diff:.2e} (training moved them by {moved:.2e})")
+    assert diff <= FSDP_LOGIT_TOLERANCE < moved / 100
+
+    # resume from the sharded checkpoint of step 2 (as if the run had died after it): step 3 again, same loss
+    shutil.rmtree(run / "checkpoints" / "checkpoint-3", ignore_errors=True)
+    shutil.rmtree(run / "model")
+    code, out = cli(["train", str(tmp_path / "two.yaml"), "--resume"])  # one process cannot load the shards
+    assert code == 2 and "is sharded" in out and "--nproc 2" in out, out
+    first = _losses(tmp_path / "runs" / "two")
+    again = tunesmith(["train", str(tmp_path / "two.yaml"), "--resume", "--nproc", "2"], env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    done, losses = _logged(tmp_path / "runs" / "two")
+    assert done == [1, 2, 3] and losses[2] == pytest.approx(first[2], rel=FSDP_LOSS_TOLERANCE), (losses, first)
+    assert (run / "model" / "model.safetensors").is_file()
 
 
 def test_fsdp_is_for_full_fine_tuning(tmp_path, tiny_model_dir, cli):
@@ -247,3 +295,4 @@ def test_two_nodes_meet_at_the_rendezvous_endpoint(tmp_path, tiny_model_dir, env
     ckpt = tmp_path / "runs" / "nodes" / "train" / "checkpoints" / "checkpoint-1"
     assert {p.name for p in ckpt.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}  # one world of 2
     assert sum("Saved:" in out for out in outs) == 1  # global rank 0 (on whichever node the rendezvous chose)
+

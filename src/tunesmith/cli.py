@@ -65,15 +65,13 @@ def _quiet_libraries(progress_bars: bool = False) -> None:
     datasets.logging.set_verbosity_error()
 
 
-def _launch_if_asked(cfg, nproc: int | None, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
+def _launch_if_asked(nproc: int | None, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
     """With ``--nproc``/``--nnodes`` asking for more than this one process, re-run the command under torchrun
     and exit with its status; inside a torchrun worker the options were the launcher's and are ignored."""
-    from tunesmith.distributed import check_distributed, launch, launched
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.distributed import launch, launched
 
     if launched() or ((nproc or 1) == 1 and nnodes == 1):
         return
-    check_distributed(cfg, pick_placement(cfg.model.precision, cfg.model.device))  # before any process starts
     raise typer.Exit(launch(_state["argv"], nproc or 1, nnodes, node_rank, rdzv_endpoint))
 
 
@@ -100,7 +98,7 @@ def run(
     from tunesmith.pipeline import run as run_pipeline
 
     cfg = load_recipe(recipe, set_ or [])
-    _launch_if_asked(cfg, nproc, nnodes, node_rank, rdzv_endpoint)
+    _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
     command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
     result = run_pipeline(cfg, _rank_console(), command)
@@ -146,7 +144,7 @@ def train(
         return
     from tunesmith.train.command import run_training
 
-    _launch_if_asked(cfg, nproc, nnodes, node_rank, rdzv_endpoint)
+    _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
     out = _rank_console()
     result = run_training(cfg, out, resume=resume)

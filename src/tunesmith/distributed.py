@@ -111,16 +111,6 @@ def prepare_data_once(recipe, data_dir: Path, console):
             return prepare(recipe, Path(tmp) / "data", console)
 
 
-def check_distributed(recipe, placement) -> None:
-    """Refuse ``train.distributed: fsdp`` where it cannot shard: accelerate (1.15) turns its FSDP plugin on
-    only for GPU-like devices; with CPU processes it drops the plugin without a word and trains with DDP
-    (a whole copy of the model per process, the opposite of what fsdp promises)."""
-    if recipe.train.distributed == "fsdp" and placement.device == "cpu":
-        raise ConfigError("train.distributed: fsdp needs one GPU per process; on CPUs accelerate trains with "
-                          "DDP instead (every process holds the whole model). Use train.distributed: ddp here, or "
-                          "run on GPUs")
-
-
 def share_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
     """Each rank's (micro-batch, accumulation steps) so that all ranks together take the recipe's global
     batch ``batch_size x grad_accum`` per optimizer step: the accumulation steps are divided first (each

@@ -34,16 +34,13 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     """Run the whole recipe and return where its report is; ``command`` (how it was started) goes in
     ``command.txt`` for the results table. Under torchrun every rank trains, rank 0 alone writes the run
     folder, evaluates and reports; the other ranks return None once training is done."""
-    from tunesmith.distributed import check_distributed, finish, is_main, prepare_data_once
+    from tunesmith.distributed import finish, is_main, prepare_data_once
     from tunesmith.eval.runner import arm_name, arm_recipes, check_endpoints, contenders_of, evaluate
-    from tunesmith.models.loading import pick_placement
 
     console = console or Console()
     if recipe.data is None:
         raise ConfigError("this recipe has no data section; `tunesmith run` needs one (see examples/banking77.yaml)")
     check_endpoints(recipe)  # a missing API key fails before any data or model work
-    for arm in arm_recipes(recipe):
-        check_distributed(arm, pick_placement(arm.model.precision, arm.model.device))
     if recipe.hosted is not None:
         console.print("[yellow]hosted: used by `tunesmith train --backend openai` only; this run trains locally[/]")
     run_dir = recipe.run_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
-from tunesmith.distributed import check_distributed, finish, is_main, main_process_first, prepare_data_once
+from tunesmith.distributed import finish, is_main, main_process_first, prepare_data_once
 from tunesmith.errors import ConfigError
 from tunesmith.progress import task_bar
 
@@ -22,7 +22,6 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
         raise ConfigError("data: required (only train.method dpo reads its pairs from train.dpo.path)")
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     check_adapter_device(recipe.train.adapter, placement)
-    check_distributed(recipe, placement)
     run_dir = recipe.run_dir
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ class TrainResult:
     resumed: bool = False
     train_path: dict | None = None  # the chosen training path (tunesmith.train.device.TrainPath.to_json())
     random_weights: str | None = None  # the random:<arch> name when the base model has random weights
+    sharding: dict | None = None  # train.distributed: fsdp: how the parameters were split between the ranks
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,16 +43,19 @@ def trainable_snapshot(model) -> dict:
 
 def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: float, rows: list[dict],
                 examples: int, resumed: bool) -> TrainResult:
-    """Collect what every method reports once ``trainer`` has trained and saved to ``final_dir``."""
+    """Collect what every method reports once ``trainer`` has trained and saved to ``final_dir``; every rank
+    calls it (a sharded model's parameters are gathered one by one to compare them)."""
+    from tunesmith.train.fsdp import full_value, sharding_summary
+
     model = trainer.model
     after = dict(model.named_parameters())
-    changed = sum(not after[n].detach().equal(v) for n, v in before.items())
+    changed = sum(not full_value(after[n].detach()).equal(full_value(v)) for n, v in before.items())
     tokens = int(trainer.state.num_input_tokens_seen or max((int(h.get("num_tokens", 0)) for h in
                                                              trainer.state.log_history), default=0))
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(v.numel() for v in before.values())
     return TrainResult(final_dir, kind, rows, seconds, tokens, trainable, total, changed, len(before),
-                       model.eval(), examples, 0, resumed)
+                       model.eval(), examples, 0, resumed, sharding=sharding_summary(model))
 
 
 def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
@@ -76,6 +80,8 @@ def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
         "resumed": result.resumed,
         "train_path": result.train_path,
     }
+    if result.sharding:
+        summary["sharding"] = result.sharding
     if result.random_weights:  # first, so that nobody reads these numbers as a trained model's
         summary = {"random_weights": f"{result.random_weights}: random weights, speed and memory only"} | summary
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -62,6 +62,7 @@ def split_by_length(
 def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
     """The arguments every trainer (SFT, DPO, classifier) takes from the recipe, precision from the device."""
     from tunesmith.distributed import share_batch, world_size
+    from tunesmith.train.fsdp import fsdp_args
 
     t = recipe.train
     path = placement.path  # the chosen training path (tunesmith.train.device); None: today's CPU defaults
@@ -96,15 +97,6 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         report_to=list(t.report_to),
         disable_tqdm=True,
     ) | fsdp_args(recipe)
-
-
-def fsdp_args(recipe: Recipe) -> dict:
-    """``train.distributed: fsdp`` as the Trainer's FSDP2 settings (accelerate's plugin): every decoder layer
-    sharded, checkpoints saved sharded (one file per rank), the final model gathered into one folder."""
-    if recipe.train.distributed != "fsdp":
-        return {}
-    return dict(fsdp=True, fsdp_config={"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                        "reshard_after_forward": True, "state_dict_type": "SHARDED_STATE_DICT"})
 
 
 def training_args(recipe: Recipe, placement: Placement, out_dir: Path, has_val: bool, **extra):
@@ -265,7 +257,7 @@ def train_sft(
 
 def save_final(trainer, final_dir: Path) -> None:
     """The trained model or adapter as one loadable folder, written by rank 0; under FSDP every rank takes
-    part in gathering the shards (checkpoints during training stay sharded)."""
+    part in gathering the shards into a full state dict (checkpoints during training stay sharded)."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
     if plugin is not None:
         plugin.set_state_dict_type("FULL_STATE_DICT")
@@ -274,16 +266,21 @@ def save_final(trainer, final_dir: Path) -> None:
 
 def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
     """Run ``trainer.train()`` under our progress bar (the Trainer's own printing removed), from the newest
-    checkpoint when ``resume``; returns the seconds it took. An out-of-memory error says what to change."""
+    checkpoint when ``resume``, FSDP-sharded on CPUs when the recipe asks; returns the seconds it took. An
+    out-of-memory error says what to change."""
     from transformers import PrinterCallback, ProgressCallback
 
+    from tunesmith.train.fsdp import check_resumable, shard_on_cpu
     from tunesmith.train.resume import newest_checkpoint
 
+    shard_on_cpu(trainer)  # train.distributed: fsdp with CPU processes (see tunesmith.train.fsdp)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     for cb in callbacks or []:
         trainer.add_callback(cb)
     checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
+    if checkpoint is not None:
+        check_resumable(checkpoint, trainer)
     steps = planned_steps(trainer)
     start = time.time()
     with progress_factory(steps) as advance:
