@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 from tunesmith.endpoints import RetryPolicy
-from tunesmith.synth.cache import CallCache
+from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import ChatRequest
 from tunesmith.synth.clients import OpenAIChatClient
-from tunesmith.synth.runner import run_calls
 from tunesmith.testing import DummyChatServer
 
 
