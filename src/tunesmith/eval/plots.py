@@ -1,4 +1,4 @@
-"""Plots shared by the train and eval stages: the loss curve and confusion matrices."""
+"""Charts of the eval stage: confusion matrices."""
 
 from __future__ import annotations
 
@@ -7,28 +7,6 @@ from pathlib import Path
 from tunesmith.eval.metrics import confusion
 from tunesmith.eval.result import ContenderResult
 from tunesmith.plotting import pyplot
-
-
-def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
-    valid = [(r["step"], r["valid_loss"]) for r in rows if r.get("valid_loss") is not None]
-    if train:
-        ax.plot(*zip(*train, strict=True), marker=".", label="train loss")
-    if valid:
-        ax.plot(*zip(*valid, strict=True), marker="o", linestyle="--", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (completion tokens)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if train or valid:
-        ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_confusions(results: list[ContenderResult], gold: list[str], labels: list[str], path: Path) -> Path:
