@@ -16,8 +16,8 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.synth.calls import ChatReply
 from tunesmith.synth.command import run_synth
 from tunesmith.synth.review import export_review, import_review
-from tunesmith.testing import DummyChatServer
 
+from .chat_server import DummyChatServer
 from .conftest import write_jsonl, write_recipe
 
 
