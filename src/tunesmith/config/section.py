@@ -1,4 +1,4 @@
-"""The base of every recipe section: unknown keys are refused, field names are free."""
+"""The base of every recipe section: an unknown key is refused (config.loading names the closest valid one)."""
 
 from __future__ import annotations
 
