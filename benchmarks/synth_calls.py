@@ -13,16 +13,19 @@ Prints requests/second for each and the ratios.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from tunesmith.endpoints import RetryPolicy
-from tunesmith.synth.cache import CallCache
+from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import ChatRequest
 from tunesmith.synth.clients import OpenAIChatClient
-from tunesmith.synth.runner import run_calls
-from tunesmith.testing import DummyChatServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for the test suite's dummy server
+
+from tests.chat_server import DummyChatServer  # noqa: E402
 
 
 def requests(n: int) -> list[ChatRequest]:

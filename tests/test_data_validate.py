@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.data.exporters import alpaca_text, chat_row, completion_row, preference_row, qa_prompt
+from tunesmith.data.exporters import alpaca_text, chat_row, completion_row, preference_row
 from tunesmith.data.validate import default_epochs, validate_chat
 
 from .conftest import EXAMPLE_CSV, write_jsonl
@@ -27,8 +27,6 @@ def test_formatters():
     }
     assert "### Input:" not in alpaca_text("Say hi", "hi")
     assert "### Input:\nBob\n\n### Response:\nhi Bob" in alpaca_text("Greet", "hi Bob", "Bob")
-    assert qa_prompt("Who?", "Ann wrote it.") == "Context:\nAnn wrote it.\n\nQuestion: Who?"
-    assert qa_prompt("Who?") == "Question: Who?"
     row = preference_row("p", "good", "bad")
     assert row["input"]["messages"] == [{"role": "user", "content": "p"}]
     assert (

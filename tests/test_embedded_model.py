@@ -38,7 +38,7 @@ def test_synth_with_the_embedded_model_generates_and_caches(tmp_path):
     import json as _json
 
     from tunesmith.config import validate_recipe
-    from tunesmith.synth.run import run_synth
+    from tunesmith.synth.command import run_synth
 
     rows = [{"instruction": "Write a haiku about the sea."}, {"instruction": "Explain what a budget is."}]
     data = tmp_path / "seeds.jsonl"

@@ -7,12 +7,12 @@ from pydantic import BaseModel
 
 from tunesmith.endpoints import RetryPolicy
 from tunesmith.errors import ProviderError
-from tunesmith.synth.cache import CallCache
+from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import CallFailure, ChatRequest
 from tunesmith.synth.clients import OpenAIChatClient
-from tunesmith.synth.runner import run_calls
 from tunesmith.synth.structured import extract_json, run_structured
-from tunesmith.testing import DummyChatServer
+
+from .chat_server import DummyChatServer
 
 FAST = RetryPolicy(max_retries=3, base_s=0.01, cap_s=0.02)
 

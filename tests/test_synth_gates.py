@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from tunesmith.synth.command import run_synth
 from tunesmith.synth.gates import copy_problem, is_loop, question_problem, reason_key, text_problem
-from tunesmith.synth.run import run_synth
 
 from .conftest import write_jsonl
 from .test_synth_tasks import fake, recipe  # noqa: F401  (fixture)

@@ -14,10 +14,10 @@ import pytest
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.synth.calls import ChatReply
+from tunesmith.synth.command import run_synth
 from tunesmith.synth.review import export_review, import_review
-from tunesmith.synth.run import run_synth
-from tunesmith.testing import DummyChatServer
 
+from .chat_server import DummyChatServer
 from .conftest import write_jsonl, write_recipe
 
 
@@ -45,7 +45,7 @@ def fake(monkeypatch):
 
     def install(reply):
         client = FakeClient(reply)
-        monkeypatch.setattr("tunesmith.synth.run.make_client", lambda cfg: client)
+        monkeypatch.setattr("tunesmith.synth.command.make_client", lambda cfg: client)
         holder["client"] = client
         return client
 

@@ -2,8 +2,7 @@
 
 import json
 
-from tunesmith.testing import DummyChatServer
-
+from .chat_server import DummyChatServer
 from .conftest import write_jsonl, write_recipe
 
 

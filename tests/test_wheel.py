@@ -21,9 +21,10 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     # dependencies come from this environment's site-packages (a plain path entry: its editable-install
     # hook is not loaded), tunesmith itself only from the wheel
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "--no-deps", "-q",
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    # PYTHONPATH cleared for pip too: a source tree on it (with its egg-info) reads as tunesmith already installed
     env = {**os.environ, "PYTHONPATH": "", "COLUMNS": "200"}
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "--no-deps", "-q",
+                    str(wheel)], check=True, capture_output=True, timeout=300, env=env)
     where = tmp_path / "elsewhere"
     where.mkdir()
 

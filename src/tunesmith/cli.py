@@ -292,11 +292,11 @@ def synth_run(
 ) -> None:
     """Generate items with the recipe's synth task; every LLM call is cached, so a rerun resumes."""
     from tunesmith.config import load_recipe
-    from tunesmith.synth.run import run_synth
+    from tunesmith.synth.command import run_synth
 
     cfg = load_recipe(recipe, set_ or [])
     _quiet_libraries()
-    from tunesmith.synth.run import summary_table
+    from tunesmith.synth.command import summary_table
 
     res = run_synth(cfg, console)
     console.print(summary_table(res.summary))

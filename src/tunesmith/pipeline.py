@@ -1,7 +1,7 @@
 """``tunesmith run``: data → (synth) → for each arm: train → one evaluation of every contender → one report.
 
 This module only wires the stages together: data preparation (:mod:`tunesmith.data.prepare`),
-synthetic augmentation (:mod:`tunesmith.augment`), training (:mod:`tunesmith.train.dispatch`) and
+synthetic augmentation (:mod:`tunesmith.synth.augment`), training (:mod:`tunesmith.train.dispatch`) and
 evaluation (:mod:`tunesmith.eval.runner`, the path ``tunesmith eval`` takes too).
 """
 
@@ -139,7 +139,7 @@ def _plan_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console):
         splits = {**data.splits, "train": ordered(arm, train_set)}
         export_splits(splits, arm.data, arm.run_dir / "data" / "export")
     if arm.synth is not None:
-        from tunesmith.augment import augment
+        from tunesmith.synth.augment import augment
 
         grown = augment(arm, recipe, train_set, data.splits["val"] + data.splits["test"], console)
         train_set += grown.examples

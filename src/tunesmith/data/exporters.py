@@ -1,4 +1,4 @@
-"""Formatters (chat, prompt/completion, Alpaca, QA, preference pairs) and exporters of the splits.
+"""Formatters (chat, prompt/completion, Alpaca, preference pairs) and exporters of the splits.
 
 Exports: OpenAI chat JSONL, OpenAI (legacy) completion JSONL, OpenAI DPO JSONL, Alpaca JSON
 lines, a Hugging Face dataset folder (one split each) and Parquet files.
@@ -42,13 +42,6 @@ def completion_row(prompt: str, completion: str, separator: str = "\n\n###\n\n",
 def alpaca_text(instruction: str, output: str, input_text: str = "") -> str:
     template = ALPACA_WITH_INPUT if input_text.strip() else ALPACA_NO_INPUT
     return template.format(instruction=instruction.strip(), input=input_text.strip(), output=output.strip())
-
-
-def qa_prompt(question: str, context: str | None = None) -> str:
-    """A QA prompt with the context first (reading comprehension) or the question alone (closed book)."""
-    if context:
-        return f"Context:\n{context.strip()}\n\nQuestion: {question.strip()}"
-    return f"Question: {question.strip()}"
 
 
 def preference_row(prompt: str, chosen: str, rejected: str, system: str | None = None) -> dict:

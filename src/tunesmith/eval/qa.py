@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import DataError
-from tunesmith.records import Example
 
 _PUNCT = set(string.punctuation)
 _KORQUAD_PRECLEAN = re.compile("['\"《》<>〈〉()‘’]")
@@ -157,18 +156,6 @@ def read_predictions(path: Path) -> dict[str, str]:
     if bad:
         raise DataError(f"{path}: answers must be strings; not a string for id(s) {bad[:5]}")
     return doc
-
-
-def squad_examples(path: Path, limit: int | None = None) -> list[Example]:
-    """Examples for a QA recipe: inputs ``context``, ``question``, ``title``; all gold answers in meta."""
-    out = []
-    for title, context, qa in iter_squad(path):
-        answers = [a["text"] for a in qa["answers"]]
-        inputs = {"context": context, "question": qa["question"], "title": title}
-        out.append(Example(str(qa["id"]), inputs, answers[0], {"answers": answers}))
-        if limit and len(out) >= limit:
-            break
-    return out
 
 
 def parse_answer(output: str) -> str:

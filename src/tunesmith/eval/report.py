@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.eval.plots import make_plots
 from tunesmith.eval.result import ContenderResult, EvalRun
-from tunesmith.plotting import pyplot
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind
 from tunesmith.tasks.base import num
@@ -117,85 +117,6 @@ def comparison_lines(task: TaskKind, comps: list[dict]) -> list[str]:
         who = f"best baseline {c['b']}" if c["b_is_baseline"] else c["b"]
         lines.append(f"{c['a']} vs {who}: {task.diff_fmt(c['diff'])}{_ci(c['ci95'], task.diff_fmt)} → **{c['verdict']}**")
     return lines
-
-
-def plot_headline(task: TaskKind, results: list[ContenderResult], path: Path) -> Path:
-    """One bar per contender with its 95% bootstrap interval."""
-    plt = pyplot()
-    h = task.headline
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(results) + 2), 4))
-    vals = [r.metrics.get(h) or 0 for r in results]
-    colours = [
-        "#4c72b0" if r.kind == "llm" else "#dd8452" if r.kind == "endpoint" else "#999999" for r in results
-    ]
-    ax.bar(range(len(results)), vals, color=colours)
-    for i, r in enumerate(results):
-        ci = r.metrics.get(f"{h}_ci95")
-        if ci:
-            ax.errorbar(i, vals[i], yerr=[[vals[i] - ci[0]], [ci[1] - vals[i]]], color="black", capsize=4)
-    ax.set_xticks(range(len(results)), [r.name for r in results], rotation=20, ha="right")
-    ax.set_ylabel(h + (" (higher is better)" if task.higher_is_better else " (lower is better)"))
-    ax.set_title(f"{h} per contender, 95% bootstrap intervals")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-BAND_COLOURS = {"green": "#2ca02c", "orange": "#ff7f0e", "red": "#d62728"}
-
-
-def plot_scatter(
-    task: TaskKind, results: list[ContenderResult], test: list[Example], path: Path, log: bool
-) -> Path:
-    """Prediction vs truth per contender, coloured by hit band; the title counts unparseable answers."""
-    from tunesmith.eval.metrics import band
-
-    plt = pyplot()
-    n = len(results)
-    cols = min(3, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 4.3 * rows), squeeze=False)
-    truth = [task.gold(e) for e in test]
-    for ax, r in zip(axes.flat, results, strict=False):
-        pts = [
-            (g, p, band(p, g, task.cfg.bands))
-            for g, p in zip(truth, r.headline, strict=True)
-            if p is not None
-        ]
-        for colour in ("green", "orange", "red"):
-            sel = [(g, p) for g, p, c in pts if c == colour]
-            if sel:
-                ax.scatter(
-                    *zip(*sel, strict=True), s=12, color=BAND_COLOURS[colour], label=f"{colour} ({len(sel)})"
-                )
-        lo = max(min(truth), 1) if log else min(truth)
-        hi = max(truth)
-        ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, linestyle="--")
-        if log:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-        mae = r.metrics.get("mae")
-        ax.set_title(
-            f"{r.name}: MAE {num(mae, '{:,.0f}')}, unparseable {r.metrics.get('unparseable', 0)}", fontsize=9
-        )
-        ax.set_xlabel("truth")
-        ax.set_ylabel("prediction")
-        if pts:
-            ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def make_plots(task: TaskKind, results, test, eval_dir: Path) -> dict[str, Path]:
-    images = {"Headline metric with 95% intervals": plot_headline(task, results, eval_dir / "headline.png")}
-    return images | task.plots(results, test, eval_dir)
 
 
 @dataclass

@@ -104,7 +104,7 @@ class Classification(TaskKind):
                 "parser: an answer that is not exactly one label is unparseable and wrong.")
 
     def plots(self, results, test, eval_dir: Path) -> dict[str, Path]:
-        from tunesmith.report import plot_confusions
+        from tunesmith.eval.plots import plot_confusions
 
         shown = [r for r in results if r.kind != "baseline"] or results
         path = plot_confusions(shown, [e.target for e in test], self.labels, eval_dir / "confusion.png")

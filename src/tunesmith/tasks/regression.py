@@ -80,7 +80,7 @@ class Regression(TaskKind):
                 "'MAE of parsed answers', RMSLE and R² leave it out.")
 
     def plots(self, results, test, eval_dir: Path) -> dict[str, Path]:
-        from tunesmith.eval.report import plot_scatter
+        from tunesmith.eval.plots import plot_scatter
 
         path = plot_scatter(self, results, test, eval_dir / "scatter.png", self.cfg.log_axes)
         return {"Prediction vs truth, coloured by hit band": path}

@@ -64,8 +64,7 @@ def train_hosted(recipe: Recipe, train_conversations, val_conversations, console
     """Run the hosted job to completion; returns the job as a dict. Raises TrainingError if it fails."""
     import openai
 
-    from tunesmith.report import plot_loss
-    from tunesmith.train.metrics import write_metrics_csv
+    from tunesmith.train.metrics import plot_loss, write_metrics_csv
 
     h = recipe.hosted
     out = recipe.run_dir / "train"

@@ -1,9 +1,11 @@
-"""Training metrics in the columns of OpenAI's fine-tuning results file."""
+"""Training metrics in the columns of OpenAI's fine-tuning results file, and the loss curve drawn from them."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+
+from tunesmith.plotting import pyplot
 
 COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 EXTRA = [
@@ -48,3 +50,25 @@ def read_metrics_csv(path: Path) -> list[dict]:
             {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
             for row in csv.DictReader(fh)
         ]
+
+
+def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None]
+    valid = [(r["step"], r["valid_loss"]) for r in rows if r.get("valid_loss") is not None]
+    if train:
+        ax.plot(*zip(*train, strict=True), marker=".", label="train loss")
+    if valid:
+        ax.plot(*zip(*valid, strict=True), marker="o", linestyle="--", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (completion tokens)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or valid:
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -60,8 +60,7 @@ def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: floa
 
 def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
     """metrics.csv, loss.png and summary.json in ``out_dir``."""
-    from tunesmith.report import plot_loss
-    from tunesmith.train.metrics import write_metrics_csv
+    from tunesmith.train.metrics import plot_loss, write_metrics_csv
 
     write_metrics_csv(result.rows, out_dir / "metrics.csv")
     plot_loss(result.rows, out_dir / "loss.png", title)

@@ -1,4 +1,6 @@
 """``tunesmith synth RECIPE``: read inputs, run the task through the cached client, write items.
+The synth stage of ``tunesmith run`` (:mod:`tunesmith.synth.augment`) runs the same, then turns the
+items into training examples.
 
 Writes ``runs/<name>/synth/``: ``items.jsonl`` (every kept item with its review status),
 ``accepted.jsonl`` (what training reads), ``rejected.jsonl`` (every dropped input or reply with
@@ -21,11 +23,10 @@ from tunesmith.errors import ConfigError, DataError
 from tunesmith.progress import task_bar
 from tunesmith.records import Record
 from tunesmith.synth import tasks
-from tunesmith.synth.cache import CallCache
+from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import CallStats
 from tunesmith.synth.clients import LocalChatClient, OpenAIChatClient
 from tunesmith.synth.review import write_items
-from tunesmith.synth.runner import run_calls
 from tunesmith.synth.structured import run_structured
 
 

@@ -1,4 +1,4 @@
-"""Test helpers: a small OpenAI-compatible chat server with scripted latency and failures.
+"""A small OpenAI-compatible chat server with scripted latency and failures.
 
 Used by the test suite and the benchmarks to exercise clients, retries and the call cache
 without a network: it listens on 127.0.0.1, answers ``POST /v1/chat/completions`` with

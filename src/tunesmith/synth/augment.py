@@ -36,7 +36,7 @@ class Augmented:
 def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Example], console: Console) -> Augmented:
     """Run the arm's synth section (cached per synth config under ``<run>/synth/``) and return the new
     training examples that pass the leakage guard."""
-    from tunesmith.synth.run import run_synth
+    from tunesmith.synth.command import run_synth
 
     cfg = arm.synth
     if cfg.review_required:

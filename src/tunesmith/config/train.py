@@ -1,0 +1,144 @@
+"""The training sections: method, adapter and head, optimisation, DPO, and a hosted fine-tuning service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from tunesmith.config.section import Section
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class DpoSection(Section):
+    """Direct preference optimisation (TRL's DPOTrainer) on prompt/chosen/rejected pairs."""
+
+    path: Path | None = Field(None, description="preference JSONL (prompt/chosen/rejected or OpenAI DPO)")
+    beta: float = Field(0.1, gt=0)
+    precompute_ref_log_probs: bool = Field(False, description="score the reference once, before training")
+
+
+class TrainSection(Section):
+    method: Literal["sft", "dpo"] = "sft"
+    adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
+    head: Literal["generative", "classifier", "regression", "span"] = Field(
+        "generative", description="classifier: a linear head over the labels (classification); regression: a "
+        "scalar head trained with MSE (regression); span: start/end logits over the context (extractive qa). "
+        "On a decoder the head reads the last token, on an encoder its pooled or per-token output"
+    )
+    target_transform: Literal["log1p", "none"] = Field(
+        "log1p", description="head: regression trains on this transform of the target (standardised); log1p "
+        "suits prices and counts (errors relative to the value); predictions are turned back into the target's units"
+    )
+    context_field: str = Field("context", description="head: span: the input field the answer is cut from; "
+                               "the other input fields form the question")
+    span_stride: int = Field(128, ge=0, description="head: span: tokens two consecutive context windows share, "
+                             "so that no answer is cut at a window edge and no context is dropped")
+    max_answer_tokens: int = Field(32, ge=1, description="head: span: the longest answer predicted, in tokens")
+    freeze_embeddings: bool = Field(
+        False, description="adapter: full: keep the input-embedding matrix fixed while every other weight trains. "
+        "Multilingual encoders keep most of their weights there (multilingual-e5-small: 96M of 118M, one row per "
+        "token of 250k), rows a narrow task mostly never sees; fixing them saves their gradient and optimizer state "
+        "(memory and time per step). On a decoder with tied embeddings the output layer is the same matrix and stays "
+        "fixed too"
+    )
+    lora: LoraSection = LoraSection()
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal[
+        "auto", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
+    ] = Field("auto", description="auto: adamw_torch on a CPU, adamw_torch_fused on a CUDA GPU, "
+              "paged_adamw_8bit for qlora")
+    max_seq_length: int = Field(512, ge=8)
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="auto: off on a CPU; on a CUDA GPU only when the memory estimate says the batch "
+        "would not fit without it")
+    attention: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="auto: transformers' default on a CPU; on a CUDA GPU flash_attention_2 where "
+        "flash-attn is installed, else sdpa (flex_attention or eager for models that soft-cap attention logits)")
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto", description="fused Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on where CUDA and "
+        "liger-kernel are present")
+    group_by_length: Literal["auto"] | bool = Field(
+        "auto", description="batch examples of similar length; auto: only where batches are not packed "
+        "(without packing, or with head: classifier, which never packs)"
+    )
+    packing: bool = Field(True, description="pack a batch's examples into rows, isolated by a block mask")
+    train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")
+    logging_steps: int = Field(5, ge=1)
+    eval_steps: int | None = Field(None, ge=1, description="validation loss every N steps; default once per epoch")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after N evals, no improvement")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps; default once per epoch")
+    save_total_limit: int = Field(2, ge=1, description="keep only the newest N checkpoints")
+    report_to: list[Literal["tensorboard", "trackio", "mlflow", "wandb"]] = Field(
+        [], description="experiment trackers (optional extras: pip install 'tunesmith[tensorboard]'); "
+        "their local files go under the run's train/ folder")
+    dpo: DpoSection = DpoSection()
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes (--nproc, torchrun): ddp keeps a whole copy of the model on "
+        "each; fsdp (FSDP2, adapter: full) shards weights, gradients and optimizer state across them and saves "
+        "sharded checkpoints")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_method(cls, raw: Any) -> Any:
+        """``method: lora`` / ``method: full`` (older recipes) mean SFT with that adapter."""
+        if isinstance(raw, dict) and raw.get("method") in ("lora", "full"):
+            raw = {**raw, "adapter": raw.get("adapter", raw["method"]), "method": "sft"}
+        return raw
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSection:
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
+        if self.head != "generative" and self.method != "sft":
+            raise ValueError(f"head: {self.head} trains with method sft")
+        if self.distributed == "fsdp" and self.adapter != "full":
+            raise ValueError("distributed: fsdp shards full fine-tuning (adapter: full); LoRA adapters are small "
+                             "enough for ddp")
+        if self.freeze_embeddings and self.adapter != "full":
+            raise ValueError(f"freeze_embeddings applies to adapter: full (adapter: {self.adapter} already keeps every "
+                             "base weight fixed)")
+        if self.head != "generative" and self.adapter == "qlora":
+            raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
+        return self
+
+    @property
+    def grouped(self) -> bool:
+        """Whether batches are length-grouped. Measured: grouping adds nothing once batches are packed
+        but changes the data order (and so the loss curve) and raises peak memory; the classifier head
+        never packs, and its random batches of short messages are mostly padding (BANKING77: 2.7x the
+        real tokens at batch 16), so it groups."""
+        if self.group_by_length != "auto":
+            return self.group_by_length
+        return not self.packing or self.head != "generative"
+
+
+class HostedSection(Section):
+    """``tunesmith train --backend openai``: an OpenAI-compatible fine-tuning API does the training."""
+
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    model: str | None = Field(None, description="the hosted base model; default: model.name")
+    suffix: str | None = Field(None, max_length=64)
+    n_epochs: int | None = Field(None, ge=1, description="null: the service's auto")
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate_multiplier: float | None = Field(None, gt=0)
+    poll_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+
+
+HEAD_TASKS = {"classifier": "classification", "regression": "regression", "span": "qa"}  # head -> the task it answers
