@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.eval.generation import cut_at_stop, stop_ids
+from tunesmith.generation import cut_at_stop, stop_ids
 from tunesmith.serve.errors import APIError
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
