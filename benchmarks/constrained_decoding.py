@@ -43,7 +43,7 @@ def synth_prompts(n: int) -> list[tuple[str, type, int]]:
 
 
 def run(model, tok, prompts, max_tokens, make_constraint):
-    from tunesmith.eval.generation import generate
+    from tunesmith.generation import generate
 
     tokens, texts, t0 = 0, [], time.perf_counter()
     for text, schema, k in prompts:  # one schema per prompt: one prompt per batch
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
     print("load average:", os.getloadavg())
-    from tunesmith.eval.generation import stop_ids
+    from tunesmith.generation import stop_ids
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
     from tunesmith.synth.constrained import JsonConstraint, bounded_schema
 

@@ -44,7 +44,7 @@ def previous_score_labels(model, tokenizer, prompts, labels, suffix, batch_size=
     import numpy as np
     import torch
 
-    from tunesmith.eval.generation import _length_sorted_batches
+    from tunesmith.generation import length_sorted_batches
 
     tokenizer.padding_side = "left"
     cand = [tokenizer(label + suffix, add_special_tokens=False)["input_ids"] for label in labels]
@@ -54,7 +54,7 @@ def previous_score_labels(model, tokenizer, prompts, labels, suffix, batch_size=
     cand_mask = torch.tensor([[1] * len(c) + [0] * (t_max - len(c)) for c in cand])
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     scores = np.zeros((len(prompts), n_lab), dtype=np.float64)
-    for batch in _length_sorted_batches([len(e) for e in encoded], batch_size):
+    for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
         enc = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
         b = len(batch)
         with torch.inference_mode():
@@ -87,7 +87,7 @@ def child(n_labels: int, mode: str, n_prompts: int) -> dict:
 
     from tunesmith.config import EvalSection
     from tunesmith.data.formatting import chat_messages, prompt_text
-    from tunesmith.eval import generation
+    from tunesmith import generation
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
     from tunesmith.records import Example
     from tunesmith.tasks import make_task

@@ -82,7 +82,7 @@ def main() -> None:
     srv, url = serve(engine, data_dir)
     run_clients(url, engine.base_name, prompts[:2], 4)  # warm-up
     batched = run_clients(url, engine.base_name, prompts, args.max_tokens)
-    engine.max_batch = 1  # the same server, batching off: requests are served one after another
+    engine.batch.max_rows = 1  # the same server, batching off: requests are served one after another
     single = run_clients(url, engine.base_name, prompts, args.max_tokens)
     srv.should_exit = True
     print(f"{args.clients} concurrent chat clients, greedy, max_tokens {args.max_tokens}, SmolLM2-135M on CPU")

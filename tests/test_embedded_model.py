@@ -16,7 +16,7 @@ needs_model = pytest.mark.skipif(
 @needs_model
 def test_cached_folder_is_trainable_and_generates():
     from tunesmith.data.formatting import end_of_turn, prompt_text
-    from tunesmith.eval.generation import generate_greedy
+    from tunesmith.generation import generate_greedy
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
 
     folder = registry.cached_path(NAME)

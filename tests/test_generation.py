@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from tunesmith.eval.generation import cut_at_stop, generate_greedy, score_labels
+from tunesmith.generation import cut_at_stop, generate_greedy, score_labels
 
 PROMPTS = [
     "<|im_start|>user\nmy card has not arrived yet<|im_end|>\n<|im_start|>assistant\n",

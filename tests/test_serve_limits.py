@@ -331,14 +331,14 @@ def test_batch_stays_within_its_cache_budget_and_answers_everyone(tiny_model_dir
     engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=5, max_batch_tokens=100)
     cells: list[int] = []
     rows: list[int] = []
-    step = engine._decode_step
+    step = engine.batch._decode_step
 
     def recording_step():
         rows.append(len(engine.active))
-        cells.append(len(engine.active) * (engine.mask.shape[1] + 1))
-        step()
+        cells.append(len(engine.active) * (engine.batch.mask.shape[1] + 1))
+        return step()
 
-    engine._decode_step = recording_step
+    engine.batch._decode_step = recording_step
     prompt = engine.text_prompt_ids("my card has not arrived and the pin is blocked " * 2)
 
     async def ask_all():

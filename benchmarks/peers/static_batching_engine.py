@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.eval.generation import cut_at_stop, stop_ids
+from tunesmith.generation import cut_at_stop, stop_ids
 
 BASE = "__base__"
 

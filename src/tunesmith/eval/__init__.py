@@ -1,1 +1,1 @@
-"""Evaluation: batched generation, label scoring, metrics, baselines."""
+"""Evaluation: contenders, metrics, baselines and the report (generation and label scoring: tunesmith.generation)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from tunesmith.eval.generation import Advance, _length_sorted_batches
+from tunesmith.generation import Advance, length_sorted_batches
 
 
 def answer_losses(
@@ -31,7 +31,7 @@ def answer_losses(
         seqs.append(pi + ai)
         n_prompt.append(len(pi))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
-    for batch in _length_sorted_batches([len(s) for s in seqs], batch_size):
+    for batch in length_sorted_batches([len(s) for s in seqs], batch_size):
         width = max(len(seqs[i]) for i in batch)
         ids = torch.tensor([seqs[i] + [pad] * (width - len(seqs[i])) for i in batch], device=model.device)
         mask = torch.tensor(

@@ -158,8 +158,8 @@ class OpenAIChatClient:
 
 
 class LocalChatClient:
-    """A local HF causal LM; requests are grouped by sampling parameters and schema and generated in
-    batches by the project's one generation function; a request with a schema is decoded under it."""
+    """A local HF causal LM; all requests go through the project's one generation engine together, each with
+    its own sampling settings and seed (continuous batching); a request with a schema is decoded under it."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, precision: str = "auto",
                  constrained: bool = True):
@@ -180,7 +180,7 @@ class LocalChatClient:
         if not (schema and self.constrained):
             return None
         if schema not in self._constraints:
-            from tunesmith.eval.generation import stop_ids
+            from tunesmith.generation import stop_ids
             from tunesmith.synth.constrained import JsonConstraint
 
             model, tok = self._load()
@@ -197,22 +197,22 @@ class LocalChatClient:
         return max(max_tokens, bound) if bound else max_tokens
 
     def run(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
-        from tunesmith.eval.generation import generate
+        from tunesmith.generation import complete
 
         if not requests:
             return
         model, tok = self._load()
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.temperature, r.top_p, r.max_tokens, r.n, r.effective_seed, r.schema), []).append(i)
-        for (temperature, top_p, max_tokens, n, seed, schema), idx in groups.items():
-            prompts = [tok.apply_chat_template(requests[i].message_dicts(), tokenize=False, add_generation_prompt=True)
-                       for i in idx]
-            constraint = self._constraint(schema)
-            limit = self._token_limit(max_tokens, schema) if constraint else max_tokens
-            for start in range(0, len(idx), self.batch_size):
-                batch = idx[start : start + self.batch_size]
-                rows = generate(model, tok, prompts[start : start + self.batch_size], limit, self.batch_size,
-                                temperature=temperature, top_p=top_p, n=n, seed=seed, constraint=constraint)
-                for i, row in zip(batch, rows, strict=True):
-                    on_result(i, ChatReply([t.strip() for t in row.texts], row.prompt_tokens, row.completion_tokens))
+        prompts = [self._prompt(tok, r) for r in requests]
+        complete(model, tok, prompts, self.batch_size,
+                 on_done=lambda i, g: on_result(i, ChatReply([t.strip() for t in g.texts], g.prompt_tokens,
+                                                             g.completion_tokens)))
+
+    def _prompt(self, tok, r: ChatRequest):
+        """The request as one engine prompt: its chat text, settings, ``n`` and schema constraint."""
+        from tunesmith.generation import GenParams, Prompt
+
+        text = tok.apply_chat_template(r.message_dicts(), tokenize=False, add_generation_prompt=True)
+        constraint = self._constraint(r.schema)
+        limit = self._token_limit(r.max_tokens, r.schema) if constraint else r.max_tokens
+        params = GenParams(limit, r.temperature, r.top_p, seed=r.effective_seed)
+        return Prompt(tok(text, add_special_tokens=False)["input_ids"], params, r.n, constraint=constraint)

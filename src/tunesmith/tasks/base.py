@@ -92,7 +92,7 @@ class TaskKind:
     # --- local models ---------------------------------------------------------------------
     def evaluate_local(self, name, description, model, tokenizer, prompts, examples, bar) -> ContenderResult:
         """Greedy generation on the prompts, scored like every other contender."""
-        from tunesmith.eval.generation import generate_greedy
+        from tunesmith.generation import generate_greedy
 
         cfg = self.cfg
         with bar(f"eval {name}: generate", len(prompts)) as advance:

@@ -46,7 +46,7 @@ class Classification(TaskKind):
         """Free generation, and (unless ``eval.label_scoring`` is off) the label with the highest mean
         token log-likelihood as the headline: fair to a base model that never learned the answer format."""
         from tunesmith.data.formatting import end_of_turn
-        from tunesmith.eval.generation import generate_greedy, score_labels
+        from tunesmith.generation import generate_greedy, score_labels
 
         cfg = self.cfg
         with bar(f"eval {name}: generate", len(prompts)) as advance:

@@ -1,0 +1,278 @@
+"""Continuous batching over one model: rows join the running batch between two decoding steps and
+leave it as soon as they finish, so a short row is never held behind a long one and a finished row
+never costs another forward pass.
+
+Joining rows' prompts are prefilled together (left-padded), then their KV cache is appended to the
+batch's, both sides left-padded to a common width; when rows leave, cache columns that are padding
+for every remaining row are dropped. Each row has its own adapter (PEFT's ``adapter_names`` routes
+every row of a forward pass through its own LoRA), its own settings and its own sampler, so rows for
+different models and settings share every forward pass. Nothing here is threaded: a caller drives
+:meth:`ContinuousBatch.step` (evaluation and synthesis in a loop, the server from its engine thread).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tunesmith.errors import ModelError
+from tunesmith.generation.sampling import GenParams, has_stop, row_sampler, stop_ids
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+@dataclass(eq=False)
+class Row:
+    """One generation: its prompt, settings and adapter, and what it has generated so far.
+
+    ``adapter``: a loaded PEFT adapter's name, ``BASE`` for the bare base model, or None for the model as
+    it is (its active adapter, if any). ``processors``: extra logits processors for this row only (e.g. a
+    JSON-schema mask), run before temperature and top-p. ``deadline``: a ``time.monotonic()`` after which
+    the row ends with "length".
+    """
+
+    prompt_ids: list[int]
+    params: GenParams = GenParams()
+    adapter: str | None = None
+    processors: Sequence = ()
+    deadline: float | None = None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" once finished
+    sampler: object = field(default=None, repr=False)  # a RowSampler, None for plain greedy rows
+
+    @property
+    def abandoned(self) -> bool:
+        """True when nobody waits for this row any more (it then leaves without an answer)."""
+        return False
+
+    @property
+    def position(self) -> int:
+        """Position of the last generated token (the input of the next step)."""
+        return len(self.prompt_ids) + len(self.generated) - 1
+
+
+class ContinuousBatch:
+    """Rows in flight over one model and their shared KV cache.
+
+    ``add`` queues a row; each ``step`` admits the waiting rows that fit (in order: one that does not
+    fit waits at the head of the line), prefills them, runs one decoding step for every active row and
+    returns the rows that finished. The batch stays within ``max_rows`` rows and ``max_tokens`` cache
+    cells (rows x columns, padding included, up to the last token any row may still generate).
+    """
+
+    def __init__(self, model, tokenizer, max_rows: int = 16, max_tokens: int = 65_536):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.eos_ids = set(stop_ids(tokenizer, model))
+        self.waiting: deque[Row] = deque()
+        self.joining: list[Row] = []  # admitted this step, not yet in the cache
+        self.active: list[Row] = []
+        self.cache = None  # the batch's KV cache: one row per active row, left-padded
+        self.mask = None  # [rows, columns] attention mask of the cache
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.waiting)
+
+    def add(self, row: Row) -> None:
+        self.waiting.append(row)
+
+    def step(self) -> list[Row]:
+        """Admit and prefill waiting rows, then one decoding step for all; the rows that finished, in order."""
+        finished: list[Row] = []
+        self.joining = self._admit()
+        if self.joining:
+            finished += self._prefill(self.joining)
+        self.joining = []
+        if self.active:
+            finished += self._decode_step()
+        return finished
+
+    def abort(self) -> list[Row]:
+        """Drop the rows in flight (after a failed step) and return them; waiting rows stay in line."""
+        rows = [*self.active, *self.joining]
+        self._reset()
+        self.joining = []
+        return rows
+
+    # --- admission ------------------------------------------------------------------------
+
+    def _admit(self) -> list[Row]:
+        rows: list[Row] = []
+        while self.waiting:
+            row = self.waiting[0]
+            if row.abandoned:
+                self.waiting.popleft()
+                continue
+            if not self._fits(rows, row):
+                break
+            rows.append(self.waiting.popleft())
+        return rows
+
+    def _fits(self, joining: list[Row], row: Row) -> bool:
+        """Would the batch, with ``row``, stay within max_rows rows and, up to the last token any row may still
+        generate, within max_tokens cache cells? A lone row always runs."""
+        if not self.active and not joining:
+            return True
+        rows = [*self.active, *joining, row]
+        width = max(self.mask.shape[1] if self.mask is not None else 0, *(len(r.prompt_ids) for r in rows))
+        remaining = max(r.params.max_tokens - len(r.generated) for r in rows)
+        return len(rows) <= self.max_rows and len(rows) * (width + remaining) <= self.max_tokens
+
+    # --- forward passes ---------------------------------------------------------------------
+
+    def _forward(self, input_ids, mask, positions, rows: list[Row], cache):
+        import torch
+
+        kw = {}
+        names = self._adapter_names(rows)
+        if names is not None:
+            kw["adapter_names"] = names
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1, **kw)
+        return out.logits[:, -1, :].float(), out.past_key_values
+
+    def _adapter_names(self, rows: list[Row]) -> list[str] | None:
+        """PEFT's per-row adapter names, or None when every row runs the model as it is."""
+        if all(r.adapter is None for r in rows):
+            return None
+        if not hasattr(self.model, "peft_config"):
+            named = sorted({r.adapter for r in rows if r.adapter not in (None, BASE)})
+            if named:
+                raise ModelError(f"adapter {named[0]!r} asked for, but the model has no adapters loaded")
+            return None
+        active = getattr(self.model, "active_adapter", BASE)
+        return [r.adapter if r.adapter is not None else active for r in rows]
+
+    def _prefill(self, rows: list[Row]) -> list[Row]:
+        """Run the joining prompts together (left-padded), take each row's first token, merge the survivors."""
+        import torch
+        from transformers import DynamicCache
+
+        device = self.model.device
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for r in rows:
+            r.sampler = row_sampler(r.params, r.processors)
+        logits, cache = self._forward(ids, mask, positions, rows, DynamicCache())
+        keep, finished = self._advance(rows, logits)
+        if keep:
+            self._merge([rows[i] for i in keep], cache, mask, keep)
+        return finished
+
+    def _decode_step(self) -> list[Row]:
+        import torch
+
+        device = self.model.device
+        ids = torch.tensor([[r.generated[-1]] for r in self.active], device=device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.active), 1), dtype=self.mask.dtype, device=device)], 1)
+        positions = torch.tensor([[r.position] for r in self.active], device=device)
+        logits, self.cache = self._forward(ids, self.mask, positions, self.active, self.cache)
+        keep, finished = self._advance(self.active, logits)
+        if len(keep) < len(self.active):
+            self._select(keep)
+        return finished
+
+    # --- tokens -----------------------------------------------------------------------------
+
+    def _advance(self, rows: list[Row], logits) -> tuple[list[int], list[Row]]:
+        """Append each row's next token. Returns the indices of rows that go on, and the rows that finished
+        (abandoned rows are in neither)."""
+        tokens = self._next_tokens(rows, logits)
+        now = time.monotonic()
+        keep, finished = [], []
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if row.abandoned:
+                continue
+            finish = "stop" if token in self.eos_ids else None
+            if finish is None:
+                row.generated.append(token)
+                finish = self._limit_reached(row, now)
+            if finish is None:
+                keep.append(i)
+            else:
+                row.finish_reason = finish
+                finished.append(row)
+        return keep, finished
+
+    def _next_tokens(self, rows: list[Row], logits) -> list[int]:
+        """One batched argmax for greedy rows; rows with processors or sampling go through their own sampler."""
+        tokens = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            if row.sampler is not None:
+                tokens[i] = row.sampler(row.prompt_ids + row.generated, logits[i : i + 1])
+        return tokens
+
+    def _limit_reached(self, row: Row, now: float) -> str | None:
+        """'stop' at a stop string; 'length' at max_tokens, the end of the context or the row's deadline."""
+        if row.params.stop and has_stop(self.text(row), row.params.stop):
+            return "stop"
+        full = len(row.prompt_ids) + len(row.generated) >= self.context_length
+        late = row.deadline is not None and now > row.deadline
+        if len(row.generated) >= row.params.max_tokens or full or late:
+            return "length"
+        return None
+
+    def text(self, row: Row) -> str:
+        """The row's generated text so far (special tokens left out)."""
+        return self.tokenizer.decode(row.generated, skip_special_tokens=True)
+
+    # --- the batch's KV cache -----------------------------------------------------------------
+
+    def _merge(self, rows: list[Row], cache, mask, keep: list[int]) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter side's cache columns."""
+        import torch
+
+        index = torch.tensor(keep, device=mask.device)
+        mask = mask.index_select(0, index)
+        layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
+        if self.cache is None:
+            for layer, (k, v) in zip(cache.layers, layers, strict=True):
+                layer.keys, layer.values = k, v
+            self.cache, self.mask, self.active = cache, mask, list(rows)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)], 0)
+        for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
+            layer.keys = torch.cat([_left_pad(layer.keys, width, -2), _left_pad(k, width, -2)], 0)
+            layer.values = torch.cat([_left_pad(layer.values, width, -2), _left_pad(v, width, -2)], 0)
+        self.active += rows
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these rows; drop cache columns that are padding for every remaining row."""
+        import torch
+
+        if not keep:
+            self._reset()
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self.active = [self.active[i] for i in keep]
+
+    def _reset(self) -> None:
+        self.active, self.cache, self.mask = [], None, None
+
+
+def _left_pad(t, width: int, dim: int):
+    """Zeros before ``t`` along ``dim`` up to ``width``."""
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim)

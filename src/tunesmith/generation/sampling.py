@@ -1,0 +1,95 @@
+"""One row's generation settings and how its next token is picked.
+
+Sampling goes through transformers' own logits processors (temperature, then top-p), after any
+extra processor a caller adds for that row (a JSON-schema mask must run first, else top-p may
+keep no allowed token). Each sampled row draws from its own seeded generator, so its result does
+not depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """How one row is generated: greedy when ``temperature`` is 0 (the default), else sampled."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+class RowSampler:
+    """Picks one row's next token from its logits: the row's processors, then argmax or a seeded draw."""
+
+    def __init__(self, params: GenParams, extra: Sequence = ()):
+        import torch
+        from transformers import LogitsProcessorList
+
+        self.processors = LogitsProcessorList([*extra, *warpers(params)])
+        self.rng = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else random.getrandbits(63)
+            self.rng = torch.Generator().manual_seed(seed)
+
+    def __call__(self, ids: list[int], scores) -> int:
+        """``ids``: the row's prompt and generated tokens; ``scores``: its logits, shape [1, vocab]."""
+        import torch
+
+        if self.processors:
+            scores = self.processors(torch.tensor([ids], device=scores.device), scores)
+        if self.rng is None:
+            return int(scores.argmax(-1))
+        probs = torch.softmax(scores[0], -1).cpu()  # drawn on the CPU: the same seed gives the same draw on any device
+        return int(torch.multinomial(probs, 1, generator=self.rng))
+
+
+def row_sampler(params: GenParams, extra: Sequence = ()) -> RowSampler | None:
+    """A sampler for the row, or None for plain greedy decoding (a batched argmax picks its token)."""
+    if params.greedy and not extra:
+        return None
+    return RowSampler(params, extra)
+
+
+def warpers(params: GenParams) -> list:
+    """Temperature and top-p as transformers' warpers, in the order ``model.generate`` applies them."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if params.greedy:
+        return []
+    out = [TemperatureLogitsWarper(float(params.temperature))]
+    if params.top_p < 1.0:
+        out.append(TopPLogitsWarper(float(params.top_p)))
+    return out
+
+
+def stop_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the generation config's EOS ids (generation stops at any of them)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def has_stop(text: str, stop: Sequence[str]) -> bool:
+    """Whether generated text contains a stop string. Checked on the decoded text of the generated tokens only:
+    transformers' ``stop_strings`` match token strings and, given the whole sequence, across the prompt's end."""
+    return any(s and s in text for s in stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return text[: min(cuts)] if cuts else text
