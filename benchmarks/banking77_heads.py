@@ -58,9 +58,9 @@ def main() -> None:
     from tunesmith.config import validate_recipe
     from tunesmith.data.formatting import chat_messages, prompt_text
     from tunesmith.eval import baselines
-    from tunesmith.generation import generate_greedy
     from tunesmith.eval.metrics import classification_metrics, parse_label
     from tunesmith.eval.runner import LocalContender, evaluate_local
+    from tunesmith.generation import generate_greedy
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.progress import task_bar
     from tunesmith.tasks import make_task

@@ -105,8 +105,8 @@ def main() -> None:
     import torch
 
     from tunesmith.data.formatting import end_of_turn
-    from tunesmith.generation import generate_greedy, score_labels, stop_ids
     from tunesmith.eval.metrics import parse_label
+    from tunesmith.generation import generate_greedy, score_labels, stop_ids
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
 
     torch.manual_seed(0)
