@@ -10,18 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-MAX_BATCH_TOKENS = 8192
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+from tunesmith.generation.scoring import length_sorted_batches  # the batching the old path used, unchanged
 
 
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
