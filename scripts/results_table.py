@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
 START, END = "<!-- results table: start -->", "<!-- results table: end -->"
-HEADLINE = {"classification": "accuracy", "regression": "mae", "qa": "f1", "generation": "chrf"}
-HIGHER = {"accuracy": True, "f1": True, "chrf": True, "mae": False}
+PERCENT = {"accuracy", "field_f1"}  # headlines printed as percentages
 
 
 def _json(path: Path, default=None):
@@ -43,9 +42,11 @@ def collect(run: Path) -> dict:
     if metrics is None:
         raise SystemExit(f"{run}: no eval/metrics.json (the run has not finished its evaluation)")
     comps = _json(run / "eval" / "comparisons.json", [])
+    from tunesmith.tasks import kind_class
+
     task = cfg["data"]["task"]
-    h = HEADLINE[task]
-    sign = 1 if HIGHER[h] else -1
+    h = kind_class(task).headline
+    sign = 1 if kind_class(task).higher_is_better else -1
 
     def kind(name: str, m: dict) -> str:
         if m.get("scoring") == "direct prediction":
@@ -110,7 +111,7 @@ def _has_cuda() -> bool:
 def fmt(metric: str, value, ci) -> str:
     if value is None:
         return "–"
-    one = (lambda v: f"{v:.1%}") if metric == "accuracy" else (lambda v: f"{v:,.2f}")
+    one = (lambda v: f"{v:.1%}") if metric in PERCENT else (lambda v: f"{v:,.2f}")
     return one(value) + (f" [{one(ci[0])}, {one(ci[1])}]" if ci else "")
 
 

@@ -197,9 +197,13 @@ class DataSection(Section):
     cache: bool = Field(True, description="reuse prepared data while inputs, section, tokenizer, code match")
     splits: SplitFiles | None = Field(None, description="train/val/test files instead of splitting data.path")
     description: str = Field("", description="what the data is and where to get it; shown when a file is missing")
-    task: str = Field("classification", description="task kind: classification, regression, qa or generation")
+    task: str = Field("classification", description="task kind: classification, regression, qa, generation or "
+                      "extraction")
+    task_options: dict[str, Any] = Field({}, description="the task kind's own options, e.g. extraction's fields "
+                                         "(docs/eval.md, Extraction)")
     input_fields: list[str] = Field(..., min_length=1)
-    target_field: str
+    target_field: str | None = Field(None, description="the field holding the answer; required except for an "
+                                     "extraction task whose fields name their own record fields")
     prompt: str = Field("{text}", description="template over the input fields, e.g. 'Review: {text}'")
     system_prompt: str | None = Field(
         "", description="system message; '' sends an empty one, null keeps the model's default"
@@ -229,6 +233,17 @@ class DataSection(Section):
         if v not in names():
             raise ValueError(f"unknown task kind '{v}'; choose one of {', '.join(names())}")
         return v
+
+    @model_validator(mode="after")
+    def _task_options_fit(self) -> DataSection:
+        """The options are the task kind's to check; a kind that builds its own target may go without a target field."""
+        from tunesmith.tasks import kind_class
+
+        kind = kind_class(self.task)
+        kind.parse_options(self.task_options)
+        if self.target_field is None and kind.options_model is None:
+            raise ValueError(f"target_field: required for a {self.task} task (the field holding the answer)")
+        return self
 
     @model_validator(mode="after")
     def _carved_fractions_fit(self) -> DataSection:

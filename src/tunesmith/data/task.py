@@ -14,10 +14,10 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
     Under ``on_error: fail`` the first such row raises a ``DataError`` naming file and line. A target
     the task kind cannot use (a regression target that is not a number) is always set aside and counted.
     """
-    from tunesmith.tasks import kind_class
+    from tunesmith.tasks import for_data
     from tunesmith.tasks.base import TargetError
 
-    task = kind_class(cfg.task)(None)
+    task = for_data(cfg)
     examples: list[Example] = []
     rejected: list[Rejected] = []
     allowed = set(cfg.labels) if cfg.labels and task.uses_labels else None
@@ -30,9 +30,10 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
             rejected.append(Rejected(rec.source, "map", reason, rec.data))
             continue
         try:
-            target, extra = task.read_target(rec.data[cfg.target_field], rec.data)
+            target, extra = task.read_target(rec.data.get(cfg.target_field) if cfg.target_field else None, rec.data)
         except TargetError as exc:
-            rejected.append(Rejected(rec.source, "map", f"field '{cfg.target_field}': {exc}", rec.data))
+            where = f"field '{cfg.target_field}': " if cfg.target_field else ""
+            rejected.append(Rejected(rec.source, "map", f"{where}{exc}", rec.data))
             continue
         inputs = {f: _text(rec.data[f]) for f in cfg.input_fields}
         ex_id = rec.source.rsplit("/", 1)[-1]
@@ -61,7 +62,7 @@ def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
     order = cfg.order.by if cfg.order and cfg.order.by != "target" else None
     split_fields = [f for f in (cfg.split.stratify_field, cfg.split.group_field, order) if f]
     for name in [*cfg.input_fields, cfg.target_field, *split_fields]:
-        if name not in seen:
+        if name is not None and name not in seen:
             raise DataError(
                 f"{records[0].source.rsplit(':', 1)[0]}: no record has the field '{name}' named in the "
                 "recipe; "
@@ -70,7 +71,7 @@ def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
 
 
 def _problem(rec: Record, cfg: DataSection, allowed: set[str] | None) -> str | None:
-    for name in [*cfg.input_fields, cfg.target_field]:
+    for name in [*cfg.input_fields, *([cfg.target_field] if cfg.target_field else [])]:
         value = rec.data.get(name)
         if value is None or (isinstance(value, str) and not value.strip()):
             return f"field '{name}' is missing or empty"

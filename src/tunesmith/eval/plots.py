@@ -114,6 +114,25 @@ def plot_scatter(
     return path
 
 
+def plot_grouped_bars(groups: dict[str, list[float]], categories: list[str], ylabel: str, title: str,
+                      path: Path) -> Path:
+    """One group of bars per category, one bar per contender (e.g. accuracy per field)."""
+    plt = pyplot()
+    width = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(categories) * max(1, len(groups)) ** 0.5 + 2), 4))
+    for j, (name, values) in enumerate(groups.items()):
+        ax.bar([i + j * width for i in range(len(categories))], values, width, label=name)
+    ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(categories))], categories)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def make_plots(task: TaskKind, results, test, eval_dir: Path) -> dict[str, Path]:
     """The report's charts by caption: the headline bars, then the task kind's own."""
     images = {"Headline metric with 95% intervals": plot_headline(task, results, eval_dir / "headline.png")}

@@ -170,7 +170,7 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
         from tunesmith.models.random_weights import refuse_random
 
         refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
-    task = make_task(recipe.task_kind, recipe.eval, labels)
+    task = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
     test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     summary = {**summary, "test examples scored": scored}
     console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")

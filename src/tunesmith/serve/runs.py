@@ -28,12 +28,12 @@ def _read_json(path: Path, default):
         return default
 
 
-def _task(name: str):
+def _task(name: str, options: dict | None = None):
     from tunesmith.tasks import kind_class
 
     try:
-        return kind_class(name)(None)
-    except KeyError:
+        return kind_class(name)(None, None, options)
+    except (KeyError, ValueError):
         return None
 
 
@@ -90,7 +90,7 @@ def run_summary(run_id: str, folder: Path, with_table: bool = False) -> dict:
     out = {"id": run_id, "object": "tunesmith.run", "name": config.get("name") or run_id, "task": task_name,
            "created_at": int(stamp) if stamp else None, "has_report": report.is_file(), "evaluated": bool(metrics),
            "headline_metric": None, "best": None, "best_baseline": None, "verdict": None, "difference": None}
-    task = _task(task_name)
+    task = _task(task_name, (config.get("data") or {}).get("task_options"))
     if task is None or not metrics:
         return out | ({"table": []} if with_table else {})
     kinds = contender_kinds(config, metrics, task)

@@ -42,9 +42,15 @@ def kind_class(name: str) -> type[TaskKind]:
     return _REGISTRY[name]
 
 
-def make_task(name: str, cfg, labels=()) -> TaskKind:
-    """An instance of the task kind ``name`` for an evaluation config (and, for classification, its labels)."""
-    return kind_class(name)(cfg, list(labels))
+def make_task(name: str, cfg, labels=(), options: dict | None = None) -> TaskKind:
+    """An instance of the task kind ``name`` for an evaluation config, its labels (classification) and its
+    ``data.task_options`` (extraction's fields)."""
+    return kind_class(name)(cfg, list(labels), options)
+
+
+def for_data(cfg) -> TaskKind:
+    """The task kind of a data section, with its options, for reading targets (no evaluation config)."""
+    return kind_class(cfg.task)(None, None, cfg.task_options)
 
 
 def all_baselines() -> dict[str, str]:
@@ -56,4 +62,4 @@ def all_baselines() -> dict[str, str]:
     return {b: ", ".join(k) for b, k in out.items()}
 
 
-__all__ = ["Baseline", "TaskKind", "all_baselines", "kind_class", "make_task", "names", "register", "score_outputs"]
+__all__ = ["Baseline", "TaskKind", "all_baselines", "for_data", "kind_class", "make_task", "names", "register", "score_outputs"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import BaseModel
+
 from tunesmith.eval.result import ContenderResult
 from tunesmith.records import Example
 
@@ -61,10 +63,29 @@ class TaskKind:
     higher_is_better: ClassVar[bool] = True
     uses_labels: ClassVar[bool] = False  # a closed label set (classification)
     stratify: ClassVar[bool] = False  # whether a seeded split may stratify on the target
+    options_model: ClassVar[type[BaseModel] | None] = None  # what data.task_options may hold for this kind
 
-    def __init__(self, cfg, labels: list[str] | None = None):
+    def __init__(self, cfg, labels: list[str] | None = None, options: dict | BaseModel | None = None):
         self.cfg = cfg  # the recipe's eval section
         self.labels = list(labels or [])
+        self.options = self.parse_options(options)
+
+    @classmethod
+    def parse_options(cls, raw: dict | BaseModel | None) -> BaseModel | None:
+        """``data.task_options`` checked against this kind's options model (ValueError naming each problem);
+        None when not given (the kind used only for its name-level facts, e.g. its headline metric)."""
+        if raw is None or isinstance(raw, BaseModel) or (cls.options_model is None and not raw):
+            return None if cls.options_model is None else raw
+        if cls.options_model is None:
+            raise ValueError(f"the {cls.name} task takes no task_options (got {sorted(raw)})")
+        from pydantic import ValidationError
+
+        try:
+            return cls.options_model.model_validate(raw or {})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'task_options'}: {e['msg']}"
+                                 for e in exc.errors())
+            raise ValueError(f"task_options for the {cls.name} task: {problems}") from None
 
     # --- data -----------------------------------------------------------------------------
     def read_target(self, value: Any, record: dict) -> tuple[str, dict]:
