@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, generate, generate_greedy
+from tunesmith.generation.engine import prefill_groups
 
 from .conftest import banking_rows
 
@@ -98,6 +99,16 @@ def test_rows_leave_as_they_finish_and_waiting_rows_join(varied):
     for row, prompt, limit in zip(rows, prompts, limits, strict=True):
         assert row.finish_reason in ("stop", "length")
         assert batch.text(row) == fixed_batches.generate_greedy(model, tok, [prompt], limit)[0]
+
+
+def test_prefill_groups_keep_padding_small_and_short_prompts_together():
+    lengths = [57, 472, 40, 300, 50, 400, 38, 45]
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:  # padded tokens within 1.25x the real ones
+        assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g)
+    assert groups == [[1, 5, 3], [0, 4, 7, 2, 6]]  # the long prompts together, the short ones together
+    assert prefill_groups([50] * 16) == [list(range(16))]
 
 
 @pytest.fixture()

@@ -2,12 +2,13 @@
 leave it as soon as they finish, so a short row is never held behind a long one and a finished row
 never costs another forward pass.
 
-Joining rows' prompts are prefilled together (left-padded), then their KV cache is appended to the
-batch's, both sides left-padded to a common width; when rows leave, cache columns that are padding
-for every remaining row are dropped. Each row has its own adapter (PEFT's ``adapter_names`` routes
-every row of a forward pass through its own LoRA), its own settings and its own sampler, so rows for
-different models and settings share every forward pass. Nothing here is threaded: a caller drives
-:meth:`ContinuousBatch.step` (evaluation and synthesis in a loop, the server from its engine thread).
+Joining rows' prompts are prefilled in groups of similar length (left-padded within a group: every
+padding token costs a full forward pass), then their KV caches are appended to the batch's, every side
+left-padded to a common width; when rows leave, cache columns that are padding for every remaining row
+are dropped. Each row has its own adapter (PEFT's ``adapter_names`` routes every row of a forward pass
+through its own LoRA), its own settings and its own sampler, so rows for different models and settings
+share every forward pass. Nothing here is threaded: a caller drives :meth:`ContinuousBatch.step`
+(evaluation and synthesis in a loop, the server from its engine thread).
 """
 
 from __future__ import annotations
@@ -149,7 +150,21 @@ class ContinuousBatch:
         return [r.adapter if r.adapter is not None else active for r in rows]
 
     def _prefill(self, rows: list[Row]) -> list[Row]:
-        """Run the joining prompts together (left-padded), take each row's first token, merge the survivors."""
+        """Prefill the joining rows in groups of similar prompt length (padding costs a forward pass its full
+        price), take each row's first token and merge the survivors into the batch in one concatenation."""
+        finished: list[Row] = []
+        parts = []
+        for group in prefill_groups([len(r.prompt_ids) for r in rows]):
+            members = [rows[i] for i in group]
+            cache, mask, keep = self._prefill_group(members, finished)
+            if keep:
+                parts.append(([members[i] for i in keep], cache, mask, keep))
+        if parts:
+            self._merge(parts)
+        return finished
+
+    def _prefill_group(self, rows: list[Row], finished: list[Row]):
+        """One left-padded forward pass over these prompts; returns its cache, mask and the rows that go on."""
         import torch
         from transformers import DynamicCache
 
@@ -162,10 +177,9 @@ class ContinuousBatch:
         for r in rows:
             r.sampler = row_sampler(r.params, r.processors)
         logits, cache = self._forward(ids, mask, positions, rows, DynamicCache())
-        keep, finished = self._advance(rows, logits)
-        if keep:
-            self._merge([rows[i] for i in keep], cache, mask, keep)
-        return finished
+        keep, done = self._advance(rows, logits)
+        finished += done
+        return cache, mask, keep
 
     def _decode_step(self) -> list[Row]:
         import torch
@@ -226,24 +240,26 @@ class ContinuousBatch:
 
     # --- the batch's KV cache -----------------------------------------------------------------
 
-    def _merge(self, rows: list[Row], cache, mask, keep: list[int]) -> None:
-        """Append prefilled rows to the running batch, left-padding the shorter side's cache columns."""
+    def _merge(self, parts: list[tuple[list[Row], object, object, list[int]]]) -> None:
+        """Append prefilled groups ``(rows, cache, mask, kept indices)`` to the running batch: one concatenation
+        per layer, every side's cache columns left-padded to the widest."""
         import torch
 
-        index = torch.tensor(keep, device=mask.device)
-        mask = mask.index_select(0, index)
-        layers = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
-        if self.cache is None:
-            for layer, (k, v) in zip(cache.layers, layers, strict=True):
-                layer.keys, layer.values = k, v
-            self.cache, self.mask, self.active = cache, mask, list(rows)
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)], 0)
-        for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
-            layer.keys = torch.cat([_left_pad(layer.keys, width, -2), _left_pad(k, width, -2)], 0)
-            layer.values = torch.cat([_left_pad(layer.values, width, -2), _left_pad(v, width, -2)], 0)
-        self.active += rows
+        pieces = []  # (mask, [(keys, values) per layer], rows)
+        if self.cache is not None:
+            pieces.append((self.mask, [(layer.keys, layer.values) for layer in self.cache.layers], self.active))
+        for rows, cache, mask, keep in parts:
+            index = torch.tensor(keep, device=mask.device)
+            kv = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
+            pieces.append((mask.index_select(0, index), kv, rows))
+        width = max(mask.shape[1] for mask, _, _ in pieces)
+        target = self.cache if self.cache is not None else parts[0][1]
+        self.mask = torch.cat([_left_pad(mask, width, -1) for mask, _, _ in pieces], 0)
+        for i, layer in enumerate(target.layers):
+            layer.keys = torch.cat([_left_pad(kv[i][0], width, -2) for _, kv, _ in pieces], 0)
+            layer.values = torch.cat([_left_pad(kv[i][1], width, -2) for _, kv, _ in pieces], 0)
+        self.cache = target
+        self.active = [row for _, _, rows in pieces for row in rows]
 
     def _select(self, keep: list[int]) -> None:
         """Keep only these rows; drop cache columns that are padding for every remaining row."""
@@ -264,6 +280,20 @@ class ContinuousBatch:
 
     def _reset(self) -> None:
         self.active, self.cache, self.mask = [], None, None
+
+
+def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> list[list[int]]:
+    """Indices grouped for prefill, longest first: a row joins the current group while the group's padded
+    tokens stay within ``1 + waste`` times its real tokens (a few short prompts still share one pass)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        group = groups[-1] if groups else None
+        if group and lengths[group[0]] * (len(group) + 1) <= (1 + waste) * (sum(lengths[j] for j in group) + lengths[i]):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _left_pad(t, width: int, dim: int):
