@@ -22,6 +22,7 @@ at a time (what a served request pays) and per review in batches of 32 (what eva
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -107,6 +108,7 @@ def run_side(side: str, train, held, args, out: Path) -> dict:
             "ms_batch": latency_ms(model, tokenizer, texts, 32)}
 
 
+@contextlib.contextmanager
 def no_bar(_label, _steps):
     yield lambda *a, **k: None
 
