@@ -335,23 +335,23 @@ def head_kind(name: str) -> HeadKind:
     return HEADS[name]
 
 
-def train_head(kind: HeadKind, recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
+def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
                resume: bool = False, callbacks: list | None = None) -> TrainResult:
-    """Train a fresh head of ``kind`` on its training rows (+ LoRA, or every weight) and save it with its head.json."""
+    """Train a fresh ``head`` on its training rows (+ LoRA, or every weight) and save it with its head.json."""
     from transformers import set_seed
 
     from tunesmith.models.loading import wrap_adapter
 
     t = recipe.train
     tokenizer.padding_side = "right"
-    meta = {"head": kind.name, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
+    meta = {"head": head.name, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
             "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
-    rows, extra, too_long = kind.training_rows(recipe, train, tokenizer, console)
+    rows, extra, too_long = head.training_rows(recipe, train, tokenizer, console)
     meta |= extra
     set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
-    model = wrap_adapter(kind.load(recipe.model.name, placement, tokenizer), t.adapter, t.lora,
-                         recipe.seed, task_type=kind.peft_task, freeze_embeddings=t.freeze_embeddings)
-    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {kind.name} head",
+    model = wrap_adapter(head.load(recipe.model.name, placement, tokenizer), t.adapter, t.lora,
+                         recipe.seed, task_type=head.peft_task, freeze_embeddings=t.freeze_embeddings)
+    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {head.name} head",
                       meta=meta, resume=resume, callbacks=callbacks)
     result.too_long = too_long
     return result
@@ -516,6 +516,7 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
                   placement, bar, base_model: str | None = None):
     """A trained head as a contender: one forward pass per batch (no generation, no parsing), scored like
     every other contender; ``latency_ms`` is the prediction time per example."""
+    from tunesmith.eval.result import Source
     from tunesmith.tasks import score_outputs
 
     predictor = HeadPredictor(folder, placement, base_model)
@@ -527,7 +528,7 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
         advance(len(examples))
     pred = predictor.kind.as_parsed(pred)
     outputs = [p if isinstance(p, str) or p is None else f"{p:.2f}" for p in pred]
-    res = score_outputs(task, name, description, "llm", examples, texts, outputs, parsed=pred,
+    res = score_outputs(task, name, description, Source.LOCAL, examples, texts, outputs, parsed=pred,
                         scoring=f"{predictor.head} head")
     res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(examples)), 2)
     res.metrics["parameters"] = predictor.total_params
