@@ -206,7 +206,8 @@ class HeadKind:
         raise NotImplementedError
 
     def predict_texts(self, predictor: HeadPredictor, texts: list[str], batch_size: int) -> list:
-        raise DataError(f"{predictor.folder}: a {self.name} head answers (question, context) pairs, not texts")
+        """An answer per rendered prompt."""
+        raise NotImplementedError
 
     def predict_examples(self, predictor: HeadPredictor, examples: list[Example], prompt: str) -> list:
         return predictor.predict_texts([render_prompt(e, prompt) for e in examples])
@@ -308,6 +309,9 @@ class SpanHead(HeadKind):
         t = recipe.train
         extra = {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
         return span_rows(recipe, train, tokenizer, console), extra, 0
+
+    def predict_texts(self, predictor, texts, batch_size):
+        raise DataError(f"{predictor.folder}: a span head answers (question, context) pairs, not texts")
 
     def predict_examples(self, predictor, examples, prompt):
         m = predictor.meta
