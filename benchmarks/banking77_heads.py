@@ -66,6 +66,7 @@ def main() -> None:
     from tunesmith.tasks import make_task
     from tunesmith.train.dispatch import TrainData
     from tunesmith.train.dispatch import train as train_recipe
+    from tunesmith.train.result import Artefact
 
     hf_logging.set_verbosity_error()
     console = Console()
@@ -118,7 +119,8 @@ def main() -> None:
         )
         res = train_recipe(cls_recipe, TrainData(train, [], labels), console, bar)
         task = make_task("classification", recipe.eval, labels)
-        head = LocalContender("classifier_head", "", res.output_dir, recipe.data, kind="classifier")
+        head = LocalContender("classifier_head", "", res.output_dir, recipe.data,
+                              loads=Artefact.CLASSIFIER)
         scored = evaluate_local(cls_recipe, task, head, test, bar)
         results["classifier_head"] = {k: scored.metrics[k] for k in ("accuracy", "macro_f1", "n")} | {
             "seconds": res.seconds

@@ -130,3 +130,18 @@ def test_real_korquad_gold_answers_score_100_and_missing_half_scores_half():
     assert s.exact_match == pytest.approx(100 * len(half) / len(gold)) and len(s.missing) == len(ids) // 2
     records, _ = read_records(KORQUAD, limit=3)  # the data stage's reader sees the same questions and answers
     assert len(records) == 3 and all(gold[r.data["id"]] == r.data["answers"] and r.data["question"] for r in records)
+
+
+def test_a_gold_file_reads_like_the_data_reader_and_names_a_bad_question_by_its_place(tmp_path):
+    qas = [{"id": "a", "question": "Where?", "answers": [{"text": "Paris", "answer_start": 0}]},
+           {"id": "b", "question": "Who?", "answers": []}]
+    doc = {"data": [{"title": "T", "paragraphs": [{"context": "Paris is in France.", "qas": qas[:1]}]},
+                    {"title": "U", "paragraphs": [{"context": "x", "qas": []}, {"context": "y", "qas": qas[1:]}]}]}
+    path = tmp_path / "gold.json"
+    path.write_text(json.dumps(doc))
+    records, _ = read_records(path)
+    with pytest.raises(DataError, match=r"gold.json:data\[1\].paragraphs\[1\].qas\[0\]: a question needs an 'id'"):
+        qa.read_gold(path)
+    assert records[1].source.endswith("gold.json:data[1].paragraphs[1].qas[0]")
+    path.write_text(json.dumps({"data": doc["data"][:1]}))
+    assert qa.read_gold(path) == {"a": ["Paris"]}

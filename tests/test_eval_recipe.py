@@ -305,3 +305,36 @@ def test_contender_labels_say_what_was_trained():
     assert describe_arm(arm(head="classifier", adapter="full"), "m").startswith("m + full fine-tune + classifier head,")
     assert describe_arm(arm(), "m") == "m + SFT LoRA r=16, 1 epoch(s), lr 0.0002"
     assert describe_arm(arm(method="dpo", adapter="dora", dpo={"path": "p.jsonl"}), "m").startswith("m + DPO DoRA r=16,")
+
+
+def test_a_contender_result_says_where_its_answers_come_from_and_a_folder_what_it_holds(tmp_path):
+    import pytest
+
+    from tunesmith.config import EvalSection
+    from tunesmith.eval.result import Source
+    from tunesmith.records import Example
+    from tunesmith.tasks import make_task, score_outputs
+    from tunesmith.train.result import Artefact, trained_output
+
+    task = make_task("classification", EvalSection(), ["a", "b"])
+    test = [Example("1", {"text": "x"}, "a", {})]
+    arm = score_outputs(task, "arm", "", "llm", test, ["x"], ["a"])  # a source's value names it too
+    base = score_outputs(task, "base", "", Source.LOCAL, test, ["x"], ["b"])
+    api = score_outputs(task, "api", "", Source.ENDPOINT, test, ["x"], [None], ["HTTP 500"])
+    mean = score_outputs(task, "mean", "", Source.BASELINE, test, ["x"], ["b"])
+    assert arm.source is Source.LOCAL and arm.is_fine_tuned and not base.is_fine_tuned
+    assert api.is_endpoint and api.metrics["failed_calls"] == 1 and "failed_calls" not in arm.metrics
+    assert mean.is_baseline and mean.metrics["scoring"] == "direct prediction" != arm.metrics["scoring"]
+    with pytest.raises(ValueError, match="'judge' is not a valid Source"):
+        score_outputs(task, "j", "", "judge", test, ["x"], ["a"])
+
+    run = tmp_path / "run"
+    assert trained_output(run) is None
+    for sub, holds in (("adapter", Artefact.MODEL), ("classifier", Artefact.CLASSIFIER), ("head", Artefact.HEAD)):
+        folder = tmp_path / sub
+        folder.mkdir()
+        (folder / {"adapter": "adapter_config.json", "classifier": "labels.json", "head": "head.json"}[sub]).write_text("{}")
+        assert Artefact.of_folder(folder) is holds
+    (run / "train" / "head").mkdir(parents=True)
+    (run / "train" / "head" / "head.json").write_text("{}")
+    assert trained_output(run) == (run / "train" / "head", Artefact.HEAD)

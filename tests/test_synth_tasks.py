@@ -299,3 +299,35 @@ def test_cloze_pairs_need_no_model_and_are_grounded(tmp_path, fake):
     ko = cloze_pairs("환불은 구매 후 30일 이내에 처리됩니다. 고객센터에 문의하면 담당자가 환불 절차를 안내합니다.", 5, "ko")
     assert {p["answer"] for p in ko} == {"30일", "고객센터"}  # the number with its unit; a particle stripped
     assert all(p["question"].endswith("?") for p in ko)
+
+
+def test_every_synth_task_a_recipe_can_name_is_registered():
+    from typing import get_args
+
+    from tunesmith.config import SynthSection
+    from tunesmith.synth import tasks
+
+    assert tasks.names() == sorted(get_args(SynthSection.model_fields["task"].annotation))
+    assert tasks.reads_train_split() == ["paraphrase", "preference_pairs"]
+    with pytest.raises(ConfigError, match="unknown task 'summaries'; known: evol_instruct, paraphrase"):
+        tasks.synth_task("summaries")
+
+
+def test_preference_pairs_in_a_run_read_the_train_split_and_become_dpo_pairs(tmp_path, fake):
+    """Without a synth.input the task reads the arm's train split: its rendered prompt, its answer as chosen."""
+    from rich.console import Console
+
+    from tunesmith.records import Example
+    from tunesmith.synth.augment import augment
+
+    run = validate_recipe({"name": "p", "output_dir": str(tmp_path / "runs"),
+                           "data": {"path": str(tmp_path / "d.jsonl"), "task": "generation", "input_fields": ["question"],
+                                    "target_field": "answer", "prompt": "Q: {question}"},
+                           "synth": {"task": "preference_pairs"}})
+    train = [Example(f"e{i}", {"question": f"What is {i} + {i}?"}, str(2 * i), {}) for i in range(3)]
+    fake(lambda prompt, r: "I do not know" if "1 + 1" not in prompt else "2")  # equal to the reference: dropped
+    grown = augment(run, run, train, [], Console(quiet=True))
+    pairs = [json.loads(x) for x in grown.dpo_pairs.read_text().splitlines()]
+    assert grown.examples == [] and grown.summary["preference pairs made"] == 2
+    assert [p["chosen"] for p in pairs] == ["0", "4"] and {p["rejected"] for p in pairs} == {"I do not know"}
+    assert pairs[0]["prompt"][-1] == {"role": "user", "content": "Q: What is 0 + 0?"}

@@ -286,3 +286,23 @@ def test_serve_options_name_what_a_head_folder_can_and_cannot_do(tmp_path, tiny_
         parse_adapters([f"x={tmp_path / 'empty'}"])
     with pytest.raises(ConfigError, match="built-in server only"):
         vllm_command("base", {"h": str(head)}, "127.0.0.1", 8000)
+
+
+def test_every_method_and_head_a_recipe_can_name_has_a_trainer():
+    from typing import get_args
+
+    from tunesmith.config import TrainSection
+    from tunesmith.config.train import HEAD_TASKS
+    from tunesmith.errors import ConfigError, DataError
+    from tunesmith.train.dispatch import trainer_for
+    from tunesmith.train.heads import HEADS, head_kind
+
+    heads = get_args(TrainSection.model_fields["head"].annotation)
+    assert set(HEADS) == set(HEAD_TASKS) == set(heads) - {"generative"}
+    assert trainer_for("sft", "generative") is not trainer_for("dpo", "generative")
+    assert {trainer_for("sft", h) for h in HEADS} == {trainer_for("sft", "span")}
+    with pytest.raises(ConfigError, match="dpo with train.head span: nothing trains that; known: dpo with head generative"):
+        trainer_for("dpo", "span")
+    with pytest.raises(DataError, match="unknown head kind 'ranking'; known: classifier, regression, span"):
+        head_kind("ranking")
+    assert [h.label_probabilities for h in HEADS.values()] == [True, False, False]

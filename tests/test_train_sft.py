@@ -180,3 +180,15 @@ def test_dora_and_full_train(cli, tmp_path, tiny_model_dir):
     )
     assert code == 0, out
     assert (tmp_path / "runs/tiny-train/train/model/model.safetensors").is_file()
+
+
+def test_mask_kind_follows_the_attention_kernel():
+    from types import SimpleNamespace
+
+    from tunesmith.train.packing import mask_kind
+
+    def model(impl):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
+
+    kinds = [mask_kind(model(i)) for i in ("sdpa", "eager", "flash_attention_2", "kernels-community/flash-attn3", None)]
+    assert kinds == ["bool", "float", "none", "none", "bool"]

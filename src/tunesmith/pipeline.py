@@ -175,14 +175,14 @@ def _path_line(path: dict | None) -> str:
 def _from_arm(recipe: Recipe, name: str) -> Path | None:
     """The adapter an arm starts from (``from_arm``), which must have been trained first."""
     from tunesmith.config import arm_recipe
-    from tunesmith.train.result import trained_output
+    from tunesmith.train.result import Artefact, trained_output
 
     spec = next((a for a in recipe.arms if a.name == name), None)
     if spec is None or not spec.from_arm:
         return None
     source = arm_recipe(recipe, next(a for a in recipe.arms if a.name == spec.from_arm))
     found = trained_output(source.run_dir)
-    if found is None or found[1] != "llm":
+    if found is None or found[1] is not Artefact.MODEL:
         raise ConfigError(f"arm '{name}': from_arm '{spec.from_arm}' has no trained adapter to start from")
     return found[0]
 

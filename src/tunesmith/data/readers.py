@@ -173,24 +173,31 @@ def is_squad(doc) -> bool:
     return bool(data) and isinstance(data, list) and isinstance(data[0], dict) and "paragraphs" in data[0]
 
 
-def flatten_squad(path: Path, doc: dict):
-    """One record per question: id, title, context, question, answers, answer (the first), answer_starts."""
+def squad_questions(path: Path, doc: dict):
+    """Every question of a SQuAD/KorQuAD document in file order, as ``(where, id, article, paragraph, qa)``:
+    ``where`` names its place (``PATH:data[a].paragraphs[p].qas[q]``), ``id`` is the one it would get
+    without its own (``a-p-q``). The one walk over the layout; each reader checks what it needs."""
     for a, article in enumerate(doc["data"]):
         for p, para in enumerate(article.get("paragraphs") or []):
             for q, qa in enumerate(para.get("qas") or []):
-                where = f"{path}:data[{a}].paragraphs[{p}].qas[{q}]"
-                if not isinstance(qa, dict) or "question" not in qa or "context" not in para:
-                    reason = "question without 'question', or paragraph without 'context'"
-                    yield Rejected(where, "read", reason, qa)
-                    continue
-                answers = qa.get("answers") or []
-                yield Record({
-                    "id": str(qa.get("id", f"{a}-{p}-{q}")), "title": article.get("title", ""),
-                    "context": para["context"], "question": qa["question"],
-                    "answers": [x.get("text", "") for x in answers],
-                    "answer": answers[0].get("text", "") if answers else "",
-                    "answer_starts": [x.get("answer_start") for x in answers],
-                }, where)
+                yield f"{path}:data[{a}].paragraphs[{p}].qas[{q}]", f"{a}-{p}-{q}", article, para, qa
+
+
+def flatten_squad(path: Path, doc: dict):
+    """One record per question: id, title, context, question, answers, answer (the first), answer_starts."""
+    for where, position, article, para, qa in squad_questions(path, doc):
+        if not isinstance(qa, dict) or "question" not in qa or "context" not in para:
+            reason = "question without 'question', or paragraph without 'context'"
+            yield Rejected(where, "read", reason, qa)
+            continue
+        answers = qa.get("answers") or []
+        yield Record({
+            "id": str(qa.get("id", position)), "title": article.get("title", ""),
+            "context": para["context"], "question": qa["question"],
+            "answers": [x.get("text", "") for x in answers],
+            "answer": answers[0].get("text", "") if answers else "",
+            "answer_starts": [x.get("answer_start") for x in answers],
+        }, where)
 
 
 def _parquet(path: Path):

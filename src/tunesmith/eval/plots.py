@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.eval.metrics import confusion
-from tunesmith.eval.result import ContenderResult
+from tunesmith.eval.result import ContenderResult, Source
 from tunesmith.plotting import pyplot
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind
@@ -40,16 +40,16 @@ def plot_confusions(results: list[ContenderResult], gold: list[str], labels: lis
     return path
 
 
+SOURCE_COLOURS = {Source.LOCAL: "#4c72b0", Source.ENDPOINT: "#dd8452", Source.BASELINE: "#999999"}
+
+
 def plot_headline(task: TaskKind, results: list[ContenderResult], path: Path) -> Path:
     """One bar per contender with its 95% bootstrap interval."""
     plt = pyplot()
     h = task.headline
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(results) + 2), 4))
     vals = [r.metrics.get(h) or 0 for r in results]
-    colours = [
-        "#4c72b0" if r.kind == "llm" else "#dd8452" if r.kind == "endpoint" else "#999999" for r in results
-    ]
-    ax.bar(range(len(results)), vals, color=colours)
+    ax.bar(range(len(results)), vals, color=[SOURCE_COLOURS[r.source] for r in results])
     for i, r in enumerate(results):
         ci = r.metrics.get(f"{h}_ci95")
         if ci:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.data.readers import squad_questions
 from tunesmith.errors import DataError
 
 _PUNCT = set(string.punctuation)
@@ -122,19 +123,17 @@ def _load_json(path: Path, what: str):
 
 
 def iter_squad(path: Path):
-    """Yield ``(title, context, qa)`` for every question of a SQuAD-style file, in file order."""
+    """Yield ``(title, context, qa)`` for every question of a SQuAD-style file, in file order; a question
+    without an id or a gold answer is an error (the official scoring needs both)."""
     doc = _load_json(Path(path), "Gold")
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{path}: expected a SQuAD-style object with a 'data' list of articles")
-    for a, article in enumerate(doc["data"]):
-        for p, para in enumerate(article.get("paragraphs", [])):
-            for q, qa in enumerate(para.get("qas", [])):
-                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}]"
-                if not isinstance(qa, dict) or "id" not in qa or not qa.get("answers"):
-                    raise DataError(f"{where}: a question needs an 'id' and a non-empty 'answers' list")
-                if not all(isinstance(x, dict) and isinstance(x.get("text"), str) for x in qa["answers"]):
-                    raise DataError(f"{where}: every answer needs a 'text' string")
-                yield article.get("title", ""), para.get("context", ""), qa
+    for where, _, article, para, qa in squad_questions(path, doc):
+        if not isinstance(qa, dict) or "id" not in qa or not qa.get("answers"):
+            raise DataError(f"{where}: a question needs an 'id' and a non-empty 'answers' list")
+        if not all(isinstance(x, dict) and isinstance(x.get("text"), str) for x in qa["answers"]):
+            raise DataError(f"{where}: every answer needs a 'text' string")
+        yield article.get("title", ""), para.get("context", ""), qa
 
 
 def read_gold(path: Path) -> dict[str, list[str]]:

@@ -93,8 +93,8 @@ def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, 
     and against each other arm (paired bootstrap over the same test examples)."""
     from tunesmith.eval.bootstrap import paired_difference
 
-    arms = [r for r in results if r.kind == "llm" and r.name != "base"]
-    top = best(task, [r for r in results if r.kind == "baseline"])
+    arms = [r for r in results if r.is_fine_tuned]
+    top = best(task, [r for r in results if r.is_baseline])
     pairs = [(a, top) for a in arms] if top else []
     pairs += [(a, b) for i, a in enumerate(arms) for b in arms[i + 1 :]]
     out = []
@@ -106,7 +106,7 @@ def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, 
         wins = (mean > 0) == task.higher_is_better
         verdict = ("better" if wins else "worse") if sure else "no clear difference"
         out.append({"a": a.name, "b": b.name, "diff": mean, "ci95": ci, "verdict": verdict,
-                    "b_is_baseline": b.kind == "baseline"})
+                    "b_is_baseline": b.is_baseline})
     return out
 
 
@@ -137,7 +137,7 @@ class Report:
         """The sentence at the top: the best fine-tuned model against base and the best baseline."""
         t, h = self.task, self.task.headline
         by = {r.name: r for r in self.results}
-        arm = best(t, [r for r in self.results if r.kind == "llm" and r.name != "base"])
+        arm = best(t, [r for r in self.results if r.is_fine_tuned])
         base = by.get("base")
         if arm is None:
             return ""

@@ -18,11 +18,11 @@ from rich.console import Console
 from tunesmith.config import DataSection, Recipe, arm_recipe
 from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.eval.bootstrap import mean_ci, paired_difference
-from tunesmith.eval.result import ContenderResult, EvalRun
+from tunesmith.eval.result import ContenderResult, EvalRun, Source
 from tunesmith.records import Example
 from tunesmith.tasks import TaskKind, make_task, score_outputs
 from tunesmith.tasks.base import BaselineInputs
-from tunesmith.train.result import trained_output
+from tunesmith.train.result import Artefact, trained_output
 
 
 @dataclass
@@ -34,7 +34,7 @@ class LocalContender:
     path: Path | None  # None: the base model; else an adapter, merged-model or classifier folder
     data: DataSection  # how it is asked: prompt template and system prompt of the arm it was trained with
     with_labels: bool = False  # append the label list (a base model has never seen it)
-    kind: str = "llm"  # "llm", "classifier" or "head" (regression, span)
+    loads: Artefact = Artefact.MODEL  # what its folder holds: a language model, a classifier or another head
     model: str | None = None  # the arm's own base model (e.g. an encoder) when it is not the recipe's
 
 
@@ -74,14 +74,14 @@ def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
         if found is None:
             console.print(f"[dim]{name}: not trained yet ({arm.run_dir / 'train'}); left out[/]")
             continue
-        out.append(LocalContender(name, describe_arm(arm, arm.model.name), found[0], arm.data, kind=found[1],
+        out.append(LocalContender(name, describe_arm(arm, arm.model.name), found[0], arm.data, loads=found[1],
                                   model=arm.model.name))
     for spec in recipe.eval.adapters:
         path = Path(spec.path)
         if not path.is_dir():
             raise ModelError(f"eval.adapters '{spec.name}': folder not found: {path}")
-        kind = "classifier" if (path / "labels.json").is_file() else "head" if (path / "head.json").is_file() else "llm"
-        out.append(LocalContender(spec.name, f"{recipe.model.name} + {path.name}", path, recipe.data, kind=kind))
+        out.append(LocalContender(spec.name, f"{recipe.model.name} + {path.name}", path, recipe.data,
+                                  loads=Artefact.of_folder(path)))
     return out
 
 
@@ -243,22 +243,22 @@ def messages_for(task: TaskKind, data_cfg: DataSection, with_labels: bool, test:
 
 
 def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[Example], bar) -> ContenderResult:
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    """One local contender, asked as what its folder holds is asked (see ``LOCAL_EVALUATORS``)."""
+    from tunesmith.models.loading import pick_placement
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
-    if c.kind == "head":
-        from tunesmith.train.heads import evaluate_head
+    return LOCAL_EVALUATORS[c.loads](recipe, task, c, test, placement, bar)
 
-        return evaluate_head(task, c.name, c.description, c.path, test, c.data.prompt, placement, bar,
-                             c.model or recipe.model.name)
-    tokenizer = load_tokenizer(c.model or recipe.model.name)
-    if c.kind == "classifier":
-        return _classifier(recipe, task, c, test, placement, tokenizer, bar)
-    from tunesmith.data.formatting import prompt_text
 
-    prompts = [prompt_text(tokenizer, m) for m in messages_for(task, c.data, c.with_labels, test)]
+def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
+    """A generating model (the base, an adapter or a merged model), scored by the task kind's own way."""
     import time
 
+    from tunesmith.data.formatting import prompt_text
+    from tunesmith.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(c.model or recipe.model.name)
+    prompts = [prompt_text(tokenizer, m) for m in messages_for(task, c.data, c.with_labels, test)]
     model = load_local(recipe, c, placement)
     t0 = time.perf_counter()
     res = task.evaluate_local(c.name, c.description, model, tokenizer, prompts, test, bar)
@@ -278,6 +278,14 @@ def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list
     return res
 
 
+def _head(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
+    """A regression or span head answers through its HeadPredictor (as served)."""
+    from tunesmith.train.heads import evaluate_head
+
+    return evaluate_head(task, c.name, c.description, c.path, test, c.data.prompt, placement, bar,
+                         c.model or recipe.model.name)
+
+
 def load_local(recipe: Recipe, c: LocalContender, placement):
     """The base model, a PEFT adapter on it (merged for base-model speed), or a merged model folder."""
     from tunesmith.models.loading import load_model, load_trained
@@ -288,13 +296,15 @@ def load_local(recipe: Recipe, c: LocalContender, placement):
     return load_trained(name, c.path, placement)
 
 
-def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, tokenizer, bar) -> ContenderResult:
+def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
     """A classifier head predicts one label per text in one forward pass (no generation, no parsing)."""
     import time
 
     from tunesmith.data.task import render_prompt
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.train.classifier import encode, load_trained_classifier, predict_proba
 
+    tokenizer = load_tokenizer(c.model or recipe.model.name)
     model, labels = load_trained_classifier(c.path, c.model or recipe.model.name, placement, tokenizer)
     texts = [render_prompt(e, c.data.prompt) for e in test]
     rows = encode(tokenizer, texts)
@@ -306,7 +316,8 @@ def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, toke
         advance(len(texts))
     tokenizer.padding_side = "left"
     pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
-    res = score_outputs(task, c.name, c.description, "llm", test, texts, pred, parsed=pred, scoring="classifier head")
+    res = score_outputs(task, c.name, c.description, Source.LOCAL, test, texts, pred, parsed=pred,
+                        scoring="classifier head")
     res.metrics["texts_cut"] = sum(r["length"] > limit for r in rows)  # cut to train.max_seq_length to predict
     res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(texts)), 2)  # prediction only, per example
     res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
@@ -315,13 +326,16 @@ def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, toke
     return res
 
 
+LOCAL_EVALUATORS = {Artefact.MODEL: _language_model, Artefact.CLASSIFIER: _classifier, Artefact.HEAD: _head}
+
+
 def _endpoint(recipe, task: TaskKind, client, ask_as: str, data_cfg, with_labels, test, bar) -> ContenderResult:
     spec = client.spec
     messages = messages_for(task, data_cfg, with_labels, test)
     with bar(f"eval {spec.name}: endpoint", len(messages)) as advance:
         replies = client.chat_many(messages, spec.max_tokens or recipe.eval.max_new_tokens, advance)
     prompts = [json.dumps(m, ensure_ascii=False) for m in messages]
-    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}, asked as {ask_as}", "endpoint", test,
+    res = score_outputs(task, spec.name, f"{spec.model} at {spec.base_url}, asked as {ask_as}", Source.ENDPOINT, test,
                         prompts, [r.text for r in replies], [r.error for r in replies])
     res.metrics["asked_as"] = ask_as
     for row, r in zip(res.predictions, replies, strict=True):
@@ -360,7 +374,7 @@ def _baselines(recipe, task: TaskKind, train, test, console) -> list[ContenderRe
                           "skipped[/]")
             continue
         outputs = [task.format_baseline(p) for p in b.predict(task, inputs)]
-        out.append(score_outputs(task, b.name, b.description, "baseline", test, inputs.test_texts, outputs))
+        out.append(score_outputs(task, b.name, b.description, Source.BASELINE, test, inputs.test_texts, outputs))
     return out
 
 
@@ -403,7 +417,7 @@ def _judge(recipe, task: TaskKind, client, results, test, bar) -> dict:
         return {"mode": "pairwise", "pair": spec.pair, **summary}
     out = {"mode": "rubric"}
     for r in results:
-        if r.kind == "baseline" and task.name != "generation":
+        if r.is_baseline and task.name != "generation":
             continue
         with bar(f"judge {r.name}", len(test)) as advance:
             summary, scores = judge.rubric(client, spec.rubric, questions, refs, answers(r), advance)
@@ -437,6 +451,7 @@ def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | 
     found = trained_output(recipe.run_dir)
     contenders = [LocalContender("base", f"{recipe.model.name}, no fine-tuning", None, data_cfg)]
     if found:
-        contenders.append(LocalContender("finetuned", f"{recipe.model.name} + {found[0].name}", found[0], data_cfg, kind=found[1]))
+        contenders.append(LocalContender("finetuned", f"{recipe.model.name} + {found[0].name}", found[0], data_cfg,
+                                          loads=found[1]))
     return evaluate(recipe, [], test, [], contenders, {"validation conversations": scored}, console)
 

@@ -46,8 +46,7 @@ def score_labels(
     import numpy as np
     import torch
 
-    from tunesmith.train.packing import block_causal_mask
-    from tunesmith.train.sft import mask_kind
+    from tunesmith.train.packing import block_causal_mask, mask_kind
 
     cand = [tokenizer(label + suffix, add_special_tokens=False)["input_ids"] for label in labels]
     chunks = _candidate_chunks([len(c) for c in cand], chunk_tokens)

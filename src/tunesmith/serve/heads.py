@@ -39,6 +39,11 @@ class ServedHead:
         """classifier, regression or span."""
         return self.predictor.head
 
+    @property
+    def label_probabilities(self) -> bool:
+        """Whether it answers with a distribution over labels (a classifier), which logprobs can show."""
+        return self.predictor.kind.label_probabilities
+
     def answer(self, text: str) -> str:
         with self.lock:
             return self.predictor.answer(text)
@@ -72,7 +77,7 @@ async def chat_reply(head: ServedHead, body, messages: list[dict]):
 
     text = user_text(messages)
     try:
-        if body.logprobs and head.kind == "classifier":  # one forward pass gives the label and its distribution
+        if body.logprobs and head.label_probabilities:  # one forward pass gives the label and its distribution
             ranked = await asyncio.to_thread(head.ranked_labels, text)
             answer, logprobs = ranked[0][0], label_logprobs(ranked, body.top_logprobs or 0)
         else:

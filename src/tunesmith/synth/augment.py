@@ -1,8 +1,10 @@
 """Synthetic data as a stage of ``tunesmith run``: grow the TRAIN split, never the held-out ones.
 
 ``paraphrase`` without a ``synth.input`` rewords the train split's own questions (the answer and
-other fields are kept); the other synth tasks read their inputs (documents, seed words, seed
-instructions) and their items become examples through the data section's field names. Generated
+other fields are kept), and ``preference_pairs`` without one pairs each train answer with a worse one;
+the other synth tasks read their inputs (documents, seed words, seed instructions) and their items
+become examples through the data section's field names. Which of these a task does is registered with
+it (:func:`tunesmith.synth.tasks.register`); the functions it names live here. Generated
 examples that are near-duplicates of a val/test example are dropped (leakage guard), and every
 item set aside is written to ``augment_rejected.jsonl`` with its reason and counted.
 """
@@ -33,12 +35,28 @@ class Augmented:
     dpo_pairs: Path | None = None  # preference pairs made for a DPO arm
 
 
+@dataclass
+class SynthBatch:
+    """What an arm's synth task made, with what turning it into training material needs."""
+
+    items: list[dict]  # the items the task kept (accepted or edited)
+    replies: Counter  # replies the task set aside, by reason
+    arm: Recipe
+    train: list[Example] | None  # the train split, when the task read it instead of a synth.input
+    held_out: list[Example]  # val and test, for the leakage guard
+    base: Path  # <run>/synth/<key>/: augment_rejected.jsonl, dpo_pairs.jsonl
+    synth_dir: Path  # the synth run's folder (its rejected.jsonl)
+    console: Console
+
+
 def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Example], console: Console) -> Augmented:
-    """Run the arm's synth section (cached per synth config under ``<run>/synth/``) and return the new
-    training examples that pass the leakage guard."""
+    """Run the arm's synth section (cached per synth config under ``<run>/synth/``) and turn its items into
+    training material the way its task says (new examples past the leakage guard, or preference pairs)."""
     from tunesmith.synth.command import run_synth
+    from tunesmith.synth.tasks import reads_train_split, synth_task
 
     cfg = arm.synth
+    task = synth_task(cfg.task)
     if cfg.review_required:
         from tunesmith.errors import ConfigError
 
@@ -47,25 +65,41 @@ def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Examp
     key = hashlib.sha256(cfg.model_dump_json().encode() + _ids_digest(train)).hexdigest()[:12]
     base = run.run_dir / "synth" / key
     base.mkdir(parents=True, exist_ok=True)
-    own_input = cfg.task in ("paraphrase", "preference_pairs") and cfg.input is None
+    own_input = task.on_train_split is not None and cfg.input is None
     if own_input:
-        cfg = _read_train_split(cfg, arm, write_jsonl_path(base / "train_input.jsonl", train, arm))
+        cfg = task.on_train_split(cfg, arm, write_jsonl_path(base / "train_input.jsonl", train, arm))
     elif cfg.input is None:
-        raise DataError(f"synth.input: the {cfg.task} task needs an input file (paraphrase and preference_pairs "
+        raise DataError(f"synth.input: the {cfg.task} task needs an input file ({' and '.join(reads_train_split())} "
                         "can read the train split instead)")
     synth_recipe = run.model_copy(update={"name": key, "output_dir": run.run_dir / "synth", "synth": cfg})
     result = run_synth(synth_recipe, console)
     items = [json.loads(line) for line in open(result.out_dir / "accepted.jsonl", encoding="utf-8")]  # accepted or edited
     replies = _rejected_reasons(result.out_dir / "rejected.jsonl")
-    if cfg.task == "preference_pairs":
-        return _pairs(items, replies, train if own_input else None, arm, base, result.out_dir, console)
-    made, unmapped = _paraphrased(items, train, arm) if own_input else _mapped(items, arm)
-    kept, leaked = leakage_guard(made, held_out, arm.data.prompt)
+    return task.to_training(SynthBatch(items, replies, arm, train if own_input else None, held_out, base,
+                                       result.out_dir, console))
+
+
+def as_examples(batch: SynthBatch) -> Augmented:
+    """Items whose fields are the data section's input and target fields become examples."""
+    return _guarded(batch, *_mapped(batch.items, batch.arm))
+
+
+def as_paraphrases(batch: SynthBatch) -> Augmented:
+    """Paraphrases of the train split's questions become copies of their source examples; paraphrases of a
+    synth.input file map like any other items."""
+    made = _paraphrased(batch.items, batch.train, batch.arm) if batch.train is not None else _mapped(batch.items, batch.arm)
+    return _guarded(batch, *made)
+
+
+def _guarded(batch: SynthBatch, made: list[Example], unmapped: list[dict]) -> Augmented:
+    """The new examples that pass the leakage guard; what was set aside goes to augment_rejected.jsonl."""
+    arm, items, replies, task = batch.arm, batch.items, batch.replies, batch.arm.synth.task
+    kept, leaked = leakage_guard(made, batch.held_out, arm.data.prompt)
     rejected = unmapped + [{"id": e.id, "reason": f"near-duplicate of held-out example {other} (leakage guard)",
                             "prompt": render_prompt(e, arm.data.prompt)} for e, other in leaked]
-    write_jsonl(base / "augment_rejected.jsonl", rejected)
+    write_jsonl(batch.base / "augment_rejected.jsonl", rejected)
     summary = {
-        "synth task": cfg.task,
+        "synth task": task,
         "synth items kept by the task": len(items),
         "synth replies set aside by the task": sum(replies.values()),
         "dropped: near-duplicate of a val/test example": len(leaked),
@@ -75,11 +109,11 @@ def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Examp
     if not kept:
         reasons = "; ".join(f"{n} × {r}" for r, n in replies.most_common(8)) or "none recorded"
         raise DataError(
-            f"synth ({cfg.task}) yielded no usable training example for arm '{arm.name}': {len(items)} item(s) kept by the "
+            f"synth ({task}) yielded no usable training example for arm '{arm.name}': {len(items)} item(s) kept by the "
             f"task, {len(leaked)} leaked into val/test, {len(unmapped)} unmappable; replies set aside by reason: {reasons}. "
-            f"See {result.out_dir / 'rejected.jsonl'} and {base / 'augment_rejected.jsonl'}"
+            f"See {batch.synth_dir / 'rejected.jsonl'} and {batch.base / 'augment_rejected.jsonl'}"
         )
-    console.print(f"synth: {len(kept)} synthetic training example(s) added ({len(leaked)} dropped by the leakage guard)")
+    batch.console.print(f"synth: {len(kept)} synthetic training example(s) added ({len(leaked)} dropped by the leakage guard)")
     return Augmented(kept, summary)
 
 
@@ -97,38 +131,41 @@ def write_jsonl_path(path: Path, train: list[Example], arm: Recipe) -> Path:
     return path
 
 
-def _read_train_split(cfg, arm: Recipe, path: Path):
-    """The synth section pointed at the train split's records with the data section's field names."""
-    if cfg.task == "paraphrase":
-        q = cfg.paraphrase.question_field
-        if q not in arm.data.input_fields:
-            raise DataError(f"synth.paraphrase.question_field '{q}' is not one of data.input_fields {arm.data.input_fields}")
-        task = cfg.paraphrase.model_copy(update={"answer_field": arm.data.target_field})
-        return cfg.model_copy(update={"input": path, "paraphrase": task})
+def paraphrase_train_split(cfg, arm: Recipe, path: Path):
+    """The paraphrase section pointed at the train split's records: the data section's question and answer."""
+    q = cfg.paraphrase.question_field
+    if q not in arm.data.input_fields:
+        raise DataError(f"synth.paraphrase.question_field '{q}' is not one of data.input_fields {arm.data.input_fields}")
+    task = cfg.paraphrase.model_copy(update={"answer_field": arm.data.target_field})
+    return cfg.model_copy(update={"input": path, "paraphrase": task})
+
+
+def preference_pairs_train_split(cfg, arm: Recipe, path: Path):
+    """The preference_pairs section pointed at the train split's records: rendered prompt, reference answer."""
     task = cfg.preference_pairs.model_copy(update={"prompt_field": PROMPT_FIELD, "chosen_field": arm.data.target_field})
     return cfg.model_copy(update={"input": path, "preference_pairs": task})
 
 
-def _pairs(items, replies: Counter, train: list[Example] | None, arm: Recipe, base: Path, synth_dir: Path,
-           console: Console) -> Augmented:
+def as_dpo_pairs(batch: SynthBatch) -> Augmented:
     """Preference pairs for a DPO arm: chosen = the reference answer, rejected = the model's own answer; the
     prompt is the train example's chat messages, formatted as the arm formats them."""
     from tunesmith.data.formatting import chat_messages
 
+    arm, train = batch.arm, batch.train
     pairs = []
-    for item in items:
+    for item in batch.items:
         src = _source_example(item, train) if train is not None else None
         prompt = chat_messages(src, arm.data) if src is not None else item["prompt"]
         pairs.append({"prompt": prompt, "chosen": item["chosen"], "rejected": item["rejected"]})
     if not pairs:
-        reasons = "; ".join(f"{n} × {r}" for r, n in replies.most_common(8)) or "none recorded"
+        reasons = "; ".join(f"{n} × {r}" for r, n in batch.replies.most_common(8)) or "none recorded"
         raise DataError(f"synth (preference_pairs) made no pair for arm '{arm.name}'; set aside by reason: {reasons}. "
-                        f"See {synth_dir / 'rejected.jsonl'}")
-    path = base / "dpo_pairs.jsonl"
+                        f"See {batch.synth_dir / 'rejected.jsonl'}")
+    path = batch.base / "dpo_pairs.jsonl"
     write_jsonl(path, pairs)
-    console.print(f"synth: {len(pairs)} preference pair(s) for DPO → {path}")
+    batch.console.print(f"synth: {len(pairs)} preference pair(s) for DPO → {path}")
     return Augmented([], {"synth task": "preference_pairs", "preference pairs made": len(pairs),
-                          "synth replies set aside by the task": sum(replies.values())}, path)
+                          "synth replies set aside by the task": sum(batch.replies.values())}, path)
 
 
 def _paraphrased(items: list[dict], train: list[Example], arm: Recipe) -> tuple[list[Example], list[dict]]:

@@ -19,9 +19,8 @@ from rich.console import Console
 
 from tunesmith.config import Recipe, SynthSection, dump_resolved
 from tunesmith.endpoints import RetryPolicy
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 from tunesmith.progress import task_bar
-from tunesmith.records import Record
 from tunesmith.synth import tasks
 from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import CallStats
@@ -47,50 +46,6 @@ def make_client(cfg: SynthSection):
         p.base_url, p.model, p.api_key_env, p.concurrency, p.requests_per_minute, p.timeout_s,
         RetryPolicy(max_retries=p.max_retries),
     )
-
-
-def read_seed_words(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"Seed-word file not found: {path}")
-    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
-    words = [w for w in words if w and not w.startswith("#")]
-    if not words:
-        raise DataError(f"{path}: no seed words (one per line; lines starting with # are comments)")
-    return words
-
-
-def read_passages(path: Path, field: str, tokenizer_name: str) -> list[str]:
-    """Retrieval passages: token chunks of documents (PDF/TXT/Markdown), or records' ``field``."""
-    from tunesmith.data.readers import read_records
-    from tunesmith.data.sources import DOC_SUFFIXES, read_documents
-
-    if path.is_dir() or path.suffix.lower() in DOC_SUFFIXES:
-        from tunesmith.config import DocumentsSection
-        from tunesmith.models.loading import load_tokenizer
-
-        records, _ = read_documents(path, DocumentsSection(), load_tokenizer(tokenizer_name), on_error="skip")
-        passages = [r.data["text"] for r in records]
-    else:
-        passages = [str(r.data.get(field, "")).strip() for r in read_records(path)[0]]
-    passages = [p for p in passages if p]
-    if not passages:
-        raise DataError(f"{path}: no passages to retrieve from")
-    return passages
-
-
-def _tokenizer_name(cfg: SynthSection) -> str:
-    """Chunk with the generating model's tokenizer when it is local, else the embedded one."""
-    return cfg.provider.model if cfg.provider.kind == "local" else "smollm2-135m-instruct"
-
-
-def read_document_chunks(cfg: SynthSection) -> tuple[list[Record], list]:
-    from tunesmith.config import DocumentsSection
-    from tunesmith.data.sources import read_documents
-    from tunesmith.models.loading import load_tokenizer
-
-    t = cfg.qa_from_documents
-    docs = DocumentsSection(glob=t.glob, chunk_tokens=t.chunk_tokens, overlap_tokens=t.overlap_tokens)
-    return read_documents(cfg.input, docs, load_tokenizer(_tokenizer_name(cfg)), on_error="skip")
 
 
 def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
@@ -167,31 +122,10 @@ def summary_table(summary: dict):
 
 def _run_task(cfg: SynthSection, ctx, console: Console, cache: CallCache, stats: CallStats, out_dir: Path):
     """Read the task's inputs and run it; call statistics are saved even when the run stops halfway."""
-    from tunesmith.data.readers import read_records
-
-    early_rejects: list[dict] = []
+    task = tasks.synth_task(cfg.task)
     try:
-        if cfg.task == "qa_from_documents":
-            chunks, bad = read_document_chunks(cfg)
-            early_rejects = [{"source": r.source, "reason": r.reason, "raw": None} for r in bad]
-            for r in bad:
-                console.print(f"[yellow]skipped {r.source}:[/] {r.reason}")
-            if not chunks:
-                listed = "; ".join(f"{r.source} ({r.reason})" for r in bad) or "no files"
-                raise DataError(f"{cfg.input}: no document text to generate from: {listed}")
-            output = tasks.qa_from_documents(ctx, chunks[: cfg.limit])
-        elif cfg.task == "seed_questions":
-            seeds = read_seed_words(cfg.input)[: cfg.limit]
-            sq = cfg.seed_questions
-            passages = read_passages(sq.contexts, sq.context_field, _tokenizer_name(cfg)) if sq.contexts else []
-            from tunesmith.synth.retrieval import make_retriever
-
-            retriever = make_retriever(sq.retriever, passages, console.print, cfg.language) if passages else None
-            output = tasks.seed_questions(ctx, seeds, passages, retriever)
-        else:
-            records, bad = read_records(cfg.input, limit=cfg.limit, on_error="skip")
-            early_rejects = [{"source": r.source, "reason": r.reason, "raw": r.record} for r in bad]
-            output = getattr(tasks, cfg.task)(ctx, records)
+        inputs, early_rejects = task.read(cfg, console.print)
+        output = task.run(ctx, inputs)
     finally:
         (out_dir / "stats.json").write_text(json.dumps(stats.to_json(), indent=2), encoding="utf-8")  # partial
         cache.close()

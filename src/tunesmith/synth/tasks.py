@@ -1,4 +1,9 @@
-"""Generation tasks. Each turns inputs into flat item records plus rejected entries with reasons.
+"""Generation tasks, registered by name. Each turns inputs into flat item records plus rejected entries
+with reasons.
+
+Adding a task is one function here decorated with :func:`register` (saying what it reads and, in a
+``tunesmith run``, how its items become training material), its config model in ``config/synth.py``
+(a field of ``SynthSection`` and a name in ``SynthSection.task``) and its prompt in ``prompts/``.
 
 A task builds its chat requests, sends them through ``ctx.ask`` (cached, retried, parsed into
 a pydantic schema) or ``ctx.complete`` (free text), and keeps only what passes its checks;
@@ -14,14 +19,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from tunesmith.config import SynthSection
-from tunesmith.errors import DataError
+from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Record
+from tunesmith.synth import augment
 from tunesmith.synth.calls import CallFailure, ChatRequest
 from tunesmith.synth.gates import copy_problem, question_problem, text_problem
+from tunesmith.synth.inputs import SeedInputs, read_input_chunks, read_input_records, read_input_seeds
 from tunesmith.synth.structured import Parsed
 from tunesmith.synth.text import is_refusal, normalize
 
@@ -49,6 +57,51 @@ class SynthContext:
         c = self.cfg
         return text_problem(text, c.language, c.min_chars if min_chars is None else min_chars, c.script_share,
                             self.template)
+
+
+@dataclass(frozen=True)
+class SynthTask:
+    """One synth task: what it reads, how it runs, and in a run how its items become training material."""
+
+    name: str
+    run: Callable[[SynthContext, Any], TaskOutput]  # (context, inputs) → kept items and set-aside replies
+    read: Callable  # (synth section, say) → (inputs, inputs set aside): see tunesmith.synth.inputs
+    to_training: Callable  # (augment.SynthBatch) → augment.Augmented: new train examples or DPO pairs
+    on_train_split: Callable | None  # (synth section, arm, records file) → the section reading the train split
+
+
+_REGISTRY: dict[str, SynthTask] = {}
+
+
+def register(name: str, *, read: Callable = read_input_records, to_training: Callable = augment.as_examples,
+             on_train_split: Callable | None = None):
+    """Function decorator: make ``fn(ctx, inputs)`` the synth task ``name``. ``read`` gives its inputs
+    (records by default); ``to_training`` turns its items into training material in a run (examples
+    through the data section's field names by default); ``on_train_split``, when given, lets a run's
+    synth section without an input read the arm's train split instead."""
+    def add(fn: Callable[[SynthContext, Any], TaskOutput]):
+        if name in _REGISTRY:
+            raise ValueError(f"synth task '{name}' is registered twice")
+        _REGISTRY[name] = SynthTask(name, fn, read, to_training, on_train_split)
+        return fn
+
+    return add
+
+
+def synth_task(name: str) -> SynthTask:
+    if name not in _REGISTRY:
+        raise ConfigError(f"synth.task: unknown task '{name}'; known: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    """Registered synth task names."""
+    return sorted(_REGISTRY)
+
+
+def reads_train_split() -> list[str]:
+    """The tasks that can read a run's train split when the synth section names no input."""
+    return [n for n in names() if _REGISTRY[n].on_train_split is not None]
 
 
 def load_prompt(name: str, language: str, override: Path | None = None) -> string.Template:
@@ -81,6 +134,7 @@ class Paraphrases(BaseModel):
     paraphrases: list[str] = Field(min_length=1)
 
 
+@register("paraphrase", to_training=augment.as_paraphrases, on_train_split=augment.paraphrase_train_split)
 def paraphrase(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     """N rewordings per question with the answer kept; near-duplicates of the original or of each other dropped."""
     t = ctx.cfg.paraphrase
@@ -120,6 +174,7 @@ class QAPairs(BaseModel):
     pairs: list[QAPair] = Field(min_length=1)
 
 
+@register("qa_from_documents", read=read_input_chunks)
 def qa_from_documents(ctx: SynthContext, chunks: list[Record]) -> TaskOutput:
     """Question/answer pairs grounded in each chunk; an answer that is not a span of its chunk is dropped."""
     t = ctx.cfg.qa_from_documents
@@ -181,7 +236,10 @@ class Questions(BaseModel):
     questions: list[str] = Field(min_length=1)
 
 
-def seed_questions(ctx: SynthContext, seeds: list[str], passages: list[str], retriever) -> TaskOutput:
+@register("seed_questions", read=read_input_seeds)
+def seed_questions(ctx: SynthContext, inputs: SeedInputs) -> TaskOutput:
+    """Questions about each seed word; with passages, each answered from the ones retrieved for it."""
+    seeds, passages, retriever = inputs.seeds, inputs.passages, inputs.retriever
     t = ctx.cfg.seed_questions
     template = load_prompt("seed_questions", ctx.cfg.language, ctx.cfg.prompt_file)
     ctx.template = template.template
@@ -272,6 +330,7 @@ def new_words(text: str, original: str) -> set[str]:
     return words(text) - words(original)
 
 
+@register("evol_instruct")
 def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     t = ctx.cfg.evol_instruct
     template = load_prompt("evol_instruct", ctx.cfg.language, ctx.cfg.prompt_file)
@@ -303,6 +362,8 @@ def evol_instruct(ctx: SynthContext, records: list[Record]) -> TaskOutput:
 # --- preference pairs ---------------------------------------------------------------------------
 
 
+@register("preference_pairs", to_training=augment.as_dpo_pairs,
+          on_train_split=augment.preference_pairs_train_split)
 def preference_pairs(ctx: SynthContext, records: list[Record]) -> TaskOutput:
     """chosen = the reference answer; rejected = a model sample or a distractor; equal pairs dropped."""
     t = ctx.cfg.preference_pairs

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from tunesmith.eval.result import ContenderResult
+from tunesmith.eval.result import ContenderResult, Source
 from tunesmith.records import Example
 
 Cell = Callable[[dict], str]
@@ -118,7 +118,7 @@ class TaskKind:
         cfg = self.cfg
         with bar(f"eval {name}: generate", len(prompts)) as advance:
             outputs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance, stop=cfg.stop)
-        return score_outputs(self, name, description, "llm", examples, prompts, outputs)
+        return score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs)
 
     # --- baselines ------------------------------------------------------------------------
     @classmethod
@@ -155,7 +155,7 @@ def score_outputs(
     task: TaskKind,
     name: str,
     description: str,
-    kind: str,
+    source: Source | str,
     examples: Sequence[Example],
     prompts: Sequence[str],
     outputs: Sequence[str | None],
@@ -165,13 +165,15 @@ def score_outputs(
 ) -> ContenderResult:
     """Parse (unless ``parsed`` is given, e.g. label scoring) and score raw outputs.
 
-    ``errors`` (endpoint failures) are reported per example.
+    ``source`` says where the outputs come from (a :class:`Source` or its value); ``errors`` (endpoint
+    failures) are reported per example.
     """
+    source = Source(source)
     errors = list(errors) if errors is not None else [None] * len(outputs)
     parsed = list(parsed) if parsed is not None else [task.parse(o) for o in outputs]
     metrics = task.metrics(parsed, examples)
-    metrics["scoring"] = scoring or ("direct prediction" if kind == "baseline" else "free generation")
-    if kind == "endpoint":
+    metrics["scoring"] = scoring or ("direct prediction" if source is Source.BASELINE else "free generation")
+    if source is Source.ENDPOINT:
         metrics["failed_calls"] = sum(e is not None for e in errors)
     rows = [
         {
@@ -187,4 +189,4 @@ def score_outputs(
         for ex, p, o, pa, err in zip(examples, prompts, outputs, parsed, errors, strict=True)
     ]
     per = [task.score(pa, ex) for pa, ex in zip(parsed, examples, strict=True)]
-    return ContenderResult(name, description, metrics, rows, parsed, per, kind)
+    return ContenderResult(name, description, metrics, rows, parsed, per, source)

@@ -8,7 +8,7 @@ from typing import Any
 
 from tunesmith.eval import baselines as B
 from tunesmith.eval import metrics as M
-from tunesmith.eval.result import ContenderResult
+from tunesmith.eval.result import ContenderResult, Source
 from tunesmith.records import Example
 from tunesmith.tasks import register
 from tunesmith.tasks.base import Baseline, BaselineInputs, TaskKind, num, pct, score_outputs
@@ -53,12 +53,12 @@ class Classification(TaskKind):
             outputs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance, stop=cfg.stop)
         generated = [self.parse(o) for o in outputs]
         if not cfg.label_scoring:
-            return score_outputs(self, name, description, "llm", examples, prompts, outputs, parsed=generated)
+            return score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs, parsed=generated)
         with bar(f"eval {name}: score labels", len(prompts)) as advance:
             scores = score_labels(model, tokenizer, prompts, self.labels, end_of_turn(tokenizer),
                                   max(1, cfg.batch_size // 2), advance)
         scored = [self.labels[j] for j in scores.argmax(axis=1)]
-        res = score_outputs(self, name, description, "llm", examples, prompts, outputs, parsed=scored,
+        res = score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs, parsed=scored,
                             scoring="label log-likelihood")
         gen = M.classification_metrics([e.target for e in examples], generated, self.labels)
         res.metrics |= {"accuracy_generate": gen["accuracy"], "macro_f1_generate": gen["macro_f1"],
@@ -106,6 +106,6 @@ class Classification(TaskKind):
     def plots(self, results, test, eval_dir: Path) -> dict[str, Path]:
         from tunesmith.eval.plots import plot_confusions
 
-        shown = [r for r in results if r.kind != "baseline"] or results
+        shown = [r for r in results if not r.is_baseline] or results
         path = plot_confusions(shown, [e.target for e in test], self.labels, eval_dir / "confusion.png")
         return {"Confusion matrices (test split)": path}

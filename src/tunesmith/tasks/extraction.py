@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from tunesmith.config.section import Section
 from tunesmith.eval import baselines as B
 from tunesmith.eval import metrics as M
-from tunesmith.eval.result import ContenderResult
+from tunesmith.eval.result import ContenderResult, Source
 from tunesmith.records import Example
 from tunesmith.tasks import register
 from tunesmith.tasks.base import Baseline, BaselineInputs, TargetError, TaskKind, pct, score_outputs
@@ -215,7 +215,7 @@ class Extraction(TaskKind):
         with bar(f"eval {name}: generate under the schema", len(prompts)) as advance:
             done = generate(model, tokenizer, prompts, limit, self.cfg.batch_size, constraint=constraint,
                             advance=advance, stop=self.cfg.stop)
-        return score_outputs(self, name, description, "llm", examples, prompts, [g.texts[0] for g in done],
+        return score_outputs(self, name, description, Source.LOCAL, examples, prompts, [g.texts[0] for g in done],
                              scoring="schema-constrained generation")
 
     # --- baselines ------------------------------------------------------------------------

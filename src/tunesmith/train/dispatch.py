@@ -5,10 +5,14 @@ The caller hands over examples (or ready chat rows); this module orders the trai
 aside examples that do not fit ``train.max_seq_length``, fits the micro-batch to the memory the
 machine has, loads and wraps the model, trains, and writes ``train/metrics.csv``, ``loss.png`` and
 ``summary.json``. Every method returns the same :class:`~tunesmith.train.result.TrainResult`.
+
+Which code trains is looked up by ``(train.method, train.head)`` among the trainers registered here
+with :func:`trainer`; adding a method is a trainer module in ``train/`` and one registered function.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from rich.console import Console
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Example
+from tunesmith.train.heads import HEADS
 from tunesmith.train.result import TrainResult, write_outputs
 
 
@@ -73,28 +78,8 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     tokenizer = load_tokenizer(recipe.model.name)
     out_dir = recipe.run_dir / "train"
     prepare_trackers(recipe.train.report_to, out_dir, console)
-    if recipe.train.head == "classifier":
-        from tunesmith.train.classifier import train_classifier
-
-        if not data.labels:
-            raise DataError("train.head classifier needs a classification task with a closed label set")
-        result = train_classifier(recipe, ordered(recipe, data.train), data.labels, tokenizer, placement, bar,
-                                  console, resume=resume, callbacks=callbacks)
-    elif recipe.train.head in ("regression", "span"):
-        from tunesmith.train.heads import train_head
-
-        result = train_head(recipe, ordered(recipe, data.train), tokenizer, placement, bar, console,
-                            resume=resume, callbacks=callbacks)
-    else:
-        model = load_base(recipe, placement, init_adapter)
-        console.print(f"{recipe.model.name} on {placement.device} in {placement.dtype}, adapter {recipe.train.adapter}"
-                      + (f", from {init_adapter}" if init_adapter else ""))
-        if recipe.train.method == "dpo":
-            from tunesmith.train.dpo import train_dpo
-
-            result = train_dpo(recipe, model, tokenizer, placement, console, bar, resume=resume, callbacks=callbacks)
-        else:
-            result = _train_sft(recipe, data, model, tokenizer, placement, console, bar, resume, callbacks)
+    job = TrainJob(recipe, data, tokenizer, placement, console, bar, resume, callbacks, init_adapter)
+    result = trainer_for(recipe.train.method, recipe.train.head)(job)
     from tunesmith.distributed import is_main
     from tunesmith.models.random_weights import is_random
 
@@ -108,6 +93,74 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
         f"→ {result.output_dir}"
     )
     return result
+
+
+@dataclass
+class TrainJob:
+    """What every trainer is handed: the recipe resolved for this machine and what to train on."""
+
+    recipe: Recipe
+    data: TrainData
+    tokenizer: object
+    placement: object  # tunesmith.models.loading.Placement
+    console: Console
+    bar: object
+    resume: bool = False
+    callbacks: list | None = None
+    init_adapter: Path | None = None
+
+
+Trainer = Callable[[TrainJob], TrainResult]
+_TRAINERS: dict[tuple[str, str], Trainer] = {}
+
+
+def trainer(method: str, *heads: str):
+    """Function decorator: train ``(method, head)`` recipes, for each of ``heads``, with ``fn(job)``."""
+    def add(fn: Trainer) -> Trainer:
+        for head in heads:
+            if (method, head) in _TRAINERS:
+                raise ValueError(f"a trainer for method {method} with head {head} is registered twice")
+            _TRAINERS[(method, head)] = fn
+        return fn
+
+    return add
+
+
+def trainer_for(method: str, head: str) -> Trainer:
+    if (method, head) not in _TRAINERS:
+        known = ", ".join(f"{m} with head {h}" for m, h in sorted(_TRAINERS))
+        raise ConfigError(f"train.method {method} with train.head {head}: nothing trains that; known: {known}")
+    return _TRAINERS[(method, head)]
+
+
+@trainer("sft", "generative")
+def _sft(job: TrainJob) -> TrainResult:
+    return _train_sft(job.recipe, job.data, _generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
+                      job.resume, job.callbacks)
+
+
+@trainer("dpo", "generative")
+def _dpo(job: TrainJob) -> TrainResult:
+    from tunesmith.train.dpo import train_dpo
+
+    return train_dpo(job.recipe, _generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
+                     resume=job.resume, callbacks=job.callbacks)
+
+
+@trainer("sft", *HEADS)  # a head trains on its own loss; the recipe's method stays sft
+def _head(job: TrainJob) -> TrainResult:
+    r = job.recipe
+    return HEADS[r.train.head].train(r, ordered(r, job.data.train), job.data.labels, job.tokenizer, job.placement,
+                                     job.bar, job.console, job.resume, job.callbacks)
+
+
+def _generative_model(job: TrainJob):
+    """The base model with the recipe's adapter (continuing from ``init_adapter`` when given), announced."""
+    r, placement = job.recipe, job.placement
+    model = load_base(r, placement, job.init_adapter)
+    job.console.print(f"{r.model.name} on {placement.device} in {placement.dtype}, adapter {r.train.adapter}"
+                      + (f", from {job.init_adapter}" if job.init_adapter else ""))
+    return model
 
 
 def load_base(recipe: Recipe, placement, init_adapter: Path | None):

@@ -14,7 +14,7 @@ import yaml
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.train.result import trained_output
+from tunesmith.train.result import Artefact, trained_output
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
@@ -38,7 +38,7 @@ def arm_dir(run_dir: Path, arm: str) -> Path:
 def trained_dir(run_dir: Path) -> Path:
     """The run's language-model output (adapter or full model) that export works from."""
     found = trained_output(Path(run_dir))
-    if found is not None and found[1] == "llm":
+    if found is not None and found[1] is Artefact.MODEL:
         return found[0]
     if found is not None:
         raise DataError(f"{run_dir}: its arm trained a {found[1]} head, which has no adapter or GGUF form "
@@ -83,7 +83,7 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder; a head
     (classifier, regression, span) as its ``*ForSequenceClassification`` / ``*ForQuestionAnswering`` folder."""
     found = trained_output(Path(run_dir))
-    if found is not None and found[1] in ("classifier", "head"):
+    if found is not None and found[1] is not Artefact.MODEL:
         from tunesmith.train.heads import export_head
 
         return export_head(found[0], Path(out))  # its head.json names the base model

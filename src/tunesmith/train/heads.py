@@ -11,6 +11,9 @@ Both work on decoders (the head reads the last token, or every token for spans) 
 (``models/encoders.py``), with LoRA (the head layer trained fully beside it) or a full fine-tune. The
 saved folder holds ``head.json`` (kind, base model, labels or target transform, prompt) and the
 tokenizer, so that evaluation, ``tunesmith serve`` and export need nothing else.
+
+What differs between the head kinds (classifier, regression, span: the model class, the training rows,
+how answers are read out) is one :class:`HeadKind` subclass each, registered in ``HEADS`` by name.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from tunesmith.config import Recipe
 from tunesmith.data.task import render_prompt
@@ -30,7 +34,6 @@ from tunesmith.train.metrics import rows_from_log_history
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
 HEAD_FILE = "head.json"
-PEFT_TASK = {"classifier": "SEQ_CLS", "regression": "SEQ_CLS", "span": "QUESTION_ANS"}
 
 
 @dataclass
@@ -61,25 +64,6 @@ class Target:
 
 
 # --- model -----------------------------------------------------------------------------------
-
-
-def load_head_model(name: str, head: str, placement, tokenizer, labels: list[str] | None = None):
-    """A fresh head on the base model ``name`` (an LLM, an encoder, or a saved full fine-tune)."""
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    from tunesmith.models.registry import resolve
-
-    if head == "classifier":
-        from tunesmith.train.classifier import load_classifier
-
-        return load_classifier(name, labels, placement, tokenizer)
-    if head == "span":
-        model = AutoModelForQuestionAnswering.from_pretrained(resolve(name), dtype=placement.torch_dtype)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(resolve(name), num_labels=1,
-                                                                   problem_type="regression", dtype=placement.torch_dtype)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(placement.device)
 
 
 def model_inputs(tokenizer, row: dict) -> dict:
@@ -198,33 +182,182 @@ def span_rows(recipe: Recipe, train: list[Example], tokenizer, console) -> list[
     return rows
 
 
-def train_head(recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
+# --- head kinds ------------------------------------------------------------------------------
+
+
+class HeadKind:
+    """What one kind of head does differently: its model class, its training rows and head.json entries, and
+    how a :class:`HeadPredictor` reads its answers out. One subclass per kind, registered in ``HEADS``."""
+
+    name: ClassVar[str]
+    peft_task: ClassVar[str] = "SEQ_CLS"  # the PEFT task type that trains the head layer beside LoRA
+    label_probabilities: ClassVar[bool] = False  # answers with a distribution over labels (serve's logprobs)
+
+    def load(self, name: str, placement, tokenizer, labels: list[str] | None = None):
+        """A fresh head on the base model ``name`` (an LLM, an encoder, or a saved full fine-tune)."""
+        raise NotImplementedError
+
+    def train(self, recipe: Recipe, train: list[Example], labels: list[str], tokenizer, placement, bar, console,
+              resume: bool, callbacks: list | None) -> TrainResult:
+        return train_head(self, recipe, train, tokenizer, placement, bar, console, resume, callbacks)
+
+    def training_rows(self, recipe: Recipe, train: list[Example], tokenizer, console) -> tuple[list[dict], dict, int]:
+        """Encoded training rows, this kind's head.json entries, and how many examples were set aside as too long."""
+        raise NotImplementedError
+
+    def predict_texts(self, predictor: HeadPredictor, texts: list[str], batch_size: int) -> list:
+        """An answer per rendered prompt."""
+        raise NotImplementedError
+
+    def predict_examples(self, predictor: HeadPredictor, examples: list[Example], prompt: str) -> list:
+        return predictor.predict_texts([render_prompt(e, prompt) for e in examples])
+
+    def answer(self, predictor: HeadPredictor, text: str) -> str:
+        """The reply to one user message (the rendered prompt the head was trained on), as text."""
+        [value] = predictor.predict_texts([text])
+        return value if isinstance(value, str) else f"{value:.2f}"
+
+    def as_parsed(self, predictions: list) -> list:
+        """Predictions as the task kind scores them (a span head's empty span: unanswered)."""
+        return predictions
+
+
+def _fresh_head(auto_class, name: str, placement, tokenizer, **kwargs):
+    """``auto_class`` (a transformers ``AutoModelFor…``) on the base model ``name``, padded as the tokenizer pads."""
+    from tunesmith.models.registry import resolve
+
+    model = auto_class.from_pretrained(resolve(name), dtype=placement.torch_dtype, **kwargs)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(placement.device)
+
+
+class ClassifierHead(HeadKind):
+    """A label per text (train/classifier.py), with every label's probability."""
+
+    name = "classifier"
+    label_probabilities = True
+
+    def load(self, name, placement, tokenizer, labels=None):
+        from tunesmith.train.classifier import load_classifier
+
+        return load_classifier(name, labels, placement, tokenizer)
+
+    def train(self, recipe, train, labels, tokenizer, placement, bar, console, resume, callbacks) -> TrainResult:
+        from tunesmith.train.classifier import train_classifier
+
+        if not labels:
+            raise DataError("train.head classifier needs a classification task with a closed label set")
+        return train_classifier(recipe, train, labels, tokenizer, placement, bar, console, resume=resume,
+                                callbacks=callbacks)
+
+    def predict_texts(self, predictor, texts, batch_size):
+        labels = predictor.meta["labels"]
+        return [labels[max(range(len(p)), key=p.__getitem__)] for p in predictor.probabilities(texts, batch_size)]
+
+
+class RegressionHead(HeadKind):
+    """A number per text, learned on the standardised transform of the target and answered in its units."""
+
+    name = "regression"
+
+    def load(self, name, placement, tokenizer, labels=None):
+        from transformers import AutoModelForSequenceClassification
+
+        return _fresh_head(AutoModelForSequenceClassification, name, placement, tokenizer, num_labels=1,
+                           problem_type="regression")
+
+    def training_rows(self, recipe, train, tokenizer, console):
+        from tunesmith.eval.metrics import parse_number
+        from tunesmith.train.classifier import set_aside_long
+
+        target = Target(recipe.train.target_transform).fit([float(parse_number(e.target)) for e in train])
+        rows = set_aside_long(recipe, train, regression_rows(recipe, train, tokenizer, target), console)
+        return rows, {"target": target.__dict__}, len(train) - len(rows)
+
+    def predict_texts(self, predictor, texts, batch_size):
+        import torch
+
+        from tunesmith.train.classifier import encode
+
+        rows = encode(predictor.tokenizer, texts)
+        target = Target(**predictor.meta["target"])
+        order = sorted(range(len(rows)), key=lambda i: -rows[i]["length"])
+        out = [0.0] * len(rows)
+        with torch.inference_mode():
+            for lo in range(0, len(order), batch_size):
+                idx = order[lo : lo + batch_size]
+                batch = predictor.tokenizer.pad([{"input_ids": rows[i]["input_ids"][: predictor.max_length]}
+                                                 for i in idx], return_tensors="pt").to(predictor.model.device)
+                z = predictor.model(**batch).logits.float().reshape(-1).tolist()
+                for i, v in zip(idx, z, strict=True):
+                    out[i] = target.decode(v)
+        return out
+
+
+class SpanHead(HeadKind):
+    """Extractive QA: the best span of the context over all of its windows."""
+
+    name = "span"
+    peft_task = "QUESTION_ANS"
+
+    def load(self, name, placement, tokenizer, labels=None):
+        from transformers import AutoModelForQuestionAnswering
+
+        return _fresh_head(AutoModelForQuestionAnswering, name, placement, tokenizer)
+
+    def training_rows(self, recipe, train, tokenizer, console):
+        t = recipe.train
+        extra = {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
+        return span_rows(recipe, train, tokenizer, console), extra, 0
+
+    def predict_texts(self, predictor, texts, batch_size):
+        raise DataError(f"{predictor.folder}: a span head answers (question, context) pairs, not texts")
+
+    def predict_examples(self, predictor, examples, prompt):
+        m = predictor.meta
+        fields, ctx = m.get("input_fields") or list(examples[0].inputs), m.get("context_field", "context")
+        return predictor.predict_spans([question_and_context(e, fields, ctx) for e in examples])
+
+    def answer(self, predictor, text):
+        m = predictor.meta
+        fields = parse_prompt(m["prompt"], text)
+        if fields is None:
+            raise DataError(f"the message does not follow this head's prompt template {m['prompt']!r}")
+        q, c = question_and_context(Example("request", fields, ""), m["input_fields"], m.get("context_field", "context"))
+        return predictor.predict_spans([(q, c)])[0]
+
+    def as_parsed(self, predictions):
+        return [p or None for p in predictions]  # no span found: unanswered, as an empty reply is for any contender
+
+
+HEADS: dict[str, HeadKind] = {k.name: k() for k in (ClassifierHead, RegressionHead, SpanHead)}
+
+
+def head_kind(name: str) -> HeadKind:
+    if name not in HEADS:
+        raise DataError(f"unknown head kind '{name}'; known: {', '.join(sorted(HEADS))}")
+    return HEADS[name]
+
+
+def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
                resume: bool = False, callbacks: list | None = None) -> TrainResult:
-    """Train a regression or span head (+ LoRA, or every weight) and save it with its head.json."""
+    """Train a fresh ``head`` on its training rows (+ LoRA, or every weight) and save it with its head.json."""
     from transformers import set_seed
 
     from tunesmith.models.loading import wrap_adapter
-    from tunesmith.train.classifier import set_aside_long
 
     t = recipe.train
     tokenizer.padding_side = "right"
-    meta = {"head": t.head, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
+    meta = {"head": head.name, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
             "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
-    if t.head == "regression":
-        from tunesmith.eval.metrics import parse_number
-
-        target = Target(t.target_transform).fit([float(parse_number(e.target)) for e in train])
-        rows = set_aside_long(recipe, train, regression_rows(recipe, train, tokenizer, target), console)
-        meta["target"] = target.__dict__
-    else:
-        rows = span_rows(recipe, train, tokenizer, console)
-        meta |= {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
+    rows, extra, too_long = head.training_rows(recipe, train, tokenizer, console)
+    meta |= extra
     set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
-    model = wrap_adapter(load_head_model(recipe.model.name, t.head, placement, tokenizer), t.adapter, t.lora,
-                         recipe.seed, task_type=PEFT_TASK[t.head], freeze_embeddings=t.freeze_embeddings)
-    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {t.head} head",
+    model = wrap_adapter(head.load(recipe.model.name, placement, tokenizer), t.adapter, t.lora,
+                         recipe.seed, task_type=head.peft_task, freeze_embeddings=t.freeze_embeddings)
+    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {head.name} head",
                       meta=meta, resume=resume, callbacks=callbacks)
-    result.too_long = len(train) - len(rows) if t.head == "regression" else 0
+    result.too_long = too_long
     return result
 
 
@@ -291,6 +424,7 @@ class HeadPredictor:
         if self.meta is None:
             raise DataError(f"{folder}: not a trained head (no {HEAD_FILE})")
         self.head = self.meta["head"]
+        self.kind = head_kind(self.head)
         self.placement = placement or pick_placement()
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder)) if (
             self.folder / "tokenizer_config.json").is_file() else _base_tokenizer(self.meta["base_model"])
@@ -303,10 +437,10 @@ class HeadPredictor:
     def _load(self):
         labels = self.meta.get("labels")
         if not (self.folder / "adapter_config.json").is_file():
-            return load_head_model(str(self.folder), self.head, self.placement, self.tokenizer, labels).eval()
+            return self.kind.load(str(self.folder), self.placement, self.tokenizer, labels).eval()
         from peft import PeftModel
 
-        base = load_head_model(self.meta["base_model"], self.head, self.placement, self.tokenizer, labels)
+        base = self.kind.load(self.meta["base_model"], self.placement, self.tokenizer, labels)
         return PeftModel.from_pretrained(base, str(self.folder)).eval()
 
     @property
@@ -315,15 +449,7 @@ class HeadPredictor:
 
     def predict_texts(self, texts: list[str], batch_size: int = 32) -> list:
         """A label (classifier) or a number in the target's units (regression) per rendered prompt."""
-        from tunesmith.train.classifier import encode, predict_proba
-
-        rows = encode(self.tokenizer, texts)
-        scores = predict_proba(self.model, self.tokenizer, rows, batch_size, self.max_length) if self.head == "classifier" \
-            else self._regress(rows, batch_size)
-        if self.head == "classifier":
-            labels = self.meta["labels"]
-            return [labels[max(range(len(p)), key=p.__getitem__)] for p in scores]
-        return scores
+        return self.kind.predict_texts(self, texts, batch_size)
 
     def probabilities(self, texts: list[str], batch_size: int = 32) -> list[list[float]]:
         from tunesmith.train.classifier import encode, predict_proba
@@ -333,26 +459,10 @@ class HeadPredictor:
     def ranked_labels(self, text: str) -> list[tuple[str, float]]:
         """A classifier head's labels with their probabilities for one rendered prompt, most probable first
         (ties keep the labels' order, so the first is the label :meth:`predict_texts` answers)."""
-        if self.head != "classifier":
+        if not self.kind.label_probabilities:
             raise DataError(f"{self.folder}: a {self.head} head has no label probabilities")
         [probs] = self.probabilities([text])
         return sorted(zip(self.meta["labels"], probs, strict=True), key=lambda lp: -lp[1])
-
-    def _regress(self, rows: list[dict], batch_size: int) -> list[float]:
-        import torch
-
-        target = Target(**self.meta["target"])
-        order = sorted(range(len(rows)), key=lambda i: -rows[i]["length"])
-        out = [0.0] * len(rows)
-        with torch.inference_mode():
-            for lo in range(0, len(order), batch_size):
-                idx = order[lo : lo + batch_size]
-                batch = self.tokenizer.pad([{"input_ids": rows[i]["input_ids"][: self.max_length]} for i in idx],
-                                           return_tensors="pt").to(self.model.device)
-                z = self.model(**batch).logits.float().reshape(-1).tolist()
-                for i, v in zip(idx, z, strict=True):
-                    out[i] = target.decode(v)
-        return out
 
     def predict_spans(self, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[str]:
         """The best answer span of each (question, context), over all of the context's windows."""
@@ -383,25 +493,12 @@ class HeadPredictor:
             return []
 
     def predict_examples(self, examples: list[Example], prompt: str) -> list:
-        if self.head == "span":
-            fields, ctx = self.meta.get("input_fields") or list(examples[0].inputs), self.meta.get("context_field", "context")
-            return self.predict_spans([question_and_context(e, fields, ctx) for e in examples])
-        return self.predict_texts([render_prompt(e, prompt) for e in examples])
+        return self.kind.predict_examples(self, examples, prompt)
 
     def answer(self, text: str) -> str:
         """The reply to one user message (the rendered prompt the head was trained on): the label, the number
         or the span, as text."""
-        if self.head == "span":
-            fields = parse_prompt(self.meta["prompt"], text)
-            if fields is None:
-                from tunesmith.errors import DataError as _E
-
-                raise _E(f"the message does not follow this head's prompt template {self.meta['prompt']!r}")
-            q, c = question_and_context(Example("request", fields, ""), self.meta["input_fields"],
-                                        self.meta.get("context_field", "context"))
-            return self.predict_spans([(q, c)])[0]
-        [value] = self.predict_texts([text])
-        return value if isinstance(value, str) else f"{value:.2f}"
+        return self.kind.answer(self, text)
 
 
 def _base_tokenizer(name: str):
@@ -423,6 +520,7 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
                   placement, bar, base_model: str | None = None):
     """A trained head as a contender: one forward pass per batch (no generation, no parsing), scored like
     every other contender; ``latency_ms`` is the prediction time per example."""
+    from tunesmith.eval.result import Source
     from tunesmith.tasks import score_outputs
 
     predictor = HeadPredictor(folder, placement, base_model)
@@ -432,10 +530,9 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
         pred = predictor.predict_examples(examples, prompt)
         seconds = time.perf_counter() - t0
         advance(len(examples))
-    if predictor.head == "span":
-        pred = [p or None for p in pred]  # no span found: unanswered, as an empty reply is for any contender
+    pred = predictor.kind.as_parsed(pred)
     outputs = [p if isinstance(p, str) or p is None else f"{p:.2f}" for p in pred]
-    res = score_outputs(task, name, description, "llm", examples, texts, outputs, parsed=pred,
+    res = score_outputs(task, name, description, Source.LOCAL, examples, texts, outputs, parsed=pred,
                         scoring=f"{predictor.head} head")
     res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(examples)), 2)
     res.metrics["parameters"] = predictor.total_params

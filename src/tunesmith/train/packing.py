@@ -126,6 +126,16 @@ class PackedCollator:
         return batch
 
 
+def mask_kind(model) -> str:
+    """The 4D mask form ``model``'s attention kernel needs: ``"bool"`` (sdpa), ``"float"`` (eager) or
+    ``"none"`` (flash attention, which takes no 4D mask; on the GPU path, packing by position ids, the
+    collator builds none and the model builds its own)."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
+    if "flash" in impl:
+        return "none"
+    return "bool" if impl == "sdpa" else "float"
+
+
 def block_causal_mask(segment, kind: str = "bool", dtype=None):
     """(rows, 1, L, L) mask: query i sees key j iff j <= i and both belong to the same example.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 
@@ -86,9 +87,29 @@ def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
-def trained_output(run_dir: Path) -> tuple[Path, str] | None:
-    """The trained artefact in a run (or arm) folder: (folder, kind) or None before training."""
-    for sub, kind in (("adapter", "llm"), ("model", "llm"), ("classifier", "classifier"), ("head", "head")):
+class Artefact(StrEnum):
+    """What a trained folder holds, and so how it is loaded and asked."""
+
+    MODEL = "model"  # an adapter or a merged model (or none: the base model): a language model that generates
+    CLASSIFIER = "classifier"  # a classifier head with its labels.json
+    HEAD = "head"  # a regression or span head with its head.json
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> Artefact:
+        """What a trained folder given by path holds, told by the files each kind saves."""
+        folder = Path(folder)
+        if (folder / "labels.json").is_file():
+            return cls.CLASSIFIER
+        return cls.HEAD if (folder / "head.json").is_file() else cls.MODEL
+
+
+TRAINED_FOLDERS = {"adapter": Artefact.MODEL, "model": Artefact.MODEL, "classifier": Artefact.CLASSIFIER,
+                   "head": Artefact.HEAD}  # train/<folder>/ in the order a run folder is searched
+
+
+def trained_output(run_dir: Path) -> tuple[Path, Artefact] | None:
+    """The trained artefact in a run (or arm) folder: (folder, what it holds) or None before training."""
+    for sub, kind in TRAINED_FOLDERS.items():
         folder = run_dir / "train" / sub
         if folder.is_dir() and any(folder.iterdir()):
             return folder, kind

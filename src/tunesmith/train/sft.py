@@ -133,15 +133,6 @@ def sampling_strategy(recipe: Recipe) -> str:
     return "group_by_length" if recipe.train.grouped else "random"
 
 
-def mask_kind(model) -> str:
-    """The 4D mask form each attention kernel needs (see :mod:`tunesmith.train.packing`); on the GPU path
-    (packing by position ids) the collator builds none and the model builds its own."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    if "flash" in impl:
-        return "none"
-    return "bool" if impl == "sdpa" else "float"
-
-
 def build_trainer(
     recipe: Recipe,
     model,
@@ -156,7 +147,7 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
-    from tunesmith.train.packing import PackedCollator, tokenize_rows
+    from tunesmith.train.packing import PackedCollator, mask_kind, tokenize_rows
     from tunesmith.train.trainer import CompletionTrainer
 
     t = recipe.train

@@ -1,4 +1,8 @@
-"""Free-form answers: chrF headline, ROUGE-L and an exact-answer rate."""
+"""The ``generation`` task kind: free-form answers, scored by a chrF headline, ROUGE-L and an exact-answer rate.
+
+The module is called ``freeform``, not ``generation``, so that it is not mistaken for the
+``tunesmith.generation`` package (the decoding engine); recipes still name the kind ``generation``.
+"""
 
 from __future__ import annotations
 
