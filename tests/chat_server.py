@@ -1,8 +1,15 @@
-"""A small OpenAI-compatible chat server with scripted latency and failures.
+"""A small OpenAI-compatible chat server with scripted replies, latency and failures.
 
-Used by the test suite and the benchmarks to exercise clients, retries and the call cache
-without a network: it listens on 127.0.0.1, answers ``POST /v1/chat/completions`` with
-``reply(messages) -> str`` and can inject 429/500 responses, malformed bodies or a wrong key.
+Used by the test suite and the benchmarks to exercise clients, retries, timeouts and the call cache
+without a network: it listens on 127.0.0.1 and answers ``POST /v1/chat/completions``.
+
+- :class:`DummyChatServer` answers with ``reply(messages)``: a text, or ``(status, text, delay_s)`` to
+  script one answer's HTTP status (an error body carrying ``text``) and latency. Its options inject the
+  same failure for every request (``fail_first``, ``fail_status``), a wrong key, malformed bodies, a
+  server without ``response_format`` support or a latency for every answer; it counts attempts,
+  completions and requests whose client left before the answer.
+- :func:`serve` yields the base URL of one that answers with ``reply(content, n) -> (status, text,
+  delay_s)``: the last message's content, and how many times that content was asked before.
 """
 
 from __future__ import annotations
@@ -12,8 +19,11 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Answer = str | tuple[int, str, float]  # a text, or (HTTP status, text or error message, delay in seconds)
 
 
 def _peer_closed(sock) -> bool:
@@ -36,7 +46,7 @@ class _Server(ThreadingHTTPServer):
 class DummyChatServer:
     def __init__(
         self,
-        reply: Callable[[list[dict]], str] = lambda messages: "ok",
+        reply: Callable[[list[dict]], Answer] = lambda messages: "ok",
         latency_s: float = 0.0,
         fail_first: int = 0,
         fail_status: int = 429,
@@ -83,13 +93,16 @@ class DummyChatServer:
 
             def _send(self, status: int, body: dict | str, headers: dict | None = None) -> None:
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout under test)
+                    pass
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -119,7 +132,12 @@ class DummyChatServer:
                     return self._send(200, "{this is not json")
                 messages = body.get("messages", [])
                 n = int(body.get("n") or 1)
-                text = server.reply(messages)
+                answer = server.reply(messages)
+                status, text, delay = answer if isinstance(answer, tuple) else (200, answer, 0)
+                if delay:
+                    time.sleep(delay)
+                if status != 200:
+                    return self._send(status, {"error": {"message": text, "type": "server_error", "code": None}})
                 with server.lock:
                     server.completed[digest] += 1
                 self._send(200, {
@@ -133,3 +151,21 @@ class DummyChatServer:
                 })
 
         return Handler
+
+
+@contextmanager
+def serve(reply: Callable[[str, int], tuple[int, str, float]]) -> Iterator[str]:
+    """The base URL of a :class:`DummyChatServer` answering ``reply(content, n) -> (status, text, delay_s)``,
+    ``content`` being the last message's and ``n`` how many times the same content was asked before."""
+    seen: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def by_content(messages: list[dict]) -> Answer:
+        content = messages[-1]["content"]
+        with lock:
+            n = seen[content]
+            seen[content] += 1
+        return reply(content, n)
+
+    with DummyChatServer(by_content) as server:
+        yield server.base_url

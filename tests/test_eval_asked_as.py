@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from .chat_server import serve
 from .conftest import banking_recipe, banking_rows, running_server, write_jsonl, write_recipe
-from .openai_stub import serve
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 LABEL_LIST = "Answer with exactly one of these labels"

@@ -7,7 +7,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.eval import judge
 from tunesmith.eval.endpoint import EndpointClient
 
-from .openai_stub import serve
+from .chat_server import serve
 
 
 def scripted(content, n):

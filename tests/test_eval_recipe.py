@@ -2,8 +2,8 @@
 
 import json
 
+from .chat_server import serve
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
-from .openai_stub import serve
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 

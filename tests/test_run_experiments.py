@@ -200,7 +200,7 @@ def _paraphrase_run(tmp_path, tiny_model_dir, base_url, name):
 
 
 def test_synth_stage_grows_the_train_split_only_and_drops_leaks(cli, tmp_path, tiny_model_dir):
-    from .openai_stub import serve
+    from .chat_server import serve
 
     rows = banking_rows(LABELS, 8)
     held_out: list[str] = []
@@ -229,7 +229,7 @@ def test_synth_stage_grows_the_train_split_only_and_drops_leaks(cli, tmp_path, t
 
 
 def test_synth_stage_with_no_usable_output_stops_before_training(cli, tmp_path, tiny_model_dir):
-    from .openai_stub import serve
+    from .chat_server import serve
 
     with serve(lambda content, n: (200, "...", 0)) as url:
         recipe = _paraphrase_run(tmp_path, tiny_model_dir, url, "junk")

@@ -114,7 +114,9 @@ def run(
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (YAML value).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help=(
+        "Continue from the newest checkpoint, even of a finished training; fail instead of starting over "
+        "(without it, checkpoints of the same settings are resumed and others removed)."))] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
     backend: Annotated[str, typer.Option(help="local, or openai: an OpenAI-compatible fine-tuning API "
                                               "(the recipe's hosted section).")] = "local",
@@ -147,8 +149,8 @@ def train(
     _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
     out = _rank_console()
-    result = run_training(cfg, out, resume=resume)
-    out.print(f"Saved: {result.output_dir}")
+    trained = run_training(cfg, out, resume=resume)
+    out.print(f"Saved: {trained.output_dir}")
 
 
 @app.command()

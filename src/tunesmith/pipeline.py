@@ -1,15 +1,14 @@
 """``tunesmith run``: data → (synth) → for each arm: train → one evaluation of every contender → one report.
 
 This module only wires the stages together: data preparation (:mod:`tunesmith.data.prepare`),
-synthetic augmentation (:mod:`tunesmith.synth.augment`), training (:mod:`tunesmith.train.dispatch`) and
-evaluation (:mod:`tunesmith.eval.runner`, the path ``tunesmith eval`` takes too).
+synthetic augmentation (:mod:`tunesmith.synth.augment`), training (:mod:`tunesmith.train.once`, the path
+``tunesmith train`` takes too) and evaluation (:mod:`tunesmith.eval.runner`, the path ``tunesmith eval``
+takes too).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 
 
 @dataclass
@@ -82,122 +81,37 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
 
 
 def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, prefix: str) -> dict:
-    """Train one arm unless it finished before with the same settings (``train/done.json``); returns its summary."""
-    from tunesmith.distributed import is_main, main_process_first
+    """Train one arm through :func:`tunesmith.train.once.train_once` (not retrained when it finished before with
+    the same settings); when it trains, its data exports and its synth stage come first. Returns its summary."""
     from tunesmith.progress import task_bar
-    from tunesmith.train.dispatch import TrainData, train
+    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.once import from_arm_adapter, train_once
 
-    with main_process_first():  # rank 0 decides about earlier checkpoints and runs any synth stage first
-        plan = _plan_arm(recipe, arm, name, data, console)
-    if isinstance(plan, dict):
-        return plan
-    arm, train_set, summary, resume, key = plan
-    init = _from_arm(recipe, name)
-    result = train(arm, TrainData(train_set, data.splits["val"], data.labels), console,
-                   lambda desc, total: task_bar(console, prefix + desc, total), resume=resume, init_adapter=init)
-    t = arm.train
-    summary |= {
-        "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
-                  + (f" / {t.head} head" if t.head != "generative" else "")
-                  + (f" on {arm.model.name}" if arm.model.name != recipe.model.name else ""),
-        "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
-        "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
-        "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
-        "tokens trained": f"{result.tokens:,}",
-        "training time": f"{result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)",
-        "peak memory": f"{result.peak_memory_mb:,.0f} MB",
-        "train loss first → last": _loss_span(result.rows),
-        "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
-        "training path": _path_line(result.train_path),
-    }
-    if is_main():
-        (arm.run_dir / "train" / "done.json").write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2),
-                                                         encoding="utf-8")
-    return summary
-
-
-def _plan_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console):
-    """Before an arm trains: its summary when it finished before with the same settings; else the arm (with
-    any synth stage's pairs), its training examples, the summary so far, whether to resume and its fingerprint.
-    Only rank 0 writes (exports, the settings of the checkpoints, removal of stale ones)."""
-    from tunesmith.distributed import is_main
-    from tunesmith.train.resume import complete_checkpoint
-
-    main = is_main()
-    out = arm.run_dir / "train"
-    key = arm_fingerprint(arm, data)
-    done = out / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("fingerprint") == key:
-        console.print(f"{name}: trained before with the same settings ({done}); not retrained")
-        return json.loads(done.read_text())["summary"]
-    train_set = list(data.splits["train"])
-    summary: dict = {}
-    if arm is not recipe and arm.data.export and main:  # each arm's splits as it formats them (system prompt, order)
-        from tunesmith.data.exporters import export_splits
-        from tunesmith.train.dispatch import ordered
-
-        splits = {**data.splits, "train": ordered(arm, train_set)}
-        export_splits(splits, arm.data, arm.run_dir / "data" / "export")
-    if arm.synth is not None:
+    def before_training(arm: Recipe, train: list):
+        _export_arm(recipe, arm, data.splits, train)
+        if arm.synth is None:
+            return None
         from tunesmith.synth.augment import augment
 
-        grown = augment(arm, recipe, train_set, data.splits["val"] + data.splits["test"], console)
-        train_set += grown.examples
-        summary |= grown.summary
-        if grown.dpo_pairs is not None:
-            t = arm.train
-            arm = arm.model_copy(update={"train": t.model_copy(update={"dpo": t.dpo.model_copy(update={"path": grown.dpo_pairs})})})
-    if not train_set and arm.train.method != "dpo":
-        raise DataError(f"{name}: no training examples (the train split is empty and no synth stage added any)")
-    started = out / "started.json"  # which settings the checkpoints below belong to
-    checkpoint = complete_checkpoint(out / "checkpoints")
-    if checkpoint and (not started.is_file() or json.loads(started.read_text()).get("fingerprint") != key):
-        console.print(f"[yellow]{name}: the checkpoints in {out / 'checkpoints'} were made with other settings; "
-                      "training from scratch[/]")
-        if main:
-            shutil.rmtree(out / "checkpoints")
-        checkpoint = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        started.write_text(json.dumps({"fingerprint": key}), encoding="utf-8")
-    if checkpoint is not None:
-        console.print(f"{name}: resuming from {checkpoint}")
-    return arm, train_set, summary, checkpoint is not None, key
+        return augment(arm, recipe, train, data.splits["val"] + data.splits["test"], console)
+
+    trained = train_once(arm, TrainData(data.splits["train"], data.splits["val"], data.labels), console,
+                         lambda desc, total: task_bar(console, prefix + desc, total), name=name,
+                         before=before_training, init_adapter=from_arm_adapter(recipe, name),
+                         base_model=recipe.model.name)
+    return trained.summary
 
 
-def _path_line(path: dict | None) -> str:
-    """The chosen training path in one line (device, dtype, attention, packing, optimizer, kernels, ...)."""
-    from tunesmith.train.device import TrainPath
+def _export_arm(recipe: Recipe, arm: Recipe, splits: dict, train: list) -> None:
+    """An arm's splits as it formats them (system prompt, order) in ``arms/<arm>/data/export`` (rank 0 only)."""
+    from tunesmith.distributed import is_main
 
-    return TrainPath(**path).describe() if path else "–"
+    if arm is recipe or not arm.data.export or not is_main():
+        return
+    from tunesmith.data.exporters import export_splits
+    from tunesmith.train.dispatch import ordered
 
-
-def _from_arm(recipe: Recipe, name: str) -> Path | None:
-    """The adapter an arm starts from (``from_arm``), which must have been trained first."""
-    from tunesmith.config import arm_recipe
-    from tunesmith.train.result import Artefact, trained_output
-
-    spec = next((a for a in recipe.arms if a.name == name), None)
-    if spec is None or not spec.from_arm:
-        return None
-    source = arm_recipe(recipe, next(a for a in recipe.arms if a.name == spec.from_arm))
-    found = trained_output(source.run_dir)
-    if found is None or found[1] is not Artefact.MODEL:
-        raise ConfigError(f"arm '{name}': from_arm '{spec.from_arm}' has no trained adapter to start from")
-    return found[0]
-
-
-def arm_fingerprint(arm: Recipe, data) -> str:
-    """What decides an arm's training: its recipe (less eval) and the prepared train split."""
-    doc = arm.model_dump(mode="json", exclude={"eval"})
-    h = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode())
-    h.update("\n".join(e.id for e in data.splits["train"]).encode())
-    return h.hexdigest()
-
-
-def _loss_span(rows: list[dict]) -> str:
-    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
-    return f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "–"
+    export_splits({**splits, "train": ordered(arm, train)}, arm.data, arm.run_dir / "data" / "export")
 
 
 def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict[str, float]) -> Path:
