@@ -24,6 +24,7 @@ from tunesmith.eval.result import ContenderResult, Source
 from tunesmith.records import Example
 from tunesmith.tasks import register
 from tunesmith.tasks.base import Baseline, BaselineInputs, TargetError, TaskKind, pct, score_outputs
+from tunesmith.tasks.freeform import same_text
 
 
 class FieldSpec(Section):
@@ -105,8 +106,18 @@ def as_text(value: Any) -> str:
 
 
 def same(a: str | None, b: str | None) -> bool:
-    """Equal after folding white space and case."""
-    return a is not None and b is not None and " ".join(a.split()).casefold() == " ".join(b.split()).casefold()
+    """Equal after folding white space and case (free-form answers' rule); a missing value equals nothing."""
+    return a is not None and b is not None and same_text(a, b)
+
+
+def field_f1(hit: int, answered: int, truth: int) -> float:
+    """2 × correct fields / (fields answered + fields in the truth)."""
+    return 2 * hit / (answered + truth) if answered + truth else 1.0
+
+
+def exact(hit: int, answered: int, truth: int) -> bool:
+    """Every field right and none extra."""
+    return hit == truth == answered
 
 
 def compact(obj: dict) -> str:
@@ -167,25 +178,25 @@ class Extraction(TaskKind):
 
     def score(self, parsed: Any, ex: Example) -> float:
         """Field-level F1 of one answer; an unparseable answer scores 0."""
-        hit, answered, truth = self.matches(parsed, ex)
-        return 2 * hit / (answered + truth) if answered + truth else 1.0
+        return field_f1(*self.matches(parsed, ex))
 
     def correct(self, parsed: Any, ex: Example) -> bool:
-        hit, answered, truth = self.matches(parsed, ex)
-        return parsed is not None and hit == truth == answered
+        return parsed is not None and exact(*self.matches(parsed, ex))
 
     def metrics(self, parsed: Sequence[Any], examples: Sequence[Example]) -> dict:
+        golds = [self.gold(e) for e in examples]
         counts = [self.matches(p, e) for p, e in zip(parsed, examples, strict=True)]
         hit, answered, truth = (sum(c[i] for c in counts) for i in range(3))
         n = len(examples)
-        per_field = {k: sum(same((p or {}).get(k), self.gold(e)[k]) for p, e in zip(parsed, examples, strict=True)) / n
+        per_field = {k: sum(same((p or {}).get(k), g[k]) for p, g in zip(parsed, golds, strict=True)) / n
                      for k in self.fields} if n else {}
         return {
             "n": n,
-            "field_f1": sum(self.score(p, e) for p, e in zip(parsed, examples, strict=True)) / n if n else None,
+            "field_f1": sum(field_f1(*c) for c in counts) / n if n else None,
             "field_precision": hit / answered if answered else None,
             "field_recall": hit / truth if truth else None,
-            "exact_object": sum(self.correct(p, e) for p, e in zip(parsed, examples, strict=True)) / n if n else None,
+            "exact_object": sum(p is not None and exact(*c) for p, c in zip(parsed, counts, strict=True)) / n
+                            if n else None,
             "field_accuracy": per_field,
             "unparseable": sum(p is None for p in parsed),
         }
