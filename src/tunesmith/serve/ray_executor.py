@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith.errors import ConfigError
 from tunesmith.serve.store import Store
+
+if TYPE_CHECKING:
+    from tunesmith.serve.worker import StopFlag
 
 log = logging.getLogger("tunesmith.worker")
 RETRIES = 3  # times Ray starts a job again after its worker process or node died
@@ -70,10 +75,11 @@ def run_job_task(root: str, job_id: str) -> str:
 
 
 def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, poll_s: float = 0.5,
-                stop: threading.Event | None = None, init_kwargs: dict | None = None) -> None:
+                stop: StopFlag | threading.Event | None = None, init_kwargs: dict | None = None,
+                log_file=None) -> None:
     """Hand queued jobs to Ray as tasks until ``stop`` is set, never more than ``jobs_per_key`` running jobs
     of one key; jobs start in the store's fair order. A job left 'running' by a previous server resumes."""
-    from tunesmith.serve.worker import SHUTDOWN
+    from tunesmith.serve.worker import SHUTDOWN, stop_on_sigterm
 
     ray = ray_module()
     stop = stop or SHUTDOWN
@@ -82,9 +88,7 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))
     if threading.current_thread() is threading.main_thread():  # ray.init replaced our SIGTERM handler
-        import signal
-
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop_on_sigterm(stop, log_file or sys.stderr)
     try:
         _hand_out(ray, store, jobs_per_key, poll_s, stop)
     finally:
@@ -92,7 +96,7 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
             ray.shutdown()
 
 
-def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop: threading.Event) -> None:
+def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None:
     from tunesmith.serve.worker import job_error
 
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(run_job_task)
