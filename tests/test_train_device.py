@@ -85,7 +85,10 @@ def test_what_the_recipe_asks_for_wins():
     assert (p.optimizer, p.gradient_checkpointing, p.attention, p.dtype, p.packing) == (
         "adamw_torch", True, "eager", "float32", "off")
     assert choose_path(CPU, Wishes(gradient_checkpointing=True)).gradient_checkpointing is True
-    assert choose_path(H100, Wishes(head="classifier")).packing == "off"
+    for head in ("classifier", "regression", "span"):  # every head reads one example per row
+        p = choose_path(H100, Wishes(head=head))
+        assert p.packing == "off" and head in p.reasons["packing"], p.reasons
+    assert choose_path(CPU, Wishes(head="generative")).packing == "block_mask"
 
 
 def _recipe(**train):

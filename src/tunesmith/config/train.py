@@ -74,7 +74,7 @@ class TrainSection(Section):
         "liger-kernel are present")
     group_by_length: Literal["auto"] | bool = Field(
         "auto", description="batch examples of similar length; auto: only where batches are not packed "
-        "(without packing, or with head: classifier, which never packs)"
+        "(without packing, or with a head, which never packs)"
     )
     packing: bool = Field(True, description="pack a batch's examples into rows, isolated by a block mask")
     train_on_inputs: bool = Field(False, description="also compute the loss on prompt tokens")

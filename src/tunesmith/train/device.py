@@ -47,7 +47,7 @@ class Wishes:
     precision: str = "auto"  # model.precision: auto | fp32 | bf16 | fp16
     device: str = "auto"  # model.device: auto | cpu | cuda | mps
     adapter: str = "lora"  # lora | dora | qlora | full
-    head: str = "generative"  # generative | classifier
+    head: str = "generative"  # generative, or a head kind (classifier | regression | span)
     packing: bool = True
     optimizer: str = "auto"
     attention: str = "auto"
@@ -175,8 +175,10 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
 
 
 def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
-    if not wish.packing or wish.head == "classifier":
-        return "off", "the classifier head never packs" if wish.head == "classifier" else "train.packing: false"
+    if wish.head != "generative":
+        return "off", f"a {wish.head} head reads one example per row: never packed"
+    if not wish.packing:
+        return "off", "train.packing: false"
     if gpu:
         how = {"flash_attention_2": "variable-length flash kernels read the sequence boundaries, so each "
                                     "micro-batch is one row without padding",
