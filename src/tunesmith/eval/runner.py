@@ -180,7 +180,7 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
         results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))
     results += _baselines(recipe, task, train, test, console)
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
-    judge = _judge(recipe, task, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
+    judge = _judge(recipe, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
     from tunesmith.eval.report import write_eval_outputs
 
     return write_eval_outputs(recipe, task, results, test, summary, judge)
@@ -391,7 +391,7 @@ def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int
             r.metrics[f"{h}_diff_vs_{ref.name}"], r.metrics[f"{h}_diff_vs_{ref.name}_ci95"] = d
 
 
-def _judge(recipe, task: TaskKind, client, results, test, bar) -> dict:
+def _judge(recipe, client, results, test, bar) -> dict:
     """Pairwise win rate of ``judge.pair[0]`` over ``pair[1]``, or a rubric score per generating contender."""
     from tunesmith.data.task import render_prompt
     from tunesmith.eval import judge
@@ -417,7 +417,7 @@ def _judge(recipe, task: TaskKind, client, results, test, bar) -> dict:
         return {"mode": "pairwise", "pair": spec.pair, **summary}
     out = {"mode": "rubric"}
     for r in results:
-        if r.is_baseline and task.name != "generation":
+        if r.is_baseline:  # LLM-free baselines answer with a label, a number or fields: nothing for a rubric
             continue
         with bar(f"judge {r.name}", len(test)) as advance:
             summary, scores = judge.rubric(client, spec.rubric, questions, refs, answers(r), advance)
