@@ -27,6 +27,20 @@ def test_label_scores_match_one_sequence_at_a_time(tiny_model):
     np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
+def test_gold_label_losses_equal_the_answer_loss_pass(tiny_model):
+    """The answer loss read off the label scores is the loss the separate answer-loss pass measures."""
+    from tunesmith.eval.perplexity import answer_losses, gold_label_losses
+
+    model, tok = tiny_model
+    gold = ["pin_blocked", "card_arrival", "age_limit"]
+    scores = score_labels(model, tok, PROMPTS, LABELS, "<|im_end|>")
+    derived = gold_label_losses(scores, tok, LABELS, "<|im_end|>", gold)
+    measured = answer_losses(model, tok, PROMPTS, [g + "<|im_end|>" for g in gold], batch_size=2)
+    assert [n for _, n in derived] == [n for _, n in measured]
+    np.testing.assert_allclose([s for s, _ in derived], [s for s, _ in measured], rtol=1e-4)
+    assert gold_label_losses(scores, tok, LABELS, "<|im_end|>", ["not_a_label", *gold[1:]]) is None
+
+
 def test_label_chunks_give_the_same_scores_as_one_pass(tiny_model):
     """Scoring labels a few at a time (bounded memory) changes nothing: one candidate per chunk equals all at once."""
     model, tok = tiny_model

@@ -52,3 +52,14 @@ def summarize(losses: Sequence[tuple[float, int]]) -> dict:
     total, tokens = sum(s for s, _ in losses), sum(n for _, n in losses)
     mean = total / tokens if tokens else float("nan")
     return {"mean_loss": mean, "perplexity": math.exp(mean) if tokens else None}
+
+
+def gold_label_losses(scores, tokenizer, labels: Sequence[str], suffix: str, gold: Sequence[str]) -> list[tuple[float, int]] | None:
+    """:func:`answer_losses` of the gold labels read off label scores (each the mean token log-likelihood of
+    ``label + suffix`` after the prompt: the very tokens the answer-loss pass scores), so that pass need not
+    run again; None when a gold answer is not one of the labels."""
+    index = {label: j for j, label in enumerate(labels)}
+    if any(g not in index for g in gold):
+        return None
+    n = [len(tokenizer(label + suffix, add_special_tokens=False)["input_ids"]) for label in labels]
+    return [(-float(scores[i, index[g]]) * n[index[g]], n[index[g]]) for i, g in enumerate(gold)]

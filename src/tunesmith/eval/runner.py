@@ -264,7 +264,7 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
     res = task.evaluate_local(c.name, c.description, model, tokenizer, prompts, test, bar)
     res.metrics["latency_ms"] = round(1000 * (time.perf_counter() - t0) / max(1, len(test)), 2)  # all of its scoring
     res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    if recipe.eval.perplexity:
+    if recipe.eval.perplexity and "mean_loss" not in res.metrics:  # label scoring may have measured it already
         from tunesmith.data.formatting import end_of_turn
         from tunesmith.eval.perplexity import answer_losses, summarize
 

@@ -46,6 +46,7 @@ class Classification(TaskKind):
         """Free generation, and (unless ``eval.label_scoring`` is off) the label with the highest mean
         token log-likelihood as the headline: fair to a base model that never learned the answer format."""
         from tunesmith.data.formatting import end_of_turn
+        from tunesmith.eval.perplexity import gold_label_losses, summarize
         from tunesmith.generation import generate_greedy, score_labels
 
         cfg = self.cfg
@@ -54,12 +55,15 @@ class Classification(TaskKind):
         generated = [self.parse(o) for o in outputs]
         if not cfg.label_scoring:
             return score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs, parsed=generated)
+        suffix = end_of_turn(tokenizer)
         with bar(f"eval {name}: score labels", len(prompts)) as advance:
-            scores = score_labels(model, tokenizer, prompts, self.labels, end_of_turn(tokenizer),
-                                  max(1, cfg.batch_size // 2), advance)
+            scores = score_labels(model, tokenizer, prompts, self.labels, suffix, max(1, cfg.batch_size // 2), advance)
         scored = [self.labels[j] for j in scores.argmax(axis=1)]
         res = score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs, parsed=scored,
                             scoring="label log-likelihood")
+        losses = gold_label_losses(scores, tokenizer, self.labels, suffix, [e.target for e in examples])
+        if losses is not None:  # the gold answers' loss comes with the label scores: no second pass
+            res.metrics |= summarize(losses)
         gen = M.classification_metrics([e.target for e in examples], generated, self.labels)
         res.metrics |= {"accuracy_generate": gen["accuracy"], "macro_f1_generate": gen["macro_f1"],
                         "unparseable_generate": gen["unparseable"]}
