@@ -39,9 +39,14 @@ def test_recipes_with_a_generative_an_llm_head_and_an_encoder_head_arm(name, hea
 
 
 def test_banking77_full_trains_the_measured_method():
-    """The method docs/results.md chose by measurement: LoRA + classifier head, lr 1e-3, 2 epochs, grouped."""
+    """The method docs/results.md chose by measurement: LoRA + classifier head, lr 1e-3, 2 epochs, grouped;
+    beside it the measured encoder arm (all-MiniLM-L6-v2 + classifier head)."""
+    from tunesmith.config import arm_recipe
+
     recipe = load_recipe(EXAMPLES[0].parent / "banking77_full.yaml")
-    assert [a.name for a in recipe.arms] == ["head"]
+    assert [a.name for a in recipe.arms] == ["head", "minilm-head"]
     assert recipe.arms[0].train == {"head": "classifier", "learning_rate": 1.0e-3}
+    encoder = arm_recipe(recipe, recipe.arms[1])
+    assert (encoder.model.name, encoder.train.head, encoder.train.adapter) == ("all-minilm-l6-v2", "classifier", "full")
     assert recipe.train.epochs == 2 and recipe.train.adapter == "lora" and recipe.train.lora.r == 16
     assert recipe.train.model_copy(update={"head": "classifier"}).grouped
