@@ -49,6 +49,12 @@ class TrainSection(Section):
         "(memory and time per step). On a decoder with tied embeddings the output layer is the same matrix and stays "
         "fixed too"
     )
+    attention_dropout: float | None = Field(
+        0.0, ge=0, lt=1, description="dropout on the attention probabilities while a head trains; null keeps the "
+        "model's own. At 0 PyTorch's fused attention kernel runs; an encoder's usual 0.1 takes the unfused path, "
+        "which builds every [batch, heads, length, length] probability tensor (2.1x slower per step for "
+        "multilingual-e5-small at 384 tokens on a CPU, benchmarks/attention_dropout.py). Decoders ship with 0"
+    )
     lora: LoraSection = LoraSection()
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")

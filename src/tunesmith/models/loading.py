@@ -140,6 +140,32 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def set_attention_dropout(model, p: float | None) -> int:
+    """Set the dropout on attention probabilities of every attention layer of ``model`` to ``p`` (None: leave
+    the model's own); returns how many layers changed. Encoders (BERT, XLM-R) keep it as an ``nn.Dropout``
+    named ``dropout`` in their ``*Attention`` modules, decoders as a float ``attention_dropout``; the
+    hidden-state dropout elsewhere is left as it is."""
+    import torch
+
+    if p is None:
+        return 0
+    changed = 0
+    for module in model.modules():
+        if not type(module).__name__.endswith("Attention"):
+            continue
+        if isinstance(getattr(module, "dropout", None), torch.nn.Dropout):
+            changed += module.dropout.p != p
+            module.dropout.p = p
+        elif isinstance(getattr(module, "attention_dropout", None), float):
+            changed += module.attention_dropout != p
+            module.attention_dropout = p
+    config = getattr(model, "config", None)  # saved with the model: what it was trained with
+    for key in ("attention_probs_dropout_prob", "attention_dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, p)
+    return changed
+
+
 def wrap_adapter(model, adapter: str, lora, seed: int, task_type: str = "CAUSAL_LM",
                  freeze_embeddings: bool = False):
     """LoRA / DoRA / QLoRA adapters (seeded), or every weight trainable for ``full`` (all but the

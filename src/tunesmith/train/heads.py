@@ -370,8 +370,10 @@ def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar,
     from transformers import DataCollatorWithPadding, Trainer
 
     from tunesmith.distributed import is_main
+    from tunesmith.models.loading import set_attention_dropout
     from tunesmith.train.sft import fit, save_final, training_args
 
+    set_attention_dropout(model, recipe.train.attention_dropout)
     out_dir = recipe.run_dir / "train"
     args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
                          include_num_input_tokens_seen="non_padding", metric_for_best_model=None)
