@@ -144,6 +144,30 @@ def test_freeze_embeddings_keeps_the_encoder_input_embeddings_and_trains_the_res
         TrainSection(adapter="lora", freeze_embeddings=True)
 
 
+def test_heads_train_without_attention_dropout_unless_asked_and_hidden_dropout_stays(price_run, tiny_bert_dir):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from tunesmith.models.loading import set_attention_dropout
+
+    saved = json.loads((price_run / "arms" / "encoder-head" / "train" / "head" / "config.json").read_text())
+    assert saved["attention_probs_dropout_prob"] == 0.0  # the default the head trained with, recorded
+    assert json.loads((tiny_bert_dir / "config.json").read_text())["attention_probs_dropout_prob"] == 0.1
+
+    def dropouts(model):
+        return sorted((type(m).__name__, d.p) for m in model.modules() for d in [getattr(m, "dropout", None)]
+                      if d is not None and hasattr(d, "p"))
+
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    assert set_attention_dropout(model, None) == 0 and ("BertSelfAttention", 0.1) in dropouts(model)
+    assert set_attention_dropout(model, 0.0) == 2  # one per layer
+    assert ("BertSelfAttention", 0.1) not in dropouts(model) and ("BertSelfAttention", 0.0) in dropouts(model)
+    assert ("BertSelfOutput", 0.1) in dropouts(model) and ("BertOutput", 0.1) in dropouts(model)
+    assert model.config.attention_probs_dropout_prob == 0.0
+    assert set_attention_dropout(model, 0.0) == 0  # already there: nothing changes
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    assert set_attention_dropout(classifier, 0.2) == 2 and classifier.config.attention_probs_dropout_prob == 0.2
+
+
 def _squad(tmp_path, n=12):
     paragraphs = []
     for i in range(n):
