@@ -330,3 +330,35 @@ def test_every_method_and_head_a_recipe_can_name_has_a_trainer():
     with pytest.raises(DataError, match="unknown head kind 'ranking'; known: classifier, regression, span"):
         head_kind("ranking")
     assert [h.label_probabilities for h in HEADS.values()] == [True, False, False]
+
+
+def test_regression_loss_l1_and_huber_reach_the_trainer_and_scale_by_the_accumulated_batch(monkeypatch):
+    import types
+
+    import torch
+    from pydantic import ValidationError
+
+    from tunesmith.config import TrainSection
+    from tunesmith.train import heads
+
+    out = types.SimpleNamespace(logits=torch.tensor([[0.0], [3.0], [-1.0]]))
+    gold = torch.tensor([1.0, 0.0, -1.0])
+    l1 = heads.HEADS["regression"].loss_func(TrainSection(head="regression", regression_loss="l1"))
+    assert l1(out, gold).item() == pytest.approx(4 / 3)
+    assert l1(out, gold, num_items_in_batch=6).item() == pytest.approx(4 / 6)  # half of a 2-step accumulated batch
+    huber = heads.HEADS["regression"].loss_func(TrainSection(head="regression", regression_loss="huber"))
+    assert huber(out, gold).item() == pytest.approx((0.5 + 2.5 + 0) / 3)  # quadratic below 1, linear above
+    assert heads.HEADS["regression"].loss_func(TrainSection(head="regression")) is None  # mse: the model's own
+    assert heads.HEADS["span"].loss_func(TrainSection(head="span")) is None
+    with pytest.raises(ValidationError, match="regression_loss applies to head: regression"):
+        TrainSection(head="classifier", regression_loss="l1")
+
+    seen = {}
+    monkeypatch.setattr(heads, "fit_head", lambda *a, **k: seen.update(k) or types.SimpleNamespace())
+    monkeypatch.setattr(heads.RegressionHead, "training_rows", lambda self, *a: ([], {}, 0))
+    monkeypatch.setattr(heads.RegressionHead, "load", lambda self, *a: torch.nn.Linear(1, 1))
+    recipe = types.SimpleNamespace(train=TrainSection(head="regression", regression_loss="l1", adapter="full"),
+                                   model=types.SimpleNamespace(name="m"), seed=0,
+                                   data=types.SimpleNamespace(prompt="{x}", input_fields=["x"]))
+    heads.train_head(heads.HEADS["regression"], recipe, [], types.SimpleNamespace(), None, None, None)
+    assert seen["loss_func"](out, gold).item() == pytest.approx(4 / 3)

@@ -37,6 +37,11 @@ class TrainSection(Section):
         "log1p", description="head: regression trains on this transform of the target (standardised); log1p "
         "suits prices and counts (errors relative to the value); predictions are turned back into the target's units"
     )
+    regression_loss: Literal["mse", "l1", "huber"] = Field(
+        "mse", description="head: regression: the loss on the standardised, transformed target. mse learns the "
+        "mean, l1 the median (what a mean absolute error rewards, and robust to a few extreme targets); huber is "
+        "l1 with a quadratic bottom within one standard deviation"
+    )
     context_field: str = Field("context", description="head: span: the input field the answer is cut from; "
                                "the other input fields form the question")
     span_stride: int = Field(128, ge=0, description="head: span: tokens two consecutive context windows share, "
@@ -118,6 +123,8 @@ class TrainSection(Section):
         if self.freeze_embeddings and self.adapter != "full":
             raise ValueError(f"freeze_embeddings applies to adapter: full (adapter: {self.adapter} already keeps every "
                              "base weight fixed)")
+        if self.regression_loss != "mse" and self.head != "regression":
+            raise ValueError(f"regression_loss applies to head: regression (head: {self.head})")
         if self.head != "generative" and self.adapter == "qlora":
             raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
         return self

@@ -201,6 +201,10 @@ class HeadKind:
               resume: bool, callbacks: list | None) -> TrainResult:
         return train_head(self, recipe, train, tokenizer, placement, bar, console, resume, callbacks)
 
+    def loss_func(self, train_section):
+        """The Trainer's ``compute_loss_func`` for this kind, or None for the model's own loss."""
+        return None
+
     def training_rows(self, recipe: Recipe, train: list[Example], tokenizer, console) -> tuple[list[dict], dict, int]:
         """Encoded training rows, this kind's head.json entries, and how many examples were set aside as too long."""
         raise NotImplementedError
@@ -266,6 +270,9 @@ class RegressionHead(HeadKind):
         return _fresh_head(AutoModelForSequenceClassification, name, placement, tokenizer, num_labels=1,
                            problem_type="regression")
 
+    def loss_func(self, train_section):
+        return None if train_section.regression_loss == "mse" else regression_loss(train_section.regression_loss)
+
     def training_rows(self, recipe, train, tokenizer, console):
         from tunesmith.eval.metrics import parse_number
         from tunesmith.train.classifier import set_aside_long
@@ -292,6 +299,24 @@ class RegressionHead(HeadKind):
                 for i, v in zip(idx, z, strict=True):
                     out[i] = target.decode(v)
         return out
+
+
+def regression_loss(kind: str):
+    """``l1`` or ``huber`` (delta 1, in standard deviations of the target) between the head's output and the
+    standardised target, summed and divided by the items of the whole accumulated batch (as transformers
+    expects of a ``compute_loss_func``), or averaged over the batch when that count is not given."""
+    import torch
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        pred = outputs.logits.reshape(-1).float()
+        target = labels.reshape(-1).to(pred.dtype)
+        if kind == "l1":
+            each = torch.nn.functional.l1_loss(pred, target, reduction="none")
+        else:
+            each = torch.nn.functional.huber_loss(pred, target, reduction="none", delta=1.0)
+        return each.sum() / num_items_in_batch if num_items_in_batch else each.mean()
+
+    return loss
 
 
 class SpanHead(HeadKind):
@@ -356,13 +381,14 @@ def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, 
     model = wrap_adapter(head.load(recipe.model.name, placement, tokenizer), t.adapter, t.lora,
                          recipe.seed, task_type=head.peft_task, freeze_embeddings=t.freeze_embeddings)
     result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {head.name} head",
-                      meta=meta, resume=resume, callbacks=callbacks)
+                      meta=meta, resume=resume, callbacks=callbacks, loss_func=head.loss_func(t))
     result.too_long = too_long
     return result
 
 
 def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar, *, kind: str, label: str, meta: dict,
-             resume: bool, callbacks: list | None, files: dict[str, str] | None = None) -> TrainResult:
+             resume: bool, callbacks: list | None, files: dict[str, str] | None = None,
+             loss_func=None) -> TrainResult:
     """Train a wrapped head model on encoded rows and save it to ``train/<kind>/`` with its tokenizer,
     ``head.json`` and any extra ``files`` (name → text), written once under torchrun. Every head
     (classifier, regression, span) trains and saves through here."""
@@ -380,7 +406,8 @@ def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar,
     pad = DataCollatorWithPadding(tokenizer)
     keys = [*tokenizer.model_input_names, "labels", "start_positions", "end_positions"]
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      data_collator=lambda batch: pad([{k: v for k, v in r.items() if k in keys} for r in batch]))
+                      data_collator=lambda batch: pad([{k: v for k, v in r.items() if k in keys} for r in batch]),
+                      compute_loss_func=loss_func)
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar(label, steps), callbacks)
     final_dir = out_dir / kind
