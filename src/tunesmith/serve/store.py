@@ -61,19 +61,27 @@ class Store:
         self.migrate()
 
     def migrate(self) -> list[str]:
-        """Apply the migrations this database has not seen, in order; returns their names."""
+        """Apply the migrations this database has not seen, in order; returns their names.
+
+        One ``BEGIN IMMEDIATE`` transaction takes the write lock *before* reading which migrations
+        are done, so processes opening a new database at once (server, Ray workers) wait for each
+        other instead of both creating the same table.
+        """
         with self.lock:
-            self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-            done = {r[0] for r in self.db.execute("SELECT name FROM schema_migrations")}
-            applied = []
-            for name, sql in MIGRATIONS:
-                if name in done:
-                    continue
-                self.db.execute("BEGIN")
-                self.db.execute(sql)
-                self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, time.time()))
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+                done = {r[0] for r in self.db.execute("SELECT name FROM schema_migrations")}
+                applied = []
+                for name, sql in MIGRATIONS:
+                    if name not in done:
+                        self.db.execute(sql)
+                        self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, time.time()))
+                        applied.append(name)
                 self.db.execute("COMMIT")
-                applied.append(name)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             return applied
 
     # --- files ------------------------------------------------------------------------------
