@@ -50,6 +50,20 @@ def test_label_chunks_give_the_same_scores_as_one_pass(tiny_model):
     np.testing.assert_allclose(chunked, whole, atol=1e-5)
 
 
+def test_batched_label_scores_match_brute_force_under_eager_and_sdpa(tiny_model_dir):
+    """Prompts of different lengths in one left-padded batch, labels split over chunks, both mask forms
+    (boolean for SDPA, additive float for eager): every score equals scoring that pair alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    labels = LABELS + ["exchange_rate", "card"]
+    for impl in ("eager", "sdpa"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=impl).eval()
+        scores = score_labels(model, tok, PROMPTS, labels, "<|im_end|>", batch_size=3, chunk_tokens=12)
+        expected = np.array([[brute_force(model, tok, p, lab, "<|im_end|>") for lab in labels] for p in PROMPTS])
+        np.testing.assert_allclose(scores, expected, atol=1e-4, err_msg=impl)
+
+
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_model):
     model, tok = tiny_model
     batched = generate_greedy(model, tok, PROMPTS, max_new_tokens=6, batch_size=3)

@@ -36,49 +36,95 @@ def score_labels(
 ):
     """Mean per-token log-probability of each ``label + suffix`` after each prompt.
 
-    Returns a float array of shape (len(prompts), len(labels)). Each prompt runs once; its KV cache
-    is then shared by all candidate labels without being copied: the candidates are laid side by side
-    after the prompt in chunks of at most ``chunk_tokens`` tokens, each seeing the prompt and its own
-    earlier tokens only (a 4D block mask, positions restarting after the prompt), and the cache is cut
-    back to the prompt after every chunk. Memory is one prompt's cache plus one chunk, whatever the
-    number of labels (10, 77 or 500); ``batch_size`` is accepted for the callers' uniformity.
+    Returns a float array of shape (len(prompts), len(labels)). Prompts run in length-sorted batches of
+    up to ``batch_size`` (left-padded, at most ``MAX_BATCH_TOKENS`` tokens); each batch's KV cache is then
+    shared by all candidate labels without being copied: the candidates are laid side by side after the
+    prompts in chunks of at most ``chunk_tokens`` tokens per batch, each seeing its own prompt and its
+    own earlier tokens only (a 4D mask, positions restarting after each prompt), and the cache is cut
+    back to the prompts after every chunk. Only positions that predict a candidate token reach the
+    vocabulary projection, and the scores stay on the device until the batch is done (no host sync per
+    token). Memory is one batch's prompt cache plus one chunk, whatever the number of labels.
     """
     import numpy as np
-    import torch
-
-    from tunesmith.train.packing import block_causal_mask, mask_kind
 
     cand = [tokenizer(label + suffix, add_special_tokens=False)["input_ids"] for label in labels]
-    chunks = _candidate_chunks([len(c) for c in cand], chunk_tokens)
-    kind = mask_kind(model)
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = np.zeros((len(prompts), len(cand)), dtype=np.float64)
-    dev = model.device
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1)
-            first_logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # predicts each candidate's first token
-            cache, n = out.past_key_values, len(ids)
-            for chunk in chunks:
-                flat = [t for j in chunk for t in cand[j]]
-                segment = torch.tensor([[k for k, j in enumerate(chunk) for _ in cand[j]]], device=dev)
-                pos = torch.tensor([[n + p for j in chunk for p in range(len(cand[j]))]], device=dev)
-                block = block_causal_mask(segment, "bool")
-                mask = torch.cat([torch.ones(1, 1, len(flat), n, dtype=torch.bool, device=dev), block], dim=-1)
-                if kind == "float":
-                    mask = torch.zeros(mask.shape, dtype=model.dtype, device=dev).masked_fill(~mask, torch.finfo(model.dtype).min)
-                logits = model(input_ids=torch.tensor([flat], device=dev), attention_mask=mask, position_ids=pos,
-                               past_key_values=cache, use_cache=True).logits[0].float()
-                cache.crop(-len(flat))  # drop the chunk's keys and values: the next chunk sees the prompt alone
-                logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-                start = 0
-                for j in chunk:
-                    c = cand[j]
-                    lp = [first_logp[c[0]].item()] + [logp[start + k - 1, c[k]].item() for k in range(1, len(c))]
-                    scores[i, j] = sum(lp) / len(lp)
-                    start += len(c)
-        advance(1)
+    for batch in length_sorted_batches([len(x) for x in ids], batch_size):
+        chunks = _candidate_chunks([len(c) for c in cand], max(1, chunk_tokens // len(batch)))
+        scores[batch] = _score_batch(model, [ids[i] for i in batch], cand, chunks, pad)
+        advance(len(batch))
     return scores
+
+
+def _score_batch(model, rows: list[list[int]], cand: list[list[int]], chunks: list[list[int]], pad: int):
+    """(len(rows), len(cand)) mean log-probabilities for one batch of tokenized prompts."""
+    import torch
+
+    from tunesmith.train.packing import mask_kind
+
+    dev, kind = model.device, mask_kind(model)
+    width = max(len(r) for r in rows)
+    lens = torch.tensor([len(r) for r in rows], device=dev)
+    real = torch.arange(width, device=dev)[None] >= (width - lens)[:, None]  # (B, P): left padding is False
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=dev)
+    position_ids = (torch.arange(width, device=dev)[None] - (width - lens)[:, None]).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    eye = torch.eye(width, dtype=torch.bool, device=dev)
+    prompt_mask = (causal & (real[:, None, :] | eye))[:, None]  # a padding query sees itself: no empty softmax row
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=_as_kind(prompt_mask, kind, model.dtype),
+                    position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each candidate's first token
+        cache = out.past_key_values
+        total = first_logp[:, [c[0] for c in cand]].double()  # (B, K)
+        for chunk in chunks:
+            total += _chunk_logp(model, cache, chunk, cand, lens, real, kind)
+    counts = torch.tensor([len(c) for c in cand], dtype=torch.float64, device=dev)
+    return (total / counts).cpu().numpy()
+
+
+def _chunk_logp(model, cache, chunk: list[int], cand: list[list[int]], lens, real, kind: str):
+    """Summed log-probabilities of the candidates' tokens after the first, (B, K): one forward of the
+    chunk over the shared prompt cache, which is cut back to the prompts afterwards."""
+    import torch
+
+    dev = lens.device
+    flat, segment, offset, keep, target, owner = [], [], [], [], [], []
+    for k, j in enumerate(chunk):
+        for p, tok in enumerate(cand[j]):
+            if p:  # token p of candidate j is predicted by the position of its token p - 1
+                keep.append(len(flat) - 1)
+                target.append(tok)
+                owner.append(j)
+            flat.append(tok)
+            segment.append(k)
+            offset.append(p)
+    rows, n = lens.shape[0], len(flat)
+    total = torch.zeros(rows, len(cand), dtype=torch.float64, device=dev)
+    if not keep:
+        return total
+    seg = torch.tensor(segment, device=dev)
+    block = (seg[:, None] == seg[None, :]) & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+    mask = torch.cat([real[:, None, None, :].expand(rows, 1, n, real.shape[1]), block.expand(rows, 1, n, n)], dim=-1)
+    logits = model(input_ids=torch.tensor([flat], device=dev).expand(rows, n),
+                   attention_mask=_as_kind(mask, kind, model.dtype),
+                   position_ids=lens[:, None] + torch.tensor(offset, device=dev)[None],
+                   past_key_values=cache, use_cache=True, logits_to_keep=torch.tensor(keep, device=dev)).logits.float()
+    cache.crop(-n)  # drop the chunk's keys and values: the next chunk sees the prompts alone
+    tgt = torch.tensor(target, device=dev)
+    logp = logits.gather(-1, tgt[None, :, None].expand(rows, -1, 1))[..., 0] - torch.logsumexp(logits, dim=-1)
+    return total.index_add_(1, torch.tensor(owner, device=dev), logp.double())
+
+
+def _as_kind(mask, kind: str, dtype):
+    """A boolean 4D mask (True = attend) in the form the model's attention kernel takes."""
+    import torch
+
+    if kind != "float":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _candidate_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:

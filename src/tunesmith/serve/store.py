@@ -45,6 +45,19 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0005_job_queue_index", "CREATE INDEX jobs_status ON jobs (status, created_at)"),
 ]
 
+def _retry_while_locked(op, seconds: float = 30.0):
+    """Run ``op``, retrying while SQLite says the database is locked: switching a new database to WAL
+    takes an exclusive lock without waiting on the busy timeout, so processes opening it at once collide."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
@@ -56,7 +69,7 @@ class Store:
         self.db = sqlite3.connect(self.root / "tunesmith.sqlite", isolation_level=None, check_same_thread=False,
                                   timeout=30)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        _retry_while_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
         self.lock = threading.RLock()
         self.migrate()
 

@@ -119,7 +119,7 @@ class PackedCollator:
             "logits_mask": keep,
             "labels": labels,
             "shift_labels": labels,  # tells the trainer the targets are already aligned (for token counting)
-            "num_tokens": torch.tensor(sum(lengths)),
+            "num_tokens": sum(lengths),  # a Python int: counting tokens needs no device round trip
         }
         if self.mask_kind != "none":
             batch["attention_mask"] = block_causal_mask(segment, self.mask_kind, self.dtype)

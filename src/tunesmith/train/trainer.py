@@ -27,7 +27,8 @@ def peak_memory_mb() -> float:
 def completion_loss(model, inputs: dict, num_items_in_batch=None):
     """Summed cross-entropy over the kept positions, divided by the number of targets in the step.
 
-    Returns ``(loss, correct, count)``; ``correct`` counts argmax hits (token accuracy).
+    Returns ``(loss, correct, count)``; ``correct`` counts argmax hits (token accuracy) as a tensor on the
+    model's device, so that a step never waits for the device to report it (read when the Trainer logs).
     """
     import torch.nn.functional as F
 
@@ -39,7 +40,7 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
     logits = logits.reshape(-1, logits.shape[-1]).float()
     denom = num_items_in_batch if num_items_in_batch is not None else max(labels.numel(), 1)
     loss = F.cross_entropy(logits, labels, reduction="sum") / denom
-    correct = (logits.detach().argmax(-1) == labels).sum().item()
+    correct = (logits.detach().argmax(-1) == labels).sum()
     return loss, correct, labels.numel()
 
 
@@ -55,7 +56,7 @@ class CompletionTrainer(Trainer):
         self._tokens_at_start = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tokens = int(inputs["num_tokens"])
+        tokens = inputs["num_tokens"]  # a Python int from the collator: no device round trip
         loss, correct, count = completion_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
@@ -72,7 +73,7 @@ class CompletionTrainer(Trainer):
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs:
             correct, count = self._acc["train"]
-            logs["mean_token_accuracy"] = correct / count if count else None
+            logs["mean_token_accuracy"] = int(correct) / count if count else None
             self._acc["train"] = [0, 0]
             seen = self.state.num_input_tokens_seen
             logs["num_tokens"] = seen
@@ -81,6 +82,6 @@ class CompletionTrainer(Trainer):
             logs["peak_memory_mb"] = round(peak_memory_mb(), 1)
         if "eval_loss" in logs:
             correct, count = self._acc["eval"]
-            logs["eval_mean_token_accuracy"] = correct / count if count else None
+            logs["eval_mean_token_accuracy"] = int(correct) / count if count else None
             self._acc["eval"] = [0, 0]
         super().log(logs, start_time)
