@@ -12,7 +12,7 @@ base model, the label list included): tunesmith's batched scoring vs two peers, 
 Every method's scores are checked against tunesmith's (largest absolute difference printed).
 
     python benchmarks/label_scoring_speed.py                      # 10 and 77 intents
-    python benchmarks/label_scoring_speed.py --prompts 16 --peer-prompts 4
+    python benchmarks/label_scoring_speed.py --prompts 16 --peer-pairs 80
 """
 
 from __future__ import annotations
@@ -115,13 +115,14 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-def run_setup(name: str, rows: list[dict], n_prompts: int, n_peer: int, model, tok) -> dict:
+def run_setup(name: str, rows: list[dict], n_prompts: int, peer_pairs: int, model, tok) -> dict:
     from tunesmith.config import DataSection
     from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
     from tunesmith.generation import score_labels
     from tunesmith.records import Example
 
     labels = sorted({r["category"] for r in rows})
+    n_peer = max(1, min(n_prompts, peer_pairs // len(labels)))
     picked = spread(rows, n_prompts)
     data = DataSection(path=Path("x.csv"), input_fields=["text"], target_field="category",
                        system_prompt="Classify the banking customer message by intent.")
@@ -149,8 +150,8 @@ def run_setup(name: str, rows: list[dict], n_prompts: int, n_peer: int, model, t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=64, help="prompts per setup for tunesmith and the one-at-a-time loop")
-    ap.add_argument("--peer-prompts", type=int, default=8, 
-                    help="prompts for the harness-style peer (labels x prompts sequences)")
+    ap.add_argument("--peer-pairs", type=int, default=160,
+                    help="(prompt, label) sequences for the harness-style peer: 16 prompts at 10 labels, 2 at 77")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -168,7 +169,7 @@ def main() -> None:
     else:
         print(f"{FULL} not found: the 77-intent setup is skipped")
     for name, rows in setups:
-        print(json.dumps(run_setup(name, rows, args.prompts, args.peer_prompts, model, tok)), flush=True)
+        print(json.dumps(run_setup(name, rows, args.prompts, args.peer_pairs, model, tok)), flush=True)
     print(f"load average after: {os.getloadavg()}; "
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
