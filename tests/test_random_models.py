@@ -125,12 +125,12 @@ def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home
 
 def test_the_classifier_head_loads_a_random_model(tiny_model_dir, home):
     from tunesmith.models.loading import Placement, load_tokenizer
-    from tunesmith.train.classifier import load_classifier
+    from tunesmith.train.classifier import load_sequence_head
 
     name = f"random:gemma-2-2b?layers=1&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
     tok = load_tokenizer(name)
-    model = load_classifier(name, ["a", "b", "c"], Placement("cpu", "float32"), tok)
-    again = load_classifier(name, ["a", "b", "c"], Placement("cpu", "float32"), tok)
+    model = load_sequence_head(name, Placement("cpu", "float32"), tok, ["a", "b", "c"])
+    again = load_sequence_head(name, Placement("cpu", "float32"), tok, ["a", "b", "c"])
     assert type(model).__name__ == "Gemma2ForSequenceClassification" and model.config.num_labels == 3
     body = [n for n, _ in model.named_parameters() if not n.startswith("score")]
     assert all(torch.equal(model.get_parameter(n), again.get_parameter(n)) for n in body)  # written once, reread

@@ -284,18 +284,19 @@ def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_expor
 
 
 def _classifier_folder(folder, encoder):
-    """A full classifier head on the tiny encoder, saved as training saves one (untrained: any fixed weights do)."""
+    """A full classifier head on the tiny encoder's mean-pooled embedding, saved as training saves one (untrained:
+    any fixed weights do)."""
     from transformers import AutoTokenizer
 
     from tunesmith.models.loading import pick_placement
-    from tunesmith.train.classifier import load_classifier
+    from tunesmith.train.classifier import load_sequence_head
     from tunesmith.train.heads import write_head_meta
 
     tok = AutoTokenizer.from_pretrained(encoder)
-    load_classifier(str(encoder), list(LABELS), pick_placement(), tok).save_pretrained(folder)
+    load_sequence_head(str(encoder), pick_placement(), tok, list(LABELS), "mean").save_pretrained(folder)
     tok.save_pretrained(folder)
     write_head_meta(folder, {"head": "classifier", "base_model": str(encoder), "labels": list(LABELS),
-                             "prompt": "{text}", "input_fields": ["text"], "max_length": 64})
+                             "prompt": "{text}", "input_fields": ["text"], "max_length": 64, "pooling": "mean"})
     return folder
 
 

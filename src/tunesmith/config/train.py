@@ -42,6 +42,18 @@ class TrainSection(Section):
         "mean, l1 the median (what a mean absolute error rewards, and robust to a few extreme targets); huber is "
         "l1 with a quadratic bottom within one standard deviation"
     )
+    pooling: Literal["auto", "mean", "native"] = Field(
+        "auto", description="head: classifier or regression: the vector the head reads. mean: the mean of the token "
+        "states, L2-normalised — the sentence embedding that encoders such as all-MiniLM-L6-v2 and multilingual-e5 "
+        "are trained to produce; native: transformers' own *ForSequenceClassification (the last token on a decoder, "
+        "the [CLS] pooler on an encoder). auto: mean on encoders, native on decoders"
+    )
+    head_init: Literal["auto", "probe", "random"] = Field(
+        "auto", description="head: classifier or regression: how the head layer starts. probe: from a linear model "
+        "(logistic or ridge regression) fitted on the frozen sentence embeddings of the training texts, so that "
+        "fine-tuning starts where the embedding baseline ends (needs pooling: mean); random: a fresh layer. "
+        "auto: probe where the head reads the mean-pooled embedding"
+    )
     context_field: str = Field("context", description="head: span: the input field the answer is cut from; "
                                "the other input fields form the question")
     span_stride: int = Field(128, ge=0, description="head: span: tokens two consecutive context windows share, "
@@ -125,6 +137,9 @@ class TrainSection(Section):
                              "base weight fixed)")
         if self.regression_loss != "mse" and self.head != "regression":
             raise ValueError(f"regression_loss applies to head: regression (head: {self.head})")
+        for key in ("pooling", "head_init"):
+            if getattr(self, key) != "auto" and self.head not in ("classifier", "regression"):
+                raise ValueError(f"{key} applies to head: classifier or regression (head: {self.head})")
         if self.head != "generative" and self.adapter == "qlora":
             raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
         return self

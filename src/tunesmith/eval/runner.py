@@ -279,7 +279,7 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
 
 
 def _head(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
-    """A regression or span head answers through its HeadPredictor (as served)."""
+    """A trained head (classifier, regression or span) answers through its HeadPredictor, as served."""
     from tunesmith.train.heads import evaluate_head
 
     return evaluate_head(task, c.name, c.description, c.path, test, c.data.prompt, placement, bar,
@@ -296,37 +296,7 @@ def load_local(recipe: Recipe, c: LocalContender, placement):
     return load_trained(name, c.path, placement)
 
 
-def _classifier(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
-    """A classifier head predicts one label per text in one forward pass (no generation, no parsing)."""
-    import time
-
-    from tunesmith.data.task import render_prompt
-    from tunesmith.models.loading import load_tokenizer
-    from tunesmith.train.classifier import encode, load_trained_classifier, predict_proba
-
-    tokenizer = load_tokenizer(c.model or recipe.model.name)
-    model, labels = load_trained_classifier(c.path, c.model or recipe.model.name, placement, tokenizer)
-    texts = [render_prompt(e, c.data.prompt) for e in test]
-    rows = encode(tokenizer, texts)
-    limit = recipe.train.max_seq_length
-    with bar(f"eval {c.name}: classify", len(texts)) as advance:
-        t0 = time.perf_counter()
-        probs = predict_proba(model, tokenizer, rows, max_len=limit)
-        seconds = time.perf_counter() - t0
-        advance(len(texts))
-    tokenizer.padding_side = "left"
-    pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
-    res = score_outputs(task, c.name, c.description, Source.LOCAL, test, texts, pred, parsed=pred,
-                        scoring="classifier head")
-    res.metrics["texts_cut"] = sum(r["length"] > limit for r in rows)  # cut to train.max_seq_length to predict
-    res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(texts)), 2)  # prediction only, per example
-    res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    for row, p in zip(res.predictions, probs, strict=True):
-        row["probabilities"] = dict(zip(labels, p, strict=True))
-    return res
-
-
-LOCAL_EVALUATORS = {Artefact.MODEL: _language_model, Artefact.CLASSIFIER: _classifier, Artefact.HEAD: _head}
+LOCAL_EVALUATORS = {Artefact.MODEL: _language_model, Artefact.CLASSIFIER: _head, Artefact.HEAD: _head}
 
 
 def _endpoint(recipe, task: TaskKind, client, ask_as: str, data_cfg, with_labels, test, bar) -> ContenderResult:

@@ -1,44 +1,58 @@
-"""``head: classifier``: LoRA plus a linear head on the last token's hidden state, for closed label sets.
+"""``head: classifier``: a linear head over a closed label set, on a decoder or an encoder.
 
-transformers' ``*ForSequenceClassification`` models put a ``score`` layer over the hidden state
-of the last non-padding token; PEFT's ``SEQ_CLS`` task trains that layer fully beside the LoRA
-weights. Prediction is one forward pass per batch and gives a probability for every label,
-instead of generating text and parsing it (or scoring every label's tokens).
+The head reads one vector per text: transformers' ``*ForSequenceClassification`` reads the last
+non-padding token's state on a decoder (its ``score`` layer) or the [CLS] pooler on an encoder
+(``train.pooling: native``); :mod:`tunesmith.models.pooled` reads the mean of the token states, the
+sentence embedding an encoder such as MiniLM or e5 was trained to produce (``train.pooling: mean``,
+the default on encoders). PEFT's ``SEQ_CLS`` task trains that layer fully beside LoRA. Prediction is
+one forward pass per batch and gives a probability for every label, instead of generating text and
+parsing it (or scoring every label's tokens). Training runs through :func:`tunesmith.train.heads.train_head`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tunesmith.config import Recipe
-from tunesmith.data.task import render_prompt
 from tunesmith.distributed import is_main
 from tunesmith.train.result import TrainResult
 
 
-def load_classifier(name: str, labels: list[str], placement, tokenizer):
-    from transformers import AutoModelForSequenceClassification
+def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None = None, pooling: str = "native"):
+    """A sequence head on ``name`` (a base model, or a saved full fine-tune): one output per label with
+    ``labels``, one regression output without. ``pooling`` ``mean`` puts the head on the mean-pooled
+    sentence embedding (:class:`~tunesmith.models.pooled.PooledForSequenceClassification`), ``native`` uses
+    transformers' own ``AutoModelForSequenceClassification``; a saved folder loads as it was saved."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
+    from tunesmith.models.pooled import ARCHITECTURE, PooledForSequenceClassification
     from tunesmith.models.random_weights import is_random, save_weights
     from tunesmith.models.registry import resolve
 
     ref = resolve(name)
     if is_random(ref):  # a random:<arch> base: its seeded weights written once, for from_pretrained
         save_weights(Path(ref))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        ref,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        dtype=placement.torch_dtype,
-    )
+    if labels:
+        outputs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                   "label2id": {label: i for i, label in enumerate(labels)}}
+    else:
+        outputs = {"num_labels": 1, "problem_type": "regression"}
+    config = AutoConfig.from_pretrained(ref)
+    if ARCHITECTURE in (getattr(config, "architectures", None) or []):  # a saved full fine-tune of a pooled head
+        config.update(outputs)
+        model = PooledForSequenceClassification.from_pretrained(ref, config=config, dtype=placement.torch_dtype)
+    elif pooling == "mean":
+        backbone = AutoModel.from_pretrained(ref, dtype=placement.torch_dtype)
+        backbone.config.update(outputs)
+        model = PooledForSequenceClassification(backbone.config, backbone)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=placement.torch_dtype, **outputs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(placement.device)
 
 
-def encode(tokenizer, texts: list[str], targets: list[int] | None = None) -> list[dict]:
-    """Token ids of each text (never cut here) with its ``length`` and, for training, its label index."""
+def encode(tokenizer, texts: list[str], targets: list | None = None) -> list[dict]:
+    """Token ids of each text (never cut here) with its ``length`` and, for training, its label (index or value)."""
     rows = []
     for i, ids in enumerate(tokenizer(texts)["input_ids"]):
         row = {"input_ids": ids, "length": len(ids)}
@@ -70,19 +84,24 @@ def set_aside_long(recipe: Recipe, examples: list, rows: list[dict], console) ->
     return keep
 
 
-def predict_proba(model, tokenizer, rows: list[dict], batch_size: int = 32, max_len: int = 512):
-    """Per-label probabilities for encoded rows (ids beyond ``max_len`` cut), one forward pass per
-    length-sorted batch; results in the rows' order."""
-    import torch
-
+def batches(tokenizer, rows: list[dict], batch_size: int, max_len: int):
+    """``(indices, padded batch)`` over the rows, longest first (little padding), ids beyond ``max_len`` cut."""
     tokenizer.padding_side = "right"
     order = sorted(range(len(rows)), key=lambda i: -rows[i]["length"])
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        keys = [k for k in tokenizer.model_input_names if k in rows[idx[0]] and k != "attention_mask"]
+        yield idx, tokenizer.pad([{k: rows[i][k][:max_len] for k in keys} for i in idx], return_tensors="pt")
+
+
+def predict_proba(model, tokenizer, rows: list[dict], batch_size: int = 32, max_len: int = 512):
+    """Per-label probabilities for encoded rows, one forward pass per length-sorted batch; in the rows' order."""
+    import torch
+
     probs = [None] * len(rows)
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = tokenizer.pad([{"input_ids": rows[i]["input_ids"][:max_len]} for i in idx], return_tensors="pt")
+        for idx, batch in batches(tokenizer, rows, batch_size, max_len):
             logits = model(**batch.to(model.device)).logits.float()
             for row, i in enumerate(idx):
                 probs[i] = logits[row].softmax(-1).tolist()
@@ -91,36 +110,8 @@ def predict_proba(model, tokenizer, rows: list[dict], batch_size: int = 32, max_
 
 def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, placement, bar,
                      console, resume: bool = False, callbacks: list | None = None) -> TrainResult:
-    """Train the head (+ LoRA) on ``train`` and save it; the evaluation path scores it like any contender."""
-    from transformers import set_seed
+    """Train the classifier head (+ LoRA) on ``train`` and save it, as ``tunesmith run`` trains a
+    ``head: classifier`` arm; the evaluation path scores it like any contender."""
+    from tunesmith.train.heads import HEADS
 
-    from tunesmith.models.loading import wrap_adapter
-    from tunesmith.train.heads import fit_head
-
-    t = recipe.train
-    index = {label: i for i, label in enumerate(labels)}
-    texts = [render_prompt(e, recipe.data.prompt) for e in train]
-    set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
-    model = wrap_adapter(load_classifier(recipe.model.name, labels, placement, tokenizer), t.adapter, t.lora,
-                         recipe.seed, task_type="SEQ_CLS", freeze_embeddings=t.freeze_embeddings)
-    tokenizer.padding_side = "right"
-    rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
-    meta = {"head": "classifier", "base_model": recipe.model.name, "labels": labels, "prompt": recipe.data.prompt,
-            "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
-    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="classifier", label="train classifier",
-                      meta=meta, resume=resume, callbacks=callbacks,
-                      files={"labels.json": json.dumps(labels, ensure_ascii=False)})
-    result.too_long = len(train) - len(rows)
-    return result
-
-
-def load_trained_classifier(folder: Path, name: str, placement, tokenizer):
-    """A saved classifier, and its labels, for evaluation: head + LoRA on a fresh base model, or the whole
-    fully fine-tuned model from ``folder``."""
-    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
-    if not (folder / "adapter_config.json").is_file():
-        return load_classifier(str(folder), labels, placement, tokenizer).eval(), labels
-    from peft import PeftModel
-
-    base = load_classifier(name, labels, placement, tokenizer)
-    return PeftModel.from_pretrained(base, str(folder)).eval(), labels
+    return HEADS["classifier"].train(recipe, train, labels, tokenizer, placement, bar, console, resume, callbacks)

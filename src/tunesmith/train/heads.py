@@ -190,23 +190,30 @@ class HeadKind:
     how a :class:`HeadPredictor` reads its answers out. One subclass per kind, registered in ``HEADS``."""
 
     name: ClassVar[str]
+    folder: ClassVar[str] = "head"  # where training saves it, under train/
     peft_task: ClassVar[str] = "SEQ_CLS"  # the PEFT task type that trains the head layer beside LoRA
     label_probabilities: ClassVar[bool] = False  # answers with a distribution over labels (serve's logprobs)
+    pooled: ClassVar[bool] = False  # reads one vector per text (train.pooling and train.head_init apply)
 
-    def load(self, name: str, placement, tokenizer, labels: list[str] | None = None):
+    def load(self, name: str, placement, tokenizer, labels: list[str] | None = None, pooling: str = "native"):
         """A fresh head on the base model ``name`` (an LLM, an encoder, or a saved full fine-tune)."""
         raise NotImplementedError
 
     def train(self, recipe: Recipe, train: list[Example], labels: list[str], tokenizer, placement, bar, console,
               resume: bool, callbacks: list | None) -> TrainResult:
-        return train_head(self, recipe, train, tokenizer, placement, bar, console, resume, callbacks)
+        return train_head(self, recipe, train, tokenizer, placement, bar, console, resume, callbacks, labels)
 
     def loss_func(self, train_section):
         """The Trainer's ``compute_loss_func`` for this kind, or None for the model's own loss."""
         return None
 
-    def training_rows(self, recipe: Recipe, train: list[Example], tokenizer, console) -> tuple[list[dict], dict, int]:
+    def training_rows(self, recipe: Recipe, train: list[Example], labels: list[str], tokenizer,
+                      console) -> tuple[list[dict], dict, int]:
         """Encoded training rows, this kind's head.json entries, and how many examples were set aside as too long."""
+        raise NotImplementedError
+
+    def probe(self, features, targets: list, outputs: int, seed: int):
+        """``(weight, bias)`` of a linear model fitted on frozen sentence embeddings, shaped as the head layer."""
         raise NotImplementedError
 
     def predict_texts(self, predictor: HeadPredictor, texts: list[str], batch_size: int) -> list:
@@ -236,23 +243,42 @@ def _fresh_head(auto_class, name: str, placement, tokenizer, **kwargs):
 
 
 class ClassifierHead(HeadKind):
-    """A label per text (train/classifier.py), with every label's probability."""
+    """A label per text, with every label's probability."""
 
     name = "classifier"
+    folder = "classifier"
     label_probabilities = True
+    pooled = True
 
-    def load(self, name, placement, tokenizer, labels=None):
-        from tunesmith.train.classifier import load_classifier
+    def load(self, name, placement, tokenizer, labels=None, pooling="native"):
+        from tunesmith.train.classifier import load_sequence_head
 
-        return load_classifier(name, labels, placement, tokenizer)
+        return load_sequence_head(name, placement, tokenizer, labels, pooling)
 
-    def train(self, recipe, train, labels, tokenizer, placement, bar, console, resume, callbacks) -> TrainResult:
-        from tunesmith.train.classifier import train_classifier
+    def training_rows(self, recipe, train, labels, tokenizer, console):
+        from tunesmith.train.classifier import encode, set_aside_long
 
         if not labels:
             raise DataError("train.head classifier needs a classification task with a closed label set")
-        return train_classifier(recipe, train, labels, tokenizer, placement, bar, console, resume=resume,
-                                callbacks=callbacks)
+        index = {label: i for i, label in enumerate(labels)}
+        texts = [render_prompt(e, recipe.data.prompt) for e in train]
+        rows = set_aside_long(recipe, train, encode(tokenizer, texts, [index[e.target] for e in train]), console)
+        return rows, {"labels": list(labels)}, len(train) - len(rows)
+
+    def probe(self, features, targets, outputs, seed):
+        """Multinomial logistic regression (C=10, as the embedding baseline); a label with no training row
+        starts far below the others."""
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+
+        fitted = LogisticRegression(max_iter=3000, C=10.0, random_state=seed).fit(features, targets)
+        coef, intercept = fitted.coef_, fitted.intercept_
+        if len(fitted.classes_) == 2:  # one row for p(second class): split it over two logits
+            coef, intercept = np.vstack([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+        weight = np.zeros((outputs, features.shape[1]), dtype=np.float32)
+        bias = np.full(outputs, intercept.min() - 10.0, dtype=np.float32)
+        weight[fitted.classes_], bias[fitted.classes_] = coef, intercept
+        return weight, bias
 
     def predict_texts(self, predictor, texts, batch_size):
         labels = predictor.meta["labels"]
@@ -263,17 +289,17 @@ class RegressionHead(HeadKind):
     """A number per text, learned on the standardised transform of the target and answered in its units."""
 
     name = "regression"
+    pooled = True
 
-    def load(self, name, placement, tokenizer, labels=None):
-        from transformers import AutoModelForSequenceClassification
+    def load(self, name, placement, tokenizer, labels=None, pooling="native"):
+        from tunesmith.train.classifier import load_sequence_head
 
-        return _fresh_head(AutoModelForSequenceClassification, name, placement, tokenizer, num_labels=1,
-                           problem_type="regression")
+        return load_sequence_head(name, placement, tokenizer, None, pooling)
 
     def loss_func(self, train_section):
         return None if train_section.regression_loss == "mse" else regression_loss(train_section.regression_loss)
 
-    def training_rows(self, recipe, train, tokenizer, console):
+    def training_rows(self, recipe, train, labels, tokenizer, console):
         from tunesmith.eval.metrics import parse_number
         from tunesmith.train.classifier import set_aside_long
 
@@ -281,21 +307,24 @@ class RegressionHead(HeadKind):
         rows = set_aside_long(recipe, train, regression_rows(recipe, train, tokenizer, target), console)
         return rows, {"target": target.__dict__}, len(train) - len(rows)
 
+    def probe(self, features, targets, outputs, seed):
+        """Ridge regression (alpha 1, as the embedding baseline) on the standardised target."""
+        from sklearn.linear_model import Ridge
+
+        fitted = Ridge(alpha=1.0).fit(features, targets)
+        return fitted.coef_.reshape(1, -1), fitted.intercept_.reshape(1)
+
     def predict_texts(self, predictor, texts, batch_size):
         import torch
 
-        from tunesmith.train.classifier import encode
+        from tunesmith.train.classifier import batches, encode
 
-        rows = encode(predictor.tokenizer, texts)
         target = Target(**predictor.meta["target"])
-        order = sorted(range(len(rows)), key=lambda i: -rows[i]["length"])
-        out = [0.0] * len(rows)
+        out = [0.0] * len(texts)
         with torch.inference_mode():
-            for lo in range(0, len(order), batch_size):
-                idx = order[lo : lo + batch_size]
-                batch = predictor.tokenizer.pad([{"input_ids": rows[i]["input_ids"][: predictor.max_length]}
-                                                 for i in idx], return_tensors="pt").to(predictor.model.device)
-                z = predictor.model(**batch).logits.float().reshape(-1).tolist()
+            for idx, batch in batches(predictor.tokenizer, encode(predictor.tokenizer, texts), batch_size,
+                                      predictor.max_length):
+                z = predictor.model(**batch.to(predictor.model.device)).logits.float().reshape(-1).tolist()
                 for i, v in zip(idx, z, strict=True):
                     out[i] = target.decode(v)
         return out
@@ -325,12 +354,12 @@ class SpanHead(HeadKind):
     name = "span"
     peft_task = "QUESTION_ANS"
 
-    def load(self, name, placement, tokenizer, labels=None):
+    def load(self, name, placement, tokenizer, labels=None, pooling="native"):
         from transformers import AutoModelForQuestionAnswering
 
         return _fresh_head(AutoModelForQuestionAnswering, name, placement, tokenizer)
 
-    def training_rows(self, recipe, train, tokenizer, console):
+    def training_rows(self, recipe, train, labels, tokenizer, console):
         t = recipe.train
         extra = {"context_field": t.context_field, "stride": t.span_stride, "max_answer_tokens": t.max_answer_tokens}
         return span_rows(recipe, train, tokenizer, console), extra, 0
@@ -364,24 +393,96 @@ def head_kind(name: str) -> HeadKind:
     return HEADS[name]
 
 
+def head_pooling(recipe: Recipe) -> str | None:
+    """What vector a classifier or regression head reads: ``mean`` (the mean-pooled sentence embedding) or
+    ``native`` (transformers' own head); ``train.pooling: auto`` is mean on encoders, native on decoders.
+    None for heads that read every token (span)."""
+    from tunesmith.models.encoders import is_encoder
+
+    if not HEADS[recipe.train.head].pooled:
+        return None
+    if recipe.train.pooling != "auto":
+        return recipe.train.pooling
+    return "mean" if is_encoder(recipe.model.name) else "native"
+
+
+def head_init(recipe: Recipe, pooling: str | None) -> str:
+    """How the head layer starts: ``probe`` (a linear model fitted on the frozen sentence embeddings) or
+    ``random``; ``train.head_init: auto`` probes wherever the head reads the mean-pooled embedding."""
+    from tunesmith.errors import ConfigError
+
+    wanted = recipe.train.head_init
+    if wanted == "auto":
+        return "probe" if pooling == "mean" else "random"
+    if wanted == "probe" and pooling != "mean":
+        raise ConfigError(f"train.head_init: probe fits a linear model on the mean-pooled sentence embedding; "
+                          f"set train.pooling: mean (head {recipe.train.head}, pooling {pooling}) or head_init: random")
+    return wanted
+
+
+def sentence_embeddings(model, tokenizer, rows: list[dict], batch_size: int, bar):
+    """The pooled embedding of every encoded row (the vectors the head layer reads), as a float32 array."""
+    import numpy as np
+    import torch
+
+    from tunesmith.train.classifier import batches
+
+    out = np.zeros((len(rows), model.config.hidden_size), dtype=np.float32)
+    was_training = model.training
+    model.eval()
+    with bar("probe: embed the training texts", len(rows)) as advance, torch.inference_mode():
+        for idx, batch in batches(tokenizer, rows, batch_size, max(r["length"] for r in rows)):
+            out[idx] = model.embed(**batch.to(model.device)).float().cpu().numpy()
+            advance(len(idx))
+    model.train(was_training)
+    return out
+
+
+def probe_init(head: HeadKind, model, tokenizer, rows: list[dict], seed: int, bar, console) -> None:
+    """Start the head layer from a linear probe: a linear model fitted on the frozen sentence embeddings of the
+    training rows, so that fine-tuning starts where the embedding baseline ends instead of from a random layer
+    that first drags the pretrained features towards it (linear probing, then fine-tuning)."""
+    import time
+
+    import torch
+
+    t0 = time.perf_counter()
+    features = sentence_embeddings(model, tokenizer, rows, 64, bar)
+    weight, bias = head.probe(features, [r["labels"] for r in rows], model.config.num_labels, seed)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.as_tensor(weight, dtype=model.score.weight.dtype))
+        model.score.bias.copy_(torch.as_tensor(bias, dtype=model.score.bias.dtype))
+    console.print(f"head layer started from a linear probe on {len(rows):,} frozen sentence embeddings "
+                  f"({time.perf_counter() - t0:.0f} s)")
+
+
 def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
-               resume: bool = False, callbacks: list | None = None) -> TrainResult:
+               resume: bool = False, callbacks: list | None = None, labels: list[str] | None = None) -> TrainResult:
     """Train a fresh ``head`` on its training rows (+ LoRA, or every weight) and save it with its head.json."""
     from transformers import set_seed
 
     from tunesmith.models.loading import wrap_adapter
+    from tunesmith.train.resume import complete_checkpoint
 
     t = recipe.train
+    pooling = head_pooling(recipe)
+    init = head_init(recipe, pooling)
     tokenizer.padding_side = "right"
     meta = {"head": head.name, "base_model": recipe.model.name, "prompt": recipe.data.prompt,
             "input_fields": list(recipe.data.input_fields), "max_length": t.max_seq_length}
-    rows, extra, too_long = head.training_rows(recipe, train, tokenizer, console)
-    meta |= extra
+    rows, extra, too_long = head.training_rows(recipe, train, labels, tokenizer, console)
+    meta |= extra | ({"pooling": pooling, "head_init": init} if pooling else {})
     set_seed(recipe.seed)  # the new head's weights: the same in every run (and on every rank) of the recipe
-    model = wrap_adapter(head.load(recipe.model.name, placement, tokenizer), t.adapter, t.lora,
-                         recipe.seed, task_type=head.peft_task, freeze_embeddings=t.freeze_embeddings)
-    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind="head", label=f"train {head.name} head",
-                      meta=meta, resume=resume, callbacks=callbacks, loss_func=head.loss_func(t))
+    model = head.load(recipe.model.name, placement, tokenizer, labels, pooling or "native")
+    resuming = resume and complete_checkpoint(recipe.run_dir / "train" / "checkpoints") is not None
+    if init == "probe" and not resuming:  # a resumed run reads the head layer from its checkpoint
+        probe_init(head, model, tokenizer, rows, recipe.seed, bar, console)
+    model = wrap_adapter(model, t.adapter, t.lora, recipe.seed, task_type=head.peft_task,
+                         freeze_embeddings=t.freeze_embeddings)
+    files = {"labels.json": json.dumps(labels, ensure_ascii=False)} if head.label_probabilities else None
+    result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind=head.folder,
+                      label=f"train {head.name} head", meta=meta, resume=resume, callbacks=callbacks,
+                      loss_func=head.loss_func(t), files=files)
     result.too_long = too_long
     return result
 
@@ -464,12 +565,12 @@ class HeadPredictor:
         self.max_length = int(self.meta.get("max_length") or 512)
 
     def _load(self):
-        labels = self.meta.get("labels")
+        labels, pooling = self.meta.get("labels"), self.meta.get("pooling") or "native"
         if not (self.folder / "adapter_config.json").is_file():
-            return self.kind.load(str(self.folder), self.placement, self.tokenizer, labels).eval()
+            return self.kind.load(str(self.folder), self.placement, self.tokenizer, labels, pooling).eval()
         from peft import PeftModel
 
-        base = self.kind.load(self.meta["base_model"], self.placement, self.tokenizer, labels)
+        base = self.kind.load(self.meta["base_model"], self.placement, self.tokenizer, labels, pooling)
         return PeftModel.from_pretrained(base, str(self.folder)).eval()
 
     @property
@@ -548,7 +649,8 @@ def parse_prompt(template: str, text: str) -> dict | None:
 def evaluate_head(task, name: str, description: str, folder: Path, examples: list[Example], prompt: str,
                   placement, bar, base_model: str | None = None):
     """A trained head as a contender: one forward pass per batch (no generation, no parsing), scored like
-    every other contender; ``latency_ms`` is the prediction time per example."""
+    every other contender; ``latency_ms`` is the prediction time per example. A classifier's predictions
+    carry every label's probability."""
     from tunesmith.eval.result import Source
     from tunesmith.tasks import score_outputs
 
@@ -556,7 +658,12 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
     texts = [render_prompt(e, prompt) for e in examples]
     with bar(f"eval {name}: {predictor.head} head", len(examples)) as advance:
         t0 = time.perf_counter()
-        pred = predictor.predict_examples(examples, prompt)
+        if predictor.kind.label_probabilities:
+            probs = predictor.probabilities(texts)
+            labels = predictor.meta["labels"]
+            pred = [labels[max(range(len(p)), key=p.__getitem__)] for p in probs]
+        else:
+            pred = predictor.predict_examples(examples, prompt)
         seconds = time.perf_counter() - t0
         advance(len(examples))
     pred = predictor.kind.as_parsed(pred)
@@ -565,19 +672,29 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
                         scoring=f"{predictor.head} head")
     res.metrics["latency_ms"] = round(1000 * seconds / max(1, len(examples)), 2)
     res.metrics["parameters"] = predictor.total_params
+    if predictor.kind.label_probabilities:
+        lengths = predictor.tokenizer(texts)["input_ids"]
+        res.metrics["texts_cut"] = sum(len(ids) > predictor.max_length for ids in lengths)  # cut to predict
+        for row, p in zip(res.predictions, probs, strict=True):
+            row["probabilities"] = dict(zip(labels, p, strict=True))
     return res
 
 
 def export_head(folder: Path, out: Path, base_model: str | None = None) -> Path:
     """A trained head as one plain transformers folder: LoRA merged into the base weights, the head layer, the
     tokenizer and head.json (labels or target transform), loadable by ``AutoModelFor…`` and by
-    ``tunesmith serve --adapter`` with no base model."""
+    ``tunesmith serve --adapter`` with no base model. A mean-pooled head carries its modeling code
+    (``AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)``)."""
     import shutil
+
+    from tunesmith.models.pooled import PooledForSequenceClassification
 
     predictor = HeadPredictor(folder, base_model=base_model)
     model = predictor.model
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if isinstance(model, PooledForSequenceClassification):  # save_pretrained copies pooled.py, sets auto_map
+        PooledForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     predictor.tokenizer.save_pretrained(out)
