@@ -66,12 +66,14 @@ def collect(run: Path) -> dict:
     verdict = next((c["verdict"] for c in comps if c["a"] == arm and c["b"] == top), None)
     times = _json(run / "timings.json", {})
     peak, trained = None, []
-    for arm_dir in [run, *sorted((run / "arms").glob("*"))]:
-        summary = _json(arm_dir / "train" / "summary.json")
-        if summary and (arm_dir == run or arm_dir.name == arm):
-            peak = summary.get("peak_memory_mb")
-        if summary and summary.get("seconds") is not None:
-            trained.append(summary["seconds"])
+    tops = [run, *sorted((run / "folds").glob("fold-*"))]  # the run, or each fold of a cross-validation
+    for top_dir in tops:
+        for arm_dir in [top_dir, *sorted((top_dir / "arms").glob("*"))]:
+            summary = _json(arm_dir / "train" / "summary.json")
+            if summary and (arm_dir == top_dir or arm_dir.name == arm) and summary.get("peak_memory_mb"):
+                peak = max(peak or 0, summary["peak_memory_mb"])
+            if summary and summary.get("seconds") is not None:
+                trained.append(summary["seconds"])
     staged = sum(v for k, v in times.items() if k.startswith("arm "))
     command = (run / "command.txt").read_text(encoding="utf-8").strip() if (run / "command.txt").is_file() else None
     return {

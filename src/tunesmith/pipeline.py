@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -63,6 +63,8 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     with stage("data"):
         data = prepare_data_once(recipe, run_dir / "data", console)
         console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items()))
+    if recipe.data.split.folds:
+        return run_folds(recipe, data, console, stage, timings)
     arms = arm_recipes(recipe)
     trained = {}
     for i, arm in enumerate(arms, 1):
@@ -78,6 +80,99 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     with stage("report"):
         report = write_run_report(recipe, ev, trained, timings)
     return RunResult(run_dir, report, {r.name: r.metrics for r in ev.results}, ev.report.headline(), timings)
+
+
+def run_folds(recipe: Recipe, data, console: Console, stage, timings: dict) -> RunResult | None:
+    """Cross-validation (``data.split.folds``): every arm trains once per fold under ``folds/fold-<i>/``, every
+    contender answers the fold it did not train on, and one evaluation pools all folds (eval/folds.py)."""
+    from tunesmith.distributed import finish, is_main
+    from tunesmith.eval.folds import fold_table, pool_results
+    from tunesmith.eval.runner import arm_name, arm_recipes, contenders_of, finish_evaluation, score_contenders
+
+    folds = cross_validation_splits(recipe, data)
+    k, trained = len(folds), {}
+    for i, splits in enumerate(folds, 1):
+        fold = fold_recipe(recipe, i)
+        arms = arm_recipes(fold)
+        for j, arm in enumerate(arms, 1):
+            name = arm_name(fold, arm)
+            with stage(f"arm {j}/{len(arms)}: {name}, fold {i}/{k}"):
+                summary = train_arm(fold, arm, name, replace(data, splits=splits), console,
+                                    f"[fold {i}/{k} · {j}/{len(arms)} {name}] ")
+            trained.setdefault(name, []).append(summary)
+    finish()
+    if not is_main():
+        return None
+    with stage("evaluate"):
+        parts = []
+        for i, splits in enumerate(folds, 1):
+            console.rule(f"fold {i}/{k}")
+            fold = fold_recipe(recipe, i)
+            task, test, _, results = score_contenders(fold, splits["train"], splits["test"], data.labels,
+                                                      contenders_of(fold, console), console)
+            parts.append((test, results))
+        test, pooled = pool_results(task, parts)
+        for r in pooled:
+            r.metrics["train_seconds"] = _fold_train_seconds(recipe, r.name, k)
+        ev = finish_evaluation(recipe, task, pooled, test, fold_summary(data.summary, folds, len(test)), console)
+    with stage("report"):
+        report = write_run_report(recipe, ev, {n: merged_summary(s) for n, s in trained.items()}, timings,
+                                  {"Headline per fold": fold_table(task, parts)})
+    return RunResult(recipe.run_dir, report, {r.name: r.metrics for r in pooled}, ev.report.headline(), timings)
+
+
+def cross_validation_splits(recipe: Recipe, data) -> list[dict]:
+    """The ``data.split.folds`` splits of every prepared example (stratified only where the task kind is)."""
+    from tunesmith.data.split import fold_splits
+    from tunesmith.tasks import kind_class
+
+    examples = [e for part in ("train", "val", "test", "unused") for e in data.splits.get(part, [])]
+    cfg = recipe.data.split
+    cfg = cfg.model_copy(update={"stratify": kind_class(recipe.data.task).stratify and cfg.stratify})
+    return fold_splits(examples, cfg, recipe.seed)
+
+
+def fold_recipe(recipe: Recipe, i: int) -> Recipe:
+    """Fold ``i``'s recipe: the same settings, its run folder ``<run>/folds/fold-<i>``."""
+    return recipe.model_copy(update={"output_dir": recipe.run_dir / "folds", "name": f"fold-{i}"})
+
+
+def fold_summary(summary: dict, folds: list[dict], scored: int) -> dict:
+    """The data table under cross-validation: split sizes per fold instead of the one split's."""
+    out = {k: v for k, v in summary.items() if k not in ("train", "val", "test", "not used (split sizes smaller "
+                                                                                    "than the data)")}
+
+    def sizes(part: str) -> str:
+        n = sorted(len(f[part]) for f in folds)
+        return f"{n[0]:,}" if n[0] == n[-1] else f"{n[0]:,}–{n[-1]:,}"
+
+    out["cross-validation"] = f"{len(folds)} folds: each example tested once, by models that did not train on it"
+    out |= {"train (per fold)": sizes("train"), "val (per fold)": sizes("val"), "test (per fold)": sizes("test"),
+            "test examples scored": f"all {scored:,}, over {len(folds)} folds"}
+    return out
+
+
+def merged_summary(per_fold: list[dict]) -> dict:
+    """One training table for an arm trained once per fold: a value the folds share once, the others per fold."""
+    out = {}
+    for key in per_fold[0]:
+        values = [str(s.get(key, "–")) for s in per_fold]
+        out[key] = values[0] if len(set(values)) == 1 else "per fold: " + " · ".join(values)
+    return out
+
+
+def _fold_train_seconds(recipe: Recipe, name: str, k: int) -> float | None:
+    """An arm's training time summed over the folds (None for contenders that did not train)."""
+    from tunesmith.eval.runner import arm_name, arm_recipes
+
+    total = None
+    for i in range(1, k + 1):
+        fold = fold_recipe(recipe, i)
+        for arm in arm_recipes(fold):
+            summary = arm.run_dir / "train" / "summary.json"
+            if arm_name(fold, arm) == name and summary.is_file():
+                total = (total or 0.0) + json.loads(summary.read_text(encoding="utf-8"))["seconds"]
+    return total
 
 
 def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, prefix: str) -> dict:
@@ -114,13 +209,15 @@ def _export_arm(recipe: Recipe, arm: Recipe, splits: dict, train: list) -> None:
     export_splits({**splits, "train": ordered(arm, train)}, arm.data, arm.run_dir / "data" / "export")
 
 
-def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict[str, float]) -> Path:
+def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict[str, float],
+                     extra: dict[str, dict] | None = None) -> Path:
     """The run's report.md: the evaluation report plus each arm's training and the time per stage."""
     report = ev.report
     report.title = f"{recipe.name}: fine-tuning report"
-    report.sections = {f"Training: {name}": summary for name, summary in trained.items()}
+    report.sections = {**(extra or {}), **{f"Training: {name}": summary for name, summary in trained.items()}}
     report.sections["Time per stage (seconds)"] = timings
-    add_train_seconds(recipe, report.results)
+    if not recipe.data.split.folds:  # under cross-validation the pooled results carry the sum over folds
+        add_train_seconds(recipe, report.results)
     images = dict(report.images)
     for arm_dir, name in _arm_dirs(recipe):
         if (arm_dir / "train" / "loss.png").is_file():

@@ -21,6 +21,11 @@ class SplitSection(Section):
     stratify: bool = True
     stratify_field: str | None = Field(None, description="stratify by this field instead of the target")
     group_field: str | None = Field(None, description="records sharing this field's value stay in one split")
+    folds: int | None = Field(
+        None, ge=2, le=20, description="k-fold cross-validation for `tunesmith run`: the examples are cut into k "
+        "folds (seeded; stratified or grouped as above) and every arm trains k times, each time on all folds but "
+        "one (val: a share of those) and is tested on the fold left out, so every example is scored once by models "
+        "that never saw it and the intervals cover all of them. train and test are then not used")
 
     @model_validator(mode="after")
     def _fractions_or_counts(self) -> SplitSection:
@@ -243,6 +248,17 @@ class DataSection(Section):
         kind.parse_options(self.task_options)
         if self.target_field is None and kind.options_model is None:
             raise ValueError(f"target_field: required for a {self.task} task (the field holding the answer)")
+        return self
+
+    @model_validator(mode="after")
+    def _folds_cut_one_source(self) -> DataSection:
+        if self.split.folds is None:
+            return self
+        if self.splits is not None:
+            raise ValueError("data.split.folds cuts one source (data.path or data.hub) into folds; with data.splits "
+                             "the test file is the test: remove folds or splits")
+        if self.split.val >= 1:
+            raise ValueError("with data.split.folds, data.split.val is a fraction of each fold's training part (< 1)")
         return self
 
     @model_validator(mode="after")

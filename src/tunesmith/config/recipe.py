@@ -132,3 +132,12 @@ class Recipe(Section):
     @property
     def run_dir(self) -> Path:
         return self.output_dir / self.name
+
+    def refuse_folds(self, command: str) -> None:
+        """Cross-validation trains and scores every fold in one ``tunesmith run``; other commands use one split."""
+        if self.data is not None and self.data.split.folds:
+            from tunesmith.errors import ConfigError
+
+            raise ConfigError(f"data.split.folds: cross-validation trains and evaluates every fold in one "
+                              f"`tunesmith run`; `{command}` works on one split: run the recipe, or remove "
+                              "data.split.folds")

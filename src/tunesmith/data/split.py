@@ -83,3 +83,50 @@ def _split_groups(examples: list[Example], cfg: SplitSection, rng: random.Random
     if not out["train"]:
         raise DataError(f"grouping by '{cfg.group_field}' left no training examples ({len(units)} groups)")
     return out
+
+
+def fold_splits(examples: list[Example], cfg: SplitSection, seed: int) -> list[dict[str, list[Example]]]:
+    """``cfg.folds`` cross-validation splits: the examples cut into k folds (seeded; labels spread evenly with
+    ``stratify``, whole groups with ``group_field``), and for fold i the split that tests on it: fold i as
+    test, a ``cfg.val`` share of the other folds as val, the rest as train. Every example is in exactly one
+    test split."""
+    k = cfg.folds
+    rng = random.Random(seed)
+    key = (lambda ex: str(ex.meta.get(cfg.stratify_field))) if cfg.stratify_field else (lambda ex: ex.target)
+    units = _units(examples, cfg, rng, key)
+    if len(units) < k:
+        what = f"groups of '{cfg.group_field}'" if cfg.group_field else "examples"
+        raise DataError(f"data.split.folds {k} needs at least {k} {what}; there are {len(units)}")
+    folds: list[list[list[Example]]] = [[] for _ in range(k)]
+    sizes = [0] * k
+    for n, unit in enumerate(units):  # contiguous slices of the spread order keep each label's share;
+        i = min(range(k), key=lambda f: (sizes[f], f)) if cfg.group_field else n * k // len(units)  # a group
+        folds[i].append(unit)  # goes to the smallest fold
+        sizes[i] += len(unit)
+    out = []
+    for i in range(k):
+        rest = [u for j in range(k) if j != i for u in folds[j]]
+        rest = spread(rest, lambda u: Counter(key(e) for e in u).most_common(1)[0][0], rng)
+        n_val, val, train = round(sum(map(len, rest)) * cfg.val), [], []
+        for unit in rest:
+            (val if len(val) < n_val else train).extend(unit)
+        out.append({"train": train, "val": val, "test": [e for u in folds[i] for e in u], "unused": []})
+    return out
+
+
+def _units(examples: list[Example], cfg: SplitSection, rng: random.Random, key) -> list[list[Example]]:
+    """What stays together: one example each, or each group of ``group_field``; shuffled, spread by label."""
+    if cfg.group_field:
+        groups: dict[str, list[Example]] = defaultdict(list)
+        for ex in examples:
+            g = ex.meta.get(cfg.group_field)
+            if g is None:
+                raise DataError(f"{ex.meta.get('source', ex.id)}: no value for data.split.group_field '{cfg.group_field}'")
+            groups[str(g)].append(ex)
+        units = list(groups.values())
+    else:
+        units = [[ex] for ex in examples]
+    rng.shuffle(units)
+    if cfg.stratify or cfg.stratify_field:
+        units = spread(units, lambda u: Counter(key(e) for e in u).most_common(1)[0][0], rng)
+    return units

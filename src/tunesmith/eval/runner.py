@@ -92,6 +92,7 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
     console = console or Console()
     if recipe.data is None:
         raise ConfigError("data: required to evaluate (the test split comes from it)")
+    recipe.refuse_folds("tunesmith eval")
     check_endpoints(recipe)
     data = prepare(recipe, recipe.run_dir / "data", console)
     return evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders_of(recipe, console),
@@ -160,7 +161,14 @@ def trained_format(recipe: Recipe, known: dict) -> str:
 def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: list[str],
              contenders: list[LocalContender], summary: dict, console: Console) -> EvalRun:
     """Score every contender on ``test`` and write the eval folder."""
-    from tunesmith.eval.endpoint import EndpointClient
+    task, test, scored, results = score_contenders(recipe, train, test, labels, contenders, console)
+    return finish_evaluation(recipe, task, results, test, {**summary, "test examples scored": scored}, console)
+
+
+def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], labels: list[str],
+                     contenders: list[LocalContender], console: Console):
+    """``(task, test examples scored, how they were chosen, results)``: every local contender, endpoint and
+    baseline (fitted on ``train``) scored on ``test`` (or its ``eval.max_examples`` sample); no intervals yet."""
     from tunesmith.progress import task_bar
 
     bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
@@ -172,17 +180,25 @@ def evaluate(recipe: Recipe, train: list[Example], test: list[Example], labels: 
         refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
     task = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
     test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
-    summary = {**summary, "test examples scored": scored}
     console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
     endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
     for client, ask_as, (data_cfg, with_labels) in endpoints:
         results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))
     results += _baselines(recipe, task, train, test, console)
+    return task, test, scored, results
+
+
+def finish_evaluation(recipe: Recipe, task: TaskKind, results: list[ContenderResult], test: list[Example],
+                      summary: dict, console: Console) -> EvalRun:
+    """Bootstrap intervals, the optional judge, and the eval folder (metrics, predictions, charts, report)."""
+    from tunesmith.eval.endpoint import EndpointClient
+    from tunesmith.eval.report import write_eval_outputs
+    from tunesmith.progress import task_bar
+
+    bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
     judge = _judge(recipe, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
-    from tunesmith.eval.report import write_eval_outputs
-
     return write_eval_outputs(recipe, task, results, test, summary, judge)
 
 

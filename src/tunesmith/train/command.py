@@ -28,6 +28,7 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
 
     if recipe.data is None and recipe.train.method != "dpo":
         raise ConfigError("data: required (only train.method dpo reads its pairs from train.dpo.path)")
+    recipe.refuse_folds("tunesmith train")
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     check_adapter_device(recipe.train.adapter, placement)
     run_dir = recipe.run_dir
