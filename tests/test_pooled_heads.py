@@ -153,3 +153,21 @@ def test_pooling_and_probe_are_refused_where_they_do_not_apply(tmp_path, tiny_mo
         head_init(probe, head_pooling(probe))
     mean = validate_recipe({**doc, "train": {"head": "classifier", "pooling": "mean"}})
     assert head_pooling(mean) == "mean" and head_init(mean, "mean") == "probe"
+
+
+def test_auto_pools_classifiers_on_encoders_and_keeps_the_pooler_for_regression(tmp_path, tiny_bert_dir):
+    """Measured defaults: mean + probe for a classifier on an encoder; [CLS] + random start for a regression head
+    (the unit-length embedding trained to twice the error on prices: docs/train.md)."""
+    from tunesmith.config import validate_recipe
+    from tunesmith.train.heads import head_init, head_pooling
+
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 4))
+    doc = banking_recipe(tmp_path, tiny_bert_dir, data, name="auto", seed=0, split={"train": 6, "val": 0, "test": 6},
+                         train={"head": "classifier"})
+    classifier = validate_recipe(doc)
+    assert head_pooling(classifier) == "mean" and head_init(classifier, "mean") == "probe"
+    numeric = {**doc, "data": {**doc["data"], "task": "regression"}}
+    regression = validate_recipe({**numeric, "train": {"head": "regression"}})
+    assert head_pooling(regression) == "native" and head_init(regression, "native") == "random"
+    chosen = validate_recipe({**numeric, "train": {"head": "regression", "pooling": "mean"}})
+    assert head_pooling(chosen) == "mean" and head_init(chosen, "mean") == "probe"

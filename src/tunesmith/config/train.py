@@ -46,7 +46,8 @@ class TrainSection(Section):
         "auto", description="head: classifier or regression: the vector the head reads. mean: the mean of the token "
         "states, L2-normalised — the sentence embedding that encoders such as all-MiniLM-L6-v2 and multilingual-e5 "
         "are trained to produce; native: transformers' own *ForSequenceClassification (the last token on a decoder, "
-        "the [CLS] pooler on an encoder). auto: mean on encoders, native on decoders"
+        "the [CLS] pooler on an encoder). auto: mean for a classifier on an encoder, native otherwise (measured: "
+        "docs/train.md)"
     )
     head_init: Literal["auto", "probe", "random"] = Field(
         "auto", description="head: classifier or regression: how the head layer starts. probe: from a linear model "

@@ -395,15 +395,16 @@ def head_kind(name: str) -> HeadKind:
 
 def head_pooling(recipe: Recipe) -> str | None:
     """What vector a classifier or regression head reads: ``mean`` (the mean-pooled sentence embedding) or
-    ``native`` (transformers' own head); ``train.pooling: auto`` is mean on encoders, native on decoders.
-    None for heads that read every token (span)."""
+    ``native`` (transformers' own head); ``train.pooling: auto`` is mean for a classifier on an encoder and
+    native otherwise: a regression head on the unit-length mean embedding trained to a far worse error than
+    on the [CLS] pooler (docs/train.md). None for heads that read every token (span)."""
     from tunesmith.models.encoders import is_encoder
 
     if not HEADS[recipe.train.head].pooled:
         return None
     if recipe.train.pooling != "auto":
         return recipe.train.pooling
-    return "mean" if is_encoder(recipe.model.name) else "native"
+    return "mean" if recipe.train.head == "classifier" and is_encoder(recipe.model.name) else "native"
 
 
 def head_init(recipe: Recipe, pooling: str | None) -> str:
