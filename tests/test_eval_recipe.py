@@ -281,15 +281,15 @@ def test_max_examples_samples_a_sorted_test_file_across_its_labels(cli, tmp_path
 
 
 def test_sample_is_seeded_random_in_file_order_without_labels():
-    from tunesmith.eval.runner import sample_test
+    from tunesmith.data.split import sample_examples
     from tunesmith.records import Example
 
     test = [Example(f"r{i}", {"text": str(i)}, str(i)) for i in range(100)]
-    a, how = sample_test(test, 10, False, seed=7)
+    a, how = sample_examples(test, 10, False, seed=7)
     assert how == "10 of 100, random, seed 7" and len(a) == 10
     assert a != test[:10] and [e.id for e in a] == sorted((e.id for e in a), key=lambda s: int(s[1:]))
-    assert sample_test(test, 10, False, seed=7)[0] == a and sample_test(test, 10, False, seed=8)[0] != a
-    assert sample_test(test, 100, False, seed=7) == (test, "all 100") and sample_test(test, None, True, 1)[0] == test
+    assert sample_examples(test, 10, False, seed=7)[0] == a and sample_examples(test, 10, False, seed=8)[0] != a
+    assert sample_examples(test, 100, False, seed=7) == (test, "all 100") and sample_examples(test, None, True, 1)[0] == test
 
 
 def test_contender_labels_say_what_was_trained():

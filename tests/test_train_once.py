@@ -42,3 +42,36 @@ def test_train_twice_is_not_retrained_and_another_setting_is(cli, tmp_path, tiny
     code, out = cli(["train", str(recipe), "--resume"])
     assert code == 2 and "--resume: the checkpoints" in out and "other settings" in out, out
     assert list((train / "checkpoints").glob("checkpoint-*"))
+
+
+def test_train_examples_trains_on_a_stratified_sample_and_says_so(cli, tmp_path, tiny_model_dir):
+    """``train.examples`` cuts the train split to a seeded sample (each label keeps its share) before the
+    fingerprint: the summary says how, the count is what trained, and another size is another training."""
+    from collections import Counter
+
+    from tunesmith.config import validate_recipe
+    from tunesmith.records import Example
+    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.once import sampled_train
+
+    labels = ("card_arrival", "pin_blocked", "age_limit")
+    rows = [Example(f"r{i}", {"text": f"t{i}"}, labels[i % 3] if i < 60 else labels[0]) for i in range(90)]
+    doc = banking_recipe(tmp_path, tiny_model_dir, tmp_path / "unused.jsonl", name="s", seed=5,
+                         split={"train": 8, "val": 0, "test": 4}, train={"examples": 30})
+    cut, how = sampled_train(validate_recipe(doc), TrainData(rows, [], list(labels)))
+    assert how == "30 of 90, stratified by label, seed 5" and len(cut.train) == 30
+    counts = Counter(e.target for e in cut.train)  # the split holds 50 / 20 / 20: shares 5/9, 2/9, 2/9
+    assert all(abs(counts[label] - 30 * share) <= 1 for label, share in zip(labels, (5 / 9, 2 / 9, 2 / 9)))
+    assert sampled_train(validate_recipe({**doc, "train": {"examples": 500}}), TrainData(rows))[1] is None
+
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(labels, 6))
+    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="sampled", seed=3, split={"train": 12, "val": 0, "test": 6},
+        train={**FAST, "examples": 6}))
+    code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    done = json.loads((tmp_path / "runs" / "sampled" / "train" / "done.json").read_text())
+    assert done["summary"]["train split sampled (train.examples)"] == "6 of 12, stratified by label, seed 3"
+    assert done["summary"]["training examples (set aside as too long)"] == "6 (0)"
+    code, out = cli(["train", str(recipe), "--set", "train.examples=9"])
+    assert code == 0 and "not retrained" not in out, out

@@ -74,6 +74,11 @@ class TrainSection(Section):
         "multilingual-e5-small at 384 tokens on a CPU, benchmarks/attention_dropout.py). Decoders ship with 0"
     )
     lora: LoraSection = LoraSection()
+    examples: int | None = Field(
+        None, ge=1, description="train on a seeded sample of this many of the train split's examples (stratified by "
+        "label where the task has labels); null: all. The test split stays the same for every arm, so in one "
+        "report a slow arm (generative SFT on the LLM) can train on fewer rows than a fast one (an encoder head)"
+    )
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     batch_size: int = Field(8, ge=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import DataSection, Recipe, arm_recipe
+from tunesmith.data.split import sample_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.eval.bootstrap import mean_ci, paired_difference
 from tunesmith.eval.result import ContenderResult, EvalRun, Source
@@ -179,7 +180,7 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
 
         refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
     task = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
-    test, scored = sample_test(test, recipe.eval.max_examples, task.stratify, recipe.seed)
+    test, scored = sample_examples(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
     endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
     results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
@@ -200,29 +201,6 @@ def finish_evaluation(recipe: Recipe, task: TaskKind, results: list[ContenderRes
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
     judge = _judge(recipe, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
     return write_eval_outputs(recipe, task, results, test, summary, judge)
-
-
-def sample_test(test: list[Example], n: int | None, stratify: bool, seed: int) -> tuple[list[Example], str]:
-    """At most ``n`` test examples and how they were chosen, e.g. '600 of 3,080, stratified by label, seed 42'.
-
-    A seeded sample, never the first rows: official test files are often sorted (BANKING77's by intent,
-    so its first 600 rows hold 15 of the 77 intents). Stratified by label for a closed label set (each
-    label keeps its share), random otherwise; the sample keeps the file's order.
-    """
-    import random
-
-    from tunesmith.data.split import spread
-
-    if not n or n >= len(test):
-        return test, f"all {len(test):,}"
-    rng = random.Random(seed)
-    order = list(range(len(test)))
-    rng.shuffle(order)
-    if stratify:
-        order = spread(order, lambda i: test[i].target, rng)
-    chosen = sorted(order[:n])
-    how = "stratified by label" if stratify else "random"
-    return [test[i] for i in chosen], f"{n:,} of {len(test):,}, {how}, seed {seed}"
 
 
 def asked_endpoints(recipe: Recipe, console: Console) -> list[tuple]:
@@ -427,7 +405,7 @@ def evaluate_conversations(recipe: Recipe, rows: list[dict], console: Console | 
         raise DataError("no conversations to evaluate")
     test = [Example(f"valid-{i + 1}", {"prompt": r["prompt"][-1]["content"] if r["prompt"] else ""},
                     r["completion"][-1]["content"], {"messages": r["prompt"]}) for i, r in enumerate(rows)]
-    test, scored = sample_test(test, recipe.eval.max_examples, False, recipe.seed)
+    test, scored = sample_examples(test, recipe.eval.max_examples, False, recipe.seed)
     tokenizer = load_tokenizer(recipe.model.name)
     longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in test)
     cfg = recipe.eval.model_copy(update={"max_new_tokens": min(512, longest + 8), "baselines": []})

@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +68,7 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
     from tunesmith.train.result import trained_output
 
     out = recipe.run_dir / "train"
+    data, sampled = sampled_train(recipe, data)
     with main_process_first():  # rank 0 decides about earlier checkpoints and runs any synth stage first
         key = fingerprint(recipe, data.train, init_adapter)
         done = None if resume else finished(out, key)
@@ -81,10 +82,24 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
     result = train(plan.recipe, TrainData(plan.train, data.val, data.labels), console, bar, resume=plan.resume,
                    init_adapter=init_adapter)
     summary = plan.summary | training_summary(plan.recipe, result, base_model or recipe.model.name)
+    if sampled:
+        summary["train split sampled (train.examples)"] = sampled
     if is_main():
         (out / "done.json").write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2),
                                        encoding="utf-8")
     return Trained(summary, result.output_dir, result)
+
+
+def sampled_train(recipe: Recipe, data: TrainData) -> tuple[TrainData, str | None]:
+    """``data`` with its train split cut to ``train.examples`` (a seeded sample, stratified by label where there
+    are labels) and how it was chosen; unchanged, with None, when the setting is off or the split is smaller."""
+    from tunesmith.data.split import sample_examples
+
+    n = recipe.train.examples
+    if not n or n >= len(data.train):
+        return data, None
+    train, how = sample_examples(data.train, n, bool(data.labels), recipe.seed)
+    return replace(data, train=train), how
 
 
 def fingerprint(recipe: Recipe, train: list[Example], init_adapter: Path | None = None) -> str:
