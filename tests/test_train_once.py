@@ -61,7 +61,7 @@ def test_train_examples_trains_on_a_stratified_sample_and_says_so(cli, tmp_path,
     cut, how = sampled_train(validate_recipe(doc), TrainData(rows, [], list(labels)))
     assert how == "30 of 90, stratified by label, seed 5" and len(cut.train) == 30
     counts = Counter(e.target for e in cut.train)  # the split holds 50 / 20 / 20: shares 5/9, 2/9, 2/9
-    assert all(abs(counts[label] - 30 * share) <= 1 for label, share in zip(labels, (5 / 9, 2 / 9, 2 / 9)))
+    assert all(abs(counts[label] - 30 * share) <= 1 for label, share in zip(labels, (5 / 9, 2 / 9, 2 / 9), strict=True))
     assert sampled_train(validate_recipe({**doc, "train": {"examples": 500}}), TrainData(rows))[1] is None
 
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(labels, 6))

@@ -29,19 +29,22 @@ def make_progress(console: Console) -> Progress:
 
 @contextmanager
 def task_bar(console: Console, description: str, total: int):
-    """Yield ``advance(n, info="", grow=0)`` for one bar that lives for the ``with`` block
-    (``grow`` adds work found on the way to the total, e.g. re-asked calls)."""
+    """Yield ``advance(n, info="", grow=0, skip=0)`` for one bar that lives for the ``with`` block
+    (``grow`` adds work found on the way to the total, e.g. re-asked calls; ``skip`` marks work done
+    before the bar began, e.g. the steps behind a resumed checkpoint: shown as done, left out of the ETA)."""
     if not console.is_terminal:
         yield _line_printer(console, description, total)
         return
     with make_progress(console) as progress:
         task = progress.add_task(description, total=total, info="")
 
-        def advance(n: int = 1, info: str | None = None, grow: int = 0) -> None:
+        def advance(n: int = 1, info: str | None = None, grow: int = 0, skip: int = 0) -> None:
             if info is not None:
                 progress.update(task, info=info)
             if grow:
                 progress.update(task, total=(progress.tasks[0].total or 0) + grow)
+            if skip:  # a reset clears the speed samples, so the skipped work does not count as fast work
+                progress.reset(task, completed=progress.tasks[0].completed + skip)
             progress.advance(task, n)
 
         yield advance
@@ -54,22 +57,23 @@ def _clock(seconds: float) -> str:
 
 def _line_printer(console: Console, description: str, total: int):
     """``advance`` for a console that is not a terminal: one line per tenth of ``total`` (and the last)."""
-    start, state = time.monotonic(), {"done": 0, "info": "", "printed": -1, "total": total}
+    start, state = time.monotonic(), {"done": 0, "skipped": 0, "info": "", "printed": -1, "total": total}
 
-    def advance(n: int = 1, info: str | None = None, grow: int = 0) -> None:
+    def advance(n: int = 1, info: str | None = None, grow: int = 0, skip: int = 0) -> None:
         if info is not None:
             state["info"] = info
         state["total"] += grow
-        total = state["total"]
-        state["done"] += n
-        done, tenth = state["done"], state["done"] * 10 // max(total, 1)
-        if tenth <= state["printed"] and done < total:
+        state["skipped"] += skip
+        state["done"] += n + skip
+        total, done = state["total"], state["done"]
+        tenth = done * 10 // max(total, 1)
+        if tenth <= state["printed"] and done < total and not skip:
             return
         state["printed"] = tenth
-        elapsed = time.monotonic() - start
-        eta = elapsed / done * (total - done) if done else 0.0
+        elapsed, worked = time.monotonic() - start, done - state["skipped"]
+        eta = f", ETA {_clock(elapsed / worked * (total - done))}" if worked else ""
         info_part = f" {state['info']}" if state["info"] else ""
-        console.print(f"{description}: {done}/{total}{info_part} · {_clock(elapsed)} elapsed, ETA {_clock(eta)}",
+        console.print(f"{description}: {done}/{total}{info_part} · {_clock(elapsed)} elapsed{eta}",
                       highlight=False, markup=False, soft_wrap=True)
 
     return advance

@@ -188,7 +188,9 @@ def make_progress_callback(advance, total_steps_hint):
             self.info = ""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.last_step = state.global_step  # a resumed run starts past its checkpoint
+            self.last_step = state.global_step  # a resumed run starts past its checkpoint: the bar does too
+            if state.global_step:
+                advance(0, f"resumed at step {state.global_step:,}", skip=state.global_step)
             self.start, self.tokens_at_start = time.time(), state.num_input_tokens_seen or 0
 
         def on_step_end(self, args, state, control, **kwargs):
