@@ -1,4 +1,5 @@
-"""Resume after SIGKILL: the resumed run ends where an uninterrupted one does; no step twice or skipped."""
+"""Resume after SIGKILL: the resumed run ends where an uninterrupted one does; no step twice or skipped; its
+training time includes the stretch before the kill."""
 
 import json
 import subprocess
@@ -66,6 +67,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cli, tmp_path, tiny_mode
     run = tmp_path / "runs" / "killed"
     assert (run / f"train/checkpoints/checkpoint-{KILL_AT}/trainer_state.json").is_file()
     assert not (run / "train/adapter").exists()  # it really died before finishing
+    state_file = run / f"train/checkpoints/checkpoint-{KILL_AT}/trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["stateful_callbacks"]["TrainingClock"]["attributes"]["seconds"] > 0
+    state["stateful_callbacks"]["TrainingClock"]["attributes"]["seconds"] = 1000.0  # as if it had taken 1,000 s
+    state_file.write_text(json.dumps(state))
 
     code, out = cli(["train", str(killed), "--resume"])
     assert code == 0, out
@@ -85,7 +91,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cli, tmp_path, tiny_mode
         # tensors by far more than 1e-3 of their norm.
         drift = torch.linalg.vector_norm(resumed[key] - straight[key]) / torch.linalg.vector_norm(straight[key])
         assert drift < 1e-3, (key, float(drift))
-    assert json.loads((run / "train/summary.json").read_text())["resumed"] is True
+    summary = json.loads((run / "train/summary.json").read_text())
+    assert summary["resumed"] is True
+    assert 1000 < summary["seconds"] < 1000 + 240  # the time behind the checkpoint counts, once
+    assert summary["tokens_per_second"] == pytest.approx(summary["tokens"] / summary["seconds"])
 
 
 def test_resume_without_checkpoint_is_a_config_error(cli, tmp_path, tiny_model_dir):

@@ -9,6 +9,7 @@ OpenAI-style metrics file. Checkpoints carry optimizer, scheduler, RNG and data 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -257,10 +258,43 @@ def save_final(trainer, final_dir: Path) -> None:
     trainer.save_model(str(final_dir))
 
 
+def trained_seconds(checkpoint: Path | None) -> float:
+    """Seconds of training behind a checkpoint (0 without one, or for one saved before the clock was kept)."""
+    if checkpoint is None:
+        return 0.0
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return float(((state.get("stateful_callbacks") or {}).get("TrainingClock") or {}).get("attributes", {})
+                 .get("seconds", 0.0))
+
+
+def make_training_clock(before: float):
+    """A TrainerCallback whose state — the training seconds so far, ``before`` included — the Trainer writes
+    into every checkpoint's trainer_state.json, so that a resumed run reports the time of the whole training
+    (the seconds and the checkpoint are saved together: a kill cannot keep one without the other)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TrainingClock(TrainerCallback, ExportableState):
+        def __init__(self):
+            self.start = time.time()
+
+        def seconds(self) -> float:
+            return before + time.time() - self.start
+
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"seconds": self.seconds()}}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # a checkpoint saved before the clock was kept has no entry, and the Trainer's save expects one
+            state.stateful_callbacks.setdefault(type(self).__name__, self.state())
+
+    return TrainingClock()
+
+
 def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
     """Run ``trainer.train()`` under our progress bar (the Trainer's own printing removed), from the newest
-    checkpoint when ``resume``, FSDP-sharded on CPUs when the recipe asks; returns the seconds it took. An
-    out-of-memory error says what to change."""
+    checkpoint when ``resume``, FSDP-sharded on CPUs when the recipe asks; returns the seconds of training
+    (those behind a resumed checkpoint included). An out-of-memory error says what to change."""
     from transformers import PrinterCallback, ProgressCallback
 
     from tunesmith.train.fsdp import check_resumable, shard_on_cpu
@@ -275,7 +309,8 @@ def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list 
     if checkpoint is not None:
         check_resumable(checkpoint, trainer)
     steps = planned_steps(trainer)
-    start = time.time()
+    clock = make_training_clock(trained_seconds(checkpoint))
+    trainer.add_callback(clock)
     with progress_factory(steps) as advance:
         trainer.add_callback(make_progress_callback(advance, steps))
         try:
@@ -287,7 +322,7 @@ def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list 
                     "or set train.gradient_checkpointing: true (see `tunesmith train RECIPE --estimate`)."
                 ) from exc
             raise
-    return time.time() - start
+    return clock.seconds()
 
 
 def planned_steps(trainer) -> int:
