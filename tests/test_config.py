@@ -120,3 +120,18 @@ def test_split_fractions_count_only_the_shares_carved():
     validate_recipe({**MINIMAL, "data": {**MINIMAL["data"], "splits": {"train": "a.jsonl"}}})  # defaults still fit
     with pytest.raises(ConfigError, match=r"sum to 1\.200 \(train 0\.9 \+ val 0\.1 \+ test 0\.2\)"):
         validate_recipe({**MINIMAL, "data": {**data, "splits": {"train": "a.jsonl"}}})  # 0.2 held out for test
+
+
+def test_set_changes_one_arm_by_name_and_keeps_the_others(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\ndata: {path: d.jsonl, input_fields: [text], target_field: label}\n"
+                      "arms:\n  - {name: head, train: {head: classifier, learning_rate: 1.0e-3}}\n"
+                      "  - {name: generative, train: {examples: 2000}}\n")
+    r = load_recipe(recipe, ["arms.generative.train.examples=null", "arms.head.train.epochs=2"])
+    assert [(a.name, a.train) for a in r.arms] == [
+        ("head", {"head": "classifier", "learning_rate": 1.0e-3, "epochs": 2}), ("generative", {"examples": None})]
+    with pytest.raises(ConfigError, match="no arm named 'sft'.*its arms: head, generative"):
+        load_recipe(recipe, ["arms.sft.train.epochs=2"])
+    with pytest.raises(ConfigError, match="give a key inside the arm"):
+        load_recipe(recipe, ["arms.head=3"])
+    assert [a.name for a in load_recipe(recipe, ["arms=[{name: only}]"]).arms] == ["only"]

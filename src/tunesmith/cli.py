@@ -85,7 +85,8 @@ def _rank_console() -> Console:
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set train.epochs=2.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key, e.g. --set train.epochs=2; one arm: --set arms.NAME.train.epochs=2.")] = None,
     nproc: NprocOpt = None,
     nnodes: NnodesOpt = 1,
     node_rank: NodeRankOpt = 0,

@@ -65,8 +65,28 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             _resolve_relative(raw["data"].get("splits"), key, path.parent)
     if isinstance(raw.get("train"), dict):
         _resolve_relative(raw["train"].get("dpo"), "path", path.parent)
-    merged = deep_merge(raw, parse_overrides(overrides or []))
+    top = parse_overrides(overrides or [])
+    if isinstance(top.get("arms"), dict):  # --set arms.NAME.train.epochs=2 changes one arm, keeps the others
+        top["arms"] = merge_named_arms(raw.get("arms"), top["arms"])
+    merged = deep_merge(raw, top)
     return validate_recipe(merged, source=str(path))
+
+
+def merge_named_arms(arms: Any, changes: dict[str, Any]) -> list:
+    """The recipe's arms with ``changes`` (arm name → overrides) merged into the arms of those names."""
+    arms = arms if isinstance(arms, list) else []
+    names = [a.get("name") for a in arms if isinstance(a, dict)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise ConfigError(f"--set arms.{unknown[0]}...: the recipe has no arm named '{unknown[0]}' "
+                          f"(its arms: {', '.join(map(str, names)) or 'none'}); set the whole list with --set 'arms=[...]'")
+    out = []
+    for arm in arms:
+        change = changes.get(arm.get("name")) if isinstance(arm, dict) else None
+        if change is not None and not isinstance(change, dict):
+            raise ConfigError(f"--set arms.{arm['name']}: give a key inside the arm, e.g. arms.{arm['name']}.train.epochs=2")
+        out.append(deep_merge(arm, change) if change else arm)
+    return out
 
 
 def _resolve_relative(section, key: str, base: Path) -> None:
