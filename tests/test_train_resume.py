@@ -75,6 +75,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(cli, tmp_path, tiny_mode
 
     code, out = cli(["train", str(killed), "--resume"])
     assert code == 0, out
+    assert "resumed from a checkpoint" in out
     code, out = cli(["train", str(_recipe(tmp_path, tiny_model_dir, "straight"))])
     assert code == 0, out
 

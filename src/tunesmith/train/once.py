@@ -200,7 +200,8 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
         "tokens trained": f"{result.tokens:,}",
-        "training time": f"{result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)",
+        "training time": f"{result.seconds:.0f} s ({result.tokens_per_second:,.0f} tokens/s)"
+                         + (", resumed from a checkpoint" if result.resumed else ""),
         "peak memory": f"{result.peak_memory_mb:,.0f} MB",
         "train loss first → last": loss_span(result.rows),
         "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
