@@ -299,6 +299,7 @@ def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list 
 
     from tunesmith.train.fsdp import check_resumable, shard_on_cpu
     from tunesmith.train.resume import newest_checkpoint
+    from tunesmith.train.trainer import reset_peak_memory
 
     shard_on_cpu(trainer)  # train.distributed: fsdp with CPU processes (see tunesmith.train.fsdp)
     for cb in (ProgressCallback, PrinterCallback):
@@ -311,6 +312,7 @@ def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list 
     steps = planned_steps(trainer)
     clock = make_training_clock(trained_seconds(checkpoint))
     trainer.add_callback(clock)
+    reset_peak_memory()  # this training's peak, not an earlier arm's in the same process
     with progress_factory(steps) as advance:
         trainer.add_callback(make_progress_callback(advance, steps))
         try:

@@ -12,16 +12,36 @@ import time
 
 from transformers import Trainer
 
+from tunesmith.train.memory import peak_rss, reset_peak_rss
+
 
 def peak_memory_mb() -> float:
-    """Peak memory of this process so far: CUDA allocator peak on a GPU, resident set size on a CPU."""
-    import resource
-
+    """Peak memory of this process since the last ``reset_peak_memory()``: the CUDA allocator's peak on a GPU,
+    the resident set's high-water mark on a CPU (Linux VmHWM; elsewhere the peak of the process's life)."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        return peak_rss() / 2**20
+    except (OSError, KeyError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak, so that each training reports its own and not that of an earlier arm in the same
+    process (the CUDA allocator's peak; on Linux the resident high-water mark)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        reset_peak_rss()
+    except OSError:
+        pass  # not Linux, or not allowed: the peak stays the process's
 
 
 def completion_loss(model, inputs: dict, num_items_in_batch=None):
