@@ -95,11 +95,8 @@ def sampled_train(recipe: Recipe, data: TrainData) -> tuple[TrainData, str | Non
     are labels) and how it was chosen; unchanged, with None, when the setting is off or the split is smaller."""
     from tunesmith.data.split import sample_examples
 
-    n = recipe.train.examples
-    if not n or n >= len(data.train):
-        return data, None
-    train, how = sample_examples(data.train, n, bool(data.labels), recipe.seed)
-    return replace(data, train=train), how
+    train, how = sample_examples(data.train, recipe.train.examples, bool(data.labels), recipe.seed)
+    return (data, None) if train is data.train else (replace(data, train=train), how)
 
 
 def fingerprint(recipe: Recipe, train: list[Example], init_adapter: Path | None = None) -> str:
