@@ -23,6 +23,7 @@ def test_arms_of_the_head_vs_generative_recipes_differ_only_in_the_head():
 
 
 @pytest.mark.parametrize("name, head", [("nsmc_binary.yaml", "classifier"), ("nsmc_stars.yaml", "classifier"),
+                                        ("banking77_full.yaml", "classifier"),
                                         ("price_amazon.yaml", "regression"),
                                         ("korquad_extractive.yaml", "span")])
 def test_recipes_with_a_generative_an_llm_head_and_an_encoder_head_arm(name, head):
@@ -40,11 +41,14 @@ def test_recipes_with_a_generative_an_llm_head_and_an_encoder_head_arm(name, hea
 
 def test_banking77_full_trains_the_measured_method():
     """The method docs/results.md chose by measurement: LoRA + classifier head, lr 1e-3, 2 epochs, grouped;
-    beside it the measured encoder arm (all-MiniLM-L6-v2 + classifier head)."""
+    beside it the measured encoder arm (all-MiniLM-L6-v2 + classifier head) and the generative arm on a
+    sample of the training messages (so the three kinds of arm train within the hour)."""
     from tunesmith.config import arm_recipe
 
     recipe = load_recipe(EXAMPLES[0].parent / "banking77_full.yaml")
-    assert [a.name for a in recipe.arms] == ["head", "minilm-head"]
+    assert [a.name for a in recipe.arms] == ["head", "minilm-head", "generative"]
+    generative = arm_recipe(recipe, recipe.arms[2])
+    assert generative.train.head == "generative" and 0 < generative.train.examples < 7802
     assert recipe.arms[0].train == {"head": "classifier", "learning_rate": 1.0e-3}
     encoder = arm_recipe(recipe, recipe.arms[1])
     assert (encoder.model.name, encoder.train.head, encoder.train.adapter) == ("all-minilm-l6-v2", "classifier", "full")
