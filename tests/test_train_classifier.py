@@ -69,3 +69,35 @@ def test_classifier_head_with_full_fine_tuning_saves_and_scores_the_whole_model(
     assert summary["trainable_params"] == summary["total_params"]  # every weight trained, not an adapter
     metrics = json.loads((saved.parent.parent / "eval/metrics.json").read_text())["finetuned"]
     assert metrics["n"] == 9 and metrics["scoring"] == "classifier head"
+
+
+def test_a_head_that_learns_nothing_is_said_in_its_summary_and_the_report(cli, tmp_path, tiny_model_dir):
+    """A head whose loss never leaves the label shares' entropy (here: a learning rate too small to move it;
+    on real data, a collapse) answers one label for everything; the training summary and report say so."""
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
+    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="flat", seed=4, split={"train": 27, "val": 0, "test": 9},
+        train={"head": "classifier", "max_steps": 8, "batch_size": 9, "learning_rate": 1e-9, "logging_steps": 2,
+               "max_seq_length": 64, "lr_scheduler": "constant"},
+        eval={"baselines": ["majority"], "max_new_tokens": 4}))
+    code, out = cli(["run", str(recipe)])
+    assert code == 0, out
+    assert "learned nothing beyond the label shares" in " ".join(out.split())
+    run = tmp_path / "runs" / "flat"
+    assert "learned nothing" in json.loads((run / "train/summary.json").read_text())["warning"]
+    assert "learned nothing beyond the label shares" in (run / "report.md").read_text()
+
+
+def test_stalled_at_prior_compares_the_last_losses_with_the_label_entropy():
+    import math
+
+    from tunesmith.train.heads import stalled_at_prior
+
+    balanced = [0, 1] * 50
+    collapsed = [0.845, 0.757, 0.787, 0.707, 0.694, 0.695]  # NSMC polarity's LLM head, measured
+    warning = stalled_at_prior(balanced, collapsed)
+    assert warning and f"{math.log(2):.3f}" in warning
+    assert stalled_at_prior(balanced, [0.69, 0.5, 0.3, 0.2]) is None  # it learned
+    assert stalled_at_prior([0] * 9 + [1], [0.33, 0.33]) is not None  # 0.325 nats: the shares of a 9:1 split
+    assert stalled_at_prior([0] * 9 + [1], [0.33, 0.2]) is None
+    assert stalled_at_prior([1] * 10, [0.5]) is None and stalled_at_prior(balanced, []) is None

@@ -232,6 +232,10 @@ class HeadKind:
         """Predictions as the task kind scores them (a span head's empty span: unanswered)."""
         return predictions
 
+    def learned_nothing(self, rows: list[dict], log: list[dict]) -> str | None:
+        """Why the training rows' logged losses show that nothing was learned, or None."""
+        return None
+
 
 def _fresh_head(auto_class, name: str, placement, tokenizer, **kwargs):
     """``auto_class`` (a transformers ``AutoModelFor…``) on the base model ``name``, padded as the tokenizer pads."""
@@ -279,6 +283,12 @@ class ClassifierHead(HeadKind):
         bias = np.full(outputs, intercept.min() - 10.0, dtype=np.float32)
         weight[fitted.classes_], bias[fitted.classes_] = coef, intercept
         return weight, bias
+
+    def learned_nothing(self, rows, log):
+        """Said when the loss ended where always answering the label shares starts (their entropy): the
+        head then answers (nearly) one label for every text, as a collapsed LoRA + head does when its
+        learning rate is too high for the data."""
+        return stalled_at_prior([r["labels"] for r in rows], [r["train_loss"] for r in log if r.get("train_loss") is not None])
 
     def predict_texts(self, predictor, texts, batch_size):
         labels = predictor.meta["labels"]
@@ -485,7 +495,30 @@ def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, 
                       label=f"train {head.name} head", meta=meta, resume=resume, callbacks=callbacks,
                       loss_func=head.loss_func(t), files=files)
     result.too_long = too_long
+    result.warning = head.learned_nothing(rows, result.rows)
+    if result.warning:
+        console.print(f"[yellow]{result.warning}[/]")
     return result
+
+
+def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05) -> str | None:
+    """A warning when the mean of the last quarter of the logged cross-entropy ``losses`` is within
+    ``tolerance`` (relative) of the entropy of the ``targets``' shares — the loss of a head that ignores its
+    input; None when the loss fell below it, or when there is too little to tell (one label, no losses)."""
+    import math
+    from collections import Counter
+
+    counts = Counter(targets)
+    if len(counts) < 2 or not losses:
+        return None
+    prior = -sum(n / len(targets) * math.log(n / len(targets)) for n in counts.values())
+    tail = losses[-max(1, len(losses) // 4):]
+    last = sum(tail) / len(tail)
+    if last < prior * (1 - tolerance):
+        return None
+    return (f"the head learned nothing beyond the label shares: its training loss ended at {last:.3f}, the "
+            f"{prior:.3f} of always answering the shares; it will answer (nearly) one label. Try a lower "
+            f"train.learning_rate.")
 
 
 def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar, *, kind: str, label: str, meta: dict,

@@ -189,7 +189,8 @@ def _read_json(path: Path) -> dict:
 def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> dict:
     """The training in a few lines for people: the report's "Training" table and ``tunesmith train``'s summary."""
     t = recipe.train
-    return {
+    warning = {"warning": result.warning} if result.warning else {}
+    return warning | {
         "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
                   + (f" / {t.head} head" if t.head != "generative" else "")
                   + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),

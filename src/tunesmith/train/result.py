@@ -27,6 +27,7 @@ class TrainResult:
     train_path: dict | None = None  # the chosen training path (tunesmith.train.device.TrainPath.to_json())
     random_weights: str | None = None  # the random:<arch> name when the base model has random weights
     sharding: dict | None = None  # train.distributed: fsdp: how the parameters were split between the ranks
+    warning: str | None = None  # a training that ran but learned nothing usable, said in every summary
 
     @property
     def tokens_per_second(self) -> float:
@@ -82,6 +83,8 @@ def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
     }
     if result.sharding:
         summary["sharding"] = result.sharding
+    if result.warning:
+        summary["warning"] = result.warning
     if result.random_weights:  # first, so that nobody reads these numbers as a trained model's
         summary = {"random_weights": f"{result.random_weights}: random weights, speed and memory only"} | summary
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
