@@ -8,13 +8,17 @@ from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
-def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_model_dir):
+def head_recipe(tmp_path, tiny_model_dir, name: str, **train):
+    """A 3-intent classifier-head recipe (27 train / 9 test messages) on the tiny model, constant learning rate."""
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
-    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
-        tmp_path, tiny_model_dir, data, name="cls", seed=4, split={"train": 27, "val": 0, "test": 9},
-        train={"head": "classifier", "max_steps": 20, "batch_size": 9, "learning_rate": 1e-2, "logging_steps": 5,
-               "max_seq_length": 64, "lr_scheduler": "constant"},
+    return write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name=name, seed=4, split={"train": 27, "val": 0, "test": 9},
+        train={"head": "classifier", "batch_size": 9, "max_seq_length": 64, "lr_scheduler": "constant", **train},
         eval={"baselines": ["majority"], "max_new_tokens": 4}))
+
+
+def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_model_dir):
+    recipe = head_recipe(tmp_path, tiny_model_dir, "cls", max_steps=20, learning_rate=1e-2, logging_steps=5)
     code, out = cli(["run", str(recipe)])  # tunesmith run trains the head and scores it like any contender
     assert code == 0, out
     run = tmp_path / "runs" / "cls" / "train"
@@ -74,12 +78,7 @@ def test_classifier_head_with_full_fine_tuning_saves_and_scores_the_whole_model(
 def test_a_head_that_learns_nothing_is_said_in_its_summary_and_the_report(cli, tmp_path, tiny_model_dir):
     """A head whose loss never leaves the label shares' entropy (here: a learning rate too small to move it;
     on real data, a collapse) answers one label for everything; the training summary and report say so."""
-    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 12))
-    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
-        tmp_path, tiny_model_dir, data, name="flat", seed=4, split={"train": 27, "val": 0, "test": 9},
-        train={"head": "classifier", "max_steps": 8, "batch_size": 9, "learning_rate": 1e-9, "logging_steps": 2,
-               "max_seq_length": 64, "lr_scheduler": "constant"},
-        eval={"baselines": ["majority"], "max_new_tokens": 4}))
+    recipe = head_recipe(tmp_path, tiny_model_dir, "flat", max_steps=8, learning_rate=1e-9, logging_steps=2)
     code, out = cli(["run", str(recipe)])
     assert code == 0, out
     assert "learned nothing beyond the label shares" in " ".join(out.split())

@@ -355,7 +355,7 @@ def test_regression_loss_l1_and_huber_reach_the_trainer_and_scale_by_the_accumul
         TrainSection(head="classifier", regression_loss="l1")
 
     seen = {}
-    monkeypatch.setattr(heads, "fit_head", lambda *a, **k: seen.update(k) or types.SimpleNamespace())
+    monkeypatch.setattr(heads, "fit_head", lambda *a, **k: seen.update(k) or types.SimpleNamespace(rows=[]))
     monkeypatch.setattr(heads.RegressionHead, "training_rows", lambda self, *a: ([], {}, 0))
     monkeypatch.setattr(heads.RegressionHead, "load", lambda self, *a: torch.nn.Linear(1, 1))
     recipe = types.SimpleNamespace(train=TrainSection(head="regression", regression_loss="l1", adapter="full"),
