@@ -30,7 +30,7 @@ from tunesmith.config import Recipe
 from tunesmith.data.task import render_prompt
 from tunesmith.errors import DataError
 from tunesmith.records import Example
-from tunesmith.train.metrics import rows_from_log_history
+from tunesmith.train.metrics import rows_from_log_history, train_losses
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
 HEAD_FILE = "head.json"
@@ -288,7 +288,7 @@ class ClassifierHead(HeadKind):
         """Said when the loss ended where always answering the label shares starts (their entropy): the
         head then answers (nearly) one label for every text, as a collapsed LoRA + head does when its
         learning rate is too high for the data."""
-        return stalled_at_prior([r["labels"] for r in rows], [r["train_loss"] for r in log if r.get("train_loss") is not None])
+        return stalled_at_prior([r["labels"] for r in rows], train_losses(log))
 
     def predict_texts(self, predictor, texts, batch_size):
         labels = predictor.meta["labels"]
@@ -502,10 +502,9 @@ def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, 
 
 
 def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05) -> str | None:
-    """A warning when the mean of the last quarter of the logged cross-entropy ``losses`` is within
-    ``tolerance`` (relative) of the entropy of the ``targets``' shares — the loss of a head that ignores its
-    input; None when the loss fell below it, or when there is too little to tell (one label, no losses)."""
-    import math
+    """A warning when the mean of the last quarter of the logged cross-entropy ``losses`` did not fall more
+    than ``tolerance`` (relative) below the entropy of the ``targets``' shares — the loss of a head that ignores
+    its input; None when it did, or when there is too little to tell (one label, no losses)."""
     from collections import Counter
 
     counts = Counter(targets)

@@ -34,6 +34,11 @@ def rows_from_log_history(history: list[dict]) -> list[dict]:
     return [rows[s] for s in sorted(rows) if any(rows[s][c] is not None for c in COLUMNS[1:])]
 
 
+def train_losses(rows: list[dict]) -> list[float]:
+    """The logged training losses of metrics rows, in step order (steps with only a validation pass left out)."""
+    return [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+
+
 def write_metrics_csv(rows: list[dict], path: Path) -> None:
     """Write rows; empty cells where a step had no validation pass (as OpenAI's file does)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -209,7 +209,9 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
 
 def loss_span(rows: list[dict]) -> str:
     """The first and last logged training loss, e.g. ``2.310 → 0.412``."""
-    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    from tunesmith.train.metrics import train_losses
+
+    losses = train_losses(rows)
     return f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "–"
 
 
