@@ -89,6 +89,7 @@ def collect(run: Path) -> dict:
         "train_seconds": round(max(staged, sum(trained)), 1),
         "stage_seconds": times,
         "peak_train_memory_mb": peak,
+        "peak_run_memory_mb": _json(run / "memory.json", {}).get("the run (largest below)"),
         "command": command or f"tunesmith run ({cfg['name']})",
         "collected": date.today().isoformat(),
         "machine": f"{platform.machine()}, {_cpus()} CPU cores, no GPU" if not _has_cuda() else platform.machine(),

@@ -106,5 +106,7 @@ def test_run_with_folds_trains_each_arm_per_fold_and_scores_every_example_once(c
     assert Counter(p["fold"] for p in mine) == {1: 6, 2: 6, 3: 6}
     report = (run / "report.md").read_text()
     assert "3 folds: each example tested once" in report and "Headline per fold" in report
+    peaks = json.loads((run / "memory.json").read_text())
+    assert {f"training: finetuned, fold {i}" for i in (1, 2, 3)} <= set(peaks)
     code, out = cli(["eval", str(recipe)])
     assert code != 0 and "one `tunesmith run`" in out

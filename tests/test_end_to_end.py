@@ -52,6 +52,12 @@ def test_run_writes_everything_and_learns(cli, tmp_path, tiny_model_dir):
 
     report = (run / "report.md").read_text()
     assert report.index("| contender |") < report.index("## Data")
+    # the run's own peak (evaluation included) is kept across the training's reset of the peak mark
+    peaks = json.loads((run / "memory.json").read_text())
+    train_peak = json.loads((run / "train/summary.json").read_text())["peak_memory_mb"]
+    assert peaks["training: finetuned"] == round(train_peak)
+    assert peaks["the run (largest below)"] == max(peaks["this process, evaluation included"], round(train_peak))
+    assert peaks["this process, evaluation included"] >= round(train_peak) and "## Peak memory (MB)" in report
 
     with open(run / "train/metrics.csv", newline="") as fh:
         table = list(csv.DictReader(fh))

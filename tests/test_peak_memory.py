@@ -4,7 +4,7 @@ import gc
 
 import numpy as np
 
-from tunesmith.train.trainer import peak_memory_mb, reset_peak_memory
+from tunesmith.train.trainer import peak_memory_mb, process_peak_memory_mb, reset_peak_memory
 
 
 def test_a_reset_starts_a_new_peak_below_an_earlier_larger_one():
@@ -15,3 +15,5 @@ def test_a_reset_starts_a_new_peak_below_an_earlier_larger_one():
     assert peak_memory_mb() >= peak_big - 1  # freeing does not lower a high-water mark
     reset_peak_memory()
     assert peak_memory_mb() < peak_big - 300
+    assert process_peak_memory_mb() >= peak_big - 1  # the run's own peak survives the reset
+

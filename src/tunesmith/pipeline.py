@@ -216,6 +216,7 @@ def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict
     report.title = f"{recipe.name}: fine-tuning report"
     report.sections = {**(extra or {}), **{f"Training: {name}": summary for name, summary in trained.items()}}
     report.sections["Time per stage (seconds)"] = timings
+    report.sections["Peak memory (MB)"] = run_peak_memory(recipe)
     if not recipe.data.split.folds:  # under cross-validation the pooled results carry the sum over folds
         add_train_seconds(recipe, report.results)
     images = dict(report.images)
@@ -229,6 +230,28 @@ def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict
     path.write_text(report.markdown(recipe.run_dir), encoding="utf-8")
     (recipe.run_dir / "report.html").write_text(report.html(), encoding="utf-8")
     return path
+
+
+def run_peak_memory(recipe: Recipe) -> dict[str, float]:
+    """The run's peak memory: the largest of each arm's training peak (its train/summary.json, so an arm reused
+    from an earlier run counts) and this process's own peak, evaluation included. Written to memory.json too."""
+    from tunesmith.train.trainer import process_peak_memory_mb
+
+    k = recipe.data.split.folds or 0
+    tops = [(fold_recipe(recipe, i), f", fold {i}") for i in range(1, k + 1)] if k else [(recipe, "")]
+    training = {}
+    for top, fold in tops:
+        for arm_dir, name in _arm_dirs(top):
+            summary = arm_dir / "train" / "summary.json"
+            if summary.is_file():
+                peak = json.loads(summary.read_text(encoding="utf-8")).get("peak_memory_mb")
+                if peak:
+                    training[f"training: {name}{fold}"] = round(peak)
+    process = round(process_peak_memory_mb())
+    peaks = {"the run (largest below)": max([process, *training.values()]),
+             "this process, evaluation included": process, **training}
+    (recipe.run_dir / "memory.json").write_text(json.dumps(peaks, indent=2), encoding="utf-8")
+    return peaks
 
 
 def add_train_seconds(recipe: Recipe, results: list) -> None:

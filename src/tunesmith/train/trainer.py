@@ -30,11 +30,23 @@ def peak_memory_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+_EARLIER_PEAK_MB = 0.0  # the largest peak that a reset has cleared: the process's own peak is not lost
+
+
+def process_peak_memory_mb() -> float:
+    """Peak memory of this process's whole life, across every :func:`reset_peak_memory` (what ``/usr/bin/time -v``
+    cannot read once a reset cleared the kernel's mark): a run's peak, evaluation included."""
+    return max(_EARLIER_PEAK_MB, peak_memory_mb())
+
+
 def reset_peak_memory() -> None:
     """Start a new peak, so that each training reports its own and not that of an earlier arm in the same
-    process (the CUDA allocator's peak; on Linux the resident high-water mark)."""
+    process (the CUDA allocator's peak; on Linux the resident high-water mark). The peak it clears is kept
+    for :func:`process_peak_memory_mb`."""
     import torch
 
+    global _EARLIER_PEAK_MB
+    _EARLIER_PEAK_MB = max(_EARLIER_PEAK_MB, peak_memory_mb())
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
         return
