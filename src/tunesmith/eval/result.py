@@ -55,3 +55,32 @@ class EvalRun:
     report_html: Path
     summary: dict = field(default_factory=dict)
     report: object = None  # the eval report (tunesmith.eval.report.Report), re-rendered into the run's report.md
+
+
+def save_result(path: Path, key: str, result: ContenderResult) -> None:
+    """Write one contender's result with the ``key`` it was computed under (see :func:`load_result`). Written to a
+    temporary file and renamed, so a kill mid-write leaves no half file behind."""
+    import json
+
+    doc = {"key": key, "name": result.name, "description": result.description, "metrics": result.metrics,
+           "predictions": result.predictions, "headline": result.headline, "per_example": result.per_example,
+           "source": result.source.value}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, ensure_ascii=False, default=str), encoding="utf-8")
+    tmp.replace(path)
+
+
+def load_result(path: Path, key: str) -> ContenderResult | None:
+    """The result saved at ``path`` when it was computed under the same ``key``; None otherwise (absent,
+    unreadable or made with another model, test sample or evaluation settings)."""
+    import json
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if doc.get("key") != key:
+        return None
+    return ContenderResult(doc["name"], doc["description"], doc["metrics"], doc["predictions"], doc["headline"],
+                           doc["per_example"], Source(doc["source"]))

@@ -183,7 +183,7 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
     test, scored = sample_examples(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
     endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
-    results = [timed(lambda c=c: evaluate_local(recipe, task, c, test, bar)) for c in contenders]
+    results = [reused_or_scored(recipe, task, c, test, bar, console) for c in contenders]
     for client, ask_as, (data_cfg, with_labels) in endpoints:
         results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))
     results += _baselines(recipe, task, train, test, console)
@@ -217,6 +217,42 @@ def asked_endpoints(recipe: Recipe, console: Console) -> list[tuple]:
         console.print(f"{spec.name}: asked as {ask_as} ({why})")
         out.append((client, ask_as, known[ask_as]))
     return out
+
+
+def reused_or_scored(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[Example], bar,
+                     console: Console) -> ContenderResult:
+    """One local contender's result: reused from ``eval/contenders/<name>.json`` when it was scored before with
+    the same model files, test examples and settings (an interrupted or repeated run does not generate again),
+    else scored now and saved there."""
+    from tunesmith.eval.result import load_result, save_result
+
+    path = recipe.run_dir / "eval" / "contenders" / f"{c.name}.json"
+    key = contender_key(recipe, task, c, test)
+    cached = load_result(path, key)
+    if cached is not None:
+        console.print(f"{c.name}: scored before with the same model, test examples and settings; reused ({path})")
+        return cached
+    res = timed(lambda: evaluate_local(recipe, task, c, test, bar))
+    save_result(path, key, res)
+    return res
+
+
+def contender_key(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[Example]) -> str:
+    """A digest of everything a local contender's answers depend on: its folder's files (name, size, time), how
+    it is asked, the test examples, the evaluation and placement settings and the tunesmith version."""
+    import hashlib
+
+    from tunesmith import __version__
+
+    files = sorted((str(p.relative_to(c.path)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in c.path.rglob("*") if p.is_file()) if c.path is not None else []
+    settings = recipe.eval.model_dump(mode="json", exclude={"bootstrap", "baselines", "endpoints", "judge", "adapters"})
+    doc = {"version": __version__, "contender": [c.name, c.description, str(c.path), c.model, c.loads.value,
+                                                 c.with_labels, c.data.model_dump(mode="json")],
+           "files": files, "model": recipe.model.model_dump(mode="json"), "eval": settings, "task": task.name,
+           "labels": list(task.labels or []), "options": recipe.data.task_options,
+           "test": [[e.id, e.inputs, e.target, e.meta.get("answers"), e.meta.get("messages")] for e in test]}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str, ensure_ascii=False).encode()).hexdigest()
 
 
 def timed(evaluate_one) -> ContenderResult:
