@@ -515,8 +515,9 @@ def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05
     last = sum(tail) / len(tail)
     if last < prior * (1 - tolerance):
         return None
-    return (f"the head learned nothing beyond the label shares: its training loss ended at {last:.3f}, the "
-            f"{prior:.3f} of always answering the shares; it will answer (nearly) one label. Try a lower "
+    return (f"the head learned (almost) nothing beyond the label shares: its training loss ended at {last:.3f}, "
+            f"not {tolerance:.0%} below the {prior:.3f} of always answering the shares. Try train.pooling: mean "
+            f"with train.head_init: probe (the head starts from a linear model on mean-pooled states), or another "
             f"train.learning_rate.")
 
 
