@@ -112,8 +112,9 @@ def run_folds(recipe: Recipe, data, console: Console, stage, timings: dict) -> R
                                                       contenders_of(fold, console), console)
             parts.append((test, results))
         test, pooled = pool_results(task, parts)
+        seconds = train_seconds_by_arm(recipe)  # summed over the folds
         for r in pooled:
-            r.metrics["train_seconds"] = _fold_train_seconds(recipe, r.name, k)
+            r.metrics["train_seconds"] = seconds.get(r.name)
         ev = finish_evaluation(recipe, task, pooled, test, fold_summary(data.summary, folds, len(test)), console)
     with stage("report"):
         report = write_run_report(recipe, ev, {n: merged_summary(s) for n, s in trained.items()}, timings,
@@ -159,20 +160,6 @@ def merged_summary(per_fold: list[dict]) -> dict:
         values = [str(s.get(key, "–")) for s in per_fold]
         out[key] = values[0] if len(set(values)) == 1 else "per fold: " + " · ".join(values)
     return out
-
-
-def _fold_train_seconds(recipe: Recipe, name: str, k: int) -> float | None:
-    """An arm's training time summed over the folds (None for contenders that did not train)."""
-    from tunesmith.eval.runner import arm_name, arm_recipes
-
-    total = None
-    for i in range(1, k + 1):
-        fold = fold_recipe(recipe, i)
-        for arm in arm_recipes(fold):
-            summary = arm.run_dir / "train" / "summary.json"
-            if arm_name(fold, arm) == name and summary.is_file():
-                total = (total or 0.0) + json.loads(summary.read_text(encoding="utf-8"))["seconds"]
-    return total
 
 
 def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, prefix: str) -> dict:
@@ -232,21 +219,35 @@ def write_run_report(recipe: Recipe, ev, trained: dict[str, dict], timings: dict
     return path
 
 
-def run_peak_memory(recipe: Recipe) -> dict[str, float]:
-    """The run's peak memory: the largest of each arm's training peak (its train/summary.json, so an arm reused
-    from an earlier run counts) and this process's own peak, evaluation included. Written to memory.json too."""
-    from tunesmith.train.trainer import process_peak_memory_mb
-
+def arm_summaries(recipe: Recipe) -> list[tuple[str, int, dict]]:
+    """``(arm name, fold, its train/summary.json)`` of every arm that finished training — fold 0 outside
+    cross-validation, else once per fold — so that an arm reused from an earlier run counts too."""
     k = recipe.data.split.folds or 0
-    tops = [(fold_recipe(recipe, i), f", fold {i}") for i in range(1, k + 1)] if k else [(recipe, "")]
-    training = {}
+    tops = [(fold_recipe(recipe, i), i) for i in range(1, k + 1)] if k else [(recipe, 0)]
+    out = []
     for top, fold in tops:
         for arm_dir, name in _arm_dirs(top):
-            summary = arm_dir / "train" / "summary.json"
-            if summary.is_file():
-                peak = json.loads(summary.read_text(encoding="utf-8")).get("peak_memory_mb")
-                if peak:
-                    training[f"training: {name}{fold}"] = round(peak)
+            path = arm_dir / "train" / "summary.json"
+            if path.is_file():
+                out.append((name, fold, json.loads(path.read_text(encoding="utf-8"))))
+    return out
+
+
+def train_seconds_by_arm(recipe: Recipe) -> dict[str, float]:
+    """Each trained arm's training time, summed over the folds under cross-validation."""
+    seconds: dict[str, float] = {}
+    for name, _, summary in arm_summaries(recipe):
+        seconds[name] = seconds.get(name, 0.0) + summary["seconds"]
+    return seconds
+
+
+def run_peak_memory(recipe: Recipe) -> dict[str, float]:
+    """The run's peak memory: the largest of each arm's training peak (see :func:`arm_summaries`) and this
+    process's own peak, evaluation included. Written to memory.json too."""
+    from tunesmith.train.trainer import process_peak_memory_mb
+
+    training = {f"training: {name}" + (f", fold {fold}" if fold else ""): round(summary["peak_memory_mb"])
+                for name, fold, summary in arm_summaries(recipe) if summary.get("peak_memory_mb")}
     process = round(process_peak_memory_mb())
     peaks = {"the run (largest below)": max([process, *training.values()]),
              "this process, evaluation included": process, **training}
@@ -256,11 +257,10 @@ def run_peak_memory(recipe: Recipe) -> dict[str, float]:
 
 def add_train_seconds(recipe: Recipe, results: list) -> None:
     """Each trained arm's training time (its train/summary.json) in its metrics, for the comparison table."""
-    by_name = {r.name: r for r in results}
-    for arm_dir, name in _arm_dirs(recipe):
-        summary = arm_dir / "train" / "summary.json"
-        if name in by_name and summary.is_file():
-            by_name[name].metrics["train_seconds"] = json.loads(summary.read_text(encoding="utf-8"))["seconds"]
+    seconds = train_seconds_by_arm(recipe)
+    for r in results:
+        if r.name in seconds:
+            r.metrics["train_seconds"] = seconds[r.name]
 
 
 def _arm_dirs(recipe: Recipe) -> list[tuple[Path, str]]:

@@ -244,8 +244,8 @@ def contender_key(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[
 
     from tunesmith import __version__
 
-    files = sorted((str(p.relative_to(c.path)), p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in c.path.rglob("*") if p.is_file()) if c.path is not None else []
+    stats = [(p, p.stat()) for p in c.path.rglob("*") if p.is_file()] if c.path is not None else []
+    files = sorted((str(p.relative_to(c.path)), st.st_size, st.st_mtime_ns) for p, st in stats)
     settings = recipe.eval.model_dump(mode="json", exclude={"bootstrap", "baselines", "endpoints", "judge", "adapters"})
     doc = {"version": __version__, "contender": [c.name, c.description, str(c.path), c.model, c.loads.value,
                                                  c.with_labels, c.data.model_dump(mode="json")],

@@ -286,8 +286,8 @@ class ClassifierHead(HeadKind):
 
     def learned_nothing(self, rows, log):
         """Said when the loss ended where always answering the label shares starts (their entropy): the
-        head then answers (nearly) one label for every text, as a collapsed LoRA + head does when its
-        learning rate is too high for the data."""
+        head then answers (nearly) one label for every text, as the embedded decoder's last-token LoRA + head
+        did on Korean reviews at every learning rate tried (docs/train.md)."""
         return stalled_at_prior([r["labels"] for r in rows], train_losses(log))
 
     def predict_texts(self, predictor, texts, batch_size):
