@@ -19,13 +19,17 @@ First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU).
 tokens/s (non-padding tokens, steps 2..N, so one-time compilation is not counted), MFU = 6·N·tokens/s
 over the measured peak (N: all parameters of the model, the convention of the published numbers),
 peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training),
-and the training loss at the last step and over the last quarter of steps (the sides must agree).
+the training loss at the last step and over the last quarter of steps (the sides must agree), and the
+host syncs per training step with the lines that made them (:mod:`tunesmith.train.syncs`: PyTorch's own
+check of synchronising operations on a GPU, reads of tensor values on a CPU). The clock waits for the
+device only after step 1 and after the last step, so it adds no sync of its own to the steps between.
 
 Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora``
 (Llama-3.1-8B, 4-bit NF4), ``2b-full`` (Gemma-2-2B, full fine-tuning), ``1b-head`` (Llama-3.2-1B with
 the classifier head on BANKING77 vs TRL SFT on the same messages). ``--tiny`` shrinks every model
 (2 layers, hidden 64), the rows and the sequence length so that the whole script runs on a CPU.
-``--profile`` prints the top kernels of a few profiled steps and the GPU busy fraction.
+``--profile`` prints the top kernels and the GPU busy fraction of the measured steps (steps 2..N: the
+union of the GPU kernels' intervals over their wall time).
 
     python benchmarks/gpu_train.py --tokenizer PATH                     # every configuration, on a GPU
     python benchmarks/gpu_train.py --configs 8b-lora,8b-qlora --steps 30 --profile
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import importlib.util
 import json
@@ -168,30 +173,47 @@ def count_params(model) -> int:
 
 
 # --- measuring a trainer ------------------------------------------------------------------------------
-def _clock(device: str):
-    """A TrainerCallback noting (time, tokens seen) at each step's end, for a rate over steps 2..N."""
+def _clock(device: str, steps: int):
+    """A TrainerCallback that waits for the device only after step 1 and after the last step and notes
+    (time, tokens seen) there: the rate over steps 2..N, without a sync in every step (which would hide the
+    host syncs a side makes). Between those marks, a profiler range names the measured steps."""
+    from torch.profiler import record_function
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
-        marks: list[tuple[float, int]] = []
+        def __init__(self):
+            self.marks: list[tuple[float, int]] = []
+            self.window = None
 
         def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step not in (1, steps):
+                return
             _sync(device)
             self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
+            if state.global_step == 1 and steps > 1:
+                self.window = record_function(WINDOW)
+                self.window.__enter__()
+            elif self.window is not None:
+                self.window.__exit__(None, None, None)
+                self.window = None
 
-    clock = Clock()
-    clock.marks = []
-    return clock
+    return Clock()
 
 
-def measure(trainer, device: str, profile: bool) -> dict:
-    """Train, return tokens/s over steps 2..N, peak memory and the losses."""
+WINDOW = "tunesmith-benchmark: measured steps"
+
+
+def measure(train, device: str, steps: int, profile: bool) -> dict:
+    """Run ``train(callbacks)`` (a side's training, which must add the callbacks to its Trainer); return
+    tokens/s over steps 2..N, the peak memory, host syncs per step (:class:`tunesmith.train.syncs.StepReads`)
+    and, with ``profile``, the top kernels and the GPU busy fraction of the measured steps."""
     import torch
 
     from tunesmith.train.memory import peak_rss, reset_peak_rss
+    from tunesmith.train.syncs import StepReads
 
-    clock = _clock(device)
-    trainer.add_callback(clock)
+    clock = _clock(device, steps)
+    reads = StepReads(device)
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -200,35 +222,60 @@ def measure(trainer, device: str, profile: bool) -> dict:
     else:
         before = reset_peak_rss()
     start = time.perf_counter()
-    if profile:
-        result, top = _profiled(trainer, device)
-    else:
-        result, top = trainer.train(), None
+    with reads:
+        if profile:
+            result, top = _profiled(lambda: train([clock, reads.callback()]), device)
+        else:
+            result, top = train([clock, reads.callback()]), None
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss() - before
     (t1, n1), (tn, nn) = clock.marks[0], clock.marks[-1]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"result": result, "wall_s": wall, "tokens": nn, "tokens_per_s": (nn - n1) / (tn - t1) if tn > t1 else None,
+            "peak_mb": peak / 2**20, "syncs_per_step": reads.per_step, "sync_sites": _top_sites(reads.sites),
+            "profile": top}
+
+
+def _top_sites(sites: list[str], n: int = 4) -> list[str]:
+    from collections import Counter
+
+    return [f"{site} ×{count}" for site, count in Counter(sites).most_common(n)]
+
+
+def losses_of(log_history: list[dict]) -> dict:
+    losses = [h["loss"] for h in log_history if "loss" in h]
     quarter = losses[-max(1, len(losses) // 4):]
-    return {"steps": trainer.state.global_step, "wall_s": wall, "tokens": nn,
-            "tokens_per_s": (nn - n1) / (tn - t1) if tn > t1 else None, "peak_mb": peak / 2**20,
-            "last_loss": losses[-1] if losses else None, "late_loss": sum(quarter) / len(quarter) if quarter else None,
-            "train_loss": result.training_loss, "profile": top}
+    return {"last_loss": losses[-1] if losses else None,
+            "late_loss": sum(quarter) / len(quarter) if quarter else None}
 
 
-def _profiled(trainer, device: str):
-    """Train under torch.profiler; returns (train output, summary of the top kernels and busy fraction)."""
+def _profiled(run, device: str):
+    """``run()`` under torch.profiler; returns (its output, the top kernels and the GPU busy fraction of the
+    measured steps: the union of the GPU kernels' intervals within the clock's range, over its length)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    start = time.perf_counter()
     with profile(activities=acts) as prof:
-        out = trainer.train()
-    wall = time.perf_counter() - start
+        out = run()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
-    busy = sum(getattr(e, key, 0) for e in events if device == "cuda" and getattr(e, key, 0) > 0) / 1e6
+    events = sorted((e for e in prof.key_averages() if e.key != WINDOW), key=lambda e: getattr(e, key, 0), reverse=True)
     top = [f"{e.key[:70]}: {getattr(e, key, 0) / 1e3:,.1f} ms" for e in events[:8]]
-    return out, {"top": top, "busy_fraction": busy / wall if device == "cuda" else None}
+    window = next(((e.time_range.start, e.time_range.end) for e in prof.events() if e.name == WINDOW), None)
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy = busy_fraction(kernels, window) if device == "cuda" and window else None
+    return out, {"top": top, "busy_fraction": busy}
+
+
+def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
+    """The share of ``window`` covered by the union of ``intervals`` (kernels that overlap count once)."""
+    lo, hi = window
+    covered, reach = 0.0, lo
+    for start, end in sorted(intervals):
+        start, end = max(start, reach), min(end, hi)
+        if end > start:
+            covered += end - start
+            reach = end
+    return covered / (hi - lo) if hi > lo else 0.0
 
 
 # --- the sides ----------------------------------------------------------------------------------------
@@ -250,8 +297,15 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int) ->
     collator = trainer.data_collator  # the same collator, its rows filled up to --seq-len tokens
     trainer.data_collator = PackedCollator(collator.pad_id, collator.pack, collator.mask_kind, collator.dtype,
                                            capacity=args.seq_len)
-    res = measure(trainer, placement.device, args.profile)
-    return res | {"params": params, "path": path.describe()}
+    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile)
+    return res | losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step, "params": params,
+                                                          "path": path.describe()}
+
+
+def _train(trainer, callbacks: list):
+    for cb in callbacks:
+        trainer.add_callback(cb)
+    return trainer.train()
 
 
 def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=None) -> dict:
@@ -282,7 +336,8 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
-    res = measure(trainer, placement.device, args.profile)
+    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile)
+    res |= losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -338,22 +393,15 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     def no_bar(desc, total):
         yield lambda n=1, info="": None
 
-    import torch
+    def train(callbacks):
+        return train_classifier(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True),
+                                callbacks=callbacks)
 
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
-
-    if placement.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before = reset_peak_rss()
-    start = time.perf_counter()
-    result = train_classifier(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True))
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if placement.device == "cuda" else peak_rss() - before
+    res = measure(train, placement.device, args.steps, args.profile)
+    result = res["result"]
     losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
-    return {"steps": args.steps, "wall_s": seconds, "tokens": result.tokens, "tokens_per_s": result.tokens / seconds,
-            "peak_mb": peak / 2**20, "last_loss": losses[-1] if losses else None, "late_loss": None,
-            "params": result.total_params, "path": path.describe() + " (classifier head; loss is over 77 labels)",
-            "profile": None}
+    return res | {"steps": args.steps, "last_loss": losses[-1] if losses else None, "late_loss": None,
+                  "params": result.total_params, "path": path.describe() + " (classifier head; loss is over 77 labels)"}
 
 
 # --- the table ----------------------------------------------------------------------------------------
@@ -362,7 +410,8 @@ def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
     mfu = 6 * r["params"] * rate / peak_flops if rate else None
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {fmt(mfu and 100 * mfu, '.1f')}% | "
-            f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r['last_loss'], '.4f')} | {fmt(r['late_loss'], '.4f')} | {r['path']} |")
+            f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r['last_loss'], '.4f')} | {fmt(r['late_loss'], '.4f')} | "
+            f"{fmt(r['syncs_per_step'], '.1f')} | {r['path']} |")
 
 
 def main() -> None:
@@ -411,8 +460,8 @@ def main() -> None:
     per_step = max(1, round(args.seq_len / (sum(kept) / len(kept))))  # about one full packed row per step
     print(f"{len(keep)} rows of ≤ {args.seq_len} tokens (mean {sum(kept) / len(kept):.0f}); "
           f"{per_step} examples per step (≈ one {args.seq_len}-token packed row)")
-    lines = ["| config | side | steps | tokens/s | MFU | peak MB | last loss | late loss | path |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | side | steps | tokens/s | MFU | peak MB | last loss | late loss | host syncs / step | path |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
         for cname in args.configs.split(","):
             cfg = CONFIGS[cname.strip()]
@@ -440,10 +489,12 @@ def main() -> None:
                     continue
                 lines.append(row_text(cfg.name, side, r, peak))
                 print(lines[-1], flush=True)
+                print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
+                      + (f" (top: {'; '.join(r['sync_sites'])})" if r["sync_sites"] else ""))
                 if r.get("profile"):
                     print("  top kernels: " + "; ".join(r["profile"]["top"]))
                     if r["profile"]["busy_fraction"] is not None:
-                        print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of wall time")
+                        print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
                 gc.collect()
     print("\n" + "\n".join(lines))
 

@@ -25,4 +25,6 @@ def test_gpu_benchmark_runs_tiny_and_the_sides_agree_on_the_loss(tiny_model_dir,
     assert set(sides) == {"tunesmith", "TRL"}, out
     ours, trl = (float(sides[s][7]) for s in ("tunesmith", "TRL"))  # last loss, same steps
     assert ours == pytest.approx(trl, abs=2e-3)
-    assert "cpu float32" in sides["tunesmith"][9] and float(sides["tunesmith"][4].replace(",", "")) > 0
+    assert "cpu float32" in sides["tunesmith"][10] and float(sides["tunesmith"][4].replace(",", "")) > 0
+    assert float(sides["TRL"][9]) > 0  # host syncs per step: TRL's metrics read the device every step
+    assert "host syncs per training step" in out

@@ -357,7 +357,9 @@ def test_regression_loss_l1_and_huber_reach_the_trainer_and_scale_by_the_accumul
     seen = {}
     monkeypatch.setattr(heads, "fit_head", lambda *a, **k: seen.update(k) or types.SimpleNamespace(rows=[]))
     monkeypatch.setattr(heads.RegressionHead, "training_rows", lambda self, *a: ([], {}, 0))
-    monkeypatch.setattr(heads.RegressionHead, "load", lambda self, *a: torch.nn.Linear(1, 1))
+    model = torch.nn.Linear(1, 1)
+    model.config = types.SimpleNamespace(model_type="bert")  # an encoder: batches keep the 2D mask
+    monkeypatch.setattr(heads.RegressionHead, "load", lambda self, *a: model)
     recipe = types.SimpleNamespace(train=TrainSection(head="regression", regression_loss="l1", adapter="full"),
                                    model=types.SimpleNamespace(name="m"), seed=0,
                                    data=types.SimpleNamespace(prompt="{x}", input_fields=["x"]))

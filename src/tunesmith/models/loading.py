@@ -42,6 +42,15 @@ def pick_placement(precision: str = "auto", device: str = "auto") -> Placement:
     return Placement(device=device, dtype=precision_dtype(precision, device, bf16))
 
 
+def decoder_only(config) -> bool:
+    """Whether ``config`` is a decoder-only (causal) language model: transformers has a causal-LM class for its
+    model type and no masked-LM class (BERT-like encoders have both)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def load_tokenizer(name: str):
     """Tokenizer with a pad token, padding side left (for generation)."""
     from transformers import AutoTokenizer

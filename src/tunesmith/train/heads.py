@@ -353,7 +353,7 @@ def regression_loss(kind: str):
             each = torch.nn.functional.l1_loss(pred, target, reduction="none")
         else:
             each = torch.nn.functional.huber_loss(pred, target, reduction="none", delta=1.0)
-        return each.sum() / num_items_in_batch if num_items_in_batch else each.mean()
+        return each.sum() / num_items_in_batch if num_items_in_batch is not None else each.mean()
 
     return loss
 
@@ -493,7 +493,7 @@ def train_head(head: HeadKind, recipe: Recipe, train: list[Example], tokenizer, 
     files = {"labels.json": json.dumps(labels, ensure_ascii=False)} if head.label_probabilities else None
     result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind=head.folder,
                       label=f"train {head.name} head", meta=meta, resume=resume, callbacks=callbacks,
-                      loss_func=head.loss_func(t), files=files)
+                      loss_func=head.loss_func(t), files=files, mask=head_mask_kind(head, pooling, model))
     result.too_long = too_long
     result.warning = head.learned_nothing(rows, result.rows)
     if result.warning:
@@ -521,28 +521,67 @@ def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05
             f"train.learning_rate.")
 
 
+def head_mask_kind(head: HeadKind, pooling: str | None, model) -> str:
+    """How a head's training batches carry their attention mask: ``"2d"``, the tokenizer's padding mask, or the
+    4D mask of a decoder built by the collator (``"bool"`` for sdpa, ``"float"`` for eager; see
+    :func:`~tunesmith.train.packing.padded_causal_mask`). Given a 2D mask, transformers checks on the host
+    whether it may skip it, which on a GPU waits for the device on every forward pass. Encoders, mean pooling
+    (it reads the 2D mask), flash attention (it takes only a 2D mask) and models with sliding-window layers
+    (a 4D mask would stand for those layers' own) keep the 2D mask."""
+    from tunesmith.models.loading import decoder_only
+    from tunesmith.train.packing import mask_kind
+
+    config = model.config
+    if not decoder_only(config) or (head.pooled and (pooling or "native") != "native"):
+        return "2d"
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "2d"
+    kind = mask_kind(model)
+    return "2d" if kind == "none" else kind
+
+
+def head_collator(tokenizer, mask: str = "2d", dtype=None):
+    """Pads a list of encoded rows into a batch of the keys a head model takes (right padding), with
+    ``num_tokens``, the batch's real tokens counted on the host, and the attention mask as ``mask`` says
+    (:func:`head_mask_kind`; ``dtype``: the additive mask's)."""
+    from transformers import DataCollatorWithPadding
+
+    from tunesmith.train.packing import padded_causal_mask
+
+    pad = DataCollatorWithPadding(tokenizer)
+    keys = [*tokenizer.model_input_names, "labels", "start_positions", "end_positions"]
+
+    def collate(rows: list[dict]) -> dict:
+        batch = pad([{k: v for k, v in r.items() if k in keys} for r in rows])
+        if mask != "2d":
+            batch["attention_mask"] = padded_causal_mask(batch["attention_mask"], mask, dtype)
+        batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
+        return batch
+
+    return collate
+
+
 def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar, *, kind: str, label: str, meta: dict,
              resume: bool, callbacks: list | None, files: dict[str, str] | None = None,
-             loss_func=None) -> TrainResult:
+             loss_func=None, mask: str = "2d") -> TrainResult:
     """Train a wrapped head model on encoded rows and save it to ``train/<kind>/`` with its tokenizer,
     ``head.json`` and any extra ``files`` (name → text), written once under torchrun. Every head
-    (classifier, regression, span) trains and saves through here."""
+    (classifier, regression, span) trains and saves through here; ``mask`` is how its batches carry the
+    attention mask (:func:`head_mask_kind`)."""
     from datasets import Dataset
-    from transformers import DataCollatorWithPadding, Trainer
 
     from tunesmith.distributed import is_main
     from tunesmith.models.loading import set_attention_dropout
     from tunesmith.train.sft import fit, save_final, training_args
+    from tunesmith.train.trainer import HeadTrainer
 
     set_attention_dropout(model, recipe.train.attention_dropout)
     out_dir = recipe.run_dir / "train"
     args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
-                         include_num_input_tokens_seen="non_padding", metric_for_best_model=None)
-    pad = DataCollatorWithPadding(tokenizer)
-    keys = [*tokenizer.model_input_names, "labels", "start_positions", "end_positions"]
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      data_collator=lambda batch: pad([{k: v for k, v in r.items() if k in keys} for r in batch]),
-                      compute_loss_func=loss_func)
+                         metric_for_best_model=None)
+    trainer = HeadTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          data_collator=head_collator(tokenizer, mask, placement.torch_dtype),
+                          compute_loss_func=loss_func)
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar(label, steps), callbacks)
     final_dir = out_dir / kind

@@ -147,7 +147,24 @@ def block_causal_mask(segment, kind: str = "bool", dtype=None):
     same = segment[:, :, None] == segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
-    allowed = allowed[:, None]
+    return _as_kind(allowed[:, None], kind, dtype)
+
+
+def padded_causal_mask(attention_mask, kind: str = "bool", dtype=None):
+    """(rows, 1, L, L) mask of a right-padded batch, the one a decoder builds from its 2D ``attention_mask``:
+    query i sees key j iff j <= i and j is a real token (a padding query sees the real tokens before it).
+    Built here, on the host, the model neither builds it nor checks the 2D mask's values on the device."""
+    import torch
+
+    width = attention_mask.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return _as_kind((causal[None] & attention_mask.bool()[:, None, :])[:, None], kind, dtype)
+
+
+def _as_kind(allowed, kind: str, dtype):
+    """A boolean (rows, 1, L, L) mask as ``kind`` needs it: itself (sdpa), or additive 0 / dtype min (eager)."""
+    import torch
+
     if kind == "bool":
         return allowed
     dtype = dtype or torch.float32

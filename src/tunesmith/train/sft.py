@@ -92,6 +92,9 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         use_cpu=placement.device == "cpu",
         activation_checkpointing=path.gradient_checkpointing if path else t.gradient_checkpointing is True,
         logging_steps=t.logging_steps,
+        # the Trainer's filter of a nan/inf step loss reads the loss on the host every step (a device sync on a
+        # GPU); it only changes the logged loss, which then shows the nan instead of hiding it
+        logging_nan_inf_filter=False,
         save_strategy="steps" if t.save_steps else "epoch",
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,

@@ -117,3 +117,15 @@ class CompletionTrainer(Trainer):
             logs["eval_mean_token_accuracy"] = int(correct) / count if count else None
             self._acc["eval"] = [0, 0]
         super().log(logs, start_time)
+
+
+class HeadTrainer(Trainer):
+    """Trainer for the head models (classifier, regression, span): its batches carry ``num_tokens``, a Python int
+    the collator counted, so that counting the tokens seen never waits for the device (the Trainer's own count
+    reads a device tensor every step)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tokens = inputs.pop("num_tokens", 0)
+        if model.training:
+            self.state.num_input_tokens_seen += tokens
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -1,0 +1,93 @@
+"""A training step never reads a tensor's value on the host (on a GPU each read waits for the device; see
+tunesmith.train.syncs), on every path the Trainer runs: generative SFT and the three heads."""
+
+import json
+
+import pytest
+import torch
+
+from tunesmith.train.syncs import StepReads
+
+from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
+from .test_train_heads import _price_rows, _squad
+
+STEP = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "logging_steps": 100, "max_seq_length": 96,
+        "optimizer": "adamw_torch_fused"}  # fused AdamW keeps its step counts as tensors, as on a GPU
+
+
+def _recipe(tmp_path, model_dir, kind: str) -> dict:
+    if kind == "span":
+        return {"name": "reads", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
+                "data": {"path": str(_squad(tmp_path)), "task": "qa", "input_fields": ["context", "question"],
+                         "target_field": "answers", "prompt": "{context}\n\nQ: {question}",
+                         "split": {"train": 8, "val": 0, "test": 4, "group_field": "title"}},
+                "train": {**STEP, "head": "span", "max_seq_length": 40, "span_stride": 12}}
+    if kind == "regression":
+        data = write_jsonl(tmp_path / "d.jsonl", _price_rows())
+        return banking_recipe(tmp_path, model_dir, data, name="reads", seed=1, split={"train": 26, "val": 0, "test": 10},
+                              data={"task": "regression", "target_field": "price", "prompt": "{text}"},
+                              train={**STEP, "head": "regression", "regression_loss": "huber"})
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked"), 8))
+    return banking_recipe(tmp_path, model_dir, data, name="reads", seed=1, split={"train": 12, "val": 0, "test": 4},
+                          train={**STEP, "head": kind})
+
+
+def test_step_reads_counts_reads_inside_steps_only_and_restores_torch():
+    t = torch.tensor([1.0, 2.0])
+    reads = StepReads("cpu")
+    with reads:
+        assert t.sum().item() == 3.0  # outside a step: not counted
+        reads.active = True
+        assert bool(t.all()) and t.tolist() == [1.0, 2.0] and float(t[0]) == 1.0
+        reads.active, reads.steps = False, 1
+    assert len(reads.sites) == 3 and all(site.startswith(__file__ + ":") for site in reads.sites)  # the asking line
+    assert reads.per_step == 3
+    assert torch.Tensor.item.__qualname__ == "TensorBase.item"  # the originals are back
+
+
+@pytest.mark.parametrize("kind", ["generative", "classifier", "regression", "span"])
+def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_dir, monkeypatch, kind):
+    import collections
+
+    import tunesmith.train.sft as sft
+
+    fit = sft.fit
+    reads = StepReads("cpu")
+    monkeypatch.setattr(sft, "fit", lambda trainer, out, resume, bar, callbacks=None: fit(
+        trainer, out, resume, bar, [*(callbacks or []), reads.callback()]))
+    recipe = write_recipe(tmp_path / "r.yaml", _recipe(tmp_path, tiny_model_dir, kind))
+    with reads:
+        code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    assert reads.steps == 4
+    assert not reads.sites, collections.Counter(reads.sites)
+    summary = json.loads((tmp_path / "runs/reads/train/summary.json").read_text())
+    assert summary["tokens"] > 0  # tokens are still counted, on the host
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_head_batch_with_the_collators_4d_mask_gives_what_the_2d_mask_gives(tiny_model_dir, attention):
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
+
+    from tunesmith.train.heads import head_collator
+    from tunesmith.train.packing import mask_kind
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token, tok.padding_side = tok.pad_token or tok.eos_token, "right"
+    rows = [{"input_ids": tok(t)["input_ids"], "labels": 0}
+            for t in ("my card has not arrived yet", "pin blocked", "how old must I be to open an account here")]
+    for auto in (AutoModelForSequenceClassification, AutoModelForQuestionAnswering):
+        torch.manual_seed(0)
+        model = auto.from_pretrained(tiny_model_dir, attn_implementation=attention, num_labels=2).eval()
+        model.config.pad_token_id = tok.pad_token_id
+        kind = mask_kind(model)
+        assert kind == {"sdpa": "bool", "eager": "float"}[attention]
+        plain, ours = head_collator(tok)(rows), head_collator(tok, kind, torch.float32)(rows)
+        assert plain["attention_mask"].dim() == 2 and ours["attention_mask"].dim() == 4
+        assert plain["num_tokens"] == ours["num_tokens"] == sum(len(r["input_ids"]) for r in rows)
+        with torch.no_grad():
+            a = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"])
+            b = model(input_ids=ours["input_ids"], attention_mask=ours["attention_mask"])
+        for key in ("logits", "start_logits", "end_logits"):
+            if key in a:  # every position, padding included (a span head's loss reads them all)
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
