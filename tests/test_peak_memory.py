@@ -17,3 +17,14 @@ def test_a_reset_starts_a_new_peak_below_an_earlier_larger_one():
     assert peak_memory_mb() < peak_big - 300
     assert process_peak_memory_mb() >= peak_big - 1  # the run's own peak survives the reset
 
+
+
+def test_a_training_that_never_logged_still_reports_the_peak_it_ended_with():
+    from pathlib import Path
+
+    from tunesmith.train.result import TrainResult
+
+    result = TrainResult(Path("x"), "adapter", [], 1.0, 10, 1, 2, 1, 1, None, end_peak_mb=512.0)
+    assert result.peak_memory_mb == 512.0
+    logged = TrainResult(Path("x"), "adapter", [{"peak_memory_mb": 900.0}], 1.0, 10, 1, 2, 1, 1, None, end_peak_mb=512.0)
+    assert logged.peak_memory_mb == 900.0

@@ -121,5 +121,8 @@ def test_estimate_on_a_gpu_keeps_no_attention_probabilities():
                   linear_shapes=[(2048, 2048)] * 64)
     recipe = _recipe(max_seq_length=2048, batch_size=1)
     cpu, gpu = estimate(shape, recipe, "float32", "cpu"), estimate(shape, recipe, "bfloat16", "cuda")
-    assert gpu.parts["attention"] == 2048**2 < cpu.parts["attention"] / 100
+    assert gpu.parts["attention"] == 2048**2  # one bool mask at most
+    assert cpu.parts["attention"] == 2048**2 * 4 * 16  # SDPA on a CPU: the mask as floats, once per layer
+    eager = estimate(shape, _recipe(max_seq_length=2048, batch_size=1, attention="eager"), "float32", "cpu")
+    assert eager.parts["attention"] == 32 * 2048**2 * 4 * 2 * 16  # the probabilities of every head and layer
     assert gpu.parts["weights"] == cpu.parts["weights"] // 2

@@ -97,3 +97,23 @@ def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_b
     assert t.batch_size < 16 and t.batch_size * t.grad_accum == 16
     assert est.estimate_recipe(fitted).fits
     assert "same effective batch" in console.export_text()
+
+
+def test_heads_have_no_vocabulary_logits_and_frozen_embeddings_no_state():
+    from tunesmith.train.estimate import Shape
+
+    shape = Shape(params=118 * 10**6, hidden=384, intermediate=1536, layers=12, heads=12, kv_dim=384, vocab=250_000,
+                  linear_shapes=[(384, 384)] * 48)
+
+    def est(**train):
+        doc = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
+               "train": {"batch_size": 8, "max_seq_length": 384, **train}}
+        return estimate(shape, validate_recipe(doc))
+
+    generative, head = est(), est(head="classifier")
+    assert generative.parts["logits"] > 1000 * head.parts["logits"]
+    assert head.parts["activations"] == generative.parts["activations"]  # every token flows through the layers
+    full, frozen = est(adapter="full"), est(adapter="full", freeze_embeddings=True)
+    assert full.parts["gradients"] - frozen.parts["gradients"] == 250_000 * 384 * 4
+    no_dropout = est(lora={"dropout": 0.0})
+    assert no_dropout.parts["activations"] < generative.parts["activations"]  # LoRA dropout keeps dropped copies

@@ -28,6 +28,7 @@ class TrainResult:
     random_weights: str | None = None  # the random:<arch> name when the base model has random weights
     sharding: dict | None = None  # train.distributed: fsdp: how the parameters were split between the ranks
     warning: str | None = None  # a training that ran but learned nothing usable, said in every summary
+    end_peak_mb: float = 0.0  # the peak read when training ended (a training shorter than logging_steps logs none)
 
     @property
     def tokens_per_second(self) -> float:
@@ -35,7 +36,7 @@ class TrainResult:
 
     @property
     def peak_memory_mb(self) -> float:
-        return max((r.get("peak_memory_mb") or 0 for r in self.rows), default=0)
+        return max([self.end_peak_mb, *(r.get("peak_memory_mb") or 0 for r in self.rows)])
 
 
 def trainable_snapshot(model) -> dict:
@@ -48,7 +49,9 @@ def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: floa
     """Collect what every method reports once ``trainer`` has trained and saved to ``final_dir``; every rank
     calls it (a sharded model's parameters are gathered one by one to compare them)."""
     from tunesmith.train.fsdp import full_value, sharding_summary
+    from tunesmith.train.trainer import peak_memory_mb
 
+    end_peak = peak_memory_mb()  # before the comparison below copies parameters
     model = trainer.model
     after = dict(model.named_parameters())
     changed = sum(not full_value(after[n].detach()).equal(full_value(v)) for n, v in before.items())
@@ -57,7 +60,7 @@ def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: floa
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(v.numel() for v in before.values())
     return TrainResult(final_dir, kind, rows, seconds, tokens, trainable, total, changed, len(before),
-                       model.eval(), examples, 0, resumed, sharding=sharding_summary(model))
+                       model.eval(), examples, 0, resumed, sharding=sharding_summary(model), end_peak_mb=end_peak)
 
 
 def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
