@@ -138,7 +138,8 @@ def activation_floats(shape: Shape, t) -> float:
     to the widths: full fine-tuning keeps 13.6 h + 1.5 kv + 5.5 i (norm inputs and outputs, the
     projections' inputs, q and k before and after the rotary embedding, the MLP's intermediate tensors);
     LoRA keeps 11.6 h + 1.5 kv + 5.5 i + the adapters' rank-wide outputs, and LoRA dropout adds a dropped
-    copy of every adapted input (10.0 h + 1.0 i at dropout 0.05). Rounded up."""
+    copy of every adapted input (10.0 h + 1.0 i at dropout 0.05). Within 1% of the measured values
+    (``benchmarks/activation_memory.py``)."""
     h, kv, i = shape.hidden, shape.kv_dim, shape.intermediate
     if t.adapter == "full":
         return 14 * h + 1.5 * kv + 5.5 * i
