@@ -573,15 +573,15 @@ def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar,
     from tunesmith.distributed import is_main
     from tunesmith.models.loading import set_attention_dropout
     from tunesmith.train.sft import fit, save_final, training_args
-    from tunesmith.train.trainer import HeadTrainer
+    from tunesmith.train.trainer import TokenCountingTrainer
 
     set_attention_dropout(model, recipe.train.attention_dropout)
     out_dir = recipe.run_dir / "train"
     args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
                          metric_for_best_model=None)
-    trainer = HeadTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          data_collator=head_collator(tokenizer, mask, placement.torch_dtype),
-                          compute_loss_func=loss_func)
+    trainer = TokenCountingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                   processing_class=tokenizer, compute_loss_func=loss_func,
+                                   data_collator=head_collator(tokenizer, mask, placement.torch_dtype))
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar(label, steps), callbacks)
     final_dir = out_dir / kind

@@ -76,7 +76,22 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
     return loss, correct, labels.numel()
 
 
-class CompletionTrainer(Trainer):
+class TokenCountingTrainer(Trainer):
+    """Trainer whose batches carry ``num_tokens``, a Python int the collator counted, so that counting the tokens
+    seen never waits for the device (the Trainer's own count reads a device tensor every step). The head models
+    (classifier, regression, span) train with it as it is."""
+
+    def count_tokens(self, model, inputs: dict) -> None:
+        tokens = inputs.pop("num_tokens", 0)
+        if model.training:
+            self.state.num_input_tokens_seen += tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.count_tokens(model, inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+class CompletionTrainer(TokenCountingTrainer):
     """Trainer whose batches come from :class:`~tunesmith.train.packing.PackedCollator`."""
 
     def __init__(self, *args, **kwargs):
@@ -88,18 +103,16 @@ class CompletionTrainer(Trainer):
         self._tokens_at_start = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tokens = inputs["num_tokens"]  # a Python int from the collator: no device round trip
+        if model.training and self._started is None:
+            self._started = time.time()
+            self._tokens_at_start = self.state.num_input_tokens_seen
+        self.count_tokens(model, inputs)
         loss, correct, count = completion_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         acc = self._acc["train" if model.training else "eval"]
         acc[0] += correct
         acc[1] += count
-        if model.training:
-            if self._started is None:
-                self._started = time.time()
-                self._tokens_at_start = self.state.num_input_tokens_seen
-            self.state.num_input_tokens_seen += tokens
         return (loss, {}) if return_outputs else loss  # prediction_step reads outputs even when unused
 
     def log(self, logs: dict, start_time=None) -> None:
@@ -118,14 +131,3 @@ class CompletionTrainer(Trainer):
             self._acc["eval"] = [0, 0]
         super().log(logs, start_time)
 
-
-class HeadTrainer(Trainer):
-    """Trainer for the head models (classifier, regression, span): its batches carry ``num_tokens``, a Python int
-    the collator counted, so that counting the tokens seen never waits for the device (the Trainer's own count
-    reads a device tensor every step)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        tokens = inputs.pop("num_tokens", 0)
-        if model.training:
-            self.state.num_input_tokens_seen += tokens
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
