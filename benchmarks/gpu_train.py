@@ -16,19 +16,22 @@ alpha=32, all linear layers).
   same TRL trainer.
 
 First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU). Reported per side:
-tokens/s (non-padding tokens, steps 2..N, so one-time compilation is not counted), MFU = 6·N·tokens/s
+tokens/s (non-padding tokens over the steps after ``--warmup`` (3), so compilation, including flex
+attention's recompile for a new row width, and the allocator's first growth are not counted), MFU = 6·N·tokens/s
 over the measured peak (N: all parameters of the model, the convention of the published numbers),
 peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training),
 the training loss at the last step and over the last quarter of steps (the sides must agree), and the
 host syncs per training step with the lines that made them (:mod:`tunesmith.train.syncs`: PyTorch's own
 check of synchronising operations on a GPU, reads of tensor values on a CPU). The clock waits for the
-device only after step 1 and after the last step, so it adds no sync of its own to the steps between.
+device only after the warm-up steps and after the last step, so it adds no sync of its own to the steps
+between. ``--attention sdpa,auto`` measures tunesmith's side once per attention kernel (``auto``: the path's
+own choice), so that one GPU run compares SDPA's masked kernel with flex attention's block mask.
 
 Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora``
 (Llama-3.1-8B, 4-bit NF4), ``2b-full`` (Gemma-2-2B, full fine-tuning), ``1b-head`` (Llama-3.2-1B with
 the classifier head on BANKING77 vs TRL SFT on the same messages). ``--tiny`` shrinks every model
 (2 layers, hidden 64), the rows and the sequence length so that the whole script runs on a CPU.
-``--profile`` prints the top kernels and the GPU busy fraction of the measured steps (steps 2..N: the
+``--profile`` prints the top kernels and the GPU busy fraction of the measured steps (the
 union of the GPU kernels' intervals over their wall time).
 
     python benchmarks/gpu_train.py --tokenizer PATH                     # every configuration, on a GPU
@@ -150,12 +153,12 @@ def model_name(cfg: Config, args) -> str:
     return f"random:{cfg.arch}?{sizes}seed={args.seed}" + (f"&tokenizer={args.tokenizer}" if args.tokenizer else "")
 
 
-def recipe_for(cfg: Config, args, out: Path, examples_per_step: int):
+def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto"):
     from tunesmith.config import validate_recipe
 
     train = {"adapter": cfg.adapter, "head": cfg.head, "max_steps": args.steps, "batch_size": examples_per_step,
              "learning_rate": args.lr, "max_seq_length": args.seq_len, "logging_steps": 1, "warmup_ratio": 0.0,
-             "lr_scheduler": "constant",
+             "lr_scheduler": "constant", "attention": attention,
              "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
     return validate_recipe({"name": f"bench-{cfg.name}", "output_dir": str(out), "seed": args.seed,
                             "model": {"name": model_name(cfg, args)},
@@ -173,10 +176,10 @@ def count_params(model) -> int:
 
 
 # --- measuring a trainer ------------------------------------------------------------------------------
-def _clock(device: str, steps: int):
-    """A TrainerCallback that waits for the device only after step 1 and after the last step and notes
-    (time, tokens seen) there: the rate over steps 2..N, without a sync in every step (which would hide the
-    host syncs a side makes). Between those marks, a profiler range names the measured steps."""
+def _clock(device: str, steps: int, warmup: int = 1):
+    """A TrainerCallback that waits for the device only after step ``warmup`` and after the last step and
+    notes (time, tokens seen) there: the rate over the steps between, without a sync in every step (which would
+    hide the host syncs a side makes). Between those marks, a profiler range names the measured steps."""
     from torch.profiler import record_function
     from transformers import TrainerCallback
 
@@ -186,11 +189,11 @@ def _clock(device: str, steps: int):
             self.window = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step not in (1, steps):
+            if state.global_step not in (warmup, steps):
                 return
             _sync(device)
             self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
-            if state.global_step == 1 and steps > 1:
+            if state.global_step == warmup and steps > warmup:
                 self.window = record_function(WINDOW)
                 self.window.__enter__()
             elif self.window is not None:
@@ -203,16 +206,16 @@ def _clock(device: str, steps: int):
 WINDOW = "tunesmith-benchmark: measured steps"
 
 
-def measure(train, device: str, steps: int, profile: bool) -> dict:
+def measure(train, device: str, steps: int, profile: bool, warmup: int = 1) -> dict:
     """Run ``train(callbacks)`` (a side's training, which must add the callbacks to its Trainer); return
-    tokens/s over steps 2..N, the peak memory, host syncs per step (:class:`tunesmith.train.syncs.StepReads`)
+    tokens/s over the steps after ``warmup``, the peak memory, host syncs per step (:class:`tunesmith.train.syncs.StepReads`)
     and, with ``profile``, the top kernels and the GPU busy fraction of the measured steps."""
     import torch
 
     from tunesmith.train.memory import peak_rss, reset_peak_rss
     from tunesmith.train.syncs import StepReads
 
-    clock = _clock(device, steps)
+    clock = _clock(device, steps, warmup)
     reads = StepReads(device)
     gc.collect()
     if device == "cuda":
@@ -279,13 +282,13 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 
 # --- the sides ----------------------------------------------------------------------------------------
-def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
+def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
     from tunesmith.models.loading import Placement, load_model_for, load_tokenizer
     from tunesmith.train.device import decide, resolved
     from tunesmith.train.packing import PackedCollator
     from tunesmith.train.sft import build_trainer, prepare_model
 
-    recipe = recipe_for(cfg, args, out, examples_per_step)
+    recipe = recipe_for(cfg, args, out, examples_per_step, attention)
     path = decide(recipe)
     recipe = resolved(recipe, path)
     placement = Placement(path.device, path.dtype, path)
@@ -297,7 +300,7 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int) ->
     collator = trainer.data_collator  # the same collator, its rows filled up to --seq-len tokens
     trainer.data_collator = PackedCollator(collator.pad_id, collator.pack, collator.mask_kind, collator.dtype,
                                            capacity=args.seq_len)
-    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile)
+    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
     return res | losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step, "params": params,
                                                           "path": path.describe()}
 
@@ -336,7 +339,7 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
-    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile)
+    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
     res |= losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
     del trainer, model
     if cuda:
@@ -397,7 +400,7 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
         return train_classifier(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True),
                                 callbacks=callbacks)
 
-    res = measure(train, placement.device, args.steps, args.profile)
+    res = measure(train, placement.device, args.steps, args.profile, args.warmup)
     result = res["result"]
     losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
     return res | {"steps": args.steps, "last_loss": losses[-1] if losses else None, "late_loss": None,
@@ -418,6 +421,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="steps before the clock starts (at most steps - 1)")
+    ap.add_argument("--attention", default="auto",
+                    help="tunesmith's side once per kernel, comma-separated: auto, sdpa, flex_attention, eager")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rows-per-source", type=int, default=400)
     ap.add_argument("--head-batch", type=int, default=32)
@@ -428,6 +434,7 @@ def main() -> None:
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
     args = ap.parse_args()
+    args.warmup = max(1, min(args.warmup, args.steps - 1))
     if args.tiny:
         args.seq_len = min(args.seq_len, 256)
         args.rows_per_source = min(args.rows_per_source, 40)
@@ -478,7 +485,8 @@ def main() -> None:
                 if not args.no_trl:
                     sides.append(("TRL SFT", run_trl, (cfg, args, trl_rows, out, args.head_batch)))
             else:
-                sides = [("tunesmith", run_tunesmith, (cfg, args, keep, out, per_step))]
+                sides = [("tunesmith" + ("" if a == "auto" else f" ({a})"), run_tunesmith,
+                          (cfg, args, keep, out / a, per_step, a)) for a in args.attention.split(",")]
                 if not args.no_trl:
                     sides += [("TRL", run_trl, (cfg, args, keep, out, per_step)),
                               ("Unsloth", run_unsloth, (cfg, args, keep, out, per_step))]

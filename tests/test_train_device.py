@@ -26,10 +26,10 @@ def test_cpu_path_is_todays_behaviour():
     assert choose_path(Capabilities(liger=True), Wishes()).kernels == "none"  # Liger is Triton: GPU only
 
 
-def test_gpu_path_bf16_tf32_fused_adamw_sdpa_position_ids_liger():
+def test_gpu_path_bf16_tf32_fused_adamw_flex_position_ids_liger():
     p = choose_path(H100, Wishes(), fits_without_checkpointing=True)
     assert (p.device, p.dtype, p.tf32, p.optimizer) == ("cuda", "bfloat16", True, "adamw_torch_fused")
-    assert (p.attention, p.packing, p.mask_in_collator, p.kernels) == ("sdpa", "position_ids", False, "liger")
+    assert (p.attention, p.packing, p.mask_in_collator, p.kernels) == ("flex_attention", "position_ids", False, "liger")
     assert p.gradient_checkpointing is False and "fits" in p.reasons["gradient_checkpointing"]
     assert set(p.reasons) >= {"dtype", "tf32", "optimizer", "attention", "packing", "kernels"}
     short = choose_path(H100, Wishes(), fits_without_checkpointing=False)
@@ -38,15 +38,30 @@ def test_gpu_path_bf16_tf32_fused_adamw_sdpa_position_ids_liger():
     assert no_liger.kernels == "none" and "not installed" in no_liger.reasons["kernels"]
 
 
-def test_attention_order_flash_then_sdpa_and_softcapping_models():
+def test_attention_order_flash_then_flex_for_packed_rows_then_sdpa_and_softcapping_models():
     flash = Capabilities(**{**H100.__dict__, "flash_attn": True})
+    no_flex = Capabilities(**{**H100.__dict__, "flex_attention": False})
     assert choose_path(flash, Wishes()).attention == "flash_attention_2"
+    packed = choose_path(H100, Wishes())  # no flash-attn: flex's block mask, no L x L mask on the GPU
+    assert packed.attention == "flex_attention" and "block mask" in packed.reasons["attention"]
+    assert choose_path(no_flex, Wishes()).attention == "sdpa"
+    assert choose_path(H100, Wishes(packing=False)).attention == "sdpa"  # unpacked: SDPA's own kernels
+    assert choose_path(H100, Wishes(head="classifier")).attention == "sdpa"
     t4 = choose_path(T4, Wishes())  # FlashAttention-2 needs Ampere; a T4 has no bf16 and no TF32
     assert (t4.attention, t4.dtype, t4.tf32) == ("sdpa", "float32", False)
     gemma = Wishes(softcapping=True)  # Gemma-2 soft-caps attention logits, which SDPA ignores
     assert choose_path(H100, gemma).attention == "flex_attention"
     assert choose_path(Capabilities(**{**H100.__dict__, "flex_attention": False}), gemma).attention == "eager"
     assert choose_path(flash, gemma).attention == "flash_attention_2"
+    assert choose_path(H100, Wishes(softcapping=True, head="classifier")).attention == "flex_attention"
+
+
+def test_flex_attention_asked_on_a_cpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="flex_attention cannot train on a CPU"):
+        choose_path(CPU, Wishes(attention="flex_attention"))
+    with pytest.raises(ConfigError, match="needs torch's flex attention and Triton"):
+        choose_path(Capabilities(**{**H100.__dict__, "flex_attention": False}), Wishes(attention="flex_attention"))
+    assert choose_path(H100, Wishes(attention="flex_attention")).attention == "flex_attention"
 
 
 def test_full_fine_tuning_on_a_gpu_keeps_fp32_master_weights_under_bf16_autocast(tmp_path):
@@ -121,7 +136,11 @@ def test_estimate_on_a_gpu_keeps_no_attention_probabilities():
                   linear_shapes=[(2048, 2048)] * 64)
     recipe = _recipe(max_seq_length=2048, batch_size=1)
     cpu, gpu = estimate(shape, recipe, "float32", "cpu"), estimate(shape, recipe, "bfloat16", "cuda")
-    assert gpu.parts["attention"] == 2048**2  # one bool mask at most
+    assert gpu.parts["attention"] == 2048**2  # SDPA: one bool mask at most
+    for kernel in ("flex_attention", "flash_attention_2"):  # a block mask of 128x128 blocks, or none
+        assert estimate(shape, recipe, "bfloat16", "cuda", attention=kernel).parts["attention"] == 0
+    # eager on a GPU (a soft-capping model without flex): bf16 probabilities and their softmax, every layer
+    assert estimate(shape, recipe, "bfloat16", "cuda", attention="eager").parts["attention"] == 32 * 2048**2 * 2 * 2 * 16
     assert cpu.parts["attention"] == 2048**2 * 4 * 16  # SDPA on a CPU: the mask as floats, once per layer
     eager = estimate(shape, _recipe(max_seq_length=2048, batch_size=1, attention="eager"), "float32", "cpu")
     assert eager.parts["attention"] == 32 * 2048**2 * 4 * 2 * 16  # the probabilities of every head and layer

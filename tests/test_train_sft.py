@@ -72,12 +72,15 @@ def test_first_fit_rows_never_exceed_the_longest_example():
 
 
 @pytest.mark.parametrize("attn,kind,capacity", [("sdpa", "bool", None), ("eager", "float", None),
-                                                ("sdpa", "none", None), ("eager", "none", None), ("sdpa", "none", 4096)])
+                                                ("sdpa", "none", None), ("eager", "none", None), ("sdpa", "none", 4096),
+                                                ("flex_attention", "none", None)])
 def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
     """``bool``/``float``: the CPU path (the collator's 4D block mask). ``none``: the GPU path (packing by
     restarting position ids, no mask from the collator; the model builds the block mask from the position
-    ids, as it does for SDPA on a GPU; flash-attention's variable-length kernels read the same boundaries).
-    ``capacity``: the whole batch in one row, without padding (what the GPU path does under FlashAttention-2)."""
+    ids, as it does for SDPA on a GPU, and flex attention builds its block mask from them, as the GPU path
+    without flash-attn does; flash-attention's variable-length kernels read the same boundaries).
+    ``capacity``: the whole batch in one row, without padding (what the GPU path does under FlashAttention-2).
+    Flex attention runs here forward only: PyTorch runs its backward pass only on GPUs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -114,6 +117,42 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
     with torch.no_grad():
         leaky_loss, _, _ = completion_loss(model, leaky)
     assert abs(leaky_loss.item() * n - alone_sum) > 1e-3
+
+
+def test_gemma2_packed_under_flex_equals_one_at_a_time_with_softcapping_and_sliding_window(tiny_model_dir):
+    """The GPU path trains Gemma-2 (soft-capped attention logits, sliding-window layers) with flex attention and
+    packing by position ids. Forward on a CPU: the packed rows' loss under flex equals each example's alone
+    under eager attention (transformers' reference), with a cap and a window small enough to act; controls:
+    without the cap, or without the window, the loss moves."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from tunesmith.models.random_weights import parse, scaled_config
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = scaled_config(parse(f"random:gemma-2-2b?layers=2&hidden=64&heads=4&kv_heads=2&head_dim=16&vocab={len(tok)}"))
+    cfg |= {"attn_logit_softcapping": 0.2, "sliding_window": 12, "pad_token_id": tok.pad_token_id,
+            "initializer_range": 0.3}  # weights large enough that attention logits reach the cap
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(**cfg)).eval()
+    rows = sorted(banking_rows(LABELS, 20), key=lambda r: len(r["text"]))
+    feats = [tokenize_example(*_conv(r["text"], r["category"]), tok) for r in rows[:6] + rows[-2:]]
+    assert min(len(f["input_ids"]) for f in feats) > cfg["sliding_window"]  # the window cuts every example
+    collate = PackedCollator(tok.pad_token_id, pack=True, mask_kind="none")
+    packed = collate(feats)
+    assert packed["input_ids"].shape[0] < len(feats)
+
+    def alone_sum(**change):  # the same weights in a model built from the changed config, eager attention
+        other = Gemma2ForCausalLM(Gemma2Config(**cfg | change, attn_implementation="eager")).eval()
+        other.load_state_dict(model.state_dict())
+        return sum(lo.item() * k for lo, _, k in (completion_loss(other, collate([f])) for f in feats))
+
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        loss, _, n = completion_loss(model, dict(packed))
+        reference = alone_sum()
+        assert loss.item() * n == pytest.approx(reference, rel=1e-5)
+        assert abs(alone_sum(attn_logit_softcapping=None) - reference) > 1e-3 * abs(reference)
+        assert abs(alone_sum(sliding_window=4096) - reference) > 1e-3 * abs(reference)
 
 
 def _recipe(tmp_path, tiny_model_dir, **train):

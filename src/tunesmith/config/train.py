@@ -97,7 +97,8 @@ class TrainSection(Section):
         "would not fit without it")
     attention: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="auto: transformers' default on a CPU; on a CUDA GPU flash_attention_2 where "
-        "flash-attn is installed, else sdpa (flex_attention or eager for models that soft-cap attention logits)")
+        "flash-attn is installed, else flex_attention for packed rows and models that soft-cap attention logits "
+        "(eager where flex is unavailable), else sdpa. flex_attention trains only on a GPU")
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="fused Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on where CUDA and "
         "liger-kernel are present")

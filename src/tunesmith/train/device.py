@@ -8,10 +8,11 @@ chooses what tunesmith has always done there: fp32 (bf16 matmuls on CPUs without
 4D block mask for packing, no fused kernels, no gradient checkpointing (~1.7x slower backward; the
 micro-batch is halved instead when memory is short). On a CUDA GPU it chooses bf16 base weights
 (full fine-tuning: fp32 master weights under bf16 autocast), TF32 matmuls, fused AdamW,
-FlashAttention-2 where installed (else SDPA; flex attention or eager for
-models whose attention soft-caps its logits, which SDPA ignores), packing by restarting position
-ids (no mask from the collator: flash-attention runs variable-length kernels, flex builds a sparse
-block mask, SDPA builds its mask on the device), Liger's fused kernels where installed, gradient
+FlashAttention-2 where installed, else flex attention for packed rows and for models whose
+attention soft-caps its logits (which SDPA ignores; eager where flex is unavailable), else SDPA;
+packing by restarting position ids (no mask from the collator: flash-attention runs variable-length
+kernels, flex builds a block mask that skips the blocks where examples do not see each other, SDPA
+builds an L x L mask on the device), Liger's fused kernels where installed, gradient
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
 double quantisation, bf16 compute and paged 8-bit AdamW.
 """
@@ -159,7 +160,10 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
         if wish.attention == "flash_attention_2" and not (gpu and caps.flash_attn):
             raise ConfigError("train.attention: flash_attention_2 needs a CUDA GPU and the flash-attn package "
                               "(pip install flash-attn); use train.attention: auto")
-        if wish.attention == "flex_attention" and gpu and not caps.flex_attention:
+        if wish.attention == "flex_attention" and not gpu:
+            raise ConfigError("train.attention: flex_attention cannot train on a CPU (PyTorch runs flex attention's "
+                              "backward pass only on GPUs); use train.attention: auto")
+        if wish.attention == "flex_attention" and not caps.flex_attention:
             raise ConfigError("train.attention: flex_attention needs torch's flex attention and Triton on this GPU; "
                               "use train.attention: auto")
         return wish.attention, "asked"
@@ -171,6 +175,10 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
         if caps.flex_attention:
             return "flex_attention", "the model soft-caps attention logits, which SDPA ignores; flex applies it"
         return "eager", "the model soft-caps attention logits, which SDPA ignores, and flex attention is unavailable"
+    if caps.flex_attention and wish.head == "generative" and wish.packing:
+        return "flex_attention", ("packed rows without flash-attn: flex attention's block mask skips the blocks where "
+                                  "examples do not see each other (SDPA would need an L x L mask, which rules out its "
+                                  "flash kernel)")
     return "sdpa", "flash-attn is not installed: PyTorch's SDPA (flash kernel unpacked, memory-efficient kernel with a mask)"
 
 
@@ -266,14 +274,20 @@ def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
     wish = wishes(recipe, model_softcaps(recipe.model.name))
     fits = None
     if wish.gradient_checkpointing == "auto" and caps.cuda:
-        from tunesmith.train.estimate import estimate_recipe
-
-        try:
-            plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
-            fits = estimate_recipe(plain).fits
-        except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
-            fits = None
+        attention = choose_path(caps, wish).attention  # chosen without the memory verdict, which it does not read
+        fits = _fits_without_checkpointing(recipe, attention)
     return choose_path(caps, wish, fits)
+
+
+def _fits_without_checkpointing(recipe, attention: str) -> bool | None:
+    """The estimator's verdict for the batch without gradient checkpointing (None when it cannot estimate)."""
+    from tunesmith.train.estimate import estimate_recipe
+
+    try:
+        plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+        return estimate_recipe(plain, attention).fits
+    except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
+        return None
 
 
 def resolved(recipe, path: TrainPath):

@@ -150,9 +150,12 @@ def activation_floats(shape: Shape, t) -> float:
 
 
 def estimate(
-    shape: Shape, recipe: Recipe, dtype: str = "float32", device: str = "cpu", available: int | None = None
+    shape: Shape, recipe: Recipe, dtype: str = "float32", device: str = "cpu", available: int | None = None,
+    attention: str | None = None,
 ) -> MemoryEstimate:
+    """``attention``: the kernel the training path runs (default: the recipe's ``train.attention``)."""
     t = recipe.train
+    attention_kind = attention or t.attention
     b = BYTES[dtype]
     tokens = t.batch_size * t.max_seq_length
     if t.adapter == "full":
@@ -181,10 +184,12 @@ def estimate(
     else:
         activations = tokens * shape.layers * per_token_layer
     layers_kept = 1 if checkpointing else shape.layers
-    if device == "cuda":  # fused kernels keep no probabilities: one bool block mask at most (not yet measured)
+    if attention_kind == "eager":  # the (rows, heads, L, L) probabilities and their softmax output, every layer
+        attention = t.batch_size * shape.heads * t.max_seq_length**2 * b * 2 * layers_kept
+    elif device == "cuda" and attention_kind in ("flash_attention_2", "flex_attention"):
+        attention = 0  # no mask: variable-length kernels, or flex's block mask (one entry per 128x128 block)
+    elif device == "cuda":  # SDPA's fused kernels keep no probabilities: one bool L x L mask at most
         attention = t.batch_size * t.max_seq_length**2
-    elif t.attention == "eager":  # the (rows, heads, L, L) probabilities and their softmax output, every layer
-        attention = t.batch_size * shape.heads * t.max_seq_length**2 * 4 * 2 * layers_kept
     else:  # SDPA's CPU kernels keep no probabilities, only the 4D mask, as floats, once per layer
         attention = t.batch_size * t.max_seq_length**2 * 4 * layers_kept
     if t.head == "generative":
@@ -225,13 +230,14 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def estimate_recipe(recipe: Recipe) -> MemoryEstimate:
-    """The estimate for a recipe on this machine (reads only config.json and safetensors headers)."""
+def estimate_recipe(recipe: Recipe, attention: str | None = None) -> MemoryEstimate:
+    """The estimate for a recipe on this machine (reads only config.json and safetensors headers);
+    ``attention``: the kernel the training path chose, when known."""
     from tunesmith.models.loading import pick_placement
     from tunesmith.models.registry import resolve
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     folder = Path(resolve(recipe.model.name))
     return estimate(
-        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device)
+        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device), attention
     )

@@ -128,10 +128,10 @@ class PackedCollator:
 
 def mask_kind(model) -> str:
     """The 4D mask form ``model``'s attention kernel needs: ``"bool"`` (sdpa), ``"float"`` (eager) or
-    ``"none"`` (flash attention, which takes no 4D mask; on the GPU path, packing by position ids, the
-    collator builds none and the model builds its own)."""
+    ``"none"`` (flash attention, which takes no 4D mask, and flex attention, which builds its own block mask
+    from the position ids or the 2D padding mask; the collator builds none)."""
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa") or "sdpa"
-    if "flash" in impl:
+    if "flash" in impl or impl == "flex_attention":
         return "none"
     return "bool" if impl == "sdpa" else "float"
 
