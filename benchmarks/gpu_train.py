@@ -29,7 +29,10 @@ own choice), so that one GPU run compares SDPA's masked kernel with flex attenti
 
 Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora``
 (Llama-3.1-8B, 4-bit NF4), ``2b-full`` (Gemma-2-2B, full fine-tuning), ``1b-head`` (Llama-3.2-1B with
-the classifier head on BANKING77 vs TRL SFT on the same messages). ``--tiny`` shrinks every model
+the classifier head on BANKING77 vs TRL SFT on the same messages), ``1b-dpo`` (Llama-3.2-1B, LoRA DPO on
+LLaMA-Factory's 300 demo pairs, ``--dpo-batch`` pairs per step, the reference being the adapter switched
+off: tunesmith's sync-free DPO trainer vs plain TRL ``DPOTrainer`` defaults; tokens are the real tokens of
+the chosen and rejected sequences, once each, though each also runs through the reference). ``--tiny`` shrinks every model
 (2 layers, hidden 64), the rows and the sequence length so that the whole script runs on a CPU.
 ``--profile`` prints the top kernels and the GPU busy fraction of the measured steps (the
 union of the GPU kernels' intervals over their wall time).
@@ -64,6 +67,7 @@ class Config:
     arch: str
     adapter: str  # lora | qlora | full
     head: str = "generative"
+    method: str = "sft"  # sft | dpo
 
 
 CONFIGS = {c.name: c for c in [
@@ -72,6 +76,7 @@ CONFIGS = {c.name: c for c in [
     Config("8b-qlora", "llama-3.1-8b", "qlora"),
     Config("2b-full", "gemma-2-2b", "full"),
     Config("1b-head", "llama-3.2-1b", "lora", head="classifier"),
+    Config("1b-dpo", "llama-3.2-1b", "lora", method="dpo"),
 ]}
 
 
@@ -142,6 +147,17 @@ def load_rows(limit_per_source: int, seed: int) -> tuple[list[dict], list[tuple[
     return rows, banking
 
 
+def load_pairs(limit: int) -> list[dict]:
+    """Preference pairs (LLaMA-Factory's DPO demo, read by tunesmith's reader) for the DPO configuration."""
+    from tunesmith.train.dpo import read_pairs
+
+    path = SHARED / "preference" / "llamafactory_dpo_en_demo.json"
+    if not path.is_file():
+        print(f"note: {path} is absent; the DPO configuration is skipped")
+        return []
+    return read_pairs(path)[:limit]
+
+
 def _row(turns: list[tuple[str, str]], answer: str) -> dict:
     return {"prompt": [{"role": r, "content": c} for r, c in turns],
             "completion": [{"role": "assistant", "content": answer}]}
@@ -153,13 +169,13 @@ def model_name(cfg: Config, args) -> str:
     return f"random:{cfg.arch}?{sizes}seed={args.seed}" + (f"&tokenizer={args.tokenizer}" if args.tokenizer else "")
 
 
-def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto"):
+def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", **extra):
     from tunesmith.config import validate_recipe
 
-    train = {"adapter": cfg.adapter, "head": cfg.head, "max_steps": args.steps, "batch_size": examples_per_step,
-             "learning_rate": args.lr, "max_seq_length": args.seq_len, "logging_steps": 1, "warmup_ratio": 0.0,
-             "lr_scheduler": "constant", "attention": attention,
-             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
+    train = extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
+                     "batch_size": examples_per_step, "learning_rate": args.lr, "max_seq_length": args.seq_len,
+                     "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "attention": attention,
+                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
     return validate_recipe({"name": f"bench-{cfg.name}", "output_dir": str(out), "seed": args.seed,
                             "model": {"name": model_name(cfg, args)},
                             "data": {"path": "unused", "input_fields": ["text"], "target_field": "y"},
@@ -176,10 +192,11 @@ def count_params(model) -> int:
 
 
 # --- measuring a trainer ------------------------------------------------------------------------------
-def _clock(device: str, steps: int, warmup: int = 1):
+def _clock(device: str, steps: int, warmup: int = 1, tokens=None):
     """A TrainerCallback that waits for the device only after step ``warmup`` and after the last step and
     notes (time, tokens seen) there: the rate over the steps between, without a sync in every step (which would
-    hide the host syncs a side makes). Between those marks, a profiler range names the measured steps."""
+    hide the host syncs a side makes). Between those marks, a profiler range names the measured steps.
+    ``tokens()`` gives the tokens seen (default: the Trainer state's count)."""
     from torch.profiler import record_function
     from transformers import TrainerCallback
 
@@ -192,7 +209,8 @@ def _clock(device: str, steps: int, warmup: int = 1):
             if state.global_step not in (warmup, steps):
                 return
             _sync(device)
-            self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen or 0)))
+            seen = tokens() if tokens else state.num_input_tokens_seen
+            self.marks.append((time.perf_counter(), int(seen or 0)))
             if state.global_step == warmup and steps > warmup:
                 self.window = record_function(WINDOW)
                 self.window.__enter__()
@@ -206,7 +224,7 @@ def _clock(device: str, steps: int, warmup: int = 1):
 WINDOW = "tunesmith-benchmark: measured steps"
 
 
-def measure(train, device: str, steps: int, profile: bool, warmup: int = 1) -> dict:
+def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, tokens=None) -> dict:
     """Run ``train(callbacks)`` (a side's training, which must add the callbacks to its Trainer); return
     tokens/s over the steps after ``warmup``, the peak memory, host syncs per step (:class:`tunesmith.train.syncs.StepReads`)
     and, with ``profile``, the top kernels and the GPU busy fraction of the measured steps."""
@@ -215,7 +233,7 @@ def measure(train, device: str, steps: int, profile: bool, warmup: int = 1) -> d
     from tunesmith.train.memory import peak_rss, reset_peak_rss
     from tunesmith.train.syncs import StepReads
 
-    clock = _clock(device, steps, warmup)
+    clock = _clock(device, steps, warmup, tokens)
     reads = StepReads(device)
     gc.collect()
     if device == "cuda":
@@ -245,10 +263,13 @@ def _top_sites(sites: list[str], n: int = 4) -> list[str]:
 
 
 def losses_of(log_history: list[dict]) -> dict:
-    losses = [h["loss"] for h in log_history if "loss" in h]
+    return _loss_summary([h["loss"] for h in log_history if "loss" in h])
+
+
+def _loss_summary(losses: list[float]) -> dict:
+    """The loss at the last step and over the last quarter of steps (the sides must agree)."""
     quarter = losses[-max(1, len(losses) // 4):]
-    return {"last_loss": losses[-1] if losses else None,
-            "late_loss": sum(quarter) / len(quarter) if quarter else None}
+    return {"last_loss": losses[-1] if losses else None, "late_loss": sum(quarter) / len(quarter) if quarter else None}
 
 
 def _profiled(run, device: str):
@@ -392,12 +413,8 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(banking)]
     tokenizer = load_tokenizer(name)
 
-    @__import__("contextlib").contextmanager
-    def no_bar(desc, total):
-        yield lambda n=1, info="": None
-
     def train(callbacks):
-        return train_classifier(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True),
+        return train_classifier(recipe, examples, labels, tokenizer, placement, _no_bar, Console(quiet=True),
                                 callbacks=callbacks)
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
@@ -405,6 +422,72 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
     return res | {"steps": args.steps, "last_loss": losses[-1] if losses else None, "late_loss": None,
                   "params": result.total_params, "path": path.describe() + " (classifier head; loss is over 77 labels)"}
+
+
+def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
+    """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here."""
+    from rich.console import Console
+
+    from tunesmith.models.loading import Placement, load_model_for, load_tokenizer
+    from tunesmith.train.device import decide, resolved
+    from tunesmith.train.dpo import train_dpo
+
+    out.mkdir(parents=True, exist_ok=True)
+    path_file = out / "pairs.jsonl"
+    path_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    recipe = recipe_for(cfg, args, out, args.dpo_batch, dpo={"path": str(path_file), "beta": 0.1})
+    path = decide(recipe)
+    recipe = resolved(recipe, path)
+    placement = Placement(path.device, path.dtype, path)
+    tokenizer = load_tokenizer(recipe.model.name)
+    model = load_model_for(recipe.model.name, placement, cfg.adapter)
+
+    def train(callbacks):
+        return train_dpo(recipe, model, tokenizer, placement, Console(quiet=True), _no_bar, callbacks=callbacks)
+
+    res = measure(train, placement.device, args.steps, args.profile, args.warmup)
+    result = res["result"]
+    losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
+    return res | _loss_summary(losses) | {"steps": args.steps, "params": result.total_params,
+                                          "path": path.describe() + " (DPO, reference = adapter off)"}
+
+
+def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
+    """Plain TRL ``DPOTrainer`` defaults (bf16 only where the device has it) with the same LoRA, pairs and batch."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.config import LoraSection
+    from tunesmith.models.loading import load_model_for, load_tokenizer, pick_placement, wrap_adapter
+
+    name = model_name(cfg, args)
+    cuda = pick_placement().device == "cuda"
+    base = load_model_for(name, pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
+    model = wrap_adapter(base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
+    params = count_params(model)
+    kwargs = {} if cuda else {"bf16": False, "use_cpu": True}
+    config = DPOConfig(output_dir=str(out / "trl-dpo"), seed=args.seed, max_steps=args.steps,
+                       per_device_train_batch_size=args.dpo_batch, learning_rate=args.lr, lr_scheduler_type="constant",
+                       max_length=args.seq_len, beta=0.1, logging_steps=1, save_strategy="no", report_to=[],
+                       disable_tqdm=True, **kwargs)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
+                         processing_class=load_tokenizer(name))
+    for cb in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(cb)
+    res = measure(functools.partial(_train, trainer), "cuda" if cuda else "cpu", args.steps, args.profile,
+                  args.warmup, tokens=functools.partial(getattr, trainer, "_total_train_tokens"))
+    res |= losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return res | {"params": params, "path": f"TRL DPOTrainer defaults ({'bf16' if cuda else 'fp32'})"}
+
+
+@__import__("contextlib").contextmanager
+def _no_bar(desc, total):
+    yield lambda n=1, info="": None
 
 
 # --- the table ----------------------------------------------------------------------------------------
@@ -427,6 +510,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rows-per-source", type=int, default=400)
     ap.add_argument("--head-batch", type=int, default=32)
+    ap.add_argument("--dpo-batch", type=int, default=8, help="preference pairs per step (1b-dpo)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded SmolLM2's)")
@@ -439,6 +523,7 @@ def main() -> None:
         args.seq_len = min(args.seq_len, 256)
         args.rows_per_source = min(args.rows_per_source, 40)
         args.head_batch = min(args.head_batch, 8)
+        args.dpo_batch = min(args.dpo_batch, 4)
 
     import datasets
     import torch
@@ -476,7 +561,14 @@ def main() -> None:
             if cfg.adapter == "qlora" and device != "cuda":
                 print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
                 continue
-            if cfg.head == "classifier":
+            if cfg.method == "dpo":
+                pairs = load_pairs(args.rows_per_source)
+                if not pairs:
+                    continue
+                sides = [("tunesmith DPO", run_tunesmith_dpo, (cfg, args, pairs, out / "ours"))]
+                if not args.no_trl:
+                    sides.append(("TRL DPO", run_trl_dpo, (cfg, args, pairs, out)))
+            elif cfg.head == "classifier":
                 if not banking:
                     print(f"note: {cfg.name} needs BANKING77; skipped")
                     continue

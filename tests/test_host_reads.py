@@ -16,6 +16,16 @@ STEP = {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "logging_steps": 100, 
 
 
 def _recipe(tmp_path, model_dir, kind: str) -> dict:
+    if kind.startswith("dpo"):
+        labels = ("card_arrival", "pin_blocked")
+        pairs = [{"prompt": [{"role": "user", "content": r["text"]}],
+                  "chosen": [{"role": "assistant", "content": r["category"]}],
+                  "rejected": [{"role": "assistant", "content": labels[1 - labels.index(r["category"])]}]}
+                 for r in banking_rows(labels, 6)]
+        dpo = {"path": str(write_jsonl(tmp_path / "pairs.jsonl", pairs)), "beta": 0.1,
+               "precompute_ref_log_probs": kind == "dpo-precomputed"}
+        return {"name": "reads", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
+                "train": {**STEP, "method": "dpo", "dpo": dpo}}
     if kind == "span":
         return {"name": "reads", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
                 "data": {"path": str(_squad(tmp_path)), "task": "qa", "input_fields": ["context", "question"],
@@ -45,7 +55,7 @@ def test_step_reads_counts_reads_inside_steps_only_and_restores_torch():
     assert torch.Tensor.item.__qualname__ == "TensorBase.item"  # the originals are back
 
 
-@pytest.mark.parametrize("kind", ["generative", "classifier", "regression", "span"])
+@pytest.mark.parametrize("kind", ["generative", "classifier", "regression", "span", "dpo", "dpo-precomputed"])
 def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_dir, monkeypatch, kind):
     import collections
 

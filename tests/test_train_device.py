@@ -104,6 +104,11 @@ def test_what_the_recipe_asks_for_wins():
         p = choose_path(H100, Wishes(head=head))
         assert p.packing == "off" and head in p.reasons["packing"], p.reasons
     assert choose_path(CPU, Wishes(head="generative")).packing == "block_mask"
+    for caps in (CPU, H100):  # DPO pads each chosen and rejected sequence to its own row: SDPA, no flex
+        p = choose_path(caps, Wishes(method="dpo"))
+        assert p.packing == "off" and "DPO" in p.reasons["packing"], p.reasons
+    assert choose_path(H100, Wishes(method="dpo")).attention == "sdpa"
+    assert choose_path(H100, Wishes(method="dpo", softcapping=True)).attention == "flex_attention"
 
 
 def _recipe(**train):

@@ -63,18 +63,73 @@ def test_reads_the_real_sharegpt_demo_file():
     assert all(p["chosen"][0]["role"] == "assistant" and p["prompt"][-1]["role"] == "user" for p in pairs)
 
 
-@pytest.mark.parametrize("precompute", [True])  # the option; TRL computes the reference per step otherwise
-def test_dpo_margin_grows(cli, tmp_path, tiny_model_dir, precompute):
-    # chosen = the true intent, rejected = another intent (a multiple-choice distractor)
-    rows = banking_rows(LABELS, 8)
-    pairs = [
+def _pairs(n: int) -> list[dict]:
+    """chosen = the true intent, rejected = another intent (a multiple-choice distractor)."""
+    return [
         {
             "prompt": [{"role": "user", "content": r["text"]}],
             "chosen": [{"role": "assistant", "content": r["category"]}],
             "rejected": [{"role": "assistant", "content": LABELS[(LABELS.index(r["category"]) + 1) % 3]}],
         }
-        for r in rows
+        for r in banking_rows(LABELS, n)
     ]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("precompute", [False, True])
+def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, precompute):
+    """The same micro-step through TRL's DPOTrainer and SyncFreeDPOTrainer (the 4D mask built on the host,
+    metrics kept on the device): equal loss, gradients and logged metrics, on a LoRA moved away from its
+    reference."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
+    from tunesmith.train.packing import padded_mask_kind
+
+    pairs = _pairs(2)
+
+    def step(cls, **extra):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear"))
+        args = DPOConfig(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=6, report_to=[],
+                         beta=0.1, max_length=36, use_cpu=True, bf16=False, precompute_ref_log_probs=precompute)
+        trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                      processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), **extra)
+        with torch.no_grad():  # as after some training: the policy moves away from its reference
+            for p in trainer.model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+        rows = [trainer.train_dataset[i] for i in range(6)]
+        assert any(len(r["prompt_ids"]) + len(r[side]) > 36 for r in rows for side in ("chosen_ids", "rejected_ids"))
+        batch = trainer.data_collator(rows)
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+        trainer.log({})
+        return batch, loss.item(), grads, trainer.state.log_history[-1]
+
+    trl_batch, trl_loss, trl_grads, trl_log = step(DPOTrainer)
+    mask = padded_mask_kind(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention))
+    assert mask == {"sdpa": "bool", "eager": "float"}[attention]
+    batch, loss, grads, log = step(SyncFreeDPOTrainer, mask=mask)
+    assert batch["attention_mask"].dim() == 4 and batch["num_tokens"] == int(trl_batch["attention_mask"].sum())
+    assert loss == pytest.approx(trl_loss, abs=1e-6)
+    assert abs(trl_log["rewards/margins"]) > 1e-3 and trl_log["rewards/chosen"] != 0  # the policy is not the reference
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, trl_grads, strict=True))
+    assert set(log) == set(trl_log) and log["num_tokens"] == trl_log["num_tokens"]
+    for key, value in trl_log.items():
+        assert log[key] == pytest.approx(value, abs=1e-5), key
+
+
+@pytest.mark.parametrize("precompute", [True])  # the option; TRL computes the reference per step otherwise
+def test_dpo_margin_grows(cli, tmp_path, tiny_model_dir, precompute):
+    pairs = _pairs(8)
     recipe = write_recipe(
         tmp_path / "r.yaml",
         {

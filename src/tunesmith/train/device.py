@@ -49,6 +49,7 @@ class Wishes:
     device: str = "auto"  # model.device: auto | cpu | cuda | mps
     adapter: str = "lora"  # lora | dora | qlora | full
     head: str = "generative"  # generative, or a head kind (classifier | regression | span)
+    method: str = "sft"  # sft | dpo
     packing: bool = True
     optimizer: str = "auto"
     attention: str = "auto"
@@ -175,7 +176,7 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
         if caps.flex_attention:
             return "flex_attention", "the model soft-caps attention logits, which SDPA ignores; flex applies it"
         return "eager", "the model soft-caps attention logits, which SDPA ignores, and flex attention is unavailable"
-    if caps.flex_attention and wish.head == "generative" and wish.packing:
+    if caps.flex_attention and _packing(wish, gpu, "flex_attention")[0] != "off":
         return "flex_attention", ("packed rows without flash-attn: flex attention's block mask skips the blocks where "
                                   "examples do not see each other (SDPA would need an L x L mask, which rules out its "
                                   "flash kernel)")
@@ -185,6 +186,8 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
 def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
     if wish.head != "generative":
         return "off", f"a {wish.head} head reads one example per row: never packed"
+    if wish.method == "dpo":
+        return "off", "DPO compares each chosen and rejected sequence whole, one per row: never packed"
     if not wish.packing:
         return "off", "train.packing: false"
     if gpu:
@@ -250,7 +253,7 @@ def wishes(recipe, softcapping: bool = False) -> Wishes:
     """The recipe's wishes."""
     t = recipe.train
     return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
-                  packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
+                  method=t.method, packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
                   gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
 
 

@@ -99,8 +99,10 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
               callbacks: list | None = None) -> TrainResult:
     """Wrap ``model`` with the recipe's adapter and run TRL's DPOTrainer on ``train.dpo.path``."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
+    from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
+    from tunesmith.train.packing import padded_mask_kind
     from tunesmith.train.sft import base_args, fit, prepare_model, save_final
 
     t = recipe.train
@@ -116,11 +118,13 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
         max_length=t.max_seq_length,
     )
     tokenizer.padding_side = "right"
-    trainer = DPOTrainer(
+    trainer = SyncFreeDPOTrainer(
         model=prepare_model(recipe, model),
         args=args,
         train_dataset=Dataset.from_list(pairs),
         processing_class=tokenizer,
+        mask=padded_mask_kind(model),
+        mask_dtype=placement.torch_dtype,
     )
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("dpo", steps), callbacks)

@@ -523,21 +523,13 @@ def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05
 
 def head_mask_kind(head: HeadKind, pooling: str | None, model) -> str:
     """How a head's training batches carry their attention mask: ``"2d"``, the tokenizer's padding mask, or the
-    4D mask of a decoder built by the collator (``"bool"`` for sdpa, ``"float"`` for eager; see
-    :func:`~tunesmith.train.packing.padded_causal_mask`). Given a 2D mask, transformers checks on the host
-    whether it may skip it, which on a GPU waits for the device on every forward pass. Encoders, mean pooling
-    (it reads the 2D mask), flash attention (it takes only a 2D mask) and models with sliding-window layers
-    (a 4D mask would stand for those layers' own) keep the 2D mask."""
-    from tunesmith.models.loading import decoder_only
-    from tunesmith.train.packing import mask_kind
+    4D mask of a decoder built by the collator (:func:`~tunesmith.train.packing.padded_mask_kind`). Mean pooling
+    reads the 2D mask, so it keeps it."""
+    from tunesmith.train.packing import padded_mask_kind
 
-    config = model.config
-    if not decoder_only(config) or (head.pooled and (pooling or "native") != "native"):
+    if head.pooled and (pooling or "native") != "native":
         return "2d"
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return "2d"
-    kind = mask_kind(model)
-    return "2d" if kind == "none" else kind
+    return padded_mask_kind(model)
 
 
 def head_collator(tokenizer, mask: str = "2d", dtype=None):

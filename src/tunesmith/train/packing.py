@@ -136,6 +136,22 @@ def mask_kind(model) -> str:
     return "bool" if impl == "sdpa" else "float"
 
 
+def padded_mask_kind(model) -> str:
+    """How a right-padded batch for ``model`` carries its attention mask: ``"2d"``, the tokenizer's padding mask,
+    or the 4D mask of a decoder built on the host (``"bool"`` for sdpa, ``"float"`` for eager; see
+    :func:`padded_causal_mask`). Given a 2D mask, transformers checks on the host whether it may skip it, which
+    on a GPU waits for the device on every forward pass. Encoders, flash attention (it takes only a 2D mask),
+    flex attention (it builds its own block mask) and models with sliding-window layers (a 4D mask would stand
+    for those layers' own) keep the 2D mask."""
+    from tunesmith.models.loading import decoder_only
+
+    config = model.config
+    if not decoder_only(config) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "2d"
+    kind = mask_kind(model)
+    return "2d" if kind == "none" else kind
+
+
 def block_causal_mask(segment, kind: str = "bool", dtype=None):
     """(rows, 1, L, L) mask: query i sees key j iff j <= i and both belong to the same example.
 
