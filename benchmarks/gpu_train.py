@@ -19,7 +19,8 @@ First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU).
 tokens/s (non-padding tokens over the steps after ``--warmup`` (3), so compilation, including flex
 attention's recompile for a new row width, and the allocator's first growth are not counted), MFU = 6·N·tokens/s
 over the measured peak (N: all parameters of the model, the convention of the published numbers),
-peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training),
+peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training) beside
+the memory estimator's for tunesmith's packed rows (one row of ``--seq-len`` tokens per micro-batch),
 the training loss at the last step and over the last quarter of steps (the sides must agree), and the
 host syncs per training step with the lines that made them (:mod:`tunesmith.train.syncs`: PyTorch's own
 check of synchronising operations on a GPU, reads of tensor values on a CPU). The clock waits for the
@@ -323,7 +324,21 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
                                            capacity=args.seq_len)
     res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
     return res | losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step, "params": params,
-                                                          "path": path.describe()}
+                                                          "path": path.describe(),
+                                                          "estimate_mb": estimated_peak_mb(recipe, path, args.seq_len)}
+
+
+def estimated_peak_mb(recipe, path, row_tokens: int) -> float:
+    """The memory estimator's peak (:mod:`tunesmith.train.estimate`) for a micro-batch of one packed row of
+    ``row_tokens`` on ``path``: its total on a GPU (the allocator's peak counts the weights), what training adds
+    on a CPU (the measured peak there is the rise above the loaded model)."""
+    from tunesmith.models.random_weights import folder_for
+    from tunesmith.train.estimate import estimate, model_shape
+
+    train = recipe.train.model_copy(update={"batch_size": 1, "max_seq_length": row_tokens})
+    e = estimate(model_shape(folder_for(recipe.model.name)), recipe.model_copy(update={"train": train}),
+                 path.dtype, path.device, None, path.attention)
+    return (e.total if path.device == "cuda" else e.training_overhead) / 2**20
 
 
 def _train(trainer, callbacks: list):
@@ -496,7 +511,8 @@ def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
     mfu = 6 * r["params"] * rate / peak_flops if rate else None
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {fmt(mfu and 100 * mfu, '.1f')}% | "
-            f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r['last_loss'], '.4f')} | {fmt(r['late_loss'], '.4f')} | "
+            f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r.get('estimate_mb'), ',.0f')} | {fmt(r['last_loss'], '.4f')} | "
+            f"{fmt(r['late_loss'], '.4f')} | "
             f"{fmt(r['syncs_per_step'], '.1f')} | {r['path']} |")
 
 
@@ -552,8 +568,8 @@ def main() -> None:
     per_step = max(1, round(args.seq_len / (sum(kept) / len(kept))))  # about one full packed row per step
     print(f"{len(keep)} rows of ≤ {args.seq_len} tokens (mean {sum(kept) / len(kept):.0f}); "
           f"{per_step} examples per step (≈ one {args.seq_len}-token packed row)")
-    lines = ["| config | side | steps | tokens/s | MFU | peak MB | last loss | late loss | host syncs / step | path |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | side | steps | tokens/s | MFU | peak MB | estimated MB | last loss | late loss | "
+             "host syncs / step | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
         for cname in args.configs.split(","):
             cfg = CONFIGS[cname.strip()]
