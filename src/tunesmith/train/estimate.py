@@ -157,7 +157,8 @@ def estimate(
     t = recipe.train
     attention_kind = attention or t.attention
     b = BYTES[dtype]
-    tokens = t.batch_size * t.max_seq_length
+    rows = t.batch_size * (2 if t.method == "dpo" else 1)  # DPO: a chosen and a rejected sequence per pair
+    tokens = rows * t.max_seq_length
     if t.adapter == "full":
         # train.freeze_embeddings: the input embeddings (most of a multilingual encoder) get no gradient or state
         trainable = shape.params - (shape.vocab * shape.hidden if t.freeze_embeddings else 0)
@@ -185,14 +186,16 @@ def estimate(
         activations = tokens * shape.layers * per_token_layer
     layers_kept = 1 if checkpointing else shape.layers
     if attention_kind == "eager":  # the (rows, heads, L, L) probabilities and their softmax output, every layer
-        attention = t.batch_size * shape.heads * t.max_seq_length**2 * b * 2 * layers_kept
+        attention = rows * shape.heads * t.max_seq_length**2 * b * 2 * layers_kept
     elif device == "cuda" and attention_kind in ("flash_attention_2", "flex_attention"):
         attention = 0  # no mask: variable-length kernels, or flex's block mask (one entry per 128x128 block)
     elif device == "cuda":  # SDPA's fused kernels keep no probabilities: one bool L x L mask at most
-        attention = t.batch_size * t.max_seq_length**2
+        attention = rows * t.max_seq_length**2
     else:  # SDPA's CPU kernels keep no probabilities, only the 4D mask, as floats, once per layer
-        attention = t.batch_size * t.max_seq_length**2 * 4 * layers_kept
-    if t.head == "generative":
+        attention = rows * t.max_seq_length**2 * 4 * layers_kept
+    if t.method == "dpo":  # TRL's fused LM head scores the target positions in tiles: no (rows, L, vocab) logits
+        logits = tokens * 2 * 4 * 3
+    elif t.head == "generative":
         targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
         logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
     else:  # a head's outputs: a few numbers per text (or two per token for spans), never the vocabulary
