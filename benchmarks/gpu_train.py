@@ -15,7 +15,10 @@ alpha=32, all linear layers).
 - Unsloth (only where ``import unsloth`` works): ``FastLanguageModel`` with the same LoRA under the
   same TRL trainer.
 
-First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU). Reported per side:
+Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger
+patches transformers' rotary embedding module-wide, and Unsloth much more, which in one process would
+reach the sides after it). First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a
+CPU). Reported per side:
 tokens/s (non-padding tokens over the steps after ``--warmup`` (3), so compilation, including flex
 attention's recompile for a new row width, and the allocator's first growth are not counted), MFU = 6·N·tokens/s
 over the measured peak (N: all parameters of the model, the convention of the published numbers),
@@ -53,6 +56,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -98,6 +103,9 @@ def matmul_peak(device: str) -> tuple[float, str]:
             a @ b
         _sync(device)
         best = max(best, reps * 2 * n**3 / (time.perf_counter() - start))
+    del a, b
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the sides run in their own processes: leave them the memory
     return best, str(dtype).replace("torch.", "")
 
 
@@ -516,7 +524,7 @@ def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
             f"{fmt(r['syncs_per_step'], '.1f')} | {r['path']} |")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
     ap.add_argument("--steps", type=int, default=20)
@@ -533,18 +541,22 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 256 tokens: a CPU smoke run")
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
-    args = ap.parse_args()
+    ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # CONFIG:SIDE:ATTENTION, run in a child process
+    args = ap.parse_args(argv)
     args.warmup = max(1, min(args.warmup, args.steps - 1))
     if args.tiny:
         args.seq_len = min(args.seq_len, 256)
         args.rows_per_source = min(args.rows_per_source, 40)
         args.head_batch = min(args.head_batch, 8)
         args.dpo_batch = min(args.dpo_batch, 4)
+    return args
 
+
+def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
+    """Quiet logging, the rows that fit ``--seq-len``, the BANKING77 pairs, examples per step (about one full
+    packed row) and the device; the same in the parent and in every side's process (seeded)."""
     import datasets
     import torch
-    import transformers
-    import trl
     from transformers.utils import logging as hf_logging
 
     from tunesmith.models.loading import load_tokenizer
@@ -553,65 +565,116 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(args.tokenizer or "smollm2-135m-instruct")
     args.vocab = (len(tok) + 63) // 64 * 64
+    rows, banking = load_rows(args.rows_per_source, args.seed)
+    lengths = [len(ex["input_ids"]) for ex in tokenize_rows(rows, tok)]
+    keep = [r for r, n in zip(rows, lengths, strict=True) if n <= args.seq_len]
+    kept = [n for n in lengths if n <= args.seq_len]
+    args.mean_tokens = sum(kept) / len(kept)
+    per_step = max(1, round(args.seq_len / args.mean_tokens))  # about one full packed row per step
+    return keep, banking, per_step, "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
+    """(label, side, attention) of each side of ``cfg`` that can run here; notes for those that cannot."""
+    if cfg.adapter == "qlora" and device != "cuda":
+        print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
+        return []
+    if cfg.method == "dpo":
+        if not (SHARED / "preference" / "llamafactory_dpo_en_demo.json").is_file():
+            print(f"note: {cfg.name} needs the DPO demo pairs under {SHARED}; skipped")
+            return []
+        return [("tunesmith DPO", "ours-dpo", "auto")] + ([] if args.no_trl else [("TRL DPO", "trl-dpo", "auto")])
+    if cfg.head == "classifier":
+        if not (SHARED / "banking77" / "banking77_train.csv").is_file():
+            print(f"note: {cfg.name} needs BANKING77; skipped")
+            return []
+        return [("tunesmith head", "ours-head", "auto")] + ([] if args.no_trl else [("TRL SFT", "trl-head", "auto")])
+    ours = [("tunesmith" + ("" if a == "auto" else f" ({a})"), "ours", a) for a in args.attention.split(",")]
+    return ours + ([] if args.no_trl else [("TRL", "trl", "auto"), ("Unsloth", "unsloth", "auto")])
+
+
+def run_side(args) -> dict | None:
+    """The side ``--side CONFIG:SIDE:ATTENTION`` names, in this (child) process."""
+    cname, side, attention = args.side.split(":")
+    cfg = CONFIGS[cname]
+    rows, banking, per_step, _ = prepare(args)
+    with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
+        out = Path(tmp) / cfg.name
+        if side == "ours":
+            return run_tunesmith(cfg, args, rows, out / attention, per_step, attention)
+        if side == "trl":
+            return run_trl(cfg, args, rows, out, per_step)
+        if side == "unsloth":
+            return run_unsloth(cfg, args, rows, out, per_step)
+        if side == "ours-head":
+            return run_head(cfg, args, banking, out)
+        if side == "trl-head":
+            return run_trl(cfg, args, [r for r in rows if r["prompt"][0]["content"] == SYSTEM_BANKING], out,
+                           args.head_batch)
+        pairs = load_pairs(args.rows_per_source)
+        return run_tunesmith_dpo(cfg, args, pairs, out / "ours") if side == "ours-dpo" else run_trl_dpo(cfg, args, pairs, out)
+
+
+RESULT = "side result: "
+
+
+def in_child(args, cname: str, side: str, attention: str) -> dict | None:
+    """Run one side in a fresh Python process: its own CUDA context and allocator peak, and its own module state
+    (Liger patches transformers' rotary embedding module-wide, Unsloth much more; in one process a later side
+    would run with them). Its printed notes pass through; its result comes back as one JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", f"{cname}:{side}:{attention}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            result = json.loads(line[len(RESULT):])
+        else:
+            print(line)
+    if proc.returncode != 0:
+        print(proc.stderr[-4000:])
+        raise SystemExit(f"{cname} {side}: the side's process failed (exit {proc.returncode})")
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    if args.side:
+        r = run_side(args)
+        if r is not None:
+            r.pop("result", None)
+            print(RESULT + json.dumps(r))
+        return
+    import torch
+    import transformers
+    import trl
+
+    rows, _, per_step, device = prepare(args)
     peak, dtype = matmul_peak(device)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device: {name}; measured dense {dtype} matmul peak {peak / 1e12:,.3f} TFLOP/s")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
           + (" · TINY models (2 layers, hidden 64): a smoke run, not a measurement of the architectures" if args.tiny else ""))
-    rows, banking = load_rows(args.rows_per_source, args.seed)
-    lengths = [len(ex["input_ids"]) for ex in tokenize_rows(rows, tok)]
-    keep = [r for r, n in zip(rows, lengths, strict=True) if n <= args.seq_len]
-    kept = [n for n in lengths if n <= args.seq_len]
-    per_step = max(1, round(args.seq_len / (sum(kept) / len(kept))))  # about one full packed row per step
-    print(f"{len(keep)} rows of ≤ {args.seq_len} tokens (mean {sum(kept) / len(kept):.0f}); "
-          f"{per_step} examples per step (≈ one {args.seq_len}-token packed row)")
+    print(f"{len(rows)} rows of ≤ {args.seq_len} tokens (mean {args.mean_tokens:.0f}); "
+          f"{per_step} examples per step (≈ one {args.seq_len}-token packed row); each side in its own process")
     lines = ["| config | side | steps | tokens/s | MFU | peak MB | estimated MB | last loss | late loss | "
              "host syncs / step | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
-        for cname in args.configs.split(","):
-            cfg = CONFIGS[cname.strip()]
-            out = Path(tmp) / cfg.name
-            if cfg.adapter == "qlora" and device != "cuda":
-                print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
+    for cname in args.configs.split(","):
+        cfg = CONFIGS[cname.strip()]
+        for label, side, attention in sides_of(cfg, args, device):
+            print(f"{cfg.name}: {label} ...", flush=True)
+            r = in_child(args, cfg.name, side, attention)
+            if r is None:
                 continue
-            if cfg.method == "dpo":
-                pairs = load_pairs(args.rows_per_source)
-                if not pairs:
-                    continue
-                sides = [("tunesmith DPO", run_tunesmith_dpo, (cfg, args, pairs, out / "ours"))]
-                if not args.no_trl:
-                    sides.append(("TRL DPO", run_trl_dpo, (cfg, args, pairs, out)))
-            elif cfg.head == "classifier":
-                if not banking:
-                    print(f"note: {cfg.name} needs BANKING77; skipped")
-                    continue
-                trl_rows = [r for r in keep if r["prompt"][0]["content"] == SYSTEM_BANKING]
-                sides = [("tunesmith head", run_head, (cfg, args, banking, out))]
-                if not args.no_trl:
-                    sides.append(("TRL SFT", run_trl, (cfg, args, trl_rows, out, args.head_batch)))
-            else:
-                sides = [("tunesmith" + ("" if a == "auto" else f" ({a})"), run_tunesmith,
-                          (cfg, args, keep, out / a, per_step, a)) for a in args.attention.split(",")]
-                if not args.no_trl:
-                    sides += [("TRL", run_trl, (cfg, args, keep, out, per_step)),
-                              ("Unsloth", run_unsloth, (cfg, args, keep, out, per_step))]
-            for side, run, run_args in sides:
-                print(f"{cfg.name}: {side} ...", flush=True)
-                r = run(*run_args)
-                if r is None:
-                    continue
-                lines.append(row_text(cfg.name, side, r, peak))
-                print(lines[-1], flush=True)
-                print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
-                      + (f" (top: {'; '.join(r['sync_sites'])})" if r["sync_sites"] else ""))
-                if r.get("profile"):
-                    print("  top kernels: " + "; ".join(r["profile"]["top"]))
-                    if r["profile"]["busy_fraction"] is not None:
-                        print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
-                gc.collect()
+            lines.append(row_text(cfg.name, label, r, peak))
+            print(lines[-1], flush=True)
+            print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
+                  + (f" (top: {'; '.join(r['sync_sites'])})" if r["sync_sites"] else ""))
+            if r.get("profile"):
+                print("  top kernels: " + "; ".join(r["profile"]["top"]))
+                if r["profile"]["busy_fraction"] is not None:
+                    print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
     print("\n" + "\n".join(lines))
 
 
