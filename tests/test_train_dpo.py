@@ -104,6 +104,9 @@ def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, pre
             for p in trainer.model.parameters():
                 if p.requires_grad:
                     p.add_(0.3 * torch.randn_like(p))
+        masks = []  # the attention masks the model's forward passes get (policy and reference)
+        trainer.model.get_base_model().register_forward_pre_hook(
+            lambda module, args, kwargs: masks.append(kwargs["attention_mask"].dim()), with_kwargs=True)
         rows = [trainer.train_dataset[i] for i in range(6)]
         assert any(len(r["prompt_ids"]) + len(r[side]) > 36 for r in rows for side in ("chosen_ids", "rejected_ids"))
         batch = trainer.data_collator(rows)
@@ -112,13 +115,14 @@ def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, pre
         loss.backward()
         grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
         trainer.log({})
-        return batch, loss.item(), grads, trainer.state.log_history[-1]
+        return batch, loss.item(), grads, trainer.state.log_history[-1], masks
 
-    trl_batch, trl_loss, trl_grads, trl_log = step(DPOTrainer)
+    trl_batch, trl_loss, trl_grads, trl_log, trl_masks = step(DPOTrainer)
     mask = padded_mask_kind(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention))
     assert mask == {"sdpa": "bool", "eager": "float"}[attention]
-    batch, loss, grads, log = step(SyncFreeDPOTrainer, mask=mask)
-    assert batch["attention_mask"].dim() == 4 and batch["num_tokens"] == int(trl_batch["attention_mask"].sum())
+    batch, loss, grads, log, masks = step(SyncFreeDPOTrainer, mask=mask)
+    assert batch["num_tokens"] == int(trl_batch["attention_mask"].sum())
+    assert set(trl_masks) == {2} and set(masks) == {4} and len(masks) == (1 if precompute else 2)
     assert loss == pytest.approx(trl_loss, abs=1e-6)
     assert abs(trl_log["rewards/margins"]) > 1e-3 and trl_log["rewards/chosen"] != 0  # the policy is not the reference
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, trl_grads, strict=True))

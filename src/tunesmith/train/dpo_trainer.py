@@ -6,7 +6,7 @@ transformers checks the 2D padding mask's values once per forward pass (policy a
 GPU each read waits until every queued kernel has run. Here the same loss is computed from the same
 fused forward (TRL's ``fused_lm_head``), its metrics stay on the device and are read once per
 logging step, the tokens are counted on the host by the collator, and a decoder gets the 4D mask it
-would have built itself (:func:`~tunesmith.train.packing.padded_causal_mask`). Loss types, f-divergences
+would have built itself, built on the device (:func:`~tunesmith.train.packing.padded_causal_mask`). Loss types, f-divergences
 and options other than TRL's default sigmoid DPO run TRL's own loss unchanged.
 """
 
@@ -18,19 +18,14 @@ NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
 class PreferenceBatches:
-    """TRL's preference collator plus ``num_tokens`` (the batch's real tokens, a Python int counted from the
-    examples as TRL's collator truncates them) and, for a decoder, the 4D attention mask of kind ``mask``
-    (``"2d"`` keeps TRL's)."""
+    """TRL's preference collator plus ``num_tokens``, the batch's real tokens, a Python int counted from the
+    examples as TRL's collator truncates them."""
 
-    def __init__(self, collate, mask: str = "2d", dtype=None):
-        self.collate, self.mask, self.dtype = collate, mask, dtype
+    def __init__(self, collate):
+        self.collate = collate
 
     def __call__(self, examples: list[dict]) -> dict:
-        from tunesmith.train.packing import padded_causal_mask
-
         batch = self.collate(examples)
-        if self.mask != "2d":
-            batch["attention_mask"] = padded_causal_mask(batch["attention_mask"], self.mask, self.dtype)
         limit = getattr(self.collate, "max_length", None) or float("inf")
         batch["num_tokens"] = sum(min(len(e["prompt_ids"]) + len(e[side]), limit)
                                   for e in examples for side in ("chosen_ids", "rejected_ids"))
@@ -38,15 +33,18 @@ class PreferenceBatches:
 
 
 class SyncFreeDPOTrainer(DPOTrainer):
-    """DPOTrainer whose metrics are kept as device tensors during steps and read together when it logs."""
+    """DPOTrainer whose metrics are kept as device tensors during steps and read together when it logs; ``mask``
+    (``"bool"`` or ``"float"``, see :func:`~tunesmith.train.packing.padded_mask_kind`) gives a decoder its 4D
+    mask, built from the 2D one on the device."""
 
     def __init__(self, *args, mask: str = "2d", mask_dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.mask, self.mask_dtype = mask, mask_dtype
         self._plain = (self.loss_types == ["sigmoid"] and self.f_divergence_type == "reverse_kl"
                        and self.ld_alpha is None and not self.use_weighting and not self.aux_loss_enabled
                        and not self._is_vision_dataset)
         if self._plain:  # TRL's own loss counts the tokens from the 2D mask itself
-            self.data_collator = PreferenceBatches(self.data_collator, mask, mask_dtype)
+            self.data_collator = PreferenceBatches(self.data_collator)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._plain:
@@ -59,6 +57,10 @@ class SyncFreeDPOTrainer(DPOTrainer):
         if return_outputs:  # evaluation asked for logits: TRL's loss, with its reads, outside training steps
             return super()._compute_loss(model, inputs, return_outputs)
         import torch.nn.functional as F
+
+        from tunesmith.train.trainer import expand_padding_mask
+
+        expand_padding_mask(inputs, self.mask, self.mask_dtype)  # the reference's forward pass gets it too
 
         completion = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion == 0, -100)

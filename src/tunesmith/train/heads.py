@@ -522,9 +522,9 @@ def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05
 
 
 def head_mask_kind(head: HeadKind, pooling: str | None, model) -> str:
-    """How a head's training batches carry their attention mask: ``"2d"``, the tokenizer's padding mask, or the
-    4D mask of a decoder built by the collator (:func:`~tunesmith.train.packing.padded_mask_kind`). Mean pooling
-    reads the 2D mask, so it keeps it."""
+    """How a head's training batches reach the model: with the tokenizer's padding mask (``"2d"``), or with the
+    4D mask of a decoder built from it on the device (:func:`~tunesmith.train.packing.padded_mask_kind`). Mean
+    pooling reads the 2D mask, so it keeps it."""
     from tunesmith.train.packing import padded_mask_kind
 
     if head.pooled and (pooling or "native") != "native":
@@ -532,21 +532,16 @@ def head_mask_kind(head: HeadKind, pooling: str | None, model) -> str:
     return padded_mask_kind(model)
 
 
-def head_collator(tokenizer, mask: str = "2d", dtype=None):
+def head_collator(tokenizer):
     """Pads a list of encoded rows into a batch of the keys a head model takes (right padding), with
-    ``num_tokens``, the batch's real tokens counted on the host, and the attention mask as ``mask`` says
-    (:func:`head_mask_kind`; ``dtype``: the additive mask's)."""
+    ``num_tokens``, the batch's real tokens counted on the host."""
     from transformers import DataCollatorWithPadding
-
-    from tunesmith.train.packing import padded_causal_mask
 
     pad = DataCollatorWithPadding(tokenizer)
     keys = [*tokenizer.model_input_names, "labels", "start_positions", "end_positions"]
 
     def collate(rows: list[dict]) -> dict:
         batch = pad([{k: v for k, v in r.items() if k in keys} for r in rows])
-        if mask != "2d":
-            batch["attention_mask"] = padded_causal_mask(batch["attention_mask"], mask, dtype)
         batch["num_tokens"] = sum(len(r["input_ids"]) for r in rows)
         return batch
 
@@ -573,7 +568,7 @@ def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar,
                          metric_for_best_model=None)
     trainer = TokenCountingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                                    processing_class=tokenizer, compute_loss_func=loss_func,
-                                   data_collator=head_collator(tokenizer, mask, placement.torch_dtype))
+                                   data_collator=head_collator(tokenizer), mask=mask, mask_dtype=placement.torch_dtype)
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar(label, steps), callbacks)
     final_dir = out_dir / kind

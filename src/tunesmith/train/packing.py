@@ -137,10 +137,10 @@ def mask_kind(model) -> str:
 
 
 def padded_mask_kind(model) -> str:
-    """How a right-padded batch for ``model`` carries its attention mask: ``"2d"``, the tokenizer's padding mask,
-    or the 4D mask of a decoder built on the host (``"bool"`` for sdpa, ``"float"`` for eager; see
-    :func:`padded_causal_mask`). Given a 2D mask, transformers checks on the host whether it may skip it, which
-    on a GPU waits for the device on every forward pass. Encoders, flash attention (it takes only a 2D mask),
+    """How a right-padded batch for ``model`` reaches it: with the tokenizer's padding mask (``"2d"``), or with
+    the 4D mask of a decoder that the trainer builds from it on the device (``"bool"`` for sdpa, ``"float"`` for
+    eager; see :func:`padded_causal_mask`). Given a 2D mask, transformers checks on the host whether it may skip
+    it, which on a GPU waits for the device on every forward pass. Encoders, flash attention (it takes only a 2D mask),
     flex attention (it builds its own block mask) and models with sliding-window layers (a 4D mask would stand
     for those layers' own) keep the 2D mask."""
     from tunesmith.models.loading import decoder_only
@@ -169,11 +169,12 @@ def block_causal_mask(segment, kind: str = "bool", dtype=None):
 def padded_causal_mask(attention_mask, kind: str = "bool", dtype=None):
     """(rows, 1, L, L) mask of a right-padded batch, the one a decoder builds from its 2D ``attention_mask``:
     query i sees key j iff j <= i and j is a real token (a padding query sees the real tokens before it).
-    Built here, on the host, the model neither builds it nor checks the 2D mask's values on the device."""
+    Built on the mask's own device from its values without reading them, so the model neither builds it
+    nor checks the 2D mask's values on the host (a wait for the GPU)."""
     import torch
 
     width = attention_mask.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    causal = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril()
     return _as_kind((causal[None] & attention_mask.bool()[:, None, :])[:, None], kind, dtype)
 
 
@@ -184,4 +185,4 @@ def _as_kind(allowed, kind: str, dtype):
     if kind == "bool":
         return allowed
     dtype = dtype or torch.float32
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)

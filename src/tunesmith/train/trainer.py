@@ -79,7 +79,13 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None):
 class TokenCountingTrainer(Trainer):
     """Trainer whose batches carry ``num_tokens``, a Python int the collator counted, so that counting the tokens
     seen never waits for the device (the Trainer's own count reads a device tensor every step). The head models
-    (classifier, regression, span) train with it as it is."""
+    (classifier, regression, span) train with it as it is; ``mask`` (``"bool"`` or ``"float"``, see
+    :func:`~tunesmith.train.packing.padded_mask_kind`) turns their 2D padding mask into a decoder's 4D mask on
+    the device, so transformers does not read the 2D mask's values to decide whether it may skip it."""
+
+    def __init__(self, *args, mask: str = "2d", mask_dtype=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask, self.mask_dtype = mask, mask_dtype
 
     def count_tokens(self, model, inputs: dict) -> None:
         tokens = inputs.pop("num_tokens", 0)
@@ -88,7 +94,16 @@ class TokenCountingTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.count_tokens(model, inputs)
+        expand_padding_mask(inputs, self.mask, self.mask_dtype)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def expand_padding_mask(inputs: dict, kind: str, dtype=None) -> None:
+    """Replace the batch's 2D padding mask by the decoder's 4D mask of ``kind``, built where the batch is."""
+    if kind != "2d":
+        from tunesmith.train.packing import padded_causal_mask
+
+        inputs["attention_mask"] = padded_causal_mask(inputs["attention_mask"], kind, dtype)
 
 
 class CompletionTrainer(TokenCountingTrainer):
