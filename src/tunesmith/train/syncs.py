@@ -15,6 +15,15 @@ import traceback
 import warnings
 
 READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy")
+SIZED_BY_VALUES = ("nonzero", "masked_select", "unique")  # their output's size depends on the values
+
+
+def _bool_index(tensor, index, *args) -> bool:
+    """Whether ``tensor[index]`` selects with a boolean mask (a result sized by the mask's values)."""
+    import torch
+
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool and i.dim() > 0 for i in parts)
 
 
 class StepReads:
@@ -28,6 +37,7 @@ class StepReads:
         self.sites: list[str] = []
         self.steps = 0
         self._saved: dict = {}
+        self._saved_functions: dict = {}
         self._warnings = None
 
     def callback(self):
@@ -68,9 +78,14 @@ class StepReads:
             warnings.showwarning = show
             torch.cuda.set_sync_debug_mode("warn")
             return self
-        for name in READS:
+        for name in READS + SIZED_BY_VALUES:
             self._saved[name] = original = getattr(torch.Tensor, name)
             setattr(torch.Tensor, name, self._counted(original))
+        self._saved["__getitem__"] = original = torch.Tensor.__getitem__
+        torch.Tensor.__getitem__ = self._counted(original, _bool_index)
+        for name in SIZED_BY_VALUES:
+            self._saved_functions[name] = original = getattr(torch, name)
+            setattr(torch, name, self._counted(original))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,11 +97,13 @@ class StepReads:
             return
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
-        self._saved = {}
+        for name, original in self._saved_functions.items():
+            setattr(torch, name, original)
+        self._saved, self._saved_functions = {}, {}
 
-    def _counted(self, original):
+    def _counted(self, original, when=None):
         def read(tensor, *args, **kwargs):
-            if self.active:
+            if self.active and (when is None or when(tensor, *args)):
                 frame = traceback.extract_stack(limit=2)[0]
                 self.sites.append(f"{frame.filename}:{frame.lineno}")
             return original(tensor, *args, **kwargs)
