@@ -99,16 +99,23 @@ def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_b
     assert "same effective batch" in console.export_text()
 
 
+def _estimator(shape, **defaults):
+    """The estimate of ``shape`` for a recipe whose train section is ``defaults`` updated by the call's keys."""
+
+    def est(**train):
+        doc = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
+               "train": {**defaults, **train}}
+        return estimate(shape, validate_recipe(doc))
+
+    return est
+
+
 def test_heads_have_no_vocabulary_logits_and_frozen_embeddings_no_state():
     from tunesmith.train.estimate import Shape
 
     shape = Shape(params=118 * 10**6, hidden=384, intermediate=1536, layers=12, heads=12, kv_dim=384, vocab=250_000,
                   linear_shapes=[(384, 384)] * 48)
-
-    def est(**train):
-        doc = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
-               "train": {"batch_size": 8, "max_seq_length": 384, **train}}
-        return estimate(shape, validate_recipe(doc))
+    est = _estimator(shape, batch_size=8, max_seq_length=384)
 
     generative, head = est(), est(head="classifier")
     assert generative.parts["logits"] > 1000 * head.parts["logits"]
@@ -127,11 +134,7 @@ def test_dpo_counts_two_sequences_per_pair_and_no_vocabulary_logits():
 
     shape = Shape(params=135 * 10**6, hidden=576, intermediate=1536, layers=30, heads=9, kv_dim=192, vocab=49_152,
                   linear_shapes=[(576, 576)] * 120)
-
-    def est(**train):
-        doc = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
-               "train": {"batch_size": 4, "max_seq_length": 512, **train}}
-        return estimate(shape, validate_recipe(doc))
+    est = _estimator(shape, batch_size=4, max_seq_length=512)
 
     sft, dpo = est(), est(method="dpo", dpo={"path": "p.jsonl"})
     assert dpo.tokens_per_micro_batch == 2 * sft.tokens_per_micro_batch == 4096
