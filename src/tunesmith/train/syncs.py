@@ -5,8 +5,10 @@ device has finished everything queued before it, so the host cannot queue the ne
 computes; a launch-bound model (a small one, or a head on short texts) then leaves the GPU idle between
 them. :class:`StepReads` counts them between a step's begin and end (logging, which reads the loss once
 per ``logging_steps``, happens after the end): on CUDA with PyTorch's own check of synchronising
-operations (C++ ones included), elsewhere by counting the Python-level reads of tensor values that a GPU
-would wait on. The tests run it on a CPU; ``benchmarks/gpu_train.py`` reports it per side.
+operations (C++ ones included), elsewhere by counting the Python-level reads of tensor values and the
+operations whose result is sized by the values (a boolean mask index, ``nonzero``, ``masked_select``,
+``unique``) that a GPU would wait on. The tests run it on a CPU; ``benchmarks/gpu_train.py`` reports it
+per side.
 """
 
 from __future__ import annotations
