@@ -65,6 +65,8 @@ from pathlib import Path
 
 SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SYSTEM_BANKING = "Classify the banking customer message by intent."
+BANKING = SHARED / "banking77" / "banking77_train.csv"
+DPO_PAIRS = SHARED / "preference" / "llamafactory_dpo_en_demo.json"
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def load_rows(limit_per_source: int, seed: int) -> tuple[list[dict], list[tuple[
     pairs (for the classifier head). Absent sources are skipped with a note."""
     rng = random.Random(seed)
     rows, banking = [], []
-    path = SHARED / "banking77" / "banking77_train.csv"
+    path = BANKING
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as fh:
             banking = [(r["text"], r["category"]) for r in csv.DictReader(fh)]
@@ -160,11 +162,7 @@ def load_pairs(limit: int) -> list[dict]:
     """Preference pairs (LLaMA-Factory's DPO demo, read by tunesmith's reader) for the DPO configuration."""
     from tunesmith.train.dpo import read_pairs
 
-    path = SHARED / "preference" / "llamafactory_dpo_en_demo.json"
-    if not path.is_file():
-        print(f"note: {path} is absent; the DPO configuration is skipped")
-        return []
-    return read_pairs(path)[:limit]
+    return read_pairs(DPO_PAIRS)[:limit]
 
 
 def _row(turns: list[tuple[str, str]], answer: str) -> dict:
@@ -189,6 +187,16 @@ def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: 
                             "model": {"name": model_name(cfg, args)},
                             "data": {"path": "unused", "input_fields": ["text"], "target_field": "y"},
                             "train": train})
+
+
+def chosen_path(recipe):
+    """The recipe as it runs on the path :func:`tunesmith.train.device.decide` chooses here, the path, and its
+    placement."""
+    from tunesmith.models.loading import Placement
+    from tunesmith.train.device import decide, resolved
+
+    path = decide(recipe)
+    return resolved(recipe, path), path, Placement(path.device, path.dtype, path)
 
 
 def count_params(model) -> int:
@@ -275,6 +283,11 @@ def losses_of(log_history: list[dict]) -> dict:
     return _loss_summary([h["loss"] for h in log_history if "loss" in h])
 
 
+def result_losses(result) -> list[float]:
+    """The logged training losses of a tunesmith training's result (its metrics rows)."""
+    return [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
+
+
 def _loss_summary(losses: list[float]) -> dict:
     """The loss at the last step and over the last quarter of steps (the sides must agree)."""
     quarter = losses[-max(1, len(losses) // 4):]
@@ -313,15 +326,11 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
-    from tunesmith.models.loading import Placement, load_model_for, load_tokenizer
-    from tunesmith.train.device import decide, resolved
+    from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.train.packing import PackedCollator
     from tunesmith.train.sft import build_trainer, prepare_model
 
-    recipe = recipe_for(cfg, args, out, examples_per_step, attention)
-    path = decide(recipe)
-    recipe = resolved(recipe, path)
-    placement = Placement(path.device, path.dtype, path)
+    recipe, path, placement = chosen_path(recipe_for(cfg, args, out, examples_per_step, attention))
     tokenizer = load_tokenizer(recipe.model.name)
     tokenizer.padding_side = "right"
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
@@ -355,40 +364,51 @@ def _train(trainer, callbacks: list):
     return trainer.train()
 
 
-def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=None) -> dict:
-    """Plain TRL SFTTrainer defaults (bf16 only where the device has it), the same rows and examples per step."""
-    import torch
-    from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
-
+def trl_model(cfg: Config, args, cuda: bool):
+    """The side's model as a plain TRL user builds it: bf16 where the device has it, the same seeded LoRA."""
     from tunesmith.config import LoraSection
-    from tunesmith.models.loading import load_model_for, load_tokenizer, pick_placement, wrap_adapter
+    from tunesmith.models.loading import load_model_for, pick_placement, wrap_adapter
 
-    name = model_name(cfg, args)
-    placement = pick_placement()
-    cuda = placement.device == "cuda"
-    tokenizer = load_tokenizer(name)
-    tokenizer.padding_side = "right"
-    if model is None:
-        base = load_model_for(name, pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
-        model = base if cfg.adapter == "full" else wrap_adapter(
-            base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
-    params = count_params(model)
-    kwargs = {} if cuda else {"bf16": False, "use_cpu": True}  # bf16 on this CPU: ~500x slower
-    config = SFTConfig(output_dir=str(out / "trl"), seed=args.seed, max_steps=args.steps,
-                       per_device_train_batch_size=examples_per_step, learning_rate=args.lr,
-                       lr_scheduler_type="constant", max_length=args.seq_len, logging_steps=1, save_strategy="no",
-                       report_to=[], disable_tqdm=True, include_num_input_tokens_seen="non_padding", **kwargs)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    base = load_model_for(model_name(cfg, args), pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
+    return base if cfg.adapter == "full" else wrap_adapter(
+        base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
+
+
+def trl_settings(args, cuda: bool) -> dict:
+    """What a TRL side's config shares: the steps, learning rate, schedule and logging of tunesmith's side
+    (bf16 off on a CPU, where it is ~500x slower)."""
+    return dict(seed=args.seed, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+                max_length=args.seq_len, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+                **({} if cuda else {"bf16": False, "use_cpu": True}))
+
+
+def measure_trl(trainer, args, cuda: bool, tokens=None) -> dict:
+    """Train a TRL trainer (its own printing removed) under :func:`measure`, with its losses and steps."""
+    from transformers import PrinterCallback, ProgressCallback
+
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
-    res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
-    res |= losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
-    del trainer, model
-    if cuda:
-        torch.cuda.empty_cache()
-    return res | {"params": params, "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
+    res = measure(functools.partial(_train, trainer), "cuda" if cuda else "cpu", args.steps, args.profile,
+                  args.warmup, tokens)
+    return res | losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
+
+
+def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=None) -> dict:
+    """Plain TRL SFTTrainer defaults (bf16 only where the device has it), the same rows and examples per step."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.models.loading import load_tokenizer, pick_placement
+
+    cuda = pick_placement().device == "cuda"
+    tokenizer = load_tokenizer(model_name(cfg, args))
+    tokenizer.padding_side = "right"
+    model = trl_model(cfg, args, cuda) if model is None else model
+    config = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=examples_per_step,
+                       include_num_input_tokens_seen="non_padding", **trl_settings(args, cuda))
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    return measure_trl(trainer, args, cuda) | {
+        "params": count_params(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
 
 
 def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict | None:
@@ -420,18 +440,12 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
     from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.device import decide, resolved
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
     recipe = recipe_for(cfg, args, out, args.head_batch)
-    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"target_field": "category",
-                                                                             "prompt": "{text}"})})
-    from tunesmith.models.loading import Placement
-
-    path = decide(recipe)
-    recipe = resolved(recipe, path)
-    placement = Placement(path.device, path.dtype, path)
+    recipe, path, placement = chosen_path(recipe.model_copy(update={"data": recipe.data.model_copy(
+        update={"target_field": "category", "prompt": "{text}"})}))
     labels = sorted({label for _, label in banking})
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(banking)]
     tokenizer = load_tokenizer(name)
@@ -442,7 +456,7 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
     result = res["result"]
-    losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
+    losses = result_losses(result)
     return res | {"steps": args.steps, "last_loss": losses[-1] if losses else None, "late_loss": None,
                   "params": result.total_params, "path": path.describe() + " (classifier head; loss is over 77 labels)"}
 
@@ -451,17 +465,14 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here."""
     from rich.console import Console
 
-    from tunesmith.models.loading import Placement, load_model_for, load_tokenizer
-    from tunesmith.train.device import decide, resolved
+    from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.train.dpo import train_dpo
 
     out.mkdir(parents=True, exist_ok=True)
     path_file = out / "pairs.jsonl"
     path_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    recipe = recipe_for(cfg, args, out, args.dpo_batch, dpo={"path": str(path_file), "beta": 0.1})
-    path = decide(recipe)
-    recipe = resolved(recipe, path)
-    placement = Placement(path.device, path.dtype, path)
+    recipe, path, placement = chosen_path(recipe_for(cfg, args, out, args.dpo_batch,
+                                                     dpo={"path": str(path_file), "beta": 0.1}))
     tokenizer = load_tokenizer(recipe.model.name)
     model = load_model_for(recipe.model.name, placement, cfg.adapter)
 
@@ -470,42 +481,25 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
     result = res["result"]
-    losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
-    return res | _loss_summary(losses) | {"steps": args.steps, "params": result.total_params,
+    return res | _loss_summary(result_losses(result)) | {"steps": args.steps, "params": result.total_params,
                                           "path": path.describe() + " (DPO, reference = adapter off)"}
 
 
 def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     """Plain TRL ``DPOTrainer`` defaults (bf16 only where the device has it) with the same LoRA, pairs and batch."""
-    import torch
     from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.config import LoraSection
-    from tunesmith.models.loading import load_model_for, load_tokenizer, pick_placement, wrap_adapter
+    from tunesmith.models.loading import load_tokenizer, pick_placement
 
-    name = model_name(cfg, args)
     cuda = pick_placement().device == "cuda"
-    base = load_model_for(name, pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
-    model = wrap_adapter(base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
-    params = count_params(model)
-    kwargs = {} if cuda else {"bf16": False, "use_cpu": True}
-    config = DPOConfig(output_dir=str(out / "trl-dpo"), seed=args.seed, max_steps=args.steps,
-                       per_device_train_batch_size=args.dpo_batch, learning_rate=args.lr, lr_scheduler_type="constant",
-                       max_length=args.seq_len, beta=0.1, logging_steps=1, save_strategy="no", report_to=[],
-                       disable_tqdm=True, **kwargs)
+    model = trl_model(cfg, args, cuda)
+    config = DPOConfig(output_dir=str(out / "trl-dpo"), per_device_train_batch_size=args.dpo_batch, beta=0.1,
+                       **trl_settings(args, cuda))
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
-                         processing_class=load_tokenizer(name))
-    for cb in (ProgressCallback, PrinterCallback):
-        trainer.remove_callback(cb)
-    res = measure(functools.partial(_train, trainer), "cuda" if cuda else "cpu", args.steps, args.profile,
-                  args.warmup, tokens=functools.partial(getattr, trainer, "_total_train_tokens"))
-    res |= losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
-    del trainer, model
-    if cuda:
-        torch.cuda.empty_cache()
-    return res | {"params": params, "path": f"TRL DPOTrainer defaults ({'bf16' if cuda else 'fp32'})"}
+                         processing_class=load_tokenizer(model_name(cfg, args)))
+    res = measure_trl(trainer, args, cuda, tokens=functools.partial(getattr, trainer, "_total_train_tokens"))
+    return res | {"params": count_params(model), "path": f"TRL DPOTrainer defaults ({'bf16' if cuda else 'fp32'})"}
 
 
 @__import__("contextlib").contextmanager
@@ -582,12 +576,12 @@ def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
         print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
         return []
     if cfg.method == "dpo":
-        if not (SHARED / "preference" / "llamafactory_dpo_en_demo.json").is_file():
+        if not DPO_PAIRS.is_file():
             print(f"note: {cfg.name} needs the DPO demo pairs under {SHARED}; skipped")
             return []
         return [("tunesmith DPO", "ours-dpo", "auto")] + ([] if args.no_trl else [("TRL DPO", "trl-dpo", "auto")])
     if cfg.head == "classifier":
-        if not (SHARED / "banking77" / "banking77_train.csv").is_file():
+        if not BANKING.is_file():
             print(f"note: {cfg.name} needs BANKING77; skipped")
             return []
         return [("tunesmith head", "ours-head", "auto")] + ([] if args.no_trl else [("TRL SFT", "trl-head", "auto")])
