@@ -13,7 +13,10 @@ f-divergences and options other than TRL's default sigmoid DPO run TRL's own los
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from trl import DPOTrainer
+
+from tunesmith.train.trainer import expand_padding_mask
 
 NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -57,10 +60,6 @@ class SyncFreeDPOTrainer(DPOTrainer):
             self.state.num_input_tokens_seen += tokens
         if return_outputs:  # evaluation asked for logits: TRL's loss, with its reads, outside training steps
             return super()._compute_loss(model, inputs, return_outputs)
-        import torch.nn.functional as F
-
-        from tunesmith.train.trainer import expand_padding_mask
-
         expand_padding_mask(inputs, self.mask, self.mask_dtype)  # the reference's forward pass gets it too
         completion = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion == 0, -100)
