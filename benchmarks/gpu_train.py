@@ -354,7 +354,7 @@ def estimated_peak_mb(recipe, path, row_tokens: int) -> float:
 
     train = recipe.train.model_copy(update={"batch_size": 1, "max_seq_length": row_tokens})
     e = estimate(model_shape(folder_for(recipe.model.name)), recipe.model_copy(update={"train": train}),
-                 path.dtype, path.device, None, path.attention)
+                 path.dtype, path.device, None, path.attention, path.loss)
     return (e.total if path.device == "cuda" else e.training_overhead) / 2**20
 
 

@@ -1,6 +1,6 @@
 """A training step never reads a tensor's value on the host (on a GPU each read waits for the device; see
-tunesmith.train.syncs), on every path the Trainer runs: the three heads and DPO; generative SFT with one read
-left, named."""
+tunesmith.train.syncs), on every path the Trainer runs: the three heads, DPO and generative SFT (its chunked loss);
+generative SFT with the logits loss (``train.loss: logits``) has one read, named."""
 
 import inspect
 import json
@@ -40,8 +40,9 @@ def _recipe(tmp_path, model_dir, kind: str) -> dict:
                               data={"task": "regression", "target_field": "price", "prompt": "{text}"},
                               train={**STEP, "head": "regression", "regression_loss": "huber"})
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked"), 8))
+    head, _, loss = kind.partition("-")
     return banking_recipe(tmp_path, model_dir, data, name="reads", seed=1, split={"train": 12, "val": 0, "test": 4},
-                          train={**STEP, "head": kind})
+                          train={**STEP, "head": head, "loss": loss or "auto"})
 
 
 def test_step_reads_counts_reads_inside_steps_only_and_restores_torch():
@@ -60,7 +61,8 @@ def test_step_reads_counts_reads_inside_steps_only_and_restores_torch():
     assert torch.Tensor.__getitem__.__qualname__ == "TensorBase.__getitem__" and torch.nonzero.__name__ == "nonzero"
 
 
-@pytest.mark.parametrize("kind", ["generative", "classifier", "regression", "span", "dpo", "dpo-precomputed"])
+@pytest.mark.parametrize("kind", ["generative", "generative-logits", "classifier", "regression", "span", "dpo",
+                                  "dpo-precomputed"])
 def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_dir, monkeypatch, kind):
     import collections
 
@@ -76,7 +78,7 @@ def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_d
     assert code == 0, out
     assert reads.steps == 4
     sites = collections.Counter(reads.sites)
-    if kind == "generative":  # left, in docs/train.md: the loss keeps target positions with a boolean mask
+    if kind == "generative-logits":  # the logits loss keeps target positions with a boolean mask
         from transformers.modeling_utils import slice_logits_to_keep
 
         lines, first = inspect.getsourcelines(slice_logits_to_keep)
@@ -88,6 +90,8 @@ def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_d
         assert not sites, sites
     summary = json.loads((tmp_path / "runs/reads/train/summary.json").read_text())
     assert summary["tokens"] > 0  # tokens are still counted, on the host
+    if kind.startswith("generative"):
+        assert summary["train_path"]["loss"] == ("logits" if kind.endswith("logits") else "chunked")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

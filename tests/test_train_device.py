@@ -116,6 +116,14 @@ def _recipe(**train):
                             "train": train})
 
 
+def test_loss_form_chunked_unless_asked_a_head_its_own():
+    for caps in (CPU, H100):
+        assert choose_path(caps, Wishes()).loss == "chunked" and "no logits held" in choose_path(caps, Wishes()).reasons["loss"]
+        assert choose_path(caps, Wishes(loss="logits")).loss == "logits"
+        assert choose_path(caps, Wishes(head="classifier", loss="logits")).loss == "head"
+        assert choose_path(caps, Wishes(method="dpo", loss="logits")).loss == "chunked"  # TRL's fused head
+
+
 def test_this_machine_and_the_trainer_arguments_follow_the_path(tiny_model_dir, tmp_path):
     from tunesmith.train.sft import base_args
 
@@ -130,7 +138,7 @@ def test_this_machine_and_the_trainer_arguments_follow_the_path(tiny_model_dir, 
     gpu = base_args(recipe, Placement("cuda", "bfloat16", gpu_path), tmp_path)
     assert (gpu["optim"], gpu["tf32"], gpu["bf16"], gpu["use_liger_kernel"], gpu["activation_checkpointing"]) == (
         "adamw_torch_fused", True, True, True, True)
-    assert gpu["liger_kernel_config"]["fused_linear_cross_entropy"] is False  # our loss keeps its own logits
+    assert gpu["liger_kernel_config"]["fused_linear_cross_entropy"] is False  # Liger's would score every position
     assert TrainPath(**gpu_path.to_json()) == gpu_path  # summary.json round-trips
 
 

@@ -80,11 +80,17 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
     ids, as it does for SDPA on a GPU, and flex attention builds its block mask from them, as the GPU path
     without flash-attn does; flash-attention's variable-length kernels read the same boundaries).
     ``capacity``: the whole batch in one row, without padding (what the GPU path does under FlashAttention-2).
-    Flex attention runs here forward only: PyTorch runs its backward pass only on GPUs."""
+    Flex attention runs here forward only: PyTorch runs its backward pass only on GPUs. The GPU path's cases
+    (``none``) take the GPU's chunked loss (tunesmith.train.target_head), the others the CPU's logits loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
+    form = "chunked" if kind == "none" else "logits"
+    if form == "chunked":
+        from tunesmith.train.target_head import add_target_head
+
+        add_target_head(model)
     rows = sorted(banking_rows(LABELS, 20), key=lambda r: len(r["text"]))
     rows = rows[:6] + rows[-2:]  # short and long real messages, so that short ones share a row
     feats = [tokenize_example(*_conv(r["text"], r["category"]), tok) for r in rows]
@@ -95,9 +101,9 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
         assert packed["input_ids"].shape == (1, sum(len(f["input_ids"]) for f in feats))  # one row, no padding
     assert packed["input_ids"].shape[0] < len(feats)  # several examples really share rows
     with torch.no_grad():
-        loss, _, n = completion_loss(model, dict(packed))
+        loss, _, n = completion_loss(model, dict(packed), form=form)
         packed_sum = loss.item() * n
-        alone = [completion_loss(model, collate([f])) for f in feats]
+        alone = [completion_loss(model, collate([f]), form=form) for f in feats]
     alone_sum = sum(lo.item() * k for lo, _, k in alone)
     assert n == sum(k for _, _, k in alone)
     assert packed_sum == pytest.approx(alone_sum, rel=1e-5)
@@ -115,7 +121,7 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
     else:
         leaky["attention_mask"] = causal if kind == "bool" else torch.zeros(causal.shape).masked_fill(~causal, -3e38)
     with torch.no_grad():
-        leaky_loss, _, _ = completion_loss(model, leaky)
+        leaky_loss, _, _ = completion_loss(model, leaky, form=form)
     assert abs(leaky_loss.item() * n - alone_sum) > 1e-3
 
 

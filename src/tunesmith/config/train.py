@@ -102,6 +102,10 @@ class TrainSection(Section):
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto", description="fused Liger kernels (RMSNorm, RoPE, SwiGLU); auto: on where CUDA and "
         "liger-kernel are present")
+    loss: Literal["auto", "chunked", "logits"] = Field(
+        "auto", description="how generative SFT scores its target positions: chunked (picked by integer index and "
+        "projected in vocabulary tiles: no logits held, no host read per step on a GPU) or logits (the targets' "
+        "logits at once, then cross-entropy, as transformers computes them); auto: chunked")
     group_by_length: Literal["auto"] | bool = Field(
         "auto", description="batch examples of similar length; auto: only where batches are not packed "
         "(without packing, or with a head, which never packs)"

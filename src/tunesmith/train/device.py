@@ -14,7 +14,8 @@ packing by restarting position ids (no mask from the collator: flash-attention r
 kernels, flex builds a block mask that skips the blocks where examples do not see each other, SDPA
 builds an L x L mask on the device), Liger's fused kernels where installed, gradient
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
-double quantisation, bf16 compute and paged 8-bit AdamW.
+double quantisation, bf16 compute and paged 8-bit AdamW. On both, generative SFT scores its target
+positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.target_head`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Wishes:
     optimizer: str = "auto"
     attention: str = "auto"
     kernels: str = "auto"  # auto | liger | none
+    loss: str = "auto"  # auto | chunked | logits (generative SFT)
     gradient_checkpointing: bool | str = "auto"
     softcapping: bool = False  # the model soft-caps attention logits (Gemma-2)
 
@@ -73,6 +75,7 @@ class TrainPath:
     quantization: dict | None = None  # 4-bit settings for QLoRA
     reasons: dict[str, str] = field(default_factory=dict)
     autocast: str | None = None  # bfloat16: fp32 weights, matmuls autocast to bf16 (full fine-tuning on a GPU)
+    loss: str = "logits"  # chunked (target positions scored in vocabulary tiles) | logits | head
 
     @property
     def attn_implementation(self) -> str | None:
@@ -87,7 +90,7 @@ class TrainPath:
     def describe(self) -> str:
         dtype = self.dtype + (f" (autocast {self.autocast})" if self.autocast else "")
         parts = [f"{self.device} {dtype}", f"attention {self.attention}", f"packing {self.packing}",
-                 f"optimizer {self.optimizer}", f"kernels {self.kernels}",
+                 f"optimizer {self.optimizer}", f"kernels {self.kernels}", f"loss {self.loss}",
                  "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"]
         if self.tf32:
             parts.append("TF32")
@@ -143,7 +146,9 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     packing, why["packing"] = _packing(wish, gpu, attention)
     kernels, why["kernels"] = _kernels(caps, wish, gpu)
     checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
-    return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast)
+    loss, why["loss"] = _loss(wish)
+    return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
+                     loss)
 
 
 def _optimizer(wish: Wishes, gpu: bool) -> tuple[str, str]:
@@ -215,6 +220,17 @@ def _kernels(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str]:
     return "none", "no CUDA GPU" if not gpu else "liger-kernel is not installed"
 
 
+def _loss(wish: Wishes) -> tuple[str, str]:
+    if wish.head != "generative":
+        return "head", f"the {wish.head} head's own loss over its labels"
+    if wish.method == "dpo":
+        return "chunked", "TRL's fused LM head scores the completions in vocabulary tiles"
+    if wish.loss != "auto":
+        return wish.loss, "asked"
+    return "chunked", ("target positions picked by integer index and scored in vocabulary tiles: no logits held, no "
+                       "host read on a GPU (TRL's Triton kernel there), as fast as the logits loss on a CPU")
+
+
 def _checkpointing(wish: Wishes, gpu: bool, fits: bool | None) -> tuple[bool, str]:
     if wish.gradient_checkpointing != "auto":
         return bool(wish.gradient_checkpointing), "asked"
@@ -254,6 +270,7 @@ def wishes(recipe, softcapping: bool = False) -> Wishes:
     t = recipe.train
     return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
                   method=t.method, packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
+                  loss=t.loss,
                   gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
 
 
@@ -277,18 +294,18 @@ def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
     wish = wishes(recipe, model_softcaps(recipe.model.name))
     fits = None
     if wish.gradient_checkpointing == "auto" and caps.cuda:
-        attention = choose_path(caps, wish).attention  # chosen without the memory verdict, which it does not read
-        fits = _fits_without_checkpointing(recipe, attention)
+        first = choose_path(caps, wish)  # attention and loss are chosen without the memory verdict
+        fits = _fits_without_checkpointing(recipe, first.attention, first.loss)
     return choose_path(caps, wish, fits)
 
 
-def _fits_without_checkpointing(recipe, attention: str) -> bool | None:
+def _fits_without_checkpointing(recipe, attention: str, loss: str) -> bool | None:
     """The estimator's verdict for the batch without gradient checkpointing (None when it cannot estimate)."""
     from tunesmith.train.estimate import estimate_recipe
 
     try:
         plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
-        return estimate_recipe(plain, attention).fits
+        return estimate_recipe(plain, attention, loss).fits
     except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
         return None
 

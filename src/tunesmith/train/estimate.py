@@ -5,9 +5,9 @@ from config.json. Activations are what autograd keeps per token and layer for a 
 decoder (:func:`activation_floats`, measured with saved-tensor hooks) for the worst case: every
 micro-batch full (``batch_size x max_seq_length`` tokens), plus backward's working memory; the
 attention term is what the attention kernel keeps (on a CPU, SDPA keeps the mask, eager the
-probabilities). Logits are counted only where a loss is taken, and a head has none over the
-vocabulary. On a CPU the process's runtime (Python and the libraries) is counted too: the resident
-peak includes it.
+probabilities). Logits are counted only where a loss is taken (the chunked loss holds one tile of
+them), and a head has none over the vocabulary. On a CPU the process's runtime (Python and the
+libraries) is counted too: the resident peak includes it.
 """
 
 from __future__ import annotations
@@ -151,9 +151,10 @@ def activation_floats(shape: Shape, t) -> float:
 
 def estimate(
     shape: Shape, recipe: Recipe, dtype: str = "float32", device: str = "cpu", available: int | None = None,
-    attention: str | None = None,
+    attention: str | None = None, loss: str | None = None,
 ) -> MemoryEstimate:
-    """``attention``: the kernel the training path runs (default: the recipe's ``train.attention``)."""
+    """``attention``: the kernel the training path runs (default: the recipe's ``train.attention``); ``loss``: the
+    path's loss form (default: what :mod:`tunesmith.train.device` chooses for ``train.loss`` on ``device``)."""
     t = recipe.train
     attention_kind = attention or t.attention
     b = BYTES[dtype]
@@ -197,7 +198,10 @@ def estimate(
         logits = tokens * 2 * 4 * 3
     elif t.head == "generative":
         targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
-        logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
+        if (loss or _loss_form(t, device)) == "chunked":  # see tunesmith.train.target_head
+            logits = chunked_loss_bytes(shape, targets, b, trains_head=t.adapter == "full", device=device)
+        else:
+            logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
     else:  # a head's outputs: a few numbers per text (or two per token for spans), never the vocabulary
         logits = tokens * 2 * 4 * 3
     parts = {
@@ -217,6 +221,25 @@ def estimate(
     return MemoryEstimate(parts, available, device, tokens)
 
 
+def _loss_form(t, device: str) -> str:
+    return "logits" if t.loss == "logits" else "chunked"  # see tunesmith.train.device
+
+
+CPU_TILES = 15  # fp32 tiles the CPU fold keeps at once (its temporaries), measured: tests/test_train_estimate.py
+
+
+def chunked_loss_bytes(shape: Shape, targets: int, b: int, trains_head: bool, device: str = "cuda") -> int:
+    """The chunked loss's peak (TRL's kernel, :mod:`tunesmith.train.target_head`): on a GPU one (≤4,096 tokens x
+    32,768 vocabulary) tile in the compute dtype, folded in place by Triton; on a CPU the torch fold's fp32
+    temporaries of a 2,048-wide tile. Plus the targets' fp32 hidden-state gradient and statistics, and where the
+    head trains an fp32 accumulator of its gradient."""
+    from tunesmith.train.target_head import tile_width
+
+    width = min(tile_width(device), shape.vocab)
+    tile = min(targets, 4096) * width * (b if device == "cuda" else 4 * CPU_TILES)
+    return tile + targets * (shape.hidden + 8) * 4 + (shape.vocab * shape.hidden * 4 if trains_head else 0)
+
+
 def available_memory(device: str) -> int | None:
     """Free memory of the device: MemAvailable on a CPU, free CUDA memory on a GPU."""
     if device == "cuda":
@@ -233,14 +256,14 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def estimate_recipe(recipe: Recipe, attention: str | None = None) -> MemoryEstimate:
+def estimate_recipe(recipe: Recipe, attention: str | None = None, loss: str | None = None) -> MemoryEstimate:
     """The estimate for a recipe on this machine (reads only config.json and safetensors headers);
-    ``attention``: the kernel the training path chose, when known."""
+    ``attention`` and ``loss``: the kernel and loss form the training path chose, when known."""
     from tunesmith.models.loading import pick_placement
     from tunesmith.models.registry import resolve
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     folder = Path(resolve(recipe.model.name))
     return estimate(
-        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device), attention
-    )
+        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device), attention,
+        loss)

@@ -9,8 +9,8 @@ Rows are never longer than the longest example of the batch (first-fit decreasin
 that size), so packing only removes padding and never makes attention more expensive.
 
 Logits are only computed where a loss is taken: the collator marks the positions whose next
-token is a completion token (``logits_mask``) and gives their targets as a flat ``labels``
-vector. With a 49k vocabulary the output projection is about a fifth of the model's compute;
+token is a completion token (``logits_mask``, and as flat indices ``target_index``) and gives their
+targets as a flat ``labels`` vector. With a 49k vocabulary the output projection is about a fifth of the model's compute;
 skipping it on prompt tokens, and never materialising their logits, saves time and memory.
 """
 
@@ -117,6 +117,9 @@ class PackedCollator:
             "input_ids": input_ids,
             "position_ids": position_ids,
             "logits_mask": keep,
+            # the same positions as flat integer indices, found here on the host: gathering by them sizes
+            # nothing from the device's values (tunesmith.train.target_head)
+            "target_index": keep.flatten().nonzero().squeeze(1),
             "labels": labels,
             "shift_labels": labels,  # tells the trainer the targets are already aligned (for token counting)
             "num_tokens": sum(lengths),  # a Python int: counting tokens needs no device round trip

@@ -86,7 +86,7 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         fp16=placement.dtype == "float16",
         tf32=True if path and path.tf32 else None,
         use_liger_kernel=bool(path and path.kernels == "liger"),
-        # our loss asks for logits only where a target is: Liger's fused loss is not wired into it (yet)
+        # Liger's own fused loss would score every position: ours scores only the targets, in tiles (target_head)
         liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
                              "fused_linear_cross_entropy": False} if path and path.kernels == "liger" else None,
         use_cpu=placement.device == "cpu",
@@ -175,6 +175,7 @@ def build_trainer(
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        loss=path.loss if path is not None else "chunked",
     )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)

@@ -2,8 +2,9 @@
 
 Everything else — optimizer, scheduler, checkpoints with RNG and data position, gradient
 accumulation, distributed training, callbacks — is the Trainer's own. ``compute_loss`` asks the
-model for logits only where a target exists (``logits_to_keep`` with a boolean mask), so prompt
-positions never reach the output projection, and logs token accuracy, tokens/s and peak memory.
+model to score only the positions where a target exists, in vocabulary tiles without holding their logits
+(:mod:`tunesmith.train.target_head`; or their logits at once, ``logits_to_keep`` with a boolean mask), so
+prompt positions never reach the output projection, and logs token accuracy, tokens/s and peak memory.
 """
 
 from __future__ import annotations
@@ -56,21 +57,28 @@ def reset_peak_memory() -> None:
         pass  # not Linux, or not allowed: the peak stays the process's
 
 
-def completion_loss(model, inputs: dict, num_items_in_batch=None):
-    """Summed cross-entropy over the kept positions, divided by the number of targets in the step.
+def completion_loss(model, inputs: dict, num_items_in_batch=None, form: str = "logits"):
+    """Summed cross-entropy over the target positions, divided by the number of targets in the step.
 
-    Returns ``(loss, correct, count)``; ``correct`` counts argmax hits (token accuracy) as a tensor on the
-    model's device, so that a step never waits for the device to report it (read when the Trainer logs).
+    ``form``: ``"chunked"`` (the training path's) scores them by integer index in vocabulary tiles through the
+    head :func:`~tunesmith.train.target_head.add_target_head` installed (no read, no logits held); ``"logits"``
+    asks the model for the targets' logits at once (``logits_to_keep`` with the boolean mask: one host read per
+    micro-step on a GPU). Returns ``(loss, correct, count)``; ``correct`` counts argmax hits (token accuracy) as a
+    tensor on the model's device, so that a step never waits for the device to report it (read when the Trainer
+    logs).
     """
     import torch.nn.functional as F
 
     labels = inputs.pop("labels")
     inputs.pop("shift_labels", None)
     inputs.pop("num_tokens", None)
-    keep = inputs.pop("logits_mask")
+    keep, index = inputs.pop("logits_mask"), inputs.pop("target_index", None)
+    denom = num_items_in_batch if num_items_in_batch is not None else max(labels.numel(), 1)
+    if form == "chunked":
+        out = model(**inputs, target_index=index, target_labels=labels)
+        return -out.log_probs.sum() / denom, out.is_top1.sum(), labels.numel()
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1]).float()
-    denom = num_items_in_batch if num_items_in_batch is not None else max(labels.numel(), 1)
     loss = F.cross_entropy(logits, labels, reduction="sum") / denom
     correct = (logits.detach().argmax(-1) == labels).sum()
     return loss, correct, labels.numel()
@@ -107,10 +115,16 @@ def expand_padding_mask(inputs: dict, kind: str, dtype=None) -> None:
 
 
 class CompletionTrainer(TokenCountingTrainer):
-    """Trainer whose batches come from :class:`~tunesmith.train.packing.PackedCollator`."""
+    """Trainer whose batches come from :class:`~tunesmith.train.packing.PackedCollator`; ``loss`` is the form of
+    :func:`completion_loss` (``"chunked"`` installs the target head on the model)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loss: str = "chunked", **kwargs):
         super().__init__(*args, **kwargs)
+        self.loss_form = loss
+        if loss == "chunked":
+            from tunesmith.train.target_head import add_target_head
+
+            add_target_head(self.model)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole step
         self.model_accepts_loss_kwargs = True  # so the Trainer counts those tokens for us
         self._acc = {"train": [0, 0], "eval": [0, 0]}
@@ -122,7 +136,7 @@ class CompletionTrainer(TokenCountingTrainer):
             self._started = time.time()
             self._tokens_at_start = self.state.num_input_tokens_seen
         self.count_tokens(model, inputs)
-        loss, correct, count = completion_loss(model, inputs, num_items_in_batch)
+        loss, correct, count = completion_loss(model, inputs, num_items_in_batch, self.loss_form)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         acc = self._acc["train" if model.training else "eval"]
