@@ -77,20 +77,24 @@ def _pairs(n: int) -> list[dict]:
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("precompute", [False, True])
-def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, precompute):
-    """The same micro-step through TRL's DPOTrainer and SyncFreeDPOTrainer (the 4D mask built on the host,
-    metrics kept on the device): equal loss, gradients and logged metrics, on a LoRA moved away from its
-    reference."""
+def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, precompute, monkeypatch):
+    """The same micro-step through TRL's DPOTrainer and SyncFreeDPOTrainer (the 4D mask built on the device,
+    completion positions found on the host and scored by tunesmith's target head, metrics kept on the device):
+    equal loss, gradients and logged metrics, on a LoRA moved away from its reference."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
+    from tunesmith.train import target_head
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
     from tunesmith.train.packing import padded_mask_kind
 
     pairs = _pairs(2)
+    scored = []  # the forward passes that the target head scored (policy, and reference unless precomputed)
+    score = target_head.score_targets
+    monkeypatch.setattr(target_head, "score_targets", lambda *a, **k: scored.append(1) or score(*a, **k))
 
     def step(cls, **extra):
         torch.manual_seed(0)
@@ -111,6 +115,7 @@ def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, pre
         assert any(len(r["prompt_ids"]) + len(r[side]) > 36 for r in rows for side in ("chosen_ids", "rejected_ids"))
         batch = trainer.data_collator(rows)
         trainer.model.train()
+        scored.clear()
         loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
         loss.backward()
         grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
@@ -118,9 +123,11 @@ def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, pre
         return batch, loss.item(), grads, trainer.state.log_history[-1], masks
 
     trl_batch, trl_loss, trl_grads, trl_log, trl_masks = step(DPOTrainer)
+    assert not scored
     mask = padded_mask_kind(AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention))
     assert mask == {"sdpa": "bool", "eager": "float"}[attention]
     batch, loss, grads, log, masks = step(SyncFreeDPOTrainer, mask=mask)
+    assert len(scored) == (1 if precompute else 2)
     assert batch["num_tokens"] == int(trl_batch["attention_mask"].sum())
     assert set(trl_masks) == {2} and set(masks) == {4} and len(masks) == (1 if precompute else 2)
     assert loss == pytest.approx(trl_loss, abs=1e-6)

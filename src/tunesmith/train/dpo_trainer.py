@@ -3,11 +3,14 @@
 TRL's DPO loss reads values on the host every micro-step for its logged metrics (entropy, token
 counts, mean logits, token accuracy, rewards, margins, log-probabilities: each an ``.item()``, and
 boolean indexes sized by the mask's values), and transformers checks the 2D padding mask's values
-once per forward pass (policy and reference): 23 reads per step on a CPU. On a GPU each read waits
-until every queued kernel has run. Here the same loss is computed from the same fused forward (TRL's
-``fused_lm_head``), its metrics stay on the device and are read once per logging step, the tokens
-are counted on the host by the collator, and a decoder gets the 4D mask it would have built itself,
-built on the device (:func:`~tunesmith.train.packing.padded_causal_mask`). Loss types,
+once per forward pass (policy and reference): 23 reads per step on a CPU; on a GPU its fused head also
+picks the completion positions with a boolean mask in each forward pass. On a GPU each read waits
+until every queued kernel has run. Here the same loss is computed from the same per-token outputs,
+scored at completion positions the collator found on the host (:mod:`tunesmith.train.target_head`,
+which TRL's ``fused_lm_head`` call reaches, the reference pass's too), its metrics stay on the device
+and are read once per logging step, the tokens are counted on the host by the collator, and a decoder
+gets the 4D mask it would have built itself, built on the device
+(:func:`~tunesmith.train.packing.padded_causal_mask`). Loss types,
 f-divergences and options other than TRL's default sigmoid DPO run TRL's own loss unchanged.
 """
 
@@ -23,7 +26,8 @@ NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 class PreferenceBatches:
     """TRL's preference collator plus ``num_tokens``, the batch's real tokens, a Python int counted from the
-    examples as TRL's collator truncates them."""
+    examples as TRL's collator truncates them, and the completion's target positions found on the host
+    (:func:`target_positions`)."""
 
     def __init__(self, collate):
         self.collate = collate
@@ -33,7 +37,18 @@ class PreferenceBatches:
         limit = getattr(self.collate, "max_length", None) or float("inf")
         batch["num_tokens"] = sum(min(len(e["prompt_ids"]) + len(e[side]), limit)
                                   for e in examples for side in ("chosen_ids", "rejected_ids"))
-        return batch
+        return batch | target_positions(batch["input_ids"], batch["completion_mask"])
+
+
+def target_positions(input_ids, completion_mask) -> dict:
+    """The positions whose next token is a completion token, as :mod:`tunesmith.train.target_head` takes them: flat
+    indices into the ``(rows, L)`` batch, their next tokens, and flat indices into TRL's ``(rows, L - 1)``
+    per-token layout. Found where the collator runs (the host), so the forward passes size nothing by the
+    device's values (TRL's fused head picks them with a boolean mask: a wait for the GPU in every forward pass)."""
+    rows, cols = completion_mask[:, 1:].bool().nonzero(as_tuple=True)  # position c predicts token c + 1
+    width = input_ids.shape[1]
+    return {"target_index": rows * width + cols, "target_labels": input_ids[rows, cols + 1],
+            "target_layout": rows * (width - 1) + cols}
 
 
 class SyncFreeDPOTrainer(DPOTrainer):
@@ -48,7 +63,12 @@ class SyncFreeDPOTrainer(DPOTrainer):
                        and self.ld_alpha is None and not self.use_weighting and not self.aux_loss_enabled
                        and not self._is_vision_dataset)
         if self._plain:  # TRL's own loss counts the tokens from the 2D mask itself
+            from tunesmith.train.target_head import add_target_head
+
             self.data_collator = PreferenceBatches(self.data_collator)
+            for model in (self.model, self.ref_model):  # TRL's reference pass reaches it through the batch's keys
+                if model is not None:
+                    add_target_head(model)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if not self._plain:

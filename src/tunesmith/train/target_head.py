@@ -31,10 +31,13 @@ def tile_width(device) -> int:
 
 @dataclass
 class TargetOutput:
-    """Per-target log-probability of the next token and whether it is the model's top-1, in target order."""
+    """Per target, in target order: the next token's log-probability, whether it is the model's top-1, and (asked
+    for by DPO's metrics) the entropy and the mean logit of the next-token distribution."""
 
     log_probs: object
     is_top1: object
+    entropy: object = None
+    mean_logits: object = None
 
 
 def output_transform(config) -> tuple[float | None, float]:
@@ -58,27 +61,54 @@ def causal_lm(model):
 
 def add_target_head(model) -> None:
     """Let ``model(..., target_index=i, target_labels=y)`` return a :class:`TargetOutput` for the flat positions
-    ``i`` of its ``(rows, L)`` input; without ``target_index`` the forward is the model's own (generation,
-    evaluation). Patched on the causal LM's instance, so a PEFT, DDP or FSDP wrapper's forward still runs first."""
+    ``i`` of its ``(rows, L)`` input. With ``target_layout`` too (TRL's DPO, which calls ``fused_lm_head=True``)
+    it returns TRL's ``FusedCausalLMOutput`` instead, each per-token field scattered to the flat positions
+    ``target_layout`` of TRL's ``(rows, L - 1)`` layout and zero elsewhere, so TRL's own reference pass uses
+    it unchanged. Without ``target_index`` the forward is the one the model had (generation, evaluation, TRL's
+    fused head). Patched on the causal LM's instance, so a PEFT, DDP or FSDP wrapper's forward still runs first."""
     lm = causal_lm(model)
     if getattr(lm, "_tunesmith_target_head", False):
         return
     original = lm.forward
     softcap, scale = output_transform(lm.config)
 
-    def forward(self, *args, target_index=None, target_labels=None, **kwargs):
+    def forward(self, *args, target_index=None, target_labels=None, target_layout=None, **kwargs):
         if target_index is None:
             return original(*args, **kwargs)
+        for key in ("fused_lm_head", "labels", "shift_labels", "num_items_in_batch"):  # TRL's fused-head call
+            kwargs.pop(key, None)
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state  # the backbone: PreTrainedModel.base_model
-        return score_targets(hidden, self.get_output_embeddings(), target_index, target_labels, softcap, scale)
+        outputs = ("is_top1",) if target_layout is None else ("entropy", "mean_logits", "is_top1")
+        out = score_targets(hidden, self.get_output_embeddings(), target_index, target_labels, softcap, scale,
+                            outputs)
+        return out if target_layout is None else in_layout(out, target_layout, hidden.shape[:2])
 
     lm.forward = types.MethodType(forward, lm)
     lm._tunesmith_target_head = True
 
 
-def score_targets(hidden, head, target_index, target_labels, softcap=None, scale: float = 1.0) -> TargetOutput:
-    """Log-probabilities of ``target_labels`` at the flat positions ``target_index`` of ``hidden`` (rows, L, H)."""
+def in_layout(out: TargetOutput, layout, shape):
+    """``out`` as TRL's fused head returns it: ``(rows, L - 1)`` per-token fields, zero where no target is."""
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    rows, width = shape
+    layout = layout.to(out.log_probs.device)
+
+    def spread(values):
+        flat = values.new_zeros(rows * (width - 1))
+        return flat.index_put((layout,), values).view(rows, width - 1)
+
+    mask = spread(torch.ones_like(out.is_top1))
+    return FusedCausalLMOutput(loss=None, log_probs=spread(out.log_probs), entropy=spread(out.entropy),
+                               mean_logits=spread(out.mean_logits), is_top1=spread(out.is_top1), label_mask=mask)
+
+
+def score_targets(hidden, head, target_index, target_labels, softcap=None, scale: float = 1.0,
+                  outputs: tuple[str, ...] = ("is_top1",)) -> TargetOutput:
+    """Log-probabilities of ``target_labels`` at the flat positions ``target_index`` of ``hidden`` (rows, L, H),
+    with the per-target ``outputs`` of TRL's kernel (``is_top1``, ``entropy``, ``mean_logits``)."""
     from trl.kernels import ChunkedLogProbFunction
 
     picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index.to(hidden.device))
@@ -87,7 +117,7 @@ def score_targets(hidden, head, target_index, target_labels, softcap=None, scale
         weight = weight.full_tensor()
         bias = bias.full_tensor() if bias is not None else None
     picked = picked.to(weight.device)
-    log_probs, _, _, _, is_top1 = ChunkedLogProbFunction.apply(
+    log_probs, entropy, _, mean_logits, is_top1 = ChunkedLogProbFunction.apply(
         picked, weight, bias, target_labels.to(weight.device), 1.0, tile_width(weight.device), softcap, scale,
-        ("is_top1",))
-    return TargetOutput(log_probs, is_top1)
+        outputs)
+    return TargetOutput(log_probs, is_top1, entropy, mean_logits)
