@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     print("| model | vocabulary | rows x tokens | targets | side | step s | peak MB | loss | step vs transformers "
           "| peak vs transformers |\n|---|---|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
-        spec = f"{name}?layers={args.layers}" if name.startswith("random:") else name
+        spec = f"{name}{'&' if '?' in name else '?'}layers={args.layers}" if name.startswith("random:") else name
         model, tok = load(spec, device)
         add_target_head(model)
         batch = batch_of(rows, tok, args.max_len, device)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# On a GPU machine with no network (CPython 3.12, torch and transformers preinstalled): install the parts of
+# the kit that scripts/gpu_kit.sh packed and that have arrived under .gpu/, then run a benchmark with them.
+# Installed packages go to /tmp/tunesmith-site, kept across commands while the machine stays up.
+#
+#   bash scripts/gpu_run.sh install                     # whatever parts are here (idempotent)
+#   bash scripts/gpu_run.sh bench --configs 1b-lora --profile  # benchmarks/gpu_train.py, log in $OUT
+#   bash scripts/gpu_run.sh loss                        # benchmarks/loss_forms.py
+#   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SITE=/tmp/tunesmith-site
+KEPT=/tmp/tunesmith-kit  # data, tokenizer and model, copied out of .gpu/ (a later command may not carry them)
+OUT=${OUT:-/tmp/tunesmith-out}
+mkdir -p "$SITE" "$KEPT" "$OUT"
+
+install() {
+  local wheels
+  wheels=$(find .gpu -name '*.whl' 2>/dev/null || true)
+  if [ -n "$wheels" ]; then
+    # shellcheck disable=SC2086
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
+  fi
+  [ -d .gpu/2/data ] && cp -r .gpu/2/data .gpu/2/tokenizer "$KEPT/"
+  [ -f .gpu/3/gguf.part0 ] && cp .gpu/3/gguf.part0 .gpu/3/gguf.name "$KEPT/"
+  [ -f .gpu/4/gguf.part1 ] && cp .gpu/4/gguf.part1 "$KEPT/"
+  if [ -f "$KEPT/gguf.part0" ] && [ -f "$KEPT/gguf.part1" ] && [ ! -f "$KEPT/model.done" ]; then
+    cat "$KEPT/gguf.part0" "$KEPT/gguf.part1" > "$KEPT/$(cat "$KEPT/gguf.name")"
+    paths python3 -m tunesmith models pull smollm2-135m-instruct --source "$KEPT/$(cat "$KEPT/gguf.name")"
+    touch "$KEPT/model.done"
+  fi
+  paths python3 -c "import trl, datasets, peft, transformers, torch; print('kit:', 'torch', torch.__version__,
+    'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__,
+    'cuda', torch.cuda.is_available())"
+}
+
+paths() {  # run "$@" with the kit's packages ahead of the image's, tunesmith from src, the kit's data
+  PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TUNESMITH_SHARED_DATA="$KEPT/data" PYTHONUNBUFFERED=1 "$@"
+}
+
+case "${1:-}" in
+  install) install ;;
+  bench) shift; paths python3 benchmarks/gpu_train.py --tokenizer "$KEPT/tokenizer" "$@" 2>&1 | tee -a "$OUT/gpu_train.log" ;;
+  loss) shift; paths python3 benchmarks/loss_forms.py --models "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
+          --layers 16 "$@" 2>&1 | tee -a "$OUT/loss_forms.log" ;;
+  "") echo "usage: gpu_run.sh install | bench ARGS | loss ARGS | COMMAND ARGS" >&2; exit 2 ;;
+  *) paths "$@" ;;
+esac
