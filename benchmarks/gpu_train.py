@@ -1,6 +1,6 @@
 """GPU training: tunesmith's chosen path vs plain TRL ``SFTTrainer`` defaults (and Unsloth where it imports).
 
-One run per configuration, each side after the other in one process, on the same rows: BANKING77
+One run per configuration, each side after the other (each in its own process, below), on the same rows: BANKING77
 messages, the Stanford Alpaca seed tasks and KorQuAD questions with their contexts from
 ``../shared/data`` (a source that is absent is skipped with a printed note), as chat prompt/completion
 rows with the loss on the completion. Models are architecture-faithful with seeded random weights
@@ -76,12 +76,13 @@ class Config:
     adapter: str  # lora | qlora | full
     head: str = "generative"
     method: str = "sft"  # sft | dpo
+    memory_gb: float | None = None  # tunesmith's train.memory_limit_gb: the GPU size its path is planned for
 
 
 CONFIGS = {c.name: c for c in [
     Config("1b-lora", "llama-3.2-1b", "lora"),
     Config("8b-lora", "llama-3.1-8b", "lora"),
-    Config("8b-qlora", "llama-3.1-8b", "qlora"),
+    Config("8b-qlora", "llama-3.1-8b", "qlora", memory_gb=8),
     Config("2b-full", "gemma-2-2b", "full"),
     Config("1b-head", "llama-3.2-1b", "lora", head="classifier"),
     Config("1b-dpo", "llama-3.2-1b", "lora", method="dpo"),
@@ -182,6 +183,7 @@ def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: 
     train = extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
                      "batch_size": examples_per_step, "learning_rate": args.lr, "max_seq_length": args.seq_len,
                      "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "attention": attention,
+                     "memory_limit_gb": cfg.memory_gb,
                      "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
     return validate_recipe({"name": f"bench-{cfg.name}", "output_dir": str(out), "seed": args.seed,
                             "model": {"name": model_name(cfg, args)},
@@ -193,10 +195,12 @@ def chosen_path(recipe):
     """The recipe as it runs on the path :func:`tunesmith.train.device.decide` chooses here, the path, and its
     placement."""
     from tunesmith.models.loading import Placement
-    from tunesmith.train.device import decide, resolved
+    from tunesmith.train.device import decide, hold_memory_limit, resolved
 
     path = decide(recipe)
-    return resolved(recipe, path), path, Placement(path.device, path.dtype, path)
+    recipe = resolved(recipe, path)
+    hold_memory_limit(recipe, path)
+    return recipe, path, Placement(path.device, path.dtype, path)
 
 
 def count_params(model) -> int:
@@ -370,6 +374,10 @@ def trl_model(cfg: Config, args, cuda: bool):
     from tunesmith.models.loading import load_model_for, pick_placement, wrap_adapter
 
     base = load_model_for(model_name(cfg, args), pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
+    if cfg.adapter == "qlora":  # what SFTTrainer does to a 4-bit model it is given with a peft_config
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     return base if cfg.adapter == "full" else wrap_adapter(
         base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
 

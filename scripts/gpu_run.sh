@@ -17,18 +17,20 @@ mkdir -p "$SITE" "$KEPT" "$OUT"
 install() {
   local wheels
   wheels=$(find .gpu -name '*.whl' 2>/dev/null || true)
-  if [ -n "$wheels" ]; then
+  if [ -n "$wheels" ] && [ ! -f "$KEPT/site.done" ]; then
     # shellcheck disable=SC2086
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
+    touch "$KEPT/site.done"
   fi
-  [ -d .gpu/2/data ] && cp -r .gpu/2/data .gpu/2/tokenizer "$KEPT/"
-  [ -f .gpu/3/gguf.part0 ] && cp .gpu/3/gguf.part0 .gpu/3/gguf.name "$KEPT/"
-  [ -f .gpu/4/gguf.part1 ] && cp .gpu/4/gguf.part1 "$KEPT/"
-  if [ -f "$KEPT/gguf.part0" ] && [ -f "$KEPT/gguf.part1" ] && [ ! -f "$KEPT/model.done" ]; then
-    cat "$KEPT/gguf.part0" "$KEPT/gguf.part1" > "$KEPT/$(cat "$KEPT/gguf.name")"
+  [ -f .gpu/base/kit.tar.xz ] && tar -C "$KEPT" -xJf .gpu/base/kit.tar.xz
+  [ -f .gpu/model-a/gguf.xz.a ] && cp .gpu/model-a/gguf.xz.a .gpu/model-a/gguf.name "$KEPT/"
+  [ -f .gpu/model-b/gguf.xz.b ] && cp .gpu/model-b/gguf.xz.b "$KEPT/"
+  if [ -f "$KEPT/gguf.xz.a" ] && [ -f "$KEPT/gguf.xz.b" ] && [ ! -f "$KEPT/model.done" ]; then
+    cat "$KEPT/gguf.xz.a" "$KEPT/gguf.xz.b" | xz -d -T0 > "$KEPT/$(cat "$KEPT/gguf.name")"
     paths python3 -m tunesmith models pull smollm2-135m-instruct --source "$KEPT/$(cat "$KEPT/gguf.name")"
     touch "$KEPT/model.done"
   fi
+  [ -f "$KEPT/site.done" ] || { echo "gpu_run: no packages installed here (carry .gpu/base)" >&2; exit 3; }
   paths python3 -c "import trl, datasets, peft, transformers, torch; print('kit:', 'torch', torch.__version__,
     'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__,
     'cuda', torch.cuda.is_available())"

@@ -95,6 +95,11 @@ class TrainSection(Section):
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="auto: off on a CPU; on a CUDA GPU only when the memory estimate says the batch "
         "would not fit without it")
+    memory_limit_gb: float | None = Field(
+        None, gt=0, description="plan for at most this much GPU memory (GiB): the memory estimate that decides "
+        "gradient checkpointing counts this instead of what is free, and on a CUDA GPU the process is held to it "
+        "(PyTorch's per-process memory fraction), so a run sized for a smaller or shared GPU proves it fits. "
+        "null: what is free on the device")
     attention: Literal["auto", "flash_attention_2", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="auto: transformers' default on a CPU; on a CUDA GPU flash_attention_2 where "
         "flash-attn is installed, else flex_attention for packed rows and models that soft-cap attention logits "

@@ -310,6 +310,20 @@ def _fits_without_checkpointing(recipe, attention: str, loss: str) -> bool | Non
         return None
 
 
+def hold_memory_limit(recipe, path: TrainPath) -> float | None:
+    """Hold this process to ``train.memory_limit_gb`` of the CUDA GPU (PyTorch's per-process memory fraction:
+    an allocation beyond it fails as out of memory, as on a GPU of that size); returns the fraction set."""
+    limit = recipe.train.memory_limit_gb
+    if limit is None or path.device != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = min(1.0, limit * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
+
+
 def resolved(recipe, path: TrainPath):
     """The recipe with the path's optimizer and gradient checkpointing written in (what actually runs)."""
     t = recipe.train.model_copy(update={"optimizer": path.optimizer,

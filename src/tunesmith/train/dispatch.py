@@ -68,10 +68,11 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
     from tunesmith.models.loading import Placement, load_tokenizer
-    from tunesmith.train.device import decide, resolved
+    from tunesmith.train.device import decide, hold_memory_limit, resolved
 
     path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
     recipe = resolved(recipe, path)
+    hold_memory_limit(recipe, path)
     placement = Placement(path.device, path.dtype, path)
     console.print(f"training path: {path.describe()}")
     recipe = fit_micro_batch(recipe, placement, console)

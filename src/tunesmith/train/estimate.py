@@ -169,7 +169,10 @@ def estimate(
         adapter = trainable * 4
         if t.adapter == "dora":
             trainable += sum(o for o, _ in shape.linear_shapes)
-    weights = shape.params * (0.5625 if t.adapter == "qlora" else b)  # NF4 + double-quantised scales
+    weights = shape.params * b
+    if t.adapter == "qlora":  # the decoder's linear layers in NF4 + double-quantised scales; embeddings, output layer
+        quantized = sum(o * i for o, i in shape.linear_shapes)  # and norms stay in the compute dtype
+        weights = quantized * 0.5625 + (shape.params - quantized) * b
     checkpointing = t.gradient_checkpointing is True  # "auto" is decided with this estimate, without it
     states = {
         "auto": 2 if t.adapter == "qlora" and device == "cuda" else 8,  # see tunesmith.train.device
@@ -264,6 +267,8 @@ def estimate_recipe(recipe: Recipe, attention: str | None = None, loss: str | No
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     folder = Path(resolve(recipe.model.name))
-    return estimate(
-        model_shape(folder), recipe, placement.dtype, placement.device, available_memory(placement.device), attention,
-        loss)
+    available = available_memory(placement.device)
+    limit = recipe.train.memory_limit_gb
+    if limit is not None and placement.device == "cuda":
+        available = min(available, int(limit * 2**30)) if available is not None else int(limit * 2**30)
+    return estimate(model_shape(folder), recipe, placement.dtype, placement.device, available, attention, loss)
