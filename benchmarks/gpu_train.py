@@ -32,7 +32,9 @@ between. ``--attention sdpa,auto`` measures tunesmith's side once per attention 
 own choice), so that one GPU run compares SDPA's masked kernel with flex attention's block mask.
 
 Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora``
-(Llama-3.1-8B, 4-bit NF4), ``2b-full`` (Gemma-2-2B, full fine-tuning), ``1b-head`` (Llama-3.2-1B with
+(Llama-3.1-8B, 4-bit NF4; tunesmith's side planned for an 8 GB GPU and held to it, ``train.memory_limit_gb: 8``,
+so its estimator turns gradient checkpointing on, as TRL's defaults always do), ``2b-full`` (Gemma-2-2B, full
+fine-tuning), ``1b-head`` (Llama-3.2-1B with
 the classifier head on BANKING77 vs TRL SFT on the same messages), ``1b-dpo`` (Llama-3.2-1B, LoRA DPO on
 LLaMA-Factory's 300 demo pairs, ``--dpo-batch`` pairs per step, the reference being the adapter switched
 off: tunesmith's sync-free DPO trainer vs plain TRL ``DPOTrainer`` defaults; tokens are the real tokens of

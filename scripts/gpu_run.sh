@@ -5,6 +5,8 @@
 #
 #   bash scripts/gpu_run.sh install                     # whatever parts are here (idempotent)
 #   bash scripts/gpu_run.sh bench --configs 1b-lora --profile  # benchmarks/gpu_train.py, log in $OUT
+#   bash scripts/gpu_run.sh tests                       # tests/test_gpu_path.py, log in $OUT
+#   bash scripts/gpu_run.sh quality                     # benchmarks/gpu_quality.py (needs the model), records in $OUT
 #   bash scripts/gpu_run.sh loss                        # benchmarks/loss_forms.py
 #   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
 set -euo pipefail
@@ -43,8 +45,12 @@ paths() {  # run "$@" with the kit's packages ahead of the image's, tunesmith fr
 case "${1:-}" in
   install) install ;;
   bench) shift; paths python3 benchmarks/gpu_train.py --tokenizer "$KEPT/tokenizer" "$@" 2>&1 | tee -a "$OUT/gpu_train.log" ;;
+  tests) shift; paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_path.py "$@" 2>&1 | tee -a "$OUT/gpu_tests.log" ;;
+  quality) shift; mkdir -p "$OUT/records"
+    paths python3 benchmarks/gpu_quality.py --shared "$KEPT/data" --out /tmp/tunesmith-runs --record-to "$OUT/records" "$@" \
+      2>&1 | tee -a "$OUT/gpu_quality.log" ;;
   loss) shift; paths python3 benchmarks/loss_forms.py --models "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
           --layers 16 "$@" 2>&1 | tee -a "$OUT/loss_forms.log" ;;
-  "") echo "usage: gpu_run.sh install | bench ARGS | loss ARGS | COMMAND ARGS" >&2; exit 2 ;;
+  "") echo "usage: gpu_run.sh install | tests | bench ARGS | quality ARGS | loss ARGS | COMMAND ARGS" >&2; exit 2 ;;
   *) paths "$@" ;;
 esac

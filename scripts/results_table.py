@@ -92,7 +92,7 @@ def collect(run: Path) -> dict:
         "peak_run_memory_mb": _json(run / "memory.json", {}).get("the run (largest below)"),
         "command": command or f"tunesmith run ({cfg['name']})",
         "collected": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {_cpus()} CPU cores, no GPU" if not _has_cuda() else platform.machine(),
+        "machine": f"{platform.machine()}, {_cpus()} CPU cores, " + (_gpu() or "no GPU"),
     }
 
 
@@ -102,13 +102,14 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
-def _has_cuda() -> bool:
+def _gpu() -> str | None:
+    """The CUDA GPU's name, or None."""
     try:
         import torch
 
-        return torch.cuda.is_available()
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else None
     except ImportError:
-        return False
+        return None
 
 
 def fmt(metric: str, value, ci) -> str:

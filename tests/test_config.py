@@ -102,13 +102,17 @@ def test_length_grouping_auto_is_on_where_batches_are_not_packed():
     assert not TrainSection(head="classifier", group_by_length=False).grouped
 
 
-def test_classifier_head_refuses_qlora_by_name():
-    from pydantic import ValidationError
-
+def test_a_head_takes_qlora_and_a_cpu_refuses_it_by_name(tiny_model_dir):
+    """A head on a 4-bit decoder (QLoRA) is a valid recipe; the training path refuses it where there is no CUDA GPU,
+    naming the setting, before anything is loaded."""
     from tunesmith.config import TrainSection
+    from tunesmith.train.device import Capabilities, choose_path, wishes
 
-    with pytest.raises(ValidationError, match="head: classifier trains with adapter lora, dora or full"):
-        TrainSection(head="classifier", adapter="qlora")
+    assert TrainSection(head="classifier", adapter="qlora").adapter == "qlora"
+    recipe = validate_recipe({**MINIMAL, "model": {"name": str(tiny_model_dir)},
+                              "train": {"head": "classifier", "adapter": "qlora"}})
+    with pytest.raises(ConfigError, match="train.adapter: qlora needs a CUDA GPU"):
+        choose_path(Capabilities(), wishes(recipe))
 
 
 def test_split_fractions_count_only_the_shares_carved():

@@ -158,3 +158,26 @@ def test_estimate_on_a_gpu_keeps_no_attention_probabilities():
     eager = estimate(shape, _recipe(max_seq_length=2048, batch_size=1, attention="eager"), "float32", "cpu")
     assert eager.parts["attention"] == 32 * 2048**2 * 4 * 2 * 16  # the probabilities of every head and layer
     assert gpu.parts["weights"] == cpu.parts["weights"] // 2
+
+
+def _qlora_8b(tiny_model_dir, **train):
+    return validate_recipe({"name": "x", "model": {"name": f"random:llama-3.1-8b?tokenizer={tiny_model_dir}"},
+                            "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
+                            "train": {"adapter": "qlora", "batch_size": 1, "max_seq_length": 2048,
+                                      "lora": {"dropout": 0.0}} | train})
+
+
+def test_a_memory_limit_plans_for_a_smaller_gpu(home, tiny_model_dir):
+    """Llama-3.1-8B QLoRA, one 2,048-token row: on an 80 GB H100 the batch fits without gradient checkpointing;
+    with train.memory_limit_gb: 8 (the GPU the benchmark's 8b-qlora plans for) the estimate says it does not, and
+    checkpointing is chosen. On a CPU the limit changes nothing (it is a GPU setting) and holds nothing."""
+    from tunesmith.train.device import hold_memory_limit
+    from tunesmith.train.estimate import memory_budget
+
+    assert decide(_qlora_8b(tiny_model_dir), H100).gradient_checkpointing is False
+    limited = decide(_qlora_8b(tiny_model_dir, memory_limit_gb=8), H100)
+    assert limited.gradient_checkpointing and "would not fit" in limited.reasons["gradient_checkpointing"]
+    assert memory_budget(78 * 2**30, 8, "cuda") == 8 * 2**30 and memory_budget(4 * 2**30, 8, "cuda") == 4 * 2**30
+    assert memory_budget(None, 8, "cuda") == 8 * 2**30 and memory_budget(2**30, 8, "cpu") == 2**30
+    lora = _qlora_8b(tiny_model_dir, adapter="lora", memory_limit_gb=8)
+    assert hold_memory_limit(lora, choose_path(CPU, Wishes())) is None

@@ -182,3 +182,18 @@ def test_chunked_loss_holds_a_tile_not_the_logits_as_estimated(tiny_model_dir):
     assert 0.75 < logits / expected_logits < 1.25, (logits, expected_logits)
     assert 0.5 < chunked / expected_chunked < 1.5, (chunked, expected_chunked)
     assert chunked * 3 < logits
+
+
+def test_qlora_quantizes_the_decoder_linears_and_keeps_embeddings_in_the_compute_dtype(home, tiny_model_dir):
+    """Llama-3.1-8B: 7.0B parameters in the decoder's linear layers go to NF4 (0.5625 bytes each with the
+    double-quantised scales), the 1.05B of the input embeddings and untied output layer (and the norms) stay bf16."""
+    from tunesmith.models.random_weights import folder_for
+
+    shape = model_shape(folder_for(f"random:llama-3.1-8b?tokenizer={tiny_model_dir}"))
+    linear = sum(o * i for o, i in shape.linear_shapes)
+    assert 6.9e9 < linear < 7.0e9 and 8.0e9 < shape.params < 8.1e9
+    doc = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
+           "train": {"adapter": "qlora", "batch_size": 1, "max_seq_length": 2048}}
+    weights = estimate(shape, validate_recipe(doc), "bfloat16", "cuda").parts["weights"]
+    assert weights == int(linear * 0.5625 + (shape.params - linear) * 2)
+    assert 5.9e9 < weights < 6.1e9  # not the 4.5 GB of every parameter in 4 bits

@@ -156,8 +156,6 @@ class TrainSection(Section):
         for key in ("pooling", "head_init"):
             if getattr(self, key) != "auto" and self.head not in ("classifier", "regression"):
                 raise ValueError(f"{key} applies to head: classifier or regression (head: {self.head})")
-        if self.head != "generative" and self.adapter == "qlora":
-            raise ValueError(f"head: {self.head} trains with adapter lora, dora or full (its model is not quantized)")
         return self
 
     @property

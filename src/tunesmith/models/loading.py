@@ -123,13 +123,28 @@ def check_adapter_device(adapter: str, placement: Placement) -> None:
         raise ConfigError("train.adapter: qlora needs bitsandbytes: pip install bitsandbytes") from exc
 
 
+def four_bit(placement: Placement) -> dict:
+    """QLoRA's ``from_pretrained`` keywords: the linear layers in NF4 with double-quantised scales, matmuls in the
+    placement's dtype, every weight on the current CUDA device (a 4-bit model cannot be moved after loading)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=placement.torch_dtype)
+    return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
+
+
+def quantized(placement: Placement) -> bool:
+    """Whether the training path of ``placement`` loads the base model in 4 bits (QLoRA)."""
+    return bool(placement.path is not None and placement.path.quantization)
+
+
 def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_implementation: str | None = None) -> Any:
     """Load the base model for an adapter: 4-bit NF4 for QLoRA (CUDA), else as :func:`load_model`."""
     check_adapter_device(adapter, placement)
     if adapter != "qlora":
         return load_model(name, placement, attn_implementation)
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     from tunesmith.models.random_weights import is_random, save_weights
 
@@ -138,13 +153,8 @@ def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_
     ref = resolve(name)
     if is_random(ref):  # the 4-bit loader reads files: write the seeded random weights once
         save_weights(Path(ref))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=placement.torch_dtype)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        ref, quantization_config=quant, dtype=placement.torch_dtype,
-        device_map={"": torch.cuda.current_device()}, **extra,
-    )
+    model = AutoModelForCausalLM.from_pretrained(ref, dtype=placement.torch_dtype, **four_bit(placement), **extra)
     for p in model.parameters():  # the adapter trains; every base weight stays as loaded
         p.requires_grad_(False)
     return model  # not PEFT's prepare_model_for_kbit_training: it copies the embeddings, output layer and norms

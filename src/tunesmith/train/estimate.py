@@ -267,8 +267,14 @@ def estimate_recipe(recipe: Recipe, attention: str | None = None, loss: str | No
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     folder = Path(resolve(recipe.model.name))
-    available = available_memory(placement.device)
-    limit = recipe.train.memory_limit_gb
-    if limit is not None and placement.device == "cuda":
-        available = min(available, int(limit * 2**30)) if available is not None else int(limit * 2**30)
+    available = memory_budget(available_memory(placement.device), recipe.train.memory_limit_gb, placement.device)
     return estimate(model_shape(folder), recipe, placement.dtype, placement.device, available, attention, loss)
+
+
+def memory_budget(free: int | None, limit_gb: float | None, device: str) -> int | None:
+    """What a training is planned against: the device's free memory, or ``train.memory_limit_gb`` on a GPU where
+    that is smaller (a run sized for a smaller or shared GPU)."""
+    if limit_gb is None or device != "cuda":
+        return free
+    limit = int(limit_gb * 2**30)
+    return limit if free is None else min(free, limit)

@@ -239,11 +239,13 @@ class HeadKind:
 
 def _fresh_head(auto_class, name: str, placement, tokenizer, **kwargs):
     """``auto_class`` (a transformers ``AutoModelFor…``) on the base model ``name``, padded as the tokenizer pads."""
+    from tunesmith.models.loading import four_bit, quantized
     from tunesmith.models.registry import resolve
 
-    model = auto_class.from_pretrained(resolve(name), dtype=placement.torch_dtype, **kwargs)
+    four = four_bit(placement) if quantized(placement) else {}  # QLoRA: loaded onto the GPU in 4 bits, not moved
+    model = auto_class.from_pretrained(resolve(name), dtype=placement.torch_dtype, **kwargs, **four)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(placement.device)
+    return model if four else model.to(placement.device)
 
 
 class ClassifierHead(HeadKind):
