@@ -545,6 +545,7 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 256 tokens: a CPU smoke run")
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
+    ap.add_argument("--side-timeout", type=float, default=None, help="seconds a side may run before it is stopped")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # CONFIG:SIDE:ATTENTION, run in a child process
     args = ap.parse_args(argv)
     args.warmup = max(1, min(args.warmup, args.steps - 1))
@@ -629,7 +630,13 @@ def in_child(args, cname: str, side: str, attention: str) -> dict | None:
     (Liger patches transformers' rotary embedding module-wide, Unsloth much more; in one process a later side
     would run with them). Its printed notes pass through; its result comes back as one JSON line."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", f"{cname}:{side}:{attention}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
+                              timeout=args.side_timeout)
+    except subprocess.TimeoutExpired as exc:  # one stuck side must not take the others' time
+        print((exc.stdout or b"")[-2000:].decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "")
+        print(f"note: {cname} {side}: stopped after --side-timeout {args.side_timeout:.0f} s; no row")
+        return None
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):

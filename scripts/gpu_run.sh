@@ -39,7 +39,8 @@ install() {
 }
 
 paths() {  # run "$@" with the kit's packages ahead of the image's, tunesmith from src, the kit's data
-  PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TUNESMITH_SHARED_DATA="$KEPT/data" PYTHONUNBUFFERED=1 "$@"
+  PYTHONPATH="$SITE:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" TUNESMITH_SHARED_DATA="$KEPT/data" PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 "$@"
 }
 
 case "${1:-}" in
