@@ -333,9 +333,12 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
     from tunesmith.models.loading import load_model_for, load_tokenizer
+    from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.train.packing import PackedCollator
     from tunesmith.train.sft import build_trainer, prepare_model
 
+    if cfg.adapter == "qlora":  # the 4-bit loader reads files: written once, before the process is held to its limit
+        save_weights(folder_for(model_name(cfg, args)))
     recipe, path, placement = chosen_path(recipe_for(cfg, args, out, examples_per_step, attention))
     tokenizer = load_tokenizer(recipe.model.name)
     tokenizer.padding_side = "right"

@@ -181,3 +181,25 @@ def test_a_memory_limit_plans_for_a_smaller_gpu(home, tiny_model_dir):
     assert memory_budget(None, 8, "cuda") == 8 * 2**30 and memory_budget(2**30, 8, "cpu") == 2**30
     lora = _qlora_8b(tiny_model_dir, adapter="lora", memory_limit_gb=8)
     assert hold_memory_limit(lora, choose_path(CPU, Wishes())) is None
+
+
+def test_a_4bit_head_keeps_its_head_layer_out_of_quantization(tiny_model_dir):
+    """QLoRA under a task head: the head layer trains, so it must not become 4-bit. transformers' own rule keeps
+    the last parameter's module, which for the span head is ``qa_outputs.bias`` (no module of that name), so the
+    span head's layer would be quantized; tunesmith names every task head's layer (HEAD_LAYERS) and the decoder's
+    linear layers still go to 4 bits."""
+    from transformers import AutoConfig, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from tunesmith.models.loading import HEAD_LAYERS
+
+    cfg = AutoConfig.from_pretrained(tiny_model_dir)
+    for auto, head in ((AutoModelForQuestionAnswering, "qa_outputs"), (AutoModelForSequenceClassification, "score")):
+        model = auto.from_config(cfg)
+        ours = HfQuantizer.get_modules_to_not_convert(model, HEAD_LAYERS)
+        assert not should_convert_module(head, ours)
+        assert should_convert_module("model.layers.0.mlp.down_proj", ours)
+        assert should_convert_module("model.layers.1.self_attn.q_proj", ours)
+    qa = AutoModelForQuestionAnswering.from_config(cfg)
+    assert should_convert_module("qa_outputs", HfQuantizer.get_modules_to_not_convert(qa))  # transformers' rule misses it

@@ -123,14 +123,19 @@ def check_adapter_device(adapter: str, placement: Placement) -> None:
         raise ConfigError("train.adapter: qlora needs bitsandbytes: pip install bitsandbytes") from exc
 
 
-def four_bit(placement: Placement) -> dict:
+HEAD_LAYERS = ["score", "classifier", "qa_outputs", "lm_head"]  # transformers' task heads: trained, never quantized
+
+
+def four_bit(placement: Placement, keep: list[str] | None = None) -> dict:
     """QLoRA's ``from_pretrained`` keywords: the linear layers in NF4 with double-quantised scales, matmuls in the
-    placement's dtype, every weight on the current CUDA device (a 4-bit model cannot be moved after loading)."""
+    placement's dtype, every weight on the current CUDA device (a 4-bit model cannot be moved after loading).
+    ``keep``: layers left unquantized (default: transformers' choice, the output layer; a task head must name its
+    own, e.g. the span head's ``qa_outputs``, which transformers' rule — the last parameter — misses by its bias)."""
     import torch
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=placement.torch_dtype)
+                               bnb_4bit_compute_dtype=placement.torch_dtype, llm_int8_skip_modules=keep)
     return {"quantization_config": quant, "device_map": {"": torch.cuda.current_device()}}
 
 

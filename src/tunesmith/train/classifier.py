@@ -26,7 +26,7 @@ def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from tunesmith.errors import ConfigError
-    from tunesmith.models.loading import four_bit, quantized
+    from tunesmith.models.loading import HEAD_LAYERS, four_bit, quantized
     from tunesmith.models.pooled import ARCHITECTURE, PooledForSequenceClassification
     from tunesmith.models.random_weights import is_random, save_weights
     from tunesmith.models.registry import resolve
@@ -44,9 +44,9 @@ def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None
     if four and (pooling == "mean" or ARCHITECTURE in (getattr(config, "architectures", None) or [])):
         raise ConfigError("train.adapter: qlora quantizes a decoder under transformers' own head (pooling: native); "
                           "a mean-pooled head (an encoder's) trains with adapter lora or full")
-    if four:  # the decoder's linear layers in 4 bits; transformers keeps the head layer (its last module) unquantized
+    if four:  # the decoder's linear layers in 4 bits, the head layer not
         model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=placement.torch_dtype,
-                                                                   **four_bit(placement), **outputs)
+                                                                   **four_bit(placement, HEAD_LAYERS), **outputs)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
     if ARCHITECTURE in (getattr(config, "architectures", None) or []):  # a saved full fine-tune of a pooled head

@@ -239,10 +239,10 @@ class HeadKind:
 
 def _fresh_head(auto_class, name: str, placement, tokenizer, **kwargs):
     """``auto_class`` (a transformers ``AutoModelFor…``) on the base model ``name``, padded as the tokenizer pads."""
-    from tunesmith.models.loading import four_bit, quantized
+    from tunesmith.models.loading import HEAD_LAYERS, four_bit, quantized
     from tunesmith.models.registry import resolve
 
-    four = four_bit(placement) if quantized(placement) else {}  # QLoRA: loaded onto the GPU in 4 bits, not moved
+    four = four_bit(placement, HEAD_LAYERS) if quantized(placement) else {}  # QLoRA: loaded onto the GPU in 4 bits, not moved
     model = auto_class.from_pretrained(resolve(name), dtype=placement.torch_dtype, **kwargs, **four)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model if four else model.to(placement.device)
