@@ -7,7 +7,7 @@ rows with the loss on the completion. Models are architecture-faithful with seed
 (``random:<arch>``), so both sides start from the same weights and the same seeded LoRA (r=16,
 alpha=32, all linear layers).
 
-- tunesmith: the path :func:`tunesmith.train.device.decide` chooses on this machine (printed),
+- tunesmith: the path :func:`tunesmith.train.device.take_path` takes on this machine (printed),
   each step's examples packed into rows of ``--seq-len`` tokens (2,048);
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
   kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
@@ -193,18 +193,6 @@ def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: 
                             "train": train})
 
 
-def chosen_path(recipe):
-    """The recipe as it runs on the path :func:`tunesmith.train.device.decide` chooses here, the path, and its
-    placement."""
-    from tunesmith.models.loading import Placement
-    from tunesmith.train.device import decide, hold_memory_limit, resolved
-
-    path = decide(recipe)
-    recipe = resolved(recipe, path)
-    hold_memory_limit(recipe, path)
-    return recipe, path, Placement(path.device, path.dtype, path)
-
-
 def count_params(model) -> int:
     """All parameters; a 4-bit weight counts its unquantised shape (bitsandbytes packs two per byte)."""
     total = 0
@@ -334,12 +322,13 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
+    from tunesmith.train.device import take_path
     from tunesmith.train.packing import PackedCollator
     from tunesmith.train.sft import build_trainer, prepare_model
 
     if cfg.adapter == "qlora":  # the 4-bit loader reads files: written once, before the process is held to its limit
         save_weights(folder_for(model_name(cfg, args)))
-    recipe, path, placement = chosen_path(recipe_for(cfg, args, out, examples_per_step, attention))
+    recipe, path, placement = take_path(recipe_for(cfg, args, out, examples_per_step, attention))
     tokenizer = load_tokenizer(recipe.model.name)
     tokenizer.padding_side = "right"
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
@@ -453,11 +442,12 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
     from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.device import take_path
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
     recipe = recipe_for(cfg, args, out, args.head_batch)
-    recipe, path, placement = chosen_path(recipe.model_copy(update={"data": recipe.data.model_copy(
+    recipe, path, placement = take_path(recipe.model_copy(update={"data": recipe.data.model_copy(
         update={"target_field": "category", "prompt": "{text}"})}))
     labels = sorted({label for _, label in banking})
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(banking)]
@@ -479,12 +469,13 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     from rich.console import Console
 
     from tunesmith.models.loading import load_model_for, load_tokenizer
+    from tunesmith.train.device import take_path
     from tunesmith.train.dpo import train_dpo
 
     out.mkdir(parents=True, exist_ok=True)
     path_file = out / "pairs.jsonl"
     path_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    recipe, path, placement = chosen_path(recipe_for(cfg, args, out, args.dpo_batch,
+    recipe, path, placement = take_path(recipe_for(cfg, args, out, args.dpo_batch,
                                                      dpo={"path": str(path_file), "beta": 0.1}))
     tokenizer = load_tokenizer(recipe.model.name)
     model = load_model_for(recipe.model.name, placement, cfg.adapter)

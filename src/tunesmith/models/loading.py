@@ -144,6 +144,16 @@ def quantized(placement: Placement) -> bool:
     return bool(placement.path is not None and placement.path.quantization)
 
 
+def load_head_model(auto_class, ref: str, placement: Placement, tokenizer, **kwargs):
+    """``auto_class`` (a transformers ``AutoModelFor…`` with a task head) on the base model folder ``ref``, padded
+    as the tokenizer pads; on a QLoRA path its linear layers in 4 bits (the head layer not), loaded onto the GPU
+    and left there, else moved to the placement's device."""
+    four = four_bit(placement, HEAD_LAYERS) if quantized(placement) else {}
+    model = auto_class.from_pretrained(ref, dtype=placement.torch_dtype, **kwargs, **four)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model if four else model.to(placement.device)
+
+
 def load_model_for(name: str, placement: Placement, adapter: str = "lora", attn_implementation: str | None = None) -> Any:
     """Load the base model for an adapter: 4-bit NF4 for QLoRA (CUDA), else as :func:`load_model`."""
     check_adapter_device(adapter, placement)

@@ -26,7 +26,7 @@ def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     from tunesmith.errors import ConfigError
-    from tunesmith.models.loading import HEAD_LAYERS, four_bit, quantized
+    from tunesmith.models.loading import load_head_model, quantized
     from tunesmith.models.pooled import ARCHITECTURE, PooledForSequenceClassification
     from tunesmith.models.random_weights import is_random, save_weights
     from tunesmith.models.registry import resolve
@@ -40,15 +40,9 @@ def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None
     else:
         outputs = {"num_labels": 1, "problem_type": "regression"}
     config = AutoConfig.from_pretrained(ref)
-    four = quantized(placement)
-    if four and (pooling == "mean" or ARCHITECTURE in (getattr(config, "architectures", None) or [])):
+    if quantized(placement) and (pooling == "mean" or ARCHITECTURE in (getattr(config, "architectures", None) or [])):
         raise ConfigError("train.adapter: qlora quantizes a decoder under transformers' own head (pooling: native); "
                           "a mean-pooled head (an encoder's) trains with adapter lora or full")
-    if four:  # the decoder's linear layers in 4 bits, the head layer not
-        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=placement.torch_dtype,
-                                                                   **four_bit(placement, HEAD_LAYERS), **outputs)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return model
     if ARCHITECTURE in (getattr(config, "architectures", None) or []):  # a saved full fine-tune of a pooled head
         config.update(outputs)
         model = PooledForSequenceClassification.from_pretrained(ref, config=config, dtype=placement.torch_dtype)
@@ -56,8 +50,8 @@ def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None
         backbone = AutoModel.from_pretrained(ref, dtype=placement.torch_dtype)
         backbone.config.update(outputs)
         model = PooledForSequenceClassification(backbone.config, backbone)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(ref, dtype=placement.torch_dtype, **outputs)
+    else:  # transformers' own head (on a QLoRA path over a 4-bit decoder)
+        return load_head_model(AutoModelForSequenceClassification, ref, placement, tokenizer, **outputs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(placement.device)
 

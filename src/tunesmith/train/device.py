@@ -330,6 +330,17 @@ def hold_memory_limit(recipe, path: TrainPath) -> float | None:
     return fraction
 
 
+def take_path(recipe):
+    """Decide the path for ``recipe`` here and take it: the recipe with the path written in, the path, and the
+    placement models load with; the process held to ``train.memory_limit_gb``."""
+    from tunesmith.models.loading import Placement
+
+    path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
+    recipe = resolved(recipe, path)
+    hold_memory_limit(recipe, path)
+    return recipe, path, Placement(path.device, path.dtype, path)
+
+
 def resolved(recipe, path: TrainPath):
     """The recipe with the path's optimizer and gradient checkpointing written in (what actually runs)."""
     t = recipe.train.model_copy(update={"optimizer": path.optimizer,

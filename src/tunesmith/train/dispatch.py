@@ -67,13 +67,10 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
-    from tunesmith.models.loading import Placement, load_tokenizer
-    from tunesmith.train.device import decide, hold_memory_limit, resolved
+    from tunesmith.models.loading import load_tokenizer
+    from tunesmith.train.device import take_path
 
-    path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
-    recipe = resolved(recipe, path)
-    hold_memory_limit(recipe, path)
-    placement = Placement(path.device, path.dtype, path)
+    recipe, path, placement = take_path(recipe)
     console.print(f"training path: {path.describe()}")
     recipe = fit_micro_batch(recipe, placement, console)
     tokenizer = load_tokenizer(recipe.model.name)

@@ -237,17 +237,6 @@ class HeadKind:
         return None
 
 
-def _fresh_head(auto_class, name: str, placement, tokenizer, **kwargs):
-    """``auto_class`` (a transformers ``AutoModelFor…``) on the base model ``name``, padded as the tokenizer pads."""
-    from tunesmith.models.loading import HEAD_LAYERS, four_bit, quantized
-    from tunesmith.models.registry import resolve
-
-    four = four_bit(placement, HEAD_LAYERS) if quantized(placement) else {}  # QLoRA: loaded onto the GPU in 4 bits, not moved
-    model = auto_class.from_pretrained(resolve(name), dtype=placement.torch_dtype, **kwargs, **four)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model if four else model.to(placement.device)
-
-
 class ClassifierHead(HeadKind):
     """A label per text, with every label's probability."""
 
@@ -369,7 +358,10 @@ class SpanHead(HeadKind):
     def load(self, name, placement, tokenizer, labels=None, pooling="native"):
         from transformers import AutoModelForQuestionAnswering
 
-        return _fresh_head(AutoModelForQuestionAnswering, name, placement, tokenizer)
+        from tunesmith.models.loading import load_head_model
+        from tunesmith.models.registry import resolve
+
+        return load_head_model(AutoModelForQuestionAnswering, resolve(name), placement, tokenizer)
 
     def training_rows(self, recipe, train, labels, tokenizer, console):
         t = recipe.train
