@@ -302,16 +302,11 @@ def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
 def _fits_without_checkpointing(recipe, first: TrainPath, caps: Capabilities) -> bool | None:
     """The estimator's verdict for the batch without gradient checkpointing on ``first``'s device, dtype, attention
     and loss, against the device's free memory or ``train.memory_limit_gb`` (None when it cannot estimate)."""
-    from pathlib import Path
-
-    from tunesmith.models.registry import resolve
-    from tunesmith.train.estimate import estimate, memory_budget, model_shape
+    from tunesmith.train.estimate import estimate_recipe
 
     try:
         plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
-        budget = memory_budget(caps.free_memory, recipe.train.memory_limit_gb, first.device)
-        shape = model_shape(Path(resolve(recipe.model.name)))
-        return estimate(shape, plain, first.dtype, first.device, budget, first.attention, first.loss).fits
+        return estimate_recipe(plain, first, caps.free_memory).fits
     except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
         return None
 

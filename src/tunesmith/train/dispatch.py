@@ -217,10 +217,8 @@ def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:
     naming the settings to change."""
     from tunesmith.train.estimate import estimate_recipe
 
-    path = placement.path
-    attention, loss = (path.attention, path.loss) if path is not None else (None, None)
     try:
-        est = estimate_recipe(recipe, attention, loss)
+        est = estimate_recipe(recipe, placement.path)
     except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
         return recipe
     t = recipe.train
@@ -228,7 +226,7 @@ def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:
     while est.fits is False and batch > 1:
         batch, accum = batch // 2, accum * 2
         recipe = recipe.model_copy(update={"train": t.model_copy(update={"batch_size": batch, "grad_accum": accum})})
-        est = estimate_recipe(recipe, attention, loss)
+        est = estimate_recipe(recipe, placement.path)
     if batch != t.batch_size:
         console.print(f"[yellow]memory: train.batch_size {t.batch_size} would need more than this machine has; "
                       f"training with micro-batches of {batch} × {accum} accumulation steps (same effective batch)[/]")

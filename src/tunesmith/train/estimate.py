@@ -259,16 +259,23 @@ def available_memory(device: str) -> int | None:
     return None
 
 
-def estimate_recipe(recipe: Recipe, attention: str | None = None, loss: str | None = None) -> MemoryEstimate:
-    """The estimate for a recipe on this machine (reads only config.json and safetensors headers);
-    ``attention`` and ``loss``: the kernel and loss form the training path chose, when known."""
-    from tunesmith.models.loading import pick_placement
+def estimate_recipe(recipe: Recipe, path=None, free: int | None = None) -> MemoryEstimate:
+    """The estimate for a recipe on this machine (reads only config.json and safetensors headers): on ``path``'s
+    device, dtype, attention kernel and loss form (:class:`tunesmith.train.device.TrainPath`) once the training
+    path is chosen, else on the placement the recipe asks for; planned against ``free`` bytes (default: what the
+    device has available now), or ``train.memory_limit_gb`` where that is smaller."""
     from tunesmith.models.registry import resolve
 
-    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    if path is None:
+        from tunesmith.models.loading import pick_placement
+
+        placement = pick_placement(recipe.model.precision, recipe.model.device)
+        device, dtype, attention, loss = placement.device, placement.dtype, None, None
+    else:
+        device, dtype, attention, loss = path.device, path.dtype, path.attention, path.loss
     folder = Path(resolve(recipe.model.name))
-    available = memory_budget(available_memory(placement.device), recipe.train.memory_limit_gb, placement.device)
-    return estimate(model_shape(folder), recipe, placement.dtype, placement.device, available, attention, loss)
+    budget = memory_budget(available_memory(device) if free is None else free, recipe.train.memory_limit_gb, device)
+    return estimate(model_shape(folder), recipe, dtype, device, budget, attention, loss)
 
 
 def memory_budget(free: int | None, limit_gb: float | None, device: str) -> int | None:
