@@ -146,7 +146,7 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     packing, why["packing"] = _packing(wish, gpu, attention)
     kernels, why["kernels"] = _kernels(caps, wish, gpu)
     checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
-    loss, why["loss"] = _loss(wish)
+    loss, why["loss"] = loss_form(wish)
     return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
                      loss)
 
@@ -220,7 +220,9 @@ def _kernels(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str]:
     return "none", "no CUDA GPU" if not gpu else "liger-kernel is not installed"
 
 
-def _loss(wish: Wishes) -> tuple[str, str]:
+def loss_form(wish) -> tuple[str, str]:
+    """How training scores its outputs, and why: ``wish`` is :class:`Wishes` or a recipe's train section (the memory
+    estimator asks with the latter), read for ``head``, ``method`` and ``loss``."""
     if wish.head != "generative":
         return "head", f"the {wish.head} head's own loss over its labels"
     if wish.method == "dpo":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ModelError
+from tunesmith.train.device import loss_form
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MB = 2**20
@@ -201,7 +202,7 @@ def estimate(
         logits = tokens * 2 * 4 * 3
     elif t.head == "generative":
         targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
-        if (loss or _loss_form(t, device)) == "chunked":  # see tunesmith.train.target_head
+        if (loss or loss_form(t)[0]) == "chunked":  # see tunesmith.train.target_head
             logits = chunked_loss_bytes(shape, targets, b, trains_head=t.adapter == "full", device=device)
         else:
             logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
@@ -222,10 +223,6 @@ def estimate(
     if device == "cpu":
         parts[RUNTIME] = RUNTIME_BYTES
     return MemoryEstimate(parts, available, device, tokens)
-
-
-def _loss_form(t, device: str) -> str:
-    return "logits" if t.loss == "logits" else "chunked"  # see tunesmith.train.device
 
 
 CPU_TILES = 15  # fp32 tiles the CPU fold keeps at once (its temporaries), measured: tests/test_train_estimate.py
