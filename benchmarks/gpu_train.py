@@ -12,8 +12,8 @@ alpha=32, all linear layers).
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
   kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
   padded to the longest of each batch;
-- Unsloth (only where ``import unsloth`` works): ``FastLanguageModel`` with the same LoRA under the
-  same TRL trainer.
+- Unsloth (where it is installed, or in ``--unsloth-site`` with the versions it pins): ``FastLanguageModel``
+  with the same LoRA shape under the same TRL trainer settings.
 
 Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger
 patches transformers' rotary embedding module-wide, and Unsloth much more, which in one process would
@@ -445,16 +445,6 @@ def unsloth_usable(args) -> str | None:
     return None if importlib.util.find_spec("unsloth") else "unsloth is not installed (scripts/gpu_kit.sh --unsloth)"
 
 
-def import_unsloth() -> str | None:
-    """Import Unsloth before anything imports transformers (it patches them when imported first); the reason
-    when it does not import (its side is then skipped with that note, not the whole run)."""
-    try:
-        import unsloth  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any failure of a peer's import is reported, not raised
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None
-
-
 def run_head(cfg: Config, args, banking, out: Path) -> dict:
     """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it)."""
     from rich.console import Console
@@ -627,9 +617,8 @@ def run_side(args) -> dict | None:
     """The side ``--side CONFIG:SIDE:ATTENTION`` names, in this (child) process."""
     cname, side, attention = args.side.split(":")
     cfg = CONFIGS[cname]
-    if side == "unsloth" and (why_not := import_unsloth()):
-        print(f"note: unsloth does not import here ({why_not}); its side is skipped")
-        return None
+    if side == "unsloth":  # before anything imports transformers: Unsloth patches them when imported first; a
+        import unsloth  # noqa: F401 - failing import fails this side's process like any other error (SideFailed)
     rows, banking, per_step, _ = prepare(args)
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
         out = Path(tmp) / cfg.name

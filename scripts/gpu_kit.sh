@@ -9,7 +9,7 @@
 #   .gpu/model-a, .gpu/model-b   the embedded SmolLM2-135M GGUF, xz-compressed and split so that model-a
 #                 travels beside base (only for the quality runs: --model)
 #   .gpu/unsloth  Unsloth and the versions it pins (transformers <= 5.17, trl <= 1.15, datasets < 5), installed
-#                 apart from base: benchmarks/gpu_train.py runs its Unsloth side with them ahead of base (~23 MiB,
+#                 apart from base: benchmarks/gpu_train.py runs its Unsloth side with them ahead of base (~22 MiB,
 #                 travels beside base: --unsloth)
 # On the GPU machine, scripts/gpu_run.sh installs what has arrived and runs the benchmarks.
 #
