@@ -36,7 +36,7 @@ model: install
 
 # llama.cpp's HF -> GGUF converter (pure Python, from the pinned llama-cpp-python source archive) for export
 converter: install
-	$(BIN)/python -m tunesmith.train.llama_cpp
+	$(BIN)/python -m tunesmith.export.llama_cpp
 
 demo: model
 	$(BIN)/tunesmith run examples/banking77.yaml

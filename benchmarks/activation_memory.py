@@ -3,7 +3,7 @@
 One forward pass of the embedded SmolLM2-135M (fp32, a 4D causal mask, as the collator builds it) under
 ``torch.autograd.graph.saved_tensors_hooks``: every tensor saved for backward is counted once (by its
 storage), divided by tokens x layers. Printed per variant (full fine-tuning, LoRA r=16 without and with
-dropout; the causal LM and the span head) with :func:`tunesmith.train.estimate.activation_floats`'s
+dropout; the causal LM and the span head) with :func:`tunesmith.machine.estimate.activation_floats`'s
 prediction and the ratio. The estimator's backward working memory (25% on top) is not measured here: it
 comes from the resident peaks of real trainings (docs/train.md, "Memory estimate").
 
@@ -54,9 +54,9 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from tunesmith.config import LoraSection, TrainSection
+    from tunesmith.machine.estimate import activation_floats, model_shape
     from tunesmith.models.loading import wrap_adapter
     from tunesmith.models.registry import resolve
-    from tunesmith.train.estimate import activation_floats, model_shape
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

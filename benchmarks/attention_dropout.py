@@ -86,10 +86,10 @@ def recipe_for(task: str, dropout: float | None, args, out: Path):
 def run_side(task: str, dropout: float | None, examples: list, args, out: Path) -> dict:
     from rich.console import Console
 
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.models.loading import load_tokenizer, pick_placement
     from tunesmith.train.classifier import train_classifier
     from tunesmith.train.heads import HEADS, train_head
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     recipe = recipe_for(task, dropout, args, out)
     tokenizer = load_tokenizer(MODEL)

@@ -57,13 +57,13 @@ def main() -> None:
 
     from tunesmith.config import validate_recipe
     from tunesmith.data.formatting import chat_messages, prompt_text
-    from tunesmith.eval import baselines
-    from tunesmith.eval.metrics import classification_metrics, parse_label
     from tunesmith.eval.runner import LocalContender, evaluate_local
     from tunesmith.generation import generate_greedy
+    from tunesmith.kinds import make_task
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.progress import task_bar
-    from tunesmith.tasks import make_task
+    from tunesmith.scoring import baselines
+    from tunesmith.scoring.metrics import classification_metrics, parse_label
     from tunesmith.train.dispatch import TrainData
     from tunesmith.train.dispatch import train as train_recipe
     from tunesmith.train.result import Artefact

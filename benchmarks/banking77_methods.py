@@ -55,9 +55,9 @@ def run_try(recipe, spec: dict, data, tokenizer, placement, first: int) -> dict:
     from rich.console import Console
 
     from tunesmith.config import ArmSpec, arm_recipe
-    from tunesmith.eval.bootstrap import mean_ci
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
+    from tunesmith.scoring.bootstrap import mean_ci
     from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     arm = arm_recipe(recipe, ArmSpec(name=spec["name"], train={"head": "classifier", **spec.get("train", {})}))
     import torch

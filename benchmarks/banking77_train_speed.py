@@ -71,10 +71,10 @@ def run_head(train, held, labels, tokenizer, args, out: Path, grouped: bool) -> 
     from banking77_methods import no_bar, score  # beside this script
     from rich.console import Console
 
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.models.loading import pick_placement
     from tunesmith.records import Example
     from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     recipe = recipe_for(args, out / ("grouped" if grouped else "random"), grouped)
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(train)]
@@ -96,8 +96,8 @@ def run_trl(train, tokenizer, args, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from tunesmith.config import LoraSection
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.models.loading import load_model, pick_placement, wrap_adapter
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     rows = [{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}],
              "completion": [{"role": "assistant", "content": label}]} for t, label in train]

@@ -2,7 +2,7 @@
 
 The embedded SmolLM2-135M-Instruct answers the same synth prompts (paraphrase and QA-from-documents
 templates on the shipped examples, greedy, same max tokens) three ways: unconstrained, under
-llguidance's JSON-schema mask (tunesmith.synth.constrained, what synth uses), and under xgrammar's
+llguidance's JSON-schema mask (tunesmith.generation.constrained, what synth uses), and under xgrammar's
 Hugging Face logits processor. Prints completion tokens/s, the share of replies that parse and
 validate against the task's pydantic schema, import/compile seconds, and the ratios.
 lm-format-enforcer 0.11.3 is not run: its transformers integration fails to import with transformers 5.x.
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def synth_prompts(n: int) -> list[tuple[str, type, int]]:
     """(user prompt, schema, max items): paraphrase prompts on Alpaca seed instructions, QA prompts on a shipped text."""
-    from tunesmith.synth.tasks import Paraphrases, QAPairs, load_prompt
+    from tunesmith.synth.generators import Paraphrases, QAPairs, load_prompt
 
     rows = [json.loads(x) for x in (ROOT / "examples/data/alpaca_seed_tasks.jsonl").read_text().splitlines()]
     para = load_prompt("paraphrase", "en")
@@ -72,8 +72,8 @@ def main() -> None:
     args = ap.parse_args()
     print("load average:", os.getloadavg())
     from tunesmith.generation import stop_ids
+    from tunesmith.generation.constrained import JsonConstraint, bounded_schema
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
-    from tunesmith.synth.constrained import JsonConstraint, bounded_schema
 
     model, tok = load_model("smollm2-135m-instruct", pick_placement("auto")), load_tokenizer("smollm2-135m-instruct")
     prompts = synth_prompts(args.prompts)

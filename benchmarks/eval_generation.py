@@ -105,9 +105,9 @@ def main() -> None:
     import torch
 
     from tunesmith.data.formatting import end_of_turn
-    from tunesmith.eval.metrics import parse_label
     from tunesmith.generation import generate_greedy, score_labels, stop_ids
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.scoring.metrics import parse_label
 
     torch.manual_seed(0)
     tok = load_tokenizer("smollm2-135m-instruct")

@@ -7,7 +7,7 @@ rows with the loss on the completion. Models are architecture-faithful with seed
 (``random:<arch>``), so both sides start from the same weights and the same seeded LoRA (r=16,
 alpha=32, all linear layers).
 
-- tunesmith: the path :func:`tunesmith.train.device.take_path` takes on this machine (printed),
+- tunesmith: the path :func:`tunesmith.machine.device.take_path` takes on this machine (printed),
   each step's examples packed into rows of ``--seq-len`` tokens (2,048);
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
   kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
@@ -25,7 +25,7 @@ over the measured peak (N: all parameters of the model, the convention of the pu
 peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training) beside
 the memory estimator's for tunesmith's packed rows (one row of ``--seq-len`` tokens per micro-batch),
 the training loss at the last step and over the last quarter of steps (the sides must agree), and the
-host syncs per training step with the lines that made them (:mod:`tunesmith.train.syncs`: PyTorch's own
+host syncs per training step with the lines that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own
 check of synchronising operations on a GPU, reads of tensor values on a CPU). The clock waits for the
 device only after the warm-up steps and after the last step, so it adds no sync of its own to the steps
 between. ``--attention sdpa,auto`` measures tunesmith's side once per attention kernel (``auto``: the path's
@@ -237,12 +237,12 @@ WINDOW = "tunesmith-benchmark: measured steps"
 
 def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, tokens=None) -> dict:
     """Run ``train(callbacks)`` (a side's training, which must add the callbacks to its Trainer); return
-    tokens/s over the steps after ``warmup``, the peak memory, host syncs per step (:class:`tunesmith.train.syncs.StepReads`)
+    tokens/s over the steps after ``warmup``, the peak memory, host syncs per step (:class:`tunesmith.machine.syncs.StepReads`)
     and, with ``profile``, the top kernels and the GPU busy fraction of the measured steps."""
     import torch
 
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
-    from tunesmith.train.syncs import StepReads
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
+    from tunesmith.machine.syncs import StepReads
 
     clock = _clock(device, steps, warmup, tokens)
     reads = StepReads(device)
@@ -320,10 +320,10 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
+    from tunesmith.machine.device import take_path
+    from tunesmith.machine.packing import PackedCollator
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
-    from tunesmith.train.device import take_path
-    from tunesmith.train.packing import PackedCollator
     from tunesmith.train.sft import build_trainer, prepare_model
 
     if cfg.adapter == "qlora":  # the 4-bit loader reads files: written once, before the process is held to its limit
@@ -344,11 +344,11 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
 
 
 def estimated_peak_mb(recipe, path, row_tokens: int) -> float:
-    """The memory estimator's peak (:mod:`tunesmith.train.estimate`) for a micro-batch of one packed row of
+    """The memory estimator's peak (:mod:`tunesmith.machine.estimate`) for a micro-batch of one packed row of
     ``row_tokens`` on ``path``: its total on a GPU (the allocator's peak counts the weights), what training adds
     on a CPU (the measured peak there is the rise above the loaded model)."""
+    from tunesmith.machine.estimate import estimate, model_shape
     from tunesmith.models.random_weights import folder_for
-    from tunesmith.train.estimate import estimate, model_shape
 
     train = recipe.train.model_copy(update={"batch_size": 1, "max_seq_length": row_tokens})
     e = estimate(model_shape(folder_for(recipe.model.name)), recipe.model_copy(update={"train": train}),
@@ -449,11 +449,11 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it)."""
     from rich.console import Console
 
+    from tunesmith.machine.device import take_path
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
     from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.device import take_path
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
@@ -479,8 +479,8 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here."""
     from rich.console import Console
 
+    from tunesmith.machine.device import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
-    from tunesmith.train.device import take_path
     from tunesmith.train.dpo import train_dpo
 
     out.mkdir(parents=True, exist_ok=True)
@@ -572,8 +572,8 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from tunesmith.machine.packing import tokenize_rows
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.train.packing import tokenize_rows
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

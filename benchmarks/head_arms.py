@@ -84,10 +84,10 @@ def latency_ms(model, tokenizer, texts: list[str], batch_size: int) -> float:
 def run_side(side: str, train, held, args, out: Path) -> dict:
     from rich.console import Console
 
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.models.loading import load_tokenizer, pick_placement
     from tunesmith.records import Example
     from tunesmith.train.classifier import encode, predict_proba, train_classifier
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
 
     recipe = recipe_for(side, args, out)
     tokenizer = load_tokenizer(recipe.model.name)

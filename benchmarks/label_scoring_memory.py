@@ -88,9 +88,9 @@ def child(n_labels: int, mode: str, n_prompts: int) -> dict:
     from tunesmith import generation
     from tunesmith.config import EvalSection
     from tunesmith.data.formatting import chat_messages, prompt_text
+    from tunesmith.kinds import make_task
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
     from tunesmith.records import Example
-    from tunesmith.tasks import make_task
 
     torch.set_num_threads(2)
     labels, texts = label_names(n_labels)

@@ -56,7 +56,7 @@ def one_prompt_at_a_time(model, tokenizer, prompts, labels, suffix, chunk_tokens
     import torch
 
     from tunesmith.generation.scoring import _candidate_chunks
-    from tunesmith.train.packing import block_causal_mask
+    from tunesmith.machine.packing import block_causal_mask
 
     cand = [tokenizer(label + suffix, add_special_tokens=False)["input_ids"] for label in labels]
     chunks = _candidate_chunks([len(c) for c in cand], chunk_tokens)

@@ -1,6 +1,6 @@
 """The SFT loss three ways, on the same packed batch of real rows: time and peak memory of a training step.
 
-- ``chunked`` (tunesmith's default, :mod:`tunesmith.train.target_head`): the target positions picked by
+- ``chunked`` (tunesmith's default, :mod:`tunesmith.train.chunked_loss`): the target positions picked by
   integer index and scored in vocabulary tiles with TRL's chunked log-probability kernel; no logits held;
 - ``logits`` (``train.loss: logits``): the model's own forward asked for logits at the target positions only
   (``logits_to_keep`` with a boolean mask), then cross-entropy;
@@ -59,7 +59,7 @@ def load(name: str, device: str):
 
 
 def batch_of(rows, tokenizer, max_len: int, device: str) -> dict:
-    from tunesmith.train.packing import PackedCollator, tokenize_rows
+    from tunesmith.machine.packing import PackedCollator, tokenize_rows
 
     feats = [f for f in tokenize_rows(rows, tokenizer) if f["length"] <= max_len]
     batch = PackedCollator(tokenizer.pad_token_id, mask_kind="bool", capacity=max_len)(feats)
@@ -86,7 +86,7 @@ def step(model, batch: dict, side: str):
 def measure(model, batch: dict, side: str, steps: int, device: str) -> dict:
     import torch
 
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
 
     def one():
         model.zero_grad(set_to_none=True)
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from tunesmith.train.target_head import add_target_head
+    from tunesmith.train.chunked_loss import add_target_head
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "

@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from tunesmith.clients.chat import LocalChatClient
 from tunesmith.synth.calls import ChatRequest
-from tunesmith.synth.clients import LocalChatClient
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_seed_tasks.jsonl"
 

@@ -138,7 +138,7 @@ def run_trl(rows, tokenizer, args, out: Path) -> dict:
 
 
 def _timed_train(trainer, model) -> dict:
-    from tunesmith.train.memory import peak_rss, reset_peak_rss
+    from tunesmith.machine.memory import peak_rss, reset_peak_rss
 
     before = reset_peak_rss()
     start = time.perf_counter()
@@ -160,7 +160,7 @@ def held_out_loss(model, tokenizer, rows) -> float:
     """Mean completion-token loss on held-out rows, one example at a time (same code for both sides)."""
     import torch
 
-    from tunesmith.train.packing import PackedCollator, tokenize_rows
+    from tunesmith.machine.packing import PackedCollator, tokenize_rows
     from tunesmith.train.trainer import completion_loss
 
     collate = PackedCollator(tokenizer.pad_token_id)
@@ -192,8 +192,8 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from tunesmith.machine.packing import tokenize_rows
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.train.packing import tokenize_rows
 
     hf_logging.set_verbosity_error()
     tokenizer = load_tokenizer(MODEL)

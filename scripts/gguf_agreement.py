@@ -40,8 +40,8 @@ def prompts(tok, n: int) -> list[str]:
 def measure(name: str, hf_dir: Path, tok, gguf_type: str, texts: list[str], max_new: int, out: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.gguf_export import to_gguf
-    from tunesmith.train.llama_cpp import greedy, load
+    from tunesmith.export.gguf import to_gguf
+    from tunesmith.export.llama_cpp import greedy, load
 
     start = time.perf_counter()
     path = to_gguf(hf_dir, out / f"{name}-{gguf_type}.gguf", gguf_type)
@@ -74,7 +74,7 @@ def main() -> None:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         if args.run:
-            from tunesmith.train.export import export_merged
+            from tunesmith.export.merged import export_merged
 
             smol = export_merged(args.run, out / "merged")
         else:

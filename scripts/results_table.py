@@ -42,7 +42,7 @@ def collect(run: Path) -> dict:
     if metrics is None:
         raise SystemExit(f"{run}: no eval/metrics.json (the run has not finished its evaluation)")
     comps = _json(run / "eval" / "comparisons.json", [])
-    from tunesmith.tasks import kind_class
+    from tunesmith.kinds import kind_class
 
     task = cfg["data"]["task"]
     h = kind_class(task).headline

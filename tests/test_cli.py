@@ -68,12 +68,12 @@ def test_missing_model_names_the_pull_command(cli, tmp_path, home):
 
 
 def test_unexpected_error_is_one_line_unless_debug(cli, tmp_path, monkeypatch):
-    import tunesmith.pipeline
+    import tunesmith.runs.experiment
 
     def boom(*a, **k):
         raise ValueError("kaput")
 
-    monkeypatch.setattr(tunesmith.pipeline, "run", boom)
+    monkeypatch.setattr(tunesmith.runs.experiment, "run", boom)
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "category": "x"}])
     r = str(write_recipe(tmp_path / "r.yaml", recipe_doc(data)))
     code, out = cli(["run", r])

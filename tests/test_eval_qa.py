@@ -8,7 +8,7 @@ import pytest
 
 from tunesmith.data.readers import read_records
 from tunesmith.errors import DataError
-from tunesmith.eval import qa
+from tunesmith.scoring import qa
 
 SHARED = Path(
     os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")

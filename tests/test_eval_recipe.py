@@ -311,9 +311,9 @@ def test_a_contender_result_says_where_its_answers_come_from_and_a_folder_what_i
     import pytest
 
     from tunesmith.config import EvalSection
-    from tunesmith.eval.result import Source
+    from tunesmith.kinds import make_task, score_outputs
     from tunesmith.records import Example
-    from tunesmith.tasks import make_task, score_outputs
+    from tunesmith.scoring.result import Source
     from tunesmith.train.result import Artefact, trained_output
 
     task = make_task("classification", EvalSection(), ["a", "b"])

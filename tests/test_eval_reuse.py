@@ -3,7 +3,7 @@ interrupted or repeated run picks up its finished contenders; any change that co
 
 import json
 
-from tunesmith.eval.result import ContenderResult, Source, load_result, save_result
+from tunesmith.scoring.result import ContenderResult, Source, load_result, save_result
 
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 

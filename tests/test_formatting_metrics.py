@@ -1,8 +1,8 @@
 from tunesmith.config import DataSection
 from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
-from tunesmith.eval.baselines import majority, tfidf_logreg
-from tunesmith.eval.metrics import classification_metrics, confusion, parse_label
 from tunesmith.records import Example
+from tunesmith.scoring.baselines import majority, tfidf_logreg
+from tunesmith.scoring.metrics import classification_metrics, confusion, parse_label
 
 from .conftest import banking_rows
 

@@ -29,7 +29,7 @@ def test_label_scores_match_one_sequence_at_a_time(tiny_model):
 
 def test_gold_label_losses_equal_the_answer_loss_pass(tiny_model):
     """The answer loss read off the label scores is the loss the separate answer-loss pass measures."""
-    from tunesmith.eval.perplexity import answer_losses, gold_label_losses
+    from tunesmith.scoring.perplexity import answer_losses, gold_label_losses
 
     model, tok = tiny_model
     gold = ["pin_blocked", "card_arrival", "age_limit"]

@@ -53,7 +53,7 @@ def _meta(path: Path) -> dict:
 @pytest.fixture(scope="module", autouse=True)
 def llama_cpp_converter():
     """The converter resolved once from the real cache, kept when a test points TUNESMITH_HOME elsewhere."""
-    from tunesmith.train.llama_cpp import converter_dir
+    from tunesmith.export.llama_cpp import converter_dir
 
     patch = pytest.MonkeyPatch()
     patch.setenv("TUNESMITH_LLAMA_CPP", str(converter_dir()))
@@ -100,7 +100,7 @@ def exported(tmp_path_factory, smol_tiny):
 @pytest.fixture(scope="module")
 def other_archs(tmp_path_factory):
     """Tiny random Qwen2 and Gemma-2 folders, each converted to f32 and f16: ``{arch: {"hf", "f32", "f16"}}``."""
-    from tunesmith.train.gguf_export import to_gguf
+    from tunesmith.export.gguf import to_gguf
 
     tmp = tmp_path_factory.mktemp("archs")
     out = {}
@@ -190,7 +190,7 @@ def test_gguf_export_names_an_architecture_llama_cpp_does_not_know(tmp_path, oth
     import shutil
 
     from tunesmith.errors import ModelError
-    from tunesmith.train.gguf_export import to_gguf
+    from tunesmith.export.gguf import to_gguf
 
     folder = tmp_path / "odd"
     shutil.copytree(other_archs["qwen2"]["hf"], folder)
@@ -202,7 +202,7 @@ def test_gguf_export_names_an_architecture_llama_cpp_does_not_know(tmp_path, oth
 
 def test_smaller_types_need_llama_cpps_quantizer(tmp_path, other_archs):
     from tunesmith.errors import ConfigError
-    from tunesmith.train.gguf_export import to_gguf
+    from tunesmith.export.gguf import to_gguf
 
     out = tmp_path / "q4.gguf"
     if importlib.util.find_spec("llama_cpp") is None:
@@ -219,7 +219,7 @@ def test_smaller_types_need_llama_cpps_quantizer(tmp_path, other_archs):
 
 def _agreement(hf, tok, path: Path, prompts: list[str], max_new=24) -> tuple[int, int, list]:
     """``(same prompt ids, same greedy answers, differing pairs)`` of llama.cpp vs transformers."""
-    from tunesmith.train.llama_cpp import greedy, load
+    from tunesmith.export.llama_cpp import greedy, load
 
     llm = load(path)
     same_ids = same_answers = 0
@@ -250,7 +250,7 @@ def test_llama_cpp_loads_the_export_and_answers_like_the_merged_model(exported, 
         assert same_ids == 20
         assert same >= floor, differ
     if run == "full":  # the fine-tune answers a label and llama.cpp stops at <|im_end|> on its own
-        from tunesmith.train.llama_cpp import greedy, load
+        from tunesmith.export.llama_cpp import greedy, load
 
         llm = load(paths["f16"])
         answers = [greedy(llm, tok(p, add_special_tokens=False)["input_ids"], 24) for p in prompts]
@@ -285,7 +285,7 @@ def test_llama_cpp_answers_like_the_embedded_model(tmp_path):
     """The real SmolLM2-135M-Instruct: converted, loaded by llama.cpp, greedy answers as in transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.train.gguf_export import to_gguf
+    from tunesmith.export.gguf import to_gguf
 
     folder = registry.cached_path(gguf_models.SMOL)
     tok = AutoTokenizer.from_pretrained(folder)

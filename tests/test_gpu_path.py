@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from tunesmith.train.packing import PackedCollator, tokenize_example
-from tunesmith.train.syncs import StepReads
+from tunesmith.machine.packing import PackedCollator, tokenize_example
+from tunesmith.machine.syncs import StepReads
 from tunesmith.train.trainer import completion_loss
 
 from .conftest import banking_rows, write_recipe
@@ -27,7 +27,7 @@ HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 def _model(tiny_model_dir, attn: str, dtype, liger: bool):
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.train.target_head import add_target_head
+    from tunesmith.train.chunked_loss import add_target_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=dtype).cuda()
     if liger:
@@ -143,7 +143,7 @@ def test_a_memory_limit_turns_gradient_checkpointing_on_and_holds_the_process(tm
     """train.memory_limit_gb: the estimate is made against the limit (here below what the batch needs, so
     checkpointing is chosen), and the process cannot allocate past it."""
     from tunesmith.config import validate_recipe
-    from tunesmith.train.device import decide, hold_memory_limit
+    from tunesmith.machine.device import decide, hold_memory_limit
 
     recipe = validate_recipe(_sft_doc(tmp_path, tiny_model_dir, memory_limit_gb=0.001))
     path = decide(recipe)

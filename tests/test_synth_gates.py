@@ -95,7 +95,7 @@ TEXT_FIELDS = {"paraphrase": ["question"], "qa_from_documents": ["question", "an
 def test_recorded_kept_items_pass_every_gate():
     """Items the embedded model's real runs kept (docs/synth_results.md; CC0/Apache sources only) replayed
     through the gates: each passes, except those a later gate was made for (``rejected_now``)."""
-    from tunesmith.synth.tasks import evolution_problem
+    from tunesmith.synth.generators import evolution_problem
 
     rows = [json.loads(x) for x in RECORDED.read_text(encoding="utf-8").splitlines()]
     assert rows, "no recorded items"
@@ -124,7 +124,7 @@ def test_generated_questions_must_be_questions(text, language, ok):
 
 
 def test_evolution_must_add_words_unless_it_broadens():
-    from tunesmith.synth.tasks import evolution_problem
+    from tunesmith.synth.generators import evolution_problem
 
     parent = "Describe a situation in which the given stereotype can harm you."
     assert evolution_problem(parent, "Describe a situation in which the given stereotype*M", "reasoning", 1) == (

@@ -305,7 +305,7 @@ def test_every_synth_task_a_recipe_can_name_is_registered():
     from typing import get_args
 
     from tunesmith.config import SynthSection
-    from tunesmith.synth import tasks
+    from tunesmith.synth import generators as tasks
 
     assert tasks.names() == sorted(get_args(SynthSection.model_fields["task"].annotation))
     assert tasks.reads_train_split() == ["paraphrase", "preference_pairs"]

@@ -5,8 +5,8 @@ soft-cap, Granite's logit scaling); the patched model still generates as before.
 import pytest
 import torch
 
-from tunesmith.train.packing import PackedCollator, tokenize_example
-from tunesmith.train.target_head import add_target_head, output_transform
+from tunesmith.machine.packing import PackedCollator, tokenize_example
+from tunesmith.train.chunked_loss import add_target_head, output_transform
 from tunesmith.train.trainer import completion_loss
 
 from .conftest import banking_rows
@@ -73,7 +73,7 @@ def test_chunked_loss_applies_the_models_output_transform(tiny_model_dir):
         model = (Gemma2ForCausalLM if isinstance(config, Gemma2Config) else GraniteForCausalLM)(config)
         assert output_transform(model.config) != (None, 1.0)
         loss = _assert_same_step(model, batch)
-        from tunesmith.train import target_head
+        from tunesmith.train import chunked_loss as target_head
 
         plain = target_head.score_targets(model.base_model(input_ids=batch["input_ids"],
                                                            position_ids=batch["position_ids"],

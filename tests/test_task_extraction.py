@@ -6,10 +6,10 @@ import json
 import pytest
 
 from tunesmith.config import DataSection, EvalSection
+from tunesmith.kinds import make_task
+from tunesmith.kinds.base import TargetError
+from tunesmith.kinds.extraction import band_names, first_object
 from tunesmith.records import Example
-from tunesmith.tasks import make_task
-from tunesmith.tasks.base import TargetError
-from tunesmith.tasks.extraction import band_names, first_object
 
 from .conftest import banking_rows, write_jsonl, write_recipe
 

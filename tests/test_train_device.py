@@ -7,8 +7,8 @@ import pytest
 
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError
+from tunesmith.machine.device import Capabilities, TrainPath, Wishes, choose_path, decide, probe
 from tunesmith.models.loading import Placement
-from tunesmith.train.device import Capabilities, TrainPath, Wishes, choose_path, decide, probe
 
 CPU = Capabilities()
 H100 = Capabilities(cuda=True, bf16=True, compute_capability=(9, 0), flex_attention=True, liger=True,
@@ -143,7 +143,7 @@ def test_this_machine_and_the_trainer_arguments_follow_the_path(tiny_model_dir, 
 
 
 def test_estimate_on_a_gpu_keeps_no_attention_probabilities():
-    from tunesmith.train.estimate import Shape, estimate
+    from tunesmith.machine.estimate import Shape, estimate
 
     shape = Shape(params=10**9, hidden=2048, intermediate=8192, layers=16, heads=32, kv_dim=512, vocab=128256,
                   linear_shapes=[(2048, 2048)] * 64)
@@ -171,8 +171,8 @@ def test_a_memory_limit_plans_for_a_smaller_gpu(home, tiny_model_dir):
     """Llama-3.1-8B QLoRA, one 2,048-token row: on an 80 GB H100 the batch fits without gradient checkpointing;
     with train.memory_limit_gb: 8 (the GPU the benchmark's 8b-qlora plans for) the estimate says it does not, and
     checkpointing is chosen. On a CPU the limit changes nothing (it is a GPU setting) and holds nothing."""
-    from tunesmith.train.device import hold_memory_limit
-    from tunesmith.train.estimate import memory_budget
+    from tunesmith.machine.device import hold_memory_limit
+    from tunesmith.machine.estimate import memory_budget
 
     assert decide(_qlora_8b(tiny_model_dir), H100).gradient_checkpointing is False
     limited = decide(_qlora_8b(tiny_model_dir, memory_limit_gb=8), H100)

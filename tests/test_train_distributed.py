@@ -21,7 +21,7 @@ WORKER = textwrap.dedent("""
     from tunesmith.config import validate_recipe
     from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
     from tunesmith.data.prepare import prepare as prepare_data
-    from tunesmith.train.command import main_process_first
+    from tunesmith.runs.training import main_process_first
     from tunesmith.train.sft import build_trainer
     from tunesmith.train.dispatch import sft_rows
 

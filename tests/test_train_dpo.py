@@ -87,9 +87,9 @@ def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, pre
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.train import target_head
+    from tunesmith.machine.packing import padded_mask_kind
+    from tunesmith.train import chunked_loss as target_head
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
-    from tunesmith.train.packing import padded_mask_kind
 
     pairs = _pairs(2)
     scored = []  # the forward passes that the target head scored (policy, and reference unless precomputed)

@@ -3,9 +3,9 @@
 import csv
 
 from tunesmith.config import validate_recipe
+from tunesmith.machine.estimate import estimate, model_shape
+from tunesmith.machine.memory import peak_rss, reset_peak_rss
 from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
-from tunesmith.train.estimate import estimate, model_shape
-from tunesmith.train.memory import peak_rss, reset_peak_rss
 from tunesmith.train.sft import build_trainer, conversation_rows
 
 from .conftest import EXAMPLE_CSV, write_recipe
@@ -80,7 +80,7 @@ def test_estimate_command_prints_parts_and_verdict(cli, tmp_path, tiny_model_dir
 def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_batch(tiny_model_dir, monkeypatch):
     from rich.console import Console
 
-    import tunesmith.train.estimate as est
+    import tunesmith.machine.estimate as est
     from tunesmith.config import validate_recipe
     from tunesmith.models.loading import pick_placement
     from tunesmith.train.dispatch import fit_micro_batch
@@ -111,7 +111,7 @@ def _estimator(shape, **defaults):
 
 
 def test_heads_have_no_vocabulary_logits_and_frozen_embeddings_no_state():
-    from tunesmith.train.estimate import Shape
+    from tunesmith.machine.estimate import Shape
 
     shape = Shape(params=118 * 10**6, hidden=384, intermediate=1536, layers=12, heads=12, kv_dim=384, vocab=250_000,
                   linear_shapes=[(384, 384)] * 48)
@@ -130,7 +130,7 @@ def test_dpo_counts_two_sequences_per_pair_and_no_vocabulary_logits():
     """DPO trains a chosen and a rejected sequence per pair through TRL's fused LM head (no logits over the
     vocabulary): on SmolLM2-135M, 4 pairs of 512 tokens, the whole estimate came within 1% of the measured
     resident peak (docs/train.md, "Memory estimate")."""
-    from tunesmith.train.estimate import Shape
+    from tunesmith.machine.estimate import Shape
 
     shape = Shape(params=135 * 10**6, hidden=576, intermediate=1536, layers=30, heads=9, kv_dim=192, vocab=49_152,
                   linear_shapes=[(576, 576)] * 120)
@@ -146,15 +146,15 @@ def test_dpo_counts_two_sequences_per_pair_and_no_vocabulary_logits():
 def test_chunked_loss_holds_a_tile_not_the_logits_as_estimated(tiny_model_dir):
     """One step at a 65,536-token vocabulary with 1,500 targets, measured (resident peak above the level before
     the step): the logits loss holds the targets' fp32 logits with their log-softmax and gradient (~1.1 GB), the
-    chunked loss (tunesmith.train.target_head) the temporaries of 2,048-wide tiles; each measured rise is within
+    chunked loss (tunesmith.train.chunked_loss) the temporaries of 2,048-wide tiles; each measured rise is within
     25% (logits) and 50% (chunked: the smaller and noisier rise) of the estimator's term for it, and the chunked one
     is under a third of the logits one (a fifth to a seventh when run alone)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunesmith.train.estimate import Shape, chunked_loss_bytes
-    from tunesmith.train.packing import PackedCollator
-    from tunesmith.train.target_head import add_target_head
+    from tunesmith.machine.estimate import Shape, chunked_loss_bytes
+    from tunesmith.machine.packing import PackedCollator
+    from tunesmith.train.chunked_loss import add_target_head
     from tunesmith.train.trainer import completion_loss
 
     vocab, hidden, n = 65536, 32, 1501

@@ -236,10 +236,10 @@ def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_expor
     scored; the merged export answers the same without its base model."""
     import openai
 
+    from tunesmith.export.merged import export_merged
     from tunesmith.serve.app import ServeSettings, create_app
     from tunesmith.serve.engine import Engine
     from tunesmith.serve.launch import parse_adapters
-    from tunesmith.train.export import export_merged
 
     merged = export_merged(price_run / "arms" / "llm-head", tmp_path / "merged")
     labelled = _classifier_folder(tmp_path / "cls", tiny_bert_dir)

@@ -246,7 +246,7 @@ def test_fsdp_is_for_full_fine_tuning(tmp_path, tiny_model_dir, cli):
 
 
 def test_global_batch_is_shared_by_the_ranks():
-    from tunesmith.distributed import share_batch
+    from tunesmith.machine.launch import share_batch
 
     assert share_batch(4, 2, 1) == (4, 2)
     assert share_batch(4, 2, 2) == (4, 1)  # accumulation divided first: same micro-batch, same memory
@@ -258,7 +258,7 @@ def test_global_batch_is_shared_by_the_ranks():
 
 
 def test_torchrun_command_for_one_and_several_nodes():
-    from tunesmith.distributed import strip_launch_options, torchrun_command
+    from tunesmith.machine.launch import strip_launch_options, torchrun_command
 
     args = strip_launch_options(["train", "r.yaml", "--nproc", "2", "--set", "train.epochs=2", "--nnodes=2",
                                  "--node-rank", "1", "--rdzv-endpoint", "10.0.0.1:29500"])

@@ -8,7 +8,7 @@ import torch
 
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError
-from tunesmith.train.packing import PackedCollator, first_fit_decreasing, tokenize_example
+from tunesmith.machine.packing import PackedCollator, first_fit_decreasing, tokenize_example
 from tunesmith.train.trainer import completion_loss
 
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
@@ -34,7 +34,7 @@ def test_legacy_method_and_new_keys():
         validate_recipe({"name": "x", "train": {"method": "dpo"}})
     from rich.console import Console
 
-    from tunesmith.train.command import run_training
+    from tunesmith.runs.training import run_training
 
     no_data = validate_recipe({"name": "x"})  # a synth-only recipe is valid; SFT training refuses it
     with pytest.raises(ConfigError, match="data: required"):
@@ -81,14 +81,14 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
     without flash-attn does; flash-attention's variable-length kernels read the same boundaries).
     ``capacity``: the whole batch in one row, without padding (what the GPU path does under FlashAttention-2).
     Flex attention runs here forward only: PyTorch runs its backward pass only on GPUs. The GPU path's cases
-    (``none``) take the GPU's chunked loss (tunesmith.train.target_head), the others the CPU's logits loss."""
+    (``none``) take the GPU's chunked loss (tunesmith.train.chunked_loss), the others the CPU's logits loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn).eval()
     form = "chunked" if kind == "none" else "logits"
     if form == "chunked":
-        from tunesmith.train.target_head import add_target_head
+        from tunesmith.train.chunked_loss import add_target_head
 
         add_target_head(model)
     rows = sorted(banking_rows(LABELS, 20), key=lambda r: len(r["text"]))
@@ -230,7 +230,7 @@ def test_dora_and_full_train(cli, tmp_path, tiny_model_dir):
 def test_mask_kind_follows_the_attention_kernel():
     from types import SimpleNamespace
 
-    from tunesmith.train.packing import mask_kind
+    from tunesmith.machine.packing import mask_kind
 
     def model(impl):
         return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))

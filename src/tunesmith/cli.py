@@ -68,7 +68,7 @@ def _quiet_libraries(progress_bars: bool = False) -> None:
 def _launch_if_asked(nproc: int | None, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
     """With ``--nproc``/``--nnodes`` asking for more than this one process, re-run the command under torchrun
     and exit with its status; inside a torchrun worker the options were the launcher's and are ignored."""
-    from tunesmith.distributed import launch, launched
+    from tunesmith.machine.launch import launch, launched
 
     if launched() or ((nproc or 1) == 1 and nnodes == 1):
         return
@@ -77,7 +77,7 @@ def _launch_if_asked(nproc: int | None, nnodes: int, node_rank: int, rdzv_endpoi
 
 def _rank_console() -> Console:
     """The console of this process: rank 0 (or a single process) prints, the other ranks stay quiet."""
-    from tunesmith.distributed import is_main
+    from tunesmith.machine.launch import is_main
 
     return console if is_main() else Console(quiet=True)
 
@@ -96,7 +96,7 @@ def run(
     import shlex
 
     from tunesmith.config import load_recipe
-    from tunesmith.pipeline import run as run_pipeline
+    from tunesmith.runs.experiment import run as run_pipeline
 
     cfg = load_recipe(recipe, set_ or [])
     _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
@@ -131,7 +131,7 @@ def train(
 
     cfg = load_recipe(recipe, set_ or [])
     if backend == "openai":
-        from tunesmith.train.hosted import run_hosted
+        from tunesmith.clients.hosted import run_hosted
 
         _quiet_libraries()
         job = run_hosted(cfg, console)
@@ -140,12 +140,12 @@ def train(
     if backend != "local":
         raise typer.BadParameter("--backend is local or openai")
     if estimate:
-        from tunesmith.train.estimate import estimate_recipe
+        from tunesmith.machine.estimate import estimate_recipe
 
         est = estimate_recipe(cfg)
         console.print(est.render())
         return
-    from tunesmith.train.command import run_training
+    from tunesmith.runs.training import run_training
 
     _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
@@ -170,8 +170,8 @@ def export(
 
     if not merged and not adapter and not gguf:
         raise ConfigError("export: give --merged OUT, --adapter OUT and/or --gguf DIR")
-    from tunesmith.train.export import arm_dir, export_adapter, export_merged
-    from tunesmith.train.gguf_export import check_gguf_type, export_gguf
+    from tunesmith.export.gguf import check_gguf_type, export_gguf
+    from tunesmith.export.merged import arm_dir, export_adapter, export_merged
 
     check_gguf_type(gguf_type)
     run_dir = arm_dir(run_dir, arm) if arm else run_dir
@@ -197,7 +197,7 @@ def eval_(
     from tunesmith.errors import ConfigError
 
     if target == "qa":
-        from tunesmith.eval.qa import read_gold, read_predictions, score_qa
+        from tunesmith.scoring.qa import read_gold, read_predictions, score_qa
 
         if gold is None or predictions is None:
             raise ConfigError("eval qa needs --gold FILE and --predictions FILE")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from tunesmith.config import DataSection, ExportSpec
-from tunesmith.data.task import render_prompt
+from tunesmith.data.examples import render_prompt
 from tunesmith.errors import DataError
 from tunesmith.records import Example
 

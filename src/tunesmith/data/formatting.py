@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tunesmith.config import DataSection
-from tunesmith.data.task import render_prompt
+from tunesmith.data.examples import render_prompt
 from tunesmith.records import Example
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe
+from tunesmith.data.examples import label_set, to_examples
 from tunesmith.data.formatting import chat_messages
 from tunesmith.data.sources import read_source
 from tunesmith.data.split import split_examples
 from tunesmith.data.steps import StepContext, run_steps, summary_table
-from tunesmith.data.task import label_set, to_examples
 from tunesmith.errors import DataError
 from tunesmith.paths import tunesmith_home
 from tunesmith.progress import task_bar
@@ -198,7 +198,7 @@ def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
 def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict[str, list[Example]], dict]:
     """Split one source with data.split, or take split files as given; a missing val or test file is
     carved (seeded, stratified for classification) out of the train file and the summary says so."""
-    from tunesmith.tasks import kind_class
+    from tunesmith.kinds import kind_class
 
     stratify = kind_class(cfg.task).stratify and cfg.split.stratify
     split_cfg = cfg.split.model_copy(update={"stratify": stratify})

@@ -361,7 +361,7 @@ def near_dedup(records, spec: NearDedupStep, ctx):
 
 def semantic_dedup(records, spec: SemanticDedupStep, ctx):
     from tunesmith.data.minhash import clusters
-    from tunesmith.data.semantic import embed
+    from tunesmith.models.embeddings import embed
 
     emb = embed([_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
     pairs, score = [], {}

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from tunesmith.errors import DataError
-from tunesmith.eval.result import ContenderResult
 from tunesmith.records import Example
+from tunesmith.scoring.result import ContenderResult
 
 SUMMED = ("failed_calls", "seconds", "unparseable_generate", "texts_cut")  # counts and times: added over folds
 KEPT = ("scoring", "parameters", "asked_as")  # the same in every fold: the first fold's

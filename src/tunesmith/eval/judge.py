@@ -11,8 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from tunesmith.eval.endpoint import EndpointClient
-from tunesmith.eval.metrics import parse_number
+from tunesmith.clients.endpoint import EndpointClient
+from tunesmith.scoring.metrics import parse_number
 
 PAIRWISE = (
     "You are comparing two answers to the same question.\n\nQuestion:\n{question}\n\n"

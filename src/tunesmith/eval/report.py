@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.eval.plots import make_plots
-from tunesmith.eval.result import ContenderResult, EvalRun
+from tunesmith.kinds import TaskKind
+from tunesmith.kinds.base import num
 from tunesmith.records import Example
-from tunesmith.tasks import TaskKind
-from tunesmith.tasks.base import num
+from tunesmith.scoring.plots import make_plots
+from tunesmith.scoring.result import ContenderResult, EvalRun
 
 
 def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
@@ -91,7 +91,7 @@ def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | No
 def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, seed: int) -> list[dict]:
     """Paired differences that answer the run's questions: every fine-tuned arm against the best baseline
     and against each other arm (paired bootstrap over the same test examples)."""
-    from tunesmith.eval.bootstrap import paired_difference
+    from tunesmith.scoring.bootstrap import paired_difference
 
     arms = [r for r in results if r.is_fine_tuned]
     top = best(task, [r for r in results if r.is_baseline])

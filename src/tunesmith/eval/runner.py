@@ -18,11 +18,11 @@ from rich.console import Console
 from tunesmith.config import DataSection, Recipe, arm_recipe
 from tunesmith.data.split import sample_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.eval.bootstrap import mean_ci, paired_difference
-from tunesmith.eval.result import ContenderResult, EvalRun, Source
+from tunesmith.kinds import TaskKind, make_task, score_outputs
+from tunesmith.kinds.base import BaselineInputs
 from tunesmith.records import Example
-from tunesmith.tasks import TaskKind, make_task, score_outputs
-from tunesmith.tasks.base import BaselineInputs
+from tunesmith.scoring.bootstrap import mean_ci, paired_difference
+from tunesmith.scoring.result import ContenderResult, EvalRun, Source
 from tunesmith.train.result import Artefact, trained_output
 
 
@@ -102,7 +102,7 @@ def evaluate_recipe(recipe: Recipe, console: Console | None = None) -> EvalRun:
 
 def check_endpoints(recipe: Recipe) -> list:
     """Endpoint clients (a missing API key or an unknown ``ask_as`` fails here, before any data or model work)."""
-    from tunesmith.eval.endpoint import EndpointClient
+    from tunesmith.clients.endpoint import EndpointClient
 
     if recipe.eval.endpoints and recipe.data is not None:
         known = ask_formats(recipe)
@@ -193,7 +193,7 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
 def finish_evaluation(recipe: Recipe, task: TaskKind, results: list[ContenderResult], test: list[Example],
                       summary: dict, console: Console) -> EvalRun:
     """Bootstrap intervals, the optional judge, and the eval folder (metrics, predictions, charts, report)."""
-    from tunesmith.eval.endpoint import EndpointClient
+    from tunesmith.clients.endpoint import EndpointClient
     from tunesmith.eval.report import write_eval_outputs
     from tunesmith.progress import task_bar
 
@@ -205,7 +205,7 @@ def finish_evaluation(recipe: Recipe, task: TaskKind, results: list[ContenderRes
 
 def asked_endpoints(recipe: Recipe, console: Console) -> list[tuple]:
     """Each endpoint's client, the format it is asked in and that format's ``(data section, with labels)``."""
-    from tunesmith.eval.endpoint import EndpointClient
+    from tunesmith.clients.endpoint import EndpointClient
 
     known = ask_formats(recipe) if recipe.eval.endpoints else {}
     out = []
@@ -224,7 +224,7 @@ def reused_or_scored(recipe: Recipe, task: TaskKind, c: LocalContender, test: li
     """One local contender's result: reused from ``eval/contenders/<name>.json`` when it was scored before with
     the same model files, test examples and settings (an interrupted or repeated run does not generate again),
     else scored now and saved there."""
-    from tunesmith.eval.result import load_result, save_result
+    from tunesmith.scoring.result import load_result, save_result
 
     path = recipe.run_dir / "eval" / "contenders" / f"{c.name}.json"
     key = contender_key(recipe, task, c, test)
@@ -296,7 +296,7 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
     res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
     if recipe.eval.perplexity and "mean_loss" not in res.metrics:  # label scoring may have measured it already
         from tunesmith.data.formatting import end_of_turn
-        from tunesmith.eval.perplexity import answer_losses, summarize
+        from tunesmith.scoring.perplexity import answer_losses, summarize
 
         suffix = end_of_turn(tokenizer)
         answers = [(e.meta.get("answers") or [e.target])[0] + suffix for e in test]
@@ -356,7 +356,7 @@ def _baselines(recipe, task: TaskKind, train, test, console) -> list[ContenderRe
     """The LLM-free baselines that apply to this task; the others are named and skipped."""
     import importlib.util
 
-    from tunesmith.data.task import render_prompt
+    from tunesmith.data.examples import render_prompt
 
     for name in recipe.eval.baselines:
         if name != "auto" and name not in task.baseline_names():
@@ -393,7 +393,7 @@ def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int
 
 def _judge(recipe, client, results, test, bar) -> dict:
     """Pairwise win rate of ``judge.pair[0]`` over ``pair[1]``, or a rubric score per generating contender."""
-    from tunesmith.data.task import render_prompt
+    from tunesmith.data.examples import render_prompt
     from tunesmith.eval import judge
 
     spec = recipe.eval.judge

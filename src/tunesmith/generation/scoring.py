@@ -62,7 +62,7 @@ def _score_batch(model, rows: list[list[int]], cand: list[list[int]], chunks: li
     """(len(rows), len(cand)) mean log-probabilities for one batch of tokenized prompts."""
     import torch
 
-    from tunesmith.train.packing import mask_kind
+    from tunesmith.machine.packing import mask_kind
 
     dev, kind = model.device, mask_kind(model)
     width = max(len(r) for r in rows)

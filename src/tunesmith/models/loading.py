@@ -16,7 +16,7 @@ class Placement:
 
     device: str  # "cpu" | "cuda" | "mps"
     dtype: str  # "float32" | "bfloat16" | "float16"
-    path: Any = None  # the training path (tunesmith.train.device.TrainPath) when training
+    path: Any = None  # the training path (tunesmith.machine.device.TrainPath) when training
 
     @property
     def torch_dtype(self):
@@ -34,7 +34,7 @@ def pick_placement(precision: str = "auto", device: str = "auto") -> Placement:
     """
     import torch
 
-    from tunesmith.train.device import precision_dtype
+    from tunesmith.machine.device import precision_dtype
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

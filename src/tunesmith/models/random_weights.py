@@ -227,7 +227,7 @@ def _build_device(folder: Path, dtype: str) -> str:
 
     if not torch.cuda.is_available():
         return "cpu"
-    from tunesmith.train.estimate import BYTES, model_shape
+    from tunesmith.machine.estimate import BYTES, model_shape
 
     need = model_shape(folder).params * BYTES[dtype] * 1.2
     free, total = torch.cuda.mem_get_info()

@@ -44,7 +44,7 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
     need = {"num_cpus": 1, "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0}
     try:
         from tunesmith.config import validate_recipe
-        from tunesmith.train.estimate import estimate_recipe
+        from tunesmith.machine.estimate import estimate_recipe
 
         method = {"method": "dpo"} if (job.get("method") or {}).get("type") == "dpo" else {}
         est = estimate_recipe(validate_recipe({"name": "estimate", "model": {"name": job["model"]},

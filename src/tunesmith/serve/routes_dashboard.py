@@ -40,7 +40,7 @@ def _runs_dir(request: Request):
 
 
 def _run_folder(request: Request, run_id: str):
-    from tunesmith.serve.runs import find_runs
+    from tunesmith.runs.folders import find_runs
 
     folder = find_runs(_runs_dir(request)).get(run_id)
     if folder is None:
@@ -51,7 +51,7 @@ def _run_folder(request: Request, run_id: str):
 @router.get("/runs")
 async def list_runs(request: Request, key: Key):
     """The experiments of the runs folder (``tunesmith serve --runs DIR``), newest first."""
-    from tunesmith.serve.runs import list_runs as summaries
+    from tunesmith.runs.folders import list_runs as summaries
 
     return {"object": "list", "data": summaries(_runs_dir(request)), "has_more": False}
 
@@ -59,7 +59,7 @@ async def list_runs(request: Request, key: Key):
 @router.get("/runs/{run_id}")
 async def retrieve_run(run_id: str, request: Request, key: Key):
     """One run's summary and its headline table (every contender on the headline metric)."""
-    from tunesmith.serve.runs import run_summary
+    from tunesmith.runs.folders import run_summary
 
     return run_summary(run_id, _run_folder(request, run_id), with_table=True)
 

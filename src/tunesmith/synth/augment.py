@@ -4,7 +4,7 @@
 other fields are kept), and ``preference_pairs`` without one pairs each train answer with a worse one;
 the other synth tasks read their inputs (documents, seed words, seed instructions) and their items
 become examples through the data section's field names. Which of these a task does is registered with
-it (:func:`tunesmith.synth.tasks.register`); the functions it names live here. Generated
+it (:func:`tunesmith.synth.generators.register`); the functions it names live here. Generated
 examples that are near-duplicates of a val/test example are dropped (leakage guard), and every
 item set aside is written to ``augment_rejected.jsonl`` with its reason and counted.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe
+from tunesmith.data.examples import render_prompt
 from tunesmith.data.prepare import write_jsonl
-from tunesmith.data.task import render_prompt
 from tunesmith.errors import DataError
 from tunesmith.records import Example, Record
 
@@ -53,7 +53,7 @@ def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Examp
     """Run the arm's synth section (cached per synth config under ``<run>/synth/``) and turn its items into
     training material the way its task says (new examples past the leakage guard, or preference pairs)."""
     from tunesmith.synth.command import run_synth
-    from tunesmith.synth.tasks import reads_train_split, synth_task
+    from tunesmith.synth.generators import reads_train_split, synth_task
 
     cfg = arm.synth
     task = synth_task(cfg.task)
@@ -191,7 +191,7 @@ def _source_example(item: dict, train: list[Example]) -> Example | None:
 
 def _mapped(items: list[dict], arm: Recipe) -> tuple[list[Example], list[dict]]:
     """Items whose fields are the data section's input and target fields become examples."""
-    from tunesmith.data.task import to_examples
+    from tunesmith.data.examples import to_examples
 
     cfg = arm.data.model_copy(update={"on_error": "skip", "labels": arm.data.labels})
     records = [Record(item, f"synth:{i + 1}") for i, item in enumerate(items)]

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunesmith.clients.chat import LocalChatClient, OpenAIChatClient
+from tunesmith.clients.retry import RetryPolicy
 from tunesmith.config import Recipe, SynthSection, dump_resolved
-from tunesmith.endpoints import RetryPolicy
 from tunesmith.errors import ConfigError
 from tunesmith.progress import task_bar
-from tunesmith.synth import tasks
+from tunesmith.synth import generators as tasks
 from tunesmith.synth.cache import CallCache, run_calls
 from tunesmith.synth.calls import CallStats
-from tunesmith.synth.clients import LocalChatClient, OpenAIChatClient
 from tunesmith.synth.review import write_items
 from tunesmith.synth.structured import run_structured
 

@@ -85,7 +85,7 @@ def run_structured(
 ) -> list[Parsed]:
     """Call with the schema attached (constrained locally, ``response_format`` on endpoints), parse,
     and re-ask only the requests whose replies did not validate; re-asks are counted as retries."""
-    from tunesmith.synth.constrained import bounded_schema
+    from tunesmith.generation.constrained import bounded_schema
 
     budget = _string_budget(requests, schema, max_items)
     schema_text = json.dumps(bounded_schema(schema, max_items, budget), sort_keys=True)
@@ -126,7 +126,7 @@ def _string_budget(requests: Sequence[ChatRequest], schema: type[BaseModel], max
     """maxLength per string: ``max_tokens`` shared among the reply's strings at about one token per
     character (English; Hangul takes more). A reply may run past ``max_tokens`` to the schema's bound
     (see ``LocalChatClient``), so this sets the expected size, not a hard fit."""
-    from tunesmith.synth.constrained import MAX_STRING_CHARS
+    from tunesmith.generation.constrained import MAX_STRING_CHARS
 
     if not requests:
         return MAX_STRING_CHARS

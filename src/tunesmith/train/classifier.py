@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.config import Recipe
-from tunesmith.distributed import is_main
+from tunesmith.machine.launch import is_main
 from tunesmith.train.result import TrainResult
 
 

@@ -67,8 +67,8 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
+    from tunesmith.machine.device import take_path
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.train.device import take_path
 
     recipe, path, placement = take_path(recipe)
     console.print(f"training path: {path.describe()}")
@@ -78,7 +78,7 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     prepare_trackers(recipe.train.report_to, out_dir, console)
     job = TrainJob(recipe, data, tokenizer, placement, console, bar, resume, callbacks, init_adapter)
     result = trainer_for(recipe.train.method, recipe.train.head)(job)
-    from tunesmith.distributed import is_main
+    from tunesmith.machine.launch import is_main
     from tunesmith.models.random_weights import is_random
 
     result.train_path = path.to_json()
@@ -174,7 +174,7 @@ def load_base(recipe: Recipe, placement, init_adapter: Path | None):
 
 
 def ordered(recipe: Recipe, train: list[Example]) -> list[Example]:
-    from tunesmith.data.task import order_train
+    from tunesmith.data.examples import order_train
 
     return order_train(train, recipe.data) if recipe.data is not None else train
 
@@ -189,7 +189,7 @@ def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
 
 def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks) -> TrainResult:
     from tunesmith.data.prepare import append_jsonl
-    from tunesmith.distributed import is_main
+    from tunesmith.machine.launch import is_main
     from tunesmith.train.sft import prepare_model, split_by_length, train_sft
 
     if data.rows is not None:
@@ -215,7 +215,7 @@ def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:
     """Halve the micro-batch (doubling gradient accumulation, so the effective batch stays) until the
     memory estimate fits the machine; a batch of 1 that still does not fit trains as asked, with a warning
     naming the settings to change."""
-    from tunesmith.train.estimate import estimate_recipe
+    from tunesmith.machine.estimate import estimate_recipe
 
     try:
         est = estimate_recipe(recipe, placement.path)

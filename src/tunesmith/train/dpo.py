@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 
 from tunesmith.config import Recipe
-from tunesmith.distributed import is_main
 from tunesmith.errors import DataError
+from tunesmith.machine.launch import is_main
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -101,8 +101,8 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     from datasets import Dataset
     from trl import DPOConfig
 
+    from tunesmith.machine.packing import padded_mask_kind
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
-    from tunesmith.train.packing import padded_mask_kind
     from tunesmith.train.sft import base_args, fit, prepare_model, save_final
 
     t = recipe.train

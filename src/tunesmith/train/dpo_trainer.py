@@ -6,11 +6,11 @@ boolean indexes sized by the mask's values), and transformers checks the 2D padd
 once per forward pass (policy and reference): 23 reads per step on a CPU; on a GPU its fused head also
 picks the completion positions with a boolean mask in each forward pass. On a GPU each read waits
 until every queued kernel has run. Here the same loss is computed from the same per-token outputs,
-scored at completion positions the collator found on the host (:mod:`tunesmith.train.target_head`,
+scored at completion positions the collator found on the host (:mod:`tunesmith.train.chunked_loss`,
 which TRL's ``fused_lm_head`` call reaches, the reference pass's too), its metrics stay on the device
 and are read once per logging step, the tokens are counted on the host by the collator, and a decoder
 gets the 4D mask it would have built itself, built on the device
-(:func:`~tunesmith.train.packing.padded_causal_mask`). Loss types,
+(:func:`~tunesmith.machine.packing.padded_causal_mask`). Loss types,
 f-divergences and options other than TRL's default sigmoid DPO run TRL's own loss unchanged.
 """
 
@@ -41,7 +41,7 @@ class PreferenceBatches:
 
 
 def target_positions(input_ids, completion_mask) -> dict:
-    """The positions whose next token is a completion token, as :mod:`tunesmith.train.target_head` takes them: flat
+    """The positions whose next token is a completion token, as :mod:`tunesmith.train.chunked_loss` takes them: flat
     indices into the ``(rows, L)`` batch, their next tokens, and flat indices into TRL's ``(rows, L - 1)``
     per-token layout. Found where the collator runs (the host), so the forward passes size nothing by the
     device's values (TRL's fused head picks them with a boolean mask: a wait for the GPU in every forward pass)."""
@@ -53,7 +53,7 @@ def target_positions(input_ids, completion_mask) -> dict:
 
 class SyncFreeDPOTrainer(DPOTrainer):
     """DPOTrainer whose metrics are kept as device tensors during steps and read together when it logs; ``mask``
-    (``"bool"`` or ``"float"``, see :func:`~tunesmith.train.packing.padded_mask_kind`) gives a decoder its 4D
+    (``"bool"`` or ``"float"``, see :func:`~tunesmith.machine.packing.padded_mask_kind`) gives a decoder its 4D
     mask, built from the 2D one on the device."""
 
     def __init__(self, *args, mask: str = "2d", mask_dtype=None, **kwargs):
@@ -63,7 +63,7 @@ class SyncFreeDPOTrainer(DPOTrainer):
                        and self.ld_alpha is None and not self.use_weighting and not self.aux_loss_enabled
                        and not self._is_vision_dataset)
         if self._plain:  # TRL's own loss counts the tokens from the 2D mask itself
-            from tunesmith.train.target_head import add_target_head
+            from tunesmith.train.chunked_loss import add_target_head
 
             self.data_collator = PreferenceBatches(self.data_collator)
             for model in (self.model, self.ref_model):  # TRL's reference pass reaches it through the batch's keys

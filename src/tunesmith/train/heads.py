@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from tunesmith.config import Recipe
-from tunesmith.data.task import render_prompt
+from tunesmith.data.examples import render_prompt
 from tunesmith.errors import DataError
 from tunesmith.records import Example
 from tunesmith.train.metrics import rows_from_log_history, train_losses
@@ -142,7 +142,7 @@ def best_span(start_logits, end_logits, offsets: list, max_answer: int) -> tuple
 
 
 def regression_rows(recipe: Recipe, train: list[Example], tokenizer, target: Target) -> list[dict]:
-    from tunesmith.eval.metrics import parse_number
+    from tunesmith.scoring.metrics import parse_number
     from tunesmith.train.classifier import encode
 
     rows = encode(tokenizer, [render_prompt(e, recipe.data.prompt) for e in train])
@@ -301,7 +301,7 @@ class RegressionHead(HeadKind):
         return None if train_section.regression_loss == "mse" else regression_loss(train_section.regression_loss)
 
     def training_rows(self, recipe, train, labels, tokenizer, console):
-        from tunesmith.eval.metrics import parse_number
+        from tunesmith.scoring.metrics import parse_number
         from tunesmith.train.classifier import set_aside_long
 
         target = Target(recipe.train.target_transform).fit([float(parse_number(e.target)) for e in train])
@@ -517,9 +517,9 @@ def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05
 
 def head_mask_kind(head: HeadKind, pooling: str | None, model) -> str:
     """How a head's training batches reach the model: with the tokenizer's padding mask (``"2d"``), or with the
-    4D mask of a decoder built from it on the device (:func:`~tunesmith.train.packing.padded_mask_kind`). Mean
+    4D mask of a decoder built from it on the device (:func:`~tunesmith.machine.packing.padded_mask_kind`). Mean
     pooling reads the 2D mask, so it keeps it."""
-    from tunesmith.train.packing import padded_mask_kind
+    from tunesmith.machine.packing import padded_mask_kind
 
     if head.pooled and (pooling or "native") != "native":
         return "2d"
@@ -551,7 +551,7 @@ def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar,
     attention mask (:func:`head_mask_kind`)."""
     from datasets import Dataset
 
-    from tunesmith.distributed import is_main
+    from tunesmith.machine.launch import is_main
     from tunesmith.models.loading import set_attention_dropout
     from tunesmith.train.sft import fit, save_final, training_args
     from tunesmith.train.trainer import TokenCountingTrainer
@@ -705,8 +705,8 @@ def evaluate_head(task, name: str, description: str, folder: Path, examples: lis
     """A trained head as a contender: one forward pass per batch (no generation, no parsing), scored like
     every other contender; ``latency_ms`` is the prediction time per example. A classifier's predictions
     carry every label's probability."""
-    from tunesmith.eval.result import Source
-    from tunesmith.tasks import score_outputs
+    from tunesmith.kinds import score_outputs
+    from tunesmith.scoring.result import Source
 
     predictor = HeadPredictor(folder, placement, base_model)
     texts = [render_prompt(e, prompt) for e in examples]

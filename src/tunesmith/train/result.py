@@ -24,7 +24,7 @@ class TrainResult:
     examples: int = 0
     too_long: int = 0  # training examples set aside for exceeding train.max_seq_length
     resumed: bool = False
-    train_path: dict | None = None  # the chosen training path (tunesmith.train.device.TrainPath.to_json())
+    train_path: dict | None = None  # the chosen training path (tunesmith.machine.device.TrainPath.to_json())
     random_weights: str | None = None  # the random:<arch> name when the base model has random weights
     sharding: dict | None = None  # train.distributed: fsdp: how the parameters were split between the ranks
     warning: str | None = None  # a training that ran but learned nothing usable, said in every summary
@@ -48,7 +48,7 @@ def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: floa
                 examples: int, resumed: bool) -> TrainResult:
     """Collect what every method reports once ``trainer`` has trained and saved to ``final_dir``; every rank
     calls it (a sharded model's parameters are gathered one by one to compare them)."""
-    from tunesmith.train.fsdp import full_value, sharding_summary
+    from tunesmith.machine.fsdp import full_value, sharding_summary
     from tunesmith.train.trainer import peak_memory_mb
 
     end_peak = peak_memory_mb()  # before the comparison below copies parameters

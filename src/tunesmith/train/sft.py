@@ -1,7 +1,7 @@
 """Supervised fine-tuning (LoRA, DoRA, QLoRA or full) on the transformers Trainer.
 
 tunesmith tokenizes chat examples with a completion-only loss mask, packs each batch's examples
-into shared rows isolated by a block-diagonal mask (:mod:`tunesmith.train.packing`), computes
+into shared rows isolated by a block-diagonal mask (:mod:`tunesmith.machine.packing`), computes
 logits only where there is a target (:mod:`tunesmith.train.trainer`), picks precision from the
 device, keeps gradient checkpointing off unless asked, and saves the adapter plus the
 OpenAI-style metrics file. Checkpoints carry optimizer, scheduler, RNG and data position.
@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from tunesmith.config import Recipe
-from tunesmith.distributed import is_main
 from tunesmith.errors import TrainingError
+from tunesmith.machine.launch import is_main
 from tunesmith.models.loading import Placement
 from tunesmith.records import Rejected
 from tunesmith.train.metrics import rows_from_log_history
@@ -48,7 +48,7 @@ def split_by_length(
     Truncating them would cut the answer the loss is computed on, and TRL would then drop the
     fully masked rows without telling anyone.
     """
-    from tunesmith.train.packing import _ids
+    from tunesmith.machine.packing import _ids
 
     kept, rejected = [], []
     for row, ex_id in zip(rows, ids, strict=True):
@@ -62,11 +62,11 @@ def split_by_length(
 
 def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
     """The arguments every trainer (SFT, DPO, classifier) takes from the recipe, precision from the device."""
-    from tunesmith.distributed import share_batch, world_size
-    from tunesmith.train.fsdp import fsdp_args
+    from tunesmith.machine.fsdp import fsdp_args
+    from tunesmith.machine.launch import share_batch, world_size
 
     t = recipe.train
-    path = placement.path  # the chosen training path (tunesmith.train.device); None: today's CPU defaults
+    path = placement.path  # the chosen training path (tunesmith.machine.device); None: today's CPU defaults
     batch, accum = share_batch(t.batch_size, t.grad_accum, world_size())  # the recipe's batch is the global one
     return dict(
         output_dir=str(out_dir / "checkpoints"),
@@ -151,7 +151,7 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
-    from tunesmith.train.packing import PackedCollator, mask_kind, tokenize_rows
+    from tunesmith.machine.packing import PackedCollator, mask_kind, tokenize_rows
     from tunesmith.train.trainer import CompletionTrainer
 
     t = recipe.train
@@ -301,11 +301,11 @@ def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list 
     (those behind a resumed checkpoint included). An out-of-memory error says what to change."""
     from transformers import PrinterCallback, ProgressCallback
 
-    from tunesmith.train.fsdp import check_resumable, shard_on_cpu
+    from tunesmith.machine.fsdp import check_resumable, shard_on_cpu
     from tunesmith.train.resume import newest_checkpoint
     from tunesmith.train.trainer import reset_peak_memory
 
-    shard_on_cpu(trainer)  # train.distributed: fsdp with CPU processes (see tunesmith.train.fsdp)
+    shard_on_cpu(trainer)  # train.distributed: fsdp with CPU processes (see tunesmith.machine.fsdp)
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     for cb in callbacks or []:

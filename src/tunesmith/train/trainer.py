@@ -3,7 +3,7 @@
 Everything else — optimizer, scheduler, checkpoints with RNG and data position, gradient
 accumulation, distributed training, callbacks — is the Trainer's own. ``compute_loss`` asks the
 model to score only the positions where a target exists, in vocabulary tiles without holding their logits
-(:mod:`tunesmith.train.target_head`; or their logits at once, ``logits_to_keep`` with a boolean mask), so
+(:mod:`tunesmith.train.chunked_loss`; or their logits at once, ``logits_to_keep`` with a boolean mask), so
 prompt positions never reach the output projection, and logs token accuracy, tokens/s and peak memory.
 """
 
@@ -13,7 +13,7 @@ import time
 
 from transformers import Trainer
 
-from tunesmith.train.memory import peak_rss, reset_peak_rss
+from tunesmith.machine.memory import peak_rss, reset_peak_rss
 
 
 def peak_memory_mb() -> float:
@@ -61,7 +61,7 @@ def completion_loss(model, inputs: dict, num_items_in_batch=None, form: str = "l
     """Summed cross-entropy over the target positions, divided by the number of targets in the step.
 
     ``form``: ``"chunked"`` (the training path's) scores them by integer index in vocabulary tiles through the
-    head :func:`~tunesmith.train.target_head.add_target_head` installed (no read, no logits held); ``"logits"``
+    head :func:`~tunesmith.train.chunked_loss.add_target_head` installed (no read, no logits held); ``"logits"``
     asks the model for the targets' logits at once (``logits_to_keep`` with the boolean mask: one host read per
     micro-step on a GPU). Returns ``(loss, correct, count)``; ``correct`` counts argmax hits (token accuracy) as a
     tensor on the model's device, so that a step never waits for the device to report it (read when the Trainer
@@ -88,7 +88,7 @@ class TokenCountingTrainer(Trainer):
     """Trainer whose batches carry ``num_tokens``, a Python int the collator counted, so that counting the tokens
     seen never waits for the device (the Trainer's own count reads a device tensor every step). The head models
     (classifier, regression, span) train with it as it is; ``mask`` (``"bool"`` or ``"float"``, see
-    :func:`~tunesmith.train.packing.padded_mask_kind`) turns their 2D padding mask into a decoder's 4D mask on
+    :func:`~tunesmith.machine.packing.padded_mask_kind`) turns their 2D padding mask into a decoder's 4D mask on
     the device, so transformers does not read the 2D mask's values to decide whether it may skip it."""
 
     def __init__(self, *args, mask: str = "2d", mask_dtype=None, **kwargs):
@@ -109,20 +109,20 @@ class TokenCountingTrainer(Trainer):
 def expand_padding_mask(inputs: dict, kind: str, dtype=None) -> None:
     """Replace the batch's 2D padding mask by the decoder's 4D mask of ``kind``, built where the batch is."""
     if kind != "2d":
-        from tunesmith.train.packing import padded_causal_mask
+        from tunesmith.machine.packing import padded_causal_mask
 
         inputs["attention_mask"] = padded_causal_mask(inputs["attention_mask"], kind, dtype)
 
 
 class CompletionTrainer(TokenCountingTrainer):
-    """Trainer whose batches come from :class:`~tunesmith.train.packing.PackedCollator`; ``loss`` is the form of
+    """Trainer whose batches come from :class:`~tunesmith.machine.packing.PackedCollator`; ``loss`` is the form of
     :func:`completion_loss` (``"chunked"`` installs the target head on the model)."""
 
     def __init__(self, *args, loss: str = "chunked", **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_form = loss
         if loss == "chunked":
-            from tunesmith.train.target_head import add_target_head
+            from tunesmith.train.chunked_loss import add_target_head
 
             add_target_head(self.model)
         self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole step

@@ -40,7 +40,7 @@ def fsdp_args(recipe) -> dict:
     """``train.distributed: fsdp`` as the Trainer's FSDP2 settings (accelerate's plugin): every decoder layer
     sharded and freed after its forward, checkpoints saved sharded (one file per rank). Nothing with a single
     process: there is nobody to share with, and the Trainer refuses FSDP settings outside distributed training."""
-    from tunesmith.distributed import world_size
+    from tunesmith.machine.launch import world_size
 
     if recipe.train.distributed != "fsdp" or world_size() <= 1:
         return {}

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tunesmith.eval.metrics import confusion
-from tunesmith.eval.result import ContenderResult, Source
+from tunesmith.kinds import TaskKind
+from tunesmith.kinds.base import num
 from tunesmith.plotting import pyplot
 from tunesmith.records import Example
-from tunesmith.tasks import TaskKind
-from tunesmith.tasks.base import num
+from tunesmith.scoring.metrics import confusion
+from tunesmith.scoring.result import ContenderResult, Source
 
 
 def plot_confusions(results: list[ContenderResult], gold: list[str], labels: list[str], path: Path) -> Path:
@@ -71,7 +71,7 @@ def plot_scatter(
     task: TaskKind, results: list[ContenderResult], test: list[Example], path: Path, log: bool
 ) -> Path:
     """Prediction vs truth per contender, coloured by hit band; the title counts unparseable answers."""
-    from tunesmith.eval.metrics import band
+    from tunesmith.scoring.metrics import band
 
     plt = pyplot()
     n = len(results)

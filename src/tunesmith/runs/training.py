@@ -1,6 +1,6 @@
 """``tunesmith train``: the data stage, then training alone (no evaluation), for any method.
 
-Training goes through :func:`tunesmith.train.once.train_once`, as each arm of ``tunesmith run`` does: a
+Training goes through :func:`tunesmith.runs.once.train_once`, as each arm of ``tunesmith run`` does: a
 training finished before with the same settings is not retrained, checkpoints of other settings are removed,
 those of the same settings are resumed, and ``train/done.json`` keeps the summary printed at the end.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
-from tunesmith.distributed import finish, is_main, main_process_first, prepare_data_once
 from tunesmith.errors import ConfigError
+from tunesmith.machine.launch import finish, is_main, main_process_first, prepare_data_once
 from tunesmith.progress import task_bar
 
 __all__ = ["main_process_first", "print_summary", "run_training"]
@@ -19,12 +19,12 @@ __all__ = ["main_process_first", "print_summary", "run_training"]
 
 def run_training(recipe: Recipe, console: Console, resume: bool = False):
     """Prepare data (unless DPO reads its pairs alone), then train once per settings; ``resume`` insists on
-    continuing from the newest checkpoint (see :mod:`tunesmith.train.once`). Under torchrun the data stage
+    continuing from the newest checkpoint (see :mod:`tunesmith.runs.once`). Under torchrun the data stage
     runs once (rank 0) and only rank 0 writes into the run folder. Returns a
-    :class:`~tunesmith.train.once.Trained`."""
+    :class:`~tunesmith.runs.once.Trained`."""
     from tunesmith.models.loading import check_adapter_device, pick_placement
+    from tunesmith.runs.once import train_once
     from tunesmith.train.dispatch import TrainData
-    from tunesmith.train.once import train_once
 
     if recipe.data is None and recipe.train.method != "dpo":
         raise ConfigError("data: required (only train.method dpo reads its pairs from train.dpo.path)")

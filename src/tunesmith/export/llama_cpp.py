@@ -13,7 +13,7 @@ Where the converter comes from, first match wins:
 2. ``$TUNESMITH_HOME/tools/llama.cpp-<version>``, filled once from the package index
    (``pip download``, sha256 checked) or from a source archive you pass (``--source``).
 
-``python -m tunesmith.train.llama_cpp [--source llama_cpp_python-<version>.tar.gz]`` fetches it ahead of time.
+``python -m tunesmith.export.llama_cpp [--source llama_cpp_python-<version>.tar.gz]`` fetches it ahead of time.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _download_sdist(tmp: Path, on_step) -> Path:
         raise ModelError(
             f"Could not download {spec}: {detail[0]}. Check access to the package index, or download "
             f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz elsewhere and run: "
-            "python -m tunesmith.train.llama_cpp --source PATH (or set TUNESMITH_LLAMA_CPP to a llama.cpp checkout)"
+            "python -m tunesmith.export.llama_cpp --source PATH (or set TUNESMITH_LLAMA_CPP to a llama.cpp checkout)"
         )
     return found[0]
 

@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from tunesmith.eval.result import ContenderResult, Source
 from tunesmith.records import Example
+from tunesmith.scoring.result import ContenderResult, Source
 
 Cell = Callable[[dict], str]
 

@@ -18,13 +18,13 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from tunesmith.config.section import Section
-from tunesmith.eval import baselines as B
-from tunesmith.eval import metrics as M
-from tunesmith.eval.result import ContenderResult, Source
+from tunesmith.kinds import register
+from tunesmith.kinds.base import Baseline, BaselineInputs, TargetError, TaskKind, pct, score_outputs
+from tunesmith.kinds.freeform import same_text
 from tunesmith.records import Example
-from tunesmith.tasks import register
-from tunesmith.tasks.base import Baseline, BaselineInputs, TargetError, TaskKind, pct, score_outputs
-from tunesmith.tasks.freeform import same_text
+from tunesmith.scoring import baselines as B
+from tunesmith.scoring import metrics as M
+from tunesmith.scoring.result import ContenderResult, Source
 
 
 class FieldSpec(Section):
@@ -204,7 +204,7 @@ class Extraction(TaskKind):
     # --- local models ---------------------------------------------------------------------
     def json_schema(self) -> dict:
         """The target object's JSON schema: closed fields as enums, free text bounded, no other keys."""
-        from tunesmith.synth.constrained import COMPACT
+        from tunesmith.generation.constrained import COMPACT
 
         props = {}
         for name, spec in self.fields.items():
@@ -218,7 +218,7 @@ class Extraction(TaskKind):
         if not self.options.constrained:
             return super().evaluate_local(name, description, model, tokenizer, prompts, examples, bar)
         from tunesmith.generation import generate, stop_ids
-        from tunesmith.synth.constrained import JsonConstraint, reply_token_bound
+        from tunesmith.generation.constrained import JsonConstraint, reply_token_bound
 
         schema = self.json_schema()
         constraint = JsonConstraint(tokenizer, model.config.vocab_size, stop_ids(tokenizer, model), schema)
@@ -277,7 +277,7 @@ class Extraction(TaskKind):
                 "folding case and white space; exact object: every field right and none extra.")
 
     def plots(self, results: list[ContenderResult], test: list[Example], eval_dir: Path) -> dict[str, Path]:
-        from tunesmith.eval.plots import plot_grouped_bars
+        from tunesmith.scoring.plots import plot_grouped_bars
 
         groups = {r.name: [r.metrics.get("field_accuracy", {}).get(k) or 0.0 for k in self.fields] for r in results}
         path = plot_grouped_bars(groups, list(self.fields), "accuracy", "Accuracy per field", eval_dir / "fields.png")

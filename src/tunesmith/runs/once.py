@@ -63,7 +63,7 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
     """Train ``recipe`` on ``data`` unless it finished before with the same settings; ``before`` runs only when
     it trains (a synth stage: its examples join the train split, its preference pairs become ``train.dpo.path``).
     ``base_model`` is the run's model, named in the summary when the recipe trains another one."""
-    from tunesmith.distributed import is_main, main_process_first
+    from tunesmith.machine.launch import is_main, main_process_first
     from tunesmith.train.dispatch import TrainData, train
     from tunesmith.train.result import trained_output
 
@@ -158,7 +158,7 @@ def checkpoint_to_resume(out: Path, key: str, name: str, console: Console, insis
     """The complete checkpoint under ``out/checkpoints`` made with the settings ``key``, or None (checkpoints
     of other settings are removed); records ``key`` in ``out/started.json``. With ``insist`` a missing
     checkpoint, or one of other settings, is an error instead. Only rank 0 removes and writes."""
-    from tunesmith.distributed import is_main
+    from tunesmith.machine.launch import is_main
     from tunesmith.train.resume import complete_checkpoint, newest_checkpoint
 
     folder = out / "checkpoints"
@@ -217,7 +217,7 @@ def loss_span(rows: list[dict]) -> str:
 
 def path_line(path: dict | None) -> str:
     """The chosen training path in one line (device, dtype, attention, packing, optimizer, kernels, ...)."""
-    from tunesmith.train.device import TrainPath
+    from tunesmith.machine.device import TrainPath
 
     return TrainPath(**path).describe() if path else "–"
 

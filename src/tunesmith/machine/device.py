@@ -15,7 +15,7 @@ kernels, flex builds a block mask that skips the blocks where examples do not se
 builds an L x L mask on the device), Liger's fused kernels where installed, gradient
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
 double quantisation, bf16 compute and paged 8-bit AdamW. On both, generative SFT scores its target
-positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.target_head`).
+positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.chunked_loss`).
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
 def _fits_without_checkpointing(recipe, first: TrainPath, caps: Capabilities) -> bool | None:
     """The estimator's verdict for the batch without gradient checkpointing on ``first``'s device, dtype, attention
     and loss, against the device's free memory or ``train.memory_limit_gb`` (None when it cannot estimate)."""
-    from tunesmith.train.estimate import estimate_recipe
+    from tunesmith.machine.estimate import estimate_recipe
 
     try:
         plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.eval import baselines as B
-from tunesmith.eval import metrics as M
-from tunesmith.eval.result import ContenderResult, Source
+from tunesmith.kinds import register
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, num, pct, score_outputs
 from tunesmith.records import Example
-from tunesmith.tasks import register
-from tunesmith.tasks.base import Baseline, BaselineInputs, TaskKind, num, pct, score_outputs
+from tunesmith.scoring import baselines as B
+from tunesmith.scoring import metrics as M
+from tunesmith.scoring.result import ContenderResult, Source
 
 
 def _gold(inputs: BaselineInputs) -> list[str]:
@@ -46,8 +46,8 @@ class Classification(TaskKind):
         """Free generation, and (unless ``eval.label_scoring`` is off) the label with the highest mean
         token log-likelihood as the headline: fair to a base model that never learned the answer format."""
         from tunesmith.data.formatting import end_of_turn
-        from tunesmith.eval.perplexity import gold_label_losses, summarize
         from tunesmith.generation import generate_greedy, score_labels
+        from tunesmith.scoring.perplexity import gold_label_losses, summarize
 
         cfg = self.cfg
         with bar(f"eval {name}: generate", len(prompts)) as advance:
@@ -108,7 +108,7 @@ class Classification(TaskKind):
                 "parser: an answer that is not exactly one label is unparseable and wrong.")
 
     def plots(self, results, test, eval_dir: Path) -> dict[str, Path]:
-        from tunesmith.eval.plots import plot_confusions
+        from tunesmith.scoring.plots import plot_confusions
 
         shown = [r for r in results if not r.is_baseline] or results
         path = plot_confusions(shown, [e.target for e in test], self.labels, eval_dir / "confusion.png")

@@ -1,7 +1,7 @@
 """Export a trained run as one GGUF file (llama.cpp, Ollama) and an Ollama ``Modelfile`` beside it.
 
-The run is merged into a plain Hugging Face folder (``train/export.py``), then llama.cpp's own
-converter turns that folder into GGUF (``train/llama_cpp.py``): every architecture llama.cpp runs,
+The run is merged into a plain Hugging Face folder (``export/merged.py``), then llama.cpp's own
+converter turns that folder into GGUF (``export/llama_cpp.py``): every architecture llama.cpp runs,
 with the pre-tokenizer, special tokens and chat template computed as llama.cpp computes them.
 f32, f16, bf16 and q8_0 come from the converter; q4_0, q5_0, q4_k_m, q5_k_m and q6_k from llama.cpp's
 quantizer (llama-cpp-python) applied to the f16 file.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tunesmith.train.llama_cpp import CONVERTER_TYPES, check_gguf_type, convert, quantize
+from tunesmith.export.llama_cpp import CONVERTER_TYPES, check_gguf_type, convert, quantize
 
 __all__ = ["check_gguf_type", "export_gguf", "modelfile", "to_gguf"]
 
@@ -21,7 +21,7 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str = "f16") -> Path:
     """Merge the run, write ``out/model-<type>.gguf`` and ``out/Modelfile``; returns the GGUF path."""
     from transformers import AutoTokenizer
 
-    from tunesmith.train.export import export_merged, load_run_recipe, stop_token_ids
+    from tunesmith.export.merged import export_merged, load_run_recipe, stop_token_ids
 
     check_gguf_type(gguf_type)
     recipe = load_run_recipe(run_dir)

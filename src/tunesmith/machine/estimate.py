@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ModelError
-from tunesmith.train.device import loss_form
+from tunesmith.machine.device import loss_form
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MB = 2**20
@@ -155,7 +155,7 @@ def estimate(
     attention: str | None = None, loss: str | None = None,
 ) -> MemoryEstimate:
     """``attention``: the kernel the training path runs (default: the recipe's ``train.attention``); ``loss``: the
-    path's loss form (default: what :mod:`tunesmith.train.device` chooses for ``train.loss`` on ``device``)."""
+    path's loss form (default: what :mod:`tunesmith.machine.device` chooses for ``train.loss`` on ``device``)."""
     t = recipe.train
     attention_kind = attention or t.attention
     b = BYTES[dtype]
@@ -176,7 +176,7 @@ def estimate(
         weights = quantized * 0.5625 + (shape.params - quantized) * b
     checkpointing = t.gradient_checkpointing is True  # "auto" is decided with this estimate, without it
     states = {
-        "auto": 2 if t.adapter == "qlora" and device == "cuda" else 8,  # see tunesmith.train.device
+        "auto": 2 if t.adapter == "qlora" and device == "cuda" else 8,  # see tunesmith.machine.device
         "adamw_torch": 8,
         "adamw_torch_fused": 8,
         "adafactor": 4,
@@ -202,7 +202,7 @@ def estimate(
         logits = tokens * 2 * 4 * 3
     elif t.head == "generative":
         targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
-        if (loss or loss_form(t)[0]) == "chunked":  # see tunesmith.train.target_head
+        if (loss or loss_form(t)[0]) == "chunked":  # see tunesmith.train.chunked_loss
             logits = chunked_loss_bytes(shape, targets, b, trains_head=t.adapter == "full", device=device)
         else:
             logits = targets * shape.vocab * 4 * 3  # fp32 logits, their log-softmax and its gradient
@@ -229,11 +229,11 @@ CPU_TILES = 15  # fp32 tiles the CPU fold keeps at once (its temporaries), measu
 
 
 def chunked_loss_bytes(shape: Shape, targets: int, b: int, trains_head: bool, device: str = "cuda") -> int:
-    """The chunked loss's peak (TRL's kernel, :mod:`tunesmith.train.target_head`): on a GPU one (≤4,096 tokens x
+    """The chunked loss's peak (TRL's kernel, :mod:`tunesmith.train.chunked_loss`): on a GPU one (≤4,096 tokens x
     32,768 vocabulary) tile in the compute dtype, folded in place by Triton; on a CPU the torch fold's fp32
     temporaries of a 2,048-wide tile. Plus the targets' fp32 hidden-state gradient and statistics, and where the
     head trains an fp32 accumulator of its gradient."""
-    from tunesmith.train.target_head import tile_width
+    from tunesmith.train.chunked_loss import tile_width
 
     width = min(tile_width(device), shape.vocab)
     tile = min(targets, 4096) * width * (b if device == "cuda" else 4 * CPU_TILES)
@@ -258,7 +258,7 @@ def available_memory(device: str) -> int | None:
 
 def estimate_recipe(recipe: Recipe, path=None, free: int | None = None) -> MemoryEstimate:
     """The estimate for a recipe on this machine (reads only config.json and safetensors headers): on ``path``'s
-    device, dtype, attention kernel and loss form (:class:`tunesmith.train.device.TrainPath`) once the training
+    device, dtype, attention kernel and loss form (:class:`tunesmith.machine.device.TrainPath`) once the training
     path is chosen, else on the placement the recipe asks for; planned against ``free`` bytes (default: what the
     device has available now), or ``train.memory_limit_gb`` where that is smaller."""
     from tunesmith.models.registry import resolve

@@ -1,7 +1,7 @@
 """Any OpenAI-compatible chat endpoint as a contender (a hosted model, a vLLM server, our own).
 
 Calls go through the official ``openai`` client with its own retries off: we retry 429, 5xx,
-timeouts and dropped connections ourselves (``tunesmith.endpoints``: the same classification as
+timeouts and dropped connections ourselves (``tunesmith.clients.retry``: the same classification as
 the synth client, doubling waits without jitter, at least the server's Retry-After) so the
 schedule is ours to configure and test. A call that still fails is reported for its example (``error``) and
 scored wrong; the evaluation goes on and the report is still written.
@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tunesmith.clients.retry import RetryPolicy, classify
 from tunesmith.config import EndpointSpec
-from tunesmith.endpoints import RetryPolicy, classify
 from tunesmith.errors import ConfigError
 
 

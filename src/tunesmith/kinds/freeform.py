@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.eval import textsim
+from tunesmith.kinds import register
+from tunesmith.kinds.base import TaskKind, num, pct
 from tunesmith.records import Example
-from tunesmith.tasks import register
-from tunesmith.tasks.base import TaskKind, num, pct
+from tunesmith.scoring import textsim
 
 
 def same_text(prediction: str, reference: str) -> bool:

@@ -29,7 +29,7 @@ def _read_json(path: Path, default):
 
 
 def _task(name: str, options: dict | None = None):
-    from tunesmith.tasks import kind_class
+    from tunesmith.kinds import kind_class
 
     try:
         return kind_class(name)(None, None, options)

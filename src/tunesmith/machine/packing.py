@@ -118,7 +118,7 @@ class PackedCollator:
             "position_ids": position_ids,
             "logits_mask": keep,
             # the same positions as flat integer indices, found here on the host: gathering by them sizes
-            # nothing from the device's values (tunesmith.train.target_head)
+            # nothing from the device's values (tunesmith.train.chunked_loss)
             "target_index": keep.flatten().nonzero().squeeze(1),
             "labels": labels,
             "shift_labels": labels,  # tells the trainer the targets are already aligned (for token counting)

@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-from tunesmith.endpoints import RetryPolicy, classify
+from tunesmith.clients.retry import RetryPolicy, classify
 from tunesmith.errors import ProviderError
 from tunesmith.synth.calls import CallFailure, ChatReply, ChatRequest
 
@@ -181,7 +181,7 @@ class LocalChatClient:
             return None
         if schema not in self._constraints:
             from tunesmith.generation import stop_ids
-            from tunesmith.synth.constrained import JsonConstraint
+            from tunesmith.generation.constrained import JsonConstraint
 
             model, tok = self._load()
             self._constraints[schema] = JsonConstraint(tok, model.config.vocab_size, stop_ids(tok, model), json.loads(schema))
@@ -191,7 +191,7 @@ class LocalChatClient:
     def _token_limit(max_tokens: int, schema: str) -> int:
         """Under a bounded schema a reply may run past ``max_tokens`` up to the schema's own bound, so that
         it is never cut mid-JSON (a Hangul character can take three tokens); the string limits keep it short."""
-        from tunesmith.synth.constrained import reply_token_bound
+        from tunesmith.generation.constrained import reply_token_bound
 
         bound = reply_token_bound(json.loads(schema))
         return max(max_tokens, bound) if bound else max_tokens

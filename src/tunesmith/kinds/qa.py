@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.eval import qa
+from tunesmith.kinds import register
+from tunesmith.kinds.base import TargetError, TaskKind, num
 from tunesmith.records import Example
-from tunesmith.tasks import register
-from tunesmith.tasks.base import TargetError, TaskKind, num
+from tunesmith.scoring import qa
 
 
 @register

@@ -49,7 +49,7 @@ class EvalRun:
     """What one evaluation wrote: the eval folder, its task kind, every contender's result and the reports."""
 
     eval_dir: Path
-    task: object  # tunesmith.tasks.TaskKind
+    task: object  # tunesmith.kinds.TaskKind
     results: list[ContenderResult]
     report_md: Path
     report_html: Path

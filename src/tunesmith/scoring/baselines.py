@@ -83,8 +83,8 @@ def tfidf_svm(train_texts: Sequence[str], train_targets: Sequence[str], test_tex
 
 def _embeddings(train_texts: Sequence[str], test_texts: Sequence[str]):
     """Unit-length sentence embeddings of train and test texts, embedded in one pass (MiniLM for Latin-script
-    text, multilingual e5 otherwise: see tunesmith.data.semantic.pick_model)."""
-    from tunesmith.data.semantic import embed
+    text, multilingual e5 otherwise: see tunesmith.models.embeddings.pick_model)."""
+    from tunesmith.models.embeddings import embed
 
     vectors = embed(list(train_texts) + list(test_texts))
     return vectors[: len(train_texts)], vectors[len(train_texts) :]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from tunesmith.tasks.base import Baseline, TaskKind, score_outputs
+from tunesmith.kinds.base import Baseline, TaskKind, score_outputs
 
 _REGISTRY: dict[str, type[TaskKind]] = {}
 

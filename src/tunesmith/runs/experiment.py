@@ -1,7 +1,7 @@
 """``tunesmith run``: data → (synth) → for each arm: train → one evaluation of every contender → one report.
 
 This module only wires the stages together: data preparation (:mod:`tunesmith.data.prepare`),
-synthetic augmentation (:mod:`tunesmith.synth.augment`), training (:mod:`tunesmith.train.once`, the path
+synthetic augmentation (:mod:`tunesmith.synth.augment`), training (:mod:`tunesmith.runs.once`, the path
 ``tunesmith train`` takes too) and evaluation (:mod:`tunesmith.eval.runner`, the path ``tunesmith eval``
 takes too).
 """
@@ -33,8 +33,8 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     """Run the whole recipe and return where its report is; ``command`` (how it was started) goes in
     ``command.txt`` for the results table. Under torchrun every rank trains, rank 0 alone writes the run
     folder, evaluates and reports; the other ranks return None once training is done."""
-    from tunesmith.distributed import finish, is_main, prepare_data_once
     from tunesmith.eval.runner import arm_name, arm_recipes, check_endpoints, contenders_of, evaluate
+    from tunesmith.machine.launch import finish, is_main, prepare_data_once
 
     console = console or Console()
     if recipe.data is None:
@@ -85,9 +85,9 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
 def run_folds(recipe: Recipe, data, console: Console, stage, timings: dict) -> RunResult | None:
     """Cross-validation (``data.split.folds``): every arm trains once per fold under ``folds/fold-<i>/``, every
     contender answers the fold it did not train on, and one evaluation pools all folds (eval/folds.py)."""
-    from tunesmith.distributed import finish, is_main
     from tunesmith.eval.folds import fold_table, pool_results
     from tunesmith.eval.runner import arm_name, arm_recipes, contenders_of, finish_evaluation, score_contenders
+    from tunesmith.machine.launch import finish, is_main
 
     folds = cross_validation_splits(recipe, data)
     k, trained = len(folds), {}
@@ -125,7 +125,7 @@ def run_folds(recipe: Recipe, data, console: Console, stage, timings: dict) -> R
 def cross_validation_splits(recipe: Recipe, data) -> list[dict]:
     """The ``data.split.folds`` splits of every prepared example (stratified only where the task kind is)."""
     from tunesmith.data.split import fold_splits
-    from tunesmith.tasks import kind_class
+    from tunesmith.kinds import kind_class
 
     examples = [e for part in ("train", "val", "test", "unused") for e in data.splits.get(part, [])]
     cfg = recipe.data.split
@@ -163,11 +163,11 @@ def merged_summary(per_fold: list[dict]) -> dict:
 
 
 def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, prefix: str) -> dict:
-    """Train one arm through :func:`tunesmith.train.once.train_once` (not retrained when it finished before with
+    """Train one arm through :func:`tunesmith.runs.once.train_once` (not retrained when it finished before with
     the same settings); when it trains, its data exports and its synth stage come first. Returns its summary."""
     from tunesmith.progress import task_bar
+    from tunesmith.runs.once import from_arm_adapter, train_once
     from tunesmith.train.dispatch import TrainData
-    from tunesmith.train.once import from_arm_adapter, train_once
 
     def before_training(arm: Recipe, train: list):
         _export_arm(recipe, arm, data.splits, train)
@@ -186,7 +186,7 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
 
 def _export_arm(recipe: Recipe, arm: Recipe, splits: dict, train: list) -> None:
     """An arm's splits as it formats them (system prompt, order) in ``arms/<arm>/data/export`` (rank 0 only)."""
-    from tunesmith.distributed import is_main
+    from tunesmith.machine.launch import is_main
 
     if arm is recipe or not arm.data.export or not is_main():
         return

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.eval import baselines as B
-from tunesmith.eval import metrics as M
+from tunesmith.kinds import register
+from tunesmith.kinds.base import Baseline, BaselineInputs, TargetError, TaskKind, num, pct
 from tunesmith.records import Example
-from tunesmith.tasks import register
-from tunesmith.tasks.base import Baseline, BaselineInputs, TargetError, TaskKind, num, pct
+from tunesmith.scoring import baselines as B
+from tunesmith.scoring import metrics as M
 
 
 def _values(inputs: BaselineInputs) -> list[float]:
@@ -80,7 +80,7 @@ class Regression(TaskKind):
                 "'MAE of parsed answers', RMSLE and R² leave it out.")
 
     def plots(self, results, test, eval_dir: Path) -> dict[str, Path]:
-        from tunesmith.eval.plots import plot_scatter
+        from tunesmith.scoring.plots import plot_scatter
 
         path = plot_scatter(self, results, test, eval_dir / "scatter.png", self.cfg.log_axes)
         return {"Prediction vs truth, coloured by hit band": path}

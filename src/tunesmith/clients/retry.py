@@ -1,7 +1,7 @@
 """What the clients of OpenAI-compatible endpoints share: the retry schedule and the reading of errors.
 
-Evaluation (``tunesmith.eval.endpoint``, one thread per call in flight) and synthetic data
-(``tunesmith.synth.clients``, asyncio) call endpoints differently, and react differently to a
+Evaluation (``tunesmith.clients.endpoint``, one thread per call in flight) and synthetic data
+(``tunesmith.clients.chat``, asyncio) call endpoints differently, and react differently to a
 failure that retrying cannot fix (evaluation scores that example wrong and goes on; synthesis
 stops, since every later call would fail the same way). Which errors are worth retrying, how long
 to wait, and what to call them is the same for both and lives here.
