@@ -69,6 +69,7 @@ def nsmc_examples(n: int, seed: int) -> list:
 
 
 def recipe_for(task: str, dropout: float | None, args, out: Path):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     from tunesmith.config import validate_recipe
 
     data = ({"path": "unused", "input_fields": ["context", "question"], "target_field": "answers", "task": "qa",
@@ -87,7 +88,8 @@ def run_side(task: str, dropout: float | None, examples: list, args, out: Path) 
     from rich.console import Console
 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.train.classifier import train_classifier
     from tunesmith.train.heads import HEADS, train_head
 

@@ -55,6 +55,7 @@ def main() -> None:
         raise SystemExit(f"shared data not found at {SHARED} (set TUNESMITH_SHARED_DATA)")
     from transformers.utils import logging as hf_logging
 
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     from tunesmith.config import validate_recipe
     from tunesmith.data.formatting import chat_messages, prompt_text
     from tunesmith.eval.runner import LocalContender, evaluate_local

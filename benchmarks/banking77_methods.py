@@ -102,9 +102,11 @@ def main() -> None:
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     from tunesmith.config import load_recipe
     from tunesmith.data.prepare import prepare
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
 
     hf_logging.set_verbosity_error()
     recipe = load_recipe(RECIPE, [f"output_dir={args.workdir.resolve()}", "name=banking77-methods", *args.overrides])

@@ -180,6 +180,7 @@ def model_name(cfg: Config, args) -> str:
 
 
 def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", **extra):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     from tunesmith.config import validate_recipe
 
     train = extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
@@ -365,7 +366,8 @@ def _train(trainer, callbacks: list):
 def trl_model(cfg: Config, args, cuda: bool):
     """The side's model as a plain TRL user builds it: bf16 where the device has it, the same seeded LoRA."""
     from tunesmith.config import LoraSection
-    from tunesmith.models.loading import load_model_for, pick_placement, wrap_adapter
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model_for, wrap_adapter
 
     base = load_model_for(model_name(cfg, args), pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
     if cfg.adapter == "qlora":  # what SFTTrainer does to a 4-bit model it is given with a peft_config
@@ -400,7 +402,8 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
 
     cuda = pick_placement().device == "cuda"
     tokenizer = load_tokenizer(model_name(cfg, args))
@@ -505,7 +508,8 @@ def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
 
     cuda = pick_placement().device == "cuda"
     model = trl_model(cfg, args, cuda)

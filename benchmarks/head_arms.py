@@ -57,6 +57,7 @@ def load_reviews(n: int, held_out: int, seed: int):
 
 
 def recipe_for(side: str, args, out: Path):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     from tunesmith.config import validate_recipe
 
     spec = SIDES[side]
@@ -85,7 +86,8 @@ def run_side(side: str, train, held, args, out: Path) -> dict:
     from rich.console import Console
 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.records import Example
     from tunesmith.train.classifier import encode, predict_proba, train_classifier
 

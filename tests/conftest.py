@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import tunesmith.kinds  # noqa: F401 - registers the task kinds the recipe schema checks
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "data" / "banking77_10intents.csv"
 CHATML = (

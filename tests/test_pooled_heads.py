@@ -20,7 +20,7 @@ def _rows(tokenizer, texts, targets=None):
 def _head(folder, labels=LABELS, pooling="mean"):
     from transformers import AutoTokenizer
 
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.machine.placement import pick_placement
     from tunesmith.train.classifier import load_sequence_head
 
     tok = AutoTokenizer.from_pretrained(folder)

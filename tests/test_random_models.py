@@ -50,7 +50,8 @@ def test_scaling_down_keeps_the_architecture_facts():
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED))
 def test_every_architecture_builds_small_and_trains_a_step(arch, tiny_model_dir, home):
-    from tunesmith.models.loading import Placement, load_model, load_tokenizer
+    from tunesmith.machine.placement import Placement
+    from tunesmith.models.loading import load_model, load_tokenizer
 
     name = f"random:{arch}?layers=2&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
     model = load_model(name, Placement("cpu", "float32"))
@@ -124,7 +125,8 @@ def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home
 
 
 def test_the_classifier_head_loads_a_random_model(tiny_model_dir, home):
-    from tunesmith.models.loading import Placement, load_tokenizer
+    from tunesmith.machine.placement import Placement
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.train.classifier import load_sequence_head
 
     name = f"random:gemma-2-2b?layers=1&hidden=64&vocab=640&tokenizer={tiny_model_dir}"

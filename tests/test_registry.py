@@ -55,8 +55,8 @@ def test_models_add_registers_a_folder_by_name_with_its_sha256(home, tiny_model_
 
 def test_registered_model_is_a_synth_teacher(home, tiny_model_dir):
     """provider {kind: local, model: NAME} loads the registered copy and generates from it."""
+    from tunesmith.clients.calls import ChatRequest
     from tunesmith.clients.chat import LocalChatClient
-    from tunesmith.synth.calls import ChatRequest
 
     registry.add("teacher", tiny_model_dir)
     out = {}

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from tunesmith.clients.calls import ChatReply
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.synth.calls import ChatReply
 from tunesmith.synth.command import run_synth
 from tunesmith.synth.review import export_review, import_review
 

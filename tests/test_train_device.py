@@ -8,7 +8,7 @@ import pytest
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError
 from tunesmith.machine.device import Capabilities, TrainPath, Wishes, choose_path, decide, probe
-from tunesmith.models.loading import Placement
+from tunesmith.machine.placement import Placement
 
 CPU = Capabilities()
 H100 = Capabilities(cuda=True, bf16=True, compute_capability=(9, 0), flex_attention=True, liger=True,

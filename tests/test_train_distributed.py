@@ -19,7 +19,8 @@ WORKER = textwrap.dedent("""
     from rich.console import Console
     from safetensors.torch import save_file
     from tunesmith.config import validate_recipe
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
+    from tunesmith.models.loading import load_model, load_tokenizer, wrap_adapter
+    from tunesmith.machine.placement import pick_placement
     from tunesmith.data.prepare import prepare as prepare_data
     from tunesmith.runs.training import main_process_first
     from tunesmith.train.sft import build_trainer

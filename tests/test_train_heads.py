@@ -288,7 +288,7 @@ def _classifier_folder(folder, encoder):
     any fixed weights do)."""
     from transformers import AutoTokenizer
 
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.machine.placement import pick_placement
     from tunesmith.train.classifier import load_sequence_head
     from tunesmith.train.heads import write_head_meta
 

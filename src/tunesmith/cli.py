@@ -38,6 +38,14 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+
+def _recipe(path: Path, overrides: list[str]):
+    """The recipe at ``path`` with ``--set`` overrides, checked against the task kinds (registered on import)."""
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks data.task against
+    from tunesmith.config import load_recipe
+
+    return load_recipe(path, overrides)
+
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
@@ -95,10 +103,9 @@ def run(
     """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
     import shlex
 
-    from tunesmith.config import load_recipe
     from tunesmith.runs.experiment import run as run_pipeline
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = _recipe(recipe, set_ or [])
     _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     _quiet_libraries()
     command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
@@ -127,11 +134,10 @@ def train(
     rdzv_endpoint: RdzvOpt = None,
 ) -> None:
     """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
-    from tunesmith.config import load_recipe
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = _recipe(recipe, set_ or [])
     if backend == "openai":
-        from tunesmith.clients.hosted import run_hosted
+        from tunesmith.runs.hosted import run_hosted
 
         _quiet_libraries()
         job = run_hosted(cfg, console)
@@ -209,10 +215,9 @@ def eval_(
                                   + (" ..." if len(ids) > 20 else ""), highlight=False)
         print(json.dumps(score.headline()))
         return
-    from tunesmith.config import load_recipe
     from tunesmith.eval.runner import evaluate_recipe
 
-    cfg = load_recipe(Path(target), set_ or [])
+    cfg = _recipe(Path(target), set_ or [])
     _quiet_libraries()
     result = evaluate_recipe(cfg, console)
     console.rule("[bold green]done")
@@ -294,10 +299,9 @@ def synth_run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set synth.limit=10.")] = None,
 ) -> None:
     """Generate items with the recipe's synth task; every LLM call is cached, so a rerun resumes."""
-    from tunesmith.config import load_recipe
     from tunesmith.synth.command import run_synth
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = _recipe(recipe, set_ or [])
     _quiet_libraries()
     from tunesmith.synth.command import summary_table
 
@@ -402,10 +406,9 @@ def data_prepare(
     """Run the data stage only: read, curate, split, write (and profile/export if the recipe says so)."""
     import time
 
-    from tunesmith.config import load_recipe
     from tunesmith.data.prepare import prepare
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = _recipe(recipe, set_ or [])
     _quiet_libraries()
     t0 = time.perf_counter()
     data = prepare(cfg, cfg.run_dir / "data", console, use_cache=False if no_cache else None)

@@ -79,7 +79,7 @@ class EvalSection(Section):
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, v: list[str]) -> list[str]:
-        from tunesmith.kinds import all_baselines
+        from tunesmith.config.kinds import all_baselines
 
         known = all_baselines()
         unknown = [b for b in v if b != "auto" and b not in known]

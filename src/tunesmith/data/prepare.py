@@ -198,7 +198,7 @@ def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
 def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict[str, list[Example]], dict]:
     """Split one source with data.split, or take split files as given; a missing val or test file is
     carved (seeded, stratified for classification) out of the train file and the summary says so."""
-    from tunesmith.kinds import kind_class
+    from tunesmith.config.kinds import kind_class
 
     stratify = kind_class(cfg.task).stratify and cfg.split.stratify
     split_cfg = cfg.split.model_copy(update={"stratify": stratify})

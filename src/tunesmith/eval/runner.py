@@ -274,7 +274,7 @@ def messages_for(task: TaskKind, data_cfg: DataSection, with_labels: bool, test:
 
 def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[Example], bar) -> ContenderResult:
     """One local contender, asked as what its folder holds is asked (see ``LOCAL_EVALUATORS``)."""
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.machine.placement import pick_placement
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     return LOCAL_EVALUATORS[c.loads](recipe, task, c, test, placement, bar)

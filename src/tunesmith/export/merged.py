@@ -64,7 +64,8 @@ def merged_model(run_dir: Path):
     with a generation config that stops at every end-of-turn token."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tunesmith.models.loading import load_trained, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_trained
 
     recipe = load_run_recipe(run_dir)
     src = trained_dir(run_dir)

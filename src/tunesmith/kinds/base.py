@@ -20,10 +20,6 @@ from tunesmith.scoring.result import ContenderResult, Source
 Cell = Callable[[dict], str]
 
 
-class TargetError(ValueError):
-    """A record's target cannot be used by this task kind (the message is the rejection reason)."""
-
-
 @dataclass
 class BaselineInputs:
     """What an LLM-free baseline sees: the rendered prompts and targets of train, the test prompts."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.kinds import register
+from tunesmith.config.kinds import register
 from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, num, pct, score_outputs
 from tunesmith.records import Example
 from tunesmith.scoring import baselines as B

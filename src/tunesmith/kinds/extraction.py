@@ -17,9 +17,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from tunesmith.config.kinds import TargetError, register
 from tunesmith.config.section import Section
-from tunesmith.kinds import register
-from tunesmith.kinds.base import Baseline, BaselineInputs, TargetError, TaskKind, pct, score_outputs
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, pct, score_outputs
 from tunesmith.kinds.freeform import same_text
 from tunesmith.records import Example
 from tunesmith.scoring import baselines as B

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.kinds import register
+from tunesmith.config.kinds import register
 from tunesmith.kinds.base import TaskKind, num, pct
 from tunesmith.records import Example
 from tunesmith.scoring import textsim

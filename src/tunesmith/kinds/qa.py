@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.kinds import register
-from tunesmith.kinds.base import TargetError, TaskKind, num
+from tunesmith.config.kinds import TargetError, register
+from tunesmith.kinds.base import TaskKind, num
 from tunesmith.records import Example
 from tunesmith.scoring import qa
 

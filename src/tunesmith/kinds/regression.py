@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.kinds import register
-from tunesmith.kinds.base import Baseline, BaselineInputs, TargetError, TaskKind, num, pct
+from tunesmith.config.kinds import TargetError, register
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, num, pct
 from tunesmith.records import Example
 from tunesmith.scoring import baselines as B
 from tunesmith.scoring import metrics as M

@@ -276,15 +276,14 @@ def wishes(recipe, softcapping: bool = False) -> Wishes:
                   gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
 
 
-def model_softcaps(name: str) -> bool:
-    """Whether the model's config soft-caps attention logits (Gemma-2), read from config.json only."""
+def model_softcaps(model) -> bool:
+    """Whether the recipe's model (its ``model`` section) soft-caps attention logits (Gemma-2), read from config.json
+    only."""
     import json
     from pathlib import Path
 
-    from tunesmith.models.registry import resolve
-
     try:
-        cfg = json.loads((Path(resolve(name)) / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((Path(model.folder) / "config.json").read_text(encoding="utf-8"))
     except Exception:  # noqa: BLE001 - a hub id, an unreadable config, a tokenizer not pulled yet: assume not
         return False
     return bool(cfg.get("text_config", cfg).get("attn_logit_softcapping"))
@@ -293,7 +292,7 @@ def model_softcaps(name: str) -> bool:
 def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
     """The path for ``recipe`` on this machine: capabilities probed, gradient checkpointing from the estimator."""
     caps = caps or probe(recipe.model.device)
-    wish = wishes(recipe, model_softcaps(recipe.model.name))
+    wish = wishes(recipe, model_softcaps(recipe.model))
     fits = None
     if wish.gradient_checkpointing == "auto" and caps.cuda:
         first = choose_path(caps, wish)  # attention and loss are chosen without the memory verdict
@@ -330,7 +329,7 @@ def hold_memory_limit(recipe, path: TrainPath) -> float | None:
 def take_path(recipe):
     """Decide the path for ``recipe`` here and take it: the recipe with the path written in, the path, and the
     placement models load with; the process held to ``train.memory_limit_gb``."""
-    from tunesmith.models.loading import Placement
+    from tunesmith.machine.placement import Placement
 
     path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
     recipe = resolved(recipe, path)
@@ -343,3 +342,13 @@ def resolved(recipe, path: TrainPath):
     t = recipe.train.model_copy(update={"optimizer": path.optimizer,
                                         "gradient_checkpointing": path.gradient_checkpointing})
     return recipe.model_copy(update={"train": t})
+
+
+GPU_TILE = 32768  # vocabulary columns per projection tile on a GPU (TRL's own choice for its fused head)
+CPU_TILE = 2048  # on a CPU: the torch fold's temporaries stay small and in cache
+
+
+
+def tile_width(device) -> int:
+    """Vocabulary columns per tile on ``device`` (a torch device or its type)."""
+    return CPU_TILE if getattr(device, "type", device) == "cpu" else GPU_TILE

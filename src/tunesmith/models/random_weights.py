@@ -210,7 +210,7 @@ def save_weights(folder: Path, dtype: str = "bfloat16") -> Path:
         return folder
     import torch
 
-    from tunesmith.models.loading import Placement
+    from tunesmith.machine.placement import Placement
 
     model = build(folder, Placement(_build_device(folder, dtype), dtype))
     model.save_pretrained(str(folder), safe_serialization=True)

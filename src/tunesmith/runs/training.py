@@ -22,7 +22,8 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
     continuing from the newest checkpoint (see :mod:`tunesmith.runs.once`). Under torchrun the data stage
     runs once (rank 0) and only rank 0 writes into the run folder. Returns a
     :class:`~tunesmith.runs.once.Trained`."""
-    from tunesmith.models.loading import check_adapter_device, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import check_adapter_device
     from tunesmith.runs.once import train_once
     from tunesmith.train.dispatch import TrainData
 

@@ -117,6 +117,7 @@ def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
 
 
 def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     from tunesmith.config import validate_recipe
 
     steps = math.ceil(n_examples / hyper["batch_size"]) * hyper["n_epochs"]

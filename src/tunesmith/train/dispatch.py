@@ -100,7 +100,7 @@ class TrainJob:
     recipe: Recipe
     data: TrainData
     tokenizer: object
-    placement: object  # tunesmith.models.loading.Placement
+    placement: object  # tunesmith.machine.placement.Placement
     console: Console
     bar: object
     resume: bool = False

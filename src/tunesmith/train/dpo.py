@@ -101,7 +101,7 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     from datasets import Dataset
     from trl import DPOConfig
 
-    from tunesmith.machine.packing import padded_mask_kind
+    from tunesmith.machine.masks import padded_mask_kind
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
     from tunesmith.train.sft import base_args, fit, prepare_model, save_final
 

@@ -517,9 +517,9 @@ def stalled_at_prior(targets: list, losses: list[float], tolerance: float = 0.05
 
 def head_mask_kind(head: HeadKind, pooling: str | None, model) -> str:
     """How a head's training batches reach the model: with the tokenizer's padding mask (``"2d"``), or with the
-    4D mask of a decoder built from it on the device (:func:`~tunesmith.machine.packing.padded_mask_kind`). Mean
+    4D mask of a decoder built from it on the device (:func:`~tunesmith.machine.masks.padded_mask_kind`). Mean
     pooling reads the 2D mask, so it keeps it."""
-    from tunesmith.machine.packing import padded_mask_kind
+    from tunesmith.machine.masks import padded_mask_kind
 
     if head.pooled and (pooling or "native") != "native":
         return "2d"
@@ -601,7 +601,7 @@ class HeadPredictor:
     def __init__(self, folder: Path, placement=None, base_model: str | None = None):
         from transformers import AutoTokenizer
 
-        from tunesmith.models.loading import pick_placement
+        from tunesmith.machine.placement import pick_placement
 
         self.folder = Path(folder)
         self.meta = read_head_meta(self.folder, base_model)

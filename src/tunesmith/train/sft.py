@@ -16,7 +16,7 @@ from pathlib import Path
 from tunesmith.config import Recipe
 from tunesmith.errors import TrainingError
 from tunesmith.machine.launch import is_main
-from tunesmith.models.loading import Placement
+from tunesmith.machine.placement import Placement
 from tunesmith.records import Rejected
 from tunesmith.train.metrics import rows_from_log_history
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
@@ -151,7 +151,8 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
-    from tunesmith.machine.packing import PackedCollator, mask_kind, tokenize_rows
+    from tunesmith.machine.masks import mask_kind
+    from tunesmith.machine.packing import PackedCollator, tokenize_rows
     from tunesmith.train.trainer import CompletionTrainer
 
     t = recipe.train
