@@ -7,7 +7,7 @@ rows with the loss on the completion. Models are architecture-faithful with seed
 (``random:<arch>``), so both sides start from the same weights and the same seeded LoRA (r=16,
 alpha=32, all linear layers).
 
-- tunesmith: the path :func:`tunesmith.machine.device.take_path` takes on this machine (printed),
+- tunesmith: the path :func:`tunesmith.machine.path.take_path` takes on this machine (printed),
   each step's examples packed into rows of ``--seq-len`` tokens (2,048);
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
   kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
@@ -321,8 +321,8 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
-    from tunesmith.machine.device import take_path
     from tunesmith.machine.packing import PackedCollator
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.train.sft import build_trainer, prepare_model
@@ -452,7 +452,7 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it)."""
     from rich.console import Console
 
-    from tunesmith.machine.device import take_path
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
@@ -482,7 +482,7 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here."""
     from rich.console import Console
 
-    from tunesmith.machine.device import take_path
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.train.dpo import train_dpo
 

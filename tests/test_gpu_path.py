@@ -143,7 +143,7 @@ def test_a_memory_limit_turns_gradient_checkpointing_on_and_holds_the_process(tm
     """train.memory_limit_gb: the estimate is made against the limit (here below what the batch needs, so
     checkpointing is chosen), and the process cannot allocate past it."""
     from tunesmith.config import validate_recipe
-    from tunesmith.machine.device import decide, hold_memory_limit
+    from tunesmith.machine.path import decide, hold_memory_limit
 
     recipe = validate_recipe(_sft_doc(tmp_path, tiny_model_dir, memory_limit_gb=0.001))
     path = decide(recipe)

@@ -117,7 +117,7 @@ def test_serving_refuses_a_random_model_unless_asked(tmp_path):
 
 def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home):
     from tunesmith.machine.estimate import model_shape
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     for arch, count in PUBLISHED.items():  # full size: config.json only, nothing is built
         shape = model_shape(Path(resolve(f"random:{arch}?tokenizer={tiny_model_dir}")))

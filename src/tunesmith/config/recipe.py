@@ -24,7 +24,7 @@ class ModelSection(Section):
     def folder(self) -> str:
         """What ``from_pretrained`` loads for ``name``: the model registry's answer (a cached folder, a local
         folder, or a hub id)."""
-        from tunesmith.models.registry import resolve
+        from tunesmith.models.names import resolve
 
         return resolve(self.name)
 

@@ -101,7 +101,7 @@ def order_train(train: list[Example], cfg: DataSection) -> list[Example]:
     """The train split in ``data.order`` (numbers compare as numbers); unchanged without it."""
     if cfg.order is None:
         return train
-    from tunesmith.scoring.metrics import parse_number
+    from tunesmith.records import parse_number
 
     def key(ex: Example):
         value = ex.target if cfg.order.by == "target" else ex.meta.get(cfg.order.by)

@@ -254,7 +254,7 @@ def _hash_path(h, path: Path) -> None:
 def cache_key(recipe: Recipe) -> str:
     """sha256 over input bytes, data section + seed + model, tokenizer files and the package code."""
     from tunesmith import __version__
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     h = hashlib.sha256(f"format {CACHE_FORMAT} tunesmith {__version__}".encode())
     cfg = recipe.data

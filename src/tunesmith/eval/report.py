@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.kinds import TaskKind
-from tunesmith.kinds.base import num
 from tunesmith.records import Example
+from tunesmith.scoring.display import num
 from tunesmith.scoring.plots import make_plots
 from tunesmith.scoring.result import ContenderResult, EvalRun
 

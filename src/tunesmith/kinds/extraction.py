@@ -19,11 +19,12 @@ from pydantic import Field, model_validator
 
 from tunesmith.config.kinds import TargetError, register
 from tunesmith.config.section import Section
-from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, pct, score_outputs
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, score_outputs
 from tunesmith.kinds.freeform import same_text
 from tunesmith.records import Example
 from tunesmith.scoring import baselines as B
 from tunesmith.scoring import metrics as M
+from tunesmith.scoring.display import pct
 from tunesmith.scoring.result import ContenderResult, Source
 
 

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tunesmith.config.kinds import register
-from tunesmith.kinds.base import TaskKind, num, pct
+from tunesmith.kinds.base import TaskKind
 from tunesmith.records import Example
 from tunesmith.scoring import textsim
+from tunesmith.scoring.display import num, pct
 
 
 def same_text(prediction: str, reference: str) -> bool:

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from tunesmith.config.kinds import TargetError, register
-from tunesmith.kinds.base import TaskKind, num
+from tunesmith.kinds.base import TaskKind
 from tunesmith.records import Example
 from tunesmith.scoring import qa
+from tunesmith.scoring.display import num
 
 
 @register

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config.kinds import TargetError, register
-from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, num, pct
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind
 from tunesmith.records import Example
 from tunesmith.scoring import baselines as B
 from tunesmith.scoring import metrics as M
+from tunesmith.scoring.display import num, pct
 
 
 def _values(inputs: BaselineInputs) -> list[float]:

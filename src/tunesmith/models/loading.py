@@ -7,7 +7,7 @@ from typing import Any
 
 from tunesmith.errors import ModelError
 from tunesmith.machine.placement import Placement
-from tunesmith.models.registry import resolve
+from tunesmith.models.names import resolve
 
 
 def load_tokenizer(name: str):

@@ -64,23 +64,10 @@ def pull_command(name: str) -> str:
     return f"tunesmith models pull {name}"
 
 
-def resolve(name: str) -> str:
-    """Turn a recipe's ``model.name`` into something ``from_pretrained`` accepts.
-
-    An embedded name resolves to its cached folder (error naming the pull command if absent),
-    a name registered with ``tunesmith models add`` to its cached folder, an existing folder to
-    itself, ``random:<arch>`` to its folder of config and tokenizer (no weights, see
-    :mod:`tunesmith.models.random_weights`), anything else is passed on as a Hugging Face id. A shipped
-    encoder (``models/encoders.py``) resolves to its transformers folder.
-    """
-    from tunesmith.models.encoders import ENCODERS, encoder_folder
-
-    if name in ENCODERS:
-        return encoder_folder(name)
-    if name.startswith("random:"):  # an architecture with random weights (speed and memory work)
-        from tunesmith.models.random_weights import folder_for
-
-        return str(folder_for(name))
+def local_folder(name: str) -> str:
+    """An embedded name → its cached folder (error naming the pull command if absent), a name registered with
+    ``tunesmith models add`` → its cached folder, an existing folder → itself, anything else is passed on as a
+    Hugging Face id."""
     if name in EMBEDDED:
         if not is_cached(name):
             raise ModelError(f"Model '{name}' is not in the cache yet. Run: {pull_command(name)}")

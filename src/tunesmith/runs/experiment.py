@@ -34,7 +34,8 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     ``command.txt`` for the results table. Under torchrun every rank trains, rank 0 alone writes the run
     folder, evaluates and reports; the other ranks return None once training is done."""
     from tunesmith.eval.runner import arm_name, arm_recipes, check_endpoints, contenders_of, evaluate
-    from tunesmith.machine.launch import finish, is_main, prepare_data_once
+    from tunesmith.machine.launch import finish, is_main
+    from tunesmith.runs.data import prepare_data_once
 
     console = console or Console()
     if recipe.data is None:

@@ -11,8 +11,9 @@ from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
 from tunesmith.errors import ConfigError
-from tunesmith.machine.launch import finish, is_main, main_process_first, prepare_data_once
+from tunesmith.machine.launch import finish, is_main, main_process_first
 from tunesmith.progress import task_bar
+from tunesmith.runs.data import prepare_data_once
 
 __all__ = ["main_process_first", "print_summary", "run_training"]
 

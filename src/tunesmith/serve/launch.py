@@ -28,7 +28,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
 def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
     """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
     from tunesmith.serve.heads import is_head_folder
 
     heads = [n for n, p in adapters.items() if is_head_folder(p)]

@@ -27,9 +27,9 @@ def load_sequence_head(name: str, placement, tokenizer, labels: list[str] | None
 
     from tunesmith.errors import ConfigError
     from tunesmith.models.loading import load_head_model, quantized
+    from tunesmith.models.names import resolve
     from tunesmith.models.pooled import ARCHITECTURE, PooledForSequenceClassification
     from tunesmith.models.random_weights import is_random, save_weights
-    from tunesmith.models.registry import resolve
 
     ref = resolve(name)
     if is_random(ref):  # a random:<arch> base: its seeded weights written once, for from_pretrained

@@ -67,7 +67,7 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
-    from tunesmith.machine.device import take_path
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
 
     recipe, path, placement = take_path(recipe)

@@ -142,7 +142,7 @@ def best_span(start_logits, end_logits, offsets: list, max_answer: int) -> tuple
 
 
 def regression_rows(recipe: Recipe, train: list[Example], tokenizer, target: Target) -> list[dict]:
-    from tunesmith.scoring.metrics import parse_number
+    from tunesmith.records import parse_number
     from tunesmith.train.classifier import encode
 
     rows = encode(tokenizer, [render_prompt(e, recipe.data.prompt) for e in train])
@@ -301,7 +301,7 @@ class RegressionHead(HeadKind):
         return None if train_section.regression_loss == "mse" else regression_loss(train_section.regression_loss)
 
     def training_rows(self, recipe, train, labels, tokenizer, console):
-        from tunesmith.scoring.metrics import parse_number
+        from tunesmith.records import parse_number
         from tunesmith.train.classifier import set_aside_long
 
         target = Target(recipe.train.target_transform).fit([float(parse_number(e.target)) for e in train])
@@ -359,7 +359,7 @@ class SpanHead(HeadKind):
         from transformers import AutoModelForQuestionAnswering
 
         from tunesmith.models.loading import load_head_model
-        from tunesmith.models.registry import resolve
+        from tunesmith.models.names import resolve
 
         return load_head_model(AutoModelForQuestionAnswering, resolve(name), placement, tokenizer)
 
