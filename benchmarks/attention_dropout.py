@@ -90,15 +90,14 @@ def run_side(task: str, dropout: float | None, examples: list, args, out: Path) 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.heads import HEADS, train_head
+    from tunesmith.train.heads import TRAINING, train_classifier, train_head
 
     recipe = recipe_for(task, dropout, args, out)
     tokenizer = load_tokenizer(MODEL)
     console = Console(quiet=True)
     before = reset_peak_rss()
     if task == "span":
-        result = train_head(HEADS["span"], recipe, examples, tokenizer, pick_placement(), no_bar, console, False, None)
+        result = train_head(TRAINING["span"], recipe, examples, tokenizer, pick_placement(), no_bar, console, False, None)
     else:
         result = train_classifier(recipe, examples, ["1", "5"], tokenizer, pick_placement(), no_bar, console)
     losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]

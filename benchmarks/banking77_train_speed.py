@@ -75,7 +75,7 @@ def run_head(train, held, labels, tokenizer, args, out: Path, grouped: bool) -> 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.machine.placement import pick_placement
     from tunesmith.records import Example
-    from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.heads import train_classifier
 
     recipe = recipe_for(args, out / ("grouped" if grouped else "random"), grouped)
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(train)]

@@ -456,7 +456,7 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
-    from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.heads import train_classifier
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")

@@ -179,7 +179,7 @@ def test_training_steps_make_no_host_sync_on_the_gpu(cli, tmp_path, tiny_model_d
 def test_a_classifier_head_trains_on_a_4bit_decoder(cli, tmp_path, tiny_model_dir):
     """head + QLoRA: the decoder's linear layers in NF4, LoRA and the head layer trained, every tensor moved; the
     saved head then predicts through the evaluation's loader (a bf16 base with the adapter)."""
-    from tunesmith.train.heads import HeadPredictor
+    from tunesmith.models.head_predictor import HeadPredictor
 
     doc = reads_recipe(tmp_path, tiny_model_dir, "classifier")
     doc["train"] |= {"adapter": "qlora", "optimizer": "auto"}

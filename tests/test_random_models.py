@@ -126,8 +126,8 @@ def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home
 
 def test_the_classifier_head_loads_a_random_model(tiny_model_dir, home):
     from tunesmith.machine.placement import Placement
+    from tunesmith.models.heads import load_sequence_head
     from tunesmith.models.loading import load_tokenizer
-    from tunesmith.train.classifier import load_sequence_head
 
     name = f"random:gemma-2-2b?layers=1&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
     tok = load_tokenizer(name)

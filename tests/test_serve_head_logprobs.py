@@ -48,7 +48,7 @@ def served(tmp_path_factory, tiny_model_dir):
 
 
 def test_classifier_head_answers_logprobs_over_its_labels_streamed_or_not(served):
-    from tunesmith.train.heads import HeadPredictor
+    from tunesmith.models.head_predictor import HeadPredictor
 
     client = served["client"]
     texts = [r["text"] for r in banking_rows(LABELS, 2)]

@@ -56,3 +56,8 @@ def parse_number(output: str | None) -> float | None:
         return float(m.group().replace(",", ""))
     except ValueError:
         return None
+
+
+def render_prompt(example: Example, template: str) -> str:
+    """The prompt of an example: the template with its input fields filled in."""
+    return template.format(**example.inputs)

@@ -83,10 +83,6 @@ def _text(value) -> str:
     return value.strip() if isinstance(value, str) else str(value)
 
 
-def render_prompt(example: Example, template: str) -> str:
-    return template.format(**example.inputs)
-
-
 def label_set(examples: list[Example], cfg: DataSection) -> list[str]:
     """The closed label set of a classification task: the recipe's list, or the sorted labels seen in the
     data. Other task kinds have none (a price is not a label)."""

@@ -310,7 +310,7 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
 
 def _head(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
     """A trained head (classifier, regression or span) answers through its HeadPredictor, as served."""
-    from tunesmith.train.heads import evaluate_head
+    from tunesmith.eval.heads import evaluate_head
 
     return evaluate_head(task, c.name, c.description, c.path, test, c.data.prompt, placement, bar,
                          c.model or recipe.model.name)
@@ -356,7 +356,7 @@ def _baselines(recipe, task: TaskKind, train, test, console) -> list[ContenderRe
     """The LLM-free baselines that apply to this task; the others are named and skipped."""
     import importlib.util
 
-    from tunesmith.data.examples import render_prompt
+    from tunesmith.records import render_prompt
 
     for name in recipe.eval.baselines:
         if name != "auto" and name not in task.baseline_names():
@@ -393,8 +393,8 @@ def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int
 
 def _judge(recipe, client, results, test, bar) -> dict:
     """Pairwise win rate of ``judge.pair[0]`` over ``pair[1]``, or a rubric score per generating contender."""
-    from tunesmith.data.examples import render_prompt
     from tunesmith.eval import judge
+    from tunesmith.records import render_prompt
 
     spec = recipe.eval.judge
     questions = [render_prompt(e, recipe.data.prompt) for e in test]

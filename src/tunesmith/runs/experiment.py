@@ -174,7 +174,7 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
         _export_arm(recipe, arm, data.splits, train)
         if arm.synth is None:
             return None
-        from tunesmith.synth.augment import augment
+        from tunesmith.synth.stage import augment
 
         return augment(arm, recipe, train, data.splits["val"] + data.splits["test"], console)
 

@@ -20,8 +20,9 @@ from rich.console import Console
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.models.heads import HEADS
 from tunesmith.records import Example
-from tunesmith.train.heads import HEADS
+from tunesmith.train.heads import TRAINING
 from tunesmith.train.result import TrainResult, write_outputs
 
 
@@ -148,7 +149,7 @@ def _dpo(job: TrainJob) -> TrainResult:
 @trainer("sft", *HEADS)  # a head trains on its own loss; the recipe's method stays sft
 def _head(job: TrainJob) -> TrainResult:
     r = job.recipe
-    return HEADS[r.train.head].train(r, ordered(r, job.data.train), job.data.labels, job.tokenizer, job.placement,
+    return TRAINING[r.train.head].train(r, ordered(r, job.data.train), job.data.labels, job.tokenizer, job.placement,
                                      job.bar, job.console, job.resume, job.callbacks)
 
 
