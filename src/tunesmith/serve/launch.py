@@ -55,8 +55,8 @@ def _die_with_parent() -> None:
 def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local",
                  ray_address: str | None = None) -> subprocess.Popen:
     """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
-    cmd = [sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir),
-           "--jobs-per-key", str(jobs_per_key), "--executor", executor]
+    module = "tunesmith.serve.ray_executor" if executor == "ray" else "tunesmith.serve.worker"
+    cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
     return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
                             preexec_fn=_die_with_parent)
 
