@@ -28,7 +28,7 @@ def train_intent_head(tmp_path, model_dir):
         train={"head": "classifier", "max_steps": 4, "batch_size": 7, "learning_rate": 1e-2, "logging_steps": 2,
                "max_seq_length": 48, "lr_scheduler": "constant"}))
     buf = io.StringIO()
-    cli_mod.console = cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+    cli_mod.common.console = cli_mod.common.err_console = Console(file=buf, width=200, force_terminal=False)
     with redirect_stdout(buf), redirect_stderr(buf):
         code = cli_mod.main(["train", str(recipe)])
     assert code == 0, buf.getvalue()

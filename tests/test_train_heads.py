@@ -24,7 +24,7 @@ def _cli(args):
     import tunesmith.cli as cli_mod
 
     buf = io.StringIO()
-    cli_mod.console = cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+    cli_mod.common.console = cli_mod.common.err_console = Console(file=buf, width=200, force_terminal=False)
     with redirect_stdout(buf), redirect_stderr(buf):
         code = cli_mod.main(args)
     return code, buf.getvalue()

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.hashing import content_hash
 from tunesmith.records import Example
 
 if TYPE_CHECKING:
@@ -110,20 +111,8 @@ def fingerprint(recipe: Recipe, train: list[Example], init_adapter: Path | None 
     pairs = recipe.train.dpo.path if recipe.train.method == "dpo" else None
     for source in (pairs, init_adapter):
         if source is not None and Path(source).exists():
-            h.update(_digest(Path(source)))
+            h.update(bytes.fromhex(content_hash(Path(source))))
     return h.hexdigest()
-
-
-def _digest(path: Path) -> bytes:
-    """sha256 of a file, or of a folder's files (relative names and bytes, in name order)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path)).encode() if f != path else b"")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.digest()
 
 
 def finished(out: Path, key: str) -> dict | None:

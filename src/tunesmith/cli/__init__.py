@@ -1,0 +1,277 @@
+"""Command-line entry point: parse, validate, call one core function, render.
+
+Exit codes: 0 success, 2 config or usage error, 3 data error, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from tunesmith import __version__
+from tunesmith.cli import common
+from tunesmith.cli.data import data_app
+from tunesmith.cli.models import models_app
+from tunesmith.cli.synth import synth_app
+from tunesmith.errors import TunesmithError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune a small model for one narrow task.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(synth_app, name="synth")
+
+
+def _version(value: bool) -> None:
+    if value:
+        common.console.print(f"tunesmith {__version__}")
+        raise typer.Exit()
+
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    common.state["debug"] = debug
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a key, e.g. --set train.epochs=2; one arm: --set arms.NAME.train.epochs=2.")] = None,
+    nproc: common.NprocOpt = None,
+    nnodes: common.NnodesOpt = 1,
+    node_rank: common.NodeRankOpt = 0,
+    rdzv_endpoint: common.RdzvOpt = None,
+) -> None:
+    """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
+    import shlex
+
+    from tunesmith.runs.experiment import run as run_pipeline
+
+    cfg = common.recipe_at(recipe, set_ or [])
+    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
+    common.quiet_libraries()
+    command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
+    result = run_pipeline(cfg, common.rank_console(), command)
+    if result is None:  # a rank other than 0: rank 0 evaluates and reports
+        return
+    common.console.rule("[bold green]done")
+    if result.headline:
+        common.console.print(result.headline.replace("**", ""))
+    common.console.print(f"Report: {result.report}")
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (YAML value).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help=(
+        "Continue from the newest checkpoint, even of a finished training; fail instead of starting over "
+        "(without it, checkpoints of the same settings are resumed and others removed)."))] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
+    backend: Annotated[str, typer.Option(help="local, or openai: an OpenAI-compatible fine-tuning API "
+                                              "(the recipe's hosted section).")] = "local",
+    nproc: common.NprocOpt = None,
+    nnodes: common.NnodesOpt = 1,
+    node_rank: common.NodeRankOpt = 0,
+    rdzv_endpoint: common.RdzvOpt = None,
+) -> None:
+    """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
+
+    cfg = common.recipe_at(recipe, set_ or [])
+    if backend == "openai":
+        from tunesmith.runs.hosted import run_hosted
+
+        common.quiet_libraries()
+        job = run_hosted(cfg, common.console)
+        common.console.print(f"Fine-tuned model: {job['fine_tuned_model']}  (metrics: {cfg.run_dir / 'train' / 'metrics.csv'})")
+        return
+    if backend != "local":
+        raise typer.BadParameter("--backend is local or openai")
+    if estimate:
+        from tunesmith.machine.estimate import estimate_recipe
+
+        est = estimate_recipe(cfg)
+        common.console.print(est.render())
+        return
+    from tunesmith.runs.training import run_training
+
+    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
+    common.quiet_libraries()
+    out = common.rank_console()
+    trained = run_training(cfg, out, resume=resume)
+    out.print(f"Saved: {trained.output_dir}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (runs/<name>).")],
+    merged: Annotated[Path | None, typer.Option(help="Write a merged Hugging Face folder here.")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="Write the PEFT adapter alone here.")] = None,
+    gguf: Annotated[Path | None, typer.Option(help="Write a GGUF file and an Ollama Modelfile in this folder.")] = None,
+    gguf_type: Annotated[str, typer.Option(help=(
+        "GGUF weight type: f32, f16, bf16, q8_0 (llama.cpp's converter); "
+        "q4_0, q5_0, q4_k_m, q5_k_m, q6_k (its quantizer, needs tunesmith[llama-cpp])."))] = "f16",
+    arm: Annotated[str | None, typer.Option(help="Export this arm of the run (runs/<name>/arms/<arm>).")] = None,
+) -> None:
+    """Export a trained run as a merged model folder, its adapter and/or a GGUF for llama.cpp and Ollama."""
+    from tunesmith.errors import ConfigError
+
+    if not merged and not adapter and not gguf:
+        raise ConfigError("export: give --merged OUT, --adapter OUT and/or --gguf DIR")
+    from tunesmith.export.gguf import check_gguf_type, export_gguf
+    from tunesmith.export.merged import arm_dir, export_adapter, export_merged
+
+    check_gguf_type(gguf_type)
+    run_dir = arm_dir(run_dir, arm) if arm else run_dir
+    common.quiet_libraries()
+    if adapter:
+        common.console.print(f"adapter → {export_adapter(run_dir, adapter)}")
+    if merged:
+        common.console.print(f"merged model → {export_merged(run_dir, merged)}")
+    if gguf:
+        path = export_gguf(run_dir, gguf, gguf_type)
+        common.console.print(f"GGUF → {path} ({path.stat().st_size / 1e6:.1f} MB), Ollama Modelfile → {path.parent / 'Modelfile'}")
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="A recipe YAML file, or 'qa' to score a predictions file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key.")] = None,
+    gold: Annotated[Path | None, typer.Option(help="qa: SQuAD/KorQuAD-style gold JSON.")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="qa: JSON object {question id: answer}.")] = None,
+    lang: Annotated[str, typer.Option(help="qa: en (SQuAD v1.1 rules) or ko (KorQuAD v1.0 rules).")] = "en",
+) -> None:
+    """Evaluate every contender of a recipe side by side, or (``eval qa``) score QA predictions."""
+    import json
+
+    from tunesmith.errors import ConfigError
+
+    if target == "qa":
+        from tunesmith.scoring.qa import read_gold, read_predictions, score_qa
+
+        if gold is None or predictions is None:
+            raise ConfigError("eval qa needs --gold FILE and --predictions FILE")
+        score = score_qa(read_gold(gold), read_predictions(predictions), lang)
+        listed = (("missing (scored 0)", score.missing), ("not in the gold file (ignored)", score.extra))
+        for label, ids in listed:
+            if ids:
+                common.err_console.print(f"{len(ids)} prediction id(s) {label}: {', '.join(ids[:20])}"
+                                  + (" ..." if len(ids) > 20 else ""), highlight=False)
+        print(json.dumps(score.headline()))
+        return
+    from tunesmith.eval.runner import evaluate_recipe
+
+    cfg = common.recipe_at(Path(target), set_ or [])
+    common.quiet_libraries()
+    result = evaluate_recipe(cfg, common.console)
+    common.console.rule("[bold green]done")
+    h, fmt = result.task.headline, result.task.fmt
+    for r in result.results:
+        common.console.print(f"  {r.name:<16} {h} {fmt(r.metrics.get(h))}")
+    common.console.print(f"Report: {result.report_md}  ·  {result.report_html}")
+
+
+# --- tunesmith serve -----------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 unless you mean to expose it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    model: Annotated[str, typer.Option(help="Base model: embedded name, folder or HF id.")] = "smollm2-135m-instruct",
+    adapter: Annotated[list[str] | None, typer.Option(help="A LoRA adapter to serve, NAME=PATH (repeatable).")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where files, jobs and job runs are kept.")] = Path("tunesmith-data"),
+    runs: Annotated[Path, typer.Option(help="The runs folder whose experiments the dashboard shows.")] = Path("runs"),
+    api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
+    engine: Annotated[str, typer.Option(help="builtin, or vllm to print the vLLM command.")] = "builtin",
+    exec_: Annotated[bool, typer.Option("--exec", help="With --engine vllm: start it.")] = False,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 4096,
+    request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
+                                                   "with finish_reason length).")] = 300.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
+    docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
+                                              "[default: on only without API keys].", show_default=False)] = None,
+    allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
+    jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
+                                              "once (queued jobs start round robin over keys).")] = 1,
+    executor: Annotated[str, typer.Option(help="local: jobs one at a time in a worker process; ray: each job "
+                                          "a Ray task, several at once (pip install 'tunesmith[ray]').")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the cluster to join "
+                                                    "(default: start a local one).")] = None,
+) -> None:
+    """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
+    from tunesmith.serve.app import ServeSettings
+    from tunesmith.serve.launch import parse_adapters, serve_builtin, shell_line, vllm_command
+
+    adapters = parse_adapters(adapter or [])
+    if engine == "vllm":
+        cmd = vllm_command(model, adapters, host, port)
+        common.console.print(shell_line(cmd), soft_wrap=True)
+        if exec_:
+            import os
+
+            os.execvp(cmd[0], cmd)
+        return
+    if engine != "builtin":
+        raise typer.BadParameter("--engine is builtin or vllm")
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter("--executor is local or ray")
+    if executor == "ray":
+        from tunesmith.serve.ray_executor import ray_module
+
+        ray_module()  # a missing extra is said here, not in the worker's log
+    keys = ServeSettings.keys_from_env(api_keys_file)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        common.err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
+    common.quiet_libraries()
+    settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
+                             max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
+                             allow_random_model=allow_random_model)
+    serve_builtin(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
+                  ray_address=ray_address)
+# --- tunesmith data ... ----------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the app, mapping our errors to exit codes and one-line messages."""
+    common.state["argv"] = list(sys.argv[1:] if argv is None else argv)
+    try:
+        status = app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code here
+        if isinstance(status, int) and status:
+            return status
+    except TunesmithError as exc:
+        common.err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if common.state["debug"]:
+            common.err_console.print_exception()
+        return exc.exit_code
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        common.err_console.print("aborted")
+        return 130
+    except Exception as exc:
+        usage_error = getattr(exc, "show", None) and isinstance(getattr(exc, "exit_code", None), int)
+        if usage_error:  # click's usage errors (typer vendors click) carry exit code 2
+            exc.show()
+            return exc.exit_code
+        common.err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
+                          soft_wrap=True)
+        if common.state["debug"]:
+            common.err_console.print_exception()
+        else:
+            common.err_console.print("(run with --debug for the traceback)")
+        return 1
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
