@@ -18,7 +18,7 @@ def test_train_twice_is_not_retrained_and_another_setting_is(cli, tmp_path, tiny
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     done = json.loads((train / "done.json").read_text())
-    assert done["summary"]["method"] == "sft / lora r=16" and "→" in done["summary"]["train loss first → last"]
+    assert done["summary"]["method"] == "SFT LoRA r=16" and "→" in done["summary"]["train loss first → last"]
     assert "training summary" in out and done["summary"]["tokens trained"] in out
     assert json.loads((train / "started.json").read_text())["fingerprint"] == done["fingerprint"]
     assert list((train / "checkpoints").glob("checkpoint-*"))

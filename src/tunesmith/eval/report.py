@@ -18,7 +18,7 @@ from tunesmith.kinds import TaskKind
 from tunesmith.records import Example
 from tunesmith.scoring.display import num
 from tunesmith.scoring.plots import make_plots
-from tunesmith.scoring.result import ContenderResult, EvalRun
+from tunesmith.scoring.result import ContenderResult, EvalRun, baseline_comparison, best_contender
 
 
 def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
@@ -73,19 +73,10 @@ def table_rows(task: TaskKind, results: list[ContenderResult]) -> tuple[list[str
     return headers, rows
 
 
-def better(task: TaskKind, a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return False
-    return a > b if task.higher_is_better else a < b
-
-
 def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | None:
-    best_r = None
-    for r in results:
-        v = r.metrics.get(task.headline)
-        if v is not None and (best_r is None or better(task, v, best_r.metrics[task.headline])):
-            best_r = r
-    return best_r
+    """The result with the best headline value (the first on a tie), or None."""
+    name = best_contender(task, {r.name: r.metrics for r in results}, [r.name for r in results])
+    return next((r for r in results if r.name == name), None)
 
 
 def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, seed: int) -> list[dict]:
@@ -144,7 +135,8 @@ class Report:
         text = f"**{arm.name}** {h} {t.fmt(arm.metrics.get(h))}"
         if base is not None:  # a run whose model is an encoder has no base contender
             text += f" vs base {t.fmt(base.metrics.get(h))}"
-        top = next((c for c in self.comparisons if c["a"] == arm.name and c["b_is_baseline"]), None)
+        baseline = best(t, [r for r in self.results if r.is_baseline])
+        top = baseline_comparison(self.comparisons, arm.name, baseline and baseline.name)
         if top:
             b = by[top["b"]]
             said = {"better": "beats the baseline", "worse": "is below the baseline",
@@ -213,7 +205,7 @@ def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], t
     """eval/metrics.json, predictions.jsonl, comparisons.json, plots, report.md and report.html."""
     eval_dir = recipe.run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {r.name: r.metrics for r in results}
+    metrics = {r.name: {**r.metrics, "contender": r.kind} for r in results}
     (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r in results:

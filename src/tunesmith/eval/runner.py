@@ -50,16 +50,11 @@ def arm_name(recipe: Recipe, arm: Recipe) -> str:
     return "finetuned" if arm is recipe else arm.name
 
 
-ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "full": "full fine-tune"}
-
-
 def describe_arm(arm: Recipe, model_name: str) -> str:
     """What the arm trained, e.g. 'm + SFT LoRA r=16, ...' or 'm + LoRA r=16 + classifier head, ...' (a head
     is trained on its own loss, not by SFT or DPO, so the method is not named for it)."""
     t = arm.train
-    how = ADAPTER_NAMES[t.adapter] + ("" if t.adapter == "full" else f" r={t.lora.r}")
-    what = f"{t.method.upper()} {how}" if t.head == "generative" else f"{how} + {t.head} head"
-    return f"{model_name} + {what}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    return f"{model_name} + {t.describe()}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
 
 
 def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:

@@ -180,9 +180,7 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
     t = recipe.train
     warning = {"warning": result.warning} if result.warning else {}
     return warning | {
-        "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
-                  + (f" / {t.head} head" if t.head != "generative" else "")
-                  + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),
+        "method": t.describe() + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),
         "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
