@@ -70,6 +70,7 @@ def nsmc_examples(n: int, seed: int) -> list:
 
 def recipe_for(task: str, dropout: float | None, args, out: Path):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     data = ({"path": "unused", "input_fields": ["context", "question"], "target_field": "answers", "task": "qa",

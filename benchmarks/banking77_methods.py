@@ -103,6 +103,7 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import load_recipe
     from tunesmith.data.prepare import prepare
     from tunesmith.machine.placement import pick_placement

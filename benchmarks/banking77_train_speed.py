@@ -47,6 +47,7 @@ def load_messages(n: int, held_out: int, seed: int):
 
 def recipe_for(args, out: Path, grouped: bool):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     return validate_recipe({

@@ -181,6 +181,7 @@ def model_name(cfg: Config, args) -> str:
 
 def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", **extra):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     train = extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,

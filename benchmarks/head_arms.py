@@ -58,6 +58,7 @@ def load_reviews(n: int, held_out: int, seed: int):
 
 def recipe_for(side: str, args, out: Path):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     spec = SIDES[side]

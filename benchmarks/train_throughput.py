@@ -81,6 +81,7 @@ def fresh_model(seed: int):
 
 def run_tunesmith(rows, tokenizer, args, out: Path) -> dict:
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
     from tunesmith.train.sft import build_trainer
 

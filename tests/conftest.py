@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import tunesmith.kinds  # noqa: F401 - registers the task kinds the recipe schema checks
+import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "data" / "banking77_10intents.csv"

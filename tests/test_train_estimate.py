@@ -84,7 +84,7 @@ def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_b
     import tunesmith.machine.estimate as est
     from tunesmith.config import validate_recipe
     from tunesmith.machine.placement import pick_placement
-    from tunesmith.train.dispatch import fit_micro_batch
+    from tunesmith.train.jobs import fit_micro_batch
 
     recipe = validate_recipe({"name": "m", "model": {"name": str(tiny_model_dir)},
                               "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"},

@@ -319,7 +319,7 @@ def test_every_method_and_head_a_recipe_can_name_has_a_trainer():
     from tunesmith.config.train import HEAD_TASKS
     from tunesmith.errors import ConfigError, DataError
     from tunesmith.models.heads import HEADS, head_kind
-    from tunesmith.train.dispatch import trainer_for
+    from tunesmith.train.jobs import trainer_for
 
     heads = get_args(TrainSection.model_fields["head"].annotation)
     assert set(HEADS) == set(HEAD_TASKS) == set(heads) - {"generative"}

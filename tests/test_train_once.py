@@ -52,7 +52,7 @@ def test_train_examples_trains_on_a_stratified_sample_and_says_so(cli, tmp_path,
     from tunesmith.config import validate_recipe
     from tunesmith.records import Example
     from tunesmith.runs.once import sampled_train
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
 
     labels = ("card_arrival", "pin_blocked", "age_limit")
     rows = [Example(f"r{i}", {"text": f"t{i}"}, labels[i % 3] if i < 60 else labels[0]) for i in range(90)]

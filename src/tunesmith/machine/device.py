@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.errors import ConfigError
+from tunesmith.machine.methods import MethodSpec, method_spec
 
 ATTENTION = ("flash_attention_2", "sdpa", "flex_attention", "eager")
 
@@ -50,7 +51,7 @@ class Wishes:
     device: str = "auto"  # model.device: auto | cpu | cuda | mps
     adapter: str = "lora"  # lora | dora | qlora | full
     head: str = "generative"  # generative, or a head kind (classifier | regression | span)
-    method: str = "sft"  # sft | dpo
+    method: str = "sft"  # a registered training method (tunesmith.machine.methods)
     packing: bool = True
     optimizer: str = "auto"
     attention: str = "auto"
@@ -58,6 +59,11 @@ class Wishes:
     loss: str = "auto"  # auto | chunked | logits (generative SFT)
     gradient_checkpointing: bool | str = "auto"
     softcapping: bool = False  # the model soft-caps attention logits (Gemma-2)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The training method's shape (registered by its module)."""
+        return method_spec(self.method)
 
 
 @dataclass(frozen=True)
@@ -191,8 +197,8 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
 def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
     if wish.head != "generative":
         return "off", f"a {wish.head} head reads one example per row: never packed"
-    if wish.method == "dpo":
-        return "off", "DPO compares each chosen and rejected sequence whole, one per row: never packed"
+    if not wish.spec.packs:
+        return "off", wish.spec.unpacked_reason
     if not wish.packing:
         return "off", "train.packing: false"
     if gpu:
@@ -222,11 +228,11 @@ def _kernels(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str]:
 
 def loss_form(wish) -> tuple[str, str]:
     """How training scores its outputs, and why: ``wish`` is :class:`Wishes` or a recipe's train section (the memory
-    estimator asks with the latter), read for ``head``, ``method`` and ``loss``."""
+    estimator asks with the latter), read for ``head``, ``spec`` (the method's shape) and ``loss``."""
     if wish.head != "generative":
         return "head", f"the {wish.head} head's own loss over its labels"
-    if wish.method == "dpo":
-        return "chunked", "TRL's fused LM head scores the completions in vocabulary tiles"
+    if wish.spec.loss is not None:
+        return wish.spec.loss
     if wish.loss != "auto":
         return wish.loss, "asked"
     return "chunked", ("target positions picked by integer index and scored in vocabulary tiles: no logits held, no "

@@ -162,7 +162,7 @@ def estimate(
     t = recipe.train
     attention_kind = attention or t.attention
     b = BYTES[dtype]
-    rows = t.batch_size * (2 if t.method == "dpo" else 1)  # DPO: a chosen and a rejected sequence per pair
+    rows = t.batch_size * t.spec.sequences_per_example  # DPO: a chosen and a rejected sequence per pair
     tokens = rows * t.max_seq_length
     if t.adapter == "full":
         # train.freeze_embeddings: the input embeddings (most of a multilingual encoder) get no gradient or state
@@ -201,8 +201,8 @@ def estimate(
         attention = rows * t.max_seq_length**2
     else:  # SDPA's CPU kernels keep no probabilities, only the 4D mask, as floats, once per layer
         attention = rows * t.max_seq_length**2 * 4 * layers_kept
-    if t.method == "dpo":  # TRL's fused LM head scores the target positions in tiles: no (rows, L, vocab) logits
-        logits = tokens * 2 * 4 * 3
+    if t.spec.logit_bytes_per_token is not None:  # DPO: TRL's fused LM head scores in tiles, no (rows, L, vocab) logits
+        logits = tokens * t.spec.logit_bytes_per_token
     elif t.head == "generative":
         targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
         if (loss or loss_form(t)[0]) == "chunked":  # see tunesmith.train.chunked_loss

@@ -168,7 +168,7 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
     the same settings); when it trains, its data exports and its synth stage come first. Returns its summary."""
     from tunesmith.progress import task_bar
     from tunesmith.runs.once import from_arm_adapter, train_once
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
 
     def before_training(arm: Recipe, train: list):
         _export_arm(recipe, arm, data.splits, train)
@@ -192,7 +192,7 @@ def _export_arm(recipe: Recipe, arm: Recipe, splits: dict, train: list) -> None:
     if arm is recipe or not arm.data.export or not is_main():
         return
     from tunesmith.data.exporters import export_splits
-    from tunesmith.train.dispatch import ordered
+    from tunesmith.train.jobs import ordered
 
     export_splits({**splits, "train": ordered(arm, train)}, arm.data, arm.run_dir / "data" / "export")
 

@@ -26,9 +26,9 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import check_adapter_device
     from tunesmith.runs.once import train_once
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
 
-    if recipe.data is None and recipe.train.method != "dpo":
+    if recipe.data is None and not recipe.train.spec.reads_pairs:
         raise ConfigError("data: required (only train.method dpo reads its pairs from train.dpo.path)")
     recipe.refuse_folds("tunesmith train")
     placement = pick_placement(recipe.model.precision, recipe.model.device)

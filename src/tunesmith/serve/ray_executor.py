@@ -42,6 +42,7 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
     need = {"num_cpus": 1, "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0}
     try:
         import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+        import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
         from tunesmith.config import validate_recipe
         from tunesmith.machine.estimate import estimate_recipe
 

@@ -80,6 +80,7 @@ def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
 
 def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     steps = math.ceil(n_examples / hyper["batch_size"]) * hyper["n_epochs"]
@@ -227,7 +228,7 @@ def train_job(recipe, rows, val_rows, callback, resume, bar):
     """The job's training through the one dispatcher (chat rows as uploaded, or DPO pairs)."""
     from rich.console import Console
 
-    from tunesmith.train.dispatch import TrainData, train
+    from tunesmith.train.jobs import TrainData, train
 
     return train(recipe, TrainData(rows=rows, val_rows=val_rows), Console(file=io.StringIO()), bar,
                  resume=resume, callbacks=[callback])

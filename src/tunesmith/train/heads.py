@@ -18,6 +18,7 @@ from tunesmith.machine.launch import is_main
 from tunesmith.models.heads import HEADS, HeadKind, Target, batches, encode, write_head_meta
 from tunesmith.models.spans import answer_span, label_window, question_and_context, windows
 from tunesmith.records import Example, parse_number, render_prompt
+from tunesmith.train.jobs import TrainJob, ordered, trainer
 from tunesmith.train.metrics import rows_from_log_history, train_losses
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 
@@ -397,3 +398,10 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
     ``head: classifier`` arm; the evaluation path scores it like any contender."""
 
     return TRAINING["classifier"].train(recipe, train, labels, tokenizer, placement, bar, console, resume, callbacks)
+
+
+@trainer("sft", *HEADS)  # a head trains on its own loss; the recipe's method stays sft
+def head_job(job: TrainJob) -> TrainResult:
+    r = job.recipe
+    return TRAINING[r.train.head].train(r, ordered(r, job.data.train), job.data.labels, job.tokenizer, job.placement,
+                                     job.bar, job.console, job.resume, job.callbacks)
