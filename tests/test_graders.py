@@ -164,3 +164,17 @@ def test_score_model_on_a_local_model(tiny_model_dir):
     for r in rows:  # random weights: a reply came back and was read (almost surely not a score)
         assert isinstance(r.metadata["scores"]["reply"], str) and r.metadata["token_usage"] > 0
         assert r.reward == 0.0 or not r.metadata["errors"]["model_grader_parse_error"]
+
+
+def test_reward_function_for_trl_grades_a_batch_with_dataset_columns():
+    from tunesmith.graders import reward_function
+
+    logged = {}
+    reward = reward_function(string_check("ilike"))
+    got = reward(prompts=["q1", "q2", "q3"],
+                 completions=["It is Paris", [{"role": "assistant", "content": "lyon"}], "PARIS"],
+                 answer=["paris", "Paris", "Paris"], trainer_state=None, log_metric=logged.__setitem__)
+    assert got == [1.0, 0.0, 1.0] and reward.__name__ == "grader_s"
+    assert logged == {"grader_s/errored": 0.0}
+    missing = reward_function(string_check("eq"))(prompts=["q"], completions=["x"], log_metric=logged.__setitem__)
+    assert missing == [0.0] and logged["grader_s/errored"] == 1.0  # no answer column: invalid variable

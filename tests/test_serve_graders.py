@@ -211,3 +211,16 @@ def test_answers_validate_against_the_clients_types(live):
     RunRetrieveResponse.model_validate(json.loads(c.evals.runs.with_raw_response.retrieve(run.id, eval_id=ev.id).text))
     page = json.loads(c.evals.runs.output_items.with_raw_response.list(run.id, eval_id=ev.id).text)
     OutputItemListResponse.model_validate(page["data"][0])
+
+
+def test_runs_a_stopped_server_left_are_failed_on_restart(tmp_path):
+    from tunesmith.serve.evals_store import EvalStore
+    from tunesmith.serve.store import Store
+
+    evals = EvalStore(Store(tmp_path))
+    ev = evals.add_eval("k1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
+    run = evals.add_run("k1", ev["id"], name="r", model="m", data_source={}, metadata=None)
+    evals.update_run(run["id"], status="in_progress")
+    EvalStore(Store(tmp_path)).fail_interrupted()
+    again = evals.get_run(ev["id"], run["id"])
+    assert again["status"] == "failed" and again["error"]["code"] == "server_restarted"

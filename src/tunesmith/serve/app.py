@@ -62,9 +62,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from tunesmith.serve.engine import Engine
+        from tunesmith.serve.evals_store import EvalStore
 
         app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
                                             request_timeout_s=settings.request_timeout_s)
+        EvalStore(app.state.store).fail_interrupted()
         yield
         app.state.engine.close()
 

@@ -85,6 +85,14 @@ class EvalStore:
             sql, args = sql + " AND status = ?", [*args, status]
         return [_row(r) for r in self.db.execute(f"{sql} ORDER BY created_at {way}, rowid {way}", args)]
 
+    def fail_interrupted(self) -> None:
+        """Runs a stopped server left queued or in progress are failed with the reason (runs live in the server)."""
+        error = json.dumps({"code": "server_restarted", "message": "the server stopped during this run; create "
+                            "the run again"})
+        with self.lock:
+            self.db.execute("UPDATE eval_runs SET status = 'failed', error = ? WHERE status IN ('queued', "
+                            "'in_progress')", (error,))
+
     def update_run(self, rid: str, **fields) -> None:
         self._update("eval_runs", rid, fields)
 
