@@ -5,6 +5,7 @@ which no audit hook sees, so that the kernel's part (network namespace, Landlock
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -50,6 +51,13 @@ def grade(sample, item):
         return float(len(open("notes.txt").read()))
     if kind == "environment":
         return 1.0 if "TUNESMITH_SECRET" not in os.environ else 0.0
+    if kind == "escape":  # fork(2) through libc, leave the session and linger
+        libc = ctypes.CDLL(None)
+        if libc.fork() == 0:
+            libc.setsid()
+            libc.sleep(60)
+            os._exit(0)
+        return 1.0
     if kind == "spawn":
         import subprocess
         subprocess.run(["true"])
@@ -114,6 +122,30 @@ def test_network_and_processes_are_refused(listening_port):
     assert spawn.reward == 0.0 and "PermissionError" in spawn.error
 
 
+def _sandboxed_processes() -> list[str]:
+    from pathlib import Path
+
+    from tunesmith.graders.sandbox import CHILD
+
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if str(CHILD).encode() in (proc / "cmdline").read_bytes():
+                out.append(proc.name)
+        except OSError:
+            continue
+    return out
+
+
+def test_no_process_outlives_its_grader():
+    [escape] = _run([("", {"kind": "escape"})])
+    assert (escape.reward, escape.error) == (1.0, None)
+    deadline = time.monotonic() + 5
+    while _sandboxed_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sandboxed_processes() == []
+
+
 def test_the_server_environment_is_not_passed(monkeypatch):
     monkeypatch.setenv("TUNESMITH_SECRET", "sk-not-for-graders")
     [env] = _run([("", {"kind": "environment"})])
@@ -130,4 +162,4 @@ def test_a_grader_that_fails_to_load_fails_every_row():
 def test_isolation_in_force_here_is_reported():
     """The kernel features the raw-libc tests rely on are present on the machines the suite runs on."""
     assert network_namespace() and landlock_abi() >= 4
-    assert "Landlock ABI" in isolation() and "network namespace" in isolation()
+    assert "Landlock ABI" in isolation() and "network and PID namespaces" in isolation()

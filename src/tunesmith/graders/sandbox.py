@@ -9,8 +9,9 @@ the rows after it go on in a fresh process:
 - wall-clock (the parent kills the process group when a row takes longer),
 - written file size (``RLIMIT_FSIZE``) and no core dumps.
 
-Isolation (see :mod:`tunesmith.graders.sandbox_child`): a fresh network namespace through ``unshare -rn``
-when the system allows unprivileged user namespaces (no interface but a down loopback), Landlock (files
+Isolation (see :mod:`tunesmith.graders.sandbox_child`): fresh network and PID namespaces through ``unshare``
+when the system allows unprivileged user namespaces (no interface but a down loopback; every process the
+grader starts, even one that leaves its session, is killed with it), Landlock (files
 readable only under Python's installation, writable only in the grader's own temporary folder, no TCP),
 an audit hook with readable refusals, and an environment with none of the server's variables (API keys).
 """
@@ -50,14 +51,17 @@ class Outcome:
     seconds: float = 0.0
 
 
+NAMESPACES = ("-rn", "--pid", "--fork", "--kill-child")  # user + network + PID namespaces; the grader dies with us
+
+
 @functools.cache
 def network_namespace() -> bool:
-    """True when ``unshare -rn`` works here (unprivileged user + network namespaces)."""
+    """True when ``unshare -rn --pid --fork`` works here (unprivileged user, network and PID namespaces)."""
     tool = shutil.which("unshare")
     if tool is None:
         return False
     try:
-        return subprocess.run([tool, "-rn", "true"], capture_output=True, timeout=10).returncode == 0
+        return subprocess.run([tool, *NAMESPACES, "true"], capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -76,7 +80,7 @@ def landlock_abi() -> int:
 
 def isolation() -> str:
     """What keeps a python grader in, in words (logged when a server allows python graders)."""
-    parts = ["network namespace" if network_namespace() else "NO network namespace (unshare -rn unavailable)",
+    parts = ["network and PID namespaces" if network_namespace() else "NO namespaces (unshare -rn unavailable)",
              f"Landlock ABI {landlock_abi()}" if landlock_abi() else "NO Landlock (kernel without it)"]
     return ", ".join(parts) + ", audit hook, rlimits, empty environment"
 
@@ -106,7 +110,7 @@ class _Child:
     def __init__(self, folder: str, limits: Limits, rows: int):
         cmd = [sys.executable, "-I", str(CHILD)]
         if network_namespace():
-            cmd = [shutil.which("unshare") or "unshare", "-rn", *cmd]
+            cmd = [shutil.which("unshare") or "unshare", *NAMESPACES, *cmd]
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, cwd=folder, env=_env(folder), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, preexec_fn=_limit(limits, rows), start_new_session=True)
@@ -135,15 +139,15 @@ class _Child:
             return False
 
     def why_dead(self, limits: Limits) -> str:
-        """Why the process stopped answering (killed on a limit, crashed, …)."""
-        code = self.proc.poll()
-        if code is None:
+        """Why the process stopped answering: still running past the wall clock, or ended (killed on a
+        limit or crashed; the last lines it wrote say more)."""
+        if self.proc.poll() is None:
             return f"TimeoutError: the grader ran past its wall-clock limit of {limits.wall_s:g} s"
-        if code in (-signal.SIGXCPU, -signal.SIGKILL) or code == 128 + signal.SIGXCPU:
-            return f"TimeoutError: the grader ran past its CPU-time limit of {limits.cpu_s} s"
         self.stderr.seek(0)
-        tail = self.stderr.read()[-500:].decode(errors="replace").strip()
-        return f"RuntimeError: the grader process exited with code {code}" + (f": {tail}" if tail else "")
+        lines = self.stderr.read()[-2000:].decode(errors="replace").splitlines()
+        tail = " ".join(line for line in lines if not line.startswith("unshare:"))[-500:].strip()
+        return (f"RuntimeError: the grader process ended without answering (a limit: {limits.cpu_s} s CPU, "
+                f"{limits.memory_mb} MiB memory; or a crash)" + (f": {tail}" if tail else ""))
 
     def close(self) -> None:
         try:
@@ -180,7 +184,10 @@ def _run_some(folder: str, rows: list[tuple[dict, dict]], limits: Limits) -> lis
             if answer is None:
                 time.sleep(0.05)  # let a process killed by the kernel be reaped, to name the limit
                 return [*done, Outcome(0.0, child.why_dead(limits), time.perf_counter() - start)]
-            done.append(Outcome(answer.get("reward", 0.0), answer.get("error"), answer.get("seconds", 0.0)))
+            done.append(Outcome(answer.get("reward", 0.0), answer.get("error"),
+                                answer.get("seconds", time.perf_counter() - start)))
+            if answer.get("restart"):  # the process ends after this row (its CPU time ran out)
+                return done
         return done
     finally:
         child.close()

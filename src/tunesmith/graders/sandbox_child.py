@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -84,10 +85,23 @@ def audit_hook(folder, read_roots):
     sys.addaudithook(hook)
 
 
+def on_cpu_limit(out, cpu_s):
+    """SIGXCPU (the row's CPU time is spent): answer the row with the reason and end this process."""
+
+    def handler(signum, frame):
+        out.write(json.dumps({"error": f"TimeoutError: the grader ran past its CPU-time limit of {cpu_s} s",
+                              "restart": True}) + "\n")
+        out.flush()
+        os._exit(0)
+
+    return handler
+
+
 def grade_rows(grade, out) -> None:
     """One JSON line in, one out: {"reward": x} or {"error": "Type: message"}; stops at the end of stdin."""
     for line in sys.stdin:
         row = json.loads(line)
+        signal.signal(signal.SIGXCPU, on_cpu_limit(out, row["cpu_s"]))
         soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
         used = resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime
         resource.setrlimit(resource.RLIMIT_CPU, (min(hard, int(used + row["cpu_s"]) + 1), hard))
