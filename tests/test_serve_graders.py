@@ -87,6 +87,25 @@ def test_python_graders_are_off_with_api_keys_until_allowed(live):
         live["settings"].allow_python_graders = None
 
 
+def test_an_eval_with_a_python_criterion_runs_only_while_allowed(live):
+    c = client(live)
+    python = {"type": "python", "name": "has_answer", "pass_threshold": 1.0,
+              "source": "def grade(sample, item):\n    return float(item['answer'] in sample['output_text'])\n"}
+    content = [{"item": {"question": "q", "answer": "Paris"}, "sample": {"output_text": "It is Paris."}},
+               {"item": {"question": "q", "answer": "Rome"}, "sample": {"output_text": "It is Paris."}}]
+    source = {"type": "jsonl", "source": {"type": "file_content", "content": content}}
+    live["settings"].allow_python_graders = True
+    try:
+        ev = c.evals.create(data_source_config={"type": "custom", "item_schema": SCHEMA}, testing_criteria=[python])
+        run = _finished(c, ev.id, c.evals.runs.create(ev.id, data_source=source).id)
+        assert run.result_counts.passed == 1 and run.result_counts.failed == 1
+    finally:
+        live["settings"].allow_python_graders = None
+    with pytest.raises(openai.BadRequestError) as err:
+        c.evals.runs.create(ev.id, data_source=source)
+    assert "--allow-python-graders" in err.value.body["message"]
+
+
 def test_score_model_asks_a_served_model(live):
     grader = {"type": "score_model", "name": "judge", "model": live["base"],
               "input": [{"role": "user", "content": "Rate: {{sample.output_text}}"}],
