@@ -353,8 +353,8 @@ def serve(
                                               "[default: on only without API keys].", show_default=False)] = None,
     allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
     allow_python_graders: Annotated[bool | None, typer.Option(
-        "--allow-python-graders/--no-python-graders", help="Run callers' python graders (sandboxed) "
-        "[default: on only without API keys].", show_default=False)] = None,
+        "--allow-python-graders/--no-python-graders", help="Run callers' python graders (sandboxed); "
+        "default: on only without API keys.", show_default=False)] = None,
     jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
                                               "once (queued jobs start round robin over keys).")] = 1,
     executor: Annotated[str, typer.Option(help="local: jobs one at a time in a worker process; ray: each job "
