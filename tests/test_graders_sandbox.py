@@ -113,6 +113,16 @@ def test_files_outside_its_folder_are_refused(tmp_path):
     assert (own.reward, own.error) == (3.0, None)
 
 
+def test_the_servers_environment_cannot_be_read_through_proc(monkeypatch):
+    import os
+
+    monkeypatch.setenv("TUNESMITH_SECRET", "sk-not-for-graders")
+    path = f"/proc/{os.getpid()}/environ"  # this process plays the server
+    read, raw_read = _run([("", {"kind": "read", "path": path}), ("", {"kind": "libc_read", "path": path})])
+    assert read.reward == 0.0 and "PermissionError" in read.error
+    assert (raw_read.reward, raw_read.error) == (1.0, None)
+
+
 def test_network_and_processes_are_refused(listening_port):
     connect, raw_connect, spawn = _run([("", {"kind": "connect", "port": listening_port}),
                                         ("", {"kind": "libc_connect", "port": listening_port}),
