@@ -178,3 +178,11 @@ def test_reward_function_for_trl_grades_a_batch_with_dataset_columns():
     assert logged == {"grader_s/errored": 0.0}
     missing = reward_function(string_check("eq"))(prompts=["q"], completions=["x"], log_metric=logged.__setitem__)
     assert missing == [0.0] and logged["grader_s/errored"] == 1.0  # no answer column: invalid variable
+
+
+def test_item_fields_a_grader_reads():
+    from tunesmith.graders.spec import item_fields
+
+    multi = check({"type": "multi", "name": "m", "calculate_output": "a + b", "graders": {
+        "a": string_check("eq"), "b": {**text_sim("rouge_l"), "input": "{{item.context.title}} {{sample.output_text}}"}}})
+    assert item_fields(multi) == {"answer", "context"}

@@ -140,3 +140,12 @@ def model_names(grader: dict) -> set[str]:
     if grader["type"] == "multi":
         return set().union(*(model_names(g) for g in sub_graders(grader).values()))
     return {grader["model"]} if grader["type"] in MODEL_TYPES else set()
+
+
+def item_fields(grader: dict) -> set[str]:
+    """The item fields a checked grader's templates read (first path part of each ``{{item.*}}``), so that a
+    data file can be checked against them before anything runs; a python grader's reads are not known."""
+    if grader["type"] == "multi":
+        return set().union(*(item_fields(g) for g in sub_graders(grader).values()))
+    return {v.split(".")[1] for _, text in _templates(grader, "grader") for v in template.variables(text)
+            if v.startswith("item.")}

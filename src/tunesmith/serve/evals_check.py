@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import Request
 
 from tunesmith.graders import template
+from tunesmith.graders.spec import item_fields
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.grading import checked_grader
 from tunesmith.serve.routes_openai import visible_models
@@ -49,15 +50,14 @@ def check_criteria(request: Request, key, criteria: list[dict], config: dict) ->
     for i, criterion in enumerate(criteria):
         param = f"testing_criteria.{i}"
         grader = {k: v for k, v in criterion.items() if k != "pass_threshold"}
-        checked_grader(request, key, grader, param)
+        grader = checked_grader(request, key, grader, param)
         threshold = criterion.get("pass_threshold")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
             raise APIError(400, f"{param}.pass_threshold must be a number", param=f"{param}.pass_threshold")
         if grader.get("type") == "text_similarity" and threshold is None:
             raise APIError(400, f"{param}.pass_threshold is required for a text_similarity criterion",
                            param=f"{param}.pass_threshold")
-        unknown = sorted({v.split(".")[1] for v in template.variables(json.dumps(grader))
-                          if v.startswith("item.")} - fields) if fields is not None else []
+        unknown = sorted(item_fields(grader) - fields) if fields is not None else []
         if unknown:
             raise APIError(400, f"{param}: {{{{item.{unknown[0]}}}}} is not in the item_schema's properties "
                            f"({', '.join(sorted(fields))})", param=param, code="invalid_variable")
