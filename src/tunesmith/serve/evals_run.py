@@ -64,7 +64,8 @@ def _samples(run: dict, rows: list[dict], backend: ChatBackend) -> tuple[list[di
     source = run["data_source"]
     if source["type"] != "completions":
         texts = [sample_text(r.get("sample")) if r.get("sample") is not None else "" for r in rows]
-        records = [_sample_record(run, [], t, None) for t in texts]
+        records = [_sample_record(run, [], t, None if t is not None else "the row's sample has no output_text "
+                                  "(nor an assistant message in output or choices)") for t in texts]
         return records, texts, {}
     sampling = source.get("sampling_params") or {}
     conversations, errors = [], []
