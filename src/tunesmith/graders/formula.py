@@ -17,6 +17,7 @@ BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, 
           ast.Pow: operator.pow}
 UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 MAX_POWER = 1000  # bounds x ** y so that a formula cannot spin on a huge integer power
+MAX_CHARS = 2000
 
 
 class FormulaError(ValueError):
@@ -25,10 +26,14 @@ class FormulaError(ValueError):
 
 def parse(formula: str, names: set[str]) -> ast.Expression:
     """The checked tree of ``formula``; ``names`` are the variables it may read."""
+    if len(formula) > MAX_CHARS:
+        raise FormulaError(f"calculate_output is longer than {MAX_CHARS} characters")
     try:
         tree = ast.parse(formula.strip().replace("^", "**"), mode="eval")  # ^ binds as a power, above * and +
     except SyntaxError as exc:
         raise FormulaError(f"calculate_output is not a formula: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise FormulaError(f"calculate_output is not a formula ({type(exc).__name__})") from None
     for node in ast.walk(tree):
         _check(node, names)
     return tree

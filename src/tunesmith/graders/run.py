@@ -179,7 +179,7 @@ def _multi(grader: dict, samples: list[dict], items: list[dict], context: Contex
             errors.update({d: rows[k].metadata["errors"][d] for d in DETAILS if rows[k].metadata["errors"][d]})
         try:
             reward = formula.evaluate(tree, rewards)
-        except (ArithmeticError, ValueError, TypeError):  # e.g. log(0), a division by a zero reward
+        except (ArithmeticError, ValueError, TypeError, RecursionError):  # e.g. log(0), a division by zero
             reward, errors["other_error"] = 0.0, True
         g = _graded(grader, reward, 0.0, **errors)
         g.sub_rewards, g.metadata["scores"] = rewards, dict(rewards)

@@ -87,13 +87,20 @@ def _templates(grader: dict, param: str) -> list[tuple[str, str]]:
     return out
 
 
+MAX_SOURCE_BYTES = 256 * 1024
+
+
 def _check_python(source: str, param: str) -> None:
     import ast
 
+    if len(source.encode()) > MAX_SOURCE_BYTES:
+        raise GraderError(f"{param}.source", f"the source is larger than {MAX_SOURCE_BYTES // 1024} KiB")
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
         raise GraderError(f"{param}.source", f"not valid Python (line {exc.lineno}: {exc.msg})") from None
+    except (RecursionError, MemoryError, ValueError) as exc:
+        raise GraderError(f"{param}.source", f"not valid Python ({type(exc).__name__})") from None
     if not any(isinstance(n, ast.FunctionDef) and n.name == "grade" for n in tree.body):
         raise GraderError(f"{param}.source", "the source must define grade(sample, item) returning a number")
 
