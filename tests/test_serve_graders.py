@@ -207,6 +207,14 @@ def test_bad_evals_and_runs_are_400(live):
     with pytest.raises(openai.BadRequestError) as err:
         c.evals.runs.create(ev.id, data_source={"type": "responses", "source": {"type": "responses"}})
     assert err.value.body["param"] == "data_source.type"
+    for source, param in [({"type": "jsonl", "source": "file-1"}, "data_source.source.type"),
+                          ({"type": "jsonl", "source": {"type": "file_content", "content": "x"}},
+                           "data_source.source.content"),
+                          ({"type": "completions", "model": live["base"], "input_messages": "hi",
+                            "source": {"type": "file_content", "content": []}}, "data_source.input_messages")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            c.evals.runs.create(ev.id, data_source=source)
+        assert err.value.body["param"] == param
 
 
 def test_answers_validate_against_the_clients_types(live):

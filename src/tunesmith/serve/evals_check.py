@@ -71,8 +71,8 @@ def check_data_source(request: Request, key, source: dict) -> dict:
     if kind not in ("jsonl", "completions"):
         raise APIError(400, f"data_source.type {kind!r} is not supported here; use 'jsonl' (rows with items and "
                        "samples) or 'completions' (a served model answers each item)", param="data_source.type")
-    inner = source.get("source") or {}
-    if inner.get("type") not in ("file_content", "file_id"):
+    inner = source.get("source")
+    if not isinstance(inner, dict) or inner.get("type") not in ("file_content", "file_id"):
         raise APIError(400, "data_source.source.type must be 'file_content' or 'file_id'",
                        param="data_source.source.type")
     if kind == "completions":
@@ -80,10 +80,17 @@ def check_data_source(request: Request, key, source: dict) -> dict:
         if source.get("model") not in served:
             raise APIError(400, f"data_source.model {source.get('model')!r} is not served here; one of: "
                            f"{', '.join(served)}", param="data_source.model", code="model_not_found")
-        messages = source.get("input_messages") or {}
-        if messages.get("type") not in ("template", "item_reference"):
+        messages = source.get("input_messages")
+        if not isinstance(messages, dict) or messages.get("type") not in ("template", "item_reference"):
             raise APIError(400, "data_source.input_messages: a template of messages ({{item.*}} variables) or an "
                            "item_reference is required", param="data_source.input_messages")
+        template_ok = isinstance(messages.get("template", []), list) and all(
+            isinstance(m, dict) for m in messages.get("template", []))
+        if not template_ok or not isinstance(messages.get("item_reference", ""), str):
+            raise APIError(400, "data_source.input_messages: template is a list of messages {role, content}; "
+                           "item_reference a string such as 'item.messages'", param="data_source.input_messages")
+        if not isinstance(source.get("sampling_params") or {}, dict):
+            raise APIError(400, "data_source.sampling_params must be an object", param="data_source.sampling_params")
         for var in template.variables(json.dumps(messages.get("template", []))):
             if not var.startswith("item."):
                 raise APIError(400, f"data_source.input_messages: {{{{{var}}}}} is not an item variable",
@@ -97,6 +104,8 @@ def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
     inner = source["source"]
     if inner["type"] == "file_content":
         raw, where = inner.get("content") or [], "data_source.source.content"
+        if not isinstance(raw, list):
+            raise APIError(400, f"{where}: a list of rows is required", param=where)
     else:
         raw, where = _file_rows(request, key, inner.get("id")), "data_source.source.id"
     if not raw or len(raw) > MAX_ROWS:
