@@ -49,6 +49,10 @@ def grade(sample, item):
         with open("notes.txt", "w") as f:
             f.write("abc")
         return float(len(open("notes.txt").read()))
+    if kind == "big_file":
+        with open("big.bin", "wb") as f:
+            f.write(b"x" * (32 * 1024 * 1024))
+        return 1.0
     if kind == "environment":
         return 1.0 if "TUNESMITH_SECRET" not in os.environ else 0.0
     if kind == "escape":  # fork(2) through libc, leave the session and linger
@@ -113,11 +117,13 @@ def test_limits_stop_one_row_and_the_rest_go_on():
 def test_files_outside_its_folder_are_refused(tmp_path):
     secret = tmp_path / "server-data.jsonl"
     secret.write_text("private")
-    read, raw_read, own = _run([("", {"kind": "read", "path": str(secret)}),
-                                ("", {"kind": "libc_read", "path": str(secret)}), ("", {"kind": "own_folder"})])
+    read, raw_read, own, big = _run([("", {"kind": "read", "path": str(secret)}),
+                                     ("", {"kind": "libc_read", "path": str(secret)}), ("", {"kind": "own_folder"}),
+                                     ("", {"kind": "big_file"})])
     assert read.reward == 0.0 and "own folder only" in read.error
     assert (raw_read.reward, raw_read.error) == (1.0, None)  # the kernel refused open(2) itself
     assert (own.reward, own.error) == (3.0, None)
+    assert big.reward == 0.0 and "File too large" in big.error  # RLIMIT_FSIZE: 16 MiB
 
 
 @NEEDS_LANDLOCK
