@@ -198,6 +198,9 @@ def serve(
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
     allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
+    allow_python_graders: Annotated[bool | None, typer.Option(
+        "--allow-python-graders/--no-python-graders", help="Run callers' python graders (sandboxed); "
+        "default: on only without API keys.", show_default=False)] = None,
     jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
                                               "once (queued jobs start round robin over keys).")] = 1,
     executor: Annotated[str, typer.Option(help="local: jobs one at a time in a worker process; ray: each job "
@@ -232,7 +235,7 @@ def serve(
     common.quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
-                             allow_random_model=allow_random_model)
+                             allow_random_model=allow_random_model, allow_python_graders=allow_python_graders)
     serve_builtin(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------

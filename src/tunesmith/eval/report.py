@@ -61,16 +61,35 @@ def _millions(n) -> str:
 def table_rows(task: TaskKind, results: list[ContenderResult]) -> tuple[list[str], list[list[str]]]:
     cols = columns(task, results[0].name)
     extra = sorted({k for r in results for k in r.metrics if k.startswith("judge_")})
-    headers = ["contender", *[c for c, _ in cols], *extra]
+    graded = grader_columns(results)
+    headers = ["contender", *[c for c, _ in cols], *[c for c, _ in graded], *extra]
     rows = [
         [
             f"{r.name} — {r.description}",
             *[f(r.metrics) for _, f in cols],
+            *[f(r.metrics) for _, f in graded],
             *[num(r.metrics.get(k)) for k in extra],
         ]
         for r in results
     ]
     return headers, rows
+
+
+def grader_columns(results: list[ContenderResult]) -> list[tuple[str, Callable[[dict], str]]]:
+    """Two columns per ``eval.graders`` entry: its mean reward (95% CI) and Δ vs the first contender."""
+    if not results:
+        return []
+    ref = results[0].name
+    keys = [k for k in results[0].metrics if k.startswith("grader_") and not k.endswith(("_ci95", "_errored"))
+            and "_diff_vs_" not in k]
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
+    cols = []
+    for k in keys:
+        cols.append((f"{k[7:]} (95% CI)", lambda m, k=k: num(m.get(k)) + _ci(m.get(f"{k}_ci95"), fmt)))
+        cols.append((f"{k[7:]} Δ vs {ref}", lambda m, k=k: (
+            f"{m[f'{k}_diff_vs_{ref}']:+.3f}" + _ci(m.get(f"{k}_diff_vs_{ref}_ci95"), lambda x: f"{x:+.3f}")
+            if m.get(f"{k}_diff_vs_{ref}") is not None else "–")))
+    return cols
 
 
 def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | None:

@@ -18,6 +18,7 @@ from rich.console import Console
 from tunesmith.config import DataSection, Recipe, arm_recipe
 from tunesmith.data.split import sample_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.eval.graded import add_grader_metrics, checked_graders
 from tunesmith.kinds import TaskKind, make_task, score_outputs
 from tunesmith.kinds.base import BaselineInputs
 from tunesmith.records import Example
@@ -174,6 +175,7 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
         from tunesmith.models.random_weights import refuse_random
 
         refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
+    checked_graders(recipe)  # a bad grader fails before any model runs
     task = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
     test, scored = sample_examples(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
@@ -194,6 +196,7 @@ def finish_evaluation(recipe: Recipe, task: TaskKind, results: list[ContenderRes
 
     bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
+    add_grader_metrics(recipe, results, test)
     judge = _judge(recipe, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
     return write_eval_outputs(recipe, task, results, test, summary, judge)
 

@@ -87,6 +87,10 @@ def serve_builtin(settings, host: str, port: int, say=print, jobs_per_key: int =
     signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
+    if settings.python_graders_on:
+        from tunesmith.graders.sandbox import isolation
+
+        say(f"python graders: on, each in a sandbox ({isolation()})")
     try:
         _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
