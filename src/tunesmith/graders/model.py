@@ -45,7 +45,8 @@ class LocalBackend:
 
     def _load(self):
         if self._loaded is None:
-            from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+            from tunesmith.machine.placement import pick_placement
+            from tunesmith.models.loading import load_model, load_tokenizer
 
             self._loaded = load_model(self.name, pick_placement()), load_tokenizer(self.name)
         return self._loaded
