@@ -48,11 +48,11 @@ def split_by_length(
     Truncating them would cut the answer the loss is computed on, and TRL would then drop the
     fully masked rows without telling anyone.
     """
-    from tunesmith.machine.packing import _ids
+    from tunesmith.data.chat_rows import row_tokens
 
     kept, rejected = [], []
     for row, ex_id in zip(rows, ids, strict=True):
-        n = len(_ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)))
+        n = row_tokens(row, tokenizer)
         if n > max_len:
             rejected.append(Rejected(ex_id, "train", f"{n} tokens > train.max_seq_length {max_len}", row))
         else:
@@ -151,7 +151,8 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
-    from tunesmith.machine.packing import PackedCollator, mask_kind, tokenize_rows
+    from tunesmith.data.chat_rows import tokenize_rows  # conversations (every weight-1 turn) and prompt/completion
+    from tunesmith.machine.packing import PackedCollator, mask_kind
     from tunesmith.train.trainer import CompletionTrainer
 
     t = recipe.train
