@@ -16,8 +16,6 @@ the OpenAI messages itself. :func:`parse_tool_calls` reads the calls back from g
 from __future__ import annotations
 
 import json
-import re
-import uuid
 
 from tunesmith.data.chat import text_of
 
@@ -94,9 +92,6 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, add
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
 
 
-_CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)
-
-
 def read_call(body: str) -> dict | None:
     """``{"name", "arguments"}`` from the JSON between the tags, or None when it is not a call."""
     try:
@@ -114,27 +109,56 @@ def read_call(body: str) -> dict | None:
     return {"name": doc["name"], "arguments": args} if isinstance(args, dict) else None
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+class CallStream:
+    """Reads calls out of generated text as it arrives: :meth:`feed` and :meth:`close` return events
+    ``("content", text)`` and ``("call", {"name", "arguments"})``. Text that could still be the start of
+    ``<tool_call>`` is held back until it is known; a tagged block that is not a JSON call is content, so
+    nothing the model said is lost. A call left open when the text ends (a model that stops right after
+    its JSON) is read all the same."""
+
+    def __init__(self) -> None:
+        self.buf, self.in_call = "", False
+
+    def feed(self, text: str) -> list[tuple[str, object]]:
+        self.buf += text
+        events: list[tuple[str, object]] = []
+        while True:
+            tag = CALL_CLOSE if self.in_call else CALL_OPEN
+            at = self.buf.find(tag)
+            if at < 0:
+                break
+            head, self.buf = self.buf[:at], self.buf[at + len(tag):]
+            events += self._call(head) if self.in_call else _content(head)
+            self.in_call = not self.in_call
+        if not self.in_call:
+            held = next((k for k in range(min(len(CALL_OPEN) - 1, len(self.buf)), 0, -1)
+                         if CALL_OPEN.startswith(self.buf[-k:])), 0)
+            events += _content(self.buf[: len(self.buf) - held])
+            self.buf = self.buf[len(self.buf) - held:]
+        return events
+
+    def close(self) -> list[tuple[str, object]]:
+        events = self._call(self.buf) if self.in_call else _content(self.buf)
+        self.buf, self.in_call = "", False
+        return events
+
+    @staticmethod
+    def _call(body: str) -> list[tuple[str, object]]:
+        call = read_call(body.strip())
+        return [("call", call)] if call is not None else _content(CALL_OPEN + body + CALL_CLOSE)
 
 
-def openai_call(call: dict, call_id: str | None = None) -> dict:
-    """A parsed call in OpenAI's ``tool_calls`` entry shape (arguments as a JSON string)."""
-    return {"id": call_id or new_call_id(), "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+def _content(text: str) -> list[tuple[str, object]]:
+    return [("content", text)] if text else []
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[dict]]:
-    """Generated text → (the text outside the calls or None, the calls as OpenAI ``tool_calls``). A tagged
-    block that is not a JSON call stays in the text, so nothing the model said is lost."""
-    calls, kept, pos = [], [], 0
-    for match in _CALL.finditer(text):
-        call = read_call(match.group(1))
-        if call is None:
-            continue
-        kept.append(text[pos:match.start()])
-        pos = match.end()
-        calls.append(openai_call(call))
-    kept.append(text[pos:])
-    content = "".join(kept).strip() if calls else text
-    return (content or None) if calls else text, calls
+    """Generated text → (the text outside the calls, stripped, or None when empty; the calls as
+    ``{"name", "arguments"}``). Without calls the text is returned as it is."""
+    stream = CallStream()
+    events = stream.feed(text) + stream.close()
+    calls = [e for kind, e in events if kind == "call"]
+    if not calls:
+        return text, []
+    content = "".join(e for kind, e in events if kind == "content").strip()
+    return content or None, calls
