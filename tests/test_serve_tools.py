@@ -71,14 +71,14 @@ def live(tool_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("serve-tools")
     engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
     settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}), data_dir=data_dir)
-    rows = banking_rows(tuple(CALLS), 8)
+    rows = banking_rows(tuple(CALLS), 6)
     lines = "".join(json.dumps(example(r["text"], r["category"], i)) + "\n" for i, r in enumerate(rows)).encode()
     with running_server(create_app(settings, engine)) as url:
         c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0)
         train = c.files.create(file=("tools.jsonl", lines), purpose="fine-tune")
         job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, seed=1, method={
             "type": "supervised", "supervised": {"hyperparameters": {
-                "n_epochs": 15, "batch_size": 4, "learning_rate_multiplier": 50}}})
+                "n_epochs": 12, "batch_size": 4, "learning_rate_multiplier": 50}}})
         work(data_dir, once=True)
         job = c.fine_tuning.jobs.retrieve(job.id)
         assert job.status == "succeeded", job.error
@@ -88,7 +88,7 @@ def live(tool_model_dir, tmp_path_factory):
 def ask(live, stream=False, model=None, **kw):
     text = live["rows"][-1]["text"]  # a pin_blocked request
     return live["client"].chat.completions.create(model=model or live["model"], messages=[
-        {"role": "user", "content": text}], tools=TOOLS, max_tokens=60, temperature=0, stream=stream, **kw)
+        {"role": "user", "content": text}], tools=TOOLS, max_tokens=40, temperature=0, stream=stream, **kw)
 
 
 def _collect(stream) -> tuple[list[ChatCompletionChunk], dict[int, dict], str | None]:
