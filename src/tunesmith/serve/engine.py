@@ -146,15 +146,19 @@ class Engine:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False) -> Request:
-        """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop."""
+    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
+               constraint=None) -> Request:
+        """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
+        ``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes under."""
         if self.closed:
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
         adapter = BASE if model_id == self.base_name else model_id
         deadline = time.monotonic() + self.request_timeout_s
         for i, p in enumerate(params):
-            self.pending.put(_ServedRow(prompt_ids, p, adapter, deadline=deadline, request=request, index=i, stream=stream))
+            processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
+            self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, request=request, index=i,
+                                        stream=stream))
         return request
 
     def close(self) -> None:

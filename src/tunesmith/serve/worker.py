@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import logging
 import math
 import time
@@ -31,21 +30,11 @@ EVAL_MAX_EXAMPLES = 50  # validation conversations scored after training (genera
 
 
 def read_chat_rows(path: Path, file_id: str) -> list[dict]:
-    """OpenAI chat JSONL → prompt/completion rows: the last assistant message with text is the completion.
-    Errors name the file id and line (the path is the server's business)."""
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        messages = json.loads(line)["messages"]
-        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("content")]
-        if not answers:
-            raise DataError(f"{file_id} line {lineno}: no assistant message with text content to train on "
-                            "(function calls alone are not trained here)")
-        last = answers[-1]
-        prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]]
-        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": messages[last]["content"]}]})
-    return rows
+    """OpenAI chat JSONL → conversation rows, every weight-1 assistant turn a target
+    (:mod:`tunesmith.data.chat_rows`). Errors name the file id and line (the path is the server's business)."""
+    from tunesmith.data.chat_rows import read_chat_file
+
+    return read_chat_file(path, file_id)
 
 
 def trained_tokens(path: Path, kind: str, model: str, epochs: int) -> int:
@@ -212,8 +201,10 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
     store.add_event(job_id, f"Evaluating the base and fine-tuned models on {n} validation conversations",
                     dedup_key="eval-started")
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_examples": n})})
+    from tunesmith.data.chat_rows import last_turn_pair
+
     try:
-        run = evaluate_conversations(recipe, val_rows, Console(file=io.StringIO()))
+        run = evaluate_conversations(recipe, [last_turn_pair(r) for r in val_rows], Console(file=io.StringIO()))
     except Exception as exc:  # noqa: BLE001 - the model is trained; a failed report must not fail the job
         store.add_event(job_id, f"Evaluation failed: {type(exc).__name__}: {exc}"[:500], level="warn", dedup_key="eval-failed")
         return
