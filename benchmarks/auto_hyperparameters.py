@@ -68,7 +68,7 @@ def accuracy(client: openai.OpenAI, model: str, held: list[dict]) -> list[float]
             {"role": "system", "content": SYSTEM}, {"role": "user", "content": r["text"]}])
         return float((reply.choices[0].message.content or "").strip() == r["category"])
 
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(32) as pool:
         return list(pool.map(one, held))
 
 

@@ -98,7 +98,6 @@ def test_jobs_list_pages_and_filters_on_metadata(live, trained):
     assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "support"}).data] == [trained["id"]]
     assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "other"}).data] == [trained["other"]]
     assert c.fine_tuning.jobs.list(metadata={"team": "nobody"}).data == []
-    assert c.fine_tuning.jobs.list(metadata={"team": "support"}, extra_query={}).data  # filter again: unchanged
     with pytest.raises(openai.BadRequestError) as exc:
         c.fine_tuning.jobs.list(after="ftjob-doesnotexist")
     assert exc.value.body["param"] == "after"
@@ -230,7 +229,10 @@ def test_bad_job_requests_name_the_param(live, trained):
     for kwargs, param in (({"model": "gpt-3.5-turbo"}, "model"),
                           ({"integrations": [{"type": "comet", "comet": {}}]}, "integrations.0.type"),
                           ({"metadata": {"k" * 65: "v"}}, "metadata"),
-                          ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs")):
+                          ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+                          ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "three"}}}},
+                           "method.supervised.hyperparameters.n_epochs"),
+                          ({"method": {"type": "reinforcement"}}, "method.type")):
         with pytest.raises(openai.BadRequestError) as exc:
             c.fine_tuning.jobs.create(**{"model": live["base"], "training_file": trained["train"], **kwargs})
         assert exc.value.body["param"] == param, exc.value.body
@@ -245,3 +247,14 @@ def test_a_job_whose_file_is_gone_fails_with_an_error_not_a_crash(live):
     job = strict(FineTuningJob, raw(c.fine_tuning.jobs.with_raw_response.retrieve, job.id))
     assert job.status == "failed" and job.error.code == "invalid_training_file" and f.id in job.error.message
     assert job.error.param == "training_file"
+
+
+def test_model_alias_option_names_a_served_model():
+    from tunesmith.errors import ConfigError
+    from tunesmith.serve.launch import parse_model_aliases
+
+    assert parse_model_aliases([f"{ALIAS}=base", "text-embedding-3-small=all-minilm-l6-v2"], {"base"}) == {
+        ALIAS: "base", "text-embedding-3-small": "all-minilm-l6-v2"}
+    for bad in (ALIAS, f"{ALIAS}=elsewhere", "=base"):
+        with pytest.raises(ConfigError, match="--model-alias"):
+            parse_model_aliases([bad], {"base"})

@@ -32,4 +32,4 @@ def test_the_guides_script_runs_against_the_server(tiny_model_dir, tmp_path, mon
     assert result["model"].startswith(f"ft:{tiny_model_dir}:banking:"), out
     assert "'n_epochs': 8" in out and "'batch_size': 1" in out  # 'auto' reported as the numbers used
     assert "results file: last row 96," in out and "responses API:" in out
-    assert f"gpt-4o-mini-2024-07-18: " in out and f"{result['model']}: " in out
+    assert "gpt-4o-mini-2024-07-18: " in out and f"{result['model']}: " in out

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.errors import APIError, validation_error_body
 
 
 @dataclass
@@ -100,10 +100,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return JSONResponse({"error": {"message": f"{where}: {first['msg']}", "type": "invalid_request_error",
-                                       "param": where or None, "code": None}}, status_code=400)
+        return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
 
     from tunesmith.serve import routes_dashboard, routes_embeddings, routes_jobs, routes_models, routes_openai, routes_responses
 
