@@ -38,4 +38,6 @@ def mark_full_validation(store: Store, job_id: str, last: dict) -> None:
     checkpoints = store.checkpoints(job_id)
     if checkpoints:
         newest = checkpoints[0]
-        store.update_checkpoint_metrics(job_id, newest["step_number"], {**newest["metrics"], **full})
+        same_step = newest["step_number"] == last.get("step")  # the last validation pass may log after the save
+        merged = {**newest["metrics"], **(last if same_step else {}), **full}
+        store.update_checkpoint_metrics(job_id, newest["step_number"], merged)

@@ -167,8 +167,10 @@ def run_job(store: Store, job: dict) -> None:
 
     root = store.root
     files = {k: store.get_file(job[k], job["owner"]) for k in ("training_file", "validation_file") if job[k]}
-    if "training_file" not in files:
-        raise DataError(f"training file {job['training_file']} no longer exists")
+    for key, f in files.items():
+        if f is None:
+            raise DataError(f"{key.replace('_', ' ')} {job[key]} no longer exists (it was deleted after the job was "
+                            "created); upload it again and create a new job")
     training_path = Path(files["training_file"]["storage"])
     dpo = job["method"]["type"] == "dpo"
     rows = [] if dpo else read_chat_rows(training_path, job["training_file"])
