@@ -40,7 +40,7 @@ def visible_models(request: Request, key: str | None) -> list[str]:
 
 def _engine(request: Request, model: str, key: str | None):
     models = visible_models(request, key)
-    if model not in models:
+    if model not in models and not request.app.state.serve_checkpoint(model, key):
         raise APIError(404, f"The model '{model}' does not exist or you do not have access to it. "
                        f"Available: {', '.join(models)}", param="model", code="model_not_found")
     return request.app.state.engine
