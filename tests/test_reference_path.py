@@ -1,0 +1,126 @@
+"""``train.path: reference`` (plain TRL / transformers) against tunesmith's default path on a CPU: the same seed,
+weights, LoRA and rows give the same logged losses for SFT LoRA, DPO and the classifier head, and the path is
+named in summary.json.
+
+Packing is off on both sides for SFT: TRL packs only padding-free under FlashAttention (no CPU), so its reference
+trains padded batches; tunesmith's packed rows hold several examples per row and so form other batches. Unpacked,
+both sides score the same examples per step, and the losses agree to float32 rounding (the tolerance below;
+measured: equal to 1e-7). While the reference side trains, tunesmith's trainers, collator and loss forms refuse to
+be built, so a reference run that fell back on them fails.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import pytest
+from rich.console import Console
+
+from tunesmith.config import validate_recipe
+from tunesmith.records import Example
+
+from .conftest import EXAMPLE_CSV, banking_rows, write_jsonl
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit")
+TOLERANCE = 1e-5  # relative, per logged loss: float32 sums in another order (TRL's collator, the model's own loss)
+
+
+@contextmanager
+def _no_bar(desc, total):
+    yield lambda n=1, info="", skip=0: None
+
+
+def _examples() -> list[Example]:
+    return [Example(f"m{i}", {"text": r["text"]}, r["category"]) for i, r in enumerate(banking_rows(LABELS, 6))]
+
+
+def _train(tmp_path, model_dir, path: str, method: str = "sft", head: str = "generative", **train):
+    """Train a few steps on ``path``; the run's summary.json and its logged training losses."""
+    from tunesmith.train.jobs import TrainData
+    from tunesmith.train.jobs import train as run_training
+
+    section = {"method": method, "head": head, "path": path, "max_steps": 3, "batch_size": 4, "logging_steps": 1,
+               "learning_rate": 1e-3, "warmup_ratio": 0.0, "lr_scheduler": "constant", "packing": False,
+               "group_by_length": False, "max_seq_length": 128, **train}
+    recipe = validate_recipe({
+        "name": f"{method}-{head}-{path}", "output_dir": str(tmp_path / "runs"), "seed": 3,
+        "model": {"name": str(model_dir)},
+        "data": {"path": str(EXAMPLE_CSV), "input_fields": ["text"], "target_field": "category"},
+        "train": section,
+    })
+    examples = _examples()
+    result = run_training(recipe, TrainData(examples, [], list(LABELS)), Console(quiet=True), _no_bar)
+    summary = json.loads((recipe.run_dir / "train" / "summary.json").read_text(encoding="utf-8"))
+    return summary, [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} built on train.path: reference")
+
+    return refuse
+
+
+@pytest.fixture()
+def forbid_tunesmith_trainers(monkeypatch):
+    """Call to make tunesmith's own trainers, packing collator and chunked loss refuse to be built from then on."""
+    def forbid():
+        from tunesmith.machine.packing import PackedCollator
+        from tunesmith.train import chunked_loss
+        from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
+        from tunesmith.train.trainer import TokenCountingTrainer
+
+        for cls in (PackedCollator, SyncFreeDPOTrainer, TokenCountingTrainer):  # CompletionTrainer is a TokenCounting one
+            monkeypatch.setattr(cls, "__init__", _refuse(cls.__name__))
+        monkeypatch.setattr(chunked_loss, "add_target_head", _refuse("the chunked loss"))
+
+    return forbid
+
+
+def _same_losses(ours: list[float], ref: list[float]) -> None:
+    assert len(ours) == len(ref) == 3
+    assert ours[0] != ours[-1]  # training moved the loss: the comparison is of steps that learned
+    assert ours == pytest.approx(ref, rel=TOLERANCE), (ours, ref)
+
+
+def test_sft_lora_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, forbid_tunesmith_trainers):
+    ours, ours_losses = _train(tmp_path, tiny_model_dir, "auto")
+    forbid_tunesmith_trainers()
+    with pytest.raises(AssertionError, match="built on train.path: reference"):  # the guard bites on the default path
+        _train(tmp_path / "guard", tiny_model_dir, "auto")
+    ref, ref_losses = _train(tmp_path, tiny_model_dir, "reference")
+    _same_losses(ours_losses, ref_losses)
+    assert ours["train_path"]["name"] == "auto" and "reference" not in ours["train_path"]["reasons"].get("path", "")
+    assert ref["train_path"]["name"] == "reference"
+    assert ref["train_path"]["reasons"]["path"] == "reference: plain TRL/transformers, none of tunesmith's trainers"
+    assert ref["train_path"]["packing"] == "off" and ref["train_path"]["loss"] == "logits"
+
+
+def test_dpo_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, forbid_tunesmith_trainers):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": r["text"], "chosen": r["category"], "rejected": "I cannot help with that."}
+        for r in banking_rows(LABELS, 4)])
+    dpo = {"path": str(pairs), "beta": 0.1}
+    ours, ours_losses = _train(tmp_path, tiny_model_dir, "auto", method="dpo", dpo=dpo)
+    forbid_tunesmith_trainers()
+    ref, ref_losses = _train(tmp_path, tiny_model_dir, "reference", method="dpo", dpo=dpo)
+    _same_losses(ours_losses, ref_losses)
+    assert ref["train_path"]["name"] == "reference"
+
+
+def test_classifier_head_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, forbid_tunesmith_trainers):
+    ours, ours_losses = _train(tmp_path, tiny_model_dir, "auto", head="classifier")
+    forbid_tunesmith_trainers()
+    ref, ref_losses = _train(tmp_path, tiny_model_dir, "reference", head="classifier")
+    _same_losses(ours_losses, ref_losses)
+    assert ref["train_path"]["name"] == "reference" and ref["train_path"]["loss"] == "head"
+
+
+def test_reference_refuses_tunesmiths_own_head_settings():
+    from tunesmith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="path: reference trains transformers' own heads"):
+        validate_recipe({"name": "x", "model": {"name": "m"}, "data": {"path": "d", "input_fields": ["text"],
+                                                                       "target_field": "y"},
+                         "train": {"head": "classifier", "path": "reference", "pooling": "mean"}})
