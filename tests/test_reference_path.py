@@ -124,3 +124,15 @@ def test_reference_refuses_tunesmiths_own_head_settings():
         validate_recipe({"name": "x", "model": {"name": "m"}, "data": {"path": "d", "input_fields": ["text"],
                                                                        "target_field": "y"},
                          "train": {"head": "classifier", "path": "reference", "pooling": "mean"}})
+
+
+def test_every_trainer_of_the_default_path_has_a_reference_one():
+    from tunesmith.errors import ConfigError
+    from tunesmith.models.heads import HEADS
+    from tunesmith.train.jobs import trainer_for
+
+    pairs = [("sft", "generative"), ("dpo", "generative"), *(("sft", h) for h in HEADS)]
+    for method, head in pairs:
+        assert trainer_for(method, head, "reference") is not trainer_for(method, head)
+    with pytest.raises(ConfigError, match="dpo with train.head span on train.path reference: nothing trains that"):
+        trainer_for("dpo", "span", "reference")

@@ -126,9 +126,9 @@ def trainer(method: str, *heads: str, path: str = "auto"):
 
 def trainer_for(method: str, head: str, path: str = "auto") -> Trainer:
     if (method, head, path) not in _TRAINERS:
-        known = ", ".join(f"{m} with head {h} (path {p})" for m, h, p in sorted(_TRAINERS))
-        raise ConfigError(f"train.method {method} with train.head {head} on train.path {path}: nothing trains that; "
-                          f"known: {known}")
+        known = ", ".join(f"{m} with head {h}" for m, h, p in sorted(_TRAINERS) if p == path)
+        where = "" if path == "auto" else f" on train.path {path}"
+        raise ConfigError(f"train.method {method} with train.head {head}{where}: nothing trains that; known: {known}")
     return _TRAINERS[(method, head, path)]
 
 
