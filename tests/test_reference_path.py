@@ -136,3 +136,21 @@ def test_every_trainer_of_the_default_path_has_a_reference_one():
         assert trainer_for(method, head, "reference") is not trainer_for(method, head)
     with pytest.raises(ConfigError, match="dpo with train.head span on train.path reference: nothing trains that"):
         trainer_for("dpo", "span", "reference")
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_the_reference_path_on_a_gpu_takes_trls_documented_settings(flash):
+    """Pure (no GPU needed): bf16, Liger where installed, TRL's padding-free batches only under FlashAttention,
+    the model's own loss, and the path named with its reason."""
+    from tunesmith.machine.device import REFERENCE, Capabilities, Wishes, choose_path
+
+    caps = Capabilities(cuda=True, bf16=True, compute_capability=(9, 0), flash_attn=flash, flex_attention=True,
+                        liger=True, device_name="H100")
+    path = choose_path(caps, Wishes(path="reference"), fits_without_checkpointing=True)
+    assert (path.name, path.dtype, path.kernels, path.loss) == ("reference", "bfloat16", "liger", "logits")
+    assert (path.attention, path.packing) == (("flash_attention_2", "position_ids") if flash else ("sdpa", "off"))
+    assert path.reasons["path"] == REFERENCE and path.describe().startswith(REFERENCE)
+    default = choose_path(caps, Wishes(), fits_without_checkpointing=True)
+    assert default.name == "auto" and default.loss == "chunked" and "path" not in default.reasons
+    head = choose_path(caps, Wishes(path="reference", head="classifier"), fits_without_checkpointing=True)
+    assert (head.packing, head.loss) == ("off", "head")

@@ -159,6 +159,9 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     loss, why["loss"] = loss_form(wish)
     if wish.path == "reference":
         why["path"] = REFERENCE
+        if gpu and attention == "flex_attention" and wish.attention == "auto" and not wish.softcapping:
+            attention, why["attention"] = "sdpa", ("reference: PyTorch's SDPA, transformers' default (flash-attn is not "
+                                                   "installed; flex attention is tunesmith's choice for packed rows)")
         packing, why["packing"] = _reference_packing(wish, attention)
         loss, why["loss"] = _reference_loss(wish, kernels)
     return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
