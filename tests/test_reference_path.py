@@ -95,6 +95,10 @@ def test_sft_lora_reference_loss_matches_the_default_path(tmp_path, tiny_model_d
     assert ref["train_path"]["name"] == "reference"
     assert ref["train_path"]["reasons"]["path"] == "reference: plain TRL/transformers, none of tunesmith's trainers"
     assert ref["train_path"]["packing"] == "off" and ref["train_path"]["loss"] == "logits"
+    from tunesmith.runs.once import path_line  # the report's "training path" line
+
+    assert path_line(ref["train_path"]).startswith("reference: plain TRL/transformers")
+    assert not path_line(ours["train_path"]).startswith("reference")
 
 
 def test_dpo_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, forbid_tunesmith_trainers):
