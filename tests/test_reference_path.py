@@ -158,3 +158,18 @@ def test_the_reference_path_on_a_gpu_takes_trls_documented_settings(flash):
     assert default.name == "auto" and default.loss == "chunked" and "path" not in default.reasons
     head = choose_path(caps, Wishes(path="reference", head="classifier"), fits_without_checkpointing=True)
     assert (head.packing, head.loss) == ("off", "head")
+
+
+def test_conversation_rows_on_the_reference_path_are_refused_naming_the_setting(tmp_path, tiny_model_dir):
+    """TRL's SFTTrainer trains a conversation on every token unless its chat template marks the assistant turns;
+    tunesmith's per-turn weights have no TRL form, so such rows are a config error naming train.path: auto."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.train.jobs import TrainData
+    from tunesmith.train.jobs import train as run_training
+
+    recipe = validate_recipe({"name": "chat", "output_dir": str(tmp_path / "runs"), "model": {"name": str(tiny_model_dir)},
+                              "train": {"path": "reference", "max_steps": 1}})
+    rows = [{"messages": [{"role": "user", "content": "card arrival?"}, {"role": "assistant", "content": "soon"}],
+             "tools": None}] * 2
+    with pytest.raises(ConfigError, match="conversations .* set train.path: auto"):
+        run_training(recipe, TrainData(rows=rows), Console(quiet=True), _no_bar)
