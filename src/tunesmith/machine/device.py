@@ -16,6 +16,9 @@ builds an L x L mask on the device), Liger's fused kernels where installed, grad
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
 double quantisation, bf16 compute and paged 8-bit AdamW. On both, generative SFT scores its target
 positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.chunked_loss`).
+``train.path: reference`` keeps the device choices but trains with plain TRL / transformers
+(:mod:`tunesmith.train.reference`): TRL's padding-free batches only under FlashAttention (else unpacked, SDPA
+rather than flex), the model's own loss, the path's reason naming it.
 """
 
 from __future__ import annotations
