@@ -12,6 +12,9 @@ alpha=32, all linear layers).
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
   kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
   padded to the longest of each batch;
+- tunesmith's reference path (``--reference``): ``train.path: reference``, the product's plain TRL ``SFTTrainer`` /
+  ``DPOTrainer`` and transformers' ``Trainer`` for the head (:mod:`tunesmith.train.reference`) on that path's settings
+  (bf16, TRL's padding-free batches under FlashAttention, Liger where installed): the switch a user falls back on;
 - Unsloth (where it is installed, or in ``--unsloth-site`` with the versions it pins): ``FastLanguageModel``
   with the same LoRA shape under the same TRL trainer settings.
 
@@ -417,6 +420,25 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
         "params": count_params(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
 
 
+def run_reference(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
+    """tunesmith's ``train.path: reference``: the product's plain TRL SFTTrainer on the path chosen here."""
+    from tunesmith.machine.path import take_path
+    from tunesmith.models.loading import load_model_for, load_tokenizer
+    from tunesmith.models.random_weights import folder_for, save_weights
+    from tunesmith.train.reference import reference_sft_trainer
+    from tunesmith.train.sft import prepare_model
+
+    if cfg.adapter == "qlora":
+        save_weights(folder_for(model_name(cfg, args)))
+    recipe, path, placement = take_path(recipe_for(cfg, args, out, examples_per_step, path="reference"))
+    tokenizer = load_tokenizer(recipe.model.name)
+    tokenizer.padding_side = "right"
+    model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
+    trainer = reference_sft_trainer(recipe, model, tokenizer, rows, [], placement, out / "reference", save_strategy="no")
+    return measure_trl(trainer, args, placement.device == "cuda") | {"params": count_params(model),
+                                                                      "path": path.describe()}
+
+
 def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
     """Unsloth's ``FastLanguageModel`` with its defaults (its own gradient checkpointing; 4-bit for QLoRA,
     ``full_finetuning`` for full) and the same LoRA shape under the same TRL trainer settings. The side's process
@@ -449,19 +471,21 @@ def unsloth_usable(args) -> str | None:
     return None if importlib.util.find_spec("unsloth") else "unsloth is not installed (scripts/gpu_kit.sh --unsloth)"
 
 
-def run_head(cfg: Config, args, banking, out: Path) -> dict:
-    """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it)."""
+def run_head(cfg: Config, args, banking, out: Path, reference: bool = False) -> dict:
+    """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it); with
+    ``reference``, on ``train.path: reference`` (transformers' Trainer on its own head model)."""
     from rich.console import Console
 
     from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
-    from tunesmith.train.heads import train_classifier
+    from tunesmith.train.heads import TRAINING
+    from tunesmith.train.reference import reference_head_trainer
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
-    recipe = recipe_for(cfg, args, out, args.head_batch)
+    recipe = recipe_for(cfg, args, out, args.head_batch, path="reference" if reference else "auto")
     recipe, path, placement = take_path(recipe.model_copy(update={"data": recipe.data.model_copy(
         update={"target_field": "category", "prompt": "{text}"})}))
     labels = sorted({label for _, label in banking})
@@ -469,8 +493,8 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     tokenizer = load_tokenizer(name)
 
     def train(callbacks):
-        return train_classifier(recipe, examples, labels, tokenizer, placement, _no_bar, Console(quiet=True),
-                                callbacks=callbacks)
+        return TRAINING["classifier"].train(recipe, examples, labels, tokenizer, placement, _no_bar, Console(quiet=True),
+                                            False, callbacks, reference_head_trainer if reference else None)
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
     result = res["result"]
@@ -479,24 +503,27 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
                   "params": result.total_params, "path": path.describe() + " (classifier head; loss is over 77 labels)"}
 
 
-def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
-    """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here."""
+def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path, reference: bool = False) -> dict:
+    """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here; with
+    ``reference``, on ``train.path: reference`` (TRL's own DPOTrainer)."""
     from rich.console import Console
 
     from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.train.dpo import train_dpo
+    from tunesmith.train.reference import reference_dpo_trainer
 
     out.mkdir(parents=True, exist_ok=True)
     path_file = out / "pairs.jsonl"
     path_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    recipe, path, placement = take_path(recipe_for(cfg, args, out, args.dpo_batch,
-                                                     dpo={"path": str(path_file), "beta": 0.1}))
+    recipe, path, placement = take_path(recipe_for(cfg, args, out, args.dpo_batch, path="reference" if reference
+                                                   else "auto", dpo={"path": str(path_file), "beta": 0.1}))
     tokenizer = load_tokenizer(recipe.model.name)
     model = load_model_for(recipe.model.name, placement, cfg.adapter)
 
     def train(callbacks):
-        return train_dpo(recipe, model, tokenizer, placement, Console(quiet=True), _no_bar, callbacks=callbacks)
+        return train_dpo(recipe, model, tokenizer, placement, Console(quiet=True), _no_bar, callbacks=callbacks,
+                         build=reference_dpo_trainer if reference else None)
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
     result = res["result"]
@@ -554,6 +581,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded SmolLM2's)")
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 256 tokens: a CPU smoke run")
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
+    ap.add_argument("--reference", action="store_true",
+                    help="also tunesmith's train.path: reference (plain TRL / transformers trainers) as a side")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
     ap.add_argument("--side-timeout", type=float, default=None, help="seconds a side may run before it is stopped")
     ap.add_argument("--unsloth-site", default=None,
@@ -596,6 +625,9 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
 
 def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
     """(label, side, attention) of each side of ``cfg`` that can run here; notes for those that cannot."""
+    def reference(label: str, side: str) -> list[tuple[str, str, str]]:
+        return [(label, side, "auto")] if args.reference else []
+
     if cfg.adapter == "qlora" and device != "cuda":
         print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
         return []
@@ -603,13 +635,16 @@ def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
         if not DPO_PAIRS.is_file():
             print(f"note: {cfg.name} needs the DPO demo pairs under {SHARED}; skipped")
             return []
-        return [("tunesmith DPO", "ours-dpo", "auto")] + ([] if args.no_trl else [("TRL DPO", "trl-dpo", "auto")])
+        return ([("tunesmith DPO", "ours-dpo", "auto")] + reference("tunesmith reference DPO", "reference-dpo")
+                + ([] if args.no_trl else [("TRL DPO", "trl-dpo", "auto")]))
     if cfg.head == "classifier":
         if not BANKING.is_file():
             print(f"note: {cfg.name} needs BANKING77; skipped")
             return []
-        return [("tunesmith head", "ours-head", "auto")] + ([] if args.no_trl else [("TRL SFT", "trl-head", "auto")])
+        return ([("tunesmith head", "ours-head", "auto")] + reference("tunesmith reference head", "reference-head")
+                + ([] if args.no_trl else [("TRL SFT", "trl-head", "auto")]))
     ours = [("tunesmith" + ("" if a == "auto" else f" ({a})"), "ours", a) for a in args.attention.split(",")]
+    ours += reference("tunesmith reference", "reference")
     if args.no_trl:
         return ours
     why_not = unsloth_usable(args)
@@ -633,13 +668,17 @@ def run_side(args) -> dict | None:
             return run_trl(cfg, args, rows, out, per_step)
         if side == "unsloth":
             return run_unsloth(cfg, args, rows, out, per_step)
-        if side == "ours-head":
-            return run_head(cfg, args, banking, out)
+        if side == "reference":
+            return run_reference(cfg, args, rows, out, per_step)
+        if side in ("ours-head", "reference-head"):
+            return run_head(cfg, args, banking, out, reference=side == "reference-head")
         if side == "trl-head":
             return run_trl(cfg, args, [r for r in rows if r["prompt"][0]["content"] == SYSTEM_BANKING], out,
                            args.head_batch)
         pairs = load_pairs(args.rows_per_source)
-        return run_tunesmith_dpo(cfg, args, pairs, out / "ours") if side == "ours-dpo" else run_trl_dpo(cfg, args, pairs, out)
+        if side in ("ours-dpo", "reference-dpo"):
+            return run_tunesmith_dpo(cfg, args, pairs, out / side, reference=side == "reference-dpo")
+        return run_trl_dpo(cfg, args, pairs, out)
 
 
 RESULT = "side result: "

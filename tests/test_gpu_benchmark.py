@@ -104,3 +104,16 @@ def test_the_unsloth_side_trains_with_the_kits_packages(tiny_model_dir, home, mo
     assert "Unsloth 2026" in sides["Unsloth"][11] and "transformers 5.17" in sides["Unsloth"][11]
     number = lambda cell: float(cell.replace(",", ""))  # noqa: E731
     assert number(sides["Unsloth"][8]) == pytest.approx(number(sides["TRL"][8]), abs=5e-3)
+
+
+def test_reference_adds_the_products_reference_path_as_a_side_of_each_method():
+    bench = _load_bench()
+    args = _args(bench, "--reference", "--no-trl")
+    labels = {name: [label for label, _, _ in bench["sides_of"](bench["CONFIGS"][name], args, "cuda")]
+              for name in ("1b-lora", "1b-head", "1b-dpo")}
+    assert labels["1b-lora"] == ["tunesmith", "tunesmith reference"]
+    if bench["BANKING"].is_file():
+        assert labels["1b-head"] == ["tunesmith head", "tunesmith reference head"]
+    if bench["DPO_PAIRS"].is_file():
+        assert labels["1b-dpo"] == ["tunesmith DPO", "tunesmith reference DPO"]
+    assert "reference" not in str(bench["sides_of"](bench["CONFIGS"]["1b-lora"], _args(bench, "--no-trl"), "cuda"))

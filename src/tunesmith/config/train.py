@@ -27,6 +27,13 @@ class DpoSection(Section):
 
 class TrainSection(Section):
     method: Literal["sft", "dpo"] = "sft"
+    path: Literal["auto", "reference"] = Field(
+        "auto", description="auto: tunesmith's training path (its packing collator, loss forms and trainers, chosen "
+        "for the machine); reference: plain TRL SFTTrainer / DPOTrainer and transformers' own Trainer and heads with "
+        "their documented settings (bf16 on a GPU, TRL's padding-free packing where FlashAttention runs it, Liger "
+        "kernels where installed) and none of tunesmith's trainers, collators or loss forms. Use reference when the "
+        "default path fails or its loss differs from the reference on your GPU"
+    )
     adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
     head: Literal["generative", "classifier", "regression", "span"] = Field(
         "generative", description="classifier: a linear head over the labels (classification); regression: a "
@@ -153,6 +160,9 @@ class TrainSection(Section):
                              "base weight fixed)")
         if self.regression_loss != "mse" and self.head != "regression":
             raise ValueError(f"regression_loss applies to head: regression (head: {self.head})")
+        if self.path == "reference" and (self.pooling == "mean" or self.head_init == "probe"):
+            raise ValueError("path: reference trains transformers' own heads (pooling: native, head_init: random); "
+                             "pooling: mean and head_init: probe are tunesmith's and need path: auto")
         for key in ("pooling", "head_init"):
             if getattr(self, key) != "auto" and self.head not in ("classifier", "regression"):
                 raise ValueError(f"{key} applies to head: classifier or regression (head: {self.head})")

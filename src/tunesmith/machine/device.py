@@ -16,6 +16,9 @@ builds an L x L mask on the device), Liger's fused kernels where installed, grad
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
 double quantisation, bf16 compute and paged 8-bit AdamW. On both, generative SFT scores its target
 positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.chunked_loss`).
+``train.path: reference`` keeps the device choices but trains with plain TRL / transformers
+(:mod:`tunesmith.train.reference`): TRL's padding-free batches only under FlashAttention (else unpacked, SDPA
+rather than flex), the model's own loss, the path's reason naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.machine.methods import MethodSpec, method_spec
 
 ATTENTION = ("flash_attention_2", "sdpa", "flex_attention", "eager")
+REFERENCE = "reference: plain TRL/transformers, none of tunesmith's trainers"
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Wishes:
     loss: str = "auto"  # auto | chunked | logits (generative SFT)
     gradient_checkpointing: bool | str = "auto"
     softcapping: bool = False  # the model soft-caps attention logits (Gemma-2)
+    path: str = "auto"  # train.path: auto (tunesmith's trainers) | reference (plain TRL / transformers)
 
     @property
     def spec(self) -> MethodSpec:
@@ -82,6 +87,7 @@ class TrainPath:
     reasons: dict[str, str] = field(default_factory=dict)
     autocast: str | None = None  # bfloat16: fp32 weights, matmuls autocast to bf16 (full fine-tuning on a GPU)
     loss: str = "logits"  # chunked (target positions scored in vocabulary tiles) | logits | head
+    name: str = "auto"  # train.path: auto (tunesmith's trainers) | reference (plain TRL / transformers)
 
     @property
     def attn_implementation(self) -> str | None:
@@ -102,7 +108,8 @@ class TrainPath:
             parts.append("TF32")
         if self.quantization:
             parts.append("4-bit " + self.quantization["quant_type"])
-        return ", ".join(parts)
+        head = f"{REFERENCE} · " if self.name == "reference" else ""
+        return head + ", ".join(parts)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -153,8 +160,37 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     kernels, why["kernels"] = _kernels(caps, wish, gpu)
     checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
     loss, why["loss"] = loss_form(wish)
+    if wish.path == "reference":
+        why["path"] = REFERENCE
+        if gpu and attention == "flex_attention" and wish.attention == "auto" and not wish.softcapping:
+            attention, why["attention"] = "sdpa", ("reference: PyTorch's SDPA, transformers' default (flash-attn is not "
+                                                   "installed; flex attention is tunesmith's choice for packed rows)")
+        packing, why["packing"] = _reference_packing(wish, attention)
+        loss, why["loss"] = _reference_loss(wish, kernels)
     return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
-                     loss)
+                     loss, wish.path)
+
+
+def _reference_packing(wish: Wishes, attention: str) -> tuple[str, str]:
+    """TRL's own packing on the reference path: padding-free (sequences flattened into one row, position ids
+    restarting) where FlashAttention runs it, the only attention TRL supports it with; else padded batches."""
+    if wish.head != "generative":
+        return "off", f"reference: transformers' {wish.head} head reads one padded example per row"
+    if not wish.packing:
+        return "off", "train.packing: false"
+    if attention == "flash_attention_2":
+        return "position_ids", "reference: TRL's padding-free batches (FlashAttention reads the sequence boundaries)"
+    return "off", ("reference: TRL packs padding-free only under FlashAttention (not on this machine): padded "
+                   "batches, one example per row")
+
+
+def _reference_loss(wish: Wishes, kernels: str) -> tuple[str, str]:
+    """The reference path's loss: the model's (or Liger's fused) cross-entropy as TRL and transformers compute it."""
+    if wish.head != "generative":
+        return "head", f"reference: transformers' {wish.head} head and its own loss"
+    if kernels == "liger":
+        return "logits", "reference: TRL's loss through Liger's fused linear cross-entropy (use_liger_kernel)"
+    return "logits", "reference: TRL's own loss on the model's logits"
 
 
 def _optimizer(wish: Wishes, gpu: bool) -> tuple[str, str]:

@@ -13,7 +13,7 @@ def wishes(recipe, softcapping: bool = False) -> Wishes:
     t = recipe.train
     return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
                   method=t.method, packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
-                  loss=t.loss,
+                  loss=t.loss, path=t.path,
                   gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
 
 

@@ -104,15 +104,32 @@ def read_pairs(path: Path) -> list[dict]:
     return pairs
 
 
-def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume: bool = False,
-              callbacks: list | None = None) -> TrainResult:
-    """Wrap ``model`` with the recipe's adapter and run TRL's DPOTrainer on ``train.dpo.path``."""
+def build_dpo_trainer(recipe: Recipe, model, tokenizer, placement, pairs: list[dict], out_dir: Path):
+    """tunesmith's DPO trainer (:class:`~tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the recipe's settings."""
     from datasets import Dataset
     from trl import DPOConfig
 
     from tunesmith.machine.masks import padded_mask_kind
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
-    from tunesmith.train.sft import base_args, fit, prepare_model, save_final
+    from tunesmith.train.sft import base_args
+
+    t = recipe.train
+    args = DPOConfig(
+        **base_args(recipe, placement, out_dir),
+        beta=t.dpo.beta,
+        precompute_ref_log_probs=t.dpo.precompute_ref_log_probs,
+        max_length=t.max_seq_length,
+    )
+    return SyncFreeDPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                              processing_class=tokenizer, mask=padded_mask_kind(model),
+                              mask_dtype=placement.torch_dtype)
+
+
+def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume: bool = False,
+              callbacks: list | None = None, build=None) -> TrainResult:
+    """Wrap ``model`` with the recipe's adapter and run DPO on ``train.dpo.path``; ``build`` makes the trainer (the
+    arguments of :func:`build_dpo_trainer`; default: that one, tunesmith's own)."""
+    from tunesmith.train.sft import fit, prepare_model, save_final
 
     t = recipe.train
     out_dir = recipe.run_dir / "train"
@@ -120,21 +137,8 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
         raise DataError("train.method dpo: no preference pairs (train.dpo.path, or a preference_pairs synth stage in a run)")
     pairs = read_pairs(t.dpo.path)
     console.print(f"{len(pairs)} preference pairs from {t.dpo.path}")
-    args = DPOConfig(
-        **base_args(recipe, placement, out_dir),
-        beta=t.dpo.beta,
-        precompute_ref_log_probs=t.dpo.precompute_ref_log_probs,
-        max_length=t.max_seq_length,
-    )
     tokenizer.padding_side = "right"
-    trainer = SyncFreeDPOTrainer(
-        model=prepare_model(recipe, model),
-        args=args,
-        train_dataset=Dataset.from_list(pairs),
-        processing_class=tokenizer,
-        mask=padded_mask_kind(model),
-        mask_dtype=placement.torch_dtype,
-    )
+    trainer = (build or build_dpo_trainer)(recipe, prepare_model(recipe, model), tokenizer, placement, pairs, out_dir)
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar("dpo", steps), callbacks)
     full = t.adapter == "full"
@@ -171,6 +175,7 @@ def dpo_rows(history: list[dict]) -> list[dict]:
 
 
 @trainer("dpo", "generative")
-def dpo_job(job: TrainJob) -> TrainResult:
+def dpo_job(job: TrainJob, build=None) -> TrainResult:
+    """DPO of the job; ``build`` makes the trainer (default: :func:`build_dpo_trainer`)."""
     return train_dpo(job.recipe, generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
-                     resume=job.resume, callbacks=job.callbacks)
+                     resume=job.resume, callbacks=job.callbacks, build=build)

@@ -99,8 +99,8 @@ class HeadTraining:
 
     kind: ClassVar[HeadKind]
     def train(self, recipe: Recipe, train: list[Example], labels: list[str], tokenizer, placement, bar, console,
-              resume: bool, callbacks: list | None) -> TrainResult:
-        return train_head(self, recipe, train, tokenizer, placement, bar, console, resume, callbacks, labels)
+              resume: bool, callbacks: list | None, build=None) -> TrainResult:
+        return train_head(self, recipe, train, tokenizer, placement, bar, console, resume, callbacks, labels, build)
 
     def loss_func(self, train_section):
         """The Trainer's ``compute_loss_func`` for this kind, or None for the model's own loss."""
@@ -200,6 +200,8 @@ def head_pooling(recipe: Recipe) -> str | None:
 
     if not HEADS[recipe.train.head].pooled:
         return None
+    if recipe.train.path == "reference":  # transformers' own *ForSequenceClassification
+        return "native"
     if recipe.train.pooling != "auto":
         return recipe.train.pooling
     return "mean" if recipe.train.head == "classifier" and is_encoder(recipe.model.name) else "native"
@@ -253,8 +255,10 @@ def probe_init(head: HeadTraining, model, tokenizer, rows: list[dict], seed: int
 
 
 def train_head(head: HeadTraining, recipe: Recipe, train: list[Example], tokenizer, placement, bar, console,
-               resume: bool = False, callbacks: list | None = None, labels: list[str] | None = None) -> TrainResult:
-    """Train a fresh ``head`` on its training rows (+ LoRA, or every weight) and save it with its head.json."""
+               resume: bool = False, callbacks: list | None = None, labels: list[str] | None = None,
+               build=None) -> TrainResult:
+    """Train a fresh ``head`` on its training rows (+ LoRA, or every weight) and save it with its head.json;
+    ``build`` makes the Trainer (the arguments of :func:`build_head_trainer`; default: that one)."""
     from transformers import set_seed
 
     from tunesmith.models.loading import wrap_adapter
@@ -279,7 +283,7 @@ def train_head(head: HeadTraining, recipe: Recipe, train: list[Example], tokeniz
     files = {"labels.json": json.dumps(labels, ensure_ascii=False)} if kind.label_probabilities else None
     result = fit_head(recipe, model, tokenizer, placement, rows, bar, kind=kind.folder,
                       label=f"train {kind.name} head", meta=meta, resume=resume, callbacks=callbacks,
-                      loss_func=head.loss_func(t), files=files, mask=head_mask_kind(kind, pooling, model))
+                      loss_func=head.loss_func(t), files=files, mask=head_mask_kind(kind, pooling, model), build=build)
     result.too_long = too_long
     result.warning = head.learned_nothing(rows, result.rows)
     if result.warning:
@@ -336,24 +340,17 @@ def head_collator(tokenizer):
 
 def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar, *, kind: str, label: str, meta: dict,
              resume: bool, callbacks: list | None, files: dict[str, str] | None = None,
-             loss_func=None, mask: str = "2d") -> TrainResult:
+             loss_func=None, mask: str = "2d", build=None) -> TrainResult:
     """Train a wrapped head model on encoded rows and save it to ``train/<kind>/`` with its tokenizer,
     ``head.json`` and any extra ``files`` (name → text), written once under torchrun. Every head
     (classifier, regression, span) trains and saves through here; ``mask`` is how its batches carry the
-    attention mask (:func:`head_mask_kind`)."""
-    from datasets import Dataset
-
+    attention mask (:func:`head_mask_kind`); ``build`` makes the Trainer (default :func:`build_head_trainer`)."""
     from tunesmith.models.loading import set_attention_dropout
-    from tunesmith.train.sft import fit, save_final, training_args
-    from tunesmith.train.trainer import TokenCountingTrainer
+    from tunesmith.train.sft import fit, save_final
 
     set_attention_dropout(model, recipe.train.attention_dropout)
     out_dir = recipe.run_dir / "train"
-    args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
-                         metric_for_best_model=None)
-    trainer = TokenCountingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=tokenizer, compute_loss_func=loss_func,
-                                   data_collator=head_collator(tokenizer), mask=mask, mask_dtype=placement.torch_dtype)
+    trainer = (build or build_head_trainer)(recipe, model, tokenizer, placement, rows, out_dir, loss_func, mask)
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, lambda steps: bar(label, steps), callbacks)
     final_dir = out_dir / kind
@@ -365,6 +362,20 @@ def fit_head(recipe: Recipe, model, tokenizer, placement, rows: list[dict], bar,
         write_head_meta(final_dir, meta)
     return make_result(trainer, kind, final_dir, before, seconds,
                        rows_from_log_history(trainer.state.log_history), len(rows), resume)
+
+
+def build_head_trainer(recipe: Recipe, model, tokenizer, placement, rows: list[dict], out_dir, loss_func, mask: str):
+    """tunesmith's head Trainer: tokens counted on the host, a decoder's 4D padding mask built on the device."""
+    from datasets import Dataset
+
+    from tunesmith.train.sft import training_args
+    from tunesmith.train.trainer import TokenCountingTrainer
+
+    args = training_args(recipe, placement, out_dir, has_val=False, prediction_loss_only=False,
+                         metric_for_best_model=None)
+    return TokenCountingTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer, compute_loss_func=loss_func,
+                                data_collator=head_collator(tokenizer), mask=mask, mask_dtype=placement.torch_dtype)
 
 
 # --- prediction ------------------------------------------------------------------------------
@@ -401,7 +412,8 @@ def train_classifier(recipe: Recipe, train: list, labels: list[str], tokenizer, 
 
 
 @trainer("sft", *HEADS)  # a head trains on its own loss; the recipe's method stays sft
-def head_job(job: TrainJob) -> TrainResult:
+def head_job(job: TrainJob, build=None) -> TrainResult:
+    """The job's head; ``build`` makes the Trainer (default: :func:`build_head_trainer`)."""
     r = job.recipe
     return TRAINING[r.train.head].train(r, ordered(r, job.data.train), job.data.labels, job.tokenizer, job.placement,
-                                     job.bar, job.console, job.resume, job.callbacks)
+                                     job.bar, job.console, job.resume, job.callbacks, build)

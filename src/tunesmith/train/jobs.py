@@ -76,7 +76,7 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     out_dir = recipe.run_dir / "train"
     prepare_trackers(recipe.train.report_to, out_dir, console)
     job = TrainJob(recipe, data, tokenizer, placement, console, bar, resume, callbacks, init_adapter)
-    result = trainer_for(recipe.train.method, recipe.train.head)(job)
+    result = trainer_for(recipe.train.method, recipe.train.head, path.name)(job)
     from tunesmith.machine.launch import is_main
     from tunesmith.models.random_weights import is_random
 
@@ -108,26 +108,28 @@ class TrainJob:
 
 
 Trainer = Callable[[TrainJob], TrainResult]
-_TRAINERS: dict[tuple[str, str], Trainer] = {}
+_TRAINERS: dict[tuple[str, str, str], Trainer] = {}
 
 
-def trainer(method: str, *heads: str):
-    """Function decorator: train ``(method, head)`` recipes, for each of ``heads``, with ``fn(job)``."""
+def trainer(method: str, *heads: str, path: str = "auto"):
+    """Function decorator: train ``(method, head)`` recipes, for each of ``heads``, with ``fn(job)`` on training path
+    ``path`` (``train.path``: ``auto``, tunesmith's trainers, or ``reference``, plain TRL / transformers)."""
     def add(fn: Trainer) -> Trainer:
         for head in heads:
-            if (method, head) in _TRAINERS:
-                raise ValueError(f"a trainer for method {method} with head {head} is registered twice")
-            _TRAINERS[(method, head)] = fn
+            if (method, head, path) in _TRAINERS:
+                raise ValueError(f"a trainer for method {method} with head {head} on path {path} is registered twice")
+            _TRAINERS[(method, head, path)] = fn
         return fn
 
     return add
 
 
-def trainer_for(method: str, head: str) -> Trainer:
-    if (method, head) not in _TRAINERS:
-        known = ", ".join(f"{m} with head {h}" for m, h in sorted(_TRAINERS))
-        raise ConfigError(f"train.method {method} with train.head {head}: nothing trains that; known: {known}")
-    return _TRAINERS[(method, head)]
+def trainer_for(method: str, head: str, path: str = "auto") -> Trainer:
+    if (method, head, path) not in _TRAINERS:
+        known = ", ".join(f"{m} with head {h}" for m, h, p in sorted(_TRAINERS) if p == path)
+        where = "" if path == "auto" else f" on train.path {path}"
+        raise ConfigError(f"train.method {method} with train.head {head}{where}: nothing trains that; known: {known}")
+    return _TRAINERS[(method, head, path)]
 
 
 def generative_model(job: TrainJob):

@@ -238,15 +238,17 @@ def train_sft(
     progress_factory,
     resume: bool = False,
     callbacks: list | None = None,
+    build=None,
 ) -> TrainResult:
     """Train ``model`` (already wrapped by ``prepare_model``) and save the adapter or model.
 
     ``progress_factory(total_steps)`` returns a context manager yielding ``advance(n, info)``.
     ``resume`` continues from the newest checkpoint under ``out_dir/checkpoints``; ``callbacks``
     are extra TrainerCallbacks (the jobs worker reports events and checks for cancel with one).
+    ``build`` makes the Trainer (the arguments of :func:`build_trainer`; default: that one, tunesmith's own).
     """
     tokenizer.padding_side = "right"
-    trainer = build_trainer(recipe, model, tokenizer, train_rows, val_rows, placement, out_dir)
+    trainer = (build or build_trainer)(recipe, model, tokenizer, train_rows, val_rows, placement, out_dir)
     before = trainable_snapshot(trainer.model)
     seconds = fit(trainer, out_dir, resume, progress_factory, callbacks)
     tokenizer.padding_side = "left"
@@ -352,9 +354,10 @@ def planned_steps(trainer) -> int:
 
 
 @trainer("sft", "generative")
-def sft_job(job: TrainJob) -> TrainResult:
+def sft_job(job: TrainJob, build=None) -> TrainResult:
+    """Generative SFT of the job; ``build`` makes the Trainer (default: :func:`build_trainer`)."""
     return _train_sft(job.recipe, job.data, generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
-                      job.resume, job.callbacks)
+                      job.resume, job.callbacks, build)
 
 
 
@@ -366,7 +369,8 @@ def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
 
 
 
-def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks) -> TrainResult:
+def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks,
+               build=None) -> TrainResult:
     from tunesmith.data.prepare import append_jsonl
     from tunesmith.machine.launch import is_main
 
@@ -384,6 +388,7 @@ def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, ba
     if not rows:
         raise DataError("no training example fits train.max_seq_length; raise it")
     result = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
-                       recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=callbacks)
+                       recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=callbacks,
+                       build=build)
     result.too_long = len(too_long)
     return result
