@@ -260,3 +260,22 @@ def test_model_alias_option_names_a_served_model():
     for bad in (ALIAS, f"{ALIAS}=elsewhere", "=base"):
         with pytest.raises(ConfigError, match="--model-alias"):
             parse_model_aliases([bad], {"base"})
+
+
+def test_unsupported_calls_get_the_errors_the_migration_guide_lists(live):
+    c = client(live)
+    for call, kwargs in ((c.fine_tuning.alpha.graders.validate, {"grader": {"type": "string_check", "name": "g",
+                                                                            "input": "a", "reference": "b",
+                                                                            "operation": "eq"}}),
+                         (c.fine_tuning.checkpoints.permissions.retrieve, {"fine_tuned_model_checkpoint": "ft:x"}),
+                         (c.batches.list, {})):
+        with pytest.raises(openai.NotFoundError):
+            call(**kwargs)
+    for call, kwargs, param in (
+            (c.files.create, {"file": ("b.jsonl", b"{}\n"), "purpose": "batch"}, "purpose"),
+            (c.responses.create, {"model": live["base"], "input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+            (c.responses.create, {"model": live["base"], "input": "x", "conversation": "conv_1"}, "conversation"),
+            (c.embeddings.create, {"model": "all-minilm-l6-v2", "input": [[1, 2, 3]]}, "input")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            call(**kwargs)
+        assert exc.value.body["param"] == param, exc.value.body
