@@ -100,6 +100,8 @@ def test_jobs_list_pages_and_filters_on_metadata(live, trained):
     assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "support"}).data] == [trained["id"]]
     assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "other"}).data] == [trained["other"]]
     assert c.fine_tuning.jobs.list(metadata={"team": "nobody"}).data == []
+    unlabelled = c.fine_tuning.jobs.list(extra_query={"metadata": "null"}).data  # jobs without metadata
+    assert trained["id"] not in [j.id for j in unlabelled] and all(not j.metadata for j in unlabelled)
     with pytest.raises(openai.BadRequestError) as exc:
         c.fine_tuning.jobs.list(after="ftjob-doesnotexist")
     assert exc.value.body["param"] == "after"
@@ -281,3 +283,14 @@ def test_unsupported_calls_get_the_errors_the_migration_guide_lists(live):
         with pytest.raises(openai.BadRequestError) as exc:
             call(**kwargs)
         assert exc.value.body["param"] == param, exc.value.body
+
+
+def test_estimated_finish_follows_the_pace_of_the_steps_run():
+    import time
+
+    from tunesmith.serve.job_events import estimated_finish
+
+    now = time.time()
+    assert estimated_finish(now - 10, 0, 10, 30) == pytest.approx(now + 20, abs=2)  # 1 s a step, 20 to go
+    assert estimated_finish(now - 10, 20, 25, 30) == pytest.approx(now + 10, abs=2)  # resumed at step 20
+    assert estimated_finish(now, 5, 5, 30) is None  # no step run yet: no estimate
