@@ -56,14 +56,15 @@ def client(live, key="k1") -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def trained(live):
-    """One finished job with a validation file, every hyperparameter 'auto', metadata and a W&B integration;
-    created with the alias a script written for OpenAI uses."""
+    """One finished job with a validation file, 'auto' epochs and learning rate (a batch of 4 keeps it short),
+    metadata and a W&B integration; created with the alias a script written for OpenAI uses."""
     c = client(live)
     rows = banking_rows(LABELS, 8)
     train = c.files.create(file=("train.jsonl", chat_jsonl(rows[::2])), purpose="fine-tune")
     valid = c.files.create(file=("valid.jsonl", chat_jsonl(rows[3::4])), purpose="fine-tune")
     created = raw(c.fine_tuning.jobs.with_raw_response.create, model=ALIAS, training_file=train.id,
                   validation_file=valid.id, suffix="conf", metadata={"team": "support", "run": "a"},
+                  method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
                   integrations=[{"type": "wandb", "wandb": {"project": "banking", "tags": ["t1"]}}])
     other = c.fine_tuning.jobs.create(model=live["base"], training_file=train.id, metadata={"team": "other"},
                                       method={"type": "supervised", "supervised": {"hyperparameters": {
@@ -81,8 +82,9 @@ def test_job_objects_carry_every_declared_field(live, trained):
     job = strict(FineTuningJob, raw(c.fine_tuning.jobs.with_raw_response.retrieve, trained["id"]))
     assert job.status == "succeeded", job.error
     hyper = job.method.supervised.hyperparameters
-    # 'auto' is reported as the numbers used: 12 examples -> OpenAI's epoch rule gives 100 // 12 = 8
-    assert (hyper.n_epochs, hyper.batch_size) == (8, 1) and isinstance(hyper.learning_rate_multiplier, float)
+    # 'auto' is reported as the numbers used: 12 examples -> OpenAI's epoch rule gives 100 // 12 = 8; the
+    # learning rate multiplier follows the batch (square root of 4)
+    assert (hyper.n_epochs, hyper.batch_size, hyper.learning_rate_multiplier) == (8, 4, 2.0)
     assert job.hyperparameters.n_epochs == 8 and job.trained_tokens > 0 and job.estimated_finish is None
     assert job.finished_at >= job.created_at and job.result_files and job.seed is not None
     assert job.fine_tuned_model.startswith(f"ft:{live['base']}:conf:")
@@ -98,6 +100,8 @@ def test_jobs_list_pages_and_filters_on_metadata(live, trained):
     assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "support"}).data] == [trained["id"]]
     assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "other"}).data] == [trained["other"]]
     assert c.fine_tuning.jobs.list(metadata={"team": "nobody"}).data == []
+    unlabelled = c.fine_tuning.jobs.list(extra_query={"metadata": "null"}).data  # jobs without metadata
+    assert trained["id"] not in [j.id for j in unlabelled] and all(not j.metadata for j in unlabelled)
     with pytest.raises(openai.BadRequestError) as exc:
         c.fine_tuning.jobs.list(after="ftjob-doesnotexist")
     assert exc.value.body["param"] == "after"
@@ -110,15 +114,15 @@ def test_events_and_checkpoints_page_and_parse(live, trained):
     for e in events["data"]:
         strict(FineTuningJobEvent, e)
     # the client's auto-pagination walks every page through has_more and after
-    messages = [e.message for e in c.fine_tuning.jobs.list_events(trained["id"], limit=50,
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(trained["id"], limit=10,
                                                                   after=events["data"][-1]["id"])]
-    assert len(messages) > 100 and len(set(messages)) > 100
+    assert len(messages) > 30 and len(set(messages)) == len(messages)
     assert any("Nothing is sent to wandb.ai" in m for m in messages)
     assert any(m.startswith("Step ") for m in messages)
     page = raw(c.fine_tuning.jobs.checkpoints.with_raw_response.list, trained["id"], limit=1)
     assert page["has_more"] is True
     newest = strict(FineTuningJobCheckpoint, page["data"][0])
-    assert newest.step_number == 8 * 12 and newest.metrics.train_loss is not None
+    assert newest.step_number == 8 * 12 // 4 and newest.metrics.train_loss is not None
     assert newest.metrics.full_valid_loss is not None and newest.metrics.valid_loss is not None
     older = c.fine_tuning.jobs.checkpoints.list(trained["id"], after=newest.id).data
     assert older and all(cp.step_number < newest.step_number for cp in older)
@@ -134,7 +138,7 @@ def test_results_file_has_openai_columns(live, trained):
     text = base64.b64decode(c.files.content(job.result_files[0]).read()).decode()
     header, *lines = text.strip().splitlines()
     assert header == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
-    assert len(lines) == 96 and any(line.split(",")[3] for line in lines)  # validation passes are in
+    assert len(lines) == 24 and any(line.split(",")[3] for line in lines)  # validation passes are in
 
 
 def test_checkpoint_ids_answer_chat_completions(live, trained):
@@ -260,3 +264,33 @@ def test_model_alias_option_names_a_served_model():
     for bad in (ALIAS, f"{ALIAS}=elsewhere", "=base"):
         with pytest.raises(ConfigError, match="--model-alias"):
             parse_model_aliases([bad], {"base"})
+
+
+def test_unsupported_calls_get_the_errors_the_migration_guide_lists(live):
+    c = client(live)
+    for call, kwargs in ((c.fine_tuning.alpha.graders.validate, {"grader": {"type": "string_check", "name": "g",
+                                                                            "input": "a", "reference": "b",
+                                                                            "operation": "eq"}}),
+                         (c.fine_tuning.checkpoints.permissions.list, {"fine_tuned_model_checkpoint": "ft:x"}),
+                         (c.batches.list, {})):
+        with pytest.raises(openai.NotFoundError):
+            call(**kwargs)
+    for call, kwargs, param in (
+            (c.files.create, {"file": ("b.jsonl", b"{}\n"), "purpose": "batch"}, "purpose"),
+            (c.responses.create, {"model": live["base"], "input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+            (c.responses.create, {"model": live["base"], "input": "x", "conversation": "conv_1"}, "conversation"),
+            (c.embeddings.create, {"model": "all-minilm-l6-v2", "input": [[1, 2, 3]]}, "input")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            call(**kwargs)
+        assert exc.value.body["param"] == param, exc.value.body
+
+
+def test_estimated_finish_follows_the_pace_of_the_steps_run():
+    import time
+
+    from tunesmith.serve.job_events import estimated_finish
+
+    now = time.time()
+    assert estimated_finish(now - 10, 0, 10, 30) == pytest.approx(now + 20, abs=2)  # 1 s a step, 20 to go
+    assert estimated_finish(now - 10, 20, 25, 30) == pytest.approx(now + 10, abs=2)  # resumed at step 20
+    assert estimated_finish(now, 5, 5, 30) is None  # no step run yet: no estimate
