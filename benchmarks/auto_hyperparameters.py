@@ -17,9 +17,7 @@ import argparse
 import csv
 import json
 import random
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -72,19 +70,6 @@ def accuracy(client: openai.OpenAI, model: str, held: list[dict]) -> list[float]
         return list(pool.map(one, held))
 
 
-def serve(app) -> tuple[str, object]:
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}/v1", server
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[12, 50, 500])
@@ -94,11 +79,13 @@ def main() -> None:
     args = ap.parse_args()
     from tunesmith.scoring.bootstrap import mean_ci
     from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.launch import serve_in_thread
     from tunesmith.serve.worker import work
 
     pool, held = split_rows(args.seed)
     data_dir = Path(tempfile.mkdtemp(prefix="auto-hyper-"))
-    url, server = serve(create_app(ServeSettings(model=args.model, data_dir=data_dir)))
+    server, root = serve_in_thread(create_app(ServeSettings(model=args.model, data_dir=data_dir)))
+    url = f"{root}/v1"
     client = openai.OpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
     table = []
     base = accuracy(client, args.model, held)

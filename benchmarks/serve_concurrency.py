@@ -13,36 +13,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
-import uvicorn
 
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
+from tunesmith.serve.launch import serve_in_thread
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_seed_tasks.jsonl"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(engine, data_dir):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(ServeSettings(model=engine.base_name, data_dir=data_dir), engine),
-                                        host="127.0.0.1", port=port, log_level="error"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    return srv, f"http://127.0.0.1:{port}/v1"
+    srv, root = serve_in_thread(create_app(ServeSettings(model=engine.base_name, data_dir=data_dir), engine), "error")
+    return srv, f"{root}/v1"
 
 
 def run_clients(url: str, model: str, prompts: list[str], max_tokens: int) -> dict:

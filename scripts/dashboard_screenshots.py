@@ -14,10 +14,8 @@ import argparse
 import csv
 import json
 import shutil
-import socket
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,19 +41,6 @@ def chat_files(folder: Path, per_label_train: int, per_label_valid: int) -> tupl
     valid.write_text("".join(line(t, lab) for lab, ts in by_label.items()
                              for t in ts[per_label_train:per_label_train + per_label_valid]))
     return train, valid
-
-
-def serve(app):
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/"
 
 
 def train_from_page(page, settings, work, out: Path) -> str:
@@ -85,6 +70,7 @@ def main() -> None:
 
     from tunesmith.models.names import resolve
     from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.launch import serve_in_thread
     from tunesmith.serve.worker import work
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +78,8 @@ def main() -> None:
     train, valid = chat_files(tmp, 2, 1)  # 20 and 10 rows: ten training steps, quick on a busy CPU
     resolve(args.model)  # fails early when the model is not installed
     settings = ServeSettings(model=args.model, api_keys=frozenset({KEY}), data_dir=tmp / "data", runs_dir=args.runs)
-    server, root = serve(create_app(settings))  # the engine loads the model as the server starts
+    server, root = serve_in_thread(create_app(settings))
+    root += "/"  # the engine loads the model as the server starts
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=ARGS)

@@ -133,25 +133,14 @@ def cli():
 @contextmanager
 def running_server(app):
     """Serve a FastAPI app with uvicorn on a free 127.0.0.1 port; yields the /v1 base URL."""
-    import socket
-    import threading
-    import time
+    from tunesmith.serve.launch import serve_in_thread
 
-    import uvicorn
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
+    srv, root = serve_in_thread(app)
     try:
-        yield f"http://127.0.0.1:{port}/v1"
+        yield f"{root}/v1"
     finally:
         srv.should_exit = True
-        thread.join(5)
+        srv.thread.join(5)
 
 
 def http_get(url: str, key: str | None = None, timeout: float = 30) -> tuple[int, bytes]:

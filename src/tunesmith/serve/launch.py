@@ -129,3 +129,23 @@ def stop_worker(worker: subprocess.Popen) -> None:
 
 def shell_line(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
+
+
+def serve_in_thread(app, log_level: str = "warning"):
+    """Serve ``app`` with uvicorn in a daemon thread on a free 127.0.0.1 port (tests, benchmarks, screenshots);
+    returns the uvicorn server, once it has started, and ``http://127.0.0.1:PORT``. Set ``should_exit`` to stop it."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level))
+    server.thread = threading.Thread(target=server.run, daemon=True)
+    server.thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, f"http://127.0.0.1:{port}"
