@@ -17,11 +17,10 @@ from typer.core import TyperGroup
 from tunesmith import __version__
 from tunesmith.errors import TunesmithError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune a small model for one narrow task.")
-models_app = typer.Typer(no_args_is_help=True, help="Provision and list base models.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,  # help text shown as written
+                  help="Fine-tune a small model for one narrow task.")
+models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Provision and list base models.")
 app.add_typer(models_app, name="models")
-data_app = typer.Typer(no_args_is_help=True, help="Prepare, profile and validate data.")
-app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
 _state: dict = {"debug": False, "argv": []}
@@ -140,9 +139,9 @@ def train(
     if backend != "local":
         raise typer.BadParameter("--backend is local or openai")
     if estimate:
-        from tunesmith.machine.estimate import estimate_recipe
+        from tunesmith.runs.fitting import fitted_estimate
 
-        est = estimate_recipe(cfg)
+        est = fitted_estimate(cfg, console)
         console.print(est.render())
         return
     from tunesmith.runs.training import run_training
@@ -282,8 +281,8 @@ class _RecipeOrSubcommand(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-synth_app = typer.Typer(cls=_RecipeOrSubcommand, no_args_is_help=True, help="Grow data with an LLM: tunesmith synth RECIPE.")
-review_app = typer.Typer(no_args_is_help=True, help="Human review of generated items.")
+synth_app = typer.Typer(cls=_RecipeOrSubcommand, no_args_is_help=True, rich_markup_mode=None, help="Grow data with an LLM: tunesmith synth RECIPE.")
+review_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Human review of generated items.")
 synth_app.add_typer(review_app, name="review")
 app.add_typer(synth_app, name="synth")
 
@@ -389,87 +388,10 @@ def serve(
                              allow_random_model=allow_random_model)
     serve_builtin(settings, host, port, say=console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
-# --- tunesmith data ... ----------------------------------------------------------------------
-DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+from tunesmith.cli_data import data_app, init  # noqa: E402 - registered here: they use this module's console
 
-
-@data_app.command("prepare")
-def data_prepare(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key (data.limit=100).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Rebuild even if cached.")] = False,
-) -> None:
-    """Run the data stage only: read, curate, split, write (and profile/export if the recipe says so)."""
-    import time
-
-    from tunesmith.config import load_recipe
-    from tunesmith.data.prepare import prepare
-
-    cfg = load_recipe(recipe, set_ or [])
-    _quiet_libraries()
-    t0 = time.perf_counter()
-    data = prepare(cfg, cfg.run_dir / "data", console, use_cache=False if no_cache else None)
-    seconds = time.perf_counter() - t0
-    if data.steps:
-        from tunesmith.data.steps import summary_table
-
-        console.print(summary_table(data.steps))
-    console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items() if not k.startswith("step ")))
-    n = data.summary["rows read"]
-    console.print(f"{n:,} records in {seconds:.2f} s ({n / max(seconds, 1e-9):,.0f} records/s)"
-                  f"{' from the cache' if data.cached else ''} → {cfg.run_dir / 'data'}")
-
-
-@data_app.command("profile")
-def data_profile(
-    input_: Annotated[Path, typer.Argument(metavar="INPUT", help="Data file (CSV, JSONL, Parquet...).")],
-    field: Annotated[list[str] | None, typer.Option("--field", help="Text field (repeatable).")] = None,
-    label: Annotated[str | None, typer.Option(help="Label field for the bar chart.")] = None,
-    numeric: Annotated[list[str] | None, typer.Option("--numeric", help="Numeric field.")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("profile"),
-    model: Annotated[str, typer.Option(help="Tokenizer: model name or folder.")] = "smollm2-135m-instruct",
-    max_tokens: Annotated[int | None, typer.Option(help="Limit drawn on the token histogram.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, jsonl, csv, json, parquet, hf_disk.")] = "auto",
-) -> None:
-    """Profile a data file: counts, missing values, lengths, labels, numbers, duplicates, plots."""
-    from tunesmith.data.profile import profile
-    from tunesmith.data.readers import read_records
-    from tunesmith.models.loading import load_tokenizer
-
-    _quiet_libraries()
-    records, rejected = read_records(input_, fmt, on_error="skip")
-    fields = field or [next((k for k, v in records[0].data.items() if isinstance(v, str)), "text")]
-    report = profile(records, fields, label, numeric or [], load_tokenizer(model), out, (None, max_tokens),
-                     title=f"Profile of {input_.name}")
-    if rejected:
-        console.print(f"[yellow]{len(rejected)} unreadable row(s) left out[/] (first: {rejected[0].source})")
-    console.print(f"{len(records):,} records → {report}")
-
-
-@data_app.command("validate")
-def data_validate(
-    file: Annotated[Path, typer.Argument(help="JSONL file in an OpenAI fine-tuning format.")],
-    fmt: Annotated[str, typer.Option("--format", help="openai-chat, -dpo or -completion.")] = "openai-chat",
-    model: Annotated[str | None, typer.Option(help="Hosted model, for its token limit.")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Token limit per example.")] = None,
-    price: Annotated[float | None, typer.Option(help="Price in $ per 1M training tokens.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the cookbook's rule).")] = None,
-    tokenizer: Annotated[str, typer.Option(help="Model name/folder or cl100k_base.")] = DEFAULT_TOKENIZER,
-) -> None:
-    """Check a file for hosted fine-tuning: format errors by kind, token counts, cost estimate."""
-    from tunesmith.data.validate import DEFAULT_LIMIT, MODEL_LIMITS, VALIDATORS, render, token_counter
-    from tunesmith.errors import ConfigError, DataError
-
-    if fmt not in VALIDATORS:
-        raise ConfigError(f"--format {fmt}: use one of {sorted(VALIDATORS)}")
-    if model and model not in MODEL_LIMITS and max_tokens is None:
-        raise ConfigError(f"--model {model}: limit unknown ({sorted(MODEL_LIMITS)}); pass --max-tokens")
-    _quiet_libraries()
-    limit = max_tokens or MODEL_LIMITS.get(model or "", DEFAULT_LIMIT)
-    result = VALIDATORS[fmt](file, token_counter(tokenizer), limit)
-    console.print(render(result, price, epochs, tokenizer), highlight=False)
-    if result.errors:
-        raise DataError(f"{file}: {sum(result.errors.values())} format error(s); fix them before uploading")
+app.add_typer(data_app, name="data")
+app.command("init")(init)
 
 
 def main(argv: list[str] | None = None) -> int:
