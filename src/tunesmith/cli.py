@@ -281,7 +281,8 @@ class _RecipeOrSubcommand(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-synth_app = typer.Typer(cls=_RecipeOrSubcommand, no_args_is_help=True, rich_markup_mode=None, help="Grow data with an LLM: tunesmith synth RECIPE.")
+synth_app = typer.Typer(cls=_RecipeOrSubcommand, no_args_is_help=True, rich_markup_mode=None,
+                        help="Grow data with an LLM: tunesmith synth RECIPE.")
 review_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Human review of generated items.")
 synth_app.add_typer(review_app, name="review")
 app.add_typer(synth_app, name="synth")

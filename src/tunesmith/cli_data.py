@@ -57,7 +57,7 @@ def data_prepare(
     cfg = load_recipe(recipe, set_ or [])
     _cli()._quiet_libraries()
     t0 = time.perf_counter()
-    data = prepare(cfg, cfg.run_dir / "data", console, use_cache=False if no_cache else None)
+    data = prepare(cfg, cfg.run_dir / "data", _cli().console, use_cache=False if no_cache else None)
     seconds = time.perf_counter() - t0
     if data.steps:
         from tunesmith.data.steps import summary_table
