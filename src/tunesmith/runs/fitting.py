@@ -63,8 +63,9 @@ def auto_length(lengths: list[int], cap: int | None, head: str) -> tuple[int, st
     value = max(16, 8 * math.ceil(p / 8))
     why = (f"the {PERCENTILE}th percentile of {len(lengths):,} training examples' token lengths is {p} "
            f"(longest {ordered[-1]}, median {ordered[len(ordered) // 2]}); rounded up to {value}")
-    if head == "span" and value > SPAN_DEFAULT:
-        value, why = SPAN_DEFAULT, why + f"; a span head reads longer contexts in overlapping windows of {SPAN_DEFAULT}"
+    if head == "span":  # windows over the context: their width, not the data's lengths, decides
+        value, why = SPAN_DEFAULT, (f"a span head reads each context in overlapping windows (train.span_stride "
+                                    f"tokens shared); {SPAN_DEFAULT} tokens a window")
     if cap is not None and value > cap:
         value, why = cap, why + f"; capped at the model's context, {cap}"
     return value, why
