@@ -130,3 +130,13 @@ def test_auto_length_cuts_long_inputs_and_drops_nothing(tiny_model_dir):
     assert token_length(fitted, tok, cut[3]) <= limit and cut[3].inputs["text"].startswith("my new card")
     assert cut[3].target == "card_arrival" and cut[0] == train[0]  # only the long input changed
     assert "99th percentile of 100" in chosen["train.max_seq_length"] and "none dropped" in chosen["train.long_inputs"]
+
+
+def test_init_with_a_test_file_holds_it_out_as_the_test_split(cli, tmp_path, tiny_model_dir):
+    rows = [{"text": r["text"], "category": r["category"]} for r in banking_rows(LABELS, 10)]
+    train, test = write_csv(tmp_path / "train.csv", rows[::2]), write_csv(tmp_path / "test.csv", rows[1::2])
+    recipe, _ = init(cli, tmp_path, train, "--test", str(test), "--encoder", "none", model=tiny_model_dir)
+    cfg = load_recipe(recipe)
+    assert cfg.data.splits.train == train and cfg.data.splits.test == test and cfg.data.path is None
+    assert (cfg.data.split.train, cfg.data.split.val) == (0.9, 0.1)  # validation comes out of the train file
+    fits(cli, recipe)
