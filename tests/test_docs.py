@@ -94,9 +94,9 @@ def key_exists(dotted: str) -> bool:
 def named_keys(text: str) -> set[str]:
     """Recipe keys a doc names: dotted paths in backticks or after --set, starting with a section name."""
     found = set()
-    spans = CODE.findall(text) + FENCE.findall(text)
-    for span in spans:
-        for m in re.finditer(r"(?<![\w./-])((?:%s)(?:\.[a-z_][a-z0-9_]*)+)" % "|".join(SECTIONS), span):
+    pattern = re.compile(r"(?<![\w./-])((?:" + "|".join(SECTIONS) + r")(?:\.[a-z_][a-z0-9_]*)+)")
+    for span in CODE.findall(text) + FENCE.findall(text):
+        for m in pattern.finditer(span):
             key = m.group(1)
             if not key.endswith(FILE_ENDINGS):
                 found.add(key)
