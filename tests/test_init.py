@@ -140,3 +140,29 @@ def test_init_with_a_test_file_holds_it_out_as_the_test_split(cli, tmp_path, tin
     assert cfg.data.splits.train == train and cfg.data.splits.test == test and cfg.data.path is None
     assert (cfg.data.split.train, cfg.data.split.val) == (0.9, 0.1)  # validation comes out of the train file
     fits(cli, recipe)
+
+
+def test_init_on_real_reviews_with_a_skewed_target(cli, tmp_path, tiny_model_dir):
+    """English Alexa reviews (1-5 stars, most of them 5) from ../shared/data: the stars are labels, the review
+    text the input (not the date or the product variation), and the report would lead with macro-F1."""
+    from pathlib import Path
+
+    import pytest
+
+    from tunesmith.config import EvalSection
+    from tunesmith.eval.headline import choose
+    from tunesmith.kinds import make_task
+    from tunesmith.records import Example
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "reviews_en_amazon_alexa" / \
+        "amazon_alexa_reviews_shared.jsonl"
+    if not data.is_file():
+        pytest.skip(f"shared data not found: {data}")
+    recipe, said = init(cli, tmp_path, data, "--encoder", "none", model=tiny_model_dir)
+    assert "target: rating (its name says so" in said and "task: classification ('rating' holds 5 distinct" in said
+    cfg = load_recipe(recipe)
+    assert cfg.data.input_fields == ["verified_reviews"] and "left out: row_id, date, variation, feedback" in said
+    rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
+    test = [Example(str(i), {}, str(r["rating"]), {}) for i, r in enumerate(rows)]
+    task = make_task("classification", EvalSection(), ["1", "2", "3", "4", "5"])
+    assert "macro-F1 leads the report: one label ('5') holds" in choose(task, cfg.eval.metric, test)

@@ -137,8 +137,10 @@ def inspect(path: Path, target: str | None) -> Start:
     start.inputs = input_fields(start.columns, col)
     if not start.inputs:
         raise DataError(f"{path}: no text field besides the target '{col.name}' to learn from")
-    start.say(f"input: {', '.join(start.inputs)} (the text field{'s' if len(start.inputs) > 1 else ''} "
-              "besides the target; not ids)")
+    left = [c.name for c in start.columns if c.name not in start.inputs and c is not col]
+    start.say(f"input: {', '.join(start.inputs)} (free text besides the target"
+              + (f"; left out: {', '.join(left)} (ids, dates, numbers or categories; name inputs in "
+                 "data.input_fields)" if left else "") + ")")
     return start
 
 
@@ -169,10 +171,16 @@ def guess_kind(col: Column, rows: int) -> tuple[str, str]:
     return "generation", f"'{col.name}' is free text ({n:,} distinct values, {col.mean_chars:,.0f} chars on average)"
 
 
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
 def input_fields(columns: list[Column], target: Column) -> list[str]:
-    """The text fields the model reads: every text field but the target and id-like fields."""
-    return [c.name for c in columns if c is not target and c.is_text and not ID_NAMES.search(c.name)
-            and c.distinct > 1]
+    """The text fields the model reads: free text (many distinct values, or long), not the target, ids or dates;
+    when no field is free text, every text field but those."""
+    texts = [c for c in columns if c is not target and c.is_text and not ID_NAMES.search(c.name) and c.distinct > 1
+             and not all(DATE.match(str(v)) for v in c.present[:200])]
+    free = [c for c in texts if c.distinct > MAX_CLASSES or c.mean_chars >= 40]
+    return [c.name for c in free or texts]
 
 
 def chat_pairs(records: list[Record]) -> tuple[list[dict], str | None]:
