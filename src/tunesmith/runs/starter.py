@@ -116,6 +116,8 @@ def inspect(path: Path, target: str | None) -> Start:
     """Read the data, pick the target and the task kind, and the input fields; every choice said."""
     fmt, records = read_data(path)
     start = Start(Path(path), fmt, records, columns_of(records))
+    if target is not None and fmt in ("squad", "chat"):
+        start.say(f"--target {target}: not used; a {fmt} file says what the answer is")
     if fmt == "squad":
         start.kind, start.target, start.inputs = "qa", "answers", ["context", "question"]
         start.say("task: qa (a SQuAD-style file: context, question and answers)")
