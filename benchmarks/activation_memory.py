@@ -56,7 +56,7 @@ def main() -> None:
     from tunesmith.config import LoraSection, TrainSection
     from tunesmith.machine.estimate import activation_floats, model_shape
     from tunesmith.models.loading import wrap_adapter
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -69,6 +69,8 @@ def nsmc_examples(n: int, seed: int) -> list:
 
 
 def recipe_for(task: str, dropout: float | None, args, out: Path):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     data = ({"path": "unused", "input_fields": ["context", "question"], "target_field": "answers", "task": "qa",
@@ -87,16 +89,16 @@ def run_side(task: str, dropout: float | None, examples: list, args, out: Path) 
     from rich.console import Console
 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
-    from tunesmith.models.loading import load_tokenizer, pick_placement
-    from tunesmith.train.classifier import train_classifier
-    from tunesmith.train.heads import HEADS, train_head
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
+    from tunesmith.train.heads import TRAINING, train_classifier, train_head
 
     recipe = recipe_for(task, dropout, args, out)
     tokenizer = load_tokenizer(MODEL)
     console = Console(quiet=True)
     before = reset_peak_rss()
     if task == "span":
-        result = train_head(HEADS["span"], recipe, examples, tokenizer, pick_placement(), no_bar, console, False, None)
+        result = train_head(TRAINING["span"], recipe, examples, tokenizer, pick_placement(), no_bar, console, False, None)
     else:
         result = train_classifier(recipe, examples, ["1", "5"], tokenizer, pick_placement(), no_bar, console)
     losses = [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]

@@ -55,6 +55,8 @@ def main() -> None:
         raise SystemExit(f"shared data not found at {SHARED} (set TUNESMITH_SHARED_DATA)")
     from transformers.utils import logging as hf_logging
 
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
     from tunesmith.data.formatting import chat_messages, prompt_text
     from tunesmith.eval.runner import LocalContender, evaluate_local
@@ -64,8 +66,8 @@ def main() -> None:
     from tunesmith.progress import task_bar
     from tunesmith.scoring import baselines
     from tunesmith.scoring.metrics import classification_metrics, parse_label
-    from tunesmith.train.dispatch import TrainData
-    from tunesmith.train.dispatch import train as train_recipe
+    from tunesmith.train.jobs import TrainData
+    from tunesmith.train.jobs import train as train_recipe
     from tunesmith.train.result import Artefact
 
     hf_logging.set_verbosity_error()

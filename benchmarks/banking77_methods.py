@@ -45,7 +45,7 @@ def device_name(placement) -> str:
 
 def score(model, tokenizer, test, labels) -> list[float]:
     """1.0 / 0.0 per test message: whether the head's most probable label is the gold one."""
-    from tunesmith.train.classifier import encode, predict_proba
+    from tunesmith.models.heads import encode, predict_proba
 
     probs = predict_proba(model, tokenizer, encode(tokenizer, [e.inputs["text"] for e in test]), batch_size=64)
     return [float(labels[max(range(len(p)), key=p.__getitem__)] == e.target) for p, e in zip(probs, test, strict=True)]
@@ -57,7 +57,7 @@ def run_try(recipe, spec: dict, data, tokenizer, placement, first: int) -> dict:
     from tunesmith.config import ArmSpec, arm_recipe
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.scoring.bootstrap import mean_ci
-    from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.heads import train_classifier
 
     arm = arm_recipe(recipe, ArmSpec(name=spec["name"], train={"head": "classifier", **spec.get("train", {})}))
     import torch
@@ -102,9 +102,12 @@ def main() -> None:
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import load_recipe
     from tunesmith.data.prepare import prepare
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
 
     hf_logging.set_verbosity_error()
     recipe = load_recipe(RECIPE, [f"output_dir={args.workdir.resolve()}", "name=banking77-methods", *args.overrides])

@@ -46,6 +46,8 @@ def load_messages(n: int, held_out: int, seed: int):
 
 
 def recipe_for(args, out: Path, grouped: bool):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     return validate_recipe({
@@ -72,9 +74,9 @@ def run_head(train, held, labels, tokenizer, args, out: Path, grouped: bool) -> 
     from rich.console import Console
 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.machine.placement import pick_placement
     from tunesmith.records import Example
-    from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.heads import train_classifier
 
     recipe = recipe_for(args, out / ("grouped" if grouped else "random"), grouped)
     examples = [Example(f"m{i}", {"text": t}, label) for i, (t, label) in enumerate(train)]
@@ -97,7 +99,8 @@ def run_trl(train, tokenizer, args, out: Path) -> dict:
 
     from tunesmith.config import LoraSection
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
-    from tunesmith.models.loading import load_model, pick_placement, wrap_adapter
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, wrap_adapter
 
     rows = [{"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": t}],
              "completion": [{"role": "assistant", "content": label}]} for t, label in train]

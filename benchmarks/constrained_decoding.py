@@ -73,7 +73,8 @@ def main() -> None:
     print("load average:", os.getloadavg())
     from tunesmith.generation import stop_ids
     from tunesmith.generation.constrained import JsonConstraint, bounded_schema
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
 
     model, tok = load_model("smollm2-135m-instruct", pick_placement("auto")), load_tokenizer("smollm2-135m-instruct")
     prompts = synth_prompts(args.prompts)

@@ -106,7 +106,8 @@ def main() -> None:
 
     from tunesmith.data.formatting import end_of_turn
     from tunesmith.generation import generate_greedy, score_labels, stop_ids
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
     from tunesmith.scoring.metrics import parse_label
 
     torch.manual_seed(0)

@@ -70,7 +70,8 @@ def child(side: str, args) -> dict:
     import torch
 
     from tunesmith.generation import generate_greedy
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(MODEL)
     model = load_model(MODEL, pick_placement("auto", "cpu"))

@@ -14,7 +14,7 @@ never typed in:
   ``docs/results/banking77-full-arms.json`` (``head``, ``generative``). Its training file is BANKING77's official
   train split under ``--shared`` (default ``../shared/data``).
 
-Variants: ``auto`` (the path :func:`tunesmith.machine.device.decide` picks: bf16, TF32, fused AdamW, Liger where
+Variants: ``auto`` (the path :func:`tunesmith.machine.path.decide` picks: bf16, TF32, fused AdamW, Liger where
 installed on a CUDA GPU; fp32 on a CPU) and ``qlora`` (``train.adapter: qlora``: NF4 base, bf16 compute, paged 8-bit
 AdamW; CUDA only, noted and skipped elsewhere). ``--record-to DIR`` writes each run's record there.
 

@@ -7,7 +7,7 @@ rows with the loss on the completion. Models are architecture-faithful with seed
 (``random:<arch>``), so both sides start from the same weights and the same seeded LoRA (r=16,
 alpha=32, all linear layers).
 
-- tunesmith: the path :func:`tunesmith.machine.device.take_path` takes on this machine (printed),
+- tunesmith: the path :func:`tunesmith.machine.path.take_path` takes on this machine (printed),
   each step's examples packed into rows of ``--seq-len`` tokens (2,048);
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
   kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
@@ -180,6 +180,8 @@ def model_name(cfg: Config, args) -> str:
 
 
 def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", **extra):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     train = extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
@@ -320,8 +322,8 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
-    from tunesmith.machine.device import take_path
     from tunesmith.machine.packing import PackedCollator
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.train.sft import build_trainer, prepare_model
@@ -365,7 +367,8 @@ def _train(trainer, callbacks: list):
 def trl_model(cfg: Config, args, cuda: bool):
     """The side's model as a plain TRL user builds it: bf16 where the device has it, the same seeded LoRA."""
     from tunesmith.config import LoraSection
-    from tunesmith.models.loading import load_model_for, pick_placement, wrap_adapter
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model_for, wrap_adapter
 
     base = load_model_for(model_name(cfg, args), pick_placement("bf16" if cuda else "fp32"), cfg.adapter)
     if cfg.adapter == "qlora":  # what SFTTrainer does to a 4-bit model it is given with a peft_config
@@ -400,7 +403,8 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
 
     cuda = pick_placement().device == "cuda"
     tokenizer = load_tokenizer(model_name(cfg, args))
@@ -449,11 +453,11 @@ def run_head(cfg: Config, args, banking, out: Path) -> dict:
     """tunesmith's classifier head on BANKING77 messages (the model is written once so the head can load it)."""
     from rich.console import Console
 
-    from tunesmith.machine.device import take_path
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
     from tunesmith.records import Example
-    from tunesmith.train.classifier import train_classifier
+    from tunesmith.train.heads import train_classifier
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
@@ -479,7 +483,7 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     """tunesmith's DPO (:class:`tunesmith.train.dpo_trainer.SyncFreeDPOTrainer`) on the path chosen here."""
     from rich.console import Console
 
-    from tunesmith.machine.device import take_path
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.train.dpo import train_dpo
 
@@ -505,7 +509,8 @@ def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_tokenizer
 
     cuda = pick_placement().device == "cuda"
     model = trl_model(cfg, args, cuda)

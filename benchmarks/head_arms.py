@@ -57,6 +57,8 @@ def load_reviews(n: int, held_out: int, seed: int):
 
 
 def recipe_for(side: str, args, out: Path):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     spec = SIDES[side]
@@ -73,7 +75,7 @@ def recipe_for(side: str, args, out: Path):
 
 def latency_ms(model, tokenizer, texts: list[str], batch_size: int) -> float:
     """Milliseconds per review to predict the head's label, ``batch_size`` reviews per forward pass."""
-    from tunesmith.train.classifier import encode, predict_proba
+    from tunesmith.models.heads import encode, predict_proba
 
     rows = encode(tokenizer, texts)
     start = time.perf_counter()
@@ -85,9 +87,11 @@ def run_side(side: str, train, held, args, out: Path) -> dict:
     from rich.console import Console
 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
-    from tunesmith.models.loading import load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.heads import encode, predict_proba
+    from tunesmith.models.loading import load_tokenizer
     from tunesmith.records import Example
-    from tunesmith.train.classifier import encode, predict_proba, train_classifier
+    from tunesmith.train.heads import train_classifier
 
     recipe = recipe_for(side, args, out)
     tokenizer = load_tokenizer(recipe.model.name)

@@ -89,7 +89,8 @@ def child(n_labels: int, mode: str, n_prompts: int) -> dict:
     from tunesmith.config import EvalSection
     from tunesmith.data.formatting import chat_messages, prompt_text
     from tunesmith.kinds import make_task
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
     from tunesmith.records import Example
 
     torch.set_num_threads(2)

@@ -56,7 +56,7 @@ def one_prompt_at_a_time(model, tokenizer, prompts, labels, suffix, chunk_tokens
     import torch
 
     from tunesmith.generation.scoring import _candidate_chunks
-    from tunesmith.machine.packing import block_causal_mask
+    from tunesmith.machine.masks import block_causal_mask
 
     cand = [tokenizer(label + suffix, add_special_tokens=False)["input_ids"] for label in labels]
     chunks = _candidate_chunks([len(c) for c in cand], chunk_tokens)
@@ -157,7 +157,8 @@ def main() -> None:
 
     import torch
 
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}; torch {torch.__version__}, {args.threads} threads")

@@ -43,7 +43,7 @@ def load(name: str, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     folder = resolve(name)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

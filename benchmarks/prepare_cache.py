@@ -46,6 +46,8 @@ def main() -> None:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
     from tunesmith.data.prepare import prepare
 

@@ -48,7 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.file.is_file():
         raise SystemExit(f"{args.file} not found: this benchmark needs ../shared/data/korquad")
-    from tunesmith.synth.retrieval import BM25Retriever, E5Retriever, EmbeddingRetriever, minilm_folder
+    from tunesmith.models.embeddings import minilm_folder
+    from tunesmith.synth.retrieval import BM25Retriever, E5Retriever, EmbeddingRetriever
 
     print("load average:", os.getloadavg())
     contexts, pairs = load(args.file, args.questions, args.seed)

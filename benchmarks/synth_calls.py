@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from tunesmith.clients.calls import ChatRequest
 from tunesmith.clients.chat import OpenAIChatClient
 from tunesmith.clients.retry import RetryPolicy
 from tunesmith.synth.cache import CallCache, run_calls
-from tunesmith.synth.calls import ChatRequest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for the test suite's dummy server
 

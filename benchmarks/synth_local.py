@@ -14,8 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from tunesmith.clients.calls import ChatRequest
 from tunesmith.clients.chat import LocalChatClient
-from tunesmith.synth.calls import ChatRequest
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_seed_tasks.jsonl"
 

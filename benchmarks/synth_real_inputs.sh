@@ -7,7 +7,7 @@ mkdir -p "$(dirname "$0")/../runs/synth-real"
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a shared 2-core machine: one thread per process (oversubscribed OpenMP threads were >10x slower)
 S=${SHARED:-../shared/data}
-PY="${PYTHON:-python} -m tunesmith.cli synth"
+PY="${PYTHON:-python} -m tunesmith synth"
 OUT="--set output_dir=runs/synth-real"
 run() { name=$1; shift; echo "=== $name $(date +%T) load $(cut -d' ' -f1-3 /proc/loadavg)"; s=$(date +%s);
   /usr/bin/time -f "peak_rss_kb=%M" $PY "$@" $OUT --set name=$name > runs/synth-real/$name.log 2>&1; echo "rc=$? seconds=$(( $(date +%s) - s ))"; }

@@ -71,7 +71,8 @@ def load_rows(which: str, n: int, held_out: int, seed: int) -> tuple[list[dict],
 
 def fresh_model(seed: int):
     from tunesmith.config import LoraSection
-    from tunesmith.models.loading import load_model, pick_placement, wrap_adapter
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, wrap_adapter
 
     placement = pick_placement()
     model = load_model(MODEL, placement)
@@ -79,6 +80,8 @@ def fresh_model(seed: int):
 
 
 def run_tunesmith(rows, tokenizer, args, out: Path) -> dict:
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
     from tunesmith.train.sft import build_trainer
 

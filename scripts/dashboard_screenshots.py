@@ -83,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
     from tunesmith.serve.app import ServeSettings, create_app
     from tunesmith.serve.worker import work
 

@@ -19,8 +19,6 @@ import sys
 from datetime import date
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs" / "results"
 DOC = ROOT / "docs" / "results.md"
@@ -37,33 +35,19 @@ def collect(run: Path) -> dict:
     the best LLM-free baseline, the paired verdict between them, training time, peak memory, command."""
     if not (run / "config.resolved.yaml").is_file():
         raise SystemExit(f"{run}: not a run folder (no config.resolved.yaml); pass runs/NAME of a finished run")
-    cfg = yaml.safe_load((run / "config.resolved.yaml").read_text(encoding="utf-8"))
-    metrics = _json(run / "eval" / "metrics.json")
-    if metrics is None:
+    from tunesmith.runs.folders import read_run
+
+    folder = read_run(run)
+    cfg, metrics = folder.config, folder.metrics
+    if not metrics:
         raise SystemExit(f"{run}: no eval/metrics.json (the run has not finished its evaluation)")
-    comps = _json(run / "eval" / "comparisons.json", [])
-    from tunesmith.kinds import kind_class
-
     task = cfg["data"]["task"]
-    h = kind_class(task).headline
-    sign = 1 if kind_class(task).higher_is_better else -1
-
-    def kind(name: str, m: dict) -> str:
-        if m.get("scoring") == "direct prediction":
-            return "baseline"
-        if "failed_calls" in m:
-            return "endpoint"
-        return "base" if name == "base" else "fine-tuned"
-
-    contenders = {name: {"kind": kind(name, m), "value": m.get(h), "ci": m.get(f"{h}_ci95"), "n": m.get("n")}
+    h = folder.task.headline
+    kinds = folder.kinds
+    contenders = {name: {"kind": kinds[name], "value": m.get(h), "ci": m.get(f"{h}_ci95"), "n": m.get("n")}
                   for name, m in metrics.items()}
-
-    def best(group: str) -> str | None:
-        scored = [k for k, c in contenders.items() if c["kind"] == group and c["value"] is not None]
-        return max(scored, key=lambda k: sign * contenders[k]["value"]) if scored else None
-
-    arm, top = best("fine-tuned"), best("baseline")
-    verdict = next((c["verdict"] for c in comps if c["a"] == arm and c["b"] == top), None)
+    arm, top, comparison = folder.verdict()
+    verdict = comparison["verdict"] if comparison else None
     times = _json(run / "timings.json", {})
     peak, trained = None, []
     tops = [run, *sorted((run / "folds").glob("fold-*"))]  # the run, or each fold of a cross-validation

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+import tunesmith.kinds  # noqa: F401 - registers the task kinds the recipe schema checks
+import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_CSV = REPO / "examples" / "data" / "banking77_10intents.csv"
 CHATML = (
@@ -118,8 +121,8 @@ def cli():
         import tunesmith.cli as cli_mod
 
         buf = io.StringIO()
-        cli_mod.console = Console(file=buf, width=200, force_terminal=False)
-        cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+        cli_mod.common.console = Console(file=buf, width=200, force_terminal=False)
+        cli_mod.common.err_console = Console(file=buf, width=200, force_terminal=False)
         with redirect_stdout(buf), redirect_stderr(buf):
             code = cli_mod.main(args)
         return code, buf.getvalue()

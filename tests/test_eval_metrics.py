@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 
 from tunesmith.config import BandsSection
+from tunesmith.records import parse_number
 from tunesmith.scoring import baselines
 from tunesmith.scoring.bootstrap import diff_ci, mean_ci
-from tunesmith.scoring.metrics import (
-    band,
-    is_ordinal,
-    ordinal_metrics,
-    parse_number,
-    per_class,
-    regression_metrics,
-)
+from tunesmith.scoring.metrics import band, is_ordinal, ordinal_metrics, per_class, regression_metrics
 from tunesmith.scoring.textsim import chrf, rouge_l
 
 

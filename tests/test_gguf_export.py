@@ -306,7 +306,8 @@ def test_models_add_registers_an_exported_gguf_that_answers_like_it(cli, home, e
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.models.registry import MARKER, resolve
+    from tunesmith.models.names import resolve
+    from tunesmith.models.registry import MARKER
 
     gguf = exported["full"]["f16"]
     code, out = cli(["models", "add", "my-teacher", str(gguf)])

@@ -143,7 +143,7 @@ def test_a_memory_limit_turns_gradient_checkpointing_on_and_holds_the_process(tm
     """train.memory_limit_gb: the estimate is made against the limit (here below what the batch needs, so
     checkpointing is chosen), and the process cannot allocate past it."""
     from tunesmith.config import validate_recipe
-    from tunesmith.machine.device import decide, hold_memory_limit
+    from tunesmith.machine.path import decide, hold_memory_limit
 
     recipe = validate_recipe(_sft_doc(tmp_path, tiny_model_dir, memory_limit_gb=0.001))
     path = decide(recipe)
@@ -179,7 +179,7 @@ def test_training_steps_make_no_host_sync_on_the_gpu(cli, tmp_path, tiny_model_d
 def test_a_classifier_head_trains_on_a_4bit_decoder(cli, tmp_path, tiny_model_dir):
     """head + QLoRA: the decoder's linear layers in NF4, LoRA and the head layer trained, every tensor moved; the
     saved head then predicts through the evaluation's loader (a bf16 base with the adapter)."""
-    from tunesmith.train.heads import HeadPredictor
+    from tunesmith.models.head_predictor import HeadPredictor
 
     doc = reads_recipe(tmp_path, tiny_model_dir, "classifier")
     doc["train"] |= {"adapter": "qlora", "optimizer": "auto"}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import tunesmith.kinds  # noqa: F401 - registers the task kinds recipes are checked against
 from tunesmith.config import EvalSection
 from tunesmith.errors import ConfigError
 from tunesmith.eval import headline

@@ -98,7 +98,7 @@ def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_d
 def test_a_head_batch_with_the_4d_mask_gives_what_the_2d_mask_gives(tiny_model_dir, attention):
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunesmith.machine.packing import mask_kind
+    from tunesmith.machine.masks import mask_kind
     from tunesmith.train.heads import head_collator
     from tunesmith.train.trainer import expand_padding_mask
 

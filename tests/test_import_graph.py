@@ -1,15 +1,12 @@
-"""No import cycle inside the tunesmith package.
+"""Imports inside the tunesmith package run one way: no cycle, no import from a lower layer up to a higher one.
 
-The rule: module A depends on module B when importing A runs an import of B, that is an import
-statement at module level (at the top, in a class body, under a module-level ``if`` or ``try``).
-Importing ``a.b.c`` also runs the ``__init__`` of ``a`` and ``a.b``, so A depends on those packages
-too, unless A lies inside them. An import inside a function body is allowed to close a loop: it runs
-when the function is first called, long after every module has finished loading, and is the way to
-defer one (as for torch, to keep ``--help`` fast). Imports under ``if TYPE_CHECKING:`` never run.
+The rule: module A depends on module B when A holds an import of B anywhere, at module level or inside a
+function (a deferred import runs too, only later: it keeps ``--help`` fast, it does not make a loop
+harmless). Importing ``a.b.c`` also runs the ``__init__`` of ``a`` and ``a.b``, so A depends on those
+packages too, unless A lies inside them. Imports under ``if TYPE_CHECKING:`` never run and do not count.
 
-A cycle in this graph means that whichever module is imported first hands a half-initialised module to
-the other, so that an import order that works today breaks when an unrelated module changes order.
-The graph is read with ``ast``; nothing is imported.
+The layer order is the one docs/architecture.md states in its "Layers" block: a module may import its
+own layer and the layers below. The graph is read with ``ast``; nothing is imported.
 """
 
 from __future__ import annotations
@@ -36,13 +33,11 @@ def _is_type_checking(test: ast.expr) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def imported_at_load(tree: ast.Module, module: str, is_package: bool) -> list[str]:
-    """The dotted names that module-level import statements of ``module`` name (relative ones resolved)."""
+def imported_names(tree: ast.Module, module: str, is_package: bool) -> list[str]:
+    """The dotted names that the import statements of ``module`` name, in functions too (relative ones resolved)."""
     names: list[str] = []
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            return  # runs when called, not when the module loads
         if isinstance(node, ast.If) and _is_type_checking(node.test):
             for child in node.orelse:
                 visit(child)
@@ -69,12 +64,12 @@ def _absolute(node: ast.ImportFrom, module: str, is_package: bool) -> str:
 
 
 def load_graph(package_dir: Path) -> dict[str, set[str]]:
-    """Module → the package's modules that loading it loads first (the named module and its packages)."""
+    """Module → the package's modules it imports (the named module and the packages on the way)."""
     modules = module_names(package_dir)
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         deps = set()
-        for target in imported_at_load(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py"):
+        for target in imported_names(ast.parse(path.read_text(encoding="utf-8")), name, path.name == "__init__.py"):
             parts = target.split(".")
             for i in range(1, len(parts) + 1):
                 dep = ".".join(parts[:i])
@@ -138,8 +133,8 @@ def test_tunesmith_has_no_import_cycle():
     graph = load_graph(SRC)
     assert len(graph) > 50 and "tunesmith.config" in graph
     cycles = find_cycles(graph)
-    assert not cycles, "import cycle(s) at module level (defer one import into the function that needs it, or " \
-        "move the shared code to a module both can import):\n" + "\n".join(" → ".join(c) for c in cycles)
+    assert not cycles, "import cycle(s), counting imports inside functions (move the shared code down to a " \
+        "module both can import):\n" + "\n".join(" → ".join(c) for c in cycles)
 
 
 def _package(root: Path, files: dict[str, str]) -> Path:
@@ -150,18 +145,20 @@ def _package(root: Path, files: dict[str, str]) -> Path:
     return root / "pkg"
 
 
-def test_a_cycle_is_named_and_deferred_imports_do_not_count(tmp_path):
+def test_a_cycle_is_named_and_deferred_imports_count(tmp_path):
     pkg = _package(tmp_path, {
         "__init__.py": "",
         "a.py": "from pkg import b\n",
         "b.py": "import pkg.c\nclass K:\n    from pkg.a import x\n",  # a class body runs at load
-        "c.py": "def f():\n    from pkg import a\n",  # deferred: no edge
+        "c.py": "def f():\n    import json\n",
+        "f.py": "def g():\n    from pkg import h\n",  # deferred: an edge all the same
+        "h.py": "from pkg import f\n",
         "d.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import e\nimport pkg.a\n",
         "e.py": "from . import d\n",
     })
     graph = load_graph(pkg)
     assert graph["pkg.c"] == set() and graph["pkg.d"] == {"pkg.a"} and graph["pkg.e"] == {"pkg.d"}
-    assert find_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"]]
+    assert find_cycles(graph) == [["pkg.a", "pkg.b", "pkg.a"], ["pkg.f", "pkg.h", "pkg.f"]]
 
 
 def test_a_package_init_on_the_way_closes_a_cycle(tmp_path):
@@ -175,3 +172,52 @@ def test_a_package_init_on_the_way_closes_a_cycle(tmp_path):
     graph = load_graph(pkg)
     assert graph["pkg.sub.x"] == set()
     assert find_cycles(graph) == [["pkg.a", "pkg.sub", "pkg.a"]]
+
+
+DOC = SRC.parents[1] / "docs" / "architecture.md"
+
+
+def stated_layers(doc: str) -> dict[str, int]:
+    """Top-level module or package name → its layer number, from the doc's ``## Layers`` code block."""
+    block = doc.split("## Layers", 1)[1].split("```", 2)[1]
+    layers = {}
+    for line in block.strip().splitlines():
+        number, _, names = line.partition(" ")
+        for name in names.split("#")[0].split(":", 1)[-1].split():
+            layers[name] = int(number)
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int:
+    return layers[module.split(".")[1]]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
+    return sorted(f"{a} (layer {layer_of(a, layers)}) → {b} (layer {layer_of(b, layers)})"
+                  for a, deps in graph.items() if a != "tunesmith"
+                  for b in deps if b != "tunesmith" and layer_of(b, layers) > layer_of(a, layers))
+
+
+def test_every_package_has_a_stated_layer():
+    layers = stated_layers(DOC.read_text(encoding="utf-8"))
+    tops = {name.split(".")[1] for name in module_names(SRC) if name != "tunesmith"}
+    assert tops == set(layers), f"missing from the Layers block of docs/architecture.md: {sorted(tops - set(layers))}; " \
+        f"named there but not in src/: {sorted(set(layers) - tops)}"
+
+
+def test_imports_run_from_higher_layers_to_lower_ones_only():
+    layers = stated_layers(DOC.read_text(encoding="utf-8"))
+    up = upward_imports(load_graph(SRC), layers)
+    assert not up, "import(s) from a lower layer up to a higher one (docs/architecture.md, Layers):\n" + "\n".join(up)
+
+
+def test_an_upward_import_is_found(tmp_path):
+    pkg = _package(tmp_path, {"__init__.py": "", "low.py": "def f():\n    from pkg import high\n", "high.py": "import pkg.low\n"})
+    layers = stated_layers("## Layers\n```\n1 base: low\n2 top: high\n```\n")
+    assert upward_imports(load_graph(pkg), layers) == ["pkg.low (layer 1) → pkg.high (layer 2)"]
+
+
+def test_no_module_passes_500_lines():
+    long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, f"modules over 500 lines (split them by concern): {long}"

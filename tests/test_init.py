@@ -8,6 +8,7 @@ import json
 
 import yaml
 
+import tunesmith.kinds  # noqa: F401 - registers the task kinds recipes are checked against
 from tests.conftest import banking_rows, write_jsonl
 from tunesmith.config import load_recipe
 

@@ -12,7 +12,7 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def _rows(tokenizer, texts, targets=None):
-    from tunesmith.train.classifier import encode
+    from tunesmith.models.heads import encode
 
     return encode(tokenizer, texts, targets)
 
@@ -20,8 +20,8 @@ def _rows(tokenizer, texts, targets=None):
 def _head(folder, labels=LABELS, pooling="mean"):
     from transformers import AutoTokenizer
 
-    from tunesmith.models.loading import pick_placement
-    from tunesmith.train.classifier import load_sequence_head
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.heads import load_sequence_head
 
     tok = AutoTokenizer.from_pretrained(folder)
     return load_sequence_head(str(folder), pick_placement(), tok, list(labels) if labels else None, pooling), tok
@@ -56,8 +56,8 @@ def test_probe_init_starts_the_head_where_the_linear_probe_ends(tiny_bert_dir):
     import numpy as np
     from rich.console import Console
 
-    from tunesmith.train.classifier import predict_proba
-    from tunesmith.train.heads import HEADS, probe_init, sentence_embeddings
+    from tunesmith.models.heads import predict_proba
+    from tunesmith.train.heads import TRAINING, probe_init, sentence_embeddings
 
     @contextlib.contextmanager
     def bar(_label, _steps):
@@ -66,7 +66,7 @@ def test_probe_init_starts_the_head_where_the_linear_probe_ends(tiny_bert_dir):
     rows = banking_rows(LABELS[:2], 10)
     model, tok = _head(tiny_bert_dir, labels=(*LABELS, "never_seen"))
     train = _rows(tok, [r["text"] for r in rows], [LABELS.index(r["category"]) for r in rows])
-    probe_init(HEADS["classifier"], model, tok, train, 0, bar, Console(quiet=True))
+    probe_init(TRAINING["classifier"], model, tok, train, 0, bar, Console(quiet=True))
     from sklearn.linear_model import LogisticRegression
 
     x = sentence_embeddings(model, tok, train, 8, bar)
@@ -79,7 +79,7 @@ def test_probe_init_starts_the_head_where_the_linear_probe_ends(tiny_bert_dir):
     values = [float(len(r["text"])) for r in rows]
     z = [(v - np.mean(values)) / np.std(values) for v in values]
     train = _rows(tok, [r["text"] for r in rows], z)
-    probe_init(HEADS["regression"], reg, tok, train, 0, bar, Console(quiet=True))
+    probe_init(TRAINING["regression"], reg, tok, train, 0, bar, Console(quiet=True))
     import torch
     from sklearn.linear_model import Ridge
 
@@ -112,7 +112,8 @@ def test_encoder_classifier_arms_pool_by_default_train_with_lora_or_every_weight
         assert metrics[arm]["scoring"] == "classifier head" and metrics[arm]["n"] == 9
     assert (run / "arms" / "lora" / "train" / "classifier" / "adapter_config.json").is_file()
 
-    from tunesmith.train.heads import HeadPredictor, export_head
+    from tunesmith.export.heads import export_head
+    from tunesmith.models.head_predictor import HeadPredictor
 
     out_dir = export_head(run / "arms" / "lora" / "train" / "classifier", tmp_path / "merged")
     config = json.loads((out_dir / "config.json").read_text())

@@ -50,7 +50,8 @@ def test_scaling_down_keeps_the_architecture_facts():
 
 @pytest.mark.parametrize("arch", sorted(PUBLISHED))
 def test_every_architecture_builds_small_and_trains_a_step(arch, tiny_model_dir, home):
-    from tunesmith.models.loading import Placement, load_model, load_tokenizer
+    from tunesmith.machine.placement import Placement
+    from tunesmith.models.loading import load_model, load_tokenizer
 
     name = f"random:{arch}?layers=2&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
     model = load_model(name, Placement("cpu", "float32"))
@@ -116,7 +117,7 @@ def test_serving_refuses_a_random_model_unless_asked(tmp_path):
 
 def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home):
     from tunesmith.machine.estimate import model_shape
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     for arch, count in PUBLISHED.items():  # full size: config.json only, nothing is built
         shape = model_shape(Path(resolve(f"random:{arch}?tokenizer={tiny_model_dir}")))
@@ -124,8 +125,9 @@ def test_the_estimator_reads_a_random_model_without_weights(tiny_model_dir, home
 
 
 def test_the_classifier_head_loads_a_random_model(tiny_model_dir, home):
-    from tunesmith.models.loading import Placement, load_tokenizer
-    from tunesmith.train.classifier import load_sequence_head
+    from tunesmith.machine.placement import Placement
+    from tunesmith.models.heads import load_sequence_head
+    from tunesmith.models.loading import load_tokenizer
 
     name = f"random:gemma-2-2b?layers=1&hidden=64&vocab=640&tokenizer={tiny_model_dir}"
     tok = load_tokenizer(name)

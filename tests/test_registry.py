@@ -3,19 +3,20 @@ import json
 import pytest
 
 from tunesmith.errors import ModelError
-from tunesmith.models import registry
+from tunesmith.hashing import content_hash
+from tunesmith.models import names, registry
 
 
 def test_missing_embedded_model_names_the_pull_command(home):
     with pytest.raises(ModelError, match="Run: tunesmith models pull smollm2-135m-instruct"):
-        registry.resolve("smollm2-135m-instruct")
+        names.resolve("smollm2-135m-instruct")
 
 
 def test_local_folder_and_hub_id_resolution(tmp_path, tiny_model_dir):
-    assert registry.resolve(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert names.resolve(str(tiny_model_dir)) == str(tiny_model_dir)
     with pytest.raises(ModelError, match="no config.json"):
-        registry.resolve(str(tmp_path))
-    assert registry.resolve("org/some-model") == "org/some-model"
+        names.resolve(str(tmp_path))
+    assert names.resolve("org/some-model") == "org/some-model"
 
 
 def test_unknown_embedded_name_lists_known(home):
@@ -42,8 +43,8 @@ def test_bad_wheel_source_is_a_model_error(home, tmp_path):
 def test_models_add_registers_a_folder_by_name_with_its_sha256(home, tiny_model_dir, tmp_path):
     folder = registry.add("my-teacher", tiny_model_dir)
     meta = json.loads((folder / registry.MARKER).read_text())
-    assert meta["kind"] == "hf-folder" and meta["sha256"] == registry.sha256_of(tiny_model_dir)
-    assert registry.resolve("my-teacher") == str(folder)
+    assert meta["kind"] == "hf-folder" and meta["sha256"] == content_hash(tiny_model_dir)
+    assert names.resolve("my-teacher") == str(folder)
     assert "my-teacher" in [r["name"] for r in registry.list_cached()]
     with pytest.raises(ModelError, match="already registered"):
         registry.add("my-teacher", tiny_model_dir)
@@ -55,8 +56,8 @@ def test_models_add_registers_a_folder_by_name_with_its_sha256(home, tiny_model_
 
 def test_registered_model_is_a_synth_teacher(home, tiny_model_dir):
     """provider {kind: local, model: NAME} loads the registered copy and generates from it."""
+    from tunesmith.clients.calls import ChatRequest
     from tunesmith.clients.chat import LocalChatClient
-    from tunesmith.synth.calls import ChatRequest
 
     registry.add("teacher", tiny_model_dir)
     out = {}

@@ -28,7 +28,7 @@ def train_intent_head(tmp_path, model_dir):
         train={"head": "classifier", "max_steps": 4, "batch_size": 7, "learning_rate": 1e-2, "logging_steps": 2,
                "max_seq_length": 48, "lr_scheduler": "constant"}))
     buf = io.StringIO()
-    cli_mod.console = cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+    cli_mod.common.console = cli_mod.common.err_console = Console(file=buf, width=200, force_terminal=False)
     with redirect_stdout(buf), redirect_stderr(buf):
         code = cli_mod.main(["train", str(recipe)])
     assert code == 0, buf.getvalue()
@@ -48,7 +48,7 @@ def served(tmp_path_factory, tiny_model_dir):
 
 
 def test_classifier_head_answers_logprobs_over_its_labels_streamed_or_not(served):
-    from tunesmith.train.heads import HeadPredictor
+    from tunesmith.models.head_predictor import HeadPredictor
 
     client = served["client"]
     texts = [r["text"] for r in banking_rows(LABELS, 2)]

@@ -5,11 +5,11 @@ import json
 import pytest
 from pydantic import BaseModel
 
+from tunesmith.clients.calls import CallFailure, ChatRequest
 from tunesmith.clients.chat import OpenAIChatClient
 from tunesmith.clients.retry import RetryPolicy
 from tunesmith.errors import ProviderError
 from tunesmith.synth.cache import CallCache, run_calls
-from tunesmith.synth.calls import CallFailure, ChatRequest
 from tunesmith.synth.structured import extract_json, run_structured
 
 from .chat_server import DummyChatServer

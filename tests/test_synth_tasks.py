@@ -11,9 +11,9 @@ import time
 
 import pytest
 
+from tunesmith.clients.calls import ChatReply
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError, DataError
-from tunesmith.synth.calls import ChatReply
 from tunesmith.synth.command import run_synth
 from tunesmith.synth.review import export_review, import_review
 
@@ -318,7 +318,7 @@ def test_preference_pairs_in_a_run_read_the_train_split_and_become_dpo_pairs(tmp
     from rich.console import Console
 
     from tunesmith.records import Example
-    from tunesmith.synth.augment import augment
+    from tunesmith.synth.stage import augment
 
     run = validate_recipe({"name": "p", "output_dir": str(tmp_path / "runs"),
                            "data": {"path": str(tmp_path / "d.jsonl"), "task": "generation", "input_fields": ["question"],

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from tunesmith.config import DataSection, EvalSection
+from tunesmith.config.kinds import TargetError
 from tunesmith.kinds import make_task
-from tunesmith.kinds.base import TargetError
 from tunesmith.kinds.extraction import band_names, first_object
 from tunesmith.records import Example
 

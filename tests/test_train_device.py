@@ -7,8 +7,9 @@ import pytest
 
 from tunesmith.config import validate_recipe
 from tunesmith.errors import ConfigError
-from tunesmith.machine.device import Capabilities, TrainPath, Wishes, choose_path, decide, probe
-from tunesmith.models.loading import Placement
+from tunesmith.machine.device import Capabilities, TrainPath, Wishes, choose_path, probe
+from tunesmith.machine.path import decide
+from tunesmith.machine.placement import Placement
 
 CPU = Capabilities()
 H100 = Capabilities(cuda=True, bf16=True, compute_capability=(9, 0), flex_attention=True, liger=True,
@@ -171,8 +172,8 @@ def test_a_memory_limit_plans_for_a_smaller_gpu(home, tiny_model_dir):
     """Llama-3.1-8B QLoRA, one 2,048-token row: on an 80 GB H100 the batch fits without gradient checkpointing;
     with train.memory_limit_gb: 8 (the GPU the benchmark's 8b-qlora plans for) the estimate says it does not, and
     checkpointing is chosen. On a CPU the limit changes nothing (it is a GPU setting) and holds nothing."""
-    from tunesmith.machine.device import hold_memory_limit
     from tunesmith.machine.estimate import memory_budget
+    from tunesmith.machine.path import hold_memory_limit
 
     assert decide(_qlora_8b(tiny_model_dir), H100).gradient_checkpointing is False
     limited = decide(_qlora_8b(tiny_model_dir, memory_limit_gb=8), H100)

@@ -19,11 +19,12 @@ WORKER = textwrap.dedent("""
     from rich.console import Console
     from safetensors.torch import save_file
     from tunesmith.config import validate_recipe
-    from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
+    from tunesmith.models.loading import load_model, load_tokenizer, wrap_adapter
+    from tunesmith.machine.placement import pick_placement
     from tunesmith.data.prepare import prepare as prepare_data
     from tunesmith.runs.training import main_process_first
     from tunesmith.train.sft import build_trainer
-    from tunesmith.train.dispatch import sft_rows
+    from tunesmith.train.sft import sft_rows
 
     model_dir, data_path, out = sys.argv[1], sys.argv[2], sys.argv[3]
     recipe = validate_recipe({"name": "ddp", "output_dir": out, "seed": 2, "model": {"name": model_dir},

@@ -87,7 +87,7 @@ def test_sync_free_dpo_step_equals_trls(tmp_path, tiny_model_dir, attention, pre
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from tunesmith.machine.packing import padded_mask_kind
+    from tunesmith.machine.masks import padded_mask_kind
     from tunesmith.train import chunked_loss as target_head
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
 

@@ -5,7 +5,8 @@ import csv
 from tunesmith.config import validate_recipe
 from tunesmith.machine.estimate import estimate, model_shape
 from tunesmith.machine.memory import peak_rss, reset_peak_rss
-from tunesmith.models.loading import load_model, load_tokenizer, pick_placement, wrap_adapter
+from tunesmith.machine.placement import pick_placement
+from tunesmith.models.loading import load_model, load_tokenizer, wrap_adapter
 from tunesmith.train.sft import build_trainer, conversation_rows
 
 from .conftest import EXAMPLE_CSV, write_recipe
@@ -82,8 +83,8 @@ def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_b
 
     import tunesmith.machine.estimate as est
     from tunesmith.config import validate_recipe
-    from tunesmith.models.loading import pick_placement
-    from tunesmith.train.dispatch import fit_micro_batch
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.train.jobs import fit_micro_batch
 
     recipe = validate_recipe({"name": "m", "model": {"name": str(tiny_model_dir)},
                               "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"},

@@ -24,7 +24,7 @@ def _cli(args):
     import tunesmith.cli as cli_mod
 
     buf = io.StringIO()
-    cli_mod.console = cli_mod.err_console = Console(file=buf, width=200, force_terminal=False)
+    cli_mod.common.console = cli_mod.common.err_console = Console(file=buf, width=200, force_terminal=False)
     with redirect_stdout(buf), redirect_stderr(buf):
         code = cli_mod.main(args)
     return code, buf.getvalue()
@@ -32,7 +32,7 @@ def _cli(args):
 
 def test_target_transform_round_trips_and_refuses_negative_prices_for_log1p():
     from tunesmith.errors import DataError
-    from tunesmith.train.heads import Target
+    from tunesmith.models.heads import Target
 
     t = Target("log1p").fit([100.0, 1000.0, 10000.0])
     assert t.mean == pytest.approx(sum(__import__("math").log1p(v) for v in (100, 1000, 10000)) / 3)
@@ -45,7 +45,7 @@ def test_target_transform_round_trips_and_refuses_negative_prices_for_log1p():
 
 
 def test_parse_prompt_recovers_the_fields_of_a_rendered_template():
-    from tunesmith.train.heads import parse_prompt
+    from tunesmith.models.heads import parse_prompt
 
     assert parse_prompt("{context}\n\nQ: {question}", "A long\n\ntext.\n\nQ: who?") == {
         "context": "A long\n\ntext.", "question": "who?"}
@@ -55,8 +55,8 @@ def test_parse_prompt_recovers_the_fields_of_a_rendered_template():
 def test_span_windows_overlap_cover_the_whole_context_and_label_the_answer(tiny_bert_dir, tiny_model_dir):
     from transformers import AutoTokenizer
 
+    from tunesmith.models.spans import answer_span, label_window, windows
     from tunesmith.records import Example
-    from tunesmith.train.heads import answer_span, label_window, windows
 
     context = " ".join(r["text"] for r in banking_rows(LABELS, 5))
     answer = context.split()[-4] + " " + context.split()[-3]
@@ -269,7 +269,7 @@ def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_expor
                     assert float(text) == pytest.approx(p["parsed"], rel=1e-3, abs=0.01), (model, p["id"])
                 else:
                     assert text == p["output"], (model, p["id"])
-        from tunesmith.train.heads import HeadPredictor
+        from tunesmith.models.head_predictor import HeadPredictor
 
         local = HeadPredictor(labelled)
         texts = [r["text"] for r in banking_rows(LABELS, 3)]
@@ -288,9 +288,8 @@ def _classifier_folder(folder, encoder):
     any fixed weights do)."""
     from transformers import AutoTokenizer
 
-    from tunesmith.models.loading import pick_placement
-    from tunesmith.train.classifier import load_sequence_head
-    from tunesmith.train.heads import write_head_meta
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.heads import load_sequence_head, write_head_meta
 
     tok = AutoTokenizer.from_pretrained(encoder)
     load_sequence_head(str(encoder), pick_placement(), tok, list(LABELS), "mean").save_pretrained(folder)
@@ -319,8 +318,8 @@ def test_every_method_and_head_a_recipe_can_name_has_a_trainer():
     from tunesmith.config import TrainSection
     from tunesmith.config.train import HEAD_TASKS
     from tunesmith.errors import ConfigError, DataError
-    from tunesmith.train.dispatch import trainer_for
-    from tunesmith.train.heads import HEADS, head_kind
+    from tunesmith.models.heads import HEADS, head_kind
+    from tunesmith.train.jobs import trainer_for
 
     heads = get_args(TrainSection.model_fields["head"].annotation)
     assert set(HEADS) == set(HEAD_TASKS) == set(heads) - {"generative"}
@@ -340,28 +339,29 @@ def test_regression_loss_l1_and_huber_reach_the_trainer_and_scale_by_the_accumul
     from pydantic import ValidationError
 
     from tunesmith.config import TrainSection
+    from tunesmith.models.heads import RegressionHead
     from tunesmith.train import heads
 
     out = types.SimpleNamespace(logits=torch.tensor([[0.0], [3.0], [-1.0]]))
     gold = torch.tensor([1.0, 0.0, -1.0])
-    l1 = heads.HEADS["regression"].loss_func(TrainSection(head="regression", regression_loss="l1"))
+    l1 = heads.TRAINING["regression"].loss_func(TrainSection(head="regression", regression_loss="l1"))
     assert l1(out, gold).item() == pytest.approx(4 / 3)
     assert l1(out, gold, num_items_in_batch=6).item() == pytest.approx(4 / 6)  # half of a 2-step accumulated batch
-    huber = heads.HEADS["regression"].loss_func(TrainSection(head="regression", regression_loss="huber"))
+    huber = heads.TRAINING["regression"].loss_func(TrainSection(head="regression", regression_loss="huber"))
     assert huber(out, gold).item() == pytest.approx((0.5 + 2.5 + 0) / 3)  # quadratic below 1, linear above
-    assert heads.HEADS["regression"].loss_func(TrainSection(head="regression")) is None  # mse: the model's own
-    assert heads.HEADS["span"].loss_func(TrainSection(head="span")) is None
+    assert heads.TRAINING["regression"].loss_func(TrainSection(head="regression")) is None  # mse: the model's own
+    assert heads.TRAINING["span"].loss_func(TrainSection(head="span")) is None
     with pytest.raises(ValidationError, match="regression_loss applies to head: regression"):
         TrainSection(head="classifier", regression_loss="l1")
 
     seen = {}
     monkeypatch.setattr(heads, "fit_head", lambda *a, **k: seen.update(k) or types.SimpleNamespace(rows=[]))
-    monkeypatch.setattr(heads.RegressionHead, "training_rows", lambda self, *a: ([], {}, 0))
+    monkeypatch.setattr(heads.RegressionTraining, "training_rows", lambda self, *a: ([], {}, 0))
     model = torch.nn.Linear(1, 1)
     model.config = types.SimpleNamespace(model_type="bert")  # an encoder: batches keep the 2D mask
-    monkeypatch.setattr(heads.RegressionHead, "load", lambda self, *a: model)
+    monkeypatch.setattr(RegressionHead, "load", lambda self, *a: model)
     recipe = types.SimpleNamespace(train=TrainSection(head="regression", regression_loss="l1", adapter="full"),
                                    model=types.SimpleNamespace(name="m"), seed=0,
                                    data=types.SimpleNamespace(prompt="{x}", input_fields=["x"]))
-    heads.train_head(heads.HEADS["regression"], recipe, [], types.SimpleNamespace(), None, None, None)
+    heads.train_head(heads.TRAINING["regression"], recipe, [], types.SimpleNamespace(), None, None, None)
     assert seen["loss_func"](out, gold).item() == pytest.approx(4 / 3)

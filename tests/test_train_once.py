@@ -18,7 +18,7 @@ def test_train_twice_is_not_retrained_and_another_setting_is(cli, tmp_path, tiny
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     done = json.loads((train / "done.json").read_text())
-    assert done["summary"]["method"] == "sft / lora r=16" and "→" in done["summary"]["train loss first → last"]
+    assert done["summary"]["method"] == "SFT LoRA r=16" and "→" in done["summary"]["train loss first → last"]
     assert "training summary" in out and done["summary"]["tokens trained"] in out
     assert json.loads((train / "started.json").read_text())["fingerprint"] == done["fingerprint"]
     assert list((train / "checkpoints").glob("checkpoint-*"))
@@ -52,7 +52,7 @@ def test_train_examples_trains_on_a_stratified_sample_and_says_so(cli, tmp_path,
     from tunesmith.config import validate_recipe
     from tunesmith.records import Example
     from tunesmith.runs.once import sampled_train
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
 
     labels = ("card_arrival", "pin_blocked", "age_limit")
     rows = [Example(f"r{i}", {"text": f"t{i}"}, labels[i % 3] if i < 60 else labels[0]) for i in range(90)]

@@ -230,7 +230,7 @@ def test_dora_and_full_train(cli, tmp_path, tiny_model_dir):
 def test_mask_kind_follows_the_attention_kernel():
     from types import SimpleNamespace
 
-    from tunesmith.machine.packing import mask_kind
+    from tunesmith.machine.masks import mask_kind
 
     def model(impl):
         return SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))

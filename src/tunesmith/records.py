@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,3 +36,28 @@ class Example:
     inputs: dict[str, str]
     target: str
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+
+def parse_number(output: str | None) -> float | None:
+    """The first number in the output ('₹1,299.00' → 1299.0); ``None`` if there is none.
+
+    A non-numeric answer is counted as unparseable, never replaced by a default.
+    """
+    if not output:
+        return None
+    m = _NUMBER.search(output)
+    if not m:
+        return None
+    try:
+        return float(m.group().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def render_prompt(example: Example, template: str) -> str:
+    """The prompt of an example: the template with its input fields filled in."""
+    return template.format(**example.inputs)

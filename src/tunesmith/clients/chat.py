@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 
+from tunesmith.clients.calls import CallFailure, ChatReply, ChatRequest
+from tunesmith.clients.keys import api_key
 from tunesmith.clients.retry import RetryPolicy, classify
 from tunesmith.errors import ProviderError
-from tunesmith.synth.calls import CallFailure, ChatReply, ChatRequest
 
 OnResult = Callable[[int, "ChatReply | CallFailure"], None]
 
@@ -62,12 +62,7 @@ class OpenAIChatClient:
         self.schema_supported = True  # until the server answers 400 to a response_format
 
     def _api_key(self) -> str:
-        if not self.api_key_env:
-            return "not-needed"
-        key = os.environ.get(self.api_key_env)
-        if not key:
-            raise ProviderError(f"No API key: set the environment variable {self.api_key_env} (synth.provider.api_key_env).")
-        return key
+        return api_key(self.api_key_env, "synth.provider.api_key_env", ProviderError)
 
     def run(self, requests: Sequence[ChatRequest], on_result: OnResult) -> None:
         if requests:
@@ -171,7 +166,8 @@ class LocalChatClient:
 
     def _load(self):
         if self._loaded is None:
-            from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+            from tunesmith.machine.placement import pick_placement
+            from tunesmith.models.loading import load_model, load_tokenizer
 
             self._loaded = (load_model(self.model, pick_placement(self.precision)), load_tokenizer(self.model))
         return self._loaded

@@ -9,15 +9,14 @@ scored wrong; the evaluation goes on and the report is still written.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from tunesmith.clients.keys import api_key
 from tunesmith.clients.retry import RetryPolicy, classify
 from tunesmith.config import EndpointSpec
-from tunesmith.errors import ConfigError
 
 
 @dataclass
@@ -33,18 +32,12 @@ class EndpointClient:
     def __init__(self, spec: EndpointSpec, sleep: Callable[[float], None] = time.sleep):
         from openai import OpenAI
 
-        key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-        if spec.api_key_env and not key:
-            raise ConfigError(
-                f"endpoint '{spec.name}': the environment variable {spec.api_key_env} is not set; "
-                "export the API "
-                "key there, or set api_key_env: null for a server that needs none"
-            )
+        key = api_key(spec.api_key_env, f"eval.endpoints[{spec.name}].api_key_env")
         self.spec = spec
         self.sleep = sleep
         self.retry = RetryPolicy(spec.max_retries, spec.backoff_s, cap_s=60.0, jitter=False)
         self.client = OpenAI(
-            base_url=spec.base_url, api_key=key or "unused", timeout=spec.timeout_s, max_retries=0
+            base_url=spec.base_url, api_key=key, timeout=spec.timeout_s, max_retries=0
         )
 
     def served_parent(self) -> str | None:

@@ -1,10 +1,7 @@
-"""``tunesmith train RECIPE --backend openai``: the same recipe, trained by an OpenAI-compatible
-fine-tuning API (OpenAI itself, or ``tunesmith serve`` on another machine).
-
-Uploads the prepared splits as chat JSONL, creates the job with the official ``openai`` client,
-follows its events with a progress bar, downloads the result file (raw CSV or base64, as the
-cookbook decodes it) and writes the same ``train/metrics.csv`` and ``loss.png`` as a local run.
-"""
+"""The client of an OpenAI-compatible fine-tuning API (OpenAI itself, or ``tunesmith serve`` on another machine):
+the official ``openai`` client made from the recipe's ``hosted`` section, chat JSONL uploads, a job followed
+through its events with a progress bar, and the result file decoded (raw CSV or base64, as the cookbook
+decodes it)."""
 
 from __future__ import annotations
 
@@ -13,14 +10,14 @@ import binascii
 import csv
 import io
 import json
-import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from tunesmith.clients.keys import api_key
 from tunesmith.config import Recipe
-from tunesmith.errors import ConfigError, ProviderError, TrainingError
+from tunesmith.errors import ConfigError, ProviderError
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -54,56 +51,11 @@ def make_client(recipe: Recipe):
     h = recipe.hosted
     if h is None:
         raise ConfigError("--backend openai needs a `hosted` section (base_url, api_key_env, model)")
-    key = os.environ.get(h.api_key_env) if h.api_key_env else "not-needed"
-    if not key:
-        raise ConfigError(f"set the environment variable {h.api_key_env} (hosted.api_key_env) to your API key")
+    key = api_key(h.api_key_env, "hosted.api_key_env")
     return openai.OpenAI(base_url=h.base_url, api_key=key, max_retries=3, timeout=h.timeout_s)
 
 
-def train_hosted(recipe: Recipe, train_conversations, val_conversations, console: Console, bar) -> dict:
-    """Run the hosted job to completion; returns the job as a dict. Raises TrainingError if it fails."""
-    import openai
-
-    from tunesmith.train.metrics import plot_loss, write_metrics_csv
-
-    h = recipe.hosted
-    out = recipe.run_dir / "train"
-    client = make_client(recipe)
-    try:
-        train_file = _upload(client, write_chat_jsonl(out / "hosted" / "train.jsonl", train_conversations))
-        val_file = _upload(client, write_chat_jsonl(out / "hosted" / "val.jsonl", val_conversations)) \
-            if val_conversations else None
-        hyper = {k: v for k, v in {"n_epochs": h.n_epochs, "batch_size": h.batch_size,
-                                   "learning_rate_multiplier": h.learning_rate_multiplier}.items() if v is not None}
-        job = client.fine_tuning.jobs.create(
-            model=h.model or recipe.model.name, training_file=train_file, validation_file=val_file,
-            suffix=h.suffix, seed=recipe.seed,
-            method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
-        )
-        console.print(f"created job {job.id} on {h.base_url}")
-        (out / "hosted" / "job.json").write_text(json.dumps({"id": job.id, "base_url": h.base_url}), encoding="utf-8")
-        job = follow(client, job.id, h.poll_s, console, bar)
-        if job.status != "succeeded":
-            message = job.error.message if job.error else job.status
-            raise TrainingError(f"hosted job {job.id} {job.status}: {message}")
-        rows = decode_result_file(client.files.content(job.result_files[0]).read()) if job.result_files else []
-    except openai.AuthenticationError as exc:
-        raise ProviderError(f"{h.base_url} rejected the API key (401): check ${h.api_key_env}") from exc
-    except openai.APIConnectionError as exc:
-        raise ProviderError(f"cannot reach {h.base_url}: {exc}") from exc
-    except openai.APIStatusError as exc:
-        raise ProviderError(f"{h.base_url} answered {exc.status_code}: {exc.message}") from exc
-    write_metrics_csv(rows, out / "metrics.csv")
-    if rows:
-        plot_loss(rows, out / "loss.png", f"{recipe.name}: loss (hosted job {job.id})")
-    summary = {"job_id": job.id, "fine_tuned_model": job.fine_tuned_model, "trained_tokens": job.trained_tokens,
-               "result_files": job.result_files, "base_url": h.base_url}
-    (out / "hosted" / "job.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    console.print(f"fine-tuned model: {job.fine_tuned_model}")
-    return summary
-
-
-def _upload(client, path: Path) -> str:
+def upload(client, path: Path) -> str:
     with open(path, "rb") as fh:
         return client.files.create(file=fh, purpose="fine-tune").id
 
@@ -144,22 +96,3 @@ def follow(client, job_id: str, poll_s: float, console: Console, bar):
             ctx.__exit__(None, None, None)
 
 
-def run_hosted(recipe: Recipe, console: Console) -> dict:
-    """The data stage, then the hosted job on the prepared train/val splits."""
-    from tunesmith.config import dump_resolved
-    from tunesmith.data.formatting import chat_messages
-    from tunesmith.data.prepare import prepare as prepare_data
-    from tunesmith.progress import task_bar
-
-    if recipe.data is None:
-        raise ConfigError("--backend openai trains on the recipe's data section; add one")
-    make_client(recipe)  # a missing key or section fails before any data work
-    recipe.run_dir.mkdir(parents=True, exist_ok=True)
-    dump_resolved(recipe, recipe.run_dir / "config.resolved.yaml")
-    data = prepare_data(recipe, recipe.run_dir / "data", console)
-
-    def conversations(split: str) -> list[list[dict]]:
-        return [chat_messages(e, recipe.data) + [{"role": "assistant", "content": e.target}] for e in data.splits[split]]
-
-    return train_hosted(recipe, conversations("train"), conversations("val"), console,
-                        lambda desc, total: task_bar(console, desc, total))

@@ -233,7 +233,7 @@ class DataSection(Section):
     @field_validator("task")
     @classmethod
     def _known_task(cls, v: str) -> str:
-        from tunesmith.kinds import names
+        from tunesmith.config.kinds import names
 
         if v not in names():
             raise ValueError(f"unknown task kind '{v}'; choose one of {', '.join(names())}")
@@ -242,7 +242,7 @@ class DataSection(Section):
     @model_validator(mode="after")
     def _task_options_fit(self) -> DataSection:
         """The options are the task kind's to check; a kind that builds its own target may go without a target field."""
-        from tunesmith.kinds import kind_class
+        from tunesmith.config.kinds import kind_class
 
         kind = kind_class(self.task)
         kind.parse_options(self.task_options)

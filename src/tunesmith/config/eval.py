@@ -76,6 +76,9 @@ class EvalSection(Section):
     adapters: list[ContenderSpec] = Field([], description="fine-tuned adapter or merged-model folders")
     endpoints: list[EndpointSpec] = Field([], description="OpenAI-compatible endpoints to compare")
     judge: JudgeSpec | None = None
+    graders: list[dict] = Field([], description="OpenAI grader objects (string_check, text_similarity, python, "
+                                "score_model, label_model, multi) scored on every contender's answers, each a report "
+                                "column with its 95% interval; {{item.*}} are the example's fields and target")
     perplexity: bool = Field(True, description="mean loss / perplexity of the gold answers per local model")
     stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
     allow_random_model: bool = Field(
@@ -84,7 +87,7 @@ class EvalSection(Section):
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, v: list[str]) -> list[str]:
-        from tunesmith.kinds import all_baselines
+        from tunesmith.config.kinds import all_baselines
 
         known = all_baselines()
         unknown = [b for b in v if b != "auto" and b not in known]

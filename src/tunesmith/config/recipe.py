@@ -20,6 +20,14 @@ class ModelSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
+    @property
+    def folder(self) -> str:
+        """What ``from_pretrained`` loads for ``name``: the model registry's answer (a cached folder, a local
+        folder, or a hub id)."""
+        from tunesmith.models.names import resolve
+
+        return resolve(self.name)
+
 
 ARM_DATA_KEYS = ("prompt", "system_prompt", "order")
 

@@ -175,6 +175,22 @@ class TrainSection(Section):
             return self.group_by_length
         return not self.packing or self.head != "generative"
 
+    @property
+    def spec(self):
+        """The training method's shape (:class:`tunesmith.machine.methods.MethodSpec`, registered by its module)."""
+        from tunesmith.machine.methods import method_spec
+
+        return method_spec(self.method)
+
+    def describe(self) -> str:
+        """What this section trains, as the report and the training summary name it: 'SFT LoRA r=16', 'DPO full
+        fine-tune' or 'LoRA r=16 + classifier head' (a head trains on its own loss, so no method is named)."""
+        how = ADAPTER_NAMES[self.adapter] + ("" if self.adapter == "full" else f" r={self.lora.r}")
+        return f"{self.method.upper()} {how}" if self.head == "generative" else f"{how} + {self.head} head"
+
+
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "full": "full fine-tune"}
+
 
 class HostedSection(Section):
     """``tunesmith train --backend openai``: an OpenAI-compatible fine-tuning API does the training."""

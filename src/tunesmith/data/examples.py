@@ -14,8 +14,7 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
     Under ``on_error: fail`` the first such row raises a ``DataError`` naming file and line. A target
     the task kind cannot use (a regression target that is not a number) is always set aside and counted.
     """
-    from tunesmith.kinds import for_data
-    from tunesmith.kinds.base import TargetError
+    from tunesmith.config.kinds import TargetError, for_data
 
     task = for_data(cfg)
     examples: list[Example] = []
@@ -84,14 +83,10 @@ def _text(value) -> str:
     return value.strip() if isinstance(value, str) else str(value)
 
 
-def render_prompt(example: Example, template: str) -> str:
-    return template.format(**example.inputs)
-
-
 def label_set(examples: list[Example], cfg: DataSection) -> list[str]:
     """The closed label set of a classification task: the recipe's list, or the sorted labels seen in the
     data. Other task kinds have none (a price is not a label)."""
-    from tunesmith.kinds import kind_class
+    from tunesmith.config.kinds import kind_class
 
     if not kind_class(cfg.task).uses_labels:
         return []
@@ -102,7 +97,7 @@ def order_train(train: list[Example], cfg: DataSection) -> list[Example]:
     """The train split in ``data.order`` (numbers compare as numbers); unchanged without it."""
     if cfg.order is None:
         return train
-    from tunesmith.scoring.metrics import parse_number
+    from tunesmith.records import parse_number
 
     def key(ex: Example):
         value = ex.target if cfg.order.by == "target" else ex.meta.get(cfg.order.by)

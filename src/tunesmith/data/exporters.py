@@ -10,9 +10,8 @@ import json
 from pathlib import Path
 
 from tunesmith.config import DataSection, ExportSpec
-from tunesmith.data.examples import render_prompt
 from tunesmith.errors import DataError
-from tunesmith.records import Example
+from tunesmith.records import Example, render_prompt
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "

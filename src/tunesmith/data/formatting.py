@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tunesmith.config import DataSection
-from tunesmith.data.examples import render_prompt
-from tunesmith.records import Example
+from tunesmith.records import Example, render_prompt
 
 
 def chat_messages(example: Example, cfg: DataSection, labels: Sequence[str] | None = None) -> list[dict]:

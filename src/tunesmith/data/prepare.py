@@ -25,6 +25,7 @@ from tunesmith.data.sources import read_source
 from tunesmith.data.split import split_examples
 from tunesmith.data.steps import StepContext, run_steps, summary_table
 from tunesmith.errors import DataError
+from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
 from tunesmith.progress import task_bar
 from tunesmith.records import Example
@@ -198,7 +199,7 @@ def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
 def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict[str, list[Example]], dict]:
     """Split one source with data.split, or take split files as given; a missing val or test file is
     carved (seeded, stratified for classification) out of the train file and the summary says so."""
-    from tunesmith.kinds import kind_class
+    from tunesmith.config.kinds import kind_class
 
     stratify = kind_class(cfg.task).stratify and cfg.split.stratify
     split_cfg = cfg.split.model_copy(update={"stratify": stratify})
@@ -242,29 +243,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TUNESMITH_DATA_CACHE") or tunesmith_home() / "cache" / "data")
 
 
-def _hash_path(h, path: Path) -> None:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path) if f != path else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-
-
 def cache_key(recipe: Recipe) -> str:
     """sha256 over input bytes, data section + seed + model, tokenizer files and the package code."""
     from tunesmith import __version__
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     h = hashlib.sha256(f"format {CACHE_FORMAT} tunesmith {__version__}".encode())
     cfg = recipe.data
     if cfg.path is not None and cfg.splits is None:
         if not Path(cfg.path).exists():
             raise DataError(missing_file_message(cfg, "data.path", Path(cfg.path), "the data file"))
-        _hash_path(h, Path(cfg.path))
+        update_with(h, Path(cfg.path))
     for path in split_files(cfg).values():
         if path is not None:
-            _hash_path(h, Path(path))
+            update_with(h, Path(path))
     h.update(cfg.model_dump_json().encode())
     h.update(f"seed={recipe.seed} model={recipe.model.name}".encode())
     try:
@@ -273,8 +265,8 @@ def cache_key(recipe: Recipe) -> str:
         ref = Path(recipe.model.name)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         if (ref / name).is_file():
-            _hash_path(h, ref / name)
-    _hash_path(h, Path(__file__).resolve().parent.parent)  # the package's own code
+            update_with(h, ref / name)
+    update_with(h, Path(__file__).resolve().parent.parent)  # the package's own code
     return h.hexdigest()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.steps import parse_number, token_counts
+from tunesmith.data.steps import number_value, token_counts
 from tunesmith.plotting import pyplot
 from tunesmith.records import Record
 
@@ -147,7 +147,7 @@ def profile(
         images["Labels"] = plot_labels(counts, label, out_dir / "labels.png")
     for f in numeric:
         raw = [r.data.get(f) for r in records]
-        vals = [parse_number(v) for v in raw if v not in (None, "")]
+        vals = [number_value(v) for v in raw if v not in (None, "")]
         bad = sum(v is None for v in vals)
         arr = np.array([v for v in vals if v is not None], dtype=float)
         lines += [

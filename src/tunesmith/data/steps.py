@@ -228,7 +228,7 @@ def token_length(records, spec: TokenLengthStep, ctx):
 _NUM_NOISE = re.compile(r"[\s,_₹$€£¥₩]")
 
 
-def parse_number(value) -> float | None:
+def number_value(value) -> float | None:
     """A float from a number or a string such as '₹1,299' or '12.5'; None when it is not a number."""
     if isinstance(value, bool):
         return None
@@ -245,7 +245,7 @@ def numeric_range(records, spec: NumericRangeStep, ctx):
     for rec in records:
         f = spec.fields[0]
         raw = rec.data.get(f)
-        x = parse_number(raw) if raw not in (None, "") else None
+        x = number_value(raw) if raw not in (None, "") else None
         if x is None or np.isnan(x):
             reason = f"{f}: {raw!r} is not a number"
             if ctx.on_error == "fail":

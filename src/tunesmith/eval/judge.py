@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 
 from tunesmith.clients.endpoint import EndpointClient
-from tunesmith.scoring.metrics import parse_number
+from tunesmith.records import parse_number
 
 PAIRWISE = (
     "You are comparing two answers to the same question.\n\nQuestion:\n{question}\n\n"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.kinds import TaskKind
-from tunesmith.kinds.base import num
 from tunesmith.records import Example
+from tunesmith.scoring.display import num
 from tunesmith.scoring.plots import make_plots
-from tunesmith.scoring.result import ContenderResult, EvalRun
+from tunesmith.scoring.result import ContenderResult, EvalRun, baseline_comparison, best_contender
 
 
 def _ci(v, fmt: Callable = lambda x: f"{x:.3g}") -> str:
@@ -61,11 +61,13 @@ def _millions(n) -> str:
 def table_rows(task: TaskKind, results: list[ContenderResult]) -> tuple[list[str], list[list[str]]]:
     cols = columns(task, results[0].name)
     extra = sorted({k for r in results for k in r.metrics if k.startswith("judge_")})
-    headers = ["contender", *[c for c, _ in cols], *extra]
+    graded = grader_columns(results)
+    headers = ["contender", *[c for c, _ in cols], *[c for c, _ in graded], *extra]
     rows = [
         [
             f"{r.name} — {r.description}",
             *[f(r.metrics) for _, f in cols],
+            *[f(r.metrics) for _, f in graded],
             *[num(r.metrics.get(k)) for k in extra],
         ]
         for r in results
@@ -73,19 +75,27 @@ def table_rows(task: TaskKind, results: list[ContenderResult]) -> tuple[list[str
     return headers, rows
 
 
-def better(task: TaskKind, a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return False
-    return a > b if task.higher_is_better else a < b
+def grader_columns(results: list[ContenderResult]) -> list[tuple[str, Callable[[dict], str]]]:
+    """Two columns per ``eval.graders`` entry: its mean reward (95% CI) and Δ vs the first contender."""
+    if not results:
+        return []
+    ref = results[0].name
+    keys = [k for k in results[0].metrics if k.startswith("grader_") and not k.endswith(("_ci95", "_errored"))
+            and "_diff_vs_" not in k]
+    fmt = lambda x: f"{x:.3f}"  # noqa: E731
+    cols = []
+    for k in keys:
+        cols.append((f"{k[7:]} (95% CI)", lambda m, k=k: num(m.get(k)) + _ci(m.get(f"{k}_ci95"), fmt)))
+        cols.append((f"{k[7:]} Δ vs {ref}", lambda m, k=k: (
+            f"{m[f'{k}_diff_vs_{ref}']:+.3f}" + _ci(m.get(f"{k}_diff_vs_{ref}_ci95"), lambda x: f"{x:+.3f}")
+            if m.get(f"{k}_diff_vs_{ref}") is not None else "–")))
+    return cols
 
 
 def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | None:
-    best_r = None
-    for r in results:
-        v = r.metrics.get(task.headline)
-        if v is not None and (best_r is None or better(task, v, best_r.metrics[task.headline])):
-            best_r = r
-    return best_r
+    """The result with the best headline value (the first on a tie), or None."""
+    name = best_contender(task, {r.name: r.metrics for r in results}, [r.name for r in results])
+    return next((r for r in results if r.name == name), None)
 
 
 def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, seed: int) -> list[dict]:
@@ -157,7 +167,8 @@ class Report:
         text = f"**{arm.name}** {h} {t.fmt(arm.metrics.get(h))}"
         if base is not None:  # a run whose model is an encoder has no base contender
             text += f" vs base {t.fmt(base.metrics.get(h))}"
-        top = next((c for c in self.comparisons if c["a"] == arm.name and c["b_is_baseline"]), None)
+        baseline = best(t, [r for r in self.results if r.is_baseline])
+        top = baseline_comparison(self.comparisons, arm.name, baseline and baseline.name)
         if top:
             b = by[top["b"]]
             said = {"better": "beats the baseline", "worse": "is below the baseline",
@@ -228,7 +239,7 @@ def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], t
     """eval/metrics.json, predictions.jsonl, comparisons.json, plots, report.md and report.html."""
     eval_dir = recipe.run_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {r.name: r.metrics for r in results}
+    metrics = {r.name: {**r.metrics, "contender": r.kind} for r in results}
     (eval_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     with open(eval_dir / "predictions.jsonl", "w", encoding="utf-8") as fh:
         for r in results:

@@ -18,6 +18,7 @@ from rich.console import Console
 from tunesmith.config import DataSection, Recipe, arm_recipe
 from tunesmith.data.split import sample_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.eval.graded import add_grader_metrics, checked_graders
 from tunesmith.kinds import TaskKind, make_task, score_outputs
 from tunesmith.kinds.base import BaselineInputs
 from tunesmith.records import Example
@@ -50,16 +51,11 @@ def arm_name(recipe: Recipe, arm: Recipe) -> str:
     return "finetuned" if arm is recipe else arm.name
 
 
-ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "full": "full fine-tune"}
-
-
 def describe_arm(arm: Recipe, model_name: str) -> str:
     """What the arm trained, e.g. 'm + SFT LoRA r=16, ...' or 'm + LoRA r=16 + classifier head, ...' (a head
     is trained on its own loss, not by SFT or DPO, so the method is not named for it)."""
     t = arm.train
-    how = ADAPTER_NAMES[t.adapter] + ("" if t.adapter == "full" else f" r={t.lora.r}")
-    what = f"{t.method.upper()} {how}" if t.head == "generative" else f"{how} + {t.head} head"
-    return f"{model_name} + {what}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    return f"{model_name} + {t.describe()}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
 
 
 def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:
@@ -179,6 +175,7 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
         from tunesmith.models.random_weights import refuse_random
 
         refuse_random(recipe.model.name, "evaluate", "eval.allow_random_model: true")
+    checked_graders(recipe)  # a bad grader fails before any model runs
     task = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
     test, scored = sample_examples(test, recipe.eval.max_examples, task.stratify, recipe.seed)
     from tunesmith.eval.headline import choose
@@ -203,6 +200,7 @@ def finish_evaluation(recipe: Recipe, task: TaskKind, results: list[ContenderRes
 
     bar = lambda d, t: task_bar(console, d, t)  # noqa: E731
     add_intervals(results, task, recipe.eval.bootstrap, recipe.seed)
+    add_grader_metrics(recipe, results, test)
     judge = _judge(recipe, EndpointClient(recipe.eval.judge.endpoint), results, test, bar) if recipe.eval.judge else None
     return write_eval_outputs(recipe, task, results, test, summary, judge)
 
@@ -278,7 +276,7 @@ def messages_for(task: TaskKind, data_cfg: DataSection, with_labels: bool, test:
 
 def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list[Example], bar) -> ContenderResult:
     """One local contender, asked as what its folder holds is asked (see ``LOCAL_EVALUATORS``)."""
-    from tunesmith.models.loading import pick_placement
+    from tunesmith.machine.placement import pick_placement
 
     placement = pick_placement(recipe.model.precision, recipe.model.device)
     return LOCAL_EVALUATORS[c.loads](recipe, task, c, test, placement, bar)
@@ -314,7 +312,7 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
 
 def _head(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
     """A trained head (classifier, regression or span) answers through its HeadPredictor, as served."""
-    from tunesmith.train.heads import evaluate_head
+    from tunesmith.eval.heads import evaluate_head
 
     return evaluate_head(task, c.name, c.description, c.path, test, c.data.prompt, placement, bar,
                          c.model or recipe.model.name)
@@ -360,7 +358,7 @@ def _baselines(recipe, task: TaskKind, train, test, console) -> list[ContenderRe
     """The LLM-free baselines that apply to this task; the others are named and skipped."""
     import importlib.util
 
-    from tunesmith.data.examples import render_prompt
+    from tunesmith.records import render_prompt
 
     for name in recipe.eval.baselines:
         if name != "auto" and name not in task.baseline_names():
@@ -401,8 +399,8 @@ def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int
 
 def _judge(recipe, client, results, test, bar) -> dict:
     """Pairwise win rate of ``judge.pair[0]`` over ``pair[1]``, or a rubric score per generating contender."""
-    from tunesmith.data.examples import render_prompt
     from tunesmith.eval import judge
+    from tunesmith.records import render_prompt
 
     spec = recipe.eval.judge
     questions = [render_prompt(e, recipe.data.prompt) for e in test]

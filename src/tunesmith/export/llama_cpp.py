@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 from tunesmith.errors import ConfigError, ModelError
-from tunesmith.models.registry import sha256_of
+from tunesmith.hashing import content_hash
+from tunesmith.packages import pip_download
 from tunesmith.paths import tunesmith_home
 
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -69,7 +70,7 @@ def fetch_converter(source: Path | None = None, on_step=print) -> Path:
     dest = cached_converter()
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(source) if source else _download_sdist(Path(tmp), on_step)
-        digest = sha256_of(archive)
+        digest = content_hash(archive)
         if digest != SDIST_SHA256:
             raise ModelError(f"{archive}: sha256 {digest} is not the pinned llama-cpp-python {LLAMA_CPP_PYTHON} "
                              f"source ({SDIST_SHA256}); use llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz")
@@ -86,13 +87,11 @@ def fetch_converter(source: Path | None = None, on_step=print) -> Path:
 def _download_sdist(tmp: Path, on_step) -> Path:
     spec = f"llama-cpp-python=={LLAMA_CPP_PYTHON}"
     on_step(f"downloading the {spec} source archive (llama.cpp's converter; nothing is compiled)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=llama-cpp-python", "-q", "-d", str(tmp), spec]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    failed = pip_download(spec, tmp, binary=False)
     found = sorted(tmp.glob("llama_cpp_python-*.tar.gz"))
     if not found:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["nothing downloaded"]
         raise ModelError(
-            f"Could not download {spec}: {detail[0]}. Check access to the package index, or download "
+            f"Could not download {spec}: {failed or 'nothing downloaded'}. Check access to the package index, or download "
             f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz elsewhere and run: "
             "python -m tunesmith.export.llama_cpp --source PATH (or set TUNESMITH_LLAMA_CPP to a llama.cpp checkout)"
         )

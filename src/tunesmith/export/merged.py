@@ -64,7 +64,8 @@ def merged_model(run_dir: Path):
     with a generation config that stops at every end-of-turn token."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from tunesmith.models.loading import load_trained, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_trained
 
     recipe = load_run_recipe(run_dir)
     src = trained_dir(run_dir)
@@ -84,7 +85,7 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     (classifier, regression, span) as its ``*ForSequenceClassification`` / ``*ForQuestionAnswering`` folder."""
     found = trained_output(Path(run_dir))
     if found is not None and found[1] is not Artefact.MODEL:
-        from tunesmith.train.heads import export_head
+        from tunesmith.export.heads import export_head
 
         return export_head(found[0], Path(out))  # its head.json names the base model
     model, tokenizer = merged_model(run_dir)

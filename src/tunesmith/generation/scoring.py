@@ -62,7 +62,7 @@ def _score_batch(model, rows: list[list[int]], cand: list[list[int]], chunks: li
     """(len(rows), len(cand)) mean log-probabilities for one batch of tokenized prompts."""
     import torch
 
-    from tunesmith.machine.packing import mask_kind
+    from tunesmith.machine.masks import as_kind, mask_kind
 
     dev, kind = model.device, mask_kind(model)
     width = max(len(r) for r in rows)
@@ -74,7 +74,7 @@ def _score_batch(model, rows: list[list[int]], cand: list[list[int]], chunks: li
     eye = torch.eye(width, dtype=torch.bool, device=dev)
     prompt_mask = (causal & (real[:, None, :] | eye))[:, None]  # a padding query sees itself: no empty softmax row
     with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=_as_kind(prompt_mask, kind, model.dtype),
+        out = model(input_ids=input_ids, attention_mask=as_kind(prompt_mask, kind, model.dtype),
                     position_ids=position_ids, use_cache=True, logits_to_keep=1)
         first_logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # predicts each candidate's first token
         cache = out.past_key_values
@@ -89,6 +89,8 @@ def _chunk_logp(model, cache, chunk: list[int], cand: list[list[int]], lens, rea
     """Summed log-probabilities of the candidates' tokens after the first, (B, K): one forward of the
     chunk over the shared prompt cache, which is cut back to the prompts afterwards."""
     import torch
+
+    from tunesmith.machine.masks import as_kind
 
     dev = lens.device
     flat, segment, offset, keep, target, owner = [], [], [], [], [], []
@@ -109,7 +111,7 @@ def _chunk_logp(model, cache, chunk: list[int], cand: list[list[int]], lens, rea
     block = (seg[:, None] == seg[None, :]) & torch.ones(n, n, dtype=torch.bool, device=dev).tril()
     mask = torch.cat([real[:, None, None, :].expand(rows, 1, n, real.shape[1]), block.expand(rows, 1, n, n)], dim=-1)
     logits = model(input_ids=torch.tensor([flat], device=dev).expand(rows, n),
-                   attention_mask=_as_kind(mask, kind, model.dtype),
+                   attention_mask=as_kind(mask, kind, model.dtype),
                    position_ids=lens[:, None] + torch.tensor(offset, device=dev)[None],
                    past_key_values=cache, use_cache=True, logits_to_keep=torch.tensor(keep, device=dev)).logits.float()
     cache.crop(-n)  # drop the chunk's keys and values: the next chunk sees the prompts alone
@@ -117,14 +119,6 @@ def _chunk_logp(model, cache, chunk: list[int], cand: list[list[int]], lens, rea
     logp = logits.gather(-1, tgt[None, :, None].expand(rows, -1, 1))[..., 0] - torch.logsumexp(logits, dim=-1)
     return total.index_add_(1, torch.tensor(owner, device=dev), logp.double())
 
-
-def _as_kind(mask, kind: str, dtype):
-    """A boolean 4D mask (True = attend) in the form the model's attention kernel takes."""
-    import torch
-
-    if kind != "float":
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def _candidate_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -15,13 +15,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from tunesmith.records import Example
+from tunesmith.scoring.display import num, signed
 from tunesmith.scoring.result import ContenderResult, Source
 
 Cell = Callable[[dict], str]
-
-
-class TargetError(ValueError):
-    """A record's target cannot be used by this task kind (the message is the rejection reason)."""
 
 
 @dataclass
@@ -40,19 +37,6 @@ class Baseline:
     description: str
     predict: Callable[[TaskKind, BaselineInputs], list]  # one prediction per test text
     needs: str | None = None  # an optional package it needs (skipped with a note without it)
-
-
-def pct(v) -> str:
-    return "–" if v is None else f"{v:.1%}"
-
-
-def num(v, fmt: str = "{:.3f}") -> str:
-    return "–" if v is None else fmt.format(v)
-
-
-def signed(v: float) -> str:
-    """A difference with its sign: whole numbers from 100 up (+1,140, not +1.14e+03), else 3 digits."""
-    return f"{v:+,.0f}" if abs(v) >= 100 else f"{v:+.3g}"
 
 
 class TaskKind:

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.kinds import register
-from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, num, pct, score_outputs
+from tunesmith.config.kinds import register
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, score_outputs
 from tunesmith.records import Example
 from tunesmith.scoring import baselines as B
 from tunesmith.scoring import metrics as M
+from tunesmith.scoring.display import num, pct
 from tunesmith.scoring.result import ContenderResult, Source
 
 

@@ -17,13 +17,13 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from tunesmith.config.kinds import TargetError, register
 from tunesmith.config.section import Section
-from tunesmith.kinds import register
-from tunesmith.kinds.base import Baseline, BaselineInputs, TargetError, TaskKind, pct, score_outputs
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind, score_outputs
 from tunesmith.kinds.freeform import same_text
-from tunesmith.records import Example
+from tunesmith.records import Example, parse_number
 from tunesmith.scoring import baselines as B
-from tunesmith.scoring import metrics as M
+from tunesmith.scoring.display import pct
 from tunesmith.scoring.result import ContenderResult, Source
 
 
@@ -152,7 +152,7 @@ class Extraction(TaskKind):
                 raise TargetError(f"field '{name}': {text!r} has no part {spec.part} when split at {spec.split!r}")
             text = parts[spec.part].strip()
         if spec.bins:
-            number = M.parse_number(text)
+            number = parse_number(text)
             if number is None:
                 raise TargetError(f"field '{name}': {text!r} is not a number (it is read as a band)")
             text = band_of(number, spec.bins)

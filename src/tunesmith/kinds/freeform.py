@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.kinds import register
-from tunesmith.kinds.base import TaskKind, num, pct
+from tunesmith.config.kinds import register
+from tunesmith.kinds.base import TaskKind
 from tunesmith.records import Example
 from tunesmith.scoring import textsim
+from tunesmith.scoring.display import num, pct
 
 
 def same_text(prediction: str, reference: str) -> bool:

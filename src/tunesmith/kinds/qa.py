@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from tunesmith.kinds import register
-from tunesmith.kinds.base import TargetError, TaskKind, num
+from tunesmith.config.kinds import TargetError, register
+from tunesmith.kinds.base import TaskKind
 from tunesmith.records import Example
 from tunesmith.scoring import qa
+from tunesmith.scoring.display import num
 
 
 @register

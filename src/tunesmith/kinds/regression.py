@@ -6,15 +6,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tunesmith.kinds import register
-from tunesmith.kinds.base import Baseline, BaselineInputs, TargetError, TaskKind, num, pct
-from tunesmith.records import Example
+from tunesmith.config.kinds import TargetError, register
+from tunesmith.kinds.base import Baseline, BaselineInputs, TaskKind
+from tunesmith.records import Example, parse_number
 from tunesmith.scoring import baselines as B
 from tunesmith.scoring import metrics as M
+from tunesmith.scoring.display import num, pct
 
 
 def _values(inputs: BaselineInputs) -> list[float]:
-    return [float(M.parse_number(e.target)) for e in inputs.train_examples]
+    return [float(parse_number(e.target)) for e in inputs.train_examples]
 
 
 @register
@@ -25,16 +26,16 @@ class Regression(TaskKind):
 
     def read_target(self, value: Any, record: dict) -> tuple[str, dict]:
         text = value.strip() if isinstance(value, str) else str(value)
-        number = M.parse_number(text)
+        number = parse_number(text)
         if number is None:
             raise TargetError(f"target {text!r} is not a number (regression task)")
         return f"{number:g}", {}
 
     def parse(self, output: str | None) -> Any:
-        return M.parse_number(output)
+        return parse_number(output)
 
     def gold(self, ex: Example) -> float:
-        return float(M.parse_number(ex.target))
+        return float(parse_number(ex.target))
 
     def score(self, parsed: Any, ex: Example) -> float:
         """Absolute error; an answer without a number counts as predicting 0, so it can never help."""

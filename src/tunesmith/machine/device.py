@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from tunesmith.errors import ConfigError
+from tunesmith.machine.methods import MethodSpec, method_spec
 
 ATTENTION = ("flash_attention_2", "sdpa", "flex_attention", "eager")
 
@@ -50,7 +51,7 @@ class Wishes:
     device: str = "auto"  # model.device: auto | cpu | cuda | mps
     adapter: str = "lora"  # lora | dora | qlora | full
     head: str = "generative"  # generative, or a head kind (classifier | regression | span)
-    method: str = "sft"  # sft | dpo
+    method: str = "sft"  # a registered training method (tunesmith.machine.methods)
     packing: bool = True
     optimizer: str = "auto"
     attention: str = "auto"
@@ -58,6 +59,11 @@ class Wishes:
     loss: str = "auto"  # auto | chunked | logits (generative SFT)
     gradient_checkpointing: bool | str = "auto"
     softcapping: bool = False  # the model soft-caps attention logits (Gemma-2)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The training method's shape (registered by its module)."""
+        return method_spec(self.method)
 
 
 @dataclass(frozen=True)
@@ -191,8 +197,8 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
 def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
     if wish.head != "generative":
         return "off", f"a {wish.head} head reads one example per row: never packed"
-    if wish.method == "dpo":
-        return "off", "DPO compares each chosen and rejected sequence whole, one per row: never packed"
+    if not wish.spec.packs:
+        return "off", wish.spec.unpacked_reason
     if not wish.packing:
         return "off", "train.packing: false"
     if gpu:
@@ -222,11 +228,11 @@ def _kernels(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str]:
 
 def loss_form(wish) -> tuple[str, str]:
     """How training scores its outputs, and why: ``wish`` is :class:`Wishes` or a recipe's train section (the memory
-    estimator asks with the latter), read for ``head``, ``method`` and ``loss``."""
+    estimator asks with the latter), read for ``head``, ``spec`` (the method's shape) and ``loss``."""
     if wish.head != "generative":
         return "head", f"the {wish.head} head's own loss over its labels"
-    if wish.method == "dpo":
-        return "chunked", "TRL's fused LM head scores the completions in vocabulary tiles"
+    if wish.spec.loss is not None:
+        return wish.spec.loss
     if wish.loss != "auto":
         return wish.loss, "asked"
     return "chunked", ("target positions picked by integer index and scored in vocabulary tiles: no logits held, no "
@@ -267,79 +273,10 @@ def probe(device: str = "auto") -> Capabilities:
     )
 
 
-def wishes(recipe, softcapping: bool = False) -> Wishes:
-    """The recipe's wishes."""
-    t = recipe.train
-    return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
-                  method=t.method, packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
-                  loss=t.loss,
-                  gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
+GPU_TILE = 32768  # vocabulary columns per projection tile on a GPU (TRL's own choice for its fused head)
+CPU_TILE = 2048  # on a CPU: the torch fold's temporaries stay small and in cache
 
 
-def model_softcaps(name: str) -> bool:
-    """Whether the model's config soft-caps attention logits (Gemma-2), read from config.json only."""
-    import json
-    from pathlib import Path
-
-    from tunesmith.models.registry import resolve
-
-    try:
-        cfg = json.loads((Path(resolve(name)) / "config.json").read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - a hub id, an unreadable config, a tokenizer not pulled yet: assume not
-        return False
-    return bool(cfg.get("text_config", cfg).get("attn_logit_softcapping"))
-
-
-def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
-    """The path for ``recipe`` on this machine: capabilities probed, gradient checkpointing from the estimator."""
-    caps = caps or probe(recipe.model.device)
-    wish = wishes(recipe, model_softcaps(recipe.model.name))
-    fits = None
-    if wish.gradient_checkpointing == "auto" and caps.cuda:
-        first = choose_path(caps, wish)  # attention and loss are chosen without the memory verdict
-        fits = _fits_without_checkpointing(recipe, first, caps)
-    return choose_path(caps, wish, fits)
-
-
-def _fits_without_checkpointing(recipe, first: TrainPath, caps: Capabilities) -> bool | None:
-    """The estimator's verdict for the batch without gradient checkpointing on ``first``'s device, dtype, attention
-    and loss, against the device's free memory or ``train.memory_limit_gb`` (None when it cannot estimate)."""
-    from tunesmith.machine.estimate import estimate_recipe
-
-    try:
-        plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
-        return estimate_recipe(plain, first, caps.free_memory).fits
-    except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
-        return None
-
-
-def hold_memory_limit(recipe, path: TrainPath) -> float | None:
-    """Hold this process to ``train.memory_limit_gb`` of the CUDA GPU (PyTorch's per-process memory fraction:
-    an allocation beyond it fails as out of memory, as on a GPU of that size); returns the fraction set."""
-    limit = recipe.train.memory_limit_gb
-    if limit is None or path.device != "cuda":
-        return None
-    import torch
-
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    fraction = min(1.0, limit * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction)
-    return fraction
-
-
-def take_path(recipe):
-    """Decide the path for ``recipe`` here and take it: the recipe with the path written in, the path, and the
-    placement models load with; the process held to ``train.memory_limit_gb``."""
-    from tunesmith.models.loading import Placement
-
-    path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
-    recipe = resolved(recipe, path)
-    hold_memory_limit(recipe, path)
-    return recipe, path, Placement(path.device, path.dtype, path)
-
-
-def resolved(recipe, path: TrainPath):
-    """The recipe with the path's optimizer and gradient checkpointing written in (what actually runs)."""
-    t = recipe.train.model_copy(update={"optimizer": path.optimizer,
-                                        "gradient_checkpointing": path.gradient_checkpointing})
-    return recipe.model_copy(update={"train": t})
+def tile_width(device) -> int:
+    """Vocabulary columns per tile on ``device`` (a torch device or its type)."""
+    return CPU_TILE if getattr(device, "type", device) == "cpu" else GPU_TILE

@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tunesmith.config import Recipe
 from tunesmith.errors import ModelError
-from tunesmith.machine.device import loss_form
+from tunesmith.machine.device import loss_form, tile_width
+
+if TYPE_CHECKING:
+    from tunesmith.config import Recipe
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MB = 2**20
@@ -159,7 +162,7 @@ def estimate(
     t = recipe.train
     attention_kind = attention or t.attention
     b = BYTES[dtype]
-    rows = t.batch_size * (2 if t.method == "dpo" else 1)  # DPO: a chosen and a rejected sequence per pair
+    rows = t.batch_size * t.spec.sequences_per_example  # DPO: a chosen and a rejected sequence per pair
     tokens = rows * t.max_seq_length
     if t.adapter == "full":
         # train.freeze_embeddings: the input embeddings (most of a multilingual encoder) get no gradient or state
@@ -198,8 +201,8 @@ def estimate(
         attention = rows * t.max_seq_length**2
     else:  # SDPA's CPU kernels keep no probabilities, only the 4D mask, as floats, once per layer
         attention = rows * t.max_seq_length**2 * 4 * layers_kept
-    if t.method == "dpo":  # TRL's fused LM head scores the target positions in tiles: no (rows, L, vocab) logits
-        logits = tokens * 2 * 4 * 3
+    if t.spec.logit_bytes_per_token is not None:  # DPO: TRL's fused LM head scores in tiles, no (rows, L, vocab) logits
+        logits = tokens * t.spec.logit_bytes_per_token
     elif t.head == "generative":
         targets = tokens if t.train_on_inputs else tokens // 2  # at most; the prompt carries none by default
         if (loss or loss_form(t)[0]) == "chunked":  # see tunesmith.train.chunked_loss
@@ -233,7 +236,6 @@ def chunked_loss_bytes(shape: Shape, targets: int, b: int, trains_head: bool, de
     32,768 vocabulary) tile in the compute dtype, folded in place by Triton; on a CPU the torch fold's fp32
     temporaries of a 2,048-wide tile. Plus the targets' fp32 hidden-state gradient and statistics, and where the
     head trains an fp32 accumulator of its gradient."""
-    from tunesmith.train.chunked_loss import tile_width
 
     width = min(tile_width(device), shape.vocab)
     tile = min(targets, 4096) * width * (b if device == "cuda" else 4 * CPU_TILES)
@@ -261,16 +263,14 @@ def estimate_recipe(recipe: Recipe, path=None, free: int | None = None) -> Memor
     device, dtype, attention kernel and loss form (:class:`tunesmith.machine.device.TrainPath`) once the training
     path is chosen, else on the placement the recipe asks for; planned against ``free`` bytes (default: what the
     device has available now), or ``train.memory_limit_gb`` where that is smaller."""
-    from tunesmith.models.registry import resolve
-
     if path is None:
-        from tunesmith.models.loading import pick_placement
+        from tunesmith.machine.placement import pick_placement
 
         placement = pick_placement(recipe.model.precision, recipe.model.device)
         device, dtype, attention, loss = placement.device, placement.dtype, None, None
     else:
         device, dtype, attention, loss = path.device, path.dtype, path.attention, path.loss
-    folder = Path(resolve(recipe.model.name))
+    folder = Path(recipe.model.folder)
     budget = memory_budget(available_memory(device) if free is None else free, recipe.train.memory_limit_gb, device)
     return estimate(model_shape(folder), recipe, dtype, device, budget, attention, loss)
 

@@ -93,24 +93,6 @@ def file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def prepare_data_once(recipe, data_dir: Path, console):
-    """The data stage, run once: rank 0 builds it into ``data_dir`` under a file lock while the other ranks
-    wait; they then read the same examples from the data cache into a scratch folder (nothing of theirs
-    lands in the run folder). With one process this is plain :func:`tunesmith.data.prepare.prepare`."""
-    import tempfile
-
-    from tunesmith.data.prepare import prepare
-
-    if world_size() <= 1:
-        return prepare(recipe, data_dir, console)
-    with main_process_first():
-        if is_main():
-            with file_lock(data_dir.parent / ".data.lock"):
-                return prepare(recipe, data_dir, console)
-        with tempfile.TemporaryDirectory(prefix=f"tunesmith-rank{rank()}-") as tmp:
-            return prepare(recipe, Path(tmp) / "data", console)
-
-
 def share_batch(batch_size: int, grad_accum: int, processes: int) -> tuple[int, int]:
     """Each rank's (micro-batch, accumulation steps) so that all ranks together take the recipe's global
     batch ``batch_size x grad_accum`` per optimizer step: the accumulation steps are divided first (each

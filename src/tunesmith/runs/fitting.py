@@ -24,7 +24,7 @@ CUT_ROUNDS = 4  # a cut is re-measured; the field is cut again (by the new exces
 def token_length(recipe: Recipe, tokenizer, example: Example) -> int:
     """Tokens the arm's trainer sees for ``example``: the full chat (system, prompt, answer) for generative
     training, the rendered prompt for a head (its label is not in the text)."""
-    from tunesmith.data.examples import render_prompt
+    from tunesmith.records import render_prompt
 
     if recipe.train.head == "generative":
         from tunesmith.data.formatting import chat_messages
@@ -40,7 +40,7 @@ def model_context(name: str, tokenizer) -> int | None:
     import json
     from pathlib import Path
 
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
 
     try:
         cfg = json.loads((Path(resolve(name)) / "config.json").read_text(encoding="utf-8"))

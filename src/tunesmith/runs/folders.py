@@ -1,4 +1,4 @@
-"""The experiments of a runs folder (what ``tunesmith run`` wrote), read for the dashboard.
+"""The experiments of a runs folder (what ``tunesmith run`` wrote), read for the dashboard and the results table.
 
 A run is a folder directly under the runs folder with a ``config.resolved.yaml``. Its summary is
 the best fine-tuned contender against the best LLM-free baseline on the task's headline metric,
@@ -9,9 +9,12 @@ Names are looked up among the folders found, never joined to a path as given.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from tunesmith.scoring.result import baseline_comparison, best_contender, contender_kind
 
 
 def find_runs(root: Path) -> dict[str, Path]:
@@ -37,23 +40,43 @@ def _task(name: str, options: dict | None = None):
         return None
 
 
-def contender_kinds(config: dict, metrics: dict, task) -> dict[str, str]:
-    """base, baseline, endpoint or fine-tuned for every contender in metrics.json."""
-    baselines = set(task.baseline_names()) if task else set()
-    endpoints = {e.get("name") for e in (config.get("eval") or {}).get("endpoints") or []}
-    kinds = {}
-    for name in metrics:
-        kinds[name] = ("base" if name == "base" else "baseline" if name in baselines
-                       else "endpoint" if name in endpoints else "fine-tuned")
-    return kinds
+@dataclass
+class RunFolder:
+    """What a finished run wrote, read once: its resolved config, every contender's metrics and kind, the paired
+    comparisons, and its task kind (None when unknown). The dashboard and the results table read runs through it."""
+
+    folder: Path
+    config: dict
+    metrics: dict
+    comparisons: list
+    task: object
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """base, fine-tuned, baseline or endpoint for every contender."""
+        return {name: contender_kind(name, m) for name, m in self.metrics.items()}
+
+    def best(self, kind: str) -> str | None:
+        """The contender of ``kind`` with the best headline value."""
+        return best_contender(self.task, self.metrics, [n for n, k in self.kinds.items() if k == kind])
+
+    def verdict(self) -> tuple[str | None, str | None, dict | None]:
+        """The best fine-tuned contender, the best baseline, and their paired comparison."""
+        arm, baseline = self.best("fine-tuned"), self.best("baseline")
+        return arm, baseline, baseline_comparison(self.comparisons, arm, baseline)
 
 
-def _best(task, metrics: dict, names: list[str]) -> str | None:
-    scored = [n for n in names if metrics[n].get(task.headline) is not None]
-    if not scored:
-        return None
-    pick = max if task.higher_is_better else min
-    return pick(scored, key=lambda n: metrics[n][task.headline])
+def read_run(folder: Path) -> RunFolder:
+    """The run at ``folder``; a broken or missing file reads as empty, so one bad run never hides the others."""
+    try:
+        config = yaml.safe_load((folder / "config.resolved.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    data = config.get("data") or {}
+    return RunFolder(folder, config, _read_json(folder / "eval" / "metrics.json", {}),
+                     _read_json(folder / "eval" / "comparisons.json", []),
+                     _task(data.get("task") or "classification", data.get("task_options")))
 
 
 def _ci(task, ci, fmt) -> str:
@@ -76,38 +99,29 @@ def headline_table(task, metrics: dict, kinds: dict[str, str]) -> list[dict]:
 
 def run_summary(run_id: str, folder: Path, with_table: bool = False) -> dict:
     """What the experiments list shows for one run (and, with ``with_table``, its headline table)."""
-    try:
-        config = yaml.safe_load((folder / "config.resolved.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}  # listed by its folder name; a broken file must not hide the other runs
-    config = config if isinstance(config, dict) else {}
-    task_name = (config.get("data") or {}).get("task") or "classification"
-    metrics = _read_json(folder / "eval" / "metrics.json", {})
-    comps = _read_json(folder / "eval" / "comparisons.json", [])
+    run = read_run(folder)
+    metrics, task = run.metrics, run.task
     report = folder / "report.html"
     stamp = max((p.stat().st_mtime for p in (report, folder / "eval" / "metrics.json", folder / "config.resolved.yaml")
                  if p.is_file()), default=None)
-    out = {"id": run_id, "object": "tunesmith.run", "name": config.get("name") or run_id, "task": task_name,
+    out = {"id": run_id, "object": "tunesmith.run", "name": run.config.get("name") or run_id,
+           "task": (run.config.get("data") or {}).get("task") or "classification",
            "created_at": int(stamp) if stamp else None, "has_report": report.is_file(), "evaluated": bool(metrics),
            "headline_metric": None, "best": None, "best_baseline": None, "verdict": None, "difference": None}
-    task = _task(task_name, (config.get("data") or {}).get("task_options"))
     if task is None or not metrics:
         return out | ({"table": []} if with_table else {})
-    kinds = contender_kinds(config, metrics, task)
-    arm = _best(task, metrics, [n for n, k in kinds.items() if k == "fine-tuned"])
-    baseline = _best(task, metrics, [n for n, k in kinds.items() if k == "baseline"])
+    arm, baseline, top = run.verdict()
     h = task.headline
     out |= {"headline_metric": h, "higher_is_better": task.higher_is_better,
             "best": arm and {"name": arm, "display": task.fmt(metrics[arm].get(h))},
             "base": {"display": task.fmt(metrics["base"].get(h))} if "base" in metrics else None,
             "best_baseline": baseline and {"name": baseline, "display": task.fmt(metrics[baseline].get(h))}}
-    top = next((c for c in comps if c.get("a") == arm and c.get("b") == baseline and c.get("b_is_baseline")), None)
     if top:
         out |= {"verdict": top["verdict"],
                 "difference": task.diff_fmt(top["diff"]) + (" " + _ci(task, top.get("ci95"), task.diff_fmt)
                                                             if top.get("ci95") else "")}
     if with_table:
-        out["table"] = headline_table(task, metrics, kinds)
+        out["table"] = headline_table(task, metrics, run.kinds)
     return out
 
 

@@ -1,5 +1,5 @@
 """Train once per settings: what ``tunesmith train`` and each arm of ``tunesmith run`` do around
-:func:`tunesmith.train.dispatch.train`, so that both commands treat a run folder the same way.
+:func:`tunesmith.train.jobs.train`, so that both commands treat a run folder the same way.
 
 - ``train/done.json``: the fingerprint of a finished training (the recipe less ``eval``, the train split's
   examples, the bytes of a DPO pairs file and of the adapter training starts from) and its summary. The
@@ -28,11 +28,12 @@ from rich.console import Console
 
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
+from tunesmith.hashing import content_hash
 from tunesmith.records import Example
 
 if TYPE_CHECKING:
     from tunesmith.synth.augment import Augmented
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
     from tunesmith.train.result import TrainResult
 
 # called only when training will run, with the recipe and its train examples: a synth stage's output or None
@@ -64,7 +65,7 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
     it trains (a synth stage: its examples join the train split, its preference pairs become ``train.dpo.path``).
     ``base_model`` is the run's model, named in the summary when the recipe trains another one."""
     from tunesmith.machine.launch import is_main, main_process_first
-    from tunesmith.train.dispatch import TrainData, train
+    from tunesmith.train.jobs import TrainData, train
     from tunesmith.train.result import trained_output
 
     out = recipe.run_dir / "train"
@@ -137,23 +138,11 @@ def fingerprint(recipe: Recipe, train: list[Example], init_adapter: Path | None 
     h = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode())
     for e in train:
         h.update(json.dumps([e.id, e.inputs, e.target], sort_keys=True, default=str).encode() + b"\n")
-    pairs = recipe.train.dpo.path if recipe.train.method == "dpo" else None
+    pairs = recipe.train.dpo.path if recipe.train.spec.reads_pairs else None
     for source in (pairs, init_adapter):
         if source is not None and Path(source).exists():
-            h.update(_digest(Path(source)))
+            h.update(bytes.fromhex(content_hash(Path(source))))
     return h.hexdigest()
-
-
-def _digest(path: Path) -> bytes:
-    """sha256 of a file, or of a folder's files (relative names and bytes, in name order)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(path)).encode() if f != path else b"")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.digest()
 
 
 def finished(out: Path, key: str) -> dict | None:
@@ -172,7 +161,7 @@ def _plan(recipe: Recipe, train: list[Example], key: str, name: str, before: Bef
         plan.summary |= grown.summary
         if grown.dpo_pairs is not None:
             plan.recipe = with_dpo_pairs(recipe, grown.dpo_pairs)
-    if not plan.train and plan.recipe.train.method != "dpo":
+    if not plan.train and not plan.recipe.train.spec.reads_pairs:
         raise DataError(f"{name}: no training examples (the train split is empty and no synth stage added any)")
     plan.resume = checkpoint_to_resume(recipe.run_dir / "train", key, name, console, insist=resume) is not None
     return plan
@@ -221,9 +210,7 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
     t = recipe.train
     warning = {"warning": result.warning} if result.warning else {}
     return warning | {
-        "method": f"{t.method} / {t.adapter}" + (f" r={t.lora.r}" if t.adapter != "full" else "")
-                  + (f" / {t.head} head" if t.head != "generative" else "")
-                  + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),
+        "method": t.describe() + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),
         "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",

@@ -242,7 +242,9 @@ def init(data: Path, target: str | None = None, test: Path | None = None, out: P
     """Inspect ``data``, size the training, write the recipe (``out``, default ``<data stem>.yaml`` in the working
     folder) and return its path. ``encoder``: the encoder of the head arm on a CPU (default: by the text's
     script; ``none`` leaves the arm out)."""
-    from tunesmith.models.loading import pick_placement
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks data.task against
+    import tunesmith.train  # noqa: F401 - registers the training methods the memory estimate reads
+    from tunesmith.machine.placement import pick_placement
     from tunesmith.runs.sizing import size
 
     start = inspect(Path(data), target)

@@ -11,8 +11,9 @@ from rich.console import Console
 
 from tunesmith.config import Recipe, dump_resolved
 from tunesmith.errors import ConfigError
-from tunesmith.machine.launch import finish, is_main, main_process_first, prepare_data_once
+from tunesmith.machine.launch import finish, is_main, main_process_first
 from tunesmith.progress import task_bar
+from tunesmith.runs.data import prepare_data_once
 
 __all__ = ["main_process_first", "print_summary", "run_training"]
 
@@ -22,11 +23,12 @@ def run_training(recipe: Recipe, console: Console, resume: bool = False):
     continuing from the newest checkpoint (see :mod:`tunesmith.runs.once`). Under torchrun the data stage
     runs once (rank 0) and only rank 0 writes into the run folder. Returns a
     :class:`~tunesmith.runs.once.Trained`."""
-    from tunesmith.models.loading import check_adapter_device, pick_placement
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import check_adapter_device
     from tunesmith.runs.once import train_once
-    from tunesmith.train.dispatch import TrainData
+    from tunesmith.train.jobs import TrainData
 
-    if recipe.data is None and recipe.train.method != "dpo":
+    if recipe.data is None and not recipe.train.spec.reads_pairs:
         raise ConfigError("data: required (only train.method dpo reads its pairs from train.dpo.path)")
     recipe.refuse_folds("tunesmith train")
     placement = pick_placement(recipe.model.precision, recipe.model.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 
@@ -72,25 +71,6 @@ def ordinal_metrics(gold: Sequence[str], pred: Sequence[str | None]) -> dict:
         "ordinal_mae": sum(errors) / len(errors) if errors else None,
         "within_one": sum(e <= 1 for e in errors) / n if n else None,
     }
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-
-
-def parse_number(output: str | None) -> float | None:
-    """The first number in the output ('₹1,299.00' → 1299.0); ``None`` if there is none.
-
-    A non-numeric answer is counted as unparseable, never replaced by a default.
-    """
-    if not output:
-        return None
-    m = _NUMBER.search(output)
-    if not m:
-        return None
-    try:
-        return float(m.group().replace(",", ""))
-    except ValueError:
-        return None
 
 
 def band(pred: float | None, truth: float, bands) -> str:

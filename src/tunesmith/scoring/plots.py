@@ -4,13 +4,16 @@ matrices for classification, prediction against truth for regression)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tunesmith.kinds import TaskKind
-from tunesmith.kinds.base import num
 from tunesmith.plotting import pyplot
 from tunesmith.records import Example
+from tunesmith.scoring.display import num
 from tunesmith.scoring.metrics import confusion
 from tunesmith.scoring.result import ContenderResult, Source
+
+if TYPE_CHECKING:
+    from tunesmith.kinds import TaskKind
 
 
 def plot_confusions(results: list[ContenderResult], gold: list[str], labels: list[str], path: Path) -> Path:

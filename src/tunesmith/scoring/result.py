@@ -43,6 +43,47 @@ class ContenderResult:
         """A model of ours that was trained (an arm or an eval.adapters folder), not the base model."""
         return self.is_local and self.name != "base"
 
+    @property
+    def kind(self) -> str:
+        """What the contender is, as metrics.json records it: base, fine-tuned, baseline or endpoint."""
+        if self.is_baseline:
+            return "baseline"
+        if self.is_endpoint:
+            return "endpoint"
+        return "base" if self.name == "base" else "fine-tuned"
+
+
+def contender_kind(name: str, metrics: dict) -> str:
+    """base, fine-tuned, baseline or endpoint for one contender of a metrics.json: the ``contender`` entry the
+    evaluation writes, or, in a metrics.json from before it, the same rule read from what a baseline and an
+    endpoint leave there (a baseline's ``direct prediction`` scoring, an endpoint's ``failed_calls``)."""
+    if metrics.get("contender"):
+        return metrics["contender"]
+    if metrics.get("scoring") == "direct prediction":
+        return "baseline"
+    if "failed_calls" in metrics:
+        return "endpoint"
+    return "base" if name == "base" else "fine-tuned"
+
+
+def best_contender(task, metrics: dict[str, dict], names) -> str | None:
+    """Of ``names``, the contender with the best value of the task's headline metric (the first on a tie);
+    None when none has one. ``metrics``: contender name → its metrics."""
+    top = None
+    for name in names:
+        v = metrics[name].get(task.headline)
+        if v is not None and (top is None or (v > metrics[top][task.headline] if task.higher_is_better
+                                              else v < metrics[top][task.headline])):
+            top = name
+    return top
+
+
+def baseline_comparison(comparisons: list[dict], arm: str | None, baseline: str | None) -> dict | None:
+    """The paired comparison of ``arm`` against ``baseline`` (the best one), from comparisons.json; None without."""
+    if arm is None or baseline is None:
+        return None
+    return next((c for c in comparisons if c.get("a") == arm and c.get("b") == baseline), None)
+
 
 @dataclass
 class EvalRun:

@@ -1,8 +1,8 @@
-"""Cheap reference-based scores for free-form answers: chrF (sacrebleu) and ROUGE-L.
+"""Cheap reference-based scores for free-form answers: chrF (sacrebleu), ROUGE-N and ROUGE-L.
 
-Both are per example in 0-100. ROUGE-L is the F1 of the longest common subsequence of word
-tokens (``\\w+`` after lower-casing, so it also works for Korean, which the usual ASCII-only
-ROUGE tokenizer would erase).
+All are per example in 0-100. ROUGE-N is the F1 of clipped word n-gram overlap; ROUGE-L is the F1
+of the longest common subsequence. Both use word tokens (``\\w+`` after lower-casing, so they also work
+for Korean, which the usual ASCII-only ROUGE tokenizer would erase).
 """
 
 from __future__ import annotations
@@ -46,3 +46,26 @@ def rouge_l(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(p), lcs / len(r)
     return 100 * 2 * precision * recall / (precision + recall)
+
+
+def _ngrams(tokens: list[str], n: int) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+    return counts
+
+
+def rouge_n(prediction: str, reference: str, n: int) -> float:
+    """ROUGE-N F1 ×100: clipped overlap of word n-grams (same tokens as :func:`rouge_l`)."""
+    p, r = _ngrams(_tokens(prediction), n), _ngrams(_tokens(reference), n)
+    overlap = sum(min(c, r.get(g, 0)) for g, c in p.items())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / sum(p.values()), overlap / sum(r.values())
+    return 100 * 2 * precision * recall / (precision + recall)
+
+
+def tokens(text: str) -> list[str]:
+    """The word tokens every score here compares (lower-cased ``\\w+``, so Korean keeps its words)."""
+    return _tokens(text)

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from tunesmith.graders.sandbox import Limits
 from tunesmith.serve.errors import APIError
 
 
@@ -30,6 +31,12 @@ class ServeSettings:
     request_timeout_s: float = 300.0  # a generation still running then stops with finish_reason "length"
     docs: bool | None = None  # /docs and /openapi.json; None: on only when no API keys are set
     allow_random_model: bool = False  # serve a random:<arch> model (random weights) anyway
+    allow_python_graders: bool | None = None  # run callers' python graders; None: only when no API keys are set
+    grader_limits: Limits = field(default_factory=Limits)  # CPU, memory and wall-clock of one python grader row
+
+    @property
+    def python_graders_on(self) -> bool:
+        return (not self.api_keys) if self.allow_python_graders is None else self.allow_python_graders
 
     @property
     def docs_on(self) -> bool:
@@ -55,9 +62,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         from tunesmith.serve.engine import Engine
+        from tunesmith.serve.evals_store import EvalStore
 
         app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
                                             request_timeout_s=settings.request_timeout_s)
+        EvalStore(app.state.store).fail_interrupted()
         yield
         app.state.engine.close()
 
@@ -96,10 +105,12 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         return JSONResponse({"error": {"message": f"{where}: {first['msg']}", "type": "invalid_request_error",
                                        "param": where or None, "code": None}}, status_code=400)
 
-    from tunesmith.serve import routes_dashboard, routes_jobs, routes_openai
+    from tunesmith.serve import routes_dashboard, routes_evals, routes_graders, routes_jobs, routes_openai
 
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_graders.router)
+    app.include_router(routes_evals.router)
     routes_dashboard.mount(app)
     return app
 

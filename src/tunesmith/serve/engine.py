@@ -86,7 +86,8 @@ class Engine:
     def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
                  wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0,
                  max_batch_tokens: int = 65_536):
-        from tunesmith.models.loading import load_model, load_tokenizer, pick_placement
+        from tunesmith.machine.placement import pick_placement
+        from tunesmith.models.loading import load_model, load_tokenizer
 
         self.base_name = base
         self.tokenizer = load_tokenizer(base)

@@ -57,7 +57,7 @@ class ServedHead:
 
 
 def load_head(path, base_model: str) -> ServedHead:
-    from tunesmith.train.heads import HeadPredictor
+    from tunesmith.models.head_predictor import HeadPredictor
 
     return ServedHead(HeadPredictor(Path(path), base_model=base_model))
 

@@ -28,7 +28,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
 def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
     """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
-    from tunesmith.models.registry import resolve
+    from tunesmith.models.names import resolve
     from tunesmith.serve.heads import is_head_folder
 
     heads = [n for n, p in adapters.items() if is_head_folder(p)]
@@ -55,8 +55,8 @@ def _die_with_parent() -> None:
 def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local",
                  ray_address: str | None = None) -> subprocess.Popen:
     """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
-    cmd = [sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(data_dir),
-           "--jobs-per-key", str(jobs_per_key), "--executor", executor]
+    module = "tunesmith.serve.ray_executor" if executor == "ray" else "tunesmith.serve.worker"
+    cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
     return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
                             preexec_fn=_die_with_parent)
 
@@ -87,6 +87,10 @@ def serve_builtin(settings, host: str, port: int, say=print, jobs_per_key: int =
     signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
+    if settings.python_graders_on:
+        from tunesmith.graders.sandbox import isolation
+
+        say(f"python graders: on, each in a sandbox ({isolation()})")
     try:
         _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()

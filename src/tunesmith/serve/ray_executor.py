@@ -18,13 +18,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tunesmith.errors import ConfigError
+from tunesmith.serve.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
 from tunesmith.serve.store import Store
-
-if TYPE_CHECKING:
-    from tunesmith.serve.worker import StopFlag
+from tunesmith.serve.worker import job_error, run_or_fail
 
 log = logging.getLogger("tunesmith.worker")
 RETRIES = 3  # times Ray starts a job again after its worker process or node died
@@ -43,6 +41,8 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
     and the memory that the training estimate gives for the job's model and method (unknown: none asked)."""
     need = {"num_cpus": 1, "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0}
     try:
+        import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+        import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
         from tunesmith.config import validate_recipe
         from tunesmith.machine.estimate import estimate_recipe
 
@@ -58,8 +58,6 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
 
 def run_job_task(root: str, job_id: str) -> str:
     """The Ray task: one job, from its start or its newest checkpoint; returns the job's final status."""
-    from tunesmith.serve.worker import run_or_fail
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     store = Store(Path(root))
     job = store.get_job(job_id, any_owner=True)
@@ -79,7 +77,6 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
                 log_file=None) -> None:
     """Hand queued jobs to Ray as tasks until ``stop`` is set, never more than ``jobs_per_key`` running jobs
     of one key; jobs start in the store's fair order. A job left 'running' by a previous server resumes."""
-    from tunesmith.serve.worker import SHUTDOWN, stop_on_sigterm
 
     ray = ray_module()
     stop = stop or SHUTDOWN
@@ -97,8 +94,6 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
 
 
 def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None:
-    from tunesmith.serve.worker import job_error
-
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(run_job_task)
     running: dict = {}  # object ref -> job id
     while not stop.is_set():
@@ -120,3 +115,13 @@ def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None
             log.info("job %s submitted to Ray with %s", job["id"], need)
             continue
         stop.wait(poll_s)
+
+
+def main() -> None:
+    args, log_file = start_worker_process("tunesmith fine-tuning jobs on a Ray cluster: each job a Ray task", ray=True)
+    work_on_ray(args.data_dir, args.ray_address, jobs_per_key=args.jobs_per_key, log_file=log_file)
+    end_worker_process()
+
+
+if __name__ == "__main__":
+    main()

@@ -39,16 +39,18 @@ def _job_object(request: Request, job: dict) -> dict:
 async def create_file(request: Request, key: Key, file: Annotated[UploadFile, File()],
                       purpose: Annotated[str, Form()]):
     settings = request.app.state.settings
-    if purpose != "fine-tune":
-        raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune'", param="purpose")
+    if purpose not in ("fine-tune", "evals"):
+        raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune' or 'evals'", param="purpose")
     limit = settings.max_upload_mb * 1024 * 1024
     content = await file.read(limit + 1)
     if len(content) > limit:
         raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
                        code="file_too_large")
-    problems = await asyncio.to_thread(check_upload, content)  # a large file must not stall other requests
+    check = check_upload if purpose == "fine-tune" else check_eval_upload
+    problems = await asyncio.to_thread(check, content)  # a large file must not stall other requests
     if problems:
-        raise APIError(400, "Invalid fine-tuning file: " + "; ".join(problems), param="file", code="invalid_file_format")
+        what = "fine-tuning" if purpose == "fine-tune" else "evals"
+        raise APIError(400, f"Invalid {what} file: " + "; ".join(problems), param="file", code="invalid_file_format")
     return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
 
 
@@ -65,6 +67,26 @@ def check_upload(content: bytes) -> list[str]:
         except Exception:  # noqa: BLE001 - malformed input is the client's 400; the detail goes to the log
             logging.getLogger("tunesmith.serve").exception("upload validation failed")
             return ["unreadable_file: the file is not JSON lines in OpenAI's chat or preference format"]
+
+
+def check_eval_upload(content: bytes, most: int = 5) -> list[str]:
+    """An evals file is JSON lines of ``{"item": {...}, "sample": {...}}`` (sample optional); the first
+    ``most`` bad lines are named."""
+    import json
+
+    problems = []
+    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+            problems.append(f"line {n}: not a JSON object with an \"item\" object")
+        if len(problems) == most:
+            break
+    return problems
 
 
 @router.get("/files")

@@ -43,6 +43,23 @@ MIGRATIONS: list[tuple[str, str]] = [
             UNIQUE (job_id, step_number)
         )"""),
     ("0005_job_queue_index", "CREATE INDEX jobs_status ON jobs (status, created_at)"),
+    ("0006_evals", """
+        CREATE TABLE evals (
+            id TEXT PRIMARY KEY, owner TEXT, name TEXT NOT NULL, data_source_config TEXT NOT NULL,
+            testing_criteria TEXT NOT NULL, metadata TEXT, created_at INTEGER NOT NULL
+        )"""),
+    ("0007_eval_runs", """
+        CREATE TABLE eval_runs (
+            id TEXT PRIMARY KEY, eval_id TEXT NOT NULL, owner TEXT, name TEXT NOT NULL, model TEXT NOT NULL,
+            status TEXT NOT NULL, data_source TEXT NOT NULL, metadata TEXT, error TEXT, result_counts TEXT,
+            per_testing_criteria_results TEXT, per_model_usage TEXT, created_at INTEGER NOT NULL
+        )"""),
+    ("0008_eval_output_items", """
+        CREATE TABLE eval_output_items (
+            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, eval_id TEXT NOT NULL, item_index INTEGER NOT NULL,
+            status TEXT NOT NULL, datasource_item TEXT NOT NULL, results TEXT NOT NULL, sample TEXT NOT NULL,
+            created_at INTEGER NOT NULL, UNIQUE (run_id, item_index)
+        )"""),
 ]
 
 def _retry_while_locked(op, seconds: float = 30.0):

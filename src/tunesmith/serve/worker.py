@@ -9,59 +9,21 @@ pause are flags in the store that the trainer checks after every step.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
-import faulthandler
 import io
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.serve.process import SHUTDOWN, end_worker_process, start_worker_process
 from tunesmith.serve.store import Store
 
 log = logging.getLogger("tunesmith.worker")
 
-
-class StopFlag:
-    """A stop request that a signal handler may set: a plain attribute, no lock. (``threading.Event.set``
-    takes the lock that ``Event.wait`` holds for a few bytecodes; a handler run in that window, on the same
-    main thread, would wait on it forever.)"""
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: float) -> bool:
-        end = time.monotonic() + timeout
-        while not self._set and (left := end - time.monotonic()) > 0:
-            time.sleep(min(left, 0.05))
-        return self._set
-
-
-SHUTDOWN = StopFlag()  # set by SIGTERM: the running job stops at the next step with a checkpoint
-STOP_GRACE_S = 15  # after SIGTERM: a worker still alive then writes its threads' stacks to its log and exits
-
-
-def stop_on_sigterm(flag, log_file) -> None:
-    """SIGTERM sets ``flag`` (the job saves a checkpoint at its next step) and arms a watchdog: a worker
-    not gone ``STOP_GRACE_S`` later — a save that hangs, a library thread that never returns — dumps every
-    thread's stack to ``log_file`` and exits; its job resumes from its newest complete checkpoint."""
-
-    def handler(*_):
-        flag.set()
-        faulthandler.dump_traceback_later(STOP_GRACE_S, exit=True, file=log_file)
-
-    signal.signal(signal.SIGTERM, handler)
 
 LR_BASE = 2e-4
 CHECKPOINTS_PER_JOB = 10  # a kill loses at most a tenth of the job; saving more often costs time
@@ -117,6 +79,8 @@ def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
 
 
 def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int):
+    import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
+    import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     steps = math.ceil(n_examples / hyper["batch_size"]) * hyper["n_epochs"]
@@ -264,7 +228,7 @@ def train_job(recipe, rows, val_rows, callback, resume, bar):
     """The job's training through the one dispatcher (chat rows as uploaded, or DPO pairs)."""
     from rich.console import Console
 
-    from tunesmith.train.dispatch import TrainData, train
+    from tunesmith.train.jobs import TrainData, train
 
     return train(recipe, TrainData(rows=rows, val_rows=val_rows), Console(file=io.StringIO()), bar,
                  resume=resume, callbacks=[callback])
@@ -331,31 +295,9 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="tunesmith fine-tuning jobs worker")
-    ap.add_argument("--data-dir", type=Path, required=True)
-    ap.add_argument("--once", action="store_true", help="exit when the queue is empty")
-    ap.add_argument("--jobs-per-key", type=int, default=1, help="most jobs of one API key running at once")
-    ap.add_argument("--executor", choices=("local", "ray"), default="local",
-                    help="local: one job at a time in this process; ray: each job a Ray task, several at once")
-    ap.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
-    args = ap.parse_args()
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(filename=args.data_dir / "worker.log", level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    watchdog_log = open(args.data_dir / "worker.log", "a")  # noqa: SIM115 - kept open for the watchdog's dump
-    stop_on_sigterm(SHUTDOWN, watchdog_log)
-    if args.executor == "ray":
-        from tunesmith.serve.ray_executor import work_on_ray
-
-        work_on_ray(args.data_dir, args.ray_address, jobs_per_key=args.jobs_per_key, log_file=watchdog_log)
-    else:
-        work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key)
-    # everything is in the store and the checkpoints; a library thread left running must not keep the
-    # process alive after SIGTERM
-    logging.shutdown()
-    os._exit(0)
+    args, _ = start_worker_process("tunesmith fine-tuning jobs worker: one job at a time in this process")
+    work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key)
+    end_worker_process()
 
 
 if __name__ == "__main__":

@@ -20,10 +20,9 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe
-from tunesmith.data.examples import render_prompt
 from tunesmith.data.prepare import write_jsonl
 from tunesmith.errors import DataError
-from tunesmith.records import Example, Record
+from tunesmith.records import Example, Record, render_prompt
 
 LEAK_THRESHOLD = 0.8  # char 3-gram Jaccard of the rendered prompts
 
@@ -47,36 +46,6 @@ class SynthBatch:
     base: Path  # <run>/synth/<key>/: augment_rejected.jsonl, dpo_pairs.jsonl
     synth_dir: Path  # the synth run's folder (its rejected.jsonl)
     console: Console
-
-
-def augment(arm: Recipe, run: Recipe, train: list[Example], held_out: list[Example], console: Console) -> Augmented:
-    """Run the arm's synth section (cached per synth config under ``<run>/synth/``) and turn its items into
-    training material the way its task says (new examples past the leakage guard, or preference pairs)."""
-    from tunesmith.synth.command import run_synth
-    from tunesmith.synth.generators import reads_train_split, synth_task
-
-    cfg = arm.synth
-    task = synth_task(cfg.task)
-    if cfg.review_required:
-        from tunesmith.errors import ConfigError
-
-        raise ConfigError("synth.review_required: a run cannot wait for a human review; run `tunesmith synth`, "
-                          "review the items, then train on synth/accepted.jsonl (data.path)")
-    key = hashlib.sha256(cfg.model_dump_json().encode() + _ids_digest(train)).hexdigest()[:12]
-    base = run.run_dir / "synth" / key
-    base.mkdir(parents=True, exist_ok=True)
-    own_input = task.on_train_split is not None and cfg.input is None
-    if own_input:
-        cfg = task.on_train_split(cfg, arm, write_jsonl_path(base / "train_input.jsonl", train, arm))
-    elif cfg.input is None:
-        raise DataError(f"synth.input: the {cfg.task} task needs an input file ({' and '.join(reads_train_split())} "
-                        "can read the train split instead)")
-    synth_recipe = run.model_copy(update={"name": key, "output_dir": run.run_dir / "synth", "synth": cfg})
-    result = run_synth(synth_recipe, console)
-    items = [json.loads(line) for line in open(result.out_dir / "accepted.jsonl", encoding="utf-8")]  # accepted or edited
-    replies = _rejected_reasons(result.out_dir / "rejected.jsonl")
-    return task.to_training(SynthBatch(items, replies, arm, train if own_input else None, held_out, base,
-                                       result.out_dir, console))
 
 
 def as_examples(batch: SynthBatch) -> Augmented:
@@ -117,7 +86,7 @@ def _guarded(batch: SynthBatch, made: list[Example], unmapped: list[dict]) -> Au
     return Augmented(kept, summary)
 
 
-def _ids_digest(train: list[Example]) -> bytes:
+def ids_digest(train: list[Example]) -> bytes:
     return hashlib.sha256("\n".join(e.id for e in train).encode()).digest()
 
 
@@ -222,7 +191,7 @@ def leakage_guard(made: list[Example], held_out: list[Example], template: str) -
     return [e for k, e in enumerate(made) if k not in leaks], [(made[k], other) for k, other in leaks.items()]
 
 
-def _rejected_reasons(path: Path) -> Counter:
+def rejected_reasons(path: Path) -> Counter:
     counts: Counter = Counter()
     if path.is_file():
         for line in open(path, encoding="utf-8"):

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from tunesmith.synth.calls import CallFailure, CallStats, ChatReply, ChatRequest
+from tunesmith.clients.calls import CallFailure, CallStats, ChatReply, ChatRequest
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (

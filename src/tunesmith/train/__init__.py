@@ -1,1 +1,5 @@
-"""Training: SFT with LoRA (or full) through TRL, metrics and progress callbacks."""
+"""Training: the methods (SFT, DPO, the task heads), each a module that registers its trainer
+(:func:`tunesmith.train.jobs.trainer`) and its shape (:func:`tunesmith.machine.methods.register_method`);
+importing this package registers them all. :func:`tunesmith.train.jobs.train` is the one entry point."""
+
+from tunesmith.train import dpo, heads, sft  # noqa: F401 - each registers its method and trainer

@@ -20,13 +20,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass
 
-GPU_TILE = 32768  # vocabulary columns per projection tile on a GPU (TRL's own choice for its fused head)
-CPU_TILE = 2048  # on a CPU: the torch fold's temporaries stay small and in cache
-
-
-def tile_width(device) -> int:
-    """Vocabulary columns per tile on ``device`` (a torch device or its type)."""
-    return CPU_TILE if getattr(device, "type", device) == "cpu" else GPU_TILE
+from tunesmith.machine.device import tile_width
 
 
 @dataclass

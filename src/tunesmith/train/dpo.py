@@ -21,7 +21,16 @@ from pathlib import Path
 from tunesmith.config import Recipe
 from tunesmith.errors import DataError
 from tunesmith.machine.launch import is_main
+from tunesmith.machine.methods import MethodSpec, register_method
+from tunesmith.train.jobs import TrainJob, generative_model, trainer
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
+
+register_method(MethodSpec(
+    "dpo", sequences_per_example=2, packs=False,
+    unpacked_reason="DPO compares each chosen and rejected sequence whole, one per row: never packed",
+    loss=("chunked", "TRL's fused LM head scores the completions in vocabulary tiles"),
+    logit_bytes_per_token=2 * 4 * 3,  # TRL's fused head: a few fp32 values per target position, no vocabulary logits
+    reads_pairs=True))
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -101,7 +110,7 @@ def train_dpo(recipe: Recipe, model, tokenizer, placement, console, bar, resume:
     from datasets import Dataset
     from trl import DPOConfig
 
-    from tunesmith.machine.packing import padded_mask_kind
+    from tunesmith.machine.masks import padded_mask_kind
     from tunesmith.train.dpo_trainer import SyncFreeDPOTrainer
     from tunesmith.train.sft import base_args, fit, prepare_model, save_final
 
@@ -159,3 +168,9 @@ def dpo_rows(history: list[dict]) -> list[dict]:
         if "eval_loss" in h:
             row |= {"valid_loss": h["eval_loss"], "valid_mean_token_accuracy": h.get("eval_rewards/accuracies")}
     return [rows[s] for s in sorted(rows)]
+
+
+@trainer("dpo", "generative")
+def dpo_job(job: TrainJob) -> TrainResult:
+    return train_dpo(job.recipe, generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
+                     resume=job.resume, callbacks=job.callbacks)

@@ -10,7 +10,7 @@ scored at completion positions the collator found on the host (:mod:`tunesmith.t
 which TRL's ``fused_lm_head`` call reaches, the reference pass's too), its metrics stay on the device
 and are read once per logging step, the tokens are counted on the host by the collator, and a decoder
 gets the 4D mask it would have built itself, built on the device
-(:func:`~tunesmith.machine.packing.padded_causal_mask`). Loss types,
+(:func:`~tunesmith.machine.masks.padded_causal_mask`). Loss types,
 f-divergences and options other than TRL's default sigmoid DPO run TRL's own loss unchanged.
 """
 
@@ -53,7 +53,7 @@ def target_positions(input_ids, completion_mask) -> dict:
 
 class SyncFreeDPOTrainer(DPOTrainer):
     """DPOTrainer whose metrics are kept as device tensors during steps and read together when it logs; ``mask``
-    (``"bool"`` or ``"float"``, see :func:`~tunesmith.machine.packing.padded_mask_kind`) gives a decoder its 4D
+    (``"bool"`` or ``"float"``, see :func:`~tunesmith.machine.masks.padded_mask_kind`) gives a decoder its 4D
     mask, built from the 2D one on the device."""
 
     def __init__(self, *args, mask: str = "2d", mask_dtype=None, **kwargs):

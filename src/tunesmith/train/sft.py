@@ -14,12 +14,16 @@ import time
 from pathlib import Path
 
 from tunesmith.config import Recipe
-from tunesmith.errors import TrainingError
+from tunesmith.errors import DataError, TrainingError
 from tunesmith.machine.launch import is_main
-from tunesmith.models.loading import Placement
-from tunesmith.records import Rejected
+from tunesmith.machine.methods import MethodSpec, register_method
+from tunesmith.machine.placement import Placement
+from tunesmith.records import Example, Rejected
+from tunesmith.train.jobs import TrainData, TrainJob, generative_model, ordered, trainer
 from tunesmith.train.metrics import rows_from_log_history
 from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
+
+register_method(MethodSpec("sft"))  # one example per row, packed where the path packs; the recipe's loss form
 
 
 def conversation_rows(prompts: list[list[dict]], targets: list[str]) -> list[dict]:
@@ -151,7 +155,8 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
-    from tunesmith.machine.packing import PackedCollator, mask_kind, tokenize_rows
+    from tunesmith.machine.masks import mask_kind
+    from tunesmith.machine.packing import PackedCollator, tokenize_rows
     from tunesmith.train.trainer import CompletionTrainer
 
     t = recipe.train
@@ -343,3 +348,41 @@ def planned_steps(trainer) -> int:
         / (args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size))
     )
     return max(1, math.ceil(per_epoch * args.num_train_epochs))
+
+
+@trainer("sft", "generative")
+def sft_job(job: TrainJob) -> TrainResult:
+    return _train_sft(job.recipe, job.data, generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
+                      job.resume, job.callbacks)
+
+
+
+def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
+    """Chat prompt/completion rows formatted with the recipe's data section (loss on the completion)."""
+    from tunesmith.data.formatting import chat_messages
+
+    return conversation_rows([chat_messages(e, recipe.data) for e in examples], [e.target for e in examples])
+
+
+
+def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks) -> TrainResult:
+    from tunesmith.data.prepare import append_jsonl
+    from tunesmith.machine.launch import is_main
+
+    if data.rows is not None:
+        rows, ids, val_rows = data.rows, [f"row-{i + 1}" for i in range(len(data.rows))], data.val_rows or []
+    else:
+        train = ordered(recipe, data.train)
+        rows, ids, val_rows = sft_rows(recipe, train), [e.id for e in train], sft_rows(recipe, data.val)
+    rows, too_long = split_by_length(rows, ids, tokenizer, recipe.train.max_seq_length)
+    if too_long:
+        where = recipe.run_dir / "data" / "rejected.jsonl"
+        if is_main():
+            append_jsonl(where, (r.to_json() for r in too_long))
+        console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
+    if not rows:
+        raise DataError("no training example fits train.max_seq_length; raise it")
+    result = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
+                       recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=callbacks)
+    result.too_long = len(too_long)
+    return result

@@ -88,7 +88,7 @@ class TokenCountingTrainer(Trainer):
     """Trainer whose batches carry ``num_tokens``, a Python int the collator counted, so that counting the tokens
     seen never waits for the device (the Trainer's own count reads a device tensor every step). The head models
     (classifier, regression, span) train with it as it is; ``mask`` (``"bool"`` or ``"float"``, see
-    :func:`~tunesmith.machine.packing.padded_mask_kind`) turns their 2D padding mask into a decoder's 4D mask on
+    :func:`~tunesmith.machine.masks.padded_mask_kind`) turns their 2D padding mask into a decoder's 4D mask on
     the device, so transformers does not read the 2D mask's values to decide whether it may skip it."""
 
     def __init__(self, *args, mask: str = "2d", mask_dtype=None, **kwargs):
@@ -109,7 +109,7 @@ class TokenCountingTrainer(Trainer):
 def expand_padding_mask(inputs: dict, kind: str, dtype=None) -> None:
     """Replace the batch's 2D padding mask by the decoder's 4D mask of ``kind``, built where the batch is."""
     if kind != "2d":
-        from tunesmith.machine.packing import padded_causal_mask
+        from tunesmith.machine.masks import padded_causal_mask
 
         inputs["attention_mask"] = padded_causal_mask(inputs["attention_mask"], kind, dtype)
 

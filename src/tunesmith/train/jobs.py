@@ -19,9 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import Recipe
-from tunesmith.errors import ConfigError, DataError
+from tunesmith.errors import ConfigError
 from tunesmith.records import Example
-from tunesmith.train.heads import HEADS
 from tunesmith.train.result import TrainResult, write_outputs
 
 
@@ -67,7 +66,7 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
           callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
-    from tunesmith.machine.device import take_path
+    from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
 
     recipe, path, placement = take_path(recipe)
@@ -100,7 +99,7 @@ class TrainJob:
     recipe: Recipe
     data: TrainData
     tokenizer: object
-    placement: object  # tunesmith.models.loading.Placement
+    placement: object  # tunesmith.machine.placement.Placement
     console: Console
     bar: object
     resume: bool = False
@@ -131,28 +130,7 @@ def trainer_for(method: str, head: str) -> Trainer:
     return _TRAINERS[(method, head)]
 
 
-@trainer("sft", "generative")
-def _sft(job: TrainJob) -> TrainResult:
-    return _train_sft(job.recipe, job.data, _generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
-                      job.resume, job.callbacks)
-
-
-@trainer("dpo", "generative")
-def _dpo(job: TrainJob) -> TrainResult:
-    from tunesmith.train.dpo import train_dpo
-
-    return train_dpo(job.recipe, _generative_model(job), job.tokenizer, job.placement, job.console, job.bar,
-                     resume=job.resume, callbacks=job.callbacks)
-
-
-@trainer("sft", *HEADS)  # a head trains on its own loss; the recipe's method stays sft
-def _head(job: TrainJob) -> TrainResult:
-    r = job.recipe
-    return HEADS[r.train.head].train(r, ordered(r, job.data.train), job.data.labels, job.tokenizer, job.placement,
-                                     job.bar, job.console, job.resume, job.callbacks)
-
-
-def _generative_model(job: TrainJob):
+def generative_model(job: TrainJob):
     """The base model with the recipe's adapter (continuing from ``init_adapter`` when given), announced."""
     r, placement = job.recipe, job.placement
     model = load_base(r, placement, job.init_adapter)
@@ -177,38 +155,6 @@ def ordered(recipe: Recipe, train: list[Example]) -> list[Example]:
     from tunesmith.data.examples import order_train
 
     return order_train(train, recipe.data) if recipe.data is not None else train
-
-
-def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
-    """Chat prompt/completion rows formatted with the recipe's data section (loss on the completion)."""
-    from tunesmith.data.formatting import chat_messages
-    from tunesmith.train.sft import conversation_rows
-
-    return conversation_rows([chat_messages(e, recipe.data) for e in examples], [e.target for e in examples])
-
-
-def _train_sft(recipe, data: TrainData, model, tokenizer, placement, console, bar, resume, callbacks) -> TrainResult:
-    from tunesmith.data.prepare import append_jsonl
-    from tunesmith.machine.launch import is_main
-    from tunesmith.train.sft import prepare_model, split_by_length, train_sft
-
-    if data.rows is not None:
-        rows, ids, val_rows = data.rows, [f"row-{i + 1}" for i in range(len(data.rows))], data.val_rows or []
-    else:
-        train = ordered(recipe, data.train)
-        rows, ids, val_rows = sft_rows(recipe, train), [e.id for e in train], sft_rows(recipe, data.val)
-    rows, too_long = split_by_length(rows, ids, tokenizer, recipe.train.max_seq_length)
-    if too_long:
-        where = recipe.run_dir / "data" / "rejected.jsonl"
-        if is_main():
-            append_jsonl(where, (r.to_json() for r in too_long))
-        console.print(f"[yellow]{len(too_long)} training example(s) longer than train.max_seq_length set aside[/] → {where}")
-    if not rows:
-        raise DataError("no training example fits train.max_seq_length; raise it")
-    result = train_sft(recipe, prepare_model(recipe, model), tokenizer, rows, val_rows, placement,
-                       recipe.run_dir / "train", lambda total: bar("train", total), resume=resume, callbacks=callbacks)
-    result.too_long = len(too_long)
-    return result
 
 
 def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:

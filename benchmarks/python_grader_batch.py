@@ -1,0 +1,58 @@
+"""What a python grader costs per training step: one sandboxed process per batch (ours) against one process
+per completion (the plain way to isolate each call), on the same rows and grader.
+
+The grader is a JSON-field F1, the kind a reinforcement job on product listings uses; rows are completions
+with two fields. Each way runs ``--repeats`` times; the median seconds per batch and the ratio are printed.
+
+    PYTHONPATH=src python benchmarks/python_grader_batch.py [--rows 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+SOURCE = '''
+import json
+
+def grade(sample, item):
+    try:
+        got = json.loads(sample["output_text"])
+    except ValueError:
+        return 0.0
+    gold = item["fields"]
+    hit = sum(1 for k, v in gold.items() if got.get(k) == v)
+    return 2 * hit / (len(got) + len(gold)) if got or gold else 1.0
+'''
+
+
+def main() -> None:
+    from tunesmith.graders.sandbox import isolation, run_python
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    rows = [({"output_text": json.dumps({"brand": "acme", "price": i})}, {"fields": {"brand": "acme", "price": i % 2}})
+            for i in range(args.rows)]
+    ways = {"one process per batch (ours)": lambda: run_python(SOURCE, rows),
+            "one process per completion": lambda: [run_python(SOURCE, [row])[0] for row in rows]}
+    medians, rewards = {}, {}
+    for name, way in ways.items():
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            out = way()
+            times.append(time.perf_counter() - start)
+        medians[name], rewards[name] = statistics.median(times), [o.reward for o in out]
+        print(f"{name}: {medians[name]:.3f} s per batch of {args.rows} ({1000 * medians[name] / args.rows:.1f} ms "
+              f"a completion; min {min(times):.3f} s)")
+    a, b = medians.values()
+    assert len(set(map(tuple, rewards.values()))) == 1, "both ways must give the same rewards"
+    print(f"ratio: {b / a:.1f}x faster per batch; isolation: {isolation()}")
+
+
+if __name__ == "__main__":
+    main()

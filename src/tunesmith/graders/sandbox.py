@@ -1,0 +1,193 @@
+"""Running a python grader's ``grade(sample, item)`` in a separate, limited process.
+
+One process grades a whole batch, one row at a time, so a training step pays one interpreter start, not
+one per completion. Each row has its own limits; a row that breaks one gets reward 0 with the reason and
+the rows after it go on in a fresh process:
+
+- CPU time (``RLIMIT_CPU``, set per row by the child; the whole process is capped at rows × limit),
+- memory (``RLIMIT_AS``: an allocation past it fails with MemoryError inside the grader),
+- wall-clock (the parent kills the process group when a row takes longer),
+- written file size (``RLIMIT_FSIZE``) and no core dumps.
+
+Isolation (see :mod:`tunesmith.graders.sandbox_child`): fresh network and PID namespaces through ``unshare``
+when the system allows unprivileged user namespaces (no interface but a down loopback; every process the
+grader starts, even one that leaves its session, is killed with it), Landlock (files
+readable only under Python's installation, writable only in the grader's own temporary folder, no TCP),
+an audit hook with readable refusals, and an environment with none of the server's variables (API keys).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+CHILD = Path(__file__).with_name("sandbox_child.py")
+STARTUP_S = 20.0  # interpreter start and the grader's own imports (numpy, …), before the first row
+
+
+@dataclass(frozen=True)
+class Limits:
+    cpu_s: int = 10  # CPU seconds per row
+    wall_s: float = 30.0  # wall-clock seconds per row
+    memory_mb: int = 1024  # address space of the grader process
+    file_mb: int = 16  # the largest file it may write in its folder
+
+
+@dataclass
+class Outcome:
+    reward: float
+    error: str | None = None  # "Type: message" when the row failed (reward is then 0)
+    seconds: float = 0.0
+
+
+NAMESPACES = ("-rn", "--pid", "--fork", "--kill-child")  # user + network + PID namespaces; the grader dies with us
+
+
+@functools.cache
+def network_namespace() -> bool:
+    """True when ``unshare -rn --pid --fork`` works here (unprivileged user, network and PID namespaces)."""
+    tool = shutil.which("unshare")
+    if tool is None:
+        return False
+    try:
+        return subprocess.run([tool, *NAMESPACES, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@functools.cache
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel offers unprivileged processes (0: none)."""
+    probe = ("import ctypes; libc = ctypes.CDLL(None); libc.syscall.restype = ctypes.c_long; "
+             "print(max(0, libc.syscall(ctypes.c_long(444), None, ctypes.c_long(0), ctypes.c_long(1))))")
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=30)
+        return int(done.stdout.strip() or 0)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0
+
+
+def isolation() -> str:
+    """What keeps a python grader in, in words (logged when a server allows python graders)."""
+    parts = ["network and PID namespaces" if network_namespace() else "NO namespaces (unshare -rn unavailable)",
+             f"Landlock ABI {landlock_abi()}" if landlock_abi() else "NO Landlock (kernel without it)"]
+    return ", ".join(parts) + ", audit hook, rlimits, empty environment"
+
+
+def _limit(limits: Limits, rows: int):
+    def apply() -> None:
+        cpu = limits.cpu_s * rows + 2
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        memory = limits.memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        size = limits.file_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _env(folder: str) -> dict[str, str]:
+    """Nothing from the server's environment: no keys, no paths to its data."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder,
+            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+class _Child:
+    """One grader process and the lines it answers."""
+
+    def __init__(self, folder: str, limits: Limits, rows: int):
+        cmd = [sys.executable, "-I", str(CHILD)]
+        if network_namespace():
+            cmd = [shutil.which("unshare") or "unshare", *NAMESPACES, *cmd]
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, cwd=folder, env=_env(folder), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, preexec_fn=_limit(limits, rows), start_new_session=True)
+        self.buffer = b""
+
+    def read(self, timeout: float) -> dict | None:
+        """The next answer line, or None when the process ended or the time ran out."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def send(self, row: dict) -> bool:
+        try:
+            self.proc.stdin.write((json.dumps(row) + "\n").encode())
+            self.proc.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError):
+            return False
+
+    def why_dead(self, limits: Limits) -> str:
+        """Why the process stopped answering: still running past the wall clock, or ended (killed on a
+        limit or crashed; the last lines it wrote say more)."""
+        if self.proc.poll() is None:
+            return f"TimeoutError: the grader ran past its wall-clock limit of {limits.wall_s:g} s"
+        self.stderr.seek(0)
+        lines = self.stderr.read()[-2000:].decode(errors="replace").splitlines()
+        tail = " ".join(line for line in lines if not line.startswith("unshare:"))[-500:].strip()
+        return (f"RuntimeError: the grader process ended without answering (a limit: {limits.cpu_s} s CPU, "
+                f"{limits.memory_mb} MiB memory; or a crash)" + (f": {tail}" if tail else ""))
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.stderr.close()
+
+
+def run_python(source: str, rows: list[tuple[dict, dict]], limits: Limits = Limits()) -> list[Outcome]:
+    """``grade(sample, item)`` of ``source`` for every (sample, item) row, in order; never raises for a row."""
+    out: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="tunesmith-grader-") as folder:
+        Path(folder, "grader.py").write_text(source, encoding="utf-8")
+        while len(out) < len(rows):
+            out += _run_some(folder, rows[len(out):], limits)
+    return out
+
+
+def _run_some(folder: str, rows: list[tuple[dict, dict]], limits: Limits) -> list[Outcome]:
+    """Grade rows in one process until they are done or one kills it (that row gets the reason)."""
+    child = _Child(folder, limits, len(rows))
+    done: list[Outcome] = []
+    try:
+        first = child.read(STARTUP_S)
+        if first is None or "fatal" in first:
+            reason = first["fatal"] if first else child.why_dead(limits)
+            return [Outcome(0.0, reason) for _ in rows]
+        for sample, item in rows:
+            start = time.perf_counter()
+            answer = child.read(limits.wall_s) if child.send(
+                {"sample": sample, "item": item, "cpu_s": limits.cpu_s}) else None
+            if answer is None:
+                time.sleep(0.05)  # let a process killed by the kernel be reaped, to name the limit
+                return [*done, Outcome(0.0, child.why_dead(limits), time.perf_counter() - start)]
+            done.append(Outcome(answer.get("reward", 0.0), answer.get("error"),
+                                answer.get("seconds", time.perf_counter() - start)))
+            if answer.get("restart"):  # the process ends after this row (its CPU time ran out)
+                return done
+        return done
+    finally:
+        child.close()

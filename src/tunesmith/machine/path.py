@@ -1,0 +1,89 @@
+"""The training path a recipe takes on this machine: its wishes read, the device probed, gradient checkpointing
+decided by the memory estimate, and the process held to the recipe's memory limit. The rules themselves are in
+:mod:`tunesmith.machine.device` (pure) and :mod:`tunesmith.machine.estimate`."""
+
+from __future__ import annotations
+
+from tunesmith.machine.device import Capabilities, TrainPath, Wishes, choose_path, probe
+from tunesmith.machine.estimate import estimate_recipe
+
+
+def wishes(recipe, softcapping: bool = False) -> Wishes:
+    """The recipe's wishes."""
+    t = recipe.train
+    return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
+                  method=t.method, packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
+                  loss=t.loss,
+                  gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
+
+
+
+def model_softcaps(model) -> bool:
+    """Whether the recipe's model (its ``model`` section) soft-caps attention logits (Gemma-2), read from config.json
+    only."""
+    import json
+    from pathlib import Path
+
+    try:
+        cfg = json.loads((Path(model.folder) / "config.json").read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a hub id, an unreadable config, a tokenizer not pulled yet: assume not
+        return False
+    return bool(cfg.get("text_config", cfg).get("attn_logit_softcapping"))
+
+
+
+def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
+    """The path for ``recipe`` on this machine: capabilities probed, gradient checkpointing from the estimator."""
+    caps = caps or probe(recipe.model.device)
+    wish = wishes(recipe, model_softcaps(recipe.model))
+    fits = None
+    if wish.gradient_checkpointing == "auto" and caps.cuda:
+        first = choose_path(caps, wish)  # attention and loss are chosen without the memory verdict
+        fits = _fits_without_checkpointing(recipe, first, caps)
+    return choose_path(caps, wish, fits)
+
+
+
+def _fits_without_checkpointing(recipe, first: TrainPath, caps: Capabilities) -> bool | None:
+    """The estimator's verdict for the batch without gradient checkpointing on ``first``'s device, dtype, attention
+    and loss, against the device's free memory or ``train.memory_limit_gb`` (None when it cannot estimate)."""
+    try:
+        plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"gradient_checkpointing": False})})
+        return estimate_recipe(plain, first, caps.free_memory).fits
+    except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
+        return None
+
+
+
+def hold_memory_limit(recipe, path: TrainPath) -> float | None:
+    """Hold this process to ``train.memory_limit_gb`` of the CUDA GPU (PyTorch's per-process memory fraction:
+    an allocation beyond it fails as out of memory, as on a GPU of that size); returns the fraction set."""
+    limit = recipe.train.memory_limit_gb
+    if limit is None or path.device != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    fraction = min(1.0, limit * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return fraction
+
+
+
+def take_path(recipe):
+    """Decide the path for ``recipe`` here and take it: the recipe with the path written in, the path, and the
+    placement models load with; the process held to ``train.memory_limit_gb``."""
+    from tunesmith.machine.placement import Placement
+
+    path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
+    recipe = resolved(recipe, path)
+    hold_memory_limit(recipe, path)
+    return recipe, path, Placement(path.device, path.dtype, path)
+
+
+
+def resolved(recipe, path: TrainPath):
+    """The recipe with the path's optimizer and gradient checkpointing written in (what actually runs)."""
+    t = recipe.train.model_copy(update={"optimizer": path.optimizer,
+                                        "gradient_checkpointing": path.gradient_checkpointing})
+    return recipe.model_copy(update={"train": t})

@@ -1,0 +1,121 @@
+"""The evals, their runs and the runs' output items, in the server's SQLite store (tables made by the
+store's migrations 0006-0008). Every eval belongs to the API key that created it; its runs and output
+items are reached through it, so another key sees none of them."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tunesmith.serve.store import Store, new_id
+
+JSON_COLUMNS = ("data_source_config", "testing_criteria", "metadata", "data_source", "error", "result_counts",
+                "per_testing_criteria_results", "per_model_usage", "datasource_item", "results", "sample")
+
+
+def _row(row) -> dict | None:
+    if row is None:
+        return None
+    d = dict(row)
+    for key in JSON_COLUMNS:
+        if key in d and d[key] is not None:
+            d[key] = json.loads(d[key])
+    return d
+
+
+def _dumped(fields: dict) -> dict:
+    return {k: json.dumps(v) if k in JSON_COLUMNS and v is not None else v for k, v in fields.items()}
+
+
+class EvalStore:
+    def __init__(self, store: Store):
+        self.db, self.lock = store.db, store.lock
+
+    def _insert(self, table: str, row: dict) -> None:
+        row = _dumped(row)
+        with self.lock:
+            self.db.execute(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                            list(row.values()))
+
+    def _update(self, table: str, id_: str, fields: dict) -> None:
+        fields = _dumped(fields)
+        with self.lock:
+            self.db.execute(f"UPDATE {table} SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                            [*fields.values(), id_])
+
+    # --- evals ------------------------------------------------------------------------------------
+
+    def add_eval(self, owner: str | None, **fields) -> dict:
+        eid = new_id("eval")
+        self._insert("evals", {"id": eid, "owner": owner, "created_at": int(time.time()), **fields})
+        return self.get_eval(eid, owner)
+
+    def get_eval(self, eid: str, owner: str | None) -> dict | None:
+        return _row(self.db.execute("SELECT * FROM evals WHERE id = ? AND owner IS ?", (eid, owner)).fetchone())
+
+    def list_evals(self, owner: str | None, order: str = "desc") -> list[dict]:
+        way = "ASC" if order == "asc" else "DESC"
+        return [_row(r) for r in self.db.execute(
+            f"SELECT * FROM evals WHERE owner IS ? ORDER BY created_at {way}, rowid {way}", (owner,))]
+
+    def update_eval(self, eid: str, **fields) -> None:
+        self._update("evals", eid, fields)
+
+    def delete_eval(self, eid: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM eval_output_items WHERE eval_id = ?", (eid,))
+            self.db.execute("DELETE FROM eval_runs WHERE eval_id = ?", (eid,))
+            self.db.execute("DELETE FROM evals WHERE id = ?", (eid,))
+
+    # --- runs -------------------------------------------------------------------------------------
+
+    def add_run(self, owner: str | None, eval_id: str, **fields) -> dict:
+        rid = new_id("evalrun")
+        self._insert("eval_runs", {"id": rid, "eval_id": eval_id, "owner": owner, "status": "queued",
+                                   "created_at": int(time.time()), **fields})
+        return self.get_run(eval_id, rid)
+
+    def get_run(self, eval_id: str, rid: str) -> dict | None:
+        return _row(self.db.execute("SELECT * FROM eval_runs WHERE id = ? AND eval_id = ?", (rid, eval_id)).fetchone())
+
+    def list_runs(self, eval_id: str, order: str = "desc", status: str | None = None) -> list[dict]:
+        way = "ASC" if order == "asc" else "DESC"
+        sql, args = "SELECT * FROM eval_runs WHERE eval_id = ?", [eval_id]
+        if status:
+            sql, args = sql + " AND status = ?", [*args, status]
+        return [_row(r) for r in self.db.execute(f"{sql} ORDER BY created_at {way}, rowid {way}", args)]
+
+    def fail_interrupted(self) -> None:
+        """Runs a stopped server left queued or in progress are failed with the reason (runs live in the server)."""
+        error = json.dumps({"code": "server_restarted", "message": "the server stopped during this run; create "
+                            "the run again"})
+        with self.lock:
+            self.db.execute("UPDATE eval_runs SET status = 'failed', error = ? WHERE status IN ('queued', "
+                            "'in_progress')", (error,))
+
+    def update_run(self, rid: str, **fields) -> None:
+        self._update("eval_runs", rid, fields)
+
+    def delete_run(self, rid: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM eval_output_items WHERE run_id = ?", (rid,))
+            self.db.execute("DELETE FROM eval_runs WHERE id = ?", (rid,))
+
+    # --- output items -----------------------------------------------------------------------------
+
+    def add_output_items(self, run_id: str, eval_id: str, items: list[dict]) -> None:
+        now = int(time.time())
+        for item in items:
+            self._insert("eval_output_items", {"id": new_id("outputitem"), "run_id": run_id, "eval_id": eval_id,
+                                               "created_at": now, **item})
+
+    def output_items(self, run_id: str, order: str = "asc", status: str | None = None) -> list[dict]:
+        way = "ASC" if order == "asc" else "DESC"
+        sql, args = "SELECT * FROM eval_output_items WHERE run_id = ?", [run_id]
+        if status:
+            sql, args = sql + " AND status = ?", [*args, status]
+        return [_row(r) for r in self.db.execute(f"{sql} ORDER BY item_index {way}", args)]
+
+    def output_item(self, run_id: str, item_id: str) -> dict | None:
+        return _row(self.db.execute("SELECT * FROM eval_output_items WHERE id = ? AND run_id = ?",
+                                    (item_id, run_id)).fetchone())

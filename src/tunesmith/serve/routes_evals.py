@@ -1,0 +1,200 @@
+"""OpenAI's Evals API over tunesmith's graders: ``/v1/evals`` (create, list, retrieve, update, delete) and
+``/v1/evals/{id}/runs`` (create, list, retrieve, cancel, delete, output items).
+
+An eval has a ``custom`` data source (the JSON schema of its items) and testing criteria, which are graders;
+a run grades a ``jsonl`` source (rows given inline or as an uploaded file, each an item with an optional
+sample) or a ``completions`` source (a served model answers each item from an ``input_messages`` template).
+Runs execute in the background; poll the run until its status is ``completed``. Everything belongs to the
+API key that created the eval: another key gets a 404, as for an id that does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith.serve.errors import APIError
+from tunesmith.serve.evals_check import check_criteria, check_data_source, data_source_schema, run_rows
+from tunesmith.serve.evals_run import execute
+from tunesmith.serve.evals_store import EvalStore
+from tunesmith.serve.grading import grading_context
+from tunesmith.serve.objects import page, paginate
+from tunesmith.serve.routes_openai import Key
+
+router = APIRouter(prefix="/v1/evals")
+Order = Literal["asc", "desc"]
+
+
+def _evals(request: Request) -> EvalStore:
+    return EvalStore(request.app.state.store)
+
+
+def eval_object(e: dict) -> dict:
+    return {"id": e["id"], "object": "eval", "created_at": e["created_at"], "name": e["name"],
+            "metadata": e["metadata"], "data_source_config": e["data_source_config"],
+            "testing_criteria": e["testing_criteria"]}
+
+
+def run_object(r: dict) -> dict:
+    counts = r["result_counts"] or {"total": 0, "errored": 0, "failed": 0, "passed": 0}
+    return {"id": r["id"], "object": "eval.run", "eval_id": r["eval_id"], "created_at": r["created_at"],
+            "name": r["name"], "model": r["model"], "status": r["status"], "data_source": r["data_source"],
+            "metadata": r["metadata"], "error": r["error"] or {"code": "", "message": ""},
+            "result_counts": counts, "per_testing_criteria_results": r["per_testing_criteria_results"] or [],
+            "per_model_usage": r["per_model_usage"] or [], "report_url": f"/v1/evals/{r['eval_id']}/runs/{r['id']}"}
+
+
+def output_item_object(o: dict) -> dict:
+    return {"id": o["id"], "object": "eval.run.output_item", "created_at": o["created_at"], "eval_id": o["eval_id"],
+            "run_id": o["run_id"], "status": o["status"], "datasource_item_id": o["item_index"],
+            "datasource_item": o["datasource_item"], "results": o["results"], "sample": o["sample"]}
+
+
+# --- evals -------------------------------------------------------------------------------------------
+
+
+class EvalBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    data_source_config: dict
+    testing_criteria: list[dict] = Field(min_length=1)
+    name: str | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class EvalUpdate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+def _eval(request: Request, key, eval_id: str) -> dict:
+    e = _evals(request).get_eval(eval_id, key)
+    if e is None:
+        raise APIError(404, f"No such eval: {eval_id}", param="eval_id", code="not_found")
+    return e
+
+
+@router.post("")
+async def create_eval(body: EvalBody, request: Request, key: Key):
+    config = data_source_schema(body.data_source_config)
+    criteria = check_criteria(request, key, body.testing_criteria, body.data_source_config)
+    e = _evals(request).add_eval(key, name=body.name or "eval", data_source_config=config, testing_criteria=criteria,
+                                 metadata=body.metadata)
+    return eval_object(e)
+
+
+@router.get("")
+async def list_evals(request: Request, key: Key, after: str | None = None, order: Order = "asc",
+                     limit: Annotated[int, Query(ge=1, le=100)] = 20, order_by: str = "created_at"):
+    items, more = paginate(_evals(request).list_evals(key, order), after, limit)
+    return page([eval_object(e) for e in items], more)
+
+
+@router.get("/{eval_id}")
+async def retrieve_eval(eval_id: str, request: Request, key: Key):
+    return eval_object(_eval(request, key, eval_id))
+
+
+@router.post("/{eval_id}")
+async def update_eval(eval_id: str, body: EvalUpdate, request: Request, key: Key):
+    _eval(request, key, eval_id)
+    changes = body.model_dump(exclude_unset=True)
+    if changes:
+        _evals(request).update_eval(eval_id, **changes)
+    return eval_object(_eval(request, key, eval_id))
+
+
+@router.delete("/{eval_id}")
+async def delete_eval(eval_id: str, request: Request, key: Key):
+    _eval(request, key, eval_id)
+    _evals(request).delete_eval(eval_id)
+    return {"object": "eval.deleted", "deleted": True, "eval_id": eval_id}
+
+
+# --- runs --------------------------------------------------------------------------------------------
+
+
+class RunBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    data_source: dict[str, Any]
+    name: str | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+def _run(request: Request, key, eval_id: str, run_id: str) -> dict:
+    _eval(request, key, eval_id)
+    r = _evals(request).get_run(eval_id, run_id)
+    if r is None:
+        raise APIError(404, f"No such eval run: {run_id}", param="run_id", code="not_found")
+    return r
+
+
+@router.post("/{eval_id}/runs")
+async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
+    e = _eval(request, key, eval_id)
+    check_criteria(request, key, e["testing_criteria"], e["data_source_config"])  # still allowed and served now
+    source = check_data_source(request, key, body.data_source)
+    rows = run_rows(request, key, source, e["data_source_config"])
+    store = _evals(request)
+    model = source.get("model") or "(given samples)"
+    run = store.add_run(key, eval_id, name=body.name or f"run on {model}", model=model, data_source=source,
+                        metadata=body.metadata)
+    context = grading_context(request)
+
+    def cancelled() -> bool:
+        current = store.get_run(eval_id, run["id"])
+        return current is None or current["status"] == "canceled"
+
+    task = asyncio.get_running_loop().run_in_executor(None, execute, store, e, run, rows, context, cancelled)
+    request.app.state.__dict__.setdefault("eval_tasks", set()).add(task)
+    task.add_done_callback(request.app.state.eval_tasks.discard)
+    return run_object(store.get_run(eval_id, run["id"]))
+
+
+@router.get("/{eval_id}/runs")
+async def list_runs(eval_id: str, request: Request, key: Key, after: str | None = None, order: Order = "asc",
+                    limit: Annotated[int, Query(ge=1, le=100)] = 20, status: str | None = None):
+    _eval(request, key, eval_id)
+    items, more = paginate(_evals(request).list_runs(eval_id, order, status), after, limit)
+    return page([run_object(r) for r in items], more)
+
+
+@router.get("/{eval_id}/runs/{run_id}")
+async def retrieve_run(eval_id: str, run_id: str, request: Request, key: Key):
+    return run_object(_run(request, key, eval_id, run_id))
+
+
+@router.post("/{eval_id}/runs/{run_id}/cancel")
+async def cancel_run(eval_id: str, run_id: str, request: Request, key: Key):
+    r = _run(request, key, eval_id, run_id)
+    if r["status"] in ("queued", "in_progress"):
+        _evals(request).update_run(run_id, status="canceled")
+    return run_object(_run(request, key, eval_id, run_id))
+
+
+@router.delete("/{eval_id}/runs/{run_id}")
+async def delete_run(eval_id: str, run_id: str, request: Request, key: Key):
+    _run(request, key, eval_id, run_id)
+    _evals(request).delete_run(run_id)
+    return {"object": "eval.run.deleted", "deleted": True, "run_id": run_id}
+
+
+@router.get("/{eval_id}/runs/{run_id}/output_items")
+async def list_output_items(eval_id: str, run_id: str, request: Request, key: Key, after: str | None = None,
+                            order: Order = "asc", limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                            status: Literal["fail", "pass"] | None = None):
+    _run(request, key, eval_id, run_id)
+    items, more = paginate(_evals(request).output_items(run_id, order, status), after, limit)
+    return page([output_item_object(o) for o in items], more)
+
+
+@router.get("/{eval_id}/runs/{run_id}/output_items/{item_id}")
+async def retrieve_output_item(eval_id: str, run_id: str, item_id: str, request: Request, key: Key):
+    _run(request, key, eval_id, run_id)
+    o = _evals(request).output_item(run_id, item_id)
+    if o is None:
+        raise APIError(404, f"No such output item: {item_id}", param="output_item_id", code="not_found")
+    return output_item_object(o)

@@ -1,0 +1,44 @@
+"""``/v1/fine_tuning/alpha/graders/run`` and ``/validate``, answered as OpenAI answers them.
+
+``run`` grades one ``model_sample`` against one ``item`` and returns the reward with OpenAI's metadata
+(error flags, execution time, scores, token usage); a sample that cannot be graded gets reward 0 and the
+reason in the flags, never an HTTP error. A bad grader is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from tunesmith.graders import grade_batch
+from tunesmith.serve.grading import checked_grader, grading_context
+from tunesmith.serve.routes_openai import Key
+
+router = APIRouter(prefix="/v1/fine_tuning/alpha/graders")
+
+
+class ValidateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    grader: dict
+
+
+class RunBody(ValidateBody):
+    model_sample: str
+    item: Any = None
+
+
+@router.post("/validate")
+async def validate(body: ValidateBody, request: Request, key: Key):
+    return {"grader": checked_grader(request, key, body.grader)}
+
+
+@router.post("/run")
+async def run(body: RunBody, request: Request, key: Key):
+    grader = checked_grader(request, key, body.grader)
+    context = grading_context(request)
+    [graded] = await asyncio.to_thread(grade_batch, grader, [body.model_sample], [body.item or {}], context)
+    return {"reward": graded.reward, "metadata": graded.metadata, "sub_rewards": graded.sub_rewards,
+            "model_grader_token_usage_per_model": graded.usage}
