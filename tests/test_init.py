@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import yaml
 
 import tunesmith.kinds  # noqa: F401 - registers the task kinds recipes are checked against
@@ -13,6 +14,12 @@ from tests.conftest import banking_rows, write_jsonl
 from tunesmith.config import load_recipe
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    """Recipes write their runs under ./runs: each test in its own folder."""
+    monkeypatch.chdir(tmp_path)
 
 
 def write_csv(path, rows):
@@ -39,8 +46,7 @@ def fits(cli, recipe) -> str:
 
 
 def test_init_on_a_labelled_csv_writes_a_recipe_that_fits_and_runs_unedited(cli, tmp_path, tiny_model_dir,
-                                                                            tiny_bert_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+                                                                            tiny_bert_dir):
     rows = [{"id": str(i), "text": r["text"], "category": r["category"]}
             for i, r in enumerate(banking_rows(LABELS, 10))]
     data = write_csv(tmp_path / "tickets.csv", rows)
@@ -147,8 +153,6 @@ def test_init_on_real_reviews_with_a_skewed_target(cli, tmp_path, tiny_model_dir
     """English Alexa reviews (1-5 stars, most of them 5) from ../shared/data: the stars are labels, the review
     text the input (not the date or the product variation), and the report would lead with macro-F1."""
     from pathlib import Path
-
-    import pytest
 
     from tunesmith.config import EvalSection
     from tunesmith.eval.headline import choose

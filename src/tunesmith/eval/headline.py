@@ -107,12 +107,13 @@ def is_set_metric(task) -> bool:
 
 def recommend(task, on_val: list[ContenderResult]) -> tuple[str, str] | None:
     """``(arm, why)``: the fine-tuned arm with the best headline on the validation split."""
-    from tunesmith.eval.report import best
+    from tunesmith.scoring.result import best_contender
 
     scored = [r for r in on_val if r.metrics.get(task.headline) is not None]
-    top = best(task, scored)
-    if top is None:
+    name = best_contender(task, {r.name: r.metrics for r in scored}, [r.name for r in scored])
+    if name is None:
         return None
+    top = next(r for r in scored if r.name == name)
     listed = ", ".join(f"{r.name} {task.fmt(r.metrics[task.headline])}" for r in scored)
     return top.name, (f"chosen on the validation split ({len(top.predictions)} examples: {listed}); the test "
                       "split below only reports it")

@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from tunesmith.runs.starter import Start
+if TYPE_CHECKING:  # starter calls sizing; sizing reads what starter found
+    from tunesmith.runs.starter import Start
 
 HEADS = {"classification": "classifier", "regression": "regression", "qa": "span"}
 CPU_TOKENS_PER_SECOND = 150  # LoRA on the embedded 135M model, 2 CPU cores (DESIGN.md)
