@@ -81,3 +81,26 @@ def test_the_recommended_arm_is_chosen_on_validation_even_where_test_disagrees()
     report = Report("t", task, on_test, {}, None, {}, [], recommended=chosen)
     assert report.headline().startswith("**arm-a** accuracy 20.0%")  # the test result of the arm chosen on val
     assert "Recommended: **arm-a**" in report.lead()
+
+
+def test_the_dashboard_reads_the_headline_and_the_recommended_arm_the_report_used(tmp_path):
+    """A run whose report led with macro-F1 and recommended arm-a (chosen on validation) is listed that way,
+    though arm-b has the higher test accuracy."""
+    import json
+
+    from tunesmith.runs.folders import run_summary
+
+    run = tmp_path / "r"
+    (run / "eval").mkdir(parents=True)
+    (run / "config.resolved.yaml").write_text("name: r\ndata: {task: classification}\n", encoding="utf-8")
+    metrics = {"arm-a": {"accuracy": 0.70, "macro_f1": 0.55}, "arm-b": {"accuracy": 0.80, "macro_f1": 0.30},
+               "majority": {"accuracy": 0.70, "macro_f1": 0.16, "contender": "baseline"}}
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    (run / "eval" / "comparisons.json").write_text(json.dumps([{"a": "arm-a", "b": "majority", "diff": 0.39,
+                                                                 "ci95": [0.2, 0.5], "verdict": "better",
+                                                                 "b_is_baseline": True}]), encoding="utf-8")
+    (run / "eval" / "headline.json").write_text(json.dumps({"metric": "macro_f1", "recommended": "arm-a"}),
+                                                encoding="utf-8")
+    summary = run_summary("r", run)
+    assert summary["headline_metric"] == "macro_f1" and summary["best"]["name"] == "arm-a"
+    assert summary["verdict"] == "better"

@@ -117,3 +117,26 @@ def recommend(task, on_val: list[ContenderResult]) -> tuple[str, str] | None:
     listed = ", ".join(f"{r.name} {task.fmt(r.metrics[task.headline])}" for r in scored)
     return top.name, (f"chosen on the validation split ({len(top.predictions)} examples: {listed}); the test "
                       "split below only reports it")
+
+
+FILE = "headline.json"
+
+
+def save(eval_dir, task, recommended: tuple[str, str] | None = None) -> None:
+    """``eval/headline.json``: the headline metric the report led with (and why), and the arm recommended on the
+    validation split, so that readers of the run folder (the dashboard, the results table) show the same."""
+    import json
+
+    doc = {"metric": task.headline, "why": getattr(task, "headline_reason", None),
+           "recommended": recommended[0] if recommended else None, "recommended_why": recommended[1] if recommended else None}
+    (eval_dir / FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def load(eval_dir) -> dict:
+    """What :func:`save` wrote, or {} (a run from before it, or none)."""
+    import json
+
+    try:
+        return json.loads((eval_dir / FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

@@ -247,6 +247,9 @@ def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], t
                 fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     comps = comparisons(task, results, recipe.eval.bootstrap, recipe.seed) if recipe.eval.bootstrap else []
     (eval_dir / "comparisons.json").write_text(json.dumps(comps, indent=2), encoding="utf-8")
+    from tunesmith.eval.headline import save
+
+    save(eval_dir, task)
     report = Report(f"{recipe.name}: evaluation ({task.name}, {len(test)} test examples)", task, results, summary,
                     judge, make_plots(task, results, test, eval_dir), comps)
     from tunesmith.models.random_weights import report_line

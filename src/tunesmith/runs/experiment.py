@@ -79,6 +79,9 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
         contenders = contenders_of(recipe, console)
         ev = evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders, data.summary, console)
         ev.report.recommended = recommend_on_validation(recipe, ev.task, contenders, data.splits["val"], console)
+        from tunesmith.eval.headline import save
+
+        save(ev.eval_dir, ev.task, ev.report.recommended)
     with stage("report"):
         report = write_run_report(recipe, ev, trained, timings)
     return RunResult(run_dir, report, {r.name: r.metrics for r in ev.results}, ev.report.headline(), timings)
