@@ -577,7 +577,7 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.machine.packing import tokenize_rows
+    from tunesmith.data.chat_rows import tokenize_rows
     from tunesmith.models.loading import load_tokenizer
 
     hf_logging.set_verbosity_error()

@@ -10,7 +10,8 @@ import math
 import pytest
 import torch
 
-from tunesmith.machine.packing import PackedCollator, tokenize_example
+from tunesmith.data.chat_rows import tokenize_example
+from tunesmith.machine.packing import PackedCollator
 from tunesmith.machine.syncs import StepReads
 from tunesmith.train.trainer import completion_loss
 

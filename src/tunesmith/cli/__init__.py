@@ -189,6 +189,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     model: Annotated[str, typer.Option(help="Base model: embedded name, folder or HF id.")] = "smollm2-135m-instruct",
     adapter: Annotated[list[str] | None, typer.Option(help="A LoRA adapter to serve, NAME=PATH (repeatable).")] = None,
+    model_alias: Annotated[list[str] | None, typer.Option(help="NAME=MODEL: requests and jobs naming NAME (e.g. "
+                                                          "gpt-4o-mini-2024-07-18) use MODEL (repeatable).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where files, jobs and job runs are kept.")] = Path("tunesmith-data"),
     runs: Annotated[Path, typer.Option(help="The runs folder whose experiments the dashboard shows.")] = Path("runs"),
     api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
@@ -213,10 +215,14 @@ def serve(
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
-    from tunesmith.serve.launch import parse_adapters, serve_builtin, shell_line, vllm_command
+    from tunesmith.serve.launch import parse_adapters, parse_model_aliases, serve_builtin, shell_line, vllm_command
 
     adapters = parse_adapters(adapter or [])
+    aliases = parse_model_aliases(model_alias or [], {model, *adapters})
     if engine == "vllm":
+        if aliases:
+            raise typer.BadParameter("--model-alias is for the built-in server; give vLLM more names with "
+                                     "--served-model-name")
         cmd = vllm_command(model, adapters, host, port)
         common.console.print(shell_line(cmd), soft_wrap=True)
         if exec_:
@@ -238,7 +244,8 @@ def serve(
     common.quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
-                             allow_random_model=allow_random_model, allow_python_graders=allow_python_graders)
+                             allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
+                             model_aliases=aliases)
     serve_builtin(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------

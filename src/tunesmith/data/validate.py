@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tunesmith.data.chat import check_example, check_messages, hint
 from tunesmith.errors import DataError
 
-ALLOWED_KEYS = {"role", "content", "name", "function_call", "weight"}
-ROLES = {"system", "user", "assistant", "function"}
 # Training-example token limits from OpenAI's fine-tuning guide; pass --max-tokens for other models.
 MODEL_LIMITS = {"gpt-3.5-turbo": 16_385, "gpt-4o-mini": 65_536, "gpt-4o": 65_536}
 DEFAULT_LIMIT = 16_385  # the cookbook's value since openai-cookbook PR 1413
@@ -91,92 +90,76 @@ def _objects(v: Validation):
             v.error("data_type", lineno)
 
 
-def _check_messages(v: Validation, messages, lineno: int) -> bool:
-    """The cookbook's per-message checks; False when the example has a format error."""
-    if not isinstance(messages, list) or not messages:
-        v.error("missing_messages_list", lineno)
-        return False
-    ok = True
+def _chat_tokens(messages: list[dict], count_tokens, tools: list[dict] | None = None) -> int:
+    """3 per message + the tokens of role, content and name + 1 per name + 3 to prime the reply; tool calls
+    and the function definitions count as their JSON text."""
+    total = 3 + (count_tokens(json.dumps(tools)) if tools else 0)
     for m in messages:
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            v.error("message_missing_key", lineno)
-            ok = False
-            continue
-        if set(m) - ALLOWED_KEYS:
-            v.error("message_unrecognized_key", lineno)
-            ok = False
-        if not isinstance(m["role"], str) or m["role"] not in ROLES:
-            v.error("unrecognized_role", lineno)
-            ok = False
-        content = m.get("content")
-        if (not isinstance(content, str) or not content) and not m.get("function_call"):
-            v.error("missing_content", lineno)
-            ok = False
-    return ok
-
-
-def _chat_tokens(messages: list[dict], count_tokens) -> int:
-    """3 per message + the tokens of role, content and name + 1 per name + 3 to prime the reply."""
-    total = 3
-    for m in messages:
-        total += 3 + sum(count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name"))
+        total += 3 + sum(count_tokens(str(val)) for k, val in m.items() if k in ("role", "content", "name") and val)
         total += 1 if "name" in m else 0
+        total += sum(count_tokens(json.dumps(m[k])) for k in ("tool_calls", "function_call") if m.get(k))
     return total
 
 
 def _assistant_tokens(messages: list[dict], count_tokens) -> int:
-    return sum(count_tokens(m.get("content") or "") for m in messages if m["role"] == "assistant")
+    """Tokens of the trained (weight-1) assistant messages: their text and their calls."""
+    return sum(count_tokens(str(m.get("content") or "")) + sum(count_tokens(json.dumps(m[k]))
+               for k in ("tool_calls", "function_call") if m.get(k))
+               for m in messages if m["role"] == "assistant" and m.get("weight", 1) == 1)
 
 
-def _tally(v: Validation, messages: list[dict], answers: list[dict], count_tokens, extra: list[dict] = ()) -> None:
+def _tally(v: Validation, messages: list[dict], answers: list[dict], count_tokens, extra: list[dict] = (),
+           tools: list[dict] | None = None) -> None:
     """Statistics of one well-formed example: roles and count of ``messages``, tokens of ``messages``
-    plus ``extra`` (DPO's two outputs), assistant tokens of ``answers``."""
+    plus ``extra`` (DPO's two outputs) and ``tools``, assistant tokens of ``answers``."""
     roles = [m["role"] for m in messages]
-    v.missing_system += "system" not in roles
+    v.missing_system += not {"system", "developer"} & set(roles)
     v.missing_user += "user" not in roles
     v.n_messages.append(len(messages))
-    v.tokens.append(_chat_tokens(messages + list(extra), count_tokens))
+    v.tokens.append(_chat_tokens(messages + list(extra), count_tokens, tools))
     v.assistant_tokens.append(_assistant_tokens(answers, count_tokens))
 
 
 def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
-    """Validate an OpenAI chat fine-tuning file; ``count_tokens(str) -> int``."""
+    """Validate an OpenAI chat fine-tuning file (:func:`tunesmith.data.chat.check_example`, every error
+    kind of every line); ``count_tokens(str) -> int``."""
+    from tunesmith.data.chat import tools_of
+
     v = Validation(Path(path), limit=limit)
     for lineno, ex in _objects(v):
-        messages = ex.get("messages")
-        ok = _check_messages(v, messages, lineno)
-        if isinstance(messages, list) and messages and not any(
-            isinstance(m, dict) and m.get("role") == "assistant" for m in messages
-        ):
-            v.error("example_missing_assistant_message", lineno)
-            ok = False
-        if not ok:
-            continue
-        _tally(v, messages, messages, count_tokens)
+        errors = check_example(ex)
+        for kind in errors:
+            v.error(kind, lineno)
+        if not errors:
+            _tally(v, ex["messages"], ex["messages"], count_tokens, tools=tools_of(ex))
     return v
 
 
 def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
-    """OpenAI preference (DPO) format: ``input.messages`` plus one preferred and one non-preferred
-    assistant message. Tokens per example: the input and both outputs, by the chat rule."""
+    """OpenAI preference (DPO) format: ``input.messages`` (with ``tools`` beside them, as in chat examples)
+    plus one preferred and one non-preferred assistant message, each text or tool calls. Tokens per
+    example: the input and both outputs, by the chat rule."""
+    from tunesmith.data.chat import function_names, tools_of
+
     v = Validation(Path(path), limit=limit)
     for lineno, ex in _objects(v):
         inp = ex.get("input")
+        errors: list[str] = []
+        names = function_names(inp, errors) if isinstance(inp, dict) else None
         messages = inp.get("messages") if isinstance(inp, dict) else None
-        ok = _check_messages(v, messages, lineno)
+        errors += check_messages(messages, names, final_calls_open=False)
         outputs = []
         for key in ("preferred_output", "non_preferred_output"):
             out = ex.get(key)
             good = isinstance(out, list) and len(out) == 1 and isinstance(out[0], dict)
-            good = good and out[0].get("role") == "assistant" and isinstance(out[0].get("content"), str)
-            if not good or not out[0]["content"]:
-                v.error(f"invalid_{key}", lineno)
-                ok = False
+            if not good or out[0].get("role") != "assistant" or check_messages(out, names):
+                errors.append(f"invalid_{key}")
             else:
                 outputs.append(out[0])
-        if not ok:
-            continue
-        _tally(v, messages, outputs, count_tokens, extra=outputs)
+        for kind in dict.fromkeys(errors):
+            v.error(kind, lineno)
+        if not errors:
+            _tally(v, messages, outputs, count_tokens, extra=outputs, tools=tools_of(inp))
     return v
 
 
@@ -226,8 +209,7 @@ def render(v: Validation, price_per_million: float | None, epochs: int | None, t
     if v.errors:
         lines.append("format errors:")
         lines += [
-            f"  {k}: {c} (lines {', '.join(map(str, v.error_lines[k]))}{'…' if c > 5 else ''})"
-            for k, c in sorted(v.errors.items())
+            "  " + _problem(k, c, v.error_lines[k]) for k, c in sorted(v.errors.items())
         ]
     else:
         lines.append("no format errors")
@@ -303,22 +285,14 @@ def validate_upload(path: Path, count_tokens=None) -> list[str]:
     v = (validate_dpo if dpo else validate_chat)(Path(path), count_tokens)
     if v.n == 0 and not v.errors:
         return ["empty_file: the file has no examples"]
-    if not dpo:
-        _flag_untrainable(v, text)
-    return [f"{kind}: {n} (lines {', '.join(map(str, v.error_lines.get(kind, [])))})" for kind, n in v.errors.items()]
+    return [_problem(kind, n, v.error_lines.get(kind, [])) for kind, n in v.errors.items()]
 
 
-def _flag_untrainable(v: Validation, text: str) -> None:
-    """Examples whose assistant messages are all function calls: valid for OpenAI, nothing to train on here."""
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        try:
-            messages = json.loads(line).get("messages") if line.strip() else None
-        except (json.JSONDecodeError, AttributeError):
-            continue
-        answers = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"] if isinstance(
-            messages, list) else []
-        if answers and not any(isinstance(m.get("content"), str) and m["content"] for m in answers):
-            v.error("assistant_without_text", lineno)
+def _problem(kind: str, n: int, lines: list[int]) -> str:
+    """``kind: N (lines …): what to do`` — one upload problem as the client reads it."""
+    more = "…" if n > len(lines) else ""
+    what = hint(kind)
+    return f"{kind}: {n} (lines {', '.join(map(str, lines))}{more})" + (f": {what}" if what else "")
 
 
 def upload_format(path: Path) -> str:

@@ -310,7 +310,7 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
     return res
 
 
-def _head(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
+def _head_contender(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
     """A trained head (classifier, regression or span) answers through its HeadPredictor, as served."""
     from tunesmith.eval.heads import evaluate_head
 
@@ -328,7 +328,7 @@ def load_local(recipe: Recipe, c: LocalContender, placement):
     return load_trained(name, c.path, placement)
 
 
-LOCAL_EVALUATORS = {Artefact.MODEL: _language_model, Artefact.CLASSIFIER: _head, Artefact.HEAD: _head}
+LOCAL_EVALUATORS = {Artefact.MODEL: _language_model, Artefact.CLASSIFIER: _head_contender, Artefact.HEAD: _head_contender}
 
 
 def _endpoint(recipe, task: TaskKind, client, ask_as: str, data_cfg, with_labels, test, bar) -> ContenderResult:

@@ -61,7 +61,7 @@ def complete(
     on_done: Callable[[int, Generated], None] = lambda i, g: None,
 ) -> list[Generated]:
     """Every prompt's completions; ``on_done(i, generated)`` is called as soon as prompt ``i``'s rows are all done."""
-    batch = ContinuousBatch(model, tokenizer, max_rows=batch_size, max_tokens=max_batch_tokens)
+    batch = ContinuousBatch(model, tokenizer, max_rows=batch_size, max_cache_tokens=max_batch_tokens)
     owner: dict[Row, int] = {}
     rows: list[list[Row]] = [[] for _ in prompts]
     for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i].ids)):

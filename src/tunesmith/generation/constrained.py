@@ -26,8 +26,14 @@ COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator":
 def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_chars: int = MAX_STRING_CHARS) -> dict:
     """The schema's JSON Schema, compact, with no extra keys, a ``maxLength`` on every string and (when
     given) a ``maxItems`` on every array that has none: a small model otherwise runs on until ``max_tokens``."""
-    doc = copy.deepcopy(schema.model_json_schema())
+    doc = bound_json_schema(schema.model_json_schema(), max_items, max_chars)
     doc["x-guidance"] = COMPACT
+    return doc
+
+
+def bound_json_schema(doc: dict, max_items: int | None = None, max_chars: int = MAX_STRING_CHARS) -> dict:
+    """A copy of a JSON Schema document with the bounds of :func:`bounded_schema` set where it sets none."""
+    doc = copy.deepcopy(doc)
 
     def walk(node):
         if isinstance(node, dict):

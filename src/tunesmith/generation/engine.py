@@ -59,13 +59,13 @@ class ContinuousBatch:
 
     ``add`` queues a row; each ``step`` admits the waiting rows that fit (in order: one that does not
     fit waits at the head of the line), prefills them, runs one decoding step for every active row and
-    returns the rows that finished. The batch stays within ``max_rows`` rows and ``max_tokens`` cache
+    returns the rows that finished. The batch stays within ``max_rows`` rows and ``max_cache_tokens`` cache
     cells (rows x columns, padding included, up to the last token any row may still generate).
     """
 
-    def __init__(self, model, tokenizer, max_rows: int = 16, max_tokens: int = 65_536):
+    def __init__(self, model, tokenizer, max_rows: int = 16, max_cache_tokens: int = 65_536):
         self.model, self.tokenizer = model, tokenizer
-        self.max_rows, self.max_tokens = max_rows, max_tokens
+        self.max_rows, self.max_cache_tokens = max_rows, max_cache_tokens
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = set(stop_ids(tokenizer, model))
         self.waiting: deque[Row] = deque()
@@ -115,13 +115,13 @@ class ContinuousBatch:
 
     def _fits(self, joining: list[Row], row: Row) -> bool:
         """Would the batch, with ``row``, stay within max_rows rows and, up to the last token any row may still
-        generate, within max_tokens cache cells? A lone row always runs."""
+        generate, within max_cache_tokens cache cells? A lone row always runs."""
         if not self.active and not joining:
             return True
         rows = [*self.active, *joining, row]
         width = max(self.mask.shape[1] if self.mask is not None else 0, *(len(r.prompt_ids) for r in rows))
         remaining = max(r.params.max_tokens - len(r.generated) for r in rows)
-        return len(rows) <= self.max_rows and len(rows) * (width + remaining) <= self.max_tokens
+        return len(rows) <= self.max_rows and len(rows) * (width + remaining) <= self.max_cache_tokens
 
     # --- forward passes ---------------------------------------------------------------------
 

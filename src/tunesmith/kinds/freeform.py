@@ -26,7 +26,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 @register
-class Generation(TaskKind):
+class FreeformKind(TaskKind):
     name = "generation"
     headline = "chrf"
 

@@ -18,44 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tunesmith.errors import DataError
 from tunesmith.machine.masks import block_causal_mask
-
-
-def _ids(encoded) -> list[int]:
-    """``apply_chat_template(tokenize=True)`` returns a BatchEncoding in transformers 5, a list before."""
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
-def tokenize_example(
-    prompt: list[dict], completion: list[dict], tokenizer, train_on_inputs: bool = False
-) -> dict:
-    """Token ids of the whole conversation and a mask of the tokens that carry a loss.
-
-    The completion (the assistant turn with its closing end-of-turn token and whatever the
-    template appends after it) is always trained; the prompt only with ``train_on_inputs``.
-    """
-    prompt_ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
-    full_ids = _ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True))
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise DataError(
-            "the chat template renders the prompt differently when the answer follows it, so the prompt "
-            "tokens cannot be masked; use a model whose template is prefix-stable or set "
-            "train.train_on_inputs: true"
-        )
-    n_prompt = len(prompt_ids)
-    mask = [bool(train_on_inputs)] * n_prompt + [True] * (len(full_ids) - n_prompt)
-    return {"input_ids": full_ids, "completion_mask": mask}
-
-
-def tokenize_rows(rows: list[dict], tokenizer, train_on_inputs: bool = False) -> list[dict]:
-    """TRL-style ``{"prompt": [...], "completion": [...]}`` rows → tokenized examples (with ``length``)."""
-    out = []
-    for row in rows:
-        ex = tokenize_example(row["prompt"], row["completion"], tokenizer, train_on_inputs)
-        ex["length"] = len(ex["input_ids"])
-        out.append(ex)
-    return out
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -49,40 +49,55 @@ def embed(texts: list[str], model: str | Path | None = None, batch_size: int = 6
     model = pick_model(texts, model)
     if model == "e5":
         return embed_e5(texts, batch_size)
-    import torch
-
     folder = Path(model) if model not in (None, "minilm") else default_model()
-    tok, enc, max_len = _encoder(folder.resolve())
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), enc.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode():
-        for lo in range(0, len(texts), batch_size):
-            idx = order[lo : lo + batch_size]
-            batch = tok(
-                [texts[i] for i in idx],
-                padding=True,
-                truncation=True,
-                max_length=max_len,
-                return_tensors="pt",
-            )
-            hidden = enc(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-    return out
+    return _encoder(folder.resolve()).encode(texts, batch_size)[0]
+
+
+class SentenceEncoder:
+    """A sentence-embedding encoder loaded once: a transformers encoder, mean pooling over the real tokens and
+    L2 normalisation (all-MiniLM-L6-v2's ``modules.json``; multilingual-e5 pools the same way, after its
+    ``prefix``). Used by :func:`embed` and by the server's ``/v1/embeddings``."""
+
+    def __init__(self, folder: str | Path, prefix: str = ""):
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise DataError(f"{folder}: not a sentence-embedding model folder (no config.json)")
+        cfg_file = folder / "sentence_bert_config.json"
+        self.max_len = json.loads(cfg_file.read_text())["max_seq_length"] if cfg_file.is_file() else 256
+        self.prefix = prefix
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder).eval()
+        self.dim = self.model.config.hidden_size
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, list[int]]:
+        """Unit-length embeddings ``(len(texts), dim)`` float32, batched by length, and each text's token count
+        (special tokens included, after truncation to the model's maximum length)."""
+        import torch
+
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        tokens = [0] * len(texts)
+        with torch.inference_mode():
+            for lo in range(0, len(texts), batch_size):
+                idx = order[lo : lo + batch_size]
+                batch = self.tokenizer([self.prefix + texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=self.max_len, return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                for i, n in zip(idx, batch["attention_mask"].sum(1).tolist(), strict=True):
+                    tokens[i] = n
+        return out, tokens
 
 
 @functools.cache
-def _encoder(folder: Path):
-    """(tokenizer, encoder, max length) of a sentence-transformers folder, loaded once per process: callers
-    that embed every step (graders as training rewards) do not reload it."""
-    from transformers import AutoModel, AutoTokenizer
-
-    if not (folder / "config.json").is_file():
-        raise DataError(f"{folder}: not a sentence-embedding model folder (no config.json)")
-    cfg_file = folder / "sentence_bert_config.json"
-    max_len = json.loads(cfg_file.read_text())["max_seq_length"] if cfg_file.is_file() else 256
-    return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval(), max_len
+def _encoder(folder: Path) -> SentenceEncoder:
+    """The encoder of a sentence-transformers folder, loaded once per process: callers that embed every step
+    (graders as training rewards) do not reload it."""
+    return SentenceEncoder(folder)
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tunesmith.graders.sandbox import Limits
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.errors import APIError, validation_error_body
 
 
 @dataclass
@@ -33,6 +33,8 @@ class ServeSettings:
     allow_random_model: bool = False  # serve a random:<arch> model (random weights) anyway
     allow_python_graders: bool | None = None  # run callers' python graders; None: only when no API keys are set
     grader_limits: Limits = field(default_factory=Limits)  # CPU, memory and wall-clock of one python grader row
+    model_aliases: dict[str, str] = field(default_factory=dict)  # a name scripts use -> a served model
+    embedding_models: dict[str, str] | None = None  # name -> encoder folder; None: the shipped encoders
 
     @property
     def python_graders_on(self) -> bool:
@@ -67,6 +69,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
                                             request_timeout_s=settings.request_timeout_s)
         EvalStore(app.state.store).fail_interrupted()
+        from tunesmith.serve.routes_embeddings import ENCODER_NAMES
+
+        for name, target in settings.model_aliases.items():
+            if target not in ENCODER_NAMES and target not in (settings.embedding_models or {}):
+                app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
         yield
         app.state.engine.close()
 
@@ -79,7 +86,9 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app.state.store = Store(settings.data_dir)
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.trainable_models = lambda: {settings.model}
+    app.state.encoders = {}  # embedding model name -> loaded SentenceEncoder
     app.state.sync_adapters = lambda: sync_adapters(app)
+    app.state.serve_checkpoint = lambda name, key: serve_checkpoint(app, name, key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -100,15 +109,24 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return JSONResponse({"error": {"message": f"{where}: {first['msg']}", "type": "invalid_request_error",
-                                       "param": where or None, "code": None}}, status_code=400)
+        return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
 
-    from tunesmith.serve import routes_dashboard, routes_evals, routes_graders, routes_jobs, routes_openai
+    from tunesmith.serve import (
+        routes_dashboard,
+        routes_embeddings,
+        routes_evals,
+        routes_graders,
+        routes_jobs,
+        routes_models,
+        routes_openai,
+        routes_responses,
+    )
 
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_models.router)
+    app.include_router(routes_responses.router)
+    app.include_router(routes_embeddings.router)
     app.include_router(routes_graders.router)
     app.include_router(routes_evals.router)
     routes_dashboard.mount(app)
@@ -121,11 +139,22 @@ def sync_adapters(app: FastAPI) -> None:
     known = set(engine.model_ids())
     for job in app.state.store.all_jobs():
         name = job.get("fine_tuned_model")
-        if job["status"] == "succeeded" and name and name not in known and job.get("run_dir"):
+        if job["status"] == "succeeded" and name and name not in known and job.get("run_dir") and not job["model_deleted"]:
             adapter = Path(job["run_dir"]) / "train" / "adapter"
             if adapter.is_dir():
                 app.state.model_owners[name] = job["owner"]
                 engine.add_adapter(name, adapter)
+
+
+def serve_checkpoint(app: FastAPI, name: str, key: str | None) -> bool:
+    """Load the checkpoint whose ``fine_tuned_model_checkpoint`` id is ``name`` when it belongs to ``key`` and
+    its folder is still kept; True when it is now served."""
+    ckpt = app.state.store.checkpoint_by_model(name)
+    if ckpt is None or ckpt["owner"] != key or not Path(ckpt["path"]).is_dir():
+        return False
+    app.state.model_owners[name] = key
+    app.state.engine.add_adapter(name, ckpt["path"])
+    return True
 
 
 def _version() -> str:

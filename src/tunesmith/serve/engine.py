@@ -96,6 +96,7 @@ class Engine:
         self.context_length = self.batch.context_length
         self.adapters: dict[str, str] = {}
         self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
+        self.aliases: dict[str, str] = {}  # a name scripts use (gpt-4o-mini-2024-07-18) -> a served model id
         self.wait_s, self.request_timeout_s = wait_ms / 1000, request_timeout_s
         self.lock = threading.Lock()
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
@@ -113,7 +114,31 @@ class Engine:
     # --- models ---------------------------------------------------------------------------
 
     def model_ids(self) -> list[str]:
-        return [self.base_name, *self.adapters, *self.heads]
+        return [self.base_name, *self.adapters, *self.heads, *self.aliases]
+
+    def add_alias(self, name: str, target: str) -> None:
+        """Answer requests for ``name`` with the served model ``target`` (the base or an adapter)."""
+        from tunesmith.errors import ConfigError
+
+        if target not in (self.base_name, *self.adapters):
+            raise ConfigError(f"--model-alias {name}={target}: {target} is not served here; name the base model "
+                              f"({self.base_name}) or an --adapter name")
+        self.aliases[name] = target
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving a fine-tune (a deleted model); False when it was not loaded."""
+        if self.heads.pop(name, None) is not None:
+            return True
+        with self.lock:
+            if name not in self.adapters:
+                return False
+            if len(self.adapters) == 1:  # PEFT cannot hold zero adapters: go back to the bare base model
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
+            self.batch.model = self.model
+            del self.adapters[name]
+            return True
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Load a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
@@ -146,15 +171,20 @@ class Engine:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False) -> Request:
-        """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop."""
+    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
+               constraint=None) -> Request:
+        """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
+        ``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes under."""
         if self.closed:
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
+        model_id = self.aliases.get(model_id, model_id)
         adapter = BASE if model_id == self.base_name else model_id
         deadline = time.monotonic() + self.request_timeout_s
         for i, p in enumerate(params):
-            self.pending.put(_ServedRow(prompt_ids, p, adapter, deadline=deadline, request=request, index=i, stream=stream))
+            processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
+            self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, request=request, index=i,
+                                        stream=stream))
         return request
 
     def close(self) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+# the tags pydantic adds to an error's location for the member of a union it tried ("int", "literal['auto']")
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|[a-z-]+\[.*\])$")
+
 
 class APIError(Exception):
     """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -10,3 +15,17 @@ class APIError(Exception):
                  code: str | None = None):
         super().__init__(message)
         self.status, self.body = status, {"message": message, "type": type_, "param": param, "code": code}
+
+
+def validation_error_body(errors: list[dict]) -> dict:
+    """A request-body validation failure in OpenAI's shape: ``param`` is the dotted field path (pydantic's
+    union-member tags removed); the message joins what each member of a union would accept."""
+
+    def where(error: dict) -> str:
+        parts = [str(p) for p in error["loc"] if p != "body" and not (isinstance(p, str) and _UNION_TAG.match(p))]
+        return ".".join(parts)
+
+    param = where(errors[0])
+    messages = list(dict.fromkeys(e["msg"] for e in errors if where(e) == param))
+    return {"message": f"{param}: {' or '.join(messages)}", "type": "invalid_request_error", "param": param or None,
+            "code": None}

@@ -26,6 +26,24 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
     return adapters
 
 
+def parse_model_aliases(items: list[str], served: set[str]) -> dict[str, str]:
+    """``NAME=MODEL`` pairs: requests (and fine-tuning jobs) naming NAME use MODEL, which must be served here
+    (the base model, an --adapter name, or an embedding encoder)."""
+    from tunesmith.serve.routes_embeddings import ENCODER_NAMES
+
+    aliases = {}
+    for item in items:
+        name, sep, target = item.partition("=")
+        if not sep or not name or not target:
+            raise ConfigError(f"--model-alias expects NAME=MODEL (e.g. gpt-4o-mini-2024-07-18=smollm2-135m-instruct), "
+                              f"got '{item}'")
+        if target not in served and target not in ENCODER_NAMES:
+            raise ConfigError(f"--model-alias {item}: {target} is not served here; name the --model, an --adapter "
+                              f"name or an embedding model ({', '.join(sorted({n for n, _ in ENCODER_NAMES.values()}))})")
+        aliases[name] = target
+    return aliases
+
+
 def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
     """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
     from tunesmith.models.names import resolve

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from tunesmith.serve.errors import APIError
+
+HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs")
+
 
 def file_object(f: dict) -> dict:
     return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": f["created_at"],
@@ -10,18 +14,19 @@ def file_object(f: dict) -> dict:
 
 
 def job_object(j: dict, queue_position: int | None = None) -> dict:
-    """OpenAI's FineTuningJob, plus ``queue_position`` (1: starts next; None unless queued)."""
+    """OpenAI's FineTuningJob, plus ``queue_position`` (1: starts next; None unless queued). The
+    hyperparameters are the numbers used once the job has started ("auto" until then, as at OpenAI)."""
     method = j["method"] or {"type": "supervised", "supervised": {"hyperparameters": {}}}
     hyper = method.get(method["type"], {}).get("hyperparameters", {})
     return {
         "id": j["id"], "object": "fine_tuning.job", "created_at": j["created_at"], "error": j["error"],
         "fine_tuned_model": j["fine_tuned_model"], "finished_at": j["finished_at"],
-        "hyperparameters": {k: hyper.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
-        if method["type"] == "supervised" else None,
+        "hyperparameters": {k: hyper.get(k, "auto") for k in HYPERPARAMETERS},
         "model": j["model"], "organization_id": "org-tunesmith", "result_files": j["result_files"] or [],
         "seed": j["seed"], "status": j["status"], "trained_tokens": j["trained_tokens"],
-        "training_file": j["training_file"], "validation_file": j["validation_file"], "estimated_finish": None,
-        "integrations": None, "metadata": j["metadata"], "method": method, "user_provided_suffix": j["suffix"],
+        "training_file": j["training_file"], "validation_file": j["validation_file"],
+        "estimated_finish": j.get("estimated_finish") if j["status"] == "running" else None,
+        "integrations": j.get("integrations"), "metadata": j["metadata"], "method": method, "user_provided_suffix": j["suffix"],
         "queue_position": queue_position if j["status"] == "queued" else None,
     }
 
@@ -43,8 +48,12 @@ def page(items: list[dict], has_more: bool) -> dict:
 
 
 def paginate(items: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
-    """Items after the one with id ``after`` (items are newest first), at most ``limit``."""
+    """Items after the one with id ``after`` (items are newest first), at most ``limit``; a cursor that
+    names no item here is the client's error (400 on ``after``), not an empty page."""
     if after:
         ids = [i["id"] for i in items]
-        items = items[ids.index(after) + 1:] if after in ids else []
+        if after not in ids:
+            raise APIError(400, f"after: no item with id '{after}' in this list; pass the last_id of the page you "
+                           "have, or leave 'after' out to start from the newest", param="after", code="invalid_cursor")
+        items = items[ids.index(after) + 1:]
     return items[:limit], len(items) > limit

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
@@ -144,6 +144,21 @@ class Method(BaseModel):
     dpo: MethodSpec | None = None
 
 
+class WandbSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    project: str = Field(..., min_length=1)
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] | None = None
+
+
+class Integration(BaseModel):
+    """A Weights & Biases integration: accepted and logged locally (nothing leaves the machine)."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["wandb"]
+    wandb: WandbSpec
+
+
 class JobBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -151,9 +166,18 @@ class JobBody(BaseModel):
     validation_file: str | None = None
     suffix: str | None = Field(None, max_length=64)
     seed: int | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None  # the older, top-level form
+    integrations: list[Integration] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _short_keys(cls, v):
+        long = [k for k in v or {} if len(k) > 64]
+        if long:
+            raise ValueError(f"metadata keys are at most 64 characters; '{long[0][:70]}' is {len(long[0])}")
+        return v
 
     def resolved_method(self) -> dict:
         if self.method is not None:
@@ -208,14 +232,18 @@ async def create_job(body: JobBody, request: Request, key: Key):
     store = _store(request)
     check_hyperparameters(body)
     check_file_formats(store, key, body)
-    if body.model not in request.app.state.trainable_models():
-        raise APIError(400, f"model '{body.model}' is not available for fine-tuning here", param="model",
-                       code="model_not_available")
+    model = request.app.state.settings.model_aliases.get(body.model, body.model)
+    if model not in request.app.state.trainable_models():
+        trainable = ", ".join(sorted(request.app.state.trainable_models()))
+        raise APIError(400, f"model '{body.model}' is not available for fine-tuning here; this server fine-tunes "
+                       f"{trainable} (start it with --model-alias {body.model}=MODEL to map this name)",
+                       param="model", code="model_not_available")
     import random
 
-    job = store.add_job(key, model=body.model, training_file=body.training_file, validation_file=body.validation_file,
+    integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
+    job = store.add_job(key, model=model, training_file=body.training_file, validation_file=body.validation_file,
                         suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
-                        method=body.resolved_method(), metadata=body.metadata)
+                        method=body.resolved_method(), metadata=body.metadata, integrations=integrations)
     store.add_event(job["id"], f"Validating training file: {body.training_file}", dedup_key="validating")
     store.update_job(job["id"], status="queued")
     store.add_event(job["id"], "Files validated, moving job to queued state", dedup_key="queued")
@@ -229,9 +257,32 @@ def _job(request: Request, key, job_id: str) -> dict:
     return job
 
 
+def metadata_filter(request: Request) -> dict[str, str] | None:
+    """``metadata[k]=v`` query pairs (the client's deep-object form); ``metadata=null`` selects jobs without
+    metadata and is returned as ``{}``; None: no filter."""
+    params = request.query_params
+    if "metadata" in params:
+        if params["metadata"] != "null":
+            raise APIError(400, "metadata: filter with metadata[KEY]=VALUE pairs, or metadata=null for jobs "
+                           "without metadata", param="metadata", code="invalid_metadata_filter")
+        return {}
+    pairs = {k[len("metadata["):-1]: v for k, v in params.multi_items() if k.startswith("metadata[") and k.endswith("]")}
+    return pairs or None
+
+
+def matches(job: dict, wanted: dict[str, str] | None) -> bool:
+    if wanted is None:
+        return True
+    if not wanted:
+        return not job["metadata"]
+    have = job["metadata"] or {}
+    return all(have.get(k) == v for k, v in wanted.items())
+
+
 @router.get("/fine_tuning/jobs")
 async def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
-    jobs, more = paginate(_store(request).list_jobs(key), after, limit)
+    wanted = metadata_filter(request)
+    jobs, more = paginate([j for j in _store(request).list_jobs(key) if matches(j, wanted)], after, limit)
     positions = _store(request).queue_positions()
     return page([job_object(j, positions.get(j["id"])) for j in jobs], more)
 
@@ -286,7 +337,10 @@ async def list_events(job_id: str, request: Request, key: Key, after: str | None
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 async def list_checkpoints(job_id: str, request: Request, key: Key, after: str | None = None,
                            limit: Annotated[int, Query(ge=1, le=100)] = 10):
-    return _job_page(request, key, job_id, _store(request).checkpoints, checkpoint_object, after, limit)
+    def kept(jid: str) -> list[dict]:  # the trainer keeps the newest checkpoints; only those can be served
+        return [c for c in _store(request).checkpoints(jid) if Path(c["path"]).is_dir()]
+
+    return _job_page(request, key, job_id, kept, checkpoint_object, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/report")

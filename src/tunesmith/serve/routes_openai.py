@@ -40,7 +40,7 @@ def visible_models(request: Request, key: str | None) -> list[str]:
 
 def _engine(request: Request, model: str, key: str | None):
     models = visible_models(request, key)
-    if model not in models:
+    if model not in models and not request.app.state.serve_checkpoint(model, key):
         raise APIError(404, f"The model '{model}' does not exist or you do not have access to it. "
                        f"Available: {', '.join(models)}", param="model", code="model_not_found")
     return request.app.state.engine
@@ -113,31 +113,40 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, key: Key):
+    from tunesmith.serve import tools
+
     engine = _engine(request, body.model, key)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    _check_prompt_size(engine, [m["content"] for m in messages])
+    plan = tools.plan_tools(body)
+    messages = tools.request_messages(body)
+    _check_prompt_size(engine, [m.text() for m in body.messages])
     if body.model in engine.heads:
         from tunesmith.serve.heads import chat_reply
 
-        return await chat_reply(engine.heads[body.model], body, messages)
-    ids = engine.chat_prompt_ids(messages)
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        return await chat_reply(engine.heads[body.model], body, plain)
+    ids = tools.prompt_ids(engine, messages, plan)
     budget = _token_budget(request, engine, len(ids), body.max_completion_tokens or body.max_tokens, 256)
-    job = engine.submit(body.model, ids, _params(body, budget), stream=body.stream)
+    job = engine.submit(body.model, ids, _params(body, tools.token_budget(plan, budget)), stream=body.stream,
+                        constraint=tools.constraint(engine, plan))
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
-        return StreamingResponse(_sse_chat(job, body, cid, created), media_type="text/event-stream")
+        return StreamingResponse(_sse_chat(job, body, cid, created, plan), media_type="text/event-stream")
     [gens] = await _results(request, [job])
-    return {
-        "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": g.text}, "finish_reason": g.finish_reason,
-                     "logprobs": None} for i, g in enumerate(gens)],
-        "usage": _usage(gens),
-    }
+    choices = []
+    for i, g in enumerate(gens):
+        msg, called = tools.message(plan, g.text)
+        choices.append({"index": i, "message": msg, "finish_reason": "tool_calls" if called else g.finish_reason,
+                        "logprobs": None})
+    return {"id": cid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+            "usage": _usage(gens)}
 
 
-async def _sse_chat(job, body: ChatCompletionBody, cid: str, created: int):
-    """OpenAI's chunk stream: each choice's deltas carry its index; with ``stream_options.include_usage``
-    a last chunk with no choices carries the usage. A client that leaves cancels the generation."""
+async def _sse_chat(job, body: ChatCompletionBody, cid: str, created: int, plan):
+    """OpenAI's chunk stream: each choice's deltas carry its index (text as content, calls as tool_calls
+    deltas); with ``stream_options.include_usage`` a last chunk with no choices carries the usage. A client
+    that leaves cancels the generation."""
+    from tunesmith.serve.tools import ChoiceDeltas
+
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": choices}
         if usage:
@@ -147,15 +156,19 @@ async def _sse_chat(job, body: ChatCompletionBody, cid: str, created: int):
     def choice(i: int, delta: dict, finish: str | None = None) -> dict:
         return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
 
+    readers = [ChoiceDeltas(plan) for _ in range(body.n)]
     try:
         yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
         gens: list[Generation] = []
         async for i, item in job.events():
             if isinstance(item, Generation):
                 gens.append(item)
-                yield chunk([choice(i, {}, item.finish_reason)])
+                for delta in readers[i].close():
+                    yield chunk([choice(i, delta)])
+                yield chunk([choice(i, {}, readers[i].finish_reason(item.finish_reason))])
             elif item:
-                yield chunk([choice(i, {"content": item})])
+                for delta in readers[i].feed(item):
+                    yield chunk([choice(i, delta)])
         if body.include_usage:
             yield chunk([], _usage(gens))
         yield "data: [DONE]\n\n"

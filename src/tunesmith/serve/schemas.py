@@ -66,6 +66,9 @@ class ChatCompletionBody(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # answered by classifier heads (label probabilities); generated text has none
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[dict] | None = None  # checked, with tool_choice, by tunesmith.serve.tools
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod

@@ -60,7 +60,11 @@ MIGRATIONS: list[tuple[str, str]] = [
             status TEXT NOT NULL, datasource_item TEXT NOT NULL, results TEXT NOT NULL, sample TEXT NOT NULL,
             created_at INTEGER NOT NULL, UNIQUE (run_id, item_index)
         )"""),
+    ("0009_job_integrations", "ALTER TABLE jobs ADD COLUMN integrations TEXT"),
+    ("0010_job_estimated_finish", "ALTER TABLE jobs ADD COLUMN estimated_finish INTEGER"),
+    ("0011_job_model_deleted", "ALTER TABLE jobs ADD COLUMN model_deleted INTEGER NOT NULL DEFAULT 0"),
 ]
+JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
 def _retry_while_locked(op, seconds: float = 30.0):
     """Run ``op``, retrying while SQLite says the database is locked: switching a new database to WAL
@@ -149,7 +153,7 @@ class Store:
     def add_job(self, owner: str | None, **fields) -> dict:
         jid = new_id("ftjob")
         row = {"id": jid, "owner": owner, "status": "validating_files", "created_at": int(time.time()), **fields}
-        for key in ("method", "metadata"):
+        for key in ("method", "metadata", "integrations"):
             row[key] = json.dumps(row.get(key))
         cols = ", ".join(row)
         with self.lock:
@@ -172,7 +176,7 @@ class Store:
         return [_job(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY created_at, rowid")]
 
     def update_job(self, jid: str, **fields) -> None:
-        for key in ("error", "result_files"):
+        for key in JSON_COLUMNS:
             if key in fields and not isinstance(fields[key], str | None):
                 fields[key] = json.dumps(fields[key])
         sets = ", ".join(f"{k} = ?" for k in fields)
@@ -247,6 +251,26 @@ class Store:
                             (new_id("ftckpt"), job_id, step, int(time.time()), json.dumps(metrics), path,
                              f"{model_name}:ckpt-step-{step}"))
 
+    def checkpoint_by_model(self, name: str) -> dict | None:
+        """The checkpoint whose ``fine_tuned_model_checkpoint`` is ``name``, with its job's owner."""
+        row = self.db.execute("SELECT c.*, j.owner AS owner FROM checkpoints c "
+                              "JOIN jobs j ON j.id = c.job_id WHERE c.fine_tuned_model_checkpoint = ?", (name,)).fetchone()
+        return dict(row) if row else None
+
+    def delete_checkpoint(self, name: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (name,))
+
+    def update_checkpoint_metrics(self, job_id: str, step: int, metrics: dict) -> None:
+        with self.lock:
+            self.db.execute("UPDATE checkpoints SET metrics = ? WHERE job_id = ? AND step_number = ?",
+                            (json.dumps(metrics), job_id, step))
+
+    def job_by_model(self, name: str) -> dict | None:
+        """The job that made the fine-tuned model ``name`` (any owner: the caller checks)."""
+        row = self.db.execute("SELECT * FROM jobs WHERE fine_tuned_model = ?", (name,)).fetchone()
+        return _job(row) if row else None
+
     def checkpoints(self, job_id: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step_number DESC", (job_id,))
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
@@ -254,7 +278,7 @@ class Store:
 
 def _job(row) -> dict:
     d = dict(row)
-    for key in ("method", "metadata", "error", "result_files"):
+    for key in JSON_COLUMNS:
         if d.get(key):
             d[key] = json.loads(d[key])
     return d

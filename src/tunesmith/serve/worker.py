@@ -12,40 +12,30 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.serve.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
+from tunesmith.serve.job_events import announce_integrations, estimated_finish, mark_full_validation
 from tunesmith.serve.process import SHUTDOWN, end_worker_process, start_worker_process
 from tunesmith.serve.store import Store
 
 log = logging.getLogger("tunesmith.worker")
 
 
-LR_BASE = 2e-4
 CHECKPOINTS_PER_JOB = 10  # a kill loses at most a tenth of the job; saving more often costs time
 EVAL_MAX_EXAMPLES = 50  # validation conversations scored after training (generation is the slow part)
 
 
 def read_chat_rows(path: Path, file_id: str) -> list[dict]:
-    """OpenAI chat JSONL → prompt/completion rows: the last assistant message with text is the completion.
-    Errors name the file id and line (the path is the server's business)."""
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        messages = json.loads(line)["messages"]
-        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("content")]
-        if not answers:
-            raise DataError(f"{file_id} line {lineno}: no assistant message with text content to train on "
-                            "(function calls alone are not trained here)")
-        last = answers[-1]
-        prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in messages[:last]]
-        rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": messages[last]["content"]}]})
-    return rows
+    """OpenAI chat JSONL → conversation rows, every weight-1 assistant turn a target
+    (:mod:`tunesmith.data.chat_rows`). Errors name the file id and line (the path is the server's business)."""
+    from tunesmith.data.chat_rows import read_chat_file
+
+    return read_chat_file(path, file_id)
 
 
 def trained_tokens(path: Path, kind: str, model: str, epochs: int) -> int:
@@ -62,22 +52,6 @@ def count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
-    """'auto' → concrete values (the cookbook's epoch rule, a batch size that fits small files)."""
-    from tunesmith.data.validate import default_epochs
-
-    hyper = dict(method.get(method["type"], {}).get("hyperparameters", {}))
-    if hyper.get("n_epochs", "auto") == "auto":
-        hyper["n_epochs"] = default_epochs(n_examples)
-    if hyper.get("batch_size", "auto") == "auto":
-        hyper["batch_size"] = max(1, min(8, n_examples // 10 or 1))
-    if hyper.get("learning_rate_multiplier", "auto") == "auto":
-        hyper["learning_rate_multiplier"] = 1.0
-    if method["type"] == "dpo" and hyper.get("beta", "auto") in ("auto", None):
-        hyper["beta"] = 0.1
-    return hyper
-
-
 def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
@@ -85,7 +59,7 @@ def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_exampl
 
     steps = math.ceil(n_examples / hyper["batch_size"]) * hyper["n_epochs"]
     train = {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "logging_steps": 1,
-             "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_total_limit": 2,
+             "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_total_limit": 3,
              "save_steps": max(1, math.ceil(steps / CHECKPOINTS_PER_JOB))}
     if job["method"]["type"] == "dpo":  # TRL's DPO reads OpenAI's preference format from the uploaded file
         train |= {"method": "dpo", "dpo": {"beta": hyper["beta"], "path": str(training_path)}}
@@ -111,7 +85,8 @@ def job_callback(store: Store, job_id: str, model_name: str):
                 data |= {"valid_loss": logs["eval_loss"], "valid_mean_token_accuracy": logs.get("eval_mean_token_accuracy")}
             if len(data) == 2:
                 return
-            self.last_metrics = data
+            same_step = self.last_metrics.get("step") == state.global_step  # train and eval logs of one step
+            self.last_metrics = (self.last_metrics if same_step else {}) | data
             parts = [f"{k.replace('_', ' ')}={data[k]:.4f}" for k in ("train_loss", "valid_loss") if data.get(k) is not None]
             kind = "train" if "train_loss" in data else "valid"
             store.add_event(job_id, f"Step {state.global_step}/{state.max_steps}: " + ", ".join(parts), "metrics", data,
@@ -122,7 +97,11 @@ def job_callback(store: Store, job_id: str, model_name: str):
             store.add_checkpoint(job_id, state.global_step, self.last_metrics, str(path), model_name)
             store.add_event(job_id, f"Checkpoint created at step {state.global_step}", dedup_key=f"ckpt:{state.global_step}")
 
+        def on_train_begin(self, args, state, control, **kw):
+            self.clock = (time.time(), state.global_step)
+
         def on_step_end(self, args, state, control, **kw):
+            store.update_job(job_id, estimated_finish=estimated_finish(*self.clock, state.global_step, state.max_steps))
             job = store.get_job(job_id, any_owner=True)
             reason = "shutdown" if SHUTDOWN.is_set() else job and job["control"]
             if reason in ("cancel", "pause", "shutdown"):
@@ -141,8 +120,10 @@ def run_job(store: Store, job: dict) -> None:
 
     root = store.root
     files = {k: store.get_file(job[k], job["owner"]) for k in ("training_file", "validation_file") if job[k]}
-    if "training_file" not in files:
-        raise DataError(f"training file {job['training_file']} no longer exists")
+    for key, f in files.items():
+        if f is None:
+            raise DataError(f"{key.replace('_', ' ')} {job[key]} no longer exists (it was deleted after the job was "
+                            "created); upload it again and create a new job")
     training_path = Path(files["training_file"]["storage"])
     dpo = job["method"]["type"] == "dpo"
     rows = [] if dpo else read_chat_rows(training_path, job["training_file"])
@@ -150,9 +131,11 @@ def run_job(store: Store, job: dict) -> None:
                 if "validation_file" in files and not dpo else [])
     n_examples = count_lines(training_path)
     hyper = resolve_hyperparameters(job["method"], n_examples)
+    store.update_job(job["id"], method=with_hyperparameters(job["method"], hyper))
     recipe = job_recipe(job, root, hyper, training_path, n_examples)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
     resume = announce_start(store, job, recipe.run_dir / "train" / "checkpoints")
+    announce_integrations(store, job)
     store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
     callback = job_callback(store, job["id"], name)
     console = Console(file=io.StringIO())
@@ -170,6 +153,7 @@ def run_job(store: Store, job: dict) -> None:
                         "from there when the server starts again", dedup_key=f"shutdown:{time.time():.0f}")
         return
     if val_rows:
+        mark_full_validation(store, job["id"], callback.last_metrics)
         evaluate_job(store, job["id"], recipe, val_rows)
     from tunesmith.train.metrics import read_metrics_csv
 
@@ -212,8 +196,10 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
     store.add_event(job_id, f"Evaluating the base and fine-tuned models on {n} validation conversations",
                     dedup_key="eval-started")
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_examples": n})})
+    from tunesmith.data.chat_rows import last_turn_pair
+
     try:
-        run = evaluate_conversations(recipe, val_rows, Console(file=io.StringIO()))
+        run = evaluate_conversations(recipe, [last_turn_pair(r) for r in val_rows], Console(file=io.StringIO()))
     except Exception as exc:  # noqa: BLE001 - the model is trained; a failed report must not fail the job
         store.add_event(job_id, f"Evaluation failed: {type(exc).__name__}: {exc}"[:500], level="warn", dedup_key="eval-failed")
         return

@@ -52,11 +52,11 @@ def split_by_length(
     Truncating them would cut the answer the loss is computed on, and TRL would then drop the
     fully masked rows without telling anyone.
     """
-    from tunesmith.machine.packing import _ids
+    from tunesmith.data.chat_rows import row_tokens
 
     kept, rejected = [], []
     for row, ex_id in zip(rows, ids, strict=True):
-        n = len(_ids(tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True)))
+        n = row_tokens(row, tokenizer)
         if n > max_len:
             rejected.append(Rejected(ex_id, "train", f"{n} tokens > train.max_seq_length {max_len}", row))
         else:
@@ -155,8 +155,9 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
+    from tunesmith.data.chat_rows import tokenize_rows  # conversations (every weight-1 turn) and prompt/completion
     from tunesmith.machine.masks import mask_kind
-    from tunesmith.machine.packing import PackedCollator, tokenize_rows
+    from tunesmith.machine.packing import PackedCollator
     from tunesmith.train.trainer import CompletionTrainer
 
     t = recipe.train

@@ -1,0 +1,49 @@
+"""``GET /v1/models/{model}`` and ``DELETE /v1/models/{model}``: a key sees and deletes its own fine-tunes.
+
+Another key's fine-tune is a 404, exactly as a model that does not exist; the base model and its aliases
+cannot be deleted (403). A deleted fine-tune stops being served at once and is not loaded again; its job
+keeps its record, as at OpenAI.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+
+from tunesmith.serve.errors import APIError
+from tunesmith.serve.routes_openai import Key, visible_models
+
+router = APIRouter(prefix="/v1")
+
+
+def _visible(request: Request, model: str, key: str | None) -> None:
+    if model not in visible_models(request, key) and not request.app.state.serve_checkpoint(model, key):
+        raise APIError(404, f"The model '{model}' does not exist or you do not have access to it.", param="model",
+                       code="model_not_found")
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, request: Request, key: Key):
+    _visible(request, model, key)
+    engine = request.app.state.engine
+    parent = None if model == engine.base_name else engine.aliases.get(model, engine.base_name)
+    return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "tunesmith", "parent": parent}
+
+
+@router.delete("/models/{model:path}")
+async def delete_model(model: str, request: Request, key: Key):
+    _visible(request, model, key)
+    if model not in request.app.state.model_owners:
+        raise APIError(403, f"The model '{model}' is not a fine-tune of yours: only fine-tuned models and their "
+                       "checkpoints can be deleted", param="model", code="model_not_deletable")
+    store = request.app.state.store
+    job = store.job_by_model(model)
+    if job is not None:
+        store.update_job(job["id"], model_deleted=1)
+    else:  # a checkpoint: its row goes, so it is neither listed nor loaded again
+        store.delete_checkpoint(model)
+    request.app.state.engine.remove_adapter(model)
+    del request.app.state.model_owners[model]
+    return {"id": model, "object": "model", "deleted": True}
+

@@ -1,0 +1,35 @@
+"""The migration guide's script (examples/openai_migration.py), a fine-tuning script as OpenAI's guide writes
+it, runs unchanged against the server: only OPENAI_BASE_URL and OPENAI_API_KEY differ, and the model name
+it uses, gpt-4o-mini-2024-07-18, is mapped to the local base with a model alias."""
+
+import importlib.util
+import threading
+
+from tunesmith.serve.app import ServeSettings, create_app
+from tunesmith.serve.engine import Engine
+from tunesmith.serve.worker import work
+
+from .conftest import REPO, running_server
+
+
+def test_the_guides_script_runs_against_the_server(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("openai_migration", REPO / "examples" / "openai_migration.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    settings = ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"sk-local"}),
+                             model_aliases={"gpt-4o-mini-2024-07-18": str(tiny_model_dir)})
+    with running_server(create_app(settings, Engine(str(tiny_model_dir), {}, wait_ms=5))) as url:
+        monkeypatch.setenv("OPENAI_BASE_URL", url)
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+        result: dict = {}
+        thread = threading.Thread(target=lambda: result.update(model=script.main(
+            str(REPO / "examples" / "data" / "banking_chat_12.jsonl"))), daemon=True)
+        thread.start()
+        while thread.is_alive():  # the worker `tunesmith serve` starts beside the server, here in-process
+            work(tmp_path, once=True)
+            thread.join(0.2)
+    out = capsys.readouterr().out
+    assert result["model"].startswith(f"ft:{tiny_model_dir}:banking:"), out
+    assert "'n_epochs': 8" in out and "'batch_size': 1" in out  # 'auto' reported as the numbers used
+    assert "results file: last row 96," in out and "responses API:" in out
+    assert "gpt-4o-mini-2024-07-18: " in out and f"{result['model']}: " in out
