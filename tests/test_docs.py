@@ -98,7 +98,7 @@ def named_keys(text: str) -> set[str]:
     for span in CODE.findall(text) + FENCE.findall(text):
         for m in pattern.finditer(span):
             key = m.group(1)
-            if not key.endswith(FILE_ENDINGS):
+            if not key.endswith(FILE_ENDINGS) and span[m.end():m.end() + 1] != "(":  # hosted.files.list(): code
                 found.add(key)
     return found
 
