@@ -26,12 +26,13 @@ def token_length(recipe: Recipe, tokenizer, example: Example) -> int:
     training, the rendered prompt for a head (its label is not in the text)."""
     from tunesmith.records import render_prompt
 
-    if recipe.train.head == "generative":
+    if recipe.train.head == "generative":  # measured as training sets aside what does not fit (train/sft.py)
+        from tunesmith.data.chat_rows import row_tokens
         from tunesmith.data.formatting import chat_messages
-        from tunesmith.machine.packing import _ids
 
-        messages = chat_messages(example, recipe.data) + [{"role": "assistant", "content": str(example.target)}]
-        return len(_ids(tokenizer.apply_chat_template(messages, tokenize=True)))
+        row = {"prompt": chat_messages(example, recipe.data),
+               "completion": [{"role": "assistant", "content": str(example.target)}]}
+        return row_tokens(row, tokenizer)
     return len(tokenizer(render_prompt(example, recipe.data.prompt))["input_ids"])
 
 
