@@ -41,13 +41,14 @@ def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_mo
     assert losses[-1] < losses[0], losses
 
 
-def test_classifier_sets_aside_training_texts_longer_than_max_seq_length(cli, tmp_path, tiny_model_dir):
+def test_classifier_sets_aside_training_texts_longer_than_max_seq_length_when_asked(cli, tmp_path, tiny_model_dir):
     rows = banking_rows(LABELS, 8)
     rows[0] = {**rows[0], "text": "my new card has still not arrived " * 8}  # far over 24 tokens
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
         tmp_path, tiny_model_dir, data, name="cls-long", seed=4, split={"train": 18, "val": 0, "test": 6},
-        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24}))
+        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24,
+               "long_inputs": "set_aside"}))
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
     run = tmp_path / "runs" / "cls-long"
@@ -56,6 +57,22 @@ def test_classifier_sets_aside_training_texts_longer_than_max_seq_length(cli, tm
     assert long_ones and all(r["stage"] == "train" for r in long_ones)
     assert "set aside" in out
     assert json.loads((run / "train" / "summary.json").read_text())["set_aside_too_long"] == len(long_ones)
+
+
+def test_classifier_cuts_training_texts_longer_than_max_seq_length_by_default(cli, tmp_path, tiny_model_dir):
+    rows = banking_rows(LABELS, 8)
+    rows[0] = {**rows[0], "text": "my new card has still not arrived " * 8}  # far over 24 tokens
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
+        tmp_path, tiny_model_dir, data, name="cls-cut", seed=4, split={"train": 18, "val": 0, "test": 6},
+        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24}))
+    code, out = cli(["train", str(recipe)])
+    assert code == 0, out
+    run = tmp_path / "runs" / "cls-cut"
+    assert "had their longest input cut to fit (none dropped)" in out
+    assert json.loads((run / "train" / "summary.json").read_text())["set_aside_too_long"] == 0
+    assert not (run / "data" / "rejected.jsonl").is_file() or "max_seq_length" not in (
+        run / "data" / "rejected.jsonl").read_text()
 
 
 def test_classifier_head_with_full_fine_tuning_saves_and_scores_the_whole_model(cli, tmp_path, tiny_model_dir):

@@ -16,13 +16,16 @@ from tunesmith import __version__
 from tunesmith.cli import common
 from tunesmith.cli.data import data_app
 from tunesmith.cli.models import models_app
+from tunesmith.cli.start import init
 from tunesmith.cli.synth import synth_app
 from tunesmith.errors import TunesmithError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune a small model for one narrow task.")
+app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, add_completion=False,  # help text shown as written
+                  help="Fine-tune a small model for one narrow task.")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(synth_app, name="synth")
+app.command("init")(init)
 
 
 def _version(value: bool) -> None:
@@ -96,9 +99,9 @@ def train(
     if backend != "local":
         raise typer.BadParameter("--backend is local or openai")
     if estimate:
-        from tunesmith.machine.estimate import estimate_recipe
+        from tunesmith.runs.fitting import fitted_estimate
 
-        est = estimate_recipe(cfg)
+        est = fitted_estimate(cfg, common.console)
         common.console.print(est.render())
         return
     from tunesmith.runs.training import run_training

@@ -9,7 +9,7 @@ import typer
 
 from tunesmith.cli import common
 
-data_app = typer.Typer(no_args_is_help=True, help="Prepare, profile and validate data.")
+data_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Prepare, profile and validate data.")
 
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
 

@@ -9,7 +9,7 @@ import typer
 
 from tunesmith.cli import common
 
-models_app = typer.Typer(no_args_is_help=True, help="Provision and list base models.")
+models_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Provision and list base models.")
 
 @models_app.command("pull")
 def models_pull(

@@ -20,8 +20,9 @@ class _RecipeOrSubcommand(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
-synth_app = typer.Typer(cls=_RecipeOrSubcommand, no_args_is_help=True, help="Grow data with an LLM: tunesmith synth RECIPE.")
-review_app = typer.Typer(no_args_is_help=True, help="Human review of generated items.")
+synth_app = typer.Typer(rich_markup_mode=None, cls=_RecipeOrSubcommand, no_args_is_help=True,
+                        help="Grow data with an LLM: tunesmith synth RECIPE.")
+review_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Human review of generated items.")
 synth_app.add_typer(review_app, name="review")
 
 

@@ -52,6 +52,11 @@ class JudgeSpec(Section):
 
 
 class EvalSection(Section):
+    metric: str | None = Field(
+        None, description="the headline metric that leads the report and decides its verdict, one the task kind "
+        "reports (classification: accuracy or macro_f1; regression: mae; qa: f1 or exact_match; ...); null: the "
+        "kind's own, except that a classification test set where one label holds more than half the examples "
+        "leads with macro_f1")
     max_examples: int | None = Field(
         None, ge=1, description="evaluate a seeded sample of this many test examples (stratified by label for "
         "classification, random otherwise; the recipe's seed), never the first rows")

@@ -45,13 +45,16 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, merge and validate a recipe. Relative paths inside the YAML are relative to its folder."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
+    """Read, merge and validate a recipe. Relative paths inside the YAML are relative to its folder. A recipe
+    whose first line says it needs data not in the repository fails with that line when a file is missing
+    (``check_files=False``: the schema alone, e.g. to check a shipped recipe without its data)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -69,6 +72,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if isinstance(top.get("arms"), dict):  # --set arms.NAME.train.epochs=2 changes one arm, keeps the others
         top["arms"] = merge_named_arms(raw.get("arms"), top["arms"])
     merged = deep_merge(raw, top)
+    from tunesmith.config.needed import check_needed_data
+
+    if check_files:
+        check_needed_data(merged, path, text)
     return validate_recipe(merged, source=str(path))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -98,7 +98,14 @@ class TrainSection(Section):
         "auto", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adamw_8bit", "paged_adamw_8bit"
     ] = Field("auto", description="auto: adamw_torch on a CPU, adamw_torch_fused on a CUDA GPU, "
               "paged_adamw_8bit for qlora")
-    max_seq_length: int = Field(512, ge=8)
+    max_seq_length: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
+        512, description="tokens per training example; auto: the 99th percentile of the training examples' token "
+        "lengths (rounded up to a multiple of 8, capped by the model), decided when training starts and written "
+        "to the arm's config.resolved.yaml")
+    long_inputs: Literal["cut", "set_aside"] = Field(
+        "cut", description="a training example longer than max_seq_length: cut (its longest input field is cut "
+        "until it fits; nothing is dropped) or set_aside (left out, listed in data/rejected.jsonl). A span head "
+        "reads long contexts in windows and cuts nothing")
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="auto: off on a CPU; on a CUDA GPU only when the memory estimate says the batch "
         "would not fit without it")

@@ -101,8 +101,11 @@ def best(task: TaskKind, results: list[ContenderResult]) -> ContenderResult | No
 def comparisons(task: TaskKind, results: list[ContenderResult], resamples: int, seed: int) -> list[dict]:
     """Paired differences that answer the run's questions: every fine-tuned arm against the best baseline
     and against each other arm (paired bootstrap over the same test examples)."""
+    from tunesmith.eval import headline
     from tunesmith.scoring.bootstrap import paired_difference
 
+    if headline.is_set_metric(task):  # macro-F1: computed again on each resample
+        paired_difference = lambda a, b, n, s: headline.paired(task, a, b, n, s)  # noqa: E731
     arms = [r for r in results if r.is_fine_tuned]
     top = best(task, [r for r in results if r.is_baseline])
     pairs = [(a, top) for a in arms] if top else []
@@ -142,12 +145,22 @@ class Report:
     comparisons: list[dict]
     sections: dict[str, dict] = field(default_factory=dict)  # extra tables (training, time per stage)
     notice: str | None = None  # the first line, above the title (a model with random weights)
+    recommended: tuple[str, str] | None = None  # (arm, why): the arm chosen on the validation split
+
+    def lead(self) -> str:
+        """Why the headline metric is the one leading (eval.metric, or a majority label), and the recommended arm."""
+        why = getattr(self.task, "headline_reason", None)
+        lines = [why] if why else []
+        if self.recommended:
+            lines.append(f"Recommended: **{self.recommended[0]}**, {self.recommended[1]}.")
+        return "".join(line + "\n\n" for line in lines)
 
     def headline(self) -> str:
         """The sentence at the top: the best fine-tuned model against base and the best baseline."""
         t, h = self.task, self.task.headline
         by = {r.name: r for r in self.results}
-        arm = best(t, [r for r in self.results if r.is_fine_tuned])
+        arm = by.get(self.recommended[0]) if self.recommended else None
+        arm = arm or best(t, [r for r in self.results if r.is_fine_tuned])
         base = by.get("base")
         if arm is None:
             return ""
@@ -167,6 +180,7 @@ class Report:
     def markdown(self, base_dir: Path) -> str:
         headers, rows = table_rows(self.task, self.results)
         out = ([self.notice + "\n\n"] if self.notice else []) + [f"# {self.title}\n\n"]
+        out.append(self.lead())
         if self.headline():
             out.append(self.headline() + "\n\n")
         out += ["| " + " | ".join(headers) + " |\n", "|" + "---|" * len(headers) + "\n"]
@@ -193,6 +207,7 @@ class Report:
             "img{max-width:100%;border:1px solid #eee}</style></head><body>",
             f"<p><b>{e(self.notice.replace('**', ''))}</b></p>" if self.notice else "",
             f"<h1>{e(self.title)}</h1>",
+            "".join(f"<p>{e(x)}</p>" for x in self.lead().replace("**", "").split("\n\n") if x),
             f"<p>{e(self.headline().replace('**', ''))}</p><table><tr>" if self.headline() else "<table><tr>",
             "".join(f"<th>{e(h)}</th>" for h in headers), "</tr>",
         ]
@@ -232,6 +247,9 @@ def write_eval_outputs(recipe, task: TaskKind, results: list[ContenderResult], t
                 fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
     comps = comparisons(task, results, recipe.eval.bootstrap, recipe.seed) if recipe.eval.bootstrap else []
     (eval_dir / "comparisons.json").write_text(json.dumps(comps, indent=2), encoding="utf-8")
+    from tunesmith.eval.headline import save
+
+    save(eval_dir, task)
     report = Report(f"{recipe.name}: evaluation ({task.name}, {len(test)} test examples)", task, results, summary,
                     judge, make_plots(task, results, test, eval_dir), comps)
     from tunesmith.models.random_weights import report_line

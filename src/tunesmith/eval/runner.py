@@ -178,7 +178,11 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
     checked_graders(recipe)  # a bad grader fails before any model runs
     task = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
     test, scored = sample_examples(test, recipe.eval.max_examples, task.stratify, recipe.seed)
-    console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}")
+    from tunesmith.eval.headline import choose
+
+    why = choose(task, recipe.eval.metric, test)
+    console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}"
+                  + (f" ({why})" if why else ""))
     endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
     results = [reused_or_scored(recipe, task, c, test, bar, console) for c in contenders]
     for client, ask_as, (data_cfg, with_labels) in endpoints:
@@ -380,12 +384,16 @@ def add_intervals(results: list[ContenderResult], task: TaskKind, resamples: int
     """95% bootstrap intervals on each headline and on each contender's paired difference from the first."""
     if resamples <= 0 or not results:
         return
+    from tunesmith.eval import headline
+
     h = task.headline
     ref = results[0]
+    whole = headline.is_set_metric(task)  # macro-F1: computed again on each resample, not a mean over examples
     for r in results:
-        r.metrics[f"{h}_ci95"] = mean_ci(r.per_example, resamples, seed)
+        r.metrics[f"{h}_ci95"] = (headline.interval(task, r, resamples, seed) if whole
+                                  else mean_ci(r.per_example, resamples, seed))
         if r is not ref:
-            d = paired_difference(r, ref, resamples, seed)
+            d = (headline.paired if whole else lambda _t, *a: paired_difference(*a))(task, r, ref, resamples, seed)
             r.metrics[f"{h}_diff_vs_{ref.name}"], r.metrics[f"{h}_diff_vs_{ref.name}_ci95"] = d
 
 

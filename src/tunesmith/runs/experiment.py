@@ -76,11 +76,35 @@ def run(recipe: Recipe, console: Console | None = None, command: str = "") -> Ru
     if not main:
         return None
     with stage("evaluate"):
-        ev = evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders_of(recipe, console),
-                      data.summary, console)
+        contenders = contenders_of(recipe, console)
+        ev = evaluate(recipe, data.splits["train"], data.splits["test"], data.labels, contenders, data.summary, console)
+        ev.report.recommended = recommend_on_validation(recipe, ev.task, contenders, data.splits["val"], console)
+        from tunesmith.eval.headline import save
+
+        save(ev.eval_dir, ev.task, ev.report.recommended)
     with stage("report"):
         report = write_run_report(recipe, ev, trained, timings)
     return RunResult(run_dir, report, {r.name: r.metrics for r in ev.results}, ev.report.headline(), timings)
+
+
+def recommend_on_validation(recipe: Recipe, task, contenders: list, val: list, console: Console):
+    """``(arm, why)``: with two or more fine-tuned contenders, the best on the validation split (a seeded sample
+    of ``eval.max_examples``), so that the arm the report recommends is not chosen on the test split it reports.
+    None with one arm, or without a validation split (then no arm is recommended, and the run says so)."""
+    from tunesmith.data.split import sample_examples
+    from tunesmith.eval.headline import recommend
+    from tunesmith.eval.runner import evaluate_local
+    from tunesmith.progress import task_bar
+
+    tuned = [c for c in contenders if c.name != "base"]
+    if len(tuned) < 2:
+        return None
+    if not val:
+        console.print("[yellow]no validation split: no arm is recommended (give data.split.val a size > 0)[/]")
+        return None
+    val, _ = sample_examples(val, recipe.eval.max_examples, task.stratify, recipe.seed)
+    bar = lambda d, t: task_bar(console, d.replace("eval ", "validation: "), t)  # noqa: E731
+    return recommend(task, [evaluate_local(recipe, task, c, val, bar) for c in tuned])
 
 
 def run_folds(recipe: Recipe, data, console: Console, stage, timings: dict) -> RunResult | None:

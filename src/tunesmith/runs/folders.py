@@ -61,8 +61,13 @@ class RunFolder:
         return best_contender(self.task, self.metrics, [n for n, k in self.kinds.items() if k == kind])
 
     def verdict(self) -> tuple[str | None, str | None, dict | None]:
-        """The best fine-tuned contender, the best baseline, and their paired comparison."""
-        arm, baseline = self.best("fine-tuned"), self.best("baseline")
+        """The arm recommended on the validation split (else the best fine-tuned contender), the best baseline, and
+        their paired comparison."""
+        from tunesmith.eval.headline import load
+
+        chosen = load(self.folder / "eval").get("recommended")
+        arm = chosen if chosen in self.metrics else self.best("fine-tuned")
+        baseline = self.best("baseline")
         return arm, baseline, baseline_comparison(self.comparisons, arm, baseline)
 
 
@@ -74,9 +79,12 @@ def read_run(folder: Path) -> RunFolder:
         config = {}
     config = config if isinstance(config, dict) else {}
     data = config.get("data") or {}
+    task = _task(data.get("task") or "classification", data.get("task_options"))
+    metric = _read_json(folder / "eval" / "headline.json", {}).get("metric")
+    if task is not None and metric:  # the headline the report led with (eval.metric, or macro-F1 for a majority label)
+        task.headline = metric
     return RunFolder(folder, config, _read_json(folder / "eval" / "metrics.json", {}),
-                     _read_json(folder / "eval" / "comparisons.json", []),
-                     _task(data.get("task") or "classification", data.get("task_options")))
+                     _read_json(folder / "eval" / "comparisons.json", []), task)
 
 
 def _ci(task, ci, fmt) -> str:

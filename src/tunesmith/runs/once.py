@@ -70,6 +70,7 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
 
     out = recipe.run_dir / "train"
     data, sampled = sampled_train(recipe, data)
+    recipe, data, chosen = fitted(recipe, data, console)
     with main_process_first():  # rank 0 decides about earlier checkpoints and runs any synth stage first
         key = fingerprint(recipe, data.train, init_adapter)
         done = None if resume else finished(out, key)
@@ -85,6 +86,7 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
     summary = plan.summary | training_summary(plan.recipe, result, base_model or recipe.model.name)
     if sampled:
         summary["train split sampled (train.examples)"] = sampled
+    summary |= chosen
     if is_main():
         (out / "done.json").write_text(json.dumps({"fingerprint": key, "summary": summary}, indent=2),
                                        encoding="utf-8")
@@ -98,6 +100,34 @@ def sampled_train(recipe: Recipe, data: TrainData) -> tuple[TrainData, str | Non
 
     train, how = sample_examples(data.train, recipe.train.examples, bool(data.labels), recipe.seed)
     return (data, None) if train is data.train else (replace(data, train=train), how)
+
+
+def fitted(recipe: Recipe, data: TrainData, console: Console) -> tuple[Recipe, TrainData, dict]:
+    """The recipe and examples fitted to the data (:mod:`tunesmith.runs.fitting`: ``max_seq_length: auto``, long
+    inputs cut) and what was chosen, with reasons; a decided recipe is written to the arm's
+    ``config.resolved.yaml`` with its ``_chosen`` reasons."""
+    from tunesmith.machine.launch import is_main
+    from tunesmith.runs.fitting import fit_to_data
+
+    if data.rows is not None:  # ready chat rows (fine-tuning jobs): nothing to fit
+        return recipe, data, {}
+    recipe, train, val, chosen = fit_to_data(recipe, data.train, data.val, console)
+    if chosen and is_main():
+        write_resolved(recipe, chosen)
+    return recipe, replace(data, train=train, val=val), chosen
+
+
+def write_resolved(recipe: Recipe, chosen: dict) -> None:
+    """``config.resolved.yaml`` of the recipe as it trains, with ``_chosen``: each decided setting and why."""
+    import yaml
+
+    from tunesmith.config import dump_resolved
+
+    path = recipe.run_dir / "config.resolved.yaml"
+    dump_resolved(recipe, path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    doc["_chosen"] = chosen
+    path.write_text(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def fingerprint(recipe: Recipe, train: list[Example], init_adapter: Path | None = None) -> str:
