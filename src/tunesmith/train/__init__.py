@@ -2,4 +2,4 @@
 (:func:`tunesmith.train.jobs.trainer`) and its shape (:func:`tunesmith.machine.methods.register_method`);
 importing this package registers them all. :func:`tunesmith.train.jobs.train` is the one entry point."""
 
-from tunesmith.train import dpo, heads, sft  # noqa: F401 - each registers its method and trainer
+from tunesmith.train import dpo, grpo, heads, sft  # noqa: F401 - each registers its method and trainer

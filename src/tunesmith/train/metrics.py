@@ -13,6 +13,13 @@ EXTRA = [
     "peak_memory_mb",
     "num_tokens",
 ]  # after OpenAI's columns, so readers of theirs work
+REWARD = ["train_reward_mean", "train_reward_std"]  # reinforcement (GRPO): the mean reward of a step's completions
+# and its spread; written only by methods that have rewards
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    """The columns a metrics file of ``rows`` has: OpenAI's, ours, and the reward columns where rows have rewards."""
+    return COLUMNS + EXTRA + [c for c in REWARD if any(r.get(c) is not None for r in rows)]
 
 
 def rows_from_log_history(history: list[dict]) -> list[dict]:
@@ -43,10 +50,11 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
     """Write rows; empty cells where a step had no validation pass (as OpenAI's file does)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS + EXTRA)
+        fields = columns_of(rows)
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in COLUMNS + EXTRA})
+            writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in fields})
 
 
 def read_metrics_csv(path: Path) -> list[dict]:
