@@ -40,6 +40,9 @@ class GrpoSection(Section):
     max_completion_length: int = Field(64, ge=1, description="the longest completion sampled, in tokens")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    eval_generations: int | None = Field(None, ge=1, description="completions per validation prompt when the val "
+                                         "split is rewarded (every train.eval_steps, else once per epoch); null: "
+                                         "num_generations")
 
     @field_validator("reward", mode="before")
     @classmethod

@@ -42,12 +42,13 @@ def example_item(example: Example, recipe: Recipe) -> dict:
     return item
 
 
-def recipe_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
-    """GRPO rows from the train split: the prompt the fine-tune is asked with, the example as the grader's item."""
+def recipe_rows(recipe: Recipe, examples: list[Example], start: int = 0) -> list[dict]:
+    """GRPO rows: the prompt the fine-tune is asked with, the example as the grader's item, and its index
+    (from ``start``) in the examples the task reward reads."""
     from tunesmith.data.formatting import chat_messages
 
     return [{"prompt": chat_messages(e, recipe.data), ITEM: json.dumps(example_item(e, recipe), ensure_ascii=False),
-             EXAMPLE: i} for i, e in enumerate(examples)]
+             EXAMPLE: start + i} for i, e in enumerate(examples)]
 
 
 def task_reward(recipe: Recipe, examples: list[Example], labels: list[str]) -> Callable:
@@ -91,24 +92,30 @@ def reward_functions(recipe: Recipe, examples: list[Example], labels: list[str])
     return out
 
 
-def grpo_config(recipe: Recipe, placement, out_dir):
+def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False):
     """TRL's GRPOConfig from the recipe: the arguments every trainer takes (precision from the device, no
-    gradient checkpointing unless asked) and the ``train.grpo`` section."""
+    gradient checkpointing unless asked), the ``train.grpo`` section, and with validation rows a rewarded
+    validation pass every ``train.eval_steps`` (else once per epoch)."""
     from trl import GRPOConfig
 
     from tunesmith.train.sft import base_args
 
-    g = recipe.train.grpo
+    t, g = recipe.train, recipe.train.grpo
     base = base_args(recipe, placement, out_dir)
-    return GRPOConfig(**base, gradient_checkpointing=bool(base["activation_checkpointing"]),
+    groups = max(1, base["per_device_train_batch_size"] // g.num_generations)
+    evaluation = dict(eval_strategy=("steps" if t.eval_steps else "epoch") if has_val else "no",
+                      eval_steps=t.eval_steps, num_generations_eval=g.eval_generations,
+                      per_device_eval_batch_size=groups * (g.eval_generations or g.num_generations))
+    return GRPOConfig(**base, **evaluation, gradient_checkpointing=bool(base["activation_checkpointing"]),
                       num_generations=g.num_generations, beta=g.beta, max_completion_length=g.max_completion_length,
                       temperature=g.temperature, top_p=g.top_p, shuffle_dataset=recipe.data is None
                       or recipe.data.order is None, remove_unused_columns=False)
 
 
 def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list[Callable], placement, bar,
-               resume: bool = False, callbacks: list | None = None) -> TrainResult:
-    """Wrap ``model`` with the recipe's adapter (or keep the one it continues from) and run GRPOTrainer."""
+               resume: bool = False, callbacks: list | None = None, val_rows: list[dict] = ()) -> TrainResult:
+    """Wrap ``model`` with the recipe's adapter (or keep the one it continues from) and run GRPOTrainer; the
+    ``val_rows`` prompts are sampled and rewarded at each validation pass."""
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -117,8 +124,9 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
     out_dir = recipe.run_dir / "train"
     tokenizer.padding_side = "left"  # generation pads on the left
     grpo = GRPOTrainer(model=prepare_model(recipe, model), reward_funcs=rewards,
-                       args=grpo_config(recipe, placement, out_dir), train_dataset=Dataset.from_list(rows),
-                       processing_class=tokenizer)
+                       args=grpo_config(recipe, placement, out_dir, bool(val_rows)),
+                       train_dataset=Dataset.from_list(rows),
+                       eval_dataset=Dataset.from_list(list(val_rows)) if val_rows else None, processing_class=tokenizer)
     before = trainable_snapshot(grpo.model)
     seconds = fit(grpo, out_dir, resume, lambda steps: bar("grpo", steps), callbacks)
     full = recipe.train.adapter == "full"
@@ -141,36 +149,41 @@ def drop_reference_adapter(model) -> None:
 
 
 def grpo_rows(history: list[dict]) -> list[dict]:
-    """GRPO's log in the metrics columns: the loss, and the mean reward of the step's completions with its
-    spread (standard deviation) in the reward columns."""
+    """GRPO's log in the metrics columns, one row per logged step: the loss, and the mean reward of the step's
+    completions with its spread (standard deviation); a validation pass fills valid_loss and valid_reward_*."""
     from tunesmith.train.metrics import COLUMNS, EXTRA, REWARD
 
-    rows = []
+    rows: dict[int, dict] = {}
     for h in history:
-        if "loss" not in h or "reward" not in h:
+        if "reward" not in h and "eval_reward" not in h:
             continue
-        rows.append({c: None for c in COLUMNS + EXTRA + REWARD} | {
-            "step": h["step"], "train_loss": h["loss"], "train_reward_mean": h["reward"],
-            "train_reward_std": h.get("reward_std"), "num_tokens": h.get("num_tokens"),
-            "peak_memory_mb": h.get("peak_memory_mb")})
-    return rows
+        row = rows.setdefault(h["step"], {c: None for c in COLUMNS + EXTRA + REWARD} | {"step": h["step"]})
+        if "reward" in h:
+            row |= {"train_loss": h.get("loss"), "train_reward_mean": h["reward"],
+                    "train_reward_std": h.get("reward_std"), "num_tokens": h.get("num_tokens"),
+                    "peak_memory_mb": h.get("peak_memory_mb")}
+        if "eval_reward" in h:
+            row |= {"valid_loss": h.get("eval_loss"), "valid_reward_mean": h["eval_reward"],
+                    "valid_reward_std": h.get("eval_reward_std")}
+    return [rows[s] for s in sorted(rows)]
 
 
-def job_rows(recipe: Recipe, data: TrainData) -> tuple[list[dict], list[Example]]:
-    """The rows to train on and the examples behind them (none for rows handed over as they are)."""
+def job_rows(recipe: Recipe, data: TrainData) -> tuple[list[dict], list[dict], list[Example]]:
+    """The rows to train on, the validation rows, and the examples behind them (none for rows handed over as
+    they are: a reinforcement job's)."""
     if data.rows is not None:
-        return data.rows, []
-    examples = ordered(recipe, data.train)
-    return recipe_rows(recipe, examples), examples
+        return data.rows, list(data.val_rows or []), []
+    train = ordered(recipe, data.train)
+    return recipe_rows(recipe, train), recipe_rows(recipe, data.val, len(train)), train + list(data.val)
 
 
 @trainer("grpo", "generative")
 def grpo_job(job: TrainJob) -> TrainResult:
-    rows, examples = job_rows(job.recipe, job.data)
+    rows, val_rows, examples = job_rows(job.recipe, job.data)
     if not rows:
         raise DataError("train.method grpo: no prompts to train on (the train split is empty)")
     rewards = reward_functions(job.recipe, examples, job.data.labels)  # checked before the model loads
     job.console.print(f"GRPO on {len(rows)} prompts x {job.recipe.train.grpo.num_generations} completions, rewards: "
                       + ", ".join(f.__name__ for f in rewards))
     return train_grpo(job.recipe, generative_model(job), job.tokenizer, rows, rewards, job.placement, job.bar,
-                      resume=job.resume, callbacks=job.callbacks)
+                      resume=job.resume, callbacks=job.callbacks, val_rows=val_rows)

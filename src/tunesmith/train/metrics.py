@@ -13,8 +13,9 @@ EXTRA = [
     "peak_memory_mb",
     "num_tokens",
 ]  # after OpenAI's columns, so readers of theirs work
-REWARD = ["train_reward_mean", "train_reward_std"]  # reinforcement (GRPO): the mean reward of a step's completions
-# and its spread; written only by methods that have rewards
+# reinforcement (GRPO): the mean reward of a step's completions and its spread (standard deviation), and the same
+# for a validation pass; written only by methods that have rewards
+REWARD = ["train_reward_mean", "train_reward_std", "valid_reward_mean", "valid_reward_std"]
 
 
 def columns_of(rows: list[dict]) -> list[str]:
