@@ -94,3 +94,16 @@ def test_full_fine_tune_grpo_trains_against_a_reference_model(cli, tmp_path, tin
     log = json.loads((train / "grpo_log.json").read_text())
     assert log[0]["reward_std"] > 0 and "kl" in log[0]
     assert "GRPO full fine-tune" in out
+
+
+def test_metrics_file_has_reward_columns_only_where_there_are_rewards(tmp_path):
+    from tunesmith.train.metrics import COLUMNS, EXTRA, plot_loss, read_metrics_csv, write_metrics_csv
+
+    write_metrics_csv([{"step": 1, "train_loss": 0.5}], tmp_path / "sft.csv")
+    assert (tmp_path / "sft.csv").read_text().splitlines()[0].split(",") == COLUMNS + EXTRA
+    rows = [{"step": 1, "train_loss": 0.0, "train_reward_mean": 0.25, "train_reward_std": 0.1},
+            {"step": 2, "train_loss": 0.0, "train_reward_mean": 0.5, "train_reward_std": 0.2}]
+    write_metrics_csv(rows, tmp_path / "grpo.csv")
+    back = read_metrics_csv(tmp_path / "grpo.csv")
+    assert list(back[0])[-2:] == ["train_reward_mean", "train_reward_std"] and back[1]["train_reward_mean"] == 0.5
+    assert plot_loss(back, tmp_path / "loss.png", "grpo").stat().st_size > 0

@@ -80,9 +80,26 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or valid:
-        ax.legend()
+        ax.legend(loc="upper left")
+    _plot_rewards(ax, rows)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    """A reinforcement training's mean reward per step (± its spread) on a second axis."""
+    logged = [r for r in rows if r.get("train_reward_mean") is not None]
+    if not logged:
+        return
+    steps = [r["step"] for r in logged]
+    mean = [r["train_reward_mean"] for r in logged]
+    spread = [r.get("train_reward_std") or 0.0 for r in logged]
+    right = ax.twinx()
+    right.plot(steps, mean, color="tab:green", marker=".", label="mean reward")
+    right.fill_between(steps, [m - s for m, s in zip(mean, spread, strict=True)],
+                       [m + s for m, s in zip(mean, spread, strict=True)], color="tab:green", alpha=0.15)
+    right.set_ylabel("reward (mean ± spread of the step's completions)")
+    right.legend(loc="upper right")
