@@ -128,7 +128,7 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
                        train_dataset=Dataset.from_list(rows),
                        eval_dataset=Dataset.from_list(list(val_rows)) if val_rows else None, processing_class=tokenizer)
     before = trainable_snapshot(grpo.model)
-    seconds = fit(grpo, out_dir, resume, lambda steps: bar("grpo", steps), callbacks)
+    seconds = fit(grpo, out_dir, resume, lambda _: bar("grpo", planned_steps(grpo)), callbacks)
     full = recipe.train.adapter == "full"
     final_dir = out_dir / ("model" if full else "adapter")
     drop_reference_adapter(grpo.model)
@@ -139,6 +139,19 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
         (out_dir / "grpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     return make_result(grpo, "model" if full else "adapter", final_dir, before, seconds, grpo_rows(history),
                        len(rows), resume)
+
+
+def planned_steps(grpo) -> int:
+    """Optimizer steps GRPO will run: max_steps, else epochs x (each prompt sampled num_generations times) / the
+    completions a step takes."""
+    import math
+
+    args = grpo.args
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    return max(1, math.ceil(math.ceil(len(grpo.train_dataset) * args.num_generations / per_step)
+                            * args.num_train_epochs))
 
 
 def drop_reference_adapter(model) -> None:
