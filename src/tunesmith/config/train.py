@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunesmith.config.section import Section
 
@@ -25,8 +25,41 @@ class DpoSection(Section):
     precompute_ref_log_probs: bool = Field(False, description="score the reference once, before training")
 
 
+class GrpoSection(Section):
+    """Group relative policy optimisation (TRL's GRPOTrainer): the model answers each train prompt
+    ``num_generations`` times, every answer is rewarded, and training moves the model toward the answers that
+    beat their group's mean. ``train.batch_size`` counts completions (a multiple of ``num_generations``)."""
+
+    reward: list[dict | Literal["task"]] = Field(
+        ["task"], description="the rewards, summed: 'task' (the task kind's own metric per example: accuracy 0/1, "
+        "F1, chrF, minus the absolute error for regression) and/or graders in OpenAI's form ({type: string_check, "
+        "...}); a grader's item holds the example's input fields and its answer as item.target")
+    num_generations: int = Field(4, ge=2, description="completions sampled per prompt (one group)")
+    beta: float = Field(0.0, ge=0, description="KL coefficient against the starting model (0: no reference pass; "
+                        "with LoRA the reference is the adapter's starting copy, no second model)")
+    max_completion_length: int = Field(64, ge=1, description="the longest completion sampled, in tokens")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    eval_generations: int | None = Field(None, ge=1, description="completions per validation prompt when the val "
+                                         "split is rewarded (every train.eval_steps, else once per epoch); null: "
+                                         "num_generations")
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        """One reward (``task`` or a grader object) is a list of one."""
+        return [v] if isinstance(v, str | dict) else v
+
+    @field_validator("reward")
+    @classmethod
+    def _some(cls, v: list) -> list:
+        if not v:
+            raise ValueError("at least one reward: 'task' or a grader")
+        return v
+
+
 class TrainSection(Section):
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "grpo"] = "sft"
     path: Literal["auto", "reference"] = Field(
         "auto", description="auto: tunesmith's training path (its packing collator, loss forms and trainers, chosen "
         "for the machine); reference: plain TRL SFTTrainer / DPOTrainer and transformers' own Trainer and heads with "
@@ -140,6 +173,7 @@ class TrainSection(Section):
         [], description="experiment trackers (optional extras: pip install 'tunesmith[tensorboard]'); "
         "their local files go under the run's train/ folder")
     dpo: DpoSection = DpoSection()
+    grpo: GrpoSection = GrpoSection()
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp", description="with several processes (--nproc, torchrun): ddp keeps a whole copy of the model on "
         "each; fsdp (FSDP2, adapter: full) shards weights, gradients and optimizer state across them and saves "
@@ -159,6 +193,9 @@ class TrainSection(Section):
             raise ValueError("early_stopping_patience needs eval_steps (stopping is decided at evaluations)")
         if self.head != "generative" and self.method != "sft":
             raise ValueError(f"head: {self.head} trains with method sft")
+        if self.method == "grpo" and (self.batch_size * self.grad_accum) % self.grpo.num_generations:
+            raise ValueError(f"method grpo: batch_size x grad_accum ({self.batch_size * self.grad_accum} completions) "
+                             f"must be a multiple of grpo.num_generations ({self.grpo.num_generations}): whole groups")
         if self.distributed == "fsdp" and self.adapter != "full":
             raise ValueError("distributed: fsdp shards full fine-tuning (adapter: full); LoRA adapters are small "
                              "enough for ddp")

@@ -163,6 +163,38 @@ def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Valida
     return v
 
 
+def is_prompt_row(row: object) -> bool:
+    """A reinforcement row: messages that end before the answer (the model writes it; graders score it)."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    return (isinstance(messages, list) and bool(messages) and isinstance(messages[-1], dict)
+            and messages[-1].get("role") != "assistant")
+
+
+def validate_reinforcement(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
+    """OpenAI's reinforcement format: ``messages`` (developer/system/user turns, ending before the answer) plus any
+    other fields, which graders read as ``{{item.*}}``. Tokens per example: the prompt's, by the chat rule."""
+    v = Validation(Path(path), limit=limit)
+    for lineno, ex in _objects(v):
+        messages = as_system(ex.get("messages"))
+        errors = check_messages(messages)
+        for kind in errors:
+            v.error(kind, lineno)
+        ok = not errors
+        if ok and messages[-1]["role"] == "assistant":
+            v.error("final_message_is_assistant", lineno)
+            ok = False
+        if ok:
+            _tally(v, messages, [], count_tokens)
+    return v
+
+
+def as_system(messages):
+    """OpenAI's developer messages as the system messages chat templates know; anything else as it is."""
+    if not isinstance(messages, list):
+        return messages
+    return [{**m, "role": "system"} if isinstance(m, dict) and m.get("role") == "developer" else m for m in messages]
+
+
 def validate_completion(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
     """Legacy prompt/completion: the keys, an empty completion, and the legacy validator's warnings
     (completions without a leading space, duplicate rows)."""
@@ -190,6 +222,7 @@ VALIDATORS = {
     "openai-chat": validate_chat,
     "openai-dpo": validate_dpo,
     "openai-completion": validate_completion,
+    "openai-reinforcement": validate_reinforcement,
 }
 
 
@@ -263,7 +296,7 @@ def token_counter(name: str):
 def validate_upload(path: Path, count_tokens=None) -> list[str]:
     """Problems that make a fine-tuning upload unusable, as ``kind: N (lines …)`` strings; [] if fine.
 
-    The format (chat or DPO preference) is read from the first JSON line. Used by the server's
+    The format (chat, DPO preference or reinforcement prompts) is read from the first JSON line. Used by the server's
     ``POST /v1/files``, with a cheap whitespace token count unless a counter is given. Messages
     name lines, never the server's path of the file.
     """
@@ -282,9 +315,20 @@ def validate_upload(path: Path, count_tokens=None) -> list[str]:
     except json.JSONDecodeError:
         first = None
     dpo = isinstance(first, dict) and "preferred_output" in first
+    if is_prompt_row(first):  # reinforcement prompts, unless the file is a chat file with a few answers missing
+        prompts = _problems(validate_reinforcement(Path(path), count_tokens))
+        if not prompts:
+            return []
     v = (validate_dpo if dpo else validate_chat)(Path(path), count_tokens)
     if v.n == 0 and not v.errors:
         return ["empty_file: the file has no examples"]
+    problems = _problems(v)
+    if is_prompt_row(first):
+        problems.append("read as reinforcement prompts (messages that end before the answer): " + "; ".join(prompts))
+    return problems
+
+
+def _problems(v: Validation) -> list[str]:
     return [_problem(kind, n, v.error_lines.get(kind, [])) for kind, n in v.errors.items()]
 
 
@@ -296,9 +340,11 @@ def _problem(kind: str, n: int, lines: list[int]) -> str:
 
 
 def upload_format(path: Path) -> str:
-    """'dpo' when the first line of a (validated) upload is a preference pair, else 'supervised'."""
+    """What a (validated) upload trains, read from its first line: 'dpo' (a preference pair), 'reinforcement'
+    (a prompt without its answer) or 'supervised'."""
     with Path(path).open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                return "dpo" if "preferred_output" in json.loads(line) else "supervised"
+                row = json.loads(line)
+                return "dpo" if "preferred_output" in row else "reinforcement" if is_prompt_row(row) else "supervised"
     return "supervised"

@@ -10,6 +10,7 @@ as at OpenAI; the share of such rows is logged as ``<name>/errored`` through TRL
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from tunesmith.graders.model import ChatBackend, EndpointBackend, LocalBackend
@@ -28,12 +29,16 @@ def completion_text(completion) -> str:
 
 
 def reward_function(grader: dict, context: Context | None = None,
-                    on_graded: Callable[[list[Graded]], None] = lambda graded: None):
-    """A TRL reward function over a checked grader (see :func:`tunesmith.graders.check`)."""
+                    on_graded: Callable[[list[Graded]], None] = lambda graded: None, item_column: str | None = None):
+    """A TRL reward function over a checked grader (see :func:`tunesmith.graders.check`). With ``item_column`` each
+    row's item is that column's JSON object text (items of any shape, which a dataset's columns cannot hold)."""
 
     def reward(prompts=None, completions=(), **columns) -> list[float]:
-        items = [{k: v[i] for k, v in columns.items() if k not in TRL_ARGS and isinstance(v, list)}
-                 for i in range(len(completions))]
+        if item_column is not None:
+            items = [json.loads(text) for text in columns[item_column]]
+        else:
+            items = [{k: v[i] for k, v in columns.items() if k not in TRL_ARGS and isinstance(v, list)}
+                     for i in range(len(completions))]
         graded = grade_batch(grader, [completion_text(c) for c in completions], items, context)
         on_graded(graded)
         if callable(columns.get("log_metric")) and graded:  # TRL averages it per logging step

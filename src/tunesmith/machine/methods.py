@@ -23,6 +23,7 @@ class MethodSpec:
     loss: tuple[str, str] | None = None  # the loss form the method always scores with, and why (None: the recipe's)
     logit_bytes_per_token: int | None = None  # what its loss holds per token, where it is not the vocabulary's logits
     reads_pairs: bool = False  # trains on preference pairs (train.dpo.path or a synth stage's), not the train split
+    generates: bool = False  # samples its own completions of the train split's prompts (the targets are not trained on)
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -219,6 +219,7 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
                          + (", resumed from a checkpoint" if result.resumed else ""),
         "peak memory": f"{result.peak_memory_mb:,.0f} MB",
         "train loss first → last": loss_span(result.rows),
+        **reward_span(result.rows),
         "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
         "training path": path_line(result.train_path),
     }
@@ -230,6 +231,15 @@ def loss_span(rows: list[dict]) -> str:
 
     losses = train_losses(rows)
     return f"{losses[0]:.3f} → {losses[-1]:.3f}" if losses else "–"
+
+
+def reward_span(rows: list[dict]) -> dict:
+    """A reinforcement training's mean reward at its first and last logged step (± the spread), or nothing."""
+    logged = [r for r in rows if r.get("train_reward_mean") is not None]
+    if not logged:
+        return {}
+    first, last = (f"{r['train_reward_mean']:.3f} ± {r.get('train_reward_std') or 0:.3f}" for r in (logged[0], logged[-1]))
+    return {"mean reward first → last (± spread)": f"{first} → {last}"}
 
 
 def path_line(path: dict | None) -> str:

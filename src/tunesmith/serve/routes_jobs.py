@@ -14,10 +14,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.serve import reinforcement
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
+from tunesmith.serve.reinforcement import ReinforcementMethod
 from tunesmith.serve.routes_openai import Key
 
 router = APIRouter(prefix="/v1")
@@ -139,9 +141,16 @@ class MethodSpec(BaseModel):
 
 class Method(BaseModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["supervised", "dpo"]
+    type: Literal["supervised", "dpo", "reinforcement"]
     supervised: MethodSpec | None = None
     dpo: MethodSpec | None = None
+    reinforcement: ReinforcementMethod | None = None
+
+    @model_validator(mode="after")
+    def _reinforcement_has_a_grader(self) -> Method:
+        if self.type == "reinforcement" and self.reinforcement is None:
+            raise ValueError("a reinforcement job needs method.reinforcement: {grader, hyperparameters}")
+        return self
 
 
 class WandbSpec(BaseModel):
@@ -182,8 +191,7 @@ class JobBody(BaseModel):
     def resolved_method(self) -> dict:
         if self.method is not None:
             spec = getattr(self.method, self.method.type) or MethodSpec()
-            return {"type": self.method.type, self.method.type: {"hyperparameters": spec.hyperparameters.model_dump(
-                exclude_none=True)}}
+            return {"type": self.method.type, self.method.type: spec.model_dump(exclude_none=True)}
         hyper = (self.hyperparameters or Hyperparameters()).model_dump(exclude_none=True)
         return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
 
@@ -192,7 +200,8 @@ class JobBody(BaseModel):
 HYPER_RANGES = {"n_epochs": (1, 50, False), "batch_size": (1, 256, False),
                 "learning_rate_multiplier": (0, None, True), "beta": (0, 2, True)}
 FORMAT_NEEDS = {"supervised": "chat examples ({\"messages\": [...]})",
-                "dpo": "preference pairs ({\"input\", \"preferred_output\", \"non_preferred_output\"})"}
+                "dpo": "preference pairs ({\"input\", \"preferred_output\", \"non_preferred_output\"})",
+                "reinforcement": "prompts ({\"messages\": [...]} ending before the answer, plus the fields graders read)"}
 
 
 def check_hyperparameters(body: JobBody) -> None:
@@ -238,12 +247,18 @@ async def create_job(body: JobBody, request: Request, key: Key):
         raise APIError(400, f"model '{body.model}' is not available for fine-tuning here; this server fine-tunes "
                        f"{trainable} (start it with --model-alias {body.model}=MODEL to map this name)",
                        param="model", code="model_not_available")
+    method = body.resolved_method()
+    if method["type"] == "reinforcement":
+        files = {p: Path(store.get_file(getattr(body, p), key)["storage"]) for p in ("training_file", "validation_file")
+                 if getattr(body, p)}
+        await asyncio.to_thread(reinforcement.check_job, request, key, method["reinforcement"], files,
+                                sorted(request.app.state.trainable_models()))
     import random
 
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
     job = store.add_job(key, model=model, training_file=body.training_file, validation_file=body.validation_file,
                         suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
-                        method=body.resolved_method(), metadata=body.metadata, integrations=integrations)
+                        method=method, metadata=body.metadata, integrations=integrations)
     store.add_event(job["id"], f"Validating training file: {body.training_file}", dedup_key="validating")
     store.update_job(job["id"], status="queued")
     store.add_event(job["id"], "Files validated, moving job to queued state", dedup_key="queued")

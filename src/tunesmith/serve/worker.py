@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.serve import reinforcement
 from tunesmith.serve.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
 from tunesmith.serve.job_events import announce_integrations, estimated_finish, mark_full_validation
 from tunesmith.serve.process import SHUTDOWN, end_worker_process, start_worker_process
@@ -42,9 +43,10 @@ def trained_tokens(path: Path, kind: str, model: str, epochs: int) -> int:
     """OpenAI's count: the tokens of every example as written in the file (the cookbook's message rule:
     3 per message, role, content and name, +3 for the reply; a DPO example counts its input and both
     outputs), times the epochs. A template's default system prompt is not in the file and is not counted."""
-    from tunesmith.data.validate import token_counter, validate_chat, validate_dpo
+    from tunesmith.data.validate import token_counter, validate_chat, validate_dpo, validate_reinforcement
 
-    v = (validate_dpo if kind == "dpo" else validate_chat)(path, token_counter(model))
+    validate = {"dpo": validate_dpo, "reinforcement": validate_reinforcement}.get(kind, validate_chat)
+    v = validate(path, token_counter(model))
     return epochs * sum(v.tokens)
 
 
@@ -52,7 +54,7 @@ def count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int):
+def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int, has_validation: bool = False):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
@@ -63,6 +65,8 @@ def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_exampl
              "save_steps": max(1, math.ceil(steps / CHECKPOINTS_PER_JOB))}
     if job["method"]["type"] == "dpo":  # TRL's DPO reads OpenAI's preference format from the uploaded file
         train |= {"method": "dpo", "dpo": {"beta": hyper["beta"], "path": str(training_path)}}
+    if job["method"]["type"] == "reinforcement":  # GRPO with the job's grader as the reward
+        train |= reinforcement.train_section(job["method"], hyper, has_validation)
     return validate_recipe({"name": job["id"], "output_dir": str(root / "runs"), "seed": job["seed"],
                             "model": {"name": job["model"]}, "train": train})
 
@@ -70,6 +74,8 @@ def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_exampl
 def job_callback(store: Store, job_id: str, model_name: str):
     """Metrics events, checkpoint rows and the cancel/pause check after every step."""
     from transformers import TrainerCallback
+
+    from tunesmith.train.metrics import REWARD
 
     class _JobEvents(TrainerCallback):
         stopped_for: str | None = None
@@ -83,11 +89,13 @@ def job_callback(store: Store, job_id: str, model_name: str):
                 data |= {"train_loss": logs["loss"], "train_mean_token_accuracy": logs.get("mean_token_accuracy")}
             if "eval_loss" in logs:
                 data |= {"valid_loss": logs["eval_loss"], "valid_mean_token_accuracy": logs.get("eval_mean_token_accuracy")}
+            data |= reinforcement.reward_metrics(logs)
             if len(data) == 2:
                 return
-            same_step = self.last_metrics.get("step") == state.global_step  # train and eval logs of one step
-            self.last_metrics = (self.last_metrics if same_step else {}) | data
-            parts = [f"{k.replace('_', ' ')}={data[k]:.4f}" for k in ("train_loss", "valid_loss") if data.get(k) is not None]
+            # a step's validation pass is logged after its training entry: its checkpoint carries both
+            self.last_metrics = (self.last_metrics | data) if self.last_metrics.get("step") == data["step"] else data
+            parts = [f"{k.replace('_', ' ')}={data[k]:.4f}" for k in ["train_loss", "valid_loss", *REWARD]
+                     if data.get(k) is not None]
             kind = "train" if "train_loss" in data else "valid"
             store.add_event(job_id, f"Step {state.global_step}/{state.max_steps}: " + ", ".join(parts), "metrics", data,
                             dedup_key=f"metrics:{kind}:{state.global_step}")
@@ -125,14 +133,18 @@ def run_job(store: Store, job: dict) -> None:
             raise DataError(f"{key.replace('_', ' ')} {job[key]} no longer exists (it was deleted after the job was "
                             "created); upload it again and create a new job")
     training_path = Path(files["training_file"]["storage"])
-    dpo = job["method"]["type"] == "dpo"
-    rows = [] if dpo else read_chat_rows(training_path, job["training_file"])
-    val_rows = (read_chat_rows(Path(files["validation_file"]["storage"]), job["validation_file"])
-                if "validation_file" in files and not dpo else [])
+    kind = job["method"]["type"]
+
+    def read(param: str) -> list[dict]:
+        path = Path(files[param]["storage"])
+        return reinforcement.read_rows(path) if kind == "reinforcement" else read_chat_rows(path, job[param])
+
+    rows = [] if kind == "dpo" else read("training_file")
+    val_rows = read("validation_file") if "validation_file" in files and kind != "dpo" else []
     n_examples = count_lines(training_path)
     hyper = resolve_hyperparameters(job["method"], n_examples)
     store.update_job(job["id"], method=with_hyperparameters(job["method"], hyper))
-    recipe = job_recipe(job, root, hyper, training_path, n_examples)
+    recipe = job_recipe(job, root, hyper, training_path, n_examples, bool(val_rows))
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
     resume = announce_start(store, job, recipe.run_dir / "train" / "checkpoints")
     announce_integrations(store, job)
@@ -152,7 +164,7 @@ def run_job(store: Store, job: dict) -> None:
         store.add_event(job["id"], f"The server stopped; the job was saved at step {callback.stopped_at} and resumes "
                         "from there when the server starts again", dedup_key=f"shutdown:{time.time():.0f}")
         return
-    if val_rows:
+    if val_rows and kind != "reinforcement":  # a reinforcement job's validation rewards are in its metrics
         mark_full_validation(store, job["id"], callback.last_metrics)
         evaluate_job(store, job["id"], recipe, val_rows)
     from tunesmith.train.metrics import read_metrics_csv
@@ -222,13 +234,14 @@ def train_job(recipe, rows, val_rows, callback, resume, bar):
 
 def results_file(rows: list[dict]) -> bytes:
     """The step metrics CSV, base64-encoded as OpenAI returns a job's result file."""
-    from tunesmith.train.metrics import COLUMNS
+    from tunesmith.train.metrics import COLUMNS, REWARD
 
+    fields = COLUMNS + [c for c in REWARD if any(r.get(c) is not None for r in rows)]  # reinforcement: the rewards
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({c: "" if r.get(c) is None else (int(r[c]) if c == "step" else r[c]) for c in COLUMNS})
+        writer.writerow({c: "" if r.get(c) is None else (int(r[c]) if c == "step" else r[c]) for c in fields})
     return base64.b64encode(buf.getvalue().encode())
 
 

@@ -3,4 +3,4 @@
 importing this package registers them all (and the reference path's trainers, :mod:`tunesmith.train.reference`).
 :func:`tunesmith.train.jobs.train` is the one entry point."""
 
-from tunesmith.train import dpo, heads, reference, sft  # noqa: F401 - each registers its method and trainer
+from tunesmith.train import dpo, grpo, heads, reference, sft  # noqa: F401 - each registers its method and trainer

@@ -13,6 +13,14 @@ EXTRA = [
     "peak_memory_mb",
     "num_tokens",
 ]  # after OpenAI's columns, so readers of theirs work
+# reinforcement (GRPO): the mean reward of a step's completions and its spread (standard deviation), and the same
+# for a validation pass; written only by methods that have rewards
+REWARD = ["train_reward_mean", "train_reward_std", "valid_reward_mean", "valid_reward_std"]
+
+
+def columns_of(rows: list[dict]) -> list[str]:
+    """The columns a metrics file of ``rows`` has: OpenAI's, ours, and the reward columns where rows have rewards."""
+    return COLUMNS + EXTRA + [c for c in REWARD if any(r.get(c) is not None for r in rows)]
 
 
 def rows_from_log_history(history: list[dict]) -> list[dict]:
@@ -43,10 +51,11 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
     """Write rows; empty cells where a step had no validation pass (as OpenAI's file does)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS + EXTRA)
+        fields = columns_of(rows)
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in COLUMNS + EXTRA})
+            writer.writerow({c: ("" if row.get(c) is None else row[c]) for c in fields})
 
 
 def read_metrics_csv(path: Path) -> list[dict]:
@@ -71,9 +80,26 @@ def plot_loss(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or valid:
-        ax.legend()
+        ax.legend(loc="upper left")
+    _plot_rewards(ax, rows)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    """A reinforcement training's mean reward per step (± its spread) on a second axis."""
+    logged = [r for r in rows if r.get("train_reward_mean") is not None]
+    if not logged:
+        return
+    steps = [r["step"] for r in logged]
+    mean = [r["train_reward_mean"] for r in logged]
+    spread = [r.get("train_reward_std") or 0.0 for r in logged]
+    right = ax.twinx()
+    right.plot(steps, mean, color="tab:green", marker=".", label="mean reward")
+    right.fill_between(steps, [m - s for m, s in zip(mean, spread, strict=True)],
+                       [m + s for m, s in zip(mean, spread, strict=True)], color="tab:green", alpha=0.15)
+    right.set_ylabel("reward (mean ± spread of the step's completions)")
+    right.legend(loc="upper right")

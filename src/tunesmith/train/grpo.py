@@ -1,0 +1,202 @@
+"""Group relative policy optimisation (reinforcement from verifiable rewards) on TRL's GRPOTrainer.
+
+The model answers each train prompt ``train.grpo.num_generations`` times; every answer is rewarded by the
+recipe's rewards (``task``: the task kind's own metric against the example's answer; or OpenAI-style graders
+from :mod:`tunesmith.graders`, whose ``item`` is the example's input fields plus ``target``), and each answer's
+advantage over its group's mean weights its log-probability in the loss. With LoRA the KL reference (``beta``
+above 0) is a frozen copy of the starting adapter inside the same model (TRL's own), never a second model.
+
+Rows are ``{"prompt": chat messages, "item": JSON object text, "example": index}``: from a recipe's train split,
+or as the jobs API reads them from a reinforcement file. ``train/metrics.csv`` carries the mean reward and its
+spread over each logged step's completions (``train_reward_mean``, ``train_reward_std``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from tunesmith.config import Recipe
+from tunesmith.errors import ConfigError, DataError
+from tunesmith.machine.launch import is_main
+from tunesmith.machine.methods import MethodSpec, register_method
+from tunesmith.records import Example
+from tunesmith.train.jobs import TrainData, TrainJob, generative_model, ordered, trainer
+from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
+
+register_method(MethodSpec(
+    "grpo", packs=False,
+    unpacked_reason="GRPO samples and scores each completion in its own row: never packed",
+    loss=("logits", "TRL's GRPO loss takes the completions' token log-probabilities from their logits"),
+    generates=True))
+
+ITEM, EXAMPLE = "item", "example"  # the dataset's columns beside "prompt"
+
+
+def example_item(example: Example, recipe: Recipe) -> dict:
+    """What a grader reads as ``item`` for a recipe's example: its input fields, and its answer as ``target``
+    (and under the data's own target column name)."""
+    item = dict(example.inputs) | {"target": example.target}
+    if recipe.data is not None and recipe.data.target_field:
+        item.setdefault(recipe.data.target_field, example.target)
+    return item
+
+
+def recipe_rows(recipe: Recipe, examples: list[Example], start: int = 0) -> list[dict]:
+    """GRPO rows: the prompt the fine-tune is asked with, the example as the grader's item, and its index
+    (from ``start``) in the examples the task reward reads."""
+    from tunesmith.data.formatting import chat_messages
+
+    return [{"prompt": chat_messages(e, recipe.data), ITEM: json.dumps(example_item(e, recipe), ensure_ascii=False),
+             EXAMPLE: start + i} for i, e in enumerate(examples)]
+
+
+def task_reward(recipe: Recipe, examples: list[Example], labels: list[str]) -> Callable:
+    """The task kind's per-example score of a completion as a reward (negated where lower is better: the
+    absolute error of regression); an unparseable answer scores as the kind scores it (0, or counted as 0)."""
+    from tunesmith.graders.rewards import completion_text
+    from tunesmith.kinds import make_task
+
+    if recipe.data is None or not examples:
+        raise ConfigError("train.grpo.reward: task needs the recipe's data (the examples' answers); with rows alone "
+                          "(a reinforcement job) give graders")
+    kind = make_task(recipe.task_kind, recipe.eval, labels, recipe.data.task_options)
+    sign = 1.0 if kind.higher_is_better else -1.0
+
+    def reward(prompts=None, completions=(), example=(), **_) -> list[float]:
+        scores = [kind.score(kind.parse(completion_text(c)), examples[i]) for c, i in zip(completions, example,
+                                                                                          strict=True)]
+        return [0.0 if s is None else sign * float(s) for s in scores]
+
+    reward.__name__ = f"task_{kind.headline}"
+    return reward
+
+
+def reward_functions(recipe: Recipe, examples: list[Example], labels: list[str]) -> list[Callable]:
+    """One TRL reward function per ``train.grpo.reward`` entry; graders are checked first (ConfigError naming
+    the entry and field)."""
+    from tunesmith.graders import Context, check, model_backends, reward_function
+
+    context = Context(backends=model_backends(recipe.eval.endpoints))
+    out = []
+    for i, entry in enumerate(recipe.train.grpo.reward):
+        if entry == "task":
+            out.append(task_reward(recipe, examples, labels))
+        else:
+            grader = check(entry, f"train.grpo.reward.{i}")
+            out.append(reward_function(grader, context, item_column=ITEM))
+    names = [f.__name__ for f in out]
+    if len(set(names)) < len(names):  # TRL logs each reward under its name
+        for i, f in enumerate(out):
+            f.__name__ = f"{f.__name__}_{i}"
+    return out
+
+
+def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False):
+    """TRL's GRPOConfig from the recipe: the arguments every trainer takes (precision from the device, no
+    gradient checkpointing unless asked), the ``train.grpo`` section, and with validation rows a rewarded
+    validation pass every ``train.eval_steps`` (else once per epoch)."""
+    from trl import GRPOConfig
+
+    from tunesmith.train.sft import base_args
+
+    t, g = recipe.train, recipe.train.grpo
+    base = base_args(recipe, placement, out_dir)
+    groups = max(1, base["per_device_train_batch_size"] // g.num_generations)
+    evaluation = dict(eval_strategy=("steps" if t.eval_steps else "epoch") if has_val else "no",
+                      eval_steps=t.eval_steps, num_generations_eval=g.eval_generations,
+                      per_device_eval_batch_size=groups * (g.eval_generations or g.num_generations))
+    return GRPOConfig(**base, **evaluation, gradient_checkpointing=bool(base["activation_checkpointing"]),
+                      num_generations=g.num_generations, beta=g.beta, max_completion_length=g.max_completion_length,
+                      temperature=g.temperature, top_p=g.top_p, shuffle_dataset=recipe.data is None
+                      or recipe.data.order is None, remove_unused_columns=False)
+
+
+def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list[Callable], placement, bar,
+               resume: bool = False, callbacks: list | None = None, val_rows: list[dict] = ()) -> TrainResult:
+    """Wrap ``model`` with the recipe's adapter (or keep the one it continues from) and run GRPOTrainer; the
+    ``val_rows`` prompts are sampled and rewarded at each validation pass."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from tunesmith.train.sft import fit, prepare_model, save_final
+
+    out_dir = recipe.run_dir / "train"
+    tokenizer.padding_side = "left"  # generation pads on the left
+    grpo = GRPOTrainer(model=prepare_model(recipe, model), reward_funcs=rewards,
+                       args=grpo_config(recipe, placement, out_dir, bool(val_rows)),
+                       train_dataset=Dataset.from_list(rows),
+                       eval_dataset=Dataset.from_list(list(val_rows)) if val_rows else None, processing_class=tokenizer)
+    before = trainable_snapshot(grpo.model)
+    seconds = fit(grpo, out_dir, resume, lambda _: bar("grpo", planned_steps(grpo)), callbacks)
+    full = recipe.train.adapter == "full"
+    final_dir = out_dir / ("model" if full else "adapter")
+    drop_reference_adapter(grpo.model)
+    save_final(grpo, final_dir)
+    history = grpo.state.log_history
+    if is_main():
+        tokenizer.save_pretrained(str(final_dir))
+        (out_dir / "grpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
+    return make_result(grpo, "model" if full else "adapter", final_dir, before, seconds, grpo_rows(history),
+                       len(rows), resume)
+
+
+def planned_steps(grpo) -> int:
+    """Optimizer steps GRPO will run: max_steps, else epochs x (each prompt sampled num_generations times) / the
+    completions a step takes."""
+    import math
+
+    args = grpo.args
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+    return max(1, math.ceil(math.ceil(len(grpo.train_dataset) * args.num_generations / per_step)
+                            * args.num_train_epochs))
+
+
+def drop_reference_adapter(model) -> None:
+    """TRL keeps the KL reference as a frozen adapter named 'ref' beside the trained one; only the trained one
+    is saved."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+
+
+def grpo_rows(history: list[dict]) -> list[dict]:
+    """GRPO's log in the metrics columns, one row per logged step: the loss, and the mean reward of the step's
+    completions with its spread (standard deviation); a validation pass fills valid_loss and valid_reward_*."""
+    from tunesmith.train.metrics import COLUMNS, EXTRA, REWARD
+
+    rows: dict[int, dict] = {}
+    for h in history:
+        if "reward" not in h and "eval_reward" not in h:
+            continue
+        row = rows.setdefault(h["step"], {c: None for c in COLUMNS + EXTRA + REWARD} | {"step": h["step"]})
+        if "reward" in h:
+            row |= {"train_loss": h.get("loss"), "train_reward_mean": h["reward"],
+                    "train_reward_std": h.get("reward_std"), "num_tokens": h.get("num_tokens"),
+                    "peak_memory_mb": h.get("peak_memory_mb")}
+        if "eval_reward" in h:
+            row |= {"valid_loss": h.get("eval_loss"), "valid_reward_mean": h["eval_reward"],
+                    "valid_reward_std": h.get("eval_reward_std")}
+    return [rows[s] for s in sorted(rows)]
+
+
+def job_rows(recipe: Recipe, data: TrainData) -> tuple[list[dict], list[dict], list[Example]]:
+    """The rows to train on, the validation rows, and the examples behind them (none for rows handed over as
+    they are: a reinforcement job's)."""
+    if data.rows is not None:
+        return data.rows, list(data.val_rows or []), []
+    train = ordered(recipe, data.train)
+    return recipe_rows(recipe, train), recipe_rows(recipe, data.val, len(train)), train + list(data.val)
+
+
+@trainer("grpo", "generative")
+def grpo_job(job: TrainJob) -> TrainResult:
+    rows, val_rows, examples = job_rows(job.recipe, job.data)
+    if not rows:
+        raise DataError("train.method grpo: no prompts to train on (the train split is empty)")
+    rewards = reward_functions(job.recipe, examples, job.data.labels)  # checked before the model loads
+    job.console.print(f"GRPO on {len(rows)} prompts x {job.recipe.train.grpo.num_generations} completions, rewards: "
+                      + ", ".join(f.__name__ for f in rewards))
+    return train_grpo(job.recipe, generative_model(job), job.tokenizer, rows, rewards, job.placement, job.bar,
+                      resume=job.resume, callbacks=job.callbacks, val_rows=val_rows)
