@@ -189,3 +189,15 @@ def test_trained_rows_name_their_line_on_a_bad_file(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps(GOOD[0]) + "\n{oops\n", encoding="utf-8")
     with pytest.raises(DataError, match="line 2: data_type"):
         read_chat_file(tmp_path / "x.jsonl", "file-1")
+
+
+def test_dpo_pairs_with_tools_train_as_hermes_text():
+    from tunesmith.train.dpo import to_pair
+
+    pair = to_pair({"input": {"tools": TOOLS, "messages": [{"role": "user", "content": "savings?"}]},
+                    "preferred_output": [{"role": "assistant", "tool_calls": [call()]}],
+                    "non_preferred_output": [{"role": "assistant", "content": "I cannot."}]}, "p.jsonl:1")
+    assert pair["prompt"][0]["role"] == "system" and "<tools>" in pair["prompt"][0]["content"]
+    assert pair["chosen"] == [{"role": "assistant", "content": '<tool_call>\n{"name": "get_balance", "arguments": '
+                                                               '{"account": "savings"}}\n</tool_call>'}]
+    assert pair["rejected"] == [{"role": "assistant", "content": "I cannot."}]
