@@ -116,7 +116,7 @@ def train_adapter(train_file: Path, out: Path, epochs: int, lr: float, seed: int
 
     recipe = validate_recipe({"name": "function-calling", "output_dir": str(out), "seed": seed,
                               "model": {"name": "smollm2-135m-instruct"},
-                              "train": {"epochs": epochs, "batch_size": 8, "learning_rate": lr, "logging_steps": 5,
+                              "train": {"epochs": epochs, "batch_size": 4, "learning_rate": lr, "logging_steps": 5,
                                         "max_seq_length": 1024}})
     return train(recipe, TrainData(rows=read_chat_file(train_file), val_rows=[]), Console(), bar)
 
