@@ -162,6 +162,7 @@ def test_a_conversation_with_tool_results_is_answered(live):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": "track_card"}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
     ({"functions": [{"name": "f"}]}, "functions"),
 ])

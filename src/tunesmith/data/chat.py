@@ -159,7 +159,8 @@ def check_messages(messages, names: set[str] | None = None, final_calls_open: bo
             call_id = m.get("tool_call_id")
             if not isinstance(call_id, str) or call_id not in open_calls:
                 errors.append("tool_message_without_tool_call")
-            open_calls.discard(call_id)
+            else:
+                open_calls.discard(call_id)
             continue
         if role == "function":
             legacy_open = False
@@ -196,6 +197,6 @@ def check_example(ex) -> list[str]:
 
 def tools_of(ex: dict) -> list[dict] | None:
     """The example's function definitions in the ``tools`` form (legacy ``functions`` converted)."""
-    tools = list(ex.get("tools") or [])
-    tools += [{"type": "function", "function": f} for f in ex.get("functions") or []]
-    return tools or None
+    tools = ex.get("tools") if isinstance(ex.get("tools"), list) else []
+    functions = ex.get("functions") if isinstance(ex.get("functions"), list) else []
+    return [*tools, *({"type": "function", "function": f} for f in functions)] or None

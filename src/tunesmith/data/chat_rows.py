@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunesmith.data.chat import check_example, hint, tools_of
+from tunesmith.data.chat import check_example, check_messages, hint, tools_of
 from tunesmith.data.tool_format import assistant_text, plain_messages, render
 from tunesmith.errors import DataError
 
@@ -129,3 +129,17 @@ def last_turn_pair(row: dict) -> dict:
     last = max(i for i, t in enumerate(_trained(messages)) if t)
     prompt = plain_messages(messages[:last], row.get("tools"))
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": assistant_text(messages[last])}]}
+
+
+def openai_preference(row: dict) -> tuple:
+    """An OpenAI DPO row → (prompt, preferred, non-preferred) messages in the hermes text form (the input's
+    tools in the system message, calls as ``<tool_call>`` text). A part that breaks the rules is returned
+    as it is, for the caller to report."""
+    inp = row.get("input") if isinstance(row.get("input"), dict) else {}
+
+    def plain(messages, tools=None):
+        ok = isinstance(messages, list) and not check_messages(messages)
+        return plain_messages(messages, tools) if ok else messages
+
+    return (plain(inp.get("messages"), tools_of(inp)), plain(row.get("preferred_output")),
+            plain(row.get("non_preferred_output")))

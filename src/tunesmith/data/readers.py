@@ -15,6 +15,7 @@ import json
 import re
 from pathlib import Path
 
+from tunesmith.data.chat import check_example, hint
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 
@@ -115,6 +116,9 @@ def _jsonl(path: Path, text: str):
             continue
         if not isinstance(obj, dict):
             yield Rejected(where, "read", f"not a JSON object; line starts with: {_start(line)!r}", line)
+            continue
+        if "messages" in obj and (errors := check_example(obj)):  # an OpenAI chat example: OpenAI's rules
+            yield Rejected(where, "read", "; ".join(f"{e} ({hint(e)})" for e in errors), obj)
             continue
         yield Record(obj, where)
 

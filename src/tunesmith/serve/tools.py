@@ -73,7 +73,8 @@ def plan_tools(body) -> ToolPlan:
         return ToolPlan(tools, parse=True, parallel=parallel)
     if choice == "required":
         return ToolPlan(tools, True, call_schema(list(functions.values())), parallel)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise _bad("'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
                    "{\"name\": ...}}.", "tool_choice")
@@ -105,7 +106,7 @@ def request_messages(body) -> list[dict]:
     messages = [{k: v for k, v in m.model_dump().items() if k in MESSAGE_KEYS and v is not None} for m in body.messages]
     for m in messages:
         m.setdefault("content", None if m["role"] == "assistant" else "")
-    if any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+    if any(m.get("tool_calls") or m.get("function_call") or m["role"] == "tool" for m in messages):
         errors = [e for e in check_messages(messages, final_calls_open=False) if e != "missing_content"]
         if errors:
             raise _bad(f"Invalid 'messages': {errors[0]}: {hint(errors[0])}.", "messages")
@@ -133,7 +134,7 @@ def constraint(engine, plan: ToolPlan):
         try:
             _CONSTRAINTS[key] = JsonConstraint(engine.tokenizer, engine.model.config.vocab_size,
                                                stop_ids(engine.tokenizer, engine.model), plan.schema)
-        except ConfigError as exc:
+        except (ConfigError, ValueError, TypeError) as exc:  # a schema llguidance cannot compile is the client's
             raise _bad(f"Invalid 'tools': the function's parameters cannot constrain decoding: {exc}", "tools") from None
     return _CONSTRAINTS[key]
 

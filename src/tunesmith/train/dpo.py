@@ -58,9 +58,10 @@ def to_pair(row: dict, where: str) -> dict:
     """One preference row in any accepted format → TRL's conversational prompt/chosen/rejected."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if "preferred_output" in row:
-        prompt = (row.get("input") or {}).get("messages")
-        chosen, rejected = row.get("preferred_output"), row.get("non_preferred_output")
+    if "preferred_output" in row:  # OpenAI's format, tools and calls as the hermes text form
+        from tunesmith.data.chat_rows import openai_preference
+
+        prompt, chosen, rejected = openai_preference(row)
     elif "conversations" in row:
         prompt, chosen, rejected = row["conversations"], row.get("chosen"), row.get("rejected")
     else:
