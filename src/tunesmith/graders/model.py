@@ -75,19 +75,19 @@ class EndpointBackend:
         return [ModelReply(r.text, r.error) for r in replies]
 
 
-def _content_text(content) -> str:
+def content_text(content) -> str:
     """A message's content as text: a string, or the text of its parts (images and audio are refused at check)."""
     if isinstance(content, str):
         return content
     if isinstance(content, dict):
         return content.get("text", "")
-    return "\n".join(_content_text(part) for part in content or [])
+    return "\n".join(content_text(part) for part in content or [])
 
 
 def conversation(grader: dict, sample: dict, item: dict) -> list[dict]:
     """The grader's messages rendered for one row, plus the answer-format instruction."""
     messages = [{"role": "system" if m.get("role") == "developer" else m.get("role", "user"),
-                 "content": template.render(_content_text(m.get("content")), sample, item)}
+                 "content": template.render(content_text(m.get("content")), sample, item)}
                 for m in grader["input"]]
     if grader["type"] == "score_model":
         low, high = grader.get("range") or (0, 1)

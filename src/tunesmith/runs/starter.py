@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.data.steps import number_value
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Record
 
@@ -36,7 +37,7 @@ class Column:
 
     @property
     def numeric(self) -> bool:
-        return bool(self.present) and all(_number(v) is not None for v in self.present)
+        return bool(self.present) and all(number_value(v) is not None for v in self.present)
 
     @property
     def distinct(self) -> int:
@@ -57,17 +58,6 @@ class Column:
         example = example if len(example) <= 40 else example[:37] + "..."
         return (f"{self.name}: {kind}, {self.distinct:,} distinct, {self.mean_chars:,.0f} chars on average, "
                 f"e.g. {example!r}")
-
-
-def _number(v) -> float | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int | float):
-        return float(v)
-    try:
-        return float(str(v).replace(",", "").strip())
-    except ValueError:
-        return None
 
 
 @dataclass

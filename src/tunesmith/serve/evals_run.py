@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from tunesmith.graders import Context, grade_batch, template
-from tunesmith.graders.model import ChatBackend
+from tunesmith.graders.model import ChatBackend, content_text
 
 DEFAULT_PASS = {"string_check": 1.0, "label_model": 1.0}
 
@@ -48,15 +48,9 @@ def prompt_messages(data_source: dict, item: dict) -> list[dict]:
         value = template.lookup(ref if ref.startswith("item.") else f"item.{ref}", {}, item)
         return [{"role": m["role"], "content": str(m.get("content", ""))} for m in value]
     return [{"role": "system" if m.get("role") == "developer" else m.get("role", "user"),
-             "content": template.render(_text(m.get("content")), {}, item)} for m in spec.get("template", [])]
+             "content": template.render(content_text(m.get("content")), {}, item)} for m in spec.get("template", [])]
 
 
-def _text(content) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return content.get("text", "")
-    return "".join(_text(part) for part in content or [])
 
 
 def _samples(run: dict, rows: list[dict], backend: ChatBackend) -> tuple[list[dict], list[str | None], dict]:
