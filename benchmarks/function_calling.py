@@ -139,6 +139,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "function-calling")
+    ap.add_argument("--adapter", type=Path, default=None,
+                    help="evaluate this adapter, trained earlier by this script with the same set options, "
+                         "instead of training one (the set is rebuilt from the same seed)")
     args = ap.parse_args()
 
     from tunesmith.data.validate import validate_chat
@@ -156,8 +159,9 @@ def main() -> None:
           f"{len(TOOLS)} functions")
 
     start = time.time()
-    result = train_adapter(train_file, args.out, args.epochs, args.lr, args.seed)
+    result = None if args.adapter else train_adapter(train_file, args.out, args.epochs, args.lr, args.seed)
     train_s = time.time() - start
+    adapter_dir = args.adapter or result.output_dir
 
     from peft import PeftModel
 
@@ -168,7 +172,7 @@ def main() -> None:
 
     tok = load_tokenizer(resolve("smollm2-135m-instruct"))
     model = PeftModel.from_pretrained(load_model(resolve("smollm2-135m-instruct"), pick_placement()),
-                                      str(result.output_dir), adapter_name="ft").eval()
+                                      str(adapter_dir), adapter_name="ft").eval()
     start = time.time()
     rows, per = {}, {}
     for label, adapter in (("base", BASE), ("LoRA fine-tune", "ft")):
@@ -193,12 +197,13 @@ def main() -> None:
               f"{m['no_call']} / {len(test)} |")
     print(f"fine-tune − base: name {100 * diff_names[0]:+.1f} to {100 * diff_names[1]:+.1f} points, "
           f"arguments {100 * diff_exact[0]:+.1f} to {100 * diff_exact[1]:+.1f} points (paired bootstrap 95%)")
-    print(f"training {train_s:.0f} s ({result.tokens:,} tokens, {result.tokens_per_second:,.0f} tok/s), "
-          f"evaluation {eval_s:.0f} s")
+    trained = (f"training {train_s:.0f} s ({result.tokens:,} tokens, {result.tokens_per_second:,.0f} tok/s)"
+               if result else f"adapter trained earlier: {adapter_dir}")
+    print(f"{trained}, evaluation {eval_s:.0f} s")
     (args.out / "metrics.json").write_text(json.dumps(
         {"rows": rows, "diff_name_ci": diff_names, "diff_args_ci": diff_exact, "train_s": train_s, "eval_s": eval_s,
-         "train_tokens": result.tokens, "n_train": len(train), "n_test": len(test), "args": vars(args) | {
-             "out": str(args.out)}}, indent=2, default=str), encoding="utf-8")
+         "train_tokens": result.tokens if result else None, "n_train": len(train), "n_test": len(test), "args": vars(args) | {
+             "out": str(args.out), "adapter": str(adapter_dir)}}, indent=2, default=str), encoding="utf-8")
 
 
 if __name__ == "__main__":
