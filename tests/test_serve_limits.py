@@ -166,8 +166,10 @@ BAD_UPLOADS = {
     "latin-1 line": '{"messages": [{"role": "user", "content": "café"}, {"role": "assistant", "content": "ok"}]}\n'
                     .encode("latin-1"),
     "role is a list": b'{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "ok"}]}\n',
-    "function call only": b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, '
-                          b'"function_call": {"name": "f", "arguments": "{}"}}]}\n',
+    "call never answered": b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null, '
+                           b'"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", '
+                           b'"arguments": "{}"}}]}, {"role": "user", "content": "and?"}, '
+                           b'{"role": "assistant", "content": "ok"}]}\n',
     "not an object": b'["messages"]\n',
     "messages not a list": b'{"messages": {"role": "user"}}\n',
 }
@@ -180,7 +182,7 @@ def test_every_malformed_upload_is_400_invalid_file_format(live, kind):
     body = exc.value.body
     assert body["code"] == "invalid_file_format" and body["type"] == "invalid_request_error", body
     assert str(live["data_dir"]) not in body["message"] and "/tmp" not in body["message"]
-    if kind in ("not utf-8", "latin-1 line", "role is a list", "function call only"):
+    if kind in ("not utf-8", "latin-1 line", "role is a list", "call never answered"):
         assert "line" in body["message"], body["message"]
 
 

@@ -18,6 +18,7 @@ WORKER = textwrap.dedent("""
     from pathlib import Path
     from rich.console import Console
     from safetensors.torch import save_file
+    import tunesmith.kinds  # registers the task kinds the recipe schema checks
     from tunesmith.config import validate_recipe
     from tunesmith.models.loading import load_model, load_tokenizer, wrap_adapter
     from tunesmith.machine.placement import pick_placement
