@@ -29,3 +29,10 @@ def validation_error_body(errors: list[dict]) -> dict:
     messages = list(dict.fromkeys(e["msg"] for e in errors if where(e) == param))
     return {"message": f"{param}: {' or '.join(messages)}", "type": "invalid_request_error", "param": param or None,
             "code": None}
+
+
+def found(obj, what: str, name: str, param: str):
+    """``obj``, or a 404 in OpenAI's shape naming ``what`` was not found and the ``param`` that named it."""
+    if obj is None:
+        raise APIError(404, f"No such {what}: {name}", param=param, code="not_found")
+    return obj

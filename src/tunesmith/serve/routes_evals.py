@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.errors import found
 from tunesmith.serve.evals_check import check_criteria, check_data_source, data_source_schema, run_rows
 from tunesmith.serve.evals_run import execute
 from tunesmith.serve.evals_store import EvalStore
@@ -71,10 +71,7 @@ class EvalUpdate(BaseModel):
 
 
 def _eval(request: Request, key, eval_id: str) -> dict:
-    e = _evals(request).get_eval(eval_id, key)
-    if e is None:
-        raise APIError(404, f"No such eval: {eval_id}", param="eval_id", code="not_found")
-    return e
+    return found(_evals(request).get_eval(eval_id, key), "eval", eval_id, "eval_id")
 
 
 @router.post("")
@@ -126,10 +123,7 @@ class RunBody(BaseModel):
 
 def _run(request: Request, key, eval_id: str, run_id: str) -> dict:
     _eval(request, key, eval_id)
-    r = _evals(request).get_run(eval_id, run_id)
-    if r is None:
-        raise APIError(404, f"No such eval run: {run_id}", param="run_id", code="not_found")
-    return r
+    return found(_evals(request).get_run(eval_id, run_id), "eval run", run_id, "run_id")
 
 
 @router.post("/{eval_id}/runs")
@@ -194,7 +188,5 @@ async def list_output_items(eval_id: str, run_id: str, request: Request, key: Ke
 @router.get("/{eval_id}/runs/{run_id}/output_items/{item_id}")
 async def retrieve_output_item(eval_id: str, run_id: str, item_id: str, request: Request, key: Key):
     _run(request, key, eval_id, run_id)
-    o = _evals(request).output_item(run_id, item_id)
-    if o is None:
-        raise APIError(404, f"No such output item: {item_id}", param="output_item_id", code="not_found")
-    return output_item_object(o)
+    return output_item_object(found(_evals(request).output_item(run_id, item_id), "output item", item_id,
+                                    "output_item_id"))

@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tunesmith.serve import reinforcement
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
 from tunesmith.serve.reinforcement import ReinforcementMethod
 from tunesmith.serve.routes_openai import Key
@@ -98,10 +98,7 @@ async def list_files(request: Request, key: Key, purpose: str | None = None):
 
 
 def _file(request: Request, key, file_id: str) -> dict:
-    f = _store(request).get_file(file_id, key)
-    if f is None:
-        raise APIError(404, f"No such File object: {file_id}", param="id", code="not_found")
-    return f
+    return found(_store(request).get_file(file_id, key), "File object", file_id, "id")
 
 
 @router.get("/files/{file_id}")
@@ -266,10 +263,7 @@ async def create_job(body: JobBody, request: Request, key: Key):
 
 
 def _job(request: Request, key, job_id: str) -> dict:
-    job = _store(request).get_job(job_id, key)
-    if job is None:
-        raise APIError(404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="not_found")
-    return job
+    return found(_store(request).get_job(job_id, key), "fine-tuning job", job_id, "fine_tuning_job_id")
 
 
 def metadata_filter(request: Request) -> dict[str, str] | None:
