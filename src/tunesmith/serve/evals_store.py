@@ -62,10 +62,7 @@ class EvalStore:
         self._update("evals", eid, fields)
 
     def delete_eval(self, eid: str) -> None:
-        with self.lock:
-            self.db.execute("DELETE FROM eval_output_items WHERE eval_id = ?", (eid,))
-            self.db.execute("DELETE FROM eval_runs WHERE eval_id = ?", (eid,))
-            self.db.execute("DELETE FROM evals WHERE id = ?", (eid,))
+        self._delete(eid, ("eval_output_items", "eval_id"), ("eval_runs", "eval_id"), ("evals", "id"))
 
     # --- runs -------------------------------------------------------------------------------------
 
@@ -97,9 +94,13 @@ class EvalStore:
         self._update("eval_runs", rid, fields)
 
     def delete_run(self, rid: str) -> None:
+        self._delete(rid, ("eval_output_items", "run_id"), ("eval_runs", "id"))
+
+    def _delete(self, key: str, *rows: tuple[str, str]) -> None:
+        """Delete the rows of each (table, column) whose column is ``key``, in order, under the store's lock."""
         with self.lock:
-            self.db.execute("DELETE FROM eval_output_items WHERE run_id = ?", (rid,))
-            self.db.execute("DELETE FROM eval_runs WHERE id = ?", (rid,))
+            for table, column in rows:
+                self.db.execute(f"DELETE FROM {table} WHERE {column} = ?", (key,))
 
     # --- output items -----------------------------------------------------------------------------
 
