@@ -1,21 +1,24 @@
 """tunesmith's GRPO path (``train.method: grpo``) vs plain TRL GRPOTrainer, in one process, on the same prompts,
 reward and model.
 
-Both sides get the embedded SmolLM2-135M-Instruct, the same seeded LoRA (r=16, alpha=32, all linear layers), the
+Both sides get the embedded SmolLM2-135M-Instruct, a LoRA (r=16, alpha=32, dropout 0.05, all linear layers), the
 same BANKING77 prompts (the intent list in the system message), the same reward (a ``text_similarity`` grader,
 fuzzy_match of the completion against the gold intent, through :mod:`tunesmith.graders`), the same group size,
 completion length, sampling, batch, learning rate and steps. The peer is TRL's GRPOTrainer with the CPU-hostile
 defaults switched off (``bf16=False``, ``gradient_checkpointing=False``: as in benchmarks/train_throughput.py) and
 everything else as TRL ships it. tunesmith's side is :func:`tunesmith.train.grpo.train_grpo` with the recipe's
-defaults: it is TRL's GRPOTrainer too, configured by the recipe (precision from the device, no gradient
-checkpointing, plain AdamW), so the two should run at the same speed; this script measures that they do.
+defaults: :class:`tunesmith.train.grpo_shared.SharedPromptGRPO`, which samples on tunesmith's continuous-batching
+engine (a prompt shared by a group prefilled once) and runs each prompt once per group in the log-probability
+pass. Both sides sample with their own random streams, so their completions, and so their reward curves, differ
+step by step; the means over the run are what should agree.
 
 Reported per side: completions/s over the whole training, the mean step time split into generation (TRL's
 ``_generate``), reward (``_calculate_rewards``) and the rest (log-probabilities, loss, backward, optimizer), peak
-resident memory above the level before training (Linux VmHWM, reset before each side) and the reward curve (mean
-reward of each step's completions).
+resident memory above the level before training (Linux VmHWM, reset before each side), the reward curve (mean
+reward of each step's completions) and its mean over all steps and over the second half; the load average before
+and after.
 
-    python benchmarks/grpo_throughput.py --prompts 8 --steps 6
+    python benchmarks/grpo_throughput.py --prompts 40 --steps 20 --max-completion 16
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import csv
 import gc
 import json
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -177,6 +181,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     timed_phases()
     rows = prompt_rows(args.prompts, args.seed)
+    print("load average before: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     with tempfile.TemporaryDirectory() as tmp:
         args.out_dir = tmp
         sides = [("tunesmith", run_tunesmith), ("trl", run_trl)]
@@ -190,6 +195,12 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:10} {r['completions_per_s']:8.2f} {r['step_s']:7.2f} {r['generation_s']:6.2f} "
               f"{r['reward_s']:8.3f} {r['update_s']:8.2f} {r['peak_mb']:8.0f}  {r['rewards']}")
+    for name, r in results.items():
+        curve = r["rewards"]
+        late = curve[len(curve) // 2:]
+        print(f"{name:10} mean reward {sum(curve) / max(len(curve), 1):.3f} over all steps, "
+              f"{sum(late) / max(len(late), 1):.3f} over the second half")
+    print("load average after: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     ours, trl = results["tunesmith"], results["trl"]
     print(f"ratio tunesmith / trl: completions/s {ours['completions_per_s'] / trl['completions_per_s']:.2f}x, "
           f"peak memory {ours['peak_mb'] / max(trl['peak_mb'], 1):.2f}x")

@@ -62,7 +62,8 @@ class TrainSection(Section):
     method: Literal["sft", "dpo", "grpo"] = "sft"
     path: Literal["auto", "reference"] = Field(
         "auto", description="auto: tunesmith's training path (its packing collator, loss forms and trainers, chosen "
-        "for the machine); reference: plain TRL SFTTrainer / DPOTrainer and transformers' own Trainer and heads with "
+        "for the machine); reference: plain TRL SFTTrainer / DPOTrainer / GRPOTrainer and transformers' own Trainer and "
+        "heads with "
         "their documented settings (bf16 on a GPU, TRL's padding-free packing where FlashAttention runs it, Liger "
         "kernels where installed) and none of tunesmith's trainers, collators or loss forms. Use reference when the "
         "default path fails or its loss differs from the reference on your GPU"

@@ -5,10 +5,11 @@ never costs another forward pass.
 Joining rows' prompts are prefilled in groups of similar length (left-padded within a group: every
 padding token costs a full forward pass), then their KV caches are appended to the batch's, every side
 left-padded to a common width; when rows leave, cache columns that are padding for every remaining row
-are dropped. Each row has its own adapter (PEFT's ``adapter_names`` routes every row of a forward pass
-through its own LoRA), its own settings and its own sampler, so rows for different models and settings
-share every forward pass. Nothing here is threaded: a caller drives :meth:`ContinuousBatch.step`
-(evaluation and synthesis in a loop, the server from its engine thread).
+are dropped. Rows that share a prompt and an adapter (``n`` samples of one prompt, a GRPO group) are
+prefilled once and the prompt's cache is copied to each. Each row has its own adapter (PEFT's
+``adapter_names`` routes every row of a forward pass through its own LoRA), its own settings and its own
+sampler, so rows for different models and settings share every forward pass. Nothing here is threaded: a
+caller drives :meth:`ContinuousBatch.step` (evaluation and synthesis in a loop, the server from its engine thread).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Row:
     deadline: float | None = None
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" once finished
+    stop_token: int | None = None  # the end-of-sequence token that stopped the row (not in ``generated``)
     sampler: object = field(default=None, repr=False)  # a RowSampler, None for plain greedy rows
 
     @property
@@ -164,19 +166,27 @@ class ContinuousBatch:
         return finished
 
     def _prefill_group(self, rows: list[Row], finished: list[Row]):
-        """One left-padded forward pass over these prompts; returns its cache, mask and the rows that go on."""
+        """One left-padded forward pass over these prompts, each distinct (prompt, adapter) once, its cache and
+        last logits copied to every row that shares it; returns the cache, mask and the rows that go on."""
         import torch
         from transformers import DynamicCache
 
         device = self.model.device
-        width = max(len(r.prompt_ids) for r in rows)
+        firsts, owner = shared_prompts(rows)
+        distinct = [rows[i] for i in firsts]
+        width = max(len(r.prompt_ids) for r in distinct)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in distinct], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in distinct],
+                            device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in rows:
             r.sampler = row_sampler(r.params, r.processors)
-        logits, cache = self._forward(ids, mask, positions, rows, DynamicCache())
+        logits, cache = self._forward(ids, mask, positions, distinct, DynamicCache())
+        if len(distinct) < len(rows):
+            index = torch.tensor(owner, device=device)
+            logits, mask = logits.index_select(0, index), mask.index_select(0, index)
+            cache.batch_select_indices(index)
         keep, done = self._advance(rows, logits)
         finished += done
         return cache, mask, keep
@@ -206,7 +216,9 @@ class ContinuousBatch:
             if row.abandoned:
                 continue
             finish = "stop" if token in self.eos_ids else None
-            if finish is None:
+            if finish is not None:
+                row.stop_token = token
+            else:
                 row.generated.append(token)
                 finish = self._limit_reached(row, now)
             if finish is None:
@@ -294,6 +306,21 @@ def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> list[list[int
         else:
             groups.append([i])
     return groups
+
+
+def shared_prompts(rows: Sequence[Row]) -> tuple[list[int], list[int]]:
+    """The first row of each distinct (prompt, adapter) among ``rows``, and for every row the index of its
+    prompt among those firsts."""
+    firsts: list[int] = []
+    seen: dict[tuple, int] = {}
+    owner = []
+    for i, r in enumerate(rows):
+        key = (r.adapter, tuple(r.prompt_ids))
+        if key not in seen:
+            seen[key] = len(firsts)
+            firsts.append(i)
+        owner.append(seen[key])
+    return firsts, owner
 
 
 def _left_pad(t, width: int, dim: int):

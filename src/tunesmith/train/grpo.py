@@ -1,4 +1,6 @@
-"""Group relative policy optimisation (reinforcement from verifiable rewards) on TRL's GRPOTrainer.
+"""Group relative policy optimisation (reinforcement from verifiable rewards) on TRL's GRPOTrainer (tunesmith's
+subclass in :mod:`tunesmith.train.grpo_shared`, which runs each prompt once per group; TRL's own class on
+``train.path: reference``).
 
 The model answers each train prompt ``train.grpo.num_generations`` times; every answer is rewarded by the
 recipe's rewards (``task``: the task kind's own metric against the example's answer; or OpenAI-style graders
@@ -117,13 +119,12 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
     """Wrap ``model`` with the recipe's adapter (or keep the one it continues from) and run GRPOTrainer; the
     ``val_rows`` prompts are sampled and rewarded at each validation pass."""
     from datasets import Dataset
-    from trl import GRPOTrainer
 
     from tunesmith.train.sft import fit, prepare_model, save_final
 
     out_dir = recipe.run_dir / "train"
     tokenizer.padding_side = "left"  # generation pads on the left
-    grpo = GRPOTrainer(model=prepare_model(recipe, model), reward_funcs=rewards,
+    grpo = grpo_trainer_class(recipe)(model=prepare_model(recipe, model), reward_funcs=rewards,
                        args=grpo_config(recipe, placement, out_dir, bool(val_rows)),
                        train_dataset=Dataset.from_list(rows),
                        eval_dataset=Dataset.from_list(list(val_rows)) if val_rows else None, processing_class=tokenizer)
@@ -139,6 +140,18 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
         (out_dir / "grpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     return make_result(grpo, "model" if full else "adapter", final_dir, before, seconds, grpo_rows(history),
                        len(rows), resume)
+
+
+def grpo_trainer_class(recipe: Recipe):
+    """tunesmith's GRPO (each prompt prefilled and scored once per group, on the generation engine) on the auto
+    path; TRL's GRPOTrainer as shipped on ``train.path: reference``."""
+    if recipe.train.path == "reference":
+        from trl import GRPOTrainer
+
+        return GRPOTrainer
+    from tunesmith.train.grpo_shared import SharedPromptGRPO
+
+    return SharedPromptGRPO
 
 
 def planned_steps(grpo) -> int:
@@ -191,6 +204,7 @@ def job_rows(recipe: Recipe, data: TrainData) -> tuple[list[dict], list[dict], l
 
 
 @trainer("grpo", "generative")
+@trainer("grpo", "generative", path="reference")
 def grpo_job(job: TrainJob) -> TrainResult:
     rows, val_rows, examples = job_rows(job.recipe, job.data)
     if not rows:
