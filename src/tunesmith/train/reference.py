@@ -1,7 +1,8 @@
 """The reference training path (``train.path: reference``): plain TRL ``SFTTrainer`` / ``DPOTrainer`` (and
 ``GRPOTrainer``, chosen in :mod:`tunesmith.train.grpo`) and transformers' own ``Trainer`` and heads, with their
 documented settings (bf16 on a GPU, TRL's padding-free batches where FlashAttention runs them,
-``use_liger_kernel`` where Liger is installed) and none of tunesmith's trainers, collators or loss forms (no :class:`~tunesmith.train.trainer.CompletionTrainer` or ``TokenCountingTrainer``, no
+``use_liger_kernel`` where Liger is installed) and none of tunesmith's trainers, collators or loss forms (no
+:class:`~tunesmith.train.trainer.CompletionTrainer` or ``TokenCountingTrainer``, no
 :class:`~tunesmith.machine.packing.PackedCollator`, no chunked loss, no sync-free DPO trainer).
 
 It is the peer ``benchmarks/gpu_train.py`` measures the default path against, as a switch a user can fall back on
