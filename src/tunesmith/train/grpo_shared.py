@@ -6,15 +6,17 @@ the policy (and the old policy or the reference when asked). TRL prefills a prom
 generates, and runs it again once per completion, with gradient, in the loss; the prompt (system message and
 input) is usually most of the tokens and the completion a few. Here:
 
-- completions come from tunesmith's continuous-batching engine (:mod:`tunesmith.generation.engine`), which
-  prefills a prompt shared by several rows once and copies its KV cache to each, and drops a row from the batch
-  as soon as it ends;
+- on a CPU, completions come from tunesmith's continuous-batching engine (:mod:`tunesmith.generation.engine`),
+  which prefills a prompt shared by several rows once and copies its KV cache to each, and drops a row from the
+  batch as soon as it ends (measured faster there: benchmarks/grpo_throughput.py). On a GPU sampling stays
+  TRL's batched ``generate`` until the engine, which draws each sampled row's token on its own, is measured
+  against it there;
 - the log-probabilities run the prompt's tokens (all but the last) once per distinct prompt, copy that KV cache
   to the group's rows and run only the last prompt token and the completion on it; the gradient of every
   completion flows back into the one prompt pass. Same tokens, positions and mask as TRL's single pass: the same
   log-probabilities and gradients up to float rounding (tests/test_grpo_shared.py compares them).
 
-Generation runs with the model in eval mode (no adapter dropout while sampling, as a vLLM server samples).
+The engine samples with the model in eval mode (no adapter dropout while sampling, as a vLLM server samples).
 Whatever TRL's other paths handle (vLLM, transformers' continuous batching, images, several processes, gradient
 checkpointing, MoE auxiliary losses) goes to TRL's own code unchanged. ``train.path: reference`` trains with
 TRL's GRPOTrainer as shipped.
@@ -37,7 +39,7 @@ class SharedPromptGRPO(GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields \
-                or not self._shares():
+                or not self._shares() or self.accelerator.device.type != "cpu":
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                  has_tool_images)
         params = GenParams(max_tokens=self.max_completion_length, temperature=self.temperature,
