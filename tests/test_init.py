@@ -139,6 +139,29 @@ def test_auto_length_cuts_long_inputs_and_drops_nothing(tiny_model_dir):
     assert "99th percentile of 100" in chosen["train.max_seq_length"] and "none dropped" in chosen["train.long_inputs"]
 
 
+def test_max_seq_length_is_auto_unless_given_and_an_unmeasured_auto_trains_at_512(tiny_model_dir):
+    from rich.console import Console
+
+    from tunesmith.config import validate_recipe
+    from tunesmith.records import Example
+    from tunesmith.runs.fitting import fit_to_data
+    from tunesmith.train.jobs import decided_length
+
+    doc = {"name": "x", "model": {"name": str(tiny_model_dir)},
+           "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "category"}}
+    recipe = validate_recipe(doc)
+    assert recipe.train.max_seq_length == "auto"  # the default fits the data
+    train = [Example(f"e{i}", {"text": r["text"]}, r["category"], {}) for i, r in enumerate(banking_rows(LABELS, 5))]
+    fitted, _, _, chosen = fit_to_data(recipe, train, [], Console(quiet=True))
+    assert isinstance(fitted.train.max_seq_length, int) and fitted.train.max_seq_length < 128
+    assert f"99th percentile of {len(train)} training examples" in chosen["train.max_seq_length"]
+    assert validate_recipe({**doc, "train": {"max_seq_length": 64}}).train.max_seq_length == 64
+    out = Console(record=True, width=200)
+    assert decided_length(recipe, out).train.max_seq_length == 512  # a caller that did not measure
+    assert "auto → 512 (not measured" in out.export_text()
+    assert decided_length(fitted, Console(quiet=True)) is fitted
+
+
 def test_init_with_a_test_file_holds_it_out_as_the_test_split(cli, tmp_path, tiny_model_dir):
     rows = [{"text": r["text"], "category": r["category"]} for r in banking_rows(LABELS, 10)]
     train, test = write_csv(tmp_path / "train.csv", rows[::2]), write_csv(tmp_path / "test.csv", rows[1::2])

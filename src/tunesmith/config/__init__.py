@@ -48,7 +48,14 @@ from tunesmith.config.synth import (
     SeedQuestionsTask,
     SynthSection,
 )
-from tunesmith.config.train import HEAD_TASKS, DpoSection, HostedSection, LoraSection, TrainSection
+from tunesmith.config.train import (
+    HEAD_TASKS,
+    UNMEASURED_LENGTH,
+    DpoSection,
+    HostedSection,
+    LoraSection,
+    TrainSection,
+)
 
 __all__ = [
     "ARM_DATA_KEYS", "HEAD_TASKS", "ArmSpec", "BalanceStep", "BandsSection", "CharLengthStep", "ContenderSpec",
@@ -57,6 +64,7 @@ __all__ = [
     "ModelSection", "NearDedupStep", "NumericRangeStep", "OrderSection", "ParaphraseTask", "PreferencePairsTask",
     "ProfileSection", "ProviderSection", "QAFromDocumentsTask", "Recipe", "RegexStep", "SampleStep",
     "SamplingSection", "ScrubStep", "Section", "SeedQuestionsTask", "SemanticDedupStep", "SplitFiles",
-    "SplitSection", "Step", "SynthSection", "TokenLengthStep", "TrainSection", "arm_recipe", "deep_merge",
+    "SplitSection", "Step", "SynthSection", "TokenLengthStep", "TrainSection", "UNMEASURED_LENGTH", "arm_recipe",
+    "deep_merge",
     "dump_resolved", "load_recipe", "parse_overrides", "validate_recipe",
 ]

@@ -133,9 +133,9 @@ class TrainSection(Section):
     ] = Field("auto", description="auto: adamw_torch on a CPU, adamw_torch_fused on a CUDA GPU, "
               "paged_adamw_8bit for qlora")
     max_seq_length: Annotated[int, Field(ge=8)] | Literal["auto"] = Field(
-        512, description="tokens per training example; auto: the 99th percentile of the training examples' token "
+        "auto", description="tokens per training example; auto: the 99th percentile of the training examples' token "
         "lengths (rounded up to a multiple of 8, capped by the model), decided when training starts and written "
-        "to the arm's config.resolved.yaml")
+        "to the arm's config.resolved.yaml; 512 where there are no examples to measure (a DPO file, a job's rows)")
     long_inputs: Literal["cut", "set_aside"] = Field(
         "cut", description="a training example longer than max_seq_length: cut (its longest input field is cut "
         "until it fits; nothing is dropped) or set_aside (left out, listed in data/rejected.jsonl). A span head "
@@ -237,6 +237,7 @@ class TrainSection(Section):
         return f"{self.method.upper()} {how}" if self.head == "generative" else f"{how} + {self.head} head"
 
 
+UNMEASURED_LENGTH = 512  # train.max_seq_length where auto has no examples to measure (a DPO file, a job's rows)
 ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "full": "full fine-tune"}
 
 

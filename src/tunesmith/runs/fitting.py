@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from tunesmith.config import Recipe
+from tunesmith.config import UNMEASURED_LENGTH, Recipe
 from tunesmith.records import Example
 
 PERCENTILE = 99
@@ -58,7 +58,7 @@ def model_context(name: str, tokenizer) -> int | None:
 def auto_length(lengths: list[int], cap: int | None, head: str) -> tuple[int, str]:
     """``(max_seq_length, why)``: the 99th percentile of ``lengths`` rounded up to a multiple of 8, capped."""
     if not lengths:
-        return min(512, cap or 512), "no training examples to measure; 512"
+        return min(UNMEASURED_LENGTH, cap or UNMEASURED_LENGTH), f"no training examples to measure; {UNMEASURED_LENGTH}"
     ordered = sorted(lengths)
     p = ordered[min(len(ordered) - 1, math.ceil(PERCENTILE / 100 * len(ordered)) - 1)]
     value = max(16, 8 * math.ceil(p / 8))
@@ -98,8 +98,8 @@ def fit_to_data(recipe: Recipe, train: list[Example], val: list[Example], consol
     cuts = t.long_inputs == "cut" and t.head != "span" and t.method == "sft" and recipe.data is not None
     if recipe.data is None or not train or not (needs_length or cuts):
         if needs_length:
-            recipe = _with_length(recipe, 512)
-            return recipe, train, val, {"train.max_seq_length": "512 (no training examples to measure)"}
+            recipe = _with_length(recipe, UNMEASURED_LENGTH)
+            return recipe, train, val, {"train.max_seq_length": f"{UNMEASURED_LENGTH} (no training examples to measure)"}
         return recipe, train, val, {}
     from tunesmith.models.loading import load_tokenizer
 

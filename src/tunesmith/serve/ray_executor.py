@@ -43,12 +43,12 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
     try:
         import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
         import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
-        from tunesmith.config import validate_recipe
+        from tunesmith.config import UNMEASURED_LENGTH, validate_recipe
         from tunesmith.machine.estimate import estimate_recipe
 
         method = {"method": "dpo"} if (job.get("method") or {}).get("type") == "dpo" else {}
-        est = estimate_recipe(validate_recipe({"name": "estimate", "model": {"name": job["model"]},
-                                               "train": {"batch_size": 8, **method}}))
+        est = estimate_recipe(validate_recipe({"name": "estimate", "model": {"name": job["model"]}, "train": {
+            "batch_size": 8, "max_seq_length": UNMEASURED_LENGTH, **method}}))  # as the worker trains a job
         if est.total and est.total < cluster.get("memory", 0):
             need["memory"] = int(est.total)
     except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks a job

@@ -57,10 +57,11 @@ def count_lines(path: Path) -> int:
 def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int, has_validation: bool = False):
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
-    from tunesmith.config import validate_recipe
+    from tunesmith.config import UNMEASURED_LENGTH, validate_recipe
 
     steps = math.ceil(n_examples / hyper["batch_size"]) * hyper["n_epochs"]
     train = {"epochs": hyper["n_epochs"], "batch_size": hyper["batch_size"], "logging_steps": 1,
+             "max_seq_length": UNMEASURED_LENGTH,  # a job's rows are not a recipe's examples: not measured
              "learning_rate": LR_BASE * hyper["learning_rate_multiplier"], "save_total_limit": 3,
              "save_steps": max(1, math.ceil(steps / CHECKPOINTS_PER_JOB))}
     if job["method"]["type"] == "dpo":  # TRL's DPO reads OpenAI's preference format from the uploaded file

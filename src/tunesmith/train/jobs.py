@@ -69,6 +69,7 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
 
+    recipe = decided_length(recipe, console)
     recipe, path, placement = take_path(recipe)
     console.print(f"training path: {path.describe()}")
     recipe = fit_micro_batch(recipe, placement, console)
@@ -90,6 +91,17 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
         f"→ {result.output_dir}"
     )
     return result
+
+
+def decided_length(recipe: Recipe, console: Console) -> Recipe:
+    """``max_seq_length: auto`` that reached training undecided (a caller that did not fit the recipe to its
+    examples, as ``tunesmith run`` and ``train`` do): the unmeasured default, said."""
+    from tunesmith.config import UNMEASURED_LENGTH
+
+    if recipe.train.max_seq_length != "auto":
+        return recipe
+    console.print(f"train.max_seq_length: auto → {UNMEASURED_LENGTH} (not measured on these examples)")
+    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_seq_length": UNMEASURED_LENGTH})})
 
 
 @dataclass
