@@ -35,7 +35,9 @@ class SharedPromptGRPO(GRPOTrainer):
 
     def _shares(self) -> bool:
         """One process, no gradient checkpointing (which turns the KV cache off): the shared passes apply."""
-        return self.accelerator.num_processes == 1 and not self.args.gradient_checkpointing
+        args = self.args
+        checkpointing = getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False)
+        return self.accelerator.num_processes == 1 and not checkpointing
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self.use_vllm or self.use_transformers_continuous_batching or images or multimodal_fields \
