@@ -22,9 +22,11 @@ the others are saved, and listed in skipped.jsonl with the reason when loaded.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+
+from tunesmith.data.prepare import append_jsonl, write_jsonl
 
 Bar = Callable[[str, int], object]  # (description, total) -> a context manager yielding advance(n, info=...)
 
@@ -38,16 +40,6 @@ def _dump(obj) -> dict:
     return obj.model_dump(mode="json", by_alias=True, exclude_none=True) if hasattr(obj, "model_dump") else dict(obj)
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -55,8 +47,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _skip(folder: Path, what: str, ident: str, why: str) -> None:
-    with (folder / "skipped.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"what": what, "id": ident, "why": why}, ensure_ascii=False) + "\n")
+    append_jsonl(folder / "skipped.jsonl", [{"what": what, "id": ident, "why": why}])
 
 
 def save_evals(client, folder: Path, bar: Bar = _no_bar) -> dict:
@@ -64,7 +55,7 @@ def save_evals(client, folder: Path, bar: Bar = _no_bar) -> dict:
     Returns the counts saved. A file the source will not hand out is listed in skipped.jsonl, not fatal."""
     folder.mkdir(parents=True, exist_ok=True)
     evals = [_dump(e) for e in client.evals.list(limit=100)]  # the client pages through every eval
-    _write_jsonl(folder / "evals.jsonl", evals)
+    write_jsonl(folder / "evals.jsonl", evals)
     counts = {"evals": len(evals), "runs": 0, "output_items": 0, "files": 0, "skipped": 0}
     with bar("saving evals", len(evals)) as advance:
         for ev in evals:
@@ -76,10 +67,10 @@ def save_evals(client, folder: Path, bar: Bar = _no_bar) -> dict:
 def _save_runs(client, folder: Path, ev: dict, counts: dict) -> None:
     """One eval's runs, their output items and the data files they read."""
     runs = [_dump(r) for r in client.evals.runs.list(ev["id"], limit=100)]
-    counts["runs"] += _write_jsonl(folder / "runs" / f"{ev['id']}.jsonl", runs)
+    counts["runs"] += write_jsonl(folder / "runs" / f"{ev['id']}.jsonl", runs)
     for run in runs:
         items = (_dump(o) for o in client.evals.runs.output_items.list(run["id"], eval_id=ev["id"], limit=100))
-        counts["output_items"] += _write_jsonl(folder / "output_items" / f"{run['id']}.jsonl", items)
+        counts["output_items"] += write_jsonl(folder / "output_items" / f"{run['id']}.jsonl", items)
         file_id = run_file_id(run)
         if file_id and not (folder / "files" / f"{file_id}.jsonl").is_file():
             counts["files" if _save_file(client, folder, file_id) else "skipped"] += 1
@@ -130,13 +121,18 @@ def load_evals(client, folder: Path, bar: Bar = _no_bar) -> dict:
         with path.open("rb") as fh:
             mapping[path.stem] = client.files.create(file=(path.name, fh), purpose="evals").id
         counts["files"] += 1
-        mapping_path.write_text(json.dumps(mapping, indent=1), encoding="utf-8")
+        _save_mapping(mapping_path, mapping)
     with bar("loading evals", len(evals)) as advance:
         for ev in evals:
             counts[_load_one(client, folder, ev, mapping)] += 1
-            mapping_path.write_text(json.dumps(mapping, indent=1), encoding="utf-8")
+            _save_mapping(mapping_path, mapping)
             advance(1, info=ev.get("name") or ev["id"])
     return counts
+
+
+def _save_mapping(path: Path, mapping: dict) -> None:
+    """loaded.json, written after each created object, so a stopped load goes on where it was."""
+    path.write_text(json.dumps(mapping, indent=1), encoding="utf-8")
 
 
 def _load_one(client, folder: Path, ev: dict, mapping: dict) -> str:

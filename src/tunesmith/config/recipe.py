@@ -73,6 +73,10 @@ class Recipe(Section):
     hosted: HostedSection | None = None
     arms: list[ArmSpec] = Field([], description="named variants trained on the same split and compared side by side")
 
+    def with_train(self, **changes) -> Recipe:
+        """A copy with these ``train`` settings changed (decided at run time: a measured length, a fitted batch)."""
+        return self.model_copy(update={"train": self.train.model_copy(update=changes)})
+
     @model_validator(mode="before")
     @classmethod
     def _legacy_eval_task(cls, raw: Any) -> Any:

@@ -98,7 +98,7 @@ def fit_to_data(recipe: Recipe, train: list[Example], val: list[Example], consol
     cuts = t.long_inputs == "cut" and t.head != "span" and t.method == "sft" and recipe.data is not None
     if recipe.data is None or not train or not (needs_length or cuts):
         if needs_length:
-            recipe = _with_length(recipe, UNMEASURED_LENGTH)
+            recipe = recipe.with_train(max_seq_length=UNMEASURED_LENGTH)
             return recipe, train, val, {"train.max_seq_length": f"{UNMEASURED_LENGTH} (no training examples to measure)"}
         return recipe, train, val, {}
     from tunesmith.models.loading import load_tokenizer
@@ -108,7 +108,7 @@ def fit_to_data(recipe: Recipe, train: list[Example], val: list[Example], consol
     chosen = {}
     if needs_length:
         value, why = auto_length(lengths, model_context(recipe.model.name, tokenizer), t.head)
-        recipe = _with_length(recipe, value)
+        recipe = recipe.with_train(max_seq_length=value)
         chosen["train.max_seq_length"] = f"{value} ({why})"
         console.print(f"train.max_seq_length: auto → {value}: {why}")
     if not cuts:
@@ -134,10 +134,6 @@ def _cut_all(recipe: Recipe, tokenizer, examples: list[Example], lengths: list[i
     return out, n
 
 
-def _with_length(recipe: Recipe, value: int) -> Recipe:
-    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_seq_length": value})})
-
-
 def fitted_estimate(recipe: Recipe, console):
     """``tunesmith train --estimate``: the memory estimate, after ``max_seq_length: auto`` is decided from the
     prepared train split (prepared, or read from the data cache, as training would)."""
@@ -147,6 +143,5 @@ def fitted_estimate(recipe: Recipe, console):
         from tunesmith.data.prepare import prepare
 
         data = prepare(recipe, recipe.run_dir / "data", console)
-        recipe, _, _, _ = fit_to_data(recipe.model_copy(update={"train": recipe.train.model_copy(
-            update={"long_inputs": "set_aside"})}), data.splits["train"], [], console)
+        recipe, _, _, _ = fit_to_data(recipe.with_train(long_inputs="set_aside"), data.splits["train"], [], console)
     return estimate_recipe(recipe)

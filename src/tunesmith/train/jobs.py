@@ -101,7 +101,7 @@ def decided_length(recipe: Recipe, console: Console) -> Recipe:
     if recipe.train.max_seq_length != "auto":
         return recipe
     console.print(f"train.max_seq_length: auto → {UNMEASURED_LENGTH} (not measured on these examples)")
-    return recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_seq_length": UNMEASURED_LENGTH})})
+    return recipe.with_train(max_seq_length=UNMEASURED_LENGTH)
 
 
 @dataclass
@@ -185,7 +185,7 @@ def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:
     batch, accum = t.batch_size, t.grad_accum
     while est.fits is False and batch > 1:
         batch, accum = batch // 2, accum * 2
-        recipe = recipe.model_copy(update={"train": t.model_copy(update={"batch_size": batch, "grad_accum": accum})})
+        recipe = recipe.with_train(batch_size=batch, grad_accum=accum)
         est = estimate_recipe(recipe, placement.path)
     if batch != t.batch_size:
         console.print(f"[yellow]memory: train.batch_size {t.batch_size} would need more than this machine has; "
