@@ -87,6 +87,25 @@ def home(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def chat_lines(rows: list[dict], system: str | None = "Classify.") -> bytes:
+    """An OpenAI chat fine-tuning file (bytes) of banking rows: each text asked, its category answered."""
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return "".join(json.dumps({"messages": [*head, {"role": "user", "content": r["text"]},
+                                            {"role": "assistant", "content": r["category"]}]}) + "\n"
+                   for r in rows).encode()
+
+
+def finished_eval_run(client, eval_id: str, run_id: str, timeout: float = 120):
+    """Poll an eval run through the official client until it leaves queued / in_progress."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (run := client.evals.runs.retrieve(run_id, eval_id=eval_id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.2)
+    return run
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -5,7 +5,6 @@ creates nothing twice; what cannot be recreated is listed with its reason."""
 from __future__ import annotations
 
 import json
-import time
 
 import openai
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 
-from .conftest import running_server
+from .conftest import finished_eval_run, running_server
 
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
          "operation": "eq"}
@@ -37,14 +36,6 @@ def _client(url, key):
     return openai.OpenAI(base_url=url, api_key=key, max_retries=0)
 
 
-def _finished(c, eval_id, run_id):
-    deadline = time.monotonic() + 60
-    while (run := c.evals.runs.retrieve(run_id, eval_id=eval_id)).status in ("queued", "in_progress"):
-        assert time.monotonic() < deadline, "the run did not finish"
-        time.sleep(0.2)
-    return run
-
-
 def _graded_eval(c):
     """An eval with two criteria and one finished run over an uploaded file of items and answers."""
     ev = c.evals.create(name="capitals", data_source_config={"type": "custom", "item_schema": SCHEMA,
@@ -54,7 +45,7 @@ def _graded_eval(c):
     f = c.files.create(file=("answers.jsonl", lines.encode()), purpose="evals")
     run = c.evals.runs.create(ev.id, name="given answers",
                               data_source={"type": "jsonl", "source": {"type": "file_id", "id": f.id}})
-    return ev, f, _finished(c, ev.id, run.id)
+    return ev, f, finished_eval_run(c, ev.id, run.id, timeout=60)
 
 
 def test_saved_evals_load_under_another_key_and_grade_the_same(live, tmp_path, cli, monkeypatch):
@@ -84,7 +75,7 @@ def test_saved_evals_load_under_another_key_and_grade_the_same(live, tmp_path, c
     assert [c.name for c in copy.testing_criteria] == ["exact", "overlap"]
     again = new.evals.runs.create(copy.id, data_source={"type": "jsonl",
                                                         "source": {"type": "file_id", "id": mapping[f.id]}})
-    again = _finished(new, copy.id, again.id)
+    again = finished_eval_run(new, copy.id, again.id, timeout=60)
     assert again.result_counts.model_dump() == run.result_counts.model_dump()
     per = lambda r: sorted((p.testing_criteria, p.passed, p.failed) for p in r.per_testing_criteria_results)  # noqa: E731
     assert per(again) == per(run)

@@ -18,7 +18,7 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.worker import work
 
-from .conftest import banking_rows, running_server
+from .conftest import banking_rows, chat_lines, running_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 ALIAS = "gpt-4o-mini-2024-07-18"
@@ -32,12 +32,6 @@ def strict(model_cls, raw):
 def raw(call, *args, **kw) -> dict:
     """The JSON body of a client call (``client.x.with_raw_response.y``)."""
     return json.loads(call(*args, **kw).text)
-
-
-def chat_jsonl(rows) -> bytes:
-    return "".join(json.dumps({"messages": [
-        {"role": "system", "content": "Classify."}, {"role": "user", "content": r["text"]},
-        {"role": "assistant", "content": r["category"]}]}) + "\n" for r in rows).encode()
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +54,8 @@ def trained(live):
     metadata and a W&B integration; created with the alias a script written for OpenAI uses."""
     c = client(live)
     rows = banking_rows(LABELS, 8)
-    train = c.files.create(file=("train.jsonl", chat_jsonl(rows[::2])), purpose="fine-tune")
-    valid = c.files.create(file=("valid.jsonl", chat_jsonl(rows[3::4])), purpose="fine-tune")
+    train = c.files.create(file=("train.jsonl", chat_lines(rows[::2])), purpose="fine-tune")
+    valid = c.files.create(file=("valid.jsonl", chat_lines(rows[3::4])), purpose="fine-tune")
     created = raw(c.fine_tuning.jobs.with_raw_response.create, model=ALIAS, training_file=train.id,
                   validation_file=valid.id, suffix="conf", metadata={"team": "support", "run": "a"},
                   method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
@@ -246,7 +240,7 @@ def test_bad_job_requests_name_the_param(live, trained):
 
 def test_a_job_whose_file_is_gone_fails_with_an_error_not_a_crash(live):
     c = client(live)
-    f = c.files.create(file=("t.jsonl", chat_jsonl(banking_rows(LABELS, 4))), purpose="fine-tune")
+    f = c.files.create(file=("t.jsonl", chat_lines(banking_rows(LABELS, 4))), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model=live["base"], training_file=f.id)
     c.files.delete(f.id)
     work(live["data_dir"], once=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import openai
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 
-from .conftest import running_server
+from .conftest import finished_eval_run, running_server
 
 EXACT = {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}",
          "operation": "eq"}
@@ -97,7 +96,7 @@ def test_an_eval_with_a_python_criterion_runs_only_while_allowed(live):
     live["settings"].allow_python_graders = True
     try:
         ev = c.evals.create(data_source_config={"type": "custom", "item_schema": SCHEMA}, testing_criteria=[python])
-        run = _finished(c, ev.id, c.evals.runs.create(ev.id, data_source=source).id)
+        run = finished_eval_run(c, ev.id, c.evals.runs.create(ev.id, data_source=source).id)
         assert run.result_counts.passed == 1 and run.result_counts.failed == 1
     finally:
         live["settings"].allow_python_graders = None
@@ -117,16 +116,6 @@ def test_score_model_asks_a_served_model(live):
     assert run.reward == 0.0 or not run.metadata.errors.model_grader_parse_error
 
 
-def _finished(c, eval_id, run_id, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = c.evals.runs.retrieve(run_id, eval_id=eval_id)
-        if run.status not in ("queued", "in_progress"):
-            return run
-        time.sleep(0.2)
-    raise AssertionError("the run did not finish")
-
-
 SCHEMA = {"type": "object", "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
           "required": ["question", "answer"]}
 
@@ -143,7 +132,7 @@ def test_an_eval_created_and_run_through_the_client(live):
     content = [{"item": item, "sample": {"output_text": out}} for item, out in rows]
     run = c.evals.runs.create(ev.id, name="given answers",
                               data_source={"type": "jsonl", "source": {"type": "file_content", "content": content}})
-    run = _finished(c, ev.id, run.id)
+    run = finished_eval_run(c, ev.id, run.id)
     assert run.status == "completed"
     assert run.result_counts.model_dump() == {"total": 3, "passed": 1, "failed": 2, "errored": 0}
     per = {r.testing_criteria: (r.passed, r.failed) for r in run.per_testing_criteria_results}
@@ -177,7 +166,7 @@ def test_a_run_from_a_file_answered_by_a_served_model(live):
         "type": "completions", "model": live["base"], "source": {"type": "file_id", "id": f.id},
         "input_messages": {"type": "template", "template": [{"role": "user", "content": "Q: {{item.question}}"}]},
         "sampling_params": {"max_completion_tokens": 4}})
-    run = _finished(c, ev.id, run.id)
+    run = finished_eval_run(c, ev.id, run.id)
     assert run.status == "completed" and run.result_counts.passed == 2
     assert run.per_model_usage[0].invocation_count == 2
     items = c.evals.runs.output_items.list(run.id, eval_id=ev.id).data
@@ -234,7 +223,7 @@ def test_answers_validate_against_the_clients_types(live):
     ev = EvalCreateResponse.model_validate(json.loads(raw.text))
     run = c.evals.runs.create(ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": [
         {"item": {"question": "q", "answer": "a"}, "sample": {"output_text": "a"}}]}})
-    _finished(c, ev.id, run.id)
+    finished_eval_run(c, ev.id, run.id)
     RunRetrieveResponse.model_validate(json.loads(c.evals.runs.with_raw_response.retrieve(run.id, eval_id=ev.id).text))
     page = json.loads(c.evals.runs.output_items.with_raw_response.list(run.id, eval_id=ev.id).text)
     OutputItemListResponse.model_validate(page["data"][0])

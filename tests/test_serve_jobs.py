@@ -12,16 +12,13 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.worker import work
 
-from .conftest import banking_rows, http_get, running_server
+from .conftest import banking_rows, chat_lines, http_get, running_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def chat_jsonl(n: int) -> bytes:
-    rows = banking_rows(LABELS, 12)[:n]
-    return "".join(json.dumps({"messages": [
-        {"role": "system", "content": "Classify."}, {"role": "user", "content": r["text"]},
-        {"role": "assistant", "content": r["category"]}]}) + "\n" for r in rows).encode()
+    return chat_lines(banking_rows(LABELS, 12)[:n])
 
 
 @pytest.fixture(scope="module")

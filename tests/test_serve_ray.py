@@ -2,7 +2,6 @@
 `openai` client: two keys' jobs run at the same time, a running job is cancelled, another is paused and
 resumed, and a job whose Ray worker process is killed resumes from its checkpoint."""
 
-import json
 import os
 import signal
 import threading
@@ -15,7 +14,7 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.store import Store
 
-from .conftest import banking_rows, running_server
+from .conftest import banking_rows, chat_lines, running_server
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra tunesmith[ray]")
 
@@ -23,10 +22,7 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
 
 def chat_jsonl(n: int) -> bytes:
-    rows = (banking_rows(LABELS, 30) * 2)[:n]
-    return "".join(json.dumps({"messages": [{"role": "user", "content": r["text"]},
-                                            {"role": "assistant", "content": r["category"]}]}) + "\n"
-                   for r in rows).encode()
+    return chat_lines((banking_rows(LABELS, 30) * 2)[:n], system=None)
 
 
 @pytest.fixture(scope="module")

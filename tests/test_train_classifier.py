@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 from .conftest import banking_recipe, banking_rows, write_jsonl, write_recipe
 
@@ -41,17 +42,21 @@ def test_classifier_head_trains_and_reports_probabilities(cli, tmp_path, tiny_mo
     assert losses[-1] < losses[0], losses
 
 
-def test_classifier_sets_aside_training_texts_longer_than_max_seq_length_when_asked(cli, tmp_path, tiny_model_dir):
+def _train_with_a_long_text(cli, tmp_path, model_dir, name: str, **train) -> tuple[str, Path]:
+    """Train a classifier head (max_seq_length 24) on banking rows, one of them far over 24 tokens; (output, run)."""
     rows = banking_rows(LABELS, 8)
     rows[0] = {**rows[0], "text": "my new card has still not arrived " * 8}  # far over 24 tokens
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
-        tmp_path, tiny_model_dir, data, name="cls-long", seed=4, split={"train": 18, "val": 0, "test": 6},
-        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24,
-               "long_inputs": "set_aside"}))
+        tmp_path, model_dir, data, name=name, seed=4, split={"train": 18, "val": 0, "test": 6},
+        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24, **train}))
     code, out = cli(["train", str(recipe)])
     assert code == 0, out
-    run = tmp_path / "runs" / "cls-long"
+    return out, tmp_path / "runs" / name
+
+
+def test_classifier_sets_aside_training_texts_longer_than_max_seq_length_when_asked(cli, tmp_path, tiny_model_dir):
+    out, run = _train_with_a_long_text(cli, tmp_path, tiny_model_dir, "cls-long", long_inputs="set_aside")
     rejected = [json.loads(line) for line in (run / "data" / "rejected.jsonl").read_text().splitlines()]
     long_ones = [r for r in rejected if "train.max_seq_length 24" in r["reason"]]
     assert long_ones and all(r["stage"] == "train" for r in long_ones)
@@ -60,15 +65,7 @@ def test_classifier_sets_aside_training_texts_longer_than_max_seq_length_when_as
 
 
 def test_classifier_cuts_training_texts_longer_than_max_seq_length_by_default(cli, tmp_path, tiny_model_dir):
-    rows = banking_rows(LABELS, 8)
-    rows[0] = {**rows[0], "text": "my new card has still not arrived " * 8}  # far over 24 tokens
-    data = write_jsonl(tmp_path / "d.jsonl", rows)
-    recipe = write_recipe(tmp_path / "r.yaml", banking_recipe(
-        tmp_path, tiny_model_dir, data, name="cls-cut", seed=4, split={"train": 18, "val": 0, "test": 6},
-        train={"head": "classifier", "max_steps": 2, "batch_size": 6, "max_seq_length": 24}))
-    code, out = cli(["train", str(recipe)])
-    assert code == 0, out
-    run = tmp_path / "runs" / "cls-cut"
+    out, run = _train_with_a_long_text(cli, tmp_path, tiny_model_dir, "cls-cut")
     assert "had their longest input cut to fit (none dropped)" in out
     assert json.loads((run / "train" / "summary.json").read_text())["set_aside_too_long"] == 0
     assert not (run / "data" / "rejected.jsonl").is_file() or "max_seq_length" not in (
