@@ -41,7 +41,7 @@ def test_rows_sharing_a_prompt_are_prefilled_once_and_complete_as_alone(tiny_mod
         return forward(self, input_ids, *rest)
 
     monkeypatch.setattr(ContinuousBatch, "_forward", spy)
-    shared = sample_completions(model, tok, [a, a, a, b, b, b], greedy, [tok.eos_token_id])
+    shared = sample_completions(model, tok, [a, a, a, b, b, b], greedy)
     assert prefill_rows == [2]  # one prefill pass, one row per distinct prompt, not six
     for got, want in zip(shared, [alone[0]] * 3 + [alone[1]] * 3, strict=True):
         assert got[: len(want)] == want
@@ -53,7 +53,7 @@ def test_sampled_rows_of_one_prompt_differ_and_keep_their_stop_token(tiny_model)
     a, _ = _prompts(tok)
     params = GenParams(max_tokens=8, temperature=1.0)
     torch.manual_seed(0)
-    out = sample_completions(model, tok, [a] * 6, params, [tok.eos_token_id])
+    out = sample_completions(model, tok, [a] * 6, params)
     assert len({tuple(c) for c in out}) > 1  # each row draws its own tokens after the one shared prefill
     for c in out:
         assert 1 <= len(c) <= 9 and tok.eos_token_id not in c[:-1]

@@ -20,11 +20,14 @@ MAX_BATCH_TOKENS = 8192  # tokens in one batch, padding included (KV cache cells
 
 @dataclass
 class Generated:
-    """The ``n`` completions of one prompt and its token counts (padding and end-of-turn tokens excluded)."""
+    """The ``n`` completions of one prompt and its token counts (padding and end-of-turn tokens excluded);
+    ``ids``: each completion's tokens, ending with the end-of-sequence token that stopped it (a trainer scores
+    that token too)."""
 
     texts: list[str]
     prompt_tokens: int
     completion_tokens: int
+    ids: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +86,8 @@ def complete(
 
 def _generated(batch: ContinuousBatch, prompt: Prompt, rows: list[Row]) -> Generated:
     texts = [cut_at_stop(batch.text(r), prompt.params.stop) for r in rows]
-    return Generated(texts, len(prompt.ids), sum(len(r.generated) for r in rows))
+    ids = [r.generated + ([r.stop_token] if r.stop_token is not None else []) for r in rows]
+    return Generated(texts, len(prompt.ids), sum(len(r.generated) for r in rows), ids)
 
 
 def generate(

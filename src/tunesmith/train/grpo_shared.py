@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from trl import GRPOTrainer
 
-from tunesmith.generation.engine import ContinuousBatch, Row
+from tunesmith.generation.batch import Prompt, complete
 from tunesmith.generation.sampling import GenParams
 
 
@@ -47,7 +47,7 @@ class SharedPromptGRPO(GRPOTrainer):
         params = GenParams(max_tokens=self.max_completion_length, temperature=self.temperature,
                            top_p=self.top_p if self.top_p is not None else 1.0)
         model = self.accelerator.unwrap_model(self.model)
-        return sample_completions(model, self._tokenizer, prompt_ids, params, self.eos_token_ids), None
+        return sample_completions(model, self._tokenizer, prompt_ids, params), None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **vision):
@@ -69,23 +69,17 @@ class SharedPromptGRPO(GRPOTrainer):
         return torch.cat(logps), (torch.cat(entropies) if compute_entropy and entropies[0] is not None else None), None
 
 
-def sample_completions(model, tokenizer, prompt_ids: list[list[int]], params: GenParams,
-                       eos_ids: list[int]) -> list[list[int]]:
-    """One sampled completion per prompt row (rows repeating a prompt share its prefill), each ending with the
-    end-of-sequence token that stopped it, as TRL's own generation returns them."""
-    batch = ContinuousBatch(model, tokenizer, max_rows=len(prompt_ids), max_cache_tokens=2**62)
-    batch.eos_ids = set(eos_ids)
-    rows = [Row(list(ids), params) for ids in prompt_ids]
-    for row in rows:
-        batch.add(row)
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], params: GenParams) -> list[list[int]]:
+    """One sampled completion per prompt row on the engine (rows repeating a prompt share its prefill), each
+    ending with the end-of-sequence token that stopped it, as TRL's own generation returns them."""
     training = model.training
     model.eval()
     try:
-        while batch.busy:
-            batch.step()
+        done = complete(model, tokenizer, [Prompt(list(ids), params) for ids in prompt_ids],
+                        batch_size=len(prompt_ids), max_batch_tokens=2**62)  # TRL's batch is the batch
     finally:
         model.train(training)
-    return [row.generated + ([row.stop_token] if row.stop_token is not None else []) for row in rows]
+    return [g.ids[0] for g in done]
 
 
 def shared_prompt_logps(model, input_ids, attention_mask, completion_length: int):
