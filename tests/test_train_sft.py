@@ -107,7 +107,9 @@ def test_packed_loss_equals_one_at_a_time(tiny_model_dir, attn, kind, capacity):
         alone = [completion_loss(model, collate([f]), form=form) for f in feats]
     alone_sum = sum(lo.item() * k for lo, _, k in alone)
     assert n == sum(k for _, _, k in alone)
-    assert packed_sum == pytest.approx(alone_sum, rel=1e-5)
+    # flex attention's CPU kernel sums in another order on AVX2-only CPUs: 8.5e-5 relative measured on an AMD EPYC
+    # (AVX2, no AVX-512), where a leak between packed examples moves logits by ~0.5 (DESIGN.md)
+    assert packed_sum == pytest.approx(alone_sum, rel=2e-4 if attn == "flex_attention" else 1e-5)
 
     # control: the same packed rows with a plain causal mask (examples see each other) give another loss
     leaky = dict(collate(feats))
