@@ -159,7 +159,7 @@ def same_value(a, b) -> bool:
 
 def leave_out(col: Column, target: Column) -> str | None:
     """Why ``col`` is not an input for ``target``, or None when it is text a model can read."""
-    why = not_content(col)
+    why = not_content(col) or tied_to_target(col, target)
     if why:
         return why
     if not col.is_text:
@@ -168,7 +168,7 @@ def leave_out(col: Column, target: Column) -> str | None:
         return "numbers (written as text)"
     if col.distinct == 1:
         return "the same value on every row"
-    return tied_to_target(col, target)
+    return None
 
 
 def is_free_text(col: Column) -> bool:

@@ -120,6 +120,10 @@ def inspect(path: Path, target: str | None, task: str | None = None, say=print) 
         raise ConfigError(f"--target {target}: no such field; the fields are {', '.join(by_name)}")
     col = by_name[target] if target else guess_target(start)
     start.target = col.name
+    if col.distinct < 2:
+        only = str(col.present[0]) if col.present else ""
+        raise DataError(f"{start.data}: every row has the same '{col.name}' ({only!r}, {len(col.present):,} rows): "
+                        "nothing to learn. Give a file with more than one value to predict, or another --target")
     start.kind = choose_kind(start, col, task)
     if start.kind == "classification":
         check_labels(start, col)
@@ -176,10 +180,6 @@ def choose_kind(start: Start, col: Column, task: str | None) -> str:
 def check_labels(start: Start, col: Column) -> None:
     """A label set the run can learn: more than one label, and enough rows of most labels to train and test."""
     counts = label_counts(col)
-    if len(counts) < 2:
-        only = next(iter(counts), "")
-        raise DataError(f"{start.data}: every row has the same '{col.name}' ({only!r}, {len(col.present):,} rows): "
-                        "nothing to learn. Give a file with more than one label, or another --target")
     median = statistics.median(counts.values())
     if median < MIN_PER_LABEL:
         raise DataError(f"{start.data}: '{col.name}' has {len(counts):,} labels with a median of {median:g} row(s) "
@@ -275,8 +275,8 @@ def split_shares(start: Start, test_file: bool) -> dict:
     n = len(start.records)
     val = round(min(0.2, max(0.1, VAL_EXAMPLES / max(1, n))), 2)
     test = 0 if test_file else 0.1
-    start.notes["data.split"] = (f"validation: {int(n * val):,} of {n:,} rows — {VAL_EXAMPLES} examples where the "
-                                 "data allows (10-20% of it), so that the validation scores can separate the arms")
+    start.notes["data.split"] = (f"validation: {int(n * val):,} of {n:,} rows ({VAL_EXAMPLES} where the data allows, "
+                                 "10-20% of it), so that the validation scores can separate the arms")
     return {"train": round(1 - val - test, 2), "val": val, "test": test}
 
 
