@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -60,12 +61,16 @@ def test_init_on_a_labelled_csv_writes_a_recipe_that_fits_and_runs_unedited(cli,
     assert [a.name for a in cfg.arms] == ["encoder-head", "llm-lora"]  # a CPU: an encoder head beside the LLM
     text = recipe.read_text()
     assert "# the OpenAI cookbook's rule for 28 training examples" in text and "# the memory estimator" in text
-    fits(cli, recipe)
+    estimate = fits(cli, recipe)
+    for row in ("encoder-head", "llm-lora", "evaluation", "total"):  # time and memory for every arm and the eval
+        assert re.search(rf"^  {row} .*(\d+ (s|min))", estimate, re.MULTILINE), estimate
     code, out = cli(["run", str(recipe), "--set", "train.max_steps=2", "--set", "eval.baselines=[majority]"])
     assert code == 0, out
+    assert "Time and memory to expect for tickets" in out  # printed before the run starts
     run = tmp_path / "runs" / "tickets"
     report = (run / "report.md").read_text()
     assert "## Paired differences" in report and "encoder-head" in report and "llm-lora" in report
+    assert "2 steps" in report and "epoch(s)" not in report  # max_steps replaced the epochs
     resolved = yaml.safe_load((run / "arms" / "llm-lora" / "config.resolved.yaml").read_text())
     assert isinstance(resolved["train"]["max_seq_length"], int)
     assert "99th percentile" in resolved["_chosen"]["train.max_seq_length"]

@@ -353,8 +353,9 @@ def shown(value) -> str:
     """A recipe value as a person reads it: lists of arms by name, mappings as ``key value`` pairs."""
     if isinstance(value, list):
         return ", ".join(a["name"] if isinstance(a, dict) and "name" in a else str(a) for a in value)
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {shown(v)}" for k, v in value.items() if k != "description")
+    if isinstance(value, dict):  # an arm
+        model = (value.get("model") or {}).get("name")
+        return f"{value.get('name')}" + (f" ({model})" if model else "")
     return str(value)
 
 
