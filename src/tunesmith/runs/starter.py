@@ -353,9 +353,11 @@ def shown(value) -> str:
     """A recipe value as a person reads it: lists of arms by name, mappings as ``key value`` pairs."""
     if isinstance(value, list):
         return ", ".join(a["name"] if isinstance(a, dict) and "name" in a else str(a) for a in value)
-    if isinstance(value, dict):  # an arm
+    if isinstance(value, dict) and "name" in value:  # an arm
         model = (value.get("model") or {}).get("name")
-        return f"{value.get('name')}" + (f" ({model})" if model else "")
+        return f"{value['name']}" + (f" ({model})" if model else "")
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
     return str(value)
 
 
