@@ -48,7 +48,7 @@ def grade(sample, item):
     if kind == "own_folder":
         with open("notes.txt", "w") as f:
             f.write("abc")
-        return float(len(open("notes.txt").read()))
+        return len(open("notes.txt").read()) / 4
     if kind == "big_file":
         with open("big.bin", "wb") as f:
             f.write(b"x" * (32 * 1024 * 1024))
@@ -122,7 +122,7 @@ def test_files_outside_its_folder_are_refused(tmp_path):
                                      ("", {"kind": "big_file"})])
     assert read.reward == 0.0 and "own folder only" in read.error
     assert (raw_read.reward, raw_read.error) == (1.0, None)  # the kernel refused open(2) itself
-    assert (own.reward, own.error) == (3.0, None)
+    assert (own.reward, own.error) == (0.75, None)
     assert big.reward == 0.0 and "File too large" in big.error  # RLIMIT_FSIZE: 16 MiB
 
 

@@ -156,6 +156,21 @@ def test_an_eval_created_and_run_through_the_client(live):
         c.evals.retrieve(ev.id)
 
 
+def test_evals_list_in_the_order_a_script_asks_for(live):
+    c = client(live, "k2")
+    config = {"type": "custom", "item_schema": SCHEMA}
+    first = c.evals.create(name="first", data_source_config=config, testing_criteria=[EXACT])
+    second = c.evals.create(name="second", data_source_config=config, testing_criteria=[EXACT])
+    c.evals.update(first.id, metadata={"touched": "yes"})
+    newest_update = c.evals.list(order_by="updated_at", order="desc").data
+    assert [e.id for e in newest_update][:2] == [first.id, second.id]
+    newest_created = c.evals.list(order_by="created_at", order="desc").data
+    assert [e.id for e in newest_created][:2] == [second.id, first.id]
+    assert [e.id for e in c.evals.list(order_by="updated_at", order="asc").data][-2:] == [second.id, first.id]
+    with pytest.raises(openai.BadRequestError):
+        c.evals.list(extra_query={"order_by": "name"})
+
+
 def test_a_run_from_a_file_answered_by_a_served_model(live):
     c = client(live)
     ev = c.evals.create(name="served", data_source_config={"type": "custom", "item_schema": SCHEMA},

@@ -14,14 +14,21 @@ when the system allows unprivileged user namespaces (no interface but a down loo
 grader starts, even one that leaves its session, is killed with it), Landlock (files
 readable only under Python's installation, writable only in the grader's own temporary folder, no TCP),
 an audit hook with readable refusals, and an environment with none of the server's variables (API keys).
+
+The answers are data, never trusted: the caller's code runs in a process forked by the sandbox's relay,
+out of reach of the channel to this server; each line read here is bounded (:data:`LINE_BYTES`), parsed
+defensively, must carry the per-row token chosen here, and its reward must be a finite number in [0, 1];
+anything else is the row's error and ends the process.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import resource
+import secrets
 import select
 import shutil
 import signal
@@ -34,6 +41,7 @@ from pathlib import Path
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 STARTUP_S = 20.0  # interpreter start and the grader's own imports (numpy, …), before the first row
+LINE_BYTES = 16384  # the longest line the server reads from the sandbox (its answers are under 2,100 bytes)
 
 
 @dataclass(frozen=True)
@@ -117,9 +125,12 @@ class _Child:
         self.buffer = b""
 
     def read(self, timeout: float) -> dict | None:
-        """The next answer line, or None when the process ended or the time ran out."""
+        """The next line as a dict, None when the process ended or the time ran out, or {"broken": why} for
+        a line that is too long or not a JSON object (the process is then not asked again)."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buffer:
+            if len(self.buffer) > LINE_BYTES:
+                return {"broken": f"more than {LINE_BYTES} bytes without a line end"}
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
                 return None
@@ -128,7 +139,11 @@ class _Child:
                 return None
             self.buffer += chunk
         line, self.buffer = self.buffer.split(b"\n", 1)
-        return json.loads(line)
+        try:
+            answer = json.loads(line) if len(line) <= LINE_BYTES else None
+        except (ValueError, RecursionError):
+            answer = None
+        return answer if isinstance(answer, dict) else {"broken": "a line that is not an answer"}
 
     def send(self, row: dict) -> bool:
         try:
@@ -168,26 +183,43 @@ def run_python(source: str, rows: list[tuple[dict, dict]], limits: Limits = Limi
     return out
 
 
+def outcome(answer: dict, token: str, seconds: float) -> Outcome:
+    """The row's outcome from the sandbox's answer, checked as data: the row's own token, a finite reward
+    in [0, 1] or an error text; anything else is reward 0 with the reason."""
+    seconds = answer.get("seconds") if isinstance(answer.get("seconds"), float) else seconds
+    if "broken" in answer or answer.get("token") != token:
+        why = answer.get("broken") or "an answer without this row's token"
+        return Outcome(0.0, f"RuntimeError: the grader's sandbox wrote {why}; the process was ended", seconds)
+    if isinstance(answer.get("error"), str):
+        return Outcome(0.0, answer["error"][:2000], seconds)
+    reward = answer.get("reward")
+    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward) \
+            or not 0.0 <= reward <= 1.0:
+        return Outcome(0.0, f"ValueError: a python grader's reward must be a number in [0, 1], not "
+                            f"{str(reward)[:100]}", seconds)
+    return Outcome(float(reward), None, seconds)
+
+
 def _run_some(folder: str, rows: list[tuple[dict, dict]], limits: Limits) -> list[Outcome]:
     """Grade rows in one process until they are done or one kills it (that row gets the reason)."""
     child = _Child(folder, limits, len(rows))
     done: list[Outcome] = []
     try:
         first = child.read(STARTUP_S)
-        if first is None or "fatal" in first:
-            reason = first["fatal"] if first else child.why_dead(limits)
+        if first is None or first.get("ready") is not True:
+            reason = first.get("fatal") if first else None
+            reason = reason[:2000] if isinstance(reason, str) else child.why_dead(limits)
             return [Outcome(0.0, reason) for _ in rows]
         for sample, item in rows:
-            start = time.perf_counter()
+            start, token = time.perf_counter(), secrets.token_hex(16)
             answer = child.read(limits.wall_s) if child.send(
-                {"sample": sample, "item": item, "cpu_s": limits.cpu_s}) else None
+                {"token": token, "sample": sample, "item": item, "cpu_s": limits.cpu_s}) else None
             if answer is None:
                 time.sleep(0.05)  # let a process killed by the kernel be reaped, to name the limit
                 return [*done, Outcome(0.0, child.why_dead(limits), time.perf_counter() - start)]
-            done.append(Outcome(answer.get("reward", 0.0), answer.get("error"),
-                                answer.get("seconds", time.perf_counter() - start)))
-            if answer.get("restart"):  # the process ends after this row (its CPU time ran out)
-                return done
+            done.append(outcome(answer, token, time.perf_counter() - start))
+            if answer.get("restart") or "broken" in answer or answer.get("token") != token:
+                return done  # the process ends after this row: its CPU time ran out, or its channel broke
         return done
     finally:
         child.close()

@@ -1,11 +1,18 @@
-"""The process a python grader runs in (started by :mod:`tunesmith.graders.sandbox` as ``python -I <this file>``
+"""The processes a python grader runs in (started by :mod:`tunesmith.graders.sandbox` as ``python -I <this file>``
 inside its own folder; it imports nothing from tunesmith).
 
-Before the grader's source is even compiled it (1) restricts itself with Landlock, the kernel's unprivileged
-sandbox: files may be read only under Python's own installation, written only in the grader's folder, and no
-TCP connection or bind is allowed; (2) installs an audit hook refusing sockets, new processes and opening
-files outside those folders with a readable error. Then it grades one JSON line from stdin at a time and
-answers each with one JSON line on the original stdout (what the grader prints goes to stderr).
+Before the grader's source is even compiled this process (1) restricts itself with Landlock, the kernel's
+unprivileged sandbox: files may be read only under Python's own installation, written only in the grader's
+folder, and no TCP connection or bind is allowed; (2) forks the **grader process**, which adds a second,
+nested Landlock layer (so it can neither trace, signal nor read ``/proc`` of this one), closes every
+descriptor of the server's channel, installs an audit hook refusing sockets, new processes and opening
+files outside those folders, and only then runs the caller's code.
+
+This process, the **relay**, stays out of the caller's reach: it passes each row to the grader over one
+pipe and reads the grader's answer from another, at most :data:`ANSWER_BYTES` bytes, parses it as data
+(a finite reward in [0, 1], or an error), times it itself, and answers the server on the original stdout
+with the server's per-row token. Whatever the grader writes, on any descriptor it has, can only become its
+own row's error; a grader that breaks the protocol is ended and the next rows go on in a fresh process.
 """
 
 import ctypes
@@ -13,6 +20,7 @@ import json
 import math
 import os
 import resource
+import select
 import signal
 import sys
 import time
@@ -21,6 +29,8 @@ READ = 1 | 4 | 8  # Landlock: execute, read file, read directory
 FILE_RW = 2 | 4  # write file, read file (rules on single files such as /dev/null)
 BLOCKED_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
                   "os.kill", "os.killpg", "pty.spawn", "os.chroot", "sys.remote_exec")
+ANSWER_BYTES = 8192  # the longest answer line the relay reads from the grader (errors are cut to 2,000 characters)
+PR_SET_DUMPABLE = 4
 
 
 def _long(v):
@@ -97,50 +107,180 @@ def on_cpu_limit(out, cpu_s):
     return handler
 
 
-def grade_rows(grade, out) -> None:
-    """One JSON line in, one out: {"reward": x} or {"error": "Type: message"}; stops at the end of stdin."""
-    for line in sys.stdin:
+def grade_rows(grade, rows, out) -> None:
+    """In the grader process: one JSON line in, one out: {"reward": x} or {"error": "Type: message"}; stops at
+    the end of its input."""
+    for line in rows:
         row = json.loads(line)
         signal.signal(signal.SIGXCPU, on_cpu_limit(out, row["cpu_s"]))
         soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
         used = resource.getrusage(resource.RUSAGE_SELF).ru_utime + resource.getrusage(resource.RUSAGE_SELF).ru_stime
         resource.setrlimit(resource.RLIMIT_CPU, (min(hard, int(used + row["cpu_s"]) + 1), hard))
-        start = time.perf_counter()
         try:
             reward = grade(row["sample"], row["item"])
             if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
-                raise TypeError(f"grade() must return a finite number, not {reward!r}")
+                raise TypeError(f"grade() must return a finite number, not {reward!r}"[:300])
             answer = {"reward": float(reward)}
-        except BaseException as exc:  # noqa: BLE001 - any failure is this row's error, reported to the parent
+        except BaseException as exc:  # noqa: BLE001 - any failure is this row's error, reported to the relay
             answer = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        answer["seconds"] = time.perf_counter() - start
         out.write(json.dumps(answer) + "\n")
         out.flush()
 
 
-def main() -> None:
-    folder = os.getcwd()
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # the grader's prints go to stderr, never into the answers
-    read_roots = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                         sys.base_exec_prefix)} | {"/usr/lib", "/lib", "/lib64"})
-    abi = landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])
-    audit_hook(folder, read_roots)
-    namespace = {"__name__": "grader"}
+NOT_AN_ANSWER = {"error": "ValueError: the grader process wrote a line that is not an answer", "restart": True}
+
+
+def checked_answer(line: bytes) -> dict:
+    """A grader's answer line as data: {"reward": r} with r a finite number in [0, 1], or {"error": text}
+    ("restart" kept when the grader is ending). Any other line, a forged one in the server's format included,
+    is this row's error and ends the grader process."""
     try:
+        answer = json.loads(line)
+    except (ValueError, RecursionError):
+        return NOT_AN_ANSWER
+    if not isinstance(answer, dict):
+        return NOT_AN_ANSWER
+    restart = {"restart": True} if answer.pop("restart", None) is True else {}
+    if set(answer) == {"error"} and isinstance(answer["error"], str):
+        return {"error": answer["error"][:2000], **restart}
+    if set(answer) != {"reward"}:
+        return NOT_AN_ANSWER
+    reward = answer["reward"]
+    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
+        return {"error": f"TypeError: grade() must return a finite number, not {str(reward)[:100]}", "restart": True}
+    if not 0.0 <= reward <= 1.0:
+        return {"error": f"ValueError: grade() must return a number in [0, 1], not {reward:g}", **restart}
+    return {"reward": float(reward), **restart}
+
+
+class GraderPipe:
+    """The relay's end of the grader process: rows out, answer lines in, each bounded."""
+
+    def __init__(self, pid: int, rows_fd: int, answers_fd: int):
+        self.pid, self.rows, self.answers, self.buffer = pid, rows_fd, answers_fd, b""
+
+    def send(self, row: dict) -> bool:
+        try:
+            os.write(self.rows, (json.dumps(row) + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+    def line(self) -> bytes | dict | None:
+        """The next line the grader process wrote; an error dict when it wrote too much without a line end;
+        None when it ended."""
+        while b"\n" not in self.buffer:
+            if len(self.buffer) > ANSWER_BYTES:
+                return {"error": f"ValueError: the grader process wrote more than {ANSWER_BYTES} bytes "
+                                 "without a line end", "restart": True}
+            select.select([self.answers], [], [])
+            chunk = os.read(self.answers, ANSWER_BYTES + 1)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        if len(line) > ANSWER_BYTES:
+            return {"error": f"ValueError: the grader process wrote a line of more than {ANSWER_BYTES} bytes",
+                    "restart": True}
+        return line
+
+    def answer(self) -> dict | None:
+        """The next checked answer (see :func:`checked_answer`), or None when the grader process ended."""
+        line = self.line()
+        if not isinstance(line, bytes):
+            return line
+        answer = checked_answer(line)
+        if self.buffer and "restart" not in answer:  # more than one line for one row: the grader is ended
+            answer = {"error": "ValueError: the grader process wrote more than one answer for a row", "restart": True}
+        return answer
+
+    def loaded(self) -> str | None:
+        """None once the grader process says it loaded the source, else why it did not."""
+        line = self.line()
+        try:
+            first = json.loads(line) if isinstance(line, bytes) else {}
+        except (ValueError, RecursionError):
+            first = {}
+        if isinstance(first, dict) and first.get("ready") is True:
+            return None
+        if isinstance(first, dict) and isinstance(first.get("fatal"), str):
+            return first["fatal"][:2000]
+        return "RuntimeError: the grader process ended or wrote something else while loading its source"
+
+
+def relay(pipe: GraderPipe, server_in, server_out) -> None:
+    """Pass each row of the server's to the grader process and its checked answer back with the row's token;
+    end (ending the grader) when the grader process ends or breaks the protocol."""
+    for line in server_in:
+        row = json.loads(line)  # the server's own line: trusted
+        start = time.perf_counter()
+        answer = pipe.answer() if pipe.send({k: row[k] for k in ("sample", "item", "cpu_s")}) else None
+        if answer is None:
+            return  # the server names the reason (a limit, a crash) from the process's end and its stderr
+        answer.update(token=row["token"], seconds=time.perf_counter() - start)
+        server_out.write(json.dumps(answer) + "\n")
+        server_out.flush()
+        if answer.get("restart"):
+            return
+
+
+def run_grader(folder, read_roots, rows_fd: int, answers_fd: int) -> None:
+    """In the forked grader process: lock in further, load the caller's source and grade rows; never returns."""
+    out = os.fdopen(answers_fd, "w")
+    try:
+        landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])  # a nested layer: the relay is outside it
+        audit_hook(folder, read_roots)
+        namespace = {"__name__": "grader"}
         with open(os.path.join(folder, "grader.py"), encoding="utf-8") as f:
             source = f.read()
         exec(compile(source, "grader.py", "exec"), namespace)  # noqa: S102 - the caller's grader, sandboxed above
         if not callable(namespace.get("grade")):
             raise TypeError("the source defines no grade(sample, item) function")
-    except BaseException as exc:  # noqa: BLE001 - reported to the parent as every row's error
+    except BaseException as exc:  # noqa: BLE001 - reported to the relay as every row's error
         out.write(json.dumps({"fatal": f"{type(exc).__name__}: {exc}"[:2000]}) + "\n")
         out.flush()
-        return
-    out.write(json.dumps({"ready": True, "landlock": abi}) + "\n")
+        os._exit(0)
+    out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
-    grade_rows(namespace["grade"], out)
+    try:
+        grade_rows(namespace["grade"], os.fdopen(rows_fd, "r"), out)
+    finally:
+        os._exit(0)
 
+
+def start_grader(folder, read_roots, keep_out: list[int]) -> GraderPipe:
+    """Fork the grader process with a pipe each way; it keeps none of ``keep_out`` (the server's channel)."""
+    rows_r, rows_w = os.pipe()
+    answers_r, answers_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        for fd in (*keep_out, rows_w, answers_r):
+            os.close(fd)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        run_grader(folder, read_roots, rows_r, answers_w)
+    os.close(rows_r)
+    os.close(answers_w)
+    return GraderPipe(pid, rows_w, answers_r)
+
+
+def main() -> None:
+    folder = os.getcwd()
+    server_out_fd = os.dup(1)
+    server_out = os.fdopen(server_out_fd, "w")
+    os.dup2(2, 1)  # prints go to stderr, never into the answers
+    read_roots = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                         sys.base_exec_prefix)} | {"/usr/lib", "/lib", "/lib64"})
+    abi = landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])
+    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, _long(0), _long(0), _long(0), _long(0))
+    pipe = start_grader(folder, read_roots, keep_out=[0, server_out_fd])
+    fatal = pipe.loaded()
+    server_out.write(json.dumps({"fatal": fatal} if fatal else {"ready": True, "landlock": abi}) + "\n")
+    server_out.flush()
+    if fatal is None:
+        relay(pipe, sys.stdin, server_out)
+    os.kill(pipe.pid, signal.SIGKILL)
 
 if __name__ == "__main__":
     main()

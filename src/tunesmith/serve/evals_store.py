@@ -53,13 +53,16 @@ class EvalStore:
     def get_eval(self, eid: str, owner: str | None) -> dict | None:
         return _row(self.db.execute("SELECT * FROM evals WHERE id = ? AND owner IS ?", (eid, owner)).fetchone())
 
-    def list_evals(self, owner: str | None, order: str = "desc") -> list[dict]:
+    def list_evals(self, owner: str | None, order: str = "desc", order_by: str = "created_at") -> list[dict]:
+        """A key's evals by creation time, or by the time of their last update (their creation when never
+        updated)."""
         way = "ASC" if order == "asc" else "DESC"
+        when = "COALESCE(updated_at, created_at)" if order_by == "updated_at" else "created_at"
         return [_row(r) for r in self.db.execute(
-            f"SELECT * FROM evals WHERE owner IS ? ORDER BY created_at {way}, rowid {way}", (owner,))]
+            f"SELECT * FROM evals WHERE owner IS ? ORDER BY {when} {way}, rowid {way}", (owner,))]
 
     def update_eval(self, eid: str, **fields) -> None:
-        self._update("evals", eid, fields)
+        self._update("evals", eid, {**fields, "updated_at": time.time()})
 
     def delete_eval(self, eid: str) -> None:
         self._delete(eid, ("eval_output_items", "eval_id"), ("eval_runs", "eval_id"), ("evals", "id"))

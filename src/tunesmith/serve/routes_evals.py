@@ -85,8 +85,9 @@ async def create_eval(body: EvalBody, request: Request, key: Key):
 
 @router.get("")
 async def list_evals(request: Request, key: Key, after: str | None = None, order: Order = "asc",
-                     limit: Annotated[int, Query(ge=1, le=100)] = 20, order_by: str = "created_at"):
-    items, more = paginate(_evals(request).list_evals(key, order), after, limit)
+                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                     order_by: Literal["created_at", "updated_at"] = "created_at"):
+    items, more = paginate(_evals(request).list_evals(key, order, order_by), after, limit)
     return page([eval_object(e) for e in items], more)
 
 

@@ -63,6 +63,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0009_job_integrations", "ALTER TABLE jobs ADD COLUMN integrations TEXT"),
     ("0010_job_estimated_finish", "ALTER TABLE jobs ADD COLUMN estimated_finish INTEGER"),
     ("0011_job_model_deleted", "ALTER TABLE jobs ADD COLUMN model_deleted INTEGER NOT NULL DEFAULT 0"),
+    ("0012_eval_updated_at", "ALTER TABLE evals ADD COLUMN updated_at REAL"),  # NULL: never updated (created_at)
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
