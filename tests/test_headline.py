@@ -104,3 +104,17 @@ def test_the_dashboard_reads_the_headline_and_the_recommended_arm_the_report_use
     summary = run_summary("r", run)
     assert summary["headline_metric"] == "macro_f1" and summary["best"]["name"] == "arm-a"
     assert summary["verdict"] == "better"
+
+
+def test_a_validation_winner_inside_the_runner_up_interval_is_not_settled_and_the_rule_is_stated():
+    """arm-b leads arm-a by one example of ten on validation: the interval includes no difference, so the
+    report says the choice is not settled and recommends by the stated rule (the first arm in the recipe)."""
+    task = make_task("classification", EvalSection(), LABELS)
+    val = examples(LABELS * 2)
+    wrong_once = [*LABELS * 2][:-1] + [LABELS[0] if LABELS[-1] != LABELS[0] else LABELS[1]]
+    on_val = [result(task, "encoder-head", val, wrong_once), result(task, "llm-lora", val, LABELS * 2)]
+    arm, why = headline.recommend(task, on_val)
+    assert arm == "encoder-head" and "the choice is not settled" in why and "listed first in the recipe" in why
+    far = [result(task, "encoder-head", val, ["1"] * 10), result(task, "llm-lora", val, LABELS * 2)]
+    arm, why = headline.recommend(task, far)
+    assert arm == "llm-lora" and "not settled" not in why  # 100% vs 20% on the same ten examples: settled

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import yaml
@@ -56,16 +57,20 @@ def test_init_on_a_labelled_csv_writes_a_recipe_that_fits_and_runs_unedited(cli,
     assert f"Next: tunesmith run {recipe}" in said
     cfg = load_recipe(recipe)
     assert cfg.data.task == "classification" and cfg.data.input_fields == ["text"]
-    assert cfg.train.max_seq_length == "auto" and cfg.train.epochs == 3  # 32 examples: the cookbook's rule
+    assert cfg.train.max_seq_length == "auto" and cfg.train.epochs == 3  # 28 examples: the cookbook's rule
     assert [a.name for a in cfg.arms] == ["encoder-head", "llm-lora"]  # a CPU: an encoder head beside the LLM
     text = recipe.read_text()
-    assert "# the OpenAI cookbook's rule for 32 training examples" in text and "# the memory estimator" in text
-    fits(cli, recipe)
+    assert "# the OpenAI cookbook's rule for 28 training examples" in text and "# the memory estimator" in text
+    estimate = fits(cli, recipe)
+    for row in ("encoder-head", "llm-lora", "evaluation", "total"):  # time and memory for every arm and the eval
+        assert re.search(rf"^  {row} .*(\d+ (s|min))", estimate, re.MULTILINE), estimate
     code, out = cli(["run", str(recipe), "--set", "train.max_steps=2", "--set", "eval.baselines=[majority]"])
     assert code == 0, out
+    assert "Time and memory to expect for tickets" in out  # printed before the run starts
     run = tmp_path / "runs" / "tickets"
     report = (run / "report.md").read_text()
     assert "## Paired differences" in report and "encoder-head" in report and "llm-lora" in report
+    assert "2 steps" in report and "epoch(s)" not in report  # max_steps replaced the epochs
     resolved = yaml.safe_load((run / "arms" / "llm-lora" / "config.resolved.yaml").read_text())
     assert isinstance(resolved["train"]["max_seq_length"], int)
     assert "99th percentile" in resolved["_chosen"]["train.max_seq_length"]
@@ -75,7 +80,7 @@ def test_init_on_a_numeric_target_is_regression(cli, tmp_path, tiny_model_dir):
     rows = [{"text": r["text"], "price": f"{10 + 3.7 * i:.2f}"} for i, r in enumerate(banking_rows(LABELS, 10))]
     recipe, said = init(cli, tmp_path, write_jsonl(tmp_path / "prices.jsonl", rows), "--target", "price",
                         "--encoder", "none", model=tiny_model_dir)
-    assert "task: regression ('price' holds numbers with 40 distinct values)" in said
+    assert "task: regression ('price' holds numbers with 40 distinct values;" in said
     cfg = load_recipe(recipe)
     assert cfg.data.task == "regression" and [a.name for a in cfg.arms] == ["llm-lora"]
     fits(cli, recipe)
@@ -168,7 +173,7 @@ def test_init_with_a_test_file_holds_it_out_as_the_test_split(cli, tmp_path, tin
     recipe, _ = init(cli, tmp_path, train, "--test", str(test), "--encoder", "none", model=tiny_model_dir)
     cfg = load_recipe(recipe)
     assert cfg.data.splits.train == train and cfg.data.splits.test == test and cfg.data.path is None
-    assert (cfg.data.split.train, cfg.data.split.val) == (0.9, 0.1)  # validation comes out of the train file
+    assert (cfg.data.split.train, cfg.data.split.val) == (0.8, 0.2)  # validation (20% of 20 rows) from the train file
     fits(cli, recipe)
 
 
@@ -189,7 +194,9 @@ def test_init_on_real_reviews_with_a_skewed_target(cli, tmp_path, tiny_model_dir
     recipe, said = init(cli, tmp_path, data, "--encoder", "none", model=tiny_model_dir)
     assert "target: rating (its name says so" in said and "task: classification ('rating' holds 5 distinct" in said
     cfg = load_recipe(recipe)
-    assert cfg.data.input_fields == ["verified_reviews"] and "left out: row_id, date, variation, feedback" in said
+    assert cfg.data.input_fields == ["verified_reviews"]
+    for name, why in (("row_id", "an id"), ("date", "dates"), ("variation", "a category"), ("feedback", "numbers")):
+        assert f"left out {name}: {why}" in said
     rows = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines()]
     test = [Example(str(i), {}, str(r["rating"]), {}) for i, r in enumerate(rows)]
     task = make_task("classification", EvalSection(), ["1", "2", "3", "4", "5"])

@@ -50,6 +50,9 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a key, e.g. --set train.epochs=2; one arm: --set arms.NAME.train.epochs=2.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help=(
+        "A first look in minutes: every arm trains 20 steps, 100 stratified test examples are scored, only the "
+        "baselines that load no model run; what was cut is said."))] = False,
     nproc: common.NprocOpt = None,
     nnodes: common.NnodesOpt = 1,
     node_rank: common.NodeRankOpt = 0,
@@ -61,8 +64,16 @@ def run(
     from tunesmith.runs.experiment import run as run_pipeline
 
     cfg = common.recipe_at(recipe, set_ or [])
+    if quick:
+        from tunesmith.runs.quick import quick_overrides
+
+        sets, cut = quick_overrides(cfg)
+        set_ = sets + (set_ or [])
+        cfg = common.recipe_at(recipe, set_)
+        common.console.print("--quick: " + "; ".join(cut) if cut else "--quick: the recipe is already quick")
     common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     common.quiet_libraries()
+    print_plan(cfg)
     command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
     result = run_pipeline(cfg, common.rank_console(), command)
     if result is None:  # a rank other than 0: rank 0 evaluates and reports
@@ -73,6 +84,20 @@ def run(
     common.console.print(f"Report: {result.report}")
 
 
+def print_plan(cfg) -> None:
+    """The time and memory to expect, before a run starts; a plan that cannot be made is said, not fatal."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.machine.launch import is_main
+    from tunesmith.runs.plan import estimate_text
+
+    if not is_main() or cfg.data is None or cfg.data.split.folds:
+        return
+    try:
+        common.console.print(estimate_text(cfg, common.console), highlight=False, markup=False)
+    except TunesmithError as exc:
+        common.console.print(f"(no time estimate: {exc})", highlight=False, markup=False)
+
+
 @app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
@@ -80,7 +105,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help=(
         "Continue from the newest checkpoint, even of a finished training; fail instead of starting over "
         "(without it, checkpoints of the same settings are resumed and others removed)."))] = False,
-    estimate: Annotated[bool, typer.Option("--estimate", help="Print the peak memory to expect.")] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help=(
+        "Print the time and peak memory to expect for every arm and the evaluation (from this machine's "
+        "measured speed), then the memory of the recipe's own training in detail."))] = False,
     backend: Annotated[str, typer.Option(help="local, or openai: an OpenAI-compatible fine-tuning API "
                                               "(the recipe's hosted section).")] = "local",
     nproc: common.NprocOpt = None,
@@ -102,7 +129,10 @@ def train(
         raise typer.BadParameter("--backend is local or openai")
     if estimate:
         from tunesmith.runs.fitting import fitted_estimate
+        from tunesmith.runs.plan import estimate_text
 
+        common.quiet_libraries()
+        common.console.print(estimate_text(cfg, common.console), highlight=False, markup=False)
         est = fitted_estimate(cfg, common.console)
         common.console.print(est.render())
         return

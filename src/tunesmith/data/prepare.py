@@ -21,6 +21,7 @@ from rich.console import Console
 from tunesmith.config import Recipe
 from tunesmith.data.examples import label_set, to_examples
 from tunesmith.data.formatting import chat_messages
+from tunesmith.data.readers import encoding_note
 from tunesmith.data.sources import read_source
 from tunesmith.data.split import split_examples
 from tunesmith.data.steps import StepContext, run_steps, summary_table
@@ -159,6 +160,8 @@ def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None) ->
     """Read one source, profile it (before curation, so the plots show what the limits will cut),
     run the curation steps and map the survivors to examples."""
     records, rejected = read_source(cfg, ctx.tok)
+    if cfg.path is not None and (note := encoding_note(cfg.path)):
+        console.print(note)
     n_read = len(records) + len(rejected)
     if cfg.profile.enabled and profile_dir is not None:
         from tunesmith.data.profile import profile_records

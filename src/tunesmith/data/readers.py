@@ -19,6 +19,7 @@ from tunesmith.data.chat import check_example, hint
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 
+CSV_FIELD_LIMIT = 2**31 - 1
 FIX_HINT = "Fix the row, or set data.on_error: skip to set it aside."
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".json": "json",
            ".parquet": "parquet", ".pq": "parquet"}
@@ -73,17 +74,56 @@ def collect(items, on_error: str = "fail", limit: int | None = None):
 
 
 def _read_text(path: Path, lenient: bool = False) -> str:
-    """UTF-8 text; ``lenient`` keeps undecodable bytes as surrogates so their rows can be rejected."""
+    """The file's text: UTF-8, or UTF-16 / cp949 (Korean Windows, euc-kr's superset) when its bytes say so
+    (:func:`encoding_note` says which). Other bytes that are not UTF-8 raise, naming the line and the fix;
+    ``lenient`` keeps them as surrogates so their rows can be rejected."""
     raw = path.read_bytes()
+    encoding = detect_encoding(raw)
+    if encoding != "utf-8":
+        return raw.decode(encoding)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         if lenient:
             return raw.decode("utf-8-sig", errors="surrogateescape")
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; re-save the file as UTF-8"
-        ) from None
+        raise DataError(f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; {resave_hint(path)}") from None
+
+
+def detect_encoding(raw: bytes) -> str:
+    """``utf-16`` (a byte-order mark), ``cp949`` (not UTF-8, but Korean under cp949/euc-kr) or ``utf-8``
+    (including files that are not valid UTF-8: those are refused or rejected by line)."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        raw.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = raw.decode("cp949")
+    except UnicodeDecodeError:
+        return "utf-8"
+    wide = [c for c in text if not c.isascii()]
+    hangul = sum("\uac00" <= c <= "\ud7a3" for c in wide)
+    return "cp949" if wide and hangul >= len(wide) / 2 else "utf-8"
+
+
+def encoding_note(path: Path) -> str | None:
+    """A line saying the file was decoded from UTF-16 or cp949 (None for UTF-8 and non-text formats)."""
+    path = Path(path)
+    if not path.is_file() or detect_format(path) not in ("jsonl", "csv", "json", "squad"):
+        return None
+    encoding = detect_encoding(path.read_bytes())
+    if encoding == "utf-8":
+        return None
+    return f"{path}: decoded as {encoding.upper()} (not UTF-8); the prepared data is written as UTF-8"
+
+
+def resave_hint(path: Path) -> str:
+    """The fix for a file that is not UTF-8: how to re-save it, naming the encoding it most likely is in."""
+    return (f"re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name} "
+            "(for Windows Western text use -f cp1252; UTF-16 and Korean cp949/euc-kr files are read as they are)")
 
 
 _BAD_BYTES = re.compile("[\udc80-\udcff]")
@@ -124,6 +164,7 @@ def _jsonl(path: Path, text: str):
 
 
 def _csv(path: Path, text: str):
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # the default (131,072 characters) refuses long documents in a cell
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:

@@ -105,8 +105,11 @@ def is_set_metric(task) -> bool:
     return task.headline in SET_METRICS.get(task.name, ())
 
 
-def recommend(task, on_val: list[ContenderResult]) -> tuple[str, str] | None:
-    """``(arm, why)``: the fine-tuned arm with the best headline on the validation split."""
+def recommend(task, on_val: list[ContenderResult], resamples: int = 1000, seed: int = 0) -> tuple[str, str] | None:
+    """``(arm, why)``: the fine-tuned arm with the best headline on the validation split, when the paired 95%
+    interval of its lead over the runner-up excludes zero. When it does not, the choice is not settled and the
+    stated rule decides: the arm listed first in the recipe among those tied (``tunesmith init`` lists first the
+    arm that won more of our measured tasks on this kind of machine). Never the test split."""
     from tunesmith.scoring.result import best_contender
 
     scored = [r for r in on_val if r.metrics.get(task.headline) is not None]
@@ -115,8 +118,33 @@ def recommend(task, on_val: list[ContenderResult]) -> tuple[str, str] | None:
         return None
     top = next(r for r in scored if r.name == name)
     listed = ", ".join(f"{r.name} {task.fmt(r.metrics[task.headline])}" for r in scored)
-    return top.name, (f"chosen on the validation split ({len(top.predictions)} examples: {listed}); the test "
-                      "split below only reports it")
+    chosen = (f"chosen on the validation split ({len(top.predictions)} examples: {listed}); the test split below "
+              "only reports it")
+    tied = [r for r in scored if r is top or overlaps(task, top, r, resamples, seed)]
+    if len(tied) < 2:
+        return top.name, chosen
+    first = tied[0]  # scored keeps the recipe's order of arms
+    return first.name, (f"the choice is not settled: on the validation split ({len(top.predictions)} examples: "
+                        f"{listed}) the 95% interval of {top.name}'s lead over "
+                        f"{', '.join(r.name for r in tied if r is not top)} includes no difference. By the rule for "
+                        "an unsettled choice, the arm listed first in the recipe among those tied is recommended "
+                        "(tunesmith init lists first the arm that won more of our measured tasks on this kind of "
+                        "machine); a larger validation split can settle it. The test split below only reports it")
+
+
+def overlaps(task, top: ContenderResult, other: ContenderResult, resamples: int, seed: int) -> bool:
+    """True when the paired 95% interval of ``top`` minus ``other`` on the same examples includes zero."""
+    from tunesmith.scoring.bootstrap import paired_difference
+
+    if len(top.predictions) != len(other.predictions) or resamples <= 0:
+        return False
+    if is_set_metric(task):
+        _, ci = paired(task, top, other, resamples, seed)
+    elif top.per_example and len(top.per_example) == len(other.per_example):
+        _, ci = paired_difference(top, other, resamples, seed)
+    else:
+        return False
+    return ci is not None and ci[0] <= 0 <= ci[1]
 
 
 FILE = "headline.json"

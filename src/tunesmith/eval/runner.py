@@ -55,7 +55,8 @@ def describe_arm(arm: Recipe, model_name: str) -> str:
     """What the arm trained, e.g. 'm + SFT LoRA r=16, ...' or 'm + LoRA r=16 + classifier head, ...' (a head
     is trained on its own loss, not by SFT or DPO, so the method is not named for it)."""
     t = arm.train
-    return f"{model_name} + {t.describe()}, {t.epochs:g} epoch(s), lr {t.learning_rate:g}"
+    length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch(s)"
+    return f"{model_name} + {t.describe()}, {length}, lr {t.learning_rate:g}"
 
 
 def contenders_of(recipe: Recipe, console: Console) -> list[LocalContender]:

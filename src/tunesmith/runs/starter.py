@@ -1,63 +1,45 @@
 """``tunesmith init DATA``: a first recipe fitted to a data file, so that ``tunesmith run`` works on it unedited.
 
-It reads the file (CSV/TSV, JSONL, JSON, Parquet, SQuAD-style JSON, or chat JSONL with ``messages``), shows its
-fields, takes the target (``--target``, else the one field whose name or values say so) and guesses the task
-kind from it: SQuAD → qa, chat → generation, numbers with many values → regression, few distinct values →
-classification, long free text → generation. Every guess is said, with the reason. Then it sizes the training
-to the data and the machine (:mod:`tunesmith.runs.sizing`) and writes a short commented recipe.
+It reads the file with the readers ``tunesmith data prepare`` uses (CSV/TSV, JSONL, JSON, Parquet, SQuAD-style
+JSON, chat JSONL with ``messages``, a saved Hugging Face dataset folder), shows its fields, takes the target
+(``--target``, else the one field whose name or values say so) and the task kind (``--task``, else from the
+target: SQuAD → qa, chat → generation, short values that repeat → classification, other numbers → regression,
+free text → generation). The inputs are the free-text fields; ids, URLs, dates, file names, numbers and fields
+that copy or determine the target are left out, each with its reason (:mod:`tunesmith.runs.fields`). Then it
+maps the rows the way the run will and says what the run would set aside or refuse, sizes the training to the
+data and the machine (:mod:`tunesmith.runs.sizing`) and writes a short commented recipe. A file the run could
+not use is refused with the reason and the fix.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.data.steps import number_value
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Record
+from tunesmith.runs.fields import (
+    TARGET_NAMES,
+    Column,
+    columns_of,
+    guess_kind,
+    is_free_text,
+    is_label_set,
+    label_counts,
+    leave_out,
+    not_content,
+)
 
-TARGET_NAMES = ("label", "labels", "category", "class", "intent", "target", "y", "sentiment", "rating", "stars",
-                "score", "price", "answer", "output", "completion", "response")
-ID_NAMES = re.compile(r"(^|_)(id|uuid|index|idx|key)$", re.IGNORECASE)
-MAX_CLASSES = 50  # more distinct values than this (and not numbers) is free text, not a label set
-
-
-@dataclass
-class Column:
-    """One field of the data: what its values look like."""
-
-    name: str
-    values: list
-
-    @property
-    def present(self) -> list:
-        return [v for v in self.values if v not in (None, "")]
-
-    @property
-    def numeric(self) -> bool:
-        return bool(self.present) and all(number_value(v) is not None for v in self.present)
-
-    @property
-    def distinct(self) -> int:
-        return len({json.dumps(v, sort_keys=True, default=str) for v in self.present})
-
-    @property
-    def mean_chars(self) -> float:
-        return sum(len(str(v)) for v in self.present) / max(1, len(self.present))
-
-    @property
-    def is_text(self) -> bool:
-        return all(isinstance(v, str) for v in self.present) and not self.numeric
-
-    def describe(self) -> str:
-        kind = "number" if self.numeric else "text" if self.is_text else type(self.present[0]).__name__ \
-            if self.present else "empty"
-        example = str(self.present[0]) if self.present else ""
-        example = example if len(example) <= 40 else example[:37] + "..."
-        return (f"{self.name}: {kind}, {self.distinct:,} distinct, {self.mean_chars:,.0f} chars on average, "
-                f"e.g. {example!r}")
+TASKS = ("classification", "regression", "generation")  # --task choices for a file of fields (qa: SQuAD files)
+ACCEPTS = ("CSV/TSV (.csv, .tsv), JSON Lines (.jsonl, .ndjson), JSON (.json: a list of objects or SQuAD-style), "
+           "Parquet (.parquet), chat JSONL (messages), or a folder written by datasets' save_to_disk")
+MIN_PER_LABEL = 3  # rows per label (median) below which a label set is refused: too few to train, check and test
+MIN_ROWS = 10  # fewer usable rows than this leaves nothing to split into train, validation and test
+VAL_EXAMPLES = 200  # the validation split aims at this many examples (capped at 20% of the data) to tell arms apart
 
 
 @dataclass
@@ -72,21 +54,38 @@ class Start:
     kind: str = "classification"
     inputs: list[str] = field(default_factory=list)
     system_prompt: str | None = ""
+    on_error: str = "fail"
     said: list[str] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def say(self, line: str) -> None:
         self.said.append(line)
 
 
-def read_data(path: Path) -> tuple[str, list[Record]]:
-    """``(format, records)`` of a data file, through the project's readers; SQuAD JSON is named ``squad``."""
-    from tunesmith.data.readers import detect_format, read_records
+def read_data(path: Path, say=print) -> tuple[str, list[Record], list]:
+    """``(format, records, rejected)`` through the readers ``data prepare`` uses; SQuAD JSON is named ``squad``,
+    chat JSONL ``chat``. A folder that is not a saved dataset, an unknown format and bytes that are not text
+    are refused, saying what is accepted and how to fix it."""
+    from tunesmith.data.readers import NOT_UTF8, detect_format, encoding_note, read_records, resave_hint
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    fmt = detect_format(path)
+    if path.is_dir() and not any((path / n).exists() for n in ("dataset_info.json", "dataset_dict.json",
+                                                                 "state.json")):
+        raise DataError(f"{path} is a folder; init reads one data file: {ACCEPTS}. Give one file of the folder "
+                        "(or, for a folder of PDF/TXT/Markdown documents, start from examples/synth_docs_qa.yaml)")
+    try:
+        fmt = detect_format(path)
+    except DataError:
+        raise DataError(f"{path}: init cannot read '{path.suffix or path.name}' files; it reads {ACCEPTS}") from None
+    if note := encoding_note(path):
+        say(note)
     records, rejected = read_records(path, fmt, on_error="skip")
+    if any(r.reason == NOT_UTF8 for r in rejected):
+        first = next(r for r in rejected if r.reason == NOT_UTF8)
+        raise DataError(f"{first.source}: bytes that are not UTF-8 (nor UTF-16 or Korean cp949); "
+                        f"{resave_hint(path)}")
     if not records:
         raise DataError(f"{path}: no readable rows" + (f" (first problem: {rejected[0].source}: {rejected[0].reason})"
                                                        if rejected else ""))
@@ -94,20 +93,17 @@ def read_data(path: Path) -> tuple[str, list[Record]]:
         fmt = "squad"
     elif fmt == "jsonl" and isinstance(records[0].data.get("messages"), list):
         fmt = "chat"
-    return fmt, records
+    return fmt, records, rejected
 
 
-def columns_of(records: list[Record]) -> list[Column]:
-    names = list(dict.fromkeys(k for r in records[:1000] for k in r.data))
-    return [Column(n, [r.data.get(n) for r in records]) for n in names]
-
-
-def inspect(path: Path, target: str | None) -> Start:
-    """Read the data, pick the target and the task kind, and the input fields; every choice said."""
-    fmt, records = read_data(path)
+def inspect(path: Path, target: str | None, task: str | None = None, say=print) -> Start:
+    """Read the data, pick the target, the task kind and the input fields; every choice said."""
+    fmt, records, rejected = read_data(path, say)
     start = Start(Path(path), fmt, records, columns_of(records))
-    if target is not None and fmt in ("squad", "chat"):
-        start.say(f"--target {target}: not used; a {fmt} file says what the answer is")
+    if rejected:
+        unreadable(start, rejected)
+    if (target is not None or task is not None) and fmt in ("squad", "chat"):
+        start.say(f"--target/--task: not used; a {fmt} file says what the task and the answer are")
     if fmt == "squad":
         start.kind, start.target, start.inputs = "qa", "answers", ["context", "question"]
         start.say("task: qa (a SQuAD-style file: context, question and answers)")
@@ -124,55 +120,106 @@ def inspect(path: Path, target: str | None) -> Start:
         raise ConfigError(f"--target {target}: no such field; the fields are {', '.join(by_name)}")
     col = by_name[target] if target else guess_target(start)
     start.target = col.name
-    start.kind, why = guess_kind(col, len(records))
-    start.say(f"task: {start.kind} ({why})")
-    start.inputs = input_fields(start.columns, col)
-    if not start.inputs:
-        raise DataError(f"{path}: no text field besides the target '{col.name}' to learn from")
-    left = [c.name for c in start.columns if c.name not in start.inputs and c is not col]
-    start.say(f"input: {', '.join(start.inputs)} (free text besides the target"
-              + (f"; left out: {', '.join(left)} (ids, dates, numbers or categories; name inputs in "
-                 "data.input_fields)" if left else "") + ")")
+    if col.distinct < 2:
+        only = str(col.present[0]) if col.present else ""
+        raise DataError(f"{start.data}: every row has the same '{col.name}' ({only!r}, {len(col.present):,} rows): "
+                        "nothing to learn. Give a file with more than one value to predict, or another --target")
+    start.kind = choose_kind(start, col, task)
+    if start.kind == "classification":
+        check_labels(start, col)
+    start.inputs = input_fields(start, col)
     return start
 
 
+def unreadable(start: Start, rejected: list) -> None:
+    """Rows the reader cannot read (broken JSON lines, short CSV rows): said with their lines; the run sets them
+    aside (``data.on_error: skip``)."""
+    where = ", ".join(r.source.rsplit(":", 1)[-1] for r in rejected[:5]) + (" ..." if len(rejected) > 5 else "")
+    start.say(f"unreadable: {len(rejected):,} row(s) at line(s) {where}, e.g. {rejected[0].reason}")
+    set_skip(start, f"{len(rejected):,} unreadable row(s) (line(s) {where}) are set aside in the run's "
+                    "data/rejected.jsonl")
+
+
+def set_skip(start: Start, why: str) -> None:
+    start.on_error = "skip"
+    start.notes["data.on_error"] = "; ".join(filter(None, [start.notes.get("data.on_error"), why]))
+
+
 def guess_target(start: Start) -> Column:
-    """The field to predict when ``--target`` is not given: a conventional name, else the one short field."""
+    """The field to predict when ``--target`` is not given: a conventional name, else the one field of labels
+    or numbers."""
     for name in TARGET_NAMES:
         for c in start.columns:
-            if c.name.lower() == name:
+            if c.name.lower() == name and not_content(c) is None:
                 start.say(f"target: {c.name} (its name says so; choose another with --target FIELD)")
                 return c
-    short = [c for c in start.columns if not ID_NAMES.search(c.name) and (c.numeric or c.distinct <= MAX_CLASSES)]
+    short = [c for c in start.columns if not_content(c) is None and (c.numeric or (c.is_text and is_label_set(c)))]
     if len(short) == 1:
-        start.say(f"target: {short[0].name} (the only field with few values or numbers; choose another with "
+        start.say(f"target: {short[0].name} (the only field of labels or numbers; choose another with "
                   "--target FIELD)")
         return short[0]
     names = ", ".join(c.name for c in start.columns)
     raise ConfigError(f"{start.data}: which field should the model predict? Give --target FIELD (fields: {names})")
 
 
-def guess_kind(col: Column, rows: int) -> tuple[str, str]:
-    """The task kind a target field asks for, and why."""
-    n = col.distinct
-    if col.numeric and n > min(20, max(2, rows // 10)):
-        return "regression", f"'{col.name}' holds numbers with {n:,} distinct values"
-    if n <= MAX_CLASSES and (col.numeric or n <= max(2, rows // 2) or col.mean_chars < 30):
-        what = "numbers" if col.numeric else "values"
-        return "classification", f"'{col.name}' holds {n} distinct {what}: each one a label"
-    return "generation", f"'{col.name}' is free text ({n:,} distinct values, {col.mean_chars:,.0f} chars on average)"
+def choose_kind(start: Start, col: Column, task: str | None) -> str:
+    """``--task`` when given (checked against the target), else the kind the target's values ask for."""
+    if task is None:
+        kind, why = guess_kind(col)
+        start.say(f"task: {kind} ({why}; choose another with --task)")
+        return kind
+    if task not in TASKS:
+        raise ConfigError(f"--task {task}: choose one of {', '.join(TASKS)} (qa comes from a SQuAD-style file)")
+    if task == "regression" and not col.numeric:
+        bad = next(v for v in col.present if not Column("x", [v]).numeric)
+        raise ConfigError(f"--task regression: '{col.name}' is not a number on every row (e.g. {bad!r})")
+    start.say(f"task: {task} (--task)")
+    return task
 
 
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+def check_labels(start: Start, col: Column) -> None:
+    """A label set the run can learn: more than one label, and enough rows of most labels to train and test."""
+    counts = label_counts(col)
+    median = statistics.median(counts.values())
+    if median < MIN_PER_LABEL:
+        raise DataError(f"{start.data}: '{col.name}' has {len(counts):,} labels with a median of {median:g} row(s) "
+                        f"each: too few to learn and test each label (at least {MIN_PER_LABEL} each). Give more rows "
+                        "per label, merge rare labels, or --task generation")
+    rare = [k for k, n in counts.items() if n < MIN_PER_LABEL]
+    if rare:
+        start.say(f"labels: {len(counts):,}; {len(rare):,} with fewer than {MIN_PER_LABEL} rows "
+                  f"({', '.join(rare[:5])}{' ...' if len(rare) > 5 else ''}) may be missing from a split")
+    else:
+        start.say(f"labels: {len(counts):,}, {min(counts.values()):,} to {max(counts.values()):,} rows each")
 
 
-def input_fields(columns: list[Column], target: Column) -> list[str]:
-    """The text fields the model reads: free text (many distinct values, or long), not the target, ids or dates;
-    when no field is free text, every text field but those."""
-    texts = [c for c in columns if c is not target and c.is_text and not ID_NAMES.search(c.name) and c.distinct > 1
-             and not all(DATE.match(str(v)) for v in c.present[:200])]
-    free = [c for c in texts if c.distinct > MAX_CLASSES or c.mean_chars >= 40]
-    return [c.name for c in free or texts]
+def input_fields(start: Start, target: Column) -> list[str]:
+    """The fields the model reads: free text besides the target; when no field is free text, every other text
+    field. Each field left out is said with its reason."""
+    out: dict[str, str] = {}
+    texts = []
+    for c in start.columns:
+        if c is target:
+            continue
+        why = leave_out(c, target)
+        if why:
+            out[c.name] = why
+        else:
+            texts.append(c)
+    free = [c for c in texts if is_free_text(c)]
+    for c in texts:
+        if free and c not in free:
+            out[c.name] = f"a category ({c.distinct:,} short values), not free text"
+    inputs = [c.name for c in free or texts]
+    if not inputs:
+        raise DataError(f"{start.data}: no text field besides the target '{target.name}' to learn from"
+                        + (f" (left out: {'; '.join(f'{k}: {v}' for k, v in out.items())})" if out else ""))
+    start.say(f"input: {', '.join(inputs)} (free text besides the target)")
+    for name, why in out.items():
+        start.say(f"  left out {name}: {why}")
+    if out:
+        start.say("  (name other inputs in data.input_fields)")
+    return inputs
 
 
 def chat_pairs(records: list[Record]) -> tuple[list[dict], str | None]:
@@ -217,9 +264,44 @@ def recipe_doc(start: Start, name: str, data_path: str, test: str | None, model:
     else:
         data["prompt"] = f"{{{start.inputs[0]}}}"
     data["system_prompt"] = start.system_prompt if start.kind == "generation" else SYSTEM_PROMPTS[start.kind]
-    data["split"] = ({"train": 0.9, "val": 0.1, "test": 0} if test else {"train": 0.8, "val": 0.1, "test": 0.1}) | (
-        {"group_field": "title"} if start.kind == "qa" else {})
+    if start.on_error == "skip":
+        data["on_error"] = "skip"
+    data["split"] = split_shares(start, test is not None) | ({"group_field": "title"} if start.kind == "qa" else {})
     return {"name": name, "output_dir": "runs", "seed": 42, "model": {"name": model}, "data": data}
+
+
+def split_shares(start: Start, test_file: bool) -> dict:
+    """Validation big enough to tell arms apart: :data:`VAL_EXAMPLES` examples, within 10-20% of the data."""
+    n = len(start.records)
+    val = round(min(0.2, max(0.1, VAL_EXAMPLES / max(1, n))), 2)
+    test = 0 if test_file else 0.1
+    start.notes["data.split"] = (f"validation: {int(n * val):,} of {n:,} rows ({VAL_EXAMPLES} where the data allows, "
+                                 "10-20% of it), so that the validation scores can separate the arms")
+    return {"train": round(1 - val - test, 2), "val": val, "test": test}
+
+
+def check_rows(start: Start, doc: dict) -> None:
+    """Map the rows as the run will (``data prepare``'s mapping): the rows it would refuse (an empty input or
+    target, a target that is not a number for regression) are said, and ``data.on_error: skip`` sets them aside;
+    too few usable rows are refused."""
+    from tunesmith.config import DataSection
+    from tunesmith.data.examples import to_examples
+
+    cfg = DataSection.model_validate({**doc["data"], "on_error": "skip"})
+    examples, rejected = to_examples(start.records, cfg)
+    if len(examples) < MIN_ROWS:
+        why = f" ({rejected[0].source}: {rejected[0].reason})" if rejected else ""
+        raise DataError(f"{start.data}: {len(examples)} usable row(s) of {len(start.records):,}{why}; at least "
+                        f"{MIN_ROWS} are needed to train, validate and test")
+    if not rejected:
+        return
+    reasons = Counter(r.reason for r in rejected)
+    for reason, n in reasons.most_common():
+        first = next(r.source for r in rejected if r.reason == reason)
+        start.say(f"rows the run sets aside: {n:,} with {reason} (first: {first})")
+    set_skip(start, f"{len(rejected):,} row(s) with an empty or unusable field are set aside in the run's "
+                    "data/rejected.jsonl")
+    doc["data"] = {**doc["data"], "on_error": "skip"}
 
 
 def recipe_name(path: Path) -> str:
@@ -228,43 +310,55 @@ def recipe_name(path: Path) -> str:
 
 
 def init(data: Path, target: str | None = None, test: Path | None = None, out: Path | None = None,
-         model: str = "smollm2-135m-instruct", encoder: str | None = None, say=print) -> Path:
+         model: str = "smollm2-135m-instruct", encoder: str | None = None, say=print, task: str | None = None) -> Path:
     """Inspect ``data``, size the training, write the recipe (``out``, default ``<data stem>.yaml`` in the working
-    folder) and return its path. ``encoder``: the encoder of the head arm on a CPU (default: by the text's
-    script; ``none`` leaves the arm out)."""
+    folder) and return its path. ``encoder``: the encoder of the head arm on a CPU (default: by the script of
+    the input text; ``none`` leaves the arm out). ``task`` overrides the task kind guessed from the target."""
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks data.task against
     import tunesmith.train  # noqa: F401 - registers the training methods the memory estimate reads
     from tunesmith.machine.placement import pick_placement
     from tunesmith.runs.sizing import size
 
-    start = inspect(Path(data), target)
-    say(f"{data}: {len(start.records):,} rows ({start.fmt})")
-    for c in start.columns:
-        say("  " + c.describe())
     out = Path(out or f"{recipe_name(Path(data))}.yaml")
     if out.exists():
         raise ConfigError(f"{out} exists; give another --out, or remove it")
-    data_path = Path(data)
+    start = inspect(Path(data), target, task, say)
+    say(f"{data}: {len(start.records):,} rows ({start.fmt})")
+    for c in start.columns:
+        say("  " + c.describe())
+    data_path = out.with_name(f"{out.stem}.pairs.jsonl") if start.fmt == "chat" else Path(data)
+    rel = lambda p: _relative(Path(p), out.parent)  # noqa: E731
+    doc = recipe_doc(start, recipe_name(Path(data)), rel(data_path), rel(test) if test else None, model)
+    check_rows(start, doc)
+    device = pick_placement().device
+    texts = [" ".join(str(r.data.get(f) or "") for f in start.inputs) for r in start.records[:2000]]
+    sized = size(start, _absolute(doc, out.parent), device, encoder, texts)
+    doc |= {"train": sized.train, "arms": sized.arms, "eval": sized.eval}
+    notes = start.notes | sized.notes
+    for line in start.said:
+        say(line)
+    for key, why in notes.items():
+        say(f"{key}: {shown(_get(doc, key))} — {why}")
     if start.fmt == "chat":  # the conversations as prompt/completion rows, next to the recipe
-        data_path = out.with_name(f"{out.stem}.pairs.jsonl")
         data_path.write_text("".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in start.records),
                              encoding="utf-8")
         say(f"conversations as prompt/completion rows → {data_path}")
-    rel = lambda p: _relative(Path(p), out.parent)  # noqa: E731
-    doc = recipe_doc(start, recipe_name(Path(data)), rel(data_path), rel(test) if test else None, model)
-    device = pick_placement().device
-    texts = [str(r.data.get(start.inputs[0], "")) for r in start.records[:2000]]
-    sized = size(start, _absolute(doc, out.parent), device, encoder, texts)
-    doc |= {"train": sized.train, "arms": sized.arms, "eval": sized.eval}
-    for line in start.said:
-        say(line)
-    for key, why in sized.notes.items():
-        value = _get(doc, key)
-        say(f"{key}: {value if not isinstance(value, list) else ', '.join(a['name'] for a in value)} — {why}")
-    out.write_text(render(doc, sized.notes, header(start, data, device)), encoding="utf-8")
+    out.write_text(render(doc, notes, header(start, data, device)), encoding="utf-8")
     say(f"Recipe → {out}")
-    say(f"Next: tunesmith run {out}")
+    say(f"Next: tunesmith run {out}   (time and memory first: tunesmith train {out} --estimate)")
     return out
+
+
+def shown(value) -> str:
+    """A recipe value as a person reads it: lists of arms by name, mappings as ``key value`` pairs."""
+    if isinstance(value, list):
+        return ", ".join(a["name"] if isinstance(a, dict) and "name" in a else str(a) for a in value)
+    if isinstance(value, dict) and "name" in value:  # an arm
+        model = (value.get("model") or {}).get("name")
+        return f"{value['name']}" + (f" ({model})" if model else "")
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
 
 
 def _relative(path: Path, base: Path) -> str:
