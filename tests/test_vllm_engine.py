@@ -143,3 +143,19 @@ def test_a_killed_vllm_fails_the_stream_then_is_restarted(served):
         time.sleep(2)
     assert greedy(served["url"], EMBEDDED, QUESTIONS[:1]) == greedy(served["builtin_url"], EMBEDDED, QUESTIONS[:1], key="any")
     assert "tunesmith starts vLLM" in (served["data_dir"] / "vllm" / "vllm.log").read_text()
+
+
+def test_a_forced_tool_call_decodes_under_vllms_structured_outputs(served):
+    import json
+
+    tools = [{"type": "function", "function": {"name": "report_card", "parameters": {
+        "type": "object", "properties": {"reason": {"type": "string", "enum": ["lost", "stolen"]}},
+        "required": ["reason"]}}}]
+    reply = client(served["url"]).chat.completions.create(
+        model=EMBEDDED, tools=tools, tool_choice={"type": "function", "function": {"name": "report_card"}},
+        messages=[{"role": "user", "content": "someone stole my card"}], temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "report_card"
+    assert json.loads(call.function.arguments)["reason"] in ("lost", "stolen")
