@@ -12,7 +12,7 @@ def test_auto_is_the_builtin_engine_without_a_gpu_and_names_are_checked(monkeypa
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert pick_engine("auto") == "builtin" and pick_engine("vllm") == "vllm"
+    assert pick_engine("auto") == "builtin" and pick_engine("builtin") == "builtin"
     with pytest.raises(ConfigError, match="--engine is auto, builtin or vllm"):
         pick_engine("llama")
 
@@ -25,6 +25,8 @@ def test_a_missing_vllm_says_what_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="vLLM is not installed: run `make vllm`"):
         vllm_python()
+    with pytest.raises(ConfigError, match="vLLM is not installed: run `make vllm`"):
+        pick_engine("vllm")
 
 
 def test_the_vllm_command_serves_adapters_at_run_time_on_a_private_port():

@@ -227,10 +227,6 @@ def serve(
     adapters = parse_adapters(adapter or [])
     aliases = parse_model_aliases(model_alias or [], {model, *adapters})
     engine = pick_engine(engine, vllm_python)
-    if engine == "vllm":
-        from tunesmith.serve.vllm_server import vllm_python as find_vllm
-
-        find_vllm(vllm_python)  # a missing vLLM is said here, before anything starts
     if executor not in ("local", "ray"):
         raise typer.BadParameter("--executor is local or ray")
     if executor == "ray":

@@ -44,14 +44,18 @@ def parse_model_aliases(items: list[str], served: set[str]) -> dict[str, str]:
 
 
 def pick_engine(engine: str, vllm_python: str | None = None) -> str:
-    """``auto``: vLLM on a CUDA GPU when it is installed, else the built-in engine (nothing to install)."""
+    """``auto``: vLLM on a CUDA GPU when it is installed, else the built-in engine (nothing to install); ``vllm``
+    when vLLM is not installed is an error saying how to install it, before anything starts."""
+    from tunesmith.serve.vllm_server import vllm_available
+    from tunesmith.serve.vllm_server import vllm_python as find_vllm
+
+    if engine == "vllm":
+        find_vllm(vllm_python)
     if engine in ("builtin", "vllm"):
         return engine
     if engine != "auto":
         raise ConfigError(f"--engine is auto, builtin or vllm, got '{engine}'")
     import torch
-
-    from tunesmith.serve.vllm_server import vllm_available
 
     return "vllm" if torch.cuda.is_available() and vllm_available(vllm_python) else "builtin"
 
