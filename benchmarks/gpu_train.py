@@ -187,7 +187,7 @@ def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: 
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
-    train = extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
+    train = {"path": "fast"} | extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
                      "batch_size": examples_per_step, "learning_rate": args.lr, "max_seq_length": args.seq_len,
                      "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "attention": attention,
                      "memory_limit_gb": cfg.memory_gb,
@@ -485,7 +485,7 @@ def run_head(cfg: Config, args, banking, out: Path, reference: bool = False) -> 
 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
-    recipe = recipe_for(cfg, args, out, args.head_batch, path="reference" if reference else "auto")
+    recipe = recipe_for(cfg, args, out, args.head_batch, path="reference" if reference else "fast")
     recipe, path, placement = take_path(recipe.model_copy(update={"data": recipe.data.model_copy(
         update={"target_field": "category", "prompt": "{text}"})}))
     labels = sorted({label for _, label in banking})
@@ -517,7 +517,7 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path, reference: bool = Fal
     path_file = out / "pairs.jsonl"
     path_file.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
     recipe, path, placement = take_path(recipe_for(cfg, args, out, args.dpo_batch, path="reference" if reference
-                                                   else "auto", dpo={"path": str(path_file), "beta": 0.1}))
+                                                   else "fast", dpo={"path": str(path_file), "beta": 0.1}))
     tokenizer = load_tokenizer(recipe.model.name)
     model = load_model_for(recipe.model.name, placement, cfg.adapter)
 

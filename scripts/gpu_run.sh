@@ -7,6 +7,8 @@
 #   bash scripts/gpu_run.sh install                     # whatever parts are here (idempotent)
 #   bash scripts/gpu_run.sh bench --configs 1b-lora --profile  # benchmarks/gpu_train.py, log in $OUT
 #   bash scripts/gpu_run.sh tests                       # tests/test_gpu_path.py, log in $OUT
+#   bash scripts/gpu_run.sh verify [--speedup X]        # fast path's losses = reference path's here: record the GPU
+#                                                       # kind in src/tunesmith/machine/gpu_verified.json (copy in $OUT)
 #   bash scripts/gpu_run.sh quality                     # benchmarks/gpu_quality.py (needs the model), records in $OUT
 #   bash scripts/gpu_run.sh loss                        # benchmarks/loss_forms.py
 #   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
@@ -56,11 +58,18 @@ case "${1:-}" in
     unsloth=(); [ -f "$KEPT/unsloth.done" ] && unsloth=(--unsloth-site "$UNSLOTH_SITE")
     paths python3 benchmarks/gpu_train.py --tokenizer "$KEPT/tokenizer" "${unsloth[@]}" "$@" 2>&1 | tee -a "$OUT/gpu_train.log" ;;
   tests) shift; paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_path.py "$@" 2>&1 | tee -a "$OUT/gpu_tests.log" ;;
+  verify) shift
+    # train.path: auto takes the fast path on this GPU kind only once these pass here (tunesmith.machine.verified)
+    paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_reference_path.py tests/test_gpu_path.py 2>&1 \
+      | tee "$OUT/gpu_verify.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_run: the fast path is not verified here (see $OUT/gpu_verify.log)" >&2; exit 1; }
+    paths python3 -m tunesmith.machine.verified --evidence "gpu_verify.log $(date -u +%FT%TZ)" "$@"
+    cp src/tunesmith/machine/gpu_verified.json "$OUT/" ;;
   quality) shift; mkdir -p "$OUT/records"
     paths python3 benchmarks/gpu_quality.py --shared "$KEPT/data" --out /tmp/tunesmith-runs --record-to "$OUT/records" "$@" \
       2>&1 | tee -a "$OUT/gpu_quality.log" ;;
   loss) shift; paths python3 benchmarks/loss_forms.py --models "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
           --layers 16 "$@" 2>&1 | tee -a "$OUT/loss_forms.log" ;;
-  "") echo "usage: gpu_run.sh install | tests | bench ARGS | quality ARGS | loss ARGS | COMMAND ARGS" >&2; exit 2 ;;
+  "") echo "usage: gpu_run.sh install | tests | verify | bench ARGS | quality ARGS | loss ARGS | COMMAND ARGS" >&2; exit 2 ;;
   *) paths "$@" ;;
 esac

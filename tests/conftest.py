@@ -207,3 +207,34 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
                         intermediate_size=64, max_position_embeddings=256, pad_token_id=fast.pad_token_id)
     BertModel(config).save_pretrained(folder)
     return folder
+
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+def vllm_or_skip() -> str:
+    """The embedded model's name when vLLM (``make vllm``) and the model (``make model``) are both here; else the
+    test skips with what to run."""
+    from tunesmith.errors import ConfigError
+    from tunesmith.models import registry
+    from tunesmith.serve.vllm_server import vllm_python
+
+    try:
+        vllm_python()
+    except ConfigError as exc:
+        pytest.skip(f"vLLM is not installed here ({exc})")
+    if not registry.is_cached(EMBEDDED):
+        pytest.skip(f"{EMBEDDED} not cached; run `tunesmith models pull {EMBEDDED}`")
+    return EMBEDDED
+
+
+@contextmanager
+def vllm_engine(log_dir: Path, **kw):
+    """The vLLM engine over the embedded model (a real vLLM server, stopped afterwards)."""
+    from tunesmith.serve.vllm_engine import VllmEngine
+
+    engine = VllmEngine(vllm_or_skip(), {}, log_dir, **kw)
+    try:
+        yield engine
+    finally:
+        engine.close()

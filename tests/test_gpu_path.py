@@ -102,6 +102,7 @@ def test_packed_equals_one_at_a_time_in_bf16_on_the_gpu(tiny_model_dir, attn):
 
 
 def _train(cli, tmp_path, recipe_doc: dict) -> dict:
+    recipe_doc["train"].setdefault("path", "fast")  # the fast path under test, verified on this GPU kind or not
     code, out = cli(["train", str(write_recipe(tmp_path / "r.yaml", recipe_doc))])
     assert code == 0, out
     return json.loads((tmp_path / "runs" / recipe_doc["name"] / "train" / "summary.json").read_text())
@@ -110,7 +111,7 @@ def _train(cli, tmp_path, recipe_doc: dict) -> dict:
 def _sft_doc(tmp_path, tiny_model_dir, **train) -> dict:
     import yaml
 
-    return yaml.safe_load(sft_recipe(tmp_path, tiny_model_dir, **train).read_text())
+    return yaml.safe_load(sft_recipe(tmp_path, tiny_model_dir, **{"path": "fast", **train}).read_text())
 
 
 @pytest.mark.parametrize("adapter", ["lora", pytest.param("qlora", marks=pytest.mark.skipif(not HAS_BNB,
@@ -168,6 +169,7 @@ def test_training_steps_make_no_host_sync_on_the_gpu(cli, tmp_path, tiny_model_d
     monkeypatch.setattr(sft, "fit", lambda trainer, out, resume, bar, callbacks=None: fit(
         trainer, out, resume, bar, [*(callbacks or []), reads.callback()]))
     doc = reads_recipe(tmp_path, tiny_model_dir, kind)
+    doc["train"]["path"] = "fast"
     with reads:
         code, out = cli(["train", str(write_recipe(tmp_path / "r.yaml", doc))])
     assert code == 0, out

@@ -5,6 +5,7 @@ would otherwise pass unnoticed)."""
 
 import base64
 import json
+from contextlib import ExitStack
 
 import numpy as np
 import openai
@@ -18,7 +19,7 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine
 from tunesmith.serve.worker import work
 
-from .conftest import banking_rows, chat_lines, running_server
+from .conftest import banking_rows, chat_lines, running_server, vllm_engine
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 ALIAS = "gpt-4o-mini-2024-07-18"
@@ -34,14 +35,21 @@ def raw(call, *args, **kw) -> dict:
     return json.loads(call(*args, **kw).text)
 
 
-@pytest.fixture(scope="module")
-def live(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=[pytest.mark.vllm, pytest.mark.slow])])
+def live(request, tiny_model_dir, tmp_path_factory):
+    """The server on the built-in engine (the tiny model), and on vLLM (the embedded model: vLLM's CPU kernels
+    take no 16-wide attention heads)."""
     data_dir = tmp_path_factory.mktemp("conformance")
-    engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir,
-                             model_aliases={ALIAS: str(tiny_model_dir), "text-embedding-3-small": "all-minilm-l6-v2"})
-    with running_server(create_app(settings, engine)) as url:
-        yield {"url": url, "base": str(tiny_model_dir), "data_dir": data_dir}
+    with ExitStack() as stack:
+        if request.param == "vllm":
+            engine = stack.enter_context(vllm_engine(data_dir / "vllm"))
+        else:
+            engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
+        base = engine.base_name
+        settings = ServeSettings(model=base, api_keys=frozenset({"k1", "k2"}), data_dir=data_dir, engine=request.param,
+                                 model_aliases={ALIAS: base, "text-embedding-3-small": "all-minilm-l6-v2"})
+        url = stack.enter_context(running_server(create_app(settings, engine)))
+        yield {"url": url, "base": base, "data_dir": data_dir}
 
 
 def client(live, key="k1") -> openai.OpenAI:

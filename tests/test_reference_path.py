@@ -85,13 +85,13 @@ def _same_losses(ours: list[float], ref: list[float]) -> None:
 
 
 def test_sft_lora_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, forbid_tunesmith_trainers):
-    ours, ours_losses = _train(tmp_path, tiny_model_dir, "auto")
+    ours, ours_losses = _train(tmp_path, tiny_model_dir, "fast")
     forbid_tunesmith_trainers()
     with pytest.raises(AssertionError, match="built on train.path: reference"):  # the guard bites on the default path
-        _train(tmp_path / "guard", tiny_model_dir, "auto")
+        _train(tmp_path / "guard", tiny_model_dir, "fast")
     ref, ref_losses = _train(tmp_path, tiny_model_dir, "reference")
     _same_losses(ours_losses, ref_losses)
-    assert ours["train_path"]["name"] == "auto" and "reference" not in ours["train_path"]["reasons"].get("path", "")
+    assert ours["train_path"]["name"] == "fast" and "reference" not in ours["train_path"]["reasons"].get("path", "")
     assert ref["train_path"]["name"] == "reference"
     assert ref["train_path"]["reasons"]["path"] == "reference: plain TRL/transformers, none of tunesmith's trainers"
     assert ref["train_path"]["packing"] == "off" and ref["train_path"]["loss"] == "logits"
@@ -106,7 +106,7 @@ def test_dpo_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, f
         {"prompt": r["text"], "chosen": r["category"], "rejected": "I cannot help with that."}
         for r in banking_rows(LABELS, 4)])
     dpo = {"path": str(pairs), "beta": 0.1}
-    ours, ours_losses = _train(tmp_path, tiny_model_dir, "auto", method="dpo", dpo=dpo)
+    ours, ours_losses = _train(tmp_path, tiny_model_dir, "fast", method="dpo", dpo=dpo)
     forbid_tunesmith_trainers()
     ref, ref_losses = _train(tmp_path, tiny_model_dir, "reference", method="dpo", dpo=dpo)
     _same_losses(ours_losses, ref_losses)
@@ -114,7 +114,7 @@ def test_dpo_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, f
 
 
 def test_classifier_head_reference_loss_matches_the_default_path(tmp_path, tiny_model_dir, forbid_tunesmith_trainers):
-    ours, ours_losses = _train(tmp_path, tiny_model_dir, "auto", head="classifier")
+    ours, ours_losses = _train(tmp_path, tiny_model_dir, "fast", head="classifier")
     forbid_tunesmith_trainers()
     ref, ref_losses = _train(tmp_path, tiny_model_dir, "reference", head="classifier")
     _same_losses(ours_losses, ref_losses)
@@ -154,8 +154,8 @@ def test_the_reference_path_on_a_gpu_takes_trls_documented_settings(flash):
     assert (path.name, path.dtype, path.kernels, path.loss) == ("reference", "bfloat16", "liger", "logits")
     assert (path.attention, path.packing) == (("flash_attention_2", "position_ids") if flash else ("sdpa", "off"))
     assert path.reasons["path"] == REFERENCE and path.describe().startswith(REFERENCE)
-    default = choose_path(caps, Wishes(), fits_without_checkpointing=True)
-    assert default.name == "auto" and default.loss == "chunked" and "path" not in default.reasons
+    default = choose_path(caps, Wishes(path="fast"), fits_without_checkpointing=True)
+    assert default.name == "fast" and default.loss == "chunked" and "path" not in default.reasons
     head = choose_path(caps, Wishes(path="reference", head="classifier"), fits_without_checkpointing=True)
     assert (head.packing, head.loss) == ("off", "head")
 
@@ -171,5 +171,5 @@ def test_conversation_rows_on_the_reference_path_are_refused_naming_the_setting(
                               "train": {"path": "reference", "max_steps": 1}})
     rows = [{"messages": [{"role": "user", "content": "card arrival?"}, {"role": "assistant", "content": "soon"}],
              "tools": None}] * 2
-    with pytest.raises(ConfigError, match="conversations .* set train.path: auto"):
+    with pytest.raises(ConfigError, match="conversations .* set train.path: fast"):
         run_training(recipe, TrainData(rows=rows), Console(quiet=True), _no_bar)

@@ -1,6 +1,7 @@
 """The training-path decision: one pure function of the machine's capabilities and the recipe's wishes.
-A CPU keeps exactly today's choices; a CUDA GPU gets bf16, TF32, fused AdamW, the fastest attention,
-position-id packing, Liger where installed, checkpointing only when memory is short, QLoRA's settings."""
+A CPU keeps exactly today's choices; a CUDA GPU where the fast path is verified gets bf16, TF32, fused AdamW, the
+fastest attention, position-id packing, Liger where installed, checkpointing only when memory is short, QLoRA's
+settings; an unverified one trains on the reference path unless the recipe says train.path: fast."""
 
 
 import pytest
@@ -13,8 +14,9 @@ from tunesmith.machine.placement import Placement
 
 CPU = Capabilities()
 H100 = Capabilities(cuda=True, bf16=True, compute_capability=(9, 0), flex_attention=True, liger=True,
-                    bitsandbytes=True, free_memory=78 * 2**30, device_name="NVIDIA H100")
-T4 = Capabilities(cuda=True, bf16=False, compute_capability=(7, 5), flash_attn=True, bitsandbytes=True)
+                    bitsandbytes=True, free_memory=78 * 2**30, device_name="NVIDIA H100", fast_path_verified=True)
+T4 = Capabilities(cuda=True, bf16=False, compute_capability=(7, 5), flash_attn=True, bitsandbytes=True,
+                  fast_path_verified=True)
 
 
 def test_cpu_path_is_todays_behaviour():
@@ -35,7 +37,7 @@ def test_gpu_path_bf16_tf32_fused_adamw_flex_position_ids_liger():
     assert set(p.reasons) >= {"dtype", "tf32", "optimizer", "attention", "packing", "kernels"}
     short = choose_path(H100, Wishes(), fits_without_checkpointing=False)
     assert short.gradient_checkpointing is True and "not fit" in short.reasons["gradient_checkpointing"]
-    no_liger = choose_path(Capabilities(cuda=True, bf16=True, compute_capability=(8, 0)), Wishes())
+    no_liger = choose_path(Capabilities(cuda=True, bf16=True, compute_capability=(8, 0)), Wishes(path="fast"))
     assert no_liger.kernels == "none" and "not installed" in no_liger.reasons["kernels"]
 
 
@@ -204,3 +206,47 @@ def test_a_4bit_head_keeps_its_head_layer_out_of_quantization(tiny_model_dir):
         assert should_convert_module("model.layers.1.self_attn.q_proj", ours)
     qa = AutoModelForQuestionAnswering.from_config(cfg)
     assert should_convert_module("qa_outputs", HfQuantizer.get_modules_to_not_convert(qa))  # transformers' rule misses it
+
+
+UNVERIFIED = Capabilities(**{**H100.__dict__, "fast_path_verified": False})
+
+
+def test_auto_on_an_unverified_gpu_takes_the_reference_path_and_says_why():
+    p = choose_path(UNVERIFIED, Wishes(), fits_without_checkpointing=True)
+    assert p.name == "reference" and (p.packing, p.loss) == ("off", "logits")
+    why = p.reasons["path"]
+    assert "no recorded verification on NVIDIA H100" in why and "train.path: fast" in why
+    assert p.describe().startswith(why)  # the training path line and summary.json say it
+    fast = choose_path(UNVERIFIED, Wishes(path="fast"), fits_without_checkpointing=True)
+    assert fast.name == "fast" and (fast.packing, fast.loss) == ("position_ids", "chunked") and "path" not in fast.reasons
+    chats = choose_path(UNVERIFIED, Wishes(fast_only="only it trains conversation rows"), fits_without_checkpointing=True)
+    assert chats.name == "fast" and "only it trains conversation rows" in chats.reasons["path"]
+    assert choose_path(H100, Wishes(), fits_without_checkpointing=True).name == "fast"  # verified on this kind
+    assert choose_path(CPU, Wishes()).name == "fast"  # measured on CPUs
+
+
+def test_probe_reads_the_recorded_verification_of_the_gpu_kind(tmp_path, monkeypatch):
+    """A simulated CUDA device: unverified until a record for its name is written, then verified."""
+    import torch
+
+    from tunesmith.machine import verified
+
+    for name, value in {"is_available": lambda: True, "mem_get_info": lambda: (70 * 2**30, 80 * 2**30),
+                        "get_device_name": lambda: "NVIDIA H100 80GB HBM3", "is_bf16_supported": lambda: True,
+                        "get_device_capability": lambda: (9, 0)}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(verified, "RECORDS", tmp_path / "gpu_verified.json")
+    caps = probe()
+    assert caps.cuda and caps.device_name == "NVIDIA H100 80GB HBM3" and not caps.fast_path_verified
+    assert choose_path(caps, Wishes(), fits_without_checkpointing=True).name == "reference"
+    verified.record("NVIDIA H100 80GB HBM3", True, 1e-5, 2.4, "gpu_verify.log")
+    assert probe().fast_path_verified
+    assert choose_path(probe(), Wishes(), fits_without_checkpointing=True).name == "fast"
+
+
+def test_a_jobs_conversation_rows_keep_the_fast_path(tiny_model_dir, tmp_path):
+    from tunesmith.machine.path import fast_only
+
+    recipe = validate_recipe({"name": "r", "output_dir": str(tmp_path), "model": {"name": str(tiny_model_dir)}})
+    assert fast_only(recipe) is None
+    assert "conversation rows" in fast_only(recipe, [{"messages": [{"role": "user", "content": "hi"}]}])

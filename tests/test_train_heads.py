@@ -301,15 +301,13 @@ def _classifier_folder(folder, encoder):
 
 def test_serve_options_name_what_a_head_folder_can_and_cannot_do(tmp_path, tiny_bert_dir):
     from tunesmith.errors import ConfigError
-    from tunesmith.serve.launch import parse_adapters, vllm_command
+    from tunesmith.serve.launch import parse_adapters
 
     head = _classifier_folder(tmp_path / "cls", tiny_bert_dir)
     assert parse_adapters([f"h={head}"]) == {"h": str(head)}
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="nor a trained head"):
         parse_adapters([f"x={tmp_path / 'empty'}"])
-    with pytest.raises(ConfigError, match="built-in server only"):
-        vllm_command("base", {"h": str(head)}, "127.0.0.1", 8000)
 
 
 def test_every_method_and_head_a_recipe_can_name_has_a_trainer():

@@ -226,8 +226,13 @@ def serve(
     data_dir: Annotated[Path, typer.Option(help="Where files, jobs and job runs are kept.")] = Path("tunesmith-data"),
     runs: Annotated[Path, typer.Option(help="The runs folder whose experiments the dashboard shows.")] = Path("runs"),
     api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
-    engine: Annotated[str, typer.Option(help="builtin, or vllm to print the vLLM command.")] = "builtin",
-    exec_: Annotated[bool, typer.Option("--exec", help="With --engine vllm: start it.")] = False,
+    engine: Annotated[str, typer.Option(help="Inference engine: builtin (in-process), vllm (a vLLM server tunesmith "
+                                        "starts and supervises; `make vllm`), or auto: vllm on a CUDA GPU when "
+                                        "installed, else builtin.")] = "auto",
+    vllm_python: Annotated[str | None, typer.Option(help="With --engine vllm: the Python that has vLLM "
+                                                    "[default: $TUNESMITH_VLLM_PYTHON, ./.vllm-venv].")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option(help="With --engine vllm: one more argument for vLLM's "
+                                                       "server, e.g. --vllm-arg=--tensor-parallel-size=2 (repeatable).")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 4096,
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
                                                    "with finish_reason length).")] = 300.0,
@@ -247,23 +252,11 @@ def serve(
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.app import ServeSettings
-    from tunesmith.serve.launch import parse_adapters, parse_model_aliases, serve_builtin, shell_line, vllm_command
+    from tunesmith.serve.launch import parse_adapters, parse_model_aliases, pick_engine, serve_platform
 
     adapters = parse_adapters(adapter or [])
     aliases = parse_model_aliases(model_alias or [], {model, *adapters})
-    if engine == "vllm":
-        if aliases:
-            raise typer.BadParameter("--model-alias is for the built-in server; give vLLM more names with "
-                                     "--served-model-name")
-        cmd = vllm_command(model, adapters, host, port)
-        common.console.print(shell_line(cmd), soft_wrap=True)
-        if exec_:
-            import os
-
-            os.execvp(cmd[0], cmd)
-        return
-    if engine != "builtin":
-        raise typer.BadParameter("--engine is builtin or vllm")
+    engine = pick_engine(engine, vllm_python)
     if executor not in ("local", "ray"):
         raise typer.BadParameter("--executor is local or ray")
     if executor == "ray":
@@ -277,8 +270,9 @@ def serve(
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
-                             model_aliases=aliases)
-    serve_builtin(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
+                             model_aliases=aliases, engine=engine, vllm_python=vllm_python,
+                             vllm_args=tuple(vllm_arg or ()))
+    serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:

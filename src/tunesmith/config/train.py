@@ -60,13 +60,15 @@ class GrpoSection(Section):
 
 class TrainSection(Section):
     method: Literal["sft", "dpo", "grpo"] = "sft"
-    path: Literal["auto", "reference"] = Field(
-        "auto", description="auto: tunesmith's training path (its packing collator, loss forms and trainers, chosen "
+    path: Literal["auto", "fast", "reference"] = Field(
+        "auto", description="fast: tunesmith's training path (its packing collator, loss forms and trainers, chosen "
         "for the machine); reference: plain TRL SFTTrainer / DPOTrainer / GRPOTrainer and transformers' own Trainer and "
         "heads with "
         "their documented settings (bf16 on a GPU, TRL's padding-free packing where FlashAttention runs it, Liger "
-        "kernels where installed) and none of tunesmith's trainers, collators or loss forms. Use reference when the "
-        "default path fails or its loss differs from the reference on your GPU"
+        "kernels where installed) and none of tunesmith's trainers, collators or loss forms; auto: fast on CPUs and on "
+        "GPU kinds where scripts/gpu_run.sh verify recorded the fast path's losses equal to the reference's, else "
+        "reference (fast where only it trains the data: conversation rows, mean pooling, a probe start). Use reference "
+        "when the fast path fails or its loss differs from the reference on your GPU"
     )
     adapter: Literal["lora", "dora", "qlora", "full"] = "lora"
     head: Literal["generative", "classifier", "regression", "span"] = Field(
@@ -207,7 +209,7 @@ class TrainSection(Section):
             raise ValueError(f"regression_loss applies to head: regression (head: {self.head})")
         if self.path == "reference" and (self.pooling == "mean" or self.head_init == "probe"):
             raise ValueError("path: reference trains transformers' own heads (pooling: native, head_init: random); "
-                             "pooling: mean and head_init: probe are tunesmith's and need path: auto")
+                             "pooling: mean and head_init: probe are tunesmith's and need path: auto or fast")
         for key in ("pooling", "head_init"):
             if getattr(self, key) != "auto" and self.head not in ("classifier", "regression"):
                 raise ValueError(f"{key} applies to head: classifier or regression (head: {self.head})")

@@ -16,7 +16,11 @@ builds an L x L mask on the device), Liger's fused kernels where installed, grad
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
 double quantisation, bf16 compute and paged 8-bit AdamW. On both, generative SFT scores its target
 positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.chunked_loss`).
-``train.path: reference`` keeps the device choices but trains with plain TRL / transformers
+``train.path: auto`` takes tunesmith's fast path on CPUs (measured there) and on GPU kinds where
+``scripts/gpu_run.sh verify`` recorded its losses equal to the reference path's
+(:mod:`tunesmith.machine.verified`); on any other CUDA GPU it takes the reference path, unless the recipe needs
+what only the fast path trains (conversation rows, mean pooling, a probe start). ``train.path: fast`` always takes
+tunesmith's path; ``train.path: reference`` keeps the device choices but trains with plain TRL / transformers
 (:mod:`tunesmith.train.reference`): TRL's padding-free batches only under FlashAttention (else unpacked, SDPA
 rather than flex), the model's own loss, the path's reason naming it.
 """
@@ -45,6 +49,7 @@ class Capabilities:
     bitsandbytes: bool = False
     free_memory: int | None = None  # bytes free on the device
     device_name: str = "cpu"
+    fast_path_verified: bool = False  # scripts/gpu_run.sh recorded the fast path on this GPU kind
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,8 @@ class Wishes:
     loss: str = "auto"  # auto | chunked | logits (generative SFT)
     gradient_checkpointing: bool | str = "auto"
     softcapping: bool = False  # the model soft-caps attention logits (Gemma-2)
-    path: str = "auto"  # train.path: auto (tunesmith's trainers) | reference (plain TRL / transformers)
+    path: str = "auto"  # train.path: auto | fast (tunesmith's trainers) | reference (plain TRL / transformers)
+    fast_only: str | None = None  # why only the fast path can train this recipe's data, if so
 
     @property
     def spec(self) -> MethodSpec:
@@ -87,7 +93,7 @@ class TrainPath:
     reasons: dict[str, str] = field(default_factory=dict)
     autocast: str | None = None  # bfloat16: fp32 weights, matmuls autocast to bf16 (full fine-tuning on a GPU)
     loss: str = "logits"  # chunked (target positions scored in vocabulary tiles) | logits | head
-    name: str = "auto"  # train.path: auto (tunesmith's trainers) | reference (plain TRL / transformers)
+    name: str = "fast"  # fast (tunesmith's trainers) | reference (plain TRL / transformers)
 
     @property
     def attn_implementation(self) -> str | None:
@@ -108,7 +114,7 @@ class TrainPath:
             parts.append("TF32")
         if self.quantization:
             parts.append("4-bit " + self.quantization["quant_type"])
-        head = f"{REFERENCE} · " if self.name == "reference" else ""
+        head = f"{self.reasons.get('path', REFERENCE)} · " if self.name == "reference" else ""
         return head + ", ".join(parts)
 
     def to_json(self) -> dict:
@@ -160,15 +166,31 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     kernels, why["kernels"] = _kernels(caps, wish, gpu)
     checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
     loss, why["loss"] = loss_form(wish)
-    if wish.path == "reference":
-        why["path"] = REFERENCE
+    name, path_why = _path_name(caps, wish, gpu)
+    if path_why:
+        why["path"] = path_why
+    if name == "reference":
         if gpu and attention == "flex_attention" and wish.attention == "auto" and not wish.softcapping:
             attention, why["attention"] = "sdpa", ("reference: PyTorch's SDPA, transformers' default (flash-attn is not "
                                                    "installed; flex attention is tunesmith's choice for packed rows)")
         packing, why["packing"] = _reference_packing(wish, attention)
         loss, why["loss"] = _reference_loss(wish, kernels)
     return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
-                     loss, wish.path)
+                     loss, name)
+
+
+def _path_name(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str | None]:
+    """fast or reference, and why when it is not what the recipe named."""
+    if wish.path == "reference":
+        return "reference", REFERENCE
+    if wish.path == "fast" or not gpu or caps.fast_path_verified:
+        return "fast", None
+    unverified = (f"tunesmith's fast path has no recorded verification on {caps.device_name} "
+                  "(scripts/gpu_run.sh verify)")
+    if wish.fast_only:
+        return "fast", f"auto: {unverified}, but {wish.fast_only}"
+    return "reference", (f"{REFERENCE} · auto: {unverified}; train.path: fast takes it (packing, fused kernels, "
+                         "chunked loss)")
 
 
 def _reference_packing(wish: Wishes, attention: str) -> tuple[str, str]:
@@ -300,12 +322,15 @@ def probe(device: str = "auto") -> Capabilities:
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if not cuda:
         return Capabilities(flash_attn=False, liger=False, bitsandbytes=has("bitsandbytes"))
+    from tunesmith.machine.verified import is_verified
+
     free, _ = torch.cuda.mem_get_info()
+    name = torch.cuda.get_device_name()
     return Capabilities(
         cuda=True, bf16=torch.cuda.is_bf16_supported(), compute_capability=torch.cuda.get_device_capability(),
         flash_attn=has("flash_attn"), flex_attention=has("triton") and has("torch.nn.attention.flex_attention"),
         liger=has("liger_kernel"), bitsandbytes=has("bitsandbytes"), free_memory=free,
-        device_name=torch.cuda.get_device_name(),
+        device_name=name, fast_path_verified=is_verified(name),
     )
 
 

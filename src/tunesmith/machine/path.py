@@ -8,13 +8,23 @@ from tunesmith.machine.device import Capabilities, TrainPath, Wishes, choose_pat
 from tunesmith.machine.estimate import estimate_recipe
 
 
-def wishes(recipe, softcapping: bool = False) -> Wishes:
-    """The recipe's wishes."""
+def wishes(recipe, softcapping: bool = False, rows: list[dict] | None = None) -> Wishes:
+    """The recipe's wishes (``rows``: a fine-tuning job's rows, as uploaded)."""
     t = recipe.train
     return Wishes(precision=recipe.model.precision, device=recipe.model.device, adapter=t.adapter, head=t.head,
                   method=t.method, packing=t.packing, optimizer=t.optimizer, attention=t.attention, kernels=t.kernels,
-                  loss=t.loss, path=t.path,
+                  loss=t.loss, path=t.path, fast_only=fast_only(recipe, rows),
                   gradient_checkpointing=t.gradient_checkpointing, softcapping=softcapping)
+
+
+def fast_only(recipe, rows: list[dict] | None = None) -> str | None:
+    """Why only tunesmith's fast path can train this recipe and data (None when the reference path can too)."""
+    t = recipe.train
+    if rows and any("messages" in r for r in rows):
+        return "only it trains conversation rows (a loss on each weight-1 assistant turn)"
+    if t.pooling == "mean" or t.head_init == "probe":
+        return "only it has mean pooling and the linear-probe start of a head"
+    return None
 
 
 
@@ -32,10 +42,10 @@ def model_softcaps(model) -> bool:
 
 
 
-def decide(recipe, caps: Capabilities | None = None) -> TrainPath:
+def decide(recipe, caps: Capabilities | None = None, rows: list[dict] | None = None) -> TrainPath:
     """The path for ``recipe`` on this machine: capabilities probed, gradient checkpointing from the estimator."""
     caps = caps or probe(recipe.model.device)
-    wish = wishes(recipe, model_softcaps(recipe.model))
+    wish = wishes(recipe, model_softcaps(recipe.model), rows)
     fits = None
     if wish.gradient_checkpointing == "auto" and caps.cuda:
         first = choose_path(caps, wish)  # attention and loss are chosen without the memory verdict
@@ -70,12 +80,12 @@ def hold_memory_limit(recipe, path: TrainPath) -> float | None:
 
 
 
-def take_path(recipe):
-    """Decide the path for ``recipe`` here and take it: the recipe with the path written in, the path, and the
-    placement models load with; the process held to ``train.memory_limit_gb``."""
+def take_path(recipe, rows: list[dict] | None = None):
+    """Decide the path for ``recipe`` (and a job's ``rows``) here and take it: the recipe with the path written in,
+    the path, and the placement models load with; the process held to ``train.memory_limit_gb``."""
     from tunesmith.machine.placement import Placement
 
-    path = decide(recipe)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
+    path = decide(recipe, rows=rows)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
     recipe = resolved(recipe, path)
     hold_memory_limit(recipe, path)
     return recipe, path, Placement(path.device, path.dtype, path)
@@ -83,7 +93,7 @@ def take_path(recipe):
 
 
 def resolved(recipe, path: TrainPath):
-    """The recipe with the path's optimizer and gradient checkpointing written in (what actually runs)."""
-    t = recipe.train.model_copy(update={"optimizer": path.optimizer,
+    """The recipe with the path's name, optimizer and gradient checkpointing written in (what actually runs)."""
+    t = recipe.train.model_copy(update={"optimizer": path.optimizer, "path": path.name,
                                         "gradient_checkpointing": path.gradient_checkpointing})
     return recipe.model_copy(update={"train": t})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -35,6 +36,9 @@ class ServeSettings:
     grader_limits: Limits = field(default_factory=Limits)  # CPU, memory and wall-clock of one python grader row
     model_aliases: dict[str, str] = field(default_factory=dict)  # a name scripts use -> a served model
     embedding_models: dict[str, str] | None = None  # name -> encoder folder; None: the shipped encoders
+    engine: str = "builtin"  # builtin, or vllm: generation on a vLLM server tunesmith supervises
+    vllm_python: str | None = None  # the Python that has vLLM (None: see tunesmith.serve.vllm_server.vllm_python)
+    vllm_args: tuple[str, ...] = ()  # more arguments for vLLM's server (e.g. --tensor-parallel-size 2)
 
     @property
     def python_graders_on(self) -> bool:
@@ -63,18 +67,19 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from tunesmith.serve.engine import Engine
         from tunesmith.serve.evals_store import EvalStore
 
-        app.state.engine = engine or Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
-                                            request_timeout_s=settings.request_timeout_s)
+        app.state.engine = engine or make_engine(settings)
         EvalStore(app.state.store).fail_interrupted()
         from tunesmith.serve.routes_embeddings import ENCODER_NAMES
 
         for name, target in settings.model_aliases.items():
             if target not in ENCODER_NAMES and target not in (settings.embedding_models or {}):
                 app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
+        watcher = asyncio.ensure_future(watch_adapters(app)) if settings.engine == "vllm" else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         app.state.engine.close()
 
     from tunesmith.serve.store import Store
@@ -131,6 +136,32 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app.include_router(routes_evals.router)
     routes_dashboard.mount(app)
     return app
+
+
+def make_engine(settings: ServeSettings):
+    """The inference engine the settings name: the built-in one, or vLLM behind tunesmith."""
+    if settings.engine == "vllm":
+        from tunesmith.serve.vllm_engine import VllmEngine
+
+        return VllmEngine(settings.model, settings.adapters, settings.data_dir / "vllm", python=settings.vllm_python,
+                          request_timeout_s=settings.request_timeout_s, extra_args=settings.vllm_args)
+    from tunesmith.serve.engine import Engine
+
+    return Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
+                  request_timeout_s=settings.request_timeout_s)
+
+
+ADAPTER_WATCH_S = 2.0
+
+
+async def watch_adapters(app: FastAPI) -> None:
+    """Load each fine-tune into the engine within seconds of its job succeeding (not at its first request)."""
+    while True:
+        await asyncio.sleep(ADAPTER_WATCH_S)
+        try:
+            sync_adapters(app)
+        except Exception:  # noqa: BLE001 - a failed load is retried at the next look and logged
+            logging.getLogger("tunesmith.serve").exception("loading a fine-tune into the engine failed")
 
 
 def sync_adapters(app: FastAPI) -> None:

@@ -1,11 +1,15 @@
-"""The server's generation engine: one base model, any number of named LoRA adapters and trained heads,
-and a background thread that drives the project's one continuous-batching engine
-(:class:`tunesmith.generation.ContinuousBatch`).
+"""The server's inference engines: one interface (:class:`InferenceEngine`) that the routes call, with two
+implementations — the built-in :class:`Engine` here and :class:`tunesmith.serve.vllm_engine.VllmEngine`, which
+sends generation to a vLLM server that tunesmith supervises.
 
-Requests are made from the event loop (``submit``) and read back as an async stream of
-``(choice index, text delta | Generation)``. The thread gathers rows arriving together (a burst of
-``wait_ms`` when idle), runs one step at a time for every row in flight, answers rows as they finish,
-streams text deltas, and drops rows whose client went away (``Request.cancel``) before the next step.
+Both serve one base model, named LoRA adapters, trained heads (always in-process) and aliases. Requests are
+made from the event loop (``submit``) and read back as an async stream of ``(choice index, text delta |
+Generation)``.
+
+The built-in engine drives the project's one continuous-batching engine
+(:class:`tunesmith.generation.ContinuousBatch`) from a background thread: it gathers rows arriving together
+(a burst of ``wait_ms`` when idle), runs one step at a time for every row in flight, answers rows as they
+finish, streams text deltas, and drops rows whose client went away (``Request.cancel``) before the next step.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
 from tunesmith.serve.errors import APIError
 
-__all__ = ["BASE", "Engine", "GenParams", "Generation", "Request"]
+__all__ = ["BASE", "Engine", "GenParams", "Generation", "InferenceEngine", "Request"]
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
+    logprobs: list[dict] | None = None  # OpenAI's chat ``logprobs.content`` entries, when asked and served
 
 
 class Request:
@@ -39,6 +44,7 @@ class Request:
         self.n, self.loop = n, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.on_cancel: list = []  # callables run once on cancel (an engine's in-flight HTTP calls)
 
     def push(self, index: int, item) -> None:
         """Called by the engine thread: a text delta, the final Generation, or an exception."""
@@ -49,7 +55,10 @@ class Request:
 
     def cancel(self) -> None:
         """Stop generating for this request; its rows leave the batch before the next step."""
-        self.cancelled.set()
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            for hook in self.on_cancel:
+                hook()
 
     async def events(self) -> AsyncIterator[tuple[int, str | Generation]]:
         finished = 0
@@ -82,34 +91,22 @@ class _ServedRow(Row):
         return self.request.cancelled.is_set()
 
 
-class Engine:
-    def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
-                 wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0,
-                 max_batch_tokens: int = 65_536):
-        from tunesmith.machine.placement import pick_placement
-        from tunesmith.models.loading import load_model, load_tokenizer
+class InferenceEngine:
+    """What the routes call: the served model ids (base, adapters, heads, aliases), prompt tokenization with
+    the base model's tokenizer, and ``submit``. Subclasses load and unload adapters and generate."""
+
+    base_name: str
+    tokenizer: object
+    context_length: int
+
+    def __init__(self, base: str):
+        from tunesmith.models.loading import load_tokenizer
 
         self.base_name = base
         self.tokenizer = load_tokenizer(base)
-        self.model = load_model(base, pick_placement(precision))
-        self.batch = ContinuousBatch(self.model, self.tokenizer, max_batch, max_batch_tokens)  # bounds the KV cache
-        self.context_length = self.batch.context_length
         self.adapters: dict[str, str] = {}
         self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
         self.aliases: dict[str, str] = {}  # a name scripts use (gpt-4o-mini-2024-07-18) -> a served model id
-        self.wait_s, self.request_timeout_s = wait_ms / 1000, request_timeout_s
-        self.lock = threading.Lock()
-        self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
-        self.closed = False
-        for name, path in (adapters or {}).items():
-            self.add_adapter(name, path)
-        self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
-        self.worker.start()
-
-    @property
-    def active(self) -> list[Row]:
-        """The rows in flight."""
-        return self.batch.active
 
     # --- models ---------------------------------------------------------------------------
 
@@ -125,42 +122,32 @@ class Engine:
                               f"({self.base_name}) or an --adapter name")
         self.aliases[name] = target
 
-    def remove_adapter(self, name: str) -> bool:
-        """Stop serving a fine-tune (a deleted model); False when it was not loaded."""
-        if self.heads.pop(name, None) is not None:
-            return True
-        with self.lock:
-            if name not in self.adapters:
-                return False
-            if len(self.adapters) == 1:  # PEFT cannot hold zero adapters: go back to the bare base model
-                self.model = self.model.unload()
-            else:
-                self.model.delete_adapter(name)
-            self.batch.model = self.model
-            del self.adapters[name]
-            return True
-
     def add_adapter(self, name: str, path: str | Path) -> None:
-        """Load a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
+        """Serve a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
         loaded beside the base model and answers through :mod:`tunesmith.serve.heads`."""
-        from peft import PeftModel
-
         from tunesmith.serve.heads import is_head_folder, load_head
 
         if is_head_folder(path):
             if name not in self.heads:
                 self.heads[name] = load_head(path, self.base_name)
             return
-        with self.lock:
-            if name in self.adapters:
-                return
-            if not self.adapters:
-                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
-            else:
-                self.model.load_adapter(str(path), adapter_name=name)
-            self.model.eval()
-            self.batch.model = self.model
+        if name not in self.adapters:
+            self._load_adapter(name, str(path))
             self.adapters[name] = str(path)
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving a fine-tune (a deleted model); False when it was not loaded."""
+        if self.heads.pop(name, None) is not None:
+            return True
+        if name not in self.adapters:
+            return False
+        self._unload_adapter(name)
+        del self.adapters[name]
+        return True
+
+    def served_name(self, model_id: str) -> str:
+        """The base or adapter a request for ``model_id`` (maybe an alias) is answered by."""
+        return self.aliases.get(model_id, model_id)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -171,14 +158,92 @@ class Engine:
     def text_prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
+    def _load_adapter(self, name: str, path: str) -> None:
+        raise NotImplementedError
+
+    def _unload_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def json_constraint(self, schema: dict):
+        """What ``submit(constraint=...)`` takes to decode every choice under the JSON ``schema``."""
+        raise NotImplementedError
+
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None) -> Request:
+               constraint=None, logprobs: int | None = None) -> Request:
         """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
-        ``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes under."""
+        ``logprobs``: the top alternatives to report per generated token (0: the chosen token's only), where
+        the engine reports them."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Engine(InferenceEngine):
+    """The built-in engine: the base model in this process, adapters through PEFT, continuous batching."""
+
+    def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
+                 wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0,
+                 max_batch_tokens: int = 65_536):
+        from tunesmith.machine.placement import pick_placement
+        from tunesmith.models.loading import load_model
+
+        super().__init__(base)
+        self.model = load_model(base, pick_placement(precision))
+        self.batch = ContinuousBatch(self.model, self.tokenizer, max_batch, max_batch_tokens)  # bounds the KV cache
+        self.context_length = self.batch.context_length
+        self.wait_s, self.request_timeout_s = wait_ms / 1000, request_timeout_s
+        self.lock = threading.Lock()
+        self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
+        self.closed = False
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
+        self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
+        self.worker.start()
+
+    @property
+    def active(self) -> list[Row]:
+        """The rows in flight."""
+        return self.batch.active
+
+    # --- adapters -------------------------------------------------------------------------
+
+    def _unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if len(self.adapters) == 1:  # PEFT cannot hold zero adapters: go back to the bare base model
+                self.model = self.model.unload()
+            else:
+                self.model.delete_adapter(name)
+            self.batch.model = self.model
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if not self.adapters:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+            self.model.eval()
+            self.batch.model = self.model
+
+    def json_constraint(self, schema: dict):
+        """A logits-processor factory (llguidance) that keeps every choice inside ``schema``."""
+        from tunesmith.generation import stop_ids
+        from tunesmith.generation.constrained import JsonConstraint
+
+        return JsonConstraint(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model), schema)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
+               constraint=None, logprobs: int | None = None) -> Request:
+        """``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes
+        under. Generated tokens' ``logprobs`` are not reported by this engine (answers carry null)."""
         if self.closed:
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
-        model_id = self.aliases.get(model_id, model_id)
+        model_id = self.served_name(model_id)
         adapter = BASE if model_id == self.base_name else model_id
         deadline = time.monotonic() + self.request_timeout_s
         for i, p in enumerate(params):

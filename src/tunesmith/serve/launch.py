@@ -1,8 +1,7 @@
-"""Start the built-in server (with its jobs worker), or write/start the vLLM command for GPU users."""
+"""Start the server (with its jobs worker); parse the serve command's options."""
 
 from __future__ import annotations
 
-import shlex
 import signal
 import subprocess
 import sys
@@ -44,22 +43,24 @@ def parse_model_aliases(items: list[str], served: set[str]) -> dict[str, str]:
     return aliases
 
 
-def vllm_command(model: str, adapters: dict[str, str], host: str, port: int) -> list[str]:
-    """`vllm serve` for a merged model or a base model with LoRA adapters (OpenAI-compatible)."""
-    from tunesmith.models.names import resolve
-    from tunesmith.serve.heads import is_head_folder
+def pick_engine(engine: str, vllm_python: str | None = None) -> str:
+    """``auto``: vLLM on a CUDA GPU when it is installed, else the built-in engine (nothing to install); ``vllm``
+    when vLLM is not installed is an error saying how to install it, before anything starts."""
+    from tunesmith.serve.vllm_server import vllm_available
+    from tunesmith.serve.vllm_server import vllm_python as find_vllm
 
-    heads = [n for n, p in adapters.items() if is_head_folder(p)]
-    if heads:
-        raise ConfigError(f"--adapter {', '.join(heads)}: a trained head is served by the built-in server only "
-                          "(vLLM serves generative models); use --engine builtin")
-    cmd = ["vllm", "serve", resolve(model), "--host", host, "--port", str(port), "--served-model-name", model]
-    if adapters:
-        cmd += ["--enable-lora", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]
-    return cmd
+    if engine == "vllm":
+        find_vllm(vllm_python)
+    if engine in ("builtin", "vllm"):
+        return engine
+    if engine != "auto":
+        raise ConfigError(f"--engine is auto, builtin or vllm, got '{engine}'")
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and vllm_available(vllm_python) else "builtin"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the worker gets SIGTERM when the server dies, so a killed server leaves no orphan
     worker training beside the one the restarted server starts (the job resumes from its checkpoint)."""
     try:
@@ -76,14 +77,14 @@ def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local",
     module = "tunesmith.serve.ray_executor" if executor == "ray" else "tunesmith.serve.worker"
     cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
     return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 SHUTDOWN_GRACE_S = 5  # after SIGTERM: requests still in flight get a 503 and the server is gone within this
 WORKER_STOP_S = 30  # the jobs worker saves a checkpoint at its next step; killed if it takes longer
 
 
-def serve_builtin(settings, host: str, port: int, say=print, jobs_per_key: int = 1, executor: str = "local",
+def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int = 1, executor: str = "local",
                   ray_address: str | None = None) -> None:
     import uvicorn
 
@@ -103,7 +104,8 @@ def serve_builtin(settings, host: str, port: int, say=print, jobs_per_key: int =
     worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address)
     # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
     signal.signal(signal.SIGTERM, lambda *_: None)
-    say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on http://{host}:{port}/v1 "
+    say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on the {settings.engine} engine "
+        f"at http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
     if settings.python_graders_on:
         from tunesmith.graders.sandbox import isolation
@@ -125,10 +127,6 @@ def stop_worker(worker: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         worker.kill()
         worker.wait()
-
-
-def shell_line(cmd: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in cmd)
 
 
 def serve_in_thread(app, log_level: str = "warning"):

@@ -72,6 +72,11 @@ def _params(body: SamplingBody, max_tokens: int) -> list[GenParams]:
                       None if body.seed is None else body.seed + i) for i in range(body.n)]
 
 
+def _logprobs(gen: Generation) -> dict | None:
+    """A choice's ``logprobs`` (``content``: one entry per generated token) where the engine reports them."""
+    return None if gen.logprobs is None else {"content": gen.logprobs, "refusal": None}
+
+
 def _usage(gens: list[Generation]) -> dict:
     prompt = gens[0].prompt_tokens if gens else 0
     completion = sum(g.completion_tokens for g in gens)
@@ -127,7 +132,8 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
     ids = tools.prompt_ids(engine, messages, plan)
     budget = _token_budget(request, engine, len(ids), body.max_completion_tokens or body.max_tokens, 256)
     job = engine.submit(body.model, ids, _params(body, tools.token_budget(plan, budget)), stream=body.stream,
-                        constraint=tools.constraint(engine, plan))
+                        constraint=tools.constraint(engine, plan),
+                        logprobs=(body.top_logprobs or 0) if body.logprobs else None)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         return StreamingResponse(_sse_chat(job, body, cid, created, plan), media_type="text/event-stream")
@@ -136,7 +142,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
     for i, g in enumerate(gens):
         msg, called = tools.message(plan, g.text)
         choices.append({"index": i, "message": msg, "finish_reason": "tool_calls" if called else g.finish_reason,
-                        "logprobs": None})
+                        "logprobs": _logprobs(g)})
     return {"id": cid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
             "usage": _usage(gens)}
 

@@ -128,12 +128,9 @@ def constraint(engine, plan: ToolPlan):
     key = (id(engine), json.dumps(plan.schema, sort_keys=True))
     if key not in _CONSTRAINTS:
         from tunesmith.errors import ConfigError
-        from tunesmith.generation import stop_ids
-        from tunesmith.generation.constrained import JsonConstraint
 
         try:
-            _CONSTRAINTS[key] = JsonConstraint(engine.tokenizer, engine.model.config.vocab_size,
-                                               stop_ids(engine.tokenizer, engine.model), plan.schema)
+            _CONSTRAINTS[key] = engine.json_constraint(plan.schema)
         except (ConfigError, ValueError, TypeError) as exc:  # a schema llguidance cannot compile is the client's
             raise _bad(f"Invalid 'tools': the function's parameters cannot constrain decoding: {exc}", "tools") from None
     return _CONSTRAINTS[key]

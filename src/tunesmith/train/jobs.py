@@ -70,7 +70,7 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     from tunesmith.models.loading import load_tokenizer
 
     recipe = decided_length(recipe, console)
-    recipe, path, placement = take_path(recipe)
+    recipe, path, placement = take_path(recipe, data.rows)
     console.print(f"training path: {path.describe()}")
     recipe = fit_micro_batch(recipe, placement, console)
     tokenizer = load_tokenizer(recipe.model.name)
@@ -123,9 +123,9 @@ Trainer = Callable[[TrainJob], TrainResult]
 _TRAINERS: dict[tuple[str, str, str], Trainer] = {}
 
 
-def trainer(method: str, *heads: str, path: str = "auto"):
+def trainer(method: str, *heads: str, path: str = "fast"):
     """Function decorator: train ``(method, head)`` recipes, for each of ``heads``, with ``fn(job)`` on training path
-    ``path`` (``train.path``: ``auto``, tunesmith's trainers, or ``reference``, plain TRL / transformers)."""
+    ``path`` (``fast``, tunesmith's trainers, or ``reference``, plain TRL / transformers)."""
     def add(fn: Trainer) -> Trainer:
         for head in heads:
             if (method, head, path) in _TRAINERS:
@@ -136,10 +136,10 @@ def trainer(method: str, *heads: str, path: str = "auto"):
     return add
 
 
-def trainer_for(method: str, head: str, path: str = "auto") -> Trainer:
+def trainer_for(method: str, head: str, path: str = "fast") -> Trainer:
     if (method, head, path) not in _TRAINERS:
         known = ", ".join(f"{m} with head {h}" for m, h, p in sorted(_TRAINERS) if p == path)
-        where = "" if path == "auto" else f" on train.path {path}"
+        where = "" if path == "fast" else f" on train.path {path}"
         raise ConfigError(f"train.method {method} with train.head {head}{where}: nothing trains that; known: {known}")
     return _TRAINERS[(method, head, path)]
 

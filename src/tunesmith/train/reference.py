@@ -56,7 +56,7 @@ def reference_sft_trainer(recipe: Recipe, model, tokenizer, train_rows: list[dic
 
     if any("messages" in row for row in train_rows):
         raise ConfigError("train.path: reference trains prompt/completion rows; conversations (messages, with a loss "
-                          "on each weight-1 assistant turn) train on tunesmith's path: set train.path: auto")
+                          "on each weight-1 assistant turn) train on tunesmith's path: set train.path: fast")
     t = recipe.train
     packed = placement.path is not None and placement.path.packing == "position_ids"
     config = SFTConfig(**reference_args(recipe, placement, out_dir, bool(val_rows)) | arg_overrides,

@@ -1,0 +1,49 @@
+"""Which inference engine `tunesmith serve` runs, and what it says when vLLM is not there (no vLLM needed)."""
+
+import pytest
+
+from tunesmith.errors import ConfigError
+from tunesmith.serve.launch import pick_engine
+from tunesmith.serve.vllm_engine import chat_logprobs, vllm_error
+from tunesmith.serve.vllm_server import VllmLaunch, vllm_command, vllm_python
+
+
+def test_auto_is_the_builtin_engine_without_a_gpu_and_names_are_checked(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_engine("auto") == "builtin" and pick_engine("builtin") == "builtin"
+    with pytest.raises(ConfigError, match="--engine is auto, builtin or vllm"):
+        pick_engine("llama")
+
+
+def test_a_missing_vllm_says_what_to_run(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="run `make vllm`"):
+        vllm_python(str(tmp_path / "nowhere" / "python"))
+    monkeypatch.chdir(tmp_path)  # no ./.vllm-venv here
+    monkeypatch.delenv("TUNESMITH_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match="vLLM is not installed: run `make vllm`"):
+        vllm_python()
+    with pytest.raises(ConfigError, match="vLLM is not installed: run `make vllm`"):
+        pick_engine("vllm")
+
+
+def test_the_vllm_command_serves_adapters_at_run_time_on_a_private_port():
+    cmd = vllm_command("py", VllmLaunch("/m", "base", 8192, "float32"), 5123, "secret")
+    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    assert "--host 127.0.0.1 --port 5123 --api-key secret" in joined and "--enable-lora" in joined
+    assert "--served-model-name base" in joined and "--max-model-len 8192" in joined
+
+
+def test_vllm_errors_and_logprobs_take_openais_shapes():
+    err = vllm_error(404, '{"error": {"message": "The model `x` does not exist.", "type": "NotFoundError", '
+                          '"param": "model", "code": 404}}')
+    assert (err.status, err.body) == (404, {"message": "The model `x` does not exist.", "type": "invalid_request_error",
+                                            "param": "model", "code": None})
+    assert vllm_error(500, "boom").body["type"] == "server_error"
+    content = chat_logprobs({"tokens": ["Hi", "!"], "token_logprobs": [-0.1, -2.0],
+                             "top_logprobs": [{"Hi": -0.1, "Hello": -2.5}, {"!": -2.0, ".": -0.5}]})
+    assert [t["token"] for t in content] == ["Hi", "!"] and content[0]["bytes"] == list(b"Hi")
+    assert [t["token"] for t in content[1]["top_logprobs"]] == [".", "!"]  # most probable first
