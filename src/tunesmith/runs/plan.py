@@ -75,8 +75,9 @@ def measure_matmul(device: str, n: int = 2048, tries: int = 3) -> float:
 
 def plan_arm(arm: Recipe, name: str, train: list, test_n: int, val_n: int, gflops: float, console) -> ArmPlan:
     """An arm's size of training (examples, steps, tokens), its peak memory and its train and scoring time."""
-    from tunesmith.machine.estimate import estimate_recipe, model_shape
     from pathlib import Path
+
+    from tunesmith.machine.estimate import estimate_recipe, model_shape
 
     fitted, mean = fitted_lengths(arm, train, console)
     t = fitted.train
@@ -111,12 +112,13 @@ def fitted_lengths(arm: Recipe, train: list, console) -> tuple[Recipe, float]:
 
 def plan_run(recipe: Recipe, console) -> tuple[list[ArmPlan], float, str, float]:
     """``(arms, base model's scoring seconds, how the speed was found, GFLOP/s)`` for ``recipe``."""
+    from pathlib import Path
+
     from tunesmith.eval.runner import arm_name, arm_recipes
     from tunesmith.machine.estimate import model_shape
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.encoders import is_encoder
     from tunesmith.runs.data import prepare_data_once
-    from pathlib import Path
 
     data = prepare_data_once(recipe, recipe.run_dir / "data", console)
     device = pick_placement(recipe.model.precision, recipe.model.device).device
