@@ -68,19 +68,9 @@ def run_steps(
     rows: list[StepRow] = []
     for i, spec in enumerate(specs):
         name = f"{i + 1}:{spec.step}"
-        _check_fields(records, spec, name)
-        fn = STEPS[type(spec)]
-        mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)
-        before = {id(r): dict(r.data) for r in records} if mutates else {}
-        kept, dropped = fn(records, spec, ctx)
-        for r in dropped:
-            r.stage = name
-        if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
-            raise AssertionError(
-                f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in"
-            )
-        changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
-        rows.append(StepRow(name, len(records), len(kept), len(dropped), changed))
+        check_fields(_fields_of(records), spec, name)
+        kept, dropped, row = apply_step(records, spec, ctx, name, STEPS[type(spec)])
+        rows.append(row)
         rejected += dropped
         records = kept
         if on_step:
@@ -88,11 +78,28 @@ def run_steps(
     return records, rejected, rows
 
 
-def _check_fields(records: list[Record], spec, name: str) -> None:
+def apply_step(records: list[Record], spec, ctx: StepContext, name: str, fn) -> tuple[list, list, StepRow]:
+    """One step over ``records`` (all of them, or one batch): kept, dropped (tagged with the step) and counts."""
+    mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)
+    before = {id(r): dict(r.data) for r in records} if mutates else {}
+    kept, dropped = fn(records, spec, ctx)
+    for r in dropped:
+        r.stage = name
+    if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
+        raise AssertionError(f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in")
+    changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
+    return kept, dropped, StepRow(name, len(records), len(kept), len(dropped), changed)
+
+
+def _fields_of(records: list[Record]) -> set[str]:
+    return set().union(*(r.data for r in records)) if records else set()
+
+
+def check_fields(seen: set[str], spec, name: str) -> None:
+    """A field the step names that no record has is a recipe mistake: fail with the fields present."""
     wanted = list(getattr(spec, "fields", []) or []) + ([spec.field] if getattr(spec, "field", None) else [])
-    if not records or not wanted:
+    if not seen:
         return
-    seen = set().union(*(r.data for r in records))
     for f in wanted:
         if f not in seen:
             raise DataError(
