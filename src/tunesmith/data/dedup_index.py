@@ -55,6 +55,8 @@ class SortedRuns:
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
 
     def add(self, keys: np.ndarray, pos: np.ndarray) -> None:
+        if not len(keys):
+            return
         order = np.lexsort((pos, keys))
         self.runs.append((keys[order].astype(self.dtype), pos[order].astype(np.uint32)))
         if len(self.runs) > self.max_runs:

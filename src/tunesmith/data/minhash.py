@@ -304,3 +304,15 @@ def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
     return np.array([find(i) for i in range(n)])
+
+
+def earlier_roots(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Per item, the first item of its chain of earlier duplicates: itself when no earlier item is paired
+    with it, else the smallest such root among its earlier partners. Unlike ``clusters``, an item is never
+    joined to an earlier one through a later item, so a stream can decide each item when it arrives."""
+    root = np.arange(n)
+    if len(pairs):
+        pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later item, then the earlier
+        for i, j in pairs.tolist():
+            root[j] = min(root[j], root[i])
+    return root

@@ -343,6 +343,7 @@ def exact_dedup(records, spec: ExactDedupStep, ctx):
 
 
 def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, score: dict[int, float]):
+    """Keep the rows that are their own root; a dropped row names the first row of its chain of duplicates."""
     kept, dropped = [], []
     for i, rec in enumerate(records):
         root = int(roots[i])
@@ -356,18 +357,18 @@ def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, s
 
 
 def near_dedup(records, spec: NearDedupStep, ctx):
-    from tunesmith.data.minhash import clusters, near_duplicate_pairs
+    from tunesmith.data.minhash import earlier_roots, near_duplicate_pairs
 
     texts = [_text(r, spec.fields) for r in records]
     pairs, jac = near_duplicate_pairs(texts, spec.threshold, spec.unit, spec.ngram, spec.num_perm, spec.seed)
     score = {}
     for (_, j), s in zip(pairs.tolist(), jac.tolist(), strict=True):
         score[j] = max(score.get(j, 0.0), s)
-    return _drop_cluster_members(records, clusters(len(records), pairs), "near duplicate", score)
+    return _drop_cluster_members(records, earlier_roots(len(records), pairs), "near duplicate", score)
 
 
 def semantic_dedup(records, spec: SemanticDedupStep, ctx):
-    from tunesmith.data.minhash import clusters
+    from tunesmith.data.minhash import earlier_roots
     from tunesmith.models.embeddings import embed
 
     emb = embed([_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
@@ -380,7 +381,7 @@ def semantic_dedup(records, spec: SemanticDedupStep, ctx):
                 pairs.append((i, j))
                 score[j] = max(score.get(j, 0.0), float(sims[i - lo, j]))
     arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    return _drop_cluster_members(records, clusters(len(records), arr), "semantic duplicate", score)
+    return _drop_cluster_members(records, earlier_roots(len(records), arr), "semantic duplicate", score)
 
 
 # --- balance, sample, order --------------------------------------------------------------------

@@ -1,0 +1,175 @@
+"""The streaming data stage: the same kept rows, rejects and splits as the in-memory steps on the repository's
+data (read in many small batches, so the dedup state crosses batches), memory that does not grow with the rows
+beyond the dedup index, and progress lines when the output is a file."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tunesmith.config import load_recipe
+from tunesmith.data import batches
+from tunesmith.data.examples import to_examples
+from tunesmith.data.prepare import assign_splits, build
+from tunesmith.data.sources import read_source
+from tunesmith.data.steps import StepContext, run_steps
+
+from .conftest import EXAMPLE_CSV, write_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+PRICES = Path(__file__).resolve().parents[2] / "shared" / "data" / "products_amazon_in" / "amazon_in_products_shared.csv"
+FIVE_STEPS = [
+    {"step": "scrub", "fields": ["text"]},
+    {"step": "token_length", "fields": ["text"], "min": 2, "max": 150},
+    {"step": "numeric_range", "fields": ["price"], "min": 50, "max": 100000},
+    {"step": "exact_dedup", "fields": ["text"]},
+    {"step": "near_dedup", "fields": ["text"], "threshold": 0.7},
+]
+
+
+def price_rows() -> list[dict]:
+    """The price data as listings: name + category as text, the price, and a near and a reworded copy of every
+    fifth product (the duplicates real listings have)."""
+    import csv
+
+    with open(PRICES, newline="", encoding="utf-8") as fh:
+        rows = [{"text": f"{r['product_name']} | {r['category']}", "price": r["discounted_price"]}
+                for r in csv.DictReader(fh)]
+    rng = random.Random(0)
+    for r in rows[::5]:
+        words = r["text"].split()
+        rows.insert(rng.randrange(len(rows)), {"text": " ".join(words[:-1]), "price": r["price"]})
+        rows.insert(rng.randrange(len(rows)), {"text": r["text"].upper(), "price": r["price"]})
+    return rows
+
+
+def recipe_for(tmp_path, model_dir, data, **data_section):
+    doc = {"name": "stream", "output_dir": str(tmp_path / "runs"), "seed": 5, "model": {"name": str(model_dir)},
+           "data": {"path": str(data), "profile": {"enabled": False}, "cache": False, **data_section}}
+    return load_recipe(write_recipe(tmp_path / "r.yaml", doc))
+
+
+def in_memory(recipe):
+    """The reference: every row in memory through ``run_steps``, ``to_examples`` and the split."""
+    cfg = recipe.data
+    ctx = StepContext(tokenizer=lambda: __import__("tunesmith.models.loading", fromlist=["x"]).load_tokenizer(
+        recipe.model.name), on_error=cfg.on_error)
+    records, rejected = read_source(cfg, ctx.tok)
+    kept, dropped, rows = run_steps(records, cfg.steps, ctx)
+    examples, unmapped = to_examples(kept, cfg)
+    splits, _ = assign_splits({"all": examples}, cfg, recipe.seed)
+    return splits, rejected + dropped + unmapped, rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+CASES = {
+    "banking77": lambda tmp: (EXAMPLE_CSV, {"input_fields": ["text"], "target_field": "category",
+                                            "steps": [FIVE_STEPS[0], FIVE_STEPS[1], FIVE_STEPS[3], FIVE_STEPS[4]]}),
+    "prices": lambda tmp: (_write_prices(tmp), {"task": "regression", "input_fields": ["text"],
+                                                "target_field": "price", "steps": FIVE_STEPS,
+                                                "split": {"train": 0.7, "val": 0.1, "test": 0.2}}),
+}
+
+
+def _write_prices(tmp: Path) -> Path:
+    if not PRICES.is_file():
+        pytest.skip("../shared/data/products_amazon_in absent")
+    path = tmp / "listings.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in price_rows()), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_streaming_keeps_rejects_and_splits_as_in_memory(case, tmp_path, tiny_model_dir, home, monkeypatch):
+    monkeypatch.setattr(batches, "FIRST_BATCH", 7)
+    monkeypatch.setattr(batches, "BATCH_ROWS", 113)  # many batches: the dedup state must carry across them
+    data, section = CASES[case](tmp_path)
+    recipe = recipe_for(tmp_path, tiny_model_dir, data, **section)
+    splits, rejected, rows = in_memory(recipe)
+    out = tmp_path / "out"
+    got = build(recipe, out, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    for name in ("train", "val", "test"):
+        assert [r["id"] for r in read_jsonl(out / f"{name}.jsonl")] == [e.id for e in splits[name]], name
+        assert [e.target for e in got.splits[name]] == [e.target for e in splits[name]], name
+    want = Counter((r.source, r.stage, r.reason) for r in rejected)
+    assert Counter((r["source"], r["stage"], r["reason"]) for r in read_jsonl(out / "rejected.jsonl")) == want
+    assert [(r.step, r.n_in, r.kept, r.dropped, r.changed) for r in got.steps] == [
+        (r.step, r.n_in, r.kept, r.dropped, r.changed) for r in rows]
+    dropped_by = {r.stage.split(":")[-1] for r in rejected}
+    assert {"exact_dedup", "near_dedup"} <= dropped_by, dropped_by
+
+
+def test_a_near_duplicate_is_named_by_the_first_row_of_its_chain(tmp_path, tiny_model_dir, home, monkeypatch):
+    monkeypatch.setattr(batches, "FIRST_BATCH", 2)
+    monkeypatch.setattr(batches, "BATCH_ROWS", 2)
+    base = "the quick brown fox jumps over the lazy dog near the river bank today"
+    rows = [{"text": base, "category": "a"}, {"text": "something else entirely different here", "category": "b"},
+            {"text": base + " again", "category": "a"}, {"text": base + " again and", "category": "a"}] + [
+        {"text": f"filler message number {i} about cards", "category": "ab"[i % 2]} for i in range(20)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_for(tmp_path, tiny_model_dir, data, input_fields=["text"], target_field="category",
+                        steps=[{"step": "near_dedup", "threshold": 0.7}])
+    build(recipe, tmp_path / "out", Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    reasons = {r["source"].rsplit(":", 1)[1]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")}
+    assert reasons["3"].startswith(f"near duplicate of {data}:1 ")
+    assert reasons["4"].startswith(f"near duplicate of {data}:1 ")
+
+
+PEAK = """
+import resource, sys
+from rich.console import Console
+from tunesmith.config import load_recipe
+from tunesmith.data import batches
+from tunesmith.data.prepare import build
+batches.BATCH_ROWS = 2_000
+build(load_recipe(sys.argv[1]), __import__("pathlib").Path(sys.argv[2]), Console(file=sys.stdout))
+print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def listing_file(path: Path, n: int) -> Path:
+    """``n`` listing rows from the repository's BANKING77 messages: originals with a price, exact copies and
+    copies with one word changed."""
+    import csv
+
+    with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
+        texts = [r["text"] for r in csv.DictReader(fh)]
+    rng = random.Random(1)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            text = f"{rng.choice(texts)} item {i}" if i % 3 else f"{rng.choice(texts)} item {rng.randrange(i + 1)}"
+            fh.write(json.dumps({"text": text, "price": f"₹{rng.randrange(10, 90000):,}",
+                                 "category": "ab"[i % 2]}) + "\n")
+    return path
+
+
+def peak_kb(tmp_path: Path, model_dir, n: int) -> tuple[int, str]:
+    data = listing_file(tmp_path / f"rows{n}.jsonl", n)
+    recipe = write_recipe(tmp_path / f"r{n}.yaml", {
+        "name": f"m{n}", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
+        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "cache": False,
+                 "profile": {"enabled": True, "numeric": ["price"]}, "steps": FIVE_STEPS}})
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    out = subprocess.run([sys.executable, "-c", PEAK, str(recipe), str(tmp_path / f"out{n}")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return int(out.stdout.rsplit("PEAK_KB", 1)[1]), out.stdout
+
+
+def test_peak_memory_does_not_grow_with_the_rows_and_progress_is_printed(tmp_path, tiny_model_dir, home):
+    small, _ = peak_kb(tmp_path, tiny_model_dir, 20_000)
+    large, printed = peak_kb(tmp_path, tiny_model_dir, 200_000)
+    assert large <= small * 1.2, f"peak {large / 1024:.0f} MB at 200k rows vs {small / 1024:.0f} MB at 20k"
+    lines = [line for line in printed.splitlines() if line.startswith("prepare: ")]
+    assert lines and "rows/s" in lines[0] and "ETA" in lines[0], printed[:2000]
+    assert lines[-1].startswith("prepare: 200,000 rows (100%)"), lines[-1]
