@@ -91,9 +91,8 @@ def _write_prices(tmp: Path) -> Path:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streaming_keeps_rejects_and_splits_as_in_memory(case, tmp_path, tiny_model_dir, home, monkeypatch):
     monkeypatch.setattr(batches, "FIRST_BATCH", 7)
-    monkeypatch.setattr(batches, "BATCH_ROWS", 113)  # many batches: the dedup state must carry across them
-    data, section = CASES[case](tmp_path)
-    recipe = recipe_for(tmp_path, tiny_model_dir, data, **section)
+    data, section = CASES[case](tmp_path)  # many batches: the dedup state must carry across them
+    recipe = recipe_for(tmp_path, tiny_model_dir, data, batch_rows=113, **section)
     splits, rejected, rows = in_memory(recipe)
     out = tmp_path / "out"
     got = build(recipe, out, Console(file=open(os.devnull, "w")))  # noqa: SIM115
@@ -110,7 +109,6 @@ def test_streaming_keeps_rejects_and_splits_as_in_memory(case, tmp_path, tiny_mo
 
 def test_a_near_duplicate_is_named_by_the_first_row_of_its_chain(tmp_path, tiny_model_dir, home, monkeypatch):
     monkeypatch.setattr(batches, "FIRST_BATCH", 2)
-    monkeypatch.setattr(batches, "BATCH_ROWS", 2)
     base = "the quick brown fox jumps over the lazy dog near the river bank today"
     rows = [{"text": base, "category": "a"}, {"text": "something else entirely different here", "category": "b"},
             {"text": base + " again", "category": "a"}, {"text": base + " again and", "category": "a"}] + [
@@ -118,52 +116,56 @@ def test_a_near_duplicate_is_named_by_the_first_row_of_its_chain(tmp_path, tiny_
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = recipe_for(tmp_path, tiny_model_dir, data, input_fields=["text"], target_field="category",
-                        steps=[{"step": "near_dedup", "threshold": 0.7}])
+                        batch_rows=100, steps=[{"step": "near_dedup", "threshold": 0.7}])
     build(recipe, tmp_path / "out", Console(file=open(os.devnull, "w")))  # noqa: SIM115
     reasons = {r["source"].rsplit(":", 1)[1]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")}
     assert reasons["3"].startswith(f"near duplicate of {data}:1 ")
     assert reasons["4"].startswith(f"near duplicate of {data}:1 ")
 
 
-PEAK = """
-import resource, sys
-from rich.console import Console
-from tunesmith.config import load_recipe
-from tunesmith.data import batches
-from tunesmith.data.prepare import build
-batches.BATCH_ROWS = 2_000
-build(load_recipe(sys.argv[1]), __import__("pathlib").Path(sys.argv[2]), Console(file=sys.stdout))
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-"""
-
-
 def listing_file(path: Path, n: int) -> Path:
-    """``n`` listing rows from the repository's BANKING77 messages: originals with a price, exact copies and
-    copies with one word changed."""
+    """``n`` listing rows from the repository's BANKING77 messages (two messages a row, with a price): one in
+    ten an exact copy of an earlier row, one in ten an earlier row with one word changed."""
     import csv
 
     with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
         texts = [r["text"] for r in csv.DictReader(fh)]
-    rng = random.Random(1)
+    rng, made = random.Random(1), []
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(n):
-            text = f"{rng.choice(texts)} item {i}" if i % 3 else f"{rng.choice(texts)} item {rng.randrange(i + 1)}"
+            if i % 10 == 1 and made:
+                text = rng.choice(made)
+            elif i % 10 == 2 and made:
+                words = rng.choice(made).split()
+                words[rng.randrange(len(words))] = "changed"
+                text = " ".join(words)
+            else:
+                text = f"{rng.choice(texts)} {rng.choice(texts)}"
+            if len(made) < 5_000:
+                made.append(text)
+            else:
+                made[rng.randrange(len(made))] = text
             fh.write(json.dumps({"text": text, "price": f"₹{rng.randrange(10, 90000):,}",
                                  "category": "ab"[i % 2]}) + "\n")
     return path
 
 
 def peak_kb(tmp_path: Path, model_dir, n: int) -> tuple[int, str]:
+    """Peak resident memory (KB) of ``tunesmith data prepare`` on ``n`` listing rows, and what it printed
+    with its output going to a file."""
     data = listing_file(tmp_path / f"rows{n}.jsonl", n)
     recipe = write_recipe(tmp_path / f"r{n}.yaml", {
         "name": f"m{n}", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
-        "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "cache": False,
-                 "profile": {"enabled": True, "numeric": ["price"]}, "steps": FIVE_STEPS}})
+        "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
+                 "batch_rows": 2_000, "profile": {"enabled": True, "numeric": ["price"]}, "steps": FIVE_STEPS}})
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    out = subprocess.run([sys.executable, "-c", PEAK, str(recipe), str(tmp_path / f"out{n}")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return int(out.stdout.rsplit("PEAK_KB", 1)[1]), out.stdout
+    log = tmp_path / f"out{n}.txt"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
+                                env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()[-3000:]
+    return usage.ru_maxrss, log.read_text()
 
 
 def test_peak_memory_does_not_grow_with_the_rows_and_progress_is_printed(tmp_path, tiny_model_dir, home):
@@ -173,3 +175,4 @@ def test_peak_memory_does_not_grow_with_the_rows_and_progress_is_printed(tmp_pat
     lines = [line for line in printed.splitlines() if line.startswith("prepare: ")]
     assert lines and "rows/s" in lines[0] and "ETA" in lines[0], printed[:2000]
     assert lines[-1].startswith("prepare: 200,000 rows (100%)"), lines[-1]
+    print(f"peak {small / 1024:.0f} MB at 20k rows, {large / 1024:.0f} MB at 200k")

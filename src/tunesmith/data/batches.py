@@ -22,7 +22,6 @@ from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 
 FIRST_BATCH = 1_000  # small, so that the first progress line comes within a second
-BATCH_ROWS = 20_000
 
 
 @dataclass
@@ -32,10 +31,11 @@ class Batch:
     fraction: float  # share of the input read so far (for the ETA)
 
 
-def stream_source(cfg, tokenizer: Callable | None = None, batch_rows: int = BATCH_ROWS) -> Iterator[Batch]:
-    """Batches of ``data.path`` / ``data.hub`` with ``data.derive`` fields added; ``data.limit`` rows at most."""
-    items, fraction = _items(cfg, tokenizer, batch_rows)
-    size, left = FIRST_BATCH, cfg.limit
+def stream_source(cfg, tokenizer: Callable | None = None) -> Iterator[Batch]:
+    """Batches of ``data.path`` / ``data.hub`` (up to ``data.batch_rows`` rows, the first ones smaller) with
+    ``data.derive`` fields added; ``data.limit`` rows at most."""
+    items, fraction = _items(cfg, tokenizer, cfg.batch_rows)
+    size, left = min(FIRST_BATCH, cfg.batch_rows), cfg.limit
     while left is None or left > 0:
         records, rejected = collect(islice(items, size), cfg.on_error, left)
         if not records and not rejected:
@@ -45,7 +45,7 @@ def stream_source(cfg, tokenizer: Callable | None = None, batch_rows: int = BATC
         if left is not None:
             left -= len(records)
         yield Batch(records, rejected, 1.0 if left == 0 else fraction())
-        size = min(size * 4, batch_rows)
+        size = min(size * 4, cfg.batch_rows)
 
 
 def _items(cfg, tokenizer, batch_rows: int) -> tuple[Iterator, Callable[[], float]]:

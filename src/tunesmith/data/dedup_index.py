@@ -209,7 +209,7 @@ class NearIndex:
                   for d in docs.tolist()]
         offsets = np.concatenate(([0], np.cumsum([len(a) for a in arrays]))).astype(np.int64)
         local = np.searchsorted(docs, pairs)
-        return exact_jaccard(Shingles(np.concatenate(arrays), offsets), local)
+        return exact_jaccard(Shingles(np.concatenate(arrays), offsets), local, chunk=1 << 16)
 
     def _decide(self, records: list[Record], pairs: np.ndarray, sim: np.ndarray, base: int):
         """Keep rows without an earlier match; a dropped row's root is the smallest root among its matches."""

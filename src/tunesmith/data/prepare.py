@@ -25,7 +25,7 @@ from tunesmith.data.examples import labels_of, to_examples
 from tunesmith.data.formatting import chat_messages
 from tunesmith.data.split import example_keys, split_examples
 from tunesmith.data.steps import StepContext, summary_table
-from tunesmith.data.stream import ExampleSpool, StepChain
+from tunesmith.data.stream import ExampleSpool, StepChain, return_freed_arrays
 from tunesmith.errors import DataError
 from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
@@ -97,6 +97,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     ctx = StepContext(tokenizer=tokenizer_loader(recipe), on_error=cfg.on_error)
     files = split_files(cfg)
     data_dir.mkdir(parents=True, exist_ok=True)
+    return_freed_arrays()
     split_cfg = _split_section(cfg)
     keys = example_keys(split_cfg)
     spool = ExampleSpool(data_dir / "examples.jsonl",
