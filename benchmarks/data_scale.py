@@ -1,7 +1,7 @@
 """The data stage at scale: tunesmith's streaming steps vs datatrove's readers and dedup blocks, same rows.
 
 Rows: product listings built from the repository's price data (``../shared/data/products_amazon_in``):
-the product name and category with a span of its real "about" text, a price, and copies as real listings
+a product's name and category with spans of two other products' real "about" texts, its price, and copies as real listings
 have them: one in ten an exact copy of an earlier listing (case and spaces changed), one in ten a near copy
 (one word changed), one in twenty a reworded copy (its words shuffled within the span).
 
@@ -69,16 +69,20 @@ def listings(n: int, seed: int = 0):
             words = span.split()
             rng.shuffle(words)
             text = f"{head} | {' '.join(words)}"
-        else:
-            p = rng.choice(base)
-            lo = rng.randrange(max(1, len(p["about"]) - 12))
-            text = f"{p['name']} | {p['category']} | {' '.join(p['about'][lo:lo + 12])}"
+        else:  # a product's name and category with spans of two other products' descriptions
+            p, a, b = rng.choice(base), rng.choice(base), rng.choice(base)
+            text = f"{p['name']} | {p['category']} | {_span(a['about'], rng)} {_span(b['about'], rng)}"
             price = p["price"]
         if len(made) < 20_000:
             made.append((text, price))
         else:
             made[rng.randrange(len(made))] = (text, price)
         yield {"id": str(i), "text": text, "price": price}
+
+
+def _span(words: list[str], rng: random.Random, n: int = 8) -> str:
+    lo = rng.randrange(max(1, len(words) - n))
+    return " ".join(words[lo : lo + n])
 
 
 def write_rows(folder: Path, n: int, shards: int) -> list[Path]:
