@@ -135,22 +135,24 @@ def run_tunesmith(data: Path, work: Path, engine: str = "local") -> dict:
 
 def datatrove_main(folder: str, work: str, tasks: int) -> None:
     """The five steps as a datatrove pipeline (runs in its own process; prints the kept count)."""
+    import datatrove.pipeline.dedup.minhash as dt_minhash
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster
-    from datatrove.pipeline.dedup import MinhashDedupFilter, MinhashDedupSignature
-    from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature,
-                                                      ExactFindDedups)
+    from datatrove.pipeline.dedup import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
-
     from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
 
     from tunesmith.config import ScrubStep
     from tunesmith.data.steps import number_value, scrub_text, token_counts
     from tunesmith.models.loading import load_tokenizer
-
-    import datatrove.pipeline.dedup.minhash as dt_minhash
-    from datatrove.utils.word_tokenizers import WordTokenizer
 
     class Words(WordTokenizer):
         """Unicode words by one regex (as tunesmith splits them) instead of spaCy, which is not installed."""

@@ -21,6 +21,7 @@ from tunesmith.data.split import ItemKeys
 from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields
 from tunesmith.records import Example, Record, Rejected
 
+
 def return_freed_arrays() -> None:
     """Have freed batch memory go back to the system at once: Arrow allocates from the C heap (its own pool
     keeps what it freed), and glibc keeps a fixed mmap threshold. By default glibc raises the threshold after
