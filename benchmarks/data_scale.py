@@ -126,7 +126,8 @@ def run_tunesmith(data: Path, work: Path, engine: str = "local") -> dict:
     }))
     seconds, peak, out = measured([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
                                   {"PYTHONPATH": str(REPO / "src")})
-    kept = int(re.search(r"examples: (\d+)", out.replace("\n", " ")).group(1))
+    with open(work / "runs" / f"scale-{engine}" / "data" / "examples.jsonl", "rb") as fh:
+        kept = sum(1 for _ in fh)
     return {"seconds": seconds, "peak_mb": peak, "kept": kept}
 
 
