@@ -1,4 +1,6 @@
-"""The data stage of a run: read → curation steps → examples → split → write (→ profile, exports).
+"""The data stage of a run: read → curation steps → examples → split → write (→ profile, exports), over a
+stream of batches (``batches.py``, ``stream.py``), so memory does not grow with the rows beyond the dedup
+index and one integer per kept row for the split.
 
 Prepared data is cached under ``$TUNESMITH_HOME/cache/data/<key>``; the key covers the input
 bytes, the recipe's data section (plus seed and model), the tokenizer files and the code, so a
