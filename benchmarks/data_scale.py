@@ -251,11 +251,9 @@ def main() -> None:
                 for p in shards:
                     out.write(p.read_bytes())
             results = {}
-            if "tunesmith" in args.peers:
-                results["tunesmith"] = run_tunesmith(one, tmp)
-            if "datatrove" in args.peers:
-                results["datatrove"] = run_datatrove(tmp / "in", tmp / "dt", args.tasks)
-            for peer, r in results.items():
+            for peer in args.peers:
+                r = results[peer] = (run_tunesmith(one, tmp) if peer == "tunesmith"
+                                     else run_datatrove(tmp / "in", tmp / "dt", args.tasks))
                 print(f"| {n:,} | {peer} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | {r['peak_mb']:,.0f} "
                       f"| {r['kept']:,} |", flush=True)
             if len(results) == 2:
