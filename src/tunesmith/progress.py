@@ -77,3 +77,43 @@ def _line_printer(console: Console, description: str, total: int):
                       highlight=False, markup=False, soft_wrap=True)
 
     return advance
+
+
+@contextmanager
+def rate_bar(console: Console, description: str, every: float = 5.0):
+    """Yield ``update(rows, fraction, info="")`` for work whose size is known only as a share (bytes read):
+    rows/s and an ETA from that share. On a terminal a live bar; elsewhere a line at the first update, then
+    at most one every ``every`` seconds, and the last."""
+    start, state = time.monotonic(), {"printed": None, "line": ""}
+
+    def line(rows: int, fraction: float, info: str) -> str:
+        elapsed = time.monotonic() - start
+        eta = f", ETA {_clock(elapsed * (1 - fraction) / fraction)}" if 0 < fraction < 1 else ""
+        extra = f" · {info}" if info else ""
+        return (f"{description}: {rows:,} rows ({fraction:.0%}) · {rows / max(elapsed, 1e-9):,.0f} rows/s{extra}"
+                f" · {_clock(elapsed)} elapsed{eta}")
+
+    if console.is_terminal:
+        with make_progress(console) as progress:
+            task = progress.add_task(description, total=1000, info="")
+
+            def update(rows: int, fraction: float, info: str = "") -> None:
+                elapsed = time.monotonic() - start
+                extra = f" · {info}" if info else ""
+                progress.update(task, completed=int(fraction * 1000),
+                                info=f"{rows:,} rows · {rows / max(elapsed, 1e-9):,.0f} rows/s{extra}")
+
+            yield update
+        return
+
+    def update(rows: int, fraction: float, info: str = "") -> None:
+        now = time.monotonic()
+        state["line"] = line(rows, fraction, info)
+        if state["printed"] is None or now - state["printed"] >= every or fraction >= 1:
+            state["printed"] = now
+            console.print(state["line"], highlight=False, markup=False, soft_wrap=True)
+            state["line"] = ""
+
+    yield update
+    if state["line"]:
+        console.print(state["line"], highlight=False, markup=False, soft_wrap=True)

@@ -216,6 +216,8 @@ class DataSection(Section):
     labels: list[str] | None = Field(None, description="closed label set; default: the labels seen in the data")
     on_error: Literal["fail", "skip"] = "fail"
     limit: int | None = Field(None, ge=1, description="read at most this many records")
+    batch_rows: int = Field(20_000, ge=100, description="rows read and curated at a time: memory grows with it, "
+                            "not with the size of the data")
     split: SplitSection = SplitSection()
     order: OrderSection | None = Field(None, description="train-split order (curriculum); default: shuffled")
 

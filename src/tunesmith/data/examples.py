@@ -86,11 +86,16 @@ def _text(value) -> str:
 def label_set(examples: list[Example], cfg: DataSection) -> list[str]:
     """The closed label set of a classification task: the recipe's list, or the sorted labels seen in the
     data. Other task kinds have none (a price is not a label)."""
+    return labels_of({e.target for e in examples}, cfg)
+
+
+def labels_of(targets: set[str], cfg: DataSection) -> list[str]:
+    """``label_set`` from the set of targets seen (the streaming data stage keeps only that set)."""
     from tunesmith.config.kinds import kind_class
 
     if not kind_class(cfg.task).uses_labels:
         return []
-    return list(cfg.labels) if cfg.labels else sorted({e.target for e in examples})
+    return list(cfg.labels) if cfg.labels else sorted(targets)
 
 
 def order_train(train: list[Example], cfg: DataSection) -> list[Example]:

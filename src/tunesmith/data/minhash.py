@@ -8,6 +8,7 @@ Only the shingling touches Python per text; everything after it runs on arrays.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ def _workers() -> int:
 
 
 def _units(texts: list[str], unit: str) -> tuple[np.ndarray, np.ndarray]:
-    """Integer ids of each text's words (Arrow's C++ regex split, in threads, + dictionary encoding)
+    """Integer ids of each text's words (Arrow's C++ regex split, in threads; each distinct word hashed once)
     or characters (code points)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -60,9 +61,18 @@ def _units(texts: list[str], unit: str) -> tuple[np.ndarray, np.ndarray]:
     flat = pa.concat_arrays([f for f, _ in done])
     owner = np.concatenate([o + i * step for i, (_, o) in enumerate(done)])
     nonempty = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-    ids = pc.dictionary_encode(flat).indices.to_numpy().astype(np.uint64)[nonempty] + np.uint64(1)
+    encoded = pc.dictionary_encode(flat)
+    ids = word_ids(encoded.dictionary.to_pylist())[encoded.indices.to_numpy()][nonempty]
     lengths = np.bincount(owner[nonempty], minlength=len(texts)).astype(np.int64)
     return ids, lengths
+
+
+def word_ids(words: list[str]) -> np.ndarray:
+    """A 64-bit id per word from its text alone, so that batches read apart agree on every word's id."""
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(w.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+         for w in words], dtype=np.uint64,
+    ).reshape(-1)
 
 
 def shingle(texts: list[str], unit: str = "word", n: int = 2) -> Shingles:
@@ -294,3 +304,15 @@ def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
         if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
     return np.array([find(i) for i in range(n)])
+
+
+def earlier_roots(n: int, pairs: np.ndarray) -> np.ndarray:
+    """Per item, the first item of its chain of earlier duplicates: itself when no earlier item is paired
+    with it, else the smallest such root among its earlier partners. Unlike ``clusters``, an item is never
+    joined to an earlier one through a later item, so a stream can decide each item when it arrives."""
+    root = np.arange(n)
+    if len(pairs):
+        pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later item, then the earlier
+        for i, j in pairs.tolist():
+            root[j] = min(root[j], root[i])
+    return root

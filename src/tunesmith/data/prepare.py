@@ -1,4 +1,6 @@
-"""The data stage of a run: read → curation steps → examples → split → write (→ profile, exports).
+"""The data stage of a run: read → curation steps → examples → split → write (→ profile, exports), over a
+stream of batches (``batches.py``, ``stream.py``), so memory does not grow with the rows beyond the dedup
+index and one integer per kept row for the split.
 
 Prepared data is cached under ``$TUNESMITH_HOME/cache/data/<key>``; the key covers the input
 bytes, the recipe's data section (plus seed and model), the tokenizer files and the code, so a
@@ -7,31 +9,33 @@ change to any of them rebuilds and an unchanged recipe copies the finished files
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
 import pickle
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from rich.console import Console
 
 from tunesmith.config import Recipe
-from tunesmith.data.examples import label_set, to_examples
+from tunesmith.data.batches import stream_source
+from tunesmith.data.examples import labels_of, to_examples
 from tunesmith.data.formatting import chat_messages
 from tunesmith.data.readers import encoding_note
-from tunesmith.data.sources import read_source
-from tunesmith.data.split import split_examples
-from tunesmith.data.steps import StepContext, run_steps, summary_table
+from tunesmith.data.split import example_keys, split_examples
+from tunesmith.data.steps import StepContext, summary_table
+from tunesmith.data.stream import ExampleSpool, StepChain, return_freed_arrays
 from tunesmith.errors import DataError
 from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
-from tunesmith.progress import task_bar
+from tunesmith.progress import rate_bar
 from tunesmith.records import Example
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -90,57 +94,68 @@ def prepare(recipe: Recipe, data_dir: Path, console: Console, use_cache: bool | 
 
 
 def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
+    """Stream every source through the steps into ``data_dir``: rejected rows and kept examples are written
+    as they come, the split is made over positions and the split files are written from the examples file."""
     cfg = recipe.data
     ctx = StepContext(tokenizer=tokenizer_loader(recipe), on_error=cfg.on_error)
     files = split_files(cfg)
-    parts = {
-        name: curate(cfg.model_copy(update={"path": path}) if path else cfg, ctx, console,
-                     data_dir / "profile" if name in ("all", "train") else None)
-        for name, path in files.items()
-    }
-    n_read = sum(p.n_read for p in parts.values())
-    rejected = [r for p in parts.values() for r in p.rejected]
-    examples = [e for p in parts.values() for e in p.examples]
-    rows = [r for p in parts.values() for r in p.rows]
-    if n_read != len(examples) + len(rejected):  # invariant: nothing disappears
-        raise AssertionError(f"{n_read} read but {len(examples)} kept + {len(rejected)} rejected")
     data_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(data_dir / "rejected.jsonl", (r.to_json() for r in rejected))
-    if rejected:
-        console.print(f"[yellow]{len(rejected)} record(s) set aside[/] → {data_dir / 'rejected.jsonl'}")
-    if not examples:
-        raise DataError(
-            f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {len(rejected)})"
-        )
-    labels = label_set(examples, cfg)
-    splits, notes = assign_splits({k: p.examples for k, p in parts.items()}, cfg, recipe.seed)
-    if not splits["test"]:
+    return_freed_arrays()
+    split_cfg = _split_section(cfg)
+    keys = example_keys(split_cfg)
+    spool = ExampleSpool(data_dir / "examples.jsonl",
+                         keys.label if split_cfg.stratify or split_cfg.stratify_field else None,
+                         keys.group if split_cfg.group_field else None)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".work-") as work, \
+            open(data_dir / "rejected.jsonl", "w", encoding="utf-8") as rejected_out:
+        parts = {
+            name: curate(cfg.model_copy(update={"path": path}) if path else cfg, ctx, console,
+                         data_dir / "profile" if name in ("all", "train") else None,
+                         Output(spool, rejected_out), Path(work) / name, name)
+            for name, path in files.items()
+        }
+    n_read = sum(p.n_read for p in parts.values())
+    n_rejected = sum(p.n_rejected for p in parts.values())
+    n_examples = sum(len(p.positions) for p in parts.values())
+    rows = [r for p in parts.values() for r in p.rows]
+    if n_read != n_examples + n_rejected:  # invariant: nothing disappears
+        raise AssertionError(f"{n_read} read but {n_examples} kept + {n_rejected} rejected")
+    if n_rejected:
+        console.print(f"[yellow]{n_rejected} record(s) set aside[/] → {data_dir / 'rejected.jsonl'}")
+    if not n_examples:
+        spool.close()
+        raise DataError(f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {n_rejected})")
+    labels = labels_of(set().union(*(p.targets for p in parts.values())), cfg)
+    positions, notes = assign_splits({k: p.positions for k, p in parts.items()}, cfg, recipe.seed, spool.keys())
+    splits = spool.splits(positions)
+    spool.close()
+    if not splits.count("test"):
         raise DataError("the test split is empty; give data.split.test a size > 0")
     for name in ("train", "val", "test"):
         write_jsonl(
             data_dir / f"{name}.jsonl",
             (
                 {"id": e.id, "messages": chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]}
-                for e in splits[name]
+                for e in splits.iter(name)
             ),
         )
     if rows:
         (data_dir / "steps.md").write_text(summary_table(rows) + "\n", encoding="utf-8")
     summary = {
         "rows read": n_read,
-        "rejected (see data/rejected.jsonl)": len(rejected),
-        "examples": len(examples),
+        "rejected (see data/rejected.jsonl)": n_rejected,
+        "examples": n_examples,
         **({"labels": len(labels)} if labels else {}),
-        "train": len(splits["train"]),
-        "val": len(splits["val"]),
-        "test": len(splits["test"]),
-        "not used (split sizes smaller than the data)": len(splits["unused"]),
+        "train": splits.count("train"),
+        "val": splits.count("val"),
+        "test": splits.count("test"),
+        "not used (split sizes smaller than the data)": splits.count("unused"),
         **notes,
     }
     for r in rows:
         key = f"step {r.step}: dropped"
         summary[key] = summary.get(key, 0) + r.dropped
-    data = PreparedData(splits, labels, summary, len(rejected), rows)
+    data = PreparedData(splits, labels, summary, n_rejected, rows)
     if cfg.export:
         from tunesmith.data.exporters import export_splits
 
@@ -149,35 +164,77 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
 
 
 @dataclass
+class Output:
+    """Where curated rows go as they come: kept examples to the spool, the rest to rejected.jsonl."""
+
+    spool: ExampleSpool
+    rejected: TextIO
+
+    def write(self, examples: list[Example], rejected: list) -> range:
+        for r in rejected:
+            self.rejected.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")
+        return self.spool.add(examples)
+
+
+@dataclass
 class Curated:
-    examples: list[Example]
-    rejected: list
+    positions: list[int]
+    n_rejected: int
     rows: list
     n_read: int
+    targets: set[str]
 
 
-def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None) -> Curated:
-    """Read one source, profile it (before curation, so the plots show what the limits will cut),
-    run the curation steps and map the survivors to examples."""
-    records, rejected = read_source(cfg, ctx.tok)
+def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, out: Output, workdir: Path,
+           name: str = "all") -> Curated:
+    """Stream one source: profile each batch as read (before curation, so the plots show what the limits will
+    cut), run it through the curation steps, map the survivors to examples and write both kinds out."""
+    workdir.mkdir(parents=True, exist_ok=True)
     if cfg.path is not None and (note := encoding_note(cfg.path)):
         console.print(note)
-    n_read = len(records) + len(rejected)
-    if cfg.profile.enabled and profile_dir is not None:
-        from tunesmith.data.profile import profile_records
+    sketch = _profile_sketch(cfg, ctx) if cfg.profile.enabled and profile_dir is not None else None
+    chain = StepChain(cfg.steps, ctx, workdir)
+    kept_at: list[int] = []
+    counts = {"read": 0, "rejected": 0}
+    targets: set[str] = set()
+    uses_labels = bool(labels_of({"x"}, cfg))
 
-        profile_records(records, cfg, ctx.tok, profile_dir, limits=_token_limits(cfg))
-    kept, dropped, rows = records, [], []
-    if cfg.steps:
-        with task_bar(console, "curate", len(cfg.steps)) as advance:
-            kept, dropped, rows = run_steps(
-                records,
-                cfg.steps,
-                ctx,
-                lambda r: advance(1, f"{r.step}: kept {r.kept:,}, dropped {r.dropped:,}"),
-            )
-    examples, unmapped = to_examples(kept, cfg)
-    return Curated(examples, rejected + dropped + unmapped, rows, n_read)
+    def emit(records, rejected) -> None:
+        examples, unmapped = to_examples(records, cfg)
+        kept_at.extend(out.write(examples, rejected + unmapped))
+        counts["rejected"] += len(rejected) + len(unmapped)
+        if uses_labels:
+            targets.update(e.target for e in examples)
+
+    try:
+        with rate_bar(console, "prepare" if name == "all" else f"prepare {name}") as update:
+            for batch in stream_source(cfg, ctx.tok):
+                counts["read"] += len(batch.records) + len(batch.rejected)
+                if sketch is not None:
+                    sketch.add(batch.records)
+                kept, dropped = chain.push(batch.records)
+                emit(kept, batch.rejected + dropped)
+                update(counts["read"], batch.fraction, f"{len(kept_at):,} kept")
+            for kept, dropped in chain.finish():
+                emit(kept, dropped)
+    finally:
+        chain.close()
+    if sketch is not None:
+        sketch.write(profile_dir, limits=_token_limits(cfg))
+    return Curated(kept_at, counts["rejected"], chain.rows, counts["read"], targets)
+
+
+def _profile_sketch(cfg, ctx: StepContext):
+    from tunesmith.data.profile import sketch_for
+
+    return sketch_for(cfg, ctx.tok)
+
+
+def _split_section(cfg):
+    from tunesmith.config.kinds import kind_class
+
+    stratify = kind_class(cfg.task).stratify and cfg.split.stratify
+    return cfg.split.model_copy(update={"stratify": stratify})
 
 
 SPLIT_FILE_ROLES = {"train": "the training split", "val": "the validation split", "test": "the official test split"}
@@ -199,15 +256,13 @@ def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
     return f"{key}: file not found: {path} ({role}).{about}"
 
 
-def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict[str, list[Example]], dict]:
+def assign_splits(parts: dict[str, list], cfg, seed: int, keys=None) -> tuple[dict[str, list], dict]:
     """Split one source with data.split, or take split files as given; a missing val or test file is
-    carved (seeded, stratified for classification) out of the train file and the summary says so."""
-    from tunesmith.config.kinds import kind_class
-
-    stratify = kind_class(cfg.task).stratify and cfg.split.stratify
-    split_cfg = cfg.split.model_copy(update={"stratify": stratify})
+    carved (seeded, stratified for classification) out of the train file and the summary says so.
+    ``keys`` reads items other than ``Example``s (row positions)."""
+    split_cfg = _split_section(cfg)
     if "all" in parts:
-        return split_examples(parts["all"], split_cfg, seed), {}
+        return split_examples(parts["all"], split_cfg, seed, keys), {}
     out = {"train": parts.get("train", []), "val": parts.get("val", []), "test": parts.get("test", []), "unused": []}
     notes = {}
     if not out["train"]:  # a synth stage makes the training data
@@ -220,7 +275,7 @@ def assign_splits(parts: dict[str, list[Example]], cfg, seed: int) -> tuple[dict
         if test >= 1 or val >= 1:
             raise DataError("with data.splits, data.split.val/test are fractions of the train file (below 1)")
         held = split_examples(parts["train"], split_cfg.model_copy(update={"train": 1 - val - test, "val": val,
-                                                                          "test": test}), seed)
+                                                                          "test": test}), seed, keys)
         out["train"], out["unused"] = held["train"], held["unused"]
         if carve_test:
             out["test"] = held["test"]
@@ -295,10 +350,9 @@ def prune_cache(keep: int = 20) -> None:
 
 
 def _to_columns(data: PreparedData) -> dict:
-    """Examples as plain tuples: much faster to unpickle than dataclass instances."""
-    splits = {k: [(e.id, e.inputs, e.target, e.meta) for e in v] for k, v in data.splits.items()}
+    """What the cache keeps besides the files: the splits as positions into examples.jsonl."""
     return {
-        "splits": splits,
+        "splits": data.splits,
         "labels": data.labels,
         "summary": data.summary,
         "rejected": data.rejected,
@@ -306,8 +360,8 @@ def _to_columns(data: PreparedData) -> dict:
     }
 
 
-def _from_columns(doc: dict) -> PreparedData:
-    splits = {k: [Example(*t) for t in v] for k, v in doc["splits"].items()}
+def _from_columns(doc: dict, data_dir: Path) -> PreparedData:
+    splits = doc["splits"].moved(data_dir / "examples.jsonl")
     return PreparedData(splits, doc["labels"], doc["summary"], doc["rejected"], doc["steps"])
 
 
@@ -315,14 +369,11 @@ def load_cached(key: str, data_dir: Path) -> PreparedData | None:
     entry = cache_dir() / key
     if not (entry / "prepared.pkl").is_file():
         return None
-    gc.disable()  # the collector would walk the half-built object graph again and again
     try:
         with open(entry / "prepared.pkl", "rb") as fh:
-            data = _from_columns(pickle.load(fh))
+            data = _from_columns(pickle.load(fh), data_dir)
     except Exception:  # a damaged entry is rebuilt, never trusted
         return None
-    finally:
-        gc.enable()
     if data_dir.exists():
         for stale in ("rejected.jsonl", "steps.md", "profile", "export"):
             p = data_dir / stale

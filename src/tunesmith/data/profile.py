@@ -6,6 +6,7 @@ a label bar chart, numeric histograms) into one folder.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,170 @@ def plot_numeric(values: np.ndarray, name: str, path: Path) -> Path:
     return path
 
 
+SAMPLE_ROWS = 20_000
+
+
+class Stat:
+    """Count, min, mean and max of a stream of numbers, exactly; percentiles come from the row sample."""
+
+    def __init__(self):
+        self.n, self.total, self.lo, self.hi = 0, 0.0, float("inf"), float("-inf")
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values):
+            self.n += len(values)
+            self.total += float(values.sum())
+            self.lo, self.hi = min(self.lo, float(values.min())), max(self.hi, float(values.max()))
+
+    def row(self, sample: list) -> dict:
+        if not self.n:
+            return {"min": 0, "mean": 0, "p50": 0, "p95": 0, "max": 0}
+        v = np.asarray(sample, dtype=float)
+        return {"min": self.lo, "mean": self.total / self.n, "p50": np.percentile(v, 50),
+                "p95": np.percentile(v, 95), "max": self.hi}
+
+
+class ProfileSketch:
+    """The profile of a stream of records in bounded memory: exact counts, sums, extremes, label counts and
+    exact duplicates (one 8-byte hash per distinct row), plus a uniform sample of ``SAMPLE_ROWS`` rows
+    (reservoir, seeded) for the percentiles, the plots and the near-duplicate count. With no more rows than
+    the sample holds, every figure is the one computed over all rows."""
+
+    def __init__(self, fields: list[str], label: str | None, numeric: list[str], tokenizer,
+                 near_threshold: float = 0.8, sample_rows: int = SAMPLE_ROWS):
+        from tunesmith.data.dedup_index import SortedRuns
+
+        self.fields, self.label, self.numeric, self.tokenizer = fields, label, numeric, tokenizer
+        self.near_threshold, self.sample_rows = near_threshold, sample_rows
+        self.n, self.seen, self.missing = 0, Counter(), Counter()
+        self.chars = {f: Stat() for f in fields}
+        self.tokens = {f: Stat() for f in fields}
+        self.labels: Counter = Counter()
+        self.nums = {f: Stat() for f in numeric}
+        self.not_number = Counter()
+        self.distinct, self.exact = SortedRuns(), 0
+        self.sample: list[dict] = []
+        self.rng = random.Random(0)
+
+    def add(self, records: list[Record]) -> None:
+        from tunesmith.data.dedup_index import text_hash
+
+        for r in records:
+            self.seen.update(r.data.keys())
+            self.missing.update(k for k, v in r.data.items() if v in (None, "", []))
+        rows = [{} for _ in records]
+        for f in self.fields:
+            texts = ["" if r.data.get(f) is None else str(r.data[f]) for r in records]
+            chars = np.array([len(t) for t in texts], dtype=np.int64)
+            self.chars[f].add(chars)
+            toks = token_counts(texts, self.tokenizer) if self.tokenizer is not None else None
+            if toks is not None:
+                self.tokens[f].add(toks)
+            for k, row in enumerate(rows):
+                row[("chars", f)] = int(chars[k])
+                if toks is not None:
+                    row[("tokens", f)] = int(toks[k])
+        if self.label:
+            self.labels.update(str(r.data.get(self.label)) for r in records)
+        for f in self.numeric:
+            good = []
+            for k, r in enumerate(records):
+                v = r.data.get(f)
+                x = number_value(v) if v not in (None, "") else None
+                if x is not None:
+                    good.append(x)
+                    rows[k][("num", f)] = x
+                elif v not in (None, ""):
+                    self.not_number[f] += 1
+            self.nums[f].add(np.array(good, dtype=float))
+        keys = ["\n".join(str(r.data.get(f) or "") for f in self.fields) for r in records]
+        self._count_exact(text_hash([" ".join(t.lower().split()) for t in keys]))
+        for row, key in zip(rows, keys, strict=True):
+            row["key"] = key
+            self._offer(row)
+
+    def _count_exact(self, h: np.ndarray) -> None:
+        """Rows whose normalised text repeats an earlier row's."""
+        uniq = np.unique(h)
+        new = uniq[self.distinct.first(uniq) < 0]
+        self.exact += len(h) - len(new)
+        self.distinct.add(new, np.zeros(len(new), dtype=np.int64))
+
+    def _offer(self, row: dict) -> None:
+        """Algorithm R: every row so far has the same chance to be in the sample."""
+        self.n += 1
+        if len(self.sample) < self.sample_rows:
+            self.sample.append(row)
+        else:
+            k = self.rng.randrange(self.n)
+            if k < self.sample_rows:
+                self.sample[k] = row
+
+    def _of(self, kind: str, f: str) -> list:
+        return [row[(kind, f)] for row in self.sample if (kind, f) in row]
+
+    def write(self, out_dir: Path, limits: tuple[int | None, int | None] = (None, None),
+              title: str = "Data profile") -> Path:
+        """Write ``out_dir/report.md`` and its plots; returns the report path."""
+        from tunesmith.data.minhash import clusters, near_duplicate_pairs
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n, sampled = self.n, len(self.sample) < self.n
+        lines = [f"# {title}", "", f"- records: **{n:,}**", f"- fields: {', '.join(sorted(self.seen))}"]
+        if sampled:
+            lines.append(f"- percentiles, plots and near duplicates: a uniform sample of {len(self.sample):,} rows")
+        lines += ["", "## Missing values", "", "| field | missing or empty | share |", "|---|---:|---:|"]
+        for f in sorted(self.seen):
+            miss = self.missing[f] + n - self.seen[f]
+            lines.append(f"| {f} | {miss:,} | {miss / max(n, 1):.1%} |")
+        lines += ["", "## Text lengths", "", "| field | unit | min | mean | p50 | p95 | max |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        tok_lengths: dict[str, list[int]] = {}
+        for f in self.fields:
+            stats = self.chars[f].row(self._of("chars", f))
+            lines.append(f"| {f} | characters | " + " | ".join(_fmt(v) for v in stats.values()) + " |")
+            if self.tokenizer is not None:
+                tok_lengths[f] = self._of("tokens", f)
+                stats = self.tokens[f].row(tok_lengths[f])
+                lines.append(f"| {f} | tokens | " + " | ".join(_fmt(v) for v in stats.values()) + " |")
+        images: dict[str, Path] = {}
+        if tok_lengths:
+            images["Token lengths"] = plot_token_hist(tok_lengths, limits, out_dir / "token_lengths.png")
+        if self.label:
+            counts = self.labels
+            lines += ["", f"## Labels (`{self.label}`)", "",
+                      f"{len(counts)} distinct; largest/smallest = "
+                      f"{max(counts.values()) / max(min(counts.values()), 1):.1f}",
+                      "", "| label | records | share |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v:,} | {v / n:.1%} |" for k, v in counts.most_common(30)]
+            if len(counts) > 30:
+                lines.append(f"| … {len(counts) - 30} more | | |")
+            images["Labels"] = plot_labels(counts, self.label, out_dir / "labels.png")
+        for f in self.numeric:
+            arr = np.array(self._of("num", f), dtype=float)
+            stats = self.nums[f].row(arr)
+            lines += ["", f"## Numeric field `{f}`", "", "| count | not a number | min | mean | p50 | p95 | max |",
+                      "|---:|---:|---:|---:|---:|---:|---:|",
+                      f"| {self.nums[f].n:,} | {self.not_number[f]:,} | "
+                      + " | ".join(_fmt(v) for v in stats.values()) + " |"]
+            if len(arr):
+                images[f"Numeric: {f}"] = plot_numeric(arr, f, out_dir / f"numeric_{f}.png")
+        key_texts = [row["key"] for row in self.sample]
+        m = len(key_texts)
+        pairs, _ = near_duplicate_pairs(key_texts, self.near_threshold) if m > 1 else (np.empty((0, 2), int), None)
+        near = int((clusters(m, pairs) != np.arange(m)).sum()) if m else 0
+        of_sample = f" in the sample of {m:,}" if sampled else ""
+        lines += ["", "## Duplicates", "",
+                  f"- exact (lower-cased, whitespace collapsed): **{self.exact:,}** records repeat an earlier one",
+                  f"- near (MinHash, word bigram Jaccard ≥ {self.near_threshold}, includes exact){of_sample}: "
+                  f"**{near:,}** records ({len(pairs):,} pairs)", ""]
+        for name, path in images.items():
+            lines += [f"## {name}", "", f"![{name}]({path.name})", ""]
+        report = out_dir / "report.md"
+        report.write_text("\n".join(lines), encoding="utf-8")
+        return report
+
+
 def profile(
     records: list[Record],
     fields: list[str],
@@ -98,105 +263,14 @@ def profile(
     near_threshold: float = 0.8,
     title: str = "Data profile",
 ) -> Path:
-    """Write ``out_dir/report.md`` and its plots; returns the report path."""
-    from tunesmith.data.minhash import clusters, near_duplicate_pairs
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = len(records)
-    seen = Counter(k for r in records for k in r.data)
-    lines = [f"# {title}", "", f"- records: **{n:,}**", f"- fields: {', '.join(sorted(seen))}", ""]
-    lines += ["## Missing values", "", "| field | missing or empty | share |", "|---|---:|---:|"]
-    for f in sorted(seen):
-        miss = sum(1 for r in records if r.data.get(f) in (None, "", []))
-        lines.append(f"| {f} | {miss:,} | {miss / max(n, 1):.1%} |")
-    lines += [
-        "",
-        "## Text lengths",
-        "",
-        "| field | unit | min | mean | p50 | p95 | max |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    tok_lengths: dict[str, list[int]] = {}
-    for f in fields:
-        texts = ["" if r.data.get(f) is None else str(r.data[f]) for r in records]
-        chars = [len(t) for t in texts]
-        lines.append(f"| {f} | characters | " + " | ".join(_fmt(v) for v in _stats(chars).values()) + " |")
-        if tokenizer is not None:
-            tok_lengths[f] = token_counts(texts, tokenizer).tolist()
-            lines.append(
-                f"| {f} | tokens | " + " | ".join(_fmt(v) for v in _stats(tok_lengths[f]).values()) + " |"
-            )
-    images: dict[str, Path] = {}
-    if tok_lengths:
-        images["Token lengths"] = plot_token_hist(tok_lengths, limits, out_dir / "token_lengths.png")
-    if label:
-        counts = Counter(str(r.data.get(label)) for r in records)
-        lines += [
-            "",
-            f"## Labels (`{label}`)",
-            "",
-            f"{len(counts)} distinct; largest/smallest = "
-            f"{max(counts.values()) / max(min(counts.values()), 1):.1f}",
-            "",
-            "| label | records | share |",
-            "|---|---:|---:|",
-        ]
-        lines += [f"| {k} | {v:,} | {v / n:.1%} |" for k, v in counts.most_common(30)]
-        if len(counts) > 30:
-            lines.append(f"| … {len(counts) - 30} more | | |")
-        images["Labels"] = plot_labels(counts, label, out_dir / "labels.png")
-    for f in numeric:
-        raw = [r.data.get(f) for r in records]
-        vals = [number_value(v) for v in raw if v not in (None, "")]
-        bad = sum(v is None for v in vals)
-        arr = np.array([v for v in vals if v is not None], dtype=float)
-        lines += [
-            "",
-            f"## Numeric field `{f}`",
-            "",
-            "| count | not a number | min | mean | p50 | p95 | max |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {len(arr):,} | {bad:,} | " + " | ".join(_fmt(v) for v in _stats(arr).values()) + " |",
-        ]
-        if len(arr):
-            images[f"Numeric: {f}"] = plot_numeric(arr, f, out_dir / f"numeric_{f}.png")
-    key_texts = ["\n".join(str(r.data.get(f) or "") for f in fields) for r in records]
-    exact = n - len({" ".join(t.lower().split()) for t in key_texts})
-    pairs, _ = near_duplicate_pairs(key_texts, near_threshold) if n > 1 else (np.empty((0, 2), int), None)
-    near = int((clusters(n, pairs) != np.arange(n)).sum()) if n else 0
-    lines += [
-        "",
-        "## Duplicates",
-        "",
-        f"- exact (lower-cased, whitespace collapsed): **{exact:,}** records repeat an earlier one",
-        f"- near (MinHash, word bigram Jaccard ≥ {near_threshold}, includes exact): "
-        f"**{near:,}** records ({len(pairs):,} pairs)",
-        "",
-    ]
-    for name, path in images.items():
-        lines += [f"## {name}", "", f"![{name}]({path.name})", ""]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
-    return report
+    """Write ``out_dir/report.md`` and its plots for ``records``; returns the report path."""
+    sketch = ProfileSketch(fields, label, numeric, tokenizer, near_threshold)
+    sketch.add(records)
+    return sketch.write(out_dir, limits, title)
 
 
-def profile_records(
-    records: list[Record],
-    cfg,
-    load_tokenizer,
-    out_dir: Path,
-    limits: tuple[int | None, int | None] = (None, None),
-) -> Path:
-    """Profile with the recipe's data section (fields, label, numeric fields, tokenizer)."""
+def sketch_for(cfg, load_tokenizer) -> ProfileSketch:
+    """A profile sketch with the recipe's data section (fields, label, numeric fields, tokenizer)."""
     p = cfg.profile
-    fields = p.fields or list(cfg.input_fields)
-    return profile(
-        records,
-        fields,
-        p.label or cfg.target_field,
-        p.numeric,
-        load_tokenizer(),
-        out_dir,
-        limits,
-        p.near_dup_threshold,
-    )
+    return ProfileSketch(p.fields or list(cfg.input_fields), p.label or cfg.target_field, p.numeric,
+                         load_tokenizer(), p.near_dup_threshold)

@@ -109,12 +109,28 @@ def detect_encoding(raw: bytes) -> str:
     return "cp949" if wide and hangul >= len(wide) / 2 else "utf-8"
 
 
+HEAD_BYTES = 1 << 20  # how much of a file decides its encoding when it is read as a stream
+
+
+def file_encoding(path: Path) -> str:
+    """:func:`detect_encoding` on the file's first MiB (a character cut at its end is not a decoding error)."""
+    with open(path, "rb") as fh:
+        head = fh.read(HEAD_BYTES)
+    if len(head) == HEAD_BYTES and not head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start >= len(head) - 3:
+                head = head[: exc.start]
+    return detect_encoding(head)
+
+
 def encoding_note(path: Path) -> str | None:
     """A line saying the file was decoded from UTF-16 or cp949 (None for UTF-8 and non-text formats)."""
     path = Path(path)
     if not path.is_file() or detect_format(path) not in ("jsonl", "csv", "json", "squad"):
         return None
-    encoding = detect_encoding(path.read_bytes())
+    encoding = file_encoding(path)
     if encoding == "utf-8":
         return None
     return f"{path}: decoded as {encoding.upper()} (not UTF-8); the prepared data is written as UTF-8"
@@ -142,25 +158,23 @@ def _start(line: str, n: int = 60) -> str:
 
 def _jsonl(path: Path, text: str):
     for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        if _BAD_BYTES.search(line):
-            yield Rejected(where, "read", NOT_UTF8, _shown(line))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            reason = f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}"
-            yield Rejected(where, "read", reason, line)
-            continue
-        if not isinstance(obj, dict):
-            yield Rejected(where, "read", f"not a JSON object; line starts with: {_start(line)!r}", line)
-            continue
-        if "messages" in obj and (errors := check_example(obj)):  # an OpenAI chat example: OpenAI's rules
-            yield Rejected(where, "read", "; ".join(f"{e} ({hint(e)})" for e in errors), obj)
-            continue
-        yield Record(obj, where)
+        if line.strip():
+            yield jsonl_row(f"{path}:{lineno}", line)
+
+
+def jsonl_row(where: str, line: str) -> Record | Rejected:
+    """One JSONL line: a ``Record`` of its object, or a ``Rejected`` saying what is wrong with it."""
+    if _BAD_BYTES.search(line):
+        return Rejected(where, "read", NOT_UTF8, _shown(line))
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return Rejected(where, "read", f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}", line)
+    if not isinstance(obj, dict):
+        return Rejected(where, "read", f"not a JSON object; line starts with: {_start(line)!r}", line)
+    if "messages" in obj and (errors := check_example(obj)):  # an OpenAI chat example: OpenAI's rules
+        return Rejected(where, "read", "; ".join(f"{e} ({hint(e)})" for e in errors), obj)
+    return Record(obj, where)
 
 
 def _csv(path: Path, text: str):
@@ -178,15 +192,17 @@ def _csv(path: Path, text: str):
     for row in reader:
         where = f"{path}:{start_line + 1}"
         start_line = reader.line_num
-        if not row:
-            continue
-        if any(_BAD_BYTES.search(cell) for cell in row):
-            yield Rejected(where, "read", NOT_UTF8, [_shown(c) for c in row])
-            continue
-        if len(row) != len(header):
-            yield Rejected(where, "read", f"has {len(row)} fields but the header has {len(header)}", row)
-            continue
-        yield Record(dict(zip(header, row, strict=True)), where)
+        if row:
+            yield csv_row(where, header, row)
+
+
+def csv_row(where: str, header: list[str], row: list[str]) -> Record | Rejected:
+    """One CSV row under ``header``: a ``Record``, or a ``Rejected`` saying what is wrong with it."""
+    if any(_BAD_BYTES.search(cell) for cell in row):
+        return Rejected(where, "read", NOT_UTF8, [_shown(c) for c in row])
+    if len(row) != len(header):
+        return Rejected(where, "read", f"has {len(row)} fields but the header has {len(header)}", row)
+    return Record(dict(zip(header, row, strict=True)), where)
 
 
 def _json(path: Path, text: str):

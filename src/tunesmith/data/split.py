@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tunesmith.config import SplitSection
 from tunesmith.errors import DataError
@@ -24,21 +26,37 @@ def split_sizes(n: int, cfg: SplitSection) -> tuple[int, int, int]:
     return train, val, test
 
 
-def split_examples(examples: list[Example], cfg: SplitSection, seed: int) -> dict[str, list[Example]]:
+@dataclass(frozen=True)
+class ItemKeys:
+    """How the split reads an item: its label (for stratifying), its group and where it came from."""
+
+    label: Callable
+    group: Callable
+    where: Callable
+
+
+def example_keys(cfg: SplitSection) -> ItemKeys:
+    """Keys of an ``Example``: the stratify field or the target, the group field, the source."""
+    label = (lambda ex: str(ex.meta.get(cfg.stratify_field))) if cfg.stratify_field else (lambda ex: ex.target)
+    return ItemKeys(label, lambda ex: ex.meta.get(cfg.group_field), lambda ex: ex.meta.get("source", ex.id))
+
+
+def split_examples(examples: list, cfg: SplitSection, seed: int, keys: ItemKeys | None = None) -> dict[str, list]:
     """Shuffle with ``seed`` and cut test, val, train (in that order) from one ordering.
 
     With ``stratify``, examples of each label are spread evenly through the ordering, so every
     contiguous slice keeps the label proportions. Examples beyond the requested sizes are
-    returned under ``"unused"`` so that the caller can count them.
+    returned under ``"unused"`` so that the caller can count them. ``keys`` reads other items than
+    ``Example``s (the streaming data stage splits row positions); the order depends only on the keys.
     """
     rng = random.Random(seed)
-    key = (lambda ex: str(ex.meta.get(cfg.stratify_field))) if cfg.stratify_field else (lambda ex: ex.target)
+    keys = keys or example_keys(cfg)
     if cfg.group_field:
-        return _split_groups(examples, cfg, rng, key)
+        return _split_groups(examples, cfg, rng, keys)
     order = list(examples)
     rng.shuffle(order)
     if cfg.stratify or cfg.stratify_field:
-        order = spread(order, key, rng)
+        order = spread(order, keys.label, rng)
     n_train, n_val, n_test = split_sizes(len(order), cfg)
     test = order[:n_test]
     val = order[n_test : n_test + n_val]
@@ -79,21 +97,20 @@ def sample_examples(examples: list[Example], n: int | None, stratify: bool, seed
     return [examples[i] for i in chosen], f"{n:,} of {len(examples):,}, {how}, seed {seed}"
 
 
-def _split_groups(examples: list[Example], cfg: SplitSection, rng: random.Random, key) -> dict[str, list]:
+def _split_groups(examples: list, cfg: SplitSection, rng: random.Random, keys: ItemKeys) -> dict[str, list]:
     """Whole groups (e.g. one movie or article) go to one split; sizes are met at group granularity."""
-    groups: dict[str, list[Example]] = defaultdict(list)
+    groups: dict[str, list] = defaultdict(list)
     for ex in examples:
-        g = ex.meta.get(cfg.group_field)
+        g = keys.group(ex)
         if g is None:
-            where = ex.meta.get("source", ex.id)
-            raise DataError(f"{where}: no value for data.split.group_field '{cfg.group_field}'")
+            raise DataError(f"{keys.where(ex)}: no value for data.split.group_field '{cfg.group_field}'")
         groups[str(g)].append(ex)
     units = list(groups.values())
     rng.shuffle(units)
     if cfg.stratify or cfg.stratify_field:
-        units = spread(units, lambda u: Counter(key(e) for e in u).most_common(1)[0][0], rng)
+        units = spread(units, lambda u: Counter(keys.label(e) for e in u).most_common(1)[0][0], rng)
     n_train, n_val, n_test = split_sizes(len(examples), cfg)
-    out: dict[str, list[Example]] = {"test": [], "val": [], "train": [], "unused": []}
+    out: dict[str, list] = {"test": [], "val": [], "train": [], "unused": []}
     targets = [("test", n_test), ("val", n_val), ("train", n_train)]
     t = 0
     for unit in units:

@@ -68,19 +68,9 @@ def run_steps(
     rows: list[StepRow] = []
     for i, spec in enumerate(specs):
         name = f"{i + 1}:{spec.step}"
-        _check_fields(records, spec, name)
-        fn = STEPS[type(spec)]
-        mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)
-        before = {id(r): dict(r.data) for r in records} if mutates else {}
-        kept, dropped = fn(records, spec, ctx)
-        for r in dropped:
-            r.stage = name
-        if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
-            raise AssertionError(
-                f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in"
-            )
-        changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
-        rows.append(StepRow(name, len(records), len(kept), len(dropped), changed))
+        check_fields(_fields_of(records), spec, name)
+        kept, dropped, row = apply_step(records, spec, ctx, name, STEPS[type(spec)])
+        rows.append(row)
         rejected += dropped
         records = kept
         if on_step:
@@ -88,11 +78,28 @@ def run_steps(
     return records, rejected, rows
 
 
-def _check_fields(records: list[Record], spec, name: str) -> None:
+def apply_step(records: list[Record], spec, ctx: StepContext, name: str, fn) -> tuple[list, list, StepRow]:
+    """One step over ``records`` (all of them, or one batch): kept, dropped (tagged with the step) and counts."""
+    mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)
+    before = {id(r): dict(r.data) for r in records} if mutates else {}
+    kept, dropped = fn(records, spec, ctx)
+    for r in dropped:
+        r.stage = name
+    if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
+        raise AssertionError(f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in")
+    changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
+    return kept, dropped, StepRow(name, len(records), len(kept), len(dropped), changed)
+
+
+def _fields_of(records: list[Record]) -> set[str]:
+    return set().union(*(r.data for r in records)) if records else set()
+
+
+def check_fields(seen: set[str], spec, name: str) -> None:
+    """A field the step names that no record has is a recipe mistake: fail with the fields present."""
     wanted = list(getattr(spec, "fields", []) or []) + ([spec.field] if getattr(spec, "field", None) else [])
-    if not records or not wanted:
+    if not seen:
         return
-    seen = set().union(*(r.data for r in records))
     for f in wanted:
         if f not in seen:
             raise DataError(
@@ -336,6 +343,7 @@ def exact_dedup(records, spec: ExactDedupStep, ctx):
 
 
 def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, score: dict[int, float]):
+    """Keep the rows that are their own root; a dropped row names the first row of its chain of duplicates."""
     kept, dropped = [], []
     for i, rec in enumerate(records):
         root = int(roots[i])
@@ -349,18 +357,18 @@ def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, s
 
 
 def near_dedup(records, spec: NearDedupStep, ctx):
-    from tunesmith.data.minhash import clusters, near_duplicate_pairs
+    from tunesmith.data.minhash import earlier_roots, near_duplicate_pairs
 
     texts = [_text(r, spec.fields) for r in records]
     pairs, jac = near_duplicate_pairs(texts, spec.threshold, spec.unit, spec.ngram, spec.num_perm, spec.seed)
     score = {}
     for (_, j), s in zip(pairs.tolist(), jac.tolist(), strict=True):
         score[j] = max(score.get(j, 0.0), s)
-    return _drop_cluster_members(records, clusters(len(records), pairs), "near duplicate", score)
+    return _drop_cluster_members(records, earlier_roots(len(records), pairs), "near duplicate", score)
 
 
 def semantic_dedup(records, spec: SemanticDedupStep, ctx):
-    from tunesmith.data.minhash import clusters
+    from tunesmith.data.minhash import earlier_roots
     from tunesmith.models.embeddings import embed
 
     emb = embed([_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
@@ -373,7 +381,7 @@ def semantic_dedup(records, spec: SemanticDedupStep, ctx):
                 pairs.append((i, j))
                 score[j] = max(score.get(j, 0.0), float(sims[i - lo, j]))
     arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    return _drop_cluster_members(records, clusters(len(records), arr), "semantic duplicate", score)
+    return _drop_cluster_members(records, earlier_roots(len(records), arr), "semantic duplicate", score)
 
 
 # --- balance, sample, order --------------------------------------------------------------------

@@ -1,0 +1,267 @@
+"""The data stage at scale: tunesmith's streaming steps vs datatrove's readers and dedup blocks, same rows.
+
+Rows: product listings built from the repository's price data (``../shared/data/products_amazon_in``):
+a product's name and category with spans of two other products' real "about" texts, its price, and copies as real listings
+have them: one in ten an exact copy of an earlier listing (case and spaces changed), one in ten a near copy
+(one word changed), one in twenty a reworded copy (its words shuffled within the span).
+
+Steps, both sides: scrub (bracket noise, product codes, whitespace), token_length (1..256 tokens of the
+SmolLM2 tokenizer), numeric_range on the price (10..200,000), exact dedup of the normalised text, near dedup
+on word bigrams with 128 permutations in 14 bands of 9 (threshold 0.8). tunesmith: ``tunesmith data prepare``
+(profile off). datatrove: JsonlReader → the same scrub/length/price functions as pipeline steps →
+ExactDedupSignature / ExactFindDedups / ExactDedupFilter → MinhashDedupSignature / Buckets / Cluster / Filter
+(its LSH collisions decide; it has no exact Jaccard check; its words split by a regex, as ours, because its
+English word splitter needs spaCy) → JsonlWriter, on a LocalPipelineExecutor with 2
+tasks where a stage allows it. Each side runs in its own process; wall time and peak resident memory
+(ru_maxrss of that process and its children) are measured from outside.
+
+    python benchmarks/data_scale.py --rows 100000 300000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PRICES = REPO.parent / "shared" / "data" / "products_amazon_in" / "amazon_in_products_shared.csv"
+THRESHOLD, BANDS, ROWS_PER_BAND = 0.8, 14, 9
+STEPS = [
+    {"step": "scrub", "fields": ["text"]},
+    {"step": "token_length", "fields": ["text"], "min": 1, "max": 256},
+    {"step": "numeric_range", "fields": ["price"], "min": 10, "max": 200000},
+    {"step": "exact_dedup", "fields": ["text"]},
+    {"step": "near_dedup", "fields": ["text"], "threshold": THRESHOLD, "num_perm": BANDS * ROWS_PER_BAND},
+]
+
+
+def products() -> list[dict]:
+    with open(PRICES, newline="", encoding="utf-8") as fh:
+        return [{"name": r["product_name"], "category": r["category"].replace("|", " > "),
+                 "about": r["about_product"].split(), "price": r["discounted_price"]} for r in csv.DictReader(fh)]
+
+
+def listings(n: int, seed: int = 0):
+    """``n`` listing rows (dicts with text and price), made as the module docstring says."""
+    rng, base, made = random.Random(seed), products(), []
+    for i in range(n):
+        kind = i % 20
+        if made and kind in (1, 11):  # exact copy, case and spacing changed
+            text, price = rng.choice(made)
+            text = "  ".join(text.upper().split()) if kind == 1 else text
+        elif made and kind in (2, 12):  # near copy: one word changed
+            text, price = rng.choice(made)
+            words = text.split()
+            words[rng.randrange(len(words))] = rng.choice(("new", "best", "original", "2024"))
+            text = " ".join(words)
+        elif made and kind == 3:  # reworded: the span's words shuffled
+            text, price = rng.choice(made)
+            head, _, span = text.rpartition(" | ")
+            words = span.split()
+            rng.shuffle(words)
+            text = f"{head} | {' '.join(words)}"
+        else:  # a product's name and category with spans of two other products' descriptions
+            p, a, b = rng.choice(base), rng.choice(base), rng.choice(base)
+            text = f"{p['name']} | {p['category']} | {_span(a['about'], rng)} {_span(b['about'], rng)}"
+            price = p["price"]
+        if len(made) < 20_000:
+            made.append((text, price))
+        else:
+            made[rng.randrange(len(made))] = (text, price)
+        yield {"id": str(i), "text": text, "price": price}
+
+
+def _span(words: list[str], rng: random.Random, n: int = 8) -> str:
+    lo = rng.randrange(max(1, len(words) - n))
+    return " ".join(words[lo : lo + n])
+
+
+def write_rows(folder: Path, n: int, shards: int) -> list[Path]:
+    paths = [folder / f"rows-{k}.jsonl" for k in range(shards)]
+    files = [open(p, "w", encoding="utf-8") for p in paths]  # noqa: SIM115
+    for i, row in enumerate(listings(n)):
+        files[i * shards // n].write(json.dumps(row, ensure_ascii=False) + "\n")
+    for f in files:
+        f.close()
+    return paths
+
+
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak resident MB and the output of ``cmd``. Linux's wait4 reports the largest resident
+    set of the process and its reaped children (the largest single process, not their sum)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t0
+        log.seek(0)
+        out = log.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n{out[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, out
+
+
+# --- tunesmith ----------------------------------------------------------------------------------
+
+
+def run_tunesmith(data: Path, work: Path, engine: str = "local") -> dict:
+    import yaml
+
+    recipe = work / f"recipe-{engine}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": f"scale-{engine}", "output_dir": str(work / "runs"), "seed": 0,
+        "model": {"name": "smollm2-135m-instruct"},
+        "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
+                 "cache": False, "profile": {"enabled": False}, "steps": STEPS,
+                 "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
+    }))
+    seconds, peak, out = measured([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
+                                  {"PYTHONPATH": str(REPO / "src")})
+    with open(work / "runs" / f"scale-{engine}" / "data" / "examples.jsonl", "rb") as fh:
+        kept = sum(1 for _ in fh)
+    return {"seconds": seconds, "peak_mb": peak, "kept": kept}
+
+
+# --- datatrove ----------------------------------------------------------------------------------
+
+
+def datatrove_main(folder: str, work: str, tasks: int) -> None:
+    """The five steps as a datatrove pipeline (runs in its own process; prints the kept count)."""
+    import datatrove.pipeline.dedup.minhash as dt_minhash
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.pipeline.dedup.exact_dedup import ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    from tunesmith.config import ScrubStep
+    from tunesmith.data.steps import number_value, scrub_text, token_counts
+    from tunesmith.models.loading import load_tokenizer
+
+    class Words(WordTokenizer):
+        """Unicode words by one regex (as tunesmith splits them) instead of spaCy, which is not installed."""
+
+        def word_tokenize(self, text: str) -> list[str]:
+            return re.findall(r"\w+", text)
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            return [m.span() for m in re.finditer(r"\w+", text)]
+
+    dt_minhash.load_word_tokenizer = lambda language: Words(language)
+    w = Path(work)
+    tok = load_tokenizer("smollm2-135m-instruct")
+    scrub_spec = ScrubStep(step="scrub", fields=["text"])
+
+    def curate(data, rank: int = 0, world_size: int = 1):
+        """scrub → token_length → numeric_range, in blocks of 2,000 documents (tokenised in one call)."""
+        block = []
+        for doc in data:
+            block.append(doc)
+            if len(block) == 2000:
+                yield from _curate_block(block)
+                block = []
+        yield from _curate_block(block)
+
+    def _curate_block(block):
+        for doc in block:
+            doc.text = scrub_text(doc.text, scrub_spec)
+        block = [d for d in block if d.text.strip()]
+        counts = token_counts([d.text for d in block], tok) if block else []
+        for doc, n in zip(block, counts, strict=True):
+            price = number_value(doc.metadata.get("price"))
+            if 1 <= n <= 256 and price is not None and 10 <= price <= 200000:
+                yield doc
+
+    def normalised(doc) -> bytes:
+        return " ".join(doc.text.lower().split()).encode("utf-8")
+
+    normalised.__annotations__["return"] = bytes  # datatrove picks its hash by the annotation's type
+
+    exact = ExactDedupConfig(content_getter=normalised)
+    minhash = MinhashConfig(n_grams=2, num_buckets=BANDS, hashes_per_bucket=ROWS_PER_BAND,
+                            hash_config=HashConfig(precision=64, hash_fc="sha1"))  # its xxhash path needs bytes
+
+    def reader():
+        return JsonlReader(folder, glob_pattern="rows-*.jsonl")
+
+    def stage(pipeline, name, n_tasks=tasks):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=n_tasks, workers=n_tasks, logging_dir=str(w / "logs" / name),
+                              skip_completed=False).run()
+
+    stage([reader(), curate, ExactDedupSignature(str(w / "exact_sigs"), exact, finder_workers=1)], "exact1")
+    stage([ExactFindDedups(str(w / "exact_sigs"), str(w / "exact_dups"), exact)], "exact2", 1)
+    stage([reader(), curate, ExactDedupFilter(str(w / "exact_dups"), exact), JsonlWriter(str(w / "curated"))],
+          "exact3")
+    stage([JsonlReader(str(w / "curated")), MinhashDedupSignature(str(w / "mh_sigs"), minhash)], "mh1")
+    stage([MinhashDedupBuckets(str(w / "mh_sigs"), str(w / "mh_buckets"), config=minhash)], "mh2", BANDS)
+    stage([MinhashDedupCluster(str(w / "mh_buckets"), str(w / "mh_ids"), config=minhash)], "mh3", 1)
+    stage([JsonlReader(str(w / "curated")), MinhashDedupFilter(str(w / "mh_ids")), JsonlWriter(str(w / "out"))],
+          "mh4")
+    import gzip
+
+    kept = sum(sum(1 for _ in gzip.open(p, "rt")) for p in (w / "out").glob("*.jsonl.gz"))
+    print(f"KEPT {kept}")
+
+
+def run_datatrove(folder: Path, work: Path, tasks: int) -> dict:
+    seconds, peak, out = measured([sys.executable, __file__, "--datatrove", str(folder), str(work), str(tasks)],
+                                  {"PYTHONPATH": str(REPO / "src")})
+    return {"seconds": seconds, "peak_mb": peak, "kept": int(out.rsplit("KEPT ", 1)[1].split()[0])}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--datatrove":
+        datatrove_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000])
+    ap.add_argument("--peers", nargs="+", default=["tunesmith", "datatrove"])
+    ap.add_argument("--tasks", type=int, default=2, help="datatrove's tasks per stage (the cores)")
+    args = ap.parse_args()
+    print(f"cores {os.cpu_count()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print("| rows | peer | seconds | rows/s | peak MB | kept |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n in args.rows:
+        with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "in").mkdir()
+            shards = write_rows(tmp / "in", n, args.tasks)
+            one = tmp / "all.jsonl"
+            with open(one, "wb") as out:  # the same rows in the same order, one file for tunesmith
+                for p in shards:
+                    out.write(p.read_bytes())
+            results = {}
+            for peer in args.peers:
+                r = results[peer] = (run_tunesmith(one, tmp) if peer == "tunesmith"
+                                     else run_datatrove(tmp / "in", tmp / "dt", args.tasks))
+                print(f"| {n:,} | {peer} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | {r['peak_mb']:,.0f} "
+                      f"| {r['kept']:,} |", flush=True)
+            if len(results) == 2:
+                a, b = results["tunesmith"], results["datatrove"]
+                print(f"|  | ratio (datatrove / tunesmith) | {b['seconds'] / a['seconds']:.2f}x time | | "
+                      f"{b['peak_mb'] / a['peak_mb']:.2f}x memory | |", flush=True)
+    print(f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
