@@ -129,4 +129,4 @@ def test_the_auto_path_shares_prompts_and_the_reference_path_is_trls_trainer(tmp
                          train={"method": "grpo", "path": path})
     recipe = validate_recipe(doc)
     assert grpo_trainer_class(recipe).__name__ == name
-    assert trainer_for("grpo", "generative", path) is not None
+    assert trainer_for("grpo", "generative", "fast" if path == "auto" else path) is not None  # auto on a CPU: fast

@@ -129,10 +129,9 @@ def train(
         raise typer.BadParameter("--backend is local or openai")
     if estimate:
         from tunesmith.runs.fitting import fitted_estimate
-        from tunesmith.runs.plan import estimate_text
 
         common.quiet_libraries()
-        common.console.print(estimate_text(cfg, common.console), highlight=False, markup=False)
+        print_plan(cfg)
         est = fitted_estimate(cfg, common.console)
         common.console.print(est.render())
         return

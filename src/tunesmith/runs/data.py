@@ -22,4 +22,7 @@ def prepare_data_once(recipe, data_dir: Path, console):
             with file_lock(data_dir.parent / ".data.lock"):
                 return prepare(recipe, data_dir, console)
         with tempfile.TemporaryDirectory(prefix=f"tunesmith-rank{rank()}-") as tmp:
-            return prepare(recipe, Path(tmp) / "data", console)
+            data = prepare(recipe, Path(tmp) / "data", console)
+            for name in data.splits:  # read the splits while their file is there (it goes with the scratch folder)
+                data.splits[name]
+            return data

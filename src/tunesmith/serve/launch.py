@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
+from tunesmith.serve.process import die_with_parent
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -58,17 +59,6 @@ def pick_engine(engine: str, vllm_python: str | None = None) -> str:
     import torch
 
     return "vllm" if torch.cuda.is_available() and vllm_available(vllm_python) else "builtin"
-
-
-def die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM when the server dies, so a killed server leaves no orphan
-    worker training beside the one the restarted server starts (the job resumes from its checkpoint)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local",

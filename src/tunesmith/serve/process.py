@@ -79,3 +79,14 @@ def end_worker_process() -> None:
     keep the process alive after SIGTERM."""
     logging.shutdown()
     os._exit(0)
+
+
+def die_with_parent() -> None:
+    """Linux: a child the server starts (the jobs worker, a vLLM server) gets SIGTERM when the server dies, so a
+    killed server leaves no orphan training or serving beside the one the restarted server starts."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass

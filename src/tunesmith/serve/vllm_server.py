@@ -143,7 +143,7 @@ class VllmServer:
         self.proc.wait()
 
     def _spawn(self) -> None:
-        from tunesmith.serve.launch import die_with_parent
+        from tunesmith.serve.process import die_with_parent
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = vllm_command(self.python, self.launch, self.port, self.api_key)
