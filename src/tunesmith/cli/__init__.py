@@ -71,9 +71,9 @@ def run(
         set_ = sets + (set_ or [])
         cfg = common.recipe_at(recipe, set_)
         common.console.print("--quick: " + "; ".join(cut) if cut else "--quick: the recipe is already quick")
-    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     common.quiet_libraries()
-    print_plan(cfg)
+    print_plan(cfg)  # before the ranks start: once, in this process
+    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
     command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
     result = run_pipeline(cfg, common.rank_console(), command)
     if result is None:  # a rank other than 0: rank 0 evaluates and reports
@@ -87,10 +87,10 @@ def run(
 def print_plan(cfg) -> None:
     """The time and memory to expect, before a run starts; a plan that cannot be made is said, not fatal."""
     from tunesmith.errors import TunesmithError
-    from tunesmith.machine.launch import is_main
+    from tunesmith.machine.launch import world_size
     from tunesmith.runs.plan import estimate_text
 
-    if not is_main() or cfg.data is None or cfg.data.split.folds:
+    if world_size() > 1 or cfg.data is None or cfg.data.split.folds:  # ranks: the launching process printed it
         return
     try:
         common.console.print(estimate_text(cfg, common.console), highlight=False, markup=False)
