@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import resource
 import secrets
@@ -38,6 +37,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tunesmith.graders.sandbox_child import reward_error
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 STARTUP_S = 20.0  # interpreter start and the grader's own imports (numpy, …), before the first row
@@ -193,10 +194,8 @@ def outcome(answer: dict, token: str, seconds: float) -> Outcome:
     if isinstance(answer.get("error"), str):
         return Outcome(0.0, answer["error"][:2000], seconds)
     reward = answer.get("reward")
-    if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward) \
-            or not 0.0 <= reward <= 1.0:
-        return Outcome(0.0, f"ValueError: a python grader's reward must be a number in [0, 1], not "
-                            f"{str(reward)[:100]}", seconds)
+    if problem := reward_error(reward):
+        return Outcome(0.0, problem, seconds)
     return Outcome(float(reward), None, seconds)
 
 

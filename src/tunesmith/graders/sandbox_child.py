@@ -118,9 +118,8 @@ def grade_rows(grade, rows, out) -> None:
         resource.setrlimit(resource.RLIMIT_CPU, (min(hard, int(used + row["cpu_s"]) + 1), hard))
         try:
             reward = grade(row["sample"], row["item"])
-            if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
-                raise TypeError(f"grade() must return a finite number, not {reward!r}"[:300])
-            answer = {"reward": float(reward)}
+            problem = reward_error(reward)
+            answer = {"error": problem} if problem else {"reward": float(reward)}
         except BaseException as exc:  # noqa: BLE001 - any failure is this row's error, reported to the relay
             answer = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
         out.write(json.dumps(answer) + "\n")
@@ -145,12 +144,18 @@ def checked_answer(line: bytes) -> dict:
         return {"error": answer["error"][:2000], **restart}
     if set(answer) != {"reward"}:
         return NOT_AN_ANSWER
-    reward = answer["reward"]
+    problem = reward_error(answer["reward"])
+    return {"error": problem, "restart": True} if problem else {"reward": float(answer["reward"]), **restart}
+
+
+def reward_error(reward) -> str | None:
+    """Why ``reward`` is not a python grader's reward (a finite number in [0, 1]), or None; the grader
+    process, the relay and the server all ask this one question."""
     if isinstance(reward, bool) or not isinstance(reward, int | float) or not math.isfinite(reward):
-        return {"error": f"TypeError: grade() must return a finite number, not {str(reward)[:100]}", "restart": True}
+        return f"TypeError: grade() must return a finite number, not {str(reward)[:100]}"
     if not 0.0 <= reward <= 1.0:
-        return {"error": f"ValueError: grade() must return a number in [0, 1], not {reward:g}", **restart}
-    return {"reward": float(reward), **restart}
+        return f"ValueError: grade() must return a number in [0, 1], not {reward:g}"
+    return None
 
 
 class GraderPipe:
