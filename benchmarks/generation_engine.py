@@ -9,6 +9,11 @@ the other's memory): time (wall and CPU), the speed ratio, identical outputs, lo
 resident memory.
 
     python benchmarks/generation_engine.py [--korquad 16] [--alpaca 32] [--max-new-tokens 32] [--rounds 2]
+    python benchmarks/generation_engine.py --device cuda --model 'random:llama-3.2-1b?tokenizer=PATH'  # a GPU
+
+``--model`` takes any model name tunesmith loads (a ``random:`` architecture measures a GPU without a download;
+its greedy text is noise, but both sides must still produce the same noise); ``--device`` and ``--precision``
+are the placement (on a GPU bf16 by default: ``--precision fp32`` for a strict comparison of the two sides).
 
 Reads ../shared/data (or $TUNESMITH_SHARED_DATA); those files are not part of the repository.
 """
@@ -73,17 +78,25 @@ def child(side: str, args) -> dict:
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_model, load_tokenizer
 
-    tok = load_tokenizer(MODEL)
-    model = load_model(MODEL, pick_placement("auto", "cpu"))
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, pick_placement(args.precision, args.device))
     prompts = build_prompts(tok, args)
     generate_greedy(model, tok, prompts[:2], 2, args.batch_size)  # first-call allocations, outside the timing
     fn = fixed_batch_generate.generate_greedy if side == "peer" else generate_greedy
     loaded_mb, load = rss_mb(), os.getloadavg()[0]
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.perf_counter(), time.process_time()
     outputs = fn(model, tok, prompts, args.max_new_tokens, args.batch_size)
+    if cuda:
+        torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     return {"side": side, "seconds": seconds, "cpu_seconds": cpu, "loaded_mb": loaded_mb, "peak_mb": peak_mb,
+            "gpu_peak_mb": gpu_peak_mb, "device": str(model.device), "dtype": str(model.dtype),
             "load_before": load, "load_after": os.getloadavg()[0], "threads": torch.get_num_threads(),
             "new_tokens": sum(len(tok(o, add_special_tokens=False)["input_ids"]) for o in outputs), "outputs": outputs}
 
@@ -103,7 +116,8 @@ def run_child(side: str, argv: list[str]) -> dict:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"  {NAMES[side]:<44} {result['seconds']:7.1f} s  CPU {result['cpu_seconds']:6.1f} s  peak RSS "
           f"{result['peak_mb']:5.0f} MB ({result['loaded_mb']:4.0f} MB after loading)  load average "
-          f"{result['load_before']:.2f} -> {result['load_after']:.2f}")
+          f"{result['load_before']:.2f} -> {result['load_after']:.2f}"
+          + (f"  GPU peak {result['gpu_peak_mb']:.0f} MB" if result["gpu_peak_mb"] else ""))
     return result
 
 
@@ -118,6 +132,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=MODEL, help="a model name tunesmith loads (random:<arch> too)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp32")
     ap.add_argument("--rounds", type=int, default=1, help="1: peer then engine; 2: peer, engine, engine, peer")
     ap.add_argument("--child", choices=["peer", "engine"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -131,10 +148,11 @@ def main() -> None:
 
     from tunesmith.models.loading import load_tokenizer
 
-    tok = load_tokenizer(MODEL)
+    tok = load_tokenizer(args.model)
     lengths = sorted(len(tok(p, add_special_tokens=False)["input_ids"]) for p in build_prompts(tok, args))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.2f}")
+    gpu = torch.cuda.get_device_name() if args.device != "cpu" and torch.cuda.is_available() else "no GPU"
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.2f}; model {args.model}")
     print(f"{len(lengths)} prompts ({args.korquad} KorQuAD, {args.alpaca} Alpaca seed tasks), prompt tokens "
           f"min {lengths[0]} / median {statistics.median(lengths):.0f} / max {lengths[-1]}, "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, greedy; each side in its own process")

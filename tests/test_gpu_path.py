@@ -121,7 +121,7 @@ def test_the_gpu_path_is_chosen_stated_and_trains(cli, tmp_path, tiny_model_dir,
                                              eval_steps=None, logging_steps=1))
     path = summary["train_path"]
     assert (path["device"], path["dtype"], path["tf32"]) == ("cuda", "bfloat16", True)
-    assert (path["attention"], path["packing"], path["loss"]) == ("flex_attention", "position_ids", "chunked")
+    assert (path["attention"], path["packing"], path["loss"]) == ("sdpa", "position_ids", "chunked")
     assert path["kernels"] == ("liger" if HAS_LIGER else "none")
     assert path["gradient_checkpointing"] is False  # a tiny model fits
     if adapter == "qlora":

@@ -50,6 +50,7 @@ class Capabilities:
     free_memory: int | None = None  # bytes free on the device
     device_name: str = "cpu"
     fast_path_verified: bool = False  # scripts/gpu_run.sh recorded the fast path on this GPU kind
+    fast_path_finding: str | None = None  # what a record that does not verify it found there
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,8 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     if path_why:
         why["path"] = path_why
     if name == "reference":
-        if gpu and attention == "flex_attention" and wish.attention == "auto" and not wish.softcapping:
-            attention, why["attention"] = "sdpa", ("reference: PyTorch's SDPA, transformers' default (flash-attn is not "
-                                                   "installed; flex attention is tunesmith's choice for packed rows)")
+        if gpu and attention == "sdpa" and wish.attention == "auto":
+            why["attention"] = "reference: PyTorch's SDPA, transformers' default (flash-attn is not installed)"
         packing, why["packing"] = _reference_packing(wish, attention)
         loss, why["loss"] = _reference_loss(wish, kernels)
     return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
@@ -185,7 +185,9 @@ def _path_name(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str | 
         return "reference", REFERENCE
     if wish.path == "fast" or not gpu or caps.fast_path_verified:
         return "fast", None
-    unverified = (f"tunesmith's fast path has no recorded verification on {caps.device_name} "
+    unverified = (f"tunesmith's fast path is not verified on {caps.device_name} ({caps.fast_path_finding})"
+                  if caps.fast_path_finding else
+                  f"tunesmith's fast path has no recorded verification on {caps.device_name} "
                   "(scripts/gpu_run.sh verify)")
     if wish.fast_only:
         return "fast", f"auto: {unverified}, but {wish.fast_only}"
@@ -245,10 +247,10 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
         if caps.flex_attention:
             return "flex_attention", "the model soft-caps attention logits, which SDPA ignores; flex applies it"
         return "eager", "the model soft-caps attention logits, which SDPA ignores, and flex attention is unavailable"
-    if caps.flex_attention and _packing(wish, gpu, "flex_attention")[0] != "off":
-        return "flex_attention", ("packed rows without flash-attn: flex attention's block mask skips the blocks where "
-                                  "examples do not see each other (SDPA would need an L x L mask, which rules out its "
-                                  "flash kernel)")
+    if _packing(wish, gpu, "sdpa")[0] != "off":  # flex attention measured 4x slower here (below): only when asked
+        return "sdpa", ("packed rows without flash-attn: PyTorch's SDPA with the block mask transformers builds on the "
+                        "GPU (flex attention's sparse block mask trained Llama-3.2-1B 4x slower on an H200: it "
+                        "recompiles; train.attention: flex_attention asks for it)")
     return "sdpa", "flash-attn is not installed: PyTorch's SDPA (flash kernel unpacked, memory-efficient kernel with a mask)"
 
 
@@ -322,7 +324,7 @@ def probe(device: str = "auto") -> Capabilities:
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if not cuda:
         return Capabilities(flash_attn=False, liger=False, bitsandbytes=has("bitsandbytes"))
-    from tunesmith.machine.verified import is_verified
+    from tunesmith.machine.verified import finding, is_verified
 
     free, _ = torch.cuda.mem_get_info()
     name = torch.cuda.get_device_name()
@@ -330,7 +332,7 @@ def probe(device: str = "auto") -> Capabilities:
         cuda=True, bf16=torch.cuda.is_bf16_supported(), compute_capability=torch.cuda.get_device_capability(),
         flash_attn=has("flash_attn"), flex_attention=has("triton") and has("torch.nn.attention.flex_attention"),
         liger=has("liger_kernel"), bitsandbytes=has("bitsandbytes"), free_memory=free,
-        device_name=name, fast_path_verified=is_verified(name),
+        device_name=name, fast_path_verified=is_verified(name), fast_path_finding=finding(name),
     )
 
 

@@ -22,17 +22,30 @@ def records(path: Path | None = None) -> dict[str, dict]:
 
 
 def is_verified(device_name: str, path: Path | None = None) -> bool:
+    """The fast path's losses equalled the reference path's on this GPU kind, and it was not slower there."""
     record = records(path).get(device_name)
-    return bool(record and record.get("loss_equal"))
+    return bool(record and record.get("loss_equal") and (record.get("speedup") or 1.0) >= 1.0)
+
+
+def finding(device_name: str, path: Path | None = None) -> str | None:
+    """What the record of a GPU kind where the fast path is not verified says (None without a record)."""
+    record = records(path).get(device_name)
+    if not record or is_verified(device_name, path):
+        return None
+    return record.get("finding") or (f"measured {record['date']}: losses equal {record['loss_equal']}, "
+                                     f"speed-up {record['speedup']}")
 
 
 def record(device_name: str, loss_equal: bool, loss_tolerance: float, speedup: float | None, evidence: str,
-           path: Path | None = None) -> dict:
+           path: Path | None = None, finding: str | None = None) -> dict:
     """Write (or replace) ``device_name``'s record: whether the fast path's losses equalled the reference path's
-    within ``loss_tolerance`` (relative), its speed over the reference path, and the log it comes from."""
+    within ``loss_tolerance`` (relative), its speed over the reference path, the log it comes from and, where it
+    is not verified, what was found (said where ``auto`` falls back to the reference path)."""
     doc = records(path)
     doc[device_name] = {"loss_equal": loss_equal, "loss_tolerance": loss_tolerance, "speedup": speedup,
                         "evidence": evidence, "date": time.strftime("%Y-%m-%d")}
+    if finding:
+        doc[device_name]["finding"] = finding
     (path or RECORDS).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return doc[device_name]
 

@@ -23,7 +23,7 @@ from tunesmith.train.dpo import dpo_job
 from tunesmith.train.heads import head_job
 from tunesmith.train.jobs import TrainJob, trainer
 from tunesmith.train.result import TrainResult
-from tunesmith.train.sft import base_args, sampling_strategy, sft_job
+from tunesmith.train.sft import LIGER_WITHOUT_LOSS, base_args, sampling_strategy, sft_job
 
 TUNESMITH_ONLY = ("liger_kernel_config", "logging_nan_inf_filter")  # base_args' settings of tunesmith's own path
 
@@ -88,7 +88,10 @@ def reference_head_trainer(recipe: Recipe, model, tokenizer, placement, rows: li
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     keys = {*tokenizer.model_input_names, "labels", "start_positions", "end_positions"}
-    args = TrainingArguments(**reference_args(recipe, placement, out_dir))
+    args = reference_args(recipe, placement, out_dir)
+    if args.get("use_liger_kernel"):  # Liger's default set swaps in a fused loss over ``lm_head``, which a head model
+        args["liger_kernel_config"] = LIGER_WITHOUT_LOSS  # lacks (an AttributeError, seen on an H200)
+    args = TrainingArguments(**args)
     return Trainer(model=model, args=args, train_dataset=Dataset.from_list([{k: v for k, v in r.items() if k in keys}
                                                                             for r in rows]),
                    processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),

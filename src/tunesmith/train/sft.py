@@ -26,6 +26,10 @@ from tunesmith.train.result import TrainResult, make_result, trainable_snapshot
 register_method(MethodSpec("sft"))  # one example per row, packed where the path packs; the recipe's loss form
 
 
+# Liger's kernels without its fused losses (which score every position through ``lm_head``)
+LIGER_WITHOUT_LOSS = {"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
+                      "fused_linear_cross_entropy": False}
+
 def conversation_rows(prompts: list[list[dict]], targets: list[str]) -> list[dict]:
     """TRL's conversational prompt/completion rows (loss on the completion only)."""
     return [
@@ -91,8 +95,7 @@ def base_args(recipe: Recipe, placement: Placement, out_dir: Path) -> dict:
         tf32=True if path and path.tf32 else None,
         use_liger_kernel=bool(path and path.kernels == "liger"),
         # Liger's own fused loss would score every position: ours scores only the targets, in tiles (target_head)
-        liger_kernel_config={"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "cross_entropy": False,
-                             "fused_linear_cross_entropy": False} if path and path.kernels == "liger" else None,
+        liger_kernel_config=LIGER_WITHOUT_LOSS if path and path.kernels == "liger" else None,
         use_cpu=placement.device == "cpu",
         activation_checkpointing=path.gradient_checkpointing if path else t.gradient_checkpointing is True,
         logging_steps=t.logging_steps,
