@@ -37,6 +37,7 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.shutdown()  # the engine attaches to a Ray this process already runs: none may be left from elsewhere
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
                                                       "include_dashboard": False})
     c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
@@ -105,6 +106,7 @@ def test_a_steps_own_error_comes_back_as_itself(cluster, tmp_path, tiny_model_di
 def test_an_unreachable_address_fails_at_once(tmp_path, tiny_model_dir, home):
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"text": "hello there", "category": "a"}) + "\n")
+    ray.shutdown()
     t0 = time.time()
     with pytest.raises(ConfigError, match="data.ray_address: no Ray cluster answers at 127.0.0.1:9"):
         prepare(tmp_path, tiny_model_dir, data, "ray", engine="ray", ray_address="127.0.0.1:9")
