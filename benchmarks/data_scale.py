@@ -16,6 +16,10 @@ tasks where a stage allows it. Each side runs in its own process; wall time and 
 (ru_maxrss of that process and its children) are measured from outside.
 
     python benchmarks/data_scale.py --rows 100000 300000 1000000
+    python benchmarks/data_scale.py --rows 20000 --peers tunesmith tunesmith-ray   # the Ray engine beside
+
+``tunesmith-ray`` runs the same recipe with ``data.engine: ray`` on a local Ray that the run starts; its
+peak is the largest single process (the driver or one Ray worker), not their sum.
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ def run_tunesmith(data: Path, work: Path, engine: str = "local") -> dict:
         "name": f"scale-{engine}", "output_dir": str(work / "runs"), "seed": 0,
         "model": {"name": "smollm2-135m-instruct"},
         "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
-                 "cache": False, "profile": {"enabled": False}, "steps": STEPS,
+                 "cache": False, "profile": {"enabled": False}, "steps": STEPS, "engine": engine,
                  "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
     }))
     seconds, peak, out = measured([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
@@ -235,7 +239,8 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000])
-    ap.add_argument("--peers", nargs="+", default=["tunesmith", "datatrove"])
+    ap.add_argument("--peers", nargs="+", default=["tunesmith", "datatrove"],
+                    help="tunesmith, tunesmith-ray (data.engine: ray on a local Ray started for the run), datatrove")
     ap.add_argument("--tasks", type=int, default=2, help="datatrove's tasks per stage (the cores)")
     args = ap.parse_args()
     print(f"cores {os.cpu_count()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -253,10 +258,11 @@ def main() -> None:
             results = {}
             for peer in args.peers:
                 r = results[peer] = (run_tunesmith(one, tmp) if peer == "tunesmith"
+                                     else run_tunesmith(one, tmp, "ray") if peer == "tunesmith-ray"
                                      else run_datatrove(tmp / "in", tmp / "dt", args.tasks))
                 print(f"| {n:,} | {peer} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | {r['peak_mb']:,.0f} "
                       f"| {r['kept']:,} |", flush=True)
-            if len(results) == 2:
+            if {"tunesmith", "datatrove"} <= set(results):
                 a, b = results["tunesmith"], results["datatrove"]
                 print(f"|  | ratio (datatrove / tunesmith) | {b['seconds'] / a['seconds']:.2f}x time | | "
                       f"{b['peak_mb'] / a['peak_mb']:.2f}x memory | |", flush=True)

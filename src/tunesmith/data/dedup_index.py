@@ -104,6 +104,24 @@ def text_hash(texts: list[str]) -> np.ndarray:
     ).reshape(-1)
 
 
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(n, bands)`` uint32 keys; two rows share a key where their band of signature values agrees
+    (a rare false agreement only adds a candidate, which the exact check then rejects)."""
+    keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
+    for b in range(bands):
+        for c in range(b * rows, (b + 1) * rows):
+            keys[:, b] = (keys[:, b] ^ sig[:, c].astype(np.uint64)) * _MIX
+            keys[:, b] ^= keys[:, b] >> np.uint64(31)
+    return (keys >> np.uint64(32)).astype(np.uint32)
+
+
+def normalized_keys(records: list[Record], spec) -> list[str]:
+    """The text ``exact_dedup`` compares: the step's fields joined, lower-cased and whitespace-collapsed
+    when ``normalize`` is on."""
+    keys = [field_text(r, spec.fields) for r in records]
+    return [_SPACES.sub(" ", k.lower()).strip() for k in keys] if spec.normalize else keys
+
+
 def field_text(rec: Record, fields: list[str]) -> str:
     return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)
 
@@ -117,10 +135,7 @@ class ExactIndex:
         self.sources = SpillLog(workdir / "exact_sources.bin")
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
-        keys = [field_text(r, spec.fields) for r in records]
-        if spec.normalize:
-            keys = [_SPACES.sub(" ", k.lower()).strip() for k in keys]
-        h = text_hash(keys)
+        h = text_hash(normalized_keys(records, spec))
         earlier = self.hashes.first(h)
         _, first_in_batch = np.unique(h, return_index=True)
         new = np.zeros(len(h), dtype=bool)
@@ -163,14 +178,7 @@ class NearIndex:
         self.root = array("i")
 
     def band_keys(self, sig: np.ndarray) -> np.ndarray:
-        """``(n, bands)`` uint32 keys; two rows share a key where their band of signature values agrees
-        (a rare false agreement only adds a candidate, which the exact check then rejects)."""
-        keys = np.zeros((sig.shape[0], self.bands), dtype=np.uint64)
-        for b in range(self.bands):
-            for c in range(b * self.rows, (b + 1) * self.rows):
-                keys[:, b] = (keys[:, b] ^ sig[:, c].astype(np.uint64)) * _MIX
-                keys[:, b] ^= keys[:, b] >> np.uint64(31)
-        return (keys >> np.uint64(32)).astype(np.uint32)
+        return band_keys(sig, self.bands, self.rows)
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
         sh = shingle([field_text(r, spec.fields) for r in records], spec.unit, spec.ngram)

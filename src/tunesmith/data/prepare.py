@@ -9,6 +9,7 @@ change to any of them rebuilds and an unchanged recipe copies the finished files
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from tunesmith.data.formatting import chat_messages
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import example_keys, split_examples
 from tunesmith.data.steps import StepContext, summary_table
-from tunesmith.data.stream import ExampleSpool, StepChain, return_freed_arrays
+from tunesmith.data.stream import Curated, ExampleSpool, StepChain, return_freed_arrays
 from tunesmith.errors import DataError
 from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
@@ -106,7 +107,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     spool = ExampleSpool(data_dir / "examples.jsonl",
                          keys.label if split_cfg.stratify or split_cfg.stratify_field else None,
                          keys.group if split_cfg.group_field else None)
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".work-") as work, \
+    with engine_session(cfg), tempfile.TemporaryDirectory(dir=data_dir, prefix=".work-") as work, \
             open(data_dir / "rejected.jsonl", "w", encoding="utf-8") as rejected_out:
         parts = {
             name: curate(cfg.model_copy(update={"path": path}) if path else cfg, ctx, console,
@@ -152,6 +153,8 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         "not used (split sizes smaller than the data)": splits.count("unused"),
         **notes,
     }
+    if cfg.engine == "ray":
+        summary["Ray nodes that curated"] = len(set().union(*(p.nodes for p in parts.values())))
     for r in rows:
         key = f"step {r.step}: dropped"
         summary[key] = summary.get(key, 0) + r.dropped
@@ -161,6 +164,15 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
 
         export_splits(splits, cfg, data_dir / "export")
     return data
+
+
+def engine_session(cfg):
+    """Ray for the stage with ``data.engine: ray`` (attached or started, stopped if started); else nothing."""
+    if cfg.engine != "ray":
+        return contextlib.nullcontext()
+    from tunesmith.data.ray_engine import ray_session
+
+    return ray_session(cfg.ray_address)
 
 
 @dataclass
@@ -176,23 +188,28 @@ class Output:
         return self.spool.add(examples)
 
 
-@dataclass
-class Curated:
-    positions: list[int]
-    n_rejected: int
-    rows: list
-    n_read: int
-    targets: set[str]
-
-
 def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, out: Output, workdir: Path,
            name: str = "all") -> Curated:
     """Stream one source: profile each batch as read (before curation, so the plots show what the limits will
-    cut), run it through the curation steps, map the survivors to examples and write both kinds out."""
+    cut), run it through the curation steps (here, or on Ray with ``data.engine: ray``), map the survivors to
+    examples and write both kinds out."""
     workdir.mkdir(parents=True, exist_ok=True)
     if cfg.path is not None and (note := encoding_note(cfg.path)):
         console.print(note)
     sketch = _profile_sketch(cfg, ctx) if cfg.profile.enabled and profile_dir is not None else None
+    if cfg.engine == "ray":
+        from tunesmith.data.ray_engine import curate_on_ray
+
+        done = curate_on_ray(cfg, ctx, console, sketch, out, name)
+    else:
+        done = _curate_here(cfg, ctx, console, sketch, out, workdir, name)
+    if sketch is not None:
+        sketch.write(profile_dir, limits=_token_limits(cfg))
+    return done
+
+
+def _curate_here(cfg, ctx: StepContext, console: Console, sketch, out: Output, workdir: Path, name: str) -> Curated:
+    """The local engine: the batches through a ``StepChain`` in this process."""
     chain = StepChain(cfg.steps, ctx, workdir)
     kept_at: list[int] = []
     counts = {"read": 0, "rejected": 0}
@@ -219,8 +236,6 @@ def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, ou
                 emit(kept, dropped)
     finally:
         chain.close()
-    if sketch is not None:
-        sketch.write(profile_dir, limits=_token_limits(cfg))
     return Curated(kept_at, counts["rejected"], chain.rows, counts["read"], targets)
 
 

@@ -167,10 +167,14 @@ def char_length(records, spec: CharLengthStep, ctx):
     return kept, dropped
 
 
-def _backend(tokenizer):
+def plain_backend(tokenizer):
     """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer (None for slow tokenizers), without the
     padding and truncation some tokenizer.json files switch on (all-MiniLM-L6-v2's pads and cuts every text
     to 128 tokens: every count would read 128 and a cut would land in the padding)."""
+    from tokenizers import Tokenizer
+
+    if isinstance(tokenizer, Tokenizer):  # already the plain backend (as the Ray engine ships it)
+        return tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or (backend.padding is None and backend.truncation is None):
         return backend
@@ -184,7 +188,7 @@ def _backend(tokenizer):
 
 def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:
     """Tokens per text (no special tokens), in batches on the Rust tokenizer without computing offsets."""
-    backend = _backend(tokenizer)
+    backend = plain_backend(tokenizer)
     out = np.empty(len(texts), dtype=np.int64)
     for lo in range(0, len(texts), batch):
         chunk = texts[lo : lo + batch]
@@ -201,7 +205,7 @@ def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:
 
 def token_offsets(texts: list[str], tokenizer) -> list[list[tuple[int, int]]]:
     """Character offsets of each text's tokens (used only for the texts that get truncated)."""
-    backend = _backend(tokenizer)
+    backend = plain_backend(tokenizer)
     if backend is not None:
         return [e.offsets for e in backend.encode_batch(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]

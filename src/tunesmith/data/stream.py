@@ -49,6 +49,19 @@ INDEXED = {ExactDedupStep: ExactIndex, NearDedupStep: NearIndex}
 WHOLE = (BalanceStep, SampleStep, SemanticDedupStep)  # need every row that reaches them
 
 
+@dataclass
+class Curated:
+    """One source curated: kept rows' positions in the spool, rejects counted, per-step rows, rows read, the
+    targets seen and the Ray nodes that worked on it (``data.engine: ray``)."""
+
+    positions: list[int]
+    n_rejected: int
+    rows: list
+    n_read: int
+    targets: set[str]
+    nodes: set[str] = field(default_factory=set)
+
+
 class StreamStep:
     """One curation step fed batch by batch; its summary row adds up over the batches."""
 

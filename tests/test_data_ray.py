@@ -1,0 +1,113 @@
+"""``data.engine: ray`` on a two-node Ray cluster started inside the test (no network): the same examples,
+splits, rejects and step counts as the local engine on real BANKING77 rows with planted exact and near
+duplicates and a broken line, with batches curated on both nodes; and clear errors."""
+
+import csv
+import json
+import os
+import random
+import time
+
+import pytest
+from rich.console import Console
+
+from tunesmith.config import load_recipe
+from tunesmith.data import batches
+from tunesmith.data.prepare import build
+from tunesmith.errors import ConfigError, DataError
+
+from .conftest import EXAMPLE_CSV, write_recipe
+
+ray = pytest.importorskip("ray", reason="Ray is the optional extra tunesmith[ray]")
+
+STEPS = [
+    {"step": "scrub", "fields": ["text"]},
+    {"step": "token_length", "fields": ["text"], "min": 3, "max": 150},
+    {"step": "exact_dedup", "fields": ["text"]},
+    {"step": "near_dedup", "fields": ["text"], "threshold": 0.7},
+    {"step": "sample", "fraction": 0.9, "seed": 3},  # needs every row: runs on the driver, rows go on after it
+    {"step": "char_length", "fields": ["text"], "max": 60},
+]
+FILES = ("examples.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "rejected.jsonl", "steps.md")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and one worker node, one CPU and a 100 MB object store each, shut down after the module."""
+    from ray.cluster_utils import Cluster
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.shutdown()  # the engine attaches to a Ray this process already runs: none may be left from elsewhere
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
+                                                      "include_dashboard": False})
+    c.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def listing_rows() -> list[str]:
+    """600 BANKING77 rows as JSON lines: every 20th copied exactly later on (one of them upper-cased), every
+    20th reworded by one word, one row too short for the token limit, one without a label, one broken line."""
+    with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
+        rows = [{"text": r["text"], "category": r["category"]} for r in csv.DictReader(fh)][:600]
+    rng = random.Random(7)
+    for k, r in enumerate(rows[:600:20]):
+        copy = dict(r, text=r["text"].upper() if k % 2 else r["text"])
+        rows.insert(rng.randrange(rows.index(r) + 1, len(rows) + 1), copy)
+    for r in rows[5:600:20]:
+        words = r["text"].split() + ["please"]
+        rows.insert(rng.randrange(rows.index(r) + 1, len(rows) + 1), dict(r, text=" ".join(words)))
+    rows[40] = {"text": "hi", "category": rows[40]["category"]}
+    rows[41] = {"text": rows[41]["text"], "category": ""}
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(100, '{"text": "broken line, no closing brace"')
+    return lines
+
+
+def prepare(tmp_path, model_dir, data, out, **section):
+    doc = {"name": "ray", "output_dir": str(tmp_path / "runs"), "seed": 5, "model": {"name": str(model_dir)},
+           "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "on_error": "skip",
+                    "batch_rows": 100, "profile": {"enabled": False}, "cache": False, **section}}
+    recipe = load_recipe(write_recipe(tmp_path / f"{out}.yaml", doc))
+    return build(recipe, tmp_path / out, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+
+
+def test_ray_engine_keeps_rejects_and_splits_as_the_local_engine(cluster, tmp_path, tiny_model_dir, home,
+                                                                  monkeypatch):
+    monkeypatch.setattr(batches, "FIRST_BATCH", 50)  # 8 batches: the dedup decisions span batches and nodes
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(listing_rows()) + "\n", encoding="utf-8")
+    local = prepare(tmp_path, tiny_model_dir, data, "local", steps=STEPS)
+    t0 = time.time()
+    on_ray = prepare(tmp_path, tiny_model_dir, data, "ray", steps=STEPS, engine="ray", ray_address=cluster.address)
+    print(f"ray engine: {time.time() - t0:.1f} s")
+    for name in FILES:
+        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text(), name
+    nodes = on_ray.summary.pop("Ray nodes that curated")
+    assert on_ray.summary == local.summary
+    assert nodes == 2, "every batch ran on one node"
+    reasons = [json.loads(line)["reason"] for line in (tmp_path / "ray" / "rejected.jsonl").open()]
+    for kind in ("exact duplicate of", "near duplicate of", "tokens < min", "not in the sample", "is missing"):
+        assert any(kind in r for r in reasons), kind
+    assert any("Expecting" in r or "JSON" in r for r in reasons), reasons[:5]
+    assert not ray.is_initialized(), "the engine disconnects from the cluster it attached to"
+
+
+def test_a_steps_own_error_comes_back_as_itself(cluster, tmp_path, tiny_model_dir, home):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "category": "a"}) + "\n" for t in ("one", "two", "three")))
+    with pytest.raises(DataError, match=r"rows.jsonl:1: text: 'one' is not a number"):
+        prepare(tmp_path, tiny_model_dir, data, "ray", on_error="fail", engine="ray", ray_address=cluster.address,
+                steps=[{"step": "numeric_range", "fields": ["text"], "min": 0}])
+
+
+def test_an_unreachable_address_fails_at_once(tmp_path, tiny_model_dir, home):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "hello there", "category": "a"}) + "\n")
+    ray.shutdown()
+    t0 = time.time()
+    with pytest.raises(ConfigError, match="data.ray_address: no Ray cluster answers at 127.0.0.1:9"):
+        prepare(tmp_path, tiny_model_dir, data, "ray", engine="ray", ray_address="127.0.0.1:9")
+    assert time.time() - t0 < 10
