@@ -184,3 +184,23 @@ def test_progress_lines_appear_when_the_output_is_a_file(tmp_path, tiny_model_di
     lines = [line for line in printed.splitlines() if line.startswith("prepare: ")]
     assert lines and "rows/s" in lines[0] and "ETA" in lines[0], printed[:2000]
     assert lines[-1].startswith("prepare: 5,000 rows (100%)"), lines[-1]
+
+
+def test_read_sample_stops_at_its_rows_and_keeps_what_the_stream_reports(tmp_path):
+    """``tunesmith init``'s reading: the first rows through the same reader, broken lines with their file:line,
+    whether the file ended within them, and the encoding note ``data prepare`` prints."""
+    lines = [json.dumps({"text": f"message {i}", "label": "ab"[i % 2]}) for i in range(50)]
+    lines[2] = lines[2][:-3]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    head = batches.read_sample(data, "jsonl", rows=10)
+    assert (len(head.records), [r.source for r in head.rejected], head.complete, head.note) == (
+        10, [f"{data}:3"], False, None)
+    assert head.records[-1].source == f"{data}:11"
+    whole = batches.read_sample(data, "jsonl", rows=100)
+    assert (len(whole.records), len(whole.rejected), whole.complete) == (49, 1, True)
+    korean = tmp_path / "k.csv"
+    korean.write_bytes("리뷰,label\n정말 최악이에요,부정\n완전 감동했어요,긍정\n".encode("cp949"))
+    sample = batches.read_sample(korean, rows=10)
+    assert [r.data["리뷰"] for r in sample.records] == ["정말 최악이에요", "완전 감동했어요"] and sample.complete
+    assert "decoded as CP949" in sample.note

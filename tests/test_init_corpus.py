@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLE_CSV, REPO, write_jsonl
+from tests.conftest import EXAMPLE_CSV, REPO, chat_lines, write_jsonl
 from tunesmith.config import load_recipe
 
 MINILM, E5 = "all-minilm-l6-v2", "multilingual-e5-small"
@@ -273,3 +273,39 @@ def test_real_banking77_and_products_from_shared_data(cli, tmp_path, tiny_model_
     assert (cfg.data.task, encoder) == ("regression", MINILM)
     assert not {"product_id", "img_link", "product_link", "discounted_price", "actual_price"} & set(
         cfg.data.input_fields), said
+
+
+def test_a_file_longer_than_the_sample_is_read_up_to_it_and_said(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """Init reads the first SAMPLE_ROWS rows through the data stage's reader and says so; the run reads every row,
+    and one it cannot use further on (here a short CSV row after 999 rows) is set aside, not a stopped run."""
+    from tunesmith.runs import starter
+
+    monkeypatch.setattr(starter, "SAMPLE_ROWS", 300)
+    rows = banking()
+    text = csv_text(rows[:999]) + "only one field\n" + csv_text(rows[999:]).split("\n", 1)[1]
+    data = tmp_path / "long.csv"
+    data.write_text(text, encoding="utf-8")
+    cfg, said, prepared, encoder = chosen(cli, data, tiny_model_dir)
+    assert (cfg.data.task, cfg.data.target_field, cfg.data.input_fields, encoder) == (
+        "classification", "category", ["text"], MINILM)
+    assert "long.csv: the first 300 rows (init reads no further; the run reads every row) (csv)" in said
+    assert "validation: 60 of the first 300 rows read, more in the whole file" in said
+    assert "init read the first 300 rows; a row further on that the run cannot use is set aside" in said
+    assert cfg.data.on_error == "skip" and f"{len(rows):,} kept" in prepared and "1 record(s) set aside" in prepared
+
+
+def test_a_chat_file_longer_than_the_sample_keeps_every_conversation(cli, tmp_path, tiny_model_dir, monkeypatch):
+    """The conversations init turns into prompt/completion rows are every one of the file, not its first
+    SAMPLE_ROWS; a broken line further on is said."""
+    from tunesmith.runs import starter
+
+    monkeypatch.setattr(starter, "SAMPLE_ROWS", 20)
+    data = tmp_path / "chat.jsonl"
+    data.write_bytes(chat_lines(banking()[::25], system="Classify the customer message.") + b'{"messages": [\n')
+    cfg, said, _, _ = chosen(cli, data, tiny_model_dir)
+    pairs = [json.loads(line) for line in cfg.data.path.read_text(encoding="utf-8").splitlines()]
+    n = len(banking()[::25])
+    assert n > 40 and len(pairs) == n and all(p["prompt"] and p["completion"] for p in pairs)
+    assert cfg.data.system_prompt == "Classify the customer message." and not pairs[-1]["prompt"].startswith("system")
+    assert f"conversations as prompt/completion rows ({n})" in said
+    assert "unreadable: 1 conversation(s) in the whole file, left out of" in said and f"chat.jsonl:{n + 1}:" in said

@@ -1,6 +1,9 @@
-"""Readers for JSONL, CSV/TSV, JSON (SQuAD/KorQuAD flattened), Parquet and saved HF datasets.
+"""Rows of one data file, one at a time: JSONL and CSV/TSV line by line, Parquet by Arrow batches, JSON (SQuAD/KorQuAD
+flattened) as one document, saved HF datasets from their memory-mapped files.
 
-Documents (PDF/TXT/Markdown) and hub datasets live in ``sources.py``.
+Documents (PDF/TXT/Markdown) and hub datasets live in ``sources.py``; ``batches.py`` hands these rows on in
+batches (``data prepare``, ``tunesmith init``) and :func:`read_records` collects them (the commands that want
+every row at once), so every command reads a file alike.
 
 Each reader yields ``Record``s that remember ``file:line``; a malformed row either raises a
 ``DataError`` naming file, line and the start of the line (``on_error="fail"``) or becomes a
@@ -10,9 +13,9 @@ Each reader yields ``Record``s that remember ``file:line``; a malformed row eith
 from __future__ import annotations
 
 import csv
-import io
 import json
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tunesmith.data.chat import check_example, hint
@@ -23,6 +26,7 @@ CSV_FIELD_LIMIT = 2**31 - 1
 FIX_HINT = "Fix the row, or set data.on_error: skip to set it aside."
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv", ".json": "json",
            ".parquet": "parquet", ".pq": "parquet"}
+ARROW_BATCH = 20_000  # Parquet rows decoded at a time
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -40,21 +44,52 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
 
 
 def read_records(path: Path, fmt: str = "auto", on_error: str = "fail", limit: int | None = None):
-    """Read a data file. Returns ``(records, rejected)``."""
-    path = Path(path)
-    fmt = detect_format(path, fmt)
-    if fmt == "hf_disk":
-        items = _hf_disk(path)
-    elif not path.is_file():
-        raise DataError(f"Data file not found: {path}")
-    elif fmt == "parquet":
-        items = _parquet(path)
-    else:
-        text = _read_text(path, lenient=on_error == "skip" and fmt in ("jsonl", "csv"))
-        if not text.strip():
-            raise DataError(f"{path}: the file is empty")
-        items = {"jsonl": _jsonl, "csv": _csv, "json": _json, "squad": _json}[fmt](path, text)
+    """Read a data file (every row in memory). Returns ``(records, rejected)``."""
+    items, _ = file_rows(Path(path), fmt, lenient=on_error == "skip")
     return collect(items, on_error, limit)
+
+
+Rows = tuple[Iterator[Record | Rejected], Callable[[], float]]
+
+
+def file_rows(path: Path, fmt: str = "auto", lenient: bool = False, split: str = "train",
+              batch_rows: int = ARROW_BATCH) -> Rows:
+    """The rows of a data file one at a time, and a function telling the share of the file read so far.
+
+    ``lenient`` keeps bytes that are not UTF-8 so that their rows become rejects (``on_error: skip``);
+    ``split`` picks the split of a saved ``DatasetDict``."""
+    fmt = detect_format(path, fmt)
+    if fmt == "hf_disk":  # the rows are read from the memory-mapped Arrow files one at a time
+        return counted(_hf_disk(path, split), _hf_rows(path, split))
+    if not path.is_file():
+        raise DataError(f"Data file not found: {path}")
+    if fmt in ("jsonl", "csv"):
+        lines = LineReader(path, lenient)
+        return (_jsonl if fmt == "jsonl" else _csv)(path, lines), lines.fraction
+    if fmt == "parquet":
+        return counted(_parquet(path, batch_rows))
+    if fmt in ("json", "squad"):  # one document: read whole by nature
+        items = list(_json(path, _read_text(path)))
+        return counted(iter(items), len(items))
+    raise DataError(f"{path}: data.format {fmt} is not a data file format; choose one of "
+                    f"{sorted(set(FORMATS.values()))} or hf_disk")
+
+
+def counted(items, total: int | None = None) -> Rows:
+    """Items with a fraction read of ``total`` (or of the ``(item, fraction)`` pairs a reader yields)."""
+    state = {"done": 0, "fraction": 0.0}
+
+    def gen():
+        for item in items:
+            if isinstance(item, tuple):
+                item, state["fraction"] = item
+            state["done"] += 1
+            yield item
+
+    def fraction() -> float:
+        return state["done"] / total if total else state["fraction"]
+
+    return gen(), fraction
 
 
 def collect(items, on_error: str = "fail", limit: int | None = None):
@@ -73,21 +108,23 @@ def collect(items, on_error: str = "fail", limit: int | None = None):
     return records, rejected
 
 
-def _read_text(path: Path, lenient: bool = False) -> str:
-    """The file's text: UTF-8, or UTF-16 / cp949 (Korean Windows, euc-kr's superset) when its bytes say so
-    (:func:`encoding_note` says which). Other bytes that are not UTF-8 raise, naming the line and the fix;
-    ``lenient`` keeps them as surrogates so their rows can be rejected."""
+def _read_text(path: Path) -> str:
+    """A JSON document's text: UTF-8, or UTF-16 / cp949 (Korean Windows, euc-kr's superset) when its bytes say so
+    (:func:`encoding_note` says which). Other bytes that are not UTF-8 raise, naming the line and the fix."""
     raw = path.read_bytes()
     encoding = detect_encoding(raw)
     if encoding != "utf-8":
-        return raw.decode(encoding)
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        if lenient:
-            return raw.decode("utf-8-sig", errors="surrogateescape")
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; {resave_hint(path)}") from None
+        text = raw.decode(encoding)
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: bytes that are not UTF-8 at offset {exc.start}; "
+                            f"{resave_hint(path)}") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
 
 
 def detect_encoding(raw: bytes) -> str:
@@ -156,10 +193,55 @@ def _start(line: str, n: int = 60) -> str:
     return line if len(line) <= n else line[:n] + "..."
 
 
-def _jsonl(path: Path, text: str):
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield jsonl_row(f"{path}:{lineno}", line)
+class LineReader:
+    """A text file's lines as ``(line number, text)``, decoded one at a time: UTF-8 (a BOM allowed), or UTF-16 /
+    Korean cp949 when :func:`file_encoding` says so.
+
+    ``lenient`` keeps undecodable bytes as surrogates so that their rows can be rejected; otherwise they
+    raise a ``DataError`` naming the line, the byte offset and the fix."""
+
+    def __init__(self, path: Path, lenient: bool):
+        self.path, self.lenient = path, lenient
+        self.size = max(path.stat().st_size, 1)
+        self.offset = 0
+
+    def fraction(self) -> float:
+        return min(self.offset / self.size, 1.0)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        encoding = file_encoding(self.path)
+        if encoding != "utf-8":  # UTF-16 or Korean cp949 (encoding_note says so)
+            with open(self.path, encoding=encoding, newline="") as fh:
+                for lineno, text in enumerate(fh, start=1):
+                    yield lineno, text
+                    self.offset += len(text.encode(encoding, errors="replace"))
+            return
+        with open(self.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                yield lineno, self._decode(raw, lineno)
+                self.offset += len(raw)
+
+    def _decode(self, raw: bytes, lineno: int) -> str:
+        codec = "utf-8-sig" if lineno == 1 else "utf-8"
+        try:
+            return raw.decode(codec)
+        except UnicodeDecodeError as exc:
+            if self.lenient:
+                return raw.decode(codec, errors="surrogateescape")
+            raise DataError(f"{self.path}:{lineno}: bytes that are not UTF-8 at offset {self.offset + exc.start}; "
+                            f"{resave_hint(self.path)}") from None
+
+
+def _jsonl(path: Path, lines: LineReader):
+    blank = True
+    for lineno, line in lines:
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        blank = False
+        yield jsonl_row(f"{path}:{lineno}", line)
+    if blank:
+        raise DataError(f"{path}: the file is empty")
 
 
 def jsonl_row(where: str, line: str) -> Record | Rejected:
@@ -177,25 +259,6 @@ def jsonl_row(where: str, line: str) -> Record | Rejected:
     return Record(obj, where)
 
 
-def _csv(path: Path, text: str):
-    csv.field_size_limit(CSV_FIELD_LIMIT)  # the default (131,072 characters) refuses long documents in a cell
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    if len(set(header)) != len(header):
-        yield Rejected(f"{path}:1", "read", f"duplicate column names in header {header}")
-        return
-    start_line = reader.line_num
-    for row in reader:
-        where = f"{path}:{start_line + 1}"
-        start_line = reader.line_num
-        if row:
-            yield csv_row(where, header, row)
-
-
 def csv_row(where: str, header: list[str], row: list[str]) -> Record | Rejected:
     """One CSV row under ``header``: a ``Record``, or a ``Rejected`` saying what is wrong with it."""
     if any(_BAD_BYTES.search(cell) for cell in row):
@@ -203,6 +266,30 @@ def csv_row(where: str, header: list[str], row: list[str]) -> Record | Rejected:
     if len(row) != len(header):
         return Rejected(where, "read", f"has {len(row)} fields but the header has {len(header)}", row)
     return Record(dict(zip(header, row, strict=True)), where)
+
+
+def _csv(path: Path, lines: LineReader):
+    numbered = iter(lines)
+    current = {"line": 0}
+
+    def texts():
+        for lineno, text in numbered:
+            current["line"] = lineno
+            yield text
+
+    csv.field_size_limit(CSV_FIELD_LIMIT)  # the default (131,072 characters) refuses long documents in a cell
+    reader = csv.reader(texts(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{path}: the file is empty")
+    if len(set(header)) != len(header):
+        yield Rejected(f"{path}:1", "read", f"duplicate column names in header {header}")
+        return
+    start = current["line"]
+    for row in reader:
+        where, start = f"{path}:{start + 1}", current["line"]
+        if row:
+            yield csv_row(where, header, row)
 
 
 def _json(path: Path, text: str):
@@ -261,19 +348,6 @@ def flatten_squad(path: Path, doc: dict):
         }, where)
 
 
-def _parquet(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    if table.num_rows == 0:
-        raise DataError(f"{path}: the file is empty (0 rows)")
-    for i, row in enumerate(table.to_pylist()):
-        yield Record(row, f"{path}:row {i + 1}")
-
-
 def _hf_disk(path: Path, split: str = "train"):
     """A folder written by ``Dataset.save_to_disk`` (or a DatasetDict; ``split`` picks one)."""
     if not path.is_dir():
@@ -292,3 +366,32 @@ def _hf_disk(path: Path, split: str = "train"):
         raise DataError(f"{path}: the dataset has no rows")
     for i, row in enumerate(ds):
         yield Record(dict(row), f"{path}:row {i + 1}")
+
+
+def _hf_rows(path: Path, split: str) -> int:
+    """How many rows the saved dataset's split has (0 when it cannot be read: the reader says why)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+        return len(ds[split] if isinstance(ds, datasets.DatasetDict) else ds)
+    except Exception:
+        return 0
+
+
+def _parquet(path: Path, batch_rows: int):
+    """``(record, fraction read)`` pairs, decoded ``batch_rows`` rows at a time."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    total = pf.metadata.num_rows
+    if total == 0:
+        raise DataError(f"{path}: the file is empty (0 rows)")
+    i = 0
+    for batch in pf.iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            i += 1
+            yield Record(row, f"{path}:row {i}"), i / total

@@ -1,7 +1,8 @@
 """Where records come from: files (``readers.py``), hub datasets, documents; plus derived fields.
 
-``read_source`` is the one entry point the pipeline and the CLI use. Documents are cut into
-token chunks that overlap; every chunk keeps its source file and page.
+``read_source`` reads a source whole (the data stage streams files through ``batches.py`` and hands only hub
+datasets and documents to it). Documents are cut into token chunks that overlap; every chunk keeps its source
+file and page.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ def size(start: Start, doc: dict, device: str, encoder: str | None, texts: list[
     s.choose("train", "max_seq_length", "auto", "the 99th percentile of the tokenized training examples, capped by "
              "the model; longer inputs are cut, no example dropped")
     epochs = default_epochs(n_train)
-    s.choose("train", "epochs", epochs, f"the OpenAI cookbook's rule for {n_train:,} training examples")
+    more = "" if start.complete else "at least "
+    s.choose("train", "epochs", epochs, f"the OpenAI cookbook's rule for {more}{n_train:,} training examples")
     s.train |= {"adapter": "lora", "learning_rate": 3.0e-4}
     recipe = validate_recipe({**doc, "train": dict(s.train)}, source="the new recipe")
     length, mean = measured_length(recipe, start)
@@ -64,7 +65,8 @@ def size(start: Start, doc: dict, device: str, encoder: str | None, texts: list[
 
 
 def train_count(start: Start, doc: dict) -> int:
-    """Training examples the split will give (the file's rows less the validation and test shares)."""
+    """Training examples the split will give (the rows init read less the validation and test shares; more when
+    init read only the first rows of a larger file)."""
     split = doc["data"]["split"]
     n = len(start.records)
     return max(1, int(n * split["train"])) if split["train"] <= 1 else int(split["train"])

@@ -1,7 +1,8 @@
 """``tunesmith init DATA``: a first recipe fitted to a data file, so that ``tunesmith run`` works on it unedited.
 
-It reads the file with the readers ``tunesmith data prepare`` uses (CSV/TSV, JSONL, JSON, Parquet, SQuAD-style
-JSON, chat JSONL with ``messages``, a saved Hugging Face dataset folder), shows its fields, takes the target
+It reads the first :data:`SAMPLE_ROWS` rows of the file through the reader ``tunesmith data prepare`` streams
+(``data.batches.read_sample``: CSV/TSV, JSONL, JSON, Parquet, SQuAD-style JSON, chat JSONL with ``messages``, a saved
+Hugging Face dataset folder; broken lines by file:line, the encoding), shows its fields, takes the target
 (``--target``, else the one field whose name or values say so) and the task kind (``--task``, else from the
 target: SQuAD → qa, chat → generation, short values that repeat → classification, other numbers → regression,
 free text → generation). The inputs are the free-text fields; ids, URLs, dates, file names, numbers and fields
@@ -19,6 +20,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Record
@@ -34,12 +36,17 @@ from tunesmith.runs.fields import (
     not_content,
 )
 
+if TYPE_CHECKING:
+    from tunesmith.data.batches import Sample
+
 TASKS = ("classification", "regression", "generation")  # --task choices for a file of fields (qa: SQuAD files)
 ACCEPTS = ("CSV/TSV (.csv, .tsv), JSON Lines (.jsonl, .ndjson), JSON (.json: a list of objects or SQuAD-style), "
            "Parquet (.parquet), chat JSONL (messages), or a folder written by datasets' save_to_disk")
 MIN_PER_LABEL = 3  # rows per label (median) below which a label set is refused: too few to train, check and test
 MIN_ROWS = 10  # fewer usable rows than this leaves nothing to split into train, validation and test
 VAL_EXAMPLES = 200  # the validation split aims at this many examples (capped at 20% of the data) to tell arms apart
+SAMPLE_ROWS = 20_000  # rows init reads: enough for every choice it makes (at this many, validation and test are 10%
+#                       each and the cookbook's rule gives 1 epoch, as for any larger file), and memory stays bounded
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Start:
     fmt: str
     records: list[Record]
     columns: list[Column]
+    complete: bool = True  # the records are every row of the file (else its first SAMPLE_ROWS)
     target: str | None = None
     kind: str = "classification"
     inputs: list[str] = field(default_factory=list)
@@ -62,11 +70,12 @@ class Start:
         self.said.append(line)
 
 
-def read_data(path: Path, say=print) -> tuple[str, list[Record], list]:
-    """``(format, records, rejected)`` through the readers ``data prepare`` uses; SQuAD JSON is named ``squad``,
-    chat JSONL ``chat``. A folder that is not a saved dataset, an unknown format and bytes that are not text
-    are refused, saying what is accepted and how to fix it."""
-    from tunesmith.data.readers import NOT_UTF8, detect_format, encoding_note, read_records, resave_hint
+def read_data(path: Path, say=print) -> tuple[str, Sample]:
+    """``(format, sample)``: the first :data:`SAMPLE_ROWS` rows, read by the reader ``data prepare`` streams
+    through; SQuAD JSON is named ``squad``, chat JSONL ``chat``. A folder that is not a saved dataset, an unknown
+    format and bytes that are not text are refused, saying what is accepted and how to fix it."""
+    from tunesmith.data.batches import read_sample
+    from tunesmith.data.readers import NOT_UTF8, detect_format, resave_hint
 
     path = Path(path)
     if not path.exists():
@@ -79,29 +88,34 @@ def read_data(path: Path, say=print) -> tuple[str, list[Record], list]:
         fmt = detect_format(path)
     except DataError:
         raise DataError(f"{path}: init cannot read '{path.suffix or path.name}' files; it reads {ACCEPTS}") from None
-    if note := encoding_note(path):
-        say(note)
-    records, rejected = read_records(path, fmt, on_error="skip")
+    sample = read_sample(path, fmt, SAMPLE_ROWS)
+    if sample.note:
+        say(sample.note)
+    rejected = sample.rejected
     if any(r.reason == NOT_UTF8 for r in rejected):
         first = next(r for r in rejected if r.reason == NOT_UTF8)
         raise DataError(f"{first.source}: bytes that are not UTF-8 (nor UTF-16 or Korean cp949); "
                         f"{resave_hint(path)}")
-    if not records:
+    if not sample.records:
         raise DataError(f"{path}: no readable rows" + (f" (first problem: {rejected[0].source}: {rejected[0].reason})"
                                                        if rejected else ""))
-    if fmt == "json" and {"context", "question", "answers"} <= set(records[0].data):
+    first = sample.records[0].data
+    if fmt == "json" and {"context", "question", "answers"} <= set(first):
         fmt = "squad"
-    elif fmt == "jsonl" and isinstance(records[0].data.get("messages"), list):
+    elif fmt == "jsonl" and isinstance(first.get("messages"), list):
         fmt = "chat"
-    return fmt, records, rejected
+    return fmt, sample
 
 
 def inspect(path: Path, target: str | None, task: str | None = None, say=print) -> Start:
     """Read the data, pick the target, the task kind and the input fields; every choice said."""
-    fmt, records, rejected = read_data(path, say)
-    start = Start(Path(path), fmt, records, columns_of(records))
-    if rejected:
-        unreadable(start, rejected)
+    fmt, sample = read_data(path, say)
+    start = Start(Path(path), fmt, sample.records, columns_of(sample.records), complete=sample.complete)
+    if sample.rejected:
+        unreadable(start, sample.rejected)
+    if not sample.complete:
+        set_skip(start, f"init read the first {len(sample.records):,} rows; a row further on that the run cannot use "
+                        "is set aside in data/rejected.jsonl instead of stopping the run")
     if (target is not None or task is not None) and fmt in ("squad", "chat"):
         start.say(f"--target/--task: not used; a {fmt} file says what the task and the answer are")
     if fmt == "squad":
@@ -109,8 +123,8 @@ def inspect(path: Path, target: str | None, task: str | None = None, say=print) 
         start.say("task: qa (a SQuAD-style file: context, question and answers)")
         return start
     if fmt == "chat":
-        rows, start.system_prompt = chat_pairs(records)
-        start.records = [Record(row, r.source) for row, r in zip(rows, records, strict=True)]
+        rows, start.system_prompt = chat_pairs(sample.records)
+        start.records = [Record(row, r.source) for row, r in zip(rows, sample.records, strict=True)]
         start.columns = columns_of(start.records)
         start.kind, start.target, start.inputs = "generation", "completion", ["prompt"]
         start.say("task: generation (chat JSONL: the model learns each conversation's last assistant message)")
@@ -223,27 +237,73 @@ def input_fields(start: Start, target: Column) -> list[str]:
 
 
 def chat_pairs(records: list[Record]) -> tuple[list[dict], str | None]:
-    """Chat JSONL as prompt/completion rows: the last assistant message is the completion, the turns before it
-    the prompt (earlier turns written as ``role: text`` lines). A system message all conversations share becomes
+    """Chat JSONL as prompt/completion rows (:func:`chat_pair`). A system message all conversations share becomes
     the recipe's system prompt (returned); one that differs stays in the prompt."""
-    systems = set()
-    rows = []
-    for r in records:
-        msgs = [m for m in r.data.get("messages") or [] if isinstance(m, dict)]
-        last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-        if last is None:
-            raise DataError(f"{r.source}: a conversation without an assistant message to learn")
-        sys_msgs = [m for m in msgs[:last] if m.get("role") == "system"]
-        systems.add(sys_msgs[0].get("content", "") if sys_msgs else "")
-        rows.append((msgs[:last], msgs[last].get("content") or ""))
+    systems = {system_of(r) for r in records}
     shared = systems.pop() if len(systems) == 1 else None
-    out = []
-    for before, answer in rows:
-        turns = [m for m in before if not (m.get("role") == "system" and shared is not None)]
-        prompt = turns[-1].get("content", "") if len(turns) == 1 else "\n".join(
-            f"{m.get('role')}: {m.get('content', '')}" for m in turns)
-        out.append({"prompt": prompt, "completion": answer})
-    return out, shared
+    return [chat_pair(r, shared) for r in records], shared
+
+
+def system_of(r: Record) -> str:
+    """The conversation's first system message before its last assistant turn ("" when it has none)."""
+    msgs, last = turns_of(r)
+    sys_msgs = [m for m in msgs[:last] if m.get("role") == "system"]
+    return sys_msgs[0].get("content", "") if sys_msgs else ""
+
+
+def turns_of(r: Record) -> tuple[list[dict], int]:
+    """The conversation's messages and the index of its last assistant message (the answer to learn)."""
+    msgs = [m for m in r.data.get("messages") or [] if isinstance(m, dict)]
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise DataError(f"{r.source}: a conversation without an assistant message to learn")
+    return msgs, last
+
+
+def chat_pair(r: Record, shared: str | None) -> dict:
+    """One conversation as a prompt/completion row: the last assistant message is the completion, the turns
+    before it the prompt (earlier turns written as ``role: text`` lines); its system messages are left to the
+    recipe's system prompt when its first one is ``shared``."""
+    msgs, last = turns_of(r)
+    drop = shared is not None and system_of(r) == shared
+    turns = [m for m in msgs[:last] if not (m.get("role") == "system" and drop)]
+    prompt = turns[-1].get("content", "") if len(turns) == 1 else "\n".join(
+        f"{m.get('role')}: {m.get('content', '')}" for m in turns)
+    return {"prompt": prompt, "completion": msgs[last].get("content") or ""}
+
+
+def write_chat_pairs(start: Start, path: Path, say=print) -> None:
+    """The conversations as prompt/completion rows in ``path``: the rows init read, or, when it read only the
+    first rows, every conversation of the file streamed through the same reader (unreadable lines said)."""
+    bad: list = []
+    rows = (r.data for r in start.records) if start.complete else whole_chat(start, bad)
+    n = 0
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    except DataError:
+        path.unlink(missing_ok=True)
+        raise
+    if bad:
+        say(f"unreadable: {len(bad):,} conversation(s) in the whole file, left out of {path.name} "
+            f"(first: {bad[0].source}: {bad[0].reason})")
+    say(f"conversations as prompt/completion rows ({n:,}) → {path}")
+
+
+def whole_chat(start: Start, bad: list):
+    """Every conversation of the chat file as a prompt/completion row, read as the data stage reads JSONL;
+    unreadable lines are appended to ``bad``."""
+    from tunesmith.data.readers import file_rows
+    from tunesmith.records import Rejected
+
+    items, _ = file_rows(start.data, "jsonl", lenient=True)
+    for item in items:
+        if isinstance(item, Rejected):
+            bad.append(item)
+        else:
+            yield chat_pair(item, start.system_prompt)
 
 
 SYSTEM_PROMPTS = {
@@ -275,7 +335,8 @@ def split_shares(start: Start, test_file: bool) -> dict:
     n = len(start.records)
     val = round(min(0.2, max(0.1, VAL_EXAMPLES / max(1, n))), 2)
     test = 0 if test_file else 0.1
-    start.notes["data.split"] = (f"validation: {int(n * val):,} of {n:,} rows ({VAL_EXAMPLES} where the data allows, "
+    of = f"{n:,} rows" if start.complete else f"the first {n:,} rows read, more in the whole file"
+    start.notes["data.split"] = (f"validation: {int(n * val):,} of {of} ({VAL_EXAMPLES} where the data allows, "
                                  "10-20% of it), so that the validation scores can separate the arms")
     return {"train": round(1 - val - test, 2), "val": val, "test": test}
 
@@ -304,6 +365,14 @@ def check_rows(start: Start, doc: dict) -> None:
     doc["data"] = {**doc["data"], "on_error": "skip"}
 
 
+def rows_read(start: Start) -> str:
+    """How many rows init looked at: every row of the file, or its first :data:`SAMPLE_ROWS`."""
+    n = len(start.records)
+    if start.complete:
+        return f"{n:,} rows"
+    return f"the first {n:,} rows (init reads no further; the run reads every row)"
+
+
 def recipe_name(path: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "my-task"
     return name[:60]
@@ -323,7 +392,7 @@ def init(data: Path, target: str | None = None, test: Path | None = None, out: P
     if out.exists():
         raise ConfigError(f"{out} exists; give another --out, or remove it")
     start = inspect(Path(data), target, task, say)
-    say(f"{data}: {len(start.records):,} rows ({start.fmt})")
+    say(f"{data}: {rows_read(start)} ({start.fmt})")
     for c in start.columns:
         say("  " + c.describe())
     data_path = out.with_name(f"{out.stem}.pairs.jsonl") if start.fmt == "chat" else Path(data)
@@ -340,9 +409,7 @@ def init(data: Path, target: str | None = None, test: Path | None = None, out: P
     for key, why in notes.items():
         say(f"{key}: {shown(_get(doc, key))} — {why}")
     if start.fmt == "chat":  # the conversations as prompt/completion rows, next to the recipe
-        data_path.write_text("".join(json.dumps(r.data, ensure_ascii=False) + "\n" for r in start.records),
-                             encoding="utf-8")
-        say(f"conversations as prompt/completion rows → {data_path}")
+        write_chat_pairs(start, data_path, say)
     out.write_text(render(doc, notes, header(start, data, device)), encoding="utf-8")
     say(f"Recipe → {out}")
     say(f"Next: tunesmith run {out}   (time and memory first: tunesmith train {out} --estimate)")
@@ -385,7 +452,8 @@ def _get(doc: dict, dotted: str):
 
 
 def header(start: Start, data: Path, device: str) -> str:
-    lines = [f"Written by `tunesmith init {data}` for {len(start.records):,} rows: a {start.kind} task, "
+    lines = [f"Written by `tunesmith init {data}` from {'' if start.complete else 'the first '}"
+             f"{len(start.records):,} rows: a {start.kind} task, "
              f"{', '.join(start.inputs)} → {start.target}, trained on this machine's {device}.",
              "Run it as is: tunesmith run THIS_FILE   (memory to expect: tunesmith train THIS_FILE --estimate)",
              "Every key: docs/recipe.md. The comments say why each value was chosen."]
