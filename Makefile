@@ -7,7 +7,7 @@ MODEL  ?= smollm2-135m-instruct
 
 LOCK   := requirements.lock
 
-.PHONY: install model converter browser demo test test-export vllm test-vllm lint clean lock
+.PHONY: install model converter browser demo test test-benchmarks test-export vllm test-vllm lint clean lock
 
 # exact versions from $(LOCK): the same install on every machine until `make lock` is run again
 $(STAMP): pyproject.toml $(LOCK)
@@ -47,7 +47,12 @@ browser:
 		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
 
 test: model converter browser
-	$(BIN)/python -m pytest -q -m 'not vllm'
+	$(BIN)/python -m pytest -q -m 'not vllm and not bench'
+
+# the tests that run benchmark scripts end to end (tiny GPU benchmark, GPU quality smoke run, label-scoring memory
+# in fresh processes): about 3 minutes on 2 cores, run by .ci/run after make test
+test-benchmarks: model converter
+	$(BIN)/python -m pytest -q -rs -m bench
 
 # the GGUF exporter checked with llama.cpp itself: builds llama-cpp-python (pinned, ~5 min on 2 cores the
 # first time), then loads every exported file and compares greedy answers; run before every exporter change

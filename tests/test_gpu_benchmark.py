@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.mark.bench  # make test-benchmarks
 @pytest.mark.skipif(not (SHARED / "banking77").is_dir(), reason=f"shared data not found at {SHARED}")
 def test_gpu_benchmark_runs_tiny_and_the_sides_agree_on_the_loss(tiny_model_dir, home, monkeypatch, capsys):
     dpo = (SHARED / "preference" / "llamafactory_dpo_en_demo.json").is_file()

@@ -35,6 +35,7 @@ def test_within_two_points_or_not():
 
 
 @pytest.mark.slow
+@pytest.mark.bench  # make test-benchmarks
 @pytest.mark.skipif(not registry.is_cached("smollm2-135m-instruct"), reason="the embedded model is not cached")
 def test_smoke_run_trains_the_demo_on_this_machines_path_and_records_it(tmp_path, capsys):
     code = gq.main(["--cases", "demo", "--smoke", "--out", str(tmp_path / "runs"), "--record-to", str(tmp_path / "rec")])

@@ -12,7 +12,7 @@ import pytest
 
 from tunesmith.models import registry
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]  # make test-benchmarks
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "label_scoring_memory.py"
 LIMIT_MB = 3 * 1024
 

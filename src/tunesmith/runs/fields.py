@@ -127,6 +127,9 @@ def guess_kind(col: Column) -> tuple[str, str]:
     if is_label_set(col):
         return "classification", (f"'{col.name}' holds {n:,} distinct values that repeat (short, "
                                   f"{len(col.present) / n:,.0f} rows each on average): a label set")
+    if 2 <= n <= MAX_CLASSES and col.mean_chars <= LABEL_MAX_CHARS:  # short values, but too few rows each
+        return "generation", (f"'{col.name}' holds {n:,} distinct short values with {len(col.present) / n:,.1f} rows "
+                              f"each on average, fewer than the {MIN_PER_LABEL} a label needs: generated as text")
     return "generation", (f"'{col.name}' is free text ({n:,} distinct values in {len(col.present):,} rows, "
                           f"{col.mean_chars:,.0f} chars on average)")
 
