@@ -46,8 +46,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
 
+# two test processes (pytest-xdist), a file each at a time: the suite waits on servers and subprocesses about half
+# of its time, so two share the 2 cores (tests/conftest.py gives each one thread)
 test: model converter browser
-	$(BIN)/python -m pytest -q -m 'not vllm and not bench'
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not vllm and not bench'
 
 # the tests that run benchmark scripts end to end (tiny GPU benchmark, GPU quality smoke run, label-scoring memory
 # in fresh processes): about 3 minutes on 2 cores, run by .ci/run after make test

@@ -25,6 +25,12 @@ CHATML = (
 )
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two test processes: one thread each (and in the
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # processes they start), so they share the cores, not oversubscribe
+
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def banking_rows(labels: tuple[str, ...], per_label: int) -> list[dict]:

@@ -28,6 +28,7 @@ KO_VERDICTS = {1: ("정말 최악이에요", "시간이 아까웠다"), 2: ("지
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNESMITH_DATA_CACHE", str(tmp_path / "cache"))  # prepared here, not from another test's cache
 
 
 def banking() -> list[dict]:

@@ -27,6 +27,7 @@ NOT_PRODUCT_INPUTS = (("product_id", "an id"), ("img_link", "URLs"), ("product_l
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TUNESMITH_DATA_CACHE", str(tmp_path / "cache"))  # prepared here, not from another test's cache
 
 
 def shared_file(rel: str) -> Path:

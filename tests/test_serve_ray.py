@@ -35,7 +35,8 @@ def cluster(tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("ray-serve")
     settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir)
     stop = threading.Event()
-    executor = threading.Thread(target=work_on_ray, args=(data_dir,), daemon=True,
+    # address "local": a Ray of its own, never one another test process started on this machine (Ray's default)
+    executor = threading.Thread(target=work_on_ray, args=(data_dir, "local"), daemon=True,
                                 kwargs={"stop": stop, "poll_s": 0.2, "init_kwargs": {"num_cpus": 2}})
     executor.start()
     with running_server(create_app(settings, Engine(str(tiny_model_dir), {}, wait_ms=5))) as url:
