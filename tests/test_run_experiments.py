@@ -266,3 +266,26 @@ def test_an_adapter_scores_the_same_locally_and_through_its_openai_endpoint(cli,
     local = {p["id"]: p["output"] for p in preds if p["model"] == "finetuned"}
     served = {p["id"]: p["output"] for p in preds if p["model"] == "served"}
     assert len(local) == 8 and served == local
+
+
+def test_quick_run_cuts_steps_examples_and_baselines_and_says_so(cli, tmp_path, tiny_model_dir):
+    """`run --quick`: a few steps instead of the epochs, a stratified sample of test examples, only the baselines
+    that load no model; each cut said, and a `--set` given with it wins."""
+    from tunesmith.runs.quick import QUICK_EXAMPLES, QUICK_STEPS
+
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 50))
+    doc = banking_recipe(tmp_path, tiny_model_dir, data, name="quick", seed=3, split={"train": 30, "val": 0, "test": 120},
+                         train={**FAST_TRAIN, "max_steps": None, "epochs": 3},
+                         eval={"max_new_tokens": 4, "bootstrap": 100})
+    code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc)), "--quick", "--set", "eval.bootstrap=50"])
+    assert code == 0, out
+    said = " ".join(out.split())
+    for cut in (f"each arm trains {QUICK_STEPS} steps instead of its epochs",
+                f"{QUICK_EXAMPLES} test and validation examples are scored", "baselines: majority, tfidf_logreg, tfidf_svm"):
+        assert cut in said, cut
+    run = tmp_path / "runs" / "quick"
+    metrics = _metrics(run)
+    assert set(metrics) == {"base", "finetuned", "majority", "tfidf_logreg", "tfidf_svm"}
+    assert all(m["n"] == QUICK_EXAMPLES for m in metrics.values())
+    steps = (run / "train" / "metrics.csv").read_text().splitlines()[-1].split(",")[0]
+    assert int(steps) == QUICK_STEPS  # 3 epochs of 30 examples in batches of 4 would be 24

@@ -51,7 +51,7 @@ def run(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a key, e.g. --set train.epochs=2; one arm: --set arms.NAME.train.epochs=2.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help=(
-        "A first look in minutes: every arm trains 20 steps, 100 stratified test examples are scored, only the "
+        "A first look in minutes: every arm trains 16 steps, 80 stratified test examples are scored, only the "
         "baselines that load no model run; what was cut is said."))] = False,
     nproc: common.NprocOpt = None,
     nnodes: common.NnodesOpt = 1,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from tunesmith.config import Recipe
 
-QUICK_STEPS = 20  # optimizer steps per arm
-QUICK_EXAMPLES = 100  # test (and validation) examples scored, a seeded sample stratified by label
+QUICK_STEPS = 16  # optimizer steps per arm
+QUICK_EXAMPLES = 80  # test (and validation) examples scored, a seeded sample stratified by label
 
 
 def quick_overrides(recipe: Recipe) -> tuple[list[str], list[str]]:
