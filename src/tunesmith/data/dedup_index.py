@@ -122,6 +122,12 @@ def normalized_keys(records: list[Record], spec) -> list[str]:
     return [_SPACES.sub(" ", k.lower()).strip() for k in keys] if spec.normalize else keys
 
 
+def pair_jaccard(arrays: list[np.ndarray], local: np.ndarray) -> np.ndarray:
+    """Exact Jaccard of each ``(i, j)`` pair of indices into ``arrays`` (sorted shingle sets)."""
+    offsets = np.concatenate(([0], np.cumsum([len(a) for a in arrays]))).astype(np.int64)
+    return exact_jaccard(Shingles(np.concatenate(arrays), offsets), local, chunk=1 << 16)
+
+
 def field_text(rec: Record, fields: list[str]) -> str:
     return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)
 
@@ -215,9 +221,7 @@ class NearIndex:
         docs = np.unique(pairs)
         arrays = [sets[d - base] if d >= base else np.frombuffer(self.shingles.get(int(d)), dtype=np.uint64)
                   for d in docs.tolist()]
-        offsets = np.concatenate(([0], np.cumsum([len(a) for a in arrays]))).astype(np.int64)
-        local = np.searchsorted(docs, pairs)
-        return exact_jaccard(Shingles(np.concatenate(arrays), offsets), local, chunk=1 << 16)
+        return pair_jaccard(arrays, np.searchsorted(docs, pairs))
 
     def _decide(self, records: list[Record], pairs: np.ndarray, sim: np.ndarray, base: int):
         """Keep rows without an earlier match; a dropped row's root is the smallest root among its matches."""

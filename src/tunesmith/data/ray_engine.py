@@ -27,8 +27,8 @@ from tunesmith.config import ExactDedupStep, NearDedupStep
 from tunesmith.config.kinds import kind_class
 from tunesmith.data import ray_parts
 from tunesmith.data.batches import stream_source
-from tunesmith.data.dedup_index import NearIndex
-from tunesmith.data.minhash import Shingles, earlier_roots, exact_jaccard, lsh_params
+from tunesmith.data.dedup_index import NearIndex, pair_jaccard
+from tunesmith.data.minhash import earlier_roots, lsh_params
 from tunesmith.data.ray_parts import Part
 from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields, plain_backend
 from tunesmith.data.stream import WHOLE, Curated
@@ -222,9 +222,8 @@ def _near_reasons(ray, ds, spec) -> dict[int, str]:
     order = np.argsort(got["pos"])
     sets = [np.frombuffer(got["shingles"][k], dtype=np.uint64) for k in order]
     sources = got["source"][order].tolist()
-    offsets = np.concatenate(([0], np.cumsum([len(s) for s in sets]))).astype(np.int64)
     local = np.searchsorted(got["pos"][order], pairs)
-    sim = exact_jaccard(Shingles(np.concatenate(sets), offsets), local, chunk=1 << 16)
+    sim = pair_jaccard(sets, local)
     good = sim >= spec.threshold
     local, sim = local[good], sim[good]
     score: dict[int, float] = {}

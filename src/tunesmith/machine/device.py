@@ -324,15 +324,16 @@ def probe(device: str = "auto") -> Capabilities:
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if not cuda:
         return Capabilities(flash_attn=False, liger=False, bitsandbytes=has("bitsandbytes"))
-    from tunesmith.machine.verified import finding, is_verified
+    from tunesmith.machine.verified import verification
 
     free, _ = torch.cuda.mem_get_info()
     name = torch.cuda.get_device_name()
+    verified, finding = verification(name)
     return Capabilities(
         cuda=True, bf16=torch.cuda.is_bf16_supported(), compute_capability=torch.cuda.get_device_capability(),
         flash_attn=has("flash_attn"), flex_attention=has("triton") and has("torch.nn.attention.flex_attention"),
         liger=has("liger_kernel"), bitsandbytes=has("bitsandbytes"), free_memory=free,
-        device_name=name, fast_path_verified=is_verified(name), fast_path_finding=finding(name),
+        device_name=name, fast_path_verified=verified, fast_path_finding=finding,
     )
 
 

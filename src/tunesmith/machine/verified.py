@@ -21,19 +21,16 @@ def records(path: Path | None = None) -> dict[str, dict]:
         return {}
 
 
-def is_verified(device_name: str, path: Path | None = None) -> bool:
-    """The fast path's losses equalled the reference path's on this GPU kind, and it was not slower there."""
+def verification(device_name: str, path: Path | None = None) -> tuple[bool, str | None]:
+    """``(verified, finding)`` for a GPU kind: verified when the fast path's losses equalled the reference path's
+    there and it was not slower; else what its record found (None without a record)."""
     record = records(path).get(device_name)
-    return bool(record and record.get("loss_equal") and (record.get("speedup") or 1.0) >= 1.0)
-
-
-def finding(device_name: str, path: Path | None = None) -> str | None:
-    """What the record of a GPU kind where the fast path is not verified says (None without a record)."""
-    record = records(path).get(device_name)
-    if not record or is_verified(device_name, path):
-        return None
-    return record.get("finding") or (f"measured {record['date']}: losses equal {record['loss_equal']}, "
-                                     f"speed-up {record['speedup']}")
+    if not record:
+        return False, None
+    if record.get("loss_equal") and (record.get("speedup") or 1.0) >= 1.0:
+        return True, None
+    return False, record.get("finding") or (f"measured {record['date']}: losses equal {record['loss_equal']}, "
+                                            f"speed-up {record['speedup']}")
 
 
 def record(device_name: str, loss_equal: bool, loss_tolerance: float, speedup: float | None, evidence: str,

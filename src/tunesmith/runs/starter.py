@@ -246,7 +246,10 @@ def chat_pairs(records: list[Record]) -> tuple[list[dict], str | None]:
 
 def system_of(r: Record) -> str:
     """The conversation's first system message before its last assistant turn ("" when it has none)."""
-    msgs, last = turns_of(r)
+    return _first_system(*turns_of(r))
+
+
+def _first_system(msgs: list[dict], last: int) -> str:
     sys_msgs = [m for m in msgs[:last] if m.get("role") == "system"]
     return sys_msgs[0].get("content", "") if sys_msgs else ""
 
@@ -265,7 +268,7 @@ def chat_pair(r: Record, shared: str | None) -> dict:
     before it the prompt (earlier turns written as ``role: text`` lines); its system messages are left to the
     recipe's system prompt when its first one is ``shared``."""
     msgs, last = turns_of(r)
-    drop = shared is not None and system_of(r) == shared
+    drop = shared is not None and _first_system(msgs, last) == shared
     turns = [m for m in msgs[:last] if not (m.get("role") == "system" and drop)]
     prompt = turns[-1].get("content", "") if len(turns) == 1 else "\n".join(
         f"{m.get('role')}: {m.get('content', '')}" for m in turns)
