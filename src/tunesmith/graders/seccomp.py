@@ -80,7 +80,7 @@ def program(arch: str) -> list[tuple[int, int, int, int]]:
 
 
 def install() -> None:
-    """Install the filter on this process (and so on every process it starts); OSError saying why not."""
+    """Install the filter on this process, for good (it is kept across ``execve``); OSError saying why not."""
     arch = machine()
     if not arch:
         raise OSError(errno.ENOSYS, f"no seccomp filter for this interpreter's ABI ({os.uname().machine}, "
@@ -108,12 +108,14 @@ def probe() -> str:
     except OSError as exc:
         return f"the seccomp filter cannot be installed: {exc}"
     libc = ctypes.CDLL(None, use_errno=True)
-    for call, result in (("socket()", lambda: libc.socket(1, 1, 0)), ("fork()", libc.fork)):  # AF_UNIX, SOCK_STREAM
-        got = result()
-        if got == 0:
-            os._exit(0)  # a child the filter let through
-        if got >= 0 or ctypes.get_errno() != errno.EPERM:
-            return f"the seccomp filter is installed but {call} gave {got} (errno {ctypes.get_errno()})"
+    fd = libc.socket(1, 1, 0)  # AF_UNIX, SOCK_STREAM
+    if fd >= 0 or ctypes.get_errno() != errno.EPERM:
+        return f"the seccomp filter is installed but socket() gave {fd} (errno {ctypes.get_errno()})"
+    pid = libc.fork()
+    if pid == 0:
+        os._exit(0)  # a child the filter let through
+    if pid >= 0 or ctypes.get_errno() != errno.EPERM:
+        return f"the seccomp filter is installed but fork() gave {pid} (errno {ctypes.get_errno()})"
     return "refused"
 
 
