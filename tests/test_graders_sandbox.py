@@ -57,11 +57,12 @@ def grade(sample, item):
         return 1.0 if "TUNESMITH_SECRET" not in os.environ else 0.0
     if kind == "escape":  # fork(2) through libc, leave the session and linger
         libc = ctypes.CDLL(None)
-        if libc.fork() == 0:
+        pid = libc.fork()
+        if pid == 0:
             libc.setsid()
             libc.sleep(60)
             os._exit(0)
-        return 1.0
+        return 1.0 if pid > 0 else 0.0
     if kind == "spawn":
         import subprocess
         subprocess.run(["true"])
@@ -71,8 +72,6 @@ def grade(sample, item):
 
 NEEDS_LANDLOCK = pytest.mark.skipif(landlock_abi() < 1, reason="this kernel offers no Landlock: only the audit "
                                     "hook guards files here (docs/serve.md says so)")
-NEEDS_NAMESPACES = pytest.mark.skipif(not network_namespace(), reason="unprivileged user namespaces are off here "
-                                      "(unshare -rn fails)")
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +162,11 @@ def _sandboxed_processes() -> list[str]:
     return out
 
 
-@NEEDS_NAMESPACES
 def test_no_process_outlives_its_grader():
+    """fork(2) through libc is refused by the seccomp filter (tests/test_graders_seccomp.py); the PID
+    namespace, where there is one, would kill whatever got through with the grader."""
     [escape] = _run([("", {"kind": "escape"})])
-    assert (escape.reward, escape.error) == (1.0, None)
+    assert (escape.reward, escape.error) == (0.0, None)
     deadline = time.monotonic() + 5
     while _sandboxed_processes() and time.monotonic() < deadline:
         time.sleep(0.1)

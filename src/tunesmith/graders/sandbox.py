@@ -13,7 +13,11 @@ Isolation (see :mod:`tunesmith.graders.sandbox_child`): fresh network and PID na
 when the system allows unprivileged user namespaces (no interface but a down loopback; every process the
 grader starts, even one that leaves its session, is killed with it), Landlock (files
 readable only under Python's installation, writable only in the grader's own temporary folder, no TCP),
-an audit hook with readable refusals, and an environment with none of the server's variables (API keys).
+a seccomp filter refusing every socket system call and every new process or thread
+(:mod:`tunesmith.graders.seccomp`), an audit hook with readable refusals, and an environment with none
+of the server's variables (API keys). Where neither namespaces nor Landlock are available, or the seccomp filter
+cannot be installed, python graders are refused (:func:`refusal`): the server does not start with them on,
+and :func:`run_python` raises.
 
 The answers are data, never trusted: the caller's code runs in a process forked by the sandbox's relay,
 out of reach of the channel to this server; each line read here is bounded (:data:`LINE_BYTES`), parsed
@@ -38,9 +42,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunesmith.errors import ConfigError
 from tunesmith.graders.sandbox_child import reward_error
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
+SECCOMP = Path(__file__).with_name("seccomp.py")
 STARTUP_S = 20.0  # interpreter start and the grader's own imports (numpy, …), before the first row
 LINE_BYTES = 16384  # the longest line the server reads from the sandbox (its answers are under 2,100 bytes)
 
@@ -87,11 +93,40 @@ def landlock_abi() -> int:
         return 0
 
 
+@functools.cache
+def seccomp_refusal() -> str | None:
+    """None when a process here can install the grader's seccomp filter and a socket is then refused;
+    else why not (tried in a throwaway process: ``python -I seccomp.py``)."""
+    try:
+        done = subprocess.run([sys.executable, "-I", str(SECCOMP)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the seccomp probe did not run: {exc}"
+    said = done.stdout.strip() or done.stderr.strip()[-300:] or f"exit status {done.returncode}"
+    return None if said == "refused" else said
+
+
+def refusal() -> str | None:
+    """Why python graders may not run on this host, or None: the kernel must offer network namespaces or
+    Landlock (else only the audit hook would keep the network and the files out), and the seccomp filter."""
+    if not network_namespace() and not landlock_abi():
+        return ("python graders are refused here: this host offers neither unprivileged network namespaces "
+                "(`unshare -rn` fails) nor Landlock (Linux 5.13+), so nothing below Python would keep a grader "
+                "from the network and the server's files; turn them off (`tunesmith serve --no-python-graders`, "
+                "no python graders in the recipe) or run on a kernel with either")
+    if why := seccomp_refusal():
+        return (f"python graders are refused here: {why}; turn them off (`tunesmith serve --no-python-graders`, "
+                "no python graders in the recipe) or run on x86_64 or aarch64 Linux with seccomp")
+    return None
+
+
 def isolation() -> str:
-    """What keeps a python grader in, in words (logged when a server allows python graders)."""
+    """What keeps a python grader in, in words (said when a server allows python graders); ConfigError
+    where python graders are refused (:func:`refusal`)."""
+    if why := refusal():
+        raise ConfigError(why)
     parts = ["network and PID namespaces" if network_namespace() else "NO namespaces (unshare -rn unavailable)",
              f"Landlock ABI {landlock_abi()}" if landlock_abi() else "NO Landlock (kernel without it)"]
-    return ", ".join(parts) + ", audit hook, rlimits, empty environment"
+    return ", ".join(parts) + ", seccomp (no sockets, no new processes), audit hook, rlimits, empty environment"
 
 
 def _limit(limits: Limits, rows: int):
@@ -175,7 +210,10 @@ class _Child:
 
 
 def run_python(source: str, rows: list[tuple[dict, dict]], limits: Limits = Limits()) -> list[Outcome]:
-    """``grade(sample, item)`` of ``source`` for every (sample, item) row, in order; never raises for a row."""
+    """``grade(sample, item)`` of ``source`` for every (sample, item) row, in order; never raises for a row
+    (ConfigError, before any row, on a host where python graders are refused: :func:`refusal`)."""
+    if why := refusal():
+        raise ConfigError(why)
     out: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="tunesmith-grader-") as folder:
         Path(folder, "grader.py").write_text(source, encoding="utf-8")

@@ -5,8 +5,9 @@ Before the grader's source is even compiled this process (1) restricts itself wi
 unprivileged sandbox: files may be read only under Python's own installation, written only in the grader's
 folder, and no TCP connection or bind is allowed; (2) forks the **grader process**, which adds a second,
 nested Landlock layer (so it can neither trace, signal nor read ``/proc`` of this one), closes every
-descriptor of the server's channel, installs an audit hook refusing sockets, new processes and opening
-files outside those folders, and only then runs the caller's code.
+descriptor of the server's channel, installs the seccomp filter of :mod:`tunesmith.graders.seccomp` (no
+socket system call for any address family, no new process or thread) and an audit hook refusing sockets,
+new processes and opening files outside those folders, and only then runs the caller's code.
 
 This process, the **relay**, stays out of the caller's reach: it passes each row to the grader over one
 pipe and reads the grader's answer from another, at most :data:`ANSWER_BYTES` bytes, parses it as data
@@ -16,6 +17,7 @@ own row's error; a grader that breaks the protocol is ended and the next rows go
 """
 
 import ctypes
+import importlib.util
 import json
 import math
 import os
@@ -73,6 +75,15 @@ def landlock(read_dirs, write_dirs, files) -> int:
         raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
     os.close(ruleset)
     return abi
+
+
+def sibling(name: str):
+    """The module ``name`` beside this file, loaded by path (this process imports nothing from tunesmith)."""
+    spec = importlib.util.spec_from_file_location(f"tunesmith_sandbox_{name}",
+                                                  os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def audit_hook(folder, read_roots):
@@ -229,11 +240,12 @@ def relay(pipe: GraderPipe, server_in, server_out) -> None:
             return
 
 
-def run_grader(folder, read_roots, rows_fd: int, answers_fd: int) -> None:
+def run_grader(folder, read_roots, seccomp, rows_fd: int, answers_fd: int) -> None:
     """In the forked grader process: lock in further, load the caller's source and grade rows; never returns."""
     out = os.fdopen(answers_fd, "w")
     try:
         landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])  # a nested layer: the relay is outside it
+        seccomp.install()  # no sockets, no new tasks, from here on
         audit_hook(folder, read_roots)
         namespace = {"__name__": "grader"}
         with open(os.path.join(folder, "grader.py"), encoding="utf-8") as f:
@@ -253,8 +265,9 @@ def run_grader(folder, read_roots, rows_fd: int, answers_fd: int) -> None:
         os._exit(0)
 
 
-def start_grader(folder, read_roots, keep_out: list[int]) -> GraderPipe:
-    """Fork the grader process with a pipe each way; it keeps none of ``keep_out`` (the server's channel)."""
+def start_grader(folder, read_roots, seccomp, keep_out: list[int]) -> GraderPipe:
+    """Fork the grader process with a pipe each way; it keeps none of ``keep_out`` (the server's channel) and
+    installs ``seccomp``'s filter (:mod:`tunesmith.graders.seccomp`, loaded here by the relay)."""
     rows_r, rows_w = os.pipe()
     answers_r, answers_w = os.pipe()
     pid = os.fork()
@@ -264,7 +277,7 @@ def start_grader(folder, read_roots, keep_out: list[int]) -> GraderPipe:
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        run_grader(folder, read_roots, rows_r, answers_w)
+        run_grader(folder, read_roots, seccomp, rows_r, answers_w)
     os.close(rows_r)
     os.close(answers_w)
     return GraderPipe(pid, rows_w, answers_r)
@@ -277,9 +290,10 @@ def main() -> None:
     os.dup2(2, 1)  # prints go to stderr, never into the answers
     read_roots = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                          sys.base_exec_prefix)} | {"/usr/lib", "/lib", "/lib64"})
+    seccomp = sibling("seccomp")  # read before Landlock: this file's folder may lie outside read_roots
     abi = landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, _long(0), _long(0), _long(0), _long(0))
-    pipe = start_grader(folder, read_roots, keep_out=[0, server_out_fd])
+    pipe = start_grader(folder, read_roots, seccomp, keep_out=[0, server_out_fd])
     fatal = pipe.loaded()
     server_out.write(json.dumps({"fatal": fatal} if fatal else {"ready": True, "landlock": abi}) + "\n")
     server_out.flush()

@@ -76,6 +76,10 @@ WORKER_STOP_S = 30  # the jobs worker saves a checkpoint at its next step; kille
 
 def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int = 1, executor: str = "local",
                   ray_address: str | None = None) -> None:
+    if settings.python_graders_on:  # a host that cannot sandbox them is refused here, before anything starts
+        from tunesmith.graders.sandbox import isolation
+
+        say(f"python graders: on, each in a sandbox ({isolation()})")
     import uvicorn
 
     from tunesmith.serve.app import create_app
@@ -97,10 +101,6 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on the {settings.engine} engine "
         f"at http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
-    if settings.python_graders_on:
-        from tunesmith.graders.sandbox import isolation
-
-        say(f"python graders: on, each in a sandbox ({isolation()})")
     try:
         _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
