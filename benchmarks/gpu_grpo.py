@@ -32,10 +32,14 @@ def prompt_rows(rows: list[dict]) -> list[dict]:
             for r in rows]
 
 
+def prompt_tokens(rows: list[dict], tokenizer) -> list[int]:
+    return [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)["input_ids"])
+            for r in rows]
+
+
 def completions_per_step(rows: list[dict], tokenizer, tokens_per_step: int, max_completion: int) -> int:
     """Completions per step (whole groups) so that prompts and completions come to about ``tokens_per_step``."""
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True)["input_ids"])
-               for r in rows[:200]]
+    lengths = prompt_tokens(rows[:200], tokenizer)
     per_completion = sum(lengths) / len(lengths) + max_completion
     return GENERATIONS * max(1, round(tokens_per_step / (GENERATIONS * per_completion)))
 
@@ -89,7 +93,8 @@ def run_tunesmith_grpo(bench, cfg, args, rows, out, reference: bool = False) -> 
 
     tokenizer = load_tokenizer(bench.model_name(cfg, args))
     batch = completions_per_step(rows, tokenizer, args.tokens_per_step, args.max_completion)
-    recipe, path, placement = take_path(bench.recipe_for(cfg, args, out, batch, accum=1, grpo={
+    longest = max(prompt_tokens(rows, tokenizer)) + args.max_completion  # what a sequence of this run can reach
+    recipe, path, placement = take_path(bench.recipe_for(cfg, args, out, batch, max_seq_length=longest, grpo={
         "reward": GRADER, "num_generations": GENERATIONS, "max_completion_length": args.max_completion}))
     model = load_model_for(recipe.model.name, placement, cfg.adapter)
     time_phases(placement.device)
@@ -104,7 +109,8 @@ def run_tunesmith_grpo(bench, cfg, args, rows, out, reference: bool = False) -> 
     res = bench.measure(train, placement.device, args.steps, args.profile, args.warmup)
     return res | phase_summary(res, args.steps - args.warmup) | bench.losses_of(history) | {
         "steps": args.steps, "params": res["result"].total_params, "reward": reward_mean(history),
-        "path": path.describe() + f" (GRPO, {batch} completions of {args.max_completion} tokens per step)"}
+        "path": path.describe() + f" (GRPO, {batch} completions of {args.max_completion} tokens per step"
+                                  f"{bench._micro(recipe)})"}
 
 
 def run_trl_grpo(bench, cfg, args, rows, out) -> dict:
@@ -120,8 +126,9 @@ def run_trl_grpo(bench, cfg, args, rows, out) -> dict:
     tokenizer.padding_side = "left"
     batch = completions_per_step(rows, tokenizer, args.tokens_per_step, args.max_completion)
     model = bench.trl_model(cfg, args, cuda)
-    settings = {k: v for k, v in bench.trl_settings(args, cuda).items() if k != "max_length"}
-    config = GRPOConfig(output_dir=str(out / "trl-grpo"), per_device_train_batch_size=batch,
+    micro, accum = bench.split(batch, cfg, args)
+    settings = {k: v for k, v in bench.trl_settings(args, cuda, accum).items() if k != "max_length"}
+    config = GRPOConfig(output_dir=str(out / "trl-grpo"), per_device_train_batch_size=micro,
                         num_generations=GENERATIONS, max_completion_length=args.max_completion, **settings)
     time_phases("cuda" if cuda else "cpu")
     trainer = GRPOTrainer(model=model, reward_funcs=[reward()], args=config,

@@ -132,8 +132,8 @@ def test_a_step_is_16k_tokens_split_alike_and_the_groups_are_one_command_each():
     cfg = bench["CONFIGS"]
     assert set(bench["GROUPS"]["1b"].split(",")) | set(bench["GROUPS"]["8b"].split(",")) == set(cfg)
     assert _args(bench, "--configs", "8b").configs == "8b-lora,8b-qlora,2b-full"
-    assert bench["split"](34, cfg["8b-lora"], args) == (8, 4)  # 34 examples: 4 micro-steps of 8
-    assert bench["split"](34, cfg["8b-lora"], _args(bench, "--accum", "2")) == (17, 2)
+    assert bench["split"](34, cfg["2b-full"], args) == (8, 4)  # 34 examples: 4 micro-steps of 8
+    assert bench["split"](34, cfg["2b-full"], _args(bench, "--accum", "2")) == (17, 2)
     assert bench["split"](3, cfg["8b-qlora"], args) == (1, 3)  # never more micro-steps than examples
     smoke = _args(bench, "--smoke")
     assert smoke.tiny and smoke.steps == 3 and smoke.tokens_per_step == 512
