@@ -1,54 +1,57 @@
-"""GPU training: tunesmith's chosen path vs plain TRL ``SFTTrainer`` defaults (and Unsloth where it imports).
+"""GPU training: tunesmith's chosen path vs plain TRL (and Unsloth where its part is carried), at the sizes teams train.
 
-One run per configuration, each side after the other (each in its own process, below), on the same rows: BANKING77
-messages, the Stanford Alpaca seed tasks and KorQuAD questions with their contexts from
-``../shared/data`` (a source that is absent is skipped with a printed note), as chat prompt/completion
-rows with the loss on the completion. Models are architecture-faithful with seeded random weights
-(``random:<arch>``), so both sides start from the same weights and the same seeded LoRA (r=16,
-alpha=32, all linear layers).
+One run per configuration, each side after the other, each in its own process with its own time limit (a side that
+fails or runs out of time costs its row only), on the same rows: BANKING77 messages, the Stanford Alpaca seed tasks
+and KorQuAD questions with their contexts from ``../shared/data`` (a source that is absent is skipped with a printed
+note), as chat prompt/completion rows with the loss on the completion. Models are architecture-faithful with seeded
+random weights (``random:<arch>``: nothing is downloaded), so every side starts from the same weights and the same
+seeded LoRA (r=16, alpha=32, all linear layers).
 
-- tunesmith: the path :func:`tunesmith.machine.path.take_path` takes on this machine (printed),
-  each step's examples packed into rows of ``--seq-len`` tokens (2,048);
-- TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no
-  kernels; on a CPU bf16 is switched off, as it is unusable there), the same examples per step,
-  padded to the longest of each batch;
+Each step takes about ``--tokens-per-step`` (16,384) real tokens: the examples per step are that over the rows' mean
+length, split into ``--accum`` micro-steps (per configuration by default) that every side takes alike.
+
+- tunesmith: the path :func:`tunesmith.machine.path.take_path` takes on this machine (printed): on a GPU packed
+  rows on tunesmith's variable-length attention (:mod:`tunesmith.machine.varlen`: PyTorch's ``varlen_attn`` where
+  torch has it, each micro-batch one row without padding);
+- TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no kernels; on a CPU
+  bf16 is switched off, as it is unusable there), the same examples per micro-step padded to the longest;
 - tunesmith's reference path (``--reference``): ``train.path: reference``, the product's plain TRL ``SFTTrainer`` /
-  ``DPOTrainer`` and transformers' ``Trainer`` for the head (:mod:`tunesmith.train.reference`) on that path's settings
-  (bf16, TRL's padding-free batches under FlashAttention, Liger where installed): the switch a user falls back on;
-- Unsloth (where it is installed, or in ``--unsloth-site`` with the versions it pins): ``FastLanguageModel``
-  with the same LoRA shape under the same TRL trainer settings.
+  ``DPOTrainer`` and transformers' ``Trainer`` for the head (:mod:`tunesmith.train.reference`) on that path's
+  settings: the switch a user falls back on;
+- Unsloth (where it is installed, or in ``--unsloth-site`` with the versions it pins): ``FastLanguageModel`` with
+  the same LoRA shape under the same TRL trainer settings.
 
-Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger
-patches transformers' rotary embedding module-wide, and Unsloth much more, which in one process would
-reach the sides after it). First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a
-CPU). Reported per side:
-tokens/s (non-padding tokens over the steps after ``--warmup`` (3), so compilation, including flex
-attention's recompile for a new row width, and the allocator's first growth are not counted), MFU = 6·N·tokens/s
-over the measured peak (N: all parameters of the model, the convention of the published numbers),
-peak memory (CUDA allocator peak; on a CPU the resident-set peak above the level before training) beside
-the memory estimator's for tunesmith's packed rows (one row of ``--seq-len`` tokens per micro-batch),
-the training loss at the last step and over the last quarter of steps (the sides must agree), and the
-host syncs per training step with the lines that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own
-check of synchronising operations on a GPU, reads of tensor values on a CPU). The clock waits for the
-device only after the warm-up steps and after the last step, so it adds no sync of its own to the steps
-between. ``--attention sdpa,auto`` measures tunesmith's side once per attention kernel (``auto``: the path's
-own choice), so that one GPU run compares SDPA's masked kernel with flex attention's block mask.
+Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger patches
+transformers' rotary embedding module-wide, and Unsloth much more, which in one process would reach the sides
+after it), stopped after ``--side-timeout`` seconds or when ``--deadline`` (the whole run's seconds) runs out.
+First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU). Reported per side: tokens/s
+(real tokens over the steps after ``--warmup``, so compilation and the allocator's first growth are not counted),
+MFU = 6·N·tokens/s over the measured peak (N: all parameters, a 4-bit weight at its unquantised count; attention's
+FLOPs not counted: the convention of the published figures; LoRA's frozen weights take no weight gradient, so its
+hardware work is nearer 4·N per token), peak memory (CUDA allocator peak; on a CPU the resident-set peak above the
+level before training) beside the memory estimator's for tunesmith's micro-batch, the training loss at the last
+step and over the last quarter of steps (the sides must agree), the host syncs per training step with the lines
+that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own check of synchronising operations on a GPU, reads of
+tensor values on a CPU), the mean step time, and with ``--profile`` the top kernels and the GPU busy fraction of
+the measured steps (the union of the GPU kernels' intervals over their wall time). The clock waits for the device
+only after the warm-up steps and after the last step, so it adds no sync of its own to the steps between.
+``--attention sdpa,auto`` measures tunesmith's side once per attention choice (``sdpa``: the variable-length path on
+SDPA's masked kernel; ``auto``: the path's own choice).
 
-Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora``
-(Llama-3.1-8B, 4-bit NF4; tunesmith's side planned for an 8 GB GPU and held to it, ``train.memory_limit_gb: 8``,
-so its estimator turns gradient checkpointing on, as TRL's defaults always do), ``2b-full`` (Gemma-2-2B, full
-fine-tuning), ``1b-head`` (Llama-3.2-1B with
-the classifier head on BANKING77 vs TRL SFT on the same messages), ``1b-dpo`` (Llama-3.2-1B, LoRA DPO on
-LLaMA-Factory's 300 demo pairs, ``--dpo-batch`` pairs per step, the reference being the adapter switched
-off: tunesmith's sync-free DPO trainer vs plain TRL ``DPOTrainer`` defaults; tokens are the real tokens of
-the chosen and rejected sequences, once each, though each also runs through the reference). ``--tiny`` shrinks every model
-(2 layers, hidden 64), the rows and the sequence length so that the whole script runs on a CPU.
-``--profile`` prints the top kernels and the GPU busy fraction of the measured steps (the
-union of the GPU kernels' intervals over their wall time).
+Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora`` (Llama-3.1-8B,
+4-bit NF4; tunesmith's side planned for an 8 GB GPU and held to it, ``train.memory_limit_gb: 8``, so its estimator
+turns gradient checkpointing on, as TRL's defaults always do), ``2b-full`` (Gemma-2-2B, full fine-tuning),
+``1b-head`` (Llama-3.2-1B with the classifier head on BANKING77 vs TRL SFT on the same messages), ``1b-dpo``
+(Llama-3.2-1B, LoRA DPO on LLaMA-Factory's 300 demo pairs, the reference being the adapter switched off:
+tunesmith's sync-free DPO trainer vs plain TRL ``DPOTrainer`` defaults; tokens are the real tokens of the chosen
+and rejected sequences, once each), ``1b-grpo`` (Llama-3.2-1B, LoRA GRPO: tunesmith's vs plain TRL
+``GRPOTrainer``, the step split into rollout, reward and update; ``benchmarks/gpu_grpo.py``). ``--smoke`` shrinks
+every model (2 layers, hidden 64), the rows, the steps and the tokens per step so that the whole script runs on a
+CPU in about a minute per configuration; ``--tiny`` shrinks the models only.
 
-    python benchmarks/gpu_train.py --tokenizer PATH                     # every configuration, on a GPU
-    python benchmarks/gpu_train.py --configs 8b-lora,8b-qlora --steps 30 --profile
-    python benchmarks/gpu_train.py --tiny --steps 6                     # CPU smoke run
+    python benchmarks/gpu_train.py --tokenizer PATH --configs 1b-lora,1b-dpo,1b-grpo,1b-head --reference --deadline 480
+    python benchmarks/gpu_train.py --tokenizer PATH --configs 8b-lora,8b-qlora,2b-full --steps 8 --profile
+    python benchmarks/gpu_train.py --smoke                              # CPU smoke run
 """
 
 from __future__ import annotations
@@ -80,18 +83,31 @@ class Config:
     arch: str
     adapter: str  # lora | qlora | full
     head: str = "generative"
-    method: str = "sft"  # sft | dpo
+    method: str = "sft"  # sft | dpo | grpo
     memory_gb: float | None = None  # tunesmith's train.memory_limit_gb: the GPU size its path is planned for
+    accum: int = 1  # micro-steps per step (every side alike; --accum overrides): what fits each side's memory
+    # tunesmith's train.gradient_checkpointing (--checkpointing overrides): auto is the product's rule, the estimate
+    # for batch x max_seq_length tokens, which packed rows of ~500-token examples never reach (1B LoRA: 94.5 GB
+    # estimated, 24 GB at the micro-batch's real tokens); off where the real micro-batch fits an 80 GB GPU
+    checkpointing: str = "auto"
 
 
 CONFIGS = {c.name: c for c in [
-    Config("1b-lora", "llama-3.2-1b", "lora"),
-    Config("8b-lora", "llama-3.1-8b", "lora"),
-    Config("8b-qlora", "llama-3.1-8b", "qlora", memory_gb=8),
-    Config("2b-full", "gemma-2-2b", "full"),
-    Config("1b-head", "llama-3.2-1b", "lora", head="classifier"),
-    Config("1b-dpo", "llama-3.2-1b", "lora", method="dpo"),
+    Config("1b-lora", "llama-3.2-1b", "lora", accum=2, checkpointing="off"),
+    Config("8b-lora", "llama-3.1-8b", "lora", accum=8, checkpointing="off"),
+    Config("8b-qlora", "llama-3.1-8b", "qlora", memory_gb=8, accum=8),
+    Config("2b-full", "gemma-2-2b", "full", accum=4),
+    Config("1b-head", "llama-3.2-1b", "lora", head="classifier", checkpointing="off"),
+    Config("1b-dpo", "llama-3.2-1b", "lora", method="dpo", accum=4, checkpointing="off"),
+    Config("1b-grpo", "llama-3.2-1b", "lora", method="grpo", accum=4, checkpointing="off"),
 ]}
+GROUPS = {"1b": "1b-lora,1b-dpo,1b-grpo,1b-head", "8b": "8b-lora,8b-qlora,2b-full"}  # one GPU command each
+
+
+def split(examples: int, cfg: Config, args) -> tuple[int, int]:
+    """(examples per micro-step, micro-steps) of a step of ``examples``: ``--accum`` or the configuration's."""
+    accum = max(1, min(args.accum or cfg.accum, examples))
+    return max(1, examples // accum), accum
 
 
 # --- the device ---------------------------------------------------------------------------------------
@@ -134,9 +150,8 @@ def load_rows(limit_per_source: int, seed: int) -> tuple[list[dict], list[tuple[
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as fh:
             banking = [(r["text"], r["category"]) for r in csv.DictReader(fh)]
-        rng.shuffle(banking)
-        banking = banking[:limit_per_source]
-        rows += [_row([("system", SYSTEM_BANKING), ("user", t)], label) for t, label in banking]
+        rng.shuffle(banking)  # all of them for the head, whose steps take hundreds of short messages
+        rows += [_row([("system", SYSTEM_BANKING), ("user", t)], label) for t, label in banking[:limit_per_source]]
     else:
         print(f"note: {path} is absent; BANKING77 skipped")
     path = SHARED / "instructions" / "stanford_alpaca_seed_tasks.jsonl"
@@ -182,16 +197,21 @@ def model_name(cfg: Config, args) -> str:
     return f"random:{cfg.arch}?{sizes}seed={args.seed}" + (f"&tokenizer={args.tokenizer}" if args.tokenizer else "")
 
 
-def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", **extra):
+def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", accum: int | None = None,
+               **extra):
+    """tunesmith's recipe for ``cfg``: ``examples_per_step`` split into the configuration's micro-steps (or
+    ``accum`` of them)."""
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
-    train = {"path": "fast"} | extra | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
-                     "batch_size": examples_per_step, "learning_rate": args.lr, "max_seq_length": args.seq_len,
+    batch, accum = split(examples_per_step, cfg, args) if accum is None else (examples_per_step // accum, accum)
+    checkpointing = {"auto": "auto", "off": False, "on": True}[args.checkpointing or cfg.checkpointing]
+    train = {"path": "fast"} | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
+                     "batch_size": batch, "grad_accum": accum, "learning_rate": args.lr, "max_seq_length": args.seq_len,
                      "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "attention": attention,
-                     "memory_limit_gb": cfg.memory_gb,
-                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
+                     "memory_limit_gb": cfg.memory_gb, "gradient_checkpointing": checkpointing,
+                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}} | extra
     return validate_recipe({"name": f"bench-{cfg.name}", "output_dir": str(out), "seed": args.seed,
                             "model": {"name": model_name(cfg, args)},
                             "data": {"path": "unused", "input_fields": ["text"], "target_field": "y"},
@@ -267,7 +287,9 @@ def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, toke
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss() - before
     (t1, n1), (tn, nn) = clock.marks[0], clock.marks[-1]
+    measured = steps - warmup
     return {"result": result, "wall_s": wall, "tokens": nn, "tokens_per_s": (nn - n1) / (tn - t1) if tn > t1 else None,
+            "step_s": (tn - t1) / measured if tn > t1 and measured > 0 else None,
             "peak_mb": peak / 2**20, "syncs_per_step": reads.per_step, "sync_sites": _top_sites(reads.sites),
             "profile": top}
 
@@ -325,11 +347,12 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 # --- the sides ----------------------------------------------------------------------------------------
 def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
-    from tunesmith.machine.packing import PackedCollator
+    from dataclasses import replace
+
     from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_model_for, load_tokenizer
     from tunesmith.models.random_weights import folder_for, save_weights
-    from tunesmith.train.sft import build_trainer, prepare_model
+    from tunesmith.train.sft import build_trainer, one_row, prepare_model
 
     if cfg.adapter == "qlora":  # the 4-bit loader reads files: written once, before the process is held to its limit
         save_weights(folder_for(model_name(cfg, args)))
@@ -339,25 +362,31 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
     params = count_params(model)
     trainer = build_trainer(recipe, model, tokenizer, rows, [], placement, out / "ours", save_strategy="no")
-    collator = trainer.data_collator  # the same collator, its rows filled up to --seq-len tokens
-    trainer.data_collator = PackedCollator(collator.pad_id, collator.pack, collator.mask_kind, collator.dtype,
-                                           capacity=args.seq_len)
+    if not one_row(path):  # rows filled up to --seq-len tokens (else each micro-batch is one row already)
+        trainer.data_collator = replace(trainer.data_collator, capacity=args.seq_len)
     res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
-    return res | losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step, "params": params,
-                                                          "path": path.describe(),
-                                                          "estimate_mb": estimated_peak_mb(recipe, path, args.seq_len)}
+    micro_tokens = round(recipe.train.batch_size * args.mean_tokens)
+    return res | losses_of(trainer.state.log_history) | {
+        "steps": trainer.state.global_step, "params": params, "path": path.describe() + _micro(recipe),
+        "estimate_mb": estimated_peak_mb(recipe, path, micro_tokens, args.seq_len, one_row(path))}
 
 
-def estimated_peak_mb(recipe, path, row_tokens: int) -> float:
-    """The memory estimator's peak (:mod:`tunesmith.machine.estimate`) for a micro-batch of one packed row of
-    ``row_tokens`` on ``path``: its total on a GPU (the allocator's peak counts the weights), what training adds
-    on a CPU (the measured peak there is the rise above the loaded model)."""
+def _micro(recipe) -> str:
+    t = recipe.train
+    return f" · {t.batch_size} examples x {t.grad_accum} micro-steps per step"
+
+
+def estimated_peak_mb(recipe, path, micro_tokens: int, seq_len: int, flat: bool) -> float:
+    """The memory estimator's peak (:mod:`tunesmith.machine.estimate`) for a micro-batch of ``micro_tokens`` packed
+    into one row (``flat``) or into rows of ``seq_len`` on ``path``: its total on a GPU (the allocator's peak counts
+    the weights), what training adds on a CPU (the measured peak there is the rise above the loaded model)."""
     from tunesmith.machine.estimate import estimate, model_shape
     from tunesmith.models.random_weights import folder_for
 
-    train = recipe.train.model_copy(update={"batch_size": 1, "max_seq_length": row_tokens})
+    rows, width = (1, micro_tokens) if flat else (max(1, -(-micro_tokens // seq_len)), seq_len)
+    train = recipe.train.model_copy(update={"batch_size": rows, "max_seq_length": width})
     e = estimate(model_shape(folder_for(recipe.model.name)), recipe.model_copy(update={"train": train}),
-                 path.dtype, path.device, None, path.attention, path.loss)
+                 path.dtype, path.device, None, path.attention_kernel, path.loss)
     return (e.total if path.device == "cuda" else e.training_overhead) / 2**20
 
 
@@ -382,10 +411,11 @@ def trl_model(cfg: Config, args, cuda: bool):
         base, cfg.adapter, LoraSection(r=16, alpha=32, dropout=0.0), args.seed)
 
 
-def trl_settings(args, cuda: bool) -> dict:
-    """What a TRL side's config shares: the steps, learning rate, schedule and logging of tunesmith's side
-    (bf16 off on a CPU, where it is ~500x slower)."""
-    return dict(seed=args.seed, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+def trl_settings(args, cuda: bool, accum: int = 1) -> dict:
+    """What a TRL side's config shares: the steps, micro-steps, learning rate, schedule and logging of tunesmith's
+    side (bf16 off on a CPU, where it is ~500x slower)."""
+    return dict(seed=args.seed, max_steps=args.steps, gradient_accumulation_steps=accum, learning_rate=args.lr,
+                lr_scheduler_type="constant",
                 max_length=args.seq_len, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
                 **({} if cuda else {"bf16": False, "use_cpu": True}))
 
@@ -413,8 +443,9 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
     tokenizer = load_tokenizer(model_name(cfg, args))
     tokenizer.padding_side = "right"
     model = trl_model(cfg, args, cuda) if model is None else model
-    config = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=examples_per_step,
-                       include_num_input_tokens_seen="non_padding", **trl_settings(args, cuda))
+    batch, accum = split(examples_per_step, cfg, args)
+    config = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=batch,
+                       include_num_input_tokens_seen="non_padding", **trl_settings(args, cuda, accum))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     return measure_trl(trainer, args, cuda) | {
         "params": count_params(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
@@ -436,7 +467,7 @@ def run_reference(cfg: Config, args, rows, out: Path, examples_per_step: int) ->
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
     trainer = reference_sft_trainer(recipe, model, tokenizer, rows, [], placement, out / "reference", save_strategy="no")
     return measure_trl(trainer, args, placement.device == "cuda") | {"params": count_params(model),
-                                                                      "path": path.describe()}
+                                                                      "path": path.describe() + _micro(recipe)}
 
 
 def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
@@ -486,6 +517,7 @@ def run_head(cfg: Config, args, banking, out: Path, reference: bool = False) -> 
     name = model_name(cfg, args)
     save_weights(folder_for(name), "float32" if args.tiny else "bfloat16")
     recipe = recipe_for(cfg, args, out, args.head_batch, path="reference" if reference else "fast")
+    banking = banking[:args.head_batch * args.steps]  # every step new messages
     recipe, path, placement = take_path(recipe.model_copy(update={"data": recipe.data.model_copy(
         update={"target_field": "category", "prompt": "{text}"})}))
     labels = sorted({label for _, label in banking})
@@ -493,7 +525,7 @@ def run_head(cfg: Config, args, banking, out: Path, reference: bool = False) -> 
     tokenizer = load_tokenizer(name)
 
     def train(callbacks):
-        return TRAINING["classifier"].train(recipe, examples, labels, tokenizer, placement, _no_bar, Console(quiet=True),
+        return TRAINING["classifier"].train(recipe, examples, labels, tokenizer, placement, no_bar, Console(quiet=True),
                                             False, callbacks, reference_head_trainer if reference else None)
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
@@ -522,7 +554,7 @@ def run_tunesmith_dpo(cfg: Config, args, pairs, out: Path, reference: bool = Fal
     model = load_model_for(recipe.model.name, placement, cfg.adapter)
 
     def train(callbacks):
-        return train_dpo(recipe, model, tokenizer, placement, Console(quiet=True), _no_bar, callbacks=callbacks,
+        return train_dpo(recipe, model, tokenizer, placement, Console(quiet=True), no_bar, callbacks=callbacks,
                          build=reference_dpo_trainer if reference else None)
 
     res = measure(train, placement.device, args.steps, args.profile, args.warmup)
@@ -541,8 +573,9 @@ def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
 
     cuda = pick_placement().device == "cuda"
     model = trl_model(cfg, args, cuda)
-    config = DPOConfig(output_dir=str(out / "trl-dpo"), per_device_train_batch_size=args.dpo_batch, beta=0.1,
-                       **trl_settings(args, cuda))
+    batch, accum = split(args.dpo_batch, cfg, args)
+    config = DPOConfig(output_dir=str(out / "trl-dpo"), per_device_train_batch_size=batch, beta=0.1,
+                       **trl_settings(args, cuda, accum))
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
                          processing_class=load_tokenizer(model_name(cfg, args)))
     res = measure_trl(trainer, args, cuda, tokens=functools.partial(getattr, trainer, "_total_train_tokens"))
@@ -550,36 +583,60 @@ def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
 
 
 @__import__("contextlib").contextmanager
-def _no_bar(desc, total):
+def no_bar(desc, total):
     yield lambda n=1, info="": None
 
 
 # --- the table ----------------------------------------------------------------------------------------
+HEADER = ["| config | side | steps | tokens/s | MFU (6·N) | peak MB | estimated MB | last loss | late loss | "
+          "host syncs / step | GPU busy | step s | path |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
 def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
+    """One table row; a GRPO side's late-loss cell holds its mean reward, its step cell the phases."""
     rate = r["tokens_per_s"]
-    mfu = 6 * r["params"] * rate / peak_flops if rate else None
+    mfu = 6 * r["params"] * rate / peak_flops if rate and "phases" not in r else None  # GRPO: mostly sampling
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-    return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {fmt(mfu and 100 * mfu, '.1f')}% | "
+    busy = (r.get("profile") or {}).get("busy_fraction")
+    step = fmt(r.get("step_s"), ".2f")
+    if "phases" in r:
+        ph = r["phases"]
+        step += f" (rollout {ph['rollout_s']:.2f}, reward {ph['reward_s']:.2f}, update {fmt(ph['update_s'], '.2f')})"
+    late = f"reward {fmt(r['reward'], '.3f')}" if "reward" in r else fmt(r["late_loss"], ".4f")
+    percent = lambda v, f: "–" if v is None else format(100 * v, f) + "%"  # noqa: E731
+    return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {percent(mfu, '.1f')} | "
             f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r.get('estimate_mb'), ',.0f')} | {fmt(r['last_loss'], '.4f')} | "
-            f"{fmt(r['late_loss'], '.4f')} | "
-            f"{fmt(r['syncs_per_step'], '.1f')} | {r['path']} |")
+            f"{late} | {fmt(r['syncs_per_step'], '.1f')} | {percent(busy, '.0f')} | {step} | {r['path']} |")
 
 
 def parse_args(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated: {', '.join(CONFIGS)}; or a group: " + ", ".join(
+                        f"{k} ({v})" for k, v in GROUPS.items()))
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per side (default 10; --smoke 3)")
     ap.add_argument("--warmup", type=int, default=3, help="steps before the clock starts (at most steps - 1)")
+    ap.add_argument("--tokens-per-step", type=int, default=None, help="real tokens per step (default 16,384)")
+    ap.add_argument("--accum", type=int, default=None, help="micro-steps per step (default: per configuration)")
+    ap.add_argument("--checkpointing", choices=["auto", "off", "on"], default=None,
+                    help="tunesmith's train.gradient_checkpointing (default: per configuration; auto: the product's "
+                         "memory estimate for batch x max_seq_length tokens)")
+    ap.add_argument("--max-completion", type=int, default=None, help="GRPO: tokens per completion (default 128)")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds the whole run may take: a side gets at most what is left, one that cannot start "
+                         "in time is skipped with a note")
     ap.add_argument("--attention", default="auto",
                     help="tunesmith's side once per kernel, comma-separated: auto, sdpa, flex_attention, eager")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rows-per-source", type=int, default=400)
-    ap.add_argument("--head-batch", type=int, default=32)
-    ap.add_argument("--dpo-batch", type=int, default=8, help="preference pairs per step (1b-dpo)")
+    ap.add_argument("--head-batch", type=int, default=None, help="messages per step (1b-head; default: --tokens-per-step)")
+    ap.add_argument("--dpo-batch", type=int, default=None, help="preference pairs per step (1b-dpo; default: "
+                    "--tokens-per-step)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the embedded SmolLM2's)")
-    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, 256 tokens: a CPU smoke run")
+    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, rows of 256 tokens")
+    ap.add_argument("--smoke", action="store_true", help="--tiny, 3 steps, few rows and tokens: a CPU smoke run")
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
     ap.add_argument("--reference", action="store_true",
                     help="also tunesmith's train.path: reference (plain TRL / transformers trainers) as a side")
@@ -590,18 +647,28 @@ def parse_args(argv: list[str] | None = None):
                          "others on the Unsloth side's path only")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)  # CONFIG:SIDE:ATTENTION, run in a child process
     args = ap.parse_args(argv)
-    args.warmup = max(1, min(args.warmup, args.steps - 1))
+    args.configs = ",".join(GROUPS.get(c.strip(), c.strip()) for c in args.configs.split(","))
+    if args.smoke:
+        args.tiny = True
+        args.steps = args.steps or 3
+        args.rows_per_source = min(args.rows_per_source, 12)
+        args.tokens_per_step = args.tokens_per_step or 512
+        args.max_completion = args.max_completion or 8
+        args.seq_len = min(args.seq_len, 128)
     if args.tiny:
         args.seq_len = min(args.seq_len, 256)
         args.rows_per_source = min(args.rows_per_source, 40)
-        args.head_batch = min(args.head_batch, 8)
-        args.dpo_batch = min(args.dpo_batch, 4)
+    args.steps = args.steps or 10
+    args.tokens_per_step = args.tokens_per_step or 16384
+    args.max_completion = args.max_completion or 128
+    args.warmup = max(1, min(args.warmup, args.steps - 1))
     return args
 
 
 def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
-    """Quiet logging, the rows that fit ``--seq-len``, the BANKING77 pairs, examples per step (about one full
-    packed row) and the device; the same in the parent and in every side's process (seeded)."""
+    """Quiet logging, the rows that fit ``--seq-len``, the BANKING77 pairs, examples per step (about
+    ``--tokens-per-step`` real tokens; the head's and DPO's too) and the device; the same in the parent and in
+    every side's process (seeded)."""
     import datasets
     import torch
     from transformers.utils import logging as hf_logging
@@ -619,8 +686,21 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
     keep = [r for r, n in zip(rows, lengths, strict=True) if n <= args.seq_len]
     kept = [n for n in lengths if n <= args.seq_len]
     args.mean_tokens = sum(kept) / len(kept)
-    per_step = max(1, round(args.seq_len / args.mean_tokens))  # about one full packed row per step
+    per_step = max(1, round(args.tokens_per_step / args.mean_tokens))
+    if args.head_batch is None and banking:
+        texts = [len(tok(t)["input_ids"]) for t, _ in banking[:200]]
+        args.head_batch = min(len(banking), max(1, round(args.tokens_per_step * len(texts) / sum(texts))))
+    if args.dpo_batch is None and DPO_PAIRS.is_file():
+        args.dpo_batch = max(1, round(args.tokens_per_step / pair_tokens(load_pairs(100), tok)))
     return keep, banking, per_step, "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pair_tokens(pairs: list[dict], tok) -> float:
+    """Mean tokens of a preference pair's two sequences (prompt + chosen, prompt + rejected), about as TRL counts."""
+    def n(messages) -> int:
+        return len(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+
+    return sum(n(p["prompt"] + p["chosen"]) + n(p["prompt"] + p["rejected"]) for p in pairs) / len(pairs)
 
 
 def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
@@ -631,6 +711,8 @@ def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
     if cfg.adapter == "qlora" and device != "cuda":
         print(f"note: {cfg.name} needs a CUDA GPU (bitsandbytes 4-bit); skipped")
         return []
+    if cfg.method == "grpo":
+        return [("tunesmith GRPO", "ours-grpo", "auto")] + ([] if args.no_trl else [("TRL GRPO", "trl-grpo", "auto")])
     if cfg.method == "dpo":
         if not DPO_PAIRS.is_file():
             print(f"note: {cfg.name} needs the DPO demo pairs under {SHARED}; skipped")
@@ -673,8 +755,17 @@ def run_side(args) -> dict | None:
         if side in ("ours-head", "reference-head"):
             return run_head(cfg, args, banking, out, reference=side == "reference-head")
         if side == "trl-head":
-            return run_trl(cfg, args, [r for r in rows if r["prompt"][0]["content"] == SYSTEM_BANKING], out,
-                           args.head_batch)
+            head_rows = [_row([("system", SYSTEM_BANKING), ("user", t)], label)
+                         for t, label in banking[:args.head_batch * args.steps]]
+            return run_trl(cfg, args, head_rows, out, args.head_batch)
+        if side in ("ours-grpo", "trl-grpo"):
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import gpu_grpo
+
+            bench = sys.modules["__main__"]
+            if side == "ours-grpo":
+                return gpu_grpo.run_tunesmith_grpo(bench, cfg, args, rows, out / side)
+            return gpu_grpo.run_trl_grpo(bench, cfg, args, rows, out)
         pairs = load_pairs(args.rows_per_source)
         if side in ("ours-dpo", "reference-dpo"):
             return run_tunesmith_dpo(cfg, args, pairs, out / side, reference=side == "reference-dpo")
@@ -702,7 +793,7 @@ def side_env(args, side: str, device: str) -> dict:
     return env
 
 
-def in_child(args, cname: str, side: str, attention: str, device: str) -> dict | None:
+def in_child(args, cname: str, side: str, attention: str, device: str, timeout: float | None = None) -> dict | None:
     """Run one side in a fresh Python process: its own CUDA context and allocator peak, and its own module state
     (Liger patches transformers' rotary embedding module-wide, Unsloth much more; in one process a later side
     would run with them). Its printed notes pass through; its result comes back as one JSON line (None: the side
@@ -710,10 +801,11 @@ def in_child(args, cname: str, side: str, attention: str, device: str) -> dict |
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", f"{cname}:{side}:{attention}"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=side_env(args, side, device),
-                              timeout=args.side_timeout)
+                              timeout=timeout if timeout is not None else args.side_timeout)
     except subprocess.TimeoutExpired as exc:  # one stuck side must not take the others' time
-        print((exc.stdout or b"")[-2000:].decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or "")
-        raise SideFailed(f"stopped after --side-timeout {args.side_timeout:.0f} s") from None
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        print(out[-2000:])
+        raise SideFailed(f"stopped after {exc.timeout:.0f} s (--side-timeout / --deadline)") from None
     result = None
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT):
@@ -724,6 +816,41 @@ def in_child(args, cname: str, side: str, attention: str, device: str) -> dict |
         print(proc.stderr[-4000:])
         raise SideFailed(f"the side's process failed (exit {proc.returncode})")
     return result
+
+
+def run_sides(args, device: str, peak: float) -> tuple[list[str], list[str]]:
+    """Every side of every configuration asked, each in its own process for at most ``--side-timeout`` seconds and
+    what is left of ``--deadline``; returns the table's lines and the sides without a row (and why)."""
+    lines = list(HEADER)
+    failed: list[str] = []
+    started = time.monotonic()
+    for cname in args.configs.split(","):
+        cfg = CONFIGS[cname.strip()]
+        for label, side, attention in sides_of(cfg, args, device):
+            left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
+            if left is not None and left < 30:
+                failed.append(f"{cfg.name} {label}: not started, {max(left, 0):.0f} s left of --deadline")
+                print(f"note: {failed[-1]}", flush=True)
+                continue
+            print(f"{cfg.name}: {label} ...", flush=True)
+            timeout = min(t for t in (args.side_timeout, left) if t is not None) if (args.side_timeout or left) else None
+            try:
+                r = in_child(args, cfg.name, side, attention, device, timeout)
+            except SideFailed as exc:
+                failed.append(f"{cfg.name} {label}: {exc}")
+                print(f"note: {failed[-1]}; no row", flush=True)
+                continue
+            if r is None:
+                continue
+            lines.append(row_text(cfg.name, label, r, peak))
+            print(lines[-1], flush=True)
+            print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
+                  + (f" (top: {'; '.join(r['sync_sites'])})" if r["sync_sites"] else ""))
+            if r.get("profile"):
+                print("  top kernels: " + "; ".join(r["profile"]["top"]))
+                if r["profile"]["busy_fraction"] is not None:
+                    print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
+    return lines, failed
 
 
 def main() -> None:
@@ -744,31 +871,12 @@ def main() -> None:
     print(f"device: {name}; measured dense {dtype} matmul peak {peak / 1e12:,.3f} TFLOP/s")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
           + (" · TINY models (2 layers, hidden 64): a smoke run, not a measurement of the architectures" if args.tiny else ""))
-    print(f"{len(rows)} rows of ≤ {args.seq_len} tokens (mean {args.mean_tokens:.0f}); "
-          f"{per_step} examples per step (≈ one {args.seq_len}-token packed row); each side in its own process")
-    lines = ["| config | side | steps | tokens/s | MFU | peak MB | estimated MB | last loss | late loss | "
-             "host syncs / step | path |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    failed: list[str] = []
-    for cname in args.configs.split(","):
-        cfg = CONFIGS[cname.strip()]
-        for label, side, attention in sides_of(cfg, args, device):
-            print(f"{cfg.name}: {label} ...", flush=True)
-            try:
-                r = in_child(args, cfg.name, side, attention, device)
-            except SideFailed as exc:
-                failed.append(f"{cfg.name} {label}: {exc}")
-                print(f"note: {failed[-1]}; no row", flush=True)
-                continue
-            if r is None:
-                continue
-            lines.append(row_text(cfg.name, label, r, peak))
-            print(lines[-1], flush=True)
-            print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
-                  + (f" (top: {'; '.join(r['sync_sites'])})" if r["sync_sites"] else ""))
-            if r.get("profile"):
-                print("  top kernels: " + "; ".join(r["profile"]["top"]))
-                if r["profile"]["busy_fraction"] is not None:
-                    print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
+    print(f"{len(rows)} rows of ≤ {args.seq_len} tokens (mean {args.mean_tokens:.0f}); {per_step} examples per step "
+          f"(≈ {args.tokens_per_step:,} tokens; head {args.head_batch} messages, DPO {args.dpo_batch} pairs); "
+          "each side in its own process")
+    print("MFU = 6·N·tokens/s over the measured peak, N = all parameters (4-bit weights at their unquantised count), "
+          "attention FLOPs not counted (the published convention; LoRA's hardware work is nearer 4·N per token)")
+    lines, failed = run_sides(args, device, peak)
     print("\n" + "\n".join(lines))
     if failed:
         raise SystemExit("sides without a row: " + "; ".join(failed))

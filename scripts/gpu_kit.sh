@@ -96,5 +96,13 @@ if [ "$UNSLOTH_PART" = 1 ]; then
 fi
 rm -rf "$KIT/tmp"
 du -sh "$KIT"/*
+# what travels in one command: the working tree and the parts named, at most 64 MiB (the device's limit)
+tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+part() { [ -d "$KIT/$1" ] && du -sb "$KIT/$1" | cut -f1 || echo 0; }
+for call in "base" "base unsloth" "base model-a" "model-b"; do
+  total=$tree; for p in $call; do total=$(( total + $(part "$p") )); done
+  verdict=fits; [ "$total" -gt $(( 64 << 20 )) ] && verdict="DOES NOT FIT"
+  echo "one command carrying the tree + $call: $(( total >> 20 )) MiB of 64: $verdict"
+done
 echo "carry .gpu/base (and .gpu/model-a or .gpu/unsloth) in one command, .gpu/model-b in the next while the machine is warm;"
 echo "each command starts with: bash scripts/gpu_run.sh install"

@@ -6,7 +6,8 @@
 #
 #   bash scripts/gpu_run.sh install                     # whatever parts are here (idempotent)
 #   bash scripts/gpu_run.sh bench --configs 1b-lora --profile  # benchmarks/gpu_train.py, log in $OUT
-#   bash scripts/gpu_run.sh tests                       # tests/test_gpu_path.py, log in $OUT
+#   bash scripts/gpu_run.sh tests                       # tests/test_gpu_varlen.py tests/test_gpu_path.py, log in $OUT
+#                                                       # (TESTS_TIMEOUT=150: stopped after 150 s)
 #   bash scripts/gpu_run.sh verify [--speedup X]        # fast path's losses = reference path's here: record the GPU
 #                                                       # kind in src/tunesmith/machine/gpu_verified.json (copy in $OUT)
 #   bash scripts/gpu_run.sh quality                     # benchmarks/gpu_quality.py (needs the model), records in $OUT
@@ -57,10 +58,13 @@ case "${1:-}" in
   bench) shift
     unsloth=(); [ -f "$KEPT/unsloth.done" ] && unsloth=(--unsloth-site "$UNSLOTH_SITE")
     paths python3 benchmarks/gpu_train.py --tokenizer "$KEPT/tokenizer" "${unsloth[@]}" "$@" 2>&1 | tee -a "$OUT/gpu_train.log" ;;
-  tests) shift; paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_path.py "$@" 2>&1 | tee -a "$OUT/gpu_tests.log" ;;
+  tests) shift  # stopped after $TESTS_TIMEOUT seconds (default 600), so that a command's next step still runs
+    paths timeout "${TESTS_TIMEOUT:-600}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_varlen.py \
+      tests/test_gpu_path.py "$@" 2>&1 | tee -a "$OUT/gpu_tests.log" ;;
   verify) shift
     # train.path: auto takes the fast path on this GPU kind only once these pass here (tunesmith.machine.verified)
-    paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_reference_path.py tests/test_gpu_path.py 2>&1 \
+    paths python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_varlen.py tests/test_reference_path.py \
+      tests/test_gpu_path.py 2>&1 \
       | tee "$OUT/gpu_verify.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gpu_run: the fast path is not verified here (see $OUT/gpu_verify.log)" >&2; exit 1; }
     paths python3 -m tunesmith.machine.verified --evidence "gpu_verify.log $(date -u +%FT%TZ)" "$@"

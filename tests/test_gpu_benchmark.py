@@ -1,5 +1,6 @@
-"""benchmarks/gpu_train.py runs at tiny size on a CPU, and both sides train on the same rows from the same
-weights (their losses after the same steps agree)."""
+"""benchmarks/gpu_train.py runs at tiny size on a CPU (``--smoke``), and the sides train on the same rows from the
+same weights (their losses after the same steps agree); its sizes (≥16k tokens a step), groups, deadline and rows
+checked without running a side."""
 
 import os
 import runpy
@@ -16,23 +17,27 @@ SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", REPO.parent / "shared" / "
 @pytest.mark.skipif(not (SHARED / "banking77").is_dir(), reason=f"shared data not found at {SHARED}")
 def test_gpu_benchmark_runs_tiny_and_the_sides_agree_on_the_loss(tiny_model_dir, home, monkeypatch, capsys):
     dpo = (SHARED / "preference" / "llamafactory_dpo_en_demo.json").is_file()
-    argv = ["gpu_train.py", "--tiny", "--configs", "1b-lora,1b-dpo" if dpo else "1b-lora", "--steps", "2",
-            "--rows-per-source", "6",
-            "--seq-len", "128", "--tokenizer", str(tiny_model_dir)]
+    argv = ["gpu_train.py", "--smoke", "--configs", "1b-lora,1b-grpo" + (",1b-dpo" if dpo else ""),
+            "--tokenizer", str(tiny_model_dir)]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO / "benchmarks" / "gpu_train.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "matmul peak" in out and "TINY models" in out
-    table = [line.split("|") for line in out.splitlines() if line.startswith(("| 1b-lora |", "| 1b-dpo |"))]
+    table = [line.split("|") for line in out.splitlines() if line.startswith(("| 1b-lora |", "| 1b-dpo |", "| 1b-grpo"))]
     sides = {cells[2].strip(): cells for cells in table}
-    assert set(sides) == {"tunesmith", "TRL"} | ({"tunesmith DPO", "TRL DPO"} if dpo else set()), out
+    assert set(sides) == {"tunesmith", "TRL", "tunesmith GRPO", "TRL GRPO"} | (
+        {"tunesmith DPO", "TRL DPO"} if dpo else set()), out
     number = lambda cell: float(cell.replace(",", ""))  # noqa: E731
     for ours, theirs in [("tunesmith", "TRL")] + ([("tunesmith DPO", "TRL DPO")] if dpo else []):
         assert number(sides[ours][8]) == pytest.approx(number(sides[theirs][8]), abs=2e-3)  # last loss, same steps
-        assert "cpu float32" in sides[ours][11] and number(sides[ours][4]) > 0
+        assert "cpu float32" in sides[ours][13] and number(sides[ours][4]) > 0
         assert number(sides[theirs][10]) > 0  # host syncs per step: TRL's metrics read the device every step
     assert number(sides["tunesmith"][7]) > 0  # the memory estimator's peak beside the measured one
-    assert "host syncs per training step" in out
+    assert "host syncs per training step" in out and "≈ 512 tokens" in out  # --smoke's tokens per step
+    for side in ("tunesmith GRPO", "TRL GRPO"):  # the step split into rollout, reward and update; the mean reward
+        cells = sides[side]
+        assert "rollout" in cells[12] and "update" in cells[12] and cells[9].strip().startswith("reward ")
+        assert number(cells[4]) > 0
 
 
 def _load_bench():
@@ -94,15 +99,15 @@ UNSLOTH_SITE = os.environ.get("TUNESMITH_UNSLOTH_SITE")
 def test_the_unsloth_side_trains_with_the_kits_packages(tiny_model_dir, home, monkeypatch, capsys):
     """The kit's Unsloth part (its pinned transformers, trl and datasets) runs the Unsloth side, here on Unsloth's
     CPU backend, to a loss that agrees with TRL's on the same rows."""
-    argv = ["gpu_train.py", "--tiny", "--configs", "1b-lora", "--steps", "2", "--rows-per-source", "6",
-            "--seq-len", "128", "--tokenizer", str(tiny_model_dir), "--unsloth-site", UNSLOTH_SITE]
+    argv = ["gpu_train.py", "--smoke", "--configs", "1b-lora", "--tokenizer", str(tiny_model_dir),
+            "--unsloth-site", UNSLOTH_SITE]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(REPO / "benchmarks" / "gpu_train.py"), run_name="__main__")
     out = capsys.readouterr().out
     sides = {cells[2].strip(): cells for cells in (line.split("|") for line in out.splitlines()
                                                    if line.startswith("| 1b-lora |"))}
     assert set(sides) == {"tunesmith", "TRL", "Unsloth"}, out
-    assert "Unsloth 2026" in sides["Unsloth"][11] and "transformers 5.17" in sides["Unsloth"][11]
+    assert "Unsloth 2026" in sides["Unsloth"][13] and "transformers 5.17" in sides["Unsloth"][13]
     number = lambda cell: float(cell.replace(",", ""))  # noqa: E731
     assert number(sides["Unsloth"][8]) == pytest.approx(number(sides["TRL"][8]), abs=5e-3)
 
@@ -118,3 +123,53 @@ def test_reference_adds_the_products_reference_path_as_a_side_of_each_method():
     if bench["DPO_PAIRS"].is_file():
         assert labels["1b-dpo"] == ["tunesmith DPO", "tunesmith reference DPO"]
     assert "reference" not in str(bench["sides_of"](bench["CONFIGS"]["1b-lora"], _args(bench, "--no-trl"), "cuda"))
+
+
+def test_a_step_is_16k_tokens_split_alike_and_the_groups_are_one_command_each():
+    bench = _load_bench()
+    args = _args(bench)
+    assert args.tokens_per_step >= 16384 and args.steps == 10
+    cfg = bench["CONFIGS"]
+    assert set(bench["GROUPS"]["1b"].split(",")) | set(bench["GROUPS"]["8b"].split(",")) == set(cfg)
+    assert _args(bench, "--configs", "8b").configs == "8b-lora,8b-qlora,2b-full"
+    assert bench["split"](34, cfg["2b-full"], args) == (8, 4)  # 34 examples: 4 micro-steps of 8
+    assert bench["split"](34, cfg["2b-full"], _args(bench, "--accum", "2")) == (17, 2)
+    assert bench["split"](3, cfg["8b-qlora"], args) == (1, 3)  # never more micro-steps than examples
+    smoke = _args(bench, "--smoke")
+    assert smoke.tiny and smoke.steps == 3 and smoke.tokens_per_step == 512
+
+
+def test_the_deadline_skips_what_cannot_start_and_bounds_the_rest(monkeypatch, capsys):
+    """--deadline: each side runs with at most what is left of it (not the longer --side-timeout); once too little
+    is left, the remaining sides are named as not started, their rows missing, the others printed."""
+    import time
+
+    bench = _load_bench()
+    run_sides = bench["run_sides"]
+    args = _args(bench, "--deadline", "100", "--side-timeout", "500", "--configs", "1b-lora", "--no-trl",
+                 "--reference")
+    clock = iter([0.0, 0.0, 80.0])  # the start; the first side at 0 s; the second at 80 s: 20 s left
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    given = []
+    row = {"tokens_per_s": 10.0, "params": 100, "steps": 3, "peak_mb": 1.0, "last_loss": 1.0, "late_loss": 1.0,
+           "syncs_per_step": 0.0, "sync_sites": [], "path": "p"}
+    monkeypatch.setitem(run_sides.__globals__, "in_child",
+                        lambda a, c, s, at, d, timeout=None: given.append(timeout) or row)
+    lines, failed = run_sides(args, "cuda", 1e12)
+    assert given == [100.0]
+    assert failed == ["1b-lora tunesmith reference: not started, 20 s left of --deadline"]
+    assert any(line.startswith("| 1b-lora | tunesmith | 3 |") for line in lines)
+    assert "not started" in capsys.readouterr().out
+
+
+def test_a_grpo_row_shows_its_phases_and_reward_and_no_mfu():
+    bench = _load_bench()
+    r = {"tokens_per_s": 1000.0, "params": 10**9, "steps": 6, "peak_mb": 5000.0, "last_loss": 0.0, "late_loss": 0.0,
+         "syncs_per_step": 300.0, "path": "p", "step_s": 4.0, "reward": 0.25, "profile": {"busy_fraction": 0.6},
+         "phases": {"step_s": 4.0, "rollout_s": 3.0, "reward_s": 0.1, "update_s": 0.9}}
+    cells = [c.strip() for c in bench["row_text"]("1b-grpo", "tunesmith GRPO", r, 1e15).split("|")]
+    assert cells[5] == "–" and cells[9] == "reward 0.250" and cells[11] == "60%"
+    assert cells[12] == "4.00 (rollout 3.00, reward 0.10, update 0.90)"
+    sft = dict(r, phases=None)
+    del sft["phases"], sft["reward"]
+    assert bench["row_text"]("1b-lora", "tunesmith", sft, 1e15).split("|")[5].strip() == "0.6%"  # 6·N·tokens/s / peak

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tunesmith.data.chat_rows import tokenize_example
+from tunesmith.machine import varlen
 from tunesmith.machine.packing import PackedCollator
 from tunesmith.machine.syncs import StepReads
 from tunesmith.train.trainer import completion_loss
@@ -121,7 +122,8 @@ def test_the_gpu_path_is_chosen_stated_and_trains(cli, tmp_path, tiny_model_dir,
                                              eval_steps=None, logging_steps=1))
     path = summary["train_path"]
     assert (path["device"], path["dtype"], path["tf32"]) == ("cuda", "bfloat16", True)
-    assert (path["attention"], path["packing"], path["loss"]) == ("sdpa", "position_ids", "chunked")
+    assert (path["attention"], path["packing"], path["loss"]) == ("sdpa", "varlen", "chunked")
+    assert path["varlen"] == ("torch" if varlen.torch_varlen() else "sdpa")  # PyTorch's own kernel where it has it
     assert path["kernels"] == ("liger" if HAS_LIGER else "none")
     assert path["gradient_checkpointing"] is False  # a tiny model fits
     if adapter == "qlora":

@@ -1,5 +1,6 @@
 """A training step never reads a tensor's value on the host (on a GPU each read waits for the device; see
-tunesmith.machine.syncs), on every path the Trainer runs: the three heads, DPO and generative SFT (its chunked loss);
+tunesmith.machine.syncs), on every path the Trainer runs: the three heads, DPO and generative SFT (its chunked loss,
+packed with the collator's mask or on the variable-length attention the GPU path packs with);
 generative SFT with the logits loss (``train.loss: logits``) has one read, named."""
 
 import inspect
@@ -41,6 +42,7 @@ def _recipe(tmp_path, model_dir, kind: str) -> dict:
                               train={**STEP, "head": "regression", "regression_loss": "huber"})
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked"), 8))
     head, _, loss = kind.partition("-")
+    loss = "auto" if loss == "varlen" else loss
     return banking_recipe(tmp_path, model_dir, data, name="reads", seed=1, split={"train": 12, "val": 0, "test": 4},
                           train={**STEP, "head": head, "loss": loss or "auto"})
 
@@ -61,13 +63,21 @@ def test_step_reads_counts_reads_inside_steps_only_and_restores_torch():
     assert torch.Tensor.__getitem__.__qualname__ == "TensorBase.__getitem__" and torch.nonzero.__name__ == "nonzero"
 
 
-@pytest.mark.parametrize("kind", ["generative", "generative-logits", "classifier", "regression", "span", "dpo",
-                                  "dpo-precomputed"])
+@pytest.mark.parametrize("kind", ["generative", "generative-logits", "generative-varlen", "classifier", "regression",
+                                  "span", "dpo", "dpo-precomputed"])
 def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_dir, monkeypatch, kind):
     import collections
 
     import tunesmith.train.sft as sft
 
+    if kind == "generative-varlen":  # the GPU path's packing (tunesmith.machine.varlen), on the CPU's SDPA kernel
+        from dataclasses import replace
+
+        import tunesmith.machine.path as path_module
+
+        choose = path_module.choose_path
+        monkeypatch.setattr(path_module, "choose_path", lambda *a, **k: replace(choose(*a, **k), packing="varlen",
+                                                                                 varlen="sdpa"))
     fit = sft.fit
     reads = StepReads("cpu")
     monkeypatch.setattr(sft, "fit", lambda trainer, out, resume, bar, callbacks=None: fit(
@@ -92,6 +102,7 @@ def test_training_steps_read_nothing_from_the_device(cli, tmp_path, tiny_model_d
     assert summary["tokens"] > 0  # tokens are still counted, on the host
     if kind.startswith("generative"):
         assert summary["train_path"]["loss"] == ("logits" if kind.endswith("logits") else "chunked")
+        assert summary["train_path"]["packing"] == ("varlen" if kind.endswith("varlen") else "block_mask")
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

@@ -32,7 +32,7 @@ def test_cpu_path_is_todays_behaviour():
 def test_gpu_path_bf16_tf32_fused_adamw_sdpa_position_ids_liger():
     p = choose_path(H100, Wishes(), fits_without_checkpointing=True)
     assert (p.device, p.dtype, p.tf32, p.optimizer) == ("cuda", "bfloat16", True, "adamw_torch_fused")
-    assert (p.attention, p.packing, p.mask_in_collator, p.kernels) == ("sdpa", "position_ids", False, "liger")
+    assert (p.attention, p.packing, p.mask_in_collator, p.kernels) == ("sdpa", "varlen", False, "liger")
     assert p.gradient_checkpointing is False and "fits" in p.reasons["gradient_checkpointing"]
     assert set(p.reasons) >= {"dtype", "tf32", "optimizer", "attention", "packing", "kernels"}
     short = choose_path(H100, Wishes(), fits_without_checkpointing=False)
@@ -57,6 +57,31 @@ def test_attention_order_flash_then_sdpa_and_flex_only_for_softcapping_models():
     assert choose_path(Capabilities(**{**H100.__dict__, "flex_attention": False}), gemma).attention == "eager"
     assert choose_path(flash, gemma).attention == "flash_attention_2"
     assert choose_path(H100, Wishes(softcapping=True, head="classifier")).attention == "flex_attention"
+
+
+def test_packed_rows_on_a_gpu_run_on_variable_length_attention_with_the_best_kernel_there():
+    """The collator's boundaries, never transformers' position-ids check: PyTorch's varlen_attn where this torch and
+    GPU have it and matmuls run in bf16 (full fine-tuning's autocast too), FlashAttention's where the model loads with
+    it, SDPA's masked kernel where SDPA is asked, on fp32 GPUs and where torch lacks the kernel; soft-capping models
+    stay on flex attention and position ids; the reference path and unpacked methods have none; a CPU keeps its mask."""
+    varlen = Capabilities(**{**H100.__dict__, "varlen_attn": True})
+    p = choose_path(varlen, Wishes(), fits_without_checkpointing=True)
+    assert (p.attention, p.packing, p.varlen, p.attention_kernel) == ("sdpa", "varlen", "torch", "varlen")
+    assert "varlen_attn" in p.reasons["packing"] and "packing varlen (torch)" in p.describe()
+    assert choose_path(varlen, Wishes(adapter="full")).varlen == "torch"  # fp32 master weights, bf16 autocast
+    assert choose_path(varlen, Wishes(precision="fp32")).varlen == "sdpa"  # varlen_attn runs bf16/fp16 only
+    assert choose_path(varlen, Wishes(attention="sdpa")).varlen == "sdpa"
+    flash = choose_path(Capabilities(**{**varlen.__dict__, "flash_attn": True}), Wishes())
+    assert (flash.attention, flash.packing, flash.varlen) == ("flash_attention_2", "varlen", "flash_attn")
+    plain = choose_path(H100, Wishes())  # torch without varlen_attn (< 2.10) or a GPU before Ampere
+    assert (plain.packing, plain.varlen, plain.attention_kernel) == ("varlen", "sdpa", "sdpa")
+    gemma = choose_path(varlen, Wishes(softcapping=True))
+    assert (gemma.attention, gemma.packing, gemma.varlen) == ("flex_attention", "position_ids", None)
+    assert choose_path(varlen, Wishes(attention="eager")).packing == "position_ids"
+    for unpacked in (Wishes(packing=False), Wishes(head="classifier"), Wishes(path="reference")):
+        assert choose_path(varlen, unpacked).varlen is None
+    cpu = choose_path(CPU, Wishes())
+    assert (cpu.packing, cpu.varlen) == ("block_mask", None)
 
 
 def test_flex_attention_asked_on_a_cpu_is_a_config_error():
@@ -218,7 +243,7 @@ def test_auto_on_an_unverified_gpu_takes_the_reference_path_and_says_why():
     assert "no recorded verification on NVIDIA H100" in why and "train.path: fast" in why
     assert p.describe().startswith(why)  # the training path line and summary.json say it
     fast = choose_path(UNVERIFIED, Wishes(path="fast"), fits_without_checkpointing=True)
-    assert fast.name == "fast" and (fast.packing, fast.loss) == ("position_ids", "chunked") and "path" not in fast.reasons
+    assert fast.name == "fast" and (fast.packing, fast.loss) == ("varlen", "chunked") and "path" not in fast.reasons
     chats = choose_path(UNVERIFIED, Wishes(fast_only="only it trains conversation rows"), fits_without_checkpointing=True)
     assert chats.name == "fast" and "only it trains conversation rows" in chats.reasons["path"]
     assert choose_path(H100, Wishes(), fits_without_checkpointing=True).name == "fast"  # verified on this kind

@@ -8,11 +8,12 @@ chooses what tunesmith has always done there: fp32 (bf16 matmuls on CPUs without
 4D block mask for packing, no fused kernels, no gradient checkpointing (~1.7x slower backward; the
 micro-batch is halved instead when memory is short). On a CUDA GPU it chooses bf16 base weights
 (full fine-tuning: fp32 master weights under bf16 autocast), TF32 matmuls, fused AdamW,
-FlashAttention-2 where installed, else flex attention for packed rows and for models whose
-attention soft-caps its logits (which SDPA ignores; eager where flex is unavailable), else SDPA;
-packing by restarting position ids (no mask from the collator: flash-attention runs variable-length
-kernels, flex builds a block mask that skips the blocks where examples do not see each other, SDPA
-builds an L x L mask on the device), Liger's fused kernels where installed, gradient
+FlashAttention-2 where installed, else flex attention for models whose attention soft-caps its
+logits (which SDPA ignores; eager where flex is unavailable), else SDPA; packed rows on tunesmith's
+variable-length attention (:mod:`tunesmith.machine.varlen`: the collator hands the examples'
+boundaries to PyTorch's ``varlen_attn``, FlashAttention's varlen kernel where installed, or SDPA
+with a block mask built on the device from them; no host read), soft-capping models packed by
+restarting position ids (flex builds its block mask from them), Liger's fused kernels where installed, gradient
 checkpointing only when the memory estimate says the batch would not fit, and for QLoRA NF4 with
 double quantisation, bf16 compute and paged 8-bit AdamW. On both, generative SFT scores its target
 positions in vocabulary tiles without holding their logits (:mod:`tunesmith.train.chunked_loss`).
@@ -44,6 +45,7 @@ class Capabilities:
     bf16: bool = False  # the GPU runs bf16 matmuls natively
     compute_capability: tuple[int, int] | None = None
     flash_attn: bool = False  # the flash_attn package imports
+    varlen_attn: bool = False  # torch.nn.attention.varlen (FlashAttention's varlen kernel in torch) on an Ampere+ GPU
     flex_attention: bool = False  # torch's flex attention and Triton to compile it
     liger: bool = False  # liger_kernel imports
     bitsandbytes: bool = False
@@ -87,7 +89,7 @@ class TrainPath:
     tf32: bool
     optimizer: str
     attention: str  # flash_attention_2 | sdpa | flex_attention | eager | default (transformers' own choice)
-    packing: str  # block_mask | position_ids | off
+    packing: str  # block_mask | varlen | position_ids | off
     kernels: str  # liger | none
     gradient_checkpointing: bool
     quantization: dict | None = None  # 4-bit settings for QLoRA
@@ -95,11 +97,18 @@ class TrainPath:
     autocast: str | None = None  # bfloat16: fp32 weights, matmuls autocast to bf16 (full fine-tuning on a GPU)
     loss: str = "logits"  # chunked (target positions scored in vocabulary tiles) | logits | head
     name: str = "fast"  # fast (tunesmith's trainers) | reference (plain TRL / transformers)
+    varlen: str | None = None  # packing varlen: the kernel tried first (torch | flash_attn | sdpa, machine/varlen.py)
 
     @property
     def attn_implementation(self) -> str | None:
         """What to pass to ``from_pretrained`` (None: transformers' default)."""
         return None if self.attention == "default" else self.attention
+
+    @property
+    def attention_kernel(self) -> str:
+        """The kernel packed rows run on, as the memory estimate counts it: ``varlen`` for the variable-length
+        kernels (no mask), else :attr:`attention`."""
+        return "varlen" if self.packing == "varlen" and self.varlen in ("torch", "flash_attn") else self.attention
 
     @property
     def mask_in_collator(self) -> bool:
@@ -108,7 +117,8 @@ class TrainPath:
 
     def describe(self) -> str:
         dtype = self.dtype + (f" (autocast {self.autocast})" if self.autocast else "")
-        parts = [f"{self.device} {dtype}", f"attention {self.attention}", f"packing {self.packing}",
+        packing = self.packing + (f" ({self.varlen})" if self.varlen else "")
+        parts = [f"{self.device} {dtype}", f"attention {self.attention}", f"packing {packing}",
                  f"optimizer {self.optimizer}", f"kernels {self.kernels}", f"loss {self.loss}",
                  "gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing"]
         if self.tf32:
@@ -164,6 +174,10 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
     optimizer, why["optimizer"] = _optimizer(wish, gpu)
     attention, why["attention"] = _attention(caps, wish, gpu, cc)
     packing, why["packing"] = _packing(wish, gpu, attention)
+    varlen = None
+    if packing == "varlen":
+        varlen = _varlen_kernel(caps, wish, attention, autocast or dtype)
+        why["packing"] += VARLEN_KERNELS[varlen]
     kernels, why["kernels"] = _kernels(caps, wish, gpu)
     checkpointing, why["gradient_checkpointing"] = _checkpointing(wish, gpu, fits_without_checkpointing)
     loss, why["loss"] = loss_form(wish)
@@ -175,8 +189,9 @@ def choose_path(caps: Capabilities, wish: Wishes, fits_without_checkpointing: bo
             why["attention"] = "reference: PyTorch's SDPA, transformers' default (flash-attn is not installed)"
         packing, why["packing"] = _reference_packing(wish, attention)
         loss, why["loss"] = _reference_loss(wish, kernels)
+        varlen = None
     return TrainPath(device, dtype, tf32, optimizer, attention, packing, kernels, checkpointing, quant, why, autocast,
-                     loss, name)
+                     loss, name, varlen)
 
 
 def _path_name(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str | None]:
@@ -248,9 +263,9 @@ def _attention(caps: Capabilities, wish: Wishes, gpu: bool, cc: tuple[int, int])
             return "flex_attention", "the model soft-caps attention logits, which SDPA ignores; flex applies it"
         return "eager", "the model soft-caps attention logits, which SDPA ignores, and flex attention is unavailable"
     if _packing(wish, gpu, "sdpa")[0] != "off":  # flex attention measured 4x slower here (below): only when asked
-        return "sdpa", ("packed rows without flash-attn: PyTorch's SDPA with the block mask transformers builds on the "
-                        "GPU (flex attention's sparse block mask trained Llama-3.2-1B 4x slower on an H200: it "
-                        "recompiles; train.attention: flex_attention asks for it)")
+        return "sdpa", ("flash-attn is not installed: the model loads with PyTorch's SDPA and its packed rows run on "
+                        "tunesmith's variable-length attention (flex attention's sparse block mask trained "
+                        "Llama-3.2-1B 4x slower on an H200: it recompiles; train.attention: flex_attention asks for it)")
     return "sdpa", "flash-attn is not installed: PyTorch's SDPA (flash kernel unpacked, memory-efficient kernel with a mask)"
 
 
@@ -261,13 +276,34 @@ def _packing(wish: Wishes, gpu: bool, attention: str) -> tuple[str, str]:
         return "off", wish.spec.unpacked_reason
     if not wish.packing:
         return "off", "train.packing: false"
+    if gpu and attention in ("sdpa", "flash_attention_2"):
+        return "varlen", ("packed: the collator computes each example's boundaries (cu_seqlens, the longest) on the "
+                          "host and the model's attention reads them, so transformers checks no position ids (a "
+                          "host sync per step) and builds no mask; ")
     if gpu:
-        how = {"flash_attention_2": "variable-length flash kernels read the sequence boundaries, so each "
-                                    "micro-batch is one row without padding",
-               "flex_attention": "transformers builds a sparse block mask from them",
-               }.get(attention, "transformers builds the block mask on the GPU from them")
+        how = {"flex_attention": "transformers builds a sparse block mask from them"}.get(
+            attention, "transformers builds the block mask on the GPU from them")
         return "position_ids", f"packed by restarting position ids; {how}"
     return "block_mask", "packed with an explicit 4D block-diagonal mask built by the collator"
+
+
+VARLEN_KERNELS = {
+    "torch": "PyTorch's varlen_attn (FlashAttention's variable-length kernel inside torch), each micro-batch one row "
+             "without padding",
+    "flash_attn": "FlashAttention's flash_attn_varlen_func, each micro-batch one row without padding",
+    "sdpa": "SDPA with the block-diagonal mask built on the GPU from the boundaries (rows of the longest example)",
+}
+
+
+def _varlen_kernel(caps: Capabilities, wish: Wishes, attention: str, compute_dtype: str) -> str:
+    """The variable-length kernel packed rows try first: FlashAttention's where the model loads with it, SDPA's
+    masked kernel where SDPA was asked, else PyTorch's own varlen_attn where this torch and GPU have it and the
+    matmuls run in bf16/fp16 (its only dtypes), else SDPA's."""
+    if attention == "flash_attention_2":
+        return "flash_attn"
+    if wish.attention == "sdpa" or compute_dtype == "float32":
+        return "sdpa"
+    return "torch" if caps.varlen_attn else "sdpa"
 
 
 def _kernels(caps: Capabilities, wish: Wishes, gpu: bool) -> tuple[str, str]:
@@ -332,6 +368,7 @@ def probe(device: str = "auto") -> Capabilities:
     return Capabilities(
         cuda=True, bf16=torch.cuda.is_bf16_supported(), compute_capability=torch.cuda.get_device_capability(),
         flash_attn=has("flash_attn"), flex_attention=has("triton") and has("torch.nn.attention.flex_attention"),
+        varlen_attn=has("torch.nn.attention.varlen") and torch.cuda.get_device_capability() >= (8, 0),
         liger=has("liger_kernel"), bitsandbytes=has("bitsandbytes"), free_memory=free,
         device_name=name, fast_path_verified=verified, fast_path_finding=finding,
     )

@@ -195,7 +195,7 @@ def estimate(
     layers_kept = 1 if checkpointing else shape.layers
     if attention_kind == "eager":  # the (rows, heads, L, L) probabilities and their softmax output, every layer
         attention = rows * shape.heads * t.max_seq_length**2 * b * 2 * layers_kept
-    elif device == "cuda" and attention_kind in ("flash_attention_2", "flex_attention"):
+    elif device == "cuda" and attention_kind in ("flash_attention_2", "flex_attention", "varlen"):
         attention = 0  # no mask: variable-length kernels, or flex's block mask (one entry per 128x128 block)
     elif device == "cuda":  # SDPA's fused kernels keep no probabilities: one bool L x L mask at most
         attention = rows * t.max_seq_length**2
@@ -269,7 +269,7 @@ def estimate_recipe(recipe: Recipe, path=None, free: int | None = None) -> Memor
         placement = pick_placement(recipe.model.precision, recipe.model.device)
         device, dtype, attention, loss = placement.device, placement.dtype, None, None
     else:
-        device, dtype, attention, loss = path.device, path.dtype, path.attention, path.loss
+        device, dtype, attention, loss = path.device, path.dtype, path.attention_kernel, path.loss
     folder = Path(recipe.model.folder)
     budget = memory_budget(available_memory(device) if free is None else free, recipe.train.memory_limit_gb, device)
     return estimate(model_shape(folder), recipe, dtype, device, budget, attention, loss)

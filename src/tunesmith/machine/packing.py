@@ -5,6 +5,11 @@ Packing puts several examples into one row so that a batch carries less padding.
 (measured: the second example's logits move by ~0.5), so the collator also passes an explicit
 4D block-diagonal causal mask: a token attends only to earlier tokens of its own example.
 
+Under variable-length attention (``mask_kind="varlen"``, :mod:`tunesmith.machine.varlen`) the collator passes
+no mask but the examples' boundaries, found here on the host: ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (the
+offsets of every example, and of each row's padding tail, in the flattened batch) and ``max_length_q`` /
+``max_length_k`` (the longest, a Python int), which the model hands to its attention function.
+
 Rows are never longer than the longest example of the batch (first-fit decreasing into bins of
 that size), so packing only removes padding and never makes attention more expensive.
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tunesmith.machine.masks import block_causal_mask
+from tunesmith.machine.varlen import boundaries
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -42,7 +48,8 @@ class PackedCollator:
     """Collate tokenized examples into rows (packed or one per row) with a block-diagonal causal mask.
 
     ``mask_kind``: ``"bool"`` for sdpa, ``"float"`` (additive, 0 / dtype min) for eager, ``"none"``
-    for flash-attention kernels, which separate packed examples by their restarting position ids.
+    for kernels that separate packed examples by their restarting position ids, ``"varlen"`` for
+    tunesmith's variable-length attention (the examples' boundaries instead of a mask).
     """
 
     pad_id: int
@@ -88,7 +95,11 @@ class PackedCollator:
             "shift_labels": labels,  # tells the trainer the targets are already aligned (for token counting)
             "num_tokens": sum(lengths),  # a Python int: counting tokens needs no device round trip
         }
-        if self.mask_kind != "none":
+        if self.mask_kind == "varlen":
+            offsets, longest = boundaries([[lengths[i] for i in row] for row in rows], width)
+            cu = torch.tensor(offsets, dtype=torch.int32)
+            batch |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        elif self.mask_kind != "none":
             batch["attention_mask"] = block_causal_mask(segment, self.mask_kind, self.dtype)
         return batch
 

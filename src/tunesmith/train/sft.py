@@ -159,7 +159,6 @@ def build_trainer(
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
     from tunesmith.data.chat_rows import tokenize_rows  # conversations (every weight-1 turn) and prompt/completion
-    from tunesmith.machine.masks import mask_kind
     from tunesmith.machine.packing import PackedCollator
     from tunesmith.train.trainer import CompletionTrainer
 
@@ -167,11 +166,9 @@ def build_trainer(
     train_ds = Dataset.from_list(tokenize_rows(train_rows, tokenizer, t.train_on_inputs))
     val_ds = Dataset.from_list(tokenize_rows(val_rows, tokenizer, t.train_on_inputs)) if val_rows else None
     path = placement.path
-    kind = mask_kind(model) if path is None or path.mask_in_collator else "none"
-    # variable-length flash kernels cost nothing per row: the whole micro-batch in one row, no padding at all
-    flat = path is not None and path.packing == "position_ids" and path.attention == "flash_attention_2"
-    collator = PackedCollator(tokenizer.pad_token_id, pack=t.packing, mask_kind=kind, dtype=placement.torch_dtype,
-                              capacity=t.batch_size * t.max_seq_length if flat else None)
+    collator = PackedCollator(tokenizer.pad_token_id, pack=t.packing, mask_kind=collator_mask(model, path),
+                              dtype=placement.torch_dtype,
+                              capacity=t.batch_size * t.max_seq_length if one_row(path) else None)
     args = training_args(recipe, placement, out_dir, has_val=val_ds is not None, **arg_overrides)
     callbacks = (
         [EarlyStoppingCallback(t.early_stopping_patience)] if t.early_stopping_patience and val_ds else []
@@ -185,10 +182,32 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=callbacks,
         loss=path.loss if path is not None else "chunked",
+        varlen=path.varlen if path is not None and path.packing == "varlen" else None,
     )
     for cb in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(cb)
     return trainer
+
+
+def collator_mask(model, path) -> str:
+    """What the packing collator gives the model to keep packed examples apart: the 4D block mask of the model's
+    attention (``"bool"``/``"float"``, the CPU path), the examples' boundaries (``"varlen"``, tunesmith's
+    variable-length attention) or nothing but restarting position ids (``"none"``)."""
+    from tunesmith.machine.masks import mask_kind
+
+    if path is None or path.mask_in_collator:
+        return mask_kind(model)
+    return "varlen" if path.packing == "varlen" else "none"
+
+
+def one_row(path) -> bool:
+    """Whether each micro-batch is packed into one row without padding: variable-length kernels cost nothing per
+    row, so nothing is gained by rows of the longest example (SDPA's mask, L x L, is)."""
+    if path is None:
+        return False
+    if path.packing == "varlen":
+        return path.varlen in ("torch", "flash_attn")
+    return path.packing == "position_ids" and path.attention == "flash_attention_2"
 
 
 def make_progress_callback(advance, total_steps_hint):

@@ -116,11 +116,13 @@ def expand_padding_mask(inputs: dict, kind: str, dtype=None) -> None:
 
 class CompletionTrainer(TokenCountingTrainer):
     """Trainer whose batches come from :class:`~tunesmith.machine.packing.PackedCollator`; ``loss`` is the form of
-    :func:`completion_loss` (``"chunked"`` installs the target head on the model)."""
+    :func:`completion_loss` (``"chunked"`` installs the target head on the model); ``varlen`` (a kernel name) trains
+    the model on tunesmith's variable-length attention (:mod:`tunesmith.machine.varlen`), reading the collator's
+    boundaries, for the length of :meth:`train`."""
 
-    def __init__(self, *args, loss: str = "chunked", **kwargs):
+    def __init__(self, *args, loss: str = "chunked", varlen: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loss_form = loss
+        self.loss_form, self.varlen = loss, varlen
         if loss == "chunked":
             from tunesmith.train.chunked_loss import add_target_head
 
@@ -130,6 +132,14 @@ class CompletionTrainer(TokenCountingTrainer):
         self._acc = {"train": [0, 0], "eval": [0, 0]}
         self._started = None
         self._tokens_at_start = 0
+
+    def train(self, *args, **kwargs):
+        if self.varlen is None:
+            return super().train(*args, **kwargs)
+        from tunesmith.machine.varlen import varlen_attention
+
+        with varlen_attention(self.model, self.varlen):
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self._started is None:
