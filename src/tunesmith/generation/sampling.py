@@ -47,14 +47,17 @@ class Adjustments:
     def __call__(self, input_ids, scores):
         import torch
 
-        p = self.params
+        p = self.params  # new tensors, not in-place: the logits may be inference-mode tensors
         if p.logit_bias:
             ids = torch.tensor([i for i, _ in p.logit_bias], device=scores.device)
-            scores[:, ids] += torch.tensor([b for _, b in p.logit_bias], dtype=scores.dtype, device=scores.device)
+            bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device).index_add(
+                0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=scores.dtype, device=scores.device))
+            scores = scores + bias
         generated = input_ids[:, self.prompt_len:]
         if generated.shape[1] and (p.frequency_penalty or p.presence_penalty):
-            counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-            scores -= counts * p.frequency_penalty + (counts > 0).to(scores.dtype) * p.presence_penalty
+            counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device).scatter_add(
+                1, generated, torch.ones(generated.shape, dtype=scores.dtype, device=scores.device))
+            scores = scores - counts * p.frequency_penalty - (counts > 0).to(scores.dtype) * p.presence_penalty
         return scores
 
 

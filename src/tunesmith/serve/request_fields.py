@@ -93,7 +93,7 @@ COMPLETIONS: dict[str, Rule] = SAMPLING | {
     "max_tokens": honoured("default 16, capped by the server's --max-tokens and the context left"),
     "logprobs": honoured("0 to 5 alternatives per token: tokens, token_logprobs, top_logprobs, text_offset"),
     "echo": honoured("the prompt before the completion (not with logprobs: no prompt logprobs here)"),
-    "best_of": unset_only("one generation per choice; leave it out or equal to n", also=(1,)),
+    "best_of": Rule("400 unless equal to n: one generation per choice"),  # checked with n by the plan
     "suffix": unset_only("insertion is not served"),
 }
 
@@ -149,3 +149,15 @@ def check_fields(table: dict[str, Rule], body) -> None:
         if rule.serves is not None and not rule.serves(value):
             raise APIError(400, f"'{name}' is not supported here: {rule.why}.", param=name,
                            code="unsupported_parameter")
+
+
+def markdown_tables() -> str:
+    """The tables of docs/serve.md (between its request-fields markers): parameter, builtin, vLLM."""
+    out = []
+    for endpoint, table in TABLES.items():
+        out += [f"**/v1/{endpoint.replace('.', '/')}**", "", "| parameter | builtin | vLLM |", "|---|---|---|"]
+        for name in sorted(table):
+            rule = table[name]
+            out.append(f"| `{name}` | {rule.doc} | {rule.vllm or 'the same'} |".replace("\n", " "))
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

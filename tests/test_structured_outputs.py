@@ -1,0 +1,159 @@
+"""Structured outputs against a live server on the embedded model: every construct of the JSON Schema subset
+OpenAI's strict mode accepts answered as JSON that validates (jsonschema), greedy and sampled with n > 1; the
+official client's ``parse()``, streamed parse and ``responses.parse``; ``json_object``; a schema outside the
+subset refused with the keyword and its path. The built-in engine in ``make test``, vLLM in ``make test-vllm``."""
+
+import json
+from contextlib import ExitStack
+from typing import Literal
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tunesmith.serve.app import ServeSettings, create_app
+
+from .conftest import EMBEDDED, running_server, vllm_engine
+
+pytestmark = pytest.mark.slow
+
+
+def obj(properties: dict, **extra) -> dict:
+    """A strict-mode object: every property required, no others."""
+    return {"type": "object", "properties": properties, "required": list(properties), "additionalProperties": False,
+            **extra}
+
+
+NODE = obj({"label": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"},
+                                                      "maxItems": 2}})
+# construct -> (schema, what the user asks for: a small model writes sensible values when asked for them)
+CONSTRUCTS = {
+    "scalars": (obj({"name": {"type": "string"}, "age": {"type": "integer"}, "height": {"type": "number"},
+                     "member": {"type": "boolean"}, "nothing": {"type": "null"}}),
+                "Ana is 31 years old, 1.65 m tall and a club member. Give her name, age, height and membership."),
+    "enum_const": (obj({"mood": {"enum": ["happy", "sad", "calm"]}, "kind": {"const": "person"}}),
+                   "Ana just won a prize. What is her mood?"),
+    "array": (obj({"tags": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 3}}),
+              "List two words that describe Ana, a friendly runner."),
+    "nested": (obj({"person": obj({"name": {"type": "string"}, "address": obj({"city": {"type": "string"},
+                                                                               "zip": {"type": "string"}})})}),
+               "Ana lives in Paris, zip code 75001. Give her name and address."),
+    "any_of": (obj({"value": {"anyOf": [{"type": "integer"}, obj({"text": {"type": "string"}})]}}),
+               "What is two plus two?"),
+    "nullable": (obj({"nickname": {"type": ["string", "null"]}, "score": {"anyOf": [{"type": "number"},
+                                                                                    {"type": "null"}]}}),
+                 "Ana has no nickname and scored 7.5 points. Give her nickname and score."),
+    "defs_ref": (obj({"home": {"$ref": "#/$defs/place"}, "work": {"$ref": "#/$defs/place"}},
+                     **{"$defs": {"place": obj({"city": {"type": "string"}})}}),
+                 "Ana lives in Paris and works in Lyon. Give her home and work cities."),
+    "recursive": ({**obj({"tree": {"$ref": "#/$defs/node"}}), "$defs": {"node": NODE}},
+                  "Give a tree: a root labelled 'a' with one child labelled 'b', which has no children."),
+    "string_rules": (obj({"day": {"type": "string", "format": "date"},
+                          "code": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"}}),
+                     "Ana's flight ABC12 leaves on 2026-05-01. Give the day and the flight code."),
+    "number_rules": (obj({"percent": {"type": "integer", "minimum": 0, "maximum": 100},
+                          "step": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                          "even": {"type": "integer", "multipleOf": 2}}),
+                     "Ana finished 40 percent of the course in steps of 0.5, and has 4 dogs."),
+}
+
+
+@pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.vllm)])
+def live(request, tmp_path_factory):
+    from tunesmith.models import registry
+
+    if request.param == "builtin" and not registry.is_cached(EMBEDDED):
+        pytest.skip(f"{EMBEDDED} not cached; run `tunesmith models pull {EMBEDDED}`")
+    data_dir = tmp_path_factory.mktemp("structured")
+    with ExitStack() as stack:
+        if request.param == "vllm":
+            engine = stack.enter_context(vllm_engine(data_dir / "vllm"))
+        else:
+            from tunesmith.serve.engine import Engine
+
+            engine = Engine(EMBEDDED, {}, wait_ms=5)
+        settings = ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=request.param, max_tokens=400)
+        url = stack.enter_context(running_server(create_app(settings, engine)))
+        yield openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+
+
+def ask(client, schema: dict, strict: bool = True, prompt: str = "Describe Ana, in JSON.", **kw):
+    return client.chat.completions.create(
+        model=EMBEDDED, messages=[{"role": "user", "content": prompt}],
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": strict}},
+        **kw)
+
+
+@pytest.mark.parametrize("construct", list(CONSTRUCTS))
+def test_every_construct_validates_greedy_and_sampled(live, construct):
+    """A greedy answer and two sampled ones (sent together: one batch), each valid JSON under the schema."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    schema, prompt = CONSTRUCTS[construct]
+    with ThreadPoolExecutor(2) as pool:
+        greedy = pool.submit(ask, live, schema, prompt=prompt, temperature=0)
+        sampled = pool.submit(ask, live, schema, prompt=prompt, temperature=0.7, top_p=0.9, seed=7, n=2)
+        greedy, sampled = greedy.result(), sampled.result()
+    for choice in [*greedy.choices, *sampled.choices]:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    assert len(sampled.choices) == 2
+
+
+class Address(BaseModel):
+    city: str
+    zip: str | None
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    mood: Literal["happy", "sad"]
+    address: Address
+
+
+def test_parse_and_streamed_parse_return_the_object(live):
+    messages = [{"role": "user", "content": "Describe Alice, 31, from Paris."}]
+    parsed = live.chat.completions.parse(model=EMBEDDED, messages=messages, response_format=Person, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Person)
+    with live.chat.completions.stream(model=EMBEDDED, messages=messages, response_format=Person,
+                                      temperature=0) as stream:
+        kinds = {event.type for event in stream}
+        final = stream.get_final_completion()
+    assert "content.delta" in kinds and final.choices[0].message.parsed == parsed.choices[0].message.parsed
+    answer = live.responses.parse(model=EMBEDDED, input="Describe Alice, 31, from Paris.", text_format=Person,
+                                  temperature=0)
+    assert isinstance(answer.output_parsed, Person)
+
+
+def test_json_object_and_loose_schemas(live):
+    reply = live.chat.completions.create(model=EMBEDDED, response_format={"type": "json_object"}, max_tokens=60,
+                                         messages=[{"role": "user", "content": "Name a fruit, in JSON."}], temperature=0)
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    loose = {"type": "object", "properties": {"word": {"type": "string", "minLength": 3, "maxLength": 8}},
+             "required": ["word"], "title": "Word"}  # not strict: minLength and an open object are fine
+    doc = json.loads(ask(live, loose, strict=False, temperature=0).choices[0].message.content)
+    jsonschema.validate(doc, loose)
+    with pytest.raises(openai.BadRequestError) as exc:
+        live.chat.completions.create(model=EMBEDDED, response_format={"type": "json_object"},
+                                     messages=[{"role": "user", "content": "Name a fruit."}])
+    assert exc.value.body["param"] == "messages" and "json" in exc.value.body["message"]
+
+
+@pytest.mark.parametrize("schema,strict,keyword,path", [
+    (obj({"name": {"type": "string", "minLength": 2}}), True, "minLength", "#/properties/name"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}, True, "additionalProperties", "#"),
+    (obj({"a": {"type": "string"}, "b": {"type": "string"}}) | {"required": ["a"]}, True, "required", "#"),
+    (obj({"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}), False, "uniqueItems",
+     "#/properties/tags"),
+    (obj({"n": {"not": {"type": "integer"}}}), False, "not", "#/properties/n"),
+    ({"anyOf": [obj({"a": {"type": "string"}})]}, True, "type", "#"),
+    (obj({"d": {"type": "string", "format": "color"}}), True, "format", "#/properties/d"),
+    (obj({"x": {"$ref": "#/$defs/missing"}}), True, "$ref", "#/properties/x"),
+])
+def test_a_schema_outside_the_subset_is_a_400_naming_keyword_and_path(live, schema, strict, keyword, path):
+    with pytest.raises(openai.BadRequestError) as exc:
+        ask(live, schema, strict=strict)
+    body = exc.value.body
+    assert body["param"] == "response_format" and f"'{keyword}' at '{path}'" in body["message"], body
