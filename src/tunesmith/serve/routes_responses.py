@@ -290,6 +290,7 @@ async def _events(job, plan, body: ResponseBody, rid: str, created: int, finish)
                     for e in on_delta(d, None):
                         yield e
                 items, kept = output_items(plan, body, rid, item)
+                same_call_ids(opened, items, kept)
                 if not opened and items[0]["type"] == "message":  # tools were offered and none was called
                     for e in open_message():
                         yield e
@@ -305,6 +306,14 @@ async def _events(job, plan, body: ResponseBody, rid: str, created: int, finish)
         yield event("error", code=exc.body["code"], message=exc.body["message"], param=exc.body["param"])
     finally:
         job.cancel()
+
+
+def same_call_ids(opened: list, items: list[dict], kept: dict) -> None:
+    """The final items (read again from the whole text) with the call ids the stream already announced."""
+    streamed = [kind for kind, _, _ in opened if kind not in ("message", "dropped")]
+    calls = [i for i in items if i["type"] == "function_call"]
+    for call_id, item, call in zip(streamed, calls, kept.get("tool_calls", []), strict=False):
+        item["call_id"], item["id"], call["id"] = call_id, f"fc_{call_id[5:]}", call_id
 
 
 def _closing_events(event, opened: list, items: list[dict], where: dict, gen: Generation):
