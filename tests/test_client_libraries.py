@@ -7,14 +7,11 @@ built-in engine in ``make test``, vLLM in ``make test-vllm``. Nothing leaves the
 model-cost map from its package, tracing is off, and every client is pointed at the local server."""
 
 import os
-from contextlib import ExitStack
 
 import pytest
 from pydantic import BaseModel
 
-from tunesmith.serve.app import ServeSettings, create_app
-
-from .conftest import EMBEDDED, running_server, vllm_engine
+from .conftest import EMBEDDED, embedded_server
 
 pytestmark = pytest.mark.slow
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # litellm would fetch it from the network at import
@@ -30,21 +27,9 @@ class Person(BaseModel):
 
 @pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.vllm)])
 def url(request, tmp_path_factory):
-    from tunesmith.models import registry
-
-    if request.param == "builtin" and not registry.is_cached(EMBEDDED):
-        pytest.skip(f"{EMBEDDED} not cached; run `tunesmith models pull {EMBEDDED}`")
-    data_dir = tmp_path_factory.mktemp("clients")
-    with ExitStack() as stack:
-        if request.param == "vllm":
-            engine = stack.enter_context(vllm_engine(data_dir / "vllm"))
-        else:
-            from tunesmith.serve.engine import Engine
-
-            engine = Engine(EMBEDDED, {}, wait_ms=5)
-        settings = ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=request.param, max_tokens=200,
-                                 api_keys=frozenset({KEY}))
-        yield stack.enter_context(running_server(create_app(settings, engine)))
+    with embedded_server(request.param, tmp_path_factory.mktemp("clients"), max_tokens=200,
+                         api_keys=frozenset({KEY})) as url:
+        yield url
 
 
 def test_langchain(url):

@@ -4,7 +4,6 @@ official client's ``parse()``, streamed parse and ``responses.parse``; ``json_ob
 subset refused with the keyword and its path. The built-in engine in ``make test``, vLLM in ``make test-vllm``."""
 
 import json
-from contextlib import ExitStack
 from typing import Literal
 
 import jsonschema
@@ -12,9 +11,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tunesmith.serve.app import ServeSettings, create_app
-
-from .conftest import EMBEDDED, running_server, vllm_engine
+from .conftest import EMBEDDED, embedded_server
 
 pytestmark = pytest.mark.slow
 
@@ -61,20 +58,7 @@ CONSTRUCTS = {
 
 @pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.vllm)])
 def live(request, tmp_path_factory):
-    from tunesmith.models import registry
-
-    if request.param == "builtin" and not registry.is_cached(EMBEDDED):
-        pytest.skip(f"{EMBEDDED} not cached; run `tunesmith models pull {EMBEDDED}`")
-    data_dir = tmp_path_factory.mktemp("structured")
-    with ExitStack() as stack:
-        if request.param == "vllm":
-            engine = stack.enter_context(vllm_engine(data_dir / "vllm"))
-        else:
-            from tunesmith.serve.engine import Engine
-
-            engine = Engine(EMBEDDED, {}, wait_ms=5)
-        settings = ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=request.param, max_tokens=400)
-        url = stack.enter_context(running_server(create_app(settings, engine)))
+    with embedded_server(request.param, tmp_path_factory.mktemp("structured"), max_tokens=400) as url:
         yield openai.OpenAI(base_url=url, api_key="none", max_retries=0)
 
 

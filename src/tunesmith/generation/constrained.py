@@ -33,24 +33,28 @@ def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_ch
 
 def bound_json_schema(doc: dict, max_items: int | None = None, max_chars: int = MAX_STRING_CHARS) -> dict:
     """A copy of a JSON Schema document with the bounds of :func:`bounded_schema` set where it sets none."""
+    def bound(node: dict) -> None:
+        if node.get("type") == "string":
+            node.setdefault("maxLength", max_chars)
+        if node.get("type") == "object":
+            node.setdefault("additionalProperties", False)  # no invented keys eating the token budget
+        if node.get("type") == "array" and max_items:
+            node.setdefault("maxItems", max_items)
+
     doc = copy.deepcopy(doc)
-
-    def walk(node):
-        if isinstance(node, dict):
-            if node.get("type") == "string":
-                node.setdefault("maxLength", max_chars)
-            if node.get("type") == "object":
-                node.setdefault("additionalProperties", False)  # no invented keys eating the token budget
-            if node.get("type") == "array" and max_items:
-                node.setdefault("maxItems", max_items)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(doc)
+    _each_node(doc, bound)
     return doc
+
+
+def _each_node(doc, fn) -> None:
+    """Call ``fn`` on every JSON object inside ``doc`` (the schema's nodes, and any object among its values)."""
+    if isinstance(doc, dict):
+        fn(doc)
+        for v in doc.values():
+            _each_node(v, fn)
+    elif isinstance(doc, list):
+        for v in doc:
+            _each_node(v, fn)
 
 
 # --- the JSON Schema subset an answer may be constrained to ------------------------------------------------
@@ -148,36 +152,16 @@ def output_schema(schema: dict) -> dict:
     """The constraint an answer decodes under for a ``response_format`` schema: the schema itself, compact, with
     a ``maxLength`` on unbounded strings and objects that list properties closed to them (a narrower schema:
     every answer it allows is valid under the caller's), so that a small model's answer ends."""
-    def close(node):
-        if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node and "patternProperties" not in node:
-                node["additionalProperties"] = False
-            for v in node.values():
-                close(v)
-        elif isinstance(node, list):
-            for v in node:
-                close(v)
+    def narrow(node: dict) -> None:
+        if "properties" in node and "additionalProperties" not in node and "patternProperties" not in node:
+            node["additionalProperties"] = False
+        kinds = node.get("type")
+        if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
+            node.setdefault("maxLength", MAX_STRING_CHARS)
 
     doc = copy.deepcopy(schema)
-    close(doc)
-    doc = _bound_strings(doc)
+    _each_node(doc, narrow)
     doc["x-guidance"] = COMPACT
-    return doc
-
-
-def _bound_strings(doc: dict, max_chars: int = MAX_STRING_CHARS) -> dict:
-    def walk(node):
-        if isinstance(node, dict):
-            kinds = node.get("type")
-            if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
-                node.setdefault("maxLength", max_chars)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(doc)
     return doc
 
 
