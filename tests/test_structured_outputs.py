@@ -122,10 +122,8 @@ def test_parse_and_streamed_parse_return_the_object(live):
 
 
 def test_json_object_and_loose_schemas(live):
-    reply = live.chat.completions.create(model=EMBEDDED, response_format={"type": "json_object"}, temperature=0,
-                                         messages=[{"role": "user", "content": 'Name a fruit, in JSON like {"fruit": '
-                                                                               '"pear"}.'}])
-    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    """json_object answers are checked through LangChain's json_mode and instructor's JSON mode
+    (tests/test_client_libraries.py); here a loose schema and json_object's rule on the messages."""
     loose = {"type": "object", "properties": {"word": {"type": "string", "minLength": 3, "maxLength": 8}},
              "required": ["word"], "title": "Word"}  # not strict: minLength and an open object are fine
     doc = json.loads(ask(live, loose, strict=False, temperature=0).choices[0].message.content)
