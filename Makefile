@@ -6,6 +6,9 @@ STAMP  := $(VENV)/.installed-stamp
 MODEL  ?= smollm2-135m-instruct
 
 LOCK   := requirements.lock
+# test dependencies installed without their declared dependencies: every instructor release caps jiter below 0.15
+# and rich below 15, while openai 3 needs jiter >= 0.16 (instructor runs on both; tests/test_client_libraries.py)
+NODEPS := instructor docstring-parser
 
 .PHONY: install model converter browser demo test test-benchmarks test-export vllm test-vllm lint clean lock
 
@@ -16,6 +19,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	# the CPU build of torch first, pinned, so no dependency pulls the multi-GB CUDA wheels
 	$(BIN)/python -m pip install -q -c $(LOCK) torch
 	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps $(NODEPS)
 	touch $(STAMP)
 
 # re-resolve the newest versions the project allows into $(LOCK) (then run `make test` and commit it)
@@ -25,6 +29,7 @@ lock:
 	.lock-venv/bin/python -m pip install -q --upgrade pip
 	.lock-venv/bin/python -m pip install -q torch==2.13.0
 	.lock-venv/bin/python -m pip install -q -e '.[dev]'
+	.lock-venv/bin/python -m pip install -q --no-deps $(NODEPS)
 	( echo "# exact versions for make install; regenerate with: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^pip==' ) > $(LOCK)
 	rm -rf .lock-venv

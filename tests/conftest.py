@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -244,3 +244,23 @@ def vllm_engine(log_dir: Path, **kw):
         yield engine
     finally:
         engine.close()
+
+
+@contextmanager
+def embedded_server(engine_kind: str, data_dir: Path, **settings):
+    """A live server over the embedded model on the built-in engine or on vLLM (the test skips, saying what to run,
+    when the model or vLLM is missing); yields its /v1 URL."""
+    from tunesmith.models import registry
+    from tunesmith.serve.app import ServeSettings, create_app
+
+    if not registry.is_cached(EMBEDDED):
+        pytest.skip(f"{EMBEDDED} not cached; run `tunesmith models pull {EMBEDDED}`")
+    with ExitStack() as stack:
+        if engine_kind == "vllm":
+            engine = stack.enter_context(vllm_engine(data_dir / "vllm"))
+        else:
+            from tunesmith.serve.engine import Engine
+
+            engine = Engine(EMBEDDED, {}, wait_ms=5)
+        app = create_app(ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=engine_kind, **settings), engine)
+        yield stack.enter_context(running_server(app))

@@ -182,7 +182,7 @@ def test_responses_text_messages_and_limits(live):
         {"role": "system", "content": "Classify."},
         {"role": "user", "content": [{"type": "input_text", "text": "my card has not arrived"}]}])
     assert typed.output_text == resp.output_text  # the same prompt, greedy
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:  # no such stored response (of this key)
         c.responses.create(model=live["base"], input="x", previous_response_id="resp_1")
     assert exc.value.body["param"] == "previous_response_id"
     with pytest.raises(openai.BadRequestError) as exc:

@@ -10,11 +10,11 @@ Nothing here imports the stages that use it (eval, synth, serve, tasks).
 """
 
 from tunesmith.generation.batch import MAX_BATCH_TOKENS, Advance, Generated, Prompt, complete, generate, generate_greedy
-from tunesmith.generation.engine import BASE, ContinuousBatch, Row
+from tunesmith.generation.engine import BASE, ContinuousBatch, Row, TokenLogprob
 from tunesmith.generation.sampling import GenParams, cut_at_stop, stop_ids
 from tunesmith.generation.scoring import length_sorted_batches, score_labels
 
 __all__ = [
-    "BASE", "MAX_BATCH_TOKENS", "Advance", "ContinuousBatch", "GenParams", "Generated", "Prompt", "Row", "complete",
-    "cut_at_stop", "generate", "generate_greedy", "length_sorted_batches", "score_labels", "stop_ids",
+    "BASE", "MAX_BATCH_TOKENS", "Advance", "ContinuousBatch", "GenParams", "Generated", "Prompt", "Row", "TokenLogprob",
+    "complete", "cut_at_stop", "generate", "generate_greedy", "length_sorted_batches", "score_labels", "stop_ids",
 ]

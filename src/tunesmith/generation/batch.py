@@ -8,7 +8,7 @@ longest prompt dominates CPU time otherwise); results come back in the caller's 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tunesmith.generation.engine import ContinuousBatch, Row
 from tunesmith.generation.sampling import GenParams, cut_at_stop
@@ -49,7 +49,7 @@ class Prompt:
         out = []
         for j in range(self.n):
             p = self.params
-            params = p if p.seed is None else GenParams(p.max_tokens, p.temperature, p.top_p, p.stop, p.seed + j)
+            params = p if p.seed is None else replace(p, seed=p.seed + j)
             extra = (self.constraint(1, len(self.ids)),) if self.constraint is not None else ()
             out.append(Row(self.ids, params, self.adapter, extra))
         return out

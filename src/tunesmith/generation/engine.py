@@ -25,6 +25,16 @@ from tunesmith.generation.sampling import GenParams, has_stop, row_sampler, stop
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, penalties or a schema mask,
+    as vLLM reports them) and the ``top`` most probable tokens at that step: ``(token id, logprob)``."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(eq=False)
 class Row:
     """One generation: its prompt, settings and adapter, and what it has generated so far.
@@ -44,6 +54,8 @@ class Row:
     finish_reason: str | None = None  # "stop" | "length" once finished
     stop_token: int | None = None  # the end-of-sequence token that stopped the row (not in ``generated``)
     sampler: object = field(default=None, repr=False)  # a RowSampler, None for plain greedy rows
+    logprobs: int | None = None  # report each generated token's log-probability and this many top alternatives
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
 
     @property
     def abandoned(self) -> bool:
@@ -181,7 +193,7 @@ class ContinuousBatch:
                             device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in rows:
-            r.sampler = row_sampler(r.params, r.processors)
+            r.sampler = row_sampler(r.params, r.processors, len(r.prompt_ids))
         logits, cache = self._forward(ids, mask, positions, distinct, DynamicCache())
         if len(distinct) < len(rows):
             index = torch.tensor(owner, device=device)
@@ -209,7 +221,9 @@ class ContinuousBatch:
     def _advance(self, rows: list[Row], logits) -> tuple[list[int], list[Row]]:
         """Append each row's next token. Returns the indices of rows that go on, and the rows that finished
         (abandoned rows are in neither)."""
+        wanted, logp = _logprobs_before_processors(rows, logits)
         tokens = self._next_tokens(rows, logits)
+        _record_logprobs(rows, wanted, logp, tokens, self.eos_ids)
         now = time.monotonic()
         keep, finished = [], []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -292,6 +306,34 @@ class ContinuousBatch:
 
     def _reset(self) -> None:
         self.active, self.cache, self.mask = [], None, None
+
+
+def _logprobs_before_processors(rows: list[Row], logits):
+    """The rows that asked for logprobs and their log-softmax, taken before any processor (a schema mask,
+    penalties, temperature) changes the logits in place."""
+    wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    if not wanted:
+        return wanted, None
+    import torch
+
+    return wanted, torch.log_softmax(logits[wanted].float(), -1)
+
+
+def _record_logprobs(rows: list[Row], wanted: list[int], logp, tokens: list[int], eos_ids: set[int]) -> None:
+    """Append each generated token's logprob (and top alternatives) to the rows that asked for them."""
+    if not wanted:
+        return
+    import torch
+
+    k = max(rows[i].logprobs for i in wanted)
+    top_v, top_i = logp.topk(k, -1) if k else (None, None)
+    chosen = logp[torch.arange(len(wanted)), torch.tensor([tokens[i] for i in wanted])].tolist()
+    for j, i in enumerate(wanted):
+        if tokens[i] in eos_ids:  # the end of the answer is not one of its tokens
+            continue
+        n = rows[i].logprobs
+        top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)) if n else ()
+        rows[i].token_logprobs.append(TokenLogprob(tokens[i], chosen[j], top))
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> list[list[int]]:

@@ -2,7 +2,8 @@
 
 Sampling goes through transformers' own logits processors (temperature, then top-p), after any
 extra processor a caller adds for that row (a JSON-schema mask must run first, else top-p may
-keep no allowed token). Each sampled row draws from its own seeded generator, so its result does
+keep no allowed token) and OpenAI's adjustments (``logit_bias``, ``frequency_penalty``,
+``presence_penalty``), which apply to greedy rows too. Each sampled row draws from its own seeded generator, so its result does
 not depend on which other rows share its batch.
 """
 
@@ -22,20 +23,53 @@ class GenParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the count of a token already generated
+    presence_penalty: float = 0.0  # minus this once for every token already generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before picking (penalties or a bias)."""
+        return bool(self.frequency_penalty or self.presence_penalty or self.logit_bias)
+
+
+class Adjustments:
+    """OpenAI's ``logit_bias`` and repetition penalties as a logits processor: ``logit[j] += bias[j] -
+    count[j] * frequency_penalty - (count[j] > 0) * presence_penalty``, counting generated tokens only."""
+
+    def __init__(self, params: GenParams, prompt_len: int):
+        self.params, self.prompt_len = params, prompt_len
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        p = self.params  # new tensors, not in-place: the logits may be inference-mode tensors
+        if p.logit_bias:
+            ids = torch.tensor([i for i, _ in p.logit_bias], device=scores.device)
+            bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device).index_add(
+                0, ids, torch.tensor([b for _, b in p.logit_bias], dtype=scores.dtype, device=scores.device))
+            scores = scores + bias
+        generated = input_ids[:, self.prompt_len:]
+        if generated.shape[1] and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device).scatter_add(
+                1, generated, torch.ones(generated.shape, dtype=scores.dtype, device=scores.device))
+            scores = scores - counts * p.frequency_penalty - (counts > 0).to(scores.dtype) * p.presence_penalty
+        return scores
+
 
 class RowSampler:
     """Picks one row's next token from its logits: the row's processors, then argmax or a seeded draw."""
 
-    def __init__(self, params: GenParams, extra: Sequence = ()):
+    def __init__(self, params: GenParams, extra: Sequence = (), prompt_len: int = 0):
         import torch
         from transformers import LogitsProcessorList
 
-        self.processors = LogitsProcessorList([*extra, *warpers(params)])
+        adjust = [Adjustments(params, prompt_len)] if params.adjusts else []
+        self.processors = LogitsProcessorList([*adjust, *extra, *warpers(params)])
         self.rng = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
@@ -53,11 +87,12 @@ class RowSampler:
         return int(torch.multinomial(probs, 1, generator=self.rng))
 
 
-def row_sampler(params: GenParams, extra: Sequence = ()) -> RowSampler | None:
-    """A sampler for the row, or None for plain greedy decoding (a batched argmax picks its token)."""
-    if params.greedy and not extra:
+def row_sampler(params: GenParams, extra: Sequence = (), prompt_len: int = 0) -> RowSampler | None:
+    """A sampler for the row, or None for plain greedy decoding (a batched argmax picks its token).
+    ``prompt_len``: where generated tokens start in the ids the sampler sees (penalties count those only)."""
+    if params.greedy and not extra and not params.adjusts:
         return None
-    return RowSampler(params, extra)
+    return RowSampler(params, extra, prompt_len)
 
 
 def warpers(params: GenParams) -> list:

@@ -3,8 +3,8 @@ implementations — the built-in :class:`Engine` here and :class:`tunesmith.serv
 sends generation to a vLLM server that tunesmith supervises.
 
 Both serve one base model, named LoRA adapters, trained heads (always in-process) and aliases. Requests are
-made from the event loop (``submit``) and read back as an async stream of ``(choice index, text delta |
-Generation)``.
+made from the event loop (``run`` takes a :class:`tunesmith.serve.request_plan.RequestPlan`; ``submit`` one prompt)
+and read back as an async stream of ``(choice index, Delta | Generation)``.
 
 The built-in engine drives the project's one continuous-batching engine
 (:class:`tunesmith.generation.ContinuousBatch`) from a background thread: it gathers rows arriving together
@@ -25,7 +25,15 @@ from pathlib import Path
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
 from tunesmith.serve.errors import APIError
 
-__all__ = ["BASE", "Engine", "GenParams", "Generation", "InferenceEngine", "Request"]
+__all__ = ["BASE", "Delta", "Engine", "GenParams", "Generation", "InferenceEngine", "Request"]
+
+
+@dataclass
+class Delta:
+    """Streamed text, with the logprobs entries of the tokens it carries (when asked)."""
+
+    text: str
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -85,6 +93,7 @@ class _ServedRow(Row):
     index: int
     stream: bool = False
     sent: str = ""  # text already streamed
+    sent_tokens: int = 0  # token logprobs already streamed
 
     @property
     def abandoned(self) -> bool:
@@ -168,6 +177,11 @@ class InferenceEngine:
         """What ``submit(constraint=...)`` takes to decode every choice under the JSON ``schema``."""
         raise NotImplementedError
 
+    def run(self, plan) -> list[Request]:
+        """One request per prompt of the plan, each with the plan's ``n`` choices, constraint and logprobs."""
+        return [self.submit(plan.model, ids, plan.params, stream=plan.stream, constraint=plan.constraint,
+                            logprobs=plan.logprobs) for ids in plan.prompts]
+
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None) -> Request:
         """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
@@ -228,7 +242,8 @@ class Engine(InferenceEngine):
             self.batch.model = self.model
 
     def json_constraint(self, schema: dict):
-        """A logits-processor factory (llguidance) that keeps every choice inside ``schema``."""
+        """A logits-processor factory (llguidance) that keeps every choice inside ``schema`` (its ``x-guidance``
+        options: the JSON's separators)."""
         from tunesmith.generation import stop_ids
         from tunesmith.generation.constrained import JsonConstraint
 
@@ -239,7 +254,7 @@ class Engine(InferenceEngine):
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None) -> Request:
         """``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes
-        under. Generated tokens' ``logprobs`` are not reported by this engine (answers carry null)."""
+        under; ``logprobs``: each generated token's logprob and that many top alternatives, reported."""
         if self.closed:
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
@@ -248,8 +263,8 @@ class Engine(InferenceEngine):
         deadline = time.monotonic() + self.request_timeout_s
         for i, p in enumerate(params):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
-            self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, request=request, index=i,
-                                        stream=stream))
+            self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, logprobs=logprobs,
+                                        request=request, index=i, stream=stream))
         return request
 
     def close(self) -> None:
@@ -297,9 +312,28 @@ class Engine(InferenceEngine):
     def _answer(self, row: _ServedRow) -> None:
         """The final text (cut at a stop string), its remaining delta when streamed, then the Generation."""
         text = cut_at_stop(self.batch.text(row), row.params.stop)
-        if row.stream and text.startswith(row.sent) and len(text) > len(row.sent):
-            row.request.push(row.index, text[len(row.sent):])
-        row.request.push(row.index, Generation(text, len(row.prompt_ids), len(row.generated), row.finish_reason))
+        rest = self._unsent(row) if row.stream else None
+        if row.stream and text.startswith(row.sent) and (len(text) > len(row.sent) or rest):
+            row.request.push(row.index, Delta(text[len(row.sent):], rest))
+        entries = self._entries(row.token_logprobs) if row.logprobs is not None else None
+        row.request.push(row.index, Generation(text, len(row.prompt_ids), len(row.generated), row.finish_reason,
+                                               entries))
+
+    def _unsent(self, row: _ServedRow) -> list[dict] | None:
+        """The logprobs entries of the tokens generated since the last streamed delta (None: not asked)."""
+        if row.logprobs is None:
+            return None
+        entries = self._entries(row.token_logprobs[row.sent_tokens:])
+        row.sent_tokens = len(row.token_logprobs)
+        return entries
+
+    def _entries(self, logprobs) -> list[dict]:
+        """Token logprobs as OpenAI's ``logprobs.content`` entries (token text, logprob, bytes, top_logprobs)."""
+        def entry(token: int, logprob: float) -> dict:
+            text = self.tokenizer.decode([token])
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+        return [entry(t.token, t.logprob) | {"top_logprobs": [entry(i, v) for i, v in t.top]} for t in logprobs]
 
     def _stream_delta(self, row: _ServedRow) -> None:
         """Send the text that is final: a trailing partial UTF-8 character or a possible stop prefix waits."""
@@ -309,7 +343,7 @@ class Engine(InferenceEngine):
         held = max((len(s) - 1 for s in row.params.stop), default=0)
         ready = text[: len(text) - held] if held else text
         if len(ready) > len(row.sent):
-            row.request.push(row.index, ready[len(row.sent):])
+            row.request.push(row.index, Delta(ready[len(row.sent):], self._unsent(row)))
             row.sent = ready
 
     def _fail_all(self, exc: Exception) -> None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.request_fields import EMBEDDINGS, check_fields
 from tunesmith.serve.routes_openai import Key
 
 router = APIRouter(prefix="/v1")
@@ -27,7 +28,7 @@ _LOADING = threading.Lock()
 
 
 class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # `user` and other fields that change nothing here
+    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.request_fields decides each
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: str = "float"
@@ -73,6 +74,7 @@ def encoder(request: Request, model: str):
 
 @router.post("/embeddings")
 async def create_embeddings(body: EmbeddingBody, request: Request, key: Key):
+    check_fields(EMBEDDINGS, body)
     if body.encoding_format not in ("float", "base64"):
         raise APIError(400, f"encoding_format must be 'float' or 'base64', got '{body.encoding_format}'",
                        param="encoding_format")

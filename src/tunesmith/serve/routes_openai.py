@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 import uuid
 from typing import Annotated
@@ -11,9 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from tunesmith.serve.engine import Generation, GenParams
+from tunesmith.serve.engine import Generation
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.schemas import ChatCompletionBody, CompletionBody, SamplingBody
+from tunesmith.serve.request_fields import CHAT, COMPLETIONS, check_fields
+from tunesmith.serve.request_plan import chat_plan, completion_plan
+from tunesmith.serve.schemas import ChatCompletionBody, CompletionBody
 
 router = APIRouter(prefix="/v1")
 
@@ -46,41 +49,24 @@ def _engine(request: Request, model: str, key: str | None):
     return request.app.state.engine
 
 
-def _token_budget(request: Request, engine, prompt_tokens: int, requested: int | None, default: int) -> int:
-    """Tokens this request may generate: what it asked for, capped by the server's maximum and the
-    context left after the prompt; a prompt that leaves no room is refused."""
-    context = engine.context_length
-    if prompt_tokens >= context:
-        raise APIError(400, f"This model's maximum context length is {context} tokens, but the prompt has "
-                       f"{prompt_tokens} tokens. Shorten the messages or the prompt.", param="messages",
-                       code="context_length_exceeded")
-    server_max = request.app.state.settings.max_tokens
-    return max(1, min(requested or default, server_max, context - prompt_tokens))
-
-
-def _check_prompt_size(engine, texts: list[str]) -> None:
-    """Refuse a prompt far past the context before spending time tokenizing it (about 4 characters a token)."""
-    chars = sum(len(t) for t in texts)
-    if chars > 16 * engine.context_length:
-        raise APIError(400, f"This model's maximum context length is {engine.context_length} tokens, but the prompt "
-                       f"has {chars} characters (far more tokens than fit). Shorten the messages or the prompt.",
-                       param="messages", code="context_length_exceeded")
-
-
-def _params(body: SamplingBody, max_tokens: int) -> list[GenParams]:
-    return [GenParams(max_tokens, body.temperature, body.top_p, body.stops(),
-                      None if body.seed is None else body.seed + i) for i in range(body.n)]
-
-
 def _logprobs(gen: Generation) -> dict | None:
     """A choice's ``logprobs`` (``content``: one entry per generated token) where the engine reports them."""
     return None if gen.logprobs is None else {"content": gen.logprobs, "refusal": None}
 
 
-def _usage(gens: list[Generation]) -> dict:
-    prompt = gens[0].prompt_tokens if gens else 0
+def _usage(gens: list[Generation], prompts: int = 1) -> dict:
+    """Usage of a request: each prompt counted once (its ``n`` choices share it), every choice's tokens."""
+    per_choice = len(gens) // max(prompts, 1)
+    prompt = sum(g.prompt_tokens for g in gens[::per_choice]) if gens else 0
     completion = sum(g.completion_tokens for g in gens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def obfuscated(doc: dict, plan) -> dict:
+    """``stream_options.include_obfuscation``: random padding on each event, so its size tells nothing."""
+    if plan.obfuscation:
+        doc["obfuscation"] = secrets.token_urlsafe(secrets.randbelow(16) + 1)
+    return doc
 
 
 @router.get("/models")
@@ -120,62 +106,77 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
 async def chat_completions(body: ChatCompletionBody, request: Request, key: Key):
     from tunesmith.serve import tools
 
+    check_fields(CHAT, body)
     engine = _engine(request, body.model, key)
-    plan = tools.plan_tools(body)
-    messages = tools.request_messages(body)
-    _check_prompt_size(engine, [m.text() for m in body.messages])
     if body.model in engine.heads:
-        from tunesmith.serve.heads import chat_reply
-
-        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        return await chat_reply(engine.heads[body.model], body, plain)
-    ids = tools.prompt_ids(engine, messages, plan)
-    budget = _token_budget(request, engine, len(ids), body.max_completion_tokens or body.max_tokens, 256)
-    job = engine.submit(body.model, ids, _params(body, tools.token_budget(plan, budget)), stream=body.stream,
-                        constraint=tools.constraint(engine, plan),
-                        logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        return await _head_reply(engine, body)
+    plan = chat_plan(body, engine, request.app.state.settings.max_tokens)
+    [job] = engine.run(plan)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    if body.stream:
-        return StreamingResponse(_sse_chat(job, body, cid, created, plan), media_type="text/event-stream")
+    if plan.stream:
+        return StreamingResponse(_sse_chat(job, plan, cid, created), media_type="text/event-stream")
     [gens] = await _results(request, [job])
     choices = []
     for i, g in enumerate(gens):
-        msg, called = tools.message(plan, g.text)
-        choices.append({"index": i, "message": msg, "finish_reason": "tool_calls" if called else g.finish_reason,
-                        "logprobs": _logprobs(g)})
+        msg, called = tools.message(plan.tools, g.text)
+        choices.append({"index": i, "message": msg | {"refusal": None},
+                        "finish_reason": "tool_calls" if called else g.finish_reason, "logprobs": _logprobs(g)})
     return {"id": cid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
             "usage": _usage(gens)}
 
 
-async def _sse_chat(job, body: ChatCompletionBody, cid: str, created: int, plan):
+async def _head_reply(engine, body: ChatCompletionBody):
+    """A trained head answers its label (or number, or span): constraints and tools are not its to follow."""
+    from tunesmith.serve.heads import chat_reply
+
+    for param in ("response_format", "tools"):
+        if getattr(body, param):
+            raise APIError(400, f"model '{body.model}' is a trained head that answers its label; '{param}' is not "
+                           "served for it", param=param, code="unsupported_parameter")
+    plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    return await chat_reply(engine.heads[body.model], body, plain)
+
+
+async def _sse_chat(job, plan, cid: str, created: int):
     """OpenAI's chunk stream: each choice's deltas carry its index (text as content, calls as tool_calls
-    deltas); with ``stream_options.include_usage`` a last chunk with no choices carries the usage. A client
-    that leaves cancels the generation."""
+    deltas) and the logprobs of the tokens they carry; with ``stream_options.include_usage`` a last chunk with no
+    choices carries the usage. A client that leaves cancels the generation."""
     from tunesmith.serve.tools import ChoiceDeltas
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model, "choices": choices}
+        doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.model,
+               "choices": choices}
         if usage:
             doc["usage"] = usage
-        return f"data: {json.dumps(doc, ensure_ascii=False)}\n\n"
+        return f"data: {json.dumps(obfuscated(doc, plan) if choices else doc, ensure_ascii=False)}\n\n"
 
-    def choice(i: int, delta: dict, finish: str | None = None) -> dict:
-        return {"index": i, "delta": delta, "finish_reason": finish, "logprobs": None}
+    def choice(i: int, delta: dict, finish: str | None = None, logprobs: list | None = None) -> dict:
+        return {"index": i, "delta": delta, "finish_reason": finish,
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
 
-    readers = [ChoiceDeltas(plan) for _ in range(body.n)]
+    readers = [ChoiceDeltas(plan.tools) for _ in range(plan.n)]
+    pending: list[list | None] = [None] * plan.n  # logprobs of tokens whose text has not made a delta yet
+
+    def emit(i: int, deltas: list[dict], logprobs: list | None):
+        if logprobs is not None:
+            pending[i] = (pending[i] or []) + logprobs
+        for d in deltas:
+            yield chunk([choice(i, d, logprobs=pending[i])])
+            pending[i] = None
+
     try:
-        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
+        yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(plan.n)])
         gens: list[Generation] = []
         async for i, item in job.events():
             if isinstance(item, Generation):
                 gens.append(item)
-                for delta in readers[i].close():
-                    yield chunk([choice(i, delta)])
-                yield chunk([choice(i, {}, readers[i].finish_reason(item.finish_reason))])
-            elif item:
-                for delta in readers[i].feed(item):
-                    yield chunk([choice(i, delta)])
-        if body.include_usage:
+                for c in emit(i, readers[i].close(), None):
+                    yield c
+                yield chunk([choice(i, {}, readers[i].finish_reason(item.finish_reason), pending[i])])
+            else:
+                for c in emit(i, readers[i].feed(item.text), item.logprobs):
+                    yield c
+        if plan.include_usage:
             yield chunk([], _usage(gens))
         yield "data: [DONE]\n\n"
     except APIError as exc:  # e.g. the server is shutting down mid-stream
@@ -186,22 +187,96 @@ async def _sse_chat(job, body: ChatCompletionBody, cid: str, created: int, plan)
 
 @router.post("/completions")
 async def completions(body: CompletionBody, request: Request, key: Key):
+    check_fields(COMPLETIONS, body)
     engine = _engine(request, body.model, key)
-    if body.stream:
-        raise APIError(400, "stream is supported on /v1/chat/completions only", param="stream")
+    plan = completion_plan(body, engine, request.app.state.settings.max_tokens)
+    jobs = engine.run(plan)
+    cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    _check_prompt_size(engine, prompts)
-    encoded = [engine.text_prompt_ids(p) for p in prompts]
-    budgets = [_token_budget(request, engine, len(ids), body.max_tokens, 16) for ids in encoded]
-    jobs = [engine.submit(body.model, ids, _params(body, b)) for ids, b in zip(encoded, budgets, strict=True)]
+    if plan.stream:
+        return StreamingResponse(_sse_completions(jobs, plan, prompts, cid, created), media_type="text/event-stream")
     gens = [g for per_prompt in await _results(request, jobs) for g in per_prompt]
-    usage = {"prompt_tokens": sum(g.prompt_tokens for g in gens[:: body.n]),
-             "completion_tokens": sum(g.completion_tokens for g in gens)}
-    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-        "model": body.model,
-        "choices": [{"index": i, "text": g.text, "finish_reason": g.finish_reason, "logprobs": None}
-                    for i, g in enumerate(gens)],
-        "usage": usage,
-    }
+    choices = []
+    for i, g in enumerate(gens):
+        head = prompts[i // plan.n] if plan.echo else ""
+        choices.append({"index": i, "text": head + g.text, "finish_reason": g.finish_reason,
+                        "logprobs": completion_logprobs(g.logprobs, len(head))})
+    return {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
+            "usage": _usage(gens, len(prompts))}
+
+
+def completion_logprobs(entries: list[dict] | None, start: int = 0) -> dict | None:
+    """Chat-style logprobs entries as a completion's ``logprobs`` (tokens, token_logprobs, top_logprobs,
+    text_offset: each token's character offset in the choice's text)."""
+    if entries is None:
+        return None
+    offsets, at = [], start
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
+
+
+async def _sse_completions(jobs, plan, prompts: list[str], cid: str, created: int):
+    """The text_completion chunk stream: choice ``prompt index * n + i``; with include_usage a last chunk with
+    the usage; the echoed prompt first when asked."""
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        doc = {"id": cid, "object": "text_completion", "created": created, "model": plan.model, "choices": choices}
+        if usage:
+            doc["usage"] = usage
+        return f"data: {json.dumps(obfuscated(doc, plan) if choices else doc, ensure_ascii=False)}\n\n"
+
+    def choice(i: int, text: str, logprobs=None, finish: str | None = None) -> dict:
+        return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    offsets = [len(prompts[i // plan.n]) if plan.echo else 0 for i in range(len(jobs) * plan.n)]
+    try:
+        if plan.echo:
+            for i in range(len(offsets)):
+                yield chunk([choice(i, prompts[i // plan.n])])
+        gens: list[Generation] = []
+        async for i, item in merged_events(jobs, plan.n):
+            if isinstance(item, Generation):
+                gens.append(item)
+                yield chunk([choice(i, "", None, item.finish_reason)])
+            else:
+                yield chunk([choice(i, item.text, completion_logprobs(item.logprobs, offsets[i]))])
+                offsets[i] += len(item.text)
+        if plan.include_usage:
+            yield chunk([], _usage(gens, len(jobs)))
+        yield "data: [DONE]\n\n"
+    except APIError as exc:
+        yield f"data: {json.dumps({'error': exc.body})}\n\n"
+    finally:
+        for job in jobs:
+            job.cancel()
+
+
+async def merged_events(jobs, n: int):
+    """The events of several requests as they come, each choice numbered ``request index * n + choice``."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, job):
+        try:
+            async for i, item in job.events():
+                await queue.put((k * n + i, item))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            await queue.put((None, exc))
+        await queue.put((None, None))
+
+    tasks = [asyncio.ensure_future(pump(k, j)) for k, j in enumerate(jobs)]
+    try:
+        done = 0
+        while done < len(jobs):
+            i, item = await queue.get()
+            if i is None:
+                if isinstance(item, BaseException):
+                    raise item
+                done += 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -33,16 +33,20 @@ class ChatMessage(BaseModel):
 
 
 class SamplingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # accept (and ignore) OpenAI fields we do not use
+    # other fields land in model_extra, where tunesmith.serve.request_fields decides each: honoured or a 400
+    model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=8)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the usage
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id -> bias, checked against the model's vocabulary
 
     @field_validator("stop")
     @classmethod
@@ -69,6 +73,7 @@ class ChatCompletionBody(SamplingBody):
     tools: list[dict] | None = None  # checked, with tool_choice, by tunesmith.serve.tools
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    response_format: dict | None = None  # text, json_object or json_schema: tunesmith.serve.request_plan
 
     @field_validator("top_logprobs")
     @classmethod
@@ -80,6 +85,9 @@ class ChatCompletionBody(SamplingBody):
 
 class CompletionBody(SamplingBody):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)  # as OpenAI
+    echo: bool | None = False
+    best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod

@@ -64,6 +64,10 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("0010_job_estimated_finish", "ALTER TABLE jobs ADD COLUMN estimated_finish INTEGER"),
     ("0011_job_model_deleted", "ALTER TABLE jobs ADD COLUMN model_deleted INTEGER NOT NULL DEFAULT 0"),
     ("0012_eval_updated_at", "ALTER TABLE evals ADD COLUMN updated_at REAL"),  # NULL: never updated (created_at)
+    ("0013_responses", """
+        CREATE TABLE responses (
+            id TEXT PRIMARY KEY, owner TEXT, created_at INTEGER NOT NULL, messages TEXT NOT NULL, response TEXT NOT NULL
+        )"""),
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
@@ -148,6 +152,22 @@ class Store:
             self.db.execute("DELETE FROM files WHERE id = ?", (fid,))
         Path(f["storage"]).unlink(missing_ok=True)
         return True
+
+    # --- responses (kept for previous_response_id) ------------------------------------------
+
+    def add_response(self, owner: str | None, response: dict, messages: list[dict]) -> None:
+        """A Responses answer and the conversation it ends (chat messages, without the instructions)."""
+        with self.lock:
+            self.db.execute("INSERT INTO responses VALUES (?, ?, ?, ?, ?)", (
+                response["id"], owner, response["created_at"], json.dumps(messages), json.dumps(response)))
+
+    def get_response(self, rid: str, owner: str | None) -> tuple[dict, list[dict]] | None:
+        row = self.db.execute("SELECT * FROM responses WHERE id = ? AND owner IS ?", (rid, owner)).fetchone()
+        return (json.loads(row["response"]), json.loads(row["messages"])) if row else None
+
+    def delete_response(self, rid: str, owner: str | None) -> bool:
+        with self.lock:
+            return self.db.execute("DELETE FROM responses WHERE id = ? AND owner IS ?", (rid, owner)).rowcount > 0
 
     # --- jobs -------------------------------------------------------------------------------
 

@@ -118,24 +118,6 @@ def prompt_ids(engine, messages: list[dict], plan: ToolPlan) -> list[int]:
     return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-_CONSTRAINTS: dict[tuple[int, str], object] = {}
-
-
-def constraint(engine, plan: ToolPlan):
-    """The logits-processor factory for a forced call (built once per engine and schema), or None."""
-    if plan.schema is None:
-        return None
-    key = (id(engine), json.dumps(plan.schema, sort_keys=True))
-    if key not in _CONSTRAINTS:
-        from tunesmith.errors import ConfigError
-
-        try:
-            _CONSTRAINTS[key] = engine.json_constraint(plan.schema)
-        except (ConfigError, ValueError, TypeError) as exc:  # a schema llguidance cannot compile is the client's
-            raise _bad(f"Invalid 'tools': the function's parameters cannot constrain decoding: {exc}", "tools") from None
-    return _CONSTRAINTS[key]
-
-
 def token_budget(plan: ToolPlan, budget: int) -> int:
     """A forced call may run to its schema's bound, so that it is never cut mid-JSON."""
     if plan.schema is None:

@@ -3,8 +3,9 @@
 Prompts are rendered and tokenized here with the base model's tokenizer, exactly as for the built-in engine
 (chat template, tools, forced-call prefix), and sent to vLLM's ``/v1/completions`` as token ids, so both
 engines see the same prompt and greedy answers agree. Each choice is one vLLM request (``n`` choices with
-seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature``, ``top_p`` and logprobs pass
-through, streamed text arrives as vLLM streams it. A forced tool call decodes under vLLM's structured outputs.
+seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature``, ``top_p``, penalties,
+``logit_bias`` and logprobs pass through, streamed text arrives as vLLM streams it (with its tokens' logprobs). A
+forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs.
 
 Adapters are loaded into vLLM at run time (``/v1/load_lora_adapter``) under their model id and unloaded when
 deleted; the routes check ownership before a model id is sent here. vLLM's errors become OpenAI errors with
@@ -20,7 +21,7 @@ import logging
 from pathlib import Path
 
 from tunesmith.errors import ModelError
-from tunesmith.serve.engine import Generation, GenParams, InferenceEngine, Request
+from tunesmith.serve.engine import Delta, Generation, GenParams, InferenceEngine, Request
 from tunesmith.serve.errors import APIError
 
 log = logging.getLogger("tunesmith.serve")
@@ -125,9 +126,9 @@ class VllmEngine(InferenceEngine):
                     raise vllm_error(doc["error"].get("code") or 500, json.dumps(doc))
                 usage = doc.get("usage") or usage
                 for c in doc.get("choices", []):
-                    if c.get("text"):
-                        text.append(c["text"])
-                        request.push(index, c["text"])
+                    if c.get("text") or (c.get("logprobs") or {}).get("tokens"):
+                        text.append(c.get("text") or "")
+                        request.push(index, Delta(c.get("text") or "", chat_logprobs(c.get("logprobs"))))
                     tops.append(c.get("logprobs"))
                     choice = c if c.get("finish_reason") else choice
         if choice is None or usage is None:  # the stream broke off: vLLM died or dropped the request
@@ -169,6 +170,10 @@ def completion_body(model: str, prompt_ids: list[int], p: GenParams, stream: boo
         body["stream_options"] = {"include_usage": True}
     if p.seed is not None:
         body["seed"] = p.seed
+    if p.frequency_penalty or p.presence_penalty:
+        body |= {"frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty}
+    if p.logit_bias:
+        body["logit_bias"] = {str(t): b for t, b in p.logit_bias}
     if constraint is not None:
         body["structured_outputs"] = constraint
     if logprobs is not None:
