@@ -173,8 +173,9 @@ class InferenceEngine:
     def _unload_adapter(self, name: str) -> None:
         raise NotImplementedError
 
-    def json_constraint(self, schema: dict):
-        """What ``submit(constraint=...)`` takes to decode every choice under the JSON ``schema``."""
+    def json_constraint(self, spec: dict | str):
+        """What ``submit(constraint=...)`` takes to decode every choice under ``spec``: a JSON schema, or a Lark
+        grammar in llguidance's syntax (both engines decode with llguidance). Called off the event loop."""
         raise NotImplementedError
 
     def run(self, plan) -> list[Request]:
@@ -199,6 +200,8 @@ class Engine(InferenceEngine):
     def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
                  wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0,
                  max_batch_tokens: int = 65_536):
+        from tunesmith.generation import stop_ids
+        from tunesmith.generation.constrained import ConstraintCache
         from tunesmith.machine.placement import pick_placement
         from tunesmith.models.loading import load_model
 
@@ -210,6 +213,8 @@ class Engine(InferenceEngine):
         self.lock = threading.Lock()
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
         self.closed = False
+        # compiled output constraints; the tokenizer is converted for llguidance at the first
+        self.constraints = ConstraintCache(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model))
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
         self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
@@ -241,13 +246,11 @@ class Engine(InferenceEngine):
             self.model.eval()
             self.batch.model = self.model
 
-    def json_constraint(self, schema: dict):
-        """A logits-processor factory (llguidance) that keeps every choice inside ``schema`` (its ``x-guidance``
-        options: the JSON's separators)."""
-        from tunesmith.generation import stop_ids
-        from tunesmith.generation.constrained import JsonConstraint
-
-        return JsonConstraint(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model), schema)
+    def json_constraint(self, spec: dict | str):
+        """A logits-processor factory (llguidance) that keeps every choice inside ``spec``: a JSON schema (its
+        ``x-guidance`` options: the JSON's separators) or a Lark grammar. Compiled once per spec and kept; the
+        first call converts the tokenizer (seconds), so the routes call this off the event loop."""
+        return self.constraints.get(spec)
 
     # --- requests -------------------------------------------------------------------------
 

@@ -3,14 +3,15 @@
 A :class:`RequestPlan` says everything the engines and the answer need: the prompts as token ids, each choice's
 sampling settings (token budget, penalties, bias, seed), the one output constraint (a forced tool call's JSON,
 ``response_format`` or Responses' ``text.format``: a JSON schema the answer decodes under), how the answer is read
-(text, JSON content or tool calls), logprobs, ``n`` and the stream options. Both engines take it
-(:meth:`tunesmith.serve.engine.InferenceEngine.run`); the routes only turn its generations into OpenAI's shapes.
+(text, JSON content or tool calls), logprobs, ``n`` and the stream options. The routes compile its constraint off
+the event loop (:func:`with_constraint`), both engines take it (:meth:`tunesmith.serve.engine.InferenceEngine.run`),
+and the routes turn its generations into OpenAI's shapes.
 Every field the request sent has been checked against :mod:`tunesmith.serve.request_fields` first.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 from dataclasses import dataclass, field
 
 from tunesmith.generation import GenParams
@@ -40,7 +41,8 @@ class RequestPlan:
     params: list[GenParams]  # one per choice (n), the same for every prompt
     tools: ToolPlan = field(default_factory=ToolPlan)
     output: OutputFormat = field(default_factory=OutputFormat)
-    constraint: object | None = None  # the engine's compiled form of the schema the answer decodes under
+    spec: dict | str | None = None  # what every choice decodes under: a JSON schema or a Lark grammar (llguidance)
+    constraint: object | None = None  # the engine's compiled form of ``spec`` (:func:`with_constraint`)
     logprobs: int | None = None  # top alternatives per generated token (0: the chosen token only); None: none
     stream: bool = False
     include_usage: bool = False
@@ -50,11 +52,6 @@ class RequestPlan:
     @property
     def n(self) -> int:
         return len(self.params)
-
-    @property
-    def schema(self) -> dict | None:
-        """The JSON schema every choice decodes under: a forced call's, else the output format's."""
-        return self.tools.schema or self.output.constraint
 
 
 # --- limits -----------------------------------------------------------------------------------------------
@@ -79,14 +76,16 @@ def token_budget(engine, server_max: int, prompt_tokens: int, requested: int | N
     return max(1, min(requested or default, server_max, context - prompt_tokens))
 
 
-def constrained_default(schema: dict | None, default: int, server_max: int) -> int:
-    """The budget of an answer under ``schema`` when the caller set none: its longest compact form when the
-    schema bounds it, else the server's maximum, so that a JSON answer is not cut at the plain default."""
-    if schema is None:
+def constrained_default(spec: dict | str | None, default: int, server_max: int) -> int:
+    """The budget of an answer under ``spec`` when the caller set none: its longest compact form when the
+    schema bounds it, else (a grammar too) the server's maximum, so that a JSON answer is not cut at the plain
+    default."""
+    if spec is None:
         return default
     from tunesmith.generation.constrained import reply_token_bound
 
-    return min(reply_token_bound(schema) or server_max, server_max)
+    bound = reply_token_bound(spec) if isinstance(spec, dict) else None
+    return min(bound or server_max, server_max)
 
 
 # --- the output constraint --------------------------------------------------------------------------------
@@ -135,24 +134,39 @@ def _refuse_unknown(doc: dict, known: set[str], param: str) -> None:
                            code="unrecognized_argument")
 
 
-_COMPILED: dict[tuple[int, str], object] = {}
+def constraint_spec(tool_plan: ToolPlan, output: OutputFormat) -> dict | str | None:
+    """What every choice decodes under: a forced call's schema; the output format's JSON schema; with tools the
+    model may call (``tool_choice`` 'auto') and a JSON output format, a grammar of either (a JSON answer or tool
+    calls: what OpenAI allows, and what the Agents SDK sends for an agent with tools and an ``output_type``);
+    None for free text."""
+    from tunesmith.serve import tools
+
+    if tool_plan.schema is not None:
+        return tool_plan.schema
+    if output.json and tool_plan.parse:
+        return tools.calls_or_answer(tool_plan, output.constraint)
+    return output.constraint
 
 
-def compile_constraint(engine, schema: dict | None, param: str):
-    """The engine's form of ``schema`` (built once per engine and schema), or None; a schema the decoder cannot
-    compile is the client's 400 on ``param``."""
-    if schema is None:
-        return None
-    key = (id(engine), json.dumps(schema, sort_keys=True))
-    if key not in _COMPILED:
-        from tunesmith.errors import ConfigError
+def compile_constraint(engine, spec: dict | str, param: str):
+    """The engine's form of ``spec`` (the engine keeps what it compiled); one the decoder cannot compile is the
+    client's 400 on ``param``."""
+    from tunesmith.errors import ConfigError
 
-        try:
-            _COMPILED[key] = engine.json_constraint(schema)
-        except (ConfigError, ValueError, TypeError) as exc:
-            raise APIError(400, f"Invalid '{param}': the schema cannot constrain decoding: {exc}", param=param,
-                           code="invalid_json_schema") from None
-    return _COMPILED[key]
+    try:
+        return engine.json_constraint(spec)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise APIError(400, f"Invalid '{param}': the schema cannot constrain decoding: {exc}", param=param,
+                       code="invalid_json_schema") from None
+
+
+async def with_constraint(engine, plan: RequestPlan) -> RequestPlan:
+    """The plan with its constraint compiled, off the event loop: a new schema takes milliseconds, but the
+    built-in engine's first converts the tokenizer for llguidance (seconds), and no other request should wait."""
+    if plan.spec is not None:
+        param = plan.output.param if plan.output.json else "tools"
+        plan.constraint = await asyncio.to_thread(compile_constraint, engine, plan.spec, param)
+    return plan
 
 
 # --- sampling ---------------------------------------------------------------------------------------------
@@ -208,11 +222,6 @@ def chat_plan(body, engine, server_max: int, output: OutputFormat | None = None,
 
     tool_plan = tools.plan_tools(body)
     output = output or output_format(body.response_format, "response_format")
-    if output.json and tool_plan.parse and tool_plan.schema is None:
-        raise APIError(400, f"{output.param} with tools the model may call (tool_choice 'auto') is not served: the "
-                       "answer cannot be constrained to either a call or the schema. Send tool_choice 'required' "
-                       "or a function to force a call, or 'none' for the JSON answer.", param=output.param,
-                       code="unsupported_parameter")
     if output.schema == {"type": "object"} and not any("json" in m.text().lower() for m in body.messages):
         raise APIError(400, f"'{messages_param}' must contain the word 'json' in some form, to use "
                        f"'{output.param}' of type 'json_object'.", param=messages_param, code="invalid_value")
@@ -220,13 +229,12 @@ def chat_plan(body, engine, server_max: int, output: OutputFormat | None = None,
     check_prompt_size(engine, [m.text() for m in body.messages])
     ids = tools.prompt_ids(engine, messages, tool_plan)
     requested = body.max_completion_tokens or body.max_tokens
-    plan = RequestPlan(body.model, [ids], [], tool_plan, output, stream=body.stream,
-                       logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-    default = constrained_default(plan.schema, CHAT_DEFAULT_MAX, server_max)
+    plan = RequestPlan(body.model, [ids], [], tool_plan, output, constraint_spec(tool_plan, output),
+                       stream=body.stream, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+    default = constrained_default(plan.spec, CHAT_DEFAULT_MAX, server_max)
     budget = token_budget(engine, server_max, len(ids), requested, default)
     plan.params = choice_params(body, engine, tools.token_budget(tool_plan, budget), body.n)
     plan.include_usage, plan.obfuscation = stream_flags(body)
-    plan.constraint = compile_constraint(engine, plan.schema, output.param if output.json else "tools")
     return plan
 
 

@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from tunesmith.serve.engine import Generation
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.request_fields import CHAT, COMPLETIONS, check_fields
-from tunesmith.serve.request_plan import chat_plan, completion_plan
+from tunesmith.serve.request_plan import chat_plan, completion_plan, with_constraint
 from tunesmith.serve.schemas import ChatCompletionBody, CompletionBody
 
 router = APIRouter(prefix="/v1")
@@ -110,7 +110,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
     engine = _engine(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(engine, body)
-    plan = chat_plan(body, engine, request.app.state.settings.max_tokens)
+    plan = await with_constraint(engine, chat_plan(body, engine, request.app.state.settings.max_tokens))
     [job] = engine.run(plan)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if plan.stream:

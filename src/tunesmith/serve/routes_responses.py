@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.serve.engine import Generation
 from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.request_fields import RESPONSES, check_fields
+from tunesmith.serve.request_plan import with_constraint
 from tunesmith.serve.routes_openai import Key, _engine, _results, obfuscated
 from tunesmith.serve.schemas import ChatCompletionBody
 
@@ -205,7 +206,7 @@ async def create_response(body: ResponseBody, request: Request, key: Key):
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")
     turns = conversation(body, request, key)
-    plan = response_plan(body, request, engine, turns)
+    plan = await with_constraint(engine, response_plan(body, request, engine, turns))
     [job] = engine.run(plan)
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from tunesmith.data.chat import MESSAGE_KEYS, check_messages, function_names, hint
-from tunesmith.data.tool_format import CALL_OPEN, CallStream, render
+from tunesmith.data.tool_format import CALL_CLOSE, CALL_OPEN, CallStream, render
 from tunesmith.serve.errors import APIError
 
 # the separators json.dumps writes (and the hermes form is trained with), no free whitespace
@@ -97,6 +97,20 @@ def call_schema(functions: list[dict]) -> dict:
     options = [one(f) for f in functions]
     doc = options[0] if len(options) == 1 else {"anyOf": options}
     return doc | {"x-guidance": TOOL_JSON}
+
+
+def calls_or_answer(plan: ToolPlan, answer: dict) -> str:
+    """A Lark grammar (llguidance's syntax, both engines decode with it) of an answer that is either JSON under
+    ``answer`` or tool calls as the prompt taught them (``<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>``,
+    one a line, a single one without ``parallel_tool_calls``), each call under the schema of a call to any tool."""
+    call = call_schema([t["function"] for t in plan.tools])
+    calls = 'call ("\\n" call)*' if plan.parallel else "call"
+    return "\n".join([
+        "start: answer | calls",
+        f"answer: %json {json.dumps(answer)}",
+        f"calls: {calls}",
+        f"call: {json.dumps(CALL_OPEN + chr(10))} %json {json.dumps(call)} {json.dumps(chr(10) + CALL_CLOSE)}",
+    ])
 
 
 def request_messages(body) -> list[dict]:

@@ -5,7 +5,8 @@ Prompts are rendered and tokenized here with the base model's tokenizer, exactly
 engines see the same prompt and greedy answers agree. Each choice is one vLLM request (``n`` choices with
 seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature``, ``top_p``, penalties,
 ``logit_bias`` and logprobs pass through, streamed text arrives as vLLM streams it (with its tokens' logprobs). A
-forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs.
+forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs, with the
+built-in engine's library and grammars (:func:`engine_args`).
 
 Adapters are loaded into vLLM at run time (``/v1/load_lora_adapter``) under their model id and unloaded when
 deleted; the routes check ownership before a model id is sent here. vLLM's errors become OpenAI errors with
@@ -34,7 +35,7 @@ class VllmEngine(InferenceEngine):
         from tunesmith.serve.vllm_server import START_TIMEOUT_S, VllmServer, vllm_python
 
         super().__init__(base)
-        launch = vllm_launch(base, extra_args)
+        launch = vllm_launch(base, (*engine_args(), *extra_args))  # the user's --vllm-arg come last and win
         self.context_length = launch.max_model_len
         self.request_timeout_s = request_timeout_s
         self.server = VllmServer(vllm_python(python), launch, log_dir, on_restart=self._reload_adapters,
@@ -70,9 +71,10 @@ class VllmEngine(InferenceEngine):
         if r.status_code != 200 and "already" not in r.text:  # loading twice (a restart race) is no error
             raise ModelError(f"vLLM refused to {action} adapter {body['lora_name']}: {error_message(r.text)}")
 
-    def json_constraint(self, schema: dict) -> dict:
-        """vLLM's structured outputs for ``schema`` (the llguidance options are the built-in engine's)."""
-        return {"json": {k: v for k, v in schema.items() if k != "x-guidance"}, "disable_any_whitespace": True}
+    def json_constraint(self, spec: dict | str) -> dict:
+        """vLLM's structured outputs for ``spec``, as the built-in engine reads it: vLLM decodes with llguidance
+        too (:func:`engine_args`), so a schema keeps its ``x-guidance`` separators and a Lark grammar is one."""
+        return {"grammar": spec} if isinstance(spec, str) else {"json": spec}
 
     # --- requests -------------------------------------------------------------------------
 
@@ -161,6 +163,27 @@ def vllm_launch(base: str, extra_args: tuple[str, ...] = ()):
     folder = resolve(base)
     length = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", 2048))
     return VllmLaunch(folder, base, length, "auto" if torch.cuda.is_available() else "float32", extra_args=extra_args)
+
+
+def engine_args() -> tuple[str, ...]:
+    """What tunesmith's requests need of vLLM's engine (vLLM 0.32).
+
+    Structured outputs by llguidance (``guidance``), the built-in engine's library, with compact JSON. Under
+    ``auto`` vLLM picks a backend per request, but its engine builds one, for the first request that arrives
+    (vllm-project/vllm#43920): a schema that vLLM sends to guidance because xgrammar lacks a keyword in it
+    (``multipleOf``; ``pattern`` or ``format`` beside a length bound) was compiled by xgrammar all the same when
+    another request came first. The request-level ``disable_any_whitespace`` is read by neither backend (only the
+    server's setting is). Lark grammars (a JSON answer or tool calls) are llguidance's.
+
+    On a CPU, chunked prefill off: a request with a ``seed`` whose prompt vLLM splits over two steps kills vLLM's
+    engine there ("CPU Generator does not use offset": the model runner rewinds that request's generator with a
+    call only CUDA generators have). 30 structured requests at once did, and so does one seeded prompt longer than
+    the step's 2,048 tokens (tests/test_vllm_structured.py). Without chunking vLLM makes a step as long as the
+    context, and a prompt waits for a step with room for all of it."""
+    import torch
+
+    args = ("--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}))
+    return args if torch.cuda.is_available() else (*args, "--no-enable-chunked-prefill")
 
 
 def completion_body(model: str, prompt_ids: list[int], p: GenParams, stream: bool, constraint, logprobs) -> dict:
