@@ -150,3 +150,36 @@ def test_a_schema_outside_the_subset_is_a_400_naming_keyword_and_path(live, sche
         ask(live, schema, strict=strict)
     body = exc.value.body
     assert body["param"] == "response_format" and f"'{keyword}' at '{path}'" in body["message"], body
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": obj({"city": {"type": "string"}})}}
+FORECAST = obj({"city": {"type": "string"}, "sky": {"enum": ["sunny", "rainy", "cloudy"]}})
+
+
+def test_tools_the_model_may_call_beside_a_json_format(live):
+    """tool_choice 'auto' with a JSON schema format (an Agents SDK agent with tools and an output_type): each
+    answer is either tool calls whose arguments validate against the tool's schema, or content that validates
+    against the format; never free text."""
+    forms = set()
+    for prompt, temperature in (("What is the weather in Paris? Call get_weather.", 0),
+                                ("The sky over Paris is sunny today. Report it as JSON.", 0),
+                                ("Weather in Rome?", 0.9)):
+        reply = live.chat.completions.create(
+            model=EMBEDDED, messages=[{"role": "user", "content": prompt}], tools=[WEATHER], tool_choice="auto",
+            response_format={"type": "json_schema", "json_schema": {"name": "forecast", "schema": FORECAST,
+                                                                    "strict": True}},
+            temperature=temperature, n=2, seed=3)
+        for choice in reply.choices:
+            message = choice.message
+            if message.tool_calls:
+                assert choice.finish_reason == "tool_calls" and not message.content, choice
+                for call in message.tool_calls:
+                    assert call.function.name == "get_weather"
+                    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+                forms.add("call")
+            else:
+                jsonschema.validate(json.loads(message.content), FORECAST)
+                forms.add("answer")
+    assert forms, "no answer"
