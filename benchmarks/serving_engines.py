@@ -171,6 +171,12 @@ def vllm_of(server: Served) -> openai.OpenAI:
     raise SystemExit("no vLLM process under the server")
 
 
+def front_cpu_s(server: Served) -> float:
+    """CPU seconds of tunesmith's own server process (vLLM's processes left out)."""
+    t = psutil.Process(server.proc.pid).cpu_times()
+    return t.user + t.system
+
+
 def front_vs_direct(args, prompts: list[str]) -> dict:
     """The same requests to tunesmith's front and straight to its vLLM, alternating which goes first."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,11 +187,13 @@ def front_vs_direct(args, prompts: list[str]) -> dict:
             ask(server.url, args.model, prompts[:2], args.max_tokens, 1, direct)
             out = {"load_before": os.getloadavg()[0]}
             for conc in (1, args.concurrency):
-                runs = {"front": [], "direct": []}
+                runs, front_cpu = {"front": [], "direct": []}, 0.0
                 for r in range(args.rounds):
                     for way in (("front", "direct") if r % 2 == 0 else ("direct", "front")):
+                        cpu0 = front_cpu_s(server)
                         runs[way].append(ask(server.url, args.model, prompts, args.max_tokens, conc,
                                              front if way == "front" else direct))
+                        front_cpu += (front_cpu_s(server) - cpu0) if way == "front" else 0.0
                 tps = {w: sum(x["tokens"] for x in rs) / sum(x["wall_s"] for x in rs) for w, rs in runs.items()}
                 same = sum(a == b for rf, rd in zip(runs["front"], runs["direct"], strict=True)
                            for a, b in zip(rf["answers"], rd["answers"], strict=True))
@@ -193,10 +201,12 @@ def front_vs_direct(args, prompts: list[str]) -> dict:
                                              "direct_tok_per_s": round(tps["direct"], 2),
                                              "ratio": round(tps["front"] / tps["direct"], 3),
                                              "identical": f"{same}/{len(prompts) * args.rounds}",
+                                             "front_cpu_ms_per_request": round(1000 * front_cpu / (len(prompts) * args.rounds), 1),
                                              "rounds": {w: [x["tok_per_s"] for x in rs] for w, rs in runs.items()}}
                 print(f"{conc:2d} at a time: front {tps['front']:.2f} tok/s, direct {tps['direct']:.2f} tok/s, "
                       f"front/direct {tps['front'] / tps['direct']:.3f}x, identical answers {same}/"
-                      f"{len(prompts) * args.rounds}, load {os.getloadavg()[0]:.1f}", flush=True)
+                      f"{len(prompts) * args.rounds}, front CPU {1000 * front_cpu / (len(prompts) * args.rounds):.1f} ms "
+                      f"per request, load {os.getloadavg()[0]:.1f}", flush=True)
             out["load_after"] = os.getloadavg()[0]
             return out
         finally:

@@ -18,11 +18,12 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
+from tunesmith.data.chat_rows import last_turn_pair
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engine import Engine, GenParams
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import Store
-from tunesmith.serve.worker import work
+from tunesmith.serve.worker import evaluate_job, work
 
 from .conftest import EMBEDDED, REPO, banking_rows, running_server, vllm_engine, vllm_or_skip
 
@@ -110,14 +111,36 @@ def test_vllm_errors_become_openai_errors(served):
         client(served["url"]).chat.completions.create(model="no-such-adapter", messages=[{"role": "user", "content": "x"}])
 
 
-def test_a_jobs_fine_tune_is_served_by_vllm_to_its_owner_only(served):
+def test_a_jobs_fine_tune_is_evaluated_on_vllm_and_served_by_it_to_its_owner_only(served, monkeypatch):
+    """The job's post-training evaluation generates on the server's vLLM (its adapter loaded there): the same
+    scores as the built-in engine's on the same adapter and conversations."""
+    from tunesmith.eval.runner import evaluate_conversations
+    from tunesmith.serve import worker
+
     c = client(served["url"])
-    upload = c.files.create(file=open(REPO / "examples" / "data" / "banking_chat_12.jsonl", "rb"), purpose="fine-tune")
-    job = c.fine_tuning.jobs.create(model=EMBEDDED, training_file=upload.id, suffix="vllm", method={
-        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}})
-    work(served["data_dir"], once=True)
+    data = REPO / "examples" / "data" / "banking_chat_12.jsonl"
+    upload = c.files.create(file=open(data, "rb"), purpose="fine-tune")
+    lines = data.read_bytes().splitlines(keepends=True)
+    valid = c.files.create(file=("valid.jsonl", b"".join(lines[:6])), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model=EMBEDDED, training_file=upload.id, validation_file=valid.id, suffix="vllm",
+                                    method={"type": "supervised",
+                                            "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4}}})
+    asked = []
+    monkeypatch.setattr(worker, "evaluate_job", lambda store, job_id, recipe, rows: asked.append((recipe, rows)) or
+                        evaluate_job(store, job_id, recipe, rows))
+    log = served["engine"].server.log_path
+    before = log.read_text().count("Loaded new LoRA adapter: name 'tunesmith-")
+    work(served["data_dir"], once=True, vllm_endpoint=served["engine"].server.endpoint_file)
     job = c.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "succeeded", job.error
+    report = [e for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data if "Evaluation report" in e.message]
+    assert report, [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert log.read_text().count("Loaded new LoRA adapter: name 'tunesmith-") > before  # the evaluation's, on vLLM
+    recipe, rows = asked[0]
+    builtin = evaluate_conversations(recipe, [last_turn_pair(r) for r in rows])  # no engine here: this process
+    here = {r.name: {k: r.metrics.get(k) for k in ("chrf", "rouge_l", "exact")} for r in builtin.results}
+    on_vllm = {n: {k: m.get(k) for k in ("chrf", "rouge_l", "exact")} for n, m in report[0].data["metrics"].items()}
+    assert on_vllm == here and set(here) == {"base", "finetuned"}
     name, engine = job.fine_tuned_model, served["engine"]
     succeeded = time.monotonic()
     while name not in vllm_models(engine):  # loaded by the server's watcher, before anyone asks for it
@@ -197,3 +220,34 @@ def test_nothing_reaches_vllm_without_its_key_and_no_key_is_on_a_command_line(se
     if own_network_prefix():
         assert tcp_listeners(pids) == []  # the engine's internal listeners live in vLLM's own network namespace
     assert vllm_models(served["engine"]) >= {EMBEDDED}  # and tunesmith itself still gets in
+
+
+def test_a_recipes_evaluation_on_vllm_scores_as_on_builtin(served, tmp_path):
+    """``eval.engine`` on vLLM: the demo's kind of evaluation (BANKING77 intents, label scoring, an adapter
+    contender) gives the same predictions and scores as on the built-in engine."""
+    from tunesmith.config import validate_recipe
+    from tunesmith.eval.runner import evaluate_recipe
+    from tunesmith.generation import remote
+
+    from .conftest import write_jsonl
+    from .test_vllm_faults import random_adapters
+
+    adapter = random_adapters(tmp_path / "adapters", names=["lora"])["lora"]
+    data = write_jsonl(tmp_path / "d.jsonl", banking_rows(("card_arrival", "pin_blocked", "age_limit"), 8))
+
+    def run(out: str, engine=None):
+        recipe = validate_recipe({
+            "name": "ev", "output_dir": str(tmp_path / out), "seed": 3, "model": {"name": EMBEDDED},
+            "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "system_prompt": SYSTEM,
+                     "split": {"train": 12, "val": 0, "test": 12}},
+            "eval": {"max_new_tokens": 12, "bootstrap": 0, "baselines": [], "perplexity": False,
+                     "adapters": [{"name": "lora", "path": str(adapter)}]}})
+        with remote.using(engine):
+            evaluate_recipe(recipe)
+        folder = tmp_path / out / "ev" / "eval"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        drop = ("seconds", "latency_ms")
+        return ({m: {k: v for k, v in d.items() if k not in drop} for m, d in metrics.items()},
+                (folder / "predictions.jsonl").read_text())
+
+    assert run("on-vllm", served["engine"].server.completions()) == run("builtin")

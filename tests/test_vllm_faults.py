@@ -2,10 +2,6 @@
 LoRA adapters, sixteen streamed requests in flight, one adapter's folder deleted, then kill -9 of vLLM's process
 group. Skips with what to run when vLLM or the model is absent."""
 
-import os
-import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -15,15 +11,15 @@ import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
 
-from .conftest import EMBEDDED, running_server, vllm_engine, vllm_or_skip
+from .conftest import EMBEDDED, kill_under_streams, running_server, vllm_engine, vllm_or_skip
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 DEADLINE_S = 180.0
 NAMES = [f"lora-{i}" for i in range(5)]
 
 
-def random_adapters(folder: Path) -> dict[str, Path]:
-    """Five different LoRA adapters (random A and B, rank 8) for the embedded model."""
+def random_adapters(folder: Path, names: list[str] = NAMES) -> dict[str, Path]:
+    """Different LoRA adapters (random A and B, rank 8) for the embedded model, one per name."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -31,7 +27,7 @@ def random_adapters(folder: Path) -> dict[str, Path]:
     from tunesmith.models.loading import load_model
 
     out = {}
-    for i, name in enumerate(NAMES):
+    for i, name in enumerate(names):
         torch.manual_seed(i)
         config = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         model = get_peft_model(load_model(EMBEDDED, pick_placement()), config)
@@ -68,28 +64,8 @@ def test_kill9_under_16_streams_with_5_adapters_one_deleted(served):
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=DEADLINE_S + 60)
     before = {m: ask(client, m) for m in [EMBEDDED, *NAMES]}
     assert vllm_models(engine) == {EMBEDDED, *NAMES}
-    outcomes: list = [None] * 16
-    chunks = threading.Semaphore(0)
-
-    def stream(i: int) -> None:
-        t0 = time.monotonic()
-        try:
-            for _ in client.chat.completions.create(model=([EMBEDDED, *NAMES])[i % 6], max_tokens=300, stream=True,
-                                                    temperature=0, messages=[{"role": "user", "content": "Count to 300."}]):
-                chunks.release()
-            outcomes[i] = ("answer", time.monotonic() - t0)
-        except openai.APIError as exc:
-            outcomes[i] = (str(exc), time.monotonic() - t0)
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for _ in range(24):
-        assert chunks.acquire(timeout=DEADLINE_S), "no stream started"
-    shutil.rmtree(served["adapters"]["lora-4"])
-    os.killpg(engine.server.proc.pid, signal.SIGKILL)
-    for t in threads:
-        t.join(DEADLINE_S + 30)
+    outcomes = kill_under_streams(client, [EMBEDDED, *NAMES], engine, served["adapters"]["lora-4"], 24, DEADLINE_S,
+                                  max_tokens=300, temperature=0, messages=[{"role": "user", "content": "Count to 300."}])
     assert all(o is not None for o in outcomes), outcomes
     assert all(seconds < DEADLINE_S + 5 for _, seconds in outcomes), outcomes
     assert all(kind == "answer" or "restarting" in kind for kind, _ in outcomes), outcomes

@@ -7,8 +7,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +23,7 @@ from tunesmith.serve.errors import APIError
 from tunesmith.serve.vllm_server import ask_models
 from tunesmith.serve.vllm_shim import RequireKey
 
-from .conftest import REPO, running_server
+from .conftest import REPO, kill_under_streams, running_server
 
 FAKE = REPO / "tests" / "fake_vllm"
 DEADLINE_S = 8.0
@@ -168,28 +166,8 @@ def test_kill9_under_16_streams_with_5_adapters_one_deleted(fake_engine, tmp_pat
     with running_server(create_app(settings, engine)) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60)
         assert {m.id for m in client.models.list()} >= set(names)
-        outcomes: list = [None] * 16
-        chunks = threading.Semaphore(0)
-
-        def stream(i: int) -> None:
-            t0 = time.monotonic()
-            try:
-                for _ in client.chat.completions.create(model=names[i % 5], max_tokens=400, stream=True,
-                                                        messages=[{"role": "user", "content": "count"}]):
-                    chunks.release()
-                outcomes[i] = ("answer", time.monotonic() - t0)
-            except openai.APIError as exc:
-                outcomes[i] = (str(exc), time.monotonic() - t0)
-
-        threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
-        for t in threads:
-            t.start()
-        for _ in range(32):
-            assert chunks.acquire(timeout=30), "no stream started"
-        shutil.rmtree(tmp_path / "a4")
-        os.killpg(engine.server.proc.pid, signal.SIGKILL)
-        for t in threads:
-            t.join(DEADLINE_S + 10)
+        outcomes = kill_under_streams(client, names, engine, tmp_path / "a4", 32, DEADLINE_S, max_tokens=400,
+                                      messages=[{"role": "user", "content": "count"}])
         assert all(o is not None for o in outcomes), outcomes
         assert all(seconds < DEADLINE_S + 2 for _, seconds in outcomes), outcomes
         assert all(kind == "answer" or "restarting" in kind for kind, _ in outcomes), outcomes

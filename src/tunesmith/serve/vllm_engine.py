@@ -35,7 +35,7 @@ class VllmEngine(InferenceEngine):
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
                  gpu_memory_utilization: float | None = None):
         from tunesmith.serve.vllm_adapters import AdapterLoader
-        from tunesmith.serve.vllm_server import START_TIMEOUT_S, VllmServer, vllm_python
+        from tunesmith.serve.vllm_server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
         super().__init__(base)
         launch = vllm_launch(base, extra_args, gpu_memory_utilization)
@@ -180,18 +180,6 @@ class VllmEngine(InferenceEngine):
     def close(self) -> None:
         self.loader.stop()
         self.server.stop()
-
-
-def vllm_launch(base: str, extra_args: tuple[str, ...] = (), gpu_memory_utilization: float | None = None):
-    """The base model's folder and the dtype: float32 on CPUs (what the built-in engine computes in, so greedy
-    answers agree), the model's own on GPUs. The context length is vLLM's choice within its KV cache budget."""
-    import torch
-
-    from tunesmith.models.names import resolve
-    from tunesmith.serve.vllm_server import VllmLaunch
-
-    return VllmLaunch(resolve(base), base, "auto", "auto" if torch.cuda.is_available() else "float32",
-                      gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args)
 
 
 def completion_body(model: str, prompt_ids: list[int], p: GenParams, stream: bool, constraint, logprobs) -> dict:

@@ -29,10 +29,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import ConfigError, ModelError
+from tunesmith.generation.remote import CompletionsServer, register_engine
 
 log = logging.getLogger("tunesmith.serve")
 
@@ -82,6 +84,17 @@ class VllmLaunch:
     max_lora_rank: int = 64
     gpu_memory_utilization: float | None = None  # CUDA: vLLM's share of the GPU (the jobs worker has the rest)
     extra_args: tuple[str, ...] = field(default_factory=tuple)  # --vllm-arg: anything else vLLM takes
+
+
+def vllm_launch(base: str, extra_args: tuple[str, ...] = (), gpu_memory_utilization: float | None = None):
+    """The base model's folder and the dtype: float32 on CPUs (what the built-in engine computes in, so greedy
+    answers agree), the model's own on GPUs. The context length is vLLM's choice within its KV cache budget."""
+    import torch
+
+    from tunesmith.models.names import resolve
+
+    return VllmLaunch(resolve(base), base, "auto", "auto" if torch.cuda.is_available() else "float32",
+                      gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args)
 
 
 def vllm_command(python: str, launch: VllmLaunch, folder: Path) -> list[str]:
@@ -225,9 +238,24 @@ class VllmServer:
         """Ready and its process running (a vLLM killed a moment ago is not, before the watcher sees it)."""
         return self.ready.is_set() and self.proc is not None and self.proc.poll() is None
 
+    @property
+    def endpoint_file(self) -> Path:
+        """Where the running vLLM's socket and key are written (mode 0600) for the server's jobs worker."""
+        return self.log_path.parent / "endpoint.json"
+
+    def completions(self) -> CompletionsServer:
+        """This vLLM as a generation engine (it follows restarts)."""
+        return CompletionsServer("http://vllm", locate=lambda: (self.socket_path, self.endpoint.key))
+
+    def _publish(self) -> None:
+        fd = os.open(self.endpoint_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"socket": self.socket_path, "key": self.endpoint.key, "model": self.launch.served_name}, fh)
+
     def start(self) -> None:
         self._spawn()
         self._wait_ready()
+        self._publish()
         self.ready.set()
         threading.Thread(target=self._watch, name="tunesmith-vllm-watch", daemon=True).start()
 
@@ -244,6 +272,7 @@ class VllmServer:
                     pass
             self._kill_group()
         self._forget_endpoint()
+        self.endpoint_file.unlink(missing_ok=True)
 
     def processes(self) -> list[int]:
         """The pids of vLLM's process group (its server, engine core and workers)."""
@@ -325,6 +354,7 @@ class VllmServer:
                 self.on_restart()
             except Exception:  # noqa: BLE001 - what on_restart could not do is its own to report
                 log.exception("after restarting vLLM")
+            self._publish()
             self.ready.set()
 
     def log_tail(self, lines: int = 30) -> str:
@@ -332,3 +362,18 @@ class VllmServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+@contextmanager
+def vllm_completions(base: str, log_dir: Path):
+    """tunesmith's vLLM over ``base`` as a generation engine for the block (``eval.engine: vllm``,
+    ``synth.engine: vllm``): started, then stopped."""
+    server = VllmServer(vllm_python(), vllm_launch(base), log_dir)
+    server.start()
+    try:
+        yield server.completions()
+    finally:
+        server.stop()
+
+
+register_engine("vllm", vllm_completions)

@@ -283,6 +283,13 @@ def job_error(exc: Exception, store: Store, job: dict) -> dict:
             "the details.", "param": None}
 
 
+def engine_of(vllm_endpoint: Path | None):
+    """Generation in the block goes to the server's vLLM (when it runs one)."""
+    from tunesmith.generation import remote
+
+    return remote.using(remote.CompletionsServer.from_file(vllm_endpoint) if vllm_endpoint else None)
+
+
 def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None:
     """Run one job; a failure is reported on the job (status, error, event) and goes no further."""
     try:
@@ -295,10 +302,11 @@ def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> 
 
 
 def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1,
-         gpu_budget_gb: float | None = None) -> None:
+         gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None) -> None:
     """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder.
     Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time.
-    ``gpu_budget_gb``: the jobs' share of a GPU that vLLM serves on."""
+    ``gpu_budget_gb``: the jobs' share of a GPU that vLLM serves on; ``vllm_endpoint``: that vLLM's endpoint
+    file (jobs generate there: evaluations, reinforcement rollouts, model graders)."""
     import fcntl
 
     store = Store(root)
@@ -311,14 +319,16 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
                 return
             SHUTDOWN.wait(poll_s)
             continue
-        run_or_fail(store, job, gpu_budget_gb)
+        with engine_of(vllm_endpoint):
+            run_or_fail(store, job, gpu_budget_gb)
         if once and store.next_job(jobs_per_key) is None:
             return
 
 
 def main() -> None:
     args, _ = start_worker_process("tunesmith fine-tuning jobs worker: one job at a time in this process")
-    work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key, gpu_budget_gb=args.gpu_budget_gb)
+    work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key, gpu_budget_gb=args.gpu_budget_gb,
+         vllm_endpoint=args.vllm_endpoint)
     end_worker_process()
 
 

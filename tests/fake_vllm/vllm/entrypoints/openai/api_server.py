@@ -78,7 +78,12 @@ def main() -> None:
         usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(words)}
         if not body.get("stream"):
             await asyncio.sleep(STEP_S * len(words))
-            return {"choices": [{"text": " ".join(words), "finish_reason": "length"}], "usage": usage}
+            choice = {"text": " ".join(words), "finish_reason": "length"}
+            if body.get("return_token_ids"):
+                choice["token_ids"] = list(range(len(words)))
+            if body.get("structured_outputs"):  # what was asked, so a test can see it arrived
+                choice["text"] = json.dumps({"schema": body["structured_outputs"]["json"]})
+            return {"choices": [choice], "usage": usage}
 
         async def chunks():
             for i, word in enumerate(words):
