@@ -9,8 +9,9 @@ out; vLLM's processes summed), and how many greedy answers are identical across 
 
 ``--front-vs-direct`` measures what tunesmith's API in front of vLLM costs instead: one `tunesmith serve --engine
 vllm`, and the same chat requests sent to it and straight to the vLLM process it started (its private socket and
-key, read from that process as its own user can), in alternating rounds (``--rounds``), one at a time and
-``--concurrency`` at once. Prints tokens/s of each, the ratio front/direct and identical answers.
+key, read from that process as its own user can), alternating which goes first: one at a time request by
+request, and ``--concurrency`` at once round by round (``--rounds`` passes over the questions). Prints tokens/s of
+each, the ratio front/direct, identical answers and the front process's CPU per request.
 
     python benchmarks/serving_engines.py [--questions 20] [--max-tokens 64] [--concurrency 16] [--out result.json]
     python benchmarks/serving_engines.py --front-vs-direct [--rounds 3]
@@ -178,39 +179,43 @@ def front_cpu_s(server: Served) -> float:
 
 
 def front_vs_direct(args, prompts: list[str]) -> dict:
-    """The same requests to tunesmith's front and straight to its vLLM, alternating which goes first."""
+    """The same requests to tunesmith's front and straight to its vLLM, alternating which goes first: one at a time
+    request by request (each pair runs back to back, under the same load), ``--concurrency`` at once round by
+    round. tokens/s of a way: its tokens over its wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         server = Served("vllm", args.model, [], Path(tmp))
         try:
-            direct, front = vllm_of(server), openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=1800)
-            ask(server.url, args.model, prompts[:2], args.max_tokens, 1, front)  # warm-up, not counted
-            ask(server.url, args.model, prompts[:2], args.max_tokens, 1, direct)
+            ways = {"front": openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=1800),
+                    "direct": vllm_of(server)}
+            for client in ways.values():  # warm-up, not counted
+                ask(server.url, args.model, prompts[:2], args.max_tokens, 1, client)
             out = {"load_before": os.getloadavg()[0]}
             for conc in (1, args.concurrency):
+                batches = [[p] for p in prompts] * args.rounds if conc == 1 else [prompts] * args.rounds
                 runs, front_cpu = {"front": [], "direct": []}, 0.0
-                for r in range(args.rounds):
-                    for way in (("front", "direct") if r % 2 == 0 else ("direct", "front")):
+                for k, batch in enumerate(batches):
+                    for way in (("front", "direct") if k % 2 == 0 else ("direct", "front")):
                         cpu0 = front_cpu_s(server)
-                        runs[way].append(ask(server.url, args.model, prompts, args.max_tokens, conc,
-                                             front if way == "front" else direct))
+                        runs[way].append(ask(server.url, args.model, batch, args.max_tokens, conc, ways[way]))
                         front_cpu += (front_cpu_s(server) - cpu0) if way == "front" else 0.0
-                tps = {w: sum(x["tokens"] for x in rs) / sum(x["wall_s"] for x in rs) for w, rs in runs.items()}
-                same = sum(a == b for rf, rd in zip(runs["front"], runs["direct"], strict=True)
-                           for a, b in zip(rf["answers"], rd["answers"], strict=True))
-                out[f"concurrent_{conc}"] = {"front_tok_per_s": round(tps["front"], 2),
-                                             "direct_tok_per_s": round(tps["direct"], 2),
-                                             "ratio": round(tps["front"] / tps["direct"], 3),
-                                             "identical": f"{same}/{len(prompts) * args.rounds}",
-                                             "front_cpu_ms_per_request": round(1000 * front_cpu / (len(prompts) * args.rounds), 1),
-                                             "rounds": {w: [x["tok_per_s"] for x in rs] for w, rs in runs.items()}}
-                print(f"{conc:2d} at a time: front {tps['front']:.2f} tok/s, direct {tps['direct']:.2f} tok/s, "
-                      f"front/direct {tps['front'] / tps['direct']:.3f}x, identical answers {same}/"
-                      f"{len(prompts) * args.rounds}, front CPU {1000 * front_cpu / (len(prompts) * args.rounds):.1f} ms "
-                      f"per request, load {os.getloadavg()[0]:.1f}", flush=True)
+                out[f"concurrent_{conc}"] = compared(runs, front_cpu, len(prompts) * args.rounds)
+                r = out[f"concurrent_{conc}"]
+                print(f"{conc:2d} at a time: front {r['front_tok_per_s']:.2f} tok/s, direct {r['direct_tok_per_s']:.2f} "
+                      f"tok/s, front/direct {r['ratio']:.3f}x, identical answers {r['identical']}, front CPU "
+                      f"{r['front_cpu_ms_per_request']:.1f} ms per request, load {os.getloadavg()[0]:.1f}", flush=True)
             out["load_after"] = os.getloadavg()[0]
             return out
         finally:
             server.stop()
+
+
+def compared(runs: dict[str, list[dict]], front_cpu: float, requests: int) -> dict:
+    tps = {w: sum(x["tokens"] for x in rs) / sum(x["wall_s"] for x in rs) for w, rs in runs.items()}
+    same = sum(a == b for rf, rd in zip(runs["front"], runs["direct"], strict=True)
+               for a, b in zip(rf["answers"], rd["answers"], strict=True))
+    return {"front_tok_per_s": round(tps["front"], 2), "direct_tok_per_s": round(tps["direct"], 2),
+            "ratio": round(tps["front"] / tps["direct"], 3), "identical": f"{same}/{requests}",
+            "front_cpu_ms_per_request": round(1000 * front_cpu / requests, 1)}
 
 
 def main() -> None:

@@ -127,9 +127,10 @@ def vllm_env(key: str, folder: Path, own_network: bool) -> dict[str, str]:
 def own_network_prefix() -> tuple[str, ...]:
     """``unshare`` arguments that give vLLM a network namespace of its own, or () where the system refuses
     (no unshare, no user namespaces): vLLM then shares the host's network and its engine's loopback
-    listeners are visible on 127.0.0.1 (the API itself is on the private socket either way)."""
+    listeners are visible on 127.0.0.1 (the API itself is on the private socket either way).
+    ``TUNESMITH_VLLM_NETWORK=host`` keeps vLLM on the host's network (a GPU host where namespaces misbehave)."""
     tool = shutil.which("unshare")
-    if tool is None:
+    if tool is None or os.environ.get("TUNESMITH_VLLM_NETWORK") == "host":
         return ()
     for flags in ((["--net"] if os.geteuid() == 0 else []), ["--user", "--map-root-user", "--net"]):
         if flags and subprocess.run([tool, *flags, "true"], capture_output=True).returncode == 0:
