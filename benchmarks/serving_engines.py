@@ -7,7 +7,14 @@ phases, CPU seconds per generated token and peak resident memory of the serving 
 out; vLLM's processes summed), and how many greedy answers are identical across engines. An adapter
 (``--adapter NAME=PATH``) adds a second set of requests to it.
 
+``--front-vs-direct`` measures what tunesmith's API in front of vLLM costs instead: one `tunesmith serve --engine
+vllm`, and the same chat requests sent to it and straight to the vLLM process it started (its private socket and
+key, read from that process as its own user can), alternating which goes first: one at a time request by
+request, and ``--concurrency`` at once round by round (``--rounds`` passes over the questions). Prints tokens/s of
+each, the ratio front/direct, identical answers and the front process's CPU per request.
+
     python benchmarks/serving_engines.py [--questions 20] [--max-tokens 64] [--concurrency 16] [--out result.json]
+    python benchmarks/serving_engines.py --front-vs-direct [--rounds 3]
 """
 
 from __future__ import annotations
@@ -106,9 +113,10 @@ class Served:
             self.proc.kill()
 
 
-def ask(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
+def ask(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int,
+        client: openai.OpenAI | None = None) -> dict:
     """All prompts from ``concurrency`` clients; answers in prompt order, latency and token counts."""
-    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=1800)
+    client = client or openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=1800)
 
     def one(q: str):
         t0 = time.perf_counter()
@@ -150,6 +158,66 @@ def measure(engine: str, args, prompts: list[str]) -> dict:
             server.stop()
 
 
+def vllm_of(server: Served) -> openai.OpenAI:
+    """A client straight to the vLLM that ``server`` started: its socket (``--uds`` on its command line) and its
+    key (``VLLM_API_KEY`` in its environment, readable by the same user only)."""
+    for p in server.processes():
+        cmd = p.cmdline()
+        if "--uds" in cmd and any(a.endswith("tunesmith_vllm_shim.py") for a in cmd):
+            key = p.environ()["VLLM_API_KEY"]
+            transport = httpx.HTTPTransport(uds=cmd[cmd.index("--uds") + 1],
+                                            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            return openai.OpenAI(base_url="http://vllm/v1", api_key=key, max_retries=0, timeout=1800,
+                                 http_client=httpx.Client(transport=transport, timeout=1800))
+    raise SystemExit("no vLLM process under the server")
+
+
+def front_cpu_s(server: Served) -> float:
+    """CPU seconds of tunesmith's own server process (vLLM's processes left out)."""
+    t = psutil.Process(server.proc.pid).cpu_times()
+    return t.user + t.system
+
+
+def front_vs_direct(args, prompts: list[str]) -> dict:
+    """The same requests to tunesmith's front and straight to its vLLM, alternating which goes first: one at a time
+    request by request (each pair runs back to back, under the same load), ``--concurrency`` at once round by
+    round. tokens/s of a way: its tokens over its wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Served("vllm", args.model, [], Path(tmp))
+        try:
+            ways = {"front": openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=1800),
+                    "direct": vllm_of(server)}
+            for client in ways.values():  # warm-up, not counted
+                ask(server.url, args.model, prompts[:2], args.max_tokens, 1, client)
+            out = {"load_before": os.getloadavg()[0]}
+            for conc in (1, args.concurrency):
+                batches = [[p] for p in prompts] * args.rounds if conc == 1 else [prompts] * args.rounds
+                runs, front_cpu = {"front": [], "direct": []}, 0.0
+                for k, batch in enumerate(batches):
+                    for way in (("front", "direct") if k % 2 == 0 else ("direct", "front")):
+                        cpu0 = front_cpu_s(server)
+                        runs[way].append(ask(server.url, args.model, batch, args.max_tokens, conc, ways[way]))
+                        front_cpu += (front_cpu_s(server) - cpu0) if way == "front" else 0.0
+                out[f"concurrent_{conc}"] = compared(runs, front_cpu, len(prompts) * args.rounds)
+                r = out[f"concurrent_{conc}"]
+                print(f"{conc:2d} at a time: front {r['front_tok_per_s']:.2f} tok/s, direct {r['direct_tok_per_s']:.2f} "
+                      f"tok/s, front/direct {r['ratio']:.3f}x, identical answers {r['identical']}, front CPU "
+                      f"{r['front_cpu_ms_per_request']:.1f} ms per request, load {os.getloadavg()[0]:.1f}", flush=True)
+            out["load_after"] = os.getloadavg()[0]
+            return out
+        finally:
+            server.stop()
+
+
+def compared(runs: dict[str, list[dict]], front_cpu: float, requests: int) -> dict:
+    tps = {w: sum(x["tokens"] for x in rs) / sum(x["wall_s"] for x in rs) for w, rs in runs.items()}
+    same = sum(a == b for rf, rd in zip(runs["front"], runs["direct"], strict=True)
+               for a, b in zip(rf["answers"], rd["answers"], strict=True))
+    return {"front_tok_per_s": round(tps["front"], 2), "direct_tok_per_s": round(tps["direct"], 2),
+            "ratio": round(tps["front"] / tps["direct"], 3), "identical": f"{same}/{requests}",
+            "front_cpu_ms_per_request": round(1000 * front_cpu / requests, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -159,9 +227,16 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None, help="write the results (answers included) as JSON here")
+    ap.add_argument("--front-vs-direct", action="store_true", help="tunesmith's front vs its vLLM asked directly")
+    ap.add_argument("--rounds", type=int, default=3, help="with --front-vs-direct: alternating rounds per phase")
     args = ap.parse_args()
     prompts = questions(args.questions)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
+    if args.front_vs_direct:
+        result = front_vs_direct(args, prompts)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        return
     results = {}
     for engine in args.engines:
         results[engine] = measure(engine, args, prompts)

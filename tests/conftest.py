@@ -264,3 +264,40 @@ def embedded_server(engine_kind: str, data_dir: Path, **settings):
             engine = Engine(EMBEDDED, {}, wait_ms=5)
         app = create_app(ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=engine_kind, **settings), engine)
         yield stack.enter_context(running_server(app))
+
+
+def kill_under_streams(client, models: list[str], engine, delete: Path, wait_chunks: int, deadline_s: float,
+                       **create) -> list[tuple[str, float]]:
+    """Sixteen streamed chat requests over ``models`` (round robin); once ``wait_chunks`` chunks have arrived,
+    ``delete`` (an adapter's folder) is removed and vLLM's process group killed. Returns each request's outcome
+    ("answer", or its error's message) and seconds, once all have ended (or ``deadline_s`` + 30 s passed)."""
+    import os
+    import shutil
+    import signal
+    import threading
+    import time
+
+    import openai
+
+    outcomes: list = [None] * 16
+    chunks = threading.Semaphore(0)
+
+    def stream(i: int) -> None:
+        t0 = time.monotonic()
+        try:
+            for _ in client.chat.completions.create(model=models[i % len(models)], stream=True, **create):
+                chunks.release()
+            outcomes[i] = ("answer", time.monotonic() - t0)
+        except openai.APIError as exc:
+            outcomes[i] = (str(exc), time.monotonic() - t0)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for _ in range(wait_chunks):
+        assert chunks.acquire(timeout=deadline_s), "no stream started"
+    shutil.rmtree(delete)
+    os.killpg(engine.server.proc.pid, signal.SIGKILL)
+    for t in threads:
+        t.join(deadline_s + 30)
+    return outcomes

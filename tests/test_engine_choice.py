@@ -5,7 +5,7 @@ import pytest
 from tunesmith.errors import ConfigError
 from tunesmith.serve.launch import pick_engine
 from tunesmith.serve.vllm_engine import chat_logprobs, vllm_error
-from tunesmith.serve.vllm_server import VllmLaunch, vllm_command, vllm_python
+from tunesmith.serve.vllm_server import VllmLaunch, vllm_command, vllm_env, vllm_python
 
 
 def test_auto_is_the_builtin_engine_without_a_gpu_and_names_are_checked(monkeypatch):
@@ -29,12 +29,19 @@ def test_a_missing_vllm_says_what_to_run(tmp_path, monkeypatch):
         pick_engine("vllm")
 
 
-def test_the_vllm_command_serves_adapters_at_run_time_on_a_private_port():
-    cmd = vllm_command("py", VllmLaunch("/m", "base", 8192, "float32"), 5123, "secret")
-    assert cmd[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
+def test_the_vllm_command_has_no_secret_and_listens_on_a_private_socket(tmp_path):
+    cmd = vllm_command("py", VllmLaunch("/m", "base", dtype="float32"), tmp_path)
+    assert cmd[:2] == ["py", str(tmp_path / "tunesmith_vllm_shim.py")]
     joined = " ".join(cmd)
-    assert "--host 127.0.0.1 --port 5123 --api-key secret" in joined and "--enable-lora" in joined
-    assert "--served-model-name base" in joined and "--max-model-len 8192" in joined
+    assert f"--uds {tmp_path}/api.sock" in joined and "--host" not in joined and "--port" not in joined
+    assert "--api-key" not in joined and "--middleware tunesmith_vllm_shim.RequireKey" in joined
+    assert "--served-model-name base" in joined and "--enable-lora" in joined
+    assert "--max-model-len auto" in joined and "--generation-config vllm" in joined  # vLLM fits it; no repetition penalty
+    env = vllm_env("s3cret", tmp_path, own_network=False)
+    assert env["VLLM_API_KEY"] == "s3cret" and env["VLLM_RPC_BASE_PATH"] == env["TMPDIR"] == str(tmp_path)
+    mine = vllm_command("py", VllmLaunch("/m", "base", extra_args=("--max-model-len=4096", "--generation-config",
+                                                                   "auto")), tmp_path)
+    assert mine.count("--max-model-len") == 0 and mine.count("--generation-config") == 1  # the user's, not ours
 
 
 def test_vllm_errors_and_logprobs_take_openais_shapes():

@@ -107,3 +107,23 @@ def test_metrics_file_has_reward_columns_only_where_there_are_rewards(tmp_path):
     back = read_metrics_csv(tmp_path / "grpo.csv")
     assert list(back[0])[-2:] == ["train_reward_mean", "train_reward_std"] and back[1]["train_reward_mean"] == 0.5
     assert plot_loss(back, tmp_path / "loss.png", "grpo").stat().st_size > 0
+
+
+def test_rollouts_on_vllm_take_trls_colocate_mode_on_cuda_within_the_jobs_share(tmp_path, monkeypatch):
+    """The plumbing of train.grpo.rollouts, on a simulated CUDA device (no GPU, no vllm needed)."""
+    import types
+
+    import torch
+
+    from tunesmith.train.grpo import vllm_colocate
+
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "auto"}), "cpu") == {}
+    with pytest.raises(ConfigError, match="colocate mode, which needs a CUDA GPU"):
+        vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "vllm"}), "cpu")
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "vllm" else None)
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "vllm"}), "cuda") == {
+        "use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "engine"}), "cuda") == {}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
+    shared = vllm_colocate(_recipe(tmp_path, memory_limit_gb=40, grpo={"rollouts": "auto"}), "cuda")
+    assert shared["vllm_gpu_memory_utilization"] == 0.15  # 30% of the job's 40 of 80 GiB

@@ -232,6 +232,8 @@ def serve(
                                                     "[default: $TUNESMITH_VLLM_PYTHON, ./.vllm-venv].")] = None,
     vllm_arg: Annotated[list[str] | None, typer.Option(help="With --engine vllm: one more argument for vLLM's "
                                                        "server, e.g. --vllm-arg=--tensor-parallel-size=2 (repeatable).")] = None,
+    vllm_gpu_share: Annotated[float, typer.Option(help="With --engine vllm on a CUDA GPU: vLLM's share of its memory "
+                                                  "(--gpu-memory-utilization); fine-tuning jobs get the rest.")] = 0.5,
     max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens one request may generate.")] = 4096,
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
                                                    "with finish_reason length).")] = 300.0,
@@ -270,7 +272,7 @@ def serve(
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
-                             vllm_args=tuple(vllm_arg or ()))
+                             vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share)
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------

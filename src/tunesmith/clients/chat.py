@@ -157,24 +157,33 @@ class LocalChatClient:
     its own sampling settings and seed (continuous batching); a request with a schema is decoded under it."""
 
     def __init__(self, model: str = "smollm2-135m-instruct", batch_size: int = 8, precision: str = "auto",
-                 constrained: bool = True):
+                 constrained: bool = True, engine: str = "builtin"):
         self.model, self.batch_size, self.precision, self.constrained = model, batch_size, precision, constrained
-        self.endpoint = "local" if constrained else "local-unconstrained"
+        self.endpoint = ("local" if constrained else "local-unconstrained") + ("" if engine == "builtin" else f"@{engine}")
         self.retries_done = 0
         self._loaded = None
         self._constraints: dict[str, object] = {}
 
     def _load(self):
         if self._loaded is None:
+            from tunesmith.generation import remote
             from tunesmith.machine.placement import pick_placement
             from tunesmith.models.loading import load_model, load_tokenizer
 
-            self._loaded = (load_model(self.model, pick_placement(self.precision)), load_tokenizer(self.model))
+            load = lambda: load_model(self.model, pick_placement(self.precision))  # noqa: E731
+            server = remote.active()
+            model = remote.RemoteModel(server, server.base_name(), load) if server is not None else load()
+            self._loaded = (model, load_tokenizer(self.model))
         return self._loaded
 
     def _constraint(self, schema: str | None):
         if not (schema and self.constrained):
             return None
+        model, _ = self._load()
+        if getattr(type(model), "remote", False):  # decoded under the schema on the engine
+            from tunesmith.generation.remote import RemoteSchema
+
+            return RemoteSchema(json.loads(schema))
         if schema not in self._constraints:
             from tunesmith.generation import stop_ids
             from tunesmith.generation.constrained import JsonConstraint

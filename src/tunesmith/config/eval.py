@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from tunesmith.config.section import Section
+from tunesmith.config.section import ENGINE_HELP, Section, check_engine
 
 
 class BandsSection(Section):
@@ -62,6 +62,8 @@ class EvalSection(Section):
         "classification, random otherwise; the recipe's seed), never the first rows")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
+    engine: str = Field("builtin", description="what generates the local contenders' answers: " + ENGINE_HELP +
+                        ". Label scores and answer losses are computed in this process either way")
     label_scoring: bool = Field(True, description="score closed labels by log-likelihood (fair to the base model)")
     base_prompt_with_labels: bool = Field(
         True, description="list the labels in the base model's prompt so it can answer with one"
@@ -83,6 +85,8 @@ class EvalSection(Section):
     stop: list[str] = Field([], description="stop strings for free generation, e.g. ['\\n'] for short answers")
     allow_random_model: bool = Field(
         False, description="evaluate a random:<arch> model (random weights; its scores mean nothing)")
+
+    _engine = field_validator("engine")(check_engine)
 
     @field_validator("baselines")
     @classmethod

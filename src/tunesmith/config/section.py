@@ -7,3 +7,15 @@ from pydantic import BaseModel, ConfigDict
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+ENGINE_HELP = ("builtin (in this process), vllm (a vLLM server tunesmith starts for the time it takes; `make vllm`), or "
+               "the http(s):// URL of a vLLM-compatible server that loads adapters at run time (its key in "
+               "$TUNESMITH_ENGINE_API_KEY)")
+
+
+def check_engine(value: str) -> str:
+    """An ``engine`` key: builtin, vllm or an http(s):// URL."""
+    if value in ("builtin", "vllm") or value.startswith(("http://", "https://")):
+        return value
+    raise ValueError(f"engine is builtin, vllm or an http(s):// URL, got '{value}'")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from tunesmith.config.section import Section
+from tunesmith.config.section import ENGINE_HELP, Section, check_engine
 
 
 class ProviderSection(Section):
@@ -100,6 +100,8 @@ class SynthSection(Section):
     prompt_file: Path | None = Field(None, description="your own prompt template ($placeholders) for the task's main call")
     max_parse_attempts: int = Field(3, ge=1)
     constrained: bool = Field(True, description="local provider: decode JSON replies under the task's schema (llguidance)")
+    engine: str = Field("builtin", description="what the local provider generates with: " + ENGINE_HELP)
+    _engine = field_validator("engine")(check_engine)
     min_chars: int = Field(3, ge=1, description="quality gate: shortest kept text field (characters)")
     script_share: float = Field(0.5, ge=0, le=1,
                                 description="quality gate: share of letters in the task language's script")

@@ -43,6 +43,11 @@ class GrpoSection(Section):
     eval_generations: int | None = Field(None, ge=1, description="completions per validation prompt when the val "
                                          "split is rewarded (every train.eval_steps, else once per epoch); null: "
                                          "num_generations")
+    rollouts: Literal["auto", "engine", "vllm"] = Field(
+        "auto", description="what samples the completions: engine (tunesmith's continuous batching on a CPU, TRL's "
+        "generate on a GPU), vllm (on a CUDA GPU TRL's vLLM colocate mode, vllm installed in this environment; in a "
+        "job on `tunesmith serve --engine vllm`, the server's vLLM with the policy's adapter loaded there each "
+        "step), auto: vllm wherever it is available, else engine")
 
     @field_validator("reward", mode="before")
     @classmethod

@@ -185,7 +185,10 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
     console.print(f"task: {task.name}; test examples scored: {scored}; headline metric: {task.headline}"
                   + (f" ({why})" if why else ""))
     endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
-    results = [reused_or_scored(recipe, task, c, test, bar, console) for c in contenders]
+    from tunesmith.generation import remote
+
+    with remote.using(spec=recipe.eval.engine, base_model=recipe.model.name, log_dir=recipe.run_dir / "eval" / "engine"):
+        results = [reused_or_scored(recipe, task, c, test, bar, console) for c in contenders]
     for client, ask_as, (data_cfg, with_labels) in endpoints:
         results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))
     results += _baselines(recipe, task, train, test, console)
@@ -284,19 +287,28 @@ def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list
 
 
 def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
-    """A generating model (the base, an adapter or a merged model), scored by the task kind's own way."""
-    import time
-
+    """A generating model (the base, an adapter or a merged model), scored by the task kind's own way; with an
+    engine (``eval.engine``), its answers are generated there (an adapter loaded there for the time)."""
     from tunesmith.data.formatting import prompt_text
+    from tunesmith.generation import remote
     from tunesmith.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(c.model or recipe.model.name)
     prompts = [prompt_text(tokenizer, m) for m in messages_for(task, c.data, c.with_labels, test)]
-    model = load_local(recipe, c, placement)
+    server = remote.active() if (c.model or recipe.model.name) == recipe.model.name else None
+    with remote.served(server, c.path, lambda: load_local(recipe, c, placement)) as model:
+        return _scored_model(recipe, task, c, test, bar, tokenizer, prompts, model)
+
+
+def _scored_model(recipe, task: TaskKind, c: LocalContender, test, bar, tokenizer, prompts, model) -> ContenderResult:
+    """The task kind's scoring of ``model`` (in this process, or generating on the engine), its latency,
+    parameters and, with ``eval.perplexity``, the gold answers' loss."""
+    import time
+
     t0 = time.perf_counter()
     res = task.evaluate_local(c.name, c.description, model, tokenizer, prompts, test, bar)
     res.metrics["latency_ms"] = round(1000 * (time.perf_counter() - t0) / max(1, len(test)), 2)  # all of its scoring
-    res.metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    res.metrics["parameters"] = parameter_count(model, c.model or recipe.model.name)
     if recipe.eval.perplexity and "mean_loss" not in res.metrics:  # label scoring may have measured it already
         from tunesmith.data.formatting import end_of_turn
         from tunesmith.scoring.perplexity import answer_losses, summarize
@@ -307,8 +319,17 @@ def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, 
             res.metrics |= summarize(
                 answer_losses(model, tokenizer, prompts, answers, max(1, recipe.eval.batch_size // 2), advance)
             )
-    del model
     return res
+
+
+def parameter_count(model, name: str) -> int:
+    """The model's parameters; for a model generating on an engine and not loaded here, read from its files."""
+    if getattr(type(model), "remote", False) and "local" not in vars(model):
+        from tunesmith.machine.estimate import model_shape
+        from tunesmith.models.names import resolve
+
+        return model_shape(Path(resolve(name))).params
+    return sum(p.numel() for p in model.parameters())
 
 
 def _head_contender(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:

@@ -63,7 +63,10 @@ def complete(
     max_batch_tokens: int = MAX_BATCH_TOKENS,
     on_done: Callable[[int, Generated], None] = lambda i, g: None,
 ) -> list[Generated]:
-    """Every prompt's completions; ``on_done(i, generated)`` is called as soon as prompt ``i``'s rows are all done."""
+    """Every prompt's completions; ``on_done(i, generated)`` is called as soon as prompt ``i``'s rows are all done.
+    A remote model (:class:`tunesmith.generation.remote.RemoteModel`) completes them on its server."""
+    if getattr(type(model), "remote", False):
+        return model.complete(prompts, on_done)
     batch = ContinuousBatch(model, tokenizer, max_rows=batch_size, max_cache_tokens=max_batch_tokens)
     owner: dict[Row, int] = {}
     rows: list[list[Row]] = [[] for _ in prompts]

@@ -37,7 +37,8 @@ class ChatBackend(Protocol):
 
 
 class LocalBackend:
-    """A local causal LM (embedded name, folder or HF id) answering through the continuous-batching engine."""
+    """A local causal LM (embedded name, folder or HF id) answering through the continuous-batching engine, or,
+    when generation goes to an engine that serves this model (a job on tunesmith serve's vLLM), there."""
 
     def __init__(self, name: str, max_tokens: int = 64, batch_size: int = 16):
         self.name, self.max_tokens, self.batch_size = name, max_tokens, batch_size
@@ -45,10 +46,14 @@ class LocalBackend:
 
     def _load(self):
         if self._loaded is None:
+            from tunesmith.generation import remote
             from tunesmith.machine.placement import pick_placement
             from tunesmith.models.loading import load_model, load_tokenizer
 
-            self._loaded = load_model(self.name, pick_placement()), load_tokenizer(self.name)
+            server = remote.active()
+            load = lambda: load_model(self.name, pick_placement())  # noqa: E731
+            served = server is not None and self.name in server.served_models()
+            self._loaded = (remote.RemoteModel(server, self.name, load) if served else load()), load_tokenizer(self.name)
         return self._loaded
 
     def chat_many(self, model: str, conversations: Sequence[list[dict]], sampling: dict) -> list[ModelReply]:

@@ -39,6 +39,8 @@ class ServeSettings:
     engine: str = "builtin"  # builtin, or vllm: generation on a vLLM server tunesmith supervises
     vllm_python: str | None = None  # the Python that has vLLM (None: see tunesmith.serve.vllm_server.vllm_python)
     vllm_args: tuple[str, ...] = ()  # more arguments for vLLM's server (e.g. --tensor-parallel-size 2)
+    vllm_gpu_share: float = 0.5  # on CUDA: vLLM's share of the GPU's memory; the jobs worker has the rest
+    gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.gpu_split), None on a CPU
 
     @property
     def python_graders_on(self) -> bool:
@@ -143,8 +145,10 @@ def make_engine(settings: ServeSettings):
     if settings.engine == "vllm":
         from tunesmith.serve.vllm_engine import VllmEngine
 
+        share = settings.gpu_split.vllm_share if settings.gpu_split is not None else None
         return VllmEngine(settings.model, settings.adapters, settings.data_dir / "vllm", python=settings.vllm_python,
-                          request_timeout_s=settings.request_timeout_s, extra_args=settings.vllm_args)
+                          request_timeout_s=settings.request_timeout_s, extra_args=settings.vllm_args,
+                          gpu_memory_utilization=share)
     from tunesmith.serve.engine import Engine
 
     return Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,

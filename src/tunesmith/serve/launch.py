@@ -61,11 +61,15 @@ def pick_engine(engine: str, vllm_python: str | None = None) -> str:
     return "vllm" if torch.cuda.is_available() and vllm_available(vllm_python) else "builtin"
 
 
-def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local",
-                 ray_address: str | None = None) -> subprocess.Popen:
+def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local", ray_address: str | None = None,
+                 gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None) -> subprocess.Popen:
     """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
     module = "tunesmith.serve.ray_executor" if executor == "ray" else "tunesmith.serve.worker"
     cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
+    if gpu_budget_gb is not None and executor == "local":  # a Ray cluster's jobs run on their own GPUs
+        cmd += ["--gpu-budget-gb", f"{gpu_budget_gb:.2f}"]
+    if vllm_endpoint is not None and executor == "local":  # a path, not a secret: the file is the user's only
+        cmd += ["--vllm-endpoint", str(vllm_endpoint)]
     return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
                             preexec_fn=die_with_parent)
 
@@ -84,6 +88,7 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
 
     from tunesmith.serve.app import create_app
 
+    split = share_the_gpu(settings)
     app = create_app(settings)
 
     class _Server(uvicorn.Server):
@@ -95,17 +100,30 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
             worker.terminate()  # the worker saves its job at the next step while the server drains
             super().handle_exit(sig, frame)
 
-    worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address)
+    endpoint = settings.data_dir / "vllm" / "endpoint.json" if settings.engine == "vllm" else None
+    worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address, split and split.jobs_gb, endpoint)
     # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
     signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on the {settings.engine} engine "
         f"at http://{host}:{port}/v1 "
         f"— dashboard at http://{host}:{port}/ — jobs worker pid {worker.pid}")
+    if split is not None:
+        say(split.describe())
     try:
         _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
     finally:
         stop_worker(worker)
+
+
+def share_the_gpu(settings):
+    """With vLLM on a CUDA GPU: its share and the jobs' (:mod:`tunesmith.serve.gpu_split`), set in ``settings``."""
+    from tunesmith.serve.gpu_split import cuda_total, plan_split
+
+    if settings.engine != "vllm":
+        return None
+    settings.gpu_split = plan_split(cuda_total(), settings.vllm_gpu_share)
+    return settings.gpu_split
 
 
 def stop_worker(worker: subprocess.Popen) -> None:

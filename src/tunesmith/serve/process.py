@@ -65,6 +65,10 @@ def start_worker_process(description: str, ray: bool = False) -> tuple[argparse.
         ap.add_argument("--ray-address", default=None, help="a running Ray cluster (default: start a local one)")
     else:
         ap.add_argument("--once", action="store_true", help="exit when the queue is empty")
+        ap.add_argument("--gpu-budget-gb", type=float, default=None,
+                        help="the jobs' share of a GPU that vLLM serves on (tunesmith.serve.gpu_split)")
+        ap.add_argument("--vllm-endpoint", type=Path, default=None,
+                        help="the server's vLLM (its endpoint file): jobs evaluate and sample there")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(filename=args.data_dir / "worker.log", level=logging.INFO,

@@ -7,6 +7,7 @@ keeps its record, as at OpenAI.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Request
@@ -43,7 +44,7 @@ async def delete_model(model: str, request: Request, key: Key):
         store.update_job(job["id"], model_deleted=1)
     else:  # a checkpoint: its row goes, so it is neither listed nor loaded again
         store.delete_checkpoint(model)
-    request.app.state.engine.remove_adapter(model)
+    await asyncio.to_thread(request.app.state.engine.remove_adapter, model)  # vLLM's unload: off the event loop
     del request.app.state.model_owners[model]
     return {"id": model, "object": "model", "deleted": True}
 

@@ -8,10 +8,12 @@ seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature`
 forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs, with the
 built-in engine's library and grammars (:func:`engine_args`).
 
-Adapters are loaded into vLLM at run time (``/v1/load_lora_adapter``) under their model id and unloaded when
-deleted; the routes check ownership before a model id is sent here. vLLM's errors become OpenAI errors with
-vLLM's status and message; a vLLM that dies is restarted (:mod:`tunesmith.serve.vllm_server`) and requests
-meanwhile get a 503.
+vLLM is reached over its private Unix socket with its private key (:mod:`tunesmith.serve.vllm_server`), through
+one pooled HTTP client per event loop. Adapters are loaded into vLLM at run time by a background thread
+(:mod:`tunesmith.serve.vllm_adapters`) under their model id and unloaded when deleted; the routes check
+ownership before a model id is sent here. Every request has a deadline (``request_timeout_s``) and ends with an
+answer or an OpenAI error, whatever fails: vLLM's errors keep vLLM's status and message, a vLLM that dies is
+restarted and requests meanwhile get a 503.
 """
 
 from __future__ import annotations
@@ -21,55 +23,61 @@ import json
 import logging
 from pathlib import Path
 
-from tunesmith.errors import ModelError
 from tunesmith.serve.engine import Delta, Generation, GenParams, InferenceEngine, Request
 from tunesmith.serve.errors import APIError
 
 log = logging.getLogger("tunesmith.serve")
 ADAPTER_TIMEOUT_S = 120.0
+DEATH_GRACE_S = 2.0  # after a broken connection: how long to look for vLLM's exit
+VLLM_BASE_URL = "http://vllm"  # the host part is a placeholder: every call goes over the Unix socket
 
 
 class VllmEngine(InferenceEngine):
     def __init__(self, base: str, adapters: dict[str, str | Path] | None, log_dir: Path, python: str | None = None,
-                 request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None):
-        from tunesmith.serve.vllm_server import START_TIMEOUT_S, VllmServer, vllm_python
+                 request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
+                 gpu_memory_utilization: float | None = None):
+        from tunesmith.serve.vllm_adapters import AdapterLoader
+        from tunesmith.serve.vllm_server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
         super().__init__(base)
-        launch = vllm_launch(base, (*engine_args(), *extra_args))  # the user's --vllm-arg come last and win
-        self.context_length = launch.max_model_len
+        # the user's --vllm-arg come last and win
+        launch = vllm_launch(base, (*engine_args(), *extra_args), gpu_memory_utilization)
         self.request_timeout_s = request_timeout_s
-        self.server = VllmServer(vllm_python(python), launch, log_dir, on_restart=self._reload_adapters,
+        self.server = VllmServer(vllm_python(python), launch, log_dir, on_restart=self._restarted,
                                  start_timeout_s=start_timeout_s or START_TIMEOUT_S)
+        self.loader = AdapterLoader(self._post_adapter, self.server.ready)
         self.server.start()
-        self._clients: dict[int, object] = {}  # event loop id -> httpx.AsyncClient
+        self.context_length = self.server.max_model_len or self.tokenizer.model_max_length
+        self.tasks: set[asyncio.Task] = set()  # every vLLM call in flight
+        self._clients: dict[int, tuple[int, object]] = {}  # event loop id -> (vLLM start, httpx.AsyncClient)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
 
     # --- adapters -------------------------------------------------------------------------
 
     def _load_adapter(self, name: str, path: str) -> None:
-        if self.server.ready.is_set():  # else: loaded with the others once the restarted vLLM answers
-            self._post_adapter("load", {"lora_name": name, "lora_path": str(Path(path).resolve())})
+        self.loader.add(name, path)  # loaded by the loader's thread; requests for it wait for the load
 
     def _unload_adapter(self, name: str) -> None:
-        if self.server.ready.is_set():
-            self._post_adapter("unload", {"lora_name": name})
+        self.loader.remove(name)
 
-    def _reload_adapters(self) -> None:
-        for name, path in self.adapters.items():
-            self._post_adapter("load", {"lora_name": name, "lora_path": str(Path(path).resolve())})
+    def _restarted(self) -> None:
+        """Called by the server's watcher after a restart, before it is marked ready."""
+        self.context_length = self.server.max_model_len or self.context_length
+        self.loader.reload()
 
     def _post_adapter(self, action: str, body: dict) -> None:
         import httpx2 as httpx
 
+        from tunesmith.serve.vllm_adapters import Refused, Unreachable
+
         try:
-            r = httpx.post(f"{self.server.url}/v1/{action}_lora_adapter", json=body, headers=self.server.headers,
-                           timeout=ADAPTER_TIMEOUT_S)
+            with httpx.Client(transport=httpx.HTTPTransport(uds=self.server.socket_path), timeout=ADAPTER_TIMEOUT_S) as c:
+                r = c.post(f"{VLLM_BASE_URL}/v1/{action}_lora_adapter", json=body, headers=self.server.headers)
         except httpx.HTTPError as exc:
-            raise ModelError(f"vLLM did not answer the {action} of adapter {body['lora_name']}: {exc}; its log: "
-                             f"{self.server.log_path}") from None
+            raise Unreachable(f"{type(exc).__name__}: {exc}") from None
         if r.status_code != 200 and "already" not in r.text:  # loading twice (a restart race) is no error
-            raise ModelError(f"vLLM refused to {action} adapter {body['lora_name']}: {error_message(r.text)}")
+            raise Refused(error_message(r.text))
 
     def json_constraint(self, spec: dict | str) -> dict:
         """vLLM's structured outputs for ``spec``, as the built-in engine reads it: vLLM decodes with llguidance
@@ -86,28 +94,45 @@ class VllmEngine(InferenceEngine):
         name = self.served_name(model_id)
         for i, p in enumerate(params):
             body = completion_body(name, prompt_ids, p, stream, constraint, logprobs)
-            task = asyncio.ensure_future(self._generate(request, i, body))
+            task = asyncio.ensure_future(self._generate(request, i, body, model_id))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
             request.on_cancel.append(task.cancel)
         return request
 
-    async def _generate(self, request: Request, index: int, body: dict) -> None:
+    async def _generate(self, request: Request, index: int, body: dict, model_id: str) -> None:
+        """One choice, within the request's deadline; whatever happens, the request hears how it ended."""
         import httpx2 as httpx
 
         try:
-            read = self._stream if body["stream"] else self._complete
-            request.push(index, await read(request, index, body))
+            async with asyncio.timeout(self.request_timeout_s):
+                await self.loader.wait(body["model"], model_id)
+                read = self._stream if body["stream"] else self._complete
+                request.push(index, await read(request, index, body))
         except APIError as exc:
             request.push(index, exc)
-        except httpx.TimeoutException:
+        except TimeoutError:
             request.push(index, APIError(504, f"The generation took longer than the server's "
                                          f"{self.request_timeout_s:.0f} s limit.", type_="server_error",
                                          code="timeout"))
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             log.warning("vLLM request failed: %s: %s (its log: %s)", type(exc).__name__, exc, self.server.log_path)
-            request.push(index, unavailable())
+            request.push(index, await self._failure(exc))
+        except Exception as exc:  # noqa: BLE001 - never leave a request without an end
+            log.exception("vLLM request failed")
+            request.push(index, engine_failed(exc))
+
+    async def _failure(self, exc: Exception) -> APIError:
+        """A broken connection is a 503 when vLLM died (its sockets close a moment before its exit shows), else a
+        502 naming what failed."""
+        for _ in range(int(DEATH_GRACE_S / 0.1)):
+            if not self.server.alive():
+                return unavailable()
+            await asyncio.sleep(0.1)
+        return engine_failed(exc)
 
     async def _complete(self, request: Request, index: int, body: dict) -> Generation:
-        r = await self._client().post(f"{self.server.url}/v1/completions", json=body, headers=self.server.headers)
+        r = await self._client().post(f"{VLLM_BASE_URL}/v1/completions", json=body, headers=self.server.headers)
         if r.status_code != 200:
             raise vllm_error(r.status_code, r.text)
         doc = r.json()
@@ -116,7 +141,7 @@ class VllmEngine(InferenceEngine):
     async def _stream(self, request: Request, index: int, body: dict) -> Generation:
         """Push each text delta; the final Generation once vLLM says why it stopped and the usage."""
         choice, usage, text, tops = None, None, [], []
-        async with self._client().stream("POST", f"{self.server.url}/v1/completions", json=body,
+        async with self._client().stream("POST", f"{VLLM_BASE_URL}/v1/completions", json=body,
                                          headers=self.server.headers) as r:
             if r.status_code != 200:
                 raise vllm_error(r.status_code, (await r.aread()).decode(errors="replace"))
@@ -138,31 +163,27 @@ class VllmEngine(InferenceEngine):
         return generation({**choice, "text": "".join(text), "logprobs": merged_logprobs(tops)}, usage)
 
     def _client(self):
+        """This event loop's pooled client for the running vLLM (a new one after a restart: new socket)."""
         import httpx2 as httpx
 
-        loop = asyncio.get_running_loop()
-        if id(loop) not in self._clients:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-            self._clients[id(loop)] = httpx.AsyncClient(timeout=httpx.Timeout(self.request_timeout_s, connect=10),
-                                                        limits=limits)
-        return self._clients[id(loop)]
+        loop, start = asyncio.get_running_loop(), self.server.endpoint.start
+        held = self._clients.get(id(loop))
+        if held is None or held[0] != start:
+            if held is not None:
+                asyncio.ensure_future(held[1].aclose())
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=60)
+            transport = httpx.AsyncHTTPTransport(uds=self.server.socket_path, limits=limits)
+            held = self._clients[id(loop)] = (start, httpx.AsyncClient(
+                transport=transport, timeout=httpx.Timeout(self.request_timeout_s + 30, connect=10)))
+        return held[1]
+
+    def in_flight(self) -> int:
+        """vLLM calls not yet ended."""
+        return sum(not t.done() for t in self.tasks)
 
     def close(self) -> None:
+        self.loader.stop()
         self.server.stop()
-
-
-def vllm_launch(base: str, extra_args: tuple[str, ...] = ()):
-    """The base model's folder, its context length (as the built-in engine's) and the dtype: float32 on CPUs
-    (what the built-in engine computes in, so greedy answers agree), the model's own on GPUs."""
-    import torch
-    from transformers import AutoConfig
-
-    from tunesmith.models.names import resolve
-    from tunesmith.serve.vllm_server import VllmLaunch
-
-    folder = resolve(base)
-    length = int(getattr(AutoConfig.from_pretrained(folder), "max_position_embeddings", 2048))
-    return VllmLaunch(folder, base, length, "auto" if torch.cuda.is_available() else "float32", extra_args=extra_args)
 
 
 def engine_args() -> tuple[str, ...]:
@@ -178,7 +199,7 @@ def engine_args() -> tuple[str, ...]:
     On a CPU, chunked prefill off: a request with a ``seed`` whose prompt vLLM splits over two steps kills vLLM's
     engine there ("CPU Generator does not use offset": the model runner rewinds that request's generator with a
     call only CUDA generators have). 30 structured requests at once did, and so does one seeded prompt longer than
-    the step's 2,048 tokens (tests/test_vllm_structured.py). Without chunking vLLM makes a step as long as the
+    the step's 2,048 tokens (tests/test_structured_outputs.py). Without chunking vLLM makes a step as long as the
     context, and a prompt waits for a step with room for all of it."""
     import torch
 
@@ -257,6 +278,11 @@ def vllm_error(status: int, text: str) -> APIError:
                         code="engine_error")
     param = doc.get("param") if isinstance(doc, dict) else None
     return APIError(status, error_message(text), param=param if isinstance(param, str) else None)
+
+
+def engine_failed(exc: Exception) -> APIError:
+    return APIError(502, f"The inference engine (vLLM) failed on this request: {type(exc).__name__}: {exc}"[:2000],
+                    type_="server_error", code="engine_error")
 
 
 def unavailable() -> APIError:

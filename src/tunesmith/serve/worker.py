@@ -122,7 +122,27 @@ def job_callback(store: Store, job_id: str, model_name: str):
     return _JobEvents()
 
 
-def run_job(store: Store, job: dict) -> None:
+def job_device(recipe) -> tuple[str, str]:
+    """The device and dtype the job trains on here."""
+    from tunesmith.machine.placement import pick_placement
+
+    placement = pick_placement(recipe.model.precision, recipe.model.device)
+    return placement.device, placement.dtype
+
+
+def within_gpu_share(recipe, gpu_budget_gb: float | None):
+    """On a GPU shared with vLLM: the job planned and held to the jobs' share, refused (with the numbers) when
+    even its smallest micro-batch does not fit there."""
+    from tunesmith.serve.gpu_split import check_job_fits, hold_job_to
+
+    device, dtype = job_device(recipe)
+    if gpu_budget_gb is None or device != "cuda":
+        return recipe
+    check_job_fits(recipe, gpu_budget_gb, device, dtype)
+    return hold_job_to(recipe, gpu_budget_gb)
+
+
+def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None:
     from rich.console import Console
 
     from tunesmith.progress import task_bar
@@ -145,7 +165,7 @@ def run_job(store: Store, job: dict) -> None:
     n_examples = count_lines(training_path)
     hyper = resolve_hyperparameters(job["method"], n_examples)
     store.update_job(job["id"], method=with_hyperparameters(job["method"], hyper))
-    recipe = job_recipe(job, root, hyper, training_path, n_examples, bool(val_rows))
+    recipe = within_gpu_share(job_recipe(job, root, hyper, training_path, n_examples, bool(val_rows)), gpu_budget_gb)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
     resume = announce_start(store, job, recipe.run_dir / "train" / "checkpoints")
     announce_integrations(store, job)
@@ -263,10 +283,17 @@ def job_error(exc: Exception, store: Store, job: dict) -> dict:
             "the details.", "param": None}
 
 
-def run_or_fail(store: Store, job: dict) -> None:
+def engine_of(vllm_endpoint: Path | None):
+    """Generation in the block goes to the server's vLLM (when it runs one)."""
+    from tunesmith.generation import remote
+
+    return remote.using(remote.CompletionsServer.from_file(vllm_endpoint) if vllm_endpoint else None)
+
+
+def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None:
     """Run one job; a failure is reported on the job (status, error, event) and goes no further."""
     try:
-        run_job(store, job)
+        run_job(store, job, gpu_budget_gb)
     except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
         error = job_error(exc, store, job)
         store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
@@ -274,9 +301,12 @@ def run_or_fail(store: Store, job: dict) -> None:
                         dedup_key="failed")
 
 
-def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1) -> None:
+def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1,
+         gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None) -> None:
     """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder.
-    Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time."""
+    Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time.
+    ``gpu_budget_gb``: the jobs' share of a GPU that vLLM serves on; ``vllm_endpoint``: that vLLM's endpoint
+    file (jobs generate there: evaluations, reinforcement rollouts, model graders)."""
     import fcntl
 
     store = Store(root)
@@ -289,14 +319,16 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
                 return
             SHUTDOWN.wait(poll_s)
             continue
-        run_or_fail(store, job)
+        with engine_of(vllm_endpoint):
+            run_or_fail(store, job, gpu_budget_gb)
         if once and store.next_job(jobs_per_key) is None:
             return
 
 
 def main() -> None:
     args, _ = start_worker_process("tunesmith fine-tuning jobs worker: one job at a time in this process")
-    work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key)
+    work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key, gpu_budget_gb=args.gpu_budget_gb,
+         vllm_endpoint=args.vllm_endpoint)
     end_worker_process()
 
 

@@ -41,7 +41,7 @@ class SynthResult:
 def make_client(cfg: SynthSection):
     p = cfg.provider
     if p.kind == "local":
-        return LocalChatClient(p.model, batch_size=p.batch_size, constrained=cfg.constrained)
+        return LocalChatClient(p.model, batch_size=p.batch_size, constrained=cfg.constrained, engine=cfg.engine)
     return OpenAIChatClient(
         p.base_url, p.model, p.api_key_env, p.concurrency, p.requests_per_minute, p.timeout_s,
         RetryPolicy(max_retries=p.max_retries),
@@ -62,7 +62,11 @@ def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
     cache = CallCache(out_dir / "calls.sqlite")
     stats = CallStats()
     p = cfg.provider
-    with task_bar(console, f"{cfg.task}: LLM calls", 0) as advance:
+    from tunesmith.generation import remote
+
+    engine = cfg.engine if p.kind == "local" else "builtin"
+    with remote.using(spec=engine, base_model=p.model, log_dir=out_dir / "engine"), \
+            task_bar(console, f"{cfg.task}: LLM calls", 0) as advance:
 
         def complete(reqs):
             advance(0, grow=len(reqs))  # one bar for the whole run: every round, re-asks included, adds to it

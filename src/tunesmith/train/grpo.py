@@ -108,10 +108,38 @@ def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False):
     evaluation = dict(eval_strategy=("steps" if t.eval_steps else "epoch") if has_val else "no",
                       eval_steps=t.eval_steps, num_generations_eval=g.eval_generations,
                       per_device_eval_batch_size=groups * (g.eval_generations or g.num_generations))
-    return GRPOConfig(**base, **evaluation, gradient_checkpointing=bool(base["activation_checkpointing"]),
+    return GRPOConfig(**base, **evaluation, **vllm_colocate(recipe, placement.device),
+                      gradient_checkpointing=bool(base["activation_checkpointing"]),
                       num_generations=g.num_generations, beta=g.beta, max_completion_length=g.max_completion_length,
                       temperature=g.temperature, top_p=g.top_p, shuffle_dataset=recipe.data is None
                       or recipe.data.order is None, remove_unused_columns=False)
+
+
+COLOCATE_SHARE = 0.3  # of the training's GPU memory, for vLLM's weights and KV cache in colocate mode
+
+
+def vllm_colocate(recipe: Recipe, device: str) -> dict:
+    """TRL's vLLM colocate mode on a CUDA GPU (``train.grpo.rollouts``: vllm, or auto where vllm imports here): vLLM
+    in the training process, its share of the GPU a part of what the training may use."""
+    import importlib.util
+
+    from tunesmith.generation import remote
+
+    rollouts = recipe.train.grpo.rollouts
+    if rollouts == "engine" or (device != "cuda" and remote.active() is not None):
+        return {}
+    if device != "cuda" or importlib.util.find_spec("vllm") is None:
+        if rollouts == "vllm":
+            raise ConfigError("train.grpo.rollouts: vllm samples with TRL's vLLM colocate mode, which needs a CUDA GPU "
+                              "and vllm installed in this environment (or a job on `tunesmith serve --engine vllm`); "
+                              "use engine or auto here")
+        return {}
+    share = COLOCATE_SHARE
+    if recipe.train.memory_limit_gb is not None:  # a job on a GPU shared with the server's vLLM: within its share
+        import torch
+
+        share *= min(1.0, recipe.train.memory_limit_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    return {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": round(share, 4)}
 
 
 def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list[Callable], placement, bar,
@@ -129,7 +157,11 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
                        train_dataset=Dataset.from_list(rows),
                        eval_dataset=Dataset.from_list(list(val_rows)) if val_rows else None, processing_class=tokenizer)
     before = trainable_snapshot(grpo.model)
-    seconds = fit(grpo, out_dir, resume, lambda _: bar("grpo", planned_steps(grpo)), callbacks)
+    grpo.rollout_server = rollout_server(recipe)
+    try:
+        seconds = fit(grpo, out_dir, resume, lambda _: bar("grpo", planned_steps(grpo)), callbacks)
+    finally:
+        getattr(grpo, "release_rollouts", lambda: None)()
     full = recipe.train.adapter == "full"
     final_dir = out_dir / ("model" if full else "adapter")
     drop_reference_adapter(grpo.model)
@@ -140,6 +172,16 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
         (out_dir / "grpo_log.json").write_text(json.dumps(history, indent=1), encoding="utf-8")
     return make_result(grpo, "model" if full else "adapter", final_dir, before, seconds, grpo_rows(history),
                        len(rows), resume)
+
+
+def rollout_server(recipe: Recipe):
+    """The completions server rollouts are sampled on: the active engine (a job on `tunesmith serve --engine
+    vllm`) for a LoRA policy, unless ``train.grpo.rollouts`` is engine."""
+    from tunesmith.generation import remote
+
+    if recipe.train.grpo.rollouts == "engine" or recipe.train.adapter == "full":
+        return None
+    return remote.active()
 
 
 def grpo_trainer_class(recipe: Recipe):

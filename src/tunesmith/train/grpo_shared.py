@@ -17,6 +17,9 @@ input) is usually most of the tokens and the completion a few. Here:
   log-probabilities and gradients up to float rounding (tests/test_grpo_shared.py compares them).
 
 The engine samples with the model in eval mode (no adapter dropout while sampling, as a vLLM server samples).
+In a job on `tunesmith serve --engine vllm` (``rollout_server``, set by :func:`tunesmith.train.grpo.train_grpo`),
+the completions are sampled on the server's vLLM instead: the policy's LoRA adapter is saved and loaded there
+once per optimizer step (the weights change only then), the previous step's unloaded.
 Whatever TRL's other paths handle (vLLM, transformers' continuous batching, images, several processes, gradient
 checkpointing, MoE auxiliary losses) goes to TRL's own code unchanged. ``train.path: reference`` trains with
 TRL's GRPOTrainer as shipped.
@@ -33,6 +36,9 @@ from tunesmith.generation.sampling import GenParams
 class SharedPromptGRPO(GRPOTrainer):
     """TRL's GRPOTrainer, each prompt prefilled and scored once per group."""
 
+    rollout_server = None  # a CompletionsServer to sample on (tunesmith.generation.remote), or None: the engine
+    _served: tuple[int, str] | None = None  # (optimizer step, adapter name) of the policy loaded on the server
+
     def _shares(self) -> bool:
         """One process, no gradient checkpointing (which turns the KV cache off): the shared passes apply."""
         args = self.args
@@ -47,7 +53,30 @@ class SharedPromptGRPO(GRPOTrainer):
         params = GenParams(max_tokens=self.max_completion_length, temperature=self.temperature,
                            top_p=self.top_p if self.top_p is not None else 1.0)
         model = self.accelerator.unwrap_model(self.model)
+        if self.rollout_server is not None:
+            model = self._policy_on_server(model)
         return sample_completions(model, self._tokenizer, prompt_ids, params), None
+
+    def _policy_on_server(self, model):
+        """The policy as it is now, loaded on the rollout server (once per optimizer step)."""
+        from pathlib import Path
+
+        from tunesmith.generation.remote import RemoteModel
+
+        step = self.state.global_step
+        if self._served is None or self._served[0] != step:
+            folder = Path(self.args.output_dir) / "rollout-adapter"
+            model.save_pretrained(str(folder), selected_adapters=[model.active_adapter])
+            name = self.rollout_server.load_adapter(folder)
+            self.release_rollouts()
+            self._served = (step, name)
+        return RemoteModel(self.rollout_server, self._served[1], lambda: model)
+
+    def release_rollouts(self) -> None:
+        """Unload the policy's last adapter from the rollout server."""
+        if self._served is not None and self.rollout_server is not None:
+            self.rollout_server.unload_adapter(self._served[1])
+        self._served = None
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **vision):

@@ -1,0 +1,134 @@
+"""Everything that generates, on the built-in engine and on vLLM, in one run on the same data:
+
+- ``eval``: the demo's evaluation (`tunesmith eval examples/banking77.yaml` over a run that `tunesmith run` trained:
+  base, fine-tune and baselines on its test split) with ``eval.engine`` builtin, then vllm (vLLM's start included).
+- ``reinforcement``: a reinforcement job (``--prompts`` of the demo's training rows as reinforcement rows with the
+  intent as the grader's reference, ``--epochs``) on `tunesmith serve --engine builtin`, then `--engine vllm`
+  (rollouts and validation on vLLM), timed from job creation to success.
+
+Prints the wall time of each, the ratio, and whether the scores (and, for the evaluation, every prediction) are
+identical.
+
+    python benchmarks/generation_engines.py eval --run runs/banking77-intents [--out result.json]
+    python benchmarks/generation_engines.py reinforcement [--prompts 40] [--epochs 2] [--out result.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from serving_engines import Served  # noqa: E402 - the same server start-up as the serving benchmark
+
+RECIPE = REPO / "examples" / "banking77.yaml"
+DROP = ("seconds", "latency_ms")  # what differs by construction
+
+
+def evaluation(run: Path, engine: str, out: Path) -> dict:
+    """`tunesmith eval` of the demo recipe over a copy of ``run``'s training, on ``engine``."""
+    name = run.name
+    shutil.copytree(run / "train", out / name / "train")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "tunesmith", "eval", str(RECIPE), "--set", f"output_dir={out}",
+                    "--set", f"eval.engine={engine}"], check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    folder = out / name / "eval"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {"wall_s": round(wall, 1), "metrics": {m: {k: v for k, v in d.items() if k not in DROP}
+                                                  for m, d in metrics.items()},
+            "predictions": (folder / "predictions.jsonl").read_text()}
+
+
+def compare_evaluations(args) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for engine in ("builtin", "vllm"):
+            results[engine] = evaluation(args.run.resolve(), engine, Path(tmp) / engine)
+            headline = {m: round(d.get("accuracy", float("nan")), 4) for m, d in results[engine]["metrics"].items()}
+            print(f"eval on {engine:7}: {results[engine]['wall_s']} s, accuracy {headline}, load "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
+    a, b = results["builtin"], results["vllm"]
+    same = a["metrics"] == b["metrics"] and a["predictions"] == b["predictions"]
+    print(f"vllm/builtin wall time {b['wall_s'] / a['wall_s']:.2f}x; identical metrics and predictions: {same}")
+    return {e: {k: v for k, v in r.items() if k != "predictions"} for e, r in results.items()} | {"identical": same}
+
+
+def reinforcement_rows(n: int) -> list[dict]:
+    with open(REPO / "examples" / "data" / "banking77_10intents.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    labels = sorted({r["category"] for r in rows})
+    system = "Name the intent of the customer message, one of: " + ", ".join(labels) + "."
+    return [{"messages": [{"role": "developer", "content": system}, {"role": "user", "content": r["text"]}],
+             "intent": r["category"]} for r in rows]
+
+
+def reinforcement_job(engine: str, args) -> dict:
+    rows = reinforcement_rows(args.prompts + args.valid)
+    body = "".join(json.dumps(r) + "\n" for r in rows[: args.prompts]).encode()
+    valid = "".join(json.dumps(r) + "\n" for r in rows[args.prompts:]).encode()
+    grader = {"type": "text_similarity", "name": "intent", "input": "{{sample.output_text}}",
+              "reference": "{{item.intent}}", "evaluation_metric": "fuzzy_match"}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Served(engine, "smollm2-135m-instruct", [], Path(tmp))
+        try:
+            client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+            train = client.files.create(file=("train.jsonl", body), purpose="fine-tune")
+            val = client.files.create(file=("valid.jsonl", valid), purpose="fine-tune")
+            t0 = time.perf_counter()
+            job = client.fine_tuning.jobs.create(
+                model="smollm2-135m-instruct", training_file=train.id, validation_file=val.id, seed=7,
+                method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": {
+                    "n_epochs": args.epochs, "batch_size": 4, "compute_multiplier": 1}}})
+            while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+                time.sleep(2)
+            wall = time.perf_counter() - t0
+            assert job.status == "succeeded", job.error
+            events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+            rewards = [e.data.get("valid_reward_mean") for e in events
+                       if e.type == "metrics" and e.data.get("valid_reward_mean") is not None]
+            steps = [e.data.get("train_reward_mean") for e in events if e.type == "metrics"]
+        finally:
+            server.stop()
+    print(f"reinforcement job on {engine:7}: {wall:.1f} s, validation reward (last) {rewards[:1]}, "
+          f"load {os.getloadavg()[0]:.1f}", flush=True)
+    return {"wall_s": round(wall, 1), "valid_reward_mean": rewards, "train_reward_mean": steps}
+
+
+def compare_reinforcement(args) -> dict:
+    results = {engine: reinforcement_job(engine, args) for engine in ("builtin", "vllm")}
+    a, b = results["builtin"], results["vllm"]
+    print(f"vllm/builtin wall time {b['wall_s'] / a['wall_s']:.2f}x; identical rewards: "
+          f"{a['valid_reward_mean'] == b['valid_reward_mean']}")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", choices=["eval", "reinforcement"])
+    ap.add_argument("--run", type=Path, default=REPO / "runs" / "banking77-intents",
+                    help="eval: a run of examples/banking77.yaml with its training done")
+    ap.add_argument("--prompts", type=int, default=40, help="reinforcement: training prompts")
+    ap.add_argument("--valid", type=int, default=12, help="reinforcement: validation prompts")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
+    result = compare_evaluations(args) if args.part == "eval" else compare_reinforcement(args)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
