@@ -7,7 +7,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from tunesmith.config import SplitSection, Step
-from tunesmith.data.minhash import clusters, exact_jaccard, near_duplicate_pairs, shingle, signatures
+from tunesmith.data.minhash import exact_jaccard, near_duplicate_pairs, near_matches, shingle, signatures
 from tunesmith.data.split import split_examples
 from tunesmith.data.steps import StepContext, run_steps, scrub_text, summary_table
 from tunesmith.errors import DataError
@@ -138,8 +138,8 @@ def test_minhash_estimates_jaccard_and_lsh_finds_pairs():
     found_set = {tuple(p) for p in found.tolist()}
     assert len(found_set & set(truth)) / len(truth) >= 0.95
     assert all(j >= 0.8 for j in jac) and found_set <= set(truth)
-    roots = clusters(len(texts), found)
-    assert (roots != np.arange(len(texts))).sum() == len(found_set)
+    i, j, sim = near_matches(texts, 0.8)  # each later text's best earlier match: here its one planted pair
+    assert {(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)} == found_set
 
 
 def test_near_dedup_on_characters_and_empty_texts():

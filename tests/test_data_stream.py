@@ -16,7 +16,8 @@ from rich.console import Console
 from tunesmith.config import load_recipe
 from tunesmith.data import batches
 from tunesmith.data.examples import to_examples
-from tunesmith.data.prepare import assign_splits, build
+from tunesmith.data.prepare import _split_section, build
+from tunesmith.data.split import split_examples
 from tunesmith.data.sources import read_source
 from tunesmith.data.steps import StepContext, run_steps
 
@@ -63,7 +64,7 @@ def in_memory(recipe):
     records, rejected = read_source(cfg, ctx.tok)
     kept, dropped, rows = run_steps(records, cfg.steps, ctx)
     examples, unmapped = to_examples(kept, cfg)
-    splits, _ = assign_splits({"all": examples}, cfg, recipe.seed)
+    splits = split_examples(examples, _split_section(cfg), recipe.seed)
     return splits, rejected + dropped + unmapped, rows
 
 
@@ -107,7 +108,7 @@ def test_streaming_keeps_rejects_and_splits_as_in_memory(case, tmp_path, tiny_mo
     assert {"exact_dedup", "near_dedup"} <= dropped_by, dropped_by
 
 
-def test_a_near_duplicate_is_named_by_the_first_row_of_its_chain(tmp_path, tiny_model_dir, home, monkeypatch):
+def test_a_near_duplicate_is_named_by_its_most_similar_earlier_row(tmp_path, tiny_model_dir, home, monkeypatch):
     monkeypatch.setattr(batches, "FIRST_BATCH", 2)
     base = "the quick brown fox jumps over the lazy dog near the river bank today"
     rows = [{"text": base, "category": "a"}, {"text": "something else entirely different here", "category": "b"},
@@ -119,8 +120,8 @@ def test_a_near_duplicate_is_named_by_the_first_row_of_its_chain(tmp_path, tiny_
                         batch_rows=100, steps=[{"step": "near_dedup", "threshold": 0.7}])
     build(recipe, tmp_path / "out", Console(file=open(os.devnull, "w")))  # noqa: SIM115
     reasons = {r["source"].rsplit(":", 1)[1]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")}
-    assert reasons["3"].startswith(f"near duplicate of {data}:1 ")
-    assert reasons["4"].startswith(f"near duplicate of {data}:1 ")
+    assert reasons["3"] == f"near duplicate of {data}:1 (similarity 0.92)"  # 12 of 13 word pairs shared
+    assert reasons["4"] == f"near duplicate of {data}:3 (similarity 0.93)"  # row 1 shares 12 of 14, row 3 13 of 14
 
 
 def listing_file(path: Path, n: int) -> Path:

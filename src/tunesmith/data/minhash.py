@@ -1,9 +1,12 @@
-"""Near-duplicate detection with MinHash + LSH banding, vectorised with numpy.
+"""Near-duplicate detection with MinHash + LSH banding, vectorised with numpy: the one near dedup of every engine.
 
-Pipeline: shingles (word or char n-grams) → 64-bit ids → ``num_perm`` MinHash values per text
-(multiply-shift hashing, one ``np.minimum.reduceat`` per chunk) → LSH bands bucketed by sorting
-→ candidate pairs → exact Jaccard on the shingle sets, so that reported pairs are true pairs.
-Only the shingling touches Python per text; everything after it runs on arrays.
+Pipeline: shingles (word or char n-grams) → 64-bit ids → ``num_perm`` MinHash values per text (multiply-shift
+hashing, one ``np.minimum.reduceat`` per chunk) → one 32-bit key per LSH band → groups of rows sharing a key
+(:func:`lsh_groups`, any size) → exact Jaccard of every earlier/later pair in a group (:func:`group_matches`: pair
+by pair in small groups, a matrix product in large ones) → per row its best earlier match (:func:`best_earlier`).
+The in-memory step, the streaming index and the Ray engine all run these three functions, on all rows at once, a
+batch against the rows before it, or one partition of the band shuffle: the matches, hence the kept rows and the
+reasons, are the same whatever the batch size, bucket size or engine.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -151,6 +155,7 @@ def signatures(sh: Shingles, num_perm: int = 128, seed: int = 1, chunk: int = 81
     return sig_t.T.copy()
 
 
+@lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.9) -> tuple[int, int]:
     """Bands and rows minimising weighted false-positive + false-negative area (datasketch's rule).
 
@@ -169,150 +174,331 @@ def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.9) -> tuple
     return best
 
 
-def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
-    """Pairs ``(i, j)``, ``i < j``, that share at least one band. Shape ``(m, 2)`` int64.
-
-    Buckets bigger than ``max_bucket`` link each member to the bucket's first one only (enough
-    to keep clusters connected; avoids quadratic blow-up on degenerate texts).
-    """
-    n = sig.shape[0]
-
-    def band_pairs(band: int) -> list[np.ndarray]:
-        found = []
-        cols = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        key = np.zeros(n, dtype=np.uint64)
-        for c in range(cols.shape[1]):
-            key = (key ^ cols[:, c]) * _MIX
-            key ^= key >> np.uint64(31)
-        order = np.argsort(key)
-        sk = key[order]
-        same = sk[1:] == sk[:-1]
-        if not same.any():
-            return found
-        # runs of equal keys: their starts and lengths
-        boundaries = np.flatnonzero(np.concatenate(([True], ~same, [True])))
-        starts, lengths = boundaries[:-1], np.diff(boundaries)
-        s2 = starts[lengths == 2]
-        found.append(np.stack([order[s2], order[s2 + 1]], axis=1))
-        for s, length in zip(starts[lengths > 2], lengths[lengths > 2], strict=True):
-            members = np.sort(order[s : s + length])
-            if length <= max_bucket:
-                ii, jj = np.triu_indices(length, k=1)
-                found.append(np.stack([members[ii], members[jj]], axis=1))
-            else:
-                found.append(np.stack([np.full(length - 1, members[0]), members[1:]], axis=1))
-        return found
-
-    with ThreadPoolExecutor(_workers()) as pool:  # bands are independent; numpy releases the GIL
-        out = [p for found in pool.map(band_pairs, range(bands)) for p in found]
-    if not out:
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.concatenate(out)
-    pairs = np.sort(pairs, axis=1)
-    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([keys // n, keys % n], axis=1)
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(n, bands)`` uint32 keys; two rows share a key where their band of signature values agrees (a rare
+    false agreement of the 32-bit keys only adds a candidate, which the exact check then rejects)."""
+    keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
+    for b in range(bands):
+        for c in range(b * rows, (b + 1) * rows):
+            keys[:, b] = (keys[:, b] ^ sig[:, c].astype(np.uint64)) * _MIX
+            keys[:, b] ^= keys[:, b] >> np.uint64(31)
+    return (keys >> np.uint64(32)).astype(np.uint32)
 
 
-_LOW40 = np.uint64((1 << 40) - 1)
+# --- candidates: the one rule of every engine ------------------------------------------------------
 
 
-def _packed(group: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """``group`` (< 2**24) in the high 24 bits, the top 40 bits of ``h`` below: one sortable uint64."""
-    return (group.astype(np.uint64) << np.uint64(40)) | (h >> np.uint64(24))
+@dataclass
+class Groups:
+    """Rows that share an LSH band key, two or more a group: group ``g`` is ``members[starts[g]:starts[g+1]]``
+    (read positions, ascending)."""
+
+    members: np.ndarray  # int64
+    starts: np.ndarray  # int64, len = n_groups + 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
 
 
-def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
-    """Jaccard similarity of the shingle sets of each pair, on arrays.
+def lsh_groups(band: np.ndarray, key: np.ndarray, pos: np.ndarray) -> Groups:
+    """The candidates of near dedup, in every engine: one ``(band, key, position)`` row per row and band, and
+    every set of rows sharing a key in a band, whatever its size, is a group whose members are all compared."""
+    order = np.lexsort((pos, key, band))
+    b, k, p = band[order], key[order], np.asarray(pos, dtype=np.int64)[order]
+    new = np.ones(len(b), dtype=bool)
+    new[1:] = (b[1:] != b[:-1]) | (k[1:] != k[:-1])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, len(b)))
+    keep = sizes >= 2
+    members = p[np.repeat(keep, sizes)]
+    return Groups(members, np.concatenate(([0], np.cumsum(sizes[keep]))).astype(np.int64))
 
-    Each text's shingles are made unique, then both sides of every pair are packed with the
-    pair's index into one uint64 and sorted: an adjacent equal value is one shared shingle.
-    Shingles are compared on 40 bits, which can merge two in a text about once in 10^9 pairs.
-    """
-    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    if len(pairs) > chunk:
-        parts = [exact_jaccard(sh, pairs[lo : lo + chunk]) for lo in range(0, len(pairs), chunk)]
-        return np.concatenate(parts)
-    if len(pairs) == 0:
-        return np.empty(0, dtype=np.float64)
-    docs = np.unique(pairs)
+
+# --- exact Jaccard --------------------------------------------------------------------------------
+
+
+def _unique_sets(sh: Shingles, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``docs``' shingle sets without repeats, as dense ids (64-bit identity kept): ``(ids, starts)``
+    with doc ``k``'s set in ``ids[starts[k]:starts[k+1]]``."""
     counts = np.diff(sh.offsets)[docs]
     idx = np.repeat(sh.offsets[docs] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    key = np.sort(_packed(np.repeat(np.arange(len(docs)), counts), sh.ids[idx]))
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    key = key[first]  # unique shingles per text, grouped by text
-    vals = key & _LOW40
+    dense = _dense(sh.ids[idx])
+    key = distinct((np.repeat(np.arange(len(docs), dtype=np.uint64), counts) << np.uint64(32))
+                    | dense.astype(np.uint64))
     starts = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(np.bincount((key >> np.uint64(40)).astype(np.int64), minlength=len(docs)), out=starts[1:])
+    np.cumsum(np.bincount((key >> np.uint64(32)).astype(np.int64), minlength=len(docs)), out=starts[1:])
+    return key & _MASK32, starts
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by one sort (numpy 2.4's ``np.unique`` hashes, ~50x slower on 64-bit ids)."""
+    values = np.sort(np.asarray(values).ravel())
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def _dense(ids: np.ndarray) -> np.ndarray:
+    """Each id's rank among the distinct ids (equal ids, equal ranks), by one sort."""
+    order = np.argsort(ids)
+    step = np.ones(len(ids), dtype=np.int64)
+    if len(ids):
+        step[0] = 0
+        step[1:] = ids[order][1:] != ids[order][:-1]
+    dense = np.empty(len(ids), dtype=np.int64)
+    dense[order] = np.cumsum(step)
+    return dense
+
+
+def _ratio(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Jaccard from counts, computed alike on every path (two empty sets count as equal)."""
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 21) -> np.ndarray:
+    """Jaccard similarity of the shingle sets of each pair ``(i, j)`` of texts, on arrays: both sides of every
+    pair are tagged with the pair's index and sorted; an adjacent equal value is one shared shingle."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    if len(pairs) > chunk:
+        return np.concatenate([exact_jaccard(sh, pairs[lo : lo + chunk]) for lo in range(0, len(pairs), chunk)])
+    if len(pairs) == 0:
+        return np.empty(0, dtype=np.float64)
+    docs = distinct(pairs)
+    vals, starts = _unique_sets(sh, docs)
     size = np.diff(starts)
     pos = np.searchsorted(docs, pairs)
     side = pos.ravel()
     n_each = size[side]
-    tag = np.repeat(np.repeat(np.arange(len(pairs)), 2), n_each)
+    tag = np.repeat(np.repeat(np.arange(len(pairs), dtype=np.uint64), 2), n_each)
     gather = np.repeat(starts[side] - np.cumsum(n_each) + n_each, n_each) + np.arange(n_each.sum())
-    both = np.sort((tag.astype(np.uint64) << np.uint64(40)) | vals[gather])
+    both = np.sort((tag << np.uint64(32)) | vals[gather])
     shared = both[1:][both[1:] == both[:-1]]
-    inter = np.bincount((shared >> np.uint64(40)).astype(np.int64), minlength=len(pairs))
-    union = size[pos[:, 0]] + size[pos[:, 1]] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    inter = np.bincount((shared >> np.uint64(32)).astype(np.int64), minlength=len(pairs))
+    return _ratio(inter, size[pos[:, 0]] + size[pos[:, 1]] - inter)
 
 
-def near_duplicate_pairs(
-    texts: list[str],
-    threshold: float = 0.8,
-    unit: str = "word",
-    ngram: int = 2,
-    num_perm: int = 128,
-    seed: int = 1,
-    prefilter_margin: float = 0.1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of texts whose shingle-set Jaccard is ``>= threshold``, with that Jaccard.
+# --- matches within groups, and the one decision -------------------------------------------------
 
-    Candidates from LSH are first screened by their signature agreement (vectorised; a margin
-    below the threshold keeps recall) and then verified exactly.
+SMALL_GROUP = 64  # groups up to this size are checked pair by pair; larger ones as one matrix product
+_PAIRS_AT_ONCE = 1 << 21
+
+
+def group_matches(groups: Groups, index: np.ndarray, sh: Shingles, query: np.ndarray, threshold: float,
+                  best: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair ``(i, j)`` of a group with ``i`` earlier than ``j``, ``j`` a query row and exact Jaccard
+    ``>= threshold``, as positions ``(i, j, similarity)``; with ``best``, only each ``j``'s best match.
+
+    ``index`` holds the positions (ascending) whose shingle sets ``sh`` has, in that order; ``query`` marks
+    those that need a decision (rows decided earlier are only compared against). No pair of a group is left
+    out, whatever its size: a large group is one blocked matrix product of its members' shingle sets.
     """
+    loc = np.searchsorted(index, groups.members)
+    sizes = groups.sizes
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    small = np.flatnonzero((sizes >= 2) & (sizes <= SMALL_GROUP))
+    for chunk in _by_pairs(small, sizes):
+        a, b = _pairs_in(groups, chunk, loc)
+        keep = query[b]
+        a, b = a[keep], b[keep]
+        if len(a):
+            uniq = distinct(a * len(index) + b)
+            a, b = uniq // len(index), uniq % len(index)
+            sim = exact_jaccard(sh, np.stack([a, b], axis=1))
+            hit = sim >= threshold
+            found.append(_reduced(a[hit], b[hit], sim[hit], best))
+    for members, of_group in _large_sets(groups, loc, np.flatnonzero(sizes > SMALL_GROUP)):
+        if query[members].any():
+            found.append(_reduced(*_large_group(members, of_group, sh, query, threshold, best), best))
+    if not found:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0)
+    a, b, sim = (np.concatenate(x) for x in zip(*found, strict=True))
+    a, b, sim = _reduced(a, b, sim, best) if best else _unique_pairs(a, b, sim)
+    return index[a], index[b], sim
+
+
+def best_earlier(i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one near-dedup decision: per later row ``j``, its best earlier match ``i`` (the most similar; of equals,
+    the earliest). A row with any match is a near duplicate; its reason names that match. ``(i, j, sim)``,
+    sorted by ``j``; matches found apart (batches, bands, partitions) reduce to the same answer."""
+    if not len(j):
+        return i, j, sim
+    order = np.lexsort((i, -sim, j))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = j[order][1:] != j[order][:-1]
+    pick = order[first]
+    return i[pick], j[pick], sim[pick]
+
+
+def near_reason(source: str, sim: float) -> str:
+    return f"near duplicate of {source} (similarity {sim:.2f})"
+
+
+def _reduced(a, b, sim, best: bool):
+    return best_earlier(a, b, sim) if best else (a, b, sim)
+
+
+def _unique_pairs(a, b, sim):
+    _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
+    return a[first], b[first], sim[first]
+
+
+def _by_pairs(groups: np.ndarray, sizes: np.ndarray):
+    """``groups`` in chunks of about ``_PAIRS_AT_ONCE`` pairs."""
+    if not len(groups):
+        return
+    n = sizes[groups] * (sizes[groups] - 1) // 2
+    cut = np.searchsorted(np.cumsum(n), np.arange(_PAIRS_AT_ONCE, n.sum() + _PAIRS_AT_ONCE, _PAIRS_AT_ONCE),
+                          side="right")
+    lo = 0
+    for hi in np.unique(np.append(cut, len(groups))).tolist():
+        if hi > lo:
+            yield groups[lo:hi]
+            lo = hi
+
+
+def _pairs_in(groups: Groups, chosen: np.ndarray, loc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(earlier, later)`` member pairs of the chosen groups, as indices into the shingle sets."""
+    starts, sizes = groups.starts[chosen], groups.sizes[chosen]
+    rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # each member's place in its group
+    at = np.repeat(starts, sizes) + rank
+    b = np.repeat(at, rank)  # a member is the later side of one pair per earlier member
+    a = np.repeat(np.repeat(starts, sizes), rank) + np.arange(rank.sum()) - np.repeat(np.cumsum(rank) - rank, rank)
+    return loc[a], loc[b]
+
+
+def _large_sets(groups: Groups, loc: np.ndarray, large: np.ndarray):
+    """Large groups that share rows, taken together (a bucket of near copies recurs, a little changed, in most
+    bands), else one by one: ``(members, of_group)``, ``of_group`` a (member, group) incidence, or None for one
+    group. Together means one product over the union, a pair counting only where both rows are in one group."""
+    if not len(large):
+        return
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    sizes = groups.sizes[large]
+    rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    mem = loc[np.repeat(groups.starts[large], sizes) + rank]
+    gid = np.repeat(np.arange(len(large)), sizes)
+    uniq, m_idx = np.unique(mem, return_inverse=True)
+    n = len(uniq) + len(large)
+    graph = coo_matrix((np.ones(len(mem), dtype=np.int8), (m_idx, len(uniq) + gid)), shape=(n, n))
+    label = connected_components(graph, directed=False)[1][len(uniq):]
+    for c in distinct(label).tolist():
+        gs = np.flatnonzero(label == c)
+        sel = np.isin(gid, gs)
+        members, inv = np.unique(mem[sel], return_inverse=True)
+        if len(gs) > 1 and len(members) ** 2 <= 2 * int((sizes[gs].astype(np.int64) ** 2).sum()):
+            yield members, (inv, np.searchsorted(gs, gid[sel]))
+        else:
+            for g in gs.tolist():
+                yield np.sort(mem[gid == g]), None
+
+
+class _Ones:
+    """A 0/1 matrix with ones at ``(rows, cols)``: its columns that many rows share as a dense float32 block
+    (a bucket's rows share most of their shingles), the others sparse."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+        from scipy.sparse import csr_matrix
+
+        m, width = shape
+        heavy = np.bincount(cols, minlength=width) * 16 >= m if m * width > 1 << 22 else np.ones(width, dtype=bool)
+        h = heavy[cols]
+        new = np.cumsum(heavy) - 1
+        self.dense = np.zeros((m, int(heavy.sum())), dtype=np.float32)
+        self.dense[rows[h], new[cols[h]]] = 1
+        light = np.cumsum(~heavy) - 1
+        self.sparse = (csr_matrix((np.ones(int((~h).sum()), np.float32), (rows[~h], light[cols[~h]])),
+                                  shape=(m, int((~heavy).sum()))) if (~h).any() else None)
+
+    def rows(self, at) -> tuple:
+        return self.dense[at], None if self.sparse is None else self.sparse[at]
+
+
+def _take(rows: tuple, at: np.ndarray) -> tuple:
+    return rows[0][at], None if rows[1] is None else rows[1][at]
+
+
+def _counts(a: tuple, b: tuple) -> np.ndarray:
+    """``a @ b.T`` of two row selections of one ``_Ones``, as exact integers."""
+    out = a[0] @ b[0].T
+    if a[1] is not None:
+        out = out + (a[1] @ b[1].T).toarray()
+    return np.rint(out).astype(np.int64)
+
+
+def _large_group(members: np.ndarray, of_group, sh: Shingles, query: np.ndarray, threshold: float, best: bool,
+                 block: int = 512):
+    """Pairs of a large group (or of overlapping ones, ``of_group`` saying which rows share a group) from the
+    intersection counts ``A[rows] @ A[queries].T`` of the members' 0/1 shingle matrix, a block of earlier rows
+    at a time."""
+    vals, starts = _unique_sets(sh, members)
+    size = np.diff(starts)
+    doc = np.repeat(np.arange(len(members)), size)
+    shared = np.bincount(vals.astype(np.int64))[vals.astype(np.int64)] >= 2  # the others add to no intersection
+    doc, vals = doc[shared], _dense(vals[shared])
+    mat = _Ones(doc, vals, (len(members), int(vals.max()) + 1 if len(vals) else 1))
+    inc = None if of_group is None else _Ones(*of_group, (len(members), int(of_group[1].max()) + 1))
+    cols = np.flatnonzero(query[members])
+    col_sets = mat.rows(cols)
+    col_groups = None if inc is None else inc.rows(cols)
+    hits_a, hits_b, hits_s = [], [], []
+    best_sim, best_row = np.full(len(cols), -1.0), np.full(len(cols), -1, dtype=np.int64)
+    for lo in range(0, int(cols.max()), block):
+        live = cols > lo  # a query row is compared with the rows before it only
+        rows, right = slice(lo, lo + block), cols[live]
+        inter = _counts(mat.rows(rows), _take(col_sets, live))
+        sim = _ratio(inter, size[rows, None] + size[right][None, :] - inter)
+        sim[np.arange(lo, lo + len(sim))[:, None] >= right[None, :]] = -1.0
+        if inc is not None:
+            sim[_counts(inc.rows(rows), _take(col_groups, live)) == 0] = -1.0  # in no group together
+        if best:
+            row = np.argmax(sim, axis=0)
+            top = sim[row, np.arange(sim.shape[1])]
+            better = top > best_sim[live]
+            idx = np.flatnonzero(live)[better]
+            best_sim[idx], best_row[idx] = top[better], lo + row[better]
+        else:
+            r, c = np.nonzero(sim >= threshold)
+            hits_a.append(lo + r)
+            hits_b.append(cols[live][c])
+            hits_s.append(sim[r, c])
+    if best:
+        hit = best_sim >= threshold
+        return members[best_row[hit]], members[cols[hit]], best_sim[hit]
+    if not hits_a:
+        return members[:0], members[:0], np.empty(0)
+    return members[np.concatenate(hits_a)], members[np.concatenate(hits_b)], np.concatenate(hits_s)
+
+
+# --- whole lists of texts ----------------------------------------------------------------------------
+
+
+def keyed_rows(keys: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(band, key, position)`` rows of an ``(n, bands)`` key array, as ``lsh_groups`` takes them."""
+    n, bands = keys.shape
+    return (np.tile(np.arange(bands, dtype=np.int64), n), keys.ravel().astype(np.int64),
+            np.repeat(np.asarray(pos, dtype=np.int64), bands))
+
+
+def near_matches(texts: list[str], threshold: float = 0.8, unit: str = "word", ngram: int = 2, num_perm: int = 128,
+                 seed: int = 1, best: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Near-duplicate matches among ``texts`` (indices ``(i, j, similarity)``, ``i < j``): each text's best
+    earlier match, or with ``best=False`` every pair at or above ``threshold``. Empty texts match nothing."""
     sh = shingle(texts, unit, ngram)
-    sig = signatures(sh, num_perm, seed)
-    bands, rows = lsh_params(threshold, num_perm)
-    pairs = candidate_pairs(sig, bands, rows)
-    empty = np.diff(sh.offsets) == 0
-    if len(pairs):
-        pairs = pairs[~(empty[pairs[:, 0]] | empty[pairs[:, 1]])]
-    if len(pairs):
-        est = np.empty(len(pairs))
-        for lo in range(0, len(pairs), 100_000):
-            p = pairs[lo : lo + 100_000]
-            est[lo : lo + 100_000] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
-        pairs = pairs[est >= threshold - prefilter_margin]
-    jac = exact_jaccard(sh, pairs)
-    keep = jac >= threshold
-    return pairs[keep], jac[keep]
+    keys = band_keys(signatures(sh, num_perm, seed), *lsh_params(threshold, num_perm))
+    pos = np.flatnonzero(np.diff(sh.offsets) > 0)
+    groups = lsh_groups(*keyed_rows(keys[pos], pos))
+    index = np.arange(len(texts))
+    return group_matches(groups, index, sh, np.ones(len(texts), dtype=bool), threshold, best)
 
 
-def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Union-find over pairs; returns each item's cluster root (the smallest index in it)."""
-    parent = np.arange(n)
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, j in pairs.tolist():
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return np.array([find(i) for i in range(n)])
-
-
-def earlier_roots(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Per item, the first item of its chain of earlier duplicates: itself when no earlier item is paired
-    with it, else the smallest such root among its earlier partners. Unlike ``clusters``, an item is never
-    joined to an earlier one through a later item, so a stream can decide each item when it arrives."""
-    root = np.arange(n)
-    if len(pairs):
-        pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later item, then the earlier
-        for i, j in pairs.tolist():
-            root[j] = min(root[j], root[i])
-    return root
+def near_duplicate_pairs(texts: list[str], threshold: float = 0.8, unit: str = "word", ngram: int = 2,
+                         num_perm: int = 128, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of texts whose shingle-set Jaccard is ``>= threshold`` (``(m, 2)``, sorted), with that Jaccard."""
+    i, j, sim = near_matches(texts, threshold, unit, ngram, num_perm, seed, best=False)
+    order = np.lexsort((j, i))
+    return np.stack([i[order], j[order]], axis=1).reshape(-1, 2), sim[order]

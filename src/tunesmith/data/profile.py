@@ -172,10 +172,12 @@ class ProfileSketch:
 
     def _count_exact(self, h: np.ndarray) -> None:
         """Rows whose normalised text repeats an earlier row's."""
-        uniq = np.unique(h)
+        from tunesmith.data.minhash import distinct
+
+        uniq = distinct(h)
         new = uniq[self.distinct.first(uniq) < 0]
         self.exact += len(h) - len(new)
-        self.distinct.add(new, np.zeros(len(new), dtype=np.int64))
+        self.distinct.add(new)
 
     def _offer(self, row: dict) -> None:
         """Algorithm R: every row so far has the same chance to be in the sample."""
@@ -193,7 +195,7 @@ class ProfileSketch:
     def write(self, out_dir: Path, limits: tuple[int | None, int | None] = (None, None),
               title: str = "Data profile") -> Path:
         """Write ``out_dir/report.md`` and its plots; returns the report path."""
-        from tunesmith.data.minhash import clusters, near_duplicate_pairs
+        from tunesmith.data.minhash import near_matches
 
         out_dir.mkdir(parents=True, exist_ok=True)
         n, sampled = self.n, len(self.sample) < self.n
@@ -238,13 +240,12 @@ class ProfileSketch:
                 images[f"Numeric: {f}"] = plot_numeric(arr, f, out_dir / f"numeric_{f}.png")
         key_texts = [row["key"] for row in self.sample]
         m = len(key_texts)
-        pairs, _ = near_duplicate_pairs(key_texts, self.near_threshold) if m > 1 else (np.empty((0, 2), int), None)
-        near = int((clusters(m, pairs) != np.arange(m)).sum()) if m else 0
+        near = len(near_matches(key_texts, self.near_threshold)[1]) if m > 1 else 0
         of_sample = f" in the sample of {m:,}" if sampled else ""
         lines += ["", "## Duplicates", "",
                   f"- exact (lower-cased, whitespace collapsed): **{self.exact:,}** records repeat an earlier one",
                   f"- near (MinHash, word bigram Jaccard ≥ {self.near_threshold}, includes exact){of_sample}: "
-                  f"**{near:,}** records ({len(pairs):,} pairs)", ""]
+                  f"**{near:,}** records have an earlier near duplicate", ""]
         for name, path in images.items():
             lines += [f"## {name}", "", f"![{name}]({path.name})", ""]
         report = out_dir / "report.md"

@@ -107,7 +107,8 @@ def check_fields(seen: set[str], spec, name: str) -> None:
             )
 
 
-def _text(rec: Record, fields: list[str]) -> str:
+def field_text(rec: Record, fields: list[str]) -> str:
+    """The step's fields of a record joined by newlines (a missing or null field counts as empty)."""
     return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)
 
 
@@ -282,7 +283,7 @@ def regex(records, spec: RegexStep, ctx):
         raise DataError(f"data.steps regex: bad pattern {spec.pattern!r} ({exc})") from None
     kept, dropped = [], []
     for rec in records:
-        hit = pattern.search(_text(rec, spec.fields)) is not None
+        hit = pattern.search(field_text(rec, spec.fields)) is not None
         if hit == (spec.action == "keep"):
             kept.append(rec)
         else:
@@ -316,7 +317,7 @@ def script_ratio(text: str, langs: list[str]) -> float:
 def language(records, spec: LanguageStep, ctx):
     kept, dropped = [], []
     for rec in records:
-        ratio = script_ratio(_text(rec, spec.fields), spec.languages)
+        ratio = script_ratio(field_text(rec, spec.fields), spec.languages)
         if ratio >= spec.min_ratio:
             kept.append(rec)
         else:
@@ -335,9 +336,7 @@ def exact_dedup(records, spec: ExactDedupStep, ctx):
     first: dict[str, str] = {}
     kept, dropped = [], []
     for rec in records:
-        key = _text(rec, spec.fields)
-        if spec.normalize:
-            key = _SPACES.sub(" ", key.lower()).strip()
+        key = normalized_key(rec, spec)
         if key in first:
             dropped.append(_drop(rec, f"exact duplicate of {first[key]}"))
         else:
@@ -346,46 +345,50 @@ def exact_dedup(records, spec: ExactDedupStep, ctx):
     return kept, dropped
 
 
-def _drop_cluster_members(records: list[Record], roots: np.ndarray, what: str, score: dict[int, float]):
-    """Keep the rows that are their own root; a dropped row names the first row of its chain of duplicates."""
+def normalized_key(rec: Record, spec: ExactDedupStep) -> str:
+    """The text ``exact_dedup`` compares (every engine): the step's fields joined, lower-cased and
+    whitespace-collapsed when ``normalize`` is on."""
+    key = field_text(rec, spec.fields)
+    return " ".join(key.lower().split()) if spec.normalize else key
+
+
+def drop_later_matches(records: list[Record], i: np.ndarray, j: np.ndarray, sim: np.ndarray, reason):
+    """Keep the rows without an earlier match; a row with one is dropped, its reason naming its best earlier
+    match (``minhash.best_earlier``)."""
+    from tunesmith.data.minhash import best_earlier
+
+    i, j, sim = best_earlier(i, j, sim)
+    best = {b: (a, s) for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)}
     kept, dropped = [], []
-    for i, rec in enumerate(records):
-        root = int(roots[i])
-        if root == i:
-            kept.append(rec)
+    for k, rec in enumerate(records):
+        if k in best:
+            a, s = best[k]
+            dropped.append(_drop(rec, reason(records[a].source, s)))
         else:
-            dropped.append(
-                _drop(rec, f"{what} of {records[root].source} (similarity {score.get(i, 1.0):.2f})")
-            )
+            kept.append(rec)
     return kept, dropped
 
 
 def near_dedup(records, spec: NearDedupStep, ctx):
-    from tunesmith.data.minhash import earlier_roots, near_duplicate_pairs
+    from tunesmith.data.minhash import near_matches, near_reason
 
-    texts = [_text(r, spec.fields) for r in records]
-    pairs, jac = near_duplicate_pairs(texts, spec.threshold, spec.unit, spec.ngram, spec.num_perm, spec.seed)
-    score = {}
-    for (_, j), s in zip(pairs.tolist(), jac.tolist(), strict=True):
-        score[j] = max(score.get(j, 0.0), s)
-    return _drop_cluster_members(records, earlier_roots(len(records), pairs), "near duplicate", score)
+    texts = [field_text(r, spec.fields) for r in records]
+    i, j, sim = near_matches(texts, spec.threshold, spec.unit, spec.ngram, spec.num_perm, spec.seed)
+    return drop_later_matches(records, i, j, sim, near_reason)
 
 
 def semantic_dedup(records, spec: SemanticDedupStep, ctx):
-    from tunesmith.data.minhash import earlier_roots
     from tunesmith.models.embeddings import embed
 
-    emb = embed([_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
-    pairs, score = [], {}
+    emb = embed([field_text(r, spec.fields) for r in records], spec.model, spec.batch_size)
+    found = []
     for lo in range(0, len(records), 256):  # 256 x n similarities at a time
         sims = emb[lo : lo + 256] @ emb.T
         ii, jj = np.nonzero(sims >= spec.threshold)
-        for i, j in zip((ii + lo).tolist(), jj.tolist(), strict=True):
-            if i < j:
-                pairs.append((i, j))
-                score[j] = max(score.get(j, 0.0), float(sims[i - lo, j]))
-    arr = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    return _drop_cluster_members(records, earlier_roots(len(records), arr), "semantic duplicate", score)
+        later = ii + lo < jj
+        found.append((ii[later] + lo, jj[later], sims[ii[later], jj[later]].astype(np.float64)))
+    i, j, sim = (np.concatenate(x) for x in zip(*found, strict=True)) if found else (np.empty(0, int),) * 3
+    return drop_later_matches(records, i, j, sim, lambda src, s: f"semantic duplicate of {src} (similarity {s:.2f})")
 
 
 # --- balance, sample, order --------------------------------------------------------------------
