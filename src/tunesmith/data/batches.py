@@ -35,7 +35,7 @@ class Batch:
 def stream_source(cfg, tokenizer: Callable | None = None) -> Iterator[Batch]:
     """Batches of ``data.path`` / ``data.hub`` (up to ``data.batch_rows`` rows, the first ones smaller) with
     ``data.derive`` fields added (their fields checked over the whole stream); ``data.limit`` rows at most."""
-    items, fraction = _items(cfg, tokenizer, cfg.batch_rows)
+    items, fraction = source_items(cfg, tokenizer, cfg.batch_rows)
     seen: set[str] = set()
     for batch in in_batches(items, fraction, cfg.on_error, cfg.batch_rows, cfg.limit):
         if cfg.derive and batch.records:
@@ -68,7 +68,7 @@ def _noted(items, order: list[str]):
         yield item
 
 
-def _items(cfg, tokenizer, batch_rows: int) -> tuple[Iterator, Callable[[], float]]:
+def source_items(cfg, tokenizer, batch_rows: int) -> tuple[Iterator, Callable[[], float]]:
     """Records and rejects one at a time, and a function telling the share of the input read so far."""
     path = Path(cfg.path) if cfg.path is not None else None
     whole = cfg.hub is not None and (path is None or cfg.format == "hf_hub")

@@ -28,7 +28,7 @@ from tunesmith.data.batches import stream_source
 from tunesmith.data.examples import labels_of
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import SPLITS, split_codes
-from tunesmith.data.steps import StepContext, summary_table
+from tunesmith.data.steps import StepContext, summary_table, token_limits
 from tunesmith.data.stream import (
     Curated,
     ExampleMapper,
@@ -184,15 +184,15 @@ def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, ou
     workdir.mkdir(parents=True, exist_ok=True)
     if cfg.path is not None and (note := encoding_note(cfg.path)):
         console.print(note)
-    sketch = _profile_sketch(cfg, ctx) if cfg.profile.enabled and profile_dir is not None else None
-    if cfg.engine == "ray":
+    profile_dir = profile_dir if cfg.profile.enabled else None
+    if cfg.engine == "ray":  # the workers profile, curate and write
         from tunesmith.data.ray_engine import curate_on_ray
 
-        done = curate_on_ray(cfg, ctx, console, sketch, out, name)
-    else:
-        done = _curate_here(cfg, ctx, console, sketch, out, workdir, name)
+        return curate_on_ray(cfg, ctx, console, profile_dir, out, name)
+    sketch = _profile_sketch(cfg, ctx) if profile_dir is not None else None
+    done = _curate_here(cfg, ctx, console, sketch, out, workdir, name)
     if sketch is not None:
-        sketch.write(profile_dir, limits=_token_limits(cfg))
+        sketch.write(profile_dir, limits=token_limits(cfg.steps))
     return done
 
 
@@ -300,12 +300,6 @@ def assign_splits(parts: dict[str, range], read_keys, cfg, seed: int) -> tuple[n
 def _at(part: range) -> slice:
     return slice(part.start, part.stop)
 
-
-def _token_limits(cfg) -> tuple[int | None, int | None]:
-    for spec in cfg.steps:
-        if spec.step == "token_length":
-            return spec.min or None, spec.max
-    return None, None
 
 
 # --- cache ------------------------------------------------------------------------------------

@@ -449,6 +449,14 @@ STEPS = {
 }
 
 
+def token_limits(specs: list) -> tuple[int | None, int | None]:
+    """The ``token_length`` step's min and max, which the profile's token-length plot draws."""
+    for spec in specs:
+        if spec.step == "token_length":
+            return spec.min or None, spec.max
+    return None, None
+
+
 def summary_table(rows: list[StepRow]) -> str:
     """Markdown table: per step, records in, kept, dropped, changed."""
     lines = ["| step | in | kept | dropped | changed |", "|---|---:|---:|---:|---:|"]

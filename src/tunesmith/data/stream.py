@@ -114,7 +114,8 @@ class StreamStep:
         check_fields(self.seen, self.spec, self.name)
 
     def _apply(self, records: list[Record]) -> tuple[list[Record], list[Rejected]]:
-        kept, dropped, row = apply_step(records, self.spec, self.ctx, self.name, self.fn)
+        with unseen_named(step_fields(self.spec), self.seen):
+            kept, dropped, row = apply_step(records, self.spec, self.ctx, self.name, self.fn)
         for k in ("n_in", "kept", "dropped", "changed"):
             setattr(self.row, k, getattr(self.row, k) + getattr(row, k))
         return kept, dropped
@@ -166,6 +167,20 @@ def in_read_order(rejected: list[Rejected], rank: dict[str, int]) -> list[Reject
     return sorted(rejected, key=lambda r: rank.get(r.source, end))
 
 
+@contextmanager
+def unseen_named(names: list[str], seen: set[str]) -> Iterator[None]:
+    """A row's error (``on_error: fail``) says so when no row read so far had a field the recipe names: more
+    likely a mistake in the recipe than in the row."""
+    try:
+        yield
+    except DataError as exc:
+        unseen = [n for n in names if n not in seen]
+        if not unseen:
+            raise
+        raise DataError(f"{exc} No record read so far has the field(s) {unseen} named in the recipe; fields "
+                        f"present: {sorted(seen)}.") from None
+
+
 def mapped_fields(cfg) -> list[str]:
     """The fields mapping to examples reads of every row (``examples.to_examples`` fails a batch none of whose
     rows has one of them)."""
@@ -194,7 +209,8 @@ class ExampleMapper:
             for name in absent:
                 rec.data[name] = None
         try:
-            return to_examples(records, self.cfg)
+            with unseen_named(self.names, self.seen):
+                return to_examples(records, self.cfg)
         finally:
             for rec in records:
                 for name in absent:
