@@ -163,7 +163,7 @@ def test_matches_equal_a_brute_force_over_every_candidate_pair(threshold):
                      if len(sh.of(i)) and len(sh.of(j)) and (keys[i] == keys[j]).any()])
     sim = minhash.exact_jaccard(sh, cand)
     sets = [set(sh.of(k).tolist()) for k in range(len(texts))]
-    assert all(abs(len(sets[a] & sets[b]) / len(sets[a] | sets[b]) - s) < 1e-12 for (a, b), s in zip(cand, sim))
+    assert all(abs(len(sets[a] & sets[b]) / len(sets[a] | sets[b]) - s) < 1e-12 for (a, b), s in zip(cand, sim, strict=True))
     hit = sim >= threshold
     want = minhash.best_earlier(cand[hit, 0], cand[hit, 1], sim[hit])
     got = minhash.near_matches(texts, threshold)

@@ -17,8 +17,8 @@ from tunesmith.config import load_recipe
 from tunesmith.data import batches
 from tunesmith.data.examples import to_examples
 from tunesmith.data.prepare import _split_section, build
-from tunesmith.data.split import split_examples
 from tunesmith.data.sources import read_source
+from tunesmith.data.split import split_examples
 from tunesmith.data.steps import StepContext, run_steps
 from tunesmith.errors import DataError
 

@@ -127,7 +127,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         if not n_examples:
             raise DataError(f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {n_rejected})")
         splits, notes = out.split({k: p.examples for k, p in parts.items()},
-                                  partial(assign_splits, cfg=cfg, seed=recipe.seed))
+                                  partial(assign_splits, cfg=cfg, split_cfg=split_cfg, seed=recipe.seed))
     rows = [r for p in parts.values() for r in p.rows]
     labels = labels_of(set().union(*(p.targets for p in parts.values())), cfg)
     if not splits.count("test"):
@@ -262,11 +262,10 @@ def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
     return f"{key}: file not found: {path} ({role}).{about}"
 
 
-def assign_splits(parts: dict[str, range], read_keys, cfg, seed: int) -> tuple[np.ndarray, dict]:
+def assign_splits(parts: dict[str, range], read_keys, cfg, split_cfg, seed: int) -> tuple[np.ndarray, dict]:
     """Each example's split code (``split.SPLITS``) from its keys (``read_keys(part)`` → ``SplitKeys``): one source
     split with data.split, or split files taken as given, a missing val or test file carved (seeded by content,
-    stratified for classification) out of the train file, and the summary says so."""
-    split_cfg = _split_section(cfg)
+    stratified for classification: ``split_cfg``) out of the train file, and the summary says so."""
     codes = np.full(max((p.stop for p in parts.values()), default=0), SPLITS.index("unused"), dtype=np.uint8)
     if "all" in parts:
         codes[_at(parts["all"])] = split_codes(read_keys(parts["all"]), split_cfg, seed)

@@ -21,6 +21,9 @@ from tunesmith.data.sources import derive_fields
 from tunesmith.data.steps import StepContext
 
 
+SHARD_BYTES = 1 << 20  # the smallest byte range worth a task
+
+
 @dataclass(frozen=True)
 class Shard:
     """A byte range of the input (``end`` None: the whole source, read as the local engine reads it)."""
@@ -32,7 +35,8 @@ class Shard:
 
 
 def plan(cfg) -> list[Shard]:
-    """Byte ranges of about ``data.batch_rows`` lines (at least 1 MiB) for a UTF-8 JSONL file; else one shard."""
+    """Byte ranges of about ``data.batch_rows`` lines (at least ``SHARD_BYTES``) for a UTF-8 JSONL file; else one
+    shard."""
     path = Path(cfg.path) if cfg.path is not None else None
     if not _by_bytes(cfg, path):
         return [Shard(0)]
@@ -40,7 +44,7 @@ def plan(cfg) -> list[Shard]:
     with open(path, "rb") as fh:
         head = fh.read(1 << 20)
     per_line = len(head) / max(1, head.count(b"\n"))
-    n = max(1, -(-size // max(1 << 20, int(per_line * cfg.batch_rows))))
+    n = max(1, -(-size // max(SHARD_BYTES, int(per_line * cfg.batch_rows))))
     return [Shard(k, k * size // n, (k + 1) * size // n) for k in range(n)]
 
 
