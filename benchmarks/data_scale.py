@@ -212,7 +212,8 @@ def datatrove_main(folder: str, work: str, tasks: int) -> None:
     from datatrove.utils.word_tokenizers import WordTokenizer
 
     from tunesmith.config import ScrubStep
-    from tunesmith.data.steps import number_value, scrub_text, token_counts
+    from tunesmith.data.steps import number_value, scrub_text
+    from tunesmith.data.tokens import token_counts
     from tunesmith.models.loading import load_tokenizer
 
     class Words(WordTokenizer):

@@ -177,11 +177,11 @@ def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.9) -> tuple
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``(n, bands)`` uint32 keys; two rows share a key where their band of signature values agrees (a rare
     false agreement of the 32-bit keys only adds a candidate, which the exact check then rejects)."""
+    per_band = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
     keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
-    for b in range(bands):
-        for c in range(b * rows, (b + 1) * rows):
-            keys[:, b] = (keys[:, b] ^ sig[:, c].astype(np.uint64)) * _MIX
-            keys[:, b] ^= keys[:, b] >> np.uint64(31)
+    for c in range(rows):  # every band at once, one signature column of each at a time
+        keys = (keys ^ per_band[:, :, c]) * _MIX
+        keys ^= keys >> np.uint64(31)
     return (keys >> np.uint64(32)).astype(np.uint32)
 
 
@@ -259,10 +259,19 @@ def _ratio(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
 
 def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 21) -> np.ndarray:
     """Jaccard similarity of the shingle sets of each pair ``(i, j)`` of texts, on arrays: both sides of every
-    pair are tagged with the pair's index and sorted; an adjacent equal value is one shared shingle."""
+    pair are tagged with the pair's index and sorted; an adjacent equal value is one shared shingle. Pairs are
+    taken about ``chunk`` shingles at a time, which bounds the memory."""
     pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    if len(pairs) > chunk:
-        return np.concatenate([exact_jaccard(sh, pairs[lo : lo + chunk]) for lo in range(0, len(pairs), chunk)])
+    sizes = np.diff(sh.offsets)
+    work = np.cumsum(sizes[pairs[:, 0]] + sizes[pairs[:, 1]]) if len(pairs) else np.zeros(0, np.int64)
+    if len(pairs) > 1 and work[-1] > chunk:
+        cuts = np.unique(np.searchsorted(work, np.arange(chunk, work[-1], chunk), side="right"))
+        bounds = [0, *[int(c) for c in cuts if 0 < c < len(pairs)], len(pairs)]
+        return np.concatenate([_pair_jaccard(sh, pairs[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return _pair_jaccard(sh, pairs)
+
+
+def _pair_jaccard(sh: Shingles, pairs: np.ndarray) -> np.ndarray:
     if len(pairs) == 0:
         return np.empty(0, dtype=np.float64)
     docs = distinct(pairs)
@@ -282,7 +291,7 @@ def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 21) -> np.n
 # --- matches within groups, and the one decision -------------------------------------------------
 
 SMALL_GROUP = 64  # groups up to this size are checked pair by pair; larger ones as one matrix product
-_PAIRS_AT_ONCE = 1 << 21
+_PAIRS_AT_ONCE = 1 << 19
 
 
 def group_matches(groups: Groups, index: np.ndarray, sh: Shingles, query: np.ndarray, threshold: float,

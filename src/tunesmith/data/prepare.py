@@ -24,6 +24,7 @@ import numpy as np
 from rich.console import Console
 
 from tunesmith.config import Recipe
+from tunesmith.data import stream
 from tunesmith.data.batches import stream_source
 from tunesmith.data.examples import labels_of
 from tunesmith.data.readers import encoding_note
@@ -32,6 +33,7 @@ from tunesmith.data.steps import StepContext, summary_table, token_limits
 from tunesmith.data.stream import (
     Curated,
     ExampleMapper,
+    HeadSteps,
     LocalOutput,
     StepChain,
     in_read_order,
@@ -76,9 +78,9 @@ def append_jsonl(path: Path, rows) -> None:
 
 def tokenizer_loader(recipe: Recipe):
     def load():
-        from tunesmith.models.loading import load_tokenizer
+        from tunesmith.data.tokens import data_tokenizer
 
-        return load_tokenizer(recipe.model.name)
+        return data_tokenizer(recipe.model.name)
 
     return load
 
@@ -211,21 +213,33 @@ def _curate_here(cfg, ctx: StepContext, console: Console, sketch, out: LocalOutp
         if uses_labels:
             targets.update(e.target for e in examples)
 
+    def read():
+        for batch in stream_source(cfg, ctx.tok):
+            counts["read"] += len(batch.records) + len(batch.rejected)
+            if sketch is not None:
+                sketch.add(batch.records)
+            yield batch
+
+    large = cfg.path is not None and Path(cfg.path).is_file() and Path(cfg.path).stat().st_size >= stream.HELPER_BYTES
+    head = HeadSteps(chain, ctx) if large and chain.head() else None
     try:
         with rate_bar(console, "prepare" if name == "all" else f"prepare {name}") as update:
-            for batch in stream_source(cfg, ctx.tok):
-                counts["read"] += len(batch.records) + len(batch.rejected)
-                if sketch is not None:
-                    sketch.add(batch.records)
-                kept, dropped = chain.push(batch.records)
-                emit(kept, batch.rejected + dropped, batch.rank())
+            batches = head.run(read()) if head else ((b, b.records, []) for b in read())
+            for batch, kept, dropped in batches:
+                kept, more = chain.push(kept, head.n if head else 0)
+                emit(kept, batch.rejected + dropped + more, batch.rank())
                 release_freed()
                 update(counts["read"], batch.fraction, f"{len(out) - start:,} kept")
+            if head:
+                head.close()
+                head = None
             for kept, dropped, rank in chain.finish():
                 emit(kept, dropped, rank)
         chain.check()
         mapper.check(str(cfg.path or cfg.hub.name))
     finally:
+        if head:
+            head.pool.shutdown(cancel_futures=True)
         chain.close()
     return Curated(range(start, len(out)), counts["rejected"], chain.rows, counts["read"], targets)
 

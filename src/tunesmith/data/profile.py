@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.steps import number_value, token_counts
+from tunesmith.data.steps import number_value
+from tunesmith.data.tokens import token_counts
 from tunesmith.plotting import pyplot
 from tunesmith.records import Record
 

@@ -29,7 +29,7 @@ from tunesmith.data import ray_parts, ray_read
 from tunesmith.data.minhash import lsh_params
 from tunesmith.data.sources import check_derive
 from tunesmith.data.split import SplitKeys
-from tunesmith.data.steps import StepContext, StepRow, check_fields, plain_backend, token_limits
+from tunesmith.data.steps import StepContext, StepRow, check_fields, token_limits
 from tunesmith.data.stream import WHOLE, Curated, ExampleMapper, SpooledSplits
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 
@@ -125,14 +125,9 @@ def curate_on_ray(cfg, ctx: StepContext, console: Console, profile_dir: Path | N
 
 
 def _shipped(ctx: StepContext, cfg, profile_dir) -> StepContext:
-    """The steps' context for the workers: with the tokenizer loaded here where a step, the profile or the reader
-    needs it, as its plain Rust backend where it has one (the same counts and cuts, unpickled without importing
-    transformers): workers need no model files."""
+    """The steps' context for the workers, with the tokenizer where a step, the profile or the reader needs it."""
     needs = profile_dir is not None or cfg.format == "documents" or any(s.step == "token_length" for s in cfg.steps)
-    if not needs:
-        return StepContext(on_error=ctx.on_error)
-    tok = ctx.tok()
-    return StepContext(on_error=ctx.on_error, _tok=plain_backend(tok) or tok)
+    return ctx.portable(needs)
 
 
 def _own_error(exc: BaseException) -> TunesmithError | None:

@@ -20,7 +20,6 @@ from tunesmith.data.readers import LineReader, _jsonl, detect_format, file_encod
 from tunesmith.data.sources import derive_fields
 from tunesmith.data.steps import StepContext
 
-
 SHARD_BYTES = 1 << 20  # the smallest byte range worth a task
 
 

@@ -136,8 +136,9 @@ def chunk_by_tokens(text: str, tokenizer, size: int, overlap: int) -> list[str]:
     text = text.strip()
     if not text:
         return []
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    from tunesmith.data.tokens import token_offsets
+
+    offsets = token_offsets([text], tokenizer)[0]
     if len(offsets) <= size:
         return [text]
     chunks, step = [], size - overlap

@@ -12,6 +12,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from tunesmith.config import (
     SemanticDedupStep,
     TokenLengthStep,
 )
+from tunesmith.data.tokens import token_counts, token_offsets
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 
@@ -46,6 +48,17 @@ class StepContext:
                 raise DataError("this step needs a tokenizer; set model.name in the recipe")
             self._tok = self.tokenizer()
         return self._tok
+
+    def portable(self, with_tokenizer: bool) -> StepContext:
+        """This context for another process (a Ray worker, the local engine's second process): with the tokenizer
+        loaded here where the steps there need it, as its plain Rust backend where it has one (the same counts and
+        cuts, unpickled without importing transformers), so that no model files are needed there."""
+        if not with_tokenizer:
+            return StepContext(on_error=self.on_error)
+        from tunesmith.data.tokens import plain_backend
+
+        tok = self.tok()
+        return StepContext(on_error=self.on_error, _tok=plain_backend(tok) or tok)
 
 
 @dataclass
@@ -80,14 +93,15 @@ def run_steps(
 
 def apply_step(records: list[Record], spec, ctx: StepContext, name: str, fn) -> tuple[list, list, StepRow]:
     """One step over ``records`` (all of them, or one batch): kept, dropped (tagged with the step) and counts."""
-    mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)
-    before = {id(r): dict(r.data) for r in records} if mutates else {}
+    mutates = isinstance(spec, ScrubStep | CharLengthStep | TokenLengthStep | NumericRangeStep)  # their fields only
+    fields = spec.fields if mutates else []
+    before = {id(r): [r.data.get(f) for f in fields] for r in records} if mutates else {}
     kept, dropped = fn(records, spec, ctx)
     for r in dropped:
         r.stage = name
     if len(kept) + len(dropped) != len(records):  # an invariant of every step, not user input
         raise AssertionError(f"step {name}: {len(kept)} kept + {len(dropped)} dropped != {len(records)} in")
-    changed = sum(before[id(r)] != r.data for r in kept) if mutates else 0
+    changed = sum(before[id(r)] != [r.data.get(f) for f in fields] for r in kept) if mutates else 0
     return kept, dropped, StepRow(name, len(records), len(kept), len(dropped), changed)
 
 
@@ -120,28 +134,65 @@ def _drop(rec: Record, reason: str) -> Rejected:
 
 _BRACKETS = re.compile(r"\[[^\[\]]{0,80}\]|\{[^{}]{0,80}\}|<[^<>]{0,80}>")
 _CODE = re.compile(r"\b(?=\w*\d)\w{7,}\b")
-_SPACES = re.compile(r"\s+")
 
 
 def scrub_text(text: str, spec: ScrubStep) -> str:
-    """Remove phrases, bracket noise and product codes; collapse whitespace."""
-    for phrase in spec.phrases:
-        text = re.sub(re.escape(phrase), " ", text, flags=re.IGNORECASE)
-    if spec.brackets:
+    """Remove phrases, bracket noise and product codes; collapse whitespace. (A pattern runs only on text that
+    holds what it looks for: brackets, a digit.)"""
+    for phrase in _phrases(tuple(spec.phrases)):
+        text = phrase.sub(" ", text)
+    if spec.brackets and ("[" in text or "{" in text or "<" in text):
         text = _BRACKETS.sub(" ", text)
-    if spec.codes:
+    if spec.codes and _DIGIT.search(text):
         text = _CODE.sub(" ", text)
     if spec.whitespace:
-        text = _SPACES.sub(" ", text).strip()
+        text = " ".join(text.split())  # the same as collapsing \s+ and stripping: both split on str.isspace
     return text
 
 
+_DIGIT = re.compile(r"\d")
+
+
+@lru_cache(maxsize=64)
+def _phrases(phrases: tuple[str, ...]) -> list[re.Pattern]:
+    return [re.compile(re.escape(p), re.IGNORECASE) for p in phrases]
+
+
+_CODE_ASCII = (r"\b(?:[0-9]\w{6,}|\w[0-9]\w{5,}|\w{2}[0-9]\w{4,}|\w{3}[0-9]\w{3,}|\w{4}[0-9]\w{2,}|\w{5}[0-9]\w+"
+               r"|\w{6,}[0-9]\w*)\b")  # _CODE on ASCII text, without look-ahead (RE2): a word of 7+ with a digit
+
+
+def scrub_texts(texts: list[str], spec: ScrubStep) -> list[str]:
+    """``scrub_text`` of many texts, with the same results: the product codes of the ASCII texts (where Python's
+    word and digit classes are RE2's) removed by one pass of Arrow's regex engine, ten times faster."""
+    if not spec.codes:
+        return [scrub_text(t, spec) for t in texts]
+    plain = spec.model_copy(update={"codes": False, "whitespace": False})
+    texts = [scrub_text(t, plain) for t in texts]
+    ascii_at = [k for k, t in enumerate(texts) if t.isascii() and _DIGIT.search(t)]
+    if ascii_at:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        cut = pc.replace_substring_regex(pa.array([texts[k] for k in ascii_at], pa.large_string()), _CODE_ASCII, " ")
+        for k, t in zip(ascii_at, cut.to_pylist(), strict=True):
+            texts[k] = t
+    done = set(ascii_at)
+    out = []
+    for k, t in enumerate(texts):
+        if k not in done and not t.isascii() and _DIGIT.search(t):
+            t = _CODE.sub(" ", t)
+        out.append(" ".join(t.split()) if spec.whitespace else t)
+    return out
+
+
 def scrub(records, spec: ScrubStep, ctx):
+    for f in spec.fields:
+        at = [r for r in records if isinstance(r.data.get(f), str)]
+        for rec, text in zip(at, scrub_texts([r.data[f] for r in at], spec), strict=True):
+            rec.data[f] = text
     kept, dropped = [], []
     for rec in records:
-        for f in spec.fields:
-            if isinstance(rec.data.get(f), str):
-                rec.data[f] = scrub_text(rec.data[f], spec)
         if all(not str(rec.data.get(f) or "").strip() for f in spec.fields):
             dropped.append(_drop(rec, f"empty after scrub ({', '.join(spec.fields)})"))
         else:
@@ -166,50 +217,6 @@ def char_length(records, spec: CharLengthStep, ctx):
                 break
         (dropped.append(_drop(rec, reason)) if reason else kept.append(rec))
     return kept, dropped
-
-
-def plain_backend(tokenizer):
-    """The Rust ``tokenizers.Tokenizer`` behind a fast HF tokenizer (None for slow tokenizers), without the
-    padding and truncation some tokenizer.json files switch on (all-MiniLM-L6-v2's pads and cuts every text
-    to 128 tokens: every count would read 128 and a cut would land in the padding)."""
-    from tokenizers import Tokenizer
-
-    if isinstance(tokenizer, Tokenizer):  # already the plain backend (as the Ray engine ships it)
-        return tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or (backend.padding is None and backend.truncation is None):
-        return backend
-    from tokenizers import Tokenizer
-
-    plain = Tokenizer.from_str(backend.to_str())
-    plain.no_padding()
-    plain.no_truncation()
-    return plain
-
-
-def token_counts(texts: list[str], tokenizer, batch: int = 4096) -> np.ndarray:
-    """Tokens per text (no special tokens), in batches on the Rust tokenizer without computing offsets."""
-    backend = plain_backend(tokenizer)
-    out = np.empty(len(texts), dtype=np.int64)
-    for lo in range(0, len(texts), batch):
-        chunk = texts[lo : lo + batch]
-        if backend is not None:
-            out[lo : lo + len(chunk)] = [
-                len(e.ids) for e in backend.encode_batch_fast(chunk, add_special_tokens=False)
-            ]
-        else:
-            out[lo : lo + len(chunk)] = [
-                len(ids) for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            ]
-    return out
-
-
-def token_offsets(texts: list[str], tokenizer) -> list[list[tuple[int, int]]]:
-    """Character offsets of each text's tokens (used only for the texts that get truncated)."""
-    backend = plain_backend(tokenizer)
-    if backend is not None:
-        return [e.offsets for e in backend.encode_batch(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
 
 def token_length(records, spec: TokenLengthStep, ctx):

@@ -11,15 +11,16 @@ examples to ``examples.jsonl`` as they come; the split is one byte per example, 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from tunesmith.config import BalanceStep, ExactDedupStep, NearDedupStep, SampleStep, SemanticDedupStep
+from tunesmith.config import BalanceStep, ExactDedupStep, NearDedupStep, SampleStep, SemanticDedupStep, TokenLengthStep
 from tunesmith.data.dedup_index import ExactIndex, NearIndex
 from tunesmith.data.split import SPLITS, SplitKeys, content_hash, content_key
 from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields
@@ -155,9 +156,69 @@ class StepChain:
     def rows(self) -> list[StepRow]:
         return [s.row for s in self.steps]
 
+    def head(self) -> int:
+        """How many steps lead the chain that judge each row alone (before the first dedup or whole-data step)."""
+        return next((i for i, s in enumerate(self.steps) if isinstance(s.spec, tuple(INDEXED) + WHOLE)),
+                    len(self.steps))
+
     def close(self) -> None:
         for s in self.steps:
             s.close()
+
+
+HELPER_BYTES = 32 << 20  # inputs from this size on have their leading row-wise steps run in a second process
+
+
+class HeadSteps:
+    """The chain's leading row-wise steps (scrub, lengths, ranges...) run in a second process a batch ahead of
+    this one, which meanwhile dedups, maps and writes the batch before: both cores work. The rows travel pickled
+    and come back as the steps left them, the per-step counts and fields at the end (:meth:`close`)."""
+
+    def __init__(self, chain: StepChain, ctx: StepContext):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.chain, self.n = chain, chain.head()
+        specs = [s.spec for s in chain.steps[: self.n]]
+        needs = any(isinstance(spec, TokenLengthStep) for spec in specs)
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_head,
+                                        initargs=(specs, ctx.portable(needs)))
+
+    def run(self, batches) -> Iterator[tuple[object, list[Record], list[Rejected]]]:
+        """``(batch, kept, dropped)`` of each batch after the leading steps, in order."""
+        pending = deque()
+        for batch in batches:
+            pending.append((batch, self.pool.submit(_push_head, batch.records)))
+            if len(pending) > 1:
+                done, future = pending.popleft()
+                yield done, *future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, *future.result()
+
+    def close(self) -> None:
+        """The leading steps' counts and fields into the chain; the process ends."""
+        try:
+            for step, (row, seen) in zip(self.chain.steps, self.pool.submit(_head_state).result(), strict=False):
+                step.row, step.seen = row, seen
+        finally:
+            self.pool.shutdown(cancel_futures=True)
+
+
+_HEAD: StepChain | None = None  # the leading steps, in the second process
+
+
+def _start_head(specs: list, ctx: StepContext) -> None:
+    global _HEAD
+    _HEAD = StepChain(specs, ctx, Path("."))
+
+
+def _push_head(records: list[Record]) -> tuple[list[Record], list[Rejected]]:
+    return _HEAD.push(records)
+
+
+def _head_state() -> list:
+    return [(s.row, s.seen) for s in _HEAD.steps]
 
 
 def in_read_order(rejected: list[Rejected], rank: dict[str, int]) -> list[Rejected]:
@@ -260,12 +321,13 @@ def example_lines(examples: list[Example], cfg, seed: int) -> tuple[list[bytes],
     return spool, train, hashes
 
 
-def _dumps(value) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+_dumps = json.JSONEncoder(ensure_ascii=False, default=str).encode  # json.dumps(..., ensure_ascii=False, default=str)
 
 
 def reject_lines(rejected: list[Rejected]) -> str:
-    return "".join(_dumps(r.to_json()) + "\n" for r in rejected)
+    """``rejected.jsonl`` lines: each ``Rejected.to_json()``, its fields taken as they are (no deep copy)."""
+    names = [f.name for f in fields(Rejected)]
+    return "".join(_dumps({n: getattr(r, n) for n in names}) + "\n" for r in rejected)
 
 
 class LocalOutput:
