@@ -8,8 +8,6 @@ import csv
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +19,9 @@ from tunesmith.data import batches, ray_read
 from tunesmith.data.prepare import build
 from tunesmith.errors import ConfigError, DataError
 
-from .conftest import EXAMPLE_CSV, REPO, write_recipe
+from .conftest import EXAMPLE_CSV, write_recipe
 from .test_data_dedup import bucket_file
-from .test_data_stream import FIVE_STEPS, late_field_rows, listing_file, write_rows
+from .test_data_stream import late_field_rows, peak_kb, write_rows
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra tunesmith[ray]")
 
@@ -137,21 +135,10 @@ def test_a_field_first_seen_at_row_1501_prepares_on_ray(cluster, tmp_path, tiny_
 
 def driver_peak_mb(tmp_path: Path, model_dir, cluster, n: int) -> float:
     """Peak resident memory of ``tunesmith data prepare`` (the driver) on ``n`` listing rows on the cluster."""
-    data = listing_file(tmp_path / f"rows{n}.jsonl", n)
-    recipe = write_recipe(tmp_path / f"r{n}.yaml", {
-        "name": f"m{n}", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
-        "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
-                 "batch_rows": 1_000, "engine": "ray", "ray_address": cluster.address, "cache": False,
-                 "profile": {"enabled": False}, "steps": FIVE_STEPS}})
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    log = tmp_path / f"out{n}.txt"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
-                                env=env, stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()[-3000:]
-    assert "Ray nodes that curated: 2" in " ".join(log.read_text().split())  # both nodes did work
-    return usage.ru_maxrss / 1024
+    kb, printed = peak_kb(tmp_path, model_dir, n, batch_rows=1_000, engine="ray", ray_address=cluster.address,
+                          cache=False, profile={"enabled": False})
+    assert "Ray nodes that curated: 2" in " ".join(printed.split())  # both nodes did work
+    return kb / 1024
 
 
 def test_the_drivers_peak_does_not_grow_with_the_rows(cluster, tmp_path, tiny_model_dir, home):

@@ -154,14 +154,15 @@ def listing_file(path: Path, n: int) -> Path:
     return path
 
 
-def peak_kb(tmp_path: Path, model_dir, n: int) -> tuple[int, str]:
-    """Peak resident memory (KB) of ``tunesmith data prepare`` on ``n`` listing rows, and what it printed
-    with its output going to a file."""
+def peak_kb(tmp_path: Path, model_dir, n: int, **section) -> tuple[int, str]:
+    """Peak resident memory (KB) of ``tunesmith data prepare`` on ``n`` listing rows (``section``: more of the
+    data section), and what it printed with its output going to a file."""
     data = listing_file(tmp_path / f"rows{n}.jsonl", n)
     recipe = write_recipe(tmp_path / f"r{n}.yaml", {
         "name": f"m{n}", "output_dir": str(tmp_path / "runs"), "seed": 1, "model": {"name": str(model_dir)},
         "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
-                 "batch_rows": 2_000, "profile": {"enabled": True, "numeric": ["price"]}, "steps": FIVE_STEPS}})
+                 "batch_rows": 2_000, "profile": {"enabled": True, "numeric": ["price"]}, "steps": FIVE_STEPS,
+                 **section}})
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     log = tmp_path / f"out{n}.txt"
     with open(log, "w") as fh:
