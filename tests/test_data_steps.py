@@ -297,7 +297,8 @@ def token_count_texts() -> list[str]:
             texts += [v for r in list(csv.DictReader(fh))[:500] for v in r.values() if isinstance(v, str) and v]
     return texts + ["a  b", "a \tb", "x\n\n  y", "it's don't we're I'll", "  lead", "trail  ", "\u00a0nbsp\u00a0 x",
                     "e\u0301 combining", "한국어 텍스트 입니다", "emoji 😀😀 ok", "<|im_start|>user hi", "tab\tand\r\nnewline",
-                    "", " ", "123,456.78 ₹99", "'s 're", "x'sy", "!!'s", "\u2028line\u2029sep", "a\u3000b"]
+                    "", " ", "123,456.78 ₹99", "'s 're", "x'sy", "!!'s", "\u2028line\u2029sep", "a\u3000b", "a   b",
+                    "end  ", "two  spaces  here", "x \u00a0y", "x\u00a0 y", "a 's", " ", "  "]
 
 
 @pytest.mark.parametrize("which", ["tiny", "smollm2"])

@@ -35,26 +35,29 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 
 
 class SpillLog:
-    """Variable-size byte records appended to a file; record ``i`` is read back with one ``pread``."""
+    """Variable-size byte records appended to a file, each padded with NUL bytes to a multiple of 8 so that its
+    place is a 4-byte count of 8-byte words (files up to 32 GB); record ``i`` is read back with one ``pread``."""
 
     def __init__(self, path: Path):
         self.fh = open(path, "ab+")  # noqa: SIM115 - closed by close()
-        self.offsets = array("q", [0])
+        self.ends = array("I")  # in 8-byte words
 
     def extend(self, items: list[bytes]) -> None:
-        self.fh.write(b"".join(items))
-        end = self.offsets[-1]
-        for item in items:
-            end += len(item)
-            self.offsets.append(end)
+        padded = [item + b"\0" * (-len(item) % 8) for item in items]
+        self.fh.write(b"".join(padded))
+        end = self.ends[-1] if self.ends else 0
+        for item in padded:
+            end += len(item) // 8
+            self.ends.append(end)
 
     def get(self, i: int) -> bytes:
+        """Record ``i`` with its padding."""
         self.fh.flush()
-        lo, hi = self.offsets[i], self.offsets[i + 1]
-        return os.pread(self.fh.fileno(), hi - lo, lo)
+        lo = 8 * self.ends[i - 1] if i else 0
+        return os.pread(self.fh.fileno(), 8 * self.ends[i] - lo, lo)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.ends)
 
     def close(self) -> None:
         self.fh.close()
@@ -121,19 +124,43 @@ def text_hash(texts: list[str]) -> np.ndarray:
 
 
 def _source(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogatepass")
+    return raw.rstrip(b"\0").decode("utf-8", "surrogatepass")
+
+
+def exact_keys(records: list[Record], spec) -> np.ndarray:
+    """What ``exact_dedup`` compares of each row: the 64-bit hash of its normalised text."""
+    return text_hash([normalized_key(r, spec) for r in records])
+
+
+def near_keys(records: list[Record], spec) -> tuple[Shingles, np.ndarray]:
+    """What ``near_dedup`` compares of each row: its shingle set and its LSH band keys."""
+    sh = shingle([field_text(r, spec.fields) for r in records], spec.unit, spec.ngram)
+    return sh, band_keys(signatures(sh, spec.num_perm, spec.seed), *lsh_params(spec.threshold, spec.num_perm))
+
+
+def rows_of(keys, at: np.ndarray):
+    """The rows ``at`` of ``exact_keys`` or ``near_keys`` made for more rows."""
+    if isinstance(keys, np.ndarray):
+        return keys[at]
+    sh, bands = keys
+    counts = np.diff(sh.offsets)[at]
+    offsets = np.zeros(len(at) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    idx = np.repeat(sh.offsets[at] - offsets[:-1], counts) + np.arange(offsets[-1])
+    return Shingles(sh.ids[idx], offsets), bands[at]
 
 
 class ExactIndex:
-    """``exact_dedup`` over batches: a row is dropped when its (normalised) text hashes like an earlier one."""
+    """``exact_dedup`` over batches: a row is dropped when its (normalised) text hashes like an earlier one.
+    ``given``: the batch's hashes when another process made them (``stream.HeadSteps``)."""
 
     def __init__(self, spec, workdir: Path):
-        self.spec = spec
+        self.spec, self.given = spec, None
         self.hashes = SortedRuns(np.uint64, np.uint32)
         self.sources = SpillLog(workdir / "exact_sources.bin")
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
-        h = text_hash([normalized_key(r, spec) for r in records])
+        h, self.given = (self.given if self.given is not None else exact_keys(records, spec)), None
         earlier = self.hashes.first(h)
         _, first_in_batch = np.unique(h, return_index=True)
         new = np.zeros(len(h), dtype=bool)
@@ -162,15 +189,15 @@ class NearIndex:
     would be: a row is dropped when any earlier row has a shingle-set Jaccard at or above the threshold, and
     its reason names the most similar one."""
 
+
     def __init__(self, spec, workdir: Path):
-        self.spec = spec
+        self.spec, self.given = spec, None  # given: the batch's near_keys when another process made them
         self.bands, self.rows = lsh_params(spec.threshold, spec.num_perm)
         self.index = [SortedRuns(np.uint64) for _ in range(self.bands)]  # key << 32 | position
         self.log = SpillLog(workdir / "near_rows.bin")  # per row: shingle count, shingles, file:line
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
-        sh = shingle([field_text(r, spec.fields) for r in records], spec.unit, spec.ngram)
-        keys = band_keys(signatures(sh, spec.num_perm, spec.seed), self.bands, self.rows)
+        (sh, keys), self.given = (self.given if self.given is not None else near_keys(records, spec)), None
         base = len(self.log)
         pos = base + np.flatnonzero(np.diff(sh.offsets) > 0)
         band, key, at = keyed_rows(keys[pos - base], pos)
@@ -218,7 +245,7 @@ class NearIndex:
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.index) + 8 * len(self.log)
+        return sum(r.nbytes for r in self.index) + 4 * len(self.log)
 
     def close(self) -> None:
         self.log.close()

@@ -224,9 +224,9 @@ def _curate_here(cfg, ctx: StepContext, console: Console, sketch, out: LocalOutp
     head = HeadSteps(chain, ctx) if large and chain.head() else None
     try:
         with rate_bar(console, "prepare" if name == "all" else f"prepare {name}") as update:
-            batches = head.run(read()) if head else ((b, b.records, []) for b in read())
-            for batch, kept, dropped in batches:
-                kept, more = chain.push(kept, head.n if head else 0)
+            batches = head.run(read()) if head else ((b, b.records, [], {}) for b in read())
+            for batch, kept, dropped, keys in batches:
+                kept, more = chain.push(kept, head.n if head else 0, keys)
                 emit(kept, batch.rejected + dropped + more, batch.rank())
                 release_freed()
                 update(counts["read"], batch.fraction, f"{len(out) - start:,} kept")
@@ -239,7 +239,7 @@ def _curate_here(cfg, ctx: StepContext, console: Console, sketch, out: LocalOutp
         mapper.check(str(cfg.path or cfg.hub.name))
     finally:
         if head:
-            head.pool.shutdown(cancel_futures=True)
+            head.stop()
         chain.close()
     return Curated(range(start, len(out)), counts["rejected"], chain.rows, counts["read"], targets)
 

@@ -26,7 +26,6 @@ from rich.console import Console
 from tunesmith.config import ExactDedupStep, NearDedupStep
 from tunesmith.config.kinds import kind_class
 from tunesmith.data import ray_parts, ray_read
-from tunesmith.data.minhash import lsh_params
 from tunesmith.data.sources import check_derive
 from tunesmith.data.split import SplitKeys
 from tunesmith.data.steps import StepContext, StepRow, check_fields, token_limits
@@ -216,7 +215,7 @@ def _partitions(ray, blocks: int) -> int:
 def _exact(ray, blocks: list, spans: np.ndarray, spec, n: int) -> list:
     """Group-by of text hashes: map each block's rows to ``n`` hash partitions, find each hash's first row in
     each partition, route the duplicates' reasons back to their blocks."""
-    keys = [_task(ray, ray_parts.exact_keys, n, b, spec, n) for b in blocks]
+    keys = [_task(ray, ray_parts.exact_map, n, b, spec, n) for b in blocks]
     firsts = [_task(ray, ray_parts.exact_firsts, len(blocks), spans, *[k[p] for k in keys]) for p in range(n)]
     reasons = _remote(ray, ray_parts.exact_reasons)
     return [reasons.remote(*[f[b] for f in firsts]) for b in range(len(blocks))]
@@ -226,8 +225,7 @@ def _near(ray, blocks: list, spans: np.ndarray, spec, n: int) -> list:
     """Band shuffles: LSH band keys to ``n`` partitions, where the groups are found; each group's rows back with
     their shingle sets to the partition of the group, where every row's best earlier match is found; the
     matches back to the blocks, reduced there to one reason per row."""
-    bands, rows = lsh_params(spec.threshold, spec.num_perm)
-    keys = [_task(ray, ray_parts.near_keys, 1 + n, b, spec, bands, rows, n) for b in blocks]
+    keys = [_task(ray, ray_parts.near_map, 1 + n, b, spec, n) for b in blocks]
     groups = [_task(ray, ray_parts.near_groups, len(blocks), p, spans, *[k[1 + p] for k in keys]) for p in range(n)]
     members = [_task(ray, ray_parts.near_members, n, keys[b][0], n, *[g[b] for g in groups])
                for b in range(len(blocks))]

@@ -16,19 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.dedup_index import text_hash
+from tunesmith.data.dedup_index import exact_keys, near_keys
 from tunesmith.data.minhash import (
     Shingles,
-    band_keys,
     best_earlier,
     group_matches,
     keyed_rows,
     lsh_groups,
     near_reason,
-    shingle,
-    signatures,
 )
-from tunesmith.data.steps import STEPS, StepContext, apply_step, field_text, normalized_key
+from tunesmith.data.steps import STEPS, StepContext, apply_step
 from tunesmith.data.stream import ExampleMapper, example_lines, reject_lines
 from tunesmith.records import Record, Rejected
 
@@ -191,12 +188,12 @@ def _gather(chunks) -> dict:
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
 
 
-def exact_keys(table, spec, n: int) -> list[dict]:
+def exact_map(table, spec, n: int) -> list[dict]:
     """Per row the 64-bit hash of its normalised text (as the local index hashes it), its position and
     ``file:line``, cut into ``n`` hash partitions."""
     h, pos, src = [], [], []
     for part in load(table):
-        h.append(text_hash([normalized_key(r, spec) for r in part.records]))
+        h.append(exact_keys(part.records, spec))
         pos.append(np.asarray(part.pos, dtype=np.int64))
         src += [r.source for r in part.records]
     cols = {"hash": np.concatenate(h or [np.empty(0, np.uint64)]), "pos": np.concatenate(pos or [np.empty(0, np.int64)]),
@@ -220,15 +217,14 @@ def exact_firsts(spans: np.ndarray, *chunks) -> list[dict]:
     return _split(pos[later], spans, {"pos": pos[later], "reason": reasons})
 
 
-def near_keys(table, spec, bands: int, rows: int, n: int) -> list:
+def near_map(table, spec, n: int) -> list:
     """Per row with shingles its ``(band, key, position)`` rows, cut into ``n`` partitions by band key, and (first)
     the block's shingle sets and ``file:line``, which stay in the object store until the groups ask for them."""
     out_band, out_key, out_pos, pos_all, ids, offsets, src = [], [], [], [], [], [0], []
     for part in load(table):
         if not part.records:
             continue
-        sh = shingle([field_text(r, spec.fields) for r in part.records], spec.unit, spec.ngram)
-        keys = band_keys(signatures(sh, spec.num_perm, spec.seed), bands, rows)
+        sh, keys = near_keys(part.records, spec)
         pos = np.asarray(part.pos, dtype=np.int64)
         nonempty = np.diff(sh.offsets) > 0
         b, k, p = keyed_rows(keys[nonempty], pos[nonempty])

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.config import BalanceStep, ExactDedupStep, NearDedupStep, SampleStep, SemanticDedupStep, TokenLengthStep
-from tunesmith.data.dedup_index import ExactIndex, NearIndex
+from tunesmith.data.dedup_index import ExactIndex, NearIndex, exact_keys, near_keys, rows_of
 from tunesmith.data.split import SPLITS, SplitKeys, content_hash, content_key
 from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields
 from tunesmith.errors import DataError
@@ -132,12 +132,26 @@ class StepChain:
     def __init__(self, specs: list, ctx: StepContext, workdir: Path):
         self.steps = [StreamStep(i, spec, ctx, workdir) for i, spec in enumerate(specs)]
 
-    def push(self, records: list[Record], start: int = 0) -> tuple[list[Record], list[Rejected]]:
+    def push(self, records: list[Record], start: int = 0, keys: dict | None = None) -> tuple[list[Record], list[Rejected]]:
+        """``records`` through the steps from ``start``; ``keys``: what the dedup steps compare, made elsewhere
+        for these records (step index -> ``dedup_index.exact_keys`` / ``near_keys``)."""
         dropped: list[Rejected] = []
-        for step in self.steps[start:]:
+        at = {id(r): k for k, r in enumerate(records)} if keys else {}
+        for i, step in enumerate(self.steps[start:], start):
+            if keys and i in keys and records:
+                step.fn.given = rows_of(keys[i], np.array([at[id(r)] for r in records], dtype=np.int64))
             records, out = step.push(records)
             dropped += out
         return records, dropped
+
+    def dedup_after_head(self) -> list[tuple[int, object]]:
+        """The dedup steps right after the leading row-wise steps (their keys can be made with those steps)."""
+        out = []
+        for i in range(self.head(), len(self.steps)):
+            if not isinstance(self.steps[i].spec, tuple(INDEXED)):
+                break
+            out.append((i, self.steps[i].spec))
+        return out
 
     def finish(self) -> Iterator[tuple[list[Record], list[Rejected], dict[str, int]]]:
         """What each held step releases, pushed through the steps after it, with the read order of its rows."""
@@ -171,54 +185,123 @@ HELPER_BYTES = 32 << 20  # inputs from this size on have their leading row-wise 
 
 class HeadSteps:
     """The chain's leading row-wise steps (scrub, lengths, ranges...) run in a second process a batch ahead of
-    this one, which meanwhile dedups, maps and writes the batch before: both cores work. The rows travel pickled
-    and come back as the steps left them, the per-step counts and fields at the end (:meth:`close`)."""
+    this one, which meanwhile dedups, maps and writes the batch before: both cores work. The process is a fresh
+    interpreter (``python -c``, whatever this one's main module is); rows travel to it and back pickled through
+    its standard input and output, and the per-step counts and fields come back at the end (:meth:`close`)."""
 
     def __init__(self, chain: StepChain, ctx: StepContext):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        import os
+        import queue
+        import subprocess
+        import sys
+        import threading
 
         self.chain, self.n = chain, chain.head()
         specs = [s.spec for s in chain.steps[: self.n]]
         needs = any(isinstance(spec, TokenLengthStep) for spec in specs)
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_head,
-                                        initargs=(specs, ctx.portable(needs)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen([sys.executable, "-c", "from tunesmith.data.stream import serve_head; serve_head()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.outbox: queue.Queue = queue.Queue(maxsize=2)  # at most two batches ahead of the replies
+        threading.Thread(target=self._send, daemon=True).start()  # writes while this thread reads: no deadlock
+        self.outbox.put(("start", specs, ctx.portable(needs), chain.dedup_after_head()))
 
-    def run(self, batches) -> Iterator[tuple[object, list[Record], list[Rejected]]]:
-        """``(batch, kept, dropped)`` of each batch after the leading steps, in order."""
+    def _send(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
+                _write_frame(self.proc.stdin, message)
+            except (BrokenPipeError, ValueError):
+                return
+        self.proc.stdin.close()
+
+    def _reply(self):
+        reply = _read_frame(self.proc.stdout)
+        if reply is None:
+            raise DataError(f"the data stage's second process ended (exit code {self.proc.wait()}); see its output above")
+        kind, value = reply
+        if kind == "error":
+            raise value
+        return value
+
+    def run(self, batches) -> Iterator[tuple[object, list[Record], list[Rejected], dict]]:
+        """``(batch, kept, dropped, keys)`` of each batch after the leading steps, in order, with what the dedup
+        steps after them compare of the kept rows (made there too, so that both processes have work)."""
         pending = deque()
         for batch in batches:
-            pending.append((batch, self.pool.submit(_push_head, batch.records)))
+            self.outbox.put(("push", batch.records))
+            pending.append(batch)
             if len(pending) > 1:
-                done, future = pending.popleft()
-                yield done, *future.result()
+                yield pending.popleft(), *self._reply()
         while pending:
-            done, future = pending.popleft()
-            yield done, *future.result()
+            yield pending.popleft(), *self._reply()
 
     def close(self) -> None:
         """The leading steps' counts and fields into the chain; the process ends."""
         try:
-            for step, (row, seen) in zip(self.chain.steps, self.pool.submit(_head_state).result(), strict=False):
+            self.outbox.put(("state",))
+            for step, (row, seen) in zip(self.chain.steps, self._reply(), strict=False):
                 step.row, step.seen = row, seen
         finally:
-            self.pool.shutdown(cancel_futures=True)
+            self.stop()
+
+    def stop(self) -> None:
+        self.outbox.put(None)
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a process that does not end is ended
+            self.proc.kill()
 
 
-_HEAD: StepChain | None = None  # the leading steps, in the second process
+def _write_frame(fh, message) -> None:
+    import pickle
+
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(len(body).to_bytes(8, "little"))
+    fh.write(body)
+    fh.flush()
 
 
-def _start_head(specs: list, ctx: StepContext) -> None:
-    global _HEAD
-    _HEAD = StepChain(specs, ctx, Path("."))
+def _read_frame(fh):
+    import pickle
+
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    return pickle.loads(fh.read(int.from_bytes(head, "little")))
 
 
-def _push_head(records: list[Record]) -> tuple[list[Record], list[Rejected]]:
-    return _HEAD.push(records)
+def serve_head() -> None:
+    """The second process: the leading steps over each batch it is sent (and the keys of the dedup steps after
+    them), until its input ends."""
+    import os
+    import sys
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to standard error, never into the replies
+    with stage_memory():
+        chain, dedup, failed = None, [], None
+        while (message := _read_frame(sys.stdin.buffer)) is not None:
+            release_freed()
+            try:
+                if failed is not None:
+                    raise failed
+                if message[0] == "start":
+                    chain, dedup = StepChain(message[1], message[2], Path(".")), message[3]
+                    continue
+                _write_frame(out, ("ok", _head_reply(chain, dedup, message)))
+            except Exception as exc:  # noqa: BLE001 - handed to the first process, which raises it
+                if message[0] == "start":
+                    failed = exc
+                    continue
+                _write_frame(out, ("error", exc))
 
 
-def _head_state() -> list:
-    return [(s.row, s.seen) for s in _HEAD.steps]
+def _head_reply(chain: StepChain, dedup: list, message: tuple):
+    if message[0] != "push":
+        return [(s.row, s.seen) for s in chain.steps]
+    kept, dropped = chain.push(message[1])
+    keys = {i: (exact_keys if isinstance(spec, ExactDedupStep) else near_keys)(kept, spec) for i, spec in dedup}
+    return kept, dropped, keys if kept else {}
 
 
 def in_read_order(rejected: list[Rejected], rank: dict[str, int]) -> list[Rejected]:
@@ -332,15 +415,15 @@ def reject_lines(rejected: list[Rejected]) -> str:
 
 class LocalOutput:
     """Where the local engine's curated rows go as they come: set-aside rows to ``rejected.jsonl``, kept examples
-    to ``examples.jsonl`` with their training lines to a work file, and per example its split keys (an 8-byte
-    hash and small label and group codes); :meth:`split` cuts the split files from them at the end."""
+    to ``examples.jsonl`` with their training lines and split hashes (8 bytes) to work files, and small label and
+    group codes in memory; :meth:`split` cuts the split files from them at the end."""
 
     def __init__(self, data_dir: Path, work: Path, cfg, seed: int, split_cfg):
         self.data_dir, self.cfg, self.seed = data_dir, cfg, seed
         self.examples = open(data_dir / "examples.jsonl", "wb")  # noqa: SIM115 - closed by close()
         self.train_lines = open(work / "messages.jsonl", "wb+")  # noqa: SIM115
         self.rejected = open(data_dir / "rejected.jsonl", "w", encoding="utf-8")  # noqa: SIM115
-        self.hashes = np.empty(1 << 16, dtype=np.uint64)
+        self.hashes = open(work / "hashes.bin", "wb+")  # noqa: SIM115 - 8 bytes an example, read at the split
         self.n = 0
         self.labels = Codes() if split_cfg.stratify or split_cfg.stratify_field else None
         self.groups = Codes() if split_cfg.group_field else None
@@ -353,9 +436,7 @@ class LocalOutput:
         spool, train, hashes = example_lines(examples, self.cfg, self.seed)
         self.examples.write(b"".join(spool))
         self.train_lines.write(b"".join(train))
-        while self.n + len(hashes) > len(self.hashes):
-            self.hashes = np.resize(self.hashes, 2 * len(self.hashes))
-        self.hashes[self.n : self.n + len(hashes)] = hashes
+        self.hashes.write(hashes.tobytes())
         self.n += len(hashes)
         if self.labels is not None:
             self.labels.extend(self.keys.label(e) for e in examples)
@@ -369,7 +450,9 @@ class LocalOutput:
         lo, hi = part.start, part.stop
         labels = (self.labels.array(lo, hi), self.labels.values) if self.labels else (None, None)
         groups = (self.groups.array(lo, hi), self.groups.values) if self.groups else (None, None)
-        return SplitKeys(self.hashes[lo:hi].copy(), *labels, *groups, where=lambda i: self._source(lo + i))
+        self.hashes.flush()
+        hashes = np.fromfile(self.hashes.name, dtype=np.uint64, count=hi - lo, offset=8 * lo)
+        return SplitKeys(hashes, *labels, *groups, where=lambda i: self._source(lo + i))
 
     def _source(self, i: int) -> str:
         self.examples.flush()
@@ -390,7 +473,7 @@ class LocalOutput:
         return splits, notes
 
     def close(self) -> None:
-        for fh in (self.examples, self.train_lines, self.rejected):
+        for fh in (self.examples, self.train_lines, self.rejected, self.hashes):
             fh.close()
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 _PIECES = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+""", re.ASCII)
+_OTHER_SPACE = re.compile(r"[^\S ]")  # whitespace other than the space
 _CLASSES = ("a", "0", "!", "\t")  # letter, number, other, whitespace (the space itself is ASCII)
 _MAX_PIECES = 1_000_000  # distinct pre-tokens remembered (about 100 MB); the cache starts over beyond
 
@@ -113,7 +115,7 @@ class PieceCounts:
     """Token counts of a byte-level BPE tokenizer summed over pre-tokens, each distinct pre-token encoded once."""
 
     def __init__(self, backend, specials: list[str]):
-        self.backend, self.counts = backend, {}
+        self.backend, self.counts, self.spaced = backend, {}, {}  # span -> tokens; word -> tokens of " " + word
         self.special = re.compile("|".join(map(re.escape, specials))) if specials else None
         self.stand_in: dict[int, str | None] = {}  # non-ASCII character -> its class's ASCII stand-in (None: none)
 
@@ -131,34 +133,54 @@ class PieceCounts:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         out = np.full(len(texts), -1, dtype=np.int64)
-        get, unseen = self.counts.__getitem__, []
+        whole, spaced = self.counts.__getitem__, self.spaced.__getitem__
+        unseen: list[tuple[int, list[str], bool]] = []
         for k, text in enumerate(texts):
+            if self.special is not None and self.special.search(text):
+                continue
+            if "   " not in text and not text.endswith("  ") and not _OTHER_SPACE.search(text):
+                # words between single (or double) spaces: each space begins a pre-token
+                words = text.split(" ")
+                try:
+                    out[k] = whole(words[0]) + sum(map(spaced, islice(words, 1, None)))
+                except KeyError:
+                    unseen.append((k, words, True))
+                continue
             ps = self._pieces(text)
             if ps is None:
                 continue
             try:
-                out[k] = sum(map(get, ps))
+                out[k] = sum(map(whole, ps))
             except KeyError:  # a pre-token not met before: encoded below, with the others of the batch
-                unseen.append((k, ps))
+                unseen.append((k, ps, False))
         if unseen:
-            self._learn([ps for _, ps in unseen])
-            for k, ps in unseen:
-                out[k] = sum(map(self.counts.__getitem__, ps))
-        whole = np.flatnonzero(out < 0)
-        if len(whole):
-            out[whole] = encoded_counts([texts[k] for k in whole.tolist()], self.backend)
+            self._learn(unseen)
+            for k, parts, words in unseen:
+                out[k] = (self.counts[parts[0]] + sum(self.spaced[w] for w in parts[1:]) if words
+                          else sum(map(self.counts.__getitem__, parts)))
+        rest = np.flatnonzero(out < 0)
+        if len(rest):
+            out[rest] = encoded_counts([texts[k] for k in rest.tolist()], self.backend)
         return out
 
-    def _learn(self, texts: list[list[str]]) -> None:
-        """Encode the texts' pre-tokens not met before (all of them when the cache starts over)."""
-        new = list({p for ps in texts for p in ps if p not in self.counts})
-        if len(self.counts) + len(new) > _MAX_PIECES:
+    def _learn(self, unseen: list[tuple[int, list[str], bool]]) -> None:
+        """Encode the spans of the unseen texts not met before (all of them when the caches start over): a text's
+        pre-tokens, or the first word of a text of words and each other word with its space."""
+        def needed(every: bool) -> tuple[set, set]:
+            alone = {p for _, ps, words in unseen for p in (ps[:1] if words else ps) if every or p not in self.counts}
+            after = {w for _, ws, words in unseen if words for w in ws[1:] if every or w not in self.spaced}
+            return alone, after
+
+        alone, after = needed(False)
+        if len(self.counts) + len(self.spaced) + len(alone) + len(after) > _MAX_PIECES:
             self.counts.clear()
-            new = list({p for ps in texts for p in ps})
-        for lo in range(0, len(new), 4096):
-            chunk = new[lo : lo + 4096]
-            encoded = self.backend.encode_batch_fast(chunk, add_special_tokens=False)
-            self.counts.update(zip(chunk, (len(e.ids) for e in encoded), strict=True))
+            self.spaced.clear()
+            alone, after = needed(True)
+        for cache, keys, prefix in ((self.counts, list(alone), ""), (self.spaced, list(after), " ")):
+            for lo in range(0, len(keys), 4096):
+                chunk = keys[lo : lo + 4096]
+                encoded = self.backend.encode_batch_fast([prefix + k for k in chunk], add_special_tokens=False)
+                cache.update(zip(chunk, (len(e.ids) for e in encoded), strict=True))
 
     def _pieces(self, text: str) -> list[str] | None:
         """The text's pre-tokens, or None when it must be encoded whole (a special token's text in it, or a
