@@ -101,19 +101,32 @@ def write_rows(folder: Path, n: int, shards: int) -> list[Path]:
     return paths
 
 
-def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Wall seconds, peak resident MB and the output of ``cmd``. Linux's wait4 reports the largest resident
-    set of the process and its reaped children (the largest single process, not their sum)."""
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """Wall seconds, peak resident MB of the largest single process (Linux's wait4 over the process and its
+    reaped children), peak MB of all its processes together (their proportional set sizes summed, sampled every
+    half second) and the output of ``cmd``."""
+    import threading
+
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        peak, stop = [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.5):
+                peak[0] = max(peak[0], tree_pss([proc.pid]))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
         log.seek(0)
         out = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{out[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, out
+    return seconds, usage.ru_maxrss / 1024, peak[0] / 2**20, out
 
 
 # --- tunesmith ----------------------------------------------------------------------------------
@@ -130,11 +143,11 @@ def run_tunesmith(data: Path, work: Path, engine: str = "local", address: str | 
                  "cache": False, "profile": {"enabled": False}, "steps": STEPS, "engine": engine,
                  "ray_address": address, "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
     }))
-    seconds, peak, out = measured([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
-                                  {"PYTHONPATH": str(REPO / "src")})
+    seconds, peak, total, out = measured(
+        [sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"], {"PYTHONPATH": str(REPO / "src")})
     with open(work / "runs" / f"scale-{engine}" / "data" / "examples.jsonl", "rb") as fh:
         kept = sum(1 for _ in fh)
-    return {"seconds": seconds, "peak_mb": peak, "kept": kept}
+    return {"seconds": seconds, "peak_mb": peak, "total_mb": total, "kept": kept}
 
 
 def run_two_nodes(data: Path, work: Path) -> dict:
@@ -169,11 +182,15 @@ def run_two_nodes(data: Path, work: Path) -> dict:
 
 
 def node_pss(node) -> int:
-    """Bytes of the proportional set size of a Ray node's processes and their children, summed (shared pages,
+    """Bytes of a Ray node's processes and their children (their proportional set sizes summed: shared pages,
     the object store's among them, counted once across them)."""
+    return tree_pss([info.process.pid for infos in node.all_processes.values() for info in infos])
+
+
+def tree_pss(pids: list[int]) -> int:
+    """Bytes of the processes ``pids`` and their descendants: proportional set sizes summed."""
     import psutil
 
-    pids = {info.process.pid for infos in node.all_processes.values() for info in infos}
     total, seen = 0, set()
     for pid in pids:
         try:
@@ -285,9 +302,9 @@ def datatrove_main(folder: str, work: str, tasks: int) -> None:
 
 
 def run_datatrove(folder: Path, work: Path, tasks: int) -> dict:
-    seconds, peak, out = measured([sys.executable, __file__, "--datatrove", str(folder), str(work), str(tasks)],
-                                  {"PYTHONPATH": str(REPO / "src")})
-    return {"seconds": seconds, "peak_mb": peak, "kept": int(out.rsplit("KEPT ", 1)[1].split()[0])}
+    seconds, peak, total, out = measured([sys.executable, __file__, "--datatrove", str(folder), str(work), str(tasks)],
+                                         {"PYTHONPATH": str(REPO / "src")})
+    return {"seconds": seconds, "peak_mb": peak, "total_mb": total, "kept": int(out.rsplit("KEPT ", 1)[1].split()[0])}
 
 
 def main() -> None:
@@ -301,8 +318,9 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=2, help="datatrove's tasks per stage (the cores)")
     args = ap.parse_args()
     print(f"cores {os.cpu_count()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| rows | peer | seconds | rows/s | peak MB | kept | per node MB |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+    print("| rows | peer | seconds | rows/s | peak MB (largest process) | peak MB (all its processes) | kept "
+          "| per node MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
     for n in args.rows:
         with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
             tmp = Path(tmp)
@@ -319,11 +337,11 @@ def main() -> None:
                                      else run_datatrove(tmp / "in", tmp / "dt", args.tasks))
                 nodes = " / ".join(f"{k} {v:,.0f}" for k, v in r.get("nodes_mb", {}).items())
                 print(f"| {n:,} | {peer} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | {r['peak_mb']:,.0f} "
-                      f"| {r['kept']:,} | {nodes} |", flush=True)
+                      f"| {r['total_mb']:,.0f} | {r['kept']:,} | {nodes} |", flush=True)
             if {"tunesmith", "datatrove"} <= set(results):
                 a, b = results["tunesmith"], results["datatrove"]
                 print(f"|  | ratio (datatrove / tunesmith) | {b['seconds'] / a['seconds']:.2f}x time | | "
-                      f"{b['peak_mb'] / a['peak_mb']:.2f}x memory | | |", flush=True)
+                      f"{b['peak_mb'] / a['peak_mb']:.2f}x | {b['total_mb'] / a['total_mb']:.2f}x | | |", flush=True)
     print(f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
