@@ -15,11 +15,13 @@ English word splitter needs spaCy) → JsonlWriter, on a LocalPipelineExecutor w
 tasks where a stage allows it. Each side runs in its own process; wall time and peak resident memory
 (ru_maxrss of that process and its children) are measured from outside.
 
-    python benchmarks/data_scale.py --rows 100000 300000 1000000
-    python benchmarks/data_scale.py --rows 20000 --peers tunesmith tunesmith-ray   # the Ray engine beside
+    python benchmarks/data_scale.py --rows 100000 1000000 10000000 --peers tunesmith
+    python benchmarks/data_scale.py --rows 1000000 --peers tunesmith-ray    # the Ray engine on two nodes
 
-``tunesmith-ray`` runs the same recipe with ``data.engine: ray`` on a local Ray that the run starts; its
-peak is the largest single process (the driver or one Ray worker), not their sum.
+``tunesmith-ray`` runs the same recipe with ``data.engine: ray`` on a two-node ``ray.cluster_utils.Cluster``
+that the benchmark starts on this machine (a head and a worker node, half the cores each, each its own raylet,
+object store and workers): its row has the driver's peak (the ``tunesmith data prepare`` process) and each
+node's peak (the proportional set size of its processes, summed, sampled every half second).
 """
 
 from __future__ import annotations
@@ -99,25 +101,38 @@ def write_rows(folder: Path, n: int, shards: int) -> list[Path]:
     return paths
 
 
-def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """Wall seconds, peak resident MB and the output of ``cmd``. Linux's wait4 reports the largest resident
-    set of the process and its reaped children (the largest single process, not their sum)."""
+def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, float, str]:
+    """Wall seconds, peak resident MB of the largest single process (Linux's wait4 over the process and its
+    reaped children), peak MB of all its processes together (their proportional set sizes summed, sampled every
+    half second) and the output of ``cmd``."""
+    import threading
+
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        peak, stop = [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.5):
+                peak[0] = max(peak[0], tree_pss([proc.pid]))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
         log.seek(0)
         out = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{cmd[:4]} failed:\n{out[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, out
+    return seconds, usage.ru_maxrss / 1024, peak[0] / 2**20, out
 
 
 # --- tunesmith ----------------------------------------------------------------------------------
 
 
-def run_tunesmith(data: Path, work: Path, engine: str = "local") -> dict:
+def run_tunesmith(data: Path, work: Path, engine: str = "local", address: str | None = None) -> dict:
     import yaml
 
     recipe = work / f"recipe-{engine}.yaml"
@@ -126,13 +141,71 @@ def run_tunesmith(data: Path, work: Path, engine: str = "local") -> dict:
         "model": {"name": "smollm2-135m-instruct"},
         "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
                  "cache": False, "profile": {"enabled": False}, "steps": STEPS, "engine": engine,
-                 "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
+                 "ray_address": address, "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
     }))
-    seconds, peak, out = measured([sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"],
-                                  {"PYTHONPATH": str(REPO / "src")})
+    seconds, peak, total, out = measured(
+        [sys.executable, "-m", "tunesmith", "data", "prepare", str(recipe), "--no-cache"], {"PYTHONPATH": str(REPO / "src")})
     with open(work / "runs" / f"scale-{engine}" / "data" / "examples.jsonl", "rb") as fh:
         kept = sum(1 for _ in fh)
-    return {"seconds": seconds, "peak_mb": peak, "kept": kept}
+    return {"seconds": seconds, "peak_mb": peak, "total_mb": total, "kept": kept}
+
+
+def run_two_nodes(data: Path, work: Path) -> dict:
+    """The Ray engine on a two-node cluster started here, with each node's peak memory sampled meanwhile."""
+    import threading
+
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    half = max(1, (os.cpu_count() or 2) // 2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": half, "object_store_memory": 2 << 30,
+                                                            "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=half, object_store_memory=2 << 30)
+    cluster.wait_for_nodes()
+    nodes = {"head": cluster.head_node, "worker": worker}
+    peaks, stop = dict.fromkeys(nodes, 0), threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            for name, node in nodes.items():
+                peaks[name] = max(peaks[name], node_pss(node))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = run_tunesmith(data, work, "ray", cluster.address)
+    finally:
+        stop.set()
+        sampler.join()
+        cluster.shutdown()
+    return {**result, "nodes_mb": {k: v / 2**20 for k, v in peaks.items()}}
+
+
+def node_pss(node) -> int:
+    """Bytes of a Ray node's processes and their children (their proportional set sizes summed: shared pages,
+    the object store's among them, counted once across them)."""
+    return tree_pss([info.process.pid for infos in node.all_processes.values() for info in infos])
+
+
+def tree_pss(pids: list[int]) -> int:
+    """Bytes of the processes ``pids`` and their descendants: proportional set sizes summed."""
+    import psutil
+
+    total, seen = 0, set()
+    for pid in pids:
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for proc in procs:
+            if proc.pid in seen:
+                continue
+            seen.add(proc.pid)
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    return total
 
 
 # --- datatrove ----------------------------------------------------------------------------------
@@ -156,7 +229,8 @@ def datatrove_main(folder: str, work: str, tasks: int) -> None:
     from datatrove.utils.word_tokenizers import WordTokenizer
 
     from tunesmith.config import ScrubStep
-    from tunesmith.data.steps import number_value, scrub_text, token_counts
+    from tunesmith.data.steps import number_value, scrub_text
+    from tunesmith.data.tokens import token_counts
     from tunesmith.models.loading import load_tokenizer
 
     class Words(WordTokenizer):
@@ -228,9 +302,9 @@ def datatrove_main(folder: str, work: str, tasks: int) -> None:
 
 
 def run_datatrove(folder: Path, work: Path, tasks: int) -> dict:
-    seconds, peak, out = measured([sys.executable, __file__, "--datatrove", str(folder), str(work), str(tasks)],
-                                  {"PYTHONPATH": str(REPO / "src")})
-    return {"seconds": seconds, "peak_mb": peak, "kept": int(out.rsplit("KEPT ", 1)[1].split()[0])}
+    seconds, peak, total, out = measured([sys.executable, __file__, "--datatrove", str(folder), str(work), str(tasks)],
+                                         {"PYTHONPATH": str(REPO / "src")})
+    return {"seconds": seconds, "peak_mb": peak, "total_mb": total, "kept": int(out.rsplit("KEPT ", 1)[1].split()[0])}
 
 
 def main() -> None:
@@ -240,12 +314,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000])
     ap.add_argument("--peers", nargs="+", default=["tunesmith", "datatrove"],
-                    help="tunesmith, tunesmith-ray (data.engine: ray on a local Ray started for the run), datatrove")
+                    help="tunesmith, tunesmith-ray (data.engine: ray on a two-node cluster started here), datatrove")
     ap.add_argument("--tasks", type=int, default=2, help="datatrove's tasks per stage (the cores)")
     args = ap.parse_args()
     print(f"cores {os.cpu_count()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| rows | peer | seconds | rows/s | peak MB | kept |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print("| rows | peer | seconds | rows/s | peak MB (largest process) | peak MB (all its processes) | kept "
+          "| per node MB |")
+    print("|---:|---|---:|---:|---:|---:|---:|---|")
     for n in args.rows:
         with tempfile.TemporaryDirectory(prefix="data-scale-") as tmp:
             tmp = Path(tmp)
@@ -258,14 +333,15 @@ def main() -> None:
             results = {}
             for peer in args.peers:
                 r = results[peer] = (run_tunesmith(one, tmp) if peer == "tunesmith"
-                                     else run_tunesmith(one, tmp, "ray") if peer == "tunesmith-ray"
+                                     else run_two_nodes(one, tmp) if peer == "tunesmith-ray"
                                      else run_datatrove(tmp / "in", tmp / "dt", args.tasks))
+                nodes = " / ".join(f"{k} {v:,.0f}" for k, v in r.get("nodes_mb", {}).items())
                 print(f"| {n:,} | {peer} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | {r['peak_mb']:,.0f} "
-                      f"| {r['kept']:,} |", flush=True)
+                      f"| {r['total_mb']:,.0f} | {r['kept']:,} | {nodes} |", flush=True)
             if {"tunesmith", "datatrove"} <= set(results):
                 a, b = results["tunesmith"], results["datatrove"]
                 print(f"|  | ratio (datatrove / tunesmith) | {b['seconds'] / a['seconds']:.2f}x time | | "
-                      f"{b['peak_mb'] / a['peak_mb']:.2f}x memory | |", flush=True)
+                      f"{b['peak_mb'] / a['peak_mb']:.2f}x | {b['total_mb'] / a['total_mb']:.2f}x | | |", flush=True)
     print(f"load average after {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 

@@ -1,22 +1,27 @@
-"""``data.engine: ray`` on a two-node Ray cluster started inside the test (no network): the same examples,
-splits, rejects and step counts as the local engine on real BANKING77 rows with planted exact and near
-duplicates and a broken line, with batches curated on both nodes; and clear errors."""
+"""``data.engine: ray`` on a two-node Ray cluster started inside the test (no network): byte for byte the files
+of the local engine (examples, splits, rejects, step counts, profile) on real BANKING77 rows with planted exact
+and near duplicates and a broken line, read in several shards and curated on both nodes; the same on a 5,000-row
+LSH bucket and on a field first seen at row 1,501; a driver whose peak memory does not grow with the rows; and
+clear errors."""
 
 import csv
 import json
 import os
 import random
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from tunesmith.config import load_recipe
-from tunesmith.data import batches
+from tunesmith.data import batches, ray_read
 from tunesmith.data.prepare import build
 from tunesmith.errors import ConfigError, DataError
 
 from .conftest import EXAMPLE_CSV, write_recipe
+from .test_data_dedup import bucket_file
+from .test_data_stream import late_field_rows, peak_kb, write_rows
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra tunesmith[ray]")
 
@@ -28,7 +33,7 @@ STEPS = [
     {"step": "sample", "fraction": 0.9, "seed": 3},  # needs every row: runs on the driver, rows go on after it
     {"step": "char_length", "fields": ["text"], "max": 60},
 ]
-FILES = ("examples.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "rejected.jsonl", "steps.md")
+FILES = ("examples.jsonl", "train.jsonl", "val.jsonl", "test.jsonl", "rejected.jsonl", "steps.md", "examples.split")
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +75,31 @@ def prepare(tmp_path, model_dir, data, out, **section):
     doc = {"name": "ray", "output_dir": str(tmp_path / "runs"), "seed": 5, "model": {"name": str(model_dir)},
            "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "on_error": "skip",
                     "batch_rows": 100, "profile": {"enabled": False}, "cache": False, **section}}
+    doc["data"] = {k: v for k, v in doc["data"].items() if v is not None}
     recipe = load_recipe(write_recipe(tmp_path / f"{out}.yaml", doc))
     return build(recipe, tmp_path / out, Console(file=open(os.devnull, "w")))  # noqa: SIM115
 
 
-def test_ray_engine_keeps_rejects_and_splits_as_the_local_engine(cluster, tmp_path, tiny_model_dir, home,
-                                                                  monkeypatch):
+def same_files(tmp_path, *names):
+    for name in names:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+def test_ray_engine_writes_the_local_engines_files(cluster, tmp_path, tiny_model_dir, home, monkeypatch):
     monkeypatch.setattr(batches, "FIRST_BATCH", 50)  # 8 batches: the dedup decisions span batches and nodes
+    monkeypatch.setattr(ray_read, "SHARD_BYTES", 8_000)  # and shards: the file is read in byte ranges
     data = tmp_path / "rows.jsonl"
     data.write_text("\n".join(listing_rows()) + "\n", encoding="utf-8")
-    local = prepare(tmp_path, tiny_model_dir, data, "local", steps=STEPS)
+    assert len(ray_read.plan(load_recipe(write_recipe(tmp_path / "p.yaml", {
+        "name": "p", "model": {"name": str(tiny_model_dir)}, "data": {
+            "path": str(data), "input_fields": ["text"], "target_field": "category", "batch_rows": 100}})).data)) > 3
+    profile = {"profile": {"enabled": True}}
+    local = prepare(tmp_path, tiny_model_dir, data, "local", steps=STEPS, **profile)
     t0 = time.time()
-    on_ray = prepare(tmp_path, tiny_model_dir, data, "ray", steps=STEPS, engine="ray", ray_address=cluster.address)
+    on_ray = prepare(tmp_path, tiny_model_dir, data, "ray", steps=STEPS, engine="ray", ray_address=cluster.address,
+                     **profile)
     print(f"ray engine: {time.time() - t0:.1f} s")
-    for name in FILES:
-        assert (tmp_path / "ray" / name).read_text() == (tmp_path / "local" / name).read_text(), name
+    same_files(tmp_path, *FILES, "profile/report.md")
     nodes = on_ray.summary.pop("Ray nodes that curated")
     assert on_ray.summary == local.summary
     assert nodes == 2, "every batch ran on one node"
@@ -93,6 +108,46 @@ def test_ray_engine_keeps_rejects_and_splits_as_the_local_engine(cluster, tmp_pa
         assert any(kind in r for r in reasons), kind
     assert any("Expecting" in r or "JSON" in r for r in reasons), reasons[:5]
     assert not ray.is_initialized(), "the engine disconnects from the cluster it attached to"
+
+
+def test_a_5000_row_bucket_keeps_the_local_engines_rows(cluster, tmp_path, tiny_model_dir, home, monkeypatch):
+    monkeypatch.setattr(ray_read, "SHARD_BYTES", 200_000)  # 5 shards, the bucket's rows in all of them
+    data = bucket_file(tmp_path / "bucket.jsonl")
+    section = {"steps": [{"step": "near_dedup", "threshold": 0.8}], "batch_rows": 2_000}
+    prepare(tmp_path, tiny_model_dir, data, "local", **section)
+    prepare(tmp_path, tiny_model_dir, data, "ray", engine="ray", ray_address=cluster.address, **section)
+    same_files(tmp_path, *FILES)
+    assert (tmp_path / "ray" / "rejected.jsonl").read_text().count("near duplicate of") > 5_000
+
+
+def test_a_field_first_seen_at_row_1501_prepares_on_ray(cluster, tmp_path, tiny_model_dir, home, monkeypatch):
+    monkeypatch.setattr(ray_read, "SHARD_BYTES", 20_000)
+    data = write_rows(tmp_path / "late.jsonl", late_field_rows())
+    section = {"target_field": "label", "steps": [{"step": "scrub", "fields": ["text", "note"]}],
+               "batch_rows": 500, "derive": {"both": "{text} {note}"}}
+    prepare(tmp_path, tiny_model_dir, data, "local", **section)
+    prepare(tmp_path, tiny_model_dir, data, "ray", engine="ray", ray_address=cluster.address, **section)
+    same_files(tmp_path, *FILES)
+    section["steps"] = [{"step": "scrub", "fields": ["text", "nope"]}]
+    with pytest.raises(DataError, match=r"no record has the field 'nope'; fields present: \['both', 'label', 'note'"):
+        prepare(tmp_path, tiny_model_dir, data, "ray", engine="ray", ray_address=cluster.address, **section)
+
+
+def driver_peak_mb(tmp_path: Path, model_dir, cluster, n: int) -> float:
+    """Peak resident memory of ``tunesmith data prepare`` (the driver) on ``n`` listing rows on the cluster."""
+    kb, printed = peak_kb(tmp_path, model_dir, n, batch_rows=1_000, engine="ray", ray_address=cluster.address,
+                          cache=False, profile={"enabled": False})
+    assert "Ray nodes that curated: 2" in " ".join(printed.split())  # both nodes did work
+    return kb / 1024
+
+
+def test_the_drivers_peak_does_not_grow_with_the_rows(cluster, tmp_path, tiny_model_dir, home):
+    """10x the rows (2,000 → 20,000: 1 → 3 shards, 2 → 20 parts) through the five steps: the driver's peak stays
+    within 20% (the 1M-row figure is in docs/benchmarks.md)."""
+    small = driver_peak_mb(tmp_path, tiny_model_dir, cluster, 2_000)
+    large = driver_peak_mb(tmp_path, tiny_model_dir, cluster, 20_000)
+    print(f"driver peak: {small:.0f} MB at 2,000 rows, {large:.0f} MB at 20,000")
+    assert large <= small * 1.2, (small, large)
 
 
 def test_a_steps_own_error_comes_back_as_itself(cluster, tmp_path, tiny_model_dir, home):

@@ -7,7 +7,7 @@ import pytest
 from pydantic import TypeAdapter
 
 from tunesmith.config import SplitSection, Step
-from tunesmith.data.minhash import clusters, exact_jaccard, near_duplicate_pairs, shingle, signatures
+from tunesmith.data.minhash import exact_jaccard, near_duplicate_pairs, near_matches, shingle, signatures
 from tunesmith.data.split import split_examples
 from tunesmith.data.steps import StepContext, run_steps, scrub_text, summary_table
 from tunesmith.errors import DataError
@@ -138,8 +138,8 @@ def test_minhash_estimates_jaccard_and_lsh_finds_pairs():
     found_set = {tuple(p) for p in found.tolist()}
     assert len(found_set & set(truth)) / len(truth) >= 0.95
     assert all(j >= 0.8 for j in jac) and found_set <= set(truth)
-    roots = clusters(len(texts), found)
-    assert (roots != np.arange(len(texts))).sum() == len(found_set)
+    i, j, sim = near_matches(texts, 0.8)  # each later text's best earlier match: here its one planted pair
+    assert {(a, b) for a, b in zip(i.tolist(), j.tolist(), strict=True)} == found_set
 
 
 def test_near_dedup_on_characters_and_empty_texts():
@@ -281,3 +281,61 @@ def test_semantic_dedup_of_korean_text_uses_multilingual_e5():
     kept, rejected, _ = run(recs(*texts), {"step": "semantic_dedup", "threshold": 0.95})
     assert [r.data["text"] for r in kept] == [texts[0], texts[2], texts[3]]
     assert "semantic duplicate of f.jsonl:1" in rejected[0].reason
+
+
+def token_count_texts() -> list[str]:
+    """Real messages (BANKING77 here; Korean reviews, Amazon reviews and product listings from ../shared when
+    present) and the edges of the pre-tokenizer's pattern."""
+    import csv
+
+    from .conftest import EXAMPLE_CSV, REPO
+
+    with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
+        texts = [r["text"] for r in csv.DictReader(fh)]
+    for path in sorted((REPO.parent / "shared" / "data").glob("*/*.csv")):
+        with open(path, newline="", encoding="utf-8") as fh:
+            texts += [v for r in list(csv.DictReader(fh))[:500] for v in r.values() if isinstance(v, str) and v]
+    return texts + ["a  b", "a \tb", "x\n\n  y", "it's don't we're I'll", "  lead", "trail  ", "\u00a0nbsp\u00a0 x",
+                    "e\u0301 combining", "한국어 텍스트 입니다", "emoji 😀😀 ok", "<|im_start|>user hi", "tab\tand\r\nnewline",
+                    "", " ", "123,456.78 ₹99", "'s 're", "x'sy", "!!'s", "\u2028line\u2029sep", "a\u3000b", "a   b",
+                    "end  ", "two  spaces  here", "x \u00a0y", "x\u00a0 y", "a 's", " ", "  "]
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_token_counts_by_pre_token_equal_encoding_every_text(which, tiny_model_dir):
+    """Counts summed over cached pre-tokens are the tokenizer's own, on every script and whitespace edge, and the
+    data stage's plain tokenizer counts as transformers' does."""
+    from tokenizers import Tokenizer
+
+    from tunesmith.data.tokens import PieceCounts, data_tokenizer, encoded_counts, plain_backend, token_counts
+
+    name = str(tiny_model_dir)
+    if which == "smollm2":
+        from tunesmith.models import registry
+
+        from .conftest import EMBEDDED
+
+        if not registry.is_cached(EMBEDDED):
+            pytest.skip(f"{EMBEDDED} not cached; run `tunesmith models pull {EMBEDDED}`")
+        name = EMBEDDED
+    from tunesmith.models.loading import load_tokenizer
+
+    tok = load_tokenizer(name)
+    assert PieceCounts.of(plain_backend(tok)) is not None  # the fast path is the one under test
+    texts = token_count_texts()
+    want = encoded_counts(texts, tok).tolist()
+    assert token_counts(texts, tok).tolist() == want
+    assert token_counts(texts[::-1], tok).tolist() == want[::-1]  # from the cache
+    plain = data_tokenizer(name)  # what the data stage loads: tokenizer.json alone, without transformers
+    assert isinstance(plain, Tokenizer) and token_counts(texts, plain).tolist() == want
+
+
+def test_scrub_of_a_batch_equals_scrub_of_each_text():
+    """The batch form (product codes of ASCII text through Arrow's regex engine) gives each text's own result."""
+    from tunesmith.data.steps import scrub_text, scrub_texts
+
+    texts = token_count_texts() + ["Model XK2000B9 and x_1234567 [Image] <br>", "ÜBER ABC1234567 é12345678",
+                                   "a1b2c3d 1234567 123456 abcdef1", "__init__9 x", "١٢٣٤٥٦٧ arabic digits"]
+    for spec in (STEP.validate_python({"step": "scrub"}), STEP.validate_python({"step": "scrub", "phrases": ["Model"]}),
+                 STEP.validate_python({"step": "scrub", "whitespace": False})):
+        assert scrub_texts(texts, spec) == [scrub_text(t, spec) for t in texts]

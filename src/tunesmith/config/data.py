@@ -219,9 +219,10 @@ class DataSection(Section):
     batch_rows: int = Field(20_000, ge=100, description="rows read and curated at a time: memory grows with it, "
                             "not with the size of the data")
     engine: Literal["local", "ray"] = Field(
-        "local", description="where the curation steps run: 'local' streams the batches through this process; "
-        "'ray' runs the same steps on a Ray cluster (Ray Data map_batches over the same readers, dedup as "
-        "group-bys) with the same kept rows, rejects and splits (docs/data.md, Past one machine)")
+        "local", description="where the curation steps run: 'local' streams the batches through this process (and a "
+        "second one for the row-wise steps of large inputs); 'ray' reads, curates and writes on a Ray cluster's "
+        "workers (Ray Data map_batches, dedup as shuffles) while this process only coordinates, with byte for byte "
+        "the same outputs (docs/data.md, Past one machine)")
     ray_address: str | None = Field(
         None, description="with engine ray: the cluster to attach to ('HOST:PORT', 'ray://HOST:PORT', 'auto'); "
         "default: a Ray already started in this process, RAY_ADDRESS, else a local Ray started for the run")

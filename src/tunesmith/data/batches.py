@@ -9,12 +9,12 @@ whole input (:func:`stream_source`); ``tunesmith init`` reads its first rows the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 from tunesmith.data.readers import collect, counted, encoding_note, file_rows
-from tunesmith.data.sources import _looks_like_documents, derive_fields, read_source
+from tunesmith.data.sources import _looks_like_documents, check_derive, derive_fields, read_source
 from tunesmith.records import Record, Rejected
 
 FIRST_BATCH = 1_000  # small, so that the first progress line comes within a second
@@ -25,16 +25,25 @@ class Batch:
     records: list[Record]
     rejected: list[Rejected]
     fraction: float  # share of the input read so far (for the ETA)
+    order: list[str] = field(default_factory=list)  # every item's file:line in read order (rows and rejects)
+
+    def rank(self) -> dict[str, int]:
+        """Each item's place in read order, by its file:line: what set-aside rows are written in."""
+        return {src: k for k, src in enumerate(self.order)}
 
 
 def stream_source(cfg, tokenizer: Callable | None = None) -> Iterator[Batch]:
     """Batches of ``data.path`` / ``data.hub`` (up to ``data.batch_rows`` rows, the first ones smaller) with
-    ``data.derive`` fields added; ``data.limit`` rows at most."""
-    items, fraction = _items(cfg, tokenizer, cfg.batch_rows)
+    ``data.derive`` fields added (their fields checked over the whole stream); ``data.limit`` rows at most."""
+    items, fraction = source_items(cfg, tokenizer, cfg.batch_rows)
+    seen: set[str] = set()
     for batch in in_batches(items, fraction, cfg.on_error, cfg.batch_rows, cfg.limit):
         if cfg.derive and batch.records:
-            derive_fields(batch.records, cfg.derive)
+            seen.update(*(r.data for r in batch.records))
+            derive_fields(batch.records, cfg.derive, check=False)
         yield batch
+    if cfg.derive:
+        check_derive(seen, cfg.derive)
 
 
 def in_batches(items: Iterator, fraction: Callable[[], float], on_error: str, batch_rows: int,
@@ -43,16 +52,23 @@ def in_batches(items: Iterator, fraction: Callable[[], float], on_error: str, ba
     fourfold); ``limit`` records at most."""
     size, left = min(FIRST_BATCH, batch_rows), limit
     while left is None or left > 0:
-        records, rejected = collect(islice(items, size), on_error, left)
+        order: list[str] = []
+        records, rejected = collect(_noted(islice(items, size), order), on_error, left)
         if not records and not rejected:
             return
         if left is not None:
             left -= len(records)
-        yield Batch(records, rejected, 1.0 if left == 0 else fraction())
+        yield Batch(records, rejected, 1.0 if left == 0 else fraction(), order)
         size = min(size * 4, batch_rows)
 
 
-def _items(cfg, tokenizer, batch_rows: int) -> tuple[Iterator, Callable[[], float]]:
+def _noted(items, order: list[str]):
+    for item in items:
+        order.append(item.source)
+        yield item
+
+
+def source_items(cfg, tokenizer, batch_rows: int) -> tuple[Iterator, Callable[[], float]]:
     """Records and rejects one at a time, and a function telling the share of the input read so far."""
     path = Path(cfg.path) if cfg.path is not None else None
     whole = cfg.hub is not None and (path is None or cfg.format == "hf_hub")

@@ -1,99 +1,118 @@
 """Dedup state for the streaming data stage: what each dedup step keeps between batches.
 
-Exact dedup keeps an 8-byte hash and a 4-byte position per distinct row; near dedup keeps, per LSH band,
-a 4-byte band key and a 4-byte position per row, and writes each row's shingle set and ``file:line`` to
-files on disk (read back only for the candidates a new batch brings). Rows are numbered by the order in
-which they reach the step, so "the first" and "earlier" mean the same as in the in-memory steps.
+Exact dedup keeps an 8-byte hash and a 4-byte position per distinct row; near dedup keeps, per LSH band, one
+8-byte entry (band key and position) per row, and writes each row's shingle set and ``file:line`` to a file on
+disk (read back only for the rows that share a band key with a new batch). Rows are numbered by the order in
+which they reach the step, so "the first" and "earlier" mean the same as in the in-memory steps, and a batch is
+decided by the same functions as all rows at once (``minhash.lsh_groups``, ``group_matches``, ``best_earlier``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 from array import array
 from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.minhash import Shingles, exact_jaccard, lsh_params, shingle, signatures
+from tunesmith.data.minhash import (
+    Shingles,
+    band_keys,
+    distinct,
+    group_matches,
+    keyed_rows,
+    lsh_groups,
+    lsh_params,
+    near_reason,
+    shingle,
+    signatures,
+)
+from tunesmith.data.steps import field_text, normalized_key
 from tunesmith.records import Record, Rejected
 
-_SPACES = re.compile(r"\s+")
-_MIX = np.uint64(0x9E3779B97F4A7C15)
+_LOW32 = np.uint64(0xFFFFFFFF)
 
 
 class SpillLog:
-    """Variable-size byte records appended to a file; record ``i`` is read back with one ``pread``."""
+    """Variable-size byte records appended to a file, each padded with NUL bytes to a multiple of 8 so that its
+    place is a 4-byte count of 8-byte words (files up to 32 GB); record ``i`` is read back with one ``pread``."""
 
     def __init__(self, path: Path):
         self.fh = open(path, "ab+")  # noqa: SIM115 - closed by close()
-        self.offsets = array("q", [0])
+        self.ends = array("I")  # in 8-byte words
 
     def extend(self, items: list[bytes]) -> None:
-        self.fh.write(b"".join(items))
-        for item in items:
-            self.offsets.append(self.offsets[-1] + len(item))
+        padded = [item + b"\0" * (-len(item) % 8) for item in items]
+        self.fh.write(b"".join(padded))
+        end = self.ends[-1] if self.ends else 0
+        for item in padded:
+            end += len(item) // 8
+            self.ends.append(end)
 
     def get(self, i: int) -> bytes:
+        """Record ``i`` with its padding."""
         self.fh.flush()
-        lo, hi = self.offsets[i], self.offsets[i + 1]
-        return os.pread(self.fh.fileno(), hi - lo, lo)
+        lo = 8 * self.ends[i - 1] if i else 0
+        return os.pread(self.fh.fileno(), 8 * self.ends[i] - lo, lo)
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.ends)
 
     def close(self) -> None:
         self.fh.close()
 
 
 class SortedRuns:
-    """A multimap of uint keys to row positions as a few sorted arrays (merged when they pile up)."""
+    """Keys (with values, optionally) as a few sorted runs, merged by size tiers: a run is merged into the one
+    before it while that one is less than twice its size (a binary counter), so there are O(log n) runs and each
+    key is merged O(log n) times. Among equal keys the one added first stays first."""
 
-    def __init__(self, dtype=np.uint64, max_runs: int = 8):
-        self.dtype, self.max_runs = dtype, max_runs
-        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self, dtype=np.uint64, value_dtype=None):
+        self.dtype, self.value_dtype = dtype, value_dtype
+        self.runs: list[tuple[np.ndarray, np.ndarray | None]] = []
 
-    def add(self, keys: np.ndarray, pos: np.ndarray) -> None:
+    def add(self, keys: np.ndarray, values: np.ndarray | None = None) -> None:
         if not len(keys):
             return
-        order = np.lexsort((pos, keys))
-        self.runs.append((keys[order].astype(self.dtype), pos[order].astype(np.uint32)))
-        if len(self.runs) > self.max_runs:
-            keys = np.concatenate([k for k, _ in self.runs])
-            pos = np.concatenate([p for _, p in self.runs])
-            order = np.lexsort((pos, keys))
-            self.runs = [(keys[order], pos[order])]
+        keys = np.asarray(keys).astype(self.dtype, copy=False)
+        order = np.argsort(keys, kind="stable")
+        vals = None if self.value_dtype is None else np.asarray(values)[order].astype(self.value_dtype)
+        self.runs.append((keys[order], vals))
+        while len(self.runs) >= 2 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]):
+            (k1, v1), (k2, v2) = self.runs[-2], self.runs.pop()
+            keys = np.concatenate([k1, k2])
+            order = np.argsort(keys, kind="stable")  # two sorted runs: a linear merge
+            self.runs[-1] = (keys[order], None if v1 is None else np.concatenate([v1, v2])[order])
 
     def first(self, keys: np.ndarray) -> np.ndarray:
-        """The smallest position stored under each key, or -1."""
+        """The value stored first under each key, or -1."""
         out = np.full(len(keys), -1, dtype=np.int64)
-        keys = keys.astype(self.dtype)
-        for k, p in self.runs:
-            at = np.searchsorted(k, keys)
-            hit = (at < len(k)) & (k[np.minimum(at, len(k) - 1)] == keys)
-            found = np.where(hit, p[np.minimum(at, len(k) - 1)].astype(np.int64), -1)
-            out = np.where((out < 0) | ((found >= 0) & (found < out)), np.where(found >= 0, found, out), out)
+        keys = np.asarray(keys).astype(self.dtype, copy=False)
+        for k, v in self.runs:  # runs in the order they were added: an earlier hit stands
+            at = np.minimum(np.searchsorted(k, keys), len(k) - 1)
+            hit = (out < 0) & (k[at] == keys)
+            out[hit] = v[at[hit]] if v is not None else 0
         return out
 
-    def members(self, keys: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(query, position)`` pairs: up to ``cap`` of the smallest positions per key in each run."""
-        keys = keys.astype(self.dtype)
-        qs, ps = [], []
-        for k, p in self.runs:
-            lo, hi = np.searchsorted(k, keys, "left"), np.searchsorted(k, keys, "right")
-            n = np.minimum(hi - lo, cap)
-            q = np.repeat(np.arange(len(keys)), n)
-            idx = np.repeat(lo - np.cumsum(n) + n, n) + np.arange(n.sum())
-            qs.append(q)
-            ps.append(p[idx].astype(np.int64))
+    def between(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(query, key)``: every stored key in ``[lo[q], hi[q]]``, for each query ``q`` (ascending ``lo``)."""
+        qs, ks = [], []
+        for k, _ in self.runs:
+            a, b = np.searchsorted(k, lo, "left"), np.searchsorted(k, hi, "right")
+            n = b - a
+            qs.append(np.repeat(np.arange(len(lo)), n))
+            ks.append(k[np.repeat(a - np.cumsum(n) + n, n) + np.arange(n.sum())])
         if not qs:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        return np.concatenate(qs), np.concatenate(ps)
+            return np.empty(0, np.int64), np.empty(0, self.dtype)
+        return np.concatenate(qs), np.concatenate(ks)
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.runs)
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + p.nbytes for k, p in self.runs)
+        return sum(k.nbytes + (0 if v is None else v.nbytes) for k, v in self.runs)
 
 
 def text_hash(texts: list[str]) -> np.ndarray:
@@ -104,60 +123,59 @@ def text_hash(texts: list[str]) -> np.ndarray:
     ).reshape(-1)
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """``(n, bands)`` uint32 keys; two rows share a key where their band of signature values agrees
-    (a rare false agreement only adds a candidate, which the exact check then rejects)."""
-    keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
-    for b in range(bands):
-        for c in range(b * rows, (b + 1) * rows):
-            keys[:, b] = (keys[:, b] ^ sig[:, c].astype(np.uint64)) * _MIX
-            keys[:, b] ^= keys[:, b] >> np.uint64(31)
-    return (keys >> np.uint64(32)).astype(np.uint32)
+def _source(raw: bytes) -> str:
+    return raw.rstrip(b"\0").decode("utf-8", "surrogatepass")
 
 
-def normalized_keys(records: list[Record], spec) -> list[str]:
-    """The text ``exact_dedup`` compares: the step's fields joined, lower-cased and whitespace-collapsed
-    when ``normalize`` is on."""
-    keys = [field_text(r, spec.fields) for r in records]
-    return [_SPACES.sub(" ", k.lower()).strip() for k in keys] if spec.normalize else keys
+def exact_keys(records: list[Record], spec) -> np.ndarray:
+    """What ``exact_dedup`` compares of each row: the 64-bit hash of its normalised text."""
+    return text_hash([normalized_key(r, spec) for r in records])
 
 
-def pair_jaccard(arrays: list[np.ndarray], local: np.ndarray) -> np.ndarray:
-    """Exact Jaccard of each ``(i, j)`` pair of indices into ``arrays`` (sorted shingle sets)."""
-    offsets = np.concatenate(([0], np.cumsum([len(a) for a in arrays]))).astype(np.int64)
-    return exact_jaccard(Shingles(np.concatenate(arrays), offsets), local, chunk=1 << 16)
+def near_keys(records: list[Record], spec) -> tuple[Shingles, np.ndarray]:
+    """What ``near_dedup`` compares of each row: its shingle set and its LSH band keys."""
+    sh = shingle([field_text(r, spec.fields) for r in records], spec.unit, spec.ngram)
+    return sh, band_keys(signatures(sh, spec.num_perm, spec.seed), *lsh_params(spec.threshold, spec.num_perm))
 
 
-def field_text(rec: Record, fields: list[str]) -> str:
-    return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)
+def rows_of(keys, at: np.ndarray):
+    """The rows ``at`` of ``exact_keys`` or ``near_keys`` made for more rows."""
+    if isinstance(keys, np.ndarray):
+        return keys[at]
+    sh, bands = keys
+    counts = np.diff(sh.offsets)[at]
+    offsets = np.zeros(len(at) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    idx = np.repeat(sh.offsets[at] - offsets[:-1], counts) + np.arange(offsets[-1])
+    return Shingles(sh.ids[idx], offsets), bands[at]
 
 
 class ExactIndex:
-    """``exact_dedup`` over batches: a row is dropped when its (normalised) text hashes like an earlier one."""
+    """``exact_dedup`` over batches: a row is dropped when its (normalised) text hashes like an earlier one.
+    ``given``: the batch's hashes when another process made them (``stream.HeadSteps``)."""
 
     def __init__(self, spec, workdir: Path):
-        self.spec = spec
-        self.hashes = SortedRuns()
+        self.spec, self.given = spec, None
+        self.hashes = SortedRuns(np.uint64, np.uint32)
         self.sources = SpillLog(workdir / "exact_sources.bin")
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
-        h = text_hash(normalized_keys(records, spec))
+        h, self.given = (self.given if self.given is not None else exact_keys(records, spec)), None
         earlier = self.hashes.first(h)
         _, first_in_batch = np.unique(h, return_index=True)
         new = np.zeros(len(h), dtype=bool)
         new[first_in_batch] = True
         new &= earlier < 0
-        base = len(self.sources)
         fresh = np.flatnonzero(new)
-        self.hashes.add(h[fresh], base + np.arange(len(fresh)))
-        self.sources.extend([(records[i].source + "\n").encode("utf-8", "surrogatepass") for i in fresh])
+        self.hashes.add(h[fresh], len(self.sources) + np.arange(len(fresh)))
+        self.sources.extend([records[i].source.encode("utf-8", "surrogatepass") for i in fresh])
         first = self.hashes.first(h)
         kept, dropped = [], []
         for i, rec in enumerate(records):
             if new[i]:
                 kept.append(rec)
             else:
-                src = self.sources.get(int(first[i])).decode("utf-8", "surrogatepass").rstrip("\n")
+                src = _source(self.sources.get(int(first[i])))
                 dropped.append(Rejected(rec.source, "", f"exact duplicate of {src}", rec.data))
         return kept, dropped
 
@@ -166,87 +184,72 @@ class ExactIndex:
 
 
 class NearIndex:
-    """``near_dedup`` over batches: MinHash signatures of each batch, LSH band keys kept for every row seen,
-    candidates verified on exact shingle Jaccard against the earlier rows' shingle sets read back from disk.
+    """``near_dedup`` over batches: each batch's LSH band keys are looked up among every earlier row's (all of
+    them, whatever the bucket size), and the batch is decided against those rows exactly as all rows at once
+    would be: a row is dropped when any earlier row has a shingle-set Jaccard at or above the threshold, and
+    its reason names the most similar one."""
 
-    A row is dropped when it is a near duplicate (Jaccard >= threshold) of any earlier row; the reason names
-    the first row of that chain, as the in-memory step names its cluster's first row.
-    """
-
-    max_bucket = 64
 
     def __init__(self, spec, workdir: Path):
-        self.spec = spec
+        self.spec, self.given = spec, None  # given: the batch's near_keys when another process made them
         self.bands, self.rows = lsh_params(spec.threshold, spec.num_perm)
-        self.index = [SortedRuns(np.uint32) for _ in range(self.bands)]
-        self.shingles = SpillLog(workdir / "near_shingles.bin")
-        self.sources = SpillLog(workdir / "near_sources.bin")
-        self.root = array("i")
-
-    def band_keys(self, sig: np.ndarray) -> np.ndarray:
-        return band_keys(sig, self.bands, self.rows)
+        self.index = [SortedRuns(np.uint64) for _ in range(self.bands)]  # key << 32 | position
+        self.log = SpillLog(workdir / "near_rows.bin")  # per row: shingle count, shingles, file:line
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
-        sh = shingle([field_text(r, spec.fields) for r in records], spec.unit, spec.ngram)
-        sets = [sh.of(i) for i in range(len(records))]
-        sig = signatures(sh, spec.num_perm, spec.seed)
-        base = len(self.shingles)
-        pos = base + np.arange(len(records))
-        nonempty = np.array([len(s) > 0 for s in sets], dtype=bool)
-        keys = self.band_keys(sig)
+        (sh, keys), self.given = (self.given if self.given is not None else near_keys(records, spec)), None
+        base = len(self.log)
+        pos = base + np.flatnonzero(np.diff(sh.offsets) > 0)
+        band, key, at = keyed_rows(keys[pos - base], pos)
+        eb, ek, ep = self._earlier(keys[pos - base])
+        groups = lsh_groups(np.concatenate([band, eb]), np.concatenate([key, ek]), np.concatenate([at, ep]))
+        index = distinct(groups.members)
+        i, j, sim = group_matches(groups, index, self._sets(index, sh, base), index >= base, spec.threshold)
         for b, runs in enumerate(self.index):
-            runs.add(keys[nonempty, b], pos[nonempty])
-        self.shingles.extend([s.tobytes() for s in sets])
-        self.sources.extend([(r.source + "\n").encode("utf-8", "surrogatepass") for r in records])
-        pairs = self._candidates(keys[nonempty], pos[nonempty])
-        sim = self._jaccard(pairs, sets, base)
-        good = sim >= spec.threshold
-        return self._decide(records, pairs[good], sim[good], base)
-
-    def _candidates(self, keys: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        """``(earlier, row)`` pairs sharing a band key, earlier < row, unique."""
-        found = []
-        for b, runs in enumerate(self.index):
-            q, p = runs.members(keys[:, b], self.max_bucket)
-            mine = pos[q]
-            keep = p < mine
-            found.append(np.stack([p[keep], mine[keep]], axis=1))
-        pairs = np.concatenate(found) if found else np.empty((0, 2), np.int64)
-        return np.unique(pairs, axis=0) if len(pairs) else pairs.reshape(0, 2)
-
-    def _jaccard(self, pairs: np.ndarray, sets: list[np.ndarray], base: int) -> np.ndarray:
-        """Exact Jaccard of each pair's shingle sets: this batch's from memory, earlier rows' from disk."""
-        if not len(pairs):
-            return np.empty(0)
-        docs = np.unique(pairs)
-        arrays = [sets[d - base] if d >= base else np.frombuffer(self.shingles.get(int(d)), dtype=np.uint64)
-                  for d in docs.tolist()]
-        return pair_jaccard(arrays, np.searchsorted(docs, pairs))
-
-    def _decide(self, records: list[Record], pairs: np.ndarray, sim: np.ndarray, base: int):
-        """Keep rows without an earlier match; a dropped row's root is the smallest root among its matches."""
-        matches: dict[int, list[int]] = {}
-        score: dict[int, float] = {}
-        for (j, i), s in zip(pairs.tolist(), sim.tolist(), strict=True):
-            matches.setdefault(i, []).append(j)
-            score[i] = max(score.get(i, 0.0), s)
+            runs.add((keys[pos - base, b].astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64))
+        self.log.extend([_row_bytes(sh.of(k), r.source) for k, r in enumerate(records)])
+        best = {int(b): (int(a), s) for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)}
         kept, dropped = [], []
         for k, rec in enumerate(records):
-            i = base + k
-            if i not in matches:
-                self.root.append(i)
+            if base + k not in best:
                 kept.append(rec)
                 continue
-            root = min(self.root[j] for j in matches[i])
-            self.root.append(root)
-            src = self.sources.get(root).decode("utf-8", "surrogatepass").rstrip("\n")
-            dropped.append(Rejected(rec.source, "", f"near duplicate of {src} (similarity {score[i]:.2f})", rec.data))
+            a, s = best[base + k]
+            src = records[a - base].source if a >= base else self._read(a)[1]
+            dropped.append(Rejected(rec.source, "", near_reason(src, s), rec.data))
         return kept, dropped
+
+    def _earlier(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(band, key, position)`` of every earlier row sharing a band key with one of ``keys``."""
+        bands, out_k, out_p = [], [], []
+        for b, runs in enumerate(self.index):
+            uniq = distinct(keys[:, b]).astype(np.uint64) << np.uint64(32)
+            _, found = runs.between(uniq, uniq | _LOW32)
+            bands.append(np.full(len(found), b, dtype=np.int64))
+            out_k.append((found >> np.uint64(32)).astype(np.int64))
+            out_p.append((found & _LOW32).astype(np.int64))
+        return np.concatenate(bands), np.concatenate(out_k), np.concatenate(out_p)
+
+    def _sets(self, index: np.ndarray, sh: Shingles, base: int) -> Shingles:
+        """The shingle sets of the rows at ``index`` (ascending): earlier rows' from disk, the batch's from ``sh``."""
+        arrays = [self._read(int(p))[0] if p < base else sh.of(int(p) - base) for p in index.tolist()]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        ids = np.concatenate(arrays) if arrays else np.empty(0, np.uint64)
+        return Shingles(ids.astype(np.uint64, copy=False), offsets)
+
+    def _read(self, p: int) -> tuple[np.ndarray, str]:
+        raw = self.log.get(p)
+        n = int.from_bytes(raw[:8], "little")
+        return np.frombuffer(raw, dtype=np.uint64, count=n, offset=8), _source(raw[8 + 8 * n :])
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.index) + 8 * (len(self.shingles) + len(self.sources)) + 4 * len(self.root)
+        return sum(r.nbytes for r in self.index) + 4 * len(self.log)
 
     def close(self) -> None:
-        self.shingles.close()
-        self.sources.close()
+        self.log.close()
+
+
+def _row_bytes(ids: np.ndarray, source: str) -> bytes:
+    return len(ids).to_bytes(8, "little") + ids.tobytes() + source.encode("utf-8", "surrogatepass")

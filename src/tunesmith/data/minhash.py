@@ -1,9 +1,12 @@
-"""Near-duplicate detection with MinHash + LSH banding, vectorised with numpy.
+"""Near-duplicate detection with MinHash + LSH banding, vectorised with numpy: the one near dedup of every engine.
 
-Pipeline: shingles (word or char n-grams) → 64-bit ids → ``num_perm`` MinHash values per text
-(multiply-shift hashing, one ``np.minimum.reduceat`` per chunk) → LSH bands bucketed by sorting
-→ candidate pairs → exact Jaccard on the shingle sets, so that reported pairs are true pairs.
-Only the shingling touches Python per text; everything after it runs on arrays.
+Pipeline: shingles (word or char n-grams) → 64-bit ids → ``num_perm`` MinHash values per text (multiply-shift
+hashing, one ``np.minimum.reduceat`` per chunk) → one 32-bit key per LSH band → groups of rows sharing a key
+(:func:`lsh_groups`, any size) → exact Jaccard of every earlier/later pair in a group (:func:`group_matches`: pair
+by pair in small groups, a matrix product in large ones) → per row its best earlier match (:func:`best_earlier`).
+The in-memory step, the streaming index and the Ray engine all run these three functions, on all rows at once, a
+batch against the rows before it, or one partition of the band shuffle: the matches, hence the kept rows and the
+reasons, are the same whatever the batch size, bucket size or engine.
 """
 
 from __future__ import annotations
@@ -12,23 +15,14 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from tunesmith.data.jaccard import Shingles, distinct, exact_jaccard, large_group_matches
+
 _WORD_SPLIT = r"[^\p{L}\p{N}\p{M}_]+"
-_MASK32 = np.uint64(0xFFFFFFFF)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-
-
-@dataclass
-class Shingles:
-    """All texts' shingle ids in one flat array; text ``i`` owns ``ids[offsets[i]:offsets[i+1]]``."""
-
-    ids: np.ndarray  # uint64
-    offsets: np.ndarray  # int64, len = n_texts + 1
-
-    def of(self, i: int) -> np.ndarray:
-        return self.ids[self.offsets[i] : self.offsets[i + 1]]
 
 
 def _workers() -> int:
@@ -151,6 +145,7 @@ def signatures(sh: Shingles, num_perm: int = 128, seed: int = 1, chunk: int = 81
     return sig_t.T.copy()
 
 
+@lru_cache(maxsize=64)
 def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.9) -> tuple[int, int]:
     """Bands and rows minimising weighted false-positive + false-negative area (datasketch's rule).
 
@@ -169,150 +164,193 @@ def lsh_params(threshold: float, num_perm: int, fn_weight: float = 0.9) -> tuple
     return best
 
 
-def candidate_pairs(sig: np.ndarray, bands: int, rows: int, max_bucket: int = 64) -> np.ndarray:
-    """Pairs ``(i, j)``, ``i < j``, that share at least one band. Shape ``(m, 2)`` int64.
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``(n, bands)`` uint32 keys; two rows share a key where their band of signature values agrees (a rare
+    false agreement of the 32-bit keys only adds a candidate, which the exact check then rejects)."""
+    per_band = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
+    keys = np.zeros((sig.shape[0], bands), dtype=np.uint64)
+    for c in range(rows):  # every band at once, one signature column of each at a time
+        keys = (keys ^ per_band[:, :, c]) * _MIX
+        keys ^= keys >> np.uint64(31)
+    return (keys >> np.uint64(32)).astype(np.uint32)
 
-    Buckets bigger than ``max_bucket`` link each member to the bucket's first one only (enough
-    to keep clusters connected; avoids quadratic blow-up on degenerate texts).
+
+# --- candidates: the one rule of every engine ------------------------------------------------------
+
+
+@dataclass
+class Groups:
+    """Rows that share an LSH band key, two or more a group: group ``g`` is ``members[starts[g]:starts[g+1]]``
+    (read positions, ascending)."""
+
+    members: np.ndarray  # int64
+    starts: np.ndarray  # int64, len = n_groups + 1
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+
+def lsh_groups(band: np.ndarray, key: np.ndarray, pos: np.ndarray) -> Groups:
+    """The candidates of near dedup, in every engine: one ``(band, key, position)`` row per row and band, and
+    every set of rows sharing a key in a band, whatever its size, is a group whose members are all compared."""
+    order = np.lexsort((pos, key, band))
+    b, k, p = band[order], key[order], np.asarray(pos, dtype=np.int64)[order]
+    new = np.ones(len(b), dtype=bool)
+    new[1:] = (b[1:] != b[:-1]) | (k[1:] != k[:-1])
+    starts = np.flatnonzero(new)
+    sizes = np.diff(np.append(starts, len(b)))
+    keep = sizes >= 2
+    members = p[np.repeat(keep, sizes)]
+    return Groups(members, np.concatenate(([0], np.cumsum(sizes[keep]))).astype(np.int64))
+
+
+# --- matches within groups, and the one decision -------------------------------------------------
+
+SMALL_GROUP = 64  # groups up to this size are checked pair by pair; larger ones as one matrix product
+_PAIRS_AT_ONCE = 1 << 19
+
+
+def group_matches(groups: Groups, index: np.ndarray, sh: Shingles, query: np.ndarray, threshold: float,
+                  best: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair ``(i, j)`` of a group with ``i`` earlier than ``j``, ``j`` a query row and exact Jaccard
+    ``>= threshold``, as positions ``(i, j, similarity)``; with ``best``, only each ``j``'s best match.
+
+    ``index`` holds the positions (ascending) whose shingle sets ``sh`` has, in that order; ``query`` marks
+    those that need a decision (rows decided earlier are only compared against). No pair of a group is left
+    out, whatever its size: a large group is one blocked matrix product of its members' shingle sets.
     """
-    n = sig.shape[0]
-
-    def band_pairs(band: int) -> list[np.ndarray]:
-        found = []
-        cols = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        key = np.zeros(n, dtype=np.uint64)
-        for c in range(cols.shape[1]):
-            key = (key ^ cols[:, c]) * _MIX
-            key ^= key >> np.uint64(31)
-        order = np.argsort(key)
-        sk = key[order]
-        same = sk[1:] == sk[:-1]
-        if not same.any():
-            return found
-        # runs of equal keys: their starts and lengths
-        boundaries = np.flatnonzero(np.concatenate(([True], ~same, [True])))
-        starts, lengths = boundaries[:-1], np.diff(boundaries)
-        s2 = starts[lengths == 2]
-        found.append(np.stack([order[s2], order[s2 + 1]], axis=1))
-        for s, length in zip(starts[lengths > 2], lengths[lengths > 2], strict=True):
-            members = np.sort(order[s : s + length])
-            if length <= max_bucket:
-                ii, jj = np.triu_indices(length, k=1)
-                found.append(np.stack([members[ii], members[jj]], axis=1))
-            else:
-                found.append(np.stack([np.full(length - 1, members[0]), members[1:]], axis=1))
-        return found
-
-    with ThreadPoolExecutor(_workers()) as pool:  # bands are independent; numpy releases the GIL
-        out = [p for found in pool.map(band_pairs, range(bands)) for p in found]
-    if not out:
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.concatenate(out)
-    pairs = np.sort(pairs, axis=1)
-    keys = np.unique(pairs[:, 0] * n + pairs[:, 1])
-    return np.stack([keys // n, keys % n], axis=1)
+    loc = np.searchsorted(index, groups.members)
+    sizes = groups.sizes
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    small = np.flatnonzero((sizes >= 2) & (sizes <= SMALL_GROUP))
+    for chunk in _by_pairs(small, sizes):
+        a, b = _pairs_in(groups, chunk, loc)
+        keep = query[b]
+        a, b = a[keep], b[keep]
+        if len(a):
+            uniq = distinct(a * len(index) + b)
+            a, b = uniq // len(index), uniq % len(index)
+            sim = exact_jaccard(sh, np.stack([a, b], axis=1))
+            hit = sim >= threshold
+            found.append(_reduced(a[hit], b[hit], sim[hit], best))
+    for members, of_group in _large_sets(groups, loc, np.flatnonzero(sizes > SMALL_GROUP)):
+        if query[members].any():
+            found.append(_reduced(*large_group_matches(members, of_group, sh, query, threshold, best), best))
+    if not found:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0)
+    a, b, sim = (np.concatenate(x) for x in zip(*found, strict=True))
+    a, b, sim = _reduced(a, b, sim, best) if best else _unique_pairs(a, b, sim)
+    return index[a], index[b], sim
 
 
-_LOW40 = np.uint64((1 << 40) - 1)
+def best_earlier(i: np.ndarray, j: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The one near-dedup decision: per later row ``j``, its best earlier match ``i`` (the most similar; of equals,
+    the earliest). A row with any match is a near duplicate; its reason names that match. ``(i, j, sim)``,
+    sorted by ``j``; matches found apart (batches, bands, partitions) reduce to the same answer."""
+    if not len(j):
+        return i, j, sim
+    order = np.lexsort((i, -sim, j))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = j[order][1:] != j[order][:-1]
+    pick = order[first]
+    return i[pick], j[pick], sim[pick]
 
 
-def _packed(group: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """``group`` (< 2**24) in the high 24 bits, the top 40 bits of ``h`` below: one sortable uint64."""
-    return (group.astype(np.uint64) << np.uint64(40)) | (h >> np.uint64(24))
+def near_reason(source: str, sim: float) -> str:
+    return f"near duplicate of {source} (similarity {sim:.2f})"
 
 
-def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
-    """Jaccard similarity of the shingle sets of each pair, on arrays.
-
-    Each text's shingles are made unique, then both sides of every pair are packed with the
-    pair's index into one uint64 and sorted: an adjacent equal value is one shared shingle.
-    Shingles are compared on 40 bits, which can merge two in a text about once in 10^9 pairs.
-    """
-    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
-    if len(pairs) > chunk:
-        parts = [exact_jaccard(sh, pairs[lo : lo + chunk]) for lo in range(0, len(pairs), chunk)]
-        return np.concatenate(parts)
-    if len(pairs) == 0:
-        return np.empty(0, dtype=np.float64)
-    docs = np.unique(pairs)
-    counts = np.diff(sh.offsets)[docs]
-    idx = np.repeat(sh.offsets[docs] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    key = np.sort(_packed(np.repeat(np.arange(len(docs)), counts), sh.ids[idx]))
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    key = key[first]  # unique shingles per text, grouped by text
-    vals = key & _LOW40
-    starts = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(np.bincount((key >> np.uint64(40)).astype(np.int64), minlength=len(docs)), out=starts[1:])
-    size = np.diff(starts)
-    pos = np.searchsorted(docs, pairs)
-    side = pos.ravel()
-    n_each = size[side]
-    tag = np.repeat(np.repeat(np.arange(len(pairs)), 2), n_each)
-    gather = np.repeat(starts[side] - np.cumsum(n_each) + n_each, n_each) + np.arange(n_each.sum())
-    both = np.sort((tag.astype(np.uint64) << np.uint64(40)) | vals[gather])
-    shared = both[1:][both[1:] == both[:-1]]
-    inter = np.bincount((shared >> np.uint64(40)).astype(np.int64), minlength=len(pairs))
-    union = size[pos[:, 0]] + size[pos[:, 1]] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+def _reduced(a, b, sim, best: bool):
+    return best_earlier(a, b, sim) if best else (a, b, sim)
 
 
-def near_duplicate_pairs(
-    texts: list[str],
-    threshold: float = 0.8,
-    unit: str = "word",
-    ngram: int = 2,
-    num_perm: int = 128,
-    seed: int = 1,
-    prefilter_margin: float = 0.1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of texts whose shingle-set Jaccard is ``>= threshold``, with that Jaccard.
+def _unique_pairs(a, b, sim):
+    _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)
+    return a[first], b[first], sim[first]
 
-    Candidates from LSH are first screened by their signature agreement (vectorised; a margin
-    below the threshold keeps recall) and then verified exactly.
-    """
+
+def _by_pairs(groups: np.ndarray, sizes: np.ndarray):
+    """``groups`` in chunks of about ``_PAIRS_AT_ONCE`` pairs."""
+    if not len(groups):
+        return
+    n = sizes[groups] * (sizes[groups] - 1) // 2
+    cut = np.searchsorted(np.cumsum(n), np.arange(_PAIRS_AT_ONCE, n.sum() + _PAIRS_AT_ONCE, _PAIRS_AT_ONCE),
+                          side="right")
+    lo = 0
+    for hi in np.unique(np.append(cut, len(groups))).tolist():
+        if hi > lo:
+            yield groups[lo:hi]
+            lo = hi
+
+
+def _pairs_in(groups: Groups, chosen: np.ndarray, loc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All ``(earlier, later)`` member pairs of the chosen groups, as indices into the shingle sets."""
+    starts, sizes = groups.starts[chosen], groups.sizes[chosen]
+    rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # each member's place in its group
+    at = np.repeat(starts, sizes) + rank
+    b = np.repeat(at, rank)  # a member is the later side of one pair per earlier member
+    a = np.repeat(np.repeat(starts, sizes), rank) + np.arange(rank.sum()) - np.repeat(np.cumsum(rank) - rank, rank)
+    return loc[a], loc[b]
+
+
+def _large_sets(groups: Groups, loc: np.ndarray, large: np.ndarray):
+    """Large groups that share rows, taken together (a bucket of near copies recurs, a little changed, in most
+    bands), else one by one: ``(members, of_group)``, ``of_group`` a (member, group) incidence, or None for one
+    group. Together means one product over the union, a pair counting only where both rows are in one group."""
+    if not len(large):
+        return
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    sizes = groups.sizes[large]
+    rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    mem = loc[np.repeat(groups.starts[large], sizes) + rank]
+    gid = np.repeat(np.arange(len(large)), sizes)
+    uniq, m_idx = np.unique(mem, return_inverse=True)
+    n = len(uniq) + len(large)
+    graph = coo_matrix((np.ones(len(mem), dtype=np.int8), (m_idx, len(uniq) + gid)), shape=(n, n))
+    label = connected_components(graph, directed=False)[1][len(uniq):]
+    for c in distinct(label).tolist():
+        gs = np.flatnonzero(label == c)
+        sel = np.isin(gid, gs)
+        members, inv = np.unique(mem[sel], return_inverse=True)
+        if len(gs) > 1 and len(members) ** 2 <= 2 * int((sizes[gs].astype(np.int64) ** 2).sum()):
+            yield members, (inv, np.searchsorted(gs, gid[sel]))
+        else:
+            for g in gs.tolist():
+                yield np.sort(mem[gid == g]), None
+
+
+# --- whole lists of texts ----------------------------------------------------------------------------
+
+
+def keyed_rows(keys: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(band, key, position)`` rows of an ``(n, bands)`` key array, as ``lsh_groups`` takes them."""
+    n, bands = keys.shape
+    return (np.tile(np.arange(bands, dtype=np.int64), n), keys.ravel().astype(np.int64),
+            np.repeat(np.asarray(pos, dtype=np.int64), bands))
+
+
+def near_matches(texts: list[str], threshold: float = 0.8, unit: str = "word", ngram: int = 2, num_perm: int = 128,
+                 seed: int = 1, best: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Near-duplicate matches among ``texts`` (indices ``(i, j, similarity)``, ``i < j``): each text's best
+    earlier match, or with ``best=False`` every pair at or above ``threshold``. Empty texts match nothing."""
     sh = shingle(texts, unit, ngram)
-    sig = signatures(sh, num_perm, seed)
-    bands, rows = lsh_params(threshold, num_perm)
-    pairs = candidate_pairs(sig, bands, rows)
-    empty = np.diff(sh.offsets) == 0
-    if len(pairs):
-        pairs = pairs[~(empty[pairs[:, 0]] | empty[pairs[:, 1]])]
-    if len(pairs):
-        est = np.empty(len(pairs))
-        for lo in range(0, len(pairs), 100_000):
-            p = pairs[lo : lo + 100_000]
-            est[lo : lo + 100_000] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
-        pairs = pairs[est >= threshold - prefilter_margin]
-    jac = exact_jaccard(sh, pairs)
-    keep = jac >= threshold
-    return pairs[keep], jac[keep]
+    keys = band_keys(signatures(sh, num_perm, seed), *lsh_params(threshold, num_perm))
+    pos = np.flatnonzero(np.diff(sh.offsets) > 0)
+    groups = lsh_groups(*keyed_rows(keys[pos], pos))
+    index = np.arange(len(texts))
+    return group_matches(groups, index, sh, np.ones(len(texts), dtype=bool), threshold, best)
 
 
-def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Union-find over pairs; returns each item's cluster root (the smallest index in it)."""
-    parent = np.arange(n)
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, j in pairs.tolist():
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-    return np.array([find(i) for i in range(n)])
-
-
-def earlier_roots(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Per item, the first item of its chain of earlier duplicates: itself when no earlier item is paired
-    with it, else the smallest such root among its earlier partners. Unlike ``clusters``, an item is never
-    joined to an earlier one through a later item, so a stream can decide each item when it arrives."""
-    root = np.arange(n)
-    if len(pairs):
-        pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later item, then the earlier
-        for i, j in pairs.tolist():
-            root[j] = min(root[j], root[i])
-    return root
+def near_duplicate_pairs(texts: list[str], threshold: float = 0.8, unit: str = "word", ngram: int = 2,
+                         num_perm: int = 128, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of texts whose shingle-set Jaccard is ``>= threshold`` (``(m, 2)``, sorted), with that Jaccard."""
+    i, j, sim = near_matches(texts, threshold, unit, ngram, num_perm, seed, best=False)
+    order = np.lexsort((j, i))
+    return np.stack([i[order], j[order]], axis=1).reshape(-1, 2), sim[order]

@@ -17,26 +17,36 @@ import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TextIO
 
+import numpy as np
 from rich.console import Console
 
 from tunesmith.config import Recipe
+from tunesmith.data import stream
 from tunesmith.data.batches import stream_source
-from tunesmith.data.examples import labels_of, to_examples
-from tunesmith.data.formatting import chat_messages
+from tunesmith.data.examples import labels_of
 from tunesmith.data.readers import encoding_note
-from tunesmith.data.split import example_keys, split_examples
-from tunesmith.data.steps import StepContext, summary_table
-from tunesmith.data.stream import Curated, ExampleSpool, StepChain, return_freed_arrays
+from tunesmith.data.split import SPLITS, split_codes
+from tunesmith.data.steps import StepContext, summary_table, token_limits
+from tunesmith.data.stream import (
+    Curated,
+    ExampleMapper,
+    HeadSteps,
+    LocalOutput,
+    StepChain,
+    in_read_order,
+    release_freed,
+    stage_memory,
+)
 from tunesmith.errors import DataError
 from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
 from tunesmith.progress import rate_bar
 from tunesmith.records import Example
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 @dataclass
@@ -68,9 +78,9 @@ def append_jsonl(path: Path, rows) -> None:
 
 def tokenizer_loader(recipe: Recipe):
     def load():
-        from tunesmith.models.loading import load_tokenizer
+        from tunesmith.data.tokens import data_tokenizer
 
-        return load_tokenizer(recipe.model.name)
+        return data_tokenizer(recipe.model.name)
 
     return load
 
@@ -96,50 +106,34 @@ def prepare(recipe: Recipe, data_dir: Path, console: Console, use_cache: bool | 
 
 def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
     """Stream every source through the steps into ``data_dir``: rejected rows and kept examples are written
-    as they come, the split is made over positions and the split files are written from the examples file."""
+    as they come, the split is made from each example's content hash and the split files are cut at the end."""
     cfg = recipe.data
     ctx = StepContext(tokenizer=tokenizer_loader(recipe), on_error=cfg.on_error)
     files = split_files(cfg)
     data_dir.mkdir(parents=True, exist_ok=True)
-    return_freed_arrays()
     split_cfg = _split_section(cfg)
-    keys = example_keys(split_cfg)
-    spool = ExampleSpool(data_dir / "examples.jsonl",
-                         keys.label if split_cfg.stratify or split_cfg.stratify_field else None,
-                         keys.group if split_cfg.group_field else None)
-    with engine_session(cfg), tempfile.TemporaryDirectory(dir=data_dir, prefix=".work-") as work, \
-            open(data_dir / "rejected.jsonl", "w", encoding="utf-8") as rejected_out:
+    with stage_memory(), engine_session(cfg), tempfile.TemporaryDirectory(dir=data_dir, prefix=".work-") as work, \
+            engine_output(cfg, data_dir, Path(work), recipe.seed, split_cfg) as out:
         parts = {
             name: curate(cfg.model_copy(update={"path": path}) if path else cfg, ctx, console,
-                         data_dir / "profile" if name in ("all", "train") else None,
-                         Output(spool, rejected_out), Path(work) / name, name)
+                         data_dir / "profile" if name in ("all", "train") else None, out, Path(work) / name, name)
             for name, path in files.items()
         }
-    n_read = sum(p.n_read for p in parts.values())
-    n_rejected = sum(p.n_rejected for p in parts.values())
-    n_examples = sum(len(p.positions) for p in parts.values())
+        n_read = sum(p.n_read for p in parts.values())
+        n_rejected = sum(p.n_rejected for p in parts.values())
+        n_examples = sum(len(p.examples) for p in parts.values())
+        if n_read != n_examples + n_rejected:  # invariant: nothing disappears
+            raise AssertionError(f"{n_read} read but {n_examples} kept + {n_rejected} rejected")
+        if n_rejected:
+            console.print(f"[yellow]{n_rejected} record(s) set aside[/] → {data_dir / 'rejected.jsonl'}")
+        if not n_examples:
+            raise DataError(f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {n_rejected})")
+        splits, notes = out.split({k: p.examples for k, p in parts.items()},
+                                  partial(assign_splits, cfg=cfg, split_cfg=split_cfg, seed=recipe.seed))
     rows = [r for p in parts.values() for r in p.rows]
-    if n_read != n_examples + n_rejected:  # invariant: nothing disappears
-        raise AssertionError(f"{n_read} read but {n_examples} kept + {n_rejected} rejected")
-    if n_rejected:
-        console.print(f"[yellow]{n_rejected} record(s) set aside[/] → {data_dir / 'rejected.jsonl'}")
-    if not n_examples:
-        spool.close()
-        raise DataError(f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {n_rejected})")
     labels = labels_of(set().union(*(p.targets for p in parts.values())), cfg)
-    positions, notes = assign_splits({k: p.positions for k, p in parts.items()}, cfg, recipe.seed, spool.keys())
-    splits = spool.splits(positions)
-    spool.close()
     if not splits.count("test"):
         raise DataError("the test split is empty; give data.split.test a size > 0")
-    for name in ("train", "val", "test"):
-        write_jsonl(
-            data_dir / f"{name}.jsonl",
-            (
-                {"id": e.id, "messages": chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]}
-                for e in splits.iter(name)
-            ),
-        )
     if rows:
         (data_dir / "steps.md").write_text(summary_table(rows) + "\n", encoding="utf-8")
     summary = {
@@ -175,20 +169,16 @@ def engine_session(cfg):
     return ray_session(cfg.ray_address)
 
 
-@dataclass
-class Output:
-    """Where curated rows go as they come: kept examples to the spool, the rest to rejected.jsonl."""
+def engine_output(cfg, data_dir: Path, work: Path, seed: int, split_cfg):
+    """Where the engine writes curated rows: this process's files, or the Ray workers' (``data.engine: ray``)."""
+    if cfg.engine == "ray":
+        from tunesmith.data.ray_engine import RayOutput
 
-    spool: ExampleSpool
-    rejected: TextIO
-
-    def write(self, examples: list[Example], rejected: list) -> range:
-        for r in rejected:
-            self.rejected.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")
-        return self.spool.add(examples)
+        return contextlib.closing(RayOutput(data_dir, work, cfg, seed, split_cfg))
+    return contextlib.closing(LocalOutput(data_dir, work, cfg, seed, split_cfg))
 
 
-def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, out: Output, workdir: Path,
+def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, out, workdir: Path,
            name: str = "all") -> Curated:
     """Stream one source: profile each batch as read (before curation, so the plots show what the limits will
     cut), run it through the curation steps (here, or on Ray with ``data.engine: ray``), map the survivors to
@@ -196,47 +186,62 @@ def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, ou
     workdir.mkdir(parents=True, exist_ok=True)
     if cfg.path is not None and (note := encoding_note(cfg.path)):
         console.print(note)
-    sketch = _profile_sketch(cfg, ctx) if cfg.profile.enabled and profile_dir is not None else None
-    if cfg.engine == "ray":
+    profile_dir = profile_dir if cfg.profile.enabled else None
+    if cfg.engine == "ray":  # the workers profile, curate and write
         from tunesmith.data.ray_engine import curate_on_ray
 
-        done = curate_on_ray(cfg, ctx, console, sketch, out, name)
-    else:
-        done = _curate_here(cfg, ctx, console, sketch, out, workdir, name)
+        return curate_on_ray(cfg, ctx, console, profile_dir, out, name)
+    sketch = _profile_sketch(cfg, ctx) if profile_dir is not None else None
+    done = _curate_here(cfg, ctx, console, sketch, out, workdir, name)
     if sketch is not None:
-        sketch.write(profile_dir, limits=_token_limits(cfg))
+        sketch.write(profile_dir, limits=token_limits(cfg.steps))
     return done
 
 
-def _curate_here(cfg, ctx: StepContext, console: Console, sketch, out: Output, workdir: Path, name: str) -> Curated:
-    """The local engine: the batches through a ``StepChain`` in this process."""
-    chain = StepChain(cfg.steps, ctx, workdir)
-    kept_at: list[int] = []
-    counts = {"read": 0, "rejected": 0}
-    targets: set[str] = set()
+def _curate_here(cfg, ctx: StepContext, console: Console, sketch, out: LocalOutput, workdir: Path,
+                 name: str) -> Curated:
+    """The local engine: the batches through a ``StepChain`` in this process, the recipe's fields checked once
+    the stream has ended."""
+    chain, mapper = StepChain(cfg.steps, ctx, workdir), ExampleMapper(cfg)
+    start, counts, targets = len(out), {"read": 0, "rejected": 0}, set()
     uses_labels = bool(labels_of({"x"}, cfg))
 
-    def emit(records, rejected) -> None:
-        examples, unmapped = to_examples(records, cfg)
-        kept_at.extend(out.write(examples, rejected + unmapped))
+    def emit(records, rejected, rank) -> None:
+        examples, unmapped = mapper(records)
+        out.write(examples, in_read_order(rejected + unmapped, rank))
         counts["rejected"] += len(rejected) + len(unmapped)
         if uses_labels:
             targets.update(e.target for e in examples)
 
+    def read():
+        for batch in stream_source(cfg, ctx.tok):
+            counts["read"] += len(batch.records) + len(batch.rejected)
+            if sketch is not None:
+                sketch.add(batch.records)
+            yield batch
+
+    large = cfg.path is not None and Path(cfg.path).is_file() and Path(cfg.path).stat().st_size >= stream.HELPER_BYTES
+    head = HeadSteps(chain, ctx) if large and chain.head() else None
     try:
         with rate_bar(console, "prepare" if name == "all" else f"prepare {name}") as update:
-            for batch in stream_source(cfg, ctx.tok):
-                counts["read"] += len(batch.records) + len(batch.rejected)
-                if sketch is not None:
-                    sketch.add(batch.records)
-                kept, dropped = chain.push(batch.records)
-                emit(kept, batch.rejected + dropped)
-                update(counts["read"], batch.fraction, f"{len(kept_at):,} kept")
-            for kept, dropped in chain.finish():
-                emit(kept, dropped)
+            batches = head.run(read()) if head else ((b, b.records, [], {}) for b in read())
+            for batch, kept, dropped, keys in batches:
+                kept, more = chain.push(kept, head.n if head else 0, keys)
+                emit(kept, batch.rejected + dropped + more, batch.rank())
+                release_freed()
+                update(counts["read"], batch.fraction, f"{len(out) - start:,} kept")
+            if head:
+                head.close()
+                head = None
+            for kept, dropped, rank in chain.finish():
+                emit(kept, dropped, rank)
+        chain.check()
+        mapper.check(str(cfg.path or cfg.hub.name))
     finally:
+        if head:
+            head.stop()
         chain.close()
-    return Curated(kept_at, counts["rejected"], chain.rows, counts["read"], targets)
+    return Curated(range(start, len(out)), counts["rejected"], chain.rows, counts["read"], targets)
 
 
 def _profile_sketch(cfg, ctx: StepContext):
@@ -271,17 +276,22 @@ def missing_file_message(cfg, key: str, path: Path, role: str) -> str:
     return f"{key}: file not found: {path} ({role}).{about}"
 
 
-def assign_splits(parts: dict[str, list], cfg, seed: int, keys=None) -> tuple[dict[str, list], dict]:
-    """Split one source with data.split, or take split files as given; a missing val or test file is
-    carved (seeded, stratified for classification) out of the train file and the summary says so.
-    ``keys`` reads items other than ``Example``s (row positions)."""
-    split_cfg = _split_section(cfg)
+def assign_splits(parts: dict[str, range], read_keys, cfg, split_cfg, seed: int) -> tuple[np.ndarray, dict]:
+    """Each example's split code (``split.SPLITS``) from its keys (``read_keys(part)`` → ``SplitKeys``): one source
+    split with data.split, or split files taken as given, a missing val or test file carved (seeded by content,
+    stratified for classification: ``split_cfg``) out of the train file, and the summary says so."""
+    codes = np.full(max((p.stop for p in parts.values()), default=0), SPLITS.index("unused"), dtype=np.uint8)
     if "all" in parts:
-        return split_examples(parts["all"], split_cfg, seed, keys), {}
-    out = {"train": parts.get("train", []), "val": parts.get("val", []), "test": parts.get("test", []), "unused": []}
+        codes[_at(parts["all"])] = split_codes(read_keys(parts["all"]), split_cfg, seed)
+        return codes, {}
+    for name in ("val", "test"):
+        if name in parts:
+            codes[_at(parts[name])] = SPLITS.index(name)
+    train = parts.get("train")
+    if not train:  # a synth stage makes the training data
+        return codes, {"train split": "none given: made by the synth stage"}
+    codes[_at(train)] = SPLITS.index("train")
     notes = {}
-    if not out["train"]:  # a synth stage makes the training data
-        return out, {"train split": "none given: made by the synth stage"}
     carve_val = "val" not in parts and cfg.split.val > 0
     carve_test = "test" not in parts
     if carve_val or carve_test:
@@ -289,23 +299,20 @@ def assign_splits(parts: dict[str, list], cfg, seed: int, keys=None) -> tuple[di
         val = cfg.split.val if carve_val else 0
         if test >= 1 or val >= 1:
             raise DataError("with data.splits, data.split.val/test are fractions of the train file (below 1)")
-        held = split_examples(parts["train"], split_cfg.model_copy(update={"train": 1 - val - test, "val": val,
-                                                                          "test": test}), seed, keys)
-        out["train"], out["unused"] = held["train"], held["unused"]
+        held = split_codes(read_keys(train), split_cfg.model_copy(update={"train": 1 - val - test, "val": val,
+                                                                         "test": test}), seed)
+        codes[_at(train)] = held
         if carve_test:
-            out["test"] = held["test"]
-            notes["test held out from the train file (no test file given)"] = f"{len(held['test'])} ({test:.0%})"
+            notes["test held out from the train file (no test file given)"] = \
+                f"{int((held == SPLITS.index('test')).sum())} ({test:.0%})"
         if carve_val:
-            out["val"] = held["val"]
-            notes["val held out from the train file"] = len(held["val"])
-    return out, notes
+            notes["val held out from the train file"] = int((held == SPLITS.index("val")).sum())
+    return codes, notes
 
 
-def _token_limits(cfg) -> tuple[int | None, int | None]:
-    for spec in cfg.steps:
-        if spec.step == "token_length":
-            return spec.min or None, spec.max
-    return None, None
+def _at(part: range) -> slice:
+    return slice(part.start, part.stop)
+
 
 
 # --- cache ------------------------------------------------------------------------------------

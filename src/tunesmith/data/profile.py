@@ -6,13 +6,14 @@ a label bar chart, numeric histograms) into one folder.
 
 from __future__ import annotations
 
-import random
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.steps import number_value, token_counts
+from tunesmith.data.steps import number_value
+from tunesmith.data.tokens import token_counts
 from tunesmith.plotting import pyplot
 from tunesmith.records import Record
 
@@ -95,13 +96,17 @@ class Stat:
     """Count, min, mean and max of a stream of numbers, exactly; percentiles come from the row sample."""
 
     def __init__(self):
-        self.n, self.total, self.lo, self.hi = 0, 0.0, float("inf"), float("-inf")
+        self.n, self.total, self.lo, self.hi = 0, 0, float("inf"), float("-inf")
 
     def add(self, values: np.ndarray) -> None:
         if len(values):
             self.n += len(values)
-            self.total += float(values.sum())
+            self.total += int(values.sum()) if values.dtype.kind in "iu" else math.fsum(values.tolist())
             self.lo, self.hi = min(self.lo, float(values.min())), max(self.hi, float(values.max()))
+
+    def merge(self, other: Stat) -> None:
+        self.n, self.total = self.n + other.n, self.total + other.total
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
 
     def row(self, sample: list) -> dict:
         if not self.n:
@@ -113,9 +118,10 @@ class Stat:
 
 class ProfileSketch:
     """The profile of a stream of records in bounded memory: exact counts, sums, extremes, label counts and
-    exact duplicates (one 8-byte hash per distinct row), plus a uniform sample of ``SAMPLE_ROWS`` rows
-    (reservoir, seeded) for the percentiles, the plots and the near-duplicate count. With no more rows than
-    the sample holds, every figure is the one computed over all rows."""
+    exact duplicates (one 8-byte hash per distinct row), plus a uniform sample of ``SAMPLE_ROWS`` rows (those
+    whose ``file:line`` hashes lowest) for the percentiles, the plots and the near-duplicate count. With no more
+    rows than the sample holds, every figure is the one computed over all rows. Sketches of parts of a stream
+    merge (:meth:`merge`) into the sketch of the whole, as the Ray engine's workers make them."""
 
     def __init__(self, fields: list[str], label: str | None, numeric: list[str], tokenizer,
                  near_threshold: float = 0.8, sample_rows: int = SAMPLE_ROWS):
@@ -129,9 +135,9 @@ class ProfileSketch:
         self.labels: Counter = Counter()
         self.nums = {f: Stat() for f in numeric}
         self.not_number = Counter()
-        self.distinct, self.exact = SortedRuns(), 0
+        self.distinct, self.rows = SortedRuns(), 0
         self.sample: list[dict] = []
-        self.rng = random.Random(0)
+        self.sample_hash = np.empty(0, dtype=np.uint64)
 
     def add(self, records: list[Record]) -> None:
         from tunesmith.data.dedup_index import text_hash
@@ -168,24 +174,46 @@ class ProfileSketch:
         self._count_exact(text_hash([" ".join(t.lower().split()) for t in keys]))
         for row, key in zip(rows, keys, strict=True):
             row["key"] = key
-            self._offer(row)
+        self.n += len(records)
+        self._offer(text_hash([r.source for r in records]), rows)
+
+    @property
+    def exact(self) -> int:
+        """Rows whose normalised text repeats an earlier row's."""
+        return self.rows - len(self.distinct)
 
     def _count_exact(self, h: np.ndarray) -> None:
-        """Rows whose normalised text repeats an earlier row's."""
-        uniq = np.unique(h)
-        new = uniq[self.distinct.first(uniq) < 0]
-        self.exact += len(h) - len(new)
-        self.distinct.add(new, np.zeros(len(new), dtype=np.int64))
+        from tunesmith.data.minhash import distinct
 
-    def _offer(self, row: dict) -> None:
-        """Algorithm R: every row so far has the same chance to be in the sample."""
-        self.n += 1
-        if len(self.sample) < self.sample_rows:
-            self.sample.append(row)
-        else:
-            k = self.rng.randrange(self.n)
-            if k < self.sample_rows:
-                self.sample[k] = row
+        uniq = distinct(h)
+        self.rows += len(h)
+        self.distinct.add(uniq[self.distinct.first(uniq) < 0])
+
+    def _offer(self, hashes: np.ndarray, rows: list[dict]) -> None:
+        """Keep the ``sample_rows`` rows whose ``file:line`` hashes lowest (a uniform sample, the same however the
+        stream was cut), in hash order."""
+        if len(self.sample) >= self.sample_rows:
+            take = np.flatnonzero(hashes < self.sample_hash[-1])
+            hashes, rows = hashes[take], [rows[k] for k in take.tolist()]
+        both = np.concatenate([self.sample_hash, hashes])
+        keep = np.argsort(both, kind="stable")[: self.sample_rows]
+        pool = self.sample + rows
+        self.sample, self.sample_hash = [pool[k] for k in keep.tolist()], both[keep]
+
+    def merge(self, other: ProfileSketch) -> None:
+        """Add the sketch of another part of the stream (same fields)."""
+        self.n += other.n
+        self.seen.update(other.seen)
+        self.missing.update(other.missing)
+        for mine, theirs in ((self.chars, other.chars), (self.tokens, other.tokens), (self.nums, other.nums)):
+            for f, stat in theirs.items():
+                mine[f].merge(stat)
+        self.labels.update(other.labels)
+        self.not_number.update(other.not_number)
+        self.rows += other.rows
+        for keys, _ in other.distinct.runs:
+            self.distinct.add(keys[self.distinct.first(keys) < 0])
+        self._offer(other.sample_hash, other.sample)
 
     def _of(self, kind: str, f: str) -> list:
         return [row[(kind, f)] for row in self.sample if (kind, f) in row]
@@ -193,7 +221,7 @@ class ProfileSketch:
     def write(self, out_dir: Path, limits: tuple[int | None, int | None] = (None, None),
               title: str = "Data profile") -> Path:
         """Write ``out_dir/report.md`` and its plots; returns the report path."""
-        from tunesmith.data.minhash import clusters, near_duplicate_pairs
+        from tunesmith.data.minhash import near_matches
 
         out_dir.mkdir(parents=True, exist_ok=True)
         n, sampled = self.n, len(self.sample) < self.n
@@ -238,13 +266,12 @@ class ProfileSketch:
                 images[f"Numeric: {f}"] = plot_numeric(arr, f, out_dir / f"numeric_{f}.png")
         key_texts = [row["key"] for row in self.sample]
         m = len(key_texts)
-        pairs, _ = near_duplicate_pairs(key_texts, self.near_threshold) if m > 1 else (np.empty((0, 2), int), None)
-        near = int((clusters(m, pairs) != np.arange(m)).sum()) if m else 0
+        near = len(near_matches(key_texts, self.near_threshold)[1]) if m > 1 else 0
         of_sample = f" in the sample of {m:,}" if sampled else ""
         lines += ["", "## Duplicates", "",
                   f"- exact (lower-cased, whitespace collapsed): **{self.exact:,}** records repeat an earlier one",
                   f"- near (MinHash, word bigram Jaccard ≥ {self.near_threshold}, includes exact){of_sample}: "
-                  f"**{near:,}** records ({len(pairs):,} pairs)", ""]
+                  f"**{near:,}** records have an earlier near duplicate", ""]
         for name, path in images.items():
             lines += [f"## {name}", "", f"![{name}]({path.name})", ""]
         report = out_dir / "report.md"

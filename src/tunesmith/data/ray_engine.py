@@ -1,15 +1,14 @@
-"""The data stage on a Ray cluster (``data.engine: ray``): the local engine's readers, steps and outputs, with
-the per-row work in Ray Data ``map_batches`` and the dedup decisions made by distributed group-bys.
+"""The data stage on a Ray cluster (``data.engine: ray``): the local engine's readers, steps, dedup decisions and
+outputs, with every row handled on the workers and this process (the driver) only coordinating.
 
-This process reads the input with the batched readers (every row keeps ``file:line``; the profile is made as
-it reads) into Ray's object store, one block per reader batch. Row-wise steps and the mapping to examples run
-on the workers, a batch per call. A dedup step is a barrier: ``exact_dedup`` groups the rows' text hashes and
-keeps each hash's first row; ``near_dedup`` emits ``(band, key, position)`` per LSH band and groups by band,
-which pairs each row with the earlier rows of its buckets; the candidate pairs are verified here by exact
-Jaccard on the shingle sets of the rows in them, and a row is dropped as a near duplicate of any earlier row,
-named by the first row of its chain, as the local engine decides. ``balance``, ``sample`` and
-``semantic_dedup`` need every row at once and run in this process, as they hold every row locally too.
-Kept examples and rejects are written in read order, so the files equal the local engine's.
+Workers read the input in shards (``ray_read.py``) and run the row-wise steps on each part as Ray Data
+``map_batches``; ``exact_dedup`` is a group-by of the rows' text hashes and ``near_dedup`` a shuffle of LSH band
+keys, then of the groups' rows with their shingle sets, with the Jaccard checks and the reasons made on the
+workers (``ray_parts.py``); steps that need every row (``balance``, ``sample``, ``semantic_dedup``) run in one
+worker task; workers write examples, training lines and rejects per part into the work folder, and one worker
+task splits them and writes the output files. The driver holds object references, per part a few counts and the
+sets of field names, never rows: its memory does not grow with the input. Every node needs tunesmith, the input
+and the output folder at the same paths (a shared file system); the tokenizer travels with the steps.
 """
 
 from __future__ import annotations
@@ -19,21 +18,19 @@ import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 
 from tunesmith.config import ExactDedupStep, NearDedupStep
 from tunesmith.config.kinds import kind_class
-from tunesmith.data import ray_parts
-from tunesmith.data.batches import stream_source
-from tunesmith.data.dedup_index import NearIndex, pair_jaccard
-from tunesmith.data.minhash import earlier_roots, lsh_params
-from tunesmith.data.ray_parts import Part
-from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields, plain_backend
-from tunesmith.data.stream import WHOLE, Curated
-from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.progress import rate_bar
+from tunesmith.data import ray_parts, ray_read
+from tunesmith.data.sources import check_derive
+from tunesmith.data.split import SplitKeys
+from tunesmith.data.steps import StepContext, StepRow, check_fields, token_limits
+from tunesmith.data.stream import WHOLE, Curated, ExampleMapper, SpooledSplits
+from tunesmith.errors import ConfigError, DataError, TunesmithError
 
 DEDUP = (ExactDedupStep, NearDedupStep)
 _HOST_PORT = re.compile(r"^\[?[\w.:-]+?\]?:(\d+)$")
@@ -99,31 +96,37 @@ def _data_settings(ray):
         logging.getLogger("ray.data").setLevel(level)
 
 
-def curate_on_ray(cfg, ctx: StepContext, console: Console, sketch, out, name: str = "all") -> Curated:
-    """``prepare.curate``'s work on Ray: read here (the profile ``sketch`` sees every batch as read), curate
-    on the cluster, write ``out`` in read order."""
+def curate_on_ray(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, out: RayOutput,
+                  name: str = "all") -> Curated:
+    """``prepare.curate``'s work on the cluster: read, curate and write on the workers (the profile too, into
+    ``profile_dir``); this process gathers counts and checks the recipe's fields over every part."""
     ray = ray_module()
-    if any(spec.step == "token_length" for spec in cfg.steps):
-        ctx = _shipped_tokenizer(ctx)
+    ctx = _shipped(ctx, cfg, profile_dir)
+    work = out.work / name
+    (work / "parts").mkdir(parents=True, exist_ok=True)
+    (work / "sketches").mkdir(exist_ok=True)
     try:
-        ds, n_read = _read(ray, cfg, ctx, console, sketch, name)
-        for stage in _stages(cfg.steps):
-            ds = _run_stage(ray, ds, stage, ctx)
-        ds = ds.map_batches(ray_parts.map_examples, batch_size=1, batch_format="pyarrow", fn_args=(cfg, kind_class(cfg.task)))
-        kept_at, n_rejected, targets, counts, nodes = _write(ds, cfg, out)
+        stages = _stages(cfg.steps)
+        first = stages.pop(0) if stages and not _is_barrier(stages[0]) else []
+        blocks, shards = _read(ray, cfg, ctx, first, str(work / "sketches") if profile_dir else None)
+        console.print(f"Ray: {shards} shard(s) read on the workers")
+        for stage in stages:
+            blocks = _run_stage(ray, blocks, stage, ctx, cfg.batch_rows)
+        metas = _write(ray, blocks, cfg, out, work / "parts")
+        if profile_dir is not None:
+            ray.get(_remote(ray, ray_read.merge_sketches).remote(cfg, ctx, str(work / "sketches"), str(profile_dir),
+                                                                 token_limits(cfg.steps)))
     except TunesmithError:
         raise
     except Exception as exc:  # a step's own error comes back wrapped by Ray
         raise _own_error(exc) or exc from None
-    rows = [StepRow(f"{i + 1}:{spec.step}", *counts.get(i, [0, 0, 0, 0])) for i, spec in enumerate(cfg.steps)]
-    return Curated(kept_at, n_rejected, rows, n_read, targets, nodes)
+    return _curated(cfg, metas, out)
 
 
-def _shipped_tokenizer(ctx: StepContext) -> StepContext:
-    """The steps' context with the tokenizer loaded here, as its plain Rust backend where it has one (the same
-    counts and cuts, and a worker unpickles it without importing transformers): workers need no model files."""
-    tok = ctx.tok()
-    return StepContext(on_error=ctx.on_error, _tok=plain_backend(tok) or tok)
+def _shipped(ctx: StepContext, cfg, profile_dir) -> StepContext:
+    """The steps' context for the workers, with the tokenizer where a step, the profile or the reader needs it."""
+    needs = profile_dir is not None or cfg.format == "documents" or any(s.step == "token_length" for s in cfg.steps)
+    return ctx.portable(needs)
 
 
 def _own_error(exc: BaseException) -> TunesmithError | None:
@@ -137,19 +140,33 @@ def _own_error(exc: BaseException) -> TunesmithError | None:
     return None
 
 
-def _read(ray, cfg, ctx: StepContext, console: Console, sketch, name: str):
-    """The input through the batched readers into the object store, one ``Part`` (a block) per batch."""
-    refs, n_read, first = [], 0, 0
-    with rate_bar(console, "read" if name == "all" else f"read {name}") as update:
-        for b, batch in enumerate(stream_source(cfg, ctx.tok)):
-            if sketch is not None:
-                sketch.add(batch.records)
-            pos = list(range(first, first + len(batch.records)))
-            first += len(batch.records)
-            n_read += len(batch.records) + len(batch.rejected)
-            refs.append(ray.put(ray_parts.dump([Part(b, pos, batch.records, list(batch.rejected))])))
-            update(n_read, batch.fraction, "rows into Ray")
-    return ray.data.from_arrow_refs(refs), n_read
+def _remote(ray, fn, num_returns: int = 1):
+    return ray.remote(fn).options(num_returns=num_returns)
+
+
+def _fanout(fn, n: int, *args):
+    """``fn(*args)`` (a list of ``n`` outputs) as ``n`` task returns."""
+    out = fn(*args)
+    return out[0] if n == 1 else tuple(out)
+
+
+def _task(ray, fn, n: int, *args) -> list:
+    """A task of ``fn`` whose ``n`` outputs come back as ``n`` object references."""
+    refs = ray.remote(_fanout).options(num_returns=n).remote(fn, n, *args)
+    return [refs] if n == 1 else list(refs)
+
+
+def _read(ray, cfg, ctx: StepContext, steps: list, sketches: str | None):
+    """The shards read (and the first row-wise steps run) as Ray Data ``map_batches``: one block per part."""
+    shards = ray_read.plan(cfg)
+    if shards[0].end is not None:
+        count = _remote(ray, ray_read.count_newlines)
+        shards = ray_read.numbered(shards, ray.get([count.remote(str(cfg.path), s.start, s.end) for s in shards]))
+    ds = ray.data.from_arrow([ray_read.shard_table([s]) for s in shards])
+    ds = ds.map_batches(ray_read.read_parts, batch_size=1, batch_format="pyarrow", fn_args=(cfg, ctx, sketches))
+    if steps:
+        ds = ds.map_batches(ray_parts.run_steps, batch_size=1, batch_format="pyarrow", fn_args=(steps, ctx))
+    return ds.to_arrow_refs(), len(shards)
 
 
 def _stages(specs: list) -> list[list[tuple[int, object]]]:
@@ -168,108 +185,155 @@ def _is_barrier(stage: list) -> bool:
     return len(stage) == 1 and isinstance(stage[0][1], DEDUP + WHOLE)
 
 
-def _run_stage(ray, ds, stage: list, ctx: StepContext):
+def _run_stage(ray, blocks: list, stage: list, ctx: StepContext, batch_rows: int) -> list:
     if not _is_barrier(stage):
-        return ds.map_batches(ray_parts.run_steps, batch_size=1, batch_format="pyarrow", fn_args=(stage, ctx))
+        ds = ray.data.from_arrow_refs(blocks)
+        return ds.map_batches(ray_parts.run_steps, batch_size=1, batch_format="pyarrow",
+                              fn_args=(stage, ctx)).to_arrow_refs()
     i, spec = stage[0]
-    ds = ds.materialize()  # read twice: for the keys, then to drop the duplicates
-    if isinstance(spec, ExactDedupStep):
-        reasons = _exact_reasons(ray, ds, spec)
-    elif isinstance(spec, NearDedupStep):
-        reasons = _near_reasons(ray, ds, spec)
-    else:
-        return _whole_step(ray, ds, i, spec, ctx)
-    return ds.map_batches(ray_parts.drop_rows, batch_size=1, batch_format="pyarrow", fn_args=(i, spec, reasons))
+    if isinstance(spec, WHOLE):
+        whole = ray.remote(ray_parts.whole_step).options(num_returns="streaming")
+        return list(whole.remote(i, spec, ctx, batch_rows, *blocks))
+    spans = ray.get([_remote(ray, ray_parts.span_of).remote(b) for b in blocks])
+    live = [k for k, s in enumerate(spans) if s is not None]
+    if not live:
+        return blocks
+    at = np.array([spans[k] for k in live], dtype=np.int64)
+    dedup = _exact if isinstance(spec, ExactDedupStep) else _near
+    reasons = dedup(ray, [blocks[k] for k in live], at, spec, _partitions(ray, len(live)))
+    drop = _remote(ray, ray_parts.drop_rows)
+    out = list(blocks)
+    for k, why in zip(live, reasons, strict=True):
+        out[k] = drop.remote(blocks[k], i, spec, why)
+    return out
 
 
-def _partitions(ray) -> int:
-    return max(1, min(16, int(ray.cluster_resources().get("CPU", 1))))
+def _partitions(ray, blocks: int) -> int:
+    return max(1, min(2 * int(ray.cluster_resources().get("CPU", 1)), 32, blocks))
 
 
-def _collect(ds) -> dict[str, np.ndarray]:
-    """A small dataset's columns in this process."""
-    cols: dict[str, list] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for k, v in batch.items():
-            cols.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in cols.items()}
+def _exact(ray, blocks: list, spans: np.ndarray, spec, n: int) -> list:
+    """Group-by of text hashes: map each block's rows to ``n`` hash partitions, find each hash's first row in
+    each partition, route the duplicates' reasons back to their blocks."""
+    keys = [_task(ray, ray_parts.exact_map, n, b, spec, n) for b in blocks]
+    firsts = [_task(ray, ray_parts.exact_firsts, len(blocks), spans, *[k[p] for k in keys]) for p in range(n)]
+    reasons = _remote(ray, ray_parts.exact_reasons)
+    return [reasons.remote(*[f[b] for f in firsts]) for b in range(len(blocks))]
 
 
-def _exact_reasons(ray, ds, spec) -> dict[int, str]:
-    """Group by text hash (hash buckets spread over the cluster): every row after a hash's first is dropped."""
-    n = _partitions(ray)
-    keys = ds.map_batches(ray_parts.exact_keys, batch_size=1, batch_format="pyarrow", fn_args=(spec, n))
-    dup = _collect(keys.groupby("bucket", num_partitions=n).map_groups(ray_parts.exact_firsts, batch_format="numpy"))
-    if not dup:
-        return {}
-    return {p: f"exact duplicate of {f}" for p, f in zip(dup["pos"].tolist(), dup["first"].tolist(), strict=True)}
+def _near(ray, blocks: list, spans: np.ndarray, spec, n: int) -> list:
+    """Band shuffles: LSH band keys to ``n`` partitions, where the groups are found; each group's rows back with
+    their shingle sets to the partition of the group, where every row's best earlier match is found; the
+    matches back to the blocks, reduced there to one reason per row."""
+    keys = [_task(ray, ray_parts.near_map, 1 + n, b, spec, n) for b in blocks]
+    groups = [_task(ray, ray_parts.near_groups, len(blocks), p, spans, *[k[1 + p] for k in keys]) for p in range(n)]
+    members = [_task(ray, ray_parts.near_members, n, keys[b][0], n, *[g[b] for g in groups])
+               for b in range(len(blocks))]
+    best = [_task(ray, ray_parts.near_best, len(blocks), spans, spec.threshold, *[m[p] for m in members])
+            for p in range(n)]
+    reasons = _remote(ray, ray_parts.near_reasons)
+    return [reasons.remote(*[x[b] for x in best]) for b in range(len(blocks))]
 
 
-def _near_reasons(ray, ds, spec) -> dict[int, str]:
-    """Group LSH band keys by band across the cluster for candidate pairs, verify them here by exact Jaccard
-    and decide in read order: a row with a near duplicate before it is dropped, named by its chain's first row."""
-    bands, rows = lsh_params(spec.threshold, spec.num_perm)
-    keys = ds.map_batches(ray_parts.near_keys, batch_size=1, batch_format="pyarrow", fn_args=(spec, bands, rows))
-    grouped = keys.groupby("band", num_partitions=min(bands, _partitions(ray)))
-    found = _collect(grouped.map_groups(ray_parts.band_candidates, batch_format="numpy",
-                                        fn_args=(NearIndex.max_bucket,)))
-    if not found or not len(found["a"]):
-        return {}
-    pairs = np.unique(np.stack([found["a"], found["b"]], axis=1), axis=0)
-    involved = np.unique(pairs)
-    got = _collect(ds.map_batches(ray_parts.rows_at, batch_size=1, batch_format="pyarrow",
-                                  fn_args=(involved, spec)))
-    order = np.argsort(got["pos"])
-    sets = [np.frombuffer(got["shingles"][k], dtype=np.uint64) for k in order]
-    sources = got["source"][order].tolist()
-    local = np.searchsorted(got["pos"][order], pairs)
-    sim = pair_jaccard(sets, local)
-    good = sim >= spec.threshold
-    local, sim = local[good], sim[good]
-    score: dict[int, float] = {}
-    for j, s in zip(local[:, 1].tolist(), sim.tolist(), strict=True):
-        score[j] = max(score.get(j, 0.0), s)
-    root = earlier_roots(len(involved), local)
-    return {int(involved[j]): f"near duplicate of {sources[root[j]]} (similarity {s:.2f})" for j, s in score.items()}
+def _write(ray, blocks: list, cfg, out: RayOutput, folder: Path) -> list[dict]:
+    """Examples and rejects written by the workers, part by part; a small row about each part comes back."""
+    import pickle
+
+    ds = ray.data.from_arrow_refs(blocks).map_batches(
+        ray_parts.write_parts, batch_size=1, batch_format="pyarrow",
+        fn_args=(cfg, out.seed, str(folder), kind_class(cfg.task), out.split_cfg))
+    metas = [pickle.loads(m) for t in ds.iter_batches(batch_size=None, batch_format="pyarrow")
+             for m in t.column("meta").to_pylist()]
+    return sorted(metas, key=lambda m: m["order"])
 
 
-def _whole_step(ray, ds, i: int, spec, ctx: StepContext):
-    """A step that needs every row at once, here (the local engine holds them too): its kept rows become one
-    more part after the others, as the local engine writes them when the input ends."""
-    parts = [p for table in ds.iter_batches(batch_size=1, batch_format="pyarrow") for p in ray_parts.load(table)]
-    records, pos = [], []
-    for part in parts:
-        part.reach(i)
-        records += part.records
-        pos += part.pos
-        part.records, part.pos = [], []
-    held = Part(len(parts) and max(p.batch for p in parts) + 1, pos, records)
-    kept, dropped, row = apply_step(records, spec, ctx, f"{i + 1}:{spec.step}", STEPS[type(spec)])
-    held.keep(kept)
-    held.rejected += dropped
-    held.count(i, row.n_in, row.kept, row.dropped, row.changed)
-    return ray.data.from_arrow_refs([ray.put(ray_parts.dump([p])) for p in [*parts, held]])
+def _curated(cfg, metas: list[dict], out: RayOutput) -> Curated:
+    """The parts' counts added up and the recipe's fields checked over all of them, as the local engine does once
+    its stream has ended."""
+    n_read = sum(m["read"] for m in metas)
+    if n_read == 0 and ray_read.plan(cfg)[0].end is not None:
+        raise DataError(f"{cfg.path}: the file is empty")
+    for i, spec in enumerate(cfg.steps):
+        check_fields(set().union(*(m["fields"].get(i, set()) for m in metas)), spec, f"{i + 1}:{spec.step}")
+    mapper = ExampleMapper(cfg)
+    mapper.seen = set().union(*(m["mapped"] for m in metas))
+    mapper.check(str(cfg.path or cfg.hub.name))
+    if cfg.derive:
+        check_derive(set().union(*(m["raw"] for m in metas)), cfg.derive)
+    counts: dict[int, list[int]] = {}
+    for m in metas:
+        for i, c in m["counts"].items():
+            counts[i] = [a + b for a, b in zip(counts.get(i, [0, 0, 0, 0]), c, strict=True)]
+    rows = [StepRow(f"{i + 1}:{spec.step}", *counts.get(i, [0, 0, 0, 0])) for i, spec in enumerate(cfg.steps)]
+    start = len(out)
+    out.add(metas)
+    uses_labels = kind_class(cfg.task).uses_labels
+    targets = set().union(*(m["targets"] for m in metas)) if uses_labels else set()
+    return Curated(range(start, len(out)), sum(m["rejected"] for m in metas), rows, n_read, targets,
+                   set().union(*(m["nodes"] for m in metas)))
 
 
-def _write(ds, cfg, out):
-    """Parts in read order into the spool and rejected.jsonl; each step's fields are checked on the first part
-    whose rows reached it, as the local engine checks its first batch."""
-    from tunesmith.data.examples import labels_of
 
-    uses_labels = bool(labels_of({"x"}, cfg))
-    kept_at: list[int] = []
-    n_rejected, targets, counts, nodes, checked = 0, set(), {}, set(), set()
-    for table in ds.iter_batches(batch_size=1, batch_format="pyarrow"):
-        for part in ray_parts.load(table):
-            for i, seen in sorted(part.fields.items()):
-                if i not in checked and seen:
-                    check_fields(seen, cfg.steps[i], f"{i + 1}:{cfg.steps[i].step}")
-                    checked.add(i)
-            kept_at.extend(out.write(part.examples, part.rejected))
-            n_rejected += len(part.rejected)
-            if uses_labels:
-                targets.update(e.target for e in part.examples)
-            for i, c in part.counts.items():
-                counts[i] = [a + b for a, b in zip(counts.get(i, [0, 0, 0, 0]), c, strict=True)]
-            nodes |= part.nodes
-    return kept_at, n_rejected, targets, counts, nodes
+class RayOutput:
+    """Where the Ray engine's parts were written (by the workers, in the work folder): the driver keeps a row per
+    part; :meth:`split` has one worker split the examples and write the output files in read order."""
+
+    def __init__(self, data_dir: Path, work: Path, cfg, seed: int, split_cfg):
+        self.data_dir, self.work, self.cfg, self.seed, self.split_cfg = data_dir, work, cfg, seed, split_cfg
+        self.stems: list[str] = []
+        self.n = 0
+
+    def add(self, metas: list[dict]) -> None:
+        self.stems += [m["stem"] for m in metas]
+        self.n += sum(m["examples"] for m in metas)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def split(self, parts: dict[str, range], assign) -> tuple[SpooledSplits, dict]:
+        ray = ray_module()
+        counts, notes = ray.get(_remote(ray, assemble).remote(self.stems, str(self.data_dir), parts, assign))
+        return SpooledSplits(self.data_dir / "examples.jsonl", counts), notes
+
+    def close(self) -> None:
+        pass
+
+
+def assemble(stems: list[str], data_dir: str, parts: dict[str, range], assign) -> tuple[dict, dict]:
+    """One worker: the parts' split keys read in order, each example's split decided (``assign``, as locally),
+    and examples.jsonl, rejected.jsonl, examples.split and the split files written from the parts' files."""
+    import pickle
+
+    from tunesmith.data.split import _codes
+    from tunesmith.data.stream import write_splits
+
+    hashes, labels, groups, sources = [], [], [], []
+    for stem in stems:
+        with open(Path(stem).with_suffix(".keys"), "rb") as fh:
+            h, lab, grp, src = pickle.load(fh)
+        hashes.append(h)
+        labels += lab or []
+        groups += grp or []
+        sources += src
+    hashes = np.concatenate(hashes or [np.empty(0, np.uint64)])
+
+    def read_keys(part: range) -> SplitKeys:
+        lo, hi = part.start, part.stop
+        lab = _codes(labels[lo:hi]) if labels else (None, None)
+        grp = _codes(groups[lo:hi]) if groups else (None, None)
+        return SplitKeys(hashes[lo:hi], *lab, *grp, where=lambda i: sources[lo + i])
+
+    codes, notes = assign(parts, read_keys)
+    out = Path(data_dir)
+    for suffix, name in ((".examples", "examples.jsonl"), (".rejected", "rejected.jsonl")):
+        with open(out / name, "wb") as fh:
+            for stem in stems:
+                fh.write(Path(stem).with_suffix(suffix).read_bytes())
+    splits = write_splits(codes, _lines(stems, ".train"), out)
+    return splits.counts, notes
+
+
+def _lines(stems: list[str], suffix: str):
+    for stem in stems:
+        with open(Path(stem).with_suffix(suffix), "rb") as fh:
+            yield from fh

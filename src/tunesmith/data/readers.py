@@ -198,12 +198,14 @@ class LineReader:
     Korean cp949 when :func:`file_encoding` says so.
 
     ``lenient`` keeps undecodable bytes as surrogates so that their rows can be rejected; otherwise they
-    raise a ``DataError`` naming the line, the byte offset and the fix."""
+    raise a ``DataError`` naming the line, the byte offset and the fix. ``start``/``end`` read only the lines that
+    begin in that byte range of a UTF-8 file (the Ray engine's shards), numbered after ``newlines_before``, the
+    newlines in the bytes before ``start``."""
 
-    def __init__(self, path: Path, lenient: bool):
+    def __init__(self, path: Path, lenient: bool, start: int = 0, end: int | None = None, newlines_before: int = 0):
         self.path, self.lenient = path, lenient
         self.size = max(path.stat().st_size, 1)
-        self.offset = 0
+        self.offset, self.start, self.end, self.newlines_before = 0, start, end, newlines_before
 
     def fraction(self) -> float:
         return min(self.offset / self.size, 1.0)
@@ -217,7 +219,15 @@ class LineReader:
                     self.offset += len(text.encode(encoding, errors="replace"))
             return
         with open(self.path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
+            first = 1 + self.newlines_before
+            if self.start:  # the line that began before the range belongs to the shard before
+                fh.seek(self.start - 1)
+                partial = fh.readline()
+                first += len(partial) >= 2 and partial.endswith(b"\n")
+                self.offset = self.start - 1 + len(partial)
+            for lineno, raw in enumerate(fh, start=first):
+                if self.end is not None and self.offset >= self.end:
+                    return
                 yield lineno, self._decode(raw, lineno)
                 self.offset += len(raw)
 
@@ -232,8 +242,9 @@ class LineReader:
                             f"{resave_hint(self.path)}") from None
 
 
-def _jsonl(path: Path, lines: LineReader):
-    blank = True
+def _jsonl(path: Path, lines: LineReader, whole: bool = True):
+    """Rows of JSON lines (blank lines skipped); ``whole``: the lines are the whole file, which must have one."""
+    blank = whole
     for lineno, line in lines:
         line = line.rstrip("\r\n")
         if not line.strip():
@@ -249,7 +260,7 @@ def jsonl_row(where: str, line: str) -> Record | Rejected:
     if _BAD_BYTES.search(line):
         return Rejected(where, "read", NOT_UTF8, _shown(line))
     try:
-        obj = json.loads(line)
+        obj = _loads(line)
     except json.JSONDecodeError as exc:
         return Rejected(where, "read", f"not valid JSON ({exc.msg}); line starts with: {_start(line)!r}", line)
     if not isinstance(obj, dict):
@@ -257,6 +268,24 @@ def jsonl_row(where: str, line: str) -> Record | Rejected:
     if "messages" in obj and (errors := check_example(obj)):  # an OpenAI chat example: OpenAI's rules
         return Rejected(where, "read", "; ".join(f"{e} ({hint(e)})" for e in errors), obj)
     return Record(obj, where)
+
+
+try:
+    import orjson
+except ImportError:  # optional: the standard parser alone gives the same values
+    orjson = None
+_LONG_INT = re.compile(r"\d{20}")
+
+
+def _loads(line: str):
+    """``json.loads``, through orjson where it gives the same value (it refuses NaN, infinities and lone
+    surrogates, and reads integers beyond 64 bits as floats: those lines, and every error, go to ``json``)."""
+    if orjson is not None and not _LONG_INT.search(line):
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(line)
 
 
 def csv_row(where: str, header: list[str], row: list[str]) -> Record | Rejected:

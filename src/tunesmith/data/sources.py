@@ -136,8 +136,9 @@ def chunk_by_tokens(text: str, tokenizer, size: int, overlap: int) -> list[str]:
     text = text.strip()
     if not text:
         return []
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    from tunesmith.data.tokens import token_offsets
+
+    offsets = token_offsets([text], tokenizer)[0]
     if len(offsets) <= size:
         return [text]
     chunks, step = [], size - overlap
@@ -152,17 +153,14 @@ def chunk_by_tokens(text: str, tokenizer, size: int, overlap: int) -> list[str]:
 # --- derived fields ------------------------------------------------------------------------------
 
 
-def derive_fields(records: list[Record], derive: dict[str, str | list[str]]) -> None:
-    """Add fields in place: a template over other fields, or a list of fields joined by newlines."""
+def derive_fields(records: list[Record], derive: dict[str, str | list[str]], check: bool = True) -> None:
+    """Add fields in place: a template over other fields, or a list of fields joined by newlines. A field the
+    template names that no record has fails (``check``; the data stage checks once over the whole stream)."""
+    if check:
+        check_derive(set().union(*(r.data for r in records)) if records else set(), derive)
     for name, spec in derive.items():
-        template = spec if isinstance(spec, str) else "\n".join("{" + f + "}" for f in spec)
+        template = derive_template(spec)
         needed = [f for _, f, _, _ in string.Formatter().parse(template) if f]
-        seen = set().union(*(r.data for r in records)) if records else set()
-        missing = [f for f in needed if f not in seen]
-        if missing:
-            raise DataError(
-                f"data.derive.{name}: no record has the field(s) {missing}; fields present: {sorted(seen)}"
-            )
         for rec in records:
             values = {f: "" if rec.data.get(f) is None else rec.data[f] for f in needed}
             try:
@@ -173,3 +171,20 @@ def derive_fields(records: list[Record], derive: dict[str, str | list[str]]) -> 
                     f"{rec.source}: data.derive.{name}: the template {template!r} does not fit the values {shown} "
                     f"({exc}); a format like {{x:.0f}} needs a number, not text"
                 ) from None
+
+
+def derive_template(spec: str | list[str]) -> str:
+    return spec if isinstance(spec, str) else "\n".join("{" + f + "}" for f in spec)
+
+
+def check_derive(seen: set[str], derive: dict[str, str | list[str]]) -> None:
+    """A field a derived field's template names that no record has (``seen``: every record's fields) is a recipe
+    mistake: fail with the fields present."""
+    if not seen:
+        return
+    for name, spec in derive.items():
+        needed = [f for _, f, _, _ in string.Formatter().parse(derive_template(spec)) if f]
+        missing = [f for f in needed if f not in seen]
+        if missing:
+            raise DataError(f"data.derive.{name}: no record has the field(s) {missing}; fields present: {sorted(seen)}")
+        seen = seen | {name}  # a later template may use it

@@ -2,47 +2,66 @@
 
 Steps that judge a row alone (scrub, lengths, ranges, regex, language) run on the batch as they are; the
 dedup steps carry a compact index between batches (``dedup_index.py``); steps that need every row at once
-(balance, sample, semantic_dedup) hold the rows that reach them and run when the input ends. Kept examples
-go to ``examples.jsonl`` as they come; the splits are lists of positions into it.
+(balance, sample, semantic_dedup) hold the rows that reach them and run when the input ends. What depends on
+all rows is checked once the stream ends: a field a step or the recipe names is missing only if no row had it.
+Set-aside rows are written in read order within each batch (and within what the held steps release), kept
+examples to ``examples.jsonl`` as they come; the split is one byte per example, decided at the end.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from tunesmith.config import BalanceStep, ExactDedupStep, NearDedupStep, SampleStep, SemanticDedupStep
-from tunesmith.data.dedup_index import ExactIndex, NearIndex, SpillLog
-from tunesmith.data.split import ItemKeys
+from tunesmith.config import BalanceStep, ExactDedupStep, NearDedupStep, SampleStep, SemanticDedupStep, TokenLengthStep
+from tunesmith.data.dedup_index import ExactIndex, NearIndex, exact_keys, near_keys, rows_of
+from tunesmith.data.split import SPLITS, SplitKeys, content_hash, content_key
 from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields
+from tunesmith.errors import DataError
 from tunesmith.records import Example, Record, Rejected
 
 
-def return_freed_arrays() -> None:
-    """Have freed batch memory go back to the system at once: Arrow allocates from the C heap (its own pool
-    keeps what it freed), and glibc keeps a fixed mmap threshold. By default glibc raises the threshold after
-    the first large free, so every batch's arrays then come from the heap, which fragments and only grows
-    (measured: +45 MB per 80k rows at 2,000-row batches, none with a fixed threshold). No-op off glibc."""
+@contextmanager
+def stage_memory() -> Iterator[None]:
+    """Arrow allocates from the C heap while the stage runs (its own pools keep what they free), so that
+    :func:`release_freed` can hand freed batch memory back; the process's Arrow pool is restored afterwards,
+    and no allocator setting outlives the stage."""
+    import pyarrow as pa
+
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
+
+
+def release_freed() -> None:
+    """Give the pages of freed memory back to the system (glibc's ``malloc_trim``; no-op elsewhere). Called
+    after each batch: glibc otherwise keeps them once its mmap threshold has risen, and the heap only grows
+    (measured: +45 MB per 80k rows at 2,000-row batches)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
     import ctypes
     import ctypes.util
 
-    import pyarrow as pa
-
-    pa.set_memory_pool(pa.system_memory_pool())
-
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
+        name = ctypes.util.find_library("c")
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
-        return
-    if mallopt is not None:
-        mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+        return None
 
 
 INDEXED = {ExactDedupStep: ExactIndex, NearDedupStep: NearIndex}
@@ -51,10 +70,10 @@ WHOLE = (BalanceStep, SampleStep, SemanticDedupStep)  # need every row that reac
 
 @dataclass
 class Curated:
-    """One source curated: kept rows' positions in the spool, rejects counted, per-step rows, rows read, the
-    targets seen and the Ray nodes that worked on it (``data.engine: ray``)."""
+    """One source curated: its examples (a range of the output's), rejects counted, per-step rows, rows read,
+    the targets seen and the Ray nodes that worked on it (``data.engine: ray``)."""
 
-    positions: list[int]
+    examples: range
     n_rejected: int
     rows: list
     n_read: int
@@ -62,20 +81,24 @@ class Curated:
     nodes: set[str] = field(default_factory=set)
 
 
+def step_fields(spec) -> list[str]:
+    return list(getattr(spec, "fields", []) or [])
+
+
 class StreamStep:
-    """One curation step fed batch by batch; its summary row adds up over the batches."""
+    """One curation step fed batch by batch; its summary row adds up over the batches, and the fields of every
+    row that reached it are noted for :meth:`check`."""
 
     def __init__(self, i: int, spec, ctx: StepContext, workdir: Path):
         self.name, self.spec, self.ctx = f"{i + 1}:{spec.step}", spec, ctx
         self.fn = INDEXED[type(spec)](spec, workdir) if type(spec) in INDEXED else STEPS[type(spec)]
         self.row = StepRow(self.name, 0, 0, 0, 0)
         self.held: list[Record] | None = [] if isinstance(spec, WHOLE) else None
-        self.checked = False
+        self.seen: set[str] = set()
 
     def push(self, records: list[Record]) -> tuple[list[Record], list[Rejected]]:
-        if not self.checked and records:  # a field no row of the first batch has is a recipe mistake
-            check_fields(set().union(*(r.data for r in records)), self.spec, self.name)
-            self.checked = True
+        if records and not set(step_fields(self.spec)) <= self.seen:
+            self.seen.update(*(r.data for r in records))
         if self.held is not None:
             self.held += records
             return [], []
@@ -87,8 +110,13 @@ class StreamStep:
         held, self.held = self.held, None
         return self._apply(held)
 
+    def check(self) -> None:
+        """A field no row that reached the step had is a recipe mistake (fail with the fields present)."""
+        check_fields(self.seen, self.spec, self.name)
+
     def _apply(self, records: list[Record]) -> tuple[list[Record], list[Rejected]]:
-        kept, dropped, row = apply_step(records, self.spec, self.ctx, self.name, self.fn)
+        with unseen_named(step_fields(self.spec), self.seen):
+            kept, dropped, row = apply_step(records, self.spec, self.ctx, self.name, self.fn)
         for k in ("n_in", "kept", "dropped", "changed"):
             setattr(self.row, k, getattr(self.row, k) + getattr(row, k))
         return kept, dropped
@@ -104,68 +132,239 @@ class StepChain:
     def __init__(self, specs: list, ctx: StepContext, workdir: Path):
         self.steps = [StreamStep(i, spec, ctx, workdir) for i, spec in enumerate(specs)]
 
-    def push(self, records: list[Record], start: int = 0) -> tuple[list[Record], list[Rejected]]:
+    def push(self, records: list[Record], start: int = 0, keys: dict | None = None) -> tuple[list[Record], list[Rejected]]:
+        """``records`` through the steps from ``start``; ``keys``: what the dedup steps compare, made elsewhere
+        for these records (step index -> ``dedup_index.exact_keys`` / ``near_keys``)."""
         dropped: list[Rejected] = []
-        for step in self.steps[start:]:
+        at = {id(r): k for k, r in enumerate(records)} if keys else {}
+        for i, step in enumerate(self.steps[start:], start):
+            if keys and i in keys and records:
+                step.fn.given = rows_of(keys[i], np.array([at[id(r)] for r in records], dtype=np.int64))
             records, out = step.push(records)
             dropped += out
         return records, dropped
 
-    def finish(self) -> Iterator[tuple[list[Record], list[Rejected]]]:
+    def dedup_after_head(self) -> list[tuple[int, object]]:
+        """The dedup steps right after the leading row-wise steps (their keys can be made with those steps)."""
+        out = []
+        for i in range(self.head(), len(self.steps)):
+            if not isinstance(self.steps[i].spec, tuple(INDEXED)):
+                break
+            out.append((i, self.steps[i].spec))
+        return out
+
+    def finish(self) -> Iterator[tuple[list[Record], list[Rejected], dict[str, int]]]:
+        """What each held step releases, pushed through the steps after it, with the read order of its rows."""
         for i, step in enumerate(self.steps):
+            held = list(step.held or [])
             kept, dropped = step.finish()
             if kept or dropped:
                 more_kept, more_dropped = self.push(kept, i + 1)
-                yield more_kept, dropped + more_dropped
+                yield more_kept, dropped + more_dropped, {r.source: k for k, r in enumerate(held)}
+
+    def check(self) -> None:
+        for step in self.steps:
+            step.check()
 
     @property
     def rows(self) -> list[StepRow]:
         return [s.row for s in self.steps]
+
+    def head(self) -> int:
+        """How many steps lead the chain that judge each row alone (before the first dedup or whole-data step)."""
+        return next((i for i, s in enumerate(self.steps) if isinstance(s.spec, tuple(INDEXED) + WHOLE)),
+                    len(self.steps))
 
     def close(self) -> None:
         for s in self.steps:
             s.close()
 
 
-class ExampleSpool:
-    """Kept examples in read order, one JSON line each, with their split keys (for stratified or grouped
-    splits) as small codes in memory."""
+HELPER_BYTES = 32 << 20  # inputs from this size on have their leading row-wise steps run in a second process
 
-    def __init__(self, path: Path, label_of=None, group_of=None):
-        path.unlink(missing_ok=True)
-        self.path, self.log = path, SpillLog(path)
-        self.label_of, self.group_of = label_of, group_of
-        self.codes = Codes() if label_of else None
-        self.groups = Codes() if group_of else None
 
-    def add(self, examples: list[Example]) -> range:
-        start = len(self.log)
-        self.log.extend([(json.dumps([e.id, e.inputs, e.target, e.meta], ensure_ascii=False, default=str)
-                          + "\n").encode("utf-8", "surrogatepass") for e in examples])
-        if self.codes is not None:
-            self.codes.extend(self.label_of(e) for e in examples)
-        if self.groups is not None:
-            self.groups.extend(self.group_of(e) for e in examples)
-        return range(start, len(self.log))
+class HeadSteps:
+    """The chain's leading row-wise steps (scrub, lengths, ranges...) run in a second process a batch ahead of
+    this one, which meanwhile dedups, maps and writes the batch before: both cores work. The process is a fresh
+    interpreter (``python -c``, whatever this one's main module is); rows travel to it and back pickled through
+    its standard input and output, and the per-step counts and fields come back at the end (:meth:`close`)."""
 
-    def keys(self) -> ItemKeys:
-        """How the split reads a position: its label and group codes; its source from the file (errors only)."""
-        return ItemKeys(
-            lambda i: self.codes.value(i) if self.codes else None,
-            lambda i: self.groups.value(i) if self.groups else None,
-            lambda i: self.read(i).meta.get("source", i),
-        )
+    def __init__(self, chain: StepChain, ctx: StepContext):
+        import os
+        import queue
+        import subprocess
+        import sys
+        import threading
 
-    def read(self, i: int) -> Example:
-        return _example(self.log.get(i))
+        self.chain, self.n = chain, chain.head()
+        specs = [s.spec for s in chain.steps[: self.n]]
+        needs = any(isinstance(spec, TokenLengthStep) for spec in specs)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self.proc = subprocess.Popen([sys.executable, "-c", "from tunesmith.data.stream import serve_head; serve_head()"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.outbox: queue.Queue = queue.Queue(maxsize=2)  # at most two batches ahead of the replies
+        threading.Thread(target=self._send, daemon=True).start()  # writes while this thread reads: no deadlock
+        self.outbox.put(("start", specs, ctx.portable(needs), chain.dedup_after_head()))
 
-    def splits(self, positions: dict[str, list[int]]) -> SpooledSplits:
-        self.log.fh.flush()
-        return SpooledSplits(self.path, np.frombuffer(self.log.offsets, dtype=np.int64).copy(),
-                             {k: np.asarray(v, dtype=np.int64) for k, v in positions.items()})
+    def _send(self) -> None:
+        while (message := self.outbox.get()) is not None:
+            try:
+                _write_frame(self.proc.stdin, message)
+            except (BrokenPipeError, ValueError):
+                return
+        self.proc.stdin.close()
+
+    def _reply(self):
+        reply = _read_frame(self.proc.stdout)
+        if reply is None:
+            raise DataError(f"the data stage's second process ended (exit code {self.proc.wait()}); see its output above")
+        kind, value = reply
+        if kind == "error":
+            raise value
+        return value
+
+    def run(self, batches) -> Iterator[tuple[object, list[Record], list[Rejected], dict]]:
+        """``(batch, kept, dropped, keys)`` of each batch after the leading steps, in order, with what the dedup
+        steps after them compare of the kept rows (made there too, so that both processes have work)."""
+        pending = deque()
+        for batch in batches:
+            self.outbox.put(("push", batch.records))
+            pending.append(batch)
+            if len(pending) > 1:
+                yield pending.popleft(), *self._reply()
+        while pending:
+            yield pending.popleft(), *self._reply()
 
     def close(self) -> None:
-        self.log.close()
+        """The leading steps' counts and fields into the chain; the process ends."""
+        try:
+            self.outbox.put(("state",))
+            for step, (row, seen) in zip(self.chain.steps, self._reply(), strict=False):
+                step.row, step.seen = row, seen
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.outbox.put(None)
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a process that does not end is ended
+            self.proc.kill()
+
+
+def _write_frame(fh, message) -> None:
+    import pickle
+
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(len(body).to_bytes(8, "little"))
+    fh.write(body)
+    fh.flush()
+
+
+def _read_frame(fh):
+    import pickle
+
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    return pickle.loads(fh.read(int.from_bytes(head, "little")))
+
+
+def serve_head() -> None:
+    """The second process: the leading steps over each batch it is sent (and the keys of the dedup steps after
+    them), until its input ends."""
+    import os
+    import sys
+
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything printed goes to standard error, never into the replies
+    with stage_memory():
+        chain, dedup, failed = None, [], None
+        while (message := _read_frame(sys.stdin.buffer)) is not None:
+            release_freed()
+            try:
+                if failed is not None:
+                    raise failed
+                if message[0] == "start":
+                    chain, dedup = StepChain(message[1], message[2], Path(".")), message[3]
+                    continue
+                _write_frame(out, ("ok", _head_reply(chain, dedup, message)))
+            except Exception as exc:  # noqa: BLE001 - handed to the first process, which raises it
+                if message[0] == "start":
+                    failed = exc
+                    continue
+                _write_frame(out, ("error", exc))
+
+
+def _head_reply(chain: StepChain, dedup: list, message: tuple):
+    if message[0] != "push":
+        return [(s.row, s.seen) for s in chain.steps]
+    kept, dropped = chain.push(message[1])
+    keys = {i: (exact_keys if isinstance(spec, ExactDedupStep) else near_keys)(kept, spec) for i, spec in dedup}
+    return kept, dropped, keys if kept else {}
+
+
+def in_read_order(rejected: list[Rejected], rank: dict[str, int]) -> list[Rejected]:
+    """Set-aside rows in the order their rows were read (whatever step set them aside), so that every engine and
+    batch size writes them alike."""
+    end = len(rank)
+    return sorted(rejected, key=lambda r: rank.get(r.source, end))
+
+
+@contextmanager
+def unseen_named(names: list[str], seen: set[str]) -> Iterator[None]:
+    """A row's error (``on_error: fail``) says so when no row read so far had a field the recipe names: more
+    likely a mistake in the recipe than in the row."""
+    try:
+        yield
+    except DataError as exc:
+        unseen = [n for n in names if n not in seen]
+        if not unseen:
+            raise
+        raise DataError(f"{exc} No record read so far has the field(s) {unseen} named in the recipe; fields "
+                        f"present: {sorted(seen)}.") from None
+
+
+def mapped_fields(cfg) -> list[str]:
+    """The fields mapping to examples reads of every row (``examples.to_examples`` fails a batch none of whose
+    rows has one of them)."""
+    order = cfg.order.by if cfg.order and cfg.order.by != "target" else None
+    names = [*cfg.input_fields, cfg.target_field, cfg.split.stratify_field, cfg.split.group_field, order]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+class ExampleMapper:
+    """Rows to examples batch by batch (``examples.to_examples``), with the recipe's fields checked over the whole
+    stream: a batch whose rows lack a field is mapped as if the field were empty in each (so each row is set
+    aside for it, as with all rows at once), and :meth:`check` fails only if no row had the field."""
+
+    def __init__(self, cfg):
+        self.cfg, self.names, self.seen = cfg, mapped_fields(cfg), set()
+
+    def __call__(self, records: list[Record]) -> tuple[list[Example], list[Rejected]]:
+        from tunesmith.data.examples import to_examples
+
+        if not records:
+            return [], []
+        present = set().union(*(r.data for r in records))
+        self.seen |= present
+        absent = [n for n in self.names if n not in present]
+        for rec in records:
+            for name in absent:
+                rec.data[name] = None
+        try:
+            with unseen_named(self.names, self.seen):
+                return to_examples(records, self.cfg)
+        finally:
+            for rec in records:
+                for name in absent:
+                    rec.data.pop(name, None)
+
+    def check(self, where: str) -> None:
+        for name in self.names:
+            if self.seen and name not in self.seen:
+                raise DataError(f"{where}: no record has the field '{name}' named in the recipe; "
+                                f"fields present: {sorted(self.seen)}")
 
 
 class Codes:
@@ -186,8 +385,111 @@ class Codes:
                 self.values.append(v)
             self.codes.append(code)
 
-    def value(self, i: int):
-        return self.values[self.codes[i]]
+    def array(self, lo: int, hi: int) -> np.ndarray:
+        return np.frombuffer(self.codes, dtype=np.int32)[lo:hi].astype(np.int64)
+
+
+def example_lines(examples: list[Example], cfg, seed: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
+    """Each example's line in ``examples.jsonl``, its training line (``{"id", "messages"}``) and its split hash
+    (of its content with the seed): what every engine writes for it, made once."""
+    from tunesmith.data.formatting import chat_messages
+
+    spool, train, hashes = [], [], np.empty(len(examples), dtype=np.uint64)
+    for k, e in enumerate(examples):
+        content = content_key(e.inputs, e.target)
+        hashes[k] = content_hash(content, seed)
+        spool.append(f"[{_dumps(e.id)}, {content[1:-1]}, {_dumps(e.meta)}]\n".encode("utf-8", "surrogatepass"))
+        messages = chat_messages(e, cfg) + [{"role": "assistant", "content": e.target}]
+        train.append((_dumps({"id": e.id, "messages": messages}) + "\n").encode("utf-8", "surrogatepass"))
+    return spool, train, hashes
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, default=str).encode  # json.dumps(..., ensure_ascii=False, default=str)
+
+
+def reject_lines(rejected: list[Rejected]) -> str:
+    """``rejected.jsonl`` lines: each ``Rejected.to_json()``, its fields taken as they are (no deep copy)."""
+    names = [f.name for f in fields(Rejected)]
+    return "".join(_dumps({n: getattr(r, n) for n in names}) + "\n" for r in rejected)
+
+
+class LocalOutput:
+    """Where the local engine's curated rows go as they come: set-aside rows to ``rejected.jsonl``, kept examples
+    to ``examples.jsonl`` with their training lines and split hashes (8 bytes) to work files, and small label and
+    group codes in memory; :meth:`split` cuts the split files from them at the end."""
+
+    def __init__(self, data_dir: Path, work: Path, cfg, seed: int, split_cfg):
+        self.data_dir, self.cfg, self.seed = data_dir, cfg, seed
+        self.examples = open(data_dir / "examples.jsonl", "wb")  # noqa: SIM115 - closed by close()
+        self.train_lines = open(work / "messages.jsonl", "wb+")  # noqa: SIM115
+        self.rejected = open(data_dir / "rejected.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+        self.hashes = open(work / "hashes.bin", "wb+")  # noqa: SIM115 - 8 bytes an example, read at the split
+        self.n = 0
+        self.labels = Codes() if split_cfg.stratify or split_cfg.stratify_field else None
+        self.groups = Codes() if split_cfg.group_field else None
+        from tunesmith.data.split import example_keys
+
+        self.keys = example_keys(split_cfg)
+
+    def write(self, examples: list[Example], rejected: list[Rejected]) -> None:
+        self.rejected.write(reject_lines(rejected))
+        spool, train, hashes = example_lines(examples, self.cfg, self.seed)
+        self.examples.write(b"".join(spool))
+        self.train_lines.write(b"".join(train))
+        self.hashes.write(hashes.tobytes())
+        self.n += len(hashes)
+        if self.labels is not None:
+            self.labels.extend(self.keys.label(e) for e in examples)
+        if self.groups is not None:
+            self.groups.extend(self.keys.group(e) for e in examples)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def split_keys(self, part: range) -> SplitKeys:
+        lo, hi = part.start, part.stop
+        labels = (self.labels.array(lo, hi), self.labels.values) if self.labels else (None, None)
+        groups = (self.groups.array(lo, hi), self.groups.values) if self.groups else (None, None)
+        self.hashes.flush()
+        hashes = np.fromfile(self.hashes.name, dtype=np.uint64, count=hi - lo, offset=8 * lo)
+        return SplitKeys(hashes, *labels, *groups, where=lambda i: self._source(lo + i))
+
+    def _source(self, i: int) -> str:
+        self.examples.flush()
+        with open(self.data_dir / "examples.jsonl", "rb") as fh:
+            for k, line in enumerate(fh):
+                if k == i:
+                    return json.loads(line)[3].get("source", i)
+        return str(i)
+
+    def split(self, parts: dict[str, range], assign) -> tuple[SpooledSplits, dict]:
+        """Split codes from ``assign(parts, split_keys)``, written beside ``examples.jsonl``; the split files cut
+        from the training lines in read order."""
+        codes, notes = assign(parts, self.split_keys)
+        self.examples.flush()
+        self.train_lines.flush()
+        self.train_lines.seek(0)
+        splits = write_splits(codes, iter(self.train_lines), self.data_dir)
+        return splits, notes
+
+    def close(self) -> None:
+        for fh in (self.examples, self.train_lines, self.rejected, self.hashes):
+            fh.close()
+
+
+def write_splits(codes: np.ndarray, lines, data_dir: Path) -> SpooledSplits:
+    """``examples.split`` (one code a byte) and train/val/test.jsonl from the examples' training lines in order."""
+    (data_dir / "examples.split").write_bytes(codes.astype(np.uint8).tobytes())
+    files = [open(data_dir / f"{name}.jsonl", "wb") for name in SPLITS[:3]]  # noqa: SIM115
+    try:
+        for code, line in zip(codes.astype(np.uint8).tobytes(), lines, strict=True):
+            if code < 3:
+                files[code].write(line)
+    finally:
+        for fh in files:
+            fh.close()
+    counts = np.bincount(codes, minlength=len(SPLITS)).tolist()
+    return SpooledSplits(data_dir / "examples.jsonl", dict(zip(SPLITS, counts, strict=True)))
 
 
 def _example(line: bytes) -> Example:
@@ -197,43 +499,43 @@ def _example(line: bytes) -> Example:
 
 @dataclass
 class SpooledSplits(Mapping):
-    """train/val/test/unused as positions into ``examples.jsonl``: a split's ``Example`` list is read from the
-    file the first time it is asked for, so the data stage itself never holds the examples."""
+    """train/val/test/unused of the examples in ``examples.jsonl``, by the one-byte codes of ``examples.split``
+    beside it: a split's ``Example`` list is read from the files the first time it is asked for, so the data
+    stage itself never holds the examples."""
 
     path: Path
-    offsets: np.ndarray
-    positions: dict[str, np.ndarray]
+    counts: dict[str, int]
     _lists: dict[str, list[Example]] = field(default_factory=dict, repr=False)
 
     def __getitem__(self, name: str) -> list[Example]:
+        if name not in self.counts:
+            raise KeyError(name)
         if name not in self._lists:
-            self._lists[name] = list(self.iter(name)) if name in self.positions else self._missing(name)
+            self._lists[name] = list(self.iter(name))
         return self._lists[name]
 
-    def _missing(self, name: str):
-        raise KeyError(name)
-
     def __iter__(self):
-        return iter(self.positions)
+        return iter(self.counts)
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.counts)
 
     def count(self, name: str) -> int:
-        return len(self.positions[name])
+        return self.counts[name]
 
     def iter(self, name: str) -> Iterator[Example]:
-        """The split's examples in split order, one read at a time."""
-        with open(self.path, "rb") as fh:
-            for i in self.positions[name].tolist():
-                fh.seek(int(self.offsets[i]))
-                yield _example(fh.read(int(self.offsets[i + 1] - self.offsets[i])))
+        """The split's examples in read order, one read at a time."""
+        want = SPLITS.index(name)
+        with open(self.path, "rb") as fh, open(self.path.with_suffix(".split"), "rb") as codes:
+            for line in fh:
+                if codes.read(1)[0] == want:
+                    yield _example(line)
 
-    def __getstate__(self):  # the cache pickles positions, never the loaded lists
-        return {"path": self.path, "offsets": self.offsets, "positions": self.positions}
+    def __getstate__(self):  # the cache pickles the counts, never the loaded lists
+        return {"path": self.path, "counts": self.counts}
 
     def __setstate__(self, state):
         self.__init__(**state)
 
     def moved(self, path: Path) -> SpooledSplits:
-        return SpooledSplits(path, self.offsets, self.positions)
+        return SpooledSplits(path, self.counts)

@@ -1,0 +1,168 @@
+"""Exact Jaccard similarity of shingle sets (near dedup's check, ``minhash.group_matches``): of pairs, by one
+sort of the pairs' shingles tagged with the pair, and of every pair of a large group at once, by a matrix product
+of the members' 0/1 shingle matrix. Shingles keep their 64-bit identity on both paths, and the similarity is the
+same float from the same counts, so a pair scores alike whichever path checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+@dataclass
+class Shingles:
+    """All texts' shingle ids in one flat array; text ``i`` owns ``ids[offsets[i]:offsets[i+1]]``."""
+
+    ids: np.ndarray  # uint64
+    offsets: np.ndarray  # int64, len = n_texts + 1
+
+    def of(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+
+def _unique_sets(sh: Shingles, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each of ``docs``' shingle sets without repeats, as dense ids (64-bit identity kept): ``(ids, starts)``
+    with doc ``k``'s set in ``ids[starts[k]:starts[k+1]]``."""
+    counts = np.diff(sh.offsets)[docs]
+    idx = np.repeat(sh.offsets[docs] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    dense = _dense(sh.ids[idx])
+    key = distinct((np.repeat(np.arange(len(docs), dtype=np.uint64), counts) << np.uint64(32))
+                    | dense.astype(np.uint64))
+    starts = np.zeros(len(docs) + 1, dtype=np.int64)
+    np.cumsum(np.bincount((key >> np.uint64(32)).astype(np.int64), minlength=len(docs)), out=starts[1:])
+    return key & _MASK32, starts
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by one sort (numpy 2.4's ``np.unique`` hashes, ~50x slower on 64-bit ids)."""
+    values = np.sort(np.asarray(values).ravel())
+    return values[np.r_[True, values[1:] != values[:-1]]] if len(values) else values
+
+
+def _dense(ids: np.ndarray) -> np.ndarray:
+    """Each id's rank among the distinct ids (equal ids, equal ranks), by one sort."""
+    order = np.argsort(ids)
+    step = np.ones(len(ids), dtype=np.int64)
+    if len(ids):
+        step[0] = 0
+        step[1:] = ids[order][1:] != ids[order][:-1]
+    dense = np.empty(len(ids), dtype=np.int64)
+    dense[order] = np.cumsum(step)
+    return dense
+
+
+def _ratio(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
+    """Jaccard from counts, computed alike on every path (two empty sets count as equal)."""
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def exact_jaccard(sh: Shingles, pairs: np.ndarray, chunk: int = 1 << 21) -> np.ndarray:
+    """Jaccard similarity of the shingle sets of each pair ``(i, j)`` of texts, on arrays: both sides of every
+    pair are tagged with the pair's index and sorted; an adjacent equal value is one shared shingle. Pairs are
+    taken about ``chunk`` shingles at a time, which bounds the memory."""
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    sizes = np.diff(sh.offsets)
+    work = np.cumsum(sizes[pairs[:, 0]] + sizes[pairs[:, 1]]) if len(pairs) else np.zeros(0, np.int64)
+    if len(pairs) > 1 and work[-1] > chunk:
+        cuts = np.unique(np.searchsorted(work, np.arange(chunk, work[-1], chunk), side="right"))
+        bounds = [0, *[int(c) for c in cuts if 0 < c < len(pairs)], len(pairs)]
+        return np.concatenate([_pair_jaccard(sh, pairs[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    return _pair_jaccard(sh, pairs)
+
+
+def _pair_jaccard(sh: Shingles, pairs: np.ndarray) -> np.ndarray:
+    if len(pairs) == 0:
+        return np.empty(0, dtype=np.float64)
+    docs = distinct(pairs)
+    vals, starts = _unique_sets(sh, docs)
+    size = np.diff(starts)
+    pos = np.searchsorted(docs, pairs)
+    side = pos.ravel()
+    n_each = size[side]
+    tag = np.repeat(np.repeat(np.arange(len(pairs), dtype=np.uint64), 2), n_each)
+    gather = np.repeat(starts[side] - np.cumsum(n_each) + n_each, n_each) + np.arange(n_each.sum())
+    both = np.sort((tag << np.uint64(32)) | vals[gather])
+    shared = both[1:][both[1:] == both[:-1]]
+    inter = np.bincount((shared >> np.uint64(32)).astype(np.int64), minlength=len(pairs))
+    return _ratio(inter, size[pos[:, 0]] + size[pos[:, 1]] - inter)
+
+
+class _Ones:
+    """A 0/1 matrix with ones at ``(rows, cols)``: its columns that many rows share as a dense float32 block
+    (a bucket's rows share most of their shingles), the others sparse."""
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]):
+        from scipy.sparse import csr_matrix
+
+        m, width = shape
+        heavy = np.bincount(cols, minlength=width) * 16 >= m if m * width > 1 << 22 else np.ones(width, dtype=bool)
+        h = heavy[cols]
+        new = np.cumsum(heavy) - 1
+        self.dense = np.zeros((m, int(heavy.sum())), dtype=np.float32)
+        self.dense[rows[h], new[cols[h]]] = 1
+        light = np.cumsum(~heavy) - 1
+        self.sparse = (csr_matrix((np.ones(int((~h).sum()), np.float32), (rows[~h], light[cols[~h]])),
+                                  shape=(m, int((~heavy).sum()))) if (~h).any() else None)
+
+    def rows(self, at) -> tuple:
+        return self.dense[at], None if self.sparse is None else self.sparse[at]
+
+
+def _take(rows: tuple, at: np.ndarray) -> tuple:
+    return rows[0][at], None if rows[1] is None else rows[1][at]
+
+
+def _counts(a: tuple, b: tuple) -> np.ndarray:
+    """``a @ b.T`` of two row selections of one ``_Ones``, as exact integers."""
+    out = a[0] @ b[0].T
+    if a[1] is not None:
+        out = out + (a[1] @ b[1].T).toarray()
+    return np.rint(out).astype(np.int64)
+
+
+def large_group_matches(members: np.ndarray, of_group, sh: Shingles, query: np.ndarray, threshold: float,
+                        best: bool, block: int = 512):
+    """Pairs ``(earlier, later query)`` of a large group's members (or of overlapping groups', ``of_group`` saying
+    which rows share one) at or above ``threshold``, each query's best with ``best``: from the intersection counts
+    ``A[rows] @ A[queries].T`` of the members' 0/1 shingle matrix, a block of earlier rows at a time."""
+    vals, starts = _unique_sets(sh, members)
+    size = np.diff(starts)
+    doc = np.repeat(np.arange(len(members)), size)
+    shared = np.bincount(vals.astype(np.int64))[vals.astype(np.int64)] >= 2  # the others add to no intersection
+    doc, vals = doc[shared], _dense(vals[shared])
+    mat = _Ones(doc, vals, (len(members), int(vals.max()) + 1 if len(vals) else 1))
+    inc = None if of_group is None else _Ones(*of_group, (len(members), int(of_group[1].max()) + 1))
+    cols = np.flatnonzero(query[members])
+    col_sets = mat.rows(cols)
+    col_groups = None if inc is None else inc.rows(cols)
+    hits_a, hits_b, hits_s = [], [], []
+    best_sim, best_row = np.full(len(cols), -1.0), np.full(len(cols), -1, dtype=np.int64)
+    for lo in range(0, int(cols.max()), block):
+        live = cols > lo  # a query row is compared with the rows before it only
+        rows, right = slice(lo, lo + block), cols[live]
+        inter = _counts(mat.rows(rows), _take(col_sets, live))
+        sim = _ratio(inter, size[rows, None] + size[right][None, :] - inter)
+        sim[np.arange(lo, lo + len(sim))[:, None] >= right[None, :]] = -1.0
+        if inc is not None:
+            sim[_counts(inc.rows(rows), _take(col_groups, live)) == 0] = -1.0  # in no group together
+        if best:
+            row = np.argmax(sim, axis=0)
+            top = sim[row, np.arange(sim.shape[1])]
+            better = top > best_sim[live]
+            idx = np.flatnonzero(live)[better]
+            best_sim[idx], best_row[idx] = top[better], lo + row[better]
+        else:
+            r, c = np.nonzero(sim >= threshold)
+            hits_a.append(lo + r)
+            hits_b.append(cols[live][c])
+            hits_s.append(sim[r, c])
+    if best:
+        hit = best_sim >= threshold
+        return members[best_row[hit]], members[cols[hit]], best_sim[hit]
+    if not hits_a:
+        return members[:0], members[:0], np.empty(0)
+    return members[np.concatenate(hits_a)], members[np.concatenate(hits_b)], np.concatenate(hits_s)

@@ -1,0 +1,170 @@
+"""One near dedup for every engine: the same kept rows and reasons in memory and streamed at any batch size, for
+buckets of any size (a 5,000-row LSH bucket of near copies of real BANKING77 text), and the sorted runs of the
+streaming index merged by size tiers."""
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from tunesmith.config import load_recipe
+from tunesmith.data import batches, minhash
+from tunesmith.data.dedup_index import SortedRuns
+from tunesmith.data.prepare import build
+from tunesmith.data.sources import read_source
+from tunesmith.data.steps import StepContext, run_steps
+
+from .conftest import EXAMPLE_CSV, write_recipe
+
+NEAR = {"step": "near_dedup", "threshold": 0.8}
+
+
+def banking_texts() -> list[str]:
+    with open(EXAMPLE_CSV, newline="", encoding="utf-8") as fh:
+        return [r["text"] for r in csv.DictReader(fh)]
+
+
+def bucket_file(path: Path, copies: int = 6_000, reworked: int = 1_500, others: int = 1_500, seed: int = 0) -> Path:
+    """Near copies of one 100-word text made of real BANKING77 messages: ``copies`` with one of its last five words
+    replaced (so one LSH bucket holds over 5,000 of them) and ``reworked`` with 2 to 15 words replaced anywhere,
+    shuffled among ``others`` rows of two real messages each."""
+    rng = random.Random(seed)
+    texts = banking_texts()
+    vocab = sorted({w for t in texts for w in t.split()})
+    words: list[str] = []
+    while len(words) < 100:
+        words += rng.choice(texts).split()
+    rows = []
+    for k in range(copies + reworked):
+        w = list(words[:100])
+        for _ in range(1 if k < copies else rng.randint(2, 15)):
+            w[rng.randrange(95, 100) if k < copies else rng.randrange(100)] = rng.choice(vocab)
+        rows.append(" ".join(w))
+    rows += [f"{rng.choice(texts)} {rng.choice(texts)}" for _ in range(others)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps({"text": t, "category": "ab"[i % 2]}) + "\n" for i, t in enumerate(rows)))
+    return path
+
+
+def variants_file(path: Path, seed: int = 0) -> Path:
+    """3,000 rows, 1,500 of them one-word variants of one real message (the case that once kept 1,647 rows at
+    20,000-row batches and 1,646 at 100)."""
+    rng = random.Random(seed)
+    texts = banking_texts()
+    vocab = sorted({w for t in texts for w in t.split()})
+    base = max(texts, key=lambda t: len(t.split())).split()[:14]
+    rows = []
+    for _ in range(1_500):
+        w = list(base)
+        w[rng.randrange(len(w))] = rng.choice(vocab)
+        rows.append(" ".join(w))
+    rows += [f"{rng.choice(texts)} {rng.choice(texts)}" for _ in range(1_500)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps({"text": t, "category": "ab"[i % 2]}) + "\n" for i, t in enumerate(rows)))
+    return path
+
+
+def recipe(tmp_path: Path, model_dir, data: Path, batch_rows: int, name: str):
+    doc = {"name": name, "output_dir": str(tmp_path / "runs"), "seed": 3, "model": {"name": str(model_dir)},
+           "data": {"path": str(data), "input_fields": ["text"], "target_field": "category", "cache": False,
+                    "batch_rows": batch_rows, "profile": {"enabled": False}, "steps": [NEAR]}}
+    return load_recipe(write_recipe(tmp_path / f"{name}.yaml", doc))
+
+
+def in_memory(cfg) -> list[tuple[str, str]]:
+    records, _ = read_source(cfg)
+    _, dropped, _ = run_steps(records, cfg.steps, StepContext())
+    return [(r.source, r.reason) for r in dropped]
+
+
+def streamed(tmp_path: Path, model_dir, data: Path, batch_rows: int) -> list[tuple[str, str]]:
+    out = tmp_path / f"out{batch_rows}"
+    build(recipe(tmp_path, model_dir, data, batch_rows, f"b{batch_rows}"), out, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    return [(r["source"], r["reason"]) for r in map(json.loads, (out / "rejected.jsonl").read_text().splitlines())]
+
+
+def largest_bucket(texts: list[str]) -> int:
+    sh = minhash.shingle(texts)
+    keys = minhash.band_keys(minhash.signatures(sh), *minhash.lsh_params(NEAR["threshold"], 128))
+    return int(minhash.lsh_groups(*minhash.keyed_rows(keys, np.arange(len(texts)))).sizes.max())
+
+
+def test_a_5000_row_bucket_keeps_the_same_rows_in_memory_and_at_any_batch_size(tmp_path, tiny_model_dir, home,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(batches, "FIRST_BATCH", 100)
+    data = bucket_file(tmp_path / "bucket.jsonl")
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    assert largest_bucket(texts) >= 5_000
+    want = in_memory(recipe(tmp_path, tiny_model_dir, data, 20_000, "mem").data)
+    kept = len(texts) - len(want)
+    assert 1_600 < kept < 4_000, kept  # reworked copies both dropped and kept: every decision counts
+    assert streamed(tmp_path, tiny_model_dir, data, 500) == want  # 19 batches: the bucket spans them all
+    assert streamed(tmp_path, tiny_model_dir, data, 20_000) == want
+
+
+def test_one_word_variants_keep_the_same_rows_at_any_batch_size(tmp_path, tiny_model_dir, home, monkeypatch):
+    monkeypatch.setattr(batches, "FIRST_BATCH", 100)
+    data = variants_file(tmp_path / "variants.jsonl")
+    want = in_memory(recipe(tmp_path, tiny_model_dir, data, 20_000, "mem").data)
+    assert streamed(tmp_path, tiny_model_dir, data, 100) == want
+    assert streamed(tmp_path, tiny_model_dir, data, 20_000) == want
+
+
+def test_large_groups_are_checked_pair_for_pair_as_small_ones(monkeypatch):
+    """A group above ``SMALL_GROUP`` is checked by a matrix product: the same matches as pair by pair."""
+    rng = random.Random(1)
+    base = " ".join(banking_texts()[:8]).split()[:40]
+    rows = []
+    for _ in range(400):
+        w = list(base)
+        for _ in range(rng.randint(1, 8)):
+            w[rng.randrange(40)] = rng.choice(base)
+        rows.append(" ".join(w))
+    pairs_small = minhash.near_matches(rows, 0.8)
+    monkeypatch.setattr(minhash, "SMALL_GROUP", 3)
+    pairs_large = minhash.near_matches(rows, 0.8)
+    assert all(np.array_equal(a, b) for a, b in zip(pairs_small, pairs_large, strict=True))
+    assert len(pairs_small[0]) > 100
+
+
+def test_sorted_runs_merge_by_size_tiers_and_find_every_key():
+    rng = np.random.default_rng(0)
+    runs, every = SortedRuns(np.uint64, np.uint32), []
+    for b in range(200):
+        keys = rng.integers(0, 5_000, size=50).astype(np.uint64)
+        runs.add(keys, np.arange(b * 50, (b + 1) * 50))
+        every.append(keys)
+        assert len(runs.runs) <= int(np.log2(b + 1)) + 1  # a binary counter of runs
+    every = np.concatenate(every)
+    first = {}
+    for p, k in enumerate(every.tolist()):
+        first.setdefault(k, p)
+    probe = np.arange(5_100, dtype=np.uint64)
+    assert runs.first(probe).tolist() == [first.get(k, -1) for k in probe.tolist()]
+    packed = SortedRuns(np.uint64)
+    packed.add((every << np.uint64(32)) | np.arange(len(every), dtype=np.uint64))
+    q, found = packed.between(np.array([7 << 32], np.uint64), np.array([(7 << 32) | 0xFFFFFFFF], np.uint64))
+    assert sorted((found & np.uint64(0xFFFFFFFF)).tolist()) == np.flatnonzero(every == 7).tolist()
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_matches_equal_a_brute_force_over_every_candidate_pair(threshold):
+    rng = random.Random(threshold)
+    texts = banking_texts()[:300]
+    texts += [" ".join(rng.sample(t.split(), len(t.split()))) for t in texts[:100]] + ["", ""]
+    sh = minhash.shingle(texts)
+    keys = minhash.band_keys(minhash.signatures(sh), *minhash.lsh_params(threshold, 128))
+    cand = np.array([(i, j) for j in range(len(texts)) for i in range(j)
+                     if len(sh.of(i)) and len(sh.of(j)) and (keys[i] == keys[j]).any()])
+    sim = minhash.exact_jaccard(sh, cand)
+    sets = [set(sh.of(k).tolist()) for k in range(len(texts))]
+    assert all(abs(len(sets[a] & sets[b]) / len(sets[a] | sets[b]) - s) < 1e-12 for (a, b), s in zip(cand, sim, strict=True))
+    hit = sim >= threshold
+    want = minhash.best_earlier(cand[hit, 0], cand[hit, 1], sim[hit])
+    got = minhash.near_matches(texts, threshold)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
