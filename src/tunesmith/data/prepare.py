@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -24,7 +26,7 @@ from rich.console import Console
 
 from tunesmith.config import Recipe
 from tunesmith.data.batches import stream_source
-from tunesmith.data.examples import labels_of, to_examples
+from tunesmith.data.examples import labels_of, to_examples, unusable_target
 from tunesmith.data.formatting import chat_messages
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import example_keys, split_examples
@@ -109,12 +111,14 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
                          keys.group if split_cfg.group_field else None)
     with engine_session(cfg), tempfile.TemporaryDirectory(dir=data_dir, prefix=".work-") as work, \
             open(data_dir / "rejected.jsonl", "w", encoding="utf-8") as rejected_out:
+        outs = {name: Output(spool, rejected_out) for name in files}
         parts = {
             name: curate(cfg.model_copy(update={"path": path}) if path else cfg, ctx, console,
                          data_dir / "profile" if name in ("all", "train") else None,
-                         Output(spool, rejected_out), Path(work) / name, name)
+                         outs[name], Path(work) / name, name)
             for name, path in files.items()
         }
+    test_notes = test_file_rows(outs["test"], files["test"]) if "test" in outs else {}
     n_read = sum(p.n_read for p in parts.values())
     n_rejected = sum(p.n_rejected for p in parts.values())
     n_examples = sum(len(p.positions) for p in parts.values())
@@ -152,6 +156,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         "test": splits.count("test"),
         "not used (split sizes smaller than the data)": splits.count("unused"),
         **notes,
+        **test_notes,
     }
     if cfg.engine == "ray":
         summary["Ray nodes that curated"] = len(set().union(*(p.nodes for p in parts.values())))
@@ -177,15 +182,45 @@ def engine_session(cfg):
 
 @dataclass
 class Output:
-    """Where curated rows go as they come: kept examples to the spool, the rest to rejected.jsonl."""
+    """Where curated rows go as they come: kept examples to the spool, the rest to rejected.jsonl (and counted by
+    reason, to say how many rows of a test file were set aside and why)."""
 
     spool: ExampleSpool
     rejected: TextIO
+    reasons: Counter = field(default_factory=Counter)
+    bad_targets: list = field(default_factory=list)
 
     def write(self, examples: list[Example], rejected: list) -> range:
         for r in rejected:
             self.rejected.write(json.dumps(r.to_json(), ensure_ascii=False, default=str) + "\n")
+            self.reasons[reason_kind(r.reason)] += 1
+            if unusable_target(r):
+                self.bad_targets.append(r)
         return self.spool.add(examples)
+
+
+TEST_SET_ASIDE = "test rows set aside (see data/rejected.jsonl)"
+
+
+def test_file_rows(out: Output, path) -> dict:
+    """A test file's rows are the user's to score: one with a target that cannot be used is an error naming every
+    such row (never a silent cut); the others set aside (no input text, unreadable, dropped by a step) are counted
+    with their reasons for the report's verdict line."""
+    if out.bad_targets:
+        bad = out.bad_targets
+        where = ", ".join(r.source.rsplit(":", 1)[-1] for r in bad[:20]) + (" ..." if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad):,} test row(s) without a usable target, at line(s) {where} (first: "
+                        f"{bad[0].reason}). The test file is what the report scores: give each row its target, or "
+                        "remove the rows from the test file")
+    if not out.reasons:
+        return {}
+    n = sum(out.reasons.values())
+    return {TEST_SET_ASIDE: f"{n:,}: " + "; ".join(f"{k} ({v:,})" for k, v in out.reasons.most_common())}
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without what differs from row to row (numbers, what the line starts with), to count rows by it."""
+    return re.sub(r"\d+", "#", reason.split(";")[0])[:100]
 
 
 def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, out: Output, workdir: Path,
