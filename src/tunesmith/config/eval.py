@@ -63,6 +63,12 @@ class EvalSection(Section):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
     label_scoring: bool = Field(True, description="score closed labels by log-likelihood (fair to the base model)")
+    free_generation: bool = Field(
+        True, description="with label_scoring, also let each local model write its answer (the free-generation "
+        "column; on a CPU it costs more than the scoring itself); run --quick turns it off")
+    recommend: bool = Field(
+        True, description="with two or more arms, score them on the validation split to recommend one (as costly "
+        "as the test scoring); run --quick turns it off")
     base_prompt_with_labels: bool = Field(
         True, description="list the labels in the base model's prompt so it can answer with one"
     )
