@@ -19,7 +19,7 @@ import io
 import json
 import random
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -31,7 +31,7 @@ PRODUCTS = "products_amazon_in/amazon_in_products_shared.csv"
 FIRST = ("Anna", "Ben", "Chloe", "David", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
          "Maya", "Noah", "Olga", "Pavel", "Quinn", "Rosa", "Sam", "Tara")
 LAST = ("Keller", "Novak", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Silva", "Brennan", "Haas", "Petrov")
-ZONES = (timezone(timedelta(hours=1)), timezone(timedelta(hours=-7)), timezone.utc, timezone(timedelta(hours=2)),
+ZONES = (timezone(timedelta(hours=1)), timezone(timedelta(hours=-7)), UTC, timezone(timedelta(hours=2)),
          timezone(timedelta(hours=-4)))
 HAM_DAYS = (datetime(2002, 8, 1), 61)  # August and September 2002
 SPAM_DAYS = (datetime(2002, 10, 1), 61)  # October and November 2002
@@ -125,7 +125,7 @@ def crm_tickets(messages: list[dict], seed: int = 11) -> list[dict]:
     timestamp, the agent's e-mail address, the customer's phone number, a refund amount and the channel."""
     rng = random.Random(seed)
     agents = [f"{f.lower()}.{rng.choice(LAST).lower()}@support.example.com" for f in FIRST[:8]]
-    start = datetime(2024, 1, 2, 8, 0, tzinfo=timezone.utc)
+    start = datetime(2024, 1, 2, 8, 0, tzinfo=UTC)
     rows = []
     for i, m in enumerate(messages):
         when = start + timedelta(minutes=37 * i + rng.randrange(30))

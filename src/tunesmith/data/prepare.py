@@ -214,8 +214,7 @@ def test_file_rows(out: Output, path) -> dict:
                         "remove the rows from the test file")
     if not out.reasons:
         return {}
-    n = sum(out.reasons.values())
-    return {TEST_SET_ASIDE: f"{n:,}: " + "; ".join(f"{k} ({v:,})" for k, v in out.reasons.most_common())}
+    return {TEST_SET_ASIDE: "; ".join(f"{v:,} with {k}" for k, v in out.reasons.most_common())}
 
 
 def reason_kind(reason: str) -> str:

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from datetime import UTC
 from urllib.parse import urlsplit
 
 from tunesmith.data.steps import number_value
@@ -98,7 +99,7 @@ def not_content(col: Column) -> str | None:
         return "empty on every row"
     if ID_NAMES.search(col.name):
         return "an id (its name)"
-    if col.is_text:
+    if all(isinstance(v, str) for v in col.present):  # "+1 555 137 9325" reads as a number too: parse first
         for reads, why in ((is_url, "URLs"), (FILE_NAME, "file names"), (as_addresses, ADDRESSES),
                            (as_date, None), (as_phone, "phone numbers (who to call, not what the row says)")):
             if col.share(reads) >= MOSTLY:
@@ -255,14 +256,14 @@ def likely_leak(col: Column, target: Column) -> str | None:
 
 def ranges(pairs: list[tuple[float, str]], col: Column) -> str:
     """Each label's span of values, e.g. ``ham 2002-08-01 to 2002-09-30, spam 2002-10-01 to 2002-11-30``."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     is_date = col.share(as_date) >= MOSTLY
     span: dict[str, list[float]] = {}
     for x, y in pairs:
         lo_hi = span.setdefault(y, [x, x])
         lo_hi[0], lo_hi[1] = min(lo_hi[0], x), max(lo_hi[1], x)
-    shown = (lambda x: datetime.fromtimestamp(x, timezone.utc).strftime("%Y-%m-%d")) if is_date else (
+    shown = (lambda x: datetime.fromtimestamp(x, UTC).strftime("%Y-%m-%d")) if is_date else (
         lambda x: f"{x:,.6g}")
     spans = sorted(span.items(), key=lambda kv: kv[1][0])
     return ", ".join(f"{y} {shown(a)} to {shown(b)}" for y, (a, b) in spans[:4]) + (" ..." if len(spans) > 4 else "")

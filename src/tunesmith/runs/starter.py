@@ -14,7 +14,6 @@ not use is refused with the reason and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from collections import Counter

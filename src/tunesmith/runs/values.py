@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import calendar
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import getaddresses, parsedate_to_datetime
 
 from tunesmith.data.steps import number_value
@@ -52,7 +52,7 @@ def as_date(value) -> tuple[datetime, str] | None:
 
 
 def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def as_addresses(value) -> list[str] | None:
@@ -72,7 +72,7 @@ def as_phone(value) -> str | None:
     """The digits of a phone number (7 to 15 of them, written with ``+``, spaces, dashes, dots or brackets), else
     None; a bare run of digits is a number or an id, not a phone number, and a date is a date."""
     text = str(value).strip()
-    if not 7 <= len(text) <= 30 or not PHONE_CHARS.fullmatch(text):
+    if not 7 <= len(text) <= 30 or not PHONE_CHARS.fullmatch(text) or re.fullmatch(r"-?\d+(\.\d+)?", text):
         return None
     digits = re.sub(r"\D", "", text.split("x")[0].split("ext")[0])
     separated = text.startswith("+") or bool(re.search(r"\d[\s().\-/]+\d", text))
