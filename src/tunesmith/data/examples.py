@@ -53,6 +53,17 @@ def unusable_target(r: Rejected) -> bool:
     return r.stage == TARGET
 
 
+def refuse_test_targets(path, rejected: list[Rejected]) -> None:
+    """A test file's rows are what the report scores: rows without a usable target are an error naming every
+    line (never a silent cut)."""
+    bad = [r for r in rejected if unusable_target(r)]
+    if bad:
+        where = ", ".join(r.source.rsplit(":", 1)[-1] for r in bad[:20]) + (" ..." if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad):,} test row(s) without a usable target, at line(s) {where} (first: "
+                        f"{bad[0].reason}). Every test row is scored: give each its target, or remove the row from "
+                        "the test file")
+
+
 def _meta(rec: Record, cfg: DataSection) -> dict:
     """What later steps need besides inputs and target: the source and the split's fields."""
     meta = {"source": rec.source}

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from tunesmith.config import Recipe
 from tunesmith.data.batches import stream_source
-from tunesmith.data.examples import labels_of, to_examples, unusable_target
+from tunesmith.data.examples import labels_of, refuse_test_targets, to_examples, unusable_target
 from tunesmith.data.formatting import chat_messages
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import example_keys, split_examples
@@ -206,12 +206,7 @@ def test_file_rows(out: Output, path) -> dict:
     """A test file's rows are the user's to score: one with a target that cannot be used is an error naming every
     such row (never a silent cut); the others set aside (no input text, unreadable, dropped by a step) are counted
     with their reasons for the report's verdict line."""
-    if out.bad_targets:
-        bad = out.bad_targets
-        where = ", ".join(r.source.rsplit(":", 1)[-1] for r in bad[:20]) + (" ..." if len(bad) > 20 else "")
-        raise DataError(f"{path}: {len(bad):,} test row(s) without a usable target, at line(s) {where} (first: "
-                        f"{bad[0].reason}). The test file is what the report scores: give each row its target, or "
-                        "remove the rows from the test file")
+    refuse_test_targets(path, out.bad_targets)
     if not out.reasons:
         return {}
     return {TEST_SET_ASIDE: "; ".join(f"{v:,} with {k}" for k, v in out.reasons.most_common())}

@@ -24,6 +24,7 @@ from tunesmith.config import Recipe
 # measured on 2 CPU cores running the emails export of docs/experiments.md ("A first look").
 EFFICIENCY = {"train lora": 0.30, "train full": 0.30, "forward": 0.9, "score": 0.45}
 DECODE_COST = 24  # a generated token costs as much as this many prompt tokens (a token at a time, small batches)
+STEP_S = 0.5  # an optimizer step besides its arithmetic (optimizer, logging, the many small operations)
 LOAD_S = 3.0  # loading a model (or an adapter onto its base)
 ARM_S = 6.0  # an arm besides its steps: the training path, saving, its loss plot
 TOKENIZE_S = 0.002  # measuring and cutting one example to max_seq_length
@@ -139,7 +140,7 @@ def plan_arm(arm: Recipe, name: str, train: list, prompt_tokens: float, scored: 
     folder = Path(arm.model.folder)
     params = compute_params(folder)
     est = estimate_recipe(fitted)
-    step_s = seconds(per_step * mean, params, 6, gflops, "train full" if t.adapter == "full" else "train lora")
+    step_s = STEP_S + seconds(per_step * mean, params, 6, gflops, "train full" if t.adapter == "full" else "train lora")
     probe_s = 0.0
     if t.head != "generative" and head_init(fitted, head_pooling(fitted)) == "probe":
         probe_s = seconds(min(n, t.probe_examples or n) * mean, params, 2, gflops, "forward")

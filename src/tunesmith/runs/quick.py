@@ -18,6 +18,7 @@ QUICK_INPUT_TOKENS = 128  # the input fields of an example together, cut to abou
 QUICK_FIELD_TOKENS = 32  # ...but each field keeps at least this many
 QUICK_PROBE_EXAMPLES = 256  # training rows a head's linear probe is fitted on
 QUICK_STEPS = (4, 40)  # the fewest and the most optimizer steps an arm takes
+QUICK_HEAD_BATCH = 16  # a head's batch (an encoder at 128 tokens: little memory; its steps cost mostly their overhead)
 
 
 def quick_overrides(recipe: Recipe) -> tuple[list[str], list[str]]:
@@ -52,10 +53,10 @@ def quick_overrides(recipe: Recipe) -> tuple[list[str], list[str]]:
         cut.append(f"baselines: {', '.join(cheap)} (none that loads an embedding model)")
     for prefix, arm in arm_prefixes(recipe):
         sets.append(f"{prefix}.grad_accum=1")
-        if arm.train.head != "generative":
-            sets.append(f"{prefix}.probe_examples={QUICK_PROBE_EXAMPLES}")
-    cut.append(f"each arm steps without gradient accumulation; a head's linear probe reads {QUICK_PROBE_EXAMPLES} "
-               "training rows")
+        if arm.train.head != "generative":  # a head's step costs little besides its fixed cost: fuller batches
+            sets += [f"{prefix}.probe_examples={QUICK_PROBE_EXAMPLES}", f"{prefix}.batch_size={QUICK_HEAD_BATCH}"]
+    cut.append(f"each arm steps without gradient accumulation (a head in batches of {QUICK_HEAD_BATCH}); a head's "
+               f"linear probe reads {QUICK_PROBE_EXAMPLES} training rows")
     return sets, cut
 
 

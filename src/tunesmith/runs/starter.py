@@ -300,16 +300,12 @@ def check_test_rows(start: Start, doc: dict, test: Path, say=print) -> None:
     refused here, naming its line; a row with no input text at all (or unreadable) is said, and the report's
     verdict line will say it was set aside."""
     from tunesmith.config import DataSection
-    from tunesmith.data.examples import to_examples, unusable_target
+    from tunesmith.data.examples import refuse_test_targets, to_examples
 
     _, sample = read_data(test, say)
     cfg = DataSection.model_validate({**doc["data"], "on_error": "skip"})
     examples, rejected = to_examples(sample.records, cfg)
-    bad = [r for r in rejected if unusable_target(r)]
-    if bad:
-        where = ", ".join(r.source.rsplit(":", 1)[-1] for r in bad[:20]) + (" ..." if len(bad) > 20 else "")
-        raise DataError(f"{test}: {len(bad):,} test row(s) without a usable target, at line(s) {where} (first: "
-                        f"{bad[0].reason}). Every test row is scored: give each its target, or remove the row")
+    refuse_test_targets(test, rejected)
     aside = sample.rejected + rejected
     first = f" (first: {aside[0].source}: {aside[0].reason})" if aside else ""
     start.say(f"test: {len(examples):,} of {len(sample.records) + len(sample.rejected):,} rows of {test.name} are "
