@@ -298,3 +298,30 @@ def test_quick_run_cuts_inputs_steps_examples_and_baselines_and_says_so(cli, tmp
     report = (run / "report.md").read_text()
     assert f"| steps / learning rate | {steps} (train.max_steps {steps}) /" in report and "epochs /" not in report
     assert f"on {QUICK_EXAMPLES} held-out test examples (a seeded sample of the 120 in the test split)." in report
+
+
+def test_quick_takes_the_free_cpu_threads_under_load_and_gives_them_back(monkeypatch, tiny_model_dir):
+    """On 2 cores that other jobs keep busy, two torch threads waiting on each other make every step many times
+    slower than one: --quick takes the threads the load average leaves free, says so, and restores them."""
+    import os
+
+    import torch
+
+    from tunesmith.config import validate_recipe
+    from tunesmith.runs.quick import quick_threads
+
+    recipe = validate_recipe({"name": "q", "model": {"name": str(tiny_model_dir)}}, source="test")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+        with quick_threads(recipe) as said:
+            assert torch.get_num_threads() == 1
+            assert said == ["1 of 2 CPU threads: the load average is 1.6 (other work on this machine), and threads "
+                            "that wait on each other would cost more than they add"]
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+        with quick_threads(recipe) as said:
+            assert said == [] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -60,18 +60,21 @@ def run(
     rdzv_endpoint: common.RdzvOpt = None,
 ) -> None:
     """Run a recipe end to end: data, synth, train every arm, evaluate every contender, report."""
+    import contextlib
     import shlex
 
     from tunesmith.runs.experiment import run as run_pipeline
+    from tunesmith.runs.quick import quick_threads
 
     cfg = common.recipe_at(recipe, set_ or [])
     common.quiet_libraries()
-    if quick:
-        cfg, set_ = quick_recipe(recipe, cfg, set_ or [])
-    print_plan(cfg)  # before the ranks start: once, in this process
-    common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
-    command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
-    result = run_pipeline(cfg, common.rank_console(), command)
+    with quick_threads(cfg) if quick else contextlib.nullcontext([]) as threads:
+        if quick:
+            cfg, set_ = quick_recipe(recipe, cfg, set_ or [], threads)
+        print_plan(cfg)  # before the ranks start: once, in this process
+        common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
+        command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
+        result = run_pipeline(cfg, common.rank_console(), command)
     if result is None:  # a rank other than 0: rank 0 evaluates and reports
         return
     common.console.rule("[bold green]done")
@@ -80,9 +83,9 @@ def run(
     common.console.print(f"Report: {result.report}")
 
 
-def quick_recipe(recipe: Path, cfg, set_: list[str]):
+def quick_recipe(recipe: Path, cfg, set_: list[str], threads: list[str]):
     """``(recipe, --set list)`` of ``run --quick``: the cuts, then each arm's steps for this data and machine (the
-    user's own ``--set`` values win); every cut said."""
+    user's own ``--set`` values win); every cut said (``threads``: the CPU threads it took, if it took fewer)."""
     from tunesmith.runs.quick import quick_overrides, quick_steps
 
     if cfg.data is None or cfg.data.split.folds:
@@ -90,7 +93,7 @@ def quick_recipe(recipe: Path, cfg, set_: list[str]):
     sets, cut = quick_overrides(cfg)
     steps, cut_steps = quick_steps(common.recipe_at(recipe, sets + set_), common.console)
     set_ = sets + steps + set_
-    common.console.print("--quick: " + "; ".join(cut + cut_steps), highlight=False, markup=False)
+    common.console.print("--quick: " + "; ".join(threads + cut + cut_steps), highlight=False, markup=False)
     return common.recipe_at(recipe, set_), set_
 
 

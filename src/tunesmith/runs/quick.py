@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 
 from tunesmith.config import Recipe
 
@@ -19,6 +20,32 @@ QUICK_FIELD_TOKENS = 32  # ...but each field keeps at least this many
 QUICK_PROBE_EXAMPLES = 256  # training rows a head's linear probe is fitted on
 QUICK_STEPS = (4, 40)  # the fewest and the most optimizer steps an arm takes
 QUICK_HEAD_BATCH = 16  # a head's batch (an encoder at 128 tokens: little memory; its steps cost mostly their overhead)
+
+
+@contextmanager
+def quick_threads(recipe: Recipe):
+    """On a CPU that other work keeps busy, the torch threads that are free, for the run's length (then as before);
+    yields what it cut (nothing on an idle machine or a GPU). PyTorch's threads wait on each other at every
+    operation, so two threads on two cores where other jobs hold one run a training step many times slower than one
+    thread does (measured on 2 cores at a load average of 9: 12 to 18 s a step against 1 s, docs/experiments.md)."""
+    import os
+
+    import torch
+
+    from tunesmith.machine.placement import pick_placement
+
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    free = max(1, min(threads, round(threads - load)))
+    if free >= threads or pick_placement(recipe.model.precision, recipe.model.device).device != "cpu":
+        yield []
+        return
+    torch.set_num_threads(free)
+    try:
+        yield [f"{free} of {threads} CPU threads: the load average is {load:.1f} (other work on this machine), and "
+               "threads that wait on each other would cost more than they add"]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def quick_overrides(recipe: Recipe) -> tuple[list[str], list[str]]:
