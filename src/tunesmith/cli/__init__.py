@@ -69,9 +69,10 @@ def run(
     cfg = common.recipe_at(recipe, set_ or [])
     common.quiet_libraries()
     with quick_threads(cfg) if quick else contextlib.nullcontext([]) as threads:
-        if quick:
+        if quick:  # the plan that chose the steps is printed
             cfg, set_ = quick_recipe(recipe, cfg, set_ or [], threads)
-        print_plan(cfg)  # before the ranks start: once, in this process
+        else:
+            print_plan(cfg)  # before the ranks start: once, in this process
         common.launch_if_asked(nproc, nnodes, node_rank, rdzv_endpoint)
         command = shlex.join(["tunesmith", "run", str(recipe), *(a for kv in (set_ or []) for a in ("--set", kv))])
         result = run_pipeline(cfg, common.rank_console(), command)
@@ -90,11 +91,15 @@ def quick_recipe(recipe: Path, cfg, set_: list[str], threads: list[str]):
 
     if cfg.data is None or cfg.data.split.folds:
         raise typer.BadParameter("--quick needs a data section and no data.split.folds")
+    from tunesmith.runs.plan import render_plan
+
     sets, cut = quick_overrides(cfg)
-    steps, cut_steps = quick_steps(common.recipe_at(recipe, sets + set_), common.console)
+    steps, cut_steps, plan = quick_steps(common.recipe_at(recipe, sets + set_), common.console)
     set_ = sets + steps + set_
+    cfg = common.recipe_at(recipe, set_)
     common.console.print("--quick: " + "; ".join(threads + cut + cut_steps), highlight=False, markup=False)
-    return common.recipe_at(recipe, set_), set_
+    common.console.print(render_plan(cfg, plan), highlight=False, markup=False)
+    return cfg, set_
 
 
 def print_plan(cfg) -> None:

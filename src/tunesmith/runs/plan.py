@@ -21,16 +21,17 @@ from pathlib import Path
 from tunesmith.config import Recipe
 
 # The share of the measured matmul speed each part reaches (tokens x FLOPs per token / seconds / matmul FLOP/s),
-# measured on 2 CPU cores running the emails export of docs/experiments.md ("A first look").
-EFFICIENCY = {"train lora": 0.30, "train full": 0.30, "forward": 0.9, "score": 0.45}
+# measured on 2 CPU cores running `run --quick` on the emails export of docs/experiments.md ("A first look").
+EFFICIENCY = {"train lora": 0.75, "train full": 0.6, "forward": 0.9, "score": 0.95}
 DECODE_COST = 24  # a generated token costs as much as this many prompt tokens (a token at a time, small batches)
-STEP_S = 0.5  # an optimizer step besides its arithmetic (optimizer, logging, the many small operations)
-LOAD_S = 3.0  # loading a model (or an adapter onto its base)
-ARM_S = 6.0  # an arm besides its steps: the training path, saving, its loss plot
+STEP_S = 1.0  # an optimizer step besides its arithmetic (optimizer, logging, the many small operations)
+LOAD_S = 1.5  # loading a model (or an adapter onto its base)
+ARM_S = 1.5  # an arm besides its steps: the training path, saving, its loss plot
+PROBE_S = 3.5  # a linear probe besides its forward passes (the fit of the linear model)
 TOKENIZE_S = 0.002  # measuring and cutting one example to max_seq_length
-BASELINES_S = 10.0  # the LLM-free baselines (TF-IDF fits on a few thousand examples)
-REPORT_S = 10.0  # the charts and the report pages
-SAMPLE = 500  # examples tokenized to measure lengths for the plan
+BASELINES_S = 6.0  # the LLM-free baselines (TF-IDF fits on a few thousand examples)
+REPORT_S = 2.0  # the charts and the report pages
+SAMPLE = 200  # examples tokenized to measure lengths for the plan
 STARTED = time.time()  # when tunesmith was imported (elsewhere than Linux: the start of the process, nearly)
 
 
@@ -124,10 +125,12 @@ def seconds(tokens: float, params: int, flops_per_token: int, gflops: float, par
     return flops_per_token * params * tokens / (gflops * 1e9 * EFFICIENCY[part])
 
 
-def plan_arm(arm: Recipe, name: str, train: list, prompt_tokens: float, scored: int, gflops: float,
+def plan_arm(arm: Recipe, name: str, train: list, val_n: int, prompt_tokens: float, scored: int, gflops: float,
              console) -> ArmPlan:
     """An arm's size of training (examples, steps, tokens), its peak memory and its time: load and tokenize,
-    the probe (a head started from a linear probe), each optimizer step, and its scoring on ``scored`` examples."""
+    the probe (a head started from a linear probe), each optimizer step, the validation loss over ``val_n``
+    examples (generative training: each epoch, or every ``train.eval_steps``), and its scoring on ``scored``
+    examples."""
     from tunesmith.machine.estimate import estimate_recipe
     from tunesmith.train.heads import head_init, head_pooling
 
@@ -143,8 +146,11 @@ def plan_arm(arm: Recipe, name: str, train: list, prompt_tokens: float, scored: 
     step_s = STEP_S + seconds(per_step * mean, params, 6, gflops, "train full" if t.adapter == "full" else "train lora")
     probe_s = 0.0
     if t.head != "generative" and head_init(fitted, head_pooling(fitted)) == "probe":
-        probe_s = seconds(min(n, t.probe_examples or n) * mean, params, 2, gflops, "forward")
-    fixed_s = LOAD_S + ARM_S + TOKENIZE_S * n
+        probe_s = PROBE_S + seconds(min(n, t.probe_examples or n) * mean, params, 2, gflops, "forward")
+    fixed_s = LOAD_S + ARM_S + TOKENIZE_S * (n + val_n)
+    if t.head == "generative" and val_n:
+        evaluations = steps // t.eval_steps if t.eval_steps else max(1, math.ceil(steps * per_step / max(1, n)))
+        fixed_s += evaluations * seconds(val_n * mean, params, 2, gflops, "forward")
     eval_s = contender_seconds(arm, params, prompt_tokens, scored, gflops)
     return ArmPlan(name, n, steps, per_step, tokens, est.total / 2**20, est.fits, step_s, fixed_s, probe_s, eval_s)
 
@@ -181,14 +187,16 @@ def fitted_lengths(arm: Recipe, train: list, console) -> tuple[Recipe, float]:
     return fitted, sum(lengths) / max(1, len(lengths))
 
 
-def prompt_length(recipe: Recipe, test: list) -> float:
-    """The mean length in tokens of the prompts the language model is asked on (a sample of the test split)."""
+def prompt_length(recipe: Recipe, test: list, labels: list[str] | None = None) -> float:
+    """The mean length in tokens of the prompts the language model is asked on (a sample of the test split), with
+    the label list where the base model is asked with it."""
     from tunesmith.data.formatting import chat_messages, prompt_text
     from tunesmith.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name)
     sample = test[:: max(1, len(test) // SAMPLE)]
-    lengths = [len(tokenizer(prompt_text(tokenizer, chat_messages(e, recipe.data)))["input_ids"]) for e in sample]
+    lengths = [len(tokenizer(prompt_text(tokenizer, chat_messages(e, recipe.data, labels)))["input_ids"])
+               for e in sample]
     return sum(lengths) / max(1, len(lengths))
 
 
@@ -205,11 +213,13 @@ def plan_run(recipe: Recipe, console) -> Plan:
     cap = recipe.eval.max_examples or 10**9
     test_n, val_n = min(len(data.splits["test"]), cap), min(len(data.splits["val"]), cap)
     prompt = prompt_length(recipe, data.splits["test"])
-    arms = [plan_arm(a, arm_name(recipe, a), data.splits["train"], prompt, test_n, gflops, console)
-            for a in arm_recipes(recipe)]
+    arms = [plan_arm(a, arm_name(recipe, a), data.splits["train"], len(data.splits["val"]), prompt, test_n, gflops,
+                     console) for a in arm_recipes(recipe)]
     plan = Plan(arms, gflops, how, process_seconds())
     if not is_encoder(recipe.model.name):
-        plan.base_s = contender_seconds(recipe, compute_params(Path(recipe.model.folder)), prompt, test_n, gflops)
+        asked = prompt_length(recipe, data.splits["test"], data.labels) if recipe.eval.base_prompt_with_labels \
+            and data.labels else prompt
+        plan.base_s = contender_seconds(recipe, compute_params(Path(recipe.model.folder)), asked, test_n, gflops)
     if len(arms) > 1 and recipe.eval.recommend and val_n:
         plan.recommend_s = sum(a.eval_s * val_n / max(1, test_n) for a in arms)
     return plan

@@ -70,7 +70,14 @@ def quick_overrides(recipe: Recipe) -> tuple[list[str], list[str]]:
     if recipe.data is not None and recipe.data.task == "classification" and recipe.eval.label_scoring:
         sets.append("eval.free_generation=false")
         cut.append("language models are scored by label log-likelihood only (no free generation)")
-    if len(recipe.arms) > 1:
+    split = recipe.data.split if recipe.data is not None else None
+    if split is not None and split.val and (recipe.data.splits is None or recipe.data.splits.val is None):
+        sets.append("data.split.val=0")
+        if split.train <= 1 and split.test <= 1 and recipe.data.splits is None:
+            sets.append(f"data.split.train={round(1 - split.test, 6)}")
+        cut.append("no validation split (the validation loss while training and the arm recommended on it are a full "
+                   "run's)")
+    elif len(recipe.arms) > 1:
         sets.append("eval.recommend=false")
         cut.append("no arm is scored on the validation split to be recommended")
     cheap = [b.name for b in kind_class(recipe.data.task).baselines() if b.needs is None and b.name != "random"] \
@@ -96,11 +103,12 @@ def arm_prefixes(recipe: Recipe) -> list[tuple[str, Recipe]]:
     return [(f"arms.{spec.name}.train", arm) for spec, arm in zip(recipe.arms, arm_recipes(recipe), strict=True)]
 
 
-def quick_steps(recipe: Recipe, console) -> tuple[list[str], list[str]]:
-    """``(--set overrides, what they cut)``: each arm's steps and examples from an equal share of the time left
-    in :data:`QUICK_TOTAL_S` once everything else in the plan is counted (start-up, data, model loads, probes,
-    scoring, baselines, report), at this machine's speed now; :data:`QUICK_STEPS` bounds them."""
-    from tunesmith.runs.plan import plan_run
+def quick_steps(recipe: Recipe, console):
+    """``(--set overrides, what they cut, the plan with those steps)``: each arm's steps and examples from an equal
+    share of the time left in :data:`QUICK_TOTAL_S` once everything else in the plan is counted (start-up, data,
+    model loads, probes, scoring, baselines, report), at this machine's speed now; :data:`QUICK_STEPS` bounds
+    them."""
+    from tunesmith.runs.plan import TOKENIZE_S, plan_run, process_seconds
 
     plan = plan_run(recipe, console)
     others = plan.total_s - sum(a.steps * a.step_s for a in plan.arms)
@@ -112,6 +120,10 @@ def quick_steps(recipe: Recipe, console) -> tuple[list[str], list[str]]:
         steps = min(steps, math.ceil(examples / a.per_step))
         sets += [f"{prefix}.max_steps={steps}", f"{prefix}.examples={examples}"]
         said.append(f"{a.name} {steps} steps on {examples:,} examples")
+        a.tokens = round(a.tokens / max(1, a.steps) * steps)
+        a.fixed_s -= TOKENIZE_S * (a.examples - examples)  # fewer examples to measure and cut
+        a.steps, a.examples = steps, examples
+    plan.so_far_s = process_seconds()
     cut = [f"each arm trains what {share:,.0f} s buy at {plan.gflops:,.0f} GFLOP/s ({'; '.join(said)}), not its "
            "epochs"]
-    return sets, cut
+    return sets, cut, plan
