@@ -5,7 +5,6 @@ labels on its own named as a likely leak, and one that does not left alone."""
 from __future__ import annotations
 
 import random
-import re
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -77,7 +76,7 @@ def test_a_date_range_per_label_is_named_a_likely_leak_and_mixed_dates_are_not()
     leaked = [format_datetime(start[y] + timedelta(days=rng.randrange(55), seconds=rng.randrange(86_400)))
               for y in labels]
     why = likely_leak(column("date", leaked), column("label", labels))
-    assert re.match(r"a likely leak: on its own it puts (99|100)% of rows in the right label", why), why
+    assert why.startswith("a likely leak: on its own it puts 100% of rows in the right label"), why
     assert "ham 2002-08-" in why and "spam 2002-10-" in why
     mixed = [format_datetime(start["ham"] + timedelta(days=rng.randrange(120))) for _ in labels]
     assert likely_leak(column("date", mixed), column("label", labels)) is None

@@ -39,6 +39,7 @@ def write_export(tmp_path, train: list[dict], test: list[dict]):
 def test_an_inbox_export_reads_subject_and_body_and_leaves_out_the_leaking_date_and_the_senders(cli, tmp_path, inbox,
                                                                                               tiny_model_dir):
     train, test = email_export(inbox)
+    train, test = train[::2], test[::2]  # half of it: the same kinds of rows, in half the time
     data, held = write_export(tmp_path, train, test)
     empty = sum(not r["subject"] for r in test)
     cfg, said, prepared, encoder = chosen(cli, data, tiny_model_dir, "--test", str(held))
@@ -47,10 +48,10 @@ def test_an_inbox_export_reads_subject_and_body_and_leaves_out_the_leaking_date_
     said = " ".join(said.split())
     assert "left out message_id: an id" in said
     assert re.search(r"left out date: dates \(RFC 2822, e\.g\. '\w{3}, \d\d \w{3} 2002 [\d:]{8} [+-]\d{4}", said)
-    assert re.search(r"a likely leak: on its own it puts (99|100)% of rows in the right label .*ham 2002-08-01 "
-                     r"to 2002-10-0\d, spam 2002-10-01 to 2002-12-0\d", said), said
+    assert re.search(r"a likely leak: on its own it puts 100% of rows in the right label .*ham 2002-08-0\d to "
+                     r"2002-(09-30|10-01), spam 2002-10-0\d to 2002-(11-30|12-01)", said), said
     assert "left out from: e-mail addresses" in said
-    assert empty > 20 and "rows the run sets aside" not in said and cfg.data.on_error == "fail"
+    assert empty > 10 and "rows the run sets aside" not in said and cfg.data.on_error == "fail"
     assert f"test: {len(test):,} of {len(test):,} rows of emails_test.csv are scored" in said
     prepared = " ".join(prepared.split())
     assert f"{len(train) + len(test):,} records in" in prepared and "rejected (see data/rejected.jsonl): 0" in prepared
@@ -60,6 +61,7 @@ def test_an_inbox_test_file_says_its_unusable_rows_and_refuses_a_missing_label(c
     """Two test emails with neither subject nor body are set aside and counted in the verdict; a test email without
     its label is an error naming its line, from init and from the run alike."""
     train, test = email_export(inbox, unusable_test=2)
+    train, test = train[::3], test[:300]
     data, held = write_export(tmp_path, train, test)
     cfg, said, prepared, _ = chosen(cli, data, tiny_model_dir, "--test", str(held))
     said = " ".join(said.split())

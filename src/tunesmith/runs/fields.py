@@ -247,11 +247,24 @@ def likely_leak(col: Column, target: Column) -> str | None:
         return None
     common = Counter(y for g in groups for y in g).most_common(1)[0][1]
     right = sum(Counter(g).most_common(1)[0][1] for g in groups)
+    if ordered is not None:  # one cut point may split two labels better than fixed runs of rows
+        right = max(right, best_cut([y for _, y in pairs]))
     if right < LEAK_RIGHT * n or n - right > LEAK_ERRORS * (n - common):
         return None
     where = f": {ranges(pairs, col)}" if ordered is not None else ""
     return (f"a likely leak: on its own it puts {right / n:.0%} of rows in the right label (always answering the "
             f"commonest label: {common / n:.0%}){where}. A model would learn it instead of the text")
+
+
+def best_cut(labels: list[str]) -> int:
+    """The rows one cut point puts right (the commonest label on each side of it), over ordered ``labels``."""
+    before, after = Counter(), Counter(labels)
+    best = max(after.values())
+    for y in labels:
+        before[y] += 1
+        after[y] -= 1
+        best = max(best, max(before.values()) + max(after.values()))
+    return best
 
 
 def ranges(pairs: list[tuple[float, str]], col: Column) -> str:
