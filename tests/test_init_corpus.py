@@ -128,8 +128,8 @@ def test_a_price_table_is_regression_on_the_text_without_urls_ids_or_the_price_c
     for name, why in (("product_id", "an id"), ("img_link", "URLs"), ("product_link", "URLs"),
                       ("price_text", "copies the target on 200 of 200 rows")):
         assert f"left out {name}: {why}" in said
-    assert "rows the run sets aside: 9 with field 'review_content' is missing or empty (first:" in said
-    assert cfg.data.on_error == "skip" and "9 record(s) set aside" in prepared
+    assert "rows the run sets aside" not in said  # 9 empty reviews: empty text, not a reason to drop the product
+    assert cfg.data.on_error == "fail" and "200 kept" in prepared and "set aside" not in prepared
 
 
 def test_a_korean_cp949_file_is_decoded_and_said(cli, tmp_path, tiny_model_dir):

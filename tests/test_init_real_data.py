@@ -21,7 +21,7 @@ PRODUCTS = "products_amazon_in/amazon_in_products_shared.csv"
 KORQUAD = "korquad/korquad_v1_dev_shared.json"
 PRODUCT_TEXT = ["product_name", "about_product", "review_title", "review_content"]
 NOT_PRODUCT_INPUTS = (("product_id", "an id"), ("img_link", "URLs"), ("product_link", "URLs"),
-                      ("actual_price", "numbers"), ("rating_count", "numbers"))
+                      ("actual_price", "amounts of money (₹)"), ("rating_count", "numbers"))
 
 
 @pytest.fixture(autouse=True)
@@ -64,23 +64,21 @@ def test_amazon_products_category_leaves_out_urls_ids_and_prices(cli, tiny_model
         "generation", "category", PRODUCT_TEXT, None)
     for name, why in NOT_PRODUCT_INPUTS + (("discounted_price_inr", "numbers"),):
         assert f"left out {name}: {why}" in said
-    assert "rows the run sets aside: 18 with field 'review_content' is missing or empty" in said
-    assert cfg.data.on_error == "skip" and "18 record(s) set aside" in prepared
+    assert "rows the run sets aside" not in said  # 18 empty reviews: an empty string in the prompt
+    assert cfg.data.on_error == "fail" and "1,081 kept" in prepared
 
 
-def test_amazon_products_price_is_regression_and_the_empty_reviews_the_run_refused_are_set_aside(cli,
-                                                                                                  tiny_model_dir):
-    """The issue's `run` stopped at '…csv:63: field 'review_content' is missing or empty'; init now says so and
-    writes the on_error that lets the run set those rows aside."""
+def test_amazon_products_price_is_regression_and_the_empty_reviews_are_empty_text(cli, tiny_model_dir):
+    """An earlier `run` stopped at '…csv:63: field 'review_content' is missing or empty'; an empty review is now an
+    empty string in the prompt, and every product is kept."""
     cfg, said, prepared, encoder = chosen(cli, shared_file(PRODUCTS), tiny_model_dir, "--target",
                                           "discounted_price_inr")
     assert (cfg.data.task, cfg.data.target_field, encoder) == ("regression", "discounted_price_inr", MINILM)
     assert cfg.data.input_fields == ["product_name", "category", *PRODUCT_TEXT[1:]]
     for name, why in NOT_PRODUCT_INPUTS + (("discounted_price", "copies the target on 1,081 of 1,081 rows"),):
         assert f"left out {name}: {why}" in said
-    assert "rows the run sets aside: 18 with field 'review_content' is missing or empty (first:" in said
-    assert "amazon_in_products_shared.csv:91)" in said  # the first empty review, by its line in the file
-    assert cfg.data.on_error == "skip" and "1,063 kept" in prepared
+    assert "review_content: text, 1,063 distinct" in said and "18 empty" in said  # shown, and kept
+    assert "rows the run sets aside" not in said and cfg.data.on_error == "fail" and "1,081 kept" in prepared
 
 
 def test_korquad_is_extractive_qa_read_with_e5(cli, tiny_model_dir):

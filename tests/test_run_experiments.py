@@ -268,10 +268,13 @@ def test_an_adapter_scores_the_same_locally_and_through_its_openai_endpoint(cli,
     assert len(local) == 8 and served == local
 
 
-def test_quick_run_cuts_steps_examples_and_baselines_and_says_so(cli, tmp_path, tiny_model_dir):
-    """`run --quick`: a few steps instead of the epochs, a stratified sample of test examples, only the baselines
-    that load no model; each cut said, and a `--set` given with it wins."""
-    from tunesmith.runs.quick import QUICK_EXAMPLES, QUICK_STEPS
+def test_quick_run_cuts_inputs_steps_examples_and_baselines_and_says_so(cli, tmp_path, tiny_model_dir):
+    """`run --quick`: inputs cut, the steps its share of the time buys (bounded) on as many examples as they read,
+    a stratified sample of test examples scored by label log-likelihood only, only the baselines that load no
+    model; each cut said, the plan printed with what ran so far, and a `--set` given with it wins."""
+    import re
+
+    from tunesmith.runs.quick import QUICK_EXAMPLES, QUICK_INPUT_TOKENS
 
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 50))
     doc = banking_recipe(tmp_path, tiny_model_dir, data, name="quick", seed=3, split={"train": 30, "val": 0, "test": 120},
@@ -280,12 +283,45 @@ def test_quick_run_cuts_steps_examples_and_baselines_and_says_so(cli, tmp_path, 
     code, out = cli(["run", str(write_recipe(tmp_path / "r.yaml", doc)), "--quick", "--set", "eval.bootstrap=50"])
     assert code == 0, out
     said = " ".join(out.split())
-    for cut in (f"each arm trains {QUICK_STEPS} steps instead of its epochs",
-                f"{QUICK_EXAMPLES} test and validation examples are scored", "baselines: majority, tfidf_logreg, tfidf_svm"):
+    for cut in (f"every input field cut to its first {QUICK_INPUT_TOKENS} tokens (text;",
+                f"{QUICK_EXAMPLES} test examples are scored", "label log-likelihood only (no free generation)",
+                "baselines: majority, tfidf_logreg, tfidf_svm", "so far start-up and data:"):
         assert cut in said, cut
+    steps, examples = map(int, re.search(r"finetuned (\d+) steps on (\d+) examples", said).groups())
+    assert (steps, examples) == (8, 30)  # the tiny model's steps are cheap: every training example, read once
     run = tmp_path / "runs" / "quick"
     metrics = _metrics(run)
     assert set(metrics) == {"base", "finetuned", "majority", "tfidf_logreg", "tfidf_svm"}
     assert all(m["n"] == QUICK_EXAMPLES for m in metrics.values())
-    steps = (run / "train" / "metrics.csv").read_text().splitlines()[-1].split(",")[0]
-    assert int(steps) == QUICK_STEPS  # 3 epochs of 30 examples in batches of 4 would be 24
+    assert metrics["base"]["accuracy_generate"] is None and metrics["base"]["scoring"] == "label log-likelihood"
+    assert int((run / "train" / "metrics.csv").read_text().splitlines()[-1].split(",")[0]) == steps
+    report = (run / "report.md").read_text()
+    assert f"| steps / learning rate | {steps} (train.max_steps {steps}) /" in report and "epochs /" not in report
+    assert f"on {QUICK_EXAMPLES} held-out test examples (a seeded sample of the 120 in the test split)." in report
+
+
+def test_quick_takes_the_free_cpu_threads_under_load_and_gives_them_back(monkeypatch, tiny_model_dir):
+    """On 2 cores that other jobs keep busy, two torch threads waiting on each other make every step many times
+    slower than one: --quick takes the threads the load average leaves free, says so, and restores them."""
+    import os
+
+    import torch
+
+    from tunesmith.config import validate_recipe
+    from tunesmith.runs.quick import quick_threads
+
+    recipe = validate_recipe({"name": "q", "model": {"name": str(tiny_model_dir)}}, source="test")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+        with quick_threads(recipe) as said:
+            assert torch.get_num_threads() == 1
+            assert said == ["1 of 2 CPU threads: the load average is 1.6 (other work on this machine), and threads "
+                            "that wait on each other would cost more than they add"]
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+        with quick_threads(recipe) as said:
+            assert said == [] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -16,12 +16,25 @@ def cfg(**kw) -> DataSection:
 def test_mapping_and_rejects_rows_missing_fields():
     recs = [Record({"text": "a", "label": "x"}, "f:1"), Record({"text": " ", "label": "y"}, "f:2"),
             Record({"text": "c"}, "f:3")]
-    with pytest.raises(DataError, match="f:2: field 'text' is missing or empty"):
+    with pytest.raises(DataError, match=r"f:2: no input text \(field 'text' is missing or empty\)"):
         to_examples(recs, cfg())
     examples, rejected = to_examples(recs, cfg(on_error="skip"))
     assert [e.inputs["text"] for e in examples] == ["a"]
-    assert [(r.source, r.stage) for r in rejected] == [("f:2", "map"), ("f:3", "map")]
-    assert "label" in rejected[1].reason
+    assert [(r.source, r.stage) for r in rejected] == [("f:2", "map"), ("f:3", "target")]
+    assert "field 'label' is missing or empty (the target)" in rejected[1].reason
+
+
+def test_an_empty_input_field_is_empty_text_and_a_row_without_any_is_set_aside():
+    """An email without a subject is still an email: only a row with no input text at all cannot be used."""
+    two = DataSection(path="x.jsonl", input_fields=["subject", "body"], target_field="label", on_error="skip",
+                      prompt="{subject}\n{body}")
+    recs = [Record({"subject": "", "body": "win a prize", "label": "spam"}, "f:1"),
+            Record({"body": "lunch?", "label": "ham"}, "f:2"),
+            Record({"subject": float("nan"), "body": "  ", "label": "ham"}, "f:3")]
+    examples, rejected = to_examples(recs, two)
+    assert [e.inputs for e in examples] == [{"subject": "", "body": "win a prize"}, {"subject": "", "body": "lunch?"}]
+    assert [(r.source, r.reason) for r in rejected] == [
+        ("f:3", "no input text (fields 'subject', 'body' are all missing or empty)")]
 
 
 def test_field_no_record_has_is_named():

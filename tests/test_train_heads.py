@@ -363,3 +363,13 @@ def test_regression_loss_l1_and_huber_reach_the_trainer_and_scale_by_the_accumul
                                    data=types.SimpleNamespace(prompt="{x}", input_fields=["x"]))
     heads.train_head(heads.TRAINING["regression"], recipe, [], types.SimpleNamespace(), None, None, None)
     assert seen["loss_func"](out, gold).item() == pytest.approx(4 / 3)
+
+
+def test_the_probe_reads_a_seeded_sample_when_asked():
+    """`train.probe_examples` (run --quick sets it): the linear probe is fitted on a seeded sample of the rows."""
+    from tunesmith.train.heads import probe_rows
+
+    rows = [{"labels": i % 2, "length": 4} for i in range(100)]
+    assert probe_rows(rows, None, 1) is rows and probe_rows(rows, 500, 1) is rows
+    sample = probe_rows(rows, 10, 1)
+    assert len(sample) == 10 and sample == probe_rows(rows, 10, 1) and sample != rows[:10]

@@ -65,6 +65,12 @@ class EvalSection(Section):
     engine: str = Field("builtin", description="what generates the local contenders' answers: " + ENGINE_HELP +
                         ". Label scores and answer losses are computed in this process either way")
     label_scoring: bool = Field(True, description="score closed labels by log-likelihood (fair to the base model)")
+    free_generation: bool = Field(
+        True, description="with label_scoring, also let each local model write its answer (the free-generation "
+        "column; on a CPU it costs more than the scoring itself); run --quick turns it off")
+    recommend: bool = Field(
+        True, description="with two or more arms, score them on the validation split to recommend one (as costly "
+        "as the test scoring); run --quick turns it off")
     base_prompt_with_labels: bool = Field(
         True, description="list the labels in the base model's prompt so it can answer with one"
     )

@@ -103,6 +103,9 @@ class TrainSection(Section):
         "fine-tuning starts where the embedding baseline ends (needs pooling: mean); random: a fresh layer. "
         "auto: probe where the head reads the mean-pooled embedding"
     )
+    probe_examples: int | None = Field(
+        None, ge=1, description="head_init: probe: fit the probe on a seeded sample of this many training rows; null: "
+        "all of them (run --quick samples)")
     context_field: str = Field("context", description="head: span: the input field the answer is cut from; "
                                "the other input fields form the question")
     span_stride: int = Field(128, ge=0, description="head: span: tokens two consecutive context windows share, "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from tunesmith.config import DataSection
 from tunesmith.data.readers import FIX_HINT
 from tunesmith.errors import DataError
@@ -9,10 +11,13 @@ from tunesmith.records import Example, Record, Rejected
 
 
 def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example], list[Rejected]]:
-    """Build examples; rows missing a field, with an empty target or an unknown label are rejected.
+    """Build examples. An empty or missing input field is an empty string (an email without a subject is still an
+    email); a row is rejected only when it cannot be used at all: no input text in any input field, an empty
+    target, an unknown label, or a target the task kind cannot read.
 
-    Under ``on_error: fail`` the first such row raises a ``DataError`` naming file and line. A target
-    the task kind cannot use (a regression target that is not a number) is always set aside and counted.
+    Under ``on_error: fail`` the first row with no input text or an empty target raises a ``DataError`` naming file
+    and line. A target the task kind cannot use (a regression target that is not a number) is always set aside
+    and counted. A rejection about the target has the stage ``target`` (see :func:`unusable_target`).
     """
     from tunesmith.config.kinds import TargetError, for_data
 
@@ -22,22 +27,41 @@ def to_examples(records: list[Record], cfg: DataSection) -> tuple[list[Example],
     allowed = set(cfg.labels) if cfg.labels and task.uses_labels else None
     _check_fields_exist(records, cfg)
     for rec in records:
-        reason = _problem(rec, cfg, allowed)
+        stage, reason = _problem(rec, cfg, allowed)
         if reason:
             if cfg.on_error == "fail":
                 raise DataError(f"{rec.source}: {reason}. {FIX_HINT}")
-            rejected.append(Rejected(rec.source, "map", reason, rec.data))
+            rejected.append(Rejected(rec.source, stage, reason, rec.data))
             continue
         try:
             target, extra = task.read_target(rec.data.get(cfg.target_field) if cfg.target_field else None, rec.data)
         except TargetError as exc:
             where = f"field '{cfg.target_field}': " if cfg.target_field else ""
-            rejected.append(Rejected(rec.source, "map", f"{where}{exc}", rec.data))
+            rejected.append(Rejected(rec.source, TARGET, f"{where}{exc}", rec.data))
             continue
-        inputs = {f: _text(rec.data[f]) for f in cfg.input_fields}
+        inputs = {f: _text(rec.data.get(f)) for f in cfg.input_fields}
         ex_id = rec.source.rsplit("/", 1)[-1]
         examples.append(Example(id=ex_id, inputs=inputs, target=target, meta=_meta(rec, cfg) | extra))
     return examples, rejected
+
+
+TARGET = "target"  # the stage of a row rejected for its target (an input problem is stage "map")
+
+
+def unusable_target(r: Rejected) -> bool:
+    """Whether a row was set aside because its target cannot be used (empty, unknown label, unreadable)."""
+    return r.stage == TARGET
+
+
+def refuse_test_targets(path, rejected: list[Rejected]) -> None:
+    """A test file's rows are what the report scores: rows without a usable target are an error naming every
+    line (never a silent cut)."""
+    bad = [r for r in rejected if unusable_target(r)]
+    if bad:
+        where = ", ".join(r.source.rsplit(":", 1)[-1] for r in bad[:20]) + (" ..." if len(bad) > 20 else "")
+        raise DataError(f"{path}: {len(bad):,} test row(s) without a usable target, at line(s) {where} (first: "
+                        f"{bad[0].reason}). Every test row is scored: give each its target, or remove the row from "
+                        "the test file")
 
 
 def _meta(rec: Record, cfg: DataSection) -> dict:
@@ -69,17 +93,29 @@ def _check_fields_exist(records: list[Record], cfg: DataSection) -> None:
             )
 
 
-def _problem(rec: Record, cfg: DataSection, allowed: set[str] | None) -> str | None:
-    for name in [*cfg.input_fields, *([cfg.target_field] if cfg.target_field else [])]:
-        value = rec.data.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            return f"field '{name}' is missing or empty"
+def _problem(rec: Record, cfg: DataSection, allowed: set[str] | None) -> tuple[str, str | None]:
+    """``(stage, reason)`` a row cannot be used for, or ``("", None)``."""
+    if cfg.target_field and _empty(rec.data.get(cfg.target_field)):
+        return TARGET, f"field '{cfg.target_field}' is missing or empty (the target)"
+    if cfg.input_fields and all(_empty(rec.data.get(f)) for f in cfg.input_fields):
+        fields = ", ".join(f"'{f}'" for f in cfg.input_fields)
+        return "map", (f"no input text (field {fields} is missing or empty)" if len(cfg.input_fields) == 1
+                       else f"no input text (fields {fields} are all missing or empty)")
     if allowed is not None and _text(rec.data[cfg.target_field]) not in allowed:
-        return f"label {rec.data[cfg.target_field]!r} is not in data.labels"
-    return None
+        return TARGET, f"label {rec.data[cfg.target_field]!r} is not in data.labels"
+    return "", None
+
+
+def _empty(value) -> bool:
+    """A missing cell: None, a blank string, or a float NaN (how some table readers write an empty cell)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, float) and math.isnan(value))
 
 
 def _text(value) -> str:
+    """An input value as prompt text: strings stripped, a missing cell empty, anything else as written."""
+    if _empty(value):
+        return ""
     return value.strip() if isinstance(value, str) else str(value)
 
 

@@ -14,8 +14,10 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,7 +28,7 @@ from rich.console import Console
 from tunesmith.config import Recipe
 from tunesmith.data import stream
 from tunesmith.data.batches import stream_source
-from tunesmith.data.examples import labels_of
+from tunesmith.data.examples import labels_of, refuse_test_targets, unusable_target
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import SPLITS, split_codes
 from tunesmith.data.steps import StepContext, summary_table, token_limits
@@ -44,7 +46,7 @@ from tunesmith.errors import DataError
 from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
 from tunesmith.progress import rate_bar
-from tunesmith.records import Example
+from tunesmith.records import Example, Rejected
 
 CACHE_FORMAT = 3
 
@@ -130,6 +132,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
             raise DataError(f"{cfg.path or cfg.hub.name}: no usable examples (read {n_read}, rejected {n_rejected})")
         splits, notes = out.split({k: p.examples for k, p in parts.items()},
                                   partial(assign_splits, cfg=cfg, split_cfg=split_cfg, seed=recipe.seed))
+    test_notes = test_file_rows(data_dir / "rejected.jsonl", files["test"]) if "test" in files else {}
     rows = [r for p in parts.values() for r in p.rows]
     labels = labels_of(set().union(*(p.targets for p in parts.values())), cfg)
     if not splits.count("test"):
@@ -146,6 +149,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         "test": splits.count("test"),
         "not used (split sizes smaller than the data)": splits.count("unused"),
         **notes,
+        **test_notes,
     }
     if cfg.engine == "ray":
         summary["Ray nodes that curated"] = len(set().union(*(p.nodes for p in parts.values())))
@@ -167,6 +171,38 @@ def engine_session(cfg):
     from tunesmith.data.ray_engine import ray_session
 
     return ray_session(cfg.ray_address)
+
+
+TEST_SET_ASIDE = "test rows set aside (see data/rejected.jsonl)"
+
+
+def test_file_rows(rejected_path: Path, path) -> dict:
+    """A test file's rows are the user's to score: one with a target that cannot be used is an error naming every
+    such row (never a silent cut); the others set aside (no input text, unreadable, dropped by a step) are counted
+    with their reasons for the report's verdict line. Read back from ``rejected.jsonl`` (written by either engine)."""
+    prefix = f"{path}:".encode()
+    reasons: Counter = Counter()
+    bad = []
+    with open(rejected_path, "rb") as fh:
+        for line in fh:
+            if prefix not in line[:len(prefix) + 16]:  # the source is the line's first field
+                continue
+            doc = json.loads(line)
+            if not str(doc["source"]).startswith(prefix.decode()):
+                continue
+            r = Rejected(doc["source"], doc["stage"], doc["reason"])
+            reasons[reason_kind(r.reason)] += 1
+            if unusable_target(r):
+                bad.append(r)
+    refuse_test_targets(path, bad)
+    if not reasons:
+        return {}
+    return {TEST_SET_ASIDE: "; ".join(f"{v:,} with {k}" for k, v in reasons.most_common())}
+
+
+def reason_kind(reason: str) -> str:
+    """A reason without what differs from row to row (numbers, what the line starts with), to count rows by it."""
+    return re.sub(r"\d+", "#", reason.split(";")[0])[:100]
 
 
 def engine_output(cfg, data_dir: Path, work: Path, seed: int, split_cfg):

@@ -13,6 +13,7 @@ Each reader yields ``Record``s that remember ``file:line``; a malformed row eith
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -297,8 +298,25 @@ def csv_row(where: str, header: list[str], row: list[str]) -> Record | Rejected:
     return Record(dict(zip(header, row, strict=True)), where)
 
 
+def csv_delimiter(path: Path, header: str) -> str:
+    """The field separator of a CSV file, from its header line: a tab for .tsv; else the one of ``,`` ``;`` tab
+    ``|`` that the header (outside quotes) holds most often (Excel writes ``;`` where the decimal mark is a comma),
+    ``,`` when it holds none."""
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    bare = re.sub(r'"[^"]*"', "", header)
+    counts = {d: bare.count(d) for d in (",", ";", "\t", "|")}
+    best = max(counts, key=lambda d: counts[d])
+    return best if counts[best] else ","
+
+
 def _csv(path: Path, lines: LineReader):
     numbered = iter(lines)
+    first = next(numbered, None)
+    if first is None:
+        raise DataError(f"{path}: the file is empty")
+    delimiter = csv_delimiter(path, first[1])
+    numbered = itertools.chain([first], numbered)
     current = {"line": 0}
 
     def texts():
@@ -307,7 +325,7 @@ def _csv(path: Path, lines: LineReader):
             yield text
 
     csv.field_size_limit(CSV_FIELD_LIMIT)  # the default (131,072 characters) refuses long documents in a cell
-    reader = csv.reader(texts(), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    reader = csv.reader(texts(), delimiter=delimiter)
     header = next(reader, None)
     if not header:
         raise DataError(f"{path}: the file is empty")

@@ -175,7 +175,19 @@ class Report:
                     "no clear difference": "is not clearly different from the baseline"}[top["verdict"]]
             text += (f" and best baseline {b.name} {t.fmt(b.metrics.get(h))}: {arm.name} **{said}** "
                      f"({t.diff_fmt(top['diff'])}{_ci(top['ci95'], t.diff_fmt)}, paired)")
-        return text + f" on {len(self.results[0].per_example)} held-out test examples."
+        return text + f" on {len(self.results[0].per_example)} held-out test examples{self.test_rows()}."
+
+    def test_rows(self) -> str:
+        """What the verdict's test examples are of: a sample of the test split, and the test file's rows set aside
+        (how many, why), so that no test row leaves the verdict unsaid."""
+        from tunesmith.data.prepare import TEST_SET_ASIDE
+
+        scored, total = len(self.results[0].per_example), self.summary.get("test")
+        out = f" (a seeded sample of the {total:,} in the test split)" if isinstance(total, int) and scored < total \
+            else ""
+        if self.summary.get(TEST_SET_ASIDE):
+            out += f"; test rows set aside: {self.summary[TEST_SET_ASIDE]} (data/rejected.jsonl)"
+        return out
 
     def markdown(self, base_dir: Path) -> str:
         headers, rows = table_rows(self.task, self.results)

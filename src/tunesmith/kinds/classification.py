@@ -51,20 +51,28 @@ class Classification(TaskKind):
         from tunesmith.scoring.perplexity import gold_label_losses, summarize
 
         cfg = self.cfg
-        with bar(f"eval {name}: generate", len(prompts)) as advance:
-            outputs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance, stop=cfg.stop)
-        generated = [self.parse(o) for o in outputs]
+        generated = None
+        if cfg.free_generation or not cfg.label_scoring:
+            with bar(f"eval {name}: generate", len(prompts)) as advance:
+                outputs = generate_greedy(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, advance,
+                                          stop=cfg.stop)
+            generated = [self.parse(o) for o in outputs]
         if not cfg.label_scoring:
             return score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs, parsed=generated)
         suffix = end_of_turn(tokenizer)
         with bar(f"eval {name}: score labels", len(prompts)) as advance:
             scores = score_labels(model, tokenizer, prompts, self.labels, suffix, max(1, cfg.batch_size // 2), advance)
         scored = [self.labels[j] for j in scores.argmax(axis=1)]
+        if generated is None:  # eval.free_generation off: the scored label is the answer; no free-generation column
+            outputs = list(scored)
         res = score_outputs(self, name, description, Source.LOCAL, examples, prompts, outputs, parsed=scored,
                             scoring="label log-likelihood")
         losses = gold_label_losses(scores, tokenizer, self.labels, suffix, [e.target for e in examples])
         if losses is not None:  # the gold answers' loss comes with the label scores: no second pass
             res.metrics |= summarize(losses)
+        if generated is None:
+            res.metrics |= {"accuracy_generate": None, "macro_f1_generate": None, "unparseable_generate": None}
+            return res
         gen = M.classification_metrics([e.target for e in examples], generated, self.labels)
         res.metrics |= {"accuracy_generate": gen["accuracy"], "macro_f1_generate": gen["macro_f1"],
                         "unparseable_generate": gen["unparseable"]}
@@ -100,7 +108,7 @@ class Classification(TaskKind):
             cols += [("star MAE", lambda m: num(m.get("ordinal_mae"))), ("within one", lambda m: pct(m.get("within_one")))]
         return cols + [
             ("free-generation accuracy", lambda m: pct(m.get("accuracy_generate", m.get("accuracy")))),
-            ("unparseable or no answer", lambda m: str(m.get("unparseable_generate", m.get("unparseable", "–")))),
+            ("unparseable or no answer", lambda m: _count(m.get("unparseable_generate", m.get("unparseable")))),
         ]
 
     def notes(self) -> str:
@@ -114,3 +122,7 @@ class Classification(TaskKind):
         shown = [r for r in results if not r.is_baseline] or results
         path = plot_confusions(shown, [e.target for e in test], self.labels, eval_dir / "confusion.png")
         return {"Confusion matrices (test split)": path}
+
+
+def _count(v) -> str:
+    return "–" if v is None else str(v)

@@ -99,6 +99,9 @@ def recommend_on_validation(recipe: Recipe, task, contenders: list, val: list, c
     tuned = [c for c in contenders if c.name != "base"]
     if len(tuned) < 2:
         return None
+    if not recipe.eval.recommend:
+        console.print("eval.recommend: false: no arm is scored on the validation split, none recommended")
+        return None
     if not val:
         console.print("[yellow]no validation split: no arm is recommended (give data.split.val a size > 0)[/]")
         return None

@@ -211,7 +211,7 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
     warning = {"warning": result.warning} if result.warning else {}
     return warning | {
         "method": t.describe() + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),
-        "epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}",
+        **length_line(t, result.rows),
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
         "tokens trained": f"{result.tokens:,}",
@@ -223,6 +223,15 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
         "trainable tensors that changed": f"{result.tensors_changed} of {result.tensors_trainable}",
         "training path": path_line(result.train_path),
     }
+
+
+def length_line(t, rows: list[dict]) -> dict:
+    """How long the training ran: the optimizer steps that ran under ``train.max_steps`` (as run --quick sets it),
+    else the epochs."""
+    if not t.max_steps:
+        return {"epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}"}
+    ran = max((int(r["step"]) for r in rows if r.get("step") not in (None, "")), default=t.max_steps)
+    return {"steps / learning rate": f"{ran:,} (train.max_steps {t.max_steps:,}) / {t.learning_rate:g}"}
 
 
 def loss_span(rows: list[dict]) -> str:

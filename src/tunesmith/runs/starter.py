@@ -14,7 +14,6 @@ not use is refused with the reason and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 from collections import Counter
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.records import Record
+from tunesmith.runs.chat_start import chat_pairs, write_chat_pairs
 from tunesmith.runs.fields import (
     TARGET_NAMES,
     Column,
@@ -236,79 +236,6 @@ def input_fields(start: Start, target: Column) -> list[str]:
     return inputs
 
 
-def chat_pairs(records: list[Record]) -> tuple[list[dict], str | None]:
-    """Chat JSONL as prompt/completion rows (:func:`chat_pair`). A system message all conversations share becomes
-    the recipe's system prompt (returned); one that differs stays in the prompt."""
-    systems = {system_of(r) for r in records}
-    shared = systems.pop() if len(systems) == 1 else None
-    return [chat_pair(r, shared) for r in records], shared
-
-
-def system_of(r: Record) -> str:
-    """The conversation's first system message before its last assistant turn ("" when it has none)."""
-    return _first_system(*turns_of(r))
-
-
-def _first_system(msgs: list[dict], last: int) -> str:
-    sys_msgs = [m for m in msgs[:last] if m.get("role") == "system"]
-    return sys_msgs[0].get("content", "") if sys_msgs else ""
-
-
-def turns_of(r: Record) -> tuple[list[dict], int]:
-    """The conversation's messages and the index of its last assistant message (the answer to learn)."""
-    msgs = [m for m in r.data.get("messages") or [] if isinstance(m, dict)]
-    last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=None)
-    if last is None:
-        raise DataError(f"{r.source}: a conversation without an assistant message to learn")
-    return msgs, last
-
-
-def chat_pair(r: Record, shared: str | None) -> dict:
-    """One conversation as a prompt/completion row: the last assistant message is the completion, the turns
-    before it the prompt (earlier turns written as ``role: text`` lines); its system messages are left to the
-    recipe's system prompt when its first one is ``shared``."""
-    msgs, last = turns_of(r)
-    drop = shared is not None and _first_system(msgs, last) == shared
-    turns = [m for m in msgs[:last] if not (m.get("role") == "system" and drop)]
-    prompt = turns[-1].get("content", "") if len(turns) == 1 else "\n".join(
-        f"{m.get('role')}: {m.get('content', '')}" for m in turns)
-    return {"prompt": prompt, "completion": msgs[last].get("content") or ""}
-
-
-def write_chat_pairs(start: Start, path: Path, say=print) -> None:
-    """The conversations as prompt/completion rows in ``path``: the rows init read, or, when it read only the
-    first rows, every conversation of the file streamed through the same reader (unreadable lines said)."""
-    bad: list = []
-    rows = (r.data for r in start.records) if start.complete else whole_chat(start, bad)
-    n = 0
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
-    except DataError:
-        path.unlink(missing_ok=True)
-        raise
-    if bad:
-        say(f"unreadable: {len(bad):,} conversation(s) in the whole file, left out of {path.name} "
-            f"(first: {bad[0].source}: {bad[0].reason})")
-    say(f"conversations as prompt/completion rows ({n:,}) → {path}")
-
-
-def whole_chat(start: Start, bad: list):
-    """Every conversation of the chat file as a prompt/completion row, read as the data stage reads JSONL;
-    unreadable lines are appended to ``bad``."""
-    from tunesmith.data.readers import file_rows
-    from tunesmith.records import Rejected
-
-    items, _ = file_rows(start.data, "jsonl", lenient=True)
-    for item in items:
-        if isinstance(item, Rejected):
-            bad.append(item)
-        else:
-            yield chat_pair(item, start.system_prompt)
-
-
 SYSTEM_PROMPTS = {
     "classification": "Answer with the label only.",
     "regression": "Answer with the number only.",
@@ -345,9 +272,9 @@ def split_shares(start: Start, test_file: bool) -> dict:
 
 
 def check_rows(start: Start, doc: dict) -> None:
-    """Map the rows as the run will (``data prepare``'s mapping): the rows it would refuse (an empty input or
-    target, a target that is not a number for regression) are said, and ``data.on_error: skip`` sets them aside;
-    too few usable rows are refused."""
+    """Map the rows as the run will (``data prepare``'s mapping): the rows it would refuse (no input text at all, an
+    empty target, a target that is not a number for regression; an empty input field is an empty string, not a
+    reason) are said, and ``data.on_error: skip`` sets them aside; too few usable rows are refused."""
     from tunesmith.config import DataSection
     from tunesmith.data.examples import to_examples
 
@@ -363,9 +290,30 @@ def check_rows(start: Start, doc: dict) -> None:
     for reason, n in reasons.most_common():
         first = next(r.source for r in rejected if r.reason == reason)
         start.say(f"rows the run sets aside: {n:,} with {reason} (first: {first})")
-    set_skip(start, f"{len(rejected):,} row(s) with an empty or unusable field are set aside in the run's "
+    set_skip(start, f"{len(rejected):,} row(s) with no input text or no usable target are set aside in the run's "
                     "data/rejected.jsonl")
     doc["data"] = {**doc["data"], "on_error": "skip"}
+
+
+def check_test_rows(start: Start, doc: dict, test: Path, say=print) -> None:
+    """The ``--test`` file mapped as the run will map it: every row is scored, so a row without a usable target is
+    refused here, naming its line; a row with no input text at all (or unreadable) is said, and the report's
+    verdict line will say it was set aside."""
+    from tunesmith.config import DataSection
+    from tunesmith.data.examples import refuse_test_targets, to_examples
+
+    _, sample = read_data(test, say)
+    cfg = DataSection.model_validate({**doc["data"], "on_error": "skip"})
+    examples, rejected = to_examples(sample.records, cfg)
+    refuse_test_targets(test, rejected)
+    aside = sample.rejected + rejected
+    first = f" (first: {aside[0].source}: {aside[0].reason})" if aside else ""
+    start.say(f"test: {len(examples):,} of {len(sample.records) + len(sample.rejected):,} rows of {test.name} are "
+              f"scored" + (f"; {len(aside):,} set aside, and the report's verdict says so{first}" if aside else ""))
+    if aside:
+        set_skip(start, f"{len(aside):,} test row(s) with no input text or unreadable are set aside; the report's "
+                        "verdict line counts them")
+        doc["data"] = {**doc["data"], "on_error": "skip"}
 
 
 def rows_read(start: Start) -> str:
@@ -402,6 +350,8 @@ def init(data: Path, target: str | None = None, test: Path | None = None, out: P
     rel = lambda p: _relative(Path(p), out.parent)  # noqa: E731
     doc = recipe_doc(start, recipe_name(Path(data)), rel(data_path), rel(test) if test else None, model)
     check_rows(start, doc)
+    if test is not None:
+        check_test_rows(start, doc, Path(test), say)
     device = pick_placement().device
     texts = [" ".join(str(r.data.get(f) or "") for f in start.inputs) for r in start.records[:2000]]
     sized = size(start, _absolute(doc, out.parent), device, encoder, texts)

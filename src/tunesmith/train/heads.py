@@ -237,6 +237,15 @@ def sentence_embeddings(model, tokenizer, rows: list[dict], batch_size: int, bar
     return out
 
 
+def probe_rows(rows: list[dict], n: int | None, seed: int) -> list[dict]:
+    """The training rows the probe is fitted on: all, or a seeded sample of ``n`` (``train.probe_examples``)."""
+    import random
+
+    if n is None or n >= len(rows):
+        return rows
+    return random.Random(seed).sample(rows, n)
+
+
 def probe_init(head: HeadTraining, model, tokenizer, rows: list[dict], seed: int, bar, console) -> None:
     """Start the head layer from a linear probe: a linear model fitted on the frozen sentence embeddings of the
     training rows, so that fine-tuning starts where the embedding baseline ends instead of from a random layer
@@ -277,7 +286,7 @@ def train_head(head: HeadTraining, recipe: Recipe, train: list[Example], tokeniz
     model = kind.load(recipe.model.name, placement, tokenizer, labels, pooling or "native")
     resuming = resume and complete_checkpoint(recipe.run_dir / "train" / "checkpoints") is not None
     if init == "probe" and not resuming:  # a resumed run reads the head layer from its checkpoint
-        probe_init(head, model, tokenizer, rows, recipe.seed, bar, console)
+        probe_init(head, model, tokenizer, probe_rows(rows, t.probe_examples, recipe.seed), recipe.seed, bar, console)
     model = wrap_adapter(model, t.adapter, t.lora, recipe.seed, task_type=kind.peft_task,
                          freeze_embeddings=t.freeze_embeddings)
     files = {"labels.json": json.dumps(labels, ensure_ascii=False)} if kind.label_probabilities else None
