@@ -39,7 +39,7 @@ def test_run_writes_everything_and_learns(cli, tmp_path, tiny_model_dir):
         assert (run / rel).is_file(), rel
 
     rejected = [json.loads(line) for line in (run / "data/rejected.jsonl").read_text().splitlines()]
-    assert len(rejected) == 2 and {r["stage"] for r in rejected} == {"read", "map"}
+    assert len(rejected) == 2 and {r["stage"] for r in rejected} == {"read", "target"}
     assert all(r["reason"] and r["source"].startswith(str(data)) for r in rejected)
     assert sum(1 for _ in open(run / "data/test.jsonl")) == 15
 

@@ -13,7 +13,7 @@ LABEL_LIST = "Answer with exactly one of these labels"
 FAST_TRAIN = {"max_steps": 4, "batch_size": 4, "learning_rate": 5e-3, "logging_steps": 2, "max_seq_length": 96}
 # a few steps at a high rate: an adapter whose greedy answers differ from row to row (a converged tiny model
 # answers one label for every row, which would make "the same answers" an empty check)
-DEMO_TRAIN = {"max_steps": 6, "batch_size": 8, "learning_rate": 0.2, "logging_steps": 10, "max_seq_length": 96}
+DEMO_TRAIN = {"max_steps": 8, "batch_size": 8, "learning_rate": 0.05, "logging_steps": 10, "max_seq_length": 96}
 
 
 def _recipe(tmp_path, model_dir, data, eval_, arms=(), train=FAST_TRAIN):

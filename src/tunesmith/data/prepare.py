@@ -29,6 +29,7 @@ from tunesmith.config import Recipe
 from tunesmith.data import stream
 from tunesmith.data.batches import stream_source
 from tunesmith.data.examples import labels_of, refuse_test_targets, unusable_target
+from tunesmith.data.outputs import LocalOutput
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import SPLITS, split_codes
 from tunesmith.data.steps import StepContext, summary_table, token_limits
@@ -36,7 +37,6 @@ from tunesmith.data.stream import (
     Curated,
     ExampleMapper,
     HeadSteps,
-    LocalOutput,
     StepChain,
     in_read_order,
     release_freed,

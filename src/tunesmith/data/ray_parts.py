@@ -25,8 +25,9 @@ from tunesmith.data.minhash import (
     lsh_groups,
     near_reason,
 )
+from tunesmith.data.outputs import example_lines, reject_lines
 from tunesmith.data.steps import STEPS, StepContext, apply_step
-from tunesmith.data.stream import ExampleMapper, example_lines, reject_lines
+from tunesmith.data.stream import ExampleMapper
 from tunesmith.records import Record, Rejected
 
 

@@ -193,15 +193,19 @@ def fitted_lengths(arm: Recipe, train: list, console) -> tuple[Recipe, float]:
 
 
 def prompt_length(recipe: Recipe, test: list, labels: list[str] | None = None) -> float:
-    """The mean length in tokens of the prompts the language model is asked on (a sample of the test split), with
-    the label list where the base model is asked with it."""
-    from tunesmith.data.formatting import chat_messages, prompt_text
+    """The mean length in tokens of the prompts the model is asked on (a sample of the test split): a language
+    model's chat prompt, with the label list where the base model is asked with it; an encoder's rendered prompt."""
+    from tunesmith.data.formatting import chat_messages, prompt_text, render_prompt
+    from tunesmith.models.encoders import is_encoder
     from tunesmith.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(recipe.model.name)
     sample = test[:: max(1, len(test) // SAMPLE)]
-    lengths = [len(tokenizer(prompt_text(tokenizer, chat_messages(e, recipe.data, labels)))["input_ids"])
-               for e in sample]
+    if is_encoder(recipe.model.name):
+        texts = [render_prompt(e, recipe.data.prompt) for e in sample]
+    else:
+        texts = [prompt_text(tokenizer, chat_messages(e, recipe.data, labels)) for e in sample]
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     return sum(lengths) / max(1, len(lengths))
 
 
