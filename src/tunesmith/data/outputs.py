@@ -62,6 +62,11 @@ def reject_lines(rejected: list[Rejected]) -> str:
     return "".join(_dumps({n: getattr(r, n) for n in names}) + "\n" for r in rejected)
 
 
+def rejects_from(path: str) -> bytes:
+    """The start of every ``rejected.jsonl`` line (as :func:`reject_lines` writes it) of a row read from ``path``."""
+    return ('{"source": ' + _dumps(f"{path}:")[:-1]).encode("utf-8", "surrogatepass")
+
+
 class LocalOutput:
     """Where the local engine's curated rows go as they come: set-aside rows to ``rejected.jsonl``, kept examples
     to ``examples.jsonl`` with their training lines and split hashes (8 bytes) to work files, and small label and

@@ -29,7 +29,7 @@ from tunesmith.config import Recipe
 from tunesmith.data import stream
 from tunesmith.data.batches import stream_source
 from tunesmith.data.examples import labels_of, refuse_test_targets, unusable_target
-from tunesmith.data.outputs import LocalOutput
+from tunesmith.data.outputs import LocalOutput, rejects_from
 from tunesmith.data.readers import encoding_note
 from tunesmith.data.split import SPLITS, split_codes
 from tunesmith.data.steps import StepContext, summary_table, token_limits
@@ -180,16 +180,14 @@ def test_file_rows(rejected_path: Path, path) -> dict:
     """A test file's rows are the user's to score: one with a target that cannot be used is an error naming every
     such row (never a silent cut); the others set aside (no input text, unreadable, dropped by a step) are counted
     with their reasons for the report's verdict line. Read back from ``rejected.jsonl`` (written by either engine)."""
-    prefix = f"{path}:".encode()
+    prefix = rejects_from(path)
     reasons: Counter = Counter()
     bad = []
     with open(rejected_path, "rb") as fh:
         for line in fh:
-            if prefix not in line[:len(prefix) + 16]:  # the source is the line's first field
+            if not line.startswith(prefix):
                 continue
             doc = json.loads(line)
-            if not str(doc["source"]).startswith(prefix.decode()):
-                continue
             r = Rejected(doc["source"], doc["stage"], doc["reason"])
             reasons[reason_kind(r.reason)] += 1
             if unusable_target(r):
