@@ -71,6 +71,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+STARTED = time.perf_counter()  # this process's start: a side's progress lines say where its time went
 SHARED = Path(os.environ.get("TUNESMITH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SYSTEM_BANKING = "Classify the banking customer message by intent."
 BANKING = SHARED / "banking77" / "banking77_train.csv"
@@ -279,12 +280,14 @@ def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, toke
     else:
         before = reset_peak_rss()
     start = time.perf_counter()
+    print(f"  training starts {start - STARTED:.0f} s into the side's process", flush=True)
     with reads:
         if profile:
             result, top = _profiled(lambda: train([clock, reads.callback()]), device)
         else:
             result, top = train([clock, reads.callback()]), None
     wall = time.perf_counter() - start
+    print(f"  training took {wall:.0f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss() - before
     (t1, n1), (tn, nn) = clock.marks[0], clock.marks[-1]
     measured = steps - warmup
@@ -638,6 +641,8 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, rows of 256 tokens")
     ap.add_argument("--smoke", action="store_true", help="--tiny, 3 steps, few rows and tokens: a CPU smoke run")
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
+    ap.add_argument("--sides", default=None,
+                    help="only these sides, comma-separated: ours, reference, trl, unsloth (default: every side)")
     ap.add_argument("--reference", action="store_true",
                     help="also tunesmith's train.path: reference (plain TRL / transformers trainers) as a side")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
@@ -698,13 +703,23 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
 def pair_tokens(pairs: list[dict], tok) -> float:
     """Mean tokens of a preference pair's two sequences (prompt + chosen, prompt + rejected), about as TRL counts."""
     def n(messages) -> int:
-        return len(tok.apply_chat_template(messages, tokenize=True)["input_ids"])
+        ids = tok.apply_chat_template(messages, tokenize=True)  # a list of ids in transformers < 5.20, else a mapping
+        return len(ids if isinstance(ids, list) else ids["input_ids"])
 
     return sum(n(p["prompt"] + p["chosen"]) + n(p["prompt"] + p["rejected"]) for p in pairs) / len(pairs)
 
 
 def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
-    """(label, side, attention) of each side of ``cfg`` that can run here; notes for those that cannot."""
+    """(label, side, attention) of each side of ``cfg`` that can run here and ``--sides`` keeps; notes for those
+    that cannot."""
+    every = _all_sides(cfg, args, device)
+    if not args.sides:
+        return every
+    keep = {s.strip() for s in args.sides.split(",")}
+    return [s for s in every if s[1].split("-")[0] in keep]
+
+
+def _all_sides(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
     def reference(label: str, side: str) -> list[tuple[str, str, str]]:
         return [(label, side, "auto")] if args.reference else []
 

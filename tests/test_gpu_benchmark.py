@@ -173,3 +173,15 @@ def test_a_grpo_row_shows_its_phases_and_reward_and_no_mfu():
     sft = dict(r, phases=None)
     del sft["phases"], sft["reward"]
     assert bench["row_text"]("1b-lora", "tunesmith", sft, 1e15).split("|")[5].strip() == "0.6%"  # 6·N·tokens/s / peak
+
+
+def test_sides_keeps_only_the_named_sides_of_each_method():
+    bench = _load_bench()
+    args = _args(bench, "--reference", "--sides", "trl,reference")
+    got = {name: [side for _, side, _ in bench["sides_of"](bench["CONFIGS"][name], args, "cuda")]
+           for name in ("1b-lora", "1b-dpo", "1b-head", "1b-grpo")}
+    assert got["1b-lora"] == ["reference", "trl"] and got["1b-grpo"] == ["trl-grpo"]
+    if bench["DPO_PAIRS"].is_file():
+        assert got["1b-dpo"] == ["reference-dpo", "trl-dpo"]
+    if bench["BANKING"].is_file():
+        assert got["1b-head"] == ["reference-head", "trl-head"]
