@@ -29,7 +29,7 @@ First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU).
 MFU = 6·N·tokens/s over the measured peak (N: all parameters, a 4-bit weight at its unquantised count; attention's
 FLOPs not counted: the convention of the published figures; LoRA's frozen weights take no weight gradient, so its
 hardware work is nearer 4·N per token), peak memory (CUDA allocator peak; on a CPU the resident-set peak above the
-level before training) beside the memory estimator's for tunesmith's micro-batch, the training loss at the last
+level before training) beside the memory estimator's for tunesmith's largest micro-batch of the run, the training loss at the last
 step and over the last quarter of steps (the sides must agree), the host syncs per training step with the lines
 that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own check of synchronising operations on a GPU, reads of
 tensor values on a CPU), the mean step time, and with ``--profile`` the top kernels and the GPU busy fraction of
@@ -367,11 +367,30 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
     trainer = build_trainer(recipe, model, tokenizer, rows, [], placement, out / "ours", save_strategy="no")
     if not one_row(path):  # rows filled up to --seq-len tokens (else each micro-batch is one row already)
         trainer.data_collator = replace(trainer.data_collator, capacity=args.seq_len)
+    trainer.data_collator = largest = Largest(trainer.data_collator)
     res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
-    micro_tokens = round(recipe.train.batch_size * args.mean_tokens)
-    return res | losses_of(trainer.state.log_history) | {
+    micro_tokens = largest.tokens or round(recipe.train.batch_size * args.mean_tokens)
+    return res | losses_of(trainer.state.log_history) | {"largest_micro_tokens": largest.tokens,
         "steps": trainer.state.global_step, "params": params, "path": path.describe() + _micro(recipe),
         "estimate_mb": estimated_peak_mb(recipe, path, micro_tokens, args.seq_len, one_row(path))}
+
+
+class Largest:
+    """A collator that notes the real tokens of the largest micro-batch it made: the peak memory is reached there,
+    so the estimate beside it is taken at that size (the mean micro-batch can be half of it: four ~480-token
+    examples a micro-step drawn from rows of up to 2,048 tokens)."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens = collate, 0
+
+    def __call__(self, features):
+        self.tokens = max(self.tokens, sum(len(f["input_ids"]) for f in features))
+        return self.collate(features)
+
+    def __getattr__(self, name):  # everything else is the wrapped collator's
+        if name == "collate":  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.collate, name)
 
 
 def _micro(recipe) -> str:
@@ -859,6 +878,8 @@ def run_sides(args, device: str, peak: float) -> tuple[list[str], list[str]]:
                 continue
             lines.append(row_text(cfg.name, label, r, peak))
             print(lines[-1], flush=True)
+            if r.get("largest_micro_tokens"):
+                print(f"  largest micro-batch {r['largest_micro_tokens']:,} real tokens (the estimate's size)")
             print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
                   + (f" (top: {'; '.join(r['sync_sites'])})" if r["sync_sites"] else ""))
             if r.get("profile"):
