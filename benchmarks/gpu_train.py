@@ -33,7 +33,7 @@ level before training) beside the memory estimator's for tunesmith's largest mic
 step and over the last quarter of steps (the sides must agree), the host syncs per training step with the lines
 that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own check of synchronising operations on a GPU, reads of
 tensor values on a CPU), the mean step time, and with ``--profile`` the top kernels and the GPU busy fraction of
-the measured steps (the union of the GPU kernels' intervals over their wall time). The clock waits for the device
+the last step, the only one profiled (the union of its GPU kernels' intervals over their span). The clock waits for the device
 only after the warm-up steps and after the last step, so it adds no sync of its own to the steps between.
 ``--attention sdpa,auto`` measures tunesmith's side once per attention choice (``sdpa``: the variable-length path on
 SDPA's masked kernel; ``auto``: the path's own choice).
@@ -264,7 +264,7 @@ WINDOW = "tunesmith-benchmark: measured steps"
 def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, tokens=None) -> dict:
     """Run ``train(callbacks)`` (a side's training, which must add the callbacks to its Trainer); return
     tokens/s over the steps after ``warmup``, the peak memory, host syncs per step (:class:`tunesmith.machine.syncs.StepReads`)
-    and, with ``profile``, the top kernels and the GPU busy fraction of the measured steps."""
+    and, with ``profile``, the top kernels and the GPU busy fraction of the last step (:func:`_profiled`)."""
     import torch
 
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
@@ -283,7 +283,7 @@ def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, toke
     print(f"  training starts {start - STARTED:.0f} s into the side's process", flush=True)
     with reads:
         if profile:
-            result, top = _profiled(lambda: train([clock, reads.callback()]), device)
+            result, top = _profiled(lambda extra: train([clock, reads.callback(), *extra]), device, steps)
         else:
             result, top = train([clock, reads.callback()]), None
     wall = time.perf_counter() - start
@@ -318,21 +318,28 @@ def _loss_summary(losses: list[float]) -> dict:
     return {"last_loss": losses[-1] if losses else None, "late_loss": sum(quarter) / len(quarter) if quarter else None}
 
 
-def _profiled(run, device: str):
-    """``run()`` under torch.profiler; returns (its output, the top kernels and the GPU busy fraction of the
-    measured steps: the union of the GPU kernels' intervals within the clock's range, over its length)."""
+def _profiled(run, device: str, steps: int):
+    """``run(callbacks)`` under torch.profiler recording the last of ``steps`` optimizer steps only (every measured
+    step of an 8B model is millions of events, whose collection outran the steps); returns (its output, the top
+    kernels of that step and its GPU busy fraction: the union of its kernels' intervals over the span from the
+    first one's start to the last one's end)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, schedule
+    from transformers import TrainerCallback
+
+    class Step(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            prof.step()
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
-        out = run()
+    with profile(activities=acts, schedule=schedule(wait=max(steps - 1, 0), warmup=0, active=1, repeat=1)) as prof:
+        out = run([Step()])
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = sorted((e for e in prof.key_averages() if e.key != WINDOW), key=lambda e: getattr(e, key, 0), reverse=True)
+    events = sorted((e for e in prof.key_averages() if e.key != WINDOW and not e.key.startswith("ProfilerStep")),
+                    key=lambda e: getattr(e, key, 0), reverse=True)
     top = [f"{e.key[:70]}: {getattr(e, key, 0) / 1e3:,.1f} ms" for e in events[:8]]
-    window = next(((e.time_range.start, e.time_range.end) for e in prof.events() if e.name == WINDOW), None)
     kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
-    busy = busy_fraction(kernels, window) if device == "cuda" and window else None
+    busy = busy_fraction(kernels, (min(k[0] for k in kernels), max(k[1] for k in kernels))) if kernels else None
     return out, {"top": top, "busy_fraction": busy}
 
 
@@ -885,7 +892,7 @@ def run_sides(args, device: str, peak: float) -> tuple[list[str], list[str]]:
             if r.get("profile"):
                 print("  top kernels: " + "; ".join(r["profile"]["top"]))
                 if r["profile"]["busy_fraction"] is not None:
-                    print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the measured steps' wall time")
+                    print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the last step (first kernel to last)")
     return lines, failed
 
 

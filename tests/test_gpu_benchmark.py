@@ -185,3 +185,30 @@ def test_sides_keeps_only_the_named_sides_of_each_method():
         assert got["1b-dpo"] == ["reference-dpo", "trl-dpo"]
     if bench["BANKING"].is_file():
         assert got["1b-head"] == ["reference-head", "trl-head"]
+
+
+def test_the_profile_records_the_last_step_only():
+    import torch
+
+    bench = _load_bench()
+
+    def run(callbacks):
+        for step in range(3):
+            x = torch.ones(128, 128)
+            torch.sin(x) if step < 2 else x @ x  # only the last step multiplies
+            for cb in callbacks:
+                cb.on_step_end(None, None, None)
+        return "done"
+
+    out, top = bench["_profiled"](run, "cpu", 3)
+    assert out == "done" and top["busy_fraction"] is None  # no GPU kernels on a CPU
+    ops = [t.rsplit(": ", 1)[0] for t in top["top"]]
+    assert "aten::mm" in ops and "aten::sin" not in ops and not any(o.startswith("ProfilerStep") for o in ops), ops
+
+
+def test_the_estimate_is_taken_at_the_largest_micro_batch_collated():
+    bench = _load_bench()
+    largest = bench["Largest"](lambda features: {"n": len(features)})
+    assert largest([{"input_ids": [1] * 5}, {"input_ids": [1] * 7}]) == {"n": 2}
+    largest([{"input_ids": [1] * 3}])
+    assert largest.tokens == 12
