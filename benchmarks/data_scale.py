@@ -17,6 +17,7 @@ tasks where a stage allows it. Each side runs in its own process; wall time and 
 
     python benchmarks/data_scale.py --rows 100000 1000000 10000000 --peers tunesmith
     python benchmarks/data_scale.py --rows 1000000 --peers tunesmith-ray    # the Ray engine on two nodes
+    python benchmarks/data_scale.py --rows 10000000 --peers tunesmith --without near_dedup   # the rest of the stage
 
 ``tunesmith-ray`` runs the same recipe with ``data.engine: ray`` on a two-node ``ray.cluster_utils.Cluster``
 that the benchmark starts on this machine (a head and a worker node, half the cores each, each its own raylet,
@@ -132,7 +133,8 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, flo
 # --- tunesmith ----------------------------------------------------------------------------------
 
 
-def run_tunesmith(data: Path, work: Path, engine: str = "local", address: str | None = None) -> dict:
+def run_tunesmith(data: Path, work: Path, engine: str = "local", address: str | None = None,
+                  steps: list[dict] = STEPS) -> dict:
     import yaml
 
     recipe = work / f"recipe-{engine}.yaml"
@@ -140,7 +142,7 @@ def run_tunesmith(data: Path, work: Path, engine: str = "local", address: str | 
         "name": f"scale-{engine}", "output_dir": str(work / "runs"), "seed": 0,
         "model": {"name": "smollm2-135m-instruct"},
         "data": {"path": str(data), "task": "regression", "input_fields": ["text"], "target_field": "price",
-                 "cache": False, "profile": {"enabled": False}, "steps": STEPS, "engine": engine,
+                 "cache": False, "profile": {"enabled": False}, "steps": steps, "engine": engine,
                  "ray_address": address, "split": {"train": 0.8, "val": 0.1, "test": 0.1}},
     }))
     seconds, peak, total, out = measured(
@@ -316,7 +318,14 @@ def main() -> None:
     ap.add_argument("--peers", nargs="+", default=["tunesmith", "datatrove"],
                     help="tunesmith, tunesmith-ray (data.engine: ray on a two-node cluster started here), datatrove")
     ap.add_argument("--tasks", type=int, default=2, help="datatrove's tasks per stage (the cores)")
+    ap.add_argument("--without", nargs="+", default=[], choices=[s["step"] for s in STEPS],
+                    help="leave these steps out (tunesmith's local engine only): what the rest of the stage costs")
     args = ap.parse_args()
+    steps = [s for s in STEPS if s["step"] not in args.without]
+    if args.without and set(args.peers) != {"tunesmith"}:
+        ap.error("--without measures tunesmith's local engine only: give --peers tunesmith")
+    if args.without:
+        print(f"steps: {', '.join(s['step'] for s in steps)} (without {', '.join(args.without)})")
     print(f"cores {os.cpu_count()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("| rows | peer | seconds | rows/s | peak MB (largest process) | peak MB (all its processes) | kept "
           "| per node MB |")
@@ -332,7 +341,7 @@ def main() -> None:
                     out.write(p.read_bytes())
             results = {}
             for peer in args.peers:
-                r = results[peer] = (run_tunesmith(one, tmp) if peer == "tunesmith"
+                r = results[peer] = (run_tunesmith(one, tmp, steps=steps) if peer == "tunesmith"
                                      else run_two_nodes(one, tmp) if peer == "tunesmith-ray"
                                      else run_datatrove(tmp / "in", tmp / "dt", args.tasks))
                 nodes = " / ".join(f"{k} {v:,.0f}" for k, v in r.get("nodes_mb", {}).items())
