@@ -232,15 +232,12 @@ def count_params(model) -> int:
 def _clock(device: str, steps: int, warmup: int = 1, tokens=None):
     """A TrainerCallback that waits for the device only after step ``warmup`` and after the last step and
     notes (time, tokens seen) there: the rate over the steps between, without a sync in every step (which would
-    hide the host syncs a side makes). Between those marks, a profiler range names the measured steps.
-    ``tokens()`` gives the tokens seen (default: the Trainer state's count)."""
-    from torch.profiler import record_function
+    hide the host syncs a side makes). ``tokens()`` gives the tokens seen (default: the Trainer state's count)."""
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self):
             self.marks: list[tuple[float, int]] = []
-            self.window = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step not in (warmup, steps):
@@ -248,17 +245,8 @@ def _clock(device: str, steps: int, warmup: int = 1, tokens=None):
             _sync(device)
             seen = tokens() if tokens else state.num_input_tokens_seen
             self.marks.append((time.perf_counter(), int(seen or 0)))
-            if state.global_step == warmup and steps > warmup:
-                self.window = record_function(WINDOW)
-                self.window.__enter__()
-            elif self.window is not None:
-                self.window.__exit__(None, None, None)
-                self.window = None
 
     return Clock()
-
-
-WINDOW = "tunesmith-benchmark: measured steps"
 
 
 def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, tokens=None) -> dict:
@@ -335,7 +323,7 @@ def _profiled(run, device: str, steps: int):
     with profile(activities=acts, schedule=schedule(wait=max(steps - 1, 0), warmup=0, active=1, repeat=1)) as prof:
         out = run([Step()])
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = sorted((e for e in prof.key_averages() if e.key != WINDOW and not e.key.startswith("ProfilerStep")),
+    events = sorted((e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")),
                     key=lambda e: getattr(e, key, 0), reverse=True)
     top = [f"{e.key[:70]}: {getattr(e, key, 0) / 1e3:,.1f} ms" for e in events[:8]]
     kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
@@ -728,11 +716,10 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
 
 def pair_tokens(pairs: list[dict], tok) -> float:
     """Mean tokens of a preference pair's two sequences (prompt + chosen, prompt + rejected), about as TRL counts."""
-    def n(messages) -> int:
-        ids = tok.apply_chat_template(messages, tokenize=True)  # a list of ids in transformers < 5.20, else a mapping
-        return len(ids if isinstance(ids, list) else ids["input_ids"])
+    from tunesmith.data.chat_rows import row_tokens
 
-    return sum(n(p["prompt"] + p["chosen"]) + n(p["prompt"] + p["rejected"]) for p in pairs) / len(pairs)
+    return sum(row_tokens({"prompt": p["prompt"], "completion": p[side]}, tok)
+               for p in pairs for side in ("chosen", "rejected")) / len(pairs)
 
 
 def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
