@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 
 from tunesmith.config import load_recipe
-from tunesmith.data import batches, minhash
+from tunesmith.data import batches, dedup_index, minhash
+from tunesmith.data.jaccard import jaccard_bound, sketches
 from tunesmith.data.dedup_index import SortedRuns
 from tunesmith.data.prepare import build
 from tunesmith.data.sources import read_source
@@ -168,3 +169,58 @@ def test_matches_equal_a_brute_force_over_every_candidate_pair(threshold):
     want = minhash.best_earlier(cand[hit, 0], cand[hit, 1], sim[hit])
     got = minhash.near_matches(texts, threshold)
     assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_the_jaccard_bound_is_never_below_the_exact_jaccard_and_rejects_same_template_rows():
+    """The sketch's bound decides which pairs are checked, so it must never undercut: random sets of every size
+    (repeats, overlaps, empty), then rows that share a template as listings of one product do (Jaccard ~0.6),
+    of which the bound must set most aside."""
+    rng = np.random.default_rng(3)
+    sets = []
+    for _ in range(200):
+        n = int(rng.integers(0, 60))
+        sets.append(rng.integers(0, 150 if rng.random() < 0.5 else 10**12, size=n).astype(np.uint64))
+    for _ in range(200):  # variants: a few members changed, so many pairs lie near any threshold
+        s = sets[int(rng.integers(0, 200))].copy()
+        s[rng.integers(0, max(1, len(s)), size=int(rng.integers(0, 4)) if len(s) else 0)] = rng.integers(0, 10**12)
+        sets.append(s)
+    offsets = np.concatenate(([0], np.cumsum([len(s) for s in sets]))).astype(np.int64)
+    sh = minhash.Shingles(np.concatenate(sets), offsets)
+    sk = sketches(sh)
+    pairs = np.array([(i, j) for i in range(len(sets)) for j in range(i + 1, len(sets))])
+    exact = minhash.exact_jaccard(sh, pairs)
+    bound = jaccard_bound(sk, pairs[:, 0], pairs[:, 1])
+    assert (bound >= exact).all()
+    assert ((exact > 0.6) & (exact < 1)).sum() > 100
+    template = rng.integers(0, 10**12, size=25).astype(np.uint64)
+    rows = [np.concatenate([template, rng.integers(0, 10**12, size=15).astype(np.uint64)]) for _ in range(200)]
+    sh = minhash.Shingles(np.concatenate(rows), np.arange(0, 40 * 201, 40, dtype=np.int64))
+    pairs = np.array([(i, j) for i in range(200) for j in range(i + 1, 200)])
+    assert minhash.exact_jaccard(sh, pairs).max() < 0.5
+    assert (jaccard_bound(sketches(sh), pairs[:, 0], pairs[:, 1]) >= 0.8).mean() < 0.2
+
+
+def test_the_stream_reads_back_only_rows_that_could_match(tmp_path, tiny_model_dir, home, monkeypatch):
+    """Rows that share a long template land in large LSH buckets; with the bound only rows in a pair that could
+    reach the threshold have their shingle sets read back from disk (without it, every candidate's), and the kept
+    rows are the same and the in-memory step's."""
+    monkeypatch.setattr(batches, "FIRST_BATCH", 100)
+    rng = random.Random(5)
+    texts = banking_texts()
+    template = " ".join(texts[0].split() + texts[1].split() + texts[2].split())
+    rows = [f"{template} {t} {rng.choice(texts)}" for t in rng.sample(texts, 1_000)]
+    rows += [" ".join(r.split()[:-1] + ["changed"]) for r in rng.sample(rows, 150)]  # near copies
+    data = tmp_path / "template.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "category": "ab"[i % 2]}) + "\n" for i, t in enumerate(rows)))
+    reads = []
+    real_read = dedup_index.NearIndex._read
+    monkeypatch.setattr(dedup_index.NearIndex, "_read", lambda self, p: reads.append(p) or real_read(self, p))
+    want = in_memory(recipe(tmp_path, tiny_model_dir, data, 20_000, "mem").data)
+    assert streamed(tmp_path, tiny_model_dir, data, 200) == want
+    bounded = len(reads)
+    reads.clear()
+    monkeypatch.setattr(minhash, "jaccard_bound", lambda sk, a, b: np.ones(np.broadcast_shapes(a.shape, b.shape)))
+    (tmp_path / "unbounded").mkdir()
+    assert streamed(tmp_path / "unbounded", tiny_model_dir, data, 200) == want
+    assert len(want) >= 150
+    assert bounded * 3 < len(reads), (bounded, len(reads))

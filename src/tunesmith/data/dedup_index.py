@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunesmith.data.jaccard import SKETCH_WORDS, Sketches, sketches
 from tunesmith.data.minhash import (
     Shingles,
     band_keys,
@@ -115,6 +116,43 @@ class SortedRuns:
         return sum(k.nbytes + (0 if v is None else v.nbytes) for k, v in self.runs)
 
 
+class SketchStore:
+    """Every indexed row's ``jaccard.Sketches`` (20 bytes a row), in blocks of ``BLOCK`` rows so that growing never
+    copies what is stored; near dedup reads them for every earlier row that shares a band key with a batch."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self):
+        self.masks: list[np.ndarray] = []
+        self.sizes: list[np.ndarray] = []
+        self.n = 0
+
+    def extend(self, sk: Sketches) -> None:
+        at = 0
+        while at < len(sk):
+            block, off = divmod(self.n, self.BLOCK)
+            if block == len(self.masks):
+                self.masks.append(np.zeros((self.BLOCK, SKETCH_WORDS), dtype=np.uint64))
+                self.sizes.append(np.zeros(self.BLOCK, dtype=np.uint32))
+            take = min(self.BLOCK - off, len(sk) - at)
+            self.masks[block][off : off + take] = sk.masks[at : at + take]
+            self.sizes[block][off : off + take] = sk.sizes[at : at + take]
+            self.n, at = self.n + take, at + take
+
+    def take(self, pos: np.ndarray) -> Sketches:
+        out = Sketches(np.empty((len(pos), SKETCH_WORDS), dtype=np.uint64), np.empty(len(pos), dtype=np.uint32))
+        block = pos // self.BLOCK
+        for b in distinct(block).tolist():
+            sel = block == b
+            out.masks[sel] = self.masks[b][pos[sel] % self.BLOCK]
+            out.sizes[sel] = self.sizes[b][pos[sel] % self.BLOCK]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.nbytes + s.nbytes for m, s in zip(self.masks, self.sizes, strict=True))
+
+
 def text_hash(texts: list[str]) -> np.ndarray:
     """A 64-bit hash per text (blake2b); two texts share one about once in 10^19 pairs."""
     return np.array(
@@ -143,11 +181,7 @@ def rows_of(keys, at: np.ndarray):
     if isinstance(keys, np.ndarray):
         return keys[at]
     sh, bands = keys
-    counts = np.diff(sh.offsets)[at]
-    offsets = np.zeros(len(at) + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    idx = np.repeat(sh.offsets[at] - offsets[:-1], counts) + np.arange(offsets[-1])
-    return Shingles(sh.ids[idx], offsets), bands[at]
+    return sh.take(at), bands[at]
 
 
 class ExactIndex:
@@ -195,6 +229,7 @@ class NearIndex:
         self.bands, self.rows = lsh_params(spec.threshold, spec.num_perm)
         self.index = [SortedRuns(np.uint64) for _ in range(self.bands)]  # key << 32 | position
         self.log = SpillLog(workdir / "near_rows.bin")  # per row: shingle count, shingles, file:line
+        self.sketches = SketchStore()  # per row: what bounds its Jaccard, so few rows are read back
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
         (sh, keys), self.given = (self.given if self.given is not None else near_keys(records, spec)), None
@@ -204,7 +239,10 @@ class NearIndex:
         eb, ek, ep = self._earlier(keys[pos - base])
         groups = lsh_groups(np.concatenate([band, eb]), np.concatenate([key, ek]), np.concatenate([at, ep]))
         index = distinct(groups.members)
-        i, j, sim = group_matches(groups, index, self._sets(index, sh, base), index >= base, spec.threshold)
+        sk = sketches(sh)
+        i, j, sim = group_matches(groups, index, _IndexedSets(self, index, sh, sk, base), index >= base,
+                                  spec.threshold)
+        self.sketches.extend(sk)
         for b, runs in enumerate(self.index):
             runs.add((keys[pos - base, b].astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64))
         self.log.extend([_row_bytes(sh.of(k), r.source) for k, r in enumerate(records)])
@@ -245,10 +283,25 @@ class NearIndex:
 
     @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.index) + 4 * len(self.log)
+        return sum(r.nbytes for r in self.index) + 4 * len(self.log) + self.sketches.nbytes
 
     def close(self) -> None:
         self.log.close()
+
+
+class _IndexedSets:
+    """``group_matches``' view of the rows at ``index`` (ascending; the batch's from ``base`` on): their sketches
+    from memory, their shingle sets read back (earlier rows) or taken from the batch only when asked for."""
+
+    def __init__(self, near: NearIndex, index: np.ndarray, sh: Shingles, sk: Sketches, base: int):
+        self.near, self.index, self.sh, self.base = near, index, sh, base
+        split = int(np.searchsorted(index, base))
+        earlier, batch = near.sketches.take(index[:split]), sk.take(index[split:] - base)
+        self.sketch = Sketches(np.concatenate([earlier.masks, batch.masks]),
+                               np.concatenate([earlier.sizes, batch.sizes]))
+
+    def load(self, at: np.ndarray) -> Shingles:
+        return self.near._sets(self.index[at], self.sh, self.base)
 
 
 def _row_bytes(ids: np.ndarray, source: str) -> bytes:

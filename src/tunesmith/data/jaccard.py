@@ -2,6 +2,10 @@
 sort of the pairs' shingles tagged with the pair, and of every pair of a large group at once, by a matrix product
 of the members' 0/1 shingle matrix. Shingles keep their 64-bit identity on both paths, and the similarity is the
 same float from the same counts, so a pair scores alike whichever path checks it.
+
+Before either, :func:`jaccard_bound` drops the pairs that cannot reach the threshold from a 20-byte sketch per row
+(which of 128 buckets its shingles fall in, and how many distinct shingles it has): an upper bound, never below the
+exact Jaccard, so no pair at or above the threshold is lost and the rows whose sets must be read are few.
 """
 
 from __future__ import annotations
@@ -22,6 +26,66 @@ class Shingles:
 
     def of(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def take(self, at: np.ndarray) -> Shingles:
+        """The texts ``at``, as their own ``Shingles``."""
+        counts = np.diff(self.offsets)[at]
+        offsets = np.zeros(len(at) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        idx = np.repeat(self.offsets[at] - offsets[:-1], counts) + np.arange(offsets[-1])
+        return Shingles(self.ids[idx], offsets)
+
+
+SKETCH_WORDS = 2  # 128 buckets
+
+
+@dataclass
+class Sketches:
+    """Per row: a bit per shingle bucket its shingles fall in (``SKETCH_WORDS`` uint64 words) and its count of
+    distinct shingles: what :func:`jaccard_bound` needs, small enough to keep for every row of a stream."""
+
+    masks: np.ndarray  # (n, SKETCH_WORDS) uint64
+    sizes: np.ndarray  # (n,) uint32
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def take(self, at: np.ndarray) -> Sketches:
+        return Sketches(self.masks[at], self.sizes[at])
+
+
+def sketches(sh: Shingles) -> Sketches:
+    """The sketch of every text of ``sh`` (an empty text: no bits, size 0)."""
+    n = len(sh.offsets) - 1
+    owner = np.repeat(np.arange(n, dtype=np.int64), np.diff(sh.offsets))
+    order = np.lexsort((sh.ids, owner))
+    ids, owner = sh.ids[order], owner[order]
+    new = np.ones(len(ids), dtype=bool)
+    new[1:] = (ids[1:] != ids[:-1]) | (owner[1:] != owner[:-1])
+    ids, owner = ids[new], owner[new]
+    bucket = _bucket(ids)
+    masks = np.zeros((n, SKETCH_WORDS), dtype=np.uint64)
+    code = distinct(owner * (64 * SKETCH_WORDS) + bucket)  # each (text, bucket) once, so adding is or-ing
+    np.add.at(masks, (code // (64 * SKETCH_WORDS), (code // 64) % SKETCH_WORDS),
+              np.uint64(1) << (code % 64).astype(np.uint64))
+    return Sketches(masks, np.bincount(owner, minlength=n).astype(np.uint32))
+
+
+def _bucket(ids: np.ndarray) -> np.ndarray:
+    h = ids * np.uint64(0xD6E8FEB86659FD93)
+    return (h >> np.uint64(64 - 7)).astype(np.int64)  # top bits of a multiplicative hash: 0..127
+
+
+def jaccard_bound(sk: Sketches, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """An upper bound on the Jaccard of rows ``a`` and ``b`` (arrays that broadcast): a shingle of ``a`` in a
+    bucket where ``b`` has none is not shared, so the intersection is at most ``|a|`` less the buckets only ``a``
+    fills (and the same from ``b``'s side). Computed by the same ratio as the exact value, so never below it."""
+    ma, mb = sk.masks[a], sk.masks[b]
+    only_a = np.bitwise_count(ma & ~mb).sum(axis=-1, dtype=np.int64)
+    only_b = np.bitwise_count(mb & ~ma).sum(axis=-1, dtype=np.int64)
+    sa, sb = sk.sizes[a].astype(np.int64), sk.sizes[b].astype(np.int64)
+    inter = np.minimum(sa - only_a, sb - only_b)
+    return _ratio(inter, sa + sb - inter)
 
 
 def _unique_sets(sh: Shingles, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

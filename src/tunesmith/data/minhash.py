@@ -19,7 +19,15 @@ from functools import lru_cache
 
 import numpy as np
 
-from tunesmith.data.jaccard import Shingles, distinct, exact_jaccard, large_group_matches
+from tunesmith.data.jaccard import (
+    Shingles,
+    Sketches,
+    distinct,
+    exact_jaccard,
+    jaccard_bound,
+    large_group_matches,
+    sketches,
+)
 
 _WORD_SPLIT = r"[^\p{L}\p{N}\p{M}_]+"
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -214,20 +222,77 @@ SMALL_GROUP = 64  # groups up to this size are checked pair by pair; larger ones
 _PAIRS_AT_ONCE = 1 << 19
 
 
-def group_matches(groups: Groups, index: np.ndarray, sh: Shingles, query: np.ndarray, threshold: float,
+class MemorySets:
+    """The shingle sets ``group_matches`` checks, all of them in memory (``sh`` in ``index`` order)."""
+
+    def __init__(self, sh: Shingles):
+        self.sh, self.sketch = sh, sketches(sh)
+
+    def load(self, at: np.ndarray) -> Shingles:
+        return self.sh.take(at)
+
+
+def group_matches(groups: Groups, index: np.ndarray, sets, query: np.ndarray, threshold: float,
                   best: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair ``(i, j)`` of a group with ``i`` earlier than ``j``, ``j`` a query row and exact Jaccard
     ``>= threshold``, as positions ``(i, j, similarity)``; with ``best``, only each ``j``'s best match.
 
-    ``index`` holds the positions (ascending) whose shingle sets ``sh`` has, in that order; ``query`` marks
-    those that need a decision (rows decided earlier are only compared against). No pair of a group is left
-    out, whatever its size: a large group is one blocked matrix product of its members' shingle sets.
+    ``index`` holds the positions (ascending) whose sets ``sets`` has: ``sets.sketch`` (``jaccard.Sketches`` in
+    ``index`` order) and ``sets.load(at)``, the shingle sets of ``index[at]`` (see :class:`MemorySets`); ``query``
+    marks the rows that need a decision (rows decided earlier are only compared against). No pair of a group is
+    left out, whatever its size: the sketches first set aside every member with no pair that could reach the
+    threshold (an upper bound, so none that does), then the rest are checked exactly, a large group as one
+    blocked matrix product of its members' shingle sets; only those members' sets are loaded.
     """
+    groups = _plausible(groups, np.searchsorted(index, groups.members), sets.sketch, query, threshold)
+    need = distinct(np.searchsorted(index, groups.members))
+    return _checked(groups, index[need], sets.load(need), query[need], threshold, best)
+
+
+def _plausible(groups: Groups, loc: np.ndarray, sketch: Sketches, query: np.ndarray, threshold: float) -> Groups:
+    """``groups`` without the members that are in no (earlier, later query) pair whose Jaccard bound reaches
+    ``threshold`` (groups left with one member dropped)."""
+    sizes = groups.sizes
+    keep = np.zeros(len(groups.members), dtype=bool)
+    pairs = _later_pairs(groups, np.arange(len(groups)), loc, query, count_only=True)
+    small = np.flatnonzero((sizes >= 2) & (pairs <= _PAIRS_AT_ONCE))
+    for chunk in _by_pairs(small, pairs):
+        a, b = _later_pairs(groups, chunk, loc, query)
+        ok = jaccard_bound(sketch, loc[a], loc[b]) >= threshold
+        keep[a[ok]] = keep[b[ok]] = True
+    for g in np.flatnonzero(pairs > _PAIRS_AT_ONCE).tolist():
+        lo, hi = groups.starts[g], groups.starts[g + 1]
+        keep[lo:hi] = _plausible_members(loc[lo:hi], sketch, query, threshold)
+    gid = np.repeat(np.arange(len(groups)), sizes)
+    left = np.bincount(gid[keep], minlength=len(groups))
+    keep &= (left >= 2)[gid]
+    return Groups(groups.members[keep], np.concatenate(([0], np.cumsum(left[left >= 2]))).astype(np.int64))
+
+
+def _plausible_members(m: np.ndarray, sketch: Sketches, query: np.ndarray, threshold: float,
+                       block: int = 512) -> np.ndarray:
+    """The members of one large group (``m``: indices into the sketches, ascending) in a pair that could reach
+    ``threshold``, by the bound of every (earlier, later query) pair, a block of earlier members at a time."""
+    keep = np.zeros(len(m), dtype=bool)
+    cols = np.flatnonzero(query[m])
+    for lo in range(0, int(cols.max()) if len(cols) else 0, block):
+        right = cols[cols > lo]
+        rows = np.arange(lo, min(lo + block, len(m)))
+        ok = jaccard_bound(sketch, m[rows][:, None], m[right][None, :]) >= threshold
+        ok &= rows[:, None] < right[None, :]
+        keep[rows] |= ok.any(axis=1)
+        keep[right] |= ok.any(axis=0)
+    return keep
+
+
+def _checked(groups: Groups, index: np.ndarray, sh: Shingles, query: np.ndarray, threshold: float,
+             best: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``group_matches`` on loaded sets: small groups pair by pair, large ones as matrix products."""
     loc = np.searchsorted(index, groups.members)
     sizes = groups.sizes
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     small = np.flatnonzero((sizes >= 2) & (sizes <= SMALL_GROUP))
-    for chunk in _by_pairs(small, sizes):
+    for chunk in _by_pairs(small, sizes * (sizes - 1) // 2):
         a, b = _pairs_in(groups, chunk, loc)
         keep = query[b]
         a, b = a[keep], b[keep]
@@ -274,11 +339,11 @@ def _unique_pairs(a, b, sim):
     return a[first], b[first], sim[first]
 
 
-def _by_pairs(groups: np.ndarray, sizes: np.ndarray):
-    """``groups`` in chunks of about ``_PAIRS_AT_ONCE`` pairs."""
+def _by_pairs(groups: np.ndarray, pairs: np.ndarray):
+    """``groups`` in chunks of about ``_PAIRS_AT_ONCE`` pairs (``pairs``: each group's count)."""
     if not len(groups):
         return
-    n = sizes[groups] * (sizes[groups] - 1) // 2
+    n = pairs[groups]
     cut = np.searchsorted(np.cumsum(n), np.arange(_PAIRS_AT_ONCE, n.sum() + _PAIRS_AT_ONCE, _PAIRS_AT_ONCE),
                           side="right")
     lo = 0
@@ -296,6 +361,22 @@ def _pairs_in(groups: Groups, chosen: np.ndarray, loc: np.ndarray) -> tuple[np.n
     b = np.repeat(at, rank)  # a member is the later side of one pair per earlier member
     a = np.repeat(np.repeat(starts, sizes), rank) + np.arange(rank.sum()) - np.repeat(np.cumsum(rank) - rank, rank)
     return loc[a], loc[b]
+
+
+def _later_pairs(groups: Groups, chosen: np.ndarray, loc: np.ndarray, query: np.ndarray, count_only: bool = False):
+    """Every (earlier, later) pair of member slots of the chosen groups whose later member is a query row, as slot
+    indices into ``groups.members``; with ``count_only``, the number of such pairs per chosen group."""
+    starts, sizes = groups.starts[chosen], groups.sizes[chosen]
+    first = np.repeat(starts, sizes)
+    rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    slot = first + rank
+    rank = np.where(query[loc[slot]], rank, 0)  # a member that is no query row is the later side of no pair
+    if count_only:
+        return np.bincount(np.repeat(np.arange(len(chosen)), sizes), weights=rank, minlength=len(chosen)).astype(
+            np.int64)
+    b = np.repeat(slot, rank)
+    a = np.repeat(first, rank) + np.arange(rank.sum()) - np.repeat(np.cumsum(rank) - rank, rank)
+    return a, b
 
 
 def _large_sets(groups: Groups, loc: np.ndarray, large: np.ndarray):
@@ -345,7 +426,7 @@ def near_matches(texts: list[str], threshold: float = 0.8, unit: str = "word", n
     pos = np.flatnonzero(np.diff(sh.offsets) > 0)
     groups = lsh_groups(*keyed_rows(keys[pos], pos))
     index = np.arange(len(texts))
-    return group_matches(groups, index, sh, np.ones(len(texts), dtype=bool), threshold, best)
+    return group_matches(groups, index, MemorySets(sh), np.ones(len(texts), dtype=bool), threshold, best)
 
 
 def near_duplicate_pairs(texts: list[str], threshold: float = 0.8, unit: str = "word", ngram: int = 2,

@@ -18,6 +18,7 @@ import numpy as np
 
 from tunesmith.data.dedup_index import exact_keys, near_keys
 from tunesmith.data.minhash import (
+    MemorySets,
     Shingles,
     best_earlier,
     group_matches,
@@ -279,8 +280,8 @@ def near_best(spans: np.ndarray, threshold: float, *chunks) -> list[dict]:
     offsets = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(rows["count"][first], out=offsets[1:])
     ids = np.concatenate([rows["ids"][k] for k in first.tolist()] or [np.empty(0, np.uint64)])
-    i, j, sim = group_matches(groups, index, Shingles(ids.astype(np.uint64), offsets), np.ones(len(index), bool),
-                              threshold)
+    i, j, sim = group_matches(groups, index, MemorySets(Shingles(ids.astype(np.uint64), offsets)),
+                              np.ones(len(index), bool), threshold)
     source = rows["source"][first][np.searchsorted(index, i)]
     return _split(j, spans, {"i": i, "j": j, "sim": sim, "source": source})
 
