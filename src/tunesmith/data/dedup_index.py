@@ -82,9 +82,7 @@ class SortedRuns:
         self.runs.append((keys[order], vals))
         while len(self.runs) >= 2 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]):
             (k1, v1), (k2, v2) = self.runs[-2], self.runs.pop()
-            keys = np.concatenate([k1, k2])
-            order = np.argsort(keys, kind="stable")  # two sorted runs: a linear merge
-            self.runs[-1] = (keys[order], None if v1 is None else np.concatenate([v1, v2])[order])
+            self.runs[-1] = _merged(k1, v1, k2, v2)
 
     def first(self, keys: np.ndarray) -> np.ndarray:
         """The value stored first under each key, or -1."""
@@ -151,6 +149,21 @@ class SketchStore:
     @property
     def nbytes(self) -> int:
         return sum(m.nbytes + s.nbytes for m, s in zip(self.masks, self.sizes, strict=True))
+
+
+def _merged(k1: np.ndarray, v1, k2: np.ndarray, v2) -> tuple[np.ndarray, np.ndarray | None]:
+    """Two sorted runs as one, ``k1``'s before ``k2``'s among equal keys: each key of ``k2`` goes where a
+    binary search puts it, those of ``k1`` fill the rest (no sort, and no copy beyond the result)."""
+    at = np.searchsorted(k1, k2, side="right") + np.arange(len(k2))
+    first = np.ones(len(k1) + len(k2), dtype=bool)
+    first[at] = False
+    keys = np.empty(len(first), dtype=k1.dtype)
+    keys[at], keys[first] = k2, k1
+    if v1 is None:
+        return keys, None
+    vals = np.empty(len(first), dtype=v1.dtype)
+    vals[at], vals[first] = v2, v1
+    return keys, vals
 
 
 def text_hash(texts: list[str]) -> np.ndarray:

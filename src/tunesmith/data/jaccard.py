@@ -58,22 +58,35 @@ def sketches(sh: Shingles) -> Sketches:
     """The sketch of every text of ``sh`` (an empty text: no bits, size 0)."""
     n = len(sh.offsets) - 1
     owner = np.repeat(np.arange(n, dtype=np.int64), np.diff(sh.offsets))
-    order = np.lexsort((sh.ids, owner))
-    ids, owner = sh.ids[order], owner[order]
-    new = np.ones(len(ids), dtype=bool)
-    new[1:] = (ids[1:] != ids[:-1]) | (owner[1:] != owner[:-1])
-    ids, owner = ids[new], owner[new]
-    bucket = _bucket(ids)
     masks = np.zeros((n, SKETCH_WORDS), dtype=np.uint64)
-    code = distinct(owner * (64 * SKETCH_WORDS) + bucket)  # each (text, bucket) once, so adding is or-ing
+    code = distinct(owner * (64 * SKETCH_WORDS) + _bucket(sh.ids))  # each (text, bucket) once: adding is or-ing
     np.add.at(masks, (code // (64 * SKETCH_WORDS), (code // 64) % SKETCH_WORDS),
               np.uint64(1) << (code % 64).astype(np.uint64))
-    return Sketches(masks, np.bincount(owner, minlength=n).astype(np.uint32))
+    return Sketches(masks, _distinct_counts(sh.ids, owner, n))
+
+
+def _distinct_counts(ids: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Each text's count of distinct shingles: one sort of the ids mixed with their text (a repeat within a text
+    mixes alike), then only the few values that recur are told apart exactly by text and id."""
+    mixed = ids ^ (owner.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    ordered = np.sort(mixed)
+    recurring = ordered[1:][ordered[1:] == ordered[:-1]]
+    sizes = np.bincount(owner, minlength=n)
+    if len(recurring):
+        recurring = distinct(recurring)
+        near = np.minimum(np.searchsorted(recurring, mixed), len(recurring) - 1)
+        at = np.flatnonzero(recurring[near] == mixed)
+        order = np.lexsort((ids[at], owner[at]))
+        o, i = owner[at][order], ids[at][order]
+        repeat = np.zeros(len(o), dtype=bool)
+        repeat[1:] = (o[1:] == o[:-1]) & (i[1:] == i[:-1])
+        sizes -= np.bincount(o[repeat], minlength=n)
+    return sizes.astype(np.uint32)
 
 
 def _bucket(ids: np.ndarray) -> np.ndarray:
-    h = ids * np.uint64(0xD6E8FEB86659FD93)
-    return (h >> np.uint64(64 - 7)).astype(np.int64)  # top bits of a multiplicative hash: 0..127
+    """0..127: the top bits of a multiplicative hash of the shingle id."""
+    return ((ids * np.uint64(0xD6E8FEB86659FD93)) >> np.uint64(57)).astype(np.int64)
 
 
 def jaccard_bound(sk: Sketches, a: np.ndarray, b: np.ndarray) -> np.ndarray:
