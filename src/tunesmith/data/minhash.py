@@ -2,8 +2,9 @@
 
 Pipeline: shingles (word or char n-grams) → 64-bit ids → ``num_perm`` MinHash values per text (multiply-shift
 hashing, one ``np.minimum.reduceat`` per chunk) → one 32-bit key per LSH band → groups of rows sharing a key
-(:func:`lsh_groups`, any size) → exact Jaccard of every earlier/later pair in a group (:func:`group_matches`: pair
-by pair in small groups, a matrix product in large ones) → per row its best earlier match (:func:`best_earlier`).
+(:func:`lsh_groups`, any size) → exact Jaccard of every earlier/later pair in a group whose upper bound from two
+20-byte sketches reaches the threshold (:func:`group_matches`: pair by pair in small groups, a matrix product in
+large ones) → per row its best earlier match (:func:`best_earlier`).
 The in-memory step, the streaming index and the Ray engine all run these three functions, on all rows at once, a
 batch against the rows before it, or one partition of the band shuffle: the matches, hence the kept rows and the
 reasons, are the same whatever the batch size, bucket size or engine.
@@ -292,10 +293,10 @@ def _checked(groups: Groups, index: np.ndarray, sh: Shingles, query: np.ndarray,
     sizes = groups.sizes
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     small = np.flatnonzero((sizes >= 2) & (sizes <= SMALL_GROUP))
-    for chunk in _by_pairs(small, sizes * (sizes - 1) // 2):
-        a, b = _pairs_in(groups, chunk, loc)
-        keep = query[b]
-        a, b = a[keep], b[keep]
+    pairs = _later_pairs(groups, small, loc, query, count_only=True)
+    for chunk in _by_pairs(np.arange(len(small)), pairs):
+        a, b = _later_pairs(groups, small[chunk], loc, query)
+        a, b = loc[a], loc[b]
         if len(a):
             uniq = distinct(a * len(index) + b)
             a, b = uniq // len(index), uniq % len(index)
@@ -351,16 +352,6 @@ def _by_pairs(groups: np.ndarray, pairs: np.ndarray):
         if hi > lo:
             yield groups[lo:hi]
             lo = hi
-
-
-def _pairs_in(groups: Groups, chosen: np.ndarray, loc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All ``(earlier, later)`` member pairs of the chosen groups, as indices into the shingle sets."""
-    starts, sizes = groups.starts[chosen], groups.sizes[chosen]
-    rank = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # each member's place in its group
-    at = np.repeat(starts, sizes) + rank
-    b = np.repeat(at, rank)  # a member is the later side of one pair per earlier member
-    a = np.repeat(np.repeat(starts, sizes), rank) + np.arange(rank.sum()) - np.repeat(np.cumsum(rank) - rank, rank)
-    return loc[a], loc[b]
 
 
 def _later_pairs(groups: Groups, chosen: np.ndarray, loc: np.ndarray, query: np.ndarray, count_only: bool = False):

@@ -127,9 +127,9 @@ def _cut(order: np.ndarray, sizes: tuple[int, int, int], n: int) -> np.ndarray:
 def hash_order(hashes: np.ndarray, labels: np.ndarray | None, label_values: list | None, seed: int) -> np.ndarray:
     """Items ordered by hash; with labels, each label's items (in hash order) spread evenly through the ordering
     from a seeded offset per label, so that every contiguous slice keeps the label proportions."""
-    idx = np.arange(len(hashes))
     if labels is None:
-        return np.lexsort((idx, hashes))
+        return np.argsort(hashes, kind="stable")  # ties in read order, without an index array beside it
+    idx = np.arange(len(hashes))
     by = np.lexsort((idx, hashes, labels))
     lab = labels[by]
     starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]]) if len(lab) else np.empty(0, np.int64)
