@@ -1,6 +1,7 @@
 """One near dedup for every engine: the same kept rows and reasons in memory and streamed at any batch size, for
-buckets of any size (a 5,000-row LSH bucket of near copies of real BANKING77 text), and the sorted runs of the
-streaming index merged by size tiers."""
+buckets of any size (a 5,000-row LSH bucket of near copies of real BANKING77 text); the sketch bound that decides
+which pairs are read back never below the exact Jaccard; and the sorted runs of the streaming index merged by size
+tiers."""
 
 import csv
 import json
@@ -14,8 +15,8 @@ from rich.console import Console
 
 from tunesmith.config import load_recipe
 from tunesmith.data import batches, dedup_index, minhash
-from tunesmith.data.jaccard import jaccard_bound, sketches
 from tunesmith.data.dedup_index import SortedRuns
+from tunesmith.data.jaccard import jaccard_bound, sketches
 from tunesmith.data.prepare import build
 from tunesmith.data.sources import read_source
 from tunesmith.data.steps import StepContext, run_steps
@@ -224,3 +225,17 @@ def test_the_stream_reads_back_only_rows_that_could_match(tmp_path, tiny_model_d
     assert streamed(tmp_path / "unbounded", tiny_model_dir, data, 200) == want
     assert len(want) >= 150
     assert bounded * 3 < len(reads), (bounded, len(reads))
+
+
+def test_closing_the_stream_lets_go_of_the_near_index(tmp_path):
+    """The split runs after the stream in the same process: the index must not hold its memory through it."""
+    from tunesmith.config.data import NearDedupStep
+    from tunesmith.records import Record
+
+    spec = NearDedupStep(step="near_dedup", fields=["text"])
+    near = dedup_index.NearIndex(spec, tmp_path)
+    rows = [Record({"text": t}, f"f:{k}") for k, t in enumerate(banking_texts()[:500])]
+    near(rows, spec, None)
+    assert near.sketches.nbytes > 0 and sum(r.nbytes for r in near.index) >= 8 * 500
+    near.close()
+    assert near.sketches.nbytes == 0 and sum(r.nbytes for r in near.index) == 0
