@@ -134,14 +134,17 @@ def test_large_groups_are_checked_pair_for_pair_as_small_ones(monkeypatch):
     assert len(pairs_small[0]) > 100
 
 
-def test_sorted_runs_merge_by_size_tiers_and_find_every_key():
+@pytest.mark.parametrize("largest", [1 << 22, 300])
+def test_sorted_runs_merge_by_size_tiers_and_find_every_key(largest, monkeypatch):
+    monkeypatch.setattr(SortedRuns, "LARGEST", largest)
     rng = np.random.default_rng(0)
     runs, every = SortedRuns(np.uint64, np.uint32), []
     for b in range(200):
         keys = rng.integers(0, 5_000, size=50).astype(np.uint64)
         runs.add(keys, np.arange(b * 50, (b + 1) * 50))
         every.append(keys)
-        assert len(runs.runs) <= int(np.log2(b + 1)) + 1  # a binary counter of runs
+        assert len(runs.runs) <= int(np.log2(b + 1)) + 1 + 100 * (b + 1) // largest  # a binary counter of runs
+        assert max(len(k) for k, _ in runs.runs) <= max(largest, 50)
     every = np.concatenate(every)
     first = {}
     for p, k in enumerate(every.tolist()):

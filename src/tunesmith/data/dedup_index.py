@@ -68,7 +68,10 @@ class SpillLog:
 class SortedRuns:
     """Keys (with values, optionally) as a few sorted runs, merged by size tiers: a run is merged into the one
     before it while that one is less than twice its size (a binary counter), so there are O(log n) runs and each
-    key is merged O(log n) times. Among equal keys the one added first stays first."""
+    key is merged O(log n) times, up to ``LARGEST`` keys a run (past that, one more run per ``LARGEST`` keys).
+    Among equal keys the one added first stays first."""
+
+    LARGEST = 1 << 22  # keys in a run made by merging: bounds a merge's extra memory (~50 MB), costs a search a run
 
     def __init__(self, dtype=np.uint64, value_dtype=None):
         self.dtype, self.value_dtype = dtype, value_dtype
@@ -81,7 +84,8 @@ class SortedRuns:
         order = np.argsort(keys, kind="stable")
         vals = None if self.value_dtype is None else np.asarray(values)[order].astype(self.value_dtype)
         self.runs.append((keys[order], vals))
-        while len(self.runs) >= 2 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]):
+        while len(self.runs) >= 2 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]) \
+                and len(self.runs[-2][0]) + len(self.runs[-1][0]) <= self.LARGEST:
             (k1, v1), (k2, v2) = self.runs[-2], self.runs.pop()
             self.runs[-1] = _merged(k1, v1, k2, v2)
 
@@ -251,13 +255,8 @@ class NearIndex:
         (sh, keys), self.given = (self.given if self.given is not None else near_keys(records, spec)), None
         base = len(self.log)
         pos = base + np.flatnonzero(np.diff(sh.offsets) > 0)
-        band, key, at = keyed_rows(keys[pos - base], pos)
-        eb, ek, ep = self._earlier(keys[pos - base])
-        groups = lsh_groups(np.concatenate([band, eb]), np.concatenate([key, ek]), np.concatenate([at, ep]))
-        index = distinct(groups.members)
         sk = sketches(sh)
-        i, j, sim = group_matches(groups, index, _IndexedSets(self, index, sh, sk, base), index >= base,
-                                  spec.threshold)
+        i, j, sim = self._matches(sh, sk, keys[pos - base], pos, base, spec.threshold)
         self.sketches.extend(sk)
         for b, runs in enumerate(self.index):
             runs.add((keys[pos - base, b].astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64))
@@ -272,6 +271,17 @@ class NearIndex:
             src = records[a - base].source if a >= base else self._read(a)[1]
             dropped.append(Rejected(rec.source, "", near_reason(src, s), rec.data))
         return kept, dropped
+
+    def _matches(self, sh: Shingles, sk: Sketches, keys: np.ndarray, pos: np.ndarray, base: int,
+                 threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's matches among its rows and the earlier ones; its working arrays (every earlier row of every
+        bucket it touches) are gone when this returns, before the index grows (at 10M rows their peaks met)."""
+        band, key, at = keyed_rows(keys, pos)
+        eb, ek, ep = self._earlier(keys)
+        groups = lsh_groups(np.concatenate([band, eb]), np.concatenate([key, ek]), np.concatenate([at, ep]))
+        del band, key, at, eb, ek, ep
+        index = distinct(groups.members)
+        return group_matches(groups, index, _IndexedSets(self, index, sh, sk, base), index >= base, threshold)
 
     def _earlier(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(band, key, position)`` of every earlier row sharing a band key with one of ``keys``."""
