@@ -255,9 +255,8 @@ class NearIndex:
         (sh, keys), self.given = (self.given if self.given is not None else near_keys(records, spec)), None
         base = len(self.log)
         pos = base + np.flatnonzero(np.diff(sh.offsets) > 0)
-        sk = sketches(sh)
-        i, j, sim = self._matches(sh, sk, keys[pos - base], pos, base, spec.threshold)
-        self.sketches.extend(sk)
+        self.sketches.extend(sketches(sh))  # the batch's too: read like the earlier rows' while it is decided
+        i, j, sim = self._matches(sh, keys[pos - base], pos, base, spec.threshold)
         for b, runs in enumerate(self.index):
             runs.add((keys[pos - base, b].astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64))
         self.log.extend([_row_bytes(sh.of(k), r.source) for k, r in enumerate(records)])
@@ -272,7 +271,7 @@ class NearIndex:
             dropped.append(Rejected(rec.source, "", near_reason(src, s), rec.data))
         return kept, dropped
 
-    def _matches(self, sh: Shingles, sk: Sketches, keys: np.ndarray, pos: np.ndarray, base: int,
+    def _matches(self, sh: Shingles, keys: np.ndarray, pos: np.ndarray, base: int,
                  threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The batch's matches among its rows and the earlier ones; its working arrays (every earlier row of every
         bucket it touches) are gone when this returns, before the index grows (at 10M rows their peaks met)."""
@@ -281,7 +280,7 @@ class NearIndex:
         groups = lsh_groups(np.concatenate([band, eb]), np.concatenate([key, ek]), np.concatenate([at, ep]))
         del band, key, at, eb, ek, ep
         index = distinct(groups.members)
-        return group_matches(groups, index, _IndexedSets(self, index, sh, sk, base), index >= base, threshold)
+        return group_matches(groups, index, _IndexedSets(self, index, sh, base), index >= base, threshold)
 
     def _earlier(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(band, key, position)`` of every earlier row sharing a band key with one of ``keys``."""
@@ -321,12 +320,9 @@ class _IndexedSets:
     """``group_matches``' view of the rows at ``index`` (ascending; the batch's from ``base`` on): their sketches
     from memory, their shingle sets read back (earlier rows) or taken from the batch only when asked for."""
 
-    def __init__(self, near: NearIndex, index: np.ndarray, sh: Shingles, sk: Sketches, base: int):
+    def __init__(self, near: NearIndex, index: np.ndarray, sh: Shingles, base: int):
         self.near, self.index, self.sh, self.base = near, index, sh, base
-        split = int(np.searchsorted(index, base))
-        earlier, batch = near.sketches.take(index[:split]), sk.take(index[split:] - base)
-        self.sketch = Sketches(np.concatenate([earlier.masks, batch.masks]),
-                               np.concatenate([earlier.sizes, batch.sizes]))
+        self.sketch = near.sketches.take(index)
 
     def load(self, at: np.ndarray) -> Shingles:
         return self.near._sets(self.index[at], self.sh, self.base)

@@ -104,9 +104,9 @@ def jaccard_bound(sk: Sketches, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _unique_sets(sh: Shingles, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each of ``docs``' shingle sets without repeats, as dense ids (64-bit identity kept): ``(ids, starts)``
     with doc ``k``'s set in ``ids[starts[k]:starts[k+1]]``."""
-    counts = np.diff(sh.offsets)[docs]
-    idx = np.repeat(sh.offsets[docs] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-    dense = _dense(sh.ids[idx])
+    picked = sh.take(docs)
+    counts = np.diff(picked.offsets)
+    dense = _dense(picked.ids)
     key = distinct((np.repeat(np.arange(len(docs), dtype=np.uint64), counts) << np.uint64(32))
                     | dense.astype(np.uint64))
     starts = np.zeros(len(docs) + 1, dtype=np.int64)
