@@ -135,10 +135,13 @@ def test_large_groups_are_checked_pair_for_pair_as_small_ones(monkeypatch):
 
 
 @pytest.mark.parametrize("largest", [1 << 22, 300])
-def test_sorted_runs_merge_by_size_tiers_and_find_every_key(largest, monkeypatch):
+@pytest.mark.parametrize("spill", [False, True])
+def test_sorted_runs_merge_by_size_tiers_and_find_every_key(largest, spill, monkeypatch, tmp_path):
+    """With ``spill`` the large runs' values live in files: the same answers, less memory, no file left."""
     monkeypatch.setattr(SortedRuns, "LARGEST", largest)
+    monkeypatch.setattr(SortedRuns, "SPILL", 100)
     rng = np.random.default_rng(0)
-    runs, every = SortedRuns(np.uint64, np.uint32), []
+    runs, every = SortedRuns(np.uint64, np.uint32, spill=tmp_path / "v" if spill else None), []
     for b in range(200):
         keys = rng.integers(0, 5_000, size=50).astype(np.uint64)
         runs.add(keys, np.arange(b * 50, (b + 1) * 50))
@@ -151,10 +154,14 @@ def test_sorted_runs_merge_by_size_tiers_and_find_every_key(largest, monkeypatch
         first.setdefault(k, p)
     probe = np.arange(5_100, dtype=np.uint64)
     assert runs.first(probe).tolist() == [first.get(k, -1) for k in probe.tolist()]
-    packed = SortedRuns(np.uint64)
-    packed.add((every << np.uint64(32)) | np.arange(len(every), dtype=np.uint64))
-    q, found = packed.between(np.array([7 << 32], np.uint64), np.array([(7 << 32) | 0xFFFFFFFF], np.uint64))
-    assert sorted((found & np.uint64(0xFFFFFFFF)).tolist()) == np.flatnonzero(every == 7).tolist()
+    q, found = runs.every(np.array([7, 5_050, 11], np.uint64))
+    assert sorted(found[q == 0].tolist()) == np.flatnonzero(every == 7).tolist()
+    assert sorted(found[q == 2].tolist()) == np.flatnonzero(every == 11).tolist() and not (q == 1).any()
+    files = list((tmp_path / "v").glob("*.bin")) if spill else []
+    assert len(files) == sum(len(k) >= 100 for k, _ in runs.runs) * spill  # merged-away runs' files are removed
+    assert runs.nbytes == 8 * len(every) + 4 * sum(len(k) for k, _ in runs.runs if len(k) < 100 or not spill)
+    runs.close()
+    assert not runs.runs and not any(f.exists() for f in files)
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.9])

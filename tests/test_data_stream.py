@@ -15,6 +15,7 @@ from rich.console import Console
 
 from tunesmith.config import load_recipe
 from tunesmith.data import batches, stream
+from tunesmith.data.dedup_index import SortedRuns
 from tunesmith.data.examples import to_examples
 from tunesmith.data.prepare import _split_section, build
 from tunesmith.data.sources import read_source
@@ -79,6 +80,10 @@ CASES = {
     "prices": lambda tmp: (_write_prices(tmp), {"task": "regression", "input_fields": ["text"],
                                                 "target_field": "price", "steps": FIVE_STEPS,
                                                 "split": {"train": 0.7, "val": 0.1, "test": 0.2}}),
+    # two dedup steps of each kind: each keeps its own index and files
+    "two_of_a_kind": lambda tmp: (EXAMPLE_CSV, {"input_fields": ["text"], "target_field": "category", "steps": [
+        FIVE_STEPS[3], {"step": "near_dedup", "threshold": 0.9}, FIVE_STEPS[4],
+        {"step": "exact_dedup", "fields": ["category"]}]}),
 }
 
 
@@ -93,6 +98,7 @@ def _write_prices(tmp: Path) -> Path:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_streaming_keeps_rejects_and_splits_as_in_memory(case, tmp_path, tiny_model_dir, home, monkeypatch):
     monkeypatch.setattr(batches, "FIRST_BATCH", 7)
+    monkeypatch.setattr(SortedRuns, "SPILL", 300)  # the larger runs' positions read back from files
     if case == "prices":  # the leading row-wise steps in the second process, as on large inputs
         monkeypatch.setattr(stream, "HELPER_BYTES", 0)
     data, section = CASES[case](tmp_path)  # many batches: the dedup state must carry across them

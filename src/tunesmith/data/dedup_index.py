@@ -1,9 +1,10 @@
 """Dedup state for the streaming data stage: what each dedup step keeps between batches.
 
-Exact dedup keeps an 8-byte hash and a 4-byte position per distinct row; near dedup keeps, per LSH band, one
-8-byte entry (band key and position) per row and a 20-byte sketch per row (``jaccard.Sketches``), and writes each
-row's shingle set and ``file:line`` to a file on disk, read back only for the rows that share a band key with a
-new batch and whose sketch says the pair could reach the threshold. Rows are numbered by the order in
+Exact dedup keeps an 8-byte hash per distinct row in memory and its position in a file; near dedup keeps, per
+LSH band, the 4-byte band key of each row in memory and its position in a file (``SortedRuns`` with ``spill``:
+a lookup reads only the positions of keys it finds), plus a 20-byte sketch per row (``jaccard.Sketches``), and
+writes each row's shingle set and ``file:line`` to a file on disk, read back only for the rows that share a band
+key with a new batch and whose sketch says the pair could reach the threshold. Rows are numbered by the order in
 which they reach the step, so "the first" and "earlier" mean the same as in the in-memory steps, and a batch is
 decided by the same functions as all rows at once (``minhash.lsh_groups``, ``group_matches``, ``best_earlier``).
 """
@@ -11,6 +12,7 @@ decided by the same functions as all rows at once (``minhash.lsh_groups``, ``gro
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 from array import array
 from pathlib import Path
@@ -32,9 +34,6 @@ from tunesmith.data.minhash import (
 )
 from tunesmith.data.steps import field_text, normalized_key
 from tunesmith.records import Record, Rejected
-
-_LOW32 = np.uint64(0xFFFFFFFF)
-
 
 class SpillLog:
     """Variable-size byte records appended to a file, each padded with NUL bytes to a multiple of 8 so that its
@@ -69,13 +68,17 @@ class SortedRuns:
     """Keys (with values, optionally) as a few sorted runs, merged by size tiers: a run is merged into the one
     before it while that one is less than twice its size (a binary counter), so there are O(log n) runs and each
     key is merged O(log n) times, up to ``LARGEST`` keys a run (past that, one more run per ``LARGEST`` keys).
-    Among equal keys the one added first stays first."""
+    Among equal keys the one added first stays first. With ``spill`` (a folder), the values of a run of
+    ``SPILL`` keys or more live in a file there and are read only where a lookup hits (``SpilledValues``): the
+    process holds the keys it searches, not what they point to."""
 
     LARGEST = 1 << 22  # keys in a run made by merging: bounds a merge's extra memory (~50 MB), costs a search a run
+    SPILL = 1 << 18  # keys in a run whose values go to ``spill``: what stays in memory is under 2 * SPILL values
 
-    def __init__(self, dtype=np.uint64, value_dtype=None):
-        self.dtype, self.value_dtype = dtype, value_dtype
-        self.runs: list[tuple[np.ndarray, np.ndarray | None]] = []
+    def __init__(self, dtype=np.uint64, value_dtype=None, spill: Path | None = None):
+        self.dtype, self.value_dtype, self.spill = dtype, value_dtype, spill
+        self.runs: list[tuple[np.ndarray, np.ndarray | SpilledValues | None]] = []
+        self._files = 0
 
     def add(self, keys: np.ndarray, values: np.ndarray | None = None) -> None:
         if not len(keys):
@@ -83,11 +86,21 @@ class SortedRuns:
         keys = np.asarray(keys).astype(self.dtype, copy=False)
         order = np.argsort(keys, kind="stable")
         vals = None if self.value_dtype is None else np.asarray(values)[order].astype(self.value_dtype)
-        self.runs.append((keys[order], vals))
+        self.runs.append(self._kept(keys[order], vals))
         while len(self.runs) >= 2 and len(self.runs[-2][0]) < 2 * len(self.runs[-1][0]) \
                 and len(self.runs[-2][0]) + len(self.runs[-1][0]) <= self.LARGEST:
             (k1, v1), (k2, v2) = self.runs[-2], self.runs.pop()
-            self.runs[-1] = _merged(k1, v1, k2, v2)
+            self.runs[-1] = self._kept(*_merged(k1, _loaded(v1), k2, _loaded(v2)))
+            for v in (v1, v2):
+                if isinstance(v, SpilledValues):
+                    v.drop()
+
+    def _kept(self, keys: np.ndarray, vals: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | SpilledValues | None]:
+        """A run as stored: its values in a file of ``spill`` once it is large enough."""
+        if vals is None or self.spill is None or len(keys) < self.SPILL:
+            return keys, vals
+        self._files += 1
+        return keys, SpilledValues(self.spill / f"{self._files}.bin", vals)
 
     def first(self, keys: np.ndarray) -> np.ndarray:
         """The value stored first under each key, or -1."""
@@ -99,24 +112,67 @@ class SortedRuns:
             out[hit] = v[at[hit]] if v is not None else 0
         return out
 
-    def between(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(query, key)``: every stored key in ``[lo[q], hi[q]]``, for each query ``q`` (ascending ``lo``)."""
-        qs, ks = [], []
-        for k, _ in self.runs:
-            a, b = np.searchsorted(k, lo, "left"), np.searchsorted(k, hi, "right")
+    def every(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(query, value)``: every value stored under ``keys[query]``, for each query (runs with values only)."""
+        keys = np.asarray(keys).astype(self.dtype, copy=False)
+        qs, vs = [], []
+        for k, v in self.runs:
+            a, b = np.searchsorted(k, keys, "left"), np.searchsorted(k, keys, "right")
             n = b - a
-            qs.append(np.repeat(np.arange(len(lo)), n))
-            ks.append(k[np.repeat(a - np.cumsum(n) + n, n) + np.arange(n.sum())])
+            qs.append(np.repeat(np.arange(len(keys)), n))
+            vs.append(v[np.repeat(a - np.cumsum(n) + n, n) + np.arange(n.sum())])
         if not qs:
-            return np.empty(0, np.int64), np.empty(0, self.dtype)
-        return np.concatenate(qs), np.concatenate(ks)
+            return np.empty(0, np.int64), np.empty(0, self.value_dtype)
+        return np.concatenate(qs), np.concatenate(vs)
 
     def __len__(self) -> int:
         return sum(len(k) for k, _ in self.runs)
 
     @property
     def nbytes(self) -> int:
-        return sum(k.nbytes + (0 if v is None else v.nbytes) for k, v in self.runs)
+        """What the runs hold in memory (spilled values are in files)."""
+        return sum(k.nbytes + (v.nbytes if isinstance(v, np.ndarray) else 0) for k, v in self.runs)
+
+    def close(self) -> None:
+        """Every run let go, its files removed."""
+        for _, v in self.runs:
+            if isinstance(v, SpilledValues):
+                v.drop()
+        self.runs = []
+
+
+class SpilledValues:
+    """A run's values in a file: an index reads only the values it asks for, through a mapping that is gone
+    when it returns, so none of them stays in the process (the page cache may keep them; the system can take
+    those pages back whenever it needs them)."""
+
+    def __init__(self, path: Path, values: np.ndarray):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values.tofile(path)
+        self.path, self.dtype, self.n = path, values.dtype, len(values)
+
+    def __getitem__(self, at: np.ndarray) -> np.ndarray:
+        at = np.asarray(at)
+        if not at.size:
+            return np.empty(0, self.dtype)
+        with open(self.path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = np.frombuffer(mapped, dtype=self.dtype)
+            out = view[at]  # a copy: the mapping can close
+            del view
+        return out
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self) -> np.ndarray:
+        return np.fromfile(self.path, dtype=self.dtype)
+
+    def drop(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _loaded(values):
+    return values.load() if isinstance(values, SpilledValues) else values
 
 
 class SketchStore:
@@ -207,8 +263,9 @@ class ExactIndex:
     ``given``: the batch's hashes when another process made them (``stream.HeadSteps``)."""
 
     def __init__(self, spec, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
         self.spec, self.given = spec, None
-        self.hashes = SortedRuns(np.uint64, np.uint32)
+        self.hashes = SortedRuns(np.uint64, np.uint32, spill=workdir / "positions")
         self.sources = SpillLog(workdir / "exact_sources.bin")
 
     def __call__(self, records: list[Record], spec, ctx) -> tuple[list[Record], list[Rejected]]:
@@ -234,7 +291,7 @@ class ExactIndex:
     def close(self) -> None:
         """The file closed and the index let go (the split that follows the stream needs that memory)."""
         self.sources.close()
-        self.hashes = SortedRuns(np.uint64, np.uint32)
+        self.hashes.close()
 
 
 class NearIndex:
@@ -245,9 +302,10 @@ class NearIndex:
 
 
     def __init__(self, spec, workdir: Path):
+        workdir.mkdir(parents=True, exist_ok=True)
         self.spec, self.given = spec, None  # given: the batch's near_keys when another process made them
         self.bands, self.rows = lsh_params(spec.threshold, spec.num_perm)
-        self.index = [SortedRuns(np.uint64) for _ in range(self.bands)]  # key << 32 | position
+        self.index = [SortedRuns(np.uint32, np.uint32, spill=workdir / f"band{b}") for b in range(self.bands)]
         self.log = SpillLog(workdir / "near_rows.bin")  # per row: shingle count, shingles, file:line
         self.sketches = SketchStore()  # per row: what bounds its Jaccard, so few rows are read back
 
@@ -258,7 +316,7 @@ class NearIndex:
         self.sketches.extend(sketches(sh))  # the batch's too: read like the earlier rows' while it is decided
         i, j, sim = self._matches(sh, keys[pos - base], pos, base, spec.threshold)
         for b, runs in enumerate(self.index):
-            runs.add((keys[pos - base, b].astype(np.uint64) << np.uint64(32)) | pos.astype(np.uint64))
+            runs.add(keys[pos - base, b], pos)
         self.log.extend([_row_bytes(sh.of(k), r.source) for k, r in enumerate(records)])
         best = {int(b): (int(a), s) for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)}
         kept, dropped = [], []
@@ -286,11 +344,11 @@ class NearIndex:
         """``(band, key, position)`` of every earlier row sharing a band key with one of ``keys``."""
         bands, out_k, out_p = [], [], []
         for b, runs in enumerate(self.index):
-            uniq = distinct(keys[:, b]).astype(np.uint64) << np.uint64(32)
-            _, found = runs.between(uniq, uniq | _LOW32)
+            uniq = distinct(keys[:, b])
+            q, found = runs.every(uniq)
             bands.append(np.full(len(found), b, dtype=np.int64))
-            out_k.append((found >> np.uint64(32)).astype(np.int64))
-            out_p.append((found & _LOW32).astype(np.int64))
+            out_k.append(uniq[q].astype(np.int64))
+            out_p.append(found.astype(np.int64))
         return np.concatenate(bands), np.concatenate(out_k), np.concatenate(out_p)
 
     def _sets(self, index: np.ndarray, sh: Shingles, base: int) -> Shingles:
@@ -311,8 +369,10 @@ class NearIndex:
         return sum(r.nbytes for r in self.index) + 4 * len(self.log) + self.sketches.nbytes
 
     def close(self) -> None:
-        """The file closed and the index let go (at 10M rows 1.3 GB, which the split after the stream needs)."""
+        """The files closed and the index let go (the split after the stream needs the memory)."""
         self.log.close()
+        for runs in self.index:
+            runs.close()
         self.index, self.sketches = [], SketchStore()
 
 

@@ -89,7 +89,8 @@ class StreamStep:
 
     def __init__(self, i: int, spec, ctx: StepContext, workdir: Path):
         self.name, self.spec, self.ctx = f"{i + 1}:{spec.step}", spec, ctx
-        self.fn = INDEXED[type(spec)](spec, workdir) if type(spec) in INDEXED else STEPS[type(spec)]
+        indexed = INDEXED.get(type(spec))  # each its own folder: two dedup steps of a kind share no file
+        self.fn = indexed(spec, workdir / self.name.replace(":", "-")) if indexed else STEPS[type(spec)]
         self.row = StepRow(self.name, 0, 0, 0, 0)
         self.held: list[Record] | None = [] if isinstance(spec, WHOLE) else None
         self.seen: set[str] = set()
