@@ -35,6 +35,7 @@ from tunesmith.data.minhash import (
 from tunesmith.data.steps import field_text, normalized_key
 from tunesmith.records import Record, Rejected
 
+
 class SpillLog:
     """Variable-size byte records appended to a file, each padded with NUL bytes to a multiple of 8 so that its
     place is a 4-byte count of 8-byte words (files up to 32 GB); record ``i`` is read back with one ``pread``."""
