@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.jaccard import SKETCH_WORDS, Sketches, sketches
+from tunesmith.data.jaccard import SKETCH_WORDS, Sketches, sketches, spans
 from tunesmith.data.minhash import (
     Shingles,
     band_keys,
@@ -118,10 +118,10 @@ class SortedRuns:
         keys = np.asarray(keys).astype(self.dtype, copy=False)
         qs, vs = [], []
         for k, v in self.runs:
-            a, b = np.searchsorted(k, keys, "left"), np.searchsorted(k, keys, "right")
-            n = b - a
+            a = np.searchsorted(k, keys, "left")
+            n = np.searchsorted(k, keys, "right") - a
             qs.append(np.repeat(np.arange(len(keys)), n))
-            vs.append(v[np.repeat(a - np.cumsum(n) + n, n) + np.arange(n.sum())])
+            vs.append(v[spans(a, n)])
         if not qs:
             return np.empty(0, np.int64), np.empty(0, self.value_dtype)
         return np.concatenate(qs), np.concatenate(vs)
@@ -150,7 +150,7 @@ class SpilledValues:
     def __init__(self, path: Path, values: np.ndarray):
         path.parent.mkdir(parents=True, exist_ok=True)
         values.tofile(path)
-        self.path, self.dtype, self.n = path, values.dtype, len(values)
+        self.path, self.dtype = path, values.dtype
 
     def __getitem__(self, at: np.ndarray) -> np.ndarray:
         at = np.asarray(at)
@@ -161,9 +161,6 @@ class SpilledValues:
             out = view[at]  # a copy: the mapping can close
             del view
         return out
-
-    def __len__(self) -> int:
-        return self.n
 
     def load(self) -> np.ndarray:
         return np.fromfile(self.path, dtype=self.dtype)

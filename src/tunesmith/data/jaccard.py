@@ -17,6 +17,12 @@ import numpy as np
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
+def spans(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every index of the ranges ``[starts[k], starts[k] + counts[k])``, one range after another."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.repeat(np.asarray(starts, dtype=np.int64) - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+
+
 @dataclass
 class Shingles:
     """All texts' shingle ids in one flat array; text ``i`` owns ``ids[offsets[i]:offsets[i+1]]``."""
@@ -32,8 +38,7 @@ class Shingles:
         counts = np.diff(self.offsets)[at]
         offsets = np.zeros(len(at) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        idx = np.repeat(self.offsets[at] - offsets[:-1], counts) + np.arange(offsets[-1])
-        return Shingles(self.ids[idx], offsets)
+        return Shingles(self.ids[spans(self.offsets[at], counts)], offsets)
 
 
 SKETCH_WORDS = 2  # 128 buckets
@@ -161,8 +166,7 @@ def _pair_jaccard(sh: Shingles, pairs: np.ndarray) -> np.ndarray:
     side = pos.ravel()
     n_each = size[side]
     tag = np.repeat(np.repeat(np.arange(len(pairs), dtype=np.uint64), 2), n_each)
-    gather = np.repeat(starts[side] - np.cumsum(n_each) + n_each, n_each) + np.arange(n_each.sum())
-    both = np.sort((tag << np.uint64(32)) | vals[gather])
+    both = np.sort((tag << np.uint64(32)) | vals[spans(starts[side], n_each)])
     shared = both[1:][both[1:] == both[:-1]]
     inter = np.bincount((shared >> np.uint64(32)).astype(np.int64), minlength=len(pairs))
     return _ratio(inter, size[pos[:, 0]] + size[pos[:, 1]] - inter)
