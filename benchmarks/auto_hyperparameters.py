@@ -79,8 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     from tunesmith.scoring.bootstrap import mean_ci
     from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.jobs.worker import work
     from tunesmith.serve.launch import serve_in_thread
-    from tunesmith.serve.worker import work
 
     pool, held = split_rows(args.seed)
     data_dir = Path(tempfile.mkdtemp(prefix="auto-hyper-"))

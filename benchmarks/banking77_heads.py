@@ -58,7 +58,7 @@ def main() -> None:
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
-    from tunesmith.data.formatting import chat_messages, prompt_text
+    from tunesmith.data.formats.messages import chat_messages, prompt_text
     from tunesmith.eval.runner import LocalContender, evaluate_local
     from tunesmith.generation import generate_greedy
     from tunesmith.kinds import make_task

@@ -234,7 +234,7 @@ def datatrove_main(folder: str, work: str, tasks: int) -> None:
     from datatrove.utils.word_tokenizers import WordTokenizer
 
     from tunesmith.config import ScrubStep
-    from tunesmith.data.steps import number_value, scrub_text
+    from tunesmith.data.steps.curation import number_value, scrub_text
     from tunesmith.data.tokens import token_counts
     from tunesmith.models.loading import load_tokenizer
 

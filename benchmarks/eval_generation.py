@@ -104,7 +104,7 @@ def main() -> None:
 
     import torch
 
-    from tunesmith.data.formatting import end_of_turn
+    from tunesmith.data.formats.messages import end_of_turn
     from tunesmith.generation import generate_greedy, score_labels, stop_ids
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_model, load_tokenizer

@@ -89,7 +89,7 @@ def example(req: dict, i: int) -> dict:
 
 def score(outputs: list[str], test: list[dict]) -> tuple[list[float], list[float], int]:
     """Per request: name right, name and arguments right; and how many answers held no parseable call."""
-    from tunesmith.data.tool_format import parse_tool_calls
+    from tunesmith.data.formats.tool_format import parse_tool_calls
 
     names, exact, no_call = [], [], 0
     for text, req in zip(outputs, test, strict=True):
@@ -107,7 +107,7 @@ def train_adapter(train_file: Path, out: Path, epochs: int, lr: float, seed: int
     from rich.console import Console
 
     from tunesmith.config import validate_recipe
-    from tunesmith.data.chat_rows import read_chat_file
+    from tunesmith.data.formats.chat_rows import read_chat_file
     from tunesmith.train.jobs import TrainData, train
 
     @contextmanager
@@ -122,7 +122,7 @@ def train_adapter(train_file: Path, out: Path, epochs: int, lr: float, seed: int
 
 
 def answer(model, tok, test: list[dict], adapter: str, max_new_tokens: int) -> list[str]:
-    from tunesmith.data.tool_format import render
+    from tunesmith.data.formats.tool_format import render
     from tunesmith.generation import generate
 
     prompts = [render(tok, [{"role": "user", "content": r["text"]}], TOOLS, add_generation_prompt=True) for r in test]
@@ -144,7 +144,7 @@ def main() -> None:
                          "instead of training one (the set is rebuilt from the same seed)")
     args = ap.parse_args()
 
-    from tunesmith.data.validate import validate_chat
+    from tunesmith.data.formats.validate import validate_chat
     from tunesmith.scoring.bootstrap import diff_ci, mean_ci
 
     train, test = build_set(DATA, args.train_per_function, args.test_per_function, args.seed)

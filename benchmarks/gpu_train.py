@@ -692,7 +692,7 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.data.chat_rows import tokenize_rows
+    from tunesmith.data.formats.chat_rows import tokenize_rows
     from tunesmith.models.loading import load_tokenizer
 
     hf_logging.set_verbosity_error()
@@ -716,7 +716,7 @@ def prepare(args) -> tuple[list[dict], list[tuple[str, str]], int, str]:
 
 def pair_tokens(pairs: list[dict], tok) -> float:
     """Mean tokens of a preference pair's two sequences (prompt + chosen, prompt + rejected), about as TRL counts."""
-    from tunesmith.data.chat_rows import row_tokens
+    from tunesmith.data.formats.chat_rows import row_tokens
 
     return sum(row_tokens({"prompt": p["prompt"], "completion": p[side]}, tok)
                for p in pairs for side in ("chosen", "rejected")) / len(pairs)

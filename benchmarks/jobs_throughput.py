@@ -63,20 +63,20 @@ def rows() -> list[dict]:
 def run(executor: str, model: Path, data_dir: Path, ray_cpus: int) -> dict:
     from tests.conftest import running_server
     from tunesmith.serve.app import ServeSettings, create_app
-    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.engines.builtin import Engine
 
     stop = threading.Event()
     if executor == "ray":
         import ray
 
-        from tunesmith.serve.ray_executor import work_on_ray
+        from tunesmith.serve.jobs.ray_executor import work_on_ray
 
         # the cluster is up before the clock starts, as it is for a server that has been running a while
         ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
 
         target = lambda: work_on_ray(data_dir, stop=stop, poll_s=0.2, init_kwargs={"num_cpus": ray_cpus})  # noqa: E731
     else:
-        import tunesmith.serve.worker as worker
+        import tunesmith.serve.jobs.worker as worker
 
         worker.SHUTDOWN = stop
         target = lambda: worker.work(data_dir, poll_s=0.2)  # noqa: E731

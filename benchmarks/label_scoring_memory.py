@@ -87,7 +87,7 @@ def child(n_labels: int, mode: str, n_prompts: int) -> dict:
 
     from tunesmith import generation
     from tunesmith.config import EvalSection
-    from tunesmith.data.formatting import chat_messages, prompt_text
+    from tunesmith.data.formats.messages import chat_messages, prompt_text
     from tunesmith.kinds import make_task
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_model, load_tokenizer

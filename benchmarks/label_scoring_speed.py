@@ -117,7 +117,7 @@ def timed(fn, *args, **kwargs):
 
 def run_setup(name: str, rows: list[dict], n_prompts: int, peer_pairs: int, model, tok) -> dict:
     from tunesmith.config import DataSection
-    from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
+    from tunesmith.data.formats.messages import chat_messages, end_of_turn, prompt_text
     from tunesmith.generation import score_labels
     from tunesmith.records import Example
 

@@ -59,7 +59,7 @@ def load(name: str, device: str):
 
 
 def batch_of(rows, tokenizer, max_len: int, device: str) -> dict:
-    from tunesmith.data.chat_rows import tokenize_rows
+    from tunesmith.data.formats.chat_rows import tokenize_rows
     from tunesmith.machine.packing import PackedCollator
 
     feats = [f for f in tokenize_rows(rows, tokenizer) if f["length"] <= max_len]

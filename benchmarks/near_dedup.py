@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.minhash import exact_jaccard, lsh_params, near_duplicate_pairs, shingle
+from tunesmith.data.dedup.minhash import exact_jaccard, lsh_params, near_duplicate_pairs, shingle
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = [

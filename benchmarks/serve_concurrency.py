@@ -21,7 +21,7 @@ from pathlib import Path
 import openai
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.launch import serve_in_thread
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_seed_tasks.jsonl"

@@ -7,7 +7,7 @@ in-process from one asyncio loop (no HTTP, so only scheduling differs):
    (16 tokens) arrive; p50/p99 latency of the short ones.
 2. Throughput: 50 clients x 32 tokens at once; aggregate output tokens/s.
 
-Engines: ``continuous`` (tunesmith.serve.engine, rows join and leave the batch at every step),
+Engines: ``continuous`` (tunesmith.serve.engines.builtin, rows join and leave the batch at every step),
 ``static`` (benchmarks/peers/static_batching_engine.py: requests arriving together run as one
 ``model.generate`` batch to its end) and ``one at a time`` (the continuous engine with max batch 1).
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers.static_batching_engine import Engine as StaticEngine  # noqa: E402
 from peers.static_batching_engine import GenParams as StaticParams  # noqa: E402
 
-from tunesmith.serve.engine import Engine, GenParams  # noqa: E402
+from tunesmith.serve.engines.builtin import Engine, GenParams  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_seed_tasks.jsonl"

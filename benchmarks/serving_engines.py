@@ -84,7 +84,7 @@ class Served:
         """The server and its children (vLLM's), not the idle jobs worker."""
         root = psutil.Process(self.proc.pid)
         return [p for p in [root, *root.children(recursive=True)]
-                if "tunesmith.serve.worker" not in " ".join(p.cmdline())]
+                if "tunesmith.serve.jobs.worker" not in " ".join(p.cmdline())]
 
     def cpu_s(self) -> float:
         total = 0.0

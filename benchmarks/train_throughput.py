@@ -163,7 +163,7 @@ def held_out_loss(model, tokenizer, rows) -> float:
     """Mean completion-token loss on held-out rows, one example at a time (same code for both sides)."""
     import torch
 
-    from tunesmith.data.chat_rows import tokenize_rows
+    from tunesmith.data.formats.chat_rows import tokenize_rows
     from tunesmith.machine.packing import PackedCollator
     from tunesmith.train.trainer import completion_loss
 
@@ -196,7 +196,7 @@ def main() -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from tunesmith.data.chat_rows import tokenize_rows
+    from tunesmith.data.formats.chat_rows import tokenize_rows
     from tunesmith.models.loading import load_tokenizer
 
     hf_logging.set_verbosity_error()

@@ -70,8 +70,8 @@ def main() -> None:
 
     from tunesmith.models.names import resolve
     from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.jobs.worker import work
     from tunesmith.serve.launch import serve_in_thread
-    from tunesmith.serve.worker import work
 
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="tunesmith-shots-"))

@@ -223,7 +223,7 @@ def vllm_or_skip() -> str:
     test skips with what to run."""
     from tunesmith.errors import ConfigError
     from tunesmith.models import registry
-    from tunesmith.serve.vllm_server import vllm_python
+    from tunesmith.serve.engines.vllm.server import vllm_python
 
     try:
         vllm_python()
@@ -237,7 +237,7 @@ def vllm_or_skip() -> str:
 @contextmanager
 def vllm_engine(log_dir: Path, **kw):
     """The vLLM engine over the embedded model (a real vLLM server, stopped afterwards)."""
-    from tunesmith.serve.vllm_engine import VllmEngine
+    from tunesmith.serve.engines.vllm.engine import VllmEngine
 
     engine = VllmEngine(vllm_or_skip(), {}, log_dir, **kw)
     try:
@@ -259,7 +259,7 @@ def embedded_server(engine_kind: str, data_dir: Path, **settings):
         if engine_kind == "vllm":
             engine = stack.enter_context(vllm_engine(data_dir / "vllm"))
         else:
-            from tunesmith.serve.engine import Engine
+            from tunesmith.serve.engines.builtin import Engine
 
             engine = Engine(EMBEDDED, {}, wait_ms=5)
         app = create_app(ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=engine_kind, **settings), engine)

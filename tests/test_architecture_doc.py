@@ -14,16 +14,19 @@ DOC = ROOT / "docs" / "architecture.md"
 def mapped_modules(doc: str) -> set[str]:
     """``package/module.py`` (or ``module.py`` for the base layer) for every module the "Module map" block names."""
     block = doc.split("## Module map", 1)[1].split("```", 2)[1]
-    package, out = None, set()
+    top = package = None
+    out = set()
     for line in block.splitlines():
         if not line.startswith("  "):
-            package = None  # src/tunesmith/, examples/, benchmarks/, tests/: not modules
+            top = package = None  # src/tunesmith/, examples/, benchmarks/, tests/: not modules
             continue
         first = line.split()[0] if line.split() else ""
         if first == "(base)":
-            package = ""
+            top = package = ""
         elif re.fullmatch(r"\w+/", first) and line.startswith("  " + first):
-            package = first
+            top = package = first
+        elif top and re.fullmatch(r"(\w+/)+", first):
+            package = top + first  # a room of the package, e.g. "read/" under "data/"
         if package is None:
             continue
         out |= {package + name for name in re.findall(r"(?<![\w/.])(\w+\.py)\b", line)}
@@ -49,5 +52,7 @@ def test_every_source_path_the_doc_names_exists():
 
 def test_the_map_reader_sees_packages_and_continuation_lines():
     doc = "## Module map\n```\nsrc/tunesmith/\n  (base)   a.py (x)  b.py\n  pkg/     c.py (see d.py)\n" \
-          "           e.py  sub/\ntests/     f.py\n```\n"
-    assert mapped_modules(doc) == {"a.py", "b.py", "pkg/c.py", "pkg/d.py", "pkg/e.py"}
+          "           e.py  sub/\n           room/  g.py\n                  h.py\n           room/deep/ i.py\n" \
+          "tests/     f.py\n```\n"
+    assert mapped_modules(doc) == {"a.py", "b.py", "pkg/c.py", "pkg/d.py", "pkg/e.py", "pkg/room/g.py", "pkg/room/h.py",
+                                   "pkg/room/deep/i.py"}

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from tunesmith.data.chat import check_example
-from tunesmith.data.chat_rows import conversation_row, last_turn_pair, read_chat_file, tokenize_conversation
-from tunesmith.data.readers import read_records
-from tunesmith.data.tool_format import parse_tool_calls, render
-from tunesmith.data.validate import validate_chat, validate_dpo, validate_upload
+from tunesmith.data.formats.chat import check_example
+from tunesmith.data.formats.chat_rows import conversation_row, last_turn_pair, read_chat_file, tokenize_conversation
+from tunesmith.data.formats.tool_format import parse_tool_calls, render
+from tunesmith.data.formats.validate import validate_chat, validate_dpo, validate_upload
+from tunesmith.data.read.readers import read_records
 from tunesmith.errors import DataError
 
 from .conftest import write_jsonl

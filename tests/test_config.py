@@ -83,7 +83,7 @@ def test_unknown_keys_inside_steps_exports_and_profile_get_did_you_mean():
 
 def test_a_derive_template_that_needs_a_number_names_the_field_and_row(tmp_path):
     from tunesmith.config import DataSection
-    from tunesmith.data.sources import read_source
+    from tunesmith.data.read.sources import read_source
     from tunesmith.errors import DataError
 
     data = tmp_path / "d.jsonl"

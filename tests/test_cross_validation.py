@@ -23,7 +23,7 @@ def _examples(n_per_label: int, groups: int | None = None):
 
 def test_folds_test_every_example_once_keep_label_shares_and_carve_val_from_the_rest():
     from tunesmith.config import SplitSection
-    from tunesmith.data.split import fold_splits
+    from tunesmith.data.steps.split import fold_splits
 
     examples = _examples(20)
     folds = fold_splits(examples, SplitSection(folds=4, val=0.1), seed=3)
@@ -44,7 +44,7 @@ def test_folds_test_every_example_once_keep_label_shares_and_carve_val_from_the_
 
 def test_grouped_folds_keep_each_group_on_one_side_and_too_few_groups_are_refused():
     from tunesmith.config import SplitSection
-    from tunesmith.data.split import fold_splits
+    from tunesmith.data.steps.split import fold_splits
     from tunesmith.errors import DataError
 
     examples = _examples(10, groups=7)

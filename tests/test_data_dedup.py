@@ -14,12 +14,14 @@ import pytest
 from rich.console import Console
 
 from tunesmith.config import load_recipe
-from tunesmith.data import batches, dedup_index, minhash
-from tunesmith.data.dedup_index import SortedRuns
-from tunesmith.data.jaccard import jaccard_bound, sketches
+from tunesmith.data.dedup import index as dedup_index
+from tunesmith.data.dedup import minhash
+from tunesmith.data.dedup.index import SortedRuns
+from tunesmith.data.dedup.jaccard import jaccard_bound, sketches
 from tunesmith.data.prepare import build
-from tunesmith.data.sources import read_source
-from tunesmith.data.steps import StepContext, run_steps
+from tunesmith.data.read import batches
+from tunesmith.data.read.sources import read_source
+from tunesmith.data.steps.curation import StepContext, run_steps
 
 from .conftest import EXAMPLE_CSV, write_recipe
 

@@ -15,8 +15,9 @@ import pytest
 from rich.console import Console
 
 from tunesmith.config import load_recipe
-from tunesmith.data import batches, ray_read
+from tunesmith.data.engines import ray_read
 from tunesmith.data.prepare import build
+from tunesmith.data.read import batches
 from tunesmith.errors import ConfigError, DataError
 
 from .conftest import EXAMPLE_CSV, write_recipe

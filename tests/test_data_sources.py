@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from tunesmith.config import DataSection, DocumentsSection
-from tunesmith.data.readers import read_records
-from tunesmith.data.sources import chunk_by_tokens, derive_fields, read_documents, read_source
+from tunesmith.data.read.readers import read_records
+from tunesmith.data.read.sources import chunk_by_tokens, derive_fields, read_documents, read_source
 from tunesmith.errors import DataError
 from tunesmith.records import Record
 

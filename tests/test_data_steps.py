@@ -7,9 +7,9 @@ import pytest
 from pydantic import TypeAdapter
 
 from tunesmith.config import SplitSection, Step
-from tunesmith.data.minhash import exact_jaccard, near_duplicate_pairs, near_matches, shingle, signatures
-from tunesmith.data.split import split_examples
-from tunesmith.data.steps import StepContext, run_steps, scrub_text, summary_table
+from tunesmith.data.dedup.minhash import exact_jaccard, near_duplicate_pairs, near_matches, shingle, signatures
+from tunesmith.data.steps.curation import StepContext, run_steps, scrub_text, summary_table
+from tunesmith.data.steps.split import split_examples
 from tunesmith.errors import DataError
 from tunesmith.records import Example, Record
 
@@ -173,7 +173,7 @@ def test_sample_is_seeded():
 
 def test_train_order_sorts_numbers_as_numbers_and_sort_steps_point_to_data_order():
     from tunesmith.config import DataSection
-    from tunesmith.data.examples import order_train
+    from tunesmith.data.steps.examples import order_train
     from tunesmith.records import Example
 
     train = [Example(str(i), {"text": "t"}, "x", {"n": str(20 - i)}) for i in range(20)]
@@ -332,7 +332,7 @@ def test_token_counts_by_pre_token_equal_encoding_every_text(which, tiny_model_d
 
 def test_scrub_of_a_batch_equals_scrub_of_each_text():
     """The batch form (product codes of ASCII text through Arrow's regex engine) gives each text's own result."""
-    from tunesmith.data.steps import scrub_text, scrub_texts
+    from tunesmith.data.steps.curation import scrub_text, scrub_texts
 
     texts = token_count_texts() + ["Model XK2000B9 and x_1234567 [Image] <br>", "ÜBER ABC1234567 é12345678",
                                    "a1b2c3d 1234567 123456 abcdef1", "__init__9 x", "١٢٣٤٥٦٧ arabic digits"]

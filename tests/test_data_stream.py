@@ -14,13 +14,14 @@ import pytest
 from rich.console import Console
 
 from tunesmith.config import load_recipe
-from tunesmith.data import batches, stream
-from tunesmith.data.dedup_index import SortedRuns
-from tunesmith.data.examples import to_examples
+from tunesmith.data.dedup.index import SortedRuns
+from tunesmith.data.engines import stream
 from tunesmith.data.prepare import _split_section, build
-from tunesmith.data.sources import read_source
-from tunesmith.data.split import split_examples
-from tunesmith.data.steps import StepContext, run_steps
+from tunesmith.data.read import batches
+from tunesmith.data.read.sources import read_source
+from tunesmith.data.steps.curation import StepContext, run_steps
+from tunesmith.data.steps.examples import to_examples
+from tunesmith.data.steps.split import split_examples
 from tunesmith.errors import DataError
 
 from .conftest import EXAMPLE_CSV, write_recipe
@@ -291,7 +292,7 @@ def test_allocator_settings_are_scoped_to_the_stage(tmp_path, tiny_model_dir, ho
         return records, []
 
     from tunesmith.config import RegexStep
-    from tunesmith.data import steps as steps_module
+    from tunesmith.data.steps import curation as steps_module
 
     recipe = recipe_for(tmp_path, tiny_model_dir, data, input_fields=["text"], target_field="label",
                         steps=[{"step": "regex", "pattern": "x", "action": "drop"}])

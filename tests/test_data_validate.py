@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.data.exporters import alpaca_text, chat_row, completion_row, preference_row
-from tunesmith.data.validate import default_epochs, validate_chat
+from tunesmith.data.formats.exporters import alpaca_text, chat_row, completion_row, preference_row
+from tunesmith.data.formats.validate import default_epochs, validate_chat
 
 from .conftest import EXAMPLE_CSV, write_jsonl
 
@@ -157,7 +157,7 @@ def test_profile_numeric_price_field_on_real_products(tmp_path, cli, tiny_model_
 
 
 def test_validate_dpo_and_completion_files(tmp_path):
-    from tunesmith.data.validate import validate_completion, validate_dpo
+    from tunesmith.data.formats.validate import validate_completion, validate_dpo
 
     dpo = write_jsonl(
         tmp_path / "p.jsonl",

@@ -15,7 +15,7 @@ needs_model = pytest.mark.skipif(
 
 @needs_model
 def test_cached_folder_is_trainable_and_generates():
-    from tunesmith.data.formatting import end_of_turn, prompt_text
+    from tunesmith.data.formats.messages import end_of_turn, prompt_text
     from tunesmith.generation import generate_greedy
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_model, load_tokenizer

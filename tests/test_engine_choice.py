@@ -3,9 +3,9 @@
 import pytest
 
 from tunesmith.errors import ConfigError
+from tunesmith.serve.engines.vllm.engine import chat_logprobs, vllm_error
+from tunesmith.serve.engines.vllm.server import VllmLaunch, vllm_command, vllm_env, vllm_python
 from tunesmith.serve.launch import pick_engine
-from tunesmith.serve.vllm_engine import chat_logprobs, vllm_error
-from tunesmith.serve.vllm_server import VllmLaunch, vllm_command, vllm_env, vllm_python
 
 
 def test_auto_is_the_builtin_engine_without_a_gpu_and_names_are_checked(monkeypatch):

@@ -34,7 +34,7 @@ def test_served_adapter_is_asked_as_trained_and_answers_as_it_does_locally(cli, 
     with the default ``ask_as: auto``: the server lists ``demo`` with a parent model, so it is asked in the
     training format and gives the same free-generation answers on the same held-out rows."""
     from tunesmith.serve.app import ServeSettings, create_app
-    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.engines.builtin import Engine
 
     data = write_jsonl(tmp_path / "d.jsonl", banking_rows(LABELS, 11))
     code, out = cli(["train", str(_recipe(tmp_path, tiny_model_dir, data, {}, train=DEMO_TRAIN))])

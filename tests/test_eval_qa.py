@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.data.readers import read_records
+from tunesmith.data.read.readers import read_records
 from tunesmith.errors import DataError
 from tunesmith.scoring import qa
 

@@ -281,7 +281,7 @@ def test_max_examples_samples_a_sorted_test_file_across_its_labels(cli, tmp_path
 
 
 def test_sample_is_seeded_random_in_file_order_without_labels():
-    from tunesmith.data.split import sample_examples
+    from tunesmith.data.steps.split import sample_examples
     from tunesmith.records import Example
 
     test = [Example(f"r{i}", {"text": str(i)}, str(i)) for i in range(100)]

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import finished_eval_run, running_server
 

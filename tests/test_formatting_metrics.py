@@ -1,5 +1,5 @@
 from tunesmith.config import DataSection
-from tunesmith.data.formatting import chat_messages, end_of_turn, prompt_text
+from tunesmith.data.formats.messages import chat_messages, end_of_turn, prompt_text
 from tunesmith.records import Example
 from tunesmith.scoring.baselines import majority, tfidf_logreg
 from tunesmith.scoring.metrics import classification_metrics, confusion, parse_label

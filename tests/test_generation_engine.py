@@ -12,7 +12,7 @@ from tunesmith.clients.calls import ChatRequest
 from tunesmith.clients.chat import LocalChatClient
 from tunesmith.generation import remote
 from tunesmith.graders.model import LocalBackend
-from tunesmith.serve.vllm_server import vllm_completions
+from tunesmith.serve.engines.vllm.server import vllm_completions
 
 from .conftest import REPO, banking_recipe, write_jsonl, write_recipe
 

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from tunesmith.data.chat_rows import tokenize_example
+from tunesmith.data.formats.chat_rows import tokenize_example
 from tunesmith.machine import varlen
 from tunesmith.machine.packing import PackedCollator
 from tunesmith.machine.syncs import StepReads

@@ -6,11 +6,11 @@ import pytest
 
 from tunesmith.errors import ConfigError, TrainingError
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.gpu_split import GIB, plan_split
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.engines.gpu_split import GIB, plan_split
+from tunesmith.serve.engines.vllm.server import VllmLaunch, vllm_command
+from tunesmith.serve.jobs.worker import work
 from tunesmith.serve.launch import share_the_gpu, start_worker
-from tunesmith.serve.vllm_server import VllmLaunch, vllm_command
-from tunesmith.serve.worker import work
 
 from .conftest import banking_rows, chat_lines, running_server
 
@@ -25,7 +25,7 @@ def test_the_split_gives_vllm_its_share_and_the_jobs_the_rest_less_a_margin():
 
 
 def test_serve_takes_the_split_and_hands_each_tenant_its_share(monkeypatch, tmp_path):
-    monkeypatch.setattr("tunesmith.serve.gpu_split.cuda_total", lambda: 24 * GIB)  # a simulated 24 GiB GPU
+    monkeypatch.setattr("tunesmith.serve.engines.gpu_split.cuda_total", lambda: 24 * GIB)  # a simulated 24 GiB GPU
     settings = ServeSettings(engine="vllm", vllm_gpu_share=0.6)
     split = share_the_gpu(settings)
     assert settings.gpu_split is split and split.vllm_share == 0.6
@@ -41,7 +41,7 @@ def test_serve_takes_the_split_and_hands_each_tenant_its_share(monkeypatch, tmp_
 def test_the_worker_refuses_a_job_that_does_not_fit_the_jobs_share(tiny_model_dir, tmp_path, monkeypatch):
     """The worker on a simulated GPU: a share smaller than the job's estimate fails it, naming both numbers; a
     share that fits holds the job to it (train.memory_limit_gb)."""
-    from tunesmith.serve import worker
+    from tunesmith.serve.jobs import worker
 
     monkeypatch.setattr(worker, "job_device", lambda recipe: ("cuda", "bfloat16"))
     data_dir = tmp_path / "data"

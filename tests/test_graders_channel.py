@@ -191,7 +191,7 @@ def test_grade_batch_marks_forged_rows_with_the_runtime_error_flag():
 
 
 def test_a_reinforcement_job_trains_on_rewards_a_grader_cannot_forge(graders_live):
-    from tunesmith.serve.worker import work
+    from tunesmith.serve.jobs.worker import work
 
     from .conftest import banking_rows
 
@@ -216,7 +216,7 @@ def test_a_reinforcement_job_trains_on_rewards_a_grader_cannot_forge(graders_liv
 @pytest.fixture(scope="module")
 def graders_live(tiny_model_dir, tmp_path_factory):
     from tunesmith.serve.app import ServeSettings, create_app
-    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.engines.builtin import Engine
 
     from .conftest import running_server
 

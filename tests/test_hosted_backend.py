@@ -5,7 +5,7 @@ import csv
 import json
 import threading
 
-from tunesmith.serve.worker import work
+from tunesmith.serve.jobs.worker import work
 
 from .conftest import banking_rows, write_jsonl, write_recipe
 from .test_serve_jobs import live  # noqa: F401  (the live-server fixture)

@@ -16,8 +16,8 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from openai.types.responses import Response
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.worker import work
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.worker import work
 
 from .conftest import banking_rows, chat_lines, running_server, vllm_engine
 
@@ -287,7 +287,7 @@ def test_unsupported_calls_get_the_errors_the_migration_guide_lists(live):
 def test_estimated_finish_follows_the_pace_of_the_steps_run():
     import time
 
-    from tunesmith.serve.job_events import estimated_finish
+    from tunesmith.serve.jobs.events import estimated_finish
 
     now = time.time()
     assert estimated_finish(now - 10, 0, 10, 30) == pytest.approx(now + 20, abs=2)  # 1 s a step, 20 to go

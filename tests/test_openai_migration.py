@@ -9,8 +9,8 @@ from contextlib import ExitStack
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.worker import work
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.worker import work
 
 from .conftest import REPO, running_server, vllm_engine
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tunesmith.data.readers import read_records
+from tunesmith.data.read.readers import read_records
 from tunesmith.errors import DataError
 
 

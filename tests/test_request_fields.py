@@ -1,5 +1,5 @@
 """Nothing dropped in silence: every field of the official client's request types (chat completions, completions,
-Responses, embeddings) is decided in tunesmith.serve.request_fields; a live server (the tiny model) honours each
+Responses, embeddings) is decided in tunesmith.serve.plan.fields; a live server (the tiny model) honours each
 served value and answers each unserved one with a 400 naming it; an unknown field is refused as OpenAI refuses it."""
 
 import typing
@@ -12,8 +12,8 @@ from openai.types.chat import completion_create_params as chat_params
 from openai.types.responses import response_create_params
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.request_fields import TABLES, markdown_tables
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.plan.fields import TABLES, markdown_tables
 
 from .conftest import running_server
 
@@ -63,7 +63,7 @@ def test_every_field_of_the_clients_request_types_is_decided(endpoint):
     """A field the client declares and the table does not decide (a newer client) fails here, and so does a
     decision about a field the client no longer sends."""
     fields = declared(endpoint)
-    assert fields - set(TABLES[endpoint]) == set(), f"decide these {endpoint} fields in serve/request_fields.py"
+    assert fields - set(TABLES[endpoint]) == set(), f"decide these {endpoint} fields in serve/plan/fields.py"
     assert set(TABLES[endpoint]) - fields == set()
 
 
@@ -71,7 +71,7 @@ def test_docs_table_is_current():
     text = (ROOT / "docs" / "serve.md").read_text(encoding="utf-8")
     start, end = "<!-- request-fields:start -->\n", "<!-- request-fields:end -->"
     assert text[text.index(start) + len(start): text.index(end)] == markdown_tables(), (
-        "docs/serve.md's parameter tables are out of date: paste tunesmith.serve.request_fields.markdown_tables()")
+        "docs/serve.md's parameter tables are out of date: paste tunesmith.serve.plan.fields.markdown_tables()")
 
 
 @pytest.fixture(scope="module")

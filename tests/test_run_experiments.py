@@ -243,7 +243,7 @@ def test_an_adapter_scores_the_same_locally_and_through_its_openai_endpoint(cli,
     """Each contender is asked the way it was trained: the endpoint serving the run's adapter gets the
     fine-tuned prompt (ask_as: finetuned), so its answers equal the local evaluation's."""
     from tunesmith.serve.app import ServeSettings, create_app
-    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.engines.builtin import Engine
 
     from .conftest import running_server
 

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import finished_eval_run, running_server
 
@@ -245,7 +245,7 @@ def test_answers_validate_against_the_clients_types(live):
 
 
 def test_runs_a_stopped_server_left_are_failed_on_restart(tmp_path):
-    from tunesmith.serve.evals_store import EvalStore
+    from tunesmith.serve.evals.store import EvalStore
     from tunesmith.serve.store import Store
 
     evals = EvalStore(Store(tmp_path))

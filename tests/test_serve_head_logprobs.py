@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import banking_recipe, banking_rows, running_server, write_jsonl, write_recipe
 

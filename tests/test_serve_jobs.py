@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.worker import work
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.worker import work
 
 from .conftest import banking_rows, chat_lines, http_get, running_server
 
@@ -97,7 +97,7 @@ def test_job_lifecycle_to_a_servable_model(live):
         other.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "x"}])
     assert exc.value.body["code"] == "model_not_found"
     # trained_tokens: the file's tokens by the cookbook rule (the data validator's count), times the epochs
-    from tunesmith.data.validate import token_counter, validate_chat
+    from tunesmith.data.formats.validate import token_counter, validate_chat
 
     path = live["data_dir"] / "t.jsonl"
     path.write_bytes(chat_jsonl(30))

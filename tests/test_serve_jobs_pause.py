@@ -5,7 +5,7 @@ import time
 
 import openai
 
-from tunesmith.serve.worker import work
+from tunesmith.serve.jobs.worker import work
 
 from .test_serve_jobs import chat_jsonl, live  # noqa: F401  (the live-server fixture)
 

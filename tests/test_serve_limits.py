@@ -14,9 +14,9 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.worker import announce_start, job_error, work
 from tunesmith.serve.store import Store
-from tunesmith.serve.worker import announce_start, job_error, work
 
 from .conftest import http_get, running_server
 from .test_serve_jobs import chat_jsonl
@@ -328,7 +328,7 @@ def test_batch_stays_within_its_cache_budget_and_answers_everyone(tiny_model_dir
     """Rows that would push the KV cache past max_batch_tokens wait at the head of the line."""
     import asyncio
 
-    from tunesmith.serve.engine import GenParams
+    from tunesmith.serve.engines.builtin import GenParams
 
     engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=5, max_batch_tokens=100)
     cells: list[int] = []

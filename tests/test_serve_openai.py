@@ -4,7 +4,7 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import running_server
 

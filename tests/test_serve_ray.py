@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.store import Store
 
 from .conftest import banking_rows, chat_lines, running_server
@@ -28,7 +28,7 @@ def chat_jsonl(n: int) -> bytes:
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
     """The server, and the Ray executor in a thread of this process over a local 2-CPU Ray cluster."""
-    from tunesmith.serve.ray_executor import work_on_ray
+    from tunesmith.serve.jobs.ray_executor import work_on_ray
 
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["OMP_NUM_THREADS"] = "1"  # the Ray workers inherit it: two jobs share the two cores

@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.worker import work
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.worker import work
 
 from .conftest import banking_rows, running_server
 

@@ -38,7 +38,7 @@ def _start(model: Path, data_dir: Path, port: int, log) -> subprocess.Popen:
 
 
 def _worker_pids(data_dir: Path) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"tunesmith.serve.worker --data-dir {data_dir}"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", f"tunesmith.serve.jobs.worker --data-dir {data_dir}"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
 
 

@@ -11,7 +11,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
+from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import running_server
 

@@ -9,8 +9,8 @@ import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine
-from tunesmith.serve.worker import work
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.worker import work
 
 from .conftest import CHATML, banking_rows, running_server
 

@@ -20,7 +20,7 @@ def test_worker_killed_mid_job_resumes_without_lost_or_duplicated_events(tmp_pat
                         seed=5, method={"type": "supervised", "supervised": {"hyperparameters": {
                             "n_epochs": 3, "batch_size": 4}}}, metadata=None)
     store.update_job(job["id"], status="queued")
-    cmd = [sys.executable, "-m", "tunesmith.serve.worker", "--data-dir", str(tmp_path), "--once"]
+    cmd = [sys.executable, "-m", "tunesmith.serve.jobs.worker", "--data-dir", str(tmp_path), "--once"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while time.time() < deadline and not store.checkpoints(job["id"]) and proc.poll() is None:

@@ -6,11 +6,11 @@ import subprocess
 import sys
 import time
 
-from tunesmith.serve.process import StopFlag
+from tunesmith.serve.engines.process import StopFlag
 
 HANGS_AFTER_SIGTERM = """
 import threading, sys
-import tunesmith.serve.process as w
+import tunesmith.serve.engines.process as w
 w.STOP_GRACE_S = 1
 w.stop_on_sigterm(w.SHUTDOWN, open(sys.argv[1], "a"))
 print("ready", flush=True)

@@ -5,7 +5,7 @@ soft-cap, Granite's logit scaling); the patched model still generates as before.
 import pytest
 import torch
 
-from tunesmith.data.chat_rows import tokenize_example
+from tunesmith.data.formats.chat_rows import tokenize_example
 from tunesmith.machine.packing import PackedCollator
 from tunesmith.train.chunked_loss import add_target_head, output_transform
 from tunesmith.train.trainer import completion_loss

@@ -3,8 +3,8 @@ from collections import Counter
 import pytest
 
 from tunesmith.config import DataSection, SplitSection
-from tunesmith.data.examples import label_set, to_examples
-from tunesmith.data.split import split_examples, split_sizes
+from tunesmith.data.steps.examples import label_set, to_examples
+from tunesmith.data.steps.split import split_examples, split_sizes
 from tunesmith.errors import DataError
 from tunesmith.records import Example, Record
 

@@ -238,7 +238,7 @@ def test_head_arms_answer_through_the_served_endpoint_as_in_evaluation_and_expor
 
     from tunesmith.export.merged import export_merged
     from tunesmith.serve.app import ServeSettings, create_app
-    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.engines.builtin import Engine
     from tunesmith.serve.launch import parse_adapters
 
     merged = export_merged(price_run / "arms" / "llm-head", tmp_path / "merged")

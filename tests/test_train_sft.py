@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunesmith.config import validate_recipe
-from tunesmith.data.chat_rows import tokenize_example
+from tunesmith.data.formats.chat_rows import tokenize_example
 from tunesmith.errors import ConfigError
 from tunesmith.machine.packing import PackedCollator, first_fit_decreasing
 from tunesmith.train.trainer import completion_loss

@@ -18,12 +18,12 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from tunesmith.data.chat_rows import last_turn_pair
+from tunesmith.data.formats.chat_rows import last_turn_pair
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import Engine, GenParams
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.engines.builtin import Engine, GenParams
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.jobs.worker import evaluate_job, work
 from tunesmith.serve.store import Store
-from tunesmith.serve.worker import evaluate_job, work
 
 from .conftest import EMBEDDED, REPO, banking_rows, running_server, vllm_engine, vllm_or_skip
 
@@ -115,7 +115,7 @@ def test_a_jobs_fine_tune_is_evaluated_on_vllm_and_served_by_it_to_its_owner_onl
     """The job's post-training evaluation generates on the server's vLLM (its adapter loaded there): the same
     scores as the built-in engine's on the same adapter and conversations."""
     from tunesmith.eval.runner import evaluate_conversations
-    from tunesmith.serve import worker
+    from tunesmith.serve.jobs import worker
 
     c = client(served["url"])
     data = REPO / "examples" / "data" / "banking_chat_12.jsonl"
@@ -199,7 +199,7 @@ def tcp_listeners(pids: list[int]) -> list[str]:
 def test_nothing_reaches_vllm_without_its_key_and_no_key_is_on_a_command_line(served):
     """A new user's attack from another process: every route vLLM serves, without the key and with a wrong one,
     is refused; another user cannot even connect; no process shows the key; nothing listens on the host's TCP."""
-    from tunesmith.serve.vllm_server import own_network_prefix
+    from tunesmith.serve.engines.vllm.server import own_network_prefix
 
     server = served["engine"].server
     routes = vllm_routes(server.log_path)

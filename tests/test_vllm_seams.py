@@ -18,10 +18,10 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engine import GenParams
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.vllm_server import ask_models
-from tunesmith.serve.vllm_shim import RequireKey
+from tunesmith.serve.engines.builtin import GenParams
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.engines.vllm.server import ask_models
+from tunesmith.serve.engines.vllm.shim import RequireKey
 
 from .conftest import REPO, kill_under_streams, running_server
 
@@ -38,7 +38,7 @@ def adapter(folder: Path, fake: str | None = None) -> Path:
 @pytest.fixture(scope="module")
 def fake_engine(tiny_model_dir, tmp_path_factory):
     """The vLLM engine over a stand-in vLLM server, with adapters that hang, break and are refused."""
-    from tunesmith.serve.vllm_engine import VllmEngine
+    from tunesmith.serve.engines.vllm.engine import VllmEngine
 
     tmp = tmp_path_factory.mktemp("fake-vllm")
     adapters = {"hang": adapter(tmp / "hang", "hang"), "broken": adapter(tmp / "broken", "broken"),
@@ -72,7 +72,7 @@ def test_every_request_ends_within_its_deadline_with_an_openai_error(fake_engine
     assert (late.status, late.body["code"]) == (504, "timeout") and time.monotonic() - t0 < DEADLINE_S + 3
     broken = error_of(fake_engine, "broken")  # a 200 whose body is not JSON
     assert broken.status == 502 and broken.body["type"] == "server_error"
-    monkeypatch.setattr("tunesmith.serve.vllm_engine.generation", lambda *a: 1 / 0)  # any exception at all
+    monkeypatch.setattr("tunesmith.serve.engines.vllm.engine.generation", lambda *a: 1 / 0)  # any exception at all
     assert "ZeroDivisionError" in error_of(fake_engine, "fine").body["message"]
     assert fake_engine.in_flight() == 0
 

@@ -32,7 +32,7 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         return subprocess.run(args, cwd=where, env=env, capture_output=True, text=True, timeout=120)
 
     probe = run(str(venv / "bin/python"), "-c", "import tunesmith, importlib.resources as r; print(tunesmith.__file__); "
-                "print(all(r.files('tunesmith.serve').joinpath('static', f).is_file() for f in "
+                "print(all(r.files('tunesmith.serve.dashboard').joinpath('static', f).is_file() for f in "
                 "('dashboard.html', 'dashboard.css', 'dashboard.js'))); "
                 "from tunesmith.models.random_weights import architectures; print(','.join(architectures()))")
     assert probe.returncode == 0, probe.stderr

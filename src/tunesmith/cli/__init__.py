@@ -279,7 +279,7 @@ def serve(
     if executor not in ("local", "ray"):
         raise typer.BadParameter("--executor is local or ray")
     if executor == "ray":
-        from tunesmith.serve.ray_executor import ray_module
+        from tunesmith.serve.jobs.ray_executor import ray_module
 
         ray_module()  # a missing extra is said here, not in the worker's log
     keys = ServeSettings.keys_from_env(api_keys_file)

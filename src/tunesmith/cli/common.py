@@ -22,7 +22,7 @@ RdzvOpt = Annotated[str | None, typer.Option("--rdzv-endpoint", help="With --nno
 def recipe_at(path: Path, overrides: list[str]):
     """The recipe at ``path`` with ``--set`` overrides, checked against the task kinds (registered on import)."""
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks data.task against
-    import tunesmith.serve.vllm_server  # noqa: F401 - registers the vllm generation engine (eval.engine, synth.engine)
+    import tunesmith.serve.engines.vllm.server  # noqa: F401 - registers the vllm generation engine (eval.engine, synth.engine)
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import load_recipe
 

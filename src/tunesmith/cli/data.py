@@ -33,7 +33,7 @@ def data_prepare(
     data = prepare(cfg, cfg.run_dir / "data", common.console, use_cache=False if no_cache else None)
     seconds = time.perf_counter() - t0
     if data.steps:
-        from tunesmith.data.steps import summary_table
+        from tunesmith.data.steps.curation import summary_table
 
         common.console.print(summary_table(data.steps))
     common.console.print(", ".join(f"{k}: {v}" for k, v in data.summary.items() if not k.startswith("step ")))
@@ -55,7 +55,7 @@ def data_profile(
 ) -> None:
     """Profile a data file: counts, missing values, lengths, labels, numbers, duplicates, plots."""
     from tunesmith.data.profile import profile
-    from tunesmith.data.readers import read_records
+    from tunesmith.data.read.readers import read_records
     from tunesmith.models.loading import load_tokenizer
 
     common.quiet_libraries()
@@ -79,7 +79,7 @@ def data_validate(
     tokenizer: Annotated[str, typer.Option(help="Model name/folder or cl100k_base.")] = DEFAULT_TOKENIZER,
 ) -> None:
     """Check a file for hosted fine-tuning: format errors by kind, token counts, cost estimate."""
-    from tunesmith.data.validate import DEFAULT_LIMIT, MODEL_LIMITS, VALIDATORS, render, token_counter
+    from tunesmith.data.formats.validate import DEFAULT_LIMIT, MODEL_LIMITS, VALIDATORS, render, token_counter
     from tunesmith.errors import ConfigError, DataError
 
     if fmt not in VALIDATORS:

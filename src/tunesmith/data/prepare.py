@@ -26,14 +26,9 @@ import numpy as np
 from rich.console import Console
 
 from tunesmith.config import Recipe
-from tunesmith.data import stream
-from tunesmith.data.batches import stream_source
-from tunesmith.data.examples import labels_of, refuse_test_targets, unusable_target
-from tunesmith.data.outputs import LocalOutput, rejects_from
-from tunesmith.data.readers import encoding_note
-from tunesmith.data.split import SPLITS, split_codes
-from tunesmith.data.steps import StepContext, summary_table, token_limits
-from tunesmith.data.stream import (
+from tunesmith.data.engines import stream
+from tunesmith.data.engines.outputs import LocalOutput, rejects_from
+from tunesmith.data.engines.stream import (
     Curated,
     ExampleMapper,
     HeadSteps,
@@ -42,6 +37,11 @@ from tunesmith.data.stream import (
     release_freed,
     stage_memory,
 )
+from tunesmith.data.read.batches import stream_source
+from tunesmith.data.read.readers import encoding_note
+from tunesmith.data.steps.curation import StepContext, summary_table, token_limits
+from tunesmith.data.steps.examples import labels_of, refuse_test_targets, unusable_target
+from tunesmith.data.steps.split import SPLITS, split_codes
 from tunesmith.errors import DataError
 from tunesmith.hashing import update_with
 from tunesmith.paths import tunesmith_home
@@ -158,7 +158,7 @@ def build(recipe: Recipe, data_dir: Path, console: Console) -> PreparedData:
         summary[key] = summary.get(key, 0) + r.dropped
     data = PreparedData(splits, labels, summary, n_rejected, rows)
     if cfg.export:
-        from tunesmith.data.exporters import export_splits
+        from tunesmith.data.formats.exporters import export_splits
 
         export_splits(splits, cfg, data_dir / "export")
     return data
@@ -168,7 +168,7 @@ def engine_session(cfg):
     """Ray for the stage with ``data.engine: ray`` (attached or started, stopped if started); else nothing."""
     if cfg.engine != "ray":
         return contextlib.nullcontext()
-    from tunesmith.data.ray_engine import ray_session
+    from tunesmith.data.engines.ray_engine import ray_session
 
     return ray_session(cfg.ray_address)
 
@@ -206,7 +206,7 @@ def reason_kind(reason: str) -> str:
 def engine_output(cfg, data_dir: Path, work: Path, seed: int, split_cfg):
     """Where the engine writes curated rows: this process's files, or the Ray workers' (``data.engine: ray``)."""
     if cfg.engine == "ray":
-        from tunesmith.data.ray_engine import RayOutput
+        from tunesmith.data.engines.ray_engine import RayOutput
 
         return contextlib.closing(RayOutput(data_dir, work, cfg, seed, split_cfg))
     return contextlib.closing(LocalOutput(data_dir, work, cfg, seed, split_cfg))
@@ -222,7 +222,7 @@ def curate(cfg, ctx: StepContext, console: Console, profile_dir: Path | None, ou
         console.print(note)
     profile_dir = profile_dir if cfg.profile.enabled else None
     if cfg.engine == "ray":  # the workers profile, curate and write
-        from tunesmith.data.ray_engine import curate_on_ray
+        from tunesmith.data.engines.ray_engine import curate_on_ray
 
         return curate_on_ray(cfg, ctx, console, profile_dir, out, name)
     sketch = _profile_sketch(cfg, ctx) if profile_dir is not None else None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.steps import number_value
+from tunesmith.data.steps.curation import number_value
 from tunesmith.data.tokens import token_counts
 from tunesmith.plotting import pyplot
 from tunesmith.records import Record
@@ -125,7 +125,7 @@ class ProfileSketch:
 
     def __init__(self, fields: list[str], label: str | None, numeric: list[str], tokenizer,
                  near_threshold: float = 0.8, sample_rows: int = SAMPLE_ROWS):
-        from tunesmith.data.dedup_index import SortedRuns
+        from tunesmith.data.dedup.index import SortedRuns
 
         self.fields, self.label, self.numeric, self.tokenizer = fields, label, numeric, tokenizer
         self.near_threshold, self.sample_rows = near_threshold, sample_rows
@@ -140,7 +140,7 @@ class ProfileSketch:
         self.sample_hash = np.empty(0, dtype=np.uint64)
 
     def add(self, records: list[Record]) -> None:
-        from tunesmith.data.dedup_index import text_hash
+        from tunesmith.data.dedup.index import text_hash
 
         for r in records:
             self.seen.update(r.data.keys())
@@ -183,7 +183,7 @@ class ProfileSketch:
         return self.rows - len(self.distinct)
 
     def _count_exact(self, h: np.ndarray) -> None:
-        from tunesmith.data.minhash import distinct
+        from tunesmith.data.dedup.minhash import distinct
 
         uniq = distinct(h)
         self.rows += len(h)
@@ -221,7 +221,7 @@ class ProfileSketch:
     def write(self, out_dir: Path, limits: tuple[int | None, int | None] = (None, None),
               title: str = "Data profile") -> Path:
         """Write ``out_dir/report.md`` and its plots; returns the report path."""
-        from tunesmith.data.minhash import near_matches
+        from tunesmith.data.dedup.minhash import near_matches
 
         out_dir.mkdir(parents=True, exist_ok=True)
         n, sampled = self.n, len(self.sample) < self.n

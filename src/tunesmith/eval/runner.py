@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tunesmith.config import DataSection, Recipe, arm_recipe
-from tunesmith.data.split import sample_examples
+from tunesmith.data.steps.split import sample_examples
 from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.eval.graded import add_grader_metrics, checked_graders
 from tunesmith.kinds import TaskKind, make_task, score_outputs
@@ -272,7 +272,7 @@ def timed(evaluate_one) -> ContenderResult:
 
 
 def messages_for(task: TaskKind, data_cfg: DataSection, with_labels: bool, test: list[Example]) -> list[list[dict]]:
-    from tunesmith.data.formatting import chat_messages
+    from tunesmith.data.formats.messages import chat_messages
 
     labels = task.labels if with_labels and task.uses_labels else None
     return [e.meta["messages"] if "messages" in e.meta else chat_messages(e, data_cfg, labels) for e in test]
@@ -289,7 +289,7 @@ def evaluate_local(recipe: Recipe, task: TaskKind, c: LocalContender, test: list
 def _language_model(recipe, task: TaskKind, c: LocalContender, test, placement, bar) -> ContenderResult:
     """A generating model (the base, an adapter or a merged model), scored by the task kind's own way; with an
     engine (``eval.engine``), its answers are generated there (an adapter loaded there for the time)."""
-    from tunesmith.data.formatting import prompt_text
+    from tunesmith.data.formats.messages import prompt_text
     from tunesmith.generation import remote
     from tunesmith.models.loading import load_tokenizer
 
@@ -310,7 +310,7 @@ def _scored_model(recipe, task: TaskKind, c: LocalContender, test, bar, tokenize
     res.metrics["latency_ms"] = round(1000 * (time.perf_counter() - t0) / max(1, len(test)), 2)  # all of its scoring
     res.metrics["parameters"] = parameter_count(model, c.model or recipe.model.name)
     if recipe.eval.perplexity and "mean_loss" not in res.metrics:  # label scoring may have measured it already
-        from tunesmith.data.formatting import end_of_turn
+        from tunesmith.data.formats.messages import end_of_turn
         from tunesmith.scoring.perplexity import answer_losses, summarize
 
         suffix = end_of_turn(tokenizer)

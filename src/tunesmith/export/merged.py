@@ -48,7 +48,7 @@ def trained_dir(run_dir: Path) -> Path:
 
 def stop_token_ids(tokenizer) -> list[int]:
     """EOS plus the token the chat template closes an assistant turn with (often the same)."""
-    from tunesmith.data.formatting import end_of_turn
+    from tunesmith.data.formats.messages import end_of_turn
 
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     closing = end_of_turn(tokenizer).strip()

@@ -46,7 +46,7 @@ class Classification(TaskKind):
     def evaluate_local(self, name, description, model, tokenizer, prompts, examples, bar) -> ContenderResult:
         """Free generation, and (unless ``eval.label_scoring`` is off) the label with the highest mean
         token log-likelihood as the headline: fair to a base model that never learned the answer format."""
-        from tunesmith.data.formatting import end_of_turn
+        from tunesmith.data.formats.messages import end_of_turn
         from tunesmith.generation import generate_greedy, score_labels
         from tunesmith.scoring.perplexity import gold_label_losses, summarize
 

@@ -78,7 +78,7 @@ def write_chat_pairs(start: Start, path: Path, say=print) -> None:
 def whole_chat(start: Start, bad: list):
     """Every conversation of the chat file as a prompt/completion row, read as the data stage reads JSONL;
     unreadable lines are appended to ``bad``."""
-    from tunesmith.data.readers import file_rows
+    from tunesmith.data.read.readers import file_rows
     from tunesmith.records import Rejected
 
     items, _ = file_rows(start.data, "jsonl", lenient=True)

@@ -91,7 +91,7 @@ def recommend_on_validation(recipe: Recipe, task, contenders: list, val: list, c
     """``(arm, why)``: with two or more fine-tuned contenders, the best on the validation split (a seeded sample
     of ``eval.max_examples``), so that the arm the report recommends is not chosen on the test split it reports.
     None with one arm, or without a validation split (then no arm is recommended, and the run says so)."""
-    from tunesmith.data.split import sample_examples
+    from tunesmith.data.steps.split import sample_examples
     from tunesmith.eval.headline import recommend
     from tunesmith.eval.runner import evaluate_local
     from tunesmith.progress import task_bar
@@ -152,7 +152,7 @@ def run_folds(recipe: Recipe, data, console: Console, stage, timings: dict) -> R
 
 def cross_validation_splits(recipe: Recipe, data) -> list[dict]:
     """The ``data.split.folds`` splits of every prepared example (stratified only where the task kind is)."""
-    from tunesmith.data.split import fold_splits
+    from tunesmith.data.steps.split import fold_splits
     from tunesmith.kinds import kind_class
 
     examples = [e for part in ("train", "val", "test", "unused") for e in data.splits.get(part, [])]
@@ -218,7 +218,7 @@ def _export_arm(recipe: Recipe, arm: Recipe, splits: dict, train: list) -> None:
 
     if arm is recipe or not arm.data.export or not is_main():
         return
-    from tunesmith.data.exporters import export_splits
+    from tunesmith.data.formats.exporters import export_splits
     from tunesmith.train.jobs import ordered
 
     export_splits({**splits, "train": ordered(arm, train)}, arm.data, arm.run_dir / "data" / "export")

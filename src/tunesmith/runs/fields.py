@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from urllib.parse import urlsplit
 
-from tunesmith.data.steps import number_value
+from tunesmith.data.steps.curation import number_value
 from tunesmith.runs.values import as_addresses, as_date, as_money, as_number, as_phone, digits_code
 
 TARGET_NAMES = ("label", "labels", "category", "class", "intent", "target", "y", "sentiment", "rating", "stars",

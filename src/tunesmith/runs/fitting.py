@@ -27,8 +27,8 @@ def token_length(recipe: Recipe, tokenizer, example: Example) -> int:
     from tunesmith.records import render_prompt
 
     if recipe.train.head == "generative":  # measured as training sets aside what does not fit (train/sft.py)
-        from tunesmith.data.chat_rows import row_tokens
-        from tunesmith.data.formatting import chat_messages
+        from tunesmith.data.formats.chat_rows import row_tokens
+        from tunesmith.data.formats.messages import chat_messages
 
         row = {"prompt": chat_messages(example, recipe.data),
                "completion": [{"role": "assistant", "content": str(example.target)}]}

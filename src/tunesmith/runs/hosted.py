@@ -60,7 +60,7 @@ def train_hosted(recipe: Recipe, train_conversations, val_conversations, console
 def run_hosted(recipe: Recipe, console: Console) -> dict:
     """The data stage, then the hosted job on the prepared train/val splits."""
     from tunesmith.config import dump_resolved
-    from tunesmith.data.formatting import chat_messages
+    from tunesmith.data.formats.messages import chat_messages
     from tunesmith.data.prepare import prepare as prepare_data
     from tunesmith.progress import task_bar
 

@@ -96,7 +96,7 @@ def train_once(recipe: Recipe, data: TrainData, console: Console, bar, *, name: 
 def sampled_train(recipe: Recipe, data: TrainData) -> tuple[TrainData, str | None]:
     """``data`` with its train split cut to ``train.examples`` (a seeded sample, stratified by label where there
     are labels) and how it was chosen; unchanged, with None, when the setting is off or the split is smaller."""
-    from tunesmith.data.split import sample_examples
+    from tunesmith.data.steps.split import sample_examples
 
     train, how = sample_examples(data.train, recipe.train.examples, bool(data.labels), recipe.seed)
     return (data, None) if train is data.train else (replace(data, train=train), how)

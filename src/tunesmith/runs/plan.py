@@ -195,7 +195,7 @@ def fitted_lengths(arm: Recipe, train: list, console) -> tuple[Recipe, float]:
 def prompt_length(recipe: Recipe, test: list, labels: list[str] | None = None) -> float:
     """The mean length in tokens of the prompts the model is asked on (a sample of the test split): a language
     model's chat prompt, with the label list where the base model is asked with it; an encoder's rendered prompt."""
-    from tunesmith.data.formatting import chat_messages, prompt_text, render_prompt
+    from tunesmith.data.formats.messages import chat_messages, prompt_text, render_prompt
     from tunesmith.models.encoders import is_encoder
     from tunesmith.models.loading import load_tokenizer
 

@@ -42,7 +42,7 @@ class Sized:
 def size(start: Start, doc: dict, device: str, encoder: str | None, texts: list[str]) -> Sized:
     """Train, arms and eval for ``doc`` (the recipe's data section and top level, from :mod:`.starter`)."""
     from tunesmith.config import validate_recipe
-    from tunesmith.data.validate import default_epochs
+    from tunesmith.data.formats.validate import default_epochs
 
     s = Sized()
     n_train = train_count(start, doc)
@@ -75,7 +75,7 @@ def train_count(start: Start, doc: dict) -> int:
 def measured_length(recipe, start: Start) -> tuple[int | None, float | None]:
     """What ``max_seq_length: auto`` gives on this file now and the mean length (None, None when the model's
     tokenizer is not available yet)."""
-    from tunesmith.data.examples import to_examples
+    from tunesmith.data.steps.examples import to_examples
     from tunesmith.models.loading import load_tokenizer
     from tunesmith.runs.fitting import auto_length, model_context, token_length
 

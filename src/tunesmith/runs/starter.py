@@ -37,7 +37,7 @@ from tunesmith.runs.fields import (
 )
 
 if TYPE_CHECKING:
-    from tunesmith.data.batches import Sample
+    from tunesmith.data.read.batches import Sample
 
 TASKS = ("classification", "regression", "generation")  # --task choices for a file of fields (qa: SQuAD files)
 ACCEPTS = ("CSV/TSV (.csv, .tsv), JSON Lines (.jsonl, .ndjson), JSON (.json: a list of objects or SQuAD-style), "
@@ -74,8 +74,8 @@ def read_data(path: Path, say=print) -> tuple[str, Sample]:
     """``(format, sample)``: the first :data:`SAMPLE_ROWS` rows, read by the reader ``data prepare`` streams
     through; SQuAD JSON is named ``squad``, chat JSONL ``chat``. A folder that is not a saved dataset, an unknown
     format and bytes that are not text are refused, saying what is accepted and how to fix it."""
-    from tunesmith.data.batches import read_sample
-    from tunesmith.data.readers import NOT_UTF8, detect_format, resave_hint
+    from tunesmith.data.read.batches import read_sample
+    from tunesmith.data.read.readers import NOT_UTF8, detect_format, resave_hint
 
     path = Path(path)
     if not path.exists():
@@ -276,7 +276,7 @@ def check_rows(start: Start, doc: dict) -> None:
     empty target, a target that is not a number for regression; an empty input field is an empty string, not a
     reason) are said, and ``data.on_error: skip`` sets them aside; too few usable rows are refused."""
     from tunesmith.config import DataSection
-    from tunesmith.data.examples import to_examples
+    from tunesmith.data.steps.examples import to_examples
 
     cfg = DataSection.model_validate({**doc["data"], "on_error": "skip"})
     examples, rejected = to_examples(start.records, cfg)
@@ -300,7 +300,7 @@ def check_test_rows(start: Start, doc: dict, test: Path, say=print) -> None:
     refused here, naming its line; a row with no input text at all (or unreadable) is said, and the report's
     verdict line will say it was set aside."""
     from tunesmith.config import DataSection
-    from tunesmith.data.examples import refuse_test_targets, to_examples
+    from tunesmith.data.steps.examples import refuse_test_targets, to_examples
 
     _, sample = read_data(test, say)
     cfg = DataSection.model_validate({**doc["data"], "on_error": "skip"})

@@ -12,7 +12,7 @@ import re
 from datetime import UTC, datetime
 from email.utils import getaddresses, parsedate_to_datetime
 
-from tunesmith.data.steps import number_value
+from tunesmith.data.steps.curation import number_value
 
 MONTHS = {m.lower() for m in (*calendar.month_name[1:], *calendar.month_abbr[1:])}
 ADDRESS = re.compile(r"[^@\s<>(),;:\"]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.data.readers import squad_questions
+from tunesmith.data.read.readers import squad_questions
 from tunesmith.errors import DataError
 
 _PUNCT = set(string.punctuation)

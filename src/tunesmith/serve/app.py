@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tunesmith.graders.sandbox import Limits
-from tunesmith.serve.errors import APIError, validation_error_body
+from tunesmith.serve.engines.errors import APIError, validation_error_body
 
 
 @dataclass
@@ -37,10 +37,10 @@ class ServeSettings:
     model_aliases: dict[str, str] = field(default_factory=dict)  # a name scripts use -> a served model
     embedding_models: dict[str, str] | None = None  # name -> encoder folder; None: the shipped encoders
     engine: str = "builtin"  # builtin, or vllm: generation on a vLLM server tunesmith supervises
-    vllm_python: str | None = None  # the Python that has vLLM (None: see tunesmith.serve.vllm_server.vllm_python)
+    vllm_python: str | None = None  # the Python that has vLLM (None: see tunesmith.serve.engines.vllm.server.vllm_python)
     vllm_args: tuple[str, ...] = ()  # more arguments for vLLM's server (e.g. --tensor-parallel-size 2)
     vllm_gpu_share: float = 0.5  # on CUDA: vLLM's share of the GPU's memory; the jobs worker has the rest
-    gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.gpu_split), None on a CPU
+    gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.engines.gpu_split), None on a CPU
 
     @property
     def python_graders_on(self) -> bool:
@@ -69,11 +69,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from tunesmith.serve.evals_store import EvalStore
+        from tunesmith.serve.evals.store import EvalStore
 
         app.state.engine = engine or make_engine(settings)
         EvalStore(app.state.store).fail_interrupted()
-        from tunesmith.serve.routes_embeddings import ENCODER_NAMES
+        from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
 
         for name, target in settings.model_aliases.items():
             if target not in ENCODER_NAMES and target not in (settings.embedding_models or {}):
@@ -118,16 +118,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
 
-    from tunesmith.serve import (
-        routes_dashboard,
-        routes_embeddings,
-        routes_evals,
-        routes_graders,
-        routes_jobs,
-        routes_models,
-        routes_openai,
-        routes_responses,
-    )
+    from tunesmith.serve.api import routes_embeddings, routes_models, routes_openai, routes_responses
+    from tunesmith.serve.dashboard import routes as routes_dashboard
+    from tunesmith.serve.evals import routes as routes_evals
+    from tunesmith.serve.evals import routes_graders
+    from tunesmith.serve.jobs import routes as routes_jobs
 
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
@@ -143,13 +138,13 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 def make_engine(settings: ServeSettings):
     """The inference engine the settings name: the built-in one, or vLLM behind tunesmith."""
     if settings.engine == "vllm":
-        from tunesmith.serve.vllm_engine import VllmEngine
+        from tunesmith.serve.engines.vllm.engine import VllmEngine
 
         share = settings.gpu_split.vllm_share if settings.gpu_split is not None else None
         return VllmEngine(settings.model, settings.adapters, settings.data_dir / "vllm", python=settings.vllm_python,
                           request_timeout_s=settings.request_timeout_s, extra_args=settings.vllm_args,
                           gpu_memory_utilization=share)
-    from tunesmith.serve.engine import Engine
+    from tunesmith.serve.engines.builtin import Engine
 
     return Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
                   request_timeout_s=settings.request_timeout_s)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.process import die_with_parent
+from tunesmith.serve.engines.process import die_with_parent
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:
@@ -17,7 +17,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--adapter expects NAME=PATH, got '{item}'")
-        from tunesmith.serve.heads import is_head_folder
+        from tunesmith.serve.engines.heads import is_head_folder
 
         if not (Path(path) / "adapter_config.json").is_file() and not is_head_folder(path):
             raise ConfigError(f"--adapter {name}: {path} is neither a PEFT adapter folder (adapter_config.json) "
@@ -29,7 +29,7 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 def parse_model_aliases(items: list[str], served: set[str]) -> dict[str, str]:
     """``NAME=MODEL`` pairs: requests (and fine-tuning jobs) naming NAME use MODEL, which must be served here
     (the base model, an --adapter name, or an embedding encoder)."""
-    from tunesmith.serve.routes_embeddings import ENCODER_NAMES
+    from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
 
     aliases = {}
     for item in items:
@@ -47,8 +47,8 @@ def parse_model_aliases(items: list[str], served: set[str]) -> dict[str, str]:
 def pick_engine(engine: str, vllm_python: str | None = None) -> str:
     """``auto``: vLLM on a CUDA GPU when it is installed, else the built-in engine (nothing to install); ``vllm``
     when vLLM is not installed is an error saying how to install it, before anything starts."""
-    from tunesmith.serve.vllm_server import vllm_available
-    from tunesmith.serve.vllm_server import vllm_python as find_vllm
+    from tunesmith.serve.engines.vllm.server import vllm_available
+    from tunesmith.serve.engines.vllm.server import vllm_python as find_vllm
 
     if engine == "vllm":
         find_vllm(vllm_python)
@@ -64,7 +64,7 @@ def pick_engine(engine: str, vllm_python: str | None = None) -> str:
 def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local", ray_address: str | None = None,
                  gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None) -> subprocess.Popen:
     """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
-    module = "tunesmith.serve.ray_executor" if executor == "ray" else "tunesmith.serve.worker"
+    module = "tunesmith.serve.jobs.ray_executor" if executor == "ray" else "tunesmith.serve.jobs.worker"
     cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
     if gpu_budget_gb is not None and executor == "local":  # a Ray cluster's jobs run on their own GPUs
         cmd += ["--gpu-budget-gb", f"{gpu_budget_gb:.2f}"]
@@ -117,8 +117,8 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
 
 
 def share_the_gpu(settings):
-    """With vLLM on a CUDA GPU: its share and the jobs' (:mod:`tunesmith.serve.gpu_split`), set in ``settings``."""
-    from tunesmith.serve.gpu_split import cuda_total, plan_split
+    """With vLLM on a CUDA GPU: its share and the jobs' (:mod:`tunesmith.serve.engines.gpu_split`), set in ``settings``."""
+    from tunesmith.serve.engines.gpu_split import cuda_total, plan_split
 
     if settings.engine != "vllm":
         return None

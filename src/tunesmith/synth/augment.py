@@ -118,7 +118,7 @@ def preference_pairs_train_split(cfg, arm: Recipe, path: Path):
 def as_dpo_pairs(batch: SynthBatch) -> Augmented:
     """Preference pairs for a DPO arm: chosen = the reference answer, rejected = the model's own answer; the
     prompt is the train example's chat messages, formatted as the arm formats them."""
-    from tunesmith.data.formatting import chat_messages
+    from tunesmith.data.formats.messages import chat_messages
 
     arm, train = batch.arm, batch.train
     pairs = []
@@ -160,7 +160,7 @@ def _source_example(item: dict, train: list[Example]) -> Example | None:
 
 def _mapped(items: list[dict], arm: Recipe) -> tuple[list[Example], list[dict]]:
     """Items whose fields are the data section's input and target fields become examples."""
-    from tunesmith.data.examples import to_examples
+    from tunesmith.data.steps.examples import to_examples
 
     cfg = arm.data.model_copy(update={"on_error": "skip", "labels": arm.data.labels})
     records = [Record(item, f"synth:{i + 1}") for i, item in enumerate(items)]
@@ -176,7 +176,7 @@ def _mapped(items: list[dict], arm: Recipe) -> tuple[list[Example], list[dict]]:
 
 def leakage_guard(made: list[Example], held_out: list[Example], template: str) -> tuple[list[Example], list]:
     """Drop generated examples whose prompt is a near-duplicate (char 3-gram Jaccard ≥ 0.8) of a held-out one."""
-    from tunesmith.data.minhash import near_duplicate_pairs
+    from tunesmith.data.dedup.minhash import near_duplicate_pairs
 
     if not made or not held_out:
         return made, []

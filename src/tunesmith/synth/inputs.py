@@ -18,7 +18,7 @@ Say = Callable[[str], None]
 
 def read_input_records(cfg: SynthSection, say: Say) -> tuple[list[Record], list[dict]]:
     """Records (JSONL/CSV/JSON) of ``synth.input``; unreadable lines are set aside."""
-    from tunesmith.data.readers import read_records
+    from tunesmith.data.read.readers import read_records
 
     records, bad = read_records(cfg.input, limit=cfg.limit, on_error="skip")
     return records, [{"source": r.source, "reason": r.reason, "raw": r.record} for r in bad]
@@ -70,8 +70,8 @@ def read_seed_words(path: Path) -> list[str]:
 
 def read_passages(path: Path, field: str, tokenizer: str) -> list[str]:
     """Retrieval passages: token chunks of documents (PDF/TXT/Markdown), or records' ``field``."""
-    from tunesmith.data.readers import read_records
-    from tunesmith.data.sources import DOC_SUFFIXES, read_documents
+    from tunesmith.data.read.readers import read_records
+    from tunesmith.data.read.sources import DOC_SUFFIXES, read_documents
 
     if path.is_dir() or path.suffix.lower() in DOC_SUFFIXES:
         from tunesmith.config import DocumentsSection
@@ -94,7 +94,7 @@ def tokenizer_name(cfg: SynthSection) -> str:
 
 def read_document_chunks(cfg: SynthSection) -> tuple[list[Record], list]:
     from tunesmith.config import DocumentsSection
-    from tunesmith.data.sources import read_documents
+    from tunesmith.data.read.sources import read_documents
     from tunesmith.models.loading import load_tokenizer
 
     t = cfg.qa_from_documents

@@ -59,7 +59,7 @@ def to_pair(row: dict, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "preferred_output" in row:  # OpenAI's format, tools and calls as the hermes text form
-        from tunesmith.data.chat_rows import openai_preference
+        from tunesmith.data.formats.chat_rows import openai_preference
 
         prompt, chosen, rejected = openai_preference(row)
     elif "conversations" in row:

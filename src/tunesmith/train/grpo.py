@@ -47,7 +47,7 @@ def example_item(example: Example, recipe: Recipe) -> dict:
 def recipe_rows(recipe: Recipe, examples: list[Example], start: int = 0) -> list[dict]:
     """GRPO rows: the prompt the fine-tune is asked with, the example as the grader's item, and its index
     (from ``start``) in the examples the task reward reads."""
-    from tunesmith.data.formatting import chat_messages
+    from tunesmith.data.formats.messages import chat_messages
 
     return [{"prompt": chat_messages(e, recipe.data), ITEM: json.dumps(example_item(e, recipe), ensure_ascii=False),
              EXAMPLE: start + i} for i, e in enumerate(examples)]

@@ -166,7 +166,7 @@ def load_base(recipe: Recipe, placement, init_adapter: Path | None):
 
 
 def ordered(recipe: Recipe, train: list[Example]) -> list[Example]:
-    from tunesmith.data.examples import order_train
+    from tunesmith.data.steps.examples import order_train
 
     return order_train(train, recipe.data) if recipe.data is not None else train
 

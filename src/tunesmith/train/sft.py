@@ -56,7 +56,7 @@ def split_by_length(
     Truncating them would cut the answer the loss is computed on, and TRL would then drop the
     fully masked rows without telling anyone.
     """
-    from tunesmith.data.chat_rows import row_tokens
+    from tunesmith.data.formats.chat_rows import row_tokens
 
     kept, rejected = [], []
     for row, ex_id in zip(rows, ids, strict=True):
@@ -158,7 +158,7 @@ def build_trainer(
     from datasets import Dataset
     from transformers import EarlyStoppingCallback, PrinterCallback, ProgressCallback
 
-    from tunesmith.data.chat_rows import tokenize_rows  # conversations (every weight-1 turn) and prompt/completion
+    from tunesmith.data.formats.chat_rows import tokenize_rows  # conversations (every weight-1 turn) and prompt/completion
     from tunesmith.machine.packing import PackedCollator
     from tunesmith.train.trainer import CompletionTrainer
 
@@ -385,7 +385,7 @@ def sft_job(job: TrainJob, build=None) -> TrainResult:
 
 def sft_rows(recipe: Recipe, examples: list[Example]) -> list[dict]:
     """Chat prompt/completion rows formatted with the recipe's data section (loss on the completion)."""
-    from tunesmith.data.formatting import chat_messages
+    from tunesmith.data.formats.messages import chat_messages
 
     return conversation_rows([chat_messages(e, recipe.data) for e in examples], [e.target for e in examples])
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.jaccard import SKETCH_WORDS, Sketches, sketches, spans
-from tunesmith.data.minhash import (
+from tunesmith.data.dedup.jaccard import SKETCH_WORDS, Sketches, sketches, spans
+from tunesmith.data.dedup.minhash import (
     Shingles,
     band_keys,
     distinct,
@@ -32,7 +32,7 @@ from tunesmith.data.minhash import (
     shingle,
     signatures,
 )
-from tunesmith.data.steps import field_text, normalized_key
+from tunesmith.data.steps.curation import field_text, normalized_key
 from tunesmith.records import Record, Rejected
 
 

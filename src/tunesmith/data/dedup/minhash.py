@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from tunesmith.data.jaccard import (
+from tunesmith.data.dedup.jaccard import (
     Shingles,
     Sketches,
     distinct,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.split import SPLITS, SplitKeys, content_hash, content_key
+from tunesmith.data.steps.split import SPLITS, SplitKeys, content_hash, content_key
 from tunesmith.records import Example, Rejected
 
 
@@ -41,7 +41,7 @@ class Codes:
 def example_lines(examples: list[Example], cfg, seed: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
     """Each example's line in ``examples.jsonl``, its training line (``{"id", "messages"}``) and its split hash
     (of its content with the seed): what every engine writes for it, made once."""
-    from tunesmith.data.formatting import chat_messages
+    from tunesmith.data.formats.messages import chat_messages
 
     spool, train, hashes = [], [], np.empty(len(examples), dtype=np.uint64)
     for k, e in enumerate(examples):
@@ -81,7 +81,7 @@ class LocalOutput:
         self.n = 0
         self.labels = Codes() if split_cfg.stratify or split_cfg.stratify_field else None
         self.groups = Codes() if split_cfg.group_field else None
-        from tunesmith.data.split import example_keys
+        from tunesmith.data.steps.split import example_keys
 
         self.keys = example_keys(split_cfg)
 

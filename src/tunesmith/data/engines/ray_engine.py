@@ -25,12 +25,12 @@ from rich.console import Console
 
 from tunesmith.config import ExactDedupStep, NearDedupStep
 from tunesmith.config.kinds import kind_class
-from tunesmith.data import ray_parts, ray_read
-from tunesmith.data.outputs import SpooledSplits
-from tunesmith.data.sources import check_derive
-from tunesmith.data.split import SplitKeys
-from tunesmith.data.steps import StepContext, StepRow, check_fields, token_limits
-from tunesmith.data.stream import WHOLE, Curated, ExampleMapper
+from tunesmith.data.engines import ray_parts, ray_read
+from tunesmith.data.engines.outputs import SpooledSplits
+from tunesmith.data.engines.stream import WHOLE, Curated, ExampleMapper
+from tunesmith.data.read.sources import check_derive
+from tunesmith.data.steps.curation import StepContext, StepRow, check_fields, token_limits
+from tunesmith.data.steps.split import SplitKeys
 from tunesmith.errors import ConfigError, DataError, TunesmithError
 
 DEDUP = (ExactDedupStep, NearDedupStep)
@@ -305,8 +305,8 @@ def assemble(stems: list[str], data_dir: str, parts: dict[str, range], assign) -
     and examples.jsonl, rejected.jsonl, examples.split and the split files written from the parts' files."""
     import pickle
 
-    from tunesmith.data.outputs import write_splits
-    from tunesmith.data.split import _codes
+    from tunesmith.data.engines.outputs import write_splits
+    from tunesmith.data.steps.split import _codes
 
     hashes, labels, groups, sources = [], [], [], []
     for stem in stems:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.dedup_index import exact_keys, near_keys
-from tunesmith.data.minhash import (
+from tunesmith.data.dedup.index import exact_keys, near_keys
+from tunesmith.data.dedup.minhash import (
     MemorySets,
     Shingles,
     best_earlier,
@@ -26,9 +26,9 @@ from tunesmith.data.minhash import (
     lsh_groups,
     near_reason,
 )
-from tunesmith.data.outputs import example_lines, reject_lines
-from tunesmith.data.steps import STEPS, StepContext, apply_step
-from tunesmith.data.stream import ExampleMapper
+from tunesmith.data.engines.outputs import example_lines, reject_lines
+from tunesmith.data.engines.stream import ExampleMapper
+from tunesmith.data.steps.curation import STEPS, StepContext, apply_step
 from tunesmith.records import Record, Rejected
 
 
@@ -108,7 +108,7 @@ def write_parts(table, cfg, seed: int, work: str, kind, split_cfg):
     import pyarrow as pa
 
     from tunesmith.config.kinds import register
-    from tunesmith.data.split import example_keys
+    from tunesmith.data.steps.split import example_keys
 
     register(kind)
     keys, metas = example_keys(split_cfg), []

@@ -14,11 +14,11 @@ import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tunesmith.data.batches import in_batches, source_items
-from tunesmith.data.ray_parts import Part, dump, node
-from tunesmith.data.readers import LineReader, _jsonl, detect_format, file_encoding
-from tunesmith.data.sources import derive_fields
-from tunesmith.data.steps import StepContext
+from tunesmith.data.engines.ray_parts import Part, dump, node
+from tunesmith.data.read.batches import in_batches, source_items
+from tunesmith.data.read.readers import LineReader, _jsonl, detect_format, file_encoding
+from tunesmith.data.read.sources import derive_fields
+from tunesmith.data.steps.curation import StepContext
 
 SHARD_BYTES = 1 << 20  # the smallest byte range worth a task
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.config import BalanceStep, ExactDedupStep, NearDedupStep, SampleStep, SemanticDedupStep, TokenLengthStep
-from tunesmith.data.dedup_index import ExactIndex, NearIndex, exact_keys, near_keys, rows_of
-from tunesmith.data.steps import STEPS, StepContext, StepRow, apply_step, check_fields
+from tunesmith.data.dedup.index import ExactIndex, NearIndex, exact_keys, near_keys, rows_of
+from tunesmith.data.steps.curation import STEPS, StepContext, StepRow, apply_step, check_fields
 from tunesmith.errors import DataError
 from tunesmith.records import Example, Record, Rejected
 
@@ -199,7 +199,7 @@ class HeadSteps:
         specs = [s.spec for s in chain.steps[: self.n]]
         needs = any(isinstance(spec, TokenLengthStep) for spec in specs)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self.proc = subprocess.Popen([sys.executable, "-c", "from tunesmith.data.stream import serve_head; serve_head()"],
+        self.proc = subprocess.Popen([sys.executable, "-c", "from tunesmith.data.engines.stream import serve_head; serve_head()"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.outbox: queue.Queue = queue.Queue(maxsize=2)  # at most two batches ahead of the replies
         threading.Thread(target=self._send, daemon=True).start()  # writes while this thread reads: no deadlock
@@ -341,7 +341,7 @@ class ExampleMapper:
         self.cfg, self.names, self.seen = cfg, mapped_fields(cfg), set()
 
     def __call__(self, records: list[Record]) -> tuple[list[Example], list[Rejected]]:
-        from tunesmith.data.examples import to_examples
+        from tunesmith.data.steps.examples import to_examples
 
         if not records:
             return [], []

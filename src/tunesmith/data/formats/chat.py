@@ -1,7 +1,7 @@
 """The rules of OpenAI's chat fine-tuning format, one example at a time.
 
 One checker for every place a chat example arrives: ``tunesmith data validate``, the server's upload
-check (both through :mod:`tunesmith.data.validate`), the jobs worker and ``tunesmith run``'s JSONL
+check (both through :mod:`tunesmith.data.formats.validate`), the jobs worker and ``tunesmith run``'s JSONL
 reader. An example is ``{"messages": [...]}`` with any number of turns, optional ``tools`` (and
 ``parallel_tool_calls``) or the legacy ``functions``; assistant messages may carry ``weight`` 0/1,
 ``tool_calls`` or the legacy ``function_call``; ``role: tool`` messages answer a call by its

@@ -3,7 +3,7 @@
 A conversation trains as one sequence, as OpenAI trains it: the tokens of each assistant message with
 weight 1 (the default) — its text and tool calls, and the end-of-turn the template closes it with —
 carry a loss; every other token (system, user, tool results, weight-0 assistant turns) is context only
-(label -100). Tools and calls are rendered by :mod:`tunesmith.data.tool_format`.
+(label -100). Tools and calls are rendered by :mod:`tunesmith.data.formats.tool_format`.
 
 Rows are ``{"messages": [...], "tools": [...] | None}``; TRL-style ``{"prompt", "completion"}`` rows
 (the recipe path) are tokenized by :func:`tokenize_example`.
@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tunesmith.data.chat import check_example, check_messages, hint, tools_of
-from tunesmith.data.tool_format import assistant_text, plain_messages, render
+from tunesmith.data.formats.chat import check_example, check_messages, hint, tools_of
+from tunesmith.data.formats.tool_format import assistant_text, plain_messages, render
 from tunesmith.errors import DataError
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 
-from tunesmith.data.chat import text_of
+from tunesmith.data.formats.chat import text_of
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 TOOLS_INTRO = ("You can call these functions. Their definitions are inside <tools></tools>:\n<tools>\n{tools}\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunesmith.data.chat import check_example, check_messages, hint
+from tunesmith.data.formats.chat import check_example, check_messages, hint
 from tunesmith.errors import DataError
 
 # Training-example token limits from OpenAI's fine-tuning guide; pass --max-tokens for other models.
@@ -121,9 +121,9 @@ def _tally(v: Validation, messages: list[dict], answers: list[dict], count_token
 
 
 def validate_chat(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Validation:
-    """Validate an OpenAI chat fine-tuning file (:func:`tunesmith.data.chat.check_example`, every error
+    """Validate an OpenAI chat fine-tuning file (:func:`tunesmith.data.formats.chat.check_example`, every error
     kind of every line); ``count_tokens(str) -> int``."""
-    from tunesmith.data.chat import tools_of
+    from tunesmith.data.formats.chat import tools_of
 
     v = Validation(Path(path), limit=limit)
     for lineno, ex in _objects(v):
@@ -139,7 +139,7 @@ def validate_dpo(path: Path, count_tokens, limit: int = DEFAULT_LIMIT) -> Valida
     """OpenAI preference (DPO) format: ``input.messages`` (with ``tools`` beside them, as in chat examples)
     plus one preferred and one non-preferred assistant message, each text or tool calls. Tokens per
     example: the input and both outputs, by the chat rule."""
-    from tunesmith.data.chat import function_names, tools_of
+    from tunesmith.data.formats.chat import function_names, tools_of
 
     v = Validation(Path(path), limit=limit)
     for lineno, ex in _objects(v):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from tunesmith.data.readers import collect, counted, encoding_note, file_rows
-from tunesmith.data.sources import _looks_like_documents, check_derive, derive_fields, read_source
+from tunesmith.data.read.readers import collect, counted, encoding_note, file_rows
+from tunesmith.data.read.sources import _looks_like_documents, check_derive, derive_fields, read_source
 from tunesmith.records import Record, Rejected
 
 FIRST_BATCH = 1_000  # small, so that the first progress line comes within a second

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tunesmith.data.chat import check_example, hint
+from tunesmith.data.formats.chat import check_example, hint
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 

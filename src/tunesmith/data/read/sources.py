@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.config import DataSection, DocumentsSection, HubSource
-from tunesmith.data.readers import _hf_disk, collect, detect_format, read_records
+from tunesmith.data.read.readers import _hf_disk, collect, detect_format, read_records
 from tunesmith.errors import DataError
 from tunesmith.records import Record, Rejected
 

@@ -362,7 +362,7 @@ def normalized_key(rec: Record, spec: ExactDedupStep) -> str:
 def drop_later_matches(records: list[Record], i: np.ndarray, j: np.ndarray, sim: np.ndarray, reason):
     """Keep the rows without an earlier match; a row with one is dropped, its reason naming its best earlier
     match (``minhash.best_earlier``)."""
-    from tunesmith.data.minhash import best_earlier
+    from tunesmith.data.dedup.minhash import best_earlier
 
     i, j, sim = best_earlier(i, j, sim)
     best = {b: (a, s) for a, b, s in zip(i.tolist(), j.tolist(), sim.tolist(), strict=True)}
@@ -377,7 +377,7 @@ def drop_later_matches(records: list[Record], i: np.ndarray, j: np.ndarray, sim:
 
 
 def near_dedup(records, spec: NearDedupStep, ctx):
-    from tunesmith.data.minhash import near_matches, near_reason
+    from tunesmith.data.dedup.minhash import near_matches, near_reason
 
     texts = [field_text(r, spec.fields) for r in records]
     i, j, sim = near_matches(texts, spec.threshold, spec.unit, spec.ngram, spec.num_perm, spec.seed)

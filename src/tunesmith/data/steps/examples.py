@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from tunesmith.config import DataSection
-from tunesmith.data.readers import FIX_HINT
+from tunesmith.data.read.readers import FIX_HINT
 from tunesmith.errors import DataError
 from tunesmith.records import Example, Record, Rejected
 

@@ -13,9 +13,9 @@ import threading
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.request_fields import EMBEDDINGS, check_fields
-from tunesmith.serve.routes_openai import Key
+from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.plan.fields import EMBEDDINGS, check_fields
 
 router = APIRouter(prefix="/v1")
 MAX_INPUTS = 2048  # as OpenAI
@@ -28,7 +28,7 @@ _LOADING = threading.Lock()
 
 
 class EmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.request_fields decides each
+    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.plan.fields decides each
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: str = "float"

@@ -12,8 +12,8 @@ import time
 
 from fastapi import APIRouter, Request
 
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.routes_openai import Key, visible_models
+from tunesmith.serve.api.routes_openai import Key, visible_models
+from tunesmith.serve.engines.errors import APIError
 
 router = APIRouter(prefix="/v1")
 

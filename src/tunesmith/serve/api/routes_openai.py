@@ -12,11 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from tunesmith.serve.engine import Generation
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.request_fields import CHAT, COMPLETIONS, check_fields
-from tunesmith.serve.request_plan import chat_plan, completion_plan, with_constraint
-from tunesmith.serve.schemas import ChatCompletionBody, CompletionBody
+from tunesmith.serve.engines.builtin import Generation
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.plan.fields import CHAT, COMPLETIONS, check_fields
+from tunesmith.serve.plan.requests import chat_plan, completion_plan, with_constraint
+from tunesmith.serve.plan.schemas import ChatCompletionBody, CompletionBody
 
 router = APIRouter(prefix="/v1")
 
@@ -104,7 +104,7 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, key: Key):
-    from tunesmith.serve import tools
+    from tunesmith.serve.plan import tools
 
     check_fields(CHAT, body)
     engine = _engine(request, body.model, key)
@@ -127,7 +127,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
 
 async def _head_reply(engine, body: ChatCompletionBody):
     """A trained head answers its label (or number, or span): constraints and tools are not its to follow."""
-    from tunesmith.serve.heads import chat_reply
+    from tunesmith.serve.engines.heads import chat_reply
 
     for param in ("response_format", "tools"):
         if getattr(body, param):
@@ -141,7 +141,7 @@ async def _sse_chat(job, plan, cid: str, created: int):
     """OpenAI's chunk stream: each choice's deltas carry its index (text as content, calls as tool_calls
     deltas) and the logprobs of the tokens they carry; with ``stream_options.include_usage`` a last chunk with no
     choices carries the usage. A client that leaves cancels the generation."""
-    from tunesmith.serve.tools import ChoiceDeltas
+    from tunesmith.serve.plan.tools import ChoiceDeltas
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.model,

@@ -3,7 +3,7 @@
 The input is a string or a list of items: messages (``role`` + text ``content`` or content parts of type
 ``input_text``/``output_text``), the model's ``function_call`` items and the caller's ``function_call_output``
 items; ``instructions`` becomes the system message. A request becomes a chat body and goes through
-:func:`tunesmith.serve.request_plan.chat_plan`: function ``tools`` and ``tool_choice`` as in chat, ``text.format``
+:func:`tunesmith.serve.plan.requests.chat_plan`: function ``tools`` and ``tool_choice`` as in chat, ``text.format``
 as the output constraint. Answers carry an assistant message (its ``output_text``) and/or ``function_call`` items;
 a reply cut by ``max_output_tokens`` is ``incomplete``. With ``store`` (the default) a response is kept per key,
 so that ``previous_response_id`` continues its conversation (its instructions are not carried over, as at
@@ -22,12 +22,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve.engine import Generation
-from tunesmith.serve.errors import APIError, found
-from tunesmith.serve.request_fields import RESPONSES, check_fields
-from tunesmith.serve.request_plan import with_constraint
-from tunesmith.serve.routes_openai import Key, _engine, _results, obfuscated
-from tunesmith.serve.schemas import ChatCompletionBody
+from tunesmith.serve.api.routes_openai import Key, _engine, _results, obfuscated
+from tunesmith.serve.engines.builtin import Generation
+from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.plan.fields import RESPONSES, check_fields
+from tunesmith.serve.plan.requests import with_constraint
+from tunesmith.serve.plan.schemas import ChatCompletionBody
 
 router = APIRouter(prefix="/v1")
 ROLES = {"user", "assistant", "system", "developer"}
@@ -36,7 +36,7 @@ LOGPROBS = "message.output_text.logprobs"
 
 
 class ResponseBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.request_fields decides each
+    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.plan.fields decides each
     model: str
     input: str | list[dict]
     instructions: str | None = None
@@ -132,7 +132,7 @@ def conversation(body: ResponseBody, request: Request, key: str | None) -> list[
 
 def response_plan(body: ResponseBody, request: Request, engine, turns: list[dict]):
     """The request plan of a Responses request: its conversation, tools and text.format as a chat body."""
-    from tunesmith.serve.request_plan import chat_plan, output_format, stream_flags
+    from tunesmith.serve.plan.requests import chat_plan, output_format, stream_flags
 
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     tools, choice = chat_tools(body)
@@ -156,7 +156,7 @@ def response_plan(body: ResponseBody, request: Request, engine, turns: list[dict
 
 def output_items(plan, body: ResponseBody, rid: str, gen: Generation) -> tuple[list[dict], dict]:
     """The answer as Responses output items (a message and/or function calls), and as the chat message kept."""
-    from tunesmith.serve import tools
+    from tunesmith.serve.plan import tools
 
     msg, called = tools.message(plan.tools, gen.text)
     calls = (msg.get("tool_calls") or [])[: body.max_tool_calls or None]
@@ -239,7 +239,7 @@ def _status(gen: Generation) -> str:
 
 async def _events(job, plan, body: ResponseBody, rid: str, created: int, finish):
     """OpenAI's Responses event stream; a client that leaves cancels the generation."""
-    from tunesmith.serve.tools import ChoiceDeltas
+    from tunesmith.serve.plan.tools import ChoiceDeltas
 
     seq = iter(range(1_000_000))
     reader, opened = ChoiceDeltas(plan.tools), []  # the output items opened so far: ("message"|call id, index)

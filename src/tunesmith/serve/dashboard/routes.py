@@ -13,8 +13,8 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.routes_openai import Key
+from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.engines.errors import APIError
 
 # everything from this server; inline styles for the report's own <style>; charts embedded as data: PNGs
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
@@ -27,11 +27,11 @@ router = APIRouter(prefix="/v1")
 def mount(app: FastAPI) -> None:
     """The page at ``/``, its assets at ``/static/``, the runs API at ``/v1/runs``."""
     app.include_router(router)
-    app.mount("/static", StaticFiles(packages=[("tunesmith.serve", "static")]), name="static")
+    app.mount("/static", StaticFiles(packages=[("tunesmith.serve.dashboard", "static")]), name="static")
 
     @app.get("/", include_in_schema=False)
     async def dashboard():
-        page = resources.files("tunesmith.serve").joinpath("static", "dashboard.html").read_text("utf-8")
+        page = resources.files("tunesmith.serve.dashboard").joinpath("static", "dashboard.html").read_text("utf-8")
         return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff"})
 
 

@@ -1,9 +1,9 @@
 """The server's inference engines: one interface (:class:`InferenceEngine`) that the routes call, with two
-implementations — the built-in :class:`Engine` here and :class:`tunesmith.serve.vllm_engine.VllmEngine`, which
+implementations — the built-in :class:`Engine` here and :class:`tunesmith.serve.engines.vllm.engine.VllmEngine`, which
 sends generation to a vLLM server that tunesmith supervises.
 
 Both serve one base model, named LoRA adapters, trained heads (always in-process) and aliases. Requests are
-made from the event loop (``run`` takes a :class:`tunesmith.serve.request_plan.RequestPlan`; ``submit`` one prompt)
+made from the event loop (``run`` takes a :class:`tunesmith.serve.plan.requests.RequestPlan`; ``submit`` one prompt)
 and read back as an async stream of ``(choice index, Delta | Generation)``.
 
 The built-in engine drives the project's one continuous-batching engine
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.engines.errors import APIError
 
 __all__ = ["BASE", "Delta", "Engine", "GenParams", "Generation", "InferenceEngine", "Request"]
 
@@ -133,8 +133,8 @@ class InferenceEngine:
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Serve a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
-        loaded beside the base model and answers through :mod:`tunesmith.serve.heads`."""
-        from tunesmith.serve.heads import is_head_folder, load_head
+        loaded beside the base model and answers through :mod:`tunesmith.serve.engines.heads`."""
+        from tunesmith.serve.engines.heads import is_head_folder, load_head
 
         if is_head_folder(path):
             if name not in self.heads:

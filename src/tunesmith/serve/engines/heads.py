@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.engines.errors import APIError
 
 
 def is_head_folder(path) -> bool:

@@ -1,6 +1,6 @@
 """The jobs worker process, whichever executor it runs (this process, or Ray): its command line, its log, and
 its stop on SIGTERM (a flag a signal handler may set, and a watchdog that ends a worker whose shutdown hangs).
-``tunesmith serve`` starts ``python -m tunesmith.serve.worker`` or ``python -m tunesmith.serve.ray_executor``."""
+``tunesmith serve`` starts ``python -m tunesmith.serve.jobs.worker`` or ``python -m tunesmith.serve.jobs.ray_executor``."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def start_worker_process(description: str, ray: bool = False) -> tuple[argparse.
     else:
         ap.add_argument("--once", action="store_true", help="exit when the queue is empty")
         ap.add_argument("--gpu-budget-gb", type=float, default=None,
-                        help="the jobs' share of a GPU that vLLM serves on (tunesmith.serve.gpu_split)")
+                        help="the jobs' share of a GPU that vLLM serves on (tunesmith.serve.engines.gpu_split)")
         ap.add_argument("--vllm-endpoint", type=Path, default=None,
                         help="the server's vLLM (its endpoint file): jobs evaluate and sample there")
     args = ap.parse_args()

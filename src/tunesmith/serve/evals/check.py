@@ -10,9 +10,9 @@ from fastapi import Request
 
 from tunesmith.graders import template
 from tunesmith.graders.spec import item_fields
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.grading import checked_grader
-from tunesmith.serve.routes_openai import visible_models
+from tunesmith.serve.api.routes_openai import visible_models
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.evals.grading import checked_grader
 
 MAX_ROWS = 10_000  # rows in one run
 

@@ -10,9 +10,9 @@ from fastapi import Request
 
 from tunesmith.graders import Context, GraderError, ModelReply, check
 from tunesmith.graders.spec import model_names
-from tunesmith.serve.engine import GenParams
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.routes_openai import visible_models
+from tunesmith.serve.api.routes_openai import visible_models
+from tunesmith.serve.engines.builtin import GenParams
+from tunesmith.serve.engines.errors import APIError
 
 MAX_GRADER_TOKENS = 256  # a grading model's reply: a score or a label
 

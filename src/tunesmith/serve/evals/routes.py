@@ -16,13 +16,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve.errors import found
-from tunesmith.serve.evals_check import check_criteria, check_data_source, data_source_schema, run_rows
-from tunesmith.serve.evals_run import execute
-from tunesmith.serve.evals_store import EvalStore
-from tunesmith.serve.grading import grading_context
-from tunesmith.serve.objects import page, paginate
-from tunesmith.serve.routes_openai import Key
+from tunesmith.serve.api.objects import page, paginate
+from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.engines.errors import found
+from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
+from tunesmith.serve.evals.grading import grading_context
+from tunesmith.serve.evals.run import execute
+from tunesmith.serve.evals.store import EvalStore
 
 router = APIRouter(prefix="/v1/evals")
 Order = Literal["asc", "desc"]

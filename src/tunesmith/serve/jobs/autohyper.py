@@ -27,7 +27,7 @@ def auto_learning_rate_multiplier(batch_size: int) -> float:
 
 def resolve_hyperparameters(method: dict, n_examples: int) -> dict:
     """The method's hyperparameters with every 'auto' (or missing) value replaced by the number used."""
-    from tunesmith.data.validate import default_epochs
+    from tunesmith.data.formats.validate import default_epochs
 
     hyper = dict(method.get(method["type"], {}).get("hyperparameters", {}))
     if hyper.get("n_epochs", "auto") == "auto":

@@ -1,7 +1,7 @@
 """Fine-tuning jobs on a Ray cluster (``tunesmith serve --executor ray [--ray-address ADDR]``).
 
 Each queued job becomes one Ray task that asks for the resources its recipe needs, so several jobs run
-at once across the cluster. The task runs the same :func:`~tunesmith.serve.worker.run_job` as the local
+at once across the cluster. The task runs the same :func:`~tunesmith.serve.jobs.worker.run_job` as the local
 worker, against the same data folder, which every node reaches at the same path (a shared file system):
 events and checkpoints go straight into the store, the fine-tuned adapter lands in
 ``<data-dir>/runs/<job>/train/adapter`` where the server picks it up, and cancel and pause reach the
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
+from tunesmith.serve.engines.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
+from tunesmith.serve.jobs.worker import job_error, run_or_fail
 from tunesmith.serve.store import Store
-from tunesmith.serve.worker import job_error, run_or_fail
 
 log = logging.getLogger("tunesmith.worker")
 RETRIES = 3  # times Ray starts a job again after its worker process or node died

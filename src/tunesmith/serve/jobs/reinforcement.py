@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.engines.errors import APIError
 
 GENERATIONS = 4  # completions per prompt at compute_multiplier 1
 MAX_GENERATIONS = 64
@@ -65,7 +65,7 @@ def check_job(request, key, method: dict, files: dict[str, Path], trainable: lis
     load, a hyperparameter it cannot honour, a file row without a field the grader reads. ``files``: the job's
     training and validation files by parameter name (``training_file``: path)."""
     from tunesmith.graders.spec import item_fields, model_names
-    from tunesmith.serve.grading import checked_grader
+    from tunesmith.serve.evals.grading import checked_grader
 
     grader = checked_grader(request, key, method["grader"], f"{PARAM}.grader")
     for name in sorted(model_names(grader)):
@@ -117,7 +117,7 @@ def missing_field(path: Path, fields: set[str], param: str) -> None:
 
 def read_rows(path: Path) -> list[dict]:
     """A reinforcement file → GRPO rows: the prompt messages (developer as system) and the row as the item."""
-    from tunesmith.data.validate import as_system
+    from tunesmith.data.formats.validate import as_system
     from tunesmith.train.grpo import ITEM
 
     rows = []

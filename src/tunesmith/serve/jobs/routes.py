@@ -16,11 +16,11 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tunesmith.serve import reinforcement
-from tunesmith.serve.errors import APIError, found
-from tunesmith.serve.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
-from tunesmith.serve.reinforcement import ReinforcementMethod
-from tunesmith.serve.routes_openai import Key
+from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
+from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.jobs import reinforcement
+from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
 
 router = APIRouter(prefix="/v1")
 
@@ -59,7 +59,7 @@ async def create_file(request: Request, key: Key, file: Annotated[UploadFile, Fi
 def check_upload(content: bytes) -> list[str]:
     """The data stage's OpenAI checks, run on the upload; returns error kinds with counts and lines.
     A file the checks cannot read is one problem, never a server error."""
-    from tunesmith.data.validate import validate_upload
+    from tunesmith.data.formats.validate import validate_upload
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "upload.jsonl"
@@ -217,7 +217,7 @@ def check_hyperparameters(body: JobBody) -> None:
 
 def check_file_formats(store, key, body: JobBody) -> None:
     """The files exist for this key and hold what the method trains on."""
-    from tunesmith.data.validate import upload_format
+    from tunesmith.data.formats.validate import upload_format
 
     kind = body.resolved_method()["type"]
     for param in ("training_file", "validation_file"):

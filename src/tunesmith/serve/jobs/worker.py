@@ -1,7 +1,7 @@
 """The fine-tuning jobs worker: runs queued jobs one at a time with the same trainer as
 ``tunesmith train``, reporting metrics events and checkpoints to the store.
 
-It is a separate process (``python -m tunesmith.serve.worker``), started by ``tunesmith serve``.
+It is a separate process (``python -m tunesmith.serve.jobs.worker``), started by ``tunesmith serve``.
 A job left 'running' by a crash or SIGKILL is picked up first and resumed from its newest
 checkpoint; events carry step-based dedup keys, so replayed steps add nothing twice. Cancel and
 pause are flags in the store that the trainer checks after every step.
@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.serve import reinforcement
-from tunesmith.serve.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
-from tunesmith.serve.job_events import announce_integrations, estimated_finish, mark_full_validation
-from tunesmith.serve.process import SHUTDOWN, end_worker_process, start_worker_process
+from tunesmith.serve.engines.process import SHUTDOWN, end_worker_process, start_worker_process
+from tunesmith.serve.jobs import reinforcement
+from tunesmith.serve.jobs.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
+from tunesmith.serve.jobs.events import announce_integrations, estimated_finish, mark_full_validation
 from tunesmith.serve.store import Store
 
 log = logging.getLogger("tunesmith.worker")
@@ -33,8 +33,8 @@ EVAL_MAX_EXAMPLES = 50  # validation conversations scored after training (genera
 
 def read_chat_rows(path: Path, file_id: str) -> list[dict]:
     """OpenAI chat JSONL → conversation rows, every weight-1 assistant turn a target
-    (:mod:`tunesmith.data.chat_rows`). Errors name the file id and line (the path is the server's business)."""
-    from tunesmith.data.chat_rows import read_chat_file
+    (:mod:`tunesmith.data.formats.chat_rows`). Errors name the file id and line (the path is the server's business)."""
+    from tunesmith.data.formats.chat_rows import read_chat_file
 
     return read_chat_file(path, file_id)
 
@@ -43,7 +43,7 @@ def trained_tokens(path: Path, kind: str, model: str, epochs: int) -> int:
     """OpenAI's count: the tokens of every example as written in the file (the cookbook's message rule:
     3 per message, role, content and name, +3 for the reply; a DPO example counts its input and both
     outputs), times the epochs. A template's default system prompt is not in the file and is not counted."""
-    from tunesmith.data.validate import token_counter, validate_chat, validate_dpo, validate_reinforcement
+    from tunesmith.data.formats.validate import token_counter, validate_chat, validate_dpo, validate_reinforcement
 
     validate = {"dpo": validate_dpo, "reinforcement": validate_reinforcement}.get(kind, validate_chat)
     v = validate(path, token_counter(model))
@@ -133,7 +133,7 @@ def job_device(recipe) -> tuple[str, str]:
 def within_gpu_share(recipe, gpu_budget_gb: float | None):
     """On a GPU shared with vLLM: the job planned and held to the jobs' share, refused (with the numbers) when
     even its smallest micro-batch does not fit there."""
-    from tunesmith.serve.gpu_split import check_job_fits, hold_job_to
+    from tunesmith.serve.engines.gpu_split import check_job_fits, hold_job_to
 
     device, dtype = job_device(recipe)
     if gpu_budget_gb is None or device != "cuda":
@@ -229,7 +229,7 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
     store.add_event(job_id, f"Evaluating the base and fine-tuned models on {n} validation conversations",
                     dedup_key="eval-started")
     recipe = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"max_examples": n})})
-    from tunesmith.data.chat_rows import last_turn_pair
+    from tunesmith.data.formats.chat_rows import last_turn_pair
 
     try:
         run = evaluate_conversations(recipe, [last_turn_pair(r) for r in val_rows], Console(file=io.StringIO()))

@@ -4,9 +4,9 @@ A :class:`RequestPlan` says everything the engines and the answer need: the prom
 sampling settings (token budget, penalties, bias, seed), the one output constraint (a forced tool call's JSON,
 ``response_format`` or Responses' ``text.format``: a JSON schema the answer decodes under), how the answer is read
 (text, JSON content or tool calls), logprobs, ``n`` and the stream options. The routes compile its constraint off
-the event loop (:func:`with_constraint`), both engines take it (:meth:`tunesmith.serve.engine.InferenceEngine.run`),
+the event loop (:func:`with_constraint`), both engines take it (:meth:`tunesmith.serve.engines.builtin.InferenceEngine.run`),
 and the routes turn its generations into OpenAI's shapes.
-Every field the request sent has been checked against :mod:`tunesmith.serve.request_fields` first.
+Every field the request sent has been checked against :mod:`tunesmith.serve.plan.fields` first.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import asyncio
 from dataclasses import dataclass, field
 
 from tunesmith.generation import GenParams
-from tunesmith.serve.errors import APIError
-from tunesmith.serve.tools import ToolPlan
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.plan.tools import ToolPlan
 
 CHAT_DEFAULT_MAX = 256
 COMPLETION_DEFAULT_MAX = 16
@@ -139,7 +139,7 @@ def constraint_spec(tool_plan: ToolPlan, output: OutputFormat) -> dict | str | N
     model may call (``tool_choice`` 'auto') and a JSON output format, a grammar of either (a JSON answer or tool
     calls: what OpenAI allows, and what the Agents SDK sends for an agent with tools and an ``output_type``);
     None for free text."""
-    from tunesmith.serve import tools
+    from tunesmith.serve.plan import tools
 
     if tool_plan.schema is not None:
         return tool_plan.schema
@@ -218,7 +218,7 @@ def chat_plan(body, engine, server_max: int, output: OutputFormat | None = None,
     """A chat completion's plan: messages and tools rendered as the model was trained, a forced call or
     ``response_format`` as the constraint. Responses come through here too, as a chat body with their
     ``text.format`` as ``output`` (errors then name ``input`` for the messages)."""
-    from tunesmith.serve import tools
+    from tunesmith.serve.plan import tools
 
     tool_plan = tools.plan_tools(body)
     output = output or output_format(body.response_format, "response_format")

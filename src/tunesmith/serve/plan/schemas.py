@@ -33,7 +33,7 @@ class ChatMessage(BaseModel):
 
 
 class SamplingBody(BaseModel):
-    # other fields land in model_extra, where tunesmith.serve.request_fields decides each: honoured or a 400
+    # other fields land in model_extra, where tunesmith.serve.plan.fields decides each: honoured or a 400
     model_config = ConfigDict(extra="allow")
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -70,10 +70,10 @@ class ChatCompletionBody(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False  # answered by classifier heads (label probabilities); generated text has none
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list[dict] | None = None  # checked, with tool_choice, by tunesmith.serve.tools
+    tools: list[dict] | None = None  # checked, with tool_choice, by tunesmith.serve.plan.tools
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict | None = None  # text, json_object or json_schema: tunesmith.serve.request_plan
+    response_format: dict | None = None  # text, json_object or json_schema: tunesmith.serve.plan.requests
 
     @field_validator("top_logprobs")
     @classmethod

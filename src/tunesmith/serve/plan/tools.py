@@ -1,6 +1,6 @@
 """Tool calling in ``/v1/chat/completions``: ``tools``, ``tool_choice`` and ``parallel_tool_calls``.
 
-The prompt lists the tools as the model was trained on them (:mod:`tunesmith.data.tool_format`: the
+The prompt lists the tools as the model was trained on them (:mod:`tunesmith.data.formats.tool_format`: the
 template's own hermes syntax, or the JSON-in-tags form in the system message). ``auto`` lets the model
 choose and reads any ``<tool_call>`` it writes; ``none`` leaves the tools out; ``required`` and a named
 function start the answer with ``<tool_call>`` and decode the call under the function's JSON schema
@@ -15,9 +15,9 @@ import json
 import uuid
 from dataclasses import dataclass
 
-from tunesmith.data.chat import MESSAGE_KEYS, check_messages, function_names, hint
-from tunesmith.data.tool_format import CALL_CLOSE, CALL_OPEN, CallStream, render
-from tunesmith.serve.errors import APIError
+from tunesmith.data.formats.chat import MESSAGE_KEYS, check_messages, function_names, hint
+from tunesmith.data.formats.tool_format import CALL_CLOSE, CALL_OPEN, CallStream, render
+from tunesmith.serve.engines.errors import APIError
 
 # the separators json.dumps writes (and the hermes form is trained with), no free whitespace
 TOOL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}

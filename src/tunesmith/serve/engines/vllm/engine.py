@@ -8,9 +8,9 @@ seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature`
 forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs, with the
 built-in engine's library and grammars (:func:`engine_args`).
 
-vLLM is reached over its private Unix socket with its private key (:mod:`tunesmith.serve.vllm_server`), through
+vLLM is reached over its private Unix socket with its private key (:mod:`tunesmith.serve.engines.vllm.server`), through
 one pooled HTTP client per event loop. Adapters are loaded into vLLM at run time by a background thread
-(:mod:`tunesmith.serve.vllm_adapters`) under their model id and unloaded when deleted; the routes check
+(:mod:`tunesmith.serve.engines.vllm.adapters`) under their model id and unloaded when deleted; the routes check
 ownership before a model id is sent here. Every request has a deadline (``request_timeout_s``) and ends with an
 answer or an OpenAI error, whatever fails: vLLM's errors keep vLLM's status and message, a vLLM that dies is
 restarted and requests meanwhile get a 503.
@@ -23,8 +23,8 @@ import json
 import logging
 from pathlib import Path
 
-from tunesmith.serve.engine import Delta, Generation, GenParams, InferenceEngine, Request
-from tunesmith.serve.errors import APIError
+from tunesmith.serve.engines.builtin import Delta, Generation, GenParams, InferenceEngine, Request
+from tunesmith.serve.engines.errors import APIError
 
 log = logging.getLogger("tunesmith.serve")
 ADAPTER_TIMEOUT_S = 120.0
@@ -36,8 +36,8 @@ class VllmEngine(InferenceEngine):
     def __init__(self, base: str, adapters: dict[str, str | Path] | None, log_dir: Path, python: str | None = None,
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
                  gpu_memory_utilization: float | None = None):
-        from tunesmith.serve.vllm_adapters import AdapterLoader
-        from tunesmith.serve.vllm_server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
+        from tunesmith.serve.engines.vllm.adapters import AdapterLoader
+        from tunesmith.serve.engines.vllm.server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
         super().__init__(base)
         # the user's --vllm-arg come last and win
@@ -69,7 +69,7 @@ class VllmEngine(InferenceEngine):
     def _post_adapter(self, action: str, body: dict) -> None:
         import httpx2 as httpx
 
-        from tunesmith.serve.vllm_adapters import Refused, Unreachable
+        from tunesmith.serve.engines.vllm.adapters import Refused, Unreachable
 
         try:
             with httpx.Client(transport=httpx.HTTPTransport(uds=self.server.socket_path), timeout=ADAPTER_TIMEOUT_S) as c:

@@ -3,7 +3,7 @@
 Who can reach it: nobody but tunesmith. Each start gets a fresh private folder (``mkdtemp``: mode 0700, only
 this user enters it) holding vLLM's Unix socket (``--uds``), its engine's internal sockets and temporary files,
 and a fresh random key passed by environment (``VLLM_API_KEY``, never on a command line: ``ps`` shows none).
-vLLM runs behind :class:`tunesmith.serve.vllm_shim.RequireKey`, which refuses every route without the key,
+vLLM runs behind :class:`tunesmith.serve.engines.vllm.shim.RequireKey`, which refuses every route without the key,
 and, where ``unshare`` allows it, in a network namespace of its own (its engine's loopback listeners are
 then unreachable from the host). It is ready when the process listening on the socket is the one we started
 (``SO_PEERCRED``) and answers ``/v1/models`` with our model: a restart never talks to an address another
@@ -139,7 +139,7 @@ def own_network_prefix() -> tuple[str, ...]:
 
 
 def shim_source() -> str:
-    return (Path(__file__).with_name("vllm_shim.py")).read_text()
+    return (Path(__file__).with_name("shim.py")).read_text()
 
 
 @dataclass(frozen=True)
@@ -302,7 +302,7 @@ class VllmServer:
             shutil.rmtree(self.endpoint.folder, ignore_errors=True)
 
     def _spawn(self) -> None:
-        from tunesmith.serve.process import die_with_parent
+        from tunesmith.serve.engines.process import die_with_parent
 
         self._forget_endpoint()  # the old socket's folder goes: nothing can wait there for our key
         self.endpoint = new_endpoint(1 + self.restarts)

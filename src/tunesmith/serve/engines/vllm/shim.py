@@ -1,6 +1,6 @@
 """What runs inside vLLM's own Python (standard library only: that environment has no tunesmith).
 
-:mod:`tunesmith.serve.vllm_server` copies this file into the server's private folder and starts
+:mod:`tunesmith.serve.engines.vllm.server` copies this file into the server's private folder and starts
 ``python tunesmith_vllm_shim.py <vLLM's arguments>`` with ``--middleware tunesmith_vllm_shim.RequireKey``:
 
 - :class:`RequireKey` refuses every HTTP and websocket request that does not carry the key from
