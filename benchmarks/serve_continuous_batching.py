@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peers.static_batching_engine import Engine as StaticEngine  # noqa: E402
 from peers.static_batching_engine import GenParams as StaticParams  # noqa: E402
 
-from tunesmith.serve.engines.builtin import Engine, GenParams  # noqa: E402
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.engines.interface import GenParams  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "alpaca_seed_tasks.jsonl"

@@ -221,3 +221,88 @@ def test_no_module_passes_500_lines():
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > 500}
     assert not long, f"modules over 500 lines (split them by concern): {long}"
+
+
+# --- rooms: the folders of serve/ and data/ -----------------------------------------------------------------
+
+def stated_rooms(doc: str) -> dict[str, dict[str, int]]:
+    """package → room (a folder, or a module directly in the package) → its rank, from the ``## Rooms`` block."""
+    block = doc.split("## Rooms", 1)[1].split("```", 2)[1]
+    rooms: dict[str, dict[str, int]] = {}
+    for line in block.strip().splitlines():
+        package, number, *names = line.split("#")[0].split()
+        for name in names:
+            rooms.setdefault(package, {})[name] = int(number)
+    return rooms
+
+
+def room_of(module: str, package: str) -> str | None:
+    """The room of ``tunesmith.<package>.<room>[.…]``; None for a module outside the package or the package itself."""
+    prefix = f"tunesmith.{package}."
+    return module[len(prefix):].split(".")[0] if module.startswith(prefix) else None
+
+
+def downward_only(graph: dict[str, set[str]], rooms: dict[str, dict[str, int]]) -> list[str]:
+    out = []
+    for package, ranks in rooms.items():
+        for a, deps in graph.items():
+            ra = room_of(a, package)
+            for b in deps:
+                rb = room_of(b, package)
+                if ra is not None and rb is not None and ranks[rb] > ranks[ra]:
+                    out.append(f"{a} (room {ra}, {ranks[ra]}) → {b} (room {rb}, {ranks[rb]})")
+    return sorted(out)
+
+
+def test_every_room_of_serve_and_data_is_ranked():
+    rooms = stated_rooms(DOC.read_text(encoding="utf-8"))
+    assert set(rooms) == {"serve", "data"}
+    for package, ranks in rooms.items():
+        actual = {p.stem for p in (SRC / package).iterdir()
+                  if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+        assert actual == set(ranks), f"{package}/: rooms not in the Rooms block of docs/architecture.md: " \
+            f"{sorted(actual - set(ranks))}; named there but absent: {sorted(set(ranks) - actual)}"
+
+
+def test_rooms_import_downward_only():
+    up = downward_only(load_graph(SRC), stated_rooms(DOC.read_text(encoding="utf-8")))
+    assert not up, "import(s) from a lower room up to a higher one (docs/architecture.md, Rooms):\n" + "\n".join(up)
+
+
+def test_an_upward_room_import_is_found(tmp_path):
+    pkg = _package(tmp_path, {"__init__.py": "", "serve/__init__.py": "", "serve/low/__init__.py": "",
+                              "serve/low/a.py": "def f():\n    from pkg.serve.high import b\n",
+                              "serve/high/__init__.py": "", "serve/high/b.py": "from pkg.serve.low import a\n"})
+    graph = {k.replace("pkg.", "tunesmith.", 1): {d.replace("pkg.", "tunesmith.", 1) for d in v}
+             for k, v in load_graph(pkg).items()}
+    rooms = stated_rooms("## Rooms\n```\nserve 1 low\nserve 2 high\n```\n")
+    assert downward_only(graph, rooms) == ["tunesmith.serve.low.a (room low, 1) → tunesmith.serve.high (room high, 2)",
+                                           "tunesmith.serve.low.a (room low, 1) → tunesmith.serve.high.b (room high, 2)"]
+
+
+def test_serve_and_data_are_rooms_that_say_what_they_hold():
+    """At most 8 modules directly in serve/ and data/; every folder below them says in its ``__init__`` docstring
+    what lives there and what it may import."""
+    for package in ("serve", "data"):
+        loose = [p.name for p in (SRC / package).glob("*.py") if p.name != "__init__.py"]
+        assert len(loose) <= 8, f"{package}/ holds {len(loose)} modules directly: {sorted(loose)}"
+        for init in (SRC / package).rglob("__init__.py"):
+            doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8")))
+            assert doc and len(doc) > 80, f"{init.relative_to(SRC)}: say what lives here and what it may import"
+
+
+def test_a_request_plan_is_built_in_one_pass():
+    """``serve.plan.requests`` builds every plan; the helpers it calls never import it back, the routes take only
+    the plan (and the request fields and bodies) from the plan room, and the engines nothing."""
+    graph = load_graph(SRC)
+    plan = {m for m in graph if m.startswith("tunesmith.serve.plan.")}
+    assert "tunesmith.serve.plan.requests" in plan
+    back = sorted(m for m in plan - {"tunesmith.serve.plan.requests"} if "tunesmith.serve.plan.requests" in graph[m])
+    assert not back, f"plan helpers that call back into the plan: {back}"
+    allowed = {"tunesmith.serve.plan", "tunesmith.serve.plan.requests", "tunesmith.serve.plan.fields",
+               "tunesmith.serve.plan.schemas"}
+    for m, deps in graph.items():
+        if m.startswith(("tunesmith.serve.api.", "tunesmith.serve.engines.")):
+            pieces = sorted(d for d in deps if d.startswith("tunesmith.serve.plan") and
+                            (m.startswith("tunesmith.serve.engines.") or d not in allowed))
+            assert not pieces, f"{m} rebuilds part of a plan from {pieces}; take the plan from serve.plan.requests"

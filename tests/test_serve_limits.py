@@ -328,7 +328,7 @@ def test_batch_stays_within_its_cache_budget_and_answers_everyone(tiny_model_dir
     """Rows that would push the KV cache past max_batch_tokens wait at the head of the line."""
     import asyncio
 
-    from tunesmith.serve.engines.builtin import GenParams
+    from tunesmith.serve.engines.interface import GenParams
 
     engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=5, max_batch_tokens=100)
     cells: list[int] = []

@@ -61,3 +61,8 @@ def parse_number(output: str | None) -> float | None:
 def render_prompt(example: Example, template: str) -> str:
     """The prompt of an example: the template with its input fields filled in."""
     return template.format(**example.inputs)
+
+
+def field_text(rec: Record, fields: list[str]) -> str:
+    """The step's fields of a record joined by newlines (a missing or null field counts as empty)."""
+    return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)

@@ -32,8 +32,7 @@ from tunesmith.data.dedup.minhash import (
     shingle,
     signatures,
 )
-from tunesmith.data.steps.curation import field_text, normalized_key
-from tunesmith.records import Record, Rejected
+from tunesmith.records import Record, Rejected, field_text
 
 
 class SpillLog:
@@ -235,6 +234,13 @@ def text_hash(texts: list[str]) -> np.ndarray:
 
 def _source(raw: bytes) -> str:
     return raw.rstrip(b"\0").decode("utf-8", "surrogatepass")
+
+
+def normalized_key(rec: Record, spec) -> str:
+    """The text ``exact_dedup`` (``spec``: its ``ExactDedupStep``) compares on every engine: the step's fields
+    joined, lower-cased and whitespace-collapsed when ``normalize`` is on."""
+    key = field_text(rec, spec.fields)
+    return " ".join(key.lower().split()) if spec.normalize else key
 
 
 def exact_keys(records: list[Record], spec) -> np.ndarray:

@@ -5,7 +5,7 @@ A part (a reader batch) travels as one pickled ``Part`` per Arrow row, so rows k
 ``file:line`` exactly as the readers made them; every row carries its read position, which orders "first" and
 "earlier" as in the local engine, and every set-aside row the position of its row, so that a part's rejects are
 written in read order. Dedup decisions are made by the functions of the local engine (``minhash``,
-``steps.normalized_key``) on the rows each shuffle partition gathers: the driver sees none of them.
+``dedup.index.normalized_key``) on the rows each shuffle partition gathers: the driver sees none of them.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from tunesmith.config import (
 )
 from tunesmith.data.tokens import token_counts, token_offsets
 from tunesmith.errors import DataError
-from tunesmith.records import Record, Rejected
+from tunesmith.records import Record, Rejected, field_text
 
 
 @dataclass
@@ -119,11 +119,6 @@ def check_fields(seen: set[str], spec, name: str) -> None:
             raise DataError(
                 f"data.steps[{name}]: no record has the field '{f}'; fields present: {sorted(seen)}"
             )
-
-
-def field_text(rec: Record, fields: list[str]) -> str:
-    """The step's fields of a record joined by newlines (a missing or null field counts as empty)."""
-    return "\n".join("" if rec.data.get(f) is None else str(rec.data[f]) for f in fields)
 
 
 def _drop(rec: Record, reason: str) -> Rejected:
@@ -340,6 +335,8 @@ def language(records, spec: LanguageStep, ctx):
 
 
 def exact_dedup(records, spec: ExactDedupStep, ctx):
+    from tunesmith.data.dedup.index import normalized_key
+
     first: dict[str, str] = {}
     kept, dropped = [], []
     for rec in records:
@@ -350,13 +347,6 @@ def exact_dedup(records, spec: ExactDedupStep, ctx):
             first[key] = rec.source
             kept.append(rec)
     return kept, dropped
-
-
-def normalized_key(rec: Record, spec: ExactDedupStep) -> str:
-    """The text ``exact_dedup`` compares (every engine): the step's fields joined, lower-cased and
-    whitespace-collapsed when ``normalize`` is on."""
-    key = field_text(rec, spec.fields)
-    return " ".join(key.lower().split()) if spec.normalize else key
 
 
 def drop_later_matches(records: list[Record], i: np.ndarray, j: np.ndarray, sim: np.ndarray, reason):

@@ -12,10 +12,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from tunesmith.serve.engines.builtin import Generation
 from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import CHAT, COMPLETIONS, check_fields
-from tunesmith.serve.plan.requests import chat_plan, completion_plan, with_constraint
+from tunesmith.serve.plan.requests import build, chat_plan, completion_plan
 from tunesmith.serve.plan.schemas import ChatCompletionBody, CompletionBody
 
 router = APIRouter(prefix="/v1")
@@ -104,13 +104,11 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, key: Key):
-    from tunesmith.serve.plan import tools
-
     check_fields(CHAT, body)
     engine = _engine(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(engine, body)
-    plan = await with_constraint(engine, chat_plan(body, engine, request.app.state.settings.max_tokens))
+    plan = await build(chat_plan, body, engine, request.app.state.settings.max_tokens)
     [job] = engine.run(plan)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if plan.stream:
@@ -118,7 +116,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
     [gens] = await _results(request, [job])
     choices = []
     for i, g in enumerate(gens):
-        msg, called = tools.message(plan.tools, g.text)
+        msg, called = plan.message(g.text)
         choices.append({"index": i, "message": msg | {"refusal": None},
                         "finish_reason": "tool_calls" if called else g.finish_reason, "logprobs": _logprobs(g)})
     return {"id": cid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
@@ -141,8 +139,6 @@ async def _sse_chat(job, plan, cid: str, created: int):
     """OpenAI's chunk stream: each choice's deltas carry its index (text as content, calls as tool_calls
     deltas) and the logprobs of the tokens they carry; with ``stream_options.include_usage`` a last chunk with no
     choices carries the usage. A client that leaves cancels the generation."""
-    from tunesmith.serve.plan.tools import ChoiceDeltas
-
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.model,
                "choices": choices}
@@ -154,7 +150,7 @@ async def _sse_chat(job, plan, cid: str, created: int):
         return {"index": i, "delta": delta, "finish_reason": finish,
                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
 
-    readers = [ChoiceDeltas(plan.tools) for _ in range(plan.n)]
+    readers = [plan.reader() for _ in range(plan.n)]
     pending: list[list | None] = [None] * plan.n  # logprobs of tokens whose text has not made a delta yet
 
     def emit(i: int, deltas: list[dict], logprobs: list | None):
@@ -189,7 +185,7 @@ async def _sse_chat(job, plan, cid: str, created: int):
 async def completions(body: CompletionBody, request: Request, key: Key):
     check_fields(COMPLETIONS, body)
     engine = _engine(request, body.model, key)
-    plan = completion_plan(body, engine, request.app.state.settings.max_tokens)
+    plan = await build(completion_plan, body, engine, request.app.state.settings.max_tokens)
     jobs = engine.run(plan)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt

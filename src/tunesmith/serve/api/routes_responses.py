@@ -3,7 +3,7 @@
 The input is a string or a list of items: messages (``role`` + text ``content`` or content parts of type
 ``input_text``/``output_text``), the model's ``function_call`` items and the caller's ``function_call_output``
 items; ``instructions`` becomes the system message. A request becomes a chat body and goes through
-:func:`tunesmith.serve.plan.requests.chat_plan`: function ``tools`` and ``tool_choice`` as in chat, ``text.format``
+:func:`tunesmith.serve.plan.requests.response_plan`: function ``tools`` and ``tool_choice`` as in chat, ``text.format``
 as the output constraint. Answers carry an assistant message (its ``output_text``) and/or ``function_call`` items;
 a reply cut by ``max_output_tokens`` is ``incomplete``. With ``store`` (the default) a response is kept per key,
 so that ``previous_response_id`` continues its conversation (its instructions are not carried over, as at
@@ -20,145 +20,29 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.routes_openai import Key, _engine, _results, obfuscated
-from tunesmith.serve.engines.builtin import Generation
 from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import RESPONSES, check_fields
-from tunesmith.serve.plan.requests import with_constraint
-from tunesmith.serve.plan.schemas import ChatCompletionBody
+from tunesmith.serve.plan.requests import build, response_plan
+from tunesmith.serve.plan.schemas import ResponseBody
 
 router = APIRouter(prefix="/v1")
-ROLES = {"user", "assistant", "system", "developer"}
-TEXT_PARTS = {"input_text", "output_text", "text"}
-LOGPROBS = "message.output_text.logprobs"
 
 
-class ResponseBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.plan.fields decides each
-    model: str
-    input: str | list[dict]
-    instructions: str | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    stream: bool | None = False
-    stream_options: dict | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
-    max_tool_calls: int | None = Field(None, ge=1)
-    previous_response_id: str | None = None
-    store: bool | None = True
-    text: dict | None = None
-    include: list[str] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-
-
-def part_text(part, where: str) -> str:
-    if isinstance(part, str):
-        return part
-    if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
-        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-        raise APIError(400, f"{where}: content part of type '{kind}' is not supported; send text parts "
-                       "({'type': 'input_text', 'text': ...})", param=where, code="unsupported_content")
-    return part["text"]
-
-
-def input_messages(items: str | list[dict]) -> list[dict]:
-    """``input`` as chat messages: messages (developer → system), consecutive ``function_call`` items as one
-    assistant message with tool_calls, ``function_call_output`` items as tool messages."""
-    if isinstance(items, str):
-        return [{"role": "user", "content": items}]
-    messages: list[dict] = []
-    for i, item in enumerate(items):
-        where, kind = f"input[{i}]", item.get("type", "message")
-        if kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments", "")}}
-            if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
-                messages[-1]["tool_calls"].append(call)
-            else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            text = output if isinstance(output, str) else "".join(part_text(p, f"{where}.output") for p in output or [])
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": text})
-        elif kind == "message" and item.get("role") in ROLES:
-            content = item.get("content")
-            if isinstance(content, list):
-                text = "".join(part_text(p, f"{where}.content[{j}]") for j, p in enumerate(content))
-            else:
-                text = part_text(content, f"{where}.content")
-            messages.append({"role": "system" if item["role"] == "developer" else item["role"], "content": text})
-        else:
-            raise APIError(400, f"{where}: only messages with role {', '.join(sorted(ROLES))}, function_call and "
-                           f"function_call_output items are supported, got type '{kind}' role '{item.get('role')}'",
-                           param=where, code="unsupported_input")
-    if not messages:
-        raise APIError(400, "input: give at least one message", param="input", code="empty_input")
-    return messages
-
-
-def chat_tools(body: ResponseBody) -> tuple[list[dict] | None, str | dict | None]:
-    """Responses' function tools and tool_choice in chat's shape; any other tool type is a 400 on ``tools``."""
-    tools = []
-    for i, t in enumerate(body.tools or []):
-        if t.get("type") != "function":
-            raise APIError(400, f"tools[{i}]: tools of type '{t.get('type')}' are not served here; send function "
-                           "tools", param="tools", code="unsupported_parameter")
-        tools.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
-                                                       if k in t}})
-    choice = body.tool_choice
-    if isinstance(choice, dict):
-        if choice.get("type") != "function":
-            raise APIError(400, "tool_choice: only 'none', 'auto', 'required' or a function are served",
-                           param="tool_choice", code="invalid_value")
-        choice = {"type": "function", "function": {"name": choice.get("name")}}
-    return tools or None, choice
-
-
-def conversation(body: ResponseBody, request: Request, key: str | None) -> list[dict]:
-    """The stored turns of ``previous_response_id`` (this key's own) followed by this request's input."""
-    earlier: list[dict] = []
-    if body.previous_response_id:
-        kept = found(request.app.state.store.get_response(body.previous_response_id, key), "response",
-                     body.previous_response_id, "previous_response_id")
-        earlier = kept[1]
-    return [*earlier, *input_messages(body.input)]
-
-
-def response_plan(body: ResponseBody, request: Request, engine, turns: list[dict]):
-    """The request plan of a Responses request: its conversation, tools and text.format as a chat body."""
-    from tunesmith.serve.plan.requests import chat_plan, output_format, stream_flags
-
-    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    tools, choice = chat_tools(body)
-    fmt = (body.text or {}).get("format")
-    logprobs = LOGPROBS in (body.include or []) or body.top_logprobs is not None
-    chat = ChatCompletionBody(model=body.model, messages=[*system, *turns], tools=tools, tool_choice=choice,
-                              parallel_tool_calls=body.parallel_tool_calls, stream=body.stream,
-                              temperature=body.temperature, top_p=body.top_p,
-                              max_tokens=body.max_output_tokens or None, logprobs=logprobs,
-                              top_logprobs=body.top_logprobs if logprobs else None)
-    if body.text and set(body.text) - {"format", "verbosity"}:
-        raise APIError(400, f"Unrecognized argument supplied in text: {sorted(set(body.text) - {'format', 'verbosity'})[0]}",
-                       param="text", code="unrecognized_argument")
-    if (body.text or {}).get("verbosity") not in (None, "medium"):
-        raise APIError(400, "text.verbosity: the answer's length follows max_output_tokens; send null or 'medium'",
-                       param="text.verbosity", code="unsupported_parameter")
-    plan = chat_plan(chat, engine, request.app.state.settings.max_tokens, output_format(fmt, "text.format"), "input")
-    plan.include_usage, plan.obfuscation = False, stream_flags(body, ("include_obfuscation",))[1]
-    return plan
+def earlier_turns(body: ResponseBody, request: Request, key: str | None) -> list[dict]:
+    """The stored turns of ``previous_response_id`` (this key's own); none without one."""
+    if not body.previous_response_id:
+        return []
+    kept = found(request.app.state.store.get_response(body.previous_response_id, key), "response",
+                 body.previous_response_id, "previous_response_id")
+    return kept[1]
 
 
 def output_items(plan, body: ResponseBody, rid: str, gen: Generation) -> tuple[list[dict], dict]:
     """The answer as Responses output items (a message and/or function calls), and as the chat message kept."""
-    from tunesmith.serve.plan import tools
-
-    msg, called = tools.message(plan.tools, gen.text)
+    msg, called = plan.message(gen.text)
     calls = (msg.get("tool_calls") or [])[: body.max_tool_calls or None]
     items = []
     if msg.get("content") or not calls:
@@ -205,15 +89,15 @@ async def create_response(body: ResponseBody, request: Request, key: Key):
     if body.model in engine.heads:
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")
-    turns = conversation(body, request, key)
-    plan = await with_constraint(engine, response_plan(body, request, engine, turns))
+    plan = await build(response_plan, body, earlier_turns(body, request, key), engine,
+                       request.app.state.settings.max_tokens)
     [job] = engine.run(plan)
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def finish(gen: Generation, items: list[dict], kept: dict) -> dict:
         doc = response_object(body, rid, created, _status(gen), items, gen)
         if body.store is not False:
-            request.app.state.store.add_response(key, doc, [*turns, kept])
+            request.app.state.store.add_response(key, doc, [*plan.conversation, kept])
         return doc
 
     if plan.stream:
@@ -239,10 +123,8 @@ def _status(gen: Generation) -> str:
 
 async def _events(job, plan, body: ResponseBody, rid: str, created: int, finish):
     """OpenAI's Responses event stream; a client that leaves cancels the generation."""
-    from tunesmith.serve.plan.tools import ChoiceDeltas
-
     seq = iter(range(1_000_000))
-    reader, opened = ChoiceDeltas(plan.tools), []  # the output items opened so far: ("message"|call id, index)
+    reader, opened = plan.reader(), []  # the output items opened so far: ("message"|call id, index)
 
     def event(kind: str, **fields) -> str:
         doc = {"type": kind, "sequence_number": next(seq), **fields}

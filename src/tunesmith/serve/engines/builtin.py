@@ -1,15 +1,9 @@
-"""The server's inference engines: one interface (:class:`InferenceEngine`) that the routes call, with two
-implementations — the built-in :class:`Engine` here and :class:`tunesmith.serve.engines.vllm.engine.VllmEngine`, which
-sends generation to a vLLM server that tunesmith supervises.
+"""The builtin inference engine: the base model in this process, adapters through PEFT, continuous batching.
 
-Both serve one base model, named LoRA adapters, trained heads (always in-process) and aliases. Requests are
-made from the event loop (``run`` takes a :class:`tunesmith.serve.plan.requests.RequestPlan`; ``submit`` one prompt)
-and read back as an async stream of ``(choice index, Delta | Generation)``.
-
-The built-in engine drives the project's one continuous-batching engine
-(:class:`tunesmith.generation.ContinuousBatch`) from a background thread: it gathers rows arriving together
-(a burst of ``wait_ms`` when idle), runs one step at a time for every row in flight, answers rows as they
-finish, streams text deltas, and drops rows whose client went away (``Request.cancel``) before the next step.
+It drives the project's one continuous-batching engine (:class:`tunesmith.generation.ContinuousBatch`) from a
+background thread: it gathers rows arriving together (a burst of ``wait_ms`` when idle), runs one step at a time
+for every row in flight, answers rows as they finish, streams text deltas, and drops rows whose client went away
+(``Request.cancel``) before the next step. The interface it implements is :mod:`tunesmith.serve.engines.interface`.
 """
 
 from __future__ import annotations
@@ -18,71 +12,14 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
 from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request
 
-__all__ = ["BASE", "Delta", "Engine", "GenParams", "Generation", "InferenceEngine", "Request"]
-
-
-@dataclass
-class Delta:
-    """Streamed text, with the logprobs entries of the tokens it carries (when asked)."""
-
-    text: str
-    logprobs: list[dict] | None = None
-
-
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" | "length"
-    logprobs: list[dict] | None = None  # OpenAI's chat ``logprobs.content`` entries, when asked and served
-
-
-class Request:
-    """The ``n`` generations of one API request, read from the event loop that submitted them."""
-
-    def __init__(self, n: int, loop: asyncio.AbstractEventLoop):
-        self.n, self.loop = n, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.on_cancel: list = []  # callables run once on cancel (an engine's in-flight HTTP calls)
-
-    def push(self, index: int, item) -> None:
-        """Called by the engine thread: a text delta, the final Generation, or an exception."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            self.cancelled.set()
-
-    def cancel(self) -> None:
-        """Stop generating for this request; its rows leave the batch before the next step."""
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            for hook in self.on_cancel:
-                hook()
-
-    async def events(self) -> AsyncIterator[tuple[int, str | Generation]]:
-        finished = 0
-        while finished < self.n:
-            i, item = await self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield i, item
-            finished += isinstance(item, Generation)
-
-    async def results(self) -> list[Generation]:
-        out: list[Generation | None] = [None] * self.n
-        async for i, item in self.events():
-            if isinstance(item, Generation):
-                out[i] = item
-        return out  # type: ignore[return-value]
+__all__ = ["Engine"]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -98,100 +35,6 @@ class _ServedRow(Row):
     @property
     def abandoned(self) -> bool:
         return self.request.cancelled.is_set()
-
-
-class InferenceEngine:
-    """What the routes call: the served model ids (base, adapters, heads, aliases), prompt tokenization with
-    the base model's tokenizer, and ``submit``. Subclasses load and unload adapters and generate."""
-
-    base_name: str
-    tokenizer: object
-    context_length: int
-
-    def __init__(self, base: str):
-        from tunesmith.models.loading import load_tokenizer
-
-        self.base_name = base
-        self.tokenizer = load_tokenizer(base)
-        self.adapters: dict[str, str] = {}
-        self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
-        self.aliases: dict[str, str] = {}  # a name scripts use (gpt-4o-mini-2024-07-18) -> a served model id
-
-    # --- models ---------------------------------------------------------------------------
-
-    def model_ids(self) -> list[str]:
-        return [self.base_name, *self.adapters, *self.heads, *self.aliases]
-
-    def add_alias(self, name: str, target: str) -> None:
-        """Answer requests for ``name`` with the served model ``target`` (the base or an adapter)."""
-        from tunesmith.errors import ConfigError
-
-        if target not in (self.base_name, *self.adapters):
-            raise ConfigError(f"--model-alias {name}={target}: {target} is not served here; name the base model "
-                              f"({self.base_name}) or an --adapter name")
-        self.aliases[name] = target
-
-    def add_adapter(self, name: str, path: str | Path) -> None:
-        """Serve a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
-        loaded beside the base model and answers through :mod:`tunesmith.serve.engines.heads`."""
-        from tunesmith.serve.engines.heads import is_head_folder, load_head
-
-        if is_head_folder(path):
-            if name not in self.heads:
-                self.heads[name] = load_head(path, self.base_name)
-            return
-        if name not in self.adapters:
-            self._load_adapter(name, str(path))
-            self.adapters[name] = str(path)
-
-    def remove_adapter(self, name: str) -> bool:
-        """Stop serving a fine-tune (a deleted model); False when it was not loaded."""
-        if self.heads.pop(name, None) is not None:
-            return True
-        if name not in self.adapters:
-            return False
-        self._unload_adapter(name)
-        del self.adapters[name]
-        return True
-
-    def served_name(self, model_id: str) -> str:
-        """The base or adapter a request for ``model_id`` (maybe an alias) is answered by."""
-        return self.aliases.get(model_id, model_id)
-
-    # --- requests -------------------------------------------------------------------------
-
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def text_prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-
-    def _load_adapter(self, name: str, path: str) -> None:
-        raise NotImplementedError
-
-    def _unload_adapter(self, name: str) -> None:
-        raise NotImplementedError
-
-    def json_constraint(self, spec: dict | str):
-        """What ``submit(constraint=...)`` takes to decode every choice under ``spec``: a JSON schema, or a Lark
-        grammar in llguidance's syntax (both engines decode with llguidance). Called off the event loop."""
-        raise NotImplementedError
-
-    def run(self, plan) -> list[Request]:
-        """One request per prompt of the plan, each with the plan's ``n`` choices, constraint and logprobs."""
-        return [self.submit(plan.model, ids, plan.params, stream=plan.stream, constraint=plan.constraint,
-                            logprobs=plan.logprobs) for ids in plan.prompts]
-
-    def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None) -> Request:
-        """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
-        ``logprobs``: the top alternatives to report per generated token (0: the chosen token's only), where
-        the engine reports them."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        raise NotImplementedError
 
 
 class Engine(InferenceEngine):

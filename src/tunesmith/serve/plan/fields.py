@@ -161,3 +161,11 @@ def markdown_tables() -> str:
             out.append(f"| `{name}` | {rule.doc} | {rule.vllm or 'the same'} |".replace("\n", " "))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def refuse_unknown(doc: dict, known: set[str], param: str) -> None:
+    """400 on the first key of an object-valued field (``response_format``, ``stream_options``…) not in ``known``."""
+    for key in doc:
+        if key not in known:
+            raise APIError(400, f"Unrecognized argument supplied in {param}: {key}", param=f"{param}.{key}",
+                           code="unrecognized_argument")

@@ -95,3 +95,25 @@ class CompletionBody(SamplingBody):
         if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
             raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(v)}")
         return v
+
+
+class ResponseBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other fields: tunesmith.serve.plan.fields decides each
+    model: str
+    input: str | list[dict]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool | None = False
+    stream_options: dict | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
+    previous_response_id: str | None = None
+    store: bool | None = True
+    text: dict | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)

@@ -6,17 +6,16 @@ choose and reads any ``<tool_call>`` it writes; ``none`` leaves the tools out; `
 function start the answer with ``<tool_call>`` and decode the call under the function's JSON schema
 (:mod:`tunesmith.generation.constrained`), so its arguments always parse. Answers carry OpenAI's
 ``tool_calls`` with ``finish_reason: "tool_calls"``, streamed as OpenAI streams them: a first delta with
-the call's index, id, type and name (empty arguments), then its arguments.
+the call's index, id, type and name (empty arguments), then its arguments (:mod:`tunesmith.serve.plan.answer`).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 
-from tunesmith.data.formats.chat import MESSAGE_KEYS, check_messages, function_names, hint
-from tunesmith.data.formats.tool_format import CALL_CLOSE, CALL_OPEN, CallStream, render
+from tunesmith.data.formats.chat import function_names, hint
+from tunesmith.data.formats.tool_format import CALL_CLOSE, CALL_OPEN, render
 from tunesmith.serve.engines.errors import APIError
 
 # the separators json.dumps writes (and the hermes form is trained with), no free whitespace
@@ -52,21 +51,20 @@ def _functions(tools) -> dict[str, dict]:
     return {t["function"]["name"]: t["function"] for t in tools}
 
 
-def plan_tools(body) -> ToolPlan:
-    """The request's tool plan; an unknown function in ``tool_choice``, a ``tool_choice`` without tools or
-    malformed tools is a 400 naming the param."""
-    extra = body.model_extra or {}
+def plan_tools(tools: list[dict] | None, choice, parallel_tool_calls: bool | None, extra: dict | None = None) -> ToolPlan:
+    """The request's tool plan from its ``tools``, ``tool_choice`` and ``parallel_tool_calls`` (``extra``: the body's
+    other fields, where the deprecated ``functions`` and ``function_call`` would be); an unknown function in
+    ``tool_choice``, a ``tool_choice`` without tools or malformed tools is a 400 naming the param."""
     for legacy in ("functions", "function_call"):
-        if extra.get(legacy) is not None:
+        if (extra or {}).get(legacy) is not None:
             raise _bad(f"'{legacy}' is deprecated and not served; send 'tools' and 'tool_choice' instead.", legacy)
-    tools, choice = body.tools, body.tool_choice
     if not tools:
         if choice is not None and choice != "none":
             raise _bad("'tool_choice' is only allowed when 'tools' are specified.", "tool_choice")
         return ToolPlan()
     functions = _functions(tools)
     choice = choice or "auto"
-    parallel = body.parallel_tool_calls is not False
+    parallel = parallel_tool_calls is not False
     if choice == "none":
         return ToolPlan()
     if choice == "auto":
@@ -113,82 +111,6 @@ def calls_or_answer(plan: ToolPlan, answer: dict) -> str:
     ])
 
 
-def request_messages(body) -> list[dict]:
-    """The request's messages as dicts of the keys a chat message has (a client's echo of an answer also
-    carries ``refusal``, ``audio``…); tool calls and tool results are checked by the fine-tuning rules
-    (every call answered by a tool message with its id), a break is a 400 on ``messages``."""
-    messages = [{k: v for k, v in m.model_dump().items() if k in MESSAGE_KEYS and v is not None} for m in body.messages]
-    for m in messages:
-        m.setdefault("content", None if m["role"] == "assistant" else "")
-    if any(m.get("tool_calls") or m.get("function_call") or m["role"] == "tool" for m in messages):
-        errors = [e for e in check_messages(messages, final_calls_open=False) if e != "missing_content"]
-        if errors:
-            raise _bad(f"Invalid 'messages': {errors[0]}: {hint(errors[0])}.", "messages")
-    return messages
-
-
 def prompt_ids(engine, messages: list[dict], plan: ToolPlan) -> list[int]:
     text = render(engine.tokenizer, messages, plan.tools, add_generation_prompt=True) + plan.prefix
     return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def token_budget(plan: ToolPlan, budget: int) -> int:
-    """A forced call may run to its schema's bound, so that it is never cut mid-JSON."""
-    if plan.schema is None:
-        return budget
-    from tunesmith.generation.constrained import reply_token_bound
-
-    return max(budget, reply_token_bound(plan.schema) or 0)
-
-
-class ChoiceDeltas:
-    """One choice's generated text → OpenAI chat deltas: ``{"content"}`` for text, ``{"tool_calls"}`` for
-    calls (the first delta of a call with index, id, type, name and empty arguments, then the arguments)."""
-
-    def __init__(self, plan: ToolPlan):
-        self.plan, self.calls = plan, 0
-        self.stream = CallStream() if plan.parse else None
-        if self.stream is not None and plan.prefix:
-            self.stream.feed(plan.prefix)
-
-    def feed(self, text: str) -> list[dict]:
-        if self.stream is None:
-            return [{"content": text}] if text else []
-        return self._deltas(self.stream.feed(text))
-
-    def close(self) -> list[dict]:
-        return self._deltas(self.stream.close()) if self.stream is not None else []
-
-    def finish_reason(self, reason: str) -> str:
-        return "tool_calls" if self.calls else reason
-
-    def _deltas(self, events) -> list[dict]:
-        out = []
-        for kind, value in events:
-            if kind == "content":
-                if not (self.calls and not value.strip()):  # the newlines between calls are not content
-                    out.append({"content": value})
-            elif self.plan.parallel or not self.calls:  # parallel_tool_calls: false answers the first call only
-                out += [{"tool_calls": [{"index": self.calls, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                                         "function": {"name": value["name"], "arguments": ""}}]},
-                        {"tool_calls": [{"index": self.calls, "function": {
-                            "arguments": json.dumps(value["arguments"], ensure_ascii=False)}}]}]
-                self.calls += 1
-        return out
-
-
-def message(plan: ToolPlan, text: str) -> tuple[dict, bool]:
-    """A whole answer as an assistant message, and whether it called tools."""
-    reader = ChoiceDeltas(plan)
-    deltas = reader.feed(text) + reader.close()
-    content = "".join(d.get("content", "") for d in deltas)
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        for c in d.get("tool_calls", []):
-            entry = calls.setdefault(c["index"], {"id": c.get("id"), "type": "function",
-                                                  "function": {"name": c["function"].get("name"), "arguments": ""}})
-            entry["function"]["arguments"] += c["function"].get("arguments", "")
-    msg = {"role": "assistant", "content": (content.strip() or None) if calls else content}
-    if calls:
-        msg["tool_calls"] = [calls[i] for i in sorted(calls)]
-    return msg, bool(calls)

@@ -23,8 +23,8 @@ import json
 import logging
 from pathlib import Path
 
-from tunesmith.serve.engines.builtin import Delta, Generation, GenParams, InferenceEngine, Request
 from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.engines.interface import Delta, Generation, GenParams, InferenceEngine, Request
 
 log = logging.getLogger("tunesmith.serve")
 ADAPTER_TIMEOUT_S = 120.0
