@@ -87,8 +87,9 @@ def live(tool_model_dir, tmp_path_factory):
 
 def ask(live, stream=False, model=None, **kw):
     text = live["rows"][-1]["text"]  # a pin_blocked request
+    kw.setdefault("max_tokens", 40)
     return live["client"].chat.completions.create(model=model or live["model"], messages=[
-        {"role": "user", "content": text}], tools=TOOLS, max_tokens=40, temperature=0, stream=stream, **kw)
+        {"role": "user", "content": text}], tools=TOOLS, temperature=0, stream=stream, **kw)
 
 
 def _collect(stream) -> tuple[list[ChatCompletionChunk], dict[int, dict], str | None]:
@@ -127,12 +128,13 @@ def test_fine_tuned_model_streams_its_call_as_openai_does(live):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_named_tool_choice_always_parses_even_on_the_base_model(live, stream):
+    """Without max_tokens a forced call may run to its schema's longest form, so it always ends whole."""
     choice = {"type": "function", "function": {"name": "unblock_pin"}}
     if stream:
-        _, calls, finish = _collect(ask(live, stream=True, model=live["base"], tool_choice=choice))
+        _, calls, finish = _collect(ask(live, stream=True, model=live["base"], tool_choice=choice, max_tokens=None))
         name, arguments = calls[0]["name"], calls[0]["arguments"]
     else:
-        reply = ask(live, model=live["base"], tool_choice=choice).choices[0]
+        reply = ask(live, model=live["base"], tool_choice=choice, max_tokens=None).choices[0]
         finish, name, arguments = reply.finish_reason, reply.message.tool_calls[0].function.name, \
             reply.message.tool_calls[0].function.arguments
     assert finish == "tool_calls" and name == "unblock_pin"

@@ -256,6 +256,8 @@ def serve(
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
                                                    "with finish_reason length).")] = 300.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
+    max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body in MB (uploads excepted); "
+                                             "larger ones get a 413.")] = 16,
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
     allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
@@ -290,7 +292,7 @@ def serve(
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
-                             vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share)
+                             vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb)
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pydantic import BaseModel
 
 from tunesmith.errors import ConfigError
+from tunesmith.generation.schemas import resolve
 
 MAX_STRING_CHARS = 400
 
@@ -60,107 +61,18 @@ def _each_node(doc, fn) -> None:
             _each_node(v, fn)
 
 
-# --- the JSON Schema subset an answer may be constrained to ------------------------------------------------
-
-ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment", "$schema", "$id", "deprecated",
-                         "readOnly", "writeOnly"})
-# OpenAI's structured outputs in strict mode: objects (every property required, additionalProperties false), arrays,
-# enums and consts, anyOf, $defs/$ref (recursion included), string/number/integer/boolean/null and type lists
-STRICT_KEYWORDS = ANNOTATIONS | {"type", "properties", "required", "additionalProperties", "items", "enum", "const",
-                                 "anyOf", "$ref", "$defs", "definitions", "pattern", "format", "multipleOf", "maximum",
-                                 "exclusiveMaximum", "minimum", "exclusiveMinimum", "minItems", "maxItems"}
-# without strict: what the decoder (llguidance) also enforces
-LOOSE_KEYWORDS = STRICT_KEYWORDS | {"minLength", "maxLength", "prefixItems", "oneOf", "allOf", "minProperties",
-                                    "maxProperties", "patternProperties", "discriminator"}
-STRICT_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid"})
-TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-
-
-class SchemaRefused(ValueError):
-    """A schema an answer cannot be constrained to: ``keyword`` at ``path`` (a JSON pointer into the schema)."""
-
-    def __init__(self, keyword: str, path: str, why: str):
-        super().__init__(f"'{keyword}' at '{path}' {why}")
-        self.keyword, self.path = keyword, path
-
-
-def check_output_schema(schema, strict: bool) -> None:
-    """Refuse (:class:`SchemaRefused`, naming the keyword and its path) a schema outside the subset: with
-    ``strict`` OpenAI's strict-mode rules (the root an object, every object closed with all its properties
-    required, formats from its list); without, any keyword the decoder enforces. A keyword that would be
-    ignored is refused too: an answer is never said to follow a schema it was not held to."""
-    if not isinstance(schema, dict):
-        raise SchemaRefused("schema", "#", "must be a JSON object (a JSON Schema document)")
-    if strict and (schema.get("type") != "object" or "anyOf" in schema):
-        raise SchemaRefused("type", "#", "must be 'object' at the root in strict mode (not anyOf)")
-    allowed = STRICT_KEYWORDS if strict else LOOSE_KEYWORDS
-
-    def walk(node, path: str) -> None:
-        if isinstance(node, bool) and path.endswith(("/items", "/additionalProperties")):
-            return
-        if not isinstance(node, dict):
-            raise SchemaRefused(path.rsplit("/", 1)[-1], path, "must be a schema (a JSON object)")
-        for key in node:
-            if key not in allowed:
-                mode = "in strict mode" if strict and key in LOOSE_KEYWORDS else "by constrained decoding here"
-                raise SchemaRefused(key, path, f"is not supported {mode}")
-        _check_node(node, path, strict, schema)
-        for key in _SUBSCHEMA_MAPS:
-            for name, sub in (node.get(key) or {}).items():
-                walk(sub, f"{path}/{key}/{name}")
-        for key in _SUBSCHEMA_LISTS:
-            for i, sub in enumerate(node.get(key) or []):
-                walk(sub, f"{path}/{key}/{i}")
-        for key in ("items", "additionalProperties"):
-            if key in node and not isinstance(node[key], bool):
-                walk(node[key], f"{path}/{key}")
-
-    walk(schema, "#")
-
-
-def _check_node(node: dict, path: str, strict: bool, root: dict) -> None:
-    kinds = node.get("type", [])
-    for kind in kinds if isinstance(kinds, list) else [kinds]:
-        if kind not in TYPES:
-            raise SchemaRefused("type", path, f"names '{kind}'; use one of {', '.join(sorted(TYPES))}")
-    ref = node.get("$ref")
-    if ref is not None and _resolve(root, ref) is None:
-        raise SchemaRefused("$ref", path, f"'{ref}' does not point into this schema ('#' or '#/$defs/<name>')")
-    if not strict:
-        return
-    if node.get("format") is not None and node["format"] not in STRICT_FORMATS:
-        raise SchemaRefused("format", path, f"'{node['format']}' is not one of {', '.join(sorted(STRICT_FORMATS))}")
-    if kinds == "object" or (isinstance(kinds, list) and "object" in kinds) or "properties" in node:
-        if node.get("additionalProperties") is not False:
-            raise SchemaRefused("additionalProperties", path, "must be false on every object in strict mode")
-        missing = [k for k in node.get("properties", {}) if k not in node.get("required", [])]
-        if missing:
-            raise SchemaRefused("required", path, f"must list every property in strict mode; missing {missing}")
-
-
-def _resolve(root: dict, ref: str):
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return None
-    node = root
-    for part in [p for p in ref[1:].split("/") if p]:
-        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
-        if node is None:
-            return None
-    return node
-
-
 def output_schema(schema: dict) -> dict:
     """The constraint an answer decodes under for a ``response_format`` schema: the schema itself, compact, with
-    a ``maxLength`` on unbounded strings and objects that list properties closed to them (a narrower schema:
-    every answer it allows is valid under the caller's), so that a small model's answer ends."""
+    a ``maxLength`` on unbounded strings (400 characters, or the string's ``minLength`` when longer) and objects
+    that list properties closed to them (a narrower schema: every answer it allows is valid under the caller's),
+    so that a small model's answer ends."""
     def narrow(node: dict) -> None:
         if "properties" in node and "additionalProperties" not in node and "patternProperties" not in node:
             node["additionalProperties"] = False
         kinds = node.get("type")
         if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
-            node.setdefault("maxLength", MAX_STRING_CHARS)
+            minimum = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
+            node.setdefault("maxLength", max(MAX_STRING_CHARS, minimum))  # a longer minLength is the caller's
 
     doc = copy.deepcopy(schema)
     _each_node(doc, narrow)
@@ -172,23 +84,31 @@ def output_schema(schema: dict) -> dict:
 BYTES_PER_CHAR = 6
 
 
+class _Unbounded(Exception):
+    """Raised inside :func:`reply_token_bound` as soon as any part of the reply has no bound."""
+
+
 def reply_token_bound(doc: dict) -> int | None:
     """The most tokens a compact reply valid under ``doc`` (from :func:`bounded_schema`) can take, or
-    None when it is unbounded (an array without ``maxItems``, a string without ``maxLength``, a number).
-    Generation limited to this many tokens is never cut mid-JSON."""
-    seen: set[str] = set()
+    None when it is unbounded (an array without ``maxItems``, a string without ``maxLength``, a number, a
+    recursive ``$ref``). Generation limited to this many tokens is never cut mid-JSON. Each ``$ref`` is sized
+    once (a schema whose ``$defs`` form a DAG costs its size, not its number of paths)."""
+    sized: dict[str, int] = {}
+    open_refs: set[str] = set()
 
-    def size(node) -> int | None:
+    def size(node) -> int:
         if not isinstance(node, dict):
-            return None
+            raise _Unbounded
         if "$ref" in node:
-            if node["$ref"] in seen:  # recursive: no bound
-                return None
-            seen.add(node["$ref"])
-            try:
-                return size(_resolve(doc, node["$ref"]))
-            finally:
-                seen.discard(node["$ref"])
+            ref = node["$ref"]
+            if ref in sized:
+                return sized[ref]
+            if ref in open_refs:  # recursive: no bound
+                raise _Unbounded
+            open_refs.add(ref)
+            sized[ref] = size(resolve(doc, ref))
+            open_refs.discard(ref)
+            return sized[ref]
         if "enum" in node or "const" in node:
             values = node.get("enum", [node.get("const")])
             return max(len(json.dumps(v, ensure_ascii=False).encode()) for v in values)
@@ -200,25 +120,21 @@ def reply_token_bound(doc: dict) -> int | None:
         if kind == "null":
             return 4
         if kind == "array" and "maxItems" in node:
-            item = size(node.get("items", {}))
-            return None if item is None else 2 + node["maxItems"] * (item + 1)
+            return 2 + node["maxItems"] * (size(node.get("items", {})) + 1)
         if kind == "object":
             if node.get("additionalProperties") is not False:
-                return None
-            total = 2
-            for key, sub in node.get("properties", {}).items():
-                inner = size(sub)
-                if inner is None:
-                    return None
-                total += len(json.dumps(key).encode()) + 2 + inner
-            return total
+                raise _Unbounded
+            return 2 + sum(len(json.dumps(key).encode()) + 2 + size(sub)
+                           for key, sub in node.get("properties", {}).items())
         for combo in ("anyOf", "oneOf"):
             if combo in node:
-                sizes = [size(s) for s in node[combo]]
-                return None if None in sizes else max(sizes)
-        return None
+                return max(size(s) for s in node[combo])
+        raise _Unbounded
 
-    return size(doc)
+    try:
+        return size(doc)
+    except _Unbounded:
+        return None
 
 
 def _llguidance():
@@ -234,14 +150,24 @@ def _llguidance():
     return llguidance
 
 
+class ConstraintBroken(RuntimeError):
+    """A row's matcher failed part-way through its answer: the row cannot go on under its constraint."""
+
+
 class JsonConstraint:
     """Builds one logits processor per batch that keeps every row inside one grammar: a JSON schema (dict) or
     a Lark grammar in llguidance's syntax (str, e.g. one whose rules embed ``%json {...}``). ``bridge``: the
-    tokenizer already converted by :class:`ConstraintCache` (else converted here, about 2 s for 49k tokens)."""
+    tokenizer already converted by :class:`ConstraintCache` (else converted here, about 2 s for 49k tokens).
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], spec: dict | str, bridge=None):
+    A grammar llguidance refuses, one with keywords it knows and does not enforce ("Unimplemented keys"), or one
+    whose matcher fails at its first step is a :class:`ConfigError` here, before any row decodes under it. With
+    ``fail_rows`` a matcher that fails later ends its row (:class:`ConstraintBroken`) instead of leaving it
+    unconstrained (what synthesis wants: the reply fails validation and is asked again)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], spec: dict | str, bridge=None,
+                 fail_rows: bool = False):
         llg = _llguidance()
-        self.llg = llg
+        self.llg, self.fail_rows, self.vocab_size = llg, fail_rows, vocab_size
         self.tokenizer = bridge or llg.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_ids)
         if isinstance(spec, str):
             self.grammar = llg.LLMatcher.grammar_from_lark(spec)
@@ -250,23 +176,58 @@ class JsonConstraint:
         message = llg.LLMatcher.validate_grammar(self.grammar, self.tokenizer)
         if message:  # an error message, empty when the grammar is fine
             raise ConfigError(f"schema not usable for constrained decoding: {message}")
+        notes = llg.LLMatcher.validate_grammar_with_warnings(self.grammar, self.tokenizer)[1]
+        unenforced = [n for n in notes if n.startswith("Unimplemented keys")]
+        if unenforced:
+            raise ConfigError(f"schema not usable for constrained decoding: {unenforced[0]} (they would constrain "
+                              "the answer and are not enforced)")
+        self._check_first_step()
+
+    @property
+    def size(self) -> int:
+        """What this constraint keeps in memory, roughly: its compiled grammar's text."""
+        return len(self.grammar)
+
+    def _check_first_step(self) -> None:
+        matcher = self.llg.LLMatcher(self.tokenizer, self.grammar)
+        mask = self.llg.torch.allocate_token_bitmask(1, self.vocab_size)
+        self.llg.torch.fill_next_token_bitmask(matcher, mask, 0)
+        if matcher.is_error():
+            raise ConfigError(f"schema not usable for constrained decoding: {matcher.get_error()[:500]}")
 
     def __call__(self, rows: int, prompt_len: int):
         return _MaskProcessor(self.llg, [self.llg.LLMatcher(self.tokenizer, self.grammar) for _ in range(rows)],
-                              prompt_len)
+                              prompt_len, self.fail_rows)
+
+    def conforms(self, token_ids: list[int]) -> str | None:
+        """None when ``token_ids`` are a whole answer under this constraint, else why not."""
+        matcher = self.llg.LLMatcher(self.tokenizer, self.grammar)
+        matcher.consume_tokens(token_ids)
+        if matcher.is_error():
+            return matcher.get_error()[:500]
+        return None if matcher.is_accepting() else "the answer ends before the schema allows it to"
+
+
+MAX_CACHE_BYTES = 64 * 1024 * 1024
 
 
 class ConstraintCache:
     """The compiled constraints of one tokenizer: its llguidance form built once (the costly part: seconds), each
-    schema or grammar compiled once (milliseconds) and kept by its hash, the ``size`` most recent. Thread-safe, so
-    that a server compiles off its event loop."""
+    schema or grammar compiled once (milliseconds) and kept by its hash, the most recent up to ``max_bytes`` of
+    compiled grammars (a client sending large schemas cannot pin the server's memory). Thread-safe, so that a
+    server compiles off its event loop. ``fail_rows``: see :class:`JsonConstraint`."""
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], size: int = 256):
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int], max_bytes: int = MAX_CACHE_BYTES,
+                 fail_rows: bool = False):
         self.args = (tokenizer, vocab_size, eos_ids)
-        self.size = size
+        self.max_bytes, self.fail_rows = max_bytes, fail_rows
         self.bridge = None
         self.compiled: OrderedDict[str, JsonConstraint] = OrderedDict()
         self.lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return sum(c.size for c in self.compiled.values())
 
     def get(self, spec: dict | str) -> JsonConstraint:
         key = spec_key(spec)
@@ -277,11 +238,12 @@ class ConstraintCache:
             if self.bridge is None:
                 tokenizer, vocab_size, eos_ids = self.args
                 self.bridge = _llguidance().hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_ids)
-        constraint = JsonConstraint(*self.args, spec, bridge=self.bridge)
+        constraint = JsonConstraint(*self.args, spec, bridge=self.bridge, fail_rows=self.fail_rows)
         with self.lock:
             self.compiled[key] = constraint
-            while len(self.compiled) > self.size:
-                self.compiled.popitem(last=False)
+            total = self.bytes
+            while total > self.max_bytes and len(self.compiled) > 1:
+                total -= self.compiled.popitem(last=False)[1].size
         return constraint
 
 
@@ -294,8 +256,8 @@ def spec_key(spec: dict | str) -> str:
 class _MaskProcessor:
     """A transformers logits processor: feed each row's last token to its matcher, then mask."""
 
-    def __init__(self, llg, matchers, prompt_len: int):
-        self.llg, self.matchers, self.prompt_len = llg, matchers, prompt_len
+    def __init__(self, llg, matchers, prompt_len: int, fail_rows: bool = False):
+        self.llg, self.matchers, self.prompt_len, self.fail_rows = llg, matchers, prompt_len, fail_rows
         self.mask = None  # allocated on the first call, sized to the model's logits
 
     def __call__(self, input_ids, scores):
@@ -307,8 +269,10 @@ class _MaskProcessor:
                 if not m.is_stopped() and not m.is_error():
                     m.consume_token(tok)
         for i, m in enumerate(self.matchers):
-            if m.is_error():  # cannot happen under the mask; if it does, leave the row free (the reply fails
-                self.mask[i] = -1  # validation and is re-asked) rather than mask every token (NaN when sampling)
+            if m.is_error() and self.fail_rows:
+                raise ConstraintBroken(f"The answer could not go on under its schema: {m.get_error()[:500]}")
+            if m.is_error():  # leave the row free (the reply fails validation and is asked again) rather than mask
+                self.mask[i] = -1  # every token (NaN when sampling)
             else:
                 torch_mod.fill_next_token_bitmask(m, self.mask, i)
         torch_mod.apply_token_bitmask_inplace(scores, self.mask.to(scores.device))

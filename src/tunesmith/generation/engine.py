@@ -56,6 +56,7 @@ class Row:
     sampler: object = field(default=None, repr=False)  # a RowSampler, None for plain greedy rows
     logprobs: int | None = None  # report each generated token's log-probability and this many top alternatives
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
+    error: BaseException | None = None  # why this row failed alone (finish_reason "error"; isolate_rows only)
 
     @property
     def abandoned(self) -> bool:
@@ -75,10 +76,17 @@ class ContinuousBatch:
     fit waits at the head of the line), prefills them, runs one decoding step for every active row and
     returns the rows that finished. The batch stays within ``max_rows`` rows and ``max_cache_tokens`` cache
     cells (rows x columns, padding included, up to the last token any row may still generate).
+
+    With ``isolate_rows`` (a server's batch, whose rows belong to different callers) a row whose own part of a
+    step fails (its sampler's seed, its logits processors such as a JSON-schema matcher) ends alone with
+    ``finish_reason`` "error" and its exception in ``error``; every other row goes on. Without it (evaluation,
+    synthesis: one caller) the exception ends the step, as any other failure does.
     """
 
-    def __init__(self, model, tokenizer, max_rows: int = 16, max_cache_tokens: int = 65_536):
+    def __init__(self, model, tokenizer, max_rows: int = 16, max_cache_tokens: int = 65_536,
+                 isolate_rows: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        self.isolate_rows = isolate_rows
         self.max_rows, self.max_cache_tokens = max_rows, max_cache_tokens
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.eos_ids = set(stop_ids(tokenizer, model))
@@ -193,7 +201,7 @@ class ContinuousBatch:
                             device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in rows:
-            r.sampler = row_sampler(r.params, r.processors, len(r.prompt_ids))
+            r.sampler = self._row_part(r, row_sampler, r.params, r.processors, len(r.prompt_ids))
         logits, cache = self._forward(ids, mask, positions, distinct, DynamicCache())
         if len(distinct) < len(rows):
             index = torch.tensor(owner, device=device)
@@ -229,6 +237,10 @@ class ContinuousBatch:
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if row.abandoned:
                 continue
+            if row.error is not None:
+                row.finish_reason = "error"
+                finished.append(row)
+                continue
             finish = "stop" if token in self.eos_ids else None
             if finish is not None:
                 row.stop_token = token
@@ -246,9 +258,21 @@ class ContinuousBatch:
         """One batched argmax for greedy rows; rows with processors or sampling go through their own sampler."""
         tokens = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
-            if row.sampler is not None:
-                tokens[i] = row.sampler(row.prompt_ids + row.generated, logits[i : i + 1])
+            if row.sampler is not None and row.error is None:
+                token = self._row_part(row, row.sampler, row.prompt_ids + row.generated, logits[i : i + 1])
+                tokens[i] = tokens[i] if token is None else token
         return tokens
+
+    def _row_part(self, row: Row, fn, *args):
+        """``fn(*args)``, a part of the step that is one row's own; with ``isolate_rows`` a failure ends that row
+        alone (its ``error``), without, it ends the step."""
+        if not self.isolate_rows:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the row's own failure, answered to its caller
+            row.error = exc
+            return None
 
     def _limit_reached(self, row: Row, now: float) -> str | None:
         """'stop' at a stop string; 'length' at max_tokens, the end of the context or the row's deadline."""

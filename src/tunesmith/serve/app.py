@@ -28,6 +28,7 @@ class ServeSettings:
     data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
     runs_dir: Path = Path("runs")  # the experiments `tunesmith run` wrote, shown in the dashboard
     max_upload_mb: int = 512
+    max_body_mb: int = 16  # any other request's body (413 past it: tunesmith.serve.api.body_limit)
     max_tokens: int = 4096  # the most tokens one request may generate (also capped by the context left)
     request_timeout_s: float = 300.0  # a generation still running then stops with finish_reason "length"
     docs: bool | None = None  # /docs and /openapi.json; None: on only when no API keys are set
@@ -90,6 +91,10 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
+    from tunesmith.serve.api.body_limit import BodyLimit
+
+    app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
+                       max_upload=settings.max_upload_mb * 1024 * 1024)
     app.state.store = Store(settings.data_dir)
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.trainable_models = lambda: {settings.model}

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tunesmith.serve.engines.errors import APIError
@@ -103,7 +103,7 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
 
 
 @router.post("/chat/completions")
-async def chat_completions(body: ChatCompletionBody, request: Request, key: Key):
+async def chat_completions(body: ChatCompletionBody, request: Request, response: Response, key: Key):
     check_fields(CHAT, body)
     engine = _engine(request, body.model, key)
     if body.model in engine.heads:
@@ -112,7 +112,9 @@ async def chat_completions(body: ChatCompletionBody, request: Request, key: Key)
     [job] = engine.run(plan)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if plan.stream:
-        return StreamingResponse(_sse_chat(job, plan, cid, created), media_type="text/event-stream")
+        return StreamingResponse(_sse_chat(job, plan, cid, created), media_type="text/event-stream",
+                                 headers=plan.headers())
+    response.headers.update(plan.headers())
     [gens] = await _results(request, [job])
     choices = []
     for i, g in enumerate(gens):

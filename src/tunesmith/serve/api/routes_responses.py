@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tunesmith.serve.api.routes_openai import Key, _engine, _results, obfuscated
@@ -83,7 +83,7 @@ def response_object(body: ResponseBody, rid: str, created: int, status: str, out
 
 
 @router.post("/responses")
-async def create_response(body: ResponseBody, request: Request, key: Key):
+async def create_response(body: ResponseBody, request: Request, response: Response, key: Key):
     check_fields(RESPONSES, body)
     engine = _engine(request, body.model, key)
     if body.model in engine.heads:
@@ -101,7 +101,9 @@ async def create_response(body: ResponseBody, request: Request, key: Key):
         return doc
 
     if plan.stream:
-        return StreamingResponse(_events(job, plan, body, rid, created, finish), media_type="text/event-stream")
+        return StreamingResponse(_events(job, plan, body, rid, created, finish), media_type="text/event-stream",
+                                 headers=plan.headers())
+    response.headers.update(plan.headers())
     [[gen]] = await _results(request, [job])
     return finish(gen, *output_items(plan, body, rid, gen))
 

@@ -50,14 +50,16 @@ class Engine(InferenceEngine):
 
         super().__init__(base)
         self.model = load_model(base, pick_placement(precision))
-        self.batch = ContinuousBatch(self.model, self.tokenizer, max_batch, max_batch_tokens)  # bounds the KV cache
+        # rows of different callers: one row's failure (its seed, its matcher) ends that row only
+        self.batch = ContinuousBatch(self.model, self.tokenizer, max_batch, max_batch_tokens, isolate_rows=True)
         self.context_length = self.batch.context_length
         self.wait_s, self.request_timeout_s = wait_ms / 1000, request_timeout_s
         self.lock = threading.Lock()
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
         self.closed = False
         # compiled output constraints; the tokenizer is converted for llguidance at the first
-        self.constraints = ConstraintCache(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model))
+        self.constraints = ConstraintCache(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model),
+                                           fail_rows=True)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
         self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
@@ -156,7 +158,11 @@ class Engine(InferenceEngine):
             self.batch.add(row)
 
     def _answer(self, row: _ServedRow) -> None:
-        """The final text (cut at a stop string), its remaining delta when streamed, then the Generation."""
+        """The final text (cut at a stop string), its remaining delta when streamed, then the Generation; a row
+        that failed alone gets its error instead."""
+        if row.error is not None:
+            row.request.push(row.index, row_failure(row.error))
+            return
         text = cut_at_stop(self.batch.text(row), row.params.stop)
         rest = self._unsent(row) if row.stream else None
         if row.stream and text.startswith(row.sent) and (len(text) > len(row.sent) or rest):
@@ -203,6 +209,19 @@ class Engine(InferenceEngine):
                 return
             if row is not None:
                 row.request.push(row.index, exc)
+
+
+def row_failure(exc: BaseException) -> APIError:
+    """What the caller of a row that failed alone hears: a matcher that could not go on is the schema's 400 (its
+    grammar is past what the decoder can follow), anything else a 500 for this row only."""
+    from tunesmith.generation.constrained import ConstraintBroken
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ConstraintBroken):
+        return APIError(400, f"{exc}. Simplify the schema.", code="constraint_failed")
+    return APIError(500, f"This request's generation failed: {type(exc).__name__}: {str(exc)[:500]}",
+                    type_="server_error", code="generation_failed")
 
 
 def _shutting_down() -> APIError:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan.fields import refuse_unknown
@@ -18,6 +18,7 @@ class OutputFormat:
     schema: dict | None = None
     constraint: dict | None = None
     param: str = "response_format"
+    ignored: list[str] = field(default_factory=list)  # annotations and unknown keywords: "keyword at path"
 
 
 def output_format(doc, param: str) -> OutputFormat:
@@ -25,7 +26,8 @@ def output_format(doc, param: str) -> OutputFormat:
     (any object; with a ``schema`` member, as vLLM and instructor send it, that schema), or ``json_schema``
     (strict: OpenAI's subset; otherwise any schema the decoder enforces). A schema outside is a 400 naming the
     keyword and its path in the schema."""
-    from tunesmith.generation.constrained import SchemaRefused, check_output_schema, output_schema
+    from tunesmith.generation.constrained import output_schema
+    from tunesmith.generation.schemas import SchemaRefused, check_output_schema
 
     if doc is None:
         return OutputFormat(param=param)
@@ -49,16 +51,9 @@ def output_format(doc, param: str) -> OutputFormat:
             refuse_unknown(nested, {"name", "schema", "strict", "description"}, f"{param}.json_schema")
     schema, strict = nested.get("schema", {"type": "object"}), bool(nested.get("strict")) and kind == "json_schema"
     try:
-        check_output_schema(schema, strict)
+        ignored = check_output_schema(schema, strict)
     except SchemaRefused as exc:
         name = nested.get("name", "")
         raise APIError(400, f"Invalid schema for {param} '{name}': {exc}.", param=param,
                        code="invalid_json_schema") from None
-    return OutputFormat(True, schema, output_schema(schema), param)
-
-
-def check_json_word(output: OutputFormat, texts: list[str], messages_param: str) -> None:
-    """``json_object`` needs the word "json" in the messages (OpenAI's rule)."""
-    if output.schema == {"type": "object"} and not any("json" in t.lower() for t in texts):
-        raise APIError(400, f"'{messages_param}' must contain the word 'json' in some form, to use "
-                       f"'{output.param}' of type 'json_object'.", param=messages_param, code="invalid_value")
+    return OutputFormat(True, schema, output_schema(schema), param, ignored)

@@ -21,7 +21,7 @@ from tunesmith.generation import GenParams
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan import answer, tools
 from tunesmith.serve.plan.messages import chat_messages, chat_tools, input_messages
-from tunesmith.serve.plan.output import OutputFormat, check_json_word, output_format
+from tunesmith.serve.plan.output import OutputFormat, output_format
 from tunesmith.serve.plan.sampling import (
     CHAT_DEFAULT_MAX,
     COMPLETION_DEFAULT_MAX,
@@ -36,6 +36,7 @@ from tunesmith.serve.plan.tools import ToolPlan
 
 RESPONSE_LOGPROBS = "message.output_text.logprobs"  # Responses' ``include`` value that asks for logprobs
 PLAN_DEADLINE_S = 30.0
+IGNORED_HEADER = "x-tunesmith-ignored-keywords"
 
 
 @dataclass
@@ -65,6 +66,14 @@ class RequestPlan:
     def message(self, text: str) -> tuple[dict, bool]:
         """A whole answer as an assistant message, and whether it called tools."""
         return answer.message(self.tools, text)
+
+    def headers(self) -> dict[str, str]:
+        """Response headers the plan adds: the schema keywords ignored as annotations (``keyword at path``, the
+        first 20), so that a caller can see what the answer was not held to."""
+        if not self.output.ignored:
+            return {}
+        shown = self.output.ignored[:20] + (["…"] if len(self.output.ignored) > 20 else [])
+        return {IGNORED_HEADER: ", ".join(shown).encode("ascii", "backslashreplace").decode()[:2000]}
 
 
 # --- the three request kinds ------------------------------------------------------------------------------
@@ -128,14 +137,13 @@ def _conversation_plan(body: ChatCompletionBody, engine, server_max: int, output
     answer decodes under (compiled) → the budget → each choice's sampling."""
     tool_plan = tools.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, body.model_extra)
     texts = [m.text() for m in body.messages]
-    check_json_word(output, texts, messages_param)
     messages = chat_messages(body)
     check_prompt_size(engine, texts, messages_param)
     ids = tools.prompt_ids(engine, messages, tool_plan)
     spec = constraint_spec(tool_plan, output)
     constraint = None if spec is None else compile_constraint(engine, spec, output.param if output.json else "tools")
     budget = answer_budget(engine, server_max, len(ids), body.max_completion_tokens or body.max_tokens,
-                           CHAT_DEFAULT_MAX, spec, tool_plan.schema)
+                           CHAT_DEFAULT_MAX, spec)
     return RequestPlan(body.model, [ids], choice_params(body, engine, budget, body.n), tool_plan, output, spec,
                        constraint, logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                        stream=bool(body.stream), include_usage=include_usage, obfuscation=obfuscation,

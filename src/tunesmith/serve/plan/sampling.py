@@ -45,16 +45,21 @@ def constrained_default(spec: dict | str | None, default: int, server_max: int) 
 
 
 def answer_budget(engine, server_max: int, prompt_tokens: int, requested: int | None, default: int,
-                  spec: dict | str | None, forced_call: dict | None) -> int:
-    """The tokens each choice may generate: the caller's or the default (a constrained answer's default is its
-    longest form), within the server's maximum and the context; a forced call may run to its schema's bound, so
-    that it is never cut mid-JSON."""
-    budget = token_budget(engine, server_max, prompt_tokens, requested, constrained_default(spec, default, server_max))
-    if forced_call is None:
-        return budget
-    from tunesmith.generation.constrained import reply_token_bound
+                  spec: dict | str | None) -> int:
+    """The tokens each choice may generate: the caller's ``max_tokens``, or the default (a constrained answer's
+    default is its longest form, a forced call's included), always within the server's maximum and the context.
+    A constrained answer cut by that budget ends with ``finish_reason: "length"``, as at OpenAI."""
+    return token_budget(engine, server_max, prompt_tokens, requested, constrained_default(spec, default, server_max))
 
-    return max(budget, reply_token_bound(forced_call) or 0)
+
+MAX_SEED = 2**63 - 1  # what both engines take (vLLM reads -1 as "no seed")
+
+
+def check_seed(seed: int | None, n: int) -> None:
+    """A seed both engines accept for every choice (``seed + i``); anything else is a 400 on ``seed``."""
+    if seed is not None and not 0 <= seed <= MAX_SEED - (n - 1):
+        raise APIError(400, f"seed must be from 0 to {MAX_SEED - (n - 1)} (choice i samples with seed + i), "
+                       f"got {seed}", param="seed", code="invalid_value")
 
 
 def stream_flags(options, stream: bool | None, allowed=("include_usage", "include_obfuscation")) -> tuple[bool, bool]:
@@ -87,6 +92,7 @@ def logit_bias(doc: dict | None, vocab: int) -> tuple[tuple[int, float], ...]:
 
 def choice_params(body, engine, budget: int, n: int = 1) -> list[GenParams]:
     """One GenParams per choice: seeds ``seed + i``, the request's penalties and bias."""
+    check_seed(body.seed, n)
     bias = logit_bias(getattr(body, "logit_bias", None), len(engine.tokenizer))
     stops = body.stops() if hasattr(body, "stops") else ()
     temperature = 1.0 if body.temperature is None else body.temperature

@@ -43,11 +43,20 @@ def _bad(message: str, param: str) -> APIError:
 
 
 def _functions(tools) -> dict[str, dict]:
-    """name → function definition of a request's ``tools``; a malformed list is a 400 on ``tools``."""
+    """name → function definition of a request's ``tools``; a malformed list, or parameters past what one schema
+    may cost here (:func:`tunesmith.generation.schemas.check_schema_cost`), is a 400 on ``tools``."""
+    from tunesmith.generation.schemas import SchemaRefused, check_schema_cost
+
     errors: list[str] = []
     names = function_names({"tools": tools}, errors)
     if errors or not names:
         raise _bad(f"Invalid 'tools': {hint('invalid_tools')}.", "tools")
+    for i, t in enumerate(tools):
+        try:
+            check_schema_cost(t["function"].get("parameters") or {})
+        except SchemaRefused as exc:
+            raise _bad(f"Invalid schema for tools[{i}].function.parameters ('{t['function']['name']}'): {exc}.",
+                       "tools") from None
     return {t["function"]["name"]: t["function"] for t in tools}
 
 
@@ -84,17 +93,52 @@ def plan_tools(tools: list[dict] | None, choice, parallel_tool_calls: bool | Non
 
 def call_schema(functions: list[dict]) -> dict:
     """The JSON schema of one call ``{"name": ..., "arguments": {...}}`` to any of ``functions``, each
-    function's parameters bounded (string lengths, no extra keys) so that a call always ends."""
+    function's parameters bounded (string lengths, no extra keys) so that a call always ends. A function's own
+    ``$defs`` (pydantic's nested models) move to the call's root under ``<function>.<name>``, and every ``$ref``
+    of its parameters is rewritten to where they now lie (``#`` becomes the arguments' own node)."""
     from tunesmith.generation.constrained import bound_json_schema
 
-    def one(f: dict) -> dict:
-        params = f.get("parameters") or {"type": "object", "properties": {}}
-        return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": bound_json_schema(params)},
+    defs: dict[str, dict] = {}
+
+    def one(f: dict, where: str) -> dict:
+        params = bound_json_schema(f.get("parameters") or {"type": "object", "properties": {}})
+        arguments = _hoisted(params, f["name"], where, defs)
+        return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": arguments},
                 "required": ["name", "arguments"], "additionalProperties": False}
 
-    options = [one(f) for f in functions]
-    doc = options[0] if len(options) == 1 else {"anyOf": options}
-    return doc | {"x-guidance": TOOL_JSON}
+    if len(functions) == 1:
+        doc = one(functions[0], "#/properties/arguments")
+    else:
+        doc = {"anyOf": [one(f, f"#/anyOf/{i}/properties/arguments") for i, f in enumerate(functions)]}
+    return doc | ({"$defs": defs} if defs else {}) | {"x-guidance": TOOL_JSON}
+
+
+def _hoisted(params: dict, function: str, where: str, defs: dict[str, dict]) -> dict:
+    """``params`` without its ``$defs``/``definitions`` (added to ``defs`` under ``<function>.<name>``), every local
+    ``$ref`` in it and in them pointing where the call schema holds its target."""
+    own = {f"{key}/{name}": sub for key in ("$defs", "definitions")
+           for name, sub in (params.get(key) or {}).items() if isinstance(params.get(key), dict)}
+    renamed = {k: f"{function}.{k.split('/', 1)[1]}".replace("~", "~0").replace("/", "~1") for k in own}
+
+    def moved(ref: str) -> str:
+        if not ref.startswith("#"):
+            return ref
+        pointer = ref[1:].lstrip("/")
+        for key, name in renamed.items():
+            if pointer == key or pointer.startswith(key + "/"):
+                return f"#/$defs/{name}{pointer[len(key):]}"
+        return where + (f"/{pointer}" if pointer else "")
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            return {k: (moved(v) if k == "$ref" and isinstance(v, str) else rewrite(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for key, sub in own.items():
+        defs[renamed[key]] = rewrite(sub)
+    return rewrite({k: v for k, v in params.items() if k not in ("$defs", "definitions")})
 
 
 def calls_or_answer(plan: ToolPlan, answer: dict) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.serve.engines.errors import APIError
@@ -49,6 +50,7 @@ class VllmEngine(InferenceEngine):
         self.server.start()
         self.context_length = self.server.max_model_len or self.tokenizer.model_max_length
         self.tasks: set[asyncio.Task] = set()  # every vLLM call in flight
+        self._cache = None  # compiled constraints (llguidance, this tokenizer): validation and answer checks
         self._clients: dict[int, tuple[int, object]] = {}  # event loop id -> (vLLM start, httpx.AsyncClient)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
@@ -79,10 +81,34 @@ class VllmEngine(InferenceEngine):
         if r.status_code != 200 and "already" not in r.text:  # loading twice (a restart race) is no error
             raise Refused(error_message(r.text))
 
-    def json_constraint(self, spec: dict | str) -> dict:
+    def json_constraint(self, spec: dict | str) -> VllmConstraint:
         """vLLM's structured outputs for ``spec``, as the built-in engine reads it: vLLM decodes with llguidance
-        too (:func:`engine_args`), so a schema keeps its ``x-guidance`` separators and a Lark grammar is one."""
-        return {"grammar": spec} if isinstance(spec, str) else {"json": spec}
+        too (:func:`engine_args`), so a schema keeps its ``x-guidance`` separators and a Lark grammar is one. The
+        spec is compiled here first with the same compiler and this tokenizer (a ConfigError when it cannot
+        constrain, before vLLM sees it), and the compiled form checks each finished answer (:meth:`_conforming`).
+        Called off the event loop."""
+        compiled = self._constraints().get(spec)
+        return VllmConstraint({"grammar": spec} if isinstance(spec, str) else {"json": spec}, compiled)
+
+    def _constraints(self):
+        from tunesmith.generation.constrained import ConstraintCache
+
+        if self._cache is None:
+            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+            self._cache = ConstraintCache(self.tokenizer, len(self.tokenizer), eos, fail_rows=True)
+        return self._cache
+
+    def _conforming(self, gen: Generation, constraint, params: GenParams) -> Generation:
+        """A finished answer under a constraint, checked: vLLM ends a row whose matcher failed with its end of
+        sequence, so an answer that says "stop" and does not conform is this row's error, never its text. An
+        answer cut by ``max_tokens`` (``length``) or a stop string is not whole and is not checked."""
+        if constraint is None or gen.finish_reason != "stop" or params.stop:
+            return gen
+        why = constraint.compiled.conforms(self.tokenizer(gen.text, add_special_tokens=False)["input_ids"])
+        if why is None:
+            return gen
+        raise APIError(400, f"The answer could not go on under its schema: {why}. Simplify the schema.",
+                       code="constraint_failed")
 
     # --- requests -------------------------------------------------------------------------
 
@@ -93,14 +119,15 @@ class VllmEngine(InferenceEngine):
         request = Request(len(params), asyncio.get_running_loop())
         name = self.served_name(model_id)
         for i, p in enumerate(params):
-            body = completion_body(name, prompt_ids, p, stream, constraint, logprobs)
-            task = asyncio.ensure_future(self._generate(request, i, body, model_id))
+            body = completion_body(name, prompt_ids, p, stream, constraint.body if constraint else None, logprobs)
+            task = asyncio.ensure_future(self._generate(request, i, body, model_id, constraint, p))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
             request.on_cancel.append(task.cancel)
         return request
 
-    async def _generate(self, request: Request, index: int, body: dict, model_id: str) -> None:
+    async def _generate(self, request: Request, index: int, body: dict, model_id: str, constraint=None,
+                        params: GenParams | None = None) -> None:
         """One choice, within the request's deadline; whatever happens, the request hears how it ended."""
         import httpx2 as httpx
 
@@ -108,7 +135,8 @@ class VllmEngine(InferenceEngine):
             async with asyncio.timeout(self.request_timeout_s):
                 await self.loader.wait(body["model"], model_id)
                 read = self._stream if body["stream"] else self._complete
-                request.push(index, await read(request, index, body))
+                gen = await read(request, index, body)
+                request.push(index, self._conforming(gen, constraint, params or GenParams()))
         except APIError as exc:
             request.push(index, exc)
         except TimeoutError:
@@ -184,6 +212,15 @@ class VllmEngine(InferenceEngine):
     def close(self) -> None:
         self.loader.stop()
         self.server.stop()
+
+
+@dataclass(frozen=True)
+class VllmConstraint:
+    """A constraint as vLLM takes it (``body``: its ``structured_outputs``) and as compiled here (``compiled``:
+    the same spec under llguidance with this tokenizer, which checks finished answers)."""
+
+    body: dict
+    compiled: object
 
 
 def engine_args() -> tuple[str, ...]:

@@ -112,11 +112,17 @@ def vllm_command(python: str, launch: VllmLaunch, folder: Path) -> list[str]:
             "--max-lora-rank", str(launch.max_lora_rank), "--disable-uvicorn-access-log", *launch.extra_args]
 
 
+# the server's own secrets: never handed to vLLM's process (it needs its own key only)
+WITHHELD_ENV = ("TUNESMITH_API_KEYS", "OPENAI_API_KEY", "WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
 def vllm_env(key: str, folder: Path, own_network: bool) -> dict[str, str]:
     """The key, the private folder for vLLM's internal sockets and temporary files, runtime adapter loading
-    on, a KV cache size for the CPU build unless one is set."""
-    env = dict(os.environ, VLLM_API_KEY=key, VLLM_RPC_BASE_PATH=str(folder), TMPDIR=str(folder),
-               VLLM_ALLOW_RUNTIME_LORA_UPDATING="True")
+    on, usage statistics off, a KV cache size for the CPU build unless one is set; the server's own secrets
+    (``WITHHELD_ENV``) left out."""
+    env = {k: v for k, v in os.environ.items() if k not in WITHHELD_ENV}
+    env.update(VLLM_API_KEY=key, VLLM_RPC_BASE_PATH=str(folder), TMPDIR=str(folder),
+               VLLM_ALLOW_RUNTIME_LORA_UPDATING="True", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
     if own_network:
         env["TUNESMITH_VLLM_OWN_NETWORK"] = "1"
@@ -308,6 +314,10 @@ class VllmServer:
         self.endpoint = new_endpoint(1 + self.restarts)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         prefix = own_network_prefix()
+        if not prefix and self.restarts == 0 and os.environ.get("TUNESMITH_VLLM_NETWORK") != "host":
+            log.warning("vLLM runs on the host's network (unshare refused a namespace of its own): its engine's "
+                        "internal listeners are reachable on 127.0.0.1 by local users; its API stays on a private "
+                        "socket with a key. Set TUNESMITH_VLLM_NETWORK=host to say this is intended.")
         cmd = [*prefix, *vllm_command(self.python, self.launch, self.endpoint.folder)]
         with open(self.log_path, "ab") as out:
             network = "its own network namespace" if prefix else "the host's network"

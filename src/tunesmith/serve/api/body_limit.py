@@ -1,0 +1,66 @@
+"""The request body cap: every request's body is counted as it arrives, before any route reads it, and one past
+its limit is answered 413 in OpenAI's error shape (a declared ``Content-Length`` past it at once, unread).
+
+Uploads (``/v1/files``) may carry the server's ``--max-upload-mb``; every other route ``--max-body-mb``, enough
+for the longest prompt the model's context takes and far less than a tenant could make the server hold.
+"""
+
+from __future__ import annotations
+
+import json
+
+UPLOAD_PATHS = ("/v1/files",)
+MULTIPART_SLACK = 1024 * 1024  # a multipart body's own framing beside the file
+
+
+class _TooLarge(BaseException):
+    """Raised from ``receive`` once the body passes its limit (a BaseException: no route's handler catches it)."""
+
+
+class BodyLimit:
+    """Pure ASGI middleware: ``max_body`` bytes for a request body, ``max_upload`` for an upload's."""
+
+    def __init__(self, app, max_body: int, max_upload: int):
+        self.app, self.max_body, self.max_upload = app, max_body, max_upload
+
+    def limit_for(self, path: str) -> int:
+        return self.max_upload + MULTIPART_SLACK if path.startswith(UPLOAD_PATHS) else self.max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(scope.get("path", ""))
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await refuse(send, limit)
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await refuse(send, limit)
+
+
+async def refuse(send, limit: int) -> None:
+    body = json.dumps({"error": {"message": f"The request body is larger than this server's limit of "
+                                            f"{limit / 1024 / 1024:.0f} MB.", "type": "invalid_request_error",
+                                 "param": None, "code": "request_too_large"}}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,172 @@
+"""A caller's schema is bounded before anything compiles it, a failing row fails alone, a constrained answer
+conforms or says why not: the pieces, without a server (tests/test_serve_tenants.py drives them through one)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tunesmith.generation import ContinuousBatch, GenParams, Row
+from tunesmith.generation.constrained import ConstraintBroken, ConstraintCache, reply_token_bound
+from tunesmith.generation.schemas import (
+    MAX_SCHEMA_DEPTH,
+    SchemaRefused,
+    check_output_schema,
+    check_schema_cost,
+    resolve,
+)
+from tunesmith.serve.plan.tools import call_schema
+
+
+def dag(levels: int) -> dict:
+    defs = {f"L{i}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/L{i + 1}"},
+                                                       "b": {"$ref": f"#/$defs/L{i + 1}"}},
+                      "additionalProperties": False} for i in range(levels)}
+    defs[f"L{levels}"] = {"type": "string", "maxLength": 4}
+    return {"$defs": defs, "$ref": "#/$defs/L0"}
+
+
+def test_the_token_bound_of_a_dag_sizes_each_ref_once():
+    """2^40 paths, one visit per definition: the bound is exact and comes at once."""
+    t0 = time.perf_counter()
+    bound = reply_token_bound(dag(40))
+    assert time.perf_counter() - t0 < 0.5
+    size = 2 + 6 * 4  # the leaf: a string of at most 4 characters, 6 bytes a character, quotes
+    for _ in range(40):
+        size = 2 + 2 * (len('"a"') + 2 + size)
+    assert bound == size
+    recursive = {"$defs": {"n": {"type": "object", "properties": {"next": {"$ref": "#/$defs/n"}},
+                                 "additionalProperties": False}}, "$ref": "#/$defs/n"}
+    assert reply_token_bound(recursive) is None
+
+
+@pytest.mark.parametrize("schema,keyword,says", [
+    ({"type": "array", "minItems": 10**9}, "minItems", "no answer here holds more"),
+    ({"type": "string", "minLength": 5000}, "minLength", "no answer here holds more"),
+    ({"properties": {f"p{i}": {"type": "string", "description": "d" * 100} for i in range(3000)}}, "schema", "bytes"),
+])
+def test_a_schema_past_the_bounds_is_refused_naming_the_keyword(schema, keyword, says):
+    with pytest.raises(SchemaRefused) as exc:
+        check_schema_cost(schema)
+    assert exc.value.keyword == keyword and says in str(exc.value)
+
+
+def test_depth_is_checked_without_recursion():
+    node: dict = {"type": "string"}
+    for _ in range(5000):  # deeper than Python's recursion limit: a walk that recursed would be a 500
+        node = {"type": "object", "properties": {"x": node}}
+    with pytest.raises(SchemaRefused) as exc:
+        check_output_schema(node, strict=False)
+    assert f"nests deeper than {MAX_SCHEMA_DEPTH} levels" in str(exc.value)
+    assert exc.value.path.startswith("#/properties/x/properties/x")
+
+
+def test_annotations_are_ignored_and_listed_unenforced_keywords_refused():
+    schema = {"id": "x", "x-kind": 1, "type": "object", "markdownDescription": "m",
+              "properties": {"a": True, "b": False, "t": {"type": "array", "items": [{"type": "integer"}],
+                                                          "additionalItems": False}}}
+    assert sorted(check_output_schema(schema, strict=False)) == ["id at #", "markdownDescription at #", "x-kind at #"]
+    for keyword, node in (("not", {"not": {"type": "string"}}), ("if", {"if": {"type": "string"}}),
+                          ("uniqueItems", {"type": "array", "uniqueItems": True})):
+        with pytest.raises(SchemaRefused) as exc:
+            check_output_schema({"type": "object", "properties": {"p": node}}, strict=False)
+        assert (exc.value.keyword, exc.value.path) == (keyword, "#/properties/p")
+    assert check_output_schema({"type": "array", "uniqueItems": False}, strict=False) == []
+
+
+@pytest.mark.parametrize("schema,endless", [
+    ({"$defs": {"A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"]}},
+      "$ref": "#/$defs/A"}, True),
+    ({"$defs": {"L": {"type": "array", "items": {"$ref": "#/$defs/L"}, "minItems": 1}}, "$ref": "#/$defs/L"}, True),
+    ({"$defs": {"A": {"anyOf": [{"$ref": "#/$defs/B"}, {"type": "null"}]},
+                "B": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"]}},
+      "$ref": "#/$defs/B"}, False),  # the null ends it
+    ({"$defs": {"A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}}}, "$ref": "#/$defs/A"}, False),
+])
+def test_a_recursion_no_answer_can_end_is_refused(schema, endless):
+    if endless:
+        with pytest.raises(SchemaRefused, match="recurses without end"):
+            check_output_schema(schema, strict=False)
+    else:
+        check_output_schema(schema, strict=False)
+
+
+def test_a_tools_defs_move_to_the_calls_root_with_every_ref():
+    params = {"type": "object", "properties": {"home": {"$ref": "#/$defs/Address"}, "me": {"$ref": "#"},
+                                               "tags": {"$ref": "#/properties/home"}},
+              "required": ["home"], "$defs": {"Address": {"type": "object", "properties": {
+                  "next": {"$ref": "#/$defs/Address"}, "city": {"type": "string"}}}}}
+    for functions, where in (([{"name": "f", "parameters": params}], "#/properties/arguments"),
+                             ([{"name": "g"}, {"name": "f", "parameters": params}], "#/anyOf/1/properties/arguments")):
+        doc = call_schema(functions)
+        arguments = resolve(doc, where)
+        assert "$defs" not in arguments and doc["$defs"]["f.Address"]["properties"]["next"] == {"$ref": "#/$defs/f.Address"}
+        assert arguments["properties"]["me"] == {"$ref": where}
+        assert arguments["properties"]["tags"] == {"$ref": f"{where}/properties/home"}
+        refs = [v for v in json.dumps(doc).split('"$ref": ')[1:]]
+        assert all(resolve(doc, json.loads(r.split("}")[0])) is not None for r in refs)
+
+
+def test_the_constraint_cache_is_bounded_by_bytes(tiny_model):
+    model, tok = tiny_model
+    cache = ConstraintCache(tok, model.config.vocab_size, [tok.eos_token_id], max_bytes=20_000)
+    for i in range(40):
+        cache.get({"type": "object", "properties": {f"k{i}_{j}": {"type": "integer"} for j in range(30)}})
+    assert cache.bytes <= 20_000 and 1 <= len(cache.compiled) < 40
+
+
+class _BreaksAt:
+    """A row's logits processor that fails at its ``n``-th step (a matcher that could not go on)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self, input_ids, scores):
+        self.calls += 1
+        if self.calls == self.n:
+            raise ConstraintBroken("The answer could not go on under its schema: limit reached")
+        return scores
+
+
+def test_a_failing_row_fails_alone_and_the_others_finish(tiny_model):
+    model, tok = tiny_model
+    batch = ContinuousBatch(model, tok, max_rows=4, isolate_rows=True)
+    ids = tok("hello there", add_special_tokens=False)["input_ids"]
+    rows = [Row(ids, GenParams(max_tokens=8)), Row(ids, GenParams(max_tokens=8), processors=(_BreaksAt(3),)),
+            Row(ids, GenParams(max_tokens=8, temperature=0.8, seed=2**64))]  # a seed torch refuses
+    for r in rows:
+        batch.add(r)
+    done = []
+    while batch.busy:
+        done += batch.step()
+    assert [r.finish_reason for r in rows] == ["length", "error", "error"]
+    assert isinstance(rows[1].error, ConstraintBroken) and len(rows[1].generated) == 2
+    assert isinstance(rows[2].error, (RuntimeError, ValueError)) and len(rows[0].generated) == 8
+    lone = ContinuousBatch(model, tok, max_rows=4)  # one caller's batch: the failure ends the step
+    lone.add(Row(ids, GenParams(max_tokens=8), processors=(_BreaksAt(2),)))
+    with pytest.raises(ConstraintBroken):
+        while lone.busy:
+            lone.step()
+
+
+def test_vllms_finished_answer_is_checked_against_its_constraint(tiny_model):
+    """vLLM ends a row whose matcher failed with its end of sequence: such an answer is an error, not text."""
+    from tunesmith.serve.engines.errors import APIError
+    from tunesmith.serve.engines.interface import Generation
+    from tunesmith.serve.engines.vllm.engine import VllmConstraint, VllmEngine
+
+    model, tok = tiny_model
+    engine = VllmEngine.__new__(VllmEngine)
+    engine.tokenizer, engine._cache = tok, None
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    constraint = VllmConstraint({"json": schema}, engine._constraints().get(schema))
+    whole = Generation('{"a":12}', 5, 4, "stop")
+    assert engine._conforming(whole, constraint, GenParams()) is whole
+    with pytest.raises(APIError) as exc:
+        engine._conforming(Generation('{"a":', 5, 2, "stop"), constraint, GenParams())
+    assert exc.value.status == 400 and exc.value.body["code"] == "constraint_failed"
+    cut = Generation('{"a":', 5, 2, "length")  # cut by max_tokens: not whole, and said so
+    assert engine._conforming(cut, constraint, GenParams()) is cut
