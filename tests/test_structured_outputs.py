@@ -129,8 +129,9 @@ def test_json_object_and_loose_schemas(live):
     doc = json.loads(ask(live, loose, strict=False, temperature=0).choices[0].message.content)
     jsonschema.validate(doc, loose)
     # no word "json" in the messages (what the Vercel AI SDK sends): still a JSON object, never a 400
+    question = "What is the capital of France? Reply as an object."
     reply = live.chat.completions.create(model=EMBEDDED, response_format={"type": "json_object"}, temperature=0,
-                                         messages=[{"role": "user", "content": "What is the capital of France? Reply as an object."}])
+                                         messages=[{"role": "user", "content": question}])
     assert reply.choices[0].finish_reason == "stop" and isinstance(json.loads(reply.choices[0].message.content), dict)
 
 
