@@ -136,7 +136,7 @@ def _peak_mb() -> float:
 @pytest.mark.parametrize("behaviour", sorted(HOSTILE))
 def test_the_server_reads_the_sandbox_as_data(tmp_path, monkeypatch, behaviour):
     monkeypatch.setattr(sandbox, "CHILD", _hostile_child(tmp_path, behaviour))
-    monkeypatch.setattr(sandbox, "network_namespace", lambda: False)
+    monkeypatch.setattr(sandbox, "NAMESPACED", False)
     _peak_reset()
     before = _peak_mb()
     [row] = run_python("def grade(s, i):\n    return 1.0\n", [({"output_text": "x"}, {})], Limits(wall_s=20))

@@ -19,7 +19,7 @@ import pytest
 
 from tunesmith.errors import ConfigError
 from tunesmith.graders import sandbox, seccomp
-from tunesmith.graders.sandbox import landlock_abi, network_namespace, run_python
+from tunesmith.graders.sandbox import landlock_abi, namespaces, run_python
 
 ATTACKS = r'''
 import ctypes, mmap, os, socket, struct
@@ -107,17 +107,18 @@ def grade(sample, item):
 '''
 
 X86_64 = os.uname().machine == "x86_64"
-MODES = [pytest.param(True, id="namespaces", marks=pytest.mark.skipif(not network_namespace(), reason=(
-    "unprivileged user namespaces are off here (unshare -rn fails)"))),
-         pytest.param(False, id="without-namespaces", marks=pytest.mark.skipif(landlock_abi() < 1, reason=(
-             "no Landlock here: without namespaces python graders are refused (tested below)")))]
+MODES = [pytest.param(True, id="namespaces", marks=pytest.mark.skipif(namespaces() is not None, reason=(
+    f"the grader's namespaces cannot be built here: {namespaces()}"))),
+         pytest.param(False, id="inner-layers", marks=pytest.mark.skipif(landlock_abi() < 1, reason=(
+             "no Landlock here: python graders are refused (tested below)")))]
 
 
-@pytest.fixture(params=MODES)
-def namespaces(request, monkeypatch):
-    """The sandbox as on this host, or as on a host without unprivileged user namespaces."""
+@pytest.fixture(name="namespaces", params=MODES)
+def with_namespaces(request, monkeypatch):
+    """The sandbox as on this host, or its inner layers alone (Landlock, seccomp, the audit hook): each layer
+    must hold by itself."""
     if not request.param:
-        monkeypatch.setattr(sandbox, "network_namespace", lambda: False)
+        monkeypatch.setattr(sandbox, "NAMESPACED", False)
     return request.param
 
 
@@ -230,16 +231,29 @@ def _run_filter(prog: list[tuple[int, int, int, int]], nr: int, arch: int) -> in
         pc += 1
 
 
+REFUSED = {"x86_64": {"socket": 41, "connect": 42, "clone": 56, "fork": 57, "execve": 59, "kill": 62, "chmod": 90,
+                      "fchmod": 91, "chown": 92, "truncate": 76, "link": 86, "symlink": 88, "ptrace": 101,
+                      "setxattr": 188, "utimensat": 280, "tgkill": 234, "ioctl": 16, "mount": 165, "unshare": 272,
+                      "io_uring_setup": 425, "clone3": 435, "pidfd_send_signal": 424, "fchmodat2": 452},
+           "aarch64": {"socket": 198, "connect": 203, "clone": 220, "execve": 221, "kill": 129, "fchmodat": 53,
+                       "fchownat": 54, "truncate": 45, "linkat": 37, "symlinkat": 36, "ptrace": 117, "setxattr": 5,
+                       "utimensat": 88, "tgkill": 131, "ioctl": 29, "mount": 40, "unshare": 97, "clone3": 435}}
+
+
 @pytest.mark.parametrize("arch", sorted(seccomp.NUMBERS))
 def test_the_filter_program(arch):
-    """Every denied number is refused, other calls pass, and any other ABI (i386 or AArch32, x32) is refused."""
+    """An allow list: every allowed number passes, the calls a grader must not make are refused (sockets, new
+    tasks, signals, ptrace, mode/owner/xattr/time changes, truncation by path, links, ioctl, mount, unshare), and
+    any other ABI (i386 or AArch32, x32) is refused."""
     prog, native, numbers = seccomp.program(arch), seccomp.AUDIT_ARCH[arch], seccomp.NUMBERS[arch]
-    read, write = {"x86_64": (0, 1), "aarch64": (63, 64)}[arch]
-    assert set(numbers) == set(seccomp.SOCKETS + seccomp.TASKS) - ({"fork", "vfork"} if arch == "aarch64" else set())
-    assert len(set(numbers.values())) == len(numbers) and len(prog) == len(numbers) + 6
-    assert all(_run_filter(prog, nr, native) == seccomp.REFUSE for nr in numbers.values())
-    assert _run_filter(prog, read, native) == _run_filter(prog, write, native) == seccomp.ALLOW
-    assert _run_filter(prog, 0x40000000 | 41, native) == seccomp.REFUSE  # x32's socket
+    named = {n for group in seccomp.ALLOWED.values() for n in group.split()}
+    assert set(numbers) <= named and len(set(numbers.values())) == len(numbers)
+    assert len(prog) == len(numbers) + 6
+    assert all(_run_filter(prog, nr, native) == seccomp.ALLOW for nr in numbers.values())
+    assert all(_run_filter(prog, nr, native) == seccomp.REFUSE for nr in REFUSED[arch].values())
+    assert not set(REFUSED[arch]) & set(numbers)
+    assert _run_filter(prog, 0x40000000 | 0, native) == seccomp.REFUSE  # x32's read
+    read = numbers["read"]
     for foreign in (0x40000003, 0x40000028):  # AUDIT_ARCH_I386, AUDIT_ARCH_ARM
         assert _run_filter(prog, read, foreign) == _run_filter(prog, 102, foreign) == seccomp.REFUSE
     assert seccomp.REFUSE & 0xFFFF == errno.EPERM
@@ -257,22 +271,27 @@ def test_numbers_match_the_kernel_headers(arch):
     text = header.read_text()
     found = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define __NR(?:3264)?_(\w+)\s+(\d+)", text)}
     assert {name: found[name] for name in seccomp.NUMBERS[arch]} == seccomp.NUMBERS[arch]
-    assert arch != "aarch64" or not {"fork", "vfork"} & set(found)  # the generic table has none to refuse
+    assert {name: found[name] for name in REFUSED[arch] if name in found} == {n: v for n, v in REFUSED[arch].items() if n in found}
+    named = {n for group in seccomp.ALLOWED.values() for n in group.split()}
+    assert {n for n in named if n in found} == set(seccomp.NUMBERS[arch])  # every allowed call the table has
 
 
 def test_hosts_that_cannot_sandbox_are_refused(monkeypatch):
-    """Neither namespaces nor Landlock, or no seccomp: a ConfigError before any grader runs, and the server
-    does not start with python graders on (before its app or worker)."""
+    """No namespaces, no Landlock, or no seccomp: a ConfigError before any grader runs, and the server does not
+    start with python graders on (before its app or worker)."""
     from types import SimpleNamespace
 
     from tunesmith.serve.launch import serve_platform
 
-    monkeypatch.setattr(sandbox, "network_namespace", lambda: False)
-    monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)
-    with pytest.raises(ConfigError, match="neither unprivileged network namespaces .* nor Landlock"):
+    monkeypatch.setattr(sandbox, "namespaces", lambda: "unshare: write failed /proc/self/uid_map: Operation not permitted")
+    with pytest.raises(ConfigError, match="namespaces cannot be built .*uid_map"):
         run_python("def grade(s, i):\n    return 1.0", [({}, {})])
     with pytest.raises(ConfigError, match="--no-python-graders"):
         serve_platform(SimpleNamespace(python_graders_on=True), "127.0.0.1", 0)
+    monkeypatch.setattr(sandbox, "namespaces", lambda: None)
+    monkeypatch.setattr(sandbox, "landlock_abi", lambda: 0)
+    with pytest.raises(ConfigError, match="no Landlock"):
+        sandbox.isolation()
     monkeypatch.setattr(sandbox, "landlock_abi", lambda: 7)
     monkeypatch.setattr(sandbox, "seccomp_refusal", lambda: "the seccomp filter cannot be installed: no")
     with pytest.raises(ConfigError, match="seccomp filter cannot be installed"):

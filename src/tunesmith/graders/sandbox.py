@@ -9,15 +9,19 @@ the rows after it go on in a fresh process:
 - wall-clock (the parent kills the process group when a row takes longer),
 - written file size (``RLIMIT_FSIZE``) and no core dumps.
 
-Isolation (see :mod:`tunesmith.graders.sandbox_child`): fresh network and PID namespaces through ``unshare``
-when the system allows unprivileged user namespaces (no interface but a down loopback; every process the
-grader starts, even one that leaves its session, is killed with it), Landlock (files
-readable only under Python's installation, writable only in the grader's own temporary folder, no TCP),
-a seccomp filter refusing every socket system call and every new process or thread
-(:mod:`tunesmith.graders.seccomp`), an audit hook with readable refusals, and an environment with none
-of the server's variables (API keys). Where neither namespaces nor Landlock are available, or the seccomp filter
-cannot be installed, python graders are refused (:func:`refusal`): the server does not start with them on,
-and :func:`run_python` raises.
+Isolation (see :mod:`tunesmith.graders.sandbox_child`), every layer required:
+
+- fresh user, mount, network and PID namespaces through ``unshare`` (no interface but a down loopback; no
+  process outside the grader's own to signal or see; every process it starts is killed with it);
+- inside them every mount read-only, the grader's folder a tmpfs of ``Limits.folder_mb``, a ``/proc`` of its own,
+  and no capability left (a server started as root gives its graders nothing of root's);
+- Landlock: files readable only under Python's installation, writable only in the grader's folder, no TCP;
+- a seccomp allow list (:mod:`tunesmith.graders.seccomp`): the system calls a Python grader needs and no
+  other (no socket, process, thread, signal, ptrace, chmod, chown, xattr, utime, truncate by path, link);
+- an audit hook with readable refusals, and an environment with none of the server's variables (API keys).
+
+Where the host cannot give one of these layers python graders are refused with the reason (:func:`refusal`):
+the server does not start with them on, and :func:`run_python` raises.
 
 The answers are data, never trusted: the caller's code runs in a process forked by the sandbox's relay,
 out of reach of the channel to this server; each line read here is bounded (:data:`LINE_BYTES`), parsed
@@ -57,6 +61,7 @@ class Limits:
     wall_s: float = 30.0  # wall-clock seconds per row
     memory_mb: int = 1024  # address space of the grader process
     file_mb: int = 16  # the largest file it may write in its folder
+    folder_mb: int = 64  # all it may write: its folder is a tmpfs of this size
 
 
 @dataclass
@@ -66,19 +71,26 @@ class Outcome:
     seconds: float = 0.0
 
 
-NAMESPACES = ("-rn", "--pid", "--fork", "--kill-child")  # user + network + PID namespaces; the grader dies with us
+NAMESPACES = ("-rmn", "--pid", "--fork", "--kill-child")  # user + mount + network + PID; the grader dies with us
+NAMESPACED = True  # False only in tests of the inner layers alone (Landlock, seccomp, the audit hook, the relay)
 
 
 @functools.cache
-def network_namespace() -> bool:
-    """True when ``unshare -rn --pid --fork`` works here (unprivileged user, network and PID namespaces)."""
+def namespaces() -> str | None:
+    """None when the grader's namespaces can be built here (``unshare -rmn --pid --fork``, then every mount
+    read-only, a tmpfs folder, ``/proc`` and no capability: :func:`sandbox_child.isolate_filesystem`, tried in a
+    throwaway process); else why not."""
     tool = shutil.which("unshare")
     if tool is None:
-        return False
-    try:
-        return subprocess.run([tool, *NAMESPACES, "true"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+        return "the unshare command is missing (util-linux)"
+    with tempfile.TemporaryDirectory(prefix="tunesmith-probe-") as folder:
+        try:
+            done = subprocess.run([tool, *NAMESPACES, sys.executable, "-I", str(CHILD), "--probe"], cwd=folder,
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"the namespace probe did not run: {exc}"
+    said = done.stdout.strip() or done.stderr.strip()[-300:] or f"exit status {done.returncode}"
+    return None if said == "isolated" else said
 
 
 @functools.cache
@@ -105,17 +117,21 @@ def seccomp_refusal() -> str | None:
     return None if said == "refused" else said
 
 
+TURN_OFF = "turn them off (`tunesmith serve --no-python-graders`, no python graders in the recipe)"
+
+
 def refusal() -> str | None:
-    """Why python graders may not run on this host, or None: the kernel must offer network namespaces or
-    Landlock (else only the audit hook would keep the network and the files out), and the seccomp filter."""
-    if not network_namespace() and not landlock_abi():
-        return ("python graders are refused here: this host offers neither unprivileged network namespaces "
-                "(`unshare -rn` fails) nor Landlock (Linux 5.13+), so nothing below Python would keep a grader "
-                "from the network and the server's files; turn them off (`tunesmith serve --no-python-graders`, "
-                "no python graders in the recipe) or run on a kernel with either")
+    """Why python graders may not run on this host, or None: every layer of the sandbox must be there
+    (namespaces with a read-only filesystem and a tmpfs folder, Landlock, the seccomp allow list)."""
+    if why := namespaces():
+        return (f"python graders are refused here: the sandbox's user, mount, network and PID namespaces cannot be "
+                f"built ({why}); {TURN_OFF} or run where unprivileged user namespaces are allowed "
+                "(kernel.unprivileged_userns_clone=1, or AppArmor's userns restriction lifted for the server)")
+    if not landlock_abi():
+        return (f"python graders are refused here: this kernel offers no Landlock (Linux 5.13+), which keeps a "
+                f"grader from reading the server's files; {TURN_OFF} or run on a newer kernel")
     if why := seccomp_refusal():
-        return (f"python graders are refused here: {why}; turn them off (`tunesmith serve --no-python-graders`, "
-                "no python graders in the recipe) or run on x86_64 or aarch64 Linux with seccomp")
+        return f"python graders are refused here: {why}; {TURN_OFF} or run on x86_64 or aarch64 Linux with seccomp"
     return None
 
 
@@ -124,9 +140,8 @@ def isolation() -> str:
     where python graders are refused (:func:`refusal`)."""
     if why := refusal():
         raise ConfigError(why)
-    parts = ["network and PID namespaces" if network_namespace() else "NO namespaces (unshare -rn unavailable)",
-             f"Landlock ABI {landlock_abi()}" if landlock_abi() else "NO Landlock (kernel without it)"]
-    return ", ".join(parts) + ", seccomp (no sockets, no new processes), audit hook, rlimits, empty environment"
+    return (f"user, mount, network and PID namespaces (read-only filesystem, a tmpfs folder, no capabilities), "
+            f"Landlock ABI {landlock_abi()}, seccomp allow list, audit hook, rlimits, empty environment")
 
 
 def _limit(limits: Limits, rows: int):
@@ -153,8 +168,8 @@ class _Child:
 
     def __init__(self, folder: str, limits: Limits, rows: int):
         cmd = [sys.executable, "-I", str(CHILD)]
-        if network_namespace():
-            cmd = [shutil.which("unshare") or "unshare", *NAMESPACES, *cmd]
+        if NAMESPACED:
+            cmd = [shutil.which("unshare") or "unshare", *NAMESPACES, *cmd, "--folder-mb", str(limits.folder_mb)]
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, cwd=folder, env=_env(folder), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, preexec_fn=_limit(limits, rows), start_new_session=True)

@@ -1,7 +1,11 @@
 """The processes a python grader runs in (started by :mod:`tunesmith.graders.sandbox` as ``python -I <this file>``
-inside its own folder; it imports nothing from tunesmith).
+inside its own folder, in fresh user, mount, network and PID namespaces; it imports nothing from tunesmith).
 
-Before the grader's source is even compiled this process (1) restricts itself with Landlock, the kernel's
+Before the grader's source is even compiled this process (0) makes every mount it sees read-only (one recursive
+``mount_setattr``: no file of the host can change, whatever its owner or mode), puts a size-capped tmpfs on the
+grader's folder (the only place it can write, ``--folder-mb`` in all), mounts a ``/proc`` of its own PID namespace
+and drops every capability (bounding set, ambient, effective, permitted: the namespace's root can do nothing a
+plain user cannot); (1) restricts itself with Landlock, the kernel's
 unprivileged sandbox: files may be read only under Python's own installation, written only in the grader's
 folder, and no TCP connection or bind is allowed; (2) forks the **grader process**, which adds a second,
 nested Landlock layer (so it can neither trace, signal nor read ``/proc`` of this one), closes every
@@ -75,6 +79,57 @@ def landlock(read_dirs, write_dirs, files) -> int:
         raise OSError(ctypes.get_errno(), "landlock_restrict_self failed")
     os.close(ruleset)
     return abi
+
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 2, 4, 8, 0x4000, 1 << 18
+MOUNT_ATTR_RDONLY, AT_FDCWD, AT_RECURSIVE, MOUNT_SETATTR = 1, -100, 0x8000, 442  # 442 on x86_64 and aarch64
+
+
+def isolate_filesystem(folder: str, folder_mb: int) -> None:
+    """In this process's own mount namespace: every mount read-only, a tmpfs of ``folder_mb`` on ``folder`` (its
+    files carried over), ``/proc`` of this PID namespace, then no capability left. OSError saying which step
+    failed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def check(result, what):
+        if result < 0:
+            raise OSError(ctypes.get_errno(), f"{what} failed: {os.strerror(ctypes.get_errno())}")
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                    ("userns_fd", ctypes.c_uint64)]
+
+    kept = {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)
+            if os.path.isfile(os.path.join(folder, name))}
+    check(libc.mount(None, b"/", None, _long(MS_REC | MS_PRIVATE), None), "making the mounts private")
+    attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    check(libc.syscall(_long(MOUNT_SETATTR), _long(AT_FDCWD), b"/", _long(AT_RECURSIVE), ctypes.byref(attr),
+                       _long(ctypes.sizeof(attr))), "making every mount read-only (mount_setattr, Linux 5.12+)")
+    check(libc.mount(b"tmpfs", os.fsencode(folder), b"tmpfs", _long(MS_NOSUID | MS_NODEV),
+                     f"size={folder_mb}m,mode=0700".encode()), "mounting the grader's tmpfs")
+    check(libc.mount(b"proc", b"/proc", b"proc", _long(MS_NOSUID | MS_NODEV | MS_NOEXEC), None), "mounting /proc")
+    os.chdir(folder)  # the tmpfs, not the folder beneath it
+    for name, data in kept.items():
+        with open(name, "wb") as f:
+            f.write(data)
+    drop_capabilities(libc)
+
+
+def drop_capabilities(libc) -> None:
+    """No capability left in any set, and none to regain (bounding set emptied, ambient cleared)."""
+    for cap in range(64):
+        libc.prctl(24, _long(cap), _long(0), _long(0), _long(0))  # PR_CAPBSET_DROP (EINVAL past the last: fine)
+    libc.prctl(47, _long(4), _long(0), _long(0), _long(0))  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    if libc.capset(ctypes.byref(Header(0x20080522, 0)), (Data * 2)()) < 0:  # _LINUX_CAPABILITY_VERSION_3
+        raise OSError(ctypes.get_errno(), "dropping the capabilities failed")
 
 
 def sibling(name: str):
@@ -285,12 +340,23 @@ def start_grader(folder, read_roots, seccomp, keep_out: list[int]) -> GraderPipe
 
 def main() -> None:
     folder = os.getcwd()
+    if "--probe" in sys.argv:  # the host check: can this sandbox be built here?
+        isolate_filesystem(folder, 1)
+        print("isolated")
+        return
     server_out_fd = os.dup(1)
     server_out = os.fdopen(server_out_fd, "w")
     os.dup2(2, 1)  # prints go to stderr, never into the answers
     read_roots = sorted({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                                                          sys.base_exec_prefix)} | {"/usr/lib", "/lib", "/lib64"})
     seccomp = sibling("seccomp")  # read before Landlock: this file's folder may lie outside read_roots
+    if "--folder-mb" in sys.argv:
+        try:
+            isolate_filesystem(folder, int(sys.argv[sys.argv.index("--folder-mb") + 1]))
+        except OSError as exc:
+            server_out.write(json.dumps({"fatal": f"RuntimeError: the sandbox could not be built: {exc}"}) + "\n")
+            server_out.flush()
+            return
     abi = landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, _long(0), _long(0), _long(0), _long(0))
     pipe = start_grader(folder, read_roots, seccomp, keep_out=[0, server_out_fd])
