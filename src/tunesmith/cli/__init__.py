@@ -258,6 +258,11 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
     max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body in MB (uploads excepted); "
                                              "larger ones get a 413.")] = 16,
+    requests_per_key: Annotated[int | None, typer.Option(min=1, help="Most inference requests of one API key in "
+                                                         "flight at once (429 past it) [default: no limit].")] = None,
+    tokens_per_minute_per_key: Annotated[int | None, typer.Option(min=1, help="Most tokens (prompt + max_tokens) "
+                                                                  "one API key's requests may ask for in a minute "
+                                                                  "(429 past it) [default: no limit].")] = None,
     docs: Annotated[bool | None, typer.Option("--docs/--no-docs", help="Serve /docs and /openapi.json "
                                               "[default: on only without API keys].", show_default=False)] = None,
     allow_random_model: Annotated[bool, typer.Option(help="Serve a random:<arch> model (random weights).")] = False,
@@ -272,6 +277,7 @@ def serve(
                                                     "(default: start a local one).")] = None,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
+    from tunesmith.serve.api.rate_limits import KeyLimits
     from tunesmith.serve.app import ServeSettings
     from tunesmith.serve.launch import parse_adapters, parse_model_aliases, pick_engine, serve_platform
 
@@ -292,7 +298,8 @@ def serve(
                              max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
-                             vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb)
+                             vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,
+                             key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key))
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------

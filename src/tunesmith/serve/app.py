@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tunesmith.graders.sandbox import Limits
+from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
 from tunesmith.serve.engines.errors import APIError, validation_error_body
 
 
@@ -42,6 +43,7 @@ class ServeSettings:
     vllm_args: tuple[str, ...] = ()  # more arguments for vLLM's server (e.g. --tensor-parallel-size 2)
     vllm_gpu_share: float = 0.5  # on CUDA: vLLM's share of the GPU's memory; the jobs worker has the rest
     gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.engines.gpu_split), None on a CPU
+    key_limits: KeyLimits = field(default_factory=KeyLimits)  # per-key requests in flight, tokens a minute (off)
 
     @property
     def python_graders_on(self) -> bool:
@@ -91,6 +93,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
+    app.state.limiter = KeyLimiter(settings.key_limits)
     from tunesmith.serve.api.body_limit import BodyLimit
 
     app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
@@ -104,7 +107,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse({"error": exc.body}, status_code=exc.status)
+        return JSONResponse({"error": exc.body}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):

@@ -102,20 +102,47 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
         task.cancel()
 
 
+async def planned_run(request: Request, key: str | None, engine, builder, body, *more):
+    """The request's plan, built off the event loop, running on the engine as ``key``'s: a place among the key's
+    requests in flight first (429 past its limit), its tokens charged once planned. Returns (plan, the engine's
+    requests, the ticket to release when the answer has been sent)."""
+    ticket = request.app.state.limiter.admit(key)
+    try:
+        plan = await build(builder, body, *more, engine, request.app.state.settings.max_tokens)
+        ticket.charge(plan.cost)
+        return plan, engine.run(plan, tenant=key), ticket
+    except BaseException:
+        ticket.release()
+        raise
+
+
+def streamed(events, ticket, plan) -> StreamingResponse:
+    """An event stream whose key's place is let go when it ends, however it ends."""
+    async def released():
+        try:
+            async for event in events:
+                yield event
+        finally:
+            ticket.release()
+
+    return StreamingResponse(released(), media_type="text/event-stream", headers=plan.headers() | ticket.headers)
+
+
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, response: Response, key: Key):
     check_fields(CHAT, body)
     engine = _engine(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(engine, body)
-    plan = await build(chat_plan, body, engine, request.app.state.settings.max_tokens)
-    [job] = engine.run(plan)
+    plan, [job], ticket = await planned_run(request, key, engine, chat_plan, body)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if plan.stream:
-        return StreamingResponse(_sse_chat(job, plan, cid, created), media_type="text/event-stream",
-                                 headers=plan.headers())
-    response.headers.update(plan.headers())
-    [gens] = await _results(request, [job])
+        return streamed(_sse_chat(job, plan, cid, created), ticket, plan)
+    response.headers.update(plan.headers() | ticket.headers)
+    try:
+        [gens] = await _results(request, [job])
+    finally:
+        ticket.release()
     choices = []
     for i, g in enumerate(gens):
         msg, called = plan.message(g.text)
@@ -184,16 +211,19 @@ async def _sse_chat(job, plan, cid: str, created: int):
 
 
 @router.post("/completions")
-async def completions(body: CompletionBody, request: Request, key: Key):
+async def completions(body: CompletionBody, request: Request, response: Response, key: Key):
     check_fields(COMPLETIONS, body)
     engine = _engine(request, body.model, key)
-    plan = await build(completion_plan, body, engine, request.app.state.settings.max_tokens)
-    jobs = engine.run(plan)
+    plan, jobs, ticket = await planned_run(request, key, engine, completion_plan, body)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if plan.stream:
-        return StreamingResponse(_sse_completions(jobs, plan, prompts, cid, created), media_type="text/event-stream")
-    gens = [g for per_prompt in await _results(request, jobs) for g in per_prompt]
+        return streamed(_sse_completions(jobs, plan, prompts, cid, created), ticket, plan)
+    response.headers.update(ticket.headers)
+    try:
+        gens = [g for per_prompt in await _results(request, jobs) for g in per_prompt]
+    finally:
+        ticket.release()
     choices = []
     for i, g in enumerate(gens):
         head = prompts[i // plan.n] if plan.echo else ""

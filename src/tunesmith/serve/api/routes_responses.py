@@ -19,13 +19,12 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import StreamingResponse
 
-from tunesmith.serve.api.routes_openai import Key, _engine, _results, obfuscated
+from tunesmith.serve.api.routes_openai import Key, _engine, _results, obfuscated, planned_run, streamed
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import RESPONSES, check_fields
-from tunesmith.serve.plan.requests import build, response_plan
+from tunesmith.serve.plan.requests import response_plan
 from tunesmith.serve.plan.schemas import ResponseBody
 
 router = APIRouter(prefix="/v1")
@@ -89,9 +88,7 @@ async def create_response(body: ResponseBody, request: Request, response: Respon
     if body.model in engine.heads:
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")
-    plan = await build(response_plan, body, earlier_turns(body, request, key), engine,
-                       request.app.state.settings.max_tokens)
-    [job] = engine.run(plan)
+    plan, [job], ticket = await planned_run(request, key, engine, response_plan, body, earlier_turns(body, request, key))
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
     def finish(gen: Generation, items: list[dict], kept: dict) -> dict:
@@ -101,10 +98,12 @@ async def create_response(body: ResponseBody, request: Request, response: Respon
         return doc
 
     if plan.stream:
-        return StreamingResponse(_events(job, plan, body, rid, created, finish), media_type="text/event-stream",
-                                 headers=plan.headers())
-    response.headers.update(plan.headers())
-    [[gen]] = await _results(request, [job])
+        return streamed(_events(job, plan, body, rid, created, finish), ticket, plan)
+    response.headers.update(plan.headers() | ticket.headers)
+    try:
+        [[gen]] = await _results(request, [job])
+    finally:
+        ticket.release()
     return finish(gen, *output_items(plan, body, rid, gen))
 
 

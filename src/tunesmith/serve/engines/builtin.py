@@ -12,6 +12,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class _ServedRow(Row):
     stream: bool = False
     sent: str = ""  # text already streamed
     sent_tokens: int = 0  # token logprobs already streamed
+    tenant: str | None = None  # the caller whose share of the batch this row counts against
 
     @property
     def abandoned(self) -> bool:
@@ -56,6 +58,7 @@ class Engine(InferenceEngine):
         self.wait_s, self.request_timeout_s = wait_ms / 1000, request_timeout_s
         self.lock = threading.Lock()
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
+        self.line = FairLine()  # arrived rows by tenant, fed to the batch round robin
         self.closed = False
         # compiled output constraints; the tokenizer is converted for llguidance at the first
         self.constraints = ConstraintCache(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model),
@@ -100,7 +103,7 @@ class Engine(InferenceEngine):
     # --- requests -------------------------------------------------------------------------
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None) -> Request:
+               constraint=None, logprobs: int | None = None, tenant: str | None = None) -> Request:
         """``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes
         under; ``logprobs``: each generated token's logprob and that many top alternatives, reported."""
         if self.closed:
@@ -112,7 +115,7 @@ class Engine(InferenceEngine):
         for i, p in enumerate(params):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
             self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, logprobs=logprobs,
-                                        request=request, index=i, stream=stream))
+                                        request=request, index=i, stream=stream, tenant=tenant))
         return request
 
     def close(self) -> None:
@@ -139,22 +142,26 @@ class Engine(InferenceEngine):
         self._fail_all(_shutting_down())
 
     def _take_pending(self) -> None:
-        """Move arriving rows to the batch's waiting line: block while idle, then gather a burst for ``wait_ms``;
-        while rows are in flight, take only what has already arrived."""
-        idle = not self.batch.busy
+        """Move arriving rows to their tenants' lines (block while idle, then gather a burst for ``wait_ms``;
+        while rows are in flight, take only what has already arrived), then feed the batch's waiting line from
+        them round robin, no more than the batch has room for (so the batch's line stays fair too)."""
+        idle = not self.batch.busy and not self.line
         deadline = time.monotonic() + self.wait_s
         while True:
             try:
-                if idle and not self.batch.waiting:
+                if idle and not self.batch.waiting and not self.line:
                     row = self.pending.get()
                 elif idle:
                     row = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
                 else:
                     row = self.pending.get_nowait()
             except queue.Empty:
-                return
+                break
             if row is None:  # closing
-                return
+                break
+            self.line.add(row)
+        room = self.batch.max_rows - len(self.batch.active) - len(self.batch.waiting)
+        for row in self.line.take(room):
             self.batch.add(row)
 
     def _answer(self, row: _ServedRow) -> None:
@@ -199,7 +206,7 @@ class Engine(InferenceEngine):
             row.sent = ready
 
     def _fail_all(self, exc: Exception) -> None:
-        for row in [*self.batch.abort(), *self.batch.waiting]:
+        for row in [*self.batch.abort(), *self.batch.waiting, *self.line.take(None)]:
             row.request.push(row.index, exc)
         self.batch.waiting.clear()
         while True:
@@ -209,6 +216,39 @@ class Engine(InferenceEngine):
                 return
             if row is not None:
                 row.request.push(row.index, exc)
+
+
+class FairLine:
+    """Rows waiting for the batch, one line per tenant, taken round robin: each tenant with rows waiting gets
+    the next free place in turn, whatever the number of rows it sent (rows whose caller left are dropped)."""
+
+    def __init__(self):
+        self.lines: dict[object, deque] = {}
+        self.turns: deque = deque()  # tenants with rows waiting, in the order they are served
+
+    def __bool__(self) -> bool:
+        return bool(self.turns)
+
+    def add(self, row: _ServedRow) -> None:
+        if row.tenant not in self.lines:
+            self.lines[row.tenant] = deque()
+            self.turns.append(row.tenant)
+        self.lines[row.tenant].append(row)
+
+    def take(self, count: int | None) -> list[_ServedRow]:
+        """Up to ``count`` rows (all when None), one tenant at a time in turn."""
+        out: list[_ServedRow] = []
+        while self.turns and (count is None or len(out) < count):
+            tenant = self.turns.popleft()
+            line = self.lines[tenant]
+            row = line.popleft()
+            if line:
+                self.turns.append(tenant)
+            else:
+                del self.lines[tenant]
+            if not row.abandoned or count is None:
+                out.append(row)
+        return out
 
 
 def row_failure(exc: BaseException) -> APIError:

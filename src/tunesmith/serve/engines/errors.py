@@ -12,9 +12,10 @@ class APIError(Exception):
     """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.body = status, {"message": message, "type": type_, "param": param, "code": code}
+        self.headers = headers or {}  # e.g. a 429's retry-after and x-ratelimit-*
 
 
 def validation_error_body(errors: list[dict]) -> dict:

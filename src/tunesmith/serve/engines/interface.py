@@ -156,16 +156,18 @@ class InferenceEngine:
         grammar in llguidance's syntax (both engines decode with llguidance). Called off the event loop."""
         raise NotImplementedError
 
-    def run(self, plan) -> list[Request]:
-        """One request per prompt of the plan, each with the plan's ``n`` choices, constraint and logprobs."""
+    def run(self, plan, tenant: str | None = None) -> list[Request]:
+        """One request per prompt of the plan, each with the plan's ``n`` choices, constraint and logprobs;
+        ``tenant``: the caller (its API key) whose rows share the engine fairly with other callers'."""
         return [self.submit(plan.model, ids, plan.params, stream=plan.stream, constraint=plan.constraint,
-                            logprobs=plan.logprobs) for ids in plan.prompts]
+                            logprobs=plan.logprobs, tenant=tenant) for ids in plan.prompts]
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None) -> Request:
+               constraint=None, logprobs: int | None = None, tenant: str | None = None) -> Request:
         """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
         ``logprobs``: the top alternatives to report per generated token (0: the chosen token's only), where
-        the engine reports them."""
+        the engine reports them. Rows of different ``tenant``s are admitted round robin, not first come first
+        served: a caller with hundreds of rows waiting does not queue another caller's row behind them."""
         raise NotImplementedError
 
     def close(self) -> None:

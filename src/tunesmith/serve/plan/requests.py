@@ -59,6 +59,12 @@ class RequestPlan:
     def n(self) -> int:
         return len(self.params)
 
+    @property
+    def cost(self) -> int:
+        """Tokens the request asks for, as OpenAI's rate limits count them: every prompt, and the most every
+        choice may generate."""
+        return sum(len(ids) for ids in self.prompts) + len(self.prompts) * sum(p.max_tokens for p in self.params)
+
     def reader(self) -> answer.ChoiceDeltas:
         """A reader of one choice's text as it streams: OpenAI chat deltas (content or tool calls)."""
         return answer.ChoiceDeltas(self.tools)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class VllmEngine(InferenceEngine):
         self.context_length = self.server.max_model_len or self.tokenizer.model_max_length
         self.tasks: set[asyncio.Task] = set()  # every vLLM call in flight
         self._cache = None  # compiled constraints (llguidance, this tokenizer): validation and answer checks
+        self.in_flight_of: Counter = Counter()  # tenant -> its vLLM calls not yet ended (their priority)
         self._clients: dict[int, tuple[int, object]] = {}  # event loop id -> (vLLM start, httpx.AsyncClient)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
@@ -113,18 +115,29 @@ class VllmEngine(InferenceEngine):
     # --- requests -------------------------------------------------------------------------
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None) -> Request:
+               constraint=None, logprobs: int | None = None, tenant: str | None = None) -> Request:
+        """Each choice one vLLM request, its ``priority`` the number of this tenant's rows already in flight
+        (vLLM's priority scheduling serves lower numbers first): a tenant's first row goes before another's
+        hundredth, so the rows vLLM runs are shared round robin over tenants."""
         if not self.server.ready.is_set():
             raise unavailable()
         request = Request(len(params), asyncio.get_running_loop())
         name = self.served_name(model_id)
         for i, p in enumerate(params):
             body = completion_body(name, prompt_ids, p, stream, constraint.body if constraint else None, logprobs)
+            body["priority"] = self.in_flight_of[tenant]
+            self.in_flight_of[tenant] += 1
             task = asyncio.ensure_future(self._generate(request, i, body, model_id, constraint, p))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lambda done, tenant=tenant: self._ended(done, tenant))
             request.on_cancel.append(task.cancel)
         return request
+
+    def _ended(self, task: asyncio.Task, tenant: str | None) -> None:
+        self.tasks.discard(task)
+        self.in_flight_of[tenant] -= 1
+        if not self.in_flight_of[tenant]:
+            del self.in_flight_of[tenant]
 
     async def _generate(self, request: Request, index: int, body: dict, model_id: str, constraint=None,
                         params: GenParams | None = None) -> None:
@@ -226,6 +239,9 @@ class VllmConstraint:
 def engine_args() -> tuple[str, ...]:
     """What tunesmith's requests need of vLLM's engine (vLLM 0.32).
 
+    Priority scheduling: each request's priority is the number of its tenant's rows already in flight
+    (:meth:`VllmEngine.submit`), so tenants share vLLM's batch round robin.
+
     Structured outputs by llguidance (``guidance``), the built-in engine's library, with compact JSON. Under
     ``auto`` vLLM picks a backend per request, but its engine builds one, for the first request that arrives
     (vllm-project/vllm#43920): a schema that vLLM sends to guidance because xgrammar lacks a keyword in it
@@ -240,7 +256,8 @@ def engine_args() -> tuple[str, ...]:
     context, and a prompt waits for a step with room for all of it."""
     import torch
 
-    args = ("--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}))
+    args = ("--structured-outputs-config", json.dumps({"backend": "guidance", "disable_any_whitespace": True}),
+            "--scheduling-policy", "priority")  # requests carry their tenant's rows in flight as priority
     return args if torch.cuda.is_available() else (*args, "--no-enable-chunked-prefill")
 
 

@@ -1,0 +1,127 @@
+"""Per-key limits on inference requests: how many of one key's requests may be in flight at once, and how many
+tokens (prompt plus the most the answer may generate, as OpenAI counts them) its requests may ask for in a
+minute. Past either the request is a 429 in OpenAI's shape, with ``retry-after``/``retry-after-ms`` and
+OpenAI's ``x-ratelimit-*`` headers, which the official clients read to wait and retry.
+
+Off unless configured (``tunesmith serve --requests-per-key``, ``--tokens-per-minute-per-key``). The engines
+share their batch round robin over keys either way (:meth:`tunesmith.serve.engines.interface.InferenceEngine.
+submit`); the limits bound what one key can make the batch hold at all. Everything here runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+
+from tunesmith.serve.engines.errors import APIError
+
+WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    requests: int | None = None  # one key's inference requests in flight at once
+    tokens_per_minute: int | None = None  # prompt + max generated tokens of one key's requests in a minute
+
+    @property
+    def on(self) -> bool:
+        return self.requests is not None or self.tokens_per_minute is not None
+
+
+class Ticket:
+    """One admitted request: holds its key's place until released (once)."""
+
+    def __init__(self, limiter: KeyLimiter, key: str | None):
+        self.limiter, self.key, self.held = limiter, key, True
+
+    def charge(self, tokens: int) -> None:
+        """Count the request's tokens against its key's minute; a 429 (and the place let go) past the limit."""
+        try:
+            self.limiter.charge(self.key, tokens)
+        except APIError:
+            self.release()
+            raise
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.limiter.headers(self.key)
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.limiter.release(self.key)
+
+
+class KeyLimiter:
+    def __init__(self, limits: KeyLimits, clock=time.monotonic):
+        self.limits, self.clock = limits, clock
+        self.in_flight: Counter = Counter()
+        self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
+
+    def admit(self, key: str | None) -> Ticket:
+        """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight."""
+        limit = self.limits.requests
+        if limit is not None and self.in_flight[key] >= limit:
+            raise self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", 1.0)
+        self.in_flight[key] += 1
+        return Ticket(self, key)
+
+    def release(self, key: str | None) -> None:
+        self.in_flight[key] -= 1
+        if self.in_flight[key] <= 0:
+            del self.in_flight[key]
+
+    def charge(self, key: str | None, tokens: int) -> None:
+        limit = self.limits.tokens_per_minute
+        if limit is None:
+            return
+        window = self._window(key)
+        used = sum(n for _, n in window)
+        if tokens > limit:
+            raise self._refusal(key, "tokens", f"this request asks for {tokens} tokens (prompt and max_tokens), more "
+                                f"than the {limit} a minute allowed; lower max_tokens", WINDOW_S)
+        if used + tokens > limit:
+            wait = self._until_room(window, used + tokens - limit)
+            raise self._refusal(key, "tokens", f"{used} of {limit} tokens a minute used; this request asks for "
+                                f"{tokens}", wait)
+        window.append((self.clock(), tokens))
+
+    def headers(self, key: str | None) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for ``key`` now (only the limits that are on)."""
+        out = {}
+        if self.limits.requests is not None:
+            out |= {"x-ratelimit-limit-requests": str(self.limits.requests),
+                    "x-ratelimit-remaining-requests": str(max(0, self.limits.requests - self.in_flight[key])),
+                    "x-ratelimit-reset-requests": "1s"}
+        if self.limits.tokens_per_minute is not None:
+            window = self._window(key)
+            used = sum(n for _, n in window)
+            reset = self._until_room(window, used) if used else 0.0
+            out |= {"x-ratelimit-limit-tokens": str(self.limits.tokens_per_minute),
+                    "x-ratelimit-remaining-tokens": str(max(0, self.limits.tokens_per_minute - used)),
+                    "x-ratelimit-reset-tokens": f"{reset:.3f}s"}
+        return out
+
+    def _window(self, key: str | None) -> deque:
+        window = self.spent.setdefault(key, deque())
+        now = self.clock()
+        while window and window[0][0] <= now - WINDOW_S:
+            window.popleft()
+        return window
+
+    def _until_room(self, window: deque, excess: int) -> float:
+        """Seconds until ``excess`` tokens of the window have left it."""
+        freed, now = 0, self.clock()
+        for when, n in window:
+            freed += n
+            if freed >= excess:
+                return max(0.001, when + WINDOW_S - now)
+        return WINDOW_S
+
+    def _refusal(self, key: str | None, kind: str, what: str, wait_s: float) -> APIError:
+        headers = self.headers(key) | {"retry-after": str(max(1, math.ceil(wait_s))),
+                                       "retry-after-ms": str(max(1, int(wait_s * 1000)))}
+        return APIError(429, f"Rate limit reached for this API key on {kind}: {what}. Retry after {wait_s:.1f} s.",
+                        type_=kind, code="rate_limit_exceeded", headers=headers)

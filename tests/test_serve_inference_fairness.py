@@ -1,0 +1,123 @@
+"""Inference is shared fairly between API keys: rows are admitted round robin over keys, not first come first
+served, and per-key limits (requests in flight, tokens a minute) answer 429 with the headers the official clients
+read. The noisy-neighbour measurement on both engines is benchmarks/noisy_neighbour.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import openai
+import pytest
+
+from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
+from tunesmith.serve.engines.builtin import Engine, FairLine, _ServedRow
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.engines.interface import GenParams, Request
+
+from .conftest import EMBEDDED, embedded_server
+
+
+def test_the_line_serves_tenants_in_turn():
+    loop = asyncio.new_event_loop()
+    try:
+        rows = {key: [_ServedRow([1], request=Request(1, loop), index=i, tenant=key) for i in range(n)]
+                for key, n in (("flood", 100), ("b", 2), ("c", 1))}
+        line = FairLine()
+        for key in ("flood", "b", "c"):
+            for row in rows[key]:
+                line.add(row)
+        taken = [r.tenant for r in line.take(6)]
+        assert taken == ["flood", "b", "c", "flood", "b", "flood"]
+        rows["flood"][4].request.cancel()  # a caller that left: its rows are dropped, not admitted
+        rest = line.take(500)
+        assert len(rest) == 96 and all(r.tenant == "flood" for r in rest) and rows["flood"][4] not in rest
+        assert not line
+    finally:
+        loop.close()
+
+
+def test_a_key_behind_a_flood_is_admitted_at_the_next_free_place(tiny_model_dir):
+    """Two places in the batch, 24 requests of one key queued first: the other key's one request ends long before
+    the flood's last (first come first served would put it after all 24)."""
+    engine = Engine(str(tiny_model_dir), {}, max_batch=2, wait_ms=1)
+
+    async def scenario():
+        ids = engine.text_prompt_ids("hello")
+        flood = [engine.submit(engine.base_name, ids, [GenParams(12)], tenant="flood") for _ in range(24)]
+        await asyncio.sleep(0.05)
+        other = engine.submit(engine.base_name, ids, [GenParams(12)], tenant="other")
+        order: list[str] = []
+
+        async def watch(name, request):
+            await request.results()
+            order.append(name)
+
+        await asyncio.gather(watch("other", other), *(watch(f"flood{i}", r) for i, r in enumerate(flood)))
+        return order
+
+    try:
+        order = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert order.index("other") <= 4, order  # within the next few free places, not behind the 24
+
+
+def test_per_key_limits_unit():
+    now = [0.0]
+    limiter = KeyLimiter(KeyLimits(requests=2, tokens_per_minute=100), clock=lambda: now[0])
+    a1, a2 = limiter.admit("a"), limiter.admit("a")
+    with pytest.raises(APIError) as exc:
+        limiter.admit("a")
+    assert exc.value.status == 429 and exc.value.body["type"] == "requests"
+    assert exc.value.headers["x-ratelimit-remaining-requests"] == "0" and exc.value.headers["retry-after"] == "1"
+    limiter.admit("b").release()  # another key is not held back
+    a1.charge(60)
+    with pytest.raises(APIError) as exc:
+        a2.charge(50)
+    assert exc.value.body["type"] == "tokens" and exc.value.headers["x-ratelimit-remaining-tokens"] == "40"
+    assert exc.value.headers["retry-after"] == "60" and not a2.held  # its place let go with the refusal
+    a1.release()
+    now[0] = 61.0  # the minute has passed
+    limiter.admit("a").charge(100)
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory):
+    with embedded_server("builtin", tmp_path_factory.mktemp("limits"), api_keys=frozenset({"k1", "k2"}),
+                         key_limits=KeyLimits(requests=1, tokens_per_minute=2000)) as url:
+        yield url
+
+
+def test_limits_answer_429_with_openais_headers_through_the_official_client(limited):
+    """One request of k1 in flight: its second is a 429 the client reads (retry-after, x-ratelimit-*); k2 is served
+    meanwhile; a request asking for more tokens than a minute allows is a 429 of type tokens."""
+    k1 = openai.OpenAI(base_url=limited, api_key="k1", max_retries=0)
+    k2 = openai.OpenAI(base_url=limited, api_key="k2", max_retries=0)
+    started, chunks = threading.Event(), []
+
+    def long_stream():
+        for chunk in k1.chat.completions.create(model=EMBEDDED, messages=[{"role": "user", "content": "Count to 50."}],
+                                                max_tokens=60, temperature=0, stream=True):
+            chunks.append(chunk)
+            started.set()
+
+    runner = threading.Thread(target=long_stream)
+    runner.start()
+    assert started.wait(120)
+    with pytest.raises(openai.RateLimitError) as exc:
+        k1.chat.completions.create(model=EMBEDDED, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    headers = exc.value.response.headers
+    assert headers["retry-after"] == "1" and headers["x-ratelimit-limit-requests"] == "1"
+    assert exc.value.body["code"] == "rate_limit_exceeded"
+    raw = k2.chat.completions.with_raw_response.create(model=EMBEDDED, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=4)
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0" and raw.parse().choices[0].message.content is not None
+    runner.join(120)
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.RateLimitError) as exc:
+        k2.completions.create(model=EMBEDDED, prompt="Hi", max_tokens=1990, n=2)
+    assert exc.value.body["type"] == "tokens" and "lower max_tokens" in exc.value.body["message"]
+    retried = openai.OpenAI(base_url=limited, api_key="k1", max_retries=2)  # the client waits and retries a 429
+    assert retried.chat.completions.create(model=EMBEDDED, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=2).choices
