@@ -3,8 +3,12 @@ Responses' ``input`` items and function tools in chat's shape (the Responses API
 
 from __future__ import annotations
 
+import re
+
 from tunesmith.data.formats.chat import MESSAGE_KEYS, check_messages, hint
 from tunesmith.serve.engines.errors import APIError
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 ROLES = {"user", "assistant", "system", "developer"}
 TEXT_PARTS = {"input_text", "output_text", "text"}
@@ -85,3 +89,20 @@ def chat_tools(body) -> tuple[list[dict] | None, str | dict | None]:
                            param="tool_choice", code="invalid_value")
         choice = {"type": "function", "function": {"name": choice.get("name")}}
     return tools or None, choice
+
+
+def check_text(value, param: str) -> None:
+    """400 on the first string inside ``value`` (a request field: text, or lists and objects of it) holding a lone
+    UTF-16 surrogate (``"\\ud800"``, which JSON lets through and no tokenizer can encode), naming where it is."""
+    stack = [(value, param)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if found := _SURROGATE.search(node):
+                raise APIError(400, f"{where} holds a lone UTF-16 surrogate (\\u{ord(found.group()):04x} at character "
+                               f"{found.start()}), which is not text; send the pair it belongs to, or valid UTF-8",
+                               param=where, code="invalid_value")
+        elif isinstance(node, dict):
+            stack += [(v, f"{where}.{k}") for k, v in reversed(node.items())]
+        elif isinstance(node, list):
+            stack += [(v, f"{where}[{i}]") for i, v in reversed(list(enumerate(node)))]

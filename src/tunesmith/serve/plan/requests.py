@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from tunesmith.generation import GenParams
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan import answer, tools
-from tunesmith.serve.plan.messages import chat_messages, chat_tools, input_messages
+from tunesmith.serve.plan.messages import chat_messages, chat_tools, check_text, input_messages
 from tunesmith.serve.plan.output import OutputFormat, output_format
 from tunesmith.serve.plan.sampling import (
     CHAT_DEFAULT_MAX,
@@ -129,6 +129,7 @@ def completion_plan(body, engine, server_max: int) -> RequestPlan:
                        code="unsupported_parameter")
     include_usage, obfuscation = stream_flags(body.stream_options, body.stream)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    check_text(body.prompt, "prompt")
     check_prompt_size(engine, prompts)
     encoded = [engine.text_prompt_ids(p) for p in prompts]
     budget = min(token_budget(engine, server_max, len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX) for ids in encoded)
@@ -144,6 +145,8 @@ def _conversation_plan(body: ChatCompletionBody, engine, server_max: int, output
     tool_plan = tools.plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, body.model_extra)
     texts = [m.text() for m in body.messages]
     messages = chat_messages(body)
+    check_text(messages, messages_param)
+    check_text(body.tools, "tools")
     check_prompt_size(engine, texts, messages_param)
     ids = tools.prompt_ids(engine, messages, tool_plan)
     spec = constraint_spec(tool_plan, output)
