@@ -29,7 +29,9 @@ def test_a_missing_vllm_says_what_to_run(tmp_path, monkeypatch):
         pick_engine("vllm")
 
 
-def test_the_vllm_command_has_no_secret_and_listens_on_a_private_socket(tmp_path):
+def test_the_vllm_command_has_no_secret_and_listens_on_a_private_socket(tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_API_KEYS", "tenant-a,tenant-b")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
     cmd = vllm_command("py", VllmLaunch("/m", "base", dtype="float32"), tmp_path)
     assert cmd[:2] == ["py", str(tmp_path / "tunesmith_vllm_shim.py")]
     joined = " ".join(cmd)
@@ -39,6 +41,8 @@ def test_the_vllm_command_has_no_secret_and_listens_on_a_private_socket(tmp_path
     assert "--max-model-len auto" in joined and "--generation-config vllm" in joined  # vLLM fits it; no repetition penalty
     env = vllm_env("s3cret", tmp_path, own_network=False)
     assert env["VLLM_API_KEY"] == "s3cret" and env["VLLM_RPC_BASE_PATH"] == env["TMPDIR"] == str(tmp_path)
+    assert "TUNESMITH_API_KEYS" not in env and "HF_TOKEN" not in env  # the server's secrets stay with the server
+    assert env["VLLM_NO_USAGE_STATS"] == env["DO_NOT_TRACK"] == "1"
     mine = vllm_command("py", VllmLaunch("/m", "base", extra_args=("--max-model-len=4096", "--generation-config",
                                                                    "auto")), tmp_path)
     assert mine.count("--max-model-len") == 0 and mine.count("--generation-config") == 1  # the user's, not ours
