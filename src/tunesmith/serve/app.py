@@ -131,9 +131,11 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     from tunesmith.serve.evals import routes as routes_evals
     from tunesmith.serve.evals import routes_graders
     from tunesmith.serve.jobs import routes as routes_jobs
+    from tunesmith.serve.jobs import uploads as routes_uploads
 
     app.include_router(routes_openai.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_uploads.router)
     app.include_router(routes_models.router)
     app.include_router(routes_responses.router)
     app.include_router(routes_embeddings.router)

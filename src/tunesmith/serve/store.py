@@ -68,6 +68,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE TABLE responses (
             id TEXT PRIMARY KEY, owner TEXT, created_at INTEGER NOT NULL, messages TEXT NOT NULL, response TEXT NOT NULL
         )"""),
+    ("0014_uploads", """
+        CREATE TABLE uploads (
+            id TEXT PRIMARY KEY, owner TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+            mime_type TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+            file_id TEXT
+        )"""),
+    ("0015_upload_parts", """
+        CREATE TABLE upload_parts (
+            id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, created_at INTEGER NOT NULL, bytes INTEGER NOT NULL,
+            storage TEXT NOT NULL
+        )"""),
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
@@ -152,6 +163,41 @@ class Store:
             self.db.execute("DELETE FROM files WHERE id = ?", (fid,))
         Path(f["storage"]).unlink(missing_ok=True)
         return True
+
+    # --- uploads in parts ---------------------------------------------------------------------
+
+    def add_upload(self, owner: str | None, filename: str, purpose: str, size: int, mime_type: str,
+                   expires_s: int) -> dict:
+        uid, now = new_id("upload"), int(time.time())
+        with self.lock:
+            self.db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, NULL)",
+                            (uid, owner, filename, purpose, size, mime_type, now, now + expires_s))
+        return self.get_upload(uid, owner)
+
+    def get_upload(self, uid: str, owner: str | None) -> dict | None:
+        row = self.db.execute("SELECT * FROM uploads WHERE id = ? AND owner IS ?", (uid, owner)).fetchone()
+        return dict(row) if row else None
+
+    def set_upload(self, uid: str, status: str, file_id: str | None = None) -> None:
+        """An upload's new status; its parts' bytes go once it is no longer pending."""
+        with self.lock:
+            self.db.execute("UPDATE uploads SET status = ?, file_id = ? WHERE id = ?", (status, file_id, uid))
+            parts = self.upload_parts(uid)
+            self.db.execute("DELETE FROM upload_parts WHERE upload_id = ?", (uid,))
+        for part in parts:
+            Path(part["storage"]).unlink(missing_ok=True)
+
+    def add_upload_part(self, uid: str, content: bytes) -> dict:
+        pid = new_id("part")
+        storage = self.root / "files" / f"part-{secrets.token_hex(16)}.bin"
+        storage.write_bytes(content)
+        with self.lock:
+            self.db.execute("INSERT INTO upload_parts VALUES (?, ?, ?, ?, ?)",
+                            (pid, uid, int(time.time()), len(content), str(storage)))
+        return dict(self.db.execute("SELECT * FROM upload_parts WHERE id = ?", (pid,)).fetchone())
+
+    def upload_parts(self, uid: str) -> list[dict]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM upload_parts WHERE upload_id = ? ORDER BY rowid", (uid,))]
 
     # --- responses (kept for previous_response_id) ------------------------------------------
 

@@ -1,7 +1,7 @@
 """The request body cap: every request's body is counted as it arrives, before any route reads it, and one past
 its limit is answered 413 in OpenAI's error shape (a declared ``Content-Length`` past it at once, unread).
 
-Uploads (``/v1/files``) may carry the server's ``--max-upload-mb``; every other route ``--max-body-mb``, enough
+Uploads (``/v1/files``, ``/v1/uploads``) may carry the server's ``--max-upload-mb``; every other route ``--max-body-mb``, enough
 for the longest prompt the model's context takes and far less than a tenant could make the server hold.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-UPLOAD_PATHS = ("/v1/files",)
+UPLOAD_PATHS = ("/v1/files", "/v1/uploads")
 MULTIPART_SLACK = 1024 * 1024  # a multipart body's own framing beside the file
 
 

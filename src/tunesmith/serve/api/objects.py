@@ -13,6 +13,17 @@ def file_object(f: dict) -> dict:
             "expires_at": None}
 
 
+def upload_object(u: dict, file: dict | None = None) -> dict:
+    """OpenAI's Upload (``file``: the File it became once completed)."""
+    return {"id": u["id"], "object": "upload", "bytes": u["bytes"], "created_at": u["created_at"],
+            "expires_at": u["expires_at"], "filename": u["filename"], "purpose": u["purpose"], "status": u["status"],
+            "file": file_object(file) if file else None}
+
+
+def upload_part_object(p: dict) -> dict:
+    return {"id": p["id"], "object": "upload.part", "created_at": p["created_at"], "upload_id": p["upload_id"]}
+
+
 def job_object(j: dict, queue_position: int | None = None) -> dict:
     """OpenAI's FineTuningJob, plus ``queue_position`` (1: starts next; None unless queued). The
     hyperparameters are the numbers used once the job has started ("auto" until then, as at OpenAI)."""

@@ -48,12 +48,18 @@ async def create_file(request: Request, key: Key, file: Annotated[UploadFile, Fi
     if len(content) > limit:
         raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
                        code="file_too_large")
+    await checked(purpose, content, "file")
+    return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
+
+
+async def checked(purpose: str, content: bytes, param: str) -> None:
+    """The checks a file of ``purpose`` gets (off the event loop: a large file must not stall other requests);
+    a 400 on ``param`` naming each problem and its lines."""
     check = check_upload if purpose == "fine-tune" else check_eval_upload
-    problems = await asyncio.to_thread(check, content)  # a large file must not stall other requests
+    problems = await asyncio.to_thread(check, content)
     if problems:
         what = "fine-tuning" if purpose == "fine-tune" else "evals"
-        raise APIError(400, f"Invalid {what} file: " + "; ".join(problems), param="file", code="invalid_file_format")
-    return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
+        raise APIError(400, f"Invalid {what} file: " + "; ".join(problems), param=param, code="invalid_file_format")
 
 
 def check_upload(content: bytes) -> list[str]:
