@@ -228,12 +228,15 @@ def test_a_forced_call_keeps_to_max_tokens(live):
 def test_a_lone_surrogate_is_a_400_naming_where_it_is(live):
     """JSON lets "\\ud800" through; no tokenizer can encode it: a 400 naming the field, not Python's codec error."""
     headers = {"Authorization": f"Bearer {KEYS[0]}", "Content-Type": "application/json"}
-    chat = '{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 4}' % EMBEDDED
+
+    def raw(fields: str) -> str:  # JSON written by hand: json.dumps would escape the surrogate's backslash
+        return '{"model": "' + EMBEDDED + '", "max_tokens": 4, ' + fields + "}"
+
+    chat = raw('"messages": [{"role": "user", "content": "hi \\ud800 there"}]')
     r = httpx.post(f"{live}/chat/completions", content=chat, headers=headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
     assert "lone UTF-16 surrogate" in r.json()["error"]["message"]
-    text = '{"model": "%s", "prompt": ["ok", "x\\udc00"], "max_tokens": 4}' % EMBEDDED
-    r = httpx.post(f"{live}/completions", content=text, headers=headers, timeout=60)
+    r = httpx.post(f"{live}/completions", content=raw('"prompt": ["ok", "x\\udc00"]'), headers=headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]", r.text
-    pair = '{"model": "%s", "messages": [{"role": "user", "content": "a smile \\ud83d\\ude00"}], "max_tokens": 2}' % EMBEDDED
+    pair = raw('"messages": [{"role": "user", "content": "a smile \\ud83d\\ude00"}]')
     assert httpx.post(f"{live}/chat/completions", content=pair, headers=headers, timeout=120).status_code == 200
