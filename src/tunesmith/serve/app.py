@@ -100,6 +100,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
                        max_upload=settings.max_upload_mb * 1024 * 1024)
     app.state.store = Store(settings.data_dir)
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
+    app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)
     app.state.trainable_models = lambda: {settings.model}
     app.state.encoders = {}  # embedding model name -> loaded SentenceEncoder
     app.state.sync_adapters = lambda: sync_adapters(app)
@@ -183,6 +184,8 @@ def sync_adapters(app: FastAPI) -> None:
             adapter = Path(job["run_dir"]) / "train" / "adapter"
             if adapter.is_dir():
                 app.state.model_owners[name] = job["owner"]
+                if job.get("parent_model"):
+                    app.state.model_parents[name] = job["parent_model"]
                 engine.add_adapter(name, adapter)
 
 

@@ -79,6 +79,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, created_at INTEGER NOT NULL, bytes INTEGER NOT NULL,
             storage TEXT NOT NULL
         )"""),
+    ("0016_job_parent_model", "ALTER TABLE jobs ADD COLUMN parent_model TEXT"),  # the ft: model a job continues
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
@@ -332,6 +333,19 @@ class Store:
         with self.lock:
             self.db.execute("UPDATE checkpoints SET metrics = ? WHERE job_id = ? AND step_number = ?",
                             (json.dumps(metrics), job_id, step))
+
+    def fine_tune(self, name: str, owner: str | None) -> tuple[dict, Path] | None:
+        """``name`` (a succeeded job's fine-tuned model, or one of its checkpoints' models) if it is ``owner``'s
+        and its weights are still kept: (the job that made it, the folder of its adapter); else None."""
+        job = self.job_by_model(name)
+        if job is not None and job["owner"] == owner and job["status"] == "succeeded" and not job["model_deleted"] \
+                and job.get("run_dir"):
+            folder = Path(job["run_dir"]) / "train" / "adapter"
+            return (job, folder) if folder.is_dir() else None
+        ckpt = self.checkpoint_by_model(name)
+        if ckpt is not None and ckpt["owner"] == owner and Path(ckpt["path"]).is_dir():
+            return self.get_job(ckpt["job_id"], owner), Path(ckpt["path"])
+        return None
 
     def job_by_model(self, name: str) -> dict | None:
         """The job that made the fine-tuned model ``name`` (any owner: the caller checks)."""

@@ -64,8 +64,9 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
 
 
 def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
-          callbacks: list | None = None, init_adapter: Path | None = None) -> TrainResult:
-    """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter."""
+          callbacks: list | None = None, init_adapter: Path | None = None, init_merged: bool = False) -> TrainResult:
+    """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter (with
+    ``init_merged``, merged into the base first and a new adapter trained on the merged model)."""
     from tunesmith.machine.path import take_path
     from tunesmith.models.loading import load_tokenizer
 
@@ -76,7 +77,7 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     tokenizer = load_tokenizer(recipe.model.name)
     out_dir = recipe.run_dir / "train"
     prepare_trackers(recipe.train.report_to, out_dir, console)
-    job = TrainJob(recipe, data, tokenizer, placement, console, bar, resume, callbacks, init_adapter)
+    job = TrainJob(recipe, data, tokenizer, placement, console, bar, resume, callbacks, init_adapter, init_merged)
     result = trainer_for(recipe.train.method, recipe.train.head, path.name)(job)
     from tunesmith.machine.launch import is_main
     from tunesmith.models.random_weights import is_random
@@ -117,6 +118,7 @@ class TrainJob:
     resume: bool = False
     callbacks: list | None = None
     init_adapter: Path | None = None
+    init_merged: bool = False  # init_adapter merged into the base weights (a method whose reference is the start)
 
 
 Trainer = Callable[[TrainJob], TrainResult]
@@ -147,14 +149,15 @@ def trainer_for(method: str, head: str, path: str = "fast") -> Trainer:
 def generative_model(job: TrainJob):
     """The base model with the recipe's adapter (continuing from ``init_adapter`` when given), announced."""
     r, placement = job.recipe, job.placement
-    model = load_base(r, placement, job.init_adapter)
-    job.console.print(f"{r.model.name} on {placement.device} in {placement.dtype}, adapter {r.train.adapter}"
-                      + (f", from {job.init_adapter}" if job.init_adapter else ""))
+    model = load_base(r, placement, job.init_adapter, job.init_merged)
+    start = f", from {job.init_adapter}" + (" (merged)" if job.init_merged else "") if job.init_adapter else ""
+    job.console.print(f"{r.model.name} on {placement.device} in {placement.dtype}, adapter {r.train.adapter}{start}")
     return model
 
 
-def load_base(recipe: Recipe, placement, init_adapter: Path | None):
-    """The base model for the recipe's adapter; with ``init_adapter``, that adapter on it, trainable."""
+def load_base(recipe: Recipe, placement, init_adapter: Path | None, merged: bool = False):
+    """The base model for the recipe's adapter; with ``init_adapter``, that adapter on it, trainable, or (with
+    ``merged``) merged into its weights, so that a new adapter trains on the model it made."""
     from tunesmith.models.loading import load_model_for
 
     model = load_model_for(recipe.model.name, placement, recipe.train.adapter)
@@ -162,6 +165,10 @@ def load_base(recipe: Recipe, placement, init_adapter: Path | None):
         return model
     from peft import PeftModel
 
+    if merged:
+        if recipe.train.adapter == "qlora":
+            raise ConfigError("an adapter cannot be merged into 4-bit weights: continue this method with LoRA")
+        return PeftModel.from_pretrained(model, str(init_adapter)).merge_and_unload()
     return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
 
 

@@ -71,16 +71,20 @@ def obfuscated(doc: dict, plan) -> dict:
 
 @router.get("/models")
 async def list_models(request: Request, key: Key):
-    """Each model in OpenAI's shape; an adapter names its base model as ``parent`` (as vLLM does), which tells
-    an evaluator that it serves a fine-tune, to be asked as it was trained. A trained head also names its
+    """Each model in OpenAI's shape; an adapter names the model it was fine-tuned from as ``parent`` (the base model,
+    or the fine-tune a continued job started from) and the base as ``root``, as vLLM does, which tells an
+    evaluator that it serves a fine-tune, to be asked as it was trained. A trained head also names its
     kind (``head``: classifier, regression or span; a tunesmith extension), so the dashboard knows which
     models have label probabilities to show."""
     created = int(time.time())
     engine = request.app.state.engine
     base = engine.model_ids()[0]
 
+    parents = request.app.state.model_parents
+
     def entry(m: str) -> dict:
-        doc = {"id": m, "object": "model", "created": created, "owned_by": "tunesmith", "parent": None if m == base else base}
+        doc = {"id": m, "object": "model", "created": created, "owned_by": "tunesmith",
+               "parent": None if m == base else parents.get(m, base), "root": base}
         return (doc | {"head": engine.heads[m].kind}) if m in engine.heads else doc
 
     return {"object": "list", "data": [entry(m) for m in visible_models(request, key)]}

@@ -244,7 +244,13 @@ async def create_job(body: JobBody, request: Request, key: Key):
     store = _store(request)
     check_hyperparameters(body)
     check_file_formats(store, key, body)
-    model = request.app.state.settings.model_aliases.get(body.model, body.model)
+    model, parent = request.app.state.settings.model_aliases.get(body.model, body.model), None
+    if (found_parent := store.fine_tune(model, key)) is not None:  # continued fine-tuning from the key's own
+        parent, model = model, found_parent[0]["model"]
+    elif model.startswith("ft:") and (store.job_by_model(model) or {}).get("owner", "") == key:
+        raise APIError(400, f"model '{body.model}' cannot be fine-tuned further: it is not a succeeded fine-tune of "
+                       "this key's whose weights are kept (a deleted model, or a job still running)", param="model",
+                       code="model_not_available")
     if model not in request.app.state.trainable_models():
         trainable = ", ".join(sorted(request.app.state.trainable_models()))
         raise APIError(400, f"model '{body.model}' is not available for fine-tuning here; this server fine-tunes "
@@ -261,7 +267,7 @@ async def create_job(body: JobBody, request: Request, key: Key):
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
     job = store.add_job(key, model=model, training_file=body.training_file, validation_file=body.validation_file,
                         suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
-                        method=method, metadata=body.metadata, integrations=integrations)
+                        method=method, metadata=body.metadata, integrations=integrations, parent_model=parent)
     store.add_event(job["id"], f"Validating training file: {body.training_file}", dedup_key="validating")
     store.update_job(job["id"], status="queued")
     store.add_event(job["id"], "Files validated, moving job to queued state", dedup_key="queued")

@@ -167,12 +167,13 @@ def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None
     store.update_job(job["id"], method=with_hyperparameters(job["method"], hyper))
     recipe = within_gpu_share(job_recipe(job, root, hyper, training_path, n_examples, bool(val_rows)), gpu_budget_gb)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
+    start = continued_from(store, job)
     resume = announce_start(store, job, recipe.run_dir / "train" / "checkpoints")
     announce_integrations(store, job)
     store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
     callback = job_callback(store, job["id"], name)
     console = Console(file=io.StringIO())
-    train_job(recipe, rows, val_rows, callback, resume, lambda d, t: task_bar(console, d, t))
+    train_job(recipe, rows, val_rows, callback, resume, lambda d, t: task_bar(console, d, t), start)
     if callback.stopped_for == "cancel":
         store.update_job(job["id"], status="cancelled", control=None, finished_at=int(time.time()))
         store.add_event(job["id"], "Job cancelled", dedup_key="cancelled")
@@ -243,14 +244,34 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
                     {"report": f"/v1/fine_tuning/jobs/{job_id}/report", "metrics": metrics}, dedup_key="eval-report")
 
 
-def train_job(recipe, rows, val_rows, callback, resume, bar):
-    """The job's training through the one dispatcher (chat rows as uploaded, or DPO pairs)."""
+def continued_from(store: Store, job: dict) -> tuple[Path, bool] | None:
+    """For a job created from one of its key's fine-tunes: the folder of that fine-tune's adapter and whether it is
+    merged into the base first (DPO: its reference model must be the fine-tune it continues, not the bare base),
+    said in the job's events; None for a job from the base model."""
+    parent = job.get("parent_model")
+    if not parent:
+        return None
+    found = store.fine_tune(parent, job["owner"])
+    if found is None:
+        raise DataError(f"the model this job continues, {parent}, no longer exists (deleted after the job was "
+                        "created); create the job from another model")
+    merged = job["method"]["type"] == "dpo"
+    how = ("its adapter merged into the base model first (DPO's reference is the model it continues), then a new "
+           "adapter trains") if merged else "its LoRA adapter trains on from where it ended"
+    store.add_event(job["id"], f"Continuing from {parent}: {how}", dedup_key="continued")
+    return found[1], merged
+
+
+def train_job(recipe, rows, val_rows, callback, resume, bar, start: tuple[Path, bool] | None = None):
+    """The job's training through the one dispatcher (chat rows as uploaded, or DPO pairs), from the base model or
+    from the fine-tune it continues (``start``: its adapter folder and whether it is merged first)."""
     from rich.console import Console
 
     from tunesmith.train.jobs import TrainData, train
 
+    init, merged = start if start else (None, False)
     return train(recipe, TrainData(rows=rows, val_rows=val_rows), Console(file=io.StringIO()), bar,
-                 resume=resume, callbacks=[callback])
+                 resume=resume, callbacks=[callback], init_adapter=init, init_merged=merged)
 
 
 def results_file(rows: list[dict]) -> bytes:
