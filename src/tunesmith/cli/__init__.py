@@ -15,6 +15,7 @@ from rich.markup import escape
 from tunesmith import __version__
 from tunesmith.cli import common
 from tunesmith.cli.data import data_app
+from tunesmith.cli.distill import distill
 from tunesmith.cli.evals import evals_app
 from tunesmith.cli.models import models_app
 from tunesmith.cli.start import init
@@ -27,6 +28,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(synth_app, name="synth")
 app.add_typer(evals_app, name="evals")
+app.command("distill")(distill)
 app.command("init")(init)
 
 

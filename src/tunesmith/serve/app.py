@@ -127,16 +127,19 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
 
-    from tunesmith.serve.api import routes_embeddings, routes_models, routes_openai, routes_responses
+    from tunesmith.serve.api import routes_embeddings, routes_models, routes_openai, routes_responses, stored_completions
     from tunesmith.serve.dashboard import routes as routes_dashboard
     from tunesmith.serve.evals import routes as routes_evals
     from tunesmith.serve.evals import routes_graders
+    from tunesmith.serve.jobs import distill as routes_distill
     from tunesmith.serve.jobs import routes as routes_jobs
     from tunesmith.serve.jobs import uploads as routes_uploads
 
     app.include_router(routes_openai.router)
+    app.include_router(stored_completions.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_uploads.router)
+    app.include_router(routes_distill.router)
     app.include_router(routes_models.router)
     app.include_router(routes_responses.router)
     app.include_router(routes_embeddings.router)

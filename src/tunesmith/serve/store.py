@@ -80,6 +80,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             storage TEXT NOT NULL
         )"""),
     ("0016_job_parent_model", "ALTER TABLE jobs ADD COLUMN parent_model TEXT"),  # the ft: model a job continues
+    ("0017_stored_completions", """
+        CREATE TABLE stored_completions (
+            id TEXT PRIMARY KEY, owner TEXT, model TEXT NOT NULL, created_at INTEGER NOT NULL, metadata TEXT NOT NULL,
+            request TEXT NOT NULL, completion TEXT NOT NULL
+        )"""),
+    ("0018_stored_completions_index", "CREATE INDEX stored_completions_by_owner ON stored_completions (owner, created_at)"),
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 

@@ -140,19 +140,34 @@ async def chat_completions(body: ChatCompletionBody, request: Request, response:
         return await _head_reply(engine, body)
     plan, [job], ticket = await planned_run(request, key, engine, chat_plan, body)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def answered(gens: list[Generation]) -> dict:
+        """The ChatCompletion of these generations, kept when the request asked to store it."""
+        doc = chat_object(plan, gens, cid, created, body.model)
+        if body.store:
+            from tunesmith.serve.api.stored_completions import store_completion
+
+            store_completion(request, key, doc, body, plan)
+        return doc | ({"metadata": body.metadata} if body.store and body.metadata else {})
+
     if plan.stream:
-        return streamed(_sse_chat(job, plan, cid, created), ticket, plan)
+        return streamed(_sse_chat(job, plan, cid, created, answered), ticket, plan)
     response.headers.update(plan.headers() | ticket.headers)
     try:
         [gens] = await _results(request, [job])
     finally:
         ticket.release()
+    return answered(gens)
+
+
+def chat_object(plan, gens: list[Generation], cid: str, created: int, model: str) -> dict:
+    """OpenAI's ChatCompletion: each choice's message read through the plan (content or tool calls)."""
     choices = []
     for i, g in enumerate(gens):
         msg, called = plan.message(g.text)
         choices.append({"index": i, "message": msg | {"refusal": None},
                         "finish_reason": "tool_calls" if called else g.finish_reason, "logprobs": _logprobs(g)})
-    return {"id": cid, "object": "chat.completion", "created": created, "model": body.model, "choices": choices,
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": _usage(gens)}
 
 
@@ -168,10 +183,11 @@ async def _head_reply(engine, body: ChatCompletionBody):
     return await chat_reply(engine.heads[body.model], body, plain)
 
 
-async def _sse_chat(job, plan, cid: str, created: int):
+async def _sse_chat(job, plan, cid: str, created: int, answered=None):
     """OpenAI's chunk stream: each choice's deltas carry its index (text as content, calls as tool_calls
     deltas) and the logprobs of the tokens they carry; with ``stream_options.include_usage`` a last chunk with no
-    choices carries the usage. A client that leaves cancels the generation."""
+    choices carries the usage. A client that leaves cancels the generation. ``answered(gens)``: called with every
+    choice's generation once all have ended (a stored completion is kept there)."""
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.model,
                "choices": choices}
@@ -196,15 +212,19 @@ async def _sse_chat(job, plan, cid: str, created: int):
     try:
         yield chunk([choice(i, {"role": "assistant", "content": ""}) for i in range(plan.n)])
         gens: list[Generation] = []
+        by_choice: dict[int, Generation] = {}
         async for i, item in job.events():
             if isinstance(item, Generation):
                 gens.append(item)
+                by_choice[i] = item
                 for c in emit(i, readers[i].close(), None):
                     yield c
                 yield chunk([choice(i, {}, readers[i].finish_reason(item.finish_reason), pending[i])])
             else:
                 for c in emit(i, readers[i].feed(item.text), item.logprobs):
                     yield c
+        if answered is not None:
+            answered([by_choice[i] for i in range(plan.n)])
         if plan.include_usage:
             yield chunk([], _usage(gens))
         yield "data: [DONE]\n\n"

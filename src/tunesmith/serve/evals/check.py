@@ -17,21 +17,36 @@ from tunesmith.serve.evals.grading import checked_grader
 MAX_ROWS = 10_000  # rows in one run
 
 
+# a stored completion as an eval's item: what was asked, what was answered, by which model
+STORED_ITEM = {"type": "object", "properties": {"id": {"type": "string"}, "input": {"type": "array"},
+                                                "output": {"type": "string"}, "model": {"type": "string"},
+                                                "metadata": {"type": "object"}},
+               "required": ["id", "input", "output", "model", "metadata"]}
+SAMPLE = {"type": "object", "properties": {"output_text": {"type": "string"}, "output_json": {"type": "object"}}}
+
+
 def data_source_schema(config: dict) -> dict:
     """The stored ``data_source_config``: for ``custom``, the JSON schema of a row (``item``, and ``sample``
-    when ``include_sample_schema``), as OpenAI returns it."""
+    when ``include_sample_schema``), as OpenAI returns it; for ``stored_completions`` (this key's stored chat
+    completions, filtered by ``metadata``), items of :data:`STORED_ITEM` and a sample."""
     kind = config.get("type")
+    if kind == "stored_completions":
+        metadata = config.get("metadata") or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise APIError(400, "data_source_config.metadata: pairs of strings to select stored completions by",
+                           param="data_source_config.metadata")
+        return {"type": "stored_completions", "metadata": metadata, "schema": {
+            "type": "object", "properties": {"item": STORED_ITEM, "sample": SAMPLE}, "required": ["item", "sample"]}}
     if kind != "custom":
         raise APIError(400, f"data_source_config.type {kind!r} is not supported here; use 'custom' with an "
-                       "item_schema (logs and stored completions live at OpenAI)", param="data_source_config.type")
+                       "item_schema, or 'stored_completions' (logs live at OpenAI)", param="data_source_config.type")
     item_schema = config.get("item_schema")
     if not isinstance(item_schema, dict):
         raise APIError(400, "data_source_config.item_schema: a JSON schema object is required",
                        param="data_source_config.item_schema")
     properties, required = {"item": item_schema}, ["item"]
     if config.get("include_sample_schema"):
-        properties["sample"] = {"type": "object", "properties": {"output_text": {"type": "string"},
-                                                                 "output_json": {"type": "object"}}}
+        properties["sample"] = SAMPLE
         required.append("sample")
     return {"type": "custom", "schema": {"type": "object", "properties": properties, "required": required}}
 
@@ -72,8 +87,8 @@ def check_data_source(request: Request, key, source: dict) -> dict:
         raise APIError(400, f"data_source.type {kind!r} is not supported here; use 'jsonl' (rows with items and "
                        "samples) or 'completions' (a served model answers each item)", param="data_source.type")
     inner = source.get("source")
-    if not isinstance(inner, dict) or inner.get("type") not in ("file_content", "file_id"):
-        raise APIError(400, "data_source.source.type must be 'file_content' or 'file_id'",
+    if not isinstance(inner, dict) or inner.get("type") not in ("file_content", "file_id", "stored_completions"):
+        raise APIError(400, "data_source.source.type must be 'file_content', 'file_id' or 'stored_completions'",
                        param="data_source.source.type")
     if kind == "completions":
         served = visible_models(request, key)
@@ -102,7 +117,9 @@ def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
     """The run's rows as ``{"item", "sample"}``: inline content or the lines of an uploaded file, each with
     an object item holding the schema's required fields."""
     inner = source["source"]
-    if inner["type"] == "file_content":
+    if inner["type"] == "stored_completions":
+        raw, where = stored_rows(request, key, inner, config), "data_source.source"
+    elif inner["type"] == "file_content":
         raw, where = inner.get("content") or [], "data_source.source.content"
         if not isinstance(raw, list):
             raise APIError(400, f"{where}: a list of rows is required", param=where)
@@ -121,6 +138,29 @@ def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
         if missing:
             raise APIError(400, f"{label}: the item lacks {missing}, required by the eval's item_schema", param=where)
         rows.append({"item": item, "sample": row.get("sample")})
+    return rows
+
+
+def stored_rows(request: Request, key, inner: dict, config: dict) -> list[dict]:
+    """This key's stored completions selected by the eval's metadata and the run's (``metadata``, ``model``,
+    ``created_after``, ``created_before``, ``limit``) as rows: the item what was asked and answered, the sample
+    the stored answer (graded as it is by a ``jsonl`` run; a ``completions`` run asks its model again)."""
+    from tunesmith.serve.api.stored_completions import CompletionStore
+
+    limit = inner.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise APIError(400, "data_source.source.limit must be a positive integer", param="data_source.source.limit")
+    wanted = {**(config.get("metadata") or {}), **(inner.get("metadata") or {})}
+    found = CompletionStore(request.app.state.store).select(
+        key, wanted, inner.get("model"), limit=min(limit or MAX_ROWS, MAX_ROWS),
+        created_after=inner.get("created_after"), created_before=inner.get("created_before"))
+    rows = []
+    for row in found:
+        message = row["completion"]["choices"][0]["message"]
+        output = message.get("content") or json.dumps(message.get("tool_calls") or [])
+        item = {"id": row["id"], "input": row["request"]["messages"], "output": output, "model": row["model"],
+                "metadata": row["metadata"]}
+        rows.append({"item": item, "sample": {"output_text": output}})
     return rows
 
 

@@ -61,7 +61,6 @@ CACHE_HINTS = {
     "safety_identifier": accepted("an end-user id; nothing is logged with it"),
     "service_tier": unset_only("one tier serves every request here", also=("auto", "default")),
 }
-NO_STORE = "completions are not stored here"
 
 CHAT: dict[str, Rule] = SAMPLING | CACHE_HINTS | {
     "messages": honoured("system, developer, user, assistant (with tool_calls) and tool messages; text parts"),
@@ -75,8 +74,9 @@ CHAT: dict[str, Rule] = SAMPLING | CACHE_HINTS | {
     "tools": honoured("function tools, in the prompt as the model was trained"),
     "tool_choice": honoured("none, auto, required or a named function (the last two decode under the schema)"),
     "parallel_tool_calls": honoured("false answers the first call only"),
-    "metadata": accepted("kept with nothing: " + NO_STORE),
-    "store": unset_only(NO_STORE, also=(False,)),
+    "metadata": honoured("up to 16 pairs, kept with a stored completion (filter chat.completions.list by them)"),
+    "store": honoured("true: the request and its answer are kept for this key (chat.completions.list, retrieve, "
+                      "update, delete, messages; Evals' stored_completions; a fine-tuning file)"),
     "audio": unset_only("the models here answer in text"),
     "modalities": unset_only("the models here answer in text", also=(["text"],)),
     "functions": unset_only("deprecated; send 'tools'"),

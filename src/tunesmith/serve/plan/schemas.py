@@ -74,6 +74,8 @@ class ChatCompletionBody(SamplingBody):
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
     response_format: dict | None = None  # text, json_object or json_schema: tunesmith.serve.plan.requests
+    store: bool | None = None  # keep the request and its answer (tunesmith.serve.api.stored_completions)
+    metadata: dict | None = None  # pairs kept with a stored completion (checked there)
 
     @field_validator("top_logprobs")
     @classmethod

@@ -1,0 +1,45 @@
+"""``tunesmith distill``: a fine-tuning file from the stored completions of a tunesmith server (the answers a strong
+model gave behind it with ``store: true``), selected by metadata and model; the server checks and keeps the file, and
+it is written here too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tunesmith.cli import common
+
+
+def distill(
+    out: Annotated[Path, typer.Argument(help="Where to write the fine-tuning file (JSON lines).")],
+    base_url: Annotated[str, typer.Option(help="The tunesmith server holding the stored completions.")] =
+        "http://127.0.0.1:8000/v1",
+    api_key_env: Annotated[str | None, typer.Option(
+        "--api-key-env", help="Environment variable holding the server's API key (unset: no key sent).")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE a stored completion must carry "
+                                                             "(repeatable).")] = None,
+    model: Annotated[str | None, typer.Option(help="Only the answers of this model.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many examples.")] = None,
+    drop_system: Annotated[bool, typer.Option(help="Leave out system messages (a prompt the fine-tune learns "
+                                                   "by heart).")] = False,
+) -> None:
+    """Make a fine-tuning file of stored completions on the server and save it; prints the file id to train on."""
+    import openai
+
+    from tunesmith.clients.keys import api_key
+
+    pairs = dict(p.split("=", 1) for p in metadata or [] if "=" in p)
+    if len(pairs) != len(metadata or []):
+        raise typer.BadParameter("--metadata takes KEY=VALUE")
+    client = openai.OpenAI(base_url=base_url, api_key=api_key(api_key_env, "--api-key-env"))
+    body = {"metadata": pairs or None, "model": model, "limit": limit, "drop_system_messages": drop_system,
+            "filename": out.name}
+    made = client.post("/files/from_stored_completions", body={k: v for k, v in body.items() if v is not None},
+                       cast_to=object)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(client.files.content(made["id"]).read())
+    common.console.print(f"{made['examples']:,} examples ({made['left_out_cut_by_max_tokens']:,} cut by max_tokens "
+                         f"left out) → {out}; on the server as {made['id']}: "
+                         f"client.fine_tuning.jobs.create(training_file=\"{made['id']}\", model=...)")

@@ -1,0 +1,188 @@
+"""Stored chat completions: ``store: true`` keeps a request and its answer for the key that sent it, as OpenAI
+does, so that an app's traffic to any served model becomes data: list (by ``metadata``, ``model``, ``after``,
+``limit``, ``order``), retrieve, read the request's messages, update the metadata, delete. Evals read them as a
+data source (:mod:`tunesmith.serve.evals.check`) and a fine-tuning file is made from a filtered set
+(:func:`training_lines`, ``POST /v1/fine_tuning/stored_completions``): OpenAI's distillation loop, self-hosted.
+
+Rows live in the server's SQLite store (migration 0017); another key neither lists nor reaches them (the same 404
+as an id that does not exist).
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith.serve.api.objects import page
+from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.store import Store
+
+router = APIRouter(prefix="/v1")
+MAX_LIST = 100
+
+
+class CompletionStore:
+    """The stored completions of the server's store (one row per chat completion id)."""
+
+    def __init__(self, store: Store):
+        self.db, self.lock = store.db, store.lock
+
+    def add(self, owner: str | None, completion: dict, request: dict) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO stored_completions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (completion["id"], owner, completion["model"], completion["created"],
+                             json.dumps(completion.get("metadata") or {}), json.dumps(request), json.dumps(completion)))
+
+    def get(self, cid: str, owner: str | None) -> dict | None:
+        row = self.db.execute("SELECT * FROM stored_completions WHERE id = ? AND owner IS ?", (cid, owner)).fetchone()
+        return _row(row)
+
+    def select(self, owner: str | None, metadata: dict[str, str] | None = None, model: str | None = None,
+               after: str | None = None, order: str = "asc", limit: int | None = None,
+               created_after: int | None = None, created_before: int | None = None) -> list[dict]:
+        """A key's stored completions in creation order (``asc`` or ``desc``), filtered; ``after`` an id of the
+        previous page (a 400 when it is not one of the key's)."""
+        sql, args = "SELECT * FROM stored_completions WHERE owner IS ?", [owner]
+        if model:
+            sql, args = sql + " AND model = ?", [*args, model]
+        if created_after is not None:
+            sql, args = sql + " AND created_at >= ?", [*args, created_after]
+        if created_before is not None:
+            sql, args = sql + " AND created_at <= ?", [*args, created_before]
+        way = "DESC" if order == "desc" else "ASC"
+        rows = [_row(r) for r in self.db.execute(f"{sql} ORDER BY created_at {way}, rowid {way}", args)]
+        rows = [r for r in rows if all(r["metadata"].get(k) == v for k, v in (metadata or {}).items())]
+        if after is not None:
+            ids = [r["id"] for r in rows]
+            if after not in ids:
+                raise APIError(400, f"after: {after} is not one of this key's stored completions here", param="after")
+            rows = rows[ids.index(after) + 1:]
+        return rows if limit is None else rows[:limit]
+
+    def set_metadata(self, cid: str, metadata: dict[str, str]) -> None:
+        with self.lock:
+            self.db.execute("UPDATE stored_completions SET metadata = ? WHERE id = ?", (json.dumps(metadata), cid))
+
+    def delete(self, cid: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM stored_completions WHERE id = ?", (cid,))
+
+
+def _row(row) -> dict | None:
+    if row is None:
+        return None
+    d = dict(row)
+    for key in ("metadata", "request", "completion"):
+        d[key] = json.loads(d[key])
+    return d
+
+
+def completion_object(row: dict) -> dict:
+    """The ChatCompletion as it was answered, with its metadata as it is now."""
+    return row["completion"] | {"metadata": row["metadata"]}
+
+
+def checked_metadata(metadata) -> dict[str, str]:
+    """OpenAI's metadata rules: at most 16 pairs, keys up to 64 characters, string values up to 512."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items()):
+        raise APIError(400, "metadata: at most 16 pairs of strings (keys up to 64 characters, values up to 512)",
+                       param="metadata", code="invalid_metadata")
+    return metadata
+
+
+def store_completion(request: Request, key: str | None, completion: dict, body, plan) -> None:
+    """Keep an answered chat completion (``store: true``) with what was asked: the messages as sent, the tools,
+    the output format and the sampling settings."""
+    asked = {"messages": [m.model_dump(exclude_none=True) for m in body.messages], "tools": body.tools,
+             "tool_choice": body.tool_choice, "response_format": body.response_format,
+             "temperature": body.temperature, "top_p": body.top_p, "max_tokens": body.max_completion_tokens or body.max_tokens,
+             "seed": body.seed, "n": body.n}
+    CompletionStore(request.app.state.store).add(key, completion | {"metadata": checked_metadata(body.metadata)},
+                                                 {k: v for k, v in asked.items() if v is not None})
+
+
+def metadata_query(request: Request) -> dict[str, str]:
+    """``metadata[k]=v`` query pairs, the client's form for a metadata filter."""
+    return {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
+
+
+@router.get("/chat/completions")
+async def list_completions(request: Request, key: Key, model: str | None = None, after: str | None = None,
+                           limit: int = Query(20, ge=1, le=MAX_LIST), order: str = Query("asc", pattern="^(asc|desc)$")):
+    rows = CompletionStore(request.app.state.store).select(key, metadata_query(request), model, after, order, limit + 1)
+    data = [completion_object(r) for r in rows[:limit]]
+    return page(data, len(rows) > limit)
+
+
+@router.get("/chat/completions/{completion_id}")
+async def retrieve_completion(completion_id: str, request: Request, key: Key):
+    return completion_object(_stored(request, key, completion_id))
+
+
+class MetadataBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metadata: dict[str, str] | None = Field(...)
+
+
+@router.post("/chat/completions/{completion_id}")
+async def update_completion(completion_id: str, body: MetadataBody, request: Request, key: Key):
+    _stored(request, key, completion_id)
+    completions = CompletionStore(request.app.state.store)
+    completions.set_metadata(completion_id, checked_metadata(body.metadata))
+    return completion_object(completions.get(completion_id, key))
+
+
+@router.delete("/chat/completions/{completion_id}")
+async def delete_completion(completion_id: str, request: Request, key: Key):
+    _stored(request, key, completion_id)
+    CompletionStore(request.app.state.store).delete(completion_id)
+    return {"id": completion_id, "object": "chat.completion.deleted", "deleted": True}
+
+
+@router.get("/chat/completions/{completion_id}/messages")
+async def completion_messages(completion_id: str, request: Request, key: Key, after: str | None = None,
+                              limit: int = Query(20, ge=1, le=MAX_LIST),
+                              order: str = Query("asc", pattern="^(asc|desc)$")):
+    """The request's messages, each with an id (``<completion id>-<index>``), in order or reversed."""
+    row = _stored(request, key, completion_id)
+    messages = [m | {"id": f"{completion_id}-{i}", "content_parts": None} if not isinstance(m.get("content"), list)
+                else m | {"id": f"{completion_id}-{i}", "content_parts": m["content"], "content": None}
+                for i, m in enumerate(row["request"]["messages"])]
+    if order == "desc":
+        messages.reverse()
+    ids = [m["id"] for m in messages]
+    if after is not None:
+        if after not in ids:
+            raise APIError(400, f"after: {after} is not a message of {completion_id}", param="after")
+        messages = messages[ids.index(after) + 1:]
+    return page(messages[:limit], len(messages) > limit)
+
+
+def _stored(request: Request, key, completion_id: str) -> dict:
+    return found(CompletionStore(request.app.state.store).get(completion_id, key), "chat completion", completion_id,
+                 "completion_id")
+
+
+def training_lines(rows: list[dict], drop_system: bool = False) -> list[dict]:
+    """Stored completions as OpenAI chat fine-tuning examples: the request's messages and the answer (its tool
+    calls included), with the request's tools; ``drop_system`` leaves out system and developer messages (a prompt
+    the fine-tune is to learn by heart). Answers cut by ``max_tokens`` are left out: a fine-tune must not learn to
+    stop mid-sentence."""
+    out = []
+    for row in rows:
+        choice = row["completion"]["choices"][0]
+        if choice["finish_reason"] == "length":
+            continue
+        answer = {k: v for k, v in choice["message"].items() if k in ("role", "content", "tool_calls") and v is not None}
+        messages = [m for m in row["request"]["messages"] if not (drop_system and m.get("role") in ("system", "developer"))]
+        example = {"messages": [*messages, answer]}
+        if row["request"].get("tools"):
+            example["tools"] = row["request"]["tools"]
+        out.append(example)
+    return out
