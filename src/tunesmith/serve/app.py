@@ -44,6 +44,13 @@ class ServeSettings:
     vllm_gpu_share: float = 0.5  # on CUDA: vLLM's share of the GPU's memory; the jobs worker has the rest
     gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.engines.gpu_split), None on a CPU
     key_limits: KeyLimits = field(default_factory=KeyLimits)  # per-key requests in flight, tokens a minute (off)
+    batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
+
+    @property
+    def batch_lines_in_flight(self) -> int:
+        if self.batch_concurrency is not None:
+            return self.batch_concurrency
+        return 128 if self.engine == "vllm" else max(1, self.max_batch // 2)
 
     @property
     def python_graders_on(self) -> bool:
@@ -82,7 +89,9 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
             if target not in ENCODER_NAMES and target not in (settings.embedding_models or {}):
                 app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
         watcher = asyncio.ensure_future(watch_adapters(app)) if settings.engine == "vllm" else None
+        app.state.batch_runner.start()
         yield
+        app.state.batch_runner.stop()
         if watcher is not None:
             watcher.cancel()
         app.state.engine.close()
@@ -94,6 +103,9 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.limiter = KeyLimiter(settings.key_limits)
+    from tunesmith.serve.batches.runner import BatchRunner
+
+    app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight)
     from tunesmith.serve.api.body_limit import BodyLimit
 
     app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
@@ -128,6 +140,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
 
     from tunesmith.serve.api import routes_embeddings, routes_models, routes_openai, routes_responses, stored_completions
+    from tunesmith.serve.batches import routes as routes_batches
     from tunesmith.serve.dashboard import routes as routes_dashboard
     from tunesmith.serve.evals import routes as routes_evals
     from tunesmith.serve.evals import routes_graders
@@ -140,6 +153,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app.include_router(routes_jobs.router)
     app.include_router(routes_uploads.router)
     app.include_router(routes_distill.router)
+    app.include_router(routes_batches.router)
     app.include_router(routes_models.router)
     app.include_router(routes_responses.router)
     app.include_router(routes_embeddings.router)

@@ -86,6 +86,19 @@ MIGRATIONS: list[tuple[str, str]] = [
             request TEXT NOT NULL, completion TEXT NOT NULL
         )"""),
     ("0018_stored_completions_index", "CREATE INDEX stored_completions_by_owner ON stored_completions (owner, created_at)"),
+    ("0019_batches", """
+        CREATE TABLE batches (
+            id TEXT PRIMARY KEY, owner TEXT, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
+            completion_window TEXT NOT NULL, status TEXT NOT NULL, metadata TEXT, errors TEXT, model TEXT,
+            output_file_id TEXT, error_file_id TEXT, total INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL,
+            in_progress_at INTEGER, expires_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
+            expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER
+        )"""),
+    ("0020_batch_results", """
+        CREATE TABLE batch_results (
+            batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, status_code INTEGER NOT NULL,
+            body TEXT NOT NULL, PRIMARY KEY (batch_id, line)
+        )"""),
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 

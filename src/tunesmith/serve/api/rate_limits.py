@@ -33,11 +33,14 @@ class KeyLimits:
 class Ticket:
     """One admitted request: holds its key's place until released (once)."""
 
-    def __init__(self, limiter: KeyLimiter, key: str | None):
-        self.limiter, self.key, self.held = limiter, key, True
+    def __init__(self, limiter: KeyLimiter, key: str | None, held: bool = True):
+        self.limiter, self.key, self.held = limiter, key, held
+        self.counted = held
 
     def charge(self, tokens: int) -> None:
         """Count the request's tokens against its key's minute; a 429 (and the place let go) past the limit."""
+        if not self.counted:
+            return
         try:
             self.limiter.charge(self.key, tokens)
         except APIError:
@@ -60,8 +63,11 @@ class KeyLimiter:
         self.in_flight: Counter = Counter()
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
 
-    def admit(self, key: str | None) -> Ticket:
-        """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight."""
+    def admit(self, key: str | None, counted: bool = True) -> Ticket:
+        """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight; a request
+        not ``counted`` (a batch's line: its batch bounds them) holds none."""
+        if not counted:
+            return Ticket(self, key, held=False)
         limit = self.limits.requests
         if limit is not None and self.in_flight[key] >= limit:
             raise self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", 1.0)

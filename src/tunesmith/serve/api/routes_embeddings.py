@@ -13,7 +13,7 @@ import threading
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan.fields import EMBEDDINGS, check_fields
 

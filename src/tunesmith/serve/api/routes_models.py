@@ -12,7 +12,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from tunesmith.serve.api.routes_openai import Key, visible_models
+from tunesmith.serve.api.auth import Key, visible_models
 from tunesmith.serve.engines.errors import APIError
 
 router = APIRouter(prefix="/v1")

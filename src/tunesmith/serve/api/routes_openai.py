@@ -7,11 +7,11 @@ import json
 import secrets
 import time
 import uuid
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from tunesmith.serve.api.auth import Key, engine_for, visible_models
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import CHAT, COMPLETIONS, check_fields
@@ -19,34 +19,6 @@ from tunesmith.serve.plan.requests import build, chat_plan, completion_plan
 from tunesmith.serve.plan.schemas import ChatCompletionBody, CompletionBody
 
 router = APIRouter(prefix="/v1")
-
-
-def api_key(request: Request) -> str | None:
-    """The caller's key (it scopes files and jobs); 401 when keys are configured and it is wrong."""
-    keys = request.app.state.settings.api_keys
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header.lower().startswith("bearer ") else None
-    if keys and key not in keys:
-        raise APIError(401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
-    return key
-
-
-Key = Annotated[str | None, Depends(api_key)]
-
-
-def visible_models(request: Request, key: str | None) -> list[str]:
-    """The base model and command-line adapters, plus the fine-tuned models of this key's own jobs."""
-    request.app.state.sync_adapters()
-    owners = request.app.state.model_owners
-    return [m for m in request.app.state.engine.model_ids() if m not in owners or owners[m] == key]
-
-
-def _engine(request: Request, model: str, key: str | None):
-    models = visible_models(request, key)
-    if model not in models and not request.app.state.serve_checkpoint(model, key):
-        raise APIError(404, f"The model '{model}' does not exist or you do not have access to it. "
-                       f"Available: {', '.join(models)}", param="model", code="model_not_found")
-    return request.app.state.engine
 
 
 def _logprobs(gen: Generation) -> dict | None:
@@ -110,11 +82,12 @@ async def planned_run(request: Request, key: str | None, engine, builder, body, 
     """The request's plan, built off the event loop, running on the engine as ``key``'s: a place among the key's
     requests in flight first (429 past its limit), its tokens charged once planned. Returns (plan, the engine's
     requests, the ticket to release when the answer has been sent)."""
-    ticket = request.app.state.limiter.admit(key)
+    batch = request.scope.get("tunesmith.batch")  # a batch's line (tunesmith.serve.batches.runner): its own tenant
+    ticket = request.app.state.limiter.admit(key, counted=batch is None)
     try:
         plan = await build(builder, body, *more, engine, request.app.state.settings.max_tokens)
         ticket.charge(plan.cost)
-        return plan, engine.run(plan, tenant=key), ticket
+        return plan, engine.run(plan, tenant=key if batch is None else f"batch:{key}"), ticket
     except BaseException:
         ticket.release()
         raise
@@ -135,7 +108,7 @@ def streamed(events, ticket, plan) -> StreamingResponse:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, response: Response, key: Key):
     check_fields(CHAT, body)
-    engine = _engine(request, body.model, key)
+    engine = engine_for(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(engine, body)
     plan, [job], ticket = await planned_run(request, key, engine, chat_plan, body)
@@ -237,7 +210,7 @@ async def _sse_chat(job, plan, cid: str, created: int, answered=None):
 @router.post("/completions")
 async def completions(body: CompletionBody, request: Request, response: Response, key: Key):
     check_fields(COMPLETIONS, body)
-    engine = _engine(request, body.model, key)
+    engine = engine_for(request, body.model, key)
     plan, jobs, ticket = await planned_run(request, key, engine, completion_plan, body)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt

@@ -20,7 +20,8 @@ import uuid
 
 from fastapi import APIRouter, Request, Response
 
-from tunesmith.serve.api.routes_openai import Key, _engine, _results, obfuscated, planned_run, streamed
+from tunesmith.serve.api.auth import Key, engine_for
+from tunesmith.serve.api.routes_openai import _results, obfuscated, planned_run, streamed
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import RESPONSES, check_fields
@@ -84,7 +85,7 @@ def response_object(body: ResponseBody, rid: str, created: int, status: str, out
 @router.post("/responses")
 async def create_response(body: ResponseBody, request: Request, response: Response, key: Key):
     check_fields(RESPONSES, body)
-    engine = _engine(request, body.model, key)
+    engine = engine_for(request, body.model, key)
     if body.model in engine.heads:
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")

@@ -15,8 +15,8 @@ import json
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import page
-from tunesmith.serve.api.routes_openai import Key
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.store import Store
 

@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.engines.errors import APIError
 
 # everything from this server; inline styles for the report's own <style>; charts embedded as data: PNGs

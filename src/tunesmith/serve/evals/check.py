@@ -10,7 +10,7 @@ from fastapi import Request
 
 from tunesmith.graders import template
 from tunesmith.graders.spec import item_fields
-from tunesmith.serve.api.routes_openai import visible_models
+from tunesmith.serve.api.auth import visible_models
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.evals.grading import checked_grader
 

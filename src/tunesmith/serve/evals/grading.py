@@ -10,7 +10,7 @@ from fastapi import Request
 
 from tunesmith.graders import Context, GraderError, ModelReply, check
 from tunesmith.graders.spec import model_names
-from tunesmith.serve.api.routes_openai import visible_models
+from tunesmith.serve.api.auth import visible_models
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import GenParams
 

@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import page, paginate
-from tunesmith.serve.api.routes_openai import Key
 from tunesmith.serve.engines.errors import found
 from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
 from tunesmith.serve.evals.grading import grading_context

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict
 
 from tunesmith.graders import grade_batch
-from tunesmith.serve.api.routes_openai import Key
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.evals.grading import checked_grader, grading_context
 
 router = APIRouter(prefix="/v1/fine_tuning/alpha/graders")

@@ -13,8 +13,8 @@ import json
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import file_object
-from tunesmith.serve.api.routes_openai import Key
 from tunesmith.serve.api.stored_completions import CompletionStore, checked_metadata, training_lines
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.jobs.routes import checked

@@ -16,8 +16,8 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
-from tunesmith.serve.api.routes_openai import Key
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
@@ -41,8 +41,9 @@ def _job_object(request: Request, job: dict) -> dict:
 async def create_file(request: Request, key: Key, file: Annotated[UploadFile, File()],
                       purpose: Annotated[str, Form()]):
     settings = request.app.state.settings
-    if purpose not in ("fine-tune", "evals"):
-        raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune' or 'evals'", param="purpose")
+    if purpose not in ("fine-tune", "evals", "batch"):
+        raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune', 'evals' or 'batch'",
+                       param="purpose")
     limit = settings.max_upload_mb * 1024 * 1024
     content = await file.read(limit + 1)
     if len(content) > limit:
@@ -55,10 +56,12 @@ async def create_file(request: Request, key: Key, file: Annotated[UploadFile, Fi
 async def checked(purpose: str, content: bytes, param: str) -> None:
     """The checks a file of ``purpose`` gets (off the event loop: a large file must not stall other requests);
     a 400 on ``param`` naming each problem and its lines."""
-    check = check_upload if purpose == "fine-tune" else check_eval_upload
+    from tunesmith.serve.batches.lines import check_batch_file
+
+    check = {"fine-tune": check_upload, "evals": check_eval_upload, "batch": check_batch_file}[purpose]
     problems = await asyncio.to_thread(check, content)
     if problems:
-        what = "fine-tuning" if purpose == "fine-tune" else "evals"
+        what = {"fine-tune": "fine-tuning", "evals": "evals", "batch": "batch"}[purpose]
         raise APIError(400, f"Invalid {what} file: " + "; ".join(problems), param=param, code="invalid_file_format")
 
 

@@ -19,8 +19,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import upload_object, upload_part_object
-from tunesmith.serve.api.routes_openai import Key
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs.routes import checked
 

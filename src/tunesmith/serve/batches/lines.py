@@ -1,0 +1,85 @@
+"""A batch file's lines: checked at upload (``{"custom_id", "method": "POST", "url", "body"}``, unique
+``custom_id``s, a URL this server batches, a JSON object body, no streaming; each bad line named) and the output
+and error files written in OpenAI's format."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+MAX_LINES = 50_000  # as at OpenAI
+MOST_NAMED = 5
+
+
+def check_batch_file(content: bytes) -> list[str]:
+    """The problems of a batch file, the first :data:`MOST_NAMED` named with their line; [] when it is one."""
+    problems, seen, count = [], set(), 0
+    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        count += 1
+        why = _line_problem(line, seen)
+        if why:
+            problems.append(f"line {n}: {why}")
+        if len(problems) == MOST_NAMED:
+            break
+    if not problems and not count:
+        problems.append("the file holds no request")
+    if count > MAX_LINES:
+        problems.append(f"{count:,} requests; a batch holds at most {MAX_LINES:,}")
+    return problems
+
+
+def _line_problem(line: str, seen: set[str]) -> str | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    extra = set(row) - {"custom_id", "method", "url", "body"}
+    if extra:
+        return f"unknown field {sorted(extra)[0]!r} (a request is custom_id, method, url, body)"
+    cid = row.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        return "custom_id must be a non-empty string"
+    if cid in seen:
+        return f"custom_id {cid!r} is used twice"
+    seen.add(cid)
+    if row.get("method") != "POST":
+        return "method must be POST"
+    if row.get("url") not in URLS:
+        return f"url {row.get('url')!r} is not batched here; one of {', '.join(URLS)}"
+    body = row.get("body")
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return "body must be a JSON object with a model"
+    if body.get("stream"):
+        return "body.stream: a batch's answers are not streamed"
+    return None
+
+
+def read_requests(content: bytes) -> list[dict]:
+    """A checked batch file's requests, in order, each with its line number."""
+    out = []
+    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            out.append(json.loads(line) | {"line": n})
+    return out
+
+
+def output_line(custom_id: str, status_code: int, body: dict) -> dict:
+    """One line of the output file (a 2xx answer) or the error file (anything else), as OpenAI writes them."""
+    ok = 200 <= status_code < 300
+    error = None if ok else {"code": (body.get("error") or {}).get("code") or f"http_{status_code}",
+                             "message": (body.get("error") or {}).get("message") or f"status {status_code}"}
+    return {"id": f"batch_req_{secrets.token_hex(12)}", "custom_id": custom_id,
+            "response": {"status_code": status_code, "request_id": f"req_{secrets.token_hex(12)}", "body": body},
+            "error": error}
+
+
+def usage_of(body: dict) -> tuple[int, int]:
+    """(input, output) tokens of one answer's usage (chat/completions or Responses naming)."""
+    usage = body.get("usage") or {}
+    return (usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0,
+            usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)

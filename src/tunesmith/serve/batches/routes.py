@@ -1,0 +1,98 @@
+"""``/v1/batches``: create a batch from a ``purpose: "batch"`` file, retrieve, list, cancel, as the official client
+calls them. Every batch belongs to its key (another key gets a 404, as for an id that does not exist)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.objects import page, paginate
+from tunesmith.serve.batches.lines import URLS, read_requests
+from tunesmith.serve.batches.store import BatchStore
+from tunesmith.serve.engines.errors import APIError, found
+
+router = APIRouter(prefix="/v1")
+WINDOW_S = 24 * 3600
+
+
+class OutputExpiresAfter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
+
+
+class BatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input_file_id: str
+    endpoint: str
+    completion_window: Literal["24h"]
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    output_expires_after: OutputExpiresAfter | None = None  # accepted: output files are kept until deleted
+
+
+def batch_object(b: dict) -> dict:
+    """OpenAI's Batch."""
+    fields = ("id", "endpoint", "input_file_id", "completion_window", "status", "output_file_id", "error_file_id",
+              "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+              "cancelling_at", "cancelled_at", "metadata", "model", "request_counts")
+    doc = {k: b.get(k) for k in fields} | {"object": "batch"}
+    doc["errors"] = {"object": "list", "data": b["errors"]} if b.get("errors") else None
+    if b.get("usage"):
+        doc["usage"] = b["usage"]
+    return doc
+
+
+@router.post("/batches")
+async def create_batch(body: BatchBody, request: Request, key: Key):
+    if body.endpoint not in URLS:
+        raise APIError(400, f"endpoint {body.endpoint!r} is not batched here; one of {', '.join(URLS)}",
+                       param="endpoint", code="invalid_value")
+    f = request.app.state.store.get_file(body.input_file_id, key)
+    if f is None:
+        raise APIError(400, f"input_file_id: no file {body.input_file_id}", param="input_file_id")
+    if f["purpose"] != "batch":
+        raise APIError(400, f"input_file_id: {body.input_file_id} was uploaded with purpose {f['purpose']!r}; upload "
+                       "the requests with purpose 'batch'", param="input_file_id", code="invalid_file_purpose")
+    requests = read_requests(Path(f["storage"]).read_bytes())
+    wrong = [r for r in requests if r["url"] != body.endpoint]
+    if wrong:
+        raise APIError(400, f"input_file_id: line {wrong[0]['line']} asks {wrong[0]['url']}, not the batch's endpoint "
+                       f"{body.endpoint}", param="input_file_id", code="mixed_endpoints")
+    batch = BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata,
+                                                    len(requests), requests[0]["body"]["model"], WINDOW_S)
+    request.app.state.batch_runner.wake()
+    return batch_object(batch)
+
+
+@router.get("/batches/{batch_id}")
+async def retrieve_batch(batch_id: str, request: Request, key: Key):
+    return batch_object(_batch(request, key, batch_id))
+
+
+@router.get("/batches")
+async def list_batches(request: Request, key: Key, after: str | None = None,
+                       limit: Annotated[int, Query(ge=1, le=100)] = 20):
+    items, more = paginate([batch_object(b) for b in BatchStore(request.app.state.store).list(key)], after, limit)
+    return page(items, more)
+
+
+@router.post("/batches/{batch_id}/cancel")
+async def cancel_batch(batch_id: str, request: Request, key: Key):
+    """Stops the batch within seconds: no new request starts, those running end, what finished is kept in its
+    output and error files."""
+    batch = _batch(request, key, batch_id)
+    if batch["status"] in ("validating", "in_progress"):
+        BatchStore(request.app.state.store).mark(batch_id, "cancelling")
+        request.app.state.batch_runner.cancel(batch_id)
+    elif batch["status"] not in ("cancelling",):
+        raise APIError(409, f"Batch {batch_id} is {batch['status']} and cannot be cancelled", param="batch_id",
+                       code="invalid_batch_status")
+    return batch_object(_batch(request, key, batch_id))
+
+
+def _batch(request: Request, key, batch_id: str) -> dict:
+    return found(BatchStore(request.app.state.store).get(batch_id, key), "batch", batch_id, "batch_id")

@@ -1,0 +1,72 @@
+"""Batches and their answered lines in the server's SQLite store (migrations 0019-0020). A batch belongs to the key
+that created it; each line's answer is kept as soon as it comes, so a batch interrupted by a restart goes on with
+the lines it has not answered."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tunesmith.serve.store import Store, new_id
+
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+
+
+class BatchStore:
+    def __init__(self, store: Store):
+        self.db, self.lock = store.db, store.lock
+
+    def add(self, owner: str | None, endpoint: str, input_file_id: str, metadata: dict | None, total: int,
+            model: str | None, window_s: int) -> dict:
+        bid, now = new_id("batch"), int(time.time())
+        with self.lock:
+            self.db.execute("INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, "
+                            "metadata, model, total, created_at, expires_at) VALUES (?, ?, ?, ?, '24h', 'validating', "
+                            "?, ?, ?, ?, ?)", (bid, owner, endpoint, input_file_id, json.dumps(metadata), model, total,
+                                               now, now + window_s))
+        return self.get(bid, owner)
+
+    def get(self, bid: str, owner: str | None = None, any_owner: bool = False) -> dict | None:
+        sql, args = "SELECT * FROM batches WHERE id = ?", [bid]
+        if not any_owner:
+            sql, args = sql + " AND owner IS ?", [*args, owner]
+        row = self.db.execute(sql, args).fetchone()
+        return self._with_counts(dict(row)) if row else None
+
+    def list(self, owner: str | None) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM batches WHERE owner IS ? ORDER BY created_at DESC, rowid DESC", (owner,))
+        return [self._with_counts(dict(r)) for r in rows]
+
+    def active(self) -> list[dict]:
+        """Batches still to answer or finish, oldest first (the runner's work, after a restart too)."""
+        marks = ", ".join("?" * len(ACTIVE))
+        rows = self.db.execute(f"SELECT * FROM batches WHERE status IN ({marks}) ORDER BY created_at, rowid", ACTIVE)
+        return [self._with_counts(dict(r)) for r in rows]
+
+    def update(self, bid: str, **fields) -> None:
+        fields = {k: json.dumps(v) if k == "errors" else v for k, v in fields.items()}
+        with self.lock:
+            self.db.execute(f"UPDATE batches SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                            [*fields.values(), bid])
+
+    def mark(self, bid: str, status: str) -> None:
+        """A new status, with its time (``in_progress_at``, ``completed_at``…)."""
+        self.update(bid, status=status, **{f"{status}_at": int(time.time())})
+
+    def add_result(self, bid: str, line: int, custom_id: str, status_code: int, body: dict) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO batch_results VALUES (?, ?, ?, ?, ?)",
+                            (bid, line, custom_id, status_code, json.dumps(body)))
+
+    def results(self, bid: str) -> list[dict]:
+        rows = self.db.execute("SELECT * FROM batch_results WHERE batch_id = ? ORDER BY line", (bid,))
+        return [dict(r) | {"body": json.loads(r["body"])} for r in rows]
+
+    def _with_counts(self, row: dict) -> dict:
+        done = self.db.execute("SELECT COUNT(*), SUM(status_code >= 200 AND status_code < 300) FROM batch_results "
+                               "WHERE batch_id = ?", (row["id"],)).fetchone()
+        completed = int(done[1] or 0)
+        row["request_counts"] = {"total": row["total"], "completed": completed, "failed": int(done[0]) - completed}
+        for key in ("metadata", "errors"):
+            row[key] = json.loads(row[key]) if row[key] else None
+        return row
