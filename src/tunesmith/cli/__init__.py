@@ -260,6 +260,8 @@ def serve(
     max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
     max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body in MB (uploads excepted); "
                                              "larger ones get a 413.")] = 16,
+    batch_concurrency: Annotated[int | None, typer.Option(min=1, help="A batch's requests in flight at once "
+                                                          "[default: half of --max-batch; 128 on vLLM].")] = None,
     requests_per_key: Annotated[int | None, typer.Option(min=1, help="Most inference requests of one API key in "
                                                          "flight at once (429 past it) [default: no limit].")] = None,
     tokens_per_minute_per_key: Annotated[int | None, typer.Option(min=1, help="Most tokens (prompt + max_tokens) "
@@ -301,7 +303,8 @@ def serve(
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
                              vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,
-                             key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key))
+                             key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key),
+                             batch_concurrency=batch_concurrency)
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address)
 # --- tunesmith data ... ----------------------------------------------------------------------
