@@ -121,3 +121,13 @@ def test_limits_answer_429_with_openais_headers_through_the_official_client(limi
     retried = openai.OpenAI(base_url=limited, api_key="k1", max_retries=2)  # the client waits and retries a 429
     assert retried.chat.completions.create(model=EMBEDDED, messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=2).choices
+
+
+def test_limits_are_off_for_one_key_and_a_batch_per_key_for_several():
+    from tunesmith.serve.app import ServeSettings
+
+    assert not ServeSettings(api_keys=frozenset({"a"})).limits_per_key.on
+    assert ServeSettings(api_keys=frozenset({"a", "b"}), max_batch=16).limits_per_key == KeyLimits(requests=16)
+    assert ServeSettings(api_keys=frozenset({"a", "b"}), engine="vllm").limits_per_key == KeyLimits(requests=256)
+    chosen = KeyLimits(tokens_per_minute=1000)
+    assert ServeSettings(api_keys=frozenset({"a", "b"}), key_limits=chosen).limits_per_key == chosen

@@ -47,6 +47,15 @@ class ServeSettings:
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
 
     @property
+    def limits_per_key(self) -> KeyLimits:
+        """The per-key limits in force: as set; unset on a server with several keys, one batch's worth of requests
+        in flight per key (``max_batch``; 256 on vLLM) so that no key can hold the engine's whole line; unset on a
+        server with one key or none, no limit."""
+        if self.key_limits.on or len(self.api_keys) < 2:
+            return self.key_limits
+        return KeyLimits(requests=256 if self.engine == "vllm" else self.max_batch)
+
+    @property
     def batch_lines_in_flight(self) -> int:
         if self.batch_concurrency is not None:
             return self.batch_concurrency
@@ -102,7 +111,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
-    app.state.limiter = KeyLimiter(settings.key_limits)
+    app.state.limiter = KeyLimiter(settings.limits_per_key)
     from tunesmith.serve.batches.runner import BatchRunner
 
     app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight)
