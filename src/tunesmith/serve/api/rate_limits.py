@@ -3,9 +3,10 @@ tokens (prompt plus the most the answer may generate, as OpenAI counts them) its
 minute. Past either the request is a 429 in OpenAI's shape, with ``retry-after``/``retry-after-ms`` and
 OpenAI's ``x-ratelimit-*`` headers, which the official clients read to wait and retry.
 
-Set with ``tunesmith serve --requests-per-key`` and ``--tokens-per-minute-per-key`` (the defaults: ``ServeSettings.limits_per_key``). The engines
-share their batch round robin over keys either way (:meth:`tunesmith.serve.engines.interface.InferenceEngine.
-submit`); the limits bound what one key can make the batch hold at all. Everything here runs on the event loop.
+Set with ``tunesmith serve --requests-per-key`` and ``--tokens-per-minute-per-key`` (the defaults:
+``ServeSettings.limits_per_key``). The engines share their batch round robin over keys either way
+(:meth:`tunesmith.serve.engines.interface.InferenceEngine.submit`); the limits bound what one key can make the batch
+hold at all. Everything here runs on the event loop.
 """
 
 from __future__ import annotations
