@@ -18,7 +18,7 @@ from tunesmith.serve.jobs.worker import work
 
 from .conftest import EMBEDDED, banking_rows, embedded_server, running_server
 
-TEACHER_SYSTEM = "You are a bank's support assistant."
+TEACHER_SYSTEM = "You are a bank's support assistant. Answer in one short sentence."
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +75,16 @@ def test_stored_completions_are_listed_retrieved_updated_and_deleted_per_key(liv
 def teacher(tmp_path_factory):
     """A server over the embedded model, whose answers end by themselves (the tiny random model's never do)."""
     data_dir = tmp_path_factory.mktemp("distill")
-    with embedded_server("builtin", data_dir, api_keys=frozenset({"k1"}), max_tokens=48) as url:
+    with embedded_server("builtin", data_dir, api_keys=frozenset({"k1"}), max_tokens=96) as url:
         yield {"url": url, "base": EMBEDDED, "data_dir": data_dir,
                "c": openai.OpenAI(base_url=url, api_key="k1", max_retries=0)}
 
 
 def test_the_distillation_loop_store_select_eval_file_job(teacher, tmp_path, monkeypatch):
     live, c = teacher, teacher["c"]
-    questions = [r["text"] for r in banking_rows(("card_arrival", "pin_blocked"), 4)]
+    questions = [r["text"] for r in banking_rows(("card_arrival", "pin_blocked"), 8)]
     # the last two answers are cut by max_tokens and must stay out of the file
-    stored = [ask(live, q, metadata={"task": "support", "teacher": "base"}, max_tokens=48) for q in questions[:-2]]
+    stored = [ask(live, q, metadata={"task": "support", "teacher": "base"}, max_tokens=96) for q in questions[:-2]]
     stored += [ask(live, q, metadata={"task": "support", "teacher": "base"}, max_tokens=2) for q in questions[-2:]]
     ask(live, "an unrelated call", metadata={"task": "other"})
     # select and evaluate the teacher's stored answers (a jsonl run grades them as they are)
@@ -126,9 +126,14 @@ def test_the_distillation_loop_store_select_eval_file_job(teacher, tmp_path, mon
 
     monkeypatch.setenv("K1", "k1")
     out = tmp_path / "distilled.jsonl"
+    monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["distill", str(out), "--base-url", live["url"], "--api-key-env", "K1",
-                                      "--metadata", "task=support", "--drop-system"])
+                                      "--metadata", "task=support", "--drop-system", "--recipe"])
     assert result.exit_code == 0, result.output
+    from tunesmith.config import load_recipe
+
+    [teacher_endpoint] = load_recipe(out.with_suffix(".yaml")).eval.endpoints  # the report's teacher contender
+    assert (teacher_endpoint.name, teacher_endpoint.model, teacher_endpoint.base_url) == ("teacher", EMBEDDED, live["url"])
     examples = [json.loads(line) for line in out.read_text().splitlines()]
     cut = sum(s.choices[0].finish_reason == "length" for s in stored)
     assert cut >= 2 and len(examples) == len(stored) - cut > 0

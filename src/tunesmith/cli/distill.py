@@ -24,6 +24,9 @@ def distill(
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many examples.")] = None,
     drop_system: Annotated[bool, typer.Option(help="Leave out system messages (a prompt the fine-tune learns "
                                                    "by heart).")] = False,
+    recipe: Annotated[bool, typer.Option(help="Also write a recipe for `tunesmith run` on the file (as `tunesmith "
+                                              "init` writes it) whose report sets the model the answers came from "
+                                              "beside the fine-tune and the baselines.")] = False,
 ) -> None:
     """Make a fine-tuning file of stored completions on the server and save it; prints the file id to train on."""
     import openai
@@ -43,3 +46,26 @@ def distill(
     common.console.print(f"{made['examples']:,} examples ({made['left_out_cut_by_max_tokens']:,} cut by max_tokens "
                          f"left out) → {out}; on the server as {made['id']}: "
                          f"client.fine_tuning.jobs.create(training_file=\"{made['id']}\", model=...)")
+    if recipe:
+        teacher = next(iter(made["models"]))
+        written = recipe_with_teacher(out, teacher, base_url, api_key_env)
+        common.console.print(f"recipe → {written}: tunesmith run {written}  (the report sets {teacher}, whose answers "
+                             "these are, beside the fine-tune and the baselines)")
+
+
+def recipe_with_teacher(data: Path, teacher: str, base_url: str, api_key_env: str | None) -> Path:
+    """``tunesmith init``'s recipe for the distilled file, with the teacher as an ``eval.endpoints`` contender."""
+    from tunesmith.config import load_recipe
+    from tunesmith.runs.starter import init as write_init
+
+    common.quiet_libraries()
+    path = data.with_suffix(".yaml")
+    write_init(data, out=path, say=lambda line: common.console.print(line, highlight=False, markup=False))
+    endpoint = (f"  endpoints:   # the model whose stored answers the fine-tune learned (tunesmith distill)\n"
+                f"    - {{name: teacher, base_url: '{base_url}', model: '{teacher}', "
+                f"api_key_env: {api_key_env or 'null'}, ask_as: plain}}\n")
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.rstrip() == "eval:")
+    path.write_text("".join([*lines[: at + 1], endpoint, *lines[at + 1:]]), encoding="utf-8")
+    load_recipe(path)  # a recipe that would not load is this command's error, not the run's
+    return path

@@ -3,12 +3,14 @@ metadata, model and time, so that the answers a strong model gave in production 
 
 ``POST /v1/files/from_stored_completions`` (a tunesmith route; ``tunesmith distill`` calls it) writes each selected
 completion as an OpenAI chat fine-tuning example (the request's messages and tools, the answer; answers cut by
-``max_tokens`` left out, and said), checks the file like any uploaded one and returns its File object.
+``max_tokens`` left out, and said), checks the file like any uploaded one and returns its File object, with the
+number of examples and the models whose answers they are.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -48,4 +50,6 @@ async def file_from_stored_completions(body: DistillBody, request: Request, key:
     content = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode()
     await checked("fine-tune", content, "metadata")
     made = request.app.state.store.add_file(key, body.filename, "fine-tune", content)
-    return file_object(made) | {"examples": len(examples), "left_out_cut_by_max_tokens": len(rows) - len(examples)}
+    models = Counter(r["model"] for r in rows)
+    return file_object(made) | {"examples": len(examples), "left_out_cut_by_max_tokens": len(rows) - len(examples),
+                                "models": dict(models.most_common())}
