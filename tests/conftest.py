@@ -168,6 +168,17 @@ def running_server(app):
         srv.thread.join(5)
 
 
+@contextmanager
+def tiny_server(model_dir: Path, data_dir: Path, **settings):
+    """A live server over the tiny random model on the built-in engine; yields its /v1 URL."""
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engines.builtin import Engine
+
+    engine = Engine(str(model_dir), {}, max_batch=settings.get("max_batch", 16), wait_ms=1)
+    with running_server(create_app(ServeSettings(model=str(model_dir), data_dir=data_dir, **settings), engine)) as url:
+        yield url
+
+
 def http_get(url: str, key: str | None = None, timeout: float = 30) -> tuple[int, bytes]:
     """GET with an optional bearer key; returns (status, body) for error statuses too."""
     import urllib.error

@@ -12,10 +12,7 @@ import time
 import openai
 import pytest
 
-from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engines.builtin import Engine
-
-from .conftest import EMBEDDED, banking_rows, embedded_server, running_server
+from .conftest import EMBEDDED, banking_rows, embedded_server, tiny_server
 
 QUESTIONS = [r["text"] for r in banking_rows(("card_arrival", "pin_blocked", "age_limit"), 2)]
 
@@ -106,16 +103,15 @@ def test_cancel_stops_within_seconds_and_keeps_what_finished(live):
 def test_a_batch_survives_a_restart_and_goes_on_where_it_stopped(tiny_model_dir, tmp_path):
     """One line at a time; the server stops after some lines; a new server on the same data folder answers the
     rest, each line once."""
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}), data_dir=tmp_path,
-                             batch_concurrency=1)
+    settings = {"api_keys": frozenset({"k1"}), "batch_concurrency": 1}
     requests = batch_file(QUESTIONS, max_tokens=24, model=str(tiny_model_dir))
-    with running_server(create_app(settings, Engine(str(tiny_model_dir), {}, wait_ms=1))) as url:
+    with tiny_server(tiny_model_dir, tmp_path, **settings) as url:
         c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0)
         f = c.files.create(file=("b.jsonl", requests), purpose="batch")
         batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
         while c.batches.retrieve(batch.id).request_counts.completed < 3:
             time.sleep(0.05)
-    with running_server(create_app(settings, Engine(str(tiny_model_dir), {}, wait_ms=1))) as url:
+    with tiny_server(tiny_model_dir, tmp_path, **settings) as url:
         c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0)
         before = c.batches.retrieve(batch.id)
         assert 3 <= before.request_counts.completed, before
@@ -128,9 +124,7 @@ def test_a_batch_survives_a_restart_and_goes_on_where_it_stopped(tiny_model_dir,
 def test_interactive_requests_are_answered_while_a_batch_fills_the_engine(tiny_model_dir, tmp_path):
     """A batch of 60 lines, 4 in flight, on a batch of 4 rows: an interactive request of the same key is answered
     long before the batch ends (the engine admits it round robin beside the batch's rows)."""
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1"}), data_dir=tmp_path, max_batch=4,
-                             batch_concurrency=4)
-    with running_server(create_app(settings, Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))) as url:
+    with tiny_server(tiny_model_dir, tmp_path, api_keys=frozenset({"k1"}), max_batch=4, batch_concurrency=4) as url:
         c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0)
         f = c.files.create(file=("b.jsonl", batch_file(QUESTIONS * 5, 48, str(tiny_model_dir))), purpose="batch")
         batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")

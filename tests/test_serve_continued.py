@@ -9,11 +9,9 @@ import json
 import openai
 import pytest
 
-from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.jobs.worker import work
 
-from .conftest import banking_rows, chat_lines, running_server
+from .conftest import banking_rows, chat_lines, tiny_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 HYPER = {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20}
@@ -22,9 +20,7 @@ HYPER = {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20}
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("continued")
-    engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir)
-    with running_server(create_app(settings, engine)) as url:
+    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1", "k2"})) as url:
         c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0)
         train = c.files.create(file=("train.jsonl", chat_lines(banking_rows(LABELS, 12)[:24])), purpose="fine-tune")
         first = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=train.id, seed=1, suffix="first",

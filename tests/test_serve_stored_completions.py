@@ -12,11 +12,9 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion
 
-from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.jobs.worker import work
 
-from .conftest import EMBEDDED, banking_rows, embedded_server, running_server
+from .conftest import EMBEDDED, banking_rows, embedded_server, tiny_server
 
 TEACHER_SYSTEM = "You are a bank's support assistant. Answer in one short sentence."
 
@@ -24,9 +22,7 @@ TEACHER_SYSTEM = "You are a bank's support assistant. Answer in one short senten
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("stored")
-    engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir)
-    with running_server(create_app(settings, engine)) as url:
+    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1", "k2"})) as url:
         yield {"url": url, "base": str(tiny_model_dir), "data_dir": data_dir,
                "c": openai.OpenAI(base_url=url, api_key="k1", max_retries=0)}
 

@@ -9,11 +9,9 @@ import hashlib
 import openai
 import pytest
 
-from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.jobs.worker import work
 
-from .conftest import banking_rows, chat_lines, running_server
+from .conftest import banking_rows, chat_lines, tiny_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 
@@ -21,10 +19,7 @@ LABELS = ("card_arrival", "pin_blocked", "age_limit")
 @pytest.fixture(scope="module")
 def live(tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("uploads")
-    engine = Engine(str(tiny_model_dir), {}, wait_ms=5)
-    settings = ServeSettings(model=str(tiny_model_dir), api_keys=frozenset({"k1", "k2"}), data_dir=data_dir,
-                             max_upload_mb=1)
-    with running_server(create_app(settings, engine)) as url:
+    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1", "k2"}), max_upload_mb=1) as url:
         yield {"url": url, "base": str(tiny_model_dir), "data_dir": data_dir}
 
 

@@ -11,7 +11,6 @@ decided by the same functions as all rows at once (``minhash.lsh_groups``, ``gro
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 from array import array
@@ -31,6 +30,7 @@ from tunesmith.data.dedup.minhash import (
     near_reason,
     shingle,
     signatures,
+    word_ids,
 )
 from tunesmith.records import Record, Rejected, field_text
 
@@ -225,11 +225,9 @@ def _merged(k1: np.ndarray, v1, k2: np.ndarray, v2) -> tuple[np.ndarray, np.ndar
 
 
 def text_hash(texts: list[str]) -> np.ndarray:
-    """A 64-bit hash per text (blake2b); two texts share one about once in 10^19 pairs."""
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-         for t in texts], dtype=np.uint64,
-    ).reshape(-1)
+    """A 64-bit hash per text (blake2b, as :func:`minhash.word_ids` hashes a word); two texts share one about once
+    in 10^19 pairs."""
+    return word_ids(texts)
 
 
 def _source(raw: bytes) -> str:

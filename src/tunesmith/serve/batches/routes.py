@@ -14,15 +14,10 @@ from tunesmith.serve.api.objects import page, paginate
 from tunesmith.serve.batches.lines import URLS, read_requests
 from tunesmith.serve.batches.store import BatchStore
 from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.jobs.uploads import ExpiresAfter
 
 router = APIRouter(prefix="/v1")
 WINDOW_S = 24 * 3600
-
-
-class OutputExpiresAfter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    anchor: Literal["created_at"]
-    seconds: int = Field(ge=3600, le=2_592_000)
 
 
 class BatchBody(BaseModel):
@@ -31,7 +26,7 @@ class BatchBody(BaseModel):
     endpoint: str
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = Field(None, max_length=16)
-    output_expires_after: OutputExpiresAfter | None = None  # accepted: output files are kept until deleted
+    output_expires_after: ExpiresAfter | None = None  # accepted: output files are kept until deleted
 
 
 def batch_object(b: dict) -> dict:
