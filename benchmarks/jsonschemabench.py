@@ -26,7 +26,7 @@ refusal keywords), failed, non-conforming, unjudgeable, server coverage = (confo
 compiles / schemas (raw, and the served form) and the wall time; writes everything to ``--out``.
 
     python benchmarks/jsonschemabench.py [--schemas tests/data/jsonschemabench] [--engine builtin|vllm]
-        [--per-subset N] [--max-tokens 256] [--concurrency 1] [--out result.json]
+        [--per-subset N] [--max-tokens 256] [--concurrency 1] [--threads N] [--out result.json]
     python benchmarks/jsonschemabench.py --make-sample DEST --from-git /path/to/jsonschemabench.git [--per-subset 4]
 
 ``--schemas`` takes the test sample (files ``<subset>__<name>.json``) or a checkout's ``data/`` folder (one
@@ -245,12 +245,34 @@ def judge(schema, text: str) -> tuple[str, str | None]:
 
 # --- one request ---------------------------------------------------------------------------------------------------
 
-def prompt_schema(schema) -> str:
+def prompt_schema(schema, chars: int = PROMPT_SCHEMA_CHARS) -> str:
     text = json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
-    return text if len(text) <= PROMPT_SCHEMA_CHARS else text[:PROMPT_SCHEMA_CHARS] + " …(cut)"
+    return text if len(text) <= chars else text[:chars] + " …(cut)"
 
 
-def ask(client, model: str, schema, max_tokens: int) -> dict:
+# a refusal that names no keyword and path: what llguidance (or the plan's deadline) said, in a word
+UNNAMED = ((re.compile(r"oneOf constraints are not supported"), "oneOf"),
+           (re.compile(r"Unknown format: (\S+)"), "format {}"),
+           (re.compile(r"circular references with sibling keys"), "$ref cycle with siblings"),
+           (re.compile(r"Unsatisfiable schema"), "unsatisfiable"),
+           (re.compile(r"Unimplemented keys: \[?([^\]\n]+)"), "{}"),
+           (re.compile(r"regex parse error|look-around"), "pattern"),
+           (re.compile(r"could not be planned within"), "plan deadline"))
+
+
+def refusal_label(answer: dict) -> str:
+    """The keyword a refusal names, else ``"<what llguidance said>*"`` (the star: no keyword and path named)."""
+    if answer.get("keyword"):
+        return answer["keyword"]
+    message = answer.get("message") or ""
+    for pattern, label in UNNAMED:
+        found = pattern.search(message)
+        if found:
+            return label.format(*(g.strip('"') for g in found.groups())) + "*"
+    return (message[:40] or f"HTTP {answer.get('status')}") + "*"
+
+
+def ask(client, model: str, schema, max_tokens: int, prompt_chars: int = PROMPT_SCHEMA_CHARS) -> dict:
     """One chat completion under ``schema``; the outcome classified (see the module's docstring)."""
     import openai
 
@@ -259,7 +281,7 @@ def ask(client, model: str, schema, max_tokens: int) -> dict:
     try:
         raw = client.chat.completions.with_raw_response.create(
             model=model, temperature=0, max_tokens=max_tokens,
-            messages=[{"role": "system", "content": f"Answer in JSON with this schema: {prompt_schema(schema)}"},
+            messages=[{"role": "system", "content": f"Answer in JSON with this schema: {prompt_schema(schema, prompt_chars)}"},
                       {"role": "user", "content": USER}],
             response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}})
         completion = raw.parse()
@@ -278,13 +300,15 @@ def ask(client, model: str, schema, max_tokens: int) -> dict:
         else:
             out.update(outcome="failed", why=f"finish_reason {choice.finish_reason}")
     except openai.APIStatusError as exc:
-        body = exc.body if isinstance(exc.body, dict) else {}
-        body = body.get("error", body) if isinstance(body.get("error", body), dict) else body
+        body = exc.body if isinstance(exc.body, dict) else {}  # the client passes the envelope's "error" member
+        if isinstance(body.get("error"), dict):
+            body = body["error"]
         message = str(body.get("message") or exc.message)
         out.update(status=exc.status_code, code=body.get("code", getattr(exc, "code", None)), message=message[:500])
         if 400 <= exc.status_code < 500:
             found = KEYWORD_AT.search(message)
             out.update(outcome="refused", keyword=found and found.group(1), path=found and found.group(2))
+            out["label"] = refusal_label(out)
         else:
             out.update(outcome="failed", why=f"HTTP {exc.status_code}")
     except openai.APITimeoutError:
@@ -296,9 +320,10 @@ def ask(client, model: str, schema, max_tokens: int) -> dict:
 
 
 def run_schemas(client, schemas: list[dict], model: str = MODEL, max_tokens: int = 256, concurrency: int = 1,
-                progress=print) -> dict[str, float]:
-    """Ask for each schema (subset after subset, ``concurrency`` requests at a time within one); each entry gets
-    ``answer``. Returns each subset's wall time in seconds."""
+                progress=print, together: bool = False, prompt_chars: int = PROMPT_SCHEMA_CHARS) -> dict[str, float]:
+    """Ask for each schema (subset after subset, ``concurrency`` requests at a time within one; with ``together``
+    all subsets at once); each entry gets ``answer``. Returns each subset's wall time in seconds (with
+    ``together``, the whole run's under "all"). ``prompt_chars``: how much of the schema the system message shows."""
     walls: dict[str, float] = {}
     done, lock = [0], threading.Lock()
     by_subset: dict[str, list[dict]] = collections.defaultdict(list)
@@ -306,14 +331,16 @@ def run_schemas(client, schemas: list[dict], model: str = MODEL, max_tokens: int
         by_subset[entry["subset"]].append(entry)
 
     def one(entry: dict) -> None:
-        entry["answer"] = ask(client, model, entry["schema"], max_tokens)
+        entry["answer"] = ask(client, model, entry["schema"], max_tokens, prompt_chars)
         with lock:
             done[0] += 1
             a = entry["answer"]
-            detail = a.get("keyword") or a.get("why") or a.get("finish_reason") or ""
+            detail = a.get("label") or a.get("why") or a.get("finish_reason") or ""
             progress(f"[{done[0]}/{len(schemas)}] {entry['subset']}/{entry['name']}: {a['outcome']} "
-                     f"({str(detail)[:90]}) {a['seconds']:.1f} s", flush=True)
+                     f"({str(detail)[:90]}) {a.get('tokens') or 0} tokens, {a['seconds']:.1f} s", flush=True)
 
+    if together:
+        by_subset = {"all": list(schemas)}
     for subset, entries in by_subset.items():
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max(1, concurrency)) as pool:
@@ -347,7 +374,7 @@ def summarize(schemas: list[dict], walls: dict[str, float] | None = None) -> dic
             "refused": outcomes["refused"], "failed": len(failed), "non_conforming": outcomes["non_conforming"],
             "unjudgeable": outcomes["unjudgeable"],
             "http_5xx": sum(1 for a in failed if (a.get("status") or 0) >= 500),
-            "refusal_keywords": dict(collections.Counter(a.get("keyword") or "(none named)" for a in refused)
+            "refusal_keywords": dict(collections.Counter(refusal_label(a) for a in refused)
                                      .most_common()),
             "server_coverage": round((outcomes["conforming"] + outcomes["cut"]) / n, 3) if n else None,
             "llguidance_raw_compiles": sum(1 for e in entries if e.get("llg_raw", {}).get("ok")),
@@ -362,12 +389,14 @@ def table(rows: dict[str, dict]) -> str:
             "server coverage | llguidance compiles (raw) | llguidance compiles (served form) | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for subset, r in rows.items():
-        top = ", ".join(f"{k} {v}" for k, v in list(r["refusal_keywords"].items())[:3])
+        top = ", ".join(f"{k} {v}" if v > 1 else k for k, v in list(r["refusal_keywords"].items())[:3])
         name = f"**{subset}**" if subset == "all" else subset
         lines.append(f"| {name} | {r['schemas']} | {r['conforming']} | {r['cut']} | {r['refused']}"
                      f"{f' ({top})' if top else ''} | {r['failed']} | {r['non_conforming']} | {r['unjudgeable']} | "
                      f"{r['server_coverage']:.0%} | {r['llguidance_raw_compiles']}/{r['schemas']} | "
                      f"{r['llguidance_served_compiles']}/{r['schemas']} | {r['wall_s']:.0f} |")
+    lines.append("\n(refusal keywords: the keyword the 400 names at its path; * the 400 names none: llguidance's own "
+                 "message, in a word)")
     return "\n".join(lines)
 
 
@@ -403,7 +432,7 @@ def served(engine_kind: str, data_dir: Path, **settings):
         else:
             from tunesmith.serve.engines.builtin import Engine
 
-            engine = Engine(MODEL, {}, wait_ms=5)
+            engine = Engine(MODEL, {}, wait_ms=5, request_timeout_s=settings.get("request_timeout_s", 300.0))
         app = create_app(ServeSettings(model=MODEL, data_dir=data_dir, engine=engine_kind, **settings), engine)
         srv, root = serve_in_thread(app)
         try:
@@ -422,7 +451,12 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="leave out larger schema files (0: none)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=1, help="requests at once within a subset")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="the server's deadline per request (an answer still running then ends as 'length'); "
+                             "the client gives up a minute later")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the engine (default: torch's own); 1 keeps a run steady on a machine "
+                             "shared with other torch processes")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--make-sample", type=Path, default=None, metavar="DEST",
                         help="write a sample from --from-git instead of benchmarking")
@@ -438,11 +472,16 @@ def main() -> None:
 
     import openai
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)", flush=True)
     schemas = load_schemas(args.schemas, args.per_subset, args.max_bytes, args.subsets)
     print(f"{len(schemas)} schemas from {args.schemas} ({len({e['subset'] for e in schemas})} subsets); engine "
-          f"{args.engine}, max_tokens {args.max_tokens}, concurrency {args.concurrency}", flush=True)
+          f"{args.engine}, max_tokens {args.max_tokens}, concurrency {args.concurrency}, torch threads "
+          f"{args.threads or 'default'}", flush=True)
     t0 = time.perf_counter()
     bridge = llguidance_bridge()
     llguidance_coverage(schemas, bridge)
@@ -454,7 +493,8 @@ def main() -> None:
         with served(args.engine, Path(tmp), max_tokens=max(args.max_tokens, 256),
                     request_timeout_s=args.timeout) as url:
             print(f"server up in {time.perf_counter() - t0:.1f} s at {url}", flush=True)
-            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=args.timeout)
+            # the client waits a minute longer than the server's deadline, which ends an answer as "length"
+            client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=args.timeout + 60)
             walls = run_schemas(client, schemas, MODEL, args.max_tokens, args.concurrency)
     rows = summarize(schemas, walls)
     end_load = os.getloadavg()
@@ -475,6 +515,7 @@ def main() -> None:
         doc = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "engine": args.engine,
                "model": MODEL, "schemas_folder": str(args.schemas), "schemas_commit": commit,
                "per_subset": args.per_subset, "max_tokens": args.max_tokens, "concurrency": args.concurrency,
+               "torch_threads": args.threads,
                "load_average_start": load, "load_average_end": end_load, "cpus": os.cpu_count(),
                "llguidance_seconds": round(llg_s, 1), "table": rows, "gaps": missing,
                "results": [{k: v for k, v in e.items() if k != "schema"} for e in schemas]}

@@ -270,12 +270,11 @@ def test_model_alias_option_names_a_served_model():
 
 def test_unsupported_calls_get_the_errors_the_migration_guide_lists(live):
     c = client(live)
-    for call, kwargs in ((c.fine_tuning.checkpoints.permissions.list, {"fine_tuned_model_checkpoint": "ft:x"}),
-                         (c.batches.list, {})):
-        with pytest.raises(openai.NotFoundError):
-            call(**kwargs)
+    with pytest.raises(openai.NotFoundError):
+        c.fine_tuning.checkpoints.permissions.list(fine_tuned_model_checkpoint="ft:x")
     for call, kwargs, param in (
-            (c.files.create, {"file": ("b.jsonl", b"{}\n"), "purpose": "batch"}, "purpose"),
+            (c.files.create, {"file": ("b.jsonl", b"{}\n"), "purpose": "assistants"}, "purpose"),
+            (c.files.create, {"file": ("b.jsonl", b"{}\n"), "purpose": "batch"}, "file"),  # a line without custom_id
             (c.responses.create, {"model": live["base"], "input": "x", "tools": [{"type": "web_search"}]}, "tools"),
             (c.responses.create, {"model": live["base"], "input": "x", "conversation": "conv_1"}, "conversation"),
             (c.embeddings.create, {"model": "all-minilm-l6-v2", "input": [[1, 2, 3]]}, "input")):

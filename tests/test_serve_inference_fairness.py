@@ -44,9 +44,11 @@ def test_a_key_behind_a_flood_is_admitted_at_the_next_free_place(tiny_model_dir)
 
     async def scenario():
         ids = engine.text_prompt_ids("hello")
-        flood = [engine.submit(engine.base_name, ids, [GenParams(12)], tenant="flood") for _ in range(24)]
-        await asyncio.sleep(0.05)
-        other = engine.submit(engine.base_name, ids, [GenParams(12)], tenant="other")
+        # long flood rows, a short other one: the other arrives while the first flood rows still run, however
+        # slow this machine is at the moment
+        flood = [engine.submit(engine.base_name, ids, [GenParams(48)], tenant="flood") for _ in range(24)]
+        await asyncio.sleep(0.01)
+        other = engine.submit(engine.base_name, ids, [GenParams(4)], tenant="other")
         order: list[str] = []
 
         async def watch(name, request):

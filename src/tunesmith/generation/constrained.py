@@ -65,17 +65,26 @@ def output_schema(schema: dict) -> dict:
     """The constraint an answer decodes under for a ``response_format`` schema: the schema itself, compact, with
     a ``maxLength`` on unbounded strings (400 characters, or the string's ``minLength`` when longer) and objects
     that list properties closed to them (a narrower schema: every answer it allows is valid under the caller's),
-    so that a small model's answer ends."""
-    def narrow(node: dict) -> None:
-        if "properties" in node and "additionalProperties" not in node and "patternProperties" not in node:
+    so that a small model's answer ends. An object is closed only where that cannot make it unsatisfiable: not
+    one that ``allOf`` composes (a branch, or what a branch refers to), not one beside ``$ref`` or a combinator,
+    not one whose ``required`` names a property it does not list. A ``format`` the decoder does not know is an
+    annotation (as the specification says) and is left out of the constraint."""
+    from tunesmith.generation.schemas import DECODER_FORMATS, composed_nodes, schema_nodes
+
+    doc = copy.deepcopy(schema)
+    composed = composed_nodes(doc)
+    for node in schema_nodes(doc):
+        if ("properties" in node and isinstance(node["properties"], dict) and "additionalProperties" not in node
+                and "patternProperties" not in node and id(node) not in composed
+                and not {"allOf", "anyOf", "oneOf", "$ref"} & set(node)
+                and set(node.get("required") or []) <= set(node["properties"])):
             node["additionalProperties"] = False
         kinds = node.get("type")
         if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
             minimum = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
             node.setdefault("maxLength", max(MAX_STRING_CHARS, minimum))  # a longer minLength is the caller's
-
-    doc = copy.deepcopy(schema)
-    _each_node(doc, narrow)
+        if isinstance(node.get("format"), str) and node["format"] not in DECODER_FORMATS:
+            del node["format"]
     doc["x-guidance"] = COMPACT
     return doc
 

@@ -34,6 +34,7 @@ UNENFORCED = frozenset({"not", "if", "then", "else", "dependencies", "dependentR
                         "propertyNames", "$dynamicRef", "$recursiveRef"})
 SERVED_ONLY_AT = {"uniqueItems": False}  # served at this value only (it then asks nothing)
 STRICT_FORMATS = frozenset({"date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid"})
+DECODER_FORMATS = STRICT_FORMATS | {"uri"}  # the formats llguidance enforces; any other is an annotation
 TYPES = frozenset({"string", "number", "integer", "boolean", "object", "array", "null"})
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
@@ -116,6 +117,8 @@ def _check_keywords(node: dict, path: str, strict: bool) -> list[str]:
                                 "constrain the answer and is not enforced)")
         if not strict and key not in ENFORCED and key not in ANNOTATIONS:
             ignored.append(f"{key} at {path}")
+        if not strict and key == "format" and isinstance(value, str) and value not in DECODER_FORMATS:
+            ignored.append(f"format '{value}' at {path}")
     return ignored
 
 
@@ -140,6 +143,63 @@ def _subschemas(node: dict, path: str):
                 yield from ((sub, f"{path}/{key}/{i}") for i, sub in enumerate(value))
             else:
                 yield value, f"{path}/{key}"
+
+
+def located(schema: dict, message: str) -> SchemaRefused:
+    """The decoder's refusal of ``schema`` (llguidance's message) as a :class:`SchemaRefused` naming the keyword
+    and its path where the message says which; else the schema as a whole."""
+    import re
+
+    def first(test) -> str | None:
+        stack = [(schema, "#")]
+        while stack:
+            node, path = stack.pop()
+            if isinstance(node, dict):
+                if test(node):
+                    return path
+                stack += reversed(list(_subschemas(node, path)))
+        return None
+
+    if "oneOf" in message and (where := first(lambda n: "oneOf" in n)):
+        return SchemaRefused("oneOf", where, "has branches an answer might match more than one of: the decoder can "
+                             "hold an answer to at least one (send anyOf) but cannot promise exactly one")
+    if (m := re.search(r"required property '([^']+)'", message)) and (
+            where := first(lambda n: m.group(1) in (n.get("required") or []))):
+        return SchemaRefused("required", where, f"names '{m.group(1)}', which no answer can hold here ({message})")
+    if (m := re.search(r'Unimplemented keys: \["([^"]+)"', message)) and (where := first(lambda n: m.group(1) in n)):
+        return SchemaRefused(m.group(1), where, "would constrain the answer and is not enforced by constrained "
+                             "decoding here")
+    return SchemaRefused("schema", "#", f"cannot constrain decoding: {message}")
+
+
+def schema_nodes(doc) -> list[dict]:
+    """Every subschema of ``doc`` that is an object (the root included), found where a schema may hold one (not
+    inside ``enum``, ``const``, ``default`` or ``examples`` values), without recursion."""
+    out, stack, seen = [], [doc], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append(node)
+        stack += [sub for sub, _ in _subschemas(node, "#")]
+    return out
+
+
+def composed_nodes(doc: dict) -> set[int]:
+    """The ids of the subschemas an ``allOf`` composes: its branches and what they refer to (``$ref`` chains
+    followed); closing one of these to its own properties would refuse what another branch adds."""
+    marked: set[int] = set()
+    for node in schema_nodes(doc):
+        stack = list(node.get("allOf") or []) if isinstance(node.get("allOf"), list) else []
+        while stack:
+            branch = stack.pop()
+            if not isinstance(branch, dict) or id(branch) in marked:
+                continue
+            marked.add(id(branch))
+            if isinstance(branch.get("$ref"), str):
+                stack.append(resolve(doc, branch["$ref"]))
+    return marked
 
 
 def _escape(name: str) -> str:

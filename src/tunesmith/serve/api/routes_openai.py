@@ -76,6 +76,7 @@ async def _results(request: Request, jobs: list) -> list[list[Generation]]:
         for j in jobs:
             j.cancel()
         task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" log
 
 
 async def planned_run(request: Request, key: str | None, engine, builder, body, *more):

@@ -175,15 +175,18 @@ def constraint_spec(tool_plan: ToolPlan, output: OutputFormat) -> dict | str | N
 
 def compile_constraint(engine, spec: dict | str, param: str):
     """The engine's form of ``spec`` (the engine keeps what it compiled); one the decoder cannot compile is the
-    client's 400 on ``param``. The builtin engine's first compile converts the tokenizer for llguidance (seconds):
-    one reason the routes build plans off the event loop."""
+    client's 400 on ``param``, naming the keyword and its path where the decoder says which. The builtin engine's
+    first compile converts the tokenizer for llguidance (seconds): one reason the routes build plans off the event
+    loop."""
     from tunesmith.errors import ConfigError
+    from tunesmith.generation.schemas import located
 
     try:
         return engine.json_constraint(spec)
     except (ConfigError, ValueError, TypeError) as exc:
-        raise APIError(400, f"Invalid '{param}': the schema cannot constrain decoding: {exc}", param=param,
-                       code="invalid_json_schema") from None
+        said = str(exc).removeprefix("schema not usable for constrained decoding: ")
+        why = located(spec, said) if isinstance(spec, dict) else f"the grammar cannot constrain decoding: {said}"
+        raise APIError(400, f"Invalid schema for '{param}': {why}.", param=param, code="invalid_json_schema") from None
 
 
 # --- building off the event loop --------------------------------------------------------------------------
