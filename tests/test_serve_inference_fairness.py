@@ -82,6 +82,14 @@ def test_per_key_limits_unit():
     a1.release()
     now[0] = 61.0  # the minute has passed
     limiter.admit("a").charge(100)
+    slow = KeyLimiter(KeyLimits(requests=1), clock=lambda: now[0])
+    held = slow.admit("c")
+    now[0] += 12.0
+    held.release()  # its requests take about 12 s: a refused one is asked to come back then, not every second
+    slow.admit("c")
+    with pytest.raises(APIError) as exc:
+        slow.admit("c")
+    assert exc.value.headers["retry-after"] == "12"
 
 
 @pytest.fixture(scope="module")

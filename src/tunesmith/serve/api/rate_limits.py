@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tunesmith.serve.engines.errors import APIError
 
 WINDOW_S = 60.0
+MAX_WAIT_S = 60.0  # the longest retry-after a requests refusal asks for
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Ticket:
 
     def __init__(self, limiter: KeyLimiter, key: str | None, held: bool = True):
         self.limiter, self.key, self.held = limiter, key, held
-        self.counted = held
+        self.counted, self.since = held, limiter.clock()
 
     def charge(self, tokens: int) -> None:
         """Count the request's tokens against its key's minute; a 429 (and the place let go) past the limit."""
@@ -55,7 +56,7 @@ class Ticket:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.limiter.release(self.key)
+            self.limiter.release(self.key, self.limiter.clock() - self.since)
 
 
 class KeyLimiter:
@@ -63,6 +64,7 @@ class KeyLimiter:
         self.limits, self.clock = limits, clock
         self.in_flight: Counter = Counter()
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
+        self.typical_s: dict[str | None, float] = {}  # key -> how long its requests hold their place (moving mean)
 
     def admit(self, key: str | None, counted: bool = True) -> Ticket:
         """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight; a request
@@ -71,14 +73,20 @@ class KeyLimiter:
             return Ticket(self, key, held=False)
         limit = self.limits.requests
         if limit is not None and self.in_flight[key] >= limit:
-            raise self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", 1.0)
+            # a place frees when one of them ends: come back after about one request's time, not at once (a
+            # crowd of clients retrying every second costs the server more than their requests would)
+            wait = min(MAX_WAIT_S, max(1.0, self.typical_s.get(key, 1.0)))
+            raise self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)",
+                                wait)
         self.in_flight[key] += 1
         return Ticket(self, key)
 
-    def release(self, key: str | None) -> None:
+    def release(self, key: str | None, held_s: float = 0.0) -> None:
         self.in_flight[key] -= 1
         if self.in_flight[key] <= 0:
             del self.in_flight[key]
+        before = self.typical_s.get(key)
+        self.typical_s[key] = held_s if before is None else 0.8 * before + 0.2 * held_s
 
     def charge(self, key: str | None, tokens: int) -> None:
         limit = self.limits.tokens_per_minute
