@@ -170,3 +170,36 @@ def test_vllms_finished_answer_is_checked_against_its_constraint(tiny_model):
     assert exc.value.status == 400 and exc.value.body["code"] == "constraint_failed"
     cut = Generation('{"a":', 5, 2, "length")  # cut by max_tokens: not whole, and said so
     assert engine._conforming(cut, constraint, GenParams()) is cut
+
+
+def test_objects_are_closed_only_where_that_keeps_them_satisfiable():
+    from tunesmith.generation.constrained import output_schema
+
+    base = {"type": "object", "properties": {"id": {"type": "integer"}}, "required": ["id"]}
+    doc = output_schema({"definitions": {"base": base}, "allOf": [{"$ref": "#/definitions/base"}],
+                         "properties": {"extra": {"type": "string", "format": "path"}},
+                         "anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}}]})
+    assert "additionalProperties" not in doc["definitions"]["base"]  # an allOf branch refers to it
+    assert "additionalProperties" not in doc  # beside allOf and anyOf
+    assert doc["anyOf"][0]["additionalProperties"] is False  # a plain object: closed
+    assert "format" not in doc["properties"]["extra"]  # an unknown format is an annotation
+    open_required = output_schema({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]})
+    assert "additionalProperties" not in open_required  # "b" may only come as an extra property
+    enum_value = output_schema({"enum": [{"type": "string", "format": "path"}]})
+    assert enum_value["enum"] == [{"type": "string", "format": "path"}]  # values are not schemas
+
+
+@pytest.mark.parametrize("message,keyword,path", [
+    ("oneOf constraints are not supported. Enable 'coerce_one_of'", "oneOf", "#/properties/v"),
+    ("Unsatisfiable schema: required property 'b' is unsatisfiable", "required", "#/properties/w"),
+    ("circular references with sibling keys are not supported: https://x/s.json#/definitions/h. more", "$ref",
+     "#/definitions/h"),
+    ("something else entirely", "schema", "#"),
+])
+def test_a_decoder_refusal_names_the_keyword_and_its_path(message, keyword, path):
+    from tunesmith.generation.schemas import located
+
+    schema = {"type": "object", "properties": {"v": {"oneOf": [{"type": "string"}]},
+                                               "w": {"type": "object", "required": ["b"]}}}
+    refused = located(schema, message)
+    assert (refused.keyword, refused.path) == (keyword, path)

@@ -166,6 +166,9 @@ def located(schema: dict, message: str) -> SchemaRefused:
     if (m := re.search(r"required property '([^']+)'", message)) and (
             where := first(lambda n: m.group(1) in (n.get("required") or []))):
         return SchemaRefused("required", where, f"names '{m.group(1)}', which no answer can hold here ({message})")
+    if m := re.search(r"circular references with sibling keys[^#]*(#[^\s.]*)", message):
+        return SchemaRefused("$ref", m.group(1), "is in a circle of references and has sibling keywords, which the "
+                             "decoder cannot follow; move the siblings beside it into an allOf with the $ref alone")
     if (m := re.search(r'Unimplemented keys: \["([^"]+)"', message)) and (where := first(lambda n: m.group(1) in n)):
         return SchemaRefused(m.group(1), where, "would constrain the answer and is not enforced by constrained "
                              "decoding here")
