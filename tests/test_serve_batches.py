@@ -134,3 +134,18 @@ def test_interactive_requests_are_answered_while_a_batch_fills_the_engine(tiny_m
         during = c.batches.retrieve(batch.id)
         assert during.status == "in_progress" and during.request_counts.completed < len(QUESTIONS) * 5, during
         assert wait(c, batch.id).status == "completed"
+
+
+def test_a_large_batch_does_not_hold_another_keys_small_one_behind_it(tiny_model_dir, tmp_path):
+    with tiny_server(tiny_model_dir, tmp_path, api_keys=frozenset({"k1", "k2"}), max_batch=4, batch_concurrency=4) as url:
+        big, small = (openai.OpenAI(base_url=url, api_key=k, max_retries=0) for k in ("k1", "k2"))
+        f = big.files.create(file=("big.jsonl", batch_file(QUESTIONS * 30, 48, str(tiny_model_dir))), purpose="batch")
+        large = big.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        while big.batches.retrieve(large.id).request_counts.completed < 2:
+            time.sleep(0.05)
+        g = small.files.create(file=("small.jsonl", batch_file(QUESTIONS[:2], 8, str(tiny_model_dir))), purpose="batch")
+        done = wait(small, small.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+        assert done.status == "completed" and done.request_counts.completed == 2
+        assert big.batches.retrieve(large.id).status == "in_progress"  # the small one did not wait for it
+        big.batches.cancel(large.id)

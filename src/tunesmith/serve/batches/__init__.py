@@ -2,7 +2,7 @@
 
 ``routes`` (``/v1/batches``: create, retrieve, list, cancel), ``lines`` (a batch file's lines checked at upload,
 each bad line named; the output and error files in OpenAI's format), ``store`` (batches and each answered line in
-the server's SQLite store: a batch survives a restart and goes on where it stopped) and ``runner`` (one task in the
+the server's SQLite store: a batch survives a restart and goes on where it stopped) and ``runner`` (a task in the
 server that answers every line through the server's own routes, in process, at a bounded share of the engine).
 
 May import ``serve.api`` (the API key, object shapes), ``serve.jobs`` (the file checks), ``serve.engines``,

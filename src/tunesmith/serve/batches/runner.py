@@ -1,4 +1,4 @@
-"""The batch runner: one task in the server answering the active batches, oldest first.
+"""The batch runner: one task in the server answering the active batches, each in a task of its own.
 
 Each request of a batch goes through the server's own route for its URL, in process (an ASGI call, no socket): the
 same checks, plan, engine and answer shape as a client's request, its status and body kept as the line's answer
@@ -57,21 +57,34 @@ class BatchRunner:
         return BatchStore(self.app.state.store)
 
     async def _loop(self) -> None:
-        while True:
-            for batch in self.batches.active():
+        """Every active batch runs at once, each its own task (a large batch of one key does not hold another's
+        behind it: the engine shares its rows between their tenants)."""
+        running: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                for batch in self.batches.active():
+                    if batch["id"] not in running:
+                        running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
+                for bid in [b for b, task in running.items() if task.done()]:
+                    del running[bid]
+                self.event.clear()
                 try:
-                    await self._run(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
-                    log.exception("batch %s failed", batch["id"])
-                    self.batches.update(batch["id"], errors=[{"code": "batch_failed", "message": str(exc)[:500]}])
-                    self.batches.mark(batch["id"], "failed")
-            self.event.clear()
-            try:
-                await asyncio.wait_for(self.event.wait(), 2.0)
-            except TimeoutError:
-                pass
+                    await asyncio.wait_for(self.event.wait(), 2.0)
+                except TimeoutError:
+                    pass
+        finally:
+            for task in running.values():
+                task.cancel()
+
+    async def _guarded(self, batch: dict) -> None:
+        try:
+            await self._run(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
+            log.exception("batch %s failed", batch["id"])
+            self.batches.update(batch["id"], errors=[{"code": "batch_failed", "message": str(exc)[:500]}])
+            self.batches.mark(batch["id"], "failed")
 
     async def _run(self, batch: dict) -> None:
         bid = batch["id"]
