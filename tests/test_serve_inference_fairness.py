@@ -141,3 +141,39 @@ def test_limits_are_off_for_one_key_and_a_batch_per_key_for_several():
     assert ServeSettings(api_keys=frozenset({"a", "b"}), engine="vllm").limits_per_key == KeyLimits(requests=256)
     chosen = KeyLimits(tokens_per_minute=1000)
     assert ServeSettings(api_keys=frozenset({"a", "b"}), key_limits=chosen).limits_per_key == chosen
+
+
+def test_a_key_at_its_limit_is_answered_at_the_edge_before_its_body_is_read():
+    from tunesmith.serve.api.rate_limits import EdgeLimit
+
+    limiter = KeyLimiter(KeyLimits(requests=1), known_keys=frozenset({"k1", "k2"}))
+    limiter.admit("k1")
+    passed, sent = [], []
+
+    async def app(scope, receive, send):
+        passed.append(scope["path"])
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    async def send(message):
+        sent.append(message)
+
+    edge = EdgeLimit(app, lambda: limiter)
+
+    def scope(key, path="/v1/chat/completions", **more):
+        return {"type": "http", "method": "POST", "path": path, "headers": [(b"authorization", f"Bearer {key}".encode())],
+                **more}
+
+    asyncio.run(edge(scope("k1"), receive, send))
+    assert sent[0]["status"] == 429 and dict(sent[0]["headers"])[b"retry-after"] == b"1" and not passed
+    assert json_body(sent[1])["error"]["code"] == "rate_limit_exceeded"
+    for other in (scope("k2"), scope("k1", "/v1/files"), scope("nope"), scope("k1", **{"tunesmith.batch": "b"})):
+        asyncio.run(edge(other, receive, send))  # another key, another route, no real key, a batch's line
+    assert len(passed) == 4
+
+
+def json_body(message) -> dict:
+    import json
+
+    return json.loads(message["body"])

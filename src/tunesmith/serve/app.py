@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tunesmith.graders.sandbox import Limits
-from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
+from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
 from tunesmith.serve.engines.errors import APIError, validation_error_body
 
 
@@ -111,7 +111,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
-    app.state.limiter = KeyLimiter(settings.limits_per_key)
+    app.state.limiter = KeyLimiter(settings.limits_per_key, known_keys=settings.api_keys)
     from tunesmith.serve.batches.runner import BatchRunner
 
     app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight)
@@ -119,6 +119,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
                        max_upload=settings.max_upload_mb * 1024 * 1024)
+    app.add_middleware(EdgeLimit, limiter_of=lambda: getattr(app.state, "limiter", None))  # runs first
     app.state.store = Store(settings.data_dir)
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)

@@ -11,6 +11,7 @@ hold at all. Everything here runs on the event loop.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import Counter, deque
@@ -60,8 +61,9 @@ class Ticket:
 
 
 class KeyLimiter:
-    def __init__(self, limits: KeyLimits, clock=time.monotonic):
+    def __init__(self, limits: KeyLimits, clock=time.monotonic, known_keys=frozenset()):
         self.limits, self.clock = limits, clock
+        self.known_keys = known_keys  # the server's keys: only a real key is answered early (EdgeLimit)
         self.in_flight: Counter = Counter()
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
         self.typical_s: dict[str | None, float] = {}  # key -> how long its requests hold their place (moving mean)
@@ -71,15 +73,20 @@ class KeyLimiter:
         not ``counted`` (a batch's line: its batch bounds them) holds none."""
         if not counted:
             return Ticket(self, key, held=False)
-        limit = self.limits.requests
-        if limit is not None and self.in_flight[key] >= limit:
-            # a place frees when one of them ends: come back after about one request's time, not at once (a
-            # crowd of clients retrying every second costs the server more than their requests would)
-            wait = min(MAX_WAIT_S, max(1.0, self.typical_s.get(key, 1.0)))
-            raise self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)",
-                                wait)
+        # a place frees when one of them ends: come back after about one request's time, not at once (a crowd of
+        # clients retrying every second costs the server more than their requests would)
+        if refusal := self.full(key):
+            raise refusal
         self.in_flight[key] += 1
         return Ticket(self, key)
+
+    def full(self, key: str | None) -> APIError | None:
+        """The 429 a request of ``key`` would get for its requests in flight now, or None."""
+        limit = self.limits.requests
+        if limit is None or self.in_flight[key] < limit:
+            return None
+        wait = min(MAX_WAIT_S, max(1.0, self.typical_s.get(key, 1.0)))
+        return self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", wait)
 
     def release(self, key: str | None, held_s: float = 0.0) -> None:
         self.in_flight[key] -= 1
@@ -140,3 +147,32 @@ class KeyLimiter:
                                        "retry-after-ms": str(max(1, int(wait_s * 1000)))}
         return APIError(429, f"Rate limit reached for this API key on {kind}: {what}. Retry after {wait_s:.1f} s.",
                         type_=kind, code="rate_limit_exceeded", headers=headers)
+
+
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+class EdgeLimit:
+    """Pure ASGI middleware: a key already at its limit of requests in flight gets its 429 before its body is read
+    or parsed, so that a crowd of refused requests costs the server next to nothing. The route still takes the
+    place itself (:meth:`KeyLimiter.admit`): this is only the cheap early answer. A batch's own lines (in process)
+    are never refused here."""
+
+    def __init__(self, app, limiter_of):
+        self.app, self.limiter_of = app, limiter_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in INFERENCE_PATHS \
+                and "tunesmith.batch" not in scope:
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            key = header[7:].strip() if header.lower().startswith("bearer ") else None
+            limiter = self.limiter_of()
+            refusal = limiter.full(key) if limiter is not None and key in limiter.known_keys else None
+            if refusal is not None:
+                body = json.dumps({"error": refusal.body}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           *((k.encode(), v.encode()) for k, v in refusal.headers.items())]
+                await send({"type": "http.response.start", "status": 429, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
