@@ -1,6 +1,7 @@
 """Continued fine-tuning through the official client: ``jobs.create(model="ft:…")`` (a job's fine-tuned model, or
 one of its checkpoints' models) trains from those weights, says how in the job's events, and the new model answers,
-its parent named by ``models.list``; another key's fine-tune is not a model it can train from."""
+its parent named by ``models.list``; another key's fine-tune is not a model it can train from. On vLLM (``make
+test-vllm``) the continued model is served by vLLM like any fine-tune."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from tunesmith.serve.jobs.worker import work
 
-from .conftest import banking_rows, chat_lines, tiny_server
+from .conftest import EMBEDDED, banking_rows, chat_lines, embedded_server, tiny_server
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit")
 HYPER = {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20}
@@ -81,3 +82,26 @@ def test_another_keys_fine_tune_is_not_a_model_to_train_from(live):
     with pytest.raises(openai.BadRequestError) as exc:
         other.fine_tuning.jobs.create(model=live["first"].fine_tuned_model, training_file=mine.id)
     assert exc.value.body["param"] == "model" and "not available for fine-tuning here" in exc.value.body["message"]
+
+
+@pytest.mark.vllm
+def test_a_continued_fine_tune_answers_on_vllm(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with embedded_server("vllm", data_dir, api_keys=frozenset({"k1"})) as url:
+        c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0, timeout=600)
+        rows = banking_rows(LABELS, 8)
+        models = []
+        for i, (part, model) in enumerate(((rows[:12], EMBEDDED), (rows[12:24], None))):
+            train = c.files.create(file=(f"t{i}.jsonl", chat_lines(part)), purpose="fine-tune")
+            job = c.fine_tuning.jobs.create(model=model or models[-1], training_file=train.id, seed=i, suffix=f"v{i}",
+                                            method={"type": "supervised", "supervised": {"hyperparameters": {
+                                                "n_epochs": 1, "batch_size": 4}}})
+            work(data_dir, once=True)
+            job = c.fine_tuning.jobs.retrieve(job.id)
+            assert job.status == "succeeded", job.error
+            models.append(job.fine_tuned_model)
+        assert {m.id: m.model_extra for m in c.models.list().data}[models[1]]["parent"] == models[0]
+        reply = c.chat.completions.create(model=models[1], max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "Where is my card?"}])
+        assert reply.model == models[1] and reply.usage.completion_tokens > 0

@@ -67,11 +67,12 @@ def test_stored_completions_are_listed_retrieved_updated_and_deleted_per_key(liv
     assert exc.value.body["param"] == "metadata"
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A server over the embedded model, whose answers end by themselves (the tiny random model's never do)."""
+@pytest.fixture(scope="module", params=["builtin", pytest.param("vllm", marks=pytest.mark.vllm)])
+def teacher(request, tmp_path_factory):
+    """A server over the embedded model, whose answers end by themselves (the tiny random model's never do), on the
+    built-in engine (``make test``) and on vLLM (``make test-vllm``)."""
     data_dir = tmp_path_factory.mktemp("distill")
-    with embedded_server("builtin", data_dir, api_keys=frozenset({"k1"}), max_tokens=96) as url:
+    with embedded_server(request.param, data_dir, api_keys=frozenset({"k1"}), max_tokens=96) as url:
         yield {"url": url, "base": EMBEDDED, "data_dir": data_dir,
                "c": openai.OpenAI(base_url=url, api_key="k1", max_retries=0)}
 
