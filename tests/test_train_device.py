@@ -250,29 +250,6 @@ def test_auto_on_an_unverified_gpu_takes_the_reference_path_and_says_why():
     assert choose_path(CPU, Wishes()).name == "fast"  # measured on CPUs
 
 
-def test_probe_reads_the_recorded_verification_of_the_gpu_kind(tmp_path, monkeypatch):
-    """A simulated CUDA device: unverified until a record for its name is written, then verified."""
-    import torch
-
-    from tunesmith.machine import verified
-
-    for name, value in {"is_available": lambda: True, "mem_get_info": lambda: (70 * 2**30, 80 * 2**30),
-                        "get_device_name": lambda: "NVIDIA H100 80GB HBM3", "is_bf16_supported": lambda: True,
-                        "get_device_capability": lambda: (9, 0)}.items():
-        monkeypatch.setattr(torch.cuda, name, value)
-    monkeypatch.setattr(verified, "RECORDS", tmp_path / "gpu_verified.json")
-    caps = probe()
-    assert caps.cuda and caps.device_name == "NVIDIA H100 80GB HBM3" and not caps.fast_path_verified
-    assert choose_path(caps, Wishes(), fits_without_checkpointing=True).name == "reference"
-    verified.record("NVIDIA H100 80GB HBM3", True, 1e-5, 0.8, "bench.log", finding="0.8x the reference path")
-    assert not probe().fast_path_verified  # equal losses but slower: not the default there, and why
-    why = choose_path(probe(), Wishes(), fits_without_checkpointing=True).reasons["path"]
-    assert "not verified on NVIDIA H100 80GB HBM3 (0.8x the reference path)" in why
-    verified.record("NVIDIA H100 80GB HBM3", True, 1e-5, 2.4, "gpu_verify.log")
-    assert probe().fast_path_verified
-    assert choose_path(probe(), Wishes(), fits_without_checkpointing=True).name == "fast"
-
-
 def test_a_jobs_conversation_rows_keep_the_fast_path(tiny_model_dir, tmp_path):
     from tunesmith.machine.path import fast_only
 

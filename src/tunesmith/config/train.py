@@ -71,7 +71,8 @@ class TrainSection(Section):
         "heads with "
         "their documented settings (bf16 on a GPU, TRL's padding-free packing where FlashAttention runs it, Liger "
         "kernels where installed) and none of tunesmith's trainers, collators or loss forms; auto: fast on CPUs and on "
-        "GPU kinds where scripts/gpu_run.sh verify recorded the fast path's losses equal to the reference's, else "
+        "GPU kinds whose record the check wrote (scripts/gpu_run.sh verify: packed rows equal one at a time, faster "
+        "than padded rows), else "
         "reference (fast where only it trains the data: conversation rows, mean pooling, a probe start). Use reference "
         "when the fast path fails or its loss differs from the reference on your GPU"
     )

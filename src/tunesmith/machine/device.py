@@ -51,7 +51,7 @@ class Capabilities:
     bitsandbytes: bool = False
     free_memory: int | None = None  # bytes free on the device
     device_name: str = "cpu"
-    fast_path_verified: bool = False  # scripts/gpu_run.sh recorded the fast path on this GPU kind
+    fast_path_verified: bool = False  # the check (tunesmith.train.verify) wrote this GPU kind's record, verified
     fast_path_finding: str | None = None  # what a record that does not verify it found there
 
 

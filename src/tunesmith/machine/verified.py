@@ -1,16 +1,17 @@
 """Which GPU kinds tunesmith's fast training path has been verified on: ``gpu_verified.json`` beside this module,
-written by ``scripts/gpu_run.sh verify`` (the fast path's losses equal to the reference path's, and its speed, on
-that GPU) and read by :func:`tunesmith.machine.device.probe`. Until a GPU kind has a record, ``train.path: auto``
-trains on the reference path (plain TRL) there.
+each record written by the check itself (:mod:`tunesmith.train.verify`, run by ``scripts/gpu_run.sh verify``)
+with what it measured there, and read by :func:`tunesmith.machine.device.probe`. A record counts only with that
+evidence (:func:`verdict`, the rule the check applies too); until a GPU kind has one,
+``train.path: auto`` trains on the reference path (plain TRL) there and says why.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 RECORDS = Path(__file__).with_name("gpu_verified.json")
+WRITER = "tunesmith.train.verify"
 
 
 def records(path: Path | None = None) -> dict[str, dict]:
@@ -22,48 +23,45 @@ def records(path: Path | None = None) -> dict[str, dict]:
 
 
 def verification(device_name: str, path: Path | None = None) -> tuple[bool, str | None]:
-    """``(verified, finding)`` for a GPU kind: verified when the fast path's losses equalled the reference path's
-    there and it was not slower; else what its record found (None without a record)."""
+    """``(verified, finding)`` for a GPU kind: verified when its record holds the check's evidence that the fast
+    path's packed rows equal one example at a time there and that it was faster than the check's baseline; else
+    what its record found (None without a record)."""
     record = records(path).get(device_name)
     if not record:
         return False, None
-    if record.get("loss_equal") and (record.get("speedup") or 1.0) >= 1.0:
+    finding = verdict(record)
+    if finding is None:
         return True, None
-    return False, record.get("finding") or (f"measured {record['date']}: losses equal {record['loss_equal']}, "
-                                            f"speed-up {record['speedup']}")
+    return False, f"{record.get('date', 'undated')}: {record.get('finding') or finding}"
 
 
-def record(device_name: str, loss_equal: bool, loss_tolerance: float, speedup: float | None, evidence: str,
-           path: Path | None = None, finding: str | None = None) -> dict:
-    """Write (or replace) ``device_name``'s record: whether the fast path's losses equalled the reference path's
-    within ``loss_tolerance`` (relative), its speed over the reference path, the log it comes from and, where it
-    is not verified, what was found (said where ``auto`` falls back to the reference path)."""
+def verdict(evidence: dict) -> str | None:
+    """Why ``evidence`` does not verify the fast path (None: it does): the kernel named ran, packed rows equalled
+    one at a time within the tolerances, the control showed a leak, the fast path beat the named baseline, no GPU
+    test failed."""
+    tol, eq, sp = evidence.get("tolerance") or {}, evidence.get("equality") or {}, evidence.get("speed") or {}
+    kernel = evidence.get("kernel")
+    if evidence.get("written_by") != WRITER:
+        return "its record was not written by the check (scripts/gpu_run.sh verify)"
+    if not eq.get("kernel_calls", {}).get(kernel):
+        return f"the {kernel} kernel did not run (ran: {eq.get('kernel_calls')})"
+    for name, key in (("logprob", "logprob_mean_abs_diff"), ("loss", "loss_rel_diff"), ("grad", "grad_rel_diff")):
+        if eq.get(key) is None or eq[key] > tol.get(name, 0.0):
+            return f"packed rows differ from one at a time: {key} {eq.get(key)} over the tolerance {tol.get(name)}"
+    leak = eq.get("leak_logprob_mean_abs_diff")
+    if leak is None or leak <= 2 * tol.get("logprob", 0.0):
+        return f"the control did not show a leak above twice the tolerance ({leak}): the check could not fail"
+    if not sp.get("baseline") or (sp.get("fast_tokens_s") or 0.0) < (sp.get("baseline_tokens_s") or float("inf")):
+        return f"the fast path was not faster than {sp.get('baseline')} ({sp.get('fast_tokens_s')} vs " \
+               f"{sp.get('baseline_tokens_s')} tokens/s)"
+    tests = evidence.get("tests")
+    if tests is not None and tests.get("failed"):
+        return f"{tests['failed']} GPU tests failed ({tests.get('log')})"
+    return None
+
+
+def write(device_name: str, evidence: dict, path: Path | None = None) -> None:
+    """Write (or replace) ``device_name``'s record: the evidence :mod:`tunesmith.train.verify` measured."""
     doc = records(path)
-    doc[device_name] = {"loss_equal": loss_equal, "loss_tolerance": loss_tolerance, "speedup": speedup,
-                        "evidence": evidence, "date": time.strftime("%Y-%m-%d")}
-    if finding:
-        doc[device_name]["finding"] = finding
+    doc[device_name] = evidence
     (path or RECORDS).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return doc[device_name]
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m tunesmith.machine.verified --evidence LOG [--speedup X]``: record this machine's GPU as verified
-    (run by ``scripts/gpu_run.sh verify`` once the loss-equality tests passed on it)."""
-    import argparse
-
-    import torch
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--evidence", required=True, help="the log of the passing tests")
-    ap.add_argument("--tolerance", type=float, default=1e-5, help="the relative loss tolerance the tests held")
-    ap.add_argument("--speedup", type=float, default=None, help="fast path tokens/s over the reference path's")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: nothing to record")
-    name = torch.cuda.get_device_name()
-    print(name, record(name, True, args.tolerance, args.speedup, args.evidence))
-
-
-if __name__ == "__main__":
-    main()
