@@ -24,19 +24,20 @@ length, split into ``--accum`` micro-steps (per configuration by default) that e
 Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger patches
 transformers' rotary embedding module-wide, and Unsloth much more, which in one process would reach the sides
 after it), stopped after ``--side-timeout`` seconds or when ``--deadline`` (the whole run's seconds) runs out.
-First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU). Reported per side: tokens/s
-(real tokens over the steps after ``--warmup``, so compilation and the allocator's first growth are not counted),
-MFU = 6·N·tokens/s over the measured peak (N: all parameters, a 4-bit weight at its unquantised count; attention's
-FLOPs not counted: the convention of the published figures; LoRA's frozen weights take no weight gradient, so its
-hardware work is nearer 4·N per token), peak memory (CUDA allocator peak; on a CPU the resident-set peak above the
-level before training) beside the memory estimator's for tunesmith's largest micro-batch of the run, the training loss at the last
-step and over the last quarter of steps (the sides must agree), the host syncs per training step with the lines
-that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own check of synchronising operations on a GPU, reads of
-tensor values on a CPU), the mean step time, and with ``--profile`` the top kernels and the GPU busy fraction of
-the last step, the only one profiled (the union of its GPU kernels' intervals over their span). The clock waits for the device
-only after the warm-up steps and after the last step, so it adds no sync of its own to the steps between.
-``--attention sdpa,auto`` measures tunesmith's side once per attention choice (``sdpa``: the variable-length path on
-SDPA's masked kernel; ``auto``: the path's own choice).
+First the device's dense matmul peak is measured (bf16 on a GPU, fp32 on a CPU). Reported per side: tokens/s (real
+tokens over the steps after ``--warmup``, so compilation and the allocator's first growth are not counted), MFU =
+6·N·tokens/s over the sheet's bf16 dense peak (:data:`SHEET_PEAKS`; over the measured peak in brackets), N without
+the input embedding (a lookup, no matmul; kept when the head shares its weight), a 4-bit weight at its unquantised
+count, attention's FLOPs not counted (NeMo AutoModel's and the published figures' convention); a LoRA side adds the
+4·N figure (its frozen weights take no weight gradient), peak memory (CUDA allocator peak; on a CPU the resident-set
+peak above the level before training) beside the memory estimator's for tunesmith's largest micro-batch of the run,
+the training loss at the last step and over the last quarter of steps (the sides must agree), the host syncs per
+training step with the lines that made them (:mod:`tunesmith.machine.syncs`: PyTorch's own check of synchronising
+operations on a GPU, reads of tensor values on a CPU), the mean step time, and with ``--profile`` the top kernels
+and the GPU busy fraction of the last step, the only one profiled (the union of its GPU kernels' intervals over
+their span). The clock waits for the device only after the warm-up steps and after the last step, so it adds no sync
+of its own to the steps between. ``--attention sdpa,auto`` measures tunesmith's side once per attention choice
+(``sdpa``: the variable-length path on SDPA's masked kernel; ``auto``: the path's own choice).
 
 Configurations: ``1b-lora`` (Llama-3.2-1B, LoRA, bf16), ``8b-lora`` (Llama-3.1-8B), ``8b-qlora`` (Llama-3.1-8B,
 4-bit NF4; tunesmith's side planned for an 8 GB GPU and held to it, ``train.memory_limit_gb: 8``, so its estimator
@@ -228,6 +229,40 @@ def count_params(model) -> int:
     return total
 
 
+def param_counts(model) -> dict:
+    """``params`` (all) and ``params_compute``: without the input embedding, a lookup that does no matmul (kept
+    when the output head shares its weight, since the head's matmul uses it)."""
+    total = count_params(model)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
+    return {"params": total, "params_compute": total if tied else total - embed.weight.numel()}
+
+
+# bf16 dense tensor-core peaks from the vendors' sheets (FLOP/s, without sparsity), by the name torch reports
+SHEET_PEAKS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+               ("H200", 989e12), ("A100", 312e12))
+
+
+def sheet_peak(device_name: str) -> float | None:
+    """The sheet's bf16 dense peak of this GPU (None: a CPU or a GPU not in :data:`SHEET_PEAKS`)."""
+    return next((flops for key, flops in SHEET_PEAKS if key in device_name), None)
+
+
+def mfu_cell(cfg: str, r: dict, peak_flops: float, sheet_flops: float | None) -> str:
+    """6·N·tokens/s over the sheet's peak (over the measured peak in brackets), N without the input embedding;
+    for a LoRA side the 4·N figure beside it (frozen weights take no weight gradient). GRPO: mostly sampling, none."""
+    rate = r["tokens_per_s"]
+    if not rate or "phases" in r:
+        return "–"
+    n = r.get("params_compute", r["params"])
+    pct = lambda flops, k: "–" if not flops else f"{100 * k * n * rate / flops:.1f}%"  # noqa: E731
+    cell = f"{pct(sheet_flops, 6)} ({pct(peak_flops, 6)})"
+    config = CONFIGS.get(cfg)
+    if config is not None and config.adapter in ("lora", "qlora", "dora") and config.method == "sft":
+        cell += f" · 4·N {pct(sheet_flops or peak_flops, 4)}"
+    return cell
+
+
 # --- measuring a trainer ------------------------------------------------------------------------------
 def _clock(device: str, steps: int, warmup: int = 1, tokens=None):
     """A TrainerCallback that waits for the device only after step ``warmup`` and after the last step and
@@ -358,7 +393,7 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
     tokenizer = load_tokenizer(recipe.model.name)
     tokenizer.padding_side = "right"
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
-    params = count_params(model)
+    params = param_counts(model)
     trainer = build_trainer(recipe, model, tokenizer, rows, [], placement, out / "ours", save_strategy="no")
     if not one_row(path):  # rows filled up to --seq-len tokens (else each micro-batch is one row already)
         trainer.data_collator = replace(trainer.data_collator, capacity=args.seq_len)
@@ -366,7 +401,7 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
     res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
     micro_tokens = largest.tokens or round(recipe.train.batch_size * args.mean_tokens)
     return res | losses_of(trainer.state.log_history) | {"largest_micro_tokens": largest.tokens,
-        "steps": trainer.state.global_step, "params": params, "path": path.describe() + _micro(recipe),
+        "steps": trainer.state.global_step, **params, "path": path.describe() + _micro(recipe),
         "estimate_mb": estimated_peak_mb(recipe, path, micro_tokens, args.seq_len, one_row(path))}
 
 
@@ -465,7 +500,7 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
                        include_num_input_tokens_seen="non_padding", **trl_settings(args, cuda, accum))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     return measure_trl(trainer, args, cuda) | {
-        "params": count_params(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
+        **param_counts(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
 
 
 def run_reference(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
@@ -483,7 +518,7 @@ def run_reference(cfg: Config, args, rows, out: Path, examples_per_step: int) ->
     tokenizer.padding_side = "right"
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
     trainer = reference_sft_trainer(recipe, model, tokenizer, rows, [], placement, out / "reference", save_strategy="no")
-    return measure_trl(trainer, args, placement.device == "cuda") | {"params": count_params(model),
+    return measure_trl(trainer, args, placement.device == "cuda") | {**param_counts(model),
                                                                       "path": path.describe() + _micro(recipe)}
 
 
@@ -596,7 +631,7 @@ def run_trl_dpo(cfg: Config, args, pairs, out: Path) -> dict:
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(pairs),
                          processing_class=load_tokenizer(model_name(cfg, args)))
     res = measure_trl(trainer, args, cuda, tokens=functools.partial(getattr, trainer, "_total_train_tokens"))
-    return res | {"params": count_params(model), "path": f"TRL DPOTrainer defaults ({'bf16' if cuda else 'fp32'})"}
+    return res | {**param_counts(model), "path": f"TRL DPOTrainer defaults ({'bf16' if cuda else 'fp32'})"}
 
 
 @__import__("contextlib").contextmanager
@@ -605,14 +640,13 @@ def no_bar(desc, total):
 
 
 # --- the table ----------------------------------------------------------------------------------------
-HEADER = ["| config | side | steps | tokens/s | MFU (6·N) | peak MB | estimated MB | last loss | late loss | "
+HEADER = ["| config | side | steps | tokens/s | MFU 6·N sheet (measured peak) | peak MB | estimated MB | last loss | late loss | "
           "host syncs / step | GPU busy | step s | path |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
 
-def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
+def row_text(cfg: str, side: str, r: dict, peak_flops: float, sheet_flops: float | None = None) -> str:
     """One table row; a GRPO side's late-loss cell holds its mean reward, its step cell the phases."""
     rate = r["tokens_per_s"]
-    mfu = 6 * r["params"] * rate / peak_flops if rate and "phases" not in r else None  # GRPO: mostly sampling
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     busy = (r.get("profile") or {}).get("busy_fraction")
     step = fmt(r.get("step_s"), ".2f")
@@ -621,7 +655,7 @@ def row_text(cfg: str, side: str, r: dict, peak_flops: float) -> str:
         step += f" (rollout {ph['rollout_s']:.2f}, reward {ph['reward_s']:.2f}, update {fmt(ph['update_s'], '.2f')})"
     late = f"reward {fmt(r['reward'], '.3f')}" if "reward" in r else fmt(r["late_loss"], ".4f")
     percent = lambda v, f: "–" if v is None else format(100 * v, f) + "%"  # noqa: E731
-    return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {percent(mfu, '.1f')} | "
+    return (f"| {cfg} | {side} | {r['steps']} | {fmt(rate, ',.0f')} | {mfu_cell(cfg, r, peak_flops, sheet_flops)} | "
             f"{fmt(r['peak_mb'], ',.0f')} | {fmt(r.get('estimate_mb'), ',.0f')} | {fmt(r['last_loss'], '.4f')} | "
             f"{late} | {fmt(r['syncs_per_step'], '.1f')} | {percent(busy, '.0f')} | {step} | {r['path']} |")
 
@@ -846,7 +880,7 @@ def in_child(args, cname: str, side: str, attention: str, device: str, timeout: 
     return result
 
 
-def run_sides(args, device: str, peak: float) -> tuple[list[str], list[str]]:
+def run_sides(args, device: str, peak: float, sheet: float | None = None) -> tuple[list[str], list[str]]:
     """Every side of every configuration asked, each in its own process for at most ``--side-timeout`` seconds and
     what is left of ``--deadline``; returns the table's lines and the sides without a row (and why)."""
     lines = list(HEADER)
@@ -870,7 +904,7 @@ def run_sides(args, device: str, peak: float) -> tuple[list[str], list[str]]:
                 continue
             if r is None:
                 continue
-            lines.append(row_text(cfg.name, label, r, peak))
+            lines.append(row_text(cfg.name, label, r, peak, sheet))
             print(lines[-1], flush=True)
             if r.get("largest_micro_tokens"):
                 print(f"  largest micro-batch {r['largest_micro_tokens']:,} real tokens (the estimate's size)")
@@ -898,15 +932,18 @@ def main() -> None:
     rows, _, per_step, device = prepare(args)
     peak, dtype = matmul_peak(device)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"device: {name}; measured dense {dtype} matmul peak {peak / 1e12:,.3f} TFLOP/s")
+    sheet = sheet_peak(name) if device == "cuda" else None
+    print(f"device: {name}; measured dense {dtype} matmul peak {peak / 1e12:,.3f} TFLOP/s; the sheet's bf16 dense "
+          + (f"peak {sheet / 1e12:,.0f} TFLOP/s" if sheet else "peak: none known here"))
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
           + (" · TINY models (2 layers, hidden 64): a smoke run, not a measurement of the architectures" if args.tiny else ""))
     print(f"{len(rows)} rows of ≤ {args.seq_len} tokens (mean {args.mean_tokens:.0f}); {per_step} examples per step "
           f"(≈ {args.tokens_per_step:,} tokens; head {args.head_batch} messages, DPO {args.dpo_batch} pairs); "
           "each side in its own process")
-    print("MFU = 6·N·tokens/s over the measured peak, N = all parameters (4-bit weights at their unquantised count), "
-          "attention FLOPs not counted (the published convention; LoRA's hardware work is nearer 4·N per token)")
-    lines, failed = run_sides(args, device, peak)
+    print("MFU = 6·N·tokens/s over the sheet's peak (over the measured one in brackets), N = parameters without the "
+          "input embedding (4-bit weights at their unquantised count), attention FLOPs not counted (NeMo's and "
+          "the published figures' convention); LoRA sides add 4·N (frozen weights take no weight gradient)")
+    lines, failed = run_sides(args, device, peak, sheet)
     print("\n" + "\n".join(lines))
     if failed:
         raise SystemExit("sides without a row: " + "; ".join(failed))

@@ -172,7 +172,25 @@ def test_a_grpo_row_shows_its_phases_and_reward_and_no_mfu():
     assert cells[12] == "4.00 (rollout 3.00, reward 0.10, update 0.90)"
     sft = dict(r, phases=None)
     del sft["phases"], sft["reward"]
-    assert bench["row_text"]("1b-lora", "tunesmith", sft, 1e15).split("|")[5].strip() == "0.6%"  # 6·N·tokens/s / peak
+    assert bench["row_text"]("1b-lora", "tunesmith", sft, 1e15).split("|")[5].strip() == "– (0.6%) · 4·N 0.4%"
+    sft["params_compute"] = 5 * 10**8  # without the input embedding
+    cell = bench["row_text"]("1b-lora", "tunesmith", sft, 1e15, 2e15).split("|")[5].strip()
+    assert cell == "0.1% (0.3%) · 4·N 0.1%"  # 6·N/sheet (6·N/measured) · 4·N/sheet
+    assert bench["row_text"]("2b-full", "tunesmith", sft, 1e15, 2e15).split("|")[5].strip() == "0.1% (0.3%)"
+
+
+def test_the_sheets_peak_and_the_compute_parameters():
+    bench = _load_bench()
+    assert bench["sheet_peak"]("NVIDIA H100 80GB HBM3") == 989e12 and bench["sheet_peak"]("NVIDIA H100 PCIe") == 756e12
+    assert bench["sheet_peak"]("NVIDIA H200") == 989e12 and bench["sheet_peak"]("cpu") is None
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    untied = LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=False))
+    counts = bench["param_counts"](untied)
+    assert counts["params"] - counts["params_compute"] == 1000 * 16  # the input embedding left out
+    tied = bench["param_counts"](LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=True)))
+    assert tied["params"] == tied["params_compute"]  # the shared weight does the head's matmul
 
 
 def test_sides_keeps_only_the_named_sides_of_each_method():
