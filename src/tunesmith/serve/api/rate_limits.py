@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -61,8 +62,8 @@ class Ticket:
 
 
 class KeyLimiter:
-    def __init__(self, limits: KeyLimits, clock=time.monotonic, known_keys=frozenset()):
-        self.limits, self.clock = limits, clock
+    def __init__(self, limits: KeyLimits, clock=time.monotonic, known_keys=frozenset(), jitter=random.random):
+        self.limits, self.clock, self.jitter = limits, clock, jitter
         self.known_keys = known_keys  # the server's keys: only a real key is answered early (EdgeLimit)
         self.in_flight: Counter = Counter()
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
@@ -74,7 +75,7 @@ class KeyLimiter:
         if not counted:
             return Ticket(self, key, held=False)
         # a place frees when one of them ends: come back after about one request's time, not at once (a crowd of
-        # clients retrying every second costs the server more than their requests would)
+        # clients retrying every second costs the server more than their requests would), each at its own moment
         if refusal := self.full(key):
             raise refusal
         self.in_flight[key] += 1
@@ -85,7 +86,8 @@ class KeyLimiter:
         limit = self.limits.requests
         if limit is None or self.in_flight[key] < limit:
             return None
-        wait = min(MAX_WAIT_S, max(1.0, self.typical_s.get(key, 1.0)))
+        # spread over one more request's time: refused clients told the same moment would come back together
+        wait = min(MAX_WAIT_S, max(1.0, self.typical_s.get(key, 1.0)) * (1.0 + self.jitter()))
         return self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", wait)
 
     def release(self, key: str | None, held_s: float = 0.0) -> None:
