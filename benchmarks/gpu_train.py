@@ -12,14 +12,26 @@ length, split into ``--accum`` micro-steps (per configuration by default) that e
 
 - tunesmith: the path :func:`tunesmith.machine.path.take_path` takes on this machine (printed): on a GPU packed
   rows on tunesmith's variable-length attention (:mod:`tunesmith.machine.varlen`: PyTorch's ``varlen_attn`` where
-  torch has it, each micro-batch one row without padding);
+  torch has it, each micro-batch one row without padding), gradient checkpointing as the product's ``auto`` rule
+  decides; and "tunesmith, checkpointing off" where the configuration's micro-batch fits without it (the memory
+  price of the speed, beside);
 - TRL: ``SFTTrainer`` with its defaults (bf16 and gradient checkpointing on a GPU, no packing, no kernels; on a CPU
-  bf16 is switched off, as it is unusable there), the same examples per micro-step padded to the longest;
+  bf16 is switched off, as it is unusable there), the same examples per micro-step padded to the longest; and
+  "TRL tuned": no gradient checkpointing, ``padding_free`` rows (SDPA keeps the examples apart by their position
+  ids), Liger's kernels where installed on a GPU;
 - tunesmith's reference path (``--reference``): ``train.path: reference``, the product's plain TRL ``SFTTrainer`` /
   ``DPOTrainer`` and transformers' ``Trainer`` for the head (:mod:`tunesmith.train.reference`) on that path's
   settings: the switch a user falls back on;
 - Unsloth (where it is installed, or in ``--unsloth-site`` with the versions it pins): ``FastLanguageModel`` with
-  the same LoRA shape under the same TRL trainer settings.
+  the same LoRA shape under the same TRL trainer settings, with its default offloaded gradient checkpointing and
+  with checkpointing not offloaded.
+
+Every side prints its real and its computed-on (rows x width) tokens per step. The loss check: every side's
+first-step loss (the same weights and examples everywhere, so only how a side computes the loss differs) against
+tunesmith's, within 1e-2 relative on a GPU (bf16) and 2e-3 on a CPU; a side outside it is a failure of the run. With
+random weights that check catches a wrong loss (a shifted label, a prompt token counted), not examples that see each
+other: that is ``scripts/gpu_run.sh verify``'s (:mod:`tunesmith.train.verify`). At least 10 steps are timed after
+``--warmup``; with ``--profile`` one more step runs, profiled and not timed.
 
 Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger patches
 transformers' rotary embedding module-wide, and Unsloth much more, which in one process would reach the sides
@@ -200,15 +212,16 @@ def model_name(cfg: Config, args) -> str:
 
 
 def recipe_for(cfg: Config, args, out: Path, examples_per_step: int, attention: str = "auto", accum: int | None = None,
-               **extra):
+               checkpointing: str | None = None, **extra):
     """tunesmith's recipe for ``cfg``: ``examples_per_step`` split into the configuration's micro-steps (or
-    ``accum`` of them)."""
+    ``accum`` of them); gradient checkpointing as ``checkpointing`` says (else ``--checkpointing``, else the
+    configuration's)."""
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import validate_recipe
 
     batch, accum = split(examples_per_step, cfg, args) if accum is None else (examples_per_step // accum, accum)
-    checkpointing = {"auto": "auto", "off": False, "on": True}[args.checkpointing or cfg.checkpointing]
+    checkpointing = {"auto": "auto", "off": False, "on": True}[checkpointing or args.checkpointing or cfg.checkpointing]
     train = {"path": "fast"} | {"adapter": cfg.adapter, "head": cfg.head, "method": cfg.method, "max_steps": args.steps,
                      "batch_size": batch, "grad_accum": accum, "learning_rate": args.lr, "max_seq_length": args.seq_len,
                      "logging_steps": 1, "warmup_ratio": 0.0, "lr_scheduler": "constant", "attention": attention,
@@ -293,7 +306,8 @@ def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, toke
     from tunesmith.machine.memory import peak_rss, reset_peak_rss
     from tunesmith.machine.syncs import StepReads
 
-    clock = _clock(device, steps, warmup, tokens)
+    end = steps - 1 if profile else steps  # the profiled step (the last) is not timed
+    clock = _clock(device, end, warmup, tokens)
     reads = StepReads(device)
     gc.collect()
     if device == "cuda":
@@ -313,8 +327,9 @@ def measure(train, device: str, steps: int, profile: bool, warmup: int = 1, toke
     print(f"  training took {wall:.0f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss() - before
     (t1, n1), (tn, nn) = clock.marks[0], clock.marks[-1]
-    measured = steps - warmup
-    return {"result": result, "wall_s": wall, "tokens": nn, "tokens_per_s": (nn - n1) / (tn - t1) if tn > t1 else None,
+    measured = end - warmup
+    return {"result": result, "timed_steps": measured, "wall_s": wall, "tokens": nn,
+            "tokens_per_s": (nn - n1) / (tn - t1) if tn > t1 else None,
             "step_s": (tn - t1) / measured if tn > t1 and measured > 0 else None,
             "peak_mb": peak / 2**20, "syncs_per_step": reads.per_step, "sync_sites": _top_sites(reads.sites),
             "profile": top}
@@ -336,9 +351,11 @@ def result_losses(result) -> list[float]:
 
 
 def _loss_summary(losses: list[float]) -> dict:
-    """The loss at the last step and over the last quarter of steps (the sides must agree)."""
+    """The loss at the first step (the same weights and examples on every side: the loss check), at the last step
+    and over the last quarter of steps (the sides must agree)."""
     quarter = losses[-max(1, len(losses) // 4):]
-    return {"last_loss": losses[-1] if losses else None, "late_loss": sum(quarter) / len(quarter) if quarter else None}
+    return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "late_loss": sum(quarter) / len(quarter) if quarter else None}
 
 
 def _profiled(run, device: str, steps: int):
@@ -379,7 +396,8 @@ def busy_fraction(intervals: list[tuple[float, float]], window: tuple[float, flo
 
 
 # --- the sides ----------------------------------------------------------------------------------------
-def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto") -> dict:
+def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, attention: str = "auto",
+                  checkpointing: str | None = None) -> dict:
     from dataclasses import replace
 
     from tunesmith.machine.path import take_path
@@ -389,7 +407,8 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
 
     if cfg.adapter == "qlora":  # the 4-bit loader reads files: written once, before the process is held to its limit
         save_weights(folder_for(model_name(cfg, args)))
-    recipe, path, placement = take_path(recipe_for(cfg, args, out, examples_per_step, attention))
+    recipe, path, placement = take_path(recipe_for(cfg, args, out, examples_per_step, attention,
+                                                   checkpointing=checkpointing))
     tokenizer = load_tokenizer(recipe.model.name)
     tokenizer.padding_side = "right"
     model = prepare_model(recipe, load_model_for(recipe.model.name, placement, cfg.adapter))
@@ -400,22 +419,36 @@ def run_tunesmith(cfg: Config, args, rows, out: Path, examples_per_step: int, at
     trainer.data_collator = largest = Largest(trainer.data_collator)
     res = measure(functools.partial(_train, trainer), placement.device, args.steps, args.profile, args.warmup)
     micro_tokens = largest.tokens or round(recipe.train.batch_size * args.mean_tokens)
-    return res | losses_of(trainer.state.log_history) | {"largest_micro_tokens": largest.tokens,
-        "steps": trainer.state.global_step, **params, "path": path.describe() + _micro(recipe),
+    return res | losses_of(trainer.state.log_history) | largest.per_step(recipe.train.grad_accum) | {
+        "largest_micro_tokens": largest.tokens, "steps": trainer.state.global_step, **params,
+        "path": path.describe() + _micro(recipe),
         "estimate_mb": estimated_peak_mb(recipe, path, micro_tokens, args.seq_len, one_row(path))}
 
 
 class Largest:
-    """A collator that notes the real tokens of the largest micro-batch it made: the peak memory is reached there,
-    so the estimate beside it is taken at that size (the mean micro-batch can be half of it: four ~480-token
-    examples a micro-step drawn from rows of up to 2,048 tokens)."""
+    """A collator that notes the real tokens of the largest micro-batch it made (the peak memory is reached there,
+    so the estimate beside it is taken at that size: the mean micro-batch can be half of it, four ~480-token
+    examples a micro-step drawn from rows of up to 2,048 tokens) and counts the real and the padded tokens of all
+    (what each side's tokens/s is made of)."""
 
     def __init__(self, collate):
-        self.collate, self.tokens = collate, 0
+        self.collate, self.tokens, self.real, self.padded, self.batches = collate, 0, 0, 0, 0
 
     def __call__(self, features):
-        self.tokens = max(self.tokens, sum(len(f["input_ids"]) for f in features))
-        return self.collate(features)
+        real = sum(len(f["input_ids"]) for f in features)
+        self.tokens = max(self.tokens, real)
+        batch = self.collate(features)
+        ids = batch.get("input_ids")
+        if ids is not None:
+            self.real, self.padded, self.batches = self.real + real, self.padded + ids.numel(), self.batches + 1
+        return batch
+
+    def per_step(self, accum: int) -> dict:
+        """Mean real and padded (as computed on: rows x width) tokens of an optimizer step."""
+        if not self.batches:
+            return {}
+        return {"real_tokens_per_step": self.real * accum / self.batches,
+                "padded_tokens_per_step": self.padded * accum / self.batches}
 
     def __getattr__(self, name):  # everything else is the wrapped collator's
         if name == "collate":  # not set yet (a copy being made)
@@ -483,8 +516,20 @@ def measure_trl(trainer, args, cuda: bool, tokens=None) -> dict:
     return res | losses_of(trainer.state.log_history) | {"steps": trainer.state.global_step}
 
 
-def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=None) -> dict:
-    """Plain TRL SFTTrainer defaults (bf16 only where the device has it), the same rows and examples per step."""
+def trl_tuned() -> dict:
+    """TRL as a tuned user sets it: no gradient checkpointing, padding-free rows (transformers' SDPA keeps the
+    examples apart by their position ids; the same examples a step as every side, not BFD-packed rows of
+    ``max_length``, which padding-free TRL then leaves to the data: the rows here are already within it), Liger's
+    kernels where installed on a GPU."""
+    import torch
+
+    liger = importlib.util.find_spec("liger_kernel") is not None and torch.cuda.is_available()
+    return {"gradient_checkpointing": False, "padding_free": True, "max_length": None, "use_liger_kernel": liger}
+
+
+def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=None, tuned: bool = False) -> dict:
+    """Plain TRL SFTTrainer defaults (bf16 only where the device has it), the same rows and examples per step;
+    ``tuned``: :func:`trl_tuned`'s settings."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -496,11 +541,14 @@ def run_trl(cfg: Config, args, rows, out: Path, examples_per_step: int, model=No
     tokenizer.padding_side = "right"
     model = trl_model(cfg, args, cuda) if model is None else model
     batch, accum = split(examples_per_step, cfg, args)
+    tuning = trl_tuned() if tuned else {}
     config = SFTConfig(output_dir=str(out / "trl"), per_device_train_batch_size=batch,
-                       include_num_input_tokens_seen="non_padding", **trl_settings(args, cuda, accum))
+                       include_num_input_tokens_seen="non_padding", **(trl_settings(args, cuda, accum) | tuning))
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    return measure_trl(trainer, args, cuda) | {
-        **param_counts(model), "path": f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)"}
+    trainer.data_collator = counted = Largest(trainer.data_collator)
+    what = ("TRL tuned: " + ", ".join(f"{k} {v}" for k, v in tuning.items()) + f", SDPA, {'bf16' if cuda else 'fp32'}"
+            if tuned else f"TRL defaults ({'bf16' if cuda else 'fp32'}, no packing, no kernels)")
+    return measure_trl(trainer, args, cuda) | counted.per_step(accum) | {**param_counts(model), "path": what}
 
 
 def run_reference(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
@@ -522,7 +570,7 @@ def run_reference(cfg: Config, args, rows, out: Path, examples_per_step: int) ->
                                                                       "path": path.describe() + _micro(recipe)}
 
 
-def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> dict:
+def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int, offload: bool = True) -> dict:
     """Unsloth's ``FastLanguageModel`` with its defaults (its own gradient checkpointing; 4-bit for QLoRA,
     ``full_finetuning`` for full) and the same LoRA shape under the same TRL trainer settings. The side's process
     imported Unsloth first (:func:`run_side`), as Unsloth requires."""
@@ -536,6 +584,8 @@ def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> d
                                                  full_finetuning=cfg.adapter == "full", random_state=args.seed)
     if cfg.adapter != "full":
         model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, lora_dropout=0.0, random_state=args.seed,
+                                                 # its default offloads checkpointed activations to the host
+                                                 use_gradient_checkpointing="unsloth" if offload else True,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                  "gate_proj", "up_proj", "down_proj"])
     res = run_trl(cfg, args, rows, out / "unsloth", examples_per_step, model=model)
@@ -543,7 +593,8 @@ def run_unsloth(cfg: Config, args, rows, out: Path, examples_per_step: int) -> d
     import trl
     import unsloth
 
-    return res | {"path": f"Unsloth {unsloth.__version__} FastLanguageModel under TRL SFTTrainer defaults "
+    how = "its offloaded checkpointing" if offload else "checkpointing not offloaded"
+    return res | {"path": f"Unsloth {unsloth.__version__} FastLanguageModel ({how}) under TRL SFTTrainer defaults "
                           f"(transformers {transformers.__version__}, trl {trl.__version__})"}
 
 
@@ -711,7 +762,7 @@ def parse_args(argv: list[str] | None = None):
     if args.tiny:
         args.seq_len = min(args.seq_len, 256)
         args.rows_per_source = min(args.rows_per_source, 40)
-    args.steps = args.steps or 10
+    args.steps = args.steps or args.warmup + 10 + (1 if args.profile else 0)  # ≥ 10 timed, the profiled one apart
     args.tokens_per_step = args.tokens_per_step or 16384
     args.max_completion = args.max_completion or 128
     args.warmup = max(1, min(args.warmup, args.steps - 1))
@@ -788,30 +839,35 @@ def _all_sides(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
         return ([("tunesmith head", "ours-head", "auto")] + reference("tunesmith reference head", "reference-head")
                 + ([] if args.no_trl else [("TRL SFT", "trl-head", "auto")]))
     ours = [("tunesmith" + ("" if a == "auto" else f" ({a})"), "ours", a) for a in args.attention.split(",")]
+    if cfg.checkpointing == "off" and not args.checkpointing:  # the product's auto rule beside the tuned choice
+        ours += [("tunesmith, checkpointing off", "ours-nockpt", "auto")]
     ours += reference("tunesmith reference", "reference")
     if args.no_trl:
         return ours
     why_not = unsloth_usable(args)
     if why_not:
         print(f"note: {cfg.name}: no Unsloth side ({why_not})")
-    return ours + [("TRL", "trl", "auto")] + ([] if why_not else [("Unsloth", "unsloth", "auto")])
+    unsloth = [] if why_not else [("Unsloth", "unsloth", "auto"),
+                                  ("Unsloth, checkpointing not offloaded", "unsloth-plain", "auto")]
+    return ours + [("TRL", "trl", "auto"), ("TRL tuned", "trl-tuned", "auto")] + unsloth
 
 
 def run_side(args) -> dict | None:
     """The side ``--side CONFIG:SIDE:ATTENTION`` names, in this (child) process."""
     cname, side, attention = args.side.split(":")
     cfg = CONFIGS[cname]
-    if side == "unsloth":  # before anything imports transformers: Unsloth patches them when imported first; a
+    if side.startswith("unsloth"):  # before anything imports transformers: Unsloth patches them when imported first; a
         import unsloth  # noqa: F401 - failing import fails this side's process like any other error (SideFailed)
     rows, banking, per_step, _ = prepare(args)
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
         out = Path(tmp) / cfg.name
-        if side == "ours":
-            return run_tunesmith(cfg, args, rows, out / attention, per_step, attention)
-        if side == "trl":
-            return run_trl(cfg, args, rows, out, per_step)
-        if side == "unsloth":
-            return run_unsloth(cfg, args, rows, out, per_step)
+        if side in ("ours", "ours-nockpt"):  # the product's checkpointing rule (auto), or off
+            checkpointing = "off" if side == "ours-nockpt" else args.checkpointing or "auto"
+            return run_tunesmith(cfg, args, rows, out / attention, per_step, attention, checkpointing)
+        if side in ("trl", "trl-tuned"):
+            return run_trl(cfg, args, rows, out, per_step, tuned=side == "trl-tuned")
+        if side in ("unsloth", "unsloth-plain"):
+            return run_unsloth(cfg, args, rows, out, per_step, offload=side == "unsloth")
         if side == "reference":
             return run_reference(cfg, args, rows, out, per_step)
         if side in ("ours-head", "reference-head"):
@@ -846,7 +902,7 @@ def side_env(args, side: str, device: str) -> dict:
     (its pinned transformers, trl and datasets shadow the kit's), its compile cache in the temporary folder and,
     on a CPU, Unsloth's own CPU backend."""
     env = os.environ | {"PYTHONWARNINGS": "ignore"}
-    if side == "unsloth":
+    if side.startswith("unsloth"):
         if args.unsloth_site:
             env["PYTHONPATH"] = os.pathsep.join(p for p in [args.unsloth_site, env.get("PYTHONPATH")] if p)
         env.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(tempfile.gettempdir()) / "unsloth_compiled_cache"))
@@ -888,6 +944,7 @@ def run_sides(args, device: str, peak: float, sheet: float | None = None) -> tup
     started = time.monotonic()
     for cname in args.configs.split(","):
         cfg = CONFIGS[cname.strip()]
+        firsts: list[tuple[str, float]] = []
         for label, side, attention in sides_of(cfg, args, device):
             left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
             if left is not None and left < 30:
@@ -906,6 +963,11 @@ def run_sides(args, device: str, peak: float, sheet: float | None = None) -> tup
                 continue
             lines.append(row_text(cfg.name, label, r, peak, sheet))
             print(lines[-1], flush=True)
+            if r.get("real_tokens_per_step"):
+                print(f"  tokens per step: {r['real_tokens_per_step']:,.0f} real, {r['padded_tokens_per_step']:,.0f} "
+                      f"computed on (rows x width); {r.get('timed_steps')} steps timed")
+            if r.get("first_loss") is not None:
+                firsts.append((label, r["first_loss"]))
             if r.get("largest_micro_tokens"):
                 print(f"  largest micro-batch {r['largest_micro_tokens']:,} real tokens (the estimate's size)")
             print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
@@ -914,7 +976,29 @@ def run_sides(args, device: str, peak: float, sheet: float | None = None) -> tup
                 print("  top kernels: " + "; ".join(r["profile"]["top"]))
                 if r["profile"]["busy_fraction"] is not None:
                     print(f"  GPU busy {100 * r['profile']['busy_fraction']:.0f}% of the last step (first kernel to last)")
+        failed += loss_check(cfg, firsts, device)
     return lines, failed
+
+
+# the first step's loss: the same weights and examples on every side, so only how a side computes it can differ
+# (bf16 rounding on a GPU; fp32 on a CPU)
+FIRST_LOSS_TOLERANCE = {"cuda": 1e-2, "cpu": 2e-3}
+
+
+def loss_check(cfg: Config, firsts: list[tuple[str, float]], device: str) -> list[str]:
+    """Every side's first-step loss against the first side's (tunesmith's), within :data:`FIRST_LOSS_TOLERANCE`
+    (relative); the sides that are not, as failures. GRPO samples its own completions: not compared."""
+    if cfg.method == "grpo" or len(firsts) < 2:
+        return []
+    tol, (ref_label, ref) = FIRST_LOSS_TOLERANCE[device], firsts[0]
+    out = []
+    for label, loss in firsts[1:]:
+        ok = abs(loss - ref) <= tol * abs(ref)
+        print(f"  loss check {cfg.name}: {label} first-step loss {loss:.4f} vs {ref_label} {ref:.4f} "
+              f"({'within' if ok else 'OUTSIDE'} {tol:g} relative)")
+        if not ok:
+            out.append(f"{cfg.name} {label}: first-step loss {loss:.4f} vs {ref_label}'s {ref:.4f}, over {tol:g}")
+    return out
 
 
 def main() -> None:

@@ -25,10 +25,13 @@ def test_gpu_benchmark_runs_tiny_and_the_sides_agree_on_the_loss(tiny_model_dir,
     assert "matmul peak" in out and "TINY models" in out
     table = [line.split("|") for line in out.splitlines() if line.startswith(("| 1b-lora |", "| 1b-dpo |", "| 1b-grpo"))]
     sides = {cells[2].strip(): cells for cells in table}
-    assert set(sides) == {"tunesmith", "TRL", "tunesmith GRPO", "TRL GRPO"} | (
-        {"tunesmith DPO", "TRL DPO"} if dpo else set()), out
+    assert set(sides) == {"tunesmith", "tunesmith, checkpointing off", "TRL", "TRL tuned", "tunesmith GRPO",
+                          "TRL GRPO"} | ({"tunesmith DPO", "TRL DPO"} if dpo else set()), out
+    assert out.count("loss check 1b-lora:") == 3 and "OUTSIDE" not in out  # each side's first step against ours
+    assert "real, " in out and "computed on (rows x width)" in out
     number = lambda cell: float(cell.replace(",", ""))  # noqa: E731
-    for ours, theirs in [("tunesmith", "TRL")] + ([("tunesmith DPO", "TRL DPO")] if dpo else []):
+    for ours, theirs in [("tunesmith", "TRL"), ("tunesmith", "TRL tuned")] + (
+            [("tunesmith DPO", "TRL DPO")] if dpo else []):
         assert number(sides[ours][8]) == pytest.approx(number(sides[theirs][8]), abs=2e-3)  # last loss, same steps
         assert "cpu float32" in sides[ours][13] and number(sides[ours][4]) > 0
         assert number(sides[theirs][10]) > 0  # host syncs per step: TRL's metrics read the device every step
@@ -64,11 +67,37 @@ def test_a_missing_unsloth_gives_a_note_and_no_side(tmp_path, capsys):
     bench = _load_bench()
     cfg = bench["CONFIGS"]["1b-lora"]
     sides = bench["sides_of"](cfg, _args(bench, "--unsloth-site", str(tmp_path)), "cuda")
-    assert [s[1] for s in sides] == ["ours", "trl"]
+    assert [s[1] for s in sides] == ["ours", "ours-nockpt", "trl", "trl-tuned"]
     assert f"no unsloth package in {tmp_path}" in capsys.readouterr().out
     (tmp_path / "unsloth").mkdir()
     assert [s[1] for s in bench["sides_of"](cfg, _args(bench, "--unsloth-site", str(tmp_path)), "cuda")] == [
-        "ours", "trl", "unsloth"]
+        "ours", "ours-nockpt", "trl", "trl-tuned", "unsloth", "unsloth-plain"]
+
+
+def test_like_for_like_sides_their_settings_and_at_least_ten_timed_steps():
+    """tunesmith on the product's checkpointing rule and with it off; TRL's defaults and TRL tuned (no checkpointing,
+    padding-free); the profiled step is never a timed one."""
+    bench = _load_bench()
+    assert bench["trl_tuned"]()["gradient_checkpointing"] is False and bench["trl_tuned"]()["padding_free"] is True
+    args = _args(bench)
+    assert args.steps - args.warmup >= 10
+    profiled = _args(bench, "--profile")
+    assert profiled.steps - 1 - profiled.warmup >= 10
+    labels = [s[0] for s in bench["sides_of"](bench["CONFIGS"]["1b-lora"], _args(bench), "cuda")]
+    assert labels[:2] == ["tunesmith", "tunesmith, checkpointing off"] and "TRL tuned" in labels
+    # --checkpointing names tunesmith's one setting: no second side
+    assert "ours-nockpt" not in [s[1] for s in bench["sides_of"](bench["CONFIGS"]["1b-lora"],
+                                                                 _args(bench, "--checkpointing", "on"), "cuda")]
+
+
+def test_the_first_step_loss_check_names_a_side_that_computes_another_loss(capsys):
+    bench = _load_bench()
+    cfg = bench["CONFIGS"]["1b-lora"]
+    assert bench["loss_check"](cfg, [("tunesmith", 11.76), ("TRL", 11.7601), ("TRL tuned", 11.759)], "cpu") == []
+    failed = bench["loss_check"](cfg, [("tunesmith", 11.76), ("TRL", 11.9)], "cpu")
+    assert failed == ["1b-lora TRL: first-step loss 11.9000 vs tunesmith's 11.7600, over 0.002"]
+    assert "OUTSIDE 0.002 relative" in capsys.readouterr().out
+    assert bench["loss_check"](bench["CONFIGS"]["1b-grpo"], [("a", 1.0), ("b", 2.0)], "cpu") == []
 
 
 def test_a_failing_side_is_reported_and_the_run_goes_on(monkeypatch, capsys):
@@ -117,7 +146,7 @@ def test_reference_adds_the_products_reference_path_as_a_side_of_each_method():
     args = _args(bench, "--reference", "--no-trl")
     labels = {name: [label for label, _, _ in bench["sides_of"](bench["CONFIGS"][name], args, "cuda")]
               for name in ("1b-lora", "1b-head", "1b-dpo")}
-    assert labels["1b-lora"] == ["tunesmith", "tunesmith reference"]
+    assert labels["1b-lora"] == ["tunesmith", "tunesmith, checkpointing off", "tunesmith reference"]
     if bench["BANKING"].is_file():
         assert labels["1b-head"] == ["tunesmith head", "tunesmith reference head"]
     if bench["DPO_PAIRS"].is_file():
@@ -128,7 +157,7 @@ def test_reference_adds_the_products_reference_path_as_a_side_of_each_method():
 def test_a_step_is_16k_tokens_split_alike_and_the_groups_are_one_command_each():
     bench = _load_bench()
     args = _args(bench)
-    assert args.tokens_per_step >= 16384 and args.steps == 10
+    assert args.tokens_per_step >= 16384 and args.steps - args.warmup == 10
     cfg = bench["CONFIGS"]
     assert set(bench["GROUPS"]["1b"].split(",")) | set(bench["GROUPS"]["8b"].split(",")) == set(cfg)
     assert _args(bench, "--configs", "8b").configs == "8b-lora,8b-qlora,2b-full"
@@ -147,7 +176,7 @@ def test_the_deadline_skips_what_cannot_start_and_bounds_the_rest(monkeypatch, c
     bench = _load_bench()
     run_sides = bench["run_sides"]
     args = _args(bench, "--deadline", "100", "--side-timeout", "500", "--configs", "1b-lora", "--no-trl",
-                 "--reference")
+                 "--reference", "--checkpointing", "off")  # one tunesmith side, then the reference
     clock = iter([0.0, 0.0, 80.0])  # the start; the first side at 0 s; the second at 80 s: 20 s left
     monkeypatch.setattr(time, "monotonic", lambda: next(clock))
     given = []
@@ -198,7 +227,7 @@ def test_sides_keeps_only_the_named_sides_of_each_method():
     args = _args(bench, "--reference", "--sides", "trl,reference")
     got = {name: [side for _, side, _ in bench["sides_of"](bench["CONFIGS"][name], args, "cuda")]
            for name in ("1b-lora", "1b-dpo", "1b-head", "1b-grpo")}
-    assert got["1b-lora"] == ["reference", "trl"] and got["1b-grpo"] == ["trl-grpo"]
+    assert got["1b-lora"] == ["reference", "trl", "trl-tuned"] and got["1b-grpo"] == ["trl-grpo"]
     if bench["DPO_PAIRS"].is_file():
         assert got["1b-dpo"] == ["reference-dpo", "trl-dpo"]
     if bench["BANKING"].is_file():
@@ -230,3 +259,8 @@ def test_the_estimate_is_taken_at_the_largest_micro_batch_collated():
     assert largest([{"input_ids": [1] * 5}, {"input_ids": [1] * 7}]) == {"n": 2}
     largest([{"input_ids": [1] * 3}])
     assert largest.tokens == 12
+    import torch
+
+    counted = bench["Largest"](lambda features: {"input_ids": torch.zeros(len(features), 7)})
+    counted([{"input_ids": [1] * 5}, {"input_ids": [1] * 7}])
+    assert counted.per_step(2) == {"real_tokens_per_step": 24, "padded_tokens_per_step": 28}
