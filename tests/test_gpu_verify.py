@@ -37,6 +37,19 @@ def test_the_smoke_check_measures_equality_the_control_and_speed(smoke, tmp_path
     assert json.loads((tmp_path / "r.json").read_text())["cpu"] == evidence
 
 
+def test_the_control_works_over_several_packed_rows(tiny_model_dir):
+    """The 1B-wide shape packs its examples into more than one row: the control tells each row it is one sequence."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    features = verify.conversations(tok, verify.SMOKE.examples)
+    model = verify.random_llama(verify.SMOKE, len(tok), "cpu")
+    eq = verify.equality(model, features, tok.pad_token_id, 128, "sdpa")  # rows of 128 tokens: several
+    tol = verify.TOLERANCES["float32"]
+    assert eq["packed_rows"] > 1 and eq["loss_rel_diff"] <= tol.loss and eq["grad_rel_diff"] <= tol.grad
+    assert eq["leak_logprob_mean_abs_diff"] > 2 * tol.logprob
+
+
 def test_a_leaking_packer_fails_the_check(tiny_model_dir, monkeypatch):
     """Boundaries that make each row one sequence (examples see each other) move the loss and gradients."""
     from transformers import AutoTokenizer

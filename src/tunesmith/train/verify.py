@@ -137,14 +137,11 @@ def equality(model, features: list[dict], pad_id: int, capacity: int, kernel: st
         alone_parts[i] = lp
         alone_grads = grads if alone_grads is None else {k: alone_grads[k] + g for k, g in grads.items()}
     alone = torch.cat([alone_parts[i] for i in packing_order(features, capacity)])
-    whole = torch.tensor([0, packed_batch["input_ids"].shape[1]], dtype=torch.int32)
-    rows = packed_batch["input_ids"].shape[0]
-    leaky_batch = packed_batch | {"cu_seq_lens_q": whole, "cu_seq_lens_k": whole,
-                                  "max_length_q": packed_batch["input_ids"].shape[1],
-                                  "max_length_k": packed_batch["input_ids"].shape[1]}
-    leak = None
-    if rows == 1:  # the control needs the examples in one row, told they are one sequence
-        leak = (_targets(model, leaky_batch, kernel)[0] - alone).abs().mean().item()
+    rows, width = packed_batch["input_ids"].shape
+    whole = torch.arange(rows + 1, dtype=torch.int32) * width  # each row told it is one sequence
+    leaky_batch = packed_batch | {"cu_seq_lens_q": whole, "cu_seq_lens_k": whole, "max_length_q": width,
+                                  "max_length_k": width}
+    leak = (_targets(model, leaky_batch, kernel)[0] - alone).abs().mean().item()
     grad = max(((packed_grads[k] - g).abs().max() / g.abs().max().clamp(min=1e-12)).item()
                for k, g in alone_grads.items())
     return {"kernel_calls": used, "targets": int(packed.numel()), "packed_rows": rows,
