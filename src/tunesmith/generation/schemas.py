@@ -151,14 +151,7 @@ def located(schema: dict, message: str) -> SchemaRefused:
     import re
 
     def first(test) -> str | None:
-        stack = [(schema, "#")]
-        while stack:
-            node, path = stack.pop()
-            if isinstance(node, dict):
-                if test(node):
-                    return path
-                stack += reversed(list(_subschemas(node, path)))
-        return None
+        return next((path for node, path in walk(schema) if test(node)), None)
 
     if "oneOf" in message and (where := first(lambda n: "oneOf" in n)):
         return SchemaRefused("oneOf", where, "has branches an answer might match more than one of: the decoder can "
@@ -175,18 +168,23 @@ def located(schema: dict, message: str) -> SchemaRefused:
     return SchemaRefused("schema", "#", f"cannot constrain decoding: {message}")
 
 
-def schema_nodes(doc) -> list[dict]:
-    """Every subschema of ``doc`` that is an object (the root included), found where a schema may hold one (not
-    inside ``enum``, ``const``, ``default`` or ``examples`` values), without recursion."""
-    out, stack, seen = [], [doc], set()
+def walk(doc):
+    """``(subschema, its path)`` for every subschema of ``doc`` that is an object (the root included), in document
+    order, found where a schema may hold one (not inside ``enum``, ``const``, ``default`` or ``examples`` values),
+    each once, without recursion."""
+    stack, seen = [(doc, "#")], set()
     while stack:
-        node = stack.pop()
+        node, path = stack.pop()
         if not isinstance(node, dict) or id(node) in seen:
             continue
         seen.add(id(node))
-        out.append(node)
-        stack += [sub for sub, _ in _subschemas(node, "#")]
-    return out
+        yield node, path
+        stack += reversed(list(_subschemas(node, path)))
+
+
+def schema_nodes(doc) -> list[dict]:
+    """Every subschema of ``doc`` that is an object (:func:`walk`'s, without their paths)."""
+    return [node for node, _ in walk(doc)]
 
 
 def composed_nodes(doc: dict) -> set[int]:

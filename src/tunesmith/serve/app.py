@@ -47,19 +47,25 @@ class ServeSettings:
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
 
     @property
+    def engine_batch(self) -> int:
+        """The rows the engine decodes together: ``max_batch`` on the built-in engine, 256 on vLLM."""
+        return 256 if self.engine == "vllm" else self.max_batch
+
+    @property
     def limits_per_key(self) -> KeyLimits:
         """The per-key limits in force: as set; unset on a server with several keys, one batch's worth of requests
-        in flight per key (``max_batch``; 256 on vLLM) so that no key can hold the engine's whole line; unset on a
+        in flight per key (:attr:`engine_batch`) so that no key can hold the engine's whole line; unset on a
         server with one key or none, no limit."""
         if self.key_limits.on or len(self.api_keys) < 2:
             return self.key_limits
-        return KeyLimits(requests=256 if self.engine == "vllm" else self.max_batch)
+        return KeyLimits(requests=self.engine_batch)
 
     @property
     def batch_lines_in_flight(self) -> int:
+        """A batch's lines in flight at once: as set, else half the engine's batch."""
         if self.batch_concurrency is not None:
             return self.batch_concurrency
-        return 128 if self.engine == "vllm" else max(1, self.max_batch // 2)
+        return max(1, self.engine_batch // 2)
 
     @property
     def python_graders_on(self) -> bool:

@@ -100,8 +100,7 @@ def _targets(model, batch: dict, kernel: str | None):
 
     from tunesmith.machine import varlen
 
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    batch = _on(model, batch)
     inputs = {k: v for k, v in batch.items()
               if k not in ("labels", "shift_labels", "num_tokens", "logits_mask", "target_index")}
     with varlen.varlen_attention(model, kernel) if kernel else nullcontext():

@@ -10,11 +10,15 @@ from fastapi import Depends, Request
 from tunesmith.serve.engines.errors import APIError
 
 
+def bearer(header: str) -> str | None:
+    """The key an ``Authorization: Bearer <key>`` header carries (None without one)."""
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
 def api_key(request: Request) -> str | None:
     """The caller's key (it scopes files and jobs); 401 when keys are configured and it is wrong."""
     keys = request.app.state.settings.api_keys
-    header = request.headers.get("authorization", "")
-    key = header[7:].strip() if header.lower().startswith("bearer ") else None
+    key = bearer(request.headers.get("authorization", ""))
     if keys and key not in keys:
         raise APIError(401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
     return key

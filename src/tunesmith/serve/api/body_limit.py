@@ -57,10 +57,15 @@ class BodyLimit:
 
 
 async def refuse(send, limit: int) -> None:
-    body = json.dumps({"error": {"message": f"The request body is larger than this server's limit of "
+    await send_error(send, 413, {"message": f"The request body is larger than this server's limit of "
                                             f"{limit / 1024 / 1024:.0f} MB.", "type": "invalid_request_error",
-                                 "param": None, "code": "request_too_large"}}).encode()
-    await send({"type": "http.response.start", "status": 413,
+                                 "param": None, "code": "request_too_large"}, {"connection": "close"})
+
+
+async def send_error(send, status: int, error: dict, headers: dict[str, str] | None = None) -> None:
+    """An error in OpenAI's shape (``{"error": error}``) answered from ASGI middleware, before any route runs."""
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            *((k.encode(), v.encode()) for k, v in (headers or {}).items())]})
     await send({"type": "http.response.body", "body": body})

@@ -11,13 +11,14 @@ hold at all. Everything here runs on the event loop.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from tunesmith.serve.api.auth import bearer
+from tunesmith.serve.api.body_limit import send_error
 from tunesmith.serve.engines.errors import APIError
 
 WINDOW_S = 60.0
@@ -166,15 +167,9 @@ class EdgeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in INFERENCE_PATHS \
                 and "tunesmith.batch" not in scope:
-            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            key = header[7:].strip() if header.lower().startswith("bearer ") else None
+            key = bearer(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"))
             limiter = self.limiter_of()
             refusal = limiter.full(key) if limiter is not None and key in limiter.known_keys else None
             if refusal is not None:
-                body = json.dumps({"error": refusal.body}).encode()
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           *((k.encode(), v.encode()) for k, v in refusal.headers.items())]
-                await send({"type": "http.response.start", "status": 429, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
+                return await send_error(send, 429, refusal.body, refusal.headers)
         await self.app(scope, receive, send)

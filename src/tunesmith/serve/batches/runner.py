@@ -96,8 +96,9 @@ class BatchRunner:
                 return
             done = {r["line"] for r in self.batches.results(bid)}
             await self._answer(batch, [r for r in requests if r["line"] not in done])
-        cancelled = bid in self.cancelled or self.batches.get(bid, any_owner=True)["status"] == "cancelling"
-        finished = self.batches.get(bid, any_owner=True)["request_counts"]
+        now = self.batches.get(bid, any_owner=True)
+        cancelled = bid in self.cancelled or now["status"] == "cancelling"
+        finished = now["request_counts"]
         expired = not cancelled and finished["completed"] + finished["failed"] < batch["total"]
         self._finish(batch, "cancelled" if cancelled else "expired" if expired else "completed")
         self.cancelled.discard(bid)
@@ -154,8 +155,7 @@ class BatchRunner:
             chosen = [e for e in lines if keep(e)]
             if chosen:
                 content = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in chosen).encode()
-                purpose = "batch_output"
-                files[f"{name}_file_id"] = self.app.state.store.add_file(owner, f"{bid}_{name}.jsonl", purpose,
+                files[f"{name}_file_id"] = self.app.state.store.add_file(owner, f"{bid}_{name}.jsonl", "batch_output",
                                                                          content)["id"]
         self.batches.update(bid, **files)
         self.batches.mark(bid, status)
