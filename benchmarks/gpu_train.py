@@ -742,6 +742,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--no-trl", action="store_true", help="tunesmith's side only")
     ap.add_argument("--sides", default=None,
                     help="only these sides, comma-separated: ours, reference, trl, unsloth (default: every side)")
+    ap.add_argument("--without", default="",
+                    help="leave out these sides, by exact name, comma-separated (e.g. trl-tuned,unsloth-plain): a short "
+                         "lease keeps the pairs that matter")
     ap.add_argument("--reference", action="store_true",
                     help="also tunesmith's train.path: reference (plain TRL / transformers trainers) as a side")
     ap.add_argument("--profile", action="store_true", help="top kernels and GPU busy fraction per side")
@@ -810,7 +813,8 @@ def pair_tokens(pairs: list[dict], tok) -> float:
 def sides_of(cfg: Config, args, device: str) -> list[tuple[str, str, str]]:
     """(label, side, attention) of each side of ``cfg`` that can run here and ``--sides`` keeps; notes for those
     that cannot."""
-    every = _all_sides(cfg, args, device)
+    drop = {s.strip() for s in args.without.split(",") if s.strip()}
+    every = [s for s in _all_sides(cfg, args, device) if s[1] not in drop]
     if not args.sides:
         return every
     keep = {s.strip() for s in args.sides.split(",")}

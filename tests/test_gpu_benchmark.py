@@ -264,3 +264,12 @@ def test_the_estimate_is_taken_at_the_largest_micro_batch_collated():
     counted = bench["Largest"](lambda features: {"input_ids": torch.zeros(len(features), 7)})
     counted([{"input_ids": [1] * 5}, {"input_ids": [1] * 7}])
     assert counted.per_step(2) == {"real_tokens_per_step": 24, "padded_tokens_per_step": 28}
+
+
+def test_without_leaves_out_the_sides_named_exactly(tmp_path):
+    bench = _load_bench()
+    (tmp_path / "unsloth").mkdir()
+    args = _args(bench, "--unsloth-site", str(tmp_path), "--without", "trl-tuned,unsloth-plain")
+    assert [s[1] for s in bench["sides_of"](bench["CONFIGS"]["8b-qlora"], args, "cuda")] == ["ours", "trl", "unsloth"]
+    assert [s[1] for s in bench["sides_of"](bench["CONFIGS"]["1b-lora"], args, "cuda")] == [
+        "ours", "ours-nockpt", "trl", "unsloth"]
