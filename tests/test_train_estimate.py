@@ -79,12 +79,10 @@ def test_estimate_command_prints_parts_and_verdict(cli, tmp_path, tiny_model_dir
 
 
 def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_batch(tiny_model_dir, monkeypatch):
-    from rich.console import Console
-
     import tunesmith.machine.estimate as est
     from tunesmith.config import validate_recipe
     from tunesmith.machine.placement import pick_placement
-    from tunesmith.train.jobs import fit_micro_batch
+    from tunesmith.machine.path import fit_micro_batch
 
     recipe = validate_recipe({"name": "m", "model": {"name": str(tiny_model_dir)},
                               "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"},
@@ -92,12 +90,33 @@ def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_b
     full = est.estimate_recipe(recipe).total
     one = est.estimate_recipe(recipe.model_copy(update={"train": recipe.train.model_copy(update={"batch_size": 2})})).total
     monkeypatch.setattr(est, "available_memory", lambda device: (full + one) // 2)  # fits 2-4, not 16
-    console = Console(record=True, width=200)
-    fitted = fit_micro_batch(recipe, pick_placement("fp32", "cpu"), console)
+    path = pick_placement("fp32", "cpu").path
+    fitted, note = fit_micro_batch(recipe, path)
     t = fitted.train
     assert t.batch_size < 16 and t.batch_size * t.grad_accum == 16
-    assert est.estimate_recipe(fitted).fits
-    assert "same effective batch" in console.export_text()
+    assert est.estimate_recipe(fitted, path).fits
+    assert f"micro-batches of {t.batch_size} x {t.grad_accum}" in note and "same effective batch" in note
+    assert fit_micro_batch(fitted, path) == (fitted, None)  # already fits: nothing changed, nothing said
+    monkeypatch.setattr(est, "available_memory", lambda device: one // 4)  # not even 1 fits: trains, and says so
+    tiny, note = fit_micro_batch(recipe, path)
+    assert tiny.train.batch_size == 1 and "even micro-batches of 1" in note and "train.max_seq_length" in note
+
+
+def test_take_path_fits_the_micro_batch_and_the_reason_reaches_the_run(tiny_model_dir, monkeypatch, tmp_path):
+    """Every caller of take_path (a training job, the GPU benchmark) trains the micro-batch the estimate fits; the
+    reason is one of the path's, so summary.json and the console carry it."""
+    import tunesmith.machine.estimate as est
+    from tunesmith.config import validate_recipe
+    from tunesmith.machine.path import take_path
+
+    recipe = validate_recipe({"name": "m", "model": {"name": str(tiny_model_dir)}, "output_dir": str(tmp_path),
+                              "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"},
+                              "train": {"batch_size": 8, "grad_accum": 2, "max_seq_length": 512}})
+    two = est.estimate_recipe(recipe.with_train(batch_size=2)).total
+    monkeypatch.setattr(est, "available_memory", lambda device: two)
+    fitted, path, _ = take_path(recipe)
+    assert (fitted.train.batch_size, fitted.train.grad_accum) == (2, 8)
+    assert "micro-batches of 2 x 8" in path.to_json()["reasons"]["micro_batch"]
 
 
 def _estimator(shape, **defaults):
@@ -195,6 +214,10 @@ def test_qlora_quantizes_the_decoder_linears_and_keeps_embeddings_in_the_compute
     assert 6.9e9 < linear < 7.0e9 and 8.0e9 < shape.params < 8.1e9
     doc = {"name": "x", "data": {"path": "d.csv", "input_fields": ["text"], "target_field": "y"},
            "train": {"adapter": "qlora", "batch_size": 1, "max_seq_length": 2048}}
-    weights = estimate(shape, validate_recipe(doc), "bfloat16", "cuda").parts["weights"]
+    parts = estimate(shape, validate_recipe(doc), "bfloat16", "cuda").parts
+    weights = parts["weights"]
     assert weights == int(linear * 0.5625 + (shape.params - linear) * 2)
     assert 5.9e9 < weights < 6.1e9  # not the 4.5 GB of every parameter in 4 bits
+    # the MLP's 14,336 x 4,096 weight dequantised to bf16 in the forward and the backward matmul at once (on an H200
+    # the 8 GB plan ran out of memory asking for 124 MiB in bitsandbytes' backward dequantisation)
+    assert parts["dequantised weight"] == 2 * 14336 * 4096 * 2

@@ -223,6 +223,8 @@ def estimate(
         "attention": int(attention),
         "logits": int(logits),
     }
+    if t.adapter == "qlora":  # bitsandbytes dequantises a 4-bit weight to the compute dtype for each matmul, forward
+        parts["dequantised weight"] = 2 * max(o * i for o, i in shape.linear_shapes) * b  # and backward: two at once
     if device == "cpu":
         parts[RUNTIME] = RUNTIME_BYTES
     return MemoryEstimate(parts, available, device, tokens)

@@ -86,9 +86,37 @@ def take_path(recipe, rows: list[dict] | None = None):
     from tunesmith.machine.placement import Placement
 
     path = decide(recipe, rows=rows)  # precision, attention, packing, kernels, optimizer, checkpointing for this machine
-    recipe = resolved(recipe, path)
+    recipe, note = fit_micro_batch(resolved(recipe, path), path)
+    if note:
+        path.reasons["micro_batch"] = note
     hold_memory_limit(recipe, path)
     return recipe, path, Placement(path.device, path.dtype, path)
+
+
+def fit_micro_batch(recipe, path: TrainPath):
+    """Halve the micro-batch (doubling gradient accumulation, so an optimizer step sees the same examples) until the
+    memory estimate on ``path`` fits the device's free memory or ``train.memory_limit_gb``; returns the recipe and
+    a note saying what changed, or that even a micro-batch of 1 does not fit (None when nothing changed). A
+    micro-batch that fits only by the estimate's word runs: an estimate that cannot be made never blocks training."""
+    try:
+        est = estimate_recipe(recipe, path)
+    except Exception:  # noqa: BLE001 - the model's files not readable here: train as asked
+        return recipe, None
+    t = recipe.train
+    batch, accum = t.batch_size, t.grad_accum
+    while est.fits is False and batch > 1:
+        batch, accum = batch // 2, accum * 2
+        recipe = recipe.with_train(batch_size=batch, grad_accum=accum)
+        est = estimate_recipe(recipe, path)
+    notes = []
+    if batch != t.batch_size:
+        notes.append(f"train.batch_size {t.batch_size} would need more memory than planned for; micro-batches of "
+                      f"{batch} x {accum} accumulation steps (same effective batch)")
+    if est.fits is False:
+        notes.append(f"even micro-batches of 1 are estimated at {est.total / 2**20:,.0f} MB of "
+                     f"{est.available / 2**20:,.0f} MB; lower train.max_seq_length or set "
+                     "train.gradient_checkpointing: true")
+    return recipe, "; ".join(notes) or None
 
 
 

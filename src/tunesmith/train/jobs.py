@@ -73,7 +73,8 @@ def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: boo
     recipe = decided_length(recipe, console)
     recipe, path, placement = take_path(recipe, data.rows)
     console.print(f"training path: {path.describe()}")
-    recipe = fit_micro_batch(recipe, placement, console)
+    if path.reasons.get("micro_batch"):
+        console.print(f"[yellow]memory: {path.reasons['micro_batch']}[/]")
     tokenizer = load_tokenizer(recipe.model.name)
     out_dir = recipe.run_dir / "train"
     prepare_trackers(recipe.train.report_to, out_dir, console)
@@ -176,29 +177,3 @@ def ordered(recipe: Recipe, train: list[Example]) -> list[Example]:
     from tunesmith.data.steps.examples import order_train
 
     return order_train(train, recipe.data) if recipe.data is not None else train
-
-
-def fit_micro_batch(recipe: Recipe, placement, console: Console) -> Recipe:
-    """Halve the micro-batch (doubling gradient accumulation, so the effective batch stays) until the
-    memory estimate fits the machine; a batch of 1 that still does not fit trains as asked, with a warning
-    naming the settings to change."""
-    from tunesmith.machine.estimate import estimate_recipe
-
-    try:
-        est = estimate_recipe(recipe, placement.path)
-    except Exception:  # noqa: BLE001 - an estimate we cannot make never blocks training
-        return recipe
-    t = recipe.train
-    batch, accum = t.batch_size, t.grad_accum
-    while est.fits is False and batch > 1:
-        batch, accum = batch // 2, accum * 2
-        recipe = recipe.with_train(batch_size=batch, grad_accum=accum)
-        est = estimate_recipe(recipe, placement.path)
-    if batch != t.batch_size:
-        console.print(f"[yellow]memory: train.batch_size {t.batch_size} would need more than this machine has; "
-                      f"training with micro-batches of {batch} × {accum} accumulation steps (same effective batch)[/]")
-    if est.fits is False:
-        console.print(f"[yellow]memory: even batches of 1 are estimated at {est.total / 2**20:,.0f} MB of "
-                      f"{est.available / 2**20:,.0f} MB available; lower train.max_seq_length or set "
-                      "train.gradient_checkpointing: true[/]")
-    return recipe
