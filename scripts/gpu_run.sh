@@ -70,8 +70,11 @@ case "${1:-}" in
     paths timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_varlen.py \
       tests/test_gpu_path.py 2>&1 | tee "$OUT/gpu_verify.log"
     set -e
-    paths python3 -m tunesmith.train.verify --tokenizer "$KEPT/tokenizer" --tests-log "$OUT/gpu_verify.log" "$@" \
-      2>&1 | tee -a "$OUT/gpu_verify.log"
+    # the examples: the kit's instruction records (the lengths a fine-tuning run meets), else the repository's BANKING77
+    examples=(); alpaca="$KEPT/data/instructions/llamafactory_alpaca_en_demo.json"
+    [ -f "$alpaca" ] && examples=(--examples "$alpaca")
+    paths python3 -m tunesmith.train.verify --tokenizer "$KEPT/tokenizer" --tests-log "$OUT/gpu_verify.log" \
+      "${examples[@]}" "$@" 2>&1 | tee -a "$OUT/gpu_verify.log"
     cp src/tunesmith/machine/gpu_verified.json "$OUT/" ;;
   quality) shift; mkdir -p "$OUT/records"
     paths python3 benchmarks/gpu_quality.py --shared "$KEPT/data" --out /tmp/tunesmith-runs --record-to "$OUT/records" "$@" \

@@ -31,7 +31,7 @@ def test_the_smoke_check_measures_equality_the_control_and_speed(smoke, tmp_path
     assert eq["leak_logprob_mean_abs_diff"] > 2 * tol.logprob  # the check can fail
     speed = evidence["speed"]
     assert speed["fast_tokens_s"] > 0 and speed["baseline_tokens_s"] > 0 and speed["baseline"] == verify.BASELINE
-    assert speed["baseline_padded_tokens_per_step"] >= speed["tokens_per_step"]
+    assert speed["baseline_padded_tokens"] >= speed["tokens"] and speed["micro_batches"] >= 1
     assert evidence["verified"] == (speed["speedup"] >= 1.0)  # the same rule as the reader's
     verified.write("cpu", evidence, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["cpu"] == evidence
@@ -128,3 +128,22 @@ def test_probe_takes_the_fast_path_only_on_the_checks_record(smoke, tmp_path, mo
 def test_the_shipped_records_verify_nothing_they_did_not_check():
     for name, record in verified.records().items():
         assert verified.verification(name)[0] == (verified.verdict(record) is None), name
+
+
+def test_instruction_records_and_micro_batches_of_the_same_examples(tiny_model_dir, tmp_path):
+    """The speed part reads Alpaca-style records (the kit's instruction data: lengths as a fine-tuning run meets them)
+    and cuts the examples, in file order, into micro-batches of at most a row's tokens; both sides run the same ones."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    records = [{"instruction": "Say the intent.", "input": "my card has not arrived " * n, "output": "card_arrival"}
+               for n in (1, 30, 2, 8)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    features = verify.conversations(tok, 10, path, longest=120)
+    assert 1 <= len(features) < 4 and all(len(f["input_ids"]) <= 120 for f in features)  # the 30x one is too long
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
+    assert verify.conversations(tok, 10, tmp_path / "alpaca.jsonl", longest=120) == features
+    groups = verify.micro_batches(features, 60)
+    assert [f for g in groups for f in g] == features  # every example once, in order
+    assert all(sum(len(f["input_ids"]) for f in g) <= 60 or len(g) == 1 for g in groups)
