@@ -350,11 +350,14 @@ def result_losses(result) -> list[float]:
     return [r["train_loss"] for r in result.rows if r.get("train_loss") is not None]
 
 
+CHECKED_STEPS = 3  # the loss check's steps: the first (same weights) and two after updates (same gradients?)
+
+
 def _loss_summary(losses: list[float]) -> dict:
-    """The loss at the first step (the same weights and examples on every side: the loss check), at the last step
-    and over the last quarter of steps (the sides must agree)."""
+    """The losses of the first :data:`CHECKED_STEPS` steps (the same weights and examples on every side: the loss
+    check), at the last step and over the last quarter of steps (the sides must agree)."""
     quarter = losses[-max(1, len(losses) // 4):]
-    return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+    return {"first_losses": losses[:CHECKED_STEPS] or None, "last_loss": losses[-1] if losses else None,
             "late_loss": sum(quarter) / len(quarter) if quarter else None}
 
 
@@ -970,8 +973,8 @@ def run_sides(args, device: str, peak: float, sheet: float | None = None) -> tup
             if r.get("real_tokens_per_step"):
                 print(f"  tokens per step: {r['real_tokens_per_step']:,.0f} real, {r['padded_tokens_per_step']:,.0f} "
                       f"computed on (rows x width); {r.get('timed_steps')} steps timed")
-            if r.get("first_loss") is not None:
-                firsts.append((label, r["first_loss"]))
+            if r.get("first_losses"):
+                firsts.append((label, r["first_losses"]))
             if r.get("largest_micro_tokens"):
                 print(f"  largest micro-batch {r['largest_micro_tokens']:,} real tokens (the estimate's size)")
             print(f"  host syncs per training step: {r['syncs_per_step']:.1f}"
@@ -984,24 +987,31 @@ def run_sides(args, device: str, peak: float, sheet: float | None = None) -> tup
     return lines, failed
 
 
-# the first step's loss: the same weights and examples on every side, so only how a side computes it can differ
-# (bf16 rounding on a GPU; fp32 on a CPU)
+# the first steps' losses: the same weights and examples on every side, so only how a side computes the loss and
+# its gradient can differ (bf16 rounding on a GPU; fp32 on a CPU). With random weights the first step's loss is
+# near log(vocabulary) whatever a side computes; the steps after it differ when a side's gradients do (a loss
+# normalised otherwise, examples that see each other)
 FIRST_LOSS_TOLERANCE = {"cuda": 1e-2, "cpu": 2e-3}
 
 
-def loss_check(cfg: Config, firsts: list[tuple[str, float]], device: str) -> list[str]:
-    """Every side's first-step loss against the first side's (tunesmith's), within :data:`FIRST_LOSS_TOLERANCE`
-    (relative); the sides that are not, as failures. GRPO samples its own completions: not compared."""
+def loss_check(cfg: Config, firsts: list[tuple[str, list[float]]], device: str) -> list[str]:
+    """Every side's losses at the first :data:`CHECKED_STEPS` steps against the first side's (tunesmith's), each
+    within :data:`FIRST_LOSS_TOLERANCE` (relative); the sides that are not, as failures. GRPO samples its own
+    completions: not compared."""
     if cfg.method == "grpo" or len(firsts) < 2:
         return []
     tol, (ref_label, ref) = FIRST_LOSS_TOLERANCE[device], firsts[0]
     out = []
-    for label, loss in firsts[1:]:
-        ok = abs(loss - ref) <= tol * abs(ref)
-        print(f"  loss check {cfg.name}: {label} first-step loss {loss:.4f} vs {ref_label} {ref:.4f} "
+    for label, losses in firsts[1:]:
+        pairs = list(zip(losses, ref, strict=False))
+        worst = max(range(len(pairs)), key=lambda i: abs(pairs[i][0] - pairs[i][1]) / abs(pairs[i][1]))
+        ok = all(abs(a - b) <= tol * abs(b) for a, b in pairs)
+        print(f"  loss check {cfg.name}: {label} steps 1-{len(pairs)} "
+              f"{' '.join(f'{a:.4f}' for a, _ in pairs)} vs {ref_label} {' '.join(f'{b:.4f}' for _, b in pairs)} "
               f"({'within' if ok else 'OUTSIDE'} {tol:g} relative)")
         if not ok:
-            out.append(f"{cfg.name} {label}: first-step loss {loss:.4f} vs {ref_label}'s {ref:.4f}, over {tol:g}")
+            a, b = pairs[worst]
+            out.append(f"{cfg.name} {label}: step {worst + 1} loss {a:.4f} vs {ref_label}'s {b:.4f}, over {tol:g}")
     return out
 
 

@@ -90,14 +90,17 @@ def test_like_for_like_sides_their_settings_and_at_least_ten_timed_steps():
                                                                  _args(bench, "--checkpointing", "on"), "cuda")]
 
 
-def test_the_first_step_loss_check_names_a_side_that_computes_another_loss(capsys):
+def test_the_loss_check_names_a_side_whose_first_steps_differ(capsys):
+    """The first step (same weights) and the two after it (same gradients, if the sides compute them alike)."""
     bench = _load_bench()
     cfg = bench["CONFIGS"]["1b-lora"]
-    assert bench["loss_check"](cfg, [("tunesmith", 11.76), ("TRL", 11.7601), ("TRL tuned", 11.759)], "cpu") == []
-    failed = bench["loss_check"](cfg, [("tunesmith", 11.76), ("TRL", 11.9)], "cpu")
-    assert failed == ["1b-lora TRL: first-step loss 11.9000 vs tunesmith's 11.7600, over 0.002"]
+    ours = [11.76, 11.2, 10.5]
+    assert bench["loss_check"](cfg, [("tunesmith", ours), ("TRL", [11.7601, 11.201, 10.49]),
+                                     ("TRL tuned", [11.759, 11.2, 10.5])], "cpu") == []
+    failed = bench["loss_check"](cfg, [("tunesmith", ours), ("TRL", [11.7601, 11.5, 10.5])], "cpu")
+    assert failed == ["1b-lora TRL: step 2 loss 11.5000 vs tunesmith's 11.2000, over 0.002"]
     assert "OUTSIDE 0.002 relative" in capsys.readouterr().out
-    assert bench["loss_check"](bench["CONFIGS"]["1b-grpo"], [("a", 1.0), ("b", 2.0)], "cpu") == []
+    assert bench["loss_check"](bench["CONFIGS"]["1b-grpo"], [("a", [1.0]), ("b", [2.0])], "cpu") == []
 
 
 def test_a_failing_side_is_reported_and_the_run_goes_on(monkeypatch, capsys):
