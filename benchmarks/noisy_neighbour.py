@@ -79,8 +79,12 @@ def quiet_run(url: str, texts: list[str], max_tokens: int) -> list[float]:
         t0 = time.perf_counter()
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
                                        max_tokens=max_tokens, temperature=0)
-        out.append(time.perf_counter() - t0)
+        out.append((t0, time.perf_counter()))
     return out
+
+
+def durations(spans: list[tuple[float, float]]) -> list[float]:
+    return [b - a for a, b in spans]
 
 
 class Flood:
@@ -88,7 +92,7 @@ class Flood:
 
     def __init__(self, url: str, threads: int, kind: str, max_tokens: int, texts: list[str]):
         self.stop, self.answered, self.limited, self.errors = threading.Event(), 0, 0, []
-        self.lock = threading.Lock()
+        self.lock, self.spans = threading.Lock(), []  # (sent, answered) of each answered flood request
         client = openai.OpenAI(base_url=url, api_key=KEYS["flood"], max_retries=0, timeout=900)
         extra = {}
         if kind == "cost":
@@ -102,10 +106,12 @@ class Flood:
     def _work(self, client, text: str, max_tokens: int, extra: dict) -> None:
         while not self.stop.is_set():
             try:
+                t0 = time.perf_counter()
                 client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
                                                max_tokens=max_tokens, temperature=0.8, **extra)
                 with self.lock:
                     self.answered += 1
+                    self.spans.append((t0, time.perf_counter()))
             except openai.RateLimitError as exc:
                 with self.lock:
                     self.limited += 1
@@ -148,11 +154,13 @@ def main() -> None:
         proc, url = start(args.engine, Path(tmp), limits)
         try:
             quiet_run(url, texts[:3], args.max_tokens)  # warm-up
-            alone = quiet_run(url, texts, args.max_tokens)
+            alone_spans = quiet_run(url, texts, args.max_tokens)
+            alone = durations(alone_spans)
             print(f"alone: {percentiles(alone)}", flush=True)
             flood = Flood(url, args.flood, args.flood_kind, args.flood_tokens, texts)
             time.sleep(5)  # the flood fills the engine first
-            beside = quiet_run(url, texts, args.max_tokens)
+            beside_spans = quiet_run(url, texts, args.max_tokens)
+            beside = durations(beside_spans)
             flood.end()
         finally:
             proc.terminate()
@@ -162,7 +170,9 @@ def main() -> None:
               "limits": limits, "requests": args.requests, "max_tokens": args.max_tokens, "alone": a, "beside": b,
               "p50_ratio": b["p50_s"] / a["p50_s"], "p99_ratio": b["p99_s"] / a["p99_s"],
               "flood_answered": flood.answered, "flood_429": flood.limited, "flood_errors": len(flood.errors),
-              "flood_error_sample": flood.errors[:3], "load_average_end": os.getloadavg()}
+              "flood_error_sample": flood.errors[:3], "load_average_end": os.getloadavg(),
+              # every request's (sent, answered), seconds on one clock: which quiet requests a flood answer overlapped
+              "quiet_spans": beside_spans, "flood_spans": sorted(flood.spans)}
     print(json.dumps(result, indent=2))
     print(f"\n{args.engine}, flood by {args.flood_kind} ({args.flood} in flight, limits {' '.join(limits) or 'none'}): "
           f"quiet key p50 {a['p50_s']:.2f} s alone -> {b['p50_s']:.2f} s ({result['p50_ratio']:.2f}x), "

@@ -159,10 +159,11 @@ def test_vllms_finished_answer_is_checked_against_its_constraint(tiny_model):
 
     model, tok = tiny_model
     engine = VllmEngine.__new__(VllmEngine)
-    engine.tokenizer, engine._cache = tok, None
+    engine.tokenizer = tok
+    engine._cache = engine._new_constraints()
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
               "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
-    constraint = VllmConstraint({"json": schema}, engine._constraints().get(schema))
+    constraint = VllmConstraint({"json": schema}, engine._cache.get(schema))
     whole = Generation('{"a":12}', 5, 4, "stop")
     assert engine._conforming(whole, constraint, GenParams()) is whole
     with pytest.raises(APIError) as exc:
@@ -203,3 +204,20 @@ def test_a_decoder_refusal_names_the_keyword_and_its_path(message, keyword, path
                                                "w": {"type": "object", "required": ["b"]}}}
     refused = located(schema, message)
     assert (refused.keyword, refused.path) == (keyword, path)
+
+
+def test_the_tokenizer_is_converted_for_llguidance_at_the_start_not_in_a_request(tiny_model):
+    """The conversion holds the GIL for about a second on a 49k vocabulary: done in the first request with a schema,
+    every tenant's decoding stalls behind it (the cost flood's first seconds); prepared in the background at the
+    start, a request that needs it meanwhile waits for it, and compiles against it."""
+    from tunesmith.generation.constrained import ConstraintCache
+
+    model, tok = tiny_model
+    cache = ConstraintCache(tok, model.config.vocab_size, [tok.eos_token_id])
+    assert cache.bridge is None
+    cache.prepare(background=True)
+    compiled = cache.get({"type": "object"})  # waits for the conversion under the cache's lock, if it still runs
+    assert cache.bridge is not None and compiled.tokenizer is cache.bridge
+    before = cache.bridge
+    cache.prepare()
+    assert cache.bridge is before  # once

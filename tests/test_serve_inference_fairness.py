@@ -94,6 +94,17 @@ def test_per_key_limits_unit():
             slow.admit("c")
         waits.append(int(exc.value.headers["retry-after-ms"]))
     assert waits == [12000, 18000, 23880]
+    first = KeyLimiter(KeyLimits(requests=1), clock=lambda: now[0], jitter=lambda: 0.0)
+    running = first.admit("d")  # none of d's requests has ended yet: no typical time
+    with pytest.raises(APIError) as exc:
+        first.admit("d")
+    assert exc.value.headers["retry-after-ms"] == "1000"  # just admitted: at least a second
+    now[0] += 7.5
+    with pytest.raises(APIError) as exc:  # the one in flight has run 7.5 s: its crowd is not told "1 s" each
+        first.admit("d")
+    assert exc.value.headers["retry-after-ms"] == "7500"
+    running.release()
+    assert "d" not in first.oldest and first.typical_s["d"] == 7.5
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ class Ticket:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self.limiter.release(self.key, self.limiter.clock() - self.since)
+            self.limiter.release(self.key, self.since)
 
 
 class KeyLimiter:
@@ -69,6 +69,7 @@ class KeyLimiter:
         self.in_flight: Counter = Counter()
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
         self.typical_s: dict[str | None, float] = {}  # key -> how long its requests hold their place (moving mean)
+        self.oldest: dict[str | None, deque[float]] = {}  # key -> when its requests in flight were admitted, in order
 
     def admit(self, key: str | None, counted: bool = True) -> Ticket:
         """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight; a request
@@ -80,21 +81,35 @@ class KeyLimiter:
         if refusal := self.full(key):
             raise refusal
         self.in_flight[key] += 1
-        return Ticket(self, key)
+        ticket = Ticket(self, key)
+        self.oldest.setdefault(key, deque()).append(ticket.since)
+        return ticket
 
     def full(self, key: str | None) -> APIError | None:
         """The 429 a request of ``key`` would get for its requests in flight now, or None."""
         limit = self.limits.requests
         if limit is None or self.in_flight[key] < limit:
             return None
-        # spread over one more request's time: refused clients told the same moment would come back together
-        wait = min(MAX_WAIT_S, max(1.0, self.typical_s.get(key, 1.0)) * (1.0 + self.jitter()))
+        # spread over one more request's time: refused clients told the same moment would come back together. Before
+        # any of the key's requests has ended, its typical time is at least how long the oldest in flight has run
+        # (a flood's first requests: told "1 s" each, its refused crowd would come back many times a second)
+        typical = self.typical_s.get(key)
+        if typical is None:
+            typical = self.clock() - self.oldest[key][0] if self.oldest.get(key) else 1.0
+        wait = min(MAX_WAIT_S, max(1.0, typical) * (1.0 + self.jitter()))
         return self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", wait)
 
-    def release(self, key: str | None, held_s: float = 0.0) -> None:
+    def release(self, key: str | None, since: float) -> None:
+        """One of ``key``'s requests, admitted at ``since``, ends: its place is free, its time counts."""
         self.in_flight[key] -= 1
         if self.in_flight[key] <= 0:
             del self.in_flight[key]
+        started = self.oldest.get(key)
+        if started and since in started:
+            started.remove(since)
+            if not started:
+                del self.oldest[key]
+        held_s = self.clock() - since
         before = self.typical_s.get(key)
         self.typical_s[key] = held_s if before is None else 0.8 * before + 0.2 * held_s
 

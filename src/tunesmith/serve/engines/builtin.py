@@ -60,9 +60,11 @@ class Engine(InferenceEngine):
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
         self.line = FairLine()  # arrived rows by tenant, fed to the batch round robin
         self.closed = False
-        # compiled output constraints; the tokenizer is converted for llguidance at the first
+        # compiled output constraints; the tokenizer converted for llguidance now, beside the start, so that the first
+        # request with a schema does not stall every tenant's decoding while it converts
         self.constraints = ConstraintCache(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model),
                                            fail_rows=True)
+        self.constraints.prepare(background=True)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
         self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)

@@ -51,7 +51,10 @@ class VllmEngine(InferenceEngine):
         self.server.start()
         self.context_length = self.server.max_model_len or self.tokenizer.model_max_length
         self.tasks: set[asyncio.Task] = set()  # every vLLM call in flight
-        self._cache = None  # compiled constraints (llguidance, this tokenizer): validation and answer checks
+        # compiled constraints (llguidance, this tokenizer): validation and answer checks; the tokenizer converted now,
+        # beside the start, not in the first request with a schema (it holds the GIL the event loop needs)
+        self._cache = self._new_constraints()
+        self._cache.prepare(background=True)
         self.in_flight_of: Counter = Counter()  # tenant -> its vLLM calls not yet ended (their priority)
         self._clients: dict[int, tuple[int, object]] = {}  # event loop id -> (vLLM start, httpx.AsyncClient)
         for name, path in (adapters or {}).items():
@@ -89,16 +92,14 @@ class VllmEngine(InferenceEngine):
         spec is compiled here first with the same compiler and this tokenizer (a ConfigError when it cannot
         constrain, before vLLM sees it), and the compiled form checks each finished answer (:meth:`_conforming`).
         Called off the event loop."""
-        compiled = self._constraints().get(spec)
+        compiled = self._cache.get(spec)
         return VllmConstraint({"grammar": spec} if isinstance(spec, str) else {"json": spec}, compiled)
 
-    def _constraints(self):
+    def _new_constraints(self):
         from tunesmith.generation.constrained import ConstraintCache
 
-        if self._cache is None:
-            eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-            self._cache = ConstraintCache(self.tokenizer, len(self.tokenizer), eos, fail_rows=True)
-        return self._cache
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return ConstraintCache(self.tokenizer, len(self.tokenizer), eos, fail_rows=True)
 
     def _conforming(self, gen: Generation, constraint, params: GenParams) -> Generation:
         """A finished answer under a constraint, checked: vLLM ends a row whose matcher failed with its end of
