@@ -192,3 +192,40 @@ def json_body(message) -> dict:
     import json
 
     return json.loads(message["body"])
+
+
+def test_a_crowd_of_refused_clients_comes_back_a_few_times_a_second_and_a_freed_place_is_soon_taken():
+    """200 clients of one key at a limit of 1, each waiting out its retry-after, requests of 3 s: told one request's
+    time each, they came back ~45 times a second (every refusal an HTTP request the server answers); spread by the
+    crowd's size they come back about RETRIES_PER_S times a second, and a freed place still waits well under a
+    second for one of them."""
+    import heapq
+    import random as rnd
+
+    from tunesmith.serve.api.rate_limits import RETRIES_PER_S
+
+    now = [0.0]
+    limiter = KeyLimiter(KeyLimits(requests=1), clock=lambda: now[0], jitter=rnd.Random(0).random)
+    events = [(0.001 * i, "retry", i) for i in range(200)]  # (when, what, client)
+    heapq.heapify(events)
+    refusals, idle, freed_at, ticket = [], [], None, None
+    while events and now[0] < 300:
+        now[0], what, client = heapq.heappop(events)
+        if what == "done":
+            ticket.release()
+            ticket, freed_at = None, now[0]
+            heapq.heappush(events, (now[0], "retry", client))  # the client that was answered sends its next one
+            continue
+        try:
+            ticket = limiter.admit("flood")
+        except APIError as exc:
+            refusals.append(now[0])
+            heapq.heappush(events, (now[0] + int(exc.headers["retry-after-ms"]) / 1000, "retry", client))
+            continue
+        if freed_at is not None:
+            idle.append(now[0] - freed_at)
+        heapq.heappush(events, (now[0] + 3.0, "done", client))
+    late = [t for t in refusals if t > 120]  # the crowd's steady state
+    rate = len(late) / (now[0] - 120)
+    assert rate <= 1.5 * RETRIES_PER_S and rate < 15, rate  # one request's time each: ~44 a second
+    assert sum(idle) / len(idle) < 0.5 and len(idle) > 50  # the key still gets its one place nearly all the time

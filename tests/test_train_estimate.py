@@ -81,8 +81,8 @@ def test_estimate_command_prints_parts_and_verdict(cli, tmp_path, tiny_model_dir
 def test_training_lowers_the_micro_batch_to_fit_memory_and_keeps_the_effective_batch(tiny_model_dir, monkeypatch):
     import tunesmith.machine.estimate as est
     from tunesmith.config import validate_recipe
-    from tunesmith.machine.placement import pick_placement
     from tunesmith.machine.path import fit_micro_batch
+    from tunesmith.machine.placement import pick_placement
 
     recipe = validate_recipe({"name": "m", "model": {"name": str(tiny_model_dir)},
                               "data": {"path": "d.jsonl", "input_fields": ["text"], "target_field": "label"},

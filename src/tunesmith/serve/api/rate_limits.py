@@ -23,6 +23,7 @@ from tunesmith.serve.engines.errors import APIError
 
 WINDOW_S = 60.0
 MAX_WAIT_S = 60.0  # the longest retry-after a requests refusal asks for
+RETRIES_PER_S = 10.0  # how often, at most, one key's crowd of refused clients comes back, all of them together
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class KeyLimiter:
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
         self.typical_s: dict[str | None, float] = {}  # key -> how long its requests hold their place (moving mean)
         self.oldest: dict[str | None, deque[float]] = {}  # key -> when its requests in flight were admitted, in order
+        self.refused: dict[str | None, deque[float]] = {}  # key -> when its recent requests were refused (429)
+        self.spreads: dict[str | None, float] = {}  # key -> the spread its last refusal was told
 
     def admit(self, key: str | None, counted: bool = True) -> Ticket:
         """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight; a request
@@ -96,8 +99,22 @@ class KeyLimiter:
         typical = self.typical_s.get(key)
         if typical is None:
             typical = self.clock() - self.oldest[key][0] if self.oldest.get(key) else 1.0
-        wait = min(MAX_WAIT_S, max(1.0, typical) * (1.0 + self.jitter()))
+        typical = max(1.0, typical)
+        wait = min(MAX_WAIT_S, typical + self.jitter() * self._spread(key, typical))
         return self._refusal(key, "requests", f"{self.in_flight[key]} requests in flight (limit {limit} at once)", wait)
+
+    def _spread(self, key: str | None, typical: float) -> float:
+        """Over how many seconds this refusal's client is told to come back: one request's time, or, for a crowd of
+        refused clients, as long as it takes :data:`RETRIES_PER_S` of them a second to come back in turn (each
+        client is seen at least once in the last ``typical`` + spread seconds, so their count there is the crowd's).
+        A freed place still meets a retry within about ``1 / RETRIES_PER_S`` seconds."""
+        now = self.clock()
+        refused = self.refused.setdefault(key, deque())
+        refused.append(now)
+        while refused and refused[0] < now - typical - self.spreads.get(key, typical):
+            refused.popleft()
+        self.spreads[key] = spread = min(MAX_WAIT_S, max(typical, 2 * len(refused) / RETRIES_PER_S))
+        return spread
 
     def release(self, key: str | None, since: float) -> None:
         """One of ``key``'s requests, admitted at ``since``, ends: its place is free, its time counts."""
