@@ -229,3 +229,27 @@ def test_a_crowd_of_refused_clients_comes_back_a_few_times_a_second_and_a_freed_
     rate = len(late) / (now[0] - 120)
     assert rate <= 1.5 * RETRIES_PER_S and rate < 15, rate  # one request's time each: ~44 a second
     assert sum(idle) / len(idle) < 0.5 and len(idle) > 50  # the key still gets its one place nearly all the time
+
+
+def test_the_servers_own_process_freezes_its_start_out_of_the_collectors_sight(tiny_model_dir, tmp_path):
+    """A full collection of what the start built (the model, the libraries, the app) held the GIL 0.22 s, so every
+    tenant's decoding stalled with it; `tunesmith serve` freezes it once the engine is up (a test's app does not)."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from tunesmith.serve.app import ServeSettings, create_app
+
+    def started(freeze: bool) -> int:
+        app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path / str(freeze)),
+                         Engine(str(tiny_model_dir), {}, wait_ms=5))
+        app.state.freeze_heap = freeze
+        try:
+            with TestClient(app):
+                return gc.get_freeze_count()
+        finally:
+            gc.unfreeze()
+
+    gc.unfreeze()
+    assert started(False) == 0
+    assert started(True) > 10_000

@@ -90,6 +90,7 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
 
     split = share_the_gpu(settings)
     app = create_app(settings)
+    app.state.freeze_heap = True  # this process is the server's alone (app.freeze_startup_heap)
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
