@@ -109,7 +109,8 @@ class KeyLimiter:
         client is seen at least once in the last ``typical`` + spread seconds, so their count there is the crowd's).
         A freed place still meets a retry within about ``1 / RETRIES_PER_S`` seconds."""
         now = self.clock()
-        refused = self.refused.setdefault(key, deque())
+        # at most as many as make the longest spread: a key refused thousands of times a second holds no more
+        refused = self.refused.setdefault(key, deque(maxlen=int(RETRIES_PER_S * MAX_WAIT_S / 2) + 1))
         refused.append(now)
         while refused and refused[0] < now - typical - self.spreads.get(key, typical):
             refused.popleft()
