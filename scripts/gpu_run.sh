@@ -67,8 +67,11 @@ case "${1:-}" in
     # (the GPU tests only: tests/test_reference_path.py compares losses at fp32's 1e-5 and is a CPU test; on a GPU it
     # trains in bf16. Stopped after $TESTS_TIMEOUT seconds: a log without pytest's summary counts as a failure)
     set +e
+    # what Inductor is told by the image (flex attention's tests failed on an H200 with "no choices exist for
+    # backend ... adding ATEN into max_autotune_gemm_backends"): kept in the log beside the failure
+    { echo "inductor environment:"; env | grep -i -E "inductor|triton" || echo "  (none set)"; } > "$OUT/gpu_verify.log"
     paths timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_varlen.py \
-      tests/test_gpu_path.py 2>&1 | tee "$OUT/gpu_verify.log"
+      tests/test_gpu_path.py 2>&1 | tee -a "$OUT/gpu_verify.log"
     set -e
     # the examples: the kit's instruction records (the lengths a fine-tuning run meets), else the repository's BANKING77
     examples=(); alpaca="$KEPT/data/instructions/llamafactory_alpaca_en_demo.json"
