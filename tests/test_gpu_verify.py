@@ -144,6 +144,9 @@ def test_instruction_records_and_micro_batches_of_the_same_examples(tiny_model_d
     assert 1 <= len(features) < 4 and all(len(f["input_ids"]) <= 120 for f in features)  # the 30x one is too long
     (tmp_path / "alpaca.jsonl").write_text("\n".join(json.dumps(r) for r in records), encoding="utf-8")
     assert verify.conversations(tok, 10, tmp_path / "alpaca.jsonl", longest=120) == features
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"broken.jsonl:2: no 'output' field"):  # the file and line named
+        verify.conversations(tok, 10, tmp_path / "broken.jsonl")
     groups = verify.micro_batches(features, 60)
     assert [f for g in groups for f in g] == features  # every example once, in order
     assert all(sum(len(f["input_ids"]) for f in g) <= 60 or len(g) == 1 for g in groups)

@@ -26,7 +26,6 @@ Llama as wide as Llama-3.2-1B (2,048 hidden, 32 heads, 8 key/value heads, 8,192 
 
 from __future__ import annotations
 
-import csv
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -70,20 +69,21 @@ TOLERANCES = {"float32": Tolerance(1e-4, 1e-5, 1e-3), "float16": Tolerance(5e-3,
 def conversations(tokenizer, count: int, path: Path = EXAMPLES_CSV, longest: int | None = None) -> list[dict]:
     """The first ``count`` examples of ``path`` (of at most ``longest`` tokens), tokenized as conversations: a CSV
     with ``text`` and ``category`` columns (the message asked, its intent answered), or a JSON / JSON Lines file of
-    instruction records (``instruction``, optional ``input``, ``output``: Alpaca's format)."""
+    instruction records (``instruction``, optional ``input``, ``output``: Alpaca's format). Read by the data
+    stage's reader, so a malformed row is an error naming its file and line."""
     from tunesmith.data.formats.chat_rows import tokenize_example
+    from tunesmith.data.read.readers import read_records
 
     if not path.is_file():
         raise SystemExit(f"{path}: no such file; give --examples a CSV with text and category columns, or a JSON file "
                          "of instruction/input/output records")
     out = []
-    for record in _records(path):
-        if path.suffix == ".csv":
-            prompt = [{"role": "system", "content": "Classify."}, {"role": "user", "content": record["text"]}]
-            answer = record["category"]
-        else:
-            ask = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-            prompt, answer = [{"role": "user", "content": ask}], record["output"]
+    for record in read_records(path)[0]:
+        try:
+            prompt, answer = _conversation(record.data, csv=path.suffix == ".csv")
+        except KeyError as exc:
+            raise SystemExit(f"{record.source}: no {exc.args[0]!r} field; --examples wants text and category "
+                             "(CSV), or instruction and output") from None
         example = tokenize_example(prompt, [{"role": "assistant", "content": answer}], tokenizer)
         if longest is None or len(example["input_ids"]) <= longest:
             out.append(example)
@@ -92,17 +92,12 @@ def conversations(tokenizer, count: int, path: Path = EXAMPLES_CSV, longest: int
     return out
 
 
-def _records(path: Path):
-    """The records of a CSV, JSON (a list) or JSON Lines file, in file order."""
-    import json
-
-    if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            yield from csv.DictReader(fh)
-        return
-    text = path.read_text(encoding="utf-8")
-    yield from (json.loads(text) if text.lstrip().startswith("[") else
-                (json.loads(line) for line in text.splitlines() if line.strip()))
+def _conversation(row: dict, csv: bool) -> tuple[list[dict], str]:
+    """(prompt messages, answer) of a BANKING77 row (CSV) or an instruction record."""
+    if csv:
+        return [{"role": "system", "content": "Classify."}, {"role": "user", "content": row["text"]}], row["category"]
+    ask = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+    return [{"role": "user", "content": ask}], row["output"]
 
 
 def random_llama(shape: Shape, vocab: int, device: str):
@@ -182,10 +177,13 @@ def micro_batches(features: list[dict], capacity: int) -> list[list[dict]]:
     """The examples in file order, cut into micro-batches of at most ``capacity`` real tokens: one packed row each
     on the fast path, padded rows of the same examples on the baseline."""
     groups: list[list[dict]] = [[]]
+    used = 0  # real tokens in the last micro-batch
     for f in features:
-        if groups[-1] and sum(len(g["input_ids"]) for g in groups[-1]) + len(f["input_ids"]) > capacity:
+        if groups[-1] and used + len(f["input_ids"]) > capacity:
             groups.append([])
+            used = 0
         groups[-1].append(f)
+        used += len(f["input_ids"])
     return groups
 
 
