@@ -26,12 +26,13 @@ length, split into ``--accum`` micro-steps (per configuration by default) that e
   the same LoRA shape under the same TRL trainer settings, with its default offloaded gradient checkpointing and
   with checkpointing not offloaded.
 
-Every side prints its real and its computed-on (rows x width) tokens per step. The loss check: every side's
-first-step loss (the same weights and examples everywhere, so only how a side computes the loss differs) against
-tunesmith's, within 1e-2 relative on a GPU (bf16) and 2e-3 on a CPU; a side outside it is a failure of the run. With
-random weights that check catches a wrong loss (a shifted label, a prompt token counted), not examples that see each
-other: that is ``scripts/gpu_run.sh verify``'s (:mod:`tunesmith.train.verify`). At least 10 steps are timed after
-``--warmup``; with ``--profile`` one more step runs, profiled and not timed.
+Every side prints its real and its computed-on (rows x width) tokens per step. The loss check: every side's losses
+at the first three steps (the same weights and examples everywhere, so only how a side computes the loss and its
+gradient differs) against tunesmith's, each within 1e-2 relative on a GPU (bf16) and 2e-3 on a CPU; a side outside
+it is a failure of the run. With random weights the first step's loss is near log(vocabulary) whatever a side
+computes, so the later steps catch a wrong loss or gradient (a shifted label, a prompt token counted, another
+normalisation); examples that see each other are ``scripts/gpu_run.sh verify``'s (:mod:`tunesmith.train.verify`).
+At least 10 steps are timed after ``--warmup``; with ``--profile`` one more step runs, profiled and not timed.
 
 Each side runs in a fresh Python process (its own CUDA context, allocator peak and module state: Liger patches
 transformers' rotary embedding module-wide, and Unsloth much more, which in one process would reach the sides

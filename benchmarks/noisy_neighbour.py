@@ -72,7 +72,7 @@ def start(engine: str, data_dir: Path, limits: list[str]) -> tuple[subprocess.Po
     raise SystemExit("the server did not answer in 15 minutes")
 
 
-def quiet_run(url: str, texts: list[str], max_tokens: int) -> list[float]:
+def quiet_run(url: str, texts: list[str], max_tokens: int) -> list[tuple[float, float]]:
     client = openai.OpenAI(base_url=url, api_key=KEYS["quiet"], max_retries=0, timeout=900)
     out = []
     for text in texts:
@@ -91,7 +91,7 @@ class Flood:
     """``threads`` threads of the flood key, each sending one request after another until stopped."""
 
     def __init__(self, url: str, threads: int, kind: str, max_tokens: int, texts: list[str]):
-        self.stop, self.answered, self.limited, self.errors = threading.Event(), 0, 0, []
+        self.stop, self.limited, self.errors = threading.Event(), 0, []
         self.lock, self.spans = threading.Lock(), []  # (sent, answered) of each answered flood request
         client = openai.OpenAI(base_url=url, api_key=KEYS["flood"], max_retries=0, timeout=900)
         extra = {}
@@ -110,7 +110,6 @@ class Flood:
                 client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}],
                                                max_tokens=max_tokens, temperature=0.8, **extra)
                 with self.lock:
-                    self.answered += 1
                     self.spans.append((t0, time.perf_counter()))
             except openai.RateLimitError as exc:
                 with self.lock:
@@ -120,6 +119,10 @@ class Flood:
                 with self.lock:
                     self.errors.append(repr(exc)[:200])
                 self.stop.wait(1)
+
+    @property
+    def answered(self) -> int:
+        return len(self.spans)
 
     def end(self) -> None:
         self.stop.set()
