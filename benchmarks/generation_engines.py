@@ -7,10 +7,12 @@
   (rollouts and validation on vLLM), timed from job creation to success.
 
 Prints the wall time of each, the ratio, and whether the scores (and, for the evaluation, every prediction) are
-identical.
+identical. With ``--record`` it files what it measured as this device's record
+(``src/tunesmith/machine/engine_measured.json``), which ``eval.engine``, ``synth.engine`` and
+``train.grpo.rollouts`` set to ``auto`` choose from (:mod:`tunesmith.machine.engines`).
 
-    python benchmarks/generation_engines.py eval --run runs/banking77-intents [--out result.json]
-    python benchmarks/generation_engines.py reinforcement [--prompts 40] [--epochs 2] [--out result.json]
+    python benchmarks/generation_engines.py eval --run runs/banking77-intents [--out result.json] [--record]
+    python benchmarks/generation_engines.py reinforcement [--prompts 40] [--epochs 2] [--out result.json] [--record]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from serving_engines import Served  # noqa: E402 - the same server start-up as t
 
 RECIPE = REPO / "examples" / "banking77.yaml"
 DROP = ("seconds", "latency_ms")  # what differs by construction
+DEVICE = "auto"  # where the local side runs: the GPU if there is one
 
 
 def evaluation(run: Path, engine: str, out: Path) -> dict:
@@ -42,7 +45,8 @@ def evaluation(run: Path, engine: str, out: Path) -> dict:
     shutil.copytree(run / "train", out / name / "train")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tunesmith", "eval", str(RECIPE), "--set", f"output_dir={out}",
-                    "--set", f"eval.engine={engine}"], check=True, stdout=subprocess.DEVNULL)
+                    "--set", f"eval.engine={engine}", "--set", f"model.device={DEVICE}"], check=True,
+                   stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     folder = out / name / "eval"
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -60,9 +64,17 @@ def compare_evaluations(args) -> dict:
             print(f"eval on {engine:7}: {results[engine]['wall_s']} s, accuracy {headline}, load "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
     a, b = results["builtin"], results["vllm"]
-    same = a["metrics"] == b["metrics"] and a["predictions"] == b["predictions"]
-    print(f"vllm/builtin wall time {b['wall_s'] / a['wall_s']:.2f}x; identical metrics and predictions: {same}")
-    return {e: {k: v for k, v in r.items() if k != "predictions"} for e, r in results.items()} | {"identical": same}
+    rows_a, rows_b = ([json.loads(line) for line in r["predictions"].splitlines()] for r in (a, b))
+    differing = [{"builtin": x, "vllm": y} for x, y in zip(rows_a, rows_b, strict=False) if x != y]
+    same = a["metrics"] == b["metrics"] and rows_a == rows_b
+    print(f"vllm/builtin wall time {b['wall_s'] / a['wall_s']:.2f}x; identical metrics: {a['metrics'] == b['metrics']}; "
+          f"predictions differing: {len(differing)} of {len(rows_a)}", flush=True)
+    for d in differing[:5]:
+        print(f"  builtin {json.dumps(d['builtin'], ensure_ascii=False)[:300]}\n  vllm    "
+              f"{json.dumps(d['vllm'], ensure_ascii=False)[:300]}")
+    return {e: {k: v for k, v in r.items() if k != "predictions"} for e, r in results.items()} | {
+        "identical": same, "metrics_identical": a["metrics"] == b["metrics"], "predictions": len(rows_a),
+        "predictions_differing": len(differing) + abs(len(rows_a) - len(rows_b)), "differing": differing[:20]}
 
 
 def reinforcement_rows(n: int) -> list[dict]:
@@ -81,7 +93,7 @@ def reinforcement_job(engine: str, args) -> dict:
     grader = {"type": "text_similarity", "name": "intent", "input": "{{sample.output_text}}",
               "reference": "{{item.intent}}", "evaluation_metric": "fuzzy_match"}
     with tempfile.TemporaryDirectory() as tmp:
-        server = Served(engine, "smollm2-135m-instruct", [], Path(tmp))
+        server = Served(engine, "smollm2-135m-instruct", [], Path(tmp), ("--jobs-engine", engine))
         try:
             client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
             train = client.files.create(file=("train.jsonl", body), purpose="fine-tune")
@@ -114,6 +126,25 @@ def compare_reinforcement(args) -> dict:
     return results
 
 
+def evidence(part: str, result: dict, args) -> dict:
+    """What the record keeps of a run: both wall times, what ran, and on what."""
+    from tunesmith.serve.engines.vllm.server import vllm_python
+
+    version = subprocess.run([vllm_python(), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
+                             text=True).stdout.strip()
+    import torch
+
+    out = {"builtin_s": result["builtin"]["wall_s"], "vllm_s": result["vllm"]["wall_s"],
+           "model": "smollm2-135m-instruct", "vllm": version or "unknown", "torch": torch.__version__,
+           "cpus": os.cpu_count(), "command": " ".join(["python", "benchmarks/generation_engines.py", *sys.argv[1:]])}
+    if part == "eval":
+        return out | {k: result[k] for k in ("identical", "metrics_identical", "predictions", "predictions_differing")
+                      } | {"work": "tunesmith eval examples/banking77.yaml: base, "
+                      "LoRA fine-tune and baselines on the 150 test examples, vLLM's start included"}
+    return out | {"work": f"a reinforcement job on tunesmith serve: {args.prompts} prompts, {args.epochs} epochs, "
+                  "batch 4, 4 samples a prompt, timed from creation to success"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=["eval", "reinforcement"])
@@ -123,11 +154,18 @@ def main() -> None:
     ap.add_argument("--valid", type=int, default=12, help="reinforcement: validation prompts")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--record", action="store_true", help="file the measurement as this device's record "
+                    "(src/tunesmith/machine/engine_measured.json), which the engines' auto settings read")
     args = ap.parse_args()
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()}", flush=True)
     result = compare_evaluations(args) if args.part == "eval" else compare_reinforcement(args)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    if args.record:
+        from tunesmith.machine import engines
+
+        record = engines.write(engines.device_kind(DEVICE), args.part, evidence(args.part, result, args))
+        print(f"recorded for {engines.device_kind(DEVICE)}: {json.dumps(record)}")
 
 
 if __name__ == "__main__":

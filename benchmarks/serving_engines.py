@@ -57,10 +57,10 @@ def free_port() -> int:
 class Served:
     """One `tunesmith serve` process: started, timed to its first /v1/models answer, its tree's CPU and memory."""
 
-    def __init__(self, engine: str, model: str, adapters: list[str], data_dir: Path):
+    def __init__(self, engine: str, model: str, adapters: list[str], data_dir: Path, extra: tuple[str, ...] = ()):
         self.port = free_port()
         cmd = [sys.executable, "-m", "tunesmith", "serve", "--engine", engine, "--model", model, "--port",
-               str(self.port), "--data-dir", str(data_dir), *[a for x in adapters for a in ("--adapter", x)]]
+               str(self.port), "--data-dir", str(data_dir), *[a for x in adapters for a in ("--adapter", x)], *extra]
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "serve.log", "wb"))
         self.url = f"http://127.0.0.1:{self.port}/v1"

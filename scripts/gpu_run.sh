@@ -11,6 +11,9 @@
 #   bash scripts/gpu_run.sh verify                      # the GPU tests, then the check (tunesmith.train.verify), which
 #                                                       # writes this GPU kind's record in gpu_verified.json (copy in $OUT)
 #   bash scripts/gpu_run.sh quality                     # benchmarks/gpu_quality.py (needs the model), records in $OUT
+#   bash scripts/gpu_run.sh engines                     # where the image has vllm: the demo trained, then
+#                                                       # benchmarks/generation_engines.py eval and reinforcement
+#                                                       # --record (this GPU kind's engine_measured.json, copy in $OUT)
 #   bash scripts/gpu_run.sh loss                        # benchmarks/loss_forms.py
 #   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
 set -euo pipefail
@@ -82,8 +85,21 @@ case "${1:-}" in
   quality) shift; mkdir -p "$OUT/records"
     paths python3 benchmarks/gpu_quality.py --shared "$KEPT/data" --out /tmp/tunesmith-runs --record-to "$OUT/records" "$@" \
       2>&1 | tee -a "$OUT/gpu_quality.log" ;;
+  engines) shift  # vLLM from the image, in its own environment (the kit's packages kept out of its path)
+    if ! python3 -c "import vllm" 2>/dev/null; then
+      echo "gpu_run engines: vllm does not import in this image; nothing measured" | tee -a "$OUT/engines.log"; exit 0
+    fi
+    printf '#!/bin/sh\nexec env -u PYTHONPATH %s "$@"\n' "$(command -v python3)" > "$KEPT/vllm-python"
+    chmod +x "$KEPT/vllm-python"
+    paths python3 -m tunesmith train examples/banking77.yaml --set output_dir=/tmp/tunesmith-runs 2>&1 | tee -a "$OUT/engines.log"
+    for part in eval reinforcement; do
+      TUNESMITH_VLLM_PYTHON="$KEPT/vllm-python" paths python3 benchmarks/generation_engines.py "$part" \
+        --run /tmp/tunesmith-runs/banking77-intents --prompts 8 --epochs 1 --record "$@" 2>&1 | tee -a "$OUT/engines.log"
+    done
+    cp src/tunesmith/machine/engine_measured.json "$OUT/" ;;
   loss) shift; paths python3 benchmarks/loss_forms.py --models "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
           --layers 16 "$@" 2>&1 | tee -a "$OUT/loss_forms.log" ;;
-  "") echo "usage: gpu_run.sh install | tests | verify | bench ARGS | quality ARGS | loss ARGS | COMMAND ARGS" >&2; exit 2 ;;
+  "") echo "usage: gpu_run.sh install | tests | verify | bench ARGS | quality ARGS | engines | loss ARGS | COMMAND ARGS" >&2
+    exit 2 ;;
   *) paths "$@" ;;
 esac

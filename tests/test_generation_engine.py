@@ -67,6 +67,29 @@ def test_eval_engine_vllm_generates_there_and_scores_the_rest_here(cli, tmp_path
     assert "tunesmith starts vLLM" in (ev / "engine" / "vllm.log").read_text()
 
 
+@pytest.mark.parametrize("vllm_s", [100.0, 600.0])
+def test_eval_engine_auto_generates_where_this_devices_measurement_says(cli, tmp_path, tiny_model_dir, fake_vllm,
+                                                                      monkeypatch, vllm_s):
+    """``eval.engine: auto`` reads the device's record: vLLM where it was measured faster (the stand-in's words),
+    else this process; the choice and its reason are printed."""
+    from tunesmith.machine import engines
+
+    monkeypatch.setattr(engines, "RECORDS", tmp_path / "engine_measured.json")
+    engines.write("cpu", "eval", {"builtin_s": 200.0, "vllm_s": vllm_s, "identical": True, "model": "tiny"})
+    rows = [{"text": f"say hello number {i}", "answer": f"hello {i}"} for i in range(6)]
+    doc = banking_recipe(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "g.jsonl", rows), name="ev", seed=3,
+                         split={"train": 2, "val": 0, "test": 4, "stratify": False},
+                         data={"target_field": "answer", "task": "generation"}, model={"device": "cpu"},
+                         eval={"max_new_tokens": 4, "batch_size": 4, "bootstrap": 0, "baselines": []})
+    code, out = cli(["eval", str(write_recipe(tmp_path / "r.yaml", doc))])
+    assert code == 0, out
+    picked = "vllm" if vllm_s < 200.0 else "builtin"
+    assert f"eval generates on the {picked} engine: vLLM took {vllm_s / 200:.2f}x" in " ".join(out.split())
+    outputs = {json.loads(line)["output"] for line in (tmp_path / "runs" / "ev" / "eval" / "predictions.jsonl")
+               .read_text().splitlines()}
+    assert (outputs == {"one two three four"}) == (picked == "vllm")
+
+
 def test_synth_and_model_graders_generate_on_the_active_engine(tmp_path, tiny_model_dir, fake_vllm):
     with vllm_completions(str(tiny_model_dir), tmp_path / "log") as server, remote.using(server):
         client = LocalChatClient(str(tiny_model_dir), engine="vllm")

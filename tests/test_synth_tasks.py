@@ -45,7 +45,7 @@ def fake(monkeypatch):
 
     def install(reply):
         client = FakeClient(reply)
-        monkeypatch.setattr("tunesmith.synth.command.make_client", lambda cfg: client)
+        monkeypatch.setattr("tunesmith.synth.command.make_client", lambda cfg, engine: client)
         holder["client"] = client
         return client
 

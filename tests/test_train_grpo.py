@@ -117,13 +117,14 @@ def test_rollouts_on_vllm_take_trls_colocate_mode_on_cuda_within_the_jobs_share(
 
     from tunesmith.train.grpo import vllm_colocate
 
-    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "auto"}), "cpu") == {}
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "auto"}), "cpu", False) == {}
     with pytest.raises(ConfigError, match="colocate mode, which needs a CUDA GPU"):
-        vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "vllm"}), "cpu")
+        vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "vllm"}), "cpu", True)
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "auto"}), "cuda", True) == {}  # vllm not installed
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object() if name == "vllm" else None)
-    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "vllm"}), "cuda") == {
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "vllm"}), "cuda", True) == {
         "use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3}
-    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "engine"}), "cuda") == {}
+    assert vllm_colocate(_recipe(tmp_path, grpo={"rollouts": "engine"}), "cuda", False) == {}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
-    shared = vllm_colocate(_recipe(tmp_path, memory_limit_gb=40, grpo={"rollouts": "auto"}), "cuda")
+    shared = vllm_colocate(_recipe(tmp_path, memory_limit_gb=40, grpo={"rollouts": "auto"}), "cuda", True)
     assert shared["vllm_gpu_memory_utilization"] == 0.15  # 30% of the job's 40 of 80 GiB

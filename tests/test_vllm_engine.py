@@ -113,8 +113,8 @@ def test_vllm_errors_become_openai_errors(served):
 
 
 def test_a_jobs_fine_tune_is_evaluated_on_vllm_and_served_by_it_to_its_owner_only(served, monkeypatch):
-    """The job's post-training evaluation generates on the server's vLLM (its adapter loaded there): the same
-    scores as the built-in engine's on the same adapter and conversations."""
+    """Told to (``--jobs-engine vllm``), the job's post-training evaluation generates on the server's vLLM (its
+    adapter loaded there): the same scores as the built-in engine's on the same adapter and conversations."""
     from tunesmith.eval.runner import evaluate_conversations
     from tunesmith.serve.jobs import worker
 
@@ -131,7 +131,7 @@ def test_a_jobs_fine_tune_is_evaluated_on_vllm_and_served_by_it_to_its_owner_onl
                         evaluate_job(store, job_id, recipe, rows))
     log = served["engine"].server.log_path
     before = log.read_text().count("Loaded new LoRA adapter: name 'tunesmith-")
-    work(served["data_dir"], once=True, vllm_endpoint=served["engine"].server.endpoint_file)
+    work(served["data_dir"], once=True, vllm_endpoint=served["engine"].server.endpoint_file, jobs_engine="vllm")
     job = c.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "succeeded", job.error
     report = [e for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data if "Evaluation report" in e.message]

@@ -279,6 +279,10 @@ def serve(
                                           "a Ray task, several at once (pip install 'tunesmith[ray]').")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="With --executor ray: the cluster to join "
                                                     "(default: start a local one).")] = None,
+    jobs_engine: Annotated[str, typer.Option(help="With --engine vllm: where fine-tuning jobs generate (evaluations, "
+                                             "reinforcement rollouts, model graders): auto (for each, the engine "
+                                             "measured faster on this device), builtin (the job's own process) or "
+                                             "vllm (the server's vLLM).")] = "auto",
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.api.rate_limits import KeyLimits
@@ -290,6 +294,8 @@ def serve(
     engine = pick_engine(engine, vllm_python)
     if executor not in ("local", "ray"):
         raise typer.BadParameter("--executor is local or ray")
+    if jobs_engine not in ("auto", "builtin", "vllm"):
+        raise typer.BadParameter("--jobs-engine is auto, builtin or vllm")
     if executor == "ray":
         from tunesmith.serve.jobs.ray_executor import ray_module
 
@@ -306,7 +312,7 @@ def serve(
                              key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key),
                              batch_concurrency=batch_concurrency)
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
-                  ray_address=ray_address)
+                  ray_address=ray_address, jobs_engine=jobs_engine)
 # --- tunesmith data ... ----------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the app, mapping our errors to exit codes and one-line messages."""

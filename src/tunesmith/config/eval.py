@@ -62,7 +62,7 @@ class EvalSection(Section):
         "classification, random otherwise; the recipe's seed), never the first rows")
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
-    engine: str = Field("builtin", description="what generates the local contenders' answers: " + ENGINE_HELP +
+    engine: str = Field("auto", description="what generates the local contenders' answers: " + ENGINE_HELP +
                         ". Label scores and answer losses are computed in this process either way")
     label_scoring: bool = Field(True, description="score closed labels by log-likelihood (fair to the base model)")
     free_generation: bool = Field(

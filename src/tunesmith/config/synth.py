@@ -100,7 +100,7 @@ class SynthSection(Section):
     prompt_file: Path | None = Field(None, description="your own prompt template ($placeholders) for the task's main call")
     max_parse_attempts: int = Field(3, ge=1)
     constrained: bool = Field(True, description="local provider: decode JSON replies under the task's schema (llguidance)")
-    engine: str = Field("builtin", description="what the local provider generates with: " + ENGINE_HELP)
+    engine: str = Field("auto", description="what the local provider generates with: " + ENGINE_HELP)
     _engine = field_validator("engine")(check_engine)
     min_chars: int = Field(3, ge=1, description="quality gate: shortest kept text field (characters)")
     script_share: float = Field(0.5, ge=0, le=1,

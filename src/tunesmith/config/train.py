@@ -47,7 +47,8 @@ class GrpoSection(Section):
         "auto", description="what samples the completions: engine (tunesmith's continuous batching on a CPU, TRL's "
         "generate on a GPU), vllm (on a CUDA GPU TRL's vLLM colocate mode, vllm installed in this environment; in a "
         "job on `tunesmith serve --engine vllm`, the server's vLLM with the policy's adapter loaded there each "
-        "step), auto: vllm wherever it is available, else engine")
+        "step), auto: vllm where a reinforcement job's measurement on this device found it faster and it is available "
+        "(machine/engine_measured.json), else engine")
 
     @field_validator("reward", mode="before")
     @classmethod

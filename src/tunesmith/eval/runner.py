@@ -187,7 +187,8 @@ def score_contenders(recipe: Recipe, train: list[Example], test: list[Example], 
     endpoints = asked_endpoints(recipe, console)  # before the local models: a wrong ask_as fails at once
     from tunesmith.generation import remote
 
-    with remote.using(spec=recipe.eval.engine, base_model=recipe.model.name, log_dir=recipe.run_dir / "eval" / "engine"):
+    with remote.using(spec=recipe.eval.engine, base_model=recipe.model.name, log_dir=recipe.run_dir / "eval" / "engine",
+                      use="eval", device=recipe.model.device, say=console.print):
         results = [reused_or_scored(recipe, task, c, test, bar, console) for c in contenders]
     for client, ask_as, (data_cfg, with_labels) in endpoints:
         results.append(_endpoint(recipe, task, client, ask_as, data_cfg, with_labels, test, bar))

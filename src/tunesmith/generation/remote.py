@@ -31,6 +31,7 @@ from tunesmith.generation.sampling import cut_at_stop
 
 ENGINE_KEY_ENV = "TUNESMITH_ENGINE_API_KEY"
 ENGINES: dict[str, Callable] = {}  # name -> (base model, log folder) -> context manager yielding a CompletionsServer
+ENGINE_AVAILABLE: dict[str, Callable[[], bool]] = {}  # name -> whether it can start here
 
 
 @dataclass
@@ -187,6 +188,7 @@ class _Pending:
 
 
 _ACTIVE: ContextVar[CompletionsServer | _Pending | None] = ContextVar("tunesmith_generation_engine", default=None)
+_OFFERED: ContextVar[CompletionsServer | None] = ContextVar("tunesmith_offered_engine", default=None)
 
 
 def active() -> CompletionsServer | None:
@@ -195,11 +197,58 @@ def active() -> CompletionsServer | None:
     return current.get() if isinstance(current, _Pending) else current
 
 
+def offered() -> CompletionsServer | None:
+    """A running engine offered to the block (:func:`offering`), whether or not a use picked it."""
+    return _OFFERED.get()
+
+
 @contextmanager
-def using(server: CompletionsServer | None = None, spec: str = "builtin", base_model: str = "", log_dir: Path = Path(".")):
-    """Generation in the block goes to ``server``, or to the engine ``spec`` names (started when first needed);
-    an engine already in use (a job's, on tunesmith serve's vLLM) is kept."""
-    if _ACTIVE.get() is not None or (server is None and spec == "builtin"):
+def offering(server: CompletionsServer):
+    """``server`` runs already (a job's, on tunesmith serve's vLLM): a use that picks vLLM in the block
+    generates there instead of starting its own; one that picks the built-in engine generates in this process."""
+    token = _OFFERED.set(server)
+    try:
+        yield
+    finally:
+        _OFFERED.reset(token)
+
+
+def pick(spec: str, use: str, device: str = "auto", say: Callable[[str], None] | None = None) -> str:
+    """``spec`` with ``auto`` resolved for ``use`` (eval, synth or rollouts) on ``device``: the engine its
+    device's measurement found faster (:func:`tunesmith.machine.engines.choose`), said through ``say``."""
+    if spec != "auto":
+        return spec
+    from tunesmith.machine import engines
+
+    available = _OFFERED.get() is not None or ENGINE_AVAILABLE.get("vllm", lambda: False)()
+    choice = engines.choose(use, engines.device_kind(device), available)
+    if say is not None:
+        say(f"{use} generates on the {choice.engine} engine: {choice.reason}")
+    return choice.engine
+
+
+def engine_for(use: str, device: str = "auto") -> CompletionsServer | None:
+    """The engine ``use`` generates on here: the one in use, else a running one offered when ``auto`` picks
+    vLLM for ``use`` on this device (None: this process)."""
+    current = active()
+    if current is not None or offered() is None:
+        return current
+    return offered() if pick("auto", use, device) == "vllm" else None
+
+
+@contextmanager
+def using(server: CompletionsServer | None = None, spec: str = "builtin", base_model: str = "", log_dir: Path = Path("."),
+          use: str = "eval", device: str = "auto", say: Callable[[str], None] | None = None):
+    """Generation in the block goes to ``server``, or to the engine ``spec`` names (``auto``: picked for ``use``
+    by measurement; vllm: the offered one if any, else started when first needed); an engine already in use
+    (a job's, on tunesmith serve's vLLM) is kept."""
+    if _ACTIVE.get() is not None:
+        yield
+        return
+    if server is None:
+        spec = pick(spec, use, device, say)
+        server = _OFFERED.get() if spec == "vllm" else None
+    if server is None and spec == "builtin":
         yield
         return
     with ExitStack() as stack:
@@ -210,9 +259,11 @@ def using(server: CompletionsServer | None = None, spec: str = "builtin", base_m
             _ACTIVE.reset(token)
 
 
-def register_engine(name: str, start: Callable) -> None:
-    """``start(base_model, log_dir)``: a context manager yielding a :class:`CompletionsServer` for ``base_model``."""
+def register_engine(name: str, start: Callable, available: Callable[[], bool] = lambda: True) -> None:
+    """``start(base_model, log_dir)``: a context manager yielding a :class:`CompletionsServer` for ``base_model``;
+    ``available()``: whether it can start here."""
     ENGINES[name] = start
+    ENGINE_AVAILABLE[name] = available
 
 
 @contextmanager

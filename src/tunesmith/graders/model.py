@@ -50,7 +50,7 @@ class LocalBackend:
             from tunesmith.machine.placement import pick_placement
             from tunesmith.models.loading import load_model, load_tokenizer
 
-            server = remote.active()
+            server = remote.engine_for("eval")
             load = lambda: load_model(self.name, pick_placement())  # noqa: E731
             served = server is not None and self.name in server.served_models()
             self._loaded = (remote.RemoteModel(server, self.name, load) if served else load()), load_tokenizer(self.name)

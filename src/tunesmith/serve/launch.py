@@ -62,14 +62,15 @@ def pick_engine(engine: str, vllm_python: str | None = None) -> str:
 
 
 def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local", ray_address: str | None = None,
-                 gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None) -> subprocess.Popen:
+                 gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None,
+                 jobs_engine: str = "auto") -> subprocess.Popen:
     """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
     module = "tunesmith.serve.jobs.ray_executor" if executor == "ray" else "tunesmith.serve.jobs.worker"
     cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
     if gpu_budget_gb is not None and executor == "local":  # a Ray cluster's jobs run on their own GPUs
         cmd += ["--gpu-budget-gb", f"{gpu_budget_gb:.2f}"]
     if vllm_endpoint is not None and executor == "local":  # a path, not a secret: the file is the user's only
-        cmd += ["--vllm-endpoint", str(vllm_endpoint)]
+        cmd += ["--vllm-endpoint", str(vllm_endpoint), "--jobs-engine", jobs_engine]
     return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
                             preexec_fn=die_with_parent)
 
@@ -79,7 +80,7 @@ WORKER_STOP_S = 30  # the jobs worker saves a checkpoint at its next step; kille
 
 
 def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int = 1, executor: str = "local",
-                  ray_address: str | None = None) -> None:
+                  ray_address: str | None = None, jobs_engine: str = "auto") -> None:
     if settings.python_graders_on:  # a host that cannot sandbox them is refused here, before anything starts
         from tunesmith.graders.sandbox import isolation
 
@@ -102,7 +103,8 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
             super().handle_exit(sig, frame)
 
     endpoint = settings.data_dir / "vllm" / "endpoint.json" if settings.engine == "vllm" else None
-    worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address, split and split.jobs_gb, endpoint)
+    worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address, split and split.jobs_gb, endpoint,
+                          jobs_engine)
     # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
     signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on the {settings.engine} engine "

@@ -38,10 +38,11 @@ class SynthResult:
     summary: dict
 
 
-def make_client(cfg: SynthSection):
+def make_client(cfg: SynthSection, engine: str = "builtin"):
+    """The provider's client; a local one generates on ``engine`` (auto already resolved)."""
     p = cfg.provider
     if p.kind == "local":
-        return LocalChatClient(p.model, batch_size=p.batch_size, constrained=cfg.constrained, engine=cfg.engine)
+        return LocalChatClient(p.model, batch_size=p.batch_size, constrained=cfg.constrained, engine=engine)
     return OpenAIChatClient(
         p.base_url, p.model, p.api_key_env, p.concurrency, p.requests_per_minute, p.timeout_s,
         RetryPolicy(max_retries=p.max_retries),
@@ -58,13 +59,13 @@ def run_synth(recipe: Recipe, console: Console | None = None) -> SynthResult:
     out_dir = recipe.run_dir / "synth"
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_resolved(recipe, recipe.run_dir / "config.resolved.yaml")
-    client = make_client(cfg)
-    cache = CallCache(out_dir / "calls.sqlite")
-    stats = CallStats()
     p = cfg.provider
     from tunesmith.generation import remote
 
-    engine = cfg.engine if p.kind == "local" else "builtin"
+    engine = remote.pick(cfg.engine, "synth", say=console.print) if p.kind == "local" else "builtin"
+    client = make_client(cfg, engine)
+    cache = CallCache(out_dir / "calls.sqlite")
+    stats = CallStats()
     with remote.using(spec=engine, base_model=p.model, log_dir=out_dir / "engine"), \
             task_bar(console, f"{cfg.task}: LLM calls", 0) as advance:
 

@@ -94,7 +94,7 @@ def reward_functions(recipe: Recipe, examples: list[Example], labels: list[str])
     return out
 
 
-def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False):
+def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False, on_vllm: bool = False):
     """TRL's GRPOConfig from the recipe: the arguments every trainer takes (precision from the device, no
     gradient checkpointing unless asked), the ``train.grpo`` section, and with validation rows a rewarded
     validation pass every ``train.eval_steps`` (else once per epoch)."""
@@ -108,7 +108,7 @@ def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False):
     evaluation = dict(eval_strategy=("steps" if t.eval_steps else "epoch") if has_val else "no",
                       eval_steps=t.eval_steps, num_generations_eval=g.eval_generations,
                       per_device_eval_batch_size=groups * (g.eval_generations or g.num_generations))
-    return GRPOConfig(**base, **evaluation, **vllm_colocate(recipe, placement.device),
+    return GRPOConfig(**base, **evaluation, **vllm_colocate(recipe, placement.device, on_vllm),
                       gradient_checkpointing=bool(base["activation_checkpointing"]),
                       num_generations=g.num_generations, beta=g.beta, max_completion_length=g.max_completion_length,
                       temperature=g.temperature, top_p=g.top_p, shuffle_dataset=recipe.data is None
@@ -118,18 +118,35 @@ def grpo_config(recipe: Recipe, placement, out_dir, has_val: bool = False):
 COLOCATE_SHARE = 0.3  # of the training's GPU memory, for vLLM's weights and KV cache in colocate mode
 
 
-def vllm_colocate(recipe: Recipe, device: str) -> dict:
-    """TRL's vLLM colocate mode on a CUDA GPU (``train.grpo.rollouts``: vllm, or auto where vllm imports here): vLLM
-    in the training process, its share of the GPU a part of what the training may use."""
+def rollouts_on_vllm(recipe: Recipe, device: str, say: Callable[[str], None] | None = None) -> bool:
+    """Whether rollouts sample on vLLM: ``train.grpo.rollouts`` vllm; auto with an engine in use (a job told to
+    generate on the server's vLLM), or where a reinforcement job's measurement on this device found vLLM faster
+    (:mod:`tunesmith.machine.engines`) and one can run (offered by the server, or vllm importable on CUDA)."""
     import importlib.util
 
     from tunesmith.generation import remote
+    from tunesmith.machine import engines
 
     rollouts = recipe.train.grpo.rollouts
-    if rollouts == "engine" or (device != "cuda" and remote.active() is not None):
+    if rollouts != "auto" or remote.active() is not None:
+        return rollouts != "engine"
+    available = remote.offered() is not None or (device == "cuda" and importlib.util.find_spec("vllm") is not None)
+    choice = engines.choose("rollouts", engines.device_kind(device), available)
+    if say is not None:
+        say(f"rollouts sample on {'vLLM' if choice.engine == 'vllm' else 'the generation engine'}: {choice.reason}")
+    return choice.engine == "vllm"
+
+
+def vllm_colocate(recipe: Recipe, device: str, on_vllm: bool) -> dict:
+    """TRL's vLLM colocate mode on a CUDA GPU when rollouts go to vLLM (``on_vllm``, :func:`rollouts_on_vllm`)
+    and no completions server takes them: vLLM in the training process, its share of the GPU a part of what the
+    training may use."""
+    import importlib.util
+
+    if not on_vllm or (device != "cuda" and rollout_server(recipe, on_vllm) is not None):
         return {}
     if device != "cuda" or importlib.util.find_spec("vllm") is None:
-        if rollouts == "vllm":
+        if recipe.train.grpo.rollouts == "vllm":
             raise ConfigError("train.grpo.rollouts: vllm samples with TRL's vLLM colocate mode, which needs a CUDA GPU "
                               "and vllm installed in this environment (or a job on `tunesmith serve --engine vllm`); "
                               "use engine or auto here")
@@ -143,21 +160,23 @@ def vllm_colocate(recipe: Recipe, device: str) -> dict:
 
 
 def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list[Callable], placement, bar,
-               resume: bool = False, callbacks: list | None = None, val_rows: list[dict] = ()) -> TrainResult:
+               resume: bool = False, callbacks: list | None = None, val_rows: list[dict] = (),
+               say: Callable[[str], None] | None = None) -> TrainResult:
     """Wrap ``model`` with the recipe's adapter (or keep the one it continues from) and run GRPOTrainer; the
-    ``val_rows`` prompts are sampled and rewarded at each validation pass."""
+    ``val_rows`` prompts are sampled and rewarded at each validation pass; where rollouts sample is said by ``say``."""
     from datasets import Dataset
 
     from tunesmith.train.sft import fit, prepare_model, save_final
 
     out_dir = recipe.run_dir / "train"
     tokenizer.padding_side = "left"  # generation pads on the left
+    on_vllm = rollouts_on_vllm(recipe, placement.device, say)
     grpo = grpo_trainer_class(recipe)(model=prepare_model(recipe, model), reward_funcs=rewards,
-                       args=grpo_config(recipe, placement, out_dir, bool(val_rows)),
+                       args=grpo_config(recipe, placement, out_dir, bool(val_rows), on_vllm),
                        train_dataset=Dataset.from_list(rows),
                        eval_dataset=Dataset.from_list(list(val_rows)) if val_rows else None, processing_class=tokenizer)
     before = trainable_snapshot(grpo.model)
-    grpo.rollout_server = rollout_server(recipe)
+    grpo.rollout_server = rollout_server(recipe, on_vllm)
     try:
         seconds = fit(grpo, out_dir, resume, lambda _: bar("grpo", planned_steps(grpo)), callbacks)
     finally:
@@ -174,14 +193,14 @@ def train_grpo(recipe: Recipe, model, tokenizer, rows: list[dict], rewards: list
                        len(rows), resume)
 
 
-def rollout_server(recipe: Recipe):
-    """The completions server rollouts are sampled on: the active engine (a job on `tunesmith serve --engine
-    vllm`) for a LoRA policy, unless ``train.grpo.rollouts`` is engine."""
+def rollout_server(recipe: Recipe, on_vllm: bool):
+    """The completions server rollouts are sampled on when they go to vLLM: the engine in use, or the one
+    offered (a job on `tunesmith serve --engine vllm`), for a LoRA policy."""
     from tunesmith.generation import remote
 
-    if recipe.train.grpo.rollouts == "engine" or recipe.train.adapter == "full":
+    if not on_vllm or recipe.train.adapter == "full":
         return None
-    return remote.active()
+    return remote.active() or remote.offered()
 
 
 def grpo_trainer_class(recipe: Recipe):
@@ -255,4 +274,4 @@ def grpo_job(job: TrainJob) -> TrainResult:
     job.console.print(f"GRPO on {len(rows)} prompts x {job.recipe.train.grpo.num_generations} completions, rewards: "
                       + ", ".join(f.__name__ for f in rewards))
     return train_grpo(job.recipe, generative_model(job), job.tokenizer, rows, rewards, job.placement, job.bar,
-                      resume=job.resume, callbacks=job.callbacks, val_rows=val_rows)
+                      resume=job.resume, callbacks=job.callbacks, val_rows=val_rows, say=job.console.print)

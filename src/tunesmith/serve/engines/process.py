@@ -68,7 +68,10 @@ def start_worker_process(description: str, ray: bool = False) -> tuple[argparse.
         ap.add_argument("--gpu-budget-gb", type=float, default=None,
                         help="the jobs' share of a GPU that vLLM serves on (tunesmith.serve.engines.gpu_split)")
         ap.add_argument("--vllm-endpoint", type=Path, default=None,
-                        help="the server's vLLM (its endpoint file): jobs evaluate and sample there")
+                        help="the server's vLLM (its endpoint file): jobs may evaluate and sample there")
+        ap.add_argument("--jobs-engine", choices=("auto", "builtin", "vllm"), default="auto",
+                        help="with --vllm-endpoint, where a job generates: the engine measured faster on this device "
+                             "for each use (auto), the job's own process (builtin) or the server's vLLM (vllm)")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(filename=args.data_dir / "worker.log", level=logging.INFO,

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
@@ -304,11 +305,19 @@ def job_error(exc: Exception, store: Store, job: dict) -> dict:
             "the details.", "param": None}
 
 
-def engine_of(vllm_endpoint: Path | None):
-    """Generation in the block goes to the server's vLLM (when it runs one)."""
+@contextmanager
+def engine_of(vllm_endpoint: Path | None, jobs_engine: str = "auto"):
+    """Where a job's generation goes when the server runs vLLM: there (``vllm``), in the job's process
+    (``builtin``), or for each use the engine measured faster on this device (``auto``: the server's vLLM offered,
+    :func:`tunesmith.generation.remote.offering`)."""
     from tunesmith.generation import remote
 
-    return remote.using(remote.CompletionsServer.from_file(vllm_endpoint) if vllm_endpoint else None)
+    if vllm_endpoint is None or jobs_engine == "builtin":
+        yield
+        return
+    server = remote.CompletionsServer.from_file(vllm_endpoint)
+    with remote.using(server) if jobs_engine == "vllm" else remote.offering(server):
+        yield
 
 
 def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None:
@@ -323,11 +332,12 @@ def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> 
 
 
 def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1,
-         gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None) -> None:
+         gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None, jobs_engine: str = "auto") -> None:
     """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder.
     Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time.
     ``gpu_budget_gb``: the jobs' share of a GPU that vLLM serves on; ``vllm_endpoint``: that vLLM's endpoint
-    file (jobs generate there: evaluations, reinforcement rollouts, model graders)."""
+    file; ``jobs_engine``: whether jobs generate there (evaluations, reinforcement rollouts, model graders):
+    :func:`engine_of`."""
     import fcntl
 
     store = Store(root)
@@ -340,7 +350,7 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
                 return
             SHUTDOWN.wait(poll_s)
             continue
-        with engine_of(vllm_endpoint):
+        with engine_of(vllm_endpoint, jobs_engine):
             run_or_fail(store, job, gpu_budget_gb)
         if once and store.next_job(jobs_per_key) is None:
             return
@@ -349,7 +359,7 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
 def main() -> None:
     args, _ = start_worker_process("tunesmith fine-tuning jobs worker: one job at a time in this process")
     work(args.data_dir, once=args.once, jobs_per_key=args.jobs_per_key, gpu_budget_gb=args.gpu_budget_gb,
-         vllm_endpoint=args.vllm_endpoint)
+         vllm_endpoint=args.vllm_endpoint, jobs_engine=args.jobs_engine)
     end_worker_process()
 
 

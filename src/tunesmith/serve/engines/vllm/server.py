@@ -387,4 +387,4 @@ def vllm_completions(base: str, log_dir: Path):
         server.stop()
 
 
-register_engine("vllm", vllm_completions)
+register_engine("vllm", vllm_completions, vllm_available)
