@@ -10,7 +10,7 @@ from tunesmith.machine import engines
 
 
 def measured(builtin_s: float, vllm_s: float, **extra) -> dict:
-    return {"builtin_s": builtin_s, "vllm_s": vllm_s, "model": "m", "identical": True} | extra
+    return {"builtin_s": builtin_s, "vllm_s": vllm_s, "model": "m", "metrics_identical": True} | extra
 
 
 @pytest.fixture()
@@ -49,9 +49,9 @@ def test_a_record_not_written_by_the_measurement_or_not_like_for_like_cannot_dec
     engines.RECORDS.write_text(json.dumps(doc))
     choice = engines.choose("rollouts", "cpu", vllm_available=True)
     assert choice.engine == "builtin" and "not written by the measurement" in choice.reason
-    record_at("eval", 300.0, 100.0, identical=False)
+    record_at("eval", 300.0, 100.0, metrics_identical=False)
     choice = engines.choose("eval", "cpu", vllm_available=True)
-    assert choice.engine == "builtin" and "not identical" in choice.reason
+    assert choice.engine == "builtin" and "scores were not identical" in choice.reason
     record_at("eval", 300.0, 0.0)
     assert "lacks a wall time" in engines.choose("eval", "cpu", vllm_available=True).reason
     with pytest.raises(ValueError, match="workload is one of"):

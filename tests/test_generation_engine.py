@@ -75,7 +75,7 @@ def test_eval_engine_auto_generates_where_this_devices_measurement_says(cli, tmp
     from tunesmith.machine import engines
 
     monkeypatch.setattr(engines, "RECORDS", tmp_path / "engine_measured.json")
-    engines.write("cpu", "eval", {"builtin_s": 200.0, "vllm_s": vllm_s, "identical": True, "model": "tiny"})
+    engines.write("cpu", "eval", {"builtin_s": 200.0, "vllm_s": vllm_s, "metrics_identical": True, "model": "tiny"})
     rows = [{"text": f"say hello number {i}", "answer": f"hello {i}"} for i in range(6)]
     doc = banking_recipe(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "g.jsonl", rows), name="ev", seed=3,
                          split={"train": 2, "val": 0, "test": 4, "stratify": False},

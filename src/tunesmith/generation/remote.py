@@ -8,8 +8,11 @@ model (label log-likelihoods, answer losses) loads the model here on first use, 
 generation are the built-in engine's own.
 
 Engines by name: ``builtin`` (None: generate in this process), an ``http(s)://`` URL (an OpenAI-compatible server
-taking token-id prompts, its key in ``$TUNESMITH_ENGINE_API_KEY``), or a name registered with
-:func:`register_engine` (``vllm``: a vLLM server tunesmith starts, registered by :mod:`tunesmith.serve`).
+taking token-id prompts, its key in ``$TUNESMITH_ENGINE_API_KEY``), a name registered with
+:func:`register_engine` (``vllm``: a vLLM server tunesmith starts, registered by :mod:`tunesmith.serve`), or
+``auto``: builtin or vllm for the use, by the device's measurement (:mod:`tunesmith.machine.engines`). A server
+already running (a job's, on tunesmith serve's vLLM) is offered to a block (:func:`offering`) and used by the
+uses that pick vLLM, or put in use for all of them (:func:`using`).
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ def pick(spec: str, use: str, device: str = "auto", say: Callable[[str], None] |
         return spec
     from tunesmith.machine import engines
 
-    available = _OFFERED.get() is not None or ENGINE_AVAILABLE.get("vllm", lambda: False)()
+    available = offered() is not None or ENGINE_AVAILABLE.get("vllm", lambda: False)()
     choice = engines.choose(use, engines.device_kind(device), available)
     if say is not None:
         say(f"{use} generates on the {choice.engine} engine: {choice.reason}")
@@ -247,7 +250,7 @@ def using(server: CompletionsServer | None = None, spec: str = "builtin", base_m
         return
     if server is None:
         spec = pick(spec, use, device, say)
-        server = _OFFERED.get() if spec == "vllm" else None
+        server = offered() if spec == "vllm" else None
     if server is None and spec == "builtin":
         yield
         return

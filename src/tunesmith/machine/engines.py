@@ -49,14 +49,15 @@ def records(path: Path | None = None) -> dict[str, dict]:
 
 def verdict(evidence: dict) -> str | None:
     """Why ``evidence`` cannot decide (None: it can): written by the measurement, both wall times measured, and
-    for greedy work the same answers on both engines (else they did not do the same work)."""
+    for the greedy evaluation the same scores on both engines (else they did not do the same work; a near-tie
+    token may still flip between runs of either, so single predictions are counted, not required equal)."""
     if evidence.get("written_by") != WRITER:
         return f"its record was not written by the measurement ({WRITER} --record)"
     times = [evidence.get("builtin_s"), evidence.get("vllm_s")]
     if not all(isinstance(t, (int, float)) and t > 0 for t in times):
         return f"its record lacks a wall time of each engine (builtin_s {times[0]}, vllm_s {times[1]})"
-    if evidence.get("workload") == "eval" and evidence.get("identical") is not True:
-        return "the two engines' answers were not identical there, so their times do not compare the same work"
+    if evidence.get("workload") == "eval" and evidence.get("metrics_identical") is not True:
+        return "the two engines' scores were not identical there, so their times do not compare the same work"
     return None
 
 
