@@ -36,7 +36,6 @@ from serving_engines import Served  # noqa: E402 - the same server start-up as t
 
 RECIPE = REPO / "examples" / "banking77.yaml"
 DROP = ("seconds", "latency_ms")  # what differs by construction
-DEVICE = "auto"  # where the local side runs: the GPU if there is one
 
 
 def evaluation(run: Path, engine: str, out: Path) -> dict:
@@ -45,8 +44,7 @@ def evaluation(run: Path, engine: str, out: Path) -> dict:
     shutil.copytree(run / "train", out / name / "train")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "tunesmith", "eval", str(RECIPE), "--set", f"output_dir={out}",
-                    "--set", f"eval.engine={engine}", "--set", f"model.device={DEVICE}"], check=True,
-                   stdout=subprocess.DEVNULL)
+                    "--set", f"eval.engine={engine}"], check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     folder = out / name / "eval"
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -66,14 +64,14 @@ def compare_evaluations(args) -> dict:
     a, b = results["builtin"], results["vllm"]
     rows_a, rows_b = ([json.loads(line) for line in r["predictions"].splitlines()] for r in (a, b))
     differing = [{"builtin": x, "vllm": y} for x, y in zip(rows_a, rows_b, strict=False) if x != y]
-    same = a["metrics"] == b["metrics"] and rows_a == rows_b
-    print(f"vllm/builtin wall time {b['wall_s'] / a['wall_s']:.2f}x; identical metrics: {a['metrics'] == b['metrics']}; "
+    metrics_same = a["metrics"] == b["metrics"]
+    print(f"vllm/builtin wall time {b['wall_s'] / a['wall_s']:.2f}x; identical metrics: {metrics_same}; "
           f"predictions differing: {len(differing)} of {len(rows_a)}", flush=True)
     for d in differing[:5]:
         print(f"  builtin {json.dumps(d['builtin'], ensure_ascii=False)[:300]}\n  vllm    "
               f"{json.dumps(d['vllm'], ensure_ascii=False)[:300]}")
     return {e: {k: v for k, v in r.items() if k != "predictions"} for e, r in results.items()} | {
-        "identical": same, "metrics_identical": a["metrics"] == b["metrics"], "predictions": len(rows_a),
+        "identical": metrics_same and rows_a == rows_b, "metrics_identical": metrics_same, "predictions": len(rows_a),
         "predictions_differing": len(differing) + abs(len(rows_a) - len(rows_b)), "differing": differing[:20]}
 
 
@@ -128,11 +126,12 @@ def compare_reinforcement(args) -> dict:
 
 def evidence(part: str, result: dict, args) -> dict:
     """What the record keeps of a run: both wall times, what ran, and on what."""
+    import torch
+
     from tunesmith.serve.engines.vllm.server import vllm_python
 
     version = subprocess.run([vllm_python(), "-c", "import vllm; print(vllm.__version__)"], capture_output=True,
                              text=True).stdout.strip()
-    import torch
 
     out = {"builtin_s": result["builtin"]["wall_s"], "vllm_s": result["vllm"]["wall_s"],
            "model": "smollm2-135m-instruct", "vllm": version or "unknown", "torch": torch.__version__,
@@ -164,8 +163,9 @@ def main() -> None:
     if args.record:
         from tunesmith.machine import engines
 
-        record = engines.write(engines.device_kind(DEVICE), args.part, evidence(args.part, result, args))
-        print(f"recorded for {engines.device_kind(DEVICE)}: {json.dumps(record)}")
+        device = engines.device_kind()  # where the local side ran: the GPU if there is one (model.device: auto)
+        record = engines.write(device, args.part, evidence(args.part, result, args))
+        print(f"recorded for {device}: {json.dumps(record)}")
 
 
 if __name__ == "__main__":

@@ -294,8 +294,10 @@ def serve(
     engine = pick_engine(engine, vllm_python)
     if executor not in ("local", "ray"):
         raise typer.BadParameter("--executor is local or ray")
-    if jobs_engine not in ("auto", "builtin", "vllm"):
-        raise typer.BadParameter("--jobs-engine is auto, builtin or vllm")
+    from tunesmith.serve.engines.process import JOBS_ENGINES
+
+    if jobs_engine not in JOBS_ENGINES:
+        raise typer.BadParameter("--jobs-engine is " + ", ".join(JOBS_ENGINES[:-1]) + f" or {JOBS_ENGINES[-1]}")
     if executor == "ray":
         from tunesmith.serve.jobs.ray_executor import ray_module
 

@@ -55,6 +55,9 @@ def stop_on_sigterm(flag, log_file) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+JOBS_ENGINES = ("auto", "builtin", "vllm")  # where a job generates on a vLLM server (tunesmith.serve.jobs.worker.engine_of)
+
+
 def start_worker_process(description: str, ray: bool = False) -> tuple[argparse.Namespace, object]:
     """The worker's arguments, its log (``<data-dir>/worker.log``) and its SIGTERM handler set up; returns the
     arguments and the log file the watchdog writes to."""
@@ -69,7 +72,7 @@ def start_worker_process(description: str, ray: bool = False) -> tuple[argparse.
                         help="the jobs' share of a GPU that vLLM serves on (tunesmith.serve.engines.gpu_split)")
         ap.add_argument("--vllm-endpoint", type=Path, default=None,
                         help="the server's vLLM (its endpoint file): jobs may evaluate and sample there")
-        ap.add_argument("--jobs-engine", choices=("auto", "builtin", "vllm"), default="auto",
+        ap.add_argument("--jobs-engine", choices=JOBS_ENGINES, default="auto",
                         help="with --vllm-endpoint, where a job generates: the engine measured faster on this device "
                              "for each use (auto), the job's own process (builtin) or the server's vLLM (vllm)")
     args = ap.parse_args()
