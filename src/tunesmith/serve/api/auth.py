@@ -15,8 +15,14 @@ def bearer(header: str) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
+OWNER_SCOPE = "tunesmith.owner"  # on an in-process call's ASGI scope (a batch's line): the owner it runs as
+
+
 def api_key(request: Request) -> str | None:
-    """The caller's key (it scopes files and jobs); 401 when keys are configured and it is wrong."""
+    """The caller's key (it scopes files and jobs); 401 when keys are configured and it is wrong. A call made in
+    process (a batch's line) carries its owner on its ASGI scope, which no HTTP client can set."""
+    if OWNER_SCOPE in request.scope:
+        return request.scope[OWNER_SCOPE]
     keys = request.app.state.settings.api_keys
     key = bearer(request.headers.get("authorization", ""))
     if keys and key not in keys:

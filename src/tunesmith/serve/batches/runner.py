@@ -19,6 +19,7 @@ import logging
 import time
 from pathlib import Path
 
+from tunesmith.serve.api.auth import OWNER_SCOPE
 from tunesmith.serve.batches.lines import output_line, read_requests
 from tunesmith.serve.batches.store import BatchStore
 
@@ -119,9 +120,9 @@ class BatchRunner:
         app = self.app
 
         async def tagged(scope, receive, send):
-            await app({**scope, BATCH_SCOPE: bid} if scope["type"] == "http" else scope, receive, send)
+            tags = {BATCH_SCOPE: bid, OWNER_SCOPE: batch["owner"]}
+            await app({**scope, **tags} if scope["type"] == "http" else scope, receive, send)
 
-        headers = {"Authorization": f"Bearer {batch['owner']}"} if batch["owner"] is not None else {}
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=tagged), base_url="http://batch",
                                      timeout=None) as client:
             async def one(request: dict) -> None:
@@ -129,7 +130,7 @@ class BatchRunner:
                     if bid in self.cancelled or time.time() > batch["expires_at"]:
                         return
                     try:
-                        r = await client.post(request["url"], json=request["body"], headers=headers)
+                        r = await client.post(request["url"], json=request["body"])
                         status, body = r.status_code, r.json()
                     except asyncio.CancelledError:
                         raise
