@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from tunesmith.graders.sandbox import Limits
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
 from tunesmith.serve.engines.errors import APIError, validation_error_body
+from tunesmith.serve.lanes import Lanes
 
 
 @dataclass
@@ -123,6 +124,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         if watcher is not None:
             watcher.cancel()
         app.state.engine.close()
+        app.state.lanes.close()
 
     from tunesmith.serve.store import Store
 
@@ -131,6 +133,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
     app.state.limiter = KeyLimiter(settings.limits_per_key, known_keys=settings.api_keys)
+    app.state.lanes = Lanes()  # the bounded thread pools every key's off-loop work runs in (tunesmith.serve.lanes)
     from tunesmith.serve.batches.runner import BatchRunner
 
     app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight)

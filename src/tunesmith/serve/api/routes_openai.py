@@ -86,7 +86,8 @@ async def planned_run(request: Request, key: str | None, engine, builder, body, 
     batch = request.scope.get("tunesmith.batch")  # a batch's line (tunesmith.serve.batches.runner): its own tenant
     ticket = request.app.state.limiter.admit(key, counted=batch is None)
     try:
-        plan = await build(builder, body, *more, engine, request.app.state.settings.max_tokens)
+        plan = await build(builder, body, *more, engine, request.app.state.settings.max_tokens,
+                           lane=request.app.state.lanes.plan, key=key)
         ticket.charge(plan.cost)
         return plan, engine.run(plan, tenant=key if batch is None else f"batch:{key}"), ticket
     except BaseException:
@@ -111,7 +112,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, response:
     check_fields(CHAT, body)
     engine = engine_for(request, body.model, key)
     if body.model in engine.heads:
-        return await _head_reply(engine, body)
+        return await _head_reply(request, key, engine, body)
     plan, [job], ticket = await planned_run(request, key, engine, chat_plan, body)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -145,7 +146,7 @@ def chat_object(plan, gens: list[Generation], cid: str, created: int, model: str
             "usage": _usage(gens)}
 
 
-async def _head_reply(engine, body: ChatCompletionBody):
+async def _head_reply(request: Request, key, engine, body: ChatCompletionBody):
     """A trained head answers its label (or number, or span): constraints and tools are not its to follow."""
     from tunesmith.serve.engines.heads import chat_reply
 
@@ -154,7 +155,7 @@ async def _head_reply(engine, body: ChatCompletionBody):
             raise APIError(400, f"model '{body.model}' is a trained head that answers its label; '{param}' is not "
                            "served for it", param=param, code="unsupported_parameter")
     plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    return await chat_reply(engine.heads[body.model], body, plain)
+    return await chat_reply(engine.heads[body.model], body, plain, request.app.state.lanes.heads, key)
 
 
 async def _sse_chat(job, plan, cid: str, created: int, answered=None):

@@ -12,7 +12,6 @@ heads have no distribution to show: their ``logprobs`` stays null.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import threading
@@ -69,8 +68,9 @@ def user_text(messages: list[dict]) -> str:
     return last
 
 
-async def chat_reply(head: ServedHead, body, messages: list[dict]):
-    """The chat completion (or its chunk stream) whose message is the head's answer."""
+async def chat_reply(head: ServedHead, body, messages: list[dict], lane, key):
+    """The chat completion (or its chunk stream) whose message is the head's answer, computed in the heads' lane
+    as ``key``'s work."""
     from fastapi.responses import StreamingResponse
 
     from tunesmith.errors import DataError
@@ -78,10 +78,10 @@ async def chat_reply(head: ServedHead, body, messages: list[dict]):
     text = user_text(messages)
     try:
         if body.logprobs and head.label_probabilities:  # one forward pass gives the label and its distribution
-            ranked = await asyncio.to_thread(head.ranked_labels, text)
+            ranked = await lane.run(key, head.ranked_labels, text)
             answer, logprobs = ranked[0][0], label_logprobs(ranked, body.top_logprobs or 0)
         else:
-            answer, logprobs = await asyncio.to_thread(head.answer, text), None
+            answer, logprobs = await lane.run(key, head.answer, text), None
     except DataError as exc:  # e.g. a span head's message that does not follow its prompt template
         raise APIError(400, str(exc), param="messages") from None
     prompt, completion = head.tokens(text), head.tokens(answer)

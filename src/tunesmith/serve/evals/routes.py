@@ -131,6 +131,8 @@ def _run(request: Request, key, eval_id: str, run_id: str) -> dict:
 async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
     e = _eval(request, key, eval_id)
     check_criteria(request, key, e["testing_criteria"], e["data_source_config"])  # still allowed and served now
+    if refused := request.app.state.lanes.evals.refusal(key):
+        raise refused
     source = check_data_source(request, key, body.data_source)
     rows = run_rows(request, key, source, e["data_source_config"])
     store = _evals(request)
@@ -143,7 +145,8 @@ async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
         current = store.get_run(eval_id, run["id"])
         return current is None or current["status"] == "canceled"
 
-    task = asyncio.get_running_loop().run_in_executor(None, execute, store, e, run, rows, context, cancelled)
+    task = asyncio.ensure_future(request.app.state.lanes.evals.run(key, execute, store, e, run, rows, context,
+                                                                   cancelled))
     request.app.state.__dict__.setdefault("eval_tasks", set()).add(task)
     task.add_done_callback(request.app.state.eval_tasks.discard)
     return run_object(store.get_run(eval_id, run["id"]))

@@ -7,7 +7,6 @@ reason in the flags, never an HTTP error. A bad grader is a 400 naming the field
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -39,6 +38,7 @@ async def validate(body: ValidateBody, request: Request, key: Key):
 async def run(body: RunBody, request: Request, key: Key):
     grader = checked_grader(request, key, body.grader)
     context = grading_context(request)
-    [graded] = await asyncio.to_thread(grade_batch, grader, [body.model_sample], [body.item or {}], context)
+    [graded] = await request.app.state.lanes.graders.run(key, grade_batch, grader, [body.model_sample],
+                                                         [body.item or {}], context)
     return {"reward": graded.reward, "metadata": graded.metadata, "sub_rewards": graded.sub_rewards,
             "model_grader_token_usage_per_model": graded.usage}

@@ -101,7 +101,10 @@ def _sample_record(run: dict, messages: list[dict], text: str | None, error: str
 
 def execute(store, eval_: dict, run: dict, rows: list[dict], context: Context,
             cancelled: Callable[[], bool] = lambda: False) -> None:
-    """Grade the run and record its items and counts; any failure marks the run failed with the reason."""
+    """Grade the run and record its items and counts; any failure marks the run failed with the reason. A run
+    cancelled while it waited for its turn stays cancelled."""
+    if cancelled():
+        return
     try:
         store.update_run(run["id"], status="in_progress")
         _execute(store, eval_, run, rows, context, cancelled)

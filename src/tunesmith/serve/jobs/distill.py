@@ -48,7 +48,7 @@ async def file_from_stored_completions(body: DistillBody, request: Request, key:
                        "max_tokens); store answers with store: true and metadata, then select them here",
                        param="metadata", code="no_stored_completions")
     content = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples).encode()
-    await checked("fine-tune", content, "metadata")
+    await checked(request, key, "fine-tune", content, "metadata")
     made = request.app.state.store.add_file(key, body.filename, "fine-tune", content)
     models = Counter(r["model"] for r in rows)
     return file_object(made) | {"examples": len(examples), "left_out_cut_by_max_tokens": len(rows) - len(examples),

@@ -6,7 +6,6 @@ for an id that does not exist. Ids are looked up, never used as paths.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import tempfile
 from pathlib import Path
@@ -49,17 +48,18 @@ async def create_file(request: Request, key: Key, file: Annotated[UploadFile, Fi
     if len(content) > limit:
         raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
                        code="file_too_large")
-    await checked(purpose, content, "file")
+    await checked(request, key, purpose, content, "file")
     return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
 
 
-async def checked(purpose: str, content: bytes, param: str) -> None:
-    """The checks a file of ``purpose`` gets (off the event loop: a large file must not stall other requests);
+async def checked(request: Request, key, purpose: str, content: bytes, param: str) -> None:
+    """The checks a file of ``purpose`` gets (in the files lane as ``key``'s work: a large file must not stall other
+    requests);
     a 400 on ``param`` naming each problem and its lines."""
     from tunesmith.serve.batches.lines import check_batch_file
 
     check = {"fine-tune": check_upload, "evals": check_eval_upload, "batch": check_batch_file}[purpose]
-    problems = await asyncio.to_thread(check, content)
+    problems = await request.app.state.lanes.files.run(key, check, content)
     if problems:
         what = {"fine-tune": "fine-tuning", "evals": "evals", "batch": "batch"}[purpose]
         raise APIError(400, f"Invalid {what} file: " + "; ".join(problems), param=param, code="invalid_file_format")
@@ -263,8 +263,8 @@ async def create_job(body: JobBody, request: Request, key: Key):
     if method["type"] == "reinforcement":
         files = {p: Path(store.get_file(getattr(body, p), key)["storage"]) for p in ("training_file", "validation_file")
                  if getattr(body, p)}
-        await asyncio.to_thread(reinforcement.check_job, request, key, method["reinforcement"], files,
-                                sorted(request.app.state.trainable_models()))
+        await request.app.state.lanes.graders.run(key, reinforcement.check_job, request, key, method["reinforcement"],
+                                                  files, sorted(request.app.state.trainable_models()))
     import random
 
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None

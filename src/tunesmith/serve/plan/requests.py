@@ -14,7 +14,6 @@ has been checked against :mod:`tunesmith.serve.plan.fields` first.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from tunesmith.generation import GenParams
@@ -191,11 +190,12 @@ def compile_constraint(engine, spec: dict | str, param: str):
 
 # --- building off the event loop --------------------------------------------------------------------------
 
-async def build(builder, *args, deadline_s: float = PLAN_DEADLINE_S) -> RequestPlan:
-    """``builder(*args)`` in a worker thread, so that no other request waits on this one's tokenizing and
-    compiling; a plan not ready within ``deadline_s`` is a 400 (its thread finishes on its own)."""
+async def build(builder, *args, lane, key, deadline_s: float = PLAN_DEADLINE_S) -> RequestPlan:
+    """``builder(*args)`` in the planning lane as ``key``'s work (:mod:`tunesmith.serve.lanes`), so that no other
+    request waits on this one's tokenizing and compiling; a plan not ready within ``deadline_s`` of its start is a
+    400 (its thread finishes on its own, in the key's share of the lane)."""
     try:
-        return await asyncio.wait_for(asyncio.to_thread(builder, *args), deadline_s)
+        return await lane.run(key, builder, *args, deadline_s=deadline_s)
     except TimeoutError:
         raise APIError(400, f"The request could not be planned within {deadline_s:.0f} s (its schema or tools are "
                        "too costly to compile); simplify them.", code="request_too_complex") from None

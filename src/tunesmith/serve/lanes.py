@@ -1,0 +1,165 @@
+"""Lanes: the server's bounded thread pools, one per kind of work a key can make costly, each shared fairly by keys.
+
+Every piece of work that runs off the event loop runs in its kind's lane: planning a request (tokenizing, compiling
+its schema), grading, an eval run, embedding, a trained head's reply, reading and writing files (a training file's
+check, a batch's input and output). A lane has a fixed number of threads; a key holds at most ``per_key`` of them at
+once and keeps at most ``queued`` calls waiting, past which its next call is a 429 naming the lane. Free threads go
+to the waiting keys in turn (round robin), so a key with a hundred calls waiting never queues another key's one
+behind them, and one kind of work never fills the threads of another (a crowd of graders cannot delay the plan of
+another key's chat).
+
+A call whose caller went away while it waited leaves the line; one already running finishes in its thread, and its
+place is given back only then, so a lane never runs more threads than it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from tunesmith.serve.engines.errors import APIError
+
+RETRY_S = 1  # a full line's refusal: come back after about this long
+
+
+@dataclass(frozen=True)
+class LaneSize:
+    workers: int  # threads of the lane
+    per_key: int  # threads one key may hold at once
+    queued: int  # one key's calls waiting at most; past it a 429
+
+
+class Lane:
+    """A bounded thread pool for one kind of work, its threads given to keys in turn."""
+
+    def __init__(self, name: str, size: LaneSize, what: str):
+        self.name, self.size, self.what = name, size, what
+        self.pool = ThreadPoolExecutor(size.workers, thread_name_prefix=f"tunesmith-{name}")
+        self.running: Counter = Counter()  # key -> threads it holds
+        self.lines: dict[object, deque[asyncio.Future]] = {}  # key -> its calls waiting, in order
+        self.turns: deque = deque()  # keys with calls waiting, in the order they are served
+
+    @property
+    def busy(self) -> int:
+        return sum(self.running.values())
+
+    def waiting(self, key) -> int:
+        return len(self.lines.get(key, ()))
+
+    async def run(self, key, fn, *args, deadline_s: float | None = None):
+        """``fn(*args)`` in one of the lane's threads as ``key``'s work: waits for the key's turn, a 429 when
+        ``key`` already has :attr:`LaneSize.queued` calls waiting. ``deadline_s`` counts from the call's start in
+        its thread (not its wait): past it, TimeoutError, and the thread finishes on its own, holding its place."""
+        await self._enter(key)
+        loop = asyncio.get_running_loop()
+        try:
+            future = self.pool.submit(fn, *args)
+        except BaseException:
+            self._leave(key)
+            raise
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._leave, key))
+        if deadline_s is None:
+            return await asyncio.wrap_future(future)
+        return await asyncio.wait_for(asyncio.wrap_future(future), deadline_s)
+
+    def refusal(self, key) -> APIError | None:
+        """The 429 ``key``'s next call would get (its line is full), or None."""
+        waiting = self.waiting(key)
+        if waiting < self.size.queued:
+            return None
+        return APIError(429, f"Too many {self.what} of this API key at once: {self.running[key]} running and "
+                        f"{waiting} waiting (at most {self.size.per_key} and {self.size.queued}). Retry after "
+                        f"{RETRY_S} s.", type_="requests", code="rate_limit_exceeded",
+                        headers={"retry-after": str(RETRY_S), "retry-after-ms": str(RETRY_S * 1000)})
+
+    async def _enter(self, key) -> None:
+        if refused := self.refusal(key):
+            raise refused
+        line = self.lines.get(key)
+        granted = asyncio.get_running_loop().create_future()
+        if line is None:
+            line = self.lines[key] = deque()
+            self.turns.append(key)
+        line.append(granted)
+        self._dispatch()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._leave(key)  # granted as the caller left: the place goes to the next
+            else:
+                self._drop(key, granted)
+            raise
+
+    def _dispatch(self) -> None:
+        """Give free threads to waiting keys in turn, each up to its ``per_key``."""
+        while self.busy < self.size.workers and self.turns:
+            for _ in range(len(self.turns)):
+                key = self.turns[0]
+                self.turns.rotate(-1)
+                if self.running[key] < self.size.per_key:
+                    break
+            else:
+                return  # every waiting key holds its share
+            granted = self.lines[key].popleft()
+            if not self.lines[key]:
+                del self.lines[key]
+                self.turns.remove(key)
+            self.running[key] += 1
+            granted.set_result(None)
+
+    def _drop(self, key, granted: asyncio.Future) -> None:
+        line = self.lines.get(key)
+        if line is not None and granted in line:
+            line.remove(granted)
+            if not line:
+                del self.lines[key]
+                self.turns.remove(key)
+
+    def _leave(self, key) -> None:
+        self.running[key] -= 1
+        if self.running[key] <= 0:
+            del self.running[key]
+        self._dispatch()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
+    """Each lane's size for a machine of ``cores`` CPU cores. Planning is every generation request's first step: it
+    has the most threads, half of them at most for one key. The others are work one key asks for at a time or in the
+    background; one thread each per key, so that another key's call finds one free."""
+    cores = cores or os.cpu_count() or 2
+    plan = max(4, cores)
+    two = max(2, cores // 2)
+    return {"plan": LaneSize(plan, plan // 2, 1024),
+            "graders": LaneSize(two, 1, 8),
+            "evals": LaneSize(two, 1, 64),
+            "embeddings": LaneSize(two, 1, 8),
+            "heads": LaneSize(two, 1, 256),
+            "files": LaneSize(two, 1, 64)}
+
+
+WHAT = {"plan": "requests being planned", "graders": "grader runs", "evals": "eval runs", "embeddings":
+        "embedding requests", "heads": "head model requests", "files": "file checks and batch writes"}
+
+
+class Lanes:
+    """The server's lanes by name (``app.state.lanes``): ``await lanes.plan.run(key, fn, *args)``."""
+
+    def __init__(self, sizes: dict[str, LaneSize] | None = None):
+        self.lanes = {name: Lane(name, size, WHAT[name]) for name, size in (sizes or default_sizes()).items()}
+
+    def __getattr__(self, name: str) -> Lane:
+        try:
+            return self.__dict__["lanes"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.close()

@@ -1,0 +1,127 @@
+"""The server's lanes (tunesmith.serve.lanes): bounded threads given to keys in turn, a key's share capped, its line
+capped with a 429, a caller that leaves giving its place back, and a deadline that counts the call's own time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.lanes import Lane, LaneSize, Lanes, default_sizes
+
+
+def blocker():
+    """A function that holds its thread until released, and the event that releases it."""
+    gate = threading.Event()
+
+    def hold(tag):
+        gate.wait(10)
+        return tag
+
+    return hold, gate
+
+
+def test_one_key_holds_at_most_its_share_and_another_key_starts_at_once():
+    async def main():
+        lane = Lane("t", LaneSize(workers=2, per_key=1, queued=10), "tests")
+        hold, gate = blocker()
+        flood = [asyncio.ensure_future(lane.run("a", hold, i)) for i in range(5)]
+        await asyncio.sleep(0.05)
+        assert lane.running["a"] == 1 and lane.waiting("a") == 4  # its share: one thread of two
+        t0 = time.perf_counter()
+        quick = await lane.run("b", lambda: "b")  # the free thread is b's at once
+        assert quick == "b" and time.perf_counter() - t0 < 1.0
+        gate.set()
+        assert await asyncio.gather(*flood) == [0, 1, 2, 3, 4]
+        lane.close()
+
+    asyncio.run(main())
+
+
+def test_free_threads_go_to_waiting_keys_in_turn():
+    async def main():
+        lane = Lane("t", LaneSize(workers=1, per_key=1, queued=10), "tests")
+        order: list[str] = []
+        hold, gate = blocker()
+        first = asyncio.ensure_future(lane.run("a", hold, "a0"))
+        await asyncio.sleep(0.05)
+        flood = [asyncio.ensure_future(lane.run("a", order.append, f"a{i}")) for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        quiet = asyncio.ensure_future(lane.run("b", order.append, "b1"))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *flood, quiet)
+        assert order == ["a1", "b1", "a2", "a3"]  # b's call is served in its turn, not after all of a's
+        lane.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_line_is_a_429_naming_the_lane():
+    async def main():
+        lane = Lane("t", LaneSize(workers=1, per_key=1, queued=2), "grader runs")
+        hold, gate = blocker()
+        running = asyncio.ensure_future(lane.run("a", hold, 0))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(lane.run("a", hold, i)) for i in (1, 2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(APIError) as refused:
+            await lane.run("a", hold, 3)
+        assert refused.value.status == 429 and "grader runs" in refused.value.body["message"]
+        assert "retry-after" in refused.value.headers
+        assert lane.refusal("b") is None  # another key's line is its own
+        gate.set()
+        assert await asyncio.gather(running, *waiting) == [0, 1, 2]
+        lane.close()
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_leaves_while_waiting_gives_its_place_back():
+    async def main():
+        lane = Lane("t", LaneSize(workers=1, per_key=1, queued=10), "tests")
+        hold, gate = blocker()
+        running = asyncio.ensure_future(lane.run("a", hold, 0))
+        await asyncio.sleep(0.05)
+        left = asyncio.ensure_future(lane.run("a", hold, 1))
+        await asyncio.sleep(0.05)
+        left.cancel()
+        await asyncio.sleep(0.05)
+        assert lane.waiting("a") == 0
+        gate.set()
+        assert await running == 0
+        assert await lane.run("a", lambda: "next") == "next"
+        assert lane.busy == 0
+        lane.close()
+
+    asyncio.run(main())
+
+
+def test_the_deadline_counts_the_call_not_its_wait():
+    async def main():
+        lane = Lane("t", LaneSize(workers=1, per_key=1, queued=10), "tests")
+        first = asyncio.ensure_future(lane.run("a", time.sleep, 0.6))
+        await asyncio.sleep(0.05)
+        # waits ~0.55 s for the thread, then runs 0.1 s: within a 0.4 s deadline of its own
+        assert await lane.run("b", lambda: time.sleep(0.1) or "ok", deadline_s=0.4) == "ok"
+        await first
+        with pytest.raises(TimeoutError):
+            await lane.run("b", time.sleep, 0.5, deadline_s=0.1)
+        assert lane.busy == 1  # the late call still holds its thread until it ends
+        await asyncio.sleep(0.6)
+        assert lane.busy == 0
+        lane.close()
+
+    asyncio.run(main())
+
+
+def test_every_lane_leaves_another_key_a_thread():
+    sizes = default_sizes(2)
+    for name, size in sizes.items():
+        assert size.per_key < size.workers, name
+    lanes = Lanes(sizes)
+    assert lanes.plan.size == sizes["plan"] and lanes.graders.size == sizes["graders"]
+    lanes.close()
