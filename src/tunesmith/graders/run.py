@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tunesmith.graders import formula, model, spec, template, text
+from tunesmith.graders import formula, model, pool, spec, template, text
 from tunesmith.graders.sandbox import Limits, run_python
 
 ERROR_FLAGS = ("formula_parse_error", "invalid_variable_error", "model_grader_parse_error",
@@ -94,13 +94,18 @@ def _reference(grader: dict, samples: list[dict], items: Sequence[dict]) -> list
     """string_check and text_similarity: rendered input against rendered reference."""
     start = time.perf_counter()
     pairs = [_render_pair(grader, s, i) for s, i in zip(samples, items, strict=True)]
+    if grader["type"] == "text_similarity":  # no metric's cost is left to the caller's input
+        pairs = [_graded(grader, other_error=True) if isinstance(p, tuple) and pool.too_long(*p) else p for p in pairs]
     ok = [k for k, p in enumerate(pairs) if isinstance(p, tuple)]
     if grader["type"] == "string_check":
         scores = [text.string_check(grader["operation"], *pairs[k]) for k in ok]
     elif grader["evaluation_metric"] == "cosine":
         scores = text.cosine([pairs[k][0] for k in ok], [pairs[k][1] for k in ok]) if ok else []
     else:
-        scores = [text.similarity(grader["evaluation_metric"], *pairs[k]) for k in ok]
+        try:
+            scores = pool.similarities(grader["evaluation_metric"], [pairs[k] for k in ok]) if ok else []
+        except pool.PoolError:
+            pairs, ok, scores = [_graded(grader, other_error=True) for _ in pairs], [], []
     seconds = (time.perf_counter() - start) / max(1, len(pairs))
     out = [p if isinstance(p, Graded) else None for p in pairs]
     for k, score in zip(ok, scores, strict=True):

@@ -29,13 +29,11 @@ def _tokens(text: str) -> list[str]:
 
 
 def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+    """The length of the longest common subsequence of two word lists: rapidfuzz's bit-parallel LCS in C (two
+    10,000-word texts in milliseconds, where a Python dynamic programme took minutes and held the GIL)."""
+    from rapidfuzz.distance import LCSseq
+
+    return int(LCSseq.similarity(a, b))
 
 
 def rouge_l(prediction: str, reference: str) -> float:

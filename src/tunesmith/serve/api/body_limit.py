@@ -1,15 +1,18 @@
 """The request body cap: every request's body is counted as it arrives, before any route reads it, and one past
 its limit is answered 413 in OpenAI's error shape (a declared ``Content-Length`` past it at once, unread).
 
-Uploads (``/v1/files``, ``/v1/uploads``) may carry the server's ``--max-upload-mb``; every other route ``--max-body-mb``, enough
-for the longest prompt the model's context takes and far less than a tenant could make the server hold.
+Only a file's multipart body (``POST /v1/files``, ``POST /v1/uploads/{id}/parts``) may carry the server's
+``--max-upload-mb``; every other body, JSON routes under ``/v1/files`` and ``/v1/uploads`` included, ``--max-body-mb``:
+enough for the longest prompt the model's context takes and far less than a tenant could make the server hold.
+Keys are checked before this (:class:`tunesmith.serve.api.gate.KeyGate`): no body of a request without one is read.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
-UPLOAD_PATHS = ("/v1/files", "/v1/uploads")
+FILE_BODY = re.compile(r"^/v1/(files|uploads/[^/]+/parts)/?$")  # the routes whose multipart body is a file
 MULTIPART_SLACK = 1024 * 1024  # a multipart body's own framing beside the file
 
 
@@ -23,14 +26,18 @@ class BodyLimit:
     def __init__(self, app, max_body: int, max_upload: int):
         self.app, self.max_body, self.max_upload = app, max_body, max_upload
 
-    def limit_for(self, path: str) -> int:
-        return self.max_upload + MULTIPART_SLACK if path.startswith(UPLOAD_PATHS) else self.max_body
+    def limit_for(self, method: str, path: str, content_type: bytes) -> int:
+        """The upload limit for a file's multipart body, the body limit for anything else."""
+        if method == "POST" and FILE_BODY.match(path) and content_type.lower().startswith(b"multipart/form-data"):
+            return self.max_upload + MULTIPART_SLACK
+        return self.max_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_for(scope.get("path", ""))
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        limit = self.limit_for(scope.get("method", ""), scope.get("path", ""), headers.get(b"content-type", b""))
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await refuse(send, limit)
         seen, started = 0, False

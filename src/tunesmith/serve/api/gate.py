@@ -1,0 +1,44 @@
+"""The key before the body: a request to the API (``/v1/...``) that carries no key the server knows is answered 401 in
+OpenAI's shape before any of its body is read, so a stranger's upload, however large, costs the server one header.
+
+A call made in process (a batch's line, :data:`tunesmith.serve.api.auth.OWNER_SCOPE` on its scope) already runs as its
+owner. The routes still read the key themselves (:func:`tunesmith.serve.api.auth.api_key`): this is only the cheap
+early answer, in front of every other middleware.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from tunesmith.serve.api.auth import OWNER_SCOPE, bearer
+from tunesmith.serve.api.body_limit import send_error
+
+API_PREFIX = "/v1/"
+UNAUTHORIZED = {"message": "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+
+
+def known(key: str | None, keys) -> bool:
+    """Whether ``key`` is one of ``keys``, compared in constant time (a key's prefix is not timed out of it)."""
+    if key is None:
+        return False
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(key.encode(), k.encode())
+    return found
+
+
+class KeyGate:
+    """Pure ASGI middleware: 401 for an API request without a known key, before its body is read."""
+
+    def __init__(self, app, keys_of):
+        self.app, self.keys_of = app, keys_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").startswith(API_PREFIX) and OWNER_SCOPE not in scope:
+            keys = self.keys_of()
+            if keys:
+                key = bearer(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"))
+                if not known(key, keys):
+                    return await send_error(send, 401, UNAUTHORIZED, {"connection": "close"})
+        await self.app(scope, receive, send)
