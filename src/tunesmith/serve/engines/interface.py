@@ -91,6 +91,10 @@ class InferenceEngine:
 
         self.base_name = base
         self.tokenizer = load_tokenizer(base)
+        # The served names are read from any thread without a lock (the event loop lists them while a worker thread
+        # loads or deletes a fine-tune), so each mapping is copy on write: replaced whole under ``models_lock``,
+        # never changed in place, and a reader iterates a dict that no thread changes.
+        self.models_lock = threading.RLock()
         self.adapters: dict[str, str] = {}
         self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
         self.aliases: dict[str, str] = {}  # a name scripts use (gpt-4o-mini-2024-07-18) -> a served model id
@@ -98,39 +102,45 @@ class InferenceEngine:
     # --- models ---------------------------------------------------------------------------
 
     def model_ids(self) -> list[str]:
-        return [self.base_name, *self.adapters, *self.heads, *self.aliases]
+        adapters, heads, aliases = self.adapters, self.heads, self.aliases  # each a snapshot no thread changes
+        return [self.base_name, *adapters, *heads, *aliases]
 
     def add_alias(self, name: str, target: str) -> None:
         """Answer requests for ``name`` with the served model ``target`` (the base or an adapter)."""
         from tunesmith.errors import ConfigError
 
-        if target not in (self.base_name, *self.adapters):
-            raise ConfigError(f"--model-alias {name}={target}: {target} is not served here; name the base model "
-                              f"({self.base_name}) or an --adapter name")
-        self.aliases[name] = target
+        with self.models_lock:
+            if target not in (self.base_name, *self.adapters):
+                raise ConfigError(f"--model-alias {name}={target}: {target} is not served here; name the base model "
+                                  f"({self.base_name}) or an --adapter name")
+            self.aliases = {**self.aliases, name: target}
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Serve a LoRA adapter under ``name`` (the model id clients ask for); a trained head folder is
-        loaded beside the base model and answers through :mod:`tunesmith.serve.engines.heads`."""
+        loaded beside the base model and answers through :mod:`tunesmith.serve.engines.heads`. Threads adding
+        the same fine-tune at once load it once."""
         from tunesmith.serve.engines.heads import is_head_folder, load_head
 
-        if is_head_folder(path):
-            if name not in self.heads:
-                self.heads[name] = load_head(path, self.base_name)
-            return
-        if name not in self.adapters:
-            self._load_adapter(name, str(path))
-            self.adapters[name] = str(path)
+        with self.models_lock:
+            if is_head_folder(path):
+                if name not in self.heads:
+                    self.heads = {**self.heads, name: load_head(path, self.base_name)}
+                return
+            if name not in self.adapters:
+                self._load_adapter(name, str(path))
+                self.adapters = {**self.adapters, name: str(path)}
 
     def remove_adapter(self, name: str) -> bool:
         """Stop serving a fine-tune (a deleted model); False when it was not loaded."""
-        if self.heads.pop(name, None) is not None:
+        with self.models_lock:
+            if name in self.heads:
+                self.heads = {k: v for k, v in self.heads.items() if k != name}
+                return True
+            if name not in self.adapters:
+                return False
+            self._unload_adapter(name)
+            self.adapters = {k: v for k, v in self.adapters.items() if k != name}
             return True
-        if name not in self.adapters:
-            return False
-        self._unload_adapter(name)
-        del self.adapters[name]
-        return True
 
     def served_name(self, model_id: str) -> str:
         """The base or adapter a request for ``model_id`` (maybe an alias) is answered by."""

@@ -1,0 +1,97 @@
+"""The served model names under threads: the event loop lists and resolves them while worker threads load and delete
+fine-tunes (``sync_adapters`` from plan-building threads, ``DELETE /v1/models`` off the loop). On the built-in engine
+with real LoRA adapters: no reader ever meets a half-changed registry, a fine-tune added by several threads at
+once is loaded once, deleted by several at once is unloaded once, and what is left is exactly what was served."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import pytest
+
+from tunesmith.serve.engines.builtin import Engine
+
+NAMES = [f"ft:tiny:race:{i}" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """One small LoRA adapter of the tiny model (served under several names)."""
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.config import LoraSection
+    from tunesmith.models.loading import wrap_adapter
+
+    folder = tmp_path_factory.mktemp("race-adapter")
+    wrap_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), "lora",
+                 LoraSection(r=2, alpha=4, dropout=0.0), seed=1).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def switching_often():
+    """Threads switch every microsecond instead of every 5 ms, so that a window between a check and a change that
+    another thread could slip into is met within a few hundred rounds, not once in a long while."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def hammer(engine: Engine, adapter_dir, rounds: int) -> list[BaseException]:
+    """Four writer threads add and delete the same fine-tunes at once, one reader lists and resolves the served
+    models meanwhile; the errors any of them met."""
+    errors: list[BaseException] = []
+    start, done = threading.Barrier(5), threading.Event()
+
+    def writer(offset: int) -> None:
+        try:
+            start.wait()
+            for r in range(rounds):
+                name = NAMES[(r + offset) % len(NAMES)]
+                if r % 2 == 0:
+                    engine.add_adapter(name, adapter_dir)
+                else:
+                    engine.remove_adapter(name)
+        except BaseException as exc:  # noqa: BLE001 - the test reports what a thread met
+            errors.append(exc)
+
+    def reader() -> None:
+        try:
+            start.wait()
+            while not done.is_set():
+                ids = engine.model_ids()
+                assert ids[0] == engine.base_name and len(ids) == len(set(ids)), ids
+                for m in ids:
+                    engine.served_name(m)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    writers = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    watcher = threading.Thread(target=reader)
+    for t in [*writers, watcher]:
+        t.start()
+    for t in writers:
+        t.join(300)
+    done.set()
+    watcher.join(30)
+    return errors
+
+
+def test_adding_and_deleting_fine_tunes_from_threads_while_the_models_are_listed(tiny_model_dir, adapter_dir,
+                                                                                switching_often):
+    engine = Engine(str(tiny_model_dir), {}, max_batch=2, wait_ms=1)
+    try:
+        errors = hammer(engine, adapter_dir, rounds=40)
+        assert not errors, [f"{type(e).__name__}: {e}" for e in errors]
+        served = set(engine.model_ids()) - {engine.base_name}
+        assert served == set(engine.adapters)
+        # what PEFT holds is exactly what the engine says it serves: no adapter loaded twice or left behind
+        held = set(getattr(engine.model, "peft_config", {})) if engine.adapters else set()
+        assert held == served, (held, served)
+        for name in list(served):
+            assert engine.remove_adapter(name)
+        assert engine.model_ids() == [engine.base_name]
+    finally:
+        engine.close()
