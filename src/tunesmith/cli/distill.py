@@ -54,18 +54,32 @@ def distill(
 
 
 def recipe_with_teacher(data: Path, teacher: str, base_url: str, api_key_env: str | None) -> Path:
-    """``tunesmith init``'s recipe for the distilled file, with the teacher as an ``eval.endpoints`` contender."""
+    """``tunesmith init``'s recipe for the distilled file, with the teacher as an ``eval.endpoints`` contender.
+
+    The teacher's name comes from the server (a fine-tune's name carries its job's ``suffix``), so the entry is
+    written by a YAML serializer, never pasted into YAML text: whatever the name holds (quotes, a line break,
+    ``base_url: ...``) stays the value of ``model`` and cannot add a key, such as another ``base_url`` that
+    ``tunesmith run`` would send the ``api_key_env`` key to. The written recipe is read back to prove it."""
+    import textwrap
+
+    import yaml
+
     from tunesmith.config import load_recipe
+    from tunesmith.errors import ConfigError
     from tunesmith.runs.starter import init as write_init
 
     common.quiet_libraries()
     path = data.with_suffix(".yaml")
     write_init(data, out=path, say=lambda line: common.console.print(line, highlight=False, markup=False))
-    endpoint = (f"  endpoints:   # the model whose stored answers the fine-tune learned (tunesmith distill)\n"
-                f"    - {{name: teacher, base_url: '{base_url}', model: '{teacher}', "
-                f"api_key_env: {api_key_env or 'null'}, ask_as: plain}}\n")
+    entry = {"name": "teacher", "base_url": base_url, "model": teacher, "api_key_env": api_key_env, "ask_as": "plain"}
+    block = yaml.safe_dump({"endpoints": [entry]}, sort_keys=False, allow_unicode=True, width=10_000)
+    endpoint = ("  # endpoints: the model whose stored answers the fine-tune learned (tunesmith distill)\n"
+                + textwrap.indent(block, "  "))
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     at = next(i for i, line in enumerate(lines) if line.rstrip() == "eval:")
     path.write_text("".join([*lines[: at + 1], endpoint, *lines[at + 1:]]), encoding="utf-8")
-    load_recipe(path)  # a recipe that would not load is this command's error, not the run's
+    written = load_recipe(path).eval.endpoints  # a recipe that would not load is this command's error, not the run's
+    if [(e.name, e.base_url, e.model, e.api_key_env) for e in written] != [("teacher", base_url, teacher, api_key_env)]:
+        raise ConfigError(f"{path}: eval.endpoints did not read back as the teacher {teacher!r} at {base_url}; "
+                          "remove the file and run tunesmith distill --recipe again")
     return path
