@@ -95,10 +95,15 @@ class ContinuousBatch:
         self.active: list[Row] = []
         self.cache = None  # the batch's KV cache: one row per active row, left-padded
         self.mask = None  # [rows, columns] attention mask of the cache
+        self.paused: list[_Paused] = []  # rows taken out of the steps, each group with its own cache
 
     @property
     def busy(self) -> bool:
-        return bool(self.active or self.waiting)
+        return bool(self.active or self.waiting or self.paused)
+
+    @property
+    def paused_rows(self) -> list[Row]:
+        return [row for group in self.paused for row in group.rows]
 
     def add(self, row: Row) -> None:
         self.waiting.append(row)
@@ -116,10 +121,43 @@ class ContinuousBatch:
 
     def abort(self) -> list[Row]:
         """Drop the rows in flight (after a failed step) and return them; waiting rows stay in line."""
-        rows = [*self.active, *self.joining]
+        rows = [*self.active, *self.joining, *self.paused_rows]
         self._reset()
-        self.joining = []
+        self.joining, self.paused = [], []
         return rows
+
+    # --- pausing ----------------------------------------------------------------------------
+
+    def pause(self, rows: Sequence[Row]) -> None:
+        """Take these active rows out of the steps, their KV cache kept aside (:meth:`resume` puts them back exactly
+        where they were): a server's share of the batch shrinks without losing any row's work."""
+        import torch
+
+        chosen = {id(r) for r in rows}
+        take = [i for i, r in enumerate(self.active) if id(r) in chosen]
+        if not take:
+            return
+        index = torch.tensor(take, device=self.mask.device)
+        mask = self.mask.index_select(0, index)
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        kv = [(layer.keys.index_select(0, index)[:, :, start:], layer.values.index_select(0, index)[:, :, start:])
+              for layer in self.cache.layers]
+        self.paused.append(_Paused([self.active[i] for i in take], kv, mask[:, start:]))
+        taken = set(take)
+        self._select([i for i in range(len(self.active)) if i not in taken])
+
+    def resume(self, rows: Sequence[Row]) -> None:
+        """Put paused rows back into the steps (rows not paused are ignored)."""
+        chosen = {id(r) for r in rows}
+        back, self.paused = _split_paused(self.paused, lambda r: id(r) in chosen)
+        if back:
+            self._join([(g.mask, g.kv, g.rows) for g in back])
+
+    def drop_paused(self, keep) -> list[Row]:
+        """Forget the paused rows for which ``keep(row)`` is false (nobody waits for them); returns them."""
+        gone, self.paused = _split_paused(self.paused, lambda r: not keep(r))
+        return [r for g in gone for r in g.rows]
 
     # --- admission ------------------------------------------------------------------------
 
@@ -296,14 +334,25 @@ class ContinuousBatch:
         import torch
 
         pieces = []  # (mask, [(keys, values) per layer], rows)
-        if self.cache is not None:
-            pieces.append((self.mask, [(layer.keys, layer.values) for layer in self.cache.layers], self.active))
         for rows, cache, mask, keep in parts:
             index = torch.tensor(keep, device=mask.device)
             kv = [(layer.keys.index_select(0, index), layer.values.index_select(0, index)) for layer in cache.layers]
             pieces.append((mask.index_select(0, index), kv, rows))
+        self._join(pieces, parts[0][1])
+
+    def _join(self, pieces: list[tuple], spare_cache=None) -> None:
+        """Append ``(mask, [(keys, values) per layer], rows)`` pieces to the running batch: one concatenation per
+        layer, every side's cache columns left-padded to the widest. ``spare_cache``: a cache object to fill when the
+        batch has none (else one is made)."""
+        import torch
+        from transformers import DynamicCache
+
+        if self.cache is not None:
+            pieces = [(self.mask, [(layer.keys, layer.values) for layer in self.cache.layers], self.active), *pieces]
         width = max(mask.shape[1] for mask, _, _ in pieces)
-        target = self.cache if self.cache is not None else parts[0][1]
+        target = self.cache if self.cache is not None else spare_cache
+        if target is None:
+            target = DynamicCache(ddp_cache_data=pieces[0][1])
         self.mask = torch.cat([_left_pad(mask, width, -1) for mask, _, _ in pieces], 0)
         for i, layer in enumerate(target.layers):
             layer.keys = torch.cat([_left_pad(kv[i][0], width, -2) for _, kv, _ in pieces], 0)
@@ -330,6 +379,37 @@ class ContinuousBatch:
 
     def _reset(self) -> None:
         self.active, self.cache, self.mask = [], None, None
+
+
+@dataclass(eq=False)
+class _Paused:
+    """Rows taken out of the steps, with their part of the KV cache (``[(keys, values)]`` per layer) and mask."""
+
+    rows: list[Row]
+    kv: list[tuple]
+    mask: object
+
+    def subset(self, indices: list[int]) -> _Paused:
+        import torch
+
+        index = torch.tensor(indices, device=self.mask.device)
+        return _Paused([self.rows[i] for i in indices], [(k.index_select(0, index), v.index_select(0, index))
+                                                         for k, v in self.kv], self.mask.index_select(0, index))
+
+
+def _split_paused(groups: list[_Paused], chosen) -> tuple[list[_Paused], list[_Paused]]:
+    """(the paused rows ``chosen(row)`` picks, the others), each as groups with their own cache."""
+    picked, kept = [], []
+    for group in groups:
+        take = [i for i, r in enumerate(group.rows) if chosen(r)]
+        if len(take) == len(group.rows):
+            picked.append(group)
+        elif not take:
+            kept.append(group)
+        else:
+            picked.append(group.subset(take))
+            kept.append(group.subset([i for i in range(len(group.rows)) if i not in set(take)]))
+    return picked, kept
 
 
 def _logprobs_before_processors(rows: list[Row], logits):

@@ -3,7 +3,10 @@
 It drives the project's one continuous-batching engine (:class:`tunesmith.generation.ContinuousBatch`) from a
 background thread: it gathers rows arriving together (a burst of ``wait_ms`` when idle), runs one step at a time
 for every row in flight, answers rows as they finish, streams text deltas, and drops rows whose client went away
-(``Request.cancel``) before the next step. The interface it implements is :mod:`tunesmith.serve.engines.interface`.
+(``Request.cancel``) before the next step. Before every step it gives each tenant (API key) its share of the step
+(:mod:`tunesmith.serve.engines.shares`): rows past a tenant's share are paused with their KV cache kept and resumed
+when the share grows, rows beyond it wait in the tenant's line. The interface it implements is
+:mod:`tunesmith.serve.engines.interface`.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request
+from tunesmith.serve.engines.shares import Demand, ShareRules, Shares
 
 __all__ = ["Engine"]
+CPU_CONTENDED_ROWS = 4  # measured: docs/benchmarks.md, "A step's cost by its rows"
 
 
 @dataclass(eq=False, kw_only=True)
@@ -33,6 +38,7 @@ class _ServedRow(Row):
     sent: str = ""  # text already streamed
     sent_tokens: int = 0  # token logprobs already streamed
     tenant: str | None = None  # the caller whose share of the batch this row counts against
+    background: bool = False  # a batch's line: after every interactive row, in its tenant's share
 
     @property
     def abandoned(self) -> bool:
@@ -44,7 +50,7 @@ class Engine(InferenceEngine):
 
     def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
                  wait_ms: float = 15.0, precision: str = "auto", request_timeout_s: float = 300.0,
-                 max_batch_tokens: int = 65_536):
+                 max_batch_tokens: int = 65_536, contended_rows: int | None = None):
         from tunesmith.generation import stop_ids
         from tunesmith.generation.constrained import ConstraintCache
         from tunesmith.machine.placement import pick_placement
@@ -58,7 +64,8 @@ class Engine(InferenceEngine):
         self.wait_s, self.request_timeout_s = wait_ms / 1000, request_timeout_s
         self.lock = threading.Lock()
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
-        self.line = FairLine()  # arrived rows by tenant, fed to the batch round robin
+        self.line = TenantLines()  # arrived rows by tenant, not yet in the batch
+        self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(self.model.device)))
         self.closed = False
         # compiled output constraints; the tokenizer converted for llguidance now, beside the start, so that the first
         # request with a schema does not stall every tenant's decoding while it converts
@@ -105,9 +112,11 @@ class Engine(InferenceEngine):
     # --- requests -------------------------------------------------------------------------
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None, tenant: str | None = None) -> Request:
+               constraint=None, logprobs: int | None = None, tenant: str | None = None,
+               background: bool = False) -> Request:
         """``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes
-        under; ``logprobs``: each generated token's logprob and that many top alternatives, reported."""
+        under; ``logprobs``: each generated token's logprob and that many top alternatives, reported;
+        ``background``: a batch's line, decoded in its tenant's share after interactive rows."""
         if self.closed:
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
@@ -117,7 +126,8 @@ class Engine(InferenceEngine):
         for i, p in enumerate(params):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
             self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, logprobs=logprobs,
-                                        request=request, index=i, stream=stream, tenant=tenant))
+                                        request=request, index=i, stream=stream, tenant=tenant,
+                                        background=background))
         return request
 
     def close(self) -> None:
@@ -145,8 +155,8 @@ class Engine(InferenceEngine):
 
     def _take_pending(self) -> None:
         """Move arriving rows to their tenants' lines (block while idle, then gather a burst for ``wait_ms``;
-        while rows are in flight, take only what has already arrived), then feed the batch's waiting line from
-        them round robin, no more than the batch has room for (so the batch's line stays fair too)."""
+        while rows are in flight, take only what has already arrived), then give each tenant its share of the
+        next step (:meth:`_share_out`)."""
         idle = not self.batch.busy and not self.line
         deadline = time.monotonic() + self.wait_s
         while True:
@@ -162,9 +172,42 @@ class Engine(InferenceEngine):
             if row is None:  # closing
                 break
             self.line.add(row)
-        room = self.batch.max_rows - len(self.batch.active) - len(self.batch.waiting)
-        for row in self.line.take(room):
-            self.batch.add(row)
+        self._share_out()
+
+    def _share_out(self) -> None:
+        """Each tenant's rows for the next step, as its share allows (:mod:`tunesmith.serve.engines.shares`): its
+        rows in the batch first (the oldest kept), then its paused rows, then its line, interactive before
+        background; rows past the share are paused (in the batch) or put back in line (not started yet)."""
+        batch = self.batch
+        batch.drop_paused(lambda r: not r.abandoned)  # their callers left: nobody to answer
+        rows = tenant_rows(batch.active, batch.waiting, batch.paused_rows, self.line)
+        quotas = self.shares.quotas({t: Demand(len(r.interactive), len(r.background)) for t, r in rows.items()})
+        pause, resume, start, back = [], [], [], []
+        for tenant, mine in rows.items():
+            allowed = quotas[tenant]
+            for kind, n in (("interactive", allowed.interactive), ("background", allowed.background)):
+                ordered = getattr(mine, kind)
+                for k, (where, row) in enumerate(ordered):
+                    chosen = k < n
+                    if where == "active" and not chosen:
+                        pause.append(row)
+                    elif where == "waiting" and not chosen:
+                        back.append(row)
+                    elif where == "paused" and chosen:
+                        resume.append(row)
+                    elif where == "line" and chosen:
+                        start.append(row)
+        if pause:
+            batch.pause(pause)
+        if back:
+            gone = {id(r) for r in back}
+            batch.waiting = deque(r for r in batch.waiting if id(r) not in gone)
+            self.line.put_back(back)
+        if resume:
+            batch.resume(resume)
+        for row in start:
+            self.line.remove(row)
+            batch.add(row)
 
     def _answer(self, row: _ServedRow) -> None:
         """The final text (cut at a stop string), its remaining delta when streamed, then the Generation; a row
@@ -208,7 +251,7 @@ class Engine(InferenceEngine):
             row.sent = ready
 
     def _fail_all(self, exc: Exception) -> None:
-        for row in [*self.batch.abort(), *self.batch.waiting, *self.line.take(None)]:
+        for row in [*self.batch.abort(), *self.batch.waiting, *self.line.take_all()]:
             row.request.push(row.index, exc)
         self.batch.waiting.clear()
         while True:
@@ -220,37 +263,72 @@ class Engine(InferenceEngine):
                 row.request.push(row.index, exc)
 
 
-class FairLine:
-    """Rows waiting for the batch, one line per tenant, taken round robin: each tenant with rows waiting gets
-    the next free place in turn, whatever the number of rows it sent (rows whose caller left are dropped)."""
+class TenantLines:
+    """Rows waiting to enter the batch, one line per tenant, in arrival order (rows whose caller left are dropped
+    when they are looked at)."""
 
     def __init__(self):
         self.lines: dict[object, deque] = {}
-        self.turns: deque = deque()  # tenants with rows waiting, in the order they are served
 
     def __bool__(self) -> bool:
-        return bool(self.turns)
+        return any(self.lines.values())
 
     def add(self, row: _ServedRow) -> None:
-        if row.tenant not in self.lines:
-            self.lines[row.tenant] = deque()
-            self.turns.append(row.tenant)
-        self.lines[row.tenant].append(row)
+        self.lines.setdefault(row.tenant, deque()).append(row)
 
-    def take(self, count: int | None) -> list[_ServedRow]:
-        """Up to ``count`` rows (all when None), one tenant at a time in turn."""
-        out: list[_ServedRow] = []
-        while self.turns and (count is None or len(out) < count):
-            tenant = self.turns.popleft()
+    def put_back(self, rows: list[_ServedRow]) -> None:
+        """Rows taken out of the batch before they started: first in their tenants' lines again."""
+        for row in reversed(rows):
+            self.lines.setdefault(row.tenant, deque()).appendleft(row)
+
+    def remove(self, row: _ServedRow) -> None:
+        line = self.lines[row.tenant]
+        line.remove(row)
+        if not line:
+            del self.lines[row.tenant]
+
+    def rows(self):
+        """Every waiting row whose caller still waits, dropping the others."""
+        for tenant in list(self.lines):
             line = self.lines[tenant]
-            row = line.popleft()
-            if line:
-                self.turns.append(tenant)
+            kept = deque(r for r in line if not r.abandoned)
+            if kept:
+                self.lines[tenant] = kept
+                yield from kept
             else:
                 del self.lines[tenant]
-            if not row.abandoned or count is None:
-                out.append(row)
+
+    def take_all(self) -> list[_ServedRow]:
+        out = [r for line in self.lines.values() for r in line]
+        self.lines.clear()
         return out
+
+
+@dataclass
+class _TenantRows:
+    """One tenant's rows, each with where it is (active, waiting, paused, line), in the order they keep a place."""
+
+    interactive: list = field(default_factory=list)
+    background: list = field(default_factory=list)
+
+
+def tenant_rows(active, waiting, paused, line: TenantLines) -> dict[object, _TenantRows]:
+    """Every tenant's rows in the order they keep their place in its share: in the batch (oldest first), about to
+    join it, paused, then waiting in line."""
+    out: dict[object, _TenantRows] = {}
+    for where, rows in (("active", active), ("waiting", [r for r in waiting if not r.abandoned]),
+                        ("paused", paused), ("line", list(line.rows()))):
+        for row in rows:
+            mine = out.setdefault(row.tenant, _TenantRows())
+            (mine.background if row.background else mine.interactive).append((where, row))
+    return out
+
+
+def default_contended_rows(device) -> int:
+    """The step's rows while a light tenant shares the engine: on a CPU a step's cost grows with its rows
+    (docs/benchmarks.md, "Noisy neighbours"), so few; on an accelerator, where a few more rows cost next to
+    nothing, no cap."""
+    return CPU_CONTENDED_ROWS if getattr(device, "type", str(device)) == "cpu" else 1 << 30
 
 
 def row_failure(exc: BaseException) -> APIError:

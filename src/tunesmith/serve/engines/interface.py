@@ -166,18 +166,22 @@ class InferenceEngine:
         grammar in llguidance's syntax (both engines decode with llguidance). Called off the event loop."""
         raise NotImplementedError
 
-    def run(self, plan, tenant: str | None = None) -> list[Request]:
+    def run(self, plan, tenant: str | None = None, background: bool = False) -> list[Request]:
         """One request per prompt of the plan, each with the plan's ``n`` choices, constraint and logprobs;
-        ``tenant``: the caller (its API key) whose rows share the engine fairly with other callers'."""
+        ``tenant``: the caller (its API key) whose rows share the engine fairly with other callers';
+        ``background``: a batch's line, decoded in its tenant's share after interactive rows."""
         return [self.submit(plan.model, ids, plan.params, stream=plan.stream, constraint=plan.constraint,
-                            logprobs=plan.logprobs, tenant=tenant) for ids in plan.prompts]
+                            logprobs=plan.logprobs, tenant=tenant, background=background) for ids in plan.prompts]
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None, tenant: str | None = None) -> Request:
+               constraint=None, logprobs: int | None = None, tenant: str | None = None,
+               background: bool = False) -> Request:
         """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
         ``logprobs``: the top alternatives to report per generated token (0: the chosen token's only), where
-        the engine reports them. Rows of different ``tenant``s are admitted round robin, not first come first
-        served: a caller with hundreds of rows waiting does not queue another caller's row behind them."""
+        the engine reports them. Each ``tenant`` decodes its fair share of every step
+        (:mod:`tunesmith.serve.engines.shares`), not first come first served: a caller with hundreds of rows
+        waiting does not queue another caller's row behind them, nor make its steps slow; ``background`` rows (a
+        batch's lines) come after every interactive row, in their tenant's share."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -116,7 +116,8 @@ class VllmEngine(InferenceEngine):
     # --- requests -------------------------------------------------------------------------
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
-               constraint=None, logprobs: int | None = None, tenant: str | None = None) -> Request:
+               constraint=None, logprobs: int | None = None, tenant: str | None = None,
+               background: bool = False) -> Request:
         """Each choice one vLLM request, its ``priority`` the number of this tenant's rows already in flight
         (vLLM's priority scheduling serves lower numbers first): a tenant's first row goes before another's
         hundredth, so the rows vLLM runs are shared round robin over tenants."""

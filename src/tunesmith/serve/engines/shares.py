@@ -1,0 +1,92 @@
+"""How many rows each tenant (API key) may decode in the next step: the engines' fair share, decided at every step.
+
+A decoding step costs more the more rows it holds, and on a CPU much more: a quiet key's one row in a step beside a
+flood's 64 took tens of times as long as alone. So the share is decided by the tenants present, not first come:
+
+- one tenant alone fills the batch (``max_rows``): its throughput is the engine's;
+- several, and one of them *light* (no more than :attr:`ShareRules.light_rows` rows wanted): the step holds at most
+  :attr:`ShareRules.contended_rows` rows (never fewer than the tenants present), so the light tenant's steps stay
+  close to what they cost alone, and the heavy ones share the rest;
+- several, none light: the whole batch, shared.
+
+Within that capacity the rows are given max-min fair (water filling): every tenant gets what it wants up to an equal
+share, and what the small ones leave goes to the others. A tenant's interactive rows come before its background rows
+(a batch's lines), and every tenant's interactive rows before anyone's background rows. A tenant stays *present* for
+:attr:`ShareRules.grace_s` after its last row ended, with one row kept for it, so that a client sending one request
+after another does not meet a full batch each time it comes back. The engines pause (or hold back) the rows past a
+tenant's share and resume them when it grows again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ShareRules:
+    max_rows: int  # the engine's batch
+    contended_rows: int  # the step's rows while a light tenant is present (at least one per tenant)
+    light_rows: int = 2  # a tenant wanting at most this many rows is light
+    grace_s: float = 0.5  # a tenant stays present this long after its last row ended
+
+
+@dataclass
+class Demand:
+    interactive: int = 0
+    background: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.interactive + self.background
+
+
+@dataclass
+class Shares:
+    """The tenants' shares over time: :meth:`quotas` once per step with what each tenant wants now."""
+
+    rules: ShareRules
+    clock: object = time.monotonic
+    last_seen: dict = field(default_factory=dict)  # tenant -> when it last had a row
+
+    def quotas(self, demand: dict[object, Demand]) -> dict[object, Demand]:
+        """Rows each tenant may decode in the next step, interactive and background apart."""
+        now = self.clock()
+        for tenant, d in demand.items():
+            if d.total:
+                self.last_seen[tenant] = now
+        for tenant, seen in list(self.last_seen.items()):
+            if now - seen > self.rules.grace_s:
+                del self.last_seen[tenant]
+        wanted = {t: Demand(d.interactive, d.background) for t, d in demand.items() if d.total}
+        for tenant in self.last_seen:  # present but between requests: one row kept for it
+            wanted.setdefault(tenant, Demand(1, 0))
+        capacity = self.capacity(wanted)
+        first = water_fill({t: d.interactive for t, d in wanted.items()}, capacity)
+        left = capacity - sum(first.values())
+        then = water_fill({t: d.background for t, d in wanted.items()}, left)
+        return {t: Demand(first.get(t, 0), then.get(t, 0)) for t in demand}
+
+    def capacity(self, wanted: dict[object, Demand]) -> int:
+        rules = self.rules
+        if len(wanted) <= 1 or min(d.total for d in wanted.values()) > rules.light_rows:
+            return rules.max_rows
+        return min(rules.max_rows, max(rules.contended_rows, len(wanted)))
+
+
+def water_fill(wanted: dict[object, int], capacity: int) -> dict[object, int]:
+    """Max-min fair shares of ``capacity``: each gets what it wants up to an equal share, the rest goes round again."""
+    given = dict.fromkeys(wanted, 0)
+    left = max(0, capacity)
+    open_ = sorted((t for t, n in wanted.items() if n > 0), key=lambda t: wanted[t])
+    while open_ and left > 0:
+        share = max(1, left // len(open_))
+        for t in list(open_):
+            take = min(share, wanted[t] - given[t], left)
+            given[t] += take
+            left -= take
+            if given[t] >= wanted[t]:
+                open_.remove(t)
+            if left == 0:
+                break
+    return given

@@ -1,0 +1,74 @@
+"""Each step's rows shared over tenants (tunesmith.serve.engines.shares) and the built-in engine pausing the rows past
+a tenant's share, their KV cache kept, so that a light tenant's steps stay small while a flood waits, and every
+paused row ends with exactly the answer it would have had."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.engines.interface import GenParams
+from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, water_fill
+
+
+def test_water_fill_gives_each_what_it_wants_up_to_an_equal_share():
+    assert water_fill({"a": 64, "b": 1}, 4) == {"a": 3, "b": 1}
+    assert water_fill({"a": 64, "c": 64}, 64) == {"a": 32, "c": 32}
+    assert water_fill({"a": 64, "b": 10, "c": 3}, 64) == {"a": 51, "b": 10, "c": 3}
+    assert water_fill({"a": 5, "b": 5, "c": 5}, 2) in ({"a": 1, "b": 1, "c": 0}, {"a": 1, "b": 0, "c": 1},
+                                                        {"a": 0, "b": 1, "c": 1})
+    assert water_fill({"a": 0}, 4) == {"a": 0}
+
+
+def test_a_light_tenant_shrinks_the_step_and_keeps_its_place_between_requests():
+    now = [0.0]
+    shares = Shares(ShareRules(max_rows=64, contended_rows=4, light_rows=2, grace_s=0.5), clock=lambda: now[0])
+    alone = shares.quotas({"a": Demand(64)})
+    assert alone["a"].interactive == 64  # one tenant alone fills the batch
+    beside = shares.quotas({"a": Demand(64), "b": Demand(1)})
+    assert (beside["a"].interactive, beside["b"].interactive) == (3, 1)
+    now[0] += 0.2  # b between two requests: its place kept, the flood still small
+    assert shares.quotas({"a": Demand(64)})["a"].interactive == 3
+    now[0] += 0.6  # b gone for longer than the grace: the flood has the batch again
+    assert shares.quotas({"a": Demand(64)})["a"].interactive == 64
+    two_floods = shares.quotas({"a": Demand(64), "c": Demand(64)})
+    assert (two_floods["a"].interactive, two_floods["c"].interactive) == (32, 32)  # none light: the whole batch
+
+
+def test_background_rows_come_after_every_interactive_row():
+    shares = Shares(ShareRules(max_rows=8, contended_rows=4))
+    q = shares.quotas({"a": Demand(0, 40), "b": Demand(1, 0)})
+    assert (q["a"].background, q["b"].interactive) == (3, 1)
+    q = Shares(ShareRules(max_rows=8, contended_rows=4)).quotas({"a": Demand(2, 40), "c": Demand(8, 0)})
+    # none light: the whole batch, a's interactive rows and c's before a's batch lines
+    assert q["a"].interactive == 2 and q["c"].interactive == 6 and q["a"].background == 0
+
+
+def test_the_engine_pauses_a_flood_for_a_light_tenant_and_every_answer_is_unchanged(tiny_model_dir):
+    engine = Engine(str(tiny_model_dir), {}, max_batch=16, wait_ms=1, contended_rows=4)
+    most_beside: list[int] = []
+
+    async def scenario(with_other: bool):
+        ids = engine.text_prompt_ids("hello there")
+        flood = [engine.submit(engine.base_name, ids + [i + 3], [GenParams(40)], tenant="flood") for i in range(24)]
+        other_text = None
+        if with_other:
+            await asyncio.sleep(0.2)
+            other = engine.submit(engine.base_name, ids, [GenParams(6)], tenant="other")
+            watched = asyncio.ensure_future(other.results())
+            while not watched.done():
+                most_beside.append(len(engine.batch.active))
+                await asyncio.sleep(0.002)
+            other_text = (await watched)[0].text
+        texts = [(await r.results())[0].text for r in flood]
+        return texts, other_text
+
+    try:
+        plain, _ = asyncio.run(scenario(False))
+        shared, other = asyncio.run(scenario(True))
+    finally:
+        engine.close()
+    assert other is not None
+    assert shared == plain  # paused and resumed rows end exactly as they would have
+    # once the other tenant's row is in, the step holds at most 4 rows (its own and 3 of the flood's)
+    assert most_beside and min(most_beside) <= 4 and most_beside[-1] <= 4, most_beside
