@@ -283,11 +283,15 @@ def serve(
                                              "reinforcement rollouts, model graders): auto (for each, the engine "
                                              "measured faster on this device), builtin (the job's own process) or "
                                              "vllm (the server's vLLM).")] = "auto",
+    quota: Annotated[list[str] | None, typer.Option(help="NAME=VALUE: what one API key may keep, e.g. files=5000, "
+                                                    "file_bytes=50G, responses=off (repeatable; the names and defaults "
+                                                    "in docs/serve.md, Quotas).")] = None,
 ) -> None:
     """OpenAI-compatible server: chat/completions, files, fine-tuning jobs (with a worker) and a dashboard."""
     from tunesmith.serve.api.rate_limits import KeyLimits
     from tunesmith.serve.app import ServeSettings
     from tunesmith.serve.launch import parse_adapters, parse_model_aliases, pick_engine, serve_platform
+    from tunesmith.serve.quotas import Quotas
 
     adapters = parse_adapters(adapter or [])
     aliases = parse_model_aliases(model_alias or [], {model, *adapters})
@@ -312,7 +316,7 @@ def serve(
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
                              vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,
                              key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key),
-                             batch_concurrency=batch_concurrency)
+                             batch_concurrency=batch_concurrency, quotas=Quotas.parse(quota or []))
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address, jobs_engine=jobs_engine)
 # --- tunesmith data ... ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from tunesmith.graders.sandbox import Limits
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
 from tunesmith.serve.engines.errors import APIError, validation_error_body
 from tunesmith.serve.lanes import Lanes
+from tunesmith.serve.quotas import Quotas, start_sweeper
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ServeSettings:
     gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.engines.gpu_split), None on a CPU
     key_limits: KeyLimits = field(default_factory=KeyLimits)  # per-key requests in flight, tokens a minute (off)
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
+    quotas: Quotas = field(default_factory=Quotas)  # what one key may keep (tunesmith.serve.quotas)
 
     @property
     def engine_batch(self) -> int:
@@ -117,10 +119,12 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
                 app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
         watcher = asyncio.ensure_future(watch_adapters(app)) if settings.engine == "vllm" else None
         app.state.batch_runner.start()
+        sweeper = start_sweeper(app)  # expired uploads, their parts and expired files deleted every quotas.sweep_s
         if getattr(app.state, "freeze_heap", False):  # the server's own process (tunesmith serve), not a test's
             freeze_startup_heap()
         yield
         app.state.batch_runner.stop()
+        sweeper.cancel()
         if watcher is not None:
             watcher.cancel()
         app.state.engine.close()

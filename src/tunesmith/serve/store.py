@@ -99,6 +99,17 @@ MIGRATIONS: list[tuple[str, str]] = [
             batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, status_code INTEGER NOT NULL,
             body TEXT NOT NULL, PRIMARY KEY (batch_id, line)
         )"""),
+    # per-key quotas count with these (tunesmith.serve.quotas); a file may expire (NULL: kept until deleted)
+    ("0022_files_by_owner", "CREATE INDEX files_by_owner ON files (owner, bytes)"),
+    ("0023_file_expires_at", "ALTER TABLE files ADD COLUMN expires_at INTEGER"),
+    ("0024_uploads_by_owner", "CREATE INDEX uploads_by_owner ON uploads (owner, status)"),
+    ("0025_responses_by_owner", "CREATE INDEX responses_by_owner ON responses (owner)"),
+    ("0026_stored_completions_by_model",
+     "CREATE INDEX stored_completions_by_model ON stored_completions (owner, model, created_at)"),
+    ("0027_batches_by_owner", "CREATE INDEX batches_by_owner ON batches (owner, status)"),
+    ("0028_evals_by_owner", "CREATE INDEX evals_by_owner ON evals (owner)"),
+    ("0029_eval_runs_by_owner", "CREATE INDEX eval_runs_by_owner ON eval_runs (owner)"),
+    ("0030_upload_file_expires", "ALTER TABLE uploads ADD COLUMN file_expires_s INTEGER"),  # its file's expires_after
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
@@ -161,7 +172,8 @@ class Store:
         storage = self.root / "files" / f"{secrets.token_hex(16)}.jsonl"
         storage.write_bytes(content)
         with self.lock:
-            self.db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self.db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, storage) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (fid, owner, filename, purpose, len(content), int(time.time()), str(storage)))
         return self.get_file(fid, owner)
 
@@ -190,7 +202,8 @@ class Store:
                    expires_s: int) -> dict:
         uid, now = new_id("upload"), int(time.time())
         with self.lock:
-            self.db.execute("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, NULL)",
+            self.db.execute("INSERT INTO uploads (id, owner, filename, purpose, bytes, mime_type, status, created_at, expires_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                             (uid, owner, filename, purpose, size, mime_type, now, now + expires_s))
         return self.get_upload(uid, owner)
 

@@ -10,7 +10,7 @@ HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs")
 def file_object(f: dict) -> dict:
     return {"id": f["id"], "object": "file", "bytes": f["bytes"], "created_at": f["created_at"],
             "filename": f["filename"], "purpose": f["purpose"], "status": "processed", "status_details": None,
-            "expires_at": None}
+            "expires_at": f.get("expires_at")}
 
 
 def upload_object(u: dict, file: dict | None = None) -> dict:

@@ -34,17 +34,27 @@ async def retrieve_model(model: str, request: Request, key: Key):
 
 @router.delete("/models/{model:path}")
 async def delete_model(model: str, request: Request, key: Key):
+    """Mark the fine-tune deleted, unload it, forget its owner. A second delete while the first unloads it is a 404,
+    as after it: the model is claimed (``app.state.models_deleting``) before the first ``await``."""
+    deleting = request.app.state.__dict__.setdefault("models_deleting", set())
+    if model in deleting:
+        raise APIError(404, f"The model '{model}' does not exist or you do not have access to it (it is being "
+                       "deleted).", param="model", code="model_not_found")
     _visible(request, model, key)
     if model not in request.app.state.model_owners:
         raise APIError(403, f"The model '{model}' is not a fine-tune of yours: only fine-tuned models and their "
                        "checkpoints can be deleted", param="model", code="model_not_deletable")
-    store = request.app.state.store
-    job = store.job_by_model(model)
-    if job is not None:
-        store.update_job(job["id"], model_deleted=1)
-    else:  # a checkpoint: its row goes, so it is neither listed nor loaded again
-        store.delete_checkpoint(model)
-    await asyncio.to_thread(request.app.state.engine.remove_adapter, model)  # vLLM's unload: off the event loop
-    del request.app.state.model_owners[model]
+    deleting.add(model)
+    try:
+        store = request.app.state.store
+        job = store.job_by_model(model)
+        if job is not None:
+            store.update_job(job["id"], model_deleted=1)
+        else:  # a checkpoint: its row goes, so it is neither listed nor loaded again
+            store.delete_checkpoint(model)
+        await asyncio.to_thread(request.app.state.engine.remove_adapter, model)  # vLLM's unload: off the event loop
+        request.app.state.model_owners.pop(model, None)
+    finally:
+        deleting.discard(model)
     return {"id": model, "object": "model", "deleted": True}
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tunesmith.serve.api.auth import Key, engine_for, visible_models
+from tunesmith.serve.api.stored_completions import before_storing
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import CHAT, COMPLETIONS, check_fields
@@ -113,6 +114,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, response:
     engine = engine_for(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(request, key, engine, body)
+    before_storing(request, key, body)  # store: true's metadata and quota, before the answer is paid for
     plan, [job], ticket = await planned_run(request, key, engine, chat_plan, body)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 

@@ -7,9 +7,11 @@ items; ``instructions`` becomes the system message. A request becomes a chat bod
 as the output constraint. Answers carry an assistant message (its ``output_text``) and/or ``function_call`` items;
 a reply cut by ``max_output_tokens`` is ``incomplete``. With ``store`` (the default) a response is kept per key,
 so that ``previous_response_id`` continues its conversation (its instructions are not carried over, as at
-OpenAI); ``GET`` and ``DELETE /v1/responses/{id}`` read and remove one. Streaming sends OpenAI's events
-(created, in_progress, output_item.added, content_part.added, output_text.delta…, output_text.done,
-content_part.done, output_item.done; function_call_arguments.delta/done for calls; completed/incomplete).
+OpenAI; a key keeps at most ``--quota responses``); ``GET`` and ``DELETE /v1/responses/{id}`` read and remove one.
+Its ``metadata`` follows OpenAI's rule (16 pairs, keys up to 64 characters, values up to 512). Streaming sends
+OpenAI's events (created, in_progress, output_item.added, content_part.added, output_text.delta…,
+output_text.done, content_part.done, output_item.done; function_call_arguments.delta/done for calls;
+completed/incomplete).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import RESPONSES, check_fields
 from tunesmith.serve.plan.requests import response_plan
 from tunesmith.serve.plan.schemas import ResponseBody
+from tunesmith.serve.quotas import check_metadata, check_response
 
 router = APIRouter(prefix="/v1")
 
@@ -47,7 +50,9 @@ def output_items(plan, body: ResponseBody, rid: str, gen: Generation) -> tuple[l
     items = []
     if msg.get("content") or not calls:
         items.append(message_item(rid, msg.get("content") or "", _status(gen), gen.logprobs))
-    items += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
+    cut = msg["tool_calls"][-1] if calls and not called else None  # the answer ended inside this call
+    items += [call_item(c["id"], c["function"]["name"], c["function"]["arguments"],
+                        "incomplete" if c is cut else "completed") for c in calls]
     kept = {"role": "assistant", "content": msg.get("content")} | ({"tool_calls": calls} if calls else {})
     return items, kept
 
@@ -85,10 +90,13 @@ def response_object(body: ResponseBody, rid: str, created: int, status: str, out
 @router.post("/responses")
 async def create_response(body: ResponseBody, request: Request, response: Response, key: Key):
     check_fields(RESPONSES, body)
+    check_metadata(body.metadata, "metadata")
     engine = engine_for(request, body.model, key)
     if body.model in engine.heads:
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")
+    if body.store is not False:
+        check_response(request, key)  # room to keep it, before the answer is paid for
     plan, [job], ticket = await planned_run(request, key, engine, response_plan, body, earlier_turns(body, request, key))
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 

@@ -2,15 +2,17 @@
 does, so that an app's traffic to any served model becomes data: list (by ``metadata``, ``model``, ``after``,
 ``limit``, ``order``), retrieve, read the request's messages, update the metadata, delete. Evals read them as a
 data source (:mod:`tunesmith.serve.evals.check`) and a fine-tuning file is made from a filtered set
-(:func:`training_lines`, ``POST /v1/fine_tuning/stored_completions``): OpenAI's distillation loop, self-hosted.
+(:func:`training_lines`, ``POST /v1/files/from_stored_completions``): OpenAI's distillation loop, self-hosted.
 
 Rows live in the server's SQLite store (migration 0017); another key neither lists nor reaches them (the same 404
-as an id that does not exist).
+as an id that does not exist). A selection is one SQL query (model, metadata through SQLite's ``json_each``, time,
+cursor, order and limit), so a page of one reads one row; a key keeps at most ``--quota stored_completions``.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,10 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import page
 from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.quotas import check_metadata, check_stored_completion
 from tunesmith.serve.store import Store
 
 router = APIRouter(prefix="/v1")
 MAX_LIST = 100
+MAX_TIME = 2**63 - 1  # SQLite's largest integer: a Unix time filter past it is a 400, not an overflow
 
 
 class CompletionStore:
@@ -43,24 +47,36 @@ class CompletionStore:
     def select(self, owner: str | None, metadata: dict[str, str] | None = None, model: str | None = None,
                after: str | None = None, order: str = "asc", limit: int | None = None,
                created_after: int | None = None, created_before: int | None = None) -> list[dict]:
-        """A key's stored completions in creation order (``asc`` or ``desc``), filtered; ``after`` an id of the
-        previous page (a 400 when it is not one of the key's)."""
-        sql, args = "SELECT * FROM stored_completions WHERE owner IS ?", [owner]
+        """A key's stored completions in creation order (``asc`` or ``desc``), filtered, in one query that reads
+        no row past ``limit``; ``after`` an id of the previous page (a 400 when it is not one of the key's)."""
+        where, args = ["owner IS ?"], [owner]
         if model:
-            sql, args = sql + " AND model = ?", [*args, model]
+            where, args = [*where, "model = ?"], [*args, model]
         if created_after is not None:
-            sql, args = sql + " AND created_at >= ?", [*args, created_after]
+            where, args = [*where, "created_at >= ?"], [*args, created_after]
         if created_before is not None:
-            sql, args = sql + " AND created_at <= ?", [*args, created_before]
+            where, args = [*where, "created_at <= ?"], [*args, created_before]
+        for k, v in (metadata or {}).items():
+            where.append("EXISTS (SELECT 1 FROM json_each(stored_completions.metadata) m WHERE m.key = ? AND "
+                         "m.type = 'text' AND m.value = ?)")
+            args += [k, v]
         way = "DESC" if order == "desc" else "ASC"
-        rows = [_row(r) for r in self.db.execute(f"{sql} ORDER BY created_at {way}, rowid {way}", args)]
-        rows = [r for r in rows if all(r["metadata"].get(k) == v for k, v in (metadata or {}).items())]
         if after is not None:
-            ids = [r["id"] for r in rows]
-            if after not in ids:
-                raise APIError(400, f"after: {after} is not one of this key's stored completions here", param="after")
-            rows = rows[ids.index(after) + 1:]
-        return rows if limit is None else rows[:limit]
+            where, args = [*where, f"(created_at, rowid) {'<' if way == 'DESC' else '>'} (?, ?)"], [
+                *args, *self._cursor(owner, after)]
+        sql = f"SELECT * FROM stored_completions WHERE {' AND '.join(where)} ORDER BY created_at {way}, rowid {way}"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, limit]
+        return [_row(r) for r in self.db.execute(sql, args)]
+
+    def _cursor(self, owner: str | None, after: str) -> tuple[int, int]:
+        """(created_at, rowid) of the key's stored completion ``after``; a 400 on ``after`` when it is none."""
+        row = self.db.execute("SELECT created_at, rowid FROM stored_completions WHERE id = ? AND owner IS ?",
+                              (after, owner)).fetchone()
+        if row is None:
+            raise APIError(400, f"after: {after} is not one of this key's stored completions here; pass the last_id "
+                           "of the page you have", param="after", code="invalid_cursor")
+        return row[0], row[1]
 
     def set_metadata(self, cid: str, metadata: dict[str, str]) -> None:
         with self.lock:
@@ -85,25 +101,41 @@ def completion_object(row: dict) -> dict:
     return row["completion"] | {"metadata": row["metadata"]}
 
 
-def checked_metadata(metadata) -> dict[str, str]:
-    """OpenAI's metadata rules: at most 16 pairs, keys up to 64 characters, string values up to 512."""
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict) or len(metadata) > 16 or not all(
-            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in metadata.items()):
-        raise APIError(400, "metadata: at most 16 pairs of strings (keys up to 64 characters, values up to 512)",
-                       param="metadata", code="invalid_metadata")
-    return metadata
+def check_selection(source: dict, where: str) -> dict:
+    """The filters of a ``stored_completions`` selection (an eval's source): ``model`` a string, ``metadata`` by
+    OpenAI's rule, ``created_after``/``created_before`` Unix times, ``limit`` a positive integer; a 400 naming
+    ``<where>.<field>`` otherwise. Returns them as :meth:`CompletionStore.select` takes them."""
+    model = source.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, f"{where}.model must be a model name (a string)", param=f"{where}.model")
+    picked = {"model": model, "metadata": check_metadata(source.get("metadata"), f"{where}.metadata")}
+    for name in ("created_after", "created_before"):
+        value = picked[name] = source.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TIME):
+            raise APIError(400, f"{where}.{name} must be a Unix time in seconds (an integer from 0 to {MAX_TIME})",
+                           param=f"{where}.{name}")
+    limit = picked["limit"] = source.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise APIError(400, f"{where}.limit must be a positive integer", param=f"{where}.limit")
+    return picked
+
+
+def before_storing(request: Request, key: str | None, body) -> None:
+    """Before a ``store: true`` chat completion is generated: its metadata by OpenAI's rule and room under the key's
+    ``stored_completions`` quota (a 4xx then, not after the answer was paid for)."""
+    if body.store:
+        check_metadata(body.metadata, "metadata")
+        check_stored_completion(request, key)
 
 
 def store_completion(request: Request, key: str | None, completion: dict, body, plan) -> None:
     """Keep an answered chat completion (``store: true``) with what was asked: the messages as sent, the tools,
-    the output format and the sampling settings."""
+    the output format and the sampling settings (its metadata and quota checked by :func:`before_storing`)."""
     asked = {"messages": [m.model_dump(exclude_none=True) for m in body.messages], "tools": body.tools,
              "tool_choice": body.tool_choice, "response_format": body.response_format,
              "temperature": body.temperature, "top_p": body.top_p, "max_tokens": body.max_completion_tokens or body.max_tokens,
              "seed": body.seed, "n": body.n}
-    CompletionStore(request.app.state.store).add(key, completion | {"metadata": checked_metadata(body.metadata)},
+    CompletionStore(request.app.state.store).add(key, completion | {"metadata": check_metadata(body.metadata)},
                                                  {k: v for k, v in asked.items() if v is not None})
 
 
@@ -127,14 +159,14 @@ async def retrieve_completion(completion_id: str, request: Request, key: Key):
 
 class MetadataBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    metadata: dict[str, str] | None = Field(...)
+    metadata: Any = Field(...)  # checked by check_metadata (OpenAI's rule)
 
 
 @router.post("/chat/completions/{completion_id}")
 async def update_completion(completion_id: str, body: MetadataBody, request: Request, key: Key):
     _stored(request, key, completion_id)
     completions = CompletionStore(request.app.state.store)
-    completions.set_metadata(completion_id, checked_metadata(body.metadata))
+    completions.set_metadata(completion_id, check_metadata(body.metadata))
     return completion_object(completions.get(completion_id, key))
 
 

@@ -1,6 +1,7 @@
-"""A batch file's lines: checked at upload (``{"custom_id", "method": "POST", "url", "body"}``, unique
-``custom_id``s, a URL this server batches, a JSON object body, no streaming; each bad line named) and the output
-and error files written in OpenAI's format."""
+"""A batch file's lines: checked at upload (UTF-8, ``{"custom_id", "method": "POST", "url", "body"}``, unique
+``custom_id``s, a URL this server batches, a JSON object body, no streaming, nested at most :data:`MAX_DEPTH`
+levels; each bad line named) and the output and error files written in OpenAI's format. The JSON-lines helpers
+(:func:`utf8_problem`, :func:`json_line`) serve the evals files' check too."""
 
 from __future__ import annotations
 
@@ -10,12 +11,56 @@ import secrets
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_LINES = 50_000  # as at OpenAI
 MOST_NAMED = 5
+MAX_DEPTH = 100  # levels of objects and arrays in one line: a 64-level schema fits inside a request's body
 
 
-def check_batch_file(content: bytes) -> list[str]:
-    """The problems of a batch file, the first :data:`MOST_NAMED` named with their line; [] when it is one."""
+def utf8_problem(content: bytes) -> str | None:
+    """Where ``content`` stops being UTF-8 (its line and byte), or None: a file is decoded strictly where it is
+    used, so it is refused at upload rather than failing then."""
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = content.count(b"\n", 0, err.start) + 1
+        return (f"line {line}: not UTF-8 (byte 0x{content[err.start]:02x} at offset {err.start:,}); save the file "
+                "as UTF-8")
+    return None
+
+
+def json_line(line: str) -> tuple[object, str | None]:
+    """One line's JSON value, or (None, why it is not one): not JSON, or nested deeper than :data:`MAX_DEPTH`."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None, "not JSON"
+    except RecursionError:
+        return None, f"nested deeper than {MAX_DEPTH} levels of objects and arrays"
+    if nesting(value) > MAX_DEPTH:
+        return None, f"nested deeper than {MAX_DEPTH} levels of objects and arrays"
+    return value, None
+
+
+def nesting(value: object, most: int = MAX_DEPTH) -> int:
+    """How many levels of objects and arrays ``value`` nests (counted without recursion; stops past ``most``)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > most:
+            break
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def check_batch_file(content: bytes, max_lines: int | None = MAX_LINES) -> list[str]:
+    """The problems of a batch file, the first :data:`MOST_NAMED` named with their line; [] when it is one.
+    ``max_lines``: the most requests a batch holds (None: no limit)."""
+    if bad := utf8_problem(content):
+        return [bad]
     problems, seen, count = [], set(), 0
-    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
+    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         count += 1
@@ -26,16 +71,15 @@ def check_batch_file(content: bytes) -> list[str]:
             break
     if not problems and not count:
         problems.append("the file holds no request")
-    if count > MAX_LINES:
-        problems.append(f"{count:,} requests; a batch holds at most {MAX_LINES:,}")
+    if max_lines is not None and count > max_lines:
+        problems.append(f"{count:,} requests; a batch holds at most {max_lines:,}")
     return problems
 
 
 def _line_problem(line: str, seen: set[str]) -> str | None:
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return "not JSON"
+    row, why = json_line(line)
+    if why:
+        return why
     if not isinstance(row, dict):
         return "not a JSON object"
     extra = set(row) - {"custom_id", "method", "url", "body"}
@@ -60,9 +104,10 @@ def _line_problem(line: str, seen: set[str]) -> str | None:
 
 
 def read_requests(content: bytes) -> list[dict]:
-    """A checked batch file's requests, in order, each with its line number."""
+    """A checked batch file's requests, in order, each with its line number (a file kept before UTF-8 was checked
+    at upload reads with its bad bytes replaced, never as a server error)."""
     out = []
-    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
+    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
         if line.strip():
             out.append(json.loads(line) | {"line": n})
     return out

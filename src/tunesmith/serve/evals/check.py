@@ -13,6 +13,7 @@ from tunesmith.graders.spec import item_fields
 from tunesmith.serve.api.auth import visible_models
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.evals.grading import checked_grader
+from tunesmith.serve.quotas import check_metadata
 
 MAX_ROWS = 10_000  # rows in one run
 
@@ -31,10 +32,7 @@ def data_source_schema(config: dict) -> dict:
     completions, filtered by ``metadata``), items of :data:`STORED_ITEM` and a sample."""
     kind = config.get("type")
     if kind == "stored_completions":
-        metadata = config.get("metadata") or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise APIError(400, "data_source_config.metadata: pairs of strings to select stored completions by",
-                           param="data_source_config.metadata")
+        metadata = check_metadata(config.get("metadata"), "data_source_config.metadata")
         return {"type": "stored_completions", "metadata": metadata, "schema": {
             "type": "object", "properties": {"item": STORED_ITEM, "sample": SAMPLE}, "required": ["item", "sample"]}}
     if kind != "custom":
@@ -81,7 +79,9 @@ def check_criteria(request: Request, key, criteria: list[dict], config: dict) ->
 
 
 def check_data_source(request: Request, key, source: dict) -> dict:
-    """A ``jsonl`` or ``completions`` source; a completions source names a model served to this key."""
+    """A ``jsonl`` or ``completions`` source. A completions source with a ``model`` (served to this key) asks it
+    each row's ``input_messages`` (over stored completions, by default each one's own request); without one, the
+    rows' samples (stored answers) are graded as they are, as OpenAI's types allow."""
     kind = source.get("type")
     if kind not in ("jsonl", "completions"):
         raise APIError(400, f"data_source.type {kind!r} is not supported here; use 'jsonl' (rows with items and "
@@ -90,27 +90,46 @@ def check_data_source(request: Request, key, source: dict) -> dict:
     if not isinstance(inner, dict) or inner.get("type") not in ("file_content", "file_id", "stored_completions"):
         raise APIError(400, "data_source.source.type must be 'file_content', 'file_id' or 'stored_completions'",
                        param="data_source.source.type")
+    if inner["type"] == "stored_completions":
+        stored_selection(inner)
+    elif inner["type"] == "file_id" and not isinstance(inner.get("id"), str):
+        raise APIError(400, "data_source.source.id must be the id of a file uploaded with purpose 'evals'",
+                       param="data_source.source.id")
     if kind == "completions":
-        served = visible_models(request, key)
-        if source.get("model") not in served:
-            raise APIError(400, f"data_source.model {source.get('model')!r} is not served here; one of: "
-                           f"{', '.join(served)}", param="data_source.model", code="model_not_found")
-        messages = source.get("input_messages")
-        if not isinstance(messages, dict) or messages.get("type") not in ("template", "item_reference"):
-            raise APIError(400, "data_source.input_messages: a template of messages ({{item.*}} variables) or an "
-                           "item_reference is required", param="data_source.input_messages")
-        template_ok = isinstance(messages.get("template", []), list) and all(
-            isinstance(m, dict) for m in messages.get("template", []))
-        if not template_ok or not isinstance(messages.get("item_reference", ""), str):
-            raise APIError(400, "data_source.input_messages: template is a list of messages {role, content}; "
-                           "item_reference a string such as 'item.messages'", param="data_source.input_messages")
-        if not isinstance(source.get("sampling_params") or {}, dict):
-            raise APIError(400, "data_source.sampling_params must be an object", param="data_source.sampling_params")
-        for var in template.variables(json.dumps(messages.get("template", []))):
-            if not var.startswith("item."):
-                raise APIError(400, f"data_source.input_messages: {{{{{var}}}}} is not an item variable",
-                               param="data_source.input_messages.template")
+        _check_completions(request, key, source, inner)
     return source
+
+
+def _check_completions(request: Request, key, source: dict, inner: dict) -> None:
+    """A completions source's model, input_messages and sampling_params, each a 400 naming it when wrong."""
+    if source.get("model") is None:
+        for unused in ("input_messages", "sampling_params"):
+            if source.get(unused) is not None:
+                raise APIError(400, f"data_source.{unused} is used to ask data_source.model, which is not given; "
+                               "name a served model, or leave it out to grade the rows' samples as they are",
+                               param=f"data_source.{unused}")
+        return
+    served = visible_models(request, key)
+    if source.get("model") not in served:
+        raise APIError(400, f"data_source.model {source.get('model')!r} is not served here; one of: "
+                       f"{', '.join(served)}", param="data_source.model", code="model_not_found")
+    messages = source.get("input_messages")
+    if messages is None and inner["type"] == "stored_completions":
+        messages = {"type": "item_reference", "item_reference": "item.input"}  # each stored request, asked again
+    if not isinstance(messages, dict) or messages.get("type") not in ("template", "item_reference"):
+        raise APIError(400, "data_source.input_messages: a template of messages ({{item.*}} variables) or an "
+                       "item_reference is required to ask data_source.model", param="data_source.input_messages")
+    template_ok = isinstance(messages.get("template", []), list) and all(
+        isinstance(m, dict) for m in messages.get("template", []))
+    if not template_ok or not isinstance(messages.get("item_reference", ""), str):
+        raise APIError(400, "data_source.input_messages: template is a list of messages {role, content}; "
+                       "item_reference a string such as 'item.messages'", param="data_source.input_messages")
+    if not isinstance(source.get("sampling_params") or {}, dict):
+        raise APIError(400, "data_source.sampling_params must be an object", param="data_source.sampling_params")
+    for var in template.variables(json.dumps(messages.get("template", []))):
+        if not var.startswith("item."):
+            raise APIError(400, f"data_source.input_messages: {{{{{var}}}}} is not an item variable",
+                           param="data_source.input_messages.template")
 
 
 def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
@@ -118,7 +137,7 @@ def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
     an object item holding the schema's required fields."""
     inner = source["source"]
     if inner["type"] == "stored_completions":
-        raw, where = stored_rows(request, key, inner, config), "data_source.source"
+        raw, where = stored_rows(request.app.state.store, key, inner, config), "data_source.source"
     elif inner["type"] == "file_content":
         raw, where = inner.get("content") or [], "data_source.source.content"
         if not isinstance(raw, list):
@@ -141,19 +160,23 @@ def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
     return rows
 
 
-def stored_rows(request: Request, key, inner: dict, config: dict) -> list[dict]:
+def stored_selection(inner: dict) -> dict:
+    """The filters of a ``stored_completions`` source, each checked (a 400 naming ``data_source.source.<field>``)."""
+    from tunesmith.serve.api.stored_completions import check_selection
+
+    return check_selection(inner, "data_source.source")
+
+
+def stored_rows(store, key, inner: dict, config: dict) -> list[dict]:
     """This key's stored completions selected by the eval's metadata and the run's (``metadata``, ``model``,
-    ``created_after``, ``created_before``, ``limit``) as rows: the item what was asked and answered, the sample
-    the stored answer (graded as it is by a ``jsonl`` run; a ``completions`` run asks its model again)."""
+    ``created_after``, ``created_before``, ``limit``; one query reading at most ``limit`` rows) as rows: the item
+    what was asked and answered, the sample the stored answer (graded as it is unless a model answers again)."""
     from tunesmith.serve.api.stored_completions import CompletionStore
 
-    limit = inner.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise APIError(400, "data_source.source.limit must be a positive integer", param="data_source.source.limit")
-    wanted = {**(config.get("metadata") or {}), **(inner.get("metadata") or {})}
-    found = CompletionStore(request.app.state.store).select(
-        key, wanted, inner.get("model"), limit=min(limit or MAX_ROWS, MAX_ROWS),
-        created_after=inner.get("created_after"), created_before=inner.get("created_before"))
+    picked = stored_selection(inner)
+    wanted = {**(config.get("metadata") or {}), **picked["metadata"]}
+    found = CompletionStore(store).select(key, wanted, picked["model"], limit=min(picked["limit"] or MAX_ROWS, MAX_ROWS),
+                                          created_after=picked["created_after"], created_before=picked["created_before"])
     rows = []
     for row in found:
         message = row["completion"]["choices"][0]["message"]
@@ -165,15 +188,26 @@ def stored_rows(request: Request, key, inner: dict, config: dict) -> list[dict]:
 
 
 def _file_rows(request: Request, key, file_id: str | None) -> list:
+    """The JSON lines of the key's evals file ``file_id``; a 400 on ``data_source.source.id`` naming the line that
+    is not UTF-8, not JSON or nested too deep (a file kept before those were checked at upload)."""
+    from tunesmith.serve.batches.lines import json_line, utf8_problem
+
+    where = "data_source.source.id"
     f = request.app.state.store.get_file(file_id or "", key)
     if f is None:
-        raise APIError(400, f"data_source.source.id: no file {file_id}", param="data_source.source.id")
+        raise APIError(400, f"{where}: no file {file_id}", param=where)
+    if f["purpose"] != "evals":
+        raise APIError(400, f"{where}: {file_id} was uploaded with purpose {f['purpose']!r}; a run reads a file "
+                       "uploaded with purpose 'evals'", param=where, code="invalid_file_purpose")
+    content = Path(f["storage"]).read_bytes()
+    if bad := utf8_problem(content):
+        raise APIError(400, f"{where}: {file_id} {bad}", param=where, code="invalid_file_format")
     rows = []
-    for n, line in enumerate(Path(f["storage"]).read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
         if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise APIError(400, f"data_source.source.id: line {n} of {file_id} is not JSON",
-                               param="data_source.source.id") from None
+            row, why = json_line(line)
+            if why:
+                raise APIError(400, f"{where}: line {n} of {file_id} is {why}", param=where,
+                               code="invalid_file_format")
+            rows.append(row)
     return rows

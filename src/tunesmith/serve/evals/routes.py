@@ -5,7 +5,8 @@ An eval has a ``custom`` data source (the JSON schema of its items) and testing 
 a run grades a ``jsonl`` source (rows given inline or as an uploaded file, each an item with an optional
 sample) or a ``completions`` source (a served model answers each item from an ``input_messages`` template).
 Runs execute in the background; poll the run until its status is ``completed``. Everything belongs to the
-API key that created the eval: another key gets a 404, as for an id that does not exist.
+API key that created the eval: another key gets a 404, as for an id that does not exist. A key keeps at most
+``--quota evals`` evals and ``--quota eval_runs`` runs; every ``metadata`` follows OpenAI's rule.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tunesmith.serve.evals.check import check_criteria, check_data_source, data_
 from tunesmith.serve.evals.grading import grading_context
 from tunesmith.serve.evals.run import execute
 from tunesmith.serve.evals.store import EvalStore
+from tunesmith.serve.quotas import check_eval, check_eval_run, check_metadata
 
 router = APIRouter(prefix="/v1/evals")
 Order = Literal["asc", "desc"]
@@ -61,13 +63,13 @@ class EvalBody(BaseModel):
     data_source_config: dict
     testing_criteria: list[dict] = Field(min_length=1)
     name: str | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Any = None  # checked by check_metadata (OpenAI's rule)
 
 
 class EvalUpdate(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Any = None
 
 
 def _eval(request: Request, key, eval_id: str) -> dict:
@@ -76,6 +78,8 @@ def _eval(request: Request, key, eval_id: str) -> dict:
 
 @router.post("")
 async def create_eval(body: EvalBody, request: Request, key: Key):
+    check_metadata(body.metadata, "metadata")
+    check_eval(request, key)
     config = data_source_schema(body.data_source_config)
     criteria = check_criteria(request, key, body.testing_criteria, body.data_source_config)
     e = _evals(request).add_eval(key, name=body.name or "eval", data_source_config=config, testing_criteria=criteria,
@@ -99,6 +103,7 @@ async def retrieve_eval(eval_id: str, request: Request, key: Key):
 @router.post("/{eval_id}")
 async def update_eval(eval_id: str, body: EvalUpdate, request: Request, key: Key):
     _eval(request, key, eval_id)
+    check_metadata(body.metadata, "metadata")
     changes = body.model_dump(exclude_unset=True)
     if changes:
         _evals(request).update_eval(eval_id, **changes)
@@ -119,7 +124,7 @@ class RunBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     data_source: dict[str, Any]
     name: str | None = None
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: Any = None  # checked by check_metadata (OpenAI's rule)
 
 
 def _run(request: Request, key, eval_id: str, run_id: str) -> dict:
@@ -130,11 +135,14 @@ def _run(request: Request, key, eval_id: str, run_id: str) -> dict:
 @router.post("/{eval_id}/runs")
 async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
     e = _eval(request, key, eval_id)
+    check_metadata(body.metadata, "metadata")
+    check_eval_run(request, key)
     check_criteria(request, key, e["testing_criteria"], e["data_source_config"])  # still allowed and served now
     if refused := request.app.state.lanes.evals.refusal(key):
         raise refused
     source = check_data_source(request, key, body.data_source)
-    rows = run_rows(request, key, source, e["data_source_config"])
+    # a file or a selection of stored completions (up to 10,000 rows) is read and decoded off the event loop
+    rows = await request.app.state.lanes.files.run(key, run_rows, request, key, source, e["data_source_config"])
     store = _evals(request)
     model = source.get("model") or "(given samples)"
     run = store.add_run(key, eval_id, name=body.name or f"run on {model}", model=model, data_source=source,

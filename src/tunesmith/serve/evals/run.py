@@ -1,6 +1,7 @@
 """Running one eval run: its rows (a jsonl source), the samples (given in the rows, or answered by a model
-this server serves from the run's ``input_messages`` template), every testing criterion graded over all
-rows in one batch, then OpenAI's counts and one output item per row.
+this server serves from the run's ``input_messages`` template; a completions run over stored completions without
+a model grades the stored answers as they are, and with a model and no template asks each stored request again),
+every testing criterion graded over all rows in one batch, then OpenAI's counts and one output item per row.
 
 A row passes when every criterion's reward reaches its ``pass_threshold`` (default: 1.0 for string_check
 and label_model, whose rewards are 0 or 1; 0.5 for the others); it is ``errored`` when its sample could
@@ -40,13 +41,18 @@ def sample_text(sample: dict | None) -> str | None:
     return None
 
 
+STORED_INPUT = {"type": "item_reference", "item_reference": "item.input"}  # a stored completion's own request
+
+
 def prompt_messages(data_source: dict, item: dict) -> list[dict]:
-    """The chat messages for one row: the template rendered with ``{{item.*}}``, or the item's own messages."""
-    spec = data_source.get("input_messages") or {}
+    """The chat messages for one row: the template rendered with ``{{item.*}}``, or the item's own messages; a
+    ``stored_completions`` source without ``input_messages`` asks each stored completion's own messages again."""
+    spec = data_source.get("input_messages") or (
+        STORED_INPUT if data_source["source"]["type"] == "stored_completions" else {})
     if spec.get("type") == "item_reference":
         ref = spec["item_reference"]
         value = template.lookup(ref if ref.startswith("item.") else f"item.{ref}", {}, item)
-        return [{"role": m["role"], "content": str(m.get("content", ""))} for m in value]
+        return [{"role": m["role"], "content": content_text(m.get("content"))} for m in value]
     return [{"role": "system" if m.get("role") == "developer" else m.get("role", "user"),
              "content": template.render(content_text(m.get("content")), {}, item)} for m in spec.get("template", [])]
 
@@ -56,7 +62,7 @@ def prompt_messages(data_source: dict, item: dict) -> list[dict]:
 def _samples(run: dict, rows: list[dict], backend: ChatBackend) -> tuple[list[dict], list[str | None], dict]:
     """Each row's sample record (the output item's ``sample``), its text (None: errored) and the model usage."""
     source = run["data_source"]
-    if source["type"] != "completions":
+    if source["type"] != "completions" or not source.get("model"):  # the rows' samples (stored answers) as they are
         texts = [sample_text(r.get("sample")) if r.get("sample") is not None else "" for r in rows]
         records = [_sample_record(run, [], t, None if t is not None else "the row's sample has no output_text "
                                   "(nor an assistant message in output or choices)") for t in texts]
@@ -102,15 +108,17 @@ def _sample_record(run: dict, messages: list[dict], text: str | None, error: str
 def execute(store, eval_: dict, run: dict, rows: list[dict], context: Context,
             cancelled: Callable[[], bool] = lambda: False) -> None:
     """Grade the run and record its items and counts; any failure marks the run failed with the reason. A run
-    cancelled while it waited for its turn stays cancelled."""
+    cancelled while it waited for its turn stays cancelled, and so does one cancelled while it runs: every change
+    of status is made only from the status it expects (``EvalStore.move_run``), never over ``canceled``."""
     if cancelled():
         return
     try:
-        store.update_run(run["id"], status="in_progress")
-        _execute(store, eval_, run, rows, context, cancelled)
+        if store.move_run(run["id"], ("queued",), status="in_progress"):
+            _execute(store, eval_, run, rows, context, cancelled)
     except Exception as exc:  # noqa: BLE001 - the run fails with the reason; the server goes on
         logging.getLogger("tunesmith.serve").exception("eval run %s failed", run["id"])
-        store.update_run(run["id"], status="failed", error={"code": "run_failed", "message": f"{type(exc).__name__}: {exc}"})
+        store.move_run(run["id"], ("queued", "in_progress"), status="failed",
+                       error={"code": "run_failed", "message": f"{type(exc).__name__}: {exc}"})
 
 
 def _execute(store, eval_: dict, run: dict, rows: list[dict], context: Context, cancelled) -> None:
@@ -141,6 +149,5 @@ def _execute(store, eval_: dict, run: dict, rows: list[dict], context: Context, 
               "failed": sum(i["status"] == "fail" for i in items)}
     model_usage = [] if not usage else [{"model_name": run["model"], "cached_tokens": 0,
                                          "total_tokens": usage["prompt_tokens"] + usage["completion_tokens"], **usage}]
-    if not cancelled():
-        store.update_run(run["id"], status="completed", result_counts=counts,
-                         per_testing_criteria_results=per_criterion, per_model_usage=model_usage)
+    store.move_run(run["id"], ("in_progress",), status="completed", result_counts=counts,
+                   per_testing_criteria_results=per_criterion, per_model_usage=model_usage)

@@ -96,6 +96,15 @@ class EvalStore:
     def update_run(self, rid: str, **fields) -> None:
         self._update("eval_runs", rid, fields)
 
+    def move_run(self, rid: str, statuses: tuple[str, ...], **fields) -> bool:
+        """Update the run only while its status is one of ``statuses`` (one statement: a cancel landing at the same
+        moment either comes first and stays, or comes after); True when it was updated."""
+        fields = _dumped(fields)
+        marks = ", ".join("?" * len(statuses))
+        with self.lock:
+            return self.db.execute(f"UPDATE eval_runs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ? AND "
+                                   f"status IN ({marks})", [*fields.values(), rid, *statuses]).rowcount == 1
+
     def delete_run(self, rid: str) -> None:
         self._delete(rid, ("eval_output_items", "run_id"), ("eval_runs", "id"))
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
 from tunesmith.serve.engines.errors import APIError, found
@@ -36,29 +37,70 @@ def _job_object(request: Request, job: dict) -> dict:
 # --- files ---------------------------------------------------------------------------------
 
 
+EXPIRES_S = (3600, 30 * 24 * 3600)  # OpenAI's bounds on a file's expires_after.seconds
+
+
 @router.post("/files")
 async def create_file(request: Request, key: Key, file: Annotated[UploadFile, File()],
-                      purpose: Annotated[str, Form()]):
+                      purpose: Annotated[str, Form()],
+                      anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
+                      seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None):
     settings = request.app.state.settings
     if purpose not in ("fine-tune", "evals", "batch"):
         raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune', 'evals' or 'batch'",
                        param="purpose")
+    expires_s = file_expiry(request, purpose, anchor, seconds)
     limit = settings.max_upload_mb * 1024 * 1024
     content = await file.read(limit + 1)
     if len(content) > limit:
         raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
                        code="file_too_large")
+    if purpose == "batch":
+        quotas.check_batch_file_size(request, len(content))
+    quotas.check_file(request, key, len(content))
     await checked(request, key, purpose, content, "file")
-    return file_object(_store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content))
+    made = _store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content)
+    return file_object(expire_file(_store(request), made, expires_s))
+
+
+def file_expiry(request: Request, purpose: str, anchor: str | None, seconds) -> int | None:
+    """A new file's life in seconds: its ``expires_after`` (anchor ``created_at``, 1 hour to 30 days, as at OpenAI),
+    else 30 days for a batch file (``--quota batch_file_expiry_s``) and none for any other; a 400 naming the field
+    otherwise."""
+    if anchor is None and seconds is None:
+        return quotas.quotas_of(request).batch_file_expiry_s if purpose == "batch" else None
+    if anchor != "created_at":
+        raise APIError(400, f"expires_after.anchor must be 'created_at', got {anchor!r}", param="expires_after.anchor")
+    try:
+        seconds = int(seconds)
+    except (TypeError, ValueError):
+        seconds = None
+    if seconds is None or not EXPIRES_S[0] <= seconds <= EXPIRES_S[1]:
+        raise APIError(400, f"expires_after.seconds must be a whole number from {EXPIRES_S[0]} (1 hour) to "
+                       f"{EXPIRES_S[1]:,} (30 days)", param="expires_after.seconds")
+    return seconds
+
+
+def expire_file(store, made: dict, expires_s: int | None) -> dict:
+    """``made`` with its ``expires_at`` set ``expires_s`` after its creation (the sweep deletes it then)."""
+    if expires_s is None:
+        return made
+    made["expires_at"] = made["created_at"] + expires_s
+    with store.lock:
+        store.db.execute("UPDATE files SET expires_at = ? WHERE id = ?", (made["expires_at"], made["id"]))
+    return made
 
 
 async def checked(request: Request, key, purpose: str, content: bytes, param: str) -> None:
     """The checks a file of ``purpose`` gets (in the files lane as ``key``'s work: a large file must not stall other
     requests);
     a 400 on ``param`` naming each problem and its lines."""
+    from functools import partial
+
     from tunesmith.serve.batches.lines import check_batch_file
 
-    check = {"fine-tune": check_upload, "evals": check_eval_upload, "batch": check_batch_file}[purpose]
+    most = quotas.quotas_of(request).batch_requests
+    check = {"fine-tune": check_upload, "evals": check_eval_upload, "batch": partial(check_batch_file, max_lines=most)}[purpose]
     problems = await request.app.state.lanes.files.run(key, check, content)
     if problems:
         what = {"fine-tune": "fine-tuning", "evals": "evals", "batch": "batch"}[purpose]
@@ -81,19 +123,20 @@ def check_upload(content: bytes) -> list[str]:
 
 
 def check_eval_upload(content: bytes, most: int = 5) -> list[str]:
-    """An evals file is JSON lines of ``{"item": {...}, "sample": {...}}`` (sample optional); the first
-    ``most`` bad lines are named."""
-    import json
+    """An evals file is UTF-8 JSON lines of ``{"item": {...}, "sample": {...}}`` (sample optional), nested within
+    the batch files' depth; the first ``most`` bad lines are named."""
+    from tunesmith.serve.batches.lines import json_line, utf8_problem
 
+    if bad := utf8_problem(content):
+        return [bad]
     problems = []
-    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
+    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        if not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+        row, why = json_line(line)
+        if why:
+            problems.append(f"line {n}: {why}")
+        elif not isinstance(row, dict) or not isinstance(row.get("item"), dict):
             problems.append(f"line {n}: not a JSON object with an \"item\" object")
         if len(problems) == most:
             break
@@ -181,18 +224,10 @@ class JobBody(BaseModel):
     validation_file: str | None = None
     suffix: str | None = Field(None, max_length=64)
     seed: int | None = None
-    metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16)
+    metadata: Any = None  # checked by quotas.check_metadata (OpenAI's rule), a 400 naming what breaks it
     method: Method | None = None
     hyperparameters: Hyperparameters | None = None  # the older, top-level form
     integrations: list[Integration] | None = None
-
-    @field_validator("metadata")
-    @classmethod
-    def _short_keys(cls, v):
-        long = [k for k in v or {} if len(k) > 64]
-        if long:
-            raise ValueError(f"metadata keys are at most 64 characters; '{long[0][:70]}' is {len(long[0])}")
-        return v
 
     def resolved_method(self) -> dict:
         if self.method is not None:
@@ -225,7 +260,8 @@ def check_hyperparameters(body: JobBody) -> None:
 
 
 def check_file_formats(store, key, body: JobBody) -> None:
-    """The files exist for this key and hold what the method trains on."""
+    """The files exist for this key, were uploaded as fine-tuning data (``purpose: fine-tune``: checked then) and
+    hold what the method trains on."""
     from tunesmith.data.formats.validate import upload_format
 
     kind = body.resolved_method()["type"]
@@ -236,6 +272,9 @@ def check_file_formats(store, key, body: JobBody) -> None:
         f = store.get_file(fid, key)
         if f is None:
             raise APIError(400, f"invalid {param}: no file {fid}", param=param, code="invalid_file")
+        if f["purpose"] != "fine-tune":
+            raise APIError(400, f"{param} {fid} was uploaded with purpose {f['purpose']!r}; a job trains on a file "
+                           "uploaded with purpose 'fine-tune'", param=param, code="invalid_file_purpose")
         found = upload_format(Path(f["storage"]))
         if found != kind:
             raise APIError(400, f"{param} {fid} holds {FORMAT_NEEDS[found]}, but a {kind} job needs "
@@ -245,6 +284,7 @@ def check_file_formats(store, key, body: JobBody) -> None:
 @router.post("/fine_tuning/jobs")
 async def create_job(body: JobBody, request: Request, key: Key):
     store = _store(request)
+    quotas.check_metadata(body.metadata, "metadata")
     check_hyperparameters(body)
     check_file_formats(store, key, body)
     model, parent = request.app.state.settings.model_aliases.get(body.model, body.model), None

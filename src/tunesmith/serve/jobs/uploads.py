@@ -4,14 +4,21 @@ official client's ``uploads.upload_file_chunked`` does for a large training file
 An upload belongs to the key that created it (another key gets a 404). Each part is kept as it arrives (at most
 :data:`PART_BYTES`), never past the bytes the upload declared; ``complete`` joins the parts in the order its
 ``part_ids`` give, checks the total against the declared ``bytes`` and the ``md5`` when one is given, runs the
-checks a file of that purpose gets (every bad line named) and makes it a file like any other. The whole upload is
-bounded like a single file (``--max-upload-mb``). An upload not completed within its ``expires_after`` (an hour by
-default) expires; a cancelled or expired upload's parts are deleted.
+checks a file of that purpose gets (every bad line named) and makes it a file like any other; ``expires_after`` is
+that file's life, as at OpenAI. The whole upload is bounded like a single file (``--max-upload-mb``) and counts
+against the key's file quotas from its creation (:mod:`tunesmith.serve.quotas`). An upload not completed within an
+hour (``--quota upload_expiry_s``) expires; a cancelled or expired upload's parts are deleted (expired ones by the
+server's sweep, whether or not the upload is touched again).
+
+Every change of an upload's status is one conditional SQL update (``… WHERE status = 'pending'``), so two
+``complete`` calls racing make one file (the other is a 400), and a part arriving while its upload is cancelled is
+not kept.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,10 +26,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import upload_object, upload_part_object
 from tunesmith.serve.engines.errors import APIError, found
-from tunesmith.serve.jobs.routes import checked
+from tunesmith.serve.jobs.routes import checked, expire_file
+from tunesmith.serve.store import new_id
 
 router = APIRouter(prefix="/v1")
 PART_BYTES = 64 * 1024 * 1024  # as at OpenAI
@@ -41,7 +50,7 @@ class UploadBody(BaseModel):
     filename: str = Field(min_length=1, max_length=512)
     mime_type: str = Field(min_length=1, max_length=255)
     purpose: str
-    expires_after: ExpiresAfter | None = None
+    expires_after: ExpiresAfter | None = None  # the life of the file the upload becomes
 
 
 class CompleteBody(BaseModel):
@@ -50,18 +59,37 @@ class CompleteBody(BaseModel):
     md5: str | None = None
 
 
-def _upload(request: Request, key, upload_id: str, pending: bool = True) -> dict:
-    """The key's upload (404 otherwise); with ``pending``, a 400 unless parts may still be added (an expired one is
-    marked so here)."""
+def _upload(request: Request, key, upload_id: str) -> dict:
+    """The key's upload (404 otherwise); a 400 unless it is pending (an expired one is marked so here)."""
     store = request.app.state.store
     upload = found(store.get_upload(upload_id, key), "upload", upload_id, "upload_id")
-    if upload["status"] == "pending" and time.time() > upload["expires_at"]:
-        store.set_upload(upload_id, "expired")
+    if upload["status"] == "pending" and time.time() > upload["expires_at"] and moved(store, upload_id, "pending",
+                                                                                     "expired"):
         upload["status"] = "expired"
-    if pending and upload["status"] != "pending":
-        raise APIError(400, f"Upload {upload_id} is {upload['status']}; only a pending upload takes parts or "
-                       "completes", param="upload_id", code="invalid_upload_status")
+    if upload["status"] != "pending":
+        raise not_pending(upload_id, upload["status"])
     return upload
+
+
+def not_pending(upload_id: str, status: str) -> APIError:
+    doing = "another request is completing it" if status == "completing" else f"it is {status}"
+    return APIError(400, f"Upload {upload_id}: {doing}; only a pending upload takes parts, completes or is cancelled",
+                    param="upload_id", code="invalid_upload_status")
+
+
+def moved(store, upload_id: str, old: str, new: str, file_id: str | None = None) -> bool:
+    """The upload's status from ``old`` to ``new`` if it still is ``old`` (one statement: a racing request sees one
+    or the other); once it holds no more parts (anything but pending or completing) its parts are deleted."""
+    with store.lock:
+        changed = store.db.execute("UPDATE uploads SET status = ?, file_id = COALESCE(?, file_id) WHERE id = ? AND "
+                                   "status = ?", (new, file_id, upload_id, old)).rowcount == 1
+        parts = []
+        if changed and new not in quotas.LIVE_UPLOAD:
+            parts = store.db.execute("SELECT storage FROM upload_parts WHERE upload_id = ?", (upload_id,)).fetchall()
+            store.db.execute("DELETE FROM upload_parts WHERE upload_id = ?", (upload_id,))
+    for part in parts:
+        Path(part[0]).unlink(missing_ok=True)
+    return changed
 
 
 @router.post("/uploads")
@@ -73,25 +101,50 @@ async def create_upload(body: UploadBody, request: Request, key: Key):
     if body.bytes > limit:
         raise APIError(400, f"bytes: {body.bytes:,} is more than this server's upload limit of {limit:,} bytes "
                        f"({limit // 1024 // 1024} MB)", param="bytes", code="file_too_large")
-    expires = body.expires_after.seconds if body.expires_after else 3600
+    quotas.check_file(request, key, body.bytes, pending_upload=True)
     upload = request.app.state.store.add_upload(key, Path(body.filename).name, body.purpose, body.bytes,
-                                                body.mime_type, expires)
+                                                body.mime_type, quotas.quotas_of(request).upload_expiry_s)
+    if body.expires_after is not None:  # the life of the file it becomes, from that file's creation
+        with request.app.state.store.lock:
+            request.app.state.store.db.execute("UPDATE uploads SET file_expires_s = ? WHERE id = ?",
+                                               (body.expires_after.seconds, upload["id"]))
     return upload_object(upload)
 
 
 @router.post("/uploads/{upload_id}/parts")
 async def add_part(upload_id: str, request: Request, key: Key, data: Annotated[UploadFile, File()]):
-    upload = _upload(request, key, upload_id)
+    _upload(request, key, upload_id)
     content = await data.read(PART_BYTES + 1)
     if len(content) > PART_BYTES:
         raise APIError(400, f"a part holds at most {PART_BYTES // 1024 // 1024} MB", param="data",
                        code="part_too_large")
     store = request.app.state.store
-    received = sum(p["bytes"] for p in store.upload_parts(upload_id))
-    if received + len(content) > upload["bytes"]:
+    part = await request.app.state.lanes.files.run(key, kept_part, store, upload_id, content)
+    if part is None:  # cancelled, expired or completed while the part arrived, or past the declared bytes
+        upload = _upload(request, key, upload_id)
+        received = store.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM upload_parts WHERE upload_id = ?",
+                                    (upload_id,)).fetchone()[0]
         raise APIError(400, f"this part brings the upload to {received + len(content):,} bytes, more than the "
                        f"{upload['bytes']:,} it declared", param="data", code="upload_too_large")
-    return upload_part_object(store.add_upload_part(upload_id, content))
+    return upload_part_object(part)
+
+
+def kept_part(store, upload_id: str, content: bytes) -> dict | None:
+    """The part written and recorded if, at the moment it is recorded, its upload is still pending and has room for
+    it (one statement); else None, and its bytes are deleted."""
+    pid, now = new_id("part"), int(time.time())
+    storage = store.root / "files" / f"part-{secrets.token_hex(16)}.bin"
+    storage.write_bytes(content)
+    with store.lock:
+        kept = store.db.execute(
+            "INSERT INTO upload_parts (id, upload_id, created_at, bytes, storage) SELECT ?, ?, ?, ?, ? FROM uploads u "
+            "WHERE u.id = ? AND u.status = 'pending' AND u.bytes >= ? + (SELECT COALESCE(SUM(bytes), 0) FROM "
+            "upload_parts WHERE upload_id = u.id)",
+            (pid, upload_id, now, len(content), str(storage), upload_id, len(content))).rowcount == 1
+    if not kept:
+        storage.unlink(missing_ok=True)
+        return None
+    return {"id": pid, "upload_id": upload_id, "created_at": now}
 
 
 def joined(paths: list[str]) -> tuple[bytes, str]:
@@ -102,9 +155,27 @@ def joined(paths: list[str]) -> tuple[bytes, str]:
 
 @router.post("/uploads/{upload_id}/complete")
 async def complete_upload(upload_id: str, body: CompleteBody, request: Request, key: Key):
+    """The upload's parts as one file: the upload is ``completing`` while its parts are joined and checked (a second
+    ``complete`` meanwhile is a 400), ``completed`` with its file after, and ``pending`` again when a check fails."""
     upload = _upload(request, key, upload_id)
     store = request.app.state.store
-    parts = {p["id"]: p for p in store.upload_parts(upload_id)}
+    if not moved(store, upload_id, "pending", "completing"):
+        raise not_pending(upload_id, store.get_upload(upload_id, key)["status"])
+    try:
+        file = await completed_file(request, key, upload, body)
+    except BaseException:
+        moved(store, upload_id, "completing", "pending")
+        raise
+    if not moved(store, upload_id, "completing", "completed", file["id"]):  # expired by the sweep meanwhile
+        store.delete_file(file["id"], key)
+        raise not_pending(upload_id, store.get_upload(upload_id, key)["status"])
+    return upload_object(store.get_upload(upload_id, key), file)
+
+
+async def completed_file(request: Request, key, upload: dict, body: CompleteBody) -> dict:
+    """The file the upload's parts make in the order ``part_ids`` gives, after every check (400 naming the field)."""
+    store = request.app.state.store
+    parts = {p["id"]: p for p in store.upload_parts(upload["id"])}
     unknown = [pid for pid in body.part_ids if pid not in parts]
     if unknown or len(set(body.part_ids)) != len(body.part_ids):
         what = f"not parts of this upload: {unknown[:3]}" if unknown else "a part is listed twice"
@@ -117,13 +188,14 @@ async def complete_upload(upload_id: str, body: CompleteBody, request: Request, 
         raise APIError(400, "md5: the parts joined in this order do not have this checksum", param="md5",
                        code="checksum_mismatch")
     await checked(request, key, upload["purpose"], content, "part_ids")
-    file = store.add_file(key, upload["filename"], upload["purpose"], content)
-    store.set_upload(upload_id, "completed", file["id"])
-    return upload_object(store.get_upload(upload_id, key), file)
+    made = store.add_file(key, upload["filename"], upload["purpose"], content)
+    return expire_file(store, made, upload.get("file_expires_s"))
 
 
 @router.post("/uploads/{upload_id}/cancel")
 async def cancel_upload(upload_id: str, request: Request, key: Key):
     _upload(request, key, upload_id)
-    request.app.state.store.set_upload(upload_id, "cancelled")
-    return upload_object(request.app.state.store.get_upload(upload_id, key))
+    store = request.app.state.store
+    if not moved(store, upload_id, "pending", "cancelled"):
+        raise not_pending(upload_id, store.get_upload(upload_id, key)["status"])
+    return upload_object(store.get_upload(upload_id, key))
