@@ -16,6 +16,7 @@ import pytest
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.jobs.worker import announce_start, job_error, work
+from tunesmith.serve.keys import owner_id, server_secret
 from tunesmith.serve.store import Store
 
 from .conftest import http_get, running_server
@@ -225,7 +226,8 @@ def test_job_errors_never_show_server_paths_or_exception_names(live):
     f = c.files.create(file=("t.jsonl", chat_jsonl(4)), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model=live["base"], training_file=f.id)
     store = Store(live["data_dir"])
-    storage = Path(store.get_file(f.id, "k1")["storage"])
+    owner = owner_id(server_secret(live["data_dir"]), "k1")  # the store keeps owner ids, never keys
+    storage = Path(store.get_file(f.id, owner)["storage"])
     storage.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")  # changed on disk
     work(live["data_dir"], once=True)
     failed = c.fine_tuning.jobs.retrieve(job.id)
@@ -234,7 +236,7 @@ def test_job_errors_never_show_server_paths_or_exception_names(live):
     events = " ".join(e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100).data)
     for text in (failed.error.message, events):
         assert str(live["data_dir"]) not in text and "files/" not in text and "Error" not in text
-    unexpected = job_error(KeyError(str(storage)), store, store.get_job(job.id, "k1"))
+    unexpected = job_error(KeyError(str(storage)), store, store.get_job(job.id, owner))
     assert unexpected["code"] == "server_error" and str(storage) not in unexpected["message"]
     assert "KeyError" not in unexpected["message"]
 
@@ -317,7 +319,7 @@ def test_sigterm_with_a_request_in_flight_exits_within_the_bound(tmp_path, long_
     assert outcome["result"] != "finished", "the request was not interrupted"
     assert not _worker_pids(data_dir), "the worker outlived the server"
     store = Store(data_dir)
-    job = store.get_job(job_id, "k")
+    job = store.get_job(job_id, owner_id(server_secret(data_dir), "k"))
     saved = [e["message"] for e in store.events(job_id) if "saved at step" in e["message"]]
     assert job["status"] == "running" and saved, "the worker did not stop at a step with a checkpoint"
     step = int(saved[0].split("saved at step ")[1].split()[0])

@@ -15,4 +15,6 @@ against the Rooms block of docs/architecture.md), top to bottom:
 - ``engines/``: the inference-engine interface, the builtin engine, vLLM behind tunesmith, trained heads,
   the errors every room answers with, worker-process helpers and the GPU split.
 - ``store.py``: the server's per-key SQLite state (files, jobs, checkpoints, responses); imports nothing here.
+- ``keys.py``: API keys at rest: the server's secret and each key's owner id (a keyed hash), the only form of a
+  key the store keeps; imports nothing here.
 """

@@ -1,7 +1,9 @@
 """SQLite store for files, fine-tuning jobs, their events and checkpoints.
 
 Schema changes are named, ordered migrations recorded in ``schema_migrations``; a database is
-brought up to date when opened. Ids are opaque random strings and are never used as paths:
+brought up to date when opened. A migration is SQL, or a Python step called with the connection and
+the data folder inside the same transaction. Every ``owner`` is an owner id (:mod:`tunesmith.serve.keys`),
+never an API key. Ids are opaque random strings and are never used as paths:
 uploaded bytes live at ``<root>/files/<random>.jsonl`` under a name the store chose.
 Events carry a ``dedup_key`` with a unique index, so a worker that resumes after a crash and
 re-reports a step does not duplicate its event.
@@ -9,14 +11,33 @@ re-reports a step does not duplicate its event.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-MIGRATIONS: list[tuple[str, str]] = [
+from tunesmith.serve.keys import is_owner_id, owner_id, server_secret
+
+
+def owners_as_ids(db: sqlite3.Connection, root: Path) -> None:
+    """Every ``owner`` column of every table, rewritten from the raw API key an older version stored to its owner
+    id; NULL (no keys) and values that already are owner ids are left alone."""
+    secret = server_secret(root)
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for table in tables:
+        if not any(col[1] == "owner" for col in db.execute(f'PRAGMA table_info("{table}")')):
+            continue
+        raw = [r[0] for r in db.execute(f'SELECT DISTINCT owner FROM "{table}" WHERE owner IS NOT NULL')]
+        for key in (k for k in raw if not is_owner_id(k)):
+            db.execute(f'UPDATE "{table}" SET owner = ? WHERE owner = ?', (owner_id(secret, key), key))
+
+
+Migration = str | Callable[[sqlite3.Connection, Path], None]
+MIGRATIONS: list[tuple[str, Migration]] = [
     ("0001_files", """
         CREATE TABLE files (
             id TEXT PRIMARY KEY, owner TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL,
@@ -99,6 +120,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, status_code INTEGER NOT NULL,
             body TEXT NOT NULL, PRIMARY KEY (batch_id, line)
         )"""),
+    ("0021_owners_as_keyed_hashes", owners_as_ids),
     # per-key quotas count with these (tunesmith.serve.quotas); a file may expire (NULL: kept until deleted)
     ("0022_files_by_owner", "CREATE INDEX files_by_owner ON files (owner, bytes)"),
     ("0023_file_expires_at", "ALTER TABLE files ADD COLUMN expires_at INTEGER"),
@@ -146,23 +168,34 @@ class Store:
 
         One ``BEGIN IMMEDIATE`` transaction takes the write lock *before* reading which migrations
         are done, so processes opening a new database at once (server, Ray workers) wait for each
-        other instead of both creating the same table.
+        other instead of both creating the same table. What a migration rewrites is zeroed in the file
+        (``secure_delete``), and the log is checkpointed after it, so no old value stays behind in the bytes.
         """
         with self.lock:
+            wiped = self.db.execute("PRAGMA secure_delete").fetchone()[0]
+            self.db.execute("PRAGMA secure_delete = ON")  # what a migration rewrites (a raw key) is zeroed, not freed
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
                 done = {r[0] for r in self.db.execute("SELECT name FROM schema_migrations")}
                 applied = []
-                for name, sql in MIGRATIONS:
+                for name, step in MIGRATIONS:
                     if name not in done:
-                        self.db.execute(sql)
+                        if isinstance(step, str):
+                            self.db.execute(step)
+                        else:
+                            step(self.db, self.root)
                         self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, time.time()))
                         applied.append(name)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            finally:
+                self.db.execute(f"PRAGMA secure_delete = {int(wiped)}")
+            if applied:  # the old pages leave the write-ahead log too (best effort: another process may hold some)
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return applied
 
     # --- files ------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
 """The API key every route of the server checks, and what a key may see: the base model and command-line adapters,
-plus the fine-tuned models of its own jobs (another key's are a 404, as for a model that does not exist)."""
+plus the fine-tuned models of its own jobs (another key's are a 404, as for a model that does not exist).
+
+A route gets the caller's owner id (:func:`tunesmith.serve.keys.owner_id`), never the key: that is what the store
+keeps and compares, so no table holds a key."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.keys import owner_id, server_secret
 
 
 def bearer(header: str) -> str | None:
@@ -15,29 +20,61 @@ def bearer(header: str) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
-OWNER_SCOPE = "tunesmith.owner"  # on an in-process call's ASGI scope (a batch's line): the owner it runs as
+OWNER_SCOPE = "tunesmith.owner"  # on an in-process call's ASGI scope (a batch's line): the owner id it runs as
+
+
+def _owner_ids(app) -> dict[str, str]:
+    """Each configured key → its owner id, computed once per app (an HMAC per request would be wasted work)."""
+    ids = getattr(app.state, "owner_ids", None)
+    if ids is None:
+        secret = server_secret(app.state.store.root)  # the folder whose migration keyed the owners
+        ids = app.state.owner_ids = {k: owner_id(secret, k) for k in app.state.settings.api_keys}
+    return ids
+
+
+def _configured(keys, key: str | None) -> str | None:
+    """The configured key equal to ``key``, compared in constant time against every one (how long the check takes
+    says nothing about how much of a guess was right); None when none is."""
+    if key is None:
+        return None
+    given, match = key.encode("utf-8", "surrogatepass"), None
+    for k in keys:
+        if hmac.compare_digest(given, k.encode("utf-8", "surrogatepass")):
+            match = k
+    return match
+
+
+def owner_of(app, key: str | None) -> str | None:
+    """The owner id of a raw bearer ``key`` for code outside a route (an ASGI middleware): None when the key is not
+    one of the server's, or the server has no keys."""
+    keys = app.state.settings.api_keys
+    match = _configured(keys, key) if keys else None
+    return None if match is None else _owner_ids(app)[match]
 
 
 def api_key(request: Request) -> str | None:
-    """The caller's key (it scopes files and jobs); 401 when keys are configured and it is wrong. A call made in
-    process (a batch's line) carries its owner on its ASGI scope, which no HTTP client can set."""
+    """The caller's owner id (it scopes files, jobs and everything else a key keeps); 401 when keys are configured
+    and the bearer is none of them; None on a server without keys. A call made in process (a batch's line)
+    carries its owner id on its ASGI scope, which no HTTP client can set."""
     if OWNER_SCOPE in request.scope:
         return request.scope[OWNER_SCOPE]
     keys = request.app.state.settings.api_keys
-    key = bearer(request.headers.get("authorization", ""))
-    if keys and key not in keys:
+    if not keys:
+        return None
+    match = _configured(keys, bearer(request.headers.get("authorization", "")))
+    if match is None:
         raise APIError(401, "Missing or invalid API key. Send 'Authorization: Bearer <key>'.", code="invalid_api_key")
-    return key
+    return _owner_ids(request.app)[match]
 
 
 Key = Annotated[str | None, Depends(api_key)]
 
 
 def visible_models(request: Request, key: str | None) -> list[str]:
-    """The base model and command-line adapters, plus the fine-tuned models of this key's own jobs."""
+    """The base model and command-line adapters, plus the fine-tuned models of this owner's own jobs."""
     request.app.state.sync_adapters()
-    owners = request.app.state.model_owners
-    return [m for m in request.app.state.engine.model_ids() if m not in owners or owners[m] == key]
+    owners, shared = request.app.state.model_owners, object()  # one lookup each: another thread may delete a model
+    return [m for m in request.app.state.engine.model_ids() if (owner := owners.get(m, shared)) is shared or owner == key]
 
 
 def engine_for(request: Request, model: str, key: str | None):
