@@ -22,10 +22,9 @@ from pathlib import Path
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request
-from tunesmith.serve.engines.shares import Demand, ShareRules, Shares
+from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, default_contended_rows
 
 __all__ = ["Engine"]
-CPU_CONTENDED_ROWS = 4  # measured: docs/benchmarks.md, "A step's cost by its rows"
 
 
 @dataclass(eq=False, kw_only=True)
@@ -322,13 +321,6 @@ def tenant_rows(active, waiting, paused, line: TenantLines) -> dict[object, _Ten
             mine = out.setdefault(row.tenant, _TenantRows())
             (mine.background if row.background else mine.interactive).append((where, row))
     return out
-
-
-def default_contended_rows(device) -> int:
-    """The step's rows while a light tenant shares the engine: on a CPU a step's cost grows with its rows
-    (docs/benchmarks.md, "Noisy neighbours"), so few; on an accelerator, where a few more rows cost next to
-    nothing, no cap."""
-    return CPU_CONTENDED_ROWS if getattr(device, "type", str(device)) == "cpu" else 1 << 30
 
 
 def row_failure(exc: BaseException) -> APIError:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+CPU_CONTENDED_ROWS = 4  # measured: docs/benchmarks.md, "A step's cost by its rows"
+
 
 @dataclass(frozen=True)
 class ShareRules:
@@ -90,3 +92,10 @@ def water_fill(wanted: dict[object, int], capacity: int) -> dict[object, int]:
             if left == 0:
                 break
     return given
+
+
+def default_contended_rows(device) -> int:
+    """The step's rows while a light tenant shares the engine: on a CPU a step's cost grows with its rows
+    (docs/benchmarks.md, "Noisy neighbours"), so few; on an accelerator, where a few more rows cost next to
+    nothing, no cap."""
+    return CPU_CONTENDED_ROWS if getattr(device, "type", str(device)) == "cpu" else 1 << 30
