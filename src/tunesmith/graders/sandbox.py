@@ -6,7 +6,8 @@ the rows after it go on in a fresh process:
 
 - CPU time (``RLIMIT_CPU``, set per row by the child; the whole process is capped at rows × limit),
 - memory (``RLIMIT_AS``: an allocation past it fails with MemoryError inside the grader),
-- wall-clock (the parent kills the process group when a row takes longer),
+- wall-clock (the sandbox's relay ends the grader when a row takes longer; this process kills the process
+  group :data:`RELAY_GRACE_S` later if the relay has not answered),
 - written file size (``RLIMIT_FSIZE``) and no core dumps.
 
 Isolation (see :mod:`tunesmith.graders.sandbox_child`), every layer required:
@@ -19,6 +20,12 @@ Isolation (see :mod:`tunesmith.graders.sandbox_child`), every layer required:
 - a seccomp allow list (:mod:`tunesmith.graders.seccomp`): the system calls a Python grader needs and no
   other (no socket, process, thread, signal, ptrace, chmod, chown, xattr, utime, truncate by path, link);
 - an audit hook with readable refusals, and an environment with none of the server's variables (API keys).
+
+The grader does not outlive this process: ``unshare`` gets ``PR_SET_PDEATHSIG`` (SIGKILL) before it is executed,
+from the thread that then waits on it and kills it, so the thread's end (the caveat of that signal) can only come
+after the sandbox's; the relay watches its stdin for this process's end and keeps the wall clock itself, so a
+server that is stopped rather than killed leaves no grader running past its limit (the reasons, case by case, are
+in :mod:`tunesmith.graders.sandbox_child`).
 
 Where the host cannot give one of these layers python graders are refused with the reason (:func:`refusal`):
 the server does not start with them on, and :func:`run_python` raises.
@@ -47,11 +54,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.graders.sandbox_child import reward_error
+from tunesmith.graders.sandbox_child import die_with_parent, reward_error
 
 CHILD = Path(__file__).with_name("sandbox_child.py")
 SECCOMP = Path(__file__).with_name("seccomp.py")
 STARTUP_S = 20.0  # interpreter start and the grader's own imports (numpy, …), before the first row
+RELAY_GRACE_S = 5.0  # past the relay's own deadline, this process stops waiting for its answer and kills the group
 LINE_BYTES = 16384  # the longest line the server reads from the sandbox (its answers are under 2,100 bytes)
 
 
@@ -145,7 +153,10 @@ def isolation() -> str:
 
 
 def _limit(limits: Limits, rows: int):
+    server = os.getpid()
+
     def apply() -> None:
+        die_with_parent(server)
         cpu = limits.cpu_s * rows + 2
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
         memory = limits.memory_mb * 1024 * 1024
@@ -167,7 +178,7 @@ class _Child:
     """One grader process and the lines it answers."""
 
     def __init__(self, folder: str, limits: Limits, rows: int):
-        cmd = [sys.executable, "-I", str(CHILD)]
+        cmd = [sys.executable, "-I", str(CHILD), "--wall-s", f"{limits.wall_s:g}", "--startup-s", f"{STARTUP_S:g}"]
         if NAMESPACED:
             cmd = [shutil.which("unshare") or "unshare", *NAMESPACES, *cmd, "--folder-mb", str(limits.folder_mb)]
         self.stderr = tempfile.TemporaryFile()
@@ -257,15 +268,17 @@ def _run_some(folder: str, rows: list[tuple[dict, dict]], limits: Limits) -> lis
     child = _Child(folder, limits, len(rows))
     done: list[Outcome] = []
     try:
-        first = child.read(STARTUP_S)
+        first = child.read(STARTUP_S + RELAY_GRACE_S)
         if first is None or first.get("ready") is not True:
             reason = first.get("fatal") if first else None
             reason = reason[:2000] if isinstance(reason, str) else child.why_dead(limits)
             return [Outcome(0.0, reason) for _ in rows]
         for sample, item in rows:
             start, token = time.perf_counter(), secrets.token_hex(16)
-            answer = child.read(limits.wall_s) if child.send(
+            answer = child.read(limits.wall_s + RELAY_GRACE_S) if child.send(
                 {"token": token, "sample": sample, "item": item, "cpu_s": limits.cpu_s}) else None
+            if answer is not None and isinstance(answer.get("ended"), str):  # the relay's: it waited too long for us
+                return [*done, Outcome(0.0, answer["ended"][:2000], time.perf_counter() - start)]
             if answer is None:
                 time.sleep(0.05)  # let a process killed by the kernel be reaped, to name the limit
                 return [*done, Outcome(0.0, child.why_dead(limits), time.perf_counter() - start)]

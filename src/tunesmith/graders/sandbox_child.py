@@ -18,6 +18,27 @@ pipe and reads the grader's answer from another, at most :data:`ANSWER_BYTES` by
 (a finite reward in [0, 1], or an error), times it itself, and answers the server on the original stdout
 with the server's per-row token. Whatever the grader writes, on any descriptor it has, can only become its
 own row's error; a grader that breaks the protocol is ended and the next rows go on in a fresh process.
+
+**The grader never outlives its server.** Three things end it, each for a case the others miss:
+
+- the relay keeps the wall clock itself (``--wall-s`` per row, ``--startup-s`` for loading the source, ``--wall-s``
+  again for the server's next row): past it the grader is killed, the server told why, and the relay exits. This
+  is what ends a grader whose server is alive but does not act (stopped with SIGSTOP, or stalled), which no
+  signal of a process's death reports;
+- while it waits the relay watches its stdin, the pipe the server writes rows to: when the server's process
+  ends, its end of the pipe closes (the relay sees ``POLLHUP``) and the grader is killed at once. The pipe says
+  "the process that talks to me is gone" whichever thread started the sandbox, but it stays open while any
+  other process holds its write end (a child the server forked without executing anything);
+- ``PR_SET_PDEATHSIG`` (SIGKILL) on ``unshare`` (set by the server before it executes it), on this relay
+  (``unshare --kill-child``) and on the grader process (set here after the fork; it matters where the sandbox
+  runs without namespaces, in tests of the inner layers): a SIGKILLed server takes the whole chain down at
+  once, whoever else holds its pipes. Its caveat, that it fires when the *thread* that forked ends, not the
+  process, is harmless here: the server thread that starts the sandbox is the one that waits on it and kills
+  it, and the relay is single-threaded. Once the relay, PID 1 of the grader's PID namespace, is gone the
+  kernel kills every process left in that namespace, so nothing the grader does to its own setting counts.
+
+A process group (the server starts the sandbox in a session of its own and kills the group when it is done with
+it) needs a living server to send the signal, so it covers none of these cases alone.
 """
 
 import ctypes
@@ -36,7 +57,41 @@ FILE_RW = 2 | 4  # write file, read file (rules on single files such as /dev/nul
 BLOCKED_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
                   "os.kill", "os.killpg", "pty.spawn", "os.chroot", "sys.remote_exec")
 ANSWER_BYTES = 8192  # the longest answer line the relay reads from the grader (errors are cut to 2,000 characters)
-PR_SET_DUMPABLE = 4
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+SERVER = 0  # the relay's stdin: the server's rows, and the end of the server when it closes
+
+
+class ServerGone(Exception):
+    """The server's end of the relay's stdin closed: the server process ended."""
+
+
+PRCTL = ctypes.CDLL(None).prctl  # looked up before any fork: a forked child of a threaded server may not dlopen
+
+
+def die_with_parent(parent: int) -> None:
+    """In a process just forked by ``parent``: SIGKILL when the thread that forked it ends; exit now if that
+    already happened (the signal would never come)."""
+    PRCTL(PR_SET_PDEATHSIG, _long(signal.SIGKILL), _long(0), _long(0), _long(0))
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def wait_for(fd: int, deadline: float, event: int = select.POLLIN) -> None:
+    """Until ``fd`` is readable (or at its end), or writable for ``event`` POLLOUT; TimeoutError at ``deadline``
+    (``time.monotonic``), ServerGone as soon as the server's end of :data:`SERVER` closes."""
+    poll = select.poll()
+    poll.register(SERVER, select.POLLIN if fd == SERVER else 0)  # 0: only its hang-up (or an error) is reported
+    if fd != SERVER:
+        poll.register(fd, event)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        events = dict(poll.poll(math.ceil(left * 1000)))
+        if fd in events:
+            return
+        if events.get(SERVER):
+            raise ServerGone
 
 
 def _long(v):
@@ -229,22 +284,29 @@ class GraderPipe:
 
     def __init__(self, pid: int, rows_fd: int, answers_fd: int):
         self.pid, self.rows, self.answers, self.buffer = pid, rows_fd, answers_fd, b""
+        os.set_blocking(rows_fd, False)  # a grader that stops reading cannot hold the relay past the deadline
 
-    def send(self, row: dict) -> bool:
-        try:
-            os.write(self.rows, (json.dumps(row) + "\n").encode())
-            return True
-        except OSError:
-            return False
+    def send(self, row: dict, deadline: float) -> bool:
+        """The row written whole; False when the grader process ended; TimeoutError at ``deadline``."""
+        data = (json.dumps(row) + "\n").encode()
+        while data:
+            wait_for(self.rows, deadline, select.POLLOUT)
+            try:
+                data = data[os.write(self.rows, data):]
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False
+        return True
 
-    def line(self) -> bytes | dict | None:
+    def line(self, deadline: float) -> bytes | dict | None:
         """The next line the grader process wrote; an error dict when it wrote too much without a line end;
-        None when it ended."""
+        None when it ended. TimeoutError at ``deadline``, ServerGone when the server ends first."""
         while b"\n" not in self.buffer:
             if len(self.buffer) > ANSWER_BYTES:
                 return {"error": f"ValueError: the grader process wrote more than {ANSWER_BYTES} bytes "
                                  "without a line end", "restart": True}
-            select.select([self.answers], [], [])
+            wait_for(self.answers, deadline)
             chunk = os.read(self.answers, ANSWER_BYTES + 1)
             if not chunk:
                 return None
@@ -255,9 +317,9 @@ class GraderPipe:
                     "restart": True}
         return line
 
-    def answer(self) -> dict | None:
+    def answer(self, deadline: float) -> dict | None:
         """The next checked answer (see :func:`checked_answer`), or None when the grader process ended."""
-        line = self.line()
+        line = self.line(deadline)
         if not isinstance(line, bytes):
             return line
         answer = checked_answer(line)
@@ -265,9 +327,13 @@ class GraderPipe:
             answer = {"error": "ValueError: the grader process wrote more than one answer for a row", "restart": True}
         return answer
 
-    def loaded(self) -> str | None:
-        """None once the grader process says it loaded the source, else why it did not."""
-        line = self.line()
+    def loaded(self, startup_s: float) -> str | None:
+        """None once the grader process says it loaded the source, else why it did not (ServerGone when the
+        server ends first)."""
+        try:
+            line = self.line(time.monotonic() + startup_s)
+        except TimeoutError:
+            return f"TimeoutError: the grader took longer than {startup_s:g} s to load its source"
         try:
             first = json.loads(line) if isinstance(line, bytes) else {}
         except (ValueError, RecursionError):
@@ -278,14 +344,56 @@ class GraderPipe:
             return first["fatal"][:2000]
         return "RuntimeError: the grader process ended or wrote something else while loading its source"
 
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
-def relay(pipe: GraderPipe, server_in, server_out) -> None:
+
+class ServerRows:
+    """The server's rows on :data:`SERVER`, a line at a time, each waited for at most the wall clock."""
+
+    def __init__(self):
+        self.buffer = b""
+
+    def next(self, deadline: float) -> dict | None:
+        """The next row; None at the end of the server's input (it closed the pipe: it ended, or has no more
+        rows); TimeoutError at ``deadline``."""
+        while b"\n" not in self.buffer:
+            wait_for(SERVER, deadline)  # readable at the server's end too: what it wrote, then the end
+            chunk = os.read(SERVER, 65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return json.loads(line)  # the server's own line: trusted
+
+
+def relay(pipe: GraderPipe, server_out, wall_s: float) -> None:
     """Pass each row of the server's to the grader process and its checked answer back with the row's token;
-    end (ending the grader) when the grader process ends or breaks the protocol."""
-    for line in server_in:
-        row = json.loads(line)  # the server's own line: trusted
-        start = time.perf_counter()
-        answer = pipe.answer() if pipe.send({k: row[k] for k in ("sample", "item", "cpu_s")}) else None
+    end (the caller then kills the grader) when the grader process ends or breaks the protocol, a row runs past
+    ``wall_s``, the server sends no row for ``wall_s``, or the server ends."""
+    rows = ServerRows()
+    while True:
+        try:
+            row = rows.next(time.monotonic() + wall_s)
+        except TimeoutError:  # the server is stopped or stalled: the grader may not wait with it
+            server_out.write(json.dumps({"ended": f"RuntimeError: the sandbox waited more than {wall_s:g} s for "
+                                                  "the server's next row and ended the grader"}) + "\n")
+            server_out.flush()
+            return
+        if row is None:
+            return
+        start, deadline = time.perf_counter(), time.monotonic() + wall_s
+        try:
+            answer = pipe.answer(deadline) if pipe.send({k: row[k] for k in ("sample", "item", "cpu_s")},
+                                                        deadline) else None
+        except TimeoutError:
+            pipe.kill()
+            answer = {"error": f"TimeoutError: the grader ran past its wall-clock limit of {wall_s:g} s",
+                      "restart": True}
         if answer is None:
             return  # the server names the reason (a limit, a crash) from the process's end and its stderr
         answer.update(token=row["token"], seconds=time.perf_counter() - start)
@@ -325,8 +433,10 @@ def start_grader(folder, read_roots, seccomp, keep_out: list[int]) -> GraderPipe
     installs ``seccomp``'s filter (:mod:`tunesmith.graders.seccomp`, loaded here by the relay)."""
     rows_r, rows_w = os.pipe()
     answers_r, answers_w = os.pipe()
+    relay_pid = os.getpid()
     pid = os.fork()
     if pid == 0:
+        die_with_parent(relay_pid)
         for fd in (*keep_out, rows_w, answers_r):
             os.close(fd)
         null = os.open("/dev/null", os.O_RDONLY)
@@ -336,6 +446,10 @@ def start_grader(folder, read_roots, seccomp, keep_out: list[int]) -> GraderPipe
     os.close(rows_r)
     os.close(answers_w)
     return GraderPipe(pid, rows_w, answers_r)
+
+
+def _flag(name: str, default: float) -> float:
+    return float(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
 
 
 def main() -> None:
@@ -359,13 +473,19 @@ def main() -> None:
             return
     abi = landlock(read_roots, [folder], ["/dev/null", "/dev/urandom"])
     ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, _long(0), _long(0), _long(0), _long(0))
-    pipe = start_grader(folder, read_roots, seccomp, keep_out=[0, server_out_fd])
-    fatal = pipe.loaded()
-    server_out.write(json.dumps({"fatal": fatal} if fatal else {"ready": True, "landlock": abi}) + "\n")
-    server_out.flush()
-    if fatal is None:
-        relay(pipe, sys.stdin, server_out)
-    os.kill(pipe.pid, signal.SIGKILL)
+    wall_s, startup_s = _flag("--wall-s", 30.0), _flag("--startup-s", 20.0)
+    pipe = start_grader(folder, read_roots, seccomp, keep_out=[SERVER, server_out_fd])
+    try:
+        fatal = pipe.loaded(startup_s)
+        server_out.write(json.dumps({"fatal": fatal} if fatal else {"ready": True, "landlock": abi}) + "\n")
+        server_out.flush()
+        if fatal is None:
+            relay(pipe, server_out, wall_s)
+    except (ServerGone, BrokenPipeError):
+        pass  # the server is gone: nobody to answer
+    finally:
+        pipe.kill()
+
 
 if __name__ == "__main__":
     main()
