@@ -3,7 +3,6 @@ calls them. Every batch belongs to its key (another key gets a 404, as for an id
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -11,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import page, paginate
-from tunesmith.serve.batches.lines import URLS, read_requests
+from tunesmith.serve.batches.lines import URLS
+from tunesmith.serve.batches.output import scan_input
 from tunesmith.serve.batches.store import BatchStore
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs.uploads import ExpiresAfter
@@ -52,13 +52,12 @@ async def create_batch(body: BatchBody, request: Request, key: Key):
     if f["purpose"] != "batch":
         raise APIError(400, f"input_file_id: {body.input_file_id} was uploaded with purpose {f['purpose']!r}; upload "
                        "the requests with purpose 'batch'", param="input_file_id", code="invalid_file_purpose")
-    requests = read_requests(Path(f["storage"]).read_bytes())
-    wrong = [r for r in requests if r["url"] != body.endpoint]
-    if wrong:
-        raise APIError(400, f"input_file_id: line {wrong[0]['line']} asks {wrong[0]['url']}, not the batch's endpoint "
+    count, model, wrong = await request.app.state.lanes.files.run(key, scan_input, f["storage"], body.endpoint)
+    if wrong is not None:
+        raise APIError(400, f"input_file_id: line {wrong['line']} asks {wrong['url']}, not the batch's endpoint "
                        f"{body.endpoint}", param="input_file_id", code="mixed_endpoints")
     batch = BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata,
-                                                    len(requests), requests[0]["body"]["model"], WINDOW_S)
+                                                    count, model, WINDOW_S)
     request.app.state.batch_runner.wake()
     return batch_object(batch)
 

@@ -1,30 +1,34 @@
-"""The batch runner: one task in the server answering the active batches, each in a task of its own.
+"""The batch runner: one task in the server starting each key's batches, one at a time per key, each in a task of its
+own.
 
-Each request of a batch goes through the server's own route for its URL, in process (an ASGI call, no socket): the
-same checks, plan, engine and answer shape as a client's request, its status and body kept as the line's answer
-the moment it comes. At most ``concurrency`` lines of a batch are in flight, and the engines see them as one tenant
-of their own (``batch:<key>``), so interactive requests of every key keep their turn in the engine's round robin
-while a batch fills the rest. Per-key request limits do not count a batch's lines (its concurrency bounds them).
+Each request of a batch goes through the server's own route for its URL, in process (an ASGI call, no socket), as its
+batch's owner: the same checks, plan, engine and answer shape as a client's request. Its rows are the key's own
+*background* rows in the engine (:mod:`tunesmith.serve.engines.shares`): they count in the key's share of every step,
+after every interactive row, so a key's batches slow no other key more than its own requests would, and a key with
+several batches runs them one after another (the others wait, ``validating``). At most ``concurrency`` lines of a
+batch are in flight.
 
-A batch interrupted by a stop goes on from its unanswered lines when the server starts again; ``cancel`` stops
-starting lines and cancels those in flight within seconds, and what finished is written out. Past its completion
-window a batch ``expired``, with the lines it answered.
+Nothing of a batch is held whole, in memory or in SQLite: its input is read in chunks, off the event loop (the files
+lane), and each answer is appended to the batch's output or error file as it comes, the line written off the loop
+and only its number, status and the files' lengths recorded in the store, in one transaction. A batch interrupted by
+a stop cuts its files back to the recorded lengths and goes on from its unanswered lines when the server starts
+again; ``cancel`` stops starting lines and cancels those in flight within seconds, and what finished is kept. Past
+its completion window a batch ``expired``, with the lines it answered.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from pathlib import Path
 
 from tunesmith.serve.api.auth import OWNER_SCOPE
-from tunesmith.serve.batches.lines import output_line, read_requests
+from tunesmith.serve.batches.output import BatchFiles, InputLines, failure_body
 from tunesmith.serve.batches.store import BatchStore
 
 log = logging.getLogger("tunesmith.serve")
-BATCH_SCOPE = "tunesmith.batch"  # set on a batch line's ASGI scope: the routes share the engine and skip key limits
+BATCH_SCOPE = "tunesmith.batch"  # set on a batch line's ASGI scope: the routes skip key limits, rows in the background
+CHUNK_LINES = 64  # input lines read at a time
 
 
 class BatchRunner:
@@ -57,17 +61,24 @@ class BatchRunner:
     def batches(self) -> BatchStore:
         return BatchStore(self.app.state.store)
 
+    @property
+    def files_lane(self):
+        return self.app.state.lanes.files
+
     async def _loop(self) -> None:
-        """Every active batch runs at once, each its own task (a large batch of one key does not hold another's
-        behind it: the engine shares its rows between their tenants)."""
+        """Each key's oldest active batch runs, the others of that key wait their turn; different keys' batches run
+        side by side (the engine shares each step over keys)."""
         running: dict[str, asyncio.Task] = {}
         try:
             while True:
-                for batch in self.batches.active():
-                    if batch["id"] not in running:
-                        running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
                 for bid in [b for b, task in running.items() if task.done()]:
                     del running[bid]
+                busy = {b["owner"] for b in self.batches.active() if b["id"] in running}
+                for batch in self.batches.active():
+                    if batch["id"] in running or batch["owner"] in busy:
+                        continue
+                    busy.add(batch["owner"])
+                    running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
                 self.event.clear()
                 try:
                     await asyncio.wait_for(self.event.wait(), 2.0)
@@ -86,77 +97,105 @@ class BatchRunner:
             log.exception("batch %s failed", batch["id"])
             self.batches.update(batch["id"], errors=[{"code": "batch_failed", "message": str(exc)[:500]}])
             self.batches.mark(batch["id"], "failed")
+        finally:
+            self.wake()  # the key's next batch may start
 
     async def _run(self, batch: dict) -> None:
         bid = batch["id"]
+        files = BatchFiles(self.app.state.store.root, bid)
         if batch["status"] == "validating":
             self.batches.mark(bid, "in_progress")
+        await self.files_lane.run(batch["owner"], self._files_as_recorded, batch, files)
         if batch["status"] != "cancelling" and bid not in self.cancelled:
-            requests = self._requests(batch)
-            if requests is None:
+            f = self.app.state.store.get_file(batch["input_file_id"], batch["owner"])
+            if f is None:
+                self.batches.update(bid, errors=[{"code": "input_file_deleted", "param": "input_file_id",
+                                                  "message": f"the input file {batch['input_file_id']} was deleted"}])
+                self.batches.mark(bid, "failed")
                 return
-            done = {r["line"] for r in self.batches.results(bid)}
-            await self._answer(batch, [r for r in requests if r["line"] not in done])
+            await self._answer(batch, f["storage"], files)
         now = self.batches.get(bid, any_owner=True)
         cancelled = bid in self.cancelled or now["status"] == "cancelling"
-        finished = now["request_counts"]
-        expired = not cancelled and finished["completed"] + finished["failed"] < batch["total"]
-        self._finish(batch, "cancelled" if cancelled else "expired" if expired else "completed")
+        counts = now["request_counts"]
+        expired = not cancelled and counts["completed"] + counts["failed"] < batch["total"]
+        await self._finish(batch, files, "cancelled" if cancelled else "expired" if expired else "completed")
         self.cancelled.discard(bid)
 
-    def _requests(self, batch: dict) -> list[dict] | None:
-        f = self.app.state.store.get_file(batch["input_file_id"], batch["owner"])
-        if f is None:
-            self.batches.update(batch["id"], errors=[{"code": "input_file_deleted", "param": "input_file_id",
-                                                      "message": f"the input file {batch['input_file_id']} was deleted"}])
-            self.batches.mark(batch["id"], "failed")
-            return None
-        return read_requests(Path(f["storage"]).read_bytes())
+    def _files_as_recorded(self, batch: dict, files: BatchFiles) -> None:
+        """The batch's files cut back to their recorded lengths; answers an earlier version kept in the store are
+        written out first."""
+        files.cut_to(batch["output_bytes"], batch["error_bytes"])
+        stored = self.batches.stored_answers(batch["id"])
+        if stored and not batch["output_bytes"] and not batch["error_bytes"]:
+            for row in stored:
+                sizes = files.append(row["custom_id"], row["status_code"], row["body"].encode())
+                self.batches.add_result(batch["id"], row["line"], row["custom_id"], row["status_code"], *sizes)
 
-    async def _answer(self, batch: dict, pending: list[dict]) -> None:
+    async def _answer(self, batch: dict, input_path: str, files: BatchFiles) -> None:
+        """Every line not answered yet, at most ``concurrency`` in flight, read chunk by chunk off the loop."""
         import httpx2 as httpx
 
-        bid, gate = batch["id"], asyncio.Semaphore(self.concurrency)
+        bid, owner, gate = batch["id"], batch["owner"], asyncio.Semaphore(self.concurrency)
+        done = await self.files_lane.run(owner, self.batches.answered_lines, bid)
         app = self.app
 
         async def tagged(scope, receive, send):
-            tags = {BATCH_SCOPE: bid, OWNER_SCOPE: batch["owner"]}
+            tags = {BATCH_SCOPE: bid, OWNER_SCOPE: owner}
             await app({**scope, **tags} if scope["type"] == "http" else scope, receive, send)
 
+        tasks: set[asyncio.Task] = set()
+        self.in_flight[bid] = tasks
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=tagged), base_url="http://batch",
                                      timeout=None) as client:
             async def one(request: dict) -> None:
-                async with gate:
-                    if bid in self.cancelled or time.time() > batch["expires_at"]:
-                        return
-                    try:
-                        r = await client.post(request["url"], json=request["body"])
-                        status, body = r.status_code, r.json()
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - this line's answer, not the batch's end
-                        status, body = 500, {"error": {"message": f"{type(exc).__name__}: {exc}"[:500],
-                                                       "type": "server_error", "param": None, "code": "batch_line_failed"}}
-                    self.batches.add_result(bid, request["line"], request["custom_id"], status, body)
+                if bid in self.cancelled or time.time() > batch["expires_at"]:
+                    return
+                try:
+                    r = await client.post(request["url"], json=request["body"])
+                    status, body = r.status_code, r.content
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - this line's answer, not the batch's end
+                    status, body = 500, failure_body(f"{type(exc).__name__}: {exc}")
+                await self.files_lane.run(owner, record, request, status, body)
 
-            tasks = {asyncio.ensure_future(one(r)) for r in pending}
-            self.in_flight[bid] = tasks
+            def record(request: dict, status: int, body: bytes) -> None:
+                """The answer appended to its file, then its line and the files' lengths recorded together (in the
+                files lane: one key's answers are written one after another)."""
+                sizes = files.append(request["custom_id"], status, body)
+                self.batches.add_result(bid, request["line"], request["custom_id"], status, *sizes)
+
             try:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                with InputLines(input_path, done) as source:
+                    while bid not in self.cancelled:
+                        chunk = await self.files_lane.run(owner, source.next_chunk, CHUNK_LINES)
+                        if not chunk:
+                            break
+                        for request in chunk:
+                            await gate.acquire()
+                            if bid in self.cancelled:
+                                gate.release()
+                                break
+                            task = asyncio.ensure_future(one(request))
+                            tasks.add(task)
+                            task.add_done_callback(tasks.discard)
+                            task.add_done_callback(lambda _: gate.release())
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
             finally:
+                for task in list(tasks):  # the server stops: its lines in flight end with it, answered again later
+                    task.cancel()
                 self.in_flight.pop(bid, None)
 
-    def _finish(self, batch: dict, status: str) -> None:
-        """The output file (answers with a 2xx status) and the error file (the others), then the final status."""
+    async def _finish(self, batch: dict, files: BatchFiles, status: str) -> None:
+        """The output file (answers with a 2xx status) and the error file (the others) kept as the batch's files,
+        then the final status."""
         bid, owner = batch["id"], batch["owner"]
         self.batches.mark(bid, "finalizing")
-        lines = [output_line(r["custom_id"], r["status_code"], r["body"]) for r in self.batches.results(bid)]
-        files = {}
-        for name, keep in (("output", lambda e: e["error"] is None), ("error", lambda e: e["error"] is not None)):
-            chosen = [e for e in lines if keep(e)]
-            if chosen:
-                content = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in chosen).encode()
-                files[f"{name}_file_id"] = self.app.state.store.add_file(owner, f"{bid}_{name}.jsonl", "batch_output",
-                                                                         content)["id"]
-        self.batches.update(bid, **files)
+        store = self.app.state.store
+        made = {}
+        for name, path in await self.files_lane.run(owner, files.finished):
+            made[f"{name}_file_id"] = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)["id"]
+        if made:
+            self.batches.update(bid, **made)
         self.batches.mark(bid, status)

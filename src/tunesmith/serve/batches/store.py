@@ -1,6 +1,7 @@
-"""Batches and their answered lines in the server's SQLite store (migrations 0019-0020). A batch belongs to the key
-that created it; each line's answer is kept as soon as it comes, so a batch interrupted by a restart goes on with
-the lines it has not answered."""
+"""Batches and their answered lines in the server's SQLite store (migrations 0019-0020, 0031-0032). A batch belongs
+to the key that created it; each answered line is recorded (its number and status; the answer itself is in the
+batch's output or error file, :mod:`tunesmith.serve.batches.output`) with the files' lengths, so a batch interrupted
+by a restart goes on with the lines it has not answered."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ class BatchStore:
         return [self._with_counts(dict(r)) for r in rows]
 
     def update(self, bid: str, **fields) -> None:
+        if not fields:
+            return
         fields = {k: json.dumps(v) if k == "errors" else v for k, v in fields.items()}
         with self.lock:
             self.db.execute(f"UPDATE batches SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
@@ -53,14 +56,29 @@ class BatchStore:
         """A new status, with its time (``in_progress_at``, ``completed_at``…)."""
         self.update(bid, status=status, **{f"{status}_at": int(time.time())})
 
-    def add_result(self, bid: str, line: int, custom_id: str, status_code: int, body: dict) -> None:
+    def add_result(self, bid: str, line: int, custom_id: str, status_code: int, output_bytes: int,
+                   error_bytes: int) -> None:
+        """One line answered (its answer already appended to the batch's file) and the files' lengths now, in one
+        transaction: a restart cuts the files back to these lengths."""
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO batch_results VALUES (?, ?, ?, ?, ?)",
-                            (bid, line, custom_id, status_code, json.dumps(body)))
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("INSERT OR REPLACE INTO batch_results VALUES (?, ?, ?, ?, '')",
+                                (bid, line, custom_id, status_code))
+                self.db.execute("UPDATE batches SET output_bytes = ?, error_bytes = ? WHERE id = ?",
+                                (output_bytes, error_bytes, bid))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
-    def results(self, bid: str) -> list[dict]:
-        rows = self.db.execute("SELECT * FROM batch_results WHERE batch_id = ? ORDER BY line", (bid,))
-        return [dict(r) | {"body": json.loads(r["body"])} for r in rows]
+    def answered_lines(self, bid: str) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT line FROM batch_results WHERE batch_id = ?", (bid,))}
+
+    def stored_answers(self, bid: str) -> list[dict]:
+        """Answers kept whole in the store by an earlier version (before the output files), in line order."""
+        rows = self.db.execute("SELECT * FROM batch_results WHERE batch_id = ? AND body != '' ORDER BY line", (bid,))
+        return [dict(r) for r in rows]
 
     def _with_counts(self, row: dict) -> dict:
         done = self.db.execute("SELECT COUNT(*), SUM(status_code >= 200 AND status_code < 300) FROM batch_results "
