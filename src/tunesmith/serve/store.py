@@ -132,6 +132,9 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0028_evals_by_owner", "CREATE INDEX evals_by_owner ON evals (owner)"),
     ("0029_eval_runs_by_owner", "CREATE INDEX eval_runs_by_owner ON eval_runs (owner)"),
     ("0030_upload_file_expires", "ALTER TABLE uploads ADD COLUMN file_expires_s INTEGER"),  # its file's expires_after
+    # a batch's answers are appended to its output and error files; the lengths recorded with each answered line
+    ("0031_batch_output_bytes", "ALTER TABLE batches ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0"),
+    ("0032_batch_error_bytes", "ALTER TABLE batches ADD COLUMN error_bytes INTEGER NOT NULL DEFAULT 0"),
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
@@ -208,6 +211,17 @@ class Store:
             self.db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, storage) "
                             "VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (fid, owner, filename, purpose, len(content), int(time.time()), str(storage)))
+        return self.get_file(fid, owner)
+
+    def adopt_file(self, owner: str | None, filename: str, purpose: str, path: Path) -> dict:
+        """A file made of ``path`` (moved into the store, never read into memory: a batch's output)."""
+        fid = new_id("file")
+        storage = self.root / "files" / f"{secrets.token_hex(16)}.jsonl"
+        Path(path).replace(storage)
+        with self.lock:
+            self.db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, storage) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (fid, owner, filename, purpose, storage.stat().st_size, int(time.time()), str(storage)))
         return self.get_file(fid, owner)
 
     def get_file(self, fid: str, owner: str | None) -> dict | None:
