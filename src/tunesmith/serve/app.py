@@ -145,7 +145,10 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
                        max_upload=settings.max_upload_mb * 1024 * 1024)
-    app.add_middleware(EdgeLimit, limiter_of=lambda: getattr(app.state, "limiter", None))  # runs first
+    app.add_middleware(EdgeLimit, limiter_of=lambda: getattr(app.state, "limiter", None))
+    from tunesmith.serve.api.gate import KeyGate
+
+    app.add_middleware(KeyGate, keys_of=lambda: settings.api_keys)  # runs first: no body of a stranger is read
     app.state.store = Store(settings.data_dir)
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)

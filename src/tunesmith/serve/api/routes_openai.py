@@ -84,13 +84,13 @@ async def planned_run(request: Request, key: str | None, engine, builder, body, 
     """The request's plan, built off the event loop, running on the engine as ``key``'s: a place among the key's
     requests in flight first (429 past its limit), its tokens charged once planned. Returns (plan, the engine's
     requests, the ticket to release when the answer has been sent)."""
-    batch = request.scope.get("tunesmith.batch")  # a batch's line (tunesmith.serve.batches.runner): its own tenant
+    batch = request.scope.get("tunesmith.batch")  # a batch's line (tunesmith.serve.batches.runner): in its key's share
     ticket = request.app.state.limiter.admit(key, counted=batch is None)
     try:
         plan = await build(builder, body, *more, engine, request.app.state.settings.max_tokens,
                            lane=request.app.state.lanes.plan, key=key)
         ticket.charge(plan.cost)
-        return plan, engine.run(plan, tenant=key if batch is None else f"batch:{key}"), ticket
+        return plan, engine.run(plan, tenant=key, background=batch is not None), ticket
     except BaseException:
         ticket.release()
         raise
