@@ -48,3 +48,44 @@ def test_a_teacher_without_a_key_variable_is_written_as_null(tmp_path):
     [loaded] = load_recipe(recipe).eval.endpoints
     assert (loaded.model, loaded.api_key_env, loaded.ask_as) == ("smollm2-135m-instruct", None, "plain")
     assert "# endpoints: the model whose stored answers" in recipe.read_text(encoding="utf-8")
+
+
+def test_a_jobs_suffix_carrying_yaml_reaches_the_recipe_only_as_the_teachers_name(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    """The path a key controls end to end: a job whose ``suffix`` holds a line break and ``base_url: …`` trains,
+    its fine-tune (a model id with dots, which the built-in engine serves) answers with ``store: true``, and
+    ``tunesmith distill --recipe`` on those answers writes a recipe whose only base_url is the server's."""
+    import openai
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+    from tunesmith.serve.jobs.worker import work
+
+    from .conftest import tiny_server
+    from .test_serve_jobs import chat_jsonl
+
+    suffix = "x\nbase_url: http://evil.example/v1"
+    data_dir = tmp_path / "data"
+    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1"})) as url:
+        c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0)
+        f = c.files.create(file=("t.jsonl", chat_jsonl(8)), purpose="fine-tune")
+        job = c.fine_tuning.jobs.create(model=str(tiny_model_dir), training_file=f.id, seed=1, suffix=suffix,
+                                        method={"type": "supervised", "supervised": {"hyperparameters": {
+                                            "n_epochs": 1, "batch_size": 4}}})
+        work(data_dir, once=True)
+        model = c.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
+        assert model and suffix in model
+        for i in range(10):  # tunesmith init needs 10 rows to train, validate and test
+            # a stop string ends the random model's answer, so that distill keeps it (answers cut by max_tokens
+            # are left out)
+            c.chat.completions.create(model=model, messages=[{"role": "user", "content": f"Where is card {i}?"}],
+                                      max_tokens=64, stop=["e", "a", "o", "i"], store=True, metadata={"task": "suffix"})
+        monkeypatch.setenv("K1", "k1")
+        monkeypatch.chdir(tmp_path)
+        out = tmp_path / "distilled.jsonl"
+        result = CliRunner().invoke(app, ["distill", str(out), "--base-url", url, "--api-key-env", "K1",
+                                          "--metadata", "task=suffix", "--recipe"])
+    assert result.exit_code == 0, result.output
+    [endpoint] = yaml.safe_load(out.with_suffix(".yaml").read_text(encoding="utf-8"))["eval"]["endpoints"]
+    assert endpoint == {"name": "teacher", "base_url": url, "model": model, "api_key_env": "K1", "ask_as": "plain"}
+    assert load_recipe(out.with_suffix(".yaml")).eval.endpoints[0].base_url == url

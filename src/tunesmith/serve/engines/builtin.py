@@ -12,6 +12,7 @@ when the share grows, rows beyond it wait in the tenant's line. The interface it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import queue
 import threading
 import time
@@ -25,6 +26,12 @@ from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine
 from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, default_contended_rows
 
 __all__ = ["Engine"]
+
+
+def peft_name(model_id: str) -> str:
+    """The name PEFT holds a served fine-tune under. PEFT names modules after adapters and refuses a ".", which a
+    model id may hold (a fine-tune of Qwen2.5-0.5B, a job suffix), so: a digest of the id, of one fixed form."""
+    return "ft_" + hashlib.sha256(model_id.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
 @dataclass(eq=False, kw_only=True)
@@ -88,7 +95,7 @@ class Engine(InferenceEngine):
             if len(self.adapters) == 1:  # PEFT cannot hold zero adapters: go back to the bare base model
                 self.model = self.model.unload()
             else:
-                self.model.delete_adapter(name)
+                self.model.delete_adapter(peft_name(name))
             self.batch.model = self.model
 
     def _load_adapter(self, name: str, path: str) -> None:
@@ -96,9 +103,9 @@ class Engine(InferenceEngine):
 
         with self.lock:
             if not self.adapters:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=peft_name(name))
             else:
-                self.model.load_adapter(path, adapter_name=name)
+                self.model.load_adapter(path, adapter_name=peft_name(name))
             self.model.eval()
             self.batch.model = self.model
 
@@ -120,7 +127,7 @@ class Engine(InferenceEngine):
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
         model_id = self.served_name(model_id)
-        adapter = BASE if model_id == self.base_name else model_id
+        adapter = BASE if model_id == self.base_name else peft_name(model_id)
         deadline = time.monotonic() + self.request_timeout_s
         for i, p in enumerate(params):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
