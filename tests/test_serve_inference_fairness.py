@@ -1,11 +1,12 @@
 """Inference is shared fairly between API keys: every step's rows are shared over keys (tests/test_serve_shares.py),
-not first come first served, and per-key limits (requests in flight, tokens a minute) answer 429 with the headers the official clients
-read. The noisy-neighbour measurement on both engines is benchmarks/noisy_neighbour.py."""
+not first come first served, and per-key limits (requests in flight, tokens a minute) answer 429 with the headers
+the official clients read. The noisy-neighbour measurement on both engines is benchmarks/noisy_neighbour.py."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import openai
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
 from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.engines.errors import APIError
-from tunesmith.serve.engines.interface import GenParams, Request
+from tunesmith.serve.engines.interface import GenParams
 
 from .conftest import EMBEDDED, embedded_server
 
@@ -139,12 +140,15 @@ def test_limits_are_off_for_one_key_and_a_batch_per_key_for_several():
     assert ServeSettings(api_keys=frozenset({"a", "b"}), key_limits=chosen).limits_per_key == chosen
 
 
-def test_a_key_at_its_limit_is_answered_at_the_edge_before_its_body_is_read():
+def test_a_key_at_its_limit_is_answered_at_the_edge_before_its_body_is_read(monkeypatch):
+    from tunesmith.serve.api import rate_limits
+    from tunesmith.serve.api.auth import bearer_of
     from tunesmith.serve.api.rate_limits import EdgeLimit
 
-    limiter = KeyLimiter(KeyLimits(requests=1), known_keys=frozenset({"k1", "k2"}), jitter=lambda: 0.0)
-    limiter.admit("k1")
+    limiter = KeyLimiter(KeyLimits(requests=1), jitter=lambda: 0.0)
+    limiter.admit("owner-1")
     passed, sent = [], []
+    owners = {"k1": "owner-1", "k2": "owner-2"}  # what auth.owner_of gives for the server's keys
 
     async def app(scope, receive, send):
         passed.append(scope["path"])
@@ -155,18 +159,63 @@ def test_a_key_at_its_limit_is_answered_at_the_edge_before_its_body_is_read():
     async def send(message):
         sent.append(message)
 
-    edge = EdgeLimit(app, lambda: limiter)
+    edge = EdgeLimit(app, lambda: limiter, lambda scope: owners.get(bearer_of(scope)))
 
     def scope(key, path="/v1/chat/completions", **more):
         return {"type": "http", "method": "POST", "path": path, "headers": [(b"authorization", f"Bearer {key}".encode())],
                 **more}
 
+    monkeypatch.setattr(rate_limits, "HOLD_S", 0.2)
+    t0 = time.perf_counter()
     asyncio.run(edge(scope("k1"), receive, send))
+    assert time.perf_counter() - t0 >= 0.2  # held before it is answered
     assert sent[0]["status"] == 429 and dict(sent[0]["headers"])[b"retry-after"] == b"1" and not passed
     assert json_body(sent[1])["error"]["code"] == "rate_limit_exceeded"
     for other in (scope("k2"), scope("k1", "/v1/files"), scope("nope"), scope("k1", **{"tunesmith.batch": "b"})):
         asyncio.run(edge(other, receive, send))  # another key, another route, no real key, a batch's line
     assert len(passed) == 4
+
+
+def test_a_held_refusal_lets_the_request_through_when_a_place_frees_and_holds_no_more_than_its_cap(monkeypatch):
+    """A client retrying at once meets a refusal held before it is answered; a place freed meanwhile lets the held
+    request in; past MAX_HELD held refusals of one key, the next is answered at once and closes its connection."""
+    from tunesmith.serve.api import rate_limits
+    from tunesmith.serve.api.rate_limits import EdgeLimit
+
+    monkeypatch.setattr(rate_limits, "HOLD_S", 0.3)
+    monkeypatch.setattr(rate_limits, "MAX_HELD", 2)
+    limiter = KeyLimiter(KeyLimits(requests=1), jitter=lambda: 0.0)
+    first = limiter.admit("o")
+    passed: list[float] = []
+
+    async def app(scope, receive, send):  # the route takes the place itself, as chat_completions does
+        try:
+            limiter.admit("o")
+            passed.append(time.perf_counter())
+        except APIError:
+            pass
+
+    async def main():
+        sent: list[list[dict]] = [[] for _ in range(4)]
+        edge = EdgeLimit(app, lambda: limiter, lambda scope: "o")
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+
+        async def call(i):
+            async def send(message):
+                sent[i].append(message)
+            await edge(dict(scope), None, send)
+
+        t0 = time.perf_counter()
+        calls = [asyncio.ensure_future(call(i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        third = sent[2]
+        assert third and third[0]["status"] == 429 and (b"connection", b"close") in third[0]["headers"]  # past the cap
+        first.release()  # a place frees while two are held
+        await asyncio.gather(*calls)
+        assert len(passed) == 1 and passed[0] - t0 >= 0.3  # one held request took the freed place after its hold
+        assert time.perf_counter() - t0 >= 0.3
+
+    asyncio.run(main())
 
 
 def json_body(message) -> dict:

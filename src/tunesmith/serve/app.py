@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tunesmith.graders.sandbox import Limits
+from tunesmith.serve.api.auth import bearer_of, owner_of
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
 from tunesmith.serve.engines.errors import APIError, validation_error_body
 from tunesmith.serve.lanes import Lanes
@@ -136,7 +137,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.settings = settings
-    app.state.limiter = KeyLimiter(settings.limits_per_key, known_keys=settings.api_keys)
+    app.state.limiter = KeyLimiter(settings.limits_per_key)
     app.state.lanes = Lanes()  # the bounded thread pools every key's off-loop work runs in (tunesmith.serve.lanes)
     from tunesmith.serve.batches.runner import BatchRunner
 
@@ -145,7 +146,8 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
                        max_upload=settings.max_upload_mb * 1024 * 1024)
-    app.add_middleware(EdgeLimit, limiter_of=lambda: getattr(app.state, "limiter", None))
+    app.add_middleware(EdgeLimit, limiter_of=lambda: getattr(app.state, "limiter", None),
+                       owner_of=lambda scope: owner_of(app, bearer_of(scope)))
     from tunesmith.serve.api.gate import KeyGate
 
     app.add_middleware(KeyGate, keys_of=lambda: settings.api_keys)  # runs first: no body of a stranger is read

@@ -20,6 +20,11 @@ def bearer(header: str) -> str | None:
     return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
+def bearer_of(scope) -> str | None:
+    """The key an ASGI scope's ``Authorization: Bearer`` header carries (for middlewares, before any route)."""
+    return bearer(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"))
+
+
 OWNER_SCOPE = "tunesmith.owner"  # on an in-process call's ASGI scope (a batch's line): the owner id it runs as
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 
-from tunesmith.serve.api.auth import OWNER_SCOPE, bearer
+from tunesmith.serve.api.auth import OWNER_SCOPE, bearer_of
 from tunesmith.serve.api.body_limit import send_error
 
 API_PREFIX = "/v1/"
@@ -38,7 +38,6 @@ class KeyGate:
         if scope["type"] == "http" and scope.get("path", "").startswith(API_PREFIX) and OWNER_SCOPE not in scope:
             keys = self.keys_of()
             if keys:
-                key = bearer(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"))
-                if not known(key, keys):
+                if not known(bearer_of(scope), keys):
                     return await send_error(send, 401, UNAUTHORIZED, {"connection": "close"})
         await self.app(scope, receive, send)

@@ -11,13 +11,13 @@ hold at all. Everything here runs on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from tunesmith.serve.api.auth import bearer
 from tunesmith.serve.api.body_limit import send_error
 from tunesmith.serve.engines.errors import APIError
 
@@ -64,9 +64,8 @@ class Ticket:
 
 
 class KeyLimiter:
-    def __init__(self, limits: KeyLimits, clock=time.monotonic, known_keys=frozenset(), jitter=random.random):
+    def __init__(self, limits: KeyLimits, clock=time.monotonic, jitter=random.random):
         self.limits, self.clock, self.jitter = limits, clock, jitter
-        self.known_keys = known_keys  # the server's keys: only a real key is answered early (EdgeLimit)
         self.in_flight: Counter = Counter()
         self.spent: dict[str | None, deque[tuple[float, int]]] = {}  # key -> (when, tokens) within the window
         self.typical_s: dict[str | None, float] = {}  # key -> how long its requests hold their place (moving mean)
@@ -188,21 +187,54 @@ class KeyLimiter:
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
+HOLD_S = 2.0  # a refusal at the edge is held up to this long before it is answered
+MAX_HELD = 256  # refusals one key may have held at once; past them a refusal is answered at once
+
+
 class EdgeLimit:
     """Pure ASGI middleware: a key already at its limit of requests in flight gets its 429 before its body is read
     or parsed, so that a crowd of refused requests costs the server next to nothing. The route still takes the
     place itself (:meth:`KeyLimiter.admit`): this is only the cheap early answer. A batch's own lines (in process)
-    are never refused here."""
+    are never refused here.
 
-    def __init__(self, app, limiter_of):
-        self.app, self.limiter_of = app, limiter_of
+    The refusal is held (up to :data:`HOLD_S`, and no longer than the wait it would tell) before it is answered,
+    its ``retry-after`` less the time held: a client that waits out ``retry-after`` waits as long as before, and
+    one that retries at once can come back only about once per hold per connection, instead of thousands of times
+    a second on the event loop every key shares. A place freed meanwhile lets the held request through. At most
+    :data:`MAX_HELD` are held per key; past them the refusal is answered at once, closing the connection."""
+
+    def __init__(self, app, limiter_of, owner_of, clock=time.monotonic):
+        self.app, self.limiter_of, self.owner_of, self.clock = app, limiter_of, owner_of, clock
+        self.held: Counter = Counter()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in INFERENCE_PATHS \
                 and "tunesmith.batch" not in scope:
-            key = bearer(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"))
             limiter = self.limiter_of()
-            refusal = limiter.full(key) if limiter is not None and key in limiter.known_keys else None
+            owner = self.owner_of(scope) if limiter is not None else None
+            refusal = limiter.full(owner) if owner is not None else None
+            if refusal is not None:
+                refusal = await self._held(limiter, owner, refusal)
             if refusal is not None:
                 return await send_error(send, 429, refusal.body, refusal.headers)
         await self.app(scope, receive, send)
+
+    async def _held(self, limiter: KeyLimiter, owner: str, refusal: APIError) -> APIError | None:
+        """The refusal after holding it (None when a place freed meanwhile), its wait less the time held."""
+        if self.held[owner] >= MAX_HELD:
+            refusal.headers["connection"] = "close"
+            return refusal
+        hold = min(HOLD_S, int(refusal.headers["retry-after-ms"]) / 1000)
+        self.held[owner] += 1
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            self.held[owner] -= 1
+            if not self.held[owner]:
+                del self.held[owner]
+        again = limiter.full(owner)
+        if again is None:
+            return None
+        wait = max(0.001, int(again.headers["retry-after-ms"]) / 1000 - hold)
+        again.headers |= {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, int(wait * 1000)))}
+        return again
