@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tunesmith.serve.engines.errors import APIError
-from tunesmith.serve.lanes import Lane, LaneSize, Lanes, default_sizes
+from tunesmith.serve.lanes import Lane, Lanes, LaneSize, default_sizes
 
 
 def blocker():

@@ -1,0 +1,167 @@
+"""A hostile tenant against a real `tunesmith serve` at default settings, from other processes: key A attacks, key B
+keeps being answered. Each attack on a server of its own (its threads and lanes fresh)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+KEYS = ("key-a", "key-b")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served(model: Path, data_dir: Path, *args: str):
+    """`tunesmith serve` over ``model`` with keys A and B and nothing else set; yields (its /v1 URL, its process)."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("tunesmith")
+    log = open(data_dir.parent / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--data-dir", str(data_dir), "--port", str(port),
+                             *args], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TUNESMITH_API_KEYS": ",".join(KEYS)})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEYS[1]}"}, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, (data_dir.parent / f"serve-{port}.log").read_text()[-3000:]
+            time.sleep(0.3)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+def models_time(url: str, key: str = KEYS[1], timeout: float = 10) -> float:
+    """Seconds B's ``GET /v1/models`` takes (``timeout`` when it got no answer)."""
+    t0 = time.perf_counter()
+    try:
+        assert httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=timeout).status_code == 200
+    except httpx.TimeoutException:
+        return timeout
+    return time.perf_counter() - t0
+
+
+def rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def string_check(name: str) -> dict:
+    return {"type": "string_check", "name": name, "input": "{{sample.output_text}}", "reference": "{{item.a}}",
+            "operation": "eq"}
+
+
+def test_a_formula_that_would_never_end_is_a_400_at_once(tiny_model_dir, tmp_path):
+    with served(tiny_model_dir, tmp_path / "data") as (url, _):
+        a = openai.OpenAI(base_url=url, api_key=KEYS[0], max_retries=0, timeout=20)
+        grader = {"type": "multi", "name": "m", "calculate_output": "((9**999)**999)**999",
+                  "graders": {"x": string_check("x"), "y": string_check("y")}}
+        t0 = time.perf_counter()
+        with pytest.raises(openai.BadRequestError) as refused:
+            a.fine_tuning.alpha.graders.run(grader=grader, model_sample="p", item={"a": "p"})
+        assert time.perf_counter() - t0 < 5
+        assert refused.value.body["param"] == "grader.calculate_output" and "cannot be computed" in refused.value.message
+        # a formula that overflows on the rewards of a row: that row's other_error, never a stall
+        row = {**grader, "calculate_output": "x * 1e308 * 1e308 + y ^ 1e9"}
+        run = a.fine_tuning.alpha.graders.run(grader=row, model_sample="p", item={"a": "p"})
+        assert run.reward == 0.0 and run.metadata.errors.other_error
+        assert models_time(url) < 2
+
+
+def test_a_strangers_huge_body_is_refused_before_it_is_read(tiny_model_dir, tmp_path):
+    with served(tiny_model_dir, tmp_path / "data") as (url, proc):
+        before = rss_kb(proc.pid)
+        sent = 0
+
+        def body():  # 300 MB of one JSON string, streamed: the client never holds it
+            nonlocal sent
+            yield b'{"filename": "x.jsonl", "purpose": "fine-tune", "bytes": 1, "mime_type": "text/jsonl", "x": "'
+            chunk = b"a" * (1 << 20)
+            for _ in range(300):
+                sent += len(chunk)
+                yield chunk
+            yield b'"}'
+
+        statuses = []
+        for headers in ({}, {"Authorization": "Bearer not-a-key"}):
+            try:
+                r = httpx.post(f"{url}/uploads", content=body(), headers={"content-type": "application/json", **headers},
+                               timeout=30)
+                statuses.append(r.status_code)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+            except httpx.HTTPError:  # the server closed the connection while the body was still being sent
+                statuses.append("closed")
+        assert all(s in (401, "closed") for s in statuses), statuses
+        assert 401 in statuses
+        assert rss_kb(proc.pid) - before < 50_000  # KB: none of the 300 MB was held
+        assert models_time(url) < 2
+        # a JSON route under /v1/uploads takes the body limit, not the upload limit, with a key too
+        big = b'{"filename": "x.jsonl", "purpose": "fine-tune", "bytes": 1, "mime_type": "text/jsonl", "x": "' + \
+            b"a" * (17 << 20) + b'"}'
+        r = httpx.post(f"{url}/uploads", content=big, headers={"content-type": "application/json",
+                                                              "Authorization": f"Bearer {KEYS[0]}"}, timeout=30)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_crowd_of_long_graders_never_fails_another_keys_chat(tiny_model_dir, tmp_path):
+    words = [f"w{i % 700}" for i in range(9000)]
+    text = " ".join(words)[:60_000]
+    other = " ".join(reversed(words))[:60_000]
+    grader = {"type": "text_similarity", "name": "r", "input": "{{sample.output_text}}", "reference": "{{item.ref}}",
+              "evaluation_metric": "rouge_l"}
+    with served(tiny_model_dir, tmp_path / "data") as (url, _):
+        a = openai.OpenAI(base_url=url, api_key=KEYS[0], max_retries=0, timeout=120)
+        b = openai.OpenAI(base_url=url, api_key=KEYS[1], max_retries=0, timeout=120)
+
+        def chat() -> float:
+            t0 = time.perf_counter()
+            b.chat.completions.create(model=str(tiny_model_dir), messages=[{"role": "user", "content": "hello"}],
+                                      max_tokens=8)
+            return time.perf_counter() - t0
+
+        chat()
+        alone = sorted(chat() for _ in range(5))[2]
+        outcomes: list[object] = []
+
+        def attack():
+            try:
+                run = a.fine_tuning.alpha.graders.run(grader=grader, model_sample=text, item={"ref": other})
+                outcomes.append(run)
+            except openai.APIStatusError as exc:
+                outcomes.append(exc.status_code)
+
+        crowd = [threading.Thread(target=attack) for _ in range(8)]
+        for t in crowd:
+            t.start()
+        beside = sorted(chat() for _ in range(5))
+        for t in crowd:
+            t.join(120)
+        assert len(outcomes) == 8
+        # the 60 KB texts are past what a similarity metric compares: an error flag each, at once, or A's own 429
+        graded = [o for o in outcomes if not isinstance(o, int)]
+        assert all(o.metadata.errors.other_error for o in graded)
+        assert all(o == 429 for o in outcomes if isinstance(o, int))
+        assert beside[2] < max(3 * alone, alone + 1.0), (alone, beside)
+        short = a.fine_tuning.alpha.graders.run(grader=grader, model_sample=text[:15_000], item={"ref": other[:15_000]})
+        assert 0 < short.reward < 1 and not short.metadata.errors.other_error
