@@ -75,7 +75,8 @@ class BatchRunner:
                     del running[bid]
                 busy = {b["owner"] for b in self.batches.active() if b["id"] in running}
                 for batch in self.batches.active():
-                    if batch["id"] in running or batch["owner"] in busy:
+                    waits = batch["owner"] in busy and batch["status"] != "cancelling"  # a cancel ends at once
+                    if batch["id"] in running or waits:
                         continue
                     busy.add(batch["owner"])
                     running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
