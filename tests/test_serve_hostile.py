@@ -231,3 +231,47 @@ def test_a_batch_cancelled_before_its_first_line_ends_cancelled(tiny_model_dir, 
         assert done.request_counts.completed == 0
         assert a.batches.retrieve(first.id).status in ("in_progress", "finalizing")  # ended before the first
         a.batches.cancel(first.id)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_an_embeddings_batch_runs_beside_the_loop_at_the_lowest_priority(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir)
+    words = [f"word{i}" for i in range(300)]
+    lines = b"".join(json.dumps({"custom_id": f"e{k}", "method": "POST", "url": "/v1/embeddings",
+                                 "body": {"model": "all-minilm-l6-v2",
+                                          "input": [" ".join(words[(i + k) % 300: (i + k) % 300 + 12])
+                                                    for i in range(256)]}}).encode() + b"\n" for k in range(3))
+    with served(tiny_model_dir, tmp_path / "data") as (url, proc):
+        a = openai.OpenAI(base_url=url, api_key=KEYS[0], max_retries=0, timeout=300)
+        b = openai.OpenAI(base_url=url, api_key=KEYS[1], max_retries=0, timeout=120)
+        quiet_chats(b, model, 2)
+        before = rss_kb(proc.pid)
+        f = a.files.create(file=("e.jsonl", lines), purpose="batch")
+        batch = a.batches.create(input_file_id=f.id, endpoint="/v1/embeddings", completion_window="24h")
+        slowest, nice = 0.0, None
+        deadline = time.time() + 600
+        while a.batches.retrieve(batch.id).status not in ("completed", "failed") and time.time() < deadline:
+            slowest = max(slowest, models_time(url))
+            workers = [p for p in children(proc.pid) if "embedding_worker" in Path(f"/proc/{p}/cmdline").read_text()]
+            if workers:
+                nice = int(Path(f"/proc/{workers[0]}/stat").read_text().rsplit(")", 1)[1].split()[16])
+            time.sleep(0.3)
+        done = a.batches.retrieve(batch.id)
+        assert done.status == "completed" and done.request_counts.completed == 3, done
+        out = [json.loads(x) for x in a.files.content(done.output_file_id).read().splitlines()]
+        assert all(len(o["response"]["body"]["data"]) == 256 for o in out)
+        assert len(out[0]["response"]["body"]["data"][0]["embedding"]) == 384
+        assert nice == 19  # the encoder ran in a worker at the lowest priority
+        assert slowest < 2.0  # B's GET /v1/models never waited on the embeddings
+        assert rss_kb(proc.pid) - before < 200_000  # KB: the answers were never held whole by the server

@@ -155,7 +155,6 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)
     app.state.trainable_models = lambda: {settings.model}
-    app.state.encoders = {}  # embedding model name -> loaded SentenceEncoder
     app.state.sync_adapters = lambda: sync_adapters(app)
     app.state.serve_checkpoint = lambda name, key: serve_checkpoint(app, name, key)
 

@@ -1,14 +1,15 @@
 """``/v1/embeddings`` over the encoders the project ships: all-MiniLM-L6-v2 (English, 384 dimensions) and
 multilingual-e5-small (~100 languages, 384; each input embedded with e5's "query: " prefix). Vectors are unit
 length (mean pooling + L2 norm), as float lists or base64 float32 (the client's default); usage counts the
-encoder's tokens. An encoder is loaded on its first request and kept.
+encoder's tokens. The encoders run in worker processes at the lowest CPU priority
+(:mod:`tunesmith.serve.api.embedding_worker`), each request in the embeddings lane as its key's work; an encoder
+is loaded by a worker on its first request there and kept.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import threading
+from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan.fields import EMBEDDINGS, check_fields
+from tunesmith.workers import LowPriorityWorkers, WorkerError
 
 router = APIRouter(prefix="/v1")
 MAX_INPUTS = 2048  # as OpenAI
@@ -24,7 +26,7 @@ ENCODER_NAMES = {"all-minilm-l6-v2": ("all-minilm-l6-v2", ""), "all-MiniLM-L6-v2
                  "sentence-transformers/all-MiniLM-L6-v2": ("all-minilm-l6-v2", ""),
                  "multilingual-e5-small": ("multilingual-e5-small", "query: "),
                  "intfloat/multilingual-e5-small": ("multilingual-e5-small", "query: ")}
-_LOADING = threading.Lock()
+WORKERS = LowPriorityWorkers("tunesmith.serve.api.embedding_worker", 2)  # tunesmith.serve.api.embedding_worker
 
 
 class EmbeddingBody(BaseModel):
@@ -48,28 +50,27 @@ def texts_of(body: EmbeddingBody) -> list[str]:
     return texts
 
 
-def encoder(request: Request, model: str):
-    """The loaded encoder for ``model`` (a shipped name, or a name the server maps with --model-alias)."""
+def encoder_source(request: Request, model: str) -> tuple[str, str]:
+    """The folder and text prefix of the encoder for ``model`` (a shipped name, or a name the server maps with
+    --model-alias); a 404 naming the served ones otherwise."""
     settings = request.app.state.settings
     model = settings.model_aliases.get(model, model)
     folders = settings.embedding_models
     if folders is not None and model in folders:
-        name, prefix, folder = model, ENCODER_NAMES.get(model, (model, ""))[1], folders[model]
-    elif folders is None and model in ENCODER_NAMES:
-        name, prefix = ENCODER_NAMES[model]
-        folder = None
-    else:
-        known = sorted(folders) if folders is not None else sorted({n for n, _ in ENCODER_NAMES.values()})
-        raise APIError(404, f"The embedding model '{model}' does not exist here. Available: {', '.join(known)}",
-                       param="model", code="model_not_found")
-    cache = request.app.state.encoders
-    with _LOADING:
-        if name not in cache:
-            from tunesmith.models.embeddings import SentenceEncoder
-            from tunesmith.models.encoders import encoder_folder
+        return str(folders[model]), ENCODER_NAMES.get(model, (model, ""))[1]
+    if folders is None and model in ENCODER_NAMES:
+        from tunesmith.models.encoders import encoder_folder
 
-            cache[name] = SentenceEncoder(folder or encoder_folder(name), prefix)
-    return cache[name]
+        name, prefix = ENCODER_NAMES[model]
+        return encoder_folder(name), prefix
+    known = sorted(folders) if folders is not None else sorted({n for n, _ in ENCODER_NAMES.values()})
+    raise APIError(404, f"The embedding model '{model}' does not exist here. Available: {', '.join(known)}",
+                   param="model", code="model_not_found")
+
+
+def dimension(folder: str) -> int:
+    """An encoder's embedding size, from its config (the encoder itself is loaded in the worker only)."""
+    return int(json.loads((Path(folder) / "config.json").read_text())["hidden_size"])
 
 
 @router.post("/embeddings")
@@ -80,21 +81,15 @@ async def create_embeddings(body: EmbeddingBody, request: Request, key: Key):
                        param="encoding_format")
     texts = texts_of(body)
     lane = request.app.state.lanes.embeddings
-    enc = await lane.run(key, encoder, request, body.model)
-    if body.dimensions is not None and body.dimensions != enc.dim:
-        raise APIError(400, f"dimensions: {body.model} gives {enc.dim}-dimensional embeddings and cannot shorten "
+    folder, prefix = await lane.run(key, encoder_source, request, body.model)
+    dim = dimension(folder)
+    if body.dimensions is not None and body.dimensions != dim:
+        raise APIError(400, f"dimensions: {body.model} gives {dim}-dimensional embeddings and cannot shorten "
                        "them; leave 'dimensions' out", param="dimensions", code="unsupported_parameter")
-    return Response(await lane.run(key, answer, enc, texts, body.model, body.encoding_format),
-                    media_type="application/json")
-
-
-def answer(enc, texts: list[str], model: str, encoding_format: str) -> bytes:
-    """The embeddings answer as JSON bytes, built in the lane's thread: 2,048 vectors are megabytes of JSON, which
-    the event loop must not spend its time writing."""
-    vectors, tokens = enc.encode(texts)
-    data = [{"object": "embedding", "index": i,
-             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if encoding_format == "base64"
-             else v.tolist()} for i, v in enumerate(vectors)]
-    doc = {"object": "list", "data": data, "model": model,
-           "usage": {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}}
-    return json.dumps(doc, separators=(",", ":")).encode()
+    try:
+        answer = await lane.run(key, WORKERS.ask, {"folder": folder, "prefix": prefix, "texts": texts,
+                                                  "model": body.model, "encoding_format": body.encoding_format})
+    except WorkerError as exc:
+        raise APIError(500, f"The embeddings could not be computed: {exc}", type_="server_error",
+                       code="embedding_failed") from None
+    return Response(answer, media_type="application/json")
