@@ -272,7 +272,7 @@ def embedded_server(engine_kind: str, data_dir: Path, **settings):
         else:
             from tunesmith.serve.engines.builtin import Engine
 
-            engine = Engine(EMBEDDED, {}, wait_ms=5)
+            engine = Engine(EMBEDDED, {}, wait_ms=5, request_timeout_s=settings.get("request_timeout_s", 300.0))
         app = create_app(ServeSettings(model=EMBEDDED, data_dir=data_dir, engine=engine_kind, **settings), engine)
         yield stack.enter_context(running_server(app))
 

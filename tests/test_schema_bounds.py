@@ -221,3 +221,87 @@ def test_the_tokenizer_is_converted_for_llguidance_at_the_start_not_in_a_request
     before = cache.bridge
     cache.prepare()
     assert cache.bridge is before  # once
+
+
+def _refs(doc) -> list[str]:
+    from tunesmith.generation.schemas import schema_nodes
+
+    return sorted(n["$ref"] for n in schema_nodes(doc) if "$ref" in n)
+
+
+@pytest.mark.parametrize("schema,refs", [
+    ({"$ref": "#foo", "$defs": {"A": {"$anchor": "foo", "type": "integer"}}}, ["#/$defs/A"]),
+    ({"$id": "http://example.com/root.json", "$ref": "nested.json#foo",  # an anchor in an embedded resource
+      "$defs": {"A": {"$id": "nested.json", "$defs": {"B": {"$anchor": "foo", "type": "integer"}}}}}, ["#/$defs/A/$defs/B"]),
+    ({"$defs": {"tilde~field": {"type": "integer"}, "slash/field": {"type": "integer"}, "percent%field": {"type": "integer"}},
+      "properties": {"t": {"$ref": "#/$defs/tilde~0field"}, "s": {"$ref": "#/$defs/slash~1field"},
+                     "p": {"$ref": "#/$defs/percent%25field"}}},
+     ["#/$defs/percent%25field", "#/$defs/slash~1field", "#/$defs/tilde~0field"]),
+    ({"$ref": "urn:uuid:dead", "$defs": {"foo": {"$id": "urn:uuid:dead", "$defs": {"bar": {"type": "string"}},
+                                                 "$ref": "#/$defs/bar"}}},  # '#' inside a resource is its own root
+     ["#/$defs/foo", "#/$defs/foo/$defs/bar"]),
+    ({"$id": "http://example.com/ref/absref.json", "$ref": "/absref/foobar.json",
+      "$defs": {"a": {"$id": "http://example.com/ref/absref/foobar.json", "type": "number"},
+                "b": {"$id": "http://example.com/absref/foobar.json", "type": "string"}}}, ["#/$defs/b"]),
+    ({"$id": "https://example.com/a/b.json", "$ref": "../c/./d.json",
+      "$defs": {"d": {"$id": "https://example.com/c/d.json", "type": "null"}}}, ["#/$defs/d"]),
+])
+def test_references_resolve_as_the_specification_says(schema, refs):
+    """The JSON Schema Test Suite's cases: anchors, embedded $id (RFC 3986 against the nearest base), percent- and
+    tilde-escaped pointers, each made a pointer into the one document, $id and $anchor then left out."""
+    from tunesmith.generation.schemas import local_refs, schema_nodes
+
+    doc = local_refs(schema)
+    assert _refs(doc) == refs
+    assert all(resolve(doc, r) is not None for r in refs)
+    assert not any({"$id", "$anchor"} & set(n) for n in schema_nodes(doc))
+
+
+@pytest.mark.parametrize("schema,keyword,path,says", [
+    ({"$ref": "https://json-schema.org/draft/2020-12/schema"}, "$ref", "#", "does not point into this schema"),
+    ({"properties": {"a": {"$ref": "#nowhere"}}}, "$ref", "#/properties/a", "no $anchor 'nowhere'"),
+    (False, "schema", "#", "is false"),
+    ({"$ref": "#/$defs/no", "$defs": {"no": False}}, "false", "#/$defs/no", "admits no value"),
+    ({"type": "object", "properties": {"a": False}, "required": ["a"]}, "false", "#/properties/a", "admits no value"),
+    ({"type": "object", "properties": {"\ud800x": {"type": "string"}}}, "\\ud800x", "#/properties", "lone UTF-16"),
+])
+def test_a_schema_no_answer_can_follow_is_refused_saying_why(schema, keyword, path, says):
+    from tunesmith.generation.schemas import served_schema
+
+    with pytest.raises(SchemaRefused) as exc:
+        served_schema(schema, strict=False)
+    assert (exc.value.keyword, exc.value.path) == (keyword, path) and says in str(exc.value), str(exc.value)
+
+
+def test_true_and_false_where_they_stay_satisfiable_are_served():
+    from tunesmith.generation.schemas import served_schema
+
+    assert served_schema(True, strict=False) == ({}, [])
+    served_schema({"type": "object", "properties": {"a": False, "b": True}, "additionalProperties": False}, strict=False)
+    with pytest.raises(SchemaRefused, match="strict mode"):
+        served_schema(True, strict=True)
+
+
+def test_numbers_are_capped_in_digits_where_the_schema_leaves_them_open(tiny_model):
+    """15 digits before the point and 6 after (from 0 up), compiled: a greedy run of ones cannot go on."""
+    from tunesmith.generation.constrained import MAX_NUMBER, output_schema
+
+    model, tok = tiny_model
+    cache = ConstraintCache(tok, model.config.vocab_size, [tok.eos_token_id])
+
+    def conforms(schema, text) -> bool:
+        return cache.get(output_schema(schema)).conforms(tok(text, add_special_tokens=False)["input_ids"]) is None
+
+    for schema in ({"type": "number"}, {"minimum": 1.1}, {"type": ["number", "null"]}):
+        assert conforms(schema, "1.111111") and not conforms(schema, "1.1111111")
+        assert not conforms(schema, "1" * 16) and not conforms(schema, "1e5")
+    assert conforms({"type": "number"}, "-2.5") and conforms({"minimum": 1.1}, '"text"')
+    assert conforms({"type": "integer"}, "-" + "9" * 15) and not conforms({"type": "integer"}, "1" * 16)
+    assert conforms({"type": "object"}, '{"a":[1.5,{"b":"x"}]}') and not conforms({"type": "object"}, '{"a":[0.1234567]}')
+    kept = output_schema({"type": "number", "minimum": 1e20, "multipleOf": 0.25})  # the caller's bounds stay
+    assert "maximum" not in kept and kept["multipleOf"] == 0.25
+    assert output_schema({"type": "integer", "minimum": 5})["maximum"] == MAX_NUMBER
+    negative = output_schema({"type": "number", "maximum": -1})  # a negative number's fraction stays free
+    assert negative["minimum"] == -MAX_NUMBER and "multipleOf" not in negative and "anyOf" not in negative
+    person = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    assert reply_token_bound(output_schema(person)) == 2 + len('"age"') + 2 + 16  # bounded now, numbers too

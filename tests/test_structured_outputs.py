@@ -1,9 +1,13 @@
 """Structured outputs against a live server on the embedded model: every construct of the JSON Schema subset
 OpenAI's strict mode accepts answered as JSON that validates (jsonschema), greedy and sampled with n > 1; the
 official client's ``parse()``, streamed parse and ``responses.parse``; ``json_object``; a schema outside the
-subset refused with the keyword and its path. The built-in engine in ``make test``, vLLM in ``make test-vllm``."""
+subset refused with the keyword and its path. Answers that end: numbers under the digit cap, references to anchors,
+embedded ids and percent-encoded pointers, ``true`` served and ``false`` refused, a lone surrogate a 400; a forced
+call that generates only its arguments, and one cut short that comes back as a call with ``finish_reason: "length"``
+(chat and Responses, whole and streamed). The built-in engine in ``make test``, vLLM in ``make test-vllm``."""
 
 import json
+import re
 from typing import Literal
 
 import jsonschema
@@ -185,3 +189,132 @@ def test_tools_the_model_may_call_beside_a_json_format(live):
                 jsonschema.validate(json.loads(message.content), FORECAST)
                 forms.add("answer")
     assert forms, "no answer"
+
+
+# --- answers that end: numbers, references, booleans, forced calls ------------------------------------------
+
+NUMBER = re.compile(r"-?(\d+)(?:\.(\d+))?([eE][+-]?\d+)?")
+
+
+@pytest.mark.parametrize("schema", [{"minimum": 1.1}, {"type": "number"}, obj({"value": {"type": "number"}})])
+def test_a_number_ends_within_the_digit_cap(live, schema):
+    """A greedy small model never ends a number by itself (10.0000000000…): under the digit cap it ends, valid."""
+    reply = ask(live, schema, strict=False, prompt="What is ten divided by three? Answer with the number.",
+                temperature=0, max_tokens=60).choices[0]
+    assert reply.finish_reason == "stop", reply.message.content
+    jsonschema.validate(json.loads(reply.message.content), schema)
+    for whole, fraction, exponent in NUMBER.findall(reply.message.content):
+        assert len(whole) <= 15 and len(fraction) <= 6 and not exponent, reply.message.content
+
+
+ANCHORED = {"$ref": "#legs", "$defs": {"count": {"$anchor": "legs", "type": "integer", "minimum": 0, "maximum": 99}}}
+EMBEDDED_ID = {"$id": "https://example.com/trip.json", "type": "object", "properties": {"city": {"$ref": "city.json"}},
+               "required": ["city"], "$defs": {"c": {"$id": "city.json", "type": "string", "enum": ["Paris", "Rome"]}}}
+PERCENT = obj({"legs": {"$ref": "#/$defs/per%25cent"}, "name": {"$ref": "#/$defs/~1named"}},
+              **{"$defs": {"per%cent": {"type": "integer"}, "/named": {"type": "string", "maxLength": 12}}})
+
+
+@pytest.mark.parametrize("schema", [ANCHORED, EMBEDDED_ID, PERCENT], ids=["anchor", "embedded_id", "percent"])
+def test_references_resolve_as_the_specification_says(live, schema):
+    """$ref to an $anchor, to an embedded $id (relative to the root's base URI) and down a percent-encoded pointer:
+    served, and the answer validates under the caller's schema (jsonschema resolves them the same way)."""
+    reply = ask(live, schema, strict=False, prompt="A spider in Paris has how many legs?", temperature=0).choices[0]
+    assert reply.finish_reason == "stop", reply.message.content
+    jsonschema.Draft202012Validator(schema).validate(json.loads(reply.message.content))
+
+
+def test_true_is_any_value_and_false_or_a_ref_outside_is_refused(live):
+    reply = ask(live, True, strict=False, prompt="What is two plus two?", temperature=0).choices[0]
+    assert reply.finish_reason == "stop"
+    json.loads(reply.message.content)  # any JSON value
+    for schema, says in ((False, "'schema' at '#' is false"),
+                         ({"$ref": "#/$defs/no", "$defs": {"no": False}}, "'false' at '#/$defs/no'"),
+                         (obj({"a": {"$ref": "https://example.com/a.json"}}), "'$ref' at '#/properties/a'")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            ask(live, schema, strict=False)
+        body = exc.value.body
+        assert body["param"] == "response_format" and says in body["message"], body
+
+
+def test_a_lone_surrogate_in_a_schema_property_name_is_a_400_naming_the_field(live):
+    """JSON lets "\\ud800" through, no text encoding holds it: a 400 naming the field, in a response format's
+    schema and in a tool's parameters (JSON written by hand: json.dumps would escape the backslash)."""
+    import httpx
+
+    schema = '{"type": "object", "properties": {"\\ud800x": {"type": "string"}}}'
+    fields = {"response_format": '{"type": "json_schema", "json_schema": {"name": "a", "schema": ' + schema + "}}",
+              "tools": '[{"type": "function", "function": {"name": "f", "parameters": ' + schema + "}}]"}
+    for param, value in fields.items():
+        body = '{"model": "' + EMBEDDED + '", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "'
+        r = httpx.post(f"{live.base_url}chat/completions", content=body + param + '": ' + value + "}",
+                       headers={"Content-Type": "application/json"}, timeout=120)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"].startswith(param), r.text
+        assert "lone UTF-16 surrogate" in error["message"] and "\\ud800" in error["message"], r.text
+
+
+PERSON_TOOL = {"type": "function", "function": {"name": "Person", "parameters": {
+    "type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}}}
+PET_TOOL = {"type": "function", "function": {"name": "Pet", "parameters": obj({"kind": {"type": "string"}})}}
+PERSON_QUESTION = [{"role": "user", "content": 'Alice is 31 years old. Answer in JSON, like {"name": "Bob", "age": 40}.'}]
+
+
+def _streamed_call(chunks) -> tuple[dict, str | None, str]:
+    """The call a client assembles from chat deltas, the finish reason and the content streamed."""
+    call, finish, content = {"name": None, "arguments": "", "calls": set()}, None, ""
+    for chunk in chunks:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            content += choice.delta.content or ""
+            for d in choice.delta.tool_calls or []:
+                call["calls"].add(d.index)
+                call["name"] = (d.function.name if d.function else None) or call["name"]
+                call["arguments"] += (d.function.arguments or "") if d.function else ""
+    return call, finish, content
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "Person"}}, "required"])
+def test_a_forced_call_to_one_function_generates_only_its_arguments(live, choice):
+    """The name is the caller's: sixteen tokens hold the arguments, which the wrapper and name used to eat."""
+    reply = live.chat.completions.create(model=EMBEDDED, messages=PERSON_QUESTION, tools=[PERSON_TOOL],
+                                         tool_choice=choice, max_tokens=16, temperature=0)
+    answer = reply.choices[0]
+    assert answer.finish_reason == "tool_calls" and answer.message.content is None, answer
+    [call] = answer.message.tool_calls
+    assert call.function.name == "Person"
+    jsonschema.validate(json.loads(call.function.arguments), PERSON_TOOL["function"]["parameters"])
+    assert reply.usage.completion_tokens < 16
+
+
+def test_a_call_cut_short_is_a_tool_call_with_finish_reason_length(live):
+    """Chat and Responses, whole and streamed: a call cut by max_tokens is a call (arguments as far as generated)
+    that says "length", never the template's markup in content."""
+    forced = {"type": "function", "function": {"name": "Person"}}
+    kw = {"model": EMBEDDED, "messages": PERSON_QUESTION, "tools": [PERSON_TOOL], "tool_choice": forced,
+          "max_tokens": 4, "temperature": 0}
+    answer = live.chat.completions.create(**kw).choices[0]
+    assert answer.finish_reason == "length" and answer.message.content is None, answer
+    [call] = answer.message.tool_calls
+    assert call.function.name == "Person" and call.function.arguments.startswith("{"), call
+    streamed, finish, content = _streamed_call(live.chat.completions.create(stream=True, **kw))
+    assert finish == "length" and content == "" and streamed["calls"] == {0}
+    assert (streamed["name"], streamed["arguments"]) == ("Person", call.function.arguments)
+    several = live.chat.completions.create(**kw | {"tools": [PERSON_TOOL, PET_TOOL], "tool_choice": "required",
+                                                   "max_tokens": 9}).choices[0]
+    assert several.finish_reason == "length" and several.message.content is None, several
+    assert several.message.tool_calls[0].function.name in ("Person", "Pet")
+    response = live.responses.create(model=EMBEDDED, input=PERSON_QUESTION[0]["content"], temperature=0,
+                                     tools=[{"type": "function", **PERSON_TOOL["function"]}],
+                                     tool_choice={"type": "function", "name": "Person"}, max_output_tokens=4)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    [item] = response.output
+    assert (item.type, item.name, item.status, item.arguments) == ("function_call", "Person", "incomplete",
+                                                                    call.function.arguments)
+    with live.responses.stream(model=EMBEDDED, input=PERSON_QUESTION[0]["content"], temperature=0,
+                               tools=[{"type": "function", **PERSON_TOOL["function"]}],
+                               tool_choice={"type": "function", "name": "Person"}, max_output_tokens=4) as stream:
+        events = list(stream)  # the client's get_final_response() wants response.completed: read the last event
+    kinds, final = [e.type for e in events], events[-1].response
+    assert kinds[-1] == "response.incomplete" and "response.output_text.delta" not in kinds
+    assert [(i.type, i.status, i.arguments) for i in final.output] == [("function_call", "incomplete",
+                                                                        call.function.arguments)]

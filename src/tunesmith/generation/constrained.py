@@ -22,14 +22,22 @@ from tunesmith.errors import ConfigError
 from tunesmith.generation.schemas import resolve
 
 MAX_STRING_CHARS = 400
+# numbers are bounded as strings are: at most this many digits before the point and after it (a greedy small model
+# otherwise writes 1.1111111111111111211... until max_tokens)
+MAX_INTEGER_DIGITS = 15  # up to 999,999,999,999,999: every such integer is exact in a double
+MAX_FRACTION_DIGITS = 6
+MAX_NUMBER = 10**MAX_INTEGER_DIGITS - 1
+NUMBER_STEP = 10.0**-MAX_FRACTION_DIGITS  # as multipleOf: at most MAX_FRACTION_DIGITS digits after the point
+ANY_VALUE = "tunesmith-any-value"  # the $defs entry of a bounded "any JSON value"
 
 
 COMPACT = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
 def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_chars: int = MAX_STRING_CHARS) -> dict:
-    """The schema's JSON Schema, compact, with no extra keys, a ``maxLength`` on every string and (when
-    given) a ``maxItems`` on every array that has none: a small model otherwise runs on until ``max_tokens``."""
+    """The schema's JSON Schema, compact, with no extra keys, a ``maxLength`` on every string, a digit cap on every
+    number (:func:`bound_number`) and (when given) a ``maxItems`` on every array that has none: a small model
+    otherwise runs on until ``max_tokens``."""
     doc = bound_json_schema(schema.model_json_schema(), max_items, max_chars)
     doc["x-guidance"] = COMPACT
     return doc
@@ -37,56 +45,151 @@ def bounded_schema(schema: type[BaseModel], max_items: int | None = None, max_ch
 
 def bound_json_schema(doc: dict, max_items: int | None = None, max_chars: int = MAX_STRING_CHARS) -> dict:
     """A copy of a JSON Schema document with the bounds of :func:`bounded_schema` set where it sets none."""
-    def bound(node: dict) -> None:
+    from tunesmith.generation.schemas import schema_nodes
+
+    doc = copy.deepcopy(doc)
+    for node in schema_nodes(doc):
         if node.get("type") == "string":
             node.setdefault("maxLength", max_chars)
         if node.get("type") == "object":
             node.setdefault("additionalProperties", False)  # no invented keys eating the token budget
         if node.get("type") == "array" and max_items:
             node.setdefault("maxItems", max_items)
-
-    doc = copy.deepcopy(doc)
-    _each_node(doc, bound)
+        if node.get("type") in ("number", "integer"):
+            bound_number(node)
     return doc
 
 
-def _each_node(doc, fn) -> None:
-    """Call ``fn`` on every JSON object inside ``doc`` (the schema's nodes, and any object among its values)."""
-    if isinstance(doc, dict):
-        fn(doc)
-        for v in doc.values():
-            _each_node(v, fn)
-    elif isinstance(doc, list):
-        for v in doc:
-            _each_node(v, fn)
+def _kinds(node: dict) -> set[str] | None:
+    """The types ``node`` allows, or None when it says nothing of type (a bare node: any type its keywords allow)."""
+    kinds = node.get("type")
+    if kinds is None:
+        return None
+    return {kinds} if isinstance(kinds, str) else {k for k in kinds if isinstance(k, str)}
+
+
+def _bare(node: dict) -> bool:
+    """A node without ``type`` whose value is not decided elsewhere (a reference, a combinator, an enum or const):
+    it allows strings and numbers, which are then bounded at the node itself."""
+    return "type" not in node and not {"$ref", "anyOf", "oneOf", "allOf", "enum", "const"} & set(node)
+
+
+def bound_number(node: dict) -> None:
+    """Cap the digits of the numbers ``node`` allows where its own bounds do not: a ``minimum`` and ``maximum`` of
+    ±(10^15 - 1) (at most 15 digits before the point; exponents then are not written) and, where it may be a
+    non-integer, a ``multipleOf`` of 10^-6 (at most 6 after it) on the numbers from 0 up. A narrower schema: every
+    number it allows is valid under the caller's. A side whose bound would leave no number (a caller's minimum past
+    the cap) stays the caller's, and so does a ``multipleOf`` the caller set. Negative numbers keep their fraction
+    free: vLLM's llguidance (1.7) admits no negative number under any ``multipleOf``, and both engines decode under
+    the same constraint."""
+    def number(key: str):
+        value = node.get(key)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    low = [v for v in (number("minimum"), number("exclusiveMinimum")) if v is not None]
+    high = [v for v in (number("maximum"), number("exclusiveMaximum")) if v is not None]
+    if not low and all(v >= -MAX_NUMBER for v in high):
+        node["minimum"] = -MAX_NUMBER
+        low = [-MAX_NUMBER]
+    if not high and all(v <= MAX_NUMBER for v in low):
+        node["maximum"] = MAX_NUMBER
+        high = [MAX_NUMBER]
+    kinds = _kinds(node)
+    fractional = kinds is None or "number" in kinds
+    if not fractional or "multipleOf" in node or (low and high and min(high) - max(low) < 2 * NUMBER_STEP):
+        return
+    if max(low) >= 0:
+        node["multipleOf"] = NUMBER_STEP
+    elif min(high) > 0 and "anyOf" not in node:
+        node["anyOf"] = [{"minimum": 0, "multipleOf": NUMBER_STEP}, {"exclusiveMaximum": 0}]
+
+
+def number_chars(node: dict) -> int | None:
+    """The most characters a number under ``node`` takes (a sign, the digits, the point), or None when its digits
+    are not bounded (no range, or a non-integer without ``multipleOf``)."""
+    from decimal import Decimal, InvalidOperation
+
+    bounds = [node.get(k) for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")]
+    low = [v for v in bounds[:2] if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    high = [v for v in bounds[2:] if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if not low or not high:
+        return None
+    digits = len(str(int(max(abs(max(low)), abs(min(high)), 1))))
+    if _kinds(node) == {"integer"}:
+        return 1 + digits
+    step = node.get("multipleOf")
+    try:
+        exponent = Decimal(repr(step)).as_tuple().exponent if isinstance(step, (int, float)) else None
+    except InvalidOperation:
+        exponent = None
+    if not isinstance(exponent, int):
+        return None
+    return 1 + digits + (1 - exponent if exponent < 0 else 0)
 
 
 def output_schema(schema: dict) -> dict:
-    """The constraint an answer decodes under for a ``response_format`` schema: the schema itself, compact, with
-    a ``maxLength`` on unbounded strings (400 characters, or the string's ``minLength`` when longer) and objects
-    that list properties closed to them (a narrower schema: every answer it allows is valid under the caller's),
-    so that a small model's answer ends. An object is closed only where that cannot make it unsatisfiable: not
-    one that ``allOf`` composes (a branch, or what a branch refers to), not one beside ``$ref`` or a combinator,
-    not one whose ``required`` names a property it does not list. A ``format`` the decoder does not know is an
-    annotation (as the specification says) and is left out of the constraint."""
+    """The constraint an answer decodes under for a ``response_format`` schema (:func:`tunesmith.generation.schemas.
+    served_schema`'s: references local): the schema itself, compact, narrowed so that a small model's answer ends
+    (every answer it allows is valid under the caller's). Wherever a string may be, a ``maxLength`` where none is
+    set (400 characters, or the string's ``minLength`` when longer); wherever a number may be, a digit cap
+    (:func:`bound_number`); objects that list properties closed to them; an object that lists none, and an array
+    without ``items``, hold bounded values (strings and numbers capped as above, at every depth). An object is
+    closed (or its values bounded) only where that cannot make it unsatisfiable: not one that ``allOf`` composes (a
+    branch, or what a branch refers to), not one beside ``$ref`` or a combinator, not one whose ``required`` names a
+    property it does not list. A ``format`` the decoder does not know is an annotation (as the specification says)
+    and is left out of the constraint."""
     from tunesmith.generation.schemas import DECODER_FORMATS, composed_nodes, schema_nodes
 
     doc = copy.deepcopy(schema)
     composed = composed_nodes(doc)
+    # a bounded "any value" where the schema leaves values open; not where $defs is no map to hold it
+    any_value = {"$ref": f"#/$defs/{ANY_VALUE}"} if isinstance(doc.setdefault("$defs", {}), dict) else None
     for node in schema_nodes(doc):
+        kinds, free = _kinds(node), id(node) not in composed and not {"allOf", "anyOf", "oneOf", "$ref"} & set(node)
         if ("properties" in node and isinstance(node["properties"], dict) and "additionalProperties" not in node
-                and "patternProperties" not in node and id(node) not in composed
-                and not {"allOf", "anyOf", "oneOf", "$ref"} & set(node)
+                and "patternProperties" not in node and free
                 and set(node.get("required") or []) <= set(node["properties"])):
             node["additionalProperties"] = False
-        kinds = node.get("type")
-        if kinds == "string" or (isinstance(kinds, list) and "string" in kinds):
+        elif ((kinds == {"object"} or (kinds is None and _bare(node))) and free and any_value
+              and not {"properties", "patternProperties", "additionalProperties"} & set(node)):
+            node["additionalProperties"] = any_value
+        if ((kinds == {"array"} or (kinds is None and _bare(node))) and free and any_value
+                and not {"items", "prefixItems", "additionalItems"} & set(node)):
+            node["items"] = any_value
+        if (kinds is None and _bare(node)) or (kinds is not None and "string" in kinds):
             minimum = node.get("minLength") if isinstance(node.get("minLength"), int) else 0
             node.setdefault("maxLength", max(MAX_STRING_CHARS, minimum))  # a longer minLength is the caller's
+        if (kinds is None and _bare(node)) or (kinds is not None and {"number", "integer"} & kinds):
+            bound_number(node)
         if isinstance(node.get("format"), str) and node["format"] not in DECODER_FORMATS:
             del node["format"]
+    if any_value and any_value in _uses(doc):
+        bounded = {"maxLength": MAX_STRING_CHARS, "items": any_value, "additionalProperties": any_value}
+        bound_number(bounded)
+        doc["$defs"][ANY_VALUE] = bounded
+    if doc.get("$defs") == {}:
+        del doc["$defs"]
     doc["x-guidance"] = COMPACT
     return doc
+
+
+def _uses(doc: dict) -> list:
+    """The ``items`` and ``additionalProperties`` of every subschema of ``doc``."""
+    from tunesmith.generation.schemas import schema_nodes
+
+    return [node.get(key) for node in schema_nodes(doc) for key in ("items", "additionalProperties")]
+
+
+class Grammar(str):
+    """A Lark grammar (llguidance's syntax, as both engines take it) that knows the most tokens an answer under it
+    takes (``token_bound``; None: unbounded), as :func:`reply_token_bound` knows a schema's."""
+
+    token_bound: int | None
+
+    def __new__(cls, text: str, token_bound: int | None = None):
+        grammar = super().__new__(cls, text)
+        grammar.token_bound = token_bound
+        return grammar
 
 
 # a token is at least one byte; a character is at most 6 bytes in a JSON string (an escape such as \u00e9)
@@ -99,8 +202,8 @@ class _Unbounded(Exception):
 
 def reply_token_bound(doc: dict) -> int | None:
     """The most tokens a compact reply valid under ``doc`` (from :func:`bounded_schema`) can take, or
-    None when it is unbounded (an array without ``maxItems``, a string without ``maxLength``, a number, a
-    recursive ``$ref``). Generation limited to this many tokens is never cut mid-JSON. Each ``$ref`` is sized
+    None when it is unbounded (an array without ``maxItems``, a string without ``maxLength``, a number without a
+    range, a recursive ``$ref``). Generation limited to this many tokens is never cut mid-JSON. Each ``$ref`` is sized
     once (a schema whose ``$defs`` form a DAG costs its size, not its number of paths)."""
     sized: dict[str, int] = {}
     open_refs: set[str] = set()
@@ -124,6 +227,8 @@ def reply_token_bound(doc: dict) -> int | None:
         kind = node.get("type")
         if kind == "string" and "maxLength" in node:
             return 2 + BYTES_PER_CHAR * node["maxLength"]
+        if kind in ("number", "integer") and (chars := number_chars(node)) is not None:
+            return chars
         if kind == "boolean":
             return 5
         if kind == "null":

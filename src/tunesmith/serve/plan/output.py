@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan.fields import refuse_unknown
+from tunesmith.serve.plan.messages import check_text
 
 
 @dataclass
@@ -15,7 +16,7 @@ class OutputFormat:
     decoding runs under). ``param``: the request field it came from, named by its errors."""
 
     json: bool = False
-    schema: dict | None = None
+    schema: dict | bool | None = None
     constraint: dict | None = None
     param: str = "response_format"
     ignored: list[str] = field(default_factory=list)  # annotations and unknown keywords: "keyword at path"
@@ -24,13 +25,14 @@ class OutputFormat:
 def output_format(doc, param: str) -> OutputFormat:
     """``response_format`` (chat) or ``text.format`` (Responses) as an output format: ``text``, ``json_object``
     (any object; with a ``schema`` member, as vLLM and instructor send it, that schema), or ``json_schema``
-    (strict: OpenAI's subset; otherwise any schema the decoder enforces). A schema outside is a 400 naming the
-    keyword and its path in the schema."""
+    (strict: OpenAI's subset; otherwise any schema the decoder enforces, ``true`` included: any JSON value). A
+    schema outside is a 400 naming the keyword and its path in the schema (``false``: no answer can satisfy it)."""
     from tunesmith.generation.constrained import output_schema
-    from tunesmith.generation.schemas import SchemaRefused, check_output_schema
+    from tunesmith.generation.schemas import SchemaRefused, served_schema
 
     if doc is None:
         return OutputFormat(param=param)
+    check_text(doc, param)
     if not isinstance(doc, dict) or doc.get("type") not in ("text", "json_object", "json_schema"):
         raise APIError(400, f"{param}: type must be 'text', 'json_object' or 'json_schema'", param=param,
                        code="invalid_value")
@@ -45,15 +47,16 @@ def output_format(doc, param: str) -> OutputFormat:
     if kind == "json_object" and "schema" not in doc:
         return OutputFormat(True, {"type": "object"}, output_schema({"type": "object"}), param)
     if kind == "json_schema":
-        if not isinstance(nested, dict) or not isinstance(nested.get("schema", {}), dict):
-            raise APIError(400, f"{param}: give json_schema with name and schema", param=param, code="invalid_value")
+        if not isinstance(nested, dict) or not isinstance(nested.get("schema", {}), (dict, bool)):
+            raise APIError(400, f"{param}: give json_schema with name and schema (a JSON Schema object, or true)",
+                           param=param, code="invalid_value")
         if nested is not doc:
             refuse_unknown(nested, {"name", "schema", "strict", "description"}, f"{param}.json_schema")
     schema, strict = nested.get("schema", {"type": "object"}), bool(nested.get("strict")) and kind == "json_schema"
     try:
-        ignored = check_output_schema(schema, strict)
+        served, ignored = served_schema(schema, strict)
     except SchemaRefused as exc:
         name = nested.get("name", "")
         raise APIError(400, f"Invalid schema for {param} '{name}': {exc}.", param=param,
                        code="invalid_json_schema") from None
-    return OutputFormat(True, schema, output_schema(schema), param, ignored)
+    return OutputFormat(True, schema, output_schema(served), param, ignored)

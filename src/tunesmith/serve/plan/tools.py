@@ -2,10 +2,13 @@
 
 The prompt lists the tools as the model was trained on them (:mod:`tunesmith.data.formats.tool_format`: the
 template's own hermes syntax, or the JSON-in-tags form in the system message). ``auto`` lets the model
-choose and reads any ``<tool_call>`` it writes; ``none`` leaves the tools out; ``required`` and a named
-function start the answer with ``<tool_call>`` and decode the call under the function's JSON schema
-(:mod:`tunesmith.generation.constrained`), so its arguments always parse. Answers carry OpenAI's
-``tool_calls`` with ``finish_reason: "tool_calls"``, streamed as OpenAI streams them: a first delta with
+choose and reads any ``<tool_call>`` it writes; ``none`` leaves the tools out. A forced call to one function (a
+named function, or ``required`` with one tool) puts the call's opening (``<tool_call>``, the caller's function name,
+``"arguments":``) in the prompt as the start of the assistant's turn, so that only the arguments are generated,
+under the function's JSON schema (:mod:`tunesmith.generation.constrained`): ``max_tokens`` buys arguments, not the
+template's wrapper. ``required`` with several tools starts the answer with ``<tool_call>`` and decodes a call to any
+of them. Answers carry OpenAI's ``tool_calls`` with ``finish_reason: "tool_calls"`` (a call cut short: the call as far
+as it was generated, with the generation's own finish reason), streamed as OpenAI streams them: a first delta with
 the call's index, id, type and name (empty arguments), then its arguments (:mod:`tunesmith.serve.plan.answer`).
 """
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from tunesmith.data.formats.chat import function_names, hint
 from tunesmith.data.formats.tool_format import CALL_CLOSE, CALL_OPEN, render
 from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.plan.messages import check_text
 
 # the separators json.dumps writes (and the hermes form is trained with), no free whitespace
 TOOL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -29,12 +33,16 @@ class ToolPlan:
 
     tools: list[dict] | None = None
     parse: bool = False
-    schema: dict | None = None  # set when the answer must be a call
+    schema: dict | str | None = None  # set when the answer must be a call: what it decodes under
     parallel: bool = True
+    function: str | None = None  # a forced call's function: the caller's, written in the prompt; only arguments follow
 
     @property
     def prefix(self) -> str:
-        """Text that starts the answer (the opening tag of a forced call)."""
+        """Text that starts the answer, in the prompt: a forced call's opening (the tag, and for one function its
+        name up to ``"arguments":``, as the call's JSON is written)."""
+        if self.function is not None:
+            return f'{CALL_OPEN}\n{{"name": {json.dumps(self.function, ensure_ascii=False)}, "arguments":'
         return f"{CALL_OPEN}\n" if self.schema else ""
 
 
@@ -47,6 +55,7 @@ def _functions(tools) -> dict[str, dict]:
     may cost here (:func:`tunesmith.generation.schemas.check_schema_cost`), is a 400 on ``tools``."""
     from tunesmith.generation.schemas import SchemaRefused, check_schema_cost
 
+    check_text(tools, "tools")
     errors: list[str] = []
     names = function_names({"tools": tools}, errors)
     if errors or not names:
@@ -78,6 +87,8 @@ def plan_tools(tools: list[dict] | None, choice, parallel_tool_calls: bool | Non
         return ToolPlan()
     if choice == "auto":
         return ToolPlan(tools, parse=True, parallel=parallel)
+    if choice == "required" and len(functions) == 1:
+        return forced_call(tools, next(iter(functions.values())), parallel)
     if choice == "required":
         return ToolPlan(tools, True, call_schema(list(functions.values())), parallel)
     function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
@@ -88,21 +99,49 @@ def plan_tools(tools: list[dict] | None, choice, parallel_tool_calls: bool | Non
     if name not in functions:
         raise _bad(f"Invalid 'tool_choice': no function named '{name}' in 'tools' (known: "
                    f"{', '.join(functions)}).", "tool_choice")
-    return ToolPlan(tools, True, call_schema([functions[name]]), parallel)
+    return forced_call(tools, functions[name], parallel)
+
+
+def forced_call(tools: list[dict], function: dict, parallel: bool) -> ToolPlan:
+    """The plan of a call to ``function`` that the caller forces: the prompt writes the call up to its arguments
+    (:attr:`ToolPlan.prefix`), and the answer is a space, the arguments object under the function's bounded schema
+    and the call's closing brace (the form the call is written in: ``{"name": "f", "arguments": {...}}``). The
+    grammar knows its longest answer, the budget of a call without ``max_tokens``."""
+    from tunesmith.generation.constrained import Grammar, reply_token_bound
+
+    arguments = arguments_schema(function) | {"x-guidance": TOOL_JSON}
+    bound = reply_token_bound(arguments)
+    grammar = Grammar("\n".join(['start: " " arguments "}"', f"arguments: %json {json.dumps(arguments)}"]),
+                      None if bound is None else bound + 2)
+    return ToolPlan(tools, True, grammar, parallel, function["name"])
+
+
+def arguments_schema(function: dict) -> dict:
+    """A function's ``parameters`` as its arguments decode under: checked as a response format's schema is (a keyword
+    that would constrain and is not enforced, a reference outside it, a ``false`` no arguments can satisfy: a 400 on
+    ``tools`` naming it and its path), references made local, an object, bounded (string lengths and number digits,
+    no extra keys) so that a call always ends."""
+    from tunesmith.generation.constrained import bound_json_schema
+    from tunesmith.generation.schemas import SchemaRefused, served_schema
+
+    try:
+        params = served_schema(function.get("parameters") or {"type": "object", "properties": {}}, strict=False)[0]
+    except SchemaRefused as exc:
+        raise _bad(f"Invalid schema for the parameters of function '{function['name']}': {exc}.", "tools") from None
+    if "type" not in params and not {"$ref", "anyOf", "oneOf", "allOf"} & set(params):
+        params["type"] = "object"  # arguments are an object
+    return bound_json_schema(params)
 
 
 def call_schema(functions: list[dict]) -> dict:
     """The JSON schema of one call ``{"name": ..., "arguments": {...}}`` to any of ``functions``, each
-    function's parameters bounded (string lengths, no extra keys) so that a call always ends. A function's own
+    function's arguments as :func:`arguments_schema` bounds them so that a call always ends. A function's own
     ``$defs`` (pydantic's nested models) move to the call's root under ``<function>.<name>``, and every ``$ref``
     of its parameters is rewritten to where they now lie (``#`` becomes the arguments' own node)."""
-    from tunesmith.generation.constrained import bound_json_schema
-
     defs: dict[str, dict] = {}
 
     def one(f: dict, where: str) -> dict:
-        params = bound_json_schema(f.get("parameters") or {"type": "object", "properties": {}})
-        arguments = _hoisted(params, f["name"], where, defs)
+        arguments = _hoisted(arguments_schema(f), f["name"], where, defs)
         return {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": arguments},
                 "required": ["name", "arguments"], "additionalProperties": False}
 
@@ -114,20 +153,22 @@ def call_schema(functions: list[dict]) -> dict:
 
 
 def _hoisted(params: dict, function: str, where: str, defs: dict[str, dict]) -> dict:
-    """``params`` without its ``$defs``/``definitions`` (added to ``defs`` under ``<function>.<name>``), every local
-    ``$ref`` in it and in them pointing where the call schema holds its target."""
-    own = {f"{key}/{name}": sub for key in ("$defs", "definitions")
+    """``params`` (references local) without its ``$defs``/``definitions`` (added to ``defs`` under
+    ``<function>.<name>``), every ``$ref`` in it and in them pointing where the call schema holds its target."""
+    from tunesmith.generation.schemas import ref_keys, ref_to
+
+    own = {(key, name): sub for key in ("$defs", "definitions")
            for name, sub in (params.get(key) or {}).items() if isinstance(params.get(key), dict)}
-    renamed = {k: f"{function}.{k.split('/', 1)[1]}".replace("~", "~0").replace("/", "~1") for k in own}
+    renamed = {k: f"{function}.{k[1]}" for k in own}
+    base = ref_keys(where)
 
     def moved(ref: str) -> str:
-        if not ref.startswith("#"):
+        keys = ref_keys(ref)
+        if keys is None:
             return ref
-        pointer = ref[1:].lstrip("/")
-        for key, name in renamed.items():
-            if pointer == key or pointer.startswith(key + "/"):
-                return f"#/$defs/{name}{pointer[len(key):]}"
-        return where + (f"/{pointer}" if pointer else "")
+        if tuple(keys[:2]) in renamed:
+            return ref_to(["$defs", renamed[tuple(keys[:2])], *keys[2:]])
+        return ref_to(base + keys)
 
     def rewrite(node):
         if isinstance(node, dict):
