@@ -275,3 +275,28 @@ def test_an_embeddings_batch_runs_beside_the_loop_at_the_lowest_priority(tiny_mo
         assert nice == 19  # the encoder ran in a worker at the lowest priority
         assert slowest < 2.0  # B's GET /v1/models never waited on the embeddings
         assert rss_kb(proc.pid) - before < 200_000  # KB: the answers were never held whole by the server
+
+
+def test_a_keys_batches_are_bounded_and_their_output_expires_as_asked(tiny_model_dir, tmp_path):
+    model = str(tiny_model_dir)
+    with served(tiny_model_dir, tmp_path / "data", "--quota", "batches=2") as (url, _):
+        a = openai.OpenAI(base_url=url, api_key=KEYS[0], max_retries=0, timeout=60)
+        b = openai.OpenAI(base_url=url, api_key=KEYS[1], max_retries=0, timeout=60)
+        f = a.files.create(file=("b.jsonl", chat_lines(model, 3, 4)), purpose="batch")
+        create = {"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        with pytest.raises(openai.BadRequestError) as bad:
+            a.batches.create(**create, metadata={f"k{i}": "v" for i in range(17)})
+        assert bad.value.body["param"] == "metadata"
+        first = a.batches.create(**create, output_expires_after={"anchor": "created_at", "seconds": 7200})
+        second = a.batches.create(**create)
+        with pytest.raises(openai.RateLimitError) as full:
+            a.batches.create(**create)
+        assert full.value.body["code"] == "quota_exceeded" and "batches" in full.value.message
+        g = b.files.create(file=("b.jsonl", chat_lines(model, 1, 4)), purpose="batch")  # another key: its own room
+        b.batches.create(input_file_id=g.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.time() + 120
+        while a.batches.retrieve(first.id).status != "completed" and time.time() < deadline:
+            time.sleep(0.2)
+        out = a.files.retrieve(a.batches.retrieve(first.id).output_file_id)
+        assert out.expires_at == out.created_at + 7200
+        a.batches.cancel(second.id)

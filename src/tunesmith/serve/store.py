@@ -135,6 +135,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     # a batch's answers are appended to its output and error files; the lengths recorded with each answered line
     ("0031_batch_output_bytes", "ALTER TABLE batches ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0"),
     ("0032_batch_error_bytes", "ALTER TABLE batches ADD COLUMN error_bytes INTEGER NOT NULL DEFAULT 0"),
+    ("0033_batch_output_expires", "ALTER TABLE batches ADD COLUMN output_expires_s INTEGER"),  # output_expires_after
 ]
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 

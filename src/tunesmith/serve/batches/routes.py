@@ -3,11 +3,12 @@ calls them. Every batch belongs to its key (another key gets a 404, as for an id
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
+from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.objects import page, paginate
 from tunesmith.serve.batches.lines import URLS
@@ -25,8 +26,8 @@ class BatchBody(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: Literal["24h"]
-    metadata: dict[str, str] | None = Field(None, max_length=16)
-    output_expires_after: ExpiresAfter | None = None  # accepted: output files are kept until deleted
+    metadata: Any = None  # OpenAI's rule, checked with the quotas (tunesmith.serve.quotas.check_metadata)
+    output_expires_after: ExpiresAfter | None = None  # the output and error files' life after they are made
 
 
 def batch_object(b: dict) -> dict:
@@ -56,8 +57,10 @@ async def create_batch(body: BatchBody, request: Request, key: Key):
     if wrong is not None:
         raise APIError(400, f"input_file_id: line {wrong['line']} asks {wrong['url']}, not the batch's endpoint "
                        f"{body.endpoint}", param="input_file_id", code="mixed_endpoints")
+    quotas.check_batch_create(request, key, body.metadata, count)
+    expires = body.output_expires_after.seconds if body.output_expires_after else None
     batch = BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata,
-                                                    count, model, WINDOW_S)
+                                                    count, model, WINDOW_S, expires)
     request.app.state.batch_runner.wake()
     return batch_object(batch)
 

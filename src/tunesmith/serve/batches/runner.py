@@ -25,6 +25,7 @@ import time
 from tunesmith.serve.api.auth import OWNER_SCOPE
 from tunesmith.serve.batches.output import BatchFiles, InputLines, failure_body
 from tunesmith.serve.batches.store import BatchStore
+from tunesmith.serve.jobs.routes import expire_file
 
 log = logging.getLogger("tunesmith.serve")
 BATCH_SCOPE = "tunesmith.batch"  # set on a batch line's ASGI scope: the routes skip key limits, rows in the background
@@ -196,7 +197,8 @@ class BatchRunner:
         store = self.app.state.store
         made = {}
         for name, path in await self.files_lane.run(owner, files.finished):
-            made[f"{name}_file_id"] = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)["id"]
+            made_file = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)
+            made[f"{name}_file_id"] = expire_file(store, made_file, batch.get("output_expires_s"))["id"]
         if made:
             self.batches.update(bid, **made)
         self.batches.mark(bid, status)

@@ -18,13 +18,14 @@ class BatchStore:
         self.db, self.lock = store.db, store.lock
 
     def add(self, owner: str | None, endpoint: str, input_file_id: str, metadata: dict | None, total: int,
-            model: str | None, window_s: int) -> dict:
+            model: str | None, window_s: int, output_expires_s: int | None = None) -> dict:
         bid, now = new_id("batch"), int(time.time())
         with self.lock:
             self.db.execute("INSERT INTO batches (id, owner, endpoint, input_file_id, completion_window, status, "
-                            "metadata, model, total, created_at, expires_at) VALUES (?, ?, ?, ?, '24h', 'validating', "
-                            "?, ?, ?, ?, ?)", (bid, owner, endpoint, input_file_id, json.dumps(metadata), model, total,
-                                               now, now + window_s))
+                            "metadata, model, total, created_at, expires_at, output_expires_s) VALUES (?, ?, ?, ?, "
+                            "'24h', 'validating', ?, ?, ?, ?, ?, ?)",
+                            (bid, owner, endpoint, input_file_id, json.dumps(metadata), model, total, now,
+                             now + window_s, output_expires_s))
         return self.get(bid, owner)
 
     def get(self, bid: str, owner: str | None = None, any_owner: bool = False) -> dict | None:
