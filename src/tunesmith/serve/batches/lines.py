@@ -1,57 +1,18 @@
 """A batch file's lines: checked at upload (UTF-8, ``{"custom_id", "method": "POST", "url", "body"}``, unique
-``custom_id``s, a URL this server batches, a JSON object body, no streaming, nested at most :data:`MAX_DEPTH`
-levels; each bad line named) and the output and error files written in OpenAI's format. The JSON-lines helpers
-(:func:`utf8_problem`, :func:`json_line`) serve the evals files' check too."""
+``custom_id``s, a URL this server batches, a JSON object body, no streaming, nested at most
+:data:`tunesmith.data.formats.json_lines.MAX_DEPTH` levels; each bad line named) and the output and error files written
+in OpenAI's format."""
 
 from __future__ import annotations
 
 import json
 import secrets
 
+from tunesmith.data.formats.json_lines import json_line, utf8_problem
+
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_LINES = 50_000  # as at OpenAI
 MOST_NAMED = 5
-MAX_DEPTH = 100  # levels of objects and arrays in one line: a 64-level schema fits inside a request's body
-
-
-def utf8_problem(content: bytes) -> str | None:
-    """Where ``content`` stops being UTF-8 (its line and byte), or None: a file is decoded strictly where it is
-    used, so it is refused at upload rather than failing then."""
-    try:
-        content.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = content.count(b"\n", 0, err.start) + 1
-        return (f"line {line}: not UTF-8 (byte 0x{content[err.start]:02x} at offset {err.start:,}); save the file "
-                "as UTF-8")
-    return None
-
-
-def json_line(line: str) -> tuple[object, str | None]:
-    """One line's JSON value, or (None, why it is not one): not JSON, or nested deeper than :data:`MAX_DEPTH`."""
-    try:
-        value = json.loads(line)
-    except ValueError:
-        return None, "not JSON"
-    except RecursionError:
-        return None, f"nested deeper than {MAX_DEPTH} levels of objects and arrays"
-    if nesting(value) > MAX_DEPTH:
-        return None, f"nested deeper than {MAX_DEPTH} levels of objects and arrays"
-    return value, None
-
-
-def nesting(value: object, most: int = MAX_DEPTH) -> int:
-    """How many levels of objects and arrays ``value`` nests (counted without recursion; stops past ``most``)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if deepest > most:
-            break
-        stack.extend((c, depth + 1) for c in children)
-    return deepest
 
 
 def check_batch_file(content: bytes, max_lines: int | None = MAX_LINES) -> list[str]:

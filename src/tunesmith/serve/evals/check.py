@@ -190,7 +190,7 @@ def stored_rows(store, key, inner: dict, config: dict) -> list[dict]:
 def _file_rows(request: Request, key, file_id: str | None) -> list:
     """The JSON lines of the key's evals file ``file_id``; a 400 on ``data_source.source.id`` naming the line that
     is not UTF-8, not JSON or nested too deep (a file kept before those were checked at upload)."""
-    from tunesmith.serve.batches.lines import json_line, utf8_problem
+    from tunesmith.data.formats.json_lines import json_line, utf8_problem
 
     where = "data_source.source.id"
     f = request.app.state.store.get_file(file_id or "", key)

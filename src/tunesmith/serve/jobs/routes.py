@@ -125,7 +125,7 @@ def check_upload(content: bytes) -> list[str]:
 def check_eval_upload(content: bytes, most: int = 5) -> list[str]:
     """An evals file is UTF-8 JSON lines of ``{"item": {...}, "sample": {...}}`` (sample optional), nested within
     the batch files' depth; the first ``most`` bad lines are named."""
-    from tunesmith.serve.batches.lines import json_line, utf8_problem
+    from tunesmith.data.formats.json_lines import json_line, utf8_problem
 
     if bad := utf8_problem(content):
         return [bad]
