@@ -8,6 +8,11 @@ seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature`
 forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs, with the
 built-in engine's library and grammars (:func:`engine_args`).
 
+Tenants (API keys) share vLLM's batch as they share the built-in engine's steps (:mod:`tunesmith.serve.engines.shares`):
+vLLM is sent at most each tenant's share of rows, the rest wait in the tenant's line here, and a flood's rows past a
+share that shrank are paused by recompute (:mod:`tunesmith.serve.engines.vllm.sharing`). The shares are decided
+again whenever a row arrives or ends, and every ``PRESENCE_TICK_S`` while a tenant is present between requests.
+
 vLLM is reached over its private Unix socket with its private key (:mod:`tunesmith.serve.engines.vllm.server`), through
 one pooled HTTP client per event loop. Adapters are loaded into vLLM at run time by a background thread
 (:mod:`tunesmith.serve.engines.vllm.adapters`) under their model id and unloaded when deleted; the routes check
@@ -21,23 +26,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Delta, Generation, GenParams, InferenceEngine, Request
+from tunesmith.serve.engines.shares import ShareRules, Shares, default_contended_rows
+from tunesmith.serve.engines.vllm.sharing import DONE, LINE, PAUSED, RUNNING, Row, ends_mid_character, may_pause, plan
 
 log = logging.getLogger("tunesmith.serve")
 ADAPTER_TIMEOUT_S = 120.0
 DEATH_GRACE_S = 2.0  # after a broken connection: how long to look for vLLM's exit
 VLLM_BASE_URL = "http://vllm"  # the host part is a placeholder: every call goes over the Unix socket
+VLLM_BATCH_ROWS = 256  # the rows tunesmith lets vLLM hold (ServeSettings.engine_batch)
+PRESENCE_TICK_S = 0.1  # how often shares are decided again while a tenant is present between requests
 
 
 class VllmEngine(InferenceEngine):
     def __init__(self, base: str, adapters: dict[str, str | Path] | None, log_dir: Path, python: str | None = None,
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
-                 gpu_memory_utilization: float | None = None):
+                 gpu_memory_utilization: float | None = None, max_rows: int = VLLM_BATCH_ROWS,
+                 contended_rows: int | None = None):
         from tunesmith.serve.engines.vllm.adapters import AdapterLoader
         from tunesmith.serve.engines.vllm.server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
@@ -56,6 +67,11 @@ class VllmEngine(InferenceEngine):
         self._cache = self._new_constraints()
         self._cache.prepare(background=True)
         self.in_flight_of: Counter = Counter()  # tenant -> its vLLM calls not yet ended (their priority)
+        self.shares = Shares(ShareRules(max_rows, contended_rows or default_contended_rows(vllm_device())))
+        self.rows: list[Row] = []  # every row not yet ended: in its tenant's line, in vLLM or paused
+        self.rows_lock = threading.Lock()
+        self.pauses = 0  # rows paused by recompute so far
+        self._ticking: set[int] = set()  # event loops with a presence tick armed
         self._clients: dict[int, tuple[int, object]] = {}  # event loop id -> (vLLM start, httpx.AsyncClient)
         for name, path in (adapters or {}).items():
             self.add_adapter(name, path)
@@ -118,52 +134,177 @@ class VllmEngine(InferenceEngine):
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
                background: bool = False) -> Request:
-        """Each choice one vLLM request, its ``priority`` the number of this tenant's rows already in flight
-        (vLLM's priority scheduling serves lower numbers first): a tenant's first row goes before another's
-        hundredth, so the rows vLLM runs are shared round robin over tenants."""
+        """Each choice one vLLM request, sent when its tenant's share has room (:meth:`_share_out`); its
+        ``priority`` the number of this tenant's rows already in vLLM (vLLM's priority scheduling serves lower
+        numbers first)."""
         if not self.server.ready.is_set():
             raise unavailable()
-        request = Request(len(params), asyncio.get_running_loop())
-        name = self.served_name(model_id)
+        loop = asyncio.get_running_loop()
+        request = Request(len(params), loop)
+        name, deadline = self.served_name(model_id), loop.time() + self.request_timeout_s
+        rows = []
         for i, p in enumerate(params):
-            body = completion_body(name, prompt_ids, p, stream, constraint.body if constraint else None, logprobs)
-            body["priority"] = self.in_flight_of[tenant]
-            self.in_flight_of[tenant] += 1
-            task = asyncio.ensure_future(self._generate(request, i, body, model_id, constraint, p))
-            self.tasks.add(task)
-            task.add_done_callback(lambda done, tenant=tenant: self._ended(done, tenant))
-            request.on_cancel.append(task.cancel)
+            pausable = may_pause(p, constraint is not None)
+            body = completion_body(name, prompt_ids, p, stream or pausable, constraint.body if constraint else None,
+                                   logprobs)
+            rows.append(Row(request=request, index=i, body=body, model_id=model_id, params=p, constraint=constraint,
+                            tenant=tenant, background=background, stream=stream, pausable=pausable,
+                            deadline=deadline))
+        with self.rows_lock:
+            self.rows.extend(rows)
+        request.on_cancel.append(lambda: self._cancel(rows))
+        loop.call_at(deadline, self._expire, rows)
+        self._share_out()
         return request
 
-    def _ended(self, task: asyncio.Task, tenant: str | None) -> None:
-        self.tasks.discard(task)
-        self.in_flight_of[tenant] -= 1
-        if not self.in_flight_of[tenant]:
-            del self.in_flight_of[tenant]
+    # --- the fair share -----------------------------------------------------------------------
 
-    async def _generate(self, request: Request, index: int, body: dict, model_id: str, constraint=None,
-                        params: GenParams | None = None) -> None:
-        """One choice, within the request's deadline; whatever happens, the request hears how it ended."""
+    def _share_out(self) -> None:
+        """Send, pause and resume rows so that each tenant holds its share of vLLM's batch
+        (:func:`tunesmith.serve.engines.vllm.sharing.plan`)."""
+        with self.rows_lock:
+            self.rows = [r for r in self.rows if r.state != DONE]
+            start, pause = plan(self.rows, self.shares)
+            for row in start:
+                row.state = RUNNING
+        for row in pause:
+            self._pause(row)
+        for row in start:
+            if not on_loop(row.loop, self._start, row):
+                row.state = DONE  # its event loop is gone: nobody waits for it
+        if set(self.shares.last_seen) - {r.tenant for r in self.rows}:  # a tenant present between requests
+            self._tick()
+
+    def _tick(self) -> None:
+        """Decide the shares again shortly: a tenant's presence ends without a row ending."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: the next row to arrive or end decides
+            return
+        if id(loop) not in self._ticking:
+            self._ticking.add(id(loop))
+            loop.call_later(PRESENCE_TICK_S, self._ticked, loop)
+
+    def _ticked(self, loop) -> None:
+        self._ticking.discard(id(loop))
+        self._share_out()
+
+    def _start(self, row: Row) -> None:
+        """Send one row to vLLM (on its request's event loop)."""
+        if row.request.cancelled.is_set() or row.pause_asked:
+            row.state = DONE if row.request.cancelled.is_set() else PAUSED
+            row.pause_asked = False
+            return
+        body = row.continuation() if row.pausable else row.body
+        body["priority"] = self.in_flight_of[row.tenant]
+        self.in_flight_of[row.tenant] += 1
+        row.task = task = asyncio.ensure_future(self._generate(row, body))
+        self.tasks.add(task)
+        task.add_done_callback(lambda done: self._ended(done, row))
+
+    def _pause(self, row: Row) -> None:
+        """Close a row's vLLM request now when its text ends on a character, else at the next chunk that does (a
+        row about to be sent is not sent)."""
+        row.pause_asked = True
+        if row.stopping or row.task is None or ends_mid_character(self.tokenizer, row.generated):
+            return
+        row.stopping = True
+        on_loop(row.loop, row.task.cancel)
+
+    def _ended(self, task: asyncio.Task, row: Row) -> None:
+        self.tasks.discard(task)
+        self.in_flight_of[row.tenant] -= 1
+        if not self.in_flight_of[row.tenant]:
+            del self.in_flight_of[row.tenant]
+        with self.rows_lock:
+            row.task, row.stopping, row.pause_asked = None, False, False
+            if row.state != PAUSED or row.request.cancelled.is_set():
+                row.state = DONE
+                self.shares.last_seen[row.tenant] = self.shares.clock()  # present from its last row's end
+        self._share_out()
+
+    def _cancel(self, rows: list[Row]) -> None:
+        """The caller left: rows waiting end at once, rows in vLLM are closed."""
+        for row in rows:
+            if row.state == RUNNING and row.task is not None:
+                on_loop(row.loop, row.task.cancel)
+            elif row.state in (LINE, PAUSED):
+                row.state = DONE
+
+    def _expire(self, rows: list[Row]) -> None:
+        """The request's time is up: its rows still waiting (in line or paused) end with the timeout error; rows in
+        vLLM end by their own deadline."""
+        for row in rows:
+            with self.rows_lock:
+                waiting = row.state in (LINE, PAUSED)
+                row.state = DONE if waiting else row.state
+            if waiting:
+                row.request.push(row.index, timed_out(self.request_timeout_s))
+        self._share_out()
+
+    # --- one row in vLLM ------------------------------------------------------------------------
+
+    async def _generate(self, row: Row, body: dict) -> None:
+        """One choice (or its continuation), within the request's deadline; whatever happens, the request hears how
+        it ended, or the row is paused."""
         import httpx2 as httpx
 
+        request, index = row.request, row.index
         try:
-            async with asyncio.timeout(self.request_timeout_s):
-                await self.loader.wait(body["model"], model_id)
-                read = self._stream if body["stream"] else self._complete
-                gen = await read(request, index, body)
-                request.push(index, self._conforming(gen, constraint, params or GenParams()))
+            async with asyncio.timeout_at(row.deadline):
+                await self.loader.wait(body["model"], row.model_id)
+                if row.pausable:
+                    gen = await self._continue(row, body)
+                    if gen is None:
+                        return self._paused(row)
+                else:
+                    read = self._stream if body["stream"] else self._complete
+                    gen = await read(request, index, body)
+                request.push(index, self._conforming(gen, row.constraint, row.params))
+        except asyncio.CancelledError:
+            if not row.stopping or request.cancelled.is_set():
+                raise
+            if row.finish is None:
+                return self._paused(row)
+            request.push(index, answer(row))  # its last chunk came before the pause
         except APIError as exc:
             request.push(index, exc)
         except TimeoutError:
-            request.push(index, APIError(504, f"The generation took longer than the server's "
-                                         f"{self.request_timeout_s:.0f} s limit.", type_="server_error",
-                                         code="timeout"))
+            request.push(index, timed_out(self.request_timeout_s))
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             log.warning("vLLM request failed: %s: %s (its log: %s)", type(exc).__name__, exc, self.server.log_path)
             request.push(index, await self._failure(exc))
         except Exception as exc:  # noqa: BLE001 - never leave a request without an end
             log.exception("vLLM request failed")
             request.push(index, engine_failed(exc))
+
+    def _paused(self, row: Row) -> None:
+        with self.rows_lock:
+            row.state = PAUSED
+        self.pauses += 1
+
+    async def _continue(self, row: Row, body: dict) -> Generation | None:
+        """A pausable row, streamed from vLLM with its token ids: each text delta pushed when the caller streams,
+        the whole answer at the end; None when the row was asked to pause and its text ends on a character."""
+        async with self._client().stream("POST", f"{VLLM_BASE_URL}/v1/completions", json=body,
+                                         headers=self.server.headers) as r:
+            if r.status_code != 200:
+                raise vllm_error(r.status_code, (await r.aread()).decode(errors="replace"))
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                doc = json.loads(line[6:])
+                if "error" in doc:
+                    raise vllm_error(doc["error"].get("code") or 500, json.dumps(doc))
+                for choice in doc.get("choices", []):
+                    text = row.take(choice)
+                    if text is not None and row.stream:
+                        row.request.push(row.index, Delta(text, chat_logprobs(choice.get("logprobs"))))
+                if row.pause_asked and row.finish is None and not ends_mid_character(self.tokenizer, row.generated):
+                    return None
+        if row.finish is None:
+            raise ValueError("vLLM's stream ended before the answer did")  # a 503 when vLLM died (_failure)
+        return answer(row)
 
     async def _failure(self, exc: Exception) -> APIError:
         """A broken connection is a 503 when vLLM died (its sockets close a moment before its exit shows), else a
@@ -201,8 +342,8 @@ class VllmEngine(InferenceEngine):
                         request.push(index, Delta(c.get("text") or "", chat_logprobs(c.get("logprobs"))))
                     tops.append(c.get("logprobs"))
                     choice = c if c.get("finish_reason") else choice
-        if choice is None or usage is None:  # the stream broke off: vLLM died or dropped the request
-            raise unavailable()
+        if choice is None or usage is None:
+            raise ValueError("vLLM's stream ended before the answer did")  # a 503 when vLLM died (_failure)
         return generation({**choice, "text": "".join(text), "logprobs": merged_logprobs(tops)}, usage)
 
     def _client(self):
@@ -225,6 +366,13 @@ class VllmEngine(InferenceEngine):
         return sum(not t.done() for t in self.tasks)
 
     def close(self) -> None:
+        """Stop vLLM; rows still waiting (in line or paused) get a 503, rows in vLLM end as its connection closes."""
+        with self.rows_lock:
+            waiting = [r for r in self.rows if r.state in (LINE, PAUSED)]
+            for row in waiting:
+                row.state = DONE
+        for row in waiting:
+            row.request.push(row.index, shutting_down())
         self.loader.stop()
         self.server.stop()
 
@@ -241,8 +389,9 @@ class VllmConstraint:
 def engine_args() -> tuple[str, ...]:
     """What tunesmith's requests need of vLLM's engine (vLLM 0.32).
 
-    Priority scheduling: each request's priority is the number of its tenant's rows already in flight
-    (:meth:`VllmEngine.submit`), so tenants share vLLM's batch round robin.
+    Priority scheduling: each request's priority is the number of its tenant's rows already in vLLM
+    (:meth:`VllmEngine._start`), so within what tunesmith sends (each tenant's share) a tenant's first row goes
+    before another's tenth.
 
     Structured outputs by llguidance (``guidance``), the built-in engine's library, with compact JSON. Under
     ``auto`` vLLM picks a backend per request, but its engine builds one, for the first request that arrives
@@ -285,6 +434,13 @@ def generation(choice: dict, usage: dict) -> Generation:
     finish = choice.get("finish_reason") if choice.get("finish_reason") in ("stop", "length") else "stop"
     return Generation(choice.get("text") or "", usage["prompt_tokens"], usage["completion_tokens"], finish,
                       chat_logprobs(choice.get("logprobs")))
+
+
+def answer(row: Row) -> Generation:
+    """A pausable row's whole answer over every part it was sent in: the original prompt's tokens and every
+    generated token counted."""
+    return generation({"text": "".join(row.text), "finish_reason": row.finish, "logprobs": merged_logprobs(row.logprobs)},
+                      {"prompt_tokens": len(row.body["prompt"]), "completion_tokens": len(row.generated)})
 
 
 def chat_logprobs(lp: dict | None) -> list[dict] | None:
@@ -336,11 +492,45 @@ def vllm_error(status: int, text: str) -> APIError:
     return APIError(status, error_message(text), param=param if isinstance(param, str) else None)
 
 
+def timed_out(limit_s: float) -> APIError:
+    return APIError(504, f"The generation took longer than the server's {limit_s:.0f} s limit.", type_="server_error",
+                    code="timeout")
+
+
 def engine_failed(exc: Exception) -> APIError:
     return APIError(502, f"The inference engine (vLLM) failed on this request: {type(exc).__name__}: {exc}"[:2000],
                     type_="server_error", code="engine_error")
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "The server is shutting down; retry on another instance.", type_="server_error",
+                    code="server_shutting_down")
+
+
 def unavailable() -> APIError:
     return APIError(503, "The inference engine (vLLM) is restarting after it stopped; retry in a minute.",
                     type_="server_error", code="engine_unavailable")
+
+
+def vllm_device() -> str:
+    """Where vLLM computes: a CUDA GPU when this machine has one (vLLM's build follows it), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Call ``fn`` on ``loop``: at once from that loop's own thread, else as soon as the loop runs it; False when
+    the loop is closed."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fn(*args)
+        return True
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True

@@ -1,6 +1,9 @@
 """A stand-in for vLLM's OpenAI server (tests only): the same module path, command-line options and routes that
 tunesmith uses, so the real launch (shim, private socket, key, middleware, network namespace, restarts) runs
-in `make test` without vLLM. It answers ``/v1/completions`` with the words of ``WORDS`` one token at a time.
+in `make test` without vLLM. It answers ``/v1/completions`` with the words of ``WORDS`` one token at a time, each
+word one token id of ``WORD_IDS``; like a greedy model, it goes on from the words that end the prompt, so a request
+whose prompt is another's prompt plus its first tokens answers the rest of that answer. ``GET /fake/state`` tells
+which streams are open (the first two prompt ids of each) and how many were closed by their client before the end.
 
 An adapter folder steers it: ``adapter_config.json`` with ``"fake": "hang"`` never answers, ``"fake": "broken"``
 answers 200 with a body that is not JSON, ``"fake": "refuse"`` is refused at load (as a rank above
@@ -19,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 WORDS = "one two three four five six seven eight nine ten".split()
+WORD_IDS = list(range(300, 300 + len(WORDS)))  # ids a byte-level vocabulary of a few hundred decodes as ASCII
 STEP_S = float(os.environ.get("FAKE_VLLM_STEP_S", "0.05"))
 
 
@@ -31,6 +35,11 @@ def main() -> None:
     args, _ = ap.parse_known_args()
     app = FastAPI()
     adapters: dict[str, dict] = {}
+    streams = {"open": [], "closed_early": 0, "sent": 0}
+
+    @app.get("/fake/state")
+    async def state():
+        return streams
 
     @app.get("/v1/models")
     async def models():
@@ -74,27 +83,48 @@ def main() -> None:
             await asyncio.sleep(3600)
         if behaviour == "broken":
             return PlainTextResponse("this is not json")
-        words = (WORDS * 100)[: body["max_tokens"]]
+        done = said(body["prompt"])
+        ids = [WORD_IDS[(done + i) % len(WORDS)] for i in range(body["max_tokens"])]
+        words = [WORDS[WORD_IDS.index(t)] for t in ids]
         usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(words)}
+        streams["sent"] += 1
         if not body.get("stream"):
             await asyncio.sleep(STEP_S * len(words))
-            choice = {"text": " ".join(words), "finish_reason": "length"}
+            choice = {"text": " ".join(words) if not done else "".join(" " + w for w in words),
+                      "finish_reason": "length"}
             if body.get("return_token_ids"):
-                choice["token_ids"] = list(range(len(words)))
+                choice["token_ids"] = ids
             if body.get("structured_outputs"):  # what was asked, so a test can see it arrived
                 choice["text"] = json.dumps({"schema": body["structured_outputs"]["json"]})
             return {"choices": [choice], "usage": usage}
 
         async def chunks():
-            for i, word in enumerate(words):
-                await asyncio.sleep(STEP_S)
-                text = word if i == 0 else " " + word
-                last = i == len(words) - 1
-                yield f"data: {json.dumps({'choices': [{'text': text, 'finish_reason': 'length' if last else None}]})}\n\n"
-            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
+            head = body["prompt"][:2]
+            streams["open"].append(head)
+            ended = False
+            try:
+                for i, (word, token) in enumerate(zip(words, ids, strict=True)):
+                    await asyncio.sleep(STEP_S)
+                    choice = {"text": word if i == 0 and not done else " " + word,
+                              "finish_reason": "length" if i == len(words) - 1 else None}
+                    if body.get("return_token_ids"):
+                        choice["token_ids"] = [token]
+                    yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+                yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+                ended = True
+            finally:
+                streams["open"].remove(head)
+                streams["closed_early"] += not ended
 
         return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    def said(prompt: list[int]) -> int:
+        """The words already answered: the word ids that end the prompt."""
+        n = 0
+        while n < len(prompt) and prompt[-1 - n] in WORD_IDS:
+            n += 1
+        return n
 
     for middleware in args.middleware:  # as vLLM's --middleware: module.Class
         module, name = middleware.rsplit(".", 1)

@@ -1,0 +1,132 @@
+"""The fair share on the vLLM engine: which rows vLLM may hold, decided at our side, and pausing by recompute.
+
+vLLM runs whatever it is sent, and on a CPU each row in its batch makes every step slower. So tunesmith sends vLLM at
+most each tenant's share (:mod:`tunesmith.serve.engines.shares`, the built-in engine's rules): the rows past it wait
+in their tenant's line here, and are sent when a row of the tenant ends or its share grows.
+
+When a share shrinks below the rows a tenant has in vLLM (a light tenant arrived beside a flood), the rows past it
+are *paused by recompute*: the vLLM request is closed (vLLM aborts a request whose client went away) and, when the
+share allows, sent again as its continuation: the original prompt followed by the token ids generated so far, with
+``max_tokens`` less what was generated. The caller sees one stream and one answer; vLLM's prefix cache spares part
+of the continuation's prefill (whole KV blocks only: 128 tokens on the CPU build).
+
+Only a row whose continuation is the answer it would have had may be paused (:func:`may_pause`); the others keep
+running and count against their tenant's share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from tunesmith.serve.engines.interface import GenParams, Request
+from tunesmith.serve.engines.shares import Demand, Shares
+
+LINE, RUNNING, PAUSED, DONE = "line", "running", "paused", "done"
+TAIL_TOKENS = 8  # the generated tokens decoded to tell whether the text ends inside a character
+
+
+def may_pause(params: GenParams, constrained: bool) -> bool:
+    """Whether a row's continuation (its prompt plus the tokens generated so far) decodes what the row would have:
+
+    - not under a constraint: vLLM's structured outputs start their grammar again at the continuation's first
+      token, so the JSON already generated would be read as the start of a new one;
+    - no stop strings: vLLM looks for them in the continuation's own text, so one across the boundary is missed;
+    - no frequency or presence penalty: they count the tokens generated, and the continuation's count starts at 0;
+    - not seeded sampling: a seed promises the same answer to the same request, and the continuation draws from
+      the seed's generator afresh. Greedy rows (a seed does nothing there) and unseeded sampling may be paused:
+      an unseeded continuation draws its tokens from the same distribution, given the same prefix.
+
+    ``logit_bias`` is added to every step's logits alike, so a biased row continues exactly."""
+    seeded_sampling = params.seed is not None and not params.greedy
+    return not (constrained or params.stop or params.frequency_penalty or params.presence_penalty or seeded_sampling)
+
+
+def ends_mid_character(tokenizer, ids: list[int]) -> bool:
+    """Whether ``ids`` end inside a character (byte tokens of an unfinished UTF-8 sequence). vLLM's detokenizer
+    holds such bytes back, and a continuation whose prompt ends with them would decode them with the wrong text
+    around them, so a row is paused only at a character's end."""
+    return bool(ids) and tokenizer.decode(ids[-TAIL_TOKENS:], skip_special_tokens=True).endswith("\ufffd")
+
+
+@dataclass(eq=False, kw_only=True)
+class Row:
+    """One choice of one request: what vLLM is sent, where it is (its tenant's line, vLLM, paused, done), and what a
+    pausable row has generated so far."""
+
+    request: Request
+    index: int
+    body: dict  # the vLLM completions request of the whole choice
+    model_id: str
+    params: GenParams
+    constraint: object = None
+    tenant: str | None = None
+    background: bool = False  # a batch's line: after its tenant's interactive rows
+    stream: bool = False  # the caller streams (a pausable row is always streamed from vLLM)
+    pausable: bool = False
+    deadline: float = 0.0  # the event loop's time when the request's time is up
+    state: str = LINE
+    pause_asked: bool = False  # past its share: pause at the next character boundary
+    stopping: bool = False  # its vLLM request closed for a pause, its task not yet ended
+    task: asyncio.Task | None = None
+    generated: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[dict | None] = field(default_factory=list)
+    finish: str | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.request.loop
+
+    def continuation(self) -> dict:
+        """The vLLM request that goes on from what was generated (the whole request when nothing was)."""
+        body = {**self.body, "stream": True, "return_token_ids": True,
+                "stream_options": {"include_usage": True}}
+        if self.generated:
+            body |= {"prompt": [*self.body["prompt"], *self.generated],
+                     "max_tokens": self.body["max_tokens"] - len(self.generated)}
+        return body
+
+    def take(self, choice: dict) -> str | None:
+        """One streamed choice chunk of vLLM's: its token ids, text, logprobs and finish kept; the text to pass on
+        (None: the chunk carries neither text nor a token's logprobs)."""
+        self.generated.extend(choice.get("token_ids") or ())
+        self.logprobs.append(choice.get("logprobs"))
+        self.finish = choice.get("finish_reason") or self.finish
+        if choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
+            self.text.append(choice.get("text") or "")
+            return choice.get("text") or ""
+        return None
+
+
+def plan(rows: list[Row], shares: Shares) -> tuple[list[Row], list[Row]]:
+    """The rows to send vLLM now and the rows to pause, so that each tenant holds its share
+    (:meth:`Shares.quotas`). A tenant's places go first to its rows in vLLM that may not be paused, then to those
+    that may (the oldest first), then to its paused rows, then to its line; interactive before background, each in
+    its own share. A row in vLLM past the share is paused when it may be, else it keeps running (over the share);
+    a row kept loses a pause asked before. Rows on their way to a pause count as wanted and take no place."""
+    mine: dict[object, dict[bool, list[Row]]] = {}
+    for row in rows:
+        mine.setdefault(row.tenant, {False: [], True: []})[row.background].append(row)
+    quotas = shares.quotas({t: Demand(len(k[False]), len(k[True])) for t, k in mine.items()})
+    start, pause = [], []
+    for tenant, kinds in mine.items():
+        for background, places in ((False, quotas[tenant].interactive), (True, quotas[tenant].background)):
+            for row in sorted((r for r in kinds[background] if not r.stopping), key=place_order):
+                if row.state == RUNNING and (places > 0 or not row.pausable):
+                    row.pause_asked = False
+                    places -= 1
+                elif row.state == RUNNING:
+                    pause.append(row)
+                elif places > 0:
+                    start.append(row)
+                    places -= 1
+    return start, pause
+
+
+def place_order(row: Row) -> int:
+    """Rows in vLLM that may not be paused first, then the others in vLLM, then paused rows, then the line (the sort
+    is stable: each in arrival order)."""
+    if row.state == RUNNING:
+        return 1 if row.pausable else 0
+    return 2 if row.state == PAUSED else 3
