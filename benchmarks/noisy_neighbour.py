@@ -7,14 +7,16 @@ per-key limits given (``--requests-per-key``, ``--tokens-per-minute-per-key``). 
 1. alone: the quiet key sends ``--requests`` chat requests one after another (real BANKING77 messages, greedy,
    ``--max-tokens``) and its latencies are recorded;
 2. beside a flood: the flood key keeps ``--flood`` requests in flight from as many threads (each waits out a 429's
-   ``retry-after`` and sends again), by volume (plain chat requests of ``--flood-tokens``) or by cost (constrained
-   to a deep, wide, pattern-heavy JSON schema), and once it has started the quiet key sends the same requests again.
+   ``retry-after`` and sends again; with ``--impatient`` it ignores ``retry-after`` and sends again at once), by
+   volume (plain chat requests of ``--flood-tokens``) or by cost (constrained to a deep, wide, pattern-heavy JSON
+   schema), and once it has started the quiet key sends the same requests again.
 
 Prints the quiet key's p50 and p99 alone and beside the flood, their ratios (the goal: at most 1.5x), the flood's
 answered requests and 429s, and the load average; ``--out`` writes it all as JSON.
 
     python benchmarks/noisy_neighbour.py --engine builtin --flood-kind volume --requests-per-key 4
     python benchmarks/noisy_neighbour.py --engine vllm --flood-kind cost --requests-per-key 4
+    python benchmarks/noisy_neighbour.py --engine builtin --flood-kind volume --requests-per-key 1 --impatient
 """
 
 from __future__ import annotations
@@ -88,10 +90,11 @@ def durations(spans: list[tuple[float, float]]) -> list[float]:
 
 
 class Flood:
-    """``threads`` threads of the flood key, each sending one request after another until stopped."""
+    """``threads`` threads of the flood key, each sending one request after another until stopped; after a 429 each
+    waits out its ``retry-after``, or, ``impatient``, sends again at once."""
 
-    def __init__(self, url: str, threads: int, kind: str, max_tokens: int, texts: list[str]):
-        self.stop, self.limited, self.errors = threading.Event(), 0, []
+    def __init__(self, url: str, threads: int, kind: str, max_tokens: int, texts: list[str], impatient: bool = False):
+        self.stop, self.limited, self.errors, self.impatient = threading.Event(), 0, [], impatient
         self.lock, self.spans = threading.Lock(), []  # (sent, answered) of each answered flood request
         client = openai.OpenAI(base_url=url, api_key=KEYS["flood"], max_retries=0, timeout=900)
         extra = {}
@@ -114,7 +117,8 @@ class Flood:
             except openai.RateLimitError as exc:
                 with self.lock:
                     self.limited += 1
-                self.stop.wait(float(exc.response.headers.get("retry-after-ms", "1000")) / 1000)
+                if not self.impatient:
+                    self.stop.wait(float(exc.response.headers.get("retry-after-ms", "1000")) / 1000)
             except Exception as exc:  # noqa: BLE001 - counted and reported
                 with self.lock:
                     self.errors.append(repr(exc)[:200])
@@ -146,6 +150,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--requests-per-key", type=int)
     ap.add_argument("--tokens-per-minute-per-key", type=int)
+    ap.add_argument("--impatient", action="store_true", help="the flood ignores retry-after and retries at once")
     ap.add_argument("--out")
     args = ap.parse_args()
     print(f"load average at start: {os.getloadavg()}", flush=True)
@@ -160,7 +165,7 @@ def main() -> None:
             alone_spans = quiet_run(url, texts, args.max_tokens)
             alone = durations(alone_spans)
             print(f"alone: {percentiles(alone)}", flush=True)
-            flood = Flood(url, args.flood, args.flood_kind, args.flood_tokens, texts)
+            flood = Flood(url, args.flood, args.flood_kind, args.flood_tokens, texts, impatient=args.impatient)
             time.sleep(5)  # the flood fills the engine first
             beside_spans = quiet_run(url, texts, args.max_tokens)
             beside = durations(beside_spans)
@@ -170,6 +175,7 @@ def main() -> None:
             proc.wait(60)
     a, b = percentiles(alone), percentiles(beside)
     result = {"engine": args.engine, "flood_kind": args.flood_kind, "flood_in_flight": args.flood,
+              "flood_impatient": args.impatient,
               "limits": limits, "requests": args.requests, "max_tokens": args.max_tokens, "alone": a, "beside": b,
               "p50_ratio": b["p50_s"] / a["p50_s"], "p99_ratio": b["p99_s"] / a["p99_s"],
               "flood_answered": flood.answered, "flood_429": flood.limited, "flood_errors": len(flood.errors),
@@ -177,7 +183,9 @@ def main() -> None:
               # every request's (sent, answered), seconds on one clock: which quiet requests a flood answer overlapped
               "quiet_spans": beside_spans, "flood_spans": sorted(flood.spans)}
     print(json.dumps(result, indent=2))
-    print(f"\n{args.engine}, flood by {args.flood_kind} ({args.flood} in flight, limits {' '.join(limits) or 'none'}): "
+    retry = "retrying at once after a 429, ignoring retry-after" if args.impatient else "waiting out retry-after"
+    print(f"\n{args.engine}, flood by {args.flood_kind} ({args.flood} in flight, {retry}, limits "
+          f"{' '.join(limits) or 'none'}): "
           f"quiet key p50 {a['p50_s']:.2f} s alone -> {b['p50_s']:.2f} s ({result['p50_ratio']:.2f}x), "
           f"p99 {a['p99_s']:.2f} s -> {b['p99_s']:.2f} s ({result['p99_ratio']:.2f}x); flood answered "
           f"{flood.answered}, 429s {flood.limited}, errors {len(flood.errors)}")
