@@ -33,15 +33,15 @@ def token_budget(engine, server_max: int, prompt_tokens: int, requested: int | N
 
 
 def constrained_default(spec: dict | str | None, default: int, server_max: int) -> int:
-    """The budget of an answer under ``spec`` when the caller set none: its longest compact form when the
-    schema (or a grammar that knows it: a forced call's) bounds it, else the server's maximum, so that a JSON answer
-    is not cut at the plain default."""
+    """The budget of an answer under ``spec`` when the caller set none: its longest compact form and the end of
+    sequence after it when the schema (or a grammar that knows it: a forced call's) bounds it, else the server's
+    maximum, so that a JSON answer is not cut at the plain default."""
     if spec is None:
         return default
     from tunesmith.generation.constrained import reply_token_bound
 
     bound = reply_token_bound(spec) if isinstance(spec, dict) else getattr(spec, "token_bound", None)
-    return min(bound or server_max, server_max)
+    return min(server_max if bound is None else bound + 1, server_max)
 
 
 def answer_budget(engine, server_max: int, prompt_tokens: int, requested: int | None, default: int,
