@@ -19,7 +19,16 @@ import pytest
 
 from tunesmith.serve.engines.interface import Delta, GenParams
 from tunesmith.serve.engines.shares import ShareRules, Shares
-from tunesmith.serve.engines.vllm.sharing import LINE, PAUSED, RUNNING, Row, ends_mid_character, may_pause, plan
+from tunesmith.serve.engines.vllm.sharing import (
+    LINE,
+    PAUSED,
+    RUNNING,
+    Row,
+    ends_mid_character,
+    may_pause,
+    plan,
+    within_prefill,
+)
 
 from .conftest import REPO, vllm_engine, vllm_or_skip
 
@@ -62,14 +71,15 @@ class Loop:
 
 @pytest.fixture(scope="module")
 def fake(tiny_model_dir, tmp_path_factory):
-    """The vLLM engine over the stand-in vLLM, a batch of 8 rows and 4 while a light tenant is present."""
+    """The vLLM engine over the stand-in vLLM: a batch of 8 rows, 4 while a light tenant is present, and 4 prompt
+    tokens (two prompts of these tests) per tenant waiting for their first token."""
     from tunesmith.serve.engines.vllm.engine import VllmEngine
 
     tmp = tmp_path_factory.mktemp("fake-vllm-sharing")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.pathsep.join([str(FAKE), os.environ.get("PYTHONPATH", "")]))
         engine = VllmEngine(str(tiny_model_dir), {}, tmp / "log", python=sys.executable, request_timeout_s=60,
-                            start_timeout_s=120, max_rows=MAX_ROWS, contended_rows=4)
+                            start_timeout_s=120, max_rows=MAX_ROWS, contended_rows=4, prefill_tokens=4)
     fake = Fake(engine)
     try:
         yield fake
@@ -199,6 +209,14 @@ def test_a_request_cancelled_in_its_tenants_line_is_never_sent(fake):
     assert fake.sent()["sent"] == before and not engine.rows
 
 
+def test_a_tenants_prompts_go_to_vllm_a_prefills_worth_at_a_time(fake):
+    """A burst of 8 new prompts is sent as the earlier ones get their first token (here two at a time), so that no
+    step of vLLM's prefills them all at once while another tenant's row waits for it."""
+    futures = [fake.ask("a", [61, i], GenParams(10)) for i in range(MAX_ROWS)]
+    assert {f.result(30)[1].text for f in futures} == {words(10)}
+    assert fake.sent()["most_unprefilled"]["61"] == 2
+
+
 def test_which_rows_may_be_paused():
     assert may_pause(GenParams(8), constrained=False)
     assert may_pause(GenParams(8, seed=3), constrained=False)  # greedy: the seed changes nothing
@@ -217,6 +235,18 @@ def test_a_row_is_paused_only_at_a_characters_end(tiny_model):
     assert len(ids) > 3  # the emoji is several byte tokens in this vocabulary
     assert not ends_mid_character(tokenizer, ids) and not ends_mid_character(tokenizer, [])
     assert ends_mid_character(tokenizer, ids[:-1])
+
+
+def test_a_prefill_budget_per_tenant_and_one_long_prompt_alone():
+    def row(tenant, n):
+        return Row(request=None, index=0, body={"prompt": [0] * n}, model_id="m", params=GenParams(), tenant=tenant)
+
+    a1, a2, a3, b1, long = row("a", 100), row("a", 100), row("a", 60), row("b", 100), row("c", 900)
+    assert within_prefill([a1, a2, a3, b1, long], {}, 256) == [a1, a2, b1, long]  # a's third waits its turn, in order
+    assert within_prefill([a1, b1], {"a": 200}, 256) == [b1]
+    resumed = row("a", 100)
+    resumed.generated = [1] * 200  # prefilled again with what it generated
+    assert within_prefill([resumed, a3], {}, 256) == [resumed]
 
 
 def test_the_plan_keeps_rows_that_may_not_be_paused_and_the_oldest_others():

@@ -9,9 +9,11 @@ forced tool call, ``response_format`` and ``text.format`` decode under vLLM's st
 built-in engine's library and grammars (:func:`engine_args`).
 
 Tenants (API keys) share vLLM's batch as they share the built-in engine's steps (:mod:`tunesmith.serve.engines.shares`):
-vLLM is sent at most each tenant's share of rows, the rest wait in the tenant's line here, and a flood's rows past a
-share that shrank are paused by recompute (:mod:`tunesmith.serve.engines.vllm.sharing`). The shares are decided
-again whenever a row arrives or ends, and every ``PRESENCE_TICK_S`` while a tenant is present between requests.
+vLLM is sent at most each tenant's share of rows (and of prompt tokens waiting for their prefill), the rest wait in
+the tenant's line here, and a flood's rows past a share that shrank are paused by recompute
+(:mod:`tunesmith.serve.engines.vllm.sharing`). Every row is streamed from vLLM with its token ids, whether or not its
+caller streams. The shares are decided again whenever a row arrives, gets its first token or ends, and every
+``PRESENCE_TICK_S`` while a tenant is present between requests.
 
 vLLM is reached over its private Unix socket with its private key (:mod:`tunesmith.serve.engines.vllm.server`), through
 one pooled HTTP client per event loop. Adapters are loaded into vLLM at run time by a background thread
@@ -34,7 +36,17 @@ from pathlib import Path
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Delta, Generation, GenParams, InferenceEngine, Request
 from tunesmith.serve.engines.shares import ShareRules, Shares, default_contended_rows
-from tunesmith.serve.engines.vllm.sharing import DONE, LINE, PAUSED, RUNNING, Row, ends_mid_character, may_pause, plan
+from tunesmith.serve.engines.vllm.sharing import (
+    DONE,
+    LINE,
+    PAUSED,
+    RUNNING,
+    Row,
+    ends_mid_character,
+    may_pause,
+    plan,
+    within_prefill,
+)
 
 log = logging.getLogger("tunesmith.serve")
 ADAPTER_TIMEOUT_S = 120.0
@@ -42,13 +54,15 @@ DEATH_GRACE_S = 2.0  # after a broken connection: how long to look for vLLM's ex
 VLLM_BASE_URL = "http://vllm"  # the host part is a placeholder: every call goes over the Unix socket
 VLLM_BATCH_ROWS = 256  # the rows tunesmith lets vLLM hold (ServeSettings.engine_batch)
 PRESENCE_TICK_S = 0.1  # how often shares are decided again while a tenant is present between requests
+CPU_CONTENDED_ROWS = 2  # vLLM's rows beside a light tenant on a CPU; measured: docs/benchmarks.md, "Noisy neighbours"
+CPU_PREFILL_TOKENS = 256  # a tenant's prompt tokens waiting for their first token on a CPU (same measurement)
 
 
 class VllmEngine(InferenceEngine):
     def __init__(self, base: str, adapters: dict[str, str | Path] | None, log_dir: Path, python: str | None = None,
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
                  gpu_memory_utilization: float | None = None, max_rows: int = VLLM_BATCH_ROWS,
-                 contended_rows: int | None = None):
+                 contended_rows: int | None = None, prefill_tokens: int | None = None):
         from tunesmith.serve.engines.vllm.adapters import AdapterLoader
         from tunesmith.serve.engines.vllm.server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
@@ -67,7 +81,9 @@ class VllmEngine(InferenceEngine):
         self._cache = self._new_constraints()
         self._cache.prepare(background=True)
         self.in_flight_of: Counter = Counter()  # tenant -> its vLLM calls not yet ended (their priority)
-        self.shares = Shares(ShareRules(max_rows, contended_rows or default_contended_rows(vllm_device())))
+        self.shares = Shares(ShareRules(max_rows, contended_rows or vllm_contended_rows()))
+        self.prefill_tokens = prefill_tokens or vllm_prefill_tokens()
+        self.prefilling: Counter = Counter()  # tenant -> prompt tokens sent whose first token has not come back
         self.rows: list[Row] = []  # every row not yet ended: in its tenant's line, in vLLM or paused
         self.rows_lock = threading.Lock()
         self.pauses = 0  # rows paused by recompute so far
@@ -145,8 +161,7 @@ class VllmEngine(InferenceEngine):
         rows = []
         for i, p in enumerate(params):
             pausable = may_pause(p, constraint is not None)
-            body = completion_body(name, prompt_ids, p, stream or pausable, constraint.body if constraint else None,
-                                   logprobs)
+            body = completion_body(name, prompt_ids, p, constraint.body if constraint else None, logprobs)
             rows.append(Row(request=request, index=i, body=body, model_id=model_id, params=p, constraint=constraint,
                             tenant=tenant, background=background, stream=stream, pausable=pausable,
                             deadline=deadline))
@@ -161,10 +176,12 @@ class VllmEngine(InferenceEngine):
 
     def _share_out(self) -> None:
         """Send, pause and resume rows so that each tenant holds its share of vLLM's batch
-        (:func:`tunesmith.serve.engines.vllm.sharing.plan`)."""
+        (:func:`tunesmith.serve.engines.vllm.sharing.plan`) and is sent no more prompt tokens than its prefill
+        budget allows (:func:`tunesmith.serve.engines.vllm.sharing.within_prefill`)."""
         with self.rows_lock:
             self.rows = [r for r in self.rows if r.state != DONE]
             start, pause = plan(self.rows, self.shares)
+            start = within_prefill(start, self.prefilling, self.prefill_tokens)
             for row in start:
                 row.state = RUNNING
         for row in pause:
@@ -195,9 +212,11 @@ class VllmEngine(InferenceEngine):
             row.state = DONE if row.request.cancelled.is_set() else PAUSED
             row.pause_asked = False
             return
-        body = row.continuation() if row.pausable else row.body
+        body = row.continuation()
         body["priority"] = self.in_flight_of[row.tenant]
         self.in_flight_of[row.tenant] += 1
+        row.prefill = len(body["prompt"])
+        self.prefilling[row.tenant] += row.prefill
         row.task = task = asyncio.ensure_future(self._generate(row, body))
         self.tasks.add(task)
         task.add_done_callback(lambda done: self._ended(done, row))
@@ -216,12 +235,21 @@ class VllmEngine(InferenceEngine):
         self.in_flight_of[row.tenant] -= 1
         if not self.in_flight_of[row.tenant]:
             del self.in_flight_of[row.tenant]
+        self._prefilled(row)
         with self.rows_lock:
             row.task, row.stopping, row.pause_asked = None, False, False
             if row.state != PAUSED or row.request.cancelled.is_set():
                 row.state = DONE
                 self.shares.last_seen[row.tenant] = self.shares.clock()  # present from its last row's end
         self._share_out()
+
+    def _prefilled(self, row: Row) -> None:
+        """A row's first token came back (or it ended): its prompt leaves its tenant's prefill budget."""
+        if row.prefill:
+            self.prefilling[row.tenant] -= row.prefill
+            row.prefill = 0
+            if not self.prefilling[row.tenant]:
+                del self.prefilling[row.tenant]
 
     def _cancel(self, rows: list[Row]) -> None:
         """The caller left: rows waiting end at once, rows in vLLM are closed."""
@@ -253,13 +281,9 @@ class VllmEngine(InferenceEngine):
         try:
             async with asyncio.timeout_at(row.deadline):
                 await self.loader.wait(body["model"], row.model_id)
-                if row.pausable:
-                    gen = await self._continue(row, body)
-                    if gen is None:
-                        return self._paused(row)
-                else:
-                    read = self._stream if body["stream"] else self._complete
-                    gen = await read(request, index, body)
+                gen = await self._read(row, body)
+                if gen is None:
+                    return self._paused(row)
                 request.push(index, self._conforming(gen, row.constraint, row.params))
         except asyncio.CancelledError:
             if not row.stopping or request.cancelled.is_set():
@@ -283,9 +307,9 @@ class VllmEngine(InferenceEngine):
             row.state = PAUSED
         self.pauses += 1
 
-    async def _continue(self, row: Row, body: dict) -> Generation | None:
-        """A pausable row, streamed from vLLM with its token ids: each text delta pushed when the caller streams,
-        the whole answer at the end; None when the row was asked to pause and its text ends on a character."""
+    async def _read(self, row: Row, body: dict) -> Generation | None:
+        """A row streamed from vLLM with its token ids: each text delta pushed when the caller streams, the whole
+        answer at the end; None when the row was asked to pause and its text ends on a character."""
         async with self._client().stream("POST", f"{VLLM_BASE_URL}/v1/completions", json=body,
                                          headers=self.server.headers) as r:
             if r.status_code != 200:
@@ -300,6 +324,9 @@ class VllmEngine(InferenceEngine):
                     text = row.take(choice)
                     if text is not None and row.stream:
                         row.request.push(row.index, Delta(text, chat_logprobs(choice.get("logprobs"))))
+                if row.prefill and row.generated:
+                    self._prefilled(row)
+                    self._share_out()
                 if row.pause_asked and row.finish is None and not ends_mid_character(self.tokenizer, row.generated):
                     return None
         if row.finish is None:
@@ -314,37 +341,6 @@ class VllmEngine(InferenceEngine):
                 return unavailable()
             await asyncio.sleep(0.1)
         return engine_failed(exc)
-
-    async def _complete(self, request: Request, index: int, body: dict) -> Generation:
-        r = await self._client().post(f"{VLLM_BASE_URL}/v1/completions", json=body, headers=self.server.headers)
-        if r.status_code != 200:
-            raise vllm_error(r.status_code, r.text)
-        doc = r.json()
-        return generation(doc["choices"][0], doc["usage"])
-
-    async def _stream(self, request: Request, index: int, body: dict) -> Generation:
-        """Push each text delta; the final Generation once vLLM says why it stopped and the usage."""
-        choice, usage, text, tops = None, None, [], []
-        async with self._client().stream("POST", f"{VLLM_BASE_URL}/v1/completions", json=body,
-                                         headers=self.server.headers) as r:
-            if r.status_code != 200:
-                raise vllm_error(r.status_code, (await r.aread()).decode(errors="replace"))
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                doc = json.loads(line[6:])
-                if "error" in doc:
-                    raise vllm_error(doc["error"].get("code") or 500, json.dumps(doc))
-                usage = doc.get("usage") or usage
-                for c in doc.get("choices", []):
-                    if c.get("text") or (c.get("logprobs") or {}).get("tokens"):
-                        text.append(c.get("text") or "")
-                        request.push(index, Delta(c.get("text") or "", chat_logprobs(c.get("logprobs"))))
-                    tops.append(c.get("logprobs"))
-                    choice = c if c.get("finish_reason") else choice
-        if choice is None or usage is None:
-            raise ValueError("vLLM's stream ended before the answer did")  # a 503 when vLLM died (_failure)
-        return generation({**choice, "text": "".join(text), "logprobs": merged_logprobs(tops)}, usage)
 
     def _client(self):
         """This event loop's pooled client for the running vLLM (a new one after a restart: new socket)."""
@@ -412,11 +408,11 @@ def engine_args() -> tuple[str, ...]:
     return args if torch.cuda.is_available() else (*args, "--no-enable-chunked-prefill")
 
 
-def completion_body(model: str, prompt_ids: list[int], p: GenParams, stream: bool, constraint, logprobs) -> dict:
+def completion_body(model: str, prompt_ids: list[int], p: GenParams, constraint, logprobs) -> dict:
+    """A choice as vLLM's completions request: always streamed (with its token ids, :meth:`Row.continuation`), so
+    that tunesmith sees each row's first token (its prefill done) and what a paused row generated."""
     body = {"model": model, "prompt": prompt_ids, "max_tokens": p.max_tokens, "temperature": p.temperature,
-            "top_p": p.top_p, "stop": list(p.stop), "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
+            "top_p": p.top_p, "stop": list(p.stop), "stream": True}
     if p.seed is not None:
         body["seed"] = p.seed
     if p.frequency_penalty or p.presence_penalty:
@@ -437,8 +433,8 @@ def generation(choice: dict, usage: dict) -> Generation:
 
 
 def answer(row: Row) -> Generation:
-    """A pausable row's whole answer over every part it was sent in: the original prompt's tokens and every
-    generated token counted."""
+    """A row's whole answer over every part it was sent in (more than one when it was paused): the original
+    prompt's tokens and every generated token counted."""
     return generation({"text": "".join(row.text), "finish_reason": row.finish, "logprobs": merged_logprobs(row.logprobs)},
                       {"prompt_tokens": len(row.body["prompt"]), "completion_tokens": len(row.generated)})
 
@@ -512,11 +508,22 @@ def unavailable() -> APIError:
                     type_="server_error", code="engine_unavailable")
 
 
-def vllm_device() -> str:
-    """Where vLLM computes: a CUDA GPU when this machine has one (vLLM's build follows it), else the CPU."""
+def vllm_prefill_tokens() -> int:
+    """The prompt tokens a tenant may have waiting for vLLM's prefill at once: on a CPU, where vLLM prefills
+    without chunks (:func:`engine_args`) and a step holding 64 new prompts took 6.5 s (every other tenant's row waits
+    for the whole step), ``CPU_PREFILL_TOKENS``; on a CUDA GPU no bound."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return 1 << 30 if torch.cuda.is_available() else CPU_PREFILL_TOKENS
+
+
+def vllm_contended_rows() -> int:
+    """The rows vLLM holds while a light tenant is present: on a CPU, where each row in vLLM's step makes it slower,
+    ``CPU_CONTENDED_ROWS``; on a CUDA GPU (vLLM's build follows this machine's), no cap
+    (:func:`tunesmith.serve.engines.shares.default_contended_rows`)."""
+    import torch
+
+    return default_contended_rows("cuda") if torch.cuda.is_available() else CPU_CONTENDED_ROWS
 
 
 def on_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:

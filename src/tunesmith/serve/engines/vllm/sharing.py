@@ -12,11 +12,17 @@ of the continuation's prefill (whole KV blocks only: 128 tokens on the CPU build
 
 Only a row whose continuation is the answer it would have had may be paused (:func:`may_pause`); the others keep
 running and count against their tenant's share.
+
+A step of vLLM's cannot be cut short, and on a CPU vLLM prefills a prompt whole, in one step with every other new
+prompt: a key alone sending 64 at once made a 6.5 s step, which a key arriving then waits out. So each tenant also
+has a prefill budget (:func:`within_prefill`): its rows are sent while its prompt tokens waiting for their first
+token stay within it, and the next as those come back.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tunesmith.serve.engines.interface import GenParams, Request
@@ -62,12 +68,13 @@ class Row:
     constraint: object = None
     tenant: str | None = None
     background: bool = False  # a batch's line: after its tenant's interactive rows
-    stream: bool = False  # the caller streams (a pausable row is always streamed from vLLM)
+    stream: bool = False  # the caller streams (every row is streamed from vLLM)
     pausable: bool = False
     deadline: float = 0.0  # the event loop's time when the request's time is up
     state: str = LINE
     pause_asked: bool = False  # past its share: pause at the next character boundary
     stopping: bool = False  # its vLLM request closed for a pause, its task not yet ended
+    prefill: int = 0  # prompt tokens sent to vLLM whose first token has not come back
     task: asyncio.Task | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -78,10 +85,14 @@ class Row:
     def loop(self) -> asyncio.AbstractEventLoop:
         return self.request.loop
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt vLLM prefills when the row is sent: its own and what it generated before a pause."""
+        return len(self.body["prompt"]) + len(self.generated)
+
     def continuation(self) -> dict:
         """The vLLM request that goes on from what was generated (the whole request when nothing was)."""
-        body = {**self.body, "stream": True, "return_token_ids": True,
-                "stream_options": {"include_usage": True}}
+        body = {**self.body, "stream": True, "return_token_ids": True}
         if self.generated:
             body |= {"prompt": [*self.body["prompt"], *self.generated],
                      "max_tokens": self.body["max_tokens"] - len(self.generated)}
@@ -122,6 +133,21 @@ def plan(rows: list[Row], shares: Shares) -> tuple[list[Row], list[Row]]:
                     start.append(row)
                     places -= 1
     return start, pause
+
+
+def within_prefill(rows: list[Row], prefilling: dict, budget: int) -> list[Row]:
+    """The rows (in order) that may be sent now so that no tenant has more than ``budget`` prompt tokens waiting for
+    their first token (``prefilling``: tenant -> tokens); a tenant with none waiting may send one row of any length.
+    A tenant's rows past its budget wait, in order, for its prompts in vLLM to be prefilled."""
+    pending, full, out = Counter(prefilling), set(), []
+    for row in rows:
+        n = row.prompt_tokens
+        if row.tenant in full or (pending[row.tenant] and pending[row.tenant] + n > budget):
+            full.add(row.tenant)
+            continue
+        pending[row.tenant] += n
+        out.append(row)
+    return out
 
 
 def place_order(row: Row) -> int:

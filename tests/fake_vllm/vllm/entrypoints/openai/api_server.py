@@ -3,7 +3,8 @@ tunesmith uses, so the real launch (shim, private socket, key, middleware, netwo
 in `make test` without vLLM. It answers ``/v1/completions`` with the words of ``WORDS`` one token at a time, each
 word one token id of ``WORD_IDS``; like a greedy model, it goes on from the words that end the prompt, so a request
 whose prompt is another's prompt plus its first tokens answers the rest of that answer. ``GET /fake/state`` tells
-which streams are open (the first two prompt ids of each) and how many were closed by their client before the end.
+which streams are open (the first two prompt ids of each), how many were closed by their client before the end, and,
+by a prompt's first id, the most streams at once that had not yet sent their first token (a prefill's worth).
 
 An adapter folder steers it: ``adapter_config.json`` with ``"fake": "hang"`` never answers, ``"fake": "broken"``
 answers 200 with a body that is not JSON, ``"fake": "refuse"`` is refused at load (as a rank above
@@ -35,7 +36,8 @@ def main() -> None:
     args, _ = ap.parse_known_args()
     app = FastAPI()
     adapters: dict[str, dict] = {}
-    streams = {"open": [], "closed_early": 0, "sent": 0}
+    streams = {"open": [], "closed_early": 0, "sent": 0, "most_unprefilled": {}}
+    unprefilled: list[int] = []
 
     @app.get("/fake/state")
     async def state():
@@ -101,10 +103,16 @@ def main() -> None:
         async def chunks():
             head = body["prompt"][:2]
             streams["open"].append(head)
-            ended = False
+            unprefilled.append(head[0])
+            most = streams["most_unprefilled"]
+            most[str(head[0])] = max(most.get(str(head[0]), 0), unprefilled.count(head[0]))
+            ended = prefilled = False
             try:
                 for i, (word, token) in enumerate(zip(words, ids, strict=True)):
                     await asyncio.sleep(STEP_S)
+                    if not prefilled:
+                        unprefilled.remove(head[0])
+                        prefilled = True
                     choice = {"text": word if i == 0 and not done else " " + word,
                               "finish_reason": "length" if i == len(words) - 1 else None}
                     if body.get("return_token_ids"):
@@ -114,6 +122,8 @@ def main() -> None:
                 yield "data: [DONE]\n\n"
                 ended = True
             finally:
+                if not prefilled:
+                    unprefilled.remove(head[0])
                 streams["open"].remove(head)
                 streams["closed_early"] += not ended
 
