@@ -3,8 +3,8 @@
 import pytest
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.engines.vllm.engine import chat_logprobs, vllm_error
 from tunesmith.serve.engines.vllm.server import VllmLaunch, vllm_command, vllm_env, vllm_python
+from tunesmith.serve.engines.vllm.wire import chat_logprobs, vllm_error
 from tunesmith.serve.launch import pick_engine
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-CPU_CONTENDED_ROWS = 4  # measured: docs/benchmarks.md, "A step's cost by its rows"
+CPU_CONTENDED_ROWS = 2  # one row a tenant; measured: docs/benchmarks.md, "Noisy neighbours at default settings"
 
 
 @dataclass(frozen=True)
