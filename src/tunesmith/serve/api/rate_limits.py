@@ -72,6 +72,7 @@ class KeyLimiter:
         self.oldest: dict[str | None, deque[float]] = {}  # key -> when its requests in flight were admitted, in order
         self.refused: dict[str | None, deque[float]] = {}  # key -> when its recent requests were refused (429)
         self.spreads: dict[str | None, float] = {}  # key -> the spread its last refusal was told
+        self.freed: dict[str | None, deque] = {}  # key -> futures of refusals held until one of its places frees
 
     def admit(self, key: str | None, counted: bool = True) -> Ticket:
         """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight; a request
@@ -116,8 +117,26 @@ class KeyLimiter:
         self.spreads[key] = spread = min(MAX_WAIT_S, max(typical, 2 * len(refused) / RETRIES_PER_S))
         return spread
 
+    def next_free(self, key: str | None):
+        """A future done when one of ``key``'s places frees (the first held refusal waiting is woken; the event
+        loop's own future)."""
+        import asyncio
+
+        waiter = asyncio.get_running_loop().create_future()
+        self.freed.setdefault(key, deque()).append(waiter)
+        return waiter
+
     def release(self, key: str | None, since: float) -> None:
-        """One of ``key``'s requests, admitted at ``since``, ends: its place is free, its time counts."""
+        """One of ``key``'s requests, admitted at ``since``, ends: its place is free (a held refusal waiting for
+        it is woken), its time counts."""
+        waiting = self.freed.get(key)
+        while waiting:
+            waiter = waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if waiting is not None and not waiting:
+            del self.freed[key]
         self.in_flight[key] -= 1
         if self.in_flight[key] <= 0:
             del self.in_flight[key]
@@ -187,7 +206,7 @@ class KeyLimiter:
 INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
-HOLD_S = 2.0  # a refusal at the edge is held up to this long before it is answered
+HOLD_S = 5.0  # a refusal at the edge is held up to about this long (0.5 to 1.5 times it, at random) before it is answered
 MAX_HELD = 256  # refusals one key may have held at once; past them a refusal is answered at once
 
 
@@ -197,11 +216,13 @@ class EdgeLimit:
     place itself (:meth:`KeyLimiter.admit`): this is only the cheap early answer. A batch's own lines (in process)
     are never refused here.
 
-    The refusal is held (up to :data:`HOLD_S`, and no longer than the wait it would tell) before it is answered,
-    its ``retry-after`` less the time held: a client that waits out ``retry-after`` waits as long as before, and
-    one that retries at once can come back only about once per hold per connection, instead of thousands of times
-    a second on the event loop every key shares. A place freed meanwhile lets the held request through. At most
-    :data:`MAX_HELD` are held per key; past them the refusal is answered at once, closing the connection."""
+    The refusal is held until one of the key's places frees (the request then goes on, as if it had waited in line)
+    or for about :data:`HOLD_S` (at random between half and one and a half times it, so that a crowd held together
+    does not come back together; never longer than the wait it would tell), then answered, its ``retry-after`` less
+    the time held: a client that waits out ``retry-after`` waits no longer than before, and one that retries at once
+    comes back only about once per hold per connection, instead of thousands of times a second on the event loop
+    every key shares. At most :data:`MAX_HELD` are held per key; past them the refusal is answered at once, closing
+    the connection."""
 
     def __init__(self, app, limiter_of, owner_of, clock=time.monotonic):
         self.app, self.limiter_of, self.owner_of, self.clock = app, limiter_of, owner_of, clock
@@ -224,10 +245,18 @@ class EdgeLimit:
         if self.held[owner] >= MAX_HELD:
             refusal.headers["connection"] = "close"
             return refusal
-        hold = min(HOLD_S, int(refusal.headers["retry-after-ms"]) / 1000)
+        hold = min(HOLD_S * (0.5 + limiter.jitter()), int(refusal.headers["retry-after-ms"]) / 1000)
+        start, deadline = self.clock(), self.clock() + hold
         self.held[owner] += 1
         try:
-            await asyncio.sleep(hold)
+            while (left := deadline - self.clock()) > 0:
+                freed = limiter.next_free(owner)
+                try:
+                    await asyncio.wait_for(freed, left)
+                except TimeoutError:
+                    break
+                if limiter.full(owner) is None:
+                    return None  # a place freed: the request goes on
         finally:
             self.held[owner] -= 1
             if not self.held[owner]:
@@ -235,6 +264,6 @@ class EdgeLimit:
         again = limiter.full(owner)
         if again is None:
             return None
-        wait = max(0.001, int(again.headers["retry-after-ms"]) / 1000 - hold)
+        wait = max(0.001, int(again.headers["retry-after-ms"]) / 1000 - (self.clock() - start))
         again.headers |= {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(max(1, int(wait * 1000)))}
         return again
