@@ -125,3 +125,31 @@ def test_every_lane_leaves_another_key_a_thread():
     lanes = Lanes(sizes)
     assert lanes.plan.size == sizes["plan"] and lanes.graders.size == sizes["graders"]
     lanes.close()
+
+
+def test_a_large_json_body_is_parsed_in_the_files_lane(tiny_model_dir, tmp_path, monkeypatch):
+    """A body past 256 KB is parsed in a lane thread as its key's work, and one that is not JSON is FastAPI's own
+    400; a small one is parsed where it is read."""
+    import threading
+
+    import httpx2 as httpx
+
+    from tunesmith.serve.api import json_body
+
+    from .conftest import tiny_server
+
+    threads: list[str] = []
+    real = json_body.parsed
+    monkeypatch.setattr(json_body, "parsed", lambda body: threads.append(threading.current_thread().name) or real(body))
+    with tiny_server(tiny_model_dir, tmp_path, api_keys=frozenset({"k"})) as url:
+        headers = {"Authorization": "Bearer k", "content-type": "application/json"}
+        long = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "word " * 100_000}]}
+        r = httpx.post(f"{url}/chat/completions", json=long, headers=headers, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"  # past the context: parsed first
+        bad = httpx.post(f"{url}/chat/completions", content=b'{"model": "' + b"x" * 300_000, headers=headers, timeout=60)
+        assert bad.status_code == 400 and "JSON" in bad.json()["error"]["message"]
+        small = httpx.post(f"{url}/chat/completions", json={"model": str(tiny_model_dir), "max_tokens": 2,
+                                                            "messages": [{"role": "user", "content": "hi"}]},
+                           headers=headers, timeout=60)
+        assert small.status_code == 200
+    assert len(threads) == 2 and all(t.startswith("tunesmith-files") for t in threads), threads

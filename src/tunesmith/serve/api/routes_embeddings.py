@@ -15,11 +15,12 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.plan.fields import EMBEDDINGS, check_fields
 from tunesmith.workers import LowPriorityWorkers, WorkerError
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 MAX_INPUTS = 2048  # as OpenAI
 # the names scripts use for our encoders -> (encoder name, text prefix)
 ENCODER_NAMES = {"all-minilm-l6-v2": ("all-minilm-l6-v2", ""), "all-MiniLM-L6-v2": ("all-minilm-l6-v2", ""),

@@ -13,9 +13,10 @@ import time
 from fastapi import APIRouter, Request
 
 from tunesmith.serve.api.auth import Key, visible_models
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.engines.errors import APIError
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
 def _visible(request: Request, model: str, key: str | None) -> None:

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tunesmith.serve.api.auth import Key, engine_for, visible_models
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.stored_completions import before_storing
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Generation
@@ -19,7 +20,7 @@ from tunesmith.serve.plan.fields import CHAT, COMPLETIONS, check_fields
 from tunesmith.serve.plan.requests import build, chat_plan, completion_plan
 from tunesmith.serve.plan.schemas import ChatCompletionBody, CompletionBody
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
 def _logprobs(gen: Generation) -> dict | None:

@@ -23,6 +23,7 @@ import uuid
 from fastapi import APIRouter, Request, Response
 
 from tunesmith.serve.api.auth import Key, engine_for
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.routes_openai import _results, obfuscated, planned_run, streamed
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.engines.interface import Generation
@@ -31,7 +32,7 @@ from tunesmith.serve.plan.requests import response_plan
 from tunesmith.serve.plan.schemas import ResponseBody
 from tunesmith.serve.quotas import check_metadata, check_response
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
 def earlier_turns(body: ResponseBody, request: Request, key: str | None) -> list[dict]:

@@ -18,12 +18,13 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.quotas import check_metadata, check_stored_completion
 from tunesmith.serve.store import Store
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 MAX_LIST = 100
 MAX_TIME = 2**63 - 1  # SQLite's largest integer: a Unix time filter past it is a 400, not an overflow
 

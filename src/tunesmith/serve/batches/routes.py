@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
 from tunesmith.serve.batches.lines import URLS
 from tunesmith.serve.batches.output import scan_input
@@ -17,7 +18,7 @@ from tunesmith.serve.batches.store import BatchStore
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs.uploads import ExpiresAfter
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 WINDOW_S = 24 * 3600
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.engines.errors import APIError
 
 # everything from this server; inline styles for the report's own <style>; charts embedded as data: PNGs
@@ -21,7 +22,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "connect-src 'self'; frame-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'self'; "
        "frame-ancestors 'self'")
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
 def mount(app: FastAPI) -> None:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
 from tunesmith.serve.engines.errors import found
 from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
@@ -26,7 +27,7 @@ from tunesmith.serve.evals.run import execute
 from tunesmith.serve.evals.store import EvalStore
 from tunesmith.serve.quotas import check_eval, check_eval_run, check_metadata
 
-router = APIRouter(prefix="/v1/evals")
+router = APIRouter(prefix="/v1/evals", route_class=OffLoopJSON)
 Order = Literal["asc", "desc"]
 
 

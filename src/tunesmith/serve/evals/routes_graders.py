@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict
 
 from tunesmith.graders import grade_batch
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.evals.grading import checked_grader, grading_context
 
-router = APIRouter(prefix="/v1/fine_tuning/alpha/graders")
+router = APIRouter(prefix="/v1/fine_tuning/alpha/graders", route_class=OffLoopJSON)
 
 
 class ValidateBody(BaseModel):

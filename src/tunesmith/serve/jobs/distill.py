@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import file_object
 from tunesmith.serve.api.stored_completions import MAX_TIME, CompletionStore, training_lines
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.jobs.routes import checked
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 MAX_EXAMPLES = 100_000
 
 

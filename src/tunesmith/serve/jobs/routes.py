@@ -17,12 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
 def _store(request: Request):

@@ -28,12 +28,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
+from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import upload_object, upload_part_object
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs.routes import checked, expire_file
 from tunesmith.serve.store import new_id
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 PART_BYTES = 64 * 1024 * 1024  # as at OpenAI
 PURPOSES = ("fine-tune", "evals")
 
