@@ -173,16 +173,21 @@ def test_background_rows_are_paused_before_their_tenants_interactive_rows(fake):
     assert {f.result(30)[1].text for f in rows} == {words(60)}
 
 
-def test_rows_that_cannot_go_on_exactly_are_never_paused(fake):
-    """Under a constraint, with a stop string, a penalty or seeded sampling, a row keeps running past its share
-    (its answer could differ if it went on from a pause); the light tenant is still sent at once."""
+UNPAUSABLE = [GenParams(60), GenParams(60, stop=("zz",)), GenParams(60, frequency_penalty=0.5),
+              GenParams(60, presence_penalty=0.5), GenParams(60, temperature=0.7, seed=7)]  # the first: constrained
+
+
+def test_rows_that_cannot_go_on_exactly_and_whose_text_is_read_are_never_paused(fake):
+    """Under a constraint, with a stop string, a penalty or seeded sampling, a row whose caller already reads its
+    text keeps running past its share (its answer could differ if it went on from a pause, and it cannot start
+    again); the light tenant is still sent at once."""
     engine = fake.engine
     constraint = engine.json_constraint({"type": "object"})
     before, pauses = fake.sent(), engine.pauses
     kept = [fake.ask("a", [41, i], params, stream=True, constraint=constraint if i == 0 else None)  # streams: open
-            for i, params in enumerate([GenParams(60), GenParams(60, stop=("zz",)), GenParams(60, frequency_penalty=0.5),
-                                        GenParams(60, presence_penalty=0.5), GenParams(60, temperature=0.7, seed=7)])]
+            for i, params in enumerate(UNPAUSABLE)]
     wait_for(lambda: fake.open_of(41) == 5)
+    wait_for(lambda: all(r.text for r in list(engine.rows) if r.tenant == "a"))  # the callers read their text
     light = fake.ask("b", [42, 0], GenParams(4))
     assert wait_for(lambda: fake.open_of(42) == 1) < 1.0
     time.sleep(0.5)
@@ -190,6 +195,26 @@ def test_rows_that_cannot_go_on_exactly_are_never_paused(fake):
     light.result(10)
     assert all(f.result(30)[1].completion_tokens == 60 for f in kept)
     assert engine.pauses == pauses and fake.sent()["closed_early"] == before["closed_early"]
+
+
+def test_rows_that_cannot_go_on_exactly_start_again_while_their_caller_has_seen_nothing(fake):
+    """The same rows, not streamed: past their tenant's share they are closed and sent again whole, and end with the
+    answer they have alone (greedy, or seeded)."""
+    engine = fake.engine
+    constraint = engine.json_constraint({"type": "object"})
+    alone = [fake.ask("c", [43, i], p, constraint=constraint if i == 0 else None).result(30)[1].text
+             for i, p in enumerate(UNPAUSABLE)]
+    before, pauses = fake.sent(), engine.pauses
+    rows = [fake.ask("c", [43, i], p, constraint=constraint if i == 0 else None) for i, p in enumerate(UNPAUSABLE)]
+    wait_for(lambda: fake.open_of(43) == 5)
+    wait_for(lambda: all(r.generated for r in list(engine.rows) if r.tenant == "c"))
+    light = fake.ask("d", [44, 0], GenParams(4))
+    assert wait_for(lambda: fake.open_of(44) == 1) < 1.0
+    wait_for(lambda: fake.open_of(43) <= 3)  # the contended 4: the light row and 3 of the flood's
+    light.result(10)
+    assert [f.result(30)[1].text for f in rows] == alone
+    assert all(f.result(30)[1].completion_tokens == 60 for f in rows)
+    assert engine.pauses >= pauses + 2 and fake.sent()["closed_early"] >= before["closed_early"] + 2
 
 
 def test_a_request_cancelled_in_its_tenants_line_is_never_sent(fake):

@@ -232,10 +232,10 @@ class VllmEngine(InferenceEngine):
         task.add_done_callback(lambda done: self._ended(done, row))
 
     def _pause(self, row: Row) -> None:
-        """Close a row's vLLM request now when its text ends on a character, else at the next chunk that does (a
-        row about to be sent is not sent)."""
+        """Close a row's vLLM request now (a row to restart, or one whose text ends on a character), else at the next
+        chunk that ends on one (a row about to be sent is not sent)."""
         row.pause_asked = True
-        if row.stopping or row.task is None or ends_mid_character(self.tokenizer, row.generated):
+        if row.stopping or row.task is None or (row.pausable and ends_mid_character(self.tokenizer, row.generated)):
             return
         row.stopping = True
         on_loop(row.loop, row.task.cancel)
@@ -314,6 +314,8 @@ class VllmEngine(InferenceEngine):
 
     def _paused(self, row: Row) -> None:
         with self.rows_lock:
+            if not row.pausable:
+                row.restart()
             row.state = PAUSED
         self.pauses += 1
 
@@ -337,7 +339,8 @@ class VllmEngine(InferenceEngine):
                 if row.prefill and row.generated:
                     self._prefilled(row)
                     self._share_out()
-                if row.pause_asked and row.finish is None and not ends_mid_character(self.tokenizer, row.generated):
+                if row.pause_asked and row.finish is None and not (
+                        row.pausable and ends_mid_character(self.tokenizer, row.generated)):
                     return None
         if row.finish is None:
             raise ValueError("vLLM's stream ended before the answer did")  # a 503 when vLLM died (_failure)

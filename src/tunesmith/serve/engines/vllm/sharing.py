@@ -10,8 +10,11 @@ share allows, sent again as its continuation: the original prompt followed by th
 ``max_tokens`` less what was generated. The caller sees one stream and one answer; vLLM's prefix cache spares part
 of the continuation's prefill (whole KV blocks only: 128 tokens on the CPU build).
 
-Only a row whose continuation is the answer it would have had may be paused (:func:`may_pause`); the others keep
-running and count against their tenant's share.
+Only a row whose continuation is the answer it would have had may be paused (:func:`may_pause`). A row that may not
+(under a schema, with stop strings, penalties or a seed) is *restarted* instead while its caller has seen none of
+its answer (not streamed, or streamed with no text sent yet): closed, its tokens dropped, and sent again whole when
+the share allows, so it ends with an answer it could have had (the same one, when greedy or seeded). Only a row
+whose caller already reads its text keeps running past its share, and counts against it.
 
 A step of vLLM's cannot be cut short, and on a CPU vLLM prefills a prompt whole, in one step with every other new
 prompt: a key alone sending 64 at once made a 6.5 s step, which a key arriving then waits out. So each tenant also
@@ -86,6 +89,20 @@ class Row:
         return self.request.loop
 
     @property
+    def restartable(self) -> bool:
+        """Whether a row that may not be paused may start again from nothing: its caller has seen none of it."""
+        return not self.pausable and not (self.stream and self.text)
+
+    @property
+    def yields(self) -> bool:
+        """Whether the row can leave vLLM when its tenant's share shrinks (paused, or restarted)."""
+        return self.pausable or self.restartable
+
+    def restart(self) -> None:
+        """Forget what a row that may not be paused generated: it is sent again whole."""
+        self.generated, self.text, self.logprobs, self.finish = [], [], [], None
+
+    @property
     def prompt_tokens(self) -> int:
         """The prompt vLLM prefills when the row is sent: its own and what it generated before a pause."""
         return len(self.body["prompt"]) + len(self.generated)
@@ -112,9 +129,9 @@ class Row:
 
 def plan(rows: list[Row], shares: Shares) -> tuple[list[Row], list[Row]]:
     """The rows to send vLLM now and the rows to pause, so that each tenant holds its share
-    (:meth:`Shares.quotas`). A tenant's places go first to its rows in vLLM that may not be paused, then to those
-    that may (the oldest first), then to its paused rows, then to its line; interactive before background, each in
-    its own share. A row in vLLM past the share is paused when it may be, else it keeps running (over the share);
+    (:meth:`Shares.quotas`). A tenant's places go first to its rows in vLLM that can neither pause nor restart, then
+    to the others (the oldest first), then to its paused rows, then to its line; interactive before background, each
+    in its own share. A row in vLLM past the share is paused (or restarted) when it may be, else it keeps running;
     a row kept loses a pause asked before. Rows on their way to a pause count as wanted and take no place."""
     mine: dict[object, dict[bool, list[Row]]] = {}
     for row in rows:
@@ -124,7 +141,7 @@ def plan(rows: list[Row], shares: Shares) -> tuple[list[Row], list[Row]]:
     for tenant, kinds in mine.items():
         for background, places in ((False, quotas[tenant].interactive), (True, quotas[tenant].background)):
             for row in sorted((r for r in kinds[background] if not r.stopping), key=place_order):
-                if row.state == RUNNING and (places > 0 or not row.pausable):
+                if row.state == RUNNING and (places > 0 or not row.yields):
                     row.pause_asked = False
                     places -= 1
                 elif row.state == RUNNING:
@@ -151,8 +168,8 @@ def within_prefill(rows: list[Row], prefilling: dict, budget: int) -> list[Row]:
 
 
 def place_order(row: Row) -> int:
-    """Rows in vLLM that may not be paused first, then the others in vLLM, then paused rows, then the line (the sort
-    is stable: each in arrival order)."""
+    """Rows in vLLM that can neither pause nor restart first, then the others in vLLM, then paused rows, then the line
+    (the sort is stable: each in arrival order)."""
     if row.state == RUNNING:
-        return 1 if row.pausable else 0
+        return 1 if row.yields else 0
     return 2 if row.state == PAUSED else 3
