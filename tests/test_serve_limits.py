@@ -266,9 +266,10 @@ def test_restart_without_checkpoint_says_so_and_supersedes_old_steps(tmp_path):
 
 def test_docs_are_off_with_keys_and_errors_have_openai_shape(live):
     root = live["url"].removesuffix("/v1")
-    for path in ("/docs", "/openapi.json", "/v1/nothing-here"):
-        status, body = http_get(root + path)
-        assert status == 404 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+    for path, key, expected in (("/docs", None, 404), ("/openapi.json", None, 404), ("/v1/nothing-here", "k1", 404),
+                                ("/v1/nothing-here", None, 401)):  # no key: 401 before the route is looked up
+        status, body = http_get(root + path, key)
+        assert status == expected and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
     settings = ServeSettings(model=live["base"], api_keys=frozenset({"k"}), docs=True, data_dir=live["data_dir"])
     assert create_app(settings, engine=object()).openapi_url == "/openapi.json"
     assert create_app(ServeSettings(model=live["base"], data_dir=live["data_dir"]), engine=object()).docs_url == "/docs"
