@@ -312,3 +312,28 @@ def kill_under_streams(client, models: list[str], engine, delete: Path, wait_chu
     for t in threads:
         t.join(deadline_s + 30)
     return outcomes
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A PostgreSQL server of the tests' own (tests/pg.py); yields a function making a new, empty database and
+    returning its URL."""
+    import itertools
+
+    import psycopg
+
+    from .pg import missing, postgres_server
+
+    why = missing()
+    if why:
+        pytest.skip(why)
+    with postgres_server(("postgres_admin",)) as urls:
+        counter = itertools.count()
+
+        def new_database() -> str:
+            name = f"t{next(counter)}"
+            with psycopg.connect(urls["postgres_admin"], autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{name}"')
+            return urls["postgres_admin"].replace("/postgres_admin?", f"/{name}?")
+
+        yield new_database

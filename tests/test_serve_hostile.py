@@ -203,7 +203,7 @@ def test_many_batches_of_one_key_run_one_at_a_time_in_its_share(tiny_model_dir, 
             time.sleep(0.2)
         assert [x.status for x in ended] == ["completed"] * 8, ended
         spans = sorted((x.in_progress_at, x.completed_at) for x in ended)  # the server's own times, in seconds
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
             assert start >= end, spans  # one key's batches run one after another: none starts before the last ended
         for x in batches[:2]:
             done = a.batches.retrieve(x.id)

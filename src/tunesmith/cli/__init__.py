@@ -244,6 +244,9 @@ def serve(
                                                           "gpt-4o-mini-2024-07-18) use MODEL (repeatable).")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where files, jobs and job runs are kept.")] = Path("tunesmith-data"),
     runs: Annotated[Path, typer.Option(help="The runs folder whose experiments the dashboard shows.")] = Path("runs"),
+    database: Annotated[str | None, typer.Option(envvar="TUNESMITH_DATABASE", show_envvar=True, help=(
+        "A postgresql:// URL for the store's tables (replicas sharing one --data-dir share it); prefer the "
+        "environment variable for a URL with a password [default: SQLite in --data-dir]."))] = None,
     api_keys_file: Annotated[Path | None, typer.Option(help="File with one API key per line.")] = None,
     engine: Annotated[str, typer.Option(help="Inference engine: builtin (in-process), vllm (a vLLM server tunesmith "
                                         "starts and supervises; `make vllm`), or auto: vllm on a CUDA GPU when "
@@ -311,7 +314,8 @@ def serve(
         common.err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
     common.quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
-                             max_tokens=max_tokens, request_timeout_s=request_timeout, max_batch=max_batch, docs=docs,
+                             database=database, max_tokens=max_tokens, request_timeout_s=request_timeout,
+                             max_batch=max_batch, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
                              vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,

@@ -30,6 +30,7 @@ class ServeSettings:
     max_batch: int = 64
     wait_ms: float = 15.0
     data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
+    database: str | None = None  # a postgresql:// URL holding the tables (replicas share it); None: SQLite in data_dir
     runs_dir: Path = Path("runs")  # the experiments `tunesmith run` wrote, shown in the dashboard
     max_upload_mb: int = 512
     max_body_mb: int = 16  # any other request's body (413 past it: tunesmith.serve.api.body_limit)
@@ -112,7 +113,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         from tunesmith.serve.evals.store import EvalStore
 
         app.state.engine = engine or make_engine(settings)
-        EvalStore(app.state.store).fail_interrupted()
+        EvalStore(app.state.store).fail_interrupted(everyone=app.state.store.db.kind == "sqlite")
         from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
 
         for name, target in settings.model_aliases.items():
@@ -131,7 +132,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         app.state.engine.close()
         app.state.lanes.close()
 
-    from tunesmith.serve.store import Store
+    from tunesmith.serve.store import Store, worker_id
 
     docs = settings.docs_on
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
@@ -151,7 +152,8 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     from tunesmith.serve.api.gate import KeyGate
 
     app.add_middleware(KeyGate, keys_of=lambda: settings.api_keys)  # runs first: no body of a stranger is read
-    app.state.store = Store(settings.data_dir)
+    app.state.store = Store(settings.data_dir, settings.database)
+    app.state.replica = worker_id()  # this server among the replicas sharing the store: the holder of its claims
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)
     app.state.trainable_models = lambda: {settings.model}

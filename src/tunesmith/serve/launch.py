@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
+from tunesmith.serve.database import DATABASE_ENV
 from tunesmith.serve.engines.process import die_with_parent
 
 
@@ -63,16 +65,19 @@ def pick_engine(engine: str, vllm_python: str | None = None) -> str:
 
 def start_worker(data_dir: Path, jobs_per_key: int = 1, executor: str = "local", ray_address: str | None = None,
                  gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None,
-                 jobs_engine: str = "auto") -> subprocess.Popen:
-    """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray)."""
+                 jobs_engine: str = "auto", database: str | None = None) -> subprocess.Popen:
+    """The jobs worker process: runs jobs itself (local) or hands them to a Ray cluster (ray). ``database`` (the
+    store's PostgreSQL URL) goes by environment, never on a command line that ``ps`` shows."""
     module = "tunesmith.serve.jobs.ray_executor" if executor == "ray" else "tunesmith.serve.jobs.worker"
     cmd = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--jobs-per-key", str(jobs_per_key)]
     if gpu_budget_gb is not None and executor == "local":  # a Ray cluster's jobs run on their own GPUs
         cmd += ["--gpu-budget-gb", f"{gpu_budget_gb:.2f}"]
     if vllm_endpoint is not None and executor == "local":  # a path, not a secret: the file is the user's only
         cmd += ["--vllm-endpoint", str(vllm_endpoint), "--jobs-engine", jobs_engine]
+    env = {**os.environ, DATABASE_ENV: database} if database else {
+        k: v for k, v in os.environ.items() if k != DATABASE_ENV}
     return subprocess.Popen(cmd + (["--ray-address", ray_address] if ray_address else []),
-                            preexec_fn=die_with_parent)
+                            preexec_fn=die_with_parent, env=env)
 
 
 SHUTDOWN_GRACE_S = 5  # after SIGTERM: requests still in flight get a 503 and the server is gone within this
@@ -104,7 +109,7 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
 
     endpoint = settings.data_dir / "vllm" / "endpoint.json" if settings.engine == "vllm" else None
     worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address, split and split.jobs_gb, endpoint,
-                          jobs_engine)
+                          jobs_engine, settings.database)
     # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
     signal.signal(signal.SIGTERM, lambda *_: None)
     say(f"tunesmith serving {settings.model} (+{len(settings.adapters)} adapter(s)) on the {settings.engine} engine "

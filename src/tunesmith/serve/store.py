@@ -1,4 +1,5 @@
-"""SQLite store for files, fine-tuning jobs, their events and checkpoints.
+"""The server's store for files, fine-tuning jobs, their events and checkpoints (and, through the modules beside it,
+every other object a key keeps): SQLite in the data folder, or PostgreSQL (:mod:`tunesmith.serve.database`).
 
 Schema changes are named, ordered migrations recorded in ``schema_migrations``; a database is
 brought up to date when opened. A migration is SQL, or a Python step called with the connection and
@@ -13,30 +14,40 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import secrets
-import sqlite3
+import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tunesmith.serve.database import PostgresDatabase, SQLiteDatabase, open_database
 from tunesmith.serve.keys import is_owner_id, owner_id, server_secret
 
+Database = SQLiteDatabase | PostgresDatabase
+log = logging.getLogger("tunesmith.serve")
 
-def owners_as_ids(db: sqlite3.Connection, root: Path) -> None:
+
+def worker_id() -> str:
+    """This process among every replica's (a claim's holder): host, pid and a random part (a pid is reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def owners_as_ids(db, root: Path) -> None:
     """Every ``owner`` column of every table, rewritten from the raw API key an older version stored to its owner
     id; NULL (no keys) and values that already are owner ids are left alone."""
     secret = server_secret(root)
-    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    for table in tables:
-        if not any(col[1] == "owner" for col in db.execute(f'PRAGMA table_info("{table}")')):
+    for table in db.tables():
+        if "owner" not in db.columns(table):
             continue
         raw = [r[0] for r in db.execute(f'SELECT DISTINCT owner FROM "{table}" WHERE owner IS NOT NULL')]
         for key in (k for k in raw if not is_owner_id(k)):
             db.execute(f'UPDATE "{table}" SET owner = ? WHERE owner = ?', (owner_id(secret, key), key))
 
 
-Migration = str | Callable[[sqlite3.Connection, Path], None]
+Migration = str | Callable[[Database, Path], None]
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("0001_files", """
         CREATE TABLE files (
@@ -136,71 +147,49 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0031_batch_output_bytes", "ALTER TABLE batches ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0"),
     ("0032_batch_error_bytes", "ALTER TABLE batches ADD COLUMN error_bytes INTEGER NOT NULL DEFAULT 0"),
     ("0033_batch_output_expires", "ALTER TABLE batches ADD COLUMN output_expires_s INTEGER"),  # output_expires_after
+    # work claimed, not owned: the worker or replica running a job, a batch or an eval run, until its lease ends
+    ("0034_job_claims", "ALTER TABLE jobs ADD COLUMN claimed_by TEXT"),
+    ("0035_job_leases", "ALTER TABLE jobs ADD COLUMN lease_until REAL"),
+    ("0036_batch_claims", "ALTER TABLE batches ADD COLUMN claimed_by TEXT"),
+    ("0037_batch_leases", "ALTER TABLE batches ADD COLUMN lease_until REAL"),
+    ("0038_eval_run_claims", "ALTER TABLE eval_runs ADD COLUMN claimed_by TEXT"),
+    ("0039_eval_run_leases", "ALTER TABLE eval_runs ADD COLUMN lease_until REAL"),
 ]
+LEASE_S = 30.0  # a claim not renewed for this long is its worker's death: the work is anyone's again
+CLAIMABLE = ("jobs", "batches", "eval_runs")
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
-
-def _retry_while_locked(op, seconds: float = 30.0):
-    """Run ``op``, retrying while SQLite says the database is locked: switching a new database to WAL
-    takes an exclusive lock without waiting on the busy timeout, so processes opening it at once collide."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return op()
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
 class Store:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, database: str | None = None):
+        """The store of data folder ``root`` (uploaded bytes, runs; SQLite's file unless ``database``, a
+        ``postgresql://`` URL, holds the tables)."""
         self.root = Path(root)
         (self.root / "files").mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "tunesmith.sqlite", isolation_level=None, check_same_thread=False,
-                                  timeout=30)
-        self.db.row_factory = sqlite3.Row
-        _retry_while_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
-        self.lock = threading.RLock()
+        self.db = open_database(database, self.root)
+        self.lock = self.db.lock
         self.migrate()
 
     def migrate(self) -> list[str]:
-        """Apply the migrations this database has not seen, in order; returns their names.
-
-        One ``BEGIN IMMEDIATE`` transaction takes the write lock *before* reading which migrations
-        are done, so processes opening a new database at once (server, Ray workers) wait for each
-        other instead of both creating the same table. What a migration rewrites is zeroed in the file
-        (``secure_delete``), and the log is checkpointed after it, so no old value stays behind in the bytes.
-        """
-        with self.lock:
-            wiped = self.db.execute("PRAGMA secure_delete").fetchone()[0]
-            self.db.execute("PRAGMA secure_delete = ON")  # what a migration rewrites (a raw key) is zeroed, not freed
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
-                done = {r[0] for r in self.db.execute("SELECT name FROM schema_migrations")}
-                applied = []
-                for name, step in MIGRATIONS:
-                    if name not in done:
-                        if isinstance(step, str):
-                            self.db.execute(step)
-                        else:
-                            step(self.db, self.root)
-                        self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, time.time()))
-                        applied.append(name)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            finally:
-                self.db.execute(f"PRAGMA secure_delete = {int(wiped)}")
-            if applied:  # the old pages leave the write-ahead log too (best effort: another process may hold some)
-                with contextlib.suppress(sqlite3.OperationalError):
-                    self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            return applied
+        """Apply the migrations this database has not seen, in order, in one transaction that first takes the
+        database's migration lock (processes and replicas opening it at once wait for each other instead of both
+        creating the same table); returns their names."""
+        with self.db.migrating():
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL)")
+            done = {r[0] for r in self.db.execute("SELECT name FROM schema_migrations")}
+            applied = []
+            for name, step in MIGRATIONS:
+                if name not in done:
+                    if isinstance(step, str):
+                        self.db.execute(step)
+                    else:
+                        step(self.db, self.root)
+                    self.db.execute("INSERT INTO schema_migrations VALUES (?, ?)", (name, time.time()))
+                    applied.append(name)
+        return applied
 
     # --- files ------------------------------------------------------------------------------
 
@@ -366,6 +355,75 @@ class Store:
         rows = self.db.execute("SELECT owner, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY owner")
         return {owner: n for owner, n in rows}
 
+    # --- claims: work any live worker may take -------------------------------------------------------------
+
+    def claim_job(self, worker: str, jobs_per_key: int | None = None, sole: bool = False) -> dict | None:
+        """The next job (:meth:`next_job`: one left running by a dead worker first, then the queue in fair order)
+        claimed for ``worker`` for :data:`LEASE_S`, in one transaction that claimers take one at a time; jobs
+        live workers hold (this one's included) are theirs, and count as running for their key. ``sole``: this worker is the
+        only one there can be (SQLite's, under the data folder's lock), so every other claim is a dead one's."""
+        now = time.time()
+        with self.db.transaction():
+            self.db.serialize("claim_job")
+            held = frozenset() if sole else frozenset(r[0] for r in self.db.execute(
+                "SELECT id FROM jobs WHERE claimed_by IS NOT NULL AND lease_until >= ? "
+                "AND status IN ('queued', 'running')", (now,)))
+            job = self.next_job(jobs_per_key, held)
+            if job is not None:
+                self.db.execute("UPDATE jobs SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                                (worker, now + LEASE_S, job["id"]))
+        return job
+
+    def claim(self, table: str, oid: str, worker: str) -> bool:
+        """``worker`` takes the row ``oid`` of ``table`` (a batch, an eval run) unless a live worker holds it."""
+        now = time.time()
+        with self.lock:
+            return self.db.execute(f"UPDATE {_claimable(table)} SET claimed_by = ?, lease_until = ? WHERE id = ? AND "
+                                   "(claimed_by IS NULL OR claimed_by = ? OR lease_until < ?)",
+                                   (worker, now + LEASE_S, oid, worker, now)).rowcount == 1
+
+    def renew(self, table: str, oids, worker: str) -> set[str]:
+        """The leases of ``worker`` on these rows extended; returns the ids it no longer holds (taken over)."""
+        lost = set()
+        with self.lock:
+            for oid in oids:
+                if self.db.execute(f"UPDATE {_claimable(table)} SET lease_until = ? WHERE id = ? AND claimed_by = ?",
+                                   (time.time() + LEASE_S, oid, worker)).rowcount != 1:
+                    lost.add(oid)
+        return lost
+
+    def release(self, table: str, oid: str, worker: str) -> None:
+        with self.lock:
+            self.db.execute(f"UPDATE {_claimable(table)} SET claimed_by = NULL, lease_until = NULL WHERE id = ? AND "
+                            "claimed_by = ?", (oid, worker))
+
+    @contextlib.contextmanager
+    def holding(self, table: str, oid: str, worker: str):
+        """``worker``'s claim on ``oid`` renewed every third of its lease while the block runs, let go after (a job
+        stopped by a shutdown stays running and is resumed by whichever worker claims it next)."""
+        done = threading.Event()
+
+        def beat():
+            while not done.wait(LEASE_S / 3):
+                if self.renew(table, [oid], worker):
+                    log.warning("%s %s: claim lost to another worker", table, oid)
+                    return
+
+        thread = threading.Thread(target=beat, name=f"lease-{oid}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(5)
+            self.release(table, oid, worker)
+
+    def held_elsewhere(self, table: str, worker: str) -> set[str]:
+        """Ids of ``table``'s rows another live worker holds."""
+        return {r[0] for r in self.db.execute(
+            f"SELECT id FROM {_claimable(table)} WHERE claimed_by IS NOT NULL AND claimed_by != ? AND lease_until >= ?",
+            (worker, time.time()))}
+
     # --- events and checkpoints ------------------------------------------------------------------
 
     def add_event(self, job_id: str, message: str, type_: str = "message", data: dict | None = None,
@@ -388,7 +446,7 @@ class Store:
         """Forget the step events and checkpoints past ``after``: a restart reports those steps again."""
         with self.lock:
             self.db.execute("DELETE FROM events WHERE job_id = ? AND type = 'metrics' "
-                            "AND CAST(json_extract(data, '$.step') AS INTEGER) > ?", (job_id, after))
+                            f"AND CAST({self.db.json_field('data', 'step')} AS INTEGER) > ?", (job_id, after))
             self.db.execute("DELETE FROM events WHERE job_id = ? AND dedup_key LIKE 'ckpt:%' "
                             "AND CAST(substr(dedup_key, 6) AS INTEGER) > ?", (job_id, after))
             self.db.execute("DELETE FROM checkpoints WHERE job_id = ? AND step_number > ?", (job_id, after))
@@ -435,6 +493,12 @@ class Store:
     def checkpoints(self, job_id: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step_number DESC", (job_id,))
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+
+
+def _claimable(table: str) -> str:
+    if table not in CLAIMABLE:
+        raise ValueError(f"{table} rows are not claimed")
+    return table
 
 
 def _job(row) -> dict:

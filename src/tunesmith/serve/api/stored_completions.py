@@ -4,8 +4,8 @@ does, so that an app's traffic to any served model becomes data: list (by ``meta
 data source (:mod:`tunesmith.serve.evals.check`) and a fine-tuning file is made from a filtered set
 (:func:`training_lines`, ``POST /v1/files/from_stored_completions``): OpenAI's distillation loop, self-hosted.
 
-Rows live in the server's SQLite store (migration 0017); another key neither lists nor reaches them (the same 404
-as an id that does not exist). A selection is one SQL query (model, metadata through SQLite's ``json_each``, time,
+Rows live in the server's store (migration 0017); another key neither lists nor reaches them (the same 404
+as an id that does not exist). A selection is one SQL query (model, metadata through the database's JSON functions, time,
 cursor, order and limit), so a page of one reads one row; a key keeps at most ``--quota stored_completions``.
 """
 
@@ -37,7 +37,9 @@ class CompletionStore:
 
     def add(self, owner: str | None, completion: dict, request: dict) -> None:
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO stored_completions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self.db.execute("INSERT INTO stored_completions VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                            "owner = excluded.owner, model = excluded.model, created_at = excluded.created_at, "
+                            "metadata = excluded.metadata, request = excluded.request, completion = excluded.completion",
                             (completion["id"], owner, completion["model"], completion["created"],
                              json.dumps(completion.get("metadata") or {}), json.dumps(request), json.dumps(completion)))
 
@@ -58,8 +60,7 @@ class CompletionStore:
         if created_before is not None:
             where, args = [*where, "created_at <= ?"], [*args, created_before]
         for k, v in (metadata or {}).items():
-            where.append("EXISTS (SELECT 1 FROM json_each(stored_completions.metadata) m WHERE m.key = ? AND "
-                         "m.type = 'text' AND m.value = ?)")
+            where.append(self.db.json_has_text("stored_completions.metadata"))
             args += [k, v]
         way = "DESC" if order == "desc" else "ASC"
         if after is not None:

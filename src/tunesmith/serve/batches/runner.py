@@ -68,16 +68,25 @@ class BatchRunner:
 
     async def _loop(self) -> None:
         """Each key's oldest active batch runs, the others of that key wait their turn; different keys' batches run
-        side by side (the engine shares each step over keys)."""
+        side by side (the engine shares each step over keys). A batch is claimed by the replica that runs it, its
+        claim renewed at every turn of this loop: replicas sharing a store run each batch once, and a batch whose
+        replica died is taken over from its recorded lines."""
         running: dict[str, asyncio.Task] = {}
+        store, me = self.app.state.store, self.app.state.replica
         try:
             while True:
                 for bid in [b for b, task in running.items() if task.done()]:
                     del running[bid]
-                busy = {b["owner"] for b in self.batches.active() if b["id"] in running}
-                for batch in self.batches.active():
+                for bid in store.renew("batches", list(running), me):
+                    running.pop(bid).cancel()  # another replica took it over: this one's lease had run out
+                active = self.batches.active()
+                elsewhere = store.held_elsewhere("batches", me)
+                busy = {b["owner"] for b in active if b["id"] in running or b["id"] in elsewhere}
+                for batch in active:
                     waits = batch["owner"] in busy and batch["status"] != "cancelling"  # a cancel ends at once
-                    if batch["id"] in running or waits:
+                    if batch["id"] in running or batch["id"] in elsewhere or waits:
+                        continue
+                    if not store.claim("batches", batch["id"], me):
                         continue
                     busy.add(batch["owner"])
                     running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
@@ -100,6 +109,7 @@ class BatchRunner:
             self.batches.update(batch["id"], errors=[{"code": "batch_failed", "message": str(exc)[:500]}])
             self.batches.mark(batch["id"], "failed")
         finally:
+            self.app.state.store.release("batches", batch["id"], self.app.state.replica)
             self.wake()  # the key's next batch may start
 
     async def _run(self, batch: dict) -> None:

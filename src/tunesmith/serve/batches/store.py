@@ -61,17 +61,12 @@ class BatchStore:
                    error_bytes: int) -> None:
         """One line answered (its answer already appended to the batch's file) and the files' lengths now, in one
         transaction: a restart cuts the files back to these lengths."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.execute("INSERT OR REPLACE INTO batch_results VALUES (?, ?, ?, ?, '')",
-                                (bid, line, custom_id, status_code))
-                self.db.execute("UPDATE batches SET output_bytes = ?, error_bytes = ? WHERE id = ?",
-                                (output_bytes, error_bytes, bid))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.db.transaction():
+            self.db.execute("INSERT INTO batch_results VALUES (?, ?, ?, ?, '') ON CONFLICT (batch_id, line) DO UPDATE "
+                            "SET custom_id = excluded.custom_id, status_code = excluded.status_code, body = ''",
+                            (bid, line, custom_id, status_code))
+            self.db.execute("UPDATE batches SET output_bytes = ?, error_bytes = ? WHERE id = ?",
+                            (output_bytes, error_bytes, bid))
 
     def answered_lines(self, bid: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT line FROM batch_results WHERE batch_id = ?", (bid,))}
@@ -82,7 +77,8 @@ class BatchStore:
         return [dict(r) for r in rows]
 
     def _with_counts(self, row: dict) -> dict:
-        done = self.db.execute("SELECT COUNT(*), SUM(status_code >= 200 AND status_code < 300) FROM batch_results "
+        done = self.db.execute("SELECT COUNT(*), SUM(CASE WHEN status_code >= 200 AND status_code < 300 THEN 1 ELSE 0 END) "
+                               "FROM batch_results "
                                "WHERE batch_id = ?", (row["id"],)).fetchone()
         completed = int(done[1] or 0)
         row["request_counts"] = {"total": row["total"], "completed": completed, "failed": int(done[0]) - completed}

@@ -154,8 +154,16 @@ async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
         current = store.get_run(eval_id, run["id"])
         return current is None or current["status"] == "canceled"
 
-    task = asyncio.ensure_future(request.app.state.lanes.evals.run(key, execute, store, e, run, rows, context,
-                                                                   cancelled))
+    replica, lanes = request.app.state.replica, request.app.state.lanes
+
+    async def held() -> None:
+        """The run is this replica's from its creation to its end (a replica that dies leaves it to be failed with
+        the reason by another, never stuck in progress)."""
+        with store.base.holding("eval_runs", run["id"], replica):
+            await lanes.evals.run(key, execute, store, e, run, rows, context, cancelled)
+
+    store.base.claim("eval_runs", run["id"], replica)
+    task = asyncio.ensure_future(held())
     request.app.state.__dict__.setdefault("eval_tasks", set()).add(task)
     task.add_done_callback(request.app.state.eval_tasks.discard)
     return run_object(store.get_run(eval_id, run["id"]))

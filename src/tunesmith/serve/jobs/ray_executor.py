@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
+from tunesmith.serve.database import database_url
 from tunesmith.serve.engines.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
 from tunesmith.serve.jobs.worker import job_error, run_or_fail
 from tunesmith.serve.store import Store
@@ -59,7 +60,7 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
 def run_job_task(root: str, job_id: str) -> str:
     """The Ray task: one job, from its start or its newest checkpoint; returns the job's final status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    store = Store(Path(root))
+    store = Store(Path(root), database_url())
     job = store.get_job(job_id, any_owner=True)
     if job is None or job["status"] not in ("queued", "running"):
         return job["status"] if job else "missing"
@@ -80,7 +81,7 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
 
     ray = ray_module()
     stop = stop or SHUTDOWN
-    store = Store(root)
+    store = Store(root, database_url())
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))

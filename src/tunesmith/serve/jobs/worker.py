@@ -19,11 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
+from tunesmith.serve.database import database_url
 from tunesmith.serve.engines.process import SHUTDOWN, end_worker_process, start_worker_process
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
 from tunesmith.serve.jobs.events import announce_integrations, estimated_finish, mark_full_validation
-from tunesmith.serve.store import Store
+from tunesmith.serve.store import Store, worker_id
 
 log = logging.getLogger("tunesmith.worker")
 
@@ -333,24 +334,29 @@ def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> 
 
 def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1,
          gpu_budget_gb: float | None = None, vllm_endpoint: Path | None = None, jobs_engine: str = "auto") -> None:
-    """Run jobs until SIGTERM (or until the queue is empty with ``once``); one worker per data folder.
+    """Run jobs until SIGTERM (or until the queue is empty with ``once``). Each job is claimed in the store and its
+    claim renewed while it runs, so that on PostgreSQL every replica's worker takes jobs from one queue and a dead
+    worker's job resumes on another; on SQLite one worker per data folder (a second waits for the first's lock).
     Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time.
     ``gpu_budget_gb``: the jobs' share of a GPU that vLLM serves on; ``vllm_endpoint``: that vLLM's endpoint
     file; ``jobs_engine``: whether jobs generate there (evaluations, reinforcement rollouts, model graders):
     :func:`engine_of`."""
     import fcntl
 
-    store = Store(root)
-    lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
-    fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
+    store = Store(root, database_url())
+    sole = store.db.kind == "sqlite"
+    if sole:
+        lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
+    me = worker_id()
     while not SHUTDOWN.is_set():
-        job = store.next_job(jobs_per_key)
+        job = store.claim_job(me, jobs_per_key, sole=sole)
         if job is None:
             if once:
                 return
             SHUTDOWN.wait(poll_s)
             continue
-        with engine_of(vllm_endpoint, jobs_engine):
+        with engine_of(vllm_endpoint, jobs_engine), store.holding("jobs", job["id"], me):
             run_or_fail(store, job, gpu_budget_gb)
         if once and store.next_job(jobs_per_key) is None:
             return

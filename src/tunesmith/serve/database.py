@@ -1,0 +1,318 @@
+"""The store's database: SQLite in ``--data-dir`` (the embedded default) or PostgreSQL (``--database
+postgresql://…``, shared by replicas), behind one small interface that every store module uses.
+
+The SQL is written once, in the dialect both accept (``?`` placeholders, ``ON CONFLICT`` upserts, row values), and
+translated for PostgreSQL by :func:`to_postgres`: ``IS ?`` (equal, NULL included) becomes ``IS NOT DISTINCT FROM``,
+``INSERT OR IGNORE`` an ``ON CONFLICT DO NOTHING``, and a table's DDL gets 64-bit integers and a ``rowid`` column
+(SQLite's implicit insertion order, which the lists order by). The few expressions with no common spelling (a JSON
+field, a metadata match) are methods of the backend. Rows read as SQLite's do: by name and by position.
+
+PostgreSQL is reached through psycopg 3 and its connection pool: the store's SQL is plain, hand-written and small,
+so a driver (rather than an ORM or SQLAlchemy's expression language) keeps each query as readable as it is today.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+DATABASE_ENV = "TUNESMITH_DATABASE"  # the PostgreSQL URL, passed to the jobs worker by environment (not argv: a password)
+MIGRATION_LOCK = 0x74756E65  # PostgreSQL advisory lock held while one replica migrates ("tune")
+
+
+def database_url() -> str | None:
+    """The ``--database`` URL this process was given through :data:`DATABASE_ENV`; None: SQLite."""
+    return os.environ.get(DATABASE_ENV) or None
+
+
+class DatabaseError(TunesmithError):
+    """The store's database cannot be reached or used as configured."""
+
+
+def open_database(url: str | None, root: Path) -> SQLiteDatabase | PostgresDatabase:
+    """SQLite at ``<root>/tunesmith.sqlite`` when ``url`` is None, else the PostgreSQL database at ``url``."""
+    if url is None:
+        return SQLiteDatabase(Path(root) / "tunesmith.sqlite")
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise DatabaseError(f"--database {url.split('://')[0]}://…: only postgresql:// URLs are supported (leave "
+                            "--database out for the embedded SQLite store)")
+    return PostgresDatabase(url)
+
+
+class Row:
+    """One row, read by column name or by position (as ``sqlite3.Row``); ``dict(row)`` gives name → value."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: Sequence):
+        self._index, self._values = index, values
+
+    def __getitem__(self, key):
+        return self._values[key if isinstance(key, int) else self._index[key]]
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+class Result:
+    """A statement's rows, read whole (every query of the stores is bounded), and its row count."""
+
+    def __init__(self, rows: list, rowcount: int):
+        self.rows, self.rowcount = rows, rowcount
+
+    def fetchone(self):
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list:
+        return list(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+# --- SQLite -------------------------------------------------------------------------------------------------
+
+
+def _retry_while_locked(op, seconds: float = 30.0):
+    """Run ``op``, retrying while SQLite says the database is locked: switching a new database to WAL
+    takes an exclusive lock without waiting on the busy timeout, so processes opening it at once collide."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return op()
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+class SQLiteDatabase:
+    """One SQLite file in write-ahead-log mode, one connection shared by the server's threads."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        _retry_while_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
+        self.lock = threading.RLock()
+
+    def execute(self, sql: str, params: Sequence = ()):
+        return self.db.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
+        self.db.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements that commit together (``BEGIN IMMEDIATE``: the write lock taken first)."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def migrating(self) -> Iterator[None]:
+        """The migrations' transaction: the write lock taken before reading which are done, so processes opening a
+        new database at once wait for each other; what a migration rewrites is zeroed in the file
+        (``secure_delete``) and the log checkpointed after, so no old value (a raw key) stays in the bytes."""
+        with self.lock:
+            wiped = self.db.execute("PRAGMA secure_delete").fetchone()[0]
+            self.db.execute("PRAGMA secure_delete = ON")
+            try:
+                with self.transaction():
+                    yield
+            finally:
+                self.db.execute(f"PRAGMA secure_delete = {int(wiped)}")
+            with contextlib.suppress(sqlite3.OperationalError):  # best effort: another process may hold pages
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def serialize(self, name: str) -> None:
+        """Inside a transaction: wait for others serializing on ``name`` (SQLite's write lock already does)."""
+
+    def tables(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+
+    def columns(self, table: str) -> list[str]:
+        return [c[1] for c in self.db.execute(f'PRAGMA table_info("{table}")')]
+
+    @staticmethod
+    def json_field(column: str, name: str) -> str:
+        """SQL for the top-level field ``name`` (one of ours, never a caller's) of ``column``, a JSON object."""
+        return f"json_extract({column}, '$.{_identifier(name)}')"
+
+    @staticmethod
+    def json_has_text(column: str) -> str:
+        """SQL true when ``column`` (a JSON object) has the next parameter as a key whose value is the text of the
+        parameter after."""
+        return (f"EXISTS (SELECT 1 FROM json_each({column}) m WHERE m.key = ? AND m.type = 'text' AND m.value = ?)")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------------------
+
+
+_IS_PARAM = re.compile(r"\bIS\s+NOT\s+\?|\bIS\s+\?")
+_CREATE_TABLE = re.compile(r"^\s*CREATE\s+TABLE\b", re.IGNORECASE)
+
+
+@lru_cache(maxsize=1024)
+def to_postgres(sql: str) -> str:
+    """``sql`` in SQLite's spelling as PostgreSQL (psycopg's ``%s`` placeholders) spells it."""
+    out = sql.replace("%", "%%")
+    out = _IS_PARAM.sub(lambda m: "IS DISTINCT FROM ?" if "NOT" in m.group(0).upper() else
+                        "IS NOT DISTINCT FROM ?", out)
+    if re.match(r"^\s*INSERT\s+OR\s+IGNORE\b", out, re.IGNORECASE):
+        out = re.sub(r"^\s*INSERT\s+OR\s+IGNORE\b", "INSERT", out, flags=re.IGNORECASE) + " ON CONFLICT DO NOTHING"
+    if _CREATE_TABLE.match(out) or re.match(r"^\s*ALTER\s+TABLE\b", out, re.IGNORECASE):
+        out = out.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+        out = re.sub(r"\bINTEGER\b", "BIGINT", out)
+        out = re.sub(r"\bREAL\b", "DOUBLE PRECISION", out)
+    if _CREATE_TABLE.match(out):  # SQLite's implicit insertion order, made a column
+        out = out[:out.rindex(")")] + ", rowid BIGSERIAL)"
+    return out.replace("?", "%s")
+
+
+def _plain(value):
+    """PostgreSQL's SUM of integers is a numeric: back to the int SQLite gives."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
+def _selects_rowid(sql: str) -> bool:
+    head = re.split(r"\bFROM\b", sql, maxsplit=1, flags=re.IGNORECASE)[0]
+    return "rowid" in head
+
+
+class PostgresDatabase:
+    """A PostgreSQL database through a pool of connections (each statement its own transaction unless inside
+    :meth:`transaction`, which keeps one connection for the thread that opened it)."""
+
+    kind = "postgresql"
+
+    def __init__(self, url: str, max_connections: int = 16):
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+        except ImportError as exc:
+            raise DatabaseError("--database postgresql://… needs psycopg: pip install 'tunesmith[postgresql]'") from exc
+        self._psycopg = psycopg
+        self.url, self.local = url, threading.local()
+        self.lock = threading.RLock()  # the stores' own (SQLite-shaped) write lock; PostgreSQL needs none of it
+        self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False,
+                                   kwargs={"autocommit": True})
+        try:
+            self.pool.open(wait=True, timeout=15)
+        except Exception as exc:  # noqa: BLE001 - psycopg_pool's timeout or a connection error
+            self.pool.close()
+            raise DatabaseError(f"--database: cannot reach PostgreSQL at {_safe(url)}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _connection(self):
+        held = getattr(self.local, "conn", None)
+        if held is not None:  # inside this thread's transaction
+            yield held
+            return
+        with self.pool.connection() as conn:
+            yield conn
+
+    def execute(self, sql: str, params: Sequence = ()) -> Result:
+        with self._connection() as conn, conn.cursor() as cur:
+            cur.execute(to_postgres(sql), tuple(params))
+            if cur.description is None:
+                return Result([], cur.rowcount)
+            names = [d.name for d in cur.description]
+            keep = [i for i, n in enumerate(names) if n != "rowid" or _selects_rowid(sql)]
+            index = {names[i]: j for j, i in enumerate(keep)}
+            rows = [Row(index, [_plain(r[i]) for i in keep]) for r in cur.fetchall()]
+            return Result(rows, cur.rowcount)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
+        if rows:
+            with self._connection() as conn, conn.cursor() as cur:
+                cur.executemany(to_postgres(sql), [tuple(r) for r in rows])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements of this thread that commit together (nested: part of the outer one)."""
+        if getattr(self.local, "conn", None) is not None:
+            yield
+            return
+        with self.pool.connection() as conn, conn.transaction():
+            self.local.conn = conn
+            try:
+                yield
+            finally:
+                self.local.conn = None
+
+    @contextlib.contextmanager
+    def migrating(self) -> Iterator[None]:
+        """The migrations' transaction, under an advisory lock: replicas starting at once migrate one at a time."""
+        with self.transaction():
+            self.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            yield
+
+    def serialize(self, name: str) -> None:
+        """Inside a transaction: wait for other transactions serializing on ``name`` (an advisory lock)."""
+        self.execute("SELECT pg_advisory_xact_lock(?)", (_lock_id(name),))
+
+    def tables(self) -> list[str]:
+        return [r[0] for r in self.execute("SELECT table_name FROM information_schema.tables "
+                                           "WHERE table_schema = current_schema()")]
+
+    def columns(self, table: str) -> list[str]:
+        return [r[0] for r in self.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                                           "current_schema() AND table_name = ? ORDER BY ordinal_position", (table,))]
+
+    @staticmethod
+    def json_field(column: str, name: str) -> str:
+        return f"(({column})::jsonb ->> '{_identifier(name)}')"
+
+    @staticmethod
+    def json_has_text(column: str) -> str:
+        return f"((({column})::jsonb -> ?) = to_jsonb(?::text))"
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _lock_id(name: str) -> int:
+    """A stable 63-bit advisory lock id for ``name``."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
+def _identifier(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"not a field name: {name!r}")
+    return name
+
+
+def _safe(url: str) -> str:
+    """``url`` without its password."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

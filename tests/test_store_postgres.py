@@ -1,0 +1,171 @@
+"""The store on both backends: SQLite (embedded default) and PostgreSQL (--database), the same migrations and the
+same answers from every store module; the SQL translation on its own."""
+
+import json
+import threading
+
+import pytest
+
+from tunesmith.serve.api.stored_completions import CompletionStore
+from tunesmith.serve.batches.store import BatchStore
+from tunesmith.serve.database import DatabaseError, open_database, to_postgres
+from tunesmith.serve.store import MIGRATIONS, Store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
+    s = Store(tmp_path / "data", url)
+    yield s
+    s.db.close()
+
+
+def test_translation_to_postgres():
+    assert to_postgres("SELECT * FROM t WHERE id = ? AND owner IS ?") == \
+        "SELECT * FROM t WHERE id = %s AND owner IS NOT DISTINCT FROM %s"
+    assert to_postgres("DELETE FROM e WHERE k LIKE 'ckpt:%' AND o IS NOT ?") == \
+        "DELETE FROM e WHERE k LIKE 'ckpt:%%' AND o IS DISTINCT FROM %s"
+    assert to_postgres("INSERT OR IGNORE INTO c VALUES (?, ?)") == "INSERT INTO c VALUES (%s, %s) ON CONFLICT DO NOTHING"
+    ddl = to_postgres("CREATE TABLE e (seq INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER NOT NULL, at REAL)")
+    assert ddl == "CREATE TABLE e (seq BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL, at DOUBLE PRECISION, rowid BIGSERIAL)"
+
+
+def test_a_database_url_that_is_not_postgresql_is_refused(tmp_path):
+    with pytest.raises(DatabaseError, match="only postgresql://"):
+        open_database("mysql://x", tmp_path)
+
+
+def test_an_unreachable_postgresql_is_said_without_its_password(tmp_path):
+    with pytest.raises(DatabaseError, match=r"cannot reach PostgreSQL at postgresql://u:\*\*\*@") as err:
+        open_database(f"postgresql://u:secret@/db?host={tmp_path}&connect_timeout=2", tmp_path)
+    assert "secret" not in str(err.value)
+
+
+def test_every_migration_once_and_a_reopened_store_migrates_nothing(store):
+    assert {"files", "jobs", "events", "batches", "stored_completions"} <= set(store.db.tables())
+    names = sorted(r[0] for r in store.db.execute("SELECT name FROM schema_migrations"))
+    assert names == sorted(n for n, _ in MIGRATIONS)
+    url = None if store.db.kind == "sqlite" else store.db.url
+    again = Store(store.root, url)
+    assert again.migrate() == []
+    again.db.close()
+
+
+def test_files_jobs_events_and_checkpoints(store):
+    f = store.add_file("o1", "a.jsonl", "fine-tune", b'{"x": 1}\n')
+    assert store.get_file(f["id"], "o1")["bytes"] == 9 and store.get_file(f["id"], "o2") is None
+    assert store.get_file(store.add_file(None, "b.jsonl", "batch", b"")["id"], None)["owner"] is None  # IS NULL
+    assert [x["id"] for x in store.list_files("o1")] == [f["id"]]
+    assert "rowid" not in store.list_files("o1")[0]
+    job = store.add_job("o1", model="m", training_file=f["id"], validation_file=None, suffix=None, seed=1,
+                        method={"type": "supervised"}, metadata={"k": "v"})
+    assert store.get_job(job["id"], "o1")["method"] == {"type": "supervised"}
+    store.update_job(job["id"], status="queued")
+    assert store.next_job(1)["id"] == job["id"]
+    assert store.add_event(job["id"], "step", "metrics", {"step": 1}, dedup_key="s1")
+    assert not store.add_event(job["id"], "step again", "metrics", {"step": 1}, dedup_key="s1")  # once
+    for step in (2, 3):
+        store.add_event(job["id"], "step", "metrics", {"step": step}, dedup_key=f"s{step}")
+        store.add_checkpoint(job["id"], step, {"loss": 1.0}, "/nowhere", "ft:m")
+    store.supersede_steps(job["id"], after=2)
+    assert [e["data"]["step"] for e in store.events(job["id"])] == [2, 1]
+    assert [c["step_number"] for c in store.checkpoints(job["id"])] == [2]
+    assert store.checkpoint_by_model("ft:m:ckpt-step-2")["owner"] == "o1"
+    assert store.delete_file(f["id"], "o1") and store.get_file(f["id"], "o1") is None
+
+
+def test_stored_completions_select_by_metadata_with_a_cursor(store):
+    completions = CompletionStore(store)
+    for i in range(5):
+        completions.add("o1", {"id": f"c{i}", "model": "m", "created": 100 + i // 2,
+                               "metadata": {"team": "a" if i % 2 else "b", "n": str(i)}}, {"messages": []})
+    completions.add("o2", {"id": "x", "model": "m", "created": 1, "metadata": {"team": "a"}}, {"messages": []})
+    assert [r["id"] for r in completions.select("o1", {"team": "a"})] == ["c1", "c3"]
+    assert [r["id"] for r in completions.select("o1", order="desc", limit=2)] == ["c4", "c3"]
+    assert [r["id"] for r in completions.select("o1", after="c1", limit=2)] == ["c2", "c3"]  # same second: insertion
+    assert completions.select("o1", {"team": "a", "n": "3"})[0]["id"] == "c3"
+    completions.add("o1", {"id": "c0", "model": "m2", "created": 100, "metadata": {}}, {"messages": []})  # replaced
+    assert completions.get("c0", "o1")["model"] == "m2"
+
+
+def test_batch_results_and_counts_commit_together(store):
+    batches = BatchStore(store)
+    f = store.add_file("o1", "b.jsonl", "batch", b"")
+    b = batches.add("o1", "/v1/chat/completions", f["id"], None, total=3, model="m", window_s=3600)
+    batches.add_result(b["id"], 0, "a", 200, 10, 0)
+    batches.add_result(b["id"], 1, "b", 400, 10, 7)
+    batches.add_result(b["id"], 1, "b", 200, 20, 0)  # answered again after a restart: replaced
+    got = batches.get(b["id"], any_owner=True)
+    assert got["request_counts"] == {"total": 3, "completed": 2, "failed": 0}
+    assert (got["output_bytes"], got["error_bytes"]) == (20, 0)
+    assert batches.answered_lines(b["id"]) == {0, 1}
+
+
+def test_threads_writing_at_once(store):
+    """The server's lanes write from many threads: every row kept, none twice."""
+    def write(n):
+        for i in range(20):
+            store.add_file(f"o{n}", f"{i}.jsonl", "batch", b"x")
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = store.db.execute("SELECT COUNT(*), SUM(bytes) FROM files").fetchone()
+    assert (total[0], total[1]) == (160, 160) and isinstance(total[1], int)
+    assert json.dumps(dict(store.db.execute("SELECT SUM(bytes) AS b FROM files").fetchone()))  # ints, not Decimals
+
+
+def test_a_job_is_claimed_by_one_worker_and_taken_over_when_its_lease_runs_out(store, monkeypatch):
+    import tunesmith.serve.store as store_module
+
+    jobs = []
+    for owner in ("o1", "o1", "o2"):
+        job = store.add_job(owner, model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                            method={"type": "supervised"}, metadata=None)
+        store.update_job(job["id"], status="queued")
+        jobs.append(job["id"])
+    first = store.claim_job("w1", jobs_per_key=1)
+    assert first["id"] == jobs[0]
+    second = store.claim_job("w2", jobs_per_key=1)
+    assert second["id"] == jobs[2]  # o1's next waits: its first, held by w1, counts as running
+    assert store.claim_job("w3", jobs_per_key=1) is None
+    store.update_job(first["id"], status="running")
+    assert store.renew("jobs", [first["id"]], "w1") == set()
+    assert store.renew("jobs", [first["id"]], "w2") == {first["id"]}  # not w2's to renew
+    monkeypatch.setattr(store_module.time, "time", lambda: 10**10)  # every lease has run out: w1 died
+    taken = store.claim_job("w3", jobs_per_key=1)
+    assert taken["id"] == first["id"] and taken["status"] == "running"  # resumed by another worker
+    assert store.renew("jobs", [first["id"]], "w1") == {first["id"]}  # w1, back, has lost it
+
+
+def test_a_sole_worker_takes_back_a_job_a_dead_one_held(store):
+    job = store.add_job("o1", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                        method={"type": "supervised"}, metadata=None)
+    store.update_job(job["id"], status="running")
+    assert store.claim("jobs", job["id"], "dead")
+    assert store.claim_job("new", 1) is None  # held by a live lease
+    assert store.claim_job("new", 1, sole=True)["id"] == job["id"]  # the data folder's only worker: "dead" is
+
+
+def test_workers_claiming_at_once_take_each_job_once(store):
+    for i in range(12):
+        job = store.add_job(f"o{i}", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                            method={"type": "supervised"}, metadata=None)
+        store.update_job(job["id"], status="queued")
+    taken: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(n):
+        while (job := store.claim_job(f"w{n}", jobs_per_key=1)) is not None:
+            store.update_job(job["id"], status="running")
+            with lock:
+                taken.append(job["id"])
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(taken) == 12 and len(set(taken)) == 12
