@@ -169,3 +169,23 @@ def test_workers_claiming_at_once_take_each_job_once(store):
     for t in threads:
         t.join()
     assert len(taken) == 12 and len(set(taken)) == 12
+
+
+def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch):
+    import tunesmith.serve.api.shared_limits as shared_limits
+    from tunesmith.serve.engines.errors import APIError
+
+    s = Store(tmp_path / "data", postgres())
+    one, two = shared_limits.SharedPlaces(s, "r1"), shared_limits.SharedPlaces(s, "r2")
+    assert one.take("k", 3) is None and one.take("k", 3) is None
+    assert two.take("k", 3) is None
+    assert two.take("k", 3) == 3  # the third place was the last, whichever replica asks
+    assert one.take("other", 3) is None  # another key counts apart
+    one.give_back("k")
+    assert two.take("k", 3) is None
+    monkeypatch.setattr(shared_limits.time, "time", lambda: 10**10)  # r1 and r2 stopped renewing: their lease ran out
+    assert shared_limits.SharedPlaces(s, "r3").take("k", 1) is None
+    s.db.close()
+    with pytest.raises(APIError) as err:  # the database gone: refused and said, never counted per replica
+        one.take("k", 3)
+    assert err.value.status == 503 and err.value.body["code"] == "limits_unavailable"

@@ -121,6 +121,9 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
                 app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
         watcher = asyncio.ensure_future(watch_adapters(app)) if settings.engine == "vllm" else None
         app.state.batch_runner.start()
+        shared = app.state.limiter.shared
+        if shared is not None:
+            shared.start()
         sweeper = start_sweeper(app)  # expired uploads, their parts and expired files deleted every quotas.sweep_s
         if getattr(app.state, "freeze_heap", False):  # the server's own process (tunesmith serve), not a test's
             freeze_startup_heap()
@@ -131,6 +134,8 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
             watcher.cancel()
         app.state.engine.close()
         app.state.lanes.close()
+        if shared is not None:
+            shared.close()
 
     from tunesmith.serve.store import Store, worker_id
 
@@ -154,6 +159,10 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app.add_middleware(KeyGate, keys_of=lambda: settings.api_keys)  # runs first: no body of a stranger is read
     app.state.store = Store(settings.data_dir, settings.database)
     app.state.replica = worker_id()  # this server among the replicas sharing the store: the holder of its claims
+    if app.state.store.db.kind == "postgresql":  # replicas: a key's requests in flight counted over all of them
+        from tunesmith.serve.api.shared_limits import SharedPlaces
+
+        app.state.limiter.shared = SharedPlaces(app.state.store, app.state.replica)
     app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
     app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)
     app.state.trainable_models = lambda: {settings.model}

@@ -154,6 +154,12 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0037_batch_leases", "ALTER TABLE batches ADD COLUMN lease_until REAL"),
     ("0038_eval_run_claims", "ALTER TABLE eval_runs ADD COLUMN claimed_by TEXT"),
     ("0039_eval_run_leases", "ALTER TABLE eval_runs ADD COLUMN lease_until REAL"),
+    # a key's requests in flight on each replica (tunesmith.serve.api.shared_limits; PostgreSQL only)
+    ("0040_key_places", """
+        CREATE TABLE key_places (
+            owner TEXT NOT NULL, replica TEXT NOT NULL, in_flight INTEGER NOT NULL, seen REAL NOT NULL,
+            PRIMARY KEY (owner, replica)
+        )"""),
 ]
 LEASE_S = 30.0  # a claim not renewed for this long is its worker's death: the work is anyone's again
 CLAIMABLE = ("jobs", "batches", "eval_runs")

@@ -6,7 +6,8 @@ OpenAI's ``x-ratelimit-*`` headers, which the official clients read to wait and 
 Set with ``tunesmith serve --requests-per-key`` and ``--tokens-per-minute-per-key`` (the defaults:
 ``ServeSettings.limits_per_key``). The engines share their batch round robin over keys either way
 (:meth:`tunesmith.serve.engines.interface.InferenceEngine.submit`); the limits bound what one key can make the batch
-hold at all. Everything here runs on the event loop.
+hold at all. Everything here runs on the event loop. With replicas on one PostgreSQL a key's requests in flight
+are counted over all of them (:mod:`tunesmith.serve.api.shared_limits`); tokens a minute stay each replica's.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class KeyLimiter:
         self.refused: dict[str | None, deque[float]] = {}  # key -> when its recent requests were refused (429)
         self.spreads: dict[str | None, float] = {}  # key -> the spread its last refusal was told
         self.freed: dict[str | None, deque] = {}  # key -> futures of refusals held until one of its places frees
+        self.shared = None  # replicas on one PostgreSQL: their places (tunesmith.serve.api.shared_limits)
 
     def admit(self, key: str | None, counted: bool = True) -> Ticket:
         """A place for one of ``key``'s requests, or a 429 when it already has its limit in flight; a request
@@ -83,6 +85,11 @@ class KeyLimiter:
         # clients retrying every second costs the server more than their requests would), each at its own moment
         if refusal := self.full(key):
             raise refusal
+        if self.shared is not None and self.limits.requests is not None:  # the limit over every replica
+            used = self.shared.take(key, self.limits.requests)
+            if used is not None:
+                raise self._refusal(key, "requests", f"{used} requests in flight over all replicas (limit "
+                                    f"{self.limits.requests} at once)", max(1.0, self.typical_s.get(key, 1.0)))
         self.in_flight[key] += 1
         ticket = Ticket(self, key)
         self.oldest.setdefault(key, deque()).append(ticket.since)
@@ -137,6 +144,8 @@ class KeyLimiter:
                 break
         if waiting is not None and not waiting:
             del self.freed[key]
+        if self.shared is not None and self.limits.requests is not None:
+            self.shared.give_back(key)
         self.in_flight[key] -= 1
         if self.in_flight[key] <= 0:
             del self.in_flight[key]

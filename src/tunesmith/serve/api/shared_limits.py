@@ -1,0 +1,84 @@
+"""A key's requests in flight counted over every replica sharing one PostgreSQL (``--database``), so that
+``--requests-per-key N`` means N for the platform, not N per replica.
+
+Each replica keeps one row per key (``key_places``: the key, the replica, its requests in flight, when last seen).
+A request takes a place in one short transaction that waits for the key's advisory lock, adds the live rows of every
+replica and counts itself only while the sum is under the limit; its end gives the place back. A replica renews its
+rows' ``seen`` every third of :data:`tunesmith.serve.store.LEASE_S`, so a replica that died stops counting once its
+lease has run out. When the database cannot be reached the request is refused with a 503 that says so: a limit
+never falls back to counting per replica in silence. On SQLite (one server) none of this runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.store import LEASE_S
+
+log = logging.getLogger("tunesmith.serve")
+NO_KEY = ""  # the owner of a server without keys
+
+
+class SharedPlaces:
+    """Places of keys' requests in flight in the store's ``key_places`` table, as ``replica``."""
+
+    def __init__(self, store, replica: str):
+        self.db, self.replica = store.db, replica
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def take(self, owner: str | None, limit: int) -> int | None:
+        """One place for ``owner``'s request if its requests in flight over all replicas are under ``limit``:
+        returns None when taken, else the count in flight (the request is refused)."""
+        now = time.time()
+        try:
+            with self.db.transaction():
+                self.db.serialize(f"key_places:{owner or NO_KEY}")
+                used = self.db.execute("SELECT COALESCE(SUM(in_flight), 0) FROM key_places WHERE owner = ? AND "
+                                       "seen >= ?", (owner or NO_KEY, now - LEASE_S)).fetchone()[0]
+                if used >= limit:
+                    return int(used)
+                self.db.execute("INSERT INTO key_places VALUES (?, ?, 1, ?) ON CONFLICT (owner, replica) DO UPDATE "
+                                "SET in_flight = key_places.in_flight + 1, seen = excluded.seen",
+                                (owner or NO_KEY, self.replica, now))
+            return None
+        except Exception as exc:  # noqa: BLE001 - the database's error, said as the server's
+            raise unreachable(exc) from exc
+
+    def give_back(self, owner: str | None) -> None:
+        try:
+            self.db.execute("UPDATE key_places SET in_flight = CASE WHEN in_flight > 0 THEN in_flight - 1 ELSE 0 END, "
+                            "seen = ? WHERE owner = ? AND replica = ?", (time.time(), owner or NO_KEY, self.replica))
+        except Exception:  # noqa: BLE001 - the place stays counted until this replica's rows are renewed or go
+            log.exception("could not give back a place of a key's requests in flight")
+
+    def start(self) -> None:
+        """This replica's rows renewed every third of a lease (in a thread), its stale rows from an earlier run of
+        the same replica id cannot exist (each start is a new id)."""
+        def beat():
+            while not self.stop.wait(LEASE_S / 3):
+                try:
+                    now = time.time()
+                    self.db.execute("UPDATE key_places SET seen = ? WHERE replica = ?", (now, self.replica))
+                    self.db.execute("DELETE FROM key_places WHERE seen < ?", (now - 10 * LEASE_S,))  # long dead
+                except Exception:  # noqa: BLE001 - retried at the next beat; requests meanwhile say it
+                    log.exception("could not renew this replica's places of keys' requests")
+
+        self.thread = threading.Thread(target=beat, name="key-places", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            self.db.execute("DELETE FROM key_places WHERE replica = ?", (self.replica,))
+        except Exception:  # noqa: BLE001 - the rows expire with the lease anyway
+            pass
+
+
+def unreachable(exc: Exception) -> APIError:
+    return APIError(503, "The server cannot reach its database to count this key's requests across replicas, and "
+                    f"refuses rather than count them per replica ({type(exc).__name__}). Retry shortly.",
+                    type_="server_error", code="limits_unavailable", headers={"retry-after": "2"})

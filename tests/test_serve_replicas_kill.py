@@ -1,0 +1,132 @@
+"""A replica killed with SIGKILL mid-batch, mid-job and mid-upload: the other replica on the same PostgreSQL and data
+folder finishes all three, nothing lost or done twice. Real `tunesmith serve` processes, the official client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+
+from tunesmith.serve.keys import owner_id, server_secret
+from tunesmith.serve.store import LEASE_S, Store
+
+from .conftest import banking_rows, chat_lines
+from .test_serve_hostile import _free_port
+
+KEY = "replica-key"
+
+
+@contextmanager
+def replica(model: Path, data_dir: Path, database: str, log: Path):
+    """`tunesmith serve` on ``database`` in a process group of its own; yields (its /v1 URL, its process)."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("tunesmith")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--data-dir", str(data_dir), "--port",
+                                 str(port), "--engine", "builtin", "--batch-concurrency", "1"], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TUNESMITH_API_KEYS": KEY, "TUNESMITH_DATABASE": database})
+        url = f"http://127.0.0.1:{port}/v1"
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+            yield url, proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postgres):
+    database, data_dir = postgres(), tmp_path / "shared"
+    model = str(tiny_model_dir)
+    with replica(tiny_model_dir, data_dir, database, tmp_path / "r1.log") as (url1, proc1):
+        one = openai.OpenAI(base_url=url1, api_key=KEY, max_retries=0, timeout=60)
+        training = one.files.create(file=("t.jsonl", chat_lines(banking_rows(["card_arrival", "lost_or_stolen_card"],
+                                                                                12)[:24])), purpose="fine-tune")
+        job = one.fine_tuning.jobs.create(model=model, training_file=training.id, method={
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 60, "batch_size": 4}}})
+        lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+            "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 48,
+            "temperature": 0}}) + "\n" for i in range(60))
+        batch = one.batches.create(input_file_id=one.files.create(file=("b.jsonl", lines.encode()),
+                                                                  purpose="batch").id,
+                                   endpoint="/v1/chat/completions", completion_window="24h")
+        content = chat_lines(banking_rows(["card_arrival"], 12)[:8])
+        upload = one.uploads.create(filename="u.jsonl", purpose="fine-tune", bytes=len(content),
+                                    mime_type="text/jsonl")
+        first = one.uploads.parts.create(upload.id, data=content[:100])
+
+        store = Store(data_dir, database)
+        owner = owner_id(server_secret(data_dir), KEY)
+        wait_for(lambda: any(e["type"] == "metrics" for e in store.events(job.id)), 180, "the job's first step")
+        wait_for(lambda: one.batches.retrieve(batch.id).request_counts.completed >= 1, 120, "the batch's first line")
+        with replica(tiny_model_dir, data_dir, database, tmp_path / "r2.log") as (url2, _):
+            two = openai.OpenAI(base_url=url2, api_key=KEY, max_retries=0, timeout=60)
+            holders = {store.get_job(job.id, owner)["claimed_by"],
+                       store.db.execute("SELECT claimed_by FROM batches WHERE id = ?", (batch.id,)).fetchone()[0]}
+            assert all(h and f":{proc1.pid}:" in h or _worker_of(h, proc1.pid) for h in holders), holders
+            assert two.batches.retrieve(batch.id).status == "in_progress"  # still mid-batch when killed
+            assert two.fine_tuning.jobs.retrieve(job.id).status == "running"  # still mid-job
+            os.killpg(proc1.pid, signal.SIGKILL)
+            killed_at = time.time()
+            proc1.wait()
+
+            second = two.uploads.parts.create(upload.id, data=content[100:])
+            done = two.uploads.complete(upload.id, part_ids=[first.id, second.id])
+            assert two.files.content(done.file.id).read() == content
+
+            wait_for(lambda: two.batches.retrieve(batch.id).status == "completed", LEASE_S + 240, "the batch's end")
+            finished = two.batches.retrieve(batch.id)
+            assert finished.request_counts.completed == 60 and finished.request_counts.failed == 0, finished
+            ids = Counter(json.loads(line)["custom_id"] for line in
+                          two.files.content(finished.output_file_id).read().splitlines())
+            assert sorted(ids) == sorted(f"r{i}" for i in range(60)) and set(ids.values()) == {1}  # each line once
+
+            wait_for(lambda: two.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), LEASE_S + 400,
+                     "the job's end")
+            ended = two.fine_tuning.jobs.retrieve(job.id)
+            assert ended.status == "succeeded", ended.error
+            events = store.events(job.id)
+            steps = Counter(e["data"]["step"] for e in events if e["type"] == "metrics")
+            assert set(steps.values()) == {1}, steps  # every step reported once
+            assert any("resumed" in e["message"] or "restarted" in e["message"] for e in events)
+            assert time.time() - killed_at >= LEASE_S * 0.9  # taken over only once the dead replica's lease ran out
+            assert two.chat.completions.create(model=ended.fine_tuned_model, messages=[
+                {"role": "user", "content": "my card"}], max_tokens=4).choices[0].message is not None
+        store.db.close()
+
+
+def _worker_of(holder: str | None, server_pid: int) -> bool:
+    """Whether ``holder`` (host:pid:…) is a process whose parent is ``server_pid`` (the server's jobs worker)."""
+    if not holder:
+        return False
+    pid = holder.split(":")[1]
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return int(stat.rsplit(")", 1)[1].split()[1]) == server_pid
