@@ -68,10 +68,10 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
         training = one.files.create(file=("t.jsonl", chat_lines(banking_rows(["card_arrival", "lost_or_stolen_card"],
                                                                                 12)[:24])), purpose="fine-tune")
         job = one.fine_tuning.jobs.create(model=model, training_file=training.id, method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 60, "batch_size": 4}}})
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 2}}})
         lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
-            "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 48,
-            "temperature": 0}}) + "\n" for i in range(60))
+            "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 64,
+            "temperature": 0}}) + "\n" for i in range(80))
         batch = one.batches.create(input_file_id=one.files.create(file=("b.jsonl", lines.encode()),
                                                                   purpose="batch").id,
                                    endpoint="/v1/chat/completions", completion_window="24h")
@@ -101,10 +101,10 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
 
             wait_for(lambda: two.batches.retrieve(batch.id).status == "completed", LEASE_S + 240, "the batch's end")
             finished = two.batches.retrieve(batch.id)
-            assert finished.request_counts.completed == 60 and finished.request_counts.failed == 0, finished
+            assert finished.request_counts.completed == 80 and finished.request_counts.failed == 0, finished
             ids = Counter(json.loads(line)["custom_id"] for line in
                           two.files.content(finished.output_file_id).read().splitlines())
-            assert sorted(ids) == sorted(f"r{i}" for i in range(60)) and set(ids.values()) == {1}  # each line once
+            assert sorted(ids) == sorted(f"r{i}" for i in range(80)) and set(ids.values()) == {1}  # each line once
 
             wait_for(lambda: two.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), LEASE_S + 400,
                      "the job's end")

@@ -22,12 +22,23 @@ def store(request, tmp_path):
 
 def test_translation_to_postgres():
     assert to_postgres("SELECT * FROM t WHERE id = ? AND owner IS ?") == \
-        "SELECT * FROM t WHERE id = %s AND owner IS NOT DISTINCT FROM %s"
-    assert to_postgres("DELETE FROM e WHERE k LIKE 'ckpt:%' AND o IS NOT ?") == \
-        "DELETE FROM e WHERE k LIKE 'ckpt:%%' AND o IS DISTINCT FROM %s"
-    assert to_postgres("INSERT OR IGNORE INTO c VALUES (?, ?)") == "INSERT INTO c VALUES (%s, %s) ON CONFLICT DO NOTHING"
+        "SELECT * FROM t WHERE id = %(p0)s AND (owner = %(p1)s OR (owner IS NULL AND %(p1)s IS NULL))"
+    assert to_postgres("DELETE FROM e WHERE k LIKE 'ckpt:%' AND t.o IS NOT ?") == \
+        "DELETE FROM e WHERE k LIKE 'ckpt:%%' AND t.o IS DISTINCT FROM %(p0)s"
+    assert to_postgres("INSERT OR IGNORE INTO c VALUES (?, ?)") == \
+        "INSERT INTO c VALUES (%(p0)s, %(p1)s) ON CONFLICT DO NOTHING"
     ddl = to_postgres("CREATE TABLE e (seq INTEGER PRIMARY KEY AUTOINCREMENT, n INTEGER NOT NULL, at REAL)")
     assert ddl == "CREATE TABLE e (seq BIGSERIAL PRIMARY KEY, n BIGINT NOT NULL, at DOUBLE PRECISION, rowid BIGSERIAL)"
+
+
+def test_an_owner_lookup_on_postgresql_uses_its_index(postgres, tmp_path):
+    s = Store(tmp_path / "data", postgres())
+    with s.db.transaction():  # one connection: the setting and the plan
+        s.db.execute("SET LOCAL enable_seqscan = off")  # a plan that can use the index must (an empty table)
+        plan = " ".join(r[0] for r in s.db.execute("EXPLAIN SELECT * FROM files WHERE owner IS ? AND bytes > ?",
+                                                   ("o1", 0)))
+    assert "files_by_owner" in plan, plan
+    s.db.close()
 
 
 def test_a_database_url_that_is_not_postgresql_is_refused(tmp_path):

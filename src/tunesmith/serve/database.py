@@ -2,7 +2,8 @@
 postgresql://…``, shared by replicas), behind one small interface that every store module uses.
 
 The SQL is written once, in the dialect both accept (``?`` placeholders, ``ON CONFLICT`` upserts, row values), and
-translated for PostgreSQL by :func:`to_postgres`: ``IS ?`` (equal, NULL included) becomes ``IS NOT DISTINCT FROM``,
+translated for PostgreSQL by :func:`to_postgres`: ``IS ?`` (equal, NULL included) becomes an equality PostgreSQL can
+use an index for,
 ``INSERT OR IGNORE`` an ``ON CONFLICT DO NOTHING``, and a table's DDL gets 64-bit integers and a ``rowid`` column
 (SQLite's implicit insertion order, which the lists order by). The few expressions with no common spelling (a JSON
 field, a metadata match) are methods of the backend. Rows read as SQLite's do: by name and by position.
@@ -175,16 +176,17 @@ class SQLiteDatabase:
 # --- PostgreSQL ---------------------------------------------------------------------------------------------
 
 
-_IS_PARAM = re.compile(r"\bIS\s+NOT\s+\?|\bIS\s+\?")
+_PARAM = re.compile(r"([\w.]+)\s+IS\s+(NOT\s+)?\?|\?")
 _CREATE_TABLE = re.compile(r"^\s*CREATE\s+TABLE\b", re.IGNORECASE)
 
 
 @lru_cache(maxsize=1024)
 def to_postgres(sql: str) -> str:
-    """``sql`` in SQLite's spelling as PostgreSQL (psycopg's ``%s`` placeholders) spells it."""
+    """``sql`` in SQLite's spelling as PostgreSQL spells it, its parameters named ``p0``, ``p1``… in order (psycopg's
+    ``%(p0)s``). ``col IS ?`` (equal, NULL included) becomes ``(col = %(pN)s OR (col IS NULL AND %(pN)s IS NULL))``:
+    PostgreSQL plans each statement with its values, so for a value that is not NULL this is ``col = value`` and
+    uses the column's index, which ``IS NOT DISTINCT FROM`` never does."""
     out = sql.replace("%", "%%")
-    out = _IS_PARAM.sub(lambda m: "IS DISTINCT FROM ?" if "NOT" in m.group(0).upper() else
-                        "IS NOT DISTINCT FROM ?", out)
     if re.match(r"^\s*INSERT\s+OR\s+IGNORE\b", out, re.IGNORECASE):
         out = re.sub(r"^\s*INSERT\s+OR\s+IGNORE\b", "INSERT", out, flags=re.IGNORECASE) + " ON CONFLICT DO NOTHING"
     if _CREATE_TABLE.match(out) or re.match(r"^\s*ALTER\s+TABLE\b", out, re.IGNORECASE):
@@ -193,7 +195,22 @@ def to_postgres(sql: str) -> str:
         out = re.sub(r"\bREAL\b", "DOUBLE PRECISION", out)
     if _CREATE_TABLE.match(out):  # SQLite's implicit insertion order, made a column
         out = out[:out.rindex(")")] + ", rowid BIGSERIAL)"
-    return out.replace("?", "%s")
+    numbers = iter(range(1 << 30))
+
+    def named(m: re.Match) -> str:
+        p = f"%(p{next(numbers)})s"
+        column, negated = m.group(1), m.group(2)
+        if column is None:
+            return p
+        if negated:
+            return f"{column} IS DISTINCT FROM {p}"
+        return f"({column} = {p} OR ({column} IS NULL AND {p} IS NULL))"
+
+    return _PARAM.sub(named, out)
+
+
+def _named(params: Sequence) -> dict:
+    return {f"p{i}": v for i, v in enumerate(params)}
 
 
 def _plain(value):
@@ -242,7 +259,7 @@ class PostgresDatabase:
 
     def execute(self, sql: str, params: Sequence = ()) -> Result:
         with self._connection() as conn, conn.cursor() as cur:
-            cur.execute(to_postgres(sql), tuple(params))
+            cur.execute(to_postgres(sql), _named(params))
             if cur.description is None:
                 return Result([], cur.rowcount)
             names = [d.name for d in cur.description]
@@ -254,7 +271,7 @@ class PostgresDatabase:
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
         if rows:
             with self._connection() as conn, conn.cursor() as cur:
-                cur.executemany(to_postgres(sql), [tuple(r) for r in rows])
+                cur.executemany(to_postgres(sql), [_named(r) for r in rows])
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

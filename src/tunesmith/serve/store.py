@@ -160,7 +160,24 @@ MIGRATIONS: list[tuple[str, Migration]] = [
             owner TEXT NOT NULL, replica TEXT NOT NULL, in_flight INTEGER NOT NULL, seen REAL NOT NULL,
             PRIMARY KEY (owner, replica)
         )"""),
+    # a stored completion's metadata, one row a pair, in its list order (created_at, then the completion's rowid)
+    ("0041_stored_completion_tags", """
+        CREATE TABLE stored_completion_tags (
+            completion_id TEXT NOT NULL, owner TEXT, name TEXT NOT NULL, value TEXT NOT NULL,
+            created_at INTEGER NOT NULL, seq INTEGER NOT NULL
+        )"""),
+    ("0042_stored_completion_tags_by_value",
+     "CREATE INDEX stored_completion_tags_by_value ON stored_completion_tags (owner, name, value, created_at, seq)"),
+    ("0043_stored_completion_tags_by_completion",
+     "CREATE INDEX stored_completion_tags_by_completion ON stored_completion_tags (completion_id, name, value)"),
+    ("0044_stored_completion_tags_kept", lambda db, root: _tag_stored_completions(db, root)),
 ]
+
+
+def _tag_stored_completions(db, root) -> None:
+    from tunesmith.serve.api.stored_completions import tag_stored_completions
+
+    tag_stored_completions(db, root)
 LEASE_S = 30.0  # a claim not renewed for this long is its worker's death: the work is anyone's again
 CLAIMABLE = ("jobs", "batches", "eval_runs")
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")

@@ -5,7 +5,7 @@ data source (:mod:`tunesmith.serve.evals.check`) and a fine-tuning file is made 
 (:func:`training_lines`, ``POST /v1/files/from_stored_completions``): OpenAI's distillation loop, self-hosted.
 
 Rows live in the server's store (migration 0017); another key neither lists nor reaches them (the same 404
-as an id that does not exist). A selection is one SQL query (model, metadata through the database's JSON functions, time,
+as an id that does not exist). A selection is one SQL query (model, metadata through an index of its tags, time,
 cursor, order and limit), so a page of one reads one row; a key keeps at most ``--quota stored_completions``.
 """
 
@@ -36,12 +36,22 @@ class CompletionStore:
         self.db, self.lock = store.db, store.lock
 
     def add(self, owner: str | None, completion: dict, request: dict) -> None:
-        with self.lock:
+        metadata = completion.get("metadata") or {}
+        with self.db.transaction():
             self.db.execute("INSERT INTO stored_completions VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                             "owner = excluded.owner, model = excluded.model, created_at = excluded.created_at, "
                             "metadata = excluded.metadata, request = excluded.request, completion = excluded.completion",
                             (completion["id"], owner, completion["model"], completion["created"],
-                             json.dumps(completion.get("metadata") or {}), json.dumps(request), json.dumps(completion)))
+                             json.dumps(metadata), json.dumps(request), json.dumps(completion)))
+            self._tag(completion["id"], metadata)
+
+    def _tag(self, cid: str, metadata: dict) -> None:
+        """The completion's metadata as rows of ``stored_completion_tags`` (one a key), in its list order: a
+        selection by metadata walks an index of them instead of every row of the key."""
+        row = self.db.execute("SELECT owner, created_at, rowid FROM stored_completions WHERE id = ?", (cid,)).fetchone()
+        self.db.execute("DELETE FROM stored_completion_tags WHERE completion_id = ?", (cid,))
+        self.db.executemany("INSERT INTO stored_completion_tags VALUES (?, ?, ?, ?, ?, ?)", [
+            (cid, row[0], k, v, row[1], row[2]) for k, v in metadata.items() if isinstance(v, str)])
 
     def get(self, cid: str, owner: str | None) -> dict | None:
         row = self.db.execute("SELECT * FROM stored_completions WHERE id = ? AND owner IS ?", (cid, owner)).fetchone()
@@ -51,25 +61,47 @@ class CompletionStore:
                after: str | None = None, order: str = "asc", limit: int | None = None,
                created_after: int | None = None, created_before: int | None = None) -> list[dict]:
         """A key's stored completions in creation order (``asc`` or ``desc``), filtered, in one query that reads
-        no row past ``limit``; ``after`` an id of the previous page (a 400 when it is not one of the key's)."""
-        where, args = ["owner IS ?"], [owner]
+        no row past ``limit``; ``after`` an id of the previous page (a 400 when it is not one of the key's). With
+        metadata, the query walks the index of the rarest pair's tags in list order, each other pair a lookup."""
+        if metadata:
+            (name, value), *others = self._rarest_first(owner, metadata)
+            source, order_by = ("stored_completion_tags t JOIN stored_completions sc ON sc.id = t.completion_id",
+                                ("t.created_at", "t.seq"))
+            where, args = ["t.owner IS ?", "t.name = ?", "t.value = ?"], [owner, name, value]
+            for k, v in others:
+                where.append("EXISTS (SELECT 1 FROM stored_completion_tags u WHERE u.completion_id = sc.id AND "
+                             "u.name = ? AND u.value = ?)")
+                args += [k, v]
+        else:
+            source, order_by = "stored_completions sc", ("sc.created_at", "sc.rowid")
+            where, args = ["sc.owner IS ?"], [owner]
         if model:
-            where, args = [*where, "model = ?"], [*args, model]
+            where, args = [*where, "sc.model = ?"], [*args, model]
         if created_after is not None:
-            where, args = [*where, "created_at >= ?"], [*args, created_after]
+            where, args = [*where, f"{order_by[0]} >= ?"], [*args, created_after]
         if created_before is not None:
-            where, args = [*where, "created_at <= ?"], [*args, created_before]
-        for k, v in (metadata or {}).items():
-            where.append(self.db.json_has_text("stored_completions.metadata"))
-            args += [k, v]
+            where, args = [*where, f"{order_by[0]} <= ?"], [*args, created_before]
         way = "DESC" if order == "desc" else "ASC"
         if after is not None:
-            where, args = [*where, f"(created_at, rowid) {'<' if way == 'DESC' else '>'} (?, ?)"], [
+            where, args = [*where, f"({', '.join(order_by)}) {'<' if way == 'DESC' else '>'} (?, ?)"], [
                 *args, *self._cursor(owner, after)]
-        sql = f"SELECT * FROM stored_completions WHERE {' AND '.join(where)} ORDER BY created_at {way}, rowid {way}"
+        sql = (f"SELECT sc.* FROM {source} WHERE {' AND '.join(where)} "
+               f"ORDER BY {order_by[0]} {way}, {order_by[1]} {way}")
         if limit is not None:
             sql, args = sql + " LIMIT ?", [*args, limit]
         return [_row(r) for r in self.db.execute(sql, args)]
+
+    def _rarest_first(self, owner: str | None, metadata: dict[str, str]) -> list[tuple[str, str]]:
+        """The pairs, the one fewest of the key's completions carry first (counted up to 1,000 in the index), so
+        that the selection walks the shortest list and looks the others up."""
+        if len(metadata) == 1:
+            return list(metadata.items())
+
+        def carried(pair: tuple[str, str]) -> int:
+            return self.db.execute("SELECT COUNT(*) FROM (SELECT 1 FROM stored_completion_tags WHERE owner IS ? AND "
+                                   "name = ? AND value = ? LIMIT 1000) carried", (owner, *pair)).fetchone()[0]
+
+        return sorted(metadata.items(), key=carried)
 
     def _cursor(self, owner: str | None, after: str) -> tuple[int, int]:
         """(created_at, rowid) of the key's stored completion ``after``; a 400 on ``after`` when it is none."""
@@ -81,12 +113,21 @@ class CompletionStore:
         return row[0], row[1]
 
     def set_metadata(self, cid: str, metadata: dict[str, str]) -> None:
-        with self.lock:
+        with self.db.transaction():
             self.db.execute("UPDATE stored_completions SET metadata = ? WHERE id = ?", (json.dumps(metadata), cid))
+            self._tag(cid, metadata)
 
     def delete(self, cid: str) -> None:
-        with self.lock:
+        with self.db.transaction():
+            self.db.execute("DELETE FROM stored_completion_tags WHERE completion_id = ?", (cid,))
             self.db.execute("DELETE FROM stored_completions WHERE id = ?", (cid,))
+
+
+def tag_stored_completions(db, root) -> None:
+    """Migration: the metadata of every stored completion kept before the tags table, as its tags."""
+    rows = db.execute("SELECT id, owner, created_at, rowid, metadata FROM stored_completions").fetchall()
+    db.executemany("INSERT INTO stored_completion_tags VALUES (?, ?, ?, ?, ?, ?)", [
+        (r[0], r[1], k, v, r[2], r[3]) for r in rows for k, v in json.loads(r[4] or "{}").items() if isinstance(v, str)])
 
 
 def _row(row) -> dict | None:

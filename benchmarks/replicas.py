@@ -1,0 +1,118 @@
+"""What replicas on one PostgreSQL cost: the shared limit per request, and a replica's start time and memory.
+
+1. **The shared limit**: a key's place taken and given back ``--requests`` times through
+   :class:`tunesmith.serve.api.rate_limits.KeyLimiter` alone (one server: counted in memory) and with
+   :class:`tunesmith.serve.api.shared_limits.SharedPlaces` on PostgreSQL (replicas: counted over all of them), one
+   after another in one process; prints each way's p50 and p99 per request and the difference. The peer: the same
+   limiter without a database (what a single server pays).
+2. **A replica**: ``tunesmith serve`` started ``--starts`` times on SQLite and on PostgreSQL (the embedded model,
+   builtin engine), the seconds until ``GET /v1/models`` answers and the server's resident memory then.
+
+PostgreSQL is a server of the benchmark's own (tests/pg.py: initdb in a temporary folder, a Unix socket).
+
+    python benchmarks/replicas.py --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.pg import postgres_server  # noqa: E402
+
+
+def percentiles(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    return {"p50_ms": round(statistics.median(xs) * 1000, 3), "p99_ms": round(xs[int(len(xs) * 0.99) - 1] * 1000, 3)}
+
+
+def limit_cost(url: str, n: int) -> dict:
+    from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
+    from tunesmith.serve.api.shared_limits import SharedPlaces
+    from tunesmith.serve.store import Store
+
+    store = Store(Path(tempfile.mkdtemp(prefix="replicas-bench-")), url)
+    out = {}
+    for name, shared in (("in memory (one server)", None), ("over replicas (PostgreSQL)", SharedPlaces(store, "r1"))):
+        limiter = KeyLimiter(KeyLimits(requests=64))
+        limiter.shared = shared
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            ticket = limiter.admit(f"key{i % 4}")
+            ticket.release()
+            times.append(time.perf_counter() - t0)
+        out[name] = percentiles(times)
+    store.db.close()
+    return out
+
+
+def start_cost(url: str | None, starts: int) -> dict:
+    exe = Path(sys.executable).with_name("tunesmith")
+    seconds, rss = [], []
+    for _ in range(starts):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        data = tempfile.mkdtemp(prefix="replicas-start-")
+        env = {**os.environ, "TUNESMITH_API_KEYS": "a,b"} | ({"TUNESMITH_DATABASE": url} if url else {})
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(exe), "serve", "--engine", "builtin", "--data-dir", data, "--port", str(port)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import httpx2 as httpx
+
+        try:
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer a"},
+                                 timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+                if proc.poll() is not None:
+                    raise SystemExit("the server exited")
+            seconds.append(time.perf_counter() - t0)
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            rss.append(int(next(x.split()[1] for x in status.splitlines() if x.startswith("VmRSS:"))) / 1024)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return {"start_s": round(statistics.median(seconds), 2), "rss_mb": round(statistics.median(rss))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--starts", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()}")
+    with postgres_server(("bench",)) as urls:
+        url = urls["bench"]
+        limits = limit_cost(url, args.requests)
+        for name, r in limits.items():
+            print(f"a place taken and given back, {name}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms")
+        a, b = limits.values()
+        print(f"the shared limit adds {b['p50_ms'] - a['p50_ms']:.3f} ms at the median, "
+              f"{b['p99_ms'] - a['p99_ms']:.3f} ms at p99")
+        starts = {"sqlite": start_cost(None, args.starts), "postgresql": start_cost(url, args.starts)}
+        for name, r in starts.items():
+            print(f"tunesmith serve on {name}: ready in {r['start_s']} s, {r['rss_mb']} MB resident")
+    if args.out:
+        args.out.write_text(json.dumps({"limits": limits, "starts": starts, "requests": args.requests}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
