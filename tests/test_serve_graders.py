@@ -252,6 +252,6 @@ def test_runs_a_stopped_server_left_are_failed_on_restart(tmp_path):
     ev = evals.add_eval("k1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
     run = evals.add_run("k1", ev["id"], name="r", model="m", data_source={}, metadata=None)
     evals.update_run(run["id"], status="in_progress")
-    EvalStore(Store(tmp_path)).fail_interrupted()
+    Store(tmp_path).fail_abandoned_eval_runs(everyone=True)  # the restarted server, alone on its SQLite store
     again = evals.get_run(ev["id"], run["id"])
     assert again["status"] == "failed" and again["error"]["code"] == "server_restarted"

@@ -200,3 +200,20 @@ def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch
     with pytest.raises(APIError) as err:  # the database gone: refused and said, never counted per replica
         one.take("k", 3)
     assert err.value.status == 503 and err.value.body["code"] == "limits_unavailable"
+
+
+def test_eval_runs_a_dead_replica_held_are_failed_and_live_ones_kept(store, monkeypatch):
+    import tunesmith.serve.store as store_module
+    from tunesmith.serve.evals.store import EvalStore
+
+    evals = EvalStore(store)
+    ev = evals.add_eval("o1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
+    runs = [evals.add_run("o1", ev["id"], name=f"r{i}", model="m", data_source={}, metadata=None) for i in range(2)]
+    for run, holder in zip(runs, ("alive", "dead"), strict=True):
+        evals.update_run(run["id"], status="in_progress")
+        assert store.claim("eval_runs", run["id"], holder)
+    now = store_module.time.time()
+    monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.LEASE_S + 1)  # "dead" stopped renewing
+    assert store.renew("eval_runs", [runs[0]["id"]], "alive") == set()
+    assert store.fail_abandoned_eval_runs() == 1
+    assert [evals.get_run(ev["id"], r["id"])["status"] for r in runs] == ["in_progress", "failed"]

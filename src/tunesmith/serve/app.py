@@ -110,10 +110,8 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from tunesmith.serve.evals.store import EvalStore
-
         app.state.engine = engine or make_engine(settings)
-        EvalStore(app.state.store).fail_interrupted(everyone=app.state.store.db.kind == "sqlite")
+        app.state.store.fail_abandoned_eval_runs(everyone=app.state.store.db.kind == "sqlite")
         from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
 
         for name, target in settings.model_aliases.items():

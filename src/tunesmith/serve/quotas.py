@@ -229,9 +229,7 @@ def sweep(store, now: float | None = None, quotas: Quotas | None = None) -> dict
 
 def _fail_interrupted_runs(store) -> int:
     """Eval runs whose replica died (their claim not renewed), failed with the reason."""
-    from tunesmith.serve.evals.store import EvalStore
-
-    return EvalStore(store).fail_interrupted()
+    return store.fail_abandoned_eval_runs()
 
 
 def _expire_uploads(store, now: int) -> int:

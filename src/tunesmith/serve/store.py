@@ -20,11 +20,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.serve.database import PostgresDatabase, SQLiteDatabase, open_database
-from tunesmith.serve.keys import is_owner_id, owner_id, server_secret
+from tunesmith.serve.migrations import MIGRATIONS
 
 Database = SQLiteDatabase | PostgresDatabase
 log = logging.getLogger("tunesmith.serve")
@@ -35,149 +34,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-def owners_as_ids(db, root: Path) -> None:
-    """Every ``owner`` column of every table, rewritten from the raw API key an older version stored to its owner
-    id; NULL (no keys) and values that already are owner ids are left alone."""
-    secret = server_secret(root)
-    for table in db.tables():
-        if "owner" not in db.columns(table):
-            continue
-        raw = [r[0] for r in db.execute(f'SELECT DISTINCT owner FROM "{table}" WHERE owner IS NOT NULL')]
-        for key in (k for k in raw if not is_owner_id(k)):
-            db.execute(f'UPDATE "{table}" SET owner = ? WHERE owner = ?', (owner_id(secret, key), key))
-
-
-Migration = str | Callable[[Database, Path], None]
-MIGRATIONS: list[tuple[str, Migration]] = [
-    ("0001_files", """
-        CREATE TABLE files (
-            id TEXT PRIMARY KEY, owner TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL,
-            bytes INTEGER NOT NULL, created_at INTEGER NOT NULL, storage TEXT NOT NULL
-        )"""),
-    ("0002_jobs", """
-        CREATE TABLE jobs (
-            id TEXT PRIMARY KEY, owner TEXT, model TEXT NOT NULL, training_file TEXT NOT NULL,
-            validation_file TEXT, suffix TEXT, seed INTEGER NOT NULL, method TEXT NOT NULL,
-            metadata TEXT, status TEXT NOT NULL, error TEXT, fine_tuned_model TEXT,
-            created_at INTEGER NOT NULL, finished_at INTEGER, trained_tokens INTEGER,
-            result_files TEXT NOT NULL DEFAULT '[]', run_dir TEXT, control TEXT
-        )"""),
-    ("0003_events", """
-        CREATE TABLE events (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
-            created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
-            data TEXT, dedup_key TEXT NOT NULL, UNIQUE (job_id, dedup_key)
-        )"""),
-    ("0004_checkpoints", """
-        CREATE TABLE checkpoints (
-            id TEXT PRIMARY KEY, job_id TEXT NOT NULL, step_number INTEGER NOT NULL, created_at INTEGER NOT NULL,
-            metrics TEXT NOT NULL, path TEXT NOT NULL, fine_tuned_model_checkpoint TEXT NOT NULL,
-            UNIQUE (job_id, step_number)
-        )"""),
-    ("0005_job_queue_index", "CREATE INDEX jobs_status ON jobs (status, created_at)"),
-    ("0006_evals", """
-        CREATE TABLE evals (
-            id TEXT PRIMARY KEY, owner TEXT, name TEXT NOT NULL, data_source_config TEXT NOT NULL,
-            testing_criteria TEXT NOT NULL, metadata TEXT, created_at INTEGER NOT NULL
-        )"""),
-    ("0007_eval_runs", """
-        CREATE TABLE eval_runs (
-            id TEXT PRIMARY KEY, eval_id TEXT NOT NULL, owner TEXT, name TEXT NOT NULL, model TEXT NOT NULL,
-            status TEXT NOT NULL, data_source TEXT NOT NULL, metadata TEXT, error TEXT, result_counts TEXT,
-            per_testing_criteria_results TEXT, per_model_usage TEXT, created_at INTEGER NOT NULL
-        )"""),
-    ("0008_eval_output_items", """
-        CREATE TABLE eval_output_items (
-            id TEXT PRIMARY KEY, run_id TEXT NOT NULL, eval_id TEXT NOT NULL, item_index INTEGER NOT NULL,
-            status TEXT NOT NULL, datasource_item TEXT NOT NULL, results TEXT NOT NULL, sample TEXT NOT NULL,
-            created_at INTEGER NOT NULL, UNIQUE (run_id, item_index)
-        )"""),
-    ("0009_job_integrations", "ALTER TABLE jobs ADD COLUMN integrations TEXT"),
-    ("0010_job_estimated_finish", "ALTER TABLE jobs ADD COLUMN estimated_finish INTEGER"),
-    ("0011_job_model_deleted", "ALTER TABLE jobs ADD COLUMN model_deleted INTEGER NOT NULL DEFAULT 0"),
-    ("0012_eval_updated_at", "ALTER TABLE evals ADD COLUMN updated_at REAL"),  # NULL: never updated (created_at)
-    ("0013_responses", """
-        CREATE TABLE responses (
-            id TEXT PRIMARY KEY, owner TEXT, created_at INTEGER NOT NULL, messages TEXT NOT NULL, response TEXT NOT NULL
-        )"""),
-    ("0014_uploads", """
-        CREATE TABLE uploads (
-            id TEXT PRIMARY KEY, owner TEXT, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
-            mime_type TEXT NOT NULL, status TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
-            file_id TEXT
-        )"""),
-    ("0015_upload_parts", """
-        CREATE TABLE upload_parts (
-            id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, created_at INTEGER NOT NULL, bytes INTEGER NOT NULL,
-            storage TEXT NOT NULL
-        )"""),
-    ("0016_job_parent_model", "ALTER TABLE jobs ADD COLUMN parent_model TEXT"),  # the ft: model a job continues
-    ("0017_stored_completions", """
-        CREATE TABLE stored_completions (
-            id TEXT PRIMARY KEY, owner TEXT, model TEXT NOT NULL, created_at INTEGER NOT NULL, metadata TEXT NOT NULL,
-            request TEXT NOT NULL, completion TEXT NOT NULL
-        )"""),
-    ("0018_stored_completions_index", "CREATE INDEX stored_completions_by_owner ON stored_completions (owner, created_at)"),
-    ("0019_batches", """
-        CREATE TABLE batches (
-            id TEXT PRIMARY KEY, owner TEXT, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
-            completion_window TEXT NOT NULL, status TEXT NOT NULL, metadata TEXT, errors TEXT, model TEXT,
-            output_file_id TEXT, error_file_id TEXT, total INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL,
-            in_progress_at INTEGER, expires_at INTEGER, finalizing_at INTEGER, completed_at INTEGER, failed_at INTEGER,
-            expired_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER
-        )"""),
-    ("0020_batch_results", """
-        CREATE TABLE batch_results (
-            batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL, status_code INTEGER NOT NULL,
-            body TEXT NOT NULL, PRIMARY KEY (batch_id, line)
-        )"""),
-    ("0021_owners_as_keyed_hashes", owners_as_ids),
-    # per-key quotas count with these (tunesmith.serve.quotas); a file may expire (NULL: kept until deleted)
-    ("0022_files_by_owner", "CREATE INDEX files_by_owner ON files (owner, bytes)"),
-    ("0023_file_expires_at", "ALTER TABLE files ADD COLUMN expires_at INTEGER"),
-    ("0024_uploads_by_owner", "CREATE INDEX uploads_by_owner ON uploads (owner, status)"),
-    ("0025_responses_by_owner", "CREATE INDEX responses_by_owner ON responses (owner)"),
-    ("0026_stored_completions_by_model",
-     "CREATE INDEX stored_completions_by_model ON stored_completions (owner, model, created_at)"),
-    ("0027_batches_by_owner", "CREATE INDEX batches_by_owner ON batches (owner, status)"),
-    ("0028_evals_by_owner", "CREATE INDEX evals_by_owner ON evals (owner)"),
-    ("0029_eval_runs_by_owner", "CREATE INDEX eval_runs_by_owner ON eval_runs (owner)"),
-    ("0030_upload_file_expires", "ALTER TABLE uploads ADD COLUMN file_expires_s INTEGER"),  # its file's expires_after
-    # a batch's answers are appended to its output and error files; the lengths recorded with each answered line
-    ("0031_batch_output_bytes", "ALTER TABLE batches ADD COLUMN output_bytes INTEGER NOT NULL DEFAULT 0"),
-    ("0032_batch_error_bytes", "ALTER TABLE batches ADD COLUMN error_bytes INTEGER NOT NULL DEFAULT 0"),
-    ("0033_batch_output_expires", "ALTER TABLE batches ADD COLUMN output_expires_s INTEGER"),  # output_expires_after
-    # work claimed, not owned: the worker or replica running a job, a batch or an eval run, until its lease ends
-    ("0034_job_claims", "ALTER TABLE jobs ADD COLUMN claimed_by TEXT"),
-    ("0035_job_leases", "ALTER TABLE jobs ADD COLUMN lease_until REAL"),
-    ("0036_batch_claims", "ALTER TABLE batches ADD COLUMN claimed_by TEXT"),
-    ("0037_batch_leases", "ALTER TABLE batches ADD COLUMN lease_until REAL"),
-    ("0038_eval_run_claims", "ALTER TABLE eval_runs ADD COLUMN claimed_by TEXT"),
-    ("0039_eval_run_leases", "ALTER TABLE eval_runs ADD COLUMN lease_until REAL"),
-    # a key's requests in flight on each replica (tunesmith.serve.api.shared_limits; PostgreSQL only)
-    ("0040_key_places", """
-        CREATE TABLE key_places (
-            owner TEXT NOT NULL, replica TEXT NOT NULL, in_flight INTEGER NOT NULL, seen REAL NOT NULL,
-            PRIMARY KEY (owner, replica)
-        )"""),
-    # a stored completion's metadata, one row a pair, in its list order (created_at, then the completion's rowid)
-    ("0041_stored_completion_tags", """
-        CREATE TABLE stored_completion_tags (
-            completion_id TEXT NOT NULL, owner TEXT, name TEXT NOT NULL, value TEXT NOT NULL,
-            created_at INTEGER NOT NULL, seq INTEGER NOT NULL
-        )"""),
-    ("0042_stored_completion_tags_by_value",
-     "CREATE INDEX stored_completion_tags_by_value ON stored_completion_tags (owner, name, value, created_at, seq)"),
-    ("0043_stored_completion_tags_by_completion",
-     "CREATE INDEX stored_completion_tags_by_completion ON stored_completion_tags (completion_id, name, value)"),
-    ("0044_stored_completion_tags_kept", lambda db, root: _tag_stored_completions(db, root)),
-]
-
-
-def _tag_stored_completions(db, root) -> None:
-    from tunesmith.serve.api.stored_completions import tag_stored_completions
-
-    tag_stored_completions(db, root)
 LEASE_S = 30.0  # a claim not renewed for this long is its worker's death: the work is anyone's again
 CLAIMABLE = ("jobs", "batches", "eval_runs")
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
@@ -446,6 +302,18 @@ class Store:
         return {r[0] for r in self.db.execute(
             f"SELECT id FROM {_claimable(table)} WHERE claimed_by IS NOT NULL AND claimed_by != ? AND lease_until >= ?",
             (worker, time.time()))}
+
+    def fail_abandoned_eval_runs(self, everyone: bool = False) -> int:
+        """Eval runs a stopped server or replica left queued or in progress, failed with the reason (a run lives in
+        the replica that started it, which holds its claim until it ends): those no live replica holds, or with
+        ``everyone`` (the only server of a SQLite store, starting) all of them. Returns how many."""
+        error = json.dumps({"code": "server_restarted", "message": "the server stopped during this run; create "
+                            "the run again"})
+        sql, args = "UPDATE eval_runs SET status = 'failed', error = ? WHERE status IN ('queued', 'in_progress')", [error]
+        if not everyone:
+            sql, args = sql + " AND (claimed_by IS NULL OR lease_until < ?)", [error, time.time()]
+        with self.lock:
+            return self.db.execute(sql, args).rowcount
 
     # --- events and checkpoints ------------------------------------------------------------------
 

@@ -123,13 +123,6 @@ class CompletionStore:
             self.db.execute("DELETE FROM stored_completions WHERE id = ?", (cid,))
 
 
-def tag_stored_completions(db, root) -> None:
-    """Migration: the metadata of every stored completion kept before the tags table, as its tags."""
-    rows = db.execute("SELECT id, owner, created_at, rowid, metadata FROM stored_completions").fetchall()
-    db.executemany("INSERT INTO stored_completion_tags VALUES (?, ?, ?, ?, ?, ?)", [
-        (r[0], r[1], k, v, r[2], r[3]) for r in rows for k, v in json.loads(r[4] or "{}").items() if isinstance(v, str)])
-
-
 def _row(row) -> dict | None:
     if row is None:
         return None

@@ -85,19 +85,6 @@ class EvalStore:
             sql, args = sql + " AND status = ?", [*args, status]
         return [_row(r) for r in self.db.execute(f"{sql} ORDER BY created_at {way}, rowid {way}", args)]
 
-    def fail_interrupted(self, everyone: bool = False) -> int:
-        """Runs a stopped server or replica left queued or in progress, failed with the reason (a run lives in the
-        replica that started it, which holds its claim while it runs): those no live replica holds, or with
-        ``everyone`` (the only server of a SQLite store, starting) all of them. Returns how many."""
-        error = json.dumps({"code": "server_restarted", "message": "the server stopped during this run; create "
-                            "the run again"})
-        sql = "UPDATE eval_runs SET status = 'failed', error = ? WHERE status IN ('queued', 'in_progress')"
-        args: tuple = (error,)
-        if not everyone:
-            sql, args = sql + " AND (claimed_by IS NULL OR lease_until < ?)", (error, time.time())
-        with self.lock:
-            return self.db.execute(sql, args).rowcount
-
     def update_run(self, rid: str, **fields) -> None:
         self._update("eval_runs", rid, fields)
 
