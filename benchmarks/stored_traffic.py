@@ -93,7 +93,7 @@ def measure(store, queries: int, rng: random.Random) -> dict:
     out = {}
     for name, pick in cases.items():
         out[name] = {"ours": timed(lambda p=pick: ours.select(KEY, p(), limit=20), queries),
-                     "peer": timed(lambda p=pick: peer_select(store, p()), max(3, queries // 10))}
+                     "peer": timed(lambda p=pick: peer_select(store, p()), max(3, queries // 50))}
     out["page 21, no filter"] = {"ours": timed(lambda: ours.select(KEY, after=deep, limit=20), queries),
                                  "peer": timed(lambda: peer_select(store, {}, after=cursor), queries)}
     return out
