@@ -299,4 +299,7 @@ def test_a_keys_batches_are_bounded_and_their_output_expires_as_asked(tiny_model
             time.sleep(0.2)
         out = a.files.retrieve(a.batches.retrieve(first.id).output_file_id)
         assert out.expires_at == out.created_at + 7200
-        a.batches.cancel(second.id)
+        try:
+            a.batches.cancel(second.id)  # frees the key's quota (or it already ended, which frees it too)
+        except openai.ConflictError:
+            assert a.batches.retrieve(second.id).status == "completed"

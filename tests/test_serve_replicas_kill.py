@@ -1,4 +1,4 @@
-"""A replica killed with SIGKILL mid-batch, mid-job and mid-upload: the other replica on the same PostgreSQL and data
+"""A replica frozen, then killed with SIGKILL, mid-batch, mid-job and mid-upload: the other replica on the same PostgreSQL and data
 folder finishes all three, nothing lost or done twice. Real `tunesmith serve` processes, the official client."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
         training = one.files.create(file=("t.jsonl", chat_lines(banking_rows(["card_arrival", "lost_or_stolen_card"],
                                                                                 12)[:24])), purpose="fine-tune")
         job = one.fine_tuning.jobs.create(model=model, training_file=training.id, method={
-            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 2}}})
+            "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}})
         lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
             "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 64,
             "temperature": 0}}) + "\n" for i in range(80))
@@ -84,15 +84,16 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
         owner = owner_id(server_secret(data_dir), KEY)
         wait_for(lambda: any(e["type"] == "metrics" for e in store.events(job.id)), 180, "the job's first step")
         wait_for(lambda: one.batches.retrieve(batch.id).request_counts.completed >= 1, 120, "the batch's first line")
+        os.killpg(proc1.pid, signal.SIGSTOP)  # frozen mid-work (server and worker) while replica two starts
+        stopped_at = time.time()
         with replica(tiny_model_dir, data_dir, database, tmp_path / "r2.log") as (url2, _):
             two = openai.OpenAI(base_url=url2, api_key=KEY, max_retries=0, timeout=60)
+            assert two.batches.retrieve(batch.id).status == "in_progress"  # still mid-batch when killed
+            assert two.fine_tuning.jobs.retrieve(job.id).status == "running"  # still mid-job
             holders = {store.get_job(job.id, owner)["claimed_by"],
                        store.db.execute("SELECT claimed_by FROM batches WHERE id = ?", (batch.id,)).fetchone()[0]}
             assert all(h and f":{proc1.pid}:" in h or _worker_of(h, proc1.pid) for h in holders), holders
-            assert two.batches.retrieve(batch.id).status == "in_progress"  # still mid-batch when killed
-            assert two.fine_tuning.jobs.retrieve(job.id).status == "running"  # still mid-job
             os.killpg(proc1.pid, signal.SIGKILL)
-            killed_at = time.time()
             proc1.wait()
 
             second = two.uploads.parts.create(upload.id, data=content[100:])
@@ -114,7 +115,10 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
             steps = Counter(e["data"]["step"] for e in events if e["type"] == "metrics")
             assert set(steps.values()) == {1}, steps  # every step reported once
             assert any("resumed" in e["message"] or "restarted" in e["message"] for e in events)
-            assert time.time() - killed_at >= LEASE_S * 0.9  # taken over only once the dead replica's lease ran out
+            # taken over only once the dead replica's lease ran out: its last renewal came at most a third of a lease
+            # before it was frozen
+            resumed = [e for e in events if "resumed" in e["message"] or "restarted" in e["message"]]
+            assert min(e["created_at"] for e in resumed) >= stopped_at + LEASE_S * 2 / 3 - 1, (stopped_at, resumed)
             assert two.chat.completions.create(model=ended.fine_tuned_model, messages=[
                 {"role": "user", "content": "my card"}], max_tokens=4).choices[0].message is not None
         store.db.close()

@@ -39,12 +39,14 @@ class BatchRunner:
         self.in_flight: dict[str, set[asyncio.Task]] = {}
         self.event: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
+        self.stopping = False
 
     def start(self) -> None:
         self.event = asyncio.Event()
         self.task = asyncio.ensure_future(self._loop())
 
     def stop(self) -> None:
+        self.stopping = True  # what fails from here on is the server stopping (its lanes closed), not the batch
         if self.task is not None:
             self.task.cancel()
 
@@ -105,6 +107,9 @@ class BatchRunner:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
+            if self.stopping:  # stays in progress: the next start goes on from its recorded lines
+                log.info("batch %s stopped with the server (%s)", batch["id"], exc)
+                return
             log.exception("batch %s failed", batch["id"])
             self.batches.update(batch["id"], errors=[{"code": "batch_failed", "message": str(exc)[:500]}])
             self.batches.mark(batch["id"], "failed")
