@@ -337,3 +337,21 @@ def postgres(tmp_path_factory):
             return urls["postgres_admin"].replace("/postgres_admin?", f"/{name}?")
 
         yield new_database
+
+
+def wait_serving(url: str, key: str, proc, log: Path, timeout: float = 180) -> None:
+    """Until ``GET <url>/models`` with ``key`` answers 200 (``proc``, a `tunesmith serve`, still running; its
+    ``log``'s end in the failure otherwise)."""
+    import time
+
+    import httpx2 as httpx
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)

@@ -17,6 +17,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from .conftest import wait_serving
+
 KEYS = ("key-a", "key-b")
 
 
@@ -37,15 +39,7 @@ def served(model: Path, data_dir: Path, *args: str):
                             env={**os.environ, "TUNESMITH_API_KEYS": ",".join(KEYS)})
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEYS[1]}"}, timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, (data_dir.parent / f"serve-{port}.log").read_text()[-3000:]
-            time.sleep(0.3)
+        wait_serving(url, KEYS[1], proc, data_dir.parent / f"serve-{port}.log")
         yield url, proc
     finally:
         proc.kill()

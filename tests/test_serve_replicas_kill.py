@@ -13,13 +13,12 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 
 from tunesmith.serve.keys import owner_id, server_secret
 from tunesmith.serve.store import LEASE_S, Store
 
-from .conftest import banking_rows, chat_lines
+from .conftest import banking_rows, chat_lines, wait_serving
 from .test_serve_hostile import _free_port
 
 KEY = "replica-key"
@@ -37,15 +36,7 @@ def replica(model: Path, data_dir: Path, database: str, log: Path):
                                 env={**os.environ, "TUNESMITH_API_KEYS": KEY, "TUNESMITH_DATABASE": database})
         url = f"http://127.0.0.1:{port}/v1"
         try:
-            deadline = time.time() + 180
-            while True:
-                try:
-                    if httpx.get(f"{url}/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-                time.sleep(0.3)
+            wait_serving(url, KEY, proc, log)
             yield url, proc
         finally:
             if proc.poll() is None:
