@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.pg import postgres_server  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from noisy_neighbour import MODEL  # noqa: E402
+from serving_engines import Served  # noqa: E402
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -58,37 +61,17 @@ def limit_cost(url: str, n: int) -> dict:
 
 
 def start_cost(url: str | None, starts: int) -> dict:
-    exe = Path(sys.executable).with_name("tunesmith")
+    """``tunesmith serve`` (the embedded model, built-in engine) started ``starts`` times on SQLite (``url`` None)
+    or on PostgreSQL: seconds until ``/v1/models`` answers and resident memory then, the medians."""
     seconds, rss = [], []
     for _ in range(starts):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        data = tempfile.mkdtemp(prefix="replicas-start-")
-        env = {**os.environ, "TUNESMITH_API_KEYS": "a,b"} | ({"TUNESMITH_DATABASE": url} if url else {})
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([str(exe), "serve", "--engine", "builtin", "--data-dir", data, "--port", str(port)],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import httpx2 as httpx
-
+        server = Served("builtin", MODEL, [], Path(tempfile.mkdtemp(prefix="replicas-start-")),
+                        env={"TUNESMITH_DATABASE": url} if url else None)
         try:
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer a"},
-                                 timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-                if proc.poll() is not None:
-                    raise SystemExit("the server exited")
-            seconds.append(time.perf_counter() - t0)
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            rss.append(int(next(x.split()[1] for x in status.splitlines() if x.startswith("VmRSS:"))) / 1024)
+            seconds.append(server.startup_s)
+            rss.append(server.rss() / 2**20)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            server.stop()
     return {"start_s": round(statistics.median(seconds), 2), "rss_mb": round(statistics.median(rss))}
 
 

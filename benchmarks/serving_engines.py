@@ -57,12 +57,14 @@ def free_port() -> int:
 class Served:
     """One `tunesmith serve` process: started, timed to its first /v1/models answer, its tree's CPU and memory."""
 
-    def __init__(self, engine: str, model: str, adapters: list[str], data_dir: Path, extra: tuple[str, ...] = ()):
+    def __init__(self, engine: str, model: str, adapters: list[str], data_dir: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "tunesmith", "serve", "--engine", engine, "--model", model, "--port",
                str(self.port), "--data-dir", str(data_dir), *[a for x in adapters for a in ("--adapter", x)], *extra]
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "serve.log", "wb"))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(data_dir / "serve.log", "wb"),
+                                     env=None if env is None else {**os.environ, **env})
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.peak_rss = 0
         self.sampling = True
@@ -96,10 +98,14 @@ class Served:
                 pass
         return total
 
+    def rss(self) -> int:
+        """Resident bytes of the server and its children now (the jobs worker left out)."""
+        return sum(p.memory_info().rss for p in self.processes())
+
     def _sample(self) -> None:
         while self.sampling:
             try:
-                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self.processes()))
+                self.peak_rss = max(self.peak_rss, self.rss())
             except psutil.NoSuchProcess:
                 pass
             time.sleep(0.5)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +26,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from replicas import percentiles  # noqa: E402
 
 from tests.pg import postgres_server  # noqa: E402
 
@@ -56,11 +58,18 @@ def fill(store, rows: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
+PEER_MATCH = {  # a metadata pair matched in the row's JSON, as the selection did before the tags table
+    "sqlite": "EXISTS (SELECT 1 FROM json_each(stored_completions.metadata) m WHERE m.key = ? AND m.type = 'text' "
+              "AND m.value = ?)",
+    "postgresql": "((stored_completions.metadata)::jsonb -> ?) = to_jsonb(?::text)",
+}
+
+
 def peer_select(store, metadata: dict, after=None, limit: int = 20) -> list:
     """The selection before the tags table: every row of the key, its metadata read by the JSON functions."""
     where, args = ["owner IS ?"], [KEY]
     for k, v in metadata.items():
-        where.append(store.db.json_has_text("stored_completions.metadata"))
+        where.append(PEER_MATCH[store.db.kind])
         args += [k, v]
     if after is not None:
         where.append("(created_at, rowid) > (?, ?)")
@@ -75,8 +84,7 @@ def timed(fn, n: int) -> dict:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"p50_ms": round(statistics.median(times) * 1000, 2), "p99_ms": round(times[max(0, int(n * 0.99) - 1)] * 1000, 2)}
+    return percentiles(times)
 
 
 def measure(store, queries: int, rng: random.Random) -> dict:

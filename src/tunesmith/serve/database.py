@@ -3,10 +3,9 @@ postgresql://…``, shared by replicas), behind one small interface that every s
 
 The SQL is written once, in the dialect both accept (``?`` placeholders, ``ON CONFLICT`` upserts, row values), and
 translated for PostgreSQL by :func:`to_postgres`: ``IS ?`` (equal, NULL included) becomes an equality PostgreSQL can
-use an index for,
-``INSERT OR IGNORE`` an ``ON CONFLICT DO NOTHING``, and a table's DDL gets 64-bit integers and a ``rowid`` column
-(SQLite's implicit insertion order, which the lists order by). The few expressions with no common spelling (a JSON
-field, a metadata match) are methods of the backend. Rows read as SQLite's do: by name and by position.
+use an index for, ``INSERT OR IGNORE`` an ``ON CONFLICT DO NOTHING``, and a table's DDL gets 64-bit integers and a
+``rowid`` column (SQLite's implicit insertion order, which the lists order by). The one expression with no common spelling (a JSON
+field) is a method of the backend. Rows read as SQLite's do: by name and by position.
 
 PostgreSQL is reached through psycopg 3 and its connection pool: the store's SQL is plain, hand-written and small,
 so a driver (rather than an ORM or SQLAlchemy's expression language) keeps each query as readable as it is today.
@@ -15,6 +14,7 @@ so a driver (rather than an ORM or SQLAlchemy's expression language) keeps each 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import sqlite3
@@ -163,12 +163,6 @@ class SQLiteDatabase:
         """SQL for the top-level field ``name`` (one of ours, never a caller's) of ``column``, a JSON object."""
         return f"json_extract({column}, '$.{_identifier(name)}')"
 
-    @staticmethod
-    def json_has_text(column: str) -> str:
-        """SQL true when ``column`` (a JSON object) has the next parameter as a key whose value is the text of the
-        parameter after."""
-        return (f"EXISTS (SELECT 1 FROM json_each({column}) m WHERE m.key = ? AND m.type = 'text' AND m.value = ?)")
-
     def close(self) -> None:
         self.db.close()
 
@@ -195,7 +189,7 @@ def to_postgres(sql: str) -> str:
         out = re.sub(r"\bREAL\b", "DOUBLE PRECISION", out)
     if _CREATE_TABLE.match(out):  # SQLite's implicit insertion order, made a column
         out = out[:out.rindex(")")] + ", rowid BIGSERIAL)"
-    numbers = iter(range(1 << 30))
+    numbers = itertools.count()
 
     def named(m: re.Match) -> str:
         p = f"%(p{next(numbers)})s"
@@ -233,11 +227,9 @@ class PostgresDatabase:
 
     def __init__(self, url: str, max_connections: int = 16):
         try:
-            import psycopg
             from psycopg_pool import ConnectionPool
         except ImportError as exc:
             raise DatabaseError("--database postgresql://… needs psycopg: pip install 'tunesmith[postgresql]'") from exc
-        self._psycopg = psycopg
         self.url, self.local = url, threading.local()
         self.lock = threading.RLock()  # the stores' own (SQLite-shaped) write lock; PostgreSQL needs none of it
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False,
@@ -308,10 +300,6 @@ class PostgresDatabase:
     @staticmethod
     def json_field(column: str, name: str) -> str:
         return f"(({column})::jsonb ->> '{_identifier(name)}')"
-
-    @staticmethod
-    def json_has_text(column: str) -> str:
-        return f"((({column})::jsonb -> ?) = to_jsonb(?::text))"
 
     def close(self) -> None:
         self.pool.close()

@@ -10,7 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
-from tunesmith.serve.api.auth import bearer_of, owner_of
+from tunesmith.serve.api.auth import OWNER_SCOPE, bearer_of, owner_of
 
 INLINE_BYTES = 256 * 1024  # a body this short is parsed where it is read
 
@@ -25,7 +25,7 @@ class OffLoopJSON(APIRoute):
             if _json_body(request):
                 body = await request.body()
                 if len(body) > INLINE_BYTES:
-                    owner = request.scope.get("tunesmith.owner") or owner_of(request.app, bearer_of(request.scope))
+                    owner = request.scope.get(OWNER_SCOPE) or owner_of(request.app, bearer_of(request.scope))
                     request._json = await request.app.state.lanes.files.run(owner, parsed, body)  # Starlette's cache
             return await handler(request)
 
