@@ -164,5 +164,9 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0043_stored_completion_tags_by_completion",
      "CREATE INDEX stored_completion_tags_by_completion ON stored_completion_tags (completion_id, name, value)"),
     ("0044_stored_completion_tags_kept", tag_stored_completions),
+    # a model resolved by name on any replica (tunesmith.serve.api.served_models), a key's jobs listed
+    ("0045_jobs_by_model", "CREATE INDEX jobs_by_model ON jobs (fine_tuned_model)"),
+    ("0046_jobs_by_owner", "CREATE INDEX jobs_by_owner ON jobs (owner, status, created_at)"),
+    ("0047_checkpoints_by_model", "CREATE INDEX checkpoints_by_model ON checkpoints (fine_tuned_model_checkpoint)"),
 ]
 
