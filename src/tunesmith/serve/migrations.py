@@ -168,5 +168,11 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0045_jobs_by_model", "CREATE INDEX jobs_by_model ON jobs (fine_tuned_model)"),
     ("0046_jobs_by_owner", "CREATE INDEX jobs_by_owner ON jobs (owner, status, created_at)"),
     ("0047_checkpoints_by_model", "CREATE INDEX checkpoints_by_model ON checkpoints (fine_tuned_model_checkpoint)"),
+    # the tokens a key's requests asked for, per whole second, summed over the sliding minute by every replica
+    # (tunesmith.serve.api.shared_limits; PostgreSQL only)
+    ("0048_key_tokens", """
+        CREATE TABLE key_tokens (
+            owner TEXT NOT NULL, bucket INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (owner, bucket)
+        )"""),
 ]
 
