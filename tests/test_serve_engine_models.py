@@ -1,5 +1,5 @@
 """The served model names under threads: the event loop lists and resolves them while worker threads load and delete
-fine-tunes (``sync_adapters`` from plan-building threads, ``DELETE /v1/models`` off the loop). On the built-in engine
+fine-tunes (resolved by name from planning threads, ``DELETE /v1/models`` off the loop). On the built-in engine
 with real LoRA adapters: no reader ever meets a half-changed registry, a fine-tune added by several threads at
 once is loaded once, deleted by several at once is unloaded once, and what is left is exactly what was served."""
 

@@ -25,18 +25,19 @@ KEY = "replica-key"
 
 
 @contextmanager
-def replica(model: Path, data_dir: Path, database: str, log: Path):
+def replica(model: Path, data_dir: Path, database: str, log: Path, keys: tuple[str, ...] = (KEY,), *more: str):
     """`tunesmith serve` on ``database`` in a process group of its own; yields (its /v1 URL, its process)."""
     port = _free_port()
     exe = Path(sys.executable).with_name("tunesmith")
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--data-dir", str(data_dir), "--port",
-                                 str(port), "--engine", "builtin", "--batch-concurrency", "1"], stdout=out,
+                                 str(port), "--engine", "builtin", "--batch-concurrency", "1", *more], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "TUNESMITH_API_KEYS": KEY, "TUNESMITH_DATABASE": database})
+                                env={**os.environ, "TUNESMITH_API_KEYS": ",".join(keys),
+                                     "TUNESMITH_DATABASE": database})
         url = f"http://127.0.0.1:{port}/v1"
         try:
-            wait_serving(url, KEY, proc, log)
+            wait_serving(url, keys[0], proc, log)
             yield url, proc
         finally:
             if proc.poll() is None:

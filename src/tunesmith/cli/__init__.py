@@ -261,6 +261,9 @@ def serve(
     request_timeout: Annotated[float, typer.Option(min=1, help="Seconds a generation may run (then it stops "
                                                    "with finish_reason length).")] = 300.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Generations decoded together at each step.")] = 64,
+    fine_tunes_loaded: Annotated[int, typer.Option(min=1, help="Fine-tuned models kept loaded at once; past it the "
+                                                   "least recently used is unloaded (and loaded again by name from "
+                                                   "the store at its next request).")] = 8,
     max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body in MB (uploads excepted); "
                                              "larger ones get a 413.")] = 16,
     batch_concurrency: Annotated[int | None, typer.Option(min=1, help="A batch's requests in flight at once "
@@ -315,7 +318,7 @@ def serve(
     common.quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
                              database=database, max_tokens=max_tokens, request_timeout_s=request_timeout,
-                             max_batch=max_batch, docs=docs,
+                             max_batch=max_batch, fine_tunes_loaded=fine_tunes_loaded, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
                              vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,

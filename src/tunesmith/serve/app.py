@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ class ServeSettings:
     max_body_mb: int = 16  # any other request's body (413 past it: tunesmith.serve.api.body_limit)
     max_tokens: int = 4096  # the most tokens one request may generate (also capped by the context left)
     request_timeout_s: float = 300.0  # a generation still running then stops with finish_reason "length"
+    fine_tunes_loaded: int = 8  # fine-tunes kept loaded per replica; the least recently used past it evicted
     docs: bool | None = None  # /docs and /openapi.json; None: on only when no API keys are set
     allow_random_model: bool = False  # serve a random:<arch> model (random weights) anyway
     allow_python_graders: bool | None = None  # run callers' python graders; None: only when no API keys are set
@@ -111,6 +113,10 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = engine or make_engine(settings)
+        from tunesmith.serve.api.served_models import ServedModels
+
+        app.state.models = ServedModels(app.state.engine, app.state.store, settings.fine_tunes_loaded,
+                                        in_use_s=settings.request_timeout_s)
         app.state.store.fail_abandoned_eval_runs(everyone=app.state.store.db.kind == "sqlite")
         from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
 
@@ -161,11 +167,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         from tunesmith.serve.api.shared_limits import SharedPlaces
 
         app.state.limiter.shared = SharedPlaces(app.state.store, app.state.replica)
-    app.state.model_owners = {}  # fine-tuned model id -> the API key whose job made it
-    app.state.model_parents = {}  # a fine-tune continued from another -> that fine-tune (models.list's parent)
     app.state.trainable_models = lambda: {settings.model}
-    app.state.sync_adapters = lambda: sync_adapters(app)
-    app.state.serve_checkpoint = lambda name, key: serve_checkpoint(app, name, key)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -231,39 +233,15 @@ ADAPTER_WATCH_S = 2.0
 
 
 async def watch_adapters(app: FastAPI) -> None:
-    """Load each fine-tune into the engine within seconds of its job succeeding (not at its first request)."""
+    """Load each new fine-tune into the engine within seconds of its job succeeding (on any replica), so its first
+    request does not wait for vLLM's load; later ones are resolved by name at their first request."""
+    since = int(time.time())
     while True:
         await asyncio.sleep(ADAPTER_WATCH_S)
         try:
-            sync_adapters(app)
-        except Exception:  # noqa: BLE001 - a failed load is retried at the next look and logged
+            since = await asyncio.to_thread(app.state.models.preload, since)
+        except Exception:  # noqa: BLE001 - a failed load is retried at the model's next request and logged
             logging.getLogger("tunesmith.serve").exception("loading a fine-tune into the engine failed")
-
-
-def sync_adapters(app: FastAPI) -> None:
-    """Serve the adapter of every succeeded job that the engine does not know yet."""
-    engine = app.state.engine
-    known = set(engine.model_ids())
-    for job in app.state.store.all_jobs():
-        name = job.get("fine_tuned_model")
-        if job["status"] == "succeeded" and name and name not in known and job.get("run_dir") and not job["model_deleted"]:
-            adapter = Path(job["run_dir"]) / "train" / "adapter"
-            if adapter.is_dir():
-                app.state.model_owners[name] = job["owner"]
-                if job.get("parent_model"):
-                    app.state.model_parents[name] = job["parent_model"]
-                engine.add_adapter(name, adapter)
-
-
-def serve_checkpoint(app: FastAPI, name: str, key: str | None) -> bool:
-    """Load the checkpoint whose ``fine_tuned_model_checkpoint`` id is ``name`` when it belongs to ``key`` and
-    its folder is still kept; True when it is now served."""
-    ckpt = app.state.store.checkpoint_by_model(name)
-    if ckpt is None or ckpt["owner"] != key or not Path(ckpt["path"]).is_dir():
-        return False
-    app.state.model_owners[name] = key
-    app.state.engine.add_adapter(name, ckpt["path"])
-    return True
 
 
 def _version() -> str:

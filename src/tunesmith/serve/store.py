@@ -376,6 +376,18 @@ class Store:
             return self.get_job(ckpt["job_id"], owner), Path(ckpt["path"])
         return None
 
+    def fine_tunes_of(self, owner: str | None) -> list[dict]:
+        """``owner``'s fine-tuned models that are served: succeeded jobs whose model is not deleted, oldest first."""
+        return [_job(r) for r in self.db.execute(
+            "SELECT * FROM jobs WHERE owner IS ? AND status = 'succeeded' AND fine_tuned_model IS NOT NULL "
+            "AND model_deleted = 0 ORDER BY created_at, rowid", (owner,))]
+
+    def fine_tunes_since(self, since: int) -> list[dict]:
+        """Fine-tuned models whose jobs succeeded at or after ``since``, the newest first."""
+        return [_job(r) for r in self.db.execute(
+            "SELECT * FROM jobs WHERE status = 'succeeded' AND finished_at >= ? AND fine_tuned_model IS NOT NULL "
+            "AND model_deleted = 0 ORDER BY finished_at DESC", (since,))]
+
     def job_by_model(self, name: str) -> dict | None:
         """The job that made the fine-tuned model ``name`` (any owner: the caller checks)."""
         row = self.db.execute("SELECT * FROM jobs WHERE fine_tuned_model = ?", (name,)).fetchone()

@@ -76,16 +76,21 @@ Key = Annotated[str | None, Depends(api_key)]
 
 
 def visible_models(request: Request, key: str | None) -> list[str]:
-    """The base model and command-line adapters, plus the fine-tuned models of this owner's own jobs."""
-    request.app.state.sync_adapters()
-    owners, shared = request.app.state.model_owners, object()  # one lookup each: another thread may delete a model
-    return [m for m in request.app.state.engine.model_ids() if (owner := owners.get(m, shared)) is shared or owner == key]
+    """The base model and command-line adapters, plus this owner's own fine-tunes (from the store: the same on every
+    replica)."""
+    return request.app.state.models.listed(key)
 
 
-def engine_for(request: Request, model: str, key: str | None):
-    """The engine serving ``model`` to ``key``; a 404 in OpenAI's shape when it is not served to this key."""
-    models = visible_models(request, key)
-    if model not in models and not request.app.state.serve_checkpoint(model, key):
+async def engine_for(request: Request, model: str, key: str | None):
+    """The engine serving ``model`` to ``key``, the fine-tune found by name and loaded on first use (in the planning
+    lane: a store lookup and maybe a load, never on the event loop); a 404 in OpenAI's shape when it is not served
+    to this key."""
+    models = request.app.state.models
+
+    def served() -> list[str] | None:  # None: served; otherwise what this key may ask instead
+        return None if models.resolve(model, key) else models.listed(key)
+
+    if (available := await request.app.state.lanes.plan.run(key, served)) is not None:
         raise APIError(404, f"The model '{model}' does not exist or you do not have access to it. "
-                       f"Available: {', '.join(models)}", param="model", code="model_not_found")
+                       f"Available: {', '.join(available)}", param="model", code="model_not_found")
     return request.app.state.engine

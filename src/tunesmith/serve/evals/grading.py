@@ -36,10 +36,13 @@ def checked_grader(request: Request, key: str | None, grader: object, param: str
 class ServedBackend:
     """Chat replies from the server's engine, asked from a worker thread (grading runs off the event loop)."""
 
-    def __init__(self, engine, loop: asyncio.AbstractEventLoop, timeout_s: float = 600.0):
+    def __init__(self, engine, loop: asyncio.AbstractEventLoop, timeout_s: float = 600.0, resolve=None):
         self.engine, self.loop, self.timeout_s = engine, loop, timeout_s
+        self.resolve = resolve  # model -> whether it is served (a fine-tune loaded on first use), or None
 
     def chat_many(self, model: str, conversations: Sequence[list[dict]], sampling: dict) -> list[ModelReply]:
+        if self.resolve is not None and not self.resolve(model):
+            return [ModelReply(None, f"the model {model!r} is no longer served (deleted)")] * len(conversations)
         limit = sampling.get("max_completions_tokens") or sampling.get("max_completion_tokens") or MAX_GRADER_TOKENS
         params = GenParams(min(int(limit), self.engine.context_length), float(sampling.get("temperature") or 0.0),
                            float(sampling.get("top_p") or 1.0), (), sampling.get("seed"))
@@ -53,7 +56,9 @@ class ServedBackend:
                 else ModelReply(a[0].text, None, a[0].prompt_tokens, a[0].completion_tokens) for a in answers]
 
 
-def grading_context(request: Request) -> Context:
-    """Model graders answered by the served models; python graders under the server's limits."""
-    backend = ServedBackend(request.app.state.engine, asyncio.get_running_loop())
+def grading_context(request: Request, key: str | None) -> Context:
+    """Model graders answered by the models served to ``key``; python graders under the server's limits."""
+    models = request.app.state.models
+    backend = ServedBackend(request.app.state.engine, asyncio.get_running_loop(),
+                            resolve=lambda model: models.resolve(model, key))
     return Context(backends=lambda model: backend, limits=request.app.state.settings.grader_limits)
