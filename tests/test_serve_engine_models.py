@@ -95,3 +95,51 @@ def test_adding_and_deleting_fine_tunes_from_threads_while_the_models_are_listed
         assert engine.model_ids() == [engine.base_name]
     finally:
         engine.close()
+
+
+class JobsSeam:
+    """The store's model lookups (the seam ServedModels reads): succeeded jobs by fine-tuned model name."""
+
+    def __init__(self, jobs: dict[str, dict]):
+        self.jobs = jobs
+
+    def job_by_model(self, name: str) -> dict | None:
+        return self.jobs.get(name)
+
+    def checkpoint_by_model(self, name: str) -> None:
+        return None
+
+    def fine_tunes_of(self, owner) -> list[dict]:
+        return [j for j in self.jobs.values() if j["owner"] == owner and not j["model_deleted"]]
+
+
+def test_fine_tunes_load_on_first_use_and_the_least_recently_used_is_evicted(tiny_model_dir, adapter_dir, tmp_path):
+    from tunesmith.serve.api.served_models import ServedModels
+
+    jobs = {}
+    for i, name in enumerate(NAMES):
+        run = tmp_path / f"run{i}"
+        (run / "train").mkdir(parents=True)
+        (run / "train" / "adapter").symlink_to(adapter_dir)
+        jobs[name] = {"fine_tuned_model": name, "owner": "k1", "status": "succeeded", "model_deleted": 0,
+                      "run_dir": str(run), "parent_model": None}
+    engine = Engine(str(tiny_model_dir), {}, max_batch=2, wait_ms=1)
+    try:
+        models = ServedModels(engine, JobsSeam(jobs), capacity=2, in_use_s=0.0)
+        assert models.listed("k1") == [engine.base_name, *NAMES]  # listed from the store, none loaded yet
+        assert engine.model_ids() == [engine.base_name]
+        assert not models.resolve(NAMES[0], "k2")  # another key's: refused, not loaded
+        assert engine.model_ids() == [engine.base_name]
+        for name in NAMES[:3]:
+            assert models.resolve(name, "k1")
+        assert set(engine.model_ids()) == {engine.base_name, NAMES[1], NAMES[2]}  # the first one evicted
+        assert models.resolve(NAMES[1], "k1")  # used again: now the most recent
+        assert models.resolve(NAMES[0], "k1")  # loaded again by name; the least recently used (2) goes
+        assert set(engine.model_ids()) == {engine.base_name, NAMES[0], NAMES[1]}
+        jobs[NAMES[0]]["model_deleted"] = 1  # deleted through another replica
+        assert not models.resolve(NAMES[0], "k1") and NAMES[0] not in engine.model_ids()
+        busy = ServedModels(engine, JobsSeam(jobs), capacity=1, in_use_s=3600.0)
+        assert busy.resolve(NAMES[2], "k1") and busy.resolve(NAMES[3], "k1")
+        assert {NAMES[2], NAMES[3]} <= set(engine.model_ids())  # asked within the request timeout: never evicted
+    finally:
+        engine.close()

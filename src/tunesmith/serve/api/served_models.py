@@ -88,8 +88,12 @@ class ServedModels:
         with self.lock:
             if name not in self.owners:
                 self._make_room()
-                self.engine.add_adapter(name, folder)
-                self.owners = {**self.owners, name: owner}
+                self.owners = {**self.owners, name: owner}  # first: a reader never takes it for a fixed model
+                try:
+                    self.engine.add_adapter(name, folder)
+                except BaseException:
+                    self.owners = {k: v for k, v in self.owners.items() if k != name}
+                    raise
                 if parent:
                     self.parents[name] = parent
                 log.info("serving fine-tune %s from %s", name, folder)
