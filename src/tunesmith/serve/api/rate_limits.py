@@ -7,7 +7,7 @@ Set with ``tunesmith serve --requests-per-key`` and ``--tokens-per-minute-per-ke
 ``ServeSettings.limits_per_key``). The engines share their batch round robin over keys either way
 (:meth:`tunesmith.serve.engines.interface.InferenceEngine.submit`); the limits bound what one key can make the batch
 hold at all. Everything here runs on the event loop. With replicas on one PostgreSQL a key's requests in flight
-are counted over all of them (:mod:`tunesmith.serve.api.shared_limits`); tokens a minute stay each replica's.
+and its tokens a minute are counted over all of them (:mod:`tunesmith.serve.api.shared_limits`).
 """
 
 from __future__ import annotations
@@ -159,22 +159,37 @@ class KeyLimiter:
         self.typical_s[key] = held_s if before is None else 0.8 * before + 0.2 * held_s
 
     def charge(self, key: str | None, tokens: int) -> None:
+        """``tokens`` counted against ``key``'s minute, or a 429 when they would take it past its limit. With
+        replicas the store's sum over all of them decides (a 503 when it cannot be reached), and the key's window
+        it read is kept here for the headers."""
         limit = self.limits.tokens_per_minute
         if limit is None:
             return
+        if self.shared is not None:
+            charged, seconds = self.shared.spend(key, tokens, limit, WINDOW_S)
+            now = self.clock()
+            self.spent[key] = window = deque((now - age, n) for age, n in seconds)
+            if not charged:
+                raise self._over(key, window, sum(n for _, n in window), tokens, limit)
+            return
         window = self._window(key)
         used = sum(n for _, n in window)
-        if tokens > limit:
-            raise self._refusal(key, "tokens", f"this request asks for {tokens} tokens (prompt and max_tokens), more "
-                                f"than the {limit} a minute allowed; lower max_tokens", WINDOW_S)
         if used + tokens > limit:
-            wait = self._until_room(window, used + tokens - limit)
-            raise self._refusal(key, "tokens", f"{used} of {limit} tokens a minute used; this request asks for "
-                                f"{tokens}", wait)
+            raise self._over(key, window, used, tokens, limit)
         window.append((self.clock(), tokens))
 
+    def _over(self, key: str | None, window: deque, used: int, tokens: int, limit: int) -> APIError:
+        """The 429 of a request whose ``tokens`` would take ``key``'s minute (``used`` of ``limit``) past it."""
+        if tokens > limit:
+            return self._refusal(key, "tokens", f"this request asks for {tokens} tokens (prompt and max_tokens), "
+                                 f"more than the {limit} a minute allowed; lower max_tokens", WINDOW_S)
+        wait = self._until_room(window, used + tokens - limit)
+        return self._refusal(key, "tokens", f"{used} of {limit} tokens a minute used; this request asks for "
+                             f"{tokens}", wait)
+
     def headers(self, key: str | None) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for ``key`` now (only the limits that are on)."""
+        """OpenAI's x-ratelimit-* headers for ``key`` now (only the limits that are on). With replicas, its tokens
+        are those of the window read at this replica's last charge of the key (a request's own answer: its own)."""
         out = {}
         if self.limits.requests is not None:
             out |= {"x-ratelimit-limit-requests": str(self.limits.requests),

@@ -1,12 +1,23 @@
-"""A key's requests in flight counted over every replica sharing one PostgreSQL (``--database``), so that
-``--requests-per-key N`` means N for the platform, not N per replica.
+"""A key's requests in flight and tokens a minute counted over every replica sharing one PostgreSQL
+(``--database``), so that ``--requests-per-key N`` and ``--tokens-per-minute-per-key T`` mean N and T for the
+platform, not per replica.
 
 Each replica keeps one row per key (``key_places``: the key, the replica, its requests in flight, when last seen).
 A request takes a place in one short transaction that waits for the key's advisory lock, adds the live rows of every
 replica and counts itself only while the sum is under the limit; its end gives the place back. A replica renews its
 rows' ``seen`` every third of :data:`tunesmith.serve.store.LEASE_S`, so a replica that died stops counting once its
-lease has run out. When the database cannot be reached the request is refused with a 503 that says so: a limit
-never falls back to counting per replica in silence. On SQLite (one server) none of this runs.
+lease has run out.
+
+A key's tokens are kept per whole second (``key_tokens``: the key, the second, the tokens its requests asked for
+then, whichever replica served them). Once a request is planned (its prompt counted, after it took its place),
+its tokens are charged in one short transaction under the key's advisory lock for tokens (apart from its places'
+lock, so that a charge never waits for another request's place): PostgreSQL adds the key's seconds of the sliding
+minute and counts the request only while the sum stays within the limit. A second counts until the minute after
+its end has passed, so a request's tokens hold the key's minute up to one second longer than on one server, never
+shorter. Each replica's renewal deletes seconds long past.
+
+When the database cannot be reached the request is refused with a 503 that says so: a limit never falls back to
+counting per replica in silence. On SQLite (one server) none of this runs.
 """
 
 from __future__ import annotations
@@ -20,10 +31,12 @@ from tunesmith.serve.store import LEASE_S
 
 log = logging.getLogger("tunesmith.serve")
 NO_KEY = ""  # the owner of a server without keys
+TOKENS_KEPT_S = 120.0  # a key's seconds of tokens older than this are deleted (the limit reads the last minute)
 
 
 class SharedPlaces:
-    """Places of keys' requests in flight in the store's ``key_places`` table, as ``replica``."""
+    """Places of keys' requests in flight (the store's ``key_places``), as ``replica``, and keys' tokens a minute
+    (``key_tokens``)."""
 
     def __init__(self, store, replica: str):
         self.db, self.replica = store.db, replica
@@ -48,6 +61,26 @@ class SharedPlaces:
         except Exception as exc:  # noqa: BLE001 - the database's error, said as the server's
             raise unreachable(exc) from exc
 
+    def spend(self, owner: str | None, tokens: int, limit: int, window_s: float) -> tuple[bool, list[tuple[float, int]]]:
+        """``tokens`` charged to ``owner`` if its tokens of the last ``window_s`` seconds, over all replicas, stay
+        within ``limit`` with them. Returns whether they were, and the key's window then: (seconds since each
+        second ended, its tokens), oldest first; the second being charged ends in the future (a negative age)."""
+        now, key = time.time(), owner or NO_KEY
+        oldest = now - window_s - 1  # a second counts while the minute after its end has not passed
+        try:
+            with self.db.transaction():
+                self.db.serialize(f"key_tokens:{key}")
+                charged = self.db.execute(
+                    "INSERT INTO key_tokens (owner, bucket, tokens) SELECT ?, ?, ? WHERE ? + (SELECT COALESCE("
+                    "SUM(tokens), 0) FROM key_tokens WHERE owner = ? AND bucket > ?) <= ? ON CONFLICT (owner, bucket) "
+                    "DO UPDATE SET tokens = key_tokens.tokens + excluded.tokens",
+                    (key, int(now), tokens, tokens, key, oldest, limit)).rowcount == 1
+                rows = self.db.execute("SELECT bucket, tokens FROM key_tokens WHERE owner = ? AND bucket > ? "
+                                       "ORDER BY bucket", (key, oldest)).fetchall()
+        except Exception as exc:  # noqa: BLE001 - the database's error, said as the server's
+            raise unreachable(exc, "tokens a minute") from exc
+        return charged, [(now - (second + 1), int(n)) for second, n in rows]
+
     def give_back(self, owner: str | None) -> None:
         try:
             self.db.execute("UPDATE key_places SET in_flight = CASE WHEN in_flight > 0 THEN in_flight - 1 ELSE 0 END, "
@@ -55,15 +88,21 @@ class SharedPlaces:
         except Exception:  # noqa: BLE001 - the place stays counted until this replica's rows are renewed or go
             log.exception("could not give back a place of a key's requests in flight")
 
+    def renew(self) -> None:
+        """This replica's rows marked alive; rows of replicas long dead and keys' seconds of tokens past
+        :data:`TOKENS_KEPT_S` deleted."""
+        now = time.time()
+        self.db.execute("UPDATE key_places SET seen = ? WHERE replica = ?", (now, self.replica))
+        self.db.execute("DELETE FROM key_places WHERE seen < ?", (now - 10 * LEASE_S,))  # long dead
+        self.db.execute("DELETE FROM key_tokens WHERE bucket < ?", (now - TOKENS_KEPT_S,))
+
     def start(self) -> None:
-        """This replica's rows renewed every third of a lease (in a thread), its stale rows from an earlier run of
-        the same replica id cannot exist (each start is a new id)."""
+        """:meth:`renew` every third of a lease, in a thread (stale rows from an earlier run of the same replica id
+        cannot exist: each start is a new id)."""
         def beat():
             while not self.stop.wait(LEASE_S / 3):
                 try:
-                    now = time.time()
-                    self.db.execute("UPDATE key_places SET seen = ? WHERE replica = ?", (now, self.replica))
-                    self.db.execute("DELETE FROM key_places WHERE seen < ?", (now - 10 * LEASE_S,))  # long dead
+                    self.renew()
                 except Exception:  # noqa: BLE001 - retried at the next beat; requests meanwhile say it
                     log.exception("could not renew this replica's places of keys' requests")
 
@@ -78,7 +117,7 @@ class SharedPlaces:
             pass
 
 
-def unreachable(exc: Exception) -> APIError:
-    return APIError(503, "The server cannot reach its database to count this key's requests across replicas, and "
+def unreachable(exc: Exception, what: str = "requests in flight") -> APIError:
+    return APIError(503, f"The server cannot reach its database to count this key's {what} across replicas, and "
                     f"refuses rather than count them per replica ({type(exc).__name__}). Retry shortly.",
                     type_="server_error", code="limits_unavailable", headers={"retry-after": "2"})
