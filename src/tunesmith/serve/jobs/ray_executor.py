@@ -23,7 +23,7 @@ from tunesmith.errors import ConfigError
 from tunesmith.serve.database import database_url
 from tunesmith.serve.engines.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
 from tunesmith.serve.jobs.worker import job_error, run_or_fail
-from tunesmith.serve.store import Store
+from tunesmith.serve.store import LEASE_S, Store, worker_id
 
 log = logging.getLogger("tunesmith.worker")
 RETRIES = 3  # times Ray starts a job again after its worker process or node died
@@ -95,8 +95,11 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
 
 
 def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None:
+    """Claim jobs in the store (as the jobs worker does: on PostgreSQL every replica's dispatcher takes from one
+    queue, never the same job twice) and hand each to Ray; the claims of the jobs Ray runs are renewed every third of
+    a lease and let go when their tasks end, so that a dead dispatcher's jobs are claimed again by a live one."""
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(run_job_task)
-    running: dict = {}  # object ref -> job id
+    me, running, renewed = worker_id(), {}, time.monotonic()  # running: object ref -> job id
     while not stop.is_set():
         done, _ = ray.wait(list(running), num_returns=len(running), timeout=0) if running else ([], [])
         for ref in done:
@@ -109,7 +112,12 @@ def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None
                 store.update_job(job_id, status="failed", finished_at=int(time.time()), control=None, error=error)
                 store.add_event(job_id, f"Fine-tuning job failed: {error['message'][:500]}", level="error",
                                 dedup_key="failed")
-        job = store.next_job(jobs_per_key, held=frozenset(running.values()))
+            store.release("jobs", job_id, me)
+        if time.monotonic() - renewed > LEASE_S / 3:
+            for lost in store.renew("jobs", list(running.values()), me):
+                log.warning("job %s: claim lost to another dispatcher", lost)
+            renewed = time.monotonic()
+        job = store.claim_job(me, jobs_per_key)  # never sole: the jobs Ray runs are this dispatcher's claims
         if job is not None:
             need = job_resources(store, job, ray.cluster_resources())
             running[task.options(**need).remote(str(store.root), job["id"])] = job["id"]
