@@ -112,10 +112,10 @@ class ServedModels:
 
     def preload(self, since: int) -> int:
         """Load the fine-tunes whose jobs succeeded at or after ``since`` (a Unix time), newest first, up to the
-        capacity, so their first request does not wait for the load; returns the newest finish time seen."""
+        capacity, so their first request does not wait for the load; returns where the next look starts."""
         newest = since
         for job in self.store.fine_tunes_since(since)[: self.capacity]:
-            newest = max(newest, job["finished_at"] or since)
+            newest = max(newest, (job["finished_at"] or since) + 1)  # a later one of the same second: at first use
             self.resolve(job["fine_tuned_model"], job["owner"])
         return newest
 
