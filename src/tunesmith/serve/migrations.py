@@ -1,6 +1,14 @@
 """The store's schema: named migrations in order, each SQL (in the dialect both backends take,
 :mod:`tunesmith.serve.database`) or a Python step called with the database and the data folder inside the same
 transaction. A database is brought up to date when a :class:`tunesmith.serve.store.Store` opens it.
+
+Replicas on one PostgreSQL are upgraded one at a time, so the release before keeps running on a release's schema.
+The rule: a release's migrations only add (tables, indexes, columns that are nullable or have a default); a table or
+column is dropped or renamed only in a release after the one whose code stopped using it. A Python step that rewrites
+or copies rows sees only the rows there when it runs, not what a replica of the release before writes afterwards:
+a release with one is upgraded with every replica stopped (docs/serve.md, upgrades one replica at a time). On
+PostgreSQL a table's ``rowid`` comes before the columns added to it later, so an INSERT into such a table names its
+columns.
 """
 
 from __future__ import annotations
