@@ -316,19 +316,20 @@ def validate_upload(path: Path, count_tokens=None) -> list[str]:
         first = None
     dpo = isinstance(first, dict) and "preferred_output" in first
     if is_prompt_row(first):  # reinforcement prompts, unless the file is a chat file with a few answers missing
-        prompts = _problems(validate_reinforcement(Path(path), count_tokens))
+        prompts = upload_problems(validate_reinforcement(Path(path), count_tokens))
         if not prompts:
             return []
     v = (validate_dpo if dpo else validate_chat)(Path(path), count_tokens)
     if v.n == 0 and not v.errors:
         return ["empty_file: the file has no examples"]
-    problems = _problems(v)
+    problems = upload_problems(v)
     if is_prompt_row(first):
         problems.append("read as reinforcement prompts (messages that end before the answer): " + "; ".join(prompts))
     return problems
 
 
-def _problems(v: Validation) -> list[str]:
+def upload_problems(v: Validation) -> list[str]:
+    """Each error kind of ``v`` as an upload's problem (:func:`_problem`), as the server refuses a file with them."""
     return [_problem(kind, n, v.error_lines.get(kind, [])) for kind, n in v.errors.items()]
 
 

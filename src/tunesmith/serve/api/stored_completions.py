@@ -2,7 +2,7 @@
 does, so that an app's traffic to any served model becomes data: list (by ``metadata``, ``model``, ``after``,
 ``limit``, ``order``), retrieve, read the request's messages, update the metadata, delete. Evals read them as a
 data source (:mod:`tunesmith.serve.evals.check`) and a fine-tuning file is made from a filtered set
-(:func:`training_lines`, ``POST /v1/files/from_stored_completions``): OpenAI's distillation loop, self-hosted.
+(:func:`training_example`, ``POST /v1/files/from_stored_completions``): OpenAI's distillation loop, self-hosted.
 
 Rows live in the server's store (migration 0017); another key neither lists nor reaches them (the same 404
 as an id that does not exist). A selection is one SQL query (model, metadata through an index of its tags, time,
@@ -12,6 +12,7 @@ cursor, order and limit), so a page of one reads one row; a key keeps at most ``
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -26,6 +27,8 @@ from tunesmith.serve.store import Store
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 MAX_LIST = 100
+PAGE = 1_000  # rows a walk over a large selection (a distilled file, an eval's source) reads at a time
+MAX_COUNTED = 100_000  # tags counted for one metadata pair, at most, to choose the pair a selection walks
 MAX_TIME = 2**63 - 1  # SQLite's largest integer: a Unix time filter past it is a 400, not an overflow
 
 
@@ -63,45 +66,94 @@ class CompletionStore:
         """A key's stored completions in creation order (``asc`` or ``desc``), filtered, in one query that reads
         no row past ``limit``; ``after`` an id of the previous page (a 400 when it is not one of the key's). With
         metadata, the query walks the index of the rarest pair's tags in list order, each other pair a lookup."""
-        if metadata:
-            (name, value), *others = self._rarest_first(owner, metadata)
-            source, order_by = ("stored_completion_tags t JOIN stored_completions sc ON sc.id = t.completion_id",
-                                ("t.created_at", "t.seq"))
-            where, args = ["t.owner IS ?", "t.name = ?", "t.value = ?"], [owner, name, value]
-            for k, v in others:
-                where.append("EXISTS (SELECT 1 FROM stored_completion_tags u WHERE u.completion_id = sc.id AND "
-                             "u.name = ? AND u.value = ?)")
-                args += [k, v]
-        else:
-            source, order_by = "stored_completions sc", ("sc.created_at", "sc.rowid")
-            where, args = ["sc.owner IS ?"], [owner]
-        if model:
-            where, args = [*where, "sc.model = ?"], [*args, model]
-        if created_after is not None:
-            where, args = [*where, f"{order_by[0]} >= ?"], [*args, created_after]
-        if created_before is not None:
-            where, args = [*where, f"{order_by[0]} <= ?"], [*args, created_before]
+        place = None if after is None else self._cursor(owner, after)
+        pairs = self._rarest_first(owner, metadata) if metadata else []
+        return [row for row, _ in self._page(owner, pairs, model, place, order, limit, created_after, created_before)]
+
+    def walk(self, owner: str | None, metadata: dict[str, str] | None = None, model: str | None = None,
+             limit: int | None = None, created_after: int | None = None, created_before: int | None = None,
+             page: int = PAGE) -> Iterator[dict]:
+        """:meth:`select`'s rows in ascending order, read ``page`` at a time (each page one query resuming after
+        the last row's place in the list), so that a selection of 100,000 holds one page in memory, not all."""
+        pairs = self._rarest_first(owner, metadata) if metadata else []
+        place, left = None, limit
+        while left is None or left > 0:
+            size = page if left is None else min(page, left)
+            rows = self._page(owner, pairs, model, place, "asc", size, created_after, created_before)
+            yield from (row for row, _ in rows)
+            if len(rows) < size:
+                return
+            place = rows[-1][1]  # the last row's place: where the next page starts
+            left = None if left is None else left - size
+
+    def _page(self, owner: str | None, pairs: list[tuple[str, str]], model: str | None, place: tuple | None,
+              order: str, limit: int | None, created_after: int | None,
+              created_before: int | None) -> list[tuple[dict, tuple[int, int]]]:
+        """Rows of the selection after ``place`` (their list order: created_at, then rowid), each with its place.
+
+        With metadata the page's ids are chosen first, in a subquery over the first pair's tags with its own
+        ``ORDER BY … LIMIT``: the index (owner, name, value, created_at, seq) yields them in list order and the walk
+        stops at ``limit``, every other filter a lookup by the tag's completion; only the page's rows are then read.
+        The owner is compared with ``=`` (``IS NULL`` without keys), never ``IS ?``: PostgreSQL's generic plan of a
+        prepared statement (psycopg prepares a query run five times) cannot drop the NULL branch of ``IS ?`` and
+        would sort every tag row of a common value before the ``LIMIT``."""
         way = "DESC" if order == "desc" else "ASC"
-        if after is not None:
-            where, args = [*where, f"({', '.join(order_by)}) {'<' if way == 'DESC' else '>'} (?, ?)"], [
-                *args, *self._cursor(owner, after)]
-        sql = (f"SELECT sc.* FROM {source} WHERE {' AND '.join(where)} "
-               f"ORDER BY {order_by[0]} {way}, {order_by[1]} {way}")
+        if pairs:
+            (name, value), *others = pairs
+            at, seq = "t.created_at", "t.seq"
+            where, args = [_owner_is("t", owner), "t.name = ?", "t.value = ?"], [*_owner_arg(owner), name, value]
+            for k, v in others:
+                where.append("EXISTS (SELECT 1 FROM stored_completion_tags u WHERE u.completion_id = t.completion_id "
+                             "AND u.name = ? AND u.value = ?)")
+                args += [k, v]
+            if model:
+                where.append("EXISTS (SELECT 1 FROM stored_completions m WHERE m.id = t.completion_id AND m.model = ?)")
+                args.append(model)
+        else:
+            at, seq = "sc.created_at", "sc.rowid"
+            where, args = [_owner_is("sc", owner)], _owner_arg(owner)
+            if model:
+                where, args = [*where, "sc.model = ?"], [*args, model]
+        if created_after is not None:
+            where, args = [*where, f"{at} >= ?"], [*args, created_after]
+        if created_before is not None:
+            where, args = [*where, f"{at} <= ?"], [*args, created_before]
+        if place is not None:
+            where, args = [*where, f"({at}, {seq}) {'<' if way == 'DESC' else '>'} (?, ?)"], [*args, *place]
+        sql = f"WHERE {' AND '.join(where)} ORDER BY {at} {way}, {seq} {way}"
         if limit is not None:
             sql, args = sql + " LIMIT ?", [*args, limit]
-        return [_row(r) for r in self.db.execute(sql, args)]
+        if pairs:
+            sql = (f"SELECT sc.*, page.created_at AS list_at, page.seq AS list_seq FROM (SELECT t.completion_id, "
+                   f"t.created_at, t.seq FROM stored_completion_tags t {sql}) page JOIN stored_completions sc ON "
+                   f"sc.id = page.completion_id ORDER BY page.created_at {way}, page.seq {way}")
+        else:
+            sql = f"SELECT sc.*, sc.created_at AS list_at, sc.rowid AS list_seq FROM stored_completions sc {sql}"
+        return [_placed(r) for r in self.db.execute(sql, args)]
 
     def _rarest_first(self, owner: str | None, metadata: dict[str, str]) -> list[tuple[str, str]]:
-        """The pairs, the one fewest of the key's completions carry first (counted up to 1,000 in the index), so
-        that the selection walks the shortest list and looks the others up."""
+        """The pairs, the one fewest of the key's completions carry first, so that the selection walks the
+        shortest list and looks the others up. Each pair's tags are counted in the index up to a cap, and never
+        past one more than the fewest counted so far; when every pair reaches the cap the cap grows tenfold (up to
+        :data:`MAX_COUNTED`), so that a pair carried 1,062 times is told from one carried 95,000 times (a cap
+        alone would tie them) while no count reads much past the rarest pair's list."""
         if len(metadata) == 1:
             return list(metadata.items())
 
-        def carried(pair: tuple[str, str]) -> int:
-            return self.db.execute("SELECT COUNT(*) FROM (SELECT 1 FROM stored_completion_tags WHERE owner IS ? AND "
-                                   "name = ? AND value = ? LIMIT 1000) carried", (owner, *pair)).fetchone()[0]
+        def carried(pair: tuple[str, str], most: int) -> int:
+            return self.db.execute(f"SELECT COUNT(*) FROM (SELECT 1 FROM stored_completion_tags t WHERE "
+                                   f"{_owner_is('t', owner)} AND t.name = ? AND t.value = ? LIMIT ?) carried",
+                                   (*_owner_arg(owner), *pair, most)).fetchone()[0]
 
-        return sorted(metadata.items(), key=carried)
+        cap, counts = 1_000, {}
+        while True:
+            fewest = cap
+            for pair in metadata.items():
+                counts[pair] = carried(pair, min(cap, fewest + 1))
+                fewest = min(fewest, counts[pair])
+            if fewest < cap or cap >= MAX_COUNTED:
+                return sorted(metadata.items(), key=counts.__getitem__)
+            cap *= 10
 
     def _cursor(self, owner: str | None, after: str) -> tuple[int, int]:
         """(created_at, rowid) of the key's stored completion ``after``; a 400 on ``after`` when it is none."""
@@ -121,6 +173,23 @@ class CompletionStore:
         with self.db.transaction():
             self.db.execute("DELETE FROM stored_completion_tags WHERE completion_id = ?", (cid,))
             self.db.execute("DELETE FROM stored_completions WHERE id = ?", (cid,))
+
+
+def _owner_is(table: str, owner: str | None) -> str:
+    """``<table>.owner`` equal to the key's owner id, spelled so that any plan uses the index (see ``_page``)."""
+    return f"{table}.owner IS NULL" if owner is None else f"{table}.owner = ?"
+
+
+def _owner_arg(owner: str | None) -> list:
+    return [] if owner is None else [owner]
+
+
+def _placed(row) -> tuple[dict, tuple[int, int]]:
+    """A selected row and its place in the list (created_at, rowid), which the next page starts after."""
+    d = _row(row)
+    place = d.pop("list_at"), d.pop("list_seq")
+    d.pop("rowid", None)  # PostgreSQL's rowid column, read when a query names it
+    return d, place
 
 
 def _row(row) -> dict | None:
@@ -237,20 +306,17 @@ def _stored(request: Request, key, completion_id: str) -> dict:
                  "completion_id")
 
 
-def training_lines(rows: list[dict], drop_system: bool = False) -> list[dict]:
-    """Stored completions as OpenAI chat fine-tuning examples: the request's messages and the answer (its tool
+def training_example(row: dict, drop_system: bool = False) -> dict | None:
+    """A stored completion as an OpenAI chat fine-tuning example: the request's messages and the answer (its tool
     calls included), with the request's tools; ``drop_system`` leaves out system and developer messages (a prompt
-    the fine-tune is to learn by heart). Answers cut by ``max_tokens`` are left out: a fine-tune must not learn to
+    the fine-tune is to learn by heart). None for an answer cut by ``max_tokens``: a fine-tune must not learn to
     stop mid-sentence."""
-    out = []
-    for row in rows:
-        choice = row["completion"]["choices"][0]
-        if choice["finish_reason"] == "length":
-            continue
-        answer = {k: v for k, v in choice["message"].items() if k in ("role", "content", "tool_calls") and v is not None}
-        messages = [m for m in row["request"]["messages"] if not (drop_system and m.get("role") in ("system", "developer"))]
-        example = {"messages": [*messages, answer]}
-        if row["request"].get("tools"):
-            example["tools"] = row["request"]["tools"]
-        out.append(example)
-    return out
+    choice = row["completion"]["choices"][0]
+    if choice["finish_reason"] == "length":
+        return None
+    answer = {k: v for k, v in choice["message"].items() if k in ("role", "content", "tool_calls") and v is not None}
+    messages = [m for m in row["request"]["messages"] if not (drop_system and m.get("role") in ("system", "developer"))]
+    example = {"messages": [*messages, answer]}
+    if row["request"].get("tools"):
+        example["tools"] = row["request"]["tools"]
+    return example
