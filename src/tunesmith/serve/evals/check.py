@@ -169,14 +169,15 @@ def stored_selection(inner: dict) -> dict:
 
 def stored_rows(store, key, inner: dict, config: dict) -> list[dict]:
     """This key's stored completions selected by the eval's metadata and the run's (``metadata``, ``model``,
-    ``created_after``, ``created_before``, ``limit``; one query reading at most ``limit`` rows) as rows: the item
-    what was asked and answered, the sample the stored answer (graded as it is unless a model answers again)."""
+    ``created_after``, ``created_before``, ``limit``; at most :data:`MAX_ROWS`, read a page at a time so that only
+    the rows made of them are held, never every stored row besides) as rows: the item what was asked and answered,
+    the sample the stored answer (graded as it is unless a model answers again)."""
     from tunesmith.serve.api.stored_completions import CompletionStore
 
     picked = stored_selection(inner)
     wanted = {**(config.get("metadata") or {}), **picked["metadata"]}
-    found = CompletionStore(store).select(key, wanted, picked["model"], limit=min(picked["limit"] or MAX_ROWS, MAX_ROWS),
-                                          created_after=picked["created_after"], created_before=picked["created_before"])
+    found = CompletionStore(store).walk(key, wanted, picked["model"], limit=min(picked["limit"] or MAX_ROWS, MAX_ROWS),
+                                        created_after=picked["created_after"], created_before=picked["created_before"])
     rows = []
     for row in found:
         message = row["completion"]["choices"][0]["message"]
