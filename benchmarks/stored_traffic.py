@@ -32,6 +32,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -293,7 +294,8 @@ def main() -> None:
     results = {}
     with postgres_server(("traffic", "distill")) as urls:
         for backend, url in (("sqlite", None), ("postgresql", urls["traffic"])):
-            store = Store(Path(tempfile.mkdtemp(prefix=f"traffic-{backend}-")), url)
+            root = Path(tempfile.mkdtemp(prefix=f"traffic-{backend}-"))
+            store = Store(root, url)
             filled = fill(store, args.rows)
             results[backend] = {"fill_s": round(filled, 1), **measure(store, args.queries, random.Random(1))}
             print(f"{backend}: {args.rows:,} rows written in {filled:.0f} s")
@@ -303,6 +305,7 @@ def main() -> None:
                           f"p50 {r['before']['p50_ms']:8.2f} p99 {r['before']['p99_ms']:8.2f} ms | json functions "
                           f"p50 {r['peer']['p50_ms']:8.2f} p99 {r['peer']['p99_ms']:8.2f} ms")
             store.db.close()
+            shutil.rmtree(root, ignore_errors=True)  # a million rows of SQLite: 0.7 GB
         for backend, url in (("sqlite", None), ("postgresql", urls["distill"])) if args.distill_rows else ():
             root = Path(tempfile.mkdtemp(prefix=f"distill-{backend}-"))
             store = Store(root, url)
@@ -317,6 +320,7 @@ def main() -> None:
                       f"{r['peer']['s']:.1f} s, work {r['peer']['work_mb']:.0f} MB (process peak "
                       f"{r['peer']['process_peak_mb']:.0f} MB) | the work's memory {r['work_memory_ratio']}x less; "
                       f"same result: {same}")
+            shutil.rmtree(root, ignore_errors=True)
     if args.out:
         args.out.write_text(json.dumps({"rows": args.rows, "queries": args.queries, "distill_rows": args.distill_rows,
                                         "eval_rows": args.eval_rows, "results": results}, indent=2))
