@@ -132,3 +132,34 @@ def test_a_keys_tokens_are_summed_over_replicas_and_leave_with_the_minute(postgr
     with pytest.raises(APIError) as gone:  # the database gone: refused and said, never counted per replica
         one.spend("k", 1, 100, 60.0)
     assert gone.value.status == 503 and gone.value.body["code"] == "limits_unavailable"
+
+
+def test_a_slow_shared_count_stalls_no_other_request(tiny_model_dir, tmp_path, postgres):
+    """The count over replicas is a database transaction: while k1's waits 3 s (a database under a lock, or being
+    reached), another key's stream on the same replica starts at once (the count runs in a thread, never on the
+    event loop)."""
+    import threading
+
+    model = str(tiny_model_dir)
+    with replicas(tiny_model_dir, tmp_path / "shared", postgres(), KeyLimits(requests=4), count=1) as (urls, apps):
+        shared = apps[0].state.limiter.shared
+        take, entered = shared.take, threading.Event()
+
+        def slowed(owner, limit):  # the first count (k1's) waits
+            entered.set()
+            time.sleep(3)
+            return take(owner, limit)
+
+        shared.take = slowed
+        slow = threading.Thread(target=lambda: client(urls[0], "k1").chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=2))
+        slow.start()
+        assert entered.wait(30)
+        shared.take = take
+        started = time.monotonic()
+        stream = client(urls[0], "k2").chat.completions.create(model=model, messages=MESSAGES, max_tokens=8,
+                                                               stream=True)
+        assert next(iter(stream)) is not None and time.monotonic() - started < 1.5, time.monotonic() - started
+        for _ in stream:
+            pass
+        slow.join(30)

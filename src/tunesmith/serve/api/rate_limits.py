@@ -54,6 +54,16 @@ class Ticket:
             self.release()
             raise
 
+    async def charged(self, tokens: int) -> None:
+        """:meth:`charge` from the event loop: with replicas, the database's sum is read in a thread."""
+        if not self.counted:
+            return
+        try:
+            await self.limiter.charged(self.key, tokens)
+        except APIError:
+            self.release()
+            raise
+
     @property
     def headers(self) -> dict[str, str]:
         return self.limiter.headers(self.key)
@@ -85,11 +95,23 @@ class KeyLimiter:
         # clients retrying every second costs the server more than their requests would), each at its own moment
         if refusal := self.full(key):
             raise refusal
-        if self.shared is not None and self.limits.requests is not None:  # the limit over every replica
-            used = self.shared.take(key, self.limits.requests)
-            if used is not None:
-                raise self._refusal(key, "requests", f"{used} requests in flight over all replicas (limit "
-                                    f"{self.limits.requests} at once)", max(1.0, self.typical_s.get(key, 1.0)))
+        over_all = self.shared is not None and self.limits.requests is not None  # the limit over every replica
+        return self._admitted(key, self.shared.take(key, self.limits.requests) if over_all else None)
+
+    async def admitted(self, key: str | None, counted: bool = True) -> Ticket:
+        """:meth:`admit` from the event loop: with replicas, the place over all of them is taken in a thread (a
+        database transaction, or an unreachable database's wait, never stalls every key's requests)."""
+        if not counted or self.shared is None or self.limits.requests is None:
+            return self.admit(key, counted)
+        if refusal := self.full(key):
+            raise refusal
+        return self._admitted(key, await asyncio.to_thread(self.shared.take, key, self.limits.requests))
+
+    def _admitted(self, key: str | None, used: int | None) -> Ticket:
+        """The ticket, or a 429 when the replicas' count ``used`` (None: a place was taken) was at the limit."""
+        if used is not None:
+            raise self._refusal(key, "requests", f"{used} requests in flight over all replicas (limit "
+                                f"{self.limits.requests} at once)", max(1.0, self.typical_s.get(key, 1.0)))
         self.in_flight[key] += 1
         ticket = Ticket(self, key)
         self.oldest.setdefault(key, deque()).append(ticket.since)
@@ -166,18 +188,27 @@ class KeyLimiter:
         if limit is None:
             return
         if self.shared is not None:
-            charged, seconds = self.shared.spend(key, tokens, limit, WINDOW_S)
-            now = self.clock()
-            self.spent[key] = window = deque((now - age, n) for age, n in seconds)
-            if not charged:
-                raise self._over(key, window, sum(n for _, n in window), tokens, limit)
-            return
+            return self._spent(key, tokens, limit, *self.shared.spend(key, tokens, limit, WINDOW_S))
         window = self._window(key)
         used = sum(n for _, n in window)
         if used + tokens > limit:
             raise self._over(key, window, used, tokens, limit)
         window.append((self.clock(), tokens))
 
+
+    async def charged(self, key: str | None, tokens: int) -> None:
+        """:meth:`charge` from the event loop: with replicas, the database's sum is read in a thread."""
+        limit = self.limits.tokens_per_minute
+        if limit is None or self.shared is None:
+            return self.charge(key, tokens)
+        self._spent(key, tokens, limit, *await asyncio.to_thread(self.shared.spend, key, tokens, limit, WINDOW_S))
+
+    def _spent(self, key: str | None, tokens: int, limit: int, charged: bool, seconds) -> None:
+        """The key's window as the replicas' sum read it, kept for the headers; a 429 when it was not charged."""
+        now = self.clock()
+        self.spent[key] = window = deque((now - age, n) for age, n in seconds)
+        if not charged:
+            raise self._over(key, window, sum(n for _, n in window), tokens, limit)
     def _over(self, key: str | None, window: deque, used: int, tokens: int, limit: int) -> APIError:
         """The 429 of a request whose ``tokens`` would take ``key``'s minute (``used`` of ``limit``) past it."""
         if tokens > limit:

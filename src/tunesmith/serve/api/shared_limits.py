@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.store import LEASE_S
@@ -41,6 +42,7 @@ class SharedPlaces:
     def __init__(self, store, replica: str):
         self.db, self.replica = store.db, replica
         self.stop = threading.Event()
+        self.returns = ThreadPoolExecutor(1, thread_name_prefix="key-places")  # places given back, in order
         self.thread: threading.Thread | None = None
 
     def take(self, owner: str | None, limit: int) -> int | None:
@@ -82,6 +84,10 @@ class SharedPlaces:
         return charged, [(now - (second + 1), int(n)) for second, n in rows]
 
     def give_back(self, owner: str | None) -> None:
+        """The place given back in this replica's own thread: a request's end never waits for the database."""
+        self.returns.submit(self._give_back, owner)
+
+    def _give_back(self, owner: str | None) -> None:
         try:
             self.db.execute("UPDATE key_places SET in_flight = CASE WHEN in_flight > 0 THEN in_flight - 1 ELSE 0 END, "
                             "seen = ? WHERE owner = ? AND replica = ?", (time.time(), owner or NO_KEY, self.replica))
@@ -111,6 +117,7 @@ class SharedPlaces:
 
     def close(self) -> None:
         self.stop.set()
+        self.returns.shutdown(wait=True)
         try:
             self.db.execute("DELETE FROM key_places WHERE replica = ?", (self.replica,))
         except Exception:  # noqa: BLE001 - the rows expire with the lease anyway
