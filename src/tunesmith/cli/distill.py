@@ -42,7 +42,9 @@ def distill(
     made = client.post("/files/from_stored_completions", body={k: v for k, v in body.items() if v is not None},
                        cast_to=object)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(client.files.content(made["id"]).read())
+    with client.files.with_streaming_response.content(made["id"]) as response, out.open("wb") as f:
+        for block in response.iter_bytes():  # written as it arrives: 100,000 examples are never held here at once
+            f.write(block)
     common.console.print(f"{made['examples']:,} examples ({made['left_out_cut_by_max_tokens']:,} cut by max_tokens "
                          f"left out) → {out}; on the server as {made['id']}: "
                          f"client.fine_tuning.jobs.create(training_file=\"{made['id']}\", model=...)")
