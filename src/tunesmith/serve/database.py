@@ -178,8 +178,10 @@ _CREATE_TABLE = re.compile(r"^\s*CREATE\s+TABLE\b", re.IGNORECASE)
 def to_postgres(sql: str) -> str:
     """``sql`` in SQLite's spelling as PostgreSQL spells it, its parameters named ``p0``, ``p1``… in order (psycopg's
     ``%(p0)s``). ``col IS ?`` (equal, NULL included) becomes ``(col = %(pN)s OR (col IS NULL AND %(pN)s IS NULL))``:
-    PostgreSQL plans each statement with its values, so for a value that is not NULL this is ``col = value`` and
-    uses the column's index, which ``IS NOT DISTINCT FROM`` never does."""
+    PostgreSQL plans each statement with its values (the pool's connections never prepare statements: a prepared
+    statement's generic plan, made once for any values, keeps the NULL branch and reads past the index), so for a
+    value that is not NULL this is ``col = value`` and uses the column's index, which ``IS NOT DISTINCT FROM`` never
+    does."""
     out = sql.replace("%", "%%")
     if re.match(r"^\s*INSERT\s+OR\s+IGNORE\b", out, re.IGNORECASE):
         out = re.sub(r"^\s*INSERT\s+OR\s+IGNORE\b", "INSERT", out, flags=re.IGNORECASE) + " ON CONFLICT DO NOTHING"
@@ -233,7 +235,7 @@ class PostgresDatabase:
         self.url, self.local = url, threading.local()
         self.lock = threading.RLock()  # the stores' own (SQLite-shaped) write lock; PostgreSQL needs none of it
         self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False,
-                                   kwargs={"autocommit": True})
+                                   kwargs={"autocommit": True, "prepare_threshold": None})
         try:
             self.pool.open(wait=True, timeout=15)
         except Exception as exc:  # noqa: BLE001 - psycopg_pool's timeout or a connection error
