@@ -2,11 +2,12 @@
 
 Every piece of work that runs off the event loop runs in its kind's lane: planning a request (tokenizing, compiling
 its schema), grading, an eval run, embedding, a trained head's reply, reading and writing files (a training file's
-check, a batch's input and output). A lane has a fixed number of threads; a key holds at most ``per_key`` of them at
-once and keeps at most ``queued`` calls waiting, past which its next call is a 429 naming the lane. Free threads go
-to the waiting keys in turn (round robin), so a key with a hundred calls waiting never queues another key's one
-behind them, and one kind of work never fills the threads of another (a crowd of graders cannot delay the plan of
-another key's chat).
+check, a batch's input and output), a route's store work (its queries of SQLite or PostgreSQL). A lane has a fixed
+number of threads; a key holds at most ``per_key`` of them at once and keeps at most ``queued`` calls waiting, past
+which its next call is a 429 naming the lane. Free threads go to the waiting keys in turn (round robin), so a key with
+a hundred calls waiting never queues another key's one behind them, and one kind of work never fills the threads of
+another (a crowd of graders cannot delay the plan of another key's chat, a slow query of one key another key's
+stream).
 
 A call whose caller went away while it waited leaves the line; one already running finishes in its thread, and its
 place is given back only then, so a lane never runs more threads than it has.
@@ -49,11 +50,12 @@ class Lane:
     def waiting(self, key) -> int:
         return len(self.lines.get(key, ()))
 
-    async def run(self, key, fn, *args, deadline_s: float | None = None):
+    async def run(self, key, fn, *args, deadline_s: float | None = None, always: bool = False):
         """``fn(*args)`` in one of the lane's threads as ``key``'s work: waits for the key's turn, a 429 when
-        ``key`` already has :attr:`LaneSize.queued` calls waiting. ``deadline_s`` counts from the call's start in
+        ``key`` already has :attr:`LaneSize.queued` calls waiting (``always``: never refused, for the rare call that
+        must run, such as undoing a step of a request that failed). ``deadline_s`` counts from the call's start in
         its thread (not its wait): past it, TimeoutError, and the thread finishes on its own, holding its place."""
-        await self._enter(key)
+        await self._enter(key, always)
         loop = asyncio.get_running_loop()
         try:
             future = self.pool.submit(fn, *args)
@@ -75,8 +77,8 @@ class Lane:
                         f"{RETRY_S} s.", type_="requests", code="rate_limit_exceeded",
                         headers={"retry-after": str(RETRY_S), "retry-after-ms": str(RETRY_S * 1000)})
 
-    async def _enter(self, key) -> None:
-        if refused := self.refusal(key):
+    async def _enter(self, key, always: bool = False) -> None:
+        if not always and (refused := self.refusal(key)):
             raise refused
         line = self.lines.get(key)
         granted = asyncio.get_running_loop().create_future()
@@ -131,12 +133,16 @@ class Lane:
 
 def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
     """Each lane's size for a machine of ``cores`` CPU cores. Planning is every generation request's first step: it
-    has the most threads, half of them at most for one key. The others are work one key asks for at a time or in the
-    background; one thread each per key, so that another key's call finds one free."""
+    has the most threads, half of them at most for one key. The store's work waits on the database more than it
+    computes: more threads than cores, a quarter of them for one key, and a deep line (every route of every key
+    reads the store). The others are work one key asks for at a time or in the background; one thread each per key,
+    so that another key's call finds one free."""
     cores = cores or os.cpu_count() or 2
     plan = max(4, cores)
     two = max(2, cores // 2)
+    store = max(8, 2 * cores)
     return {"plan": LaneSize(plan, plan // 2, 1024),
+            "store": LaneSize(store, store // 4, 1024),
             "graders": LaneSize(two, 1, 8),
             "evals": LaneSize(two, 1, 64),
             "embeddings": LaneSize(two, 1, 8),
@@ -144,8 +150,9 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
             "files": LaneSize(two, 1, 64)}
 
 
-WHAT = {"plan": "requests being planned", "graders": "grader runs", "evals": "eval runs", "embeddings":
-        "embedding requests", "heads": "head model requests", "files": "file checks and batch writes"}
+WHAT = {"plan": "requests being planned", "store": "requests reading or writing the store", "graders": "grader runs",
+        "evals": "eval runs", "embeddings": "embedding requests", "heads": "head model requests",
+        "files": "file checks and batch writes"}
 
 
 class Lanes:

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from tunesmith.serve.api.auth import Key, engine_for, visible_models
 from tunesmith.serve.api.json_body import OffLoopJSON
+from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.api.stored_completions import before_storing
 from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Generation
@@ -115,17 +116,18 @@ async def chat_completions(body: ChatCompletionBody, request: Request, response:
     engine = engine_for(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(request, key, engine, body)
-    before_storing(request, key, body)  # store: true's metadata and quota, before the answer is paid for
+    if body.store:  # its metadata and the key's quota, before the answer is paid for (in the store lane)
+        await stored(request, key, before_storing, request, key, body)
     plan, [job], ticket = await planned_run(request, key, engine, chat_plan, body)
     cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
-    def answered(gens: list[Generation]) -> dict:
-        """The ChatCompletion of these generations, kept when the request asked to store it."""
+    async def answered(gens: list[Generation]) -> dict:
+        """The ChatCompletion of these generations, kept (in the store lane) when the request asked to store it."""
         doc = chat_object(plan, gens, cid, created, body.model)
-        if body.store:
+        if body.store:  # the answer is paid for: kept even when the key's line is full or the client has left
             from tunesmith.serve.api.stored_completions import store_completion
 
-            store_completion(request, key, doc, body, plan)
+            await asyncio.shield(stored(request, key, store_completion, request, key, doc, body, plan, always=True))
         return doc | ({"metadata": body.metadata} if body.store and body.metadata else {})
 
     if plan.stream:
@@ -135,7 +137,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, response:
         [gens] = await _results(request, [job])
     finally:
         ticket.release()
-    return answered(gens)
+    return await answered(gens)
 
 
 def chat_object(plan, gens: list[Generation], cid: str, created: int, model: str) -> dict:
@@ -165,7 +167,7 @@ async def _sse_chat(job, plan, cid: str, created: int, answered=None):
     """OpenAI's chunk stream: each choice's deltas carry its index (text as content, calls as tool_calls
     deltas) and the logprobs of the tokens they carry; with ``stream_options.include_usage`` a last chunk with no
     choices carries the usage. A client that leaves cancels the generation. ``answered(gens)``: called with every
-    choice's generation once all have ended (a stored completion is kept there)."""
+    choice's generation once all have ended (awaited: a stored completion is kept there)."""
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
         doc = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": plan.model,
                "choices": choices}
@@ -202,7 +204,7 @@ async def _sse_chat(job, plan, cid: str, created: int, answered=None):
                 for c in emit(i, readers[i].feed(item.text), item.logprobs):
                     yield c
         if answered is not None:
-            answered([by_choice[i] for i in range(plan.n)])
+            await answered([by_choice[i] for i in range(plan.n)])
         if plan.include_usage:
             yield chunk([], _usage(gens))
         yield "data: [DONE]\n\n"

@@ -8,7 +8,8 @@ as the output constraint. Answers carry an assistant message (its ``output_text`
 a reply cut by ``max_output_tokens`` is ``incomplete``. With ``store`` (the default) a response is kept per key,
 so that ``previous_response_id`` continues its conversation (its instructions are not carried over, as at
 OpenAI; a key keeps at most ``--quota responses``); ``GET`` and ``DELETE /v1/responses/{id}`` read and remove one.
-Its ``metadata`` follows OpenAI's rule (16 pairs, keys up to 64 characters, values up to 512). Streaming sends
+Its ``metadata`` follows OpenAI's rule (16 pairs, keys up to 64 characters, values up to 512). What is kept or
+read runs in the store lane (:mod:`tunesmith.serve.api.store_lane`), never on the event loop. Streaming sends
 OpenAI's events (created, in_progress, output_item.added, content_part.added, output_text.delta…,
 output_text.done, content_part.done, output_item.done; function_call_arguments.delta/done for calls;
 completed/incomplete).
@@ -16,6 +17,7 @@ completed/incomplete).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -25,6 +27,7 @@ from fastapi import APIRouter, Request, Response
 from tunesmith.serve.api.auth import Key, engine_for
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.routes_openai import _results, obfuscated, planned_run, streamed
+from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.engines.interface import Generation
 from tunesmith.serve.plan.fields import RESPONSES, check_fields
@@ -36,7 +39,10 @@ router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
 def earlier_turns(body: ResponseBody, request: Request, key: str | None) -> list[dict]:
-    """The stored turns of ``previous_response_id`` (this key's own); none without one."""
+    """The stored turns of ``previous_response_id`` (this key's own), once the key has room to keep this response
+    (checked before the answer is paid for); none without one."""
+    if body.store is not False:
+        check_response(request, key)
     if not body.previous_response_id:
         return []
     kept = found(request.app.state.store.get_response(body.previous_response_id, key), "response",
@@ -96,15 +102,17 @@ async def create_response(body: ResponseBody, request: Request, response: Respon
     if body.model in engine.heads:
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")
-    if body.store is not False:
-        check_response(request, key)  # room to keep it, before the answer is paid for
-    plan, [job], ticket = await planned_run(request, key, engine, response_plan, body, earlier_turns(body, request, key))
+    turns = []
+    if body.store is not False or body.previous_response_id:
+        turns = await stored(request, key, earlier_turns, body, request, key)
+    plan, [job], ticket = await planned_run(request, key, engine, response_plan, body, turns)
     rid, created = f"resp_{uuid.uuid4().hex}", int(time.time())
 
-    def finish(gen: Generation, items: list[dict], kept: dict) -> dict:
+    async def finish(gen: Generation, items: list[dict], kept: dict) -> dict:
         doc = response_object(body, rid, created, _status(gen), items, gen)
-        if body.store is not False:
-            request.app.state.store.add_response(key, doc, [*plan.conversation, kept])
+        if body.store is not False:  # the answer is paid for: kept even when the key's line is full or the client left
+            await asyncio.shield(stored(request, key, request.app.state.store.add_response, key, doc,
+                                        [*plan.conversation, kept], always=True))
         return doc
 
     if plan.stream:
@@ -114,16 +122,18 @@ async def create_response(body: ResponseBody, request: Request, response: Respon
         [[gen]] = await _results(request, [job])
     finally:
         ticket.release()
-    return finish(gen, *output_items(plan, body, rid, gen))
+    return await finish(gen, *output_items(plan, body, rid, gen))
 
 
 @router.get("/responses/{rid}")
-async def retrieve_response(rid: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_response(rid: str, request: Request, key: Key):
     return found(request.app.state.store.get_response(rid, key), "response", rid, "response_id")[0]
 
 
 @router.delete("/responses/{rid}")
-async def delete_response(rid: str, request: Request, key: Key):
+@in_store_lane
+def delete_response(rid: str, request: Request, key: Key):
     found(request.app.state.store.delete_response(rid, key) or None, "response", rid, "response_id")
     return {"id": rid, "object": "response.deleted", "deleted": True}
 
@@ -191,7 +201,7 @@ async def _events(job, plan, body: ResponseBody, rid: str, created: int, finish)
                 for e in _closing_events(event, opened, items, text_where(), item):
                     yield e
                 status = _status(item)
-                yield event(f"response.{status}", response=finish(item, items, kept))
+                yield event(f"response.{status}", response=await finish(item, items, kept))
             else:
                 for i, d in enumerate(reader.feed(item.text)):
                     for e in on_delta(d, item.logprobs if i == 0 else None):

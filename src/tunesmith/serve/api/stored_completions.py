@@ -6,7 +6,8 @@ data source (:mod:`tunesmith.serve.evals.check`) and a fine-tuning file is made 
 
 Rows live in the server's store (migration 0017); another key neither lists nor reaches them (the same 404
 as an id that does not exist). A selection is one SQL query (model, metadata through an index of its tags, time,
-cursor, order and limit), so a page of one reads one row; a key keeps at most ``--quota stored_completions``.
+cursor, order and limit), so a page of one reads one row; a key keeps at most ``--quota stored_completions``. Every
+read and write runs in the store lane (:mod:`tunesmith.serve.api.store_lane`), the one after an answer included.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page
+from tunesmith.serve.api.store_lane import in_store_lane
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.quotas import check_metadata, check_stored_completion
 from tunesmith.serve.store import Store
@@ -250,15 +252,17 @@ def metadata_query(request: Request) -> dict[str, str]:
 
 
 @router.get("/chat/completions")
-async def list_completions(request: Request, key: Key, model: str | None = None, after: str | None = None,
-                           limit: int = Query(20, ge=1, le=MAX_LIST), order: str = Query("asc", pattern="^(asc|desc)$")):
+@in_store_lane
+def list_completions(request: Request, key: Key, model: str | None = None, after: str | None = None,
+                     limit: int = Query(20, ge=1, le=MAX_LIST), order: str = Query("asc", pattern="^(asc|desc)$")):
     rows = CompletionStore(request.app.state.store).select(key, metadata_query(request), model, after, order, limit + 1)
     data = [completion_object(r) for r in rows[:limit]]
     return page(data, len(rows) > limit)
 
 
 @router.get("/chat/completions/{completion_id}")
-async def retrieve_completion(completion_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_completion(completion_id: str, request: Request, key: Key):
     return completion_object(_stored(request, key, completion_id))
 
 
@@ -268,7 +272,8 @@ class MetadataBody(BaseModel):
 
 
 @router.post("/chat/completions/{completion_id}")
-async def update_completion(completion_id: str, body: MetadataBody, request: Request, key: Key):
+@in_store_lane
+def update_completion(completion_id: str, body: MetadataBody, request: Request, key: Key):
     _stored(request, key, completion_id)
     completions = CompletionStore(request.app.state.store)
     completions.set_metadata(completion_id, check_metadata(body.metadata))
@@ -276,16 +281,17 @@ async def update_completion(completion_id: str, body: MetadataBody, request: Req
 
 
 @router.delete("/chat/completions/{completion_id}")
-async def delete_completion(completion_id: str, request: Request, key: Key):
+@in_store_lane
+def delete_completion(completion_id: str, request: Request, key: Key):
     _stored(request, key, completion_id)
     CompletionStore(request.app.state.store).delete(completion_id)
     return {"id": completion_id, "object": "chat.completion.deleted", "deleted": True}
 
 
 @router.get("/chat/completions/{completion_id}/messages")
-async def completion_messages(completion_id: str, request: Request, key: Key, after: str | None = None,
-                              limit: int = Query(20, ge=1, le=MAX_LIST),
-                              order: str = Query("asc", pattern="^(asc|desc)$")):
+@in_store_lane
+def completion_messages(completion_id: str, request: Request, key: Key, after: str | None = None,
+                        limit: int = Query(20, ge=1, le=MAX_LIST), order: str = Query("asc", pattern="^(asc|desc)$")):
     """The request's messages, each with an id (``<completion id>-<index>``), in order or reversed."""
     row = _stored(request, key, completion_id)
     messages = [m | {"id": f"{completion_id}-{i}", "content_parts": None} if not isinstance(m.get("content"), list)

@@ -1,5 +1,6 @@
 """``/v1/batches``: create a batch from a ``purpose: "batch"`` file, retrieve, list, cancel, as the official client
-calls them. Every batch belongs to its key (another key gets a 404, as for an id that does not exist)."""
+calls them. Every batch belongs to its key (another key gets a 404, as for an id that does not exist). The store's
+work runs in the store lane, the input file's scan in the files lane; the batch runner is told on the event loop."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
+from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.batches.lines import URLS
 from tunesmith.serve.batches.output import scan_input
 from tunesmith.serve.batches.store import BatchStore
@@ -48,7 +50,7 @@ async def create_batch(body: BatchBody, request: Request, key: Key):
     if body.endpoint not in URLS:
         raise APIError(400, f"endpoint {body.endpoint!r} is not batched here; one of {', '.join(URLS)}",
                        param="endpoint", code="invalid_value")
-    f = request.app.state.store.get_file(body.input_file_id, key)
+    f = await stored(request, key, request.app.state.store.get_file, body.input_file_id, key)
     if f is None:
         raise APIError(400, f"input_file_id: no file {body.input_file_id}", param="input_file_id")
     if f["purpose"] != "batch":
@@ -58,22 +60,29 @@ async def create_batch(body: BatchBody, request: Request, key: Key):
     if wrong is not None:
         raise APIError(400, f"input_file_id: line {wrong['line']} asks {wrong['url']}, not the batch's endpoint "
                        f"{body.endpoint}", param="input_file_id", code="mixed_endpoints")
-    quotas.check_batch_create(request, key, body.metadata, count)
-    expires = body.output_expires_after.seconds if body.output_expires_after else None
-    batch = BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata,
-                                                    count, model, WINDOW_S, expires)
+    batch = await stored(request, key, new_batch, request, key, body, count, model)
     request.app.state.batch_runner.wake()
     return batch_object(batch)
 
 
+def new_batch(request: Request, key, body: BatchBody, count: int, model: str | None) -> dict:
+    """The batch created, once the key's quotas have room for it."""
+    quotas.check_batch_create(request, key, body.metadata, count)
+    expires = body.output_expires_after.seconds if body.output_expires_after else None
+    return BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata, count, model,
+                                                   WINDOW_S, expires)
+
+
 @router.get("/batches/{batch_id}")
-async def retrieve_batch(batch_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_batch(batch_id: str, request: Request, key: Key):
     return batch_object(_batch(request, key, batch_id))
 
 
 @router.get("/batches")
-async def list_batches(request: Request, key: Key, after: str | None = None,
-                       limit: Annotated[int, Query(ge=1, le=100)] = 20):
+@in_store_lane
+def list_batches(request: Request, key: Key, after: str | None = None,
+                 limit: Annotated[int, Query(ge=1, le=100)] = 20):
     items, more = paginate([batch_object(b) for b in BatchStore(request.app.state.store).list(key)], after, limit)
     return page(items, more)
 
@@ -82,14 +91,21 @@ async def list_batches(request: Request, key: Key, after: str | None = None,
 async def cancel_batch(batch_id: str, request: Request, key: Key):
     """Stops the batch within seconds: no new request starts, those running end, what finished is kept in its
     output and error files."""
+    if await stored(request, key, cancelling, request, key, batch_id):
+        request.app.state.batch_runner.cancel(batch_id)  # its tasks live on the event loop
+    return batch_object(await stored(request, key, _batch, request, key, batch_id))
+
+
+def cancelling(request: Request, key, batch_id: str) -> bool:
+    """The batch marked ``cancelling`` (True) unless it already is (False); a 409 once it has ended."""
     batch = _batch(request, key, batch_id)
     if batch["status"] in ("validating", "in_progress"):
         BatchStore(request.app.state.store).mark(batch_id, "cancelling")
-        request.app.state.batch_runner.cancel(batch_id)
-    elif batch["status"] not in ("cancelling",):
+        return True
+    if batch["status"] != "cancelling":
         raise APIError(409, f"Batch {batch_id} is {batch['status']} and cannot be cancelled", param="batch_id",
                        code="invalid_batch_status")
-    return batch_object(_batch(request, key, batch_id))
+    return False
 
 
 def _batch(request: Request, key, batch_id: str) -> dict:

@@ -14,6 +14,11 @@ and only its number, status and the files' lengths recorded in the store, in one
 a stop cuts its files back to the recorded lengths and goes on from its unanswered lines when the server starts
 again; ``cancel`` stops starting lines and cancels those in flight within seconds, and what finished is kept. Past
 its completion window a batch ``expired``, with the lines it answered.
+
+The runner's own store work (its scan every two seconds, a batch's claim and changes of status) runs in a thread,
+never on the event loop: a slow store (one key's long transaction holds its write lock) must not stall every key's
+requests. It is not the store lane's (a key's requests'): it must run while the server stops, after the lanes have
+closed.
 """
 
 from __future__ import annotations
@@ -74,25 +79,16 @@ class BatchRunner:
         claim renewed at every turn of this loop: replicas sharing a store run each batch once, and a batch whose
         replica died is taken over from its recorded lines."""
         running: dict[str, asyncio.Task] = {}
-        store, me = self.app.state.store, self.app.state.replica
         try:
             while True:
                 for bid in [b for b, task in running.items() if task.done()]:
                     del running[bid]
-                for bid in store.renew("batches", list(running), me):
+                self.event.clear()  # a wake from here on is seen at the next turn
+                lost, claimed = await asyncio.to_thread(self._scan, set(running))
+                for bid in lost:
                     running.pop(bid).cancel()  # another replica took it over: this one's lease had run out
-                active = self.batches.active()
-                elsewhere = store.held_elsewhere("batches", me)
-                busy = {b["owner"] for b in active if b["id"] in running or b["id"] in elsewhere}
-                for batch in active:
-                    waits = batch["owner"] in busy and batch["status"] != "cancelling"  # a cancel ends at once
-                    if batch["id"] in running or batch["id"] in elsewhere or waits:
-                        continue
-                    if not store.claim("batches", batch["id"], me):
-                        continue
-                    busy.add(batch["owner"])
+                for batch in claimed:
                     running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
-                self.event.clear()
                 try:
                     await asyncio.wait_for(self.event.wait(), 2.0)
                 except TimeoutError:
@@ -100,6 +96,31 @@ class BatchRunner:
         finally:
             for task in running.values():
                 task.cancel()
+
+    def _scan(self, running: set[str]) -> tuple[set[str], list[dict]]:
+        """(the ``running`` batches whose claim another replica took over, the batches to start now, each claimed by
+        this replica), in one look at the store from a thread. Once the server stops, nothing is claimed (what was
+        claimed meanwhile is let go: no replica waits out the lease of a batch that never started)."""
+        store, me = self.app.state.store, self.app.state.replica
+        lost = store.renew("batches", list(running), me)
+        running = running - lost
+        active = self.batches.active()
+        elsewhere = store.held_elsewhere("batches", me)
+        busy = {b["owner"] for b in active if b["id"] in running or b["id"] in elsewhere}
+        claimed = []
+        for batch in active:
+            waits = batch["owner"] in busy and batch["status"] != "cancelling"  # a cancel ends at once
+            if batch["id"] in running or batch["id"] in elsewhere or waits:
+                continue
+            if not store.claim("batches", batch["id"], me):
+                continue
+            busy.add(batch["owner"])
+            claimed.append(batch)
+        if self.stopping:
+            for batch in claimed:
+                store.release("batches", batch["id"], me)
+            return lost, []
+        return lost, claimed
 
     async def _guarded(self, batch: dict) -> None:
         try:
@@ -111,27 +132,31 @@ class BatchRunner:
                 log.info("batch %s stopped with the server (%s)", batch["id"], exc)
                 return
             log.exception("batch %s failed", batch["id"])
-            self.batches.update(batch["id"], errors=[{"code": "batch_failed", "message": str(exc)[:500]}])
-            self.batches.mark(batch["id"], "failed")
+            await asyncio.to_thread(self._failed, batch["id"], [{"code": "batch_failed", "message": str(exc)[:500]}])
         finally:
-            self.app.state.store.release("batches", batch["id"], self.app.state.replica)
+            await asyncio.shield(asyncio.to_thread(self.app.state.store.release, "batches", batch["id"],
+                                                   self.app.state.replica))
             self.wake()  # the key's next batch may start
+
+    def _failed(self, bid: str, errors: list[dict]) -> None:
+        self.batches.update(bid, errors=errors)
+        self.batches.mark(bid, "failed")
 
     async def _run(self, batch: dict) -> None:
         bid = batch["id"]
         files = BatchFiles(self.app.state.store.root, bid)
         if batch["status"] == "validating":
-            self.batches.mark(bid, "in_progress")
+            await asyncio.to_thread(self.batches.mark, bid, "in_progress")
         await self.files_lane.run(batch["owner"], self._files_as_recorded, batch, files)
         if batch["status"] != "cancelling" and bid not in self.cancelled:
-            f = self.app.state.store.get_file(batch["input_file_id"], batch["owner"])
+            f = await asyncio.to_thread(self.app.state.store.get_file, batch["input_file_id"], batch["owner"])
             if f is None:
-                self.batches.update(bid, errors=[{"code": "input_file_deleted", "param": "input_file_id",
-                                                  "message": f"the input file {batch['input_file_id']} was deleted"}])
-                self.batches.mark(bid, "failed")
+                await asyncio.to_thread(self._failed, bid, [{
+                    "code": "input_file_deleted", "param": "input_file_id",
+                    "message": f"the input file {batch['input_file_id']} was deleted"}])
                 return
             await self._answer(batch, f["storage"], files)
-        now = self.batches.get(bid, any_owner=True)
+        now = await asyncio.to_thread(self.batches.get, bid, None, True)
         cancelled = bid in self.cancelled or now["status"] == "cancelling"
         counts = now["request_counts"]
         expired = not cancelled and counts["completed"] + counts["failed"] < batch["total"]
@@ -208,10 +233,15 @@ class BatchRunner:
         """The output file (answers with a 2xx status) and the error file (the others) kept as the batch's files,
         then the final status."""
         bid, owner = batch["id"], batch["owner"]
-        self.batches.mark(bid, "finalizing")
-        store = self.app.state.store
+        await asyncio.to_thread(self.batches.mark, bid, "finalizing")
+        finished = await self.files_lane.run(owner, files.finished)
+        await asyncio.to_thread(self._finished, batch, finished, status)
+
+    def _finished(self, batch: dict, finished: list[tuple], status: str) -> None:
+        """The batch's ``finished`` files (name, path) kept as its output and error files, then its final status."""
+        bid, owner, store = batch["id"], batch["owner"], self.app.state.store
         made = {}
-        for name, path in await self.files_lane.run(owner, files.finished):
+        for name, path in finished:
             made_file = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)
             made[f"{name}_file_id"] = expire_file(store, made_file, batch.get("output_expires_s"))["id"]
         if made:

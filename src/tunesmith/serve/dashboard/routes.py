@@ -2,7 +2,8 @@
 and the experiments of the runs folder as a small JSON API under ``/v1/runs`` (a tunesmith extension).
 
 The page reads only this server's API with the key the user enters, so it sees exactly what that
-key may see. Its Content-Security-Policy lets it reach no host but this server.
+key may see. Its Content-Security-Policy lets it reach no host but this server. The runs folder is read in the store
+lane (:mod:`tunesmith.serve.api.store_lane`), never on the event loop.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
+from tunesmith.serve.api.store_lane import in_store_lane
 from tunesmith.serve.engines.errors import APIError
 
 # everything from this server; inline styles for the report's own <style>; charts embedded as data: PNGs
@@ -50,7 +52,8 @@ def _run_folder(request: Request, run_id: str):
 
 
 @router.get("/runs")
-async def list_runs(request: Request, key: Key):
+@in_store_lane
+def list_runs(request: Request, key: Key):
     """The experiments of the runs folder (``tunesmith serve --runs DIR``), newest first."""
     from tunesmith.runs.folders import list_runs as summaries
 
@@ -58,7 +61,8 @@ async def list_runs(request: Request, key: Key):
 
 
 @router.get("/runs/{run_id}")
-async def retrieve_run(run_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_run(run_id: str, request: Request, key: Key):
     """One run's summary and its headline table (every contender on the headline metric)."""
     from tunesmith.runs.folders import run_summary
 
@@ -66,7 +70,8 @@ async def retrieve_run(run_id: str, request: Request, key: Key):
 
 
 @router.get("/runs/{run_id}/report")
-async def run_report(run_id: str, request: Request, key: Key):
+@in_store_lane
+def run_report(run_id: str, request: Request, key: Key):
     """The run's report.html as ``tunesmith run`` wrote it (charts embedded)."""
     page = _run_folder(request, run_id) / "report.html"
     if not page.is_file():

@@ -6,7 +6,9 @@ a run grades a ``jsonl`` source (rows given inline or as an uploaded file, each 
 sample) or a ``completions`` source (a served model answers each item from an ``input_messages`` template).
 Runs execute in the background; poll the run until its status is ``completed``. Everything belongs to the
 API key that created the eval: another key gets a 404, as for an id that does not exist. A key keeps at most
-``--quota evals`` evals and ``--quota eval_runs`` runs; every ``metadata`` follows OpenAI's rule.
+``--quota evals`` evals and ``--quota eval_runs`` runs; every ``metadata`` follows OpenAI's rule. The store's work
+runs in the store lane (:mod:`tunesmith.serve.api.store_lane`), a run's rows in the files lane and its grading in the
+evals lane: none on the event loop.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
+from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.engines.errors import found
 from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
 from tunesmith.serve.evals.grading import grading_context
@@ -78,7 +81,8 @@ def _eval(request: Request, key, eval_id: str) -> dict:
 
 
 @router.post("")
-async def create_eval(body: EvalBody, request: Request, key: Key):
+@in_store_lane
+def create_eval(body: EvalBody, request: Request, key: Key):
     check_metadata(body.metadata, "metadata")
     check_eval(request, key)
     config = data_source_schema(body.data_source_config)
@@ -89,20 +93,23 @@ async def create_eval(body: EvalBody, request: Request, key: Key):
 
 
 @router.get("")
-async def list_evals(request: Request, key: Key, after: str | None = None, order: Order = "asc",
-                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                     order_by: Literal["created_at", "updated_at"] = "created_at"):
+@in_store_lane
+def list_evals(request: Request, key: Key, after: str | None = None, order: Order = "asc",
+               limit: Annotated[int, Query(ge=1, le=100)] = 20,
+               order_by: Literal["created_at", "updated_at"] = "created_at"):
     items, more = paginate(_evals(request).list_evals(key, order, order_by), after, limit)
     return page([eval_object(e) for e in items], more)
 
 
 @router.get("/{eval_id}")
-async def retrieve_eval(eval_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_eval(eval_id: str, request: Request, key: Key):
     return eval_object(_eval(request, key, eval_id))
 
 
 @router.post("/{eval_id}")
-async def update_eval(eval_id: str, body: EvalUpdate, request: Request, key: Key):
+@in_store_lane
+def update_eval(eval_id: str, body: EvalUpdate, request: Request, key: Key):
     _eval(request, key, eval_id)
     check_metadata(body.metadata, "metadata")
     changes = body.model_dump(exclude_unset=True)
@@ -112,7 +119,8 @@ async def update_eval(eval_id: str, body: EvalUpdate, request: Request, key: Key
 
 
 @router.delete("/{eval_id}")
-async def delete_eval(eval_id: str, request: Request, key: Key):
+@in_store_lane
+def delete_eval(eval_id: str, request: Request, key: Key):
     _eval(request, key, eval_id)
     _evals(request).delete_eval(eval_id)
     return {"object": "eval.deleted", "deleted": True, "eval_id": eval_id}
@@ -135,55 +143,79 @@ def _run(request: Request, key, eval_id: str, run_id: str) -> dict:
 
 @router.post("/{eval_id}/runs")
 async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
-    e = _eval(request, key, eval_id)
-    check_metadata(body.metadata, "metadata")
-    check_eval_run(request, key)
-    check_criteria(request, key, e["testing_criteria"], e["data_source_config"])  # still allowed and served now
+    e, source = await stored(request, key, checked_run, request, key, eval_id, body)
     if refused := request.app.state.lanes.evals.refusal(key):
         raise refused
-    source = check_data_source(request, key, body.data_source)
     # a file or a selection of stored completions (up to 10,000 rows) is read and decoded off the event loop
     rows = await request.app.state.lanes.files.run(key, run_rows, request, key, source, e["data_source_config"])
-    store = _evals(request)
+    run = await asyncio.shield(started_run(request, key, e, body, source, rows))  # created, it starts: client or not
+    return run_object(await stored(request, key, _evals(request).get_run, eval_id, run["id"]))
+
+
+async def started_run(request: Request, key, e: dict, body: RunBody, source: dict, rows: list[dict]) -> dict:
+    """The run created and claimed by this replica (in the store lane), and started in a task of its own."""
+    store, replica, lanes = _evals(request), request.app.state.replica, request.app.state.lanes
     model = source.get("model") or "(given samples)"
-    run = store.add_run(key, eval_id, name=body.name or f"run on {model}", model=model, data_source=source,
-                        metadata=body.metadata)
+    run = await stored(request, key, claimed_run, store, key, e["id"], body, model, source, replica)
     context = grading_context(request)
+    eval_id = e["id"]
 
     def cancelled() -> bool:
         current = store.get_run(eval_id, run["id"])
         return current is None or current["status"] == "canceled"
 
-    replica, lanes = request.app.state.replica, request.app.state.lanes
-
     async def held() -> None:
         """The run is this replica's from its creation to its end (a replica that dies leaves it to be failed with
-        the reason by another, never stuck in progress)."""
-        with store.base.holding("eval_runs", run["id"], replica):
+        the reason by another, never stuck in progress); the claim is let go in the store lane."""
+        lease = store.base.holding("eval_runs", run["id"], replica)
+        lease.__enter__()  # a thread that renews the claim
+        try:
             await lanes.evals.run(key, execute, store, e, run, rows, context, cancelled)
+        finally:
+            await asyncio.shield(lanes.store.run(key, lease.__exit__, None, None, None, always=True))
 
-    store.base.claim("eval_runs", run["id"], replica)
     task = asyncio.ensure_future(held())
     request.app.state.__dict__.setdefault("eval_tasks", set()).add(task)
     task.add_done_callback(request.app.state.eval_tasks.discard)
-    return run_object(store.get_run(eval_id, run["id"]))
+    return run
+
+
+def checked_run(request: Request, key, eval_id: str, body: RunBody) -> tuple[dict, dict]:
+    """(the eval, the run's data source checked): a 400 naming the field, a 429 when the key's quota of runs is
+    full."""
+    e = _eval(request, key, eval_id)
+    check_metadata(body.metadata, "metadata")
+    check_eval_run(request, key)
+    check_criteria(request, key, e["testing_criteria"], e["data_source_config"])  # still allowed and served now
+    return e, check_data_source(request, key, body.data_source)
+
+
+def claimed_run(store: EvalStore, key, eval_id: str, body: RunBody, model: str, source: dict, replica: str) -> dict:
+    """The new run, claimed by this replica."""
+    run = store.add_run(key, eval_id, name=body.name or f"run on {model}", model=model, data_source=source,
+                        metadata=body.metadata)
+    store.base.claim("eval_runs", run["id"], replica)
+    return run
 
 
 @router.get("/{eval_id}/runs")
-async def list_runs(eval_id: str, request: Request, key: Key, after: str | None = None, order: Order = "asc",
-                    limit: Annotated[int, Query(ge=1, le=100)] = 20, status: str | None = None):
+@in_store_lane
+def list_runs(eval_id: str, request: Request, key: Key, after: str | None = None, order: Order = "asc",
+              limit: Annotated[int, Query(ge=1, le=100)] = 20, status: str | None = None):
     _eval(request, key, eval_id)
     items, more = paginate(_evals(request).list_runs(eval_id, order, status), after, limit)
     return page([run_object(r) for r in items], more)
 
 
 @router.get("/{eval_id}/runs/{run_id}")
-async def retrieve_run(eval_id: str, run_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_run(eval_id: str, run_id: str, request: Request, key: Key):
     return run_object(_run(request, key, eval_id, run_id))
 
 
 @router.post("/{eval_id}/runs/{run_id}/cancel")
-async def cancel_run(eval_id: str, run_id: str, request: Request, key: Key):
+@in_store_lane
+def cancel_run(eval_id: str, run_id: str, request: Request, key: Key):
     r = _run(request, key, eval_id, run_id)
     if r["status"] in ("queued", "in_progress"):
         _evals(request).update_run(run_id, status="canceled")
@@ -191,23 +223,26 @@ async def cancel_run(eval_id: str, run_id: str, request: Request, key: Key):
 
 
 @router.delete("/{eval_id}/runs/{run_id}")
-async def delete_run(eval_id: str, run_id: str, request: Request, key: Key):
+@in_store_lane
+def delete_run(eval_id: str, run_id: str, request: Request, key: Key):
     _run(request, key, eval_id, run_id)
     _evals(request).delete_run(run_id)
     return {"object": "eval.run.deleted", "deleted": True, "run_id": run_id}
 
 
 @router.get("/{eval_id}/runs/{run_id}/output_items")
-async def list_output_items(eval_id: str, run_id: str, request: Request, key: Key, after: str | None = None,
-                            order: Order = "asc", limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                            status: Literal["fail", "pass"] | None = None):
+@in_store_lane
+def list_output_items(eval_id: str, run_id: str, request: Request, key: Key, after: str | None = None,
+                      order: Order = "asc", limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                      status: Literal["fail", "pass"] | None = None):
     _run(request, key, eval_id, run_id)
     items, more = paginate(_evals(request).output_items(run_id, order, status), after, limit)
     return page([output_item_object(o) for o in items], more)
 
 
 @router.get("/{eval_id}/runs/{run_id}/output_items/{item_id}")
-async def retrieve_output_item(eval_id: str, run_id: str, item_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_output_item(eval_id: str, run_id: str, item_id: str, request: Request, key: Key):
     _run(request, key, eval_id, run_id)
     return output_item_object(found(_evals(request).output_item(run_id, item_id), "output item", item_id,
                                     "output_item_id"))

@@ -6,7 +6,8 @@ completion as an OpenAI chat fine-tuning example (the request's messages and too
 ``max_tokens`` left out, and said), checks the file like any uploaded one and returns its File object, with the
 number of examples and the models whose answers they are. The selection is read a page of rows at a time and each
 example checked and written as its line, in the files lane (never on the event loop), so that memory holds one page
-whatever the selection's size; the file counts against the key's file quotas like an upload.
+whatever the selection's size; the file is kept in the store lane and counts against the key's file quotas like an
+upload.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import file_object
+from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.api.stored_completions import MAX_TIME, CompletionStore, training_example
 from tunesmith.serve.engines.errors import APIError
 
@@ -54,11 +56,12 @@ async def file_from_stored_completions(body: DistillBody, request: Request, key:
             raise APIError(400, f"no stored completion of this key matches ({made.selected} selected, {made.selected} of "
                            "them cut by max_tokens); store answers with store: true and metadata, then select them here",
                            param="metadata", code="no_stored_completions")
-        quotas.check_file(request, key, made.bytes)
+        await stored(request, key, quotas.check_file, request, key, made.bytes)
         if made.problems:
             raise APIError(400, "Invalid fine-tuning file: " + "; ".join(made.problems), param="metadata",
                            code="invalid_file_format")
-        kept = request.app.state.store.adopt_file(key, body.filename, "fine-tune", made.path)
+        kept = await stored(request, key, request.app.state.store.adopt_file, key, body.filename, "fine-tune",
+                            made.path)
     finally:
         made.path.unlink(missing_ok=True)  # kept: moved into the store; refused: not kept
     return file_object(kept) | {"examples": made.examples, "left_out_cut_by_max_tokens": made.selected - made.examples,

@@ -1,7 +1,8 @@
-"""OpenAI-compatible files and fine-tuning jobs routes over the SQLite store.
+"""OpenAI-compatible files and fine-tuning jobs routes over the store.
 
 Every file and job belongs to the API key that created it; another key gets a 404, exactly as
-for an id that does not exist. Ids are looked up, never used as paths.
+for an id that does not exist. Ids are looked up, never used as paths. The store's work (and a file's bytes read or
+written) runs in the store lane, never on the event loop (:mod:`tunesmith.serve.api.store_lane`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
+from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
@@ -58,10 +60,16 @@ async def create_file(request: Request, key: Key, file: Annotated[UploadFile, Fi
                        code="file_too_large")
     if purpose == "batch":
         quotas.check_batch_file_size(request, len(content))
-    quotas.check_file(request, key, len(content))
+    await stored(request, key, quotas.check_file, request, key, len(content))
     await checked(request, key, purpose, content, "file")
-    made = _store(request).add_file(key, Path(file.filename or "upload.jsonl").name, purpose, content)
-    return file_object(expire_file(_store(request), made, expires_s))
+    made = await stored(request, key, kept_file, _store(request), key, Path(file.filename or "upload.jsonl").name,
+                        purpose, content, expires_s)
+    return file_object(made)
+
+
+def kept_file(store, key, filename: str, purpose: str, content: bytes, expires_s: int | None) -> dict:
+    """The new file written and recorded, with its ``expires_at``."""
+    return expire_file(store, store.add_file(key, filename, purpose, content), expires_s)
 
 
 def file_expiry(request: Request, purpose: str, anchor: str | None, seconds) -> int | None:
@@ -145,7 +153,8 @@ def check_eval_upload(content: bytes, most: int = 5) -> list[str]:
 
 
 @router.get("/files")
-async def list_files(request: Request, key: Key, purpose: str | None = None):
+@in_store_lane
+def list_files(request: Request, key: Key, purpose: str | None = None):
     return {"object": "list", "data": [file_object(f) for f in _store(request).list_files(key, purpose)],
             "has_more": False}
 
@@ -155,19 +164,22 @@ def _file(request: Request, key, file_id: str) -> dict:
 
 
 @router.get("/files/{file_id}")
-async def retrieve_file(file_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_file(file_id: str, request: Request, key: Key):
     return file_object(_file(request, key, file_id))
 
 
 @router.get("/files/{file_id}/content")
-async def file_content(file_id: str, request: Request, key: Key):
+@in_store_lane
+def file_content(file_id: str, request: Request, key: Key):
     f = _file(request, key, file_id)
     media = "text/csv" if f["filename"].endswith(".csv") else "application/jsonl"
     return Response(Path(f["storage"]).read_bytes(), media_type=media)
 
 
 @router.delete("/files/{file_id}")
-async def delete_file(file_id: str, request: Request, key: Key):
+@in_store_lane
+def delete_file(file_id: str, request: Request, key: Key):
     _file(request, key, file_id)
     _store(request).delete_file(file_id, key)
     return {"id": file_id, "object": "file", "deleted": True}
@@ -284,6 +296,19 @@ def check_file_formats(store, key, body: JobBody) -> None:
 
 @router.post("/fine_tuning/jobs")
 async def create_job(body: JobBody, request: Request, key: Key):
+    """The job checked (its files and model in the store lane, a reinforcement job's graders in theirs), then
+    created and queued."""
+    model, parent, files = await stored(request, key, checked_job, request, key, body)
+    method = body.resolved_method()
+    if method["type"] == "reinforcement":
+        await request.app.state.lanes.graders.run(key, reinforcement.check_job, request, key, method["reinforcement"],
+                                                  files, sorted(request.app.state.trainable_models()))
+    return await stored(request, key, queued_job, request, key, body, model, parent)
+
+
+def checked_job(request: Request, key, body: JobBody) -> tuple[str, str | None, dict[str, Path]]:
+    """(the model to train, the fine-tune it continues or None, a reinforcement job's files by parameter): a 400
+    naming the field for anything the job cannot start from."""
     store = _store(request)
     quotas.check_metadata(body.metadata, "metadata")
     check_hyperparameters(body)
@@ -300,14 +325,18 @@ async def create_job(body: JobBody, request: Request, key: Key):
         raise APIError(400, f"model '{body.model}' is not available for fine-tuning here; this server fine-tunes "
                        f"{trainable} (start it with --model-alias {body.model}=MODEL to map this name)",
                        param="model", code="model_not_available")
-    method = body.resolved_method()
-    if method["type"] == "reinforcement":
-        files = {p: Path(store.get_file(getattr(body, p), key)["storage"]) for p in ("training_file", "validation_file")
-                 if getattr(body, p)}
-        await request.app.state.lanes.graders.run(key, reinforcement.check_job, request, key, method["reinforcement"],
-                                                  files, sorted(request.app.state.trainable_models()))
+    if body.resolved_method()["type"] != "reinforcement":
+        return model, parent, {}
+    files = {p: Path(store.get_file(getattr(body, p), key)["storage"]) for p in ("training_file", "validation_file")
+             if getattr(body, p)}
+    return model, parent, files
+
+
+def queued_job(request: Request, key, body: JobBody, model: str, parent: str | None) -> dict:
+    """The checked job created, its validation events written and its status queued."""
     import random
 
+    store, method = _store(request), body.resolved_method()
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
     job = store.add_job(key, model=model, training_file=body.training_file, validation_file=body.validation_file,
                         suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
@@ -345,7 +374,8 @@ def matches(job: dict, wanted: dict[str, str] | None) -> bool:
 
 
 @router.get("/fine_tuning/jobs")
-async def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
+@in_store_lane
+def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
     wanted = metadata_filter(request)
     jobs, more = paginate([j for j in _store(request).list_jobs(key) if matches(j, wanted)], after, limit)
     positions = _store(request).queue_positions()
@@ -353,7 +383,8 @@ async def list_jobs(request: Request, key: Key, after: str | None = None, limit:
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-async def retrieve_job(job_id: str, request: Request, key: Key):
+@in_store_lane
+def retrieve_job(job_id: str, request: Request, key: Key):
     return _job_object(request, _job(request, key, job_id))
 
 
@@ -372,17 +403,20 @@ def _control(request: Request, key, job_id: str, action: str, allowed: tuple[str
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-async def cancel_job(job_id: str, request: Request, key: Key):
+@in_store_lane
+def cancel_job(job_id: str, request: Request, key: Key):
     return _control(request, key, job_id, "cancel", ("validating_files", "queued", "running", "paused"), "cancelled")
 
 
 @router.post("/fine_tuning/jobs/{job_id}/pause")
-async def pause_job(job_id: str, request: Request, key: Key):
+@in_store_lane
+def pause_job(job_id: str, request: Request, key: Key):
     return _control(request, key, job_id, "pause", ("queued", "running"), "paused")
 
 
 @router.post("/fine_tuning/jobs/{job_id}/resume")
-async def resume_job(job_id: str, request: Request, key: Key):
+@in_store_lane
+def resume_job(job_id: str, request: Request, key: Key):
     return _control(request, key, job_id, "resume", ("paused",), "queued")
 
 
@@ -394,14 +428,16 @@ def _job_page(request: Request, key, job_id: str, rows, to_object, after: str | 
 
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
-async def list_events(job_id: str, request: Request, key: Key, after: str | None = None,
-                      limit: Annotated[int, Query(ge=1, le=1000)] = 20):
+@in_store_lane
+def list_events(job_id: str, request: Request, key: Key, after: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 20):
     return _job_page(request, key, job_id, _store(request).events, event_object, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
-async def list_checkpoints(job_id: str, request: Request, key: Key, after: str | None = None,
-                           limit: Annotated[int, Query(ge=1, le=100)] = 10):
+@in_store_lane
+def list_checkpoints(job_id: str, request: Request, key: Key, after: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=100)] = 10):
     def kept(jid: str) -> list[dict]:  # the trainer keeps the newest checkpoints; only those can be served
         return [c for c in _store(request).checkpoints(jid) if Path(c["path"]).is_dir()]
 
@@ -409,7 +445,8 @@ async def list_checkpoints(job_id: str, request: Request, key: Key, after: str |
 
 
 @router.get("/fine_tuning/jobs/{job_id}/report")
-async def job_report(job_id: str, request: Request, key: Key):
+@in_store_lane
+def job_report(job_id: str, request: Request, key: Key):
     """The job's evaluation report (tunesmith extension): base vs fine-tuned on the validation file,
     a self-contained HTML page with its charts embedded."""
     job = _job(request, key, job_id)

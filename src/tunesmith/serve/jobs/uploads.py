@@ -12,11 +12,12 @@ server's sweep, whether or not the upload is touched again).
 
 Every change of an upload's status is one conditional SQL update (``… WHERE status = 'pending'``), so two
 ``complete`` calls racing make one file (the other is a 400), and a part arriving while its upload is cancelled is
-not kept.
+not kept. The store's work runs in the store lane, the parts' bytes in the files lane: none on the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -30,8 +31,9 @@ from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import upload_object, upload_part_object
+from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.engines.errors import APIError, found
-from tunesmith.serve.jobs.routes import checked, expire_file
+from tunesmith.serve.jobs.routes import checked, kept_file
 from tunesmith.serve.store import new_id
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
@@ -94,7 +96,8 @@ def moved(store, upload_id: str, old: str, new: str, file_id: str | None = None)
 
 
 @router.post("/uploads")
-async def create_upload(body: UploadBody, request: Request, key: Key):
+@in_store_lane
+def create_upload(body: UploadBody, request: Request, key: Key):
     limit = request.app.state.settings.max_upload_mb * 1024 * 1024
     if body.purpose not in PURPOSES:
         raise APIError(400, f"purpose '{body.purpose}' is not supported; use {' or '.join(map(repr, PURPOSES))}",
@@ -114,7 +117,7 @@ async def create_upload(body: UploadBody, request: Request, key: Key):
 
 @router.post("/uploads/{upload_id}/parts")
 async def add_part(upload_id: str, request: Request, key: Key, data: Annotated[UploadFile, File()]):
-    _upload(request, key, upload_id)
+    await stored(request, key, _upload, request, key, upload_id)
     content = await data.read(PART_BYTES + 1)
     if len(content) > PART_BYTES:
         raise APIError(400, f"a part holds at most {PART_BYTES // 1024 // 1024} MB", param="data",
@@ -122,12 +125,18 @@ async def add_part(upload_id: str, request: Request, key: Key, data: Annotated[U
     store = request.app.state.store
     part = await request.app.state.lanes.files.run(key, kept_part, store, upload_id, content)
     if part is None:  # cancelled, expired or completed while the part arrived, or past the declared bytes
-        upload = _upload(request, key, upload_id)
-        received = store.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM upload_parts WHERE upload_id = ?",
-                                    (upload_id,)).fetchone()[0]
-        raise APIError(400, f"this part brings the upload to {received + len(content):,} bytes, more than the "
-                       f"{upload['bytes']:,} it declared", param="data", code="upload_too_large")
+        raise await stored(request, key, too_large, request, key, upload_id, len(content))
     return upload_part_object(part)
+
+
+def too_large(request: Request, key, upload_id: str, size: int) -> APIError:
+    """Why a part of ``size`` bytes was not kept: its upload no longer pending (that 400, raised), or the bytes past
+    what the upload declared (the 400 returned)."""
+    upload = _upload(request, key, upload_id)
+    received = request.app.state.store.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM upload_parts WHERE "
+                                                  "upload_id = ?", (upload_id,)).fetchone()[0]
+    return APIError(400, f"this part brings the upload to {received + size:,} bytes, more than the "
+                    f"{upload['bytes']:,} it declared", param="data", code="upload_too_large")
 
 
 def kept_part(store, upload_id: str, content: bytes) -> dict | None:
@@ -157,26 +166,56 @@ def joined(paths: list[str]) -> tuple[bytes, str]:
 @router.post("/uploads/{upload_id}/complete")
 async def complete_upload(upload_id: str, body: CompleteBody, request: Request, key: Key):
     """The upload's parts as one file: the upload is ``completing`` while its parts are joined and checked (a second
-    ``complete`` meanwhile is a 400), ``completed`` with its file after, and ``pending`` again when a check fails."""
+    ``complete`` meanwhile is a 400), ``completed`` with its file after, and ``pending`` again when a check fails.
+    Each store step runs in the store lane; a client that leaves midway leaves the upload pending or completed,
+    never completing."""
+    move = asyncio.ensure_future(stored(request, key, completing, request, key, upload_id))
+    try:
+        upload, parts = await asyncio.shield(move)
+        content = await checked_content(request, key, upload, parts, body)
+    except BaseException:
+        await asyncio.shield(back_to_pending(request, key, upload_id, move))
+        raise
+    return await asyncio.shield(stored(request, key, completed, request, key, upload, content, always=True))
+
+
+def completing(request: Request, key, upload_id: str) -> tuple[dict, dict[str, dict]]:
+    """The key's pending upload moved to ``completing`` (a 400 when another request moved it first) and its parts
+    by id."""
     upload = _upload(request, key, upload_id)
     store = request.app.state.store
     if not moved(store, upload_id, "pending", "completing"):
         raise not_pending(upload_id, store.get_upload(upload_id, key)["status"])
     try:
-        file = await completed_file(request, key, upload, body)
+        return upload, {p["id"]: p for p in store.upload_parts(upload_id)}
     except BaseException:
         moved(store, upload_id, "completing", "pending")
         raise
-    if not moved(store, upload_id, "completing", "completed", file["id"]):  # expired by the sweep meanwhile
+
+
+async def back_to_pending(request: Request, key, upload_id: str, move: asyncio.Future) -> None:
+    """The upload ``pending`` again once ``move`` (:func:`completing`, maybe still running for a client that left)
+    has made it ``completing``; nothing when it did not."""
+    try:
+        await move
+    except BaseException:  # noqa: BLE001 - not moved: refused, not pending, or the server stopping
+        return
+    await stored(request, key, moved, request.app.state.store, upload_id, "completing", "pending", always=True)
+
+
+def completed(request: Request, key, upload: dict, content: bytes) -> dict:
+    """The checked ``content`` made the upload's file and the upload ``completed`` with it; a 400 (and the file
+    deleted) when the sweep expired it meanwhile."""
+    store, upload_id = request.app.state.store, upload["id"]
+    file = kept_file(store, key, upload["filename"], upload["purpose"], content, upload.get("file_expires_s"))
+    if not moved(store, upload_id, "completing", "completed", file["id"]):
         store.delete_file(file["id"], key)
         raise not_pending(upload_id, store.get_upload(upload_id, key)["status"])
     return upload_object(store.get_upload(upload_id, key), file)
 
 
-async def completed_file(request: Request, key, upload: dict, body: CompleteBody) -> dict:
-    """The file the upload's parts make in the order ``part_ids`` gives, after every check (400 naming the field)."""
-    store = request.app.state.store
-    parts = {p["id"]: p for p in store.upload_parts(upload["id"])}
+async def checked_content(request: Request, key, upload: dict, parts: dict[str, dict], body: CompleteBody) -> bytes:
+    """The upload's ``parts`` joined in the order ``part_ids`` gives, after every check (400 naming the field)."""
     unknown = [pid for pid in body.part_ids if pid not in parts]
     if unknown or len(set(body.part_ids)) != len(body.part_ids):
         what = f"not parts of this upload: {unknown[:3]}" if unknown else "a part is listed twice"
@@ -189,12 +228,12 @@ async def completed_file(request: Request, key, upload: dict, body: CompleteBody
         raise APIError(400, "md5: the parts joined in this order do not have this checksum", param="md5",
                        code="checksum_mismatch")
     await checked(request, key, upload["purpose"], content, "part_ids")
-    made = store.add_file(key, upload["filename"], upload["purpose"], content)
-    return expire_file(store, made, upload.get("file_expires_s"))
+    return content
 
 
 @router.post("/uploads/{upload_id}/cancel")
-async def cancel_upload(upload_id: str, request: Request, key: Key):
+@in_store_lane
+def cancel_upload(upload_id: str, request: Request, key: Key):
     _upload(request, key, upload_id)
     store = request.app.state.store
     if not moved(store, upload_id, "pending", "cancelled"):
