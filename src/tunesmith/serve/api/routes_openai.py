@@ -55,14 +55,17 @@ async def list_models(request: Request, key: Key):
     engine = request.app.state.engine
     base = engine.model_ids()[0]
 
-    parents = request.app.state.model_parents
+    models = request.app.state.models
 
-    def entry(m: str) -> dict:
-        doc = {"id": m, "object": "model", "created": created, "owned_by": "tunesmith",
-               "parent": None if m == base else parents.get(m, base), "root": base}
-        return (doc | {"head": engine.heads[m].kind}) if m in engine.heads else doc
+    def entries() -> list[dict]:  # the key's fine-tunes from the store: off the event loop
+        out = []
+        for m in visible_models(request, key):
+            doc = {"id": m, "object": "model", "created": created, "owned_by": "tunesmith",
+                   "parent": None if m == base else models.parents.get(m, base), "root": base}
+            out.append((doc | {"head": kind}) if (kind := models.head_kind(m)) else doc)
+        return out
 
-    return {"object": "list", "data": [entry(m) for m in visible_models(request, key)]}
+    return {"object": "list", "data": await request.app.state.lanes.plan.run(key, entries)}
 
 
 async def _results(request: Request, jobs: list) -> list[list[Generation]]:
@@ -87,11 +90,11 @@ async def planned_run(request: Request, key: str | None, engine, builder, body, 
     requests in flight first (429 past its limit), its tokens charged once planned. Returns (plan, the engine's
     requests, the ticket to release when the answer has been sent)."""
     batch = request.scope.get("tunesmith.batch")  # a batch's line (tunesmith.serve.batches.runner): in its key's share
-    ticket = request.app.state.limiter.admit(key, counted=batch is None)
+    ticket = await request.app.state.limiter.admitted(key, counted=batch is None)
     try:
         plan = await build(builder, body, *more, engine, request.app.state.settings.max_tokens,
                            lane=request.app.state.lanes.plan, key=key)
-        ticket.charge(plan.cost)
+        await ticket.charged(plan.cost)
         return plan, engine.run(plan, tenant=key, background=batch is not None), ticket
     except BaseException:
         ticket.release()
@@ -113,7 +116,7 @@ def streamed(events, ticket, plan) -> StreamingResponse:
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionBody, request: Request, response: Response, key: Key):
     check_fields(CHAT, body)
-    engine = engine_for(request, body.model, key)
+    engine = await engine_for(request, body.model, key)
     if body.model in engine.heads:
         return await _head_reply(request, key, engine, body)
     if body.store:  # its metadata and the key's quota, before the answer is paid for (in the store lane)
@@ -217,7 +220,7 @@ async def _sse_chat(job, plan, cid: str, created: int, answered=None):
 @router.post("/completions")
 async def completions(body: CompletionBody, request: Request, response: Response, key: Key):
     check_fields(COMPLETIONS, body)
-    engine = engine_for(request, body.model, key)
+    engine = await engine_for(request, body.model, key)
     plan, jobs, ticket = await planned_run(request, key, engine, completion_plan, body)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt

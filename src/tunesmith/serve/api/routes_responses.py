@@ -98,7 +98,7 @@ def response_object(body: ResponseBody, rid: str, created: int, status: str, out
 async def create_response(body: ResponseBody, request: Request, response: Response, key: Key):
     check_fields(RESPONSES, body)
     check_metadata(body.metadata, "metadata")
-    engine = engine_for(request, body.model, key)
+    engine = await engine_for(request, body.model, key)
     if body.model in engine.heads:
         raise APIError(400, f"model '{body.model}' is a trained head: ask it through /v1/chat/completions",
                        param="model", code="unsupported_model")

@@ -58,7 +58,11 @@ class ServedBackend:
 
 def grading_context(request: Request, key: str | None) -> Context:
     """Model graders answered by the models served to ``key``; python graders under the server's limits."""
-    models = request.app.state.models
-    backend = ServedBackend(request.app.state.engine, asyncio.get_running_loop(),
-                            resolve=lambda model: models.resolve(model, key))
-    return Context(backends=lambda model: backend, limits=request.app.state.settings.grader_limits)
+    return context_for(request.app, key, asyncio.get_running_loop())
+
+
+def context_for(app, key: str | None, loop: asyncio.AbstractEventLoop) -> Context:
+    """:func:`grading_context` of the server ``app`` for ``key``'s work (a request's, or a run taken over)."""
+    models = app.state.models
+    backend = ServedBackend(app.state.engine, loop, resolve=lambda model: models.resolve(model, key))
+    return Context(backends=lambda model: backend, limits=app.state.settings.grader_limits)

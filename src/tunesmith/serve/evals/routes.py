@@ -157,7 +157,7 @@ async def started_run(request: Request, key, e: dict, body: RunBody, source: dic
     store, replica, lanes = _evals(request), request.app.state.replica, request.app.state.lanes
     model = source.get("model") or "(given samples)"
     run = await stored(request, key, claimed_run, store, key, e["id"], body, model, source, replica)
-    context = grading_context(request)
+    context = grading_context(request, key)
     eval_id = e["id"]
 
     def cancelled() -> bool:

@@ -41,7 +41,7 @@ def validate(body: ValidateBody, request: Request, key: Key):
 @router.post("/run")
 async def run(body: RunBody, request: Request, key: Key):
     grader = await stored(request, key, checked_grader, request, key, body.grader)
-    context = grading_context(request)
+    context = grading_context(request, key)
     [graded] = await request.app.state.lanes.graders.run(key, grade_batch, grader, [body.model_sample],
                                                          [body.item or {}], context)
     return {"reward": graded.reward, "metadata": graded.metadata, "sub_rewards": graded.sub_rewards,
