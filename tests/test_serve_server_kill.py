@@ -79,3 +79,38 @@ def test_server_killed_mid_job_resumes_after_restart(tmp_path, tiny_model_dir):
         server.kill()
         server.wait()
         log.close()
+
+
+def test_a_batch_stopped_by_sigterm_loses_no_line(tmp_path, tiny_model_dir):
+    """SIGTERM mid-batch: the lines the stop cuts short (503 from the closing engine) are not recorded as failed;
+    after the restart the batch ends with every line answered once, none failed."""
+    import json
+
+    data_dir, port = tmp_path / "data", _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    with open(tmp_path / "server.log", "ab") as log:
+        proc = _start(tiny_model_dir, data_dir, port, log)
+        c = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=60)
+        lines = "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+            "model": str(tiny_model_dir), "messages": [{"role": "user", "content": f"card {i}"}], "max_tokens": 48}})
+            + "\n" for i in range(160))
+        f = c.files.create(file=("b.jsonl", lines.encode()), purpose="batch")
+        batch = c.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        deadline = time.time() + 120
+        while c.batches.retrieve(batch.id).request_counts.completed < 10:
+            assert time.time() < deadline, "the batch did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        proc = _start(tiny_model_dir, data_dir, port, log)
+        try:
+            deadline = time.time() + 300
+            while (b := c.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
+                assert time.time() < deadline, b
+                time.sleep(0.3)
+            assert b.status == "completed" and (b.request_counts.completed, b.request_counts.failed) == (160, 0), b
+            ids = Counter(json.loads(x)["custom_id"] for x in c.files.content(b.output_file_id).read().splitlines())
+            assert set(ids.values()) == {1} and len(ids) == 160
+        finally:
+            proc.terminate()
+            proc.wait(60)

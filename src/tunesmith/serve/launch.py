@@ -100,7 +100,9 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
-            """On SIGTERM/SIGINT stop generating at once: requests in flight are answered with a 503."""
+            """On SIGTERM/SIGINT stop generating at once: requests in flight are answered with a 503, batches stop
+            first (their lines cut short stay unanswered, for the next holder of the batch)."""
+            app.state.batch_runner.stopping = True  # a flag: this runs in a signal handler, not a task of the loop
             engine = getattr(app.state, "engine", None)
             if engine is not None:
                 engine.close()

@@ -156,6 +156,8 @@ class BatchRunner:
                     "message": f"the input file {batch['input_file_id']} was deleted"}])
                 return
             await self._answer(batch, f["storage"], files)
+        if self.stopping:  # stays in progress: the next holder goes on from its recorded lines
+            return
         now = await asyncio.to_thread(self.batches.get, bid, None, True)
         cancelled = bid in self.cancelled or now["status"] == "cancelling"
         counts = now["request_counts"]
@@ -199,6 +201,8 @@ class BatchRunner:
                     raise
                 except Exception as exc:  # noqa: BLE001 - this line's answer, not the batch's end
                     status, body = 500, failure_body(f"{type(exc).__name__}: {exc}")
+                if self.stopping:  # the server stopping cut it short (a 503): answered after the next start
+                    return
                 await self.files_lane.run(owner, record, request, status, body)
 
             def record(request: dict, status: int, body: bytes) -> None:
@@ -209,13 +213,13 @@ class BatchRunner:
 
             try:
                 with InputLines(input_path, done) as source:
-                    while bid not in self.cancelled:
+                    while bid not in self.cancelled and not self.stopping:
                         chunk = await self.files_lane.run(owner, source.next_chunk, CHUNK_LINES)
                         if not chunk:
                             break
                         for request in chunk:
                             await gate.acquire()
-                            if bid in self.cancelled:
+                            if bid in self.cancelled or self.stopping:
                                 gate.release()
                                 break
                             task = asyncio.ensure_future(one(request))
