@@ -244,14 +244,28 @@ def test_answers_validate_against_the_clients_types(live):
     OutputItemListResponse.model_validate(page["data"][0])
 
 
-def test_runs_a_stopped_server_left_are_failed_on_restart(tmp_path):
+def test_runs_a_stopped_server_left_run_again_from_their_rows_on_restart(tmp_path):
+    from tunesmith.serve.evals import resume
     from tunesmith.serve.evals.store import EvalStore
     from tunesmith.serve.store import Store
 
-    evals = EvalStore(Store(tmp_path))
+    store = Store(tmp_path)
+    evals = EvalStore(store)
     ev = evals.add_eval("k1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
-    run = evals.add_run("k1", ev["id"], name="r", model="m", data_source={}, metadata=None)
-    evals.update_run(run["id"], status="in_progress")
-    Store(tmp_path).fail_abandoned_eval_runs(everyone=True)  # the restarted server, alone on its SQLite store
-    again = evals.get_run(ev["id"], run["id"])
-    assert again["status"] == "failed" and again["error"]["code"] == "server_restarted"
+    kept, lost = (evals.add_run("k1", ev["id"], name=f"r{i}", model="m", data_source={}, metadata=None)
+                  for i in range(2))
+    resume.keep_rows(tmp_path, kept["id"], [{"item": {"q": "a"}, "sample": None}])
+    for run in (kept, lost):
+        evals.update_run(run["id"], status="in_progress")
+        assert store.claim("eval_runs", run["id"], "the-stopped-server")
+    evals.add_output_items(kept["id"], ev["id"], [{"item_index": 0, "status": "pass", "datasource_item": {},
+                                                    "results": [], "sample": {}}])  # written before the stop
+    claimed = resume.claim_abandoned(Store(tmp_path), "restarted", everyone=True)  # alone on its SQLite store
+    assert sorted(r["id"] for r in claimed) == sorted([kept["id"], lost["id"]])
+    _, rows = resume.prepared(store, evals.get_run(ev["id"], kept["id"]))
+    assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == []
+    assert evals.get_run(ev["id"], kept["id"])["status"] == "queued"
+    assert resume.prepared(store, evals.get_run(ev["id"], lost["id"])) is None  # made before its rows were kept
+    failed = evals.get_run(ev["id"], lost["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_restarted"
+

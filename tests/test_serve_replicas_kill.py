@@ -76,12 +76,21 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
         owner = owner_id(server_secret(data_dir), KEY)
         wait_for(lambda: any(e["type"] == "metrics" for e in store.events(job.id)), 180, "the job's first step")
         wait_for(lambda: one.batches.retrieve(batch.id).request_counts.completed >= 1, 120, "the batch's first line")
+        ev = one.evals.create(name="kill", data_source_config={"type": "custom", "item_schema": {
+            "type": "object", "properties": {"q": {"type": "string"}}}, "include_sample_schema": True},
+            testing_criteria=[{"type": "string_check", "name": "answered", "input": "{{sample.output_text}}",
+                               "reference": "\u0000", "operation": "ne"}])
+        run = one.evals.runs.create(ev.id, data_source={
+            "type": "completions", "model": model, "sampling_params": {"max_completion_tokens": 64},
+            "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]},
+            "source": {"type": "file_content", "content": [{"item": {"q": f"card {i}"}} for i in range(120)]}})
         os.killpg(proc1.pid, signal.SIGSTOP)  # frozen mid-work (server and worker) while replica two starts
         stopped_at = time.time()
         with replica(tiny_model_dir, data_dir, database, tmp_path / "r2.log") as (url2, _):
             two = openai.OpenAI(base_url=url2, api_key=KEY, max_retries=0, timeout=60)
             assert two.batches.retrieve(batch.id).status == "in_progress"  # still mid-batch when killed
             assert two.fine_tuning.jobs.retrieve(job.id).status == "running"  # still mid-job
+            assert two.evals.runs.retrieve(run.id, eval_id=ev.id).status in ("queued", "in_progress")  # mid-run
             holders = {store.get_job(job.id, owner)["claimed_by"],
                        store.db.execute("SELECT claimed_by FROM batches WHERE id = ?", (batch.id,)).fetchone()[0]}
             assert all(h and f":{proc1.pid}:" in h or _worker_of(h, proc1.pid) for h in holders), holders
@@ -98,6 +107,19 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
             ids = Counter(json.loads(line)["custom_id"] for line in
                           two.files.content(finished.output_file_id).read().splitlines())
             assert sorted(ids) == sorted(f"r{i}" for i in range(80)) and set(ids.values()) == {1}  # each line once
+
+            wait_for(lambda: two.evals.runs.retrieve(run.id, eval_id=ev.id).status not in ("queued", "in_progress"),
+                     LEASE_S + 240, "the eval run's end")
+            ended_run = two.evals.runs.retrieve(run.id, eval_id=ev.id)
+            assert ended_run.status == "completed" and ended_run.result_counts.total == 120, ended_run
+            indexes, after = [], None
+            while True:
+                page = two.evals.runs.output_items.list(run.id, eval_id=ev.id, limit=100, after=after)
+                indexes += [i.datasource_item_id for i in page.data]
+                if not page.has_more:
+                    break
+                after = page.data[-1].id
+            assert sorted(indexes) == list(range(120)), indexes  # every row graded once
 
             wait_for(lambda: two.fine_tuning.jobs.retrieve(job.id).status in ("succeeded", "failed"), LEASE_S + 400,
                      "the job's end")

@@ -202,8 +202,9 @@ def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch
     assert err.value.status == 503 and err.value.body["code"] == "limits_unavailable"
 
 
-def test_eval_runs_a_dead_replica_held_are_failed_and_live_ones_kept(store, monkeypatch):
+def test_eval_runs_a_dead_replica_held_are_claimed_by_a_live_one_and_live_ones_kept(store, monkeypatch):
     import tunesmith.serve.store as store_module
+    from tunesmith.serve.evals import resume
     from tunesmith.serve.evals.store import EvalStore
 
     evals = EvalStore(store)
@@ -215,5 +216,6 @@ def test_eval_runs_a_dead_replica_held_are_failed_and_live_ones_kept(store, monk
     now = store_module.time.time()
     monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.LEASE_S + 1)  # "dead" stopped renewing
     assert store.renew("eval_runs", [runs[0]["id"]], "alive") == set()
-    assert store.fail_abandoned_eval_runs() == 1
-    assert [evals.get_run(ev["id"], r["id"])["status"] for r in runs] == ["in_progress", "failed"]
+    taken = resume.claim_abandoned(store, "another")
+    assert [r["id"] for r in taken] == [runs[1]["id"]]  # the dead replica's run, claimed by a live one
+    assert resume.claim_abandoned(store, "a third") == []  # claimed once

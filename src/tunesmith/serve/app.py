@@ -117,13 +117,18 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
         app.state.models = ServedModels(app.state.engine, app.state.store, settings.fine_tunes_loaded,
                                         in_use_s=settings.request_timeout_s)
-        app.state.store.fail_abandoned_eval_runs(everyone=app.state.store.db.kind == "sqlite")
         from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
 
         for name, target in settings.model_aliases.items():
             if target not in ENCODER_NAMES and target not in (settings.embedding_models or {}):
                 app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
         watcher = asyncio.ensure_future(watch_adapters(app)) if settings.engine == "vllm" else None
+        from tunesmith.serve.evals import resume
+
+        # eval runs a stopped server left (on SQLite, the only server: all of them) run again from their rows, and
+        # every third of a lease those a dead replica left
+        await resume.resume_abandoned(app, everyone=app.state.store.db.kind == "sqlite")
+        runs_watcher = asyncio.ensure_future(resume.watch(app))
         app.state.batch_runner.start()
         shared = app.state.limiter.shared
         if shared is not None:
@@ -136,6 +141,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         sweeper.cancel()
         if watcher is not None:
             watcher.cancel()
+        runs_watcher.cancel()
         app.state.engine.close()
         app.state.lanes.close()
         if shared is not None:

@@ -219,17 +219,12 @@ def sweep(store, now: float | None = None, quotas: Quotas | None = None) -> dict
     """Delete what has expired: pending uploads past ``expires_at`` (marked expired, their parts' rows and bytes
     deleted), parts of uploads no longer pending (one added while its upload was cancelled), part files no row
     names (a crash between writing and recording), and files past their ``expires_at`` that no unfinished job or
-    batch reads; eval runs a dead replica held, failed. Returns what it did, by kind."""
+    batch reads. Returns what it did, by kind."""
     now = int(now if now is not None else time.time())
     done = {"uploads_expired": _expire_uploads(store, now), "parts": _drop_orphan_parts(store),
             "stray_part_files": _drop_stray_part_files(store, now - (quotas or Quotas()).upload_expiry_s),
-            "files": _drop_expired_files(store, now), "eval_runs_interrupted": _fail_interrupted_runs(store)}
+            "files": _drop_expired_files(store, now)}
     return {k: v for k, v in done.items() if v}
-
-
-def _fail_interrupted_runs(store) -> int:
-    """Eval runs whose replica died (their claim not renewed), failed with the reason."""
-    return store.fail_abandoned_eval_runs()
 
 
 def _expire_uploads(store, now: int) -> int:

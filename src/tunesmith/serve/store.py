@@ -35,7 +35,7 @@ def worker_id() -> str:
 
 
 LEASE_S = 30.0  # a claim not renewed for this long is its worker's death: the work is anyone's again
-CLAIMABLE = ("jobs", "batches", "eval_runs")
+CLAIMABLE = ("jobs", "batches", "batch_chunks", "eval_runs")
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
 def new_id(prefix: str) -> str:
@@ -254,7 +254,9 @@ class Store:
         return job
 
     def claim(self, table: str, oid: str, worker: str) -> bool:
-        """``worker`` takes the row ``oid`` of ``table`` (a batch, an eval run) unless a live worker holds it."""
+        """``worker`` takes the row ``oid`` of ``table`` (a batch, a batch's chunk, an eval run) unless a live worker
+        holds it: one conditional UPDATE, so of workers claiming at once one gets the row (SQLite: one writer at a
+        time; PostgreSQL: the second UPDATE waits for the first's row lock, then finds the row held)."""
         now = time.time()
         with self.lock:
             return self.db.execute(f"UPDATE {_claimable(table)} SET claimed_by = ?, lease_until = ? WHERE id = ? AND "
@@ -302,18 +304,6 @@ class Store:
         return {r[0] for r in self.db.execute(
             f"SELECT id FROM {_claimable(table)} WHERE claimed_by IS NOT NULL AND claimed_by != ? AND lease_until >= ?",
             (worker, time.time()))}
-
-    def fail_abandoned_eval_runs(self, everyone: bool = False) -> int:
-        """Eval runs a stopped server or replica left queued or in progress, failed with the reason (a run lives in
-        the replica that started it, which holds its claim until it ends): those no live replica holds, or with
-        ``everyone`` (the only server of a SQLite store, starting) all of them. Returns how many."""
-        error = json.dumps({"code": "server_restarted", "message": "the server stopped during this run; create "
-                            "the run again"})
-        sql, args = "UPDATE eval_runs SET status = 'failed', error = ? WHERE status IN ('queued', 'in_progress')", [error]
-        if not everyone:
-            sql, args = sql + " AND (claimed_by IS NULL OR lease_until < ?)", [error, time.time()]
-        with self.lock:
-            return self.db.execute(sql, args).rowcount
 
     # --- events and checkpoints ------------------------------------------------------------------
 

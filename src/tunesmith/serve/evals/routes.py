@@ -24,9 +24,8 @@ from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
 from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.engines.errors import found
+from tunesmith.serve.evals import resume
 from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
-from tunesmith.serve.evals.grading import grading_context
-from tunesmith.serve.evals.run import execute
 from tunesmith.serve.evals.store import EvalStore
 from tunesmith.serve.quotas import check_eval, check_eval_run, check_metadata
 
@@ -153,30 +152,12 @@ async def create_run(eval_id: str, body: RunBody, request: Request, key: Key):
 
 
 async def started_run(request: Request, key, e: dict, body: RunBody, source: dict, rows: list[dict]) -> dict:
-    """The run created and claimed by this replica (in the store lane), and started in a task of its own."""
-    store, replica, lanes = _evals(request), request.app.state.replica, request.app.state.lanes
+    """The run created, its rows kept on the shared data folder and claimed by this replica (in the store lane), and
+    started in a task of its own (:mod:`tunesmith.serve.evals.resume`: a replica that dies leaves it to another)."""
     model = source.get("model") or "(given samples)"
-    run = await stored(request, key, claimed_run, store, key, e["id"], body, model, source, replica)
-    context = grading_context(request, key)
-    eval_id = e["id"]
-
-    def cancelled() -> bool:
-        current = store.get_run(eval_id, run["id"])
-        return current is None or current["status"] == "canceled"
-
-    async def held() -> None:
-        """The run is this replica's from its creation to its end (a replica that dies leaves it to be failed with
-        the reason by another, never stuck in progress); the claim is let go in the store lane."""
-        lease = store.base.holding("eval_runs", run["id"], replica)
-        lease.__enter__()  # a thread that renews the claim
-        try:
-            await lanes.evals.run(key, execute, store, e, run, rows, context, cancelled)
-        finally:
-            await asyncio.shield(lanes.store.run(key, lease.__exit__, None, None, None, always=True))
-
-    task = asyncio.ensure_future(held())
-    request.app.state.__dict__.setdefault("eval_tasks", set()).add(task)
-    task.add_done_callback(request.app.state.eval_tasks.discard)
+    run = await stored(request, key, claimed_run, _evals(request), key, e["id"], body, model, source,
+                       request.app.state.replica, rows)
+    resume.start(request.app, key, e, run, rows)
     return run
 
 
@@ -190,10 +171,12 @@ def checked_run(request: Request, key, eval_id: str, body: RunBody) -> tuple[dic
     return e, check_data_source(request, key, body.data_source)
 
 
-def claimed_run(store: EvalStore, key, eval_id: str, body: RunBody, model: str, source: dict, replica: str) -> dict:
-    """The new run, claimed by this replica."""
+def claimed_run(store: EvalStore, key, eval_id: str, body: RunBody, model: str, source: dict, replica: str,
+                rows: list[dict]) -> dict:
+    """The new run, its rows kept where any replica reads them, claimed by this replica."""
     run = store.add_run(key, eval_id, name=body.name or f"run on {model}", model=model, data_source=source,
                         metadata=body.metadata)
+    resume.keep_rows(store.base.root, run["id"], rows)
     store.base.claim("eval_runs", run["id"], replica)
     return run
 

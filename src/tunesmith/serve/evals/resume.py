@@ -1,0 +1,150 @@
+"""Eval runs claimed, not owned: a run's rows are kept on the shared data folder from its creation until its end,
+so that a run whose server stopped or whose replica died is claimed by a live replica and run again from them.
+
+The replica that creates a run claims it and runs it at once (:func:`start`), renewing its claim while it runs.
+Every replica looks every third of a lease for runs left queued or in progress that no live replica holds (on
+SQLite, the only server, at its start: every such run) and claims them; each is run again from its kept rows, the
+output items a dead replica had written first deleted, so every row has one item. A run whose rows were not kept
+(made by an earlier version) is failed with the reason, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from tunesmith.serve.evals.grading import context_for
+from tunesmith.serve.evals.run import execute
+from tunesmith.serve.evals.store import EvalStore
+from tunesmith.serve.store import LEASE_S
+
+log = logging.getLogger("tunesmith.serve")
+ROWS_DIR = "eval_runs"  # under the data folder: <run id>.jsonl, a run's rows while it is queued or running
+
+
+def rows_path(root: Path, run_id: str) -> Path:
+    return Path(root) / ROWS_DIR / f"{run_id}.jsonl"
+
+
+def keep_rows(root: Path, run_id: str, rows: list[dict]) -> None:
+    """The run's rows written where any replica reads them (whole or not at all: written aside, then renamed)."""
+    path = rows_path(root, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    aside = path.with_suffix(".part")
+    with open(aside, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(aside, path)
+
+
+def kept_rows(root: Path, run_id: str) -> list[dict] | None:
+    path = rows_path(root, run_id)
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def claim_abandoned(store, replica: str, everyone: bool = False) -> list[dict]:
+    """The runs left queued or in progress that no live replica holds (``everyone``: all of them, for the only
+    server of a SQLite store at its start), each claimed for ``replica``; a run another replica claims first is
+    left to it."""
+    now = time.time()
+    sql = "SELECT id, eval_id FROM eval_runs WHERE status IN ('queued', 'in_progress')"
+    if not everyone:
+        sql += " AND (claimed_by IS NULL OR lease_until < ?)"
+    found = store.db.execute(sql, () if everyone else (now,)).fetchall()
+    claimed = []
+    for run_id, eval_id in found:
+        if everyone:
+            store.db.execute("UPDATE eval_runs SET claimed_by = ?, lease_until = ? WHERE id = ?",
+                             (replica, now + LEASE_S, run_id))
+        elif not store.claim("eval_runs", run_id, replica):
+            continue
+        claimed.append((run_id, eval_id))
+    evals = EvalStore(store)
+    out = []
+    for run_id, eval_id in claimed:
+        run = evals.get_run(eval_id, run_id)
+        if run is not None:
+            out.append(run)
+    return out
+
+
+def prepared(store, run: dict) -> tuple[dict, list[dict]] | None:
+    """(the eval, the rows) of a claimed run to run again, its earlier output items deleted and its status queued;
+    None when it cannot run again (failed here with the reason, or gone)."""
+    evals = EvalStore(store)
+    eval_ = evals.get_eval(run["eval_id"], run["owner"])
+    rows = kept_rows(store.root, run["id"])
+    if eval_ is None or rows is None:
+        evals.move_run(run["id"], ("queued", "in_progress"), status="failed", error={
+            "code": "server_restarted", "message": "the server stopped during this run and its rows were not kept; "
+            "create the run again"})
+        store.release("eval_runs", run["id"], run.get("claimed_by") or "")
+        return None
+    evals._delete(run["id"], ("eval_output_items", "run_id"))
+    if not evals.move_run(run["id"], ("queued", "in_progress"), status="queued"):
+        return None  # cancelled meanwhile
+    return eval_, rows
+
+
+def start(app, key, eval_: dict, run: dict, rows: list[dict]) -> asyncio.Task:
+    """Run ``run`` (claimed by this replica) in a task of its own, in ``key``'s turn of the evals lane, renewing its
+    claim while it runs; its kept rows are deleted when it ends, its claim let go."""
+    store, replica, lanes = app.state.store, app.state.replica, app.state.lanes
+    evals = EvalStore(store)
+    context = context_for(app, key, asyncio.get_running_loop())
+
+    def cancelled() -> bool:
+        current = evals.get_run(eval_["id"], run["id"])
+        return current is None or current["status"] == "canceled"
+
+    def ended(lease) -> None:
+        lease.__exit__(None, None, None)
+        current = evals.get_run(eval_["id"], run["id"])
+        if current is None or current["status"] not in ("queued", "in_progress"):
+            rows_path(store.root, run["id"]).unlink(missing_ok=True)
+
+    async def held() -> None:
+        lease = store.holding("eval_runs", run["id"], replica)
+        lease.__enter__()  # a thread that renews the claim
+        try:
+            await lanes.evals.run(key, execute, evals, eval_, run, rows, context, cancelled)
+        finally:
+            await asyncio.shield(asyncio.to_thread(ended, lease))
+
+    task = asyncio.ensure_future(held())
+    tasks = app.state.__dict__.setdefault("eval_tasks", set())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
+async def resume_abandoned(app, everyone: bool = False) -> int:
+    """Claim the runs no live replica holds and start each again from its rows; returns how many started."""
+    store, replica = app.state.store, app.state.replica
+    started = 0
+    for run in await asyncio.to_thread(claim_abandoned, store, replica, everyone):
+        ready = await asyncio.to_thread(prepared, store, run | {"claimed_by": replica})
+        if ready is None:
+            continue
+        eval_, rows = ready
+        log.info("eval run %s: taken over by this replica, run again from its %d rows", run["id"], len(rows))
+        start(app, run["owner"], eval_, run | {"status": "queued"}, rows)
+        started += 1
+    return started
+
+
+async def watch(app) -> None:
+    """Every third of a lease: runs a dead replica left, claimed and run again here."""
+    while True:
+        await asyncio.sleep(LEASE_S / 3)
+        try:
+            await resume_abandoned(app)
+        except Exception:  # noqa: BLE001 - looked at again at the next turn
+            log.exception("looking for eval runs to take over failed")
