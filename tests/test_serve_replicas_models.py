@@ -100,3 +100,27 @@ def test_a_fine_tuning_script_and_its_model_across_two_replicas(tiny_model_dir, 
             assert tuned not in [m.id for m in a.models.list()]
             assert a.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                              max_tokens=2).choices
+
+
+def test_replicas_sharing_a_data_folder_keep_their_vllm_apart(tmp_path, monkeypatch):
+    """`tunesmith serve --database …` names the replica host-port: its vLLM's log and the endpoint its jobs worker
+    reads live in a folder of its own, never another replica's (one server on SQLite keeps `<data-dir>/vllm`)."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    import tunesmith.serve.launch as launch
+    from tunesmith.cli import app
+    from tunesmith.serve.app import ServeSettings
+
+    seen = []
+    monkeypatch.setattr(launch, "serve_platform", lambda settings, *a, **k: seen.append(settings))
+    monkeypatch.setattr(launch, "pick_engine", lambda engine, python: "vllm")
+    for port, database in ((8001, "postgresql://db/x"), (8002, "postgresql://db/x"), (8003, None)):
+        args = ["serve", "--model", str(tmp_path), "--data-dir", str(tmp_path / "shared"), "--port", str(port)]
+        result = CliRunner().invoke(app, args + (["--database", database] if database else []))
+        assert result.exit_code == 0, result.output
+    host = socket.gethostname()
+    assert [s.vllm_dir for s in seen] == [tmp_path / "shared" / "vllm" / f"{host}-8001",
+                                          tmp_path / "shared" / "vllm" / f"{host}-8002", tmp_path / "shared" / "vllm"]
+    assert ServeSettings(data_dir=tmp_path).vllm_dir == tmp_path / "vllm"

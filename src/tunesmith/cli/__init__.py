@@ -5,6 +5,7 @@ Exit codes: 0 success, 2 config or usage error, 3 data error, 1 anything else.
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -317,7 +318,8 @@ def serve(
         common.err_console.print(f"[yellow]warning:[/] serving on {host} without API keys (set TUNESMITH_API_KEYS)")
     common.quiet_libraries()
     settings = ServeSettings(model=model, adapters=adapters, api_keys=keys, data_dir=data_dir, runs_dir=runs,
-                             database=database, max_tokens=max_tokens, request_timeout_s=request_timeout,
+                             database=database, instance=f"{socket.gethostname()}-{port}" if database else "",
+                             max_tokens=max_tokens, request_timeout_s=request_timeout,
                              max_batch=max_batch, fine_tunes_loaded=fine_tunes_loaded, docs=docs,
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,

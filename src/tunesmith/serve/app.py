@@ -32,6 +32,7 @@ class ServeSettings:
     wait_ms: float = 15.0
     data_dir: Path = Path("tunesmith-data")  # files, jobs database, job runs
     database: str | None = None  # a postgresql:// URL holding the tables (replicas share it); None: SQLite in data_dir
+    instance: str = ""  # a replica's own name (host-port): its vLLM's log and endpoint under vllm/<instance>
     runs_dir: Path = Path("runs")  # the experiments `tunesmith run` wrote, shown in the dashboard
     max_upload_mb: int = 512
     max_body_mb: int = 16  # any other request's body (413 past it: tunesmith.serve.api.body_limit)
@@ -51,7 +52,13 @@ class ServeSettings:
     gpu_split: object | None = None  # the GpuSplit taken at start (tunesmith.serve.engines.gpu_split), None on a CPU
     key_limits: KeyLimits = field(default_factory=KeyLimits)  # per-key requests in flight, tokens a minute (off)
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
+    batch_chunk_lines: int | None = None  # a batch's lines claimed together by one replica; None: 256
     quotas: Quotas = field(default_factory=Quotas)  # what one key may keep (tunesmith.serve.quotas)
+
+    @property
+    def vllm_dir(self) -> Path:
+        """This server's vLLM log and endpoint file: replicas sharing a data folder each have their own."""
+        return self.data_dir / "vllm" / self.instance if self.instance else self.data_dir / "vllm"
 
     @property
     def engine_batch(self) -> int:
@@ -157,7 +164,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     app.state.lanes = Lanes()  # the bounded thread pools every key's off-loop work runs in (tunesmith.serve.lanes)
     from tunesmith.serve.batches.runner import BatchRunner
 
-    app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight)
+    app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight, settings.batch_chunk_lines)
     from tunesmith.serve.api.body_limit import BodyLimit
 
     app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
@@ -226,7 +233,7 @@ def make_engine(settings: ServeSettings):
         from tunesmith.serve.engines.vllm.engine import VllmEngine
 
         share = settings.gpu_split.vllm_share if settings.gpu_split is not None else None
-        return VllmEngine(settings.model, settings.adapters, settings.data_dir / "vllm", python=settings.vllm_python,
+        return VllmEngine(settings.model, settings.adapters, settings.vllm_dir, python=settings.vllm_python,
                           request_timeout_s=settings.request_timeout_s, extra_args=settings.vllm_args,
                           gpu_memory_utilization=share)
     from tunesmith.serve.engines.builtin import Engine

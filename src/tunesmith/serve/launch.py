@@ -109,7 +109,7 @@ def serve_platform(settings, host: str, port: int, say=print, jobs_per_key: int 
             worker.terminate()  # the worker saves its job at the next step while the server drains
             super().handle_exit(sig, frame)
 
-    endpoint = settings.data_dir / "vllm" / "endpoint.json" if settings.engine == "vllm" else None
+    endpoint = settings.vllm_dir / "endpoint.json" if settings.engine == "vllm" else None
     worker = start_worker(settings.data_dir, jobs_per_key, executor, ray_address, split and split.jobs_gb, endpoint,
                           jobs_engine, settings.database)
     # uvicorn re-raises the signal it handled once it has stopped; a no-op handler lets the worker be awaited
