@@ -92,3 +92,15 @@ def test_resolved_config_written_even_on_data_error(cli, tmp_path):
     cli(["run", str(write_recipe(tmp_path / "r.yaml", doc))])
     resolved = (tmp_path / "runs" / "t" / "config.resolved.yaml").read_text()
     assert "nowhere.jsonl" in resolved and "_versions" in resolved
+
+
+def test_serve_takes_the_largest_file_it_accepts(cli, tmp_path, monkeypatch):
+    """``--max-upload-mb`` (documented with the body limits) reaches the server's settings."""
+    import tunesmith.serve.launch as launch
+
+    seen = []
+    monkeypatch.setattr(launch, "serve_platform", lambda settings, *a, **k: seen.append(settings))
+    code, out = cli(["serve", "--model", str(tmp_path), "--data-dir", str(tmp_path / "d"), "--engine", "builtin",
+                     "--max-upload-mb", "5"])
+    assert code == 0, out
+    assert seen[0].max_upload_mb == 5

@@ -267,6 +267,8 @@ def serve(
                                                    "the store at its next request).")] = 8,
     max_body_mb: Annotated[int, typer.Option(min=1, help="Largest request body in MB (uploads excepted); "
                                              "larger ones get a 413.")] = 16,
+    max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest file in MB: one multipart upload to /v1/files, "
+                                               "or a whole /v1/uploads upload (a 413 past it).")] = 512,
     batch_concurrency: Annotated[int | None, typer.Option(min=1, help="A batch's requests in flight at once "
                                                           "[default: half of --max-batch; 128 on vLLM].")] = None,
     requests_per_key: Annotated[int | None, typer.Option(min=1, help="Most inference requests of one API key in "
@@ -324,6 +326,7 @@ def serve(
                              allow_random_model=allow_random_model, allow_python_graders=allow_python_graders,
                              model_aliases=aliases, engine=engine, vllm_python=vllm_python,
                              vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,
+                             max_upload_mb=max_upload_mb,
                              key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key),
                              batch_concurrency=batch_concurrency, quotas=Quotas.parse(quota or []))
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
