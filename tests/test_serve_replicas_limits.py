@@ -13,7 +13,7 @@ from tunesmith.serve.api.rate_limits import KeyLimits
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
 
-from .conftest import running_server
+from .conftest import http_get, running_server
 
 KEYS = frozenset({"k1", "k2"})
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
@@ -96,11 +96,16 @@ def test_tokens_over_replicas_are_refused_with_a_503_when_the_database_is_unreac
                   count=1) as (urls, apps):
         k1 = client(urls[0], "k1")
         assert k1.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2).choices
+        root = urls[0].removesuffix("/v1")
+        assert http_get(f"{root}/ready")[0] == 200 and http_get(f"{root}/health")[0] == 200  # no key needed
         apps[0].state.store.db.close()  # every connection of the store closed: the database cannot be reached
         with pytest.raises(openai.InternalServerError) as refused:
             k1.chat.completions.create(model=model, messages=MESSAGES, max_tokens=2)
         assert refused.value.status_code == 503 and refused.value.body["code"] == "limits_unavailable"
         assert "tokens a minute across replicas" in refused.value.body["message"]
+        status, body = http_get(f"{root}/ready")  # the load balancer sends traffic elsewhere
+        assert status == 503 and b"the store did not answer" in body, body
+        assert http_get(f"{root}/health")[0] == 200  # alive: not a reason to restart it
 
 
 def test_a_keys_tokens_are_summed_over_replicas_and_leave_with_the_minute(postgres, tmp_path, monkeypatch):

@@ -203,7 +203,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
 
-    from tunesmith.serve.api import routes_embeddings, routes_models, routes_openai, routes_responses, stored_completions
+    from tunesmith.serve.api import health, routes_embeddings, routes_models, routes_openai, routes_responses, stored_completions
     from tunesmith.serve.batches import routes as routes_batches
     from tunesmith.serve.dashboard import routes as routes_dashboard
     from tunesmith.serve.evals import routes as routes_evals
@@ -212,6 +212,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
     from tunesmith.serve.jobs import routes as routes_jobs
     from tunesmith.serve.jobs import uploads as routes_uploads
 
+    app.include_router(health.router)
     app.include_router(routes_openai.router)
     app.include_router(stored_completions.router)
     app.include_router(routes_jobs.router)
