@@ -10,7 +10,7 @@ LOCK   := requirements.lock
 # and rich below 15, while openai 3 needs jiter >= 0.16 (instructor runs on both; tests/test_client_libraries.py)
 NODEPS := instructor docstring-parser
 
-.PHONY: install model converter browser demo test test-benchmarks test-export vllm test-vllm lint clean lock
+.PHONY: install model converter browser postgres demo test test-benchmarks test-export vllm test-vllm lint clean lock
 
 # exact versions from $(LOCK): the same install on every machine until `make lock` is run again
 $(STAMP): pyproject.toml $(LOCK)
@@ -51,9 +51,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
 
+# PostgreSQL for the replica tests (Debian package; they start a server of their own in a temporary folder, a Unix
+# socket only; needs root to install, skipped with a note otherwise)
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "note: could not install Debian's postgresql; the replica tests will be skipped"
+
 # two test processes (pytest-xdist), a file each at a time: the suite waits on servers and subprocesses about half
 # of its time, so two share the 2 cores (tests/conftest.py gives each one thread)
-test: model converter browser
+test: model converter browser postgres
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not vllm and not bench'
 
 # the tests that run benchmark scripts end to end (tiny GPU benchmark, GPU quality smoke run, label-scoring memory
