@@ -91,8 +91,8 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
             assert two.batches.retrieve(batch.id).status == "in_progress"  # still mid-batch when killed
             assert two.fine_tuning.jobs.retrieve(job.id).status == "running"  # still mid-job
             assert two.evals.runs.retrieve(run.id, eval_id=ev.id).status in ("queued", "in_progress")  # mid-run
-            holders = {store.get_job(job.id, owner)["claimed_by"],
-                       store.db.execute("SELECT claimed_by FROM batches WHERE id = ?", (batch.id,)).fetchone()[0]}
+            holders = {store.get_job(job.id, owner)["claimed_by"],  # the job's, and the batch's chunk's
+                       store.db.execute("SELECT claimed_by FROM batch_chunks WHERE batch_id = ?", (batch.id,)).fetchone()[0]}
             assert all(h and f":{proc1.pid}:" in h or _worker_of(h, proc1.pid) for h in holders), holders
             os.killpg(proc1.pid, signal.SIGKILL)
             proc1.wait()

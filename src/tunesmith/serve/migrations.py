@@ -182,5 +182,16 @@ MIGRATIONS: list[tuple[str, Migration]] = [
         CREATE TABLE key_tokens (
             owner TEXT NOT NULL, bucket INTEGER NOT NULL, tokens INTEGER NOT NULL, PRIMARY KEY (owner, bucket)
         )"""),
+    # a batch's lines in chunks (first_line and the lines it spans of the input file, from first_byte; requests: its
+    # non-blank lines), each claimed by one replica at a time, its answers in part files of its own with their lengths
+    # (tunesmith.serve.batches.store); answered_by: the replica that answered its last line
+    ("0049_batch_chunks", """
+        CREATE TABLE batch_chunks (
+            id TEXT PRIMARY KEY, batch_id TEXT NOT NULL, chunk INTEGER NOT NULL, first_line INTEGER NOT NULL,
+            lines INTEGER NOT NULL, first_byte INTEGER NOT NULL, requests INTEGER NOT NULL, status TEXT NOT NULL,
+            claimed_by TEXT, lease_until REAL, output_bytes INTEGER NOT NULL DEFAULT 0,
+            error_bytes INTEGER NOT NULL DEFAULT 0, answered_by TEXT
+        )"""),
+    ("0050_batch_chunks_by_batch", "CREATE UNIQUE INDEX batch_chunks_by_batch ON batch_chunks (batch_id, chunk)"),
 ]
 

@@ -1,29 +1,39 @@
-"""A batch's files on disk: its input read a chunk of lines at a time, and its output and error files appended as
-answers come (``<data dir>/batches/<batch id>/``), each line written in OpenAI's format around the answer's own JSON
-bytes (never parsed and written again: an embeddings answer is megabytes). Everything here runs off the event loop,
-in the files lane."""
+"""A batch's files on disk (``<data dir>/batches/<batch id>/``, on the folder every replica shares): its input split
+into chunks and read a few lines at a time, each chunk's answers appended to its own part files as they come, and
+the batch's output and error files assembled from the parts in chunk order once every chunk is done. Each line is
+written in OpenAI's format around the answer's own JSON bytes (never parsed and written again: an embeddings answer
+is megabytes). Everything here runs off the event loop, in the files lane."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 from pathlib import Path
 
 from tunesmith.serve.batches.lines import output_line
 
 NAMES = ("output", "error")
 PARSED_ERROR_BYTES = 1 << 20  # an error answer longer than this is not read for its code and message
+COPY_BYTES = 1 << 20  # a part copied into the batch's file this much at a time
 
 
 class InputLines:
-    """A batch file's requests in order, each with its line number, skipping the lines in ``done``."""
+    """A batch file's requests in order, each with its line number, skipping the lines in ``done``; with ``chunk``
+    (a row of ``batch_chunks``), only that chunk's lines, read from its first byte."""
 
-    def __init__(self, path: str | Path, done: set[int]):
+    def __init__(self, path: str | Path, done: set[int], chunk: dict | None = None):
         self.path, self.done, self.number = Path(path), done, 0
+        self.start, self.last = 0, None
+        if chunk is not None:
+            self.start, self.number = chunk["first_byte"], chunk["first_line"] - 1
+            self.last = chunk["first_line"] + chunk["lines"] - 1
         self.file = None
 
     def __enter__(self) -> InputLines:
         self.file = open(self.path, "rb")  # noqa: SIM115 - closed by __exit__
+        self.file.seek(self.start)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -32,7 +42,7 @@ class InputLines:
     def next_chunk(self, most: int) -> list[dict]:
         """Up to ``most`` requests not answered yet ([] at the end of the file)."""
         out = []
-        while len(out) < most:
+        while len(out) < most and (self.last is None or self.number < self.last):
             raw = self.file.readline()
             if not raw:
                 break
@@ -56,12 +66,34 @@ def scan_input(path: str | Path, endpoint: str) -> tuple[int, str | None, dict |
     return count, model, wrong
 
 
-class BatchFiles:
-    """The output and error files of one batch, appended as its lines are answered."""
+def chunk_bounds(path: str | Path, size: int) -> list[tuple[int, int, int, int]]:
+    """The chunks of ``size`` requests of a checked batch file, in order, each (its first line, the lines it spans,
+    the byte its first line starts at, its requests), read line by line."""
+    out, number, offset, first, first_byte, count = [], 0, 0, 0, 0, 0
+    with open(path, "rb") as f:
+        for raw in iter(f.readline, b""):
+            number += 1
+            if raw.strip():
+                if not count:
+                    first, first_byte = number, offset
+                count += 1
+                if count == size:
+                    out.append((first, number - first + 1, first_byte, count))
+                    count = 0
+            offset += len(raw)
+    if count:
+        out.append((first, number - first + 1, first_byte, count))
+    return out
 
-    def __init__(self, root: Path, batch_id: str):
+
+class BatchFiles:
+    """The output and error files of one chunk of a batch (``chunk``), appended as its lines are answered; without
+    ``chunk``, the whole batch's, as a version before the chunks wrote them."""
+
+    def __init__(self, root: Path, batch_id: str, chunk: int | None = None):
         self.folder = Path(root) / "batches" / batch_id
-        self.paths = {name: self.folder / f"{name}.jsonl" for name in NAMES}
+        stem = "" if chunk is None else f"chunk-{chunk:06d}-"
+        self.paths = {name: self.folder / f"{stem}{name}.jsonl" for name in NAMES}
 
     def cut_to(self, output_bytes: int, error_bytes: int) -> None:
         """Each file back to the length the store recorded with its last answer: a line written by a server that
@@ -82,9 +114,53 @@ class BatchFiles:
     def sizes(self) -> tuple[int, int]:
         return tuple(p.stat().st_size if p.exists() else 0 for p in self.paths.values())  # type: ignore[return-value]
 
-    def finished(self) -> list[tuple[str, Path]]:
-        """The files that hold answers, by name."""
-        return [(name, p) for name, p in self.paths.items() if p.exists() and p.stat().st_size]
+    def remove(self) -> None:
+        for path in self.paths.values():
+            path.unlink(missing_ok=True)
+
+
+def assemble(root: Path, batch_id: str, head: tuple[int, int], chunks: list[dict]) -> list[tuple[str, Path]]:
+    """The batch's output and error files, each made of what an earlier version wrote for the whole batch (its
+    recorded lengths ``head``), then each chunk's part in chunk order, up to the part's recorded length (a line
+    written past it was never recorded: it is not the batch's). Returns (name, path) of the files that hold answers,
+    each under a name of its own: a replica that takes the finishing over writes its own."""
+    parts = [(BatchFiles(root, batch_id), head)]
+    parts += [(BatchFiles(root, batch_id, c["chunk"]), (c["output_bytes"], c["error_bytes"])) for c in chunks]
+    made = []
+    for i, name in enumerate(NAMES):
+        path = parts[0][0].folder / f"{name}.{secrets.token_hex(6)}.assembled"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out:
+            for files, lengths in parts:
+                _copy(files.paths[name], lengths[i], out)
+        if path.stat().st_size:
+            made.append((name, path))
+        else:
+            path.unlink()
+    return made
+
+
+def _copy(path: Path, length: int, out) -> None:
+    """The first ``length`` bytes of ``path`` appended to ``out``."""
+    if not length:
+        return
+    with open(path, "rb") as f:
+        left = length
+        while left:
+            block = f.read(min(left, COPY_BYTES))
+            if not block:
+                raise OSError(f"{path} holds {length - left:,} bytes, {length:,} recorded")
+            out.write(block)
+            left -= len(block)
+
+
+def remove_parts(root: Path, batch_id: str, chunks: list[dict]) -> None:
+    """The batch's part files (and an earlier version's files) removed once its output and error files are kept."""
+    BatchFiles(root, batch_id).remove()
+    for chunk in chunks:
+        BatchFiles(root, batch_id, chunk["chunk"]).remove()
+    with contextlib.suppress(OSError):  # not empty: another finisher's assembled file, removed by it
+        (Path(root) / "batches" / batch_id).rmdir()
 
 
 def line_bytes(custom_id: str, status: int, body: bytes) -> bytes:

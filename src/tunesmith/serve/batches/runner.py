@@ -1,24 +1,36 @@
-"""The batch runner: one task in the server starting each key's batches, one at a time per key, each in a task of its
-own.
+"""The batch runner: one task in each server (each replica sharing a store) answering batches chunk by chunk.
 
-Each request of a batch goes through the server's own route for its URL, in process (an ASGI call, no socket), as its
-batch's owner: the same checks, plan, engine and answer shape as a client's request. Its rows are the key's own
-*background* rows in the engine (:mod:`tunesmith.serve.engines.shares`): they count in the key's share of every step,
-after every interactive row, so a key's batches slow no other key more than its own requests would, and a key with
-several batches runs them one after another (the others wait, ``validating``). At most ``concurrency`` lines of a
-batch are in flight.
+A batch's requests are split into chunks of ``chunk_lines`` lines when it starts (:mod:`tunesmith.serve.batches.store`,
+``batch_chunks``). Each replica's runner claims chunks with a lease, as jobs are claimed, renewed at every turn of its
+loop (every 2 s): replicas on one PostgreSQL and one data folder answer the chunks of one batch side by side, each
+line once, and a chunk whose replica stopped or died is taken over (once its claim is let go or has run out) from its
+recorded lines. On SQLite, the embedded default, the one server runs every chunk.
 
-Nothing of a batch is held whole, in memory or in SQLite: its input is read in chunks, off the event loop (the files
-lane), and each answer is appended to the batch's output or error file as it comes, the line written off the loop
-and only its number, status and the files' lengths recorded in the store, in one transaction. A batch interrupted by
-a stop cuts its files back to the recorded lengths and goes on from its unanswered lines when the server starts
-again; ``cancel`` stops starting lines and cancels those in flight within seconds, and what finished is kept. Past
-its completion window a batch ``expired``, with the lines it answered.
+Each request goes through the server's own route for its URL, in process (an ASGI call, no socket), as its batch's
+owner: the same checks, plan, engine and answer shape as a client's request. Its rows are the key's own *background*
+rows in the engine (:mod:`tunesmith.serve.engines.shares`): they count in the key's share of every step, after every
+interactive row. On one replica a key starts the lines of one chunk at a time (of its oldest batch with a chunk no
+replica holds; its later batches wait, ``validating``), at most ``concurrency`` of its lines in flight; once a chunk
+has started its last line the key's next chunk is claimed, so its lines keep flowing while the chunk's last ones end.
 
-The runner's own store work (its scan every two seconds, a batch's claim and changes of status) runs in a thread,
-never on the event loop: a slow store (one key's long transaction holds its write lock) must not stall every key's
-requests. It is not the store lane's (a key's requests'): it must run while the server stops, after the lanes have
-closed.
+Nothing of a batch is held whole, in memory or in the store: a chunk's input is read a few lines at a time, off the
+event loop (the files lane), and each answer is appended to the chunk's part file (output or error) as it comes, its
+line number, status and the part files' lengths recorded in one transaction. A chunk taken over is cut back to its
+recorded lengths and goes on from its unanswered lines; a replica writes an answer only while a third of its lease is
+left, so one frozen past its lease writes nothing more. When nothing is left to answer, the replica that decides it
+first (one transaction per batch) assembles the batch's output and error files from the parts in chunk order, off the
+event loop, keeps them as the batch's files and gives the batch its final status. ``cancel`` stops starting lines
+within seconds on every replica (the one asked at once, the others at their next look) and cancels those in flight;
+what finished is kept. Past its completion window a batch ``expired`` with the lines it answered. A stop (SIGTERM)
+starts no line and records none it cut short: the batch stays in progress and its chunks are let go.
+
+A batch an earlier version left in progress (its answered lines recorded, its answers in one output and one error
+file of the whole batch) goes on by chunks: the lines it answered are skipped, and its files come first in the
+assembled ones. Nothing is rewritten when the new version starts: the first replica to run it splits it.
+
+The runner's own store work (its look every two seconds, claims, changes of status) runs in a thread, never on the
+event loop: a slow store must not stall every key's requests. It is not the store lane's (a key's requests'): it must
+run while the server stops, after the lanes have closed.
 """
 
 from __future__ import annotations
@@ -26,22 +38,54 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 from tunesmith.serve.api.auth import OWNER_SCOPE
-from tunesmith.serve.batches.output import BatchFiles, InputLines, failure_body
-from tunesmith.serve.batches.store import BatchStore
+from tunesmith.serve.batches.output import BatchFiles, InputLines, assemble, chunk_bounds, failure_body, remove_parts
+from tunesmith.serve.batches.store import CHUNKED, BatchStore, ClaimLost
 from tunesmith.serve.jobs.routes import expire_file
+from tunesmith.serve.store import LEASE_S
 
 log = logging.getLogger("tunesmith.serve")
 BATCH_SCOPE = "tunesmith.batch"  # set on a batch line's ASGI scope: the routes skip key limits, rows in the background
-CHUNK_LINES = 64  # input lines read at a time
+CHUNK_LINES = 256  # a batch's requests claimed together by one replica
+READ_AHEAD = 64  # input lines read at a time
+
+
+@dataclass(eq=False)
+class Work:
+    """A chunk this replica answers, or (``chunk`` None) a batch it splits into chunks under the batch's claim."""
+
+    batch: dict
+    chunk: dict | None = None
+    task: asyncio.Task | None = None
+    until: float = field(default_factory=lambda: time.time() + LEASE_S)  # its lease ends then, by this clock
+    starting: bool = True  # still starting lines: the key's next chunk waits
+
+    @property
+    def claim(self) -> tuple[str, str]:
+        return ("batch_chunks", self.chunk["id"]) if self.chunk else ("batches", self.batch["id"])
+
+
+@dataclass
+class Turn:
+    """What one look at the store found: work lost to another replica, batches to stop here, work to start."""
+
+    lost: list[Work] = field(default_factory=list)
+    stop: set[str] = field(default_factory=set)
+    started: list[Work] = field(default_factory=list)
+    finishing: list[tuple[dict, str, list[dict]]] = field(default_factory=list)
+    active: set[str] = field(default_factory=set)
 
 
 class BatchRunner:
-    def __init__(self, app, concurrency: int):
-        self.app, self.concurrency = app, concurrency
+    def __init__(self, app, concurrency: int, chunk_lines: int | None = None):
+        self.app, self.concurrency, self.chunk_lines = app, concurrency, chunk_lines or CHUNK_LINES
         self.cancelled: set[str] = set()
         self.in_flight: dict[str, set[asyncio.Task]] = {}
+        self.work: list[Work] = []
+        self.finishing: dict[str, tuple[str | None, asyncio.Task]] = {}  # batch id: (its key, the task)
+        self.gates: dict[str | None, asyncio.Semaphore] = {}  # a key's lines in flight on this replica
         self.event: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.stopping = False
@@ -73,101 +117,175 @@ class BatchRunner:
     def files_lane(self):
         return self.app.state.lanes.files
 
+    @property
+    def me(self) -> str:
+        return self.app.state.replica
+
     async def _loop(self) -> None:
-        """Each key's oldest active batch runs, the others of that key wait their turn; different keys' batches run
-        side by side (the engine shares each step over keys). A batch is claimed by the replica that runs it, its
-        claim renewed at every turn of this loop: replicas sharing a store run each batch once, and a batch whose
-        replica died is taken over from its recorded lines."""
-        running: dict[str, asyncio.Task] = {}
+        """Every turn: this replica's claims renewed, then each key's next chunk claimed (one key's chunks one after
+        another, different keys' side by side: the engine shares each step over keys) and each batch with nothing
+        left to answer finished, by whichever replica decides it first."""
         try:
             while True:
-                for bid in [b for b, task in running.items() if task.done()]:
-                    del running[bid]
+                self.work = [w for w in self.work if w.task is None or not w.task.done()]
                 self.event.clear()  # a wake from here on is seen at the next turn
-                lost, claimed = await asyncio.to_thread(self._scan, set(running))
-                for bid in lost:
-                    running.pop(bid).cancel()  # another replica took it over: this one's lease had run out
-                for batch in claimed:
-                    running[batch["id"]] = asyncio.ensure_future(self._guarded(batch))
+                finishing = {bid: owner for bid, (owner, _) in self.finishing.items()}
+                try:
+                    turn = await asyncio.to_thread(self._scan, list(self.work), finishing, set(self.cancelled))
+                except Exception:  # noqa: BLE001 - the store unreachable for a while: the next turn looks again
+                    log.exception("batch runner: the look at the store failed")
+                    turn = Turn(active=set(self.cancelled) | {w.batch["id"] for w in self.work})
+                for work in turn.lost:
+                    work.task.cancel()  # another replica took it over: this one's lease had run out
+                for bid in turn.stop:
+                    self.cancel(bid)  # cancelled through another replica, or ended there
+                self.cancelled &= turn.active | {w.batch["id"] for w in self.work}
+                for work in turn.started:
+                    self.work.append(work)
+                    work.task = asyncio.ensure_future(self._guarded(work))
+                for batch, status, chunks in turn.finishing:
+                    self._finish_soon(batch, status, chunks)
                 try:
                     await asyncio.wait_for(self.event.wait(), 2.0)
                 except TimeoutError:
                     pass
         finally:
-            for task in running.values():
+            for task in [*(w.task for w in self.work if w.task), *(t for _, t in self.finishing.values())]:
                 task.cancel()
 
-    def _scan(self, running: set[str]) -> tuple[set[str], list[dict]]:
-        """(the ``running`` batches whose claim another replica took over, the batches to start now, each claimed by
-        this replica), in one look at the store from a thread. Once the server stops, nothing is claimed (what was
-        claimed meanwhile is let go: no replica waits out the lease of a batch that never started)."""
-        store, me = self.app.state.store, self.app.state.replica
-        lost = store.renew("batches", list(running), me)
-        running = running - lost
-        active = self.batches.active()
-        elsewhere = store.held_elsewhere("batches", me)
-        busy = {b["owner"] for b in active if b["id"] in running or b["id"] in elsewhere}
-        claimed = []
-        for batch in active:
-            waits = batch["owner"] in busy and batch["status"] != "cancelling"  # a cancel ends at once
-            if batch["id"] in running or batch["id"] in elsewhere or waits:
-                continue
-            if not store.claim("batches", batch["id"], me):
-                continue
-            busy.add(batch["owner"])
-            claimed.append(batch)
-        if self.stopping:
-            for batch in claimed:
-                store.release("batches", batch["id"], me)
-            return lost, []
-        return lost, claimed
+    def _scan(self, work: list[Work], finishing: dict[str, str | None], cancelled: set[str]) -> Turn:
+        """One look at the store from a thread: this replica's claims renewed (those another replica took over are
+        lost), then the work to start, each claimed by this replica: a key's next chunk once its chunk here has
+        started its last line, of the same batch, or of its next batch once no other batch of the key runs or
+        finishes here. Once the server stops, nothing is claimed (what was claimed meanwhile is let go: no replica
+        waits out the lease of work that never started)."""
+        store, batches, me, now, turn = self.app.state.store, self.batches, self.me, time.time(), Turn()
+        for table in ("batch_chunks", "batches"):
+            held = [w for w in work if w.claim[0] == table]
+            lost = store.renew(table, [w.claim[1] for w in held], me)
+            for w in held:
+                if w.claim[1] in lost:
+                    turn.lost.append(w)
+                else:
+                    w.until = now + LEASE_S
+        for bid in finishing:
+            batches.renew_finishing(bid, me)
+        active = batches.active()
+        turn.active = {b["id"] for b in active}
+        status = {b["id"]: b["status"] for b in active}
+        turn.stop = {w.batch["id"] for w in work if status.get(w.batch["id"], "ended") in ("cancelling", "ended")}
+        starting = {w.batch["owner"] for w in work if w.starting and w not in turn.lost}
+        here: dict[str | None, set[str]] = {}  # a key's batches this replica runs or finishes
+        for owner, bid in [*((w.batch["owner"], w.batch["id"]) for w in work), *((o, b) for b, o in finishing.items())]:
+            here.setdefault(owner, set()).add(bid)
 
-    async def _guarded(self, batch: dict) -> None:
+        def waits(owner: str | None, bid: str) -> bool:
+            return owner in starting or bool(here.get(owner, set()) - {bid})
+
+        def take(owner: str | None, bid: str) -> None:
+            starting.add(owner)
+            here.setdefault(owner, set()).add(bid)
+
+        states = batches.chunk_states([b["id"] for b in active if b["claimed_by"] == CHUNKED])
+        for batch in active:
+            bid, owner = batch["id"], batch["owner"]
+            ended = _ended(batch, cancelled, now)
+            if batch["claimed_by"] != CHUNKED:  # to split (a new batch, or one an earlier version left)
+                elsewhere = batch["claimed_by"] not in (None, me) and (batch["lease_until"] or 0) >= now
+                if bid in here.get(owner, ()) or elsewhere or (waits(owner, bid) and not ended):
+                    continue
+                if store.claim("batches", bid, me):
+                    turn.started.append(Work(batch))
+                    if not ended:  # a batch that only ends is finished at once, beside the key's chunk
+                        take(owner, bid)
+                continue
+            pending, held = states[bid]
+            if bid not in finishing and not held and (ended or not pending):
+                decided = batches.begin_finishing(bid, me)
+                if decided is not None:
+                    turn.finishing.append((batch, *decided))
+                    continue
+            if ended or waits(owner, bid) or batch["status"] != "in_progress" or not pending:
+                continue
+            chunk = batches.claim_chunk(bid, me)
+            if chunk is not None:
+                turn.started.append(Work(batch, chunk))
+                take(owner, bid)
+        if self.stopping:
+            for w in turn.started:
+                store.release(*w.claim, me)
+            for batch, _, _ in turn.finishing:
+                batches.let_go(batch["id"], me)
+            return Turn(lost=turn.lost, active=turn.active)
+        return turn
+
+    async def _guarded(self, work: Work) -> None:
+        bid = work.batch["id"]
         try:
-            await self._run(batch)
+            if work.chunk is None:
+                await self._split(work)
+            else:
+                await self._answer(work)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
-            if self.stopping:  # stays in progress: the next start goes on from its recorded lines
-                log.info("batch %s stopped with the server (%s)", batch["id"], exc)
+            if self.stopping:  # stays in progress: the next holder goes on from its recorded lines
+                log.info("batch %s stopped with the server (%s)", bid, exc)
                 return
-            log.exception("batch %s failed", batch["id"])
-            await asyncio.to_thread(self._failed, batch["id"], [{"code": "batch_failed", "message": str(exc)[:500]}])
+            log.exception("batch %s failed", bid)
+            await asyncio.to_thread(self.batches.fail, bid, [{"code": "batch_failed", "message": str(exc)[:500]}])
         finally:
-            await asyncio.shield(asyncio.to_thread(self.app.state.store.release, "batches", batch["id"],
-                                                   self.app.state.replica))
-            self.wake()  # the key's next batch may start
+            work.starting = False
+            decided = await asyncio.shield(asyncio.to_thread(self._let_go, work))
+            if decided is not None:
+                self._finish_soon(work.batch, *decided)
+            if work in self.work:  # after its finishing is known: the key's next batch waits for it
+                self.work.remove(work)
+            if not any(w.batch["owner"] == work.batch["owner"] for w in self.work):
+                self.gates.pop(work.batch["owner"], None)
+            self.wake()  # the key's next chunk may start
 
-    def _failed(self, bid: str, errors: list[dict]) -> None:
-        self.batches.update(bid, errors=errors)
-        self.batches.mark(bid, "failed")
+    def _let_go(self, work: Work) -> tuple[str, list[dict]] | None:
+        """The work's claim let go; after a chunk, the batch's finishing, if this replica decides it now."""
+        self.app.state.store.release(*work.claim, self.me)
+        if work.chunk is None or self.stopping:
+            return None
+        return self.batches.begin_finishing(work.batch["id"], self.me)
 
-    async def _run(self, batch: dict) -> None:
-        bid = batch["id"]
-        files = BatchFiles(self.app.state.store.root, bid)
-        if batch["status"] == "validating":
-            await asyncio.to_thread(self.batches.mark, bid, "in_progress")
-        await self.files_lane.run(batch["owner"], self._files_as_recorded, batch, files)
-        if batch["status"] != "cancelling" and bid not in self.cancelled:
-            f = await asyncio.to_thread(self.app.state.store.get_file, batch["input_file_id"], batch["owner"])
-            if f is None:
-                await asyncio.to_thread(self._failed, bid, [{
-                    "code": "input_file_deleted", "param": "input_file_id",
-                    "message": f"the input file {batch['input_file_id']} was deleted"}])
+    async def _split(self, work: Work) -> None:
+        """The batch split into chunks under its claim (an earlier version's files cut back to their recorded lengths
+        first); one with nothing left to answer (cancelled, past its window) is finished here instead."""
+        batch = work.batch
+        bid, owner = batch["id"], batch["owner"]
+        await self.files_lane.run(owner, self._head_as_recorded, batch, always=True)
+        bounds = []
+        if not _ended(batch, self.cancelled, time.time()):
+            path = await self._input(batch)
+            if path is None:
                 return
-            await self._answer(batch, f["storage"], files)
-        if self.stopping:  # stays in progress: the next holder goes on from its recorded lines
+            bounds = await self.files_lane.run(owner, chunk_bounds, path, self.chunk_lines, always=True)
+        if bounds:
+            await asyncio.to_thread(self.batches.add_chunks, bid, bounds, self.me)
             return
-        now = await asyncio.to_thread(self.batches.get, bid, None, True)
-        cancelled = bid in self.cancelled or now["status"] == "cancelling"
-        counts = now["request_counts"]
-        expired = not cancelled and counts["completed"] + counts["failed"] < batch["total"]
-        await self._finish(batch, files, "cancelled" if cancelled else "expired" if expired else "completed")
-        self.cancelled.discard(bid)
+        if batch["status"] != "finalizing":
+            await asyncio.to_thread(self.batches.mark, bid, "finalizing")
+        status = await asyncio.to_thread(self.batches.final_status, bid)
+        await self._finish(batch, status, [], chunked=False)
 
-    def _files_as_recorded(self, batch: dict, files: BatchFiles) -> None:
-        """The batch's files cut back to their recorded lengths; answers an earlier version kept in the store are
-        written out first."""
+    async def _input(self, batch: dict) -> str | None:
+        """The path of the batch's input file; None when it was deleted (the batch failed, saying so)."""
+        f = await asyncio.to_thread(self.app.state.store.get_file, batch["input_file_id"], batch["owner"])
+        if f is None:
+            await asyncio.to_thread(self.batches.fail, batch["id"], [{
+                "code": "input_file_deleted", "param": "input_file_id",
+                "message": f"the input file {batch['input_file_id']} was deleted"}])
+            return None
+        return f["storage"]
+
+    def _head_as_recorded(self, batch: dict) -> None:
+        """The whole batch's files an earlier version wrote, cut back to their recorded lengths; answers a still
+        earlier version kept in the store are written out to them first."""
+        files = BatchFiles(self.app.state.store.root, batch["id"])
         files.cut_to(batch["output_bytes"], batch["error_bytes"])
         stored = self.batches.stored_answers(batch["id"])
         if stored and not batch["output_bytes"] and not batch["error_bytes"]:
@@ -175,24 +293,47 @@ class BatchRunner:
                 sizes = files.append(row["custom_id"], row["status_code"], row["body"].encode())
                 self.batches.add_result(batch["id"], row["line"], row["custom_id"], row["status_code"], *sizes)
 
-    async def _answer(self, batch: dict, input_path: str, files: BatchFiles) -> None:
-        """Every line not answered yet, at most ``concurrency`` in flight, read chunk by chunk off the loop."""
+    def _chunk_as_recorded(self, chunk: dict, files: BatchFiles) -> set[int]:
+        """The chunk's part files cut back to their recorded lengths; returns its lines answered."""
+        files.cut_to(chunk["output_bytes"], chunk["error_bytes"])
+        return self.batches.answered_in(chunk)
+
+    async def _answer(self, work: Work) -> None:
+        """Every line of the chunk not answered yet, at most ``concurrency`` of the key's lines in flight, read a few
+        at a time off the loop; the chunk marked answered when every line is recorded."""
         import httpx2 as httpx
 
-        bid, owner, gate = batch["id"], batch["owner"], asyncio.Semaphore(self.concurrency)
-        done = await self.files_lane.run(owner, self.batches.answered_lines, bid)
-        app = self.app
+        batch, chunk, me, app = work.batch, work.chunk, self.me, self.app
+        bid, owner = batch["id"], batch["owner"]
+        files = BatchFiles(app.state.store.root, bid, chunk["chunk"])
+        done = await self.files_lane.run(owner, self._chunk_as_recorded, chunk, files, always=True)
+        path = await self._input(batch)
+        if path is None:
+            return
+        gate = self.gates.setdefault(owner, asyncio.Semaphore(self.concurrency))
+        tasks: set[asyncio.Task] = set()
+        records: set[asyncio.Future] = set()
+        trouble: list[BaseException] = []  # the claim lost, or an answer that could not be recorded
 
         async def tagged(scope, receive, send):
             tags = {BATCH_SCOPE: bid, OWNER_SCOPE: owner}
             await app({**scope, **tags} if scope["type"] == "http" else scope, receive, send)
 
-        tasks: set[asyncio.Task] = set()
-        self.in_flight[bid] = tasks
+        def record(request: dict, status: int, body: bytes) -> None:
+            """The answer appended to the chunk's part file, then its line and the parts' lengths recorded together
+            (in the files lane: one key's answers are written one after another), while the lease has a third left."""
+            if time.time() > work.until - LEASE_S / 3:
+                raise ClaimLost(chunk["id"])
+            sizes = files.append(request["custom_id"], status, body)
+            self.batches.add_chunk_result(chunk, request["line"], request["custom_id"], status, *sizes, me)
+
+        def halted() -> bool:
+            return bid in self.cancelled or self.stopping or bool(trouble)
+
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=tagged), base_url="http://batch",
                                      timeout=None) as client:
             async def one(request: dict) -> None:
-                if bid in self.cancelled or time.time() > batch["expires_at"]:
+                if halted() or time.time() > batch["expires_at"]:
                     return
                 try:
                     r = await client.post(request["url"], json=request["body"])
@@ -203,51 +344,109 @@ class BatchRunner:
                     status, body = 500, failure_body(f"{type(exc).__name__}: {exc}")
                 if self.stopping:  # the server stopping cut it short (a 503): answered after the next start
                     return
-                await self.files_lane.run(owner, record, request, status, body)
-
-            def record(request: dict, status: int, body: bytes) -> None:
-                """The answer appended to its file, then its line and the files' lengths recorded together (in the
-                files lane: one key's answers are written one after another)."""
-                sizes = files.append(request["custom_id"], status, body)
-                self.batches.add_result(bid, request["line"], request["custom_id"], status, *sizes)
+                recorded = asyncio.ensure_future(self.files_lane.run(owner, record, request, status, body,
+                                                                     always=True))
+                records.add(recorded)
+                try:
+                    await asyncio.shield(recorded)  # a cancel waits for no answer, but one being written ends
+                except Exception as exc:  # noqa: BLE001 - the chunk stops; it is answered again from its records
+                    trouble.append(exc)
 
             try:
-                with InputLines(input_path, done) as source:
-                    while bid not in self.cancelled and not self.stopping:
-                        chunk = await self.files_lane.run(owner, source.next_chunk, CHUNK_LINES)
-                        if not chunk:
+                with InputLines(path, done, chunk) as source:
+                    while not halted():
+                        requests = await self.files_lane.run(owner, source.next_chunk, READ_AHEAD, always=True)
+                        if not requests:
                             break
-                        for request in chunk:
+                        for request in requests:
                             await gate.acquire()
-                            if bid in self.cancelled or self.stopping:
+                            if halted():
                                 gate.release()
                                 break
                             task = asyncio.ensure_future(one(request))
-                            tasks.add(task)
-                            task.add_done_callback(tasks.discard)
+                            for group in (tasks, self.in_flight.setdefault(bid, set())):  # cancel() reaches it
+                                group.add(task)
+                                task.add_done_callback(group.discard)
                             task.add_done_callback(lambda _: gate.release())
+                work.starting = False
+                self.wake()  # the key's next chunk starts while this one's last lines end
                 if tasks:
                     await asyncio.gather(*list(tasks), return_exceptions=True)
             finally:
                 for task in list(tasks):  # the server stops: its lines in flight end with it, answered again later
                     task.cancel()
-                self.in_flight.pop(bid, None)
+                if records:  # no answer is recorded after the claim is let go
+                    await asyncio.gather(*records, return_exceptions=True)
+                if not self.in_flight.get(bid):
+                    self.in_flight.pop(bid, None)
+        if self.stopping or bid in self.cancelled:
+            return
+        if trouble and not isinstance(trouble[0], ClaimLost):
+            raise trouble[0]
+        if not trouble:
+            await asyncio.to_thread(self.batches.chunk_done, chunk, me)
 
-    async def _finish(self, batch: dict, files: BatchFiles, status: str) -> None:
-        """The output file (answers with a 2xx status) and the error file (the others) kept as the batch's files,
-        then the final status."""
-        bid, owner = batch["id"], batch["owner"]
-        await asyncio.to_thread(self.batches.mark, bid, "finalizing")
-        finished = await self.files_lane.run(owner, files.finished)
-        await asyncio.to_thread(self._finished, batch, finished, status)
+    def _finish_soon(self, batch: dict, status: str, chunks: list[dict]) -> None:
+        """The finishing this replica decided, in a task of its own: the chunks' claims renewed by the loop meanwhile
+        and let go if it stops short (another replica, or the next start, finishes it)."""
+        bid = batch["id"]
 
-    def _finished(self, batch: dict, finished: list[tuple], status: str) -> None:
-        """The batch's ``finished`` files (name, path) kept as its output and error files, then its final status."""
+        async def finishing() -> None:
+            ended = False
+            try:
+                ended = await self._finish(batch, status, chunks, chunked=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
+                if self.stopping:
+                    log.info("batch %s: finishing stopped with the server (%s)", bid, exc)
+                else:
+                    log.exception("batch %s failed while finishing", bid)
+                    await asyncio.to_thread(self.batches.fail, bid, [{"code": "batch_failed",
+                                                                     "message": str(exc)[:500]}])
+                    ended = True
+            finally:
+                if not ended:
+                    await asyncio.shield(asyncio.to_thread(self.batches.let_go, bid, self.me))
+                self.finishing.pop(bid, None)
+                self.wake()
+
+        self.finishing[bid] = (batch["owner"], asyncio.ensure_future(finishing()))
+
+    async def _finish(self, batch: dict, status: str, chunks: list[dict], chunked: bool) -> bool:
+        """The batch's output and error files assembled from its parts (off the loop), kept as its files with its
+        final ``status`` in one transaction, then its parts removed; False when another replica finishes it."""
+        bid, owner, root = batch["id"], batch["owner"], self.app.state.store.root
+        now = await asyncio.to_thread(self.batches.get, bid, None, True)
+        made = await self.files_lane.run(owner, assemble, root, bid, (now["output_bytes"], now["error_bytes"]), chunks,
+                                         always=True)
+        if not await asyncio.to_thread(self._finished, batch, made, status, chunked):
+            return False
+        await self.files_lane.run(owner, remove_parts, root, bid, chunks, always=True)
+        self.cancelled.discard(bid)
+        return True
+
+    def _finished(self, batch: dict, made: list[tuple], status: str, chunked: bool) -> bool:
+        """The files ``made`` (name, path) kept as the batch's output and error files and its final status, in one
+        transaction, while this replica still finishes it; else the files are removed and False."""
         bid, owner, store = batch["id"], batch["owner"], self.app.state.store
-        made = {}
-        for name, path in finished:
-            made_file = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)
-            made[f"{name}_file_id"] = expire_file(store, made_file, batch.get("output_expires_s"))["id"]
-        if made:
-            self.batches.update(bid, **made)
-        self.batches.mark(bid, status)
+        try:
+            with store.db.transaction():
+                if not self.batches.finishing_held(bid, self.me, chunked):
+                    raise ClaimLost(bid)
+                files = {}
+                for name, path in made:
+                    kept = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)
+                    files[f"{name}_file_id"] = expire_file(store, kept, batch.get("output_expires_s"))["id"]
+                self.batches.finished(bid, status, files)
+        except ClaimLost:
+            for _, path in made:
+                path.unlink(missing_ok=True)
+            return False
+        return True
+
+
+def _ended(batch: dict, cancelled: set[str], now: float) -> bool:
+    """Whether the batch only waits to be finished: cancelled, finalizing or past its window."""
+    return batch["status"] in ("cancelling", "finalizing") or batch["id"] in cancelled \
+        or now > (batch["expires_at"] or now)

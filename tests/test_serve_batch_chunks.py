@@ -1,0 +1,202 @@
+"""A batch's lines in chunks. In the store, on both backends: a batch split once under its claim (and then left alone
+by a replica of the release before), each chunk claimed by one replica of several claiming at once, a line recorded
+only by its chunk's holder, a chunk done only once every line is recorded, and a batch's finishing decided once when
+replicas finish at the same moment. On a server: a chunk a dead replica left (a line written past its record) and a
+batch an earlier version left in progress (one output file, its lines recorded) finished with every line once."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import openai
+import pytest
+
+from tunesmith.serve.batches.output import BatchFiles, chunk_bounds
+from tunesmith.serve.batches.store import CHUNKED, BatchStore, ClaimLost
+from tunesmith.serve.keys import owner_id, server_secret
+from tunesmith.serve.store import Store
+
+from .conftest import tiny_server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
+    s = Store(tmp_path / "data", url)
+    yield s
+    s.db.close()
+
+
+def split(store: Store, chunks: int, size: int = 2, owner: str = "o1") -> dict:
+    """A batch of ``chunks`` chunks of ``size`` lines, split by replica r0."""
+    batches = BatchStore(store)
+    f = store.add_file(owner, "b.jsonl", "batch", b"")
+    b = batches.add(owner, "/v1/chat/completions", f["id"], None, total=chunks * size, model="m", window_s=3600)
+    assert store.claim("batches", b["id"], "r0")
+    bounds = [(1 + size * n, size, 0, size) for n in range(chunks)]
+    assert not batches.add_chunks(b["id"], bounds, "r1")  # only the batch's holder splits it
+    assert batches.add_chunks(b["id"], bounds, "r0")
+    return batches.get(b["id"], any_owner=True)
+
+
+def test_a_batch_is_split_once_and_each_chunk_claimed_by_one_of_the_replicas_claiming_at_once(store):
+    batch, batches = split(store, 12), BatchStore(store)
+    assert batch["status"] == "in_progress" and batch["in_progress_at"] and batch["claimed_by"] == CHUNKED
+    assert not store.claim("batches", batch["id"], "a replica of the release before")  # it leaves the batch alone
+    claims: dict[str, list[str]] = {}
+    start = threading.Barrier(4)
+
+    def replica(name: str) -> None:
+        start.wait()
+        while (chunk := batches.claim_chunk(batch["id"], name)) is not None:
+            claims.setdefault(chunk["id"], []).append(name)
+
+    threads = [threading.Thread(target=replica, args=(f"r{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claims) == sorted(c["id"] for c in batches.chunks(batch["id"]))
+    assert all(len(holders) == 1 for holders in claims.values()), claims
+    assert batches.claim_chunk(batch["id"], "r9") is None
+
+
+def test_a_line_is_recorded_by_its_chunks_holder_only_and_a_chunk_taken_over_goes_on_from_its_record(store):
+    batch, batches = split(store, 1), BatchStore(store)
+    chunk = batches.claim_chunk(batch["id"], "r1")
+    batches.add_chunk_result(chunk, 1, "a", 200, 10, 0, "r1")
+    with pytest.raises(ClaimLost):
+        batches.add_chunk_result(chunk, 2, "b", 200, 20, 0, "r2")
+    assert not batches.chunk_done(chunk, "r1")  # one of its two lines recorded
+    store.db.execute("UPDATE batch_chunks SET lease_until = 0 WHERE id = ?", (chunk["id"],))  # r1 died
+    taken = batches.claim_chunk(batch["id"], "r2")
+    assert taken["id"] == chunk["id"] and (taken["output_bytes"], taken["error_bytes"]) == (10, 0)
+    assert batches.answered_in(taken) == {1}
+    with pytest.raises(ClaimLost):  # r1, back from the dead, records nothing more
+        batches.add_chunk_result(chunk, 2, "b", 200, 20, 0, "r1")
+    batches.add_chunk_result(taken, 2, "b", 400, 10, 7, "r2")
+    assert not batches.chunk_done(taken, "r1") and batches.chunk_done(taken, "r2")
+    row = batches.chunks(batch["id"])[0]
+    assert (row["status"], row["answered_by"], row["claimed_by"]) == ("done", "r2", None)
+    assert batches.claim_chunk(batch["id"], "r3") is None
+    assert batches.get(batch["id"], any_owner=True)["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+
+
+def test_replicas_finishing_at_once_finish_a_batch_once(store):
+    batch, batches = split(store, 2), BatchStore(store)
+    for n, holder in enumerate(("r1", "r2")):
+        chunk = batches.claim_chunk(batch["id"], holder)
+        for line in (1 + 2 * n, 2 + 2 * n):
+            batches.add_chunk_result(chunk, line, f"c{line}", 200, 10 * line, 0, holder)
+        assert batches.begin_finishing(batch["id"], holder) is None  # a chunk still held, or still to answer
+        assert batches.chunk_done(chunk, holder)
+    decided: dict[str, tuple] = {}
+    start = threading.Barrier(6)
+
+    def finisher(name: str) -> None:
+        start.wait()
+        if (got := batches.begin_finishing(batch["id"], name)) is not None:
+            decided[name] = got
+
+    threads = [threading.Thread(target=finisher, args=(f"f{n}",)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [(winner, (status, chunks))] = decided.items()
+    assert status == "completed" and [(c["chunk"], c["output_bytes"]) for c in chunks] == [(0, 20), (1, 40)]
+    assert batches.get(batch["id"], any_owner=True)["status"] == "finalizing"
+    with store.db.transaction():
+        assert batches.finishing_held(batch["id"], winner, chunked=True)
+    with store.db.transaction():
+        assert not batches.finishing_held(batch["id"], "f-other", chunked=True)
+    batches.finished(batch["id"], status, {})
+    assert batches.begin_finishing(batch["id"], "late") is None
+    assert batches.get(batch["id"], any_owner=True)["claimed_by"] is None
+
+
+def test_a_cancelled_or_expired_batch_is_finished_once_no_replica_holds_a_chunk(store):
+    batch, batches = split(store, 2), BatchStore(store)
+    chunk = batches.claim_chunk(batch["id"], "r1")
+    batches.mark(batch["id"], "cancelling")
+    assert batches.begin_finishing(batch["id"], "r2") is None  # r1's lines in flight end first
+    store.release("batch_chunks", chunk["id"], "r1")
+    assert batches.claim_chunk(batch["id"], "r1") is None  # no chunk starts once cancelled
+    assert batches.begin_finishing(batch["id"], "r2")[0] == "cancelled"
+    late = split(store, 2)
+    store.db.execute("UPDATE batches SET expires_at = ? WHERE id = ?", (int(time.time()) - 1, late["id"]))
+    assert batches.begin_finishing(late["id"], "r2")[0] == "expired"
+
+
+def batch_lines(model: str, n: int) -> bytes:
+    return "".join(json.dumps({"custom_id": f"q-{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 6}}) + "\n"
+        for i in range(n)).encode()
+
+
+def left_batch(tiny_model_dir, data_dir, n: int) -> tuple[Store, BatchStore, dict]:
+    """A batch of ``n`` lines of key k1 in the store of ``data_dir``, before any server ran it."""
+    store = Store(data_dir)
+    owner = owner_id(server_secret(data_dir), "k1")
+    f = store.add_file(owner, "b.jsonl", "batch", batch_lines(str(tiny_model_dir), n))
+    batches = BatchStore(store)
+    return store, batches, batches.add(owner, "/v1/chat/completions", f["id"], None, n, str(tiny_model_dir), 3600)
+
+
+def finished_ids(url: str, batch_id: str) -> tuple[object, list[str], list[dict]]:
+    c = openai.OpenAI(base_url=url, api_key="k1", max_retries=0, timeout=60)
+    deadline = time.time() + 180
+    while (b := c.batches.retrieve(batch_id)).status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.time() < deadline, b
+        time.sleep(0.2)
+    lines = [json.loads(x) for x in c.files.content(b.output_file_id).read().splitlines()] if b.output_file_id else []
+    return b, [x["custom_id"] for x in lines], lines
+
+
+def test_a_chunk_a_dead_replica_left_is_cut_back_to_its_record_and_finished(tiny_model_dir, tmp_path):
+    """Chunk 0 holds two recorded answers and a third written past its record (its replica died before recording
+    it): the server takes the chunk over once the lease ran out, drops the third and answers the rest once."""
+    data_dir = tmp_path / "data"
+    store, batches, batch = left_batch(tiny_model_dir, data_dir, 10)
+    bid, path = batch["id"], store.get_file(batch["input_file_id"], batch["owner"])["storage"]
+    assert store.claim("batches", bid, "dead") and batches.add_chunks(bid, chunk_bounds(path, 4), "dead")
+    chunk = batches.claim_chunk(bid, "dead")
+    part = BatchFiles(data_dir, bid, 0)
+    part.cut_to(0, 0)
+    for line in (1, 2):
+        sizes = part.append(f"q-{line - 1}", 200, b'{"answered": "by the dead replica"}')
+        batches.add_chunk_result(chunk, line, f"q-{line - 1}", 200, *sizes, "dead")
+    part.append("q-2", 200, b'{"answered": "never recorded"}')
+    store.db.execute("UPDATE batch_chunks SET lease_until = 0 WHERE id = ?", (chunk["id"],))
+    store.db.close()
+    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1"}), batch_chunk_lines=3) as url:
+        done, ids, lines = finished_ids(url, bid)
+    assert done.status == "completed" and done.request_counts.completed == 10, done
+    assert ids == sorted(ids, key=lambda c: int(c[2:]) // 4) and sorted(ids) == sorted(f"q-{i}" for i in range(10))
+    bodies = [x["response"]["body"] for x in lines]
+    assert bodies.count({"answered": "by the dead replica"}) == 2 and {"answered": "never recorded"} not in bodies
+    assert not list((data_dir / "batches").glob(f"{bid}/*"))  # the parts removed once the batch's files are kept
+
+
+def test_a_batch_an_earlier_version_left_in_progress_goes_on_by_chunks(tiny_model_dir, tmp_path):
+    """An earlier version answered three lines into the batch's one output file (a fourth written past its record)
+    and stopped: the new one answers the other lines by chunks, the earlier answers first in the output."""
+    data_dir = tmp_path / "data"
+    store, batches, batch = left_batch(tiny_model_dir, data_dir, 9)
+    bid = batch["id"]
+    batches.mark(bid, "in_progress")
+    head = BatchFiles(data_dir, bid)
+    head.cut_to(0, 0)
+    for line in (1, 2, 3):
+        sizes = head.append(f"q-{line - 1}", 200, b'{"answered": "earlier"}')
+        batches.add_result(bid, line, f"q-{line - 1}", 200, *sizes)
+    head.append("q-3", 200, b'{"answered": "never recorded"}')
+    store.db.close()
+    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1"}), batch_chunk_lines=4) as url:
+        done, ids, lines = finished_ids(url, bid)
+    assert done.status == "completed" and done.request_counts.completed == 9, done
+    assert ids[:3] == ["q-0", "q-1", "q-2"] and sorted(ids) == sorted(f"q-{i}" for i in range(9))
+    assert [x["response"]["body"] for x in lines].count({"answered": "earlier"}) == 3
+    assert {"answered": "never recorded"} not in [x["response"]["body"] for x in lines]
