@@ -417,8 +417,8 @@ class BatchRunner:
         """The batch's output and error files assembled from its parts (off the loop), kept as its files with its
         final ``status`` in one transaction, then its parts removed; False when another replica finishes it."""
         bid, owner, root = batch["id"], batch["owner"], self.app.state.store.root
-        now = await asyncio.to_thread(self.batches.get, bid, None, True)
-        made = await self.files_lane.run(owner, assemble, root, bid, (now["output_bytes"], now["error_bytes"]), chunks,
+        row = await asyncio.to_thread(self.batches.get, bid, None, True)  # an earlier version's files' lengths
+        made = await self.files_lane.run(owner, assemble, root, bid, (row["output_bytes"], row["error_bytes"]), chunks,
                                          always=True)
         if not await asyncio.to_thread(self._finished, batch, made, status, chunked):
             return False
