@@ -339,6 +339,18 @@ def postgres(tmp_path_factory):
         yield new_database
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """A fresh store of each backend: SQLite in a temporary folder, then PostgreSQL (a new database of the tests'
+    own server)."""
+    from tunesmith.serve.store import Store
+
+    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
+    s = Store(tmp_path / "data", url)
+    yield s
+    s.db.close()
+
+
 def wait_serving(url: str, key: str, proc, log: Path, timeout: float = 180) -> None:
     """Until ``GET <url>/models`` with ``key`` answers 200 (``proc``, a `tunesmith serve`, still running; its
     ``log``'s end in the failure otherwise)."""

@@ -21,14 +21,6 @@ from tunesmith.serve.store import Store
 from .conftest import tiny_server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
-    s = Store(tmp_path / "data", url)
-    yield s
-    s.db.close()
-
-
 def split(store: Store, chunks: int, size: int = 2, owner: str = "o1") -> dict:
     """A batch of ``chunks`` chunks of ``size`` lines, split by replica r0."""
     batches = BatchStore(store)

@@ -12,14 +12,6 @@ from tunesmith.serve.database import DatabaseError, open_database, to_postgres
 from tunesmith.serve.store import MIGRATIONS, Store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
-    s = Store(tmp_path / "data", url)
-    yield s
-    s.db.close()
-
-
 def test_translation_to_postgres():
     assert to_postgres("SELECT * FROM t WHERE id = ? AND owner IS ?") == \
         "SELECT * FROM t WHERE id = %(p0)s AND (owner = %(p1)s OR (owner IS NULL AND %(p1)s IS NULL))"

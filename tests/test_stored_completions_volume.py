@@ -15,14 +15,6 @@ from tunesmith.serve.jobs.distill import written_file
 from tunesmith.serve.store import Store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
-    s = Store(tmp_path / "data", url)
-    yield s
-    s.db.close()
-
-
 def fill(store, n: int, owner: str = "o1", meta=lambda i: {"team": "a" if i % 2 else "b"}, cut=lambda i: False,
          model=lambda i: "m", start: int = 0) -> None:
     """``n`` stored completions written straight into the tables (as ``CompletionStore.add`` writes them), four to
