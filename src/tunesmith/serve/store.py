@@ -372,11 +372,11 @@ class Store:
             "SELECT * FROM jobs WHERE owner IS ? AND status = 'succeeded' AND fine_tuned_model IS NOT NULL "
             "AND model_deleted = 0 ORDER BY created_at, rowid", (owner,))]
 
-    def fine_tunes_since(self, since: int) -> list[dict]:
-        """Fine-tuned models whose jobs succeeded at or after ``since``, the newest first."""
+    def fine_tunes_since(self, since: int, limit: int) -> list[dict]:
+        """At most ``limit`` fine-tuned models whose jobs succeeded at or after ``since``, the newest first."""
         return [_job(r) for r in self.db.execute(
             "SELECT * FROM jobs WHERE status = 'succeeded' AND finished_at >= ? AND fine_tuned_model IS NOT NULL "
-            "AND model_deleted = 0 ORDER BY finished_at DESC", (since,))]
+            "AND model_deleted = 0 ORDER BY finished_at DESC LIMIT ?", (since, limit))]
 
     def job_by_model(self, name: str) -> dict | None:
         """The job that made the fine-tuned model ``name`` (any owner: the caller checks)."""

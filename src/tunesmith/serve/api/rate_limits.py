@@ -6,8 +6,10 @@ OpenAI's ``x-ratelimit-*`` headers, which the official clients read to wait and 
 Set with ``tunesmith serve --requests-per-key`` and ``--tokens-per-minute-per-key`` (the defaults:
 ``ServeSettings.limits_per_key``). The engines share their batch round robin over keys either way
 (:meth:`tunesmith.serve.engines.interface.InferenceEngine.submit`); the limits bound what one key can make the batch
-hold at all. Everything here runs on the event loop. With replicas on one PostgreSQL a key's requests in flight
-and its tokens a minute are counted over all of them (:mod:`tunesmith.serve.api.shared_limits`).
+hold at all. The limiter's own bookkeeping runs on the event loop. With replicas on one PostgreSQL a key's requests
+in flight and its tokens a minute are counted over all of them (:mod:`tunesmith.serve.api.shared_limits`); the
+routes take those counts through :meth:`KeyLimiter.admitted` and :meth:`Ticket.charged`, whose database
+transactions run in a thread.
 """
 
 from __future__ import annotations
@@ -195,7 +197,6 @@ class KeyLimiter:
             raise self._over(key, window, used, tokens, limit)
         window.append((self.clock(), tokens))
 
-
     async def charged(self, key: str | None, tokens: int) -> None:
         """:meth:`charge` from the event loop: with replicas, the database's sum is read in a thread."""
         limit = self.limits.tokens_per_minute
@@ -209,6 +210,7 @@ class KeyLimiter:
         self.spent[key] = window = deque((now - age, n) for age, n in seconds)
         if not charged:
             raise self._over(key, window, sum(n for _, n in window), tokens, limit)
+
     def _over(self, key: str | None, window: deque, used: int, tokens: int, limit: int) -> APIError:
         """The 429 of a request whose ``tokens`` would take ``key``'s minute (``used`` of ``limit``) past it."""
         if tokens > limit:

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
+from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.engines.errors import APIError
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
@@ -31,7 +32,7 @@ def _fine_tune_or_fixed(request: Request, model: str, key: str | None) -> bool:
 
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, request: Request, key: Key):
-    await request.app.state.lanes.plan.run(key, _fine_tune_or_fixed, request, model, key)
+    await stored(request, key, _fine_tune_or_fixed, request, model, key)
     engine, models = request.app.state.engine, request.app.state.models
     parent = None if model == engine.base_name else engine.aliases.get(model, models.parents.get(model, engine.base_name))
     return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "tunesmith", "parent": parent}
@@ -48,7 +49,7 @@ async def delete_model(model: str, request: Request, key: Key):
                        "deleted).", param="model", code="model_not_found")
     deleting.add(model)
     try:
-        await request.app.state.lanes.plan.run(key, _delete, request, model, key)
+        await stored(request, key, _delete, request, model, key)
     finally:
         deleting.discard(model)
     return {"id": model, "object": "model", "deleted": True}

@@ -65,7 +65,7 @@ async def list_models(request: Request, key: Key):
             out.append((doc | {"head": kind}) if (kind := models.head_kind(m)) else doc)
         return out
 
-    return {"object": "list", "data": await request.app.state.lanes.plan.run(key, entries)}
+    return {"object": "list", "data": await stored(request, key, entries)}
 
 
 async def _results(request: Request, jobs: list) -> list[list[Generation]]:

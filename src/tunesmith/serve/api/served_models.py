@@ -10,7 +10,8 @@ least recently asked one goes, except one asked for within the request timeout (
 it), so the bound can be passed for a moment but never a running request's model unloaded.
 
 Resolving costs one indexed lookup per request for a fine-tune (none for the base model); it runs where the
-request is planned, off the event loop.
+request is planned (a load is part of planning), and listing, retrieving and deleting models in the store lane:
+never on the event loop.
 """
 
 from __future__ import annotations
@@ -66,17 +67,12 @@ class ServedModels:
         found = self._find(name)
         return found is not None and found[0] == key
 
-    def owner_of(self, name: str) -> tuple[bool, str | None]:
-        """(True, owner) for a loaded fine-tune; (False, None) for a fixed model or one not loaded."""
-        owners = self.owners
-        return (True, owners[name]) if name in owners else (False, None)
-
     # --- serving ------------------------------------------------------------------------------
 
     def resolve(self, name: str, key: str | None) -> bool:
         """Whether ``name`` is served to ``key`` now: a fixed model, or a fine-tune of ``key``'s found in the store,
         loaded here if it was not. A fine-tune deleted meanwhile (on any replica) is unloaded and refused."""
-        if name in self.engine.model_ids() and name not in self.owners:
+        if name in self.fixed():
             return True
         found = self._find(name)
         if found is None:
@@ -114,7 +110,7 @@ class ServedModels:
         """Load the fine-tunes whose jobs succeeded at or after ``since`` (a Unix time), newest first, up to the
         capacity, so their first request does not wait for the load; returns where the next look starts."""
         newest = since
-        for job in self.store.fine_tunes_since(since)[: self.capacity]:
+        for job in self.store.fine_tunes_since(since, self.capacity):
             newest = max(newest, (job["finished_at"] or since) + 1)  # a later one of the same second: at first use
             self.resolve(job["fine_tuned_model"], job["owner"])
         return newest

@@ -57,27 +57,21 @@ def claim_abandoned(store, replica: str, everyone: bool = False) -> list[dict]:
     sql = "SELECT id, eval_id FROM eval_runs WHERE status IN ('queued', 'in_progress')"
     if not everyone:
         sql += " AND (claimed_by IS NULL OR lease_until < ?)"
-    found = store.db.execute(sql, () if everyone else (now,)).fetchall()
-    claimed = []
-    for run_id, eval_id in found:
+    evals, claimed = EvalStore(store), []
+    for run_id, eval_id in store.db.execute(sql, () if everyone else (now,)).fetchall():
         if everyone:
             store.db.execute("UPDATE eval_runs SET claimed_by = ?, lease_until = ? WHERE id = ?",
                              (replica, now + LEASE_S, run_id))
         elif not store.claim("eval_runs", run_id, replica):
             continue
-        claimed.append((run_id, eval_id))
-    evals = EvalStore(store)
-    out = []
-    for run_id, eval_id in claimed:
-        run = evals.get_run(eval_id, run_id)
-        if run is not None:
-            out.append(run)
-    return out
+        if (run := evals.get_run(eval_id, run_id)) is not None:
+            claimed.append(run)
+    return claimed
 
 
-def prepared(store, run: dict) -> tuple[dict, list[dict]] | None:
-    """(the eval, the rows) of a claimed run to run again, its earlier output items deleted and its status queued;
-    None when it cannot run again (failed here with the reason, or gone)."""
+def prepared(store, run: dict, replica: str) -> tuple[dict, list[dict]] | None:
+    """(the eval, the rows) of a run ``replica`` claimed, to run again: its earlier output items deleted and its
+    status queued; None when it cannot run again (failed here with the reason and let go, or cancelled)."""
     evals = EvalStore(store)
     eval_ = evals.get_eval(run["eval_id"], run["owner"])
     rows = kept_rows(store.root, run["id"])
@@ -85,9 +79,9 @@ def prepared(store, run: dict) -> tuple[dict, list[dict]] | None:
         evals.move_run(run["id"], ("queued", "in_progress"), status="failed", error={
             "code": "server_restarted", "message": "the server stopped during this run and its rows were not kept; "
             "create the run again"})
-        store.release("eval_runs", run["id"], run.get("claimed_by") or "")
+        store.release("eval_runs", run["id"], replica)
         return None
-    evals._delete(run["id"], ("eval_output_items", "run_id"))
+    evals.delete_output_items(run["id"])
     if not evals.move_run(run["id"], ("queued", "in_progress"), status="queued"):
         return None  # cancelled meanwhile
     return eval_, rows
@@ -130,7 +124,7 @@ async def resume_abandoned(app, everyone: bool = False) -> int:
     store, replica = app.state.store, app.state.replica
     started = 0
     for run in await asyncio.to_thread(claim_abandoned, store, replica, everyone):
-        ready = await asyncio.to_thread(prepared, store, run | {"claimed_by": replica})
+        ready = await asyncio.to_thread(prepared, store, run, replica)
         if ready is None:
             continue
         eval_, rows = ready

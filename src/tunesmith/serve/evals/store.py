@@ -100,6 +100,10 @@ class EvalStore:
     def delete_run(self, rid: str) -> None:
         self._delete(rid, ("eval_output_items", "run_id"), ("eval_runs", "id"))
 
+    def delete_output_items(self, rid: str) -> None:
+        """The run's output items gone (a run taken over is graded again from its first row)."""
+        self._delete(rid, ("eval_output_items", "run_id"))
+
     def _delete(self, key: str, *rows: tuple[str, str]) -> None:
         """Delete the rows of each (table, column) whose column is ``key``, in order, under the store's lock."""
         with self.lock:
