@@ -351,6 +351,17 @@ def store(request, tmp_path):
     s.db.close()
 
 
+def queued_jobs(store, owners) -> list[str]:
+    """One queued fine-tuning job in ``store`` for each of ``owners``, in order; their ids."""
+    ids = []
+    for owner in owners:
+        job = store.add_job(owner, model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                            method={"type": "supervised"}, metadata=None)
+        store.update_job(job["id"], status="queued")
+        ids.append(job["id"])
+    return ids
+
+
 def wait_serving(url: str, key: str, proc, log: Path, timeout: float = 180) -> None:
     """Until ``GET <url>/models`` with ``key`` answers 200 (``proc``, a `tunesmith serve`, still running; its
     ``log``'s end in the failure otherwise)."""

@@ -7,10 +7,10 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 from tunesmith.serve.jobs.ray_executor import _hand_out
 from tunesmith.serve.store import Store
+
+from .conftest import queued_jobs
 
 
 class FakeRay:
@@ -39,20 +39,15 @@ class FakeRay:
         return {"CPU": 16.0}
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_dispatchers_hand_each_job_to_ray_once(backend, request, tmp_path, monkeypatch):
+def test_two_dispatchers_hand_each_job_to_ray_once(store, monkeypatch):
     import tunesmith.serve.jobs.ray_executor as ray_executor
 
     monkeypatch.setattr(ray_executor, "job_resources", lambda store, job, cluster: {"num_cpus": 1})
-    url = request.getfixturevalue("postgres")() if backend == "postgresql" else None
-    store = Store(tmp_path / "data", url)
-    for i in range(6):
-        job = store.add_job(f"o{i}", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
-                            method={"type": "supervised"}, metadata=None)
-        store.update_job(job["id"], status="queued")
+    url = getattr(store.db, "url", None)  # the same database (PostgreSQL) or data folder (SQLite) for each dispatcher
+    queued_jobs(store, [f"o{i}" for i in range(6)])
     submitted: list[str] = []
     stop = threading.Event()
-    dispatchers = [threading.Thread(target=_hand_out, args=(FakeRay(submitted), Store(tmp_path / "data", url), 1,
+    dispatchers = [threading.Thread(target=_hand_out, args=(FakeRay(submitted), Store(store.root, url), 1,
                                                             0.05, stop)) for _ in range(2)]
     for d in dispatchers:
         d.start()
@@ -64,4 +59,3 @@ def test_two_dispatchers_hand_each_job_to_ray_once(backend, request, tmp_path, m
     for d in dispatchers:
         d.join(10)
     assert sorted(submitted) == sorted(set(submitted)) and len(submitted) == 6, submitted
-    store.db.close()

@@ -11,6 +11,8 @@ from tunesmith.serve.batches.store import BatchStore
 from tunesmith.serve.database import DatabaseError, open_database, to_postgres
 from tunesmith.serve.store import MIGRATIONS, Store
 
+from .conftest import queued_jobs
+
 
 def test_translation_to_postgres():
     assert to_postgres("SELECT * FROM t WHERE id = ? AND owner IS ?") == \
@@ -123,12 +125,7 @@ def test_threads_writing_at_once(store):
 def test_a_job_is_claimed_by_one_worker_and_taken_over_when_its_lease_runs_out(store, monkeypatch):
     import tunesmith.serve.store as store_module
 
-    jobs = []
-    for owner in ("o1", "o1", "o2"):
-        job = store.add_job(owner, model="m", training_file="f", validation_file=None, suffix=None, seed=1,
-                            method={"type": "supervised"}, metadata=None)
-        store.update_job(job["id"], status="queued")
-        jobs.append(job["id"])
+    jobs = queued_jobs(store, ("o1", "o1", "o2"))
     first = store.claim_job("w1", jobs_per_key=1)
     assert first["id"] == jobs[0]
     second = store.claim_job("w2", jobs_per_key=1)
@@ -153,10 +150,7 @@ def test_a_sole_worker_takes_back_a_job_a_dead_one_held(store):
 
 
 def test_workers_claiming_at_once_take_each_job_once(store):
-    for i in range(12):
-        job = store.add_job(f"o{i}", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
-                            method={"type": "supervised"}, metadata=None)
-        store.update_job(job["id"], status="queued")
+    queued_jobs(store, [f"o{i}" for i in range(12)])
     taken: list[str] = []
     lock = threading.Lock()
 
