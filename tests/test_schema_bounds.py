@@ -153,9 +153,9 @@ def test_a_failing_row_fails_alone_and_the_others_finish(tiny_model):
 
 def test_vllms_finished_answer_is_checked_against_its_constraint(tiny_model):
     """vLLM ends a row whose matcher failed with its end of sequence: such an answer is an error, not text."""
-    from tunesmith.serve.engines.errors import APIError
     from tunesmith.serve.engines.interface import Generation
     from tunesmith.serve.engines.vllm.engine import VllmConstraint, VllmEngine
+    from tunesmith.serve.errors import APIError
 
     model, tok = tiny_model
     engine = VllmEngine.__new__(VllmEngine)

@@ -15,8 +15,8 @@ import pytest
 
 from tunesmith.serve.batches.output import BatchFiles, chunk_bounds
 from tunesmith.serve.batches.store import CHUNKED, BatchStore, ClaimLost
-from tunesmith.serve.keys import owner_id, server_secret
 from tunesmith.serve.store import Store
+from tunesmith.serve.store.keys import owner_id, server_secret
 
 from .conftest import tiny_server
 

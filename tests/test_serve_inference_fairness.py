@@ -13,8 +13,8 @@ import pytest
 
 from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
 from tunesmith.serve.engines.builtin import Engine
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import GenParams
+from tunesmith.serve.errors import APIError
 
 from .conftest import EMBEDDED, embedded_server
 

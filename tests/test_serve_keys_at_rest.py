@@ -25,8 +25,9 @@ import openai
 import pytest
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.keys import is_owner_id, owner_id, server_secret
-from tunesmith.serve.store import MIGRATIONS, Store
+from tunesmith.serve.store import Store
+from tunesmith.serve.store.keys import is_owner_id, owner_id, server_secret
+from tunesmith.serve.store.migrations import MIGRATIONS
 
 from .conftest import finished_eval_run, http_get
 from .test_serve_jobs import chat_jsonl

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.lanes import Lane, Lanes, LaneSize, default_sizes
 
 

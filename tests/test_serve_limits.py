@@ -16,8 +16,8 @@ import pytest
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.jobs.worker import announce_start, job_error, work
-from tunesmith.serve.keys import owner_id, server_secret
 from tunesmith.serve.store import Store
+from tunesmith.serve.store.keys import owner_id, server_secret
 
 from .conftest import http_get, running_server
 from .test_serve_jobs import chat_jsonl

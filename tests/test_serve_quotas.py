@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from tunesmith.serve.engines.errors import APIError
-from tunesmith.serve.quotas import Quotas, check_batch_create
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import Store
+from tunesmith.serve.store.quotas import Quotas, check_batch_create
 
 from .conftest import tiny_server
 

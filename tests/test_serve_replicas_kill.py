@@ -15,8 +15,8 @@ from pathlib import Path
 
 import openai
 
-from tunesmith.serve.keys import owner_id, server_secret
 from tunesmith.serve.store import LEASE_S, Store
+from tunesmith.serve.store.keys import owner_id, server_secret
 
 from .conftest import banking_rows, chat_lines, wait_serving
 from .test_serve_hostile import _free_port

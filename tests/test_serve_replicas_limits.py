@@ -112,7 +112,7 @@ def test_a_keys_tokens_are_summed_over_replicas_and_leave_with_the_minute(postgr
     """SharedPlaces.spend on two replicas: one key's seconds summed over both, another key apart, a second counted
     until the minute after its end has passed, and seconds long past deleted by a replica's renewal."""
     import tunesmith.serve.api.shared_limits as shared_limits
-    from tunesmith.serve.engines.errors import APIError
+    from tunesmith.serve.errors import APIError
     from tunesmith.serve.store import Store
 
     now = [1_000_000.5]

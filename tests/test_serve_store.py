@@ -4,7 +4,8 @@ import multiprocessing
 import sqlite3
 import time
 
-from tunesmith.serve.store import MIGRATIONS, Store
+from tunesmith.serve.store import Store
+from tunesmith.serve.store.migrations import MIGRATIONS
 
 
 def _open_at(root: str, start_at: float) -> list[str]:

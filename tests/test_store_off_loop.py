@@ -65,7 +65,7 @@ class SlowFor:
 def live(tiny_model_dir, tmp_path_factory):
     from tunesmith.serve.app import ServeSettings, create_app
     from tunesmith.serve.engines.builtin import Engine
-    from tunesmith.serve.keys import owner_id, server_secret
+    from tunesmith.serve.store.keys import owner_id, server_secret
 
     data_dir = tmp_path_factory.mktemp("slow-store")
     engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1)

@@ -8,8 +8,9 @@ import pytest
 
 from tunesmith.serve.api.stored_completions import CompletionStore
 from tunesmith.serve.batches.store import BatchStore
-from tunesmith.serve.database import DatabaseError, open_database, to_postgres
-from tunesmith.serve.store import MIGRATIONS, Store
+from tunesmith.serve.store import Store
+from tunesmith.serve.store.database import DatabaseError, open_database, to_postgres
+from tunesmith.serve.store.migrations import MIGRATIONS
 
 from .conftest import queued_jobs
 
@@ -123,7 +124,7 @@ def test_threads_writing_at_once(store):
 
 
 def test_a_job_is_claimed_by_one_worker_and_taken_over_when_its_lease_runs_out(store, monkeypatch):
-    import tunesmith.serve.store as store_module
+    import tunesmith.serve.store.objects as store_module
 
     jobs = queued_jobs(store, ("o1", "o1", "o2"))
     first = store.claim_job("w1", jobs_per_key=1)
@@ -170,7 +171,7 @@ def test_workers_claiming_at_once_take_each_job_once(store):
 
 def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch):
     import tunesmith.serve.api.shared_limits as shared_limits
-    from tunesmith.serve.engines.errors import APIError
+    from tunesmith.serve.errors import APIError
 
     s = Store(tmp_path / "data", postgres())
     one, two = shared_limits.SharedPlaces(s, "r1"), shared_limits.SharedPlaces(s, "r2")
@@ -189,7 +190,7 @@ def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch
 
 
 def test_eval_runs_a_dead_replica_held_are_claimed_by_a_live_one_and_live_ones_kept(store, monkeypatch):
-    import tunesmith.serve.store as store_module
+    import tunesmith.serve.store.objects as store_module
     from tunesmith.serve.evals import resume
     from tunesmith.serve.evals.store import EvalStore
 

@@ -21,8 +21,8 @@ from openai.types.chat import ChatCompletion
 from tunesmith.data.formats.chat_rows import last_turn_pair
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import GenParams
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.jobs.worker import evaluate_job, work
 from tunesmith.serve.store import Store
 

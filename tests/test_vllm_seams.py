@@ -18,10 +18,10 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import GenParams
 from tunesmith.serve.engines.vllm.server import ask_models
 from tunesmith.serve.engines.vllm.shim import RequireKey
+from tunesmith.serve.errors import APIError
 
 from .conftest import REPO, kill_under_streams, running_server
 

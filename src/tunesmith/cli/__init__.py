@@ -300,7 +300,7 @@ def serve(
     from tunesmith.serve.api.rate_limits import KeyLimits
     from tunesmith.serve.app import ServeSettings
     from tunesmith.serve.launch import parse_adapters, parse_model_aliases, pick_engine, serve_platform
-    from tunesmith.serve.quotas import Quotas
+    from tunesmith.serve.store.quotas import Quotas
 
     adapters = parse_adapters(adapter or [])
     aliases = parse_model_aliases(model_alias or [], {model, *adapters})

@@ -18,9 +18,9 @@ from starlette.exceptions import HTTPException
 from tunesmith.graders.sandbox import Limits
 from tunesmith.serve.api.auth import bearer_of, owner_of
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
-from tunesmith.serve.engines.errors import APIError, validation_error_body
+from tunesmith.serve.errors import APIError, validation_error_body
 from tunesmith.serve.lanes import Lanes
-from tunesmith.serve.quotas import Quotas, start_sweeper
+from tunesmith.serve.store.quotas import Quotas, start_sweeper
 
 
 @dataclass
@@ -53,7 +53,7 @@ class ServeSettings:
     key_limits: KeyLimits = field(default_factory=KeyLimits)  # per-key requests in flight, tokens a minute (off)
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
     batch_chunk_lines: int | None = None  # a batch's lines claimed together by one replica; None: 256
-    quotas: Quotas = field(default_factory=Quotas)  # what one key may keep (tunesmith.serve.quotas)
+    quotas: Quotas = field(default_factory=Quotas)  # what one key may keep (tunesmith.serve.store.quotas)
 
     @property
     def vllm_dir(self) -> Path:

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 RETRY_S = 1  # a full line's refusal: come back after about this long
 

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.database import DATABASE_ENV
 from tunesmith.serve.engines.process import die_with_parent
+from tunesmith.serve.store.database import DATABASE_ENV
 
 
 def parse_adapters(items: list[str]) -> dict[str, str]:

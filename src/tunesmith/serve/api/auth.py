@@ -1,7 +1,7 @@
 """The API key every route of the server checks, and what a key may see: the base model and command-line adapters,
 plus the fine-tuned models of its own jobs (another key's are a 404, as for a model that does not exist).
 
-A route gets the caller's owner id (:func:`tunesmith.serve.keys.owner_id`), never the key: that is what the store
+A route gets the caller's owner id (:func:`tunesmith.serve.store.keys.owner_id`), never the key: that is what the store
 keeps and compares, so no table holds a key."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from tunesmith.serve.engines.errors import APIError
-from tunesmith.serve.keys import owner_id, server_secret
+from tunesmith.serve.errors import APIError
+from tunesmith.serve.store.keys import owner_id, server_secret
 
 
 def bearer(header: str) -> str | None:

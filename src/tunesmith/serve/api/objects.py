@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs")
 

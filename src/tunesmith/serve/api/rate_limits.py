@@ -22,7 +22,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from tunesmith.serve.api.body_limit import send_error
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 WINDOW_S = 60.0
 MAX_WAIT_S = 60.0  # the longest retry-after a requests refusal asks for

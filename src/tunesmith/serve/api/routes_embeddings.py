@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan.fields import EMBEDDINGS, check_fields
 from tunesmith.workers import LowPriorityWorkers, WorkerError
 

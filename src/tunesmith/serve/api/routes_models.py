@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.store_lane import stored
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 

@@ -15,8 +15,8 @@ from tunesmith.serve.api.auth import Key, engine_for, visible_models
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.api.stored_completions import before_storing
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Generation
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan.fields import CHAT, COMPLETIONS, check_fields
 from tunesmith.serve.plan.requests import build, chat_plan, completion_plan
 from tunesmith.serve.plan.schemas import ChatCompletionBody, CompletionBody

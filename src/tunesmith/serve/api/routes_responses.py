@@ -28,12 +28,12 @@ from tunesmith.serve.api.auth import Key, engine_for
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.routes_openai import _results, obfuscated, planned_run, streamed
 from tunesmith.serve.api.store_lane import in_store_lane, stored
-from tunesmith.serve.engines.errors import APIError, found
 from tunesmith.serve.engines.interface import Generation
+from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.plan.fields import RESPONSES, check_fields
 from tunesmith.serve.plan.requests import response_plan
 from tunesmith.serve.plan.schemas import ResponseBody
-from tunesmith.serve.quotas import check_metadata, check_response
+from tunesmith.serve.store.quotas import check_metadata, check_response
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 

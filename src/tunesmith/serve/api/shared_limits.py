@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import LEASE_S
 
 log = logging.getLogger("tunesmith.serve")

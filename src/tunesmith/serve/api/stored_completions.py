@@ -23,9 +23,9 @@ from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page
 from tunesmith.serve.api.store_lane import in_store_lane
-from tunesmith.serve.engines.errors import APIError, found
-from tunesmith.serve.quotas import check_metadata, check_stored_completion
+from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.store import Store
+from tunesmith.serve.store.quotas import check_metadata, check_stored_completion
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 MAX_LIST = 100

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 
-from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
@@ -17,8 +16,9 @@ from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.batches.lines import URLS
 from tunesmith.serve.batches.output import scan_input
 from tunesmith.serve.batches.store import BatchStore
-from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.jobs.uploads import ExpiresAfter
+from tunesmith.serve.store import quotas
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 WINDOW_S = 24 * 3600
@@ -29,7 +29,7 @@ class BatchBody(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: Literal["24h"]
-    metadata: Any = None  # OpenAI's rule, checked with the quotas (tunesmith.serve.quotas.check_metadata)
+    metadata: Any = None  # OpenAI's rule, checked with the quotas (tunesmith.serve.store.quotas.check_metadata)
     output_expires_after: ExpiresAfter | None = None  # the output and error files' life after they are made
 
 

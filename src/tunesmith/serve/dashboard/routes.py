@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.store_lane import in_store_lane
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 # everything from this server; inline styles for the report's own <style>; charts embedded as data: PNGs
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request
 from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, default_contended_rows
+from tunesmith.serve.errors import APIError
 
 __all__ = ["Engine"]
 

@@ -19,7 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 
 def is_head_folder(path) -> bool:

@@ -11,9 +11,9 @@ from fastapi import Request
 from tunesmith.graders import template
 from tunesmith.graders.spec import item_fields
 from tunesmith.serve.api.auth import visible_models
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.evals.grading import checked_grader
-from tunesmith.serve.quotas import check_metadata
+from tunesmith.serve.store.quotas import check_metadata
 
 MAX_ROWS = 10_000  # rows in one run
 

@@ -11,8 +11,8 @@ from fastapi import Request
 from tunesmith.graders import Context, GraderError, ModelReply, check
 from tunesmith.graders.spec import model_names
 from tunesmith.serve.api.auth import visible_models
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import GenParams
+from tunesmith.serve.errors import APIError
 
 MAX_GRADER_TOKENS = 256  # a grading model's reply: a score or a label
 

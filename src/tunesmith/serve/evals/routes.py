@@ -23,11 +23,11 @@ from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import page, paginate
 from tunesmith.serve.api.store_lane import in_store_lane, stored
-from tunesmith.serve.engines.errors import found
+from tunesmith.serve.errors import found
 from tunesmith.serve.evals import resume
 from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
 from tunesmith.serve.evals.store import EvalStore
-from tunesmith.serve.quotas import check_eval, check_eval_run, check_metadata
+from tunesmith.serve.store.quotas import check_eval, check_eval_run, check_metadata
 
 router = APIRouter(prefix="/v1/evals", route_class=OffLoopJSON)
 Order = Literal["asc", "desc"]

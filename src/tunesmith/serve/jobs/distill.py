@@ -24,13 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.data.formats.chat import check_example
 from tunesmith.data.formats.validate import Validation, upload_problems
-from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import file_object
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.api.stored_completions import MAX_TIME, CompletionStore, training_example
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
+from tunesmith.serve.store import quotas
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 MAX_EXAMPLES = 100_000

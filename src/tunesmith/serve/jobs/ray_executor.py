@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.database import database_url
 from tunesmith.serve.engines.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
 from tunesmith.serve.jobs.worker import job_error, run_or_fail
 from tunesmith.serve.store import LEASE_S, Store, worker_id
+from tunesmith.serve.store.database import database_url
 
 log = logging.getLogger("tunesmith.worker")
 RETRIES = 3  # times Ray starts a job again after its worker process or node died

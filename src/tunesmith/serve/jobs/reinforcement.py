@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 GENERATIONS = 4  # completions per prompt at compute_multiplier 1
 MAX_GENERATIONS = 64

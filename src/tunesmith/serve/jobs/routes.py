@@ -16,14 +16,14 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
 from tunesmith.serve.api.store_lane import in_store_lane, stored
-from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
+from tunesmith.serve.store import quotas
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 

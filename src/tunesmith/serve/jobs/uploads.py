@@ -6,7 +6,7 @@ An upload belongs to the key that created it (another key gets a 404). Each part
 ``part_ids`` give, checks the total against the declared ``bytes`` and the ``md5`` when one is given, runs the
 checks a file of that purpose gets (every bad line named) and makes it a file like any other; ``expires_after`` is
 that file's life, as at OpenAI. The whole upload is bounded like a single file (``--max-upload-mb``) and counts
-against the key's file quotas from its creation (:mod:`tunesmith.serve.quotas`). An upload not completed within an
+against the key's file quotas from its creation (:mod:`tunesmith.serve.store.quotas`). An upload not completed within an
 hour (``--quota upload_expiry_s``) expires; a cancelled or expired upload's parts are deleted (expired ones by the
 server's sweep, whether or not the upload is touched again).
 
@@ -27,14 +27,13 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunesmith.serve import quotas
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import upload_object, upload_part_object
 from tunesmith.serve.api.store_lane import in_store_lane, stored
-from tunesmith.serve.engines.errors import APIError, found
+from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.jobs.routes import checked, kept_file
-from tunesmith.serve.store import new_id
+from tunesmith.serve.store import new_id, quotas
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 PART_BYTES = 64 * 1024 * 1024  # as at OpenAI

@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tunesmith.errors import DataError, TunesmithError
-from tunesmith.serve.database import database_url
 from tunesmith.serve.engines.process import SHUTDOWN, end_worker_process, start_worker_process
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
 from tunesmith.serve.jobs.events import announce_integrations, estimated_finish, mark_full_validation
 from tunesmith.serve.store import Store, worker_id
+from tunesmith.serve.store.database import database_url
 
 log = logging.getLogger("tunesmith.worker")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from tunesmith.data.formats.chat import MESSAGE_KEYS, check_messages, hint
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan.fields import refuse_unknown
 from tunesmith.serve.plan.messages import check_text
 

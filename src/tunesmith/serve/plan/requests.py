@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tunesmith.generation import GenParams
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan import answer, tools
 from tunesmith.serve.plan.messages import chat_messages, chat_tools, check_text, input_messages
 from tunesmith.serve.plan.output import OutputFormat, output_format

@@ -4,7 +4,7 @@ the token budget, each choice's sampling settings (seed, penalties, logit bias, 
 from __future__ import annotations
 
 from tunesmith.generation import GenParams
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan.fields import refuse_unknown
 
 CHAT_DEFAULT_MAX = 256

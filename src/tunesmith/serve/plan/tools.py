@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from tunesmith.data.formats.chat import function_names, hint
 from tunesmith.data.formats.tool_format import CALL_CLOSE, CALL_OPEN, render
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan.messages import check_text
 
 # the separators json.dumps writes (and the hermes form is trained with), no free whitespace

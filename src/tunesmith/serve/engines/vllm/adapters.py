@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 log = logging.getLogger("tunesmith.serve")
 POLL_S = 0.05  # how often a request waiting for its adapter looks again

@@ -33,7 +33,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Delta, Generation, GenParams, InferenceEngine, Request
 from tunesmith.serve.engines.shares import ShareRules, Shares, default_contended_rows
 from tunesmith.serve.engines.vllm.sharing import (
@@ -58,6 +57,7 @@ from tunesmith.serve.engines.vllm.wire import (
     unavailable,
     vllm_error,
 )
+from tunesmith.serve.errors import APIError
 
 log = logging.getLogger("tunesmith.serve")
 ADAPTER_TIMEOUT_S = 120.0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from tunesmith.serve.engines.errors import APIError
 from tunesmith.serve.engines.interface import Generation, GenParams
+from tunesmith.serve.errors import APIError
 
 if TYPE_CHECKING:
     from tunesmith.serve.engines.vllm.sharing import Row

@@ -1,5 +1,5 @@
 """The store's schema: named migrations in order, each SQL (in the dialect both backends take,
-:mod:`tunesmith.serve.database`) or a Python step called with the database and the data folder inside the same
+:mod:`tunesmith.serve.store.database`) or a Python step called with the database and the data folder inside the same
 transaction. A database is brought up to date when a :class:`tunesmith.serve.store.Store` opens it.
 
 Replicas on one PostgreSQL are upgraded one at a time, so the release before keeps running on a release's schema.
@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tunesmith.serve.keys import is_owner_id, owner_id, server_secret
+from tunesmith.serve.store.keys import is_owner_id, owner_id, server_secret
 
 
 def owners_as_ids(db, root: Path) -> None:
@@ -133,7 +133,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
             body TEXT NOT NULL, PRIMARY KEY (batch_id, line)
         )"""),
     ("0021_owners_as_keyed_hashes", owners_as_ids),
-    # per-key quotas count with these (tunesmith.serve.quotas); a file may expire (NULL: kept until deleted)
+    # per-key quotas count with these (tunesmith.serve.store.quotas); a file may expire (NULL: kept until deleted)
     ("0022_files_by_owner", "CREATE INDEX files_by_owner ON files (owner, bytes)"),
     ("0023_file_expires_at", "ALTER TABLE files ADD COLUMN expires_at INTEGER"),
     ("0024_uploads_by_owner", "CREATE INDEX uploads_by_owner ON uploads (owner, status)"),

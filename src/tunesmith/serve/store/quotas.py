@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import Request
 
 from tunesmith.errors import ConfigError
-from tunesmith.serve.engines.errors import APIError
+from tunesmith.serve.errors import APIError
 
 MB, GB = 1024**2, 1024**3
 DAY = 24 * 3600

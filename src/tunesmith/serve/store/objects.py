@@ -1,9 +1,9 @@
 """The server's store for files, fine-tuning jobs, their events and checkpoints (and, through the modules beside it,
-every other object a key keeps): SQLite in the data folder, or PostgreSQL (:mod:`tunesmith.serve.database`).
+every other object a key keeps): SQLite in the data folder, or PostgreSQL (:mod:`tunesmith.serve.store.database`).
 
 Schema changes are named, ordered migrations recorded in ``schema_migrations``; a database is
 brought up to date when opened. A migration is SQL, or a Python step called with the connection and
-the data folder inside the same transaction. Every ``owner`` is an owner id (:mod:`tunesmith.serve.keys`),
+the data folder inside the same transaction. Every ``owner`` is an owner id (:mod:`tunesmith.serve.store.keys`),
 never an API key. Ids are opaque random strings and are never used as paths:
 uploaded bytes live at ``<root>/files/<random>.jsonl`` under a name the store chose.
 Events carry a ``dedup_key`` with a unique index, so a worker that resumes after a crash and
@@ -22,8 +22,8 @@ import threading
 import time
 from pathlib import Path
 
-from tunesmith.serve.database import PostgresDatabase, SQLiteDatabase, open_database
-from tunesmith.serve.migrations import MIGRATIONS
+from tunesmith.serve.store.database import PostgresDatabase, SQLiteDatabase, open_database
+from tunesmith.serve.store.migrations import MIGRATIONS
 
 Database = SQLiteDatabase | PostgresDatabase
 log = logging.getLogger("tunesmith.serve")
