@@ -231,7 +231,8 @@ def eval_run(store, way: str, rows: int) -> dict:
             "sample": {"output_text": r["completion"]["choices"][0]["message"]["content"]}} for r in found]
     evals = EvalStore(store) if way == "ours" else item_by_item(store)
     e = evals.add_eval(KEY, name="stored answers", data_source_config=config, testing_criteria=[EVAL_CRITERION])
-    run = evals.add_run(KEY, e["id"], name=way, model="(given samples)", data_source={"type": "jsonl", "source": source})
+    run, _ = evals.add_run(KEY, e["id"], "benchmark", name=way, model="(given samples)",
+                           data_source={"type": "jsonl", "source": source})
     execute(evals, e, run, items, Context())
     done = evals.get_run(e["id"], run["id"])
     return {"status": done["status"], "counts": done["result_counts"]}

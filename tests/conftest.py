@@ -348,7 +348,7 @@ def store(request, tmp_path):
     url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
     s = Store(tmp_path / "data", url)
     yield s
-    s.db.close()
+    s.close()
 
 
 def queued_jobs(store, owners) -> list[str]:

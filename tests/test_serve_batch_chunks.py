@@ -26,24 +26,29 @@ def split(store: Store, chunks: int, size: int = 2, owner: str = "o1") -> dict:
     batches = BatchStore(store)
     f = store.add_file(owner, "b.jsonl", "batch", b"")
     b = batches.add(owner, "/v1/chat/completions", f["id"], None, total=chunks * size, model="m", window_s=3600)
-    assert store.claim("batches", b["id"], "r0")
+    stale = batches.claim_batch(b["id"], "r1")
+    assert batches.claim_batch(b["id"], "r0") is None  # r1 holds it
+    store.db.execute("UPDATE batches SET lease_until = 0 WHERE id = ?", (b["id"],))  # r1 frozen past its lease
+    claim = batches.claim_batch(b["id"], "r0")
+    assert claim.generation == stale.generation + 1
     bounds = [(1 + size * n, size, 0, size) for n in range(chunks)]
-    assert not batches.add_chunks(b["id"], bounds, "r1")  # only the batch's holder splits it
-    assert batches.add_chunks(b["id"], bounds, "r0")
+    assert not batches.add_chunks(b["id"], bounds, stale)  # only the batch's holder splits it: r1 writes nothing
+    assert not batches.chunks(b["id"])
+    assert batches.add_chunks(b["id"], bounds, claim)
     return batches.get(b["id"], any_owner=True)
 
 
 def test_a_batch_is_split_once_and_each_chunk_claimed_by_one_of_the_replicas_claiming_at_once(store):
     batch, batches = split(store, 12), BatchStore(store)
     assert batch["status"] == "in_progress" and batch["in_progress_at"] and batch["claimed_by"] == CHUNKED
-    assert not store.claim("batches", batch["id"], "a replica of the release before")  # it leaves the batch alone
+    assert batches.claim_batch(batch["id"], "a replica of the release before") is None  # it leaves the batch alone
     claims: dict[str, list[str]] = {}
     start = threading.Barrier(4)
 
     def replica(name: str) -> None:
         start.wait()
-        while (chunk := batches.claim_chunk(batch["id"], name)) is not None:
-            claims.setdefault(chunk["id"], []).append(name)
+        while (claimed := batches.claim_chunk(batch["id"], name)) is not None:
+            claims.setdefault(claimed[0]["id"], []).append(name)
 
     threads = [threading.Thread(target=replica, args=(f"r{n}",)) for n in range(4)]
     for t in threads:
@@ -57,21 +62,21 @@ def test_a_batch_is_split_once_and_each_chunk_claimed_by_one_of_the_replicas_cla
 
 def test_a_line_is_recorded_by_its_chunks_holder_only_and_a_chunk_taken_over_goes_on_from_its_record(store):
     batch, batches = split(store, 1), BatchStore(store)
-    chunk = batches.claim_chunk(batch["id"], "r1")
-    batches.add_chunk_result(chunk, 1, "a", 200, 10, 0, "r1")
-    with pytest.raises(ClaimLost):
-        batches.add_chunk_result(chunk, 2, "b", 200, 20, 0, "r2")
-    assert not batches.chunk_done(chunk, "r1")  # one of its two lines recorded
-    store.db.execute("UPDATE batch_chunks SET lease_until = 0 WHERE id = ?", (chunk["id"],))  # r1 died
-    taken = batches.claim_chunk(batch["id"], "r2")
-    assert taken["id"] == chunk["id"] and (taken["output_bytes"], taken["error_bytes"]) == (10, 0)
+    chunk, first = batches.claim_chunk(batch["id"], "r1")
+    batches.add_chunk_result(chunk, 1, "a", 200, 10, 0, first)
+    store.db.execute("UPDATE batch_chunks SET lease_until = 0 WHERE id = ?", (chunk["id"],))  # r1 frozen past its lease
+    taken, second = batches.claim_chunk(batch["id"], "r2")
+    assert taken["id"] == chunk["id"] and second.generation == first.generation + 1
+    assert (taken["output_bytes"], taken["error_bytes"], taken["parts_generation"]) == (10, 0, first.generation)
     assert batches.answered_in(taken) == {1}
-    with pytest.raises(ClaimLost):  # r1, back from the dead, records nothing more
-        batches.add_chunk_result(chunk, 2, "b", 200, 20, 0, "r1")
-    batches.add_chunk_result(taken, 2, "b", 400, 10, 7, "r2")
-    assert not batches.chunk_done(taken, "r1") and batches.chunk_done(taken, "r2")
+    with pytest.raises(ClaimLost):  # r1, back, records nothing more
+        batches.add_chunk_result(chunk, 2, "b", 200, 20, 0, first)
+    assert first.lost.is_set()
+    batches.add_chunk_result(taken, 2, "b", 400, 10, 7, second)
+    assert not batches.chunk_done(taken, first) and batches.chunk_done(taken, second)
     row = batches.chunks(batch["id"])[0]
     assert (row["status"], row["answered_by"], row["claimed_by"]) == ("done", "r2", None)
+    assert row["parts_generation"] == second.generation
     assert batches.claim_chunk(batch["id"], "r3") is None
     assert batches.get(batch["id"], any_owner=True)["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
 
@@ -80,11 +85,11 @@ def answered(store: Store) -> dict:
     """A batch of two chunks, each answered by a replica of its own."""
     batch, batches = split(store, 2), BatchStore(store)
     for n, holder in enumerate(("r1", "r2")):
-        chunk = batches.claim_chunk(batch["id"], holder)
+        chunk, claim = batches.claim_chunk(batch["id"], holder)
         for line in (1 + 2 * n, 2 + 2 * n):
-            batches.add_chunk_result(chunk, line, f"c{line}", 200, 10 * line, 0, holder)
+            batches.add_chunk_result(chunk, line, f"c{line}", 200, 10 * line, 0, claim)
         assert batches.begin_finishing(batch["id"], holder) is None  # a chunk still held, or still to answer
-        assert batches.chunk_done(chunk, holder)
+        assert batches.chunk_done(chunk, claim)
     return batch
 
 
@@ -111,24 +116,21 @@ def test_replicas_finishing_at_once_finish_a_batch_once(store):
     for _ in range(4):  # the race run a few times
         assert len(race(batches, answered(store)["id"])) == 1
     batch = answered(store)
-    [(winner, (status, chunks))] = race(batches, batch["id"]).items()
+    [(winner, (status, chunks, claim))] = race(batches, batch["id"]).items()
     assert status == "completed" and [(c["chunk"], c["output_bytes"]) for c in chunks] == [(0, 20), (1, 40)]
     assert batches.get(batch["id"], any_owner=True)["status"] == "finalizing"
-    with store.db.transaction():
-        assert batches.finishing_held(batch["id"], winner, chunked=True)
-    with store.db.transaction():
-        assert not batches.finishing_held(batch["id"], "f-other", chunked=True)
-    batches.finished(batch["id"], status, {})
+    assert batches.begin_finishing(batch["id"], "f-other") is None  # its finisher holds it
+    claim.write(batches.finished, batch["id"], status, {})
     assert batches.begin_finishing(batch["id"], "late") is None
     assert batches.get(batch["id"], any_owner=True)["claimed_by"] is None
 
 
 def test_a_cancelled_or_expired_batch_is_finished_once_no_replica_holds_a_chunk(store):
     batch, batches = split(store, 2), BatchStore(store)
-    chunk = batches.claim_chunk(batch["id"], "r1")
+    _, claim = batches.claim_chunk(batch["id"], "r1")
     batches.mark(batch["id"], "cancelling")
     assert batches.begin_finishing(batch["id"], "r2") is None  # r1's lines in flight end first
-    store.release("batch_chunks", chunk["id"], "r1")
+    store.claims.let_go(claim)
     assert batches.claim_chunk(batch["id"], "r1") is None  # no chunk starts once cancelled
     assert batches.begin_finishing(batch["id"], "r2")[0] == "cancelled"
     late = split(store, 2)
@@ -167,16 +169,18 @@ def test_a_chunk_a_dead_replica_left_is_cut_back_to_its_record_and_finished(tiny
     data_dir = tmp_path / "data"
     store, batches, batch = left_batch(tiny_model_dir, data_dir, 10)
     bid, path = batch["id"], store.get_file(batch["input_file_id"], batch["owner"])["storage"]
-    assert store.claim("batches", bid, "dead") and batches.add_chunks(bid, chunk_bounds(path, 4), "dead")
-    chunk = batches.claim_chunk(bid, "dead")
-    part = BatchFiles(data_dir, bid, 0)
+    assert batches.add_chunks(bid, chunk_bounds(path, 4), batches.claim_batch(bid, "dead"))
+    chunk, claim = batches.claim_chunk(bid, "dead")
+    part = BatchFiles(data_dir, bid, 0, claim.generation)
     part.cut_to(0, 0)
     for line in (1, 2):
         sizes = part.append(f"q-{line - 1}", 200, b'{"answered": "by the dead replica"}')
-        batches.add_chunk_result(chunk, line, f"q-{line - 1}", 200, *sizes, "dead")
+        batches.add_chunk_result(chunk, line, f"q-{line - 1}", 200, *sizes, claim)
     part.append("q-2", 200, b'{"answered": "never recorded"}')
-    store.db.execute("UPDATE batch_chunks SET lease_until = 0 WHERE id = ?", (chunk["id"],))
-    store.db.close()
+    store.close()  # the replica dies: its heartbeat stops, its lease runs out
+    later = Store(data_dir)
+    later.db.execute("UPDATE batch_chunks SET lease_until = 0 WHERE id = ?", (chunk["id"],))
+    later.close()
     with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({"k1"}), batch_chunk_lines=3) as url:
         done, ids, lines = finished_ids(url, bid)
     assert done.status == "completed" and done.request_counts.completed == 10, done

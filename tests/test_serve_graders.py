@@ -252,20 +252,20 @@ def test_runs_a_stopped_server_left_run_again_from_their_rows_on_restart(tmp_pat
     store = Store(tmp_path)
     evals = EvalStore(store)
     ev = evals.add_eval("k1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
-    kept, lost = (evals.add_run("k1", ev["id"], name=f"r{i}", model="m", data_source={}, metadata=None)
-                  for i in range(2))
+    kept, lost = (evals.add_run("k1", ev["id"], "the-stopped-server", name=f"r{i}", model="m", data_source={},
+                                metadata=None)[0] for i in range(2))
     resume.keep_rows(tmp_path, kept["id"], [{"item": {"q": "a"}, "sample": None}])
     for run in (kept, lost):
         evals.update_run(run["id"], status="in_progress")
-        assert store.claim("eval_runs", run["id"], "the-stopped-server")
     evals.add_output_items(kept["id"], ev["id"], [{"item_index": 0, "status": "pass", "datasource_item": {},
                                                     "results": [], "sample": {}}])  # written before the stop
-    claimed = resume.claim_abandoned(Store(tmp_path), "restarted", everyone=True)  # alone on its SQLite store
-    assert sorted(r["id"] for r in claimed) == sorted([kept["id"], lost["id"]])
-    _, rows = resume.prepared(store, evals.get_run(ev["id"], kept["id"]), "restarted")
+    store.claims.close()  # the server stops: its claims are no longer renewed
+    claimed = dict((r["id"], c) for r, c in resume.claim_abandoned(Store(tmp_path), "restarted", everyone=True))
+    assert sorted(claimed) == sorted([kept["id"], lost["id"]])  # alone on its SQLite store: every run is its own
+    _, rows = resume.prepared(store, evals.get_run(ev["id"], kept["id"]), claimed[kept["id"]])
     assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == []
     assert evals.get_run(ev["id"], kept["id"])["status"] == "queued"
-    assert resume.prepared(store, evals.get_run(ev["id"], lost["id"]), "restarted") is None  # made before its rows were kept
+    assert resume.prepared(store, evals.get_run(ev["id"], lost["id"]), claimed[lost["id"]]) is None  # rows not kept
     failed = evals.get_run(ev["id"], lost["id"])
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_restarted"
 

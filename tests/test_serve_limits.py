@@ -254,9 +254,10 @@ def test_restart_without_checkpoint_says_so_and_supersedes_old_steps(tmp_path):
     assert any("restarted from step 0" in e["message"] for e in events)
     assert not [e for e in events if e["type"] == "metrics"]  # the new run reports each step again, once
     (tmp_path / "ck" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "ck" / "checkpoint-2" / "trainer_state.json").write_text("{}")
     for step in (1, 2, 3):
         store.add_event(job["id"], f"Step {step}", "metrics", {"step": step}, dedup_key=f"metrics:train:{step}")
-    assert announce_start(store, store.get_job(job["id"], "k"), tmp_path / "ck") is True
+    assert announce_start(store, store.get_job(job["id"], "k"), tmp_path / "ck") == tmp_path / "ck" / "checkpoint-2"
     steps = sorted(e["data"]["step"] for e in store.events(job["id"]) if e["type"] == "metrics")
     assert steps == [1, 2]
 

@@ -8,7 +8,7 @@ import pytest
 
 from tunesmith.serve.api.stored_completions import CompletionStore
 from tunesmith.serve.batches.store import BatchStore
-from tunesmith.serve.store import Store
+from tunesmith.serve.store import ClaimLost, Store
 from tunesmith.serve.store.database import DatabaseError, open_database, to_postgres
 from tunesmith.serve.store.migrations import MIGRATIONS
 
@@ -123,31 +123,31 @@ def test_threads_writing_at_once(store):
     assert json.dumps(dict(store.db.execute("SELECT SUM(bytes) AS b FROM files").fetchone()))  # ints, not Decimals
 
 
-def test_a_job_is_claimed_by_one_worker_and_taken_over_when_its_lease_runs_out(store, monkeypatch):
-    import tunesmith.serve.store.objects as store_module
-
+def test_a_job_is_claimed_by_one_worker_and_taken_over_when_its_lease_runs_out(store):
     jobs = queued_jobs(store, ("o1", "o1", "o2"))
-    first = store.claim_job("w1", jobs_per_key=1)
-    assert first["id"] == jobs[0]
-    second = store.claim_job("w2", jobs_per_key=1)
+    first, claim = store.claim_job("w1", jobs_per_key=1)
+    assert first["id"] == jobs[0] and claim.generation == 1 and first["generation"] == 1
+    second, _ = store.claim_job("w2", jobs_per_key=1)
     assert second["id"] == jobs[2]  # o1's next waits: its first, held by w1, counts as running
     assert store.claim_job("w3", jobs_per_key=1) is None
-    store.update_job(first["id"], status="running")
-    assert store.renew("jobs", [first["id"]], "w1") == set()
-    assert store.renew("jobs", [first["id"]], "w2") == {first["id"]}  # not w2's to renew
-    monkeypatch.setattr(store_module.time, "time", lambda: 10**10)  # every lease has run out: w1 died
-    taken = store.claim_job("w3", jobs_per_key=1)
-    assert taken["id"] == first["id"] and taken["status"] == "running"  # resumed by another worker
-    assert store.renew("jobs", [first["id"]], "w1") == {first["id"]}  # w1, back, has lost it
+    claim.write(store.update_job, first["id"], status="running")
+    assert claim.renew()
+    store.db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (first["id"],))  # w1 frozen past its lease
+    taken, again = store.claim_job("w3", jobs_per_key=1)
+    assert taken["id"] == first["id"] and taken["status"] == "running" and again.generation == 2
+    with pytest.raises(ClaimLost):  # w1, back, writes nothing more
+        claim.write(store.update_job, first["id"], status="succeeded")
+    assert not claim.renew() and claim.lost.is_set()
+    assert store.get_job(first["id"], any_owner=True)["status"] == "running"
 
 
 def test_a_sole_worker_takes_back_a_job_a_dead_one_held(store):
     job = store.add_job("o1", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
                         method={"type": "supervised"}, metadata=None)
     store.update_job(job["id"], status="running")
-    assert store.claim("jobs", job["id"], "dead")
+    assert store.claims.acquire("jobs", job["id"], "dead") is not None
     assert store.claim_job("new", 1) is None  # held by a live lease
-    assert store.claim_job("new", 1, sole=True)["id"] == job["id"]  # the data folder's only worker: "dead" is
+    assert store.claim_job("new", 1, sole=True)[0]["id"] == job["id"]  # the data folder's only worker: "dead" is
 
 
 def test_workers_claiming_at_once_take_each_job_once(store):
@@ -156,7 +156,8 @@ def test_workers_claiming_at_once_take_each_job_once(store):
     lock = threading.Lock()
 
     def claimer(n):
-        while (job := store.claim_job(f"w{n}", jobs_per_key=1)) is not None:
+        while (claimed := store.claim_job(f"w{n}", jobs_per_key=1)) is not None:
+            job = claimed[0]
             store.update_job(job["id"], status="running")
             with lock:
                 taken.append(job["id"])
@@ -169,7 +170,7 @@ def test_workers_claiming_at_once_take_each_job_once(store):
     assert len(taken) == 12 and len(set(taken)) == 12
 
 
-def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch):
+def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path):
     import tunesmith.serve.api.shared_limits as shared_limits
     from tunesmith.serve.errors import APIError
 
@@ -180,8 +181,9 @@ def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch
     assert two.take("k", 3) == 3  # the third place was the last, whichever replica asks
     assert one.take("other", 3) is None  # another key counts apart
     one.give_back("k")
+    one.returns.submit(lambda: None).result()  # the give-back written
     assert two.take("k", 3) is None
-    monkeypatch.setattr(shared_limits.time, "time", lambda: 10**10)  # r1 and r2 stopped renewing: their lease ran out
+    s.db.execute("UPDATE key_places SET seen = 0")  # r1 and r2 stopped renewing: their lease ran out
     assert shared_limits.SharedPlaces(s, "r3").take("k", 1) is None
     s.db.close()
     with pytest.raises(APIError) as err:  # the database gone: refused and said, never counted per replica
@@ -189,20 +191,44 @@ def test_a_keys_places_are_counted_over_replicas(postgres, tmp_path, monkeypatch
     assert err.value.status == 503 and err.value.body["code"] == "limits_unavailable"
 
 
-def test_eval_runs_a_dead_replica_held_are_claimed_by_a_live_one_and_live_ones_kept(store, monkeypatch):
-    import tunesmith.serve.store.objects as store_module
+def test_a_place_whose_give_back_failed_is_counted_no_longer_than_the_next_renewal(postgres, tmp_path, monkeypatch):
+    import tunesmith.serve.api.shared_limits as shared_limits
+    from tunesmith.serve.store.database import StoreUnavailable
+
+    s = Store(tmp_path / "data", postgres())
+    one = shared_limits.SharedPlaces(s, "r1")
+    assert one.take("k", 2) is None and one.take("k", 2) is None and one.take("k", 2) == 2
+    real = s.db.transaction
+
+    def away():
+        raise StoreUnavailable("the database restarting")
+
+    monkeypatch.setattr(s.db, "transaction", away)  # the give-backs' writes fail: the database is away
+    one.give_back("k")
+    one.give_back("k")
+    one.returns.submit(lambda: None).result()
+    monkeypatch.setattr(s.db, "transaction", real)
+    assert s.db.execute("SELECT in_flight FROM key_places WHERE owner = 'k'").fetchone()[0] == 2  # still counted
+    one.renew()  # the replica's rows set to its true count: none of the key's requests is in flight
+    assert s.db.execute("SELECT COUNT(*) FROM key_places WHERE owner = 'k'").fetchone()[0] == 0
+    assert one.take("k", 2) is None and one.take("k", 2) is None  # the key's whole limit back
+    s.db.close()
+
+
+def test_eval_runs_a_dead_replica_held_are_claimed_by_a_live_one_and_live_ones_kept(store):
     from tunesmith.serve.evals import resume
     from tunesmith.serve.evals.store import EvalStore
 
     evals = EvalStore(store)
     ev = evals.add_eval("o1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
-    runs = [evals.add_run("o1", ev["id"], name=f"r{i}", model="m", data_source={}, metadata=None) for i in range(2)]
-    for run, holder in zip(runs, ("alive", "dead"), strict=True):
+    made = [evals.add_run("o1", ev["id"], holder, name=f"r{i}", model="m", data_source={}, metadata=None)
+            for i, holder in enumerate(("alive", "dead"))]
+    runs = [run for run, _ in made]
+    for run in runs:
         evals.update_run(run["id"], status="in_progress")
-        assert store.claim("eval_runs", run["id"], holder)
-    now = store_module.time.time()
-    monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.LEASE_S + 1)  # "dead" stopped renewing
-    assert store.renew("eval_runs", [runs[0]["id"]], "alive") == set()
+    store.db.execute("UPDATE eval_runs SET lease_until = 0 WHERE id = ?", (runs[1]["id"],))  # "dead" stopped renewing
+    assert resume.claim_abandoned(store, "another", running=frozenset({runs[1]["id"]})) == []  # its own: renewed
     taken = resume.claim_abandoned(store, "another")
-    assert [r["id"] for r in taken] == [runs[1]["id"]]  # the dead replica's run, claimed by a live one
+    assert [r["id"] for r, _ in taken] == [runs[1]["id"]]  # the dead replica's run, claimed by a live one
     assert resume.claim_abandoned(store, "a third") == []  # claimed once
+    assert made[0][1].renew() and not made[1][1].renew()  # the live one keeps its own; the dead one's is gone

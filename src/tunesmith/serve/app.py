@@ -20,6 +20,7 @@ from tunesmith.serve.api.auth import bearer_of, owner_of
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
 from tunesmith.serve.errors import APIError, validation_error_body
 from tunesmith.serve.lanes import Lanes
+from tunesmith.serve.store.database import StoreUnavailable
 from tunesmith.serve.store.quotas import Quotas, start_sweeper
 
 
@@ -149,12 +150,14 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         if watcher is not None:
             watcher.cancel()
         runs_watcher.cancel()
+        app.state.store.claims.close()
         app.state.engine.close()
         app.state.lanes.close()
         if shared is not None:
             shared.close()
 
     from tunesmith.serve.store import Store, worker_id
+    from tunesmith.serve.store.keys import checked_secret
 
     docs = settings.docs_on
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
@@ -175,6 +178,7 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
 
     app.add_middleware(KeyGate, keys_of=lambda: settings.api_keys)  # runs first: no body of a stranger is read
     app.state.store = Store(settings.data_dir, settings.database)
+    checked_secret(app.state.store.db, settings.data_dir, "--database" if settings.database else "the store")
     app.state.replica = worker_id()  # this server among the replicas sharing the store: the holder of its claims
     if app.state.store.db.kind == "postgresql":  # replicas: a key's requests in flight counted over all of them
         from tunesmith.serve.api.shared_limits import SharedPlaces
@@ -191,6 +195,14 @@ def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
                                        "code": code}}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_unavailable(request: Request, exc: StoreUnavailable):
+        logging.getLogger("tunesmith.serve").warning("%s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"error": {"message": "The server cannot reach its database for a moment (it may be "
+                                       "restarting); nothing of this request was kept. Retry shortly.",
+                                       "type": "server_error", "param": None, "code": "store_unavailable"}},
+                            status_code=503, headers={"retry-after": "2"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

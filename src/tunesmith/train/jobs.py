@@ -63,7 +63,7 @@ def prepare_trackers(report_to: list[str], out_dir: Path, console: Console) -> N
         console.print(f"{name}: logging to {os.environ[env]}")
 
 
-def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool = False,
+def train(recipe: Recipe, data: TrainData, console: Console, bar, *, resume: bool | Path = False,
           callbacks: list | None = None, init_adapter: Path | None = None, init_merged: bool = False) -> TrainResult:
     """Train as the recipe says and write the train folder; ``init_adapter`` continues from a saved adapter (with
     ``init_merged``, merged into the base first and a new adapter trained on the merged model)."""
@@ -116,7 +116,7 @@ class TrainJob:
     placement: object  # tunesmith.machine.placement.Placement
     console: Console
     bar: object
-    resume: bool = False
+    resume: bool | Path = False  # True: the newest checkpoint of the run's folder; a folder: that checkpoint
     callbacks: list | None = None
     init_adapter: Path | None = None
     init_merged: bool = False  # init_adapter merged into the base weights (a method whose reference is the start)

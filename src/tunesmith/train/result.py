@@ -45,7 +45,7 @@ def trainable_snapshot(model) -> dict:
 
 
 def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: float, rows: list[dict],
-                examples: int, resumed: bool) -> TrainResult:
+                examples: int, resumed: bool | Path) -> TrainResult:
     """Collect what every method reports once ``trainer`` has trained and saved to ``final_dir``; every rank
     calls it (a sharded model's parameters are gathered one by one to compare them)."""
     from tunesmith.machine.fsdp import full_value, sharding_summary
@@ -60,7 +60,7 @@ def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: floa
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(v.numel() for v in before.values())
     return TrainResult(final_dir, kind, rows, seconds, tokens, trainable, total, changed, len(before),
-                       model.eval(), examples, 0, resumed, sharding=sharding_summary(model), end_peak_mb=end_peak)
+                       model.eval(), examples, 0, bool(resumed), sharding=sharding_summary(model), end_peak_mb=end_peak)
 
 
 def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:

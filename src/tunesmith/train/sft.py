@@ -325,10 +325,12 @@ def make_training_clock(before: float):
     return TrainingClock()
 
 
-def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list | None = None) -> float:
+def fit(trainer, out_dir: Path, resume: bool | Path, progress_factory, callbacks: list | None = None) -> float:
     """Run ``trainer.train()`` under our progress bar (the Trainer's own printing removed), from the newest
-    checkpoint when ``resume``, FSDP-sharded on CPUs when the recipe asks; returns the seconds of training
-    (those behind a resumed checkpoint included). An out-of-memory error says what to change."""
+    checkpoint under ``out_dir/checkpoints`` when ``resume`` is True (from that checkpoint when it is a folder: a
+    fine-tuning job's attempt goes on from the checkpoint its store recorded, in an earlier attempt's folder),
+    FSDP-sharded on CPUs when the recipe asks; returns the seconds of training (those behind a resumed checkpoint
+    included). An out-of-memory error says what to change."""
     from transformers import PrinterCallback, ProgressCallback
 
     from tunesmith.machine.fsdp import check_resumable, shard_on_cpu
@@ -340,7 +342,7 @@ def fit(trainer, out_dir: Path, resume: bool, progress_factory, callbacks: list 
         trainer.remove_callback(cb)
     for cb in callbacks or []:
         trainer.add_callback(cb)
-    checkpoint = newest_checkpoint(out_dir / "checkpoints") if resume else None
+    checkpoint = resume if isinstance(resume, Path) else newest_checkpoint(out_dir / "checkpoints") if resume else None
     if checkpoint is not None:
         check_resumable(checkpoint, trainer)
     steps = planned_steps(trainer)

@@ -9,7 +9,7 @@ Set with ``tunesmith serve --requests-per-key`` and ``--tokens-per-minute-per-ke
 hold at all. The limiter's own bookkeeping runs on the event loop. With replicas on one PostgreSQL a key's requests
 in flight and its tokens a minute are counted over all of them (:mod:`tunesmith.serve.api.shared_limits`); the
 routes take those counts through :meth:`KeyLimiter.admitted` and :meth:`Ticket.charged`, whose database
-transactions run in a thread.
+transactions run in the admission lane (a few threads, one key's at a time).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class KeyLimiter:
             return self.admit(key, counted)
         if refusal := self.full(key):
             raise refusal
-        return self._admitted(key, await asyncio.to_thread(self.shared.take, key, self.limits.requests))
+        used = await self.shared.lane.run(key, self.shared.take, key, self.limits.requests)
+        return self._admitted(key, used)
 
     def _admitted(self, key: str | None, used: int | None) -> Ticket:
         """The ticket, or a 429 when the replicas' count ``used`` (None: a place was taken) was at the limit."""
@@ -202,7 +203,7 @@ class KeyLimiter:
         limit = self.limits.tokens_per_minute
         if limit is None or self.shared is None:
             return self.charge(key, tokens)
-        self._spent(key, tokens, limit, *await asyncio.to_thread(self.shared.spend, key, tokens, limit, WINDOW_S))
+        self._spent(key, tokens, limit, *await self.shared.lane.run(key, self.shared.spend, key, tokens, limit, WINDOW_S))
 
     def _spent(self, key: str | None, tokens: int, limit: int, charged: bool, seconds) -> None:
         """The key's window as the replicas' sum read it, kept for the headers; a 429 when it was not charged."""

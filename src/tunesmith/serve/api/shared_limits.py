@@ -2,11 +2,17 @@
 (``--database``), so that ``--requests-per-key N`` and ``--tokens-per-minute-per-key T`` mean N and T for the
 platform, not per replica.
 
-Each replica keeps one row per key (``key_places``: the key, the replica, its requests in flight, when last seen).
-A request takes a place in one short transaction that waits for the key's advisory lock, adds the live rows of every
-replica and counts itself only while the sum is under the limit; its end gives the place back. A replica renews its
-rows' ``seen`` every third of :data:`tunesmith.serve.store.LEASE_S`, so a replica that died stops counting once its
-lease has run out.
+Each replica keeps one row per key (``key_places``: the key, the replica, its requests in flight, when last seen, in
+the database's clock). A request takes a place in one short transaction that waits for the key's advisory lock, adds
+the live rows of every replica and counts itself only while the sum is under the limit; its end gives the place
+back. Every write of a replica's row sets the replica's true count, which it keeps in memory (taken inside the same
+locked transaction, given back at once): a give-back that fails while the database is away is healed by the next
+write, and the replica rewrites each of its rows every third of :data:`tunesmith.serve.store.LEASE_S`, so no key's
+place stays counted past that; a replica that died stops counting once its lease has run out.
+
+Admission runs in a lane of its own (:data:`ADMISSION`: a few threads, one per key at a time, keys served in turn):
+one key's burst waits behind itself, never holds more than that share of the database's pool, and another key's
+request finds a thread free.
 
 A key's tokens are kept per whole second (``key_tokens``: the key, the second, the tokens its requests asked for
 then, whichever replica served them). Once a request is planned (its prompt counted, after it took its place),
@@ -24,15 +30,18 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.lanes import Lane, LaneSize
 from tunesmith.serve.store import LEASE_S
+from tunesmith.serve.store.database import NOW
 
 log = logging.getLogger("tunesmith.serve")
 NO_KEY = ""  # the owner of a server without keys
 TOKENS_KEPT_S = 120.0  # a key's seconds of tokens older than this are deleted (the limit reads the last minute)
+ADMISSION = LaneSize(workers=4, per_key=1, queued=4096)  # a quarter of the pool's 16 connections at most
 
 
 class SharedPlaces:
@@ -44,34 +53,57 @@ class SharedPlaces:
         self.stop = threading.Event()
         self.returns = ThreadPoolExecutor(1, thread_name_prefix="key-places")  # places given back, in order
         self.thread: threading.Thread | None = None
+        self.lane = Lane("admission", ADMISSION, "requests being admitted")
+        self.held: Counter = Counter()  # key -> this replica's requests in flight: the truth its rows are set to
+        self.counting = threading.Lock()
 
     def take(self, owner: str | None, limit: int) -> int | None:
         """One place for ``owner``'s request if its requests in flight over all replicas are under ``limit``:
         returns None when taken, else the count in flight (the request is refused)."""
-        now = time.time()
+        key, counted = owner or NO_KEY, False
         try:
             with self.db.transaction():
-                self.db.serialize(f"key_places:{owner or NO_KEY}")
-                used = self.db.execute("SELECT COALESCE(SUM(in_flight), 0) FROM key_places WHERE owner = ? AND "
-                                       "seen >= ?", (owner or NO_KEY, now - LEASE_S)).fetchone()[0]
+                self.db.serialize(f"key_places:{key}")
+                used = self.db.execute(f"SELECT COALESCE(SUM(in_flight), 0) FROM key_places WHERE owner = ? AND "
+                                       f"seen >= {NOW} - ?", (key, LEASE_S)).fetchone()[0]
                 if used >= limit:
                     return int(used)
-                self.db.execute("INSERT INTO key_places VALUES (?, ?, 1, ?) ON CONFLICT (owner, replica) DO UPDATE "
-                                "SET in_flight = key_places.in_flight + 1, seen = excluded.seen",
-                                (owner or NO_KEY, self.replica, now))
-            return None
-        except Exception as exc:  # noqa: BLE001 - the database's error, said as the server's
-            raise unreachable(exc) from exc
+                with self.counting:
+                    self.held[key] += 1
+                counted = True
+                self._write(key)
+        except BaseException as exc:
+            if counted:  # not committed: the place is not this request's
+                self._count_off(key)
+            if isinstance(exc, Exception):
+                raise unreachable(exc) from exc
+            raise
+        return None
+
+    def _write(self, key: str) -> None:
+        """Inside the key's locked transaction: this replica's row of ``key`` set to its true count now."""
+        with self.counting:
+            count = self.held[key]
+        self.db.execute(f"INSERT INTO key_places VALUES (?, ?, ?, {NOW}) ON CONFLICT (owner, replica) DO UPDATE "
+                        "SET in_flight = excluded.in_flight, seen = excluded.seen", (key, self.replica, count))
+
+    def _count_off(self, key: str) -> None:
+        with self.counting:
+            self.held[key] -= 1
+            if self.held[key] <= 0:
+                del self.held[key]
 
     def spend(self, owner: str | None, tokens: int, limit: int, window_s: float) -> tuple[bool, list[tuple[float, int]]]:
         """``tokens`` charged to ``owner`` if its tokens of the last ``window_s`` seconds, over all replicas, stay
-        within ``limit`` with them. Returns whether they were, and the key's window then: (seconds since each
-        second ended, its tokens), oldest first; the second being charged ends in the future (a negative age)."""
-        now, key = time.time(), owner or NO_KEY
-        oldest = now - window_s - 1  # a second counts while the minute after its end has not passed
+        within ``limit`` with them (every second in the database's clock). Returns whether they were, and the key's
+        window then: (seconds since each second ended, its tokens), oldest first; the second being charged ends in
+        the future (a negative age)."""
+        key = owner or NO_KEY
         try:
             with self.db.transaction():
                 self.db.serialize(f"key_tokens:{key}")
+                now = float(self.db.execute(f"SELECT {NOW}").fetchone()[0])
+                oldest = now - window_s - 1  # a second counts while the minute after its end has not passed
                 charged = self.db.execute(
                     "INSERT INTO key_tokens (owner, bucket, tokens) SELECT ?, ?, ? WHERE ? + (SELECT COALESCE("
                     "SUM(tokens), 0) FROM key_tokens WHERE owner = ? AND bucket > ?) <= ? ON CONFLICT (owner, bucket) "
@@ -84,23 +116,36 @@ class SharedPlaces:
         return charged, [(now - (second + 1), int(n)) for second, n in rows]
 
     def give_back(self, owner: str | None) -> None:
-        """The place given back in this replica's own thread: a request's end never waits for the database."""
-        self.returns.submit(self._give_back, owner)
+        """The place given back: at once in this replica's count, then in its row by its own thread (a request's end
+        never waits for the database; a failure is healed by the next write of the row)."""
+        self._count_off(owner or NO_KEY)
+        self.returns.submit(self._give_back, owner or NO_KEY)
 
-    def _give_back(self, owner: str | None) -> None:
+    def _give_back(self, key: str) -> None:
         try:
-            self.db.execute("UPDATE key_places SET in_flight = CASE WHEN in_flight > 0 THEN in_flight - 1 ELSE 0 END, "
-                            "seen = ? WHERE owner = ? AND replica = ?", (time.time(), owner or NO_KEY, self.replica))
-        except Exception:  # noqa: BLE001 - the place stays counted until this replica's rows are renewed or go
-            log.exception("could not give back a place of a key's requests in flight")
+            with self.db.transaction():
+                self.db.serialize(f"key_places:{key}")
+                self._write(key)
+        except Exception as exc:  # noqa: BLE001 - the row is set to the true count at the next renewal
+            log.warning("a key's place given back is written at the next renewal (%s)", type(exc).__name__)
 
     def renew(self) -> None:
-        """This replica's rows marked alive; rows of replicas long dead and keys' seconds of tokens past
-        :data:`TOKENS_KEPT_S` deleted."""
-        now = time.time()
-        self.db.execute("UPDATE key_places SET seen = ? WHERE replica = ?", (now, self.replica))
-        self.db.execute("DELETE FROM key_places WHERE seen < ?", (now - 10 * LEASE_S,))  # long dead
-        self.db.execute("DELETE FROM key_tokens WHERE bucket < ?", (now - TOKENS_KEPT_S,))
+        """Each of this replica's rows set to its true count and marked alive (one whose count is 0 deleted); rows of
+        replicas long dead and keys' seconds of tokens past :data:`TOKENS_KEPT_S` deleted."""
+        rows = {r[0] for r in self.db.execute("SELECT owner FROM key_places WHERE replica = ?", (self.replica,))}
+        with self.counting:
+            keys = rows | set(self.held)
+        for key in keys:
+            with self.db.transaction():
+                self.db.serialize(f"key_places:{key}")
+                with self.counting:
+                    alive = self.held[key] > 0
+                if alive:
+                    self._write(key)
+                else:
+                    self.db.execute("DELETE FROM key_places WHERE owner = ? AND replica = ?", (key, self.replica))
+        self.db.execute(f"DELETE FROM key_places WHERE seen < {NOW} - ?", (10 * LEASE_S,))  # long dead
+        self.db.execute(f"DELETE FROM key_tokens WHERE bucket < {NOW} - ?", (TOKENS_KEPT_S,))
 
     def start(self) -> None:
         """:meth:`renew` every third of a lease, in a thread (stale rows from an earlier run of the same replica id
@@ -109,8 +154,8 @@ class SharedPlaces:
             while not self.stop.wait(LEASE_S / 3):
                 try:
                     self.renew()
-                except Exception:  # noqa: BLE001 - retried at the next beat; requests meanwhile say it
-                    log.exception("could not renew this replica's places of keys' requests")
+                except Exception as exc:  # noqa: BLE001 - retried at the next beat; requests meanwhile say it
+                    log.warning("could not renew this replica's places of keys' requests (%s)", type(exc).__name__)
 
         self.thread = threading.Thread(target=beat, name="key-places", daemon=True)
         self.thread.start()
@@ -118,6 +163,7 @@ class SharedPlaces:
     def close(self) -> None:
         self.stop.set()
         self.returns.shutdown(wait=True)
+        self.lane.close()
         try:
             self.db.execute("DELETE FROM key_places WHERE replica = ?", (self.replica,))
         except Exception:  # noqa: BLE001 - the rows expire with the lease anyway

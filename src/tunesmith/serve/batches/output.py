@@ -87,13 +87,28 @@ def chunk_bounds(path: str | Path, size: int) -> list[tuple[int, int, int, int]]
 
 
 class BatchFiles:
-    """The output and error files of one chunk of a batch (``chunk``), appended as its lines are answered; without
+    """The output and error files of one chunk of a batch (``chunk``) written by the holder of one ``generation`` of
+    its claim, appended as its lines are answered (generation 0: a version before the generations wrote them); without
     ``chunk``, the whole batch's, as a version before the chunks wrote them."""
 
-    def __init__(self, root: Path, batch_id: str, chunk: int | None = None):
+    def __init__(self, root: Path, batch_id: str, chunk: int | None = None, generation: int = 0):
         self.folder = Path(root) / "batches" / batch_id
-        stem = "" if chunk is None else f"chunk-{chunk:06d}-"
+        self.chunk = chunk
+        stem = "" if chunk is None else f"chunk-{chunk:06d}-" + (f"g{generation}-" if generation else "")
         self.paths = {name: self.folder / f"{stem}{name}.jsonl" for name in NAMES}
+
+    def start_from(self, before: BatchFiles, output_bytes: int, error_bytes: int) -> None:
+        """These files made anew from the first ``output_bytes`` and ``error_bytes`` of ``before``'s (what the chunk's
+        store recorded of them): a line written past the record by a holder that lost its claim is not copied."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if before.paths == self.paths:
+            return self.cut_to(output_bytes, error_bytes)
+        for name, length in zip(NAMES, (output_bytes, error_bytes), strict=True):
+            aside = self.paths[name].with_suffix(".copying")
+            with open(aside, "wb") as out:
+                _copy(before.paths[name], length, out)
+            os.replace(aside, self.paths[name])
+        return None
 
     def cut_to(self, output_bytes: int, error_bytes: int) -> None:
         """Each file back to the length the store recorded with its last answer: a line written by a server that
@@ -115,8 +130,12 @@ class BatchFiles:
         return tuple(p.stat().st_size if p.exists() else 0 for p in self.paths.values())  # type: ignore[return-value]
 
     def remove(self) -> None:
+        """These files; for a chunk, those of every generation of its claim."""
         for path in self.paths.values():
             path.unlink(missing_ok=True)
+        if self.chunk is not None and self.folder.is_dir():
+            for path in self.folder.glob(f"chunk-{self.chunk:06d}-*"):
+                path.unlink(missing_ok=True)
 
 
 def assemble(root: Path, batch_id: str, head: tuple[int, int], chunks: list[dict]) -> list[tuple[str, Path]]:
@@ -125,7 +144,8 @@ def assemble(root: Path, batch_id: str, head: tuple[int, int], chunks: list[dict
     written past it was never recorded: it is not the batch's). Returns (name, path) of the files that hold answers,
     each under a name of its own: a replica that takes the finishing over writes its own."""
     parts = [(BatchFiles(root, batch_id), head)]
-    parts += [(BatchFiles(root, batch_id, c["chunk"]), (c["output_bytes"], c["error_bytes"])) for c in chunks]
+    parts += [(BatchFiles(root, batch_id, c["chunk"], c.get("parts_generation") or 0),
+               (c["output_bytes"], c["error_bytes"])) for c in chunks]
     made = []
     for i, name in enumerate(NAMES):
         path = parts[0][0].folder / f"{name}.{secrets.token_hex(6)}.assembled"

@@ -99,9 +99,9 @@ async def cancel_batch(batch_id: str, request: Request, key: Key):
 def cancelling(request: Request, key, batch_id: str) -> bool:
     """The batch marked ``cancelling`` (True) unless it already is (False); a 409 once it has ended."""
     batch = _batch(request, key, batch_id)
-    if batch["status"] in ("validating", "in_progress"):
-        BatchStore(request.app.state.store).mark(batch_id, "cancelling")
+    if BatchStore(request.app.state.store).cancel(batch_id):
         return True
+    batch = _batch(request, key, batch_id)  # it moved on meanwhile: as it is now
     if batch["status"] != "cancelling":
         raise APIError(409, f"Batch {batch_id} is {batch['status']} and cannot be cancelled", param="batch_id",
                        code="invalid_batch_status")

@@ -1,10 +1,11 @@
 """The batch runner: one task in each server (each replica sharing a store) answering batches chunk by chunk.
 
 A batch's requests are split into chunks of ``chunk_lines`` lines when it starts (:mod:`tunesmith.serve.batches.store`,
-``batch_chunks``). Each replica's runner claims chunks with a lease, as jobs are claimed, renewed at every turn of its
-loop (every 2 s): replicas on one PostgreSQL and one data folder answer the chunks of one batch side by side, each
-line once, and a chunk whose replica stopped or died is taken over (once its claim is let go or has run out) from its
-recorded lines. On SQLite, the embedded default, the one server runs every chunk.
+``batch_chunks``). Each replica's runner claims chunks as jobs are claimed (:mod:`tunesmith.serve.store.claims`: a
+generation in database time, renewed by the process's heartbeat; a claim lost cancels its work): replicas on one
+PostgreSQL and one data folder answer the chunks of one batch side by side, each line once, and a chunk whose
+replica stopped or died is taken over (once its claim is let go or has run out) from its recorded lines. On SQLite,
+the embedded default, the one server runs every chunk.
 
 Each request goes through the server's own route for its URL, in process (an ASGI call, no socket), as its batch's
 owner: the same checks, plan, engine and answer shape as a client's request. Its rows are the key's own *background*
@@ -15,9 +16,10 @@ has started its last line the key's next chunk is claimed, so its lines keep flo
 
 Nothing of a batch is held whole, in memory or in the store: a chunk's input is read a few lines at a time, off the
 event loop (the files lane), and each answer is appended to the chunk's part file (output or error) as it comes, its
-line number, status and the part files' lengths recorded in one transaction. A chunk taken over is cut back to its
-recorded lengths and goes on from its unanswered lines; a replica writes an answer only while a third of its lease is
-left, so one frozen past its lease writes nothing more. When nothing is left to answer, the replica that decides it
+line number, status and the part files' lengths recorded in one transaction fenced by the chunk's claim. The part
+files are the claim's generation's own: a chunk taken over starts its new part files from the recorded lengths of the
+last generation that recorded a line, and goes on from its unanswered lines; a replica frozen past its lease appends
+to files no other reads and records nothing. When nothing is left to answer, the replica that decides it
 first (one transaction per batch) assembles the batch's output and error files from the parts in chunk order, off the
 event loop, keeps them as the batch's files and gives the batch its final status. ``cancel`` stops starting lines
 within seconds on every replica (the one asked at once, the others at their next look) and cancels those in flight;
@@ -42,9 +44,10 @@ from dataclasses import dataclass, field
 
 from tunesmith.serve.api.auth import OWNER_SCOPE
 from tunesmith.serve.batches.output import BatchFiles, InputLines, assemble, chunk_bounds, failure_body, remove_parts
-from tunesmith.serve.batches.store import CHUNKED, BatchStore, ClaimLost
+from tunesmith.serve.batches.store import CHUNKED, BatchStore
 from tunesmith.serve.jobs.routes import expire_file
-from tunesmith.serve.store import LEASE_S
+from tunesmith.serve.store.claims import Claim, ClaimLost
+from tunesmith.serve.store.database import transient
 
 log = logging.getLogger("tunesmith.serve")
 BATCH_SCOPE = "tunesmith.batch"  # set on a batch line's ASGI scope: the routes skip key limits, rows in the background
@@ -57,14 +60,10 @@ class Work:
     """A chunk this replica answers, or (``chunk`` None) a batch it splits into chunks under the batch's claim."""
 
     batch: dict
+    claim: Claim
     chunk: dict | None = None
     task: asyncio.Task | None = None
-    until: float = field(default_factory=lambda: time.time() + LEASE_S)  # its lease ends then, by this clock
     starting: bool = True  # still starting lines: the key's next chunk waits
-
-    @property
-    def claim(self) -> tuple[str, str]:
-        return ("batch_chunks", self.chunk["id"]) if self.chunk else ("batches", self.batch["id"])
 
 
 @dataclass
@@ -74,7 +73,7 @@ class Turn:
     lost: list[Work] = field(default_factory=list)
     stop: set[str] = field(default_factory=set)
     started: list[Work] = field(default_factory=list)
-    finishing: list[tuple[dict, str, list[dict]]] = field(default_factory=list)
+    finishing: list[tuple[dict, str, list[dict], Claim]] = field(default_factory=list)
     active: set[str] = field(default_factory=set)
 
 
@@ -85,6 +84,7 @@ class BatchRunner:
         self.in_flight: dict[str, set[asyncio.Task]] = {}
         self.work: list[Work] = []
         self.finishing: dict[str, tuple[str | None, asyncio.Task]] = {}  # batch id: (its key, the task)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.gates: dict[str | None, asyncio.Semaphore] = {}  # a key's lines in flight on this replica
         self.event: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
@@ -92,6 +92,7 @@ class BatchRunner:
 
     def start(self) -> None:
         self.event = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
         self.task = asyncio.ensure_future(self._loop())
 
     def stop(self) -> None:
@@ -102,6 +103,14 @@ class BatchRunner:
     def wake(self) -> None:
         if self.event is not None:
             self.event.set()
+
+    def _watch(self, work: Work) -> Work:
+        """The work's task cancelled as soon as its claim is lost (from the heartbeat's thread)."""
+        def lost(_reason: str) -> None:
+            if work.task is not None and self.loop is not None:
+                self.loop.call_soon_threadsafe(work.task.cancel)
+        work.claim.on_lost(lost)
+        return work
 
     def cancel(self, batch_id: str) -> None:
         self.cancelled.add(batch_id)
@@ -143,8 +152,9 @@ class BatchRunner:
                 for work in turn.started:
                     self.work.append(work)
                     work.task = asyncio.ensure_future(self._guarded(work))
-                for batch, status, chunks in turn.finishing:
-                    self._finish_soon(batch, status, chunks)
+                    self._watch(work)
+                for batch, status, chunks, claim in turn.finishing:
+                    self._finish_soon(batch, status, chunks, claim)
                 try:
                     await asyncio.wait_for(self.event.wait(), 2.0)
                 except TimeoutError:
@@ -154,22 +164,14 @@ class BatchRunner:
                 task.cancel()
 
     def _scan(self, work: list[Work], finishing: dict[str, str | None], cancelled: set[str]) -> Turn:
-        """One look at the store from a thread: this replica's claims renewed (those another replica took over are
-        lost), then the work to start, each claimed by this replica: a key's next chunk once its chunk here has
+        """One look at the store from a thread: this replica's lost claims (the heartbeat renews the others), then the
+        work to start, each claimed by this replica: a key's next chunk once its chunk here has
         started its last line, of the same batch, or of its next batch once no other batch of the key runs or
         finishes here. Once the server stops, nothing is claimed (what was claimed meanwhile is let go: no replica
         waits out the lease of work that never started)."""
-        store, batches, me, now, turn = self.app.state.store, self.batches, self.me, time.time(), Turn()
-        for table in ("batch_chunks", "batches"):
-            held = [w for w in work if w.claim[0] == table]
-            lost = store.renew(table, [w.claim[1] for w in held], me)
-            for w in held:
-                if w.claim[1] in lost:
-                    turn.lost.append(w)
-                else:
-                    w.until = now + LEASE_S
-        for bid in finishing:
-            batches.renew_finishing(bid, me)
+        batches, me, now, turn = self.batches, self.me, time.time(), Turn()
+        claims = self.app.state.store.claims
+        turn.lost = [w for w in work if w.claim.lost.is_set()]
         active = batches.active()
         turn.active = {b["id"] for b in active}
         status = {b["id"]: b["status"] for b in active}
@@ -191,11 +193,11 @@ class BatchRunner:
             bid, owner = batch["id"], batch["owner"]
             ended = _ended(batch, cancelled, now)
             if batch["claimed_by"] != CHUNKED:  # to split (a new batch, or one an earlier version left)
-                elsewhere = batch["claimed_by"] not in (None, me) and (batch["lease_until"] or 0) >= now
-                if bid in here.get(owner, ()) or elsewhere or (waits(owner, bid) and not ended):
+                if bid in here.get(owner, ()) or (waits(owner, bid) and not ended):
                     continue
-                if store.claim("batches", bid, me):
-                    turn.started.append(Work(batch))
+                claim = batches.claim_batch(bid, me)
+                if claim is not None:
+                    turn.started.append(Work(batch, claim))
                     if not ended:  # a batch that only ends is finished at once, beside the key's chunk
                         take(owner, bid)
                 continue
@@ -207,15 +209,15 @@ class BatchRunner:
                     continue
             if ended or waits(owner, bid) or batch["status"] != "in_progress" or not pending:
                 continue
-            chunk = batches.claim_chunk(bid, me)
-            if chunk is not None:
-                turn.started.append(Work(batch, chunk))
+            claimed = batches.claim_chunk(bid, me)
+            if claimed is not None:
+                turn.started.append(Work(batch, claimed[1], claimed[0]))
                 take(owner, bid)
         if self.stopping:
             for w in turn.started:
-                store.release(*w.claim, me)
-            for batch, _, _ in turn.finishing:
-                batches.let_go(batch["id"], me)
+                claims.let_go(w.claim)
+            for *_, claim in turn.finishing:
+                claims.let_go(claim)
             return Turn(lost=turn.lost, active=turn.active)
         return turn
 
@@ -228,12 +230,18 @@ class BatchRunner:
                 await self._answer(work)
         except asyncio.CancelledError:
             raise
+        except ClaimLost as lost:  # another replica goes on from the recorded lines
+            log.info("batch %s: %s", bid, lost)
         except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
-            if self.stopping:  # stays in progress: the next holder goes on from its recorded lines
-                log.info("batch %s stopped with the server (%s)", bid, exc)
+            if self.stopping or transient(exc):  # stays in progress: the next holder goes on from its recorded lines
+                log.info("batch %s stopped here (%s); it goes on from its recorded lines", bid, exc)
                 return
             log.exception("batch %s failed", bid)
-            await asyncio.to_thread(self.batches.fail, bid, [{"code": "batch_failed", "message": str(exc)[:500]}])
+            try:
+                await asyncio.to_thread(self.batches.fail, bid, [{"code": "batch_failed", "message": str(exc)[:500]}],
+                                        work.claim)
+            except ClaimLost:
+                log.info("batch %s: its claim was lost; its next holder goes on", bid)
         finally:
             work.starting = False
             decided = await asyncio.shield(asyncio.to_thread(self._let_go, work))
@@ -245,12 +253,16 @@ class BatchRunner:
                 self.gates.pop(work.batch["owner"], None)
             self.wake()  # the key's next chunk may start
 
-    def _let_go(self, work: Work) -> tuple[str, list[dict]] | None:
+    def _let_go(self, work: Work) -> tuple[str, list[dict], Claim] | None:
         """The work's claim let go; after a chunk, the batch's finishing, if this replica decides it now."""
-        self.app.state.store.release(*work.claim, self.me)
+        self.app.state.store.claims.let_go(work.claim)
         if work.chunk is None or self.stopping:
             return None
-        return self.batches.begin_finishing(work.batch["id"], self.me)
+        try:
+            return self.batches.begin_finishing(work.batch["id"], self.me)
+        except Exception:  # noqa: BLE001 - the store unreachable: the loop's next look decides it
+            log.warning("batch %s: its finishing is decided at the next look", work.batch["id"], exc_info=True)
+            return None
 
     async def _split(self, work: Work) -> None:
         """The batch split into chunks under its claim (an earlier version's files cut back to their recorded lengths
@@ -260,25 +272,27 @@ class BatchRunner:
         await self.files_lane.run(owner, self._head_as_recorded, batch, always=True)
         bounds = []
         if not _ended(batch, self.cancelled, time.time()):
-            path = await self._input(batch)
+            path = await self._input(work)
             if path is None:
                 return
             bounds = await self.files_lane.run(owner, chunk_bounds, path, self.chunk_lines, always=True)
         if bounds:
-            await asyncio.to_thread(self.batches.add_chunks, bid, bounds, self.me)
+            await asyncio.to_thread(self.batches.add_chunks, bid, bounds, work.claim)
             return
         if batch["status"] != "finalizing":
-            await asyncio.to_thread(self.batches.mark, bid, "finalizing")
-        status = await asyncio.to_thread(self.batches.final_status, bid)
-        await self._finish(batch, status, [], chunked=False)
+            await asyncio.to_thread(work.claim.write, self.batches.mark, bid, "finalizing")
+        status = await asyncio.to_thread(work.claim.read, self.batches.final_status, bid)
+        await self._finish(batch, status, [], work.claim)
 
-    async def _input(self, batch: dict) -> str | None:
+    async def _input(self, work: Work) -> str | None:
         """The path of the batch's input file; None when it was deleted (the batch failed, saying so)."""
-        f = await asyncio.to_thread(self.app.state.store.get_file, batch["input_file_id"], batch["owner"])
+        batch = work.batch
+        f = await asyncio.to_thread(work.claim.read, self.app.state.store.get_file, batch["input_file_id"],
+                                    batch["owner"])
         if f is None:
             await asyncio.to_thread(self.batches.fail, batch["id"], [{
                 "code": "input_file_deleted", "param": "input_file_id",
-                "message": f"the input file {batch['input_file_id']} was deleted"}])
+                "message": f"the input file {batch['input_file_id']} was deleted"}], work.claim)
             return None
         return f["storage"]
 
@@ -294,8 +308,10 @@ class BatchRunner:
                 self.batches.add_result(batch["id"], row["line"], row["custom_id"], row["status_code"], *sizes)
 
     def _chunk_as_recorded(self, chunk: dict, files: BatchFiles) -> set[int]:
-        """The chunk's part files cut back to their recorded lengths; returns its lines answered."""
-        files.cut_to(chunk["output_bytes"], chunk["error_bytes"])
+        """The part files of this claim's generation started from what the chunk recorded (the recorded lengths of the
+        part files of the generation that recorded its last line); returns its lines answered."""
+        before = BatchFiles(self.app.state.store.root, chunk["batch_id"], chunk["chunk"], chunk["parts_generation"])
+        files.start_from(before, chunk["output_bytes"], chunk["error_bytes"])
         return self.batches.answered_in(chunk)
 
     async def _answer(self, work: Work) -> None:
@@ -303,11 +319,11 @@ class BatchRunner:
         at a time off the loop; the chunk marked answered when every line is recorded."""
         import httpx2 as httpx
 
-        batch, chunk, me, app = work.batch, work.chunk, self.me, self.app
+        batch, chunk, app = work.batch, work.chunk, self.app
         bid, owner = batch["id"], batch["owner"]
-        files = BatchFiles(app.state.store.root, bid, chunk["chunk"])
+        files = BatchFiles(app.state.store.root, bid, chunk["chunk"], work.claim.generation)
         done = await self.files_lane.run(owner, self._chunk_as_recorded, chunk, files, always=True)
-        path = await self._input(batch)
+        path = await self._input(work)
         if path is None:
             return
         gate = self.gates.setdefault(owner, asyncio.Semaphore(self.concurrency))
@@ -320,12 +336,13 @@ class BatchRunner:
             await app({**scope, **tags} if scope["type"] == "http" else scope, receive, send)
 
         def record(request: dict, status: int, body: bytes) -> None:
-            """The answer appended to the chunk's part file, then its line and the parts' lengths recorded together
-            (in the files lane: one key's answers are written one after another), while the lease has a third left."""
-            if time.time() > work.until - LEASE_S / 3:
+            """The answer appended to the part file of this claim's generation, then its line and the parts' lengths
+            recorded together, fenced by the claim (in the files lane: one key's answers are written one after
+            another)."""
+            if work.claim.lost.is_set():
                 raise ClaimLost(chunk["id"])
             sizes = files.append(request["custom_id"], status, body)
-            self.batches.add_chunk_result(chunk, request["line"], request["custom_id"], status, *sizes, me)
+            self.batches.add_chunk_result(chunk, request["line"], request["custom_id"], status, *sizes, work.claim)
 
         def halted() -> bool:
             return bid in self.cancelled or self.stopping or bool(trouble)
@@ -384,61 +401,69 @@ class BatchRunner:
         if trouble and not isinstance(trouble[0], ClaimLost):
             raise trouble[0]
         if not trouble:
-            await asyncio.to_thread(self.batches.chunk_done, chunk, me)
+            await asyncio.to_thread(self.batches.chunk_done, chunk, work.claim)
 
-    def _finish_soon(self, batch: dict, status: str, chunks: list[dict]) -> None:
-        """The finishing this replica decided, in a task of its own: the chunks' claims renewed by the loop meanwhile
-        and let go if it stops short (another replica, or the next start, finishes it)."""
+    def _finish_soon(self, batch: dict, status: str, chunks: list[dict], claim: Claim) -> None:
+        """The finishing this replica decided, in a task of its own under the finishing's ``claim`` (renewed by the
+        heartbeat; let go if it stops short: another replica, or the next start, finishes it)."""
         bid = batch["id"]
 
         async def finishing() -> None:
             ended = False
             try:
-                ended = await self._finish(batch, status, chunks, chunked=True)
+                ended = await self._finish(batch, status, chunks, claim)
             except asyncio.CancelledError:
                 raise
+            except ClaimLost:
+                log.info("batch %s: its finishing was taken over", bid)
             except Exception as exc:  # noqa: BLE001 - the batch fails with the reason; the runner goes on
-                if self.stopping:
-                    log.info("batch %s: finishing stopped with the server (%s)", bid, exc)
+                if self.stopping or transient(exc):  # finished later, by this replica or another
+                    log.info("batch %s: finishing stopped here (%s)", bid, exc)
                 else:
                     log.exception("batch %s failed while finishing", bid)
-                    await asyncio.to_thread(self.batches.fail, bid, [{"code": "batch_failed",
-                                                                     "message": str(exc)[:500]}])
-                    ended = True
+                    try:
+                        await asyncio.to_thread(self.batches.fail, bid, [{"code": "batch_failed",
+                                                                         "message": str(exc)[:500]}], claim)
+                        ended = True
+                    except ClaimLost:
+                        pass
             finally:
-                if not ended:
-                    await asyncio.shield(asyncio.to_thread(self.batches.let_go, bid, self.me))
+                await asyncio.shield(asyncio.to_thread(self.app.state.store.claims.let_go, claim, not ended))
                 self.finishing.pop(bid, None)
                 self.wake()
 
-        self.finishing[bid] = (batch["owner"], asyncio.ensure_future(finishing()))
+        task = asyncio.ensure_future(finishing())
+        self.finishing[bid] = (batch["owner"], task)
+        claim.on_lost(lambda _: self.loop.call_soon_threadsafe(task.cancel) if self.loop else None)
 
-    async def _finish(self, batch: dict, status: str, chunks: list[dict], chunked: bool) -> bool:
+    async def _finish(self, batch: dict, status: str, chunks: list[dict], claim: Claim) -> bool:
         """The batch's output and error files assembled from its parts (off the loop), kept as its files with its
-        final ``status`` in one transaction, then its parts removed; False when another replica finishes it."""
+        final ``status`` in one transaction fenced by ``claim``, then its parts removed; False when another replica
+        finishes it."""
         bid, owner, root = batch["id"], batch["owner"], self.app.state.store.root
-        row = await asyncio.to_thread(self.batches.get, bid, None, True)  # an earlier version's files' lengths
+        row = await asyncio.to_thread(claim.read, self.batches.get, bid, None, True)  # an earlier version's lengths
         made = await self.files_lane.run(owner, assemble, root, bid, (row["output_bytes"], row["error_bytes"]), chunks,
                                          always=True)
-        if not await asyncio.to_thread(self._finished, batch, made, status, chunked):
+        if not await asyncio.to_thread(self._finished, batch, made, status, claim):
             return False
         await self.files_lane.run(owner, remove_parts, root, bid, chunks, always=True)
         self.cancelled.discard(bid)
         return True
 
-    def _finished(self, batch: dict, made: list[tuple], status: str, chunked: bool) -> bool:
+    def _finished(self, batch: dict, made: list[tuple], status: str, claim: Claim) -> bool:
         """The files ``made`` (name, path) kept as the batch's output and error files and its final status, in one
-        transaction, while this replica still finishes it; else the files are removed and False."""
+        transaction, while ``claim`` still holds; else the files are removed and False."""
         bid, owner, store = batch["id"], batch["owner"], self.app.state.store
+
+        def keep() -> None:
+            files = {}
+            for name, path in made:
+                kept = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)
+                files[f"{name}_file_id"] = expire_file(store, kept, batch.get("output_expires_s"))["id"]
+            self.batches.finished(bid, status, files)
+
         try:
-            with store.db.transaction():
-                if not self.batches.finishing_held(bid, self.me, chunked):
-                    raise ClaimLost(bid)
-                files = {}
-                for name, path in made:
-                    kept = store.adopt_file(owner, f"{bid}_{name}.jsonl", "batch_output", path)
-                    files[f"{name}_file_id"] = expire_file(store, kept, batch.get("output_expires_s"))["id"]
-                self.batches.finished(bid, status, files)
+            claim.write(keep)
         except ClaimLost:
             for _, path in made:
                 path.unlink(missing_ok=True)

@@ -6,6 +6,11 @@ answered line is recorded (its number and status; the answer itself is in its ch
 replica stopped or died goes on, on any replica, with the lines it has not answered. Who finishes a batch (assembles
 its files from the parts and gives it its final status) is decided once, in one transaction per batch.
 
+Every claim here is one of :mod:`tunesmith.serve.store.claims` (a generation in database time, renewed by the
+heartbeat): a batch's to split it, a chunk's to answer it, a batch's finishing (``batch_finishes``). Each write its
+holder makes is fenced by the claim's generation, and a chunk's answers are appended to part files of the holder's
+generation: one frozen past its lease writes into files no other holder reads and records nothing.
+
 A batch run by chunks is claimed for good by :data:`CHUNKED` (``batches.claimed_by``): a replica of the release
 before, which claims whole batches, leaves it alone while an upgrade runs."""
 
@@ -14,20 +19,20 @@ from __future__ import annotations
 import json
 import time
 
-from tunesmith.serve.store import LEASE_S, Store, new_id
+from tunesmith.serve.store import Store, new_id
+from tunesmith.serve.store.claims import Claim, ClaimLost
+from tunesmith.serve.store.database import NOW
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 CHUNKED = "chunks"  # batches.claimed_by of a batch run chunk by chunk
 FOREVER = 1e15  # its lease: a time no clock reaches
 
-
-class ClaimLost(Exception):
-    """A replica's claim on a chunk (or on a batch's finishing) is no longer its own: nothing was recorded."""
+__all__ = ["ACTIVE", "CHUNKED", "BatchStore", "ClaimLost"]
 
 
 class BatchStore:
     def __init__(self, store: Store):
-        self.db, self.lock = store.db, store.lock
+        self.db, self.lock, self.claims = store.db, store.lock, store.claims
 
     def add(self, owner: str | None, endpoint: str, input_file_id: str, metadata: dict | None, total: int,
             model: str | None, window_s: int, output_expires_s: int | None = None) -> dict:
@@ -69,6 +74,13 @@ class BatchStore:
         """A new status, with its time (``in_progress_at``, ``completed_at``…)."""
         self.update(bid, status=status, **{f"{status}_at": int(time.time())})
 
+    def cancel(self, bid: str) -> bool:
+        """The batch marked ``cancelling`` if it is still validating or in progress, in one conditional statement
+        (never over a status it reached meanwhile: a batch that completed stays completed)."""
+        with self.lock:
+            return self.db.execute("UPDATE batches SET status = 'cancelling', cancelling_at = ? WHERE id = ? AND "
+                                   "status IN ('validating', 'in_progress')", (int(time.time()), bid)).rowcount == 1
+
     def add_result(self, bid: str, line: int, custom_id: str, status_code: int, output_bytes: int,
                    error_bytes: int) -> None:
         """One line answered (its answer already appended to the batch's file) and the files' lengths now, in one
@@ -80,11 +92,18 @@ class BatchStore:
             self.db.execute("UPDATE batches SET output_bytes = ?, error_bytes = ? WHERE id = ?",
                             (output_bytes, error_bytes, bid))
 
-    def fail(self, bid: str, errors: list[dict]) -> None:
-        """The batch failed with ``errors``; its claims let go."""
-        with self.db.transaction():
+    def fail(self, bid: str, errors: list[dict], claim: Claim | None = None) -> None:
+        """The batch failed with ``errors``; its claims let go. With the ``claim`` of the work that failed, only while
+        it holds (:class:`ClaimLost` otherwise)."""
+        def failed() -> None:
             self.update(bid, errors=errors, claimed_by=None, lease_until=None)
             self.mark(bid, "failed")
+
+        if claim is not None:
+            claim.write(failed)
+            return
+        with self.db.transaction():
+            failed()
 
     def final_status(self, bid: str) -> str:
         """What a batch that ends now ends as: cancelled once cancelled, else completed when every line is answered,
@@ -96,28 +115,36 @@ class BatchStore:
         return "completed" if counts["completed"] + counts["failed"] >= row["total"] else "expired"
 
     def finished(self, bid: str, status: str, files: dict[str, str]) -> None:
-        """The batch's final ``status`` and its output and error file ids (``files``); every claim on it let go."""
+        """The batch's final ``status`` and its output and error file ids (``files``); every claim on it let go (inside
+        its finisher's fenced transaction)."""
         self.update(bid, **files, claimed_by=None, lease_until=None)
         self.mark(bid, status)
-        with self.lock:
-            self.db.execute("UPDATE batch_chunks SET claimed_by = NULL, lease_until = NULL WHERE batch_id = ?", (bid,))
+        self.db.execute("UPDATE batch_chunks SET claimed_by = NULL, lease_until = NULL WHERE batch_id = ?", (bid,))
+        self.db.execute("UPDATE batch_finishes SET claimed_by = NULL, lease_until = NULL WHERE id = ?", (bid,))
 
     # --- chunks: a batch's lines answered by any replica -----------------------------------------------------
 
-    def add_chunks(self, bid: str, bounds: list[tuple[int, int, int, int]], holder: str) -> bool:
+    def claim_batch(self, bid: str, holder: str) -> Claim | None:
+        """The batch claimed by ``holder`` to split it into chunks (or to finish it when nothing is left to answer);
+        None while another holds it, or once it is run by chunks (claimed for good by :data:`CHUNKED`)."""
+        return self.claims.acquire("batches", bid, holder)
+
+    def add_chunks(self, bid: str, bounds: list[tuple[int, int, int, int]], claim: Claim) -> bool:
         """The batch's chunks (each: first line, lines spanned, first byte, requests) recorded and the batch marked
-        run by chunks (and in progress), in one transaction, while ``holder`` holds the batch's claim; False (nothing
-        recorded) when it no longer does."""
+        run by chunks (and in progress), in one transaction fenced by the batch's ``claim``; False (nothing
+        recorded) when it no longer holds. The claim ends with it (the batch is claimed for good by the chunks)."""
         rows = [(f"{bid}.{n}", bid, n, *bound, "pending") for n, bound in enumerate(bounds)]
+
+        def split() -> None:
+            self.db.executemany("INSERT OR IGNORE INTO batch_chunks (id, batch_id, chunk, first_line, lines, "
+                                "first_byte, requests, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self.db.execute("UPDATE batches SET claimed_by = ?, lease_until = ?, in_progress_at = CASE WHEN status = "
+                            "'validating' THEN ? ELSE in_progress_at END, status = CASE WHEN status = 'validating' THEN "
+                            "'in_progress' ELSE status END WHERE id = ?", (CHUNKED, FOREVER, int(time.time()), bid))
+
+        self.claims.let_go(claim, release=False)  # no longer renewed: the write below ends it
         try:
-            with self.db.transaction():
-                self.db.executemany("INSERT OR IGNORE INTO batch_chunks (id, batch_id, chunk, first_line, lines, "
-                                    "first_byte, requests, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                if self.db.execute("UPDATE batches SET claimed_by = ?, lease_until = ?, in_progress_at = CASE WHEN "
-                                   "status = 'validating' THEN ? ELSE in_progress_at END, status = CASE WHEN status = "
-                                   "'validating' THEN 'in_progress' ELSE status END WHERE id = ? AND claimed_by = ?",
-                                   (CHUNKED, FOREVER, int(time.time()), bid, holder)).rowcount != 1:
-                    raise ClaimLost(bid)
+            claim.write(split)
         except ClaimLost:
             return False
         return True
@@ -125,35 +152,32 @@ class BatchStore:
     def chunks(self, bid: str) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT * FROM batch_chunks WHERE batch_id = ? ORDER BY chunk", (bid,))]
 
-    def claim_chunk(self, bid: str, holder: str) -> dict | None:
+    def claim_chunk(self, bid: str, holder: str) -> tuple[dict, Claim] | None:
         """The batch's first chunk still to answer that no live replica holds, claimed for ``holder`` while the batch
-        is in progress (the claim's conditional UPDATE: of replicas claiming at once, one gets each chunk); None when
-        there is none."""
-        now = time.time()
+        is in progress (of replicas claiming at once, one gets each chunk): (the chunk as claimed, the claim); None
+        when there is none."""
         free = [r[0] for r in self.db.execute("SELECT id FROM batch_chunks WHERE batch_id = ? AND status = 'pending' "
-                                              "AND (claimed_by IS NULL OR lease_until < ?) ORDER BY chunk", (bid, now))]
+                                              f"AND (claimed_by IS NULL OR lease_until < {NOW}) ORDER BY chunk", (bid,))]
         for cid in free:
-            with self.lock:
-                took = self.db.execute(
-                    "UPDATE batch_chunks SET claimed_by = ?, lease_until = ? WHERE id = ? AND status = 'pending' AND "
-                    "(claimed_by IS NULL OR lease_until < ?) AND EXISTS (SELECT 1 FROM batches WHERE id = ? AND "
-                    "status = 'in_progress')", (holder, now + LEASE_S, cid, now, bid)).rowcount
-            if took == 1:
-                return dict(self.db.execute("SELECT * FROM batch_chunks WHERE id = ?", (cid,)).fetchone())
+            claim = self.claims.acquire("batch_chunks", cid, holder, " AND status = 'pending' AND EXISTS (SELECT 1 "
+                                        "FROM batches WHERE id = ? AND status = 'in_progress')", (bid,))
+            if claim is not None:
+                return dict(self.db.execute("SELECT * FROM batch_chunks WHERE id = ?", (cid,)).fetchone()), claim
         return None
 
     def add_chunk_result(self, chunk: dict, line: int, custom_id: str, status_code: int, output_bytes: int,
-                         error_bytes: int, holder: str) -> None:
-        """One line of ``chunk`` answered (its answer already appended to the chunk's part file) and the part
-        files' lengths now, in one transaction, while ``holder`` holds the chunk; :class:`ClaimLost` (nothing
-        recorded) when it does not: the replica that took the chunk over cuts the part back to what was recorded."""
-        with self.db.transaction():
-            if self.db.execute("UPDATE batch_chunks SET output_bytes = ?, error_bytes = ? WHERE id = ? AND "
-                               "claimed_by = ?", (output_bytes, error_bytes, chunk["id"], holder)).rowcount != 1:
-                raise ClaimLost(chunk["id"])
+                         error_bytes: int, claim: Claim) -> None:
+        """One line of ``chunk`` answered (its answer already appended to the part files of the ``claim``'s
+        generation) and those files' lengths now, in one transaction fenced by the claim; :class:`ClaimLost` (nothing
+        recorded) when it no longer holds: the replica that took the chunk over starts from what was recorded."""
+        def record() -> None:
+            self.db.execute("UPDATE batch_chunks SET output_bytes = ?, error_bytes = ?, parts_generation = ? "
+                            "WHERE id = ?", (output_bytes, error_bytes, claim.generation, chunk["id"]))
             self.db.execute("INSERT INTO batch_results VALUES (?, ?, ?, ?, '') ON CONFLICT (batch_id, line) DO UPDATE "
                             "SET custom_id = excluded.custom_id, status_code = excluded.status_code, body = ''",
                             (chunk["batch_id"], line, custom_id, status_code))
+
+        claim.write(record)
 
     def answered_in(self, chunk: dict) -> set[int]:
         """The lines of ``chunk`` answered (by any replica, or by an earlier version before the chunks)."""
@@ -161,16 +185,24 @@ class BatchStore:
             "SELECT line FROM batch_results WHERE batch_id = ? AND line >= ? AND line < ?",
             (chunk["batch_id"], chunk["first_line"], chunk["first_line"] + chunk["lines"]))}
 
-    def chunk_done(self, chunk: dict, holder: str) -> bool:
-        """``chunk`` marked answered (and its claim let go) if every one of its requests is recorded and ``holder``
-        holds it."""
-        with self.lock:
+    def chunk_done(self, chunk: dict, claim: Claim) -> bool:
+        """``chunk`` marked answered (and its claim let go) if every one of its requests is recorded and ``claim``
+        holds it; False otherwise (the claim let go either way)."""
+        def done() -> bool:
             return self.db.execute(
                 "UPDATE batch_chunks SET status = 'done', answered_by = claimed_by, claimed_by = NULL, lease_until = "
-                "NULL WHERE id = ? AND claimed_by = ? AND requests <= (SELECT COUNT(*) FROM batch_results WHERE "
-                "batch_id = ? AND line >= ? AND line < ?)",
-                (chunk["id"], holder, chunk["batch_id"], chunk["first_line"],
-                 chunk["first_line"] + chunk["lines"])).rowcount == 1
+                "NULL WHERE id = ? AND requests <= (SELECT COUNT(*) FROM batch_results WHERE batch_id = ? AND line >= ? "
+                "AND line < ?)", (chunk["id"], chunk["batch_id"], chunk["first_line"],
+                                  chunk["first_line"] + chunk["lines"])).rowcount == 1
+
+        self.claims.let_go(claim, release=False)
+        try:
+            if claim.write(done):
+                return True
+        except ClaimLost:
+            return False
+        claim.release()
+        return False
 
     def chunk_states(self, bids: list[str]) -> dict[str, tuple[int, int]]:
         """(chunks still to answer, chunks a live replica holds) of each of these batches (none: (0, 0))."""
@@ -178,65 +210,39 @@ class BatchStore:
             return {}
         marks = ", ".join("?" * len(bids))
         rows = self.db.execute("SELECT batch_id, SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), SUM(CASE WHEN "
-                               "claimed_by IS NOT NULL AND lease_until >= ? THEN 1 ELSE 0 END) FROM batch_chunks "
-                               f"WHERE batch_id IN ({marks}) GROUP BY batch_id", (time.time(), *bids))
+                               f"claimed_by IS NOT NULL AND lease_until >= {NOW} THEN 1 ELSE 0 END) FROM batch_chunks "
+                               f"WHERE batch_id IN ({marks}) GROUP BY batch_id", bids)
         return {bid: (0, 0) for bid in bids} | {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in rows}
 
-    def begin_finishing(self, bid: str, holder: str) -> tuple[str, list[dict]] | None:
+    def begin_finishing(self, bid: str, holder: str) -> tuple[str, list[dict], Claim] | None:
         """Whether ``holder`` finishes the batch run by chunks, decided once over every replica: in one transaction
         that finishers of one batch take one at a time, when no live replica holds a chunk of it and nothing is left
         to answer (every chunk answered, or the batch cancelled, past its window, or already finalizing and its
-        finisher dead), every chunk is claimed for ``holder`` and the batch marked finalizing. Returns (its final
-        status, its chunks in order), or None: not now, or another's."""
-        now = time.time()
-        try:
-            with self.db.transaction():
-                self.db.serialize(f"batch {bid}")
-                batch = self.db.execute("SELECT status, claimed_by, expires_at, cancelling_at FROM batches "
-                                        "WHERE id = ?", (bid,)).fetchone()
-                if batch is None or batch["claimed_by"] != CHUNKED or batch["status"] not in ACTIVE:
-                    return None
-                count, pending, held = self.db.execute(
-                    "SELECT COUNT(*), SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), SUM(CASE WHEN claimed_by IS "
-                    "NOT NULL AND lease_until >= ? THEN 1 ELSE 0 END) FROM batch_chunks WHERE batch_id = ?",
-                    (now, bid)).fetchone()
-                ended = batch["status"] in ("cancelling", "finalizing") or batch["cancelling_at"] is not None \
-                    or now > (batch["expires_at"] or now)
-                if held or (pending and not ended):
-                    return None
-                if self.db.execute("UPDATE batch_chunks SET claimed_by = ?, lease_until = ? WHERE batch_id = ? AND "
-                                   "(claimed_by IS NULL OR lease_until IS NULL OR lease_until < ?)",
-                                   (holder, now + LEASE_S, bid, now)).rowcount != count:
-                    raise ClaimLost(bid)  # a chunk claimed meanwhile: its replica answers it first
-                self.db.execute("UPDATE batches SET status = 'finalizing', finalizing_at = COALESCE(finalizing_at, ?) "
-                                "WHERE id = ?", (int(now), bid))
-                return self.final_status(bid), self.chunks(bid)
-        except ClaimLost:
-            return None
-
-    def finishing_held(self, bid: str, holder: str, chunked: bool) -> bool:
-        """Inside the transaction that ends the batch: whether ``holder`` still finishes it (every chunk still claimed
-        by it; a batch not run by chunks: its claim), waiting for any other finisher of it first."""
-        self.db.serialize(f"batch {bid}")
-        if not chunked:
-            row = self.db.execute("SELECT claimed_by, status FROM batches WHERE id = ?", (bid,)).fetchone()
-            return row is not None and row["claimed_by"] == holder and row["status"] in ACTIVE
-        others = self.db.execute("SELECT COUNT(*) FROM batch_chunks WHERE batch_id = ? AND (claimed_by IS NULL OR "
-                                 "claimed_by != ?)", (bid, holder)).fetchone()[0]
-        status = self.db.execute("SELECT status FROM batches WHERE id = ?", (bid,)).fetchone()
-        return not others and status is not None and status[0] == "finalizing"
-
-    def renew_finishing(self, bid: str, holder: str) -> bool:
-        """The leases of ``holder`` on the chunks of the batch it finishes extended; False once it holds none."""
-        with self.lock:
-            return self.db.execute("UPDATE batch_chunks SET lease_until = ? WHERE batch_id = ? AND claimed_by = ?",
-                                   (time.time() + LEASE_S, bid, holder)).rowcount > 0
-
-    def let_go(self, bid: str, holder: str) -> None:
-        """Every claim of ``holder`` on the batch's chunks let go (a finishing cut short by a stop)."""
-        with self.lock:
-            self.db.execute("UPDATE batch_chunks SET claimed_by = NULL, lease_until = NULL WHERE batch_id = ? AND "
-                            "claimed_by = ?", (bid, holder))
+        finisher dead), every chunk's claim is ended (a new generation: a holder frozen past its lease records
+        nothing more), the batch marked finalizing and its finishing claimed for ``holder``. Returns (its final
+        status, its chunks in order, the finishing's claim), or None: not now, or another's."""
+        with self.db.transaction():
+            self.db.serialize(f"batch {bid}")
+            batch = self.db.execute(f"SELECT status, claimed_by, cancelling_at, expires_at < {NOW} AS expired FROM "
+                                    "batches WHERE id = ?", (bid,)).fetchone()
+            if batch is None or batch["claimed_by"] != CHUNKED or batch["status"] not in ACTIVE:
+                return None
+            pending, held = self.db.execute(
+                "SELECT SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), SUM(CASE WHEN claimed_by IS NOT NULL AND "
+                f"lease_until >= {NOW} THEN 1 ELSE 0 END) FROM batch_chunks WHERE batch_id = ?", (bid,)).fetchone()
+            ended = batch["status"] in ("cancelling", "finalizing") or batch["cancelling_at"] is not None \
+                or bool(batch["expired"])
+            if held or (pending and not ended):
+                return None
+            self.db.execute("INSERT OR IGNORE INTO batch_finishes (id) VALUES (?)", (bid,))
+            claim = self.claims.acquire("batch_finishes", bid, holder)
+            if claim is None:
+                return None  # its finisher is alive
+            self.db.execute("UPDATE batch_chunks SET generation = generation + 1, claimed_by = NULL, lease_until = "
+                            "NULL WHERE batch_id = ? AND claimed_by IS NOT NULL", (bid,))
+            self.db.execute("UPDATE batches SET status = 'finalizing', finalizing_at = COALESCE(finalizing_at, ?) "
+                            "WHERE id = ?", (int(time.time()), bid))
+            return self.final_status(bid), self.chunks(bid), claim
 
     def answered_lines(self, bid: str) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT line FROM batch_results WHERE batch_id = ?", (bid,))}

@@ -27,6 +27,8 @@ from tunesmith.serve.errors import found
 from tunesmith.serve.evals import resume
 from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
 from tunesmith.serve.evals.store import EvalStore
+from tunesmith.serve.store import new_id
+from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.quotas import check_eval, check_eval_run, check_metadata
 
 router = APIRouter(prefix="/v1/evals", route_class=OffLoopJSON)
@@ -155,9 +157,9 @@ async def started_run(request: Request, key, e: dict, body: RunBody, source: dic
     """The run created, its rows kept on the shared data folder and claimed by this replica (in the store lane), and
     started in a task of its own (:mod:`tunesmith.serve.evals.resume`: a replica that dies leaves it to another)."""
     model = source.get("model") or "(given samples)"
-    run = await stored(request, key, claimed_run, _evals(request), key, e["id"], body, model, source,
-                       request.app.state.replica, rows)
-    resume.start(request.app, key, e, run, rows)
+    run, claim = await stored(request, key, claimed_run, _evals(request), key, e["id"], body, model, source,
+                              request.app.state.replica, rows)
+    resume.start(request.app, key, e, run, rows, claim)
     return run
 
 
@@ -172,13 +174,17 @@ def checked_run(request: Request, key, eval_id: str, body: RunBody) -> tuple[dic
 
 
 def claimed_run(store: EvalStore, key, eval_id: str, body: RunBody, model: str, source: dict, replica: str,
-                rows: list[dict]) -> dict:
-    """The new run, its rows kept where any replica reads them, claimed by this replica."""
-    run = store.add_run(key, eval_id, name=body.name or f"run on {model}", model=model, data_source=source,
-                        metadata=body.metadata)
-    resume.keep_rows(store.base.root, run["id"], rows)
-    store.base.claim("eval_runs", run["id"], replica)
-    return run
+                rows: list[dict]) -> tuple[dict, Claim]:
+    """The new run, its rows kept first where any replica reads them, then created claimed by this replica in one
+    statement; with its claim."""
+    rid = new_id("evalrun")
+    resume.keep_rows(store.base.root, rid, rows)
+    try:
+        return store.add_run(key, eval_id, replica, rid, name=body.name or f"run on {model}", model=model,
+                             data_source=source, metadata=body.metadata)
+    except BaseException:
+        resume.rows_path(store.base.root, rid).unlink(missing_ok=True)
+        raise
 
 
 @router.get("/{eval_id}/runs")

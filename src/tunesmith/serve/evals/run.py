@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from tunesmith.graders import Context, grade_batch, template
 from tunesmith.graders.model import ChatBackend, content_text
+from tunesmith.serve.store.claims import ClaimLost
 
 DEFAULT_PASS = {"string_check": 1.0, "label_model": 1.0}
 
@@ -115,6 +116,8 @@ def execute(store, eval_: dict, run: dict, rows: list[dict], context: Context,
     try:
         if store.move_run(run["id"], ("queued",), status="in_progress"):
             _execute(store, eval_, run, rows, context, cancelled)
+    except ClaimLost:
+        raise  # another replica runs it now: nothing of this one's is written
     except Exception as exc:  # noqa: BLE001 - the run fails with the reason; the server goes on
         logging.getLogger("tunesmith.serve").exception("eval run %s failed", run["id"])
         store.move_run(run["id"], ("queued", "in_progress"), status="failed",

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from tunesmith.errors import ConfigError
 from tunesmith.serve.engines.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
-from tunesmith.serve.jobs.worker import job_error, run_or_fail
-from tunesmith.serve.store import LEASE_S, Store, worker_id
+from tunesmith.serve.jobs.worker import READS, job_error, run_or_fail
+from tunesmith.serve.store import Store, worker_id
+from tunesmith.serve.store.claims import Claim, ClaimLost, Fenced
 from tunesmith.serve.store.database import database_url
 
 log = logging.getLogger("tunesmith.worker")
@@ -57,8 +58,10 @@ def job_resources(store: Store, job: dict, cluster: dict) -> dict:
     return need
 
 
-def run_job_task(root: str, job_id: str) -> str:
-    """The Ray task: one job, from its start or its newest checkpoint; returns the job's final status."""
+def run_job_task(root: str, job_id: str, holder: str, generation: int) -> str:
+    """The Ray task: one job, from its start or its newest recorded checkpoint, as the attempt of the dispatcher's
+    claim (``holder``, ``generation``: every write fenced by it; the dispatcher renews it); returns the job's final
+    status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     store = Store(Path(root), database_url())
     job = store.get_job(job_id, any_owner=True)
@@ -66,10 +69,11 @@ def run_job_task(root: str, job_id: str) -> str:
         return job["status"] if job else "missing"
     import ray
 
+    claim = Claim(store.db, "jobs", job_id, holder, generation, time.monotonic(), observed=True)
     node = ray.get_runtime_context().get_node_id()[:12]
     store.add_event(job_id, f"Running as a Ray task on node {node} (worker pid {os.getpid()})",
                     data={"ray_node": node, "pid": os.getpid()}, dedup_key=f"ray:{os.getpid()}")
-    run_or_fail(store, job)
+    run_or_fail(store, job, claim=claim)
     return store.get_job(job_id, any_owner=True)["status"]
 
 
@@ -96,31 +100,34 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
 
 def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None:
     """Claim jobs in the store (as the jobs worker does: on PostgreSQL every replica's dispatcher takes from one
-    queue, never the same job twice) and hand each to Ray; the claims of the jobs Ray runs are renewed every third of
-    a lease and let go when their tasks end, so that a dead dispatcher's jobs are claimed again by a live one."""
+    queue, never the same job twice) and hand each to Ray; the claims of the jobs Ray runs are renewed by this
+    process's heartbeat and let go when their tasks end, so that a dead dispatcher's jobs are claimed again by a live
+    one (the task's writes are fenced by its claim: a task whose claim was taken over writes nothing more)."""
     task = ray.remote(max_retries=RETRIES, retry_exceptions=False)(run_job_task)
-    me, running, renewed = worker_id(), {}, time.monotonic()  # running: object ref -> job id
+    me, running = worker_id(), {}  # running: object ref -> the job's claim
     while not stop.is_set():
         done, _ = ray.wait(list(running), num_returns=len(running), timeout=0) if running else ([], [])
         for ref in done:
-            job_id = running.pop(ref)
+            claim = running.pop(ref)
+            job_id = claim.oid
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - retries used up (worker or node died again and again)
                 job = store.get_job(job_id, any_owner=True)
                 error = job_error(exc, store, job)
-                store.update_job(job_id, status="failed", finished_at=int(time.time()), control=None, error=error)
-                store.add_event(job_id, f"Fine-tuning job failed: {error['message'][:500]}", level="error",
-                                dedup_key="failed")
-            store.release("jobs", job_id, me)
-        if time.monotonic() - renewed > LEASE_S / 3:
-            for lost in store.renew("jobs", list(running.values()), me):
-                log.warning("job %s: claim lost to another dispatcher", lost)
-            renewed = time.monotonic()
-        job = store.claim_job(me, jobs_per_key)  # never sole: the jobs Ray runs are this dispatcher's claims
-        if job is not None:
+                fenced = Fenced(store, claim, READS)
+                try:
+                    fenced.update_job(job_id, status="failed", finished_at=int(time.time()), control=None, error=error)
+                    fenced.add_event(job_id, f"Fine-tuning job failed: {error['message'][:500]}", level="error",
+                                     dedup_key="failed")
+                except ClaimLost:
+                    log.warning("job %s: its claim was lost; its next attempt goes on", job_id)
+            store.claims.let_go(claim)
+        claimed = store.claim_job(me, jobs_per_key)  # never sole: the jobs Ray runs are this dispatcher's claims
+        if claimed is not None:
+            job, claim = claimed
             need = job_resources(store, job, ray.cluster_resources())
-            running[task.options(**need).remote(str(store.root), job["id"])] = job["id"]
+            running[task.options(**need).remote(str(store.root), job["id"], me, claim.generation)] = claim
             log.info("job %s submitted to Ray with %s", job["id"], need)
             continue
         stop.wait(poll_s)

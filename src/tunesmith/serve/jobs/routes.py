@@ -34,7 +34,7 @@ def _store(request: Request):
 
 def _job_object(request: Request, job: dict) -> dict:
     """The job object with its current place in the fair queue."""
-    return job_object(job, _store(request).queue_positions().get(job["id"]))
+    return job_object(job, _store(request).queue_positions([job["id"]]).get(job["id"]))
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def matches(job: dict, wanted: dict[str, str] | None) -> bool:
 def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
     wanted = metadata_filter(request)
     jobs, more = paginate([j for j in _store(request).list_jobs(key) if matches(j, wanted)], after, limit)
-    positions = _store(request).queue_positions()
+    positions = _store(request).queue_positions([j["id"] for j in jobs])
     return page([job_object(j, positions.get(j["id"])) for j in jobs], more)
 
 

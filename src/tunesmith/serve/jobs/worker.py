@@ -2,9 +2,16 @@
 ``tunesmith train``, reporting metrics events and checkpoints to the store.
 
 It is a separate process (``python -m tunesmith.serve.jobs.worker``), started by ``tunesmith serve``.
-A job left 'running' by a crash or SIGKILL is picked up first and resumed from its newest
+A job left 'running' by a crash or SIGKILL is picked up first and resumed from its newest recorded
 checkpoint; events carry step-based dedup keys, so replayed steps add nothing twice. Cancel and
 pause are flags in the store that the trainer checks after every step.
+
+A job is claimed (:mod:`tunesmith.serve.store.claims`): each claim is a new generation, whose attempt trains in a
+folder of its own (``runs/<job>/attempt-<generation>``), and every store write it makes (status, events, steps,
+checkpoints, the result file) is fenced by that generation. A worker that loses its claim (frozen past its lease, or
+cut off from the database that long) stops at its next step and writes nothing more; the job goes on from the last
+checkpoint its store recorded, wherever it is claimed next. A database error never fails a job by itself, and never
+ends the worker.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
 from tunesmith.serve.jobs.events import announce_integrations, estimated_finish, mark_full_validation
 from tunesmith.serve.store import Store, worker_id
-from tunesmith.serve.store.database import database_url
+from tunesmith.serve.store.claims import Claim, ClaimLost, Fenced
+from tunesmith.serve.store.database import DatabaseError, database_url, transient
 
 log = logging.getLogger("tunesmith.worker")
 
@@ -56,7 +64,10 @@ def count_lines(path: Path) -> int:
     return sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
 
 
-def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int, has_validation: bool = False):
+def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_examples: int, has_validation: bool = False,
+               attempt: int | None = None):
+    """The recipe the job trains with: into ``runs/<job>/attempt-<attempt>`` (an attempt's own folder: a worker that
+    lost its claim writes nowhere its successor reads), or ``runs/<job>`` without an attempt."""
     import tunesmith.kinds  # noqa: F401 - registers the task kinds the schema checks
     import tunesmith.train  # noqa: F401 - registers the training methods (their shapes and trainers)
     from tunesmith.config import UNMEASURED_LENGTH, validate_recipe
@@ -70,12 +81,15 @@ def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_exampl
         train |= {"method": "dpo", "dpo": {"beta": hyper["beta"], "path": str(training_path)}}
     if job["method"]["type"] == "reinforcement":  # GRPO with the job's grader as the reward
         train |= reinforcement.train_section(job["method"], hyper, has_validation)
-    return validate_recipe({"name": job["id"], "output_dir": str(root / "runs"), "seed": job["seed"],
+    where = {"name": job["id"], "output_dir": str(root / "runs")} if attempt is None else \
+        {"name": f"attempt-{attempt}", "output_dir": str(root / "runs" / job["id"])}
+    return validate_recipe({**where, "seed": job["seed"],
                             "model": {"name": job["model"]}, "train": train})
 
 
-def job_callback(store: Store, job_id: str, model_name: str):
-    """Metrics events, checkpoint rows and the cancel/pause check after every step."""
+def job_callback(store: Store, job_id: str, model_name: str, claim: Claim | None = None):
+    """Metrics events, checkpoint rows and the cancel/pause check after every step; with the job's ``claim``, the
+    training stops (saving nothing) at the first step after the claim is lost."""
     from transformers import TrainerCallback
 
     from tunesmith.train.metrics import REWARD
@@ -115,13 +129,20 @@ def job_callback(store: Store, job_id: str, model_name: str):
             store.update_job(job_id, estimated_finish=estimated_finish(*self.clock, state.global_step, state.max_steps))
             job = store.get_job(job_id, any_owner=True)
             reason = "shutdown" if SHUTDOWN.is_set() else job and job["control"]
-            if reason in ("cancel", "pause", "shutdown"):
+            if claim is not None and (claim.lost.is_set() or not holds(claim, job)):
+                reason = "lost"
+            if reason in ("cancel", "pause", "shutdown", "lost"):
                 self.stopped_for = reason
                 self.stopped_at = state.global_step
                 control.should_training_stop = True
-                control.should_save = reason != "cancel"  # a paused or stopped job resumes from this step
+                control.should_save = reason not in ("cancel", "lost")  # a paused or stopped job resumes from here
 
     return _JobEvents()
+
+
+def holds(claim: Claim, job: dict | None) -> bool:
+    """Whether the job's row still carries ``claim`` (its generation and holder)."""
+    return job is not None and job.get("generation") == claim.generation and job.get("claimed_by") == claim.holder
 
 
 def job_device(recipe) -> tuple[str, str]:
@@ -144,7 +165,9 @@ def within_gpu_share(recipe, gpu_budget_gb: float | None):
     return hold_job_to(recipe, gpu_budget_gb)
 
 
-def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None:
+def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None, claim: Claim | None = None) -> None:
+    """The job trained and its result recorded through ``store`` (with a ``claim``: the store fenced by it, and the
+    attempt in the claim's generation's folder)."""
     from rich.console import Console
 
     from tunesmith.progress import task_bar
@@ -167,15 +190,19 @@ def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None
     n_examples = count_lines(training_path)
     hyper = resolve_hyperparameters(job["method"], n_examples)
     store.update_job(job["id"], method=with_hyperparameters(job["method"], hyper))
-    recipe = within_gpu_share(job_recipe(job, root, hyper, training_path, n_examples, bool(val_rows)), gpu_budget_gb)
+    attempt = claim.generation if claim is not None else None
+    recipe = within_gpu_share(job_recipe(job, root, hyper, training_path, n_examples, bool(val_rows), attempt),
+                              gpu_budget_gb)
     name = job["fine_tuned_model"] or f"ft:{job['model']}:{job['suffix'] or 'tunesmith'}:{job['id']}"
     start = continued_from(store, job)
     resume = announce_start(store, job, recipe.run_dir / "train" / "checkpoints")
     announce_integrations(store, job)
     store.update_job(job["id"], status="running", run_dir=str(recipe.run_dir), fine_tuned_model=None)
-    callback = job_callback(store, job["id"], name)
+    callback = job_callback(store, job["id"], name, claim)
     console = Console(file=io.StringIO())
     train_job(recipe, rows, val_rows, callback, resume, lambda d, t: task_bar(console, d, t), start)
+    if callback.stopped_for == "lost":
+        raise ClaimLost(f"job {job['id']}: claim lost at step {callback.stopped_at}")
     if callback.stopped_for == "cancel":
         store.update_job(job["id"], status="cancelled", control=None, finished_at=int(time.time()))
         store.add_event(job["id"], "Job cancelled", dedup_key="cancelled")
@@ -202,20 +229,26 @@ def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None
     store.add_event(job["id"], "The job has successfully completed", dedup_key="succeeded")
 
 
-def announce_start(store: Store, job: dict, checkpoints: Path) -> bool:
-    """Say how the job starts and supersede step events a restart will report again; True when resuming."""
-    steps = [int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
-    resume_step = max(steps, default=0)
+def announce_start(store: Store, job: dict, checkpoints: Path) -> bool | Path:
+    """Say how the job starts and supersede step events a restart will report again; returns the checkpoint to resume
+    from (False: from the start). It is the newest checkpoint the store recorded whose folder is complete (another
+    attempt's: each attempt trains in its own folder), else the newest complete one in ``checkpoints`` (a job an
+    earlier version left running)."""
+    from tunesmith.train.resume import complete_checkpoint
+
+    recorded = [Path(c["path"]) for c in store.checkpoints(job["id"]) if (Path(c["path"]) / "trainer_state.json").is_file()]
+    found = recorded[0] if recorded else complete_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    resume_step = int(found.name.split("-")[1]) if found is not None else 0
     store.supersede_steps(job["id"], after=resume_step)
     if resume_step:
         store.add_event(job["id"], f"Fine-tuning job resumed from its checkpoint at step {resume_step}",
-                        dedup_key=f"resumed:{time.time():.0f}")
+                        dedup_key=f"resumed:{job.get('generation') or time.time():.0f}")
     elif job["status"] == "running":  # picked up after a crash or a stop before its first checkpoint
         store.add_event(job["id"], "Fine-tuning job restarted from step 0: the server stopped before the first "
-                        "checkpoint", level="warn", dedup_key=f"restarted:{time.time():.0f}")
+                        "checkpoint", level="warn", dedup_key=f"restarted:{job.get('generation') or time.time():.0f}")
     else:
         store.add_event(job["id"], "Fine-tuning job started", dedup_key="started")
-    return bool(resume_step)
+    return found if resume_step else False
 
 
 def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> None:
@@ -321,15 +354,38 @@ def engine_of(vllm_endpoint: Path | None, jobs_engine: str = "auto"):
         yield
 
 
-def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None) -> None:
-    """Run one job; a failure is reported on the job (status, error, event) and goes no further."""
+READS = frozenset({"get_job", "get_file", "fine_tune", "checkpoints", "events"})  # a job's reads, never fenced
+
+
+def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None, claim: Claim | None = None) -> None:
+    """Run one job; a failure is reported on the job (status, error, event) and goes no further. With its ``claim``
+    every write is fenced by it; a claim lost on the way ends the attempt, saying so, and fails nothing."""
+    fenced = Fenced(store, claim, READS) if claim is not None else store
     try:
-        run_job(store, job, gpu_budget_gb)
-    except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
-        error = job_error(exc, store, job)
-        store.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
-        store.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
-                        dedup_key="failed")
+        try:
+            run_job(fenced, job, gpu_budget_gb, claim)
+        except ClaimLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
+            error = job_error(exc, store, job)
+            fenced.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
+            fenced.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
+                             dedup_key="failed")
+    except ClaimLost as lost:
+        said_lost(store, job, claim, lost)
+
+
+def said_lost(store: Store, job: dict, claim: Claim | None, lost: ClaimLost) -> None:
+    """A lost claim said in the log and, when the database answers, in the job's events (the one event a holder that
+    lost its claim writes: it changes nothing of the work)."""
+    generation = claim.generation if claim is not None else 0
+    reason = claim.reason if claim is not None and claim.reason else str(lost)
+    log.warning("job %s: attempt %d stopped: %s", job["id"], generation, reason)
+    try:
+        store.add_event(job["id"], f"Attempt {generation} of this job stopped: {reason}. The job goes on from its last "
+                        "recorded checkpoint in its next attempt.", level="warn", dedup_key=f"lost:{generation}")
+    except Exception:  # noqa: BLE001 - the database still unreachable: the log has said it
+        log.info("job %s: the lost claim could not be written to its events", job["id"])
 
 
 def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int = 1,
@@ -340,26 +396,49 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
     Queued jobs start in the store's fair order, never more than ``jobs_per_key`` of one key at a time.
     ``gpu_budget_gb``: the jobs' share of a GPU that vLLM serves on; ``vllm_endpoint``: that vLLM's endpoint
     file; ``jobs_engine``: whether jobs generate there (evaluations, reinforcement rollouts, model graders):
-    :func:`engine_of`."""
+    :func:`engine_of`. A failing database is waited out (the worker retries every few seconds), never its end."""
     import fcntl
 
-    store = Store(root, database_url())
+    store = open_store(root)
+    if store is None:
+        return
     sole = store.db.kind == "sqlite"
     if sole:
         lock = open(store.root / "worker.lock", "w")  # noqa: SIM115 - held for the worker's lifetime
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits here until the first has gone
-    me = worker_id()
+    me, failing = worker_id(), 0
     while not SHUTDOWN.is_set():
-        job = store.claim_job(me, jobs_per_key, sole=sole)
-        if job is None:
+        try:
+            claimed = store.claim_job(me, jobs_per_key, sole=sole)
+            failing = 0
+        except Exception as exc:  # noqa: BLE001 - the store unreachable (or a bug): looked at again, never the end
+            failing += 1
+            (log.warning if transient(exc) else log.exception)("jobs worker: claiming a job failed (%s)", exc)
+            SHUTDOWN.wait(min(10.0, poll_s * 2 ** failing))
+            continue
+        if claimed is None:
             if once:
                 return
             SHUTDOWN.wait(poll_s)
             continue
-        with engine_of(vllm_endpoint, jobs_engine), store.holding("jobs", job["id"], me):
-            run_or_fail(store, job, gpu_budget_gb)
+        job, claim = claimed
+        with engine_of(vllm_endpoint, jobs_engine), store.claims.holding(claim):
+            run_or_fail(store, job, gpu_budget_gb, claim)
         if once and store.next_job(jobs_per_key) is None:
             return
+
+
+def open_store(root: Path) -> Store | None:
+    """The store, opened once its database answers (tried again every few seconds until SIGTERM: None)."""
+    while True:
+        try:
+            return Store(root, database_url())
+        except Exception as exc:  # noqa: BLE001 - e.g. PostgreSQL restarting while the server starts its worker
+            if not transient(exc) and not isinstance(exc, DatabaseError):
+                raise
+            log.warning("jobs worker: the store cannot be opened yet (%s); trying again", exc)
+            if SHUTDOWN.wait(5.0):
+                return None
 
 
 def main() -> None:

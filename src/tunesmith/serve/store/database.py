@@ -29,6 +29,11 @@ from tunesmith.errors import TunesmithError
 
 DATABASE_ENV = "TUNESMITH_DATABASE"  # the PostgreSQL URL, passed to the jobs worker by environment (not argv: a password)
 MIGRATION_LOCK = 0x74756E65  # PostgreSQL advisory lock held while one replica migrates ("tune")
+POOL_WAIT_S = 5.0  # a statement waits this long for a pooled connection, then the store is unavailable (a 503)
+LOCK_WAIT_MS = 5_000  # PostgreSQL's lock_timeout: no statement waits longer for a row or advisory lock
+STATEMENT_MS = 30_000  # statement_timeout: no statement of a request runs longer
+IDLE_IN_TRANSACTION_MS = 15_000  # a transaction left open this long (its process frozen) is ended, its locks freed
+NOW = "db_now()"  # the database's clock in seconds since the epoch, in the stores' SQL: leases never use a replica's
 
 
 def database_url() -> str | None:
@@ -38,6 +43,37 @@ def database_url() -> str | None:
 
 class DatabaseError(TunesmithError):
     """The store's database cannot be reached or used as configured."""
+
+
+class StoreUnavailable(DatabaseError):
+    """A statement failed for a reason that passes (the database restarting or unreachable, a connection cut, a lock
+    or statement timeout, SQLite busy): a request answers 503, claimed work retries or waits; never a 500."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the database that passes (retry later), not of the statement."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    if isinstance(exc, sqlite3.OperationalError):
+        return "locked" in str(exc) or "busy" in str(exc)
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+@contextlib.contextmanager
+def unavailable_as_ours(what: str = "the store's database") -> Iterator[None]:
+    """Transient failures of the driver raised as :class:`StoreUnavailable` (the boundary of a third party)."""
+    try:
+        yield
+    except StoreUnavailable:
+        raise
+    except Exception as exc:
+        if transient(exc):
+            raise StoreUnavailable(f"{what} is unavailable ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise
 
 
 def open_database(url: str | None, root: Path) -> SQLiteDatabase | PostgresDatabase:
@@ -112,26 +148,41 @@ class SQLiteDatabase:
         self.path = Path(path)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self.db.row_factory = sqlite3.Row
+        self.db.create_function("db_now", 0, time.time)  # one server, one machine: its clock is the store's
         _retry_while_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
         self.lock = threading.RLock()
 
+    row_lock = ""  # inside a transaction SQLite's write lock already holds every row
+
     def execute(self, sql: str, params: Sequence = ()):
-        return self.db.execute(sql, params)
+        with unavailable_as_ours():
+            return self.db.execute(sql, params)
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
-        self.db.executemany(sql, rows)
+        with unavailable_as_ours():
+            self.db.executemany(sql, rows)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """Statements that commit together (``BEGIN IMMEDIATE``: the write lock taken first)."""
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+            if self.db.in_transaction:  # nested: part of the outer one
+                yield
+                return
+            with unavailable_as_ours():
+                self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+            try:
+                with unavailable_as_ours():
+                    self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     @contextlib.contextmanager
     def migrating(self) -> Iterator[None]:
@@ -182,7 +233,7 @@ def to_postgres(sql: str) -> str:
     statement's generic plan, made once for any values, keeps the NULL branch and reads past the index), so for a
     value that is not NULL this is ``col = value`` and uses the column's index, which ``IS NOT DISTINCT FROM`` never
     does."""
-    out = sql.replace("%", "%%")
+    out = sql.replace("%", "%%").replace(NOW, "EXTRACT(EPOCH FROM clock_timestamp())::float8")
     if re.match(r"^\s*INSERT\s+OR\s+IGNORE\b", out, re.IGNORECASE):
         out = re.sub(r"^\s*INSERT\s+OR\s+IGNORE\b", "INSERT", out, flags=re.IGNORECASE) + " ON CONFLICT DO NOTHING"
     if _CREATE_TABLE.match(out) or re.match(r"^\s*ALTER\s+TABLE\b", out, re.IGNORECASE):
@@ -221,11 +272,27 @@ def _selects_rowid(sql: str) -> bool:
     return "rowid" in head
 
 
+class NoLock:
+    """The stores' write lock on PostgreSQL: none. Its transactions take row and advisory locks in the database; a
+    process-wide lock taken between their statements would wait on a thread that waits on their rows."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 class PostgresDatabase:
     """A PostgreSQL database through a pool of connections (each statement its own transaction unless inside
-    :meth:`transaction`, which keeps one connection for the thread that opened it)."""
+    :meth:`transaction`, which keeps one connection for the thread that opened it). Every connection is checked when
+    it leaves the pool (a restart's dead connections are replaced, never handed out), waits at most
+    :data:`LOCK_WAIT_MS` for a lock and :data:`STATEMENT_MS` for a statement; a transaction idle for
+    :data:`IDLE_IN_TRANSACTION_MS` (its process frozen) is ended by the server. A failure that passes is raised as
+    :class:`StoreUnavailable`."""
 
     kind = "postgresql"
+    row_lock = " FOR UPDATE"  # a row read inside a transaction is held until it ends
 
     def __init__(self, url: str, max_connections: int = 16):
         try:
@@ -233,9 +300,12 @@ class PostgresDatabase:
         except ImportError as exc:
             raise DatabaseError("--database postgresql://… needs psycopg: pip install 'tunesmith[postgresql]'") from exc
         self.url, self.local = url, threading.local()
-        self.lock = threading.RLock()  # the stores' own (SQLite-shaped) write lock; PostgreSQL needs none of it
-        self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False,
-                                   kwargs={"autocommit": True, "prepare_threshold": None})
+        self.lock = NoLock()
+        options = (f"-c lock_timeout={LOCK_WAIT_MS} -c statement_timeout={STATEMENT_MS} "
+                   f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}")
+        self.pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=False, timeout=POOL_WAIT_S,
+                                   check=ConnectionPool.check_connection, reconnect_timeout=24 * 3600,
+                                   kwargs={"autocommit": True, "prepare_threshold": None, "options": options})
         try:
             self.pool.open(wait=True, timeout=15)
         except Exception as exc:  # noqa: BLE001 - psycopg_pool's timeout or a connection error
@@ -248,11 +318,11 @@ class PostgresDatabase:
         if held is not None:  # inside this thread's transaction
             yield held
             return
-        with self.pool.connection() as conn:
+        with unavailable_as_ours(), self.pool.connection() as conn:
             yield conn
 
     def execute(self, sql: str, params: Sequence = ()) -> Result:
-        with self._connection() as conn, conn.cursor() as cur:
+        with self._connection() as conn, unavailable_as_ours(), conn.cursor() as cur:
             cur.execute(to_postgres(sql), _named(params))
             if cur.description is None:
                 return Result([], cur.rowcount)
@@ -264,7 +334,7 @@ class PostgresDatabase:
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
         if rows:
-            with self._connection() as conn, conn.cursor() as cur:
+            with self._connection() as conn, unavailable_as_ours(), conn.cursor() as cur:
                 cur.executemany(to_postgres(sql), [_named(r) for r in rows])
 
     @contextlib.contextmanager
@@ -273,7 +343,7 @@ class PostgresDatabase:
         if getattr(self.local, "conn", None) is not None:
             yield
             return
-        with self.pool.connection() as conn, conn.transaction():
+        with unavailable_as_ours(), self.pool.connection() as conn, conn.transaction():
             self.local.conn = conn
             try:
                 yield
@@ -284,6 +354,8 @@ class PostgresDatabase:
     def migrating(self) -> Iterator[None]:
         """The migrations' transaction, under an advisory lock: replicas starting at once migrate one at a time."""
         with self.transaction():
+            self.execute("SET LOCAL lock_timeout = 0")  # a long migration of another replica is waited for
+            self.execute("SET LOCAL statement_timeout = 0")
             self.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             yield
 

@@ -50,6 +50,38 @@ def server_secret(data_dir: Path) -> bytes:
     return secret
 
 
+FINGERPRINT = "secret_fingerprint"  # the deployment table's row: which server.secret the database's owners are keyed by
+
+
+def fingerprint(secret: bytes) -> str:
+    """What the database keeps of the secret: a hash that names it, never tells it."""
+    return hashlib.sha256(b"tunesmith server.secret fingerprint\x00" + secret).hexdigest()[:32]
+
+
+def checked_secret(db, data_dir: Path, database: str = "the database") -> bytes:
+    """The data folder's secret, checked against the fingerprint ``db`` keeps (recorded at the first start): a replica
+    whose folder has no ``server.secret`` while the database has one recorded, or another one, refuses to start
+    rather than compute other owner ids (every object of every key would 404 there, its uploads land apart, its limits
+    count apart). A folder without a secret and a database without a fingerprint (the first start) makes one."""
+    path = Path(data_dir) / SECRET_FILE
+    row = db.execute("SELECT value FROM deployment WHERE name = ?", (FINGERPRINT,)).fetchone()
+    if row is not None and not path.exists():
+        raise ConfigError(f"--data-dir {Path(data_dir).resolve()} has no {SECRET_FILE}, but {database} was first used "
+                          f"with a data folder that has one (fingerprint {row[0]}): is the shared folder mounted? Start "
+                          f"the replica with the folder every replica shares (or restore {SECRET_FILE} from the backup "
+                          "taken with the database); a new secret would key every owner apart")
+    secret = server_secret(data_dir)
+    mine = fingerprint(secret)
+    if row is None:
+        db.execute("INSERT OR IGNORE INTO deployment VALUES (?, ?)", (FINGERPRINT, mine))
+        row = db.execute("SELECT value FROM deployment WHERE name = ?", (FINGERPRINT,)).fetchone()
+    if row[0] != mine:
+        raise ConfigError(f"--data-dir {Path(data_dir).resolve()}: its {SECRET_FILE} (fingerprint {mine}) is not the "
+                          f"one {database} was first used with (fingerprint {row[0]}): every replica must share one "
+                          "data folder (the same secret); mount that folder here")
+    return secret
+
+
 def owner_id(secret: bytes, key: str | None) -> str | None:
     """The owner id stored for ``key`` (None for None): ``key_`` and the hex HMAC-SHA256 of the key under the
     server's secret. A keyed hash, not a plain one: with a plain hash, a copy of the database alone would confirm

@@ -32,6 +32,13 @@ def owners_as_ids(db, root: Path) -> None:
             db.execute(f'UPDATE "{table}" SET owner = ? WHERE owner = ?', (owner_id(secret, key), key))
 
 
+def claim_generations(db, root: Path) -> None:
+    """A ``generation`` on every claimable row (0: never claimed since), and the chunks' ``parts_generation``."""
+    for table in ("jobs", "batches", "batch_chunks", "eval_runs"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE batch_chunks ADD COLUMN parts_generation INTEGER NOT NULL DEFAULT 0")
+
+
 def tag_stored_completions(db, root: Path) -> None:
     """The metadata of every stored completion kept before the tags table, as its tags."""
     rows = db.execute("SELECT id, owner, created_at, rowid, metadata FROM stored_completions").fetchall()
@@ -193,5 +200,16 @@ MIGRATIONS: list[tuple[str, Migration]] = [
             error_bytes INTEGER NOT NULL DEFAULT 0, answered_by TEXT
         )"""),
     ("0050_batch_chunks_by_batch", "CREATE UNIQUE INDEX batch_chunks_by_batch ON batch_chunks (batch_id, chunk)"),
+    # every claim fenced by a generation (tunesmith.serve.store.claims); a chunk's recorded answers are in the part
+    # files of the generation that recorded them (parts_generation); a batch's finishing is a claim of its own row
+    ("0051_claim_generations", claim_generations),
+    ("0052_batch_finishes", """
+        CREATE TABLE batch_finishes (
+            id TEXT PRIMARY KEY, claimed_by TEXT, lease_until REAL, generation INTEGER NOT NULL DEFAULT 0
+        )"""),
+    # what the database knows of the deployment: the fingerprint of the data folder's server.secret
+    # (tunesmith.serve.store.keys), and the replicas that wrote to it lately (each one's /ready writes its row)
+    ("0053_deployment", "CREATE TABLE deployment (name TEXT PRIMARY KEY, value TEXT NOT NULL)"),
+    ("0054_replicas", "CREATE TABLE replicas (id TEXT PRIMARY KEY, seen REAL NOT NULL)"),
 ]
 

@@ -12,17 +12,16 @@ re-reports a step does not duplicate its event.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from pathlib import Path
 
-from tunesmith.serve.store.database import PostgresDatabase, SQLiteDatabase, open_database
+from tunesmith.serve.store.claims import LEASE_S, Claim, Claims, claimable
+from tunesmith.serve.store.database import NOW, PostgresDatabase, SQLiteDatabase, open_database
 from tunesmith.serve.store.migrations import MIGRATIONS
 
 Database = SQLiteDatabase | PostgresDatabase
@@ -34,8 +33,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
-LEASE_S = 30.0  # a claim not renewed for this long is its worker's death: the work is anyone's again
-CLAIMABLE = ("jobs", "batches", "batch_chunks", "eval_runs")
 JSON_COLUMNS = ("method", "metadata", "error", "result_files", "integrations")
 
 def new_id(prefix: str) -> str:
@@ -51,6 +48,12 @@ class Store:
         self.db = open_database(database, self.root)
         self.lock = self.db.lock
         self.migrate()
+        self.claims = Claims(self.db)  # this process's claims of work, renewed by its heartbeat
+
+    def close(self) -> None:
+        """The heartbeat stopped (the claims held are left to their leases) and the database closed."""
+        self.claims.close()
+        self.db.close()
 
     def migrate(self) -> list[str]:
         """Apply the migrations this database has not seen, in order, in one transaction that first takes the
@@ -199,111 +202,65 @@ class Store:
         with self.lock:
             self.db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), jid])
 
-    def next_job(self, jobs_per_key: int | None = None, held: frozenset[str] = frozenset()) -> dict | None:
-        """The job to run next: one left 'running' by a crash first (running, but not among the ``held`` jobs
-        the caller runs or has handed out), then the first queued job in fair order (:meth:`queue`) whose key
-        runs fewer than ``jobs_per_key`` jobs (held jobs not started yet count as running)."""
-        for row in self.db.execute("SELECT * FROM jobs WHERE status = 'running' ORDER BY created_at, rowid"):
-            if row["id"] not in held:
-                return _job(row)
-        running, waiting = self._running_per_key(), []
-        for j in self.queue():
-            if j["id"] in held:
-                running[j["owner"]] = running.get(j["owner"], 0) + 1
-            else:
-                waiting.append(j)
-        return next((j for j in waiting if jobs_per_key is None or running.get(j["owner"], 0) < jobs_per_key), None)
+    def next_job(self, jobs_per_key: int | None = None, ignore_claims: bool = False) -> dict | None:
+        """The job to run next, chosen in SQL (one row read): one left 'running' by a dead worker first (running, and
+        no live claim on it), then the first queued job nobody holds in fair order (:meth:`queue_positions`) whose key
+        runs fewer than ``jobs_per_key`` jobs (its jobs claimed and not started yet count as running).
+        ``ignore_claims``: every claim is a dead worker's (the only worker there can be, at its start)."""
+        live = "FALSE" if ignore_claims else f"(claimed_by IS NOT NULL AND lease_until >= {NOW})"
+        row = self.db.execute(f"SELECT * FROM jobs WHERE status = 'running' AND NOT {live} ORDER BY created_at, rowid "
+                              "LIMIT 1").fetchone()
+        if row is not None:
+            return _job(row)
+        cap, args = ("", ()) if jobs_per_key is None else (" WHERE COALESCE(b.n, 0) < ?", (jobs_per_key,))
+        row = self.db.execute(
+            f"WITH busy AS (SELECT COALESCE(owner, '') AS who, COUNT(*) AS n FROM jobs WHERE status = 'running' OR "
+            f"(status = 'queued' AND {live}) GROUP BY COALESCE(owner, '')), waiting AS (SELECT id, COALESCE(owner, '') "
+            "AS who, created_at, rowid AS seq, ROW_NUMBER() OVER (PARTITION BY COALESCE(owner, '') ORDER BY "
+            f"created_at, rowid) - 1 AS k FROM jobs WHERE status = 'queued' AND NOT {live}) SELECT w.id FROM waiting w "
+            f"LEFT JOIN busy b ON b.who = w.who{cap} ORDER BY COALESCE(b.n, 0) + w.k, w.created_at, w.seq LIMIT 1",
+            args).fetchone()
+        return self.get_job(row[0], any_owner=True) if row is not None else None
 
-    def queue(self) -> list[dict]:
-        """Queued jobs in the order they start: round robin over keys, so one key's many jobs cannot starve
-        the others. A key's k-th queued job (from 0) goes in round ``running jobs of the key + k``; within a
-        round the older job first."""
-        running = self._running_per_key()
-        taken: dict[str | None, int] = {}
-        ranked = []
-        for row in self.db.execute("SELECT * FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid"):
-            k = taken[row["owner"]] = taken.get(row["owner"], -1) + 1
-            ranked.append((running.get(row["owner"], 0) + k, len(ranked), row))
-        return [_job(row) for *_, row in sorted(ranked, key=lambda r: r[:2])]
+    def queue_positions(self, ids: list[str]) -> dict[str, int]:
+        """Job id → its place in the queue (1: starts next) for those of ``ids`` that are queued. The queue's order:
+        round robin over keys, so one key's many jobs cannot starve the others; a key's k-th queued job (from 0)
+        goes in round ``running jobs of the key + k``, within a round the older job first. Ranked in SQL."""
+        if not ids:
+            return {}
+        marks = ", ".join("?" * len(ids))
+        rows = self.db.execute(
+            "WITH busy AS (SELECT COALESCE(owner, '') AS who, COUNT(*) AS n FROM jobs WHERE status = 'running' GROUP BY "
+            "COALESCE(owner, '')), waiting AS (SELECT id, COALESCE(owner, '') AS who, created_at, rowid AS seq, "
+            "ROW_NUMBER() OVER (PARTITION BY COALESCE(owner, '') ORDER BY created_at, rowid) - 1 AS k FROM jobs WHERE "
+            "status = 'queued'), ranked AS (SELECT w.id, ROW_NUMBER() OVER (ORDER BY COALESCE(b.n, 0) + w.k, "
+            "w.created_at, w.seq) AS place FROM waiting w LEFT JOIN busy b ON b.who = w.who) "
+            f"SELECT id, place FROM ranked WHERE id IN ({marks})", ids)
+        return {r[0]: int(r[1]) for r in rows}
 
-    def queue_positions(self) -> dict[str, int]:
-        """Job id → its place in the queue (1: starts next) for every queued job."""
-        return {j["id"]: i for i, j in enumerate(self.queue(), start=1)}
+    # --- claims: work any live worker may take (tunesmith.serve.store.claims) -----------------------------------
 
-    def _running_per_key(self) -> dict[str | None, int]:
-        rows = self.db.execute("SELECT owner, COUNT(*) FROM jobs WHERE status = 'running' GROUP BY owner")
-        return {owner: n for owner, n in rows}
-
-    # --- claims: work any live worker may take -------------------------------------------------------------
-
-    def claim_job(self, worker: str, jobs_per_key: int | None = None, sole: bool = False) -> dict | None:
-        """The next job (:meth:`next_job`: one left running by a dead worker first, then the queue in fair order)
-        claimed for ``worker`` for :data:`LEASE_S`, in one transaction that claimers take one at a time; jobs
-        live workers hold (this one's included) are theirs, and count as running for their key. ``sole``: this worker is the
+    def claim_job(self, worker: str, jobs_per_key: int | None = None, sole: bool = False) -> tuple[dict, Claim] | None:
+        """The next job (:meth:`next_job`) claimed for ``worker`` in a new generation, in one transaction that claimers
+        take one at a time; with the claim, held and renewed by this process's heartbeat. ``sole``: this worker is the
         only one there can be (SQLite's, under the data folder's lock), so every other claim is a dead one's."""
-        now = time.time()
         with self.db.transaction():
             self.db.serialize("claim_job")
-            held = frozenset() if sole else frozenset(r[0] for r in self.db.execute(
-                "SELECT id FROM jobs WHERE claimed_by IS NOT NULL AND lease_until >= ? "
-                "AND status IN ('queued', 'running')", (now,)))
-            job = self.next_job(jobs_per_key, held)
-            if job is not None:
-                self.db.execute("UPDATE jobs SET claimed_by = ?, lease_until = ? WHERE id = ?",
-                                (worker, now + LEASE_S, job["id"]))
-        return job
-
-    def claim(self, table: str, oid: str, worker: str) -> bool:
-        """``worker`` takes the row ``oid`` of ``table`` (a batch, a batch's chunk, an eval run) unless a live worker
-        holds it: one conditional UPDATE, so of workers claiming at once one gets the row (SQLite: one writer at a
-        time; PostgreSQL: the second UPDATE waits for the first's row lock, then finds the row held)."""
-        now = time.time()
-        with self.lock:
-            return self.db.execute(f"UPDATE {_claimable(table)} SET claimed_by = ?, lease_until = ? WHERE id = ? AND "
-                                   "(claimed_by IS NULL OR claimed_by = ? OR lease_until < ?)",
-                                   (worker, now + LEASE_S, oid, worker, now)).rowcount == 1
-
-    def renew(self, table: str, oids, worker: str) -> set[str]:
-        """The leases of ``worker`` on these rows extended; returns the ids it no longer holds (taken over)."""
-        lost = set()
-        with self.lock:
-            for oid in oids:
-                if self.db.execute(f"UPDATE {_claimable(table)} SET lease_until = ? WHERE id = ? AND claimed_by = ?",
-                                   (time.time() + LEASE_S, oid, worker)).rowcount != 1:
-                    lost.add(oid)
-        return lost
-
-    def release(self, table: str, oid: str, worker: str) -> None:
-        with self.lock:
-            self.db.execute(f"UPDATE {_claimable(table)} SET claimed_by = NULL, lease_until = NULL WHERE id = ? AND "
-                            "claimed_by = ?", (oid, worker))
-
-    @contextlib.contextmanager
-    def holding(self, table: str, oid: str, worker: str):
-        """``worker``'s claim on ``oid`` renewed every third of its lease while the block runs, let go after (a job
-        stopped by a shutdown stays running and is resumed by whichever worker claims it next)."""
-        done = threading.Event()
-
-        def beat():
-            while not done.wait(LEASE_S / 3):
-                if self.renew(table, [oid], worker):
-                    log.warning("%s %s: claim lost to another worker", table, oid)
-                    return
-
-        thread = threading.Thread(target=beat, name=f"lease-{oid}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            done.set()
-            thread.join(5)
-            self.release(table, oid, worker)
+            job = self.next_job(jobs_per_key, ignore_claims=sole)
+            if job is None:
+                return None
+            since = time.monotonic()
+            generation = self.db.execute(f"UPDATE jobs SET claimed_by = ?, generation = generation + 1, lease_until = "
+                                         f"{NOW} + ? WHERE id = ? RETURNING generation",
+                                         (worker, LEASE_S, job["id"])).fetchone()[0]
+        job |= {"generation": generation, "claimed_by": worker}
+        return job, self.claims.adopt("jobs", job["id"], worker, generation, since)
 
     def held_elsewhere(self, table: str, worker: str) -> set[str]:
         """Ids of ``table``'s rows another live worker holds."""
         return {r[0] for r in self.db.execute(
-            f"SELECT id FROM {_claimable(table)} WHERE claimed_by IS NOT NULL AND claimed_by != ? AND lease_until >= ?",
-            (worker, time.time()))}
+            f"SELECT id FROM {claimable(table)} WHERE claimed_by IS NOT NULL AND claimed_by != ? AND lease_until >= "
+            f"{NOW}", (worker,))}
 
     # --- events and checkpoints ------------------------------------------------------------------
 
@@ -386,12 +343,6 @@ class Store:
     def checkpoints(self, job_id: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step_number DESC", (job_id,))
         return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
-
-
-def _claimable(table: str) -> str:
-    if table not in CLAIMABLE:
-        raise ValueError(f"{table} rows are not claimed")
-    return table
 
 
 def _job(row) -> dict:
