@@ -260,7 +260,7 @@ def test_runs_a_stopped_server_left_run_again_from_their_rows_on_restart(tmp_pat
     evals.add_output_items(kept["id"], ev["id"], [{"item_index": 0, "status": "pass", "datasource_item": {},
                                                     "results": [], "sample": {}}])  # written before the stop
     store.claims.close()  # the server stops: its claims are no longer renewed
-    claimed = dict((r["id"], c) for r, c in resume.claim_abandoned(Store(tmp_path), "restarted", everyone=True))
+    claimed = dict((r["id"], c) for r, c in resume.claim_abandoned(store, "restarted", everyone=True))
     assert sorted(claimed) == sorted([kept["id"], lost["id"]])  # alone on its SQLite store: every run is its own
     _, rows = resume.prepared(store, evals.get_run(ev["id"], kept["id"]), claimed[kept["id"]])
     assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == []

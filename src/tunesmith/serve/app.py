@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
 
 from tunesmith.graders.sandbox import Limits
-from tunesmith.serve.api.auth import bearer_of, owner_of
-from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter, KeyLimits
-from tunesmith.serve.errors import APIError, validation_error_body
+from tunesmith.serve.api.rate_limits import KeyLimits
 from tunesmith.serve.lanes import Lanes
-from tunesmith.serve.store.database import StoreUnavailable
-from tunesmith.serve.store.quotas import Quotas, start_sweeper
+from tunesmith.serve.store.quotas import Quotas
 
 
 @dataclass
@@ -110,164 +101,47 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def rooms() -> tuple:
+    """The server's rooms, in the order they are set up and started (stopped in the reverse order): the store first
+    (every other room reads it), then inference (the engine, the limits, the middlewares), then the rooms of work."""
+    from tunesmith.serve.api.room import ROOM as API
+    from tunesmith.serve.batches.room import ROOM as BATCHES
+    from tunesmith.serve.dashboard.room import ROOM as DASHBOARD
+    from tunesmith.serve.evals.room import ROOM as EVALS
+    from tunesmith.serve.jobs.room import ROOM as JOBS
+    from tunesmith.serve.store.room import ROOM as STORE
+
+    return STORE, API, JOBS, BATCHES, EVALS, DASHBOARD
+
+
 def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:
-    """Build the app; ``engine`` may be injected (tests), otherwise it is created at startup."""
+    """Build the app from its rooms; ``engine`` may be injected (tests), otherwise it is created at startup."""
+    from tunesmith.serve import room
+
     settings = settings or ServeSettings()
     if engine is None and not settings.allow_random_model:
         from tunesmith.models.random_weights import refuse_random
 
         refuse_random(settings.model, "serve", "--allow-random-model")
+    parts = rooms()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.engine = engine or make_engine(settings)
-        from tunesmith.serve.api.served_models import ServedModels
-
-        app.state.models = ServedModels(app.state.engine, app.state.store, settings.fine_tunes_loaded,
-                                        in_use_s=settings.request_timeout_s)
-        from tunesmith.serve.api.routes_embeddings import ENCODER_NAMES
-
-        for name, target in settings.model_aliases.items():
-            if target not in ENCODER_NAMES and target not in (settings.embedding_models or {}):
-                app.state.engine.add_alias(name, target)  # an encoder alias is read by /v1/embeddings
-        watcher = asyncio.ensure_future(watch_adapters(app)) if settings.engine == "vllm" else None
-        from tunesmith.serve.evals import resume
-
-        # eval runs a stopped server left (on SQLite, the only server: all of them) run again from their rows, and
-        # every third of a lease those a dead replica left
-        await resume.resume_abandoned(app, everyone=app.state.store.db.kind == "sqlite")
-        runs_watcher = asyncio.ensure_future(resume.watch(app))
-        app.state.batch_runner.start()
-        shared = app.state.limiter.shared
-        if shared is not None:
-            shared.start()
-        sweeper = start_sweeper(app)  # expired uploads, their parts and expired files deleted every quotas.sweep_s
+        stops = await room.start(app, parts)
         if getattr(app.state, "freeze_heap", False):  # the server's own process (tunesmith serve), not a test's
             freeze_startup_heap()
         yield
-        app.state.batch_runner.stop()
-        sweeper.cancel()
-        if watcher is not None:
-            watcher.cancel()
-        runs_watcher.cancel()
-        app.state.store.claims.close()
-        app.state.engine.close()
+        for stop in stops:
+            stop()
         app.state.lanes.close()
-        if shared is not None:
-            shared.close()
-
-    from tunesmith.serve.store import Store, worker_id
-    from tunesmith.serve.store.keys import checked_secret
 
     docs = settings.docs_on
     app = FastAPI(title="tunesmith", version=_version(), lifespan=lifespan, docs_url="/docs" if docs else None,
                   redoc_url=None, openapi_url="/openapi.json" if docs else None)
-    app.state.settings = settings
-    app.state.limiter = KeyLimiter(settings.limits_per_key)
+    app.state.settings, app.state.injected_engine = settings, engine
     app.state.lanes = Lanes()  # the bounded thread pools every key's off-loop work runs in (tunesmith.serve.lanes)
-    from tunesmith.serve.batches.runner import BatchRunner
-
-    app.state.batch_runner = BatchRunner(app, settings.batch_lines_in_flight, settings.batch_chunk_lines)
-    from tunesmith.serve.api.body_limit import BodyLimit
-
-    app.add_middleware(BodyLimit, max_body=settings.max_body_mb * 1024 * 1024,
-                       max_upload=settings.max_upload_mb * 1024 * 1024)
-    app.add_middleware(EdgeLimit, limiter_of=lambda: getattr(app.state, "limiter", None),
-                       owner_of=lambda scope: owner_of(app, bearer_of(scope)))
-    from tunesmith.serve.api.gate import KeyGate
-
-    app.add_middleware(KeyGate, keys_of=lambda: settings.api_keys)  # runs first: no body of a stranger is read
-    app.state.store = Store(settings.data_dir, settings.database)
-    checked_secret(app.state.store.db, settings.data_dir, "--database" if settings.database else "the store")
-    app.state.replica = worker_id()  # this server among the replicas sharing the store: the holder of its claims
-    if app.state.store.db.kind == "postgresql":  # replicas: a key's requests in flight counted over all of them
-        from tunesmith.serve.api.shared_limits import SharedPlaces
-
-        app.state.limiter.shared = SharedPlaces(app.state.store, app.state.replica)
-    app.state.trainable_models = lambda: {settings.model}
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse({"error": exc.body}, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                                       "code": code}}, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(StoreUnavailable)
-    async def _store_unavailable(request: Request, exc: StoreUnavailable):
-        logging.getLogger("tunesmith.serve").warning("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse({"error": {"message": "The server cannot reach its database for a moment (it may be "
-                                       "restarting); nothing of this request was kept. Retry shortly.",
-                                       "type": "server_error", "param": None, "code": "store_unavailable"}},
-                            status_code=503, headers={"retry-after": "2"})
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        logging.getLogger("tunesmith.serve").exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": {"message": "The server had an error while processing your request.",
-                                       "type": "server_error", "param": None, "code": "server_error"}},
-                            status_code=500)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        return JSONResponse({"error": validation_error_body(exc.errors())}, status_code=400)
-
-    from tunesmith.serve.api import health, routes_embeddings, routes_models, routes_openai, routes_responses, stored_completions
-    from tunesmith.serve.batches import routes as routes_batches
-    from tunesmith.serve.dashboard import routes as routes_dashboard
-    from tunesmith.serve.evals import routes as routes_evals
-    from tunesmith.serve.evals import routes_graders
-    from tunesmith.serve.jobs import distill as routes_distill
-    from tunesmith.serve.jobs import routes as routes_jobs
-    from tunesmith.serve.jobs import uploads as routes_uploads
-
-    app.include_router(health.router)
-    app.include_router(routes_openai.router)
-    app.include_router(stored_completions.router)
-    app.include_router(routes_jobs.router)
-    app.include_router(routes_uploads.router)
-    app.include_router(routes_distill.router)
-    app.include_router(routes_batches.router)
-    app.include_router(routes_models.router)
-    app.include_router(routes_responses.router)
-    app.include_router(routes_embeddings.router)
-    app.include_router(routes_graders.router)
-    app.include_router(routes_evals.router)
-    routes_dashboard.mount(app)
+    room.install(app, parts)
     return app
-
-
-def make_engine(settings: ServeSettings):
-    """The inference engine the settings name: the built-in one, or vLLM behind tunesmith."""
-    if settings.engine == "vllm":
-        from tunesmith.serve.engines.vllm.engine import VllmEngine
-
-        share = settings.gpu_split.vllm_share if settings.gpu_split is not None else None
-        return VllmEngine(settings.model, settings.adapters, settings.vllm_dir, python=settings.vllm_python,
-                          request_timeout_s=settings.request_timeout_s, extra_args=settings.vllm_args,
-                          gpu_memory_utilization=share)
-    from tunesmith.serve.engines.builtin import Engine
-
-    return Engine(settings.model, settings.adapters, settings.max_batch, settings.wait_ms,
-                  request_timeout_s=settings.request_timeout_s)
-
-
-ADAPTER_WATCH_S = 2.0
-
-
-async def watch_adapters(app: FastAPI) -> None:
-    """Load each new fine-tune into the engine within seconds of its job succeeding (on any replica), so its first
-    request does not wait for vLLM's load; later ones are resolved by name at their first request."""
-    since = int(time.time())
-    while True:
-        await asyncio.sleep(ADAPTER_WATCH_S)
-        try:
-            since = await asyncio.to_thread(app.state.models.preload, since)
-        except Exception:  # noqa: BLE001 - a failed load is retried at the model's next request and logged
-            logging.getLogger("tunesmith.serve").exception("loading a fine-tune into the engine failed")
 
 
 def _version() -> str:

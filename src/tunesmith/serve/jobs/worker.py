@@ -367,7 +367,7 @@ def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None, cla
         except ClaimLost:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed job is reported on the job, the worker goes on
-            error = job_error(exc, store, job)
+            error = job_error(exc, fenced, job)
             fenced.update_job(job["id"], status="failed", finished_at=int(time.time()), control=None, error=error)
             fenced.add_event(job["id"], f"Fine-tuning job failed: {error['message'][:500]}", level="error",
                              dedup_key="failed")

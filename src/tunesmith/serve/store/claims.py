@@ -265,6 +265,8 @@ class Fenced:
     Attributes that are not methods (the store's folder) are the store's own."""
 
     def __init__(self, store, claim: Claim, reads: frozenset[str]):
+        if getattr(store, "db", claim.db) is not claim.db:  # its writes would wait on the claim's own transaction
+            raise ValueError("a store is fenced by a claim taken on the same database connection")
         self.store, self.claim, self.reads = store, claim, reads
 
     def __getattr__(self, name: str):
