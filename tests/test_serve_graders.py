@@ -263,7 +263,7 @@ def test_runs_a_stopped_server_left_run_again_from_their_rows_on_restart(tmp_pat
     claimed = resume.claim_abandoned(Store(tmp_path), "restarted", everyone=True)  # alone on its SQLite store
     assert sorted(r["id"] for r in claimed) == sorted([kept["id"], lost["id"]])
     _, rows = resume.prepared(store, evals.get_run(ev["id"], kept["id"]), "restarted")
-    assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == []
+    assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == ([], False)
     assert evals.get_run(ev["id"], kept["id"])["status"] == "queued"
     assert resume.prepared(store, evals.get_run(ev["id"], lost["id"]), "restarted") is None  # made before its rows were kept
     failed = evals.get_run(ev["id"], lost["id"])
