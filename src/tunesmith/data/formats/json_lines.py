@@ -24,7 +24,12 @@ def utf8_problem(content: bytes) -> str | None:
 
 
 class NotUTF8(ValueError):
-    """A file's line that is not UTF-8; the message names its line and byte, as :func:`utf8_problem` does."""
+    """A file's line that is not UTF-8 (``line``, from 1); the message names it and its byte, as
+    :func:`utf8_problem` does."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
 
 
 def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -37,7 +42,7 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 raise NotUTF8(f"line {n}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {offset + err.start:,}); "
-                              "save the file as UTF-8") from None
+                              "save the file as UTF-8", n) from None
             offset += len(raw)
 
 
