@@ -136,8 +136,10 @@ def _check_count(request: Request, name: str, limit: int | None, sql: str, args:
 @contextlib.contextmanager
 def room(store, key):
     """One transaction that first takes ``key``'s quota lock: a check made inside it and the insert that follows
-    commit together, so that of creations racing for the key's last place (on any replica) one gets it."""
-    with store.db.transaction():
+    commit together, so that of creations racing for the key's last place (on any replica) one gets it. The store's
+    own lock is held for the whole transaction, never taken again in the middle of it: a thread holding the lock can
+    then never wait for a pooled connection that a transaction waiting for the lock holds."""
+    with store.lock, store.db.transaction():
         store.db.serialize(f"quota:{key}")
         yield
 
