@@ -15,21 +15,16 @@ import pytest
 
 from tunesmith.serve.store.quotas import Quotas
 
-from .conftest import banking_rows, chat_lines, tiny_server
+from .conftest import Q_CHECK, Q_SCHEMA, banking_rows, chat_lines, tiny_server_on
 
 KEY = "k1"
 HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
-SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}}
-CHECK = {"type": "string_check", "name": "eq", "input": "{{sample.output_text}}", "reference": "{{item.q}}",
-         "operation": "eq"}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def live(request, tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp(f"bad-input-{request.param}")
-    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
-    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({KEY}), database=url,
-                     quotas=Quotas(jobs=2)) as base:
+    with tiny_server_on(request, tiny_model_dir, data_dir, api_keys=frozenset({KEY}), quotas=Quotas(jobs=2)) as base:
         client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)
         training = client.files.create(file=("t.jsonl", chat_lines(banking_rows(("card_arrival",), 12))),
                                        purpose="fine-tune")
@@ -63,20 +58,20 @@ def multipart_file(live, filename: bytes, content: bytes = b'{"item": {"q": "a"}
 def test_nul_in_metadata_suffix_and_names_is_a_400_naming_the_field(live):
     c = live["client"]
     before = on_disk(live)
-    for make in (lambda: c.evals.create(name="e", data_source_config={"type": "custom", "item_schema": SCHEMA},
-                                        testing_criteria=[CHECK], metadata={"k": "a\x00b"}),
+    for make in (lambda: c.evals.create(name="e", data_source_config={"type": "custom", "item_schema": Q_SCHEMA},
+                                        testing_criteria=[Q_CHECK], metadata={"k": "a\x00b"}),
                  lambda: c.chat.completions.create(model=live["model"], messages=[{"role": "user", "content": "hi"}],
                                                    max_tokens=2, store=True, metadata={"k": "\x00"})):
         with pytest.raises(openai.BadRequestError) as exc:
             make()
         refused(exc, "metadata.k", "NUL")
     with pytest.raises(openai.BadRequestError) as exc:
-        c.evals.create(name="e", data_source_config={"type": "custom", "item_schema": SCHEMA},
-                       testing_criteria=[CHECK], metadata={"k\x00": "v"})
+        c.evals.create(name="e", data_source_config={"type": "custom", "item_schema": Q_SCHEMA},
+                       testing_criteria=[Q_CHECK], metadata={"k\x00": "v"})
     refused(exc, "metadata", "in the key 'k\\u0000'")
     with pytest.raises(openai.BadRequestError) as exc:
-        c.evals.create(name="e\x00", data_source_config={"type": "custom", "item_schema": SCHEMA},
-                       testing_criteria=[CHECK])
+        c.evals.create(name="e\x00", data_source_config={"type": "custom", "item_schema": Q_SCHEMA},
+                       testing_criteria=[Q_CHECK])
     refused(exc, "name", "NUL")
     with pytest.raises(openai.BadRequestError) as exc:
         c.fine_tuning.jobs.create(model=live["model"], training_file=live["training"], suffix="s\x00")
@@ -90,11 +85,11 @@ def test_nul_in_metadata_suffix_and_names_is_a_400_naming_the_field(live):
 
 def test_lone_surrogates_are_a_400_naming_the_field(live):
     before = on_disk(live)
-    schema = json.dumps({"type": "custom", "item_schema": SCHEMA})
+    schema = json.dumps({"type": "custom", "item_schema": Q_SCHEMA})
     cases = {"metadata.k": ("evals", '{"name": "e", "data_source_config": ' + schema + ', "testing_criteria": '
-                                     + json.dumps([CHECK]) + ', "metadata": {"k": "a\\ud800"}}'),
+                                     + json.dumps([Q_CHECK]) + ', "metadata": {"k": "a\\ud800"}}'),
              "name": ("evals", '{"name": "\\udc00", "data_source_config": ' + schema + ', "testing_criteria": '
-                               + json.dumps([CHECK]) + "}"),
+                               + json.dumps([Q_CHECK]) + "}"),
              "filename": ("uploads", '{"filename": "x\\ud800.jsonl", "purpose": "evals", "bytes": 10, '
                                      '"mime_type": "text/jsonl"}'),
              "messages[0].content": ("chat/completions", '{"model": "' + live["model"] + '", "messages": '
@@ -156,8 +151,8 @@ def test_seeds_past_what_the_trainer_or_engine_takes_are_a_400_on_seed(live):
         c.chat.completions.create(model=live["model"], messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                   seed=2**63)
     refused(exc, "seed", "from 0 to")
-    ev = c.evals.create(name="seeds", data_source_config={"type": "custom", "item_schema": SCHEMA,
-                                                          "include_sample_schema": True}, testing_criteria=[CHECK])
+    ev = c.evals.create(name="seeds", data_source_config={"type": "custom", "item_schema": Q_SCHEMA,
+                                                          "include_sample_schema": True}, testing_criteria=[Q_CHECK])
     with pytest.raises(openai.BadRequestError) as exc:
         c.evals.runs.create(ev.id, data_source={
             "type": "completions", "model": live["model"], "sampling_params": {"seed": 2**64},
@@ -169,16 +164,16 @@ def test_seeds_past_what_the_trainer_or_engine_takes_are_a_400_on_seed(live):
 
 def test_names_and_criteria_past_their_caps_are_a_400(live):
     c = live["client"]
-    config = {"type": "custom", "item_schema": SCHEMA}
+    config = {"type": "custom", "item_schema": Q_SCHEMA}
     with pytest.raises(openai.BadRequestError) as exc:
-        c.evals.create(name="e" * 257, data_source_config=config, testing_criteria=[CHECK])
+        c.evals.create(name="e" * 257, data_source_config=config, testing_criteria=[Q_CHECK])
     refused(exc, "name", "at most 256")
     with pytest.raises(openai.BadRequestError) as exc:
-        c.evals.create(name="e", data_source_config=config, testing_criteria=[CHECK | {"name": f"c{i}"}
+        c.evals.create(name="e", data_source_config=config, testing_criteria=[Q_CHECK | {"name": f"c{i}"}
                                                                               for i in range(65)])
     refused(exc, "testing_criteria", "at most 64")
     with pytest.raises(openai.BadRequestError) as exc:
-        c.evals.create(name="e", data_source_config=config, testing_criteria=[CHECK | {"reference": "x" * 100_001}])
+        c.evals.create(name="e", data_source_config=config, testing_criteria=[Q_CHECK | {"reference": "x" * 100_001}])
     refused(exc, "testing_criteria.0", "at most 100,000")
     with pytest.raises(openai.BadRequestError) as exc:
         c.fine_tuning.jobs.create(model=live["model"], training_file=live["training"], suffix="s" * 65)

@@ -12,19 +12,15 @@ import pytest
 
 from tunesmith.serve.store.database import Result
 
-from .conftest import banking_rows, chat_lines, finished_eval_run, tiny_server
+from .conftest import Q_CHECK, Q_SCHEMA, banking_rows, chat_lines, finished_eval_run, tiny_server_on
 
 KEY = "k1"
-SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}}
-CHECK = {"type": "string_check", "name": "eq", "input": "{{sample.output_text}}", "reference": "{{item.q}}",
-         "operation": "eq"}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def live(request, tiny_model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp(f"lists-{request.param}")
-    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
-    with tiny_server(tiny_model_dir, data_dir, api_keys=frozenset({KEY, "other"}), database=url) as base:
+    with tiny_server_on(request, tiny_model_dir, data_dir, api_keys=frozenset({KEY, "other"})) as base:
         yield {"client": openai.OpenAI(base_url=base, api_key=KEY, max_retries=0), "model": str(tiny_model_dir),
                "other": openai.OpenAI(base_url=base, api_key="other", max_retries=0)}
 
@@ -78,8 +74,8 @@ def test_batches_evals_runs_and_output_items_are_paged_in_order(live):
                                 completion_window="24h").id for _ in range(3)]
     assert walked(c.batches.list(limit=2)) == batches[::-1]
 
-    config = {"type": "custom", "item_schema": SCHEMA, "include_sample_schema": True}
-    evals = [c.evals.create(name=f"e{i}", data_source_config=config, testing_criteria=[CHECK]).id for i in range(3)]
+    config = {"type": "custom", "item_schema": Q_SCHEMA, "include_sample_schema": True}
+    evals = [c.evals.create(name=f"e{i}", data_source_config=config, testing_criteria=[Q_CHECK]).id for i in range(3)]
     assert walked(c.evals.list(limit=2)) == evals  # asc by default, as at OpenAI
     assert walked(c.evals.list(limit=2, order="desc")) == evals[::-1]
     c.evals.update(evals[0], name="renamed")

@@ -14,12 +14,9 @@ from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.store.quotas import Quotas
 
-from .conftest import banking_rows, chat_lines, running_server
+from .conftest import Q_CHECK, Q_SCHEMA, banking_rows, chat_lines, running_server
 
 KEY, TRIES, QUOTA = "k1", 20, 5
-SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}}
-CHECK = {"type": "string_check", "name": "eq", "input": "{{sample.output_text}}", "reference": "{{item.q}}",
-         "operation": "eq"}
 
 
 class NoBatchRunner:
@@ -71,9 +68,9 @@ def test_quotas_hold_over_two_replicas_under_concurrent_creations(tiny_model_dir
         assert len(one.files.list().data) == QUOTA + 2
         assert len({p.name for p in (shared / "files").iterdir()} - before) == QUOTA  # the refused left no bytes
 
-        config = {"type": "custom", "item_schema": SCHEMA}
+        config = {"type": "custom", "item_schema": Q_SCHEMA}
         assert at_once(clients, lambda c, i: c.evals.create(name=f"e{i}", data_source_config=config,
-                                                            testing_criteria=[CHECK])) == (QUOTA, TRIES - QUOTA)
+                                                            testing_criteria=[Q_CHECK])) == (QUOTA, TRIES - QUOTA)
         assert len(one.evals.list(limit=100).data) == QUOTA
 
         assert at_once(clients, lambda c, i: c.batches.create(input_file_id=requests, endpoint="/v1/chat/completions",
