@@ -362,6 +362,20 @@ def queued_jobs(store, owners) -> list[str]:
     return ids
 
 
+Q_SCHEMA = {"type": "object", "properties": {"q": {"type": "string"}}}  # an eval's items: one question
+Q_CHECK = {"type": "string_check", "name": "eq", "input": "{{sample.output_text}}", "reference": "{{item.q}}",
+           "operation": "eq"}  # a criterion over them: the sample repeats the question
+
+
+@contextmanager
+def tiny_server_on(request, model_dir: Path, data_dir: Path, **settings):
+    """:func:`tiny_server` on the backend a fixture's ``request.param`` names: ``sqlite`` (in ``data_dir``) or
+    ``postgresql`` (a new database of the tests' own server); yields its /v1 URL."""
+    url = request.getfixturevalue("postgres")() if request.param == "postgresql" else None
+    with tiny_server(model_dir, data_dir, database=url, **settings) as base:
+        yield base
+
+
 def wait_serving(url: str, key: str, proc, log: Path, timeout: float = 180) -> None:
     """Until ``GET <url>/models`` with ``key`` answers 200 (``proc``, a `tunesmith serve`, still running; its
     ``log``'s end in the failure otherwise)."""

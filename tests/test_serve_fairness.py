@@ -28,10 +28,12 @@ def test_one_key_with_many_jobs_does_not_starve_another(tmp_path):
     a = [_queue(store, "A") for _ in range(3)]
     b = [_queue(store, "B") for _ in range(2)]
     c = _queue(store, "C")
-    assert [j["id"] for j in store.queue()] == [a[0], b[0], c, a[1], b[1], a[2]]
+    everyone = [*a, *b, c]
+    places = store.queue_positions(everyone)
+    assert sorted(places, key=places.get) == [a[0], b[0], c, a[1], b[1], a[2]]
     store.update_job(a[0], status="running")  # A has a job running: its next jobs wait behind the others
-    assert [j["id"] for j in store.queue()] == [b[0], c, a[1], b[1], a[2]]
-    assert store.queue_positions() == {b[0]: 1, c: 2, a[1]: 3, b[1]: 4, a[2]: 5}
+    assert store.queue_positions(everyone) == {b[0]: 1, c: 2, a[1]: 3, b[1]: 4, a[2]: 5}
+    assert store.queue_positions([a[2]]) == {a[2]: 5}  # one job's place, ranked in SQL
     assert store.next_job()["id"] == a[0]  # a job left running by a crash resumes first
     store.update_job(a[0], status="succeeded")
     assert store.next_job(jobs_per_key=1)["id"] == a[1]  # A runs nothing now: its oldest queued job is first
@@ -42,15 +44,17 @@ def test_per_key_limit_skips_a_key_at_its_limit(tmp_path):
     a = [_queue(store, "A") for _ in range(3)]
     b = _queue(store, "B")
     c = _queue(store, "C")
+    held = {jid: store.claims.acquire("jobs", jid, "this executor") for jid in (a[0], b)}  # it runs several at once
     for jid in (a[0], b):
         store.update_job(jid, status="running")
-    held = frozenset({a[0], b})  # the jobs this executor runs now (several at once)
-    assert store.next_job(jobs_per_key=1, held=held)["id"] == c
+    assert store.next_job(jobs_per_key=1)["id"] == c
+    held[c] = store.claims.acquire("jobs", c, "this executor")
     store.update_job(c, status="running")
-    held |= {c}
-    assert store.next_job(jobs_per_key=1, held=held) is None  # every key with queued work is at its limit
-    assert store.next_job(jobs_per_key=2, held=held)["id"] == a[1]
-    assert store.next_job(jobs_per_key=1, held=held - {b})["id"] == b  # running but not held: a crash left it
+    assert store.next_job(jobs_per_key=1) is None  # every key with queued work is at its limit
+    assert store.next_job(jobs_per_key=2)["id"] == a[1]
+    store.db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (b,))  # its holder died: a crash left it running
+    assert store.next_job(jobs_per_key=1)["id"] == b
+    store.close()
 
 
 def test_queue_position_in_the_job_object(tmp_path, tiny_model_dir):

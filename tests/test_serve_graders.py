@@ -263,7 +263,7 @@ def test_runs_a_stopped_server_left_run_again_from_their_rows_on_restart(tmp_pat
     claimed = dict((r["id"], c) for r, c in resume.claim_abandoned(store, "restarted", everyone=True))
     assert sorted(claimed) == sorted([kept["id"], lost["id"]])  # alone on its SQLite store: every run is its own
     _, rows = resume.prepared(store, evals.get_run(ev["id"], kept["id"]), claimed[kept["id"]])
-    assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == []
+    assert rows == [{"item": {"q": "a"}, "sample": None}] and evals.output_items(kept["id"]) == ([], False)
     assert evals.get_run(ev["id"], kept["id"])["status"] == "queued"
     assert resume.prepared(store, evals.get_run(ev["id"], lost["id"]), claimed[lost["id"]]) is None  # rows not kept
     failed = evals.get_run(ev["id"], lost["id"])

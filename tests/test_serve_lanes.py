@@ -140,7 +140,8 @@ def test_a_large_json_body_is_parsed_in_the_files_lane(tiny_model_dir, tmp_path,
 
     threads: list[str] = []
     real = json_body.parsed
-    monkeypatch.setattr(json_body, "parsed", lambda body: threads.append(threading.current_thread().name) or real(body))
+    monkeypatch.setattr(json_body, "parsed", lambda body, free_text=(): threads.append(threading.current_thread().name)
+                        or real(body, free_text))
     with tiny_server(tiny_model_dir, tmp_path, api_keys=frozenset({"k"})) as url:
         headers = {"Authorization": "Bearer k", "content-type": "application/json"}
         long = {"model": str(tiny_model_dir), "messages": [{"role": "user", "content": "word " * 100_000}]}
@@ -152,4 +153,5 @@ def test_a_large_json_body_is_parsed_in_the_files_lane(tiny_model_dir, tmp_path,
                                                             "messages": [{"role": "user", "content": "hi"}]},
                            headers=headers, timeout=60)
         assert small.status_code == 200
-    assert len(threads) == 2 and all(t.startswith("tunesmith-files") for t in threads), threads
+    assert len(threads) == 3 and all(t.startswith("tunesmith-files") for t in threads[:2]), threads
+    assert not threads[2].startswith("tunesmith-"), threads  # the small one: on the loop

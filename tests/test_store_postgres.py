@@ -61,8 +61,8 @@ def test_files_jobs_events_and_checkpoints(store):
     f = store.add_file("o1", "a.jsonl", "fine-tune", b'{"x": 1}\n')
     assert store.get_file(f["id"], "o1")["bytes"] == 9 and store.get_file(f["id"], "o2") is None
     assert store.get_file(store.add_file(None, "b.jsonl", "batch", b"")["id"], None)["owner"] is None  # IS NULL
-    assert [x["id"] for x in store.list_files("o1")] == [f["id"]]
-    assert "rowid" not in store.list_files("o1")[0]
+    assert [x["id"] for x in store.list_files("o1")[0]] == [f["id"]]
+    assert "rowid" not in store.list_files("o1")[0][0]
     job = store.add_job("o1", model="m", training_file=f["id"], validation_file=None, suffix=None, seed=1,
                         method={"type": "supervised"}, metadata={"k": "v"})
     assert store.get_job(job["id"], "o1")["method"] == {"type": "supervised"}

@@ -5,6 +5,8 @@ Used by the batch, evals and fine-tuning file checks."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 MAX_DEPTH = 100  # levels of objects and arrays in one line: a 64-level schema fits inside a request's body
 
@@ -19,6 +21,29 @@ def utf8_problem(content: bytes) -> str | None:
         return (f"line {line}: not UTF-8 (byte 0x{content[err.start]:02x} at offset {err.start:,}); save the file "
                 "as UTF-8")
     return None
+
+
+class NotUTF8(ValueError):
+    """A file's line that is not UTF-8 (``line``, from 1); the message names it and its byte, as
+    :func:`utf8_problem` does."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+
+def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(number from 1, text) of each line of the file at ``path``, read a line at a time (a file of hundreds of MB is
+    never held whole) and decoded strictly; :class:`NotUTF8` at the first line that is not UTF-8."""
+    offset = 0
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise NotUTF8(f"line {n}: not UTF-8 (byte 0x{raw[err.start]:02x} at offset {offset + err.start:,}); "
+                              "save the file as UTF-8", n) from None
+            offset += len(raw)
 
 
 def json_line(line: str) -> tuple[object, str | None]:

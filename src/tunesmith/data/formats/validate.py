@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.data.formats.chat import check_example, check_messages, hint
+from tunesmith.data.formats.json_lines import NotUTF8, utf8_lines
 from tunesmith.errors import DataError
 
 # Training-example token limits from OpenAI's fine-tuning guide; pass --max-tokens for other models.
@@ -60,19 +61,20 @@ def default_epochs(n: int, target: int = 3, min_examples: int = 100, max_example
 
 
 def read_lines(path: Path):
+    """(line number, text) of each non-blank line of the JSON lines file at ``path``, read a line at a time (a file of
+    hundreds of MB is never held whole); a DataError for a missing, empty or non-UTF-8 file."""
     if not path.is_file():
         raise DataError(f"File not found: {path}")
-    raw = path.read_bytes()
+    blank = True
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
-    if not text.strip():
+        for lineno, line in utf8_lines(path):
+            if line.strip():
+                blank = False
+                yield lineno, line
+    except NotUTF8 as bad:
+        raise DataError(f"{path}:{bad.line}: bytes that are not UTF-8; re-save the file as UTF-8") from None
+    if blank:
         raise DataError(f"{path}: the file is empty")
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            yield lineno, line
 
 
 def _objects(v: Validation):
@@ -301,15 +303,14 @@ def validate_upload(path: Path, count_tokens=None) -> list[str]:
     name lines, never the server's path of the file.
     """
     count_tokens = count_tokens or (lambda text: len(text.split()))
-    raw = Path(path).read_bytes()
-    if not raw.strip():
-        return ["empty_file: the file has no lines"]
+    first_line = None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        return [f"not_utf8: bytes that are not UTF-8 (line {line}); save the file as UTF-8 JSON lines"]
-    first_line = next(line for line in text.splitlines() if line.strip())
+        for _, line in utf8_lines(path):  # the whole file is UTF-8, read a line at a time
+            first_line = first_line or (line if line.strip() else None)
+    except NotUTF8 as bad:
+        return [f"not_utf8: bytes that are not UTF-8 (line {bad.line}); save the file as UTF-8 JSON lines"]
+    if first_line is None:
+        return ["empty_file: the file has no lines"]
     try:
         first = json.loads(first_line)
     except json.JSONDecodeError:

@@ -1,5 +1,7 @@
 """The key before the body: a request to the API (``/v1/...``) that carries no key the server knows is answered 401 in
-OpenAI's shape before any of its body is read, so a stranger's upload, however large, costs the server one header.
+OpenAI's shape before any of its body reaches a route, so a stranger's upload, however large, is never held or parsed.
+The rest of its body is read and thrown away, within bounds, before the answer (:class:`Lingering`, as nginx's
+lingering close), so that the client reads the 401 rather than a connection reset.
 
 A call made in process (a batch's line, :data:`tunesmith.serve.api.auth.OWNER_SCOPE` on its scope) already runs as its
 owner. The routes still read the key themselves (:func:`tunesmith.serve.api.auth.api_key`): this is only the cheap
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hmac
 
 from tunesmith.serve.api.auth import OWNER_SCOPE, bearer_of
-from tunesmith.serve.api.body_limit import send_error
+from tunesmith.serve.api.body_limit import Lingering, send_error
 
 API_PREFIX = "/v1/"
 UNAUTHORIZED = {"message": "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
@@ -29,15 +31,17 @@ def known(key: str | None, keys) -> bool:
 
 
 class KeyGate:
-    """Pure ASGI middleware: 401 for an API request without a known key, before its body is read."""
+    """Pure ASGI middleware: 401 for an API request without a known key, its body thrown away unread."""
 
     def __init__(self, app, keys_of):
         self.app, self.keys_of = app, keys_of
+        self.lingering = Lingering()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope.get("path", "").startswith(API_PREFIX) and OWNER_SCOPE not in scope:
             keys = self.keys_of()
             if keys:
                 if not known(bearer_of(scope), keys):
+                    await self.lingering.drain(scope, receive)
                     return await send_error(send, 401, UNAUTHORIZED, {"connection": "close"})
         await self.app(scope, receive, send)

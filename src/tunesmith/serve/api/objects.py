@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tunesmith.serve.errors import APIError
-
 HYPERPARAMETERS = ("batch_size", "learning_rate_multiplier", "n_epochs")
 
 
@@ -57,15 +55,3 @@ def checkpoint_object(c: dict) -> dict:
 def page(items: list[dict], has_more: bool) -> dict:
     return {"object": "list", "data": items, "has_more": has_more,
             "first_id": items[0]["id"] if items else None, "last_id": items[-1]["id"] if items else None}
-
-
-def paginate(items: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
-    """Items after the one with id ``after`` (items are newest first), at most ``limit``; a cursor that
-    names no item here is the client's error (400 on ``after``), not an empty page."""
-    if after:
-        ids = [i["id"] for i in items]
-        if after not in ids:
-            raise APIError(400, f"after: no item with id '{after}' in this list; pass the last_id of the page you "
-                           "have, or leave 'after' out to start from the newest", param="after", code="invalid_cursor")
-        items = items[ids.index(after) + 1:]
-    return items[:limit], len(items) > limit

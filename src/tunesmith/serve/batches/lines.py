@@ -5,31 +5,31 @@ in OpenAI's format."""
 
 from __future__ import annotations
 
-import json
 import secrets
+from pathlib import Path
 
-from tunesmith.data.formats.json_lines import json_line, utf8_problem
+from tunesmith.data.formats.json_lines import NotUTF8, json_line, utf8_lines
+from tunesmith.serve.errors import APIError
+from tunesmith.serve.store.values import check_value
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 MAX_LINES = 50_000  # as at OpenAI
 MOST_NAMED = 5
 
 
-def check_batch_file(content: bytes, max_lines: int | None = MAX_LINES) -> list[str]:
-    """The problems of a batch file, the first :data:`MOST_NAMED` named with their line; [] when it is one.
-    ``max_lines``: the most requests a batch holds (None: no limit)."""
-    if bad := utf8_problem(content):
-        return [bad]
+def check_batch_file(path: str | Path, max_lines: int | None = MAX_LINES) -> list[str]:
+    """The problems of the batch file at ``path`` (read a line at a time), the first :data:`MOST_NAMED` named with
+    their line; [] when it is one. ``max_lines``: the most requests a batch holds (None: no limit)."""
     problems, seen, count = [], set(), 0
-    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        count += 1
-        why = _line_problem(line, seen)
-        if why:
-            problems.append(f"line {n}: {why}")
-        if len(problems) == MOST_NAMED:
-            break
+    try:
+        for n, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            count += 1
+            if len(problems) < MOST_NAMED and (why := _line_problem(line, seen)):
+                problems.append(f"line {n}: {why}")
+    except NotUTF8 as bad:
+        return [str(bad)]
     if not problems and not count:
         problems.append("the file holds no request")
     if max_lines is not None and count > max_lines:
@@ -49,6 +49,8 @@ def _line_problem(line: str, seen: set[str]) -> str | None:
     cid = row.get("custom_id")
     if not isinstance(cid, str) or not cid:
         return "custom_id must be a non-empty string"
+    if why := _unstorable(cid, "custom_id"):
+        return why
     if cid in seen:
         return f"custom_id {cid!r} is used twice"
     seen.add(cid)
@@ -59,19 +61,20 @@ def _line_problem(line: str, seen: set[str]) -> str | None:
     body = row.get("body")
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         return "body must be a JSON object with a model"
+    if why := _unstorable(body["model"], "body.model"):
+        return why
     if body.get("stream"):
         return "body.stream: a batch's answers are not streamed"
     return None
 
 
-def read_requests(content: bytes) -> list[dict]:
-    """A checked batch file's requests, in order, each with its line number (a file kept before UTF-8 was checked
-    at upload reads with its bad bytes replaced, never as a server error)."""
-    out = []
-    for n, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
-        if line.strip():
-            out.append(json.loads(line) | {"line": n})
-    return out
+def _unstorable(text: str, param: str) -> str | None:
+    """Why ``text`` cannot be kept in its column (a NUL, a lone surrogate), or None."""
+    try:
+        check_value(text, param)
+    except APIError as exc:
+        return exc.body["message"]
+    return None
 
 
 def output_line(custom_id: str, status_code: int, body: dict) -> dict:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
-from tunesmith.serve.api.objects import page, paginate
+from tunesmith.serve.api.objects import page
 from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.batches.lines import URLS
 from tunesmith.serve.batches.output import scan_input
@@ -66,11 +66,12 @@ async def create_batch(body: BatchBody, request: Request, key: Key):
 
 
 def new_batch(request: Request, key, body: BatchBody, count: int, model: str | None) -> dict:
-    """The batch created, once the key's quotas have room for it."""
-    quotas.check_batch_create(request, key, body.metadata, count)
+    """The batch created, once the key's quotas have room for it (counted in the transaction that creates it)."""
     expires = body.output_expires_after.seconds if body.output_expires_after else None
-    return BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata, count, model,
-                                                   WINDOW_S, expires)
+    with quotas.room(request.app.state.store, key):  # counted and created in one transaction under the key's lock
+        quotas.check_batch_create(request, key, body.metadata, count)
+        return BatchStore(request.app.state.store).add(key, body.endpoint, body.input_file_id, body.metadata, count,
+                                                       model, WINDOW_S, expires)
 
 
 @router.get("/batches/{batch_id}")
@@ -83,8 +84,8 @@ def retrieve_batch(batch_id: str, request: Request, key: Key):
 @in_store_lane
 def list_batches(request: Request, key: Key, after: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=100)] = 20):
-    items, more = paginate([batch_object(b) for b in BatchStore(request.app.state.store).list(key)], after, limit)
-    return page(items, more)
+    items, more = BatchStore(request.app.state.store).list(key, after, limit)
+    return page([batch_object(b) for b in items], more)
 
 
 @router.post("/batches/{batch_id}/cancel")

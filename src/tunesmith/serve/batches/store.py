@@ -22,6 +22,7 @@ import time
 from tunesmith.serve.store import Store, new_id
 from tunesmith.serve.store.claims import Claim, ClaimLost
 from tunesmith.serve.store.database import NOW
+from tunesmith.serve.store.pages import page_rows
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 CHUNKED = "chunks"  # batches.claimed_by of a batch run chunk by chunk
@@ -52,9 +53,10 @@ class BatchStore:
         row = self.db.execute(sql, args).fetchone()
         return self._with_counts(dict(row)) if row else None
 
-    def list(self, owner: str | None) -> list[dict]:
-        rows = self.db.execute("SELECT * FROM batches WHERE owner IS ? ORDER BY created_at DESC, rowid DESC", (owner,))
-        return [self._with_counts(dict(r)) for r in rows]
+    def list(self, owner: str | None, after: str | None = None, limit: int = 20) -> tuple[list[dict], bool]:
+        """One page of the owner's batches, newest first, and whether more follow."""
+        rows, more = page_rows(self.db, "batches", "owner IS ?", [owner], ("created_at", "rowid"), after, limit)
+        return [self._with_counts(dict(r)) for r in rows], more
 
     def active(self) -> list[dict]:
         """Batches still to answer or finish, oldest first (the runner's work, after a restart too)."""

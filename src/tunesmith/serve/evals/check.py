@@ -4,7 +4,6 @@ field (``testing_criteria.1.operation``, ``data_source.source.content.3.item``) 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from fastapi import Request
 
@@ -14,8 +13,11 @@ from tunesmith.serve.api.auth import visible_models
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.evals.grading import checked_grader
 from tunesmith.serve.store.quotas import check_metadata
+from tunesmith.serve.store.values import check_seed
 
 MAX_ROWS = 10_000  # rows in one run
+MAX_CRITERIA = 64  # testing criteria of one eval: each is graded on every row of every run
+CRITERION_CHARS = 100_000  # one criterion as JSON: a judge's prompt and its labels fit many times over
 
 
 # a stored completion as an eval's item: what was asked, what was answered, by which model
@@ -62,6 +64,10 @@ def check_criteria(request: Request, key, criteria: list[dict], config: dict) ->
     out = []
     for i, criterion in enumerate(criteria):
         param = f"testing_criteria.{i}"
+        if (size := len(json.dumps(criterion))) > CRITERION_CHARS:
+            raise APIError(400, f"{param} is {size:,} characters of JSON; a criterion holds at most "
+                           f"{CRITERION_CHARS:,}. Shorten its prompt or references", param=param,
+                           code="string_above_max_length")
         grader = {k: v for k, v in criterion.items() if k != "pass_threshold"}
         grader = checked_grader(request, key, grader, param)
         threshold = criterion.get("pass_threshold")
@@ -126,6 +132,7 @@ def _check_completions(request: Request, key, source: dict, inner: dict) -> None
                        "item_reference a string such as 'item.messages'", param="data_source.input_messages")
     if not isinstance(source.get("sampling_params") or {}, dict):
         raise APIError(400, "data_source.sampling_params must be an object", param="data_source.sampling_params")
+    check_seed((source.get("sampling_params") or {}).get("seed"), "data_source.sampling_params.seed")
     for var in template.variables(json.dumps(messages.get("template", []))):
         if not var.startswith("item."):
             raise APIError(400, f"data_source.input_messages: {{{{{var}}}}} is not an item variable",
@@ -145,7 +152,8 @@ def run_rows(request: Request, key, source: dict, config: dict) -> list[dict]:
     else:
         raw, where = _file_rows(request, key, inner.get("id")), "data_source.source.id"
     if not raw or len(raw) > MAX_ROWS:
-        raise APIError(400, f"{where}: a run has 1 to {MAX_ROWS} rows, got {len(raw)}", param=where)
+        got = f"more than {MAX_ROWS:,}" if len(raw) > MAX_ROWS else "none"
+        raise APIError(400, f"{where}: a run has 1 to {MAX_ROWS:,} rows, got {got}", param=where)
     required = (config.get("schema", {}).get("properties", {}).get("item") or {}).get("required") or []
     rows = []
     for n, row in enumerate(raw):
@@ -189,9 +197,10 @@ def stored_rows(store, key, inner: dict, config: dict) -> list[dict]:
 
 
 def _file_rows(request: Request, key, file_id: str | None) -> list:
-    """The JSON lines of the key's evals file ``file_id``; a 400 on ``data_source.source.id`` naming the line that
-    is not UTF-8, not JSON or nested too deep (a file kept before those were checked at upload)."""
-    from tunesmith.data.formats.json_lines import json_line, utf8_problem
+    """The JSON lines of the key's evals file ``file_id`` (read a line at a time, at most one past :data:`MAX_ROWS`); a
+    400 on ``data_source.source.id`` naming the line that is not UTF-8, not JSON or nested too deep (a file kept before
+    those were checked at upload)."""
+    from tunesmith.data.formats.json_lines import NotUTF8, json_line, utf8_lines
 
     where = "data_source.source.id"
     f = request.app.state.store.get_file(file_id or "", key)
@@ -200,15 +209,17 @@ def _file_rows(request: Request, key, file_id: str | None) -> list:
     if f["purpose"] != "evals":
         raise APIError(400, f"{where}: {file_id} was uploaded with purpose {f['purpose']!r}; a run reads a file "
                        "uploaded with purpose 'evals'", param=where, code="invalid_file_purpose")
-    content = Path(f["storage"]).read_bytes()
-    if bad := utf8_problem(content):
-        raise APIError(400, f"{where}: {file_id} {bad}", param=where, code="invalid_file_format")
     rows = []
-    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            row, why = json_line(line)
-            if why:
-                raise APIError(400, f"{where}: line {n} of {file_id} is {why}", param=where,
-                               code="invalid_file_format")
-            rows.append(row)
+    try:
+        for n, line in utf8_lines(f["storage"]):
+            if line.strip():
+                row, why = json_line(line)
+                if why:
+                    raise APIError(400, f"{where}: line {n} of {file_id} is {why}", param=where,
+                                   code="invalid_file_format")
+                rows.append(row)
+                if len(rows) > MAX_ROWS:  # too many: run_rows says so; the rest is not read
+                    break
+    except NotUTF8 as bad:
+        raise APIError(400, f"{where}: {file_id} {bad}", param=where, code="invalid_file_format") from None
     return rows

@@ -21,18 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
-from tunesmith.serve.api.objects import page, paginate
+from tunesmith.serve.api.objects import page
 from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.errors import found
 from tunesmith.serve.evals import resume
-from tunesmith.serve.evals.check import check_criteria, check_data_source, data_source_schema, run_rows
+from tunesmith.serve.evals.check import MAX_CRITERIA, check_criteria, check_data_source, data_source_schema, run_rows
 from tunesmith.serve.evals.store import EvalStore
-from tunesmith.serve.store import new_id
+from tunesmith.serve.store import new_id, quotas
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.quotas import check_eval, check_eval_run, check_metadata
+from tunesmith.serve.store.values import check_name
 
 router = APIRouter(prefix="/v1/evals", route_class=OffLoopJSON)
 Order = Literal["asc", "desc"]
+NAME_CHARS = 256  # an eval's or a run's name
 
 
 def _evals(request: Request) -> EvalStore:
@@ -66,7 +68,7 @@ def output_item_object(o: dict) -> dict:
 class EvalBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     data_source_config: dict
-    testing_criteria: list[dict] = Field(min_length=1)
+    testing_criteria: list[dict] = Field(min_length=1, max_length=MAX_CRITERIA)
     name: str | None = None
     metadata: Any = None  # checked by check_metadata (OpenAI's rule)
 
@@ -85,11 +87,14 @@ def _eval(request: Request, key, eval_id: str) -> dict:
 @in_store_lane
 def create_eval(body: EvalBody, request: Request, key: Key):
     check_metadata(body.metadata, "metadata")
+    name = check_name(body.name, "name", NAME_CHARS) if body.name is not None else "eval"
     check_eval(request, key)
     config = data_source_schema(body.data_source_config)
     criteria = check_criteria(request, key, body.testing_criteria, body.data_source_config)
-    e = _evals(request).add_eval(key, name=body.name or "eval", data_source_config=config, testing_criteria=criteria,
-                                 metadata=body.metadata)
+    with quotas.room(request.app.state.store, key):  # counted and created in one transaction under the key's lock
+        check_eval(request, key)
+        e = _evals(request).add_eval(key, name=name, data_source_config=config, testing_criteria=criteria,
+                                     metadata=body.metadata)
     return eval_object(e)
 
 
@@ -98,7 +103,7 @@ def create_eval(body: EvalBody, request: Request, key: Key):
 def list_evals(request: Request, key: Key, after: str | None = None, order: Order = "asc",
                limit: Annotated[int, Query(ge=1, le=100)] = 20,
                order_by: Literal["created_at", "updated_at"] = "created_at"):
-    items, more = paginate(_evals(request).list_evals(key, order, order_by), after, limit)
+    items, more = _evals(request).list_evals(key, order, order_by, after, limit)
     return page([eval_object(e) for e in items], more)
 
 
@@ -113,6 +118,8 @@ def retrieve_eval(eval_id: str, request: Request, key: Key):
 def update_eval(eval_id: str, body: EvalUpdate, request: Request, key: Key):
     _eval(request, key, eval_id)
     check_metadata(body.metadata, "metadata")
+    if body.name is not None:
+        check_name(body.name, "name", NAME_CHARS)
     changes = body.model_dump(exclude_unset=True)
     if changes:
         _evals(request).update_eval(eval_id, **changes)
@@ -157,7 +164,7 @@ async def started_run(request: Request, key, e: dict, body: RunBody, source: dic
     """The run created, its rows kept on the shared data folder and claimed by this replica (in the store lane), and
     started in a task of its own (:mod:`tunesmith.serve.evals.resume`: a replica that dies leaves it to another)."""
     model = source.get("model") or "(given samples)"
-    run, claim = await stored(request, key, claimed_run, _evals(request), key, e["id"], body, model, source,
+    run, claim = await stored(request, key, claimed_run, request, _evals(request), key, e["id"], body, model, source,
                               request.app.state.replica, rows)
     resume.start(request.app, key, e, run, rows, claim)
     return run
@@ -168,20 +175,24 @@ def checked_run(request: Request, key, eval_id: str, body: RunBody) -> tuple[dic
     full."""
     e = _eval(request, key, eval_id)
     check_metadata(body.metadata, "metadata")
+    if body.name is not None:
+        check_name(body.name, "name", NAME_CHARS)
     check_eval_run(request, key)
     check_criteria(request, key, e["testing_criteria"], e["data_source_config"])  # still allowed and served now
     return e, check_data_source(request, key, body.data_source)
 
 
-def claimed_run(store: EvalStore, key, eval_id: str, body: RunBody, model: str, source: dict, replica: str,
-                rows: list[dict]) -> tuple[dict, Claim]:
+def claimed_run(request: Request, store: EvalStore, key, eval_id: str, body: RunBody, model: str, source: dict,
+                replica: str, rows: list[dict]) -> tuple[dict, Claim]:
     """The new run, its rows kept first where any replica reads them, then created claimed by this replica in one
-    statement; with its claim."""
+    statement, counted in the key's quota in the transaction that creates it; with its claim."""
     rid = new_id("evalrun")
     resume.keep_rows(store.base.root, rid, rows)
     try:
-        return store.add_run(key, eval_id, replica, rid, name=body.name or f"run on {model}", model=model,
-                             data_source=source, metadata=body.metadata)
+        with quotas.room(store.base, key):
+            check_eval_run(request, key)
+            return store.add_run(key, eval_id, replica, rid, name=body.name or f"run on {model}", model=model,
+                                 data_source=source, metadata=body.metadata)
     except BaseException:
         resume.rows_path(store.base.root, rid).unlink(missing_ok=True)
         raise
@@ -192,7 +203,7 @@ def claimed_run(store: EvalStore, key, eval_id: str, body: RunBody, model: str, 
 def list_runs(eval_id: str, request: Request, key: Key, after: str | None = None, order: Order = "asc",
               limit: Annotated[int, Query(ge=1, le=100)] = 20, status: str | None = None):
     _eval(request, key, eval_id)
-    items, more = paginate(_evals(request).list_runs(eval_id, order, status), after, limit)
+    items, more = _evals(request).list_runs(eval_id, order, status, after, limit)
     return page([run_object(r) for r in items], more)
 
 
@@ -225,7 +236,7 @@ def list_output_items(eval_id: str, run_id: str, request: Request, key: Key, aft
                       order: Order = "asc", limit: Annotated[int, Query(ge=1, le=100)] = 20,
                       status: Literal["fail", "pass"] | None = None):
     _run(request, key, eval_id, run_id)
-    items, more = paginate(_evals(request).output_items(run_id, order, status), after, limit)
+    items, more = _evals(request).output_items(run_id, order, status, after, limit)
     return page([output_item_object(o) for o in items], more)
 
 

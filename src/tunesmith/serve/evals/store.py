@@ -10,6 +10,7 @@ import time
 from tunesmith.serve.store import Store, new_id
 from tunesmith.serve.store.claims import LEASE_S, Claim
 from tunesmith.serve.store.database import NOW
+from tunesmith.serve.store.pages import page_rows
 
 JSON_COLUMNS = ("data_source_config", "testing_criteria", "metadata", "data_source", "error", "result_counts",
                 "per_testing_criteria_results", "per_model_usage", "datasource_item", "results", "sample")
@@ -23,6 +24,10 @@ def _row(row) -> dict | None:
         if key in d and d[key] is not None:
             d[key] = json.loads(d[key])
     return d
+
+
+def _with_status(where: str, args: list, status: str | None) -> tuple[str, list]:
+    return (f"{where} AND status = ?", [*args, status]) if status else (where, args)
 
 
 def _dumped(fields: dict) -> dict:
@@ -55,13 +60,13 @@ class EvalStore:
     def get_eval(self, eid: str, owner: str | None) -> dict | None:
         return _row(self.db.execute("SELECT * FROM evals WHERE id = ? AND owner IS ?", (eid, owner)).fetchone())
 
-    def list_evals(self, owner: str | None, order: str = "desc", order_by: str = "created_at") -> list[dict]:
-        """A key's evals by creation time, or by the time of their last update (their creation when never
-        updated)."""
-        way = "ASC" if order == "asc" else "DESC"
+    def list_evals(self, owner: str | None, order: str = "desc", order_by: str = "created_at", after: str | None = None,
+                   limit: int = 20) -> tuple[list[dict], bool]:
+        """One page of a key's evals by creation time, or by the time of their last update (their creation when
+        never updated), and whether more follow."""
         when = "COALESCE(updated_at, created_at)" if order_by == "updated_at" else "created_at"
-        return [_row(r) for r in self.db.execute(
-            f"SELECT * FROM evals WHERE owner IS ? ORDER BY {when} {way}, rowid {way}", (owner,))]
+        rows, more = page_rows(self.db, "evals", "owner IS ?", [owner], (when, "rowid"), after, limit, order != "asc")
+        return [_row(r) for r in rows], more
 
     def update_eval(self, eid: str, **fields) -> None:
         self._update("evals", eid, {**fields, "updated_at": time.time()})
@@ -86,12 +91,12 @@ class EvalStore:
     def get_run(self, eval_id: str, rid: str) -> dict | None:
         return _row(self.db.execute("SELECT * FROM eval_runs WHERE id = ? AND eval_id = ?", (rid, eval_id)).fetchone())
 
-    def list_runs(self, eval_id: str, order: str = "desc", status: str | None = None) -> list[dict]:
-        way = "ASC" if order == "asc" else "DESC"
-        sql, args = "SELECT * FROM eval_runs WHERE eval_id = ?", [eval_id]
-        if status:
-            sql, args = sql + " AND status = ?", [*args, status]
-        return [_row(r) for r in self.db.execute(f"{sql} ORDER BY created_at {way}, rowid {way}", args)]
+    def list_runs(self, eval_id: str, order: str = "desc", status: str | None = None, after: str | None = None,
+                  limit: int = 20) -> tuple[list[dict], bool]:
+        """One page of an eval's runs (of ``status``) by creation, and whether more follow."""
+        where, args = _with_status("eval_id = ?", [eval_id], status)
+        rows, more = page_rows(self.db, "eval_runs", where, args, ("created_at", "rowid"), after, limit, order != "asc")
+        return [_row(r) for r in rows], more
 
     def update_run(self, rid: str, **fields) -> None:
         self._update("eval_runs", rid, fields)
@@ -130,12 +135,12 @@ class EvalStore:
                     self._insert("eval_output_items", {"id": new_id("outputitem"), "run_id": run_id, "eval_id": eval_id,
                                                        "created_at": now, **item})
 
-    def output_items(self, run_id: str, order: str = "asc", status: str | None = None) -> list[dict]:
-        way = "ASC" if order == "asc" else "DESC"
-        sql, args = "SELECT * FROM eval_output_items WHERE run_id = ?", [run_id]
-        if status:
-            sql, args = sql + " AND status = ?", [*args, status]
-        return [_row(r) for r in self.db.execute(f"{sql} ORDER BY item_index {way}", args)]
+    def output_items(self, run_id: str, order: str = "asc", status: str | None = None, after: str | None = None,
+                     limit: int = 100) -> tuple[list[dict], bool]:
+        """One page of a run's output items (of ``status``) in row order, and whether more follow."""
+        where, args = _with_status("run_id = ?", [run_id], status)
+        rows, more = page_rows(self.db, "eval_output_items", where, args, ("item_index",), after, limit, order == "desc")
+        return [_row(r) for r in rows], more
 
     def output_item(self, run_id: str, item_id: str) -> dict | None:
         return _row(self.db.execute("SELECT * FROM eval_output_items WHERE id = ? AND run_id = ?",

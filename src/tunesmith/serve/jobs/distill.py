@@ -30,6 +30,7 @@ from tunesmith.serve.api.objects import file_object
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.api.stored_completions import MAX_TIME, CompletionStore, training_example
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.jobs.routes import kept_file
 from tunesmith.serve.store import quotas
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
@@ -60,8 +61,7 @@ async def file_from_stored_completions(body: DistillBody, request: Request, key:
         if made.problems:
             raise APIError(400, "Invalid fine-tuning file: " + "; ".join(made.problems), param="metadata",
                            code="invalid_file_format")
-        kept = await stored(request, key, request.app.state.store.adopt_file, key, body.filename, "fine-tune",
-                            made.path)
+        kept = await stored(request, key, kept_file, request, key, body.filename, "fine-tune", made.path, None)
     finally:
         made.path.unlink(missing_ok=True)  # kept: moved into the store; refused: not kept
     return file_object(kept) | {"examples": made.examples, "left_out_cut_by_max_tokens": made.selected - made.examples,

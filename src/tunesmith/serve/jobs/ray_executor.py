@@ -113,17 +113,22 @@ def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - retries used up (worker or node died again and again)
-                job = store.get_job(job_id, any_owner=True)
-                error = job_error(exc, store, job)
                 fenced = Fenced(store, claim, READS)
                 try:
+                    job = fenced.get_job(job_id, any_owner=True)
+                    error = job_error(exc, fenced, job)
                     fenced.update_job(job_id, status="failed", finished_at=int(time.time()), control=None, error=error)
                     fenced.add_event(job_id, f"Fine-tuning job failed: {error['message'][:500]}", level="error",
                                      dedup_key="failed")
                 except ClaimLost:
                     log.warning("job %s: its claim was lost; its next attempt goes on", job_id)
             store.claims.let_go(claim)
-        claimed = store.claim_job(me, jobs_per_key)  # never sole: the jobs Ray runs are this dispatcher's claims
+        try:
+            claimed = store.claim_job(me, jobs_per_key)  # never sole: the jobs Ray runs are this dispatcher's claims
+        except Exception as exc:  # noqa: BLE001 - the store away for a moment: looked at again, never the end
+            log.warning("claiming a job failed (%s); trying again", exc)
+            stop.wait(max(poll_s, 2.0))
+            continue
         if claimed is not None:
             job, claim = claimed
             need = job_resources(store, job, ray.cluster_resources())

@@ -8,22 +8,25 @@ written) runs in the store lane, never on the event loop (:mod:`tunesmith.serve.
 from __future__ import annotations
 
 import logging
-import tempfile
+import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
-from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page, paginate
+from tunesmith.serve.api.objects import checkpoint_object, event_object, file_object, job_object, page
 from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
 from tunesmith.serve.store import quotas
+from tunesmith.serve.store.values import check_name, check_seed
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
@@ -43,33 +46,64 @@ def _job_object(request: Request, job: dict) -> dict:
 EXPIRES_S = (3600, 30 * 24 * 3600)  # OpenAI's bounds on a file's expires_after.seconds
 
 
+FILENAME_CHARS = 512  # a file's name, as an upload's (tunesmith.serve.jobs.uploads)
+COPY_BYTES = 1 << 20  # a received file copied, and a file's content sent, this much at a time
+
+
 @router.post("/files")
 async def create_file(request: Request, key: Key, file: Annotated[UploadFile, File()],
                       purpose: Annotated[str, Form()],
                       anchor: Annotated[str | None, Form(alias="expires_after[anchor]")] = None,
                       seconds: Annotated[str | None, Form(alias="expires_after[seconds]")] = None):
+    """A file kept for the key. Its fields are checked first (400 naming the field), before any byte is written to
+    the store's folder; the bytes Starlette spooled (to a temporary file past 1 MB, never held in memory) are then
+    copied there in the files lane, checked as a file of their purpose, and kept in one transaction with the count
+    of the key's quota: a refusal leaves nothing on disk."""
     settings = request.app.state.settings
     if purpose not in ("fine-tune", "evals", "batch"):
         raise APIError(400, f"purpose '{purpose}' is not supported; use 'fine-tune', 'evals' or 'batch'",
                        param="purpose")
     expires_s = file_expiry(request, purpose, anchor, seconds)
-    limit = settings.max_upload_mb * 1024 * 1024
-    content = await file.read(limit + 1)
-    if len(content) > limit:
+    filename = check_name(Path(file.filename or "upload.jsonl").name, "file.filename", FILENAME_CHARS)
+    if file.size is not None and file.size > settings.max_upload_mb * 1024 * 1024:
         raise APIError(413, f"file is larger than the {settings.max_upload_mb} MB limit", param="file",
                        code="file_too_large")
     if purpose == "batch":
-        quotas.check_batch_file_size(request, len(content))
-    await stored(request, key, quotas.check_file, request, key, len(content))
-    await checked(request, key, purpose, content, "file")
-    made = await stored(request, key, kept_file, _store(request), key, Path(file.filename or "upload.jsonl").name,
-                        purpose, content, expires_s)
+        quotas.check_batch_file_size(request, file.size or 0)
+    await stored(request, key, quotas.check_file, request, key, file.size or 0)
+    incoming = await request.app.state.lanes.files.run(key, received, _store(request), file.file)
+    try:
+        await checked(request, key, purpose, incoming, "file")
+        made = await stored(request, key, kept_file, request, key, filename, purpose, incoming, expires_s)
+    finally:
+        incoming.unlink(missing_ok=True)  # kept: moved into the store; refused: not kept
     return file_object(made)
 
 
-def kept_file(store, key, filename: str, purpose: str, content: bytes, expires_s: int | None) -> dict:
-    """The new file written and recorded, with its ``expires_at``."""
-    return expire_file(store, store.add_file(key, filename, purpose, content), expires_s)
+def received(store, spooled) -> Path:
+    """The spooled upload copied into the store's folder as a part file (one a crash leaves is swept), a block at a
+    time."""
+    incoming = store.root / "files" / f"part-{secrets.token_hex(16)}.bin"
+    spooled.seek(0)
+    try:
+        with incoming.open("wb") as out:
+            shutil.copyfileobj(spooled, out, COPY_BYTES)
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+    return incoming
+
+
+def kept_file(request: Request, key, filename: str, purpose: str, path: Path, expires_s: int | None,
+              counted: bool = True) -> dict:
+    """The checked file at ``path`` kept for ``key`` with its ``expires_at``: the key's quota counted and the file
+    recorded in one transaction under the key's quota lock (of uploads racing for its last place, on any replica,
+    one gets it). ``counted=False``: its place was taken before (an upload's, at its creation)."""
+    store = _store(request)
+    with quotas.room(store, key):
+        if counted:
+            quotas.check_file(request, key, path.stat().st_size)
+        return store.adopt_file(key, filename, purpose, path, expires_s)
 
 
 def file_expiry(request: Request, purpose: str, anchor: str | None, seconds) -> int | None:
@@ -100,63 +134,61 @@ def expire_file(store, made: dict, expires_s: int | None) -> dict:
     return made
 
 
-async def checked(request: Request, key, purpose: str, content: bytes, param: str) -> None:
-    """The checks a file of ``purpose`` gets (in the files lane as ``key``'s work: a large file must not stall other
-    requests);
-    a 400 on ``param`` naming each problem and its lines."""
+async def checked(request: Request, key, purpose: str, path: Path, param: str) -> None:
+    """The checks a file of ``purpose`` gets, read from ``path`` (in the files lane as ``key``'s work: a large file must
+    not stall other requests); a 400 on ``param`` naming each problem and its lines."""
     from functools import partial
 
     from tunesmith.serve.batches.lines import check_batch_file
 
     most = quotas.quotas_of(request).batch_requests
     check = {"fine-tune": check_upload, "evals": check_eval_upload, "batch": partial(check_batch_file, max_lines=most)}[purpose]
-    problems = await request.app.state.lanes.files.run(key, check, content)
+    problems = await request.app.state.lanes.files.run(key, check, path)
     if problems:
         what = {"fine-tune": "fine-tuning", "evals": "evals", "batch": "batch"}[purpose]
         raise APIError(400, f"Invalid {what} file: " + "; ".join(problems), param=param, code="invalid_file_format")
 
 
-def check_upload(content: bytes) -> list[str]:
+def check_upload(path: Path) -> list[str]:
     """The data stage's OpenAI checks, run on the upload; returns error kinds with counts and lines.
     A file the checks cannot read is one problem, never a server error."""
     from tunesmith.data.formats.validate import validate_upload
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "upload.jsonl"
-        path.write_bytes(content)
-        try:
-            return validate_upload(path)
-        except Exception:  # noqa: BLE001 - malformed input is the client's 400; the detail goes to the log
-            logging.getLogger("tunesmith.serve").exception("upload validation failed")
-            return ["unreadable_file: the file is not JSON lines in OpenAI's chat or preference format"]
+    try:
+        return validate_upload(path)
+    except Exception:  # noqa: BLE001 - malformed input is the client's 400; the detail goes to the log
+        logging.getLogger("tunesmith.serve").exception("upload validation failed")
+        return ["unreadable_file: the file is not JSON lines in OpenAI's chat or preference format"]
 
 
-def check_eval_upload(content: bytes, most: int = 5) -> list[str]:
+def check_eval_upload(path: Path, most: int = 5) -> list[str]:
     """An evals file is UTF-8 JSON lines of ``{"item": {...}, "sample": {...}}`` (sample optional), nested within
-    the batch files' depth; the first ``most`` bad lines are named."""
-    from tunesmith.data.formats.json_lines import json_line, utf8_problem
+    the batch files' depth, read a line at a time; the first ``most`` bad lines are named."""
+    from tunesmith.data.formats.json_lines import NotUTF8, json_line, utf8_lines
 
-    if bad := utf8_problem(content):
-        return [bad]
     problems = []
-    for n, line in enumerate(content.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row, why = json_line(line)
-        if why:
-            problems.append(f"line {n}: {why}")
-        elif not isinstance(row, dict) or not isinstance(row.get("item"), dict):
-            problems.append(f"line {n}: not a JSON object with an \"item\" object")
-        if len(problems) == most:
-            break
+    try:
+        for n, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            row, why = json_line(line)
+            if why:
+                problems.append(f"line {n}: {why}")
+            elif not isinstance(row, dict) or not isinstance(row.get("item"), dict):
+                problems.append(f"line {n}: not a JSON object with an \"item\" object")
+            if len(problems) == most:
+                break
+    except NotUTF8 as bad:
+        problems.append(str(bad))
     return problems
 
 
 @router.get("/files")
 @in_store_lane
-def list_files(request: Request, key: Key, purpose: str | None = None):
-    return {"object": "list", "data": [file_object(f) for f in _store(request).list_files(key, purpose)],
-            "has_more": False}
+def list_files(request: Request, key: Key, purpose: str | None = None, after: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, order: Literal["asc", "desc"] = "desc"):
+    files, more = _store(request).list_files(key, purpose, after, limit, order)
+    return page([file_object(f) for f in files], more)
 
 
 def _file(request: Request, key, file_id: str) -> dict:
@@ -170,11 +202,28 @@ def retrieve_file(file_id: str, request: Request, key: Key):
 
 
 @router.get("/files/{file_id}/content")
-@in_store_lane
-def file_content(file_id: str, request: Request, key: Key):
-    f = _file(request, key, file_id)
+async def file_content(file_id: str, request: Request, key: Key):
+    """The file's bytes, streamed from disk a block at a time, each block read in the files lane as the key's work:
+    a file of hundreds of MB (a batch's output) is never held in memory."""
+    f, handle = await stored(request, key, opened_file, request, key, file_id)
     media = "text/csv" if f["filename"].endswith(".csv") else "application/jsonl"
-    return Response(Path(f["storage"]).read_bytes(), media_type=media)
+    size = os.fstat(handle.fileno()).st_size
+    return StreamingResponse(blocks(request, key, handle), media_type=media, headers={"content-length": str(size)})
+
+
+def opened_file(request: Request, key, file_id: str):
+    """(the key's file, its bytes opened for reading): a file deleted while it is sent is sent whole."""
+    f = _file(request, key, file_id)
+    return f, open(f["storage"], "rb")  # noqa: SIM115 - closed by blocks()
+
+
+async def blocks(request: Request, key, handle):
+    """The file's blocks in order, each read in the files lane; the file closed however the response ends."""
+    try:
+        while block := await request.app.state.lanes.files.run(key, handle.read, COPY_BYTES, always=True):
+            yield block
+    finally:
+        handle.close()
 
 
 @router.delete("/files/{file_id}")
@@ -250,6 +299,7 @@ class JobBody(BaseModel):
         return {"type": "supervised", "supervised": {"hyperparameters": hyper}}
 
 
+MAX_SEED = 2**32 - 1  # the trainer seeds NumPy, which takes 0 to 2**32 - 1
 # OpenAI's documented ranges: (lowest, highest or None, lowest excluded)
 HYPER_RANGES = {"n_epochs": (1, 50, False), "batch_size": (1, 256, False),
                 "learning_rate_multiplier": (0, None, True), "beta": (0, 2, True)}
@@ -311,6 +361,8 @@ def checked_job(request: Request, key, body: JobBody) -> tuple[str, str | None, 
     naming the field for anything the job cannot start from."""
     store = _store(request)
     quotas.check_metadata(body.metadata, "metadata")
+    check_seed(body.seed, "seed", MAX_SEED)
+    quotas.check_job(request, key)  # before the files are read; counted again with the job's insert
     check_hyperparameters(body)
     check_file_formats(store, key, body)
     model, parent = request.app.state.settings.model_aliases.get(body.model, body.model), None
@@ -338,9 +390,11 @@ def queued_job(request: Request, key, body: JobBody, model: str, parent: str | N
 
     store, method = _store(request), body.resolved_method()
     integrations = [i.model_dump() for i in body.integrations] if body.integrations else None
-    job = store.add_job(key, model=model, training_file=body.training_file, validation_file=body.validation_file,
-                        suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
-                        method=method, metadata=body.metadata, integrations=integrations, parent_model=parent)
+    with quotas.room(store, key):  # counted and created in one transaction under the key's quota lock
+        quotas.check_job(request, key)
+        job = store.add_job(key, model=model, training_file=body.training_file, validation_file=body.validation_file,
+                            suffix=body.suffix, seed=body.seed if body.seed is not None else random.randint(0, 2**31 - 1),
+                            method=method, metadata=body.metadata, integrations=integrations, parent_model=parent)
     store.add_event(job["id"], f"Validating training file: {body.training_file}", dedup_key="validating")
     store.update_job(job["id"], status="queued")
     store.add_event(job["id"], "Files validated, moving job to queued state", dedup_key="queued")
@@ -364,21 +418,11 @@ def metadata_filter(request: Request) -> dict[str, str] | None:
     return pairs or None
 
 
-def matches(job: dict, wanted: dict[str, str] | None) -> bool:
-    if wanted is None:
-        return True
-    if not wanted:
-        return not job["metadata"]
-    have = job["metadata"] or {}
-    return all(have.get(k) == v for k, v in wanted.items())
-
-
 @router.get("/fine_tuning/jobs")
 @in_store_lane
 def list_jobs(request: Request, key: Key, after: str | None = None, limit: Annotated[int, Query(ge=1, le=100)] = 20):
-    wanted = metadata_filter(request)
-    jobs, more = paginate([j for j in _store(request).list_jobs(key) if matches(j, wanted)], after, limit)
-    positions = _store(request).queue_positions([j["id"] for j in jobs])
+    jobs, more = _store(request).list_jobs(key, after, limit, metadata_filter(request))
+    positions = _store(request).queue_positions([j["id"] for j in jobs if j["status"] == "queued"])
     return page([job_object(j, positions.get(j["id"])) for j in jobs], more)
 
 
@@ -421,9 +465,10 @@ def resume_job(job_id: str, request: Request, key: Key):
 
 
 def _job_page(request: Request, key, job_id: str, rows, to_object, after: str | None, limit: int) -> dict:
-    """One page of a job's events or checkpoints, after checking the job belongs to ``key``."""
+    """One page of a job's events or checkpoints (``rows``: the store's page of them), after checking the job
+    belongs to ``key``."""
     _job(request, key, job_id)
-    items, more = paginate(rows(job_id), after, limit)
+    items, more = rows(job_id, after, limit)
     return page([to_object(x) for x in items], more)
 
 
@@ -431,17 +476,14 @@ def _job_page(request: Request, key, job_id: str, rows, to_object, after: str | 
 @in_store_lane
 def list_events(job_id: str, request: Request, key: Key, after: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 20):
-    return _job_page(request, key, job_id, _store(request).events, event_object, after, limit)
+    return _job_page(request, key, job_id, _store(request).events_page, event_object, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 @in_store_lane
 def list_checkpoints(job_id: str, request: Request, key: Key, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=100)] = 10):
-    def kept(jid: str) -> list[dict]:  # the trainer keeps the newest checkpoints; only those can be served
-        return [c for c in _store(request).checkpoints(jid) if Path(c["path"]).is_dir()]
-
-    return _job_page(request, key, job_id, kept, checkpoint_object, after, limit)
+    return _job_page(request, key, job_id, _store(request).checkpoints_page, checkpoint_object, after, limit)
 
 
 @router.get("/fine_tuning/jobs/{job_id}/report")

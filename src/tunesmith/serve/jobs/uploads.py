@@ -32,8 +32,9 @@ from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import upload_object, upload_part_object
 from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.errors import APIError, found
-from tunesmith.serve.jobs.routes import checked, kept_file
+from tunesmith.serve.jobs.routes import COPY_BYTES, FILENAME_CHARS, checked, kept_file, received
 from tunesmith.serve.store import new_id, quotas
+from tunesmith.serve.store.values import check_name
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 PART_BYTES = 64 * 1024 * 1024  # as at OpenAI
@@ -49,7 +50,7 @@ class ExpiresAfter(BaseModel):
 class UploadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bytes: int = Field(ge=1)
-    filename: str = Field(min_length=1, max_length=512)
+    filename: str = Field(min_length=1, max_length=FILENAME_CHARS)
     mime_type: str = Field(min_length=1, max_length=255)
     purpose: str
     expires_after: ExpiresAfter | None = None  # the life of the file the upload becomes
@@ -104,27 +105,31 @@ def create_upload(body: UploadBody, request: Request, key: Key):
     if body.bytes > limit:
         raise APIError(400, f"bytes: {body.bytes:,} is more than this server's upload limit of {limit:,} bytes "
                        f"({limit // 1024 // 1024} MB)", param="bytes", code="file_too_large")
-    quotas.check_file(request, key, body.bytes, pending_upload=True)
-    upload = request.app.state.store.add_upload(key, Path(body.filename).name, body.purpose, body.bytes,
-                                                body.mime_type, quotas.quotas_of(request).upload_expiry_s)
-    if body.expires_after is not None:  # the life of the file it becomes, from that file's creation
-        with request.app.state.store.lock:
-            request.app.state.store.db.execute("UPDATE uploads SET file_expires_s = ? WHERE id = ?",
-                                               (body.expires_after.seconds, upload["id"]))
+    filename = check_name(Path(body.filename).name, "filename", FILENAME_CHARS)
+    store = request.app.state.store
+    with quotas.room(store, key):  # counted and created in one transaction under the key's quota lock
+        quotas.check_file(request, key, body.bytes, pending_upload=True)
+        upload = store.add_upload(key, filename, body.purpose, body.bytes, body.mime_type,
+                                  quotas.quotas_of(request).upload_expiry_s)
+        if body.expires_after is not None:  # the life of the file it becomes, from that file's creation
+            with store.lock:
+                store.db.execute("UPDATE uploads SET file_expires_s = ? WHERE id = ?",
+                                 (body.expires_after.seconds, upload["id"]))
     return upload_object(upload)
 
 
 @router.post("/uploads/{upload_id}/parts")
 async def add_part(upload_id: str, request: Request, key: Key, data: Annotated[UploadFile, File()]):
+    """A part kept: its bytes, spooled by Starlette (never held in memory past 1 MB), copied into the store's folder
+    in the files lane."""
     await stored(request, key, _upload, request, key, upload_id)
-    content = await data.read(PART_BYTES + 1)
-    if len(content) > PART_BYTES:
+    if data.size is not None and data.size > PART_BYTES:
         raise APIError(400, f"a part holds at most {PART_BYTES // 1024 // 1024} MB", param="data",
                        code="part_too_large")
     store = request.app.state.store
-    part = await request.app.state.lanes.files.run(key, kept_part, store, upload_id, content)
+    part = await request.app.state.lanes.files.run(key, kept_part, store, upload_id, data.file)
     if part is None:  # cancelled, expired or completed while the part arrived, or past the declared bytes
-        raise await stored(request, key, too_large, request, key, upload_id, len(content))
+        raise await stored(request, key, too_large, request, key, upload_id, data.size or 0)
     return upload_part_object(part)
 
 
@@ -138,28 +143,40 @@ def too_large(request: Request, key, upload_id: str, size: int) -> APIError:
                     f"{upload['bytes']:,} it declared", param="data", code="upload_too_large")
 
 
-def kept_part(store, upload_id: str, content: bytes) -> dict | None:
-    """The part written and recorded if, at the moment it is recorded, its upload is still pending and has room for
-    it (one statement); else None, and its bytes are deleted."""
+def kept_part(store, upload_id: str, spooled) -> dict | None:
+    """The part copied from ``spooled`` and recorded if, at the moment it is recorded, its upload is still pending and
+    has room for it (one statement); else None, and its bytes are deleted."""
     pid, now = new_id("part"), int(time.time())
-    storage = store.root / "files" / f"part-{secrets.token_hex(16)}.bin"
-    storage.write_bytes(content)
+    storage = received(store, spooled)
+    size = storage.stat().st_size
     with store.lock:
         kept = store.db.execute(
             "INSERT INTO upload_parts (id, upload_id, created_at, bytes, storage) SELECT ?, ?, ?, ?, ? FROM uploads u "
             "WHERE u.id = ? AND u.status = 'pending' AND u.bytes >= ? + (SELECT COALESCE(SUM(bytes), 0) FROM "
             "upload_parts WHERE upload_id = u.id)",
-            (pid, upload_id, now, len(content), str(storage), upload_id, len(content))).rowcount == 1
+            (pid, upload_id, now, size, str(storage), upload_id, size)).rowcount == 1
     if not kept:
         storage.unlink(missing_ok=True)
         return None
     return {"id": pid, "upload_id": upload_id, "created_at": now}
 
 
-def joined(paths: list[str]) -> tuple[bytes, str]:
-    """The parts' bytes in order and their md5 (read off the event loop: an upload may be hundreds of MB)."""
-    content = b"".join(Path(p).read_bytes() for p in paths)
-    return content, hashlib.md5(content).hexdigest()  # noqa: S324 - a checksum the client compares
+def joined(store, paths: list[str]) -> tuple[Path, str]:
+    """The parts joined in order into one part file of the store's folder, a block at a time, and their md5 (off the
+    event loop, never in memory: an upload may be hundreds of MB)."""
+    digest = hashlib.md5()  # noqa: S324 - a checksum the client compares
+    out = store.root / "files" / f"part-{secrets.token_hex(16)}.bin"
+    try:
+        with out.open("wb") as sink:
+            for path in paths:
+                with open(path, "rb") as part:
+                    while block := part.read(COPY_BYTES):
+                        digest.update(block)
+                        sink.write(block)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out, digest.hexdigest()
 
 
 @router.post("/uploads/{upload_id}/complete")
@@ -202,31 +219,41 @@ async def back_to_pending(request: Request, key, upload_id: str, move: asyncio.F
     await stored(request, key, moved, request.app.state.store, upload_id, "completing", "pending", always=True)
 
 
-def completed(request: Request, key, upload: dict, content: bytes) -> dict:
-    """The checked ``content`` made the upload's file and the upload ``completed`` with it; a 400 (and the file
-    deleted) when the sweep expired it meanwhile."""
+def completed(request: Request, key, upload: dict, content: Path) -> dict:
+    """The checked ``content`` made the upload's file (its place in the key's quota was taken at the upload's
+    creation) and the upload ``completed`` with it; a 400 (and the file deleted) when the sweep expired it meanwhile."""
     store, upload_id = request.app.state.store, upload["id"]
-    file = kept_file(store, key, upload["filename"], upload["purpose"], content, upload.get("file_expires_s"))
+    try:
+        file = kept_file(request, key, upload["filename"], upload["purpose"], content, upload.get("file_expires_s"),
+                         counted=False)
+    finally:
+        content.unlink(missing_ok=True)  # kept: moved into the store
     if not moved(store, upload_id, "completing", "completed", file["id"]):
         store.delete_file(file["id"], key)
         raise not_pending(upload_id, store.get_upload(upload_id, key)["status"])
     return upload_object(store.get_upload(upload_id, key), file)
 
 
-async def checked_content(request: Request, key, upload: dict, parts: dict[str, dict], body: CompleteBody) -> bytes:
-    """The upload's ``parts`` joined in the order ``part_ids`` gives, after every check (400 naming the field)."""
+async def checked_content(request: Request, key, upload: dict, parts: dict[str, dict], body: CompleteBody) -> Path:
+    """The upload's ``parts`` joined in the order ``part_ids`` gives into one file, after every check (400 naming the
+    field; the joined file deleted then)."""
     unknown = [pid for pid in body.part_ids if pid not in parts]
     if unknown or len(set(body.part_ids)) != len(body.part_ids):
         what = f"not parts of this upload: {unknown[:3]}" if unknown else "a part is listed twice"
         raise APIError(400, f"part_ids: {what}", param="part_ids", code="invalid_value")
-    content, md5 = await request.app.state.lanes.files.run(key, joined, [parts[pid]["storage"] for pid in body.part_ids])
-    if len(content) != upload["bytes"]:
-        raise APIError(400, f"the parts hold {len(content):,} bytes; the upload declared {upload['bytes']:,}",
+    if (size := sum(parts[pid]["bytes"] for pid in body.part_ids)) != upload["bytes"]:
+        raise APIError(400, f"the parts hold {size:,} bytes; the upload declared {upload['bytes']:,}",
                        param="part_ids", code="upload_incomplete")
-    if body.md5 is not None and md5 != body.md5.lower():
-        raise APIError(400, "md5: the parts joined in this order do not have this checksum", param="md5",
-                       code="checksum_mismatch")
-    await checked(request, key, upload["purpose"], content, "part_ids")
+    content, md5 = await request.app.state.lanes.files.run(key, joined, request.app.state.store,
+                                                           [parts[pid]["storage"] for pid in body.part_ids])
+    try:
+        if body.md5 is not None and md5 != body.md5.lower():
+            raise APIError(400, "md5: the parts joined in this order do not have this checksum", param="md5",
+                           code="checksum_mismatch")
+        await checked(request, key, upload["purpose"], content, "part_ids")
+    except BaseException:
+        content.unlink(missing_ok=True)
+        raise
     return content
 
 

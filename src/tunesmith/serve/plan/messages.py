@@ -3,12 +3,9 @@ Responses' ``input`` items and function tools in chat's shape (the Responses API
 
 from __future__ import annotations
 
-import re
-
 from tunesmith.data.formats.chat import MESSAGE_KEYS, check_messages, hint
 from tunesmith.serve.errors import APIError
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from tunesmith.serve.store.values import check_value
 
 ROLES = {"user", "assistant", "system", "developer"}
 TEXT_PARTS = {"input_text", "output_text", "text"}
@@ -94,27 +91,5 @@ def chat_tools(body) -> tuple[list[dict] | None, str | dict | None]:
 def check_text(value, param: str) -> None:
     """400 on the first string inside ``value`` (a request field: text, or lists and objects of it, their keys
     included) holding a lone UTF-16 surrogate (``"\\ud800"``, which JSON lets through and no tokenizer or text
-    encoding can hold), naming where it is (the surrogate written as its escape)."""
-    stack = [(value, param)]
-    while stack:
-        node, where = stack.pop()
-        if isinstance(node, str):
-            if found := _SURROGATE.search(node):
-                raise _surrogate(where, found, "")
-        elif isinstance(node, dict):
-            for k in node:
-                if isinstance(k, str) and (found := _SURROGATE.search(k)):
-                    raise _surrogate(where, found, f" in the key '{_printable(k)}'")
-            stack += [(v, f"{where}.{k}") for k, v in reversed(node.items())]
-        elif isinstance(node, list):
-            stack += [(v, f"{where}[{i}]") for i, v in reversed(list(enumerate(node)))]
-
-
-def _printable(text: str) -> str:
-    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def _surrogate(where: str, found: re.Match, what: str) -> APIError:
-    return APIError(400, f"{where} holds a lone UTF-16 surrogate{what} (\\u{ord(found.group()):04x} at character "
-                    f"{found.start()}), which is not text; send the pair it belongs to, or valid UTF-8",
-                    param=where, code="invalid_value")
+    encoding can hold), naming where it is; a NUL is text here (:mod:`tunesmith.serve.store.values`)."""
+    check_value(value, param, nul_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from tunesmith.generation import GenParams
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan.fields import refuse_unknown
+from tunesmith.serve.store import values
 
 CHAT_DEFAULT_MAX = 256
 COMPLETION_DEFAULT_MAX = 16
@@ -57,9 +58,7 @@ MAX_SEED = 2**63 - 1  # what both engines take (vLLM reads -1 as "no seed")
 
 def check_seed(seed: int | None, n: int) -> None:
     """A seed both engines accept for every choice (``seed + i``); anything else is a 400 on ``seed``."""
-    if seed is not None and not 0 <= seed <= MAX_SEED - (n - 1):
-        raise APIError(400, f"seed must be from 0 to {MAX_SEED - (n - 1)} (choice i samples with seed + i), "
-                       f"got {seed}", param="seed", code="invalid_value")
+    values.check_seed(seed, "seed", MAX_SEED - (n - 1))
 
 
 def stream_flags(options, stream: bool | None, allowed=("include_usage", "include_obfuscation")) -> tuple[bool, bool]:

@@ -154,12 +154,16 @@ class SQLiteDatabase:
 
     row_lock = ""  # inside a transaction SQLite's write lock already holds every row
 
-    def execute(self, sql: str, params: Sequence = ()):
-        with unavailable_as_ours():
-            return self.db.execute(sql, params)
+    def execute(self, sql: str, params: Sequence = ()) -> Result:
+        """One statement, its rows read whole under the connection's lock: a statement of another thread never runs
+        inside a transaction of this one (it would commit or roll back with it), and a ``RETURNING`` statement is
+        finished (its write committed) before the lock is let go."""
+        with self.lock, unavailable_as_ours():
+            cur = self.db.execute(sql, params)
+            return Result(cur.fetchall(), cur.rowcount)
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
-        with unavailable_as_ours():
+        with self.lock, unavailable_as_ours():
             self.db.executemany(sql, rows)
 
     @contextlib.contextmanager

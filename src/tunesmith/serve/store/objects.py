@@ -23,6 +23,7 @@ from pathlib import Path
 from tunesmith.serve.store.claims import LEASE_S, Claim, Claims, claimable
 from tunesmith.serve.store.database import NOW, PostgresDatabase, SQLiteDatabase, open_database
 from tunesmith.serve.store.migrations import MIGRATIONS
+from tunesmith.serve.store.pages import page_rows
 
 Database = SQLiteDatabase | PostgresDatabase
 log = logging.getLogger("tunesmith.serve")
@@ -76,35 +77,41 @@ class Store:
     # --- files ------------------------------------------------------------------------------
 
     def add_file(self, owner: str | None, filename: str, purpose: str, content: bytes) -> dict:
-        fid = new_id("file")
-        storage = self.root / "files" / f"{secrets.token_hex(16)}.jsonl"
-        storage.write_bytes(content)
-        with self.lock:
-            self.db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, storage) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (fid, owner, filename, purpose, len(content), int(time.time()), str(storage)))
-        return self.get_file(fid, owner)
+        incoming = self.root / "files" / f"part-{secrets.token_hex(16)}.bin"
+        incoming.write_bytes(content)
+        return self.adopt_file(owner, filename, purpose, incoming)
 
-    def adopt_file(self, owner: str | None, filename: str, purpose: str, path: Path) -> dict:
-        """A file made of ``path`` (moved into the store, never read into memory: a batch's output)."""
-        fid = new_id("file")
+    def adopt_file(self, owner: str | None, filename: str, purpose: str, path: Path,
+                   expires_s: int | None = None) -> dict:
+        """A file made of ``path`` (moved into the store, never read into memory: a received upload, a batch's
+        output), expiring ``expires_s`` after its creation (None: kept until deleted); nothing is kept when its row
+        cannot be written."""
+        fid, now = new_id("file"), int(time.time())
         storage = self.root / "files" / f"{secrets.token_hex(16)}.jsonl"
         Path(path).replace(storage)
-        with self.lock:
-            self.db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, storage) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (fid, owner, filename, purpose, storage.stat().st_size, int(time.time()), str(storage)))
+        try:
+            with self.lock:
+                self.db.execute("INSERT INTO files (id, owner, filename, purpose, bytes, created_at, storage, expires_at) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                (fid, owner, filename, purpose, storage.stat().st_size, now, str(storage),
+                                 None if expires_s is None else now + expires_s))
+        except BaseException:
+            storage.unlink(missing_ok=True)
+            raise
         return self.get_file(fid, owner)
 
     def get_file(self, fid: str, owner: str | None) -> dict | None:
         row = self.db.execute("SELECT * FROM files WHERE id = ? AND owner IS ?", (fid, owner)).fetchone()
         return dict(row) if row else None
 
-    def list_files(self, owner: str | None, purpose: str | None = None) -> list[dict]:
-        sql, args = "SELECT * FROM files WHERE owner IS ?", [owner]
+    def list_files(self, owner: str | None, purpose: str | None = None, after: str | None = None,
+                   limit: int = 10_000, order: str = "desc") -> tuple[list[dict], bool]:
+        """One page of the owner's files (of ``purpose``), by creation, and whether more follow."""
+        where, args = "owner IS ?", [owner]
         if purpose:
-            sql, args = sql + " AND purpose = ?", [*args, purpose]
-        return [dict(r) for r in self.db.execute(sql + " ORDER BY created_at DESC, rowid DESC", args)]
+            where, args = where + " AND purpose = ?", [*args, purpose]
+        rows, more = page_rows(self.db, "files", where, args, ("created_at", "rowid"), after, limit, order == "desc")
+        return [dict(r) for r in rows], more
 
     def delete_file(self, fid: str, owner: str | None) -> bool:
         f = self.get_file(fid, owner)
@@ -186,10 +193,23 @@ class Store:
             row = self.db.execute("SELECT * FROM jobs WHERE id = ? AND owner IS ?", (jid, owner)).fetchone()
         return _job(row) if row else None
 
-    def list_jobs(self, owner: str | None) -> list[dict]:
-        """The owner's jobs, newest first (the route paginates)."""
-        return [_job(r) for r in self.db.execute(
-            "SELECT * FROM jobs WHERE owner IS ? ORDER BY created_at DESC, rowid DESC", (owner,))]
+    def list_jobs(self, owner: str | None, after: str | None = None, limit: int = 20,
+                  metadata: dict[str, str] | None = None) -> tuple[list[dict], bool]:
+        """One page of the owner's jobs, newest first, and whether more follow; with ``metadata``, only the jobs
+        carrying every pair ({}: the jobs without metadata)."""
+        where, args = "owner IS ?", [owner]
+        if metadata == {}:
+            where += " AND (metadata IS NULL OR metadata IN ('null', '{}'))"
+        for k, v in (metadata or {}).items():
+            where, args = where + f" AND {self._metadata_pair()}", [*args, k, v]
+        rows, more = page_rows(self.db, "jobs", where, args, ("created_at", "rowid"), after, limit)
+        return [_job(r) for r in rows], more
+
+    def _metadata_pair(self) -> str:
+        """SQL true when the row's ``metadata`` (a JSON object) holds the pair given as two parameters (key, value)."""
+        if self.db.kind == "postgresql":
+            return "json_extract_path_text(metadata::json, ?) = ?"
+        return "EXISTS (SELECT 1 FROM json_each(metadata) WHERE json_each.key = ? AND json_each.value = ?)"
 
     def all_jobs(self) -> list[dict]:
         return [_job(r) for r in self.db.execute("SELECT * FROM jobs ORDER BY created_at, rowid")]
@@ -278,7 +298,12 @@ class Store:
 
     def events(self, job_id: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))
-        return [{**dict(r), "data": json.loads(r["data"]) if r["data"] else None} for r in rows]
+        return [_event(r) for r in rows]
+
+    def events_page(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """One page of the job's events, newest first, and whether more follow."""
+        rows, more = page_rows(self.db, "events", "job_id = ?", [job_id], ("seq",), after, limit)
+        return [_event(r) for r in rows], more
 
     def supersede_steps(self, job_id: str, after: int) -> None:
         """Forget the step events and checkpoints past ``after``: a restart reports those steps again."""
@@ -342,9 +367,25 @@ class Store:
 
     def checkpoints(self, job_id: str) -> list[dict]:
         rows = self.db.execute("SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step_number DESC", (job_id,))
-        return [{**dict(r), "metrics": json.loads(r["metrics"])} for r in rows]
+        return [_checkpoint(r) for r in rows]
+
+    def checkpoints_page(self, job_id: str, after: str | None, limit: int) -> tuple[list[dict], bool]:
+        """One page of the job's checkpoints whose weights are still kept (the trainer keeps the newest; only those
+        can be served), the latest step first, and whether more follow: read a page at a time in SQL."""
+        kept, more = [], True
+        while more and len(kept) <= limit:
+            rows, more = page_rows(self.db, "checkpoints", "job_id = ?", [job_id], ("step_number",), after, limit + 1)
+            kept += [_checkpoint(r) for r in rows if Path(r["path"]).is_dir()]
+            after = rows[-1]["id"] if rows else after
+        return kept[:limit], len(kept) > limit
 
 
+def _event(row) -> dict:
+    return {**dict(row), "data": json.loads(row["data"]) if row["data"] else None}
+
+
+def _checkpoint(row) -> dict:
+    return {**dict(row), "metrics": json.loads(row["metrics"])}
 def _job(row) -> dict:
     d = dict(row)
     for key in JSON_COLUMNS:

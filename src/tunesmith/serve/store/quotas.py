@@ -5,13 +5,21 @@ Every limit lives in :class:`Quotas` (``tunesmith serve --quota NAME=VALUE`` cha
 before it creates anything; a key at its limit gets a 429 in OpenAI's shape (type ``insufficient_quota``, as OpenAI
 answers an exhausted quota, code ``quota_exceeded``) naming the quota, the key's use and how to make room, with
 ``x-should-retry: false``: waiting frees nothing a key keeps (the official clients would otherwise retry a 429),
-deleting does. Use is counted in SQL (``COUNT(*)``, ``SUM(bytes)``), never by loading rows. Two requests racing for
-the last place may both pass; a quota bounds what a key keeps, not to the object.
+deleting does. Use is counted in SQL (``COUNT(*)``, ``SUM(bytes)``), never by loading rows.
+
+A quota holds under concurrency, over every replica: the count and the object's insert run in one transaction that
+first takes the key's quota lock (:func:`room`: a PostgreSQL advisory lock held to the transaction's end; SQLite's
+write lock already serializes), so of creations racing for a key's last place one gets it, for files, uploads,
+fine-tuning jobs, batches, evals and eval runs. A route may also check early, outside the transaction, to refuse
+before costly work (reading a file, checking a job's data). Stored completions and responses are checked before the
+answer is generated and kept once it is paid for: requests racing for the last place may each keep theirs, at most
+the key's requests in flight past the quota.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -27,6 +35,7 @@ MB, GB = 1024**2, 1024**3
 DAY = 24 * 3600
 METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512  # OpenAI's metadata rule
 ACTIVE_BATCH = ("validating", "in_progress", "finalizing", "cancelling")
+ACTIVE_JOB = ("validating_files", "queued", "running", "paused")  # a fine-tuning job not finished
 LIVE_UPLOAD = ("pending", "completing")  # an upload still holding (or about to turn into) a file
 
 
@@ -39,6 +48,10 @@ class Quotas:
     batch_file_bytes: int | None = 200 * MB  # one batch input file, as at OpenAI
     batch_requests: int | None = 50_000  # requests in one batch, as at OpenAI
     batches: int | None = 10  # batches not finished (validating, in progress, finalizing, cancelling)
+    # fine-tuning jobs not finished (validating files, queued, running, paused). A server trains a key's jobs a few at
+    # a time (--jobs-per-key) and each takes minutes to hours, so a hundred is more than a day's queue for any key,
+    # while it bounds the rows of one key that the fair queue (its positions, its claims) reads
+    jobs: int | None = 100
     pending_uploads: int | None = 20  # uploads neither completed, cancelled nor expired
     upload_expiry_s: int = 3600  # an upload not completed within it expires, its parts deleted (as at OpenAI)
     batch_file_expiry_s: int | None = 30 * DAY  # a purpose "batch" file's life without expires_after (as at OpenAI)
@@ -120,6 +133,17 @@ def _check_count(request: Request, name: str, limit: int | None, sql: str, args:
         raise exceeded(name, limit, used, what, free)
 
 
+@contextlib.contextmanager
+def room(store, key):
+    """One transaction that first takes ``key``'s quota lock: a check made inside it and the insert that follows
+    commit together, so that of creations racing for the key's last place (on any replica) one gets it. The store's
+    own lock is held for the whole transaction, never taken again in the middle of it: a thread holding the lock can
+    then never wait for a pooled connection that a transaction waiting for the lock holds."""
+    with store.lock, store.db.transaction():
+        store.db.serialize(f"quota:{key}")
+        yield
+
+
 # --- checks before a route creates an object -----------------------------------------------------------------
 
 
@@ -161,6 +185,12 @@ def check_batch_create(request: Request, key, metadata, requests: int | None = N
                        code="too_many_requests")
     _check_count(request, "batches", q.batches, f"SELECT COUNT(*) FROM batches WHERE owner IS ? AND status IN "
                  f"{_in(ACTIVE_BATCH)}", (key,), "batches unfinished", "Wait for one to end or cancel one (batches.cancel)")
+
+
+def check_job(request: Request, key) -> None:
+    _check_count(request, "jobs", quotas_of(request).jobs, f"SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status IN "
+                 f"{_in(ACTIVE_JOB)}", (key,), "fine-tuning jobs unfinished (validating, queued, running or paused)",
+                 "Wait for one to end or cancel one (fine_tuning.jobs.cancel)")
 
 
 def check_stored_completion(request: Request, key) -> None:
@@ -262,7 +292,7 @@ def _drop_expired_files(store, now: int) -> int:
     with store.lock:
         rows = store.db.execute(
             "SELECT id, storage FROM files f WHERE expires_at IS NOT NULL AND expires_at < ? AND NOT EXISTS (SELECT 1 "
-            "FROM jobs j WHERE j.status IN ('validating_files', 'queued', 'running', 'paused') AND f.id IN "
+            f"FROM jobs j WHERE j.status IN {_in(ACTIVE_JOB)} AND f.id IN "
             f"(j.training_file, j.validation_file)) AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.status IN {_in(ACTIVE_BATCH)} "
             "AND b.input_file_id = f.id)", (now,)).fetchall()
         store.db.executemany("DELETE FROM files WHERE id = ?", [(r["id"],) for r in rows])
