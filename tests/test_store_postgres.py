@@ -232,3 +232,41 @@ def test_eval_runs_a_dead_replica_held_are_claimed_by_a_live_one_and_live_ones_k
     assert [r["id"] for r, _ in taken] == [runs[1]["id"]]  # the dead replica's run, claimed by a live one
     assert resume.claim_abandoned(store, "a third") == []  # claimed once
     assert made[0][1].renew() and not made[1][1].renew()  # the live one keeps its own; the dead one's is gone
+
+def test_one_keys_admissions_waiting_on_the_database_do_not_delay_another_keys(postgres, tmp_path):
+    """Key A's 40 admissions all wait on A's advisory lock (held elsewhere, as a slow transaction would): they wait
+    in the admission lane, one at a time, so key B's admission finds a thread and a connection at once (without the
+    lane they filled the default thread pool and B waited for A's lock timeout)."""
+    import asyncio
+    import time
+
+    import psycopg
+
+    from tunesmith.serve.api.rate_limits import KeyLimiter, KeyLimits
+    from tunesmith.serve.api.shared_limits import SharedPlaces
+    from tunesmith.serve.store.database import _lock_id
+
+    url = postgres()
+    s = Store(tmp_path / "data", url)
+    limiter = KeyLimiter(KeyLimits(requests=1000))
+    limiter.shared = SharedPlaces(s, "r1")
+
+    async def burst_then_other() -> float:
+        with psycopg.connect(url, autocommit=True) as other:  # A's lock held by another replica's long transaction
+            other.execute("SELECT pg_advisory_lock(%s)", (_lock_id("key_places:A"),))
+            burst = [asyncio.ensure_future(limiter.admitted("A")) for _ in range(40)]
+            await asyncio.sleep(0.3)  # A's admissions are all waiting now
+            start = time.perf_counter()
+            ticket = await limiter.admitted("B")
+            took = time.perf_counter() - start
+            ticket.release()
+            other.execute("SELECT pg_advisory_unlock(%s)", (_lock_id("key_places:A"),))
+        for t in await asyncio.gather(*burst, return_exceptions=True):
+            if not isinstance(t, BaseException):
+                t.release()
+        return took
+
+    took = asyncio.run(burst_then_other())
+    assert took < 0.5, f"key B waited {took:.3f} s behind key A's admissions"
+    limiter.shared.close()
+    s.close()
