@@ -54,8 +54,8 @@ def test_a_job_continued_from_a_fine_tune_trains_from_its_weights_and_answers(li
     reply = c.chat.completions.create(model=second.fine_tuned_model, max_tokens=4, temperature=0,
                                       messages=[{"role": "user", "content": "Where is my card?"}])
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens > 0
-    first_adapter = live["data_dir"] / "runs" / first.id / "train" / "adapter"
-    second_adapter = live["data_dir"] / "runs" / second.id / "train" / "adapter"
+    first_adapter = live["data_dir"] / "runs" / first.id / "attempt-1" / "train" / "adapter"  # its first claim's
+    second_adapter = live["data_dir"] / "runs" / second.id / "attempt-1" / "train" / "adapter"
     assert first_adapter.is_dir() and second_adapter.is_dir()
     assert (second_adapter / "adapter_model.safetensors").read_bytes() != \
         (first_adapter / "adapter_model.safetensors").read_bytes()  # it trained on

@@ -26,7 +26,7 @@ class FakeRay:
             def options(self, **_):
                 return self
 
-            def remote(self, root, job_id):
+            def remote(self, root, job_id, holder, generation):
                 outer.submitted.append(job_id)
                 return object()
 

@@ -108,29 +108,37 @@ def test_tokens_over_replicas_are_refused_with_a_503_when_the_database_is_unreac
         assert http_get(f"{root}/health")[0] == 200  # alive: not a reason to restart it
 
 
-def test_a_keys_tokens_are_summed_over_replicas_and_leave_with_the_minute(postgres, tmp_path, monkeypatch):
+def test_a_keys_tokens_are_summed_over_replicas_and_leave_with_the_minute(postgres, tmp_path):
     """SharedPlaces.spend on two replicas: one key's seconds summed over both, another key apart, a second counted
-    until the minute after its end has passed, and seconds long past deleted by a replica's renewal."""
+    until the minute after its end has passed (in the database's clock: the key's seconds are aged in the table),
+    and seconds long past deleted by a replica's renewal."""
     import tunesmith.serve.api.shared_limits as shared_limits
     from tunesmith.serve.errors import APIError
     from tunesmith.serve.store import Store
 
-    now = [1_000_000.5]
-    monkeypatch.setattr(shared_limits.time, "time", lambda: now[0])
     store = Store(tmp_path / "data", postgres())
     one, two = shared_limits.SharedPlaces(store, "r1"), shared_limits.SharedPlaces(store, "r2")
-    assert one.spend("k", 60, 100, 60.0) == (True, [(-0.5, 60)])
-    now[0] += 10
-    assert two.spend("k", 50, 100, 60.0) == (False, [(9.5, 60)])  # 60 + 50 > 100, whichever replica asks
+
+    def age(seconds: int) -> None:  # the key's seconds as if that much older
+        store.db.execute("UPDATE key_tokens SET bucket = bucket - ? WHERE owner = 'k'", (seconds,))
+
+    charged, window = one.spend("k", 60, 100, 60.0)
+    assert charged and [n for _, n in window] == [60] and -1.0 <= window[0][0] <= 0.0  # this second: ends ahead
+    assert not two.spend("k", 50, 100, 60.0)[0]  # 60 + 50 > 100, whichever replica asks
     assert two.spend("other", 100, 100, 60.0)[0]  # another key counts apart
-    assert two.spend("k", 40, 100, 60.0) == (True, [(9.5, 60), (-0.5, 40)])
-    now[0] = 1_000_000 + 1 + 60 - 0.01  # the first second's minute has not quite passed
+    charged, window = two.spend("k", 40, 100, 60.0)
+    assert charged and sum(n for _, n in window) == 100
+    age(59)  # the minute after the first second's end has not passed
     assert not one.spend("k", 1, 100, 60.0)[0]
-    now[0] = 1_000_000 + 1 + 60  # now it has: its 60 tokens have left
-    assert one.spend("k", 60, 100, 60.0) == (True, [(50.0, 40), (-1.0, 60)])  # 40 + 60: the limit, not past it
+    age(2)  # now it has: every one of its tokens has left
+    charged, window = one.spend("k", 60, 100, 60.0)
+    assert charged and [n for _, n in window] == [60]
     rows = lambda: store.db.execute("SELECT COUNT(*) FROM key_tokens").fetchone()[0]  # noqa: E731
-    assert rows() == 4
-    now[0] += shared_limits.TOKENS_KEPT_S
+    assert rows() >= 3
+    store.db.execute("UPDATE key_tokens SET bucket = bucket - ? WHERE owner = 'other'",
+                     (int(shared_limits.TOKENS_KEPT_S) + 5,))
+    age(int(shared_limits.TOKENS_KEPT_S) + 5)
+    one.spend("k", 1, 100, 60.0)
     one.renew()
     assert rows() == 1  # only the last second is within TOKENS_KEPT_S
     store.db.close()

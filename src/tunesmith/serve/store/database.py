@@ -140,30 +140,44 @@ def _retry_while_locked(op, seconds: float = 30.0):
 
 
 class SQLiteDatabase:
-    """One SQLite file in write-ahead-log mode, one connection shared by the server's threads."""
+    """One SQLite file in write-ahead-log mode, a connection for each thread that uses it: a thread's statements never
+    land in another thread's transaction, and a reader sees the last commit without waiting for a writer (WAL's
+    snapshots). Writers take the file's write lock in turn (``busy_timeout``: 30 s); transactions of this process also
+    take :attr:`lock` first, as the stores' multi-statement writes do."""
 
     kind = "sqlite"
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self.db.row_factory = sqlite3.Row
-        self.db.create_function("db_now", 0, time.time)  # one server, one machine: its clock is the store's
-        _retry_while_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
+        self.local = threading.local()
         self.lock = threading.RLock()
+        self.opened: list[sqlite3.Connection] = []
+        _retry_while_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (made at its first use)."""
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.create_function("db_now", 0, time.time)  # one server, one machine: its clock is the store's
+            self.local.conn = conn
+            with self.lock:
+                self.opened.append(conn)
+        return conn
 
     row_lock = ""  # inside a transaction SQLite's write lock already holds every row
 
     def execute(self, sql: str, params: Sequence = ()) -> Result:
-        """One statement, its rows read whole under the connection's lock: a statement of another thread never runs
-        inside a transaction of this one (it would commit or roll back with it), and a ``RETURNING`` statement is
-        finished (its write committed) before the lock is let go."""
-        with self.lock, unavailable_as_ours():
+        """One statement on this thread's connection, its rows read whole (a ``RETURNING`` statement is finished, its
+        write committed, before it returns)."""
+        with unavailable_as_ours():
             cur = self.db.execute(sql, params)
             return Result(cur.fetchall(), cur.rowcount)
 
     def executemany(self, sql: str, rows: Sequence[Sequence]) -> None:
-        with self.lock, unavailable_as_ours():
+        with unavailable_as_ours():
             self.db.executemany(sql, rows)
 
     @contextlib.contextmanager
@@ -219,7 +233,10 @@ class SQLiteDatabase:
         return f"json_extract({column}, '$.{_identifier(name)}')"
 
     def close(self) -> None:
-        self.db.close()
+        with self.lock:
+            for conn in self.opened:
+                conn.close()
+            self.opened.clear()
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------------------
