@@ -4,6 +4,7 @@
   adapters and per-row sampling through transformers' logits processors.
 - ``batch``: a list of prompts through the engine (evaluation greedy by default, synthesis sampled).
 - ``scoring``: log-likelihood of candidate labels after each prompt (closed-label evaluation).
+- ``prompt_logprobs``: each prompt token's logprob, from the engine's own prefill (a harness's scoring request).
 - ``sampling``: a row's settings, its sampler, end-of-turn ids and stop strings.
 
 Nothing here imports the stages that use it (eval, synth, serve, tasks).
