@@ -7,7 +7,7 @@ is kept apart."""
 import pytest
 import torch
 
-from tunesmith.generation import ContinuousBatch, GenParams, Row, prompt_logprobs
+from tunesmith.generation import ContinuousBatch, GenParams, Row, logprobs
 
 
 def reference(model, ids: list[int]) -> list[float]:
@@ -25,10 +25,10 @@ def run(batch: ContinuousBatch, rows: list[Row]) -> None:
         batch.step()
 
 
-@pytest.mark.parametrize("chunk_logits", [prompt_logprobs.SCORED_LOGITS, 3 * 600])  # whole, or 3 positions a chunk
+@pytest.mark.parametrize("chunk_logits", [logprobs.SCORED_LOGITS, 3 * 600])  # whole, or 3 positions a chunk
 def test_prompt_logprobs_match_a_plain_forward_pass(tiny_model, monkeypatch, chunk_logits):
     model, tok = tiny_model
-    monkeypatch.setattr(prompt_logprobs, "SCORED_LOGITS", chunk_logits)
+    monkeypatch.setattr(logprobs, "SCORED_LOGITS", chunk_logits)
     texts = ["my card has not arrived yet", "pin blocked", "what is the exchange rate for euros today"]
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     batch = ContinuousBatch(model, tok, max_rows=8)

@@ -20,19 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tunesmith.errors import ModelError
+from tunesmith.generation.logprobs import (
+    TokenLogprob,
+    chunk_positions,
+    logprobs_before_processors,
+    own_share,
+    record_logprobs,
+    scored_prefill,
+)
 from tunesmith.generation.sampling import GenParams, has_stop, row_sampler, stop_ids
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model (before temperature, penalties or a schema mask,
-    as vLLM reports them) and the ``top`` most probable tokens at that step: ``(token id, logprob)``."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(eq=False)
@@ -203,10 +201,8 @@ class ContinuousBatch:
         return (out.logits.float() if every_position else out.logits[:, -1, :].float()), out.past_key_values
 
     def _scored_prefill(self, ids, mask, positions, rows: list[Row]):
-        """A prefill that records each row's prompt logprobs (:mod:`tunesmith.generation.prompt_logprobs`)."""
+        """A prefill that records each row's prompt logprobs (:mod:`tunesmith.generation.logprobs`)."""
         from transformers import DynamicCache
-
-        from tunesmith.generation.prompt_logprobs import chunk_positions, scored_prefill
 
         def forward(chunk_ids, chunk_mask, chunk_positions, cache):
             return self._forward(chunk_ids, chunk_mask, chunk_positions, rows, cache, every_position=True)
@@ -248,8 +244,6 @@ class ContinuousBatch:
         returns the cache, mask and the rows that go on."""
         import torch
         from transformers import DynamicCache
-
-        from tunesmith.generation.prompt_logprobs import own_share
 
         device = self.model.device
         firsts, owner = shared_prompts(rows)
@@ -294,9 +288,9 @@ class ContinuousBatch:
     def _advance(self, rows: list[Row], logits) -> tuple[list[int], list[Row]]:
         """Append each row's next token. Returns the indices of rows that go on, and the rows that finished
         (abandoned rows are in neither)."""
-        wanted, logp = _logprobs_before_processors(rows, logits)
+        wanted, logp = logprobs_before_processors(rows, logits)
         tokens = self._next_tokens(rows, logits)
-        _record_logprobs(rows, wanted, logp, tokens, self.eos_ids)
+        record_logprobs(rows, wanted, logp, tokens, self.eos_ids)
         now = time.monotonic()
         keep, finished = [], []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -441,36 +435,6 @@ def _split_paused(groups: list[_Paused], chosen) -> tuple[list[_Paused], list[_P
             picked.append(group.subset(take))
             kept.append(group.subset([i for i in range(len(group.rows)) if i not in set(take)]))
     return picked, kept
-
-
-def _logprobs_before_processors(rows: list[Row], logits):
-    """The rows that asked for logprobs (and generate) and their log-softmax, taken before any processor (a schema
-    mask, penalties, temperature) changes the logits in place."""
-    wanted = [i for i, r in enumerate(rows) if r.logprobs is not None and r.params.max_tokens]
-    if not wanted:
-        return wanted, None
-    import torch
-
-    return wanted, torch.log_softmax(logits[wanted].float(), -1)
-
-
-def _record_logprobs(rows: list[Row], wanted: list[int], logp, tokens: list[int], eos_ids: set[int]) -> None:
-    """Append each generated token's logprob (and top alternatives) to the rows that asked for them; the end of
-    sequence that stops a row is not one of its tokens, and is kept apart (``end_logprob``)."""
-    if not wanted:
-        return
-    import torch
-
-    k = max(rows[i].logprobs for i in wanted)
-    top_v, top_i = logp.topk(k, -1) if k else (None, None)
-    chosen = logp[torch.arange(len(wanted)), torch.tensor([tokens[i] for i in wanted])].tolist()
-    for j, i in enumerate(wanted):
-        n = rows[i].logprobs
-        top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)) if n else ()
-        if tokens[i] in eos_ids:
-            rows[i].end_logprob = TokenLogprob(tokens[i], chosen[j], top)
-        else:
-            rows[i].token_logprobs.append(TokenLogprob(tokens[i], chosen[j], top))
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> list[list[int]]:

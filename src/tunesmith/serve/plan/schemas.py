@@ -108,11 +108,10 @@ def prompt_form(v):
         return v
     if not isinstance(v, list) or not v:
         raise ValueError(f"give {PROMPT_FORMS}")
-    for kind, is_kind in (("token id", _token_id), ("string", lambda x: isinstance(x, str)),
-                          ("token-id array", lambda x: isinstance(x, list))):
-        if is_kind(v[0]):
-            break
-    else:
+    forms = (("token id", _token_id), ("string", lambda x: isinstance(x, str)),
+             ("token-id array", lambda x: isinstance(x, list)))
+    kind, is_kind = next(((k, f) for k, f in forms if f(v[0])), (None, None))
+    if kind is None:
         raise ValueError(f"prompt[0] is {_shown(v[0])}: give {PROMPT_FORMS}")
     for i, x in enumerate(v):
         if not is_kind(x):
