@@ -159,10 +159,10 @@ class VllmEngine(InferenceEngine):
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None) -> Request:
         """Each choice one vLLM request, sent when its tenant's share has room (:meth:`_share_out`); its
         ``priority`` the number of this tenant's rows already in vLLM (vLLM's priority scheduling serves lower
-        numbers first)."""
+        numbers first). A row that scores its prompt is never paused (its continuation would score another one)."""
         if not self.server.ready.is_set():
             raise unavailable()
         loop = asyncio.get_running_loop()
@@ -170,8 +170,9 @@ class VllmEngine(InferenceEngine):
         name, deadline = self.served_name(model_id), loop.time() + self.request_timeout_s
         rows = []
         for i, p in enumerate(params):
-            pausable = may_pause(p, constraint is not None)
-            body = completion_body(name, prompt_ids, p, constraint.body if constraint else None, logprobs)
+            pausable = may_pause(p, constraint is not None) and prompt_logprobs is None
+            body = completion_body(name, prompt_ids, p, constraint.body if constraint else None, logprobs,
+                                   prompt_logprobs)
             rows.append(Row(request=request, index=i, body=body, model_id=model_id, params=p, constraint=constraint,
                             tenant=tenant, background=background, stream=stream, pausable=pausable,
                             deadline=deadline))
@@ -335,7 +336,7 @@ class VllmEngine(InferenceEngine):
                 for choice in doc.get("choices", []):
                     text = row.take(choice)
                     if text is not None and row.stream:
-                        row.request.push(row.index, Delta(text, chat_logprobs(choice.get("logprobs"))))
+                        row.request.push(row.index, Delta(text, chat_logprobs(row.logprobs[-1])))
                 if row.prefill and row.generated:
                     self._prefilled(row)
                     self._share_out()
