@@ -72,7 +72,7 @@ def test_every_request_ends_within_its_deadline_with_an_openai_error(fake_engine
     assert (late.status, late.body["code"]) == (504, "timeout") and time.monotonic() - t0 < DEADLINE_S + 3
     broken = error_of(fake_engine, "broken")  # a 200 whose body is not JSON
     assert broken.status == 502 and broken.body["type"] == "server_error"
-    monkeypatch.setattr("tunesmith.serve.engines.vllm.wire.generation", lambda *a: 1 / 0)  # any exception at all
+    monkeypatch.setattr("tunesmith.serve.engines.vllm.wire.prompt_entries", lambda *a: 1 / 0)  # any exception at all
     assert "ZeroDivisionError" in error_of(fake_engine, "fine").body["message"]
     assert fake_engine.in_flight() == 0
 

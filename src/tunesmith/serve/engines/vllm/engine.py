@@ -73,16 +73,19 @@ class VllmEngine(InferenceEngine):
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
                  gpu_memory_utilization: float | None = None, max_rows: int = VLLM_BATCH_ROWS,
                  contended_rows: int | None = None, prefill_tokens: int | None = None):
-        from tunesmith.serve.engines.vllm.adapters import AdapterLoader
+        from tunesmith.models.names import resolve
+        from tunesmith.serve.engines.vllm.adapters import AdapterLoader, lora_targets
         from tunesmith.serve.engines.vllm.server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
         super().__init__(base)
+        targets = lora_targets(resolve(base))
         # the user's --vllm-arg come last and win
-        launch = vllm_launch(base, (*engine_args(), *extra_args), gpu_memory_utilization)
+        launch = vllm_launch(base, (*engine_args(), "--lora-target-modules", *targets, *extra_args),
+                             gpu_memory_utilization)
         self.request_timeout_s = request_timeout_s
         self.server = VllmServer(vllm_python(python), launch, log_dir, on_restart=self._restarted,
                                  start_timeout_s=start_timeout_s or START_TIMEOUT_S)
-        self.loader = AdapterLoader(self._post_adapter, self.server.ready)
+        self.loader = AdapterLoader(self._post_adapter, self.server.ready, targets)
         self.server.start()
         self.context_length = self.server.max_model_len or self.tokenizer.model_max_length
         self.tasks: set[asyncio.Task] = set()  # every vLLM call in flight
