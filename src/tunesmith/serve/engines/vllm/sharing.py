@@ -128,7 +128,7 @@ class Row:
         lp = choice.get("logprobs")
         if lp and self.body.get("echo") and self.prompt_logprobs is None:
             self.prompt_logprobs, lp = split_logprobs(lp, len(self.body["prompt"]))
-        ids = choice.get("token_ids") or () if self.body["max_tokens"] else ()
+        ids = (choice.get("token_ids") or ()) if self.body["max_tokens"] else ()
         self.generated.extend(ids)
         self.finish = choice.get("finish_reason") or self.finish
         if choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None and ids and lp and lp["tokens"]:
