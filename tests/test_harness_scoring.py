@@ -117,6 +117,7 @@ def compare_with_hf(tmp_path: Path, engine: str, model: str, folder: str) -> Non
     assert sum(bool(a.strip()) for a in answers) >= 6, answers  # the model answered, not an empty string each time
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_and_answers_through_the_builtin_engine_as_its_hf_backend(tmp_path):
     from tunesmith.models import registry
 
