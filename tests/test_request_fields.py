@@ -127,9 +127,11 @@ def test_nested_options_are_checked_too(client):
         with pytest.raises(openai.BadRequestError) as exc:
             c.chat.completions.create(model=model, messages=[{"role": "user", "content": "json"}], **kw)
         assert exc.value.body["param"] == param, exc.value.body
-    with pytest.raises(openai.BadRequestError) as exc:
-        c.completions.create(model=model, prompt="hi", logprobs=1, echo=True)
-    assert exc.value.body["param"] == "echo"
+    for kw, param in (({"logprobs": 1, "echo": True, "stream": True}, "stream"), ({"max_tokens": 0}, "max_tokens"),
+                      ({"prompt": [5, 10**6]}, "prompt"), ({"prompt": [[5], []]}, "prompt"), ({"logprobs": 6}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.completions.create(model=model, **{"prompt": "hi", **kw})
+        assert exc.value.body["param"] == param, exc.value.body
     with pytest.raises(openai.BadRequestError) as exc:
         c.completions.create(model=model, prompt="hi", n=1, best_of=3)
     assert exc.value.body["param"] == "best_of"

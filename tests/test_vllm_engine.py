@@ -98,6 +98,37 @@ def test_stream_n_seed_stop_and_logprobs_pass_through(served):
     assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-4 for t in content)
 
 
+def test_scoring_requests_answer_as_on_the_builtin_engine(served):
+    """Token-id prompts, echo with logprobs (the prompt's entries, the first None), max_tokens 0, and an answer ended
+    by its end of sequence (listed last): the same tokens and logprobs as the built-in engine, within 1e-4."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.models import registry
+
+    tok = AutoTokenizer.from_pretrained(registry.cached_path(EMBEDDED))
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Message: my card has not arrived\nIntent: card",
+                                                                    chat + "The capital of France is Paris.")]
+    kinds = [{"prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 1},
+             {"prompt": ids[0], "echo": True, "logprobs": 1, "max_tokens": 0},
+             {"prompt": ids[0], "echo": True, "logprobs": 0, "max_tokens": 3}]
+    for kw in kinds:
+        ours, theirs = (client(url, key).completions.create(model=EMBEDDED, temperature=0, **kw)
+                        for url, key in ((served["url"], "k1"), (served["builtin_url"], "any")))
+        for a, b in zip(ours.choices, theirs.choices, strict=True):
+            assert a.text == b.text and a.finish_reason == b.finish_reason and a.logprobs.tokens == b.logprobs.tokens
+            assert a.logprobs.token_logprobs[0] is None is b.logprobs.token_logprobs[0]
+            assert a.logprobs.top_logprobs[0] is None is b.logprobs.top_logprobs[0]
+            assert a.logprobs.token_logprobs[1:] == pytest.approx(b.logprobs.token_logprobs[1:], rel=1e-4, abs=1e-5)
+        if kw["max_tokens"] == 0:
+            assert ours.usage.completion_tokens == 0 and len(ours.choices[0].logprobs.tokens) == len(ids[0])
+    ended = client(served["url"]).completions.create(model=EMBEDDED, prompt=ids[1], echo=True, logprobs=1, max_tokens=1,
+                                                     temperature=0).choices[0]
+    assert ended.finish_reason == "stop" and ended.logprobs.tokens[-1] == tok.eos_token
+    assert len(ended.logprobs.tokens) == len(ids[1]) + 1
+
+
 def test_vllm_errors_become_openai_errors(served):
     engine = served["engine"]
 

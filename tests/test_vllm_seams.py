@@ -72,9 +72,27 @@ def test_every_request_ends_within_its_deadline_with_an_openai_error(fake_engine
     assert (late.status, late.body["code"]) == (504, "timeout") and time.monotonic() - t0 < DEADLINE_S + 3
     broken = error_of(fake_engine, "broken")  # a 200 whose body is not JSON
     assert broken.status == 502 and broken.body["type"] == "server_error"
-    monkeypatch.setattr("tunesmith.serve.engines.vllm.wire.generation", lambda *a: 1 / 0)  # any exception at all
+    monkeypatch.setattr("tunesmith.serve.engines.vllm.wire.prompt_entries", lambda *a: 1 / 0)  # any exception at all
     assert "ZeroDivisionError" in error_of(fake_engine, "fine").body["message"]
     assert fake_engine.in_flight() == 0
+
+
+def test_an_adapter_with_lora_outside_the_served_layers_is_refused_naming_them(tiny_model_dir, tmp_path):
+    """vLLM serves adapters on the model's linear layers but its output layer; an adapter that also trains the output
+    layer would be served without it, so it is refused before vLLM sees it, naming the layers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.serve.engines.vllm.adapters import lora_targets, untargeted
+
+    targets = lora_targets(str(tiny_model_dir))
+    assert set(targets) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for name, modules in (("linear", "all-linear"), ("head", ["q_proj", "lm_head"])):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=2, target_modules=modules))
+        model.save_pretrained(tmp_path / name)
+    assert untargeted(str(tmp_path / "linear"), targets) is None
+    assert "['lm_head']" in untargeted(str(tmp_path / "head"), targets)
 
 
 def test_a_refused_adapter_is_a_4xx_for_that_model_only(fake_engine):

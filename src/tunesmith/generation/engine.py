@@ -20,19 +20,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tunesmith.errors import ModelError
+from tunesmith.generation.logprobs import (
+    TokenLogprob,
+    chunk_positions,
+    logprobs_before_processors,
+    own_share,
+    record_logprobs,
+    scored_prefill,
+)
 from tunesmith.generation.sampling import GenParams, has_stop, row_sampler, stop_ids
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A generated token's log-probability under the model (before temperature, penalties or a schema mask,
-    as vLLM reports them) and the ``top`` most probable tokens at that step: ``(token id, logprob)``."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(eq=False)
@@ -42,7 +40,7 @@ class Row:
     ``adapter``: a loaded PEFT adapter's name, ``BASE`` for the bare base model, or None for the model as
     it is (its active adapter, if any). ``processors``: extra logits processors for this row only (e.g. a
     JSON-schema mask), run before temperature and top-p. ``deadline``: a ``time.monotonic()`` after which
-    the row ends with "length".
+    the row ends with "length". A row with ``max_tokens`` 0 (its prompt scored alone) ends at its prefill.
     """
 
     prompt_ids: list[int]
@@ -56,6 +54,9 @@ class Row:
     sampler: object = field(default=None, repr=False)  # a RowSampler, None for plain greedy rows
     logprobs: int | None = None  # report each generated token's log-probability and this many top alternatives
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
+    end_logprob: TokenLogprob | None = None  # the end-of-sequence token that stopped the row, when logprobs are asked
+    prompt_logprobs: int | None = None  # score the prompt too: each token's logprob and this many top alternatives
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token after the first
     error: BaseException | None = None  # why this row failed alone (finish_reason "error"; isolate_rows only)
 
     @property
@@ -185,7 +186,9 @@ class ContinuousBatch:
 
     # --- forward passes ---------------------------------------------------------------------
 
-    def _forward(self, input_ids, mask, positions, rows: list[Row], cache):
+    def _forward(self, input_ids, mask, positions, rows: list[Row], cache, every_position: bool = False):
+        """The model over ``input_ids``: the last position's logits ([rows, vocab]; with ``every_position``, every
+        position's: [rows, positions, vocab]) and the cache."""
         import torch
 
         kw = {}
@@ -194,8 +197,18 @@ class ContinuousBatch:
             kw["adapter_names"] = names
         with torch.inference_mode():
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True, logits_to_keep=1, **kw)
-        return out.logits[:, -1, :].float(), out.past_key_values
+                             use_cache=True, logits_to_keep=0 if every_position else 1, **kw)
+        return (out.logits.float() if every_position else out.logits[:, -1, :].float()), out.past_key_values
+
+    def _scored_prefill(self, ids, mask, positions, rows: list[Row]):
+        """A prefill that records each row's prompt logprobs (:mod:`tunesmith.generation.logprobs`)."""
+        from transformers import DynamicCache
+
+        def forward(chunk_ids, chunk_mask, chunk_positions, cache):
+            return self._forward(chunk_ids, chunk_mask, chunk_positions, rows, cache, every_position=True)
+
+        chunk = chunk_positions(len(rows), self.model.config.vocab_size)
+        return scored_prefill(forward, ids, mask, positions, rows, DynamicCache(), chunk)
 
     def _adapter_names(self, rows: list[Row]) -> list[str] | None:
         """PEFT's per-row adapter names, or None when every row runs the model as it is."""
@@ -211,21 +224,24 @@ class ContinuousBatch:
 
     def _prefill(self, rows: list[Row]) -> list[Row]:
         """Prefill the joining rows in groups of similar prompt length (padding costs a forward pass its full
-        price), take each row's first token and merge the survivors into the batch in one concatenation."""
+        price), take each row's first token and merge the survivors into the batch in one concatenation. Rows that
+        score their prompt are grouped apart: their pass keeps every position's logits."""
         finished: list[Row] = []
         parts = []
-        for group in prefill_groups([len(r.prompt_ids) for r in rows]):
-            members = [rows[i] for i in group]
-            cache, mask, keep = self._prefill_group(members, finished)
-            if keep:
-                parts.append(([members[i] for i in keep], cache, mask, keep))
+        for kind in ([r for r in rows if r.prompt_logprobs is None], [r for r in rows if r.prompt_logprobs is not None]):
+            for group in prefill_groups([len(r.prompt_ids) for r in kind]):
+                members = [kind[i] for i in group]
+                cache, mask, keep = self._prefill_group(members, finished)
+                if keep:
+                    parts.append(([members[i] for i in keep], cache, mask, keep))
         if parts:
             self._merge(parts)
         return finished
 
     def _prefill_group(self, rows: list[Row], finished: list[Row]):
         """One left-padded forward pass over these prompts, each distinct (prompt, adapter) once, its cache and
-        last logits copied to every row that shares it; returns the cache, mask and the rows that go on."""
+        last logits (and prompt logprobs, for rows that score their prompt) copied to every row that shares it;
+        returns the cache, mask and the rows that go on."""
         import torch
         from transformers import DynamicCache
 
@@ -240,7 +256,12 @@ class ContinuousBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         for r in rows:
             r.sampler = self._row_part(r, row_sampler, r.params, r.processors, len(r.prompt_ids))
-        logits, cache = self._forward(ids, mask, positions, distinct, DynamicCache())
+        if distinct[0].prompt_logprobs is None:
+            logits, cache = self._forward(ids, mask, positions, distinct, DynamicCache())
+        else:
+            logits, cache = self._scored_prefill(ids, mask, positions, distinct)
+            for r, o in zip(rows, owner, strict=True):
+                r.prompt_token_logprobs = own_share(distinct[o].prompt_token_logprobs, r.prompt_logprobs)
         if len(distinct) < len(rows):
             index = torch.tensor(owner, device=device)
             logits, mask = logits.index_select(0, index), mask.index_select(0, index)
@@ -267,9 +288,9 @@ class ContinuousBatch:
     def _advance(self, rows: list[Row], logits) -> tuple[list[int], list[Row]]:
         """Append each row's next token. Returns the indices of rows that go on, and the rows that finished
         (abandoned rows are in neither)."""
-        wanted, logp = _logprobs_before_processors(rows, logits)
+        wanted, logp = logprobs_before_processors(rows, logits)
         tokens = self._next_tokens(rows, logits)
-        _record_logprobs(rows, wanted, logp, tokens, self.eos_ids)
+        record_logprobs(rows, wanted, logp, tokens, self.eos_ids)
         now = time.monotonic()
         keep, finished = [], []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -277,6 +298,10 @@ class ContinuousBatch:
                 continue
             if row.error is not None:
                 row.finish_reason = "error"
+                finished.append(row)
+                continue
+            if not row.params.max_tokens:  # its prompt scored alone: nothing is generated
+                row.finish_reason = "length"
                 finished.append(row)
                 continue
             finish = "stop" if token in self.eos_ids else None
@@ -410,34 +435,6 @@ def _split_paused(groups: list[_Paused], chosen) -> tuple[list[_Paused], list[_P
             picked.append(group.subset(take))
             kept.append(group.subset([i for i in range(len(group.rows)) if i not in set(take)]))
     return picked, kept
-
-
-def _logprobs_before_processors(rows: list[Row], logits):
-    """The rows that asked for logprobs and their log-softmax, taken before any processor (a schema mask,
-    penalties, temperature) changes the logits in place."""
-    wanted = [i for i, r in enumerate(rows) if r.logprobs is not None]
-    if not wanted:
-        return wanted, None
-    import torch
-
-    return wanted, torch.log_softmax(logits[wanted].float(), -1)
-
-
-def _record_logprobs(rows: list[Row], wanted: list[int], logp, tokens: list[int], eos_ids: set[int]) -> None:
-    """Append each generated token's logprob (and top alternatives) to the rows that asked for them."""
-    if not wanted:
-        return
-    import torch
-
-    k = max(rows[i].logprobs for i in wanted)
-    top_v, top_i = logp.topk(k, -1) if k else (None, None)
-    chosen = logp[torch.arange(len(wanted)), torch.tensor([tokens[i] for i in wanted])].tolist()
-    for j, i in enumerate(wanted):
-        if tokens[i] in eos_ids:  # the end of the answer is not one of its tokens
-            continue
-        n = rows[i].logprobs
-        top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)) if n else ()
-        rows[i].token_logprobs.append(TokenLogprob(tokens[i], chosen[j], top))
 
 
 def prefill_groups(lengths: Sequence[int], waste: float = 0.25) -> list[list[int]]:

@@ -223,38 +223,19 @@ async def completions(body: CompletionBody, request: Request, response: Response
     engine = await engine_for(request, body.model, key)
     plan, jobs, ticket = await planned_run(request, key, engine, completion_plan, body)
     cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if plan.stream:
-        return streamed(_sse_completions(jobs, plan, prompts, cid, created), ticket, plan)
+        return streamed(_sse_completions(jobs, plan, cid, created), ticket, plan)
     response.headers.update(ticket.headers)
     try:
         gens = [g for per_prompt in await _results(request, jobs) for g in per_prompt]
     finally:
         ticket.release()
-    choices = []
-    for i, g in enumerate(gens):
-        head = prompts[i // plan.n] if plan.echo else ""
-        choices.append({"index": i, "text": head + g.text, "finish_reason": g.finish_reason,
-                        "logprobs": completion_logprobs(g.logprobs, len(head))})
+    choices = [plan.completion_choice(i, g) for i, g in enumerate(gens)]
     return {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": choices,
-            "usage": _usage(gens, len(prompts))}
+            "usage": _usage(gens, len(plan.prompts))}
 
 
-def completion_logprobs(entries: list[dict] | None, start: int = 0) -> dict | None:
-    """Chat-style logprobs entries as a completion's ``logprobs`` (tokens, token_logprobs, top_logprobs,
-    text_offset: each token's character offset in the choice's text)."""
-    if entries is None:
-        return None
-    offsets, at = [], start
-    for e in entries:
-        offsets.append(at)
-        at += len(e["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
-            "text_offset": offsets}
-
-
-async def _sse_completions(jobs, plan, prompts: list[str], cid: str, created: int):
+async def _sse_completions(jobs, plan, cid: str, created: int):
     """The text_completion chunk stream: choice ``prompt index * n + i``; with include_usage a last chunk with
     the usage; the echoed prompt first when asked."""
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -266,18 +247,19 @@ async def _sse_completions(jobs, plan, prompts: list[str], cid: str, created: in
     def choice(i: int, text: str, logprobs=None, finish: str | None = None) -> dict:
         return {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-    offsets = [len(prompts[i // plan.n]) if plan.echo else 0 for i in range(len(jobs) * plan.n)]
+    offsets = [len(plan.texts[i // plan.n]) if plan.echo else 0 for i in range(len(jobs) * plan.n)]
     try:
         if plan.echo:
             for i in range(len(offsets)):
-                yield chunk([choice(i, prompts[i // plan.n])])
+                yield chunk([choice(i, plan.texts[i // plan.n])])
         gens: list[Generation] = []
         async for i, item in merged_events(jobs, plan.n):
             if isinstance(item, Generation):
                 gens.append(item)
-                yield chunk([choice(i, "", None, item.finish_reason)])
+                end = plan.completion_logprobs([item.end], offsets[i]) if item.end else None
+                yield chunk([choice(i, "", end, item.finish_reason)])
             else:
-                yield chunk([choice(i, item.text, completion_logprobs(item.logprobs, offsets[i]))])
+                yield chunk([choice(i, item.text, plan.completion_logprobs(item.logprobs, offsets[i]))])
                 offsets[i] += len(item.text)
         if plan.include_usage:
             yield chunk([], _usage(gens, len(jobs)))

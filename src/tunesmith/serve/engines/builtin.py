@@ -119,9 +119,10 @@ class Engine(InferenceEngine):
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None) -> Request:
         """``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes
         under; ``logprobs``: each generated token's logprob and that many top alternatives, reported;
+        ``prompt_logprobs``: the same for every prompt token, from the row's prefill;
         ``background``: a batch's line, decoded in its tenant's share after interactive rows."""
         if self.closed:
             raise _shutting_down()
@@ -132,8 +133,8 @@ class Engine(InferenceEngine):
         for i, p in enumerate(params):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
             self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, logprobs=logprobs,
-                                        request=request, index=i, stream=stream, tenant=tenant,
-                                        background=background))
+                                        prompt_logprobs=prompt_logprobs, request=request, index=i, stream=stream,
+                                        tenant=tenant, background=background))
         return request
 
     def close(self) -> None:
@@ -225,9 +226,12 @@ class Engine(InferenceEngine):
         rest = self._unsent(row) if row.stream else None
         if row.stream and text.startswith(row.sent) and (len(text) > len(row.sent) or rest):
             row.request.push(row.index, Delta(text[len(row.sent):], rest))
-        entries = self._entries(row.token_logprobs) if row.logprobs is not None else None
-        row.request.push(row.index, Generation(text, len(row.prompt_ids), len(row.generated), row.finish_reason,
-                                               entries))
+        asked = row.logprobs is not None
+        row.request.push(row.index, Generation(
+            text, len(row.prompt_ids), len(row.generated), row.finish_reason,
+            self._entries(row.token_logprobs) if asked else None,
+            self._entries([row.end_logprob])[0] if asked and row.end_logprob else None,
+            self._prompt_entries(row) if row.prompt_logprobs is not None else None))
 
     def _unsent(self, row: _ServedRow) -> list[dict] | None:
         """The logprobs entries of the tokens generated since the last streamed delta (None: not asked)."""
@@ -244,6 +248,13 @@ class Engine(InferenceEngine):
             return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
 
         return [entry(t.token, t.logprob) | {"top_logprobs": [entry(i, v) for i, v in t.top]} for t in logprobs]
+
+    def _prompt_entries(self, row: _ServedRow) -> list[dict]:
+        """A scored prompt's entries: its first token's without a logprob (nothing comes before it), then each
+        token's as a generated token's."""
+        first = self.tokenizer.decode(row.prompt_ids[:1])
+        return [{"token": first, "logprob": None, "bytes": list(first.encode()), "top_logprobs": None},
+                *self._entries(row.prompt_token_logprobs)]
 
     def _stream_delta(self, row: _ServedRow) -> None:
         """Send the text that is final: a trailing partial UTF-8 character or a possible stop prefix waits."""

@@ -36,6 +36,8 @@ class Generation:
     completion_tokens: int
     finish_reason: str  # "stop" | "length"
     logprobs: list[dict] | None = None  # OpenAI's chat ``logprobs.content`` entries, when asked and served
+    end: dict | None = None  # the entry of the end of sequence that ended the answer (completions list it, chat not)
+    prompt_logprobs: list[dict] | None = None  # one entry per prompt token, when asked: the first's logprob None
 
 
 class Request:
@@ -171,14 +173,16 @@ class InferenceEngine:
         ``tenant``: the caller (its API key) whose rows share the engine fairly with other callers';
         ``background``: a batch's line, decoded in its tenant's share after interactive rows."""
         return [self.submit(plan.model, ids, plan.params, stream=plan.stream, constraint=plan.constraint,
-                            logprobs=plan.logprobs, tenant=tenant, background=background) for ids in plan.prompts]
+                            logprobs=plan.logprobs, tenant=tenant, background=background,
+                            prompt_logprobs=plan.prompt_logprobs) for ids in plan.prompts]
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None) -> Request:
         """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
         ``logprobs``: the top alternatives to report per generated token (0: the chosen token's only), where
-        the engine reports them. Each ``tenant`` decodes its fair share of every step
+        the engine reports them; ``prompt_logprobs``: the same for every prompt token (the prompt scored, in the
+        prefill's own pass; a choice of ``max_tokens`` 0 generates nothing). Each ``tenant`` decodes its fair share of every step
         (:mod:`tunesmith.serve.engines.shares`), not first come first served: a caller with hundreds of rows
         waiting does not queue another caller's row behind them, nor make its steps slow; ``background`` rows (a
         batch's lines) come after every interactive row, in their tenant's share."""

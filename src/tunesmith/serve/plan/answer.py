@@ -1,5 +1,6 @@
 """How an answer is read: a choice's generated text as OpenAI's chat deltas and message (text as ``content``,
-the calls the tool plan lets the model make as ``tool_calls``), streamed or whole.
+the calls the tool plan lets the model make as ``tool_calls``), streamed or whole; a text completion's choice (the
+echoed prompt, its logprobs and the answer's).
 
 A forced call to one function generates only its arguments (the prompt holds the call's opening and the caller's
 function name): the call's first delta goes out at once, its arguments as they are generated. A call cut short
@@ -155,3 +156,49 @@ def message(plan: ToolPlan, text: str) -> tuple[dict, bool]:
     if calls:
         msg["tool_calls"] = [calls[i] for i in sorted(calls)]
     return msg, bool(calls) and not reader.cut
+
+
+def completion_choice(plan, index: int, gen) -> dict:
+    """Choice ``index`` of a text_completion (prompt ``index // n``): the echoed prompt before the answer, and with
+    ``logprobs`` the scored prompt's entries (the first without a logprob: nothing comes before it) before the
+    answer's (:func:`answer_entries`), offsets counted from the choice's start."""
+    head = plan.texts[index // plan.n] if plan.echo else ""
+    entries = None if gen.logprobs is None else [*(gen.prompt_logprobs or []), *answer_entries(gen)]
+    return {"index": index, "text": head + gen.text, "finish_reason": gen.finish_reason,
+            "logprobs": completion_logprobs(entries, 0 if gen.prompt_logprobs else len(head))}
+
+
+def answer_entries(gen) -> list[dict]:
+    """The logprobs entries of every generated token the answer keeps: a stop string cuts the text inside or before
+    the tokens that made it, and their entries go with it; the end of sequence that ended the answer is listed last,
+    as OpenAI's legacy models and vLLM list it (a harness reads the prompt's entries as all but the last)."""
+    entries = gen.logprobs
+    if gen.finish_reason == "stop" and gen.end is None:  # cut by a stop string
+        kept, at = [], 0
+        for e in entries:
+            if at >= len(gen.text):
+                break
+            kept.append(e)
+            at += len(e["token"])
+        entries = kept
+    return [*entries, *([gen.end] if gen.end else [])]
+
+
+def completion_logprobs(entries: list[dict] | None, start: int = 0) -> dict | None:
+    """Chat-style logprobs entries as a completion's ``logprobs``: tokens, token_logprobs, top_logprobs (the most
+    likely tokens and the chosen one, up to ``logprobs`` + 1, as OpenAI's spec says; None where the logprob is) and
+    text_offset (each token's character offset in the choice's text, from ``start``)."""
+    if entries is None:
+        return None
+    offsets, at = [], start
+    for e in entries:
+        offsets.append(at)
+        at += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [None if e["top_logprobs"] is None else _with_chosen(e) for e in entries],
+            "text_offset": offsets}
+
+
+def _with_chosen(entry: dict) -> dict[str, float]:
+    top = {t["token"]: t["logprob"] for t in entry["top_logprobs"]}
+    return top if entry["token"] in top else top | {entry["token"]: entry["logprob"]}

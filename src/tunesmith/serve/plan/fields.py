@@ -89,10 +89,15 @@ CHAT: dict[str, Rule] = SAMPLING | CACHE_HINTS | {
 }
 
 COMPLETIONS: dict[str, Rule] = SAMPLING | {
-    "prompt": honoured("a string or up to 32 strings (each with n choices)"),
-    "max_tokens": honoured("default 16, capped by the server's --max-tokens and the context left"),
-    "logprobs": honoured("0 to 5 alternatives per token: tokens, token_logprobs, top_logprobs, text_offset"),
-    "echo": honoured("the prompt before the completion (not with logprobs: no prompt logprobs here)"),
+    "prompt": honoured("a string, up to 32 strings, an array of token ids or up to 32 arrays of them (the served "
+                       "model's ids, checked against its vocabulary); each prompt with n choices"),
+    "max_tokens": honoured("default 16, capped by the server's --max-tokens and the context left; 0 with echo: the "
+                           "prompt alone"),
+    "logprobs": honoured("0 to 5 alternatives per token and the chosen one: tokens, token_logprobs, top_logprobs, "
+                         "text_offset; the end of sequence that ended the answer listed last"),
+    "echo": honoured("the prompt before the completion; with logprobs the prompt scored too (each token's logprob, "
+                     "the first null; in the prefill's pass; not streamed)", vllm="the same, through vLLM's prompt "
+                     "logprobs"),
     "best_of": Rule("400 unless equal to n: one generation per choice"),  # checked with n by the plan
     "suffix": unset_only("insertion is not served"),
 }

@@ -21,6 +21,7 @@ from tunesmith.serve.errors import APIError
 from tunesmith.serve.plan import answer, tools
 from tunesmith.serve.plan.messages import chat_messages, chat_tools, check_text, input_messages
 from tunesmith.serve.plan.output import OutputFormat, output_format
+from tunesmith.serve.plan.prompts import completion_prompts
 from tunesmith.serve.plan.sampling import (
     CHAT_DEFAULT_MAX,
     COMPLETION_DEFAULT_MAX,
@@ -48,6 +49,8 @@ class RequestPlan:
     spec: dict | str | None = None  # what every choice decodes under: a JSON schema or a Lark grammar (llguidance)
     constraint: object | None = None  # the engine's compiled form of ``spec``
     logprobs: int | None = None  # top alternatives per generated token (0: the chosen token only); None: none
+    prompt_logprobs: int | None = None  # the same for every prompt token (a completion's echo with logprobs)
+    texts: list[str] = field(default_factory=list)  # each prompt as text (a completion's echo)
     stream: bool = False
     include_usage: bool = False
     obfuscation: bool = False
@@ -71,6 +74,15 @@ class RequestPlan:
     def message(self, text: str) -> tuple[dict, bool]:
         """A whole answer as an assistant message, and whether it called tools."""
         return answer.message(self.tools, text)
+
+    def completion_choice(self, index: int, gen) -> dict:
+        """Choice ``index`` of a text completion: the echoed prompt (scored, when asked) and the answer."""
+        return answer.completion_choice(self, index, gen)
+
+    @staticmethod
+    def completion_logprobs(entries: list[dict] | None, start: int = 0) -> dict | None:
+        """Streamed tokens' logprobs entries as a completion chunk's ``logprobs``, offsets from ``start``."""
+        return answer.completion_logprobs(entries, start)
 
     def headers(self) -> dict[str, str]:
         """Response headers the plan adds: the schema keywords ignored as annotations (``keyword at path``, the
@@ -119,22 +131,33 @@ def response_plan(body, earlier: list[dict], engine, server_max: int) -> Request
 
 
 def completion_plan(body, engine, server_max: int) -> RequestPlan:
-    """A text completion's plan: each prompt as it is (no template), ``n`` choices each, logprobs 0..5."""
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs is not served: this server reports no prompt logprobs",
-                       param="echo", code="unsupported_parameter")
+    """A text completion's plan: each prompt as it is (text with no template, or token ids), ``n`` choices each,
+    logprobs 0..5; ``echo`` with ``logprobs`` scores the prompt too (its tokens' logprobs, in the prefill's own pass),
+    and with ``max_tokens: 0`` the prompt alone."""
+    scoring = check_scoring(body)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of must equal n here (one generation per choice)", param="best_of",
                        code="unsupported_parameter")
     include_usage, obfuscation = stream_flags(body.stream_options, body.stream)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    check_text(body.prompt, "prompt")
-    check_prompt_size(engine, prompts)
-    encoded = [engine.text_prompt_ids(p) for p in prompts]
+    texts, encoded = completion_prompts(body.prompt, engine)
     budget = min(token_budget(engine, server_max, len(ids), body.max_tokens, COMPLETION_DEFAULT_MAX) for ids in encoded)
-    return RequestPlan(body.model, encoded, choice_params(body, engine, budget, body.n), stream=bool(body.stream),
-                       logprobs=body.logprobs, echo=bool(body.echo), include_usage=include_usage,
+    return RequestPlan(body.model, encoded, choice_params(body, engine, 0 if body.max_tokens == 0 else budget, body.n),
+                       stream=bool(body.stream), logprobs=body.logprobs, echo=bool(body.echo),
+                       prompt_logprobs=body.logprobs if scoring else None, texts=texts, include_usage=include_usage,
                        obfuscation=obfuscation)
+
+
+def check_scoring(body) -> bool:
+    """Whether a completion scores its prompt (``echo`` with ``logprobs``): its answer comes whole, not streamed.
+    Only an echo may generate nothing (``max_tokens: 0``: the prompt alone, scored with ``logprobs``)."""
+    scoring = bool(body.echo) and body.logprobs is not None
+    if scoring and body.stream:
+        raise APIError(400, "echo with logprobs scores the prompt in one answer: send stream false (or leave out echo)",
+                       param="stream", code="unsupported_parameter")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 generates nothing: send echo true (with logprobs, to score the prompt "
+                       "alone), or max_tokens of 1 or more", param="max_tokens", code="invalid_value")
+    return scoring
 
 
 def _conversation_plan(body: ChatCompletionBody, engine, server_max: int, output: OutputFormat, messages_param: str,

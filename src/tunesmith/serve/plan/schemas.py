@@ -10,6 +10,8 @@ MAX_STOPS = 4  # as OpenAI
 MAX_MESSAGES = 2048
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_TOP_LOGPROBS = 20  # as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # as OpenAI: alternatives per token of a completion (and of its prompt, with echo)
+PROMPT_FORMS = "a string, an array of strings, an array of token ids or an array of token-id arrays"
 
 
 class ChatMessage(BaseModel):
@@ -86,17 +88,52 @@ class ChatCompletionBody(SamplingBody):
 
 
 class CompletionBody(SamplingBody):
-    prompt: str | list[str]
-    logprobs: int | None = Field(None, ge=0, le=5)  # as OpenAI
+    prompt: str | list[str] | list[int] | list[list[int]]  # OpenAI's four forms (ids checked by the plan)
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt scored alone (checked by the plan)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool | None = False
     best_of: int | None = Field(None, ge=1)
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _few_prompts(cls, v):
-        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
-            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(v)}")
+    def _prompt_form(cls, v):
+        return prompt_form(v)
+
+
+def prompt_form(v):
+    """A completion's prompt in one of the forms of OpenAI's spec: a string, an array of 1 to 32 strings, an array of
+    token ids (one prompt), or an array of 1 to 32 non-empty token-id arrays; anything else is refused naming the
+    first item out of form (its first item decides which form the array is)."""
+    if isinstance(v, str):
         return v
+    if not isinstance(v, list) or not v:
+        raise ValueError(f"give {PROMPT_FORMS}")
+    forms = (("token id", _token_id), ("string", lambda x: isinstance(x, str)),
+             ("token-id array", lambda x: isinstance(x, list)))
+    kind, is_kind = next(((k, f) for k, f in forms if f(v[0])), (None, None))
+    if kind is None:
+        raise ValueError(f"prompt[0] is {_shown(v[0])}: give {PROMPT_FORMS}")
+    for i, x in enumerate(v):
+        if not is_kind(x):
+            raise ValueError(f"prompt[{i}] is {_shown(x)}, but prompt[0] is a {kind}: an array holds one form, "
+                             f"{PROMPT_FORMS}")
+    if kind != "token id" and len(v) > MAX_PROMPTS:
+        raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(v)}")
+    for i, ids in enumerate(v if kind == "token-id array" else ()):
+        if not ids:
+            raise ValueError(f"prompt[{i}] is an empty token array: give at least one token id")
+        if not all(_token_id(t) for t in ids):
+            j = next(j for j, t in enumerate(ids) if not _token_id(t))
+            raise ValueError(f"prompt[{i}][{j}] is {_shown(ids[j])}, not a token id (an integer)")
+    return v
+
+
+def _shown(x) -> str:
+    return f"{type(x).__name__} {str(x)[:40]!r}"
+
+
+def _token_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class ResponseBody(BaseModel):

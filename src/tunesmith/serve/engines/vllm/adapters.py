@@ -7,6 +7,10 @@ method) marks that adapter failed: its requests get a 4xx naming the reason and 
 before. After vLLM restarts, ``reload`` marks every adapter pending again and queues them one by one; the server
 is ready at once for the base model, and an adapter whose reload fails is dropped from vLLM and reported (its
 model's error and the log).
+
+vLLM serves adapters on the base model's linear layers but its output layer (:func:`lora_targets`: PEFT's
+``all-linear``, what tunesmith's jobs train); an adapter with LoRA weights elsewhere is refused before vLLM sees it
+(:func:`untargeted`), as vLLM would serve it without them in silence.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ class AdapterLoader:
     """``post(action, body)`` sends ``/v1/{action}_lora_adapter`` to vLLM and raises :class:`Refused` or
     :class:`Unreachable`; ``ready`` is set while vLLM answers."""
 
-    def __init__(self, post: Callable[[str, dict], None], ready: threading.Event):
-        self.post, self.ready = post, ready
+    def __init__(self, post: Callable[[str, dict], None], ready: threading.Event, targets: tuple[str, ...] = ()):
+        self.post, self.ready, self.targets = post, ready, targets
         self.adapters: dict[str, Adapter] = {}
         self.lock = threading.Lock()
         self.queue: queue.Queue = queue.Queue()
@@ -115,6 +119,8 @@ class AdapterLoader:
             if action == "load" and (self.adapters.get(name) is not target or target.done.is_set()):
                 return  # removed or replaced meanwhile, or already loaded by an earlier queue entry
             try:
+                if action == "load" and (why := untargeted(target.path, self.targets)):
+                    raise Refused(why)
                 if action == "load":
                     self.post("load", {"lora_name": name, "lora_path": target.path})
                 else:
@@ -134,3 +140,37 @@ class AdapterLoader:
             else:
                 target.set()
             return
+
+
+def lora_targets(folder: str) -> tuple[str, ...]:
+    """The names of the base model's linear layers but its output layer, for vLLM's ``--lora-target-modules``
+    (vLLM maps them onto its fused layers, ``q_proj`` onto ``qkv_proj``). Without it vLLM wraps the output layer for
+    LoRA too, and its LoRA logits then fail any step that holds a prompt being scored beside another request (vLLM
+    0.32 gives a scored prompt's positions one adapter index per request, not per position: "einsum(): subscript b
+    has size 7 ... 26"), which kills vLLM's engine."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    output = model.get_output_embeddings()
+    return tuple(sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output}))
+
+
+def untargeted(path: str, targets: tuple[str, ...]) -> str | None:
+    """Why an adapter cannot be served whole here: LoRA weights on layers outside ``targets`` (an output layer,
+    embeddings); None when every LoRA weight is on a target (or no targets are set)."""
+    from safetensors import safe_open
+
+    weights = Path(path) / "adapter_model.safetensors"
+    if not targets or not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        layers = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in f.keys() if ".lora_" in key}
+    outside = sorted(layers - set(targets))
+    if not outside:
+        return None
+    return (f"its LoRA weights on {outside} are outside the layers vLLM serves adapters on here ({', '.join(targets)}); "
+            "train it on the linear layers of the model's blocks (target_modules all-linear)")

@@ -73,16 +73,19 @@ class VllmEngine(InferenceEngine):
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
                  gpu_memory_utilization: float | None = None, max_rows: int = VLLM_BATCH_ROWS,
                  contended_rows: int | None = None, prefill_tokens: int | None = None):
-        from tunesmith.serve.engines.vllm.adapters import AdapterLoader
+        from tunesmith.models.names import resolve
+        from tunesmith.serve.engines.vllm.adapters import AdapterLoader, lora_targets
         from tunesmith.serve.engines.vllm.server import START_TIMEOUT_S, VllmServer, vllm_launch, vllm_python
 
         super().__init__(base)
+        targets = lora_targets(resolve(base))
         # the user's --vllm-arg come last and win
-        launch = vllm_launch(base, (*engine_args(), *extra_args), gpu_memory_utilization)
+        launch = vllm_launch(base, (*engine_args(), "--lora-target-modules", *targets, *extra_args),
+                             gpu_memory_utilization)
         self.request_timeout_s = request_timeout_s
         self.server = VllmServer(vllm_python(python), launch, log_dir, on_restart=self._restarted,
                                  start_timeout_s=start_timeout_s or START_TIMEOUT_S)
-        self.loader = AdapterLoader(self._post_adapter, self.server.ready)
+        self.loader = AdapterLoader(self._post_adapter, self.server.ready, targets)
         self.server.start()
         self.context_length = self.server.max_model_len or self.tokenizer.model_max_length
         self.tasks: set[asyncio.Task] = set()  # every vLLM call in flight
@@ -159,10 +162,10 @@ class VllmEngine(InferenceEngine):
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None) -> Request:
         """Each choice one vLLM request, sent when its tenant's share has room (:meth:`_share_out`); its
         ``priority`` the number of this tenant's rows already in vLLM (vLLM's priority scheduling serves lower
-        numbers first)."""
+        numbers first). A row that scores its prompt is never paused (its continuation would score another one)."""
         if not self.server.ready.is_set():
             raise unavailable()
         loop = asyncio.get_running_loop()
@@ -170,8 +173,9 @@ class VllmEngine(InferenceEngine):
         name, deadline = self.served_name(model_id), loop.time() + self.request_timeout_s
         rows = []
         for i, p in enumerate(params):
-            pausable = may_pause(p, constraint is not None)
-            body = completion_body(name, prompt_ids, p, constraint.body if constraint else None, logprobs)
+            pausable = may_pause(p, constraint is not None) and prompt_logprobs is None
+            body = completion_body(name, prompt_ids, p, constraint.body if constraint else None, logprobs,
+                                   prompt_logprobs)
             rows.append(Row(request=request, index=i, body=body, model_id=model_id, params=p, constraint=constraint,
                             tenant=tenant, background=background, stream=stream, pausable=pausable,
                             deadline=deadline))
@@ -335,7 +339,7 @@ class VllmEngine(InferenceEngine):
                 for choice in doc.get("choices", []):
                     text = row.take(choice)
                     if text is not None and row.stream:
-                        row.request.push(row.index, Delta(text, chat_logprobs(choice.get("logprobs"))))
+                        row.request.push(row.index, Delta(text, chat_logprobs(row.logprobs[-1])))
                 if row.prefill and row.generated:
                     self._prefilled(row)
                     self._share_out()

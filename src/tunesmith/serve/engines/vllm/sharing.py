@@ -81,7 +81,9 @@ class Row:
     task: asyncio.Task | None = None
     generated: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    logprobs: list[dict | None] = field(default_factory=list)
+    logprobs: list[dict | None] = field(default_factory=list)  # each chunk's, without the prompt's and the end's
+    prompt_logprobs: dict | None = None  # a scored prompt's (the echo's first entries)
+    end: dict | None = None  # the end of sequence's: vLLM lists it as the answer's last token
     finish: str | None = None
 
     @property
@@ -101,6 +103,7 @@ class Row:
     def restart(self) -> None:
         """Forget what a row that may not be paused generated: it is sent again whole."""
         self.generated, self.text, self.logprobs, self.finish = [], [], [], None
+        self.prompt_logprobs = self.end = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -117,11 +120,21 @@ class Row:
 
     def take(self, choice: dict) -> str | None:
         """One streamed choice chunk of vLLM's: its token ids, text, logprobs and finish kept; the text to pass on
-        (None: the chunk carries neither text nor a token's logprobs)."""
-        self.generated.extend(choice.get("token_ids") or ())
-        self.logprobs.append(choice.get("logprobs"))
+        (None: the chunk carries neither text nor a token's logprobs). A scored prompt's entries lead the first
+        chunk's logprobs and the end of sequence's ends the last chunk's: each is kept apart; with ``max_tokens`` 0
+        vLLM generates a token it does not answer, not counted."""
+        from tunesmith.serve.engines.vllm.wire import split_logprobs
+
+        lp = choice.get("logprobs")
+        if lp and self.body.get("echo") and self.prompt_logprobs is None:
+            self.prompt_logprobs, lp = split_logprobs(lp, len(self.body["prompt"]))
+        ids = (choice.get("token_ids") or ()) if self.body["max_tokens"] else ()
+        self.generated.extend(ids)
         self.finish = choice.get("finish_reason") or self.finish
-        if choice.get("text") or (choice.get("logprobs") or {}).get("tokens"):
+        if choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None and ids and lp and lp["tokens"]:
+            lp, self.end = split_logprobs(lp, len(lp["tokens"]) - 1)
+        self.logprobs.append(lp)
+        if choice.get("text") or (lp or {}).get("tokens"):
             self.text.append(choice.get("text") or "")
             return choice.get("text") or ""
         return None

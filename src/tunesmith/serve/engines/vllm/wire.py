@@ -1,5 +1,6 @@
 """What tunesmith sends vLLM and reads back: a choice's ``/v1/completions`` body, its answer (text, finish reason,
-usage, logprobs as OpenAI's chat shape, over every part a paused row was sent in) and vLLM's errors as ours."""
+usage, logprobs as OpenAI's chat shape, over every part a paused row was sent in; a scored prompt's logprobs, which
+vLLM computes for an ``echo`` with ``logprobs``) and vLLM's errors as ours."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ if TYPE_CHECKING:
     from tunesmith.serve.engines.vllm.sharing import Row
 
 
-def completion_body(model: str, prompt_ids: list[int], p: GenParams, constraint, logprobs) -> dict:
+def completion_body(model: str, prompt_ids: list[int], p: GenParams, constraint, logprobs,
+                    prompt_logprobs: int | None = None) -> dict:
     """A choice as vLLM's completions request: always streamed (with its token ids, :meth:`Row.continuation`), so
-    that tunesmith sees each row's first token (its prefill done) and what a paused row generated."""
+    that tunesmith sees each row's first token (its prefill done) and what a paused row generated. A scored prompt is
+    an ``echo`` with ``logprobs`` (vLLM's prompt logprobs, in its first chunk; ``max_tokens`` 0: the prompt alone)."""
     body = {"model": model, "prompt": prompt_ids, "max_tokens": p.max_tokens, "temperature": p.temperature,
             "top_p": p.top_p, "stop": list(p.stop), "stream": True}
     if p.seed is not None:
@@ -28,20 +31,36 @@ def completion_body(model: str, prompt_ids: list[int], p: GenParams, constraint,
         body["structured_outputs"] = constraint
     if logprobs is not None:
         body["logprobs"] = logprobs
+    if prompt_logprobs is not None:
+        body |= {"echo": True, "logprobs": max(logprobs or 0, prompt_logprobs)}
     return body
-
-
-def generation(choice: dict, usage: dict) -> Generation:
-    finish = choice.get("finish_reason") if choice.get("finish_reason") in ("stop", "length") else "stop"
-    return Generation(choice.get("text") or "", usage["prompt_tokens"], usage["completion_tokens"], finish,
-                      chat_logprobs(choice.get("logprobs")))
 
 
 def answer(row: Row) -> Generation:
     """A row's whole answer over every part it was sent in (more than one when it was paused): the original
-    prompt's tokens and every generated token counted."""
-    return generation({"text": "".join(row.text), "finish_reason": row.finish, "logprobs": merged_logprobs(row.logprobs)},
-                      {"prompt_tokens": len(row.body["prompt"]), "completion_tokens": len(row.generated)})
+    prompt's tokens and every generated token counted; the end of sequence vLLM lists as a token kept apart, as the
+    built-in engine keeps it."""
+    finish = row.finish if row.finish in ("stop", "length") else "stop"
+    asked = "logprobs" in row.body
+    entries = (chat_logprobs(merged_logprobs(row.logprobs)) or []) if asked else None
+    return Generation("".join(row.text), len(row.body["prompt"]), len(row.generated), finish, entries,
+                      (chat_logprobs(row.end) or [None])[0], prompt_entries(row.prompt_logprobs))
+
+
+def prompt_entries(lp: dict | None) -> list[dict] | None:
+    """A scored prompt's logprobs (vLLM's echo) as chat entries, its first token's logprob None (vLLM's null)."""
+    if lp is None:
+        return None
+    entries = chat_logprobs(lp) or []
+    if entries and lp["token_logprobs"][0] is None:
+        entries[0] |= {"logprob": None, "top_logprobs": None}
+    return entries
+
+
+def split_logprobs(lp: dict, at: int) -> tuple[dict, dict]:
+    """A completions ``logprobs`` object cut in two before entry ``at``."""
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    return {k: (lp.get(k) or [])[:at] for k in keys}, {k: (lp.get(k) or [])[at:] for k in keys}
 
 
 def chat_logprobs(lp: dict | None) -> list[dict] | None:
