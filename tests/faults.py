@@ -37,6 +37,33 @@ def libfaketime() -> str | None:
     return next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
 
 
+# libfaketime 0.9.10 (Debian 12) with FAKETIME_DONT_FAKE_MONOTONIC=1 shifts the absolute monotonic deadline that
+# time.sleep passes to clock_nanosleep since Python 3.11, and every sleep fails with EINVAL (libfaketime issue 426);
+# a shifted replica's Python sleeps on a lock instead, whose monotonic wait libfaketime leaves alone
+SLEEP_SHIM = '''import threading
+import time
+
+
+def _sleep(seconds):
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    threading.Event().wait(seconds)
+
+
+time.sleep = _sleep
+'''
+
+
+def clock_env(offset: str, folder: Path) -> dict:
+    """The environment that shifts a process's clock (and its children's) by ``offset`` (libfaketime's ``+60s``,
+    ``-60s``): the wall clock only, the monotonic one left alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(SLEEP_SHIM)
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {"LD_PRELOAD": libfaketime() or "", "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "PYTHONPATH": path}
+
+
 def lease_of(env: dict) -> float:
     """The lease a process started with ``env`` runs with (``tunesmith.serve.store.LEASE_S`` read in one)."""
     out = subprocess.run([sys.executable, "-c", "from tunesmith.serve.store import LEASE_S; print(LEASE_S)"],
@@ -193,7 +220,7 @@ def replicas(model: Path, data_dir: Path, database: str, logs: Path, keys: tuple
     try:
         for i, clock in enumerate(clocks, start=1):
             port, log = _free_port(), logs / f"replica{i}.log"
-            faked = {"LD_PRELOAD": libfaketime() or "", "FAKETIME": clock, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            faked = clock_env(clock, logs / "clock")
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
                     [str(exe), "serve", "--model", str(model), "--data-dir", str(data_dir), "--port", str(port),

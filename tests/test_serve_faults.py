@@ -112,7 +112,7 @@ class FaultRun:
                                  "n_epochs": epochs, "batch_size": 1}}}), 60, "creating the job").id
         self.jobs.append((key, job))
         tl.mark(f"phase {name} ({key}): job {job} of {epochs * TRAINING_ROWS} steps created")
-        self.wait(lambda: self.steps(job) >= 1, 240, f"job {job}'s first step")
+        self.wait(lambda: self.steps(job) >= 1, 180, f"job {job}'s first step")
         started = time.time()
         home = self.holder(job) or self.reps[0]  # the batch and the run start where the job runs
         away = next(r for r in self.reps if r is not home)
@@ -123,8 +123,9 @@ class FaultRun:
         batch = client.batches.create(input_file_id=client.files.create(
             file=("b.jsonl", faults.batch_lines(self.model, BATCH_LINES)), purpose="batch").id,
             endpoint="/v1/chat/completions", completion_window="24h").id
-        run = client.evals.runs.create(self.evals[key], data_source=faults.eval_source(self.model, EVAL_ROWS)).id
         self.wait(lambda: client.batches.retrieve(batch).request_counts.completed >= 1, 120, f"batch {batch}'s first line")
+        # the run last: it is claimed at once by the replica that creates it, and 60 rows go fast
+        run = client.evals.runs.create(self.evals[key], data_source=faults.eval_source(self.model, EVAL_ROWS)).id
         counts = client.batches.retrieve(batch).request_counts
         tl.mark(f"work on {home.name} before the fault: job step {self.steps(job)}, batch {counts.completed}/{counts.total}, "
                 f"run {client.evals.runs.retrieve(run, eval_id=self.evals[key]).status}")
