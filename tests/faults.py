@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx2 as httpx
@@ -260,17 +261,38 @@ def holder_replica(reps: list[Replica], holder: str | None) -> Replica | None:
 # --- traffic -----------------------------------------------------------------------------------------------------
 
 
-class ChatTraffic:
-    """Short chat requests, plain and streamed, from one thread per key and replica pair, until stopped; a frozen
-    replica is skipped (a load balancer stops sending to it). Every answer is in the timeline; a stream that broke
-    after its 200 is a finding."""
+class Traffic:
+    """Until stopped: short chat requests, plain and streamed, from one thread per key and replica pair, and from one
+    thread per replica the reads a client makes of its work (the current phase's job, batch and eval run, its files
+    and models); a frozen replica is skipped (a load balancer stops sending to it). Every answer is in the timeline;
+    a stream that broke after its 200 is a finding."""
 
     def __init__(self, reps: list[Replica], keys: tuple[str, ...], model: str, timeline: Timeline):
         self.reps, self.keys, self.model, self.timeline = reps, keys, model, timeline
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._loop, args=(r, k), daemon=True, name=f"chat-{r.name}-{k}")
                         for r in reps for k in keys]
+        self.threads += [threading.Thread(target=self._reads, args=(r,), daemon=True, name=f"reads-{r.name}")
+                         for r in reps]
         self.answered = Counter()
+        self.work: dict[str, str] = {}  # key, job, batch, eval, run: the current phase's work, read by _reads
+
+    def _reads(self, replica: Replica) -> None:
+        while not self.stop.wait(0.5):
+            work = dict(self.work)
+            if replica.is_frozen or not work:
+                continue
+            client = replica.clients[work["key"]]
+            reads = [(client.models.list, ()), (client.files.list, ())]
+            if "job" in work:
+                reads.append((client.fine_tuning.jobs.retrieve, (work["job"],)))
+            if "batch" in work:
+                reads.append((client.batches.retrieve, (work["batch"],)))
+            if "run" in work:
+                reads.append((partial(client.evals.runs.retrieve, eval_id=work["eval"]), (work["run"],)))
+            for read, args in reads:
+                with suppress(openai.APIError):  # what it answered is in the timeline
+                    read(*args)
 
     def start(self) -> None:
         for t in self.threads:

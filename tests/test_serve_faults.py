@@ -54,10 +54,12 @@ def own_postgres():
 class FaultRun:
     """The two replicas, the store, and each phase's work, fault and checks."""
 
-    def __init__(self, reps, store: Store, pg, model: str, eos: int, lease: float, timeline: faults.Timeline):
+    def __init__(self, reps, store: Store, pg, model: str, eos: int, lease: float, timeline: faults.Timeline,
+                 traffic: faults.Traffic):
         self.reps, self.store, self.pg, self.model, self.eos = reps, store, pg, model, eos
-        self.lease, self.tl = lease, timeline
+        self.lease, self.tl, self.traffic = lease, timeline, traffic
         self.steps_per_s = 8.0  # until a job has been measured
+        self.ended: dict[str, float] = {}
         self.training: dict[str, str] = {}
         self.evals: dict[str, str] = {}
         self.jobs: list[tuple[str, str]] = []  # (key, job id) of every job started
@@ -66,8 +68,10 @@ class FaultRun:
         training = chat_lines(banking_rows(("card_arrival", "lost_or_stolen_card"), TRAINING_ROWS // 2))
         for key in KEYS:
             client = self.reps[0].clients[key]
-            self.training[key] = client.files.create(file=("t.jsonl", training), purpose="fine-tune").id
-            self.evals[key] = client.evals.create(name="faults", **faults.EVAL_CONFIG).id
+            self.training[key] = faults.patient(lambda c=client: c.files.create(file=("t.jsonl", training),
+                                                                                purpose="fine-tune"), 120, "upload").id
+            self.evals[key] = faults.patient(lambda c=client: c.evals.create(name="faults", **faults.EVAL_CONFIG), 120,
+                                             "creating the eval").id
 
     def db(self, read, what: str):
         """A read of the store from the test, again while the database is coming back."""
@@ -103,16 +107,21 @@ class FaultRun:
     # --- one phase -----------------------------------------------------------------------------------------------
 
     def phase(self, name: str, key: str, fault) -> None:
+        """Work of ``key`` started (a job, then once it trains an upload's first part, a batch and, once the batch
+        answers, an eval run, all through the replica that holds the job), ``fault`` injected, the upload finished
+        through the other replica, and each piece checked once it has ended."""
         tl = self.tl
         tl.phase = name
         first = self.reps[0].clients[key]
+        kept = faults.patient(lambda: faults.results_of_key(first), 60, "the key's results files")
         epochs = max(3, min(100, math.ceil(self.steps_per_s * JOB_SPAN_S / TRAINING_ROWS)))
         job = faults.patient(lambda: first.fine_tuning.jobs.create(model=self.model, training_file=self.training[key],
                              method={"type": "supervised", "supervised": {"hyperparameters": {
                                  "n_epochs": epochs, "batch_size": 1}}}), 60, "creating the job").id
         self.jobs.append((key, job))
+        self.traffic.work = {"key": key, "job": job}
         tl.mark(f"phase {name} ({key}): job {job} of {epochs * TRAINING_ROWS} steps created")
-        self.wait(lambda: self.steps(job) >= 1, 180, f"job {job}'s first step")
+        self.wait(lambda: self.steps(job) >= 1 or not self.workers(), 180, f"job {job}'s first step")
         started = time.time()
         home = self.holder(job) or self.reps[0]  # the batch and the run start where the job runs
         away = next(r for r in self.reps if r is not home)
@@ -126,10 +135,15 @@ class FaultRun:
         self.wait(lambda: client.batches.retrieve(batch).request_counts.completed >= 1, 120, f"batch {batch}'s first line")
         # the run last: it is claimed at once by the replica that creates it, and 60 rows go fast
         run = client.evals.runs.create(self.evals[key], data_source=faults.eval_source(self.model, EVAL_ROWS)).id
+        self.traffic.work = {"key": key, "job": job, "batch": batch, "eval": self.evals[key], "run": run}
         counts = client.batches.retrieve(batch).request_counts
         tl.mark(f"work on {home.name} before the fault: job step {self.steps(job)}, batch {counts.completed}/{counts.total}, "
                 f"run {client.evals.runs.retrieve(run, eval_id=self.evals[key]).status}")
-        fault(home)
+        tl.phase = f"{name}:fault"
+        try:
+            fault(home)
+        finally:
+            tl.phase = name
         ended = time.time()
         second = faults.patient(lambda: away.clients[key].uploads.parts.create(upload.id, data=content[len(content) // 2:]),
                                 60, "the upload's second part")
@@ -138,24 +152,44 @@ class FaultRun:
         tl.check(done.status == "completed" and faults.patient(lambda: away.clients[key].files.content(
             done.file.id).read(), 60, "the upload's bytes") == content, f"upload {upload.id}: {done.status}, bytes differ")
 
-        final = ("succeeded", "failed", "cancelled")
-        bound = 4 * self.lease + 3 * JOB_SPAN_S + 60
-        self.wait(lambda: first.fine_tuning.jobs.retrieve(job).status in final, bound, f"job {job}'s end")
-        job_end = time.time()
-        self.wait(lambda: client.batches.retrieve(batch).status in ("completed", "failed", "expired", "cancelled"),
-                  bound - (time.time() - ended), f"batch {batch}'s end")
-        self.wait(lambda: client.evals.runs.retrieve(run, eval_id=self.evals[key]).status not in ("queued", "in_progress"),
-                  bound - (time.time() - ended), f"eval run {run}'s end")
-        tl.mark(f"phase {name}: work ended {time.time() - ended:.0f} s after the fault")
+        pieces = {f"job {job}": lambda: first.fine_tuning.jobs.retrieve(job).status not in ("queued", "running")
+                  or not self.workers(),
+                  f"batch {batch}": lambda: client.batches.retrieve(batch).status not in ("validating", "in_progress",
+                                                                                          "finalizing"),
+                  f"eval run {run}": lambda: client.evals.runs.retrieve(run, eval_id=self.evals[key]).status not in
+                  ("queued", "in_progress")}
+        self.ends(pieces, ended, 4 * self.lease + 3 * JOB_SPAN_S + 60)
         problems = faults.job_problems(first, self.store, job)
+        if not problems:
+            made = faults.results_of_key(first) - kept
+            if made != 1:
+                problems.append(f"job {job}: {made} results files made (a job finished twice)")
         if not problems and name == PHASES[0]:  # the next jobs sized by this one's rate (later phases stall theirs)
             total = self.steps(job)
-            self.steps_per_s = total / max(1.0, job_end - started)
+            self.steps_per_s = total / max(1.0, self.ended[f"job {job}"] - started)
             tl.mark(f"job {job}: {total} steps, {self.steps_per_s:.1f} steps/s")
         problems += faults.batch_problems(client, batch, BATCH_LINES)
         problems += faults.run_problems(client, self.evals[key], run, EVAL_ROWS)
         for p in problems:
             tl.fail(p)
+
+    def ends(self, pieces: dict, since: float, bound: float) -> None:
+        """Until every piece of work has ended (its predicate true) or ``bound`` seconds from ``since``; each end
+        marked."""
+        self.ended: dict[str, float] = {}
+        while len(self.ended) < len(pieces) and time.time() - since < bound:
+            for what, done in pieces.items():
+                with suppress(openai.APIError):
+                    if what not in self.ended and done():
+                        self.ended[what] = time.time()
+                        self.tl.mark(f"{what} ended {self.ended[what] - since:.0f} s after the fault")
+            time.sleep(0.5)
+        for what in pieces.keys() - self.ended.keys():
+            self.tl.fail(f"{what} had not ended {bound:.0f} s after the fault")
+
+    def workers(self) -> list[int]:
+        """The replicas' jobs workers alive."""
+        return [pid for r in self.reps for pid in r.workers()]
 
     # --- the faults ----------------------------------------------------------------------------------------------
 
@@ -276,7 +310,7 @@ class FaultRun:
                 wrong.setdefault(f"status {s.status}", []).append((what, s.end - s.start))
             elif s.status == 429 and not s.retry_after:
                 wrong.setdefault("429 without retry-after", []).append((what, s.end - s.start))
-            if s.end - s.start > ANSWER_S and not excused:
+            if s.status is not None and s.end - s.start > ANSWER_S and not excused:
                 wrong.setdefault(f"answered after more than {ANSWER_S} s", []).append((what, s.end - s.start))
         for kind, cases in wrong.items():
             routes = sorted({w for w, _ in cases})
@@ -306,9 +340,9 @@ def test_replicas_survive_database_and_replica_faults_mid_work(tiny_model_dir, t
             tl.mark(f"replicas up: {[r.name for r in reps]}, lease {lease:.0f} s, jobs workers "
                     f"{[r.worker for r in reps]}")
             store = Store(data_dir, own_postgres.urls["faults"])
-            run = FaultRun(reps, store, own_postgres, model, eos, lease, tl)
+            traffic = faults.Traffic(reps, KEYS, model, tl)
+            run = FaultRun(reps, store, own_postgres, model, eos, lease, tl, traffic)
             run.setup()
-            traffic = faults.ChatTraffic(reps, KEYS, model, tl)
             traffic.start()
             for i, name in enumerate(PHASES):
                 started = time.time()
