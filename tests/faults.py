@@ -278,7 +278,7 @@ class Traffic:
         self.work: dict[str, str] = {}  # key, job, batch, eval, run: the current phase's work, read by _reads
 
     def _reads(self, replica: Replica) -> None:
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(1.0):
             work = dict(self.work)
             if replica.is_frozen or not work:
                 continue
@@ -319,7 +319,7 @@ class Traffic:
                 else:
                     client.chat.completions.create(model=self.model, messages=messages, max_tokens=4)
                 self.answered[replica.name] += 1
-                self.stop.wait(0.05)
+                self.stop.wait(0.3)
             except (openai.APIStatusError, openai.APIConnectionError):  # a refusal, or no answer: in the timeline
                 self.stop.wait(0.3)
             except (openai.APIError, httpx.HTTPError) as exc:  # an error event, or the connection cut, after a 200
@@ -370,12 +370,12 @@ def patient(call: Callable, timeout_s: float, what: str):
 
 def batch_lines(model: str, n: int) -> bytes:
     return "".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
-        "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 64,
+        "model": model, "messages": [{"role": "user", "content": f"card question {i}"}], "max_tokens": 16,
         "temperature": 0}}) + "\n" for i in range(n)).encode()
 
 
 def eval_source(model: str, n: int) -> dict:
-    return {"type": "completions", "model": model, "sampling_params": {"max_completion_tokens": 32},
+    return {"type": "completions", "model": model, "sampling_params": {"max_completion_tokens": 16},
             "input_messages": {"type": "template", "template": [{"role": "user", "content": "{{item.q}}"}]},
             "source": {"type": "file_content", "content": [{"item": {"q": f"card {i}"}} for i in range(n)]}}
 
@@ -466,7 +466,7 @@ def limit_probe(replica: Replica, key: str, model: str, limit: int, eos: int, tr
     """Whether ``key`` has its whole limit of ``limit`` requests in flight on ``replica``: ``limit`` long streams at
     once are all admitted, and one more is refused (429) while they run. Returns what is wrong, or None. A try in
     which a stream ended before the extra request was answered proves nothing and is made again."""
-    create = {"model": model, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 440,
+    create = {"model": model, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
               "temperature": 1.0, "logit_bias": {str(eos): -100}, "stream": True}
     for _ in range(tries):
         admitted, refused, ended, extra, answered = _limit_try(replica.clients[key], create, limit)
@@ -518,10 +518,11 @@ def _limit_try(client: openai.OpenAI, create: dict, limit: int) -> tuple[int, li
 
 
 def log_findings(text: str) -> tuple[list[str], Counter]:
-    """The lines of a server log that say a request got a 500 or a thread died, and each traceback's last line
-    counted (every exception the log holds)."""
+    """The lines of a server log that say a request got a 500 (or its connection dropped) or a thread died, and each
+    traceback's last line counted (every exception the log holds)."""
     lines = text.splitlines()
-    bad = [line for line in lines if "unexpected error on" in line or line.startswith("Exception in thread")]
+    bad = [line for line in lines if "unexpected error on" in line or "Exception in ASGI application" in line
+           or line.startswith("Exception in thread")]
     ends, inside = Counter(), False
     for line in lines:
         if line.startswith("Traceback (most recent call last)"):
