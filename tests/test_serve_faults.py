@@ -213,11 +213,11 @@ class FaultRun:
         self.tl.mark(f"no fault but the clocks ({', '.join(r.name for r in self.reps)})")
 
     def terminate(self, home) -> None:
-        start = time.time()
-        for _ in range(2):
+        for i in range(2):
+            if i:
+                time.sleep(3)
             self.tl.mark(f"terminated {self.pg.terminate('faults')} connections")
-            time.sleep(3)
-        self.answers_again(start)
+        self.answers_again(time.time())
 
     def pg_stop(self, home) -> None:
         self.pg.stop("fast")
