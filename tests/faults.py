@@ -386,13 +386,14 @@ EVAL_CONFIG = {"data_source_config": {"type": "custom", "item_schema": {"type": 
                           "reference": "\u0000", "operation": "ne"}]}
 
 
-def job_problems(client: openai.OpenAI, store, job_id: str) -> list[str]:
-    """What is wrong with a finished job: not succeeded; a step reported twice, missing or out of order (two holders
-    writing at once); not one "New fine-tuned model" event; not one results file; steps twice in its results file."""
+def job_problems(client: openai.OpenAI, events: list[dict], job_id: str) -> list[str]:
+    """What is wrong with a finished job (``events``: the store's, newest first): not succeeded; a step reported
+    twice, missing or out of order (two holders writing at once); not one "New fine-tuned model" event; not one
+    results file; steps twice in its results file."""
     job = client.fine_tuning.jobs.retrieve(job_id)
     if job.status != "succeeded":
         return [f"job {job_id} {job.status}: {job.error}"]
-    problems, events = [], list(reversed(store.events(job_id)))  # in the order they were recorded
+    problems, events = [], list(reversed(events))  # in the order they were recorded
     steps = [e["data"]["step"] for e in events if e["type"] == "metrics"]
     total = max((e["data"].get("total_steps") or 0 for e in events if e["type"] == "metrics"), default=0)
     twice = sorted(s for s, n in Counter(steps).items() if n > 1)

@@ -159,7 +159,7 @@ class FaultRun:
                   f"eval run {run}": lambda: client.evals.runs.retrieve(run, eval_id=self.evals[key]).status not in
                   ("queued", "in_progress")}
         self.ends(pieces, ended, 4 * self.lease + 3 * JOB_SPAN_S + 60)
-        problems = faults.job_problems(first, self.store, job)
+        problems = faults.job_problems(first, self.db(lambda: self.store.events(job), "events"), job)
         if not problems:
             made = faults.results_of_key(first) - kept
             if made != 1:
@@ -194,11 +194,15 @@ class FaultRun:
     # --- the faults ----------------------------------------------------------------------------------------------
 
     def answers_again(self, since: float, reps=None) -> None:
-        """Every replica (of ``reps``) answers a chat within RECOVER_S of ``since``."""
+        """Every replica (of ``reps``) answers a chat, and ``/ready`` with a 200, within RECOVER_S of ``since``."""
         took = {}
 
         def probe(r):
             took[r.name] = faults.first_answer(r, KEYS[0], self.model, since, RECOVER_S + 60)
+            while faults.ready_status(r, ANSWER_S)[0] != 200 and time.time() - since < RECOVER_S + 60:
+                time.sleep(0.5)
+            ready = time.time() - since
+            self.tl.check(ready <= RECOVER_S, f"{r.name}: /ready 200 only {ready:.0f} s after the fault")
 
         threads = [threading.Thread(target=probe, args=(r,)) for r in reps or self.reps]
         for t in threads:
