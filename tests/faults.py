@@ -114,11 +114,12 @@ class Timeline:
         with self.lock:
             self.seen.append(seen)
 
-    def fail(self, text: str) -> None:
-        """A finding: the test fails at its end with every one of them."""
+    def fail(self, text: str, phase: str | None = None) -> None:
+        """A finding (of ``phase``, else of the current one): the test fails at its end with every one of them."""
+        phase = phase or self.phase
         with self.lock:
-            self.findings.append(f"[{self.phase}] {text}")
-        print(f"[{self.at():7.1f}s] FINDING [{self.phase}] {text}", flush=True)
+            self.findings.append(f"[{phase}] {text}")
+        print(f"[{self.at():7.1f}s] FINDING [{phase}] {text}", flush=True)
 
     def check(self, ok: bool, text: str) -> bool:
         if not ok:

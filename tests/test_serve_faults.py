@@ -1,15 +1,17 @@
-"""Faults under two replicas of `tunesmith serve` on one PostgreSQL of the test's own, while a fine-tuning job, a
-batch, an eval run, an upload in parts and chat traffic on two keys run: every server connection terminated,
+"""Faults under two replicas of `tunesmith serve` on one PostgreSQL of the test's own, while fine-tuning jobs,
+batches, eval runs, uploads in parts and chat traffic on two keys run: every server connection terminated,
 PostgreSQL stopped for 20 s and started again, a replica frozen (SIGSTOP) past its lease and resumed, and the two
-replicas' clocks 60 s ahead and 60 s behind throughout (libfaketime). Each fault is a phase with work of its own,
-started before the fault and checked once it has ended.
+replicas' clocks 60 s ahead and 60 s behind throughout (libfaketime). Each fault is a phase that starts work of its
+own (an upload, a batch, an eval run) and makes sure a job is training, then injects the fault mid-work; the work
+goes on through the next phases and is checked once every phase has run.
 
-After each: every job succeeded with each step reported once, in order, one fine-tuned model and one results file;
-every batch line once in its output; every eval row graded once; the upload whole. Throughout: every answer a 200, a
-429 with a retry-after or a 503, none later than the request timeout (a frozen replica aside); during the stop
-``/ready`` is 503 on both replicas, and within 30 s of the start each answers a chat again. At the end each key has
-its whole limit of requests in flight on every replica, and each replica's jobs worker is alive. Every finding is
-collected and printed with a timeline; the test fails with all of them."""
+Checked: every job succeeded with each step reported once, in order, one fine-tuned model (answering on both
+replicas) and one results file; every batch line once in its output; every eval row graded once; every upload whole.
+Throughout: every answer a 200, a 429 with a retry-after or a 503, none later than the request timeout (a frozen
+replica aside), no 500 in the replicas' logs; during the stop ``/ready`` is 503 on both replicas, and within 30 s of
+each fault every replica answers a chat and ``/ready`` again. At the end each key has its whole limit of requests in
+flight on every replica, and each replica's jobs worker is alive. Every finding is collected and printed with a
+timeline; the test fails with all of them."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import math
 import threading
 import time
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -37,8 +40,10 @@ ANSWER_S = REQUEST_TIMEOUT_S + 5  # no answer later than this (a frozen replica'
 STOP_S = 20  # PostgreSQL stopped this long
 RECOVER_S = 30  # every replica answers within this after a fault
 BATCH_LINES, EVAL_ROWS, TRAINING_ROWS = 40, 60, 24
-JOB_SPAN_S = 20  # each phase's job trains about this long at the step rate measured so far
+JOB_SPAN_S = 45  # a job trains about this long at the step rate seen so far: through a fault or two
 PHASES = ("skew", "terminate", "pg-stop", "freeze")
+FINAL = {"job": ("succeeded", "failed", "cancelled"), "batch": ("completed", "failed", "expired", "cancelled"),
+         "run": ("completed", "failed", "canceled")}
 
 pytestmark = pytest.mark.skipif(bool(missing()) or faults.libfaketime() is None,
                                 reason=missing() or "libfaketime is not installed (apt-get install faketime)")
@@ -51,18 +56,36 @@ def own_postgres():
         yield server
 
 
+@dataclass
+class Piece:
+    """A job, a batch or an eval run, started in ``phase`` for ``key``."""
+
+    phase: str
+    kind: str
+    key: str
+    id: str
+    eval_id: str | None = None
+    steps: int = 0  # a job's planned steps
+
+    def status(self, client: openai.OpenAI) -> str:
+        if self.kind == "job":
+            return client.fine_tuning.jobs.retrieve(self.id).status
+        if self.kind == "batch":
+            return client.batches.retrieve(self.id).status
+        return client.evals.runs.retrieve(self.id, eval_id=self.eval_id).status
+
+
 class FaultRun:
-    """The two replicas, the store, and each phase's work, fault and checks."""
+    """The two replicas, the store, the work every phase started, the faults and the checks."""
 
     def __init__(self, reps, store: Store, pg, model: str, eos: int, lease: float, timeline: faults.Timeline,
                  traffic: faults.Traffic):
         self.reps, self.store, self.pg, self.model, self.eos = reps, store, pg, model, eos
         self.lease, self.tl, self.traffic = lease, timeline, traffic
-        self.steps_per_s = 8.0  # until a job has been measured
-        self.ended: dict[str, float] = {}
+        self.steps_per_s = 8.0  # until a job has been seen training
         self.training: dict[str, str] = {}
         self.evals: dict[str, str] = {}
-        self.jobs: list[tuple[str, str]] = []  # (key, job id) of every job started
+        self.pieces: list[Piece] = []
 
     def setup(self) -> None:
         training = chat_lines(banking_rows(("card_arrival", "lost_or_stolen_card"), TRAINING_ROWS // 2))
@@ -72,6 +95,10 @@ class FaultRun:
                                                                                 purpose="fine-tune"), 120, "upload").id
             self.evals[key] = faults.patient(lambda c=client: c.evals.create(name="faults", **faults.EVAL_CONFIG), 120,
                                              "creating the eval").id
+
+    def client(self, key: str, replica: faults.Replica | None = None) -> openai.OpenAI:
+        """``key``'s client on ``replica``, or on the first replica not frozen."""
+        return (replica or next(r for r in self.reps if not r.is_frozen)).clients[key]
 
     def db(self, read, what: str):
         """A read of the store from the test, again while the database is coming back."""
@@ -94,6 +121,10 @@ class FaultRun:
             return faults.holder_replica(self.reps, row[0])
         return None
 
+    def workers(self) -> list[int]:
+        """The replicas' jobs workers alive."""
+        return [pid for r in self.reps for pid in r.workers()]
+
     def wait(self, predicate, timeout: float, what: str) -> bool:
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -104,47 +135,74 @@ class FaultRun:
         self.tl.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         return False
 
-    # --- one phase -----------------------------------------------------------------------------------------------
+    # --- work ----------------------------------------------------------------------------------------------------
 
-    def phase(self, name: str, key: str, fault) -> None:
-        """Work of ``key`` started (a job, then once it trains an upload's first part, a batch and, once the batch
-        answers, an eval run, all through the replica that holds the job), ``fault`` injected, the upload finished
-        through the other replica, and each piece checked once it has ended."""
-        tl = self.tl
-        tl.phase = name
-        first = self.reps[0].clients[key]
-        kept = faults.patient(lambda: faults.results_of_key(first), 60, "the key's results files")
+    def training_job(self, left_s: float) -> Piece | None:
+        """A job training now with about ``left_s`` seconds of steps left: one that runs, else a new one of a key
+        with none unfinished (None when no jobs worker is alive to run it)."""
+        jobs = [p for p in self.pieces if p.kind == "job"]
+        for job in reversed(jobs):
+            with suppress(openai.APIError):
+                if job.status(self.client(job.key)) == "running":
+                    before, t0 = self.steps(job.id), time.time()
+                    time.sleep(2)
+                    done = self.steps(job.id)
+                    if done > before:
+                        self.steps_per_s = (done - before) / (time.time() - t0)
+                    if done and job.steps - done >= self.steps_per_s * left_s:
+                        return job
+        free = lambda k: all(p.status(self.client(k)) in FINAL["job"] for p in jobs if p.key == k)  # noqa: E731
+        if not self.wait(lambda: any(free(k) for k in KEYS) or not self.workers(), 180, "a key with no job unfinished"):
+            return None
+        if not self.workers():
+            self.tl.fail("no jobs worker is alive to train a job")
+            return None
+        key = next(k for k in KEYS if free(k))
         epochs = max(3, min(100, math.ceil(self.steps_per_s * JOB_SPAN_S / TRAINING_ROWS)))
-        job = faults.patient(lambda: first.fine_tuning.jobs.create(model=self.model, training_file=self.training[key],
-                             method={"type": "supervised", "supervised": {"hyperparameters": {
-                                 "n_epochs": epochs, "batch_size": 1}}}), 60, "creating the job").id
-        self.jobs.append((key, job))
-        self.traffic.work = {"key": key, "job": job}
-        tl.mark(f"phase {name} ({key}): job {job} of {epochs * TRAINING_ROWS} steps created")
-        self.wait(lambda: self.steps(job) >= 1 or not self.workers(), 180, f"job {job}'s first step")
-        started = time.time()
-        home = self.holder(job) or self.reps[0]  # the batch and the run start where the job runs
+        client = self.client(key)
+        job = Piece(self.tl.phase, "job", key, faults.patient(lambda: client.fine_tuning.jobs.create(
+            model=self.model, training_file=self.training[key], method={"type": "supervised", "supervised": {
+                "hyperparameters": {"n_epochs": epochs, "batch_size": 1}}}), 60, "creating a job").id,
+            steps=epochs * TRAINING_ROWS)
+        self.pieces.append(job)
+        self.tl.mark(f"job {job.id} ({key}) of {job.steps} steps created")
+        self.wait(lambda: self.steps(job.id) >= 1 or not self.workers(), 180, f"job {job.id}'s first step")
+        return job
+
+    def phase(self, index: int, name: str, fault) -> None:
+        """Work started for the phase's key (a job made sure to be training, an upload's first part, a batch and,
+        once the batch answers, an eval run, through the replica that holds the job), ``fault`` injected, and the
+        upload finished through the other replica and checked."""
+        tl, key = self.tl, KEYS[index % 2]
+        tl.phase = name
+        job = self.training_job(left_s=30)
+        home = (job and self.holder(job.id)) or self.reps[0]  # the batch and the run start where the job runs
         away = next(r for r in self.reps if r is not home)
         client = home.clients[key]
         content = chat_lines(banking_rows(("card_arrival",), 8))
         upload = client.uploads.create(filename="u.jsonl", purpose="fine-tune", bytes=len(content), mime_type="text/jsonl")
         part = client.uploads.parts.create(upload.id, data=content[:len(content) // 2])
-        batch = client.batches.create(input_file_id=client.files.create(
+        batch = Piece(name, "batch", key, client.batches.create(input_file_id=client.files.create(
             file=("b.jsonl", faults.batch_lines(self.model, BATCH_LINES)), purpose="batch").id,
-            endpoint="/v1/chat/completions", completion_window="24h").id
-        self.wait(lambda: client.batches.retrieve(batch).request_counts.completed >= 1, 120, f"batch {batch}'s first line")
+            endpoint="/v1/chat/completions", completion_window="24h").id)
+        self.pieces.append(batch)
+        self.wait(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 1, 120,
+                  f"batch {batch.id}'s first line")
         # the run last: it is claimed at once by the replica that creates it, and 60 rows go fast
-        run = client.evals.runs.create(self.evals[key], data_source=faults.eval_source(self.model, EVAL_ROWS)).id
-        self.traffic.work = {"key": key, "job": job, "batch": batch, "eval": self.evals[key], "run": run}
-        counts = client.batches.retrieve(batch).request_counts
-        tl.mark(f"work on {home.name} before the fault: job step {self.steps(job)}, batch {counts.completed}/{counts.total}, "
-                f"run {client.evals.runs.retrieve(run, eval_id=self.evals[key]).status}")
+        run = Piece(name, "run", key, client.evals.runs.create(self.evals[key], data_source=faults.eval_source(
+            self.model, EVAL_ROWS)).id, self.evals[key])
+        self.pieces.append(run)
+        self.traffic.work = {"key": key, "batch": batch.id, "eval": run.eval_id, "run": run.id} | (
+            {"job": job.id} if job and job.key == key else {})
+        counts = client.batches.retrieve(batch.id).request_counts
+        tl.mark(f"phase {name} ({key}): on {home.name} before the fault: job {job and job.id} at step "
+                f"{job and self.steps(job.id)}/{job and job.steps}, batch {batch.id} {counts.completed}/{counts.total}, "
+                f"run {run.id} {run.status(client)}")
         tl.phase = f"{name}:fault"
         try:
             fault(home)
         finally:
             tl.phase = name
-        ended = time.time()
         second = faults.patient(lambda: away.clients[key].uploads.parts.create(upload.id, data=content[len(content) // 2:]),
                                 60, "the upload's second part")
         done = faults.patient(lambda: client.uploads.complete(upload.id, part_ids=[part.id, second.id]), 60,
@@ -152,44 +210,34 @@ class FaultRun:
         tl.check(done.status == "completed" and faults.patient(lambda: away.clients[key].files.content(
             done.file.id).read(), 60, "the upload's bytes") == content, f"upload {upload.id}: {done.status}, bytes differ")
 
-        pieces = {f"job {job}": lambda: first.fine_tuning.jobs.retrieve(job).status not in ("queued", "running")
-                  or not self.workers(),
-                  f"batch {batch}": lambda: client.batches.retrieve(batch).status not in ("validating", "in_progress",
-                                                                                          "finalizing"),
-                  f"eval run {run}": lambda: client.evals.runs.retrieve(run, eval_id=self.evals[key]).status not in
-                  ("queued", "in_progress")}
-        self.ends(pieces, ended, 4 * self.lease + 3 * JOB_SPAN_S + 60)
-        problems = faults.job_problems(first, self.db(lambda: self.store.events(job), "events"), job)
-        if not problems:
-            made = faults.results_of_key(first) - kept
-            if made != 1:
-                problems.append(f"job {job}: {made} results files made (a job finished twice)")
-        if not problems and name == PHASES[0]:  # the next jobs sized by this one's rate (later phases stall theirs)
-            total = self.steps(job)
-            self.steps_per_s = total / max(1.0, self.ended[f"job {job}"] - started)
-            tl.mark(f"job {job}: {total} steps, {self.steps_per_s:.1f} steps/s")
-        problems += faults.batch_problems(client, batch, BATCH_LINES)
-        problems += faults.run_problems(client, self.evals[key], run, EVAL_ROWS)
-        for p in problems:
-            tl.fail(p)
-
-    def ends(self, pieces: dict, since: float, bound: float) -> None:
-        """Until every piece of work has ended (its predicate true) or ``bound`` seconds from ``since``; each end
-        marked."""
-        self.ended: dict[str, float] = {}
-        while len(self.ended) < len(pieces) and time.time() - since < bound:
-            for what, done in pieces.items():
+    def finish(self, bound: float) -> None:
+        """Until every piece of work has ended (a job: or no jobs worker is alive), at most ``bound`` seconds; then
+        each checked, its findings under the phase that started it."""
+        tl, since = self.tl, time.time()
+        tl.phase = "end"
+        left = list(self.pieces)
+        while left and time.time() - since < bound:
+            for piece in list(left):
                 with suppress(openai.APIError):
-                    if what not in self.ended and done():
-                        self.ended[what] = time.time()
-                        self.tl.mark(f"{what} ended {self.ended[what] - since:.0f} s after the fault")
+                    if piece.status(self.client(piece.key)) in FINAL[piece.kind] or (
+                            piece.kind == "job" and not self.workers()):
+                        left.remove(piece)
+                        tl.mark(f"{piece.kind} {piece.id} of phase {piece.phase} ended")
             time.sleep(0.5)
-        for what in pieces.keys() - self.ended.keys():
-            self.tl.fail(f"{what} had not ended {bound:.0f} s after the fault")
-
-    def workers(self) -> list[int]:
-        """The replicas' jobs workers alive."""
-        return [pid for r in self.reps for pid in r.workers()]
+        for piece in self.pieces:
+            client = self.client(piece.key)
+            if piece in left:
+                tl.fail(f"{piece.kind} {piece.id} had not ended {bound:.0f} s after the last fault", piece.phase)
+            elif piece.kind == "job":
+                for problem in faults.job_problems(client, self.db(lambda p=piece: self.store.events(p.id), "events"),
+                                                   piece.id):
+                    tl.fail(problem, piece.phase)
+            elif piece.kind == "batch":
+                for problem in faults.batch_problems(client, piece.id, BATCH_LINES):
+                    tl.fail(problem, piece.phase)
+            else:
+                for problem in faults.run_problems(client, piece.eval_id, piece.id, EVAL_ROWS):
+                    tl.fail(problem, piece.phase)
 
     # --- the faults ----------------------------------------------------------------------------------------------
 
@@ -268,8 +316,8 @@ class FaultRun:
         tl = self.tl
         tl.phase = "after"
         for key in KEYS:
-            succeeded = [j for k, j in self.jobs if k == key and
-                         self.reps[0].clients[key].fine_tuning.jobs.retrieve(j).status == "succeeded"]
+            succeeded = [p.id for p in self.pieces if p.kind == "job" and p.key == key and
+                         p.status(self.reps[0].clients[key]) == "succeeded"]
             for r in self.reps:
                 kept = faults.results_of_key(r.clients[key])
                 tl.check(kept == len(succeeded), f"{key} keeps {kept} results files on {r.name} for {len(succeeded)} "
@@ -351,10 +399,16 @@ def test_replicas_survive_database_and_replica_faults_mid_work(tiny_model_dir, t
             for i, name in enumerate(PHASES):
                 started = time.time()
                 try:
-                    run.phase(name, KEYS[i % 2], getattr(run, name.replace("-", "_")))
+                    run.phase(i, name, getattr(run, name.replace("-", "_")))
                 except Exception as exc:  # noqa: BLE001 - said as a finding; the next phases still run
                     tl.fail(f"phase {name} broke off: {type(exc).__name__}: {str(exc)[:300]}")
                 tl.mark(f"phase {name}: {time.time() - started:.0f} s")
+            started = time.time()
+            try:
+                run.finish(3 * lease + 2 * JOB_SPAN_S + 120)
+            except Exception as exc:  # noqa: BLE001 - said as a finding; the other checks still run
+                tl.fail(f"the checks of the work broke off: {type(exc).__name__}: {str(exc)[:300]}")
+            tl.mark(f"the work ended (or was given up on) in {time.time() - started:.0f} s")
             traffic.end()
             for check in (run.afterwards, run.statuses, lambda: run.logs(data_dir)):
                 try:
