@@ -336,11 +336,21 @@ class FaultRun:
         with suppress(Exception):
             rows = self.store.db.execute("SELECT * FROM key_places").fetchall()
             tl.mark(f"key_places: {[tuple(r) for r in rows]}")
-        for r in self.reps:
-            for key in KEYS:
-                wrong = faults.limit_probe(r, key, self.model, REQUESTS_PER_KEY, self.eos)
-                tl.mark(f"{r.name} {key}: limit of {REQUESTS_PER_KEY} " + (wrong or "whole"))
-                tl.check(wrong is None, f"{key} on {r.name}: {wrong}")
+        found: dict[tuple[str, str], str | None] = {}
+
+        def probe(r, key):
+            found[r.name, key] = faults.limit_probe(r, key, self.model, REQUESTS_PER_KEY, self.eos)
+
+        for turn in range(len(KEYS)):  # each key on one replica at a time, the keys side by side
+            threads = [threading.Thread(target=probe, args=(r, KEYS[(i + turn) % len(KEYS)]))
+                       for i, r in enumerate(self.reps)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        for (name, key), wrong in sorted(found.items()):
+            tl.mark(f"{name} {key}: limit of {REQUESTS_PER_KEY} " + (wrong or "whole"))
+            tl.check(wrong is None, f"{key} on {name}: {wrong}")
         for r in self.reps:
             tl.check(r.proc.poll() is None, f"{r.name}'s server exited ({r.proc.returncode})")
             alive = r.workers()
