@@ -195,9 +195,9 @@ class FaultRun:
         self.traffic.work = {"key": key, "batch": batch.id, "eval": run.eval_id, "run": run.id} | (
             {"job": job.id} if job and job.key == key else {})
         counts = client.batches.retrieve(batch.id).request_counts
-        tl.mark(f"phase {name} ({key}): on {home.name} before the fault: job {job and job.id} at step "
-                f"{job and self.steps(job.id)}/{job and job.steps}, batch {batch.id} {counts.completed}/{counts.total}, "
-                f"run {run.id} {run.status(client)}")
+        training = f"job {job.id} at step {self.steps(job.id)}/{job.steps}" if job else "no job training"
+        tl.mark(f"phase {name} ({key}): on {home.name} before the fault: {training}, batch {batch.id} "
+                f"{counts.completed}/{counts.total}, run {run.id} {run.status(client)}")
         tl.phase = f"{name}:fault"
         try:
             fault(home)
@@ -331,7 +331,8 @@ class FaultRun:
                                                                max_tokens=4)
                     except openai.APIError as exc:
                         tl.fail(f"fine-tuned model {name} does not answer on {r.name}: {exc}")
-        tl.mark(f"traffic stopped; waiting {self.lease + 5:.0f} s (a lease and 5 s) for every key's limit to heal")
+        tl.mark(f"fine-tuned models checked; waiting {self.lease + 5:.0f} s (a lease and 5 s) for every key's limit "
+                "to heal")
         time.sleep(self.lease + 5)
         with suppress(Exception):
             rows = self.store.db.execute("SELECT * FROM key_places").fetchall()
@@ -420,6 +421,7 @@ def test_replicas_survive_database_and_replica_faults_mid_work(tiny_model_dir, t
                 tl.fail(f"the checks of the work broke off: {type(exc).__name__}: {str(exc)[:300]}")
             tl.mark(f"the work ended (or was given up on) in {time.time() - started:.0f} s")
             traffic.end()
+            tl.mark("traffic stopped")
             for check in (run.afterwards, run.statuses, lambda: run.logs(data_dir)):
                 try:
                     check()
