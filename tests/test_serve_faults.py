@@ -181,17 +181,20 @@ class FaultRun:
         away = next(r for r in self.reps if r is not home)
         client = home.clients[key]
         content = chat_lines(banking_rows(("card_arrival",), 8))
-        upload = client.uploads.create(filename="u.jsonl", purpose="fine-tune", bytes=len(content), mime_type="text/jsonl")
-        part = client.uploads.parts.create(upload.id, data=content[:len(content) // 2])
-        batch = Piece(name, "batch", key, client.batches.create(input_file_id=client.files.create(
-            file=("b.jsonl", faults.batch_lines(self.model, BATCH_LINES)), purpose="batch").id,
-            endpoint="/v1/chat/completions", completion_window="24h").id)
+        upload = faults.patient(lambda: client.uploads.create(filename="u.jsonl", purpose="fine-tune", bytes=len(content),
+                                                              mime_type="text/jsonl"), 60, "creating an upload")
+        part = faults.patient(lambda: client.uploads.parts.create(upload.id, data=content[:len(content) // 2]), 60,
+                              "the upload's first part")
+        lines = faults.patient(lambda: client.files.create(file=("b.jsonl", faults.batch_lines(self.model, BATCH_LINES)),
+                                                           purpose="batch"), 60, "the batch's file")
+        batch = Piece(name, "batch", key, faults.patient(lambda: client.batches.create(
+            input_file_id=lines.id, endpoint="/v1/chat/completions", completion_window="24h"), 60, "a batch").id)
         self.pieces.append(batch)
         self.wait(lambda: client.batches.retrieve(batch.id).request_counts.completed >= 1, 120,
                   f"batch {batch.id}'s first line")
         # the run last: it is claimed at once by the replica that creates it, and 60 rows go fast
-        run = Piece(name, "run", key, client.evals.runs.create(self.evals[key], data_source=faults.eval_source(
-            self.model, EVAL_ROWS)).id, self.evals[key])
+        run = Piece(name, "run", key, faults.patient(lambda: client.evals.runs.create(
+            self.evals[key], data_source=faults.eval_source(self.model, EVAL_ROWS)), 60, "an eval run").id, self.evals[key])
         self.pieces.append(run)
         self.traffic.work = {"key": key, "batch": batch.id, "eval": run.eval_id, "run": run.id} | (
             {"job": job.id} if job and job.key == key else {})
