@@ -134,8 +134,9 @@ class Timeline:
         return out
 
     def summary(self) -> str:
-        lines = ["timeline:"] + [f"  {t:7.1f}s  {text}" for t, text in self.marks]
-        lines.append("statuses by phase and replica:")
+        """The statuses seen, by phase (``name:fault`` while a fault lasted) and replica (the marks are printed as
+        they come)."""
+        lines = ["statuses by phase and replica:"]
         for (phase, replica), counts in sorted(self.statuses().items()):
             lines.append(f"  {phase:10} {replica}: " + ", ".join(f"{k}x{n}" for k, n in sorted(counts.items(), key=str)))
         return "\n".join(lines)
@@ -275,25 +276,7 @@ class Traffic:
                         for r in reps for k in keys]
         self.threads += [threading.Thread(target=self._reads, args=(r,), daemon=True, name=f"reads-{r.name}")
                          for r in reps]
-        self.answered = Counter()
         self.work: dict[str, str] = {}  # key, job, batch, eval, run: the current phase's work, read by _reads
-
-    def _reads(self, replica: Replica) -> None:
-        while not self.stop.wait(1.0):
-            work = dict(self.work)
-            if replica.is_frozen or not work:
-                continue
-            client = replica.clients[work["key"]]
-            reads = [(client.models.list, ()), (client.files.list, ())]
-            if "job" in work:
-                reads.append((client.fine_tuning.jobs.retrieve, (work["job"],)))
-            if "batch" in work:
-                reads.append((client.batches.retrieve, (work["batch"],)))
-            if "run" in work:
-                reads.append((partial(client.evals.runs.retrieve, eval_id=work["eval"]), (work["run"],)))
-            for read, args in reads:
-                with suppress(openai.APIError):  # what it answered is in the timeline
-                    read(*args)
 
     def start(self) -> None:
         for t in self.threads:
@@ -319,7 +302,6 @@ class Traffic:
                         pass
                 else:
                     client.chat.completions.create(model=self.model, messages=messages, max_tokens=4)
-                self.answered[replica.name] += 1
                 self.stop.wait(0.3)
             except (openai.APIStatusError, openai.APIConnectionError):  # a refusal, or no answer: in the timeline
                 self.stop.wait(0.3)
@@ -328,6 +310,23 @@ class Traffic:
                     self.timeline.fail(f"a streamed chat on {replica.name} broke after its 200: "
                                        f"{type(exc).__name__}: {str(exc)[:200]}")
                 self.stop.wait(0.3)
+
+    def _reads(self, replica: Replica) -> None:
+        while not self.stop.wait(1.0):
+            work = dict(self.work)
+            if replica.is_frozen or not work:
+                continue
+            client = replica.clients[work["key"]]
+            reads = [(client.models.list, ()), (client.files.list, ())]
+            if "job" in work:
+                reads.append((client.fine_tuning.jobs.retrieve, (work["job"],)))
+            if "batch" in work:
+                reads.append((client.batches.retrieve, (work["batch"],)))
+            if "run" in work:
+                reads.append((partial(client.evals.runs.retrieve, eval_id=work["eval"]), (work["run"],)))
+            for read, args in reads:
+                with suppress(openai.APIError):  # what it answered is in the timeline
+                    read(*args)
 
 
 def first_answer(replica: Replica, key: str, model: str, since: float, limit_s: float) -> float | None:
