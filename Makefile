@@ -52,11 +52,15 @@ browser:
 		|| echo "note: could not install Debian's chromium; the dashboard browser test will be skipped"
 
 # PostgreSQL for the replica tests (Debian package; they start a server of their own in a temporary folder, a Unix
-# socket only; needs root to install, skipped with a note otherwise)
+# socket only) and libfaketime (Debian's faketime) for the fault test's replicas with a shifted clock; needs root to
+# install, skipped with a note otherwise
 postgres:
 	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
 		|| (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null) \
 		|| echo "note: could not install Debian's postgresql; the replica tests will be skipped"
+	@ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq faketime >/dev/null) \
+		|| echo "note: could not install Debian's faketime; the replica fault test will be skipped"
 
 # two test processes (pytest-xdist), a file each at a time: the suite waits on servers and subprocesses about half
 # of its time, so two share the 2 cores (tests/conftest.py gives each one thread)
