@@ -39,7 +39,7 @@ REQUEST_TIMEOUT_S = 15  # --request-timeout
 ANSWER_S = REQUEST_TIMEOUT_S + 5  # no answer later than this (a frozen replica's aside)
 STOP_S = 20  # PostgreSQL stopped this long
 RECOVER_S = 30  # every replica answers within this after a fault
-BATCH_LINES, EVAL_ROWS, TRAINING_ROWS = 40, 60, 24
+BATCH_LINES, EVAL_ROWS, TRAINING_ROWS = 40, 60, 48
 JOB_SPAN_S = 45  # a job trains about this long at the step rate seen so far: through a fault or two
 PHASES = ("skew", "terminate", "pg-stop", "freeze")
 FINAL = {"job": ("succeeded", "failed", "cancelled"), "batch": ("completed", "failed", "expired", "cancelled"),
@@ -159,7 +159,7 @@ class FaultRun:
             self.tl.fail("no jobs worker is alive to train a job")
             return None
         key = next(k for k in KEYS if free(k))
-        epochs = max(3, min(100, math.ceil(self.steps_per_s * JOB_SPAN_S / TRAINING_ROWS)))
+        epochs = max(3, min(50, math.ceil(self.steps_per_s * JOB_SPAN_S / TRAINING_ROWS)))  # OpenAI allows 50
         client = self.client(key)
         job = Piece(self.tl.phase, "job", key, faults.patient(lambda: client.fine_tuning.jobs.create(
             model=self.model, training_file=self.training[key], method={"type": "supervised", "supervised": {
