@@ -28,5 +28,5 @@ def test_quick_run_measures_both_ways_on_both_backends(tmp_path):
         assert len(parts["training"]["fenced"]["jobs"]) == len(parts["training"]["unfenced"]["jobs"]) == 1
         assert ("places" in parts) == (kind == "postgresql")
     assert result["answers"]["chat"]["n"] == 3 and result["answers"]["line_ms"] > 0
-    assert len(result["table"]) == 8 and all(row[0] in run.stdout for row in result["table"])
+    assert len(result["table"]) == 10 and all(row[0] in run.stdout for row in result["table"])
     assert "load average at the start" in run.stdout and "load average at the end" in run.stdout
