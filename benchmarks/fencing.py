@@ -61,6 +61,7 @@ PLACES_LIMIT, KEYS = 64, 4  # a key's places never reach the limit: every place 
 
 
 def machine() -> dict:
+    """The CPUs, their model and the GPU, if any: what the numbers were measured on."""
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")
     try:
@@ -73,6 +74,7 @@ def machine() -> dict:
 
 
 def stats(seconds: list[float]) -> dict:
+    """Timings in ms: the median (what the table compares), the mean, p99 and the fastest."""
     xs = sorted(seconds)
     return {"n": len(xs), "p50_ms": round(statistics.median(xs) * 1000, 4), "mean_ms": round(statistics.mean(xs) * 1000, 4),
             "p99_ms": round(xs[max(0, int(len(xs) * 0.99) - 1)] * 1000, 4), "min_ms": round(xs[0] * 1000, 4)}
