@@ -20,7 +20,7 @@ from tunesmith.serve.api.gate import KeyGate
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter
 from tunesmith.serve.errors import APIError, validation_error_body
 from tunesmith.serve.room import Room, Stop
-from tunesmith.serve.store.database import StoreUnavailable
+from tunesmith.serve.store.database import StoreUnavailable, log_failure
 
 ADAPTER_WATCH_S = 2.0
 log = logging.getLogger("tunesmith.serve")
@@ -127,8 +127,8 @@ async def watch_adapters(app: FastAPI) -> None:
         await asyncio.sleep(ADAPTER_WATCH_S)
         try:
             since = await asyncio.to_thread(app.state.models.preload, since)
-        except Exception:  # noqa: BLE001 - a failed load is retried at the model's next request and logged
-            log.exception("loading a fine-tune into the engine failed")
+        except Exception as exc:  # noqa: BLE001 - a failed load is retried at the model's next request and logged
+            log_failure(log, "loading a fine-tune into the engine failed", exc)
 
 
 ROOM = Room("api", routers=(health.router, routes_openai.router, stored_completions.router, routes_models.router,

@@ -47,7 +47,7 @@ from tunesmith.serve.batches.output import BatchFiles, InputLines, assemble, chu
 from tunesmith.serve.batches.store import CHUNKED, BatchStore
 from tunesmith.serve.jobs.routes import expire_file
 from tunesmith.serve.store.claims import Claim, ClaimLost
-from tunesmith.serve.store.database import transient
+from tunesmith.serve.store.database import log_failure, transient
 
 log = logging.getLogger("tunesmith.serve")
 BATCH_SCOPE = "tunesmith.batch"  # set on a batch line's ASGI scope: the routes skip key limits, rows in the background
@@ -141,8 +141,8 @@ class BatchRunner:
                 finishing = {bid: owner for bid, (owner, _) in self.finishing.items()}
                 try:
                     turn = await asyncio.to_thread(self._scan, list(self.work), finishing, set(self.cancelled))
-                except Exception:  # noqa: BLE001 - the store unreachable for a while: the next turn looks again
-                    log.exception("batch runner: the look at the store failed")
+                except Exception as exc:  # noqa: BLE001 - the store unreachable for a while: the next turn looks again
+                    log_failure(log, "batch runner: the look at the store failed", exc)
                     turn = Turn(active=set(self.cancelled) | {w.batch["id"] for w in self.work})
                 for work in turn.lost:
                     work.task.cancel()  # another replica took it over: this one's lease had run out

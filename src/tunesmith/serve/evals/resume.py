@@ -20,7 +20,7 @@ from tunesmith.serve.evals.grading import context_for
 from tunesmith.serve.evals.run import execute
 from tunesmith.serve.evals.store import EvalStore
 from tunesmith.serve.store.claims import LEASE_S, Claim, ClaimLost, Fenced
-from tunesmith.serve.store.database import NOW
+from tunesmith.serve.store.database import NOW, log_failure
 
 log = logging.getLogger("tunesmith.serve")
 ROWS_DIR = "eval_runs"  # under the data folder: <run id>.jsonl, a run's rows while it is queued or running
@@ -159,5 +159,5 @@ async def watch(app) -> None:
         await asyncio.sleep(LEASE_S / 3)
         try:
             await resume_abandoned(app)
-        except Exception:  # noqa: BLE001 - looked at again at the next turn
-            log.exception("looking for eval runs to take over failed")
+        except Exception as exc:  # noqa: BLE001 - looked at again at the next turn
+            log_failure(log, "looking for eval runs to take over failed", exc)

@@ -63,6 +63,15 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+def log_failure(log, what: str, exc: BaseException) -> None:
+    """``what`` failed: one line when the database is away for a moment (it is looked at again), the traceback
+    otherwise."""
+    if transient(exc):
+        log.warning("%s: the store is unavailable for now (%s)", what, type(exc).__name__)
+    else:
+        log.error("%s", what, exc_info=exc)
+
+
 @contextlib.contextmanager
 def unavailable_as_ours(what: str = "the store's database") -> Iterator[None]:
     """Transient failures of the driver raised as :class:`StoreUnavailable` (the boundary of a third party)."""

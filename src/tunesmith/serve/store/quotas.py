@@ -30,6 +30,7 @@ from fastapi import Request
 
 from tunesmith.errors import ConfigError
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.store.database import log_failure
 
 MB, GB = 1024**2, 1024**3
 DAY = 24 * 3600
@@ -310,8 +311,8 @@ async def sweep_forever(app) -> None:
             swept = await asyncio.to_thread(sweep, app.state.store, None, quotas)
             if swept:
                 log.info("swept expired objects: %s", swept)
-        except Exception:  # noqa: BLE001 - the next sweep tries again; the server goes on
-            log.exception("sweeping expired uploads and files failed")
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again; the server goes on
+            log_failure(log, "sweeping expired uploads and files failed", exc)
         await asyncio.sleep(quotas.sweep_s)
 
 
