@@ -210,3 +210,13 @@ def test_a_batch_an_earlier_version_left_in_progress_goes_on_by_chunks(tiny_mode
     assert ids[:3] == ["q-0", "q-1", "q-2"] and sorted(ids) == sorted(f"q-{i}" for i in range(9))
     assert [x["response"]["body"] for x in lines].count({"answered": "earlier"}) == 3
     assert {"answered": "never recorded"} not in [x["response"]["body"] for x in lines]
+
+
+def test_a_batch_is_cancelled_only_from_a_status_that_is_not_final(store):
+    batches = BatchStore(store)
+    batch = split(store, 1)
+    assert batches.cancel(batch["id"]) and batches.get(batch["id"], any_owner=True)["status"] == "cancelling"
+    done = split(store, 1)
+    batches.mark(done["id"], "completed")  # it ended a moment before the cancel came
+    assert not batches.cancel(done["id"])
+    assert batches.get(done["id"], any_owner=True)["status"] == "completed"

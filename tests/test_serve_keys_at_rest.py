@@ -281,3 +281,23 @@ def test_the_migration_rewrites_every_owner_column_once_and_leaves_owner_ids_and
         assert stored == sorted([("row0", expected), ("row1", kept_id), ("row2", None)]), table
     assert found_in_folder(tmp_path, (raw,)) == []  # zeroed in the database file, gone from the log
     assert Store(tmp_path).migrate() == []  # applied once
+
+
+def test_a_replica_whose_folder_lacks_the_databases_secret_refuses_to_start(tmp_path, postgres, tiny_model_dir):
+    """The database keeps the fingerprint of the first data folder's server.secret: a replica started on another
+    folder (the shared mount missing: no secret, or another one) refuses, naming its folder, instead of minting one
+    and keying every owner apart."""
+    from tunesmith.serve.app import ServeSettings, create_app
+
+    url, shared = postgres(), tmp_path / "shared"
+    settings = lambda folder: ServeSettings(model=str(tiny_model_dir), data_dir=folder, database=url)  # noqa: E731
+    create_app(settings(shared), engine=object()).state.store.close()  # the first replica records its secret
+    create_app(settings(shared), engine=object()).state.store.close()  # the same folder: starts
+    empty = tmp_path / "not-mounted"
+    with pytest.raises(ConfigError, match=f"--data-dir {empty}.* has no server.secret"):
+        create_app(settings(empty), engine=object())
+    assert not (empty / "server.secret").exists()  # none minted
+    other = tmp_path / "another"
+    server_secret(other)
+    with pytest.raises(ConfigError, match="is not the one --database was first used with"):
+        create_app(settings(other), engine=object())
