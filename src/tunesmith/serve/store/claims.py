@@ -135,29 +135,27 @@ class Claim:
     def write(self, fn: Callable, *args, **kwargs):
         """``fn(*args, **kwargs)`` (store writes) in a fenced transaction, tried again while the database fails and the
         lease lasts; :class:`ClaimLost` when the claim is gone or its lease ran out first."""
-        for attempt in range(10**9):
-            try:
-                with self.fenced():
-                    return fn(*args, **kwargs)
-            except ClaimLost:
-                raise
-            except Exception as exc:
-                if not transient(exc):
-                    raise
-                if self.left_s <= 0:
-                    self.lose(f"its lease ran out while the database could not be reached ({type(exc).__name__})")
-                    raise ClaimLost(f"{self!r}: {self.reason}") from exc
-                time.sleep(min(RETRY_S[min(attempt, len(RETRY_S) - 1)], max(0.0, self.left_s)))
-        raise AssertionError("unreachable")
+        def fenced():
+            with self.fenced():
+                return fn(*args, **kwargs)
+
+        return self._retried(fenced)
 
     def read(self, fn: Callable, *args, **kwargs):
         """``fn(*args, **kwargs)`` (store reads the work needs) tried again while the database fails and the lease
         lasts; :class:`ClaimLost` when it ran out first."""
+        return self._retried(lambda: fn(*args, **kwargs))
+
+    def _retried(self, call: Callable):
+        """``call()`` until it returns, tried again after a transient failure of the database while the lease lasts;
+        :class:`ClaimLost` once the claim is lost or its lease has run out."""
         for attempt in range(10**9):
             if self.lost.is_set():
                 raise ClaimLost(f"{self!r}: {self.reason}")
             try:
-                return fn(*args, **kwargs)
+                return call()
+            except ClaimLost:
+                raise
             except Exception as exc:
                 if not transient(exc):
                     raise
