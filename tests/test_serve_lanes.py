@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.lanes import Lane, Lanes, LaneSize, default_sizes
+from tunesmith.serve.lanes import Lane, Lanes, LaneSize, TooCostly, default_sizes
+from tunesmith.serve.plan.requests import build
 
 
 def blocker():
@@ -113,6 +114,44 @@ def test_the_deadline_counts_the_call_not_its_wait():
         assert lane.busy == 1  # the late call still holds its thread until it ends
         await asyncio.sleep(0.6)
         assert lane.busy == 0
+        lane.close()
+
+    asyncio.run(main())
+
+
+def spin(seconds: float) -> str:
+    """Busy for ``seconds`` of this thread's own CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    return "spun"
+
+
+def test_a_cost_bound_counts_the_calls_cpu_time_not_a_busy_machine():
+    async def main():
+        lane = Lane("t", LaneSize(workers=2, per_key=2, queued=10), "tests")
+        # waiting (no CPU) for longer than the bound is not a cost: a busy machine makes a call slow, not costly
+        assert await lane.run("a", lambda: time.sleep(0.8) or "slept", cpu_s=0.3) == "slept"
+        started = time.monotonic()
+        with pytest.raises(TooCostly):
+            await lane.run("a", spin, 3.0, cpu_s=0.3)
+        assert time.monotonic() - started < 2.0  # refused once it had spent its bound, not when it ended
+        lane.close()
+
+    asyncio.run(main())
+
+
+def test_a_plan_too_costly_is_a_400_and_one_too_slow_a_503():
+    async def main():
+        lane = Lane("plan", LaneSize(workers=2, per_key=2, queued=10), "tests")
+        assert await build(lambda: time.sleep(0.6) or "plan", lane=lane, key="a", cpu_s=0.2, deadline_s=5) == "plan"
+        with pytest.raises(APIError) as costly:
+            await build(spin, 2.0, lane=lane, key="a", cpu_s=0.2, deadline_s=5)
+        assert costly.value.status == 400 and costly.value.body["code"] == "request_too_complex"
+        with pytest.raises(APIError) as slow:
+            await build(time.sleep, 1.0, lane=lane, key="a", cpu_s=0.5, deadline_s=0.3)
+        assert slow.value.status == 503 and slow.value.body["code"] == "server_busy"
+        assert slow.value.headers["retry-after"] == "60"
         lane.close()
 
     asyncio.run(main())

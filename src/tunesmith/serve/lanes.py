@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,22 +52,29 @@ class Lane:
     def waiting(self, key) -> int:
         return len(self.lines.get(key, ()))
 
-    async def run(self, key, fn, *args, deadline_s: float | None = None, always: bool = False):
+    async def run(self, key, fn, *args, deadline_s: float | None = None, cpu_s: float | None = None,
+                  always: bool = False):
         """``fn(*args)`` in one of the lane's threads as ``key``'s work: waits for the key's turn, a 429 when
         ``key`` already has :attr:`LaneSize.queued` calls waiting (``always``: never refused, for the rare call that
         must run, such as undoing a step of a request that failed). ``deadline_s`` counts from the call's start in
-        its thread (not its wait): past it, TimeoutError, and the thread finishes on its own, holding its place."""
+        its thread (not its wait): past it, TimeoutError. ``cpu_s`` bounds the CPU time the call's own thread
+        spends (what the call costs, whatever else the machine runs): past it, :class:`TooCostly`. Either way the
+        thread finishes on its own, holding its place."""
         await self._enter(key, always)
         loop = asyncio.get_running_loop()
+        clock = ThreadClock()
         try:
-            future = self.pool.submit(fn, *args)
+            future = self.pool.submit(clock.timed, fn, *args)
         except BaseException:
             self._leave(key)
             raise
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._leave, key))
+        answer = asyncio.wrap_future(future)
+        if cpu_s is not None:
+            answer = asyncio.ensure_future(clock.bounded(answer, cpu_s))
         if deadline_s is None:
-            return await asyncio.wrap_future(future)
-        return await asyncio.wait_for(asyncio.wrap_future(future), deadline_s)
+            return await answer
+        return await asyncio.wait_for(answer, deadline_s)
 
     def refusal(self, key) -> APIError | None:
         """The 429 ``key``'s next call would get (its line is full), or None."""
@@ -129,6 +138,44 @@ class Lane:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TooCostly(TimeoutError):
+    """A lane's call spent more CPU time in its thread than it was allowed."""
+
+
+class ThreadClock:
+    """The CPU time of the thread running one call (Linux's per-thread clock, read from another thread), so that a
+    bound on a call's cost is not reached because the machine is busy with other work."""
+
+    POLL_S = 0.25
+
+    def __init__(self):
+        self.clock_id: int | None = None
+        self.started = 0.0
+
+    def timed(self, fn, *args):
+        if hasattr(time, "pthread_getcpuclockid"):
+            self.started = time.thread_time()
+            self.clock_id = time.pthread_getcpuclockid(threading.get_ident())
+        return fn(*args)
+
+    def spent(self) -> float:
+        """CPU seconds the call has spent so far (0 before it starts, or where threads have no clock of their own)."""
+        try:
+            return 0.0 if self.clock_id is None else time.clock_gettime(self.clock_id) - self.started
+        except OSError:  # the thread has ended: its answer is being delivered
+            return 0.0
+
+    async def bounded(self, answer: asyncio.Future, cpu_s: float):
+        """``answer``, or :class:`TooCostly` once the call has spent ``cpu_s`` of CPU time."""
+        while True:
+            done, _ = await asyncio.wait({answer}, timeout=self.POLL_S)
+            if done:
+                return answer.result()
+            if self.spent() > cpu_s:
+                answer.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: not logged
+                raise TooCostly(f"spent more than {cpu_s:g} s of CPU time")
 
 
 def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:

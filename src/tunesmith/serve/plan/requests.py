@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from tunesmith.generation import GenParams
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.lanes import TooCostly
 from tunesmith.serve.plan import answer, tools
 from tunesmith.serve.plan.messages import chat_messages, chat_tools, check_text, input_messages
 from tunesmith.serve.plan.output import OutputFormat, output_format
@@ -35,7 +36,8 @@ from tunesmith.serve.plan.schemas import ChatCompletionBody
 from tunesmith.serve.plan.tools import ToolPlan
 
 RESPONSE_LOGPROBS = "message.output_text.logprobs"  # Responses' ``include`` value that asks for logprobs
-PLAN_DEADLINE_S = 30.0
+PLAN_CPU_S = 30.0  # CPU seconds a request's plan may spend (tokenizing, compiling its schema): past it, a 400
+PLAN_DEADLINE_S = 120.0  # seconds a plan may take however busy the machine: past it, a 503
 IGNORED_HEADER = "x-tunesmith-ignored-keywords"
 
 
@@ -213,12 +215,18 @@ def compile_constraint(engine, spec: dict | str, param: str):
 
 # --- building off the event loop --------------------------------------------------------------------------
 
-async def build(builder, *args, lane, key, deadline_s: float = PLAN_DEADLINE_S) -> RequestPlan:
+async def build(builder, *args, lane, key, cpu_s: float = PLAN_CPU_S, deadline_s: float = PLAN_DEADLINE_S
+                ) -> RequestPlan:
     """``builder(*args)`` in the planning lane as ``key``'s work (:mod:`tunesmith.serve.lanes`), so that no other
-    request waits on this one's tokenizing and compiling; a plan not ready within ``deadline_s`` of its start is a
-    400 (its thread finishes on its own, in the key's share of the lane)."""
+    request waits on this one's tokenizing and compiling. A plan that spends ``cpu_s`` of CPU time is the client's
+    400 (its schema or tools cost too much); one merely slow because the machine is busy is not, up to
+    ``deadline_s`` from its start, past which it is a 503 to retry. Either way its thread finishes on its own, in the
+    key's share of the lane."""
     try:
-        return await lane.run(key, builder, *args, deadline_s=deadline_s)
+        return await lane.run(key, builder, *args, cpu_s=cpu_s, deadline_s=deadline_s)
+    except TooCostly:
+        raise APIError(400, f"The request could not be planned within {cpu_s:.0f} s of CPU time (its schema or "
+                       "tools are too costly to compile); simplify them.", code="request_too_complex") from None
     except TimeoutError:
-        raise APIError(400, f"The request could not be planned within {deadline_s:.0f} s (its schema or tools are "
-                       "too costly to compile); simplify them.", code="request_too_complex") from None
+        raise APIError(503, f"The server is too busy to plan this request within {deadline_s:.0f} s; retry in a "
+                       "minute.", type_="server_error", code="server_busy", headers={"retry-after": "60"}) from None
