@@ -110,8 +110,9 @@ def rooms() -> tuple:
     from tunesmith.serve.evals.room import ROOM as EVALS
     from tunesmith.serve.jobs.room import ROOM as JOBS
     from tunesmith.serve.store.room import ROOM as STORE
+    from tunesmith.serve.tinker.room import ROOM as TINKER
 
-    return STORE, API, JOBS, BATCHES, EVALS, DASHBOARD
+    return STORE, API, JOBS, BATCHES, EVALS, TINKER, DASHBOARD
 
 
 def create_app(settings: ServeSettings | None = None, engine=None) -> FastAPI:

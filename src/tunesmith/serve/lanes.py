@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from tunesmith.serve.errors import APIError
 
 RETRY_S = 1  # a full line's refusal: come back after about this long
+PER_KEY_TINKER = 256  # a key's Tinker calls waiting at most (tunesmith.serve.tinker.futures)
 
 
 @dataclass(frozen=True)
@@ -194,12 +195,13 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
             "evals": LaneSize(two, 1, 64),
             "embeddings": LaneSize(two, 1, 8),
             "heads": LaneSize(two, 1, 256),
-            "files": LaneSize(two, 1, 64)}
+            "files": LaneSize(two, 1, 64),
+            "tinker": LaneSize(2, 1, PER_KEY_TINKER)}
 
 
 WHAT = {"plan": "requests being planned", "store": "requests reading or writing the store", "graders": "grader runs",
         "evals": "eval runs", "embeddings": "embedding requests", "heads": "head model requests",
-        "files": "file checks and batch writes"}
+        "files": "file checks and batch writes", "tinker": "Tinker training and sampling calls"}
 
 
 class Lanes:

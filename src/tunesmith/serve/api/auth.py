@@ -25,6 +25,27 @@ def bearer_of(scope) -> str | None:
     return bearer(dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1"))
 
 
+TINKER_PREFIX = "tml-"  # the Tinker SDK refuses a key without it: a tunesmith key is sent as tml-<key>
+
+
+def tinker_key(header: str) -> str | None:
+    """The key a Tinker SDK's ``X-API-Key`` header carries: ``tml-<key>`` for a tunesmith key (the SDK sends only
+    keys that start with ``tml-``); a configured key that itself starts with ``tml-`` is matched whole first."""
+    return header.strip() or None
+
+
+def tinker_candidates(key: str | None) -> list[str]:
+    """The configured keys an ``X-API-Key`` value may be: itself, and without its ``tml-`` prefix."""
+    if key is None:
+        return []
+    return [key, key[len(TINKER_PREFIX):]] if key.startswith(TINKER_PREFIX) else [key]
+
+
+def tinker_key_of(scope) -> str | None:
+    """The key an ASGI scope's ``X-API-Key`` header carries, as :func:`tinker_key` reads it."""
+    return tinker_key(dict(scope.get("headers") or []).get(b"x-api-key", b"").decode("latin-1"))
+
+
 OWNER_SCOPE = "tunesmith.owner"  # on an in-process call's ASGI scope (a batch's line): the owner id it runs as
 
 
@@ -73,6 +94,22 @@ def api_key(request: Request) -> str | None:
 
 
 Key = Annotated[str | None, Depends(api_key)]
+
+
+def tinker_api_key(request: Request) -> str | None:
+    """The caller's owner id on the Tinker API (``X-API-Key: tml-<key>``); 401 when keys are configured and the
+    header carries none of them; None on a server without keys."""
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        return None
+    for candidate in tinker_candidates(tinker_key(request.headers.get("x-api-key", ""))):
+        if (match := _configured(keys, candidate)) is not None:
+            return _owner_ids(request.app)[match]
+    raise APIError(401, "Missing or invalid API key. Send 'X-API-Key: tml-<your tunesmith key>' (the Tinker SDK's "
+                   "api_key='tml-<key>', or TINKER_API_KEY).", code="invalid_api_key")
+
+
+TinkerKey = Annotated[str | None, Depends(tinker_api_key)]
 
 
 def visible_models(request: Request, key: str | None) -> list[str]:

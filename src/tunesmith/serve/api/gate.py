@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hmac
 
-from tunesmith.serve.api.auth import OWNER_SCOPE, bearer_of
+from tunesmith.serve.api.auth import OWNER_SCOPE, bearer_of, tinker_candidates, tinker_key_of
 from tunesmith.serve.api.body_limit import Lingering, send_error
 
 API_PREFIX = "/v1/"
+TINKER_PREFIX = "/api/v1/"  # the Tinker API (tunesmith.serve.tinker): its key in X-API-Key
 UNAUTHORIZED = {"message": "Missing or invalid API key. Send 'Authorization: Bearer <key>'.",
                 "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
+TINKER_UNAUTHORIZED = {**UNAUTHORIZED, "message": "Missing or invalid API key. Send 'X-API-Key: tml-<your key>'."}
 
 
 def known(key: str | None, keys) -> bool:
@@ -38,10 +40,13 @@ class KeyGate:
         self.lingering = Lingering()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("path", "").startswith(API_PREFIX) and OWNER_SCOPE not in scope:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith((API_PREFIX, TINKER_PREFIX)) and OWNER_SCOPE not in scope:
             keys = self.keys_of()
             if keys:
-                if not known(bearer_of(scope), keys):
+                given = [bearer_of(scope)] if path.startswith(API_PREFIX) else tinker_candidates(tinker_key_of(scope))
+                if not any(known(k, keys) for k in given):
                     await self.lingering.drain(scope, receive)
-                    return await send_error(send, 401, UNAUTHORIZED, {"connection": "close"})
+                    said = UNAUTHORIZED if path.startswith(API_PREFIX) else TINKER_UNAUTHORIZED
+                    return await send_error(send, 401, said, {"connection": "close"})
         await self.app(scope, receive, send)

@@ -3,7 +3,8 @@ bounded cache, the least recently used evicted.
 
 Every replica started on the same store and data folder serves the same models: the base model, its aliases and
 the command-line adapters (fixed, served to every key), and each key's fine-tunes and checkpoints, which any replica
-finds by name in the store (the job or checkpoint row names its owner and its folder on the shared data folder)
+finds by name in the store (the job or checkpoint row names its owner and its folder on the shared data folder; a
+Tinker sampler checkpoint is served by its ``tinker://`` path)
 and loads at the first request for them. A model deleted on one replica is marked in the store, so every other
 replica refuses it at its next request and unloads it. At most ``capacity`` fine-tunes stay loaded; past it, the
 least recently asked one goes, except one asked for within the request timeout (a request still running may use
@@ -23,6 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from tunesmith.models.heads import read_head_meta
+from tunesmith.serve.tinker.store import SCHEME, TinkerStore
 
 log = logging.getLogger("tunesmith.serve")
 CAPACITY = 8  # fine-tunes one replica keeps loaded by default (ServeSettings.fine_tunes_loaded)
@@ -50,6 +52,7 @@ class ServedModels:
         replica), whether or not this replica has loaded them yet."""
         mine = {j["fine_tuned_model"]: (folder, j.get("parent_model")) for j in self.store.fine_tunes_of(key)
                 if (folder := _folder(j)) is not None}
+        mine |= {c["path"]: (c["folder"], None) for c in TinkerStore(self.store).sampler_checkpoints(key)}
         self.parents.update({name: parent for name, (_, parent) in mine.items() if parent})
         self.folders.update({name: folder for name, (folder, _) in mine.items()})
         return [*self.fixed(), *mine]
@@ -134,6 +137,10 @@ class ServedModels:
             ckpt = self.store.checkpoint_by_model(name)
             if ckpt is not None and Path(ckpt["path"]).is_dir():
                 return ckpt["owner"], ckpt["path"], None
+        if name.startswith(SCHEME):  # a Tinker sampler checkpoint (tunesmith.serve.tinker)
+            ckpt = TinkerStore(self.store).checkpoint_any_owner(name)
+            if ckpt is not None and ckpt["kind"] == "sampler" and Path(ckpt["folder"]).is_dir():
+                return ckpt["owner"], ckpt["folder"], None
         return None
 
 

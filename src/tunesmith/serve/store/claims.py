@@ -1,5 +1,5 @@
-"""Claims: work any live replica may take (a fine-tuning job, a batch's chunk, a batch's finishing, an eval run),
-held by one at a time, fenced so that a holder that lost its claim writes nothing.
+"""Claims: work any live replica may take (a fine-tuning job, a batch's chunk, a batch's finishing, an eval run, a
+Tinker training run), held by one at a time, fenced so that a holder that lost its claim writes nothing.
 
 One type for every kind of claimed work. A claimable row has ``claimed_by``, ``lease_until`` and ``generation``:
 
@@ -38,7 +38,7 @@ log = logging.getLogger("tunesmith.serve")
 LEASE_S = float(os.environ.get("TUNESMITH_LEASE_S") or 30.0)  # a claim not renewed this long is anyone's again
 BEAT_S = LEASE_S / 6  # the heartbeat's period: a 20 s outage of the database is survived with time to spare
 RETRY_S = (0.25, 0.5, 1.0)  # waits between tries of a failing renewal or write (then every second)
-CLAIMABLE = ("jobs", "batches", "batch_chunks", "batch_finishes", "eval_runs")
+CLAIMABLE = ("jobs", "batches", "batch_chunks", "batch_finishes", "eval_runs", "tinker_runs")
 
 
 class ClaimLost(Exception):

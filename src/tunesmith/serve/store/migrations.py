@@ -211,5 +211,21 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     # (tunesmith.serve.store.keys), and the replicas that wrote to it lately (each one's /ready writes its row)
     ("0053_deployment", "CREATE TABLE deployment (name TEXT PRIMARY KEY, value TEXT NOT NULL)"),
     ("0054_replicas", "CREATE TABLE replicas (id TEXT PRIMARY KEY, seen REAL NOT NULL)"),
+    # the Tinker API's training runs (tunesmith.serve.tinker): each a LoRA of the served base, claimed by the replica
+    # that holds it in memory; and their checkpoints (tinker:// paths), sampler ones served as models of their key
+    ("0055_tinker_runs", """
+        CREATE TABLE tinker_runs (
+            id TEXT PRIMARY KEY, owner TEXT, base_model TEXT NOT NULL, lora TEXT NOT NULL, metadata TEXT,
+            created_at INTEGER NOT NULL, last_request_at INTEGER NOT NULL, claimed_by TEXT, lease_until REAL,
+            generation INTEGER NOT NULL DEFAULT 0
+        )"""),
+    ("0056_tinker_checkpoints", """
+        CREATE TABLE tinker_checkpoints (
+            path TEXT PRIMARY KEY, run_id TEXT NOT NULL, owner TEXT, kind TEXT NOT NULL, name TEXT NOT NULL,
+            folder TEXT NOT NULL, size_bytes INTEGER NOT NULL, metadata TEXT, created_at INTEGER NOT NULL,
+            expires_at INTEGER
+        )"""),
+    ("0057_tinker_runs_by_owner", "CREATE INDEX tinker_runs_by_owner ON tinker_runs (owner, created_at)"),
+    ("0058_tinker_checkpoints_by_run", "CREATE INDEX tinker_checkpoints_by_run ON tinker_checkpoints (run_id)"),
 ]
 

@@ -1,0 +1,263 @@
+"""The Tinker API's state on one replica (``app.state.tinker``): the trainer with its resident base, the futures,
+the sampling sessions, and the training runs this replica holds (each by a claim of its ``tinker_runs`` row, renewed
+by the store's heartbeat; a run whose claim is lost is dropped here, and its client loads its last saved state).
+
+Each operation runs in a lane thread (:mod:`tunesmith.serve.tinker.futures`) and returns what its future answers:
+a dict (JSON) or bytes (protobuf, for forward_backward and sample)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from tunesmith.serve.errors import APIError
+from tunesmith.serve.store import new_id
+from tunesmith.serve.store.claims import Claim
+from tunesmith.serve.store.objects import worker_id
+from tunesmith.serve.tinker import wire
+from tunesmith.serve.tinker.futures import Futures
+from tunesmith.serve.tinker.store import KINDS, TinkerStore, checkpoint_path, parse_path
+from tunesmith.serve.tinker.trainer import Trainer, TrainingError
+
+log = logging.getLogger("tunesmith.serve")
+NAME_CHARS = 128  # a checkpoint's name
+
+
+def check_name(name: str) -> str:
+    """A checkpoint name: letters, digits and ``-_.``, at most :data:`NAME_CHARS` (it is a folder and a path part)."""
+    if not name or len(name) > NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
+        raise TrainingError(f"checkpoint name {name[:40]!r} must be 1..{NAME_CHARS} letters, digits, '-', '_' or '.' "
+                            "(not starting with '.')")
+    return name
+
+
+def folder_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+class Tinker:
+    def __init__(self, app):
+        settings = app.state.settings
+        self.base = settings.model
+        self.root = Path(settings.data_dir) / "tinker"
+        self.store = TinkerStore(app.state.store)
+        self.trainer = Trainer(self.base)
+        self.futures = Futures(app.state.lanes.tinker)
+        self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
+        self.samplers: dict[str, dict] = {}  # sampling session id -> {owner, model_path}
+        self.worker = worker_id()
+
+    def close(self) -> None:
+        """Every run held here let go (its row free again; its clients load their last saved state)."""
+        for run_id, claim in list(self.claims.items()):
+            self.store.base.claims.let_go(claim)
+            self.claims.pop(run_id, None)
+
+    # --- runs --------------------------------------------------------------------------------------------------
+
+    def create_model(self, owner, session_id: str, seq: int, base_model: str, lora: dict | None,
+                     metadata: dict | None) -> dict:
+        self.check_base(base_model)
+        lora = lora or {"rank": 32}
+        run_id = f"{session_id}:train:{seq}"
+        if self.store.get_run(run_id, owner) is not None:
+            if run_id in self.claims:
+                return {"model_id": run_id, "type": "create_model"}  # the SDK's retry of a call that was answered
+            raise TrainingError(f"training run {run_id!r} exists; create a training client in a new session")
+        _, claim = self.store.add_run(run_id, owner, self.worker, base_model, lora, metadata)
+        self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), bool(lora.get("train_attn", True)),
+                            bool(lora.get("train_mlp", True)), bool(lora.get("train_unembed", True)))
+        self._hold(run_id, claim)
+        return {"model_id": run_id, "type": "create_model"}
+
+    def _hold(self, run_id: str, claim: Claim) -> None:
+        self.claims[run_id] = claim
+        claim.on_lost(lambda reason: self._lost(run_id))
+
+    def _lost(self, run_id: str) -> None:
+        self.claims.pop(run_id, None)
+        self.trainer.drop(run_id)
+
+    def check_base(self, base_model: str) -> None:
+        if base_model != self.base:
+            raise TrainingError(f"base_model {base_model!r} is not served here; this server trains and samples "
+                                f"{self.base!r}")
+
+    def run_of(self, owner, run_id: str) -> dict:
+        """The run ``run_id`` of ``owner``, held here; a TrainingError saying why not."""
+        run = self.store.get_run(run_id, owner)
+        if run is None:
+            raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
+        if run_id not in self.claims or run_id not in self.trainer.runs:
+            raise TrainingError(f"training run {run_id!r} is not held by this replica (the replica that held it "
+                                "stopped, or another holds it); create a training client from its last saved state")
+        return run
+
+    def info(self, owner, run_id: str) -> dict:
+        run = self.store.get_run(run_id, owner)
+        if run is None:
+            raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
+        from tunesmith.models.names import resolve
+
+        return {"type": "get_info", "model_id": run_id, "is_lora": True, "lora_rank": run["lora"]["rank"],
+                "model_name": run["base_model"],
+                "model_data": {"arch": "causal_lm", "model_name": run["base_model"], "tokenizer_id": resolve(self.base)}}
+
+    # --- training ----------------------------------------------------------------------------------------------
+
+    def forward_backward(self, owner, body: bytes, backward: bool) -> bytes:
+        request = wire.read_forward_backward(body)
+        self.run_of(owner, request.model_id)
+        outputs, metrics = self.trainer.forward_backward(request.model_id, request.data, request.loss_fn,
+                                                         request.config, backward and not request.forward_only)
+        return wire.forward_backward_output(outputs, metrics)
+
+    def optim_step(self, owner, run_id: str, adam: dict) -> dict:
+        self.run_of(owner, run_id)
+        return {"type": "optim_step", "metrics": self.trainer.optim_step(run_id, adam)}
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def _folder(self, run_id: str, kind: str, name: str) -> Path:
+        return self.root / run_id.replace(":", "_") / kind / name
+
+    def _record(self, owner, run_id: str, path: str, folder: Path, metadata, ttl_s: int | None) -> None:
+        """The checkpoint's row, written only while this replica still holds the run (fenced by its claim)."""
+        self.claims[run_id].write(self.store.add_checkpoint, path, owner, str(folder), folder_size(folder), metadata,
+                                  ttl_s)
+
+    def sweep(self) -> int:
+        """Checkpoints past their TTL: their folders removed, then their rows; how many."""
+        gone = self.store.expired()
+        for ckpt in gone:
+            shutil.rmtree(ckpt["folder"], ignore_errors=True)
+            self.store.forget_checkpoint(ckpt["path"])
+        return len(gone)
+
+    def save(self, owner, run_id: str, name: str | None, kind: str, overwrite: bool, metadata,
+             ttl_s: int | None = None) -> dict:
+        """The run's weights as a checkpoint: ``weights`` (adapter and optimizer: a training state) or
+        ``sampler_weights`` (the adapter: sampled from, and a model of the key on the OpenAI API); gone after
+        ``ttl_s`` seconds when given (the SDK's ``ttl_seconds``)."""
+        self.run_of(owner, run_id)
+        if ttl_s is not None and not 3600 <= ttl_s <= 10 * 365 * 86400:
+            raise TrainingError(f"ttl_seconds must be 3600 (an hour) to 315360000 (ten years), got {ttl_s}")
+        self.sweep()
+        name = check_name(name or f"{time.strftime('%Y%m%d-%H%M%S')}-{new_id('w')[-8:]}")
+        path = checkpoint_path(run_id, kind, name)
+        if not overwrite and self.store.checkpoint(path, owner) is not None:
+            raise TrainingError(f"checkpoint {path} exists; choose another name (or overwrite=true for a state)")
+        folder = self._folder(run_id, kind, name)
+        staging = folder.with_name(f".{name}.{new_id('tmp')[-8:]}")
+        staging.mkdir(parents=True)
+        try:
+            (self.trainer.save_state if kind == "weights" else self.trainer.save_adapter)(run_id, staging)
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.replace(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._record(owner, run_id, path, folder, metadata, ttl_s)
+        return {"path": path}
+
+    def load(self, owner, run_id: str, path: str, optimizer: bool) -> dict:
+        """A saved state (or sampler weights, without the optimizer) loaded into the run."""
+        self.run_of(owner, run_id)
+        ckpt = self.checkpoint(owner, path)
+        if optimizer and ckpt["kind"] != "training":
+            raise TrainingError(f"{path} holds sampler weights only; load it without the optimizer")
+        self.trainer.load_state(run_id, Path(ckpt["folder"]), optimizer)
+        return {"type": "load_weights", "path": path, "model_id": run_id}
+
+    def create_from(self, owner, session_id: str, seq: int, path: str, optimizer: bool, base_model: str | None,
+                    metadata: dict | None) -> dict:
+        """A new run made from a saved checkpoint (the SDK's ``create_training_client_from_state``)."""
+        ckpt = self.checkpoint(owner, path)
+        source = self.store.get_run(ckpt["run_id"], owner)
+        self.create_model(owner, session_id, seq, base_model or source["base_model"], source["lora"], metadata)
+        return self.load(owner, f"{session_id}:train:{seq}", path, optimizer)
+
+    def checkpoint(self, owner, path: str) -> dict:
+        if parse_path(path) is None:
+            raise TrainingError(f"{path!r} is not a checkpoint path (tinker://<run>/weights/<name> or "
+                                "tinker://<run>/sampler_weights/<name>)")
+        ckpt = self.store.checkpoint(path, owner)
+        if ckpt is None or not Path(ckpt["folder"]).is_dir():
+            raise APIError(404, f"No checkpoint {path} for this key.", code="not_found")
+        return ckpt
+
+    def delete_checkpoint(self, owner, path: str) -> dict:
+        """A checkpoint's row, then its folder (a sampler checkpoint stops being a model of the key)."""
+        ckpt = self.checkpoint(owner, path)
+        self.store.delete_checkpoint(path, owner)
+        shutil.rmtree(ckpt["folder"], ignore_errors=True)
+        return {"deleted": True, "tinker_path": path}
+
+    def run_object(self, run: dict) -> dict:
+        import datetime
+
+        ckpts = self.store.checkpoints(run["id"], run["owner"])
+        last = {kind: next((c for c in reversed(ckpts) if c["kind"] == kind), None) for kind in ("training", "sampler")}
+        return {"training_run_id": run["id"], "base_model": run["base_model"], "model_owner": run["owner"] or "",
+                "is_lora": True, "corrupted": False, "lora_rank": run["lora"]["rank"],
+                "last_request_time": datetime.datetime.fromtimestamp(run["last_request_at"], datetime.UTC).isoformat(),
+                "last_checkpoint": last["training"] and self.checkpoint_object(last["training"]),
+                "last_sampler_checkpoint": last["sampler"] and self.checkpoint_object(last["sampler"]),
+                "user_metadata": run["metadata"]}
+
+    def checkpoint_object(self, ckpt: dict) -> dict:
+        import datetime
+
+        at = datetime.datetime.fromtimestamp(ckpt["created_at"], datetime.UTC).isoformat()
+        expires = ckpt["expires_at"]
+        return {"checkpoint_id": "/".join(parse_path(ckpt["path"])[1:]), "checkpoint_type": ckpt["kind"],
+                "time": at, "tinker_path": ckpt["path"], "size_bytes": ckpt["size_bytes"], "public": False,
+                "user_metadata": ckpt["metadata"],
+                "expires_at": None if expires is None else datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat()}
+
+    # --- sampling ----------------------------------------------------------------------------------------------
+
+    def sampling_session(self, owner, base_model: str | None, model_path: str | None) -> dict:
+        if model_path is not None:
+            self.checkpoint(owner, model_path)
+        else:
+            self.check_base(base_model or "")
+        sid = new_id("sampler")
+        self.samplers[sid] = {"owner": owner, "model_path": model_path}
+        return {"type": "create_sampling_session", "sampling_session_id": sid}
+
+    def sample(self, owner, request: dict) -> bytes:
+        path = request.get("model_path")
+        if (sid := request.get("sampling_session_id")) is not None:
+            session = self.samplers.get(sid)
+            if session is None or session["owner"] != owner:
+                raise APIError(404, f"No sampling session {sid!r} on this replica for this key.", code="not_found")
+            path = session["model_path"]
+        if path is None:
+            self.check_base(request.get("base_model") or "")
+        folder = None if path is None else self.checkpoint(owner, path)["folder"]
+        prompt = prompt_tokens(request["prompt"])
+        n = int(request.get("num_samples", 1))
+        if not 1 <= n <= 64:
+            raise TrainingError(f"num_samples must be 1..64, got {n}")
+        sequences, prompt_lp, topk = self.trainer.sample(
+            prompt, n, request["sampling_params"], folder=folder, prompt_logprobs=bool(request.get("prompt_logprobs")),
+            topk_prompt=int(request.get("topk_prompt_logprobs") or 0))
+        return wire.sample_response(sequences, prompt_lp, topk)
+
+
+def prompt_tokens(model_input: dict) -> list[int]:
+    """A ``ModelInput``'s tokens (text chunks only)."""
+    tokens: list[int] = []
+    for i, chunk in enumerate(model_input.get("chunks") or []):
+        if chunk.get("type", "encoded_text") != "encoded_text":
+            raise TrainingError(f"prompt.chunks[{i}] is {chunk.get('type')!r}; this server samples text only")
+        tokens.extend(int(t) for t in chunk["tokens"])
+    if not tokens:
+        raise TrainingError("prompt is empty")
+    return tokens
+
+
+__all__ = ["KINDS", "Tinker", "prompt_tokens"]

@@ -1,0 +1,354 @@
+"""The Tinker API's training and sampling: one resident copy of the served base model, each training run a LoRA
+adapter on it (peft's named adapters), each with its own AdamW state.
+
+Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
+``forward_backward`` of one run, then another's): time-sliced, not batched into one step. Gradients of a run
+accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses follow the SDK's documentation:
+sums over tokens, not means (``cross_entropy``: ``-Σ weights·logp(target)``; ``importance_sampling``:
+``-Σ exp(logp − sampling_logp)·advantages``).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tunesmith.serve.tinker.wire import Datum, Sequence
+
+LOSSES = ("cross_entropy", "importance_sampling")
+LOSS_INPUTS = {"cross_entropy": {"target_tokens", "weights"},
+               "importance_sampling": {"target_tokens", "logprobs", "advantages"}}
+ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
+                 "grad_clip_norm": 0.0}
+
+
+class TrainingError(ValueError):
+    """A call the trainer cannot run as asked (the caller's error): what and how to fix it."""
+
+
+@dataclass
+class Run:
+    name: str
+    rank: int
+    targets: list[str]
+    optimizer: object
+    steps: int = 0
+    pending: int = 0  # forward_backward calls whose gradients wait for an optim_step
+    extra: dict = field(default_factory=dict)
+
+
+def lora_targets(model, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
+    """The base's linear layers a LoRA of these choices adapts, by their names' last part: attention layers (under
+    an ``attn`` module), MLP layers (under an ``mlp`` module), and the output layer (the unembedding)."""
+    import torch
+
+    out_name = None
+    head = model.get_output_embeddings()
+    names: set[str] = set()
+    for path, module in model.named_modules():
+        if module is head:
+            out_name = path.rsplit(".", 1)[-1]
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parts = path.split(".")
+        if (train_attn and any("attn" in p for p in parts[:-1])) or (train_mlp and any("mlp" in p for p in parts[:-1])):
+            names.add(parts[-1])
+    if train_unembed and out_name:
+        names.add(out_name)
+    if not names:
+        raise TrainingError("lora_config trains nothing: set train_attn, train_mlp or train_unembed")
+    return sorted(names)
+
+
+class Trainer:
+    """The resident base and every run's adapter on it; each call holds :attr:`lock` (one at a time)."""
+
+    def __init__(self, base: str):
+        self.base = base
+        self.lock = threading.Lock()
+        self.model = None  # the peft model once a run exists; the plain base before
+        self.plain = None
+        self.tokenizer = None
+        self.runs: dict[str, Run] = {}
+        self.samplers: dict[str, str] = {}  # a sampler checkpoint's folder -> its adapter's name here
+
+    # --- the base ------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """The base loaded once (the first run or sample), in float32 on this machine's device."""
+        if self.plain is not None:
+            return
+        from tunesmith.machine.placement import pick_placement
+        from tunesmith.models.loading import load_model, load_tokenizer
+
+        self.plain = load_model(self.base, pick_placement())
+        self.plain.eval()
+        self.tokenizer = load_tokenizer(self.base)
+
+    def _add_adapter(self, name: str, config) -> None:
+        from peft import get_peft_model
+
+        if self.model is None:
+            self.model = get_peft_model(self.plain, config, adapter_name=name)
+            self.model.eval()
+        else:
+            self.model.add_adapter(name, config)
+
+    # --- runs -----------------------------------------------------------------------------------------------
+
+    def create(self, name: str, rank: int, seed: int | None, train_attn=True, train_mlp=True,
+               train_unembed=True) -> Run:
+        """A new adapter ``name`` (LoRA of ``rank``, B at zero so the run starts at the base) and its optimizer."""
+        import torch
+        from peft import LoraConfig
+
+        if not 1 <= rank <= 512:
+            raise TrainingError(f"lora_config.rank must be 1..512, got {rank}")
+        with self.lock:
+            self.load()
+            targets = lora_targets(self.plain, train_attn, train_mlp, train_unembed)
+            if seed is not None:
+                torch.manual_seed(seed)
+            self._add_adapter(name, LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
+            params = [p for n, p in self.model.named_parameters() if f".{name}." in n]
+            for p in params:
+                p.requires_grad_(True)
+            run = Run(name, rank, targets, torch.optim.AdamW(params, lr=ADAM_DEFAULTS["learning_rate"]))
+            self.runs[name] = run
+            return run
+
+    def drop(self, name: str) -> None:
+        with self.lock:
+            if self.runs.pop(name, None) is not None and self.model is not None:
+                self.model.delete_adapter(name)
+
+    def _params(self, name: str) -> list:
+        return [p for group in self.runs[name].optimizer.param_groups for p in group["params"]]
+
+    # --- forward and backward -------------------------------------------------------------------------------
+
+    def forward_backward(self, name: str, data: list[Datum], loss_fn: str, config: dict,
+                         backward: bool) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
+        """Each datum's token logprobs and loss, their sum as ``loss:sum``; with ``backward``, the loss's gradients
+        added to the run's (kept until :meth:`optim_step`)."""
+        import torch
+
+        check_loss(loss_fn, config, data)
+        with self.lock:
+            run = self.runs[name]
+            self.model.set_adapter(name)
+            for p in self._params(name):
+                p.requires_grad_(True)
+            logprobs_out, losses_out, total = [], [], 0.0
+            for datum in data:
+                ids = torch.tensor([datum.tokens], dtype=torch.long)
+                with torch.set_grad_enabled(backward):
+                    logits = self.model(input_ids=ids).logits[0].float()
+                    targets = torch.tensor(np.asarray(datum.inputs["target_tokens"], dtype=np.int64)).reshape(-1)
+                    logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
+                    elementwise = token_loss(loss_fn, logp, datum.inputs)
+                    loss = elementwise.sum()
+                    if backward:
+                        loss.backward()
+                logprobs_out.append(logp.detach().numpy())
+                losses_out.append(elementwise.detach().numpy())
+                total += float(loss.detach())
+            if backward:
+                run.pending += 1
+        return {"logprobs": logprobs_out, "elementwise_loss": losses_out}, {"loss:sum": total}
+
+    def optim_step(self, name: str, adam: dict) -> dict[str, float]:
+        """One AdamW step of the run's accumulated gradients with the SDK's parameters, then the gradients cleared."""
+        import torch
+
+        params = {**ADAM_DEFAULTS, **adam}
+        with self.lock:
+            run = self.runs[name]
+            trainable = self._params(name)
+            grads = [p.grad for p in trainable if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            if params["grad_clip_norm"] > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, params["grad_clip_norm"])
+            for group in run.optimizer.param_groups:
+                group.update(lr=params["learning_rate"], betas=(params["beta1"], params["beta2"]), eps=params["eps"],
+                             weight_decay=params["weight_decay"])
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.steps += 1
+            run.pending = 0
+        return {"grad_norm:mean": norm}
+
+    # --- weights ----------------------------------------------------------------------------------------------
+
+    def save_adapter(self, name: str, folder: Path) -> None:
+        """The run's adapter as a peft folder: what both engines and ``tunesmith export`` load."""
+        with self.lock:
+            self.model.save_pretrained(str(folder), selected_adapters=[name])
+        nested = folder / name  # peft nests a non-default adapter's files under its name
+        if nested.is_dir():
+            for f in nested.iterdir():
+                f.replace(folder / f.name)
+            nested.rmdir()
+
+    def save_state(self, name: str, folder: Path) -> None:
+        """The adapter and its optimizer's state (for ``load_state_with_optimizer``)."""
+        import torch
+
+        self.save_adapter(name, folder)
+        with self.lock:
+            run = self.runs[name]
+            torch.save({"optimizer": run.optimizer.state_dict(), "steps": run.steps}, folder / "optimizer.pt")
+
+    def load_state(self, name: str, folder: Path, optimizer: bool) -> None:
+        """The run's adapter weights (and its optimizer's state, when asked and saved) from a saved state."""
+        import torch
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        with self.lock:
+            set_peft_model_state_dict(self.model, weights, adapter_name=name)
+            run = self.runs[name]
+            if optimizer:
+                if not (folder / "optimizer.pt").is_file():
+                    raise TrainingError("this checkpoint holds no optimizer state; load it without the optimizer")
+                state = torch.load(folder / "optimizer.pt", weights_only=True)
+                run.optimizer.load_state_dict(state["optimizer"])
+                run.steps = state["steps"]
+
+    # --- sampling ------------------------------------------------------------------------------------------------
+
+    def _sampler(self, folder: str | None, run: str | None) -> str | None:
+        """The adapter to sample with: a run's own, a sampler checkpoint's (loaded once), or None (the base)."""
+        if run is not None:
+            return run
+        if folder is None:
+            return None
+        if folder not in self.samplers:
+            from peft import PeftModel
+
+            name = f"sampler-{len(self.samplers)}"
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self.plain, folder, adapter_name=name)
+                self.model.eval()
+            else:
+                self.model.load_adapter(folder, adapter_name=name)
+            self.samplers[folder] = name
+        return self.samplers[folder]
+
+    def sample(self, prompt: list[int], n: int, params: dict, folder: str | None = None, run: str | None = None,
+               prompt_logprobs: bool = False, topk_prompt: int = 0) -> tuple[list[Sequence], list | None, tuple | None]:
+        """``n`` sequences after ``prompt`` (their tokens' logprobs under the model, at temperature 1, as a training
+        forward computes them), and the prompt's logprobs when asked."""
+        import torch
+
+        with self.lock:
+            self.load()
+            adapter = self._sampler(folder, run)
+            model = self.plain if self.model is None else self.model
+            if adapter is not None:
+                model.set_adapter(adapter)
+            context = model.disable_adapter() if adapter is None and self.model is not None else _nothing()
+            with context, torch.no_grad():
+                scored = _prompt_scores(model, prompt, prompt_logprobs, topk_prompt)
+                sequences = [self._one(model, prompt, params, i) for i in range(n)]
+        return sequences, *scored
+
+    def _one(self, model, prompt: list[int], params: dict, i: int) -> Sequence:
+        import torch
+
+        seed = params.get("seed")
+        if seed is not None:
+            torch.manual_seed(int(seed) + i)
+        stop_ids, stop_strings = stops(params.get("stop"), self.tokenizer)
+        temperature = float(params.get("temperature", 1.0))
+        kwargs = dict(max_new_tokens=int(params.get("max_tokens") or 16), do_sample=temperature > 0,
+                      output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
+                      eos_token_id=stop_ids or None)
+        if temperature > 0:
+            kwargs |= dict(temperature=temperature, top_p=float(params.get("top_p", 1.0)),
+                           top_k=max(0, int(params.get("top_k", -1))))
+        if stop_strings:
+            kwargs |= dict(stop_strings=stop_strings, tokenizer=self.tokenizer)
+        ids = torch.tensor([prompt], dtype=torch.long)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
+        stopped = len(tokens) < kwargs["max_new_tokens"] or bool(tokens and tokens[-1] in (stop_ids or []))
+        return Sequence(tokens, logprobs, stopped)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def stops(stop, tokenizer) -> tuple[list[int], list[str]]:
+    """The SDK's ``stop``: None → the end-of-sequence token; [] → nothing; token ids; or strings."""
+    if stop is None:
+        return ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []), []
+    if isinstance(stop, str):
+        return [], [stop]
+    if all(isinstance(s, int) for s in stop):
+        return list(stop), []
+    return [], list(stop)
+
+
+def _prompt_scores(model, prompt: list[int], wanted: bool, topk: int):
+    """The prompt's token logprobs (None first) and its top-k per position, when asked."""
+    import torch
+
+    if not wanted and not topk:
+        return None, None
+    logits = model(input_ids=torch.tensor([prompt], dtype=torch.long)).logits[0].float()
+    logp = torch.log_softmax(logits[:-1], dim=-1)
+    chosen = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+    lists = [None, *chosen] if wanted else None
+    top = None
+    if topk:
+        values, ids = logp.topk(topk, dim=-1)
+        top = (np.vstack([np.zeros((1, topk), np.int32), ids.numpy().astype(np.int32)]),
+               np.vstack([np.full((1, topk), np.nan, np.float32), values.numpy()]))
+    return lists, top
+
+
+def check_loss(loss_fn: str, config: dict, data: list[Datum]) -> None:
+    """The loss and its inputs as this server computes them, or a TrainingError naming what is not."""
+    if loss_fn not in LOSSES:
+        raise TrainingError(f"loss_fn {loss_fn!r} is not supported here; supported: {', '.join(LOSSES)} "
+                            "(forward_backward_custom runs any loss on the client)")
+    if config:
+        raise TrainingError(f"loss_fn_config {sorted(config)} is not supported for {loss_fn}; send none")
+    need = LOSS_INPUTS[loss_fn]
+    for i, datum in enumerate(data):
+        if not datum.tokens:
+            raise TrainingError(f"data[{i}].model_input is empty")
+        missing, extra = need - set(datum.inputs), set(datum.inputs) - need
+        if missing:
+            raise TrainingError(f"data[{i}].loss_fn_inputs lacks {sorted(missing)} (needed by {loss_fn})")
+        if extra:
+            raise TrainingError(f"data[{i}].loss_fn_inputs {sorted(extra)} are not used by {loss_fn}; remove them")
+        for name, value in datum.inputs.items():
+            if value.size != len(datum.tokens):
+                raise TrainingError(f"data[{i}].loss_fn_inputs[{name!r}] has {value.size} values for "
+                                    f"{len(datum.tokens)} input tokens; give one per token")
+
+
+def token_loss(loss_fn: str, logp, inputs: dict):
+    """Each token's loss (summed by the caller)."""
+    import torch
+
+    def f32(name):
+        return torch.tensor(np.asarray(inputs[name], dtype=np.float32)).reshape(-1)
+
+    if loss_fn == "cross_entropy":
+        return -logp * f32("weights")
+    ratio = torch.exp(logp - f32("logprobs"))
+    return -ratio * f32("advantages")
