@@ -101,6 +101,14 @@ async def session_heartbeat(request: Request, key: TinkerKey):
     return {"type": "session_heartbeat"}
 
 
+@router.post("/sessions/{session_id}/finish")
+async def finish_session(session_id: str, request: Request, key: TinkerKey):
+    """A client's session ended (``ServiceClient.close``): nothing is held by a session here (its runs stay, held by
+    their claims until the replica stops), so this only answers."""
+    await body_of(request, {"reason", "detail"})
+    return {}
+
+
 @router.post("/telemetry")
 async def telemetry(request: Request, key: TinkerKey):
     """The SDK's reports of its own errors: each exception it reports is a line of this server's log (where an

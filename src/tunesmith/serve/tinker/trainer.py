@@ -40,28 +40,32 @@ class Run:
     extra: dict = field(default_factory=dict)
 
 
-def lora_targets(model, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
-    """The base's linear layers a LoRA of these choices adapts, by their names' last part: attention layers (under
-    an ``attn`` module), MLP layers (under an ``mlp`` module), and the output layer (the unembedding)."""
+def layer_names(model) -> dict[str, set[str]]:
+    """The base's linear layers by kind, by their names' last part: ``attn`` (under an attention module), ``mlp``
+    (under an MLP module) and ``unembed`` (the output layer). Read once from the plain base: peft's wrapped layers
+    are no longer ``Linear``."""
     import torch
 
-    out_name = None
     head = model.get_output_embeddings()
-    names: set[str] = set()
+    kinds: dict[str, set[str]] = {"attn": set(), "mlp": set(), "unembed": set()}
     for path, module in model.named_modules():
-        if module is head:
-            out_name = path.rsplit(".", 1)[-1]
-            continue
-        if not isinstance(module, torch.nn.Linear):
-            continue
         parts = path.split(".")
-        if (train_attn and any("attn" in p for p in parts[:-1])) or (train_mlp and any("mlp" in p for p in parts[:-1])):
-            names.add(parts[-1])
-    if train_unembed and out_name:
-        names.add(out_name)
+        if module is head:
+            kinds["unembed"].add(parts[-1])
+        elif isinstance(module, torch.nn.Linear):
+            for kind in ("attn", "mlp"):
+                if any(kind in p for p in parts[:-1]):
+                    kinds[kind].add(parts[-1])
+    return kinds
+
+
+def lora_targets(kinds: dict[str, set[str]], train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
+    """The layers a LoRA of these choices adapts."""
+    chosen = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
+    names = sorted({n for kind, on in chosen.items() if on for n in kinds[kind]})
     if not names:
         raise TrainingError("lora_config trains nothing: set train_attn, train_mlp or train_unembed")
-    return sorted(names)
+    return names
 
 
 class Trainer:
@@ -87,6 +91,7 @@ class Trainer:
 
         self.plain = load_model(self.base, pick_placement())
         self.plain.eval()
+        self.kinds = layer_names(self.plain)
         self.tokenizer = load_tokenizer(self.base)
 
     def _add_adapter(self, name: str, config) -> None:
@@ -110,7 +115,7 @@ class Trainer:
             raise TrainingError(f"lora_config.rank must be 1..512, got {rank}")
         with self.lock:
             self.load()
-            targets = lora_targets(self.plain, train_attn, train_mlp, train_unembed)
+            targets = lora_targets(self.kinds, train_attn, train_mlp, train_unembed)
             if seed is not None:
                 torch.manual_seed(seed)
             self._add_adapter(name, LoraConfig(r=rank, lora_alpha=32, target_modules=targets, lora_dropout=0.0))
@@ -187,7 +192,7 @@ class Trainer:
     def save_adapter(self, name: str, folder: Path) -> None:
         """The run's adapter as a peft folder: what both engines and ``tunesmith export`` load."""
         with self.lock:
-            self.model.save_pretrained(str(folder), selected_adapters=[name])
+            self.model.save_pretrained(str(folder), selected_adapters=[name], save_embedding_layers=False)
         nested = folder / name  # peft nests a non-default adapter's files under its name
         if nested.is_dir():
             for f in nested.iterdir():

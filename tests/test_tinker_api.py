@@ -1,0 +1,236 @@
+"""The Tinker API (tunesmith.serve.tinker) driven by the real ``tinker`` SDK (0.38.0), as a team's own training loop
+would: a LoRA training client on the served base, cross_entropy and importance_sampling steps, AdamW steps, a
+training state saved and loaded with its optimizer, sampler weights sampled from and served as a model on the OpenAI
+API, another key kept out of all of it, and wrong calls answered with their reason."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tunesmith.serve.tinker import wire
+
+from .conftest import tiny_server
+
+KEYS = frozenset({"key-a", "key-b"})
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, tmp_path_factory):
+    """A tiny-model server with two keys; yields (its root URL, the base's name)."""
+    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("tinker-data"), api_keys=KEYS) as url:
+        yield url[:-3], str(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def service_a(served):
+    import tinker
+
+    with tinker.ServiceClient(base_url=served[0], api_key="tml-key-a") as client:
+        yield client
+
+
+def reference_logprobs(model_dir, tokens: list[int], targets: list[int]) -> np.ndarray:
+    """The base model's log-probability of each target after its prefix, computed here with transformers alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0].float()
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(targets)[:, None])[:, 0].numpy()
+
+
+def datum(tokens: list[int], weights: list[float]):
+    from tinker import types
+
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
+
+
+def example(tokenizer) -> tuple[list[int], list[float]]:
+    prompt = tokenizer.encode("Classify the message: my card has not arrived")
+    answer = tokenizer.encode(" card_arrival")
+    return prompt + answer, [0.0] * len(prompt) + [1.0] * len(answer)
+
+
+# --- the wire, against the SDK's own codec ---------------------------------------------------------------------
+
+def test_the_wire_reads_what_the_sdk_writes_and_writes_what_it_reads():
+    from tinker import types
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+    from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response
+
+    data = [types.Datum(model_input=types.ModelInput.from_ints([5, 6, 7]),
+                        loss_fn_inputs={"target_tokens": [6, 7, 8], "weights": [0.0, 0.5, 1.0]}),
+            types.Datum(model_input=types.ModelInput.from_ints([1, 2]),
+                        loss_fn_inputs={"target_tokens": [2, 3], "weights": [1.0, 1.0]})]
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=data, loss_fn="cross_entropy",
+                                                          loss_fn_config={"scale": 2.0, "mode": "x"}),
+        model_id="run-1", seq_id=7)
+    read = wire.read_forward_backward(forward_backward_request_to_proto(request).SerializeToString())
+    assert (read.model_id, read.seq_id, read.loss_fn, read.forward_only) == ("run-1", 7, "cross_entropy", False)
+    assert read.config == {"scale": 2.0, "mode": "x"}
+    assert [d.tokens for d in read.data] == [[5, 6, 7], [1, 2]]
+    assert read.data[0].inputs["target_tokens"].tolist() == [6, 7, 8]
+    assert read.data[0].inputs["weights"].tolist() == [0.0, 0.5, 1.0]
+
+    out = deserialize_forward_backward_output(wire.forward_backward_output(
+        {"logprobs": [np.array([-1.0, -2.0, -3.0]), np.array([-0.5, -0.25])]}, {"loss:sum": 6.75}))
+    assert out.metrics == {"loss:sum": 6.75}
+    assert [o["logprobs"].tolist() for o in out.loss_fn_outputs] == [[-1.0, -2.0, -3.0], [-0.5, -0.25]]
+
+    answer = deserialize_sample_response(wire.sample_response(
+        [wire.Sequence([4, 5], [-0.1, -0.2], stopped=True), wire.Sequence([6], [-0.3], stopped=False)],
+        prompt_logprobs=[None, -1.5]))
+    assert [(s.tokens, s.stop_reason) for s in answer.sequences] == [([4, 5], "stop"), ([6], "length")]
+    assert np.allclose(answer.sequences[0].logprobs, [-0.1, -0.2])
+    assert answer.prompt_logprobs == [None, -1.5]
+
+
+def test_a_message_the_schema_cannot_be_is_refused_naming_where():
+    with pytest.raises(wire.WireError, match="wire type 3"):
+        wire.read_forward_backward(bytes([0x1B]))  # field 3 with a group start: never in this schema
+    with pytest.raises(wire.WireError, match="past the end"):
+        wire.read_forward_backward(bytes([0x0A, 0x05, 0x61]))  # model_id says 5 bytes, 1 follows
+
+
+# --- a training loop through the SDK ---------------------------------------------------------------------------
+
+def test_a_supervised_loop_trains_saves_loads_and_samples(served, service_a):
+    from tinker import types
+
+    root, base = served
+    training = service_a.create_lora_training_client(base_model=base, rank=8, seed=0).result()
+    tokenizer = training.get_tokenizer()
+    tokens, weights = example(tokenizer)
+    batch = [datum(tokens, weights)]
+
+    # the first step's loss is the base's weighted NLL (LoRA's B starts at zero), as transformers computes it
+    expected = reference_logprobs(base, tokens[:-1], tokens[1:])
+    first = training.forward_backward(batch, "cross_entropy").result()
+    assert first.metrics["loss:sum"] == pytest.approx(-float((expected * np.array(weights[1:])).sum()), abs=1e-4)
+    assert np.allclose(first.loss_fn_outputs[0]["logprobs"].to_numpy(), expected, atol=1e-4)
+    step = training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert step.metrics["grad_norm:mean"] > 0
+
+    losses = [first.metrics["loss:sum"]]
+    for _ in range(7):
+        losses.append(training.forward_backward(batch, "cross_entropy").result().metrics["loss:sum"])
+        training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert losses[-1] < 0.5 * losses[0] and min(losses[4:]) < min(losses[:4]), losses
+
+    # a training state with its optimizer: a new client from it steps exactly as the original does
+    state = training.save_state("after-5").result().path
+    assert state.endswith("/weights/after-5")
+    restored = service_a.create_training_client_from_state_with_optimizer(state).result()
+    for client in (training, restored):
+        client.forward_backward(batch, "cross_entropy").result()
+        client.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = [c.forward(batch, "cross_entropy").result().metrics["loss:sum"] for c in (training, restored)]
+    assert after[0] == pytest.approx(after[1], abs=1e-5)
+
+    # sampler weights: sampled through the SDK with the logprobs a forward computes
+    path = training.save_weights_for_sampler("final").result().path
+    sampler = service_a.create_sampling_client(model_path=path).result()
+    prompt = types.ModelInput.from_ints(tokens[:-2])
+    got = sampler.sample(prompt=prompt, num_samples=2,
+                         sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0, seed=3)).result()
+    assert len(got.sequences) == 2 and all(len(s.tokens) >= 1 for s in got.sequences)
+    seq = got.sequences[0]
+    scored = training.forward([datum(tokens[:-2] + seq.tokens, [0.0] * (len(tokens) - 2) + [1.0] * len(seq.tokens))],
+                              "cross_entropy").result()
+    assert np.allclose(scored.loss_fn_outputs[0]["logprobs"].to_numpy()[-len(seq.tokens):], seq.logprobs, atol=1e-3)
+    prompt_scores = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    assert prompt_scores[0] is None and len(prompt_scores) == len(tokens)
+
+    # the same checkpoint is a model of the key on the OpenAI API
+    client = openai.OpenAI(base_url=f"{root}/v1", api_key="key-a")
+    assert path in [m.id for m in client.models.list()]
+    answer = client.chat.completions.create(model=path, max_tokens=4, temperature=0,
+                                            messages=[{"role": "user", "content": "my card has not arrived"}])
+    assert answer.choices[0].message.content is not None
+
+    runs = httpx.get(f"{root}/api/v1/training_runs", headers={"X-API-Key": "tml-key-a"}).json()
+    assert {r["training_run_id"] for r in runs["training_runs"]} >= {training.model_id, restored.model_id}
+    listed = httpx.get(f"{root}/api/v1/training_runs/{training.model_id}/checkpoints",
+                       headers={"X-API-Key": "tml-key-a"}).json()
+    assert {c["tinker_path"] for c in listed["checkpoints"]} == {state, path}
+
+
+def test_importance_sampling_weighs_each_token_by_its_ratio_and_advantage(served, service_a):
+    from tinker import types
+
+    root, base = served
+    training = service_a.create_lora_training_client(base_model=base, rank=4, seed=1).result()
+    tokens, _ = example(training.get_tokenizer())
+    logp = reference_logprobs(base, tokens[:-1], tokens[1:])
+    sampling_logp = logp - 0.1  # as if sampled from a slightly different policy
+    advantages = np.linspace(-1.0, 1.0, len(logp)).astype(np.float32)
+    d = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                    loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": sampling_logp.tolist(),
+                                    "advantages": advantages.tolist()})
+    out = training.forward_backward([d], "importance_sampling").result()
+    assert out.metrics["loss:sum"] == pytest.approx(-float((math.exp(0.1) * advantages).sum()), abs=1e-3)
+
+
+# --- keys, and calls the server refuses ------------------------------------------------------------------------
+
+def post(root: str, route: str, body: dict, key: str = "tml-key-b") -> httpx.Response:
+    return httpx.post(f"{root}/api/v1/{route}", json=body, headers={"X-API-Key": key}, timeout=60)
+
+
+def test_another_key_reaches_nothing_of_a_keys_runs_futures_and_checkpoints(served, service_a):
+    root, base = served
+    training = service_a.create_lora_training_client(base_model=base, rank=4).result()
+    path = training.save_weights_for_sampler("for-a").result().path
+    submitted = post(root, "optim_step", {"model_id": training.model_id, "adam_params": {}}, key="tml-key-a").json()
+
+    assert post(root, "retrieve_future", {"request_id": submitted["request_id"]}).status_code == 404
+    assert post(root, "get_info", {"model_id": training.model_id}).status_code == 404
+    assert httpx.get(f"{root}/api/v1/training_runs", headers={"X-API-Key": "tml-key-b"}).json()["training_runs"] == []
+    assert httpx.get(f"{root}/api/v1/training_runs/{training.model_id}/checkpoints",
+                     headers={"X-API-Key": "tml-key-b"}).status_code == 404
+    sample = post(root, "asample", {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
+                                    "sampling_params": {"max_tokens": 2}, "model_path": path}).json()
+    failed = post(root, "retrieve_future", {"request_id": sample["request_id"]}).json()
+    assert "No checkpoint" in failed["error"] and failed["category"] == "user"
+    steal = post(root, "optim_step", {"model_id": training.model_id, "adam_params": {}}).json()
+    assert "No training run" in post(root, "retrieve_future", {"request_id": steal["request_id"]}).json()["error"]
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=f"{root}/v1", api_key="key-b").chat.completions.create(
+            model=path, max_tokens=2, messages=[{"role": "user", "content": "hi"}])
+    # the key's own future still answers it, once
+    done = post(root, "retrieve_future", {"request_id": submitted["request_id"]}, key="tml-key-a").json()
+    assert "metrics" in done
+
+
+def test_wrong_calls_are_refused_with_their_reason(served, service_a):
+    import tinker
+    from tinker import types
+
+    root, base = served
+    no_key = httpx.post(f"{root}/api/v1/create_session", json={"tags": [], "sdk_version": "0.38.0"})
+    assert no_key.status_code == 401 and "X-API-Key" in no_key.json()["error"]["message"]
+    assert post(root, "create_session", {"tags": [], "sdk_version": "0.38.0"}, key="key-b").status_code == 200
+    unknown = post(root, "create_session", {"tags": [], "sdk_version": "0.38.0", "billing_tier": "x"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "billing_tier"
+    assert "copy_weights" in post(root, "copy_weights", {}).json()["error"]["message"]
+
+    with pytest.raises(Exception, match="not served here"):
+        service_a.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4).result()
+    training = service_a.create_lora_training_client(base_model=base, rank=4).result()
+    tokens, weights = example(training.get_tokenizer())
+    with pytest.raises(tinker.RequestFailedError, match="loss_fn 'dro' is not supported"):
+        training.forward_backward([datum(tokens, weights)], "dro").result()
+    lacking = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                          loss_fn_inputs={"target_tokens": tokens[1:]})
+    with pytest.raises(tinker.RequestFailedError, match=r"lacks \['weights'\]"):
+        training.forward_backward([lacking], "cross_entropy").result()
+    with pytest.raises(tinker.RequestFailedError, match="must be 3600"):
+        training.save_weights_for_sampler("short", ttl_seconds=60).result()
