@@ -234,3 +234,35 @@ def test_wrong_calls_are_refused_with_their_reason(served, service_a):
         training.forward_backward([lacking], "cross_entropy").result()
     with pytest.raises(tinker.RequestFailedError, match="must be 3600"):
         training.save_weights_for_sampler("short", ttl_seconds=60).result()
+
+
+def test_a_key_with_many_calls_queued_does_not_hold_back_another_keys_call(served, service_a):
+    """Calls take turns on the one base, keys served in turn: key B's single step is answered while key A still
+    has most of its twelve queued."""
+    import threading
+    import time
+
+    import tinker
+
+    root, base = served
+    a = service_a.create_lora_training_client(base_model=base, rank=8).result()
+    with tinker.ServiceClient(base_url=root, api_key="tml-key-b") as service_b:
+        b = service_b.create_lora_training_client(base_model=base, rank=8).result()
+        tokens, weights = example(a.get_tokenizer())
+        batch = [datum(tokens * 8, weights * 8)] * 24  # a call of a few hundred milliseconds
+        ended: dict[str, float] = {}
+        a_futures = [a.forward_backward(batch, "cross_entropy") for _ in range(12)]
+
+        def watch(name, fut):
+            fut.result()
+            ended[name] = time.monotonic()
+
+        watchers = [threading.Thread(target=watch, args=(f"a{i}", f)) for i, f in enumerate(a_futures)]
+        for w in watchers:
+            w.start()
+        time.sleep(0.5)  # A's twelve submitted (each is answered with a future at once)
+        watch("b", b.forward_backward(batch, "cross_entropy"))
+        for w in watchers:
+            w.join(120)
+    done_before_b = sum(1 for i in range(12) if ended[f"a{i}"] < ended["b"])
+    assert done_before_b <= 5, (done_before_b, ended)  # first come, first served: all twelve
