@@ -21,9 +21,10 @@ KEYS = frozenset({"key-a", "key-b"})
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
-    """A tiny-model server with two keys; yields (its root URL, the base's name)."""
-    with tiny_server(tiny_model_dir, tmp_path_factory.mktemp("tinker-data"), api_keys=KEYS) as url:
-        yield url[:-3], str(tiny_model_dir)
+    """A tiny-model server with two keys; yields (its root URL, the base's name, its data folder)."""
+    data = tmp_path_factory.mktemp("tinker-data")
+    with tiny_server(tiny_model_dir, data, api_keys=KEYS) as url:
+        yield url[:-3], str(tiny_model_dir), data
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_a_message_the_schema_cannot_be_is_refused_naming_where():
 def test_a_supervised_loop_trains_saves_loads_and_samples(served, service_a):
     from tinker import types
 
-    root, base = served
+    root, base, _ = served
     training = service_a.create_lora_training_client(base_model=base, rank=8, seed=0).result()
     tokenizer = training.get_tokenizer()
     tokens, weights = example(tokenizer)
@@ -166,7 +167,7 @@ def test_a_supervised_loop_trains_saves_loads_and_samples(served, service_a):
 def test_importance_sampling_weighs_each_token_by_its_ratio_and_advantage(served, service_a):
     from tinker import types
 
-    root, base = served
+    root, base, _ = served
     training = service_a.create_lora_training_client(base_model=base, rank=4, seed=1).result()
     tokens, _ = example(training.get_tokenizer())
     logp = reference_logprobs(base, tokens[:-1], tokens[1:])
@@ -186,7 +187,7 @@ def post(root: str, route: str, body: dict, key: str = "tml-key-b") -> httpx.Res
 
 
 def test_another_key_reaches_nothing_of_a_keys_runs_futures_and_checkpoints(served, service_a):
-    root, base = served
+    root, base, _ = served
     training = service_a.create_lora_training_client(base_model=base, rank=4).result()
     path = training.save_weights_for_sampler("for-a").result().path
     submitted = post(root, "optim_step", {"model_id": training.model_id, "adam_params": {}}, key="tml-key-a").json()
@@ -214,7 +215,7 @@ def test_wrong_calls_are_refused_with_their_reason(served, service_a):
     import tinker
     from tinker import types
 
-    root, base = served
+    root, base, _ = served
     no_key = httpx.post(f"{root}/api/v1/create_session", json={"tags": [], "sdk_version": "0.38.0"})
     assert no_key.status_code == 401 and "X-API-Key" in no_key.json()["error"]["message"]
     assert post(root, "create_session", {"tags": [], "sdk_version": "0.38.0"}, key="key-b").status_code == 200
@@ -244,7 +245,7 @@ def test_a_key_with_many_calls_queued_does_not_hold_back_another_keys_call(serve
 
     import tinker
 
-    root, base = served
+    root, base, _ = served
     a = service_a.create_lora_training_client(base_model=base, rank=8).result()
     with tinker.ServiceClient(base_url=root, api_key="tml-key-b") as service_b:
         b = service_b.create_lora_training_client(base_model=base, rank=8).result()
@@ -266,3 +267,39 @@ def test_a_key_with_many_calls_queued_does_not_hold_back_another_keys_call(serve
             w.join(120)
     done_before_b = sum(1 for i in range(12) if ended[f"a{i}"] < ended["b"])
     assert done_before_b <= 5, (done_before_b, ended)  # first come, first served: all twelve
+
+
+def test_a_sampler_checkpoint_exports_merged_with_its_output_layer_change_kept_apart(served, service_a, tmp_path):
+    """``tunesmith export`` of a sampler checkpoint's folder (LoRA on every layer, the output one tied to the input
+    embeddings in this base): the merged model answers as the adapter does, and its input embeddings are the base's."""
+    import torch
+    from peft import PeftModel
+    from tinker import types
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.cli import app
+
+    _, base, data = served
+    training = service_a.create_lora_training_client(base_model=base, rank=8, seed=2).result()
+    tokens, weights = example(training.get_tokenizer())
+    for _ in range(3):
+        training.forward_backward([datum(tokens, weights)], "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=2e-2)).result()
+    path = training.save_weights_for_sampler("to-export").result().path
+    (folder,) = data.glob("tinker/*/sampler_weights/to-export")
+    assert path.endswith("/sampler_weights/to-export")  # the checkpoint's folder on the data folder
+
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["export", str(folder), "--merged", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                        str(folder)).eval()
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-4)
+        assert not torch.allclose(merged(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-3)
+    assert torch.equal(merged.get_input_embeddings().weight, plain.get_input_embeddings().weight)
+

@@ -21,17 +21,16 @@ def export_gguf(run_dir: Path, out: Path, gguf_type: str = "f16") -> Path:
     """Merge the run, write ``out/model-<type>.gguf`` and ``out/Modelfile``; returns the GGUF path."""
     from transformers import AutoTokenizer
 
-    from tunesmith.export.merged import export_merged, load_run_recipe, stop_token_ids
+    from tunesmith.export.merged import export_merged, export_name, stop_token_ids
 
     check_gguf_type(gguf_type)
-    recipe = load_run_recipe(run_dir)
+    name, system = export_name(run_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        merged = export_merged(run_dir, Path(tmp) / recipe.name)  # the converter reads a plain HF folder
+        merged = export_merged(run_dir, Path(tmp) / name)  # the converter reads a plain HF folder
         tokenizer = AutoTokenizer.from_pretrained(merged)
         path = to_gguf(merged, out / f"model-{gguf_type}.gguf", gguf_type)
-    system = recipe.data.system_prompt if recipe.data else None
     (out / "Modelfile").write_text(modelfile(path.name, tokenizer, stop_token_ids(tokenizer), system), encoding="utf-8")
     return path
 

@@ -1,4 +1,6 @@
-"""Export a trained run: a merged Hugging Face folder, or the PEFT adapter alone.
+"""Export a trained run: a merged Hugging Face folder, or the PEFT adapter alone. A bare adapter folder (a Tinker
+API sampler checkpoint, ``<data>/tinker/<run>/sampler_weights/<name>``) exports the same way: its base is the one its
+``adapter_config.json`` names.
 
 The merged folder holds safetensors weights, the tokenizer with its chat template and a
 generation config whose ``eos_token_id`` lists every token that ends an assistant turn, so that
@@ -15,6 +17,29 @@ import yaml
 from tunesmith.config import Recipe
 from tunesmith.errors import ConfigError, DataError
 from tunesmith.train.result import Artefact, trained_output
+
+
+def is_adapter_folder(path: Path) -> bool:
+    """A PEFT adapter folder on its own (no run around it)."""
+    return (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.resolved.yaml").is_file()
+
+
+def adapter_base(path: Path) -> str:
+    """The base model an adapter folder was trained on (its ``base_model_name_or_path``)."""
+    import json
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{path}/adapter_config.json names no base_model_name_or_path: export needs the base")
+    return base
+
+
+def export_name(run_dir: Path) -> tuple[str, str | None]:
+    """(a name for the exported model, the system prompt it was trained with, if any)."""
+    if is_adapter_folder(run_dir):
+        return Path(run_dir).name, None
+    recipe = load_run_recipe(run_dir)
+    return recipe.name, recipe.data.system_prompt if recipe.data else None
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
@@ -67,10 +92,15 @@ def merged_model(run_dir: Path):
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_trained
 
-    recipe = load_run_recipe(run_dir)
-    src = trained_dir(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    model = load_trained(recipe.model.name, src, pick_placement("fp32", "cpu"))
+    if is_adapter_folder(run_dir):
+        from tunesmith.models.names import resolve
+
+        base, src = adapter_base(run_dir), Path(run_dir)
+        tokenizer = AutoTokenizer.from_pretrained(src if (src / "tokenizer_config.json").is_file() else resolve(base))
+    else:
+        base, src = load_run_recipe(run_dir).model.name, trained_dir(run_dir)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    model = load_trained(base, src, pick_placement("fp32", "cpu"))
     stops = stop_token_ids(tokenizer)
     gen = GenerationConfig.from_model_config(model.config)
     gen.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -83,7 +113,7 @@ def merged_model(run_dir: Path):
 def export_merged(run_dir: Path, out: Path) -> Path:
     """Base model + adapter merged into plain weights (or the full fine-tune), saved as a HF folder; a head
     (classifier, regression, span) as its ``*ForSequenceClassification`` / ``*ForQuestionAnswering`` folder."""
-    found = trained_output(Path(run_dir))
+    found = None if is_adapter_folder(run_dir) else trained_output(Path(run_dir))
     if found is not None and found[1] is not Artefact.MODEL:
         from tunesmith.export.heads import export_head
 
@@ -98,6 +128,9 @@ def export_merged(run_dir: Path, out: Path) -> Path:
 
 def export_adapter(run_dir: Path, out: Path) -> Path:
     """The PEFT adapter (with the tokenizer it was trained with) copied to ``out``."""
+    if is_adapter_folder(run_dir):
+        shutil.copytree(run_dir, out, dirs_exist_ok=True)
+        return Path(out)
     src = trained_dir(run_dir)
     if src.name != "adapter":
         raise ConfigError(f"{run_dir} is a full fine-tune: there is no adapter; use --merged")

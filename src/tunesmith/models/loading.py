@@ -53,8 +53,28 @@ def load_trained(base: str, folder: Path, placement: Placement) -> Any:
     if (Path(folder) / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(base, placement), str(folder)).merge_and_unload().eval()
+        model = untied_for(load_model(base, placement), Path(folder))
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
     return load_model(str(folder), placement)
+
+
+def untied_for(model, adapter: Path):
+    """``model`` with its output layer's weights its own when ``adapter`` adapts that layer and the base ties it to
+    the input embeddings: merged, the adapter's change stays on the output (tied, it would change the embeddings
+    too), and the saved model says the two are no longer tied."""
+    import json
+
+    import torch
+
+    head = model.get_output_embeddings()
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or []
+    name = next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head), None)
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if tied and name is not None and (name in targets if isinstance(targets, list) else False):
+        head.weight = torch.nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    return model
 
 
 def _not_found_message(name: str, exc: Exception) -> str:
