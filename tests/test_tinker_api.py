@@ -303,3 +303,25 @@ def test_a_sampler_checkpoint_exports_merged_with_its_output_layer_change_kept_a
         assert not torch.allclose(merged(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-3)
     assert torch.equal(merged.get_input_embeddings().weight, plain.get_input_embeddings().weight)
 
+
+
+def test_a_keys_runs_are_bounded_and_let_go_when_its_client_closes(tiny_model_dir, tmp_path):
+    import tinker
+
+    from tunesmith.serve.store.quotas import Quotas
+
+    with tiny_server(tiny_model_dir, tmp_path / "data", api_keys=KEYS, quotas=Quotas(tinker_runs=1)) as url:
+        root, base = url[:-3], str(tiny_model_dir)
+        with tinker.ServiceClient(base_url=root, api_key="tml-key-a") as first:
+            held = first.create_lora_training_client(base_model=base, rank=4).result()
+            state = held.save_state("kept").result().path
+            with pytest.raises(Exception, match=r"holds 1 training runs here \(at most 1, --quota tinker_runs\)"):
+                first.create_lora_training_client(base_model=base, rank=4).result()
+            with tinker.ServiceClient(base_url=root, api_key="tml-key-b") as other:  # another key is not held back
+                other.create_lora_training_client(base_model=base, rank=4).result()
+        with tinker.ServiceClient(base_url=root, api_key="tml-key-a") as second:  # the first client's run let go
+            resumed = second.create_training_client_from_state_with_optimizer(state).result()
+            assert resumed.get_info().model_data.model_name == base
+        step = post(root, "optim_step", {"model_id": held.model_id, "adam_params": {}}, key="tml-key-a").json()
+        failed = post(root, "retrieve_future", {"request_id": step["request_id"]}, key="tml-key-a").json()
+        assert "not held by this replica" in failed["error"]

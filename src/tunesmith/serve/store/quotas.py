@@ -60,6 +60,10 @@ class Quotas:
     responses: int | None = 100_000  # Responses kept (store defaults to true)
     evals: int | None = 1_000
     eval_runs: int | None = 1_000  # runs kept, over all of a key's evals
+    # Tinker API (tunesmith.serve.tinker): training runs a key holds in a replica's memory at once (each a LoRA and
+    # its optimizer on the resident base), and checkpoints it keeps on the data folder
+    tinker_runs: int | None = 8
+    tinker_checkpoints: int | None = 1_000
     sweep_s: float = 60.0  # how often expired uploads, their parts and expired files are deleted
 
     @classmethod

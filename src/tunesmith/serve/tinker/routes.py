@@ -103,9 +103,11 @@ async def session_heartbeat(request: Request, key: TinkerKey):
 
 @router.post("/sessions/{session_id}/finish")
 async def finish_session(session_id: str, request: Request, key: TinkerKey):
-    """A client's session ended (``ServiceClient.close``): nothing is held by a session here (its runs stay, held by
-    their claims until the replica stops), so this only answers."""
+    """A client's session ended (``ServiceClient.close``): the training runs it made on this replica are let go (their
+    rows and checkpoints stay; a new client loads a saved state)."""
     await body_of(request, {"reason", "detail"})
+    t = tinker(request)
+    await t.futures.lane.run(key, t.finish_session, key, session_id, always=True)  # after the key's calls queued
     return {}
 
 

@@ -23,6 +23,9 @@ from tunesmith.serve.tinker.trainer import Trainer, TrainingError
 
 log = logging.getLogger("tunesmith.serve")
 NAME_CHARS = 128  # a checkpoint's name
+IDLE_S = 3600.0  # a run with no call for this long is let go (its client loads its last saved state)
+CALL_TOKENS = 65_536  # the tokens of one forward_backward call, over its datums
+MAX_SAMPLES = 64  # num_samples of one sample call
 
 
 def check_name(name: str) -> str:
@@ -46,6 +49,10 @@ class Tinker:
         self.trainer = Trainer(self.base)
         self.futures = Futures(app.state.lanes.tinker)
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
+        self.owners: dict[str, str | None] = {}  # run id held here -> its key
+        self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
+        self.quotas = settings.quotas
+        self.max_tokens = settings.max_tokens
         self.samplers: dict[str, dict] = {}  # sampling session id -> {owner, model_path}
         self.worker = worker_id()
 
@@ -66,7 +73,14 @@ class Tinker:
             if run_id in self.claims:
                 return {"model_id": run_id, "type": "create_model"}  # the SDK's retry of a call that was answered
             raise TrainingError(f"training run {run_id!r} exists; create a training client in a new session")
+        self.let_go_idle()
+        held = sum(1 for o in self.owners.values() if o == owner)
+        if self.quotas.tinker_runs is not None and held >= self.quotas.tinker_runs:
+            raise TrainingError(f"this key holds {held} training runs here (at most {self.quotas.tinker_runs}, "
+                                "--quota tinker_runs); close a ServiceClient whose runs are done (its runs are let go) "
+                                f"or wait for one to be idle {IDLE_S / 60:.0f} minutes")
         _, claim = self.store.add_run(run_id, owner, self.worker, base_model, lora, metadata)
+        self.owners[run_id] = owner
         self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), bool(lora.get("train_attn", True)),
                             bool(lora.get("train_mlp", True)), bool(lora.get("train_unembed", True)))
         self._hold(run_id, claim)
@@ -78,7 +92,36 @@ class Tinker:
 
     def _lost(self, run_id: str) -> None:
         self.claims.pop(run_id, None)
+        self.owners.pop(run_id, None)
+        self.used.pop(run_id, None)
         self.trainer.drop(run_id)
+
+    def let_go(self, run_id: str) -> None:
+        """A run no longer held here: its adapter and optimizer freed, its row's claim released."""
+        claim = self.claims.get(run_id)
+        if claim is not None:
+            self.store.base.claims.let_go(claim)
+        self._lost(run_id)
+
+    def let_go_idle(self) -> list[str]:
+        """The runs with no call for :data:`IDLE_S`, let go."""
+        now = time.monotonic()
+        idle = [r for r, at in list(self.used.items()) if now - at > IDLE_S]
+        for run_id in idle:
+            log.info("Tinker run %s idle for %.0f minutes: let go", run_id, IDLE_S / 60)
+            self.let_go(run_id)
+        return idle
+
+    def finish_session(self, owner, session_id: str) -> int:
+        """A client closed its session: the runs it made here let go; how many."""
+        mine = [r for r, o in list(self.owners.items()) if o == owner and r.startswith(f"{session_id}:train:")]
+        for run_id in mine:
+            self.let_go(run_id)
+        return len(mine)
+
+    def context_length(self) -> int:
+        """The base's context, in tokens (read from its config once loaded; its tokenizer's limit before)."""
+        return self.trainer.context_length()
 
     def check_base(self, base_model: str) -> None:
         if base_model != self.base:
@@ -92,7 +135,9 @@ class Tinker:
             raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
         if run_id not in self.claims or run_id not in self.trainer.runs:
             raise TrainingError(f"training run {run_id!r} is not held by this replica (the replica that held it "
-                                "stopped, or another holds it); create a training client from its last saved state")
+                                "stopped, it was idle an hour, or its session was closed); create a training client "
+                                "from its last saved state")
+        self.used[run_id] = time.monotonic()
         return run
 
     def info(self, owner, run_id: str) -> dict:
@@ -110,6 +155,14 @@ class Tinker:
     def forward_backward(self, owner, body: bytes, backward: bool) -> bytes:
         request = wire.read_forward_backward(body)
         self.run_of(owner, request.model_id)
+        tokens = sum(len(d.tokens) for d in request.data)
+        if tokens > CALL_TOKENS:
+            raise TrainingError(f"this call holds {tokens} tokens (at most {CALL_TOKENS} a call); split its data over "
+                                "several forward_backward calls (gradients add up until optim_step)")
+        longest = max((len(d.tokens) for d in request.data), default=0)
+        if longest > self.context_length():
+            raise TrainingError(f"a datum of {longest} tokens is longer than the model's context "
+                                f"({self.context_length()})")
         outputs, metrics = self.trainer.forward_backward(request.model_id, request.data, request.loss_fn,
                                                          request.config, backward and not request.forward_only)
         return wire.forward_backward_output(outputs, metrics)
@@ -149,6 +202,10 @@ class Tinker:
         path = checkpoint_path(run_id, kind, name)
         if not overwrite and self.store.checkpoint(path, owner) is not None:
             raise TrainingError(f"checkpoint {path} exists; choose another name (or overwrite=true for a state)")
+        kept = len(self.store.all_checkpoints(owner))
+        if self.quotas.tinker_checkpoints is not None and kept >= self.quotas.tinker_checkpoints:
+            raise TrainingError(f"this key keeps {kept} checkpoints (at most {self.quotas.tinker_checkpoints}, --quota "
+                                "tinker_checkpoints); delete some (RestClient.delete_checkpoint)")
         folder = self._folder(run_id, kind, name)
         staging = folder.with_name(f".{name}.{new_id('tmp')[-8:]}")
         staging.mkdir(parents=True)
@@ -240,8 +297,12 @@ class Tinker:
         folder = None if path is None else self.checkpoint(owner, path)["folder"]
         prompt = prompt_tokens(request["prompt"])
         n = int(request.get("num_samples", 1))
-        if not 1 <= n <= 64:
-            raise TrainingError(f"num_samples must be 1..64, got {n}")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise TrainingError(f"num_samples must be 1..{MAX_SAMPLES}, got {n}")
+        wanted = request["sampling_params"].get("max_tokens") or 16
+        if not 1 <= wanted <= self.max_tokens or len(prompt) + wanted > self.context_length():
+            raise TrainingError(f"max_tokens must be 1..{self.max_tokens} and fit the context "
+                                f"({self.context_length()} tokens) after the prompt's {len(prompt)}")
         sequences, prompt_lp, topk = self.trainer.sample(
             prompt, n, request["sampling_params"], folder=folder, prompt_logprobs=bool(request.get("prompt_logprobs")),
             topk_prompt=int(request.get("topk_prompt_logprobs") or 0))

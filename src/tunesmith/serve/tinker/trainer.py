@@ -94,6 +94,11 @@ class Trainer:
         self.kinds = layer_names(self.plain)
         self.tokenizer = load_tokenizer(self.base)
 
+    def context_length(self) -> int:
+        with self.lock:
+            self.load()
+        return int(getattr(self.plain.config, "max_position_embeddings", None) or self.tokenizer.model_max_length)
+
     def _add_adapter(self, name: str, config) -> None:
         from peft import get_peft_model
 
