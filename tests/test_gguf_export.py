@@ -331,3 +331,75 @@ def test_models_add_registers_an_exported_gguf_that_answers_like_it(cli, home, e
         ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                       return_dict=True)["input_ids"]
         assert _hf_greedy(added, ids, 8) == _hf_greedy(original, ids, 8)
+
+
+# ---- a Tinker API sampler checkpoint (a bare adapter folder, its output layer adapted) -------------------------
+
+@pytest.fixture(scope="module")
+def tinker_export(tmp_path_factory, smol_tiny):
+    """A sampler checkpoint saved by the Tinker API's trainer on the tiny tied-embeddings Llama (LoRA on every linear
+    layer and on the output layer), exported with ``tunesmith export <folder>`` as a merged folder and an f16 GGUF."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    import tunesmith.cli as cli_mod
+    from tunesmith.serve.tinker.trainer import Trainer
+    from tunesmith.serve.tinker.wire import Datum
+
+    tmp = tmp_path_factory.mktemp("tinker-gguf")
+    tok = AutoTokenizer.from_pretrained(smol_tiny)
+    trainer = Trainer(str(smol_tiny))
+    trainer.create("run", rank=8, seed=0)
+    data = []
+    for row in banking_rows(LABELS, 6):
+        prompt = tok(row["text"] + " ->", add_special_tokens=False)["input_ids"]
+        answer = tok(" " + row["category"], add_special_tokens=False)["input_ids"]
+        ids = prompt + answer
+        data.append(Datum(ids[:-1], {"target_tokens": np.array(ids[1:]),
+                                     "weights": np.array([0.0] * (len(prompt) - 1) + [1.0] * len(answer))}))
+    for _ in range(10 if HAS_LLAMA_CPP else 2):
+        trainer.forward_backward("run", data, "cross_entropy", {}, backward=True)
+        trainer.optim_step("run", {"learning_rate": 1e-2})
+    folder = tmp / "sampler_weights" / "final"
+    folder.mkdir(parents=True)
+    trainer.save_adapter("run", folder)
+    outs = {"adapter": folder, "merged": tmp / "merged", "f16": tmp / "gguf" / "model-f16.gguf"}
+    for args in (["--merged", str(outs["merged"])], ["--gguf", str(tmp / "gguf")]):
+        buf = io.StringIO()
+        with redirect_stdout(buf), redirect_stderr(buf):
+            code = cli_mod.main(["export", str(folder), *args])
+        assert code == 0, buf.getvalue()
+    return outs
+
+
+@needs_smol
+def test_a_tinker_checkpoint_exports_to_gguf_with_its_own_output_layer(tinker_export, smol_tiny):
+    """The GGUF carries the merged weights (read back by transformers), the output layer its own tensor (the
+    adapter's change) and the input embeddings the base's."""
+    from transformers import AutoModelForCausalLM
+
+    path = tinker_export["f16"]
+    assert "output.weight" in {t.name for t in __import__("gguf").GGUFReader(str(path)).tensors}
+    merged = AutoModelForCausalLM.from_pretrained(tinker_export["merged"], dtype=torch.float32)
+    back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(smol_tiny, dtype=torch.float32)
+    want, got = merged.state_dict(), back.state_dict()
+    for key in ("lm_head.weight", "model.embed_tokens.weight", "model.layers.0.mlp.down_proj.weight"):
+        assert torch.equal(got[key], want[key].half().float()), key
+    assert torch.equal(got["model.embed_tokens.weight"], base.state_dict()["model.embed_tokens.weight"].half().float())
+    assert not torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+
+
+@needs_llama_cpp
+@needs_smol
+def test_llama_cpp_answers_a_tinker_checkpoint_like_the_merged_model(tinker_export):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tinker_export["merged"])
+    hf = AutoModelForCausalLM.from_pretrained(tinker_export["merged"]).eval()
+    same_ids, same, differ = _agreement(hf, tok, tinker_export["f16"], list(_prompts(tok)))
+    print(f"tinker checkpoint f16: llama.cpp prompt ids {same_ids}/20, greedy answers {same}/20")
+    assert same_ids == 20 and same == 20, differ

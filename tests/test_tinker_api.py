@@ -22,8 +22,10 @@ KEYS = frozenset({"key-a", "key-b"})
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
     """A tiny-model server with two keys; yields (its root URL, the base's name, its data folder)."""
-    data = tmp_path_factory.mktemp("tinker-data")
-    with tiny_server(tiny_model_dir, data, api_keys=KEYS) as url:
+    from tunesmith.serve.store.quotas import Quotas
+
+    data = tmp_path_factory.mktemp("tinker-data")  # one client of key A holds every test's runs: room for them all
+    with tiny_server(tiny_model_dir, data, api_keys=KEYS, quotas=Quotas(tinker_runs=32)) as url:
         yield url[:-3], str(tiny_model_dir), data
 
 
@@ -325,3 +327,25 @@ def test_a_keys_runs_are_bounded_and_let_go_when_its_client_closes(tiny_model_di
         step = post(root, "optim_step", {"model_id": held.model_id, "adam_params": {}}, key="tml-key-a").json()
         failed = post(root, "retrieve_future", {"request_id": step["request_id"]}, key="tml-key-a").json()
         assert "not held by this replica" in failed["error"]
+
+
+def test_a_custom_loss_from_the_client_trains_as_the_same_loss_on_the_server(served, service_a):
+    """forward_backward_custom (the loss computed by the SDK from a forward's logprobs, its gradients sent back as
+    cross_entropy weights) steps a run exactly as cross_entropy steps its twin."""
+    from tinker import types
+
+    _, base, _ = served
+    def custom(data, logprobs):
+        loss = sum(-(lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(data, logprobs, strict=True))
+        return loss, {"custom:sum": float(loss)}
+
+    twins = [service_a.create_lora_training_client(base_model=base, rank=4, seed=7).result() for _ in range(2)]
+    tokens, weights = example(twins[0].get_tokenizer())
+    batch = [datum(tokens, weights)]
+    outs = [twins[0].forward_backward(batch, "cross_entropy").result(),
+            twins[1].forward_backward_custom(batch, custom).result()]
+    assert outs[1].metrics["loss:sum"] == pytest.approx(outs[0].metrics["loss:sum"], abs=1e-4)
+    for twin in twins:
+        twin.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    after = [t.forward(batch, "cross_entropy").result().metrics["loss:sum"] for t in twins]
+    assert after[1] == pytest.approx(after[0], abs=1e-4) and after[0] < outs[0].metrics["loss:sum"]
