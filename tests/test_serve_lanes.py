@@ -160,6 +160,9 @@ def test_a_plan_too_costly_is_a_400_and_one_too_slow_a_503():
 def test_every_lane_leaves_another_key_a_thread():
     sizes = default_sizes(2)
     for name, size in sizes.items():
+        if name == "tinker":  # one thread, its calls in turns of keys (a key's next call waits for another's)
+            assert size.workers == size.per_key == 1
+            continue
         assert size.per_key < size.workers, name
     lanes = Lanes(sizes)
     assert lanes.plan.size == sizes["plan"] and lanes.graders.size == sizes["graders"]

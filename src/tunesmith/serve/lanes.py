@@ -184,7 +184,9 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
     has the most threads, half of them at most for one key. The store's work waits on the database more than it
     computes: more threads than cores, a quarter of them for one key, and a deep line (every route of every key
     reads the store). The others are work one key asks for at a time or in the background; one thread each per key,
-    so that another key's call finds one free."""
+    so that another key's call finds one free. The Tinker API's calls have one thread: they take turns on one resident
+    base anyway, keys in turn, and a second thread running torch beside it makes both slower on a CPU (measured 1.6x
+    on 2 cores: each thread that runs torch keeps an OpenMP team of its own)."""
     cores = cores or os.cpu_count() or 2
     plan = max(4, cores)
     two = max(2, cores // 2)
@@ -196,7 +198,7 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
             "embeddings": LaneSize(two, 1, 8),
             "heads": LaneSize(two, 1, 256),
             "files": LaneSize(two, 1, 64),
-            "tinker": LaneSize(2, 1, PER_KEY_TINKER)}
+            "tinker": LaneSize(1, 1, PER_KEY_TINKER)}
 
 
 WHAT = {"plan": "requests being planned", "store": "requests reading or writing the store", "graders": "grader runs",
