@@ -76,11 +76,15 @@ class Served:
             if self.proc.poll() is not None:
                 raise SystemExit(f"the server exited with {self.proc.returncode}; see its serve.log")
             try:
-                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                if httpx.get(self.ready_url(), timeout=2).status_code == 200:
                     return time.perf_counter() - self.t0
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
+
+    def ready_url(self) -> str:
+        """What answers 200 once the server serves: /v1/models (a server with keys: override with /health)."""
+        return f"{self.url}/models"
 
     def processes(self) -> list[psutil.Process]:
         """The server and its children (vLLM's), not the idle jobs worker."""

@@ -45,18 +45,8 @@ KEYS = ("tenant-1", "tenant-2", "tenant-3", "tenant-4")
 class KeyedServer(Served):
     """A `tunesmith serve` with API keys: ready when its keyless /health answers (its /v1/models needs a key)."""
 
-    def _wait(self) -> float:
-        import httpx
-
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}; see its serve.log")
-            try:
-                if httpx.get(f"{self.url[:-3]}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - self.t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    def ready_url(self) -> str:
+        return f"{self.url[:-3]}/health"
 
 
 def examples(tokenizer, n: int) -> list[tuple[list[int], list[float]]]:
@@ -164,7 +154,7 @@ def main() -> None:
             times = alternating({"api": lambda: api_step(client, sdk, args.lr),
                                  "in_process": lambda: local_step(trainer, "local", local, args.lr)},
                                 args.steps, args.block)
-            del trainer
+            trainer.drop("local")
             service.close("success").result()
             many = tenants(root, rows, args.tenant_steps, args.lr)
             peak_gb = round(server.peak_rss / 1e9, 2)
