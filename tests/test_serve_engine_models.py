@@ -112,6 +112,12 @@ class JobsSeam:
     def fine_tunes_of(self, owner) -> list[dict]:
         return [j for j in self.jobs.values() if j["owner"] == owner and not j["model_deleted"]]
 
+    def sampler_checkpoint_by_model(self, name: str) -> None:
+        return None
+
+    def sampler_checkpoints_of(self, owner) -> list[dict]:
+        return []
+
 
 def test_fine_tunes_load_on_first_use_and_the_least_recently_used_is_evicted(tiny_model_dir, adapter_dir, tmp_path):
     from tunesmith.serve.api.served_models import ServedModels

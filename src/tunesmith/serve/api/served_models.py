@@ -24,7 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from tunesmith.models.heads import read_head_meta
-from tunesmith.serve.tinker.store import SCHEME, TinkerStore
+from tunesmith.serve.store.tinker import SCHEME
 
 log = logging.getLogger("tunesmith.serve")
 CAPACITY = 8  # fine-tunes one replica keeps loaded by default (ServeSettings.fine_tunes_loaded)
@@ -52,7 +52,7 @@ class ServedModels:
         replica), whether or not this replica has loaded them yet."""
         mine = {j["fine_tuned_model"]: (folder, j.get("parent_model")) for j in self.store.fine_tunes_of(key)
                 if (folder := _folder(j)) is not None}
-        mine |= {c["path"]: (c["folder"], None) for c in TinkerStore(self.store).sampler_checkpoints(key)}
+        mine |= {c["path"]: (c["folder"], None) for c in self.store.sampler_checkpoints_of(key)}
         self.parents.update({name: parent for name, (_, parent) in mine.items() if parent})
         self.folders.update({name: folder for name, (folder, _) in mine.items()})
         return [*self.fixed(), *mine]
@@ -138,8 +138,8 @@ class ServedModels:
             if ckpt is not None and Path(ckpt["path"]).is_dir():
                 return ckpt["owner"], ckpt["path"], None
         if name.startswith(SCHEME):  # a Tinker sampler checkpoint (tunesmith.serve.tinker)
-            ckpt = TinkerStore(self.store).checkpoint_any_owner(name)
-            if ckpt is not None and ckpt["kind"] == "sampler" and Path(ckpt["folder"]).is_dir():
+            ckpt = self.store.sampler_checkpoint_by_model(name)
+            if ckpt is not None and Path(ckpt["folder"]).is_dir():
                 return ckpt["owner"], ckpt["folder"], None
         return None
 

@@ -326,6 +326,19 @@ class Store:
                               "JOIN jobs j ON j.id = c.job_id WHERE c.fine_tuned_model_checkpoint = ?", (name,)).fetchone()
         return dict(row) if row else None
 
+    def sampler_checkpoint_by_model(self, name: str) -> dict | None:
+        """The Tinker sampler checkpoint whose ``tinker://`` path is ``name`` (served as a model of its key)."""
+        from tunesmith.serve.store.tinker import TinkerStore
+
+        ckpt = TinkerStore(self).checkpoint_any_owner(name)
+        return ckpt if ckpt is not None and ckpt["kind"] == "sampler" else None
+
+    def sampler_checkpoints_of(self, owner: str | None) -> list[dict]:
+        """A key's Tinker sampler checkpoints, oldest first."""
+        from tunesmith.serve.store.tinker import TinkerStore
+
+        return TinkerStore(self).sampler_checkpoints(owner)
+
     def delete_checkpoint(self, name: str) -> None:
         with self.lock:
             self.db.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (name,))

@@ -16,9 +16,9 @@ from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
+from tunesmith.serve.store.tinker import KINDS, TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.futures import Futures
-from tunesmith.serve.tinker.store import KINDS, TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker.trainer import Trainer, TrainingError
 
 log = logging.getLogger("tunesmith.serve")

@@ -1,16 +1,20 @@
-"""The Tinker API's rows (tables of migrations 0055-0058): training runs, each created claimed by the replica that
-holds its adapter in memory, and their checkpoints under ``tinker://<run>/weights/<name>`` (a training state) or
-``tinker://<run>/sampler_weights/<name>`` (weights to sample from: also a model of the key on the OpenAI API).
+"""The Tinker API's rows (tunesmith.serve.tinker; tables of migrations 0055-0058): training runs, each created
+claimed by the replica that holds its adapter in memory, and their checkpoints under ``tinker://<run>/weights/<name>``
+(a training state) or ``tinker://<run>/sampler_weights/<name>`` (weights to sample from: also a model of the key on
+the OpenAI API).
 Every row belongs to the key that made it; another key's are not found."""
 
 from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
-from tunesmith.serve.store import Store
 from tunesmith.serve.store.claims import LEASE_S, Claim
 from tunesmith.serve.store.database import NOW
+
+if TYPE_CHECKING:
+    from tunesmith.serve.store.objects import Store
 
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}  # a path's segment -> the SDK's checkpoint_type
