@@ -1,0 +1,40 @@
+"""The Tinker API's rows (tunesmith.serve.store.tinker) on SQLite and PostgreSQL: a run created claimed and fenced,
+checkpoints by path and key, a TTL that ends a checkpoint, sampler checkpoints as models of their key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tunesmith.serve.store.claims import ClaimLost
+from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
+
+
+def test_runs_and_checkpoints_belong_to_their_key_and_their_claim(store, tmp_path):
+    rows = TinkerStore(store)
+    run, claim = rows.add_run("s1:train:0", "owner-a", "replica-1", "base", {"rank": 8}, {"m": "1"})
+    assert run["generation"] == 1 and run["claimed_by"] == "replica-1" and run["lora"] == {"rank": 8}
+    assert rows.get_run("s1:train:0", "owner-b") is None
+    sampler = checkpoint_path("s1:train:0", "sampler_weights", "final")
+    assert parse_path(sampler) == ("s1:train:0", "sampler_weights", "final") and parse_path("tinker://x/y") is None
+    claim.write(rows.add_checkpoint, sampler, "owner-a", str(tmp_path), 10, None, None)
+    state = checkpoint_path("s1:train:0", "weights", "soon")
+    claim.write(rows.add_checkpoint, state, "owner-a", str(tmp_path), 10, None, 3600)
+    assert {c["path"] for c in rows.checkpoints("s1:train:0", "owner-a")} == {sampler, state}
+    assert rows.checkpoint(sampler, "owner-b") is None
+    assert [c["path"] for c in store.sampler_checkpoints_of("owner-a")] == [sampler]
+    assert store.sampler_checkpoint_by_model(sampler)["owner"] == "owner-a"
+    assert store.sampler_checkpoint_by_model(state) is None  # a training state is not a model
+
+    with store.db.transaction():  # the TTL passed
+        store.db.execute("UPDATE tinker_checkpoints SET expires_at = ? WHERE path = ?", (int(time.time()) - 1, state))
+    assert rows.checkpoint(state, "owner-a") is None and [c["path"] for c in rows.expired()] == [state]
+
+    taken = store.claims.acquire("tinker_runs", "s1:train:0", "replica-2", force=True)  # another replica took it over
+    assert taken is not None and taken.generation == 2
+    with pytest.raises(ClaimLost):
+        claim.write(rows.add_checkpoint, checkpoint_path("s1:train:0", "weights", "late"), "owner-a", "x", 1, None,
+                    None)
+    assert rows.checkpoint(checkpoint_path("s1:train:0", "weights", "late"), "owner-a") is None
+    store.claims.let_go(taken)
