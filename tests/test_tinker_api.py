@@ -349,3 +349,30 @@ def test_a_custom_loss_from_the_client_trains_as_the_same_loss_on_the_server(ser
         twin.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     after = [t.forward(batch, "cross_entropy").result().metrics["loss:sum"] for t in twins]
     assert after[1] == pytest.approx(after[0], abs=1e-4) and after[0] < outs[0].metrics["loss:sum"]
+
+
+def test_the_base_samples_through_a_sampling_session_and_a_checkpoint_saved_again_is_sampled_anew(served, service_a):
+    from tinker import types
+
+    root, base, _ = served
+    training = service_a.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+    tokens, weights = example(training.get_tokenizer())
+    prompt = types.ModelInput.from_ints(tokens[:-2])
+    greedy = types.SamplingParams(max_tokens=4, temperature=0.0)
+    plain = service_a.create_sampling_client(base_model=base).result()
+    from_base = plain.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result().sequences[0]
+
+    path = training.save_weights_for_sampler("again").result().path  # B at zero: the base's answer
+    first = service_a.create_sampling_client(model_path=path).result()
+    assert first.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result().sequences[0].tokens == \
+        from_base.tokens
+    for _ in range(6):
+        training.forward_backward([datum(tokens, weights)], "cross_entropy").result()
+        training.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    answer_ids = tokens[-2:]
+    httpx.delete(f"{root}/api/v1/training_runs/{training.model_id}/checkpoints/sampler_weights/again",
+                 headers={"X-API-Key": "tml-key-a"}).raise_for_status()
+    assert training.save_weights_for_sampler("again").result().path == path  # the same path, new weights
+    again = service_a.create_sampling_client(model_path=path).result()
+    trained = again.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result().sequences[0].tokens
+    assert trained[:2] == answer_ids and trained != from_base.tokens

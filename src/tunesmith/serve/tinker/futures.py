@@ -30,6 +30,7 @@ class Pending:
     answer: bytes | dict | None = None
     error: tuple[str, str] | None = None  # (message, category: "user" or "server")
     ended: float | None = None
+    task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
 
 
 class Futures:
@@ -46,7 +47,7 @@ class Futures:
                            "shortly.", type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
         rid = new_id("req")
         pending = self.items[rid] = Pending(owner, kind)
-        asyncio.ensure_future(self._run(pending, fn, args))
+        pending.task = asyncio.ensure_future(self._run(pending, fn, args))
         return rid
 
     async def _run(self, pending: Pending, fn, args) -> None:
@@ -63,6 +64,7 @@ class Futures:
             pending.error = (f"The server failed on this {pending.kind}: {type(exc).__name__}: {exc}", "server")
         pending.ended = time.monotonic()
         pending.done.set()
+        pending.task = None
 
     async def retrieve(self, rid: str, owner: str | None) -> Pending | None:
         """The future once it has ended, or None while it still runs after :data:`POLL_S`; a 404 when it is not

@@ -26,6 +26,7 @@ NAME_CHARS = 128  # a checkpoint's name
 IDLE_S = 3600.0  # a run with no call for this long is let go (its client loads its last saved state)
 CALL_TOKENS = 65_536  # the tokens of one forward_backward call, over its datums
 MAX_SAMPLES = 64  # num_samples of one sample call
+SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps on a replica; past it, its oldest is forgotten
 
 
 def check_name(name: str) -> str:
@@ -282,6 +283,9 @@ class Tinker:
         else:
             self.check_base(base_model or "")
         sid = new_id("sampler")
+        mine = [k for k, v in self.samplers.items() if v["owner"] == owner]
+        for old in mine[:max(0, len(mine) - SESSIONS_PER_KEY + 1)]:  # the key's oldest past the bound
+            del self.samplers[old]
         self.samplers[sid] = {"owner": owner, "model_path": model_path}
         return {"type": "create_sampling_session", "sampling_session_id": sid}
 
@@ -292,7 +296,7 @@ class Tinker:
             if session is None or session["owner"] != owner:
                 raise APIError(404, f"No sampling session {sid!r} on this replica for this key.", code="not_found")
             path = session["model_path"]
-        if path is None:
+        elif path is None:
             self.check_base(request.get("base_model") or "")
         folder = None if path is None else self.checkpoint(owner, path)["folder"]
         prompt = prompt_tokens(request["prompt"])

@@ -21,8 +21,15 @@ from tunesmith.serve.tinker.wire import Datum, Sequence
 LOSSES = ("cross_entropy", "importance_sampling")
 LOSS_INPUTS = {"cross_entropy": {"target_tokens", "weights"},
                "importance_sampling": {"target_tokens", "logprobs", "advantages"}}
+SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded for sampling; past it, the least recently sampled is unloaded
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
                  "grad_clip_norm": 0.0}
+
+
+def new_name() -> str:
+    import secrets
+
+    return secrets.token_hex(6)
 
 
 class TrainingError(ValueError):
@@ -78,7 +85,7 @@ class Trainer:
         self.plain = None
         self.tokenizer = None
         self.runs: dict[str, Run] = {}
-        self.samplers: dict[str, str] = {}  # a sampler checkpoint's folder -> its adapter's name here
+        self.samplers: dict[str, str] = {}  # a sampler checkpoint (its folder and weights' time) -> its adapter here
 
     # --- the base ------------------------------------------------------------------------------------------
 
@@ -238,17 +245,23 @@ class Trainer:
             return run
         if folder is None:
             return None
-        if folder not in self.samplers:
+        weights = Path(folder) / "adapter_model.safetensors"
+        key = f"{folder}@{weights.stat().st_mtime_ns if weights.exists() else 0}"  # a folder saved again is new
+        if key not in self.samplers:
             from peft import PeftModel
 
-            name = f"sampler-{len(self.samplers)}"
+            while len(self.samplers) >= SAMPLERS_LOADED:  # the least recently sampled goes
+                oldest = next(iter(self.samplers))
+                self.model.delete_adapter(self.samplers.pop(oldest))
+            name = f"sampler-{new_name()}"
             if self.model is None:
                 self.model = PeftModel.from_pretrained(self.plain, folder, adapter_name=name)
                 self.model.eval()
             else:
                 self.model.load_adapter(folder, adapter_name=name)
-            self.samplers[folder] = name
-        return self.samplers[folder]
+            self.samplers[key] = name
+        self.samplers[key] = self.samplers.pop(key)  # most recently sampled last
+        return self.samplers[key]
 
     def sample(self, prompt: list[int], n: int, params: dict, folder: str | None = None, run: str | None = None,
                prompt_logprobs: bool = False, topk_prompt: int = 0) -> tuple[list[Sequence], list | None, tuple | None]:
