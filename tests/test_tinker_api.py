@@ -227,6 +227,11 @@ def test_wrong_calls_are_refused_with_their_reason(served, service_a):
 
     with pytest.raises(Exception, match="not served here"):
         service_a.create_lora_training_client(base_model="Qwen/Qwen3-8B", rank=4).result()
+    runs = httpx.get(f"{root}/api/v1/training_runs", headers={"X-API-Key": "tml-key-a"}).json()["cursor"]["total_count"]
+    with pytest.raises(Exception, match=r"rank must be 1\.\.512"):
+        service_a.create_lora_training_client(base_model=base, rank=0).result()
+    assert httpx.get(f"{root}/api/v1/training_runs",  # a wrong lora_config writes no run
+                     headers={"X-API-Key": "tml-key-a"}).json()["cursor"]["total_count"] == runs
     training = service_a.create_lora_training_client(base_model=base, rank=4).result()
     tokens, weights = example(training.get_tokenizer())
     with pytest.raises(tinker.RequestFailedError, match="loss_fn 'dro' is not supported"):

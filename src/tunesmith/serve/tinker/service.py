@@ -80,10 +80,14 @@ class Tinker:
             raise TrainingError(f"this key holds {held} training runs here (at most {self.quotas.tinker_runs}, "
                                 "--quota tinker_runs); close a ServiceClient whose runs are done (its runs are let go) "
                                 f"or wait for one to be idle {IDLE_S / 60:.0f} minutes")
-        _, claim = self.store.add_run(run_id, owner, self.worker, base_model, lora, metadata)
-        self.owners[run_id] = owner
         self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), bool(lora.get("train_attn", True)),
                             bool(lora.get("train_mlp", True)), bool(lora.get("train_unembed", True)))
+        try:  # the adapter first (a wrong lora_config writes no row), then its row, claimed
+            _, claim = self.store.add_run(run_id, owner, self.worker, base_model, lora, metadata)
+        except BaseException:
+            self.trainer.drop(run_id)
+            raise
+        self.owners[run_id], self.used[run_id] = owner, time.monotonic()
         self._hold(run_id, claim)
         return {"model_id": run_id, "type": "create_model"}
 
