@@ -240,6 +240,14 @@ def test_wrong_calls_are_refused_with_their_reason(served, service_a):
                           loss_fn_inputs={"target_tokens": tokens[1:]})
     with pytest.raises(tinker.RequestFailedError, match=r"lacks \['weights'\]"):
         training.forward_backward([lacking], "cross_entropy").result()
+    outside = types.Datum(model_input=types.ModelInput.from_ints([*tokens[:-2], 10**6]),
+                          loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights[1:]})
+    with pytest.raises(tinker.RequestFailedError, match=r"data\[0\]\.model_input\[\d+\]: 1000000 is not a token id"):
+        training.forward_backward([outside], "cross_entropy").result()
+    sample = post(root, "asample", {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 10**6]}]},
+                                    "sampling_params": {"max_tokens": 2}, "base_model": base}, key="tml-key-a").json()
+    failed = post(root, "retrieve_future", {"request_id": sample["request_id"]}, key="tml-key-a").json()
+    assert "prompt token 1 (1000000) is not a token id" in failed["error"] and failed["category"] == "user"
     with pytest.raises(tinker.RequestFailedError, match="must be 3600"):
         training.save_weights_for_sampler("short", ttl_seconds=60).result()
 

@@ -22,9 +22,14 @@ def completion_prompts(prompt: str | list, engine) -> tuple[list[str], list[list
     arrays = [prompt] if one else prompt
     vocab = len(engine.tokenizer)
     for i, ids in enumerate(arrays):
-        bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
-        if bad is not None:
+        if (bad := outside_vocabulary(ids, vocab)) is not None:
             where = f"prompt[{bad}]" if one else f"prompt[{i}][{bad}]"
             raise APIError(400, f"{where}: {ids[bad]} is not a token id of this model (0 to {vocab - 1}); token ids "
                            "come from the served model's own tokenizer", param="prompt", code="invalid_value")
     return [engine.tokenizer.decode(ids) for ids in arrays], arrays
+
+
+def outside_vocabulary(ids, vocab: int) -> int | None:
+    """The index of the first of ``ids`` that is not a token id of a vocabulary of ``vocab`` tokens; None when all
+    are."""
+    return next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)

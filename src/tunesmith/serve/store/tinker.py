@@ -90,9 +90,16 @@ class TinkerStore:
                                                   f"AND {LIVE} ORDER BY created_at, path",
                                                   (run_id, owner, int(time.time()))).fetchall()]
 
-    def all_checkpoints(self, owner: str | None) -> list[dict]:
-        return [_ckpt(r) for r in self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE owner IS ? AND {LIVE} "
-                                                  "ORDER BY created_at DESC, path", (owner, int(time.time()))).fetchall()]
+    def checkpoints_page(self, owner: str | None, limit: int, offset: int) -> tuple[list[dict], int]:
+        """One page of a key's checkpoints, newest first, and how many it keeps."""
+        now = int(time.time())
+        rows = self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE owner IS ? AND {LIVE} ORDER BY created_at DESC, "
+                               "path LIMIT ? OFFSET ?", (owner, now, limit, offset)).fetchall()
+        return [_ckpt(r) for r in rows], self.count_checkpoints(owner)
+
+    def count_checkpoints(self, owner: str | None) -> int:
+        return int(self.db.execute(f"SELECT COUNT(*) FROM tinker_checkpoints WHERE owner IS ? AND {LIVE}",
+                                   (owner, int(time.time()))).fetchone()[0])
 
     def sampler_checkpoints(self, owner: str | None) -> list[dict]:
         return [_ckpt(r) for r in self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE owner IS ? AND kind = "

@@ -58,6 +58,13 @@ async def body_of(request: Request, allowed: set[str], required: set[str] = froz
     return body
 
 
+def check_known(value: dict, allowed: set[str], param: str) -> None:
+    """A nested object of the body (``lora_config``, ``adam_params``, ``sampling_params``) with no field outside
+    ``allowed``."""
+    if unknown := sorted(set(value) - allowed):
+        raise APIError(400, f"Unrecognized {param} field {unknown[0]!r}.", param=param, code="unrecognized_argument")
+
+
 def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None) -> dict:
     rid = tinker(request).futures.submit(key, kind, fn, *args)
     return {"request_id": rid, "model_id": model_id}
@@ -135,9 +142,7 @@ async def create_model(request: Request, key: TinkerKey):
                                    "optimizer_config"}, {"session_id", "model_seq_id", "base_model"})
     check_optimizer(body.get("optimizer_config"))
     lora = body.get("lora_config") or {"rank": 32}
-    if unknown := sorted(set(lora) - {"rank", "seed", "train_unembed", "train_mlp", "train_attn"}):
-        raise APIError(400, f"Unrecognized lora_config field {unknown[0]!r}.", param="lora_config",
-                       code="unrecognized_argument")
+    check_known(lora, {"rank", "seed", "train_unembed", "train_mlp", "train_attn"}, "lora_config")
     t = tinker(request)
     return future(request, key, "create_model", t.create_model, key, body["session_id"], int(body["model_seq_id"]),
                   body["base_model"], lora, body.get("user_metadata"))
@@ -175,9 +180,7 @@ async def optim_step(request: Request, key: TinkerKey):
         raise APIError(400, "optimizer_params (a non-Adam optimizer) is not supported here; send adam_params",
                        param="optimizer_params", code="unsupported_value")
     adam = body.get("adam_params") or {}
-    if unknown := sorted(set(adam) - {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}):
-        raise APIError(400, f"Unrecognized adam_params field {unknown[0]!r}.", param="adam_params",
-                       code="unrecognized_argument")
+    check_known(adam, {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}, "adam_params")
     t = tinker(request)
     return future(request, key, "optim_step", t.optim_step, key, body["model_id"], adam, model_id=body["model_id"])
 
@@ -263,9 +266,7 @@ async def asample(request: Request, key: TinkerKey):
         raise APIError(400, "topk_sample_logprobs is not supported here; send 0 (each sampled token's own logprob "
                        "comes with it)", param="topk_sample_logprobs", code="unsupported_parameter")
     params = body["sampling_params"]
-    if unknown := sorted(set(params) - {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}):
-        raise APIError(400, f"Unrecognized sampling_params field {unknown[0]!r}.", param="sampling_params",
-                       code="unrecognized_argument")
+    check_known(params, {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}, "sampling_params")
     t = tinker(request)
     answer = future(request, key, "sample", t.sample, key, body)
     n = body.get("num_samples", 1)
@@ -294,8 +295,7 @@ async def list_checkpoints(run_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
 
     def listed() -> dict:
-        if t.store.get_run(run_id, key) is None:
-            raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
+        t.run(key, run_id)
         return {"checkpoints": [t.checkpoint_object(c) for c in t.store.checkpoints(run_id, key)]}
 
     return await stored(request, key, listed)
@@ -306,10 +306,9 @@ async def all_checkpoints(request: Request, key: TinkerKey, limit: int = 100, of
     t = tinker(request)
 
     def listed() -> dict:
-        every = [c for c in t.store.all_checkpoints(key)]
-        page = every[offset:offset + max(0, min(limit, 1000))]
+        page, total = t.store.checkpoints_page(key, max(0, min(limit, 1000)), max(0, offset))
         return {"checkpoints": [t.checkpoint_object(c) for c in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": len(every)}}
+                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     return await stored(request, key, listed)
 
@@ -334,13 +333,7 @@ async def training_runs(request: Request, key: TinkerKey, limit: int = 20, offse
 async def training_run(run_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
 
-    def one() -> dict:
-        run = t.store.get_run(run_id, key)
-        if run is None:
-            raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
-        return t.run_object(run)
-
-    return await stored(request, key, one)
+    return await stored(request, key, lambda: t.run_object(t.run(key, run_id)))
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
@@ -370,10 +363,7 @@ async def weights_info(request: Request, key: TinkerKey):
 @router.get("/samplers/{sampler_id}")
 async def sampler(sampler_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
-    session = t.samplers.get(sampler_id)
-    if session is None or session["owner"] != key:
-        raise APIError(404, f"No sampling session {sampler_id!r} on this replica for this key.", code="not_found")
-    return {"sampler_id": sampler_id, "base_model": t.base, "model_path": session["model_path"]}
+    return {"sampler_id": sampler_id, "base_model": t.base, "model_path": t.session_of(key, sampler_id)["model_path"]}
 
 
 @router.api_route("/{route:path}", methods=["GET", "POST", "PUT", "DELETE"])

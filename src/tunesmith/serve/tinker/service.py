@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.plan.prompts import outside_vocabulary
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
-from tunesmith.serve.store.tinker import KINDS, TinkerStore, checkpoint_path, parse_path
+from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.futures import Futures
 from tunesmith.serve.tinker.trainer import Trainer, TrainingError
@@ -35,6 +36,13 @@ def check_name(name: str) -> str:
         raise TrainingError(f"checkpoint name {name[:40]!r} must be 1..{NAME_CHARS} letters, digits, '-', '_' or '.' "
                             "(not starting with '.')")
     return name
+
+
+def iso(at: int | None) -> str | None:
+    """A Unix time as the SDK's ISO 8601 datetime (None stays None)."""
+    import datetime
+
+    return None if at is None else datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat()
 
 
 def folder_size(folder: Path) -> int:
@@ -133,11 +141,16 @@ class Tinker:
             raise TrainingError(f"base_model {base_model!r} is not served here; this server trains and samples "
                                 f"{self.base!r}")
 
-    def run_of(self, owner, run_id: str) -> dict:
-        """The run ``run_id`` of ``owner``, held here; a TrainingError saying why not."""
+    def run(self, owner, run_id: str) -> dict:
+        """The run ``run_id`` of ``owner``'s, wherever it is held; a 404 when the key has none of that id."""
         run = self.store.get_run(run_id, owner)
         if run is None:
             raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
+        return run
+
+    def run_of(self, owner, run_id: str) -> dict:
+        """The run ``run_id`` of ``owner``, held here; a TrainingError saying why not."""
+        run = self.run(owner, run_id)
         if run_id not in self.claims or run_id not in self.trainer.runs:
             raise TrainingError(f"training run {run_id!r} is not held by this replica (the replica that held it "
                                 "stopped, it was idle an hour, or its session was closed); create a training client "
@@ -146,9 +159,7 @@ class Tinker:
         return run
 
     def info(self, owner, run_id: str) -> dict:
-        run = self.store.get_run(run_id, owner)
-        if run is None:
-            raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
+        run = self.run(owner, run_id)
         from tunesmith.models.names import resolve
 
         return {"type": "get_info", "model_id": run_id, "is_lora": True, "lora_rank": run["lora"]["rank"],
@@ -207,7 +218,7 @@ class Tinker:
         path = checkpoint_path(run_id, kind, name)
         if not overwrite and self.store.checkpoint(path, owner) is not None:
             raise TrainingError(f"checkpoint {path} exists; choose another name (or overwrite=true for a state)")
-        kept = len(self.store.all_checkpoints(owner))
+        kept = self.store.count_checkpoints(owner)
         if self.quotas.tinker_checkpoints is not None and kept >= self.quotas.tinker_checkpoints:
             raise TrainingError(f"this key keeps {kept} checkpoints (at most {self.quotas.tinker_checkpoints}, --quota "
                                 "tinker_checkpoints); delete some (RestClient.delete_checkpoint)")
@@ -258,26 +269,19 @@ class Tinker:
         return {"deleted": True, "tinker_path": path}
 
     def run_object(self, run: dict) -> dict:
-        import datetime
-
         ckpts = self.store.checkpoints(run["id"], run["owner"])
         last = {kind: next((c for c in reversed(ckpts) if c["kind"] == kind), None) for kind in ("training", "sampler")}
         return {"training_run_id": run["id"], "base_model": run["base_model"], "model_owner": run["owner"] or "",
                 "is_lora": True, "corrupted": False, "lora_rank": run["lora"]["rank"],
-                "last_request_time": datetime.datetime.fromtimestamp(run["last_request_at"], datetime.UTC).isoformat(),
+                "last_request_time": iso(run["last_request_at"]),
                 "last_checkpoint": last["training"] and self.checkpoint_object(last["training"]),
                 "last_sampler_checkpoint": last["sampler"] and self.checkpoint_object(last["sampler"]),
                 "user_metadata": run["metadata"]}
 
     def checkpoint_object(self, ckpt: dict) -> dict:
-        import datetime
-
-        at = datetime.datetime.fromtimestamp(ckpt["created_at"], datetime.UTC).isoformat()
-        expires = ckpt["expires_at"]
         return {"checkpoint_id": "/".join(parse_path(ckpt["path"])[1:]), "checkpoint_type": ckpt["kind"],
-                "time": at, "tinker_path": ckpt["path"], "size_bytes": ckpt["size_bytes"], "public": False,
-                "user_metadata": ckpt["metadata"],
-                "expires_at": None if expires is None else datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat()}
+                "time": iso(ckpt["created_at"]), "tinker_path": ckpt["path"], "size_bytes": ckpt["size_bytes"],
+                "public": False, "user_metadata": ckpt["metadata"], "expires_at": iso(ckpt["expires_at"])}
 
     # --- sampling ----------------------------------------------------------------------------------------------
 
@@ -293,17 +297,24 @@ class Tinker:
         self.samplers[sid] = {"owner": owner, "model_path": model_path}
         return {"type": "create_sampling_session", "sampling_session_id": sid}
 
+    def session_of(self, owner, sid: str) -> dict:
+        """A sampling session of ``owner``'s on this replica; a 404 otherwise."""
+        session = self.samplers.get(sid)
+        if session is None or session["owner"] != owner:
+            raise APIError(404, f"No sampling session {sid!r} on this replica for this key.", code="not_found")
+        return session
+
     def sample(self, owner, request: dict) -> bytes:
         path = request.get("model_path")
         if (sid := request.get("sampling_session_id")) is not None:
-            session = self.samplers.get(sid)
-            if session is None or session["owner"] != owner:
-                raise APIError(404, f"No sampling session {sid!r} on this replica for this key.", code="not_found")
-            path = session["model_path"]
+            path = self.session_of(owner, sid)["model_path"]
         elif path is None:
             self.check_base(request.get("base_model") or "")
         folder = None if path is None else self.checkpoint(owner, path)["folder"]
         prompt = prompt_tokens(request["prompt"])
+        if (bad := outside_vocabulary(prompt, self.trainer.vocab_size())) is not None:
+            raise TrainingError(f"prompt token {bad} ({prompt[bad]}) is not a token id of this model (0 to "
+                                f"{self.trainer.vocab_size() - 1})")
         n = int(request.get("num_samples", 1))
         if not 1 <= n <= MAX_SAMPLES:
             raise TrainingError(f"num_samples must be 1..{MAX_SAMPLES}, got {n}")
@@ -328,5 +339,3 @@ def prompt_tokens(model_input: dict) -> list[int]:
         raise TrainingError("prompt is empty")
     return tokens
 
-
-__all__ = ["KINDS", "Tinker", "prompt_tokens"]

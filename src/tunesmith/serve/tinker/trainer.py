@@ -101,6 +101,12 @@ class Trainer:
         self.kinds = layer_names(self.plain)
         self.tokenizer = load_tokenizer(self.base)
 
+    def vocab_size(self) -> int:
+        """The token ids the base's embeddings take (0 to this, exclusive)."""
+        with self.lock:
+            self.load()
+        return self.plain.get_input_embeddings().num_embeddings
+
     def context_length(self) -> int:
         with self.lock:
             self.load()
@@ -154,7 +160,7 @@ class Trainer:
         added to the run's (kept until :meth:`optim_step`)."""
         import torch
 
-        check_loss(loss_fn, config, data)
+        check_loss(loss_fn, config, data, self.vocab_size())
         with self.lock:
             run = self.runs[name]
             self.model.set_adapter(name)
@@ -239,10 +245,8 @@ class Trainer:
 
     # --- sampling ------------------------------------------------------------------------------------------------
 
-    def _sampler(self, folder: str | None, run: str | None) -> str | None:
-        """The adapter to sample with: a run's own, a sampler checkpoint's (loaded once), or None (the base)."""
-        if run is not None:
-            return run
+    def _sampler(self, folder: str | None) -> str | None:
+        """The adapter to sample with: a sampler checkpoint's (loaded once), or None (the base)."""
         if folder is None:
             return None
         weights = Path(folder) / "adapter_model.safetensors"
@@ -263,7 +267,7 @@ class Trainer:
         self.samplers[key] = self.samplers.pop(key)  # most recently sampled last
         return self.samplers[key]
 
-    def sample(self, prompt: list[int], n: int, params: dict, folder: str | None = None, run: str | None = None,
+    def sample(self, prompt: list[int], n: int, params: dict, folder: str | None = None,
                prompt_logprobs: bool = False, topk_prompt: int = 0) -> tuple[list[Sequence], list | None, tuple | None]:
         """``n`` sequences after ``prompt`` (their tokens' logprobs under the model, at temperature 1, as a training
         forward computes them), and the prompt's logprobs when asked."""
@@ -271,7 +275,7 @@ class Trainer:
 
         with self.lock:
             self.load()
-            adapter = self._sampler(folder, run)
+            adapter = self._sampler(folder)
             model = self.plain if self.model is None else self.model
             if adapter is not None:
                 model.set_adapter(adapter)
@@ -342,8 +346,11 @@ def _prompt_scores(model, prompt: list[int], wanted: bool, topk: int):
     return lists, top
 
 
-def check_loss(loss_fn: str, config: dict, data: list[Datum]) -> None:
-    """The loss and its inputs as this server computes them, or a TrainingError naming what is not."""
+def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> None:
+    """The loss and its inputs as this server computes them (token ids of a vocabulary of ``vocab``), or a
+    TrainingError naming what is not."""
+    from tunesmith.serve.plan.prompts import outside_vocabulary
+
     if loss_fn not in LOSSES:
         raise TrainingError(f"loss_fn {loss_fn!r} is not supported here; supported: {', '.join(LOSSES)} "
                             "(forward_backward_custom runs any loss on the client)")
@@ -358,6 +365,11 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum]) -> None:
             raise TrainingError(f"data[{i}].loss_fn_inputs lacks {sorted(missing)} (needed by {loss_fn})")
         if extra:
             raise TrainingError(f"data[{i}].loss_fn_inputs {sorted(extra)} are not used by {loss_fn}; remove them")
+        for where, ids in (("model_input", datum.tokens), ("loss_fn_inputs['target_tokens']",
+                                                         datum.inputs["target_tokens"].reshape(-1).tolist())):
+            if (bad := outside_vocabulary(ids, vocab)) is not None:
+                raise TrainingError(f"data[{i}].{where}[{bad}]: {ids[bad]} is not a token id of this model "
+                                    f"(0 to {vocab - 1})")
         for name, value in datum.inputs.items():
             if value.size != len(datum.tokens):
                 raise TrainingError(f"data[{i}].loss_fn_inputs[{name!r}] has {value.size} values for "
