@@ -164,6 +164,9 @@ def test_a_supervised_loop_trains_saves_loads_and_samples(served, service_a):
     listed = httpx.get(f"{root}/api/v1/training_runs/{training.model_id}/checkpoints",
                        headers={"X-API-Key": "tml-key-a"}).json()
     assert {c["tinker_path"] for c in listed["checkpoints"]} == {state, path}
+    mine = httpx.get(f"{root}/api/v1/checkpoints", params={"limit": 1},
+                     headers={"X-API-Key": "tml-key-a"}).json()
+    assert len(mine["checkpoints"]) == 1 and mine["cursor"]["total_count"] >= 2
 
 
 def test_importance_sampling_weighs_each_token_by_its_ratio_and_advantage(served, service_a):

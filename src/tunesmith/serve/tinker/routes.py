@@ -301,16 +301,20 @@ async def list_checkpoints(run_id: str, request: Request, key: TinkerKey):
     return await stored(request, key, listed)
 
 
+async def paged(request: Request, key, field: str, fetch, shape, limit: int, offset: int) -> dict:
+    """One page of a key's rows (``fetch(key, limit, offset)`` → rows and their count, in the store lane) under
+    ``field``, with the SDK's cursor."""
+    def page() -> dict:
+        rows, total = fetch(key, max(0, min(limit, 1000)), max(0, offset))
+        return {field: [shape(r) for r in rows], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    return await stored(request, key, page)
+
+
 @router.get("/checkpoints")
 async def all_checkpoints(request: Request, key: TinkerKey, limit: int = 100, offset: int = 0):
     t = tinker(request)
-
-    def listed() -> dict:
-        page, total = t.store.checkpoints_page(key, max(0, min(limit, 1000)), max(0, offset))
-        return {"checkpoints": [t.checkpoint_object(c) for c in page],
-                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
-
-    return await stored(request, key, listed)
+    return await paged(request, key, "checkpoints", t.store.checkpoints_page, t.checkpoint_object, limit, offset)
 
 
 @router.get("/training_runs")
@@ -320,13 +324,7 @@ async def training_runs(request: Request, key: TinkerKey, limit: int = 20, offse
         raise APIError(400, f"access_scope {access_scope!r}: send 'owned'", param="access_scope",
                        code="invalid_value")
     t = tinker(request)
-
-    def listed() -> dict:
-        runs, total = t.store.list_runs(key, max(0, min(limit, 1000)), max(0, offset))
-        return {"training_runs": [t.run_object(r) for r in runs],
-                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
-
-    return await stored(request, key, listed)
+    return await paged(request, key, "training_runs", t.store.list_runs, t.run_object, limit, offset)
 
 
 @router.get("/training_runs/{run_id}")
