@@ -4,6 +4,9 @@ capped with a 429, a caller that leaves giving its place back, and a deadline th
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,6 +15,8 @@ import pytest
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.lanes import Lane, Lanes, LaneSize, TooCostly, default_sizes
 from tunesmith.serve.plan.requests import build
+
+from . import faults
 
 
 def blocker():
@@ -139,6 +144,34 @@ def test_a_cost_bound_counts_the_calls_cpu_time_not_a_busy_machine():
         lane.close()
 
     asyncio.run(main())
+
+
+SHIFTED_CLOCK_CALL = """
+import asyncio, time
+from tunesmith.serve.lanes import Lane, LaneSize
+
+async def main():
+    lane = Lane("t", LaneSize(workers=1, per_key=1, queued=1), "tests")
+    print(await lane.run("a", lambda: time.sleep(0.6) or "slept", cpu_s=30))
+    lane.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_wall_clock_a_minute_ahead_is_not_a_minute_of_cpu(tmp_path):
+    """libfaketime shifts a thread's CPU clock read by its id as it shifts the wall clock (a replica whose clock is
+    off, as in the fault test): the bound compares two readings of that one clock, so the offset cancels out."""
+    if faults.libfaketime() is None:
+        pytest.skip("libfaketime is not installed (apt-get install faketime)")
+    env = os.environ | faults.clock_env("+60s", tmp_path)
+    shifted = subprocess.run([sys.executable, "-c", "import time, threading; print(time.clock_gettime("
+                              "time.pthread_getcpuclockid(threading.get_ident())))"], env=env, capture_output=True,
+                             text=True, check=True)
+    assert float(shifted.stdout) > 59  # the clock this guards against really is shifted here
+    out = subprocess.run([sys.executable, "-c", SHIFTED_CLOCK_CALL], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "slept", out.stderr[-2000:]
 
 
 def test_a_plan_too_costly_is_a_400_and_one_too_slow_a_503():

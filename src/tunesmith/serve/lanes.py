@@ -157,8 +157,9 @@ class ThreadClock:
 
     def timed(self, fn, *args):
         if hasattr(time, "pthread_getcpuclockid"):
-            self.started = time.thread_time()
-            self.clock_id = time.pthread_getcpuclockid(threading.get_ident())
+            clock_id = time.pthread_getcpuclockid(threading.get_ident())
+            self.started = time.clock_gettime(clock_id)  # the same clock as spent()'s: an offset on it cancels out
+            self.clock_id = clock_id
         return fn(*args)
 
     def spent(self) -> float:
