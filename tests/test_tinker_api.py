@@ -185,6 +185,43 @@ def test_importance_sampling_weighs_each_token_by_its_ratio_and_advantage(served
     assert out.metrics["loss:sum"] == pytest.approx(-float((math.exp(0.1) * advantages).sum()), abs=1e-3)
 
 
+def test_ppo_and_cispo_clip_the_ratio_as_documented_and_ppo_stops_the_gradient_past_its_clip(served, service_a):
+    """A ratio of e^0.5 (1.65) with positive advantages: PPO's objective is clipped at 1.2 (its gradient zero: the
+    step changes nothing), CISPO weighs logp by the clipped ratio, detached (its gradient flows); both per token, summed
+    (the SDK documentation's formulas), with the thresholds taken from loss_fn_config."""
+    from tinker import types
+
+    root, base, _ = served
+    training = service_a.create_lora_training_client(base_model=base, rank=4, seed=2).result()
+    tokens, _ = example(training.get_tokenizer())
+    logp = reference_logprobs(base, tokens[:-1], tokens[1:])
+    advantages = np.linspace(0.5, 1.0, len(logp)).astype(np.float32)
+    d = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                    loss_fn_inputs={"target_tokens": tokens[1:], "logprobs": (logp - 0.5).tolist(),
+                                    "advantages": advantages.tolist()})
+    ratio = math.exp(0.5)
+
+    ppo = training.forward_backward([d], "ppo").result()
+    assert ppo.metrics["loss:sum"] == pytest.approx(-float((1.2 * advantages).sum()), abs=1e-3)
+    assert training.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"] == 0.0
+    wider = training.forward_backward([d], "ppo", {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}).result()
+    assert wider.metrics["loss:sum"] == pytest.approx(-float((ratio * advantages).sum()), rel=1e-3)
+    training.optim_step(types.AdamParams(learning_rate=0.0)).result()  # clears the gradients
+
+    cispo = training.forward_backward([d], "cispo").result()  # one-sided by default: 1.65 is under 4.0
+    assert cispo.metrics["loss:sum"] == pytest.approx(-float((ratio * logp * advantages).sum()), rel=1e-3)
+    capped = training.forward_backward([d], "cispo", {"clip_high_threshold": 1.2}).result()
+    assert capped.metrics["loss:sum"] == pytest.approx(-float((1.2 * logp * advantages).sum()), rel=1e-3)
+    assert training.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"] > 0
+
+    with pytest.raises(Exception, match="clip_low_threshold 1.5 and clip_high_threshold 1.2"):
+        training.forward_backward([d], "ppo", {"clip_low_threshold": 1.5}).result()
+    with pytest.raises(Exception, match=r"loss_fn_config \['beta'\] is not supported for cispo"):
+        training.forward_backward([d], "cispo", {"beta": 0.1}).result()
+    with pytest.raises(Exception, match="loss_fn 'dro' is not supported here"):
+        training.forward_backward([d], "dro").result()
+
+
 # --- keys, and calls the server refuses ------------------------------------------------------------------------
 
 def post(root: str, route: str, body: dict, key: str = "tml-key-b") -> httpx.Response:

@@ -4,8 +4,12 @@ adapter on it (peft's named adapters), each with its own AdamW state.
 Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
 ``forward_backward`` of one run, then another's): time-sliced, not batched into one step. Gradients of a run
 accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses follow the SDK's documentation:
-sums over tokens, not means (``cross_entropy``: ``-Σ weights·logp(target)``; ``importance_sampling``:
-``-Σ exp(logp − sampling_logp)·advantages``).
+sums over tokens, not means, with ``r = exp(logp − sampling_logp)`` (the learner's probability over the sampler's):
+
+- ``cross_entropy``: ``-Σ weights·logp(target)``;
+- ``importance_sampling``: ``-Σ r·advantages``;
+- ``ppo``: ``-Σ min(r·A, clip(r, low, high)·A)`` (``clip_low_threshold`` 0.8, ``clip_high_threshold`` 1.2);
+- ``cispo``: ``-Σ sg(clip(r, low, high))·logp·A`` (one-sided by default: 0.0 and 4.0).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ import numpy as np
 
 from tunesmith.serve.tinker.wire import Datum, Sequence
 
-LOSSES = ("cross_entropy", "importance_sampling")
-LOSS_INPUTS = {"cross_entropy": {"target_tokens", "weights"},
-               "importance_sampling": {"target_tokens", "logprobs", "advantages"}}
+POLICY_INPUTS = {"target_tokens", "logprobs", "advantages"}
+LOSS_INPUTS = {"cross_entropy": {"target_tokens", "weights"}, "importance_sampling": POLICY_INPUTS,
+               "ppo": POLICY_INPUTS, "cispo": POLICY_INPUTS}
+LOSSES = tuple(LOSS_INPUTS)
+CLIPS = {"ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},  # the SDK's documented defaults
+         "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}}
 SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded for sampling; past it, the least recently sampled is unloaded
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
                  "grad_clip_norm": 0.0}
@@ -173,7 +180,7 @@ class Trainer:
                     logits = self.model(input_ids=ids).logits[0].float()
                     targets = torch.tensor(np.asarray(datum.inputs["target_tokens"], dtype=np.int64)).reshape(-1)
                     logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-                    elementwise = token_loss(loss_fn, logp, datum.inputs)
+                    elementwise = token_loss(loss_fn, logp, datum.inputs, config)
                     loss = elementwise.sum()
                     if backward:
                         loss.backward()
@@ -354,8 +361,14 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> Non
     if loss_fn not in LOSSES:
         raise TrainingError(f"loss_fn {loss_fn!r} is not supported here; supported: {', '.join(LOSSES)} "
                             "(forward_backward_custom runs any loss on the client)")
-    if config:
-        raise TrainingError(f"loss_fn_config {sorted(config)} is not supported for {loss_fn}; send none")
+    known = CLIPS.get(loss_fn, {})
+    if unknown := sorted(set(config) - set(known)):
+        raise TrainingError(f"loss_fn_config {unknown} is not supported for {loss_fn}; "
+                            + (f"it takes {', '.join(known)}" if known else "send none"))
+    clips = clip_bounds(loss_fn, config)
+    if clips and not (isinstance(clips[0], float) and isinstance(clips[1], float) and 0 <= clips[0] <= clips[1]):
+        raise TrainingError(f"loss_fn_config: clip_low_threshold {clips[0]!r} and clip_high_threshold {clips[1]!r} "
+                            "must be numbers with 0 <= low <= high")
     need = LOSS_INPUTS[loss_fn]
     for i, datum in enumerate(data):
         if not datum.tokens:
@@ -376,7 +389,19 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> Non
                                     f"{len(datum.tokens)} input tokens; give one per token")
 
 
-def token_loss(loss_fn: str, logp, inputs: dict):
+def clip_bounds(loss_fn: str, config: dict) -> tuple | None:
+    """(low, high) thresholds on the probability ratio of a clipped loss: ``config``'s, else the SDK's defaults."""
+    if loss_fn not in CLIPS:
+        return None
+    values = {**CLIPS[loss_fn], **config}
+
+    def number(v):
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    return number(values["clip_low_threshold"]), number(values["clip_high_threshold"])
+
+
+def token_loss(loss_fn: str, logp, inputs: dict, config: dict | None = None):
     """Each token's loss (summed by the caller)."""
     import torch
 
@@ -385,5 +410,12 @@ def token_loss(loss_fn: str, logp, inputs: dict):
 
     if loss_fn == "cross_entropy":
         return -logp * f32("weights")
+    advantages = f32("advantages")
     ratio = torch.exp(logp - f32("logprobs"))
-    return -ratio * f32("advantages")
+    if loss_fn == "importance_sampling":
+        return -ratio * advantages
+    low, high = clip_bounds(loss_fn, config or {})
+    clipped = torch.clamp(ratio, low, high)
+    if loss_fn == "ppo":
+        return -torch.minimum(ratio * advantages, clipped * advantages)
+    return -clipped.detach() * logp * advantages  # cispo
