@@ -8,7 +8,8 @@ MODEL  ?= smollm2-135m-instruct
 LOCK   := requirements.lock
 # test dependencies installed without their declared dependencies: every instructor release caps jiter below 0.15
 # and rich below 15, while openai 3 needs jiter >= 0.16 (instructor runs on both; tests/test_client_libraries.py)
-NODEPS := instructor docstring-parser
+# and tinker-cookbook, whose tml-renderers requirement no index satisfies (its text recipes never import it)
+NODEPS := instructor docstring-parser tinker-cookbook
 
 .PHONY: install model converter browser postgres demo test test-benchmarks test-export vllm test-vllm lint clean lock
 

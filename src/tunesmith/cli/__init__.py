@@ -331,6 +331,23 @@ def serve(
                              batch_concurrency=batch_concurrency, quotas=Quotas.parse(quota or []))
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address, jobs_engine=jobs_engine)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def cookbook(
+    ctx: typer.Context,
+    recipe: Annotated[str, typer.Argument(help="A tinker-cookbook recipe module (tinker_cookbook.recipes.sl_loop) "
+                                          "or .py file; the arguments after it are the recipe's own (key=value).")],
+) -> None:
+    """Run a tinker-cookbook recipe unchanged against `tunesmith serve`'s Tinker API: the bases the server serves are
+    added to the cookbook's model table (tokenizer from the local model, the renderer matching its chat template),
+    then the recipe runs as its own __main__. The server: base_url=URL (or $TINKER_BASE_URL); the key:
+    $TINKER_API_KEY (tml-<key>)."""
+    from tunesmith.clients.cookbook import run as run_recipe
+
+    run_recipe(recipe, list(ctx.args))
+
+
 # --- tunesmith data ... ----------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the app, mapping our errors to exit codes and one-line messages."""
