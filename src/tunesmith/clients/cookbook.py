@@ -85,9 +85,8 @@ def describe(name: str) -> Base:
 
 def register(bases: list[Base]) -> None:
     """Each base added to the cookbook's tokenizer registry and model table (a name it knows keeps its own entry)."""
-    from transformers import AutoTokenizer
-
     from tinker_cookbook import model_info, tokenizer_utils
+    from transformers import AutoTokenizer
 
     known = {b.name: b for b in bases}
     looked_up = model_info.get_model_attributes
