@@ -125,6 +125,31 @@ def test_replicas_finishing_at_once_finish_a_batch_once(store):
     assert batches.get(batch["id"], any_owner=True)["claimed_by"] is None
 
 
+def test_a_finisher_that_looked_just_before_the_end_was_written_takes_nothing(store, monkeypatch):
+    """A replica reads the batch still finalizing, then its finisher writes the end (and removes the parts), then the
+    replica claims the finishing: it gets nothing, and the batch keeps its end (before, it took the released finishing,
+    wrote the batch back to finalizing and failed it on the removed parts). On PostgreSQL, where the look and the
+    end's write can interleave (SQLite's write lock keeps them apart)."""
+    if store.db.kind != "postgresql":
+        pytest.skip("on SQLite a finisher's look and claim hold the write lock together: nothing interleaves")
+    batches = BatchStore(store)
+    batch = answered(store)
+    status, _, claim = batches.begin_finishing(batch["id"], "first")
+    real = batches.claims.acquire
+
+    def end_written_first(table, oid, holder, *args, **kwargs):
+        if table == "batch_finishes" and holder == "late":  # after the late one's look, before its claim
+            ending = threading.Thread(target=claim.write, args=(batches.finished, batch["id"], status, {}))
+            ending.start()
+            ending.join(30)
+        return real(table, oid, holder, *args, **kwargs)
+
+    monkeypatch.setattr(batches.claims, "acquire", end_written_first)
+    assert batches.begin_finishing(batch["id"], "late") is None
+    assert batches.get(batch["id"], any_owner=True)["status"] == status == "completed"
+    assert batches.claims.held == {c for c in batches.claims.held if c.holder != "late"}  # nothing left renewed
+
+
 def test_a_cancelled_or_expired_batch_is_finished_once_no_replica_holds_a_chunk(store):
     batch, batches = split(store, 2), BatchStore(store)
     _, claim = batches.claim_chunk(batch["id"], "r1")

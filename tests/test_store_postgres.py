@@ -233,6 +233,42 @@ def test_eval_runs_a_dead_replica_held_are_claimed_by_a_live_one_and_live_ones_k
     assert resume.claim_abandoned(store, "a third") == []  # claimed once
     assert made[0][1].renew() and not made[1][1].renew()  # the live one keeps its own; the dead one's is gone
 
+def test_work_that_ended_between_a_look_and_its_claim_is_not_taken(store, monkeypatch):
+    """A job cancelled, or an eval run completed (its claim let go), after a claimer chose it and before its claim:
+    the claim's own statement checks the status again, so the job never starts and the run's output items are not
+    deleted to run it again."""
+    from tunesmith.serve.evals import resume
+    from tunesmith.serve.evals.store import EvalStore
+
+    [job_id] = queued_jobs(store, ("o1",))
+    real_next = store.next_job
+
+    def chosen_then_cancelled(*args, **kwargs):
+        job = real_next(*args, **kwargs)
+        store.update_job(job_id, status="cancelled")
+        return job
+
+    monkeypatch.setattr(store, "next_job", chosen_then_cancelled)
+    assert store.claim_job("w1", jobs_per_key=1) is None
+    assert store.get_job(job_id, any_owner=True)["claimed_by"] is None
+
+    evals = EvalStore(store)
+    ev = evals.add_eval("o1", name="e", data_source_config={}, testing_criteria=[], metadata=None)
+    run, claim = evals.add_run("o1", ev["id"], "r1", name="r", model="m", data_source={}, metadata=None)
+    evals.update_run(run["id"], status="in_progress")
+    store.db.execute("UPDATE eval_runs SET lease_until = 0 WHERE id = ?", (run["id"],))  # looks abandoned
+    real_acquire = store.claims.acquire
+
+    def ended_first(table, oid, holder, *args, **kwargs):
+        claim.write(evals.update_run, run["id"], status="completed")
+        store.claims.let_go(claim)
+        return real_acquire(table, oid, holder, *args, **kwargs)
+
+    monkeypatch.setattr(store.claims, "acquire", ended_first)
+    assert resume.claim_abandoned(store, "r2") == []
+    assert evals.get_run(ev["id"], run["id"])["status"] == "completed"
+
+
 def test_one_keys_admissions_waiting_on_the_database_do_not_delay_another_keys(postgres, tmp_path):
     """Key A's 40 admissions all wait on A's advisory lock (held elsewhere, as a slow transaction would): they wait
     in the admission lane, one at a time, so key B's admission finds a thread and a connection at once (without the

@@ -26,6 +26,7 @@ from tunesmith.serve.store.pages import page_rows
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 CHUNKED = "chunks"  # batches.claimed_by of a batch run chunk by chunk
+ENDED = "ended"  # batch_finishes.claimed_by of a batch whose end is written: its finishing is nobody's again
 FOREVER = 1e15  # its lease: a time no clock reaches
 
 __all__ = ["ACTIVE", "CHUNKED", "BatchStore", "ClaimLost"]
@@ -95,11 +96,12 @@ class BatchStore:
                             (output_bytes, error_bytes, bid))
 
     def fail(self, bid: str, errors: list[dict], claim: Claim | None = None) -> None:
-        """The batch failed with ``errors``; its claims let go. With the ``claim`` of the work that failed, only while
-        it holds (:class:`ClaimLost` otherwise)."""
+        """The batch failed with ``errors``; its claims let go (its finishing ended for good). With the ``claim`` of
+        the work that failed, only while it holds (:class:`ClaimLost` otherwise)."""
         def failed() -> None:
             self.update(bid, errors=errors, claimed_by=None, lease_until=None)
             self.mark(bid, "failed")
+            self._end_finishing(bid)
 
         if claim is not None:
             claim.write(failed)
@@ -117,12 +119,18 @@ class BatchStore:
         return "completed" if counts["completed"] + counts["failed"] >= row["total"] else "expired"
 
     def finished(self, bid: str, status: str, files: dict[str, str]) -> None:
-        """The batch's final ``status`` and its output and error file ids (``files``); every claim on it let go (inside
-        its finisher's fenced transaction)."""
+        """The batch's final ``status`` and its output and error file ids (``files``); every claim on it let go and its
+        finishing ended for good (inside its finisher's fenced transaction)."""
         self.update(bid, **files, claimed_by=None, lease_until=None)
         self.mark(bid, status)
         self.db.execute("UPDATE batch_chunks SET claimed_by = NULL, lease_until = NULL WHERE batch_id = ?", (bid,))
-        self.db.execute("UPDATE batch_finishes SET claimed_by = NULL, lease_until = NULL WHERE id = ?", (bid,))
+        self._end_finishing(bid)
+
+    def _end_finishing(self, bid: str) -> None:
+        """The batch's finishing claimed for good by :data:`ENDED`: a replica that read the batch still finalizing
+        just before its end was written can no longer take the finishing (and write the batch back to finalizing,
+        to assemble parts already removed)."""
+        self.db.execute("UPDATE batch_finishes SET claimed_by = ?, lease_until = ? WHERE id = ?", (ENDED, FOREVER, bid))
 
     # --- chunks: a batch's lines answered by any replica -----------------------------------------------------
 
@@ -223,6 +231,13 @@ class BatchStore:
         finisher dead), every chunk's claim is ended (a new generation: a holder frozen past its lease records
         nothing more), the batch marked finalizing and its finishing claimed for ``holder``. Returns (its final
         status, its chunks in order, the finishing's claim), or None: not now, or another's."""
+        try:
+            return self._begin_finishing(bid, holder)
+        except _EndedMeanwhile as ended:  # rolled back: the acquire and its new generations undone
+            self.claims.let_go(ended.claim, release=False)
+            return None
+
+    def _begin_finishing(self, bid: str, holder: str) -> tuple[str, list[dict], Claim] | None:
         with self.db.transaction():
             self.db.serialize(f"batch {bid}")
             batch = self.db.execute(f"SELECT status, claimed_by, cancelling_at, expires_at < {NOW} AS expired FROM "
@@ -242,8 +257,10 @@ class BatchStore:
                 return None  # its finisher is alive
             self.db.execute("UPDATE batch_chunks SET generation = generation + 1, claimed_by = NULL, lease_until = "
                             "NULL WHERE batch_id = ? AND claimed_by IS NOT NULL", (bid,))
-            self.db.execute("UPDATE batches SET status = 'finalizing', finalizing_at = COALESCE(finalizing_at, ?) "
-                            "WHERE id = ?", (int(time.time()), bid))
+            if not self.db.execute(f"UPDATE batches SET status = 'finalizing', finalizing_at = COALESCE(finalizing_at, "
+                                   f"?) WHERE id = ? AND status IN ({', '.join('?' * len(ACTIVE))})",
+                                   (int(time.time()), bid, *ACTIVE)).rowcount:
+                raise _EndedMeanwhile(claim)  # its end was written after the look above (belt and braces: ENDED)
             return self.final_status(bid), self.chunks(bid), claim
 
     def answered_lines(self, bid: str) -> set[int]:
@@ -263,3 +280,11 @@ class BatchStore:
         for key in ("metadata", "errors"):
             row[key] = json.loads(row[key]) if row[key] else None
         return row
+
+
+class _EndedMeanwhile(Exception):
+    """The batch's end was written between a finisher's look and its claim: nothing it wrote is kept."""
+
+    def __init__(self, claim: Claim):
+        super().__init__(claim)
+        self.claim = claim

@@ -61,7 +61,10 @@ def claim_abandoned(store, replica: str, everyone: bool = False, running: frozen
     for run_id, eval_id in store.db.execute(sql).fetchall():
         if run_id in running:
             continue
-        claim = store.claims.acquire("eval_runs", run_id, replica, force=everyone)
+        # the status checked again in the claim's own statement: a run that ended after the look above (and let its
+        # claim go) is not taken, so its output items are never deleted to run it again
+        claim = store.claims.acquire("eval_runs", run_id, replica, " AND status IN ('queued', 'in_progress')",
+                                     force=everyone)
         if claim is None:
             continue
         if (run := evals.get_run(eval_id, run_id)) is not None:

@@ -270,9 +270,12 @@ class Store:
             if job is None:
                 return None
             since = time.monotonic()
-            generation = self.db.execute(f"UPDATE jobs SET claimed_by = ?, generation = generation + 1, lease_until = "
-                                         f"{NOW} + ? WHERE id = ? RETURNING generation",
-                                         (worker, LEASE_S, job["id"])).fetchone()[0]
+            taken = self.db.execute(f"UPDATE jobs SET claimed_by = ?, generation = generation + 1, lease_until = "
+                                    f"{NOW} + ? WHERE id = ? AND status IN ('queued', 'running') RETURNING generation",
+                                    (worker, LEASE_S, job["id"])).fetchone()
+            if taken is None:  # cancelled or ended after the look above: a job that ended never runs again
+                return None
+            generation = taken[0]
         job |= {"generation": generation, "claimed_by": worker}
         return job, self.claims.adopt("jobs", job["id"], worker, generation, since)
 
