@@ -33,6 +33,32 @@ ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-1
                  "grad_clip_norm": 0.0}
 
 
+PASS_TOKENS = 1024  # padded tokens of one pass over the base (its logits: this many x the vocabulary, in float32)
+
+
+@dataclass
+class Call:
+    """One forward_backward (or forward) call of a run: its datums, loss and whether its gradients are kept."""
+
+    name: str
+    data: list[Datum]
+    loss_fn: str
+    config: dict
+    backward: bool
+
+
+def passes(rows: list[tuple[int, Datum]], budget: int = PASS_TOKENS) -> list[list[tuple[int, Datum]]]:
+    """``rows`` grouped into passes of at most ``budget`` padded tokens (a row longer than it goes alone), longest
+    first so that rows of like length share a pass and little is padding."""
+    out: list[list] = []
+    for row in sorted(rows, key=lambda r: -len(r[1].tokens)):
+        if out and (len(out[-1]) + 1) * len(out[-1][0][1].tokens) <= budget:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
+
+
 def new_name() -> str:
     import secrets
 
@@ -165,31 +191,65 @@ class Trainer:
                          backward: bool) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
         """Each datum's token logprobs and loss, their sum as ``loss:sum``; with ``backward``, the loss's gradients
         added to the run's (kept until :meth:`optim_step`)."""
+        return self.forward_backward_many([Call(name, data, loss_fn, config, backward)])[0]
+
+    def forward_backward_many(self, calls: list[Call]) -> list[tuple[dict[str, list[np.ndarray]], dict[str, float]]]:
+        """Several runs' calls in one step: their datums padded into shared passes over the base, each row through its
+        own run's adapter (peft's mixed-adapter batch), one backward per pass; each run's gradients come from its own
+        rows only. Answers in the order of ``calls``; a call that cannot run raises before anything runs."""
+        for call in calls:
+            check_loss(call.loss_fn, call.config, call.data, self.vocab_size())
+        rows = [(i, datum) for i, call in enumerate(calls) for datum in call.data]
+        logprobs: list[list] = [[None] * len(c.data) for c in calls]
+        losses: list[list] = [[None] * len(c.data) for c in calls]
+        with self.lock:
+            for name in {c.name for c in calls}:
+                if name not in self.runs:
+                    raise TrainingError(f"training run {name!r} is not held here")
+            place = {id(d): (i, k) for i, c in enumerate(calls) for k, d in enumerate(c.data)}
+            for chunk in passes(rows):
+                self._pass(calls, chunk, place, logprobs, losses)
+            for call in calls:
+                if call.backward:
+                    self.runs[call.name].pending += 1
+        return [({"logprobs": logprobs[i], "elementwise_loss": losses[i]},
+                 {"loss:sum": float(sum(float(x.sum()) for x in losses[i]))}) for i in range(len(calls))]
+
+    def _pass(self, calls: list[Call], chunk: list[tuple[int, Datum]], place: dict, logprobs, losses) -> None:
+        """One padded pass over ``chunk``'s rows (each row's run named for peft), their losses summed, one backward
+        for the rows whose call asks it."""
         import torch
 
-        check_loss(loss_fn, config, data, self.vocab_size())
-        with self.lock:
-            run = self.runs[name]
-            self.model.set_adapter(name)
-            for p in self._params(name):
-                p.requires_grad_(True)
-            logprobs_out, losses_out, total = [], [], 0.0
-            for datum in data:
-                ids = torch.tensor([datum.tokens], dtype=torch.long)
-                with torch.set_grad_enabled(backward):
-                    logits = self.model(input_ids=ids).logits[0].float()
-                    targets = torch.tensor(np.asarray(datum.inputs["target_tokens"], dtype=np.int64)).reshape(-1)
-                    logp = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0]
-                    elementwise = token_loss(loss_fn, logp, datum.inputs, config)
-                    loss = elementwise.sum()
-                    if backward:
-                        loss.backward()
-                logprobs_out.append(logp.detach().numpy())
-                losses_out.append(elementwise.detach().numpy())
-                total += float(loss.detach())
-            if backward:
-                run.pending += 1
-        return {"logprobs": logprobs_out, "elementwise_loss": losses_out}, {"loss:sum": total}
+        width = max(len(d.tokens) for _, d in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (_, d) in enumerate(chunk):
+            ids[r, :len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
+            mask[r, :len(d.tokens)] = 1
+        names = [calls[i].name for i, _ in chunk]
+        grad = any(calls[i].backward for i, _ in chunk)
+        with torch.set_grad_enabled(grad):
+            kwargs = {"adapter_names": names} if len(set(names)) > 1 else {}
+            if not kwargs:
+                self.model.set_adapter(names[0])  # (peft freezes the other adapters: thawed below where they learn)
+            for name in {calls[i].name for i, _ in chunk if calls[i].backward}:
+                for p in self._params(name):
+                    p.requires_grad_(True)
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            total = None
+            for r, (i, d) in enumerate(chunk):
+                n = len(d.tokens)
+                row = logits[r, :n].float()
+                targets = torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64)).reshape(-1)
+                logp = torch.log_softmax(row, dim=-1).gather(1, targets[:, None])[:, 0]
+                elementwise = token_loss(calls[i].loss_fn, logp, d.inputs, calls[i].config)
+                if calls[i].backward:
+                    total = elementwise.sum() if total is None else total + elementwise.sum()
+                at = place[id(d)]
+                logprobs[at[0]][at[1]] = logp.detach().numpy()
+                losses[at[0]][at[1]] = elementwise.detach().numpy()
+            if grad and total is not None:
+                total.backward()
 
     def optim_step(self, name: str, adam: dict) -> dict[str, float]:
         """One AdamW step of the run's accumulated gradients with the SDK's parameters, then the gradients cleared."""
