@@ -428,3 +428,56 @@ def test_the_base_samples_through_a_sampling_session_and_a_checkpoint_saved_agai
     again = service_a.create_sampling_client(model_path=path).result()
     trained = again.sample(prompt=prompt, num_samples=1, sampling_params=greedy).result().sequences[0].tokens
     assert trained != from_base.tokens  # the weights saved last, not the first ones still loaded
+
+
+def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_its_own_rows(tiny_model_dir,
+                                                                                              tmp_path):
+    """Key A's and key B's forward_backward calls, waiting together behind a long call, run as one step on the base
+    (each row through its own run's adapter): each answer is what the base gives its own data, and after an AdamW step
+    B's run is exactly a run trained alone on B's data (its gradients came from its rows only)."""
+    import tinker
+    from tinker import types
+
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engines.builtin import Engine
+
+    from .conftest import running_server
+
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"key-a", "key-b"})),
+                     Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
+    base = str(tiny_model_dir)
+    with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb:
+        a = sa.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        b = sb.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        alone = sb.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        tokens, weights = example(a.get_tokenizer())
+        data_a = [datum(tokens, weights)]
+        data_b = [datum(tokens[:-2], weights[:-2]), datum(tokens[2:], weights[2:])]
+        long_call = a.forward([datum(tokens * 8, weights * 8)] * 16, "cross_entropy")  # holds the base a while
+        fa, fb = a.forward_backward(data_a, "cross_entropy"), b.forward_backward(data_b, "cross_entropy")
+        long_call.result()
+        out_a, out_b = fa.result(), fb.result()
+        assert app.state.tinker.futures.fused_steps >= 1
+        for out, data in ((out_a, data_a), (out_b, data_b)):
+            for got, d in zip(out.loss_fn_outputs, data, strict=True):
+                t = d.model_input.to_ints()
+                want = reference_logprobs(base, t, d.loss_fn_inputs["target_tokens"].tolist())
+                assert np.allclose(got["logprobs"].to_numpy(), want, atol=1e-4)
+        assert out_b.metrics["loss:sum"] == pytest.approx(alone.forward_backward(data_b, "cross_entropy").result()
+                                                          .metrics["loss:sum"], abs=1e-5)
+        adam = types.AdamParams(learning_rate=1e-2)
+        for run in (a, b, alone):
+            run.optim_step(adam).result()
+        after_b = b.forward(data_b, "cross_entropy").result().metrics["loss:sum"]
+        after_alone = alone.forward(data_b, "cross_entropy").result().metrics["loss:sum"]
+        assert after_b == pytest.approx(after_alone, abs=1e-5) and after_b < out_b.metrics["loss:sum"]
+
+        steps = app.state.tinker.futures.fused_steps  # a wrong call in a step of two keys fails alone
+        long_call = a.forward([datum(tokens * 8, weights * 8)] * 16, "cross_entropy")
+        wrong, right = a.forward_backward(data_a, "dro"), b.forward_backward(data_b, "cross_entropy")
+        long_call.result()
+        with pytest.raises(Exception, match="loss_fn 'dro' is not supported here"):
+            wrong.result()
+        assert right.result().metrics["loss:sum"] == pytest.approx(after_b, abs=1e-5)
+        assert app.state.tinker.futures.fused_steps == steps + 1

@@ -20,7 +20,7 @@ from tunesmith.serve.store.objects import worker_id
 from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.futures import Futures
-from tunesmith.serve.tinker.trainer import Trainer, TrainingError
+from tunesmith.serve.tinker.trainer import Call, Trainer, TrainingError, check_loss
 
 log = logging.getLogger("tunesmith.serve")
 NAME_CHARS = 128  # a checkpoint's name
@@ -56,7 +56,7 @@ class Tinker:
         self.root = Path(settings.data_dir) / "tinker"
         self.store = TinkerStore(app.state.store)
         self.trainer = Trainer(self.base)
-        self.futures = Futures(app.state.lanes.tinker)
+        self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many)
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
@@ -169,6 +169,34 @@ class Tinker:
     # --- training ----------------------------------------------------------------------------------------------
 
     def forward_backward(self, owner, body: bytes, backward: bool) -> bytes:
+        answer = self.forward_backward_many([(owner, body, backward)])[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def forward_backward_many(self, items: list[tuple]) -> list[bytes | BaseException]:
+        """Several keys' forward_backward calls (``(owner, body, backward)`` each) in one step on the base: each
+        checked alone first (a wrong call fails alone, with its reason), the rest run together
+        (:meth:`Trainer.forward_backward_many`). Each call's answer, or the exception it ends with, in order."""
+        answers: list = [None] * len(items)
+        calls, where = [], []
+        for i, (owner, body, backward) in enumerate(items):
+            try:
+                calls.append(self._call(owner, body, backward))
+                where.append(i)
+            except (TrainingError, wire.WireError, APIError) as exc:
+                answers[i] = exc
+        if calls:
+            try:
+                for i, (outputs, metrics) in zip(where, self.trainer.forward_backward_many(calls), strict=True):
+                    answers[i] = wire.forward_backward_output(outputs, metrics)
+            except Exception as exc:  # noqa: BLE001 - every call of the step ends with it
+                for i in where:
+                    answers[i] = exc
+        return answers
+
+    def _call(self, owner, body: bytes, backward: bool) -> Call:
+        """One forward_backward request read and checked (its run held here, its size, its loss and inputs)."""
         request = wire.read_forward_backward(body)
         self.run_of(owner, request.model_id)
         tokens = sum(len(d.tokens) for d in request.data)
@@ -179,9 +207,9 @@ class Tinker:
         if longest > self.context_length():
             raise TrainingError(f"a datum of {longest} tokens is longer than the model's context "
                                 f"({self.context_length()})")
-        outputs, metrics = self.trainer.forward_backward(request.model_id, request.data, request.loss_fn,
-                                                         request.config, backward and not request.forward_only)
-        return wire.forward_backward_output(outputs, metrics)
+        check_loss(request.loss_fn, request.config, request.data, self.trainer.vocab_size())
+        return Call(request.model_id, request.data, request.loss_fn, request.config,
+                    backward and not request.forward_only)
 
     def optim_step(self, owner, run_id: str, adam: dict) -> dict:
         self.run_of(owner, run_id)
