@@ -8,7 +8,9 @@
    A step's seconds: from its submission to both answers. Only one of the two computes at a time.
 2. **Four tenants at once against one after another.** Four keys, each its own client and run, ``--tenant-steps``
    steps each: all four loops at once (threads), then the same four loops one after another. The ratio is what
-   sharing the base's turns gains over queueing whole loops.
+   sharing the base's turns gains over queueing whole loops. Measured on the default server (each call takes its
+   turn) and on a second one started with ``--tinker-fused-steps`` (the keys' calls waiting together run as one step,
+   peft's mixed-adapter batch), its peak memory beside.
 
 Prints the machine, the load average at the start and the end, the server's peak memory, both tables and the result
 as JSON (``--out`` writes it too).
@@ -161,18 +163,29 @@ def main() -> None:
         finally:
             server.proc.terminate()
             server.proc.wait(30)
+        (Path(tmp) / "fused").mkdir()
+        fused_server = KeyedServer("builtin", MODEL, [], Path(tmp) / "fused", extra=("--tinker-fused-steps",),
+                                   env={"TUNESMITH_API_KEYS": ",".join(KEYS)})
+        try:
+            fused = tenants(fused_server.url[:-3], rows, args.tenant_steps, args.lr)
+            fused["server_peak_rss_gb"] = round(fused_server.peak_rss / 1e9, 2)
+        finally:
+            fused_server.proc.terminate()
+            fused_server.proc.wait(30)
     step = {way: stats(t) for way, t in times.items()}
     overhead = step["api"]["p50_ms"] / step["in_process"]["p50_ms"] - 1
     result = {"machine": machine(), "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
               "batch": args.batch, "steps": args.steps, "step": step,
               "api_overhead": round(overhead, 4), "mean_overhead": round(
                   statistics.mean(times["api"]) / statistics.mean(times["in_process"]) - 1, 4),
-              "tenants": many, "server_peak_rss_gb": peak_gb}
+              "tenants": many, "tenants_fused_steps": fused, "server_peak_rss_gb": peak_gb}
     print(f"\nA step ({args.batch} examples, forward_backward + optim_step), median of {args.steps}:")
     print(f"  in process   {step['in_process']['p50_ms']:9.1f} ms")
     print(f"  through API  {step['api']['p50_ms']:9.1f} ms   overhead {overhead * 100:+.1f}% (goal <= 5%)")
     print(f"\nFour tenants, {args.tenant_steps} steps each: at once {many['together_s']} s, one after another "
           f"{many['one_after_another_s']} s: {many['speedup']}x (goal >= 1.3x)")
+    print(f"  with --tinker-fused-steps: at once {fused['together_s']} s, one after another "
+          f"{fused['one_after_another_s']} s: {fused['speedup']}x; that server's peak {fused['server_peak_rss_gb']} GB")
     print(f"server peak memory (its process tree): {peak_gb} GB; load average at end: {result['load_end']}")
     print(json.dumps(result))
     if args.out:

@@ -432,7 +432,8 @@ def test_the_base_samples_through_a_sampling_session_and_a_checkpoint_saved_agai
 
 def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_its_own_rows(tiny_model_dir,
                                                                                               tmp_path):
-    """Key A's and key B's forward_backward calls, waiting together behind a long call, run as one step on the base
+    """With --tinker-fused-steps, key A's and key B's forward_backward calls, waiting together behind a long call,
+    run as one step on the base
     (each row through its own run's adapter): each answer is what the base gives its own data, and after an AdamW step
     B's run is exactly a run trained alone on B's data (its gradients came from its rows only)."""
     import tinker
@@ -443,8 +444,8 @@ def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_
 
     from .conftest import running_server
 
-    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"key-a", "key-b"})),
-                     Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"key-a", "key-b"}),
+                                   tinker_fused_steps=True), Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
     base = str(tiny_model_dir)
     with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
             tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb:

@@ -269,6 +269,9 @@ def serve(
                                              "larger ones get a 413.")] = 16,
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest file in MB: one multipart upload to /v1/files, "
                                                "or a whole /v1/uploads upload (a 413 past it).")] = 512,
+    tinker_fused_steps: Annotated[bool, typer.Option(help="Tinker API: several keys' forward_backward calls waiting "
+                                                     "together run as one step on the base (slower on a CPU: "
+                                                     "docs/benchmarks.md).")] = False,
     batch_concurrency: Annotated[int | None, typer.Option(min=1, help="A batch's requests in flight at once "
                                                           "[default: half of --max-batch; 128 on vLLM].")] = None,
     requests_per_key: Annotated[int | None, typer.Option(min=1, help="Most inference requests of one API key in "
@@ -328,7 +331,8 @@ def serve(
                              vllm_args=tuple(vllm_arg or ()), vllm_gpu_share=vllm_gpu_share, max_body_mb=max_body_mb,
                              max_upload_mb=max_upload_mb,
                              key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key),
-                             batch_concurrency=batch_concurrency, quotas=Quotas.parse(quota or []))
+                             batch_concurrency=batch_concurrency, quotas=Quotas.parse(quota or []),
+                             tinker_fused_steps=tinker_fused_steps)
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address, jobs_engine=jobs_engine)
 

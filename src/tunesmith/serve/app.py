@@ -46,6 +46,9 @@ class ServeSettings:
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
     batch_chunk_lines: int | None = None  # a batch's lines claimed together by one replica; None: 256
     quotas: Quotas = field(default_factory=Quotas)  # what one key may keep (tunesmith.serve.store.quotas)
+    # the Tinker API: several keys' forward_backward calls waiting together run as one step (peft's mixed-adapter
+    # batch); off: each call takes its turn (measured faster on a CPU, docs/benchmarks.md)
+    tinker_fused_steps: bool = False
 
     @property
     def vllm_dir(self) -> Path:

@@ -56,7 +56,8 @@ class Tinker:
         self.root = Path(settings.data_dir) / "tinker"
         self.store = TinkerStore(app.state.store)
         self.trainer = Trainer(self.base)
-        self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many)
+        fused = settings.tinker_fused_steps
+        self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many if fused else None)
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())

@@ -47,12 +47,12 @@ class Call:
     backward: bool
 
 
-def passes(rows: list[tuple[int, Datum]], budget: int = PASS_TOKENS) -> list[list[tuple[int, Datum]]]:
+def passes(rows: list[tuple[int, int, Datum]], budget: int = PASS_TOKENS) -> list[list[tuple[int, int, Datum]]]:
     """``rows`` grouped into passes of at most ``budget`` padded tokens (a row longer than it goes alone), longest
     first so that rows of like length share a pass and little is padding."""
     out: list[list] = []
-    for row in sorted(rows, key=lambda r: -len(r[1].tokens)):
-        if out and (len(out[-1]) + 1) * len(out[-1][0][1].tokens) <= budget:
+    for row in sorted(rows, key=lambda r: -len(r[2].tokens)):
+        if out and (len(out[-1]) + 1) * len(out[-1][0][2].tokens) <= budget:
             out[-1].append(row)
         else:
             out.append([row])
@@ -199,45 +199,44 @@ class Trainer:
         rows only. Answers in the order of ``calls``; a call that cannot run raises before anything runs."""
         for call in calls:
             check_loss(call.loss_fn, call.config, call.data, self.vocab_size())
-        rows = [(i, datum) for i, call in enumerate(calls) for datum in call.data]
+        rows = [(i, k, datum) for i, call in enumerate(calls) for k, datum in enumerate(call.data)]
         logprobs: list[list] = [[None] * len(c.data) for c in calls]
         losses: list[list] = [[None] * len(c.data) for c in calls]
         with self.lock:
             for name in {c.name for c in calls}:
                 if name not in self.runs:
                     raise TrainingError(f"training run {name!r} is not held here")
-            place = {id(d): (i, k) for i, c in enumerate(calls) for k, d in enumerate(c.data)}
             for chunk in passes(rows):
-                self._pass(calls, chunk, place, logprobs, losses)
+                self._pass(calls, chunk, logprobs, losses)
             for call in calls:
                 if call.backward:
                     self.runs[call.name].pending += 1
         return [({"logprobs": logprobs[i], "elementwise_loss": losses[i]},
                  {"loss:sum": float(sum(float(x.sum()) for x in losses[i]))}) for i in range(len(calls))]
 
-    def _pass(self, calls: list[Call], chunk: list[tuple[int, Datum]], place: dict, logprobs, losses) -> None:
+    def _pass(self, calls: list[Call], chunk: list[tuple[int, int, Datum]], logprobs, losses) -> None:
         """One padded pass over ``chunk``'s rows (each row's run named for peft), their losses summed, one backward
         for the rows whose call asks it."""
         import torch
 
-        width = max(len(d.tokens) for _, d in chunk)
+        width = max(len(d.tokens) for _, _, d in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (_, d) in enumerate(chunk):
+        for r, (_, _, d) in enumerate(chunk):
             ids[r, :len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
             mask[r, :len(d.tokens)] = 1
-        names = [calls[i].name for i, _ in chunk]
-        grad = any(calls[i].backward for i, _ in chunk)
+        names = [calls[i].name for i, _, _ in chunk]
+        grad = any(calls[i].backward for i, _, _ in chunk)
         with torch.set_grad_enabled(grad):
             kwargs = {"adapter_names": names} if len(set(names)) > 1 else {}
             if not kwargs:
                 self.model.set_adapter(names[0])  # (peft freezes the other adapters: thawed below where they learn)
-            for name in {calls[i].name for i, _ in chunk if calls[i].backward}:
+            for name in {calls[i].name for i, _, _ in chunk if calls[i].backward}:
                 for p in self._params(name):
                     p.requires_grad_(True)
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
             total = None
-            for r, (i, d) in enumerate(chunk):
+            for r, (i, k, d) in enumerate(chunk):
                 n = len(d.tokens)
                 row = logits[r, :n].float()
                 targets = torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64)).reshape(-1)
@@ -245,9 +244,8 @@ class Trainer:
                 elementwise = token_loss(calls[i].loss_fn, logp, d.inputs, calls[i].config)
                 if calls[i].backward:
                     total = elementwise.sum() if total is None else total + elementwise.sum()
-                at = place[id(d)]
-                logprobs[at[0]][at[1]] = logp.detach().numpy()
-                losses[at[0]][at[1]] = elementwise.detach().numpy()
+                logprobs[i][k] = logp.detach().numpy()
+                losses[i][k] = elementwise.detach().numpy()
             if grad and total is not None:
                 total.backward()
 
