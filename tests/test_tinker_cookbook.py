@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 
 from .conftest import banking_rows, tiny_server
@@ -137,6 +138,9 @@ def test_the_supervised_loop_recipe_trains_from_the_bases_own_loss_and_its_loss_
     assert steps[-1]["train_mean_nll"] < steps[0]["train_mean_nll"] - 0.5, [s["train_mean_nll"] for s in steps]
     saved = [json.loads(line) for line in (log / "checkpoints.jsonl").read_text().splitlines()]
     assert saved[-1]["name"] == "final" and saved[-1]["sampler_path"].startswith("tinker://")
+    chat = openai.OpenAI(base_url=f"{root}/v1", api_key=KEY).chat.completions.create(  # the recipe's checkpoint
+        model=saved[-1]["sampler_path"], max_tokens=4, messages=[{"role": "user", "content": "card not arrived"}])
+    assert chat.model == saved[-1]["sampler_path"] and chat.choices[0].message.content is not None
 
 
 def test_the_dpo_recipe_starts_at_log_2_and_prefers_the_chosen_answers(server, key, monkeypatch, tmp_path):
