@@ -129,7 +129,11 @@ def run(recipe: str, args: list[str]) -> None:
     base_url = argument(args, "base_url") or os.environ.get("TINKER_BASE_URL")
     if not base_url:
         raise CookbookError("no server: pass base_url=http://HOST:PORT (or set TINKER_BASE_URL)")
-    register([describe(name) for name in served_bases(base_url, os.environ.get("TINKER_API_KEY"))])
+    bases = [describe(name) for name in served_bases(base_url, os.environ.get("TINKER_API_KEY"))]
+    register(bases)
+    for base in bases:  # what a recipe's nested renderer_name / model_name_for_tokenizer arguments take
+        print(f"tunesmith cookbook: {base.name}: renderer {base.renderer}, tokenizer from {base.folder}",
+              file=sys.stderr)
     saved = sys.argv
     sys.argv = [recipe, *args]
     try:
