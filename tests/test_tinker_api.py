@@ -482,3 +482,21 @@ def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_
             wrong.result()
         assert right.result().metrics["loss:sum"] == pytest.approx(after_b, abs=1e-5)
         assert app.state.tinker.futures.fused_steps == steps + 1
+
+
+def test_a_run_made_after_every_other_was_let_go_saves_and_trains(tiny_model_dir, tmp_path):
+    """peft keeps a deleted adapter active when it was the last one and fails on it in later saves; the trainer makes
+    the next adapter active (before, the next run's save_weights_for_sampler failed as a server error)."""
+    from tunesmith.serve.tinker.trainer import Trainer
+
+    trainer = Trainer(str(tiny_model_dir))
+    trainer.create("first", 4, 0)
+    trainer.drop("first")
+    trainer.create("second", 4, 0)
+    trainer.save_adapter("second", tmp_path / "second")
+    assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
+    tokens, weights = example(trainer.tokenizer)
+    d = wire.Datum(tokens[:-1], {"target_tokens": np.asarray(tokens[1:]), "weights": np.asarray(weights[1:], np.float32)})
+    before = trainer.forward_backward("second", [d], "cross_entropy", {}, True)[1]["loss:sum"]
+    trainer.optim_step("second", {"learning_rate": 1e-2})
+    assert trainer.forward_backward("second", [d], "cross_entropy", {}, False)[1]["loss:sum"] < before

@@ -212,3 +212,19 @@ def test_the_rl_loop_recipe_samples_scores_and_trains_each_step(server, key, mon
     assert len(steps) == 6 and all(0 < s["reward/total"] < 1 for s in steps), steps  # answers scored, groups vary
     assert len(sent) == 6 and all(s["grad_norm:mean"] > 0 for s in steps)  # each step trained on the server
     assert all(set(d.loss_fn_inputs) == {"target_tokens", "logprobs", "advantages"} for d in sent[0])
+
+
+def test_the_sessions_a_recipe_opens_are_finished_when_it_ends(server, key):
+    """Recipes leave their ServiceClient open; the launcher finishes each session (the server lets its runs go now,
+    not after an idle hour, and no heartbeat outlives the recipe)."""
+    import tinker
+
+    from tunesmith.clients.cookbook import sessions_closed
+
+    root, base = server
+    with sessions_closed() as closing:
+        client = tinker.ServiceClient(base_url=root)
+        client.create_lora_training_client(base_model=base, rank=4).result()
+        closing.status = "success"
+    with pytest.raises(Exception):  # noqa: B017 - the SDK's own error for a finished session
+        client.create_lora_training_client(base_model=base, rank=4).result()

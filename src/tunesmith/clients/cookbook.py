@@ -9,6 +9,7 @@ recipe runs as its own ``__main__`` with its own arguments, as ``python -m <reci
 
 from __future__ import annotations
 
+import contextlib
 import os
 import runpy
 import sys
@@ -137,9 +138,41 @@ def run(recipe: str, args: list[str]) -> None:
     saved = sys.argv
     sys.argv = [recipe, *args]
     try:
-        if recipe.endswith(".py"):
-            runpy.run_path(recipe, run_name="__main__")
-        else:
-            runpy.run_module(recipe, run_name="__main__", alter_sys=True)
+        with sessions_closed() as closing:
+            if recipe.endswith(".py"):
+                runpy.run_path(recipe, run_name="__main__")
+            else:
+                runpy.run_module(recipe, run_name="__main__", alter_sys=True)
+            closing.status = "success"
     finally:
         sys.argv = saved
+
+
+class _Closing:
+    status = "errored"  # until the recipe returns
+
+
+@contextlib.contextmanager
+def sessions_closed():
+    """Every Tinker session the recipe opens, finished when it ends (recipes leave theirs open: the server would hold
+    their runs until an idle hour, and the SDK would beat against a server that may be gone)."""
+    import tinker
+
+    opened: list = []
+    real = tinker.ServiceClient.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        opened.append(self)
+
+    closing = _Closing()
+    tinker.ServiceClient.__init__ = init
+    try:
+        yield closing
+    finally:
+        tinker.ServiceClient.__init__ = real
+        for client in opened:
+            try:
+                client.close(closing.status).result(timeout=30)
+            except Exception:  # noqa: BLE001 - closed already, or the server is gone: its lease ends the run
+                pass

@@ -153,6 +153,7 @@ class Trainer:
             self.model.eval()
         else:
             self.model.add_adapter(name, config)
+            self._active_exists()
 
     # --- runs -----------------------------------------------------------------------------------------------
 
@@ -181,6 +182,14 @@ class Trainer:
         with self.lock:
             if self.runs.pop(name, None) is not None and self.model is not None:
                 self.model.delete_adapter(name)
+                self._active_exists()
+
+    def _active_exists(self) -> None:
+        """peft leaves a deleted adapter active when it was the last one, and then fails on it (KeyError) in every
+        later save: the active adapter is always one that exists (or, with none left, the next one added)."""
+        left = list(self.model.peft_config)
+        if left and self.model.active_adapter not in left:
+            self.model.set_adapter(left[0])
 
     def _params(self, name: str) -> list:
         return [p for group in self.runs[name].optimizer.param_groups for p in group["params"]]
@@ -322,12 +331,14 @@ class Trainer:
             while len(self.samplers) >= SAMPLERS_LOADED:  # the least recently sampled goes
                 oldest = next(iter(self.samplers))
                 self.model.delete_adapter(self.samplers.pop(oldest))
+                self._active_exists()
             name = f"sampler-{new_name()}"
             if self.model is None:
                 self.model = PeftModel.from_pretrained(self.plain, folder, adapter_name=name)
                 self.model.eval()
             else:
                 self.model.load_adapter(folder, adapter_name=name)
+                self._active_exists()
             self.samplers[key] = name
         self.samplers[key] = self.samplers.pop(key)  # most recently sampled last
         return self.samplers[key]
