@@ -179,12 +179,13 @@ def teach_format(root: str, base: str, conversations: list, log: Path) -> None:
     register([describe(base)])
     renderer = renderers.get_renderer("qwen3_instruct", get_tokenizer(base))
     data = [conversation_to_datum(c, renderer, 256) for c in conversations]
-    client = tinker.ServiceClient(base_url=root).create_lora_training_client(base_model=base, rank=8, seed=0).result()
-    for _ in range(25):
-        client.forward_backward(data, "cross_entropy")
-        client.optim_step(tinker.AdamParams(learning_rate=5e-3, grad_clip_norm=1.0)).result()
-    log.mkdir(parents=True, exist_ok=True)
-    checkpoint_utils.save_checkpoint(client, "format", str(log), {"batch": 0}, kind="state")
+    with tinker.ServiceClient(base_url=root) as service:
+        client = service.create_lora_training_client(base_model=base, rank=8, seed=0).result()
+        for _ in range(25):
+            client.forward_backward(data, "cross_entropy")
+            client.optim_step(tinker.AdamParams(learning_rate=5e-3, grad_clip_norm=1.0)).result()
+        log.mkdir(parents=True, exist_ok=True)
+        checkpoint_utils.save_checkpoint(client, "format", str(log), {"batch": 0}, kind="state")
 
 
 def test_the_rl_loop_recipe_samples_scores_and_trains_each_step(server, key, monkeypatch, tmp_path):
