@@ -13,7 +13,7 @@ import contextlib
 import os
 import runpy
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tunesmith.errors import TunesmithError
 
@@ -33,6 +33,7 @@ class Base:
     name: str
     folder: str
     renderer: str
+    tokenizer: object = field(default=None, compare=False, repr=False)  # loaded once, given to every lookup
 
 
 def served_bases(base_url: str, api_key: str | None) -> list[str]:
@@ -81,13 +82,12 @@ def describe(name: str) -> Base:
     except Exception as exc:  # noqa: BLE001 - said with what to do
         raise CookbookError(f"the served base {name!r} has no tokenizer on this machine ({exc}); run the recipe "
                             "where `tunesmith serve` runs, or `tunesmith models pull` it here") from exc
-    return Base(name, folder, matching_renderer(tokenizer))
+    return Base(name, folder, matching_renderer(tokenizer), tokenizer)
 
 
 def register(bases: list[Base]) -> None:
     """Each base added to the cookbook's tokenizer registry and model table (a name it knows keeps its own entry)."""
     from tinker_cookbook import model_info, tokenizer_utils
-    from transformers import AutoTokenizer
 
     known = {b.name: b for b in bases}
     looked_up = model_info.get_model_attributes
@@ -107,7 +107,7 @@ def register(bases: list[Base]) -> None:
     attributes.__wrapped__ = looked_up
     model_info.get_model_attributes = attributes
     for base in bases:
-        tokenizer_utils.register_tokenizer(base.name, lambda folder=base.folder: AutoTokenizer.from_pretrained(folder))
+        tokenizer_utils.register_tokenizer(base.name, lambda tokenizer=base.tokenizer: tokenizer)
 
 
 def argument(args: list[str], key: str) -> str | None:

@@ -48,7 +48,7 @@ class Pending:
     error: tuple[str, str] | None = None  # (message, category: "user" or "server")
     ended: float | None = None
     task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
-    fusable: tuple | None = None  # a forward_backward's (owner, body, backward): it may join another key's step
+    fusable: tuple | None = None  # a forward_backward's own arguments: it may join another key's step
     started: bool = False  # taken by its own turn or by another key's step (under Futures.guard)
 
 
@@ -62,9 +62,9 @@ class Futures:
         self.fused_steps = 0  # steps that took calls of more than one key
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, owner: str | None, kind: str, fn, *args, fusable: tuple | None = None) -> str:
-        """``fn(*args)`` queued in the lane as ``owner``'s work (``fusable``: a forward_backward's own arguments, for
-        a step of several keys); its request id."""
+    def submit(self, owner: str | None, kind: str, fn, *args, fusable: bool = False) -> str:
+        """``fn(*args)`` queued in the lane as ``owner``'s work (``fusable``: a forward_backward, whose ``args`` may
+        join a step of several keys); its request id."""
         self._prune()
         self.loop = asyncio.get_running_loop()
         waiting = sum(1 for p in self.items.values() if p.owner == owner and not p.done.is_set())
@@ -72,7 +72,7 @@ class Futures:
             raise APIError(429, f"This API key has {waiting} Tinker calls waiting (at most {PENDING_PER_KEY}); retry "
                            "shortly.", type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
         rid = new_id("req")
-        pending = self.items[rid] = Pending(owner, kind, fusable=fusable)
+        pending = self.items[rid] = Pending(owner, kind, fusable=args if fusable else None)
         with self.guard:
             self.waiting.setdefault(owner, deque()).append(pending)
         pending.task = asyncio.ensure_future(self._run(pending, fn, args))
@@ -111,9 +111,9 @@ class Futures:
             joined = []
             if pending.fusable is not None and self.fuse is not None:
                 for queue in list(self.waiting.values()):
-                    head = queue[0]
                     if len(joined) + 1 >= FUSED_KEYS:
                         break
+                    head = queue[0]
                     if head.owner != pending.owner and head.fusable is not None:
                         self._take(head)
                         joined.append(head)

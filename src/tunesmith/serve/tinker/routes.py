@@ -65,7 +65,7 @@ def check_known(value: dict, allowed: set[str], param: str) -> None:
         raise APIError(400, f"Unrecognized {param} field {unknown[0]!r}.", param=param, code="unrecognized_argument")
 
 
-def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None, fusable: tuple | None = None) -> dict:
+def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None, fusable: bool = False) -> dict:
     rid = tinker(request).futures.submit(key, kind, fn, *args, fusable=fusable)
     return {"request_id": rid, "model_id": model_id}
 
@@ -170,7 +170,7 @@ async def forward_backward(request: Request, key: TinkerKey):
                        code="unsupported_encoding")
     body = await request.body()
     t = tinker(request)
-    return future(request, key, "forward_backward", t.forward_backward, key, body, True, fusable=(key, body, True))
+    return future(request, key, "forward_backward", t.forward_backward, key, body, True, fusable=True)
 
 
 @router.post("/optim_step")

@@ -2,7 +2,8 @@
 adapter on it (peft's named adapters), each with its own AdamW state.
 
 Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
-``forward_backward`` of one run, then another's): time-sliced, not batched into one step. Gradients of a run
+``forward_backward`` of one run, then another's), a call's datums padded into shared passes; several runs' calls can
+run as one step (:meth:`Trainer.forward_backward_many`, each row through its own run's adapter). Gradients of a run
 accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses follow the SDK's documentation:
 sums over tokens, not means, with ``r = exp(logp − sampling_logp)`` (the learner's probability over the sampler's):
 
@@ -200,14 +201,14 @@ class Trainer:
                          backward: bool) -> tuple[dict[str, list[np.ndarray]], dict[str, float]]:
         """Each datum's token logprobs and loss, their sum as ``loss:sum``; with ``backward``, the loss's gradients
         added to the run's (kept until :meth:`optim_step`)."""
+        check_loss(loss_fn, config, data, self.vocab_size())
         return self.forward_backward_many([Call(name, data, loss_fn, config, backward)])[0]
 
     def forward_backward_many(self, calls: list[Call]) -> list[tuple[dict[str, list[np.ndarray]], dict[str, float]]]:
         """Several runs' calls in one step: their datums padded into shared passes over the base, each row through its
         own run's adapter (peft's mixed-adapter batch), one backward per pass; each run's gradients come from its own
-        rows only. Answers in the order of ``calls``; a call that cannot run raises before anything runs."""
-        for call in calls:
-            check_loss(call.loss_fn, call.config, call.data, self.vocab_size())
+        rows only. Answers in the order of ``calls``, each checked by the caller (:func:`check_loss`: the service
+        checks each call alone, so that a wrong one fails alone)."""
         rows = [(i, k, datum) for i, call in enumerate(calls) for k, datum in enumerate(call.data)]
         logprobs: list[list] = [[None] * len(c.data) for c in calls]
         losses: list[list] = [[None] * len(c.data) for c in calls]
