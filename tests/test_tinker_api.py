@@ -305,7 +305,7 @@ def test_a_key_with_many_calls_queued_does_not_hold_back_another_keys_call(serve
     with tinker.ServiceClient(base_url=root, api_key="tml-key-b") as service_b:
         b = service_b.create_lora_training_client(base_model=base, rank=8).result()
         tokens, weights = example(a.get_tokenizer())
-        batch = [datum(tokens * 8, weights * 8)] * 24  # a call of a few hundred milliseconds
+        batch = [datum(tokens * 8, weights * 8)] * 96  # a call of a few hundred milliseconds (its datums share passes)
         ended: dict[str, float] = {}
         a_futures = [a.forward_backward(batch, "cross_entropy") for _ in range(12)]
 
