@@ -323,7 +323,10 @@ def test_on_vllm_a_quiet_tenant_beside_a_flood_of_24_and_every_flood_answer_as_w
             unpaused = [f.result(300)[1].text for f in flood()]
             time.sleep(1)  # the quiet tenant's grace over
             pauses, rows = engine.pauses, flood()
-            wait_for(lambda: engine.in_flight_of.get("flood", 0) == 24, timeout=30)
+            # every flood row sent (in vLLM, or already ended) with more than the contended share still in vLLM: on a
+            # slower machine vLLM prefills the later rows (the prefill budget sends them as first tokens come back)
+            # while the first ones finish, so all 24 at once is not guaranteed
+            wait_for(lambda: 3 <= engine.in_flight_of.get("flood", 0) == 24 - sum(f.done() for f in rows), timeout=120)
             time.sleep(0.5)  # a few tokens into every row
             beside = quiet_once()
             answers = [f.result(300) for f in rows]
