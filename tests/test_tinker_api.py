@@ -222,10 +222,97 @@ def test_ppo_and_cispo_clip_the_ratio_as_documented_and_ppo_stops_the_gradient_p
         training.forward_backward([d], "dro").result()
 
 
+def rl_datum(prompt, sequence, advantage: float, logprobs: bool = True, on_prompt: float = 0.0):
+    """A datum as tinker-cookbook's rl_loop builds one for stable_reinforce: the prompt and the sampled tokens but
+    the last as input, targets 0 on the prompt, the sampled tokens' advantage, and provenance naming the sequence."""
+    import torch
+    from tinker import TensorData, types
+    from tinker_cookbook.recipes.rl_loop import with_sampled_provenance
+
+    ob = prompt.length - 1
+    model_input = prompt.append(types.EncodedTextChunk(tokens=sequence.tokens[:-1]))
+    inputs = {"target_tokens": TensorData.from_torch(torch.tensor([0] * ob + sequence.tokens)),
+              "advantages": TensorData.from_torch(torch.tensor([on_prompt] * ob + [advantage] * len(sequence.tokens)))}
+    if logprobs:
+        inputs["logprobs"] = TensorData.from_torch(torch.tensor([0.0] * ob + sequence.logprobs))
+    return with_sampled_provenance(types.Datum(model_input=model_input, loss_fn_inputs=inputs), prompt.length,
+                                   len(sequence.tokens), sequence.sequence_id)
+
+
+def test_stable_reinforce_trains_on_the_logprobs_recorded_when_sampling_and_checks_every_claim(served, service_a):
+    """Sampled with record_stability_info, trained as the cookbook's rl_loop trains: on policy, each sampled token's
+    loss is -A·logp (the recorded logprob its own), its sum the server's; kl_coeff adds its term; a datum whose
+    provenance or inputs disagree with the record is refused naming the position; another key's or another session's
+    sequences are not found."""
+    import dataclasses
+
+    import tinker
+    from tinker import types
+
+    root, base, _ = served
+    training = service_a.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+    tokenizer = training.get_tokenizer()
+    sampler = training.save_weights_and_get_sampling_client(record_stability_info=True).result()
+    prompt = types.ModelInput.from_ints(tokenizer.encode("Question: what is two plus two? Answer:"))
+    sampled = sampler.sample(prompt, num_samples=2, sampling_params=types.SamplingParams(max_tokens=6, temperature=1.0,
+                                                                                         seed=5)).result()
+    one, two = sampled.sequences
+    assert one.sequence_id != two.sequence_id and len(one.tokens) > 1
+    data = [rl_datum(prompt, one, 1.0), rl_datum(prompt, two, -0.5)]
+
+    out = training.forward_backward(data, "stable_reinforce").result()
+    expected = -(sum(one.logprobs) * 1.0 + sum(two.logprobs) * -0.5)  # on policy: weight 1, logp the recorded one
+    assert out.metrics["loss:sum"] == pytest.approx(expected, abs=1e-3)
+    kl = training.forward_backward(data, "stable_reinforce", {"kl_coeff": 0.5}).result()
+    assert kl.metrics["loss:sum"] == pytest.approx(expected, abs=1e-3)  # on policy, q − logp is 0
+    assert training.optim_step(types.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"] > 0
+    moved = training.forward_backward(data[:1], "stable_reinforce").result()  # the learner moved: r = exp(logp − q)
+    logp = moved.loss_fn_outputs[0]["logprobs"].to_numpy()[prompt.length - 1:]
+    weight = np.minimum(np.exp(logp - np.asarray(one.logprobs)), 2.0)
+    assert moved.metrics["loss:sum"] == pytest.approx(-float((weight * logp).sum()), abs=1e-3)
+    training.optim_step(types.AdamParams(learning_rate=0.0)).result()
+
+    def refused(datum, match):
+        with pytest.raises(tinker.RequestFailedError, match=match):
+            training.forward_backward([datum], "stable_reinforce").result()
+
+    refused(dataclasses.replace(rl_datum(prompt, one, 1.0), model_input_spans=None, loss_fn_input_spans=None),
+            "needs provenance")
+    wrong = dataclasses.replace(one, tokens_np=None, _tokens_list=[one.tokens[0] + 1, *one.tokens[1:]])
+    refused(rl_datum(prompt, wrong, 1.0), r"model_input\[\d+\] is \d+, but its span names token")
+    last = dataclasses.replace(one, tokens_np=None, _tokens_list=[*one.tokens[:-1], one.tokens[-1] + 1])
+    refused(rl_datum(prompt, last, 1.0), r"target_tokens'\]\[\d+\] is \d+, but its span names sampled token")
+    refused(rl_datum(prompt, one, 1.0, on_prompt=1.0), r"advantages'\]\[0\] is not 0 on a prompt position")
+    drifted = dataclasses.replace(one, logprobs_np=None, _logprobs_list=[x - 0.5 for x in one.logprobs])
+    refused(rl_datum(prompt, drifted, 1.0), r"loss_fn_inputs\['logprobs'\]\[\d+\] .* was sampled with")
+    assert training.forward_backward([rl_datum(prompt, one, 1.0, logprobs=False)], "stable_reinforce").result()
+    unknown = dataclasses.replace(one, sequence_id="seq-nothing:0")
+    refused(rl_datum(prompt, unknown, 1.0), "is not recorded for this key")
+    with pytest.raises(tinker.RequestFailedError, match=r"loss_fn_config \['beta'\] is not supported"):
+        training.forward_backward(data, "stable_reinforce", {"beta": 1.0}).result()
+    with pytest.raises(tinker.RequestFailedError, match="only stable_reinforce reads"):
+        training.forward_backward(data, "importance_sampling").result()
+
+    with tinker.ServiceClient(base_url=root, api_key="tml-key-a") as other_session:
+        elsewhere = other_session.create_lora_training_client(base_model=base, rank=4).result()
+        with pytest.raises(tinker.RequestFailedError, match="sampled in another session"):
+            elsewhere.forward_backward(data, "stable_reinforce").result()
+    with tinker.ServiceClient(base_url=root, api_key="tml-key-b") as other_key:
+        theirs = other_key.create_lora_training_client(base_model=base, rank=4).result()
+        with pytest.raises(tinker.RequestFailedError, match="is not recorded for this key"):
+            theirs.forward_backward(data, "stable_reinforce").result()
+
+
 # --- keys, and calls the server refuses ------------------------------------------------------------------------
 
 def post(root: str, route: str, body: dict, key: str = "tml-key-b") -> httpx.Response:
     return httpx.post(f"{root}/api/v1/{route}", json=body, headers={"X-API-Key": key}, timeout=60)
+
+
+def listed_owner(root: str, key: str) -> str:
+    """The owner id the server shows for ``key``'s runs (one of its runs listed)."""
+    runs = httpx.get(f"{root}/api/v1/training_runs", headers={"X-API-Key": key}).json()["training_runs"]
+    return runs[0]["model_owner"]
 
 
 def test_another_key_reaches_nothing_of_a_keys_runs_futures_and_checkpoints(served, service_a):
@@ -236,7 +323,9 @@ def test_another_key_reaches_nothing_of_a_keys_runs_futures_and_checkpoints(serv
 
     assert post(root, "retrieve_future", {"request_id": submitted["request_id"]}).status_code == 404
     assert post(root, "get_info", {"model_id": training.model_id}).status_code == 404
-    assert httpx.get(f"{root}/api/v1/training_runs", headers={"X-API-Key": "tml-key-b"}).json()["training_runs"] == []
+    listed = httpx.get(f"{root}/api/v1/training_runs", headers={"X-API-Key": "tml-key-b"}).json()["training_runs"]
+    assert all(r["model_owner"] != listed_owner(root, "tml-key-a") for r in listed) and training.model_id not in [
+        r["training_run_id"] for r in listed]
     assert httpx.get(f"{root}/api/v1/training_runs/{training.model_id}/checkpoints",
                      headers={"X-API-Key": "tml-key-b"}).status_code == 404
     sample = post(root, "asample", {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},

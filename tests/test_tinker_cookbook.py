@@ -190,7 +190,8 @@ def teach_format(root: str, base: str, conversations: list, log: Path) -> None:
 
 def test_the_rl_loop_recipe_samples_scores_and_trains_each_step(server, key, monkeypatch, tmp_path):
     """GSM8K's format on questions whose answer is 4, from a state that answers some of them right: every step
-    samples a group per question, scores it and trains on the groups whose rewards differ (importance sampling)."""
+    samples a group per question (recorded for stable_reinforce, the recipe's default loss), scores it and trains on
+    the groups whose rewards differ, each datum naming the sequences it came from."""
     import datasets
 
     from tunesmith.clients.cookbook import run
@@ -207,12 +208,12 @@ def test_the_rl_loop_recipe_samples_scores_and_trains_each_step(server, key, mon
     sent = first_batch_spy(monkeypatch)
     run("tinker_cookbook.recipes.rl_loop", [f"base_url={root}", f"model_name={base}", f"log_path={log}",
                                             "batch_size=16", "group_size=4", "max_steps=6", "max_tokens=16",
-                                            "learning_rate=1e-3", "lora_rank=8", "save_every=0",
-                                            "loss_fn=importance_sampling"])
+                                            "learning_rate=1e-3", "lora_rank=8", "save_every=0"])
     steps = [s for s in metrics(log) if "reward/total" in s]
     assert len(steps) == 6 and all(0 < s["reward/total"] < 1 for s in steps), steps  # answers scored, groups vary
     assert len(sent) == 6 and all(s["grad_norm:mean"] > 0 for s in steps)  # each step trained on the server
-    assert all(set(d.loss_fn_inputs) == {"target_tokens", "logprobs", "advantages"} for d in sent[0])
+    assert all(set(d.loss_fn_inputs) == {"target_tokens", "logprobs", "advantages"} and d.loss_fn_input_spans
+               for d in sent[0])
 
 
 def test_the_sessions_a_recipe_opens_are_finished_when_it_ends(server, key):

@@ -38,7 +38,7 @@ log = logging.getLogger("tunesmith.serve")
 LEASE_S = float(os.environ.get("TUNESMITH_LEASE_S") or 30.0)  # a claim not renewed this long is anyone's again
 BEAT_S = LEASE_S / 6  # the heartbeat's period: a 20 s outage of the database is survived with time to spare
 RETRY_S = (0.25, 0.5, 1.0)  # waits between tries of a failing renewal or write (then every second)
-CLAIMABLE = ("jobs", "batches", "batch_chunks", "batch_finishes", "eval_runs", "tinker_runs")
+CLAIMABLE = ("jobs", "batches", "batch_chunks", "batch_finishes", "eval_runs", "tinker_runs", "tinker_replicas")
 
 
 class ClaimLost(Exception):

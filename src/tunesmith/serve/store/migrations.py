@@ -227,5 +227,32 @@ MIGRATIONS: list[tuple[str, Migration]] = [
         )"""),
     ("0057_tinker_runs_by_owner", "CREATE INDEX tinker_runs_by_owner ON tinker_runs (owner, created_at)"),
     ("0058_tinker_checkpoints_by_run", "CREATE INDEX tinker_checkpoints_by_run ON tinker_checkpoints (run_id)"),
+    # sampling sessions (any replica samples from any of them) and the samples recorded for stable_reinforce: a
+    # request's prompt and its sequences' tokens and logprobs, kept a day after their last use
+    ("0059_tinker_sampling_sessions", """
+        CREATE TABLE tinker_sampling_sessions (
+            id TEXT PRIMARY KEY, owner TEXT, session_id TEXT NOT NULL, model_path TEXT, created_at REAL NOT NULL
+        )"""),
+    ("0060_tinker_sampling_sessions_by_owner",
+     "CREATE INDEX tinker_sampling_sessions_by_owner ON tinker_sampling_sessions (owner, created_at)"),
+    ("0061_tinker_samples", """
+        CREATE TABLE tinker_samples (
+            id TEXT PRIMARY KEY, owner TEXT, session_id TEXT NOT NULL, prompt TEXT NOT NULL, sequences TEXT NOT NULL,
+            used_at REAL NOT NULL
+        )"""),
+    ("0062_tinker_samples_by_owner", "CREATE INDEX tinker_samples_by_owner ON tinker_samples (owner, used_at)"),
+    # futures, so that any replica answers retrieve_future: each call's row (its answer a file on the shared data
+    # folder once it ended), and each replica's Tinker presence, a claim its heartbeat renews (a future whose holder's
+    # claim ran out or changed generation will not be answered)
+    ("0063_tinker_futures", """
+        CREATE TABLE tinker_futures (
+            id TEXT PRIMARY KEY, owner TEXT, kind TEXT NOT NULL, holder TEXT NOT NULL, holder_generation INTEGER NOT NULL,
+            created_at REAL NOT NULL, ended_at REAL, error TEXT, category TEXT, answer_kind TEXT, answer_file TEXT
+        )"""),
+    ("0064_tinker_futures_ended", "CREATE INDEX tinker_futures_ended ON tinker_futures (ended_at)"),
+    ("0065_tinker_replicas", """
+        CREATE TABLE tinker_replicas (
+            id TEXT PRIMARY KEY, claimed_by TEXT, lease_until REAL, generation INTEGER NOT NULL DEFAULT 0
+        )"""),
 ]
 

@@ -115,6 +115,99 @@ class TinkerStore:
         with self.lock:
             self.db.execute("DELETE FROM tinker_checkpoints WHERE path = ?", (path,))
 
+    # --- sampling sessions and recorded samples ---
+
+    def add_sampling_session(self, sid: str, owner: str | None, session_id: str, model_path: str | None,
+                             keep: int) -> None:
+        """A sampling session of ``owner``'s; past ``keep`` of the key's, its oldest are forgotten."""
+        with self.lock:
+            self.db.execute("INSERT INTO tinker_sampling_sessions (id, owner, session_id, model_path, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)", (sid, owner, session_id, model_path, time.time()))
+            self._forget_past("tinker_sampling_sessions", "created_at", owner, keep)
+
+    def sampling_session(self, sid: str, owner: str | None) -> dict | None:
+        row = self.db.execute("SELECT * FROM tinker_sampling_sessions WHERE id = ? AND owner IS ?",
+                              (sid, owner)).fetchone()
+        return None if row is None else dict(row)
+
+    def add_samples(self, rid: str, owner: str | None, session_id: str, prompt: list[int],
+                    sequences: list[dict], keep_s: float, keep: int) -> None:
+        """One sample request's prompt and sequences (``{"tokens", "logprobs"}`` each), recorded; the key's records
+        unused for ``keep_s`` seconds, and its oldest past ``keep``, forgotten."""
+        now = time.time()
+        with self.lock:
+            self.db.execute("INSERT INTO tinker_samples (id, owner, session_id, prompt, sequences, used_at) VALUES "
+                            "(?, ?, ?, ?, ?, ?)", (rid, owner, session_id, json.dumps(prompt), json.dumps(sequences),
+                                                   now))
+            self.db.execute("DELETE FROM tinker_samples WHERE owner IS ? AND used_at < ?", (owner, now - keep_s))
+            self._forget_past("tinker_samples", "used_at", owner, keep)
+
+    def _forget_past(self, table: str, newest: str, owner: str | None, keep: int) -> None:
+        """Under the lock: ``owner``'s rows of ``table`` past its ``keep`` newest (by ``newest``) deleted."""
+        self.db.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE owner IS ? ORDER BY {newest} "
+                        "DESC, id DESC LIMIT ? OFFSET ?)", (owner, 1 << 62, keep))
+
+    def samples(self, rids: list[str], owner: str | None, keep_s: float) -> dict[str, dict]:
+        """The recorded sample requests of ``owner`` among ``rids`` still kept (their day restarted: used now)."""
+        if not rids:
+            return {}
+        now, marks = time.time(), ", ".join("?" * len(rids))
+        with self.lock:
+            rows = self.db.execute(f"SELECT * FROM tinker_samples WHERE id IN ({marks}) AND owner IS ? AND used_at >= "
+                                   "?", (*rids, owner, now - keep_s)).fetchall()
+            found = {r["id"]: {"session_id": r["session_id"], "prompt": json.loads(r["prompt"]),
+                               "sequences": json.loads(r["sequences"])} for r in rows}
+            if found:
+                self.db.execute(f"UPDATE tinker_samples SET used_at = ? WHERE id IN ({', '.join('?' * len(found))})",
+                                (now, *found))
+        return found
+
+    # --- futures ---
+
+    def present(self, holder: str) -> Claim:
+        """``holder``'s Tinker presence: its row of ``tinker_replicas`` claimed (a new generation), renewed by the
+        heartbeat while the process lives."""
+        with self.lock:
+            self.db.execute("INSERT INTO tinker_replicas (id) VALUES (?) ON CONFLICT (id) DO NOTHING", (holder,))
+        return self.base.claims.acquire("tinker_replicas", holder, holder, force=True)
+
+    def add_future(self, rid: str, owner: str | None, kind: str, presence: Claim) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO tinker_futures (id, owner, kind, holder, holder_generation, created_at) VALUES "
+                            "(?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                            (rid, owner, kind, presence.holder, presence.generation, time.time()))
+
+    def end_future(self, rid: str, owner: str | None, kind: str, presence: Claim, error: tuple[str, str] | None,
+                   answer_kind: str | None, answer_file: str | None) -> None:
+        """The future's end: its error (message, category) or where its answer is (whether its row was written yet)."""
+        message, category = error or (None, None)
+        now = time.time()
+        with self.lock:
+            self.db.execute("INSERT INTO tinker_futures (id, owner, kind, holder, holder_generation, created_at, "
+                            "ended_at, error, category, answer_kind, answer_file) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                            "?) ON CONFLICT (id) DO UPDATE SET ended_at = excluded.ended_at, error = excluded.error, "
+                            "category = excluded.category, answer_kind = excluded.answer_kind, answer_file = "
+                            "excluded.answer_file", (rid, owner, kind, presence.holder, presence.generation, now, now,
+                                                     message, category, answer_kind, answer_file))
+
+    def future(self, rid: str, owner: str | None) -> dict | None:
+        """A future of ``owner``'s, with ``holder_gone`` true when the replica that took it stopped (its presence's
+        lease ran out, or it started again) before its end."""
+        row = self.db.execute(f"SELECT f.*, (r.lease_until IS NULL OR r.lease_until < {NOW} OR r.generation <> "
+                              "f.holder_generation) AS holder_gone FROM tinker_futures f LEFT JOIN tinker_replicas r "
+                              "ON r.id = f.holder WHERE f.id = ? AND f.owner IS ?", (rid, owner)).fetchone()
+        return None if row is None else dict(row)
+
+    def expired_futures(self, before: float, limit: int = 1000) -> list[dict]:
+        """Futures ended before ``before`` (their answer files to remove, then their rows)."""
+        return [dict(r) for r in self.db.execute("SELECT id, answer_file FROM tinker_futures WHERE ended_at < ? LIMIT ?",
+                                                 (before, limit)).fetchall()]
+
+    def forget_futures(self, rids: list[str]) -> None:
+        if rids:
+            with self.lock:
+                self.db.execute(f"DELETE FROM tinker_futures WHERE id IN ({', '.join('?' * len(rids))})", tuple(rids))
+
     def delete_checkpoint(self, path: str, owner: str | None) -> bool:
         with self.lock:
             return self.db.execute("DELETE FROM tinker_checkpoints WHERE path = ? AND owner IS ?",

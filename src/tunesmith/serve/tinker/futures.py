@@ -7,24 +7,31 @@ head of other keys' waiting calls (each key's next call, so every key's calls st
 :data:`FUSED_KEYS` keys, in one step on the base (:meth:`TinkerService.forward_backward_many`); each is answered at
 once, and its own turn in the lane, when it comes, has nothing left to do.
 
-Futures live in the memory of the replica that took the call, for :data:`KEPT_S` after they end; a key may have
-:data:`PENDING_PER_KEY` waiting at once (past it, a 429 the SDK retries). Another key's future is not found.
+A future lives in the memory of the replica that took the call, and in the store: its row written before its id is
+answered, its end (an error, or its answer as a file on the shared data folder) written when it ends, so that any
+replica answers ``retrieve_future`` (reading the store while the call runs elsewhere, and saying so when the replica
+that took it stopped first: its presence in ``tinker_replicas``, a claim its heartbeat renews, ran out). Futures are
+kept :data:`KEPT_S` after they end; a key may have :data:`PENDING_PER_KEY` waiting at once on a replica (past it, a
+429 the SDK retries). Another key's future is not found.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 
 log = logging.getLogger("tunesmith.serve")
+REMOTE_POLL_S = 0.1  # how often a future another replica runs is read from the store while it is awaited
 POLL_S = 20.0  # a retrieve waits this long for its answer before saying try_again (the SDK waits 45 s)
 KEPT_S = 3600.0  # an answer is kept this long after it is ready
 PENDING_PER_KEY = 256
@@ -50,12 +57,14 @@ class Pending:
     task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
     fusable: tuple | None = None  # a forward_backward's own arguments: it may join another key's step
     started: bool = False  # taken by its own turn or by another key's step (under Futures.guard)
+    rid: str = ""
 
 
 class Futures:
-    def __init__(self, lane, fuse: Callable[[list[tuple]], list] | None = None):
-        """``fuse``: runs several keys' forward_backward calls as one step (their answers or exceptions, in order)."""
-        self.lane, self.fuse = lane, fuse
+    def __init__(self, lane, fuse: Callable[[list[tuple]], list] | None = None, shared: Shared | None = None):
+        """``fuse``: runs several keys' forward_backward calls as one step (their answers or exceptions, in order);
+        ``shared``: where futures are written for the other replicas (none: this replica's memory only)."""
+        self.lane, self.fuse, self.shared = lane, fuse, shared
         self.items: dict[str, Pending] = {}
         self.waiting: dict[str | None, deque[Pending]] = {}  # each key's calls not taken yet, in its order
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
@@ -76,7 +85,14 @@ class Futures:
         with self.guard:
             self.waiting.setdefault(owner, deque()).append(pending)
         pending.task = asyncio.ensure_future(self._run(pending, fn, args))
+        pending.rid = rid
         return rid
+
+    async def recorded(self, rid: str) -> None:
+        """The future's row written in the store (before its id is answered: any replica then finds it)."""
+        pending = self.items.get(rid)
+        if self.shared is not None and pending is not None:
+            await self.shared.add(rid, pending)
 
     async def _run(self, pending: Pending, fn, args) -> None:
         try:
@@ -145,14 +161,18 @@ class Futures:
             pending.answer = answer
         pending.ended = time.monotonic()
         pending.done.set()
+        if self.shared is not None:
+            self.shared.end(pending)
 
     async def retrieve(self, rid: str, owner: str | None) -> Pending | None:
         """The future once it has ended, or None while it still runs after :data:`POLL_S`; a 404 when it is not
         this key's (or not known here)."""
         pending = self.items.get(rid)
+        if pending is None and self.shared is not None:
+            return await self.shared.retrieve(rid, owner)
         if pending is None or pending.owner != owner:
             raise APIError(404, f"No future {rid!r} on this server for this key (futures are kept {KEPT_S:.0f} s "
-                           "after they end, on the replica that took the call).", code="not_found")
+                           "after they end).", code="not_found")
         try:
             await asyncio.wait_for(pending.done.wait(), POLL_S)
         except TimeoutError:
@@ -163,3 +183,93 @@ class Futures:
         now = time.monotonic()
         for rid in [r for r, p in self.items.items() if p.ended is not None and now - p.ended > KEPT_S]:
             del self.items[rid]
+        if self.shared is not None:
+            self.shared.prune()
+
+
+class Shared:
+    """Futures in the store (``tinker_futures``) and their answers on the shared data folder, for every replica.
+    Store work runs in the store lane, as the key's; an answer is written when its future ends, without holding up
+    the replica that answers it from memory."""
+
+    def __init__(self, store, lane, folder: Path, holder: str):
+        self.store, self.lane, self.folder, self.holder = store, lane, folder, holder
+        self.presence = None  # this replica's claim in tinker_replicas, taken at its first future
+        self.pruned = 0.0
+        self.writes: set[asyncio.Task] = set()
+
+    def _present(self):
+        if self.presence is None or self.presence.lost.is_set():
+            self.presence = self.store.present(self.holder)
+        return self.presence
+
+    async def add(self, rid: str, pending: Pending) -> None:
+        await self.lane.run(pending.owner, lambda: self.store.add_future(rid, pending.owner, pending.kind,
+                                                                         self._present()), always=True)
+
+    def end(self, pending: Pending) -> None:
+        task = asyncio.ensure_future(self.lane.run(pending.owner, self._write_end, pending, always=True))
+        self.writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task) -> None:
+        self.writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a Tinker future's end was not written to the store: %s", task.exception())
+
+    def _write_end(self, pending: Pending) -> None:
+        kind = file = None
+        if pending.error is None:
+            kind = "proto" if isinstance(pending.answer, bytes) else "json"
+            data = pending.answer if kind == "proto" else json.dumps(pending.answer).encode()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self.folder / pending.rid
+            staging = path.with_name(f".{pending.rid}.tmp")
+            staging.write_bytes(data)
+            staging.replace(path)
+            file = str(path)
+        self.store.end_future(pending.rid, pending.owner, pending.kind, self._present(), pending.error, kind, file)
+
+    async def retrieve(self, rid: str, owner: str | None) -> Pending | None:
+        """A future another replica took: its end read from the store within :data:`POLL_S` (None: still running);
+        a 404 when the key has none of that id, an error when the replica that took it stopped first."""
+        deadline = time.monotonic() + POLL_S
+        while True:
+            row = await self.lane.run(owner, self.store.future, rid, owner)
+            if row is None:
+                raise APIError(404, f"No future {rid!r} on this server for this key (futures are kept "
+                               f"{KEPT_S:.0f} s after they end).", code="not_found")
+            if row["ended_at"] is not None:
+                return await self.lane.run(owner, self._read_end, row)
+            if row["holder_gone"]:
+                return Pending(owner, row["kind"], error=(
+                    f"The replica that took this {row['kind']} stopped before answering it; call again (a training "
+                    "call: from the run's last saved state, create_training_client_from_state_with_optimizer).",
+                    "server"))
+            if time.monotonic() > deadline:
+                return None
+            await asyncio.sleep(REMOTE_POLL_S)
+
+    def _read_end(self, row: dict) -> Pending:
+        if row["error"] is not None:
+            return Pending(row["owner"], row["kind"], error=(row["error"], row["category"]))
+        data = Path(row["answer_file"]).read_bytes()
+        return Pending(row["owner"], row["kind"], answer=data if row["answer_kind"] == "proto" else json.loads(data))
+
+    def prune(self) -> None:
+        """At most every minute, in the store lane: futures ended :data:`KEPT_S` ago, files then rows."""
+        now = time.time()
+        if now - self.pruned < 60:
+            return
+        self.pruned = now
+
+        def pruned():
+            gone = self.store.expired_futures(now - KEPT_S)
+            for row in gone:
+                if row["answer_file"]:
+                    Path(row["answer_file"]).unlink(missing_ok=True)
+            self.store.forget_futures([r["id"] for r in gone])
+
+        task = asyncio.ensure_future(self.lane.run(None, pruned, always=True))
+        self.writes.add(task)
+        task.add_done_callback(self._written)

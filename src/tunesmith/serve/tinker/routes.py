@@ -65,8 +65,13 @@ def check_known(value: dict, allowed: set[str], param: str) -> None:
         raise APIError(400, f"Unrecognized {param} field {unknown[0]!r}.", param=param, code="unrecognized_argument")
 
 
-def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None, fusable: bool = False) -> dict:
-    rid = tinker(request).futures.submit(key, kind, fn, *args, fusable=fusable)
+async def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None,
+                 fusable: bool = False) -> dict:
+    """``fn(*args)`` queued as the key's call (in the order calls arrive), its future's row written in the store
+    before its id is answered."""
+    futures = tinker(request).futures
+    rid = futures.submit(key, kind, fn, *args, fusable=fusable)
+    await futures.recorded(rid)
     return {"request_id": rid, "model_id": model_id}
 
 
@@ -144,7 +149,7 @@ async def create_model(request: Request, key: TinkerKey):
     lora = body.get("lora_config") or {"rank": 32}
     check_known(lora, {"rank", "seed", "train_unembed", "train_mlp", "train_attn"}, "lora_config")
     t = tinker(request)
-    return future(request, key, "create_model", t.create_model, key, body["session_id"], int(body["model_seq_id"]),
+    return await future(request, key, "create_model", t.create_model, key, body["session_id"], int(body["model_seq_id"]),
                   body["base_model"], lora, body.get("user_metadata"))
 
 
@@ -170,7 +175,7 @@ async def forward_backward(request: Request, key: TinkerKey):
                        code="unsupported_encoding")
     body = await request.body()
     t = tinker(request)
-    return future(request, key, "forward_backward", t.forward_backward, key, body, True, fusable=True)
+    return await future(request, key, "forward_backward", t.forward_backward, key, body, True, fusable=True)
 
 
 @router.post("/optim_step")
@@ -182,7 +187,7 @@ async def optim_step(request: Request, key: TinkerKey):
     adam = body.get("adam_params") or {}
     check_known(adam, {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}, "adam_params")
     t = tinker(request)
-    return future(request, key, "optim_step", t.optim_step, key, body["model_id"], adam, model_id=body["model_id"])
+    return await future(request, key, "optim_step", t.optim_step, key, body["model_id"], adam, model_id=body["model_id"])
 
 
 @router.post("/save_weights")
@@ -190,7 +195,7 @@ async def save_weights(request: Request, key: TinkerKey):
     body = await body_of(request, {"model_id", "path", "seq_id", "ttl_seconds", "overwrite", "user_metadata"},
                          {"model_id"})
     t = tinker(request)
-    return future(request, key, "save_weights", t.save, key, body["model_id"], body.get("path"), "weights",
+    return await future(request, key, "save_weights", t.save, key, body["model_id"], body.get("path"), "weights",
                   bool(body.get("overwrite")), body.get("user_metadata"), body.get("ttl_seconds"),
                   model_id=body["model_id"])
 
@@ -208,10 +213,12 @@ async def save_weights_for_sampler(request: Request, key: TinkerKey):
         answer = t.save(key, body["model_id"], body.get("path"), "sampler_weights", False, body.get("user_metadata"),
                         body.get("ttl_seconds"))
         if body.get("path") is None:  # save_weights_and_get_sampling_client: a session to sample these weights
-            answer |= {"sampling_session_id": t.sampling_session(key, None, answer["path"])["sampling_session_id"]}
+            session = body["model_id"].partition(":train:")[0]  # the run's client session
+            answer |= {"sampling_session_id": t.sampling_session(key, session, None, answer["path"])
+                       ["sampling_session_id"]}
         return answer | {"type": "save_weights_for_sampler"}
 
-    return future(request, key, "save_weights_for_sampler", saved, model_id=body["model_id"])
+    return await future(request, key, "save_weights_for_sampler", saved, model_id=body["model_id"])
 
 
 @router.post("/load_weights")
@@ -226,22 +233,21 @@ async def load_weights(request: Request, key: TinkerKey):
     t = tinker(request)
     if body.get("session_id") is not None:
         rid = f"{body['session_id']}:train:{body.get('model_seq_id')}"
-        return future(request, key, "load_weights", t.create_from, key, body["session_id"],
+        return await future(request, key, "load_weights", t.create_from, key, body["session_id"],
                       int(body.get("model_seq_id") or 0), body["path"], bool(body["optimizer"]),
                       body.get("base_model"), body.get("user_metadata"), model_id=rid)
     if body.get("model_id") is None:
         raise APIError(400, "Missing field 'model_id' (or session_id and model_seq_id).", param="model_id",
                        code="missing_required_parameter")
-    return future(request, key, "load_weights", t.load, key, body["model_id"], body["path"], bool(body["optimizer"]),
+    return await future(request, key, "load_weights", t.load, key, body["model_id"], body["path"], bool(body["optimizer"]),
                   model_id=body["model_id"])
 
 
 # --- sampling ------------------------------------------------------------------------------------------------------
 
 SAMPLE_FIELDS = {"num_samples", "prompt", "sampling_params", "base_model", "model_path", "sampling_session_id",
-                 "seq_id", "prompt_logprobs", "topk_prompt_logprobs", "topk_sample_logprobs"}
-SAMPLE_NOT_SERVED = {"target_prompt_logprobs", "prompt_alt_tokens_k", "prompt_logprobs_last_n",
-                     "record_stability_info"}
+                 "seq_id", "prompt_logprobs", "topk_prompt_logprobs", "topk_sample_logprobs", "record_stability_info"}
+SAMPLE_NOT_SERVED = {"target_prompt_logprobs", "prompt_alt_tokens_k", "prompt_logprobs_last_n"}
 
 
 @router.post("/create_sampling_session")
@@ -250,7 +256,8 @@ async def create_sampling_session(request: Request, key: TinkerKey):
                          {"session_id"})
     t = tinker(request)
     try:
-        return await stored(request, key, t.sampling_session, key, body.get("base_model"), body.get("model_path"))
+        return await stored(request, key, t.sampling_session, key, str(body["session_id"]), body.get("base_model"),
+                            body.get("model_path"))
     except TrainingError as exc:
         raise APIError(400, str(exc), code="invalid_value") from None
 
@@ -268,9 +275,10 @@ async def asample(request: Request, key: TinkerKey):
     params = body["sampling_params"]
     check_known(params, {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}, "sampling_params")
     t = tinker(request)
-    answer = future(request, key, "sample", t.sample, key, body)
+    sequences = new_id("seq")  # sequence i is "<sequences>:<i>" (recorded under it for stable_reinforce)
+    answer = await future(request, key, "sample", t.sample, key, body, sequences)
     n = body.get("num_samples", 1)
-    return answer | {"sample_sequence_ids": [f"{answer['request_id']}:{i}" for i in range(n if isinstance(n, int) else 1)]}
+    return answer | {"sample_sequence_ids": [f"{sequences}:{i}" for i in range(n if isinstance(n, int) else 1)]}
 
 
 # --- futures -------------------------------------------------------------------------------------------------------
@@ -361,7 +369,8 @@ async def weights_info(request: Request, key: TinkerKey):
 @router.get("/samplers/{sampler_id}")
 async def sampler(sampler_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
-    return {"sampler_id": sampler_id, "base_model": t.base, "model_path": t.session_of(key, sampler_id)["model_path"]}
+    session = await stored(request, key, t.session_of, key, sampler_id)
+    return {"sampler_id": sampler_id, "base_model": t.base, "model_path": session["model_path"]}
 
 
 @router.api_route("/{route:path}", methods=["GET", "POST", "PUT", "DELETE"])

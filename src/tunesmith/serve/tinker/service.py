@@ -19,7 +19,7 @@ from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
 from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker import wire
-from tunesmith.serve.tinker.futures import Futures
+from tunesmith.serve.tinker.futures import Futures, Shared
 from tunesmith.serve.tinker.trainer import Call, Trainer, TrainingError, check_loss
 
 log = logging.getLogger("tunesmith.serve")
@@ -27,7 +27,10 @@ NAME_CHARS = 128  # a checkpoint's name
 IDLE_S = 3600.0  # a run with no call for this long is let go (its client loads its last saved state)
 CALL_TOKENS = 65_536  # the tokens of one forward_backward call, over its datums
 MAX_SAMPLES = 64  # num_samples of one sample call
-SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps on a replica; past it, its oldest is forgotten
+SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps; past it, its oldest is forgotten
+RECORDS_KEPT_S = 86_400.0  # a sample recorded for stable_reinforce is kept a day after its last use (the SDK's terms)
+RECORDS_PER_KEY = 20_000  # sample requests a key keeps recorded; past it, its least recently used are forgotten
+LOGPROB_TOLERANCE = 1e-3  # a client's logprobs of a sampled token may differ this much from the recorded one
 
 
 def check_name(name: str) -> str:
@@ -57,14 +60,14 @@ class Tinker:
         self.store = TinkerStore(app.state.store)
         self.trainer = Trainer(self.base)
         fused = settings.tinker_fused_steps
-        self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many if fused else None)
+        self.worker = worker_id()
+        self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many if fused else None,
+                               shared=Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker))
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
         self.quotas = settings.quotas
         self.max_tokens = settings.max_tokens
-        self.samplers: dict[str, dict] = {}  # sampling session id -> {owner, model_path}
-        self.worker = worker_id()
 
     def close(self) -> None:
         """Every run held here let go (its row free again; its clients load their last saved state)."""
@@ -209,6 +212,13 @@ class Tinker:
             raise TrainingError(f"a datum of {longest} tokens is longer than the model's context "
                                 f"({self.context_length()})")
         check_loss(request.loss_fn, request.config, request.data, self.trainer.vocab_size())
+        if request.loss_fn == "stable_reinforce":
+            recorded = self.store.samples(sorted({s.sequence_id.rpartition(":")[0] for d in request.data
+                                                  for s in (*(d.input_spans or ()), *(d.target_spans or ()))}), owner,
+                                       RECORDS_KEPT_S)
+            session = request.model_id.partition(":train:")[0]
+            for i, datum in enumerate(request.data):
+                attach_sampler_logprobs(datum, recorded, session, f"data[{i}]")
         return Call(request.model_id, request.data, request.loss_fn, request.config,
                     backward and not request.forward_only)
 
@@ -314,31 +324,37 @@ class Tinker:
 
     # --- sampling ----------------------------------------------------------------------------------------------
 
-    def sampling_session(self, owner, base_model: str | None, model_path: str | None) -> dict:
+    def sampling_session(self, owner, session_id: str, base_model: str | None, model_path: str | None) -> dict:
+        """A sampling session of the client session ``session_id`` (in the store: any replica samples from it)."""
         if model_path is not None:
             self.checkpoint(owner, model_path)
         else:
             self.check_base(base_model or "")
         sid = new_id("sampler")
-        mine = [k for k, v in self.samplers.items() if v["owner"] == owner]
-        for old in mine[:max(0, len(mine) - SESSIONS_PER_KEY + 1)]:  # the key's oldest past the bound
-            del self.samplers[old]
-        self.samplers[sid] = {"owner": owner, "model_path": model_path}
+        self.store.add_sampling_session(sid, owner, session_id, model_path, SESSIONS_PER_KEY)
         return {"type": "create_sampling_session", "sampling_session_id": sid}
 
     def session_of(self, owner, sid: str) -> dict:
-        """A sampling session of ``owner``'s on this replica; a 404 otherwise."""
-        session = self.samplers.get(sid)
-        if session is None or session["owner"] != owner:
-            raise APIError(404, f"No sampling session {sid!r} on this replica for this key.", code="not_found")
+        """A sampling session of ``owner``'s; a 404 otherwise."""
+        session = self.store.sampling_session(sid, owner)
+        if session is None:
+            raise APIError(404, f"No sampling session {sid!r} for this key (a key keeps its {SESSIONS_PER_KEY} newest).",
+                           code="not_found")
         return session
 
-    def sample(self, owner, request: dict) -> bytes:
-        path = request.get("model_path")
+    def sample(self, owner, request: dict, sequences_id: str) -> bytes:
+        """A sample request answered; with ``record_stability_info``, its prompt and sequences recorded under
+        ``sequences_id`` (sequence ``i`` is ``<sequences_id>:<i>``) for stable_reinforce."""
+        path, session = request.get("model_path"), None
         if (sid := request.get("sampling_session_id")) is not None:
-            path = self.session_of(owner, sid)["model_path"]
+            session = self.session_of(owner, sid)
+            path = session["model_path"]
         elif path is None:
             self.check_base(request.get("base_model") or "")
+        if request.get("record_stability_info") and session is None:
+            raise TrainingError("record_stability_info needs a sampling client of a session (its records belong to "
+                                "that session); create one with create_sampling_client or "
+                                "save_weights_and_get_sampling_client")
         folder = None if path is None else self.checkpoint(owner, path)["folder"]
         prompt = prompt_tokens(request["prompt"])
         if (bad := outside_vocabulary(prompt, self.trainer.vocab_size())) is not None:
@@ -354,6 +370,10 @@ class Tinker:
         sequences, prompt_lp, topk = self.trainer.sample(
             prompt, n, request["sampling_params"], folder=folder, prompt_logprobs=bool(request.get("prompt_logprobs")),
             topk_prompt=int(request.get("topk_prompt_logprobs") or 0))
+        if request.get("record_stability_info"):
+            self.store.add_samples(sequences_id, owner, session["session_id"], prompt,
+                                   [{"tokens": q.tokens, "logprobs": q.logprobs} for q in sequences], RECORDS_KEPT_S,
+                                   RECORDS_PER_KEY)
         return wire.sample_response(sequences, prompt_lp, topk)
 
 
@@ -368,3 +388,73 @@ def prompt_tokens(model_input: dict) -> list[int]:
         raise TrainingError("prompt is empty")
     return tokens
 
+
+
+def attach_sampler_logprobs(datum: wire.Datum, recorded: dict[str, dict], session: str, where: str) -> None:
+    """A stable_reinforce datum checked against the samples its provenance names (recorded for ``session``) and given
+    the recorded logprobs of its sampled positions (``sampler_logprobs``, ``sampled``: 1 there, else 0).
+
+    Its model_input must be the tokens its spans name; its target_tokens, the named sampled tokens where a sampled
+    span covers them (a prompt span's targets are not trained); its advantages 0 on prompt positions; its
+    ``logprobs``, when sent, the recorded ones on sampled positions."""
+    import numpy as np
+
+    if datum.input_spans is None:
+        raise TrainingError(f"{where}: stable_reinforce needs provenance on every datum (Datum.with_provenance, naming "
+                            "the sequence_id of the sample each position comes from)")
+    n = len(datum.tokens)
+
+    def source(span: wire.Span, at: str) -> tuple[list[int], list[float] | None]:
+        request_id, _, index = span.sequence_id.rpartition(":")
+        record = recorded.get(request_id)
+        if record is None or not index.isdigit() or int(index) >= len(record["sequences"]):
+            raise TrainingError(f"{at}: sequence {span.sequence_id!r} is not recorded for this key (sample with "
+                                "record_stability_info=True; a record is kept a day after its last use)")
+        if record["session_id"] != session:
+            raise TrainingError(f"{at}: sequence {span.sequence_id!r} was sampled in another session; recorded "
+                                "sequences belong to the session that sampled them")
+        seq = record["sequences"][int(index)]
+        tokens, logprobs = (seq["tokens"], seq["logprobs"]) if span.sampled else (record["prompt"], None)
+        if span.offset + span.length > len(tokens):
+            raise TrainingError(f"{at}: the span runs past the {len(tokens)} "
+                                f"{'sampled' if span.sampled else 'prompt'} tokens of {span.sequence_id!r}")
+        part = slice(span.offset, span.offset + span.length)
+        return tokens[part], None if logprobs is None else logprobs[part]
+
+    for name, spans in (("model_input_spans", datum.input_spans), ("loss_fn_input_spans", datum.target_spans)):
+        if (total := sum(s.length for s in spans)) != n:
+            raise TrainingError(f"{where}.{name} cover {total} positions; the datum has {n}")
+    pos = 0
+    for j, span in enumerate(datum.input_spans):
+        tokens, _ = source(span, f"{where}.model_input_spans[{j}]")
+        if (bad := next((k for k, t in enumerate(tokens) if t != datum.tokens[pos + k]), None)) is not None:
+            raise TrainingError(f"{where}.model_input[{pos + bad}] is {datum.tokens[pos + bad]}, but its span names "
+                                f"token {tokens[bad]} of {span.sequence_id!r}")
+        pos += span.length
+    targets = datum.inputs["target_tokens"].reshape(-1)
+    advantages = datum.inputs["advantages"].reshape(-1)
+    sent = datum.inputs.get("logprobs")
+    sampler, sampled = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    pos = 0
+    for j, span in enumerate(datum.target_spans):
+        at = f"{where}.loss_fn_input_spans[{j}]"
+        tokens, logprobs = source(span, at)
+        here = slice(pos, pos + span.length)
+        if logprobs is None:
+            if (bad := np.flatnonzero(advantages[here])).size:
+                raise TrainingError(f"{where}.loss_fn_inputs['advantages'][{pos + bad[0]}] is not 0 on a prompt "
+                                    "position; stable_reinforce trains sampled tokens only")
+        else:
+            if (bad := np.flatnonzero(targets[here] != np.asarray(tokens))).size:
+                k = int(bad[0])
+                raise TrainingError(f"{where}.loss_fn_inputs['target_tokens'][{pos + k}] is {int(targets[pos + k])}, "
+                                    f"but its span names sampled token {tokens[k]} of {span.sequence_id!r}")
+            sampler[here], sampled[here] = logprobs, 1.0
+            if sent is not None and (bad := np.flatnonzero(np.abs(sent.reshape(-1)[here] - np.asarray(logprobs))
+                                                           > LOGPROB_TOLERANCE)).size:
+                k = int(bad[0])
+                raise TrainingError(f"{where}.loss_fn_inputs['logprobs'][{pos + k}] is {float(sent.reshape(-1)[pos + k]):.4f}, "
+                                    f"but {span.sequence_id!r} was sampled with {logprobs[k]:.4f}; stable_reinforce "
+                                    "trains on the recorded logprobs (send the sample's own, or none)")
+        pos += span.length
+    datum.inputs["sampler_logprobs"], datum.inputs["sampled"] = sampler, sampled

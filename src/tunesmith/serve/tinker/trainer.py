@@ -10,7 +10,11 @@ sums over tokens, not means, with ``r = exp(logp − sampling_logp)`` (the learn
 - ``cross_entropy``: ``-Σ weights·logp(target)``;
 - ``importance_sampling``: ``-Σ r·advantages``;
 - ``ppo``: ``-Σ min(r·A, clip(r, low, high)·A)`` (``clip_low_threshold`` 0.8, ``clip_high_threshold`` 1.2);
-- ``cispo``: ``-Σ sg(clip(r, low, high))·logp·A`` (one-sided by default: 0.0 and 4.0).
+- ``cispo``: ``-Σ sg(clip(r, low, high))·logp·A`` (one-sided by default: 0.0 and 4.0);
+- ``stable_reinforce``: the SDK names it but its formula is not published; here it is REINFORCE with a truncated
+  importance weight on the logprobs the server recorded when it sampled (never the client's numbers), over sampled
+  positions only: ``-Σ sg(min(r, 2))·logp·A + kl_coeff·Σ (q − logp)``, ``q`` the recorded logprob and ``r =
+  exp(logp − q)`` (the second term the sampled estimate of KL(sampler ‖ learner); ``kl_coeff`` 0 by default).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from tunesmith.serve.tinker.wire import Datum, Sequence
 
 POLICY_INPUTS = {"target_tokens", "logprobs", "advantages"}
 LOSS_INPUTS = {"cross_entropy": {"target_tokens", "weights"}, "importance_sampling": POLICY_INPUTS,
-               "ppo": POLICY_INPUTS, "cispo": POLICY_INPUTS}
+               "ppo": POLICY_INPUTS, "cispo": POLICY_INPUTS, "stable_reinforce": {"target_tokens", "advantages"}}
+OPTIONAL_INPUTS = {"stable_reinforce": {"logprobs"}}  # checked against the server's record when sent
 LOSSES = tuple(LOSS_INPUTS)
 CLIPS = {"ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},  # the SDK's documented defaults
          "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}}
+LOSS_CONFIG = {**CLIPS, "stable_reinforce": {"kl_coeff": 0.0}}  # each loss's loss_fn_config keys and defaults
+RATIO_CAP = 2.0  # stable_reinforce's truncation of the importance weight
 SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded for sampling; past it, the least recently sampled is unloaded
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
                  "grad_clip_norm": 0.0}
@@ -431,10 +438,13 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> Non
     if loss_fn not in LOSSES:
         raise TrainingError(f"loss_fn {loss_fn!r} is not supported here; supported: {', '.join(LOSSES)} "
                             "(forward_backward_custom runs any loss on the client)")
-    known = CLIPS.get(loss_fn, {})
+    known = LOSS_CONFIG.get(loss_fn, {})
     if unknown := sorted(set(config) - set(known)):
         raise TrainingError(f"loss_fn_config {unknown} is not supported for {loss_fn}; "
                             + (f"it takes {', '.join(known)}" if known else "send none"))
+    if loss_fn == "stable_reinforce" and not (isinstance(kl := config.get("kl_coeff", 0.0), int | float)
+                                              and not isinstance(kl, bool) and kl >= 0):
+        raise TrainingError(f"loss_fn_config: kl_coeff {kl!r} must be a number >= 0")
     clips = clip_bounds(loss_fn, config)
     if clips and not (isinstance(clips[0], float) and isinstance(clips[1], float) and 0 <= clips[0] <= clips[1]):
         raise TrainingError(f"loss_fn_config: clip_low_threshold {clips[0]!r} and clip_high_threshold {clips[1]!r} "
@@ -443,7 +453,10 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> Non
     for i, datum in enumerate(data):
         if not datum.tokens:
             raise TrainingError(f"data[{i}].model_input is empty")
-        missing, extra = need - set(datum.inputs), set(datum.inputs) - need
+        missing, extra = need - set(datum.inputs), set(datum.inputs) - need - OPTIONAL_INPUTS.get(loss_fn, set())
+        if datum.input_spans is not None and loss_fn != "stable_reinforce":
+            raise TrainingError(f"data[{i}] carries provenance spans, which only stable_reinforce reads; send none "
+                                f"with {loss_fn}")
         if missing:
             raise TrainingError(f"data[{i}].loss_fn_inputs lacks {sorted(missing)} (needed by {loss_fn})")
         if extra:
@@ -481,6 +494,13 @@ def token_loss(loss_fn: str, logp, inputs: dict, config: dict | None = None):
     if loss_fn == "cross_entropy":
         return -logp * f32("weights")
     advantages = f32("advantages")
+    if loss_fn == "stable_reinforce":  # sampler_logprobs and sampled: attached from the server's record
+        if "sampler_logprobs" not in inputs:
+            raise TrainingError("stable_reinforce reads the server's record of each sample: call it through the API")
+        sampler, sampled = f32("sampler_logprobs"), f32("sampled")
+        weight = torch.clamp(torch.exp(logp - sampler), max=RATIO_CAP).detach()
+        kl = float((config or {}).get("kl_coeff", 0.0))
+        return sampled * (-weight * logp * advantages + kl * (sampler - logp))
     ratio = torch.exp(logp - f32("logprobs"))
     if loss_fn == "importance_sampling":
         return -ratio * advantages

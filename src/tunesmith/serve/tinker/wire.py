@@ -118,10 +118,23 @@ def tensor(raw: bytes, where: str) -> np.ndarray:
     return data.reshape(shape) if shape else data
 
 
+@dataclass(frozen=True)
+class Span:
+    """A run of a datum's positions that a provenance span names: ``length`` tokens of sequence ``sequence_id``'s
+    prompt (``sampled`` False) or sampled tokens (True), from ``offset``."""
+
+    sampled: bool
+    sequence_id: str
+    offset: int
+    length: int
+
+
 @dataclass
 class Datum:
     tokens: list[int]
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    input_spans: list[Span] | None = None  # provenance of model_input (stable_reinforce)
+    target_spans: list[Span] | None = None  # provenance of the loss_fn_inputs' positions
 
 
 @dataclass
@@ -137,8 +150,6 @@ class ForwardBackward:
 def _datum(raw: bytes, i: int) -> Datum:
     where = f"data[{i}]"
     f = fields(raw, where)
-    if f.get(3) or f.get(4):
-        raise WireError(f"{where}: provenance spans (for stable_reinforce) are not supported here; send none")
     tokens: list[int] = []
     for j, chunk_raw in enumerate(f.get(1) or []):
         chunk = fields(chunk_raw, f"{where}.model_input[{j}]")
@@ -149,7 +160,26 @@ def _datum(raw: bytes, i: int) -> Datum:
         tokens.extend(np.frombuffer((text.get(1) or [b""])[-1], dtype=np.int32).tolist())
     inputs = {name: tensor(raw_t, f"{where}.loss_fn_inputs[{name!r}]")
               for name, raw_t in _map(f.get(2), where).items()}
-    return Datum(tokens, inputs)
+    spans = [[_span(r, f"{where}.{name}[{j}]") for j, r in enumerate(f.get(number) or [])]
+             for number, name in ((3, "model_input_spans"), (4, "loss_fn_input_spans"))]
+    if bool(spans[0]) != bool(spans[1]):
+        raise WireError(f"{where}: provenance comes as a pair: send both model_input_spans and loss_fn_input_spans "
+                        "or neither")
+    return Datum(tokens, inputs, spans[0] or None, spans[1] or None)
+
+
+def _span(raw: bytes, where: str) -> Span:
+    """A ``ProvenanceSpan``: its one arm (1: prompt tokens, 2: sampled tokens) with sequence id, offset, length."""
+    f = fields(raw, where)
+    if bool(f.get(1)) == bool(f.get(2)):
+        raise WireError(f"{where}: a provenance span is either prompt_tokens or sampled_tokens")
+    sampled = bool(f.get(2))
+    arm = fields((f.get(2) or f.get(1))[-1], where)
+    sequence_id = _text(arm.get(1))
+    offset, length = (arm.get(2) or [0])[-1], (arm.get(3) or [0])[-1]
+    if not sequence_id or offset >= 1 << 31 or length >= 1 << 31:
+        raise WireError(f"{where}: a provenance span needs a sequence_id and an offset and length >= 0")
+    return Span(sampled, sequence_id, offset, length)
 
 
 def read_forward_backward(body: bytes) -> ForwardBackward:
