@@ -302,6 +302,18 @@ def test_quick_run_cuts_inputs_steps_examples_and_baselines_and_says_so(cli, tmp
     assert f"on {QUICK_EXAMPLES} held-out test examples (a seeded sample of the 120 in the test split)." in report
 
 
+def test_the_report_counts_the_steps_that_ran_not_the_last_logged_one():
+    """Seven steps logged every two: the last row is step 6, the report says 7 (the trainer's count)."""
+    from types import SimpleNamespace
+
+    from tunesmith.runs.once import length_line
+
+    t = SimpleNamespace(max_steps=7, learning_rate=2e-4, epochs=3)
+    rows = [{"step": s} for s in (2, 4, 6)]
+    assert length_line(t, rows, 7)["steps / learning rate"].startswith("7 (train.max_steps 7)")
+    assert length_line(t, rows)["steps / learning rate"].startswith("6 (train.max_steps 7)")  # no count: as logged
+
+
 def test_quick_takes_the_free_cpu_threads_under_load_and_gives_them_back(monkeypatch, tiny_model_dir):
     """On 2 cores that other jobs keep busy, two torch threads waiting on each other make every step many times
     slower than one: --quick takes the threads the load average leaves free, says so, and restores them."""

@@ -211,7 +211,7 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
     warning = {"warning": result.warning} if result.warning else {}
     return warning | {
         "method": t.describe() + (f" on {recipe.model.name}" if recipe.model.name != base_model else ""),
-        **length_line(t, result.rows),
+        **length_line(t, result.rows, result.steps),
         "training examples (set aside as too long)": f"{result.examples:,} ({result.too_long:,})",
         "trainable parameters": f"{result.trainable_params:,} of {result.total_params:,}",
         "tokens trained": f"{result.tokens:,}",
@@ -225,12 +225,12 @@ def training_summary(recipe: Recipe, result: TrainResult, base_model: str) -> di
     }
 
 
-def length_line(t, rows: list[dict]) -> dict:
-    """How long the training ran: the optimizer steps that ran under ``train.max_steps`` (as run --quick sets it),
-    else the epochs."""
+def length_line(t, rows: list[dict], steps: int | None = None) -> dict:
+    """How long the training ran: the optimizer steps that ran under ``train.max_steps`` (as run --quick sets it;
+    ``steps``, the trainer's count, else the last logged row's), else the epochs."""
     if not t.max_steps:
         return {"epochs / learning rate": f"{t.epochs:g} / {t.learning_rate:g}"}
-    ran = max((int(r["step"]) for r in rows if r.get("step") not in (None, "")), default=t.max_steps)
+    ran = steps or max((int(r["step"]) for r in rows if r.get("step") not in (None, "")), default=t.max_steps)
     return {"steps / learning rate": f"{ran:,} (train.max_steps {t.max_steps:,}) / {t.learning_rate:g}"}
 
 

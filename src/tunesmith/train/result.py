@@ -29,6 +29,7 @@ class TrainResult:
     sharding: dict | None = None  # train.distributed: fsdp: how the parameters were split between the ranks
     warning: str | None = None  # a training that ran but learned nothing usable, said in every summary
     end_peak_mb: float = 0.0  # the peak read when training ended (a training shorter than logging_steps logs none)
+    steps: int | None = None  # optimizer steps run (the trainer's count: the last logged row may be before the last)
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,7 +61,8 @@ def make_result(trainer, kind: str, final_dir: Path, before: dict, seconds: floa
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(v.numel() for v in before.values())
     return TrainResult(final_dir, kind, rows, seconds, tokens, trainable, total, changed, len(before),
-                       model.eval(), examples, 0, bool(resumed), sharding=sharding_summary(model), end_peak_mb=end_peak)
+                       model.eval(), examples, 0, bool(resumed), sharding=sharding_summary(model), end_peak_mb=end_peak,
+                       steps=int(trainer.state.global_step))
 
 
 def write_outputs(result: TrainResult, out_dir: Path, title: str) -> None:
