@@ -463,11 +463,11 @@ def run_problems(client: openai.OpenAI, eval_id: str, run_id: str, n: int) -> li
 # --- a key's limit -------------------------------------------------------------------------------------------------
 
 
-def limit_probe(replica: Replica, key: str, model: str, limit: int, eos: int, tries: int = 3) -> str | None:
+def limit_probe(replica: Replica, key: str, model: str, limit: int, eos: int, tries: int = 4) -> str | None:
     """Whether ``key`` has its whole limit of ``limit`` requests in flight on ``replica``: ``limit`` long streams at
     once are all admitted, and one more is refused (429) while they run. Returns what is wrong, or None. A try in
     which a stream ended before the extra request was answered proves nothing and is made again."""
-    create = {"model": model, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 120,
+    create = {"model": model, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
               "temperature": 1.0, "logit_bias": {str(eos): -100}, "stream": True}
     for _ in range(tries):
         admitted, refused, ended, extra, answered = _limit_try(replica.clients[key], create, limit)

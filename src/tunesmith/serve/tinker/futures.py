@@ -149,7 +149,7 @@ class Futures:
 
     def _settle(self, pending: Pending, answer) -> None:
         """The call's answer, or the failure the caller reads from its future (on the event loop)."""
-        from tunesmith.serve.tinker.trainer import TrainingError
+        from tunesmith.serve.tinker.losses import TrainingError
         from tunesmith.serve.tinker.wire import WireError
 
         if isinstance(answer, (TrainingError, WireError, APIError)):

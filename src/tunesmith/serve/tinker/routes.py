@@ -18,8 +18,8 @@ from tunesmith.serve.api.auth import TinkerKey
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
+from tunesmith.serve.tinker.losses import TrainingError
 from tunesmith.serve.tinker.service import Tinker
-from tunesmith.serve.tinker.trainer import TrainingError
 
 log = logging.getLogger("tunesmith.serve")
 router = APIRouter(prefix="/api/v1")

@@ -20,7 +20,8 @@ from tunesmith.serve.store.objects import worker_id
 from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.futures import Futures, Shared
-from tunesmith.serve.tinker.trainer import Call, Trainer, TrainingError, check_loss
+from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
+from tunesmith.serve.tinker.trainer import Call, Trainer
 
 log = logging.getLogger("tunesmith.serve")
 NAME_CHARS = 128  # a checkpoint's name
@@ -30,7 +31,6 @@ MAX_SAMPLES = 64  # num_samples of one sample call
 SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps; past it, its oldest is forgotten
 RECORDS_KEPT_S = 86_400.0  # a sample recorded for stable_reinforce is kept a day after its last use (the SDK's terms)
 RECORDS_PER_KEY = 20_000  # sample requests a key keeps recorded; past it, its least recently used are forgotten
-LOGPROB_TOLERANCE = 1e-3  # a client's logprobs of a sampled token may differ this much from the recorded one
 
 
 def check_name(name: str) -> str:
@@ -387,74 +387,3 @@ def prompt_tokens(model_input: dict) -> list[int]:
     if not tokens:
         raise TrainingError("prompt is empty")
     return tokens
-
-
-
-def attach_sampler_logprobs(datum: wire.Datum, recorded: dict[str, dict], session: str, where: str) -> None:
-    """A stable_reinforce datum checked against the samples its provenance names (recorded for ``session``) and given
-    the recorded logprobs of its sampled positions (``sampler_logprobs``, ``sampled``: 1 there, else 0).
-
-    Its model_input must be the tokens its spans name; its target_tokens, the named sampled tokens where a sampled
-    span covers them (a prompt span's targets are not trained); its advantages 0 on prompt positions; its
-    ``logprobs``, when sent, the recorded ones on sampled positions."""
-    import numpy as np
-
-    if datum.input_spans is None:
-        raise TrainingError(f"{where}: stable_reinforce needs provenance on every datum (Datum.with_provenance, naming "
-                            "the sequence_id of the sample each position comes from)")
-    n = len(datum.tokens)
-
-    def source(span: wire.Span, at: str) -> tuple[list[int], list[float] | None]:
-        request_id, _, index = span.sequence_id.rpartition(":")
-        record = recorded.get(request_id)
-        if record is None or not index.isdigit() or int(index) >= len(record["sequences"]):
-            raise TrainingError(f"{at}: sequence {span.sequence_id!r} is not recorded for this key (sample with "
-                                "record_stability_info=True; a record is kept a day after its last use)")
-        if record["session_id"] != session:
-            raise TrainingError(f"{at}: sequence {span.sequence_id!r} was sampled in another session; recorded "
-                                "sequences belong to the session that sampled them")
-        seq = record["sequences"][int(index)]
-        tokens, logprobs = (seq["tokens"], seq["logprobs"]) if span.sampled else (record["prompt"], None)
-        if span.offset + span.length > len(tokens):
-            raise TrainingError(f"{at}: the span runs past the {len(tokens)} "
-                                f"{'sampled' if span.sampled else 'prompt'} tokens of {span.sequence_id!r}")
-        part = slice(span.offset, span.offset + span.length)
-        return tokens[part], None if logprobs is None else logprobs[part]
-
-    for name, spans in (("model_input_spans", datum.input_spans), ("loss_fn_input_spans", datum.target_spans)):
-        if (total := sum(s.length for s in spans)) != n:
-            raise TrainingError(f"{where}.{name} cover {total} positions; the datum has {n}")
-    pos = 0
-    for j, span in enumerate(datum.input_spans):
-        tokens, _ = source(span, f"{where}.model_input_spans[{j}]")
-        if (bad := next((k for k, t in enumerate(tokens) if t != datum.tokens[pos + k]), None)) is not None:
-            raise TrainingError(f"{where}.model_input[{pos + bad}] is {datum.tokens[pos + bad]}, but its span names "
-                                f"token {tokens[bad]} of {span.sequence_id!r}")
-        pos += span.length
-    targets = datum.inputs["target_tokens"].reshape(-1)
-    advantages = datum.inputs["advantages"].reshape(-1)
-    sent = datum.inputs.get("logprobs")
-    sampler, sampled = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    pos = 0
-    for j, span in enumerate(datum.target_spans):
-        at = f"{where}.loss_fn_input_spans[{j}]"
-        tokens, logprobs = source(span, at)
-        here = slice(pos, pos + span.length)
-        if logprobs is None:
-            if (bad := np.flatnonzero(advantages[here])).size:
-                raise TrainingError(f"{where}.loss_fn_inputs['advantages'][{pos + bad[0]}] is not 0 on a prompt "
-                                    "position; stable_reinforce trains sampled tokens only")
-        else:
-            if (bad := np.flatnonzero(targets[here] != np.asarray(tokens))).size:
-                k = int(bad[0])
-                raise TrainingError(f"{where}.loss_fn_inputs['target_tokens'][{pos + k}] is {int(targets[pos + k])}, "
-                                    f"but its span names sampled token {tokens[k]} of {span.sequence_id!r}")
-            sampler[here], sampled[here] = logprobs, 1.0
-            if sent is not None and (bad := np.flatnonzero(np.abs(sent.reshape(-1)[here] - np.asarray(logprobs))
-                                                           > LOGPROB_TOLERANCE)).size:
-                k = int(bad[0])
-                raise TrainingError(f"{where}.loss_fn_inputs['logprobs'][{pos + k}] is {float(sent.reshape(-1)[pos + k]):.4f}, "
-                                    f"but {span.sequence_id!r} was sampled with {logprobs[k]:.4f}; stable_reinforce "
-                                    "trains on the recorded logprobs (send the sample's own, or none)")
-        pos += span.length
-    datum.inputs["sampler_logprobs"], datum.inputs["sampled"] = sampler, sampled

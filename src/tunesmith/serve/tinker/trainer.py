@@ -4,17 +4,7 @@ adapter on it (peft's named adapters), each with its own AdamW state.
 Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
 ``forward_backward`` of one run, then another's), a call's datums padded into shared passes; several runs' calls can
 run as one step (:meth:`Trainer.forward_backward_many`, each row through its own run's adapter). Gradients of a run
-accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses follow the SDK's documentation:
-sums over tokens, not means, with ``r = exp(logp − sampling_logp)`` (the learner's probability over the sampler's):
-
-- ``cross_entropy``: ``-Σ weights·logp(target)``;
-- ``importance_sampling``: ``-Σ r·advantages``;
-- ``ppo``: ``-Σ min(r·A, clip(r, low, high)·A)`` (``clip_low_threshold`` 0.8, ``clip_high_threshold`` 1.2);
-- ``cispo``: ``-Σ sg(clip(r, low, high))·logp·A`` (one-sided by default: 0.0 and 4.0);
-- ``stable_reinforce``: the SDK names it but its formula is not published; here it is REINFORCE with a truncated
-  importance weight on the logprobs the server recorded when it sampled (never the client's numbers), over sampled
-  positions only: ``-Σ sg(min(r, 2))·logp·A + kl_coeff·Σ (q − logp)``, ``q`` the recorded logprob and ``r =
-  exp(logp − q)`` (the second term the sampled estimate of KL(sampler ‖ learner); ``kl_coeff`` 0 by default).
+accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses: :mod:`tunesmith.serve.tinker.losses`.
 """
 
 from __future__ import annotations
@@ -25,17 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from tunesmith.serve.tinker.losses import TrainingError, check_loss, token_loss
 from tunesmith.serve.tinker.wire import Datum, Sequence
 
-POLICY_INPUTS = {"target_tokens", "logprobs", "advantages"}
-LOSS_INPUTS = {"cross_entropy": {"target_tokens", "weights"}, "importance_sampling": POLICY_INPUTS,
-               "ppo": POLICY_INPUTS, "cispo": POLICY_INPUTS, "stable_reinforce": {"target_tokens", "advantages"}}
-OPTIONAL_INPUTS = {"stable_reinforce": {"logprobs"}}  # checked against the server's record when sent
-LOSSES = tuple(LOSS_INPUTS)
-CLIPS = {"ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},  # the SDK's documented defaults
-         "cispo": {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}}
-LOSS_CONFIG = {**CLIPS, "stable_reinforce": {"kl_coeff": 0.0}}  # each loss's loss_fn_config keys and defaults
-RATIO_CAP = 2.0  # stable_reinforce's truncation of the importance weight
 SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded for sampling; past it, the least recently sampled is unloaded
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
                  "grad_clip_norm": 0.0}
@@ -71,10 +53,6 @@ def new_name() -> str:
     import secrets
 
     return secrets.token_hex(6)
-
-
-class TrainingError(ValueError):
-    """A call the trainer cannot run as asked (the caller's error): what and how to fix it."""
 
 
 @dataclass
@@ -428,84 +406,3 @@ def _prompt_scores(model, prompt: list[int], wanted: bool, topk: int):
         top = (np.vstack([np.zeros((1, topk), np.int32), ids.numpy().astype(np.int32)]),
                np.vstack([np.full((1, topk), np.nan, np.float32), values.numpy()]))
     return lists, top
-
-
-def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> None:
-    """The loss and its inputs as this server computes them (token ids of a vocabulary of ``vocab``), or a
-    TrainingError naming what is not."""
-    from tunesmith.serve.plan.prompts import outside_vocabulary
-
-    if loss_fn not in LOSSES:
-        raise TrainingError(f"loss_fn {loss_fn!r} is not supported here; supported: {', '.join(LOSSES)} "
-                            "(forward_backward_custom runs any loss on the client)")
-    known = LOSS_CONFIG.get(loss_fn, {})
-    if unknown := sorted(set(config) - set(known)):
-        raise TrainingError(f"loss_fn_config {unknown} is not supported for {loss_fn}; "
-                            + (f"it takes {', '.join(known)}" if known else "send none"))
-    if loss_fn == "stable_reinforce" and not (isinstance(kl := config.get("kl_coeff", 0.0), int | float)
-                                              and not isinstance(kl, bool) and kl >= 0):
-        raise TrainingError(f"loss_fn_config: kl_coeff {kl!r} must be a number >= 0")
-    clips = clip_bounds(loss_fn, config)
-    if clips and not (isinstance(clips[0], float) and isinstance(clips[1], float) and 0 <= clips[0] <= clips[1]):
-        raise TrainingError(f"loss_fn_config: clip_low_threshold {clips[0]!r} and clip_high_threshold {clips[1]!r} "
-                            "must be numbers with 0 <= low <= high")
-    need = LOSS_INPUTS[loss_fn]
-    for i, datum in enumerate(data):
-        if not datum.tokens:
-            raise TrainingError(f"data[{i}].model_input is empty")
-        missing, extra = need - set(datum.inputs), set(datum.inputs) - need - OPTIONAL_INPUTS.get(loss_fn, set())
-        if datum.input_spans is not None and loss_fn != "stable_reinforce":
-            raise TrainingError(f"data[{i}] carries provenance spans, which only stable_reinforce reads; send none "
-                                f"with {loss_fn}")
-        if missing:
-            raise TrainingError(f"data[{i}].loss_fn_inputs lacks {sorted(missing)} (needed by {loss_fn})")
-        if extra:
-            raise TrainingError(f"data[{i}].loss_fn_inputs {sorted(extra)} are not used by {loss_fn}; remove them")
-        for where, ids in (("model_input", datum.tokens), ("loss_fn_inputs['target_tokens']",
-                                                         datum.inputs["target_tokens"].reshape(-1).tolist())):
-            if (bad := outside_vocabulary(ids, vocab)) is not None:
-                raise TrainingError(f"data[{i}].{where}[{bad}]: {ids[bad]} is not a token id of this model "
-                                    f"(0 to {vocab - 1})")
-        for name, value in datum.inputs.items():
-            if value.size != len(datum.tokens):
-                raise TrainingError(f"data[{i}].loss_fn_inputs[{name!r}] has {value.size} values for "
-                                    f"{len(datum.tokens)} input tokens; give one per token")
-
-
-def clip_bounds(loss_fn: str, config: dict) -> tuple | None:
-    """(low, high) thresholds on the probability ratio of a clipped loss: ``config``'s, else the SDK's defaults."""
-    if loss_fn not in CLIPS:
-        return None
-    values = {**CLIPS[loss_fn], **config}
-
-    def number(v):
-        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-
-    return number(values["clip_low_threshold"]), number(values["clip_high_threshold"])
-
-
-def token_loss(loss_fn: str, logp, inputs: dict, config: dict | None = None):
-    """Each token's loss (summed by the caller)."""
-    import torch
-
-    def f32(name):
-        return torch.tensor(np.asarray(inputs[name], dtype=np.float32)).reshape(-1)
-
-    if loss_fn == "cross_entropy":
-        return -logp * f32("weights")
-    advantages = f32("advantages")
-    if loss_fn == "stable_reinforce":  # sampler_logprobs and sampled: attached from the server's record
-        if "sampler_logprobs" not in inputs:
-            raise TrainingError("stable_reinforce reads the server's record of each sample: call it through the API")
-        sampler, sampled = f32("sampler_logprobs"), f32("sampled")
-        weight = torch.clamp(torch.exp(logp - sampler), max=RATIO_CAP).detach()
-        kl = float((config or {}).get("kl_coeff", 0.0))
-        return sampled * (-weight * logp * advantages + kl * (sampler - logp))
-    ratio = torch.exp(logp - f32("logprobs"))
-    if loss_fn == "importance_sampling":
-        return -ratio * advantages
-    low, high = clip_bounds(loss_fn, config or {})
-    clipped = torch.clamp(ratio, low, high)
-    if loss_fn == "ppo":
-        return -torch.minimum(ratio * advantages, clipped * advantages)
-    return -clipped.detach() * logp * advantages  # cispo
