@@ -1,5 +1,6 @@
 """Claims: work any live replica may take (a fine-tuning job, a batch's chunk, a batch's finishing, an eval run, a
-Tinker training run), held by one at a time, fenced so that a holder that lost its claim writes nothing.
+Tinker training run), held by one at a time, fenced so that a holder that lost its claim writes nothing; and each
+replica's Tinker presence (``tinker_replicas``: while it lasts, the futures that replica took may still be answered).
 
 One type for every kind of claimed work. A claimable row has ``claimed_by``, ``lease_until`` and ``generation``:
 
