@@ -38,3 +38,38 @@ def test_runs_and_checkpoints_belong_to_their_key_and_their_claim(store, tmp_pat
                     None)
     assert rows.checkpoint(checkpoint_path("s1:train:0", "weights", "late"), "owner-a") is None
     store.claims.let_go(taken)
+
+
+def test_futures_sessions_and_recorded_samples_are_their_keys_and_a_gone_holder_is_seen(store):
+    """A future's row is its key's; it is seen ended, or its holder gone once the holder's presence is another
+    generation (the replica started again); sampling sessions and recorded samples keep a key's newest only."""
+    rows = TinkerStore(store)
+    presence = rows.present("replica-1")
+    rows.add_future("req-1", "owner-a", "sample", presence)
+    assert rows.future("req-1", "owner-b") is None
+    pending = rows.future("req-1", "owner-a")
+    assert pending["ended_at"] is None and not pending["holder_gone"]
+    rows.end_future("req-1", "owner-a", "sample", presence, None, "proto", "/shared/req-1")
+    ended = rows.future("req-1", "owner-a")
+    assert ended["ended_at"] is not None and ended["answer_file"] == "/shared/req-1"
+    rows.add_future("req-2", "owner-a", "forward_backward", presence)
+    store.claims.let_go(presence)
+    rows.present("replica-1")  # the same replica started again: a new generation
+    assert rows.future("req-2", "owner-a")["holder_gone"]
+    assert [r["id"] for r in rows.expired_futures(time.time() + 1)] == ["req-1"]
+    rows.forget_futures(["req-1"])
+    assert rows.future("req-1", "owner-a") is None
+
+    for i in range(3):
+        rows.add_sampling_session(f"sampler-{i}", "owner-a", "session-1", None, keep=2)
+        time.sleep(0.01)
+    assert rows.sampling_session("sampler-0", "owner-a") is None  # past the key's 2 newest
+    assert rows.sampling_session("sampler-2", "owner-a")["session_id"] == "session-1"
+    assert rows.sampling_session("sampler-2", "owner-b") is None
+    seq = [{"tokens": [1, 2], "logprobs": [-0.5, -0.25]}]
+    for i in range(3):
+        rows.add_samples(f"seq-{i}", "owner-a", "session-1", [7, 8], seq, keep_s=3600, keep=2)
+        time.sleep(0.01)
+    found = rows.samples(["seq-0", "seq-1", "seq-2"], "owner-a", keep_s=3600)
+    assert set(found) == {"seq-1", "seq-2"} and found["seq-2"]["sequences"] == seq
+    assert rows.samples(["seq-2"], "owner-b", keep_s=3600) == {}
