@@ -466,16 +466,24 @@ def run_problems(client: openai.OpenAI, eval_id: str, run_id: str, n: int) -> li
 def limit_probe(replica: Replica, key: str, model: str, limit: int, eos: int, tries: int = 4) -> str | None:
     """Whether ``key`` has its whole limit of ``limit`` requests in flight on ``replica``: ``limit`` long streams at
     once are all admitted, and one more is refused (429) while they run. Returns what is wrong, or None. A try in
-    which a stream ended before the extra request was answered proves nothing and is made again."""
+    which a stream ended before the extra request was answered proves nothing and is made again; so is one in which a
+    stream was refused, a second later: a place the key's previous requests (on either replica) gave back a moment
+    ago may not be written yet. A place kept for good is refused at every try."""
     create = {"model": model, "messages": [{"role": "user", "content": "tell me a long story"}], "max_tokens": 200,
               "temperature": 1.0, "logit_bias": {str(eos): -100}, "stream": True}
+    refusals = []
     for _ in range(tries):
         admitted, refused, ended, extra, answered = _limit_try(replica.clients[key], create, limit)
         if refused:
-            return f"{admitted} of {limit} requests at once admitted (refused: {refused})"
+            refusals.append(f"{admitted} of {limit} admitted (refused: {refused})")
+            time.sleep(1)
+            continue
         if all(e > answered for e in ended):
             return None if extra == 429 else f"a request past the limit of {limit} answered {extra}"
-    return "inconclusive: the streams ended before the request past the limit was answered"
+    if len(refusals) == tries:
+        return f"requests at once refused below the limit at every try: {'; '.join(refusals)}"
+    return ("inconclusive: the streams ended before the request past the limit was answered"
+            + (f" (and tries refused below the limit: {'; '.join(refusals)})" if refusals else ""))
 
 
 def _limit_try(client: openai.OpenAI, create: dict, limit: int) -> tuple[int, list, list, int, float]:
