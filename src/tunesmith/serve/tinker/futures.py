@@ -57,7 +57,7 @@ class Pending:
     task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
     fusable: tuple | None = None  # a forward_backward's own arguments: it may join another key's step
     started: bool = False  # taken by its own turn or by another key's step (under Futures.guard)
-    rid: str = ""
+    rid: str = ""  # its request id
 
 
 class Futures:
@@ -81,11 +81,10 @@ class Futures:
             raise APIError(429, f"This API key has {waiting} Tinker calls waiting (at most {PENDING_PER_KEY}); retry "
                            "shortly.", type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
         rid = new_id("req")
-        pending = self.items[rid] = Pending(owner, kind, fusable=args if fusable else None)
+        pending = self.items[rid] = Pending(owner, kind, fusable=args if fusable else None, rid=rid)
         with self.guard:
             self.waiting.setdefault(owner, deque()).append(pending)
         pending.task = asyncio.ensure_future(self._run(pending, fn, args))
-        pending.rid = rid
         return rid
 
     async def recorded(self, rid: str) -> None:

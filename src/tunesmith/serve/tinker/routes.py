@@ -19,7 +19,7 @@ from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 from tunesmith.serve.tinker.losses import TrainingError
-from tunesmith.serve.tinker.service import Tinker
+from tunesmith.serve.tinker.service import Tinker, run_name, run_session
 
 log = logging.getLogger("tunesmith.serve")
 router = APIRouter(prefix="/api/v1")
@@ -213,9 +213,8 @@ async def save_weights_for_sampler(request: Request, key: TinkerKey):
         answer = t.save(key, body["model_id"], body.get("path"), "sampler_weights", False, body.get("user_metadata"),
                         body.get("ttl_seconds"))
         if body.get("path") is None:  # save_weights_and_get_sampling_client: a session to sample these weights
-            session = body["model_id"].partition(":train:")[0]  # the run's client session
-            answer |= {"sampling_session_id": t.sampling_session(key, session, None, answer["path"])
-                       ["sampling_session_id"]}
+            session = t.sampling_session(key, run_session(body["model_id"]), None, answer["path"])
+            answer |= {"sampling_session_id": session["sampling_session_id"]}
         return answer | {"type": "save_weights_for_sampler"}
 
     return await future(request, key, "save_weights_for_sampler", saved, model_id=body["model_id"])
@@ -232,7 +231,7 @@ async def load_weights(request: Request, key: TinkerKey):
                        param="weights_access_token", code="unsupported_parameter")
     t = tinker(request)
     if body.get("session_id") is not None:
-        rid = f"{body['session_id']}:train:{body.get('model_seq_id')}"
+        rid = run_name(body["session_id"], body.get("model_seq_id"))
         return await future(request, key, "load_weights", t.create_from, key, body["session_id"],
                       int(body.get("model_seq_id") or 0), body["path"], bool(body["optimizer"]),
                       body.get("base_model"), body.get("user_metadata"), model_id=rid)

@@ -33,6 +33,16 @@ RECORDS_KEPT_S = 86_400.0  # a sample recorded for stable_reinforce is kept a da
 RECORDS_PER_KEY = 20_000  # sample requests a key keeps recorded; past it, its least recently used are forgotten
 
 
+def run_name(session_id: str, seq) -> str:
+    """A training run's id: the SDK's ``<session>:train:<n>`` (the ``n``-th training client of a client session)."""
+    return f"{session_id}:train:{seq}"
+
+
+def run_session(run_id: str) -> str:
+    """The client session a training run's id names."""
+    return run_id.partition(":train:")[0]
+
+
 def check_name(name: str) -> str:
     """A checkpoint name: letters, digits and ``-_.``, at most :data:`NAME_CHARS` (it is a folder and a path part)."""
     if not name or len(name) > NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
@@ -81,7 +91,7 @@ class Tinker:
                      metadata: dict | None) -> dict:
         self.check_base(base_model)
         lora = lora or {"rank": 32}
-        run_id = f"{session_id}:train:{seq}"
+        run_id = run_name(session_id, seq)
         if self.store.get_run(run_id, owner) is not None:
             if run_id in self.claims:
                 return {"model_id": run_id, "type": "create_model"}  # the SDK's retry of a call that was answered
@@ -131,7 +141,7 @@ class Tinker:
 
     def finish_session(self, owner, session_id: str) -> int:
         """A client closed its session: the runs it made here let go; how many."""
-        mine = [r for r, o in list(self.owners.items()) if o == owner and r.startswith(f"{session_id}:train:")]
+        mine = [r for r, o in list(self.owners.items()) if o == owner and run_session(r) == session_id]
         for run_id in mine:
             self.let_go(run_id)
         return len(mine)
@@ -216,7 +226,7 @@ class Tinker:
             recorded = self.store.samples(sorted({s.sequence_id.rpartition(":")[0] for d in request.data
                                                   for s in (*(d.input_spans or ()), *(d.target_spans or ()))}), owner,
                                        RECORDS_KEPT_S)
-            session = request.model_id.partition(":train:")[0]
+            session = run_session(request.model_id)
             for i, datum in enumerate(request.data):
                 attach_sampler_logprobs(datum, recorded, session, f"data[{i}]")
         return Call(request.model_id, request.data, request.loss_fn, request.config,
@@ -289,7 +299,7 @@ class Tinker:
         ckpt = self.checkpoint(owner, path)
         source = self.store.get_run(ckpt["run_id"], owner)
         self.create_model(owner, session_id, seq, base_model or source["base_model"], source["lora"], metadata)
-        return self.load(owner, f"{session_id}:train:{seq}", path, optimizer)
+        return self.load(owner, run_name(session_id, seq), path, optimizer)
 
     def checkpoint(self, owner, path: str) -> dict:
         if parse_path(path) is None:
