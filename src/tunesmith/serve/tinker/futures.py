@@ -7,10 +7,11 @@ head of other keys' waiting calls (each key's next call, so every key's calls st
 :data:`FUSED_KEYS` keys, in one step on the base (:meth:`TinkerService.forward_backward_many`); each is answered at
 once, and its own turn in the lane, when it comes, has nothing left to do.
 
-A future lives in the memory of the replica that took the call, and in the store: its row written before its id is
-answered, its end (an error, or its answer as a file on the shared data folder) written when it ends, so that any
-replica answers ``retrieve_future`` (reading the store while the call runs elsewhere, and saying so when the replica
-that took it stopped first: its presence in ``tinker_replicas``, a claim its heartbeat renews, ran out). Futures are
+A future lives in the memory of the replica that took the call and, with replicas on PostgreSQL, in the store: its
+row written before its id is answered, its end (an error, or its answer as a file on the shared data folder) written
+when it ends, so that any replica answers ``retrieve_future`` (reading the store while the call runs elsewhere, and
+saying so when the replica that took it stopped first: its presence in ``tinker_replicas``, a claim its heartbeat
+renews, ran out). Futures are
 kept :data:`KEPT_S` after they end; a key may have :data:`PENDING_PER_KEY` waiting at once on a replica (past it, a
 429 the SDK retries). Another key's future is not found.
 """

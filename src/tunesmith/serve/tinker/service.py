@@ -71,8 +71,11 @@ class Tinker:
         self.trainer = Trainer(self.base)
         fused = settings.tinker_fused_steps
         self.worker = worker_id()
+        shared = None  # one SQLite server answers its own futures from memory
+        if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
+            shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
         self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many if fused else None,
-                               shared=Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker))
+                               shared=shared)
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
