@@ -56,7 +56,9 @@ def test_a_fine_tuning_script_and_its_model_across_two_replicas(tiny_model_dir, 
 
         # stored answers: distilled into a fine-tuning file and evaluated, each step through either replica
         kept = 0
-        for i in range(12):  # stops: the random model's answers end; the non-empty ones are tagged for the loop
+        for i in range(24):  # stops: the random model's answers end; the non-empty ones are tagged for the loop
+            if kept == 4:
+                break
             c = a.chat.completions.create(model=model, messages=[{"role": "user", "content": f"where is card {i}?"}],
                                           max_tokens=32, stop=[" ", "e", "a", "o"], store=True,
                                           metadata={"loop": "raw"})
