@@ -11,7 +11,7 @@ LOCK   := requirements.lock
 # and tinker-cookbook, whose tml-renderers requirement no index satisfies (its text recipes never import it)
 NODEPS := instructor docstring-parser tinker-cookbook
 
-.PHONY: install model converter browser postgres demo test test-benchmarks test-export vllm test-vllm lint clean lock
+.PHONY: install model converter browser postgres demo test test-replicas test-benchmarks test-export vllm test-vllm lint clean lock
 
 # exact versions from $(LOCK): the same install on every machine until `make lock` is run again
 $(STAMP): pyproject.toml $(LOCK)
@@ -66,7 +66,13 @@ postgres:
 # two test processes (pytest-xdist), a file each at a time: the suite waits on servers and subprocesses about half
 # of its time, so two share the 2 cores (tests/conftest.py gives each one thread)
 test: model converter browser postgres
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not vllm and not bench'
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not vllm and not bench and not replicas'
+
+# the tests that run several `tunesmith serve` replicas on one PostgreSQL (database restarts, paused and killed
+# replicas, shifted clocks, shared models, batches, limits, quotas and Tinker futures): about 6 minutes on 2 cores,
+# run by .ci/run after make test
+test-replicas: model postgres
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'replicas and not vllm and not bench'
 
 # the tests that run benchmark scripts end to end (tiny GPU benchmark, GPU quality smoke run, label-scoring memory
 # in fresh processes): about 3 minutes on 2 cores, run by .ci/run after make test

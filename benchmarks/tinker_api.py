@@ -45,7 +45,13 @@ KEYS = ("tenant-1", "tenant-2", "tenant-3", "tenant-4")
 
 
 class KeyedServer(Served):
-    """A `tunesmith serve` with API keys: ready when its keyless /health answers (its /v1/models needs a key)."""
+    """A `tunesmith serve` with API keys: ready when its keyless /health answers (its /v1/models needs a key); a
+    ``random:<arch>`` model (a GPU machine's 1B, without the hub) is served with ``--allow-random-model``."""
+
+    def __init__(self, engine: str, model: str, adapters: list[str], data_dir: Path, extra: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None):
+        random = ("--allow-random-model",) if model.startswith("random:") else ()
+        super().__init__(engine, model, adapters, data_dir, (*extra, *random), env)
 
     def ready_url(self) -> str:
         return f"{self.url[:-3]}/health"
@@ -95,12 +101,12 @@ def local_step(trainer, name: str, batch, lr: float) -> float:
     return time.perf_counter() - t0
 
 
-def tenants(root: str, rows, steps: int, lr: float) -> dict:
+def tenants(root: str, model: str, rows, steps: int, lr: float) -> dict:
     """Four keys' loops at once, then one after another: wall seconds each way."""
     import tinker
 
     services = [tinker.ServiceClient(base_url=root, api_key=f"tml-{k}") for k in KEYS]
-    clients = [s.create_lora_training_client(base_model=MODEL, rank=16, seed=i).result()
+    clients = [s.create_lora_training_client(base_model=model, rank=16, seed=i).result()
                for i, s in enumerate(services)]
     batch = sdk_batch(rows)
     api_step(clients[0], batch, lr)  # warm
@@ -133,6 +139,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tenant-steps", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--model", default=MODEL, help="the served base (a GPU machine: random:llama-3.2-1b?tokenizer=...)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -143,13 +150,13 @@ def main() -> None:
     load = os.getloadavg()
     print(f"machine: {machine()}  load average at start: {load[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        server = KeyedServer("builtin", MODEL, [], Path(tmp), env={"TUNESMITH_API_KEYS": ",".join(("bench", *KEYS))})
+        server = KeyedServer("builtin", args.model, [], Path(tmp), env={"TUNESMITH_API_KEYS": ",".join(("bench", *KEYS))})
         root = server.url[:-3]
         try:
             service = tinker.ServiceClient(base_url=root, api_key="tml-bench")
-            client = service.create_lora_training_client(base_model=MODEL, rank=16, seed=0).result()
+            client = service.create_lora_training_client(base_model=args.model, rank=16, seed=0).result()
             rows = examples(client.get_tokenizer(), args.batch)
-            trainer = Trainer(MODEL)
+            trainer = Trainer(args.model)
             trainer.create("local", 16, 0)
             sdk, local = sdk_batch(rows), wire_batch(rows)
             api_step(client, sdk, args.lr), local_step(trainer, "local", local, args.lr)  # warm both
@@ -158,23 +165,23 @@ def main() -> None:
                                 args.steps, args.block)
             trainer.drop("local")
             service.close("success").result()
-            many = tenants(root, rows, args.tenant_steps, args.lr)
+            many = tenants(root, args.model, rows, args.tenant_steps, args.lr)
             peak_gb = round(server.peak_rss / 1e9, 2)
         finally:
             server.proc.terminate()
             server.proc.wait(30)
         (Path(tmp) / "fused").mkdir()
-        fused_server = KeyedServer("builtin", MODEL, [], Path(tmp) / "fused", extra=("--tinker-fused-steps",),
+        fused_server = KeyedServer("builtin", args.model, [], Path(tmp) / "fused", extra=("--tinker-fused-steps",),
                                    env={"TUNESMITH_API_KEYS": ",".join(KEYS)})
         try:
-            fused = tenants(fused_server.url[:-3], rows, args.tenant_steps, args.lr)
+            fused = tenants(fused_server.url[:-3], args.model, rows, args.tenant_steps, args.lr)
             fused["server_peak_rss_gb"] = round(fused_server.peak_rss / 1e9, 2)
         finally:
             fused_server.proc.terminate()
             fused_server.proc.wait(30)
     step = {way: stats(t) for way, t in times.items()}
     overhead = step["api"]["p50_ms"] / step["in_process"]["p50_ms"] - 1
-    result = {"machine": machine(), "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
+    result = {"machine": machine(), "model": args.model, "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
               "batch": args.batch, "steps": args.steps, "step": step,
               "api_overhead": round(overhead, 4), "mean_overhead": round(
                   statistics.mean(times["api"]) / statistics.mean(times["in_process"]) - 1, 4),

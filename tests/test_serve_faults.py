@@ -45,8 +45,9 @@ PHASES = ("skew", "terminate", "pg-stop", "freeze")
 FINAL = {"job": ("succeeded", "failed", "cancelled"), "batch": ("completed", "failed", "expired", "cancelled"),
          "run": ("completed", "failed", "canceled")}
 
-pytestmark = pytest.mark.skipif(bool(missing()) or faults.libfaketime() is None,
-                                reason=missing() or "libfaketime is not installed (apt-get install faketime)")
+pytestmark = [pytest.mark.replicas,  # several servers on one PostgreSQL: make test-replicas runs them
+              pytest.mark.skipif(bool(missing()) or faults.libfaketime() is None,
+                                 reason=missing() or "libfaketime is not installed (apt-get install faketime)")]
 
 
 @pytest.fixture(scope="module")

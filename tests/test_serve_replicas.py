@@ -18,6 +18,8 @@ from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import running_server
 
+pytestmark = pytest.mark.replicas  # several servers on one PostgreSQL: make test-replicas runs them
+
 KEYS = frozenset({"k1", "k2"})
 
 

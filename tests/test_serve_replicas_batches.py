@@ -19,6 +19,8 @@ from tunesmith.serve.store import Store
 
 from .conftest import running_server
 
+pytestmark = pytest.mark.replicas  # several servers on one PostgreSQL: make test-replicas runs them
+
 CHUNK = 4
 
 

@@ -14,12 +14,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import openai
+import pytest
 
 from tunesmith.serve.store import LEASE_S, Store
 from tunesmith.serve.store.keys import owner_id, server_secret
 
 from .conftest import banking_rows, chat_lines, wait_serving
 from .test_serve_hostile import _free_port
+
+pytestmark = pytest.mark.replicas  # several servers on one PostgreSQL: make test-replicas runs them
 
 KEY = "replica-key"
 

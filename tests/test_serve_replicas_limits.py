@@ -15,6 +15,8 @@ from tunesmith.serve.engines.builtin import Engine
 
 from .conftest import http_get, running_server
 
+pytestmark = pytest.mark.replicas  # several servers on one PostgreSQL: make test-replicas runs them
+
 KEYS = frozenset({"k1", "k2"})
 MESSAGES = [{"role": "user", "content": "tell me a long story"}]
 

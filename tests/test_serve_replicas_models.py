@@ -16,6 +16,8 @@ from .conftest import banking_rows, chat_lines
 from .test_serve_replicas import RoundRobin
 from .test_serve_replicas_kill import replica, wait_for
 
+pytestmark = pytest.mark.replicas  # several servers on one PostgreSQL: make test-replicas runs them
+
 KEYS = ("owner-key", "stranger-key")
 
 

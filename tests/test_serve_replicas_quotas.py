@@ -9,12 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 
 import openai
+import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.store.quotas import Quotas
 
 from .conftest import Q_CHECK, Q_SCHEMA, banking_rows, chat_lines, running_server
+
+pytestmark = pytest.mark.replicas  # several servers on one PostgreSQL: make test-replicas runs them
 
 KEY, TRIES, QUOTA = "k1", 20, 5
 

@@ -589,3 +589,59 @@ def test_a_run_made_after_every_other_was_let_go_saves_and_trains(tiny_model_dir
     before = trainer.forward_backward("second", [d], "cross_entropy", {}, True)[1]["loss:sum"]
     trainer.optim_step("second", {"learning_rate": 1e-2})
     assert trainer.forward_backward("second", [d], "cross_entropy", {}, False)[1]["loss:sum"] < before
+
+
+def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_alone(tiny_model_dir, tmp_path):
+    """Sample calls of two keys waiting behind a long call (a group of single calls, a num_samples=3 call, greedy calls
+    of different prompts with a stop token, a seeded call, a wrong call) are taken in one turn and sampled in shared
+    left-padded batches: each sequence's logprobs are what transformers computes alone, each greedy answer is the one
+    the call gets alone (cut after its stop token), the seeded call gives the same sequences again, and the wrong call
+    fails alone with its reason."""
+    import tinker
+    from tinker import types
+
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engines.builtin import Engine
+
+    from .conftest import running_server
+
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS),
+                     Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
+    base = str(tiny_model_dir)
+    with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb:
+        training = sa.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        tokens, weights = example(training.get_tokenizer())
+        short, long = types.ModelInput.from_ints(tokens[:4]), types.ModelInput.from_ints(tokens)
+        greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+        client_a = sa.create_sampling_client(base_model=base).result()
+        client_b = sb.create_sampling_client(base_model=base).result()
+        alone = {p.length: client_a.sample(p, 1, greedy).result().sequences[0].tokens for p in (short, long)}
+        stop_at = alone[short.length][2]
+        cut = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[stop_at])
+        seeded = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
+
+        joined = app.state.tinker.futures.joined_samples
+        long_call = training.forward([datum(tokens * 8, weights * 8)] * 16, "cross_entropy")  # holds the base a while
+        calls = [client_a.sample(long, 1, types.SamplingParams(max_tokens=6)) for _ in range(4)]
+        calls += [client_b.sample(short, 3, types.SamplingParams(max_tokens=5, temperature=0.7)),
+                  client_a.sample(short, 1, cut), client_b.sample(long, 1, greedy), client_a.sample(short, 2, seeded)]
+        wrong = client_b.sample(types.ModelInput.from_ints([10**6]), 1, greedy)
+        long_call.result()
+        answers = [c.result() for c in calls]
+        with pytest.raises(Exception, match="is not a token id of this model"):
+            wrong.result()
+        assert app.state.tinker.futures.joined_samples - joined >= len(calls) - 1
+
+        assert [len(a.sequences) for a in answers] == [1, 1, 1, 1, 3, 1, 1, 2]
+        prompts = [long] * 4 + [short, short, long, short]
+        for answer, prompt in zip(answers, prompts, strict=True):
+            for seq in answer.sequences:
+                p = prompt.to_ints()
+                want = reference_logprobs(base, p + seq.tokens, (p + seq.tokens)[1:])[len(p) - 1:]
+                assert np.allclose(seq.logprobs, want, atol=1e-4)
+        expected = alone[short.length][:alone[short.length].index(stop_at) + 1]
+        assert answers[5].sequences[0].tokens == expected and answers[5].sequences[0].stop_reason == "stop"
+        assert answers[6].sequences[0].tokens == alone[long.length]
+        again = client_a.sample(short, 2, seeded).result()
+        assert [s.tokens for s in again.sequences] == [s.tokens for s in answers[7].sequences]

@@ -19,7 +19,7 @@ from .test_serve_replicas_kill import replica
 from .test_tinker_api import rl_datum
 
 KEYS = ("key-a", "key-b")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.replicas]  # several servers on one PostgreSQL: make test-replicas
 
 
 def post(root: str, route: str, body: dict | bytes, key: str = "tml-key-a") -> httpx.Response:

@@ -2,10 +2,13 @@
 ``tinker`` lane (one call at a time on the resident base, keys served in turn), and its answer is fetched by
 ``/api/v1/retrieve_future``, which waits up to :data:`POLL_S` and otherwise says ``try_again``.
 
-Steps of several keys run as one: when a ``forward_backward`` call's turn comes, the ``forward_backward`` calls at the
-head of other keys' waiting calls (each key's next call, so every key's calls still run in its order) join it, up to
-:data:`FUSED_KEYS` keys, in one step on the base (:meth:`TinkerService.forward_backward_many`); each is answered at
-once, and its own turn in the lane, when it comes, has nothing left to do.
+Calls wait together and run as one: when a ``sample`` call's turn comes, the sample calls at the head of every key's
+waiting calls (its own key's included: sampling changes nothing, so calls taken together still run in each key's
+order) join it, up to :data:`SAMPLE_CALLS`, taken a key at a time in turn, and are sampled in shared batches
+(:meth:`Tinker.sample_many`). With ``--tinker-fused-steps``, a ``forward_backward`` call's turn takes the
+``forward_backward`` call at the head of other keys' waiting calls (each key's next call), up to :data:`FUSED_KEYS`
+keys, in one step on the base (:meth:`Tinker.forward_backward_many`). Each joined call is answered at once, and its own
+turn in the lane, when it comes, has nothing left to do.
 
 A future lives in the memory of the replica that took the call and, with replicas on PostgreSQL, in the store: its
 row written before its id is answered, its end (an error, or its answer as a file on the shared data folder) written
@@ -37,6 +40,7 @@ POLL_S = 20.0  # a retrieve waits this long for its answer before saying try_aga
 KEPT_S = 3600.0  # an answer is kept this long after it is ready
 PENDING_PER_KEY = 256
 FUSED_KEYS = 8  # keys whose forward_backward calls one step may take together
+SAMPLE_CALLS = 64  # sample calls one turn may take together (their rows: in batches of sampling.BATCH_TOKENS)
 ANSWERED = object()  # a call's lane turn, once a step of another key's answered it
 
 
@@ -56,20 +60,22 @@ class Pending:
     error: tuple[str, str] | None = None  # (message, category: "user" or "server")
     ended: float | None = None
     task: asyncio.Task | None = None  # held here: the loop keeps only a weak reference to a task
-    fusable: tuple | None = None  # a forward_backward's own arguments: it may join another key's step
+    fusable: tuple | None = None  # a call's own arguments when it may join another call's turn (Futures.fuse)
     started: bool = False  # taken by its own turn or by another key's step (under Futures.guard)
     rid: str = ""  # its request id
 
 
 class Futures:
-    def __init__(self, lane, fuse: Callable[[list[tuple]], list] | None = None, shared: Shared | None = None):
-        """``fuse``: runs several keys' forward_backward calls as one step (their answers or exceptions, in order);
+    def __init__(self, lane, fuse: dict[str, Callable[[list[tuple]], list]] | None = None,
+                 shared: Shared | None = None):
+        """``fuse``: by kind of call, what runs several such calls as one (their answers or exceptions, in order);
         ``shared``: where futures are written for the other replicas (none: this replica's memory only)."""
-        self.lane, self.fuse, self.shared = lane, fuse, shared
+        self.lane, self.fuse, self.shared = lane, fuse or {}, shared
         self.items: dict[str, Pending] = {}
         self.waiting: dict[str | None, deque[Pending]] = {}  # each key's calls not taken yet, in its order
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
-        self.fused_steps = 0  # steps that took calls of more than one key
+        self.fused_steps = 0  # forward_backward steps that took calls of more than one key
+        self.joined_samples = 0  # sample calls answered in another call's turn
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, owner: str | None, kind: str, fn, *args, fusable: bool = False) -> str:
@@ -121,31 +127,54 @@ class Futures:
     def _turn(self, pending: Pending, fn, args):
         """The call's turn in the lane (its thread): run it, with the forward_backward calls at the head of other
         keys' waiting calls when it is one; :data:`ANSWERED` when another key's step has answered it already."""
+        fuse = self.fuse.get(pending.kind) if pending.fusable is not None else None
         with self.guard:
             if not self._take(pending):
                 return ANSWERED
-            joined = []
-            if pending.fusable is not None and self.fuse is not None:
-                for queue in list(self.waiting.values()):
-                    if len(joined) + 1 >= FUSED_KEYS:
-                        break
-                    head = queue[0]
-                    if head.owner != pending.owner and head.fusable is not None:
-                        self._take(head)
-                        joined.append(head)
+            joined = [] if fuse is None else self._joining(pending)
         if not joined:
             try:
                 return fn(*args)
             except Exception as exc:  # noqa: BLE001 - said in its future
                 return Failed(exc)
-        self.fused_steps += 1
+        if pending.kind == "sample":
+            self.joined_samples += len(joined)
+        else:
+            self.fused_steps += 1
         try:
-            answers = self.fuse([pending.fusable] + [p.fusable for p in joined])
+            answers = fuse([pending.fusable] + [p.fusable for p in joined])
         except Exception as exc:  # noqa: BLE001 - every call of the step ends with it
             answers = [exc] * (1 + len(joined))
         for other, answer in zip(joined, answers[1:], strict=True):
             self.loop.call_soon_threadsafe(self._settle, other, answer)
         return Failed(answers[0]) if isinstance(answers[0], BaseException) else answers[0]
+
+    def _joining(self, pending: Pending) -> list[Pending]:
+        """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken. A sample: the fusable samples at
+        the head of every key's calls, a key at a time in turn, up to :data:`SAMPLE_CALLS` in all; a forward_backward:
+        the fusable forward_backward at the head of each other key's calls, up to :data:`FUSED_KEYS` keys."""
+        joined: list[Pending] = []
+        if pending.kind != "sample":
+            for queue in list(self.waiting.values()):
+                if len(joined) + 1 >= FUSED_KEYS:
+                    break
+                head = queue[0]
+                if head.owner != pending.owner and head.kind == pending.kind and head.fusable is not None:
+                    self._take(head)
+                    joined.append(head)
+            return joined
+        taking = True
+        while taking and len(joined) + 1 < SAMPLE_CALLS:
+            taking = False
+            for queue in list(self.waiting.values()):
+                if len(joined) + 1 >= SAMPLE_CALLS:
+                    break
+                head = queue[0]
+                if head.kind == "sample" and head.fusable is not None:
+                    self._take(head)  # (a queue emptied is removed: list() above holds the ones seen)
+                    joined.append(head)
+                    taking = taking or bool(queue)
+        return joined
 
     def _settle(self, pending: Pending, answer) -> None:
         """The call's answer, or the failure the caller reads from its future (on the event loop)."""

@@ -95,7 +95,7 @@ def token_loss(loss_fn: str, logp, inputs: dict, config: dict | None = None):
     import torch
 
     def f32(name):
-        return torch.tensor(np.asarray(inputs[name], dtype=np.float32)).reshape(-1)
+        return torch.tensor(np.asarray(inputs[name], dtype=np.float32), device=logp.device).reshape(-1)
 
     if loss_fn == "cross_entropy":
         return -logp * f32("weights")

@@ -275,7 +275,7 @@ async def asample(request: Request, key: TinkerKey):
     check_known(params, {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}, "sampling_params")
     t = tinker(request)
     sequences = new_id("seq")  # sequence i is "<sequences>:<i>" (recorded under it for stable_reinforce)
-    answer = await future(request, key, "sample", t.sample, key, body, sequences)
+    answer = await future(request, key, "sample", t.sample, key, body, sequences, fusable=True)
     n = body.get("num_samples", 1)
     return answer | {"sample_sequence_ids": [f"{sequences}:{i}" for i in range(n if isinstance(n, int) else 1)]}
 

@@ -21,6 +21,7 @@ from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_pat
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.futures import Futures, Shared
 from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
+from tunesmith.serve.tinker.sampling import Want
 from tunesmith.serve.tinker.trainer import Call, Trainer
 
 log = logging.getLogger("tunesmith.serve")
@@ -74,8 +75,8 @@ class Tinker:
         shared = None  # one SQLite server answers its own futures from memory
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
             shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
-        self.futures = Futures(app.state.lanes.tinker, fuse=self.forward_backward_many if fused else None,
-                               shared=shared)
+        fuse = {"sample": self.sample_many} | ({"forward_backward": self.forward_backward_many} if fused else {})
+        self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared)
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
@@ -356,8 +357,36 @@ class Tinker:
         return session
 
     def sample(self, owner, request: dict, sequences_id: str) -> bytes:
-        """A sample request answered; with ``record_stability_info``, its prompt and sequences recorded under
-        ``sequences_id`` (sequence ``i`` is ``<sequences_id>:<i>``) for stable_reinforce."""
+        """A sample request answered (:meth:`sample_many` of one)."""
+        answer = self.sample_many([(owner, request, sequences_id)])[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def sample_many(self, items: list[tuple]) -> list[bytes | BaseException]:
+        """Sample requests (``(owner, request, sequences_id)`` each, of one key or several) answered together: each
+        checked alone (a wrong one fails alone, with its reason), the rest sampled in shared batches
+        (:meth:`Trainer.sample_many`). With ``record_stability_info``, a request's prompt and sequences are recorded
+        under its ``sequences_id`` (sequence ``i`` is ``<sequences_id>:<i>``) for stable_reinforce. Each request's
+        answer, or the exception it ends with, in order."""
+        answers: list = [None] * len(items)
+        wants, where = [], []
+        for i, (owner, request, _) in enumerate(items):
+            try:
+                wants.append(self._want(owner, request))
+                where.append(i)
+            except (TrainingError, APIError) as exc:
+                answers[i] = exc
+        for i, got in zip(where, self.trainer.sample_many(wants) if wants else [], strict=True):
+            try:
+                answers[i] = got if isinstance(got, BaseException) else self._answer(*items[i], *got)
+            except Exception as exc:  # noqa: BLE001 - its record failed: this request ends with it, alone
+                answers[i] = exc
+        return answers
+
+    def _want(self, owner, request: dict) -> Want:
+        """One sample request read and checked: its weights (a checkpoint or sampling session of this key's, or the
+        base), its prompt and sizes."""
         path, session = request.get("model_path"), None
         if (sid := request.get("sampling_session_id")) is not None:
             session = self.session_of(owner, sid)
@@ -380,11 +409,14 @@ class Tinker:
         if not 1 <= wanted <= self.max_tokens or len(prompt) + wanted > self.context_length():
             raise TrainingError(f"max_tokens must be 1..{self.max_tokens} and fit the context "
                                 f"({self.context_length()} tokens) after the prompt's {len(prompt)}")
-        sequences, prompt_lp, topk = self.trainer.sample(
-            prompt, n, request["sampling_params"], folder=folder, prompt_logprobs=bool(request.get("prompt_logprobs")),
-            topk_prompt=int(request.get("topk_prompt_logprobs") or 0))
+        return Want(prompt, n, request["sampling_params"], folder, bool(request.get("prompt_logprobs")),
+                    int(request.get("topk_prompt_logprobs") or 0))
+
+    def _answer(self, owner, request: dict, sequences_id: str, sequences, prompt_lp, topk) -> bytes:
+        """A sampled request's answer, its sequences recorded first when it asks (``record_stability_info``)."""
         if request.get("record_stability_info"):
-            self.store.add_samples(sequences_id, owner, session["session_id"], prompt,
+            session = self.session_of(owner, request["sampling_session_id"])
+            self.store.add_samples(sequences_id, owner, session["session_id"], prompt_tokens(request["prompt"]),
                                    [{"tokens": q.tokens, "logprobs": q.logprobs} for q in sequences], RECORDS_KEPT_S,
                                    RECORDS_PER_KEY)
         return wire.sample_response(sequences, prompt_lp, topk)

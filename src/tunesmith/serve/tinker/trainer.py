@@ -10,12 +10,14 @@ accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses:
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tunesmith.serve.tinker.losses import TrainingError, check_loss, token_loss
+from tunesmith.serve.tinker.sampling import Want
 from tunesmith.serve.tinker.wire import Datum, Sequence
 
 SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded for sampling; past it, the least recently sampled is unloaded
@@ -220,6 +222,8 @@ class Trainer:
         for r, (_, _, d) in enumerate(chunk):
             ids[r, :len(d.tokens)] = torch.tensor(d.tokens, dtype=torch.long)
             mask[r, :len(d.tokens)] = 1
+        device = self.plain.get_input_embeddings().weight.device  # the base's (a GPU's when there is one)
+        ids, mask = ids.to(device), mask.to(device)
         names = [calls[i].name for i, _, _ in chunk]
         grad = any(calls[i].backward for i, _, _ in chunk)
         with torch.set_grad_enabled(grad):
@@ -234,13 +238,13 @@ class Trainer:
             for r, (i, k, d) in enumerate(chunk):
                 n = len(d.tokens)
                 row = logits[r, :n].float()
-                targets = torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64)).reshape(-1)
+                targets = torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64), device=device).reshape(-1)
                 logp = torch.log_softmax(row, dim=-1).gather(1, targets[:, None])[:, 0]
                 elementwise = token_loss(calls[i].loss_fn, logp, d.inputs, calls[i].config)
                 if calls[i].backward:
                     total = elementwise.sum() if total is None else total + elementwise.sum()
-                logprobs[i][k] = logp.detach().numpy()
-                losses[i][k] = elementwise.detach().numpy()
+                logprobs[i][k] = logp.detach().cpu().numpy()
+                losses[i][k] = elementwise.detach().cpu().numpy()
             if grad and total is not None:
                 total.backward()
 
@@ -329,80 +333,57 @@ class Trainer:
         self.samplers[key] = self.samplers.pop(key)  # most recently sampled last
         return self.samplers[key]
 
-    def sample(self, prompt: list[int], n: int, params: dict, folder: str | None = None,
-               prompt_logprobs: bool = False, topk_prompt: int = 0) -> tuple[list[Sequence], list | None, tuple | None]:
-        """``n`` sequences after ``prompt`` (their tokens' logprobs under the model, at temperature 1, as a training
-        forward computes them), and the prompt's logprobs when asked."""
+    def sample_many(self, wants: list[Want]) -> list[tuple[list[Sequence], list | None, tuple | None] | Exception]:
+        """Each call's ``n`` sequences (:mod:`tunesmith.serve.tinker.sampling`: calls of like weights and parameters
+        in shared batches) and its prompt's logprobs when asked; in order, a call whose weights fail to load ends
+        with that exception alone."""
         import torch
 
-        with self.lock:
+        from tunesmith.serve.tinker.sampling import batches, generate, prompt_scores
+
+        answers: list = [None] * len(wants)
+        sequences: list[list] = [[None] * w.n for w in wants]
+        with self.lock, torch.no_grad():
             self.load()
-            adapter = self._sampler(folder)
-            model = self.plain if self.model is None else self.model
-            if adapter is not None:
-                model.set_adapter(adapter)
-            context = model.disable_adapter() if adapter is None and self.model is not None else _nothing()
-            with context, torch.no_grad():
-                scored = _prompt_scores(model, prompt, prompt_logprobs, topk_prompt)
-                sequences = [self._one(model, prompt, params, i) for i in range(n)]
-        return sequences, *scored
+            for batch in batches(wants):
+                want = wants[batch[0][0]]
+                try:
+                    with self._weights(want.folder) as model:
+                        if want.params.get("seed") is not None:
+                            torch.manual_seed(int(want.params["seed"]))
+                        rows = generate(model, self.tokenizer, [wants[i].prompt for i, _ in batch], want.params)
+                except Exception as exc:  # noqa: BLE001 - the calls of this batch end with it
+                    for i, _ in batch:
+                        answers[i] = exc
+                    continue
+                for (i, k), seq in zip(batch, rows, strict=True):
+                    sequences[i][k] = seq
+            for i, want in enumerate(wants):
+                if answers[i] is None:
+                    try:
+                        with self._weights(want.folder) as model:
+                            answers[i] = (sequences[i], *prompt_scores(model, want.prompt, want.prompt_logprobs,
+                                                                       want.topk_prompt))
+                    except Exception as exc:  # noqa: BLE001 - this call ends with it, alone
+                        answers[i] = exc
+        return answers
 
-    def _one(self, model, prompt: list[int], params: dict, i: int) -> Sequence:
-        import torch
+    def sample(self, want: Want) -> tuple[list[Sequence], list | None, tuple | None]:
+        """One call's sequences (:meth:`sample_many` of one)."""
+        answer = self.sample_many([want])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
-        seed = params.get("seed")
-        if seed is not None:
-            torch.manual_seed(int(seed) + i)
-        stop_ids, stop_strings = stops(params.get("stop"), self.tokenizer)
-        temperature = float(params.get("temperature", 1.0))
-        kwargs = dict(max_new_tokens=int(params.get("max_tokens") or 16), do_sample=temperature > 0,
-                      output_logits=True, return_dict_in_generate=True, pad_token_id=self.tokenizer.pad_token_id,
-                      eos_token_id=stop_ids or None)
-        if temperature > 0:
-            kwargs |= dict(temperature=temperature, top_p=float(params.get("top_p", 1.0)),
-                           top_k=max(0, int(params.get("top_k", -1))))
-        if stop_strings:
-            kwargs |= dict(stop_strings=stop_strings, tokenizer=self.tokenizer)
-        ids = torch.tensor([prompt], dtype=torch.long)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        tokens = out.sequences[0, len(prompt):].tolist()
-        logprobs = [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, tokens, strict=True)]
-        stopped = len(tokens) < kwargs["max_new_tokens"] or bool(tokens and tokens[-1] in (stop_ids or []))
-        return Sequence(tokens, logprobs, stopped)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def stops(stop, tokenizer) -> tuple[list[int], list[str]]:
-    """The SDK's ``stop``: None → the end-of-sequence token; [] → nothing; token ids; or strings."""
-    if stop is None:
-        return ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []), []
-    if isinstance(stop, str):
-        return [], [stop]
-    if all(isinstance(s, int) for s in stop):
-        return list(stop), []
-    return [], list(stop)
-
-
-def _prompt_scores(model, prompt: list[int], wanted: bool, topk: int):
-    """The prompt's token logprobs (None first) and its top-k per position, when asked."""
-    import torch
-
-    if not wanted and not topk:
-        return None, None
-    logits = model(input_ids=torch.tensor([prompt], dtype=torch.long)).logits[0].float()
-    logp = torch.log_softmax(logits[:-1], dim=-1)
-    chosen = logp.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
-    lists = [None, *chosen] if wanted else None
-    top = None
-    if topk:
-        values, ids = logp.topk(topk, dim=-1)
-        top = (np.vstack([np.zeros((1, topk), np.int32), ids.numpy().astype(np.int32)]),
-               np.vstack([np.full((1, topk), np.nan, np.float32), values.numpy()]))
-    return lists, top
+    @contextmanager
+    def _weights(self, folder: str | None):
+        """The model with the sampler checkpoint in ``folder`` active (None: the base, adapters off)."""
+        adapter = self._sampler(folder)
+        model = self.plain if self.model is None else self.model
+        if adapter is not None:
+            model.set_adapter(adapter)
+        if adapter is None and self.model is not None:
+            with model.disable_adapter():
+                yield model
+        else:
+            yield model

@@ -1,0 +1,157 @@
+"""What an RL loop's sampling costs through the Tinker API, against transformers' ``generate`` one sequence at a time.
+
+One round of sampling as an RL loop does it: ``--prompts`` BANKING77 messages, a group of ``--group`` sequences after
+each (temperature 1, ``--max-tokens`` tokens, ``stop=[]`` so that every sequence has exactly that many: each way
+generates the same number of tokens), three ways on the embedded model:
+
+- **api, num_samples**: through the ``tinker`` SDK against a real ``tunesmith serve``, one call per prompt asking the
+  group (``num_samples=--group``), the calls sent at once (the cookbook's ``rl_loop.py``);
+- **api, single calls**: the same round as ``prompts x group`` calls of one sequence each, sent at once (the
+  cookbook's ``TinkerTokenCompleter``);
+- **generate loop** (the peer): in this process, transformers' ``generate`` for one sequence at a time with the same
+  model and parameters, each token's logprob from its raw logits (what a server without batching does; what
+  tunesmith's Tinker sampling did before its calls were batched).
+
+The ways run in alternating blocks (``--rounds`` rounds each); only one computes at a time. Prints the machine, the
+load average at the start and the end, tokens per second of each way with the ratio to the peer, the server's peak
+memory, and the result as JSON (``--out`` writes it too).
+
+    python benchmarks/tinker_sampling.py --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fencing import alternating, machine, stats  # noqa: E402
+from tinker_api import MODEL, KeyedServer  # noqa: E402
+
+from tests.conftest import banking_rows  # noqa: E402
+
+LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
+
+
+def prompts(tokenizer, n: int) -> list[list[int]]:
+    """``n`` BANKING77 messages as prompts asking for their intent."""
+    return [tokenizer.encode(f"Message: {row['text']}\nWhat does the customer want?") for row in
+            banking_rows(LABELS, n)[:n]]
+
+
+def api_round(client, rounds: list[list[int]], group: int, max_tokens: int, single: bool) -> tuple[float, int]:
+    """One round through the SDK, every call sent at once: (seconds, tokens generated)."""
+    from tinker import types
+
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    t0 = time.perf_counter()
+    if single:
+        futures = [client.sample(types.ModelInput.from_ints(p), 1, params) for p in rounds for _ in range(group)]
+    else:
+        futures = [client.sample(types.ModelInput.from_ints(p), group, params) for p in rounds]
+    answers = [f.result() for f in futures]
+    seconds = time.perf_counter() - t0
+    return seconds, sum(len(s.tokens) for a in answers for s in a.sequences)
+
+
+def generate_round(model, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
+    """The peer: one ``generate`` per sequence, each token's logprob from the raw logits."""
+    import torch
+
+    t0 = time.perf_counter()
+    tokens = 0
+    with torch.no_grad():
+        for p in rounds:
+            ids = torch.tensor([p], device=model.device)
+            for _ in range(group):
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                     temperature=1.0, top_k=0, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                     output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+                new = out.sequences[0, len(p):]
+                [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, new.tolist(), strict=True)]
+                tokens += len(new)
+    return time.perf_counter() - t0, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--block", type=int, default=2)
+    ap.add_argument("--model", default=MODEL, help="the served base (a GPU machine: random:llama-3.2-1b?tokenizer=...)")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+
+    import tinker
+
+    from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.loading import load_model, load_tokenizer
+
+    load = os.getloadavg()
+    print(f"machine: {machine()}  load average at start: {load[0]:.2f}")
+    tokens: dict[str, list[int]] = {"api_num_samples": [], "api_single_calls": [], "generate_loop": []}
+
+    def timed(name, fn):
+        def run():
+            seconds, n = fn()
+            tokens[name].append(n)
+            return seconds
+        return run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = KeyedServer("builtin", args.model, [], Path(tmp), env={"TUNESMITH_API_KEYS": "bench"})
+        try:
+            service = tinker.ServiceClient(base_url=server.url[:-3], api_key="tml-bench")
+            client = service.create_sampling_client(base_model=args.model).result()
+            model = load_model(args.model, pick_placement())
+            model.eval()
+            rounds = prompts(load_tokenizer(args.model), args.prompts)
+            api_round(client, rounds[:1], 2, 4, False), generate_round(model, rounds[:1], 1, 4)  # warm both
+            times = alternating({
+                "api_num_samples": timed("api_num_samples", lambda: api_round(client, rounds, args.group,
+                                                                              args.max_tokens, False)),
+                "api_single_calls": timed("api_single_calls", lambda: api_round(client, rounds, args.group,
+                                                                                args.max_tokens, True)),
+                "generate_loop": timed("generate_loop", lambda: generate_round(model, rounds, args.group,
+                                                                               args.max_tokens))},
+                args.rounds, args.block)
+            service.close("success").result()
+            peak_gb = round(server.peak_rss / 1e9, 2)
+        finally:
+            server.proc.terminate()
+            server.proc.wait(30)
+    per_round = args.prompts * args.group * args.max_tokens
+    ways = {}
+    for name, seconds in times.items():
+        assert all(n == per_round for n in tokens[name]), f"{name} generated {tokens[name]}, not {per_round} a round"
+        ways[name] = {**stats(seconds), "tokens_per_s": round(per_round * len(seconds) / sum(seconds), 1)}
+    peer = ways["generate_loop"]["tokens_per_s"]
+    result = {"machine": machine(), "model": args.model, "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
+              "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "rounds": args.rounds,
+              "ways": ways, "ratio_num_samples": round(ways["api_num_samples"]["tokens_per_s"] / peer, 2),
+              "ratio_single_calls": round(ways["api_single_calls"]["tokens_per_s"] / peer, 2),
+              "server_peak_rss_gb": peak_gb}
+    print(f"\nA round: {args.prompts} prompts x {args.group} sequences x {args.max_tokens} tokens "
+          f"({per_round} tokens), {args.rounds} rounds each way:")
+    for name, way in ways.items():
+        ratio = way["tokens_per_s"] / peer
+        print(f"  {name:18s} {way['tokens_per_s']:8.1f} tokens/s  (median round {way['p50_ms'] / 1000:.1f} s)  "
+              f"{ratio:.2f}x the generate loop")
+    print(f"server peak memory (its process tree): {peak_gb} GB; load average at end: {result['load_end']}")
+    print(json.dumps(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

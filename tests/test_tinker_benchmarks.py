@@ -1,0 +1,39 @@
+"""The Tinker benchmarks run end to end at tiny size on a CPU: the four tenants' fused step against one after another
+(``benchmarks/tinker_steps.py``, what ``scripts/gpu_run.sh tinker`` runs at 1B on a GPU), its loss check agreeing
+in float32, and the sampling round through the API against a per-sequence ``generate`` loop
+(``benchmarks/tinker_sampling.py``), every way generating the round's tokens."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.bench  # make test-benchmarks
+def test_tinker_steps_runs_tiny_and_the_fused_step_trains_as_the_steps_one_after_another(tiny_model_dir, tmp_path,
+                                                                                         monkeypatch, capsys):
+    out = tmp_path / "steps.json"
+    monkeypatch.setattr(sys, "argv", ["tinker_steps.py", "--model", str(tiny_model_dir), "--batch", "2",
+                                      "--steps", "2", "--block", "1", "--out", str(out)])
+    runpy.run_path(str(REPO / "benchmarks" / "tinker_steps.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert result["loss_check_max_rel_diff"] < 1e-5  # float32 on a CPU: the same losses, step after update
+    assert result["tokens_a_step"] > 0 and result["padded_tokens_fused_step"] >= result["tokens_a_step"]
+    assert all(w["tokens_per_s"] > 0 for w in result["ways"].values()) and result["speedup"] > 0
+    assert "fused / one after another:" in capsys.readouterr().out
+
+
+@pytest.mark.bench
+def test_tinker_sampling_runs_tiny_through_a_real_server(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sampling.json"
+    monkeypatch.setattr(sys, "argv", ["tinker_sampling.py", "--prompts", "2", "--group", "2", "--max-tokens", "4",
+                                      "--rounds", "1", "--block", "1", "--out", str(out)])
+    runpy.run_path(str(REPO / "benchmarks" / "tinker_sampling.py"), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert set(result["ways"]) == {"api_num_samples", "api_single_calls", "generate_loop"}
+    assert result["ratio_num_samples"] > 0 and result["ratio_single_calls"] > 0
+    assert "x the generate loop" in capsys.readouterr().out
