@@ -2,12 +2,14 @@
 
 One round of sampling as an RL loop does it: ``--prompts`` BANKING77 messages, a group of ``--group`` sequences after
 each (temperature 1, ``--max-tokens`` tokens, ``stop=[]`` so that every sequence has exactly that many: each way
-generates the same number of tokens), three ways on the embedded model:
+generates the same number of tokens), four ways on the embedded model:
 
 - **api, num_samples**: through the ``tinker`` SDK against a real ``tunesmith serve``, one call per prompt asking the
   group (``num_samples=--group``), the calls sent at once (the cookbook's ``rl_loop.py``);
 - **api, single calls**: the same round as ``prompts x group`` calls of one sequence each, sent at once (the
   cookbook's ``TinkerTokenCompleter``);
+- **api, four tenants**: the same round split among four keys, each sampling its own sampler checkpoint (a rank-16
+  LoRA run saved for sampling) with ``num_samples=--group``, all sent at once (one batch through four adapters);
 - **generate loop** (the peer): in this process, transformers' ``generate`` for one sequence at a time with the same
   model and parameters, each token's logprob from its raw logits (what a server without batching does; what
   tunesmith's Tinker sampling did before its calls were batched).
@@ -39,6 +41,7 @@ from tinker_api import MODEL, KeyedServer  # noqa: E402
 from tests.conftest import banking_rows  # noqa: E402
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
+TENANTS = ("tenant-1", "tenant-2", "tenant-3", "tenant-4")
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -60,6 +63,28 @@ def api_round(client, rounds: list[list[int]], group: int, max_tokens: int, sing
     answers = [f.result() for f in futures]
     seconds = time.perf_counter() - t0
     return seconds, sum(len(s.tokens) for a in answers for s in a.sequences)
+
+
+def tenants_round(clients, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
+    """One round through the SDK by four tenants, each sampling its own checkpoint for its share of the prompts
+    (``num_samples=group`` a call), every call sent at once."""
+    from tinker import types
+
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, stop=[])
+    t0 = time.perf_counter()
+    futures = [clients[i % len(clients)].sample(types.ModelInput.from_ints(p), group, params)
+               for i, p in enumerate(rounds)]
+    answers = [f.result() for f in futures]
+    return time.perf_counter() - t0, sum(len(s.tokens) for a in answers for s in a.sequences)
+
+
+def tenant_samplers(root: str, model: str) -> tuple[list, list]:
+    """Four keys' clients, each with a run (rank 16) saved for sampling: (their services, their sampling clients)."""
+    import tinker
+
+    services = [tinker.ServiceClient(base_url=root, api_key=f"tml-{k}") for k in TENANTS]
+    runs = [s.create_lora_training_client(base_model=model, rank=16, seed=i).result() for i, s in enumerate(services)]
+    return services, [r.save_weights_and_get_sampling_client().result() for r in runs]
 
 
 def generate_round(model, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
@@ -99,7 +124,8 @@ def main() -> None:
 
     load = os.getloadavg()
     print(f"machine: {machine()}  load average at start: {load[0]:.2f}")
-    tokens: dict[str, list[int]] = {"api_num_samples": [], "api_single_calls": [], "generate_loop": []}
+    tokens: dict[str, list[int]] = {"api_num_samples": [], "api_single_calls": [], "api_four_tenants": [],
+                                    "generate_loop": []}
 
     def timed(name, fn):
         def run():
@@ -109,10 +135,12 @@ def main() -> None:
         return run
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = KeyedServer("builtin", args.model, [], Path(tmp), env={"TUNESMITH_API_KEYS": "bench"})
+        server = KeyedServer("builtin", args.model, [], Path(tmp),
+                             env={"TUNESMITH_API_KEYS": ",".join(("bench", *TENANTS))})
         try:
             service = tinker.ServiceClient(base_url=server.url[:-3], api_key="tml-bench")
             client = service.create_sampling_client(base_model=args.model).result()
+            services, samplers = tenant_samplers(server.url[:-3], args.model)
             model = load_model(args.model, pick_placement())
             model.eval()
             rounds = prompts(load_tokenizer(args.model), args.prompts)
@@ -122,10 +150,13 @@ def main() -> None:
                                                                               args.max_tokens, False)),
                 "api_single_calls": timed("api_single_calls", lambda: api_round(client, rounds, args.group,
                                                                                 args.max_tokens, True)),
+                "api_four_tenants": timed("api_four_tenants", lambda: tenants_round(samplers, rounds, args.group,
+                                                                                    args.max_tokens)),
                 "generate_loop": timed("generate_loop", lambda: generate_round(model, rounds, args.group,
                                                                                args.max_tokens))},
                 args.rounds, args.block)
-            service.close("success").result()
+            for s in (service, *services):
+                s.close("success").result()
             peak_gb = round(server.peak_rss / 1e9, 2)
         finally:
             server.proc.terminate()
@@ -140,6 +171,7 @@ def main() -> None:
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "rounds": args.rounds,
               "ways": ways, "ratio_num_samples": round(ways["api_num_samples"]["tokens_per_s"] / peer, 2),
               "ratio_single_calls": round(ways["api_single_calls"]["tokens_per_s"] / peer, 2),
+              "ratio_four_tenants": round(ways["api_four_tenants"]["tokens_per_s"] / peer, 2),
               "server_peak_rss_gb": peak_gb}
     print(f"\nA round: {args.prompts} prompts x {args.group} sequences x {args.max_tokens} tokens "
           f"({per_round} tokens), {args.rounds} rounds each way:")

@@ -48,6 +48,19 @@ def reference_logprobs(model_dir, tokens: list[int], targets: list[int]) -> np.n
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(targets)[:, None])[:, 0].numpy()
 
 
+def holding(app, training, rows):
+    """A long forward of ``training``'s run, once it runs on the server (the calls sent next wait behind it)."""
+    import time
+
+    call = training.forward(rows, "cross_entropy")
+    deadline = time.monotonic() + 30
+    while not any(p.kind == "forward_backward" and p.started and not p.done.is_set()
+                  for p in list(app.state.tinker.futures.items.values())):
+        assert time.monotonic() < deadline, "the long call never started"
+        time.sleep(0.005)
+    return call
+
+
 def datum(tokens: list[int], weights: list[float]):
     from tinker import types
 
@@ -544,7 +557,7 @@ def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_
         tokens, weights = example(a.get_tokenizer())
         data_a = [datum(tokens, weights)]
         data_b = [datum(tokens[:-2], weights[:-2]), datum(tokens[2:], weights[2:])]
-        long_call = a.forward([datum(tokens * 8, weights * 8)] * 16, "cross_entropy")  # holds the base a while
+        long_call = holding(app, a, [datum(tokens * 8, weights * 8)] * 16)  # holds the base a while
         fa, fb = a.forward_backward(data_a, "cross_entropy"), b.forward_backward(data_b, "cross_entropy")
         long_call.result()
         out_a, out_b = fa.result(), fb.result()
@@ -564,7 +577,7 @@ def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_
         assert after_b == pytest.approx(after_alone, abs=1e-5) and after_b < out_b.metrics["loss:sum"]
 
         steps = app.state.tinker.futures.fused_steps  # a wrong call in a step of two keys fails alone
-        long_call = a.forward([datum(tokens * 8, weights * 8)] * 16, "cross_entropy")
+        long_call = holding(app, a, [datum(tokens * 8, weights * 8)] * 16)
         wrong, right = a.forward_backward(data_a, "dro"), b.forward_backward(data_b, "cross_entropy")
         long_call.result()
         with pytest.raises(Exception, match="loss_fn 'dro' is not supported here"):
@@ -622,7 +635,7 @@ def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_
         seeded = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
 
         joined = app.state.tinker.futures.joined_samples
-        long_call = training.forward([datum(tokens * 8, weights * 8)] * 16, "cross_entropy")  # holds the base a while
+        long_call = holding(app, training, [datum(tokens * 8, weights * 8)] * 32)  # holds the base a while
         calls = [client_a.sample(long, 1, types.SamplingParams(max_tokens=6)) for _ in range(4)]
         calls += [client_b.sample(short, 3, types.SamplingParams(max_tokens=5, temperature=0.7)),
                   client_a.sample(short, 1, cut), client_b.sample(long, 1, greedy), client_a.sample(short, 2, seeded)]
@@ -645,3 +658,53 @@ def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_
         assert answers[6].sequences[0].tokens == alone[long.length]
         again = client_a.sample(short, 2, seeded).result()
         assert [s.tokens for s in again.sequences] == [s.tokens for s in answers[7].sequences]
+
+
+def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tiny_model_dir, tmp_path):
+    """Two keys' sampler checkpoints (trained apart, so that they answer differently) and the base, sampled by calls
+    waiting together: one ``generate`` for all of them (peft's mixed-adapter batch), each greedy answer the one its
+    weights give alone and each sampled token's logprob what a forward of its own run computes."""
+    import tinker
+    from tinker import types
+
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engines.builtin import Engine
+
+    from .conftest import running_server
+
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS | {"key-c"}),
+                     Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
+    base = str(tiny_model_dir)
+    with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb, \
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-c") as sc:
+        holder = sc.create_lora_training_client(base_model=base, rank=4).result()  # a third key's long call
+        runs = [service.create_lora_training_client(base_model=base, rank=4, seed=i).result()
+                for i, service in enumerate((sa, sb))]
+        tokens, weights = example(runs[0].get_tokenizer())
+        for run, taught in zip(runs, (tokens[6], tokens[7]), strict=True):  # each run taught to repeat its own token
+            target = tokens[:5] + [taught] * 8
+            for _ in range(4):
+                run.forward_backward([datum(target, [0.0] * 5 + [1.0] * 8)], "cross_entropy").result()
+                run.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+        clients = [run.save_weights_and_get_sampling_client().result() for run in runs]
+        clients.append(sb.create_sampling_client(base_model=base).result())
+        prompt = types.ModelInput.from_ints(tokens[:5])
+        greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+        alone = [c.sample(prompt, 1, greedy).result().sequences[0].tokens for c in clients]
+        assert len({tuple(a) for a in alone}) == 3  # three weights, three answers
+
+        batches = app.state.tinker.trainer.sampled_batches
+        long_call = holding(app, holder, [datum(tokens * 8, weights * 8)] * 32)  # holds the base a while
+        calls = [c.sample(prompt, 1, greedy) for c in clients]
+        sampled = [c.sample(prompt, 2, types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])) for c in clients[:2]]
+        long_call.result()
+        together = [c.result().sequences[0].tokens for c in calls]
+        assert app.state.tinker.trainer.sampled_batches == batches + 1  # all five calls: one generate
+        assert together == alone
+        for run, answer in zip(runs, sampled, strict=True):
+            for seq in answer.result().sequences:
+                scored = run.forward([datum(prompt.to_ints() + seq.tokens, [0.0] * 5 + [1.0] * len(seq.tokens))],
+                                     "cross_entropy").result()
+                assert np.allclose(scored.loss_fn_outputs[0]["logprobs"].to_numpy()[-len(seq.tokens):], seq.logprobs,
+                                   atol=1e-4)

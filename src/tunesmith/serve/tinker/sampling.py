@@ -1,10 +1,12 @@
 """The Tinker API's sampling: every waiting sample call's sequences generated together, in batches.
 
-A call asks ``num_samples`` sequences after one prompt. Calls that sample the same weights with the same parameters
-(of one key or of several, :meth:`tunesmith.serve.tinker.futures.Futures` joins them) become rows of one left-padded
-``generate``, up to :data:`BATCH_TOKENS` padded tokens a batch: a decoding step costs a row little more than it costs
-a batch, so an RL loop's group of samples (``num_samples=16``, or 16 calls of one each) costs about one sample's time
-on a GPU. A call with a ``seed`` runs alone (its rows seeded once, so that the same call gives the same sequences).
+A call asks ``num_samples`` sequences after one prompt. Calls with the same sampling parameters (of one key or of
+several, :meth:`tunesmith.serve.tinker.futures.Futures` joins them) become rows of one left-padded ``generate``, up to
+:data:`BATCH_TOKENS` padded tokens a batch, each row through its own weights (a sampler checkpoint's adapter or the
+base: peft's mixed-adapter batch, at most :data:`SAMPLERS_LOADED` of them): a decoding step costs a row little more
+than it costs a batch, so an RL loop's group of samples (``num_samples=16``, or 16 calls of one each), or several
+tenants' groups, cost about one sample's time on a GPU. A call with a ``seed`` runs alone (its rows seeded once, so
+that the same call gives the same sequences).
 
 Each sampled token's logprob is the one a training forward computes: ``log_softmax`` of the model's raw logits at
 temperature 1 (read before the temperature and top-k/top-p warp them, :class:`Logprobs`).
@@ -19,6 +21,7 @@ import numpy as np
 from tunesmith.serve.tinker.wire import Sequence
 
 BATCH_TOKENS = 8192  # padded tokens (prompt + max_tokens) of one batch's rows: bounds the KV cache a batch holds
+SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded (past it, the least recently sampled is unloaded): one batch's most
 
 
 @dataclass
@@ -33,18 +36,19 @@ class Want:
     topk_prompt: int = 0
 
     def group(self, i: int) -> tuple:
-        """Calls of the same group share a batch: the same weights and parameters (a seeded call is a group alone)."""
+        """Calls of the same group share a batch: the same parameters (a seeded call is a group alone)."""
         p = self.params
         stop = p.get("stop")
         if p.get("seed") is not None:
             return ("seeded", i)
-        return (self.folder, float(p.get("temperature", 1.0)), float(p.get("top_p", 1.0)), int(p.get("top_k", -1)),
+        return (float(p.get("temperature", 1.0)), float(p.get("top_p", 1.0)), int(p.get("top_k", -1)),
                 int(p.get("max_tokens") or 16), stop if stop is None or isinstance(stop, str) else tuple(stop))
 
 
-def batches(wants: list[Want], budget: int = BATCH_TOKENS) -> list[list[tuple[int, int]]]:
+def batches(wants: list[Want], budget: int = BATCH_TOKENS,
+            weights: int = SAMPLERS_LOADED) -> list[list[tuple[int, int]]]:
     """The rows ``(call, sample)`` of ``wants`` in batches: one group's rows each, at most ``budget`` padded tokens
-    (a row longer than it goes alone)."""
+    (a row longer than it goes alone) and ``weights`` distinct sampler checkpoints."""
     groups: dict[tuple, list[tuple[int, int]]] = {}
     for i, want in enumerate(wants):
         groups.setdefault(want.group(i), []).extend((i, k) for k in range(want.n))
@@ -52,13 +56,18 @@ def batches(wants: list[Want], budget: int = BATCH_TOKENS) -> list[list[tuple[in
     for rows in groups.values():
         rows.sort(key=lambda r: -len(wants[r[0]].prompt))  # like prompts together: little left padding
         batch: list[tuple[int, int]] = []
+        held: set = set()
         for row in rows:
             width = len(wants[batch[0][0]].prompt) if batch else len(wants[row[0]].prompt)
             width += int(wants[row[0]].params.get("max_tokens") or 16)
-            if batch and (len(batch) + 1) * width > budget:
+            folder = wants[row[0]].folder
+            new = folder is not None and folder not in held
+            if batch and ((len(batch) + 1) * width > budget or (new and len(held) >= weights)):
                 out.append(batch)
-                batch = []
+                batch, held = [], set()
             batch.append(row)
+            if folder is not None:
+                held.add(folder)
         if batch:
             out.append(batch)
     return out
@@ -75,8 +84,10 @@ def stops(stop, tokenizer) -> tuple[list[int], list[str]]:
     return [], list(stop)
 
 
-def generate(model, tokenizer, prompts: list[list[int]], params: dict) -> list[Sequence]:
-    """One sequence after each prompt, all in one ``generate`` (prompts left-padded), each cut at its own stop."""
+def generate(model, tokenizer, prompts: list[list[int]], params: dict,
+             adapters: list[str] | None = None) -> list[Sequence]:
+    """One sequence after each prompt, all in one ``generate`` (prompts left-padded), each cut at its own stop;
+    ``adapters``: each row's peft adapter (``__base__``: none), for a batch of several weights."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -98,8 +109,10 @@ def generate(model, tokenizer, prompts: list[list[int]], params: dict) -> list[S
                               top_k=max(0, int(params.get("top_k", -1))) if temperature > 0 else None)
     ends = Ends(stop_ids, stop_strings, tokenizer, width, len(prompts))
     scored = Logprobs()
+    rows = {"adapter_names": adapters} if adapters else {}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                         logits_processor=LogitsProcessorList([scored]), stopping_criteria=StoppingCriteriaList([ends]))
+                         logits_processor=LogitsProcessorList([scored]), stopping_criteria=StoppingCriteriaList([ends]),
+                         **rows)
     tokens = out[:, width:]
     logprobs = scored.finish(tokens)
     sequences = []

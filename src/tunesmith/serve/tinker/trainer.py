@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from tunesmith.serve.tinker.losses import TrainingError, check_loss, token_loss
-from tunesmith.serve.tinker.sampling import Want
+from tunesmith.serve.tinker.sampling import SAMPLERS_LOADED, Want
 from tunesmith.serve.tinker.wire import Datum, Sequence
 
-SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded for sampling; past it, the least recently sampled is unloaded
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
                  "grad_clip_norm": 0.0}
 
@@ -107,6 +106,7 @@ class Trainer:
         self.tokenizer = None
         self.runs: dict[str, Run] = {}
         self.samplers: dict[str, str] = {}  # a sampler checkpoint (its folder and weights' time) -> its adapter here
+        self.sampled_batches = 0  # generate calls of sample_many (each: one batch of rows)
 
     # --- the base ------------------------------------------------------------------------------------------
 
@@ -348,10 +348,17 @@ class Trainer:
             for batch in batches(wants):
                 want = wants[batch[0][0]]
                 try:
-                    with self._weights(want.folder) as model:
-                        if want.params.get("seed") is not None:
-                            torch.manual_seed(int(want.params["seed"]))
-                        rows = generate(model, self.tokenizer, [wants[i].prompt for i, _ in batch], want.params)
+                    folders = [wants[i].folder for i, _ in batch]
+                    if want.params.get("seed") is not None:
+                        torch.manual_seed(int(want.params["seed"]))
+                    prompts = [wants[i].prompt for i, _ in batch]
+                    if len(set(folders)) == 1:
+                        with self._weights(want.folder) as model:
+                            rows = generate(model, self.tokenizer, prompts, want.params)
+                    else:  # several weights: each row through its own adapter (peft's mixed-adapter batch)
+                        names = {f: "__base__" if f is None else self._sampler(f) for f in set(folders)}
+                        rows = generate(self.model, self.tokenizer, prompts, want.params, [names[f] for f in folders])
+                    self.sampled_batches += 1
                 except Exception as exc:  # noqa: BLE001 - the calls of this batch end with it
                     for i, _ in batch:
                         answers[i] = exc
