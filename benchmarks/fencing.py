@@ -54,41 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batch_throughput import MODEL, one, timed_batch  # noqa: E402
 from jobs_throughput import tiny_model  # noqa: E402
 from serving_engines import Served, questions  # noqa: E402
+from timing import alternating, machine, stats  # noqa: E402
 
 OWNER, HOLDER = "bench", "replica-1"
 LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
 PLACES_LIMIT, KEYS = 64, 4  # a key's places never reach the limit: every place is taken
-
-
-def machine() -> dict:
-    """The CPUs, their model and the GPU, if any: what the numbers were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    try:
-        import torch
-
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        gpu = None
-    return {"cpus": os.cpu_count(), "cpu_model": cpu, "gpu": gpu}
-
-
-def stats(seconds: list[float]) -> dict:
-    """Timings in ms: the median (what the table compares), the mean, p99 and the fastest."""
-    xs = sorted(seconds)
-    return {"n": len(xs), "p50_ms": round(statistics.median(xs) * 1000, 4), "mean_ms": round(statistics.mean(xs) * 1000, 4),
-            "p99_ms": round(xs[max(0, int(len(xs) * 0.99) - 1)] * 1000, 4), "min_ms": round(xs[0] * 1000, 4)}
-
-
-def alternating(ways: dict, n: int, block: int) -> dict[str, list[float]]:
-    """Each of ``ways`` (name -> a function that does one and returns its seconds, or a tuple of them) called ``n``
-    times, in blocks of ``block`` taken in turn (ABBA...: both see the same load, neither always goes first)."""
-    out: dict[str, list] = {name: [] for name in ways}
-    names = list(ways)
-    for b in range(-(-n // block)):
-        for name in names if b % 2 == 0 else names[::-1]:
-            out[name] += [ways[name]() for _ in range(min(block, n - b * block))]
-    return out
 
 
 # --- a batch line -------------------------------------------------------------------------------------------------

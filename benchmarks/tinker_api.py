@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fencing import alternating, machine, stats  # noqa: E402
 from serving_engines import Served  # noqa: E402
+from timing import alternating, machine, stats  # noqa: E402
 
 from tests.conftest import banking_rows  # noqa: E402
 

@@ -35,19 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fencing import alternating, machine, stats  # noqa: E402
+from timing import alternating, machine, stats  # noqa: E402
 from tinker_api import MODEL, KeyedServer  # noqa: E402
+from tinker_trainer import generate_round, prompts  # noqa: E402
 
-from tests.conftest import banking_rows  # noqa: E402
-
-LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
 TENANTS = ("tenant-1", "tenant-2", "tenant-3", "tenant-4")
-
-
-def prompts(tokenizer, n: int) -> list[list[int]]:
-    """``n`` BANKING77 messages as prompts asking for their intent."""
-    return [tokenizer.encode(f"Message: {row['text']}\nWhat does the customer want?") for row in
-            banking_rows(LABELS, n)[:n]]
 
 
 def api_round(client, rounds: list[list[int]], group: int, max_tokens: int, single: bool) -> tuple[float, int]:
@@ -85,25 +77,6 @@ def tenant_samplers(root: str, model: str) -> tuple[list, list]:
     services = [tinker.ServiceClient(base_url=root, api_key=f"tml-{k}") for k in TENANTS]
     runs = [s.create_lora_training_client(base_model=model, rank=16, seed=i).result() for i, s in enumerate(services)]
     return services, [r.save_weights_and_get_sampling_client().result() for r in runs]
-
-
-def generate_round(model, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
-    """The peer: one ``generate`` per sequence, each token's logprob from the raw logits."""
-    import torch
-
-    t0 = time.perf_counter()
-    tokens = 0
-    with torch.no_grad():
-        for p in rounds:
-            ids = torch.tensor([p], device=model.device)
-            for _ in range(group):
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=1.0, top_k=0, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                     output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-                new = out.sequences[0, len(p):]
-                [float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, new.tolist(), strict=True)]
-                tokens += len(new)
-    return time.perf_counter() - t0, tokens
 
 
 def main() -> None:

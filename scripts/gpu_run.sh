@@ -15,8 +15,9 @@
 #                                                       # benchmarks/generation_engines.py eval and reinforcement
 #                                                       # --record (this GPU kind's engine_measured.json, copy in $OUT)
 #   bash scripts/gpu_run.sh loss                        # benchmarks/loss_forms.py
-#   bash scripts/gpu_run.sh tinker                      # benchmarks/tinker_steps.py at 1B LoRA: the Tinker API's four
-#                                                       # tenants fused into one step against one after another
+#   bash scripts/gpu_run.sh tinker                      # benchmarks/tinker_trainer.py at 1B LoRA: the Tinker trainer's
+#                                                       # batched sampling against a per-sequence generate loop, and
+#                                                       # four tenants fused into one step against one after another
 #   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -101,8 +102,8 @@ case "${1:-}" in
     cp src/tunesmith/machine/engine_measured.json "$OUT/" ;;
   loss) shift; paths python3 benchmarks/loss_forms.py --models "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
           --layers 16 "$@" 2>&1 | tee -a "$OUT/loss_forms.log" ;;
-  tinker) shift; paths python3 benchmarks/tinker_steps.py --model "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
-            --out "$OUT/tinker_steps.json" "$@" 2>&1 | tee -a "$OUT/tinker_steps.log" ;;
+  tinker) shift; paths python3 benchmarks/tinker_trainer.py --model "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
+            --sampling-rounds 4 --out "$OUT/tinker_trainer.json" "$@" 2>&1 | tee -a "$OUT/tinker_trainer.log" ;;
   "") echo "usage: gpu_run.sh install | tests | verify | bench ARGS | quality ARGS | engines | loss ARGS | tinker ARGS | COMMAND ARGS" >&2
     exit 2 ;;
   *) paths "$@" ;;

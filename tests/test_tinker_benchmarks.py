@@ -1,6 +1,7 @@
-"""The Tinker benchmarks run end to end at tiny size on a CPU: the four tenants' fused step against one after another
-(``benchmarks/tinker_steps.py``, what ``scripts/gpu_run.sh tinker`` runs at 1B on a GPU), its loss check agreeing
-in float32, and the sampling round through the API against a per-sequence ``generate`` loop
+"""The Tinker benchmarks run end to end at tiny size on a CPU: the trainer in process (``benchmarks/tinker_trainer.py``,
+what ``scripts/gpu_run.sh tinker`` runs at 1B on a GPU: batched sampling against a per-sequence ``generate`` loop,
+every way generating the round's tokens, and the four tenants' fused step against one after another, its loss check
+agreeing in float32), and the sampling round through the API against a per-sequence ``generate`` loop
 (``benchmarks/tinker_sampling.py``), every way generating the round's tokens."""
 
 import json
@@ -14,16 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.bench  # make test-benchmarks
-def test_tinker_steps_runs_tiny_and_the_fused_step_trains_as_the_steps_one_after_another(tiny_model_dir, tmp_path,
+def test_tinker_trainer_runs_tiny_and_the_fused_step_trains_as_the_steps_one_after_another(tiny_model_dir, tmp_path,
                                                                                          monkeypatch, capsys):
     out = tmp_path / "steps.json"
-    monkeypatch.setattr(sys, "argv", ["tinker_steps.py", "--model", str(tiny_model_dir), "--batch", "2",
-                                      "--steps", "2", "--block", "1", "--out", str(out)])
-    runpy.run_path(str(REPO / "benchmarks" / "tinker_steps.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["tinker_trainer.py", "--model", str(tiny_model_dir), "--batch", "2",
+                                      "--steps", "2", "--block", "1", "--prompts", "2", "--group", "2",
+                                      "--max-tokens", "4", "--sampling-rounds", "1", "--out", str(out)])
+    runpy.run_path(str(REPO / "benchmarks" / "tinker_trainer.py"), run_name="__main__")
     result = json.loads(out.read_text())
     assert result["loss_check_max_rel_diff"] < 1e-5  # float32 on a CPU: the same losses, step after update
     assert result["tokens_a_step"] > 0 and result["padded_tokens_fused_step"] >= result["tokens_a_step"]
     assert all(w["tokens_per_s"] > 0 for w in result["ways"].values()) and result["speedup"] > 0
+    assert set(result["sampling"]["ways"]) == {"batched", "generate_loop"} and result["sampling"]["speedup"] > 0
     assert "fused / one after another:" in capsys.readouterr().out
 
 
