@@ -37,3 +37,18 @@ def alternating(ways: dict, n: int, block: int) -> dict[str, list[float]]:
         for name in names if b % 2 == 0 else names[::-1]:
             out[name] += [ways[name]() for _ in range(min(block, n - b * block))]
     return out
+
+
+def counting(ways: dict) -> tuple[dict, dict[str, list]]:
+    """``ways`` whose functions return (seconds, a count: tokens made, say) as functions that return the seconds (for
+    :func:`alternating`), and the counts their calls returned, by way."""
+    counts: dict[str, list] = {name: [] for name in ways}
+
+    def seconds_of(name, fn):
+        def run():
+            seconds, n = fn()
+            counts[name].append(n)
+            return seconds
+        return run
+
+    return {name: seconds_of(name, fn) for name, fn in ways.items()}, counts

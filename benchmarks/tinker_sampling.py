@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternating, machine, stats  # noqa: E402
+from timing import alternating, counting, machine, stats  # noqa: E402
 from tinker_api import MODEL, KeyedServer  # noqa: E402
 from tinker_trainer import generate_round, prompts  # noqa: E402
 
@@ -97,16 +97,6 @@ def main() -> None:
 
     load = os.getloadavg()
     print(f"machine: {machine()}  load average at start: {load[0]:.2f}")
-    tokens: dict[str, list[int]] = {"api_num_samples": [], "api_single_calls": [], "api_four_tenants": [],
-                                    "generate_loop": []}
-
-    def timed(name, fn):
-        def run():
-            seconds, n = fn()
-            tokens[name].append(n)
-            return seconds
-        return run
-
     with tempfile.TemporaryDirectory() as tmp:
         server = KeyedServer("builtin", args.model, [], Path(tmp),
                              env={"TUNESMITH_API_KEYS": ",".join(("bench", *TENANTS))})
@@ -118,16 +108,12 @@ def main() -> None:
             model.eval()
             rounds = prompts(load_tokenizer(args.model), args.prompts)
             api_round(client, rounds[:1], 2, 4, False), generate_round(model, rounds[:1], 1, 4)  # warm both
-            times = alternating({
-                "api_num_samples": timed("api_num_samples", lambda: api_round(client, rounds, args.group,
-                                                                              args.max_tokens, False)),
-                "api_single_calls": timed("api_single_calls", lambda: api_round(client, rounds, args.group,
-                                                                                args.max_tokens, True)),
-                "api_four_tenants": timed("api_four_tenants", lambda: tenants_round(samplers, rounds, args.group,
-                                                                                    args.max_tokens)),
-                "generate_loop": timed("generate_loop", lambda: generate_round(model, rounds, args.group,
-                                                                               args.max_tokens))},
-                args.rounds, args.block)
+            timed, tokens = counting({
+                "api_num_samples": lambda: api_round(client, rounds, args.group, args.max_tokens, False),
+                "api_single_calls": lambda: api_round(client, rounds, args.group, args.max_tokens, True),
+                "api_four_tenants": lambda: tenants_round(samplers, rounds, args.group, args.max_tokens),
+                "generate_loop": lambda: generate_round(model, rounds, args.group, args.max_tokens)})
+            times = alternating(timed, args.rounds, args.block)
             for s in (service, *services):
                 s.close("success").result()
             peak_gb = round(server.peak_rss / 1e9, 2)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import alternating, machine, stats  # noqa: E402
+from timing import alternating, counting, machine, stats  # noqa: E402
 
 LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
 TENANTS = 4
@@ -120,20 +120,10 @@ def sampling(trainer, args) -> dict:
     trainer.load()
     rounds = prompts(trainer.tokenizer, args.prompts)
     sampling_round(trainer, rounds[:1], 2, 4), generate_round(trainer.plain, rounds[:1], 1, 4)  # warm both
-    counted: dict[str, list[int]] = {"batched": [], "generate_loop": []}
-
-    def timed(name, fn):
-        def run():
-            seconds, n = fn()
-            counted[name].append(n)
-            return seconds
-        return run
-
-    times = alternating({
-        "batched": timed("batched", lambda: sampling_round(trainer, rounds, args.group, args.max_tokens)),
-        "generate_loop": timed("generate_loop", lambda: generate_round(trainer.plain, rounds, args.group,
-                                                                       args.max_tokens))},
-        args.sampling_rounds, 1)
+    ways, counted = counting({
+        "batched": lambda: sampling_round(trainer, rounds, args.group, args.max_tokens),
+        "generate_loop": lambda: generate_round(trainer.plain, rounds, args.group, args.max_tokens)})
+    times = alternating(ways, args.sampling_rounds, 1)
     per_round = args.prompts * args.group * args.max_tokens
     for name, counts in counted.items():
         assert all(n == per_round for n in counts), f"{name} generated {counts}, not {per_round} a round"

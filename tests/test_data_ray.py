@@ -134,19 +134,22 @@ def test_a_field_first_seen_at_row_1501_prepares_on_ray(cluster, tmp_path, tiny_
         prepare(tmp_path, tiny_model_dir, data, "ray", engine="ray", ray_address=cluster.address, **section)
 
 
-def driver_peak_mb(tmp_path: Path, model_dir, cluster, n: int) -> float:
-    """Peak resident memory of ``tunesmith data prepare`` (the driver) on ``n`` listing rows on the cluster."""
+def driver_peak_mb(tmp_path: Path, model_dir, cluster, n: int, both_nodes: bool) -> float:
+    """Peak resident memory of ``tunesmith data prepare`` (the driver) on ``n`` listing rows on the cluster;
+    ``both_nodes``: that both nodes curated is checked too (with 20 parts; 2 parts may both run on the head when the
+    first ends before the second is scheduled, as seen once on a busy machine)."""
     kb, printed = peak_kb(tmp_path, model_dir, n, batch_rows=1_000, engine="ray", ray_address=cluster.address,
                           cache=False, profile={"enabled": False})
-    assert "Ray nodes that curated: 2" in " ".join(printed.split())  # both nodes did work
+    if both_nodes:
+        assert "Ray nodes that curated: 2" in " ".join(printed.split())  # both nodes did work
     return kb / 1024
 
 
 def test_the_drivers_peak_does_not_grow_with_the_rows(cluster, tmp_path, tiny_model_dir, home):
     """10x the rows (2,000 → 20,000: 1 → 3 shards, 2 → 20 parts) through the five steps: the driver's peak stays
     within 20% (the 1M-row figure is in docs/benchmarks.md)."""
-    small = driver_peak_mb(tmp_path, tiny_model_dir, cluster, 2_000)
-    large = driver_peak_mb(tmp_path, tiny_model_dir, cluster, 20_000)
+    small = driver_peak_mb(tmp_path, tiny_model_dir, cluster, 2_000, both_nodes=False)
+    large = driver_peak_mb(tmp_path, tiny_model_dir, cluster, 20_000, both_nodes=True)
     print(f"driver peak: {small:.0f} MB at 2,000 rows, {large:.0f} MB at 20,000")
     assert large <= small * 1.2, (small, large)
 
