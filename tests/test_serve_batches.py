@@ -149,3 +149,14 @@ def test_a_large_batch_does_not_hold_another_keys_small_one_behind_it(tiny_model
         assert done.status == "completed" and done.request_counts.completed == 2
         assert big.batches.retrieve(large.id).status == "in_progress"  # the small one did not wait for it
         big.batches.cancel(large.id)
+
+
+def test_a_cancelled_batch_winding_down_reads_cancelling_until_it_is_cancelled():
+    """The runner finishes a cancelled batch through its finalizing step; a client reading it meanwhile (the cancel
+    call's own answer, once seen as 'finalizing' on a busy machine) sees OpenAI's 'cancelling'."""
+    from tunesmith.serve.batches.routes import batch_object
+
+    row = {"id": "batch-1", "status": "finalizing", "cancelling_at": 1, "errors": None}
+    assert batch_object(row)["status"] == "cancelling"
+    assert batch_object(row | {"cancelling_at": None})["status"] == "finalizing"
+    assert batch_object(row | {"status": "cancelled"})["status"] == "cancelled"

@@ -39,6 +39,8 @@ def batch_object(b: dict) -> dict:
               "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
               "cancelling_at", "cancelled_at", "metadata", "model", "request_counts")
     doc = {k: b.get(k) for k in fields} | {"object": "batch"}
+    if doc["status"] == "finalizing" and doc["cancelling_at"] is not None:
+        doc["status"] = "cancelling"  # a cancelled batch winding down is cancelling until cancelled, as OpenAI's are
     doc["errors"] = {"object": "list", "data": b["errors"]} if b.get("errors") else None
     if b.get("usage"):
         doc["usage"] = b["usage"]
