@@ -125,8 +125,8 @@ class Futures:
         return True
 
     def _turn(self, pending: Pending, fn, args):
-        """The call's turn in the lane (its thread): run it, with the forward_backward calls at the head of other
-        keys' waiting calls when it is one; :data:`ANSWERED` when another key's step has answered it already."""
+        """The call's turn in the lane (its thread): run it, with the waiting calls that join it (:meth:`_joining`)
+        when its kind is fused; :data:`ANSWERED` when another call's turn has answered it already."""
         fuse = self.fuse.get(pending.kind) if pending.fusable is not None else None
         with self.guard:
             if not self._take(pending):
@@ -153,27 +153,20 @@ class Futures:
         """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken. A sample: the fusable samples at
         the head of every key's calls, a key at a time in turn, up to :data:`SAMPLE_CALLS` in all; a forward_backward:
         the fusable forward_backward at the head of each other key's calls, up to :data:`FUSED_KEYS` keys."""
+        sample = pending.kind == "sample"
+        limit = SAMPLE_CALLS if sample else FUSED_KEYS
         joined: list[Pending] = []
-        if pending.kind != "sample":
-            for queue in list(self.waiting.values()):
-                if len(joined) + 1 >= FUSED_KEYS:
-                    break
+        while len(joined) + 1 < limit:
+            took = False
+            for queue in list(self.waiting.values()):  # (a queue emptied by a take is removed from waiting)
                 head = queue[0]
-                if head.owner != pending.owner and head.kind == pending.kind and head.fusable is not None:
+                if len(joined) + 1 < limit and head.kind == pending.kind and head.fusable is not None \
+                        and (sample or head.owner != pending.owner):
                     self._take(head)
                     joined.append(head)
-            return joined
-        taking = True
-        while taking and len(joined) + 1 < SAMPLE_CALLS:
-            taking = False
-            for queue in list(self.waiting.values()):
-                if len(joined) + 1 >= SAMPLE_CALLS:
-                    break
-                head = queue[0]
-                if head.kind == "sample" and head.fusable is not None:
-                    self._take(head)  # (a queue emptied is removed: list() above holds the ones seen)
-                    joined.append(head)
-                    taking = taking or bool(queue)
+                    took = True
+            if not (sample and took):  # a forward_backward takes one call a key: one round
+                return joined
         return joined
 
     def _settle(self, pending: Pending, answer) -> None:

@@ -107,7 +107,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: dict,
                               temperature=temperature if temperature > 0 else None,
                               top_p=float(params.get("top_p", 1.0)) if temperature > 0 else None,
                               top_k=max(0, int(params.get("top_k", -1))) if temperature > 0 else None)
-    ends = Ends(stop_ids, stop_strings, tokenizer, width, len(prompts))
+    ends = Ends(stop_ids, stop_strings, tokenizer, width, len(prompts), device)
     scored = Logprobs()
     rows = {"adapter_names": adapters} if adapters else {}
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
@@ -153,12 +153,12 @@ class Ends:
     """A stopping criterion that ends each row at its first stop token or stop string and keeps where (the
     ``eos_token_id`` attribute makes ``generate`` pad the rows that ended while others go on)."""
 
-    def __init__(self, stop_ids: list[int], stop_strings: list[str], tokenizer, start: int, rows: int):
+    def __init__(self, stop_ids: list[int], stop_strings: list[str], tokenizer, start: int, rows: int, device):
         import torch
         from transformers import StopStringCriteria
 
         self.eos_token_id = stop_ids
-        self.ids = torch.tensor(stop_ids, dtype=torch.long)
+        self.ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
         self.strings = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
         self.start = start
         self.lengths: list[int | None] = [None] * rows
@@ -166,7 +166,7 @@ class Ends:
     def __call__(self, input_ids, scores, **kwargs):
         import torch
 
-        done = torch.isin(input_ids[:, -1], self.ids.to(input_ids.device))
+        done = torch.isin(input_ids[:, -1], self.ids)
         if self.strings is not None:
             done = done | self.strings(input_ids, scores)
         length = input_ids.shape[1] - self.start
@@ -177,11 +177,9 @@ class Ends:
 
 
 def prompt_scores(model, prompt: list[int], wanted: bool, topk: int):
-    """The prompt's token logprobs (None first) and its top-k per position, when asked."""
+    """The prompt's token logprobs (None first) when ``wanted``, and its top-k per position when ``topk``."""
     import torch
 
-    if not wanted and not topk:
-        return None, None
     device = model.get_input_embeddings().weight.device
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)

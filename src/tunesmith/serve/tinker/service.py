@@ -370,23 +370,29 @@ class Tinker:
         under its ``sequences_id`` (sequence ``i`` is ``<sequences_id>:<i>``) for stable_reinforce. Each request's
         answer, or the exception it ends with, in order."""
         answers: list = [None] * len(items)
-        wants, where = [], []
+        wants, sessions, where = [], [], []
         for i, (owner, request, _) in enumerate(items):
             try:
-                wants.append(self._want(owner, request))
-                where.append(i)
+                want, session = self._want(owner, request)
             except (TrainingError, APIError) as exc:
                 answers[i] = exc
-        for i, got in zip(where, self.trainer.sample_many(wants) if wants else [], strict=True):
+                continue
+            wants.append(want)
+            sessions.append(session)
+            where.append(i)
+        got = self.trainer.sample_many(wants) if wants else []
+        for i, want, session, sampled in zip(where, wants, sessions, got, strict=True):
+            owner, request, sequences_id = items[i]
             try:
-                answers[i] = got if isinstance(got, BaseException) else self._answer(*items[i], *got)
+                answers[i] = sampled if isinstance(sampled, BaseException) else self._answer(
+                    owner, request, sequences_id, want.prompt, session, *sampled)
             except Exception as exc:  # noqa: BLE001 - its record failed: this request ends with it, alone
                 answers[i] = exc
         return answers
 
-    def _want(self, owner, request: dict) -> Want:
+    def _want(self, owner, request: dict) -> tuple[Want, dict | None]:
         """One sample request read and checked: its weights (a checkpoint or sampling session of this key's, or the
-        base), its prompt and sizes."""
+        base), its prompt and sizes; with its sampling session's row (None: none named)."""
         path, session = request.get("model_path"), None
         if (sid := request.get("sampling_session_id")) is not None:
             session = self.session_of(owner, sid)
@@ -410,13 +416,14 @@ class Tinker:
             raise TrainingError(f"max_tokens must be 1..{self.max_tokens} and fit the context "
                                 f"({self.context_length()} tokens) after the prompt's {len(prompt)}")
         return Want(prompt, n, request["sampling_params"], folder, bool(request.get("prompt_logprobs")),
-                    int(request.get("topk_prompt_logprobs") or 0))
+                    int(request.get("topk_prompt_logprobs") or 0)), session
 
-    def _answer(self, owner, request: dict, sequences_id: str, sequences, prompt_lp, topk) -> bytes:
-        """A sampled request's answer, its sequences recorded first when it asks (``record_stability_info``)."""
+    def _answer(self, owner, request: dict, sequences_id: str, prompt: list[int], session: dict | None, sequences,
+                prompt_lp, topk) -> bytes:
+        """A sampled request's answer, its sequences recorded first when it asks (``record_stability_info``: then
+        ``session`` is the sampling session they belong to)."""
         if request.get("record_stability_info"):
-            session = self.session_of(owner, request["sampling_session_id"])
-            self.store.add_samples(sequences_id, owner, session["session_id"], prompt_tokens(request["prompt"]),
+            self.store.add_samples(sequences_id, owner, session["session_id"], prompt,
                                    [{"tokens": q.tokens, "logprobs": q.logprobs} for q in sequences], RECORDS_KEPT_S,
                                    RECORDS_PER_KEY)
         return wire.sample_response(sequences, prompt_lp, topk)

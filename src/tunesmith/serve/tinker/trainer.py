@@ -366,7 +366,10 @@ class Trainer:
                 for (i, k), seq in zip(batch, rows, strict=True):
                     sequences[i][k] = seq
             for i, want in enumerate(wants):
-                if answers[i] is None:
+                if answers[i] is not None:
+                    continue
+                answers[i] = (sequences[i], None, None)
+                if want.prompt_logprobs or want.topk_prompt:
                     try:
                         with self._weights(want.folder) as model:
                             answers[i] = (sequences[i], *prompt_scores(model, want.prompt, want.prompt_logprobs,
@@ -374,13 +377,6 @@ class Trainer:
                     except Exception as exc:  # noqa: BLE001 - this call ends with it, alone
                         answers[i] = exc
         return answers
-
-    def sample(self, want: Want) -> tuple[list[Sequence], list | None, tuple | None]:
-        """One call's sequences (:meth:`sample_many` of one)."""
-        answer = self.sample_many([want])[0]
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
 
     @contextmanager
     def _weights(self, folder: str | None):
