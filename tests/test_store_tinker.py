@@ -11,17 +11,22 @@ from tunesmith.serve.store.claims import ClaimLost
 from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
 
 
+RUN = "session-0123456789abcdef01234567:train:0"  # a run id as the server makes them
+
+
 def test_runs_and_checkpoints_belong_to_their_key_and_their_claim(store, tmp_path):
     rows = TinkerStore(store)
-    run, claim = rows.add_run("s1:train:0", "owner-a", "replica-1", "base", {"rank": 8}, {"m": "1"})
+    run, claim = rows.add_run(RUN, "owner-a", "replica-1", "base", {"rank": 8}, {"m": "1"})
     assert run["generation"] == 1 and run["claimed_by"] == "replica-1" and run["lora"] == {"rank": 8}
-    assert rows.get_run("s1:train:0", "owner-b") is None
-    sampler = checkpoint_path("s1:train:0", "sampler_weights", "final")
-    assert parse_path(sampler) == ("s1:train:0", "sampler_weights", "final") and parse_path("tinker://x/y") is None
+    assert rows.get_run(RUN, "owner-b") is None
+    sampler = checkpoint_path(RUN, "sampler_weights", "final")
+    assert parse_path(sampler) == (RUN, "sampler_weights", "final") and all(parse_path(p) is None for p in (
+        "tinker://x/y", "tinker://s1:train:0/weights/a", f"tinker://{RUN}/weights/..", f"tinker://{RUN}/weights/.a",
+        f"tinker://{RUN}/weights/a%2F..", f"tinker:///etc/passwd/weights/a", f"tinker://{RUN}/../weights/a"))
     claim.write(rows.add_checkpoint, sampler, "owner-a", str(tmp_path), 10, None, None)
-    state = checkpoint_path("s1:train:0", "weights", "soon")
+    state = checkpoint_path(RUN, "weights", "soon")
     claim.write(rows.add_checkpoint, state, "owner-a", str(tmp_path), 10, None, 3600)
-    assert {c["path"] for c in rows.checkpoints("s1:train:0", "owner-a")} == {sampler, state}
+    assert {c["path"] for c in rows.checkpoints(RUN, "owner-a")} == {sampler, state}
     assert rows.checkpoint(sampler, "owner-b") is None
     assert [c["path"] for c in store.sampler_checkpoints_of("owner-a")] == [sampler]
     assert store.sampler_checkpoint_by_model(sampler)["owner"] == "owner-a"
@@ -31,12 +36,12 @@ def test_runs_and_checkpoints_belong_to_their_key_and_their_claim(store, tmp_pat
         store.db.execute("UPDATE tinker_checkpoints SET expires_at = ? WHERE path = ?", (int(time.time()) - 1, state))
     assert rows.checkpoint(state, "owner-a") is None and [c["path"] for c in rows.expired()] == [state]
 
-    taken = store.claims.acquire("tinker_runs", "s1:train:0", "replica-2", force=True)  # another replica took it over
+    taken = store.claims.acquire("tinker_runs", RUN, "replica-2", force=True)  # another replica took it over
     assert taken is not None and taken.generation == 2
     with pytest.raises(ClaimLost):
-        claim.write(rows.add_checkpoint, checkpoint_path("s1:train:0", "weights", "late"), "owner-a", "x", 1, None,
+        claim.write(rows.add_checkpoint, checkpoint_path(RUN, "weights", "late"), "owner-a", "x", 1, None,
                     None)
-    assert rows.checkpoint(checkpoint_path("s1:train:0", "weights", "late"), "owner-a") is None
+    assert rows.checkpoint(checkpoint_path(RUN, "weights", "late"), "owner-a") is None
     store.claims.let_go(taken)
 
 
@@ -59,6 +64,13 @@ def test_futures_sessions_and_recorded_samples_are_their_keys_and_a_gone_holder_
     assert [r["id"] for r in rows.expired_futures(time.time() + 1)] == ["req-1"]
     rows.forget_futures(["req-1"])
     assert rows.future("req-1", "owner-a") is None
+
+    rows.add_session("session-1", "owner-a", keep=2)  # client sessions: the key's own, finished once
+    assert rows.session("session-1", "owner-b") is None and rows.session("session-1", "owner-a")["finished_at"] is None
+    rows.finish_session("session-1", "owner-b")  # another key's finish changes nothing
+    assert rows.session("session-1", "owner-a")["finished_at"] is None
+    rows.finish_session("session-1", "owner-a")
+    assert rows.session("session-1", "owner-a")["finished_at"] is not None
 
     for i in range(3):
         rows.add_sampling_session(f"sampler-{i}", "owner-a", "session-1", None, keep=2)

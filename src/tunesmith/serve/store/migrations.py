@@ -254,5 +254,12 @@ MIGRATIONS: list[tuple[str, Migration]] = [
         CREATE TABLE tinker_replicas (
             id TEXT PRIMARY KEY, claimed_by TEXT, lease_until REAL, generation INTEGER NOT NULL DEFAULT 0
         )"""),
+    # the Tinker API's client sessions: made by the server, each of the key that made it (runs and sampling sessions
+    # are made only in a session of their own key; a finished one takes none)
+    ("0066_tinker_sessions", """
+        CREATE TABLE tinker_sessions (
+            id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL, finished_at REAL
+        )"""),
+    ("0067_tinker_sessions_by_owner", "CREATE INDEX tinker_sessions_by_owner ON tinker_sessions (owner, created_at)"),
 ]
 

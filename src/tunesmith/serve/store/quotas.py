@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from fastapi import Request
@@ -64,6 +64,10 @@ class Quotas:
     # its optimizer on the resident base), and checkpoints it keeps on the data folder
     tinker_runs: int | None = 8
     tinker_checkpoints: int | None = 1_000
+    # the memory a key's runs and its largest call may take (each run's adapter, gradients and AdamW moments; a call's
+    # activations): a quarter of the machine's memory, so that four keys at their limit still fit
+    tinker_memory_bytes: int | None = field(default_factory=lambda: machine_memory() // 4)
+    tinker_checkpoint_bytes: int | None = 10 * GB  # bytes of the checkpoints a key keeps (as file_bytes)
     sweep_s: float = 60.0  # how often expired uploads, their parts and expired files are deleted
 
     @classmethod
@@ -79,6 +83,18 @@ class Quotas:
                 raise ConfigError(f"--quota expects NAME=VALUE with NAME one of {', '.join(known)}; got '{item}'")
             changes[name] = _value(name, value.strip(), optional="None" in str(known[name].type))
         return replace(base or cls(), **changes)
+
+
+def machine_memory() -> int:
+    """This machine's memory in bytes (MemTotal; 16 GB where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * GB
 
 
 def _value(name: str, text: str, optional: bool) -> int | float | None:

@@ -7,6 +7,7 @@ Every row belongs to the key that made it; another key's are not found."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,9 @@ from tunesmith.serve.store.database import NOW
 if TYPE_CHECKING:
     from tunesmith.serve.store.objects import Store
 
+SESSION_ID = re.compile(r"session-[0-9a-f]{24}")  # a client session's id (made by create_session)
+RUN_ID = re.compile(r"session-[0-9a-f]{24}:train:[0-9]{1,10}")  # a training run's: <session>:train:<model_seq_id>
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # a checkpoint's name: a folder, never '.' or '..'
 SCHEME = "tinker://"
 KINDS = {"weights": "training", "sampler_weights": "sampler"}  # a path's segment -> the SDK's checkpoint_type
 LIVE = "(expires_at IS NULL OR expires_at > ?)"  # a checkpoint whose TTL has not passed
@@ -26,11 +30,13 @@ def checkpoint_path(run_id: str, kind: str, name: str) -> str:
 
 
 def parse_path(path: str) -> tuple[str, str, str] | None:
-    """(run id, kind segment, name) of a ``tinker://`` checkpoint path; None for anything else."""
-    if not path.startswith(SCHEME):
+    """(run id, kind segment, name) of a ``tinker://`` checkpoint path; None for anything else: its run id must be
+    one the server makes (:data:`RUN_ID`) and its name a checkpoint name (:data:`NAME`), so that no part of a path a
+    client sends can name a folder other than the one the server would make."""
+    if not isinstance(path, str) or not path.startswith(SCHEME):
         return None
     parts = path[len(SCHEME):].split("/")
-    if len(parts) != 3 or parts[1] not in KINDS or not parts[0] or not parts[2]:
+    if len(parts) != 3 or parts[1] not in KINDS or not RUN_ID.fullmatch(parts[0]) or not NAME.fullmatch(parts[2]):
         return None
     return parts[0], parts[1], parts[2]
 
@@ -101,6 +107,11 @@ class TinkerStore:
         return int(self.db.execute(f"SELECT COUNT(*) FROM tinker_checkpoints WHERE owner IS ? AND {LIVE}",
                                    (owner, int(time.time()))).fetchone()[0])
 
+    def checkpoint_bytes(self, owner: str | None) -> int:
+        """Bytes on disk of the checkpoints ``owner`` keeps."""
+        return int(self.db.execute(f"SELECT COALESCE(SUM(size_bytes), 0) FROM tinker_checkpoints WHERE owner IS ? AND "
+                                   f"{LIVE}", (owner, int(time.time()))).fetchone()[0])
+
     def sampler_checkpoints(self, owner: str | None) -> list[dict]:
         return [_ckpt(r) for r in self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE owner IS ? AND kind = "
                                                   f"'sampler' AND {LIVE} ORDER BY created_at, path",
@@ -114,6 +125,25 @@ class TinkerStore:
     def forget_checkpoint(self, path: str) -> None:
         with self.lock:
             self.db.execute("DELETE FROM tinker_checkpoints WHERE path = ?", (path,))
+
+    # --- client sessions ---
+
+    def add_session(self, sid: str, owner: str | None, keep: int) -> None:
+        """A client session of ``owner``'s; past ``keep`` of the key's, its oldest are forgotten."""
+        with self.lock:
+            self.db.execute("INSERT INTO tinker_sessions (id, owner, created_at) VALUES (?, ?, ?)",
+                            (sid, owner, time.time()))
+            self._forget_past("tinker_sessions", "created_at", owner, keep)
+
+    def session(self, sid: str, owner: str | None) -> dict | None:
+        """A client session of ``owner``'s (None for another key's or an unknown id)."""
+        row = self.db.execute("SELECT * FROM tinker_sessions WHERE id = ? AND owner IS ?", (sid, owner)).fetchone()
+        return None if row is None else dict(row)
+
+    def finish_session(self, sid: str, owner: str | None) -> None:
+        with self.lock:
+            self.db.execute("UPDATE tinker_sessions SET finished_at = ? WHERE id = ? AND owner IS ? AND finished_at IS "
+                            "NULL", (time.time(), sid, owner))
 
     # --- sampling sessions and recorded samples ---
 

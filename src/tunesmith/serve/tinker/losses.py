@@ -49,10 +49,11 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> Non
         raise TrainingError(f"loss_fn_config {unknown} is not supported for {loss_fn}; "
                             + (f"it takes {', '.join(known)}" if known else "send none"))
     if loss_fn == "stable_reinforce" and not (isinstance(kl := config.get("kl_coeff", 0.0), int | float)
-                                              and not isinstance(kl, bool) and kl >= 0):
+                                              and not isinstance(kl, bool) and 0 <= kl < float("inf")):
         raise TrainingError(f"loss_fn_config: kl_coeff {kl!r} must be a number >= 0")
     clips = clip_bounds(loss_fn, config)
-    if clips and not (isinstance(clips[0], float) and isinstance(clips[1], float) and 0 <= clips[0] <= clips[1]):
+    if clips and not (isinstance(clips[0], float) and isinstance(clips[1], float)
+                      and 0 <= clips[0] <= clips[1] < float("inf")):
         raise TrainingError(f"loss_fn_config: clip_low_threshold {clips[0]!r} and clip_high_threshold {clips[1]!r} "
                             "must be numbers with 0 <= low <= high")
     need = LOSS_INPUTS[loss_fn]
@@ -73,6 +74,10 @@ def check_loss(loss_fn: str, config: dict, data: list[Datum], vocab: int) -> Non
                 raise TrainingError(f"data[{i}].{where}[{bad}]: {ids[bad]} is not a token id of this model "
                                     f"(0 to {vocab - 1})")
         for name, value in datum.inputs.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                at = int(np.flatnonzero(~np.isfinite(value.reshape(-1)))[0])
+                raise TrainingError(f"data[{i}].loss_fn_inputs[{name!r}][{at}] is {value.reshape(-1)[at]}; every "
+                                    "value must be a finite number")
             if value.size != len(datum.tokens):
                 raise TrainingError(f"data[{i}].loss_fn_inputs[{name!r}] has {value.size} values for "
                                     f"{len(datum.tokens)} input tokens; give one per token")

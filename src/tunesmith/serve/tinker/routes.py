@@ -1,28 +1,34 @@
 """The Tinker API's routes (``/api/v1/...``, the wire of the ``tinker`` SDK 0.38.0), so that
 ``tinker.ServiceClient(base_url=<server>, api_key="tml-<key>")`` trains and samples here unchanged.
 
-Each route reads its body as the SDK sends it (JSON; forward_backward in protobuf, :mod:`tunesmith.serve.tinker.wire`)
-and refuses a field it does not know with a 400 naming it. Training and sampling calls answer a future at once;
+Each route reads its body as the SDK sends it (JSON, read as every route of the API reads it, then checked against
+its schema in :mod:`tunesmith.serve.tinker.bodies`; forward_backward in protobuf, :mod:`tunesmith.serve.tinker.wire`):
+a field it does not know, a wrong type or a value out of range is a 400 naming it. Every id a call names (a session,
+a run, a sampling session, a future, a checkpoint) is the server's own and checked against the key before anything
+runs: another key's is not found, as an unknown one. Training and sampling calls answer a future at once;
 ``retrieve_future`` returns its answer. Routes the SDK has that this server does not serve answer 400 naming the
 route and what to do instead."""
 
 from __future__ import annotations
 
-import json
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from tunesmith.serve.api.auth import TinkerKey
+from tunesmith.serve.api.json_body import OffLoopJSON, parsed
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
+from tunesmith.serve.store.tinker import RUN_ID
+from tunesmith.serve.tinker import bodies
 from tunesmith.serve.tinker.losses import TrainingError
 from tunesmith.serve.tinker.service import Tinker, run_name, run_session
 
 log = logging.getLogger("tunesmith.serve")
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1", route_class=OffLoopJSON)
+PAGE = 1000  # rows of one page of a list
 PROTO = "application/x-protobuf"
 SDK_VERSION = "0.38.0"  # the SDK whose wire this is
 CLIENT_CONFIG = {"pjwt_auth_enabled": False, "credential_default_source": "api_key", "parallel_fwdbwd_chunks": False,
@@ -42,27 +48,22 @@ def tinker(request: Request) -> Tinker:
     return request.app.state.tinker
 
 
-async def body_of(request: Request, allowed: set[str], required: set[str] = frozenset()) -> dict:
-    """The JSON object the SDK sent, with no field outside ``allowed`` and every one of ``required``."""
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError as exc:
-        raise APIError(400, f"The body is not JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "The body must be a JSON object.", code="invalid_json")
-    if unknown := sorted(set(body) - allowed - {"type"}):
-        raise APIError(400, f"Unrecognized field {unknown[0]!r}: this server (the Tinker API of SDK {SDK_VERSION}) "
-                       "does not honour it.", param=unknown[0], code="unrecognized_argument")
-    if missing := sorted(required - set(body)):
-        raise APIError(400, f"Missing field {missing[0]!r}.", param=missing[0], code="missing_required_parameter")
-    return body
+async def body_of(request: Request, model: type[bodies.Body]):
+    """The body the SDK sent, as ``model`` (:func:`bodies.read`: a 400 naming the first wrong field). A JSON body was
+    parsed and checked before the route ran (:class:`OffLoopJSON`); one sent under another content type is read
+    here the same way."""
+    if not hasattr(request, "_json"):
+        raw = await request.body()
+        request._json = parsed(raw) if raw.strip() else None
+    return bodies.read(model, request._json)
 
 
-def check_known(value: dict, allowed: set[str], param: str) -> None:
-    """A nested object of the body (``lora_config``, ``adam_params``, ``sampling_params``) with no field outside
-    ``allowed``."""
-    if unknown := sorted(set(value) - allowed):
-        raise APIError(400, f"Unrecognized {param} field {unknown[0]!r}.", param=param, code="unrecognized_argument")
+def run_id_of(value: str) -> str:
+    """A training run's id as a path or a body names it: one the server makes, or a 404 (no other string is
+    looked up)."""
+    if not RUN_ID.fullmatch(value):
+        raise APIError(404, f"No training run {value[:64]!r} for this key.", code="not_found")
+    return value
 
 
 async def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None,
@@ -84,13 +85,13 @@ async def healthz():
 
 @router.post("/client/config")
 async def client_config(request: Request, key: TinkerKey):
-    await body_of(request, {"sdk_version"})
+    await body_of(request, bodies.Versioned)
     return CLIENT_CONFIG
 
 
 @router.post("/client/dynamic_config")
 async def dynamic_config(request: Request, key: TinkerKey):
-    await body_of(request, {"sdk_version"})
+    await body_of(request, bodies.Versioned)
     return {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
 
 
@@ -103,22 +104,27 @@ async def capabilities(request: Request, key: TinkerKey):
 
 @router.post("/create_session")
 async def create_session(request: Request, key: TinkerKey):
-    await body_of(request, {"tags", "user_metadata", "sdk_version", "project_id", "display_name"})
-    return {"type": "create_session", "session_id": new_id("session")}
+    """A client session, made and kept here as the key's: the only session its runs and samplers are made in."""
+    await body_of(request, bodies.CreateSession)
+    t = tinker(request)
+    return await stored(request, key, t.create_session, key)
 
 
 @router.post("/session_heartbeat")
 async def session_heartbeat(request: Request, key: TinkerKey):
-    await body_of(request, {"session_id"}, {"session_id"})
+    body = await body_of(request, bodies.SessionHeartbeat)
+    t = tinker(request)
+    await stored(request, key, t.own_session, key, body.session_id)  # 410 once finished: the SDK's loop stops
     return {"type": "session_heartbeat"}
 
 
 @router.post("/sessions/{session_id}/finish")
 async def finish_session(session_id: str, request: Request, key: TinkerKey):
-    """A client's session ended (``ServiceClient.close``): the training runs it made on this replica are let go (their
-    rows and checkpoints stay; a new client loads a saved state)."""
-    await body_of(request, {"reason", "detail"})
+    """A client's session ended (``ServiceClient.close``): it takes no new run, and the training runs it made on this
+    replica are let go (their rows and checkpoints stay; a new client loads a saved state)."""
+    await body_of(request, bodies.FinishSession)
     t = tinker(request)
+    await stored(request, key, t.own_session, key, session_id, False)
     await t.futures.lane.run(key, t.finish_session, key, session_id, always=True)  # after the key's calls queued
     return {}
 
@@ -127,11 +133,7 @@ async def finish_session(session_id: str, request: Request, key: TinkerKey):
 async def telemetry(request: Request, key: TinkerKey):
     """The SDK's reports of its own errors: each exception it reports is a line of this server's log (where an
     operator sees a client's failures); the rest are counted. ``TINKER_TELEMETRY=0`` on the client stops them."""
-    try:
-        body = json.loads(await request.body() or b"{}")
-    except ValueError:
-        raise APIError(400, "The body is not JSON.", code="invalid_json") from None
-    events = (body.get("events") if isinstance(body, dict) else None) or []
+    events = (await body_of(request, bodies.Telemetry)).events
     for event in events:
         if isinstance(event, dict) and event.get("event") in ("UNHANDLED_EXCEPTION", "unhandled_exception"):
             log.warning("Tinker client of key %s reported: %s", (key or "-")[:12], str(event)[:500])
@@ -143,26 +145,18 @@ async def telemetry(request: Request, key: TinkerKey):
 
 @router.post("/create_model")
 async def create_model(request: Request, key: TinkerKey):
-    body = await body_of(request, {"session_id", "model_seq_id", "base_model", "user_metadata", "lora_config",
-                                   "optimizer_config"}, {"session_id", "model_seq_id", "base_model"})
-    check_optimizer(body.get("optimizer_config"))
-    lora = body.get("lora_config") or {"rank": 32}
-    check_known(lora, {"rank", "seed", "train_unembed", "train_mlp", "train_attn"}, "lora_config")
+    body = await body_of(request, bodies.CreateModel)
+    lora = body.lora_config.model_dump() if body.lora_config else {"rank": 32}
     t = tinker(request)
-    return await future(request, key, "create_model", t.create_model, key, body["session_id"], int(body["model_seq_id"]),
-                  body["base_model"], lora, body.get("user_metadata"))
-
-
-def check_optimizer(config: dict | None) -> None:
-    if config is not None and config.get("type", "adamw") != "adamw":
-        raise APIError(400, f"optimizer_config type {config.get('type')!r} is not supported here; use adamw",
-                       param="optimizer_config", code="unsupported_value")
+    await stored(request, key, t.own_session, key, body.session_id)  # before anything is queued: 404 or 410
+    return await future(request, key, "create_model", t.create_model, key, body.session_id, body.model_seq_id,
+                        body.base_model, lora, body.user_metadata)
 
 
 @router.post("/get_info")
 async def get_info(request: Request, key: TinkerKey):
-    body = await body_of(request, {"model_id"}, {"model_id"})
-    return await stored(request, key, tinker(request).info, key, body["model_id"])
+    body = await body_of(request, bodies.GetInfo)
+    return await stored(request, key, tinker(request).info, key, run_id_of(body.model_id))
 
 
 @router.post("/forward_backward")
@@ -180,114 +174,87 @@ async def forward_backward(request: Request, key: TinkerKey):
 
 @router.post("/optim_step")
 async def optim_step(request: Request, key: TinkerKey):
-    body = await body_of(request, {"model_id", "seq_id", "adam_params", "optimizer_params"}, {"model_id"})
-    if "optimizer_params" in body:
+    body = await body_of(request, bodies.OptimStep)
+    if body.optimizer_params is not None:
         raise APIError(400, "optimizer_params (a non-Adam optimizer) is not supported here; send adam_params",
                        param="optimizer_params", code="unsupported_value")
-    adam = body.get("adam_params") or {}
-    check_known(adam, {"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"}, "adam_params")
     t = tinker(request)
-    return await future(request, key, "optim_step", t.optim_step, key, body["model_id"], adam, model_id=body["model_id"])
+    run_id = run_id_of(body.model_id)
+    return await future(request, key, "optim_step", t.optim_step, key, run_id, body.adam_params.model_dump(),
+                        model_id=run_id)
 
 
 @router.post("/save_weights")
 async def save_weights(request: Request, key: TinkerKey):
-    body = await body_of(request, {"model_id", "path", "seq_id", "ttl_seconds", "overwrite", "user_metadata"},
-                         {"model_id"})
+    body = await body_of(request, bodies.SaveWeights)
     t = tinker(request)
-    return await future(request, key, "save_weights", t.save, key, body["model_id"], body.get("path"), "weights",
-                  bool(body.get("overwrite")), body.get("user_metadata"), body.get("ttl_seconds"),
-                  model_id=body["model_id"])
+    run_id = run_id_of(body.model_id)
+    return await future(request, key, "save_weights", t.save, key, run_id, body.path, "weights", body.overwrite,
+                        body.user_metadata, body.ttl_seconds, model_id=run_id)
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request, key: TinkerKey):
-    body = await body_of(request, {"model_id", "path", "sampling_session_seq_id", "kind", "seq_id", "ttl_seconds",
-                                   "user_metadata"}, {"model_id"})
-    if body.get("kind", "snapshot") != "snapshot":
-        raise APIError(400, f"kind {body['kind']!r} is not supported here; sampler weights are snapshots",
-                       param="kind", code="unsupported_value")
+    body = await body_of(request, bodies.SaveWeightsForSampler)
     t = tinker(request)
+    run_id = run_id_of(body.model_id)
 
     def saved() -> dict:
-        answer = t.save(key, body["model_id"], body.get("path"), "sampler_weights", False, body.get("user_metadata"),
-                        body.get("ttl_seconds"))
-        if body.get("path") is None:  # save_weights_and_get_sampling_client: a session to sample these weights
-            session = t.sampling_session(key, run_session(body["model_id"]), None, answer["path"])
+        answer = t.save(key, run_id, body.path, "sampler_weights", False, body.user_metadata, body.ttl_seconds)
+        if body.path is None:  # save_weights_and_get_sampling_client: a session to sample these weights
+            session = t.sampling_session(key, run_session(run_id), None, answer["path"])
             answer |= {"sampling_session_id": session["sampling_session_id"]}
         return answer | {"type": "save_weights_for_sampler"}
 
-    return await future(request, key, "save_weights_for_sampler", saved, model_id=body["model_id"])
+    return await future(request, key, "save_weights_for_sampler", saved, model_id=run_id)
 
 
 @router.post("/load_weights")
 async def load_weights(request: Request, key: TinkerKey):
-    body = await body_of(request, {"model_id", "seq_id", "session_id", "model_seq_id", "base_model",
-                                   "user_metadata", "path", "optimizer", "optimizer_config", "weights_access_token"},
-                         {"path", "optimizer"})
-    check_optimizer(body.get("optimizer_config"))
-    if body.get("weights_access_token"):
+    body = await body_of(request, bodies.LoadWeights)
+    if body.weights_access_token:
         raise APIError(400, "weights_access_token: checkpoints of another key cannot be loaded here",
                        param="weights_access_token", code="unsupported_parameter")
     t = tinker(request)
-    if body.get("session_id") is not None:
-        rid = run_name(body["session_id"], body.get("model_seq_id"))
-        return await future(request, key, "load_weights", t.create_from, key, body["session_id"],
-                      int(body.get("model_seq_id") or 0), body["path"], bool(body["optimizer"]),
-                      body.get("base_model"), body.get("user_metadata"), model_id=rid)
-    if body.get("model_id") is None:
+    if body.session_id is not None:
+        await stored(request, key, t.own_session, key, body.session_id)  # before anything is queued: 404 or 410
+        seq = body.model_seq_id or 0
+        return await future(request, key, "load_weights", t.create_from, key, body.session_id, seq, body.path,
+                            body.optimizer, body.base_model, body.user_metadata,
+                            model_id=run_name(body.session_id, seq))
+    if body.model_id is None:
         raise APIError(400, "Missing field 'model_id' (or session_id and model_seq_id).", param="model_id",
                        code="missing_required_parameter")
-    return await future(request, key, "load_weights", t.load, key, body["model_id"], body["path"], bool(body["optimizer"]),
-                  model_id=body["model_id"])
+    run_id = run_id_of(body.model_id)
+    return await future(request, key, "load_weights", t.load, key, run_id, body.path, body.optimizer, model_id=run_id)
 
 
 # --- sampling ------------------------------------------------------------------------------------------------------
 
-SAMPLE_FIELDS = {"num_samples", "prompt", "sampling_params", "base_model", "model_path", "sampling_session_id",
-                 "seq_id", "prompt_logprobs", "topk_prompt_logprobs", "topk_sample_logprobs", "record_stability_info"}
-SAMPLE_NOT_SERVED = {"target_prompt_logprobs", "prompt_alt_tokens_k", "prompt_logprobs_last_n"}
-
-
 @router.post("/create_sampling_session")
 async def create_sampling_session(request: Request, key: TinkerKey):
-    body = await body_of(request, {"session_id", "sampling_session_seq_id", "base_model", "model_path"},
-                         {"session_id"})
+    body = await body_of(request, bodies.CreateSamplingSession)
     t = tinker(request)
-    try:
-        return await stored(request, key, t.sampling_session, key, str(body["session_id"]), body.get("base_model"),
-                            body.get("model_path"))
-    except TrainingError as exc:
-        raise APIError(400, str(exc), code="invalid_value") from None
+    return await stored(request, key, t.sampling_session, key, body.session_id, body.base_model, body.model_path)
 
 
 @router.post("/asample")
 async def asample(request: Request, key: TinkerKey):
-    body = await body_of(request, SAMPLE_FIELDS | SAMPLE_NOT_SERVED, {"prompt", "sampling_params"})
-    for name in sorted(SAMPLE_NOT_SERVED & set(body)):
-        if body[name] not in (None, 0, False):
-            raise APIError(400, f"{name} is not supported here; send it unset", param=name,
-                           code="unsupported_parameter")
-    if body.get("topk_sample_logprobs"):
-        raise APIError(400, "topk_sample_logprobs is not supported here; send 0 (each sampled token's own logprob "
-                       "comes with it)", param="topk_sample_logprobs", code="unsupported_parameter")
-    params = body["sampling_params"]
-    check_known(params, {"max_tokens", "seed", "stop", "temperature", "top_k", "top_p"}, "sampling_params")
+    body = (await body_of(request, bodies.Sample)).model_dump(exclude_none=True)
     t = tinker(request)
     sequences = new_id("seq")  # sequence i is "<sequences>:<i>" (recorded under it for stable_reinforce)
     answer = await future(request, key, "sample", t.sample, key, body, sequences, fusable=True)
-    n = body.get("num_samples", 1)
-    return answer | {"sample_sequence_ids": [f"{sequences}:{i}" for i in range(n if isinstance(n, int) else 1)]}
+    return answer | {"sample_sequence_ids": [f"{sequences}:{i}" for i in range(body["num_samples"])]}
 
 
 # --- futures -------------------------------------------------------------------------------------------------------
 
 @router.post("/retrieve_future")
 async def retrieve_future(request: Request, key: TinkerKey):
-    body = await body_of(request, {"request_id", "allow_metadata_only"}, {"request_id"})
-    pending = await tinker(request).futures.retrieve(body["request_id"], key)
+    body = await body_of(request, bodies.RetrieveFuture)
+    pending = await tinker(request).futures.retrieve(body.request_id, key)
     if pending is None:
-        return {"type": "try_again", "request_id": body["request_id"], "queue_state": "active"}
+        return {"type": "try_again", "request_id": body.request_id, "queue_state": "active"}
     if pending.error is not None:
         return {"error": pending.error[0], "category": pending.error[1]}
     if isinstance(pending.answer, bytes):
@@ -302,7 +269,7 @@ async def list_checkpoints(run_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
 
     def listed() -> dict:
-        t.run(key, run_id)
+        t.run(key, run_id_of(run_id))
         return {"checkpoints": [t.checkpoint_object(c) for c in t.store.checkpoints(run_id, key)]}
 
     return await stored(request, key, listed)
@@ -312,23 +279,24 @@ async def paged(request: Request, key, field: str, fetch, shape, limit: int, off
     """One page of a key's rows (``fetch(key, limit, offset)`` → rows and their count, in the store lane) under
     ``field``, with the SDK's cursor."""
     def page() -> dict:
-        rows, total = fetch(key, max(0, min(limit, 1000)), max(0, offset))
+        rows, total = fetch(key, limit, offset)
         return {field: [shape(r) for r in rows], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     return await stored(request, key, page)
 
 
 @router.get("/checkpoints")
-async def all_checkpoints(request: Request, key: TinkerKey, limit: int = 100, offset: int = 0):
+async def all_checkpoints(request: Request, key: TinkerKey, limit: int = Query(100, ge=0, le=PAGE),
+                          offset: int = Query(0, ge=0, le=2**31 - 1)):
     t = tinker(request)
     return await paged(request, key, "checkpoints", t.store.checkpoints_page, t.checkpoint_object, limit, offset)
 
 
 @router.get("/training_runs")
-async def training_runs(request: Request, key: TinkerKey, limit: int = 20, offset: int = 0,
-                        access_scope: str = "owned"):
+async def training_runs(request: Request, key: TinkerKey, limit: int = Query(20, ge=0, le=PAGE),
+                        offset: int = Query(0, ge=0, le=2**31 - 1), access_scope: str = "owned"):
     if access_scope not in ("owned", "accessible"):
-        raise APIError(400, f"access_scope {access_scope!r}: send 'owned'", param="access_scope",
+        raise APIError(400, f"access_scope {access_scope[:40]!r}: send 'owned'", param="access_scope",
                        code="invalid_value")
     t = tinker(request)
     return await paged(request, key, "training_runs", t.store.list_runs, t.run_object, limit, offset)
@@ -338,23 +306,23 @@ async def training_runs(request: Request, key: TinkerKey, limit: int = 20, offse
 async def training_run(run_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
 
-    return await stored(request, key, lambda: t.run_object(t.run(key, run_id)))
+    return await stored(request, key, lambda: t.run_object(t.run(key, run_id_of(run_id))))
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}")
 async def delete_checkpoint(run_id: str, checkpoint_id: str, request: Request, key: TinkerKey):
     t = tinker(request)
-    return await stored(request, key, t.delete_checkpoint, key, f"tinker://{run_id}/{checkpoint_id}")
+    return await stored(request, key, t.delete_checkpoint, key, f"tinker://{run_id_of(run_id)}/{checkpoint_id}")
 
 
 @router.post("/weights_info")
 async def weights_info(request: Request, key: TinkerKey):
-    body = await body_of(request, {"tinker_path"}, {"tinker_path"})
+    body = await body_of(request, bodies.WeightsInfo)
     t = tinker(request)
 
     def info() -> dict:
         try:
-            ckpt = t.checkpoint(key, body["tinker_path"])
+            ckpt = t.checkpoint(key, body.tinker_path)
         except TrainingError as exc:
             raise APIError(400, str(exc), param="tinker_path", code="invalid_value") from None
         lora = t.store.get_run(ckpt["run_id"], key)["lora"]

@@ -7,6 +7,7 @@ a dict (JSON) or bytes (protobuf, for forward_backward and sample)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -17,7 +18,7 @@ from tunesmith.serve.plan.prompts import outside_vocabulary
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
-from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
+from tunesmith.serve.store.tinker import NAME, RUN_ID, SESSION_ID, TinkerStore, checkpoint_path, parse_path
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.futures import Futures, Shared
 from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
@@ -30,6 +31,7 @@ IDLE_S = 3600.0  # a run with no call for this long is let go (its client loads 
 CALL_TOKENS = 65_536  # the tokens of one forward_backward call, over its datums
 MAX_SAMPLES = 64  # num_samples of one sample call
 SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps; past it, its oldest is forgotten
+CLIENT_SESSIONS_PER_KEY = 10_000  # client sessions a key keeps; past it, its oldest is forgotten (it takes no new run)
 RECORDS_KEPT_S = 86_400.0  # a sample recorded for stable_reinforce is kept a day after its last use (the SDK's terms)
 RECORDS_PER_KEY = 20_000  # sample requests a key keeps recorded; past it, its least recently used are forgotten
 
@@ -45,11 +47,31 @@ def run_session(run_id: str) -> str:
 
 
 def check_name(name: str) -> str:
-    """A checkpoint name: letters, digits and ``-_.``, at most :data:`NAME_CHARS` (it is a folder and a path part)."""
-    if not name or len(name) > NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
-        raise TrainingError(f"checkpoint name {name[:40]!r} must be 1..{NAME_CHARS} letters, digits, '-', '_' or '.' "
-                            "(not starting with '.')")
+    """A checkpoint name: ASCII letters, digits and ``-_.``, at most :data:`NAME_CHARS` (it is a folder and a path
+    part)."""
+    if not NAME.fullmatch(name):
+        raise TrainingError(f"path: checkpoint name {name[:40]!r} must be 1..{NAME_CHARS} ASCII letters, digits, '-', "
+                            "'_' or '.' (not starting with '.')")
     return name
+
+
+def key_folder(owner: str | None) -> str:
+    """The folder name of a key's Tinker files: a digest of its owner id (``open``: a server without keys)."""
+    return "open" if owner is None else hashlib.sha256(owner.encode()).hexdigest()[:32]
+
+
+def inside(path: Path, folder: Path) -> Path:
+    """``path`` resolved, when it lies inside ``folder``; a refusal (never a repair) otherwise."""
+    resolved, root = path.resolve(), folder.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise APIError(400, "That path lies outside this key's Tinker folder.", code="invalid_value")
+    return resolved
+
+
+def targets_of(lora: dict) -> tuple[bool, bool, bool]:
+    """A lora_config's (train_attn, train_mlp, train_unembed), the SDK's defaults where unset."""
+    return (bool(lora.get("train_attn", True)), bool(lora.get("train_mlp", True)),
+            bool(lora.get("train_unembed", True)))
 
 
 def iso(at: int | None) -> str | None:
@@ -91,8 +113,31 @@ class Tinker:
 
     # --- runs --------------------------------------------------------------------------------------------------
 
+    # --- client sessions -----------------------------------------------------------------------------------
+
+    def create_session(self, owner) -> dict:
+        """A client session, made here and kept as the key's (its runs and sampling sessions are made in it)."""
+        sid = new_id("session")
+        self.store.add_session(sid, owner, CLIENT_SESSIONS_PER_KEY)
+        return {"type": "create_session", "session_id": sid}
+
+    def own_session(self, owner, session_id: str, live: bool = True) -> dict:
+        """The client session ``session_id`` of ``owner``'s: a 404 for an unknown id or another key's (the same
+        answer), a 410 when ``live`` and it was finished."""
+        row = self.store.session(session_id, owner) if SESSION_ID.fullmatch(session_id) else None
+        if row is None:
+            raise APIError(404, f"No session {session_id[:64]!r} for this key (sessions are made by create_session).",
+                           param="session_id", code="not_found")
+        if live and row["finished_at"] is not None:
+            raise APIError(410, f"Session {session_id} was finished; create a new ServiceClient.",
+                           param="session_id", code="session_finished")
+        return row
+
+    # --- runs --------------------------------------------------------------------------------------------------
+
     def create_model(self, owner, session_id: str, seq: int, base_model: str, lora: dict | None,
                      metadata: dict | None) -> dict:
+        self.own_session(owner, session_id)
         self.check_base(base_model)
         lora = lora or {"rank": 32}
         run_id = run_name(session_id, seq)
@@ -106,8 +151,8 @@ class Tinker:
             raise TrainingError(f"this key holds {held} training runs here (at most {self.quotas.tinker_runs}, "
                                 "--quota tinker_runs); close a ServiceClient whose runs are done (its runs are let go) "
                                 f"or wait for one to be idle {IDLE_S / 60:.0f} minutes")
-        self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), bool(lora.get("train_attn", True)),
-                            bool(lora.get("train_mlp", True)), bool(lora.get("train_unembed", True)))
+        self.check_run_memory(owner, lora)
+        self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), *targets_of(lora))
         try:  # the adapter first (a wrong lora_config writes no row), then its row, claimed
             _, claim = self.store.add_run(run_id, owner, self.worker, base_model, lora, metadata)
         except BaseException:
@@ -143,8 +188,25 @@ class Tinker:
             self.let_go(run_id)
         return idle
 
+    def check_run_memory(self, owner, lora: dict) -> None:
+        """A TrainingError when a new run of ``lora`` would take the key's runs past its memory quota (each run's
+        adapter, gradients and two AdamW moments, in float32)."""
+        limit = self.quotas.tinker_memory_bytes
+        if limit is None:
+            return
+        new = self.trainer.state_bytes(int(lora["rank"]), *targets_of(lora))
+        held = sum(self.trainer.run_bytes(r) for r, o in list(self.owners.items()) if o == owner)
+        if held + new > limit:
+            raise TrainingError(f"lora_config.rank: a run of rank {lora['rank']} takes {new / 2**30:.2f} GiB (adapter, "
+                                f"gradients and AdamW moments) beside this key's {held / 2**30:.2f} GiB of runs held; "
+                                f"at most {limit / 2**30:.2f} GiB a key (--quota tinker_memory_bytes). Use a smaller "
+                                "rank, or close a ServiceClient whose runs are done")
+
     def finish_session(self, owner, session_id: str) -> int:
-        """A client closed its session: the runs it made here let go; how many."""
+        """A client closed its session: the session finished (it takes no new run) and the runs it made here let go;
+        how many."""
+        self.own_session(owner, session_id, live=False)
+        self.store.finish_session(session_id, owner)
         mine = [r for r, o in list(self.owners.items()) if o == owner and run_session(r) == session_id]
         for run_id in mine:
             self.let_go(run_id)
@@ -226,6 +288,11 @@ class Tinker:
             raise TrainingError(f"a datum of {longest} tokens is longer than the model's context "
                                 f"({self.context_length()})")
         check_loss(request.loss_fn, request.config, request.data, self.trainer.vocab_size())
+        limit = self.quotas.tinker_memory_bytes
+        if limit is not None and (need := self.trainer.call_bytes(request.model_id, request.data)) > limit:
+            raise TrainingError(f"data: this call's passes over the base need about {need / 2**30:.2f} GiB of "
+                                f"activations (its longest datum: {longest} tokens); at most {limit / 2**30:.2f} GiB a "
+                                "key (--quota tinker_memory_bytes). Send shorter datums")
         if request.loss_fn == "stable_reinforce":
             recorded = self.store.samples(sorted({s.sequence_id.rpartition(":")[0] for d in request.data
                                                   for s in (*(d.input_spans or ()), *(d.target_spans or ()))}), owner,
@@ -242,8 +309,27 @@ class Tinker:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
 
-    def _folder(self, run_id: str, kind: str, name: str) -> Path:
-        return self.root / run_id.replace(":", "_") / kind / name
+    def key_root(self, owner) -> Path:
+        """The folder of a key's checkpoints: ``<data>/tinker/keys/<digest of its owner id>``."""
+        return self.root / "keys" / key_folder(owner)
+
+    def _folder(self, owner, run_id: str, kind: str, name: str) -> Path:
+        """A checkpoint's folder, built from server-made parts only (a run id of :data:`RUN_ID`, a kind, a checked
+        name) and checked to lie inside the key's folder."""
+        if not RUN_ID.fullmatch(run_id) or kind not in ("weights", "sampler_weights"):
+            raise TrainingError(f"model_id {run_id[:64]!r} is not a training run of this server")
+        root = self.key_root(owner)
+        return inside(root / run_id.replace(":", "_") / kind / check_name(name), root)
+
+    def remove(self, owner, folder: str) -> None:
+        """A checkpoint's folder removed, when it lies inside its key's folder (a row that names any other place is
+        left alone, and said in the log)."""
+        try:
+            path = inside(Path(folder), self.key_root(owner))
+        except APIError:
+            log.warning("a Tinker checkpoint's folder %s lies outside its key's folder: not removed", folder)
+            return
+        shutil.rmtree(path, ignore_errors=True)
 
     def _record(self, owner, run_id: str, path: str, folder: Path, metadata, ttl_s: int | None) -> None:
         """The checkpoint's row, written only while this replica still holds the run (fenced by its claim)."""
@@ -254,7 +340,7 @@ class Tinker:
         """Checkpoints past their TTL: their folders removed, then their rows; how many."""
         gone = self.store.expired()
         for ckpt in gone:
-            shutil.rmtree(ckpt["folder"], ignore_errors=True)
+            self.remove(ckpt["owner"], ckpt["folder"])
             self.store.forget_checkpoint(ckpt["path"])
         return len(gone)
 
@@ -269,24 +355,47 @@ class Tinker:
         self.sweep()
         name = check_name(name or f"{time.strftime('%Y%m%d-%H%M%S')}-{new_id('w')[-8:]}")
         path = checkpoint_path(run_id, kind, name)
-        if not overwrite and self.store.checkpoint(path, owner) is not None:
+        old = self.store.checkpoint(path, owner)
+        if not overwrite and old is not None:
             raise TrainingError(f"checkpoint {path} exists; choose another name (or overwrite=true for a state)")
-        kept = self.store.count_checkpoints(owner)
+        self.check_checkpoint_quota(owner, run_id, kind, old)
+        folder = self._folder(owner, run_id, kind, name)
+        staging = folder.with_name(f".{name}.{new_id('tmp')[-8:]}")
+        staging.mkdir(parents=True)
+        try:  # written aside, then put in place and recorded; a failure leaves neither files nor a row
+            (self.trainer.save_state if kind == "weights" else self.trainer.save_adapter)(run_id, staging)
+            previous = folder.with_name(f".{name}.{new_id('old')[-8:]}")
+            if folder.exists():
+                folder.replace(previous)
+            staging.replace(folder)
+            try:
+                self._record(owner, run_id, path, folder, metadata, ttl_s)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                if previous.exists():
+                    previous.replace(folder)
+                raise
+            shutil.rmtree(previous, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {"path": path}
+
+    def check_checkpoint_quota(self, owner, run_id: str, kind: str, replaced: dict | None) -> None:
+        """A TrainingError when one more checkpoint of the run (its size estimated from the run's adapter, with its
+        optimizer for a training state) would take the key past its checkpoints' count or bytes."""
+        kept = self.store.count_checkpoints(owner) - (replaced is not None)
         if self.quotas.tinker_checkpoints is not None and kept >= self.quotas.tinker_checkpoints:
             raise TrainingError(f"this key keeps {kept} checkpoints (at most {self.quotas.tinker_checkpoints}, --quota "
                                 "tinker_checkpoints); delete some (RestClient.delete_checkpoint)")
-        folder = self._folder(run_id, kind, name)
-        staging = folder.with_name(f".{name}.{new_id('tmp')[-8:]}")
-        staging.mkdir(parents=True)
-        try:
-            (self.trainer.save_state if kind == "weights" else self.trainer.save_adapter)(run_id, staging)
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.replace(folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        self._record(owner, run_id, path, folder, metadata, ttl_s)
-        return {"path": path}
+        limit = self.quotas.tinker_checkpoint_bytes
+        if limit is None:
+            return
+        used = self.store.checkpoint_bytes(owner) - (replaced["size_bytes"] if replaced else 0)
+        size = self.trainer.checkpoint_bytes(run_id, with_optimizer=kind == "weights")
+        if used + size > limit:
+            raise TrainingError(f"this checkpoint takes about {size / 2**20:,.0f} MiB beside the {used / 2**20:,.0f} MiB "
+                                f"of checkpoints this key keeps; at most {limit / 2**30:.1f} GiB a key (--quota "
+                                "tinker_checkpoint_bytes); delete some (RestClient.delete_checkpoint)")
 
     def load(self, owner, run_id: str, path: str, optimizer: bool) -> dict:
         """A saved state (or sampler weights, without the optimizer) loaded into the run."""
@@ -300,6 +409,7 @@ class Tinker:
     def create_from(self, owner, session_id: str, seq: int, path: str, optimizer: bool, base_model: str | None,
                     metadata: dict | None) -> dict:
         """A new run made from a saved checkpoint (the SDK's ``create_training_client_from_state``)."""
+        self.own_session(owner, session_id)
         ckpt = self.checkpoint(owner, path)
         source = self.store.get_run(ckpt["run_id"], owner)
         self.create_model(owner, session_id, seq, base_model or source["base_model"], source["lora"], metadata)
@@ -307,8 +417,8 @@ class Tinker:
 
     def checkpoint(self, owner, path: str) -> dict:
         if parse_path(path) is None:
-            raise TrainingError(f"{path!r} is not a checkpoint path (tinker://<run>/weights/<name> or "
-                                "tinker://<run>/sampler_weights/<name>)")
+            raise TrainingError(f"{path[:200]!r} is not a checkpoint path of this server (tinker://<run>/weights/<name> "
+                                "or tinker://<run>/sampler_weights/<name>)")
         ckpt = self.store.checkpoint(path, owner)
         if ckpt is None or not Path(ckpt["folder"]).is_dir():
             raise APIError(404, f"No checkpoint {path} for this key.", code="not_found")
@@ -318,7 +428,7 @@ class Tinker:
         """A checkpoint's row, then its folder (a sampler checkpoint stops being a model of the key)."""
         ckpt = self.checkpoint(owner, path)
         self.store.delete_checkpoint(path, owner)
-        shutil.rmtree(ckpt["folder"], ignore_errors=True)
+        self.remove(owner, ckpt["folder"])
         return {"deleted": True, "tinker_path": path}
 
     def run_object(self, run: dict) -> dict:
@@ -340,6 +450,7 @@ class Tinker:
 
     def sampling_session(self, owner, session_id: str, base_model: str | None, model_path: str | None) -> dict:
         """A sampling session of the client session ``session_id`` (in the store: any replica samples from it)."""
+        self.own_session(owner, session_id)
         if model_path is not None:
             self.checkpoint(owner, model_path)
         else:

@@ -143,6 +143,58 @@ class Trainer:
             self.model.add_adapter(name, config)
             self._active_exists()
 
+    # --- memory -------------------------------------------------------------------------------------------
+
+    def lora_params(self, rank: int, train_attn=True, train_mlp=True, train_unembed=True) -> int:
+        """The parameters of a LoRA of ``rank`` on the layers these choices adapt: rank x (inputs + outputs) of each."""
+        import torch
+
+        with self.lock:
+            self.load()
+            names = set(lora_targets(self.kinds, train_attn, train_mlp, train_unembed))
+            widths = sum(m.in_features + m.out_features for path, m in self.plain.named_modules()
+                         if isinstance(m, torch.nn.Linear) and path.rpartition(".")[2] in names)
+        return rank * widths
+
+    def state_bytes(self, rank: int, train_attn=True, train_mlp=True, train_unembed=True) -> int:
+        """A run's memory in float32: its adapter, gradients and two AdamW moments."""
+        return 16 * self.lora_params(rank, train_attn, train_mlp, train_unembed)
+
+    def run_bytes(self, name: str) -> int:
+        run = self.runs.get(name)
+        return 0 if run is None else 16 * sum(p.numel() for p in self._params(name))
+
+    def checkpoint_bytes(self, name: str, with_optimizer: bool) -> int:
+        """A checkpoint's size on disk, about: the adapter in float32, and its two AdamW moments with the optimizer."""
+        return (12 if with_optimizer else 4) * sum(p.numel() for p in self._params(name)) + 64 * 1024
+
+    def token_bytes(self, rank: int) -> int:
+        """Memory one token of a pass keeps for its backward: every layer's activations
+        (:func:`tunesmith.machine.estimate.activation_floats`, measured on this architecture), the logits, their
+        log-softmax and its gradient in float32; a fifth more for what the estimate leaves out."""
+        from types import SimpleNamespace
+
+        from tunesmith.machine.estimate import activation_floats
+
+        with self.lock:
+            self.load()
+            config = self.plain.config
+        hidden = config.hidden_size
+        heads = getattr(config, "num_attention_heads", 1) or 1
+        shape = SimpleNamespace(hidden=hidden, intermediate=getattr(config, "intermediate_size", 4 * hidden),
+                                kv_dim=hidden // heads * (getattr(config, "num_key_value_heads", None) or heads))
+        per_layer = activation_floats(shape, SimpleNamespace(adapter="lora", lora=SimpleNamespace(r=rank, dropout=0.0)))
+        floats = config.num_hidden_layers * per_layer + 3 * self.plain.get_input_embeddings().num_embeddings
+        return int(4 * floats * 1.2)
+
+    def call_bytes(self, name: str, data: list[Datum]) -> int:
+        """The activations of a call's largest pass (:func:`passes`: up to :data:`PASS_TOKENS` padded tokens, or one
+        datum longer than that alone)."""
+        lengths = [len(d.tokens) for d in data]
+        run = self.runs.get(name)
+        widest = max(min(sum(lengths), PASS_TOKENS), max(lengths, default=0))
+        return widest * self.token_bytes(run.rank if run else 1)
+
     # --- runs -----------------------------------------------------------------------------------------------
 
     def create(self, name: str, rank: int, seed: int | None, train_attn=True, train_mlp=True,
@@ -155,6 +207,8 @@ class Trainer:
             raise TrainingError(f"lora_config.rank must be 1..512, got {rank}")
         with self.lock:
             self.load()
+            if name in self.runs:
+                raise TrainingError(f"training run {name!r} exists; create a training client in a new session")
             targets = lora_targets(self.kinds, train_attn, train_mlp, train_unembed)
             if seed is not None:
                 torch.manual_seed(seed)
@@ -258,6 +312,12 @@ class Trainer:
             trainable = self._params(name)
             grads = [p.grad for p in trainable if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            if not np.isfinite(norm):  # never trained in: the gradients are dropped, the weights stay as they were
+                run.optimizer.zero_grad(set_to_none=True)
+                run.pending = 0
+                raise TrainingError(f"the accumulated gradients are not finite (norm {norm}); they were dropped and "
+                                    "the weights left as they were. Check the data of the forward_backward calls "
+                                    "since the last optim_step (their losses are in their metrics)")
             if params["grad_clip_norm"] > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, params["grad_clip_norm"])
             for group in run.optimizer.param_groups:
