@@ -10,7 +10,6 @@ import pytest
 from tunesmith.serve.store.claims import ClaimLost
 from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
 
-
 RUN = "session-0123456789abcdef01234567:train:0"  # a run id as the server makes them
 
 
@@ -22,7 +21,7 @@ def test_runs_and_checkpoints_belong_to_their_key_and_their_claim(store, tmp_pat
     sampler = checkpoint_path(RUN, "sampler_weights", "final")
     assert parse_path(sampler) == (RUN, "sampler_weights", "final") and all(parse_path(p) is None for p in (
         "tinker://x/y", "tinker://s1:train:0/weights/a", f"tinker://{RUN}/weights/..", f"tinker://{RUN}/weights/.a",
-        f"tinker://{RUN}/weights/a%2F..", f"tinker:///etc/passwd/weights/a", f"tinker://{RUN}/../weights/a"))
+        f"tinker://{RUN}/weights/a%2F..", "tinker:///etc/passwd/weights/a", f"tinker://{RUN}/../weights/a"))
     claim.write(rows.add_checkpoint, sampler, "owner-a", str(tmp_path), 10, None, None)
     state = checkpoint_path(RUN, "weights", "soon")
     claim.write(rows.add_checkpoint, state, "owner-a", str(tmp_path), 10, None, 3600)

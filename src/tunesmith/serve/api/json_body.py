@@ -60,6 +60,9 @@ def parsed(body: bytes, free_text: tuple[str, ...] = ()):
         where = getattr(exc, "pos", getattr(exc, "start", 0))
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", where), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": getattr(exc, "msg", str(exc))}}]) from None
+    except RecursionError:  # arrays or objects nested past what the parser follows
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": "nested too deeply"}}]) from None
     check_value(value, "", free_text)
     return value
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunesmith.serve.errors import APIError, validation_error_body
+from tunesmith.serve.store.tinker import NAME
 from tunesmith.serve.store.values import check_value
 
 SEQ_MAX = 2**31 - 1  # a client-made sequence number (model_seq_id, seq_id)
@@ -23,6 +24,7 @@ STOP_CHARS = 256  # one stop string
 STOP_IDS = 64
 TOPK_PROMPT = 20  # topk_prompt_logprobs, as the OpenAI routes cap top_logprobs
 CHUNKS = 4096  # chunks of one prompt
+SAMPLES = 64  # num_samples of one sample call (an RL group); its time is bounded by the server's pace besides
 
 Seq = Annotated[int, Field(ge=0, le=SEQ_MAX)]
 ID = Annotated[str, Field(min_length=1, max_length=128)]
@@ -123,7 +125,7 @@ class OptimStep(Body):
 
 class Saving(Body):
     model_id: ID
-    path: Text | None = None
+    path: Annotated[str, Field(pattern=NAME.pattern + "$")] | None = None  # a checkpoint's name: a folder
     seq_id: Seq | None = None
     ttl_seconds: Annotated[int, Field(ge=3600, le=10 * 365 * 86400)] | None = None
     user_metadata: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=64)
@@ -184,7 +186,7 @@ class SamplingParams(Body):
 
 class Sample(Body):
     type: Literal["sample"] | None = None
-    num_samples: Annotated[int, Field(ge=1, le=SEQ_MAX)] = 1
+    num_samples: Annotated[int, Field(ge=1, le=SAMPLES)] = 1
     prompt: ModelInput
     sampling_params: SamplingParams
     base_model: Text | None = None

@@ -66,6 +66,13 @@ def run_id_of(value: str) -> str:
     return value
 
 
+async def own_run(request: Request, key, value: str) -> str:
+    """A training run of the key's, checked in the store before its call is queued: a 404 for another key's."""
+    run_id = run_id_of(value)
+    await stored(request, key, tinker(request).run, key, run_id)
+    return run_id
+
+
 async def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None,
                  fusable: bool = False) -> dict:
     """``fn(*args)`` queued as the key's call (in the order calls arrive), its future's row written in the store
@@ -179,7 +186,7 @@ async def optim_step(request: Request, key: TinkerKey):
         raise APIError(400, "optimizer_params (a non-Adam optimizer) is not supported here; send adam_params",
                        param="optimizer_params", code="unsupported_value")
     t = tinker(request)
-    run_id = run_id_of(body.model_id)
+    run_id = await own_run(request, key, body.model_id)
     return await future(request, key, "optim_step", t.optim_step, key, run_id, body.adam_params.model_dump(),
                         model_id=run_id)
 
@@ -188,7 +195,7 @@ async def optim_step(request: Request, key: TinkerKey):
 async def save_weights(request: Request, key: TinkerKey):
     body = await body_of(request, bodies.SaveWeights)
     t = tinker(request)
-    run_id = run_id_of(body.model_id)
+    run_id = await own_run(request, key, body.model_id)
     return await future(request, key, "save_weights", t.save, key, run_id, body.path, "weights", body.overwrite,
                         body.user_metadata, body.ttl_seconds, model_id=run_id)
 
@@ -197,7 +204,7 @@ async def save_weights(request: Request, key: TinkerKey):
 async def save_weights_for_sampler(request: Request, key: TinkerKey):
     body = await body_of(request, bodies.SaveWeightsForSampler)
     t = tinker(request)
-    run_id = run_id_of(body.model_id)
+    run_id = await own_run(request, key, body.model_id)
 
     def saved() -> dict:
         answer = t.save(key, run_id, body.path, "sampler_weights", False, body.user_metadata, body.ttl_seconds)
@@ -225,7 +232,7 @@ async def load_weights(request: Request, key: TinkerKey):
     if body.model_id is None:
         raise APIError(400, "Missing field 'model_id' (or session_id and model_seq_id).", param="model_id",
                        code="missing_required_parameter")
-    run_id = run_id_of(body.model_id)
+    run_id = await own_run(request, key, body.model_id)
     return await future(request, key, "load_weights", t.load, key, run_id, body.path, body.optimizer, model_id=run_id)
 
 
@@ -242,6 +249,7 @@ async def create_sampling_session(request: Request, key: TinkerKey):
 async def asample(request: Request, key: TinkerKey):
     body = (await body_of(request, bodies.Sample)).model_dump(exclude_none=True)
     t = tinker(request)
+    await stored(request, key, t.weights_of, key, body)  # its sampler or checkpoint the key's, before it is queued
     sequences = new_id("seq")  # sequence i is "<sequences>:<i>" (recorded under it for stable_reinforce)
     answer = await future(request, key, "sample", t.sample, key, body, sequences, fusable=True)
     return answer | {"sample_sequence_ids": [f"{sequences}:{i}" for i in range(body["num_samples"])]}

@@ -29,7 +29,6 @@ log = logging.getLogger("tunesmith.serve")
 NAME_CHARS = 128  # a checkpoint's name
 IDLE_S = 3600.0  # a run with no call for this long is let go (its client loads its last saved state)
 CALL_TOKENS = 65_536  # the tokens of one forward_backward call, over its datums
-MAX_SAMPLES = 64  # num_samples of one sample call
 SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps; past it, its oldest is forgotten
 CLIENT_SESSIONS_PER_KEY = 10_000  # client sessions a key keeps; past it, its oldest is forgotten (it takes no new run)
 RECORDS_KEPT_S = 86_400.0  # a sample recorded for stable_reinforce is kept a day after its last use (the SDK's terms)
@@ -68,6 +67,28 @@ def inside(path: Path, folder: Path) -> Path:
     return resolved
 
 
+class Pace:
+    """What a token of each kind of call (``sample``, ``forward_backward``) has cost here lately, in seconds (a moving
+    average of the calls run): a call's time is estimated from it before the call runs."""
+
+    def __init__(self):
+        self.per_token: dict[str, float] = {}
+
+    def record(self, kind: str, seconds: float, tokens: int) -> None:
+        if tokens > 0 and seconds > 0:
+            last = self.per_token.get(kind)
+            now = seconds / tokens
+            self.per_token[kind] = now if last is None else 0.7 * last + 0.3 * now
+
+    def check(self, kind: str, tokens: int, limit: float, what: str) -> None:
+        """A TrainingError when ``tokens`` of ``kind`` would take past ``limit`` seconds at the recent pace."""
+        per = self.per_token.get(kind)
+        if per is not None and tokens * per > limit:
+            raise TrainingError(f"{what}: {tokens:,} tokens would take about {tokens * per:,.0f} s at this server's "
+                                f"recent pace ({1 / per:,.0f} tokens/s), past the {limit:.0f} s one call may hold the "
+                                "base for every key's calls (--request-timeout); split it into smaller calls")
+
+
 def targets_of(lora: dict) -> tuple[bool, bool, bool]:
     """A lora_config's (train_attn, train_mlp, train_unembed), the SDK's defaults where unset."""
     return (bool(lora.get("train_attn", True)), bool(lora.get("train_mlp", True)),
@@ -104,6 +125,8 @@ class Tinker:
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
         self.quotas = settings.quotas
         self.max_tokens = settings.max_tokens
+        self.call_seconds = float(settings.request_timeout_s)
+        self.pace = Pace()
 
     def close(self) -> None:
         """Every run held here let go (its row free again; its clients load their last saved state)."""
@@ -268,8 +291,11 @@ class Tinker:
                 answers[i] = exc
         if calls:
             try:
+                started = time.monotonic()
                 for i, (outputs, metrics) in zip(where, self.trainer.forward_backward_many(calls), strict=True):
                     answers[i] = wire.forward_backward_output(outputs, metrics)
+                self.pace.record("forward_backward", time.monotonic() - started,
+                                 sum(len(d.tokens) for c in calls for d in c.data))
             except Exception as exc:  # noqa: BLE001 - every call of the step ends with it
                 for i in where:
                     answers[i] = exc
@@ -283,6 +309,7 @@ class Tinker:
         if tokens > CALL_TOKENS:
             raise TrainingError(f"this call holds {tokens} tokens (at most {CALL_TOKENS} a call); split its data over "
                                 "several forward_backward calls (gradients add up until optim_step)")
+        self.pace.check("forward_backward", tokens, self.call_seconds, "data")
         longest = max((len(d.tokens) for d in request.data), default=0)
         if longest > self.context_length():
             raise TrainingError(f"a datum of {longest} tokens is longer than the model's context "
@@ -491,7 +518,11 @@ class Tinker:
             wants.append(want)
             sessions.append(session)
             where.append(i)
+        started = time.monotonic()
         got = self.trainer.sample_many(wants) if wants else []
+        self.pace.record("sample", time.monotonic() - started, sum(
+            w.n * len(w.prompt) + sum(len(q.tokens) for q in g[0]) for w, g in zip(wants, got, strict=True)
+            if not isinstance(g, BaseException)))
         for i, want, session, sampled in zip(where, wants, sessions, got, strict=True):
             owner, request, sequences_id = items[i]
             try:
@@ -501,31 +532,36 @@ class Tinker:
                 answers[i] = exc
         return answers
 
-    def _want(self, owner, request: dict) -> tuple[Want, dict | None]:
-        """One sample request read and checked: its weights (a checkpoint or sampling session of this key's, or the
-        base), its prompt and sizes; with its sampling session's row (None: none named)."""
+    def weights_of(self, owner, request: dict) -> tuple[dict | None, dict | None]:
+        """A sample request's weights: (its checkpoint's row, None: the base; its sampling session's row, None: none
+        named), each the key's (a 404 otherwise)."""
         path, session = request.get("model_path"), None
         if (sid := request.get("sampling_session_id")) is not None:
             session = self.session_of(owner, sid)
             path = session["model_path"]
         elif path is None:
             self.check_base(request.get("base_model") or "")
+        return (None if path is None else self.checkpoint(owner, path)), session
+
+    def _want(self, owner, request: dict) -> tuple[Want, dict | None]:
+        """One sample request read and checked: its weights (a checkpoint or sampling session of this key's, or the
+        base), its prompt and sizes; with its sampling session's row (None: none named)."""
+        ckpt, session = self.weights_of(owner, request)
         if request.get("record_stability_info") and session is None:
             raise TrainingError("record_stability_info needs a sampling client of a session (its records belong to "
                                 "that session); create one with create_sampling_client or "
                                 "save_weights_and_get_sampling_client")
-        folder = None if path is None else self.checkpoint(owner, path)["folder"]
+        folder = None if ckpt is None else ckpt["folder"]
         prompt = prompt_tokens(request["prompt"])
         if (bad := outside_vocabulary(prompt, self.trainer.vocab_size())) is not None:
             raise TrainingError(f"prompt token {bad} ({prompt[bad]}) is not a token id of this model (0 to "
                                 f"{self.trainer.vocab_size() - 1})")
-        n = int(request.get("num_samples", 1))
-        if not 1 <= n <= MAX_SAMPLES:
-            raise TrainingError(f"num_samples must be 1..{MAX_SAMPLES}, got {n}")
+        n = int(request.get("num_samples", 1))  # 1..bodies.SAMPLES
         wanted = request["sampling_params"].get("max_tokens") or 16
         if not 1 <= wanted <= self.max_tokens or len(prompt) + wanted > self.context_length():
-            raise TrainingError(f"max_tokens must be 1..{self.max_tokens} and fit the context "
+            raise TrainingError(f"sampling_params.max_tokens must be 1..{self.max_tokens} and fit the context "
                                 f"({self.context_length()} tokens) after the prompt's {len(prompt)}")
+        self.pace.check("sample", n * (len(prompt) + wanted), self.call_seconds, "num_samples x (prompt + max_tokens)")
         return Want(prompt, n, request["sampling_params"], folder, bool(request.get("prompt_logprobs")),
                     int(request.get("topk_prompt_logprobs") or 0)), session
 
