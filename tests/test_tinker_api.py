@@ -342,11 +342,10 @@ def test_another_key_reaches_nothing_of_a_keys_runs_futures_and_checkpoints(serv
     assert httpx.get(f"{root}/api/v1/training_runs/{training.model_id}/checkpoints",
                      headers={"X-API-Key": "tml-key-b"}).status_code == 404
     sample = post(root, "asample", {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]},
-                                    "sampling_params": {"max_tokens": 2}, "model_path": path}).json()
-    failed = post(root, "retrieve_future", {"request_id": sample["request_id"]}).json()
-    assert "No checkpoint" in failed["error"] and failed["category"] == "user"
-    steal = post(root, "optim_step", {"model_id": training.model_id, "adam_params": {}}).json()
-    assert "No training run" in post(root, "retrieve_future", {"request_id": steal["request_id"]}).json()["error"]
+                                    "sampling_params": {"max_tokens": 2}, "model_path": path})
+    assert sample.status_code == 404 and "No checkpoint" in sample.json()["error"]["message"]  # before it is queued
+    steal = post(root, "optim_step", {"model_id": training.model_id, "adam_params": {}})
+    assert steal.status_code == 404 and "No training run" in steal.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=f"{root}/v1", api_key="key-b").chat.completions.create(
             model=path, max_tokens=2, messages=[{"role": "user", "content": "hi"}])

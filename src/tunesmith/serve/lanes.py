@@ -34,6 +34,7 @@ class LaneSize:
     workers: int  # threads of the lane
     per_key: int  # threads one key may hold at once
     queued: int  # one key's calls waiting at most; past it a 429
+    nice: int = 0  # the lane's threads' niceness (and of the threads they start, such as torch's OpenMP team)
 
 
 class Lane:
@@ -41,7 +42,8 @@ class Lane:
 
     def __init__(self, name: str, size: LaneSize, what: str):
         self.name, self.size, self.what = name, size, what
-        self.pool = ThreadPoolExecutor(size.workers, thread_name_prefix=f"tunesmith-{name}")
+        self.pool = ThreadPoolExecutor(size.workers, thread_name_prefix=f"tunesmith-{name}",
+                                       initializer=lower_priority if size.nice else None, initargs=(size.nice,))
         self.running: Counter = Counter()  # key -> threads it holds
         self.lines: dict[object, deque[asyncio.Future]] = {}  # key -> its calls waiting, in order
         self.turns: deque = deque()  # keys with calls waiting, in the order they are served
@@ -180,6 +182,15 @@ class ThreadClock:
                 raise TooCostly(f"spent more than {cpu_s:g} s of CPU time")
 
 
+def lower_priority(nice: int) -> None:
+    """This thread's niceness raised to ``nice`` (Linux keeps one a thread, and a thread it starts inherits it):
+    where another thread of the server wants the CPU, it goes first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError):  # not Linux, or not allowed: the lane runs at the process's priority
+        pass
+
+
 def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
     """Each lane's size for a machine of ``cores`` CPU cores. Planning is every generation request's first step: it
     has the most threads, half of them at most for one key. The store's work waits on the database more than it
@@ -187,7 +198,9 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
     reads the store). The others are work one key asks for at a time or in the background; one thread each per key,
     so that another key's call finds one free. The Tinker API's calls have one thread: they take turns on one resident
     base anyway, keys in turn, and a second thread running torch beside it makes both slower on a CPU (measured 1.6x
-    on 2 cores: each thread that runs torch keeps an OpenMP team of its own)."""
+    on 2 cores: each thread that runs torch keeps an OpenMP team of its own), at ``nice`` 19 as the server's worker
+    processes: the engine's decoding of every key's chat and completion requests comes first whenever it wants the
+    CPU, so that a Tinker call of one key does not hold another key's chat."""
     cores = cores or os.cpu_count() or 2
     plan = max(4, cores)
     two = max(2, cores // 2)
@@ -199,7 +212,7 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
             "embeddings": LaneSize(two, 1, 8),
             "heads": LaneSize(two, 1, 256),
             "files": LaneSize(two, 1, 64),
-            "tinker": LaneSize(1, 1, PER_KEY_TINKER)}
+            "tinker": LaneSize(1, 1, PER_KEY_TINKER, nice=19)}
 
 
 WHAT = {"plan": "requests being planned", "store": "requests reading or writing the store", "graders": "grader runs",
