@@ -1,8 +1,9 @@
-"""A batch's lines in chunks. In the store, on both backends: a batch split once under its claim (and then left alone
-by a replica of the release before), each chunk claimed by one replica of several claiming at once, a line recorded
-only by its chunk's holder, a chunk done only once every line is recorded, and a batch's finishing decided once when
-replicas finish at the same moment. On a server: a chunk a dead replica left (a line written past its record) and a
-batch an earlier version left in progress (one output file, its lines recorded) finished with every line once."""
+"""A batch's lines in chunks. In the store, on both backends: a batch split once under its claim (and then claimed
+by nobody), each chunk claimed by one replica of several claiming at once, a line recorded only by its chunk's
+holder, a chunk done only once every line is recorded, a batch's finishing decided once when replicas finish at the
+same moment, and the batches the release before marked in ``claimed_by`` given their ``claim_status``. On a server:
+a chunk a dead replica left (a line written past its record) and a batch an earlier version left in progress (one
+output file, its lines recorded) finished with every line once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import openai
 import pytest
 
 from tunesmith.serve.batches.output import BatchFiles, chunk_bounds
-from tunesmith.serve.batches.store import CHUNKED, BatchStore, ClaimLost
+from tunesmith.serve.batches.store import CHUNKED, ENDED, BatchStore, ClaimLost
 from tunesmith.serve.store import Store
 from tunesmith.serve.store.keys import owner_id, server_secret
 
@@ -40,8 +41,9 @@ def split(store: Store, chunks: int, size: int = 2, owner: str = "o1") -> dict:
 
 def test_a_batch_is_split_once_and_each_chunk_claimed_by_one_of_the_replicas_claiming_at_once(store):
     batch, batches = split(store, 12), BatchStore(store)
-    assert batch["status"] == "in_progress" and batch["in_progress_at"] and batch["claimed_by"] == CHUNKED
-    assert batches.claim_batch(batch["id"], "a replica of the release before") is None  # it leaves the batch alone
+    assert batch["status"] == "in_progress" and batch["in_progress_at"] and batch["claim_status"] == CHUNKED
+    assert (batch["claimed_by"], batch["lease_until"]) == (None, None)  # held by its chunks, claimed by nobody
+    assert batches.claim_batch(batch["id"], "another replica") is None  # it is never split again
     claims: dict[str, list[str]] = {}
     start = threading.Barrier(4)
 
@@ -148,6 +150,36 @@ def test_a_finisher_that_looked_just_before_the_end_was_written_takes_nothing(st
     assert batches.begin_finishing(batch["id"], "late") is None
     assert batches.get(batch["id"], any_owner=True)["status"] == status == "completed"
     assert batches.claims.held == {c for c in batches.claims.held if c.holder != "late"}  # nothing left renewed
+
+
+def test_the_release_befores_sentinels_in_claimed_by_become_claim_statuses(store):
+    """A store as the release before left it: a batch run by chunks and a batch's finishing over each held by a
+    sentinel in ``claimed_by`` (``chunks``, ``ended``) with an endless lease. Migrated, each has its ``claim_status``
+    and no holder, and is still never claimed again; a batch a replica holds keeps its claim."""
+    batches = BatchStore(store)
+    chunked, ended = split(store, 1), answered(store)
+    [(_, (status, _, finisher))] = race(batches, ended["id"], finishers=1).items()
+    finisher.write(batches.finished, ended["id"], status, {})
+    f = store.add_file("o1", "b.jsonl", "batch", b"")
+    held = batches.add("o1", "/v1/chat/completions", f["id"], None, total=1, model="m", window_s=3600)
+    claim = batches.claim_batch(held["id"], "r1")
+    for table in ("batches", "batch_finishes"):
+        store.db.execute(f"ALTER TABLE {table} DROP COLUMN claim_status")
+    store.db.execute("UPDATE batches SET claimed_by = 'chunks', lease_until = 1e15 WHERE id = ?", (chunked["id"],))
+    store.db.execute("UPDATE batch_finishes SET claimed_by = 'ended', lease_until = 1e15 WHERE id = ?", (ended["id"],))
+    store.db.execute("DELETE FROM schema_migrations WHERE name = '0068_claim_statuses'")
+
+    assert store.migrate() == ["0068_claim_statuses"]
+    rows = {r["id"]: dict(r) for r in store.db.execute("SELECT id, claim_status, claimed_by, lease_until FROM batches")}
+    assert (rows[chunked["id"]]["claim_status"], rows[chunked["id"]]["claimed_by"]) == (CHUNKED, None)
+    assert rows[chunked["id"]]["lease_until"] is None and rows[ended["id"]]["claimed_by"] is None
+    assert (rows[held["id"]]["claim_status"], rows[held["id"]]["claimed_by"]) == (None, "r1")
+    finishing = store.db.execute("SELECT claim_status, claimed_by, lease_until FROM batch_finishes WHERE id = ?",
+                                 (ended["id"],)).fetchone()
+    assert tuple(finishing) == (ENDED, None, None)
+    assert batches.claim_batch(chunked["id"], "r2") is None and batches.begin_finishing(ended["id"], "r2") is None
+    assert batches.claim_chunk(chunked["id"], "r2") is not None  # its chunks are claimed as before
+    assert claim.renew() and claim.generation == 1
 
 
 def test_a_cancelled_or_expired_batch_is_finished_once_no_replica_holds_a_chunk(store):

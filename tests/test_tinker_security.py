@@ -271,3 +271,57 @@ def test_nan_and_inf_inputs_are_the_callers_error_and_never_reach_the_weights(se
     assert math.isfinite(out.metrics["loss:sum"]) and math.isfinite(again) and again < out.metrics["loss:sum"]
     raw = post(root, "optim_step", {"model_id": training.model_id, "adam_params": {"learning_rate": 1e-2}}, key=A)
     assert raw.status_code == 200
+
+
+def test_a_keys_memory_disk_and_time_are_bounded_before_anything_runs(tiny_model_dir, tmp_path):
+    """A run past the key's memory, a datum whose activations would pass it, a checkpoint past the key's bytes and a
+    call slower than --request-timeout at the server's pace: each refused naming what to change, before anything
+    runs or is written."""
+    import dataclasses
+
+    import tinker
+    from tinker import types
+
+    from tunesmith.serve.app import ServeSettings, create_app
+
+    from .conftest import running_server
+
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"key-a"})))
+    with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key=A) as service:
+        t, base = app.state.tinker, str(tiny_model_dir)
+        small = t.trainer.state_bytes(4)
+        t.quotas = dataclasses.replace(t.quotas, tinker_memory_bytes=small * 3,
+                                       tinker_checkpoint_bytes=t.trainer.state_bytes(4) // 16 * 4 + 100_000)
+        training = service.create_lora_training_client(base_model=base, rank=4).result()
+        with pytest.raises(tinker.RequestFailedError, match=r"lora_config\.rank: a run of rank 32 .*tinker_memory_bytes"):
+            service.create_lora_training_client(base_model=base, rank=32).result()
+        assert len(t.trainer.runs) == 1
+
+        per_token = t.trainer.token_bytes(4)
+        fits = int(small * 3 / per_token) - 1
+        for length, ok in ((min(fits, 60), True), (fits + 40, False)):
+            tokens = [5 + i % 50 for i in range(length + 1)]
+            datum = types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * length})
+            call = training.forward_backward([datum], "cross_entropy")
+            if ok:
+                call.result()
+            else:
+                with pytest.raises(tinker.RequestFailedError, match="activations .*tinker_memory_bytes"):
+                    call.result()
+
+        training.save_weights_for_sampler("fits").result()
+        keys = t.root / "keys"
+        before = sorted(p.name for p in keys.rglob("*"))
+        with pytest.raises(tinker.RequestFailedError, match="tinker_checkpoint_bytes"):
+            training.save_state("too-big").result()
+        assert sorted(p.name for p in keys.rglob("*")) == before  # no file, no staging folder left
+        assert all("too-big" not in c["path"] for c in t.store.checkpoints(training.model_id, next(iter(t.owners.values()))))
+
+        t.pace.per_token["sample"] = 10.0  # as if this server sampled 0.1 tokens a second lately
+        sampler = service.create_sampling_client(base_model=base).result()
+        with pytest.raises(tinker.RequestFailedError, match=r"would take about .*--request-timeout"):
+            sampler.sample(types.ModelInput.from_ints([5, 6]), 4, types.SamplingParams(max_tokens=16)).result()
+        t.pace.per_token["sample"] = 1e-4
+        assert len(sampler.sample(types.ModelInput.from_ints([5, 6]), 4, types.SamplingParams(max_tokens=4)
+                                  ).result().sequences) == 4

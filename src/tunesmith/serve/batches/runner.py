@@ -188,11 +188,11 @@ class BatchRunner:
             starting.add(owner)
             here.setdefault(owner, set()).add(bid)
 
-        states = batches.chunk_states([b["id"] for b in active if b["claimed_by"] == CHUNKED])
+        states = batches.chunk_states([b["id"] for b in active if b["claim_status"] == CHUNKED])
         for batch in active:
             bid, owner = batch["id"], batch["owner"]
             ended = _ended(batch, cancelled, now)
-            if batch["claimed_by"] != CHUNKED:  # to split (a new batch, or one an earlier version left)
+            if batch["claim_status"] != CHUNKED:  # to split (a new batch, or one an earlier version left)
                 if bid in here.get(owner, ()) or (waits(owner, bid) and not ended):
                     continue
                 claim = batches.claim_batch(bid, me)

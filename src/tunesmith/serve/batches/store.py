@@ -11,8 +11,9 @@ heartbeat): a batch's to split it, a chunk's to answer it, a batch's finishing (
 holder makes is fenced by the claim's generation, and a chunk's answers are appended to part files of the holder's
 generation: one frozen past its lease writes into files no other holder reads and records nothing.
 
-A batch run by chunks is claimed for good by :data:`CHUNKED` (``batches.claimed_by``): a replica of the release
-before, which claims whole batches, leaves it alone while an upgrade runs."""
+A batch run by chunks is held by its chunks from then on (``batches.claim_status`` :data:`CHUNKED`), and a batch whose
+end is written is finished by nobody again (``batch_finishes.claim_status`` :data:`ENDED`): neither row is claimed
+again."""
 
 from __future__ import annotations
 
@@ -20,14 +21,17 @@ import json
 import time
 
 from tunesmith.serve.store import Store, new_id
-from tunesmith.serve.store.claims import Claim, ClaimLost
+from tunesmith.serve.store.claims import LET_GO, Claim, ClaimLost, free, held
 from tunesmith.serve.store.database import NOW
 from tunesmith.serve.store.pages import page_rows
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
-CHUNKED = "chunks"  # batches.claimed_by of a batch run chunk by chunk
-ENDED = "ended"  # batch_finishes.claimed_by of a batch whose end is written: its finishing is nobody's again
-FOREVER = 1e15  # its lease: a time no clock reaches
+CHUNKED = "chunks"  # batches.claim_status of a batch run chunk by chunk
+ENDED = "ended"  # batch_finishes.claim_status of a batch whose end is written: its finishing is nobody's again
+OPEN = " AND claim_status IS NULL"  # a batch or finishing that may still be claimed (Claims.acquire's ``where``)
+
+# a batch's chunks still to answer, and those a live replica holds
+CHUNK_STATES = f"SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), SUM(CASE WHEN {held()} THEN 1 ELSE 0 END)"
 
 __all__ = ["ACTIVE", "CHUNKED", "BatchStore", "ClaimLost"]
 
@@ -123,34 +127,34 @@ class BatchStore:
         finishing ended for good (inside its finisher's fenced transaction)."""
         self.update(bid, **files, claimed_by=None, lease_until=None)
         self.mark(bid, status)
-        self.db.execute("UPDATE batch_chunks SET claimed_by = NULL, lease_until = NULL WHERE batch_id = ?", (bid,))
+        self.db.execute(f"UPDATE batch_chunks SET {LET_GO} WHERE batch_id = ?", (bid,))
         self._end_finishing(bid)
 
     def _end_finishing(self, bid: str) -> None:
-        """The batch's finishing claimed for good by :data:`ENDED`: a replica that read the batch still finalizing
-        just before its end was written can no longer take the finishing (and write the batch back to finalizing,
-        to assemble parts already removed)."""
-        self.db.execute("UPDATE batch_finishes SET claimed_by = ?, lease_until = ? WHERE id = ?", (ENDED, FOREVER, bid))
+        """The batch's finishing :data:`ENDED` (its claim let go for good): a replica that read the batch still
+        finalizing just before its end was written can no longer take the finishing (and write the batch back to
+        finalizing, to assemble parts already removed)."""
+        self.db.execute(f"UPDATE batch_finishes SET claim_status = ?, {LET_GO} WHERE id = ?", (ENDED, bid))
 
     # --- chunks: a batch's lines answered by any replica -----------------------------------------------------
 
     def claim_batch(self, bid: str, holder: str) -> Claim | None:
         """The batch claimed by ``holder`` to split it into chunks (or to finish it when nothing is left to answer);
-        None while another holds it, or once it is run by chunks (claimed for good by :data:`CHUNKED`)."""
-        return self.claims.acquire("batches", bid, holder)
+        None while another holds it, or once it is run by chunks (:data:`CHUNKED`)."""
+        return self.claims.acquire("batches", bid, holder, OPEN)
 
     def add_chunks(self, bid: str, bounds: list[tuple[int, int, int, int]], claim: Claim) -> bool:
         """The batch's chunks (each: first line, lines spanned, first byte, requests) recorded and the batch marked
         run by chunks (and in progress), in one transaction fenced by the batch's ``claim``; False (nothing
-        recorded) when it no longer holds. The claim ends with it (the batch is claimed for good by the chunks)."""
+        recorded) when it no longer holds. The claim ends with it (the batch is held by its chunks from then on)."""
         rows = [(f"{bid}.{n}", bid, n, *bound, "pending") for n, bound in enumerate(bounds)]
 
         def split() -> None:
             self.db.executemany("INSERT OR IGNORE INTO batch_chunks (id, batch_id, chunk, first_line, lines, "
                                 "first_byte, requests, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self.db.execute("UPDATE batches SET claimed_by = ?, lease_until = ?, in_progress_at = CASE WHEN status = "
+            self.db.execute(f"UPDATE batches SET claim_status = ?, {LET_GO}, in_progress_at = CASE WHEN status = "
                             "'validating' THEN ? ELSE in_progress_at END, status = CASE WHEN status = 'validating' THEN "
-                            "'in_progress' ELSE status END WHERE id = ?", (CHUNKED, FOREVER, int(time.time()), bid))
+                            "'in_progress' ELSE status END WHERE id = ?", (CHUNKED, int(time.time()), bid))
 
         self.claims.let_go(claim, release=False)  # no longer renewed: the write below ends it
         try:
@@ -166,9 +170,9 @@ class BatchStore:
         """The batch's first chunk still to answer that no live replica holds, claimed for ``holder`` while the batch
         is in progress (of replicas claiming at once, one gets each chunk): (the chunk as claimed, the claim); None
         when there is none."""
-        free = [r[0] for r in self.db.execute("SELECT id FROM batch_chunks WHERE batch_id = ? AND status = 'pending' "
-                                              f"AND (claimed_by IS NULL OR lease_until < {NOW}) ORDER BY chunk", (bid,))]
-        for cid in free:
+        nobodys = [r[0] for r in self.db.execute("SELECT id FROM batch_chunks WHERE batch_id = ? AND status = "
+                                                 f"'pending' AND {free()} ORDER BY chunk", (bid,))]
+        for cid in nobodys:
             claim = self.claims.acquire("batch_chunks", cid, holder, " AND status = 'pending' AND EXISTS (SELECT 1 "
                                         "FROM batches WHERE id = ? AND status = 'in_progress')", (bid,))
             if claim is not None:
@@ -200,10 +204,9 @@ class BatchStore:
         holds it; False otherwise (the claim let go either way)."""
         def done() -> bool:
             return self.db.execute(
-                "UPDATE batch_chunks SET status = 'done', answered_by = claimed_by, claimed_by = NULL, lease_until = "
-                "NULL WHERE id = ? AND requests <= (SELECT COUNT(*) FROM batch_results WHERE batch_id = ? AND line >= ? "
-                "AND line < ?)", (chunk["id"], chunk["batch_id"], chunk["first_line"],
-                                  chunk["first_line"] + chunk["lines"])).rowcount == 1
+                f"UPDATE batch_chunks SET status = 'done', answered_by = claimed_by, {LET_GO} WHERE id = ? AND requests "
+                "<= (SELECT COUNT(*) FROM batch_results WHERE batch_id = ? AND line >= ? AND line < ?)",
+                (chunk["id"], chunk["batch_id"], chunk["first_line"], chunk["first_line"] + chunk["lines"])).rowcount == 1
 
         self.claims.let_go(claim, release=False)
         try:
@@ -219,9 +222,8 @@ class BatchStore:
         if not bids:
             return {}
         marks = ", ".join("?" * len(bids))
-        rows = self.db.execute("SELECT batch_id, SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), SUM(CASE WHEN "
-                               f"claimed_by IS NOT NULL AND lease_until >= {NOW} THEN 1 ELSE 0 END) FROM batch_chunks "
-                               f"WHERE batch_id IN ({marks}) GROUP BY batch_id", bids)
+        rows = self.db.execute(f"SELECT batch_id, {CHUNK_STATES} FROM batch_chunks WHERE batch_id IN ({marks}) GROUP BY "
+                               "batch_id", bids)
         return {bid: (0, 0) for bid in bids} | {r[0]: (int(r[1] or 0), int(r[2] or 0)) for r in rows}
 
     def begin_finishing(self, bid: str, holder: str) -> tuple[str, list[dict], Claim] | None:
@@ -240,23 +242,22 @@ class BatchStore:
     def _begin_finishing(self, bid: str, holder: str) -> tuple[str, list[dict], Claim] | None:
         with self.db.transaction():
             self.db.serialize(f"batch {bid}")
-            batch = self.db.execute(f"SELECT status, claimed_by, cancelling_at, expires_at < {NOW} AS expired FROM "
+            batch = self.db.execute(f"SELECT status, claim_status, cancelling_at, expires_at < {NOW} AS expired FROM "
                                     "batches WHERE id = ?", (bid,)).fetchone()
-            if batch is None or batch["claimed_by"] != CHUNKED or batch["status"] not in ACTIVE:
+            if batch is None or batch["claim_status"] != CHUNKED or batch["status"] not in ACTIVE:
                 return None
-            pending, held = self.db.execute(
-                "SELECT SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END), SUM(CASE WHEN claimed_by IS NOT NULL AND "
-                f"lease_until >= {NOW} THEN 1 ELSE 0 END) FROM batch_chunks WHERE batch_id = ?", (bid,)).fetchone()
+            pending, holders = self.db.execute(f"SELECT {CHUNK_STATES} FROM batch_chunks WHERE batch_id = ?",
+                                               (bid,)).fetchone()
             ended = batch["status"] in ("cancelling", "finalizing") or batch["cancelling_at"] is not None \
                 or bool(batch["expired"])
-            if held or (pending and not ended):
+            if holders or (pending and not ended):
                 return None
             self.db.execute("INSERT OR IGNORE INTO batch_finishes (id) VALUES (?)", (bid,))
-            claim = self.claims.acquire("batch_finishes", bid, holder)
+            claim = self.claims.acquire("batch_finishes", bid, holder, OPEN)
             if claim is None:
                 return None  # its finisher is alive
-            self.db.execute("UPDATE batch_chunks SET generation = generation + 1, claimed_by = NULL, lease_until = "
-                            "NULL WHERE batch_id = ? AND claimed_by IS NOT NULL", (bid,))
+            self.db.execute(f"UPDATE batch_chunks SET generation = generation + 1, {LET_GO} WHERE batch_id = ? AND "
+                            "claimed_by IS NOT NULL", (bid,))
             if not self.db.execute(f"UPDATE batches SET status = 'finalizing', finalizing_at = COALESCE(finalizing_at, "
                                    f"?) WHERE id = ? AND status IN ({', '.join('?' * len(ACTIVE))})",
                                    (int(time.time()), bid, *ACTIVE)).rowcount:

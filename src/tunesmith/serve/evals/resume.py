@@ -19,8 +19,8 @@ from pathlib import Path
 from tunesmith.serve.evals.grading import context_for
 from tunesmith.serve.evals.run import execute
 from tunesmith.serve.evals.store import EvalStore
-from tunesmith.serve.store.claims import LEASE_S, Claim, ClaimLost, Fenced
-from tunesmith.serve.store.database import NOW, log_failure
+from tunesmith.serve.store.claims import LEASE_S, Claim, ClaimLost, Fenced, free
+from tunesmith.serve.store.database import log_failure
 
 log = logging.getLogger("tunesmith.serve")
 ROWS_DIR = "eval_runs"  # under the data folder: <run id>.jsonl, a run's rows while it is queued or running
@@ -56,7 +56,7 @@ def claim_abandoned(store, replica: str, everyone: bool = False, running: frozen
     (``running``: its lease may have run out while the database was away; its own heartbeat renews it)."""
     sql = "SELECT id, eval_id FROM eval_runs WHERE status IN ('queued', 'in_progress')"
     if not everyone:
-        sql += f" AND (claimed_by IS NULL OR lease_until IS NULL OR lease_until < {NOW})"
+        sql += f" AND {free()}"
     evals, claimed = EvalStore(store), []
     for run_id, eval_id in store.db.execute(sql).fetchall():
         if run_id in running:

@@ -8,8 +8,7 @@ import json
 import time
 
 from tunesmith.serve.store import Store, new_id
-from tunesmith.serve.store.claims import LEASE_S, Claim
-from tunesmith.serve.store.database import NOW
+from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.pages import page_rows
 
 JSON_COLUMNS = ("data_source_config", "testing_criteria", "metadata", "data_source", "error", "result_counts",
@@ -80,13 +79,12 @@ class EvalStore:
                 **fields) -> tuple[dict, Claim]:
         """A new run (id ``rid``, or a new one), created claimed by ``holder`` in one statement: no replica sees it
         unclaimed (and takes it over as abandoned) before its creator runs it. Returns (the run, its claim)."""
-        rid, since = rid or new_id("evalrun"), time.monotonic()
+        rid = rid or new_id("evalrun")
         row = _dumped({"id": rid, "eval_id": eval_id, "owner": owner, "status": "queued",
-                       "created_at": int(time.time()), "claimed_by": holder, "generation": 1, **fields})
+                       "created_at": int(time.time()), **fields})
         with self.lock:
-            self.db.execute(f"INSERT INTO eval_runs ({', '.join(row)}, lease_until) VALUES "
-                            f"({', '.join('?' * len(row))}, {NOW} + ?)", [*row.values(), LEASE_S])
-        return self.get_run(eval_id, rid), self.base.claims.adopt("eval_runs", rid, holder, 1, since)
+            claim = self.base.claims.insert("eval_runs", row, holder)
+        return self.get_run(eval_id, rid), claim
 
     def get_run(self, eval_id: str, rid: str) -> dict | None:
         return _row(self.db.execute("SELECT * FROM eval_runs WHERE id = ? AND eval_id = ?", (rid, eval_id)).fetchone())

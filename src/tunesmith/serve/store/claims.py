@@ -21,6 +21,11 @@ One type for every kind of claimed work. A claimable row has ``claimed_by``, ``l
 
 Work may thus be delivered twice (a holder frozen past its lease resumes while another runs it); that is harmless,
 because only one generation's writes are kept.
+
+A row is claimed only here (:meth:`Claims.acquire` takes one; :meth:`Claims.insert` creates one already claimed), and
+the stores' own queries ask whether a row is claimed with :func:`free` (nobody holds it) or :func:`held` (a live
+holder has it), and let a row go with :data:`LET_GO`. What a row's work has become (a batch run by its chunks, a
+batch's finishing over) is a status of its own (``claim_status``), never a holder.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ log = logging.getLogger("tunesmith.serve")
 LEASE_S = float(os.environ.get("TUNESMITH_LEASE_S") or 30.0)  # a claim not renewed this long is anyone's again
 BEAT_S = LEASE_S / 6  # the heartbeat's period: a 20 s outage of the database is survived with time to spare
 RETRY_S = (0.25, 0.5, 1.0)  # waits between tries of a failing renewal or write (then every second)
+LET_GO = "claimed_by = NULL, lease_until = NULL"  # the SET clause of a row let go: nobody holds it
 CLAIMABLE = ("jobs", "batches", "batch_chunks", "batch_finishes", "eval_runs", "tinker_runs", "tinker_replicas")
 
 
@@ -51,6 +57,19 @@ def claimable(table: str) -> str:
     if table not in CLAIMABLE:
         raise ValueError(f"{table} rows are not claimed")
     return table
+
+
+def free(alias: str = "") -> str:
+    """SQL true for a row nobody holds: no holder, or its lease ran out by the database's clock (``alias``: the
+    claimable table's name or alias in the query, when it joins others)."""
+    at = f"{alias}." if alias else ""
+    return f"({at}claimed_by IS NULL OR {at}lease_until IS NULL OR {at}lease_until < {NOW})"
+
+
+def held(alias: str = "") -> str:
+    """SQL true for a row a live holder has: its lease has not run out by the database's clock."""
+    at = f"{alias}." if alias else ""
+    return f"({at}claimed_by IS NOT NULL AND {at}lease_until >= {NOW})"
 
 
 class Claim:
@@ -169,8 +188,8 @@ class Claim:
     def release(self) -> None:
         """Let go (nothing to do when another generation holds it already); a failing database is left to the lease."""
         try:
-            self.db.execute(f"UPDATE {self.table} SET claimed_by = NULL, lease_until = NULL WHERE id = ? AND "
-                            "generation = ? AND claimed_by = ?", (self.oid, self.generation, self.holder))
+            self.db.execute(f"UPDATE {self.table} SET {LET_GO} WHERE id = ? AND generation = ? AND claimed_by = ?",
+                            (self.oid, self.generation, self.holder))
         except Exception as exc:  # noqa: BLE001 - the lease runs out by itself
             if not transient(exc):
                 raise
@@ -192,16 +211,30 @@ class Claims:
         """``holder`` takes row ``oid`` of ``table`` when nobody holds it or its lease has run out (``force``: in any
         case, for the only worker there can be) and ``where`` (more SQL conditions on the row, with ``args``) holds;
         a new generation, held and renewed by the heartbeat. None when the row is another's."""
+        taken = self.take(table, oid, holder, where, args, force)
+        return None if taken is None else self.adopt(table, oid, holder, *taken)
+
+    def take(self, table: str, oid: str, holder: str, where: str = "", args: tuple = (),
+             force: bool = False) -> tuple[int, float] | None:
+        """:meth:`acquire`'s statement alone, for a caller that takes the row inside a transaction of its own and holds
+        the claim (:meth:`adopt`) once that committed: (the new generation, when the statement started); None when the
+        row is another's."""
         since = time.monotonic()
-        free = "" if force else f" AND (claimed_by IS NULL OR lease_until IS NULL OR lease_until < {NOW})"
+        nobodys = "" if force else f" AND {free()}"
         row = self.db.execute(f"UPDATE {claimable(table)} SET claimed_by = ?, generation = generation + 1, "
-                              f"lease_until = {NOW} + ? WHERE id = ?{free}{where} RETURNING generation",
+                              f"lease_until = {NOW} + ? WHERE id = ?{nobodys}{where} RETURNING generation",
                               (holder, LEASE_S, oid, *args)).fetchone()
-        if row is None:
-            return None
-        claim = Claim(self.db, table, oid, holder, row[0], since)
-        self.hold(claim)
-        return claim
+        return None if row is None else (row[0], since)
+
+    def insert(self, table: str, row: dict, holder: str) -> Claim:
+        """``row`` (column: value, its ``id`` among them) inserted into ``table`` already claimed by ``holder``
+        (generation 1, the lease in the database's clock), in one statement: no replica sees it unclaimed (and takes
+        it over as abandoned) before its creator runs it. The claim, held from now."""
+        since = time.monotonic()
+        row = {**row, "claimed_by": holder, "generation": 1}
+        self.db.execute(f"INSERT INTO {claimable(table)} ({', '.join(row)}, lease_until) VALUES "
+                        f"({', '.join('?' * len(row))}, {NOW} + ?)", [*row.values(), LEASE_S])
+        return self.adopt(table, row["id"], holder, 1, since)
 
     def adopt(self, table: str, oid: str, holder: str, generation: int, since: float) -> Claim:
         """A claim taken by a statement of the caller's own (its row's ``generation`` read back), held from now."""

@@ -39,6 +39,15 @@ def claim_generations(db, root: Path) -> None:
     db.execute("ALTER TABLE batch_chunks ADD COLUMN parts_generation INTEGER NOT NULL DEFAULT 0")
 
 
+def claim_statuses(db, root: Path) -> None:
+    """A ``claim_status`` on batches and batch_finishes, taken from the ``claimed_by`` that said it until now (a batch
+    run by its chunks, ``chunks``; a batch's finishing over, ``ended``), those rows' claims let go."""
+    for table, status in (("batches", "chunks"), ("batch_finishes", "ended")):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN claim_status TEXT")
+        db.execute(f"UPDATE {table} SET claim_status = claimed_by, claimed_by = NULL, lease_until = NULL "
+                   "WHERE claimed_by = ?", (status,))
+
+
 def tag_stored_completions(db, root: Path) -> None:
     """The metadata of every stored completion kept before the tags table, as its tags."""
     rows = db.execute("SELECT id, owner, created_at, rowid, metadata FROM stored_completions").fetchall()
@@ -261,5 +270,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
             id TEXT PRIMARY KEY, owner TEXT, created_at REAL NOT NULL, finished_at REAL
         )"""),
     ("0067_tinker_sessions_by_owner", "CREATE INDEX tinker_sessions_by_owner ON tinker_sessions (owner, created_at)"),
+    # what a claimed row's work has become is a status of its own, no longer a holder in claimed_by with an endless
+    # lease (tunesmith.serve.store.claims): a batch run by its chunks, a batch's finishing over
+    ("0068_claim_statuses", claim_statuses),
 ]
-

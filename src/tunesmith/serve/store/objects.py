@@ -20,8 +20,8 @@ import socket
 import time
 from pathlib import Path
 
-from tunesmith.serve.store.claims import LEASE_S, Claim, Claims, claimable
-from tunesmith.serve.store.database import NOW, PostgresDatabase, SQLiteDatabase, open_database
+from tunesmith.serve.store.claims import Claim, Claims, claimable, held
+from tunesmith.serve.store.database import PostgresDatabase, SQLiteDatabase, open_database
 from tunesmith.serve.store.migrations import MIGRATIONS
 from tunesmith.serve.store.pages import page_rows
 
@@ -227,7 +227,7 @@ class Store:
         no live claim on it), then the first queued job nobody holds in fair order (:meth:`queue_positions`) whose key
         runs fewer than ``jobs_per_key`` jobs (its jobs claimed and not started yet count as running).
         ``ignore_claims``: every claim is a dead worker's (the only worker there can be, at its start)."""
-        live = "FALSE" if ignore_claims else f"(claimed_by IS NOT NULL AND lease_until >= {NOW})"
+        live = "FALSE" if ignore_claims else held()
         row = self.db.execute(f"SELECT * FROM jobs WHERE status = 'running' AND NOT {live} ORDER BY created_at, rowid "
                               "LIMIT 1").fetchone()
         if row is not None:
@@ -269,21 +269,16 @@ class Store:
             job = self.next_job(jobs_per_key, ignore_claims=sole)
             if job is None:
                 return None
-            since = time.monotonic()
-            taken = self.db.execute(f"UPDATE jobs SET claimed_by = ?, generation = generation + 1, lease_until = "
-                                    f"{NOW} + ? WHERE id = ? AND status IN ('queued', 'running') RETURNING generation",
-                                    (worker, LEASE_S, job["id"])).fetchone()
+            taken = self.claims.take("jobs", job["id"], worker, " AND status IN ('queued', 'running')", force=True)
             if taken is None:  # cancelled or ended after the look above: a job that ended never runs again
                 return None
-            generation = taken[0]
-        job |= {"generation": generation, "claimed_by": worker}
-        return job, self.claims.adopt("jobs", job["id"], worker, generation, since)
+        job |= {"generation": taken[0], "claimed_by": worker}
+        return job, self.claims.adopt("jobs", job["id"], worker, *taken)
 
     def held_elsewhere(self, table: str, worker: str) -> set[str]:
         """Ids of ``table``'s rows another live worker holds."""
         return {r[0] for r in self.db.execute(
-            f"SELECT id FROM {claimable(table)} WHERE claimed_by IS NOT NULL AND claimed_by != ? AND lease_until >= "
-            f"{NOW}", (worker,))}
+            f"SELECT id FROM {claimable(table)} WHERE {held()} AND claimed_by != ?", (worker,))}
 
     # --- events and checkpoints ------------------------------------------------------------------
 

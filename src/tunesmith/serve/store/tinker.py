@@ -11,8 +11,7 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-from tunesmith.serve.store.claims import LEASE_S, Claim
-from tunesmith.serve.store.database import NOW
+from tunesmith.serve.store.claims import Claim, free
 
 if TYPE_CHECKING:
     from tunesmith.serve.store.objects import Store
@@ -48,13 +47,12 @@ class TinkerStore:
     def add_run(self, rid: str, owner: str | None, holder: str, base_model: str, lora: dict,
                 metadata: dict | None) -> tuple[dict, Claim]:
         """A new training run ``rid`` created claimed by ``holder`` (the replica that will hold its adapter)."""
-        since, now = time.monotonic(), int(time.time())
+        now = int(time.time())
         with self.lock:
-            self.db.execute("INSERT INTO tinker_runs (id, owner, base_model, lora, metadata, created_at, "
-                            f"last_request_at, claimed_by, generation, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
-                            f"1, {NOW} + ?)", (rid, owner, base_model, json.dumps(lora), json.dumps(metadata), now,
-                                               now, holder, LEASE_S))
-        return self.get_run(rid, owner), self.base.claims.adopt("tinker_runs", rid, holder, 1, since)
+            claim = self.base.claims.insert("tinker_runs", {
+                "id": rid, "owner": owner, "base_model": base_model, "lora": json.dumps(lora),
+                "metadata": json.dumps(metadata), "created_at": now, "last_request_at": now}, holder)
+        return self.get_run(rid, owner), claim
 
     def get_run(self, rid: str, owner: str | None) -> dict | None:
         row = self.db.execute("SELECT * FROM tinker_runs WHERE id = ? AND owner IS ?", (rid, owner)).fetchone()
@@ -223,9 +221,9 @@ class TinkerStore:
     def future(self, rid: str, owner: str | None) -> dict | None:
         """A future of ``owner``'s, with ``holder_gone`` true when the replica that took it stopped (its presence's
         lease ran out, or it started again) before its end."""
-        row = self.db.execute(f"SELECT f.*, (r.lease_until IS NULL OR r.lease_until < {NOW} OR r.generation <> "
-                              "f.holder_generation) AS holder_gone FROM tinker_futures f LEFT JOIN tinker_replicas r "
-                              "ON r.id = f.holder WHERE f.id = ? AND f.owner IS ?", (rid, owner)).fetchone()
+        row = self.db.execute(f"SELECT f.*, ({free('r')} OR r.generation <> f.holder_generation) AS holder_gone FROM "
+                              "tinker_futures f LEFT JOIN tinker_replicas r ON r.id = f.holder WHERE f.id = ? AND "
+                              "f.owner IS ?", (rid, owner)).fetchone()
         return None if row is None else dict(row)
 
     def expired_futures(self, before: float, limit: int = 1000) -> list[dict]:

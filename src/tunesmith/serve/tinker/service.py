@@ -85,7 +85,7 @@ class Pace:
         per = self.per_token.get(kind)
         if per is not None and tokens * per > limit:
             raise TrainingError(f"{what}: {tokens:,} tokens would take about {tokens * per:,.0f} s at this server's "
-                                f"recent pace ({1 / per:,.0f} tokens/s), past the {limit:.0f} s one call may hold the "
+                                f"recent pace ({1 / per:,.3g} tokens/s), past the {limit:.0f} s one call may hold the "
                                 "base for every key's calls (--request-timeout); split it into smaller calls")
 
 

@@ -86,6 +86,19 @@ def layer_names(model) -> dict[str, set[str]]:
     return kinds
 
 
+def layer_widths(model) -> dict[str, int]:
+    """Inputs plus outputs of the base's linear layers, summed by their names' last part (what a LoRA of rank 1 on
+    them holds). Read once from the plain base, as :func:`layer_names`."""
+    import torch
+
+    widths: dict[str, int] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            name = path.rpartition(".")[2]
+            widths[name] = widths.get(name, 0) + module.in_features + module.out_features
+    return widths
+
+
 def lora_targets(kinds: dict[str, set[str]], train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
     """The layers a LoRA of these choices adapts."""
     chosen = {"attn": train_attn, "mlp": train_mlp, "unembed": train_unembed}
@@ -120,6 +133,7 @@ class Trainer:
         self.plain = load_model(self.base, pick_placement())
         self.plain.eval()
         self.kinds = layer_names(self.plain)
+        self.widths = layer_widths(self.plain)
         self.tokenizer = load_tokenizer(self.base)
 
     def vocab_size(self) -> int:
@@ -147,14 +161,10 @@ class Trainer:
 
     def lora_params(self, rank: int, train_attn=True, train_mlp=True, train_unembed=True) -> int:
         """The parameters of a LoRA of ``rank`` on the layers these choices adapt: rank x (inputs + outputs) of each."""
-        import torch
-
         with self.lock:
             self.load()
             names = set(lora_targets(self.kinds, train_attn, train_mlp, train_unembed))
-            widths = sum(m.in_features + m.out_features for path, m in self.plain.named_modules()
-                         if isinstance(m, torch.nn.Linear) and path.rpartition(".")[2] in names)
-        return rank * widths
+        return rank * sum(width for name, width in self.widths.items() if name in names)
 
     def state_bytes(self, rank: int, train_attn=True, train_mlp=True, train_unembed=True) -> int:
         """A run's memory in float32: its adapter, gradients and two AdamW moments."""
