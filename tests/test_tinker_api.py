@@ -707,3 +707,31 @@ def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tin
                                      "cross_entropy").result()
                 assert np.allclose(scored.loss_fn_outputs[0]["logprobs"].to_numpy()[-len(seq.tokens):], seq.logprobs,
                                    atol=1e-4)
+
+
+def test_a_long_call_gives_another_keys_call_its_turn_between_two_passes(tiny_model_dir, tmp_path):
+    """Key A's call of many passes over the base does not hold key B's small call to its end: B's runs between two
+    of A's passes, is answered while A's still runs, and each answer is what the call gives alone."""
+    import tinker
+
+    from tunesmith.serve.app import ServeSettings, create_app
+
+    from .conftest import running_server
+
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"key-a", "key-b"})))
+    base = str(tiny_model_dir)
+    with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb:
+        a = sa.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        b = sb.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        tokens, weights = example(a.get_tokenizer())
+        small = [datum(tokens, weights)]
+        alone = b.forward(small, "cross_entropy").result().metrics["loss:sum"]
+        futures = app.state.tinker.futures
+        long_call = holding(app, a, [datum(tokens * 8, weights * 8)] * 300)  # ~50 passes of 1,024 tokens
+        waiting = next(p for p in futures.items.values() if p.kind == "forward_backward" and p.started
+                       and not p.done.is_set())
+        got = b.forward(small, "cross_entropy").result().metrics["loss:sum"]
+        assert not waiting.done.is_set(), "B's call waited for the whole of A's"
+        assert futures.turns_between >= 1 and got == pytest.approx(alone, abs=1e-6)
+        assert len(long_call.result().loss_fn_outputs) == 300

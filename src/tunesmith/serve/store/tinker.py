@@ -24,6 +24,16 @@ KINDS = {"weights": "training", "sampler_weights": "sampler"}  # a path's segmen
 LIVE = "(expires_at IS NULL OR expires_at > ?)"  # a checkpoint whose TTL has not passed
 
 
+def run_name(session_id: str, seq) -> str:
+    """A training run's id: the SDK's ``<session>:train:<n>`` (the ``n``-th training client of a client session)."""
+    return f"{session_id}:train:{seq}"
+
+
+def run_session(run_id: str) -> str:
+    """The client session a training run's id names."""
+    return run_id.partition(":train:")[0]
+
+
 def checkpoint_path(run_id: str, kind: str, name: str) -> str:
     return f"{SCHEME}{run_id}/{kind}/{name}"
 

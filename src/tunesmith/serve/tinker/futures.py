@@ -10,6 +10,10 @@ order) join it, up to :data:`SAMPLE_CALLS`, taken a key at a time in turn, and a
 keys, in one step on the base (:meth:`Tinker.forward_backward_many`). Each joined call is answered at once, and its own
 turn in the lane, when it comes, has nothing left to do.
 
+A long call does not hold the other keys for its whole length: between two of its passes over the base, the call at
+the head of each other key's waiting calls runs (:meth:`Futures.others_turn`, keys in turn, one call each), so a key's
+call waits at most one pass of another key's, not the whole of it.
+
 A future lives in the memory of the replica that took the call and, with replicas on PostgreSQL, in the store: its
 row written before its id is answered, its end (an error, or its answer as a file on the shared data folder) written
 when it ends, so that any replica answers ``retrieve_future`` (reading the store while the call runs elsewhere, and
@@ -42,6 +46,7 @@ PENDING_PER_KEY = 256
 FUSED_KEYS = 8  # keys whose forward_backward calls one step may take together
 SAMPLE_CALLS = 64  # sample calls one turn may take together (their rows: in batches of sampling.BATCH_TOKENS)
 ANSWERED = object()  # a call's lane turn, once a step of another key's answered it
+NOBODY = object()  # no key (an owner id may be None: a server without keys)
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Pending:
     fusable: tuple | None = None  # a call's own arguments when it may join another call's turn (Futures.fuse)
     started: bool = False  # taken by its own turn or by another key's step (under Futures.guard)
     rid: str = ""  # its request id
+    call: tuple | None = None  # (fn, args): what its turn runs
 
 
 class Futures:
@@ -75,6 +81,8 @@ class Futures:
         self.waiting: dict[str | None, deque[Pending]] = {}  # each key's calls not taken yet, in its order
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
         self.fused_steps = 0  # forward_backward steps that took calls of more than one key
+        self.turns_between = 0  # calls run between two passes of another key's call
+        self.running: Pending | None = None  # the call whose turn runs now (its thread: the lane's)
         self.joined_samples = 0  # sample calls answered in another call's turn
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -88,7 +96,7 @@ class Futures:
             raise APIError(429, f"This API key has {waiting} Tinker calls waiting (at most {PENDING_PER_KEY}); retry "
                            "shortly.", type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
         rid = new_id("req")
-        pending = self.items[rid] = Pending(owner, kind, fusable=args if fusable else None, rid=rid)
+        pending = self.items[rid] = Pending(owner, kind, fusable=args if fusable else None, rid=rid, call=(fn, args))
         with self.guard:
             self.waiting.setdefault(owner, deque()).append(pending)
         pending.task = asyncio.ensure_future(self._run(pending, fn, args))
@@ -132,6 +140,41 @@ class Futures:
             if not self._take(pending):
                 return ANSWERED
             joined = [] if fuse is None else self._joining(pending)
+        self.running = pending
+        try:
+            return self._step(pending, fn, args, fuse, joined)
+        finally:
+            self.running = None
+
+    def others_turn(self) -> None:
+        """Called by a long call between two of its passes (in the lane's thread): the call at the head of each other
+        key's waiting calls runs now (with the calls that join it, as in its own turn), one a key, keys in turn, and
+        is answered; its own turn, when it comes, has nothing left to do. The running call's key's calls wait for it
+        (its order holds); a call run so gives no turns itself (one level)."""
+        running = self.running
+        if running is None:
+            return
+        with self.guard:
+            turns = []
+            for owner, queue in list(self.waiting.items()):
+                head = queue[0] if queue else None
+                if owner == running.owner or head is None or head.started:
+                    continue
+                self._take(head)
+                fuse = self.fuse.get(head.kind) if head.fusable is not None else None
+                turns.append((head, fuse, [] if fuse is None else self._joining(head, running.owner)))
+        self.running = None
+        try:
+            for head, fuse, joined in turns:
+                self.turns_between += 1
+                fn, args = head.call
+                answer = self._step(head, fn, args, fuse, joined)
+                self.loop.call_soon_threadsafe(self._settle, head, answer.exc if isinstance(answer, Failed) else answer)
+        finally:
+            self.running = running
+
+    def _step(self, pending: Pending, fn, args, fuse, joined: list[Pending]):
+        """The call (with the calls that joined it, run as one by ``fuse``): its answer, or :class:`Failed`."""
         if not joined:
             try:
                 return fn(*args)
@@ -149,19 +192,20 @@ class Futures:
             self.loop.call_soon_threadsafe(self._settle, other, answer)
         return Failed(answers[0]) if isinstance(answers[0], BaseException) else answers[0]
 
-    def _joining(self, pending: Pending) -> list[Pending]:
+    def _joining(self, pending: Pending, waits: str | None | object = NOBODY) -> list[Pending]:
         """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken. A sample: the fusable samples at
         the head of every key's calls, a key at a time in turn, up to :data:`SAMPLE_CALLS` in all; a forward_backward:
-        the fusable forward_backward at the head of each other key's calls, up to :data:`FUSED_KEYS` keys."""
+        the fusable forward_backward at the head of each other key's calls, up to :data:`FUSED_KEYS` keys. The calls
+        of key ``waits`` (one whose call is running) are left to wait for it."""
         sample = pending.kind == "sample"
         limit = SAMPLE_CALLS if sample else FUSED_KEYS
         joined: list[Pending] = []
         while len(joined) + 1 < limit:
             took = False
-            for queue in list(self.waiting.values()):  # (a queue emptied by a take is removed from waiting)
+            for owner, queue in list(self.waiting.items()):  # (a queue emptied by a take is removed from waiting)
                 head = queue[0]
                 if len(joined) + 1 < limit and head.kind == pending.kind and head.fusable is not None \
-                        and (sample or head.owner != pending.owner):
+                        and (sample or head.owner != pending.owner) and owner != waits:
                     self._take(head)
                     joined.append(head)
                     took = True

@@ -113,7 +113,7 @@ class Trainer:
 
     def __init__(self, base: str):
         self.base = base
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entered by another key's call run between two passes (``between``)
         self.model = None  # the peft model once a run exists; the plain base before
         self.plain = None
         self.tokenizer = None
@@ -255,11 +255,13 @@ class Trainer:
         check_loss(loss_fn, config, data, self.vocab_size())
         return self.forward_backward_many([Call(name, data, loss_fn, config, backward)])[0]
 
-    def forward_backward_many(self, calls: list[Call]) -> list[tuple[dict[str, list[np.ndarray]], dict[str, float]]]:
+    def forward_backward_many(self, calls: list[Call], between=None
+                              ) -> list[tuple[dict[str, list[np.ndarray]], dict[str, float]]]:
         """Several runs' calls in one step: their datums padded into shared passes over the base, each row through its
         own run's adapter (peft's mixed-adapter batch), one backward per pass; each run's gradients come from its own
         rows only. Answers in the order of ``calls``, each checked by the caller (:func:`check_loss`: the service
-        checks each call alone, so that a wrong one fails alone)."""
+        checks each call alone, so that a wrong one fails alone). ``between()``, when given, runs after each pass but
+        the last (other keys' calls take their turn there: each pass sets up every adapter state it reads)."""
         rows = [(i, k, datum) for i, call in enumerate(calls) for k, datum in enumerate(call.data)]
         logprobs: list[list] = [[None] * len(c.data) for c in calls]
         losses: list[list] = [[None] * len(c.data) for c in calls]
@@ -267,8 +269,11 @@ class Trainer:
             for name in {c.name for c in calls}:
                 if name not in self.runs:
                     raise TrainingError(f"training run {name!r} is not held here")
-            for chunk in passes(rows):
+            chunks = passes(rows)
+            for n, chunk in enumerate(chunks):
                 self._pass(calls, chunk, logprobs, losses)
+                if between is not None and n + 1 < len(chunks):
+                    between()
             for call in calls:
                 if call.backward:
                     self.runs[call.name].pending += 1
