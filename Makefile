@@ -11,7 +11,13 @@ LOCK   := requirements.lock
 # and tinker-cookbook, whose tml-renderers requirement no index satisfies (its text recipes never import it)
 NODEPS := instructor docstring-parser tinker-cookbook
 
-.PHONY: install model converter browser postgres demo test test-replicas test-benchmarks test-export vllm test-vllm lint clean lock
+.PHONY: install model converter browser postgres demo test test-heavy test-replicas test-benchmarks test-export vllm test-vllm lint clean lock
+
+STARTED := $(shell date +%s)
+# the wall time since make started (its installs included), printed after a suite's own summary
+define took
+	@echo "make $(1): $$(( $$(date +%s) - $(STARTED) )) s in all, installs included"
+endef
 
 # exact versions from $(LOCK): the same install on every machine until `make lock` is run again
 $(STAMP): pyproject.toml $(LOCK)
@@ -64,9 +70,17 @@ postgres:
 		|| echo "note: could not install Debian's faketime; the replica fault test will be skipped"
 
 # two test processes (pytest-xdist), a file each at a time: the suite waits on servers and subprocesses about half
-# of its time, so two share the 2 cores (tests/conftest.py gives each one thread)
+# of its time, so two share the 2 cores (tests/conftest.py gives each one thread). The heavy tests (minutes each:
+# many processes, hostile tenants, killed servers, Ray, GGUF files, schema sweeps; tests/heavy.py) run apart, in
+# make test-heavy, which .ci/run runs after it
 test: model converter browser postgres
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not vllm and not bench and not replicas'
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'not vllm and not bench and not replicas and not heavy'
+	$(call took,test)
+
+# the tests tests/heavy.py names: about 10 minutes on 2 cores, run by .ci/run after make test
+test-heavy: model converter browser postgres
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m 'heavy and not vllm and not bench and not replicas'
+	$(call took,test-heavy)
 
 # the tests that run several `tunesmith serve` replicas on one PostgreSQL (database restarts, paused and killed
 # replicas, shifted clocks, shared models, batches, limits, quotas and Tinker futures): about 6 minutes on 2 cores,

@@ -392,3 +392,12 @@ def wait_serving(url: str, key: str, proc, log: Path, timeout: float = 180) -> N
             pass
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.3)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests tests/heavy.py names marked ``heavy`` (make test leaves them out; make test-heavy runs them)."""
+    from .heavy import is_heavy
+
+    for item in items:
+        if is_heavy(item.nodeid):
+            item.add_marker(pytest.mark.heavy)
