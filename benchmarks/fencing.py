@@ -311,9 +311,10 @@ def answer_times(model: str, url: str, chats: int, lines: int, max_tokens: int) 
 
 def measured(kind: str, url: str | None, args) -> dict:
     """Every part but the denominators on one backend, in a fresh store."""
+    from tunesmith.serve.jobs.store import JobStore
     from tunesmith.serve.store import Store
 
-    store = Store(Path(tempfile.mkdtemp(prefix=f"fencing-{kind}-")), url)
+    store = JobStore(Store(Path(tempfile.mkdtemp(prefix=f"fencing-{kind}-")), url))
     try:
         out = {"lines": line_cost(store, args.records, args.block)}
         print(f"  {kind}: lines {out['lines']}", flush=True)

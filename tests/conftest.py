@@ -353,10 +353,12 @@ def store(request, tmp_path):
 
 def queued_jobs(store, owners) -> list[str]:
     """One queued fine-tuning job in ``store`` for each of ``owners``, in order; their ids."""
+    from tunesmith.serve.jobs.store import JobStore
+
     ids = []
     for owner in owners:
-        job = store.add_job(owner, model="m", training_file="f", validation_file=None, suffix=None, seed=1,
-                            method={"type": "supervised"}, metadata=None)
+        job = JobStore(store).add_job(owner, model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                                      method={"type": "supervised"}, metadata=None)
         store.update_job(job["id"], status="queued")
         ids.append(job["id"])
     return ids

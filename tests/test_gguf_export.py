@@ -1,8 +1,8 @@
 """GGUF export through llama.cpp's own converter, checked with llama.cpp itself.
 
-Checks without llama.cpp's runtime (``make test-heavy``, tests/heavy.py): every exported file carries the tokenizer metadata llama.cpp needs
-(pre-tokenizer, special tokens, chat template, end of turn) for three architectures, plus the
-Modelfile and bad input. Runtime checks (``make test-export``, which builds llama-cpp-python): llama.cpp
+Checks without llama.cpp's runtime (``make test-heavy``, tests/heavy.py): every exported file carries the
+tokenizer metadata llama.cpp needs (pre-tokenizer, special tokens, chat template, end of turn) for three
+architectures, plus the Modelfile and bad input. Runtime checks (``make test-export``, which builds llama-cpp-python): llama.cpp
 loads each file, tokenizes the prompts as transformers does, and answers greedily like the merged
 Hugging Face model.
 """

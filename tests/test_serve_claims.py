@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import ClaimLost, Store
 from tunesmith.serve.store import claims as claims_module
 from tunesmith.serve.store.database import StoreUnavailable
@@ -26,6 +27,7 @@ def expire(store: Store, jid: str) -> None:
 
 
 def test_each_claim_is_a_new_generation_and_a_stale_holder_writes_nothing(store):
+    jobs = JobStore(store)
     jid = job_of(store)
     first = store.claims.acquire("jobs", jid, "r1")
     assert first.generation == 1 and store.claims.acquire("jobs", jid, "r2") is None  # held
@@ -34,12 +36,12 @@ def test_each_claim_is_a_new_generation_and_a_stale_holder_writes_nothing(store)
     second = store.claims.acquire("jobs", jid, "r2")
     assert second.generation == 2
     with pytest.raises(ClaimLost):
-        first.write(store.add_event, jid, "late", dedup_key="late")
+        first.write(jobs.add_event, jid, "late", dedup_key="late")
     assert first.lost.is_set() and not first.renew()
-    assert not [e for e in store.events(jid) if e["message"] == "late"]
+    assert not [e for e in jobs.events(jid) if e["message"] == "late"]
     second.write(store.update_job, jid, status="succeeded")
     first.release()  # a stale holder's let-go leaves the new holder's claim alone
-    assert store.get_job(jid, any_owner=True)["claimed_by"] == "r2"
+    assert jobs.get_job(jid, any_owner=True)["claimed_by"] == "r2"
     assert second.renew()
 
 
@@ -89,6 +91,7 @@ def test_the_heartbeat_rides_out_a_failing_database_and_gives_up_only_past_the_l
 
 
 def test_a_fenced_write_is_tried_again_while_the_lease_lasts(store, monkeypatch):
+    jobs = JobStore(store)
     jid = job_of(store)
     claim = store.claims.acquire("jobs", jid, "r1")
     fails = [StoreUnavailable("connection cut"), StoreUnavailable("connection cut")]
@@ -100,14 +103,14 @@ def test_a_fenced_write_is_tried_again_while_the_lease_lasts(store, monkeypatch)
         return real()
 
     monkeypatch.setattr(store.db, "transaction", transaction)
-    claim.write(store.add_event, jid, "kept", dedup_key="kept")
-    assert [e["message"] for e in store.events(jid)] == ["kept"] and not claim.lost.is_set()
+    claim.write(jobs.add_event, jid, "kept", dedup_key="kept")
+    assert [e["message"] for e in jobs.events(jid)] == ["kept"] and not claim.lost.is_set()
 
 
 def test_a_takeover_waits_for_a_write_in_progress_and_refuses_the_next(postgres, tmp_path):
     """PostgreSQL: the fenced write holds the row; a replica claiming it meanwhile waits for its commit, so the write
     is before the takeover, and the next write of the old holder is refused."""
-    store = Store(tmp_path / "data", postgres())
+    store = JobStore(Store(tmp_path / "data", postgres()))
     jid = job_of(store)
     old = store.claims.acquire("jobs", jid, "r1")
     expire(store, jid)

@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import Store
 
 from .conftest import running_server
@@ -17,14 +18,14 @@ CHAT = b"".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                 for i in range(10))
 
 
-def _queue(store: Store, owner: str) -> str:
+def _queue(store: JobStore, owner: str) -> str:
     job = store.add_job(owner, model="m", training_file="f", seed=0, method={"type": "supervised"})
     store.update_job(job["id"], status="queued")
     return job["id"]
 
 
 def test_one_key_with_many_jobs_does_not_starve_another(tmp_path):
-    store = Store(tmp_path)
+    store = JobStore(Store(tmp_path))
     a = [_queue(store, "A") for _ in range(3)]
     b = [_queue(store, "B") for _ in range(2)]
     c = _queue(store, "C")
@@ -40,7 +41,7 @@ def test_one_key_with_many_jobs_does_not_starve_another(tmp_path):
 
 
 def test_per_key_limit_skips_a_key_at_its_limit(tmp_path):
-    store = Store(tmp_path)
+    store = JobStore(Store(tmp_path))
     a = [_queue(store, "A") for _ in range(3)]
     b = _queue(store, "B")
     c = _queue(store, "C")

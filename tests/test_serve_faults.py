@@ -25,6 +25,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import Store
 
 from . import faults
@@ -408,7 +409,7 @@ def test_replicas_survive_database_and_replica_faults_mid_work(tiny_model_dir, t
                              ANSWER_S + 5, LEASE_ENV, args) as reps:
             tl.mark(f"replicas up: {[r.name for r in reps]}, lease {lease:.0f} s, jobs workers "
                     f"{[r.worker for r in reps]}")
-            store = Store(data_dir, own_postgres.urls["faults"])
+            store = JobStore(Store(data_dir, own_postgres.urls["faults"]))
             traffic = faults.Traffic(reps, KEYS, model, tl)
             run = FaultRun(reps, store, own_postgres, model, eos, lease, tl, traffic)
             run.setup()

@@ -15,6 +15,7 @@ import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.jobs.worker import announce_start, job_error, work
 from tunesmith.serve.store import Store
 from tunesmith.serve.store.keys import owner_id, server_secret
@@ -225,7 +226,7 @@ def test_job_errors_never_show_server_paths_or_exception_names(live):
     c = client(live["url"])
     f = c.files.create(file=("t.jsonl", chat_jsonl(4)), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model=live["base"], training_file=f.id)
-    store = Store(live["data_dir"])
+    store = JobStore(Store(live["data_dir"]))
     owner = owner_id(server_secret(live["data_dir"]), "k1")  # the store keeps owner ids, never keys
     storage = Path(store.get_file(f.id, owner)["storage"])
     storage.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")  # changed on disk
@@ -242,7 +243,7 @@ def test_job_errors_never_show_server_paths_or_exception_names(live):
 
 
 def test_restart_without_checkpoint_says_so_and_supersedes_old_steps(tmp_path):
-    store = Store(tmp_path)
+    store = JobStore(Store(tmp_path))
     job = store.add_job("k", model="m", training_file="file-x", validation_file=None, suffix=None, seed=1,
                         method={"type": "supervised"}, metadata=None)
     store.update_job(job["id"], status="running")
@@ -320,7 +321,7 @@ def test_sigterm_with_a_request_in_flight_exits_within_the_bound(tmp_path, long_
     assert took < 15, f"SIGTERM took {took:.1f} s"
     assert outcome["result"] != "finished", "the request was not interrupted"
     assert not _worker_pids(data_dir), "the worker outlived the server"
-    store = Store(data_dir)
+    store = JobStore(Store(data_dir))
     job = store.get_job(job_id, owner_id(server_secret(data_dir), "k"))
     saved = [e["message"] for e in store.events(job_id) if "saved at step" in e["message"]]
     assert job["status"] == "running" and saved, "the worker did not stop at a step with a checkpoint"

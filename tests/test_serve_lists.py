@@ -10,6 +10,7 @@ import json
 import openai
 import pytest
 
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store.database import Result
 
 from .conftest import Q_CHECK, Q_SCHEMA, banking_rows, chat_lines, finished_eval_run, tiny_server_on
@@ -95,16 +96,17 @@ def test_batches_evals_runs_and_output_items_are_paged_in_order(live):
 
 
 def test_a_page_reads_limit_plus_one_rows_and_checkpoints_page_over_kept_ones(store, tmp_path):
-    job = store.add_job("o", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
-                        method={"type": "supervised"}, metadata=None)
+    jobs = JobStore(store)
+    job = jobs.add_job("o", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                       method={"type": "supervised"}, metadata=None)
     for step in range(1, 8):
         kept = tmp_path / f"ckpt-{step}"
         if step % 2:  # the trainer deleted the even steps' weights
             kept.mkdir()
-        store.add_checkpoint(job["id"], step, {}, str(kept), "ft:m")
-    first, more = store.checkpoints_page(job["id"], None, 2)
+        jobs.add_checkpoint(job["id"], step, {}, str(kept), "ft:m")
+    first, more = jobs.checkpoints_page(job["id"], None, 2)
     assert [c["step_number"] for c in first] == [7, 5] and more
-    rest, more = store.checkpoints_page(job["id"], first[-1]["id"], 2)
+    rest, more = jobs.checkpoints_page(job["id"], first[-1]["id"], 2)
     assert [c["step_number"] for c in rest] == [3, 1] and not more
 
     for i in range(50):

@@ -12,6 +12,7 @@ import pytest
 
 from tunesmith.serve.app import ServeSettings, create_app
 from tunesmith.serve.engines.builtin import Engine
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import Store
 
 from .conftest import banking_rows, chat_lines, running_server
@@ -40,7 +41,7 @@ def cluster(tiny_model_dir, tmp_path_factory):
                                 kwargs={"stop": stop, "poll_s": 0.2, "init_kwargs": {"num_cpus": 2}})
     executor.start()
     with running_server(create_app(settings, Engine(str(tiny_model_dir), {}, wait_ms=5))) as url:
-        yield {"url": url, "base": str(tiny_model_dir), "store": Store(data_dir)}
+        yield {"url": url, "base": str(tiny_model_dir), "store": JobStore(Store(data_dir))}
     stop.set()
     executor.join(30)
     ray.shutdown()

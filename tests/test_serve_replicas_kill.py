@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import LEASE_S, Store
 from tunesmith.serve.store.keys import owner_id, server_secret
 
@@ -69,7 +70,7 @@ def test_a_replica_killed_mid_work_loses_nothing(tiny_model_dir, tmp_path, postg
                                     mime_type="text/jsonl")
         first = one.uploads.parts.create(upload.id, data=content[:100])
 
-        store = Store(data_dir, database)
+        store = JobStore(Store(data_dir, database))
         owner = owner_id(server_secret(data_dir), KEY)
         wait_for(lambda: any(e["type"] == "metrics" for e in store.events(job.id)), 180, "the job's first step")
         # the batch and the eval run start once the job runs (its worker's start takes long under load): all three

@@ -8,13 +8,14 @@ import sys
 import time
 from collections import Counter
 
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import Store
 
 from .test_serve_jobs import chat_jsonl
 
 
 def test_worker_killed_mid_job_resumes_without_lost_or_duplicated_events(tmp_path, tiny_model_dir):
-    store = Store(tmp_path)
+    store = JobStore(Store(tmp_path))
     f = store.add_file("k", "train.jsonl", "fine-tune", chat_jsonl(32))
     job = store.add_job("k", model=str(tiny_model_dir), training_file=f["id"], validation_file=None, suffix=None,
                         seed=5, method={"type": "supervised", "supervised": {"hyperparameters": {

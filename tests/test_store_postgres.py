@@ -8,6 +8,7 @@ import pytest
 
 from tunesmith.serve.api.stored_completions import CompletionStore
 from tunesmith.serve.batches.store import BatchStore
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import ClaimLost, Store
 from tunesmith.serve.store.database import DatabaseError, open_database, to_postgres
 from tunesmith.serve.store.migrations import MIGRATIONS
@@ -58,24 +59,25 @@ def test_every_migration_once_and_a_reopened_store_migrates_nothing(store):
 
 
 def test_files_jobs_events_and_checkpoints(store):
+    jobs = JobStore(store)
     f = store.add_file("o1", "a.jsonl", "fine-tune", b'{"x": 1}\n')
     assert store.get_file(f["id"], "o1")["bytes"] == 9 and store.get_file(f["id"], "o2") is None
     assert store.get_file(store.add_file(None, "b.jsonl", "batch", b"")["id"], None)["owner"] is None  # IS NULL
     assert [x["id"] for x in store.list_files("o1")[0]] == [f["id"]]
     assert "rowid" not in store.list_files("o1")[0][0]
-    job = store.add_job("o1", model="m", training_file=f["id"], validation_file=None, suffix=None, seed=1,
-                        method={"type": "supervised"}, metadata={"k": "v"})
-    assert store.get_job(job["id"], "o1")["method"] == {"type": "supervised"}
+    job = jobs.add_job("o1", model="m", training_file=f["id"], validation_file=None, suffix=None, seed=1,
+                       method={"type": "supervised"}, metadata={"k": "v"})
+    assert jobs.get_job(job["id"], "o1")["method"] == {"type": "supervised"}
     store.update_job(job["id"], status="queued")
-    assert store.next_job(1)["id"] == job["id"]
-    assert store.add_event(job["id"], "step", "metrics", {"step": 1}, dedup_key="s1")
-    assert not store.add_event(job["id"], "step again", "metrics", {"step": 1}, dedup_key="s1")  # once
+    assert jobs.next_job(1)["id"] == job["id"]
+    assert jobs.add_event(job["id"], "step", "metrics", {"step": 1}, dedup_key="s1")
+    assert not jobs.add_event(job["id"], "step again", "metrics", {"step": 1}, dedup_key="s1")  # once
     for step in (2, 3):
-        store.add_event(job["id"], "step", "metrics", {"step": step}, dedup_key=f"s{step}")
-        store.add_checkpoint(job["id"], step, {"loss": 1.0}, "/nowhere", "ft:m")
-    store.supersede_steps(job["id"], after=2)
-    assert [e["data"]["step"] for e in store.events(job["id"])] == [2, 1]
-    assert [c["step_number"] for c in store.checkpoints(job["id"])] == [2]
+        jobs.add_event(job["id"], "step", "metrics", {"step": step}, dedup_key=f"s{step}")
+        jobs.add_checkpoint(job["id"], step, {"loss": 1.0}, "/nowhere", "ft:m")
+    jobs.supersede_steps(job["id"], after=2)
+    assert [e["data"]["step"] for e in jobs.events(job["id"])] == [2, 1]
+    assert [c["step_number"] for c in jobs.checkpoints(job["id"])] == [2]
     assert store.checkpoint_by_model("ft:m:ckpt-step-2")["owner"] == "o1"
     assert store.delete_file(f["id"], "o1") and store.get_file(f["id"], "o1") is None
 
@@ -124,39 +126,41 @@ def test_threads_writing_at_once(store):
 
 
 def test_a_job_is_claimed_by_one_worker_and_taken_over_when_its_lease_runs_out(store):
-    jobs = queued_jobs(store, ("o1", "o1", "o2"))
-    first, claim = store.claim_job("w1", jobs_per_key=1)
-    assert first["id"] == jobs[0] and claim.generation == 1 and first["generation"] == 1
-    second, _ = store.claim_job("w2", jobs_per_key=1)
-    assert second["id"] == jobs[2]  # o1's next waits: its first, held by w1, counts as running
-    assert store.claim_job("w3", jobs_per_key=1) is None
+    jobs, ids = JobStore(store), queued_jobs(store, ("o1", "o1", "o2"))
+    first, claim = jobs.claim_job("w1", jobs_per_key=1)
+    assert first["id"] == ids[0] and claim.generation == 1 and first["generation"] == 1
+    second, _ = jobs.claim_job("w2", jobs_per_key=1)
+    assert second["id"] == ids[2]  # o1's next waits: its first, held by w1, counts as running
+    assert jobs.claim_job("w3", jobs_per_key=1) is None
     claim.write(store.update_job, first["id"], status="running")
     assert claim.renew()
     store.db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ?", (first["id"],))  # w1 frozen past its lease
-    taken, again = store.claim_job("w3", jobs_per_key=1)
+    taken, again = jobs.claim_job("w3", jobs_per_key=1)
     assert taken["id"] == first["id"] and taken["status"] == "running" and again.generation == 2
     with pytest.raises(ClaimLost):  # w1, back, writes nothing more
         claim.write(store.update_job, first["id"], status="succeeded")
     assert not claim.renew() and claim.lost.is_set()
-    assert store.get_job(first["id"], any_owner=True)["status"] == "running"
+    assert jobs.get_job(first["id"], any_owner=True)["status"] == "running"
 
 
 def test_a_sole_worker_takes_back_a_job_a_dead_one_held(store):
-    job = store.add_job("o1", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
-                        method={"type": "supervised"}, metadata=None)
+    jobs = JobStore(store)
+    job = jobs.add_job("o1", model="m", training_file="f", validation_file=None, suffix=None, seed=1,
+                       method={"type": "supervised"}, metadata=None)
     store.update_job(job["id"], status="running")
     assert store.claims.acquire("jobs", job["id"], "dead") is not None
-    assert store.claim_job("new", 1) is None  # held by a live lease
-    assert store.claim_job("new", 1, sole=True)[0]["id"] == job["id"]  # the data folder's only worker: "dead" is
+    assert jobs.claim_job("new", 1) is None  # held by a live lease
+    assert jobs.claim_job("new", 1, sole=True)[0]["id"] == job["id"]  # the data folder's only worker: "dead" is
 
 
 def test_workers_claiming_at_once_take_each_job_once(store):
+    jobs = JobStore(store)
     queued_jobs(store, [f"o{i}" for i in range(12)])
     taken: list[str] = []
     lock = threading.Lock()
 
     def claimer(n):
-        while (claimed := store.claim_job(f"w{n}", jobs_per_key=1)) is not None:
+        while (claimed := jobs.claim_job(f"w{n}", jobs_per_key=1)) is not None:
             job = claimed[0]
             store.update_job(job["id"], status="running")
             with lock:
@@ -240,17 +244,18 @@ def test_work_that_ended_between_a_look_and_its_claim_is_not_taken(store, monkey
     from tunesmith.serve.evals import resume
     from tunesmith.serve.evals.store import EvalStore
 
+    jobs = JobStore(store)
     [job_id] = queued_jobs(store, ("o1",))
-    real_next = store.next_job
+    real_next = jobs.next_job
 
     def chosen_then_cancelled(*args, **kwargs):
         job = real_next(*args, **kwargs)
         store.update_job(job_id, status="cancelled")
         return job
 
-    monkeypatch.setattr(store, "next_job", chosen_then_cancelled)
-    assert store.claim_job("w1", jobs_per_key=1) is None
-    assert store.get_job(job_id, any_owner=True)["claimed_by"] is None
+    monkeypatch.setattr(jobs, "next_job", chosen_then_cancelled)
+    assert jobs.claim_job("w1", jobs_per_key=1) is None
+    assert jobs.get_job(job_id, any_owner=True)["claimed_by"] is None
 
     evals = EvalStore(store)
     ev = evals.add_eval("o1", name="e", data_source_config={}, testing_criteria=[], metadata=None)

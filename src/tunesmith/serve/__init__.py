@@ -14,7 +14,9 @@ against the Rooms block of docs/architecture.md), top to bottom:
   the answer is read), built in one pass.
 - ``engines/``: the inference-engine interface, the builtin engine, vLLM behind tunesmith, trained heads,
   the errors every room answers with, worker-process helpers and the GPU split.
-- ``store.py``: the server's per-key SQLite state (files, jobs, checkpoints, responses); imports nothing here.
+- ``store/``: the server's per-key state on SQLite or PostgreSQL (files, uploads, responses, the fine-tuned models
+  jobs made) and every claim of work with its SQL (``store/claims.py``); a room's own tables are its ``store.py``
+  (``jobs/``, ``batches/``, ``evals/``); imports nothing here.
 - ``keys.py``: API keys at rest: the server's secret and each key's owner id (a keyed hash), the only form of a
   key the store keeps; imports nothing here.
 """

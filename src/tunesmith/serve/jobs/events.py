@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from tunesmith.serve.store import Store
+from tunesmith.serve.jobs.store import JobStore
 
 
 def estimated_finish(started_at: float, start_step: int, step: int, total: int) -> int | None:
@@ -16,7 +16,7 @@ def estimated_finish(started_at: float, start_step: int, step: int, total: int) 
     return int(time.time() + (time.time() - started_at) / done * max(0, total - step))
 
 
-def announce_integrations(store: Store, job: dict) -> None:
+def announce_integrations(store: JobStore, job: dict) -> None:
     """Say, once per entry, where an integration's metrics go: a Weights & Biases entry is logged to the job's
     local tracker (its run folder's train/metrics.csv, returned as the job's results file and shown live as
     metrics events), never sent to wandb.ai."""
@@ -29,7 +29,7 @@ def announce_integrations(store: Store, job: dict) -> None:
                         data={"integration": entry, "local_tracker": "train/metrics.csv"}, dedup_key=f"integration:{i}")
 
 
-def mark_full_validation(store: Store, job_id: str, last: dict) -> None:
+def mark_full_validation(store: JobStore, job_id: str, last: dict) -> None:
     """The last checkpoint's metrics gain OpenAI's full_valid_* figures: the validation pass at the end of
     training covers the whole validation file."""
     if last.get("valid_loss") is None:

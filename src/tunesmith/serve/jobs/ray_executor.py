@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tunesmith.errors import ConfigError
 from tunesmith.serve.engines.process import SHUTDOWN, StopFlag, end_worker_process, start_worker_process, stop_on_sigterm
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.jobs.worker import READS, job_error, run_or_fail
 from tunesmith.serve.store import Store, worker_id
 from tunesmith.serve.store.claims import Claim, ClaimLost, Fenced
@@ -38,7 +39,7 @@ def ray_module():
     return ray
 
 
-def job_resources(store: Store, job: dict, cluster: dict) -> dict:
+def job_resources(store: JobStore, job: dict, cluster: dict) -> dict:
     """What a job asks Ray for: one CPU for the data and optimizer work, one GPU where the cluster has any,
     and the memory that the training estimate gives for the job's model and method (unknown: none asked)."""
     need = {"num_cpus": 1, "num_gpus": 1 if cluster.get("GPU", 0) >= 1 else 0}
@@ -63,7 +64,7 @@ def run_job_task(root: str, job_id: str, holder: str, generation: int) -> str:
     claim (``holder``, ``generation``: every write fenced by it; the dispatcher renews it); returns the job's final
     status."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    store = Store(Path(root), database_url())
+    store = JobStore(Store(Path(root), database_url()))
     job = store.get_job(job_id, any_owner=True)
     if job is None or job["status"] not in ("queued", "running"):
         return job["status"] if job else "missing"
@@ -85,7 +86,7 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
 
     ray = ray_module()
     stop = stop or SHUTDOWN
-    store = Store(root, database_url())
+    store = JobStore(Store(root, database_url()))
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **(init_kwargs or {}))
@@ -98,7 +99,7 @@ def work_on_ray(root: Path, address: str | None = None, jobs_per_key: int = 1, p
             ray.shutdown()
 
 
-def _hand_out(ray, store: Store, jobs_per_key: int, poll_s: float, stop) -> None:
+def _hand_out(ray, store: JobStore, jobs_per_key: int, poll_s: float, stop) -> None:
     """Claim jobs in the store (as the jobs worker does: on PostgreSQL every replica's dispatcher takes from one
     queue, never the same job twice) and hand each to Ray; the claims of the jobs Ray runs are renewed by this
     process's heartbeat and let go when their tasks end, so that a dead dispatcher's jobs are claimed again by a live

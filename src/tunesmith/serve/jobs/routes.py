@@ -25,14 +25,15 @@ from tunesmith.serve.api.store_lane import in_store_lane, stored
 from tunesmith.serve.errors import APIError, found
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.reinforcement import ReinforcementMethod
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import quotas
 from tunesmith.serve.store.values import check_name, check_seed
 
 router = APIRouter(prefix="/v1", route_class=OffLoopJSON)
 
 
-def _store(request: Request):
-    return request.app.state.store
+def _store(request: Request) -> JobStore:  # the server's store as the jobs room sees it
+    return JobStore(request.app.state.store)
 
 
 def _job_object(request: Request, job: dict) -> dict:

@@ -30,6 +30,7 @@ from tunesmith.serve.engines.process import SHUTDOWN, end_worker_process, start_
 from tunesmith.serve.jobs import reinforcement
 from tunesmith.serve.jobs.autohyper import LR_BASE, resolve_hyperparameters, with_hyperparameters
 from tunesmith.serve.jobs.events import announce_integrations, estimated_finish, mark_full_validation
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import Store, worker_id
 from tunesmith.serve.store.claims import Claim, ClaimLost, Fenced
 from tunesmith.serve.store.database import DatabaseError, database_url, transient
@@ -87,7 +88,7 @@ def job_recipe(job: dict, root: Path, hyper: dict, training_path: Path, n_exampl
                             "model": {"name": job["model"]}, "train": train})
 
 
-def job_callback(store: Store, job_id: str, model_name: str, claim: Claim | None = None):
+def job_callback(store: JobStore, job_id: str, model_name: str, claim: Claim | None = None):
     """Metrics events, checkpoint rows and the cancel/pause check after every step; with the job's ``claim``, the
     training stops (saving nothing) at the first step after the claim is lost."""
     from transformers import TrainerCallback
@@ -165,7 +166,7 @@ def within_gpu_share(recipe, gpu_budget_gb: float | None):
     return hold_job_to(recipe, gpu_budget_gb)
 
 
-def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None, claim: Claim | None = None) -> None:
+def run_job(store: JobStore, job: dict, gpu_budget_gb: float | None = None, claim: Claim | None = None) -> None:
     """The job trained and its result recorded through ``store`` (with a ``claim``: the store fenced by it, and the
     attempt in the claim's generation's folder)."""
     from rich.console import Console
@@ -229,7 +230,7 @@ def run_job(store: Store, job: dict, gpu_budget_gb: float | None = None, claim: 
     store.add_event(job["id"], "The job has successfully completed", dedup_key="succeeded")
 
 
-def announce_start(store: Store, job: dict, checkpoints: Path) -> bool | Path:
+def announce_start(store: JobStore, job: dict, checkpoints: Path) -> bool | Path:
     """Say how the job starts and supersede step events a restart will report again; returns the checkpoint to resume
     from (False: from the start). It is the newest checkpoint the store recorded whose folder is complete (another
     attempt's: each attempt trains in its own folder), else the newest complete one in ``checkpoints`` (a job an
@@ -251,7 +252,7 @@ def announce_start(store: Store, job: dict, checkpoints: Path) -> bool | Path:
     return found if resume_step else False
 
 
-def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> None:
+def evaluate_job(store: JobStore, job_id: str, recipe, val_rows: list[dict]) -> None:
     """Base vs fine-tuned on the validation conversations → ``eval/report.html``, announced by an event.
 
     The trained model is the job's result: an evaluation failure is reported as a warning event,
@@ -279,7 +280,7 @@ def evaluate_job(store: Store, job_id: str, recipe, val_rows: list[dict]) -> Non
                     {"report": f"/v1/fine_tuning/jobs/{job_id}/report", "metrics": metrics}, dedup_key="eval-report")
 
 
-def continued_from(store: Store, job: dict) -> tuple[Path, bool] | None:
+def continued_from(store: JobStore, job: dict) -> tuple[Path, bool] | None:
     """For a job created from one of its key's fine-tunes: the folder of that fine-tune's adapter and whether it is
     merged into the base first (DPO: its reference model must be the fine-tune it continues, not the bare base),
     said in the job's events; None for a job from the base model."""
@@ -322,7 +323,7 @@ def results_file(rows: list[dict]) -> bytes:
     return base64.b64encode(buf.getvalue().encode())
 
 
-def job_error(exc: Exception, store: Store, job: dict) -> dict:
+def job_error(exc: Exception, store: JobStore, job: dict) -> dict:
     """The error a client sees: our own errors with file ids in place of server paths; anything else
     is a server_error whose detail stays in the worker's log."""
     if isinstance(exc, TunesmithError):
@@ -357,7 +358,7 @@ def engine_of(vllm_endpoint: Path | None, jobs_engine: str = "auto"):
 READS = frozenset({"get_job", "get_file", "fine_tune", "checkpoints", "events"})  # a job's reads, never fenced
 
 
-def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None, claim: Claim | None = None) -> None:
+def run_or_fail(store: JobStore, job: dict, gpu_budget_gb: float | None = None, claim: Claim | None = None) -> None:
     """Run one job; a failure is reported on the job (status, error, event) and goes no further. With its ``claim``
     every write is fenced by it; a claim lost on the way ends the attempt, saying so, and fails nothing."""
     fenced = Fenced(store, claim, READS) if claim is not None else store
@@ -375,7 +376,7 @@ def run_or_fail(store: Store, job: dict, gpu_budget_gb: float | None = None, cla
         said_lost(store, job, claim, lost)
 
 
-def said_lost(store: Store, job: dict, claim: Claim | None, lost: ClaimLost) -> None:
+def said_lost(store: JobStore, job: dict, claim: Claim | None, lost: ClaimLost) -> None:
     """A lost claim said in the log and, when the database answers, in the job's events (the one event a holder that
     lost its claim writes: it changes nothing of the work)."""
     generation = claim.generation if claim is not None else 0
@@ -428,11 +429,12 @@ def work(root: Path, poll_s: float = 0.5, once: bool = False, jobs_per_key: int 
             return
 
 
-def open_store(root: Path) -> Store | None:
-    """The store, opened once its database answers (tried again every few seconds until SIGTERM: None)."""
+def open_store(root: Path) -> JobStore | None:
+    """The store (as the jobs room sees it), opened once its database answers (tried again every few seconds until
+    SIGTERM: None)."""
     while True:
         try:
-            return Store(root, database_url())
+            return JobStore(Store(root, database_url()))
         except Exception as exc:  # noqa: BLE001 - e.g. PostgreSQL restarting while the server starts its worker
             if not transient(exc) and not isinstance(exc, DatabaseError):
                 raise
