@@ -8,6 +8,7 @@ import threading
 import time
 
 from tunesmith.serve.jobs.ray_executor import _hand_out
+from tunesmith.serve.jobs.store import JobStore
 from tunesmith.serve.store import Store
 
 from .conftest import queued_jobs
@@ -47,8 +48,8 @@ def test_two_dispatchers_hand_each_job_to_ray_once(store, monkeypatch):
     queued_jobs(store, [f"o{i}" for i in range(6)])
     submitted: list[str] = []
     stop = threading.Event()
-    dispatchers = [threading.Thread(target=_hand_out, args=(FakeRay(submitted), Store(store.root, url), 1,
-                                                            0.05, stop)) for _ in range(2)]
+    dispatchers = [threading.Thread(target=_hand_out, args=(FakeRay(submitted), JobStore(Store(store.root, url)),
+                                                            1, 0.05, stop)) for _ in range(2)]
     for d in dispatchers:
         d.start()
     deadline = time.time() + 30
