@@ -617,7 +617,8 @@ def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_
 
     from .conftest import running_server
 
-    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS),
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS,
+                                   tinker_fused_steps=True),  # the long call keeps its turn whole: every call waits
                      Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
     base = str(tiny_model_dir)
     with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
@@ -671,7 +672,8 @@ def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tin
 
     from .conftest import running_server
 
-    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS | {"key-c"}),
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS | {"key-c"},
+                                   tinker_fused_steps=True),  # the long call keeps its turn whole: every call waits
                      Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
     base = str(tiny_model_dir)
     with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
