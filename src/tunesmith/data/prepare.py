@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
 import tempfile
 from collections import Counter
@@ -385,23 +386,36 @@ def cache_key(recipe: Recipe) -> str:
 
 
 def store_cached(key: str, data_dir: Path, data: PreparedData) -> None:
+    """The prepared data kept under ``key``: written aside under a name of this process's own, then renamed in
+    place. Processes sharing the cache (two test workers, two runs) may store the same key at once: the first
+    rename wins, and the other's copy, the same data, is dropped."""
     target = cache_dir() / key
-    tmp = target.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(data_dir, tmp / "files")
-    with open(tmp / "prepared.pkl", "wb") as fh:
-        pickle.dump(_to_columns(data), fh, protocol=pickle.HIGHEST_PROTOCOL)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    tmp = target.with_name(f".{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        shutil.copytree(data_dir, tmp / "files")
+        with open(tmp / "prepared.pkl", "wb") as fh:
+            pickle.dump(_to_columns(data), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process put the same entry in place first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     prune_cache()
 
 
 def prune_cache(keep: int = 20) -> None:
-    """Keep the ``keep`` most recently used entries; older ones are removed."""
-    entries = sorted(
-        (p for p in cache_dir().iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
-    )
-    for old in entries[keep:]:
+    """Keep the ``keep`` most recently used entries; older ones are removed (an entry another process removes
+    meanwhile is passed over)."""
+    entries = []
+    for p in cache_dir().iterdir():
+        try:
+            if p.is_dir() and not p.name.startswith("."):
+                entries.append((p.stat().st_mtime, p))
+        except FileNotFoundError:
+            continue
+    for _, old in sorted(entries, reverse=True)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -434,7 +448,10 @@ def load_cached(key: str, data_dir: Path) -> PreparedData | None:
         for stale in ("rejected.jsonl", "steps.md", "profile", "export"):
             p = data_dir / stale
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    shutil.copytree(entry / "files", data_dir, dirs_exist_ok=True)
-    entry.touch()  # most recently used, for pruning
+    try:
+        shutil.copytree(entry / "files", data_dir, dirs_exist_ok=True)
+        entry.touch()  # most recently used, for pruning
+    except (FileNotFoundError, shutil.Error):  # pruned by another process meanwhile: prepared again
+        return None
     data.cached = True
     return data
