@@ -250,14 +250,9 @@ def available_memory(device: str) -> int | None:
         import torch
 
         return torch.cuda.mem_get_info()[0]
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    from tunesmith.machine.memory import meminfo
+
+    return meminfo("MemAvailable")
 
 
 def estimate_recipe(recipe: Recipe, path=None, free: int | None = None) -> MemoryEstimate:

@@ -14,6 +14,18 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def meminfo(key: str) -> int | None:
+    """A line of ``/proc/meminfo`` (``MemTotal``, ``MemAvailable``) in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def reset_peak_rss() -> int:
     """Free what can be freed, reset the kernel's peak-RSS mark (VmHWM); return the current RSS in bytes."""
     gc.collect()

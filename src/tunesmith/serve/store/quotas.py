@@ -87,14 +87,9 @@ class Quotas:
 
 def machine_memory() -> int:
     """This machine's memory in bytes (MemTotal; 16 GB where it cannot be read)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 16 * GB
+    from tunesmith.machine.memory import meminfo
+
+    return meminfo("MemTotal") or 16 * GB
 
 
 def _value(name: str, text: str, optional: bool) -> int | float | None:

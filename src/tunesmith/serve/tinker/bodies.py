@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunesmith.serve.errors import APIError, validation_error_body
 from tunesmith.serve.store.tinker import NAME
-from tunesmith.serve.store.values import check_value
 
 SEQ_MAX = 2**31 - 1  # a client-made sequence number (model_seq_id, seq_id)
 SEED_MAX = 2**63 - 1
@@ -220,12 +219,13 @@ class Telemetry(Body):
 
 
 def read(model: type[Body], value) -> Body:
-    """``value`` (the body's parsed JSON; None: no body) as ``model``, or a 400 naming the first wrong field."""
+    """``value`` (the body's parsed JSON, already checked for what the store cannot hold by
+    :func:`tunesmith.serve.api.json_body.parsed`; None: no body) as ``model``, or a 400 naming the first wrong
+    field."""
     if value is None:
         value = {}
     if not isinstance(value, dict):
         raise APIError(400, "The body must be a JSON object.", code="invalid_json")
-    check_value(value, "", nul_ok=False)
     try:
         return model.model_validate(value)
     except ValidationError as exc:

@@ -135,11 +135,10 @@ class Futures:
     def _turn(self, pending: Pending, fn, args):
         """The call's turn in the lane (its thread): run it, with the waiting calls that join it (:meth:`_joining`)
         when its kind is fused; :data:`ANSWERED` when another call's turn has answered it already."""
-        fuse = self.fuse.get(pending.kind) if pending.fusable is not None else None
         with self.guard:
             if not self._take(pending):
                 return ANSWERED
-            joined = [] if fuse is None else self._joining(pending)
+            fuse, joined = self._joined(pending)
         self.running = pending
         try:
             return self._step(pending, fn, args, fuse, joined)
@@ -161,8 +160,7 @@ class Futures:
                 if owner == running.owner or head is None or head.started:
                     continue
                 self._take(head)
-                fuse = self.fuse.get(head.kind) if head.fusable is not None else None
-                turns.append((head, fuse, [] if fuse is None else self._joining(head, running.owner)))
+                turns.append((head, *self._joined(head, running.owner)))
         self.running = None
         try:
             for head, fuse, joined in turns:
@@ -172,6 +170,12 @@ class Futures:
                 self.loop.call_soon_threadsafe(self._settle, head, answer.exc if isinstance(answer, Failed) else answer)
         finally:
             self.running = running
+
+    def _joined(self, pending: Pending, waits: str | None | object = NOBODY) -> tuple:
+        """Under :attr:`guard`, ``pending`` taken: what runs its kind as one with others (None: it runs alone) and the
+        waiting calls that join it (:meth:`_joining`)."""
+        fuse = self.fuse.get(pending.kind) if pending.fusable is not None else None
+        return fuse, ([] if fuse is None else self._joining(pending, waits))
 
     def _step(self, pending: Pending, fn, args, fuse, joined: list[Pending]):
         """The call (with the calls that joined it, run as one by ``fuse``): its answer, or :class:`Failed`."""

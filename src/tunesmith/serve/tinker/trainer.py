@@ -170,13 +170,16 @@ class Trainer:
         """A run's memory in float32: its adapter, gradients and two AdamW moments."""
         return 16 * self.lora_params(rank, train_attn, train_mlp, train_unembed)
 
+    def _numel(self, name: str) -> int:
+        """The run's adapter parameters (0: no such run here)."""
+        return sum(p.numel() for p in self._params(name)) if name in self.runs else 0
+
     def run_bytes(self, name: str) -> int:
-        run = self.runs.get(name)
-        return 0 if run is None else 16 * sum(p.numel() for p in self._params(name))
+        return 16 * self._numel(name)
 
     def checkpoint_bytes(self, name: str, with_optimizer: bool) -> int:
         """A checkpoint's size on disk, about: the adapter in float32, and its two AdamW moments with the optimizer."""
-        return (12 if with_optimizer else 4) * sum(p.numel() for p in self._params(name)) + 64 * 1024
+        return (12 if with_optimizer else 4) * self._numel(name) + 64 * 1024
 
     def token_bytes(self, rank: int) -> int:
         """Memory one token of a pass keeps for its backward: every layer's activations
