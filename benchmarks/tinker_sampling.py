@@ -1,8 +1,9 @@
-"""What an RL loop's sampling costs through the Tinker API, against transformers' ``generate`` one sequence at a time.
+"""What an RL loop's sampling costs through the Tinker API, against the OpenAI completions route on the same engine and
+against transformers' ``generate`` one sequence at a time.
 
 One round of sampling as an RL loop does it: ``--prompts`` BANKING77 messages, a group of ``--group`` sequences after
 each (temperature 1, ``--max-tokens`` tokens, ``stop=[]`` so that every sequence has exactly that many: each way
-generates the same number of tokens), four ways on the embedded model:
+generates the same number of tokens), five ways on the embedded model:
 
 - **api, num_samples**: through the ``tinker`` SDK against a real ``tunesmith serve``, one call per prompt asking the
   group (``num_samples=--group``), the calls sent at once (the cookbook's ``rl_loop.py``);
@@ -10,6 +11,9 @@ generates the same number of tokens), four ways on the embedded model:
   cookbook's ``TinkerTokenCompleter``);
 - **api, four tenants**: the same round split among four keys, each sampling its own sampler checkpoint (a rank-16
   LoRA run saved for sampling) with ``num_samples=--group``, all sent at once (one batch through four adapters);
+- **openai completions** (the same engine's other door): the official ``openai`` client against the same server, one
+  ``completions.create`` per prompt with the prompt's token ids and ``n=--group``, the calls sent at once, every end
+  of sequence banned by ``logit_bias`` (the OpenAI API's way to keep generating, what ``stop=[]`` is to Tinker);
 - **generate loop** (the peer): in this process, transformers' ``generate`` for one sequence at a time with the same
   model and parameters, each token's logprob from its raw logits (what a server without batching does; what
   tunesmith's Tinker sampling did before its calls were batched).
@@ -57,6 +61,22 @@ def api_round(client, rounds: list[list[int]], group: int, max_tokens: int, sing
     return seconds, sum(len(s.tokens) for a in answers for s in a.sequences)
 
 
+def completions_round(client, model: str, rounds: list[list[int]], group: int, max_tokens: int,
+                      ends: list[int]) -> tuple[float, int]:
+    """One round through the OpenAI completions route, one call per prompt asking ``n=group``, every call sent at
+    once (threads, as the SDK sends its calls): (seconds, tokens generated)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(prompt):
+        return client.completions.create(model=model, prompt=prompt, n=group, max_tokens=max_tokens, temperature=1.0,
+                                         logit_bias={str(e): -100 for e in ends})
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(rounds)) as pool:
+        answers = list(pool.map(one, rounds))
+    return time.perf_counter() - t0, sum(a.usage.completion_tokens for a in answers)
+
+
 def tenants_round(clients, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
     """One round through the SDK by four tenants, each sampling its own checkpoint for its share of the prompts
     (``num_samples=group`` a call), every call sent at once."""
@@ -90,8 +110,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
+    import openai
     import tinker
 
+    from tunesmith.generation import stop_ids
     from tunesmith.machine.placement import pick_placement
     from tunesmith.models.loading import load_model, load_tokenizer
 
@@ -106,10 +128,15 @@ def main() -> None:
             services, samplers = tenant_samplers(server.url[:-3], args.model)
             model = load_model(args.model, pick_placement())
             model.eval()
-            rounds = prompts(load_tokenizer(args.model), args.prompts)
+            tokenizer = load_tokenizer(args.model)
+            rounds = prompts(tokenizer, args.prompts)
+            oai = openai.OpenAI(base_url=server.url, api_key="bench", max_retries=0, timeout=3600)
+            ends = stop_ids(tokenizer, model)
             api_round(client, rounds[:1], 2, 4, False), generate_round(model, rounds[:1], 1, 4)  # warm both
             timed, tokens = counting({
                 "api_num_samples": lambda: api_round(client, rounds, args.group, args.max_tokens, False),
+                "openai_completions": lambda: completions_round(oai, args.model, rounds, args.group, args.max_tokens,
+                                                                ends),
                 "api_single_calls": lambda: api_round(client, rounds, args.group, args.max_tokens, True),
                 "api_four_tenants": lambda: tenants_round(samplers, rounds, args.group, args.max_tokens),
                 "generate_loop": lambda: generate_round(model, rounds, args.group, args.max_tokens)})
@@ -131,6 +158,8 @@ def main() -> None:
               "ways": ways, "ratio_num_samples": round(ways["api_num_samples"]["tokens_per_s"] / peer, 2),
               "ratio_single_calls": round(ways["api_single_calls"]["tokens_per_s"] / peer, 2),
               "ratio_four_tenants": round(ways["api_four_tenants"]["tokens_per_s"] / peer, 2),
+              "tinker_over_openai": round(ways["api_num_samples"]["tokens_per_s"]
+                                          / ways["openai_completions"]["tokens_per_s"], 2),
               "server_peak_rss_gb": peak_gb}
     print(f"\nA round: {args.prompts} prompts x {args.group} sequences x {args.max_tokens} tokens "
           f"({per_round} tokens), {args.rounds} rounds each way:")
@@ -138,6 +167,7 @@ def main() -> None:
         ratio = way["tokens_per_s"] / peer
         print(f"  {name:18s} {way['tokens_per_s']:8.1f} tokens/s  (median round {way['p50_ms'] / 1000:.1f} s)  "
               f"{ratio:.2f}x the generate loop")
+    print(f"  Tinker sample (num_samples) / OpenAI completions (n), one engine: {result['tinker_over_openai']:.2f}x")
     print(f"server peak memory (its process tree): {peak_gb} GB; load average at end: {result['load_end']}")
     print(json.dumps(result))
     if args.out:

@@ -1,5 +1,5 @@
 """The Tinker trainer in process: four tenants' LoRA steps fused into one against the same steps one after another,
-and an RL round of sampling batched against a per-sequence ``generate`` loop.
+and an RL round of sampling on the server's inference engine against a per-sequence ``generate`` loop.
 
 The trainer the Tinker API runs (:class:`tunesmith.serve.tinker.trainer.Trainer`), in this process, without HTTP (the
 API's own cost is ``benchmarks/tinker_api.py``'s; through the API, ``benchmarks/tinker_sampling.py``). It needs only
@@ -7,8 +7,9 @@ torch, transformers and peft, so a GPU machine's kit runs it (``scripts/gpu_run.
 
 **Sampling** (first, on the base alone): a round of ``--prompts`` BANKING77 messages x ``--group`` sequences x
 ``--max-tokens`` tokens at temperature 1 (``stop=[]``: every sequence that long), ``--sampling-rounds`` rounds each
-way in alternating blocks: the trainer's batched sampling (:meth:`Trainer.sample_many`, what the API's sample calls
-run) against transformers' ``generate`` for one sequence at a time on the same weights (the peer).
+way in alternating blocks: the server's inference engine (:class:`tunesmith.generation.ContinuousBatch`, whose rows
+the API's sample calls become) against transformers' ``generate`` for one sequence at a time on the same weights (the
+peer).
 
 **Steps**: four tenants' runs (LoRA rank ``--rank``) on one base. A step: every tenant's ``forward_backward`` of
 ``--batch`` BANKING77 examples (``cross_entropy`` on the answer), then every tenant's ``optim_step``, two ways on runs
@@ -84,15 +85,21 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
     return [tokenizer.encode(f"Message: {row['text']}\nWhat does the customer want?") for row in banking_rows(n)[:n]]
 
 
-def sampling_round(trainer, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
-    """The trainer's batched sampling of one round on the base: (seconds, tokens generated)."""
-    from tunesmith.serve.tinker.sampling import Want
+def engine_round(model, tokenizer, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
+    """The server's inference engine in process (continuous batching, what a Tinker sample's rows run on): every row
+    of the round queued at once (up to 64 in flight), each token's logprob recorded: (seconds, tokens generated)."""
+    from tunesmith.generation import ContinuousBatch, GenParams, Row
 
-    params = {"max_tokens": max_tokens, "temperature": 1.0, "stop": []}
+    params = GenParams(max_tokens=max_tokens, temperature=1.0, stop_token_ids=())  # stop=[]: nothing ends a row
+    batch = ContinuousBatch(model, tokenizer, max_rows=64, max_cache_tokens=1 << 20)
+    rows = [Row(p, params, logprobs=0) for p in rounds for _ in range(group)]
     t0 = time.perf_counter()
-    answers = trainer.sample_many([Want(p, group, params) for p in rounds])
+    for row in rows:
+        batch.add(row)
+    while batch.busy:
+        batch.step()
     sync()
-    return time.perf_counter() - t0, sum(len(s.tokens) for a in answers for s in a[0])
+    return time.perf_counter() - t0, sum(len(r.generated) for r in rows)
 
 
 def generate_round(model, rounds: list[list[int]], group: int, max_tokens: int) -> tuple[float, int]:
@@ -119,9 +126,10 @@ def sampling(trainer, args) -> dict:
     """The sampling ways, timed on the base (before any run exists): each way's stats and tokens per second."""
     trainer.load()
     rounds = prompts(trainer.tokenizer, args.prompts)
-    sampling_round(trainer, rounds[:1], 2, 4), generate_round(trainer.plain, rounds[:1], 1, 4)  # warm both
+    model, tokenizer = trainer.plain, trainer.tokenizer
+    engine_round(model, tokenizer, rounds[:1], 2, 4), generate_round(model, rounds[:1], 1, 4)  # warm both
     ways, counted = counting({
-        "batched": lambda: sampling_round(trainer, rounds, args.group, args.max_tokens),
+        "engine": lambda: engine_round(model, tokenizer, rounds, args.group, args.max_tokens),
         "generate_loop": lambda: generate_round(trainer.plain, rounds, args.group, args.max_tokens)})
     times = alternating(ways, args.sampling_rounds, 1)
     per_round = args.prompts * args.group * args.max_tokens
@@ -189,12 +197,12 @@ def main() -> None:
     trainer = Trainer(args.model)
     sampled = sampling(trainer, args) if args.sampling_rounds else {}
     if sampled:
-        sample_ratio = sampled["batched"]["tokens_per_s"] / sampled["generate_loop"]["tokens_per_s"]
+        sample_ratio = sampled["engine"]["tokens_per_s"] / sampled["generate_loop"]["tokens_per_s"]
         print(f"\nSampling a round ({args.prompts} prompts x {args.group} sequences x {args.max_tokens} tokens), "
               f"{args.sampling_rounds} rounds each way:")
         for name, way in sampled.items():
             print(f"  {name:18s} {way['tokens_per_s']:9.1f} tokens/s  (median round {way['p50_ms'] / 1000:.1f} s)")
-        print(f"  batched / one sequence at a time: {sample_ratio:.2f}x\n")
+        print(f"  engine / one sequence at a time: {sample_ratio:.2f}x\n")
     fused = [f"fused-{t}" for t in range(TENANTS)]
     apart = [f"apart-{t}" for t in range(TENANTS)]
     for t in range(TENANTS):  # the same seed for a tenant's two runs: the same start

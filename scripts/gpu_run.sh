@@ -16,7 +16,7 @@
 #                                                       # --record (this GPU kind's engine_measured.json, copy in $OUT)
 #   bash scripts/gpu_run.sh loss                        # benchmarks/loss_forms.py
 #   bash scripts/gpu_run.sh tinker                      # benchmarks/tinker_trainer.py at 1B LoRA: the Tinker trainer's
-#                                                       # batched sampling against a per-sequence generate loop, and
+#                                                       # the engine's sampling against a per-sequence generate loop, and
 #                                                       # four tenants fused into one step against one after another
 #   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
 set -euo pipefail

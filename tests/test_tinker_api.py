@@ -386,9 +386,9 @@ def test_wrong_calls_are_refused_with_their_reason(served, service_a):
     with pytest.raises(tinker.RequestFailedError, match=r"data\[0\]\.model_input\[\d+\]: 1000000 is not a token id"):
         training.forward_backward([outside], "cross_entropy").result()
     sample = post(root, "asample", {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 10**6]}]},
-                                    "sampling_params": {"max_tokens": 2}, "base_model": base}, key="tml-key-a").json()
-    failed = post(root, "retrieve_future", {"request_id": sample["request_id"]}, key="tml-key-a").json()
-    assert "prompt token 1 (1000000) is not a token id" in failed["error"] and failed["category"] == "user"
+                                    "sampling_params": {"max_tokens": 2}, "base_model": base}, key="tml-key-a")
+    assert sample.status_code == 400  # checked before its rows are queued: no future
+    assert "prompt token 1 (1000000) is not a token id" in sample.json()["error"]["message"]
     with pytest.raises(tinker.BadRequestError, match="ttl_seconds: Input should be greater than or equal to 3600"):
         training.save_weights_for_sampler("short", ttl_seconds=60).result()
 
@@ -603,12 +603,26 @@ def test_a_run_made_after_every_other_was_let_go_saves_and_trains(tiny_model_dir
     assert trainer.forward_backward("second", [d], "cross_entropy", {}, False)[1]["loss:sum"] < before
 
 
-def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_alone(tiny_model_dir, tmp_path):
-    """Sample calls of two keys waiting behind a long call (a group of single calls, a num_samples=3 call, greedy calls
-    of different prompts with a stop token, a seeded call, a wrong call) are taken in one turn and sampled in shared
-    left-padded batches: each sequence's logprobs are what transformers computes alone, each greedy answer is the one
-    the call gets alone (cut after its stop token), the seeded call gives the same sequences again, and the wrong call
-    fails alone with its reason."""
+def engine_rows(app) -> list[tuple]:
+    """Every submission to the server's engine from now on, as ``(model, tenant, rows)`` (a spy at the seam)."""
+    engine, seen = app.state.engine, []
+    submit = engine.submit
+
+    def spied(model_id, prompt_ids, params, *args, **kwargs):
+        seen.append((model_id, kwargs.get("tenant"), len(params)))
+        return submit(model_id, prompt_ids, params, *args, **kwargs)
+
+    engine.submit = spied
+    return seen
+
+
+def test_sample_calls_are_rows_of_the_engine_beside_a_long_training_call_each_as_if_alone(tiny_model_dir, tmp_path):
+    """Sample calls of two keys sent while a long training call holds the trainer (a group of single calls, a
+    num_samples=3 call, greedy calls of different prompts with a stop token, a seeded call, a wrong call) become rows
+    of the server's inference engine as their keys' (not calls behind the training call): each sequence's logprobs are
+    what transformers computes alone, each greedy answer is the one the call gets alone and the one the OpenAI
+    completions route gives (cut after its stop token), the seeded call gives the same sequences again, and the
+    wrong call is refused alone with its reason."""
     import tinker
     from tinker import types
 
@@ -617,8 +631,7 @@ def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_
 
     from .conftest import running_server
 
-    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS,
-                                   tinker_fused_steps=True),  # the long call keeps its turn whole: every call waits
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS),
                      Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
     base = str(tiny_model_dir)
     with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
@@ -634,17 +647,18 @@ def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_
         cut = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[stop_at])
         seeded = types.SamplingParams(max_tokens=6, temperature=1.0, seed=11)
 
-        joined = app.state.tinker.futures.joined_samples
-        long_call = holding(app, training, [datum(tokens * 8, weights * 8)] * 32)  # holds the base a while
+        rows = engine_rows(app)
+        long_call = holding(app, training, [datum(tokens * 8, weights * 8)] * 32)  # holds the trainer a while
         calls = [client_a.sample(long, 1, types.SamplingParams(max_tokens=6)) for _ in range(4)]
         calls += [client_b.sample(short, 3, types.SamplingParams(max_tokens=5, temperature=0.7)),
                   client_a.sample(short, 1, cut), client_b.sample(long, 1, greedy), client_a.sample(short, 2, seeded)]
-        wrong = client_b.sample(types.ModelInput.from_ints([10**6]), 1, greedy)
-        long_call.result()
-        answers = [c.result() for c in calls]
         with pytest.raises(Exception, match="is not a token id of this model"):
-            wrong.result()
-        assert app.state.tinker.futures.joined_samples - joined >= len(calls) - 1
+            client_b.sample(types.ModelInput.from_ints([10**6]), 1, greedy).result()
+        answers = [c.result() for c in calls]
+        long_call.result()
+        owners = {"key-a": listed_owner(url[:-3], "tml-key-a")}
+        assert sorted((m, n) for m, _, n in rows) == sorted((base, n) for n in (1, 1, 1, 1, 3, 1, 1, 2))
+        assert [t for _, t, _ in rows].count(owners["key-a"]) == 6  # each call: its key's rows
 
         assert [len(a.sequences) for a in answers] == [1, 1, 1, 1, 3, 1, 1, 2]
         prompts = [long] * 4 + [short, short, long, short]
@@ -656,14 +670,20 @@ def test_sample_calls_waiting_together_are_sampled_in_shared_batches_each_as_if_
         expected = alone[short.length][:alone[short.length].index(stop_at) + 1]
         assert answers[5].sequences[0].tokens == expected and answers[5].sequences[0].stop_reason == "stop"
         assert answers[6].sequences[0].tokens == alone[long.length]
+        client = openai.OpenAI(base_url=url, api_key="key-b", max_retries=0)
+        completion = client.completions.create(model=base, prompt=long.to_ints(), max_tokens=8, temperature=0)
+        assert completion.choices[0].text == training.get_tokenizer().decode(alone[long.length])
         again = client_a.sample(short, 2, seeded).result()
         assert [s.tokens for s in again.sequences] == [s.tokens for s in answers[7].sequences]
 
 
-def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tiny_model_dir, tmp_path):
-    """Two keys' sampler checkpoints (trained apart, so that they answer differently) and the base, sampled by calls
-    waiting together: one ``generate`` for all of them (peft's mixed-adapter batch), each greedy answer the one its
-    weights give alone and each sampled token's logprob what a forward of its own run computes."""
+def test_samples_of_several_weights_share_the_engines_steps_each_row_through_its_own(tiny_model_dir, tmp_path):
+    """Two keys' sampler checkpoints (trained apart, so that they answer differently) and the base, sampled while a
+    long sample of a third key runs: their rows join the engine's running batch and share its forward passes (each
+    row through its own adapter), each greedy answer the one its weights give alone and each sampled token's logprob
+    what a forward of its own run computes (1e-4)."""
+    import time
+
     import tinker
     from tinker import types
 
@@ -672,17 +692,15 @@ def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tin
 
     from .conftest import running_server
 
-    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS | {"key-c"},
-                                   tinker_fused_steps=True),  # the long call keeps its turn whole: every call waits
-                     Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS | {"key-c"}),
+                     Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1))
     base = str(tiny_model_dir)
     with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
             tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb, \
             tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-c") as sc:
-        holder = sc.create_lora_training_client(base_model=base, rank=4).result()  # a third key's long call
         runs = [service.create_lora_training_client(base_model=base, rank=4, seed=i).result()
                 for i, service in enumerate((sa, sb))]
-        tokens, weights = example(runs[0].get_tokenizer())
+        tokens, _ = example(runs[0].get_tokenizer())
         for run, taught in zip(runs, (tokens[6], tokens[7]), strict=True):  # each run taught to repeat its own token
             target = tokens[:5] + [taught] * 8
             for _ in range(4):
@@ -695,13 +713,20 @@ def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tin
         alone = [c.sample(prompt, 1, greedy).result().sequences[0].tokens for c in clients]
         assert len({tuple(a) for a in alone}) == 3  # three weights, three answers
 
-        batches = app.state.tinker.trainer.sampled_batches
-        long_call = holding(app, holder, [datum(tokens * 8, weights * 8)] * 32)  # holds the base a while
+        batch, widest = app.state.engine.batch, []
+        names = batch._adapter_names
+        batch._adapter_names = lambda rows: widest.append(len({r.adapter for r in rows})) or names(rows)
+        holder = sc.create_sampling_client(base_model=base).result().sample(  # a long row of a third key's
+            prompt, 1, types.SamplingParams(max_tokens=200, temperature=0.0, stop=[]))
+        deadline = time.monotonic() + 30
+        while not batch.active:
+            assert time.monotonic() < deadline, "the long sample never started"
+            time.sleep(0.005)
         calls = [c.sample(prompt, 1, greedy) for c in clients]
-        sampled = [c.sample(prompt, 2, types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])) for c in clients[:2]]
-        long_call.result()
+        sampled = [c.sample(prompt, 2, greedy) for c in clients[:2]]
         together = [c.result().sequences[0].tokens for c in calls]
-        assert app.state.tinker.trainer.sampled_batches == batches + 1  # all five calls: one generate
+        assert not holder.done() or len(holder.result().sequences[0].tokens) == 200
+        assert max(widest) >= 3  # one forward pass held rows of three weights
         assert together == alone
         for run, answer in zip(runs, sampled, strict=True):
             for seq in answer.result().sequences:
@@ -709,6 +734,7 @@ def test_samples_of_several_weights_share_one_batch_each_row_through_its_own(tin
                                      "cross_entropy").result()
                 assert np.allclose(scored.loss_fn_outputs[0]["logprobs"].to_numpy()[-len(seq.tokens):], seq.logprobs,
                                    atol=1e-4)
+        holder.result()
 
 
 def test_a_long_call_gives_another_keys_call_its_turn_between_two_passes(tiny_model_dir, tmp_path):

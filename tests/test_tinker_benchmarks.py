@@ -1,5 +1,5 @@
 """The Tinker benchmarks run end to end at tiny size on a CPU: the trainer in process (``benchmarks/tinker_trainer.py``,
-what ``scripts/gpu_run.sh tinker`` runs at 1B on a GPU: batched sampling against a per-sequence ``generate`` loop,
+what ``scripts/gpu_run.sh tinker`` runs at 1B on a GPU: the engine's sampling against a per-sequence ``generate`` loop,
 every way generating the round's tokens, and the four tenants' fused step against one after another, its loss check
 agreeing in float32), and the sampling round through the API against a per-sequence ``generate`` loop
 (``benchmarks/tinker_sampling.py``), every way generating the round's tokens."""
@@ -26,7 +26,7 @@ def test_tinker_trainer_runs_tiny_and_the_fused_step_trains_as_the_steps_one_aft
     assert result["loss_check_max_rel_diff"] < 1e-5  # float32 on a CPU: the same losses, step after update
     assert result["tokens_a_step"] > 0 and result["padded_tokens_fused_step"] >= result["tokens_a_step"]
     assert all(w["tokens_per_s"] > 0 for w in result["ways"].values()) and result["speedup"] > 0
-    assert set(result["sampling"]["ways"]) == {"batched", "generate_loop"} and result["sampling"]["speedup"] > 0
+    assert set(result["sampling"]["ways"]) == {"engine", "generate_loop"} and result["sampling"]["speedup"] > 0
     assert "fused / one after another:" in capsys.readouterr().out
 
 
@@ -37,6 +37,8 @@ def test_tinker_sampling_runs_tiny_through_a_real_server(tmp_path, monkeypatch, 
                                       "--rounds", "1", "--block", "1", "--out", str(out)])
     runpy.run_path(str(REPO / "benchmarks" / "tinker_sampling.py"), run_name="__main__")
     result = json.loads(out.read_text())
-    assert set(result["ways"]) == {"api_num_samples", "api_single_calls", "api_four_tenants", "generate_loop"}
-    assert min(result["ratio_num_samples"], result["ratio_single_calls"], result["ratio_four_tenants"]) > 0
+    assert set(result["ways"]) == {"api_num_samples", "api_single_calls", "api_four_tenants", "openai_completions",
+                                   "generate_loop"}
+    assert min(result["ratio_num_samples"], result["ratio_single_calls"], result["ratio_four_tenants"],
+               result["tinker_over_openai"]) > 0
     assert "x the generate loop" in capsys.readouterr().out

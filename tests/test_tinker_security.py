@@ -276,7 +276,7 @@ def test_nan_and_inf_inputs_are_the_callers_error_and_never_reach_the_weights(se
 def test_a_keys_memory_disk_and_time_are_bounded_before_anything_runs(tiny_model_dir, tmp_path):
     """A run past the key's memory, a datum whose activations would pass it, a checkpoint past the key's bytes and a
     call slower than --request-timeout at the server's pace: each refused naming what to change, before anything
-    runs or is written."""
+    runs or is written; a sample's rows end at --request-timeout (``length``), as a chat request's do."""
     import dataclasses
 
     import tinker
@@ -318,10 +318,20 @@ def test_a_keys_memory_disk_and_time_are_bounded_before_anything_runs(tiny_model
         assert sorted(p.name for p in keys.rglob("*")) == before  # no file, no staging folder left
         assert all("too-big" not in c["path"] for c in t.store.checkpoints(training.model_id, next(iter(t.owners.values()))))
 
-        t.pace.per_token["sample"] = 10.0  # as if this server sampled 0.1 tokens a second lately
-        sampler = service.create_sampling_client(base_model=base).result()
+        t.pace.per_token["forward_backward"] = 10.0  # as if this server trained 0.1 tokens a second lately
+        big = [5 + i % 50 for i in range(1100)]  # a call of 1,024 tokens or more is measured against the pace
+        slow = types.Datum(model_input=types.ModelInput.from_ints(big[:-1]),
+                           loss_fn_inputs={"target_tokens": big[1:], "weights": [1.0] * (len(big) - 1)})
+        t.quotas = dataclasses.replace(t.quotas, tinker_memory_bytes=None)
         with pytest.raises(tinker.RequestFailedError, match=r"would take about .*--request-timeout"):
-            sampler.sample(types.ModelInput.from_ints([5, 6]), 4, types.SamplingParams(max_tokens=16)).result()
-        t.pace.per_token["sample"] = 1e-4
-        assert len(sampler.sample(types.ModelInput.from_ints([5, 6]), 4, types.SamplingParams(max_tokens=4)
-                                  ).result().sequences) == 4
+            training.forward_backward([slow], "cross_entropy").result()
+        t.pace.per_token["forward_backward"] = 1e-6
+
+        engine = app.state.engine  # a sample's rows end at --request-timeout, as a chat request's do
+        sampler = service.create_sampling_client(base_model=base).result()
+        engine.request_timeout_s = 0.0
+        cut = sampler.sample(types.ModelInput.from_ints([5, 6]), 4, types.SamplingParams(max_tokens=64, stop=[]))
+        assert all(s.stop_reason == "length" and len(s.tokens) < 64 for s in cut.result().sequences)
+        engine.request_timeout_s = 300.0
+        assert [len(s.tokens) for s in sampler.sample(types.ModelInput.from_ints([5, 6]), 4, types.SamplingParams(
+            max_tokens=4, stop=[])).result().sequences] == [4] * 4

@@ -290,7 +290,8 @@ class ContinuousBatch:
         (abandoned rows are in neither)."""
         wanted, logp = logprobs_before_processors(rows, logits)
         tokens = self._next_tokens(rows, logits)
-        record_logprobs(rows, wanted, logp, tokens, self.eos_ids)
+        ends = [self.ends(row) for row in rows]
+        record_logprobs(rows, wanted, logp, tokens, ends)
         now = time.monotonic()
         keep, finished = [], []
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
@@ -304,7 +305,7 @@ class ContinuousBatch:
                 row.finish_reason = "length"
                 finished.append(row)
                 continue
-            finish = "stop" if token in self.eos_ids else None
+            finish = "stop" if token in ends[i] else None
             if finish is not None:
                 row.stop_token = token
             else:
@@ -316,6 +317,11 @@ class ContinuousBatch:
                 row.finish_reason = finish
                 finished.append(row)
         return keep, finished
+
+    def ends(self, row: Row):
+        """The tokens that end ``row``: its own ``stop_token_ids`` when it names them, else the model's ends."""
+        ids = row.params.stop_token_ids
+        return self.eos_ids if ids is None else ids
 
     def _next_tokens(self, rows: list[Row], logits) -> list[int]:
         """One batched argmax for greedy rows; rows with processors or sampling go through their own sampler."""

@@ -38,9 +38,10 @@ def logprobs_before_processors(rows: list, logits):
     return wanted, torch.log_softmax(logits[wanted].float(), -1)
 
 
-def record_logprobs(rows: list, wanted: list[int], logp, tokens: list[int], eos_ids: set[int]) -> None:
+def record_logprobs(rows: list, wanted: list[int], logp, tokens: list[int], ends: list) -> None:
     """Append each generated token's logprob (and top alternatives) to the rows that asked for them; the end of
-    sequence that stops a row is not one of its tokens, and is kept apart (``end_logprob``)."""
+    sequence that stops a row (one of ``ends[i]``, row i's end tokens) is not one of its tokens, and is kept apart
+    (``end_logprob``)."""
     if not wanted:
         return
     import torch
@@ -51,7 +52,7 @@ def record_logprobs(rows: list, wanted: list[int], logp, tokens: list[int], eos_
     for j, i in enumerate(wanted):
         n = rows[i].logprobs
         top = tuple(zip(top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)) if n else ()
-        if tokens[i] in eos_ids:
+        if tokens[i] in ends[i]:
             rows[i].end_logprob = TokenLogprob(tokens[i], chosen[j], top)
         else:
             rows[i].token_logprobs.append(TokenLogprob(tokens[i], chosen[j], top))

@@ -1,6 +1,6 @@
 """One row's generation settings and how its next token is picked.
 
-Sampling goes through transformers' own logits processors (temperature, then top-p), after any
+Sampling goes through transformers' own logits processors (temperature, then top-k and top-p), after any
 extra processor a caller adds for that row (a JSON-schema mask must run first, else top-p may
 keep no allowed token) and OpenAI's adjustments (``logit_bias``, ``frequency_penalty``,
 ``presence_penalty``), which apply to greedy rows too. Each sampled row draws from its own seeded generator, so its result does
@@ -26,6 +26,8 @@ class GenParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus this times the count of a token already generated
     presence_penalty: float = 0.0  # minus this once for every token already generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    top_k: int = 0  # sample among the k most probable tokens only (0: all)
+    stop_token_ids: tuple[int, ...] | None = None  # tokens that end the row (None: the model's end-of-sequence ids)
 
     @property
     def greedy(self) -> bool:
@@ -96,12 +98,14 @@ def row_sampler(params: GenParams, extra: Sequence = (), prompt_len: int = 0) ->
 
 
 def warpers(params: GenParams) -> list:
-    """Temperature and top-p as transformers' warpers, in the order ``model.generate`` applies them."""
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+    """Temperature, top-k and top-p as transformers' warpers, in the order ``model.generate`` applies them."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     if params.greedy:
         return []
     out = [TemperatureLogitsWarper(float(params.temperature))]
+    if params.top_k > 0:
+        out.append(TopKLogitsWarper(int(params.top_k)))
     if params.top_p < 1.0:
         out.append(TopPLogitsWarper(float(params.top_p)))
     return out

@@ -40,6 +40,7 @@ class ServedModels:
         self.owners: dict[str, str | None] = {}  # a loaded fine-tune -> its owner
         self.parents: dict[str, str] = {}  # a fine-tune continued from another -> that one (models.list's parent)
         self.folders: dict[str, str] = {}  # a fine-tune seen in the store -> its folder
+        self.versions: dict[str, tuple] = {}  # a loaded Tinker checkpoint -> its weights file's identity when loaded
 
     # --- what a key sees ----------------------------------------------------------------------
 
@@ -84,7 +85,10 @@ class ServedModels:
         owner, folder, parent = found
         if owner != key:
             return False
+        version = weights_version(name, folder)
         with self.lock:
+            if name in self.owners and self.versions.get(name) != version:  # a checkpoint saved again at its path
+                self.forget(name)
             if name not in self.owners:
                 self._make_room()
                 self.owners = {**self.owners, name: owner}  # first: a reader never takes it for a fixed model
@@ -93,6 +97,7 @@ class ServedModels:
                 except BaseException:
                     self.owners = {k: v for k, v in self.owners.items() if k != name}
                     raise
+                self.versions[name] = version
                 if parent:
                     self.parents[name] = parent
                 log.info("serving fine-tune %s from %s", name, folder)
@@ -107,6 +112,7 @@ class ServedModels:
                 return
             self.owners = {k: v for k, v in self.owners.items() if k != name}
             self.loaded.pop(name, None)
+            self.versions.pop(name, None)
         self.engine.remove_adapter(name)
 
     def preload(self, since: int) -> int:
@@ -142,6 +148,18 @@ class ServedModels:
             if ckpt is not None and Path(ckpt["folder"]).is_dir():
                 return ckpt["owner"], ckpt["folder"], None
         return None
+
+
+def weights_version(name: str, folder: str) -> tuple | None:
+    """A Tinker checkpoint's weights file's identity (its path may be saved again with other weights: each save is
+    written aside and renamed in place, a new file); None for a fine-tune, whose weights never change."""
+    if not name.startswith(SCHEME):
+        return None
+    try:
+        stat = (Path(folder) / "adapter_model.safetensors").stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _folder(job: dict) -> str | None:

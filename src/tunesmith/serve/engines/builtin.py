@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
-from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request
+from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request, TokenIds
 from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, default_contended_rows
 from tunesmith.serve.errors import APIError
 
@@ -45,6 +45,7 @@ class _ServedRow(Row):
     sent_tokens: int = 0  # token logprobs already streamed
     tenant: str | None = None  # the caller whose share of the batch this row counts against
     background: bool = False  # a batch's line: after every interactive row, in its tenant's share
+    token_ids: bool = False  # answer with the generation's token ids too (Generation.ids)
 
     @property
     def abandoned(self) -> bool:
@@ -119,11 +120,12 @@ class Engine(InferenceEngine):
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False, prompt_logprobs: int | None = None) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None, token_ids: bool = False) -> Request:
         """``constraint(rows, prompt_len)``: a logits processor factory (a JSON schema) every choice decodes
         under; ``logprobs``: each generated token's logprob and that many top alternatives, reported;
         ``prompt_logprobs``: the same for every prompt token, from the row's prefill;
-        ``background``: a batch's line, decoded in its tenant's share after interactive rows."""
+        ``background``: a batch's line, decoded in its tenant's share after interactive rows;
+        ``token_ids``: each Generation's ``ids`` too."""
         if self.closed:
             raise _shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
@@ -134,7 +136,7 @@ class Engine(InferenceEngine):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
             self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, logprobs=logprobs,
                                         prompt_logprobs=prompt_logprobs, request=request, index=i, stream=stream,
-                                        tenant=tenant, background=background))
+                                        tenant=tenant, background=background, token_ids=token_ids))
         return request
 
     def close(self) -> None:
@@ -231,7 +233,8 @@ class Engine(InferenceEngine):
             text, len(row.prompt_ids), len(row.generated), row.finish_reason,
             self._entries(row.token_logprobs) if asked else None,
             self._entries([row.end_logprob])[0] if asked and row.end_logprob else None,
-            self._prompt_entries(row) if row.prompt_logprobs is not None else None))
+            self._prompt_entries(row) if row.prompt_logprobs is not None else None,
+            token_ids(row) if row.token_ids else None))
 
     def _unsent(self, row: _ServedRow) -> list[dict] | None:
         """The logprobs entries of the tokens generated since the last streamed delta (None: not asked)."""
@@ -339,6 +342,17 @@ def tenant_rows(active, waiting, paused, line: TenantLines) -> dict[object, _Ten
             mine = out.setdefault(row.tenant, _TenantRows())
             (mine.background if row.background else mine.interactive).append((where, row))
     return out
+
+
+def token_ids(row: _ServedRow) -> TokenIds:
+    """The row's generation as token ids: its tokens (the stop token that ended it last), their logprobs and its
+    prompt's, as asked."""
+    ended = [row.stop_token] if row.stop_token is not None else []
+    logprobs = None
+    if row.logprobs is not None:
+        logprobs = [t.logprob for t in row.token_logprobs] + ([row.end_logprob.logprob] if ended else [])
+    return TokenIds(row.generated + ended, logprobs,
+                    list(row.prompt_token_logprobs) if row.prompt_logprobs is not None else None)
 
 
 def row_failure(exc: BaseException) -> APIError:

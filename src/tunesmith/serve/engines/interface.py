@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunesmith.generation import BASE, GenParams
+from tunesmith.generation import BASE, GenParams, TokenLogprob
 
-__all__ = ["BASE", "Delta", "GenParams", "Generation", "InferenceEngine", "Request"]
+__all__ = ["BASE", "Delta", "GenParams", "Generation", "InferenceEngine", "Request", "TokenIds"]
 
 
 @dataclass
@@ -30,6 +30,17 @@ class Delta:
 
 
 @dataclass
+class TokenIds:
+    """A generation as token ids, for a trainer (the Tinker API's ``sample``), not as text: ``tokens`` generated, the
+    stop token that ended it last; ``logprobs`` each one's (before any sampling setting, as a training forward computes
+    it), when asked; ``prompt`` each prompt token's after the first, its top alternatives as ids, when asked."""
+
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    prompt: list[TokenLogprob] | None = None
+
+
+@dataclass
 class Generation:
     text: str
     prompt_tokens: int
@@ -38,6 +49,7 @@ class Generation:
     logprobs: list[dict] | None = None  # OpenAI's chat ``logprobs.content`` entries, when asked and served
     end: dict | None = None  # the entry of the end of sequence that ended the answer (completions list it, chat not)
     prompt_logprobs: list[dict] | None = None  # one entry per prompt token, when asked: the first's logprob None
+    ids: TokenIds | None = None  # the generation as token ids, when asked (``submit(token_ids=True)``)
 
 
 class Request:
@@ -87,6 +99,7 @@ class InferenceEngine:
     base_name: str
     tokenizer: object
     context_length: int
+    adapts_output_layer: bool = True  # serves a LoRA of the output layer (lm_head): the Tinker SDK's train_unembed
 
     def __init__(self, base: str):
         from tunesmith.models.loading import load_tokenizer
@@ -178,14 +191,15 @@ class InferenceEngine:
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False, prompt_logprobs: int | None = None) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None, token_ids: bool = False) -> Request:
         """Queue one generation per ``params`` entry (the request's ``n`` choices); call from the event loop.
         ``logprobs``: the top alternatives to report per generated token (0: the chosen token's only), where
         the engine reports them; ``prompt_logprobs``: the same for every prompt token (the prompt scored, in the
         prefill's own pass; a choice of ``max_tokens`` 0 generates nothing). Each ``tenant`` decodes its fair share of every step
         (:mod:`tunesmith.serve.engines.shares`), not first come first served: a caller with hundreds of rows
         waiting does not queue another caller's row behind them, nor make its steps slow; ``background`` rows (a
-        batch's lines) come after every interactive row, in their tenant's share."""
+        batch's lines) come after every interactive row, in their tenant's share. ``token_ids``: each Generation's
+        ``ids`` too (:class:`TokenIds`: its tokens, and the logprobs asked, as ids and floats)."""
         raise NotImplementedError
 
     def close(self) -> None:

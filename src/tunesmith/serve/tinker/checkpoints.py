@@ -178,6 +178,14 @@ class Checkpoints:
             raise APIError(404, f"No checkpoint {path} for this key.", code="not_found")
         return ckpt
 
+    def sampler_checkpoint(self, owner, path: str) -> dict:
+        """A checkpoint of ``owner``'s that samples: saved for the sampler (what the inference engine serves)."""
+        ckpt = self.checkpoint(owner, path)
+        if ckpt["kind"] != "sampler":
+            raise TrainingError(f"{path} is a training state; sample from a checkpoint saved for the sampler "
+                                "(save_weights_for_sampler, or save_weights_and_get_sampling_client)")
+        return ckpt
+
     def delete_checkpoint(self, owner, path: str) -> dict:
         """A checkpoint's row, then its folder (a sampler checkpoint stops being a model of the key)."""
         ckpt = self.checkpoint(owner, path)

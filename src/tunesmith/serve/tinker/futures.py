@@ -1,14 +1,12 @@
-"""The Tinker API's futures: every training or sampling call is answered at once with a request id, runs in the
-``tinker`` lane (one call at a time on the resident base, keys served in turn), and its answer is fetched by
-``/api/v1/retrieve_future``, which waits up to :data:`POLL_S` and otherwise says ``try_again``.
+"""The Tinker API's futures: every training or sampling call is answered at once with a request id, and its answer is
+fetched by ``/api/v1/retrieve_future``, which waits up to :data:`POLL_S` and otherwise says ``try_again``. A training
+call runs in the ``tinker`` lane (one call at a time on the trainer's base, keys served in turn); a ``sample`` runs as
+rows of the server's inference engine (:mod:`tunesmith.serve.tinker.sampling`), which shares its steps among keys.
 
-Calls wait together and run as one: when a ``sample`` call's turn comes, the sample calls at the head of every key's
-waiting calls (its own key's included: sampling changes nothing, so calls taken together still run in each key's
-order) join it, up to :data:`SAMPLE_CALLS`, taken a key at a time in turn, and are sampled in shared batches
-(:meth:`Tinker.sample_many`). With ``--tinker-fused-steps``, a ``forward_backward`` call's turn takes the
-``forward_backward`` call at the head of other keys' waiting calls (each key's next call), up to :data:`FUSED_KEYS`
-keys, in one step on the base (:meth:`Tinker.forward_backward_many`). Each joined call is answered at once, and its own
-turn in the lane, when it comes, has nothing left to do.
+With ``--tinker-fused-steps``, a ``forward_backward`` call's turn takes the ``forward_backward`` call at the head of
+other keys' waiting calls (each key's next call), up to :data:`FUSED_KEYS` keys, in one step on the base
+(:meth:`Tinker.forward_backward_many`). Each joined call is answered at once, and its own turn in the lane, when it
+comes, has nothing left to do.
 
 A long call does not hold the other keys for its whole length: between two of its passes over the base, the call at
 the head of each other key's waiting calls runs (:meth:`Futures.others_turn`, keys in turn, one call each), so a key's
@@ -31,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +42,6 @@ POLL_S = 20.0  # a retrieve waits this long for its answer before saying try_aga
 KEPT_S = 3600.0  # an answer is kept this long after it is ready
 PENDING_PER_KEY = 256
 FUSED_KEYS = 8  # keys whose forward_backward calls one step may take together
-SAMPLE_CALLS = 64  # sample calls one turn may take together (their rows: in batches of sampling.BATCH_TOKENS)
 ANSWERED = object()  # a call's lane turn, once a step of another key's answered it
 NOBODY = object()  # no key (an owner id may be None: a server without keys)
 
@@ -83,12 +80,27 @@ class Futures:
         self.fused_steps = 0  # forward_backward steps that took calls of more than one key
         self.turns_between = 0  # calls run between two passes of another key's call
         self.running: Pending | None = None  # the call whose turn runs now (its thread: the lane's)
-        self.joined_samples = 0  # sample calls answered in another call's turn
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, owner: str | None, kind: str, fn, *args, fusable: bool = False) -> str:
         """``fn(*args)`` queued in the lane as ``owner``'s work (``fusable``: a forward_backward, whose ``args`` may
         join a step of several keys); its request id."""
+        pending = self._new(owner, kind, fusable=args if fusable else None, call=(fn, args))
+        with self.guard:
+            self.waiting.setdefault(owner, deque()).append(pending)
+        pending.task = asyncio.ensure_future(self._run(pending, fn, args))
+        return pending.rid
+
+    def start(self, owner: str | None, kind: str, work: Callable[[], Awaitable]) -> str:
+        """``await work()`` run now on the event loop as ``owner``'s call, outside the lane: a sample, whose rows the
+        inference engine shares among keys itself, and which changes nothing a key's training calls read (so it need
+        not wait for them); its request id."""
+        pending = self._new(owner, kind)
+        pending.task = asyncio.ensure_future(self._awaited(pending, work))
+        return pending.rid
+
+    def _new(self, owner: str | None, kind: str, **fields) -> Pending:
+        """A new future of ``owner``'s, or a 429 when the key has :data:`PENDING_PER_KEY` waiting here."""
         self._prune()
         self.loop = asyncio.get_running_loop()
         waiting = sum(1 for p in self.items.values() if p.owner == owner and not p.done.is_set())
@@ -96,11 +108,17 @@ class Futures:
             raise APIError(429, f"This API key has {waiting} Tinker calls waiting (at most {PENDING_PER_KEY}); retry "
                            "shortly.", type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
         rid = new_id("req")
-        pending = self.items[rid] = Pending(owner, kind, fusable=args if fusable else None, rid=rid, call=(fn, args))
-        with self.guard:
-            self.waiting.setdefault(owner, deque()).append(pending)
-        pending.task = asyncio.ensure_future(self._run(pending, fn, args))
-        return rid
+        self.items[rid] = Pending(owner, kind, rid=rid, **fields)
+        return self.items[rid]
+
+    async def _awaited(self, pending: Pending, work) -> None:
+        try:
+            answer = await work()
+        except Exception as exc:  # noqa: BLE001 - said in its future
+            answer = exc
+        finally:
+            pending.task = None
+        self._settle(pending, answer)
 
     async def recorded(self, rid: str) -> None:
         """The future's row written in the store (before its id is answered: any replica then finds it)."""
@@ -184,10 +202,7 @@ class Futures:
                 return fn(*args)
             except Exception as exc:  # noqa: BLE001 - said in its future
                 return Failed(exc)
-        if pending.kind == "sample":
-            self.joined_samples += len(joined)
-        else:
-            self.fused_steps += 1
+        self.fused_steps += 1
         try:
             answers = fuse([pending.fusable] + [p.fusable for p in joined])
         except Exception as exc:  # noqa: BLE001 - every call of the step ends with it
@@ -197,24 +212,16 @@ class Futures:
         return Failed(answers[0]) if isinstance(answers[0], BaseException) else answers[0]
 
     def _joining(self, pending: Pending, waits: str | None | object = NOBODY) -> list[Pending]:
-        """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken. A sample: the fusable samples at
-        the head of every key's calls, a key at a time in turn, up to :data:`SAMPLE_CALLS` in all; a forward_backward:
-        the fusable forward_backward at the head of each other key's calls, up to :data:`FUSED_KEYS` keys. The calls
-        of key ``waits`` (one whose call is running) are left to wait for it."""
-        sample = pending.kind == "sample"
-        limit = SAMPLE_CALLS if sample else FUSED_KEYS
+        """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken: the fusable call of its kind at
+        the head of each other key's calls, up to :data:`FUSED_KEYS` keys. The calls of key ``waits`` (one whose call
+        is running) are left to wait for it."""
         joined: list[Pending] = []
-        while len(joined) + 1 < limit:
-            took = False
-            for owner, queue in list(self.waiting.items()):  # (a queue emptied by a take is removed from waiting)
-                head = queue[0]
-                if len(joined) + 1 < limit and head.kind == pending.kind and head.fusable is not None \
-                        and (sample or head.owner != pending.owner) and owner != waits:
-                    self._take(head)
-                    joined.append(head)
-                    took = True
-            if not (sample and took):  # a forward_backward takes one call a key: one round
-                return joined
+        for owner, queue in list(self.waiting.items()):  # (a queue emptied by a take is removed from waiting)
+            head = queue[0]
+            if len(joined) + 1 < FUSED_KEYS and head.kind == pending.kind and head.fusable is not None \
+                    and head.owner != pending.owner and owner != waits:
+                self._take(head)
+                joined.append(head)
         return joined
 
     def _settle(self, pending: Pending, answer) -> None:
@@ -222,7 +229,9 @@ class Futures:
         from tunesmith.serve.tinker.losses import TrainingError
         from tunesmith.serve.tinker.wire import WireError
 
-        if isinstance(answer, (TrainingError, WireError, APIError)):
+        if isinstance(answer, APIError) and answer.status >= 500:  # the engine's own failure (a 503 while closing)
+            pending.error = (answer.body["message"], "server")
+        elif isinstance(answer, (TrainingError, WireError, APIError)):
             pending.error = (answer.body["message"] if isinstance(answer, APIError) else str(answer), "user")
         elif isinstance(answer, BaseException):
             log.error("Tinker %s failed", pending.kind, exc_info=answer)

@@ -16,13 +16,13 @@ import logging
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
-from tunesmith.serve.api.auth import TinkerKey
+from tunesmith.serve.api.auth import TinkerKey, engine_for
 from tunesmith.serve.api.json_body import OffLoopJSON, parsed
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.tinker import RUN_ID, run_name, run_session
-from tunesmith.serve.tinker import bodies
+from tunesmith.serve.tinker import bodies, sampling, wire
 from tunesmith.serve.tinker.losses import TrainingError
 from tunesmith.serve.tinker.service import Tinker
 
@@ -247,12 +247,35 @@ async def create_sampling_session(request: Request, key: TinkerKey):
 
 @router.post("/asample")
 async def asample(request: Request, key: TinkerKey):
+    """A sample as rows of the server's inference engine, the key's (:mod:`tunesmith.serve.tinker.sampling`): its
+    weights checked as the key's and loaded, its place among the key's requests taken (a 429 past its limit) and its
+    tokens charged, all before its future is answered."""
     body = (await body_of(request, bodies.Sample)).model_dump(exclude_none=True)
-    t = tinker(request)
-    await stored(request, key, t.weights_of, key, body)  # its sampler or checkpoint the key's, before it is queued
-    sequences = new_id("seq")  # sequence i is "<sequences>:<i>" (recorded under it for stable_reinforce)
-    answer = await future(request, key, "sample", t.sample, key, body, sequences, fusable=True)
-    return answer | {"sample_sequence_ids": [f"{sequences}:{i}" for i in range(body["num_samples"])]}
+    t, app = tinker(request), request.app
+    want = await app.state.lanes.plan.run(key, sampling.read_want, t, key, body, app.state.engine,
+                                          app.state.settings.max_tokens)
+    engine = await engine_for(request, want.model, key)  # a sampler checkpoint loaded by its path, as chat loads it
+    ticket = await app.state.limiter.admitted(key)
+    sequences_id = new_id("seq")  # sequence i is "<sequences_id>:<i>" (recorded under it for stable_reinforce)
+
+    async def sampled() -> bytes:
+        try:
+            generations = await sampling.submit(engine, want, key).results()
+        finally:
+            ticket.release()
+        sequences = sampling.sequences(generations)
+        await app.state.lanes.store.run(key, t.record_samples, key, body, sequences_id, want, sequences, always=True)
+        return wire.sample_response(sequences, *sampling.prompt_scores(want, generations[0]))
+
+    try:
+        await ticket.charged(want.cost)
+        rid = t.futures.start(key, "sample", sampled)
+    except BaseException:
+        ticket.release()
+        raise
+    await t.futures.recorded(rid)
+    return {"request_id": rid, "model_id": None, "sample_sequence_ids": [f"{sequences_id}:{i}"
+                                                                         for i in range(want.n)]}
 
 
 # --- futures -------------------------------------------------------------------------------------------------------

@@ -1,15 +1,14 @@
-"""The Tinker API's sampling: every waiting sample call's sequences generated together, in batches.
+"""The Tinker API's sampling, on the server's own inference engine: a ``sample`` call becomes ``num_samples`` rows of
+the engine that answers the OpenAI routes (the builtin engine's continuous batching with per-row adapters, or vLLM
+with ``--engine vllm``), admitted as the key's chat requests are: a place among its requests in flight (a 429 past
+its limit, which the SDK retries), its tokens charged, and its fair share of every decoding step beside every other
+key's rows. A sampler checkpoint is served by its ``tinker://`` path from the adapter registry the OpenAI side uses
+(:class:`tunesmith.serve.api.served_models.ServedModels`: loaded once, evicted once, the key's own only).
 
-A call asks ``num_samples`` sequences after one prompt. Calls with the same sampling parameters (of one key or of
-several, :meth:`tunesmith.serve.tinker.futures.Futures` joins them) become rows of one left-padded ``generate``, up to
-:data:`BATCH_TOKENS` padded tokens a batch, each row through its own weights (a sampler checkpoint's adapter or the
-base: peft's mixed-adapter batch, at most :data:`SAMPLERS_LOADED` of them): a decoding step costs a row little more
-than it costs a batch, so an RL loop's group of samples (``num_samples=16``, or 16 calls of one each), or several
-tenants' groups, cost about one sample's time on a GPU. A call with a ``seed`` runs alone (its rows seeded once, so
-that the same call gives the same sequences).
-
-Each sampled token's logprob is the one a training forward computes: ``log_softmax`` of the model's raw logits at
-temperature 1 (read before the temperature and top-k/top-p warp them, :class:`Logprobs`).
+Each sampled token's logprob is the one a training forward computes: ``log_softmax`` of the model's raw logits,
+before temperature and top-k/top-p warp them (the engine reports logprobs so). The SDK's ``stop``: None, the model's
+end of sequence; strings, those strings (no end token stops it); token ids, those tokens; ``[]``, only
+``max_tokens``. The token that stopped a sequence is its last. Sample ``i`` of a seeded call draws with ``seed + i``.
 """
 
 from __future__ import annotations
@@ -18,176 +17,114 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tunesmith.generation import GenParams
+from tunesmith.serve.plan.prompts import outside_vocabulary
+from tunesmith.serve.tinker.losses import TrainingError
 from tunesmith.serve.tinker.wire import Sequence
 
-BATCH_TOKENS = 8192  # padded tokens (prompt + max_tokens) of one batch's rows: bounds the KV cache a batch holds
-SAMPLERS_LOADED = 8  # sampler checkpoints kept loaded (past it, the least recently sampled is unloaded): one batch's most
+DEFAULT_MAX_TOKENS = 16  # the SDK's SamplingParams leaves max_tokens unset: this many
 
 
 @dataclass
 class Want:
-    """One sample call: ``n`` sequences after ``prompt`` from the weights in ``folder`` (None: the base)."""
+    """One sample call, read and checked: ``n`` rows after ``prompt`` from ``model`` (the base's name or a sampler
+    checkpoint's ``tinker://`` path), with the prompt's logprobs and top-k alternatives when asked; ``session``: the
+    sampling session it records its sequences under (None: none named)."""
 
     prompt: list[int]
     n: int
-    params: dict
-    folder: str | None = None
+    params: list[GenParams]
+    model: str
     prompt_logprobs: bool = False
     topk_prompt: int = 0
+    session: dict | None = None
 
-    def group(self, i: int) -> tuple:
-        """Calls of the same group share a batch: the same parameters (a seeded call is a group alone)."""
-        p = self.params
-        stop = p.get("stop")
-        if p.get("seed") is not None:
-            return ("seeded", i)
-        return (float(p.get("temperature", 1.0)), float(p.get("top_p", 1.0)), int(p.get("top_k", -1)),
-                int(p.get("max_tokens") or 16), stop if stop is None or isinstance(stop, str) else tuple(stop))
+    @property
+    def scored(self) -> int | None:
+        """The prompt logprobs asked of the engine: with this many alternatives (None: the prompt is not scored)."""
+        return self.topk_prompt if self.prompt_logprobs or self.topk_prompt else None
 
-
-def batches(wants: list[Want], budget: int = BATCH_TOKENS,
-            weights: int = SAMPLERS_LOADED) -> list[list[tuple[int, int]]]:
-    """The rows ``(call, sample)`` of ``wants`` in batches: one group's rows each, at most ``budget`` padded tokens
-    (a row longer than it goes alone) and ``weights`` distinct sampler checkpoints."""
-    groups: dict[tuple, list[tuple[int, int]]] = {}
-    for i, want in enumerate(wants):
-        groups.setdefault(want.group(i), []).extend((i, k) for k in range(want.n))
-    out: list[list[tuple[int, int]]] = []
-    for rows in groups.values():
-        rows.sort(key=lambda r: -len(wants[r[0]].prompt))  # like prompts together: little left padding
-        batch: list[tuple[int, int]] = []
-        held: set = set()
-        for row in rows:
-            width = len(wants[batch[0][0]].prompt) if batch else len(wants[row[0]].prompt)
-            width += int(wants[row[0]].params.get("max_tokens") or 16)
-            folder = wants[row[0]].folder
-            new = folder is not None and folder not in held
-            if batch and ((len(batch) + 1) * width > budget or (new and len(held) >= weights)):
-                out.append(batch)
-                batch, held = [], set()
-            batch.append(row)
-            if folder is not None:
-                held.add(folder)
-        if batch:
-            out.append(batch)
-    return out
+    @property
+    def cost(self) -> int:
+        """The tokens the call may cost, as a chat request's are charged: every row's prompt and its most tokens."""
+        return self.n * (len(self.prompt) + self.params[0].max_tokens)
 
 
-def stops(stop, tokenizer) -> tuple[list[int], list[str]]:
-    """The SDK's ``stop``: None → the end-of-sequence token; [] → nothing; token ids; or strings."""
-    if stop is None:
-        return ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []), []
+def gen_params(sampling: dict, n: int) -> list[GenParams]:
+    """The SDK's ``sampling_params`` as the engine's settings of each of the ``n`` rows."""
+    stop = sampling.get("stop")
+    strings: tuple[str, ...] = ()
+    ends: tuple[int, ...] | None = None  # None: the model's end of sequence
     if isinstance(stop, str):
-        return [], [stop]
-    if all(isinstance(s, int) for s in stop):
-        return list(stop), []
-    return [], list(stop)
+        strings, ends = (stop,), ()
+    elif stop is not None and all(isinstance(s, int) for s in stop):
+        ends = tuple(stop)
+    elif stop is not None:
+        strings, ends = tuple(stop), ()
+    seed = sampling.get("seed")
+    base = GenParams(max_tokens=int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS),
+                     temperature=float(sampling.get("temperature", 1.0)), top_p=float(sampling.get("top_p", 1.0)),
+                     top_k=max(0, int(sampling.get("top_k", -1))), stop=strings, stop_token_ids=ends)
+    return [GenParams(**{**base.__dict__, "seed": None if seed is None else int(seed) + i}) for i in range(n)]
 
 
-def generate(model, tokenizer, prompts: list[list[int]], params: dict,
-             adapters: list[str] | None = None) -> list[Sequence]:
-    """One sequence after each prompt, all in one ``generate`` (prompts left-padded), each cut at its own stop;
-    ``adapters``: each row's peft adapter (``__base__``: none), for a batch of several weights."""
-    import torch
-    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
-    device = model.get_input_embeddings().weight.device
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, prompt in enumerate(prompts):
-        ids[r, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[r, width - len(prompt):] = 1
-    stop_ids, stop_strings = stops(params.get("stop"), tokenizer)
-    temperature = float(params.get("temperature", 1.0))
-    limit = int(params.get("max_tokens") or 16)
-    config = GenerationConfig(max_new_tokens=limit, do_sample=temperature > 0, pad_token_id=pad,
-                              eos_token_id=[],  # the stops are :class:`Ends`' (not the model's default end token)
-                              temperature=temperature if temperature > 0 else None,
-                              top_p=float(params.get("top_p", 1.0)) if temperature > 0 else None,
-                              top_k=max(0, int(params.get("top_k", -1))) if temperature > 0 else None)
-    ends = Ends(stop_ids, stop_strings, tokenizer, width, len(prompts), device)
-    scored = Logprobs()
-    rows = {"adapter_names": adapters} if adapters else {}
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                         logits_processor=LogitsProcessorList([scored]), stopping_criteria=StoppingCriteriaList([ends]),
-                         **rows)
-    tokens = out[:, width:]
-    logprobs = scored.finish(tokens)
-    sequences = []
-    for r in range(len(prompts)):
-        length = ends.lengths[r] or tokens.shape[1]
-        sequences.append(Sequence(tokens[r, :length].tolist(), logprobs[r, :length].tolist(),
-                                  ends.lengths[r] is not None))
-    return sequences
+def read_want(tinker, owner, request: dict, engine, max_tokens: int) -> Want:
+    """A sample request read and checked against its key (in the planning lane: it reads the store): its weights (a
+    checkpoint or sampling session of this key's, or the base), its prompt against the engine's vocabulary and
+    context, and ``max_tokens`` against the server's bound."""
+    ckpt, session = tinker.weights_of(owner, request)
+    if request.get("record_stability_info") and session is None:
+        raise TrainingError("record_stability_info needs a sampling client of a session (its records belong to "
+                            "that session); create one with create_sampling_client or "
+                            "save_weights_and_get_sampling_client")
+    prompt = prompt_tokens(request["prompt"])
+    vocab = len(engine.tokenizer)
+    if (bad := outside_vocabulary(prompt, vocab)) is not None:
+        raise TrainingError(f"prompt token {bad} ({prompt[bad]}) is not a token id of this model (0 to {vocab - 1})")
+    n = int(request.get("num_samples", 1))  # 1..bodies.SAMPLES
+    params = gen_params(request["sampling_params"], n)
+    wanted = params[0].max_tokens
+    if not 1 <= wanted <= max_tokens or len(prompt) + wanted > engine.context_length:
+        raise TrainingError(f"sampling_params.max_tokens must be 1..{max_tokens} and fit the context "
+                            f"({engine.context_length} tokens) after the prompt's {len(prompt)}")
+    return Want(prompt, n, params, engine.base_name if ckpt is None else ckpt["path"],
+                bool(request.get("prompt_logprobs")), int(request.get("topk_prompt_logprobs") or 0), session)
 
 
-class Logprobs:
-    """A logits processor that keeps each row's logprob of the token it samples: ``log_softmax`` of the raw logits
-    (it runs before the temperature and top-k/top-p warpers), read at the next step, once the token is known."""
-
-    def __init__(self):
-        self.last = None
-        self.taken: list = []
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        if self.last is not None:
-            self.taken.append(self.last.gather(1, input_ids[:, -1:])[:, 0])
-        self.last = torch.log_softmax(scores.float(), dim=-1)
-        return scores
-
-    def finish(self, tokens):
-        """A (rows, generated) array: the logprob of each generated token."""
-        import torch
-
-        taken = self.taken[:tokens.shape[1]]
-        if len(taken) < tokens.shape[1]:
-            taken.append(self.last.gather(1, tokens[:, -1:])[:, 0])
-        return torch.stack(taken, dim=1).cpu().numpy() if taken else np.zeros((tokens.shape[0], 0), np.float32)
+def prompt_tokens(model_input: dict) -> list[int]:
+    """A ``ModelInput``'s tokens (text chunks only)."""
+    tokens: list[int] = []
+    for i, chunk in enumerate(model_input.get("chunks") or []):
+        if chunk.get("type", "encoded_text") != "encoded_text":
+            raise TrainingError(f"prompt.chunks[{i}] is {chunk.get('type')!r}; this server samples text only")
+        tokens.extend(int(t) for t in chunk["tokens"])
+    if not tokens:
+        raise TrainingError("prompt is empty")
+    return tokens
 
 
-class Ends:
-    """A stopping criterion that ends each row at its first stop token or stop string and keeps where (the
-    ``eos_token_id`` attribute makes ``generate`` pad the rows that ended while others go on)."""
-
-    def __init__(self, stop_ids: list[int], stop_strings: list[str], tokenizer, start: int, rows: int, device):
-        import torch
-        from transformers import StopStringCriteria
-
-        self.eos_token_id = stop_ids
-        self.ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        self.strings = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
-        self.start = start
-        self.lengths: list[int | None] = [None] * rows
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        done = torch.isin(input_ids[:, -1], self.ids)
-        if self.strings is not None:
-            done = done | self.strings(input_ids, scores)
-        length = input_ids.shape[1] - self.start
-        for r in done.nonzero()[:, 0].tolist():
-            if self.lengths[r] is None:
-                self.lengths[r] = length
-        return done
+def submit(engine, want: Want, tenant):
+    """The call's rows queued on the engine as ``tenant``'s (from the event loop): the engine's request."""
+    return engine.submit(want.model, want.prompt, want.params, logprobs=0, tenant=tenant,
+                         prompt_logprobs=want.scored, token_ids=True)
 
 
-def prompt_scores(model, prompt: list[int], wanted: bool, topk: int):
-    """The prompt's token logprobs (None first) when ``wanted``, and its top-k per position when ``topk``."""
-    import torch
+def sequences(generations) -> list[Sequence]:
+    """The engine's generations as the SDK's sequences: tokens (the stop token last) and each one's logprob."""
+    return [Sequence(g.ids.tokens, g.ids.logprobs, g.finish_reason == "stop") for g in generations]
 
-    device = model.get_input_embeddings().weight.device
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-    chosen = logp.gather(1, ids[0, 1:, None])[:, 0].tolist()
-    lists = [None, *chosen] if wanted else None
+
+def prompt_scores(want: Want, generation) -> tuple[list | None, tuple | None]:
+    """The prompt's logprobs (None first: nothing comes before it) when asked, and its top-k ids and logprobs per
+    position (a first row of zeros and NaN) when asked, from the engine's scored prefill."""
+    entries = generation.ids.prompt or []
+    lists = [None, *(e.logprob for e in entries)] if want.prompt_logprobs else None
     top = None
-    if topk:
-        values, index = logp.topk(topk, dim=-1)
-        top = (np.vstack([np.zeros((1, topk), np.int32), index.cpu().numpy().astype(np.int32)]),
-               np.vstack([np.full((1, topk), np.nan, np.float32), values.cpu().numpy()]))
+    if k := want.topk_prompt:
+        ids = np.zeros((len(entries) + 1, k), np.int32)
+        values = np.full((len(entries) + 1, k), np.nan, np.float32)
+        for p, e in enumerate(entries, start=1):
+            ids[p, :len(e.top)] = [i for i, _ in e.top]
+            values[p, :len(e.top)] = [v for _, v in e.top]
+        top = (ids, values)
     return lists, top

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.plan.prompts import outside_vocabulary
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
@@ -22,7 +21,6 @@ from tunesmith.serve.tinker.checkpoints import Checkpoints
 from tunesmith.serve.tinker.futures import Futures, Shared
 from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
 from tunesmith.serve.tinker.pace import Pace
-from tunesmith.serve.tinker.sampling import Want
 from tunesmith.serve.tinker.trainer import Call, Trainer
 
 log = logging.getLogger("tunesmith.serve")
@@ -49,12 +47,13 @@ class Tinker(Checkpoints):
         self.root = Path(settings.data_dir) / "tinker"
         self.store = TinkerStore(app.state.store)
         self.trainer = Trainer(self.base)
+        self.unembed_served = app.state.engine.adapts_output_layer  # its checkpoints sample on the server's engine
         fused = settings.tinker_fused_steps
         self.worker = worker_id()
         shared = None  # one SQLite server answers its own futures from memory
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
             shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
-        fuse = {"sample": self.sample_many} | ({"forward_backward": self.forward_backward_many} if fused else {})
+        fuse = {"forward_backward": self.forward_backward_many} if fused else {}
         self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared)
         # other keys' calls run between two passes of a long call (with fused steps, they join the next step instead)
         self.between = None if fused else self.futures.others_turn
@@ -99,6 +98,10 @@ class Tinker(Checkpoints):
         self.own_session(owner, session_id)
         self.check_base(base_model)
         lora = lora or {"rank": 32}
+        if targets_of(lora)[2] and not self.unembed_served:
+            raise TrainingError("lora_config.train_unembed: this server samples on vLLM, which serves LoRA on the "
+                                "layers other than the output layer; create the training client with "
+                                "train_unembed=False")
         run_id = run_name(session_id, seq)
         if self.store.get_run(run_id, owner) is not None:
             if run_id in self.claims:
@@ -277,7 +280,7 @@ class Tinker(Checkpoints):
         """A sampling session of the client session ``session_id`` (in the store: any replica samples from it)."""
         self.own_session(owner, session_id)
         if model_path is not None:
-            self.checkpoint(owner, model_path)
+            self.sampler_checkpoint(owner, model_path)
         else:
             self.check_base(base_model or "")
         sid = new_id("sampler")
@@ -292,44 +295,6 @@ class Tinker(Checkpoints):
                            code="not_found")
         return session
 
-    def sample(self, owner, request: dict, sequences_id: str) -> bytes:
-        """A sample request answered (:meth:`sample_many` of one)."""
-        answer = self.sample_many([(owner, request, sequences_id)])[0]
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-    def sample_many(self, items: list[tuple]) -> list[bytes | BaseException]:
-        """Sample requests (``(owner, request, sequences_id)`` each, of one key or several) answered together: each
-        checked alone (a wrong one fails alone, with its reason), the rest sampled in shared batches
-        (:meth:`Trainer.sample_many`). With ``record_stability_info``, a request's prompt and sequences are recorded
-        under its ``sequences_id`` (sequence ``i`` is ``<sequences_id>:<i>``) for stable_reinforce. Each request's
-        answer, or the exception it ends with, in order."""
-        answers: list = [None] * len(items)
-        wants, sessions, where = [], [], []
-        for i, (owner, request, _) in enumerate(items):
-            try:
-                want, session = self._want(owner, request)
-            except (TrainingError, APIError) as exc:
-                answers[i] = exc
-                continue
-            wants.append(want)
-            sessions.append(session)
-            where.append(i)
-        started = time.monotonic()
-        got = self.trainer.sample_many(wants) if wants else []
-        self.pace.record("sample", time.monotonic() - started, sum(
-            w.n * len(w.prompt) + sum(len(q.tokens) for q in g[0]) for w, g in zip(wants, got, strict=True)
-            if not isinstance(g, BaseException)))
-        for i, want, session, sampled in zip(where, wants, sessions, got, strict=True):
-            owner, request, sequences_id = items[i]
-            try:
-                answers[i] = sampled if isinstance(sampled, BaseException) else self._answer(
-                    owner, request, sequences_id, want.prompt, session, *sampled)
-            except Exception as exc:  # noqa: BLE001 - its record failed: this request ends with it, alone
-                answers[i] = exc
-        return answers
-
     def weights_of(self, owner, request: dict) -> tuple[dict | None, dict | None]:
         """A sample request's weights: (its checkpoint's row, None: the base; its sampling session's row, None: none
         named), each the key's (a 404 otherwise)."""
@@ -339,48 +304,12 @@ class Tinker(Checkpoints):
             path = session["model_path"]
         elif path is None:
             self.check_base(request.get("base_model") or "")
-        return (None if path is None else self.checkpoint(owner, path)), session
+        return (None if path is None else self.sampler_checkpoint(owner, path)), session
 
-    def _want(self, owner, request: dict) -> tuple[Want, dict | None]:
-        """One sample request read and checked: its weights (a checkpoint or sampling session of this key's, or the
-        base), its prompt and sizes; with its sampling session's row (None: none named)."""
-        ckpt, session = self.weights_of(owner, request)
-        if request.get("record_stability_info") and session is None:
-            raise TrainingError("record_stability_info needs a sampling client of a session (its records belong to "
-                                "that session); create one with create_sampling_client or "
-                                "save_weights_and_get_sampling_client")
-        folder = None if ckpt is None else ckpt["folder"]
-        prompt = prompt_tokens(request["prompt"])
-        if (bad := outside_vocabulary(prompt, self.trainer.vocab_size())) is not None:
-            raise TrainingError(f"prompt token {bad} ({prompt[bad]}) is not a token id of this model (0 to "
-                                f"{self.trainer.vocab_size() - 1})")
-        n = int(request.get("num_samples", 1))  # 1..bodies.SAMPLES
-        wanted = request["sampling_params"].get("max_tokens") or 16
-        if not 1 <= wanted <= self.max_tokens or len(prompt) + wanted > self.context_length():
-            raise TrainingError(f"sampling_params.max_tokens must be 1..{self.max_tokens} and fit the context "
-                                f"({self.context_length()} tokens) after the prompt's {len(prompt)}")
-        self.pace.check("sample", n * (len(prompt) + wanted), self.call_seconds, "num_samples x (prompt + max_tokens)")
-        return Want(prompt, n, request["sampling_params"], folder, bool(request.get("prompt_logprobs")),
-                    int(request.get("topk_prompt_logprobs") or 0)), session
-
-    def _answer(self, owner, request: dict, sequences_id: str, prompt: list[int], session: dict | None, sequences,
-                prompt_lp, topk) -> bytes:
-        """A sampled request's answer, its sequences recorded first when it asks (``record_stability_info``: then
-        ``session`` is the sampling session they belong to)."""
+    def record_samples(self, owner, request: dict, sequences_id: str, want, sequences) -> None:
+        """A sampled call's prompt and sequences recorded under ``sequences_id`` (sequence ``i`` is
+        ``<sequences_id>:<i>``) for stable_reinforce, when it asks (``record_stability_info``)."""
         if request.get("record_stability_info"):
-            self.store.add_samples(sequences_id, owner, session["session_id"], prompt,
+            self.store.add_samples(sequences_id, owner, want.session["session_id"], want.prompt,
                                    [{"tokens": q.tokens, "logprobs": q.logprobs} for q in sequences], RECORDS_KEPT_S,
                                    RECORDS_PER_KEY)
-        return wire.sample_response(sequences, prompt_lp, topk)
-
-
-def prompt_tokens(model_input: dict) -> list[int]:
-    """A ``ModelInput``'s tokens (text chunks only)."""
-    tokens: list[int] = []
-    for i, chunk in enumerate(model_input.get("chunks") or []):
-        if chunk.get("type", "encoded_text") != "encoded_text":
-            raise TrainingError(f"prompt.chunks[{i}] is {chunk.get('type')!r}; this server samples text only")
-        tokens.extend(int(t) for t in chunk["tokens"])
-    if not tokens:
-        raise TrainingError("prompt is empty")
-    return tokens

@@ -10,15 +10,13 @@ accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses:
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tunesmith.serve.tinker.losses import TrainingError, check_loss, token_loss
-from tunesmith.serve.tinker.sampling import SAMPLERS_LOADED, Want
-from tunesmith.serve.tinker.wire import Datum, Sequence
+from tunesmith.serve.tinker.wire import Datum
 
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
                  "grad_clip_norm": 0.0}
@@ -48,12 +46,6 @@ def passes(rows: list[tuple[int, int, Datum]], budget: int = PASS_TOKENS) -> lis
         else:
             out.append([row])
     return out
-
-
-def new_name() -> str:
-    import secrets
-
-    return secrets.token_hex(6)
 
 
 @dataclass
@@ -118,13 +110,11 @@ class Trainer:
         self.plain = None
         self.tokenizer = None
         self.runs: dict[str, Run] = {}
-        self.samplers: dict[str, str] = {}  # a sampler checkpoint (its folder and weights' time) -> its adapter here
-        self.sampled_batches = 0  # generate calls of sample_many (each: one batch of rows)
 
     # --- the base ------------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """The base loaded once (the first run or sample), in float32 on this machine's device."""
+        """The base loaded once (the first run), in float32 on this machine's device."""
         if self.plain is not None:
             return
         from tunesmith.machine.placement import pick_placement
@@ -385,86 +375,3 @@ class Trainer:
                 run.optimizer.load_state_dict(state["optimizer"])
                 run.steps = state["steps"]
 
-    # --- sampling ------------------------------------------------------------------------------------------------
-
-    def _sampler(self, folder: str | None) -> str | None:
-        """The adapter to sample with: a sampler checkpoint's (loaded once), or None (the base)."""
-        if folder is None:
-            return None
-        weights = Path(folder) / "adapter_model.safetensors"
-        key = f"{folder}@{weights.stat().st_mtime_ns if weights.exists() else 0}"  # a folder saved again is new
-        if key not in self.samplers:
-            from peft import PeftModel
-
-            while len(self.samplers) >= SAMPLERS_LOADED:  # the least recently sampled goes
-                oldest = next(iter(self.samplers))
-                self.model.delete_adapter(self.samplers.pop(oldest))
-                self._active_exists()
-            name = f"sampler-{new_name()}"
-            if self.model is None:
-                self.model = PeftModel.from_pretrained(self.plain, folder, adapter_name=name)
-                self.model.eval()
-            else:
-                self.model.load_adapter(folder, adapter_name=name)
-                self._active_exists()
-            self.samplers[key] = name
-        self.samplers[key] = self.samplers.pop(key)  # most recently sampled last
-        return self.samplers[key]
-
-    def sample_many(self, wants: list[Want]) -> list[tuple[list[Sequence], list | None, tuple | None] | Exception]:
-        """Each call's ``n`` sequences (:mod:`tunesmith.serve.tinker.sampling`: calls of like weights and parameters
-        in shared batches) and its prompt's logprobs when asked; in order, a call whose weights fail to load ends
-        with that exception alone."""
-        import torch
-
-        from tunesmith.serve.tinker.sampling import batches, generate, prompt_scores
-
-        answers: list = [None] * len(wants)
-        sequences: list[list] = [[None] * w.n for w in wants]
-        with self.lock, torch.no_grad():
-            self.load()
-            for batch in batches(wants):
-                want = wants[batch[0][0]]
-                try:
-                    folders = [wants[i].folder for i, _ in batch]
-                    if want.params.get("seed") is not None:
-                        torch.manual_seed(int(want.params["seed"]))
-                    prompts = [wants[i].prompt for i, _ in batch]
-                    if len(set(folders)) == 1:
-                        with self._weights(want.folder) as model:
-                            rows = generate(model, self.tokenizer, prompts, want.params)
-                    else:  # several weights: each row through its own adapter (peft's mixed-adapter batch)
-                        names = {f: "__base__" if f is None else self._sampler(f) for f in set(folders)}
-                        rows = generate(self.model, self.tokenizer, prompts, want.params, [names[f] for f in folders])
-                    self.sampled_batches += 1
-                except Exception as exc:  # noqa: BLE001 - the calls of this batch end with it
-                    for i, _ in batch:
-                        answers[i] = exc
-                    continue
-                for (i, k), seq in zip(batch, rows, strict=True):
-                    sequences[i][k] = seq
-            for i, want in enumerate(wants):
-                if answers[i] is not None:
-                    continue
-                answers[i] = (sequences[i], None, None)
-                if want.prompt_logprobs or want.topk_prompt:
-                    try:
-                        with self._weights(want.folder) as model:
-                            answers[i] = (sequences[i], *prompt_scores(model, want.prompt, want.prompt_logprobs,
-                                                                       want.topk_prompt))
-                    except Exception as exc:  # noqa: BLE001 - this call ends with it, alone
-                        answers[i] = exc
-        return answers
-
-    @contextmanager
-    def _weights(self, folder: str | None):
-        """The model with the sampler checkpoint in ``folder`` active (None: the base, adapters off)."""
-        adapter = self._sampler(folder)
-        model = self.plain if self.model is None else self.model
-        if adapter is not None:
-            model.set_adapter(adapter)
-        if adapter is None and self.model is not None:
-            with model.disable_adapter():
-                yield model
-        else:
-            yield model
