@@ -4,7 +4,8 @@ calls: the other key's latencies beside them against the same requests alone.
 Starts `python -m tunesmith serve` (the embedded model, the built-in engine, default settings) with two keys. Then:
 
 1. alone: the quiet key sends ``--requests`` chat requests one after another (real BANKING77 messages, greedy,
-   ``--max-tokens``) and as many small Tinker samples (8 tokens from the base, through the ``tinker`` SDK);
+   ``--max-tokens``), as many small Tinker samples (8 tokens from the base, through the ``tinker`` SDK) and as many
+   small Tinker training calls (a ``forward_backward`` of one message, rank 8);
 2. beside the heavy key: the heavy key keeps sending, one after another, the largest Tinker call this server accepts
    of ``--heavy`` kind: ``sample`` (``num_samples`` 64, ``--heavy-tokens`` new tokens each, 4 stop strings of 256
    characters) or ``step`` (a forward_backward of datums as long as its memory quota allows, then optim_step); once
@@ -38,6 +39,20 @@ def tinker_client(root: str, key: str):
     import tinker
 
     return tinker.ServiceClient(base_url=root, api_key=f"tml-{key}")
+
+
+def small_steps(training, prompts: list[list[int]]) -> list[tuple[float, float]]:
+    """The quiet key's small training calls: a forward_backward of one message, one after another."""
+    from tinker import types
+
+    out = []
+    for prompt in prompts:
+        datum = types.Datum(model_input=types.ModelInput.from_ints(prompt[:-1]),
+                            loss_fn_inputs={"target_tokens": prompt[1:], "weights": [1.0] * (len(prompt) - 1)})
+        t0 = time.perf_counter()
+        training.forward_backward([datum], "cross_entropy").result()
+        out.append((t0, time.perf_counter()))
+    return out
 
 
 def small_samples(service, prompts: list[list[int]]) -> list[tuple[float, float]]:
@@ -121,14 +136,18 @@ def main() -> None:
             quiet_run(url, texts[:2], args.max_tokens)  # warm: the first request loads what it needs
             with tinker_client(root, KEYS["quiet"]) as quiet:
                 small_samples(quiet, prompts[:2])
+                training = quiet.create_lora_training_client(base_model=MODEL, rank=8).result()
+                small_steps(training, prompts[:2])
                 load = os.getloadavg()[0]
                 alone_chat = durations(quiet_run(url, texts, args.max_tokens))
                 alone_tinker = durations(small_samples(quiet, prompts))
+                alone_step = durations(small_steps(training, prompts))
                 heavy = Heavy(root, args.heavy, tokens, prompts[0])
                 heavy.started.wait(600)
                 time.sleep(1.0)  # its call is running in the Tinker lane
                 beside_chat = durations(quiet_run(url, texts, args.max_tokens))
                 beside_tinker = durations(small_samples(quiet, prompts))
+                beside_step = durations(small_steps(training, prompts))
                 heavy.end()
         finally:
             proc.terminate()
@@ -136,9 +155,10 @@ def main() -> None:
     result = {"machine": machine(), "load_average_at_start": load, "heavy": args.heavy, "heavy_tokens": tokens,
               "chat": {"alone": percentiles(alone_chat), "beside": percentiles(beside_chat)},
               "tinker": {"alone": percentiles(alone_tinker), "beside": percentiles(beside_tinker)},
+              "tinker_step": {"alone": percentiles(alone_step), "beside": percentiles(beside_step)},
               "heavy_answered": heavy.answered, "heavy_refused": heavy.refused[:3],
               "heavy_call_s": percentiles(durations(heavy.spans)) if heavy.spans else None}
-    for what in ("chat", "tinker"):
+    for what in ("chat", "tinker", "tinker_step"):
         alone, beside = result[what]["alone"], result[what]["beside"]
         result[what]["p50_ratio"] = beside["p50_s"] / alone["p50_s"]
         result[what]["p99_ratio"] = beside["p99_s"] / alone["p99_s"]

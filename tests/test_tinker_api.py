@@ -763,3 +763,48 @@ def test_a_long_call_gives_another_keys_call_its_turn_between_two_passes(tiny_mo
         assert not waiting.done.is_set(), "B's call waited for the whole of A's"
         assert futures.turns_between >= 1 and got == pytest.approx(alone, abs=1e-6)
         assert len(long_call.result().loss_fn_outputs) == 300
+
+
+def test_other_keys_calls_run_between_two_layers_of_a_pass_forward_and_backward_and_change_nothing_of_it(
+        tiny_model_dir):
+    """One long datum is one pass: another key's forward_backward and optim_step, run between two of its decoder layers
+    in the forward and again in the backward (nested on the pass's thread), leave the pass's losses and gradients
+    exactly those of the pass alone, and their own answers those of the calls alone."""
+    import torch
+
+    from tunesmith.serve.tinker.trainer import Call, Trainer
+
+    trainer = Trainer(str(tiny_model_dir))
+    for name, seed in (("a", 1), ("a-alone", 1), ("b", 2), ("b-alone", 2)):
+        trainer.create(name, 4, seed)
+    tokens, weights = example(trainer.tokenizer)
+    long = [5 + i % 97 for i in range(400)]
+
+    def d(t, w):
+        return wire.Datum(t[:-1], {"target_tokens": np.asarray(t[1:]), "weights": np.asarray(w[1:], np.float32)})
+
+    def b_call(name):
+        out = trainer.forward_backward(name, [d(tokens, weights)], "cross_entropy", {}, True)[1]["loss:sum"]
+        trainer.optim_step(name, {"learning_rate": 1e-2})
+        return out
+
+    phases, answers = [], []
+
+    def between():  # B's call before the second layer's forward and after its backward
+        grad = torch.is_grad_enabled()
+        phases.append(grad)
+        if phases.count(grad) == (2 if grad else 1):
+            answers.append(b_call("b"))
+            return True
+        return False
+
+    got = trainer.forward_backward_many([Call("a", [d(long, [1.0] * len(long))], "cross_entropy", {}, True)],
+                                        between=between)[0]
+    want = trainer.forward_backward_many([Call("a-alone", [d(long, [1.0] * len(long))], "cross_entropy", {}, True)])[0]
+    assert True in phases and False in phases and len(answers) == 2  # forward and backward turns both taken
+    assert got[1]["loss:sum"] == pytest.approx(want[1]["loss:sum"], abs=1e-6)
+    grads = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    for n, g in grads.items():
+        if ".a." in n:
+            assert torch.allclose(g, grads[n.replace(".a.", ".a-alone.")], atol=1e-6), n
+    assert answers == [pytest.approx(b_call("b-alone"), abs=1e-6), pytest.approx(b_call("b-alone"), abs=1e-6)]

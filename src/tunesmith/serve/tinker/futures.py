@@ -163,14 +163,14 @@ class Futures:
         finally:
             self.running = None
 
-    def others_turn(self) -> None:
-        """Called by a long call between two of its passes (in the lane's thread): the call at the head of each other
-        key's waiting calls runs now (with the calls that join it, as in its own turn), one a key, keys in turn, and
-        is answered; its own turn, when it comes, has nothing left to do. The running call's key's calls wait for it
-        (its order holds); a call run so gives no turns itself (one level)."""
+    def others_turn(self) -> bool:
+        """Called by a long call between two of its passes or layers (in the lane's thread): the call at the head of
+        each other key's waiting calls runs now (with the calls that join it, as in its own turn), one a key, keys in
+        turn, and is answered; its own turn, when it comes, has nothing left to do. The running call's key's calls
+        wait for it (its order holds); a call run so gives no turns itself (one level). Whether any call ran."""
         running = self.running
-        if running is None:
-            return
+        if running is None or not self.waiting:
+            return False
         with self.guard:
             turns = []
             for owner, queue in list(self.waiting.items()):
@@ -188,6 +188,7 @@ class Futures:
                 self.loop.call_soon_threadsafe(self._settle, head, answer.exc if isinstance(answer, Failed) else answer)
         finally:
             self.running = running
+        return bool(turns)
 
     def _joined(self, pending: Pending, waits: str | None | object = NOBODY) -> tuple:
         """Under :attr:`guard`, ``pending`` taken: what runs its kind as one with others (None: it runs alone) and the

@@ -1,15 +1,19 @@
-"""The Tinker API's training and sampling: one resident copy of the served base model, each training run a LoRA
-adapter on it (peft's named adapters), each with its own AdamW state.
+"""The Tinker API's training: one resident copy of the served base model, each training run a LoRA adapter on it
+(peft's named adapters), each with its own AdamW state. (Sampling runs on the server's inference engine:
+:mod:`tunesmith.serve.tinker.sampling`.)
 
 Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
 ``forward_backward`` of one run, then another's), a call's datums padded into shared passes; several runs' calls can
-run as one step (:meth:`Trainer.forward_backward_many`, each row through its own run's adapter). Gradients of a run
+run as one step (:meth:`Trainer.forward_backward_many`, each row through its own run's adapter). A long pass gives
+other keys' calls their turn between two of its decoder layers, forward and backward (:meth:`Trainer._turns`), so a
+key's small call waits about one layer of another key's largest datum, not its whole pass. Gradients of a run
 accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses: :mod:`tunesmith.serve.tinker.losses`.
 """
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,13 @@ class Call:
     loss_fn: str
     config: dict
     backward: bool
+
+
+def decoder_layers(model) -> list:
+    """The base's decoder layers: its longest module list (where a long pass gives other calls their turn)."""
+    import torch
+
+    return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
 
 
 def passes(rows: list[tuple[int, int, Datum]], budget: int = PASS_TOKENS) -> list[list[tuple[int, int, Datum]]]:
@@ -254,7 +265,8 @@ class Trainer:
         own run's adapter (peft's mixed-adapter batch), one backward per pass; each run's gradients come from its own
         rows only. Answers in the order of ``calls``, each checked by the caller (:func:`check_loss`: the service
         checks each call alone, so that a wrong one fails alone). ``between()``, when given, runs after each pass but
-        the last (other keys' calls take their turn there: each pass sets up every adapter state it reads)."""
+        the last and, in a pass of one run's rows, between two of its decoder layers (other keys' calls take their
+        turn there, :meth:`_turns`; it says whether any did)."""
         rows = [(i, k, datum) for i, call in enumerate(calls) for k, datum in enumerate(call.data)]
         logprobs: list[list] = [[None] * len(c.data) for c in calls]
         losses: list[list] = [[None] * len(c.data) for c in calls]
@@ -264,7 +276,9 @@ class Trainer:
                     raise TrainingError(f"training run {name!r} is not held here")
             chunks = passes(rows)
             for n, chunk in enumerate(chunks):
-                self._pass(calls, chunk, logprobs, losses)
+                one = {calls[i].name for i, _, _ in chunk}
+                with self._turns(calls, chunk, between) if between is not None and len(one) == 1 else nullcontext():
+                    self._pass(calls, chunk, logprobs, losses)
                 if between is not None and n + 1 < len(chunks):
                     between()
             for call in calls:
@@ -290,11 +304,7 @@ class Trainer:
         grad = any(calls[i].backward for i, _, _ in chunk)
         with torch.set_grad_enabled(grad):
             kwargs = {"adapter_names": names} if len(set(names)) > 1 else {}
-            if not kwargs:
-                self.model.set_adapter(names[0])  # (peft freezes the other adapters: thawed below where they learn)
-            for name in {calls[i].name for i, _, _ in chunk if calls[i].backward}:
-                for p in self._params(name):
-                    p.requires_grad_(True)
+            self._activate(calls, chunk, single=not kwargs)
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
             total = None
             for r, (i, k, d) in enumerate(chunk):
@@ -309,6 +319,51 @@ class Trainer:
                 losses[i][k] = elementwise.detach().cpu().numpy()
             if grad and total is not None:
                 total.backward()
+
+    def _activate(self, calls: list[Call], chunk, single: bool) -> None:
+        """The adapter state a pass reads: its one run's adapter active (``single``; peft freezes the others) and the
+        adapters of the rows that learn trainable."""
+        if single:
+            self.model.set_adapter(calls[chunk[0][0]].name)
+        for name in {calls[i].name for i, _, _ in chunk if calls[i].backward}:
+            for p in self._params(name):
+                p.requires_grad_(True)
+
+    @contextmanager
+    def _turns(self, calls: list[Call], chunk, between):
+        """During one run's pass: before each decoder layer's forward, and after its backward (a hook on the
+        gradient of its input), ``between()`` lets other keys' calls run on this thread, nested in the pass (the
+        autograd engine runs a backward inside a backward, as reentrant checkpointing does); when any did, the pass's
+        adapter state is set again before it goes on (a call run so sets its own). The layers of a call run in a turn
+        give none. Not from another thread: a GPU's backward runs on the autograd engine's device thread, which must
+        not take the trainer's lock."""
+        thread, inside = threading.current_thread(), []  # inside: a turn runs (its calls' own layers give none)
+
+        def turn(*_):
+            if inside or threading.current_thread() is not thread:
+                return
+            inside.append(True)
+            try:
+                ran = between()
+            finally:
+                inside.clear()
+            if ran:
+                self._activate(calls, chunk, single=True)
+
+        def before(module, args, kwargs):
+            if inside:
+                return
+            turn()
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if hidden is not None and hidden.requires_grad:
+                hidden.register_hook(turn)  # returns None: the gradient as it is
+
+        handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in decoder_layers(self.model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def optim_step(self, name: str, adam: dict) -> dict[str, float]:
         """One AdamW step of the run's accumulated gradients with the SDK's parameters, then the gradients cleared."""
