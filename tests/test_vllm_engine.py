@@ -283,3 +283,168 @@ def test_a_recipes_evaluation_on_vllm_scores_as_on_builtin(served, tmp_path):
                 (folder / "predictions.jsonl").read_text())
 
     assert run("on-vllm", served["engine"].server.completions()) == run("builtin")
+
+
+# --- a generation as token ids (submit(token_ids=True)), top_k and stop_token_ids -----------------------------------
+
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def generations(engine, prompt: list[int], params: list[GenParams], **kw) -> list:
+    """The Generations of one request on ``engine`` (vLLM or built-in), submitted from an event loop of its own."""
+    async def run():
+        return await engine.submit(engine.base_name, prompt, params, **kw).results()
+
+    return asyncio.run(run())
+
+
+def ids_of(engine, prompt: list[int], params: GenParams, **kw):
+    return generations(engine, prompt, [params], token_ids=True, **kw)[0]
+
+
+def same_answer(a, b) -> bool:
+    """Two Generations alike but for their ids: text, counts, finish and every OpenAI entry's token and alternatives
+    (two requests' logprobs within 1e-4: vLLM's prefix cache may compute a prompt's end apart)."""
+    def shape(g):
+        entries = [*(g.logprobs or []), *([g.end] if g.end else []), *(g.prompt_logprobs or [])]
+        return (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason,
+                [(e["token"], [t["token"] for t in e["top_logprobs"] or []]) for e in entries])
+
+    def floats(g):
+        entries = [*(g.logprobs or []), *([g.end] if g.end else []), *(g.prompt_logprobs or [])]
+        return [v if v is not None else 0.0 for e in entries
+                for v in (e["logprob"], *(t["logprob"] for t in e["top_logprobs"] or []))]
+
+    return shape(a) == shape(b) and floats(a) == pytest.approx(floats(b), rel=1e-4, abs=1e-5)
+
+
+def test_token_ids_decode_to_the_text_and_their_logprobs_are_the_openai_entries(served):
+    """A greedy answer's ids: its tokens (the end of sequence last) decode to its text, one logprob each (the entries'
+    floats, the end's last), the built-in engine's tokens and logprobs; the OpenAI side as without ids."""
+    engine, builtin = served["engine"], served["builtin"]
+    prompt = engine.chat_prompt_ids(CAPITAL)
+    gen = ids_of(engine, prompt, GenParams(30), logprobs=0)
+    tokens, logprobs = gen.ids.tokens, gen.ids.logprobs
+    assert gen.finish_reason == "stop" and tokens[-1] == engine.tokenizer.eos_token_id and gen.ids.prompt is None
+    assert engine.tokenizer.decode(tokens, skip_special_tokens=True) == gen.text
+    assert len(logprobs) == len(tokens) == gen.completion_tokens
+    assert logprobs == [e["logprob"] for e in gen.logprobs] + [gen.end["logprob"]]
+    plain = generations(engine, prompt, [GenParams(30)], logprobs=0)[0]
+    assert plain.ids is None and same_answer(gen, plain)
+    theirs = ids_of(builtin, prompt, GenParams(30), logprobs=0).ids
+    assert tokens == theirs.tokens and logprobs == pytest.approx(theirs.logprobs, rel=1e-4, abs=1e-5)
+    assert ids_of(engine, prompt, GenParams(30)).ids.logprobs is None  # logprobs not asked
+
+
+def test_a_stop_token_id_ends_the_row_there_and_is_its_last_id(served):
+    """``stop_token_ids`` naming a token of the greedy answer: the row ends on it (``stop``), its text before it, the
+    token last in its ids and kept apart from the OpenAI entries (``end``), as on the built-in engine."""
+    engine, builtin = served["engine"], served["builtin"]
+    prompt = engine.chat_prompt_ids(CAPITAL)
+    greedy_ids = ids_of(engine, prompt, GenParams(30)).ids.tokens
+    at = next(j for j in range(len(greedy_ids) // 2, len(greedy_ids)) if greedy_ids[j] not in greedy_ids[:j])
+    params = GenParams(30, stop_token_ids=(greedy_ids[at], 12345))
+    gen = ids_of(engine, prompt, params, logprobs=0)
+    assert gen.finish_reason == "stop" and gen.ids.tokens == greedy_ids[:at + 1]
+    assert gen.text == engine.tokenizer.decode(greedy_ids[:at], skip_special_tokens=True)
+    assert len(gen.logprobs) == at and gen.end["logprob"] == gen.ids.logprobs[-1]
+    theirs = ids_of(builtin, prompt, params, logprobs=0)
+    assert (theirs.text, theirs.finish_reason, theirs.ids.tokens) == (gen.text, "stop", gen.ids.tokens)
+    listed = ids_of(engine, prompt, GenParams(30, stop_token_ids=(engine.tokenizer.eos_token_id,)))
+    assert listed.ids.tokens == greedy_ids  # the end of sequence listed: it ends the row as by default
+
+
+def test_no_stop_token_ids_and_the_greedy_answer_runs_past_its_end_of_sequence(served):
+    """``stop_token_ids=()``: no token ends the row, the end of sequence is one more token (left out of the text) and
+    the answer goes on to ``max_tokens``, as on the built-in engine."""
+    engine, builtin = served["engine"], served["builtin"]
+    prompt = engine.chat_prompt_ids(CAPITAL)
+    greedy_ids = ids_of(engine, prompt, GenParams(30)).ids.tokens
+    params = GenParams(len(greedy_ids) + 6, stop_token_ids=())
+    gen = ids_of(engine, prompt, params, logprobs=0)
+    assert gen.finish_reason == "length" and len(gen.ids.tokens) == len(gen.ids.logprobs) == params.max_tokens
+    assert gen.ids.tokens[:len(greedy_ids)] == greedy_ids and gen.end is None
+    assert gen.text == engine.tokenizer.decode(gen.ids.tokens, skip_special_tokens=True)
+    theirs = ids_of(builtin, prompt, params, logprobs=0)
+    assert (theirs.text, theirs.finish_reason, theirs.ids.tokens) == (gen.text, "length", gen.ids.tokens)
+
+
+def test_top_k_1_sampling_is_greedy(served):
+    engine = served["engine"]
+    prompt = engine.chat_prompt_ids([{"role": "user", "content": "Name three colours."}])
+    greedy_ids = ids_of(engine, prompt, GenParams(24)).ids.tokens
+    sampled = generations(engine, prompt, [GenParams(24, temperature=1.5, top_k=1, seed=s) for s in (1, 2, None)],
+                          token_ids=True)
+    assert [g.ids.tokens for g in sampled] == [greedy_ids] * 3
+    wide = generations(engine, prompt, [GenParams(24, temperature=1.5, seed=s) for s in (1, 2)], token_ids=True)
+    assert any(g.ids.tokens != greedy_ids for g in wide)  # the same draws without top_k are not greedy
+
+
+def test_prompt_logprobs_as_ids(served):
+    """A scored prompt's ids: one entry per token after the first, its logprob the OpenAI entry's, its ``k`` top
+    alternatives as ids (most probable first), as the built-in engine scores it; the OpenAI entries as without ids."""
+    engine, builtin = served["engine"], served["builtin"]
+    prompt = engine.text_prompt_ids("Message: my card has not arrived\nIntent: card_arrival")
+    gen = ids_of(engine, prompt, GenParams(2), logprobs=0, prompt_logprobs=2)
+    entries = gen.ids.prompt
+    assert [e.token for e in entries] == prompt[1:] and gen.ids.logprobs is not None
+    assert [e.logprob for e in entries] == [e["logprob"] for e in gen.prompt_logprobs[1:]]
+    assert all(len(e.top) == 2 and e.top[0][1] >= e.top[1][1] and e.top[0][1] >= e.logprob - 1e-6 for e in entries)
+    assert all(any(t == e.token for t, _ in e.top) for e in entries if e.logprob >= e.top[1][1])
+    plain = generations(engine, prompt, [GenParams(2)], logprobs=0, prompt_logprobs=2)[0]
+    assert plain.ids is None and same_answer(gen, plain)  # the entries' tokens named as text, as without ids
+    theirs = ids_of(builtin, prompt, GenParams(2), logprobs=0, prompt_logprobs=2).ids.prompt
+    assert [e.token for e in theirs] == prompt[1:]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in theirs], rel=1e-4, abs=1e-5)
+    assert [[t for t, _ in e.top] for e in entries] == [[t for t, _ in e.top] for e in theirs]
+    alone = ids_of(engine, prompt, GenParams(0), prompt_logprobs=0)
+    assert alone.ids.tokens == [] and alone.ids.logprobs is None
+    assert [(e.token, e.top) for e in alone.ids.prompt] == [(t, ()) for t in prompt[1:]]
+
+
+def test_a_row_without_stop_tokens_paused_past_its_end_of_sequence_goes_on_as_unpaused(served):
+    """A row whose continuation starts after an end of sequence that ended nothing (``stop_token_ids=()``): paused
+    by recompute and resumed, its ids and logprobs are those of the row unpaused."""
+    engine = served["engine"]
+    prompt = engine.chat_prompt_ids(CAPITAL)
+    greedy_ids = ids_of(engine, prompt, GenParams(30)).ids.tokens
+    params = GenParams(len(greedy_ids) + 40, stop_token_ids=())
+    unpaused = ids_of(engine, prompt, params, logprobs=0)
+
+    async def paused():
+        request = engine.submit(engine.base_name, prompt, [params], logprobs=0, token_ids=True, tenant="pausing")
+        row = next(r for r in list(engine.rows) if r.request is request)
+        assert row.pausable
+        pauses = engine.pauses
+        async with asyncio.timeout(120):
+            while len(row.generated) <= len(greedy_ids) + 2:  # past the end of sequence
+                await asyncio.sleep(0.002)
+            engine._pause(row)
+            gen = (await request.results())[0]
+        return gen, engine.pauses - pauses
+
+    gen, pauses = asyncio.run(paused())
+    assert pauses == 1 and gen.finish_reason == "length"
+    assert gen.ids.tokens == unpaused.ids.tokens and gen.text == unpaused.text
+    assert gen.ids.logprobs == pytest.approx(unpaused.ids.logprobs, rel=1e-4, abs=1e-5)
+
+
+def test_the_body_carries_top_k_and_stop_token_ids_to_every_continuation():
+    """What vLLM is sent (no vLLM needed): nothing new for the defaults; ``top_k`` and the stop tokens (with
+    ``ignore_eos``) kept by a paused row's continuation, which may pause."""
+    from tunesmith.serve.engines.vllm.sharing import Row, may_pause
+    from tunesmith.serve.engines.vllm.wire import IdsAsked, completion_body
+
+    plain = completion_body("m", [1, 2], GenParams(8), None, None)
+    assert not {"top_k", "stop_token_ids", "ignore_eos", "return_tokens_as_token_ids"} & set(plain)
+    assert "return_tokens_as_token_ids" not in completion_body("m", [1, 2], GenParams(8), None, 0, None,
+                                                               IdsAsked(True, None))
+    assert completion_body("m", [1, 2], GenParams(8), None, 0, 2, IdsAsked(True, 2))["return_tokens_as_token_ids"]
+    for params, fields in ((GenParams(8, temperature=0.7, top_k=5), {"top_k": 5}),
+                           (GenParams(8, stop_token_ids=()), {"stop_token_ids": [], "ignore_eos": True}),
+                           (GenParams(8, stop_token_ids=(7, 9)), {"stop_token_ids": [7, 9], "ignore_eos": True})):
+        assert may_pause(params, constrained=False)
+        row = Row(request=None, index=0, body=completion_body("m", [1, 2], params, None, None), model_id="m",
+                  params=params, pausable=True, generated=[5, 6])
+        body = row.continuation()
+        assert body["prompt"] == [1, 2, 5, 6] and body["max_tokens"] == 6 and fields.items() <= body.items()

@@ -3,8 +3,9 @@
 Prompts are rendered and tokenized here with the base model's tokenizer, exactly as for the built-in engine
 (chat template, tools, forced-call prefix), and sent to vLLM's ``/v1/completions`` as token ids, so both
 engines see the same prompt and greedy answers agree. Each choice is one vLLM request (``n`` choices with
-seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature``, ``top_p``, penalties,
-``logit_bias`` and logprobs pass through, streamed text arrives as vLLM streams it (with its tokens' logprobs). A
+seeds ``seed + i``, as the built-in engine draws them); ``stop``, ``temperature``, ``top_p``, ``top_k``, the tokens
+that end a row, penalties, ``logit_bias`` and logprobs pass through, streamed text arrives as vLLM streams it (with its
+tokens' logprobs), and a generation comes as token ids too when asked (``token_ids``, :mod:`.wire`). A
 forced tool call, ``response_format`` and ``text.format`` decode under vLLM's structured outputs, with the
 built-in engine's library and grammars (:func:`engine_args`).
 
@@ -47,6 +48,7 @@ from tunesmith.serve.engines.vllm.sharing import (
     within_prefill,
 )
 from tunesmith.serve.engines.vllm.wire import (
+    IdsAsked,
     answer,
     chat_logprobs,
     completion_body,
@@ -162,23 +164,25 @@ class VllmEngine(InferenceEngine):
 
     def submit(self, model_id: str, prompt_ids: list[int], params: list[GenParams], stream: bool = False,
                constraint=None, logprobs: int | None = None, tenant: str | None = None,
-               background: bool = False, prompt_logprobs: int | None = None) -> Request:
+               background: bool = False, prompt_logprobs: int | None = None, token_ids: bool = False) -> Request:
         """Each choice one vLLM request, sent when its tenant's share has room (:meth:`_share_out`); its
         ``priority`` the number of this tenant's rows already in vLLM (vLLM's priority scheduling serves lower
-        numbers first). A row that scores its prompt is never paused (its continuation would score another one)."""
+        numbers first). A row that scores its prompt is never paused (its continuation would score another one).
+        ``token_ids``: each Generation's ``ids`` too, from the token ids every row is streamed with."""
         if not self.server.ready.is_set():
             raise unavailable()
         loop = asyncio.get_running_loop()
         request = Request(len(params), loop)
         name, deadline = self.served_name(model_id), loop.time() + self.request_timeout_s
+        ids = IdsAsked(logprobs is not None, prompt_logprobs) if token_ids else None
         rows = []
         for i, p in enumerate(params):
             pausable = may_pause(p, constraint is not None) and prompt_logprobs is None
             body = completion_body(name, prompt_ids, p, constraint.body if constraint else None, logprobs,
-                                   prompt_logprobs)
+                                   prompt_logprobs, ids)
             rows.append(Row(request=request, index=i, body=body, model_id=model_id, params=p, constraint=constraint,
                             tenant=tenant, background=background, stream=stream, pausable=pausable,
-                            deadline=deadline))
+                            deadline=deadline, ids=ids))
         with self.rows_lock:
             self.rows.extend(rows)
         request.on_cancel.append(lambda: self._cancel(rows))
@@ -337,7 +341,7 @@ class VllmEngine(InferenceEngine):
                 if "error" in doc:
                     raise vllm_error(doc["error"].get("code") or 500, json.dumps(doc))
                 for choice in doc.get("choices", []):
-                    text = row.take(choice)
+                    text = row.take(choice, self._token_text)
                     if text is not None and row.stream:
                         row.request.push(row.index, Delta(text, chat_logprobs(row.logprobs[-1])))
                 if row.prefill and row.generated:
@@ -349,6 +353,10 @@ class VllmEngine(InferenceEngine):
         if row.finish is None:
             raise ValueError("vLLM's stream ended before the answer did")  # a 503 when vLLM died (_failure)
         return answer(row)
+
+    def _token_text(self, token: int) -> str:
+        """A token's text in OpenAI's logprobs entries, as the built-in engine names it."""
+        return self.tokenizer.decode([token])
 
     async def _failure(self, exc: Exception) -> APIError:
         """A broken connection is a 503 when vLLM died (its sockets close a moment before its exit shows), else a

@@ -27,9 +27,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tunesmith.serve.engines.interface import GenParams, Request
 from tunesmith.serve.engines.shares import Demand, Shares
+
+if TYPE_CHECKING:
+    from tunesmith.generation import TokenLogprob
+    from tunesmith.serve.engines.vllm.wire import IdsAsked
 
 LINE, RUNNING, PAUSED, DONE = "line", "running", "paused", "done"
 TAIL_TOKENS = 8  # the generated tokens decoded to tell whether the text ends inside a character
@@ -46,7 +51,9 @@ def may_pause(params: GenParams, constrained: bool) -> bool:
       the seed's generator afresh. Greedy rows (a seed does nothing there) and unseeded sampling may be paused:
       an unseeded continuation draws its tokens from the same distribution, given the same prefix.
 
-    ``logit_bias`` is added to every step's logits alike, so a biased row continues exactly."""
+    ``logit_bias`` is added to every step's logits alike, so a biased row continues exactly; so are ``top_k`` and
+    the tokens that end a row (``stop_token_ids``, ``ignore_eos``: the continuation carries them, and no token it
+    goes on from ended the row, else there would be nothing to continue)."""
     seeded_sampling = params.seed is not None and not params.greedy
     return not (constrained or params.stop or params.frequency_penalty or params.presence_penalty or seeded_sampling)
 
@@ -83,7 +90,9 @@ class Row:
     text: list[str] = field(default_factory=list)
     logprobs: list[dict | None] = field(default_factory=list)  # each chunk's, without the prompt's and the end's
     prompt_logprobs: dict | None = None  # a scored prompt's (the echo's first entries)
-    end: dict | None = None  # the end of sequence's: vLLM lists it as the answer's last token
+    ids: IdsAsked | None = None  # the answer's token ids asked (Generation.ids): what they hold
+    prompt_ids: list[TokenLogprob] | None = None  # a scored prompt's entries as ids, when ``ids`` asks for them
+    end: dict | None = None  # the stop token's (its end of sequence, or one of stop_token_ids): vLLM lists it last
     finish: str | None = None
 
     @property
@@ -103,7 +112,7 @@ class Row:
     def restart(self) -> None:
         """Forget what a row that may not be paused generated: it is sent again whole."""
         self.generated, self.text, self.logprobs, self.finish = [], [], [], None
-        self.prompt_logprobs = self.end = None
+        self.prompt_logprobs = self.end = self.prompt_ids = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -118,20 +127,28 @@ class Row:
                      "max_tokens": self.body["max_tokens"] - len(self.generated)}
         return body
 
-    def take(self, choice: dict) -> str | None:
+    def take(self, choice: dict, decode=None) -> str | None:
         """One streamed choice chunk of vLLM's: its token ids, text, logprobs and finish kept; the text to pass on
         (None: the chunk carries neither text nor a token's logprobs). A scored prompt's entries lead the first
-        chunk's logprobs and the end of sequence's ends the last chunk's: each is kept apart; with ``max_tokens`` 0
-        vLLM generates a token it does not answer, not counted."""
-        from tunesmith.serve.engines.vllm.wire import split_logprobs
+        chunk's logprobs and the token that ended the row (the end of sequence, or one of ``stop_token_ids``: any
+        stop but a stop string's) ends the last chunk's: each is kept apart; with ``max_tokens`` 0 vLLM generates a
+        token it does not answer, not counted. Tokens vLLM named by id (asked for :attr:`ids`) are named by their
+        text (``decode``: a token id's) once the prompt's entries are read as ids."""
+        from tunesmith.serve.engines.vllm.wire import named_by_text, prompt_token_ids, split_logprobs
 
-        lp = choice.get("logprobs")
+        lp, by_id = choice.get("logprobs"), self.body.get("return_tokens_as_token_ids")
         if lp and self.body.get("echo") and self.prompt_logprobs is None:
             self.prompt_logprobs, lp = split_logprobs(lp, len(self.body["prompt"]))
+            if by_id:
+                self.prompt_ids = prompt_token_ids(self.prompt_logprobs, self.body["prompt"], self.ids.prompt)
+                self.prompt_logprobs = named_by_text(self.prompt_logprobs, decode)
+        if by_id:
+            lp = named_by_text(lp, decode)
         ids = (choice.get("token_ids") or ()) if self.body["max_tokens"] else ()
         self.generated.extend(ids)
         self.finish = choice.get("finish_reason") or self.finish
-        if choice.get("finish_reason") == "stop" and choice.get("stop_reason") is None and ids and lp and lp["tokens"]:
+        by_token = not isinstance(choice.get("stop_reason"), str)  # a stop string's is the string
+        if choice.get("finish_reason") == "stop" and by_token and ids and lp and lp["tokens"]:
             lp, self.end = split_logprobs(lp, len(lp["tokens"]) - 1)
         self.logprobs.append(lp)
         if choice.get("text") or (lp or {}).get("tokens"):
