@@ -71,6 +71,8 @@ CPU_PREFILL_TOKENS = 256  # a tenant's prompt tokens waiting for their first tok
 
 
 class VllmEngine(InferenceEngine):
+    adapts_output_layer = False  # vLLM serves LoRA on the linear layers but the output one (lm_head)
+
     def __init__(self, base: str, adapters: dict[str, str | Path] | None, log_dir: Path, python: str | None = None,
                  request_timeout_s: float = 300.0, extra_args: tuple[str, ...] = (), start_timeout_s: float | None = None,
                  gpu_memory_utilization: float | None = None, max_rows: int = VLLM_BATCH_ROWS,
