@@ -1,4 +1,4 @@
-"""The Tinker API's rows (tunesmith.serve.store.tinker) on SQLite and PostgreSQL: a run created claimed and fenced,
+"""The Tinker API's rows (tunesmith.serve.tinker.store) on SQLite and PostgreSQL: a run created claimed and fenced,
 checkpoints by path and key, a TTL that ends a checkpoint, sampler checkpoints as models of their key."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tunesmith.serve.store.claims import ClaimLost
-from tunesmith.serve.store.tinker import TinkerStore, checkpoint_path, parse_path
+from tunesmith.serve.tinker.store import TinkerStore, checkpoint_path, parse_path
 
 RUN = "session-0123456789abcdef01234567:train:0"  # a run id as the server makes them
 

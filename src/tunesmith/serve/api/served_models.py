@@ -24,7 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from tunesmith.models.heads import read_head_meta
-from tunesmith.serve.store.tinker import SCHEME
+from tunesmith.serve.store.objects import TINKER_SCHEME as SCHEME
 
 log = logging.getLogger("tunesmith.serve")
 CAPACITY = 8  # fine-tunes one replica keeps loaded by default (ServeSettings.fine_tunes_loaded)

@@ -25,6 +25,9 @@ from tunesmith.serve.store.database import PostgresDatabase, SQLiteDatabase, ope
 from tunesmith.serve.store.migrations import MIGRATIONS
 from tunesmith.serve.store.pages import page_rows
 
+TINKER_SCHEME = "tinker://"  # a Tinker checkpoint's path, also the model name of a sampler checkpoint
+TINKER_LIVE = "(expires_at IS NULL OR expires_at > ?)"  # a Tinker checkpoint whose TTL has not passed
+
 Database = SQLiteDatabase | PostgresDatabase
 log = logging.getLogger("tunesmith.serve")
 
@@ -213,17 +216,17 @@ class Store:
             self.db.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (name,))
 
     def sampler_checkpoint_by_model(self, name: str) -> dict | None:
-        """The Tinker sampler checkpoint whose ``tinker://`` path is ``name`` (served as a model of its key)."""
-        from tunesmith.serve.store.tinker import TinkerStore
-
-        ckpt = TinkerStore(self).checkpoint_any_owner(name)
-        return ckpt if ckpt is not None and ckpt["kind"] == "sampler" else None
+        """The Tinker sampler checkpoint whose ``tinker://`` path is ``name`` (served as a model of its key), not
+        expired. (The Tinker room's own rows are its ``tinker/store.py``'s; these two reads are the OpenAI side's.)"""
+        row = self.db.execute(f"SELECT path, owner, folder FROM tinker_checkpoints WHERE path = ? AND kind = 'sampler' "
+                              f"AND {TINKER_LIVE}", (name, int(time.time()))).fetchone()
+        return dict(row) if row else None
 
     def sampler_checkpoints_of(self, owner: str | None) -> list[dict]:
         """A key's Tinker sampler checkpoints, oldest first."""
-        from tunesmith.serve.store.tinker import TinkerStore
-
-        return TinkerStore(self).sampler_checkpoints(owner)
+        return [dict(r) for r in self.db.execute(
+            f"SELECT path, owner, folder FROM tinker_checkpoints WHERE owner IS ? AND kind = 'sampler' AND "
+            f"{TINKER_LIVE} ORDER BY created_at, path", (owner, int(time.time()))).fetchall()]
 
     # --- claims: work any live worker may take (tunesmith.serve.store.claims) -----------------------------------
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tunesmith.serve.errors import APIError, validation_error_body
-from tunesmith.serve.store.tinker import NAME
+from tunesmith.serve.tinker.store import NAME
 
 SEQ_MAX = 2**31 - 1  # a client-made sequence number (model_seq_id, seq_id)
 SEED_MAX = 2**63 - 1

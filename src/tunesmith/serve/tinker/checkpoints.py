@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
-from tunesmith.serve.store.tinker import NAME, RUN_ID, checkpoint_path, parse_path, run_name
 from tunesmith.serve.tinker.losses import TrainingError
+from tunesmith.serve.tinker.store import NAME, RUN_ID, checkpoint_path, parse_path, run_name
 
 log = logging.getLogger("tunesmith.serve")
 NAME_CHARS = 128  # a checkpoint's name

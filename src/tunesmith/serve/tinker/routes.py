@@ -21,10 +21,10 @@ from tunesmith.serve.api.json_body import OffLoopJSON, parsed
 from tunesmith.serve.api.store_lane import stored
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
-from tunesmith.serve.store.tinker import RUN_ID, run_name, run_session
 from tunesmith.serve.tinker import bodies, sampling, wire
 from tunesmith.serve.tinker.losses import TrainingError
 from tunesmith.serve.tinker.service import Tinker
+from tunesmith.serve.tinker.store import RUN_ID, run_name, run_session
 
 log = logging.getLogger("tunesmith.serve")
 router = APIRouter(prefix="/api/v1", route_class=OffLoopJSON)

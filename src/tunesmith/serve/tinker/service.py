@@ -15,12 +15,12 @@ from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
-from tunesmith.serve.store.tinker import SESSION_ID, TinkerStore, run_name, run_session
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.checkpoints import Checkpoints
 from tunesmith.serve.tinker.futures import Futures, Shared
 from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
 from tunesmith.serve.tinker.pace import Pace
+from tunesmith.serve.tinker.store import SESSION_ID, TinkerStore, run_name, run_session
 from tunesmith.serve.tinker.trainer import Call, Trainer
 
 log = logging.getLogger("tunesmith.serve")

@@ -1,4 +1,4 @@
-"""The Tinker API's rows (tunesmith.serve.tinker; tables of migrations 0055-0058): training runs, each created
+"""The Tinker room's rows (tables of the store's migrations 0055-0058 and 0066-0067): training runs, each created
 claimed by the replica that holds its adapter in memory, and their checkpoints under ``tinker://<run>/weights/<name>``
 (a training state) or ``tinker://<run>/sampler_weights/<name>`` (weights to sample from: also a model of the key on
 the OpenAI API).
@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from tunesmith.serve.store.claims import Claim, free
+from tunesmith.serve.store.objects import TINKER_LIVE, TINKER_SCHEME
 
 if TYPE_CHECKING:
     from tunesmith.serve.store.objects import Store
@@ -19,9 +20,9 @@ if TYPE_CHECKING:
 SESSION_ID = re.compile(r"session-[0-9a-f]{24}")  # a client session's id (made by create_session)
 RUN_ID = re.compile(r"session-[0-9a-f]{24}:train:[0-9]{1,10}")  # a training run's: <session>:train:<model_seq_id>
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # a checkpoint's name: a folder, never '.' or '..'
-SCHEME = "tinker://"
+SCHEME = TINKER_SCHEME
 KINDS = {"weights": "training", "sampler_weights": "sampler"}  # a path's segment -> the SDK's checkpoint_type
-LIVE = "(expires_at IS NULL OR expires_at > ?)"  # a checkpoint whose TTL has not passed
+LIVE = TINKER_LIVE
 
 
 def run_name(session_id: str, seq) -> str:
@@ -94,11 +95,6 @@ class TinkerStore:
         return _ckpt(self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE path = ? AND owner IS ? AND {LIVE}",
                                      (path, owner, int(time.time()))).fetchone())
 
-    def checkpoint_any_owner(self, path: str) -> dict | None:
-        """A checkpoint by path whoever owns it, not expired (model resolution checks the owner itself)."""
-        return _ckpt(self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE path = ? AND {LIVE}",
-                                     (path, int(time.time()))).fetchone())
-
     def checkpoints(self, run_id: str, owner: str | None) -> list[dict]:
         return [_ckpt(r) for r in self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE run_id = ? AND owner IS ? "
                                                   f"AND {LIVE} ORDER BY created_at, path",
@@ -119,11 +115,6 @@ class TinkerStore:
         """Bytes on disk of the checkpoints ``owner`` keeps."""
         return int(self.db.execute(f"SELECT COALESCE(SUM(size_bytes), 0) FROM tinker_checkpoints WHERE owner IS ? AND "
                                    f"{LIVE}", (owner, int(time.time()))).fetchone()[0])
-
-    def sampler_checkpoints(self, owner: str | None) -> list[dict]:
-        return [_ckpt(r) for r in self.db.execute(f"SELECT * FROM tinker_checkpoints WHERE owner IS ? AND kind = "
-                                                  f"'sampler' AND {LIVE} ORDER BY created_at, path",
-                                                  (owner, int(time.time()))).fetchall()]
 
     def expired(self, limit: int = 100) -> list[dict]:
         """Checkpoints whose TTL has passed (their folders to remove, then their rows)."""
