@@ -91,11 +91,13 @@ def tenants_round(clients, rounds: list[list[int]], group: int, max_tokens: int)
 
 
 def tenant_samplers(root: str, model: str) -> tuple[list, list]:
-    """Four keys' clients, each with a run (rank 16) saved for sampling: (their services, their sampling clients)."""
+    """Four keys' clients, each with a run (rank 16, the output layer not adapted) saved for sampling: (their
+    services, their sampling clients)."""
     import tinker
 
     services = [tinker.ServiceClient(base_url=root, api_key=f"tml-{k}") for k in TENANTS]
-    runs = [s.create_lora_training_client(base_model=model, rank=16, seed=i).result() for i, s in enumerate(services)]
+    runs = [s.create_lora_training_client(base_model=model, rank=16, seed=i, train_unembed=False).result()
+            for i, s in enumerate(services)]  # (train_unembed=False: a checkpoint either engine serves)
     return services, [r.save_weights_and_get_sampling_client().result() for r in runs]
 
 
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--block", type=int, default=2)
     ap.add_argument("--model", default=MODEL, help="the served base (a GPU machine: random:llama-3.2-1b?tokenizer=...)")
+    ap.add_argument("--engine", choices=["builtin", "vllm"], default="builtin",
+                    help="the server's inference engine (vllm: `make vllm` first, TUNESMITH_VLLM_PYTHON)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -120,7 +124,7 @@ def main() -> None:
     load = os.getloadavg()
     print(f"machine: {machine()}  load average at start: {load[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
-        server = KeyedServer("builtin", args.model, [], Path(tmp),
+        server = KeyedServer(args.engine, args.model, [], Path(tmp),
                              env={"TUNESMITH_API_KEYS": ",".join(("bench", *TENANTS))})
         try:
             service = tinker.ServiceClient(base_url=server.url[:-3], api_key="tml-bench")
@@ -153,7 +157,8 @@ def main() -> None:
         assert all(n == per_round for n in tokens[name]), f"{name} generated {tokens[name]}, not {per_round} a round"
         ways[name] = {**stats(seconds), "tokens_per_s": round(per_round * len(seconds) / sum(seconds), 1)}
     peer = ways["generate_loop"]["tokens_per_s"]
-    result = {"machine": machine(), "model": args.model, "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
+    result = {"machine": machine(), "model": args.model, "engine": args.engine, "load_start": round(load[0], 2),
+              "load_end": round(os.getloadavg()[0], 2),
               "prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens, "rounds": args.rounds,
               "ways": ways, "ratio_num_samples": round(ways["api_num_samples"]["tokens_per_s"] / peer, 2),
               "ratio_single_calls": round(ways["api_single_calls"]["tokens_per_s"] / peer, 2),

@@ -27,6 +27,7 @@ ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-1
 
 
 PASS_TOKENS = 1024  # padded tokens of one pass over the base (its logits: this many x the vocabulary, in float32)
+HEAD_SLICE = 256  # positions of one slice of the output layer and its softmax in a pass that takes turns
 
 
 @dataclass
@@ -45,6 +46,21 @@ def decoder_layers(model) -> list:
     import torch
 
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
+
+
+def head_apart(model) -> bool:
+    """Whether the output layer applied to the decoder's last hidden state gives the model's logits (no scaling or
+    capping between them), so that a pass may run it a slice at a time; checked once on a few tokens."""
+    import torch
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]], device=model.get_input_embeddings().weight.device)
+    try:
+        with torch.no_grad():
+            full = model(input_ids=ids).logits
+            apart = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state)
+    except Exception:  # noqa: BLE001 - a model of another shape: its output layer runs whole
+        return False
+    return full.shape == apart.shape and bool(torch.allclose(full.float(), apart.float(), atol=1e-4))
 
 
 def passes(rows: list[tuple[int, int, Datum]], budget: int = PASS_TOKENS) -> list[list[tuple[int, int, Datum]]]:
@@ -120,6 +136,7 @@ class Trainer:
         self.model = None  # the peft model once a run exists; the plain base before
         self.plain = None
         self.tokenizer = None
+        self.head_apart = False  # the output layer runs apart from the decoder with the same logits (head_apart)
         self.runs: dict[str, Run] = {}
 
     # --- the base ------------------------------------------------------------------------------------------
@@ -136,6 +153,7 @@ class Trainer:
         self.kinds = layer_names(self.plain)
         self.widths = layer_widths(self.plain)
         self.tokenizer = load_tokenizer(self.base)
+        self.head_apart = head_apart(self.plain)
 
     def vocab_size(self) -> int:
         """The token ids the base's embeddings take (0 to this, exclusive)."""
@@ -277,8 +295,9 @@ class Trainer:
             chunks = passes(rows)
             for n, chunk in enumerate(chunks):
                 one = {calls[i].name for i, _, _ in chunk}
-                with self._turns(calls, chunk, between) if between is not None and len(one) == 1 else nullcontext():
-                    self._pass(calls, chunk, logprobs, losses)
+                with self._turns(calls, chunk, between) if between is not None and len(one) == 1 else nullcontext() \
+                        as turn:
+                    self._pass(calls, chunk, logprobs, losses, turn)
                 if between is not None and n + 1 < len(chunks):
                     between()
             for call in calls:
@@ -287,9 +306,9 @@ class Trainer:
         return [({"logprobs": logprobs[i], "elementwise_loss": losses[i]},
                  {"loss:sum": float(sum(float(x.sum()) for x in losses[i]))}) for i in range(len(calls))]
 
-    def _pass(self, calls: list[Call], chunk: list[tuple[int, int, Datum]], logprobs, losses) -> None:
+    def _pass(self, calls: list[Call], chunk: list[tuple[int, int, Datum]], logprobs, losses, turn=None) -> None:
         """One padded pass over ``chunk``'s rows (each row's run named for peft), their losses summed, one backward
-        for the rows whose call asks it."""
+        for the rows whose call asks it; ``turn``: other keys' turn in a pass of one run (:meth:`_turns`)."""
         import torch
 
         width = max(len(d.tokens) for _, _, d in chunk)
@@ -305,13 +324,12 @@ class Trainer:
         with torch.set_grad_enabled(grad):
             kwargs = {"adapter_names": names} if len(set(names)) > 1 else {}
             self._activate(calls, chunk, single=not kwargs)
-            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            targets = [torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64), device=device).reshape(-1)
+                       for _, _, d in chunk]
+            chosen = self._target_logprobs(ids, mask, kwargs, targets, turn)
             total = None
             for r, (i, k, d) in enumerate(chunk):
-                n = len(d.tokens)
-                row = logits[r, :n].float()
-                targets = torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64), device=device).reshape(-1)
-                logp = torch.log_softmax(row, dim=-1).gather(1, targets[:, None])[:, 0]
+                logp = chosen[r]
                 elementwise = token_loss(calls[i].loss_fn, logp, d.inputs, calls[i].config)
                 if calls[i].backward:
                     total = elementwise.sum() if total is None else total + elementwise.sum()
@@ -319,6 +337,32 @@ class Trainer:
                 losses[i][k] = elementwise.detach().cpu().numpy()
             if grad and total is not None:
                 total.backward()
+
+    def _target_logprobs(self, ids, mask, kwargs: dict, targets: list, turn) -> list:
+        """Each row's logprob of each of its targets. With ``turn`` (a pass of one run that gives turns), the output
+        layer and its softmax run :data:`HEAD_SLICE` positions at a time, a turn before each slice's forward and
+        after its backward: over a long datum they are a pass's longest stretch without a decoder layer."""
+        import torch
+
+        if turn is None or not self.head_apart:
+            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
+            return [torch.log_softmax(logits[r, :len(t)].float(), -1).gather(1, t[:, None])[:, 0]
+                    for r, t in enumerate(targets)]
+        base = self.model.get_base_model()
+        hidden = base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        head = base.get_output_embeddings()
+        out = []
+        for r, t in enumerate(targets):
+            parts = []
+            for start in range(0, len(t), HEAD_SLICE):
+                turn()
+                h = hidden[r, start:start + HEAD_SLICE]
+                if h.requires_grad:
+                    h.register_hook(turn)
+                part = t[start:start + HEAD_SLICE]
+                parts.append(torch.log_softmax(head(h).float(), -1).gather(1, part[:, None])[:, 0])
+            out.append(torch.cat(parts))
+        return out
 
     def _activate(self, calls: list[Call], chunk, single: bool) -> None:
         """The adapter state a pass reads: its one run's adapter active (``single``; peft freezes the others) and the
@@ -360,7 +404,7 @@ class Trainer:
 
         handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in decoder_layers(self.model)]
         try:
-            yield
+            yield turn
         finally:
             for handle in handles:
                 handle.remove()
