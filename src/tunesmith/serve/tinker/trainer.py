@@ -27,7 +27,7 @@ ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-1
 
 
 PASS_TOKENS = 1024  # padded tokens of one pass over the base (its logits: this many x the vocabulary, in float32)
-HEAD_SLICE = 256  # positions of one slice of the output layer and its softmax in a pass that takes turns
+HEAD_SLICE = 128  # positions of one slice of the output layer and its softmax in a pass that takes turns
 
 
 @dataclass
@@ -336,6 +336,8 @@ class Trainer:
                 logprobs[i][k] = logp.detach().cpu().numpy()
                 losses[i][k] = elementwise.detach().cpu().numpy()
             if grad and total is not None:
+                if turn is not None:
+                    turn()  # between the last slice's forward and the first backward
                 total.backward()
 
     def _target_logprobs(self, ids, mask, kwargs: dict, targets: list, turn) -> list:
