@@ -163,5 +163,7 @@ def serve_in_thread(app, log_level: str = "warning"):
     server.thread = threading.Thread(target=server.run, daemon=True)
     server.thread.start()
     while not server.started:
+        if not server.thread.is_alive():  # its startup failed (logged above): say so, never wait forever
+            raise RuntimeError(f"the server on port {port} stopped before it started; its log says why")
         time.sleep(0.05)
     return server, f"http://127.0.0.1:{port}"

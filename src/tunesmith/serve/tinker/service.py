@@ -47,7 +47,7 @@ class Tinker(Checkpoints):
         self.root = Path(settings.data_dir) / "tinker"
         self.store = TinkerStore(app.state.store)
         self.trainer = Trainer(self.base)
-        self.unembed_served = app.state.engine.adapts_output_layer  # its checkpoints sample on the server's engine
+        self.engine = app.state.engine  # where its sampler checkpoints are served
         fused = settings.tinker_fused_steps
         self.worker = worker_id()
         shared = None  # one SQLite server answers its own futures from memory
@@ -98,7 +98,7 @@ class Tinker(Checkpoints):
         self.own_session(owner, session_id)
         self.check_base(base_model)
         lora = lora or {"rank": 32}
-        if targets_of(lora)[2] and not self.unembed_served:
+        if targets_of(lora)[2] and not self.engine.adapts_output_layer:
             raise TrainingError("lora_config.train_unembed: this server samples on vLLM, which serves LoRA on the "
                                 "layers other than the output layer; create the training client with "
                                 "train_unembed=False")
