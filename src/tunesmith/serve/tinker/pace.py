@@ -6,7 +6,8 @@ from tunesmith.serve.tinker.losses import TrainingError
 
 
 class Pace:
-    """What a token of each kind of call (``sample``, ``forward_backward``) has cost here lately, in seconds (a moving
+    """What a token of each kind of call (``forward_backward``: a sample's rows are the engine's, bounded as a chat
+    request's) has cost here lately, in seconds (a moving
     average of the calls run): a call's time is estimated from it before the call runs. Only calls of at least
     :attr:`MEASURED` tokens are counted: a small call's time is mostly its fixed cost, which says nothing of a long
     one's."""

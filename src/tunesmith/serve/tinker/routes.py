@@ -252,8 +252,7 @@ async def asample(request: Request, key: TinkerKey):
     tokens charged, all before its future is answered."""
     body = (await body_of(request, bodies.Sample)).model_dump(exclude_none=True)
     t, app = tinker(request), request.app
-    want = await app.state.lanes.plan.run(key, sampling.read_want, t, key, body, app.state.engine,
-                                          app.state.settings.max_tokens)
+    want = await app.state.lanes.plan.run(key, sampling.read_want, t, key, body)
     engine = await engine_for(request, want.model, key)  # a sampler checkpoint loaded by its path, as chat loads it
     ticket = await app.state.limiter.admitted(key)
     sequences_id = new_id("seq")  # sequence i is "<sequences_id>:<i>" (recorded under it for stable_reinforce)

@@ -13,7 +13,7 @@ end of sequence; strings, those strings (no end token stops it); token ids, thos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,13 +65,14 @@ def gen_params(sampling: dict, n: int) -> list[GenParams]:
     base = GenParams(max_tokens=int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS),
                      temperature=float(sampling.get("temperature", 1.0)), top_p=float(sampling.get("top_p", 1.0)),
                      top_k=max(0, int(sampling.get("top_k", -1))), stop=strings, stop_token_ids=ends)
-    return [GenParams(**{**base.__dict__, "seed": None if seed is None else int(seed) + i}) for i in range(n)]
+    return [replace(base, seed=None if seed is None else int(seed) + i) for i in range(n)]
 
 
-def read_want(tinker, owner, request: dict, engine, max_tokens: int) -> Want:
+def read_want(tinker, owner, request: dict) -> Want:
     """A sample request read and checked against its key (in the planning lane: it reads the store): its weights (a
     checkpoint or sampling session of this key's, or the base), its prompt against the engine's vocabulary and
-    context, and ``max_tokens`` against the server's bound."""
+    context, and ``max_tokens`` against the server's bound (``--max-tokens``)."""
+    engine, max_tokens = tinker.engine, tinker.max_tokens
     ckpt, session = tinker.weights_of(owner, request)
     if request.get("record_stability_info") and session is None:
         raise TrainingError("record_stability_info needs a sampling client of a session (its records belong to "

@@ -48,6 +48,13 @@ def decoder_layers(model) -> list:
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
 
 
+def chosen_logprobs(logits, targets):
+    """Each position's logprob of its target: ``log_softmax`` of its logits in float32, read at the target."""
+    import torch
+
+    return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
+
+
 def head_apart(model) -> bool:
     """Whether the output layer applied to the decoder's last hidden state gives the model's logits (no scaling or
     capping between them), so that a pass may run it a slice at a time; checked once on a few tokens."""
@@ -348,8 +355,7 @@ class Trainer:
 
         if turn is None or not self.head_apart:
             logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
-            return [torch.log_softmax(logits[r, :len(t)].float(), -1).gather(1, t[:, None])[:, 0]
-                    for r, t in enumerate(targets)]
+            return [chosen_logprobs(logits[r, :len(t)], t) for r, t in enumerate(targets)]
         base = self.model.get_base_model()
         hidden = base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         head = base.get_output_embeddings()
@@ -362,7 +368,7 @@ class Trainer:
                 if h.requires_grad:
                     h.register_hook(turn)
                 part = t[start:start + HEAD_SLICE]
-                parts.append(torch.log_softmax(head(h).float(), -1).gather(1, part[:, None])[:, 0])
+                parts.append(chosen_logprobs(head(h), part))
             out.append(torch.cat(parts))
         return out
 
