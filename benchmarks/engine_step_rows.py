@@ -1,9 +1,11 @@
-"""What one decoding step of the builtin engine's model costs with 1, 2 and 4 rows on this machine: the price another
-key's row puts on a light key's step (the fair share gives each key a row of the step; on a CPU a step of two rows may
-cost much more than a step of one).
+"""What one decoding step of the builtin engine's model costs with 1, 2, 4 and 8 rows on this machine: the price
+another key's row puts on a light key's step (the fair share gives each key a row of the step while a light key is
+present).
 
-The embedded model in process, a KV cache of ``--context`` tokens, ``--steps`` decoding steps of one new token per
-row, ms a step for each batch size; the ratios to one row. The peer is the one-row step (a key alone).
+Two ways in one run, on the same model and cache: transformers' own ``nn.Linear`` (PyTorch's ``linear``), and the
+engine's way, its linear layers turned weight-first for a few rows (``tunesmith.models.few_rows``). The embedded model
+in process, a KV cache of ``--context`` tokens, ``--steps`` decoding steps of one new token per row, ms a step for
+each batch size, the ratio to one row, and the engine's way against the plain one.
 
     python benchmarks/engine_step_rows.py
 """
@@ -43,18 +45,31 @@ def main() -> None:
     import torch
 
     from tunesmith.machine.placement import pick_placement
+    from tunesmith.models.few_rows import weight_first_for_few_rows
     from tunesmith.models.loading import load_model
 
     print(f"load average at start: {os.getloadavg()[0]:.2f}; torch threads {torch.get_num_threads()}")
     model = load_model(args.model, pick_placement())
     model.eval()
+    ways = {"plain": step_times(model, args), "engine": {}}
+    print(f"weight-first linear layers: {weight_first_for_few_rows(model)}")
+    ways["engine"] = step_times(model, args)
+    for way, times in ways.items():
+        for rows, ms in times.items():
+            print(f"{way:>6} {rows} row(s): {ms:6.1f} ms a step  ({ms / times[1]:.2f}x one row)")
+    for rows in ways["plain"]:
+        print(f"{rows} row(s): engine's way {ways['plain'][rows] / ways['engine'][rows]:.2f}x the plain linear's speed")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    print(json.dumps({"context": args.context, "ms_per_step": ways}))
+
+
+def step_times(model, args) -> dict[int, float]:
+    """ms a decoding step for 1, 2, 4 and 8 rows, each warmed first."""
     times = {}
-    for rows in (1, 2, 4):
+    for rows in (1, 2, 4, 8):
         step_ms(model, rows, args.context, 5)  # warm
         times[rows] = round(step_ms(model, rows, args.context, args.steps), 1)
-    for rows, ms in times.items():
-        print(f"{rows} row(s): {ms:6.1f} ms a step  ({ms / times[1]:.2f}x one row)")
-    print(json.dumps({"context": args.context, "ms_per_step": times}))
+    return times
 
 
 if __name__ == "__main__":

@@ -61,10 +61,12 @@ class Engine(InferenceEngine):
         from tunesmith.generation import stop_ids
         from tunesmith.generation.constrained import ConstraintCache
         from tunesmith.machine.placement import pick_placement
+        from tunesmith.models.few_rows import weight_first_for_few_rows
         from tunesmith.models.loading import load_model
 
         super().__init__(base)
         self.model = load_model(base, pick_placement(precision))
+        weight_first_for_few_rows(self.model)  # a step of a few rows near the cost of one on a CPU
         # rows of different callers: one row's failure (its seed, its matcher) ends that row only
         self.batch = ContinuousBatch(self.model, self.tokenizer, max_batch, max_batch_tokens, isolate_rows=True)
         self.context_length = self.batch.context_length
