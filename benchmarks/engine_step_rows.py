@@ -7,6 +7,10 @@ engine's way, its linear layers turned weight-first for a few rows (``tunesmith.
 in process, a KV cache of ``--context`` tokens, ``--steps`` decoding steps of one new token per row, ms a step for
 each batch size, the ratio to one row, and the engine's way against the plain one.
 
+``--other-team`` then measures the engine's way again beside an idle second thread that once ran torch: first one
+that ran it on one intra-op thread (what the server's lanes do, ``tunesmith.serve.lanes.one_team``), then one that
+ran it on torch's default threads (what they did: that thread keeps an OpenMP team of its own while it lives).
+
     python benchmarks/engine_step_rows.py
 """
 
@@ -40,6 +44,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--context", type=int, default=100)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--other-team", action="store_true", help="the engine's way beside an idle thread that ran torch")
     args = ap.parse_args()
 
     import torch
@@ -59,8 +64,38 @@ def main() -> None:
             print(f"{way:>6} {rows} row(s): {ms:6.1f} ms a step  ({ms / times[1]:.2f}x one row)")
     for rows in ways["plain"]:
         print(f"{rows} row(s): engine's way {ways['plain'][rows] / ways['engine'][rows]:.2f}x the plain linear's speed")
+    if args.other_team:
+        for threads in (1, None):
+            ways[f"beside a thread of {threads or 'default'} torch threads"] = beside_other_thread(model, args, threads)
+        for way, times in list(ways.items())[2:]:
+            print(f"engine, {way}: " + ", ".join(f"{rows} row(s) {ms:.1f} ms" for rows, ms in times.items()))
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     print(json.dumps({"context": args.context, "ms_per_step": ways}))
+
+
+def beside_other_thread(model, args, threads: int | None) -> dict[int, float]:
+    """:func:`step_times` while another thread, alive and idle, has run a little torch work on ``threads`` intra-op
+    threads (None: torch's default)."""
+    import threading
+
+    import torch
+
+    ran, done = threading.Event(), threading.Event()
+
+    def other():
+        if threads:
+            torch.set_num_threads(threads)
+        x = torch.randn(512, 576, requires_grad=True)
+        (x @ torch.randn(1536, 576).t()).sum().backward()
+        ran.set()
+        done.wait()
+
+    threading.Thread(target=other, daemon=True).start()
+    ran.wait()
+    try:
+        return step_times(model, args)
+    finally:
+        done.set()
 
 
 def step_times(model, args) -> dict[int, float]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tunesmith.models.few_rows import MAX_ROWS, FewRowsLinear, weight_first_for_few_rows
+from tunesmith.models.few_rows import MAX_ROWS, MIN_ROWS, FewRowsLinear, weight_first_for_few_rows
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -30,16 +30,18 @@ def test_a_few_rows_weight_first_equal_linear(shape, bias):
         torch.testing.assert_close(turned.weight.grad, plain.weight.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_only_float32_cpu_layers_are_turned_and_many_rows_take_linear(monkeypatch):
+def test_only_float32_cpu_layers_are_turned_and_many_rows_or_one_take_linear(monkeypatch):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 8))
     assert weight_first_for_few_rows(model) == 2
     assert [type(m) for m in model] == [FewRowsLinear, nn.Linear, FewRowsLinear]
     called = []
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a: called.append(a[0].shape) or torch.zeros(1))
+    model[0](torch.randn(MIN_ROWS, 8))
     model[0](torch.randn(MAX_ROWS, 8))
     assert called == []  # a few rows: weight-first
     model[0](torch.randn(MAX_ROWS + 1, 8))
-    assert called == [(MAX_ROWS + 1, 8)]  # more: PyTorch's own linear
+    model[0](torch.randn(MIN_ROWS - 1, 8))
+    assert called == [(MAX_ROWS + 1, 8), (MIN_ROWS - 1, 8)]  # more, or one: PyTorch's own linear
 
 
 def test_a_turned_model_decodes_two_rows_to_the_plain_models_logits(tiny_model_dir):

@@ -230,3 +230,57 @@ def test_a_large_json_body_is_parsed_in_the_files_lane(tiny_model_dir, tmp_path,
         assert small.status_code == 200
     assert len(threads) == 3 and all(t.startswith("tunesmith-files") for t in threads[:2]), threads
     assert not threads[2].startswith("tunesmith-"), threads  # the small one: on the loop
+
+
+TEAMS_OF_TORCH_LANES = """
+import asyncio, os, sys, threading, torch
+from tunesmith.serve.lanes import Lane, LaneSize, all_cores, default_sizes
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+def work():
+    x = torch.randn(256, 256, requires_grad=True)
+    (x @ x).sum().backward()
+    return torch.get_num_threads()
+
+def engine_first(box):
+    all_cores()  # the engine's thread at its start, before any request
+    box["lanes_ran"].wait()
+    box["engine"] = work()  # its first torch work comes after the lanes set theirs
+
+async def main():
+    torch.set_num_threads(2)
+    work()  # the main thread's team
+    box = {"lanes_ran": threading.Event()}
+    engine = threading.Thread(target=engine_first, args=(box,))
+    engine.start()
+    for name in sys.argv[1:]:
+        size = default_sizes(2)[name] if name in default_sizes(2) else LaneSize(1, 1, 1)
+        lane = Lane(name, size, "tests")
+        await lane.run("a", lambda: None)
+        before = threads()
+        used = await lane.run("a", work)
+        print(name, used, len(threads() - before))  # threads started by the lane's work
+        lane.close()
+    box["lanes_ran"].set()
+    engine.join()
+    print("engine", box["engine"], 0)
+
+asyncio.run(main())
+"""
+
+
+def test_lanes_that_run_torch_keep_no_openmp_team_of_their_own():
+    """A lane thread that runs torch (Tinker, embeddings, heads) runs it on one intra-op thread, so it starts no OpenMP
+    team beside the engine's: teams outnumbering the cores make every team's small products slower
+    (``tunesmith.serve.lanes.one_team``). A lane without that setting (``plain``, first) shows what the check sees
+    otherwise. The engine's thread, started before them with ``all_cores``, keeps every core at its first torch work
+    after them (torch starts a thread's count lazily from the number set last by any thread)."""
+    out = subprocess.run([sys.executable, "-c", TEAMS_OF_TORCH_LANES, "plain", "tinker", "embeddings", "heads"],
+                         capture_output=True, text=True, timeout=120, env=os.environ | {"OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = {name: (int(used), int(new)) for name, used, new in (line.split() for line in out.stdout.splitlines())}
+    assert seen["tinker"] == seen["embeddings"] == seen["heads"] == (1, 0)
+    assert seen["plain"][0] == 2 and seen["plain"][1] >= 1  # torch's default: a team of its own, its threads new
+    assert seen["engine"][0] == 2

@@ -811,3 +811,55 @@ def test_other_keys_calls_run_between_two_layers_of_a_pass_forward_and_backward_
         if ".a." in n:
             assert torch.allclose(g, grads[n.replace(".a.", ".a-alone.")], atol=1e-5), n
     assert answers == [pytest.approx(b_call("b-alone"), abs=1e-6), pytest.approx(b_call("b-alone"), abs=1e-6)]
+
+
+def test_the_trainer_trains_on_the_engines_own_weights_and_leaves_them_as_served(tiny_model_dir, tmp_path):
+    """One base in memory: the training runs' base is the builtin engine's own weight tensors (no copy), its losses
+    the base's own; training and sampling a checkpoint on the engine (which wraps its own tree with peft) change
+    neither the engine's weights nor its greedy answer nor what the trainer computes."""
+    import tinker
+    import torch
+    from tinker import types
+
+    from tunesmith.serve.app import ServeSettings, create_app
+    from tunesmith.serve.engines.builtin import Engine
+
+    from .conftest import running_server
+
+    engine = Engine(str(tiny_model_dir), {}, wait_ms=1)
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=KEYS), engine)
+    served = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    base = str(tiny_model_dir)
+    ask = {"model": base, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": "pin blocked"}]}
+    with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa:
+        chat = openai.OpenAI(base_url=url, api_key="key-a", max_retries=0)
+        answer = chat.chat.completions.create(**ask).choices[0].message.content
+        training = sa.create_lora_training_client(base_model=base, rank=8, seed=0).result()
+        trainer = app.state.tinker.trainer
+        assert trainer.shares_base
+        engine_tensors = {p.data_ptr() for p in engine.model.parameters()}
+        frozen = [p for n, p in trainer.model.named_parameters() if "lora_" not in n]
+        assert frozen and all(p.data_ptr() in engine_tensors for p in frozen)
+
+        tokens, weights = example(training.get_tokenizer())
+        batch = [datum(tokens, weights)]
+        expected = reference_logprobs(base, tokens[:-1], tokens[1:])
+        losses = []
+        for _ in range(4):
+            out = training.forward_backward(batch, "cross_entropy").result()
+            losses.append(out.metrics["loss:sum"])
+            training.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        assert losses[0] == pytest.approx(-float((expected * np.array(weights[1:])).sum()), abs=1e-4)
+        assert losses[-1] < losses[0]
+
+        before = training.forward(batch, "cross_entropy").result().metrics["loss:sum"]
+        path = training.save_weights_for_sampler("shared").result().path
+        sampler = sa.create_sampling_client(model_path=path).result()
+        sampler.sample(prompt=types.ModelInput.from_ints(tokens[:-2]), num_samples=2,
+                       sampling_params=types.SamplingParams(max_tokens=4, temperature=0.0)).result()
+        assert training.forward(batch, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before, abs=1e-6)
+        assert chat.chat.completions.create(**ask).choices[0].message.content == answer
+    for name, tensor in engine.model.get_base_model().named_parameters() if hasattr(engine.model, "get_base_model") \
+            else engine.model.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(tensor, served[name.replace(".base_layer", "")]), name

@@ -4,9 +4,9 @@ A decoding step multiplies every weight matrix by a handful of rows (one a row o
 machines have, PyTorch's float32 ``linear`` takes a matrix-vector path for one row, but a general matrix product for
 two to eight, which reads the weights at about half the speed: a step of two rows cost 1.7-1.9x a step of one, so a
 quiet key's row beside another key's row waited almost twice as long as alone. The same product written weight-first
-(``W @ x.T``) keeps the fast path for a few rows: a two-row step 1.1-1.2x one row (``benchmarks/engine_step_rows.py``,
-docs/benchmarks.md). Past :data:`MAX_ROWS` rows, and in any other dtype or device, ``linear`` is as fast or faster, and
-is kept.
+(``W @ x.T``) reads them faster for two to four rows: a step of two or four rows 1.2-1.5x faster
+(``benchmarks/engine_step_rows.py``, docs/benchmarks.md). For one row, past :data:`MAX_ROWS` rows, and in any other
+dtype or device, ``linear`` is as fast or faster, and is kept.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MAX_ROWS = 4  # measured: weight-first faster up to 4 rows, slower at 8 (docs/benchmarks.md)
+MIN_ROWS, MAX_ROWS = 2, 4  # measured: weight-first faster for 2 and 4 rows, slower for 1 and 8 (docs/benchmarks.md)
 
 
 class FewRowsLinear(nn.Linear):
-    """``nn.Linear`` whose product over at most :data:`MAX_ROWS` rows is computed weight-first."""
+    """``nn.Linear`` whose product over :data:`MIN_ROWS` to :data:`MAX_ROWS` rows is computed weight-first."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if rows > MAX_ROWS or rows == 0:
+        if not MIN_ROWS <= rows <= MAX_ROWS:
             return super().forward(x)
         flat = x.reshape(rows, x.shape[-1])
         out = (self.weight @ flat.t()).t()

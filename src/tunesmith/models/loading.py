@@ -47,6 +47,16 @@ def load_model(name: str, placement: Placement, attn_implementation: str | None 
     return model
 
 
+def sharing_weights(model) -> Any:
+    """A second module tree of ``model`` holding the very same parameter and buffer tensors (no weight copied): what
+    one process gives a second user of a resident base (the Tinker trainer beside the serving engine), so that each
+    may wrap its own tree (peft injects its layers into the tree it is given) while one base sits in memory."""
+    import copy
+
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
 def load_trained(base: str, folder: Path, placement: Placement) -> Any:
     """A trained folder as a plain model: a PEFT adapter merged into ``base`` (base-model speed, plain
     weights), or a merged / fully fine-tuned model folder as it is."""

@@ -35,6 +35,7 @@ class LaneSize:
     per_key: int  # threads one key may hold at once
     queued: int  # one key's calls waiting at most; past it a 429
     nice: int = 0  # the lane's threads' niceness (and of the threads they start, such as torch's OpenMP team)
+    torch_threads: int | None = None  # intra-op threads of the torch work a lane thread runs (None: torch's own)
 
 
 class Lane:
@@ -43,7 +44,7 @@ class Lane:
     def __init__(self, name: str, size: LaneSize, what: str):
         self.name, self.size, self.what = name, size, what
         self.pool = ThreadPoolExecutor(size.workers, thread_name_prefix=f"tunesmith-{name}",
-                                       initializer=lower_priority if size.nice else None, initargs=(size.nice,))
+                                       initializer=start_thread, initargs=(size,))
         self.running: Counter = Counter()  # key -> threads it holds
         self.lines: dict[object, deque[asyncio.Future]] = {}  # key -> its calls waiting, in order
         self.turns: deque = deque()  # keys with calls waiting, in the order they are served
@@ -182,6 +183,44 @@ class ThreadClock:
                 raise TooCostly(f"spent more than {cpu_s:g} s of CPU time")
 
 
+def start_thread(size: LaneSize) -> None:
+    """A lane thread's start: its niceness and its torch threads as its lane's size says."""
+    if size.nice:
+        lower_priority(size.nice)
+    if size.torch_threads:
+        one_team(size.torch_threads)
+
+
+def one_team(threads: int) -> None:
+    """This thread's torch work on ``threads`` intra-op threads (thread-local in OpenMP and MKL).
+
+    Why one: the engine's decoding thread keeps an OpenMP team of every core, and each other thread that runs torch
+    with more than one thread keeps a team of its own for as long as it lives, idle or not. Once the teams' threads
+    outnumber the cores, GNU OpenMP (torch's, on Linux) stops spinning between parallel regions in every team: a
+    decoding step of two rows, many small products, then cost 2x (65 ms to 124-154 ms on 2 cores, measured with an
+    idle second team; ``benchmarks/engine_step_rows.py --other-team``), for as long as the server ran, after its first
+    Tinker call or embedding. A thread of one intra-op thread keeps no team.
+
+    torch also keeps the number as the default of every thread that runs its first torch work later: the engine's
+    thread sets its own (:func:`all_cores`)."""
+    torch_threads(threads)
+
+
+def all_cores() -> None:
+    """This thread's torch work on every core this process may use (``OMP_NUM_THREADS`` where set): the engine's
+    decoding thread, whatever a lane thread set before it ran (:func:`one_team`)."""
+    torch_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
+
+
+def torch_threads(threads: int) -> None:
+    """This thread's intra-op threads, kept: torch starts each thread's count lazily at its first parallel work, from
+    the number any thread set last, which would undo a number set here before; so that start is made first."""
+    import torch
+
+    torch.get_num_threads()  # this thread's lazy start, now
+    torch.set_num_threads(threads)
+
+
 def lower_priority(nice: int) -> None:
     """This thread's niceness raised to ``nice`` (Linux keeps one a thread, and a thread it starts inherits it):
     where another thread of the server wants the CPU, it goes first."""
@@ -200,7 +239,10 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
     base anyway, keys in turn, and a second thread running torch beside it makes both slower on a CPU (measured 1.6x
     on 2 cores: each thread that runs torch keeps an OpenMP team of its own), at ``nice`` 19 as the server's worker
     processes: the engine's decoding of every key's chat and completion requests comes first whenever it wants the
-    CPU, so that a Tinker call of one key does not hold another key's chat."""
+    CPU, so that a Tinker call of one key does not hold another key's chat. The lanes that run torch (Tinker,
+    embeddings, heads) run it on one intra-op thread each (:func:`one_team`): the engine keeps every core's thread;
+    on a GPU their math runs there anyway, and on a CPU a Tinker call alone takes about 1.7x as long as on two
+    threads."""
     cores = cores or os.cpu_count() or 2
     plan = max(4, cores)
     two = max(2, cores // 2)
@@ -209,10 +251,10 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
             "store": LaneSize(store, store // 4, 1024),
             "graders": LaneSize(two, 1, 8),
             "evals": LaneSize(two, 1, 64),
-            "embeddings": LaneSize(two, 1, 8),
-            "heads": LaneSize(two, 1, 256),
+            "embeddings": LaneSize(two, 1, 8, torch_threads=1),
+            "heads": LaneSize(two, 1, 256, torch_threads=1),
             "files": LaneSize(two, 1, 64),
-            "tinker": LaneSize(1, 1, PER_KEY_TINKER, nice=19)}
+            "tinker": LaneSize(1, 1, PER_KEY_TINKER, nice=19, torch_threads=1)}
 
 
 WHAT = {"plan": "requests being planned", "store": "requests reading or writing the store", "graders": "grader runs",

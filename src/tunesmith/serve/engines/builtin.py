@@ -62,11 +62,14 @@ class Engine(InferenceEngine):
         from tunesmith.generation.constrained import ConstraintCache
         from tunesmith.machine.placement import pick_placement
         from tunesmith.models.few_rows import weight_first_for_few_rows
-        from tunesmith.models.loading import load_model
+        from tunesmith.models.loading import load_model, sharing_weights
 
         super().__init__(base)
-        self.model = load_model(base, pick_placement(precision))
+        self.placement = pick_placement(precision)
+        self.model = load_model(base, self.placement)
         weight_first_for_few_rows(self.model)  # a step of a few rows near the cost of one on a CPU
+        # the plain base's tree on the same weights, taken before peft wraps the served one: the Tinker trainer's base
+        self._resident = sharing_weights(self.model)
         # rows of different callers: one row's failure (its seed, its matcher) ends that row only
         self.batch = ContinuousBatch(self.model, self.tokenizer, max_batch, max_batch_tokens, isolate_rows=True)
         self.context_length = self.batch.context_length
@@ -85,6 +88,9 @@ class Engine(InferenceEngine):
             self.add_adapter(name, path)
         self.worker = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
         self.worker.start()
+
+    def resident_base(self):
+        return self._resident, self.placement
 
     @property
     def active(self) -> list[Row]:
@@ -149,6 +155,9 @@ class Engine(InferenceEngine):
     # --- the scheduling loop ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        from tunesmith.serve.lanes import all_cores
+
+        all_cores()  # the server's other torch threads run on one each (tunesmith.serve.lanes.one_team)
         while not self.closed:
             try:
                 self._take_pending()

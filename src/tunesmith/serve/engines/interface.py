@@ -114,6 +114,11 @@ class InferenceEngine:
         self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
         self.aliases: dict[str, str] = {}  # a name scripts use (gpt-4o-mini-2024-07-18) -> a served model id
 
+    def resident_base(self):
+        """The base's module tree holding this engine's own weights in this process, for the Tinker trainer (one base
+        in memory), with its placement; None where the weights live in another process (vLLM)."""
+        return None
+
     # --- models ---------------------------------------------------------------------------
 
     def model_ids(self) -> list[str]:

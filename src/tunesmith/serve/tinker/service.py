@@ -46,8 +46,8 @@ class Tinker(Checkpoints):
         self.base = settings.model
         self.root = Path(settings.data_dir) / "tinker"
         self.store = TinkerStore(app.state.store)
-        self.trainer = Trainer(self.base)
         self.engine = app.state.engine  # where its sampler checkpoints are served
+        self.trainer = Trainer(self.base, getattr(self.engine, "resident_base", None))  # the engine's base, shared
         fused = settings.tinker_fused_steps
         self.worker = worker_id()
         shared = None  # one SQLite server answers its own futures from memory

@@ -1,6 +1,7 @@
 """The Tinker API's training: one resident copy of the served base model, each training run a LoRA adapter on it
 (peft's named adapters), each with its own AdamW state. (Sampling runs on the server's inference engine:
-:mod:`tunesmith.serve.tinker.sampling`.)
+:mod:`tunesmith.serve.tinker.sampling`.) With the builtin engine the base is the engine's own weights, frozen and
+shared: the trainer wraps a second module tree over the same tensors (:meth:`Trainer.load`).
 
 Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
 ``forward_backward`` of one run, then another's), a call's datums padded into shared passes; several runs' calls can
@@ -137,8 +138,10 @@ def lora_targets(kinds: dict[str, set[str]], train_attn: bool, train_mlp: bool, 
 class Trainer:
     """The resident base and every run's adapter on it; each call holds :attr:`lock` (one at a time)."""
 
-    def __init__(self, base: str):
+    def __init__(self, base: str, resident=None):
         self.base = base
+        self.resident = resident  # () -> (module tree, placement) of the engine's base in this process, or None
+        self.shares_base = False  # the base is the engine's weights (no copy of its own)
         self.lock = threading.RLock()  # re-entered by another key's call run between two passes (``between``)
         self.model = None  # the peft model once a run exists; the plain base before
         self.plain = None
@@ -149,13 +152,19 @@ class Trainer:
     # --- the base ------------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """The base loaded once (the first run), in float32 on this machine's device."""
+        """The base, once (the first run), in the precision training takes on this machine (float32 on a CPU, bf16 on
+        a GPU that has it): the serving engine's own weights when it holds them in this process in that precision, so
+        one base sits in memory; else a copy of its own (an engine in another process, or one serving in another
+        precision). The LoRA weights and their AdamW moments are float32 either way (peft's default)."""
         if self.plain is not None:
             return
         from tunesmith.machine.placement import pick_placement
         from tunesmith.models.loading import load_model, load_tokenizer
 
-        self.plain = load_model(self.base, pick_placement())
+        placement = pick_placement()
+        tree, served = (self.resident() if self.resident is not None else None) or (None, None)
+        self.shares_base = tree is not None and (served.device, served.dtype) == (placement.device, placement.dtype)
+        self.plain = tree if self.shares_base else load_model(self.base, placement)
         self.plain.eval()
         self.kinds = layer_names(self.plain)
         self.widths = layer_widths(self.plain)
