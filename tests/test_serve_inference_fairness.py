@@ -285,3 +285,50 @@ def test_the_servers_own_process_freezes_its_start_out_of_the_collectors_sight(t
     gc.unfreeze()
     assert started(False) == 0
     assert started(True) > 10_000
+
+
+def test_work_beside_the_engine_gets_pauses_after_heavy_steps_and_never_delays_a_light_key(tiny_model_dir,
+                                                                                           monkeypatch):
+    """While work runs beside the engine (a Tinker training call, ``Engine.work_beside``), a step of only heavy rows
+    (one key's 6-row request) is followed by a pause as long as the step, so the work gets its half of the CPU; once
+    a light key's request is in the engine, no step pauses; without work beside, none does."""
+    import tunesmith.serve.engines.builtin as builtin
+
+    engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1)
+    pauses: list[tuple[float, bool]] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(builtin.time, "sleep", lambda s: pauses.append((s, engine.shares.light)) or real_sleep(s))
+
+    async def heavy(tokens: int):
+        ids = engine.text_prompt_ids("hello")
+        rows = [GenParams(tokens, stop_token_ids=())] * 6  # no end of sequence: every row decodes ``tokens``
+        return await engine.submit(engine.base_name, ids, rows, tenant="heavy").results()
+
+    async def heavy_then_light():
+        ids = engine.text_prompt_ids("hi")
+        flood = asyncio.ensure_future(heavy(200))
+        while len(pauses) < 2:  # the heavy rows' steps, paused after
+            await asyncio.sleep(0.001)
+        before = len(pauses)
+        light = engine.submit(engine.base_name, ids, [GenParams(24, stop_token_ids=())], tenant="light")
+        while not engine.shares.light:
+            await asyncio.sleep(0.001)
+        seen_light_at = len(pauses)
+        await light.results()
+        during_light = pauses[seen_light_at:len(pauses)]
+        await flood
+        return before, during_light
+
+    try:
+        asyncio.run(heavy(16))
+        assert pauses == []  # no work beside: the engine never pauses
+        with engine.work_beside():
+            before, during_light = asyncio.run(heavy_then_light())
+        assert before > 0 and all(not light for _, light in pauses[:before])  # heavy steps alone: paused
+        assert all(s > 0 for s, _ in pauses[:before])
+        assert not any(light for _, light in during_light)  # a light key present: no pause
+        count = len(pauses)
+        asyncio.run(heavy(16))
+        assert len(pauses) == count  # the work ended: no pause again
+    finally:
+        engine.close()

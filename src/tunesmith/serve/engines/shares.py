@@ -50,6 +50,7 @@ class Shares:
     rules: ShareRules
     clock: object = time.monotonic
     last_seen: dict = field(default_factory=dict)  # tenant -> when it last had a row
+    light: bool = False  # the last quotas' tenants held a light one (a key waiting on a few rows of its own)
 
     def quotas(self, demand: dict[object, Demand]) -> dict[object, Demand]:
         """Rows each tenant may decode in the next step, interactive and background apart."""
@@ -63,6 +64,7 @@ class Shares:
         wanted = {t: Demand(d.interactive, d.background) for t, d in demand.items() if d.total}
         for tenant in self.last_seen:  # present but between requests: one row kept for it
             wanted.setdefault(tenant, Demand(1, 0))
+        self.light = any(d.total <= self.rules.light_rows for d in wanted.values())
         capacity = self.capacity(wanted)
         first = water_fill({t: d.interactive for t, d in wanted.items()}, capacity)
         left = capacity - sum(first.values())

@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,10 +71,11 @@ class Pending:
 
 class Futures:
     def __init__(self, lane, fuse: dict[str, Callable[[list[tuple]], list]] | None = None,
-                 shared: Shared | None = None):
+                 shared: Shared | None = None, beside=nullcontext):
         """``fuse``: by kind of call, what runs several such calls as one (their answers or exceptions, in order);
-        ``shared``: where futures are written for the other replicas (none: this replica's memory only)."""
-        self.lane, self.fuse, self.shared = lane, fuse or {}, shared
+        ``shared``: where futures are written for the other replicas (none: this replica's memory only);
+        ``beside()``: held while a call's turn runs in the lane (the engine leaves it part of the CPU)."""
+        self.lane, self.fuse, self.shared, self.beside = lane, fuse or {}, shared, beside
         self.items: dict[str, Pending] = {}
         self.waiting: dict[str | None, deque[Pending]] = {}  # each key's calls not taken yet, in its order
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
@@ -159,7 +161,8 @@ class Futures:
             fuse, joined = self._joined(pending)
         self.running = pending
         try:
-            return self._step(pending, fn, args, fuse, joined)
+            with self.beside():
+                return self._step(pending, fn, args, fuse, joined)
         finally:
             self.running = None
 

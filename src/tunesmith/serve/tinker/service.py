@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
@@ -54,7 +55,8 @@ class Tinker(Checkpoints):
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
             shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
         fuse = {"forward_backward": self.forward_backward_many} if fused else {}
-        self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared)
+        self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared,
+                               beside=getattr(self.engine, "work_beside", nullcontext))
         # other keys' calls run between two passes of a long call (with fused steps, they join the next step instead)
         self.between = None if fused else self.futures.others_turn
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
