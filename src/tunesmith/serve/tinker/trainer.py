@@ -43,10 +43,22 @@ class Call:
 
 
 def decoder_layers(model) -> list:
-    """The base's decoder layers: its longest module list (where a long pass gives other calls their turn)."""
+    """The base's decoder layers: its longest module list."""
     import torch
 
     return max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len, default=[])
+
+
+def turn_points(model) -> list:
+    """Where a long pass gives other calls their turn: each decoder layer's parts holding a fifth of its weights or
+    more (attention and MLP), so that a stretch without a turn is about half a layer; a layer without such parts,
+    whole."""
+    points = []
+    for layer in decoder_layers(model):
+        weights = sum(p.numel() for p in layer.parameters()) or 1
+        parts = [part for part in layer.children() if sum(p.numel() for p in part.parameters()) * 5 >= weights]
+        points += parts or [layer]
+    return points
 
 
 def chosen_logprobs(logits, targets):
@@ -392,8 +404,8 @@ class Trainer:
 
     @contextmanager
     def _turns(self, calls: list[Call], chunk, between):
-        """During one run's pass: before each decoder layer's forward, and after its backward (a hook on the
-        gradient of its input), ``between()`` lets other keys' calls run on this thread, nested in the pass (the
+        """During one run's pass: before each decoder layer's forward and each of its large parts' (:func:`turn_points`),
+        and after their backward (a hook on the gradient of their input), ``between()`` lets other keys' calls run on this thread, nested in the pass (the
         autograd engine runs a backward inside a backward, as reentrant checkpointing does); when any did, the pass's
         adapter state is set again before it goes on (a call run so sets its own). The layers of a call run in a turn
         give none. Not from another thread: a GPU's backward runs on the autograd engine's device thread, which must
@@ -419,7 +431,7 @@ class Trainer:
             if hidden is not None and hidden.requires_grad:
                 hidden.register_hook(turn)  # returns None: the gradient as it is
 
-        handles = [layer.register_forward_pre_hook(before, with_kwargs=True) for layer in decoder_layers(self.model)]
+        handles = [point.register_forward_pre_hook(before, with_kwargs=True) for point in turn_points(self.model)]
         try:
             yield turn
         finally:
