@@ -287,17 +287,17 @@ def test_the_servers_own_process_freezes_its_start_out_of_the_collectors_sight(t
     assert started(True) > 10_000
 
 
-def test_work_beside_the_engine_gets_pauses_after_heavy_steps_and_never_delays_a_light_key(tiny_model_dir,
-                                                                                           monkeypatch):
+def test_work_beside_the_engine_gets_a_core_during_heavy_steps_and_never_delays_a_light_key(tiny_model_dir):
     """While work runs beside the engine (a Tinker training call, ``Engine.work_beside``), a step of only heavy rows
-    (one key's 6-row request) is followed by a pause as long as the step, so the work gets its half of the CPU; once
-    a light key's request is in the engine, no step pauses; without work beside, none does."""
-    import tunesmith.serve.engines.builtin as builtin
+    (one key's 6-row request) runs on one core fewer, left to the work; once a light key's request is in the engine,
+    its steps take every core again; without work beside, every step takes every core."""
+    from tunesmith.serve.lanes import cores
 
+    if cores() < 2:
+        pytest.skip("one core: there is none to leave")
+    every = cores()
     engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1)
-    pauses: list[tuple[float, bool]] = []
-    real_sleep = time.sleep
-    monkeypatch.setattr(builtin.time, "sleep", lambda s: pauses.append((s, engine.shares.light)) or real_sleep(s))
+    steps = engine.steps_by_threads
 
     async def heavy(tokens: int):
         ids = engine.text_prompt_ids("hello")
@@ -305,30 +305,27 @@ def test_work_beside_the_engine_gets_pauses_after_heavy_steps_and_never_delays_a
         return await engine.submit(engine.base_name, ids, rows, tenant="heavy").results()
 
     async def heavy_then_light():
-        ids = engine.text_prompt_ids("hi")
         flood = asyncio.ensure_future(heavy(200))
-        while len(pauses) < 2:  # the heavy rows' steps, paused after
+        while steps[every - 1] < 3:
             await asyncio.sleep(0.001)
-        before = len(pauses)
-        light = engine.submit(engine.base_name, ids, [GenParams(24, stop_token_ids=())], tenant="light")
+        light = engine.submit(engine.base_name, engine.text_prompt_ids("hi"), [GenParams(24, stop_token_ids=())],
+                              tenant="light")
         while not engine.shares.light:
             await asyncio.sleep(0.001)
-        seen_light_at = len(pauses)
+        all_before = steps[every]
         await light.results()
-        during_light = pauses[seen_light_at:len(pauses)]
+        light_steps = steps[every] - all_before
         await flood
-        return before, during_light
+        return light_steps
 
     try:
         asyncio.run(heavy(16))
-        assert pauses == []  # no work beside: the engine never pauses
+        assert set(steps) == {every}  # no work beside: every core
         with engine.work_beside():
-            before, during_light = asyncio.run(heavy_then_light())
-        assert before > 0 and all(not light for _, light in pauses[:before])  # heavy steps alone: paused
-        assert all(s > 0 for s, _ in pauses[:before])
-        assert not any(light for _, light in during_light)  # a light key present: no pause
-        count = len(pauses)
+            light_steps = asyncio.run(heavy_then_light())
+        assert steps[every - 1] >= 3 and light_steps >= 20  # heavy alone: one core fewer; a light key: every core
+        before = dict(steps)
         asyncio.run(heavy(16))
-        assert len(pauses) == count  # the work ended: no pause again
+        assert steps[every - 1] == before[every - 1] and steps[every] > before[every]  # the work ended
     finally:
         engine.close()

@@ -206,10 +206,16 @@ def one_team(threads: int) -> None:
     torch_threads(threads)
 
 
-def all_cores() -> None:
-    """This thread's torch work on every core this process may use (``OMP_NUM_THREADS`` where set): the engine's
-    decoding thread, whatever a lane thread set before it ran (:func:`one_team`)."""
-    torch_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0)))
+def all_cores() -> int:
+    """This thread's torch work on every core this process may use (:func:`cores`): the engine's decoding thread,
+    whatever a lane thread set before it ran (:func:`one_team`); how many."""
+    torch_threads(cores())
+    return cores()
+
+
+def cores() -> int:
+    """The cores this process may use: ``OMP_NUM_THREADS`` where set, else its CPU affinity."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
 
 
 def torch_threads(threads: int) -> None:

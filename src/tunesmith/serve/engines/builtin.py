@@ -16,7 +16,7 @@ import hashlib
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,8 @@ class Engine(InferenceEngine):
         self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(self.model.device)))
         self.closed = False
         self.beside, self.lock_beside = 0, threading.Lock()  # work_beside holders now
+        self.threads = 0  # the torch threads of the engine's steps now (its loop's thread)
+        self.steps_by_threads: Counter = Counter()  # steps run, by their torch threads
         # compiled output constraints; the tokenizer converted for llguidance now, beside the start, so that the first
         # request with a schema does not stall every tenant's decoding while it converts
         self.constraints = ConstraintCache(self.tokenizer, self.model.config.vocab_size, stop_ids(self.tokenizer, self.model),
@@ -97,10 +99,10 @@ class Engine(InferenceEngine):
     @contextmanager
     def work_beside(self):
         """While held (a Tinker training call runs in another thread, at ``nice`` 19 on one torch thread), a step of
-        only heavy tenants' rows (none waiting on a few rows of its own) is followed by a pause as long as the step:
-        the call gets half the CPU instead of what a nice thread gets from an engine that never stops (a key's 64-row
-        sample held another key's 0.3 s training call 18 s, 54x). A light tenant's rows (a chat request) never
-        wait for it: interactive decoding comes first."""
+        only heavy tenants' rows (none waiting on a few rows of its own) runs on one core fewer, leaving that core to
+        the call: a nice thread gets next to nothing from an engine that keeps every core busy (a key's 64-row sample
+        held another key's 0.4 s training call 18 s, 54x). A light tenant's rows (a chat request) keep every core:
+        interactive decoding comes first."""
         with self.lock_beside:
             self.beside += 1
         try:
@@ -109,10 +111,16 @@ class Engine(InferenceEngine):
             with self.lock_beside:
                 self.beside -= 1
 
-    def _leave_cpu(self, step_s: float) -> None:
-        """After a step of ``step_s`` seconds: the pause :meth:`work_beside` asks for, when it does."""
-        if self.beside and not self.shares.light:
-            time.sleep(step_s)
+    def _step_threads(self) -> int:
+        """The next step's torch threads (:meth:`work_beside`), set on this thread when they change."""
+        from tunesmith.serve.lanes import cores, torch_threads
+
+        every = cores()
+        want = every - 1 if self.beside and not self.shares.light and every > 1 else every
+        if want != self.threads:
+            torch_threads(want)
+            self.threads = want
+        return want
 
     @property
     def active(self) -> list[Row]:
@@ -179,15 +187,14 @@ class Engine(InferenceEngine):
     def _loop(self) -> None:
         from tunesmith.serve.lanes import all_cores
 
-        all_cores()  # the server's other torch threads run on one each (tunesmith.serve.lanes.one_team)
+        self.threads = all_cores()  # the server's other torch threads run on one each (tunesmith.serve.lanes.one_team)
         while not self.closed:
             try:
                 self._take_pending()
-                busy, started = self.batch.busy, time.monotonic()
+                if self.batch.busy:
+                    self.steps_by_threads[self._step_threads()] += 1
                 with self.lock:
-                    finished = self.batch.step() if busy else []
-                if busy:
-                    self._leave_cpu(time.monotonic() - started)
+                    finished = self.batch.step() if self.batch.busy else []
                 for row in finished:
                     self._answer(row)
                 for row in self.batch.active:

@@ -404,9 +404,10 @@ class Trainer:
 
     @contextmanager
     def _turns(self, calls: list[Call], chunk, between):
-        """During one run's pass: before each decoder layer's forward and each of its large parts' (:func:`turn_points`),
-        and after their backward (a hook on the gradient of their input), ``between()`` lets other keys' calls run on this thread, nested in the pass (the
-        autograd engine runs a backward inside a backward, as reentrant checkpointing does); when any did, the pass's
+        """During one run's pass: before the forward of each of the decoder layers' large parts (:func:`turn_points`),
+        and after their backward (a hook on the gradient of their input), ``between()`` lets other keys' calls run on
+        this thread, nested in the pass (the autograd engine runs a backward inside a backward, as reentrant
+        checkpointing does); when any did, the pass's
         adapter state is set again before it goes on (a call run so sets its own). The layers of a call run in a turn
         give none. Not from another thread: a GPU's backward runs on the autograd engine's device thread, which must
         not take the trainer's lock."""
