@@ -8,7 +8,7 @@ in process, a KV cache of ``--context`` tokens, ``--steps`` decoding steps of on
 each batch size, the ratio to one row, and the engine's way against the plain one.
 
 ``--other-team`` then measures the engine's way again beside an idle second thread that once ran torch: first one
-that ran it on one intra-op thread (what the server's lanes do, ``tunesmith.serve.lanes.one_team``), then one that
+that ran it on one intra-op thread (what the server's lanes do, ``tunesmith.serve.lanes.torch_threads``), then one that
 ran it on torch's default threads (what they did: that thread keeps an OpenMP team of its own while it lives).
 
     python benchmarks/engine_step_rows.py

@@ -274,7 +274,7 @@ asyncio.run(main())
 def test_lanes_that_run_torch_keep_no_openmp_team_of_their_own():
     """A lane thread that runs torch (Tinker, embeddings, heads) runs it on one intra-op thread, so it starts no OpenMP
     team beside the engine's: teams outnumbering the cores make every team's small products slower
-    (``tunesmith.serve.lanes.one_team``). A lane without that setting (``plain``, first) shows what the check sees
+    (``tunesmith.serve.lanes.torch_threads``). A lane without that setting (``plain``, first) shows what the check sees
     otherwise. The engine's thread, started before them with ``all_cores``, keeps every core at its first torch work
     after them (torch starts a thread's count lazily from the number set last by any thread)."""
     out = subprocess.run([sys.executable, "-c", TEAMS_OF_TORCH_LANES, "plain", "tinker", "embeddings", "heads"],

@@ -188,29 +188,15 @@ def start_thread(size: LaneSize) -> None:
     if size.nice:
         lower_priority(size.nice)
     if size.torch_threads:
-        one_team(size.torch_threads)
-
-
-def one_team(threads: int) -> None:
-    """This thread's torch work on ``threads`` intra-op threads (thread-local in OpenMP and MKL).
-
-    Why one: the engine's decoding thread keeps an OpenMP team of every core, and each other thread that runs torch
-    with more than one thread keeps a team of its own for as long as it lives, idle or not. Once the teams' threads
-    outnumber the cores, GNU OpenMP (torch's, on Linux) stops spinning between parallel regions in every team: a
-    decoding step of two rows, many small products, then cost 2x (65 ms to 124-154 ms on 2 cores, measured with an
-    idle second team; ``benchmarks/engine_step_rows.py --other-team``), for as long as the server ran, after its first
-    Tinker call or embedding. A thread of one intra-op thread keeps no team.
-
-    torch also keeps the number as the default of every thread that runs its first torch work later: the engine's
-    thread sets its own (:func:`all_cores`)."""
-    torch_threads(threads)
+        torch_threads(size.torch_threads)
 
 
 def all_cores() -> int:
     """This thread's torch work on every core this process may use (:func:`cores`): the engine's decoding thread,
-    whatever a lane thread set before it ran (:func:`one_team`); how many."""
-    torch_threads(cores())
-    return cores()
+    whatever a lane thread set before it ran (:func:`torch_threads`); how many."""
+    every = cores()
+    torch_threads(every)
+    return every
 
 
 def cores() -> int:
@@ -219,8 +205,18 @@ def cores() -> int:
 
 
 def torch_threads(threads: int) -> None:
-    """This thread's intra-op threads, kept: torch starts each thread's count lazily at its first parallel work, from
-    the number any thread set last, which would undo a number set here before; so that start is made first."""
+    """This thread's torch work on ``threads`` intra-op threads (thread-local in OpenMP and MKL), kept.
+
+    Why lanes take one: the engine's decoding thread keeps an OpenMP team of every core, and each other thread that
+    runs torch with more than one thread keeps a team of its own for as long as it lives, idle or not. Once the teams'
+    threads outnumber the cores, GNU OpenMP (torch's, on Linux) stops spinning between parallel regions in every team:
+    a decoding step of two rows, many small products, then cost 2x (65 ms to 124-154 ms on 2 cores, measured with an
+    idle second team; ``benchmarks/engine_step_rows.py --other-team``), for as long as the server ran, after its first
+    Tinker call or embedding. A thread of one intra-op thread keeps no team.
+
+    Kept: torch starts each thread's count lazily at its first parallel work, from the number any thread set last,
+    which would undo a number set here before; so that start is made first (the engine's thread sets its own count,
+    :func:`all_cores`, whatever a lane set)."""
     import torch
 
     torch.get_num_threads()  # this thread's lazy start, now
@@ -246,7 +242,7 @@ def default_sizes(cores: int | None = None) -> dict[str, LaneSize]:
     on 2 cores: each thread that runs torch keeps an OpenMP team of its own), at ``nice`` 19 as the server's worker
     processes: the engine's decoding of every key's chat and completion requests comes first whenever it wants the
     CPU, so that a Tinker call of one key does not hold another key's chat. The lanes that run torch (Tinker,
-    embeddings, heads) run it on one intra-op thread each (:func:`one_team`): the engine keeps every core's thread;
+    embeddings, heads) run it on one intra-op thread each (:func:`torch_threads`): the engine keeps every core's thread;
     on a GPU their math runs there anyway, and on a CPU a Tinker call alone takes about 1.7x as long as on two
     threads."""
     cores = cores or os.cpu_count() or 2

@@ -25,6 +25,7 @@ from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_s
 from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request, TokenIds
 from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, default_contended_rows
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.lanes import all_cores, torch_threads
 
 __all__ = ["Engine"]
 
@@ -81,7 +82,7 @@ class Engine(InferenceEngine):
         self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(self.model.device)))
         self.closed = False
         self.beside, self.lock_beside = 0, threading.Lock()  # work_beside holders now
-        self.threads = 0  # the torch threads of the engine's steps now (its loop's thread)
+        self.cores = self.threads = 0  # the loop thread's cores, and its steps' torch threads now
         self.steps_by_threads: Counter = Counter()  # steps run, by their torch threads
         # compiled output constraints; the tokenizer converted for llguidance now, beside the start, so that the first
         # request with a schema does not stall every tenant's decoding while it converts
@@ -113,9 +114,7 @@ class Engine(InferenceEngine):
 
     def _step_threads(self) -> int:
         """The next step's torch threads (:meth:`work_beside`), set on this thread when they change."""
-        from tunesmith.serve.lanes import cores, torch_threads
-
-        every = cores()
+        every = self.cores
         want = every - 1 if self.beside and not self.shares.light and every > 1 else every
         if want != self.threads:
             torch_threads(want)
@@ -185,9 +184,8 @@ class Engine(InferenceEngine):
     # --- the scheduling loop ---------------------------------------------------------------------
 
     def _loop(self) -> None:
-        from tunesmith.serve.lanes import all_cores
-
-        self.threads = all_cores()  # the server's other torch threads run on one each (tunesmith.serve.lanes.one_team)
+        # every core for this thread's steps; the server's other torch threads run on one each (lanes.torch_threads)
+        self.cores = self.threads = all_cores()
         while not self.closed:
             try:
                 self._take_pending()
