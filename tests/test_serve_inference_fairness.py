@@ -310,7 +310,7 @@ def test_work_beside_the_engine_gets_a_core_during_heavy_steps_and_never_delays_
             await asyncio.sleep(0.001)
         light = engine.submit(engine.base_name, engine.text_prompt_ids("hi"), [GenParams(24, stop_token_ids=())],
                               tenant="light")
-        while not engine.shares.light:
+        while not engine.shares.light_running:
             await asyncio.sleep(0.001)
         all_before = steps[every]
         await light.results()
@@ -324,8 +324,41 @@ def test_work_beside_the_engine_gets_a_core_during_heavy_steps_and_never_delays_
         with engine.work_beside():
             light_steps = asyncio.run(heavy_then_light())
         assert steps[every - 1] >= 3 and light_steps >= 20  # heavy alone: one core fewer; a light key: every core
+        time.sleep(engine.shares.rules.grace_s + 0.1)  # the light key gone (not between two requests)
         before = dict(steps)
         asyncio.run(heavy(16))
         assert steps[every - 1] == before[every - 1] and steps[every] > before[every]  # the work ended
+    finally:
+        engine.close()
+
+
+def test_a_light_key_between_two_requests_finds_a_core_free_of_heavy_steps(tiny_model_dir):
+    """Between a light key's requests (its place kept for the shares' grace), a step of only heavy rows runs on one
+    core fewer, so the server's event loop admits the key's next request on a free core; once the key is gone, the
+    heavy steps take every core again."""
+    from tunesmith.serve.lanes import cores
+
+    if cores() < 2:
+        pytest.skip("one core: there is none to leave")
+    every = cores()
+    engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1)
+    now = [0.0]
+    engine.shares.clock = lambda: now[0]
+    steps = engine.steps_by_threads
+
+    async def request(tenant: str, rows: int, tokens: int = 16):
+        params = [GenParams(tokens, stop_token_ids=())] * rows
+        return await engine.submit(engine.base_name, engine.text_prompt_ids("hello"), params, tenant=tenant).results()
+
+    try:
+        asyncio.run(request("light", 1))
+        assert set(steps) == {every}  # a light key alone: every core
+        now[0] += 0.1  # within its grace: between two of its requests
+        asyncio.run(request("heavy", 6))
+        assert steps[every - 1] >= 10
+        before = dict(steps)
+        now[0] += 10  # gone
+        asyncio.run(request("heavy", 6))
+        assert steps[every - 1] == before[every - 1] and steps[every] >= before[every] + 10
     finally:
         engine.close()

@@ -35,6 +35,23 @@ def test_a_light_tenant_shrinks_the_step_and_keeps_its_place_between_requests():
     assert (two_floods["a"].interactive, two_floods["c"].interactive) == (32, 32)  # none light: the whole batch
 
 
+def test_the_shares_say_whether_a_light_tenant_runs_or_waits_between_requests():
+    now = [0.0]
+    shares = Shares(ShareRules(max_rows=64, contended_rows=4, light_rows=2, grace_s=0.5), clock=lambda: now[0])
+    shares.quotas({"b": Demand(1)})
+    assert (shares.light_running, shares.light_waiting) == (True, False)  # alone, running
+    shares.quotas({"a": Demand(64), "b": Demand(1)})
+    assert (shares.light_running, shares.light_waiting) == (True, False)
+    now[0] += 0.2
+    shares.quotas({"a": Demand(64)})
+    assert (shares.light_running, shares.light_waiting) == (False, True)  # b between two requests
+    now[0] += 0.6
+    shares.quotas({"a": Demand(64)})
+    assert (shares.light_running, shares.light_waiting) == (False, False)  # b gone
+    shares.quotas({"a": Demand(64), "c": Demand(64)})
+    assert (shares.light_running, shares.light_waiting) == (False, False)  # none light
+
+
 def test_background_rows_come_after_every_interactive_row():
     shares = Shares(ShareRules(max_rows=8, contended_rows=4))
     q = shares.quotas({"a": Demand(0, 40), "b": Demand(1, 0)})

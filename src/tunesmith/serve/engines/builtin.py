@@ -100,10 +100,9 @@ class Engine(InferenceEngine):
     @contextmanager
     def work_beside(self):
         """While held (a Tinker training call runs in another thread, at ``nice`` 19 on one torch thread), a step of
-        only heavy tenants' rows (none waiting on a few rows of its own) runs on one core fewer, leaving that core to
-        the call: a nice thread gets next to nothing from an engine that keeps every core busy (a key's 64-row sample
-        held another key's 0.4 s training call 18 s, 54x). A light tenant's rows (a chat request) keep every core:
-        interactive decoding comes first."""
+        only heavy tenants' rows runs on one core fewer (:meth:`_step_threads`), leaving that core to the call: a nice
+        thread gets next to nothing from an engine that keeps every core busy (a key's 64-row sample held another
+        key's 0.4 s training call 18 s, 54x)."""
         with self.lock_beside:
             self.beside += 1
         try:
@@ -113,9 +112,15 @@ class Engine(InferenceEngine):
                 self.beside -= 1
 
     def _step_threads(self) -> int:
-        """The next step's torch threads (:meth:`work_beside`), set on this thread when they change."""
-        every = self.cores
-        want = every - 1 if self.beside and not self.shares.light and every > 1 else every
+        """The next step's torch threads, set on this thread when they change. A step holding a light tenant's rows
+        (a chat request) takes every core: interactive decoding comes first. A step of only heavy tenants' rows leaves
+        one core to the rest of the server while work runs beside the engine (:meth:`work_beside`) or a light tenant
+        is between two requests: the event loop that admits its next request and the engine's other callers then
+        find a core free, not one shared with the step's threads (beside a 64-row sample, a quiet key's 0.13 s Tinker
+        sample took 2.4x when the step kept both cores; docs/benchmarks.md)."""
+        every, shares = self.cores, self.shares
+        spare = not shares.light_running and (self.beside or shares.light_waiting)
+        want = every - 1 if spare and every > 1 else every
         if want != self.threads:
             torch_threads(want)
             self.threads = want

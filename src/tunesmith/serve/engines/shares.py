@@ -50,7 +50,10 @@ class Shares:
     rules: ShareRules
     clock: object = time.monotonic
     last_seen: dict = field(default_factory=dict)  # tenant -> when it last had a row
-    light: bool = False  # the last quotas' tenants held a light one (a key waiting on a few rows of its own)
+    # after the last quotas: a light tenant (a key waiting on a few rows of its own) has rows in the step; one is
+    # present with none (between two of its requests, its next soon to come)
+    light_running: bool = False
+    light_waiting: bool = False
 
     def quotas(self, demand: dict[object, Demand]) -> dict[object, Demand]:
         """Rows each tenant may decode in the next step, interactive and background apart."""
@@ -64,7 +67,9 @@ class Shares:
         wanted = {t: Demand(d.interactive, d.background) for t, d in demand.items() if d.total}
         for tenant in self.last_seen:  # present but between requests: one row kept for it
             wanted.setdefault(tenant, Demand(1, 0))
-        self.light = any(d.total <= self.rules.light_rows for d in wanted.values())
+        light = [t for t, d in wanted.items() if d.total <= self.rules.light_rows]
+        self.light_running = any(demand.get(t, Demand()).total for t in light)
+        self.light_waiting = len(wanted) > 1 and any(not demand.get(t, Demand()).total for t in light)
         capacity = self.capacity(wanted)
         first = water_fill({t: d.interactive for t, d in wanted.items()}, capacity)
         left = capacity - sum(first.values())
