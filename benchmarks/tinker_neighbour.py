@@ -158,7 +158,11 @@ def main() -> None:
               "tinker_step": {"alone": percentiles(alone_step), "beside": percentiles(beside_step)},
               "heavy_answered": heavy.answered, "heavy_refused": heavy.refused[:3],
               "heavy_call_s": percentiles(durations(heavy.spans)) if heavy.spans else None}
+    raw = {"chat": (alone_chat, beside_chat), "tinker": (alone_tinker, beside_tinker),
+           "tinker_step": (alone_step, beside_step)}
     for what in ("chat", "tinker", "tinker_step"):
+        result[what]["latencies_s"] = {"alone": [round(x, 4) for x in raw[what][0]],
+                                       "beside": [round(x, 4) for x in raw[what][1]]}
         alone, beside = result[what]["alone"], result[what]["beside"]
         result[what]["p50_ratio"] = beside["p50_s"] / alone["p50_s"]
         result[what]["p99_ratio"] = beside["p99_s"] / alone["p99_s"]

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tunesmith.serve.engines.builtin import Engine
 from tunesmith.serve.engines.interface import GenParams
-from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, water_fill
+from tunesmith.serve.engines.shares import Anticipation, Demand, ShareRules, Shares, water_fill
 
 
 def test_water_fill_gives_each_what_it_wants_up_to_an_equal_share():
@@ -89,3 +91,82 @@ def test_the_engine_pauses_a_flood_for_a_light_tenant_and_every_answer_is_unchan
     assert shared == plain  # paused and resumed rows end exactly as they would have
     # once the other tenant's row is in, the step holds at most 2 rows (its own and 1 of the flood's)
     assert most_beside and min(most_beside) <= 2 and most_beside[-1] <= 2, most_beside
+
+
+def test_a_row_ending_at_its_first_token_is_answered_before_the_rows_in_flight_decode(tiny_model):
+    """A step that prefills after a step that decoded ends there: a one-token answer is returned without a decoding
+    step of the rows in flight; the next step decodes them, so two steps in a row never both skip it, and every
+    row's tokens are what they are alone."""
+    from tunesmith.generation import ContinuousBatch, Row
+
+    model, tok = tiny_model
+    ids = tok("my card has not arrived yet", add_special_tokens=False)["input_ids"]
+    alone = Row(ids, GenParams(8, stop_token_ids=()))
+    batch = ContinuousBatch(model, tok, max_rows=8)
+    batch.add(alone)
+    while batch.busy:
+        batch.step()
+    long = Row(ids, GenParams(8, stop_token_ids=()))
+    batch.add(long)
+    batch.step()
+    assert len(long.generated) == 2  # nothing decoded before: its prefill and a decoding step
+    batch.step()
+    assert len(long.generated) == 3
+    first = Row(ids, GenParams(1))
+    batch.add(first)
+    assert batch.step() == [first] and len(first.generated) == 1  # answered at its prefill
+    assert len(long.generated) == 3  # not decoded in that step
+    second, third = Row(ids, GenParams(1)), Row(ids, GenParams(1))
+    batch.add(second)
+    batch.step()
+    assert len(long.generated) == 4  # a prefill after a step without decoding: it decodes too
+    batch.add(third)
+    assert batch.step() == [third] and len(long.generated) == 4
+    while batch.busy:
+        batch.step()
+    assert long.generated == alone.generated and first.generated == second.generated == third.generated
+
+
+def test_anticipation_waits_only_for_a_tenant_that_came_back_quickly_last_time():
+    ahead = Anticipation(window_s=0.03)
+    ahead.ended_all("quick", 10.0)
+    assert ahead.wait_s(10.001) == 0  # never seen coming back: not waited for
+    ahead.arrived("quick", 10.010)  # back in 10 ms
+    ahead.ended_all("quick", 11.0)
+    assert ahead.wait_s(11.01) == pytest.approx(0.02)  # waited for up to 30 ms after its end
+    assert ahead.wait_s(11.05) == 0  # the window passed: the others' step starts
+    ahead.arrived("quick", 11.2)  # back late this time
+    ahead.ended_all("quick", 12.0)
+    assert ahead.wait_s(12.0) == 0
+    ahead.ended_all("slow", 13.0)
+    ahead.arrived("slow", 13.5)
+    ahead.ended_all("slow", 14.0)
+    assert ahead.wait_s(14.0) == 0
+
+
+def test_the_engine_waits_for_a_quick_tenants_next_request_before_the_others_next_step(tiny_model_dir):
+    """A tenant sending one-token requests one after another, 20 ms apart, beside another's long request: once it has
+    come back within the window, the engine waits for its next request instead of starting the other's next step, so
+    its requests take about a step each, and no step of the other's runs in its 20 ms."""
+    engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1)
+    engine.anticipation.window_s = 1.0  # wide: the test's own loop is never late for it
+    prompt = engine.text_prompt_ids("hello")
+
+    async def run():
+        long = engine.submit(engine.base_name, prompt, [GenParams(400, stop_token_ids=())], tenant="long")
+        for _ in range(3):  # known quick after its first return
+            await engine.submit(engine.base_name, prompt, [GenParams(1)], tenant="quick").results()
+        before = sum(engine.steps_by_threads.values())
+        for _ in range(6):
+            await asyncio.sleep(0.02)  # its client's way back: without waiting for it, steps of the other's run here
+            await engine.submit(engine.base_name, prompt, [GenParams(1)], tenant="quick").results()
+        steps = sum(engine.steps_by_threads.values()) - before
+        engine.anticipation.window_s = 0  # let the long request finish at full speed
+        await long.results()
+        return steps
+
+    try:
+        steps = asyncio.run(run())
+        assert steps <= 6 + 1  # each quick request one step (without waiting: a step of the other's before each)
+    finally:
+        engine.close()

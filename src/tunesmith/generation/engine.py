@@ -97,6 +97,7 @@ class ContinuousBatch:
         self.cache = None  # the batch's KV cache: one row per active row, left-padded
         self.mask = None  # [rows, columns] attention mask of the cache
         self.paused: list[_Paused] = []  # rows taken out of the steps, each group with its own cache
+        self.decoded_last = False  # the last step ran a decoding step
 
     @property
     def busy(self) -> bool:
@@ -110,14 +111,22 @@ class ContinuousBatch:
         self.waiting.append(row)
 
     def step(self) -> list[Row]:
-        """Admit and prefill waiting rows, then one decoding step for all; the rows that finished, in order."""
+        """Admit and prefill waiting rows, then one decoding step for all; the rows that finished, in order.
+        A step whose prefill follows a step that decoded the rows in flight ends after the prefill: rows that end at
+        their first token (a label, a one-word answer) are answered without waiting for a decoding step of every row
+        in flight (on a CPU as long as their own prefill), and the next step decodes them all, so two steps in a row
+        never both skip the decoding."""
         finished: list[Row] = []
+        in_flight = bool(self.active)
         self.joining = self._admit()
-        if self.joining:
+        joined = bool(self.joining)
+        if joined:
             finished += self._prefill(self.joining)
         self.joining = []
-        if self.active:
+        decode = bool(self.active) and not (joined and in_flight and self.decoded_last)
+        if decode:
             finished += self._decode_step()
+        self.decoded_last = decode
         return finished
 
     def abort(self) -> list[Row]:

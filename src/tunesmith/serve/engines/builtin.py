@@ -23,7 +23,14 @@ from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
 from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request, TokenIds
-from tunesmith.serve.engines.shares import Demand, ShareRules, Shares, default_contended_rows
+from tunesmith.serve.engines.shares import (
+    Anticipation,
+    Demand,
+    ShareRules,
+    Shares,
+    default_anticipate_s,
+    default_contended_rows,
+)
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.lanes import all_cores, torch_threads
 
@@ -48,6 +55,7 @@ class _ServedRow(Row):
     tenant: str | None = None  # the caller whose share of the batch this row counts against
     background: bool = False  # a batch's line: after every interactive row, in its tenant's share
     token_ids: bool = False  # answer with the generation's token ids too (Generation.ids)
+    arrived: float = 0.0  # time.monotonic() when it was submitted
 
     @property
     def abandoned(self) -> bool:
@@ -79,7 +87,10 @@ class Engine(InferenceEngine):
         self.lock = threading.Lock()
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
         self.line = TenantLines()  # arrived rows by tenant, not yet in the batch
-        self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(self.model.device)))
+        device = self.model.device
+        self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(device),
+                                        anticipate_s=default_anticipate_s(device)))
+        self.anticipation = Anticipation(self.shares.rules.anticipate_s)
         self.closed = False
         self.beside, self.lock_beside = 0, threading.Lock()  # work_beside holders now
         self.cores = self.threads = 0  # the loop thread's cores, and its steps' torch threads now
@@ -173,12 +184,14 @@ class Engine(InferenceEngine):
         request = Request(len(params), asyncio.get_running_loop())
         model_id = self.served_name(model_id)
         adapter = BASE if model_id == self.base_name else peft_name(model_id)
-        deadline = time.monotonic() + self.request_timeout_s
+        arrived = time.monotonic()
+        deadline = arrived + self.request_timeout_s
         for i, p in enumerate(params):
             processors = (constraint(1, len(prompt_ids)),) if constraint is not None else ()
             self.pending.put(_ServedRow(prompt_ids, p, adapter, processors, deadline=deadline, logprobs=logprobs,
                                         prompt_logprobs=prompt_logprobs, request=request, index=i, stream=stream,
-                                        tenant=tenant, background=background, token_ids=token_ids))
+                                        tenant=tenant, background=background, token_ids=token_ids,
+                                        arrived=arrived))
         return request
 
     def close(self) -> None:
@@ -200,6 +213,7 @@ class Engine(InferenceEngine):
                     finished = self.batch.step() if self.batch.busy else []
                 for row in finished:
                     self._answer(row)
+                self._note_ends(finished)
                 for row in self.batch.active:
                     if row.stream:
                         self._stream_delta(row)
@@ -220,14 +234,26 @@ class Engine(InferenceEngine):
                     row = self.pending.get()
                 elif idle:
                     row = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
-                else:
-                    row = self.pending.get_nowait()
+                else:  # rows in flight: wait only for a quick tenant's next request (Anticipation)
+                    wait = self.anticipation.wait_s(time.monotonic())
+                    row = self.pending.get(timeout=wait) if wait > 0 else self.pending.get_nowait()
             except queue.Empty:
                 break
             if row is None:  # closing
                 break
+            self.anticipation.arrived(row.tenant, row.arrived)  # when submitted, not when a step let it in
             self.line.add(row)
         self._share_out()
+
+    def _note_ends(self, finished: list[_ServedRow]) -> None:
+        """The tenants whose last row just ended (none left in the batch or in line), for :class:`Anticipation`."""
+        if not finished:
+            return
+        batch, now = self.batch, time.monotonic()
+        left = {r.tenant for rows in (batch.active, batch.waiting, batch.paused_rows) for r in rows}
+        for tenant in {r.tenant for r in finished} - left:
+            if not self.line.lines.get(tenant):
+                self.anticipation.ended_all(tenant, now)
 
     def _share_out(self) -> None:
         """Each tenant's rows for the next step, as its share allows (:mod:`tunesmith.serve.engines.shares`): its
