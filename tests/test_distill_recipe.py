@@ -75,11 +75,16 @@ def test_a_jobs_suffix_carrying_yaml_reaches_the_recipe_only_as_the_teachers_nam
         work(data_dir, once=True)
         model = c.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
         assert model and suffix in model
-        for i in range(10):  # tunesmith init needs 10 rows to train, validate and test
-            # a stop string ends the random model's answer, so that distill keeps it (answers cut by max_tokens
-            # are left out)
-            c.chat.completions.create(model=model, messages=[{"role": "user", "content": f"Where is card {i}?"}],
-                                      max_tokens=64, stop=["e", "a", "o", "i"], store=True, metadata={"task": "suffix"})
+        kept = 0
+        for i in range(40):  # tunesmith init needs 10 rows to train, validate and test
+            # a stop string ends the random model's answer, so that distill keeps it (answers cut by max_tokens,
+            # and empty ones, cut at a stop string at their start, are left out)
+            answer = c.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": f"Where is card {i}?"}], max_tokens=64,
+                stop=["e", "a", "o", "i"], store=True, metadata={"task": "suffix"}).choices[0]
+            kept += answer.finish_reason == "stop" and bool(answer.message.content)
+            if kept == 10:
+                break
         monkeypatch.setenv("K1", "k1")
         monkeypatch.chdir(tmp_path)
         out = tmp_path / "distilled.jsonl"

@@ -114,9 +114,22 @@ def test_a_distilled_file_is_written_page_by_page_as_the_selection_reads(store):
 
 def test_a_distilled_example_that_would_not_train_is_an_upload_problem(store):
     fill(store, 3)
-    store.db.execute("UPDATE stored_completions SET completion = ? WHERE id = ?", (json.dumps({
-        "id": "c000001", "model": "m", "choices": [{"message": {"role": "assistant", "content": None},
-                                                    "finish_reason": "stop"}]}), "c000001"))
+    store.db.execute("UPDATE stored_completions SET request = ? WHERE id = ?", (json.dumps({
+        "messages": [{"role": "user", "content": None}]}), "c000001"))
     body = SimpleNamespace(model=None, limit=None, created_after=None, created_before=None, drop_system_messages=False)
     made = written_file(store, "o1", body, {})
     assert made.examples == 3 and len(made.problems) == 1 and "(lines 2)" in made.problems[0], made.problems
+
+
+def test_an_empty_answer_is_left_out_of_a_distilled_file_and_counted(store):
+    """An answer with no text and no tool calls (cut at a stop string at its start) is no example a fine-tuning file
+    may hold: it is left out and counted, as an answer cut by max_tokens is, and the others make the file."""
+    fill(store, 4, cut=lambda i: i == 3)
+    for cid, content in (("c000001", None), ("c000002", "")):
+        store.db.execute("UPDATE stored_completions SET completion = ? WHERE id = ?", (json.dumps({
+            "id": cid, "model": "m", "choices": [{"message": {"role": "assistant", "content": content},
+                                                  "finish_reason": "stop"}]}), cid))
+    body = SimpleNamespace(model=None, limit=None, created_after=None, created_before=None, drop_system_messages=False)
+    made = written_file(store, "o1", body, {})
+    assert (made.selected, made.examples, made.problems) == (4, 1, [])
+    assert made.left_out == {"empty": 2, "cut_by_max_tokens": 1}

@@ -45,8 +45,8 @@ def distill(
     with client.files.with_streaming_response.content(made["id"]) as response, out.open("wb") as f:
         for block in response.iter_bytes():  # written as it arrives: 100,000 examples are never held here at once
             f.write(block)
-    common.console.print(f"{made['examples']:,} examples ({made['left_out_cut_by_max_tokens']:,} cut by max_tokens "
-                         f"left out) → {out}; on the server as {made['id']}: "
+    common.console.print(f"{made['examples']:,} examples (left out: {made['left_out_cut_by_max_tokens']:,} cut by "
+                         f"max_tokens, {made.get('left_out_empty', 0):,} empty) → {out}; on the server as {made['id']}: "
                          f"client.fine_tuning.jobs.create(training_file=\"{made['id']}\", model=...)")
     if recipe:
         teacher = next(iter(made["models"]))

@@ -312,14 +312,26 @@ def _stored(request: Request, key, completion_id: str) -> dict:
                  "completion_id")
 
 
+def left_out(row: dict) -> str | None:
+    """Why a stored completion makes no fine-tuning example, or None: ``cut_by_max_tokens`` (a fine-tune must not learn
+    to stop mid-sentence), ``empty`` (no text and no tool calls, say an answer cut at a stop string at its start: a
+    fine-tuning file may not hold it)."""
+    choice = row["completion"]["choices"][0]
+    if choice["finish_reason"] == "length":
+        return "cut_by_max_tokens"
+    message = choice["message"]
+    if not message.get("content") and not message.get("tool_calls"):
+        return "empty"
+    return None
+
+
 def training_example(row: dict, drop_system: bool = False) -> dict | None:
     """A stored completion as an OpenAI chat fine-tuning example: the request's messages and the answer (its tool
     calls included), with the request's tools; ``drop_system`` leaves out system and developer messages (a prompt
-    the fine-tune is to learn by heart). None for an answer cut by ``max_tokens``: a fine-tune must not learn to
-    stop mid-sentence."""
-    choice = row["completion"]["choices"][0]
-    if choice["finish_reason"] == "length":
+    the fine-tune is to learn by heart). None when it is :func:`left_out`."""
+    if left_out(row) is not None:
         return None
+    choice = row["completion"]["choices"][0]
     answer = {k: v for k, v in choice["message"].items() if k in ("role", "content", "tool_calls") and v is not None}
     messages = [m for m in row["request"]["messages"] if not (drop_system and m.get("role") in ("system", "developer"))]
     example = {"messages": [*messages, answer]}

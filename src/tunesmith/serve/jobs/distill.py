@@ -3,8 +3,8 @@ metadata, model and time, so that the answers a strong model gave in production 
 
 ``POST /v1/files/from_stored_completions`` (a tunesmith route; ``tunesmith distill`` calls it) writes each selected
 completion as an OpenAI chat fine-tuning example (the request's messages and tools, the answer; answers cut by
-``max_tokens`` left out, and said), checks the file like any uploaded one and returns its File object, with the
-number of examples and the models whose answers they are. The selection is read a page of rows at a time and each
+``max_tokens`` and empty answers left out, counted by reason), checks the file like any uploaded one and returns its
+File object, with the number of examples and the models whose answers they are. The selection is read a page of rows at a time and each
 example checked and written as its line, in the files lane (never on the event loop), so that memory holds one page
 whatever the selection's size; the file is kept in the store lane and counts against the key's file quotas like an
 upload.
@@ -28,7 +28,7 @@ from tunesmith.serve.api.auth import Key
 from tunesmith.serve.api.json_body import OffLoopJSON
 from tunesmith.serve.api.objects import file_object
 from tunesmith.serve.api.store_lane import stored
-from tunesmith.serve.api.stored_completions import MAX_TIME, CompletionStore, training_example
+from tunesmith.serve.api.stored_completions import MAX_TIME, CompletionStore, left_out, training_example
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.jobs.routes import kept_file
 from tunesmith.serve.store import quotas
@@ -54,8 +54,9 @@ async def file_from_stored_completions(body: DistillBody, request: Request, key:
     made = await request.app.state.lanes.files.run(key, written_file, request.app.state.store, key, body, wanted)
     try:
         if not made.examples:
-            raise APIError(400, f"no stored completion of this key matches ({made.selected} selected, {made.selected} of "
-                           "them cut by max_tokens); store answers with store: true and metadata, then select them here",
+            raise APIError(400, f"no stored completion of this key matches ({made.selected} selected, "
+                           f"{made.left_out['cut_by_max_tokens']} of them cut by max_tokens, {made.left_out['empty']} "
+                           "empty); store answers with store: true and metadata, then select them here",
                            param="metadata", code="no_stored_completions")
         await stored(request, key, quotas.check_file, request, key, made.bytes)
         if made.problems:
@@ -64,8 +65,9 @@ async def file_from_stored_completions(body: DistillBody, request: Request, key:
         kept = await stored(request, key, kept_file, request, key, body.filename, "fine-tune", made.path, None)
     finally:
         made.path.unlink(missing_ok=True)  # kept: moved into the store; refused: not kept
-    return file_object(kept) | {"examples": made.examples, "left_out_cut_by_max_tokens": made.selected - made.examples,
-                                "models": dict(made.models.most_common())}
+    return file_object(kept) | {"examples": made.examples,
+                                "left_out_cut_by_max_tokens": made.left_out["cut_by_max_tokens"],
+                                "left_out_empty": made.left_out["empty"], "models": dict(made.models.most_common())}
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Distilled:
     examples: int = 0
     bytes: int = 0
     models: Counter = field(default_factory=Counter)
+    left_out: Counter = field(default_factory=Counter)  # by reason (stored_completions.left_out)
     problems: list[str] = field(default_factory=list)
 
 
@@ -94,6 +97,10 @@ def written_file(store, key, body: DistillBody, metadata: dict[str, str]) -> Dis
             for row in rows:
                 made.selected += 1
                 made.models[row["model"]] += 1
+                why = left_out(row)
+                if why is not None:
+                    made.left_out[why] += 1
+                    continue
                 example = training_example(row, body.drop_system_messages)
                 if example is not None:
                     made.examples += 1
