@@ -88,9 +88,8 @@ class Engine(InferenceEngine):
         self.pending: queue.Queue[_ServedRow | None] = queue.Queue()
         self.line = TenantLines()  # arrived rows by tenant, not yet in the batch
         device = self.model.device
-        self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(device),
-                                        anticipate_s=default_anticipate_s(device)))
-        self.anticipation = Anticipation(self.shares.rules.anticipate_s)
+        self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(device)))
+        self.anticipation = Anticipation(default_anticipate_s(device))
         self.closed = False
         self.beside, self.lock_beside = 0, threading.Lock()  # work_beside holders now
         self.cores = self.threads = 0  # the loop thread's cores, and its steps' torch threads now

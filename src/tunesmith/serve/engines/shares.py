@@ -32,7 +32,6 @@ class ShareRules:
     contended_rows: int  # the step's rows while a light tenant is present (at least one per tenant)
     light_rows: int = 2  # a tenant wanting at most this many rows is light
     grace_s: float = 0.5  # a tenant stays present this long after its last row ended
-    anticipate_s: float = 0.0  # a tenant that came back this soon last time is waited for this long (Anticipation)
 
 
 @dataclass
@@ -107,14 +106,19 @@ def default_contended_rows(device) -> int:
     """The step's rows while a light tenant shares the engine: on a CPU a step's cost grows with its rows
     (docs/benchmarks.md, "Noisy neighbours"), so few; on an accelerator, where a few more rows cost next to
     nothing, no cap."""
-    return CPU_CONTENDED_ROWS if getattr(device, "type", str(device)) == "cpu" else 1 << 30
+    return CPU_CONTENDED_ROWS if _on_cpu(device) else 1 << 30
 
 
 def default_anticipate_s(device) -> float:
     """How long the engine waits for a quick tenant's next request (:class:`Anticipation`): on a CPU, where one
     decoding step of a single row takes 0.06-0.1 s, :data:`CPU_ANTICIPATE_S`; on an accelerator, where a step is
     shorter than a client's way back, not at all."""
-    return CPU_ANTICIPATE_S if getattr(device, "type", str(device)) == "cpu" else 0.0
+    return CPU_ANTICIPATE_S if _on_cpu(device) else 0.0
+
+
+def _on_cpu(device) -> bool:
+    """Whether ``device`` (a torch device or its name) is the CPU."""
+    return getattr(device, "type", str(device)) == "cpu"
 
 
 @dataclass

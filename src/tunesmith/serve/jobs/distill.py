@@ -4,10 +4,10 @@ metadata, model and time, so that the answers a strong model gave in production 
 ``POST /v1/files/from_stored_completions`` (a tunesmith route; ``tunesmith distill`` calls it) writes each selected
 completion as an OpenAI chat fine-tuning example (the request's messages and tools, the answer; answers cut by
 ``max_tokens`` and empty answers left out, counted by reason), checks the file like any uploaded one and returns its
-File object, with the number of examples and the models whose answers they are. The selection is read a page of rows at a time and each
-example checked and written as its line, in the files lane (never on the event loop), so that memory holds one page
-whatever the selection's size; the file is kept in the store lane and counts against the key's file quotas like an
-upload.
+File object, with the number of examples and the models whose answers they are. The selection is read a page of rows
+at a time and each example checked and written as its line, in the files lane (never on the event loop), so that
+memory holds one page whatever the selection's size; the file is kept in the store lane and counts against the key's
+file quotas like an upload.
 """
 
 from __future__ import annotations
@@ -102,11 +102,10 @@ def written_file(store, key, body: DistillBody, metadata: dict[str, str]) -> Dis
                     made.left_out[why] += 1
                     continue
                 example = training_example(row, body.drop_system_messages)
-                if example is not None:
-                    made.examples += 1
-                    for kind in check_example(example):
-                        checks.error(kind, made.examples)
-                    out.write(json.dumps(example, ensure_ascii=False) + "\n")
+                made.examples += 1
+                for kind in check_example(example):
+                    checks.error(kind, made.examples)
+                out.write(json.dumps(example, ensure_ascii=False) + "\n")
     except BaseException:
         made.path.unlink(missing_ok=True)
         raise
