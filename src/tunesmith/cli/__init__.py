@@ -272,6 +272,10 @@ def serve(
     tinker_fused_steps: Annotated[bool, typer.Option(help="Tinker API: several keys' forward_backward calls waiting "
                                                      "together run as one step on the base (slower on a CPU: "
                                                      "docs/benchmarks.md).")] = False,
+    tinker_autosave: Annotated[float, typer.Option(min=0, help="Tinker API with replicas: seconds between the "
+                                                   "states a run's replica saves on its own after an optim_step "
+                                                   "(another replica resumes from the newest should it stop; 0: "
+                                                   "after every step).")] = 60.0,
     batch_concurrency: Annotated[int | None, typer.Option(min=1, help="A batch's requests in flight at once "
                                                           "[default: half of --max-batch; 128 on vLLM].")] = None,
     requests_per_key: Annotated[int | None, typer.Option(min=1, help="Most inference requests of one API key in "
@@ -332,7 +336,7 @@ def serve(
                              max_upload_mb=max_upload_mb,
                              key_limits=KeyLimits(requests_per_key, tokens_per_minute_per_key),
                              batch_concurrency=batch_concurrency, quotas=Quotas.parse(quota or []),
-                             tinker_fused_steps=tinker_fused_steps)
+                             tinker_fused_steps=tinker_fused_steps, tinker_autosave_s=tinker_autosave)
     serve_platform(settings, host, port, say=common.console.print, jobs_per_key=jobs_per_key, executor=executor,
                   ray_address=ray_address, jobs_engine=jobs_engine)
 

@@ -49,6 +49,9 @@ class ServeSettings:
     # the Tinker API: several keys' forward_backward calls waiting together run as one step (peft's mixed-adapter
     # batch); off: each call takes its turn (measured faster on a CPU, docs/benchmarks.md)
     tinker_fused_steps: bool = False
+    # the Tinker API with replicas: a run's state saved on its own after an optim_step this often (seconds), what
+    # another replica resumes from should its holder stop (tunesmith.serve.tinker.commands)
+    tinker_autosave_s: float = 60.0
 
     @property
     def vllm_dir(self) -> Path:

@@ -273,4 +273,12 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     # what a claimed row's work has become is a status of its own, no longer a holder in claimed_by with an endless
     # lease (tunesmith.serve.store.claims): a batch run by its chunks, a batch's finishing over
     ("0068_claim_statuses", claim_statuses),
+    # the Tinker API's per-run command log: a training call taken by any replica, applied in the SDK's seq_id order by
+    # the replica that holds the run (its future's id in rid; a forward_backward's body a file on the shared folder)
+    ("0069_tinker_commands", """
+        CREATE TABLE tinker_commands (
+            run_id TEXT NOT NULL, seq INTEGER NOT NULL, rid TEXT NOT NULL, owner TEXT, kind TEXT NOT NULL,
+            args TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run_id, seq)
+        )"""),
+    ("0070_tinker_commands_by_rid", "CREATE INDEX tinker_commands_by_rid ON tinker_commands (rid)"),
 ]

@@ -22,6 +22,7 @@ from tunesmith.serve.tinker.store import NAME, RUN_ID, checkpoint_path, parse_pa
 
 log = logging.getLogger("tunesmith.serve")
 NAME_CHARS = 128  # a checkpoint's name
+AUTOSAVE = "autosave"  # the training state the server saves on its own (tunesmith.serve.tinker.commands)
 
 
 def check_name(name: str) -> str:
@@ -99,11 +100,15 @@ class Checkpoints:
         return len(gone)
 
     def save(self, owner, run_id: str, name: str | None, kind: str, overwrite: bool, metadata,
-             ttl_s: int | None = None) -> dict:
+             ttl_s: int | None = None, own: bool = False) -> dict:
         """The run's weights as a checkpoint: ``weights`` (adapter and optimizer: a training state) or
         ``sampler_weights`` (the adapter: sampled from, and a model of the key on the OpenAI API); gone after
-        ``ttl_s`` seconds when given (the SDK's ``ttl_seconds``)."""
+        ``ttl_s`` seconds when given (the SDK's ``ttl_seconds``). ``own``: the server's own save (the only one that
+        may name a state :data:`AUTOSAVE`)."""
         self.run_of(owner, run_id)
+        if name == AUTOSAVE and kind == "weights" and not own:
+            raise TrainingError(f"path: the state name {AUTOSAVE!r} is the server's own (it saves each run's state "
+                                "there on its own); choose another name")
         if ttl_s is not None and not 3600 <= ttl_s <= 10 * 365 * 86400:
             raise TrainingError(f"ttl_seconds must be 3600 (an hour) to 315360000 (ten years), got {ttl_s}")
         self.sweep()
@@ -152,12 +157,15 @@ class Checkpoints:
                                 "tinker_checkpoint_bytes); delete some (RestClient.delete_checkpoint)")
 
     def load(self, owner, run_id: str, path: str, optimizer: bool) -> dict:
-        """A saved state (or sampler weights, without the optimizer) loaded into the run."""
-        self.run_of(owner, run_id)
+        """A saved state (or sampler weights, without the optimizer) loaded into the run: also where a run taken
+        over from its last save resumes (:mod:`tunesmith.serve.tinker.commands`)."""
+        self.run_of(owner, run_id, loads=True)
         ckpt = self.checkpoint(owner, path)
         if optimizer and ckpt["kind"] != "training":
             raise TrainingError(f"{path} holds sampler weights only; load it without the optimizer")
         self.trainer.load_state(run_id, Path(ckpt["folder"]), optimizer)
+        self.resume.pop(run_id, None)
+        self.autosave(owner, run_id, force=True)
         return {"type": "load_weights", "path": path, "model_id": run_id}
 
     def create_from(self, owner, session_id: str, seq: int, path: str, optimizer: bool, base_model: str | None,

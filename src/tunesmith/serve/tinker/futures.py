@@ -84,10 +84,10 @@ class Futures:
         self.running: Pending | None = None  # the call whose turn runs now (its thread: the lane's)
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def submit(self, owner: str | None, kind: str, fn, *args, fusable: bool = False) -> str:
+    def submit(self, owner: str | None, kind: str, fn, *args, fusable: bool = False, rid: str | None = None) -> str:
         """``fn(*args)`` queued in the lane as ``owner``'s work (``fusable``: a forward_backward, whose ``args`` may
-        join a step of several keys); its request id."""
-        pending = self._new(owner, kind, fusable=args if fusable else None, call=(fn, args))
+        join a step of several keys); its request id (``rid``: a logged call's, its row in the store already)."""
+        pending = self._new(owner, kind, rid, fusable=args if fusable else None, call=(fn, args))
         with self.guard:
             self.waiting.setdefault(owner, deque()).append(pending)
         pending.task = asyncio.ensure_future(self._run(pending, fn, args))
@@ -97,19 +97,20 @@ class Futures:
         """``await work()`` run now on the event loop as ``owner``'s call, outside the lane: a sample, whose rows the
         inference engine shares among keys itself, and which changes nothing a key's training calls read (so it need
         not wait for them); its request id."""
-        pending = self._new(owner, kind)
+        pending = self._new(owner, kind, None)
         pending.task = asyncio.ensure_future(self._awaited(pending, work))
         return pending.rid
 
-    def _new(self, owner: str | None, kind: str, **fields) -> Pending:
-        """A new future of ``owner``'s, or a 429 when the key has :data:`PENDING_PER_KEY` waiting here."""
+    def _new(self, owner: str | None, kind: str, rid: str | None, **fields) -> Pending:
+        """A new future of ``owner``'s, or a 429 when the key has :data:`PENDING_PER_KEY` waiting here (a logged
+        call's, ``rid``, was counted in the store when it was logged)."""
         self._prune()
         self.loop = asyncio.get_running_loop()
         waiting = sum(1 for p in self.items.values() if p.owner == owner and not p.done.is_set())
-        if waiting >= PENDING_PER_KEY:
+        if rid is None and waiting >= PENDING_PER_KEY:
             raise APIError(429, f"This API key has {waiting} Tinker calls waiting (at most {PENDING_PER_KEY}); retry "
                            "shortly.", type_="requests", code="rate_limit_exceeded", headers={"retry-after": "1"})
-        rid = new_id("req")
+        rid = rid or new_id("req")
         self.items[rid] = Pending(owner, kind, rid=rid, **fields)
         return self.items[rid]
 
@@ -281,14 +282,14 @@ class Shared:
         self.pruned = 0.0
         self.writes: set[asyncio.Task] = set()
 
-    def _present(self):
+    def present(self):
         if self.presence is None or self.presence.lost.is_set():
             self.presence = self.store.present(self.holder)
         return self.presence
 
     async def add(self, rid: str, pending: Pending) -> None:
         await self.lane.run(pending.owner, lambda: self.store.add_future(rid, pending.owner, pending.kind,
-                                                                         self._present()), always=True)
+                                                                         self.present()), always=True)
 
     def end(self, pending: Pending) -> None:
         task = asyncio.ensure_future(self.lane.run(pending.owner, self._write_end, pending, always=True))
@@ -311,7 +312,7 @@ class Shared:
             staging.write_bytes(data)
             staging.replace(path)
             file = str(path)
-        self.store.end_future(pending.rid, pending.owner, pending.kind, self._present(), pending.error, kind, file)
+        self.store.end_future(pending.rid, pending.owner, pending.kind, self.present(), pending.error, kind, file)
 
     async def retrieve(self, rid: str, owner: str | None) -> Pending | None:
         """A future another replica took: its end read from the store within :data:`POLL_S` (None: still running);
@@ -324,7 +325,7 @@ class Shared:
                                f"{KEPT_S:.0f} s after they end).", code="not_found")
             if row["ended_at"] is not None:
                 return await self.lane.run(owner, self._read_end, row)
-            if row["holder_gone"]:
+            if row["holder_gone"] and not row["logged"]:  # a logged call is answered by the run's taker
                 return Pending(owner, row["kind"], error=(
                     f"The replica that took this {row['kind']} stopped before answering it; call again (a training "
                     "call: from the run's last saved state, create_training_client_from_state_with_optimizer).",
@@ -351,6 +352,7 @@ class Shared:
             for row in gone:
                 if row["answer_file"]:
                     Path(row["answer_file"]).unlink(missing_ok=True)
+                (self.folder.parent / "commands" / row["id"]).unlink(missing_ok=True)  # a body never read
             self.store.forget_futures([r["id"] for r in gone])
 
         task = asyncio.ensure_future(self.lane.run(None, pruned, always=True))

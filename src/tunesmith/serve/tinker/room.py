@@ -27,6 +27,7 @@ async def start(app: FastAPI) -> Stop:
     from tunesmith.serve.tinker.service import Tinker
 
     app.state.tinker = tinker = Tinker(app)
+    tinker.start()
     return tinker.close
 
 

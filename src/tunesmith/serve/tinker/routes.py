@@ -24,7 +24,7 @@ from tunesmith.serve.store import new_id
 from tunesmith.serve.tinker import bodies, sampling, wire
 from tunesmith.serve.tinker.losses import TrainingError
 from tunesmith.serve.tinker.service import Tinker
-from tunesmith.serve.tinker.store import RUN_ID, run_name, run_session
+from tunesmith.serve.tinker.store import RUN_ID, run_name
 
 log = logging.getLogger("tunesmith.serve")
 router = APIRouter(prefix="/api/v1", route_class=OffLoopJSON)
@@ -81,6 +81,18 @@ async def future(request: Request, key, kind: str, fn, *args, model_id: str | No
     rid = futures.submit(key, kind, fn, *args, fusable=fusable)
     await futures.recorded(rid)
     return {"request_id": rid, "model_id": model_id}
+
+
+async def command(request: Request, key, kind: str, value: str, seq: int | None, *args, body: bytes | None = None):
+    """A call on the key's run ``value`` (checked as the key's first): with replicas, written to the run's command log
+    and applied by the replica holding the run, in the SDK's ``seq_id`` order (:mod:`tunesmith.serve.tinker.commands`);
+    on one server, queued here."""
+    t = tinker(request)
+    run_id = await own_run(request, key, value)
+    if t.commands is not None:
+        return {"request_id": await t.commands.log(key, run_id, seq, kind, list(args), body), "model_id": run_id}
+    fn, call = t.call_of(kind, key, run_id, list(args), body)
+    return await future(request, key, kind, fn, *call, model_id=run_id, fusable=kind == "forward_backward")
 
 
 # --- the service ---------------------------------------------------------------------------------------------------
@@ -175,8 +187,8 @@ async def forward_backward(request: Request, key: TinkerKey):
         raise APIError(400, "Send forward_backward uncompressed (this server's client config says so).",
                        code="unsupported_encoding")
     body = await request.body()
-    t = tinker(request)
-    return await future(request, key, "forward_backward", t.forward_backward, key, body, True, fusable=True)
+    run_id, seq = wire.run_and_seq(body)
+    return await command(request, key, "forward_backward", run_id, seq, body=body)
 
 
 @router.post("/optim_step")
@@ -185,35 +197,21 @@ async def optim_step(request: Request, key: TinkerKey):
     if body.optimizer_params is not None:
         raise APIError(400, "optimizer_params (a non-Adam optimizer) is not supported here; send adam_params",
                        param="optimizer_params", code="unsupported_value")
-    t = tinker(request)
-    run_id = await own_run(request, key, body.model_id)
-    return await future(request, key, "optim_step", t.optim_step, key, run_id, body.adam_params.model_dump(),
-                        model_id=run_id)
+    return await command(request, key, "optim_step", body.model_id, body.seq_id, body.adam_params.model_dump())
 
 
 @router.post("/save_weights")
 async def save_weights(request: Request, key: TinkerKey):
     body = await body_of(request, bodies.SaveWeights)
-    t = tinker(request)
-    run_id = await own_run(request, key, body.model_id)
-    return await future(request, key, "save_weights", t.save, key, run_id, body.path, "weights", body.overwrite,
-                        body.user_metadata, body.ttl_seconds, model_id=run_id)
+    return await command(request, key, "save_weights", body.model_id, body.seq_id, body.path, body.overwrite,
+                         body.user_metadata, body.ttl_seconds)
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(request: Request, key: TinkerKey):
     body = await body_of(request, bodies.SaveWeightsForSampler)
-    t = tinker(request)
-    run_id = await own_run(request, key, body.model_id)
-
-    def saved() -> dict:
-        answer = t.save(key, run_id, body.path, "sampler_weights", False, body.user_metadata, body.ttl_seconds)
-        if body.path is None:  # save_weights_and_get_sampling_client: a session to sample these weights
-            session = t.sampling_session(key, run_session(run_id), None, answer["path"])
-            answer |= {"sampling_session_id": session["sampling_session_id"]}
-        return answer | {"type": "save_weights_for_sampler"}
-
-    return await future(request, key, "save_weights_for_sampler", saved, model_id=run_id)
+    return await command(request, key, "save_weights_for_sampler", body.model_id, body.seq_id, body.path,
+                         body.user_metadata, body.ttl_seconds)
 
 
 @router.post("/load_weights")
@@ -232,8 +230,7 @@ async def load_weights(request: Request, key: TinkerKey):
     if body.model_id is None:
         raise APIError(400, "Missing field 'model_id' (or session_id and model_seq_id).", param="model_id",
                        code="missing_required_parameter")
-    run_id = await own_run(request, key, body.model_id)
-    return await future(request, key, "load_weights", t.load, key, run_id, body.path, body.optimizer, model_id=run_id)
+    return await command(request, key, "load_weights", body.model_id, body.seq_id, body.path, body.optimizer)
 
 
 # --- sampling ------------------------------------------------------------------------------------------------------

@@ -17,11 +17,12 @@ from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
 from tunesmith.serve.tinker import wire
-from tunesmith.serve.tinker.checkpoints import Checkpoints
+from tunesmith.serve.tinker.checkpoints import AUTOSAVE, Checkpoints
+from tunesmith.serve.tinker.commands import Commands
 from tunesmith.serve.tinker.futures import Futures, Shared
 from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
 from tunesmith.serve.tinker.pace import Pace
-from tunesmith.serve.tinker.store import SESSION_ID, TinkerStore, run_name, run_session
+from tunesmith.serve.tinker.store import SESSION_ID, TinkerStore, checkpoint_path, run_name, run_session
 from tunesmith.serve.tinker.trainer import Call, Trainer
 
 log = logging.getLogger("tunesmith.serve")
@@ -66,9 +67,21 @@ class Tinker(Checkpoints):
         self.max_tokens = settings.max_tokens
         self.call_seconds = float(settings.request_timeout_s)
         self.pace = Pace()
+        # with replicas: every run's calls go through the store's command log to the run's holder
+        self.commands = None if shared is None else Commands(self, shared)
+        self.autosave_s = float(settings.tinker_autosave_s)
+        self.saved: dict[str, float] = {}  # run id held here -> when its state was last saved on its own
+        self.resume: dict[str, str] = {}  # run id taken over here -> what its calls are told until a state is loaded
+
+    def start(self) -> None:
+        """On the event loop, at the room's start: the command log's loop (with replicas)."""
+        if self.commands is not None:
+            self.commands.start()
 
     def close(self) -> None:
-        """Every run held here let go (its row free again; its clients load their last saved state)."""
+        """Every run held here let go (its row free again: another replica takes it over at its next call)."""
+        if self.commands is not None:
+            self.commands.close()
         for run_id, claim in list(self.claims.items()):
             self.store.base.claims.let_go(claim)
             self.claims.pop(run_id, None)
@@ -105,10 +118,8 @@ class Tinker(Checkpoints):
                                 "layers other than the output layer; create the training client with "
                                 "train_unembed=False")
         run_id = run_name(session_id, seq)
-        if self.store.get_run(run_id, owner) is not None:
-            if run_id in self.claims:
-                return {"model_id": run_id, "type": "create_model"}  # the SDK's retry of a call that was answered
-            raise TrainingError(f"training run {run_id!r} exists; create a training client in a new session")
+        if self.store.get_run(run_id, owner) is not None:  # the SDK's retry of a call that was answered (anywhere)
+            return {"model_id": run_id, "type": "create_model"}
         self.let_go_idle()
         held = sum(1 for o in self.owners.values() if o == owner)
         if self.quotas.tinker_runs is not None and held >= self.quotas.tinker_runs:
@@ -124,6 +135,7 @@ class Tinker(Checkpoints):
             raise
         self.owners[run_id], self.used[run_id] = owner, time.monotonic()
         self._hold(run_id, claim)
+        self.autosave(owner, run_id, force=True)
         return {"model_id": run_id, "type": "create_model"}
 
     def _hold(self, run_id: str, claim: Claim) -> None:
@@ -134,6 +146,8 @@ class Tinker(Checkpoints):
         self.claims.pop(run_id, None)
         self.owners.pop(run_id, None)
         self.used.pop(run_id, None)
+        self.saved.pop(run_id, None)
+        self.resume.pop(run_id, None)
         self.trainer.drop(run_id)
 
     def let_go(self, run_id: str) -> None:
@@ -192,15 +206,79 @@ class Tinker(Checkpoints):
             raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
         return run
 
-    def run_of(self, owner, run_id: str) -> dict:
-        """The run ``run_id`` of ``owner``, held here; a TrainingError saying why not."""
+    def run_of(self, owner, run_id: str, loads: bool = False) -> dict:
+        """The run ``run_id`` of ``owner``, held here; a TrainingError saying why not, or, for a run taken over here,
+        where to resume from until a call that ``loads`` a state."""
         run = self.run(owner, run_id)
         if run_id not in self.claims or run_id not in self.trainer.runs:
             raise TrainingError(f"training run {run_id!r} is not held by this replica (the replica that held it "
                                 "stopped, it was idle an hour, or its session was closed); create a training client "
                                 "from its last saved state")
+        if run_id in self.resume and not loads:
+            raise TrainingError(self.resume[run_id])
         self.used[run_id] = time.monotonic()
         return run
+
+    # --- the command log (replicas) ------------------------------------------------------------------------
+
+    def call_of(self, kind: str, owner, run_id: str, args: list, body: bytes | None) -> tuple:
+        """What a run's call of ``kind`` runs, and its arguments (a forward_backward's: its body)."""
+        if kind == "forward_backward":
+            return self.forward_backward, (owner, body, True)
+        fn = {"optim_step": self.optim_step, "save_weights": self.save_weights,
+              "save_weights_for_sampler": self.save_for_sampler, "load_weights": self.load}[kind]
+        return fn, (owner, run_id, *args)
+
+    def autosave(self, owner, run_id: str, force: bool = False) -> None:
+        """With replicas: the run's state saved as its ``autosave`` checkpoint when ``force`` or when the last such
+        save is ``--tinker-autosave`` seconds old (what another replica resumes from should this one stop). A save
+        that fails is said in the log; the call that asked goes on."""
+        now = time.monotonic()
+        if self.commands is None or (not force and now - self.saved.get(run_id, -1e18) < self.autosave_s):
+            return
+        try:
+            self.save(owner, run_id, AUTOSAVE, "weights", True, {"step": str(self.trainer.runs[run_id].steps)},
+                      own=True)
+            self.saved[run_id] = now
+        except (TrainingError, APIError, OSError) as exc:
+            log.warning("Tinker run %s: its state was not saved on its own: %s", run_id, exc)
+
+    def take_over(self, run_id: str, owner) -> bool:
+        """A run nobody holds with calls waiting: its claim taken, its ``autosave`` state loaded, and its calls told
+        to resume from that step until one loads a state; False when another replica took it first."""
+        run = self.store.get_run(run_id, owner)
+        if run is None or run_id in self.claims:
+            return False
+        claim = self.store.base.claims.acquire("tinker_runs", run_id, self.worker)
+        if claim is None:
+            return False
+        path = checkpoint_path(run_id, "weights", AUTOSAVE)
+        try:
+            lora = run["lora"]
+            self.check_run_memory(owner, lora)
+            self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), *targets_of(lora))
+            saved = self.store.checkpoint(path, owner)
+            if saved is not None and Path(saved["folder"]).is_dir():
+                self.trainer.load_state(run_id, Path(saved["folder"]), True)
+            else:
+                path = None
+        except BaseException:
+            self.trainer.drop(run_id)
+            self.store.base.claims.let_go(claim)
+            raise
+        step = self.trainer.runs[run_id].steps
+        self.owners[run_id], self.used[run_id], self.saved[run_id] = owner, time.monotonic(), time.monotonic()
+        self._hold(run_id, claim)
+        where = (f"its state saved after step {step} ({path})" if path else
+                 "a new LoRA, as nothing of it was saved (the key's checkpoint quota was full)")
+        load = (f"create a training client from that state (create_training_client_from_state_with_optimizer("
+                f"{path!r}), or load it on this one) and go on from step {step}" if path else
+                "create a training client from a state you saved, or load one on this client")
+        self.resume[run_id] = (f"training run {run_id}: the replica that held it stopped or let it go, and another "
+                               f"took it over from {where}; this call and any after that state were not applied: "
+                               f"{load}")
+        log.warning("Tinker run %s taken over here at step %d", run_id, step)
+        return True
 
     def info(self, owner, run_id: str) -> dict:
         run = self.run(owner, run_id)
@@ -243,8 +321,11 @@ class Tinker(Checkpoints):
                     answers[i] = exc
         return answers
 
-    def _call(self, owner, body: bytes, backward: bool) -> Call:
+    def _call(self, owner, body: bytes | None, backward: bool) -> Call:
         """One forward_backward request read and checked (its run held here, its size, its loss and inputs)."""
+        if body is None:
+            raise TrainingError("this forward_backward's data was lost before the replica holding its run read it "
+                                "(its data folder is not shared?); send it again")
         request = wire.read_forward_backward(body)
         self.run_of(owner, request.model_id)
         tokens = sum(len(d.tokens) for d in request.data)
@@ -274,7 +355,23 @@ class Tinker(Checkpoints):
 
     def optim_step(self, owner, run_id: str, adam: dict) -> dict:
         self.run_of(owner, run_id)
-        return {"type": "optim_step", "metrics": self.trainer.optim_step(run_id, adam)}
+        metrics = self.trainer.optim_step(run_id, adam)
+        self.autosave(owner, run_id)
+        return {"type": "optim_step", "metrics": metrics}
+
+    def save_weights(self, owner, run_id: str, name: str | None, overwrite: bool, metadata,
+                     ttl_s: int | None) -> dict:
+        """A training state the client saves (``save_state``)."""
+        return self.save(owner, run_id, name, "weights", overwrite, metadata, ttl_s)
+
+    def save_for_sampler(self, owner, run_id: str, name: str | None, metadata, ttl_s: int | None) -> dict:
+        """Sampler weights the client saves; without a name (``save_weights_and_get_sampling_client``), with a
+        sampling session of them."""
+        answer = self.save(owner, run_id, name, "sampler_weights", False, metadata, ttl_s)
+        if name is None:
+            session = self.sampling_session(owner, run_session(run_id), None, answer["path"])
+            answer |= {"sampling_session_id": session["sampling_session_id"]}
+        return answer | {"type": "save_weights_for_sampler"}
 
     # --- sampling ----------------------------------------------------------------------------------------------
 

@@ -221,8 +221,10 @@ class TinkerStore:
 
     def future(self, rid: str, owner: str | None) -> dict | None:
         """A future of ``owner``'s, with ``holder_gone`` true when the replica that took it stopped (its presence's
-        lease ran out, or it started again) before its end."""
-        row = self.db.execute(f"SELECT f.*, ({free('r')} OR r.generation <> f.holder_generation) AS holder_gone FROM "
+        lease ran out, or it started again) before its end, and ``logged`` true for a call of a run's command log
+        (answered by whichever replica holds the run, or takes it over)."""
+        row = self.db.execute(f"SELECT f.*, ({free('r')} OR r.generation <> f.holder_generation) AS holder_gone, "
+                              "EXISTS (SELECT 1 FROM tinker_commands c WHERE c.rid = f.id) AS logged FROM "
                               "tinker_futures f LEFT JOIN tinker_replicas r ON r.id = f.holder WHERE f.id = ? AND "
                               "f.owner IS ?", (rid, owner)).fetchone()
         return None if row is None else dict(row)
@@ -235,12 +237,59 @@ class TinkerStore:
     def forget_futures(self, rids: list[str]) -> None:
         if rids:
             with self.lock:
-                self.db.execute(f"DELETE FROM tinker_futures WHERE id IN ({', '.join('?' * len(rids))})", tuple(rids))
+                marks = ", ".join("?" * len(rids))
+            self.db.execute(f"DELETE FROM tinker_futures WHERE id IN ({marks})", tuple(rids))
+            self.db.execute(f"DELETE FROM tinker_commands WHERE rid IN ({marks})", tuple(rids))
+
+    # --- the command log ---
+
+    def log_command(self, run_id: str, seq: int | None, rid: str, owner: str | None, kind: str, args: dict,
+                    presence: Claim, most: int) -> str:
+        """A run's call written to its command log with its future's row, in one transaction: the id of the future
+        that answers it (an earlier one's when ``seq`` was logged already: the SDK's retry). ``seq`` None: the next
+        after the run's last. A :class:`TooManyCommands` when ``owner`` has ``most`` logged calls not answered yet."""
+        with self.db.transaction():
+            self.db.serialize(f"tinker_commands:{run_id}")
+            if seq is None:
+                seq = int(self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM tinker_commands WHERE run_id = ?",
+                                          (run_id,)).fetchone()[0])
+            row = self.db.execute("SELECT rid FROM tinker_commands WHERE run_id = ? AND seq = ?",
+                                  (run_id, seq)).fetchone()
+            if row is not None:
+                return row["rid"]
+            waiting = int(self.db.execute("SELECT COUNT(*) FROM tinker_commands c JOIN tinker_futures f ON f.id = "
+                                          "c.rid WHERE c.owner IS ? AND f.ended_at IS NULL", (owner,)).fetchone()[0])
+            if waiting >= most:
+                raise TooManyCommands(waiting)
+            self.db.execute("INSERT INTO tinker_commands (run_id, seq, rid, owner, kind, args, created_at) VALUES "
+                            "(?, ?, ?, ?, ?, ?, ?)", (run_id, seq, rid, owner, kind, json.dumps(args), time.time()))
+            self.add_future(rid, owner, kind, presence)
+        return rid
+
+    def logged(self, run_ids: list[str]) -> list[dict]:
+        """The calls of runs ``run_ids`` not answered yet, each run's in seq order."""
+        if not run_ids:
+            return []
+        rows = self.db.execute(f"SELECT c.run_id, c.seq, c.rid, c.owner, c.kind, c.args FROM tinker_commands c JOIN "
+                               f"tinker_futures f ON f.id = c.rid WHERE c.run_id IN ({', '.join('?' * len(run_ids))}) "
+                               "AND f.ended_at IS NULL ORDER BY c.run_id, c.seq", tuple(run_ids)).fetchall()
+        return [dict(r) | {"args": json.loads(r["args"])} for r in rows]
+
+    def orphaned(self, limit: int = 100) -> list[dict]:
+        """Runs with calls waiting in their log that nobody holds (their replica stopped, or let them go): their id
+        and key."""
+        return [dict(r) for r in self.db.execute(
+            f"SELECT DISTINCT r.id, r.owner FROM tinker_commands c JOIN tinker_futures f ON f.id = c.rid JOIN "
+            f"tinker_runs r ON r.id = c.run_id WHERE f.ended_at IS NULL AND {free('r')} LIMIT ?", (limit,)).fetchall()]
 
     def delete_checkpoint(self, path: str, owner: str | None) -> bool:
         with self.lock:
             return self.db.execute("DELETE FROM tinker_checkpoints WHERE path = ? AND owner IS ?",
                                    (path, owner)).rowcount > 0
+
+
+class TooManyCommands(Exception):
+    """A key has too many logged calls not answered yet (their count in ``args[0]``)."""
 
 
 def _run(row) -> dict | None:

@@ -182,6 +182,20 @@ def _span(raw: bytes, where: str) -> Span:
     return Span(sampled, sequence_id, offset, length)
 
 
+def run_and_seq(body: bytes) -> tuple[str, int | None]:
+    """A ``ForwardBackwardRequest``'s ``model_id`` and ``seq_id`` (None when unset), its data left unread: what its
+    route needs to log the call for the run's holder."""
+    f = fields(body, "ForwardBackwardRequest")
+    try:
+        model_id = _text(f.get(1))
+    except UnicodeDecodeError:
+        raise WireError("ForwardBackwardRequest.model_id is not UTF-8 text") from None
+    seq = (f.get(2) or [None])[-1]
+    if seq is not None and not (isinstance(seq, int) and seq < 2**31):
+        raise WireError("ForwardBackwardRequest.seq_id must be a number below 2**31")
+    return model_id, seq
+
+
 def read_forward_backward(body: bytes) -> ForwardBackward:
     """A ``ForwardBackwardRequest`` (the body of /api/v1/forward and /api/v1/forward_backward)."""
     f = fields(body, "ForwardBackwardRequest")
