@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from .test_serve_replicas_kill import replica
+from .test_serve_replicas_kill import replica, wait_for
 from .test_tinker_api import datum, example, rl_datum
 
 KEYS = ("key-a", "key-b")
@@ -171,6 +171,15 @@ def round_robin(upstreams: list[str]):
         client.close()
 
 
+def held_runs(database: str, session: str) -> list[str]:
+    """The runs of a client session some replica holds."""
+    import psycopg
+
+    with psycopg.connect(database) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM tinker_runs WHERE id LIKE %s AND claimed_by IS NOT NULL",
+                                           (session + ":train:%",)).fetchall()]
+
+
 def holder_pid(database: str, run_id: str) -> int:
     """The pid of the replica whose claim holds the run (a claim's holder is host:pid:random)."""
     import psycopg
@@ -246,3 +255,6 @@ def test_the_sdks_loop_through_a_round_robin_of_two_replicas_trains_and_survives
             training.load_state_with_optimizer(path).result()  # the killed run, loaded, takes calls again
             assert training.forward(batch, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(before,
                                                                                                         abs=1e-4)
+        # the client closed (through either replica): its runs let go wherever they are held
+        wait_for(lambda: held_runs(database, training.model_id.partition(":train:")[0]) == [], 10,
+                 "the closed session's runs let go")

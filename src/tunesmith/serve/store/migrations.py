@@ -278,7 +278,7 @@ MIGRATIONS: list[tuple[str, Migration]] = [
     ("0069_tinker_commands", """
         CREATE TABLE tinker_commands (
             run_id TEXT NOT NULL, seq INTEGER NOT NULL, rid TEXT NOT NULL, owner TEXT, kind TEXT NOT NULL,
-            args TEXT NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run_id, seq)
+            args TEXT NOT NULL, body_bytes INTEGER NOT NULL, created_at REAL NOT NULL, PRIMARY KEY (run_id, seq)
         )"""),
     ("0070_tinker_commands_by_rid", "CREATE INDEX tinker_commands_by_rid ON tinker_commands (rid)"),
 ]

@@ -31,12 +31,12 @@ from pathlib import Path
 from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 from tunesmith.serve.tinker.futures import PENDING_PER_KEY, Shared
-from tunesmith.serve.tinker.store import TooManyCommands
+from tunesmith.serve.tinker.store import TooManyCommands, run_session
 
 log = logging.getLogger("tunesmith.serve")
 POLL_S = 0.05  # how often a holder reads its runs' calls logged by other replicas
 TAKE_S = 1.0  # how often a replica looks for runs with calls waiting that nobody holds
-KINDS = ("forward_backward", "optim_step", "save_weights", "save_weights_for_sampler", "load_weights")
+WAITING_BYTES = 256 * 2**20  # the forward_backward bodies of one key's logged calls waiting, at most (on the disk)
 
 
 class Commands:
@@ -64,8 +64,8 @@ class Commands:
         return self.folder / rid
 
     async def log(self, owner, run_id: str, seq: int | None, kind: str, args: dict, body: bytes | None = None) -> str:
-        """The call written to the run's log (a 429 when the key has :data:`PENDING_PER_KEY` logged calls waiting);
-        the id of the future that answers it."""
+        """The call written to the run's log (a 429 when the key has :data:`PENDING_PER_KEY` logged calls waiting, or
+        :data:`WAITING_BYTES` of their bodies); the id of the future that answers it."""
         rid = new_id("req")
 
         def logged() -> str:
@@ -76,12 +76,13 @@ class Commands:
                 staging.replace(self.body_path(rid))
             answer = None
             try:
-                answer = self.store.log_command(run_id, seq, rid, owner, kind, args, self.shared.present(),
-                                                PENDING_PER_KEY)
+                answer = self.store.log_command(run_id, seq, rid, owner, kind, args, len(body or b""),
+                                                self.shared.present(), PENDING_PER_KEY, WAITING_BYTES)
             except TooManyCommands as exc:
-                raise APIError(429, f"This API key has {exc.args[0]} Tinker calls waiting (at most {PENDING_PER_KEY}); "
-                               "retry shortly.", type_="requests", code="rate_limit_exceeded",
-                               headers={"retry-after": "1"}) from None
+                raise APIError(429, f"This API key has {exc.args[0]} Tinker calls waiting, their data "
+                               f"{exc.args[1] / 2**20:.0f} MiB (at most {PENDING_PER_KEY} calls, "
+                               f"{WAITING_BYTES / 2**20:.0f} MiB); retry shortly.", type_="requests",
+                               code="rate_limit_exceeded", headers={"retry-after": "1"}) from None
             finally:
                 if answer != rid:  # refused, or a retry of a call logged before: this body is not needed
                     self.body_path(rid).unlink(missing_ok=True)
@@ -102,6 +103,7 @@ class Commands:
                 await self._queue_logged()
                 if time.monotonic() - self.looked >= TAKE_S:
                     self.looked = time.monotonic()
+                    await self._let_go_closed()
                     await self._take_orphans()
             except asyncio.CancelledError:
                 raise
@@ -143,10 +145,28 @@ class Commands:
             path.unlink(missing_ok=True)
         return found
 
+    async def _let_go_closed(self) -> None:
+        """The runs held here whose client session was closed (through any replica) let go, their waiting calls
+        answered with why."""
+        held = list(self.tinker.owners.items())
+        closed = await self.shared.lane.run(None, self.store.finished_sessions, {run_session(r) for r, _ in held},
+                                            always=True)
+        for run_id, owner in held:
+            if run_session(run_id) in closed:
+                await self.tinker.futures.lane.run(owner, self.tinker.let_go, run_id, always=True)
+                await self.shared.lane.run(owner, self._fail, run_id, closed_message(run_id), always=True)
+
     async def _take_orphans(self) -> None:
-        """Each run with calls waiting that nobody holds, taken over here unless another replica is first."""
-        for row in await self.shared.lane.run(None, self.store.orphaned, always=True):
+        """Each run with calls waiting that nobody holds, taken over here unless another replica is first (the
+        calls of a run whose client session was closed are answered with that)."""
+        orphans = await self.shared.lane.run(None, self.store.orphaned, always=True)
+        closed = await self.shared.lane.run(None, self.store.finished_sessions,
+                                            {run_session(r["id"]) for r in orphans}, always=True)
+        for row in orphans:
             run_id, owner = row["id"], row["owner"]
+            if run_session(run_id) in closed:
+                await self.shared.lane.run(owner, self._fail, run_id, closed_message(run_id), always=True)
+                continue
             try:
                 await self.tinker.futures.lane.run(owner, self.tinker.take_over, run_id, owner, always=True)
             except Exception as exc:  # noqa: BLE001 - said to each waiting call, never left waiting
@@ -162,3 +182,8 @@ class Commands:
             self.store.end_future(row["rid"], row["owner"], row["kind"], self.shared.present(), (message, "user"),
                                   None, None)
             self.body_path(row["rid"]).unlink(missing_ok=True)
+
+
+def closed_message(run_id: str) -> str:
+    return (f"training run {run_id}: its client session was closed (ServiceClient.close), so its runs were let go; "
+            "create a training client from its last saved state in a new ServiceClient")

@@ -66,13 +66,6 @@ def run_id_of(value: str) -> str:
     return value
 
 
-async def own_run(request: Request, key, value: str) -> str:
-    """A training run of the key's, checked in the store before its call is queued: a 404 for another key's."""
-    run_id = run_id_of(value)
-    await stored(request, key, tinker(request).run, key, run_id)
-    return run_id
-
-
 async def future(request: Request, key, kind: str, fn, *args, model_id: str | None = None,
                  fusable: bool = False) -> dict:
     """``fn(*args)`` queued as the key's call (in the order calls arrive), its future's row written in the store
@@ -88,7 +81,8 @@ async def command(request: Request, key, kind: str, value: str, seq: int | None,
     and applied by the replica holding the run, in the SDK's ``seq_id`` order (:mod:`tunesmith.serve.tinker.commands`);
     on one server, queued here."""
     t = tinker(request)
-    run_id = await own_run(request, key, value)
+    run_id = run_id_of(value)
+    await stored(request, key, t.callable_run, key, run_id)
     if t.commands is not None:
         return {"request_id": await t.commands.log(key, run_id, seq, kind, list(args), body), "model_id": run_id}
     fn, call = t.call_of(kind, key, run_id, list(args), body)

@@ -206,6 +206,11 @@ class Tinker(Checkpoints):
             raise APIError(404, f"No training run {run_id!r} for this key.", code="not_found")
         return run
 
+    def callable_run(self, owner, run_id: str) -> None:
+        """A run a call may be sent to: the key's (a 404 otherwise), in a client session not finished (a 410)."""
+        self.run(owner, run_id)
+        self.own_session(owner, run_session(run_id))
+
     def run_of(self, owner, run_id: str, loads: bool = False) -> dict:
         """The run ``run_id`` of ``owner``, held here; a TrainingError saying why not, or, for a run taken over here,
         where to resume from until a call that ``loads`` a state."""

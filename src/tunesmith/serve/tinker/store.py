@@ -139,6 +139,14 @@ class TinkerStore:
         row = self.db.execute("SELECT * FROM tinker_sessions WHERE id = ? AND owner IS ?", (sid, owner)).fetchone()
         return None if row is None else dict(row)
 
+    def finished_sessions(self, sids: set[str]) -> set[str]:
+        """Those of client sessions ``sids`` that were finished."""
+        if not sids:
+            return set()
+        return {r["id"] for r in self.db.execute(f"SELECT id FROM tinker_sessions WHERE id IN "
+                                                 f"({', '.join('?' * len(sids))}) AND finished_at IS NOT NULL",
+                                                 tuple(sids)).fetchall()}
+
     def finish_session(self, sid: str, owner: str | None) -> None:
         with self.lock:
             self.db.execute("UPDATE tinker_sessions SET finished_at = ? WHERE id = ? AND owner IS ? AND finished_at IS "
@@ -243,11 +251,12 @@ class TinkerStore:
 
     # --- the command log ---
 
-    def log_command(self, run_id: str, seq: int | None, rid: str, owner: str | None, kind: str, args: dict,
-                    presence: Claim, most: int) -> str:
+    def log_command(self, run_id: str, seq: int | None, rid: str, owner: str | None, kind: str, args: list,
+                    body_bytes: int, presence: Claim, most: int, most_bytes: int) -> str:
         """A run's call written to its command log with its future's row, in one transaction: the id of the future
         that answers it (an earlier one's when ``seq`` was logged already: the SDK's retry). ``seq`` None: the next
-        after the run's last. A :class:`TooManyCommands` when ``owner`` has ``most`` logged calls not answered yet."""
+        after the run's last. A :class:`TooManyCommands` when ``owner``'s logged calls not answered yet would be more
+        than ``most``, or their bodies more than ``most_bytes``."""
         with self.db.transaction():
             self.db.serialize(f"tinker_commands:{run_id}")
             if seq is None:
@@ -257,12 +266,14 @@ class TinkerStore:
                                   (run_id, seq)).fetchone()
             if row is not None:
                 return row["rid"]
-            waiting = int(self.db.execute("SELECT COUNT(*) FROM tinker_commands c JOIN tinker_futures f ON f.id = "
-                                          "c.rid WHERE c.owner IS ? AND f.ended_at IS NULL", (owner,)).fetchone()[0])
-            if waiting >= most:
-                raise TooManyCommands(waiting)
-            self.db.execute("INSERT INTO tinker_commands (run_id, seq, rid, owner, kind, args, created_at) VALUES "
-                            "(?, ?, ?, ?, ?, ?, ?)", (run_id, seq, rid, owner, kind, json.dumps(args), time.time()))
+            waiting, held = self.db.execute("SELECT COUNT(*), COALESCE(SUM(c.body_bytes), 0) FROM tinker_commands c "
+                                            "JOIN tinker_futures f ON f.id = c.rid WHERE c.owner IS ? AND f.ended_at "
+                                            "IS NULL", (owner,)).fetchone()
+            if int(waiting) >= most or int(held) + body_bytes > most_bytes:
+                raise TooManyCommands(int(waiting), int(held))
+            self.db.execute("INSERT INTO tinker_commands (run_id, seq, rid, owner, kind, args, body_bytes, created_at) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (run_id, seq, rid, owner, kind, json.dumps(args),
+                                                                body_bytes, time.time()))
             self.add_future(rid, owner, kind, presence)
         return rid
 
@@ -289,7 +300,7 @@ class TinkerStore:
 
 
 class TooManyCommands(Exception):
-    """A key has too many logged calls not answered yet (their count in ``args[0]``)."""
+    """A key has too many logged calls not answered yet (their count and their bodies' bytes in ``args``)."""
 
 
 def _run(row) -> dict | None:
