@@ -16,7 +16,8 @@ A future lives in the memory of the replica that took the call and, with replica
 row written before its id is answered, its end (an error, or its answer as a file on the shared data folder) written
 when it ends, so that any replica answers ``retrieve_future`` (reading the store while the call runs elsewhere, and
 saying so when the replica that took it stopped first: its presence in ``tinker_replicas``, a claim its heartbeat
-renews, ran out). Futures are
+renews, ran out; a run's training call is answered by whichever replica holds the run, or takes it over:
+:mod:`tunesmith.serve.tinker.commands`). Futures are
 kept :data:`KEPT_S` after they end; a key may have :data:`PENDING_PER_KEY` waiting at once on a replica (past it, a
 429 the SDK retries). Another key's future is not found.
 """
