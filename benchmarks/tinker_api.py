@@ -11,6 +11,11 @@
    sharing the base's turns gains over queueing whole loops. Measured on the default server (each call takes its
    turn) and on a second one started with ``--tinker-fused-steps`` (the keys' calls waiting together run as one step,
    peft's mixed-adapter batch), its peak memory beside.
+3. **A step through two replicas behind a per-request round robin** (``--replicas``, on by default where PostgreSQL
+   is installed: a server of the benchmark's own, initdb in a temporary folder, a Unix socket): the same step through
+   the SDK, each call sent to the next replica in turn, so about half of a run's training calls reach the replica that
+   does not hold the run and go through the store's command log (:mod:`tunesmith.serve.tinker.commands`), against the
+   same step in process, alternating as in 1. What it costs a loop to need no sticky routing.
 
 Prints the machine, the load average at the start and the end, the server's peak memory, both tables and the result
 as JSON (``--out`` writes it too).
@@ -38,6 +43,8 @@ from serving_engines import Served  # noqa: E402
 from timing import alternating, machine, stats  # noqa: E402
 
 from tests.conftest import banking_rows  # noqa: E402
+from tests.pg import missing, postgres_server  # noqa: E402
+from tests.round_robin import round_robin  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 LABELS = ("card_arrival", "pin_blocked", "age_limit", "exchange_rate")
@@ -132,6 +139,39 @@ def tenants(root: str, model: str, rows, steps: int, lr: float) -> dict:
             "speedup": round(apart / together, 3), "steps_each": steps}
 
 
+def through_replicas(model: str, rows, trainer, steps: int, block: int, lr: float, tmp: Path) -> dict:
+    """Part 3: the API step through a round robin of two replicas on one PostgreSQL, alternating with the step in
+    process; each way's step statistics and the share of training calls the proxy sent to each replica."""
+    import tinker
+
+    env = {"TUNESMITH_API_KEYS": "bench"}
+    with postgres_server() as urls:
+        env["TUNESMITH_DATABASE"] = urls["tunesmith"]
+        servers = []
+        try:
+            (tmp / "shared").mkdir()
+            for _ in range(2):  # one data folder, one database: replicas
+                servers.append(KeyedServer("builtin", model, [], tmp / "shared", env=env))
+            with round_robin([s.url[:-3] for s in servers]) as (proxy, sent):
+                service = tinker.ServiceClient(base_url=proxy, api_key="tml-bench")
+                client = service.create_lora_training_client(base_model=model, rank=16, seed=0).result()
+                sdk, local = sdk_batch(rows), wire_batch(rows)
+                trainer.create("replicas", 16, 0)
+                api_step(client, sdk, lr), local_step(trainer, "replicas", local, lr)  # warm both
+                times = alternating({"api_replicas": lambda: api_step(client, sdk, lr),
+                                     "in_process": lambda: local_step(trainer, "replicas", local, lr)}, steps, block)
+                trainer.drop("replicas")
+                service.close("success").result()
+                calls = [u for u, path in sent if path.endswith(("/forward_backward", "/optim_step"))]
+        finally:
+            for server in servers:
+                server.proc.terminate()
+                server.proc.wait(30)
+    step = {way: stats(t) for way, t in times.items()}
+    return {"step": step, "overhead": round(step["api_replicas"]["p50_ms"] / step["in_process"]["p50_ms"] - 1, 4),
+            "training_calls_per_replica": [calls.count(s.url[:-3]) for s in servers]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=24)
@@ -140,6 +180,9 @@ def main() -> None:
     ap.add_argument("--tenant-steps", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--model", default=MODEL, help="the served base (a GPU machine: random:llama-3.2-1b?tokenizer=...)")
+    ap.add_argument("--replicas", action=argparse.BooleanOptionalAction, default=missing() is None,
+                    help="part 3: the step through a round robin of two replicas on PostgreSQL (default: on where "
+                         "PostgreSQL is installed)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
@@ -165,6 +208,8 @@ def main() -> None:
                                 args.steps, args.block)
             trainer.drop("local")
             service.close("success").result()
+            if args.replicas:
+                replicated = through_replicas(args.model, rows, trainer, args.steps, args.block, args.lr, Path(tmp))
             many = tenants(root, args.model, rows, args.tenant_steps, args.lr)
             peak_gb = round(server.peak_rss / 1e9, 2)
         finally:
@@ -185,7 +230,8 @@ def main() -> None:
               "batch": args.batch, "steps": args.steps, "step": step,
               "api_overhead": round(overhead, 4), "mean_overhead": round(
                   statistics.mean(times["api"]) / statistics.mean(times["in_process"]) - 1, 4),
-              "tenants": many, "tenants_fused_steps": fused, "server_peak_rss_gb": peak_gb}
+              "tenants": many, "tenants_fused_steps": fused, "server_peak_rss_gb": peak_gb,
+              "replicas": replicated if args.replicas else None}
     print(f"\nA step ({args.batch} examples, forward_backward + optim_step), median of {args.steps}:")
     print(f"  in process   {step['in_process']['p50_ms']:9.1f} ms")
     print(f"  through API  {step['api']['p50_ms']:9.1f} ms   overhead {overhead * 100:+.1f}% (goal <= 5%)")
@@ -193,6 +239,12 @@ def main() -> None:
           f"{many['one_after_another_s']} s: {many['speedup']}x (goal >= 1.3x)")
     print(f"  with --tinker-fused-steps: at once {fused['together_s']} s, one after another "
           f"{fused['one_after_another_s']} s: {fused['speedup']}x; that server's peak {fused['server_peak_rss_gb']} GB")
+    if args.replicas:
+        rs = replicated["step"]
+        print(f"\nThrough a round robin of two replicas on PostgreSQL, median of {args.steps}: in process "
+              f"{rs['in_process']['p50_ms']:.1f} ms, through the API {rs['api_replicas']['p50_ms']:.1f} ms: overhead "
+              f"{replicated['overhead'] * 100:+.1f}% (training calls per replica: "
+              f"{replicated['training_calls_per_replica']})")
     print(f"server peak memory (its process tree): {peak_gb} GB; load average at end: {result['load_end']}")
     print(json.dumps(result))
     if args.out:
