@@ -284,3 +284,42 @@ def test_lanes_that_run_torch_keep_no_openmp_team_of_their_own():
     assert seen["tinker"] == seen["embeddings"] == seen["heads"] == (1, 0)
     assert seen["plain"][0] == 2 and seen["plain"][1] >= 1  # torch's default: a team of its own, its threads new
     assert seen["engine"][0] == 2
+
+
+ON_CORES = """
+import os, threading, time, torch
+from tunesmith.serve.lanes import on_cores, torch_threads
+
+def threads():
+    return set(os.listdir("/proc/self/task"))
+
+def work():
+    x = torch.randn(256, 256, requires_grad=True)
+    (x @ x).sum().backward()
+    return torch.get_num_threads(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+torch_threads(1)  # a lane's thread
+work()
+before = threads()
+used, nice = on_cores(2, 19, work)
+deadline = time.time() + 5
+while threads() - before and time.time() < deadline:  # the team's threads end just after the thread that led it
+    time.sleep(0.05)
+print(used, nice, len(threads() - before), torch.get_num_threads())
+try:
+    on_cores(2, 19, lambda: 1 / 0)
+except ZeroDivisionError:
+    print("raised")
+"""
+
+
+def test_work_on_every_core_runs_in_a_thread_of_its_own_that_leaves_no_team_behind():
+    """``on_cores``: a Tinker turn taking every core runs its torch work on that many threads, at the lane's niceness,
+    in a thread that ends with it, so no OpenMP team outlives it beside the engine's; the caller's own thread keeps its
+    one thread; an exception reaches the caller."""
+    out = subprocess.run([sys.executable, "-c", ON_CORES], capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    used, nice, left, own = out.stdout.split("\n")[0].split()
+    assert (int(used), int(nice), int(left), int(own)) == (2, 19, 0, 1)
+    assert out.stdout.split("\n")[1] == "raised"

@@ -136,6 +136,14 @@ class Engine(InferenceEngine):
             self.threads = want
         return want
 
+    def quiet(self) -> bool:
+        """Whether nothing decodes, waits or is expected soon: no row in flight or waiting, and no tenant present (one
+        whose last row ended less than the shares' grace ago may send its next). Work beside the engine may then take
+        every core (a Tinker training call: :func:`tunesmith.serve.lanes.on_cores`)."""
+        now = time.monotonic()
+        return (not self.batch.active and self.pending.empty() and not self.line
+                and all(now - seen > self.shares.rules.grace_s for seen in list(self.shares.last_seen.values())))
+
     @property
     def active(self) -> list[Row]:
         """The rows in flight."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.lanes import on_cores
 from tunesmith.serve.store import new_id
 
 log = logging.getLogger("tunesmith.serve")
@@ -72,11 +73,12 @@ class Pending:
 
 class Futures:
     def __init__(self, lane, fuse: dict[str, Callable[[list[tuple]], list]] | None = None,
-                 shared: Shared | None = None, beside=nullcontext):
+                 shared: Shared | None = None, beside=nullcontext, cores: Callable[[], int] = lambda: 1):
         """``fuse``: by kind of call, what runs several such calls as one (their answers or exceptions, in order);
         ``shared``: where futures are written for the other replicas (none: this replica's memory only);
-        ``beside()``: held while a call's turn runs in the lane (the engine leaves it part of the CPU)."""
-        self.lane, self.fuse, self.shared, self.beside = lane, fuse or {}, shared, beside
+        ``beside()``: held while a call's turn runs in the lane (the engine leaves it part of the CPU);
+        ``cores()``: the torch threads a turn starting now may take (1: the lane thread's own, :func:`on_cores`)."""
+        self.lane, self.fuse, self.shared, self.beside, self.cores = lane, fuse or {}, shared, beside, cores
         self.items: dict[str, Pending] = {}
         self.waiting: dict[str | None, deque[Pending]] = {}  # each key's calls not taken yet, in its order
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
@@ -164,7 +166,7 @@ class Futures:
         self.running = pending
         try:
             with self.beside():
-                return self._step(pending, fn, args, fuse, joined)
+                return on_cores(self.cores(), self.lane.size.nice, self._step, pending, fn, args, fuse, joined)
         finally:
             self.running = None
 

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
+from tunesmith.serve.lanes import cores
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
@@ -56,8 +57,10 @@ class Tinker(Checkpoints):
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
             shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
         fuse = {"forward_backward": self.forward_backward_many} if fused else {}
+        quiet = getattr(self.engine, "quiet", lambda: True)  # vLLM decodes in processes of its own
         self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared,
-                               beside=getattr(self.engine, "work_beside", nullcontext))
+                               beside=getattr(self.engine, "work_beside", nullcontext),
+                               cores=lambda: cores() if quiet() else 1)
         # other keys' calls run between two passes of a long call (with fused steps, they join the next step instead)
         self.between = None if fused else self.futures.others_turn
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
