@@ -287,47 +287,59 @@ def test_the_servers_own_process_freezes_its_start_out_of_the_collectors_sight(t
     assert started(True) > 10_000
 
 
-def test_work_beside_the_engine_gets_a_core_during_heavy_steps_and_never_delays_a_light_key(tiny_model_dir):
-    """While work runs beside the engine (a Tinker training call, ``Engine.work_beside``), a step of only heavy rows
-    (one key's 6-row request) runs on one core fewer, left to the work; once a light key's request is in the engine,
-    its steps take every core again; without work beside, every step takes every core."""
+def test_work_handed_to_the_engine_runs_on_its_thread_and_steps_its_rows_at_its_turn_points(tiny_model_dir):
+    """``run_beside``: work (a Tinker training call) runs on the engine's own thread with every core (no second torch
+    team beside the engine's); a chat request sent while it runs is answered before it ends, stepped at its turn
+    points (``step_between``), and the same without turn points waits for the work's end; the work's exception
+    reaches its caller and the engine goes on serving."""
+    import threading
+
+    import torch
+
     from tunesmith.serve.lanes import cores
 
-    if cores() < 2:
-        pytest.skip("one core: there is none to leave")
-    every = cores()
     engine = Engine(str(tiny_model_dir), {}, max_batch=8, wait_ms=1)
-    steps = engine.steps_by_threads
 
-    async def heavy(tokens: int):
-        ids = engine.text_prompt_ids("hello")
-        rows = [GenParams(tokens, stop_token_ids=())] * 6  # no end of sequence: every row decodes ``tokens``
-        return await engine.submit(engine.base_name, ids, rows, tenant="heavy").results()
+    def chat():
+        return engine.submit(engine.base_name, engine.text_prompt_ids("hi"), [GenParams(8, stop_token_ids=())],
+                             tenant="chat")
 
-    async def heavy_then_light():
-        flood = asyncio.ensure_future(heavy(200))
-        while steps[every - 1] < 3:
-            await asyncio.sleep(0.001)
-        light = engine.submit(engine.base_name, engine.text_prompt_ids("hi"), [GenParams(24, stop_token_ids=())],
-                              tenant="light")
-        while not engine.shares.light_running:
-            await asyncio.sleep(0.001)
-        all_before = steps[every]
-        await light.results()
-        light_steps = steps[every] - all_before
-        await flood
-        return light_steps
+    async def beside(turns: bool) -> dict:
+        seen, started, answered = {}, threading.Event(), threading.Event()
+
+        def work():
+            seen["thread"], seen["threads"] = threading.current_thread() is engine.worker, torch.get_num_threads()
+            started.set()
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline and not answered.is_set():
+                time.sleep(0.005)  # a stretch of the work
+                if turns:
+                    engine.step_between()
+            seen["during"] = answered.is_set()
+            return "done"
+
+        handed = asyncio.ensure_future(asyncio.to_thread(engine.run_beside, work))
+        await asyncio.to_thread(started.wait)
+        request = chat()
+        (generation,) = await request.results()
+        answered.set()
+        seen["answer"], seen["tokens"] = await handed, generation.completion_tokens
+        return seen
 
     try:
-        asyncio.run(heavy(16))
-        assert set(steps) == {every}  # no work beside: every core
-        with engine.work_beside():
-            light_steps = asyncio.run(heavy_then_light())
-        assert steps[every - 1] >= 3 and light_steps >= 20  # heavy alone: one core fewer; a light key: every core
-        time.sleep(engine.shares.rules.grace_s + 0.1)  # the light key gone (not between two requests)
-        before = dict(steps)
-        asyncio.run(heavy(16))
-        assert steps[every - 1] == before[every - 1] and steps[every] > before[every]  # the work ended
+        with_turns, without = asyncio.run(beside(True)), asyncio.run(beside(False))
+        assert with_turns == {"thread": True, "threads": cores(), "during": True, "answer": "done", "tokens": 8}
+        assert without["during"] is False and without["answer"] == "done"
+
+        def fails():
+            raise ValueError("the work's own error")
+
+        with pytest.raises(ValueError, match="the work's own error"):
+            engine.run_beside(fails)
+        async def again():
+            return await chat().results()
+
+        assert len(asyncio.run(again())) == 1  # still serving
     finally:
         engine.close()
 

@@ -223,32 +223,6 @@ def torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def on_cores(threads: int, nice: int, fn, *args):
-    """``fn(*args)`` with its torch work on ``threads`` intra-op threads, at ``nice``: run here when ``threads`` is 1,
-    else in a thread of its own that ends with it. A thread that once ran torch on several threads keeps an OpenMP team
-    for as long as it lives and slows the engine's decoding 2x from then on (:func:`torch_threads`); a team whose
-    thread has ended costs nothing (a two-row step 78 ms after one ended, 70 ms before, 155 ms beside one alive)."""
-    if threads <= 1:
-        return fn(*args)
-    answer: list = []
-
-    def run() -> None:
-        lower_priority(nice)
-        torch_threads(threads)
-        try:
-            answer.append((True, fn(*args)))
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
-            answer.append((False, exc))
-
-    thread = threading.Thread(target=run, name=f"{threading.current_thread().name}-cores", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = answer[0]
-    if not ok:
-        raise value
-    return value
-
-
 def lower_priority(nice: int) -> None:
     """This thread's niceness raised to ``nice`` (Linux keeps one a thread, and a thread it starts inherits it):
     where another thread of the server wants the CPU, it goes first."""

@@ -12,12 +12,12 @@ when the share grows, rows beyond it wait in the tenant's line. The interface it
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import queue
 import threading
 import time
 from collections import Counter, deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +91,7 @@ class Engine(InferenceEngine):
         self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(device)))
         self.anticipation = Anticipation(default_anticipate_s(device))
         self.closed = False
-        self.beside, self.lock_beside = 0, threading.Lock()  # work_beside holders now
+        self.works: deque[_Work] = deque()  # handed to the engine's thread (run_beside), not run yet
         self.cores = self.threads = 0  # the loop thread's cores, and its steps' torch threads now
         self.steps_by_threads: Counter = Counter()  # steps run, by their torch threads
         # compiled output constraints; the tokenizer converted for llguidance now, beside the start, so that the first
@@ -107,42 +107,56 @@ class Engine(InferenceEngine):
     def resident_base(self):
         return self._resident, self.placement
 
-    @contextmanager
-    def work_beside(self):
-        """While held (a Tinker training call runs in another thread, at ``nice`` 19 on one torch thread), a step of
-        only heavy tenants' rows runs on one core fewer (:meth:`_step_threads`), leaving that core to the call: a nice
-        thread gets next to nothing from an engine that keeps every core busy (a key's 64-row sample held another
-        key's 0.4 s training call 18 s, 54x)."""
-        with self.lock_beside:
-            self.beside += 1
-        try:
-            yield
-        finally:
-            with self.lock_beside:
-                self.beside -= 1
-
     def _step_threads(self) -> int:
         """The next step's torch threads, set on this thread when they change. A step holding a light tenant's rows
         (a chat request) takes every core: interactive decoding comes first. A step of only heavy tenants' rows leaves
-        one core to the rest of the server while work runs beside the engine (:meth:`work_beside`) or a light tenant
-        is between two requests: the event loop that admits its next request and the engine's other callers then
-        find a core free, not one shared with the step's threads (beside a 64-row sample, a quiet key's 0.13 s Tinker
-        sample took 2.4x when the step kept both cores; docs/benchmarks.md)."""
+        one core to the rest of the server while a light tenant is between two requests: the event loop that admits
+        its next request then finds a core free, not one shared with the step's threads (beside a 64-row sample, a
+        quiet key's 0.13 s Tinker sample took 2.4x when the step kept both cores; docs/benchmarks.md)."""
         every, shares = self.cores, self.shares
-        spare = not shares.light_running and (self.beside or shares.light_waiting)
+        spare = not shares.light_running and shares.light_waiting
         want = every - 1 if spare and every > 1 else every
         if want != self.threads:
             torch_threads(want)
             self.threads = want
         return want
 
-    def quiet(self) -> bool:
-        """Whether nothing decodes, waits or is expected soon: no row in flight or waiting, and no tenant present (one
-        whose last row ended less than the shares' grace ago may send its next). Work beside the engine may then take
-        every core (a Tinker training call: :func:`tunesmith.serve.lanes.on_cores`)."""
-        now = time.monotonic()
-        return (not self.batch.active and self.pending.empty() and not self.line
-                and all(now - seen > self.shares.rules.grace_s for seen in list(self.shares.last_seen.values())))
+    def run_beside(self, fn, *args):
+        """``fn(*args)`` on the engine's own thread, between two of its steps, and its answer (or its exception): work
+        that runs torch beside decoding (a Tinker training call) on the engine's OpenMP team and every core. Another
+        thread's team beside this one's slows both 1.5-2x for as long as it lives (a step through the Tinker API took
+        1.49x the same step in process on one thread of its own, 1.13x on a team of its own). While it runs, the rows
+        in flight or arriving are stepped at its turn points (:meth:`step_between`)."""
+        if threading.current_thread() is self.worker:
+            return fn(*args)
+        if self.closed:
+            raise _shutting_down()
+        work = _Work(fn, args)
+        self.pending.put(work)
+        return work.done.result()
+
+    def step_between(self) -> bool:
+        """From work running on the engine's thread (:meth:`run_beside`), at a turn point of its own: one step of the
+        rows in flight and those arrived meanwhile, so that decoding waits for a stretch of that work, never its
+        whole length; whether a step ran. The work's torch threads are every core again after it."""
+        if threading.current_thread() is not self.worker:
+            return False
+        try:
+            self._take_pending(block=False)
+            if not self.batch.busy:
+                return False
+            self._step_once()
+        except BaseException as exc:  # noqa: BLE001 - the rows in flight hear of it, the work goes on
+            for row in self.batch.abort():
+                row.request.push(row.index, exc)
+        finally:
+            self._every_core()
+        return True
+
+    def _every_core(self) -> None:
+        if self.threads != self.cores:
+            torch_threads(self.cores)
+            self.threads = self.cores
 
     @property
     def active(self) -> list[Row]:
@@ -214,30 +228,48 @@ class Engine(InferenceEngine):
         while not self.closed:
             try:
                 self._take_pending()
+                self._run_works()
                 if self.batch.busy:
-                    self.steps_by_threads[self._step_threads()] += 1
-                with self.lock:
-                    finished = self.batch.step() if self.batch.busy else []
-                for row in finished:
-                    self._answer(row)
-                self._note_ends(finished)
-                for row in self.batch.active:
-                    if row.stream:
-                        self._stream_delta(row)
+                    self._step_once()
             except BaseException as exc:  # noqa: BLE001 - every request in flight must hear about it
                 for row in self.batch.abort():
                     row.request.push(row.index, exc)
         self._fail_all(_shutting_down())
 
-    def _take_pending(self) -> None:
+    def _step_once(self) -> None:
+        """One step of the batch: its rows' next tokens, the rows that ended answered, the streams' deltas sent."""
+        self.steps_by_threads[self._step_threads()] += 1
+        with self.lock:
+            finished = self.batch.step()
+        for row in finished:
+            self._answer(row)
+        self._note_ends(finished)
+        for row in self.batch.active:
+            if row.stream:
+                self._stream_delta(row)
+
+    def _run_works(self) -> None:
+        """The work handed to this thread (:meth:`run_beside`), in order, on every core."""
+        while self.works:
+            work = self.works.popleft()
+            self._every_core()
+            try:
+                work.done.set_result(work.fn(*work.args))
+            except BaseException as exc:  # noqa: BLE001 - raised in the thread that handed it
+                work.done.set_exception(exc)
+
+    def _take_pending(self, block: bool = True) -> None:
         """Move arriving rows to their tenants' lines (block while idle, then gather a burst for ``wait_ms``;
-        while rows are in flight, take only what has already arrived), then give each tenant its share of the
-        next step (:meth:`_share_out`)."""
-        idle = not self.batch.busy and not self.line
+        while rows are in flight, take only what has already arrived; ``block`` False: never wait), then give each
+        tenant its share of the next step (:meth:`_share_out`). Work handed over (:meth:`run_beside`) is kept for
+        :meth:`_run_works`, and ends the wait."""
+        idle = block and not self.batch.busy and not self.line
         deadline = time.monotonic() + self.wait_s
         while True:
             try:
-                if idle and not self.batch.waiting and not self.line:
+                if not block:
+                    row = self.pending.get_nowait()
+                elif idle and not self.batch.waiting and not self.line:
                     row = self.pending.get()
                 elif idle:
                     row = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -248,6 +280,11 @@ class Engine(InferenceEngine):
                 break
             if row is None:  # closing
                 break
+            if isinstance(row, _Work):
+                self.works.append(row)
+                if block:
+                    break
+                continue
             self.anticipation.arrived(row.tenant, row.arrived)  # when submitted, not when a step let it in
             self.line.add(row)
         self._share_out()
@@ -358,8 +395,12 @@ class Engine(InferenceEngine):
                 row = self.pending.get_nowait()
             except queue.Empty:
                 return
-            if row is not None:
+            if isinstance(row, _Work):
+                row.done.set_exception(exc)
+            elif row is not None:
                 row.request.push(row.index, exc)
+        while self.works:
+            self.works.popleft().done.set_exception(exc)
 
 
 class TenantLines:
@@ -445,6 +486,15 @@ def row_failure(exc: BaseException) -> APIError:
         return APIError(400, f"{exc}. Simplify the schema.", code="constraint_failed")
     return APIError(500, f"This request's generation failed: {type(exc).__name__}: {str(exc)[:500]}",
                     type_="server_error", code="generation_failed")
+
+
+@dataclass
+class _Work:
+    """A call handed to the engine's thread (:meth:`Engine.run_beside`)."""
+
+    fn: object
+    args: tuple
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 def _shutting_down() -> APIError:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,13 +113,6 @@ class InferenceEngine:
         self.adapters: dict[str, str] = {}
         self.heads: dict[str, object] = {}  # model id -> HeadPredictor (classifier, regression, span heads)
         self.aliases: dict[str, str] = {}  # a name scripts use (gpt-4o-mini-2024-07-18) -> a served model id
-
-    @contextmanager
-    def work_beside(self):
-        """While held: work of this process's other threads (a Tinker training call) runs beside the engine; an
-        engine decoding in this process leaves it part of the CPU (:meth:`Engine.work_beside
-        <tunesmith.serve.engines.builtin.Engine.work_beside>`). Nothing here: its decoding runs elsewhere."""
-        yield
 
     def resident_base(self):
         """The base's module tree holding this engine's own weights in this process, for the Tinker trainer (one base

@@ -31,12 +31,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.lanes import on_cores
 from tunesmith.serve.store import new_id
 
 log = logging.getLogger("tunesmith.serve")
@@ -73,12 +71,13 @@ class Pending:
 
 class Futures:
     def __init__(self, lane, fuse: dict[str, Callable[[list[tuple]], list]] | None = None,
-                 shared: Shared | None = None, beside=nullcontext, cores: Callable[[], int] = lambda: 1):
+                 shared: Shared | None = None, runner: Callable | None = None):
         """``fuse``: by kind of call, what runs several such calls as one (their answers or exceptions, in order);
         ``shared``: where futures are written for the other replicas (none: this replica's memory only);
-        ``beside()``: held while a call's turn runs in the lane (the engine leaves it part of the CPU);
-        ``cores()``: the torch threads a turn starting now may take (1: the lane thread's own, :func:`on_cores`)."""
-        self.lane, self.fuse, self.shared, self.beside, self.cores = lane, fuse or {}, shared, beside, cores
+        ``runner(fn, *args)``: where a call's turn runs, from the lane's thread (the engine's thread: its torch work on
+        the engine's every core; None: the lane's thread)."""
+        self.lane, self.fuse, self.shared = lane, fuse or {}, shared
+        self.runner = runner or (lambda fn, *args: fn(*args))
         self.items: dict[str, Pending] = {}
         self.waiting: dict[str | None, deque[Pending]] = {}  # each key's calls not taken yet, in its order
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
@@ -165,8 +164,7 @@ class Futures:
             fuse, joined = self._joined(pending)
         self.running = pending
         try:
-            with self.beside():
-                return on_cores(self.cores(), self.lane.size.nice, self._step, pending, fn, args, fuse, joined)
+            return self.runner(self._step, pending, fn, args, fuse, joined)
         finally:
             self.running = None
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.lanes import cores
+from tunesmith.serve.lanes import cores, torch_threads
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
@@ -33,6 +32,13 @@ SESSIONS_PER_KEY = 1_000  # sampling sessions a key keeps; past it, its oldest i
 CLIENT_SESSIONS_PER_KEY = 10_000  # client sessions a key keeps; past it, its oldest is forgotten (it takes no new run)
 RECORDS_KEPT_S = 86_400.0  # a sample recorded for stable_reinforce is kept a day after its last use (the SDK's terms)
 RECORDS_PER_KEY = 20_000  # sample requests a key keeps recorded; past it, its least recently used are forgotten
+
+
+def every_core(fn, *args):
+    """``fn(*args)`` with this thread's torch work on every core (the Tinker lane's thread, beside vLLM: no other team
+    of torch threads in this process to slow)."""
+    torch_threads(cores())
+    return fn(*args)
 
 
 def targets_of(lora: dict) -> tuple[bool, bool, bool]:
@@ -57,12 +63,15 @@ class Tinker(Checkpoints):
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
             shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
         fuse = {"forward_backward": self.forward_backward_many} if fused else {}
-        quiet = getattr(self.engine, "quiet", lambda: True)  # vLLM decodes in processes of its own
+        # a call's turn runs on the built-in engine's thread, on its OpenMP team and every core, the engine's rows
+        # stepped at the call's turn points; beside vLLM (its own processes), on the lane's thread with every core
+        run_beside = getattr(self.engine, "run_beside", None)
         self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared,
-                               beside=getattr(self.engine, "work_beside", nullcontext),
-                               cores=lambda: cores() if quiet() else 1)
-        # other keys' calls run between two passes of a long call (with fused steps, they join the next step instead)
-        self.between = None if fused else self.futures.others_turn
+                               runner=run_beside or every_core)
+        step_between = getattr(self.engine, "step_between", lambda: False)
+        # at a long call's turn points: the engine's rows stepped, and other keys' calls run (with fused steps, they
+        # join the next step instead)
+        self.between = step_between if fused else (lambda: step_between() | self.futures.others_turn())
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())
