@@ -19,6 +19,7 @@ from tunesmith.serve.api.body_limit import BodyLimit
 from tunesmith.serve.api.gate import KeyGate
 from tunesmith.serve.api.rate_limits import EdgeLimit, KeyLimiter
 from tunesmith.serve.errors import APIError, validation_error_body
+from tunesmith.serve.lanes import torch_threads
 from tunesmith.serve.room import Room, Stop
 from tunesmith.serve.store.database import StoreUnavailable, log_failure
 
@@ -81,6 +82,11 @@ async def start(app: FastAPI) -> Stop:
     """The engine (``app.state.injected_engine`` when a test gives one), the served models and their aliases, the
     watcher that loads new fine-tunes into vLLM, the renewal of this replica's places."""
     settings = app.state.settings
+    # this thread (the event loop's) loads the model on one torch thread: an OpenMP team started here would live as
+    # long as the server beside the engine's, and every team's products run up to 1.5x slower once teams outnumber
+    # the cores (a Tinker training step on the engine's thread: 1.10x the same step in process with a team left
+    # here; tunesmith.serve.lanes.torch_threads)
+    torch_threads(1)
     app.state.engine = getattr(app.state, "injected_engine", None) or make_engine(settings)
     from tunesmith.serve.api.served_models import ServedModels
 

@@ -122,11 +122,9 @@ class Engine(InferenceEngine):
         return want
 
     def run_beside(self, fn, *args):
-        """``fn(*args)`` on the engine's own thread, between two of its steps, and its answer (or its exception): work
-        that runs torch beside decoding (a Tinker training call) on the engine's OpenMP team and every core. Another
-        thread's team beside this one's slows both 1.5-2x for as long as it lives (a step through the Tinker API took
-        1.49x the same step in process on one thread of its own, 1.13x on a team of its own). While it runs, the rows
-        in flight or arriving are stepped at its turn points (:meth:`step_between`)."""
+        """``fn(*args)`` on the engine's thread between two steps, and its answer (or exception): torch work beside
+        decoding (a Tinker training call) on the engine's OpenMP team, every core; a team of its own would slow both
+        (``lanes.torch_threads``). Rows in flight or arriving are stepped at its turn points (:meth:`step_between`)."""
         if threading.current_thread() is self.worker:
             return fn(*args)
         if self.closed:
@@ -136,9 +134,8 @@ class Engine(InferenceEngine):
         return work.done.result()
 
     def step_between(self) -> bool:
-        """From work running on the engine's thread (:meth:`run_beside`), at a turn point of its own: one step of the
-        rows in flight and those arrived meanwhile, so that decoding waits for a stretch of that work, never its
-        whole length; whether a step ran. The work's torch threads are every core again after it."""
+        """From work on the engine's thread (:meth:`run_beside`), at a turn point of its own: one step of the rows in
+        flight and arrived, so that decoding waits for a stretch of the work, not all of it; whether one ran."""
         if threading.current_thread() is not self.worker:
             return False
         try:
