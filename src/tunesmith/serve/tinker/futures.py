@@ -1,6 +1,7 @@
 """The Tinker API's futures: every training or sampling call is answered at once with a request id, and its answer is
 fetched by ``/api/v1/retrieve_future``, which waits up to :data:`POLL_S` and otherwise says ``try_again``. A training
-call runs in the ``tinker`` lane (one call at a time on the trainer's base, keys served in turn); a ``sample`` runs as
+call takes its turn in the ``tinker`` lane (one call at a time on the trainer's base, keys served in turn) and runs
+where the service's runner puts it (the built-in engine's thread, :meth:`Engine.run_beside`); a ``sample`` runs as
 rows of the server's inference engine (:mod:`tunesmith.serve.tinker.sampling`), which shares its steps among keys.
 
 With ``--tinker-fused-steps``, a ``forward_backward`` call's turn takes the ``forward_backward`` call at the head of
