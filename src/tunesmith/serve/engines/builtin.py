@@ -12,7 +12,6 @@ when the share grows, rows beyond it wait in the tenant's line. The interface it
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import queue
 import threading
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.generation import BASE, ContinuousBatch, GenParams, Row, cut_at_stop
+from tunesmith.serve.engines.beside import Beside, Work, shutting_down
 from tunesmith.serve.engines.interface import Delta, Generation, InferenceEngine, Request, TokenIds
 from tunesmith.serve.engines.shares import (
     Anticipation,
@@ -62,7 +62,7 @@ class _ServedRow(Row):
         return self.request.cancelled.is_set()
 
 
-class Engine(InferenceEngine):
+class Engine(Beside, InferenceEngine):
     """The built-in engine: the base model in this process, adapters through PEFT, continuous batching."""
 
     def __init__(self, base: str, adapters: dict[str, str | Path] | None = None, max_batch: int = 16,
@@ -91,7 +91,8 @@ class Engine(InferenceEngine):
         self.shares = Shares(ShareRules(max_batch, contended_rows or default_contended_rows(device)))
         self.anticipation = Anticipation(default_anticipate_s(device))
         self.closed = False
-        self.works: deque[_Work] = deque()  # handed to the engine's thread (run_beside), not run yet
+        self.works: deque[Work] = deque()  # handed to the engine's thread (run_beside), not run yet
+        self.stepped_at = self.step_s = 0.0  # during work: when step_between last stepped, and how long it took
         self.cores = self.threads = 0  # the loop thread's cores, and its steps' torch threads now
         self.steps_by_threads: Counter = Counter()  # steps run, by their torch threads
         # compiled output constraints; the tokenizer converted for llguidance now, beside the start, so that the first
@@ -120,40 +121,6 @@ class Engine(InferenceEngine):
             torch_threads(want)
             self.threads = want
         return want
-
-    def run_beside(self, fn, *args):
-        """``fn(*args)`` on the engine's thread between two steps, and its answer (or exception): torch work beside
-        decoding (a Tinker training call) on the engine's OpenMP team, every core; a team of its own would slow both
-        (``lanes.torch_threads``). Rows in flight or arriving are stepped at its turn points (:meth:`step_between`)."""
-        if threading.current_thread() is self.worker:
-            return fn(*args)
-        if self.closed:
-            raise _shutting_down()
-        work = _Work(fn, args)
-        self.pending.put(work)
-        return work.done.result()
-
-    def step_between(self) -> bool:
-        """From work on the engine's thread (:meth:`run_beside`), at a turn point of its own: one step of the rows in
-        flight and arrived, so that decoding waits for a stretch of the work, not all of it; whether one ran."""
-        if threading.current_thread() is not self.worker:
-            return False
-        try:
-            self._take_pending(block=False)
-            if not self.batch.busy:
-                return False
-            self._step_once()
-        except BaseException as exc:  # noqa: BLE001 - the rows in flight hear of it, the work goes on
-            for row in self.batch.abort():
-                row.request.push(row.index, exc)
-        finally:
-            self._every_core()
-        return True
-
-    def _every_core(self) -> None:
-        if self.threads != self.cores:
-            torch_threads(self.cores)
-            self.threads = self.cores
 
     @property
     def active(self) -> list[Row]:
@@ -198,7 +165,7 @@ class Engine(InferenceEngine):
         ``background``: a batch's line, decoded in its tenant's share after interactive rows;
         ``token_ids``: each Generation's ``ids`` too."""
         if self.closed:
-            raise _shutting_down()
+            raise shutting_down()
         request = Request(len(params), asyncio.get_running_loop())
         model_id = self.served_name(model_id)
         adapter = BASE if model_id == self.base_name else peft_name(model_id)
@@ -231,7 +198,7 @@ class Engine(InferenceEngine):
             except BaseException as exc:  # noqa: BLE001 - every request in flight must hear about it
                 for row in self.batch.abort():
                     row.request.push(row.index, exc)
-        self._fail_all(_shutting_down())
+        self._fail_all(shutting_down())
 
     def _step_once(self) -> None:
         """One step of the batch: its rows' next tokens, the rows that ended answered, the streams' deltas sent."""
@@ -244,16 +211,6 @@ class Engine(InferenceEngine):
         for row in self.batch.active:
             if row.stream:
                 self._stream_delta(row)
-
-    def _run_works(self) -> None:
-        """The work handed to this thread (:meth:`run_beside`), in order, on every core."""
-        while self.works:
-            work = self.works.popleft()
-            self._every_core()
-            try:
-                work.done.set_result(work.fn(*work.args))
-            except BaseException as exc:  # noqa: BLE001 - raised in the thread that handed it
-                work.done.set_exception(exc)
 
     def _take_pending(self, block: bool = True) -> None:
         """Move arriving rows to their tenants' lines (block while idle, then gather a burst for ``wait_ms``;
@@ -277,7 +234,7 @@ class Engine(InferenceEngine):
                 break
             if row is None:  # closing
                 break
-            if isinstance(row, _Work):
+            if isinstance(row, Work):
                 self.works.append(row)
                 if block:
                     break
@@ -392,7 +349,7 @@ class Engine(InferenceEngine):
                 row = self.pending.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(row, _Work):
+            if isinstance(row, Work):
                 row.done.set_exception(exc)
             elif row is not None:
                 row.request.push(row.index, exc)
@@ -483,17 +440,3 @@ def row_failure(exc: BaseException) -> APIError:
         return APIError(400, f"{exc}. Simplify the schema.", code="constraint_failed")
     return APIError(500, f"This request's generation failed: {type(exc).__name__}: {str(exc)[:500]}",
                     type_="server_error", code="generation_failed")
-
-
-@dataclass
-class _Work:
-    """A call handed to the engine's thread (:meth:`Engine.run_beside`)."""
-
-    fn: object
-    args: tuple
-    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
-
-
-def _shutting_down() -> APIError:
-    return APIError(503, "The server is shutting down; retry on another instance.", type_="server_error",
-                    code="server_shutting_down")
