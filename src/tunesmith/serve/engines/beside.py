@@ -45,26 +45,34 @@ class Beside:
         return work.done.result()
 
     def step_between(self) -> bool:
-        """From work on the engine's thread (:meth:`run_beside`), at a turn point of its own: one step of the rows in
-        flight and arrived, so that decoding waits for a stretch of the work, not all of it; whether one ran. The
-        thread's time is shared half and half: a step runs once the work has run as long as the last step took (a
-        64-row step of 0.3 s does not run at each of a pass's 120 turn points; a chat's step of 0.06 s nearly does)."""
-        if threading.current_thread() is not self.worker or time.monotonic() - self.stepped_at < self.step_s:
+        """From work on the engine's thread (:meth:`run_beside`), at a turn point of its own: the rows in flight and
+        arrived stepped, so that decoding waits for a stretch of the work, not all of it; whether a step ran. A light
+        tenant's rows (a chat, a small sample) are stepped until they end: interactive decoding comes first, as it
+        did when the work ran at ``nice`` 19 on a core of its own. Heavy rows alone share the thread's time half and
+        half with the work: a step once the work has run as long as the last such step took (a 64-row step of 0.3 s
+        does not run at each of a pass's 120 turn points)."""
+        if threading.current_thread() is not self.worker:
             return False
-        started = time.monotonic()
+        ran = False
         try:
-            self._take_pending(block=False)
-            if not self.batch.busy:
-                return False
-            self._step_once()
+            while True:
+                self._take_pending(block=False)
+                light = self.shares.light_running
+                if not self.batch.busy or (not light and time.monotonic() - self.stepped_at < self.step_s):
+                    break
+                started = time.monotonic()
+                self._step_once()
+                ran = True
+                if not light:
+                    self.stepped_at = time.monotonic()
+                    self.step_s = self.stepped_at - started
+                    break
         except BaseException as exc:  # noqa: BLE001 - the rows in flight hear of it, the work goes on
             for row in self.batch.abort():
                 row.request.push(row.index, exc)
         finally:
             self._every_core()
-            self.stepped_at = time.monotonic()
-            self.step_s = self.stepped_at - started
-        return True
+        return ran
 
     def _every_core(self) -> None:
         if self.threads != self.cores:
