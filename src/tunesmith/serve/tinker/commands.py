@@ -45,7 +45,7 @@ class Commands:
 
     def __init__(self, tinker, shared: Shared):
         self.tinker, self.shared, self.store = tinker, shared, tinker.store
-        self.folder = tinker.root / "commands"  # forward_backward bodies until their holder reads them
+        self.folder = shared.bodies  # forward_backward bodies until their holder reads them
         self.queued: set[str] = set()  # future ids of logged calls queued here, not answered in the store yet
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
@@ -63,7 +63,7 @@ class Commands:
     def body_path(self, rid: str) -> Path:
         return self.folder / rid
 
-    async def log(self, owner, run_id: str, seq: int | None, kind: str, args: dict, body: bytes | None = None) -> str:
+    async def log(self, owner, run_id: str, seq: int | None, kind: str, args: list, body: bytes | None = None) -> str:
         """The call written to the run's log (a 429 when the key has :data:`PENDING_PER_KEY` logged calls waiting, or
         :data:`WAITING_BYTES` of their bodies); the id of the future that answers it."""
         rid = new_id("req")

@@ -278,8 +278,11 @@ class Shared:
     Store work runs in the store lane, as the key's; an answer is written when its future ends, without holding up
     the replica that answers it from memory."""
 
-    def __init__(self, store, lane, folder: Path, holder: str):
-        self.store, self.lane, self.folder, self.holder = store, lane, folder, holder
+    def __init__(self, store, lane, root: Path, holder: str):
+        """``root``: the Tinker API's folder on the shared data folder (answers in ``futures/``, logged calls' bodies
+        in ``commands/``: :mod:`tunesmith.serve.tinker.commands`)."""
+        self.store, self.lane, self.holder = store, lane, holder
+        self.folder, self.bodies = root / "futures", root / "commands"
         self.presence = None  # this replica's claim in tinker_replicas, taken at its first future
         self.pruned = 0.0
         self.writes: set[asyncio.Task] = set()
@@ -354,7 +357,7 @@ class Shared:
             for row in gone:
                 if row["answer_file"]:
                     Path(row["answer_file"]).unlink(missing_ok=True)
-                (self.folder.parent / "commands" / row["id"]).unlink(missing_ok=True)  # a body never read
+                (self.bodies / row["id"]).unlink(missing_ok=True)  # a logged call's body never read
             self.store.forget_futures([r["id"] for r in gone])
 
         task = asyncio.ensure_future(self.lane.run(None, pruned, always=True))

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tunesmith.serve.errors import APIError
-from tunesmith.serve.lanes import cores, torch_threads
+from tunesmith.serve.lanes import all_cores
 from tunesmith.serve.store import new_id
 from tunesmith.serve.store.claims import Claim
 from tunesmith.serve.store.objects import worker_id
@@ -37,7 +37,7 @@ RECORDS_PER_KEY = 20_000  # sample requests a key keeps recorded; past it, its l
 def every_core(fn, *args):
     """``fn(*args)`` with this thread's torch work on every core (the Tinker lane's thread, beside vLLM: no other team
     of torch threads in this process to slow)."""
-    torch_threads(cores())
+    all_cores()
     return fn(*args)
 
 
@@ -61,7 +61,7 @@ class Tinker(Checkpoints):
         self.worker = worker_id()
         shared = None  # one SQLite server answers its own futures from memory
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
-            shared = Shared(self.store, app.state.lanes.store, self.root / "futures", self.worker)
+            shared = Shared(self.store, app.state.lanes.store, self.root, self.worker)
         fuse = {"forward_backward": self.forward_backward_many} if fused else {}
         # a call's turn runs on the built-in engine's thread, on its OpenMP team and every core, the engine's rows
         # stepped at the call's turn points; beside vLLM (its own processes), on the lane's thread with every core
@@ -139,18 +139,23 @@ class Tinker(Checkpoints):
                                 "--quota tinker_runs); close a ServiceClient whose runs are done (its runs are let go) "
                                 f"or wait for one to be idle {IDLE_S / 60:.0f} minutes")
         self.check_run_memory(owner, lora)
-        self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), *targets_of(lora))
+        self._adapter(run_id, lora)
         try:  # the adapter first (a wrong lora_config writes no row), then its row, claimed
             _, claim = self.store.add_run(run_id, owner, self.worker, base_model, lora, metadata)
         except BaseException:
             self.trainer.drop(run_id)
             raise
-        self.owners[run_id], self.used[run_id] = owner, time.monotonic()
-        self._hold(run_id, claim)
+        self._hold(run_id, owner, claim)
         self.autosave(owner, run_id, force=True)
         return {"model_id": run_id, "type": "create_model"}
 
-    def _hold(self, run_id: str, claim: Claim) -> None:
+    def _adapter(self, run_id: str, lora: dict) -> None:
+        """The run's LoRA made on the trainer's base, as its ``lora_config`` says."""
+        self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), *targets_of(lora))
+
+    def _hold(self, run_id: str, owner, claim: Claim) -> None:
+        """The run held here, ``owner``'s, by ``claim`` (dropped here when the claim is lost)."""
+        self.owners[run_id], self.used[run_id] = owner, time.monotonic()
         self.claims[run_id] = claim
         claim.on_lost(lambda reason: self._lost(run_id))
 
@@ -273,7 +278,7 @@ class Tinker(Checkpoints):
         try:
             lora = run["lora"]
             self.check_run_memory(owner, lora)
-            self.trainer.create(run_id, int(lora["rank"]), lora.get("seed"), *targets_of(lora))
+            self._adapter(run_id, lora)
             saved = self.store.checkpoint(path, owner)
             if saved is not None and Path(saved["folder"]).is_dir():
                 self.trainer.load_state(run_id, Path(saved["folder"]), True)
@@ -284,8 +289,8 @@ class Tinker(Checkpoints):
             self.store.base.claims.let_go(claim)
             raise
         step = self.trainer.runs[run_id].steps
-        self.owners[run_id], self.used[run_id], self.saved[run_id] = owner, time.monotonic(), time.monotonic()
-        self._hold(run_id, claim)
+        self.saved[run_id] = time.monotonic()  # the state it holds is its save
+        self._hold(run_id, owner, claim)
         where = (f"its state saved after step {step} ({path})" if path else
                  "a new LoRA, as nothing of it was saved (the key's checkpoint quota was full)")
         load = (f"create a training client from that state (create_training_client_from_state_with_optimizer("

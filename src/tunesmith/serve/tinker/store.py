@@ -244,10 +244,10 @@ class TinkerStore:
 
     def forget_futures(self, rids: list[str]) -> None:
         if rids:
-            with self.lock:
-                marks = ", ".join("?" * len(rids))
-            self.db.execute(f"DELETE FROM tinker_futures WHERE id IN ({marks})", tuple(rids))
-            self.db.execute(f"DELETE FROM tinker_commands WHERE rid IN ({marks})", tuple(rids))
+            marks = ", ".join("?" * len(rids))
+            with self.db.transaction():
+                self.db.execute(f"DELETE FROM tinker_futures WHERE id IN ({marks})", tuple(rids))
+                self.db.execute(f"DELETE FROM tinker_commands WHERE rid IN ({marks})", tuple(rids))
 
     # --- the command log ---
 
