@@ -530,12 +530,29 @@ def test_the_base_samples_through_a_sampling_session_and_a_checkpoint_saved_agai
     assert trained != from_base.tokens  # the weights saved last, not the first ones still loaded
 
 
+def both_waiting(futures) -> None:
+    """At a turn point while one key's call waits, a moment for the second key's (sent right after it) to arrive, so
+    that the turn finds both waiting: the two calls are sent one after the other, and a tiny model's turn points come
+    every few milliseconds."""
+    import time
+
+    turn = futures.others_turn
+
+    def later():
+        deadline = time.monotonic() + 5
+        while sum(1 for queue in futures.waiting.values() if queue) == 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return turn()
+
+    futures.others_turn = later
+
+
 def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_its_own_rows(tiny_model_dir,
                                                                                               tmp_path):
-    """With --tinker-fused-steps, key A's and key B's forward_backward calls, waiting together behind a long call,
-    run as one step on the base
-    (each row through its own run's adapter): each answer is what the base gives its own data, and after an AdamW step
-    B's run is exactly a run trained alone on B's data (its gradients came from its rows only)."""
+    """Key A's and key B's forward_backward calls, waiting together behind key C's long call, run as one step on the
+    base at its first turn point (each row through its own run's adapter, the server's default): each answer is what
+    the base gives its own data, and after an AdamW step B's run is exactly a run trained alone on B's data (its
+    gradients came from its rows only). A call too large to share a pass with them runs alone."""
     import tinker
     from tinker import types
 
@@ -544,22 +561,26 @@ def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_
 
     from .conftest import running_server
 
-    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path, api_keys=frozenset({"key-a", "key-b"}),
-                                   tinker_fused_steps=True), Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
+    app = create_app(ServeSettings(model=str(tiny_model_dir), data_dir=tmp_path,
+                                   api_keys=frozenset({"key-a", "key-b", "key-c"})),
+                     Engine(str(tiny_model_dir), {}, max_batch=4, wait_ms=1))
     base = str(tiny_model_dir)
     with running_server(app) as url, tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-a") as sa, \
-            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb:
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-b") as sb, \
+            tinker.ServiceClient(base_url=url[:-3], api_key="tml-key-c") as sc:
         a = sa.create_lora_training_client(base_model=base, rank=4, seed=3).result()
         b = sb.create_lora_training_client(base_model=base, rank=4, seed=3).result()
+        c = sc.create_lora_training_client(base_model=base, rank=4, seed=3).result()
         alone = sb.create_lora_training_client(base_model=base, rank=4, seed=3).result()
         tokens, weights = example(a.get_tokenizer())
         data_a = [datum(tokens, weights)]
         data_b = [datum(tokens[:-2], weights[:-2]), datum(tokens[2:], weights[2:])]
-        long_call = holding(app, a, [datum(tokens * 8, weights * 8)] * 16)  # holds the base a while
+        both_waiting(app.state.tinker.futures)
+        long_call = holding(app, c, [datum(tokens * 8, weights * 8)] * 16)  # holds the base a while
         fa, fb = a.forward_backward(data_a, "cross_entropy"), b.forward_backward(data_b, "cross_entropy")
         long_call.result()
         out_a, out_b = fa.result(), fb.result()
-        assert app.state.tinker.futures.fused_steps >= 1
+        assert app.state.tinker.futures.fused_steps == 1
         for out, data in ((out_a, data_a), (out_b, data_b)):
             for got, d in zip(out.loss_fn_outputs, data, strict=True):
                 t = d.model_input.to_ints()
@@ -575,13 +596,22 @@ def test_two_keys_steps_waiting_together_run_as_one_step_each_run_learning_from_
         assert after_b == pytest.approx(after_alone, abs=1e-5) and after_b < out_b.metrics["loss:sum"]
 
         steps = app.state.tinker.futures.fused_steps  # a wrong call in a step of two keys fails alone
-        long_call = holding(app, a, [datum(tokens * 8, weights * 8)] * 16)
+        long_call = holding(app, c, [datum(tokens * 8, weights * 8)] * 16)
         wrong, right = a.forward_backward(data_a, "dro"), b.forward_backward(data_b, "cross_entropy")
         long_call.result()
         with pytest.raises(Exception, match="loss_fn 'dro' is not supported here"):
             wrong.result()
         assert right.result().metrics["loss:sum"] == pytest.approx(after_b, abs=1e-5)
         assert app.state.tinker.futures.fused_steps == steps + 1
+
+        steps = app.state.tinker.futures.fused_steps  # a call of more than a pass's tokens joins no step
+        long_call = holding(app, c, [datum(tokens * 8, weights * 8)] * 16)
+        large = [datum(tokens * 8, weights * 8)] * 8
+        assert sum(len(d.model_input.to_ints()) for d in large) > 1024
+        fa, fb = a.forward(large, "cross_entropy"), b.forward(data_b, "cross_entropy")
+        long_call.result()
+        fa.result(), fb.result()
+        assert app.state.tinker.futures.fused_steps == steps
 
 
 def test_a_run_made_after_every_other_was_let_go_saves_and_trains(tiny_model_dir, tmp_path):

@@ -270,8 +270,9 @@ def serve(
     max_upload_mb: Annotated[int, typer.Option(min=1, help="Largest file in MB: one multipart upload to /v1/files, "
                                                "or a whole /v1/uploads upload (a 413 past it).")] = 512,
     tinker_fused_steps: Annotated[bool, typer.Option(help="Tinker API: several keys' forward_backward calls waiting "
-                                                     "together run as one step on the base (slower on a CPU: "
-                                                     "docs/benchmarks.md).")] = False,
+                                                     "together run as one pass on the base while they fit one "
+                                                     "(each row through its own run's adapter; faster than one "
+                                                     "after another: docs/benchmarks.md).")] = True,
     tinker_autosave: Annotated[float, typer.Option(min=0, help="Tinker API with replicas: seconds between the "
                                                    "states a run's replica saves on its own after an optim_step "
                                                    "(another replica resumes from the newest should it stop; 0: "

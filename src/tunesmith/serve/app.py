@@ -46,9 +46,10 @@ class ServeSettings:
     batch_concurrency: int | None = None  # a batch's lines in flight at once; None: half the batch (vLLM: 128)
     batch_chunk_lines: int | None = None  # a batch's lines claimed together by one replica; None: 256
     quotas: Quotas = field(default_factory=Quotas)  # what one key may keep (tunesmith.serve.store.quotas)
-    # the Tinker API: several keys' forward_backward calls waiting together run as one step (peft's mixed-adapter
-    # batch); off: each call takes its turn (measured faster on a CPU, docs/benchmarks.md)
-    tinker_fused_steps: bool = False
+    # the Tinker API: several keys' forward_backward calls waiting together run as one pass over the base while they
+    # fit one (tunesmith.serve.tinker.stacked; measured faster than one after another, docs/benchmarks.md); off: each
+    # call takes its turn alone
+    tinker_fused_steps: bool = True
     # the Tinker API with replicas: a run's state saved on its own after an optim_step this often (seconds), what
     # another replica resumes from should its holder stop (tunesmith.serve.tinker.commands)
     tinker_autosave_s: float = 60.0

@@ -4,10 +4,11 @@ call takes its turn in the ``tinker`` lane (one call at a time on the trainer's 
 where the service's runner puts it (the built-in engine's thread, :meth:`Engine.run_beside`); a ``sample`` runs as
 rows of the server's inference engine (:mod:`tunesmith.serve.tinker.sampling`), which shares its steps among keys.
 
-With ``--tinker-fused-steps``, a ``forward_backward`` call's turn takes the ``forward_backward`` call at the head of
-other keys' waiting calls (each key's next call), up to :data:`FUSED_KEYS` keys, in one step on the base
-(:meth:`Tinker.forward_backward_many`). Each joined call is answered at once, and its own turn in the lane, when it
-comes, has nothing left to do.
+A ``forward_backward`` call's turn takes the ``forward_backward`` call at the head of other keys' waiting calls (each
+key's next call), up to :data:`FUSED_KEYS` keys and while their tokens together fit the step's budget (one pass over
+the base: fusing pays by sharing a pass's fixed costs, and a call that fills a pass alone has none to share), in one
+step on the base (:meth:`Tinker.forward_backward_many`; ``--no-tinker-fused-steps``: each call alone). Each joined
+call is answered at once, and its own turn in the lane, when it comes, has nothing left to do.
 
 A long call does not hold the other keys for its whole length: between two of its passes over the base, the call at
 the head of each other key's waiting calls runs (:meth:`Futures.others_turn`, keys in turn, one call each), so a key's
@@ -55,6 +56,17 @@ class Failed:
     exc: BaseException
 
 
+@dataclass(frozen=True)
+class Fusing:
+    """How calls of one kind run as one step: ``run`` (several calls' arguments -> each one's answer or exception, in
+    order), ``size`` (a call's arguments -> its size, tokens) and ``budget`` (the most a step's calls may hold in
+    all)."""
+
+    run: Callable[[list[tuple]], list]
+    size: Callable[[tuple], int]
+    budget: int
+
+
 @dataclass
 class Pending:
     owner: str | None
@@ -68,12 +80,13 @@ class Pending:
     started: bool = False  # taken by its own turn or by another key's step (under Futures.guard)
     rid: str = ""  # its request id
     call: tuple | None = None  # (fn, args): what its turn runs
+    size: int | None = None  # its size as its kind's Fusing counts it, once asked
 
 
 class Futures:
-    def __init__(self, lane, fuse: dict[str, Callable[[list[tuple]], list]] | None = None,
+    def __init__(self, lane, fuse: dict[str, Fusing] | None = None,
                  shared: Shared | None = None, runner: Callable | None = None):
-        """``fuse``: by kind of call, what runs several such calls as one (their answers or exceptions, in order);
+        """``fuse``: by kind of call, how several such calls run as one step (:class:`Fusing`);
         ``shared``: where futures are written for the other replicas (none: this replica's memory only);
         ``runner(fn, *args)``: where a call's turn runs, from the lane's thread (the engine's thread: its torch work on
         the engine's every core; None: the lane's thread)."""
@@ -211,7 +224,7 @@ class Futures:
                 return Failed(exc)
         self.fused_steps += 1
         try:
-            answers = fuse([pending.fusable] + [p.fusable for p in joined])
+            answers = fuse.run([pending.fusable] + [p.fusable for p in joined])
         except Exception as exc:  # noqa: BLE001 - every call of the step ends with it
             answers = [exc] * (1 + len(joined))
         for other, answer in zip(joined, answers[1:], strict=True):
@@ -220,16 +233,26 @@ class Futures:
 
     def _joining(self, pending: Pending, waits: str | None | object = NOBODY) -> list[Pending]:
         """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken: the fusable call of its kind at
-        the head of each other key's calls, up to :data:`FUSED_KEYS` keys. The calls of key ``waits`` (one whose call
-        is running) are left to wait for it."""
+        the head of each other key's calls, up to :data:`FUSED_KEYS` keys, while the step's calls fit its kind's
+        budget. The calls of key ``waits`` (one whose call is running) are left to wait for it."""
+        fusing = self.fuse[pending.kind]
         joined: list[Pending] = []
+        total = self._size(pending, fusing)
         for owner, queue in list(self.waiting.items()):  # (a queue emptied by a take is removed from waiting)
             head = queue[0]
             if len(joined) + 1 < FUSED_KEYS and head.kind == pending.kind and head.fusable is not None \
-                    and head.owner != pending.owner and owner != waits:
+                    and head.owner != pending.owner and owner != waits \
+                    and total + self._size(head, fusing) <= fusing.budget:
                 self._take(head)
                 joined.append(head)
+                total += head.size
         return joined
+
+    @staticmethod
+    def _size(pending: Pending, fusing: Fusing) -> int:
+        if pending.size is None:
+            pending.size = fusing.size(pending.fusable)
+        return pending.size
 
     def _settle(self, pending: Pending, answer) -> None:
         """The call's answer, or the failure the caller reads from its future (on the event loop)."""

@@ -19,11 +19,11 @@ from tunesmith.serve.store.objects import worker_id
 from tunesmith.serve.tinker import wire
 from tunesmith.serve.tinker.checkpoints import AUTOSAVE, Checkpoints
 from tunesmith.serve.tinker.commands import Commands
-from tunesmith.serve.tinker.futures import Futures, Shared
+from tunesmith.serve.tinker.futures import Fusing, Futures, Shared
 from tunesmith.serve.tinker.losses import TrainingError, attach_sampler_logprobs, check_loss
 from tunesmith.serve.tinker.pace import Pace
 from tunesmith.serve.tinker.store import SESSION_ID, TinkerStore, checkpoint_path, run_name, run_session
-from tunesmith.serve.tinker.trainer import Call, Trainer
+from tunesmith.serve.tinker.trainer import PASS_TOKENS, Call, Trainer
 
 log = logging.getLogger("tunesmith.serve")
 IDLE_S = 3600.0  # a run with no call for this long is let go (its client loads its last saved state)
@@ -39,6 +39,15 @@ def every_core(fn, *args):
     of torch threads in this process to slow)."""
     all_cores()
     return fn(*args)
+
+
+def fb_tokens(args: tuple) -> int:
+    """A forward_backward call's tokens (its ``(owner, body, backward)``), what decides whether it joins another key's
+    step; a body that cannot be read counts as too large to join (it runs alone, and fails alone with its reason)."""
+    try:
+        return 0 if args[1] is None else wire.token_count(args[1])
+    except wire.WireError:
+        return 1 << 62
 
 
 def targets_of(lora: dict) -> tuple[bool, bool, bool]:
@@ -62,16 +71,15 @@ class Tinker(Checkpoints):
         shared = None  # one SQLite server answers its own futures from memory
         if app.state.store.db.kind == "postgresql":  # replicas: futures written to the store for all of them
             shared = Shared(self.store, app.state.lanes.store, self.root, self.worker)
-        fuse = {"forward_backward": self.forward_backward_many} if fused else {}
+        fuse = {"forward_backward": Fusing(self.forward_backward_many, fb_tokens, PASS_TOKENS)} if fused else {}
         # a call's turn runs on the built-in engine's thread, on its OpenMP team and every core, the engine's rows
         # stepped at the call's turn points; beside vLLM (its own processes), on the lane's thread with every core
         run_beside = getattr(self.engine, "run_beside", None)
         self.futures = Futures(app.state.lanes.tinker, fuse=fuse, shared=shared,
                                runner=run_beside or every_core)
         step_between = getattr(self.engine, "step_between", lambda: False)
-        # at a long call's turn points: the engine's rows stepped, and other keys' calls run (with fused steps, they
-        # join the next step instead)
-        self.between = step_between if fused else (lambda: step_between() | self.futures.others_turn())
+        # at a long call's turn points: the engine's rows stepped, and other keys' calls run
+        self.between = lambda: step_between() | self.futures.others_turn()
         self.claims: dict[str, Claim] = {}  # run id -> this replica's claim of it
         self.owners: dict[str, str | None] = {}  # run id held here -> its key
         self.used: dict[str, float] = {}  # run id held here -> when it was last called (time.monotonic())

@@ -5,7 +5,8 @@ shared: the trainer wraps a second module tree over the same tensors (:meth:`Tra
 
 Every run of every key shares the base's weights in memory; their calls take turns on it, one at a time (a
 ``forward_backward`` of one run, then another's), a call's datums padded into shared passes; several runs' calls can
-run as one step (:meth:`Trainer.forward_backward_many`, each row through its own run's adapter). A long pass gives
+run as one step (:meth:`Trainer.forward_backward_many`, each row through its own run's adapter: one pass over the
+base for all of them, :mod:`tunesmith.serve.tinker.stacked`). A long pass gives
 other keys' calls their turn between two of its decoder layers, forward and backward (:meth:`Trainer._turns`), so a
 key's small call waits about one layer of another key's largest datum, not its whole pass. Gradients of a run
 accumulate over its ``forward_backward`` calls until its ``optim_step``. Losses: :mod:`tunesmith.serve.tinker.losses`.
@@ -22,6 +23,7 @@ import numpy as np
 
 from tunesmith.serve.tinker.layers import head_apart, layer_names, layer_widths, lora_targets, turn_points
 from tunesmith.serve.tinker.losses import TrainingError, check_loss, token_loss
+from tunesmith.serve.tinker.stacked import Adapters, clipped, spans_of
 from tunesmith.serve.tinker.wire import Datum
 
 ADAM_DEFAULTS = {"learning_rate": 1e-4, "beta1": 0.9, "beta2": 0.95, "eps": 1e-12, "weight_decay": 0.0,
@@ -86,6 +88,7 @@ class Trainer:
         self.tokenizer = None
         self.head_apart = False  # the output layer runs apart from the decoder with the same logits (head_apart)
         self.runs: dict[str, Run] = {}
+        self.adapters = Adapters()  # which runs' adapters the pass running now reads (peft's forward replaced)
 
     # --- the base ------------------------------------------------------------------------------------------
 
@@ -129,6 +132,7 @@ class Trainer:
         else:
             self.model.add_adapter(name, config)
             self._active_exists()
+        self.adapters.install(self.model)
 
     # --- memory -------------------------------------------------------------------------------------------
 
@@ -234,11 +238,11 @@ class Trainer:
     def forward_backward_many(self, calls: list[Call], between=None
                               ) -> list[tuple[dict[str, list[np.ndarray]], dict[str, float]]]:
         """Several runs' calls in one step: their datums padded into shared passes over the base, each row through its
-        own run's adapter (peft's mixed-adapter batch), one backward per pass; each run's gradients come from its own
-        rows only. Answers in the order of ``calls``, each checked by the caller (:func:`check_loss`: the service
-        checks each call alone, so that a wrong one fails alone). ``between()``, when given, runs after each pass but
-        the last and, in a pass of one run's rows, between two of its decoder layers (other keys' calls take their
-        turn there, :meth:`_turns`; it says whether any did)."""
+        own run's adapter (:mod:`~tunesmith.serve.tinker.stacked`), one backward per pass; each run's gradients come
+        from its own rows only. Answers in the order of ``calls``, each checked by the caller (:func:`check_loss`: the
+        service checks each call alone, so that a wrong one fails alone). ``between()``, when given, runs after each
+        pass but the last and between two decoder layers of each pass (other keys' calls take their turn there,
+        :meth:`_turns`; it says whether any did)."""
         rows = [(i, k, datum) for i, call in enumerate(calls) for k, datum in enumerate(call.data)]
         logprobs: list[list] = [[None] * len(c.data) for c in calls]
         losses: list[list] = [[None] * len(c.data) for c in calls]
@@ -248,9 +252,7 @@ class Trainer:
                     raise TrainingError(f"training run {name!r} is not held here")
             chunks = passes(rows)
             for n, chunk in enumerate(chunks):
-                one = {calls[i].name for i, _, _ in chunk}
-                with self._turns(calls, chunk, between) if between is not None and len(one) == 1 else nullcontext() \
-                        as turn:
+                with self._turns(calls, chunk, between) if between is not None else nullcontext() as turn:
                     self._pass(calls, chunk, logprobs, losses, turn)
                 if between is not None and n + 1 < len(chunks):
                     between()
@@ -261,10 +263,11 @@ class Trainer:
                  {"loss:sum": float(sum(float(x.sum()) for x in losses[i]))}) for i in range(len(calls))]
 
     def _pass(self, calls: list[Call], chunk: list[tuple[int, int, Datum]], logprobs, losses, turn=None) -> None:
-        """One padded pass over ``chunk``'s rows (each row's run named for peft), their losses summed, one backward
-        for the rows whose call asks it; ``turn``: other keys' turn in a pass of one run (:meth:`_turns`)."""
+        """One padded pass over ``chunk``'s rows (grouped by call, each group read through its run's adapter), their
+        losses summed, one backward for the rows whose call asks it; ``turn``: other keys' turn (:meth:`_turns`)."""
         import torch
 
+        chunk = sorted(chunk, key=lambda row: row[0])  # a call's rows together: one span of its run's (stable)
         width = max(len(d.tokens) for _, _, d in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -273,14 +276,13 @@ class Trainer:
             mask[r, :len(d.tokens)] = 1
         device = self.plain.get_input_embeddings().weight.device  # the base's (a GPU's when there is one)
         ids, mask = ids.to(device), mask.to(device)
-        names = [calls[i].name for i, _, _ in chunk]
-        grad = any(calls[i].backward for i, _, _ in chunk)
+        runs = [(calls[i].name, calls[i].backward) for i, _, _ in chunk]
+        grad = any(learns for _, learns in runs)
         with torch.set_grad_enabled(grad):
-            kwargs = {"adapter_names": names} if len(set(names)) > 1 else {}
-            self._activate(calls, chunk, single=not kwargs)
+            self._activate(calls, chunk)
             targets = [torch.tensor(np.asarray(d.inputs["target_tokens"], dtype=np.int64), device=device).reshape(-1)
                        for _, _, d in chunk]
-            chosen = self._target_logprobs(ids, mask, kwargs, targets, turn)
+            chosen = self._target_logprobs(ids, mask, runs, targets, turn)
             total = None
             for r, (i, k, d) in enumerate(chunk):
                 logp = chosen[r]
@@ -294,49 +296,56 @@ class Trainer:
                     turn()  # between the last slice's forward and the first backward
                 total.backward()
 
-    def _target_logprobs(self, ids, mask, kwargs: dict, targets: list, turn) -> list:
-        """Each row's logprob of each of its targets. With ``turn`` (a pass of one run that gives turns), the output
-        layer and its softmax run :data:`HEAD_SLICE` positions at a time, a turn before each slice's forward and
-        after its backward: over a long datum they are a pass's longest stretch without a decoder layer."""
+    def _target_logprobs(self, ids, mask, runs: list[tuple[str, bool]], targets: list, turn) -> list:
+        """Each row's logprob of each of its targets (row ``r`` through run ``runs[r]``'s adapter), read from the
+        pass's real positions only (its padding never reaches the output layer) in one log-softmax and one gather, not
+        one per row: a row's own slice of the logits costs its backward a zero-filled gradient of the whole pass's
+        logits, rows x the logits in all. The output layer and its softmax run :data:`HEAD_SLICE` positions at a time
+        with ``turn`` (a turn before each slice's forward and after its backward: over a long datum they are a pass's
+        longest stretch without a decoder layer), else :data:`PASS_TOKENS` at a time (what bounds their memory)."""
         import torch
 
-        if turn is None or not self.head_apart:
-            logits = self.model(input_ids=ids, attention_mask=mask, **kwargs).logits
-            return [chosen_logprobs(logits[r, :len(t)], t) for r, t in enumerate(targets)]
+        real = mask.bool()
+        lengths = [len(t) for t in targets]
+        wanted = torch.cat(targets)
+        rows = spans_of(runs, [1] * len(runs))
+        if not self.head_apart:
+            with self.adapters.reading(rows):
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+            return list(chosen_logprobs(logits[real], wanted).split(lengths))
         base = self.model.get_base_model()
-        hidden = base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+        with self.adapters.reading(rows):
+            hidden = base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[real]
+        positions = spans_of(runs, lengths)
         head = base.get_output_embeddings()
-        out = []
-        for r, t in enumerate(targets):
-            parts = []
-            for start in range(0, len(t), HEAD_SLICE):
+        size = HEAD_SLICE if turn is not None else PASS_TOKENS
+        parts = []
+        for start in range(0, len(wanted), size):
+            h = hidden[start:start + size]
+            if turn is not None:
                 turn()
-                h = hidden[r, start:start + HEAD_SLICE]
                 if h.requires_grad:
                     h.register_hook(turn)
-                part = t[start:start + HEAD_SLICE]
-                parts.append(chosen_logprobs(head(h), part))
-            out.append(torch.cat(parts))
-        return out
+            with self.adapters.reading(clipped(positions, start, start + size)):
+                parts.append(chosen_logprobs(head(h), wanted[start:start + size]))
+        return list(torch.cat(parts).split(lengths))
 
-    def _activate(self, calls: list[Call], chunk, single: bool) -> None:
-        """The adapter state a pass reads: its one run's adapter active (``single``; peft freezes the others) and the
-        adapters of the rows that learn trainable."""
-        if single:
-            self.model.set_adapter(calls[chunk[0][0]].name)
+    def _activate(self, calls: list[Call], chunk) -> None:
+        """The adapters of the rows that learn trainable (peft freezes every adapter but its active one when a run is
+        added: a call run in a turn may have made one)."""
         for name in {calls[i].name for i, _, _ in chunk if calls[i].backward}:
             for p in self._params(name):
                 p.requires_grad_(True)
 
     @contextmanager
     def _turns(self, calls: list[Call], chunk, between):
-        """During one run's pass: before the forward of each of the decoder layers' large parts (:func:`turn_points`),
-        and after their backward (a hook on the gradient of their input), ``between()`` lets other keys' calls run on
-        this thread, nested in the pass (the autograd engine runs a backward inside a backward, as reentrant
-        checkpointing does); when any did, the pass's
-        adapter state is set again before it goes on (a call run so sets its own). The layers of a call run in a turn
-        give none. Not from another thread: a GPU's backward runs on the autograd engine's device thread, which must
-        not take the trainer's lock."""
+        """During a pass: before the forward of each of the decoder layers' large parts (:func:`turn_points`), and
+        after their backward (a hook on the gradient of their input), ``between()`` lets other keys' calls run on this
+        thread, nested in the pass (the autograd engine runs a backward inside a backward, as reentrant checkpointing
+        does; a call run so reads its own adapters' spans and pops them when it ends); when any did, the pass's
+        learning adapters are made trainable again before it goes on. The layers of a call run in a turn give none.
+        Not from another thread: a GPU's backward runs on the autograd engine's device thread, which must not take the
+        trainer's lock."""
         thread, inside = threading.current_thread(), []  # inside: a turn runs (its calls' own layers give none)
 
         def turn(*_):
@@ -348,7 +357,7 @@ class Trainer:
             finally:
                 inside.clear()
             if ran:
-                self._activate(calls, chunk, single=True)
+                self._activate(calls, chunk)
 
         def before(module, args, kwargs):
             if inside:

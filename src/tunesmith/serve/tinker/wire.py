@@ -196,6 +196,17 @@ def run_and_seq(body: bytes) -> tuple[str, int | None]:
     return model_id, seq
 
 
+def token_count(body: bytes) -> int:
+    """The tokens of a ``ForwardBackwardRequest``'s datums (their text chunks, int32 each), the rest left unread."""
+    total = 0
+    for i, raw in enumerate(fields(body, "ForwardBackwardRequest").get(3) or []):
+        for j, chunk_raw in enumerate(fields(raw, f"data[{i}]").get(1) or []):
+            chunk = fields(chunk_raw, f"data[{i}].model_input[{j}]")
+            if 1 in chunk:
+                total += len((fields(chunk[1][-1], f"data[{i}].model_input[{j}]").get(1) or [b""])[-1]) // 4
+    return total
+
+
 def read_forward_backward(body: bytes) -> ForwardBackward:
     """A ``ForwardBackwardRequest`` (the body of /api/v1/forward and /api/v1/forward_backward)."""
     f = fields(body, "ForwardBackwardRequest")
