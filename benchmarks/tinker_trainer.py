@@ -1,5 +1,6 @@
-"""The Tinker trainer in process: four tenants' LoRA steps fused into one against the same steps one after another,
-and an RL round of sampling on the server's inference engine against a per-sequence ``generate`` loop.
+"""The Tinker trainer in process: four tenants' LoRA steps fused into one against the same steps one after another
+and against peft's mixed-adapter batch, and an RL round of sampling on the server's inference engine against a
+per-sequence ``generate`` loop.
 
 The trainer the Tinker API runs (:class:`tunesmith.serve.tinker.trainer.Trainer`), in this process, without HTTP (the
 API's own cost is ``benchmarks/tinker_api.py``'s; through the API, ``benchmarks/tinker_sampling.py``). It needs only
@@ -11,14 +12,16 @@ way in alternating blocks: the server's inference engine (:class:`tunesmith.gene
 the API's sample calls become) against transformers' ``generate`` for one sequence at a time on the same weights (the
 peer).
 
-**Steps**: four tenants' runs (LoRA rank ``--rank``) on one base. A step: every tenant's ``forward_backward`` of
-``--batch`` BANKING77 examples (``cross_entropy`` on the answer), then every tenant's ``optim_step``, two ways on runs
-of their own: **fused**, the four calls as one step (:meth:`Trainer.forward_backward_many`, what
-``--tinker-fused-steps`` runs: the rows padded into shared passes, each through its own run's adapter), and **one
-after another** (the server's default). Before the timing, the loss check: from the same seeds, two fused steps'
-losses against the same calls one after another (each tenant's own; the second step's after the first's update),
-their largest relative difference printed (on a GPU the base is in bf16). Then ``--steps`` steps each way in
-alternating blocks.
+**Steps**: four tenants' runs (LoRA rank ``--rank``) on one base. A step: every tenant's ``forward_backward`` of the
+same number of BANKING77 examples (``cross_entropy`` on the answer), then every tenant's ``optim_step``, at each
+size of ``--batch`` (2, 4 and 8 examples a call by default), three ways on runs of their own: **fused**, the four calls
+as one step (:meth:`Trainer.forward_backward_many`, what the server runs when the calls wait together: one pass, each
+row through its own run's adapter, one batched low-rank product per layer), **one after another** (each call alone,
+``--no-tinker-fused-steps``), and the peer, **peft's mixed-adapter batch** (the same rows in one pass through peft's
+``adapter_names`` forward, which gathers and scatters each adapter's rows at every layer). Before the timing, the
+loss check: from the same seeds, two steps each way (each tenant's own losses; the second step's after the first's
+update), the largest relative difference from one after another printed (on a GPU the base is in bf16). Then
+``--steps`` steps each way in alternating blocks.
 
 Prints the machine, load average, the model, tokens per second of each way and the ratios, and peak memory (a GPU's
 ``max_memory_allocated``, else this process's peak RSS); JSON with ``--out``.
@@ -35,6 +38,8 @@ import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +165,94 @@ def apart_step(trainer, names: list[str], data, lr: float) -> tuple[float, list[
     return time.perf_counter() - t0, losses
 
 
+@contextmanager
+def peft_forward(trainer):
+    """peft's own forward on the trainer's LoRA layers for a while (the trainer's, ``stacked``, set aside)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in trainer.model.modules() if isinstance(m, LoraLayer)]
+    kept = [m.__dict__.pop("forward") for m in layers]
+    try:
+        yield
+    finally:
+        for m, forward in zip(layers, kept, strict=True):
+            m.forward = forward
+
+
+def peft_mixed_step(trainer, names: list[str], data, lr: float) -> tuple[float, list[float]]:
+    """The peer: the same step as one padded pass through peft's mixed-adapter batch (``adapter_names``: each
+    adapter's rows gathered and scattered back at every layer), the same loss (cross-entropy weighted by the datums'
+    weights, summed), one backward, each run's AdamW step."""
+    import numpy as np
+    import torch
+
+    t0 = time.perf_counter()
+    rows = [(n, d) for n, ds in zip(names, data, strict=True) for d in ds]
+    width = max(len(d.tokens) for _, d in rows)
+    device = trainer.plain.get_input_embeddings().weight.device
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (_, d) in enumerate(rows):
+        ids[r, :len(d.tokens)] = torch.tensor(d.tokens)
+        mask[r, :len(d.tokens)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    targets = torch.tensor(np.concatenate([d.inputs["target_tokens"] for _, d in rows]), device=device)
+    weights = torch.tensor(np.concatenate([d.inputs["weights"] for _, d in rows]), device=device)
+    with peft_forward(trainer):
+        logits = trainer.model(input_ids=ids, attention_mask=mask, adapter_names=[n for n, _ in rows]).logits
+    chosen = torch.log_softmax(logits[mask.bool()].float(), -1).gather(1, targets[:, None])[:, 0]
+    per_row = (-(chosen * weights)).split([len(d.tokens) for _, d in rows])
+    losses = {n: 0.0 for n in names}
+    for (n, _), loss in zip(rows, per_row, strict=True):
+        losses[n] += float(loss.detach().sum())
+    torch.stack([loss.sum() for loss in per_row]).sum().backward()
+    for n in names:
+        trainer.runs[n].pending += 1
+        trainer.optim_step(n, {"learning_rate": lr})
+    sync()
+    return time.perf_counter() - t0, [losses[n] for n in names]
+
+
+STEPS = {"fused": fused_step, "one_after_another": apart_step, "peft_mixed_batch": peft_mixed_step}
+
+
+def steps(trainer, batch: int, args) -> dict:
+    """The four tenants' steps with calls of ``batch`` examples, every way on runs of its own from the same seeds: the
+    loss check (two steps each way), then ``--steps`` steps each way in alternating blocks."""
+    runs = {way: [f"{way}-{batch}-{t}" for t in range(TENANTS)] for way in STEPS}
+    for t in range(TENANTS):  # the same seed for a tenant's runs: the same start
+        for names in runs.values():
+            trainer.create(names[t], args.rank, t)
+    data = tenant_data(trainer.tokenizer, batch)
+    real = sum(len(d.tokens) for rows in data for d in rows)
+    padded = sum(len(p) * len(p[0][2].tokens) for p in _passes(data))
+    # the loss check: two steps each way from the same start (the second step's losses follow the first's update)
+    losses = {way: [fn(trainer, runs[way], data, args.lr)[1] for _ in range(2)] for way, fn in STEPS.items()}
+    diff = {way: max(abs(a - b) / max(1.0, abs(b)) for f, p in zip(losses[way], losses["one_after_another"],
+                                                                    strict=True) for a, b in zip(f, p, strict=True))
+            for way in ("fused", "peft_mixed_batch")}
+    print(f"\n{TENANTS} tenants x {batch} examples a call: loss check (two steps, per tenant, the second): "
+          + "  ".join(f"{way} {[round(x, 4) for x in ls[1]]}" for way, ls in losses.items())
+          + f"; largest relative difference from one after another: fused {diff['fused']:.2e}, "
+            f"peft's mixed batch {diff['peft_mixed_batch']:.2e}")
+    times = alternating({way: partial(lambda fn, names: fn(trainer, names, data, args.lr)[0], fn, runs[way])
+                         for way, fn in STEPS.items()}, args.steps, args.block)
+    ways = {name: {**stats(t), "tokens_per_s": round(real * len(t) / sum(t), 1)} for name, t in times.items()}
+    base = ways["one_after_another"]["tokens_per_s"]
+    for name, way in ways.items():
+        print(f"  {name:18s} {way['tokens_per_s']:9.1f} tokens/s  (median step {way['p50_ms']:.0f} ms)  "
+              f"{way['tokens_per_s'] / base:.2f}x")
+    ratio = ways["fused"]["tokens_per_s"] / base
+    print(f"  fused / one after another: {ratio:.2f}x (goal >= 1.2x); fused / peft's mixed batch: "
+          f"{ways['fused']['tokens_per_s'] / ways['peft_mixed_batch']['tokens_per_s']:.2f}x  ({real} tokens a step, "
+          f"{padded} padded in the fused step's passes)")
+    for names in runs.values():
+        for name in names:
+            trainer.drop(name)
+    return {"batch": batch, "tokens_a_step": real, "padded_tokens_fused_step": padded, "ways": ways,
+            "speedup": round(ratio, 3), "loss_check_max_rel_diff": diff}
+
+
 def sync() -> None:
     import torch
 
@@ -178,7 +271,8 @@ def peak_gb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch", type=int, default=8, help="examples of each tenant's forward_backward")
+    ap.add_argument("--batch", default="2,4,8", help="examples of each tenant's forward_backward (a list: the steps "
+                    "part at each)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--block", type=int, default=3)
@@ -203,40 +297,13 @@ def main() -> None:
         for name, way in sampled.items():
             print(f"  {name:18s} {way['tokens_per_s']:9.1f} tokens/s  (median round {way['p50_ms'] / 1000:.1f} s)")
         print(f"  engine / one sequence at a time: {sample_ratio:.2f}x\n")
-    fused = [f"fused-{t}" for t in range(TENANTS)]
-    apart = [f"apart-{t}" for t in range(TENANTS)]
-    for t in range(TENANTS):  # the same seed for a tenant's two runs: the same start
-        trainer.create(fused[t], args.rank, t)
-        trainer.create(apart[t], args.rank, t)
-    data = tenant_data(trainer.tokenizer, args.batch)
-    real = sum(len(d.tokens) for rows in data for d in rows)
-    padded = sum(len(p) * len(p[0][2].tokens) for p in _passes(data))
-
-    # the loss check: two steps each way from the same start (the second step's losses follow the first's update)
-    fused_losses = [fused_step(trainer, fused, data, args.lr)[1] for _ in range(2)]
-    apart_losses = [apart_step(trainer, apart, data, args.lr)[1] for _ in range(2)]
-    diff = max(abs(a - b) / max(1.0, abs(b)) for f, p in zip(fused_losses, apart_losses, strict=True)
-               for a, b in zip(f, p, strict=True))
-    print(f"loss check (two steps, per tenant): fused {[round(x, 4) for x in fused_losses[1]]}  one after another "
-          f"{[round(x, 4) for x in apart_losses[1]]}  largest relative difference {diff:.2e}")
-
-    times = alternating({"fused": lambda: fused_step(trainer, fused, data, args.lr)[0],
-                         "one_after_another": lambda: apart_step(trainer, apart, data, args.lr)[0]},
-                        args.steps, args.block)
-    ways = {name: {**stats(t), "tokens_per_s": round(real * len(t) / sum(t), 1)} for name, t in times.items()}
-    ratio = ways["fused"]["tokens_per_s"] / ways["one_after_another"]["tokens_per_s"]
+    sizes = [steps(trainer, int(b), args) for b in args.batch.split(",")]
     result = {"machine": machine(), "model": args.model, "load_start": round(load[0], 2),
-              "load_end": round(os.getloadavg()[0], 2), "tenants": TENANTS, "batch": args.batch, "rank": args.rank,
-              "steps": args.steps, "tokens_a_step": real, "padded_tokens_fused_step": padded, "ways": ways,
-              "speedup": round(ratio, 3), "loss_check_max_rel_diff": diff, "peak_gb": peak_gb(),
+              "load_end": round(os.getloadavg()[0], 2), "tenants": TENANTS, "rank": args.rank, "steps": args.steps,
+              "sizes": sizes, "peak_gb": peak_gb(),
               "sampling": sampled and {"prompts": args.prompts, "group": args.group, "max_tokens": args.max_tokens,
                                        "ways": sampled, "speedup": round(sample_ratio, 2)}}
-    print(f"\n{TENANTS} tenants x {args.batch} examples a step ({real} tokens; {padded} padded in the fused step's "
-          f"passes), {args.steps} steps each way:")
-    for name, way in ways.items():
-        print(f"  {name:18s} {way['tokens_per_s']:9.1f} tokens/s  (median step {way['p50_ms']:.0f} ms)")
-    print(f"  fused / one after another: {ratio:.2f}x (goal >= 1.3x); peak memory {result['peak_gb']} GB; "
-          f"load average at end: {result['load_end']}")
+    print(f"\npeak memory {result['peak_gb']} GB; load average at end: {result['load_end']}")
     print(json.dumps(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

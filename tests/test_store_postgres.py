@@ -311,3 +311,46 @@ def test_one_keys_admissions_waiting_on_the_database_do_not_delay_another_keys(p
     assert took < 0.5, f"key B waited {took:.3f} s behind key A's admissions"
     limiter.shared.close()
     s.close()
+
+
+def test_a_notification_is_heard_by_every_listener_at_its_commit_and_a_cut_listener_listens_again(postgres, tmp_path):
+    """PostgreSQL's notifications through the store (what wakes a replica when another one logs a Tinker call or ends
+    its future): heard by every listener, a transaction's only once it commits, never a rolled-back one's; a
+    listener whose connection the database kills connects again and says that some may have been missed; SQLite has
+    nothing to listen to."""
+    import queue
+    import time
+
+    import psycopg
+
+    db = open_database(postgres(), tmp_path / "data")
+    heard = [queue.Queue(), queue.Queue()]
+    listeners = [db.listen(["tinker_logged"], lambda c, p, q=q: q.put((c, p))) for q in heard]
+    try:
+        for q in heard:
+            assert q.get(timeout=10) == (None, None)  # listening: nothing before this was heard
+        with db.transaction():
+            db.notify("tinker_logged", "run-1")
+            time.sleep(0.3)
+            assert all(q.empty() for q in heard)  # not before the commit
+        with pytest.raises(RuntimeError), db.transaction():
+            db.notify("tinker_logged", "rolled-back")
+            raise RuntimeError("rolled back")
+        db.notify("tinker_logged", "run-2")
+        for q in heard:
+            assert [q.get(timeout=10), q.get(timeout=10)] == [("tinker_logged", "run-1"), ("tinker_logged", "run-2")]
+        with psycopg.connect(db.url, autocommit=True) as admin:  # the database ends the listeners' connections
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND "
+                          "pid <> pg_backend_pid()")
+        for q in heard:
+            assert q.get(timeout=15) == (None, None)
+        db.notify("tinker_logged", "run-3")
+        assert [q.get(timeout=10) for q in heard] == [("tinker_logged", "run-3")] * 2
+    finally:
+        for listener in listeners:
+            listener.close()
+        db.close()
+    (tmp_path / "sqlite").mkdir()
+    sqlite = open_database(None, tmp_path / "sqlite")
+    sqlite.notify("tinker_logged", "x")
+    assert sqlite.listen(["tinker_logged"], print) is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import sqlite3
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 
+log = logging.getLogger("tunesmith.serve")
 DATABASE_ENV = "TUNESMITH_DATABASE"  # the PostgreSQL URL, passed to the jobs worker by environment (not argv: a password)
 MIGRATION_LOCK = 0x74756E65  # PostgreSQL advisory lock held while one replica migrates ("tune")
 POOL_WAIT_S = 5.0  # a statement waits this long for a pooled connection, then the store is unavailable (a 503)
@@ -230,6 +232,13 @@ class SQLiteDatabase:
     def serialize(self, name: str) -> None:
         """Inside a transaction: wait for others serializing on ``name`` (SQLite's write lock already does)."""
 
+    def notify(self, channel: str, payload: str) -> None:
+        """Nothing: one process uses SQLite, and it knows what it wrote."""
+
+    def listen(self, channels: Sequence[str], heard) -> None:
+        """None: nothing to listen to (see :meth:`PostgresDatabase.listen`)."""
+        return None
+
     def tables(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
 
@@ -393,6 +402,17 @@ class PostgresDatabase:
         """Inside a transaction: wait for other transactions serializing on ``name`` (an advisory lock)."""
         self.execute("SELECT pg_advisory_xact_lock(?)", (_lock_id(name),))
 
+    def notify(self, channel: str, payload: str) -> None:
+        """A notification to every connection listening on ``channel`` (every replica's :class:`Listener`); inside a
+        transaction, sent when it commits (a listener then reads what it wrote)."""
+        self.execute("SELECT pg_notify(?, ?)", (_identifier(channel), payload))
+
+    def listen(self, channels: Sequence[str], heard) -> Listener:
+        """``heard(channel, payload)`` called from a thread of its own for each notification on ``channels``, on a
+        connection of its own (not the pool's); ``heard(None, None)`` each time it starts listening, when
+        notifications may have been missed. The listener's ``alive`` says whether it listens now."""
+        return Listener(self.url, [_identifier(c) for c in channels], heard)
+
     def tables(self) -> list[str]:
         return [r[0] for r in self.execute("SELECT table_name FROM information_schema.tables "
                                            "WHERE table_schema = current_schema()")]
@@ -407,6 +427,46 @@ class PostgresDatabase:
 
     def close(self) -> None:
         self.pool.close()
+
+
+class Listener:
+    """PostgreSQL's notifications on some channels, heard on a connection and a thread of their own: what wakes a
+    replica the moment another one writes what it waits for, instead of reading the store every few milliseconds.
+    A cut connection is made again after :data:`LISTEN_RETRY_S` (``alive`` clear meanwhile: its users read the store
+    as often as they would without it)."""
+
+    def __init__(self, url: str, channels: list[str], heard):
+        self.url, self.channels, self.heard = url, channels, heard
+        self.alive, self.stopped = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="store-listener", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self.stopped.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                    for channel in self.channels:
+                        conn.execute(f"LISTEN {channel}")
+                    self.alive.set()
+                    self.heard(None, None)
+                    while not self.stopped.is_set():
+                        for note in conn.notifies(timeout=LISTEN_WAKE_S):
+                            self.heard(note.channel, note.payload)
+            except Exception as exc:  # noqa: BLE001 - the database restarting or cut off: listened to again
+                if self.alive.is_set():
+                    log.warning("the store's notifications stopped (%s: %s); listening again in %.0f s",
+                                type(exc).__name__, exc, LISTEN_RETRY_S)
+            self.alive.clear()
+            self.stopped.wait(LISTEN_RETRY_S)
+
+    def close(self) -> None:
+        self.stopped.set()
+
+
+LISTEN_WAKE_S = 1.0  # how often the listener's thread looks whether it was closed
+LISTEN_RETRY_S = 1.0  # a cut listener connection is made again after this long
 
 
 def _lock_id(name: str) -> int:

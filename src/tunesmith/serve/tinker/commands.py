@@ -6,8 +6,9 @@ log, so that a client behind a per-request round robin trains as it would on one
   future's row, before its id is answered. A retry of a logged ``seq_id`` (the SDK's, after a cut connection) is the
   same call: answered with the first one's future, never applied twice. A forward_backward's body waits as a file on
   the shared data folder until the holder reads it.
-- **The holder** (the replica whose claim of the run's row holds) reads its runs' calls not answered yet every
-  :data:`POLL_S` (at once for a call it logged itself) and queues them in its ``tinker`` lane in ``seq_id`` order. The
+- **The holder** (the replica whose claim of the run's row holds) reads its runs' calls not answered yet as soon as
+  one is logged (it hears the store's notification: PostgreSQL's ``LISTEN``; every :data:`POLL_S` while it cannot)
+  and queues them in its ``tinker`` lane in ``seq_id`` order. The
   SDK sends a run's calls one after another, each once the previous one has its future, so that order is the client's.
   Each answer is written to the store (:class:`tunesmith.serve.tinker.futures.Shared`) and reaches the client through
   whichever replica it polls.
@@ -34,7 +35,7 @@ from tunesmith.serve.tinker.futures import PENDING_PER_KEY, Shared
 from tunesmith.serve.tinker.store import TooManyCommands, run_session
 
 log = logging.getLogger("tunesmith.serve")
-POLL_S = 0.05  # how often a holder reads its runs' calls logged by other replicas
+POLL_S = 0.05  # how often a holder reads its runs' calls logged by other replicas while it hears no notifications
 TAKE_S = 1.0  # how often a replica looks for runs with calls waiting that nobody holds
 WAITING_BYTES = 256 * 2**20  # the forward_backward bodies of one key's logged calls waiting, at most (on the disk)
 
@@ -55,10 +56,17 @@ class Commands:
         """The loop that queues this replica's runs' calls and takes over runs nobody holds (on the event loop)."""
         self.wake = asyncio.Event()
         self.task = asyncio.ensure_future(self._loop())
+        self.shared.listen(self._logged)
 
     def close(self) -> None:
         if self.task is not None:
             self.task.cancel()
+        self.shared.close()
+
+    def _logged(self, run_id: str | None) -> None:
+        """A call logged by any replica (heard from the store): read at once when its run is held here."""
+        if run_id is None or run_id in self.tinker.claims:
+            self.wake.set()
 
     def body_path(self, rid: str) -> Path:
         return self.folder / rid
@@ -95,7 +103,8 @@ class Commands:
     async def _loop(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.wake.wait(), POLL_S if self.tinker.claims else TAKE_S)
+                fast = self.tinker.claims and not self.shared.listening()  # else a logged call wakes it
+                await asyncio.wait_for(self.wake.wait(), POLL_S if fast else TAKE_S)
             except TimeoutError:
                 pass
             self.wake.clear()

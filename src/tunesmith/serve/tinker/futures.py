@@ -27,6 +27,7 @@ kept :data:`KEPT_S` after they end; a key may have :data:`PENDING_PER_KEY` waiti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -40,7 +41,8 @@ from tunesmith.serve.errors import APIError
 from tunesmith.serve.store import new_id
 
 log = logging.getLogger("tunesmith.serve")
-REMOTE_POLL_S = 0.1  # how often a future another replica runs is read from the store while it is awaited
+REMOTE_POLL_S = 0.1  # how often a future another replica runs is read while it is awaited, the store's notifications
+HEARD_POLL_S = 1.0  # ... unheard; while they are heard (a future's end wakes its waiters), a read this often besides
 POLL_S = 20.0  # a retrieve waits this long for its answer before saying try_again (the SDK waits 45 s)
 KEPT_S = 3600.0  # an answer is kept this long after it is ready
 PENDING_PER_KEY = 256
@@ -309,6 +311,35 @@ class Shared:
         self.presence = None  # this replica's claim in tinker_replicas, taken at its first future
         self.pruned = 0.0
         self.writes: set[asyncio.Task] = set()
+        self.listener = None  # the store's notifications (PostgreSQL's LISTEN), once listen() ran
+        self.awaited: dict[str, asyncio.Event] = {}  # futures another replica runs, awaited here: set when they end
+        self.on_logged: Callable[[str | None], None] = lambda run_id: None
+
+    def listen(self, on_logged: Callable[[str | None], None]) -> None:
+        """On the event loop: the store's notifications heard from now on. A future's end wakes whoever awaits it
+        here; a call logged calls ``on_logged(run_id)`` (``None``: some may have been missed)."""
+        loop = asyncio.get_running_loop()
+        self.on_logged = on_logged
+        self.listener = self.store.listen(lambda channel, payload: loop.call_soon_threadsafe(self._heard, channel,
+                                                                                             payload))
+
+    def listening(self) -> bool:
+        return self.listener is not None and self.listener.alive.is_set()
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+
+    def _heard(self, channel: str | None, payload: str | None) -> None:
+        from tunesmith.serve.tinker.store import ENDED, LOGGED
+
+        if channel in (None, ENDED):
+            for rid in [payload] if channel else list(self.awaited):
+                event = self.awaited.pop(rid, None)
+                if event is not None:
+                    event.set()
+        if channel in (None, LOGGED):
+            self.on_logged(payload)
 
     def present(self):
         if self.presence is None or self.presence.lost.is_set():
@@ -346,7 +377,14 @@ class Shared:
         """A future another replica took: its end read from the store within :data:`POLL_S` (None: still running);
         a 404 when the key has none of that id, an error when the replica that took it stopped first."""
         deadline = time.monotonic() + POLL_S
+        try:
+            return await self._retrieved(rid, owner, deadline)
+        finally:
+            self.awaited.pop(rid, None)
+
+    async def _retrieved(self, rid: str, owner: str | None, deadline: float) -> Pending | None:
         while True:
+            ended = self.awaited.setdefault(rid, asyncio.Event())  # before the read: an end heard during it counts
             row = await self.lane.run(owner, self.store.future, rid, owner)
             if row is None:
                 raise APIError(404, f"No future {rid!r} on this server for this key (futures are kept "
@@ -360,7 +398,8 @@ class Shared:
                     "server"))
             if time.monotonic() > deadline:
                 return None
-            await asyncio.sleep(REMOTE_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), HEARD_POLL_S if self.listening() else REMOTE_POLL_S)
 
     def _read_end(self, row: dict) -> Pending:
         if row["error"] is not None:

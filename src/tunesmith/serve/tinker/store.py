@@ -23,6 +23,7 @@ NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # a checkpoint's name:
 SCHEME = TINKER_SCHEME
 KINDS = {"weights": "training", "sampler_weights": "sampler"}  # a path's segment -> the SDK's checkpoint_type
 LIVE = TINKER_LIVE
+LOGGED, ENDED = "tinker_logged", "tinker_ended"  # the store's notifications: a call logged, a future ended
 
 
 def run_name(session_id: str, seq) -> str:
@@ -226,6 +227,7 @@ class TinkerStore:
                             "category = excluded.category, answer_kind = excluded.answer_kind, answer_file = "
                             "excluded.answer_file", (rid, owner, kind, presence.holder, presence.generation, now, now,
                                                      message, category, answer_kind, answer_file))
+        self.db.notify(ENDED, rid)  # the replica a client polls for it hears it at once
 
     def future(self, rid: str, owner: str | None) -> dict | None:
         """A future of ``owner``'s, with ``holder_gone`` true when the replica that took it stopped (its presence's
@@ -275,7 +277,14 @@ class TinkerStore:
                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (run_id, seq, rid, owner, kind, json.dumps(args),
                                                                 body_bytes, time.time()))
             self.add_future(rid, owner, kind, presence)
+            self.db.notify(LOGGED, run_id)  # sent at the commit: the run's holder hears it and reads the call
         return rid
+
+    def listen(self, heard):
+        """``heard(channel, payload)`` (from a thread of its own) for each call logged (:data:`LOGGED`, its run's id)
+        and each future ended (:data:`ENDED`, its id) by any replica; ``heard(None, None)`` when some may have been
+        missed. None where nothing is to be heard (one server on SQLite)."""
+        return self.db.listen((LOGGED, ENDED), heard)
 
     def logged(self, run_ids: list[str]) -> list[dict]:
         """The calls of runs ``run_ids`` not answered yet, each run's in seq order."""
