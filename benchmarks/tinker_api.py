@@ -8,9 +8,9 @@
    A step's seconds: from its submission to both answers. Only one of the two computes at a time.
 2. **Four tenants at once against one after another.** Four keys, each its own client and run, ``--tenant-steps``
    steps each: all four loops at once (threads), then the same four loops one after another. The ratio is what
-   sharing the base's turns gains over queueing whole loops. Measured on the default server (each call takes its
-   turn) and on a second one started with ``--tinker-fused-steps`` (the keys' calls waiting together run as one step,
-   peft's mixed-adapter batch), its peak memory beside.
+   sharing the base gains over queueing whole loops. Measured on the default server (the keys' calls waiting together
+   run as one step while they fit one pass, each row through its own run's adapter) and on a second one started with
+   ``--no-tinker-fused-steps`` (each call takes its turn alone), its peak memory beside.
 3. **A step through two replicas behind a per-request round robin** (``--replicas``, on by default where PostgreSQL
    is installed: a server of the benchmark's own, initdb in a temporary folder, a Unix socket): the same step through
    the SDK, each call sent to the next replica in turn, so about half of a run's training calls reach the replica that
@@ -215,30 +215,31 @@ def main() -> None:
         finally:
             server.proc.terminate()
             server.proc.wait(30)
-        (Path(tmp) / "fused").mkdir()
-        fused_server = KeyedServer("builtin", args.model, [], Path(tmp) / "fused", extra=("--tinker-fused-steps",),
-                                   env={"TUNESMITH_API_KEYS": ",".join(KEYS)})
+        (Path(tmp) / "unfused").mkdir()
+        unfused_server = KeyedServer("builtin", args.model, [], Path(tmp) / "unfused",
+                                     extra=("--no-tinker-fused-steps",), env={"TUNESMITH_API_KEYS": ",".join(KEYS)})
         try:
-            fused = tenants(fused_server.url[:-3], args.model, rows, args.tenant_steps, args.lr)
-            fused["server_peak_rss_gb"] = round(fused_server.peak_rss / 1e9, 2)
+            unfused = tenants(unfused_server.url[:-3], args.model, rows, args.tenant_steps, args.lr)
+            unfused["server_peak_rss_gb"] = round(unfused_server.peak_rss / 1e9, 2)
         finally:
-            fused_server.proc.terminate()
-            fused_server.proc.wait(30)
+            unfused_server.proc.terminate()
+            unfused_server.proc.wait(30)
     step = {way: stats(t) for way, t in times.items()}
     overhead = step["api"]["p50_ms"] / step["in_process"]["p50_ms"] - 1
     result = {"machine": machine(), "model": args.model, "load_start": round(load[0], 2), "load_end": round(os.getloadavg()[0], 2),
               "batch": args.batch, "steps": args.steps, "step": step,
               "api_overhead": round(overhead, 4), "mean_overhead": round(
                   statistics.mean(times["api"]) / statistics.mean(times["in_process"]) - 1, 4),
-              "tenants": many, "tenants_fused_steps": fused, "server_peak_rss_gb": peak_gb,
+              "tenants": many, "tenants_unfused": unfused, "server_peak_rss_gb": peak_gb,
               "replicas": replicated if args.replicas else None}
     print(f"\nA step ({args.batch} examples, forward_backward + optim_step), median of {args.steps}:")
     print(f"  in process   {step['in_process']['p50_ms']:9.1f} ms")
     print(f"  through API  {step['api']['p50_ms']:9.1f} ms   overhead {overhead * 100:+.1f}% (goal <= 5%)")
     print(f"\nFour tenants, {args.tenant_steps} steps each: at once {many['together_s']} s, one after another "
           f"{many['one_after_another_s']} s: {many['speedup']}x (goal >= 1.3x)")
-    print(f"  with --tinker-fused-steps: at once {fused['together_s']} s, one after another "
-          f"{fused['one_after_another_s']} s: {fused['speedup']}x; that server's peak {fused['server_peak_rss_gb']} GB")
+    print(f"  with --no-tinker-fused-steps: at once {unfused['together_s']} s, one after another "
+          f"{unfused['one_after_another_s']} s: {unfused['speedup']}x; that server's peak "
+          f"{unfused['server_peak_rss_gb']} GB")
     if args.replicas:
         rs = replicated["step"]
         print(f"\nThrough a round robin of two replicas on PostgreSQL, median of {args.steps}: in process "

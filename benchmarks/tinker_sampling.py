@@ -148,6 +148,10 @@ def main() -> None:
             for s in (service, *services):
                 s.close("success").result()
             peak_gb = round(server.peak_rss / 1e9, 2)
+        except BaseException:
+            log = (Path(tmp) / "serve.log").read_text(errors="replace")
+            print(f"the server's log, its end:\n{log[-4000:]}", file=sys.stderr)
+            raise
         finally:
             server.proc.terminate()
             server.proc.wait(30)

@@ -8,6 +8,8 @@ against the Rooms block of docs/architecture.md), top to bottom:
 - ``dashboard/``: the web page over runs and jobs.
 - ``jobs/``: the fine-tuning jobs API, its worker process and executors.
 - ``evals/``: the Evals and graders APIs.
+- ``tinker/``: the Tinker API (the ``tinker`` SDK's wire): training runs as LoRA adapters on the engine's base,
+  several keys' calls in one pass, samples as the engine's rows, a per-run command log for replicas.
 - ``api/``: the OpenAI inference routes (models, chat completions, completions, Responses, embeddings), the
   API key every route checks, and OpenAI's object shapes.
 - ``plan/``: a request's body → one plan (prompt ids, tools, constraint, budget, sampling, stream flags, how
