@@ -125,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "gsm8k.json"
         data.write_text(json.dumps({"train": rows[50:], "test": rows[:50]}))
-        tree = Path(tmp) / "before"
+        tree = Path(tmp) / "worktree"
         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
                        capture_output=True)
         try:
