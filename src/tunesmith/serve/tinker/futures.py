@@ -48,7 +48,6 @@ KEPT_S = 3600.0  # an answer is kept this long after it is ready
 PENDING_PER_KEY = 256
 FUSED_KEYS = 8  # keys whose forward_backward calls one step may take together
 ANSWERED = object()  # a call's lane turn, once a step of another key's answered it
-NOBODY = object()  # no key (an owner id may be None: a server without keys)
 
 
 @dataclass
@@ -99,7 +98,7 @@ class Futures:
         self.guard = threading.Lock()  # the waiting calls, read by the lane's thread
         self.fused_steps = 0  # forward_backward steps that took calls of more than one key
         self.turns_between = 0  # calls run between two passes of another key's call
-        self.running: Pending | None = None  # the call whose turn runs now (its thread: the lane's)
+        self.busy: frozenset | None = None  # the keys whose calls run in the step now (its thread: the lane's)
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def submit(self, owner: str | None, kind: str, fn, *args, fusable: bool = False, rid: str | None = None) -> str:
@@ -178,29 +177,30 @@ class Futures:
             if not self._take(pending):
                 return ANSWERED
             fuse, joined = self._joined(pending)
-        self.running = pending
+        self.busy = frozenset({pending.owner, *(p.owner for p in joined)})
         try:
             return self.runner(self._step, pending, fn, args, fuse, joined)
         finally:
-            self.running = None
+            self.busy = None
 
     def others_turn(self) -> bool:
         """Called by a long call between two of its passes or layers (in the lane's thread): the call at the head of
         each other key's waiting calls runs now (with the calls that join it, as in its own turn), one a key, keys in
-        turn, and is answered; its own turn, when it comes, has nothing left to do. The running call's key's calls
-        wait for it (its order holds); a call run so gives no turns itself (one level). Whether any call ran."""
-        running = self.running
-        if running is None or not self.waiting:
+        turn, and is answered; its own turn, when it comes, has nothing left to do. The calls of the keys whose calls
+        run in the step wait for it (each key's order holds: a key's optim_step never runs inside the step that
+        computes its gradients); a call run so gives no turns itself (one level). Whether any call ran."""
+        busy = self.busy
+        if busy is None or not self.waiting:
             return False
         with self.guard:
             turns = []
             for owner, queue in list(self.waiting.items()):
                 head = queue[0] if queue else None
-                if owner == running.owner or head is None or head.started:
+                if owner in busy or head is None or head.started:
                     continue
                 self._take(head)
-                turns.append((head, *self._joined(head, running.owner)))
-        self.running = None
+                turns.append((head, *self._joined(head, busy)))
+        self.busy = None
         try:
             for head, fuse, joined in turns:
                 self.turns_between += 1
@@ -208,10 +208,10 @@ class Futures:
                 answer = self._step(head, fn, args, fuse, joined)
                 self.loop.call_soon_threadsafe(self._settle, head, answer.exc if isinstance(answer, Failed) else answer)
         finally:
-            self.running = running
+            self.busy = busy
         return bool(turns)
 
-    def _joined(self, pending: Pending, waits: str | None | object = NOBODY) -> tuple:
+    def _joined(self, pending: Pending, waits: frozenset = frozenset()) -> tuple:
         """Under :attr:`guard`, ``pending`` taken: what runs its kind as one with others (None: it runs alone) and the
         waiting calls that join it (:meth:`_joining`)."""
         fuse = self.fuse.get(pending.kind) if pending.fusable is not None else None
@@ -233,17 +233,17 @@ class Futures:
             self.loop.call_soon_threadsafe(self._settle, other, answer)
         return Failed(answers[0]) if isinstance(answers[0], BaseException) else answers[0]
 
-    def _joining(self, pending: Pending, waits: str | None | object = NOBODY) -> list[Pending]:
+    def _joining(self, pending: Pending, waits: frozenset = frozenset()) -> list[Pending]:
         """Under :attr:`guard`: the waiting calls that join ``pending``'s turn, taken: the fusable call of its kind at
         the head of each other key's calls, up to :data:`FUSED_KEYS` keys, while the step's calls fit its kind's
-        budget. The calls of key ``waits`` (one whose call is running) are left to wait for it."""
+        budget. The calls of the keys ``waits`` (whose calls run in a step now) are left to wait for it."""
         fusing = self.fuse[pending.kind]
         joined: list[Pending] = []
         total = self._size(pending, fusing)
         for owner, queue in list(self.waiting.items()):  # (a queue emptied by a take is removed from waiting)
             head = queue[0]
             if len(joined) + 1 < FUSED_KEYS and head.kind == pending.kind and head.fusable is not None \
-                    and head.owner != pending.owner and owner != waits \
+                    and head.owner != pending.owner and owner not in waits \
                     and total + self._size(head, fusing) <= fusing.budget:
                 self._take(head)
                 joined.append(head)

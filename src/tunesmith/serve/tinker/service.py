@@ -42,7 +42,7 @@ def every_core(fn, *args):
 
 
 def fb_tokens(args: tuple) -> int:
-    """A forward_backward call's tokens (its ``(owner, body, backward)``), what decides whether it joins another key's
+    """A forward_backward call's tokens (its ``(owner, body, backward, run_id)``), what decides whether it joins another key's
     step; a body that cannot be read counts as too large to join (it runs alone, and fails alone with its reason)."""
     try:
         return 0 if args[1] is None else wire.token_count(args[1])
@@ -254,7 +254,7 @@ class Tinker(Checkpoints):
     def call_of(self, kind: str, owner, run_id: str, args: list, body: bytes | None) -> tuple:
         """What a run's call of ``kind`` runs, and its arguments (a forward_backward's: its body)."""
         if kind == "forward_backward":
-            return self.forward_backward, (owner, body, True)
+            return self.forward_backward, (owner, body, True, run_id)
         fn = {"optim_step": self.optim_step, "save_weights": self.save_weights,
               "save_weights_for_sampler": self.save_for_sampler, "load_weights": self.load}[kind]
         return fn, (owner, run_id, *args)
@@ -320,21 +320,21 @@ class Tinker(Checkpoints):
 
     # --- training ----------------------------------------------------------------------------------------------
 
-    def forward_backward(self, owner, body: bytes, backward: bool) -> bytes:
-        answer = self.forward_backward_many([(owner, body, backward)])[0]
+    def forward_backward(self, owner, body: bytes | None, backward: bool, run_id: str) -> bytes:
+        answer = self.forward_backward_many([(owner, body, backward, run_id)])[0]
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
     def forward_backward_many(self, items: list[tuple]) -> list[bytes | BaseException]:
-        """Several keys' forward_backward calls (``(owner, body, backward)`` each) in one step on the base: each
-        checked alone first (a wrong call fails alone, with its reason), the rest run together
+        """Several keys' forward_backward calls (``(owner, body, backward, run_id)`` each) in one step on the base:
+        each checked alone first (a wrong call fails alone, with its reason), the rest run together
         (:meth:`Trainer.forward_backward_many`). Each call's answer, or the exception it ends with, in order."""
         answers: list = [None] * len(items)
         calls, where = [], []
-        for i, (owner, body, backward) in enumerate(items):
+        for i, (owner, body, backward, run_id) in enumerate(items):
             try:
-                calls.append(self._call(owner, body, backward))
+                calls.append(self._call(owner, body, backward, run_id))
                 where.append(i)
             except (TrainingError, wire.WireError, APIError) as exc:
                 answers[i] = exc
@@ -351,13 +351,14 @@ class Tinker(Checkpoints):
                     answers[i] = exc
         return answers
 
-    def _call(self, owner, body: bytes | None, backward: bool) -> Call:
-        """One forward_backward request read and checked (its run held here, its size, its loss and inputs)."""
+    def _call(self, owner, body: bytes | None, backward: bool, run_id: str) -> Call:
+        """One forward_backward request read and checked (its run held here, its size, its loss and inputs); a run
+        taken over here says where to resume from first, its body read or not."""
+        self.run_of(owner, run_id)
         if body is None:
             raise TrainingError("this forward_backward's data was lost before the replica holding its run read it "
                                 "(its data folder is not shared?); send it again")
-        request = wire.read_forward_backward(body)
-        self.run_of(owner, request.model_id)
+        request = wire.read_forward_backward(body)  # its model_id is run_id (the route read it from this body)
         tokens = sum(len(d.tokens) for d in request.data)
         if tokens > CALL_TOKENS:
             raise TrainingError(f"this call holds {tokens} tokens (at most {CALL_TOKENS} a call); split its data over "

@@ -56,8 +56,10 @@ class Adapters:
         self.stack: list[Reading] = []
 
     @contextmanager
-    def reading(self, spans: list[Span]):
-        self.stack.append(Reading(spans))
+    def reading(self, spans: list[Span], stacked: dict | None = None):
+        """``spans`` read by the adapted layers until it ends; ``stacked``: adapters stacked by an earlier reading of
+        the same pass, kept (the output layer, read a slice at a time)."""
+        self.stack.append(Reading(spans, {} if stacked is None else stacked))
         try:
             yield
         finally:
@@ -100,12 +102,12 @@ PADDED = 2  # a batched product pads each span to the longest one's rows: at mos
 
 
 class Reading:
-    """One pass's spans, and each adapted layer's adapters stacked for it (once a pass: the output layer is read a
-    slice at a time)."""
+    """One pass's spans, and each adapted layer's adapters stacked for them (by layer and the spans' runs: a pass's
+    slices share them)."""
 
-    def __init__(self, spans: list[Span]):
+    def __init__(self, spans: list[Span], stacked: dict):
         self.spans = spans
-        self.stacked: dict[int, tuple] = {}
+        self.stacked = stacked
 
     def weights(self, layer) -> tuple:
         """The spans' runs' A (runs x rank x inputs) and B (runs x outputs x rank) at ``layer``, each run's padded with
@@ -115,7 +117,7 @@ class Reading:
         import torch
         import torch.nn.functional as F
 
-        key = id(layer)
+        key = (id(layer), tuple((s.run, s.learns) for s in self.spans))
         if key not in self.stacked:
             some = next(iter(layer.lora_A.values())).weight
             rank = max(layer.lora_A[s.run].weight.shape[0] for s in self.spans if s.run in layer.lora_A)

@@ -319,14 +319,14 @@ class Trainer:
         positions = spans_of(runs, lengths)
         head = base.get_output_embeddings()
         size = HEAD_SLICE if turn is not None else PASS_TOKENS
-        parts = []
+        parts, stacked = [], {}  # the runs' output-layer adapters stacked once for the pass's slices
         for start in range(0, len(wanted), size):
             h = hidden[start:start + size]
             if turn is not None:
                 turn()
                 if h.requires_grad:
                     h.register_hook(turn)
-            with self.adapters.reading(clipped(positions, start, start + size)):
+            with self.adapters.reading(clipped(positions, start, start + size), stacked):
                 parts.append(chosen_logprobs(head(h), wanted[start:start + size]))
         return list(torch.cat(parts).split(lengths))
 
