@@ -1,11 +1,13 @@
 """The Tinker benchmarks run end to end at tiny size on a CPU: the trainer in process (``benchmarks/tinker_trainer.py``,
 what ``scripts/gpu_run.sh tinker`` runs at 1B on a GPU: the engine's sampling against a per-sequence ``generate`` loop,
 every way generating the round's tokens, and the four tenants' fused step against one after another, its loss check
-agreeing in float32), and the sampling round through the API against a per-sequence ``generate`` loop
-(``benchmarks/tinker_sampling.py``), every way generating the round's tokens."""
+agreeing in float32), the sampling round through the API against a per-sequence ``generate`` loop
+(``benchmarks/tinker_sampling.py``), every way generating the round's tokens, and the cookbook's ``rl_loop`` against a
+server of an earlier commit and one of this tree (``benchmarks/tinker_rl_loop.py``)."""
 
 import json
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,3 +47,18 @@ def test_tinker_sampling_runs_tiny_through_a_real_server(tmp_path, monkeypatch, 
     assert min(result["ratio_num_samples"], result["ratio_single_calls"], result["ratio_four_tenants"],
                result["tinker_over_openai"]) > 0
     assert "x the generate loop" in capsys.readouterr().out
+
+
+@pytest.mark.bench
+def test_tinker_rl_loop_runs_the_recipe_tiny_against_the_server_before_and_after(tmp_path):
+    """The cookbook's rl_loop, one tiny step, against a server of the commit before samples were the engine's rows (a
+    git worktree) and one of this tree; both sides' steps read from the recipe's own metrics."""
+    out = tmp_path / "rl.json"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tinker_rl_loop.py"), "--batch", "2", "--group",
+                           "2", "--max-tokens", "4", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for side in ("before", "after"):
+        assert result[side]["steps"] == 1 and result[side]["wall_s"] > 0, result
+    assert result["speedup"] > 0 and "after / before:" in done.stdout
