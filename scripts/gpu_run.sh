@@ -18,6 +18,7 @@
 #   bash scripts/gpu_run.sh tinker                      # benchmarks/tinker_trainer.py at 1B LoRA: the Tinker trainer's
 #                                                       # the engine's sampling against a per-sequence generate loop, and
 #                                                       # four tenants fused into one step against one after another
+#                                                       # and peft's mixed-adapter batch (calls of 2, 4, 8 examples)
 #   bash scripts/gpu_run.sh python -m pytest -q tests/test_target_head.py  # anything, with the kit's paths
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,7 +104,7 @@ case "${1:-}" in
   loss) shift; paths python3 benchmarks/loss_forms.py --models "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
           --layers 16 "$@" 2>&1 | tee -a "$OUT/loss_forms.log" ;;
   tinker) shift; paths python3 benchmarks/tinker_trainer.py --model "random:llama-3.2-1b?tokenizer=$KEPT/tokenizer" \
-            --sampling-rounds 4 --out "$OUT/tinker_trainer.json" "$@" 2>&1 | tee -a "$OUT/tinker_trainer.log" ;;
+            --sampling-rounds 4 --steps 6 --block 2 --out "$OUT/tinker_trainer.json" "$@" 2>&1 | tee -a "$OUT/tinker_trainer.log" ;;
   "") echo "usage: gpu_run.sh install | tests | verify | bench ARGS | quality ARGS | engines | loss ARGS | tinker ARGS | COMMAND ARGS" >&2
     exit 2 ;;
   *) paths "$@" ;;
