@@ -52,10 +52,14 @@ def test_tinker_sampling_runs_tiny_through_a_real_server(tmp_path, monkeypatch, 
 @pytest.mark.bench
 def test_tinker_rl_loop_runs_the_recipe_tiny_against_the_server_before_and_after(tmp_path):
     """The cookbook's rl_loop, one tiny step, against a server of the commit before samples were the engine's rows (a
-    git worktree) and one of this tree; both sides' steps read from the recipe's own metrics."""
+    git worktree; this tree's HEAD where a shallow clone lacks that commit) and one of this tree; both sides' steps
+    read from the recipe's own metrics."""
     out = tmp_path / "rl.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tinker_rl_loop.py"), "--batch", "2", "--group",
-                           "2", "--max-tokens", "4", "--steps", "1", "--out", str(out)],
+    before = "4b6a63a"
+    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{before}^{{commit}}"]).returncode != 0:
+        before = "HEAD"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tinker_rl_loop.py"), "--before", before,
+                           "--batch", "2", "--group", "2", "--max-tokens", "4", "--steps", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
