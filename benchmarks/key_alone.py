@@ -34,21 +34,10 @@ import openai
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from noisy_neighbour import KEYS, MODEL  # noqa: E402
 from serving_engines import free_port, questions  # noqa: E402
+from timing import worktree  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "098f0e9"  # the last commit before per-key bounds by default (lanes, step shares, held refusals)
-
-
-@contextmanager
-def worktree(ref: str):
-    """The repository at ``ref`` in a temporary folder (a git worktree, removed after)."""
-    folder = Path(tempfile.mkdtemp(prefix="key-alone-")) / "tree"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), ref], check=True,
-                   capture_output=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)
 
 
 @contextmanager

@@ -1,11 +1,18 @@
-"""How the benchmarks time their ways and say where: the machine, timings' statistics, and ways taken in alternating
-blocks. Standard library only (and torch, when there, to name the GPU), so that a GPU machine's kit runs it."""
+"""How the benchmarks time their ways and say where: the machine, timings' statistics, ways taken in alternating
+blocks, and the repository at an earlier commit (a "before" side). Standard library only (and torch, when there, to
+name the GPU), so that a GPU machine's kit runs it."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
+import subprocess
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict:
@@ -52,3 +59,18 @@ def counting(ways: dict) -> tuple[dict, dict[str, list]]:
         return run
 
     return {name: seconds_of(name, fn) for name, fn in ways.items()}, counts
+
+
+@contextmanager
+def worktree(ref: str):
+    """The repository at ``ref`` in a temporary folder (a git worktree, removed after): a server of an earlier commit
+    runs from its ``src`` (``PYTHONPATH``) on this Python and its packages."""
+    parent = Path(tempfile.mkdtemp(prefix="worktree-"))
+    folder = parent / "tree"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(folder), ref], check=True,
+                   capture_output=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder)], capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -105,7 +105,7 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--client":
         client(Path(sys.argv[2]), sys.argv[3:])
         return
-    from timing import machine
+    from timing import machine, worktree
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--before", default=BEFORE, help="the commit whose server is the 'before' side")
@@ -125,17 +125,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "gsm8k.json"
         data.write_text(json.dumps({"train": rows[50:], "test": rows[:50]}))
-        tree = Path(tmp) / "worktree"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), args.before], check=True,
-                       capture_output=True)
-        try:
+        with worktree(args.before) as tree:
             for name, src in (("before", tree / "src"), ("after", REPO / "src")):
                 result[name] = side(name, src, Path(tmp) / name, data, recipe)
                 s = result[name]
                 print(f"{name:7s} wall {s['wall_s']:7.1f} s  steps {s['step_s']} s  rewards {s['reward']}  "
                       f"trained {s['trained']} of {s['steps']}  server peak {s['server_peak_rss_gb']} GB")
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
     result["speedup"] = round(result["before"]["wall_s"] / result["after"]["wall_s"], 2)
     result["load_end"] = round(os.getloadavg()[0], 2)
     print(f"after / before: {result['speedup']}x faster end to end; load average at end: {result['load_end']}")

@@ -239,19 +239,18 @@ class Futures:
         budget. The calls of the keys ``waits`` (whose calls run in a step now) are left to wait for it."""
         fusing = self.fuse[pending.kind]
         joined: list[Pending] = []
-        total = self._size(pending, fusing)
         for owner, queue in list(self.waiting.items()):  # (a queue emptied by a take is removed from waiting)
             head = queue[0]
             if len(joined) + 1 < FUSED_KEYS and head.kind == pending.kind and head.fusable is not None \
                     and head.owner != pending.owner and owner not in waits \
-                    and total + self._size(head, fusing) <= fusing.budget:
+                    and sum(self._size(p, fusing) for p in (pending, *joined, head)) <= fusing.budget:
                 self._take(head)
                 joined.append(head)
-                total += head.size
         return joined
 
     @staticmethod
     def _size(pending: Pending, fusing: Fusing) -> int:
+        """The call's size, counted once, and only when a call of another key could join it."""
         if pending.size is None:
             pending.size = fusing.size(pending.fusable)
         return pending.size

@@ -147,6 +147,11 @@ class ForwardBackward:
     data: list[Datum]
 
 
+def _text_tokens(chunk: dict[int, list], where: str) -> bytes:
+    """A model input chunk's text tokens (its ``encoded_text``, field 1), int32 each, as the wire has them."""
+    return (fields(chunk[1][-1], where).get(1) or [b""])[-1]
+
+
 def _datum(raw: bytes, i: int) -> Datum:
     where = f"data[{i}]"
     f = fields(raw, where)
@@ -156,8 +161,7 @@ def _datum(raw: bytes, i: int) -> Datum:
         if 1 not in chunk:
             kind = "an image" if 2 in chunk else "audio" if 3 in chunk else "an unknown chunk"
             raise WireError(f"{where}.model_input[{j}] is {kind}; this server trains on text (encoded_text) only")
-        text = fields(chunk[1][-1], f"{where}.model_input[{j}]")
-        tokens.extend(np.frombuffer((text.get(1) or [b""])[-1], dtype=np.int32).tolist())
+        tokens.extend(np.frombuffer(_text_tokens(chunk, f"{where}.model_input[{j}]"), dtype=np.int32).tolist())
     inputs = {name: tensor(raw_t, f"{where}.loss_fn_inputs[{name!r}]")
               for name, raw_t in _map(f.get(2), where).items()}
     spans = [[_span(r, f"{where}.{name}[{j}]") for j, r in enumerate(f.get(number) or [])]
@@ -203,7 +207,7 @@ def token_count(body: bytes) -> int:
         for j, chunk_raw in enumerate(fields(raw, f"data[{i}]").get(1) or []):
             chunk = fields(chunk_raw, f"data[{i}].model_input[{j}]")
             if 1 in chunk:
-                total += len((fields(chunk[1][-1], f"data[{i}].model_input[{j}]").get(1) or [b""])[-1]) // 4
+                total += len(_text_tokens(chunk, f"data[{i}].model_input[{j}]")) // 4
     return total
 
 
